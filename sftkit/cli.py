@@ -1,0 +1,41 @@
+"""Command line: parse arguments, validate the config, run; a bad config or bad data exits 2 with one line."""
+
+import argparse
+import logging
+import os
+import sys
+
+from sftkit.config import ConfigError, is_main_process, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sft.py",
+        description="Fine-tune a causal LM on chat data from a YAML config.",
+        epilog="Any config key can be overridden: --training.learning_rate 1e-4 --model.use_lora true",
+    )
+    parser.add_argument("--config", help="YAML file, or the name of one in configs/ (default: default_train_config.yaml)")
+    args, overrides = parser.parse_known_args(argv)
+    _quiet_known_noise()
+    try:
+        config = load_config(args.config, overrides)
+        from sftkit.train import train
+
+        train(config)
+    except ConfigError as error:
+        if is_main_process():
+            print(f"sft.py: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _quiet_known_noise() -> None:
+    """Silence messages these libraries repeat on every run that tell the user nothing actionable."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # fork warning after the tokenizer was used
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # one progress bar per run: the Trainer's
+    # bitsandbytes on CPU without the optional `kernels` package; its own fallback path is used and works.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "kernels-community" not in record.getMessage()
+    )
+    # DeepSpeed on a machine without a GPU, once per process at import; a real run on CPU says so in its plan.
+    logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())

@@ -1,0 +1,321 @@
+"""The run configuration: a YAML file with `model`, `dataset` and `training` sections, plus CLI overrides.
+
+`model` and `dataset` are typed here; `training` is every field of `trl.SFTConfig`, passed through. All errors of a
+config are collected and raised together as one `ConfigError`, before any model weight is loaded.
+"""
+
+import dataclasses
+import difflib
+import enum
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+CONFIGS_DIR = PROJECT_DIR / "configs"
+DEFAULT_CONFIG = CONFIGS_DIR / "default_train_config.yaml"
+SECTIONS = ("model", "dataset", "training")
+
+
+class ConfigError(Exception):
+    """A problem with the user's config or data, reported as one message and exit code 2."""
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16  # rank of the update matrices
+    lora_alpha: int = 32  # scaling numerator; usually 2 x r
+    target_modules: list[str] | str = "all-linear"  # module names, or "all-linear" for every linear layer but the head
+    lora_dropout: float = 0.05
+    bias: Literal["none", "all", "lora_only"] = "none"
+    task_type: str = "CAUSAL_LM"
+    use_dora: bool = False  # weight-decomposed LoRA (slower, sometimes better)
+    use_rslora: bool = False  # scale by alpha / sqrt(r) instead of alpha / r
+    modules_to_save: list[str] | None = None  # modules trained in full and saved with the adapter, e.g. [lm_head]
+
+
+@dataclass
+class ModelConfig:
+    path: str = "data/tiny-chat-llama"  # hub id or local directory
+    max_seq_length: int = 2048  # longer samples are truncated; becomes SFTConfig.max_length
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None  # None/auto: bf16 if training.bf16, else fp32
+    load_in_4bit: bool = False  # QLoRA: base weights in 4-bit NF4 (needs use_lora)
+    use_lora: bool = False  # train LoRA adapters instead of every weight
+    lora_config: LoraSettings = field(default_factory=LoraSettings)
+    attn_implementation: str | None = None  # e.g. sdpa, eager, flash_attention_2; None: the transformers default
+    revision: str | None = None  # hub branch, tag or commit
+    trust_remote_code: bool = False  # run code shipped with the model; only for models you trust
+
+
+@dataclass
+class DatasetConfig:
+    name: str | None = None  # hub id, or a local .jsonl/.json/.csv/.parquet file or directory
+    subset: str | None = None  # hub configuration name
+    split: str = "train"
+    format: Literal["messages", "prompt_response"] | None = None  # None: detected from the columns
+    system_prompt: str | None = None  # prepended to rows that have no system message
+    max_samples: int | None = None  # keep only the first N rows
+    test_size: float | int | None = None  # hold out a fraction (< 1) or a count of rows for evaluation
+    eval_split: str | None = None  # or evaluate on this split of the same dataset
+    loss_on: Literal["assistant", "last_assistant", "all"] = "assistant"  # which tokens train
+    chat_template: str | None = None  # override: a Jinja string or a path to a .jinja file
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    dataset: DatasetConfig
+    training: Any  # trl.SFTConfig
+    source: Path  # the YAML file it came from
+    resolved: dict  # the three sections as finally used, for printing and saving
+
+
+def find_config_file(name: str | None) -> Path:
+    """The config to use: the given path, else the same name under configs/, else the default."""
+    if name is None:
+        return DEFAULT_CONFIG
+    path = Path(name)
+    if path.is_file():
+        return path
+    if not path.is_absolute() and (CONFIGS_DIR / path).is_file():
+        return CONFIGS_DIR / path
+    raise ConfigError(f"config file not found: {name} (looked in the working directory and in {CONFIGS_DIR})")
+
+
+def resolve_path(value: str) -> str:
+    """A relative local path, found from the working directory or else the project; anything else is a hub id."""
+    if Path(value).exists() or Path(value).is_absolute():
+        return value
+    in_project = PROJECT_DIR / value
+    return str(in_project) if in_project.exists() else value
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """`--training.learning_rate 1e-4 --model.use_lora=true` -> {"training": {"learning_rate": ...}, ...}."""
+    overrides: dict = {}
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if not arg.startswith("--") or "." not in arg:
+            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --training.learning_rate 1e-4")
+        key, has_value, value = arg[2:].partition("=")
+        if not has_value:
+            if index + 1 >= len(args):
+                raise ConfigError(f"override {arg} has no value")
+            index += 1
+            value = args[index]
+        *parents, leaf = key.split(".")
+        node = overrides
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+        index += 1
+    return overrides
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {str(error).splitlines()[0]} {getattr(error, 'problem_mark', '')}")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected sections {', '.join(SECTIONS)} at the top level")
+    return data
+
+
+def load_config(config_name: str | None = None, cli_args: list[str] = ()) -> RunConfig:
+    """Read, merge and validate a config: defaults < YAML < CLI overrides. Raises ConfigError listing every problem."""
+    path = find_config_file(config_name)
+    raw = merge(read_yaml(path), parse_overrides(list(cli_args)))
+    errors: list[str] = []
+    for section in raw:
+        if section not in SECTIONS:
+            errors.append(f"unknown section {section!r}{_suggest(section, SECTIONS)}")
+    model = _build(ModelConfig, raw.get("model") or {}, "model", errors)
+    dataset = _build(DatasetConfig, raw.get("dataset") or {}, "dataset", errors)
+    errors += _cross_field_errors(model, dataset, raw.get("training") or {})
+    training = _build_training(dict(raw.get("training") or {}), model, errors)
+    if errors:
+        raise ConfigError(f"{path}: " + "; ".join(errors))
+    resolved = {
+        "model": dataclasses.asdict(model),
+        "dataset": dataclasses.asdict(dataset),
+        "training": _public_training_fields(training),
+    }
+    return RunConfig(model=model, dataset=dataset, training=training, source=path, resolved=resolved)
+
+
+def _cross_field_errors(model: ModelConfig, dataset: DatasetConfig, training: dict) -> list[str]:
+    errors = []
+    if dataset.name is None:
+        errors.append("dataset.name is required: a hub id or a local file or directory")
+    if model.load_in_4bit and not model.use_lora:
+        errors.append("model.load_in_4bit: true needs model.use_lora: true (4-bit weights can only train adapters)")
+    if dataset.test_size is not None and dataset.eval_split is not None:
+        errors.append("set only one of dataset.test_size and dataset.eval_split")
+    size = dataset.test_size
+    if size is not None and not (0 < size < 1 or (size >= 1 and float(size).is_integer())):
+        errors.append("dataset.test_size must be a fraction between 0 and 1, or a row count")
+    if model.max_seq_length is not None and model.max_seq_length < 1:
+        errors.append("model.max_seq_length must be positive")
+    if "max_length" in training:
+        errors.append("training.max_length is set from model.max_seq_length; remove it from training")
+    if model.lora_config.r < 1:
+        errors.append("model.lora_config.r must be at least 1")
+    return errors
+
+
+def _build_training(values: dict, model: ModelConfig, errors: list[str]):
+    """Check the `training` section against SFTConfig's own fields and build it."""
+    from trl import SFTConfig
+
+    fields = {f.name: f for f in dataclasses.fields(SFTConfig) if f.init}
+    hints = typing.get_type_hints(SFTConfig)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            errors.append(f"unknown key training.{key}{_suggest(key, fields)}")
+            continue
+        try:
+            kwargs[key] = _coerce(value, hints[key])
+        except (TypeError, ValueError) as error:
+            errors.append(f"training.{key}: {error}")
+    if errors:
+        return None
+    kwargs["max_length"] = model.max_seq_length
+    _resolve_hardware_defaults(kwargs)
+    try:
+        return SFTConfig(**kwargs)
+    except (ValueError, TypeError) as error:
+        errors.append(f"training: {str(error).splitlines()[0]}")
+        return None
+
+
+def _resolve_hardware_defaults(kwargs: dict) -> None:
+    """Fill the SFTConfig defaults that depend on the machine, so one config runs on a CPU and on a GPU."""
+    import torch
+
+    has_gpu = torch.cuda.is_available()
+    if "bf16" not in kwargs and "fp16" not in kwargs:
+        kwargs["bf16"] = has_gpu and torch.cuda.is_bf16_supported()  # SFTConfig's bf16=True default fails on a CPU
+    kwargs.setdefault("dataloader_pin_memory", has_gpu)
+    # transformers 5 renamed gradient_checkpointing to activation_checkpointing and warns on every run where only
+    # the old name is set, which TRL's own default (True) does. Users know the old name, so both are accepted.
+    for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                     ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+        if new not in kwargs:
+            kwargs[new] = kwargs.pop(old, True if old == "gradient_checkpointing" else None)
+        kwargs.pop(old, None)
+
+
+def _public_training_fields(training) -> dict:
+    """SFTConfig as a plain dict with secrets hidden (for the printed and saved config)."""
+    values = training.to_dict()
+    for key in ("hub_token", "push_to_hub_token"):
+        if values.get(key):
+            values[key] = "<hidden>"
+    return values
+
+
+def _build(cls, values: Any, section: str, errors: list[str]):
+    """Instantiate a config dataclass from a YAML mapping, collecting errors for unknown keys and wrong types."""
+    if not isinstance(values, dict):
+        errors.append(f"{section} must be a mapping of keys to values, not {type(values).__name__}")
+        return cls()
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            errors.append(f"unknown key {section}.{key}{_suggest(key, fields)}")
+        elif dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], value, f"{section}.{key}", errors)
+        else:
+            try:
+                kwargs[key] = _coerce(value, hints[key])
+            except (TypeError, ValueError) as error:
+                errors.append(f"{section}.{key}: {error}")
+    return cls(**kwargs)
+
+
+def _suggest(key: str, valid) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """Return `value` as type `hint`, or raise ValueError saying what was expected.
+
+    YAML reads `1e-4` as a string and CLI overrides arrive as strings, so numbers in strings are accepted.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or hint is object:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option)
+            except (TypeError, ValueError):
+                continue
+        raise ValueError(f"expected {_describe(hint)}, got {value!r}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ValueError(f"expected one of {', '.join(map(str, args))}, got {value!r}")
+    if origin in (list, tuple) or hint in (list, tuple):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ValueError(f"expected a list, got {value!r}")
+        return [_coerce(item, args[0]) if args else item for item in value]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping, got {value!r}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"expected true or false, got {value!r}")
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        if isinstance(value, str):
+            value = float(value) if hint is float else int(value)
+        if hint is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"expected an integer, got {value!r}")
+        if isinstance(value, (int, float)):
+            return hint(value)
+        raise ValueError(f"expected {hint.__name__}, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"expected a string, got {value!r}")
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return hint(value).value
+    return value
+
+
+def _describe(hint: Any) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    names = [getattr(a, "__name__", str(a)) for a in args]
+    return " or ".join(names) + (" or null" if type(None) in typing.get_args(hint) else "")
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a launch (readable before torch.distributed starts), so errors print once."""
+    return os.environ.get("RANK", "0") == "0"

@@ -1,0 +1,63 @@
+"""Tokenizer, dtype, 4-bit quantization and the LoRA config."""
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from sftkit.config import DatasetConfig, ModelConfig, resolve_path
+from sftkit.data.tokenize import CHATML_TEMPLATE
+
+
+def load_tokenizer(model_cfg: ModelConfig, dataset_cfg: DatasetConfig):
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_path(model_cfg.path), revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+    )
+    if dataset_cfg.chat_template:
+        tokenizer.chat_template = _read_template(dataset_cfg.chat_template)
+    elif tokenizer.chat_template is None:
+        tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def _read_template(value: str) -> str:
+    path = Path(resolve_path(value))
+    return path.read_text() if path.is_file() else value
+
+
+def resolve_dtype(model_cfg: ModelConfig, training) -> torch.dtype:
+    """model.dtype, or by default bf16 weights for a bf16 run and fp32 otherwise (fp16 AMP needs fp32 weights)."""
+    if model_cfg.dtype in (None, "auto"):
+        return torch.bfloat16 if training.bf16 else torch.float32
+    return getattr(torch, model_cfg.dtype)
+
+
+def load_model(model_cfg: ModelConfig, dtype: torch.dtype, gradient_checkpointing: bool, quantize: bool | None = None):
+    """The base model; 4-bit NF4 and prepared for k-bit training when model.load_in_4bit (unless quantize=False)."""
+    quantize = model_cfg.load_in_4bit if quantize is None else quantize
+    kwargs = {
+        "dtype": dtype,
+        "revision": model_cfg.revision,
+        "trust_remote_code": model_cfg.trust_remote_code,
+        "attn_implementation": model_cfg.attn_implementation,
+    }
+    if quantize:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=dtype,  # ZeRO-3 can only shard 4-bit weights stored in the compute dtype
+        )
+    model = AutoModelForCausalLM.from_pretrained(resolve_path(model_cfg.path), **kwargs)
+    if quantize:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    return model
+
+
+def lora_config(model_cfg: ModelConfig) -> LoraConfig | None:
+    if not model_cfg.use_lora:
+        return None
+    return LoraConfig(**dataclasses.asdict(model_cfg.lora_config))
