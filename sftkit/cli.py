@@ -4,6 +4,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from sftkit.config import ConfigError, is_main_process, load_config
 
@@ -37,5 +38,7 @@ def _quiet_known_noise() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
         lambda record: "kernels-community" not in record.getMessage()
     )
+    # transformers 5 renamed gradient to activation checkpointing; PEFT and TRL still call the old name internally.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     # DeepSpeed on a machine without a GPU, once per process at import; a real run on CPU says so in its plan.
     logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())

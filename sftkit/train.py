@@ -3,8 +3,10 @@
     accelerate launch sft.py --config configs/lora_train_config.yaml
 """
 
+import json
 import resource
 import time
+from dataclasses import dataclass
 
 import torch
 import transformers
@@ -17,8 +19,16 @@ from sftkit.data import prepare_data
 from sftkit.export import ADAPTER_DIR, export
 from sftkit.model import load_model, load_tokenizer, lora_config, resolve_dtype
 
+SUMMARY_FILE = "run_summary.json"
 
-def train(config: RunConfig) -> dict:
+
+@dataclass
+class Run:
+    summary: dict
+    trainer: SFTTrainer
+
+
+def train(config: RunConfig) -> Run:
     started = time.perf_counter()
     transformers.utils.logging.disable_progress_bar()  # weight loading and saving bars; the Trainer keeps its own
     args = config.training  # built before the model, so ZeRO-3 can partition the weights as they load
@@ -62,12 +72,15 @@ def train(config: RunConfig) -> dict:
         "adapter_dir": str(output_dir / ADAPTER_DIR) if config.model.use_lora else None,
     }
     if trainer.accelerator.is_main_process:
+        (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         print(format_summary(summary), flush=True)
-    return summary
+    return Run(summary, trainer)
 
 
 def _count_parameters(model) -> tuple[int, int]:
     """Trainable and total parameters; ZeRO-3 leaves each process an empty shard, whose full size is ds_numel."""
+    if hasattr(model, "get_nb_trainable_parameters"):  # PEFT's count also unpacks 4-bit weights
+        return model.get_nb_trainable_parameters()
     trainable = total = 0
     for parameter in model.parameters():
         count = getattr(parameter, "ds_numel", parameter.numel())

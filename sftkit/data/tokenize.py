@@ -1,10 +1,16 @@
 """Chat messages -> input_ids + labels, rendered by the tokenizer's own chat template.
 
 Which tokens train is derived from token prefixes, not from `{% generation %}` markers (few templates have them)
-and not from searching the rendered text: the conversation is rendered up to each assistant turn (with the
-generation prompt) and through it, and both renderings must tokenize to a prefix of the whole conversation. The
-tokens in between are the turn's content and its closing tokens; training stops at the last special token among
-them (the end-of-turn), so the model learns to stop and the whitespace a template puts after a turn stays masked.
+and not from searching the rendered text. For each assistant turn the conversation is rendered twice more:
+- up to the turn, with the generation prompt: it must tokenize to an exact prefix of the whole conversation, and
+  the turn starts where it ends (exactly where a model's reply starts at inference);
+- through the turn: where it stops matching the whole conversation bounds the turn, and the turn ends at its last
+  special token before that point (the end-of-turn token), so the model learns to stop, while whitespace after it
+  stays masked. What the through-rendering has after that token may only be whitespace or special tokens (Phi-3
+  appends eos to the last turn only); anything else means the template renders the turn differently in context
+  (e.g. drops reasoning from earlier turns), and the row fails instead of training a wrong mask.
+A template that closes the whole conversation with one more special token (Phi-3's eos after the last `<|end|>`)
+trains that token too on the last turn, as TRL's own Phi-3 training template does.
 """
 
 import jinja2
@@ -39,9 +45,8 @@ def tokenize_messages(tokenizer, messages: list[dict], loss_on: str = "assistant
     special_ids = set(tokenizer.all_special_ids)
     labels = [IGNORE_INDEX] * len(input_ids)
     for turn in turns:
-        start = _prefix_length(tokenizer, messages[:turn], input_ids, add_generation_prompt=True)
-        end = _prefix_length(tokenizer, messages[: turn + 1], input_ids)
-        end = _end_of_turn(tokenizer, input_ids, start, end, special_ids)
+        start = _turn_start(tokenizer, messages[:turn], input_ids)
+        end = _turn_end(tokenizer, messages[: turn + 1], input_ids, start, special_ids)
         labels[start:end] = input_ids[start:end]
     return {"input_ids": input_ids, "labels": labels}
 
@@ -55,24 +60,34 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _prefix_length(tokenizer, messages: list[dict], full_ids: list[int], add_generation_prompt: bool = False) -> int:
-    prefix = _render(tokenizer, messages, add_generation_prompt)
-    if full_ids[: len(prefix)] != prefix:
+def _turn_start(tokenizer, history: list[dict], full_ids: list[int]) -> int:
+    prompt = _render(tokenizer, history, add_generation_prompt=True)
+    if full_ids[: len(prompt)] != prompt:
         raise MaskError(
-            f"the chat template of {tokenizer.name_or_path} renders the first {len(messages)} messages differently "
-            "from the same messages inside the whole conversation, so the assistant tokens cannot be told apart "
-            "exactly; set dataset.chat_template to a template that renders earlier turns unchanged"
+            f"the chat template of {tokenizer.name_or_path} renders the first {len(history)} messages plus the "
+            "generation prompt differently from the same messages inside the whole conversation, so the reply "
+            "cannot be located exactly; set dataset.chat_template to a template that renders earlier turns unchanged"
         )
-    return len(prefix)
+    return len(prompt)
 
 
-def _end_of_turn(tokenizer, input_ids: list[int], start: int, end: int, special_ids: set[int]) -> int:
-    """One past the last special token of the turn: content plus end-of-turn train, trailing whitespace does not."""
-    for position in range(end - 1, start - 1, -1):
-        if input_ids[position] in special_ids:
-            return position + 1
-    raise MaskError(
-        f"the chat template of {tokenizer.name_or_path} ends an assistant turn without a special token "
-        f"(it renders as {tokenizer.decode(input_ids[start:end])!r}), so the model could not learn to stop; "
-        "set dataset.chat_template to a template that closes assistant turns with the eos or an end-of-turn token"
-    )
+def _turn_end(tokenizer, through_turn: list[dict], full_ids: list[int], start: int, special_ids: set[int]) -> int:
+    through = _render(tokenizer, through_turn)
+    common = next((i for i, (a, b) in enumerate(zip(through, full_ids)) if a != b), min(len(through), len(full_ids)))
+    end = next((i + 1 for i in range(common - 1, start - 1, -1) if full_ids[i] in special_ids), None)
+    rendered_alike = common == len(through) or not tokenizer.decode(through[end or start :], skip_special_tokens=True).strip()
+    if not rendered_alike:
+        raise MaskError(
+            f"the chat template of {tokenizer.name_or_path} renders assistant turn {len(through_turn) - 1} "
+            "differently when later messages follow it (for example it drops reasoning from earlier turns), so its "
+            "tokens cannot be told apart exactly; use dataset.loss_on: last_assistant, or set dataset.chat_template "
+            "to a template that renders earlier turns unchanged"
+        )
+    if end is None:
+        raise MaskError(
+            f"the chat template of {tokenizer.name_or_path} ends assistant turn {len(through_turn) - 1} without a "
+            f"special token (it renders as {tokenizer.decode(full_ids[start:common])!r}), so the model could not "
+            "learn to stop; set dataset.chat_template to a template that closes assistant turns with the eos or an "
+            "end-of-turn token"
+        )
+    return end

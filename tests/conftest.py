@@ -1,0 +1,62 @@
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_MODEL = REPO / "data" / "tiny-chat-llama"
+SAMPLE_DATA = REPO / "data" / "sample_chat.jsonl"
+TEMPLATES = Path(__file__).parent / "templates"
+sys.path.insert(0, str(REPO))
+
+# Real model-family chat templates (tests/templates/*.jinja, as the models ship them) with the special tokens
+# their tokenizers define, added to the tiny BPE tokenizer; `end` is the token that closes an assistant turn.
+FAMILIES = {
+    "llama3": {"bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "extra": ["<|start_header_id|>", "<|end_header_id|>"], "end": "<|eot_id|>"},
+    "qwen2_5": {"bos": None, "eos": "<|im_end|>", "extra": ["<|im_start|>"], "end": "<|im_end|>"},
+    "gemma": {"bos": "<bos>", "eos": "<eos>", "extra": ["<start_of_turn>", "<end_of_turn>"], "end": "<end_of_turn>"},
+    "phi3": {"bos": "<s>", "eos": "<|endoftext|>", "extra": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], "end": "<|end|>"},
+    "zephyr": {"bos": "<s>", "eos": "</s>", "extra": [], "end": "</s>"},
+}
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(TINY_MODEL)
+
+
+def family_tokenizer(family: str):
+    from transformers import AutoTokenizer
+
+    spec = FAMILIES[family]
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
+    tokens = {"eos_token": spec["eos"], "additional_special_tokens": spec["extra"] + [spec["end"]]}
+    if spec["bos"]:
+        tokens["bos_token"] = spec["bos"]
+    tokenizer.add_special_tokens(tokens)
+    tokenizer.chat_template = (TEMPLATES / f"{family}.jinja").read_text()
+    tokenizer.name_or_path = family
+    return tokenizer
+
+
+def trained_spans(tokenizer, tokens: dict) -> list[str]:
+    """The decoded runs of consecutive trained tokens."""
+    spans, current = [], []
+    for token, label in zip(tokens["input_ids"], tokens["labels"]):
+        if label != -100:
+            assert label == token
+            current.append(token)
+        elif current:
+            spans.append(current)
+            current = []
+    if current:
+        spans.append(current)
+    return [tokenizer.decode(span) for span in spans]
+
+
+def assistant_replies() -> set[str]:
+    rows = [json.loads(line) for line in SAMPLE_DATA.read_text().splitlines()]
+    return {m["content"] for row in rows for m in row["messages"] if m["role"] == "assistant"}
