@@ -295,7 +295,10 @@ def _coerce(value: Any, hint: Any) -> Any:
         if isinstance(value, bool):
             raise ValueError(f"expected a number, got {value!r}")
         if isinstance(value, str):
-            value = float(value) if hint is float else int(value)
+            try:
+                value = float(value) if hint is float else int(value)
+            except ValueError:
+                raise ValueError(f"expected {'a number' if hint is float else 'an integer'}, got {value!r}") from None
         if hint is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(f"expected an integer, got {value!r}")
         if isinstance(value, (int, float)):
@@ -311,9 +314,15 @@ def _coerce(value: Any, hint: Any) -> Any:
 
 
 def _describe(hint: Any) -> str:
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    names = [getattr(a, "__name__", str(a)) for a in args]
-    return " or ".join(names) + (" or null" if type(None) in typing.get_args(hint) else "")
+    """A type as a user reads it: `Literal["a", "b"] | None` -> "one of a, b or null"."""
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) in (list, tuple):
+        return "a list"
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def is_main_process() -> bool:

@@ -16,8 +16,8 @@ def from_messages(row: dict) -> list[dict]:
 
 def from_prompt_response(row: dict) -> list[dict]:
     """{"prompt", "response"} or TRL's {"prompt", "completion"}, each a string or a list of messages."""
-    answer = row["response"] if "response" in row else row["completion"]
-    return _as_turns(row["prompt"], "user") + _as_turns(answer, "assistant")
+    prompt = _as_turns(row["prompt"], "user")
+    return prompt + _as_turns(row["response"] if "response" in row else row["completion"], "assistant")
 
 
 FORMATS = {"messages": from_messages, "prompt_response": from_prompt_response}

@@ -17,9 +17,10 @@ def load_rows(cfg: DatasetConfig, seed: int):
         return train, _load_split(cfg, cfg.eval_split)
     if cfg.test_size is not None:
         size = cfg.test_size if cfg.test_size < 1 else int(cfg.test_size)
-        if size >= 1 and size >= len(train):
-            raise DataError(f"dataset.test_size {size} leaves no training rows out of {len(train)}")
-        split = train.train_test_split(test_size=size, seed=seed)
+        try:
+            split = train.train_test_split(test_size=size, seed=seed)
+        except ValueError:
+            raise DataError(f"dataset.test_size {size} cannot split {len(train)} rows into train and eval") from None
         return split["train"], split["test"]
     return train, None
 

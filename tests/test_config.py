@@ -1,0 +1,136 @@
+"""Config loading: every shipped file validates; typos, wrong types and conflicts fail together, naming the key."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from sftkit.config import CONFIGS_DIR, DEFAULT_CONFIG, ConfigError, find_config_file, load_config
+
+SHIPPED = sorted(CONFIGS_DIR.rglob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+MINIMAL = "dataset:\n  name: data/sample_chat.jsonl\ntraining:\n  output_dir: out\n"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_config_validates(path):
+    config = load_config(str(path))
+    assert config.training.max_length == config.model.max_seq_length
+    assert config.training.output_dir
+    assert path.read_text().startswith("#"), "shipped configs start with a header comment"
+    assert "accelerate launch sft.py" in path.read_text(), "the header gives the launch command"
+
+
+def test_no_config_means_the_default(monkeypatch):
+    assert find_config_file(None) == DEFAULT_CONFIG
+
+
+def test_bare_name_is_found_in_configs_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert find_config_file("lora_train_config.yaml") == CONFIGS_DIR / "lora_train_config.yaml"
+    with pytest.raises(ConfigError, match="config file not found: missing.yaml"):
+        find_config_file("missing.yaml")
+
+
+def test_unknown_keys_in_every_section_are_reported_together_with_suggestions(tmp_path):
+    text = (
+        "model:\n  use_lorra: true\n  lora_config:\n    rank: 8\n"
+        "dataset:\n  name: data/sample_chat.jsonl\n  sytem_prompt: hi\n"
+        "training:\n  learning_rat: 0.1\n"
+        "trainig: {}\n"
+    )
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, text))
+    message = str(error.value)
+    assert "unknown key model.use_lorra (did you mean 'use_lora'?)" in message
+    assert "unknown key model.lora_config.rank" in message
+    assert "unknown key dataset.sytem_prompt (did you mean 'system_prompt'?)" in message
+    assert "unknown key training.learning_rat (did you mean 'learning_rate'?)" in message
+    assert "unknown section 'trainig' (did you mean 'training'?)" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("model:\n  use_lora: maybe\n", "model.use_lora: expected true or false, got 'maybe'"),
+        ("model:\n  max_seq_length: long\n", "model.max_seq_length: expected an integer, got 'long'"),
+        ("model:\n  dtype: float64\n", "model.dtype: expected one of auto, float32, bfloat16, float16"),
+        ("model:\n  lora_config:\n    target_modules: 3\n", "model.lora_config.target_modules: expected"),
+        ("dataset:\n  loss_on: prompt\n", "dataset.loss_on: expected one of assistant, last_assistant, all"),
+        ("training:\n  num_train_epochs: many\n", "training.num_train_epochs: expected a number, got 'many'"),
+        ("training:\n  per_device_train_batch_size: 2.5\n", "training.per_device_train_batch_size: expected"),
+        ("model:\n  load_in_4bit: true\n", "model.load_in_4bit: true needs model.use_lora: true"),
+        ("training:\n  max_length: 64\n", "training.max_length is set from model.max_seq_length"),
+        ("dataset:\n  test_size: 0.1\n  eval_split: test\n", "set only one of dataset.test_size and dataset.eval_split"),
+        ("dataset:\n  test_size: 2.5\n", "dataset.test_size must be a fraction between 0 and 1, or a row count"),
+        ("model: [1, 2]\n", "model must be a mapping"),
+    ],
+)
+def test_bad_values_name_the_key_and_what_is_expected(tmp_path, text, expected):
+    text = text + "dataset:\n  name: data/sample_chat.jsonl\n" if "dataset:" not in text else text.replace("dataset:\n", "dataset:\n  name: d.jsonl\n")
+    with pytest.raises(ConfigError, match=None) as error:
+        load_config(write(tmp_path, text))
+    assert expected in str(error.value)
+
+
+def test_missing_dataset_name(tmp_path):
+    with pytest.raises(ConfigError, match="dataset.name is required"):
+        load_config(write(tmp_path, "training:\n  output_dir: out\n"))
+
+
+def test_numbers_written_the_yaml_1_1_way_are_numbers(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL + "  learning_rate: 1e-4\n  num_train_epochs: '2'\n"))
+    assert config.training.learning_rate == 1e-4
+    assert config.training.num_train_epochs == 2.0
+
+
+def test_cli_overrides_beat_yaml_and_are_validated(tmp_path):
+    path = write(tmp_path, MINIMAL + "  learning_rate: 0.1\n")
+    config = load_config(path, ["--training.learning_rate", "1e-4", "--model.use_lora=true", "--model.lora_config.r", "4"])
+    assert config.training.learning_rate == 1e-4
+    assert config.model.use_lora is True
+    assert config.model.lora_config.r == 4
+    with pytest.raises(ConfigError, match="unknown key model.use_lorra"):
+        load_config(path, ["--model.use_lorra", "true"])
+    with pytest.raises(ConfigError, match="overrides look like --training.learning_rate 1e-4"):
+        load_config(path, ["learning_rate=3"])
+
+
+def test_precision_is_chosen_for_the_hardware_when_not_set(tmp_path):
+    import torch
+
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config.training.bf16 == (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    assert config.training.fp16 is False
+
+
+def test_gradient_checkpointing_keeps_its_familiar_name(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL + "  gradient_checkpointing: false\n"))
+    assert config.training.gradient_checkpointing is False
+    assert load_config(write(tmp_path, MINIMAL)).training.gradient_checkpointing is True  # TRL's default
+
+
+def test_secrets_are_hidden_in_the_resolved_config(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL + "  hub_token: hf_secret123\n"))
+    assert config.training.hub_token == "hf_secret123"
+    assert "hf_secret123" not in str(config.resolved)
+
+
+def test_bad_config_exits_2_with_one_line_and_no_traceback(tmp_path):
+    path = write(tmp_path, "model:\n  use_lorra: true\ndataset:\n  name: data/sample_chat.jsonl\n")
+    result = subprocess.run([sys.executable, str(REPO / "sft.py"), "--config", path], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "unknown key model.use_lorra (did you mean 'use_lora'?)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()

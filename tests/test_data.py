@@ -1,0 +1,115 @@
+"""Rows from local files in every supported type and both formats -> masked tokens; bad rows name the row."""
+
+import json
+import re
+
+import pytest
+from conftest import SAMPLE_DATA, trained_spans
+
+from sftkit.config import DatasetConfig
+from sftkit.data import DataError, prepare_data
+from sftkit.data.formats import to_messages
+
+ROWS = [
+    {"prompt": "What is the capital of Peru?", "response": "The capital of Peru is Lima."},
+    {"prompt": "What color is snow?", "response": "Snow is usually white."},
+    {"prompt": "What is 2 plus 3?", "response": "2 plus 3 is 5."},
+]
+
+
+def write_rows(tmp_path, suffix: str, rows: list[dict]) -> str:
+    import datasets
+
+    path = tmp_path / f"rows{suffix}"
+    dataset = datasets.Dataset.from_list(rows)
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif suffix == ".csv":
+        dataset.to_csv(path)
+    elif suffix == ".parquet":
+        dataset.to_parquet(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_local_files_of_every_type_with_prompt_response_rows(tmp_path, tokenizer, suffix):
+    data = prepare_data(DatasetConfig(name=write_rows(tmp_path, suffix, ROWS)), tokenizer, max_length=128)
+    assert data.format == "prompt_response"
+    assert data.rows == len(data.train) == 3
+    assert [trained_spans(tokenizer, row) for row in data.train] == [[r["response"] + "<|im_end|>"] for r in ROWS]
+
+
+def test_prompt_completion_in_conversational_form(tokenizer, tmp_path):
+    row = {
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        "completion": [{"role": "assistant", "content": "Hello!"}],
+    }
+    assert to_messages(row, "prompt_response") == row["prompt"] + row["completion"]
+
+
+def test_sample_data_is_messages_with_system_and_multi_turn_rows(tokenizer):
+    rows = [json.loads(line) for line in SAMPLE_DATA.read_text().splitlines()]
+    assert len(rows) >= 200
+    assert any(row["messages"][0]["role"] == "system" for row in rows)
+    assert any(sum(m["role"] == "assistant" for m in row["messages"]) > 1 for row in rows)
+    data = prepare_data(DatasetConfig(name=str(SAMPLE_DATA), test_size=0.1), tokenizer, max_length=256)
+    assert data.format == "messages"
+    assert (len(data.train), len(data.eval)) == (288, 32)
+    assert data.dropped == 0 and data.trainable_tokens > 0
+
+
+def test_system_prompt_is_prepended_to_rows_without_one(tokenizer):
+    with_system = to_messages({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}, "messages", "Be kind.")
+    assert with_system[0] == {"role": "system", "content": "Be kind."}
+    own = [{"role": "system", "content": "Mine."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+    assert to_messages({"messages": own}, "messages", "Be kind.") == own
+
+
+def test_max_samples_and_count_test_size(tmp_path, tokenizer):
+    data = prepare_data(DatasetConfig(name=str(SAMPLE_DATA), max_samples=50, test_size=10), tokenizer, max_length=256)
+    assert (data.rows, len(data.train), len(data.eval)) == (40, 40, 10)
+
+
+def test_rows_left_with_nothing_to_train_by_truncation_are_dropped_and_counted(tmp_path, tokenizer):
+    long_prompt = {"prompt": "Tell me " + "a very long story " * 30, "response": "No."}
+    path = write_rows(tmp_path, ".jsonl", ROWS + [long_prompt])
+    data = prepare_data(DatasetConfig(name=path), tokenizer, max_length=40)
+    assert (data.rows, len(data.train), data.dropped) == (4, 3, 1)
+
+
+@pytest.mark.parametrize(
+    ("row", "problem"),
+    [
+        ({"messages": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Yo"}]}, "message 1 has role 'bot'"),
+        ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]}, "message 1 (assistant) has no text content"),
+        ({"messages": [{"role": "user", "content": "Hi"}]}, "no assistant message"),
+        ({"messages": "Hi"}, "expected a non-empty list of messages"),
+        ({"messages": [{"role": "user", "content": "Hi"}, ["assistant", "Yo"]]}, "message 1 is a list"),
+    ],
+)
+def test_bad_rows_name_the_source_row_and_problem(tmp_path, tokenizer, row, problem):
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=re.escape(f"bad.jsonl, row 1: {problem}")):
+        prepare_data(DatasetConfig(name=str(path), format="messages"), tokenizer, max_length=64)
+
+
+def test_unknown_columns_and_missing_files_are_clear(tmp_path, tokenizer):
+    path = write_rows(tmp_path, ".jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(DataError, match=r"cannot tell the dataset format from its columns \['question', 'answer'\]"):
+        prepare_data(DatasetConfig(name=path), tokenizer, max_length=64)
+    with pytest.raises(DataError, match="missing column 'prompt' for format 'prompt_response'"):
+        prepare_data(DatasetConfig(name=path, format="prompt_response"), tokenizer, max_length=64)
+    with pytest.raises(DataError, match="could not be loaded"):
+        prepare_data(DatasetConfig(name=str(tmp_path / "nope")), tokenizer, max_length=64)
+    (tmp_path / "rows.txt").write_text("hello")
+    with pytest.raises(DataError, match="unsupported file type '.txt'"):
+        prepare_data(DatasetConfig(name=str(tmp_path / "rows.txt")), tokenizer, max_length=64)
+
+
+def test_test_size_too_large_for_the_data_is_clear(tmp_path, tokenizer):
+    with pytest.raises(DataError, match="dataset.test_size 5 cannot split 3 rows into train and eval"):
+        prepare_data(DatasetConfig(name=write_rows(tmp_path, ".jsonl", ROWS), test_size=5), tokenizer, max_length=64)

@@ -1,0 +1,56 @@
+"""The commands of the README, run as a user runs them: `accelerate launch sft.py` and `python sft.py`."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, assistant_replies
+
+from sftkit.train import SUMMARY_FILE
+
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+
+
+def launch(command: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_default_job_learns_the_sample_data_and_saves_a_loadable_model(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "default"
+    result = launch([ACCELERATE, "launch", "--num_processes", "1", "sft.py", "--training.output_dir", str(out)], REPO)
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["train_loss_last"] < summary["train_loss_first"] / 3, summary
+    assert summary["sample_reply"] in assistant_replies(), summary["sample_reply"]
+    assert summary["rows_dropped"] == 0
+    for line in ("train loss", "tokens trained", "trainable params", "peak memory", str(out)):
+        assert line in result.stdout
+    assert "Traceback" not in result.stderr
+    AutoTokenizer.from_pretrained(out)
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+@pytest.mark.slow
+def test_bare_config_name_works_from_any_directory(tmp_path):
+    out = tmp_path / "lora"
+    launch([sys.executable, str(REPO / "sft.py"), "--config", "lora_train_config.yaml",
+            "--training.max_steps", "3", "--training.output_dir", str(out)], tmp_path)
+    assert (out / "lora_weights" / "adapter_model.safetensors").exists()
+    assert (out / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_bad_data_fails_before_any_weight_loads_with_one_line(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "robot", "content": "Yo"}]}) + "\n")
+    result = subprocess.run([sys.executable, str(REPO / "sft.py"), "--dataset.name", str(data), "--dataset.test_size", "null",
+                             "--training.output_dir", str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"sft.py: error: dataset {data}, row 0: message 1 has role 'robot'; expected one of system, user, assistant, tool"
+    assert not (tmp_path / "out" / "config.json").exists()

@@ -1,0 +1,124 @@
+"""Real short training runs of the tiny model, in process: full, LoRA and QLoRA, and what each saves."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import TINY_MODEL
+from peft import PeftModel
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sftkit.config import load_config
+from sftkit.export import ADAPTER_DIR, RUN_CONFIG_FILE, STAGING_DIR, VERSIONS_FILE, export
+from sftkit.train import SUMMARY_FILE, train
+
+PROMPTS = [
+    [{"role": "user", "content": "What is the capital of Norway?"}, {"role": "assistant", "content": "The capital of Norway is Oslo."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What sound does a cow make?"}],
+]
+
+
+def run(tmp_path, config_name: str, *overrides: str, steps: int = 30):
+    config = load_config(config_name, ["--training.output_dir", str(tmp_path / "out"), "--training.max_steps", str(steps),
+                                       "--training.logging_steps", "5", *overrides])
+    return config, train(config)
+
+
+def batch(tokenizer) -> torch.Tensor:
+    rows = [tokenizer.apply_chat_template(p, tokenize=False) for p in PROMPTS]
+    return tokenizer(rows, add_special_tokens=False, padding=True, return_tensors="pt")
+
+
+def logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(**inputs).logits.float()
+
+
+def base_model(**kwargs):
+    return AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32, **kwargs)
+
+
+def test_full_fine_tuning_learns_and_saves_exactly_the_trained_model(tmp_path):
+    config, result = run(tmp_path, "default_train_config.yaml")
+    out = tmp_path / "out"
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["train_loss_last"] < summary["train_loss_first"] * 0.7
+    assert summary["trainable_parameters"] == summary["total_parameters"] > 0
+    assert summary["trained_tokens"] > 0 and summary["peak_memory_mib"]["process_rss"] > 0
+    assert summary["adapter_dir"] is None and not (out / ADAPTER_DIR).exists()
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(TINY_MODEL).chat_template
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.dtype == torch.float32
+    inputs = batch(tokenizer)
+    assert torch.allclose(logits(reloaded, inputs), logits(result.trainer.model, inputs), atol=1e-5)
+    assert not torch.allclose(logits(reloaded, inputs), logits(base_model(), inputs), atol=1e-3), "weights changed"
+
+    saved_config = (out / RUN_CONFIG_FILE).read_text()
+    assert "use_lora: false" in saved_config and "learning_rate: 0.003" in saved_config
+    assert json.loads((out / VERSIONS_FILE).read_text())["trl"]
+    assert not (out / STAGING_DIR).exists()
+
+
+def test_lora_saves_the_adapter_and_a_merged_model_equal_to_base_plus_adapter(tmp_path):
+    _, result = run(tmp_path, "lora_train_config.yaml")
+    out = tmp_path / "out"
+    summary = result.summary
+    assert 0 < summary["trainable_parameters"] < summary["total_parameters"]
+    assert summary["train_loss_last"] < summary["train_loss_first"]
+
+    with safe_open(out / ADAPTER_DIR / "adapter_model.safetensors", "pt") as adapter:
+        names = list(adapter.keys())
+        assert all(adapter.get_tensor(name).numel() > 0 for name in names)
+    linear_layers = 7 * 4  # q k v o gate up down, in each of the 4 layers
+    assert sum("lora_A" in n for n in names) == sum("lora_B" in n for n in names) == linear_layers
+
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert merged.dtype == torch.float32 and not any("lora" in n for n, _ in merged.named_parameters())
+    with_adapter = PeftModel.from_pretrained(base_model(), out / ADAPTER_DIR)
+    inputs = batch(AutoTokenizer.from_pretrained(out))
+    difference = (logits(merged, inputs) - logits(with_adapter, inputs)).abs().max().item()
+    assert difference < 1e-4
+    assert not torch.allclose(logits(merged, inputs), logits(base_model(), inputs), atol=1e-3), "the adapter did something"
+
+
+def test_qlora_merges_into_the_unquantized_base(tmp_path):
+    from transformers import BitsAndBytesConfig
+
+    _, result = run(tmp_path, "qlora_train_config.yaml")
+    out = tmp_path / "out"
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert merged.dtype == torch.float32
+    inputs = batch(AutoTokenizer.from_pretrained(out))
+
+    full_precision = PeftModel.from_pretrained(base_model(), out / ADAPTER_DIR)
+    assert (logits(merged, inputs) - logits(full_precision, inputs)).abs().max().item() < 1e-4
+    four_bit = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    quantized = PeftModel.from_pretrained(base_model(quantization_config=four_bit), out / ADAPTER_DIR)
+    assert (logits(merged, inputs) - logits(quantized, inputs)).abs().max().item() > 1e-2, "not a dequantized merge"
+
+
+def test_use_lora_alone_switches_the_method(tmp_path):
+    _, result = run(tmp_path, "default_train_config.yaml", "--model.use_lora", "true", steps=3)
+    assert (tmp_path / "out" / ADAPTER_DIR / "adapter_config.json").exists()
+    assert result.summary["trainable_parameters"] < result.summary["total_parameters"]
+
+
+def test_a_failed_export_leaves_the_previous_complete_model_untouched(tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(TINY_MODEL, base)
+    config, result = run(tmp_path, "lora_train_config.yaml", "--model.path", str(base), steps=3)
+    out = tmp_path / "out"
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    shutil.rmtree(base)  # the merge reloads the base, so this export fails half-way
+    tokenizer = result.trainer.processing_class
+    with pytest.raises(OSError):
+        export(result.trainer, config, tokenizer, torch.float32)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert (out / STAGING_DIR / ADAPTER_DIR).exists(), "the partial export stays in the staging directory"
+    AutoModelForCausalLM.from_pretrained(out)
