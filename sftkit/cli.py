@@ -40,5 +40,7 @@ def _quiet_known_noise() -> None:
     )
     # transformers 5 renamed gradient to activation checkpointing; PEFT and TRL still call the old name internally.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # DeepSpeed's collectives call torch.distributed functions that torch deprecated, once per step and process.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     # DeepSpeed on a machine without a GPU, once per process at import; a real run on CPU says so in its plan.
     logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())

@@ -218,6 +218,17 @@ def _resolve_hardware_defaults(kwargs: dict) -> None:
     if "bf16" not in kwargs and "fp16" not in kwargs:
         kwargs["bf16"] = has_gpu and torch.cuda.is_bf16_supported()  # SFTConfig's bf16=True default fails on a CPU
     kwargs.setdefault("dataloader_pin_memory", has_gpu)
+    # The Trainer asks DDP to look for unused parameters whenever activation checkpointing is off: an extra graph
+    # traversal every step, and a warning, for causal LMs that use every parameter.
+    kwargs.setdefault("ddp_find_unused_parameters", False)
+    if not has_gpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        # DeepSpeed without a GPU: Accelerate finds no backend of its own, starts DeepSpeed's process group but then
+        # counts a single process, so DeepSpeed's batch-size check fails. Naming gloo makes it count them all.
+        kwargs.setdefault("ddp_backend", "gloo")
+    elif not has_gpu:
+        # Several processes without a GPU (torchrun, or accelerate's multi-GPU launcher) only form a DDP group
+        # when the Trainer is told it runs on the CPU; a single process is unaffected.
+        kwargs.setdefault("use_cpu", True)
     # transformers 5 renamed gradient_checkpointing to activation_checkpointing and warns on every run where only
     # the old name is set, which TRL's own default (True) does. Users know the old name, so both are accepted.
     for old, new in (("gradient_checkpointing", "activation_checkpointing"),

@@ -8,6 +8,7 @@ import importlib.metadata
 import json
 import platform
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -49,9 +50,24 @@ def _merge_adapter(model_cfg, adapter_dir: Path, target: Path, dtype) -> None:
 
     from sftkit.model import load_model
 
-    base = load_model(model_cfg, dtype, gradient_checkpointing=False, quantize=False)
+    with _zero3_init_disabled():
+        base = load_model(model_cfg, dtype, gradient_checkpointing=False, quantize=False)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(target)
+
+
+@contextmanager
+def _zero3_init_disabled():
+    """While a ZeRO-3 config is registered, from_pretrained partitions the weights across all processes, which
+    would deadlock the main process merging alone; transformers has no switch for this, so unregister it briefly."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
 
 
 def _publish(staging: Path, output_dir: Path) -> None:
@@ -66,6 +82,18 @@ def _publish(staging: Path, output_dir: Path) -> None:
             target.unlink()
         item.rename(target)
     staging.rmdir()
+
+
+def saved_dtypes(directory: Path) -> list[str]:
+    """The dtypes of the weights actually written (read from the safetensors headers, not from config.json)."""
+    from safetensors import safe_open
+
+    names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+    dtypes = set()
+    for file in directory.glob("model*.safetensors"):
+        with safe_open(file, "pt") as weights:
+            dtypes.update(names.get(weights.get_slice(key).get_dtype(), "other") for key in weights.keys())
+    return sorted(dtypes)
 
 
 def library_versions() -> dict:

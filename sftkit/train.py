@@ -16,7 +16,7 @@ from trl import SFTTrainer
 
 from sftkit.config import RunConfig
 from sftkit.data import prepare_data
-from sftkit.export import ADAPTER_DIR, export
+from sftkit.export import ADAPTER_DIR, export, saved_dtypes
 from sftkit.model import load_model, load_tokenizer, lora_config, resolve_dtype
 
 SUMMARY_FILE = "run_summary.json"
@@ -49,7 +49,7 @@ def train(config: RunConfig) -> Run:
     trainable, total = _count_parameters(trainer.model)
     if trainer.accelerator.is_main_process:
         print(_plan(config, data, dtype, trainable, total), flush=True)
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    train_loss_mean = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint).training_loss
     eval_loss = trainer.evaluate()["eval_loss"] if data.eval is not None else None
     reply = _sample_reply(trainer, tokenizer, data.sample_prompt)
     output_dir = export(trainer, config, tokenizer, dtype)
@@ -59,6 +59,7 @@ def train(config: RunConfig) -> Run:
         "steps": trainer.state.global_step,
         "train_loss_first": losses[0] if losses else None,
         "train_loss_last": losses[-1] if losses else None,
+        "train_loss_mean": train_loss_mean,
         "eval_loss": eval_loss,
         "trained_tokens": round(data.trainable_tokens * trainer.state.epoch),
         "rows": data.rows,
@@ -68,6 +69,8 @@ def train(config: RunConfig) -> Run:
         "peak_memory_mib": _peak_memory_mib(),
         "sample_prompt": data.sample_prompt[-1]["content"],
         "sample_reply": reply,
+        "training_dtype": str(dtype).removeprefix("torch."),
+        "saved_dtypes": saved_dtypes(output_dir),
         "output_dir": str(output_dir),
         "adapter_dir": str(output_dir / ADAPTER_DIR) if config.model.use_lora else None,
     }
@@ -126,7 +129,8 @@ def format_summary(summary: dict) -> str:
     share = 100 * summary["trainable_parameters"] / max(summary["total_parameters"], 1)
     lines = [
         f"Done in {summary['wall_seconds']:.1f} s, {summary['steps']} steps",
-        f"  train loss        {loss(summary['train_loss_first'])} (first log) -> {loss(summary['train_loss_last'])} (last)",
+        f"  train loss        {loss(summary['train_loss_first'])} (first log) -> {loss(summary['train_loss_last'])} "
+        f"(last), {loss(summary['train_loss_mean'])} on average",
         f"  eval loss         {loss(summary['eval_loss'])}",
         f"  tokens trained    {summary['trained_tokens']:,} ({summary['rows_dropped']} of {summary['rows']} rows "
         "dropped: nothing to train within max_seq_length)",
@@ -135,7 +139,10 @@ def format_summary(summary: dict) -> str:
     ]
     if summary["sample_reply"] is not None:
         lines.append(f"  sample            {summary['sample_prompt']!r} -> {summary['sample_reply']!r}")
-    lines.append(f"  model + tokenizer {summary['output_dir']}")
+    saved = ", ".join(summary["saved_dtypes"])
+    if saved != summary["training_dtype"]:
+        saved += f" (trained in {summary['training_dtype']})"
+    lines.append(f"  model + tokenizer {summary['output_dir']}, weights in {saved}")
     if summary["adapter_dir"]:
         lines.append(f"  LoRA adapter      {summary['adapter_dir']}")
     return "\n".join(lines)
