@@ -4,8 +4,8 @@ Each is compared with a single-process run of the same config and the same globa
 The mean train loss over the run must agree within 1%. Both see the same rows in the same order and the Trainer
 normalises the loss by the token count of all processes together, so the two are the same sum computed in a
 different order: measured here, 0.00% apart for full and LoRA runs and 0.02% for QLoRA. 1% leaves room for other
-CPUs' summation order while still catching a wrong batch size, a lost process or loss averaging per process
-(each of which moves the loss by several percent in 10 steps).
+CPUs' summation order while still catching a launch that silently trains on fewer rows (one seen while building
+this, where each process believed it was alone, was 8% off).
 """
 
 import subprocess
