@@ -202,11 +202,7 @@ def _build_training(values: dict, model: ModelConfig, errors: list[str]):
     try:
         return SFTConfig(**kwargs)
     except (ValueError, TypeError) as error:
-        if "support bf16" in str(error):
-            errors.append("training.bf16: true needs a GPU with bf16 support and this machine has none; remove the "
-                          "key and the launcher picks the precision for the hardware")
-        else:
-            errors.append(f"training: {str(error).splitlines()[0]}")
+        errors.append(f"training: {str(error).splitlines()[0]}")
         return None
 
 

@@ -135,11 +135,3 @@ def test_bad_config_exits_2_with_one_line_and_no_traceback(tmp_path):
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
 
-
-def test_bf16_on_a_machine_without_it_says_what_to_do(tmp_path):
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        pytest.skip("this machine supports bf16")
-    with pytest.raises(ConfigError, match="training.bf16: true needs a GPU with bf16 support.*remove the key"):
-        load_config(write(tmp_path, MINIMAL + "  bf16: true\n"))
