@@ -52,18 +52,36 @@ class ModelConfig:
     trust_remote_code: bool = False  # run code shipped with the model; only for models you trust
 
 
+FORMAT_NAMES = Literal[
+    "messages", "sharegpt", "prompt_response", "prompt_completion", "question_answer", "alpaca", "text"
+]
+
+
 @dataclass
-class DatasetConfig:
-    name: str | None = None  # hub id, or a local .jsonl/.json/.csv/.parquet file or directory
+class SourceConfig:
+    name: str | None = None  # hub id; a local .jsonl/.json/.csv/.parquet file, a glob, a directory or a save_to_disk dir
     subset: str | None = None  # hub configuration name
     split: str = "train"
-    format: Literal["messages", "prompt_response"] | None = None  # None: detected from the columns
-    system_prompt: str | None = None  # prepended to rows that have no system message
+    format: FORMAT_NAMES | None = None  # None: detected from the columns
+    column_map: dict[str, str] | None = None  # rename columns first: {their_name: our_name}
     max_samples: int | None = None  # keep only the first N rows
+    weight: float | None = None  # when mixing: 2 uses every row twice, 0.5 a seeded half; None: every row once
+    answer_source: Literal["drop", "append"] = "drop"  # question_answer: append the `source` column to the answer
+
+
+@dataclass
+class DatasetConfig(SourceConfig):
+    sources: list[SourceConfig] | None = None  # several sources to mix, instead of name/subset/split/... above
+    eval_sources: list[SourceConfig] | None = None  # evaluate on these sources
+    system_prompt: str | None = None  # prepended to rows that have no system message
     test_size: float | int | None = None  # hold out a fraction (< 1) or a count of rows for evaluation
-    eval_split: str | None = None  # or evaluate on this split of the same dataset
+    eval_split: str | None = None  # or evaluate on this split of the same source(s)
     loss_on: Literal["assistant", "last_assistant", "all"] = "assistant"  # which tokens train
     chat_template: str | None = None  # override: a Jinja string or a path to a .jinja file
+    on_bad_row: Literal["error", "skip"] = "error"  # skip: drop malformed rows and count them in the summary
+
+    def train_sources(self) -> list[SourceConfig]:
+        return self.sources or [self]
 
 
 @dataclass
@@ -162,12 +180,20 @@ def load_config(config_name: str | None = None, cli_args: list[str] = ()) -> Run
 
 def _cross_field_errors(model: ModelConfig, dataset: DatasetConfig, training: dict) -> list[str]:
     errors = []
-    if dataset.name is None:
-        errors.append("dataset.name is required: a hub id or a local file or directory")
+    if dataset.name is None and not dataset.sources:
+        errors.append("dataset.name is required: a hub id or a local file or directory (or list dataset.sources)")
+    if dataset.name is not None and dataset.sources:
+        errors.append("set dataset.name or dataset.sources, not both")
+    for index, source in enumerate((dataset.sources or []) + (dataset.eval_sources or [])):
+        if source.name is None:
+            errors.append(f"dataset source {index} has no name")
+    for source in dataset.train_sources():
+        if source.weight is not None and source.weight <= 0:
+            errors.append(f"dataset weight of {source.name} must be positive (leave a source out to drop it)")
+    if sum(x is not None for x in (dataset.test_size, dataset.eval_split, dataset.eval_sources)) > 1:
+        errors.append("set only one of dataset.test_size, dataset.eval_split and dataset.eval_sources")
     if model.load_in_4bit and not model.use_lora:
         errors.append("model.load_in_4bit: true needs model.use_lora: true (4-bit weights can only train adapters)")
-    if dataset.test_size is not None and dataset.eval_split is not None:
-        errors.append("set only one of dataset.test_size and dataset.eval_split")
     size = dataset.test_size
     if size is not None and not (0 < size < 1 or (size >= 1 and float(size).is_integer())):
         errors.append("dataset.test_size must be a fraction between 0 and 1, or a row count")
@@ -256,12 +282,23 @@ def _build(cls, values: Any, section: str, errors: list[str]):
             errors.append(f"unknown key {section}.{key}{_suggest(key, fields)}")
         elif dataclasses.is_dataclass(hints[key]):
             kwargs[key] = _build(hints[key], value, f"{section}.{key}", errors)
+        elif _list_of_dataclass(hints[key]) and isinstance(value, list):
+            item = _list_of_dataclass(hints[key])
+            kwargs[key] = [_build(item, entry, f"{section}.{key}[{i}]", errors) for i, entry in enumerate(value)]
         else:
             try:
                 kwargs[key] = _coerce(value, hints[key])
             except (TypeError, ValueError) as error:
                 errors.append(f"{section}.{key}: {error}")
     return cls(**kwargs)
+
+
+def _list_of_dataclass(hint: Any):
+    """The item type of `list[SomeDataclass] | None`, else None."""
+    for option in (hint, *typing.get_args(hint)):
+        if typing.get_origin(option) is list and dataclasses.is_dataclass(typing.get_args(option)[0]):
+            return typing.get_args(option)[0]
+    return None
 
 
 def _suggest(key: str, valid) -> str:

@@ -67,7 +67,7 @@ def train(config: RunConfig) -> Run:
         "trainable_parameters": trainable,
         "total_parameters": total,
         "peak_memory_mib": _peak_memory_mib(),
-        "sample_prompt": data.sample_prompt[-1]["content"],
+        "sample_prompt": data.sample_prompt[-1]["content"] if data.sample_prompt else None,
         "sample_reply": reply,
         "training_dtype": str(dtype).removeprefix("torch."),
         "saved_dtypes": saved_dtypes(output_dir),
@@ -92,9 +92,9 @@ def _count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def _sample_reply(trainer, tokenizer, prompt: list[dict], max_new_tokens: int = 40) -> str | None:
+def _sample_reply(trainer, tokenizer, prompt: list[dict] | None, max_new_tokens: int = 40) -> str | None:
     """Greedy reply of the trained model to the first prompt of the data, to show what it learned."""
-    if is_deepspeed_zero3_enabled() or not trainer.accelerator.is_main_process:
+    if prompt is None or is_deepspeed_zero3_enabled() or not trainer.accelerator.is_main_process:
         return None  # generating from ZeRO-3 shards needs every process in step; the saved model can be tried instead
     model = trainer.model.eval()
     inputs = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -116,9 +116,17 @@ def _plan(config: RunConfig, data, dtype, trainable: int, total: int) -> str:
     return (
         f"sftkit: {method} of {config.model.path} in {str(dtype).removeprefix('torch.')} "
         f"({trainable:,} of {total:,} parameters train)\n"
-        f"        {config.dataset.name}: {data.rows} rows as {data.format!r}, {len(data.train)} kept{eval_rows}; "
+        f"        {describe_sources(config.dataset, data)}: {data.rows} rows, {len(data.train)} to train{eval_rows}; "
         f"config {config.source}"
     )
+
+
+def describe_sources(dataset, data) -> str:
+    return ", ".join(f"{source.name} as {format_name!r}" for source, format_name in zip(dataset.train_sources(), data.formats))
+
+
+def describe_dropped(dropped: dict) -> str:
+    return ", ".join(f"{count} {reason}" for reason, count in dropped.items())
 
 
 def format_summary(summary: dict) -> str:
@@ -132,8 +140,8 @@ def format_summary(summary: dict) -> str:
         f"  train loss        {loss(summary['train_loss_first'])} (first log) -> {loss(summary['train_loss_last'])} "
         f"(last), {loss(summary['train_loss_mean'])} on average",
         f"  eval loss         {loss(summary['eval_loss'])}",
-        f"  tokens trained    {summary['trained_tokens']:,} ({summary['rows_dropped']} of {summary['rows']} rows "
-        "dropped: nothing to train within max_seq_length)",
+        f"  tokens trained    {summary['trained_tokens']:,}",
+        f"  rows dropped      {describe_dropped(summary['rows_dropped'])} (of {summary['rows']})",
         f"  trainable params  {summary['trainable_parameters']:,} of {summary['total_parameters']:,} ({share:.2f}%)",
         f"  peak memory       {memory}",
     ]

@@ -71,7 +71,7 @@ def test_unknown_keys_in_every_section_are_reported_together_with_suggestions(tm
         ("training:\n  per_device_train_batch_size: 2.5\n", "training.per_device_train_batch_size: expected"),
         ("model:\n  load_in_4bit: true\n", "model.load_in_4bit: true needs model.use_lora: true"),
         ("training:\n  max_length: 64\n", "training.max_length is set from model.max_seq_length"),
-        ("dataset:\n  test_size: 0.1\n  eval_split: test\n", "set only one of dataset.test_size and dataset.eval_split"),
+        ("dataset:\n  test_size: 0.1\n  eval_split: test\n", "set only one of dataset.test_size, dataset.eval_split and dataset.eval_sources"),
         ("dataset:\n  test_size: 2.5\n", "dataset.test_size must be a fraction between 0 and 1, or a row count"),
         ("model: [1, 2]\n", "model must be a mapping"),
     ],

@@ -36,7 +36,7 @@ def write_rows(tmp_path, suffix: str, rows: list[dict]) -> str:
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
 def test_local_files_of_every_type_with_prompt_response_rows(tmp_path, tokenizer, suffix):
     data = prepare_data(DatasetConfig(name=write_rows(tmp_path, suffix, ROWS)), tokenizer, max_length=128)
-    assert data.format == "prompt_response"
+    assert data.formats == ["prompt_response"]
     assert data.rows == len(data.train) == 3
     assert [trained_spans(tokenizer, row) for row in data.train] == [[r["response"] + "<|im_end|>"] for r in ROWS]
 
@@ -55,9 +55,9 @@ def test_sample_data_is_messages_with_system_and_multi_turn_rows(tokenizer):
     assert any(row["messages"][0]["role"] == "system" for row in rows)
     assert any(sum(m["role"] == "assistant" for m in row["messages"]) > 1 for row in rows)
     data = prepare_data(DatasetConfig(name=str(SAMPLE_DATA), test_size=0.1), tokenizer, max_length=256)
-    assert data.format == "messages"
+    assert data.formats == ["messages"]
     assert (len(data.train), len(data.eval)) == (288, 32)
-    assert data.dropped == 0 and data.trainable_tokens > 0
+    assert sum(data.dropped.values()) == 0 and data.trainable_tokens > 0
 
 
 def test_system_prompt_is_prepended_to_rows_without_one(tokenizer):
@@ -69,44 +69,46 @@ def test_system_prompt_is_prepended_to_rows_without_one(tokenizer):
 
 def test_max_samples_and_count_test_size(tmp_path, tokenizer):
     data = prepare_data(DatasetConfig(name=str(SAMPLE_DATA), max_samples=50, test_size=10), tokenizer, max_length=256)
-    assert (data.rows, len(data.train), len(data.eval)) == (40, 40, 10)
+    assert (data.rows, len(data.train), len(data.eval)) == (50, 40, 10)
 
 
 def test_rows_left_with_nothing_to_train_by_truncation_are_dropped_and_counted(tmp_path, tokenizer):
     long_prompt = {"prompt": "Tell me " + "a very long story " * 30, "response": "No."}
     path = write_rows(tmp_path, ".jsonl", ROWS + [long_prompt])
     data = prepare_data(DatasetConfig(name=path), tokenizer, max_length=40)
-    assert (data.rows, len(data.train), data.dropped) == (4, 3, 1)
+    assert (data.rows, len(data.train), data.dropped) == (4, 3, {"bad row": 0, "nothing to train within max_seq_length": 1})
 
 
 @pytest.mark.parametrize(
     ("row", "problem"),
     [
         ({"messages": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Yo"}]}, "message 1 has role 'bot'"),
-        ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]}, "message 1 (assistant) has no text content"),
+        ({"messages": [{"role": "user", "content": "Hi"}, {"content": "Yo"}]}, "message 1 has no role"),
+        ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]}, "message 1 (assistant) has empty content"),
+        ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": 42}]}, "message 1 (assistant) has content of type int"),
         ({"messages": [{"role": "user", "content": "Hi"}]}, "no assistant message"),
         ({"messages": "Hi"}, "expected a non-empty list of messages"),
         ({"messages": [{"role": "user", "content": "Hi"}, ["assistant", "Yo"]]}, "message 1 is a list"),
     ],
 )
-def test_bad_rows_name_the_source_row_and_problem(tmp_path, tokenizer, row, problem):
+def test_bad_rows_name_the_source_row_line_and_problem(tmp_path, tokenizer, row, problem):
     good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
-    with pytest.raises(DataError, match=re.escape(f"bad.jsonl, row 1: {problem}")):
+    with pytest.raises(DataError, match=re.escape(f"bad.jsonl, row 1 (line 2): {problem}")):
         prepare_data(DatasetConfig(name=str(path), format="messages"), tokenizer, max_length=64)
 
 
 def test_unknown_columns_and_missing_files_are_clear(tmp_path, tokenizer):
-    path = write_rows(tmp_path, ".jsonl", [{"question": "q", "answer": "a"}])
-    with pytest.raises(DataError, match=r"cannot tell the dataset format from its columns \['question', 'answer'\]"):
+    path = write_rows(tmp_path, ".jsonl", [{"query": "q", "reply": "a"}])
+    with pytest.raises(DataError, match=r"cannot tell the dataset format from its columns \['query', 'reply'\]"):
         prepare_data(DatasetConfig(name=path), tokenizer, max_length=64)
     with pytest.raises(DataError, match="missing column 'prompt' for format 'prompt_response'"):
         prepare_data(DatasetConfig(name=path, format="prompt_response"), tokenizer, max_length=64)
     with pytest.raises(DataError, match="could not be loaded"):
         prepare_data(DatasetConfig(name=str(tmp_path / "nope")), tokenizer, max_length=64)
     (tmp_path / "rows.txt").write_text("hello")
-    with pytest.raises(DataError, match="unsupported file type '.txt'"):
+    with pytest.raises(DataError, match="files must all be one of .jsonl, .json, .csv, .parquet"):
         prepare_data(DatasetConfig(name=str(tmp_path / "rows.txt")), tokenizer, max_length=64)
 
 

@@ -1,71 +1,138 @@
-"""Rows -> chat messages -> input_ids + labels, ready for TRL's SFTTrainer."""
+"""Sources -> rows -> chat messages -> input_ids + labels, mixed and split, ready for TRL's SFTTrainer."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from sftkit.config import DatasetConfig
-from sftkit.data.formats import DataError, detect_format, to_messages
-from sftkit.data.load import load_rows
-from sftkit.data.tokenize import IGNORE_INDEX, MaskError, tokenize_messages
+from sftkit.config import DatasetConfig, SourceConfig
+from sftkit.data.formats import DataError, detect_format, to_messages, to_text
+from sftkit.data.load import is_jsonl, load_source
+from sftkit.data.tokenize import IGNORE_INDEX, MaskError, tokenize_messages, tokenize_text
 
 __all__ = ["DataError", "MaskError", "PreparedData", "prepare_data", "tokenize_messages"]
+HELPER_COLUMNS = ["source", "row", "trainable_tokens", "problem"]
+BAD_ROW, NOTHING_TO_TRAIN = "bad row", "nothing to train within max_seq_length"
 
 
 @dataclass
 class PreparedData:
     train: object  # datasets.Dataset with input_ids and labels
     eval: object | None
-    format: str
-    rows: int  # train rows read
-    dropped: int  # train rows with no trainable token within max_length
+    formats: list[str]  # of each train source
+    rows: int  # train rows read from the sources (before mixing weights)
+    dropped: dict[str, int]  # train rows dropped, by reason
     trainable_tokens: int  # trained tokens in one epoch of the train rows
-    sample_prompt: list[dict]  # the messages before the first reply of the first eval (else train) row
+    sample_prompt: list[dict] | None  # the messages before the first reply of the first eval (else train) row
+    lengths: list[int] = field(default_factory=list)  # token count of every kept train row, before truncation
+    problems: list[str] = field(default_factory=list)  # what was wrong with the first skipped bad rows
 
 
 def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42, num_proc: int | None = None):
-    train_rows, eval_rows = load_rows(cfg, seed)
-    format_name = cfg.format or detect_format(train_rows.column_names)
-    train, dropped, trainable_tokens = _tokenize(train_rows, cfg, format_name, tokenizer, max_length, num_proc)
-    if len(train) == 0:
-        raise DataError(f"dataset {cfg.name}: no row has a trainable token within model.max_seq_length {max_length}")
+    prepare = _Preparation(cfg, tokenizer, max_length, num_proc)
+    train_parts = [prepare.source(source, index) for index, source in enumerate(cfg.train_sources())]
+    train = _mix([(rows, source.weight) for (rows, _), source in zip(train_parts, cfg.train_sources())], seed)
     evaluation = None
-    if eval_rows is not None:
-        evaluation = _tokenize(eval_rows, cfg, format_name, tokenizer, max_length, num_proc)[0]
-    sample_prompt = _prompt_of((eval_rows or train_rows)[0], format_name, cfg.system_prompt)
-    return PreparedData(train, evaluation, format_name, len(train_rows), dropped, trainable_tokens, sample_prompt)
-
-
-def _prompt_of(row: dict, format_name: str, system_prompt: str | None) -> list[dict]:
-    messages = to_messages(row, format_name, system_prompt)
-    first_reply = next(index for index, message in enumerate(messages) if message["role"] == "assistant")
-    return messages[:first_reply]
-
-
-def _tokenize(rows, cfg: DatasetConfig, format_name: str, tokenizer, max_length: int, num_proc: int | None):
-    """Tokenize every row (cached by `datasets`), then drop the rows that truncation leaves with nothing to train."""
-    tokenized = rows.map(
-        _tokenize_row,
-        with_indices=True,
-        remove_columns=rows.column_names,
-        num_proc=num_proc,
-        fn_kwargs={
-            "tokenizer": tokenizer,
-            "format_name": format_name,
-            "system_prompt": cfg.system_prompt,
-            "loss_on": cfg.loss_on,
-            "max_length": max_length,
-            "source": cfg.name,
-        },
+    if cfg.eval_sources:
+        evaluation = _mix([(prepare.source(source, -1 - i)[0], None) for i, source in enumerate(cfg.eval_sources)], seed)
+    elif cfg.eval_split:
+        parts = [prepare.source(source, -1 - i, cfg.eval_split)[0] for i, source in enumerate(cfg.train_sources())]
+        evaluation = _mix([(rows, None) for rows in parts], seed)
+    elif cfg.test_size is not None:
+        size = cfg.test_size if cfg.test_size < 1 else int(cfg.test_size)
+        try:
+            split = train.train_test_split(test_size=size, seed=seed)
+        except ValueError:
+            raise DataError(f"dataset.test_size {size} cannot split {len(train)} rows into train and eval") from None
+        train, evaluation = split["train"], split["test"]
+    if len(train) == 0:
+        raise DataError(f"dataset {cfg.name or 'sources'}: no row has a trainable token within max_seq_length "
+                        f"{max_length} ({prepare.dropped})")
+    return PreparedData(
+        train=train.remove_columns(HELPER_COLUMNS),
+        eval=evaluation.remove_columns(HELPER_COLUMNS) if evaluation is not None else None,
+        formats=[format_name for _, format_name in train_parts],
+        rows=prepare.rows_read,
+        dropped=prepare.dropped,
+        trainable_tokens=sum(train["trainable_tokens"]),
+        sample_prompt=prepare.prompt_of(evaluation[0] if evaluation is not None and len(evaluation) else train[0]),
+        lengths=[len(ids) for ids in train["input_ids"]],
+        problems=prepare.problems,
     )
-    kept = tokenized.filter(lambda count: count > 0, input_columns="trainable_tokens", num_proc=num_proc)
-    trainable_tokens = sum(kept["trainable_tokens"])
-    return kept.remove_columns("trainable_tokens"), len(tokenized) - len(kept), trainable_tokens
 
 
-def _tokenize_row(row, index, tokenizer, format_name, system_prompt, loss_on, max_length, source):
+class _Preparation:
+    """Tokenizes sources one at a time, counting what it drops and keeping the raw rows for the sample prompt."""
+
+    def __init__(self, cfg: DatasetConfig, tokenizer, max_length: int, num_proc: int | None):
+        self.cfg, self.tokenizer, self.max_length, self.num_proc = cfg, tokenizer, max_length, num_proc
+        self.raw: dict[int, tuple] = {}
+        self.rows_read = 0
+        self.dropped = {BAD_ROW: 0, NOTHING_TO_TRAIN: 0}
+        self.problems: list[str] = []
+
+    def source(self, source: SourceConfig, index: int, split: str | None = None):
+        rows = load_source(source, split)
+        format_name = source.format or detect_format(rows.column_names, source.name)
+        self.raw[index] = (rows, format_name, source)
+        tokenized = rows.map(
+            _tokenize_row,
+            with_indices=True,
+            remove_columns=rows.column_names,
+            num_proc=self.num_proc,
+            fn_kwargs={
+                "tokenizer": self.tokenizer,
+                "format_name": format_name,
+                "system_prompt": self.cfg.system_prompt,
+                "answer_source": source.answer_source,
+                "loss_on": self.cfg.loss_on,
+                "max_length": self.max_length,
+                "source_index": index,
+                "where": f"dataset {source.name}",
+                "line_numbers": is_jsonl(source),
+                "skip_bad_rows": self.cfg.on_bad_row == "skip",
+            },
+        )
+        kept = tokenized.filter(lambda count: count > 0, input_columns="trainable_tokens", num_proc=self.num_proc)
+        if index >= 0:  # a train source
+            self.rows_read += len(rows)
+            problems = [problem for problem in tokenized["problem"] if problem]
+            self.dropped[BAD_ROW] += len(problems)
+            self.dropped[NOTHING_TO_TRAIN] += len(tokenized) - len(kept) - len(problems)
+            self.problems += problems[: 5 - len(self.problems)]
+        return kept, format_name
+
+    def prompt_of(self, example: dict) -> list[dict] | None:
+        rows, format_name, source = self.raw[example["source"]]
+        if format_name == "text":
+            return None
+        messages = to_messages(rows[example["row"]], format_name, self.cfg.system_prompt, source.answer_source)
+        return messages[: next(i for i, message in enumerate(messages) if message["role"] == "assistant")]
+
+
+def _tokenize_row(row, index, tokenizer, format_name, system_prompt, answer_source, loss_on, max_length,
+                  source_index, where, line_numbers, skip_bad_rows):
     try:
-        messages = to_messages(row, format_name, system_prompt)
-        tokens = tokenize_messages(tokenizer, messages, loss_on)
+        if format_name == "text":
+            tokens = tokenize_text(tokenizer, to_text(row))
+        else:
+            tokens = tokenize_messages(tokenizer, to_messages(row, format_name, system_prompt, answer_source), loss_on)
     except ValueError as error:
-        raise DataError(f"dataset {source}, row {index}: {error}") from None
+        problem = f"{where}, row {index}{f' (line {index + 1})' if line_numbers else ''}: {error}"
+        if not skip_bad_rows:
+            raise DataError(problem) from None
+        return {"input_ids": [], "labels": [], "source": source_index, "row": index, "trainable_tokens": 0,
+                "problem": problem}
     trainable = sum(label != IGNORE_INDEX for label in tokens["labels"][:max_length])
-    return {**tokens, "trainable_tokens": trainable}
+    return {**tokens, "source": source_index, "row": index, "trainable_tokens": trainable, "problem": ""}
+
+
+def _mix(parts: list[tuple], seed: int):
+    """Concatenate sources; a source with a weight is repeated or subsampled (seeded) to weight x its rows."""
+    from datasets import concatenate_datasets
+
+    pieces = []
+    for rows, weight in parts:
+        count = len(rows) if weight is None else round(weight * len(rows))
+        whole, rest = divmod(count, len(rows)) if len(rows) else (0, 0)
+        pieces += [rows] * whole
+        if rest:
+            pieces.append(rows.shuffle(seed=seed).select(range(rest)))
+    return concatenate_datasets(pieces) if len(pieces) != 1 else pieces[0]

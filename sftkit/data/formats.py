@@ -1,43 +1,92 @@
-"""Every supported row format -> a list of {"role", "content"} chat messages, the one internal format."""
+"""Every supported row format -> a list of {"role", "content"} chat messages, the one internal format.
+
+`text` is the exception: plain language-model data is not a conversation, so its rows stay text and every token
+trains (see tokenize.tokenize_text).
+"""
 
 from sftkit.config import ConfigError
 
 ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant",
+                  "tool": "tool", "observation": "tool"}
 
 
 class DataError(ConfigError):
-    """A row that cannot be turned into a valid conversation."""
+    """A row or a source that cannot be turned into training data."""
 
 
-def from_messages(row: dict) -> list[dict]:
+def from_messages(row: dict, answer_source: str) -> list[dict]:
     """OpenAI / ChatML: {"messages": [{"role": ..., "content": ...}, ...]}."""
     return row["messages"]
 
 
-def from_prompt_response(row: dict) -> list[dict]:
+def from_sharegpt(row: dict, answer_source: str) -> list[dict]:
+    """ShareGPT: {"conversations": [{"from": "human" | "gpt" | "system", "value": ...}, ...]}."""
+    messages = []
+    for index, turn in enumerate(_as_list(row["conversations"])):
+        if not isinstance(turn, dict) or turn.get("from") not in SHAREGPT_ROLES:
+            found = turn.get("from") if isinstance(turn, dict) else type(turn).__name__
+            raise ValueError(f"turn {index} has from={found!r}; expected one of {', '.join(SHAREGPT_ROLES)}")
+        messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn.get("value")})
+    return messages
+
+
+def from_prompt_response(row: dict, answer_source: str) -> list[dict]:
     """{"prompt", "response"} or TRL's {"prompt", "completion"}, each a string or a list of messages."""
     prompt = _as_turns(row["prompt"], "user")
     return prompt + _as_turns(row["response"] if "response" in row else row["completion"], "assistant")
 
 
-FORMATS = {"messages": from_messages, "prompt_response": from_prompt_response}
+def from_question_answer(row: dict, answer_source: str) -> list[dict]:
+    """{"question", "answer", optional "source"}; the source is dropped or appended to the answer."""
+    answer = row["answer"]
+    if answer_source == "append" and row.get("source"):
+        answer = f"{answer}\n\nSource: {row['source']}"
+    return [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": answer}]
 
 
-def detect_format(columns: list[str]) -> str:
-    if "messages" in columns:
-        return "messages"
-    if "prompt" in columns and ("response" in columns or "completion" in columns):
-        return "prompt_response"
+def from_alpaca(row: dict, answer_source: str) -> list[dict]:
+    """Alpaca: {"instruction", optional "input", "output"}; the input follows the instruction in the user turn."""
+    instruction = row["instruction"]
+    if row.get("input"):
+        instruction = f"{instruction}\n\n{row['input']}"
+    return [{"role": "user", "content": instruction}, {"role": "assistant", "content": row["output"]}]
+
+
+FORMATS = {
+    "messages": from_messages,
+    "sharegpt": from_sharegpt,
+    "prompt_response": from_prompt_response,
+    "prompt_completion": from_prompt_response,
+    "question_answer": from_question_answer,
+    "alpaca": from_alpaca,
+}
+# Columns that identify each format, most specific first.
+SIGNATURES = [
+    ("messages", {"messages"}),
+    ("sharegpt", {"conversations"}),
+    ("alpaca", {"instruction", "output"}),
+    ("question_answer", {"question", "answer"}),
+    ("prompt_response", {"prompt", "response"}),
+    ("prompt_completion", {"prompt", "completion"}),
+    ("text", {"text"}),
+]
+
+
+def detect_format(columns: list[str], source: str) -> str:
+    for name, required in SIGNATURES:
+        if required <= set(columns):
+            return name
     raise DataError(
-        f"cannot tell the dataset format from its columns {columns}; "
-        f"set dataset.format to one of {', '.join(FORMATS)}"
+        f"{source}: cannot tell the dataset format from its columns {columns}; set its format to one of "
+        f"{', '.join(name for name, _ in SIGNATURES)}, or rename columns with column_map"
     )
 
 
-def to_messages(row: dict, format_name: str, system_prompt: str | None = None) -> list[dict]:
+def to_messages(row: dict, format_name: str, system_prompt: str | None = None, answer_source: str = "drop"):
     """Convert one row and validate it. Raises ValueError saying what is wrong with the row."""
     try:
-        messages = FORMATS[format_name](row)
+        messages = FORMATS[format_name](row, answer_source)
     except KeyError as missing:
         raise ValueError(f"missing column {missing} for format {format_name!r}") from None
     messages = [_check_message(message, index) for index, message in enumerate(_as_list(messages))]
@@ -46,6 +95,13 @@ def to_messages(row: dict, format_name: str, system_prompt: str | None = None) -
     if system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system_prompt})
     return messages
+
+
+def to_text(row: dict) -> str:
+    text = row.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("the text column is missing or empty")
+    return text
 
 
 def _as_turns(value, role: str) -> list[dict]:
@@ -61,9 +117,13 @@ def _as_list(messages) -> list:
 def _check_message(message, index: int) -> dict:
     if not isinstance(message, dict):
         raise ValueError(f"message {index} is a {type(message).__name__}, not a mapping with role and content")
-    role, content = message.get("role"), message.get("content")
+    if "role" not in message:
+        raise ValueError(f"message {index} has no role")
+    role, content = message["role"], message.get("content")
     if role not in ROLES:
         raise ValueError(f"message {index} has role {role!r}; expected one of {', '.join(ROLES)}")
-    if not isinstance(content, str) or not content.strip():
-        raise ValueError(f"message {index} ({role}) has no text content")
+    if content is not None and not isinstance(content, str):
+        raise ValueError(f"message {index} ({role}) has content of type {type(content).__name__}, expected text")
+    if not content or not content.strip():
+        raise ValueError(f"message {index} ({role}) has empty content")
     return {"role": role, "content": content}

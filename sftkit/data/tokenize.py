@@ -48,7 +48,18 @@ def tokenize_messages(tokenizer, messages: list[dict], loss_on: str = "assistant
         start = _turn_start(tokenizer, messages[:turn], input_ids)
         end = _turn_end(tokenizer, messages[: turn + 1], input_ids, start, special_ids)
         labels[start:end] = input_ids[start:end]
+    if labels == input_ids:
+        raise MaskError(f"the chat template of {tokenizer.name_or_path} renders nothing around the replies, so every "
+                        "token would train; set dataset.chat_template to a chat template with role markers")
     return {"input_ids": input_ids, "labels": labels}
+
+
+def tokenize_text(tokenizer, text: str) -> dict:
+    """Plain language-model data: the tokenizer's own special tokens around the text, eos at the end; all train."""
+    input_ids = tokenizer(text)["input_ids"]
+    if tokenizer.eos_token_id is not None and input_ids[-1:] != [tokenizer.eos_token_id]:
+        input_ids.append(tokenizer.eos_token_id)
+    return {"input_ids": input_ids, "labels": list(input_ids)}
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
