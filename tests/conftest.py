@@ -18,7 +18,13 @@ FAMILIES = {
     "gemma": {"bos": "<bos>", "eos": "<eos>", "extra": ["<start_of_turn>", "<end_of_turn>"], "end": "<end_of_turn>"},
     "phi3": {"bos": "<s>", "eos": "<|endoftext|>", "extra": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], "end": "<|end|>"},
     "zephyr": {"bos": "<s>", "eos": "</s>", "extra": [], "end": "</s>"},
+    "llama3_1": {"bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "extra": ["<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|python_tag|>"], "end": "<|eot_id|>"},
+    "qwen3": {"bos": None, "eos": "<|im_end|>", "extra": ["<|im_start|>"], "end": "<|im_end|>"},
+    "mistral": {"bos": "<s>", "eos": "</s>", "extra": [], "end": "</s>"},
+    "deepseekv3": {"bos": "<｜begin▁of▁sentence｜>", "eos": "<｜end▁of▁sentence｜>", "extra": ["<｜User｜>", "<｜Assistant｜>"], "end": "<｜end▁of▁sentence｜>"},
+    "gemma3": {"bos": "<bos>", "eos": "<eos>", "extra": ["<start_of_turn>", "<end_of_turn>"], "end": "<end_of_turn>"},
 }
+REJECT_SYSTEM = {"gemma": "System role not supported", "mistral": "Conversation roles must alternate"}
 
 
 @pytest.fixture(scope="session")

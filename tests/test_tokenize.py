@@ -1,7 +1,7 @@
 """Completion-only masks from the chat template: exactly each assistant reply plus its end-of-turn token trains."""
 
 import pytest
-from conftest import FAMILIES, TEMPLATES, family_tokenizer, trained_spans
+from conftest import FAMILIES, REJECT_SYSTEM, TEMPLATES, family_tokenizer, trained_spans
 
 from sftkit.data import MaskError, tokenize_messages
 from sftkit.data.tokenize import CHATML_TEMPLATE
@@ -29,6 +29,8 @@ def expected_spans(family, messages):
     spans = [reply + end for reply in replies(messages)]
     if family == "phi3":
         spans[-1] += "\n<|endoftext|>"
+    if family == "qwen3":  # the last turn is rendered with an empty think block, earlier ones without
+        spans[-1] = "<think>\n\n</think>\n\n" + spans[-1]
     return spans
 
 
@@ -63,16 +65,50 @@ def test_real_family_templates(family, messages):
     assert trained_spans(tokenizer, tokens) == expected_spans(family, messages)
 
 
-@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"gemma"}))
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - set(REJECT_SYSTEM)))
 def test_real_family_templates_with_a_system_message(family):
     tokenizer = family_tokenizer(family)
     tokens = tokenize_messages(tokenizer, [SYSTEM] + MULTI)
     assert trained_spans(tokenizer, tokens) == expected_spans(family, MULTI)
 
 
-def test_template_that_rejects_a_system_message_gives_a_clear_error():
-    with pytest.raises(MaskError, match="gemma rejected the conversation: System role not supported"):
-        tokenize_messages(family_tokenizer("gemma"), [SYSTEM] + SINGLE)
+@pytest.mark.parametrize("family", sorted(REJECT_SYSTEM))
+def test_template_that_rejects_a_system_message_gives_a_clear_error(family):
+    with pytest.raises(MaskError, match=f"{family} rejected the conversation: {REJECT_SYSTEM[family]}"):
+        tokenize_messages(family_tokenizer(family), [SYSTEM] + SINGLE)
+
+
+def test_gemma3_folds_the_system_message_into_the_first_user_turn_and_never_trains_it():
+    tokenizer = family_tokenizer("gemma3")
+    tokens = tokenize_messages(tokenizer, [SYSTEM] + MULTI)
+    assert SYSTEM["content"] in tokenizer.decode(tokens["input_ids"])
+    assert trained_spans(tokenizer, tokens) == expected_spans("gemma3", MULTI)
+
+
+REASONING = [
+    {"role": "user", "content": "2+2?"},
+    {"role": "assistant", "content": "<think>\nTwo and two.\n</think>\n\nIt is 4."},
+    {"role": "user", "content": "3+3?"},
+    {"role": "assistant", "content": "<think>\nThree and three.\n</think>\n\nIt is 6."},
+]
+
+
+def test_qwen3_dropping_reasoning_from_history_is_refused_unless_only_the_last_turn_trains():
+    tokenizer = family_tokenizer("qwen3")
+    with pytest.raises(MaskError, match="renders assistant turn 1 differently when later messages follow it"):
+        tokenize_messages(tokenizer, REASONING)
+    last = tokenize_messages(tokenizer, REASONING, loss_on="last_assistant")
+    assert trained_spans(tokenizer, last) == ["<think>\nThree and three.\n</think>\n\nIt is 6.<|im_end|>"]
+
+
+def test_deepseek_generation_prompt_that_adds_think_warns_once_and_masks_exactly(caplog):
+    tokenizer = family_tokenizer("deepseekv3")
+    tokenizer.name_or_path = "deepseek-warned-here"  # other tests may already have had their one warning
+    with caplog.at_level("WARNING"):
+        tokens = tokenize_messages(tokenizer, MULTI)
+        tokenize_messages(tokenizer, MULTI)
+    assert trained_spans(tokenizer, tokens) == expected_spans("deepseekv3", MULTI)
+    assert sum("adds '<think>\\n'" in record.getMessage() for record in caplog.records) == 1
 
 
 def test_template_without_an_end_of_turn_token_is_refused():

@@ -2,20 +2,27 @@
 
 Which tokens train is derived from token prefixes, not from `{% generation %}` markers (few templates have them)
 and not from searching the rendered text. For each assistant turn the conversation is rendered twice more:
-- up to the turn, with the generation prompt: it must tokenize to an exact prefix of the whole conversation, and
-  the turn starts where it ends (exactly where a model's reply starts at inference);
-- through the turn: where it stops matching the whole conversation bounds the turn, and the turn ends at its last
-  special token before that point (the end-of-turn token), so the model learns to stop, while whitespace after it
+- up to the turn, with the generation prompt. It must tokenize to a prefix of the whole conversation and the reply
+  starts where it ends, exactly where a model's reply starts at inference. A template whose generation prompt adds
+  tokens the conversation does not have (DeepSeek's `<think>`) is accepted when only those added tokens differ:
+  the reply starts where the two diverge, and a warning says that training and inference contexts differ.
+- through the turn. Where it stops matching the whole conversation bounds the turn, and the turn ends at its last
+  special token before that point (the end-of-turn token), so the model learns to stop while whitespace after it
   stays masked. What the through-rendering has after that token may only be whitespace or special tokens (Phi-3
-  appends eos to the last turn only); anything else means the template renders the turn differently in context
-  (e.g. drops reasoning from earlier turns), and the row fails instead of training a wrong mask.
+  appends eos to the last turn only). A template that renders a turn differently once later messages follow it
+  (Qwen3 adds an empty think block to the last turn only, or drops reasoning from earlier ones) is handled by
+  taking the turn as rendered in the whole conversation, up to its first special token, and accepting it only if
+  that decodes to the message's own content; otherwise the row fails instead of training a wrong mask.
 A template that closes the whole conversation with one more special token (Phi-3's eos after the last `<|end|>`)
 trains that token too on the last turn, as TRL's own Phi-3 training template does.
 """
 
+import logging
+
 import jinja2
 
 IGNORE_INDEX = -100
+logger = logging.getLogger(__name__)
 
 # For a tokenizer that has no chat template. The model's own eos token closes every turn, so no token has to be
 # added to the vocabulary and a model that learns this format stops generating where it should.
@@ -73,32 +80,56 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False
 
 def _turn_start(tokenizer, history: list[dict], full_ids: list[int]) -> int:
     prompt = _render(tokenizer, history, add_generation_prompt=True)
-    if full_ids[: len(prompt)] != prompt:
-        raise MaskError(
-            f"the chat template of {tokenizer.name_or_path} renders the first {len(history)} messages plus the "
-            "generation prompt differently from the same messages inside the whole conversation, so the reply "
-            "cannot be located exactly; set dataset.chat_template to a template that renders earlier turns unchanged"
+    if full_ids[: len(prompt)] == prompt:
+        return len(prompt)
+    common = _common_prefix(prompt, full_ids)
+    if common >= len(_render(tokenizer, history)):  # only what the generation prompt adds differs
+        _warn_once(
+            f"the generation prompt of {tokenizer.name_or_path}'s chat template adds "
+            f"{tokenizer.decode(prompt[common:])!r}, which the training conversations do not have; replies train "
+            "after the part they share, so the model sees a slightly different context at inference"
         )
-    return len(prompt)
+        return common
+    raise MaskError(
+        f"the chat template of {tokenizer.name_or_path} renders the first {len(history)} messages differently from "
+        "the same messages inside the whole conversation, so the reply cannot be located exactly; set "
+        "dataset.chat_template to a template that renders earlier turns unchanged"
+    )
 
 
 def _turn_end(tokenizer, through_turn: list[dict], full_ids: list[int], start: int, special_ids: set[int]) -> int:
     through = _render(tokenizer, through_turn)
-    common = next((i for i, (a, b) in enumerate(zip(through, full_ids)) if a != b), min(len(through), len(full_ids)))
+    common = _common_prefix(through, full_ids)
     end = next((i + 1 for i in range(common - 1, start - 1, -1) if full_ids[i] in special_ids), None)
-    rendered_alike = common == len(through) or not tokenizer.decode(through[end or start :], skip_special_tokens=True).strip()
-    if not rendered_alike:
+    tail = tokenizer.decode(through[end or start :], skip_special_tokens=True)
+    if common == len(through) or not tail.strip():  # rendered alike in both places
+        if end is None:
+            raise MaskError(
+                f"the chat template of {tokenizer.name_or_path} ends assistant turn {len(through_turn) - 1} without "
+                f"a special token (it renders as {tokenizer.decode(full_ids[start:common])!r}), so the model could not "
+                "learn to stop; set dataset.chat_template to a template that closes assistant turns with the eos or "
+                "an end-of-turn token"
+            )
+        return end
+    end = next((i + 1 for i in range(start, len(full_ids)) if full_ids[i] in special_ids), None)
+    if end is None or tokenizer.decode(full_ids[start : end - 1]).strip() != through_turn[-1]["content"].strip():
         raise MaskError(
             f"the chat template of {tokenizer.name_or_path} renders assistant turn {len(through_turn) - 1} "
             "differently when later messages follow it (for example it drops reasoning from earlier turns), so its "
             "tokens cannot be told apart exactly; use dataset.loss_on: last_assistant, or set dataset.chat_template "
             "to a template that renders earlier turns unchanged"
         )
-    if end is None:
-        raise MaskError(
-            f"the chat template of {tokenizer.name_or_path} ends assistant turn {len(through_turn) - 1} without a "
-            f"special token (it renders as {tokenizer.decode(full_ids[start:common])!r}), so the model could not "
-            "learn to stop; set dataset.chat_template to a template that closes assistant turns with the eos or an "
-            "end-of-turn token"
-        )
     return end
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
