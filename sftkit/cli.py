@@ -16,10 +16,18 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Any config key can be overridden: --training.learning_rate 1e-4 --model.use_lora true",
     )
     parser.add_argument("--config", help="YAML file, or the name of one in configs/ (default: default_train_config.yaml)")
+    parser.add_argument("--inspect", nargs="?", type=int, const=3, metavar="N",
+                        help="load only the tokenizer and the data, print statistics and N samples (default 3) "
+                             "with the trained tokens highlighted, and exit")
     args, overrides = parser.parse_known_args(argv)
     _quiet_known_noise()
     try:
         config = load_config(args.config, overrides)
+        if args.inspect is not None:
+            from sftkit.inspector import inspect
+
+            print(inspect(config, samples=args.inspect))
+            return 0
         from sftkit.train import train
 
         train(config)

@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from sftkit.config import DatasetConfig, ModelConfig, resolve_path
+from sftkit.config import ConfigError, DatasetConfig, ModelConfig, resolve_path
 from sftkit.data.tokenize import CHATML_TEMPLATE
 
 
@@ -19,7 +19,31 @@ def load_tokenizer(model_cfg: ModelConfig, dataset_cfg: DatasetConfig):
         tokenizer.chat_template = _read_template(dataset_cfg.chat_template)
     elif tokenizer.chat_template is None:
         tokenizer.chat_template = CHATML_TEMPLATE
+    ensure_distinct_pad_token(tokenizer)
     return tokenizer
+
+
+def ensure_distinct_pad_token(tokenizer) -> None:
+    """Give the tokenizer a pad token other than eos (TRL would pad with eos when there is none).
+
+    With pad == eos, anything that masks padding by token id also masks the eos that ends every reply, and the
+    model never learns to stop. Our labels are padded by position, but the saved tokenizer is used elsewhere too.
+    An existing token is reused (padding only fills positions the attention mask hides), so the vocabulary and
+    the embeddings stay as they are.
+    """
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    vocab = tokenizer.get_vocab()
+    candidates = ["<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|endoftext|>", tokenizer.unk_token]
+    for token in candidates:
+        if token in vocab and vocab[token] != tokenizer.eos_token_id:
+            tokenizer.pad_token = token
+            return
+    raise ConfigError(
+        f"the tokenizer of {tokenizer.name_or_path} has no pad token other than its eos {tokenizer.eos_token!r}, "
+        "which ends every reply; add one (tokenizer.add_special_tokens({'pad_token': '<pad>'}), then save it "
+        "with the model) and point model.path at that copy"
+    )
 
 
 def _read_template(value: str) -> str:

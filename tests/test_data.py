@@ -2,11 +2,12 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from conftest import SAMPLE_DATA, trained_spans
 
-from sftkit.config import DatasetConfig
+from sftkit.config import DatasetConfig, SourceConfig
 from sftkit.data import DataError, prepare_data
 from sftkit.data.formats import to_messages
 
@@ -76,7 +77,7 @@ def test_rows_left_with_nothing_to_train_by_truncation_are_dropped_and_counted(t
     long_prompt = {"prompt": "Tell me " + "a very long story " * 30, "response": "No."}
     path = write_rows(tmp_path, ".jsonl", ROWS + [long_prompt])
     data = prepare_data(DatasetConfig(name=path), tokenizer, max_length=40)
-    assert (data.rows, len(data.train), data.dropped) == (4, 3, {"bad row": 0, "nothing to train within max_seq_length": 1})
+    assert (data.rows, len(data.train), data.dropped) == (4, 3, {"bad rows": 0, "with nothing to train within max_seq_length": 1})
 
 
 @pytest.mark.parametrize(
@@ -115,3 +116,114 @@ def test_unknown_columns_and_missing_files_are_clear(tmp_path, tokenizer):
 def test_test_size_too_large_for_the_data_is_clear(tmp_path, tokenizer):
     with pytest.raises(DataError, match="dataset.test_size 5 cannot split 3 rows into train and eval"):
         prepare_data(DatasetConfig(name=write_rows(tmp_path, ".jsonl", ROWS), test_size=5), tokenizer, max_length=64)
+
+
+# --- every format, one row each -------------------------------------------------------------------------------
+
+FORMAT_ROWS = {
+    "sharegpt": ({"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
+                 [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]),
+    "alpaca": ({"instruction": "Translate to French.", "input": "cat", "output": "chat"},
+               [{"role": "user", "content": "Translate to French.\n\ncat"}, {"role": "assistant", "content": "chat"}]),
+    "question_answer": ({"question": "Capital of Peru?", "answer": "Lima.", "source": "atlas"},
+                        [{"role": "user", "content": "Capital of Peru?"}, {"role": "assistant", "content": "Lima."}]),
+    "prompt_completion": ({"prompt": "Hi", "completion": "Hello!"},
+                          [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]),
+}
+
+
+@pytest.mark.parametrize("format_name", sorted(FORMAT_ROWS))
+def test_each_format_is_detected_and_converted(tmp_path, tokenizer, format_name):
+    row, messages = FORMAT_ROWS[format_name]
+    assert to_messages(row, format_name) == messages
+    data = prepare_data(DatasetConfig(name=write_rows(tmp_path, ".jsonl", [row])), tokenizer, max_length=128)
+    assert data.formats == [format_name]
+    assert trained_spans(tokenizer, data.train[0]) == [messages[-1]["content"] + "<|im_end|>"]
+
+
+def test_alpaca_without_input_and_question_answer_with_its_source_appended():
+    assert to_messages({"instruction": "Say hi.", "input": "", "output": "Hi"}, "alpaca")[0]["content"] == "Say hi."
+    row = FORMAT_ROWS["question_answer"][0]
+    assert to_messages(row, "question_answer", answer_source="append")[-1]["content"] == "Lima.\n\nSource: atlas"
+
+
+def test_text_rows_train_on_every_token(tmp_path, tokenizer):
+    data = prepare_data(DatasetConfig(name=write_rows(tmp_path, ".jsonl", [{"text": "The sky is blue."}])), tokenizer, max_length=64)
+    row = data.train[0]
+    assert data.formats == ["text"] and row["labels"] == row["input_ids"]
+    assert tokenizer.decode(row["input_ids"]) == "The sky is blue.<|im_end|>"
+
+
+def test_sharegpt_with_an_unknown_speaker_names_the_turn(tmp_path, tokenizer):
+    row = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "robot", "value": "Yo"}]}
+    with pytest.raises(DataError, match=r"row 0 \(line 1\): turn 1 has from='robot'"):
+        prepare_data(DatasetConfig(name=write_rows(tmp_path, ".jsonl", [row])), tokenizer, max_length=64)
+
+
+def test_column_map_renames_other_field_names(tmp_path, tokenizer):
+    path = write_rows(tmp_path, ".jsonl", [{"query": "Hi", "reply": "Hello!"}])
+    data = prepare_data(DatasetConfig(name=path, column_map={"query": "prompt", "reply": "response"}), tokenizer, max_length=64)
+    assert trained_spans(tokenizer, data.train[0]) == ["Hello!<|im_end|>"]
+    with pytest.raises(DataError, match=r"column_map names columns it does not have: \['question'\]"):
+        prepare_data(DatasetConfig(name=path, column_map={"question": "prompt"}), tokenizer, max_length=64)
+
+
+# --- sources: globs, directories, save_to_disk, mixing, evaluation --------------------------------------------
+
+def test_glob_directory_and_save_to_disk_sources(tmp_path, tokenizer):
+    import datasets
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for index in range(2):
+        (shards / f"part{index}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    assert prepare_data(DatasetConfig(name=str(shards / "*.jsonl")), tokenizer, max_length=64).rows == 6
+    assert prepare_data(DatasetConfig(name=str(shards)), tokenizer, max_length=64).rows == 6
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS), "test": datasets.Dataset.from_list(ROWS[:1])}).save_to_disk(saved)
+    data = prepare_data(DatasetConfig(name=str(saved), eval_split="test"), tokenizer, max_length=64)
+    assert (len(data.train), len(data.eval)) == (3, 1)
+    with pytest.raises(DataError, match="the pattern matches no file"):
+        prepare_data(DatasetConfig(name=str(tmp_path / "none*.jsonl")), tokenizer, max_length=64)
+
+
+def test_sources_mix_with_weights_and_their_own_formats(tmp_path, tokenizer):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    config = DatasetConfig(sources=[
+        SourceConfig(name=str(SAMPLE_DATA), max_samples=10, weight=0.5),
+        SourceConfig(name=str(prompts), weight=2),
+        SourceConfig(name=str(prompts), format="prompt_response", column_map=None),
+    ])
+    data = prepare_data(config, tokenizer, max_length=256, seed=1)
+    assert data.formats == ["messages", "prompt_response", "prompt_response"]
+    assert data.rows == 10 + 3 + 3
+    assert len(data.train) == 5 + 6 + 3
+    again = prepare_data(config, tokenizer, max_length=256, seed=1)
+    assert again.train["input_ids"] == data.train["input_ids"], "mixing is seeded"
+
+
+def test_eval_sources(tmp_path, tokenizer):
+    config = DatasetConfig(name=str(SAMPLE_DATA), max_samples=20, eval_sources=[SourceConfig(name=write_rows(tmp_path, ".jsonl", ROWS))])
+    data = prepare_data(config, tokenizer, max_length=256)
+    assert (len(data.train), len(data.eval)) == (20, 3)
+    assert data.sample_prompt == [{"role": "user", "content": ROWS[0]["prompt"]}]
+
+
+def test_skipped_bad_rows_are_counted_with_their_problem(tmp_path, tokenizer):
+    rows = [{"prompt": "Hi", "response": "Hello!"}, {"prompt": "Hi", "response": ""}, {"prompt": "Yo", "response": "Hey."}]
+    data = prepare_data(DatasetConfig(name=write_rows(tmp_path, ".jsonl", rows), on_bad_row="skip"), tokenizer, max_length=64)
+    assert len(data.train) == 2 and data.dropped["bad rows"] == 1
+    assert data.problems == [f"dataset {tmp_path / 'rows.jsonl'}, row 1 (line 2): message 1 (assistant) has empty content"]
+
+
+def test_preprocessing_is_cached_between_runs(tmp_path, tokenizer):
+    from transformers import AutoTokenizer
+
+    from conftest import TINY_MODEL
+
+    path = write_rows(tmp_path, ".jsonl", ROWS * 20)
+    first = prepare_data(DatasetConfig(name=path), AutoTokenizer.from_pretrained(TINY_MODEL), max_length=64)
+    files = {f["filename"]: Path(f["filename"]).stat().st_mtime_ns for f in first.train.cache_files}
+    second = prepare_data(DatasetConfig(name=path), AutoTokenizer.from_pretrained(TINY_MODEL), max_length=64)
+    assert files and {f["filename"]: Path(f["filename"]).stat().st_mtime_ns for f in second.train.cache_files} == files

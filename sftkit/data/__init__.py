@@ -9,7 +9,7 @@ from sftkit.data.tokenize import IGNORE_INDEX, MaskError, tokenize_messages, tok
 
 __all__ = ["DataError", "MaskError", "PreparedData", "prepare_data", "tokenize_messages"]
 HELPER_COLUMNS = ["source", "row", "trainable_tokens", "problem"]
-BAD_ROW, NOTHING_TO_TRAIN = "bad row", "nothing to train within max_seq_length"
+BAD_ROW, NOTHING_TO_TRAIN = "bad rows", "with nothing to train within max_seq_length"
 
 
 @dataclass

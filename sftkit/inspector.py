@@ -1,0 +1,57 @@
+"""`sft.py --inspect`: what the model will be trained on, from the tokenizer and the data alone (no weights).
+
+    python sft.py --config configs/lora_train_config.yaml --inspect 5
+"""
+
+import itertools
+import statistics
+import sys
+
+from sftkit.config import RunConfig
+from sftkit.data import prepare_data
+from sftkit.data.tokenize import IGNORE_INDEX
+from sftkit.model import load_tokenizer
+
+GREEN, RESET = "\033[1;32m", "\033[0m"
+
+
+def inspect(config: RunConfig, samples: int = 3, color: bool | None = None) -> str:
+    color = sys.stdout.isatty() if color is None else color
+    args = config.training
+    tokenizer = load_tokenizer(config.model, config.dataset)
+    data = prepare_data(config.dataset, tokenizer, args.max_length, args.seed, args.dataset_num_proc)
+    lines = [f"sftkit inspect: {config.source}, tokenizer {config.model.path}", *_statistics(data, args.max_length)]
+    for index in range(min(samples, len(data.train))):
+        row = data.train[index]
+        lines += ["", f"--- sample {index} ({len(row['input_ids'])} tokens; trained tokens "
+                  f"{'in green' if color else 'in [[double brackets]]'}) ---",
+                  render_trained(tokenizer, row["input_ids"][: args.max_length], row["labels"], color)]
+        if len(row["input_ids"]) > args.max_length:
+            lines.append(f"... {len(row['input_ids']) - args.max_length} more tokens cut by max_seq_length")
+    return "\n".join(lines)
+
+
+def _statistics(data, max_length: int) -> list[str]:
+    lengths = sorted(data.lengths)
+    kept_tokens = sum(min(length, max_length) for length in lengths)
+    eval_rows = f", {len(data.eval)} eval" if data.eval is not None else ""
+    lines = [
+        f"rows read          {data.rows:,}",
+        f"rows dropped       " + ", ".join(f"{count} {reason}" for reason, count in data.dropped.items()),
+        *(f"                   {problem}" for problem in data.problems),
+        f"rows kept          {len(data.train):,} train{eval_rows}",
+        f"tokens per row     min {lengths[0]}, mean {statistics.mean(lengths):.1f}, median "
+        f"{statistics.median(lengths):g}, p95 {lengths[int(0.95 * (len(lengths) - 1))]}, max {lengths[-1]}",
+        f"tokens that train  {data.trainable_tokens:,} of {kept_tokens:,} ({100 * data.trainable_tokens / kept_tokens:.1f}%)",
+        f"rows truncated     {sum(length > max_length for length in lengths)} longer than max_seq_length {max_length}",
+    ]
+    return lines
+
+
+def render_trained(tokenizer, input_ids: list[int], labels: list[int], color: bool) -> str:
+    """The decoded sequence with the trained runs highlighted."""
+    pieces = []
+    for trained, run in itertools.groupby(zip(input_ids, labels), key=lambda pair: pair[1] != IGNORE_INDEX):
+        text = tokenizer.decode([token for token, _ in run])
+        pieces.append((f"{GREEN}{text}{RESET}" if color else f"[[{text}]]") if trained else text)
+    return "".join(pieces)
