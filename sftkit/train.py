@@ -4,6 +4,7 @@
 """
 
 import json
+import logging
 import resource
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from sftkit.export import ADAPTER_DIR, export, saved_dtypes
 from sftkit.model import load_model, load_tokenizer, lora_config, resolve_dtype
 
 SUMMARY_FILE = "run_summary.json"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,6 +40,9 @@ def train(config: RunConfig) -> Run:
         data = prepare_data(config.dataset, tokenizer, args.max_length, args.seed, args.dataset_num_proc)
     dtype = resolve_dtype(config.model, args)
     model = load_model(config.model, dtype, args.gradient_checkpointing)
+    if (args.packing or args.padding_free) and config.model.trust_remote_code:
+        logger.warning("packing with a model's own modeling code: transformers' built-in attention keeps packed "
+                       "samples apart, custom code may let them attend to each other")
     trainer = SFTTrainer(
         model=model,
         args=args,

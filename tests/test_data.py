@@ -227,3 +227,20 @@ def test_preprocessing_is_cached_between_runs(tmp_path, tokenizer):
     files = {f["filename"]: Path(f["filename"]).stat().st_mtime_ns for f in first.train.cache_files}
     second = prepare_data(DatasetConfig(name=path), AutoTokenizer.from_pretrained(TINY_MODEL), max_length=64)
     assert files and {f["filename"]: Path(f["filename"]).stat().st_mtime_ns for f in second.train.cache_files} == files
+
+
+def test_pad_token_is_never_the_eos_that_ends_replies(tmp_path):
+    from conftest import family_tokenizer
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from sftkit.config import ConfigError
+    from sftkit.model import ensure_distinct_pad_token
+
+    tokenizer = family_tokenizer("qwen2_5")
+    tokenizer.pad_token = tokenizer.eos_token
+    ensure_distinct_pad_token(tokenizer)
+    assert tokenizer.pad_token == "<|pad|>"
+    bare = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"hi": 0, "</s>": 1}, unk_token=None)), eos_token="</s>")
+    with pytest.raises(ConfigError, match="has no pad token other than its eos '</s>'"):
+        ensure_distinct_pad_token(bare)

@@ -54,3 +54,23 @@ def test_bad_data_fails_before_any_weight_loads_with_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == f"sft.py: error: dataset {data}, row 0 (line 1): message 1 has role 'robot'; expected one of system, user, assistant, tool"
     assert not (tmp_path / "out" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_inspect_needs_no_weights_and_shows_what_trains(tmp_path):
+    import shutil
+
+    from conftest import TINY_MODEL
+
+    tokenizer_only = tmp_path / "tokenizer-only"
+    shutil.copytree(TINY_MODEL, tokenizer_only, ignore=shutil.ignore_patterns("*.safetensors"))
+    result = subprocess.run([sys.executable, str(REPO / "sft.py"), "--inspect", "2", "--model.path", str(tokenizer_only),
+                             "--dataset.test_size", "null"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    for line in ("rows read          320", "rows dropped       0 bad rows", "rows kept          320 train",
+                 "tokens per row     min", "tokens that train", "rows truncated     0 longer than max_seq_length 256"):
+        assert line in out
+    assert out.count("--- sample") == 2
+    assert "[[The capital of France is Paris.<|im_end|>]]" in out  # the first row's first reply, and only that
+    assert "[[Which city" not in out

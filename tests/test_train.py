@@ -122,3 +122,13 @@ def test_a_failed_export_leaves_the_previous_complete_model_untouched(tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert (out / STAGING_DIR / ADAPTER_DIR).exists(), "the partial export stays in the staging directory"
     AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_eval_loss_is_logged_and_the_best_checkpoint_is_kept(tmp_path):
+    _, result = run(tmp_path, "default_train_config.yaml", "--training.eval_strategy", "steps", "--training.eval_steps", "4",
+                    "--training.save_strategy", "steps", "--training.save_steps", "4", "--training.load_best_model_at_end", "true",
+                    "--training.metric_for_best_model", "eval_loss", steps=12)
+    state = result.trainer.state
+    evals = [entry["eval_loss"] for entry in state.log_history if "eval_loss" in entry]
+    assert len(evals) >= 3
+    assert state.best_model_checkpoint and state.best_metric == min(evals[:3])
