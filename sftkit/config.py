@@ -4,9 +4,12 @@
 config are collected and raised together as one `ConfigError`, before any model weight is loaded.
 """
 
+import ast
 import dataclasses
 import difflib
 import enum
+import functools
+import importlib.util
 import os
 import types
 import typing
@@ -167,6 +170,9 @@ def load_config(config_name: str | None = None, cli_args: list[str] = ()) -> Run
     model = _build(ModelConfig, raw.get("model") or {}, "model", errors)
     dataset = _build(DatasetConfig, raw.get("dataset") or {}, "dataset", errors)
     errors += _cross_field_errors(model, dataset, raw.get("training") or {})
+    errors += _precheck_training(raw.get("training") or {})
+    if errors:  # before importing trl and torch, which take seconds
+        raise ConfigError(f"{path}: " + "; ".join(errors))
     training = _build_training(dict(raw.get("training") or {}), model, errors)
     if errors:
         raise ConfigError(f"{path}: " + "; ".join(errors))
@@ -204,6 +210,57 @@ def _cross_field_errors(model: ModelConfig, dataset: DatasetConfig, training: di
     if model.lora_config.r < 1:
         errors.append("model.lora_config.r must be at least 1")
     return errors
+
+
+def _precheck_training(values: Any) -> list[str]:
+    """Unknown keys and plainly wrong types in `training`, found without importing trl (see _sft_config_fields)."""
+    if not isinstance(values, dict):
+        return [f"training must be a mapping of keys to values, not {type(values).__name__}"]
+    fields = _sft_config_fields()
+    errors = []
+    for key, value in values.items():
+        if key not in fields:
+            errors.append(f"unknown key training.{key}{_suggest(key, fields)}")
+            continue
+        hint = _SIMPLE_HINTS.get(fields[key].replace(" ", ""))
+        if hint is not None:
+            try:
+                _coerce(value, hint)
+            except (TypeError, ValueError) as error:
+                errors.append(f"training.{key}: {error}")
+    return errors
+
+
+_SIMPLE_HINTS = {
+    name: hint
+    for base in (bool, int, float, str)
+    for name, hint in ((base.__name__, base), (f"{base.__name__}|None", base | None), (f"Optional[{base.__name__}]", base | None))
+}
+
+
+@functools.cache
+def _sft_config_fields() -> dict[str, str]:
+    """SFTConfig's field names and annotations, read from the installed sources instead of imported.
+
+    Importing trl imports torch and transformers (about 6 s on a CPU machine); reading the three files that
+    define SFTConfig and its bases takes a few tens of milliseconds, so a typo fails in well under a second.
+    The full check against the real class follows once these pass.
+    """
+    trl_dir = Path(importlib.util.find_spec("trl").origin).parent
+    transformers_dir = Path(importlib.util.find_spec("transformers").origin).parent
+    classes = {
+        trl_dir / "trainer" / "sft_config.py": "SFTConfig",
+        trl_dir / "trainer" / "base_config.py": "_BaseConfig",
+        transformers_dir / "training_args.py": "TrainingArguments",
+    }
+    fields: dict[str, str] = {}
+    for file, class_name in classes.items():
+        tree = ast.parse(file.read_text())
+        body = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == class_name).body
+        for node in body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                fields.setdefault(node.target.id, ast.unparse(node.annotation))
+    return fields
 
 
 def _build_training(values: dict, model: ModelConfig, errors: list[str]):

@@ -135,3 +135,25 @@ def test_bad_config_exits_2_with_one_line_and_no_traceback(tmp_path):
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
 
+
+
+def test_training_keys_are_checked_without_importing_torch(tmp_path):
+    code = (
+        "import sys\nfrom sftkit.config import ConfigError, load_config\n"
+        f"try:\n    load_config({write(tmp_path, MINIMAL + '  learning_rat: 1e-4' + chr(10))!r})\n"
+        "except ConfigError as error:\n    print(error)\n"
+        "print('torch' in sys.modules, 'trl.trainer' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert "unknown key training.learning_rat (did you mean 'learning_rate'?)" in result.stdout
+    assert result.stdout.strip().endswith("False False"), result.stdout
+
+
+def test_the_static_field_list_matches_sft_config():
+    import dataclasses
+
+    from trl import SFTConfig
+
+    from sftkit.config import _sft_config_fields
+
+    assert set(_sft_config_fields()) == {f.name for f in dataclasses.fields(SFTConfig) if f.init}
