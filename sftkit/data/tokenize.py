@@ -43,17 +43,22 @@ def tokenize_messages(tokenizer, messages: list[dict], loss_on: str = "assistant
 
     loss_on: "assistant" trains every assistant turn, "last_assistant" only the last one, "all" every token.
     """
-    input_ids = _render(tokenizer, messages)
-    if loss_on == "all":
-        return {"input_ids": input_ids, "labels": list(input_ids)}
     turns = [index for index, message in enumerate(messages) if message["role"] == "assistant"]
     if loss_on == "last_assistant":
         turns = turns[-1:]
+    if loss_on == "all":
+        turns = []
+    # Every rendering the masks need, tokenized in one call: most of the cost of tokenizing is per call.
+    texts = _render(tokenizer, [messages] + [messages[: turn + 1] for turn in turns])
+    texts += _render(tokenizer, [messages[:turn] for turn in turns], add_generation_prompt=True)
+    input_ids, *renderings = tokenizer(texts, add_special_tokens=False)["input_ids"]  # templates write their own bos
+    if loss_on == "all":
+        return {"input_ids": input_ids, "labels": list(input_ids)}
     special_ids = set(tokenizer.all_special_ids)
     labels = [IGNORE_INDEX] * len(input_ids)
-    for turn in turns:
-        start = _turn_start(tokenizer, messages[:turn], input_ids)
-        end = _turn_end(tokenizer, messages[: turn + 1], input_ids, start, special_ids)
+    for turn, through, prompt in zip(turns, renderings[: len(turns)], renderings[len(turns) :]):
+        start = _turn_start(tokenizer, messages[:turn], prompt, input_ids)
+        end = _turn_end(tokenizer, messages[: turn + 1], through, input_ids, start, special_ids)
         labels[start:end] = input_ids[start:end]
     if labels == input_ids:
         raise MaskError(f"the chat template of {tokenizer.name_or_path} renders nothing around the replies, so every "
@@ -69,21 +74,21 @@ def tokenize_text(tokenizer, text: str) -> dict:
     return {"input_ids": input_ids, "labels": list(input_ids)}
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+def _render(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool = False) -> list[str]:
+    if not conversations:
+        return []
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=add_generation_prompt)
     except jinja2.TemplateError as error:
         raise MaskError(f"the chat template of {tokenizer.name_or_path} rejected the conversation: {error}") from None
-    # The template writes any bos token itself; adding special tokens here would double it.
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _turn_start(tokenizer, history: list[dict], full_ids: list[int]) -> int:
-    prompt = _render(tokenizer, history, add_generation_prompt=True)
+def _turn_start(tokenizer, history: list[dict], prompt: list[int], full_ids: list[int]) -> int:
     if full_ids[: len(prompt)] == prompt:
         return len(prompt)
     common = _common_prefix(prompt, full_ids)
-    if common >= len(_render(tokenizer, history)):  # only what the generation prompt adds differs
+    history_ids = tokenizer(_render(tokenizer, [history]), add_special_tokens=False)["input_ids"][0]
+    if common >= len(history_ids):  # only what the generation prompt adds differs
         _warn_once(
             f"the generation prompt of {tokenizer.name_or_path}'s chat template adds "
             f"{tokenizer.decode(prompt[common:])!r}, which the training conversations do not have; replies train "
@@ -97,8 +102,8 @@ def _turn_start(tokenizer, history: list[dict], full_ids: list[int]) -> int:
     )
 
 
-def _turn_end(tokenizer, through_turn: list[dict], full_ids: list[int], start: int, special_ids: set[int]) -> int:
-    through = _render(tokenizer, through_turn)
+def _turn_end(tokenizer, through_turn: list[dict], through: list[int], full_ids: list[int], start: int,
+              special_ids: set[int]) -> int:
     common = _common_prefix(through, full_ids)
     end = next((i + 1 for i in range(common - 1, start - 1, -1) if full_ids[i] in special_ids), None)
     tail = tokenizer.decode(through[end or start :], skip_special_tokens=True)
