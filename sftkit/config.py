@@ -23,6 +23,7 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 CONFIGS_DIR = PROJECT_DIR / "configs"
 DEFAULT_CONFIG = CONFIGS_DIR / "default_train_config.yaml"
 SECTIONS = ("model", "dataset", "training")
+YAML_BOOLEAN_WORDS = {"yes", "no", "on", "off", "y", "n"}
 
 
 class ConfigError(Exception):
@@ -134,7 +135,8 @@ def parse_overrides(args: list[str]) -> dict:
         node = overrides
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        # YAML 1.1 reads yes/no/on/off as booleans; on the command line they are the words (save_strategy no).
+        node[leaf] = value if value.lower() in YAML_BOOLEAN_WORDS else yaml.safe_load(value)
         index += 1
     return overrides
 
@@ -379,6 +381,9 @@ def _coerce(value: Any, hint: Any) -> Any:
                 return _coerce(value, option)
             except (TypeError, ValueError):
                 continue
+        if isinstance(value, bool) and str in args:
+            raise ValueError(f"expected {_describe(hint)}, got {str(value).lower()} (YAML reads a bare no, off, yes "
+                             "or on as a boolean: quote it, as in \"no\")")
         raise ValueError(f"expected {_describe(hint)}, got {value!r}")
     if origin is Literal:
         if value in args:

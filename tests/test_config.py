@@ -157,3 +157,10 @@ def test_the_static_field_list_matches_sft_config():
     from sftkit.config import _sft_config_fields
 
     assert set(_sft_config_fields()) == {f.name for f in dataclasses.fields(SFTConfig) if f.init}
+
+
+def test_yaml_boolean_words(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL), ["--training.save_strategy", "no"])
+    assert config.training.save_strategy == "no"
+    with pytest.raises(ConfigError, match=r'training.save_strategy: .*got false \(YAML reads a bare no.*quote it'):
+        load_config(write(tmp_path, MINIMAL + "  save_strategy: no\n"))

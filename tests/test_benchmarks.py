@@ -1,0 +1,33 @@
+"""The benchmark scripts keep working: they produce their tables and files (timings are not asserted here)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+FIGURES = ["wall_ratio", "step_time_ratio", "preprocess_ratio", "nonpad_share_packed", "nonpad_share_unpacked",
+           "config_error_seconds", "peak_rss_ratio"]
+
+
+def test_quick_benchmark_writes_every_figure(tmp_path):
+    result = subprocess.run([sys.executable, "benchmarks/run.py", "--quick", "--results", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [json_file] = tmp_path.glob("*.json")
+    report = json.loads(json_file.read_text())
+    assert all(isinstance(report[name], float) and report[name] > 0 for name in FIGURES)
+    assert report["nonpad_share_packed"] > report["nonpad_share_unpacked"]
+    assert len(report["raw"]["training"]["raw"]["ours"]["wall"]) == 3
+    table = json_file.with_suffix(".md").read_text()
+    assert all(f"| {name} |" in table for name in FIGURES) and table in result.stdout
+
+
+def test_gpu_script_runs_its_tiny_shape_anywhere(tmp_path):
+    result = subprocess.run([sys.executable, "benchmarks/gpu.py", "--tiny", "--results", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(next(tmp_path.glob("*gpu-tiny.json")).read_text())
+    assert report["variants"] and all(v.get("tokens_per_second", 0) > 0 for v in report["variants"].values()), report
