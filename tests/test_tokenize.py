@@ -118,22 +118,6 @@ def test_template_without_an_end_of_turn_token_is_refused():
         tokenize_messages(tokenizer, MULTI)
 
 
-def test_template_that_rewrites_earlier_turns_is_refused():
-    tokenizer = family_tokenizer("qwen2_5")
-    tokenizer.chat_template = (TEMPLATES / "bad_drops_reasoning.jinja").read_text()
-    messages = [
-        {"role": "user", "content": "2+2?"},
-        {"role": "assistant", "content": "<think>Two and two.</think> It is 4."},
-        {"role": "user", "content": "3+3?"},
-        {"role": "assistant", "content": "<think>Three and three.</think> It is 6."},
-    ]
-    with pytest.raises(MaskError, match="renders assistant turn 1 differently"):
-        tokenize_messages(tokenizer, messages)
-    # the last turn alone is rendered the same in both places, so it can still be trained
-    last = tokenize_messages(tokenizer, messages, loss_on="last_assistant")
-    assert trained_spans(tokenizer, last) == ["<think>Three and three.</think> It is 6.<|im_end|>"]
-
-
 def test_fallback_chatml_template_closes_turns_with_eos(tokenizer):
     tokenizer = family_tokenizer("zephyr")
     tokenizer.chat_template = CHATML_TEMPLATE
