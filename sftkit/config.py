@@ -284,6 +284,11 @@ def _build_training(values: dict, model: ModelConfig, errors: list[str]):
         return None
     kwargs["max_length"] = model.max_seq_length
     _resolve_hardware_defaults(kwargs)
+    if kwargs.get("deepspeed") and not _has_gpu() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        errors.append("training.deepspeed needs GPUs: without one, Accelerate counts a single process and DeepSpeed "
+                      "rejects the batch size; on a CPU use accelerate_configs/cpu_zero2_2proc.yaml or "
+                      "cpu_zero3_2proc.yaml instead")
+        return None
     try:
         return SFTConfig(**kwargs)
     except (ValueError, TypeError) as error:
@@ -291,11 +296,17 @@ def _build_training(values: dict, model: ModelConfig, errors: list[str]):
         return None
 
 
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _resolve_hardware_defaults(kwargs: dict) -> None:
     """Fill the SFTConfig defaults that depend on the machine, so one config runs on a CPU and on a GPU."""
     import torch
 
-    has_gpu = torch.cuda.is_available()
+    has_gpu = _has_gpu()
     if "bf16" not in kwargs and "fp16" not in kwargs:
         kwargs["bf16"] = has_gpu and torch.cuda.is_bf16_supported()  # SFTConfig's bf16=True default fails on a CPU
     kwargs.setdefault("dataloader_pin_memory", has_gpu)

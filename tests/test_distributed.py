@@ -109,3 +109,14 @@ def test_a_failure_on_one_process_ends_the_launch(tmp_path):
     result = accelerate_launch("cpu_ddp_2proc.yaml", "--training.output_dir", str(blocker / "out"), *STEPS, timeout=300)
     assert result.returncode != 0
     assert time.perf_counter() - started < 120
+
+
+def test_training_deepspeed_without_a_gpu_stops_early_with_one_line():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU, where training.deepspeed works")
+    result = accelerate_launch("cpu_ddp_2proc.yaml", "--training.deepspeed", "deepspeed_configs/zero2.json", timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count("training.deepspeed needs GPUs") == 1, result.stderr[-3000:]
+    assert "AssertionError" not in result.stderr
