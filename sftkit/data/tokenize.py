@@ -17,12 +17,11 @@ A template that closes the whole conversation with one more special token (Phi-3
 trains that token too on the last turn, as TRL's own Phi-3 training template does.
 """
 
-import logging
-
 import jinja2
+from transformers.utils import logging
 
 IGNORE_INDEX = -100
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 # For a tokenizer that has no chat template. The model's own eos token closes every turn, so no token has to be
 # added to the vocabulary and a model that learns this format stops generating where it should.
@@ -89,7 +88,7 @@ def _turn_start(tokenizer, history: list[dict], prompt: list[int], full_ids: lis
     common = _common_prefix(prompt, full_ids)
     history_ids = tokenizer(_render(tokenizer, [history]), add_special_tokens=False)["input_ids"][0]
     if common >= len(history_ids):  # only what the generation prompt adds differs
-        _warn_once(
+        logger.warning_once(
             f"the generation prompt of {tokenizer.name_or_path}'s chat template adds "
             f"{tokenizer.decode(prompt[common:])!r}, which the training conversations do not have; replies train "
             "after the part they share, so the model sees a slightly different context at inference"
@@ -106,8 +105,8 @@ def _turn_end(tokenizer, through_turn: list[dict], through: list[int], full_ids:
               special_ids: set[int]) -> int:
     common = _common_prefix(through, full_ids)
     end = next((i + 1 for i in range(common - 1, start - 1, -1) if full_ids[i] in special_ids), None)
-    tail = tokenizer.decode(through[end or start :], skip_special_tokens=True)
-    if common == len(through) or not tail.strip():  # rendered alike in both places
+    if common == len(through) or not tokenizer.decode(through[end or start :], skip_special_tokens=True).strip():
+        # rendered alike in both places (only whitespace or special tokens after the end-of-turn differ)
         if end is None:
             raise MaskError(
                 f"the chat template of {tokenizer.name_or_path} ends assistant turn {len(through_turn) - 1} without "
@@ -130,11 +129,3 @@ def _turn_end(tokenizer, through_turn: list[dict], through: list[int], full_ids:
 def _common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
-
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        logger.warning(message)
