@@ -266,16 +266,12 @@ def _sft_config_fields() -> dict[str, str]:
 
 
 def _build_training(values: dict, model: ModelConfig, errors: list[str]):
-    """Check the `training` section against SFTConfig's own fields and build it."""
+    """Coerce the `training` values to SFTConfig's field types and build it (_precheck_training checked the keys)."""
     from trl import SFTConfig
 
-    fields = {f.name: f for f in dataclasses.fields(SFTConfig) if f.init}
     hints = typing.get_type_hints(SFTConfig)
     kwargs = {}
     for key, value in values.items():
-        if key not in fields:
-            errors.append(f"unknown key training.{key}{_suggest(key, fields)}")
-            continue
         try:
             kwargs[key] = _coerce(value, hints[key])
         except (TypeError, ValueError) as error:
