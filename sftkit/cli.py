@@ -12,29 +12,53 @@ from sftkit.config import ConfigError, is_main_process, load_config
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sft.py",
-        description="Fine-tune a causal LM on chat data from a YAML config.",
+        description="Fine-tune a causal LM on chat data from a YAML config. `python sft.py env` reports the "
+                    "environment for a bug report.",
         epilog="Any config key can be overridden: --training.learning_rate 1e-4 --model.use_lora true",
     )
     parser.add_argument("--config", help="YAML file, or the name of one in configs/ (default: default_train_config.yaml)")
+    parser.add_argument("--preset", help="a partial config from configs/presets/ laid over --config: fast_test, "
+                                         "low_memory or full_training (or a path)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="load the tokenizer and the data (no weights), print the plan with a memory estimate, exit")
     parser.add_argument("--inspect", nargs="?", type=int, const=3, metavar="N",
                         help="load only the tokenizer and the data, print statistics and N samples (default 3) "
                              "with the trained tokens highlighted, and exit")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["env"]:
+        from sftkit.environment import report
+
+        print(report())
+        return 0
     args, overrides = parser.parse_known_args(argv)
     _quiet_known_noise()
     try:
-        config = load_config(args.config, overrides)
+        config = load_config(args.config, overrides, args.preset)
+        if args.dry_run:
+            from sftkit.plan import dry_run
+
+            print(dry_run(config))
+            return 0
         if args.inspect is not None:
             from sftkit.inspector import inspect
 
             print(inspect(config, samples=args.inspect))
             return 0
-        from sftkit.train import train
+        from sftkit.train import Interrupted, train
 
         train(config)
     except ConfigError as error:
         if is_main_process():
             print(f"sft.py: error: {error}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        if is_main_process():
+            print(f"sft.py: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:
+        if is_main_process():
+            print("sft.py: interrupted before training started; nothing was saved", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -21,6 +21,7 @@ import yaml
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 CONFIGS_DIR = PROJECT_DIR / "configs"
+PRESETS_DIR = CONFIGS_DIR / "presets"
 DEFAULT_CONFIG = CONFIGS_DIR / "default_train_config.yaml"
 SECTIONS = ("model", "dataset", "training")
 YAML_BOOLEAN_WORDS = {"yes", "no", "on", "off", "y", "n"}
@@ -83,6 +84,7 @@ class DatasetConfig(SourceConfig):
     loss_on: Literal["assistant", "last_assistant", "all"] = "assistant"  # which tokens train
     chat_template: str | None = None  # override: a Jinja string or a path to a .jinja file
     on_bad_row: Literal["error", "skip"] = "error"  # skip: drop malformed rows and count them in the summary
+    sample_prompts: list[str] | None = None  # replies to these are generated at each evaluation and epoch end
 
     def train_sources(self) -> list[SourceConfig]:
         return self.sources or [self]
@@ -97,16 +99,17 @@ class RunConfig:
     resolved: dict  # the three sections as finally used, for printing and saving
 
 
-def find_config_file(name: str | None) -> Path:
-    """The config to use: the given path, else the same name under configs/, else the default."""
+def find_config_file(name: str | None, directory: Path = CONFIGS_DIR) -> Path:
+    """The config to use: the given path, else the same name (.yaml optional) in `directory`, else the default."""
     if name is None:
         return DEFAULT_CONFIG
     path = Path(name)
     if path.is_file():
         return path
-    if not path.is_absolute() and (CONFIGS_DIR / path).is_file():
-        return CONFIGS_DIR / path
-    raise ConfigError(f"config file not found: {name} (looked in the working directory and in {CONFIGS_DIR})")
+    for candidate in (directory / path, directory / f"{path}.yaml"):
+        if not path.is_absolute() and candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file not found: {name} (looked in the working directory and in {directory})")
 
 
 def resolve_path(value: str) -> str:
@@ -161,10 +164,14 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
-def load_config(config_name: str | None = None, cli_args: list[str] = ()) -> RunConfig:
-    """Read, merge and validate a config: defaults < YAML < CLI overrides. Raises ConfigError listing every problem."""
+def load_config(config_name: str | None = None, cli_args: list[str] = (), preset: str | None = None) -> RunConfig:
+    """Read, merge and validate a config: defaults < YAML < preset < CLI overrides. Raises ConfigError listing
+    every problem. A preset (configs/presets/) is a partial config laid over the user's, e.g. fast_test."""
     path = find_config_file(config_name)
-    raw = merge(read_yaml(path), parse_overrides(list(cli_args)))
+    raw = read_yaml(path)
+    if preset is not None:
+        raw = merge(raw, read_yaml(find_config_file(preset, PRESETS_DIR)))
+    raw = merge(raw, parse_overrides(list(cli_args)))
     errors: list[str] = []
     for section in raw:
         if section not in SECTIONS:
@@ -175,7 +182,7 @@ def load_config(config_name: str | None = None, cli_args: list[str] = ()) -> Run
     errors += _precheck_training(raw.get("training") or {})
     if errors:  # before importing trl and torch, which take seconds
         raise ConfigError(f"{path}: " + "; ".join(errors))
-    training = _build_training(dict(raw.get("training") or {}), model, errors)
+    training = _build_training(dict(raw.get("training") or {}), model, dataset, errors)
     if errors:
         raise ConfigError(f"{path}: " + "; ".join(errors))
     resolved = {
@@ -224,7 +231,7 @@ def _precheck_training(values: Any) -> list[str]:
         if key not in fields:
             errors.append(f"unknown key training.{key}{_suggest(key, fields)}")
             continue
-        hint = _SIMPLE_HINTS.get(fields[key].replace(" ", ""))
+        hint = _TRAINING_HINTS.get(key) or _SIMPLE_HINTS.get(fields[key].replace(" ", ""))
         if hint is not None:
             try:
                 _coerce(value, hint)
@@ -233,6 +240,8 @@ def _precheck_training(values: Any) -> list[str]:
     return errors
 
 
+# SFTConfig types it as a path, but Trainer.train() also takes true for "the latest checkpoint in output_dir".
+_TRAINING_HINTS = {"resume_from_checkpoint": bool | str | None}
 _SIMPLE_HINTS = {
     name: hint
     for base in (bool, int, float, str)
@@ -265,7 +274,7 @@ def _sft_config_fields() -> dict[str, str]:
     return fields
 
 
-def _build_training(values: dict, model: ModelConfig, errors: list[str]):
+def _build_training(values: dict, model: ModelConfig, dataset: DatasetConfig, errors: list[str]):
     """Coerce the `training` values to SFTConfig's field types and build it (_precheck_training checked the keys)."""
     from trl import SFTConfig
 
@@ -273,12 +282,17 @@ def _build_training(values: dict, model: ModelConfig, errors: list[str]):
     kwargs = {}
     for key, value in values.items():
         try:
-            kwargs[key] = _coerce(value, hints[key])
+            kwargs[key] = _coerce(value, _TRAINING_HINTS.get(key, hints[key]))
         except (TypeError, ValueError) as error:
             errors.append(f"training.{key}: {error}")
     if errors:
         return None
+    if kwargs.get("resume_from_checkpoint") is False:
+        kwargs["resume_from_checkpoint"] = None
     kwargs["max_length"] = model.max_seq_length
+    if dataset.test_size or dataset.eval_split or dataset.eval_sources:
+        kwargs.setdefault("eval_on_start", True)  # so the summary has the eval loss before training to compare with
+    kwargs.setdefault("include_num_input_tokens_seen", "non_padding")  # the Trainer then logs tokens/s
     _resolve_hardware_defaults(kwargs)
     if kwargs.get("deepspeed") and not _has_gpu() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         errors.append("training.deepspeed needs GPUs: without one, Accelerate counts a single process and DeepSpeed "

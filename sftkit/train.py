@@ -5,20 +5,23 @@
 
 import json
 import logging
-import resource
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-import torch
 import transformers
 from transformers import set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
-from trl import SFTTrainer
+from transformers.trainer_utils import get_last_checkpoint
 
-from sftkit.config import RunConfig
+from sftkit.config import ConfigError, RunConfig
 from sftkit.data import prepare_data
 from sftkit.export import ADAPTER_DIR, export, saved_dtypes
+from sftkit.inference import generate_reply
 from sftkit.model import load_model, load_tokenizer, lora_config, resolve_dtype
+from sftkit.monitor import SAMPLES_FILE, MonitoredSFTTrainer, ProgressBar, SampleReplies, StopOnSignal, memory_mib
+from sftkit.report import write_reports
 
 SUMMARY_FILE = "run_summary.json"
 logger = logging.getLogger(__name__)
@@ -27,13 +30,22 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Run:
     summary: dict
-    trainer: SFTTrainer
+    trainer: MonitoredSFTTrainer
+
+
+class Interrupted(Exception):
+    """Training stopped on Ctrl-C or SIGTERM after saving a checkpoint; the message says how to resume."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 def train(config: RunConfig) -> Run:
     started = time.perf_counter()
     transformers.utils.logging.disable_progress_bar()  # weight loading and saving bars; the Trainer keeps its own
     args = config.training  # built before the model, so ZeRO-3 can partition the weights as they load
+    resume_from = _checkpoint_to_resume(args)
     set_seed(args.seed)
     tokenizer = load_tokenizer(config.model, config.dataset)
     with args.main_process_first(desc="dataset preparation"):
@@ -43,46 +55,93 @@ def train(config: RunConfig) -> Run:
     if (args.packing or args.padding_free) and config.model.trust_remote_code:
         logger.warning("packing with a model's own modeling code: transformers' built-in attention keeps packed "
                        "samples apart, custom code may let them attend to each other")
-    trainer = SFTTrainer(
+    stop = StopOnSignal()
+    callbacks = [stop]
+    if config.dataset.sample_prompts:
+        callbacks.append(SampleReplies(tokenizer, data.sample_prompts))
+    trainer = MonitoredSFTTrainer(
         model=model,
         args=args,
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
         peft_config=lora_config(config.model),
+        callbacks=callbacks,
     )
+    if not args.disable_tqdm:
+        trainer.remove_callback(transformers.trainer_callback.ProgressCallback)
+        trainer.add_callback(ProgressBar)
     trainable, total = _count_parameters(trainer.model)
     if trainer.accelerator.is_main_process:
         print(_plan(config, data, dtype, trainable, total), flush=True)
-    train_loss_mean = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint).training_loss
-    eval_loss = trainer.evaluate()["eval_loss"] if data.eval is not None else None
-    reply = _sample_reply(trainer, tokenizer, data.sample_prompt)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    if stop.received is not None:
+        raise Interrupted(_how_to_resume(trainer, stop.received), stop.received)
+    if data.eval is not None and _last_eval_step(trainer.state.log_history) != trainer.state.global_step:
+        trainer.evaluate()
+    reply = _final_reply(trainer, tokenizer, data.sample_prompts[:1])
     output_dir = export(trainer, config, tokenizer, dtype)
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    history = trainer.state.log_history
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    eval_losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
     summary = {
         "wall_seconds": round(time.perf_counter() - started, 1),
         "steps": trainer.state.global_step,
+        "train_seconds": round(result.metrics["train_runtime"], 1),
+        "input_tokens": trainer.state.num_input_tokens_seen or None,
+        "tokens_per_second": round(trainer.state.num_input_tokens_seen / result.metrics["train_runtime"], 1),
+        "trained_tokens": round(data.trainable_tokens * trainer.state.epoch),
         "train_loss_first": losses[0] if losses else None,
         "train_loss_last": losses[-1] if losses else None,
-        "train_loss_mean": train_loss_mean,
-        "eval_loss": eval_loss,
-        "trained_tokens": round(data.trainable_tokens * trainer.state.epoch),
+        "train_loss_mean": result.training_loss,
+        "eval_loss_first": eval_losses[0] if len(eval_losses) > 1 else None,
+        "eval_loss": eval_losses[-1] if eval_losses else None,
         "rows": data.rows,
         "rows_dropped": data.dropped,
         "trainable_parameters": trainable,
         "total_parameters": total,
-        "peak_memory_mib": _peak_memory_mib(),
-        "sample_prompt": data.sample_prompt[-1]["content"] if data.sample_prompt else None,
+        "peak_memory_mib": _peak_memory(memory_mib()),
+        "sample_prompt": data.sample_prompts[0][-1]["content"] if data.sample_prompts else None,
         "sample_reply": reply,
         "training_dtype": str(dtype).removeprefix("torch."),
         "saved_dtypes": saved_dtypes(output_dir),
         "output_dir": str(output_dir),
         "adapter_dir": str(output_dir / ADAPTER_DIR) if config.model.use_lora else None,
+        "sample_replies_file": str(output_dir / SAMPLES_FILE) if config.dataset.sample_prompts else None,
     }
     if trainer.accelerator.is_main_process:
+        summary.update(write_reports(output_dir, config, summary, history))
         (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         print(format_summary(summary), flush=True)
     return Run(summary, trainer)
+
+
+def _checkpoint_to_resume(args) -> str | None:
+    """`training.resume_from_checkpoint`: true is the latest checkpoint-N in output_dir, a path is that one."""
+    if args.resume_from_checkpoint is not True:
+        return args.resume_from_checkpoint
+    latest = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    if latest is None:
+        raise ConfigError(f"training.resume_from_checkpoint is true but {args.output_dir} holds no checkpoint-N "
+                          "directory; remove the key to start afresh, or give a checkpoint's path")
+    return latest
+
+
+def _how_to_resume(trainer, signum: int) -> str:
+    import signal
+
+    checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+    command = " ".join(["python", *sys.argv, "--training.resume_from_checkpoint", "true"])
+    return (f"stopped by {signal.Signals(signum).name} at step {trainer.state.global_step} of "
+            f"{trainer.state.max_steps}; checkpoint saved in {checkpoint}. Resume with: {command}")
+
+
+def _last_eval_step(history: list[dict]) -> int | None:
+    return next((entry["step"] for entry in reversed(history) if "eval_loss" in entry), None)
+
+
+def _peak_memory(memory: dict) -> dict:
+    return {name.removeprefix("mem_").removesuffix("_mib"): mib for name, mib in memory.items() if "peak" in name}
 
 
 def _count_parameters(model) -> tuple[int, int]:
@@ -97,22 +156,12 @@ def _count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def _sample_reply(trainer, tokenizer, prompt: list[dict] | None, max_new_tokens: int = 40) -> str | None:
-    """Greedy reply of the trained model to the first prompt of the data, to show what it learned."""
-    if prompt is None or is_deepspeed_zero3_enabled() or not trainer.accelerator.is_main_process:
-        return None  # generating from ZeRO-3 shards needs every process in step; the saved model can be tried instead
-    model = trainer.model.eval()
-    inputs = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    with torch.no_grad():
-        output = model.generate(**inputs.to(model.device), max_new_tokens=max_new_tokens, do_sample=False)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-
-
-def _peak_memory_mib() -> dict:
-    peak = {"process_rss": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
-    if torch.cuda.is_available():
-        peak["gpu_allocated"] = round(torch.cuda.max_memory_allocated() / 2**20)
-    return peak
+def _final_reply(trainer, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 40) -> str | None:
+    """Greedy reply of the trained model to the first sample prompt, to show what it learned."""
+    zero3 = is_deepspeed_zero3_enabled() and trainer.args.world_size > 1  # every shard holder must generate
+    if not prompts or not (trainer.accelerator.is_main_process or zero3):
+        return None
+    return generate_reply(trainer.model.eval(), tokenizer, prompts[0], max_new_tokens, synced_gpus=zero3)
 
 
 def _plan(config: RunConfig, data, dtype, trainable: int, total: int) -> str:
@@ -138,24 +187,32 @@ def format_summary(summary: dict) -> str:
     def loss(value):
         return "n/a" if value is None else f"{value:.3f}"
 
+    def count(value):
+        return "n/a" if value is None else f"{value:,.0f}"
+
     memory = ", ".join(f"{name.replace('_', ' ')} {mib:,} MiB" for name, mib in summary["peak_memory_mib"].items())
     share = 100 * summary["trainable_parameters"] / max(summary["total_parameters"], 1)
-    lines = [
-        f"Done in {summary['wall_seconds']:.1f} s, {summary['steps']} steps",
-        f"  train loss        {loss(summary['train_loss_first'])} (first log) -> {loss(summary['train_loss_last'])} "
-        f"(last), {loss(summary['train_loss_mean'])} on average",
-        f"  eval loss         {loss(summary['eval_loss'])}",
-        f"  tokens trained    {summary['trained_tokens']:,}",
-        f"  rows dropped      {describe_dropped(summary['rows_dropped'])} (of {summary['rows']})",
-        f"  trainable params  {summary['trainable_parameters']:,} of {summary['total_parameters']:,} ({share:.2f}%)",
-        f"  peak memory       {memory}",
-    ]
-    if summary["sample_reply"] is not None:
-        lines.append(f"  sample            {summary['sample_prompt']!r} -> {summary['sample_reply']!r}")
     saved = ", ".join(summary["saved_dtypes"])
     if saved != summary["training_dtype"]:
         saved += f" (trained in {summary['training_dtype']})"
-    lines.append(f"  model + tokenizer {summary['output_dir']}, weights in {saved}")
-    if summary["adapter_dir"]:
-        lines.append(f"  LoRA adapter      {summary['adapter_dir']}")
-    return "\n".join(lines)
+    rows = [
+        ("wall time", f"{summary['wall_seconds']:.1f} s ({summary['train_seconds']:.1f} s training), "
+                      f"{summary['steps']} steps"),
+        ("tokens", f"{count(summary['input_tokens'])} input ({count(summary['tokens_per_second'])}/s), "
+                   f"{summary['trained_tokens']:,} trained"),
+        ("train loss", f"{loss(summary['train_loss_first'])} -> {loss(summary['train_loss_last'])} "
+                       f"(first -> last log), {loss(summary['train_loss_mean'])} mean"),
+        ("eval loss", f"{loss(summary['eval_loss_first'])} -> {loss(summary['eval_loss'])} (start -> end)"),
+        ("rows", f"{summary['rows']} read, dropped: {describe_dropped(summary['rows_dropped'])}"),
+        ("parameters", f"{summary['trainable_parameters']:,} of {summary['total_parameters']:,} train ({share:.2f}%)"),
+        ("peak memory", memory),
+    ]
+    if summary["sample_reply"] is not None:
+        rows.append(("sample", f"{summary['sample_prompt']!r} -> {summary['sample_reply']!r}"))
+    rows.append(("model + tokenizer", f"{summary['output_dir']} ({saved})"))
+    for label, key in (("LoRA adapter", "adapter_dir"), ("sample replies", "sample_replies_file"),
+                       ("loss plot", "loss_plot"), ("model card", "model_card")):
+        if summary.get(key):
+            rows.append((label, summary[key]))
+    rows.append(("summary", str(Path(summary["output_dir"]) / SUMMARY_FILE)))
+    return "Run summary\n" + "\n".join(f"  {label:<18} {value}" for label, value in rows)

@@ -207,7 +207,7 @@ def test_eval_sources(tmp_path, tokenizer):
     config = DatasetConfig(name=str(SAMPLE_DATA), max_samples=20, eval_sources=[SourceConfig(name=write_rows(tmp_path, ".jsonl", ROWS))])
     data = prepare_data(config, tokenizer, max_length=256)
     assert (len(data.train), len(data.eval)) == (20, 3)
-    assert data.sample_prompt == [{"role": "user", "content": ROWS[0]["prompt"]}]
+    assert data.sample_prompts == [[{"role": "user", "content": ROWS[0]["prompt"]}]]
 
 
 def test_skipped_bad_rows_are_counted_with_their_problem(tmp_path, tokenizer):

@@ -20,7 +20,7 @@ class PreparedData:
     rows: int  # train rows read from the sources (before mixing weights)
     dropped: dict[str, int]  # train rows dropped, by reason
     trainable_tokens: int  # trained tokens in one epoch of the train rows
-    sample_prompt: list[dict] | None  # the messages before the first reply of the first eval (else train) row
+    sample_prompts: list[list[dict]]  # dataset.sample_prompts, else the first eval (or train) row up to its reply
     lengths: list[int] = field(default_factory=list)  # token count of every kept train row, before truncation
     problems: list[str] = field(default_factory=list)  # what was wrong with the first skipped bad rows
 
@@ -52,7 +52,7 @@ def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42,
         rows=prepare.rows_read,
         dropped=prepare.dropped,
         trainable_tokens=sum(train["trainable_tokens"]),
-        sample_prompt=prepare.prompt_of(evaluation[0] if evaluation is not None and len(evaluation) else train[0]),
+        sample_prompts=prepare.sample_prompts(evaluation[0] if evaluation is not None and len(evaluation) else train[0]),
         lengths=[len(ids) for ids in train["input_ids"]],
         problems=prepare.problems,
     )
@@ -98,6 +98,13 @@ class _Preparation:
             self.dropped[NOTHING_TO_TRAIN] += len(tokenized) - len(kept) - len(problems)
             self.problems += problems[: 5 - len(self.problems)]
         return kept, format_name
+
+    def sample_prompts(self, first_example: dict) -> list[list[dict]]:
+        if self.cfg.sample_prompts:
+            system = [{"role": "system", "content": self.cfg.system_prompt}] if self.cfg.system_prompt else []
+            return [system + [{"role": "user", "content": prompt}] for prompt in self.cfg.sample_prompts]
+        prompt = self.prompt_of(first_example)
+        return [prompt] if prompt else []
 
     def prompt_of(self, example: dict) -> list[dict] | None:
         rows, format_name, source = self.raw[example["source"]]

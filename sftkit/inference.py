@@ -1,0 +1,43 @@
+"""Load a trained model and generate replies with its chat template: for the sample replies during training, the
+terminal and web chats, and the before/after report."""
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sftkit.config import ConfigError, resolve_path
+
+
+def load_for_inference(path: str, trust_remote_code: bool = False):
+    """A merged or full model directory (output_dir), or an adapter directory (output_dir/lora_weights) whose base
+    is read from its adapter_config.json. Returns (model, tokenizer), the model in eval mode on the GPU if any."""
+    directory = Path(resolve_path(path))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    options = {"dtype": "auto", "trust_remote_code": trust_remote_code}
+    if (directory / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(directory, **options)
+    elif (directory / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base_path = json.loads((directory / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base = AutoModelForCausalLM.from_pretrained(resolve_path(base_path), **options)
+        model = PeftModel.from_pretrained(base, directory)
+    else:
+        raise ConfigError(f"{path}: no model here (expected config.json, or adapter_config.json for a LoRA adapter); "
+                          "pass the output_dir of a run or its lora_weights directory")
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    return model.to(device).eval(), tokenizer
+
+
+def generate_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
+                   top_p: float = 1.0, streamer=None, synced_gpus: bool = False) -> str:
+    """The model's reply to a conversation; greedy when temperature is 0. `streamer` receives tokens as they come."""
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
+        "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    with torch.no_grad():
+        output = model.generate(**inputs.to(model.device), max_new_tokens=max_new_tokens, streamer=streamer,
+                                pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus, **sampling)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()

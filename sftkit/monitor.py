@@ -1,0 +1,146 @@
+"""What a run shows while it trains: memory in every log, sample replies at each evaluation and epoch end, and a
+clean stop with a checkpoint on Ctrl-C or SIGTERM. Loss, learning rate, grad norm and tokens/s are the Trainer's."""
+
+import json
+import resource
+import signal
+from pathlib import Path
+
+import psutil
+import torch
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+from transformers.integrations import is_deepspeed_zero3_enabled
+from trl import SFTTrainer
+
+from sftkit.inference import generate_reply
+
+SAMPLES_FILE = "sample_replies.jsonl"
+
+
+class MonitoredSFTTrainer(SFTTrainer):
+    """SFTTrainer whose every log also carries memory. `Trainer.log` is the documented place to add metrics: what
+    is added here reaches the progress bar, `log_history`, TensorBoard and W&B alike (a callback's `on_log` comes
+    after `log_history` is written)."""
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        logs.update(memory_mib())
+        super().log(logs, start_time)
+
+
+def memory_mib() -> dict[str, int]:
+    """This process's memory now and at its peak; on a GPU also what torch allocated and reserved on it."""
+    memory = {
+        "mem_rss_mib": round(psutil.Process().memory_info().rss / 2**20),
+        "mem_rss_peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
+    if torch.cuda.is_available():
+        memory["mem_gpu_allocated_mib"] = round(torch.cuda.memory_allocated() / 2**20)
+        memory["mem_gpu_reserved_mib"] = round(torch.cuda.memory_reserved() / 2**20)
+        memory["mem_gpu_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    return memory
+
+
+class ProgressBar(ProgressCallback):
+    """The Trainer's training bar alone (no second bar for each evaluation), with each log as one short line."""
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        pass
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and ("loss" in logs or "eval_loss" in logs):
+            self.training_bar.write(format_log(state, logs))
+
+
+def format_log(state, logs: dict) -> str:
+    """`step 20/228  loss 1.084  lr 1.7e-03  grad norm 1.72  4,512 tok/s  mem 681 MiB (peak 705)`."""
+    parts = [f"step {state.global_step}/{state.max_steps}"]
+    for key, label, spec in (("loss", "loss", ".4f"), ("eval_loss", "eval loss", ".4f"),
+                             ("learning_rate", "lr", ".2e"), ("grad_norm", "grad norm", ".3g"),
+                             ("train_tokens_per_second", "tok/s", ",.0f")):
+        if key in logs:
+            value = format(logs[key], spec)
+            parts.append(f"{value} {label}" if label == "tok/s" else f"{label} {value}")
+    memory = f"mem {logs['mem_rss_mib']:,} MiB (peak {logs['mem_rss_peak_mib']:,})"
+    if "mem_gpu_allocated_mib" in logs:
+        memory = (f"gpu {logs['mem_gpu_allocated_mib']:,} MiB allocated, {logs['mem_gpu_reserved_mib']:,} reserved "
+                  f"(peak {logs['mem_gpu_peak_mib']:,}); " + memory.replace("mem", "rss"))
+    return "  ".join(parts + [memory])
+
+
+class SampleReplies(TrainerCallback):
+    """Greedy replies to `dataset.sample_prompts` at each evaluation and epoch end, printed and appended to
+    output_dir/sample_replies.jsonl, so the user sees the model learn."""
+
+    def __init__(self, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 64):
+        self.tokenizer = tokenizer
+        self.prompts = prompts
+        self.max_new_tokens = max_new_tokens
+        self.last_step = None
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        self._sample(args, state, model, "evaluation")
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        self._sample(args, state, model, "epoch end")
+
+    def _sample(self, args, state, model, event: str) -> None:
+        if state.global_step == self.last_step:  # an evaluation at an epoch end: once is enough
+            return
+        self.last_step = state.global_step
+        # Under ZeRO-3 each process holds a shard, so all of them generate together; otherwise the main one alone.
+        zero3 = is_deepspeed_zero3_enabled() and args.world_size > 1
+        if not (state.is_world_process_zero or zero3):
+            return
+        was_training = model.training
+        model.eval()
+        replies = [
+            generate_reply(model, self.tokenizer, prompt, self.max_new_tokens, synced_gpus=zero3)
+            for prompt in self.prompts
+        ]
+        model.train(was_training)
+        if state.is_world_process_zero:
+            with (Path(args.output_dir) / SAMPLES_FILE).open("a") as file:
+                for prompt, reply in zip(self.prompts, replies):
+                    record = {"step": state.global_step, "epoch": state.epoch, "event": event,
+                              "prompt": prompt[-1]["content"], "reply": reply}
+                    file.write(json.dumps(record) + "\n")
+                    tqdm.write(f"sample at step {state.global_step}: {record['prompt']!r} -> {reply!r}")
+
+
+class StopOnSignal(TrainerCallback):
+    """Ctrl-C or SIGTERM ends training after the current step with a checkpoint, instead of losing the run.
+
+    A second signal gets the default behaviour (stop at once). With several processes the decision is shared every
+    step, so all of them save the same checkpoint together (saving under ZeRO is collective).
+    """
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+        signal.signal(signum, self._previous[signum])
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._any_process_signalled(args):
+            self.received = self.received or signal.SIGTERM
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _any_process_signalled(self, args) -> bool:
+        if args.world_size == 1:
+            return self.received is not None
+        flag = torch.tensor([int(self.received is not None)], device=args.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
