@@ -6,7 +6,7 @@ import os
 import sys
 import warnings
 
-from sftkit.config import ConfigError, is_main_process, load_config
+from sftkit.config import ConfigError, Interrupted, is_main_process, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,13 +25,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="load only the tokenizer and the data, print statistics and N samples (default 3) "
                              "with the trained tokens highlighted, and exit")
     argv = sys.argv[1:] if argv is None else argv
+    _quiet_known_noise()
     if argv[:1] == ["env"]:
         from sftkit.environment import report
 
         print(report())
         return 0
     args, overrides = parser.parse_known_args(argv)
-    _quiet_known_noise()
     try:
         config = load_config(args.config, overrides, args.preset)
         if args.dry_run:
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(inspect(config, samples=args.inspect))
             return 0
-        from sftkit.train import Interrupted, train
+        from sftkit.train import train
 
         train(config)
     except ConfigError as error:

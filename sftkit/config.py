@@ -31,6 +31,14 @@ class ConfigError(Exception):
     """A problem with the user's config or data, reported as one message and exit code 2."""
 
 
+class Interrupted(Exception):
+    """Training stopped on Ctrl-C or SIGTERM after saving a checkpoint; the message says how to resume."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 @dataclass
 class LoraSettings:
     r: int = 16  # rank of the update matrices
@@ -299,6 +307,11 @@ def _build_training(values: dict, model: ModelConfig, dataset: DatasetConfig, er
                       "rejects the batch size; on a CPU use accelerate_configs/cpu_zero2_2proc.yaml or "
                       "cpu_zero3_2proc.yaml instead")
         return None
+    if kwargs.get("deepspeed") and "LOCAL_RANK" not in os.environ:
+        # Outside a launcher DeepSpeed looks for MPI to find its processes; a plain `python sft.py` is one process.
+        for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                            ("MASTER_PORT", "29500")):
+            os.environ.setdefault(name, value)
     try:
         return SFTConfig(**kwargs)
     except (ValueError, TypeError) as error:

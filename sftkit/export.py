@@ -8,7 +8,6 @@ import importlib.metadata
 import json
 import platform
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -48,26 +47,12 @@ def _merge_adapter(model_cfg, adapter_dir: Path, target: Path, dtype) -> None:
     """Merge the saved adapter into a fresh, unquantized copy of the base (never into dequantized 4-bit weights)."""
     from peft import PeftModel
 
-    from sftkit.model import load_model
+    from sftkit.model import load_model, zero3_init_disabled
 
-    with _zero3_init_disabled():
+    with zero3_init_disabled():
         base = load_model(model_cfg, dtype, gradient_checkpointing=False, quantize=False)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(target)
-
-
-@contextmanager
-def _zero3_init_disabled():
-    """While a ZeRO-3 config is registered, from_pretrained partitions the weights across all processes, which
-    would deadlock the main process merging alone; transformers has no switch for this, so unregister it briefly."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
 
 
 def _publish(staging: Path, output_dir: Path) -> None:

@@ -1,6 +1,7 @@
 """Tokenizer, dtype, 4-bit quantization and the LoRA config."""
 
 import dataclasses
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -85,3 +86,17 @@ def lora_config(model_cfg: ModelConfig) -> LoraConfig | None:
     if not model_cfg.use_lora:
         return None
     return LoraConfig(**dataclasses.asdict(model_cfg.lora_config))
+
+
+@contextmanager
+def zero3_init_disabled():
+    """While a ZeRO-3 config is registered, from_pretrained partitions the weights across all processes, which
+    would deadlock the main process merging alone (or, for a meta-device model, allocate it in full); transformers has no switch for this, so unregister it briefly."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered

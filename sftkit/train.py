@@ -15,7 +15,7 @@ from transformers import set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import get_last_checkpoint
 
-from sftkit.config import ConfigError, RunConfig
+from sftkit.config import ConfigError, Interrupted, RunConfig
 from sftkit.data import prepare_data
 from sftkit.export import ADAPTER_DIR, export, saved_dtypes
 from sftkit.inference import generate_reply
@@ -31,14 +31,6 @@ logger = logging.getLogger(__name__)
 class Run:
     summary: dict
     trainer: MonitoredSFTTrainer
-
-
-class Interrupted(Exception):
-    """Training stopped on Ctrl-C or SIGTERM after saving a checkpoint; the message says how to resume."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
 
 
 def train(config: RunConfig) -> Run:

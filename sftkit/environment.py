@@ -1,0 +1,125 @@
+"""`python sft.py env`: what this machine has for training, one verdict per check, to paste into a bug report.
+
+The pieces come from the libraries themselves (what `accelerate env`, `transformers env` and `ds_report` read);
+this puts them in one short report and compares the stack with requirements.txt.
+"""
+
+import importlib.metadata
+import os
+import platform
+import sys
+from pathlib import Path
+
+from sftkit.config import PROJECT_DIR
+
+STACK = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "deepspeed", "bitsandbytes", "pyyaml",
+         "tensorboard", "matplotlib")
+EXTRAS = {"gradio": "web chat (python -m sftkit.webchat)", "wandb": "report_to: wandb"}
+
+
+def report() -> str:
+    checks = [("ok", "python", f"{platform.python_version()} on {platform.platform()}")]
+    checks += _library_checks()
+    checks += _accelerator_checks()
+    checks += [_bitsandbytes_check(), _deepspeed_check(), _accelerate_config_check()]
+    width = max(len(name) for _, name, _ in checks)
+    lines = [f"  {verdict:<5} {name:<{width}}  {detail}" for verdict, name, detail in checks]
+    failed = sum(verdict == "FAIL" for verdict, _, _ in checks)
+    summary = "ready to train" if not failed else f"{failed} check(s) failed: see FAIL above"
+    return "sftkit environment (paste this into a bug report)\n" + "\n".join(lines) + f"\n  => {summary}"
+
+
+def _library_checks() -> list[tuple[str, str, str]]:
+    pins = _pinned_versions()
+    checks = []
+    for name in (*STACK, *EXTRAS):
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            if name in EXTRAS:
+                checks.append(("warn", name, f"not installed, needed for {EXTRAS[name]}: "
+                                             "pip install -r requirements-extras.txt"))
+            else:
+                checks.append(("FAIL", name, "not installed: pip install -r requirements.txt"))
+            continue
+        wanted = pins.get(name)
+        if wanted is None or version.split("+")[0] == wanted:  # 2.13.0+cpu is the CPU build of 2.13.0
+            checks.append(("ok", name, version))
+        else:
+            checks.append(("warn", name, f"{version}, requirements.txt pins {wanted} (tested combination)"))
+    return checks
+
+
+def _pinned_versions() -> dict[str, str]:
+    pins = {}
+    for file in ("requirements.txt", "requirements-extras.txt"):
+        path = PROJECT_DIR / file
+        for line in path.read_text().splitlines() if path.exists() else []:
+            name, _, version = line.split("#")[0].strip().partition("==")
+            if version:
+                pins[name.lower()] = version
+    return pins
+
+
+def _accelerator_checks() -> list[tuple[str, str, str]]:
+    import torch
+
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU build"
+        return [("warn", "gpu", f"none visible (torch {build}): training runs on the CPU, fine for the embedded "
+                                "default, far too slow for real models")]
+    checks = [("ok", "cuda", f"{torch.version.cuda}, {torch.cuda.device_count()} GPU(s)")]
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        bf16 = "bf16" if props.major >= 8 else "no bf16 (fp16 or fp32 only)"
+        checks.append(("ok", f"gpu {index}", f"{props.name}, {props.total_memory / 2**30:.1f} GiB, "
+                                             f"compute {props.major}.{props.minor}, {bf16}"))
+    return checks
+
+
+def _bitsandbytes_check() -> tuple[str, str, str]:
+    try:
+        from bitsandbytes import cextension
+    except Exception as error:  # a broken native library raises all kinds of errors at import
+        return "FAIL", "bitsandbytes", f"import failed ({type(error).__name__}: {error}); QLoRA will not work"
+    backend = cextension.BNB_BACKEND
+    if backend == "CPU":
+        return "ok", "bitsandbytes", "CPU backend: 4-bit (QLoRA) works, slowly; 8-bit optimizers need a GPU"
+    return "ok", "bitsandbytes", f"{backend} backend"
+
+
+def _deepspeed_check() -> tuple[str, str, str]:
+    try:
+        from deepspeed.ops.op_builder.all_ops import ALL_OPS
+    except Exception as error:
+        return "FAIL", "deepspeed ops", f"import failed ({type(error).__name__}: {error})"
+    compatible = {name: builder.is_compatible(verbose=False) for name, builder in ALL_OPS.items()
+                  if name != "deepspeed_not_implemented"}
+    can = ", ".join(name for name, ok in compatible.items() if ok) or "none"
+    cannot = ", ".join(name for name, ok in compatible.items() if not ok)
+    detail = f"can build {can}" + (f"; cannot build {cannot}" if cannot else "") + " (built on first use)"
+    needed = "cpu_adam" in compatible and not compatible["cpu_adam"]
+    return ("warn" if needed else "ok"), "deepspeed ops", detail + ("; ZeRO offload needs cpu_adam" if needed else "")
+
+
+def _accelerate_config_check() -> tuple[str, str, str]:
+    import yaml
+    from accelerate.commands.config import default_config_file
+
+    path = Path(os.environ.get("ACCELERATE_CONFIG_FILE") or default_config_file)
+    if not path.exists():
+        return "ok", "accelerate config", (f"none at {path}: `accelerate launch` runs one process unless given "
+                                           "--config_file (see accelerate_configs/) or `accelerate config`")
+    try:
+        settings = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        return "FAIL", "accelerate config", f"{path} is not valid YAML: {str(error).splitlines()[0]}"
+    keys = ("distributed_type", "num_processes", "num_machines", "mixed_precision", "use_cpu")
+    detail = ", ".join(f"{key} {settings[key]}" for key in keys if key in settings)
+    deepspeed = (settings.get("deepspeed_config") or {}).get("deepspeed_config_file")
+    return "ok", "accelerate config", f"{path}: {detail}" + (f", DeepSpeed {deepspeed}" if deepspeed else "")
+
+
+if __name__ == "__main__":
+    print(report())
+    sys.exit(0)

@@ -1,0 +1,200 @@
+"""`sft.py --dry-run`: what a run would do, from the config, the tokenizer and the data alone (no weights loaded).
+
+The model is built on the meta device from its config.json, so parameter counts (LoRA included) are exact and
+cost no memory. The memory estimate is a model of model states plus activations, stated with its assumptions.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from sftkit.config import RunConfig, resolve_path
+from sftkit.data import prepare_data
+from sftkit.model import load_tokenizer, lora_config, resolve_dtype, zero3_init_disabled
+
+GIB = 2**30
+ADAM_STATES = 2  # exp_avg and exp_avg_sq per trained parameter
+
+
+@dataclass
+class ModelShape:
+    description: str
+    total: int
+    trainable: int
+    largest_layer: int  # parameters of the largest single module (what ZeRO-3 gathers at once)
+    quantizable: int  # parameters in the decoder's linear layers (4-bit under QLoRA)
+    hidden: int
+    intermediate: int
+    layers: int
+    vocab: int
+
+
+def dry_run(config: RunConfig) -> str:
+    args = config.training
+    tokenizer = load_tokenizer(config.model, config.dataset)
+    data = prepare_data(config.dataset, tokenizer, args.max_length, args.seed, args.dataset_num_proc)
+    shape = model_shape(config)
+    dtype = resolve_dtype(config.model, args)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    train_rows = _rows_per_epoch(data.train, args)
+    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
+    steps_per_epoch = _steps_per_epoch(train_rows, args, world_size)
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    zero = deepspeed_settings(args)
+    tokens_per_step = args.per_device_train_batch_size * min(max(data.lengths), args.max_length)
+    if args.packing:
+        tokens_per_step = args.per_device_train_batch_size * args.max_length
+    memory = estimate_memory(config, shape, dtype, zero, world_size, tokens_per_step)
+    method = "QLoRA" if config.model.load_in_4bit else "LoRA" if config.model.use_lora else "full fine-tuning"
+    eval_rows = f" / {len(data.eval)} eval" if data.eval is not None else ""
+    tokens = sum(data.lengths)
+    rows = [
+        ("model", f"{config.model.path} ({shape.description})"),
+        ("method", f"{method} in {str(dtype).removeprefix('torch.')}: {shape.trainable:,} of {shape.total:,} "
+                   f"parameters train ({100 * shape.trainable / shape.total:.2f}%)"),
+        ("data", f"{data.rows} rows read, {len(data.train)} train{eval_rows}; {tokens:,} tokens per epoch, "
+                 f"{data.trainable_tokens:,} of them trained; longest row {max(data.lengths)} tokens "
+                 f"(max_seq_length {args.max_length})" + (f"; packed into {train_rows} rows" if args.packing else "")),
+        ("batch", f"{args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation "
+                  f"x {world_size} process{'es' if world_size > 1 else ''} = {batch} rows per step"),
+        ("steps", f"{steps_per_epoch} per epoch; {total_steps} in all"
+                  + (" (training.max_steps)" if args.max_steps > 0 else f" ({args.num_train_epochs:g} epochs)")),
+        ("distributed", zero.description),
+        ("memory per device", memory.description),
+    ]
+    return f"Dry run of {config.source} (no weights loaded, nothing trained)\n" + "\n".join(
+        f"  {label:<18} {value}" for label, value in rows)
+
+
+def model_shape(config: RunConfig) -> ModelShape:
+    """Parameter counts from the model's config alone: the model is built on the meta device (no memory)."""
+    model_cfg = config.model
+    hf_config = AutoConfig.from_pretrained(resolve_path(model_cfg.path), revision=model_cfg.revision,
+                                           trust_remote_code=model_cfg.trust_remote_code)
+    with zero3_init_disabled(), torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=model_cfg.trust_remote_code)
+    total = sum(parameter.numel() for parameter in model.parameters())
+    largest = max(sum(p.numel() for p in module.parameters(recurse=False)) for module in model.modules())
+    output = model.get_output_embeddings()
+    quantizable = sum(module.weight.numel() for module in model.modules()
+                      if isinstance(module, torch.nn.Linear) and module is not output)
+    trainable = total
+    if model_cfg.use_lora:
+        from peft import get_peft_model
+
+        with torch.device("meta"):
+            trainable, _ = get_peft_model(model, lora_config(model_cfg)).get_nb_trainable_parameters()
+    text = hf_config.get_text_config()
+    description = (f"{hf_config.model_type}, {text.num_hidden_layers} layers, hidden {text.hidden_size}, "
+                   f"vocab {text.vocab_size}")
+    return ModelShape(description, total, trainable, largest, quantizable, text.hidden_size,
+                      getattr(text, "intermediate_size", None) or 4 * text.hidden_size, text.num_hidden_layers,
+                      text.vocab_size)
+
+
+@dataclass
+class ZeroSettings:
+    stage: int  # 0: no DeepSpeed
+    offload_optimizer: bool
+    offload_params: bool
+    description: str
+
+
+def deepspeed_settings(args) -> ZeroSettings:
+    """The ZeRO stage from training.deepspeed, or from the Accelerate config this process was launched with."""
+    source = args.deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not source:
+        stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0"))
+        return ZeroSettings(stage, False, False, f"DeepSpeed ZeRO-{stage}" if stage else "no DeepSpeed")
+    settings = source if isinstance(source, dict) else json.loads(Path(resolve_path(source)).read_text())
+    zero = settings.get("zero_optimization", {})
+    offload_optimizer = (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
+    offload_params = (zero.get("offload_param") or {}).get("device") in ("cpu", "nvme")
+    stage = int(zero.get("stage", 0))
+    offload = " with " + " and ".join(name for name, on in (("optimizer", offload_optimizer),
+                                                           ("parameters", offload_params)) if on) + " on the CPU"
+    return ZeroSettings(stage, offload_optimizer, offload_params,
+                        f"DeepSpeed ZeRO-{stage}" + (offload if offload_optimizer or offload_params else ""))
+
+
+@dataclass
+class MemoryEstimate:
+    model_states: float  # bytes on each device: weights, gradients, optimizer states
+    activations: float
+    cpu: float  # bytes of host memory for offloaded states
+    description: str
+
+
+def estimate_memory(config: RunConfig, shape: ModelShape, dtype, zero: ZeroSettings, world_size: int,
+                    tokens_per_step: int) -> MemoryEstimate:
+    """Peak device memory, excluding the CUDA context (~0.5 GiB) or, on a CPU, the Python process itself.
+
+    Full fine-tuning under ZeRO uses DeepSpeed's own estimators (mixed precision: 16-bit weights, fp32 master
+    weights, gradients and Adam states). Otherwise: weights in the training dtype (4-bit NF4 linear layers under
+    QLoRA, ~0.56 bytes each with their scales), and per trained parameter a gradient and two Adam states in its
+    dtype (LoRA adapters are kept in float32 by PEFT). ZeRO-3 partitions frozen weights across the processes too.
+    Activations: per token and layer about 16 hidden-size and 3 intermediate-size values (inputs of each matmul,
+    norms, attention output; flash/sdpa attention stores no score matrix), or only the layer input with gradient
+    checkpointing, plus the logits and their gradient in float32.
+    """
+    element = torch.finfo(dtype).bits // 8
+    cpu = 0.0
+    if zero.stage in (2, 3) and not config.model.use_lora:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        if zero.stage == 2:
+            cpu, states = estimate_zero2_model_states_mem_needs(shape.total, world_size, 1, zero.offload_optimizer, 1.0)
+        else:
+            cpu, states, _ = estimate_zero3_model_states_mem_needs(
+                shape.total, shape.largest_layer, world_size, 1, zero.offload_optimizer, zero.offload_params, True, 1.0)
+        source = "DeepSpeed's estimator"
+    else:
+        frozen = shape.total - (shape.trainable if not config.model.use_lora else 0)
+        if config.model.load_in_4bit:
+            weights = shape.quantizable * 0.5625 + (frozen - shape.quantizable) * element
+        else:
+            weights = frozen * element
+        if zero.stage == 3:
+            weights /= world_size
+        trained_element = 4 if config.model.use_lora else element
+        states = weights + shape.trainable * trained_element * (2 + ADAM_STATES)
+        if config.model.use_lora:
+            states += shape.trainable * trained_element  # the adapter weights themselves
+        source = "weights, gradients and Adam states"
+    per_layer = shape.hidden if config.training.gradient_checkpointing else 16 * shape.hidden + 3 * shape.intermediate
+    activations = tokens_per_step * (per_layer * shape.layers * element + shape.vocab * 4 * 2)
+    if config.training.gradient_checkpointing:  # one layer is recomputed in full during the backward pass
+        activations += tokens_per_step * (16 * shape.hidden + 3 * shape.intermediate) * element
+    total = states + activations
+    description = (f"~{_size(total)}: {_size(states)} model states ({source}) + {_size(activations)} activations "
+                   f"for {tokens_per_step:,} tokens per micro-batch"
+                   + (f"; {_size(cpu)} of host memory for offloaded states" if zero.offload_optimizer else "")
+                   + "; excludes the CUDA context (~0.5 GiB) or the Python process on a CPU")
+    return MemoryEstimate(states, activations, cpu, description)
+
+
+def _size(value: float) -> str:
+    return f"{value / GIB:.2f} GiB" if value >= GIB / 10 else f"{value / 2**20:.1f} MiB"
+
+
+def _rows_per_epoch(train, args) -> int:
+    """Rows the dataloader sees: packing (TRL's own packer, run here on token ids only) merges rows."""
+    if not args.packing:
+        return len(train)
+    from trl.data_utils import pack_dataset
+
+    return len(pack_dataset(train, args.max_length, args.packing_strategy))
+
+
+def _steps_per_epoch(rows: int, args, world_size: int) -> int:
+    """As the Trainer counts them: batches per process, then optimizer steps (a partial accumulation counts)."""
+    batches = math.ceil(math.ceil(rows / world_size) / args.per_device_train_batch_size)
+    if args.dataloader_drop_last:
+        batches = rows // world_size // args.per_device_train_batch_size
+    return max(math.ceil(batches / args.gradient_accumulation_steps), 1)
