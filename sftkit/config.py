@@ -201,6 +201,15 @@ def load_config(config_name: str | None = None, cli_args: list[str] = (), preset
     return RunConfig(model=model, dataset=dataset, training=training, source=path, resolved=resolved)
 
 
+def read_section(cls, values: Any, section: str, source: Path):
+    """One typed section (ModelConfig or DatasetConfig) from a mapping, e.g. of a saved sftkit_config.yaml."""
+    errors: list[str] = []
+    built = _build(cls, values, section, errors)
+    if errors:
+        raise ConfigError(f"{source}: " + "; ".join(errors))
+    return built
+
+
 def _cross_field_errors(model: ModelConfig, dataset: DatasetConfig, training: dict) -> list[str]:
     errors = []
     if dataset.name is None and not dataset.sources:

@@ -2,10 +2,12 @@
 terminal and web chats, and the before/after report."""
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from threading import Thread
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
 from sftkit.config import ConfigError, resolve_path
 
@@ -13,6 +15,9 @@ from sftkit.config import ConfigError, resolve_path
 def load_for_inference(path: str, trust_remote_code: bool = False):
     """A merged or full model directory (output_dir), or an adapter directory (output_dir/lora_weights) whose base
     is read from its adapter_config.json. Returns (model, tokenizer), the model in eval mode on the GPU if any."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     directory = Path(resolve_path(path))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     options = {"dtype": "auto", "trust_remote_code": trust_remote_code}
@@ -35,9 +40,28 @@ def generate_reply(model, tokenizer, messages: list[dict], max_new_tokens: int =
                    top_p: float = 1.0, streamer=None, synced_gpus: bool = False) -> str:
     """The model's reply to a conversation; greedy when temperature is 0. `streamer` receives tokens as they come."""
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    return generate_from_ids(model, tokenizer, inputs["input_ids"], max_new_tokens, temperature, top_p, streamer,
+                             synced_gpus)
+
+
+def generate_from_ids(model, tokenizer, input_ids, max_new_tokens: int = 256, temperature: float = 0.0,
+                      top_p: float = 1.0, streamer=None, synced_gpus: bool = False) -> str:
+    """The reply to an already rendered prompt (a 1 x n tensor of token ids)."""
+    inputs = {"input_ids": input_ids.to(model.device), "attention_mask": torch.ones_like(input_ids).to(model.device)}
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
         "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     with torch.no_grad():
-        output = model.generate(**inputs.to(model.device), max_new_tokens=max_new_tokens, streamer=streamer,
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer,
                                 pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus, **sampling)
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
+                 top_p: float = 1.0) -> Iterator[str]:
+    """The reply in pieces as it is generated (generation runs in a thread that feeds the streamer)."""
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    thread = Thread(target=generate_reply,
+                    args=(model, tokenizer, messages, max_new_tokens, temperature, top_p, streamer))
+    thread.start()
+    yield from streamer
+    thread.join()

@@ -1,0 +1,69 @@
+"""Chat with a trained model in the terminal, with its own chat template, the reply streamed as it is generated.
+
+    python -m sftkit.chat outputs/default                     # the merged (or fully trained) model
+    python -m sftkit.chat outputs/lora/lora_weights           # the base model + the LoRA adapter
+    python -m sftkit.chat outputs/default --temperature 0.7 --top_p 0.9 --max_new_tokens 200
+
+Commands: /reset starts a new conversation, /exit (or Ctrl-D) quits.
+"""
+
+import argparse
+import sys
+
+from sftkit.config import ConfigError
+
+COMMANDS = "/reset starts a new conversation, /exit quits"
+
+
+def generation_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("model", help="output_dir of a run, or its lora_weights directory")
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding (default 0.7)")
+    parser.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling threshold (default 0.9)")
+    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--system", help="a system message at the start of every conversation")
+    parser.add_argument("--trust_remote_code", action="store_true", help="only for models whose code you trust")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = generation_arguments(argparse.ArgumentParser(prog="python -m sftkit.chat", description=__doc__.split("\n")[0])
+                                ).parse_args(argv)
+    from sftkit.inference import load_for_inference, stream_reply
+
+    try:
+        model, tokenizer = load_for_inference(args.model, args.trust_remote_code)
+    except ConfigError as error:
+        print(f"sftkit.chat: error: {error}", file=sys.stderr)
+        return 2
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(start)
+    print(f"Chatting with {args.model} ({COMMANDS}).", flush=True)
+    while True:
+        try:
+            text = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if text == "/exit":
+            return 0
+        if text == "/reset":
+            history = list(start)
+            print("(new conversation)", flush=True)
+            continue
+        if not text:
+            continue
+        if text.startswith("/"):
+            print(f"unknown command {text}: {COMMANDS}", flush=True)
+            continue
+        history.append({"role": "user", "content": text})
+        print("model> ", end="", flush=True)
+        reply = ""
+        for piece in stream_reply(model, tokenizer, history, args.max_new_tokens, args.temperature, args.top_p):
+            print(piece, end="", flush=True)
+            reply += piece
+        print(flush=True)
+        history.append({"role": "assistant", "content": reply.strip()})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

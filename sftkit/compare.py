@@ -1,0 +1,155 @@
+"""Before/after report: the base model's and the fine-tuned model's replies side by side, and the eval loss of each.
+
+    python -m sftkit.compare outputs/default                        # the run's sample_prompts, else held-out rows
+    python -m sftkit.compare outputs/default --prompts prompts.txt  # one prompt per line
+
+Writes OUTPUT_DIR/before_after.md (or --out). The base model and the data come from the run's sftkit_config.yaml.
+Loss is the mean over trained tokens (assistant replies), on the held-out rows if the run had any, else on the
+first training rows (the report says which).
+"""
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from sftkit.config import ConfigError, DatasetConfig, ModelConfig, read_section, resolve_path
+from sftkit.export import RUN_CONFIG_FILE
+
+REPORT_FILE = "before_after.md"
+
+
+@dataclass
+class Prompt:
+    input_ids: object  # 1 x n tensor: the rendered conversation up to the reply
+    shown: str  # what the report shows as the prompt
+    reference: str | None = None  # the reply in the data, for held-out rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sftkit.compare", description=__doc__.split("\n")[0])
+    parser.add_argument("output_dir", help="output_dir of a finished run")
+    parser.add_argument("--prompts", help="a text file with one prompt per line")
+    parser.add_argument("--rows", type=int, default=5, help="held-out rows to reply to when no prompts are given")
+    parser.add_argument("--loss_rows", type=int, default=64, help="rows the loss is computed on (default 64)")
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--out", help=f"report path (default OUTPUT_DIR/{REPORT_FILE})")
+    args = parser.parse_args(argv)
+    try:
+        path = write_report(args)
+    except ConfigError as error:
+        print(f"sftkit.compare: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+def write_report(args) -> Path:
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sftkit.data import prepare_data
+
+    datasets.disable_progress_bars()
+    from sftkit.inference import load_for_inference
+
+    output_dir = Path(args.output_dir)
+    saved_config = output_dir / RUN_CONFIG_FILE
+    if not saved_config.is_file():
+        raise ConfigError(f"{output_dir}: no {RUN_CONFIG_FILE}; pass the output_dir of a finished sftkit run")
+    saved = yaml.safe_load(saved_config.read_text())
+    model_cfg = read_section(ModelConfig, saved["model"], "model", saved_config)
+    dataset_cfg = read_section(DatasetConfig, saved["dataset"], "dataset", saved_config)
+    tuned, tokenizer = load_for_inference(str(output_dir), model_cfg.trust_remote_code)
+    base = AutoModelForCausalLM.from_pretrained(
+        resolve_path(model_cfg.path), dtype=tuned.dtype, revision=model_cfg.revision,
+        trust_remote_code=model_cfg.trust_remote_code).to(tuned.device).eval()
+    data = prepare_data(dataset_cfg, tokenizer, model_cfg.max_seq_length, saved["training"].get("seed", 42))
+    held_out = data.eval is not None
+    rows = data.eval if held_out else data.train
+    loss_rows = rows.select(range(min(args.loss_rows, len(rows))))
+    if args.prompts:
+        prompts = [_prompt_from_text(tokenizer, line.strip()) for line in Path(args.prompts).read_text().splitlines()
+                   if line.strip()]
+    elif dataset_cfg.sample_prompts:
+        prompts = [_prompt_from_text(tokenizer, text, dataset_cfg.system_prompt) for text in dataset_cfg.sample_prompts]
+    else:
+        prompts = [_prompt_from_row(tokenizer, row) for row in rows.select(range(min(args.rows, len(rows))))]
+    with torch.no_grad():
+        losses = {name: mean_loss(model, loss_rows, model_cfg.max_seq_length) for name, model in
+                  (("base", base), ("tuned", tuned))}
+    replies = {name: [_reply(model, tokenizer, prompt, args.max_new_tokens) for prompt in prompts]
+               for name, model in (("base", base), ("tuned", tuned))}
+    where = f"{len(loss_rows)} held-out rows" if held_out else f"the first {len(loss_rows)} training rows (no held-out set)"
+    lines = [
+        f"# Before and after: `{model_cfg.path}` vs `{output_dir}`",
+        "",
+        f"Loss on {where}, mean over trained tokens: **base {losses['base']:.3f}**, "
+        f"**fine-tuned {losses['tuned']:.3f}**.",
+        "",
+        f"Greedy replies, at most {args.max_new_tokens} new tokens.",
+    ]
+    for index, prompt in enumerate(prompts, 1):
+        lines += ["", f"## {index}", "", "```", prompt.shown, "```", ""]
+        if prompt.reference is not None:
+            lines += [f"Reference reply: {_cell(prompt.reference)}", ""]
+        lines += ["| base model | fine-tuned |", "|---|---|",
+                  f"| {_cell(replies['base'][index - 1])} | {_cell(replies['tuned'][index - 1])} |"]
+    path = Path(args.out) if args.out else output_dir / REPORT_FILE
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def mean_loss(model, rows, max_length: int) -> float:
+    """Cross-entropy per trained token, summed over rows and divided by their trained tokens."""
+    import torch
+
+    total, count = 0.0, 0
+    for input_ids, labels in zip(rows["input_ids"], rows["labels"]):
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+        trained = sum(label != -100 for label in labels[1:])  # the model shifts labels by one
+        if trained == 0:
+            continue
+        loss = model(input_ids=torch.tensor([input_ids], device=model.device),
+                     labels=torch.tensor([labels], device=model.device)).loss
+        total += loss.item() * trained
+        count += trained
+    return total / max(count, 1)
+
+
+def _prompt_from_text(tokenizer, text: str, system_prompt: str | None = None) -> Prompt:
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": text}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)["input_ids"]
+    return Prompt(ids, text)
+
+
+def _prompt_from_row(tokenizer, row: dict) -> Prompt:
+    """The row's tokens up to its first trained token (the exact prompt it trained with) and that reply."""
+    import torch
+
+    labels = row["labels"]
+    start = next(i for i, label in enumerate(labels) if label != -100)
+    end = next((i for i in range(start, len(labels)) if labels[i] == -100), len(labels))
+    prompt_ids = row["input_ids"][:start]
+    return Prompt(torch.tensor([prompt_ids]), tokenizer.decode(prompt_ids, skip_special_tokens=False).strip(),
+                  tokenizer.decode(row["input_ids"][start:end], skip_special_tokens=True).strip())
+
+
+def _reply(model, tokenizer, prompt: Prompt, max_new_tokens: int) -> str:
+    from sftkit.inference import generate_from_ids
+
+    return generate_from_ids(model, tokenizer, prompt.input_ids, max_new_tokens)
+
+
+def _cell(text: str) -> str:
+    """Text that stays inside one Markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", "<br>") or "(empty)"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Chat with a trained model in the browser: a Gradio app on localhost with temperature, top-p and max-new-tokens.
+
+    pip install -r requirements-extras.txt
+    python -m sftkit.webchat outputs/default              # then open http://127.0.0.1:7860
+    python -m sftkit.webchat outputs/lora/lora_weights --port 8000
+
+The page keeps the conversation; the reply streams in as it is generated, with the model's own chat template.
+"""
+
+import argparse
+import os
+import sys
+
+from sftkit.config import ConfigError
+
+
+def build_app(model, tokenizer, title: str, system: str | None = None):
+    import gradio as gr
+
+    from sftkit.inference import stream_reply
+
+    def respond(message: str, history: list[dict], temperature: float, top_p: float, max_new_tokens: int):
+        messages = [{"role": "system", "content": system}] if system else []
+        messages += [{"role": turn["role"], "content": _text(turn["content"])} for turn in history]
+        messages.append({"role": "user", "content": _text(message)})
+        reply = ""
+        for piece in stream_reply(model, tokenizer, messages, int(max_new_tokens), temperature, top_p):
+            reply += piece
+            yield reply.strip()
+
+    return gr.ChatInterface(
+        respond,
+        title=title,
+        additional_inputs=[
+            gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="temperature (0: greedy)"),
+            gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="top-p"),
+            gr.Slider(1, 2048, value=256, step=1, label="max new tokens"),
+        ],
+        additional_inputs_accordion=gr.Accordion("Generation settings", open=True),
+        flagging_mode="never",
+        analytics_enabled=False,
+    )
+
+
+def _text(content) -> str:
+    """Gradio gives a message's content as a string or as a list of {"type": "text", "text": ...} parts."""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sftkit.webchat", description=__doc__.split("\n")[0])
+    parser.add_argument("model", help="output_dir of a run, or its lora_weights directory")
+    parser.add_argument("--host", default="127.0.0.1", help="127.0.0.1 keeps it on this machine (default)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--system", help="a system message at the start of every conversation")
+    parser.add_argument("--trust_remote_code", action="store_true", help="only for models whose code you trust")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline machine
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print("sftkit.webchat: error: gradio is not installed; pip install -r requirements-extras.txt", file=sys.stderr)
+        return 2
+    from sftkit.inference import load_for_inference
+
+    try:
+        model, tokenizer = load_for_inference(args.model, args.trust_remote_code)
+    except ConfigError as error:
+        print(f"sftkit.webchat: error: {error}", file=sys.stderr)
+        return 2
+    app = build_app(model, tokenizer, f"sftkit chat: {args.model}", args.system)
+    app.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
