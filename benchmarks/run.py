@@ -28,9 +28,10 @@ TARGETS = {"wall_ratio": "<= 1.02", "step_time_ratio": "<= 1.02", "preprocess_ra
            "nonpad_share_packed": ">= 0.97", "config_error_seconds": "< 1", "peak_rss_ratio": "(lower is better)"}
 
 
-def timed_run(command: list[str]) -> tuple[float, float, float]:
+def timed_run(command: list[str], out: str) -> tuple[float, float, float]:
     """Wall seconds and peak RSS (MiB) of one process, start to exit (the model is saved before it exits), and the
-    seconds of its training loop as the Trainer reports them (`train_runtime`, printed by both sides)."""
+    seconds of its training loop as the Trainer reports them (`train_runtime`: printed by the baseline, saved in
+    run_summary.json by sftkit)."""
     with tempfile.TemporaryFile("w+") as log:
         started = time.perf_counter()
         process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -40,7 +41,11 @@ def timed_run(command: list[str]) -> tuple[float, float, float]:
         output = log.read()
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{output[-3000:]}")
-    runtime = float(re.search(r"'train_runtime': '?([0-9.]+)", output).group(1))
+    summary = Path(out) / "run_summary.json"
+    if summary.exists():
+        runtime = json.loads(summary.read_text())["train_seconds"]
+    else:
+        runtime = float(re.search(r"'train_runtime': '?([0-9.]+)", output).group(1))
     return wall, usage.ru_maxrss / 1024, runtime
 
 
@@ -60,8 +65,9 @@ def training_runs(steps: int, repeats: int, workdir: Path) -> dict:
     raw = {side: {"wall": [], "rss": [], "step_seconds": []} for side in ("ours", "baseline")}
     for repeat in range(repeats):
         for side, command in (("ours", ours), ("baseline", baseline)):  # interleaved, so drift hits both
-            wall, rss, loop = timed_run(command(steps, str(workdir / f"{side}-{repeat}")))
-            _, _, double_loop = timed_run(command(2 * steps, str(workdir / f"{side}-{repeat}-double")))
+            out, double_out = str(workdir / f"{side}-{repeat}"), str(workdir / f"{side}-{repeat}-double")
+            wall, rss, loop = timed_run(command(steps, out), out)
+            _, _, double_loop = timed_run(command(2 * steps, double_out), double_out)
             raw[side]["wall"].append(wall)
             raw[side]["rss"].append(rss)
             # the second `steps` steps of the longer run: no first-step warm-up, no start-up, no saving

@@ -79,7 +79,7 @@ def train(config: RunConfig) -> Run:
     summary = {
         "wall_seconds": round(time.perf_counter() - started, 1),
         "steps": trainer.state.global_step,
-        "train_seconds": round(result.metrics["train_runtime"], 1),
+        "train_seconds": round(result.metrics["train_runtime"], 3),
         "input_tokens": trainer.state.num_input_tokens_seen or None,
         "tokens_per_second": round(trainer.state.num_input_tokens_seen / result.metrics["train_runtime"], 1),
         "trained_tokens": round(data.trainable_tokens * trainer.state.epoch),

@@ -66,3 +66,48 @@ def trained_spans(tokenizer, tokens: dict) -> list[str]:
 def assistant_replies() -> set[str]:
     rows = [json.loads(line) for line in SAMPLE_DATA.read_text().splitlines()]
     return {m["content"] for row in rows for m in row["messages"] if m["role"] == "assistant"}
+
+
+SAMPLE_PROMPTS = ["What color is an orange?", "What is 2 plus 3?"]
+
+
+def run_python(*args: str, env: dict | None = None, timeout: int = 300, check: bool = True, **kwargs):
+    """`python ARGS` in the repository, as a user runs it; output unbuffered so a test can read it as it comes."""
+    import os
+    import subprocess
+
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    result = subprocess.run([sys.executable, *args], cwd=REPO, env=environment, capture_output=True, text=True,
+                            timeout=timeout, **kwargs)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="session")
+def monitored_run(tmp_path_factory):
+    """One real `python sft.py` run of the default config with what a user watches turned on: evaluation every
+    12 steps, sample prompts, TensorBoard and W&B (offline). 24 steps; an epoch ends at step 19."""
+    from types import SimpleNamespace
+
+    root = tmp_path_factory.mktemp("monitored")
+    out = root / "out"
+    result = run_python(
+        "sft.py", "--training.output_dir", str(out), "--training.max_steps", "24", "--training.logging_steps", "4",
+        "--training.eval_strategy", "steps", "--training.eval_steps", "12", "--training.report_to", "[tensorboard, wandb]",
+        "--dataset.sample_prompts", json.dumps(SAMPLE_PROMPTS),
+        env={"WANDB_MODE": "offline", "WANDB_DIR": str(root), "WANDB_SILENT": "true"},
+    )
+    return SimpleNamespace(out=out, root=root, stdout=result.stdout, stderr=result.stderr)
+
+
+@pytest.fixture(scope="session")
+def lora_run(tmp_path_factory):
+    """A short LoRA run in process (no sample prompts, so reports fall back to held-out rows)."""
+    from sftkit.config import load_config
+    from sftkit.train import train
+
+    out = tmp_path_factory.mktemp("lora") / "out"
+    train(load_config("lora_train_config.yaml", ["--training.output_dir", str(out), "--training.max_steps", "40",
+                                                 "--training.logging_steps", "10"]))
+    return out

@@ -5,11 +5,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO
 
-from sftkit.config import CONFIGS_DIR, DEFAULT_CONFIG, ConfigError, find_config_file, load_config
+from sftkit.config import CONFIGS_DIR, DEFAULT_CONFIG, PRESETS_DIR, ConfigError, find_config_file, load_config
 
-SHIPPED = sorted(CONFIGS_DIR.rglob("*.yaml"))
+SHIPPED = sorted(path for path in CONFIGS_DIR.rglob("*.yaml") if path.parent != PRESETS_DIR)
+PRESETS = sorted(PRESETS_DIR.glob("*.yaml"))
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -28,6 +30,44 @@ def test_every_shipped_config_validates(path):
     assert config.training.output_dir
     assert path.read_text().startswith("#"), "shipped configs start with a header comment"
     assert "accelerate launch sft.py" in path.read_text(), "the header gives the launch command"
+
+
+def test_the_three_presets_are_shipped_and_documented():
+    assert [path.stem for path in PRESETS] == ["fast_test", "full_training", "low_memory"]
+    for path in PRESETS:
+        assert path.read_text().startswith("# Preset:") and f"--preset {path.stem}" in path.read_text()
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
+def test_every_preset_validates_over_every_shipped_config(path):
+    for config_path in SHIPPED:
+        config = load_config(str(config_path), [], path.stem)
+        preset = yaml.safe_load(path.read_text())
+        for key, value in preset.get("training", {}).items():
+            actual = getattr(config.training, "activation_checkpointing" if key == "gradient_checkpointing" else key)
+            if key == "report_to":
+                value = [] if value == "none" else [value]
+            assert getattr(actual, "value", actual) == value, (config_path.name, key)
+        assert config.dataset.name == load_config(str(config_path)).dataset.name, "the user's data is kept"
+
+
+def test_preset_lies_between_the_config_and_the_command_line(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL + "  max_steps: 500\n  logging_steps: 7\n"), ["--training.logging_steps", "3"],
+                         "fast_test")
+    assert config.training.max_steps == 20, "the preset wins over the config"
+    assert config.training.logging_steps == 3, "the command line wins over the preset"
+    low = load_config(write(tmp_path, MINIMAL), [], "low_memory")
+    assert (low.model.use_lora, low.model.load_in_4bit, low.training.activation_checkpointing) == (True, True, True)
+    with pytest.raises(ConfigError, match="config file not found: no_such_preset"):
+        load_config(write(tmp_path, MINIMAL), [], "no_such_preset")
+
+
+def test_resume_from_checkpoint_accepts_true_or_a_path(tmp_path):
+    assert load_config(write(tmp_path, MINIMAL), ["--training.resume_from_checkpoint", "true"]).training.resume_from_checkpoint is True
+    assert load_config(write(tmp_path, MINIMAL), ["--training.resume_from_checkpoint", "false"]).training.resume_from_checkpoint is None
+    assert load_config(write(tmp_path, MINIMAL), ["--training.resume_from_checkpoint", "out/checkpoint-5"]).training.resume_from_checkpoint == "out/checkpoint-5"
+    with pytest.raises(ConfigError, match="training.resume_from_checkpoint: expected true or false or a string or null, got 3"):
+        load_config(write(tmp_path, MINIMAL), ["--training.resume_from_checkpoint", "3"])
 
 
 def test_no_config_means_the_default(monkeypatch):

@@ -75,7 +75,7 @@ def test_two_processes_train_like_one_and_save_complete_models(tmp_path, acceler
                                "--training.per_device_train_batch_size", "8", *STEPS)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     print(f"{accelerate_config} {config}: {time.perf_counter() - started:.1f} s")
-    assert result.stdout.count("Done in") == 1, "only the main process prints the summary"
+    assert result.stdout.count("Run summary") == 1, "only the main process prints the summary"
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["steps"] == 10 and summary["saved_dtypes"] == ["float32"]
 

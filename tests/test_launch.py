@@ -29,7 +29,7 @@ def test_default_job_learns_the_sample_data_and_saves_a_loadable_model(tmp_path)
     assert summary["train_loss_last"] < summary["train_loss_first"] / 3, summary
     assert summary["sample_reply"] in assistant_replies(), summary["sample_reply"]
     assert sum(summary["rows_dropped"].values()) == 0
-    for line in ("train loss", "tokens trained", "rows dropped", "trainable params", "peak memory", str(out)):
+    for line in ("train loss", "eval loss", "tokens", "rows", "parameters", "peak memory", "loss plot", str(out)):
         assert line in result.stdout
     assert "Traceback" not in result.stderr
     AutoTokenizer.from_pretrained(out)

@@ -46,7 +46,7 @@ def test_full_fine_tuning_learns_and_saves_exactly_the_trained_model(tmp_path):
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["train_loss_last"] < summary["train_loss_first"] * 0.7
     assert summary["trainable_parameters"] == summary["total_parameters"] > 0
-    assert summary["trained_tokens"] > 0 and summary["peak_memory_mib"]["process_rss"] > 0
+    assert summary["trained_tokens"] > 0 and summary["peak_memory_mib"]["rss_peak"] > 0
     assert summary["adapter_dir"] is None and not (out / ADAPTER_DIR).exists()
 
     tokenizer = AutoTokenizer.from_pretrained(out)

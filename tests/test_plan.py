@@ -1,0 +1,106 @@
+"""`sft.py --dry-run` and `sft.py env`: the plan from the config, tokenizer and data alone, and the environment."""
+
+import importlib.metadata
+import json
+import re
+import shutil
+
+import pytest
+import torch
+from conftest import TINY_MODEL, run_python
+from transformers import LlamaConfig
+
+from sftkit.config import load_config
+from sftkit.train import train
+
+
+def plan_value(stdout: str, label: str) -> str:
+    return re.search(rf"^  {label} +(.+)$", stdout, re.M).group(1)
+
+
+def weightless_copy(tmp_path, **config_changes):
+    """The tiny model's tokenizer beside a config.json, and no weights at all."""
+    directory = tmp_path / "no-weights"
+    shutil.copytree(TINY_MODEL, directory, ignore=shutil.ignore_patterns("*.safetensors"))
+    if config_changes:
+        LlamaConfig(**config_changes).save_pretrained(directory)
+    return directory
+
+
+def test_dry_run_counts_the_steps_a_real_run_takes(tmp_path):
+    overrides = ["--training.output_dir", str(tmp_path / "out"), "--training.num_train_epochs", "2",
+                 "--training.per_device_train_batch_size", "8", "--training.gradient_accumulation_steps", "3"]
+    result = run_python("sft.py", "--dry-run", *overrides)
+    assert plan_value(result.stdout, "batch") == "8 per device x 3 accumulation x 1 process = 24 rows per step"
+    steps = int(re.match(r"(\d+) per epoch; (\d+) in all", plan_value(result.stdout, "steps")).group(2))
+    assert not (tmp_path / "out").exists(), "a dry run writes nothing"
+    assert train(load_config(None, overrides)).trainer.state.global_step == steps == 26  # 304 rows: 38 batches / 3
+
+
+def test_dry_run_of_packing_counts_packed_rows(tmp_path):
+    overrides = ["--training.output_dir", str(tmp_path / "out"), "--training.num_train_epochs", "1",
+                 "--training.packing", "true", "--training.per_device_train_batch_size", "4"]
+    result = run_python("sft.py", "--dry-run", *overrides)
+    packed = int(re.search(r"packed into (\d+) rows", plan_value(result.stdout, "data")).group(1))
+    steps = int(re.match(r"(\d+) per epoch", plan_value(result.stdout, "steps")).group(1))
+    assert steps == -(-packed // 4)
+    assert train(load_config(None, overrides)).trainer.state.global_step == steps
+
+
+def test_dry_run_loads_no_weights_and_counts_parameters_from_the_config(tmp_path):
+    # Llama-3-8B's published shape: 8.03B parameters, 41.9M LoRA parameters at r=16 on every linear layer.
+    llama3_8b = weightless_copy(tmp_path, vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)
+    full = run_python("sft.py", "--dry-run", "--model.path", str(llama3_8b), "--model.max_seq_length", "2048")
+    assert "8,030,261,248 of 8,030,261,248 parameters train" in plan_value(full.stdout, "method")
+    lora = run_python("sft.py", "--dry-run", "--config", "lora_train_config.yaml", "--model.path", str(llama3_8b),
+                      "--model.lora_config.r", "16")
+    assert "41,943,040 of 8,030,261,248 parameters train" in plan_value(lora.stdout, "method")
+    # full fine-tuning in fp32 on one device: 4 bytes each for weight and gradient, 8 for Adam's two states
+    memory = plan_value(full.stdout, "memory per device")
+    assert f"{8_030_261_248 * 16 / 2**30:.2f} GiB model states" in memory
+
+
+def test_dry_run_uses_deepspeeds_estimator_for_zero(tmp_path):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    model = weightless_copy(tmp_path, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
+                            num_attention_heads=8, vocab_size=820)
+    result = run_python("sft.py", "--dry-run", "--model.path", str(model), "--training.deepspeed",
+                        "deepspeed_configs/zero3_offload.json")
+    assert plan_value(result.stdout, "distributed") == "DeepSpeed ZeRO-3 with optimizer and parameters on the CPU"
+    total = int(re.search(r"([\d,]+) of ([\d,]+) parameters", result.stdout).group(2).replace(",", ""))
+    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(total, 4096 * 1024, 1, 1, True, True, True, 1.0)
+    memory = plan_value(result.stdout, "memory per device")
+    assert f"{gpu / 2**20:.1f} MiB model states (DeepSpeed's estimator)" in memory, memory
+    assert f"{cpu / 2**20:.1f} MiB of host memory" in memory or f"{cpu / 2**30:.2f} GiB of host memory" in memory
+
+
+def test_dry_run_of_a_preset_and_a_bad_config():
+    result = run_python("sft.py", "--dry-run", "--preset", "low_memory")
+    assert plan_value(result.stdout, "method").startswith("QLoRA in ")
+    assert plan_value(result.stdout, "batch").startswith("1 per device x 16 accumulation")
+    bad = run_python("sft.py", "--dry-run", "--training.learning_rat", "1", check=False)
+    assert bad.returncode == 2 and "did you mean 'learning_rate'" in bad.stderr
+
+
+def test_env_reports_every_library_and_a_verdict_per_check():
+    result = run_python("sft.py", "env")
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("sftkit environment")
+    for name in ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "deepspeed", "bitsandbytes"):
+        version = importlib.metadata.version(name)
+        assert re.search(rf"^  (ok|warn) +{name} +{re.escape(version)}", result.stdout, re.M), name
+    checks = [line for line in lines[1:-1]]
+    assert all(re.match(r"  (ok|warn|FAIL) ", line) for line in checks), checks
+    assert any(" gpu " in line or " cuda " in line for line in checks)
+    assert re.search(r"deepspeed ops +can build .*cpu_adam", result.stdout)
+    assert "bitsandbytes" in result.stdout and "backend" in result.stdout
+    assert lines[-1] == "  => ready to train"
+    assert "Traceback" not in result.stderr and not result.stderr.strip(), result.stderr
+
+
+def test_env_shows_the_accelerate_config_in_use():
+    result = run_python("sft.py", "env", env={"ACCELERATE_CONFIG_FILE": "accelerate_configs/cpu_zero2_2proc.yaml"})
+    line = next(line for line in result.stdout.splitlines() if "accelerate config" in line)
+    assert "distributed_type DEEPSPEED, num_processes 2" in line and "zero2.json" in line
