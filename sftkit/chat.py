@@ -19,7 +19,7 @@ def generation_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("model", help="output_dir of a run, or its lora_weights directory")
     parser.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding (default 0.7)")
     parser.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling threshold (default 0.9)")
-    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--max_new_tokens", type=int, default=256, help="longest reply in tokens (default 256)")
     parser.add_argument("--system", help="a system message at the start of every conversation")
     parser.add_argument("--trust_remote_code", action="store_true", help="only for models whose code you trust")
     return parser

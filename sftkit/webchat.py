@@ -11,10 +11,12 @@ import argparse
 import os
 import sys
 
+from sftkit.chat import generation_arguments
 from sftkit.config import ConfigError
 
 
-def build_app(model, tokenizer, title: str, system: str | None = None):
+def build_app(model, tokenizer, title: str, system: str | None = None, temperature: float = 0.7, top_p: float = 0.9,
+              max_new_tokens: int = 256):
     import gradio as gr
 
     from sftkit.inference import stream_reply
@@ -32,9 +34,9 @@ def build_app(model, tokenizer, title: str, system: str | None = None):
         respond,
         title=title,
         additional_inputs=[
-            gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="temperature (0: greedy)"),
-            gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="top-p"),
-            gr.Slider(1, 2048, value=256, step=1, label="max new tokens"),
+            gr.Slider(0.0, 2.0, value=temperature, step=0.05, label="temperature (0: greedy)"),
+            gr.Slider(0.05, 1.0, value=top_p, step=0.05, label="top-p"),
+            gr.Slider(1, 2048, value=max_new_tokens, step=1, label="max new tokens"),
         ],
         additional_inputs_accordion=gr.Accordion("Generation settings", open=True),
         flagging_mode="never",
@@ -50,12 +52,10 @@ def _text(content) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sftkit.webchat", description=__doc__.split("\n")[0])
-    parser.add_argument("model", help="output_dir of a run, or its lora_weights directory")
+    parser = generation_arguments(argparse.ArgumentParser(prog="python -m sftkit.webchat",
+                                                          description=__doc__.split("\n")[0]))
     parser.add_argument("--host", default="127.0.0.1", help="127.0.0.1 keeps it on this machine (default)")
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--system", help="a system message at the start of every conversation")
-    parser.add_argument("--trust_remote_code", action="store_true", help="only for models whose code you trust")
     args = parser.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline machine
     try:
@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"sftkit.webchat: error: {error}", file=sys.stderr)
         return 2
-    app = build_app(model, tokenizer, f"sftkit chat: {args.model}", args.system)
+    app = build_app(model, tokenizer, f"sftkit chat: {args.model}", args.system, args.temperature, args.top_p,
+                    args.max_new_tokens)
     app.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False)
     return 0
 

@@ -1,0 +1,138 @@
+"""After training: the terminal chat, the before/after report and the web chat in a real headless browser."""
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, SAMPLE_PROMPTS, run_python
+
+from sftkit.inference import generate_reply, load_for_inference
+
+
+def greedy(model_dir, conversation: list[dict]) -> str:
+    model, tokenizer = load_for_inference(str(model_dir))
+    return generate_reply(model, tokenizer, conversation, max_new_tokens=40)
+
+
+def chat(model_dir, *lines: str):
+    return run_python("-m", "sftkit.chat", str(model_dir), "--temperature", "0", "--max_new_tokens", "40",
+                      input="\n".join(lines) + "\n")
+
+
+def test_terminal_chat_is_multi_turn_with_reset_and_exit(monitored_run):
+    first, second = SAMPLE_PROMPTS
+    result = chat(monitored_run.out, first, second, "/reset", second, "/bogus", "/exit", "never read")
+    replies = re.findall(r"model> (.*)", result.stdout)
+    reply_1 = greedy(monitored_run.out, [{"role": "user", "content": first}])
+    history = [{"role": "user", "content": first}, {"role": "assistant", "content": reply_1},
+               {"role": "user", "content": second}]
+    assert replies == [reply_1, greedy(monitored_run.out, history),
+                       greedy(monitored_run.out, [{"role": "user", "content": second}])]
+    assert replies[1] != replies[2] or history[1]["content"] == "", "the second turn saw the first"
+    assert "(new conversation)" in result.stdout and "unknown command /bogus" in result.stdout
+    assert "never read" not in result.stdout and result.returncode == 0
+
+
+def test_terminal_chat_on_base_plus_adapter_matches_the_merged_model(lora_run):
+    prompt = SAMPLE_PROMPTS[0]
+    merged = chat(lora_run, prompt)
+    adapter = chat(lora_run / "lora_weights", prompt)
+    assert re.findall(r"model> (.*)", adapter.stdout) == re.findall(r"model> (.*)", merged.stdout)
+    assert re.findall(r"model> (.*)", merged.stdout)[0]
+    missing = run_python("-m", "sftkit.chat", str(REPO / "configs"), check=False, input="")
+    assert missing.returncode == 2 and "no model here" in missing.stderr
+
+
+def test_before_after_report_on_sample_prompts(monitored_run, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What day comes after Monday?\n\nHello!\n")
+    run_python("-m", "sftkit.compare", str(monitored_run.out), "--out", str(tmp_path / "custom.md"), "--prompts",
+               str(prompts), "--max_new_tokens", "40")
+    custom = (tmp_path / "custom.md").read_text()
+    assert custom.count("| base model | fine-tuned |") == 2 and "Hello!" in custom
+    result = run_python("-m", "sftkit.compare", str(monitored_run.out), "--max_new_tokens", "40")
+    report = (monitored_run.out / "before_after.md").read_text()
+    assert f"wrote {monitored_run.out / 'before_after.md'}" in result.stdout
+    base, tuned = map(float, re.search(r"base ([\d.]+)\*\*, \*\*fine-tuned ([\d.]+)", report).groups())
+    assert tuned < base / 2, "fine-tuning lowered the held-out loss"
+    import json
+
+    summary = json.loads((monitored_run.out / "run_summary.json").read_text())
+    assert tuned == pytest.approx(summary["eval_loss"], rel=0.05) and base == pytest.approx(summary["eval_loss_first"], rel=0.05)
+    tuned_reply = greedy(monitored_run.out, [{"role": "user", "content": SAMPLE_PROMPTS[0]}])
+    assert f"| {tuned_reply} |" in report.split("## 2")[0]
+
+
+def test_before_after_report_on_held_out_rows_shows_the_reference(lora_run):
+    run_python("-m", "sftkit.compare", str(lora_run), "--rows", "2", "--max_new_tokens", "30")
+    report = (lora_run / "before_after.md").read_text()
+    assert "Loss on 16 held-out rows" in report
+    assert report.count("Reference reply: ") == 2 and "## 3" not in report
+    assert "<|im_start|>user" in report, "the exact prompt the row trained with"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def browser():
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        if os.environ.get("CI"):
+            pytest.fail("Debian's chromium and chromium-driver must be installed in CI (see .ci/run)")
+        pytest.skip("needs Debian's chromium and chromium-driver: apt-get install chromium chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1200,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    yield driver
+    driver.quit()
+
+
+@pytest.mark.slow
+def test_web_chat_answers_in_a_real_browser(monitored_run, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "sftkit.webchat", str(monitored_run.out), "--port", str(port),
+                               "--temperature", "0", "--max_new_tokens", "40"], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in server.stdout:
+            if f"http://127.0.0.1:{port}" in line:
+                break
+        browser.get(f"http://127.0.0.1:{port}")
+        box = WebDriverWait(browser, 60).until(lambda page: page.find_element(By.CSS_SELECTOR, "textarea"))
+        box.send_keys(SAMPLE_PROMPTS[0], Keys.ENTER)
+
+        def finished_reply(page):
+            bots = page.find_elements(By.CSS_SELECTOR, '[data-testid="bot"]')
+            generating = page.find_elements(By.CSS_SELECTOR, ".pending, .generating")
+            return bots[-1].text if bots and bots[-1].text and not generating else None
+
+        reply = WebDriverWait(browser, 60).until(finished_reply)
+        time.sleep(1)  # let the stream settle, then read it again
+        reply = finished_reply(browser)
+        screenshot = tmp_path / "web_chat.png"
+        assert browser.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000
+        assert browser.find_element(By.CSS_SELECTOR, '[data-testid="user"]').text == SAMPLE_PROMPTS[0]
+        assert reply == greedy(monitored_run.out, [{"role": "user", "content": SAMPLE_PROMPTS[0]}])
+        assert "temperature" in browser.page_source and "top-p" in browser.page_source
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
