@@ -34,7 +34,21 @@ class ModelShape:
     vocab: int
 
 
-def dry_run(config: RunConfig) -> str:
+@dataclass
+class Plan:
+    config: RunConfig
+    data: object  # PreparedData
+    shape: ModelShape
+    dtype: torch.dtype
+    world_size: int
+    train_rows: int  # rows per epoch as the dataloader sees them (after packing)
+    steps_per_epoch: int
+    total_steps: int
+    zero: "ZeroSettings"
+    memory: "MemoryEstimate"
+
+
+def build_plan(config: RunConfig) -> Plan:
     args = config.training
     tokenizer = load_tokenizer(config.model, config.dataset)
     data = prepare_data(config.dataset, tokenizer, args.max_length, args.seed, args.dataset_num_proc)
@@ -42,30 +56,36 @@ def dry_run(config: RunConfig) -> str:
     dtype = resolve_dtype(config.model, args)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     train_rows = _rows_per_epoch(data.train, args)
-    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
     steps_per_epoch = _steps_per_epoch(train_rows, args, world_size)
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     zero = deepspeed_settings(args)
-    tokens_per_step = args.per_device_train_batch_size * min(max(data.lengths), args.max_length)
-    if args.packing:
-        tokens_per_step = args.per_device_train_batch_size * args.max_length
-    memory = estimate_memory(config, shape, dtype, zero, world_size, tokens_per_step)
+    # the longest batch the collator can build: padded to the longest row, or full rows when packing
+    longest = args.max_length if args.packing else min(max(data.lengths), args.max_length)
+    memory = estimate_memory(config, shape, dtype, zero, world_size, args.per_device_train_batch_size * longest)
+    return Plan(config, data, shape, dtype, world_size, train_rows, steps_per_epoch, total_steps, zero, memory)
+
+
+def dry_run(config: RunConfig) -> str:
+    plan = build_plan(config)
+    args, data, shape, world_size = config.training, plan.data, plan.shape, plan.world_size
+    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
     method = "QLoRA" if config.model.load_in_4bit else "LoRA" if config.model.use_lora else "full fine-tuning"
     eval_rows = f" / {len(data.eval)} eval" if data.eval is not None else ""
     tokens = sum(data.lengths)
     rows = [
         ("model", f"{config.model.path} ({shape.description})"),
-        ("method", f"{method} in {str(dtype).removeprefix('torch.')}: {shape.trainable:,} of {shape.total:,} "
+        ("method", f"{method} in {str(plan.dtype).removeprefix('torch.')}: {shape.trainable:,} of {shape.total:,} "
                    f"parameters train ({100 * shape.trainable / shape.total:.2f}%)"),
         ("data", f"{data.rows} rows read, {len(data.train)} train{eval_rows}; {tokens:,} tokens per epoch, "
                  f"{data.trainable_tokens:,} of them trained; longest row {max(data.lengths)} tokens "
-                 f"(max_seq_length {args.max_length})" + (f"; packed into {train_rows} rows" if args.packing else "")),
+                 f"(max_seq_length {args.max_length})"
+                 + (f"; packed into {plan.train_rows} rows" if args.packing else "")),
         ("batch", f"{args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation "
                   f"x {world_size} process{'es' if world_size > 1 else ''} = {batch} rows per step"),
-        ("steps", f"{steps_per_epoch} per epoch; {total_steps} in all"
+        ("steps", f"{plan.steps_per_epoch} per epoch; {plan.total_steps} in all"
                   + (" (training.max_steps)" if args.max_steps > 0 else f" ({args.num_train_epochs:g} epochs)")),
-        ("distributed", zero.description),
-        ("memory per device", memory.description),
+        ("distributed", plan.zero.description),
+        ("memory per device", plan.memory.description),
     ]
     return f"Dry run of {config.source} (no weights loaded, nothing trained)\n" + "\n".join(
         f"  {label:<18} {value}" for label, value in rows)
@@ -124,6 +144,7 @@ def deepspeed_settings(args) -> ZeroSettings:
 
 @dataclass
 class MemoryEstimate:
+    weights: float  # bytes on each device of the model's weights (part of model_states)
     model_states: float  # bytes on each device: weights, gradients, optimizer states
     activations: float
     cpu: float  # bytes of host memory for offloaded states
@@ -138,9 +159,10 @@ def estimate_memory(config: RunConfig, shape: ModelShape, dtype, zero: ZeroSetti
     weights, gradients and Adam states). Otherwise: weights in the training dtype (4-bit NF4 linear layers under
     QLoRA, ~0.56 bytes each with their scales), and per trained parameter a gradient and two Adam states in its
     dtype (LoRA adapters are kept in float32 by PEFT). ZeRO-3 partitions frozen weights across the processes too.
-    Activations: per token and layer about 16 hidden-size and 3 intermediate-size values (inputs of each matmul,
-    norms, attention output; flash/sdpa attention stores no score matrix), or only the layer input with gradient
-    checkpointing, plus the logits and their gradient in float32.
+    Activations: per token and layer 24 hidden-size and 4 intermediate-size values (what autograd saved in a Llama
+    layer with sdpa attention, counted with torch's saved-tensor hooks; sdpa and flash attention store no score
+    matrix), plus LoRA dropout's copies of each adapted input; only the layer input with gradient checkpointing,
+    plus one layer recomputed; and the logits and their gradient in float32.
     """
     element = torch.finfo(dtype).bits // 8
     cpu = 0.0
@@ -150,33 +172,37 @@ def estimate_memory(config: RunConfig, shape: ModelShape, dtype, zero: ZeroSetti
 
         if zero.stage == 2:
             cpu, states = estimate_zero2_model_states_mem_needs(shape.total, world_size, 1, zero.offload_optimizer, 1.0)
+            weights = 2 * shape.total
         else:
             cpu, states, _ = estimate_zero3_model_states_mem_needs(
                 shape.total, shape.largest_layer, world_size, 1, zero.offload_optimizer, zero.offload_params, True, 1.0)
+            weights = 0 if zero.offload_params else 2 * shape.total / world_size
         source = "DeepSpeed's estimator"
     else:
-        frozen = shape.total - (shape.trainable if not config.model.use_lora else 0)
         if config.model.load_in_4bit:
-            weights = shape.quantizable * 0.5625 + (frozen - shape.quantizable) * element
+            weights = shape.quantizable * 0.5625 + (shape.total - shape.quantizable) * element
         else:
-            weights = frozen * element
+            weights = shape.total * element
         if zero.stage == 3:
             weights /= world_size
         trained_element = 4 if config.model.use_lora else element
-        states = weights + shape.trainable * trained_element * (2 + ADAM_STATES)
         if config.model.use_lora:
-            states += shape.trainable * trained_element  # the adapter weights themselves
+            weights += shape.trainable * trained_element  # the adapters themselves
+        states = weights + shape.trainable * trained_element * (1 + ADAM_STATES)  # + a gradient and Adam states
         source = "weights, gradients and Adam states"
-    per_layer = shape.hidden if config.training.gradient_checkpointing else 16 * shape.hidden + 3 * shape.intermediate
-    activations = tokens_per_step * (per_layer * shape.layers * element + shape.vocab * 4 * 2)
+    full_layer = (24 * shape.hidden + 4 * shape.intermediate) * element
+    if config.model.use_lora and config.model.lora_config.lora_dropout > 0:
+        full_layer += (6 * shape.hidden + shape.intermediate) * (element + 1)  # dropped-out inputs and their masks
+    per_layer = shape.hidden * element if config.training.gradient_checkpointing else full_layer
+    activations = tokens_per_step * (per_layer * shape.layers + shape.vocab * 4 * 2)
     if config.training.gradient_checkpointing:  # one layer is recomputed in full during the backward pass
-        activations += tokens_per_step * (16 * shape.hidden + 3 * shape.intermediate) * element
+        activations += tokens_per_step * full_layer
     total = states + activations
     description = (f"~{_size(total)}: {_size(states)} model states ({source}) + {_size(activations)} activations "
                    f"for {tokens_per_step:,} tokens per micro-batch"
                    + (f"; {_size(cpu)} of host memory for offloaded states" if zero.offload_optimizer else "")
                    + "; excludes the CUDA context (~0.5 GiB) or the Python process on a CPU")
-    return MemoryEstimate(states, activations, cpu, description)
+    return MemoryEstimate(weights, states, activations, cpu, description)
 
 
 def _size(value: float) -> str:

@@ -66,6 +66,7 @@ def train(config: RunConfig) -> Run:
     trainable, total = _count_parameters(trainer.model)
     if trainer.accelerator.is_main_process:
         print(_plan(config, data, dtype, trainable, total), flush=True)
+    memory_at_start = memory_mib()
     result = trainer.train(resume_from_checkpoint=resume_from)
     if stop.received is not None:
         raise Interrupted(_how_to_resume(trainer, stop.received), stop.received)
@@ -93,6 +94,7 @@ def train(config: RunConfig) -> Run:
         "trainable_parameters": trainable,
         "total_parameters": total,
         "peak_memory_mib": _peak_memory(memory_mib()),
+        "memory_before_training_mib": memory_at_start,
         "sample_prompt": data.sample_prompts[0][-1]["content"] if data.sample_prompts else None,
         "sample_reply": reply,
         "training_dtype": str(dtype).removeprefix("torch."),

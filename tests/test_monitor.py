@@ -80,7 +80,7 @@ def test_final_summary_is_printed_and_saved(monitored_run):
     table = monitored_run.stdout[monitored_run.stdout.index("Run summary"):]
     for label in ("wall time", "tokens", "train loss", "eval loss", "peak memory", "model + tokenizer", "loss plot",
                   "model card", "summary"):
-        assert re.search(rf"^  {label} +\S", table, re.M), label
+        assert re.search(rf"^  {re.escape(label)} +\S", table, re.M), label
     assert f"{summary['eval_loss_first']:.3f} -> {summary['eval_loss']:.3f} (start -> end)" in table
 
 
