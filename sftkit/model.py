@@ -79,7 +79,18 @@ def load_model(model_cfg: ModelConfig, dtype: torch.dtype, gradient_checkpointin
     model = AutoModelForCausalLM.from_pretrained(resolve_path(model_cfg.path), **kwargs)
     if quantize:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        _keep_cpu_4bit_layout_trainable(model)
     return model
+
+
+def _keep_cpu_4bit_layout_trainable(model) -> None:
+    """bitsandbytes' CPU backend repacks a 4-bit weight into an inference layout on its first forward in eval mode
+    (an evaluation, a sample reply) and does not unpack it when training resumes; the gradients are wrong from then
+    on (measured with bitsandbytes 0.50.2: grad norm 0.7 instead of 10, and the loss doubled after one evaluation).
+    bitsandbytes has no switch for this, so the flag that enables the repacking is turned off."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def lora_config(model_cfg: ModelConfig) -> LoraConfig | None:

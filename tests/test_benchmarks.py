@@ -1,6 +1,7 @@
 """The benchmark scripts keep working: they produce their tables and files (timings are not asserted here)."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -31,3 +32,14 @@ def test_gpu_script_runs_its_tiny_shape_anywhere(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(next(tmp_path.glob("*gpu-tiny.json")).read_text())
     assert report["variants"] and all(v.get("tokens_per_second", 0) > 0 for v in report["variants"].values()), report
+
+
+def test_memory_benchmark_sets_the_estimate_against_real_runs():
+    result = subprocess.run([sys.executable, "benchmarks/memory.py", "--quick"], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("tiny")]
+    assert [line.split()[2] for line in lines] == ["full", "LoRA", "QLoRA"]
+    for line in lines:
+        estimate, measured = (int(n.replace(",", "")) for n in re.findall(r"(?:estimate|measured) +([\d,]+) MiB", line))
+        assert estimate > 0 and measured > 0 and f"ratio {measured / estimate:.2f}" in line

@@ -120,3 +120,4 @@ def test_training_deepspeed_without_a_gpu_stops_early_with_one_line():
     assert result.returncode != 0
     assert result.stderr.count("training.deepspeed needs GPUs") == 1, result.stderr[-3000:]
     assert "AssertionError" not in result.stderr
+

@@ -102,6 +102,17 @@ def test_qlora_merges_into_the_unquantized_base(tmp_path):
     assert (logits(merged, inputs) - logits(quantized, inputs)).abs().max().item() > 1e-2, "not a dequantized merge"
 
 
+def test_qlora_trains_the_same_with_evaluations_and_sample_replies_in_between(tmp_path):
+    def losses(name, *overrides):
+        _, result = run(tmp_path / name, "qlora_train_config.yaml", "--training.logging_steps", "1", *overrides, steps=8)
+        return [entry["loss"] for entry in result.trainer.state.log_history if "loss" in entry]
+
+    plain = losses("plain", "--training.eval_on_start", "false")
+    evaluated = losses("evaluated", "--training.eval_strategy", "steps", "--training.eval_steps", "3",
+                       "--dataset.sample_prompts", '["Hello!"]')
+    assert evaluated == pytest.approx(plain, abs=1e-4)  # bitsandbytes' CPU inference repacking is kept off
+
+
 def test_use_lora_alone_switches_the_method(tmp_path):
     _, result = run(tmp_path, "default_train_config.yaml", "--model.use_lora", "true", steps=3)
     assert (tmp_path / "out" / ADAPTER_DIR / "adapter_config.json").exists()
