@@ -37,12 +37,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             from sftkit.plan import dry_run
 
-            print(dry_run(config))
+            plan = dry_run(config)
+            if is_main_process():
+                print(plan)
             return 0
         if args.inspect is not None:
             from sftkit.inspector import inspect
 
-            print(inspect(config, samples=args.inspect))
+            report = inspect(config, samples=args.inspect)
+            if is_main_process():
+                print(report)
             return 0
         from sftkit.train import train
 

@@ -126,8 +126,9 @@ def _how_to_resume(trainer, signum: int) -> str:
 
     checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
     command = " ".join(["python", *sys.argv, "--training.resume_from_checkpoint", "true"])
+    launcher = " (or your accelerate launch command with that option)" if trainer.args.world_size > 1 else ""
     return (f"stopped by {signal.Signals(signum).name} at step {trainer.state.global_step} of "
-            f"{trainer.state.max_steps}; checkpoint saved in {checkpoint}. Resume with: {command}")
+            f"{trainer.state.max_steps}; checkpoint saved in {checkpoint}. Resume with: {command}{launcher}")
 
 
 def _last_eval_step(history: list[dict]) -> int | None:
