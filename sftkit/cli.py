@@ -4,6 +4,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 import warnings
 
 from sftkit.config import ConfigError, Interrupted, is_main_process, load_config
@@ -54,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         if is_main_process():
             print(f"sft.py: error: {error}", file=sys.stderr)
+        else:
+            # Every process finds the same error; the launcher kills the others as soon as one exits, so the
+            # others give the main process a moment to print it.
+            time.sleep(5)
         return 2
     except Interrupted as stop:
         if is_main_process():
