@@ -113,6 +113,19 @@ def test_qlora_trains_the_same_with_evaluations_and_sample_replies_in_between(tm
     assert evaluated == pytest.approx(plain, abs=1e-4)  # bitsandbytes' CPU inference repacking is kept off
 
 
+@pytest.mark.parametrize(("preset", "steps", "method"), [("fast_test", None, "full"), ("low_memory", 2, "QLoRA"),
+                                                       ("full_training", 2, "full")])
+def test_presets_train_the_tiny_model(tmp_path, preset, steps, method):
+    overrides = ["--training.output_dir", str(tmp_path / "out")] + (["--training.max_steps", str(steps)] if steps else [])
+    config = load_config(None, overrides, preset)
+    summary = train(config).summary
+    assert summary["steps"] == (steps or 20)
+    assert ("QLoRA" if config.model.load_in_4bit else "full") == method
+    if preset == "fast_test":  # 20 steps with a log at each: the loss visibly falls
+        assert summary["train_loss_last"] < summary["train_loss_first"] * 0.8, summary
+    assert (tmp_path / "out" / "config.json").exists()
+
+
 def test_use_lora_alone_switches_the_method(tmp_path):
     _, result = run(tmp_path, "default_train_config.yaml", "--model.use_lora", "true", steps=3)
     assert (tmp_path / "out" / ADAPTER_DIR / "adapter_config.json").exists()
