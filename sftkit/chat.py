@@ -26,8 +26,8 @@ def generation_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = generation_arguments(argparse.ArgumentParser(prog="python -m sftkit.chat", description=__doc__.split("\n")[0])
-                                ).parse_args(argv)
+    parser = argparse.ArgumentParser(prog="python -m sftkit.chat", description=__doc__.split("\n")[0])
+    args = generation_arguments(parser).parse_args(argv)
     from sftkit.inference import load_for_inference, stream_reply
 
     try:

@@ -83,7 +83,8 @@ def write_report(args) -> Path:
                   (("base", base), ("tuned", tuned))}
     replies = {name: [_reply(model, tokenizer, prompt, args.max_new_tokens) for prompt in prompts]
                for name, model in (("base", base), ("tuned", tuned))}
-    where = f"{len(loss_rows)} held-out rows" if held_out else f"the first {len(loss_rows)} training rows (no held-out set)"
+    where = (f"{len(loss_rows)} held-out rows" if held_out
+             else f"the first {len(loss_rows)} training rows (no held-out set)")
     lines = [
         f"# Before and after: `{model_cfg.path}` vs `{output_dir}`",
         "",

@@ -102,7 +102,8 @@ def lora_config(model_cfg: ModelConfig) -> LoraConfig | None:
 @contextmanager
 def zero3_init_disabled():
     """While a ZeRO-3 config is registered, from_pretrained partitions the weights across all processes, which
-    would deadlock the main process merging alone (or, for a meta-device model, allocate it in full); transformers has no switch for this, so unregister it briefly."""
+    would deadlock the main process merging alone (and from_config would allocate a meta-device model in full);
+    transformers has no switch for this, so unregister it briefly."""
     from transformers.integrations import deepspeed as hf_deepspeed
 
     registered = hf_deepspeed._hf_deepspeed_config_weak_ref
