@@ -37,7 +37,7 @@ def _statistics(data, max_length: int) -> list[str]:
     eval_rows = f", {len(data.eval)} eval" if data.eval is not None else ""
     lines = [
         f"rows read          {data.rows:,}",
-        f"rows dropped       " + ", ".join(f"{count} {reason}" for reason, count in data.dropped.items()),
+        "rows dropped       " + ", ".join(f"{count} {reason}" for reason, count in data.dropped.items()),
         *(f"                   {problem}" for problem in data.problems),
         f"rows kept          {len(data.train):,} train{eval_rows}",
         f"tokens per row     min {lengths[0]}, mean {statistics.mean(lengths):.1f}, median "

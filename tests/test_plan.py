@@ -1,12 +1,9 @@
 """`sft.py --dry-run` and `sft.py env`: the plan from the config, tokenizer and data alone, and the environment."""
 
 import importlib.metadata
-import json
 import re
 import shutil
 
-import pytest
-import torch
 from conftest import TINY_MODEL, run_python
 from transformers import LlamaConfig
 
