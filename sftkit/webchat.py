@@ -8,6 +8,7 @@ The page keeps the conversation; the reply streams in as it is generated, with t
 """
 
 import argparse
+import importlib.util
 import os
 import sys
 
@@ -58,9 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=7860)
     args = parser.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline machine
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("gradio") is None:
         print("sftkit.webchat: error: gradio is not installed; pip install -r requirements-extras.txt", file=sys.stderr)
         return 2
     from sftkit.inference import load_for_inference
