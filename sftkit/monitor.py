@@ -73,11 +73,16 @@ class SampleReplies(TrainerCallback):
     """Greedy replies to `dataset.sample_prompts` at each evaluation and epoch end, printed and appended to
     output_dir/sample_replies.jsonl, so the user sees the model learn."""
 
-    def __init__(self, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 64):
+    def __init__(self, tokenizer, prompts: list[list[dict]], resumed: bool, max_new_tokens: int = 64):
         self.tokenizer = tokenizer
         self.prompts = prompts
+        self.resumed = resumed  # a resumed run appends to the file; a fresh one starts it anew
         self.max_new_tokens = max_new_tokens
         self.last_step = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and not self.resumed:
+            (Path(args.output_dir) / SAMPLES_FILE).unlink(missing_ok=True)
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         self._sample(args, state, model, "evaluation")

@@ -50,7 +50,7 @@ def train(config: RunConfig) -> Run:
     stop = StopOnSignal()
     callbacks = [stop]
     if config.dataset.sample_prompts:
-        callbacks.append(SampleReplies(tokenizer, data.sample_prompts))
+        callbacks.append(SampleReplies(tokenizer, data.sample_prompts, resumed=resume_from is not None))
     trainer = MonitoredSFTTrainer(
         model=model,
         args=args,

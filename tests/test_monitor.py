@@ -3,6 +3,7 @@ loss.png and the model card; and a run stopped by a signal, then resumed."""
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,6 +66,18 @@ def test_sample_replies_at_each_evaluation_and_epoch_end(monitored_run):
     assert all(r["reply"] for r in records if r["step"] > 0)  # the base model may stop at once
     assert records[-2]["reply"] != records[0]["reply"], "the model learned something between start and end"
     assert f"sample at step 12: {SAMPLE_PROMPTS[0]!r} -> {records[2]['reply']!r}" in monitored_run.stdout
+
+
+def test_a_fresh_run_starts_the_sample_file_anew_and_a_resumed_one_appends(tmp_path):
+    overrides = ["--training.output_dir", str(tmp_path), "--training.max_steps", "4", "--training.save_steps", "2",
+                 "--training.save_strategy", "steps", "--dataset.sample_prompts", '["Hello!"]', "--dataset.test_size", "null"]
+    samples = tmp_path / "sample_replies.jsonl"
+    for expected_lines in (1, 1):  # one epoch end (step 4) per run; the second run replaces the first's file
+        train(load_config(None, overrides))
+        assert len(samples.read_text().splitlines()) == expected_lines
+    shutil.rmtree(tmp_path / "checkpoint-4")
+    train(load_config(None, overrides + ["--training.resume_from_checkpoint", "true"]))  # from step 2
+    assert [json.loads(line)["step"] for line in samples.read_text().splitlines()] == [4, 4]
 
 
 def test_final_summary_is_printed_and_saved(monitored_run):
