@@ -52,9 +52,9 @@ def write_report(args) -> Path:
     from transformers import AutoModelForCausalLM
 
     from sftkit.data import prepare_data
+    from sftkit.inference import generate_from_ids, load_for_inference
 
     datasets.disable_progress_bars()
-    from sftkit.inference import load_for_inference
 
     output_dir = Path(args.output_dir)
     saved_config = output_dir / RUN_CONFIG_FILE
@@ -81,7 +81,7 @@ def write_report(args) -> Path:
     with torch.no_grad():
         losses = {name: mean_loss(model, loss_rows, model_cfg.max_seq_length) for name, model in
                   (("base", base), ("tuned", tuned))}
-    replies = {name: [_reply(model, tokenizer, prompt, args.max_new_tokens) for prompt in prompts]
+    replies = {name: [generate_from_ids(model, tokenizer, prompt.input_ids, args.max_new_tokens) for prompt in prompts]
                for name, model in (("base", base), ("tuned", tuned))}
     where = (f"{len(loss_rows)} held-out rows" if held_out
              else f"the first {len(loss_rows)} training rows (no held-out set)")
@@ -139,12 +139,6 @@ def _prompt_from_row(tokenizer, row: dict) -> Prompt:
     prompt_ids = row["input_ids"][:start]
     return Prompt(torch.tensor([prompt_ids]), tokenizer.decode(prompt_ids, skip_special_tokens=False).strip(),
                   tokenizer.decode(row["input_ids"][start:end], skip_special_tokens=True).strip())
-
-
-def _reply(model, tokenizer, prompt: Prompt, max_new_tokens: int) -> str:
-    from sftkit.inference import generate_from_ids
-
-    return generate_from_ids(model, tokenizer, prompt.input_ids, max_new_tokens)
 
 
 def _cell(text: str) -> str:

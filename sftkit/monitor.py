@@ -94,8 +94,7 @@ class SampleReplies(TrainerCallback):
         if state.global_step == self.last_step:  # an evaluation at an epoch end: once is enough
             return
         self.last_step = state.global_step
-        # Under ZeRO-3 each process holds a shard, so all of them generate together; otherwise the main one alone.
-        zero3 = is_deepspeed_zero3_enabled() and args.world_size > 1
+        zero3 = generates_on_every_process(args)
         if not (state.is_world_process_zero or zero3):
             return
         was_training = model.training
@@ -112,6 +111,12 @@ class SampleReplies(TrainerCallback):
                               "prompt": prompt[-1]["content"], "reply": reply}
                     file.write(json.dumps(record) + "\n")
                     tqdm.write(f"sample at step {state.global_step}: {record['prompt']!r} -> {reply!r}")
+
+
+def generates_on_every_process(args) -> bool:
+    """Under ZeRO-3 each process holds a shard of the weights, so all of them generate together (synced_gpus);
+    otherwise the main process generates alone."""
+    return is_deepspeed_zero3_enabled() and args.world_size > 1
 
 
 class StopOnSignal(TrainerCallback):

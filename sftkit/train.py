@@ -12,7 +12,6 @@ from pathlib import Path
 
 import transformers
 from transformers import set_seed
-from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import get_last_checkpoint
 
 from sftkit.config import ConfigError, Interrupted, RunConfig
@@ -20,7 +19,8 @@ from sftkit.data import prepare_data
 from sftkit.export import ADAPTER_DIR, export, saved_dtypes
 from sftkit.inference import generate_reply
 from sftkit.model import load_model, load_tokenizer, lora_config, resolve_dtype
-from sftkit.monitor import SAMPLES_FILE, MonitoredSFTTrainer, ProgressBar, SampleReplies, StopOnSignal, memory_mib
+from sftkit.monitor import (SAMPLES_FILE, MonitoredSFTTrainer, ProgressBar, SampleReplies, StopOnSignal,
+                            generates_on_every_process, memory_mib)
 from sftkit.report import write_reports
 
 SUMMARY_FILE = "run_summary.json"
@@ -153,7 +153,7 @@ def _count_parameters(model) -> tuple[int, int]:
 
 def _final_reply(trainer, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 40) -> str | None:
     """Greedy reply of the trained model to the first sample prompt, to show what it learned."""
-    zero3 = is_deepspeed_zero3_enabled() and trainer.args.world_size > 1  # every shard holder must generate
+    zero3 = generates_on_every_process(trainer.args)
     if not prompts or not (trainer.accelerator.is_main_process or zero3):
         return None
     return generate_reply(trainer.model.eval(), tokenizer, prompts[0], max_new_tokens, synced_gpus=zero3)
