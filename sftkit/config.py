@@ -64,6 +64,10 @@ class ModelConfig:
     revision: str | None = None  # hub branch, tag or commit
     trust_remote_code: bool = False  # run code shipped with the model; only for models you trust
 
+    @property
+    def method(self) -> str:
+        return "QLoRA" if self.load_in_4bit else "LoRA" if self.use_lora else "full fine-tuning"
+
 
 FORMAT_NAMES = Literal[
     "messages", "sharegpt", "prompt_response", "prompt_completion", "question_answer", "alpaca", "text"

@@ -69,7 +69,7 @@ def dry_run(config: RunConfig) -> str:
     plan = build_plan(config)
     args, data, shape, world_size = config.training, plan.data, plan.shape, plan.world_size
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
-    method = "QLoRA" if config.model.load_in_4bit else "LoRA" if config.model.use_lora else "full fine-tuning"
+    method = config.model.method
     eval_rows = f" / {len(data.eval)} eval" if data.eval is not None else ""
     tokens = sum(data.lengths)
     rows = [

@@ -39,7 +39,7 @@ def plot_loss(history: list[dict], path: Path) -> None:
 def model_card(config, summary: dict) -> str:
     """A Hugging Face style README.md: what the model is, how it was trained, how well, and how to load it."""
     model, training = config.model, config.training
-    method = "QLoRA" if model.load_in_4bit else "LoRA" if model.use_lora else "full fine-tuning"
+    method = model.method
     sources = ", ".join(f"`{source.name}`" for source in config.dataset.train_sources())
     batch = training.per_device_train_batch_size * training.gradient_accumulation_steps * training.world_size
     lines = [

@@ -5,6 +5,7 @@
 
 import json
 import logging
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -122,8 +123,6 @@ def _checkpoint_to_resume(args) -> str | None:
 
 
 def _how_to_resume(trainer, signum: int) -> str:
-    import signal
-
     checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
     command = " ".join(["python", *sys.argv, "--training.resume_from_checkpoint", "true"])
     launcher = " (or your accelerate launch command with that option)" if trainer.args.world_size > 1 else ""
@@ -160,7 +159,7 @@ def _final_reply(trainer, tokenizer, prompts: list[list[dict]], max_new_tokens: 
 
 
 def _plan(config: RunConfig, data, dtype, trainable: int, total: int) -> str:
-    method = "QLoRA" if config.model.load_in_4bit else "LoRA" if config.model.use_lora else "full fine-tuning"
+    method = config.model.method
     eval_rows = f", {len(data.eval)} eval rows" if data.eval is not None else ""
     return (
         f"sftkit: {method} of {config.model.path} in {str(dtype).removeprefix('torch.')} "
