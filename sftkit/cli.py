@@ -7,7 +7,7 @@ import sys
 import time
 import warnings
 
-from sftkit.config import ConfigError, Interrupted, is_main_process, load_config
+from sftkit.config import ConfigError, Interrupted, RunFailed, is_main_process, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML file, or the name of one in configs/ (default: default_train_config.yaml)")
     parser.add_argument("--preset", help="a partial config from configs/presets/ laid over --config: fast_test, "
                                          "low_memory or full_training (or a path)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace what an earlier run left in training.output_dir (its model, adapter, reports "
+                             "and checkpoints); without it a run refuses to start there")
     parser.add_argument("--dry-run", action="store_true",
                         help="load the tokenizer and the data (no weights), print the plan with a memory estimate, exit")
     parser.add_argument("--inspect", nargs="?", type=int, const=3, metavar="N",
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from sftkit.train import train
 
-        train(config)
+        train(config, overwrite=args.overwrite)
     except ConfigError as error:
         if is_main_process():
             print(f"sft.py: error: {error}", file=sys.stderr)
@@ -60,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
             # others give the main process a moment to print it.
             time.sleep(5)
         return 2
+    except RunFailed as failure:
+        if is_main_process():
+            print(f"sft.py: error: {failure}", file=sys.stderr)
+        return 1
     except Interrupted as stop:
         if is_main_process():
             print(f"sft.py: {stop}", file=sys.stderr)

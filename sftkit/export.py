@@ -1,46 +1,97 @@
 """Save what a run produced: the LoRA adapter and a merged model, or the full model; tokenizer and config beside.
 
-Everything is first written to a staging directory inside output_dir and moved into place at the end, config.json
-last, so an interrupted export never leaves a directory that loads as if it were complete.
+Everything is first written to a staging directory inside output_dir (so on the same filesystem, and a rename
+publishes it), checked to be finite, and moved into place at the end, config.json last: an interrupted export never
+leaves a directory that loads as if it were complete. If the export fails after the trained weights were written,
+they stay in the staging directory and `python -m sftkit.export OUTPUT_DIR` finishes the job.
+
+    python -m sftkit.export outputs/lora     # finish an export that failed (for example on a full disk)
 """
 
+import argparse
 import importlib.metadata
 import json
+import os
 import platform
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import yaml
 
+from sftkit.config import ConfigError, ModelConfig, RunFailed, read_section
+from sftkit.rundir import STAGING_DIR, check_free_space, export_bytes, read_run_record
+
 ADAPTER_DIR = "lora_weights"
-STAGING_DIR = ".export-incomplete"
 RUN_CONFIG_FILE = "sftkit_config.yaml"
 VERSIONS_FILE = "sftkit_versions.json"
 STACK = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "deepspeed", "bitsandbytes")
-# Files of an earlier export that would otherwise mix with the new one.
+# Files of an earlier export of the same run (a resumed run exports again) that would otherwise mix with the new one.
 STALE_PATTERNS = ("config.json", "model*.safetensors*", "pytorch_model*", "adapter_*", "generation_config.json")
+DISK_WAIT_SECONDS = float(os.environ.get("SFTKIT_DISK_WAIT_SECONDS", 900))  # within torch.distributed's 30 min
 
 
-def export(trainer, run_config, tokenizer, dtype) -> Path:
-    """Save the trained model; every process must call this (under ZeRO-3 saving gathers from all of them)."""
+def export(trainer, run_config, tokenizer, dtype, parameters: tuple[int, int]) -> Path:
+    """Save the trained model; every process must call this (under ZeRO-3 saving gathers from all of them).
+    `parameters` is (trainable, total), for the space the export needs."""
     output_dir = Path(trainer.args.output_dir)
     staging = output_dir / STAGING_DIR
-    if trainer.accelerator.is_main_process and staging.exists():
-        shutil.rmtree(staging)
+    lora = run_config.model.use_lora
+    main = trainer.accelerator.is_main_process
+    if main:
+        _wait_for_space(output_dir, export_bytes(parameters[1], parameters[0], dtype, lora))
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+        write_metadata(staging, run_config, tokenizer)
     trainer.accelerator.wait_for_everyone()
-    if run_config.model.use_lora:
-        trainer.save_model(str(staging / ADAPTER_DIR))
-        if trainer.accelerator.is_main_process:
-            _merge_adapter(run_config.model, staging / ADAPTER_DIR, staging, dtype)
-    else:
-        trainer.save_model(str(staging))
-    if trainer.accelerator.is_main_process:
-        tokenizer.save_pretrained(staging)
-        (staging / RUN_CONFIG_FILE).write_text(yaml.safe_dump(run_config.resolved, sort_keys=False))
-        (staging / VERSIONS_FILE).write_text(json.dumps(library_versions(), indent=2) + "\n")
-        _publish(staging, output_dir)
+    try:
+        trainer.save_model(str(staging / ADAPTER_DIR if lora else staging))
+    except OSError as error:
+        raise RunFailed(f"could not write the trained {'adapter' if lora else 'model'} to {staging}: {error}") from None
+    if main:
+        finish_export(output_dir, run_config.model, dtype)
     trainer.accelerator.wait_for_everyone()
     return output_dir
+
+
+def write_metadata(directory: Path, run_config, tokenizer) -> None:
+    """Tokenizer, resolved config (secrets hidden) and library versions: small, so written first."""
+    tokenizer.save_pretrained(directory)
+    (directory / RUN_CONFIG_FILE).write_text(yaml.safe_dump(run_config.resolved, sort_keys=False))
+    (directory / VERSIONS_FILE).write_text(json.dumps(library_versions(), indent=2) + "\n")
+
+
+def finish_export(output_dir: Path, model_cfg: ModelConfig, dtype) -> None:
+    """From trained weights in the staging directory to a published model: merge (LoRA), check, move into place.
+    Any failure keeps the staging directory and says how to finish from it."""
+    staging = output_dir / STAGING_DIR
+    try:
+        if model_cfg.use_lora and not (staging / "config.json").exists():
+            _merge_adapter(model_cfg, staging / ADAPTER_DIR, staging, dtype)
+        broken = non_finite_tensors(staging)
+        if broken:
+            shutil.rmtree(staging)
+            raise RunFailed(f"the trained weights are not finite ({len(broken)} tensors hold nan or inf, e.g. "
+                            f"{broken[0]}); nothing was published and the broken weights were deleted")
+        _publish(staging, output_dir)
+    except OSError as error:
+        kept = staging / ADAPTER_DIR if model_cfg.use_lora else staging
+        raise RunFailed(f"the export to {output_dir} failed: {error}. The trained "
+                        f"{'adapter' if model_cfg.use_lora else 'model'} is kept in {kept}; once that is fixed, "
+                        f"finish the export with: python -m sftkit.export {output_dir}") from None
+
+
+def _wait_for_space(output_dir: Path, needed: int) -> None:
+    """The trained model exists only in memory until the export: rather than lose it to a full disk, wait for the
+    user to free space (checked every 30 s, for SFTKIT_DISK_WAIT_SECONDS), then try anyway."""
+    deadline = time.monotonic() + DISK_WAIT_SECONDS
+    while (missing := check_free_space(output_dir, needed, "the export")) and time.monotonic() < deadline:
+        print(f"sftkit: {missing}; waiting for space (checking every 30 s until "
+              f"{time.strftime('%H:%M', time.localtime(time.time() + deadline - time.monotonic()))})",
+              file=sys.stderr, flush=True)
+        time.sleep(min(30, max(deadline - time.monotonic(), 0)))
 
 
 def _merge_adapter(model_cfg, adapter_dir: Path, target: Path, dtype) -> None:
@@ -53,6 +104,21 @@ def _merge_adapter(model_cfg, adapter_dir: Path, target: Path, dtype) -> None:
         base = load_model(model_cfg, dtype, gradient_checkpointing=False, quantize=False)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(target)
+
+
+def non_finite_tensors(directory: Path) -> list[str]:
+    """Names of the floating-point tensors with a nan or inf in any safetensors file under directory."""
+    import torch
+    from safetensors import safe_open
+
+    broken = []
+    for file in sorted(directory.rglob("*.safetensors")):
+        with safe_open(file, "pt") as weights:
+            for name in weights.keys():
+                tensor = weights.get_tensor(name)
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    broken.append(f"{file.relative_to(directory)}:{name}")
+    return broken
 
 
 def _publish(staging: Path, output_dir: Path) -> None:
@@ -89,3 +155,29 @@ def library_versions() -> dict:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Finish an export that failed after training, from the weights kept in OUTPUT_DIR/.export-incomplete."""
+    parser = argparse.ArgumentParser(prog="python -m sftkit.export", description=main.__doc__)
+    parser.add_argument("output_dir", type=Path)
+    args = parser.parse_args(argv)
+    staging = args.output_dir / STAGING_DIR
+    try:
+        record = read_run_record(args.output_dir)
+        if not staging.is_dir() or record is None or "dtype" not in record:
+            raise ConfigError(f"{args.output_dir} has no unfinished export to finish ({staging} or its run record "
+                              "is missing)")
+        import torch
+
+        model_cfg = read_section(ModelConfig, record["config"]["model"], "model", args.output_dir)
+        finish_export(args.output_dir, model_cfg, getattr(torch, record["dtype"]))
+    except (ConfigError, RunFailed) as error:
+        print(f"sftkit.export: error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, ConfigError) else 1
+    print(f"sftkit.export: the model is in {args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,5 +1,5 @@
-"""What a run shows while it trains: memory in every log, sample replies at each evaluation and epoch end, and a
-clean stop with a checkpoint on Ctrl-C or SIGTERM. Loss, learning rate, grad norm and tokens/s are the Trainer's."""
+"""What a run shows while it trains: memory in every log, sample replies at each evaluation and epoch end, a
+clean stop with a checkpoint on Ctrl-C or SIGTERM, and a stop without one when the loss is no longer finite. Loss, learning rate, grad norm and tokens/s are the Trainer's."""
 
 import json
 import resource
@@ -20,13 +20,24 @@ SAMPLES_FILE = "sample_replies.jsonl"
 
 
 class MonitoredSFTTrainer(SFTTrainer):
-    """SFTTrainer whose every log also carries memory. `Trainer.log` is the documented place to add metrics: what
+    """SFTTrainer whose every micro-batch loss is checked to be finite (see StopGuard), and whose every log also
+    carries memory. `Trainer.log` is the documented place to add metrics: what
     is added here reaches the progress bar, `log_history`, TensorBoard and W&B alike (a callback's `on_log` comes
     after `log_history` is written)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.guard = StopGuard()
+        self.add_callback(self.guard)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         logs.update(memory_mib())
         super().log(logs, start_time)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.guard.observe(loss)
+        return loss
 
 
 def memory_mib() -> dict[str, int]:
@@ -119,16 +130,24 @@ def generates_on_every_process(args) -> bool:
     return is_deepspeed_zero3_enabled() and args.world_size > 1
 
 
-class StopOnSignal(TrainerCallback):
-    """Ctrl-C or SIGTERM ends training after the current step with a checkpoint, instead of losing the run.
+class StopGuard(TrainerCallback):
+    """Ends training after the current step: with a checkpoint on Ctrl-C or SIGTERM, without one when the loss is
+    no longer finite (the weights are then broken, so nothing of that step may be saved).
 
-    A second signal gets the default behaviour (stop at once). With several processes the decision is shared every
-    step, so all of them save the same checkpoint together (saving under ZeRO is collective).
+    A second signal gets the default behaviour (stop at once). With several processes both flags are shared every
+    step, so all of them stop, and save, together (saving under ZeRO is collective).
     """
 
     def __init__(self):
-        self.received: int | None = None
+        self.received: int | None = None  # the signal that asked for the stop
+        self.diverged_at: int | None = None  # the optimizer step whose loss was not finite
+        self._finite = None  # a device tensor: every micro-batch loss since the last step was finite
         self._previous: dict = {}
+
+    def observe(self, loss: torch.Tensor) -> None:
+        """Called with each micro-batch's loss; kept on the device so that the check costs one sync per step."""
+        finite = torch.isfinite(loss.detach()).all()
+        self._finite = finite if self._finite is None else self._finite & finite
 
     def on_train_begin(self, args, state, control, **kwargs):
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -139,7 +158,14 @@ class StopOnSignal(TrainerCallback):
         signal.signal(signum, self._previous[signum])
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._any_process_signalled(args):
+        signalled, diverged = self._shared_flags(args)
+        self._finite = None
+        if diverged:
+            self.diverged_at = state.global_step
+            control.should_save = False
+            control.should_evaluate = False
+            control.should_training_stop = True
+        elif signalled:
             self.received = self.received or signal.SIGTERM
             control.should_save = True
             control.should_training_stop = True
@@ -148,9 +174,12 @@ class StopOnSignal(TrainerCallback):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
-    def _any_process_signalled(self, args) -> bool:
-        if args.world_size == 1:
-            return self.received is not None
-        flag = torch.tensor([int(self.received is not None)], device=args.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+    def _shared_flags(self, args) -> tuple[bool, bool]:
+        device = self._finite.device if self._finite is not None else args.device
+        diverged = torch.zeros((), device=device) if self._finite is None else (~self._finite).float()
+        flags = torch.stack([torch.tensor(float(self.received is not None), device=device), diverged])
+        if args.world_size > 1:
+            flags = flags.to(args.device)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        signalled, diverged = flags.tolist()
+        return bool(signalled), bool(diverged)

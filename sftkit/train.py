@@ -1,10 +1,13 @@
-"""One run, top to bottom: tokenizer -> data -> model -> SFTTrainer -> train -> evaluate -> export -> summary.
+"""One run, top to bottom: output_dir -> tokenizer -> data -> model -> SFTTrainer -> train -> evaluate -> export ->
+summary.
 
     accelerate launch sft.py --config configs/lora_train_config.yaml
 """
 
 import json
 import logging
+import shlex
+import shutil
 import signal
 import sys
 import time
@@ -13,18 +16,21 @@ from pathlib import Path
 
 import transformers
 from transformers import set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
-from sftkit.config import ConfigError, Interrupted, RunConfig
+from sftkit.checkpoints import (RecordRunInCheckpoints, checkpoint_to_resume, earlier_progress,
+                                newest_checkpoint_words)
+from sftkit.config import ConfigError, Interrupted, RunConfig, RunFailed
 from sftkit.data import prepare_data
 from sftkit.export import ADAPTER_DIR, export, saved_dtypes
 from sftkit.inference import generate_reply
-from sftkit.model import load_model, load_tokenizer, lora_config, resolve_dtype
-from sftkit.monitor import (SAMPLES_FILE, MonitoredSFTTrainer, ProgressBar, SampleReplies, StopOnSignal,
-                            generates_on_every_process, memory_mib)
+from sftkit.model import check_model_source, load_model, load_tokenizer, lora_config, resolve_dtype
+from sftkit.monitor import (SAMPLES_FILE, MonitoredSFTTrainer, ProgressBar, SampleReplies, generates_on_every_process,
+                            memory_mib)
 from sftkit.report import write_reports
+from sftkit.rundir import OutputDir, check_free_space, export_bytes
 
 SUMMARY_FILE = "run_summary.json"
+LAUNCHERS = ("accelerate", "torchrun", "deepspeed")
 logger = logging.getLogger(__name__)
 
 
@@ -34,11 +40,50 @@ class Run:
     trainer: MonitoredSFTTrainer
 
 
-def train(config: RunConfig) -> Run:
+def train(config: RunConfig, overwrite: bool = False) -> Run:
+    """Claim output_dir, train, export, report. Raises ConfigError before loading anything when the run cannot
+    start; Interrupted (checkpoint saved) or RunFailed (what was kept and where) when it ends early."""
     started = time.perf_counter()
-    transformers.utils.logging.disable_progress_bar()  # weight loading and saving bars; the Trainer keeps its own
     args = config.training  # built before the model, so ZeRO-3 can partition the weights as they load
-    resume_from = _checkpoint_to_resume(args)
+    output = OutputDir(args.output_dir, config.resolved)
+    resume_from = _claim(output, args, config, overwrite)
+    try:
+        run = _train(config, output, resume_from, started)
+        output.mark("finished")
+        return run
+    except Interrupted:
+        output.mark("interrupted")
+        raise
+    except BaseException as failure:
+        output.mark("failed", error=str(failure).splitlines()[0] if str(failure) else type(failure).__name__)
+        raise
+    finally:
+        output.release()
+
+
+def _claim(output: OutputDir, args, config: RunConfig, overwrite: bool) -> str | None:
+    """Make output_dir this run's (the main process locks and checks it first) and find the checkpoint to resume."""
+    if overwrite and args.resume_from_checkpoint is not None:
+        raise ConfigError("--overwrite removes the checkpoints that training.resume_from_checkpoint would continue; "
+                          "use one or the other")
+    check_model_source(config.model)
+    with args.main_process_first(desc="claiming output_dir"):
+        main = args.process_index == 0
+        if main:
+            output.claim(overwrite, args.resume_from_checkpoint)
+        try:
+            checkpoint = checkpoint_to_resume(args.resume_from_checkpoint, output.path, config.resolved)
+        except ConfigError:
+            output.release()
+            raise
+        if main:
+            output.record_start()
+        return checkpoint
+
+
+def _train(config: RunConfig, output: OutputDir, resume_from: str | None, started: float) -> Run:
+    transformers.utils.logging.disable_progress_bar()  # weight loading and saving bars; the Trainer keeps its own
+    args = config.training
     set_seed(args.seed)
     tokenizer = load_tokenizer(config.model, config.dataset)
     with args.main_process_first(desc="dataset preparation"):
@@ -48,8 +93,8 @@ def train(config: RunConfig) -> Run:
     if (args.packing or args.padding_free) and config.model.trust_remote_code:
         logger.warning("packing with a model's own modeling code: transformers' built-in attention keeps packed "
                        "samples apart, custom code may let them attend to each other")
-    stop = StopOnSignal()
-    callbacks = [stop]
+    timing = RecordRunInCheckpoints(config.resolved, earlier_progress(resume_from), started)
+    callbacks = [timing]
     if config.dataset.sample_prompts:
         callbacks.append(SampleReplies(tokenizer, data.sample_prompts, resumed=resume_from is not None))
     trainer = MonitoredSFTTrainer(
@@ -66,28 +111,37 @@ def train(config: RunConfig) -> Run:
         trainer.add_callback(ProgressBar)
     trainable, total = _count_parameters(trainer.model)
     if trainer.accelerator.is_main_process:
+        missing = check_free_space(output.path, export_bytes(total, trainable, dtype, config.model.use_lora), "the export")
+        if missing:
+            raise ConfigError(missing)
         print(_plan(config, data, dtype, trainable, total), flush=True)
     memory_at_start = memory_mib()
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    if stop.received is not None:
-        raise Interrupted(_how_to_resume(trainer, stop.received), stop.received)
+    trainer.train(resume_from_checkpoint=resume_from)
+    train_seconds = timing.seconds()["train_seconds"]
+    guard = trainer.guard
+    if guard.diverged_at is not None:
+        raise RunFailed(_diverged(trainer, guard.diverged_at))
+    if guard.received is not None:
+        raise Interrupted(_how_to_resume(trainer, guard.received), guard.received)
     if data.eval is not None and _last_eval_step(trainer.state.log_history) != trainer.state.global_step:
         trainer.evaluate()
     reply = _final_reply(trainer, tokenizer, data.sample_prompts[:1])
-    output_dir = export(trainer, config, tokenizer, dtype)
+    if trainer.accelerator.is_main_process:
+        output.mark("exporting", dtype=str(dtype).removeprefix("torch."))
+    output_dir = export(trainer, config, tokenizer, dtype, (trainable, total))
     history = trainer.state.log_history
     losses = [entry["loss"] for entry in history if "loss" in entry]
     eval_losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
     summary = {
-        "wall_seconds": round(time.perf_counter() - started, 1),
+        "wall_seconds": timing.seconds()["wall_seconds"],
         "steps": trainer.state.global_step,
-        "train_seconds": round(result.metrics["train_runtime"], 3),
+        "train_seconds": train_seconds,
         "input_tokens": trainer.state.num_input_tokens_seen or None,
-        "tokens_per_second": round(trainer.state.num_input_tokens_seen / result.metrics["train_runtime"], 1),
+        "tokens_per_second": round(trainer.state.num_input_tokens_seen / train_seconds, 1),
         "trained_tokens": round(data.trainable_tokens * trainer.state.epoch),
         "train_loss_first": losses[0] if losses else None,
         "train_loss_last": losses[-1] if losses else None,
-        "train_loss_mean": result.training_loss,
+        "train_loss_mean": _mean_logged_loss(history),
         "eval_loss_first": eval_losses[0] if len(eval_losses) > 1 else None,
         "eval_loss": eval_losses[-1] if eval_losses else None,
         "rows": data.rows,
@@ -111,23 +165,75 @@ def train(config: RunConfig) -> Run:
     return Run(summary, trainer)
 
 
-def _checkpoint_to_resume(args) -> str | None:
-    """`training.resume_from_checkpoint`: true is the latest checkpoint-N in output_dir, a path is that one."""
-    if args.resume_from_checkpoint is not True:
-        return args.resume_from_checkpoint
-    latest = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
-    if latest is None:
-        raise ConfigError(f"training.resume_from_checkpoint is true but {args.output_dir} holds no checkpoint-N "
-                          "directory; remove the key to start afresh, or give a checkpoint's path")
-    return latest
+def _mean_logged_loss(history: list[dict]) -> float | None:
+    """The mean train loss over the whole run, resumed parts included: each log's loss is the mean over the steps
+    since the previous log, so the logs weighted by their steps give it (the Trainer's own `training_loss` covers
+    only the steps since the last resume)."""
+    total = steps = previous = 0
+    for entry in history:
+        if "loss" in entry:
+            total += entry["loss"] * (entry["step"] - previous)
+            steps += entry["step"] - previous
+            previous = entry["step"]
+    return total / steps if steps else None
+
+
+def _diverged(trainer, step: int) -> str:
+    args = trainer.args
+    fp16 = ", fp16 overflow (train in bf16 where the GPU supports it)" if args.fp16 else ""
+    return (f"training diverged at step {step} of {trainer.state.max_steps}: the loss is no longer finite (nan or "
+            f"inf). Usual causes: a learning rate too high (training.learning_rate is {args.learning_rate:g}){fp16}, "
+            f"no gradient clipping (training.max_grad_norm is {args.max_grad_norm}) or broken data. Nothing was "
+            f"published; {newest_checkpoint_words(Path(args.output_dir), trainer.state.max_steps)}")
 
 
 def _how_to_resume(trainer, signum: int) -> str:
     checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
-    command = " ".join(["python", *sys.argv, "--training.resume_from_checkpoint", "true"])
-    launcher = " (or your accelerate launch command with that option)" if trainer.args.world_size > 1 else ""
     return (f"stopped by {signal.Signals(signum).name} at step {trainer.state.global_step} of "
-            f"{trainer.state.max_steps}; checkpoint saved in {checkpoint}. Resume with: {command}{launcher}")
+            f"{trainer.state.max_steps}; checkpoint saved in {checkpoint}. Resume with: {resume_command()}")
+
+
+def resume_command() -> str:
+    """The command that started this run (its launcher included), shell-quoted, set to resume from the newest
+    checkpoint; --overwrite is dropped, since it would delete that checkpoint."""
+    words = _launcher_command() or [_python(), *sys.argv]
+    kept, skip = [], False
+    for word in words:
+        if skip:
+            skip = False
+        elif word == "--overwrite" or word.startswith("--training.resume_from_checkpoint="):
+            continue
+        elif word == "--training.resume_from_checkpoint":
+            skip = True
+        else:
+            kept.append(word)
+    return shlex.join([*kept, "--training.resume_from_checkpoint", "true"])
+
+
+def _launcher_command() -> list[str] | None:
+    """`accelerate launch ...`, `torchrun ...` or `deepspeed ...` when one of this process's parents is that
+    launcher (each starts the training script as its child or grandchild), from the first launcher word on."""
+    import psutil
+
+    process = psutil.Process()
+    for _ in range(3):
+        process = process.parent()
+        if process is None:
+            return None
+        try:
+            words = process.cmdline()
+        except psutil.Error:
+            return None
+        for index, word in enumerate(words):
+            if Path(word).name in LAUNCHERS:
+                return [Path(word).name, *words[index + 1:]]
+    return None
+
+
+def _python() -> str:
+    """`python` when that is this interpreter on PATH, else this interpreter's full path."""
+    found = shutil.which("python")
+    return "python" if found and Path(found).resolve() == Path(sys.executable).resolve() else sys.executable
 
 
 def _last_eval_step(history: list[dict]) -> int | None:

@@ -1,0 +1,136 @@
+"""Checkpoints a run may resume from: the same run's (by fingerprint), and intact (every file readable whole)."""
+
+import json
+import time
+import zipfile
+from pathlib import Path
+
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from sftkit.config import ConfigError
+from sftkit.rundir import RUN_FILE, config_differences, fingerprint, read_run_record, run_record, write_json
+
+STATE_FILE = "trainer_state.json"
+
+
+def checkpoints_in(directory: Path) -> list[Path]:
+    """checkpoint-N directories, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [path for path in directory.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if path.is_dir()
+             and path.name.rsplit("-", 1)[-1].isdigit()]
+    return sorted(found, key=lambda path: int(path.name.rsplit("-", 1)[-1]))
+
+
+def damage(checkpoint: Path) -> str | None:
+    """What is wrong with a checkpoint, naming the file, or None when every file reads whole.
+
+    Only headers and archive directories are read (a truncated file loses them), never the tensors themselves.
+    """
+    if not (checkpoint / STATE_FILE).is_file():
+        return f"{STATE_FILE} is missing (the save did not finish)"
+    for file in sorted(path for path in checkpoint.rglob("*") if path.is_file()):
+        name = file.relative_to(checkpoint)
+        try:
+            if file.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(file, "pt"):
+                    pass
+            elif file.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(file):  # torch.save writes a zip archive whose directory is at its end
+                    pass
+            elif file.suffix == ".json":
+                json.loads(file.read_text())
+        except Exception as error:  # each reader raises its own types; any of them means "unreadable"
+            reason = "truncated or not a complete archive" if isinstance(error, zipfile.BadZipFile) else \
+                str(error).splitlines()[0]
+            return f"{name} is damaged: {reason}"
+    return None
+
+
+def checkpoint_to_resume(requested, output_dir: Path, resolved: dict) -> str | None:
+    """`training.resume_from_checkpoint` checked: true is the newest intact checkpoint of this run in output_dir
+    (a damaged newer one is skipped with a warning), a path is that checkpoint, which must be intact and of this
+    run. Raises ConfigError with the way on otherwise."""
+    if requested in (None, False):
+        return None
+    if requested is True:
+        candidates = checkpoints_in(output_dir)
+        if not candidates:
+            raise ConfigError(f"training.resume_from_checkpoint is true but {output_dir} holds no checkpoint-N "
+                              "directory; remove the key to start afresh, or give a checkpoint's path")
+        for newest in reversed(candidates):
+            problem = damage(newest)
+            if problem is None:
+                break
+            print(f"sftkit: warning: skipping {newest}: {problem}", flush=True)
+        else:
+            raise ConfigError(f"training.resume_from_checkpoint: no checkpoint in {output_dir} is intact "
+                              f"({candidates[-1].name}: {damage(candidates[-1])}); start afresh with --overwrite")
+        checkpoint = newest
+    else:
+        checkpoint = Path(requested)
+        if not checkpoint.is_dir():
+            raise ConfigError(f"training.resume_from_checkpoint {checkpoint} is not a directory; give a checkpoint-N "
+                              "directory or true for the newest one in output_dir")
+        problem = damage(checkpoint)
+        if problem is not None:
+            intact = [path for path in checkpoints_in(checkpoint.parent) if path != checkpoint and not damage(path)]
+            way = f"resume from {intact[-1]} instead" if intact else "no other checkpoint there is intact"
+            raise ConfigError(f"training.resume_from_checkpoint {checkpoint}: {problem}; {way}")
+    _check_same_run(checkpoint, resolved)
+    return str(checkpoint)
+
+
+def _check_same_run(checkpoint: Path, resolved: dict) -> None:
+    record = read_run_record(checkpoint)
+    if record is None:
+        raise ConfigError(f"training.resume_from_checkpoint: {checkpoint} has no {RUN_FILE}, so it was not saved by "
+                          "this version of sftkit and cannot be checked to be this run's; start afresh with --overwrite")
+    if record.get("fingerprint") != fingerprint(resolved):
+        differences = config_differences(resolved, record.get("config", {}))
+        raise ConfigError(f"training.resume_from_checkpoint: {checkpoint} belongs to a run with other settings "
+                          f"({'; '.join(differences[:4]) or 'its fingerprint differs'}); resume with that run's "
+                          "settings (only the run length, logging, saving and evaluation may change), or start "
+                          "afresh with --overwrite")
+
+
+def earlier_progress(checkpoint: str | None) -> dict:
+    """What the run had done before this resume: its wall and training time so far."""
+    record = (read_run_record(Path(checkpoint)) if checkpoint else None) or {}
+    return {key: record.get(key, 0.0) for key in ("wall_seconds", "train_seconds")}
+
+
+class RecordRunInCheckpoints(TrainerCallback):
+    """Writes RUN_FILE into every checkpoint: this run's fingerprint and config, and its wall and training time so
+    far (earlier segments of a resumed run included), so that the summary after a resume covers the whole run."""
+
+    def __init__(self, resolved: dict, earlier: dict, started: float):
+        self.resolved = resolved
+        self.earlier = earlier
+        self.started = started  # time.perf_counter() at the start of this segment
+        self.training_began = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.training_began = time.perf_counter()
+
+    def seconds(self) -> dict:
+        now = time.perf_counter()
+        return {"wall_seconds": round(self.earlier["wall_seconds"] + now - self.started, 1),
+                "train_seconds": round(self.earlier["train_seconds"] + now - (self.training_began or now), 3)}
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if state.is_world_process_zero and checkpoint.is_dir():
+            write_json(checkpoint / RUN_FILE, run_record(self.resolved, step=state.global_step, **self.seconds()))
+
+
+def newest_checkpoint_words(output_dir: Path, max_steps: int) -> str:
+    """Where a failed run can continue from, for its error message."""
+    intact = [path for path in checkpoints_in(output_dir) if damage(path) is None and read_run_record(path)]
+    if not intact:
+        return "no checkpoint was saved (set training.save_strategy: steps to keep some)"
+    newest = intact[-1]
+    return f"the newest checkpoint is {newest} (step {newest.name.rsplit('-', 1)[-1]} of {max_steps})"

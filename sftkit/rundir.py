@@ -1,0 +1,277 @@
+"""An output directory belongs to one run.
+
+A run takes a lock on output_dir, records what it is (a fingerprint of its resolved config) and refuses to start
+where another run's finished model or checkpoints are, unless told to replace them (`--overwrite`) or to continue
+them (`training.resume_from_checkpoint`, accepted only for checkpoints of the same run; see checkpoints.py).
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from sftkit.config import ConfigError
+
+RUN_FILE = "sftkit_run.json"  # in output_dir and in every checkpoint: the fingerprint and the resolved config
+LOCK_FILE = ".sftkit.lock"
+STAGING_DIR = ".export-incomplete"
+# Settings a resume may change without changing what is trained: the length of the run, logging, saving,
+# evaluation and where results go. Everything else in the resolved config is part of the fingerprint.
+RESUMABLE = {
+    "training": {
+        "output_dir", "resume_from_checkpoint", "max_steps", "num_train_epochs", "logging_strategy", "logging_steps",
+        "logging_first_step", "logging_dir", "log_level", "log_level_replica", "log_on_each_node", "disable_tqdm",
+        "report_to", "run_name", "project", "save_strategy", "save_steps", "save_total_limit", "save_only_model",
+        "save_on_each_node", "eval_strategy", "eval_steps", "eval_delay", "eval_on_start", "per_device_eval_batch_size",
+        "eval_accumulation_steps", "push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo", "hub_token",
+        "hub_always_push", "hub_revision", "dataloader_num_workers", "dataloader_prefetch_factor",
+        "dataloader_pin_memory", "dataloader_persistent_workers", "dataset_num_proc", "ddp_timeout", "local_rank",
+        "include_num_input_tokens_seen", "logging_nan_inf_filter", "load_best_model_at_end", "metric_for_best_model",
+        "greater_is_better", "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id",
+    },
+    "dataset": {"sample_prompts"},
+}
+# What sftkit and the Trainer write into output_dir. Anything else there is the user's and is never removed.
+TRAINED = ("config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*", "adapter_*", "lora_weights",
+           "checkpoint-*", STAGING_DIR, "run_summary.json")
+WRITTEN = TRAINED + (
+    RUN_FILE, LOCK_FILE, "generation_config.json", "tokenizer*", "special_tokens_map.json", "chat_template.jinja",
+    "vocab.json", "merges.txt", "added_tokens.json", "training_args.bin", "sftkit_config.yaml",
+    "sftkit_versions.json", "README.md", "loss.png", "sample_replies.jsonl", "before_after.md", "runs",
+)
+
+
+def fingerprint(resolved: dict) -> str:
+    """A hash of the resolved config less the settings a resume may change (RESUMABLE)."""
+    kept = {section: {key: value for key, value in values.items() if key not in RESUMABLE.get(section, ())}
+            for section, values in resolved.items()}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def config_differences(ours: dict, theirs: dict) -> list[str]:
+    """`training.learning_rate 0.001 (that run: 0.003)` for each fingerprinted setting that differs."""
+    differences = []
+    for section, values in ours.items():
+        for key, value in values.items():
+            other = theirs.get(section, {}).get(key)
+            if key not in RESUMABLE.get(section, ()) and json.dumps(value, default=str) != json.dumps(other, default=str):
+                differences.append(f"{section}.{key} {value} (that run: {other})")
+    return differences
+
+
+def run_record(resolved: dict, **extra) -> dict:
+    return {"fingerprint": fingerprint(resolved), "config": resolved, **extra}
+
+
+def read_run_record(directory: Path) -> dict | None:
+    try:
+        return json.loads((Path(directory) / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path: Path, value: dict) -> None:
+    """Written whole or not at all: a crash mid-write leaves the previous file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(value, indent=2, default=str) + "\n")
+    os.replace(partial, path)
+
+
+@dataclass
+class Contents:
+    """What an output_dir holds, sorted by who made it."""
+    models: list[str] = field(default_factory=list)  # a finished model or adapter, or an unfinished export
+    checkpoints: list[str] = field(default_factory=list)
+    ours: list[str] = field(default_factory=list)  # reports and other files an earlier run wrote
+    foreign: list[str] = field(default_factory=list)  # not written by sftkit or the Trainer
+
+    def describe(self) -> str:
+        parts = []
+        if self.models:
+            parts.append(f"a trained model ({', '.join(self.models[:3])})")
+        if self.checkpoints:
+            parts.append(f"{len(self.checkpoints)} checkpoint(s) ({', '.join(self.checkpoints[-2:])})")
+        if self.foreign:
+            parts.append(f"files sftkit did not write ({', '.join(self.foreign[:3])})")
+        if not parts and self.ours:
+            parts.append(f"files of an earlier run ({', '.join(self.ours[:3])})")
+        return " and ".join(parts)
+
+
+def survey(directory: Path) -> Contents:
+    contents = Contents()
+    if not directory.is_dir():
+        return contents
+    for item in sorted(directory.iterdir(), key=lambda path: _natural_key(path.name)):
+        name = item.name
+        if name in (LOCK_FILE, RUN_FILE) or name.endswith(".partial"):
+            continue
+        if item.match("checkpoint-*") and item.is_dir():
+            contents.checkpoints.append(name)
+        elif any(item.match(pattern) for pattern in TRAINED):
+            contents.models.append(name)
+        elif any(item.match(pattern) for pattern in WRITTEN):
+            contents.ours.append(name)
+        else:
+            contents.foreign.append(name)
+    return contents
+
+
+def _natural_key(name: str):
+    number = name.rsplit("-", 1)[-1]
+    return (name.rsplit("-", 1)[0], int(number)) if number.isdigit() else (name, -1)
+
+
+class OutputDir:
+    """The output directory of one run: locked while the run lives, claimed only when that is safe."""
+
+    def __init__(self, path: str | Path, resolved: dict):
+        self.path = Path(path)
+        self.resolved = resolved
+        self.locked = False
+        self.owner = False  # the process that claimed it (the main one) records how the run ends
+
+    def claim(self, overwrite: bool, resume) -> None:
+        """Create output_dir, lock it, and make sure it is this run's to write. Raises ConfigError otherwise.
+        `resume` is training.resume_from_checkpoint: true, a path or None."""
+        self._create()
+        self._lock()
+        try:
+            contents = survey(self.path)
+            if overwrite:
+                self._remove_earlier_run(contents)
+            elif resume is not True:  # resuming from output_dir: checkpoints.checkpoint_to_resume checks the run
+                self._refuse_another_runs_work(contents, resuming=resume is not None)
+        except BaseException:
+            self.release()
+            raise
+
+    def record_start(self) -> None:
+        """Mark output_dir as this run's; called once the checkpoint to resume (if any) was found to be its own."""
+        write_json(self.path / RUN_FILE, run_record(self.resolved, status="training", started=time.time()))
+        self.owner = True
+
+    def release(self) -> None:
+        if self.locked:
+            (self.path / LOCK_FILE).unlink(missing_ok=True)
+            self.locked = False
+
+    def mark(self, status: str, **extra) -> None:
+        """Record how the run ended (finished, diverged, interrupted, export failed) beside its fingerprint."""
+        if not self.owner:
+            return
+        record = read_run_record(self.path) or run_record(self.resolved)
+        write_json(self.path / RUN_FILE, {**record, "status": status, **extra})
+
+    def _create(self) -> None:
+        key = "training.output_dir"
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"{key} {self.path} is a file, not a directory; choose a directory path")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / f".sftkit-write-test-{os.getpid()}"
+            probe.write_bytes(b"0")
+            probe.unlink()
+        except OSError as error:
+            raise ConfigError(f"{key} {self.path} cannot be written: {error.strerror or error} "
+                              f"({type(error).__name__}); choose a directory you can write to") from None
+
+    def _lock(self) -> None:
+        """An exclusive lock file holding who owns it; one left by a process that no longer runs is taken over."""
+        lock = self.path / LOCK_FILE
+        mine = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        partial = self.path / f"{LOCK_FILE}.{os.getpid()}.partial"
+        partial.write_text(json.dumps(mine))
+        try:
+            for _ in range(2):
+                try:
+                    os.link(partial, lock)  # atomic: fails if the lock exists, and never shows a half-written lock
+                    self.locked = True
+                    return
+                except FileExistsError:
+                    holder = self._live_holder(lock)
+                    if holder is not None:
+                        raise ConfigError(
+                            f"training.output_dir {self.path} is in use by another run (process {holder['pid']} on "
+                            f"{holder['host']}, since {time.strftime('%H:%M:%S', time.localtime(holder['since']))}); "
+                            f"wait for it or choose another output_dir (if no run uses it, delete {lock})")
+                    lock.unlink(missing_ok=True)
+        finally:
+            partial.unlink(missing_ok=True)
+        raise ConfigError(f"training.output_dir {self.path}: could not take the lock {lock}; delete it if no run uses it")
+
+    @staticmethod
+    def _live_holder(lock: Path) -> dict | None:
+        """The lock's owner if it still runs; None for a stale lock (its process is gone, or the pid was reused)."""
+        try:
+            holder = json.loads(lock.read_text())
+        except (OSError, ValueError):
+            return None
+        if holder.get("host") != socket.gethostname():
+            return holder  # another machine's process cannot be checked from here
+        try:
+            alive = psutil.Process(holder["pid"]).create_time() <= holder["since"] + 1
+        except (psutil.Error, KeyError, TypeError):
+            alive = False
+        if not alive:
+            print(f"sftkit: taking over {lock}: its process {holder.get('pid')} no longer runs", flush=True)
+        return holder if alive else None
+
+    def _refuse_another_runs_work(self, contents: Contents, resuming: bool) -> None:
+        """A fresh run starts in an empty directory, or in one left by an earlier attempt of the same config that
+        saved nothing; a resumed one where the same run left its work. Anything else is another run's work."""
+        earlier = read_run_record(self.path)
+        same_config = earlier is not None and earlier.get("fingerprint") == fingerprint(self.resolved)
+        if resuming and (same_config or earlier is None):
+            return  # the checkpoint itself is checked to be this run's (checkpoints.checkpoint_to_resume)
+        if not (contents.models or contents.checkpoints or contents.foreign or (contents.ours and not same_config)):
+            return
+        why = ""
+        ways = ["pass --overwrite to replace it (removes only what an earlier run wrote)",
+                "choose another training.output_dir"]
+        if contents.checkpoints and same_config:
+            ways.insert(0, "continue it with --training.resume_from_checkpoint true")
+        elif contents.checkpoints and earlier is not None:
+            differences = config_differences(self.resolved, earlier.get("config", {}))
+            why = f"; its checkpoints belong to a run with other settings ({'; '.join(differences[:3])})"
+        raise ConfigError(f"training.output_dir {self.path} already holds {contents.describe()}{why}: "
+                          f"{', '.join(ways[:-1])}, or {ways[-1]}")
+
+    def _remove_earlier_run(self, contents: Contents) -> None:
+        for name in contents.models + contents.checkpoints + contents.ours:
+            item = self.path / name
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+        (self.path / RUN_FILE).unlink(missing_ok=True)
+        removed = len(contents.models + contents.checkpoints + contents.ours)
+        if removed:
+            kept = f"; kept {', '.join(contents.foreign)} (not written by sftkit)" if contents.foreign else ""
+            print(f"sftkit: --overwrite: removed {removed} item(s) of the earlier run in {self.path}{kept}", flush=True)
+
+
+def free_bytes(directory: Path) -> int:
+    return shutil.disk_usage(directory).free
+
+
+def export_bytes(total_parameters: int, trainable_parameters: int, dtype, lora: bool) -> int:
+    """What the export writes: the model in the training dtype, and for LoRA the adapter in float32 beside it."""
+    size = total_parameters * dtype.itemsize
+    return int(size + (trainable_parameters * 4 if lora else 0)) + 16 * 2**20  # tokenizer and reports
+
+
+def check_free_space(directory: Path, needed: int, when: str) -> str | None:
+    """None when `needed` bytes fit on directory's filesystem, else what is missing, in words."""
+    free = free_bytes(directory)
+    if free >= needed:
+        return None
+    return (f"{when} needs {_gib(needed)} in {directory} but its filesystem has {_gib(free)} free: "
+            f"free {_gib(needed - free)} or choose a training.output_dir on a larger disk")
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 / 10 else f"{size / 2**20:.1f} MiB"

@@ -1,0 +1,149 @@
+"""An output directory belongs to one run: a second run refuses to replace a finished model or another run's
+checkpoints, --overwrite replaces exactly what an earlier run left, a lock keeps two runs apart, and a run that cannot
+write its output_dir fails before loading anything."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, run_python
+
+from sftkit.config import ConfigError, load_config
+from sftkit.rundir import LOCK_FILE, RUN_FILE
+from sftkit.train import train
+
+SHORT = ["--training.max_steps", "3", "--training.logging_steps", "1", "--dataset.test_size", "null"]
+
+
+def config(out, *overrides):
+    return load_config(None, ["--training.output_dir", str(out), *SHORT, *overrides])
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished full fine-tuning run, with a checkpoint."""
+    out = tmp_path_factory.mktemp("finished") / "out"
+    train(config(out, "--training.save_strategy", "steps", "--training.save_steps", "2"))
+    return out
+
+
+def copy_of(finished, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    return out
+
+
+def contents(directory):
+    return {path.relative_to(directory): path.read_bytes() for path in directory.rglob("*") if path.is_file()}
+
+
+def one_line_error(result) -> str:
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("sft.py:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    return lines[0]
+
+
+def test_a_second_run_refuses_to_replace_a_finished_model_and_says_how_to_go_on(finished, tmp_path):
+    out = copy_of(finished, tmp_path)
+    before = contents(out)
+    started = time.perf_counter()
+    result = run_python("sft.py", "--training.output_dir", str(out), "--preset", "fast_test", check=False)
+    error = one_line_error(result)
+    assert time.perf_counter() - started < 30, "refused before the data and the model were loaded"
+    assert f"training.output_dir {out} already holds a trained model (config.json, model.safetensors" in error
+    assert "2 checkpoint(s) (checkpoint-2, checkpoint-3); its checkpoints belong to a run with other settings " \
+           "(dataset.max_samples 200 (that run: None)" in error
+    assert error.endswith("pass --overwrite to replace it (removes only what an earlier run wrote), or choose another "
+                          "training.output_dir")
+    assert contents(out) == before, "nothing was touched"
+
+
+def test_overwrite_removes_everything_the_earlier_run_left_and_keeps_the_users_files(finished, tmp_path):
+    out = copy_of(finished, tmp_path)
+    (out / "lora_weights").mkdir()  # as if the earlier run had been a LoRA run
+    (out / "lora_weights" / "adapter_config.json").write_text("{}")
+    (out / "before_after.md").write_text("the old model's replies")
+    (out / "my_notes.txt").write_text("mine")
+    train(config(out, "--training.max_steps", "2"), overwrite=True)
+    left = {path.name for path in out.iterdir()}
+    assert not {"lora_weights", "before_after.md", "checkpoint-2"} & left
+    assert (out / "my_notes.txt").read_text() == "mine"
+    assert json.loads((out / "run_summary.json").read_text())["steps"] == 2
+    assert json.loads((out / RUN_FILE).read_text())["status"] == "finished"
+
+
+def test_checkpoints_of_a_run_with_other_settings_are_never_resumed(finished, tmp_path):
+    out = copy_of(finished, tmp_path)
+    other = config(out, "--training.learning_rate", "1e-3", "--training.resume_from_checkpoint", "true")
+    with pytest.raises(ConfigError, match=r"checkpoint-3 belongs to a run with other settings \(training.learning_rate "
+                                          r"0.001 \(that run: 0.003\)\)"):
+        train(other)
+    fresh = config(out, "--training.learning_rate", "1e-3")
+    with pytest.raises(ConfigError, match=r"its checkpoints belong to a run with other settings \(training.learning_rate"):
+        train(fresh)
+
+
+def test_the_same_run_resumes_with_a_longer_schedule(finished, tmp_path):
+    out = copy_of(finished, tmp_path)
+    shutil.rmtree(out / "checkpoint-3", ignore_errors=True)
+    summary = train(config(out, "--training.max_steps", "4", "--training.resume_from_checkpoint", "true")).summary
+    assert summary["steps"] == 4
+
+
+def test_a_run_into_a_directory_in_use_stops_at_once_and_a_dead_runs_lock_does_not_block(tmp_path):
+    out = tmp_path / "out"
+    first = subprocess.Popen([sys.executable, "sft.py", "--training.output_dir", str(out), "--training.max_steps", "30",
+                              "--training.logging_steps", "1"], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in first.stdout:
+        if "step 1/" in line:
+            break
+    started = time.perf_counter()
+    second = run_python("sft.py", "--training.output_dir", str(out), "--training.max_steps", "3", check=False)
+    error = one_line_error(second)
+    assert f"training.output_dir {out} is in use by another run (process {first.pid} on" in error
+    assert time.perf_counter() - started < 30
+    first.kill()  # SIGKILL: no chance to remove its lock
+    first.communicate()
+    assert (out / LOCK_FILE).exists()
+
+    third = run_python("sft.py", "--training.output_dir", str(out), "--training.max_steps", "2", "--overwrite")
+    assert f"taking over {out / LOCK_FILE}: its process {first.pid} no longer runs" in third.stdout
+    assert (out / "config.json").exists() and not (out / LOCK_FILE).exists()
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    directory = tmp_path / "read-only"
+    directory.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(directory)]).returncode != 0:
+        pytest.skip("mounting a read-only tmpfs needs root")
+    yield directory
+    subprocess.run(["umount", str(directory)], check=True)
+
+
+@pytest.mark.parametrize(("where", "expected"), [("file", "is a file, not a directory"),
+                                                 ("file/out", "cannot be written: Not a directory"),
+                                                 ("read-only/out", "cannot be written: Read-only file system")])
+def test_an_output_dir_that_cannot_be_written_fails_before_anything_loads(tmp_path, where, expected, request):
+    if where.startswith("read-only"):
+        request.getfixturevalue("read_only_dir")
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / where
+    started = time.perf_counter()
+    error = one_line_error(run_python("sft.py", "--training.output_dir", str(out), check=False))
+    assert f"training.output_dir {out} {expected}" in error
+    assert time.perf_counter() - started < 30
+
+
+def test_a_failed_attempt_that_saved_nothing_can_simply_be_run_again(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="max_seq_length"):
+        train(config(out, "--model.max_seq_length", "4"))  # every row is cut away: fails after claiming output_dir
+    assert json.loads((out / RUN_FILE).read_text())["status"] == "failed" and not (out / LOCK_FILE).exists()
+    assert train(config(out)).summary["steps"] == 3
