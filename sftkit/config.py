@@ -9,8 +9,12 @@ import dataclasses
 import difflib
 import enum
 import functools
+import glob
 import importlib.util
+import math
+import operator
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +29,8 @@ PRESETS_DIR = CONFIGS_DIR / "presets"
 DEFAULT_CONFIG = CONFIGS_DIR / "default_train_config.yaml"
 SECTIONS = ("model", "dataset", "training")
 YAML_BOOLEAN_WORDS = {"yes", "no", "on", "off", "y", "n"}
+# A name with one of these extensions is a local file, never a hub id (see looks_local).
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt", ".yaml", ".yml", ".jinja", ".j2")
 
 
 class ConfigError(Exception):
@@ -39,6 +45,11 @@ class Interrupted(Exception):
         self.exit_code = 128 + signum
 
 
+class RunFailed(Exception):
+    """Training or export failed in a way the user can act on (divergence, a full disk); the message says what was
+    kept and where. Exit code 1."""
+
+
 @dataclass
 class LoraSettings:
     r: int = 16  # rank of the update matrices
@@ -46,7 +57,7 @@ class LoraSettings:
     target_modules: list[str] | str = "all-linear"  # module names, or "all-linear" for every linear layer but the head
     lora_dropout: float = 0.05
     bias: Literal["none", "all", "lora_only"] = "none"
-    task_type: str = "CAUSAL_LM"
+    task_type: Literal["CAUSAL_LM"] = "CAUSAL_LM"  # the only PEFT task type of a causal LM
     use_dora: bool = False  # weight-decomposed LoRA (slower, sometimes better)
     use_rslora: bool = False  # scale by alpha / sqrt(r) instead of alpha / r
     modules_to_save: list[str] | None = None  # modules trained in full and saved with the adapter, e.g. [lm_head]
@@ -126,10 +137,29 @@ def find_config_file(name: str | None, directory: Path = CONFIGS_DIR) -> Path:
 
 def resolve_path(value: str) -> str:
     """A relative local path, found from the working directory or else the project; anything else is a hub id."""
+    value = os.path.expanduser(value)
     if Path(value).exists() or Path(value).is_absolute():
         return value
     in_project = PROJECT_DIR / value
     return str(in_project) if in_project.exists() else value
+
+
+def looks_local(value: str) -> bool:
+    """A path meant on this machine, which is never sent to the hub (a typo would cost a minute of hub retries and
+    end in an error about the internet): it exists, starts with `.`, `/` or `~`, has a file extension such as
+    .jsonl or .yaml, or lies in a folder that exists."""
+    path = Path(value)
+    if value.startswith((".", "/", "~")) or path.suffix.lower() in LOCAL_SUFFIXES or Path(resolve_path(value)).exists():
+        return True
+    return path.parent != Path(".") and Path(resolve_path(str(path.parent))).is_dir()
+
+
+def looked_in(value: str) -> str:
+    """Where resolve_path looked for a relative path, for an error message."""
+    if Path(os.path.expanduser(value)).is_absolute():
+        return ""
+    places = [Path.cwd()] + ([PROJECT_DIR] if Path.cwd() != PROJECT_DIR else [])
+    return f" (looked in {' and in '.join(map(str, places))})"
 
 
 def parse_overrides(args: list[str]) -> dict:
@@ -151,9 +181,23 @@ def parse_overrides(args: list[str]) -> dict:
         for part in parents:
             node = node.setdefault(part, {})
         # YAML 1.1 reads yes/no/on/off as booleans; on the command line they are the words (save_strategy no).
-        node[leaf] = value if value.lower() in YAML_BOOLEAN_WORDS else yaml.safe_load(value)
+        node[leaf] = value if value.lower() in YAML_BOOLEAN_WORDS else _parse_value(key, value)
         index += 1
     return overrides
+
+
+def _parse_value(key: str, value: str) -> Any:
+    """An override's value as YAML (numbers, lists, true); text that is not YAML is the text the user typed,
+    unless it starts like a list or a mapping (a Jinja template starts with {{ or {%: that is text)."""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        start = value.lstrip()
+        if start.startswith(("[", "{")) and not start.startswith(("{{", "{%", "{#")):
+            raise ConfigError(f"override --{key}: {value!r} is not a valid YAML list or mapping "
+                              f"({getattr(error, 'problem', None) or str(error).splitlines()[0]}); fix it, or to "
+                              f"pass it as text quote it inside the shell quotes: '\"{value}\"'") from None
+        return value
 
 
 def merge(base: dict, overrides: dict) -> dict:
@@ -191,7 +235,11 @@ def load_config(config_name: str | None = None, cli_args: list[str] = (), preset
     model = _build(ModelConfig, raw.get("model") or {}, "model", errors)
     dataset = _build(DatasetConfig, raw.get("dataset") or {}, "dataset", errors)
     errors += _cross_field_errors(model, dataset, raw.get("training") or {})
-    errors += _precheck_training(raw.get("training") or {})
+    training_errors, training_values = _precheck_training(raw.get("training") or {})
+    errors += training_errors
+    errors += _number_errors({**_numbers(model, "model"), **_numbers(dataset, "dataset"),
+                              **{f"training.{key}": value for key, value in training_values.items()}})
+    errors += _path_errors(model, dataset, raw.get("training") or {})
     if errors:  # before importing trl and torch, which take seconds
         raise ConfigError(f"{path}: " + "; ".join(errors))
     training = _build_training(dict(raw.get("training") or {}), model, dataset, errors)
@@ -223,51 +271,232 @@ def _cross_field_errors(model: ModelConfig, dataset: DatasetConfig, training: di
     for index, source in enumerate((dataset.sources or []) + (dataset.eval_sources or [])):
         if source.name is None:
             errors.append(f"dataset source {index} has no name")
-    for source in dataset.train_sources():
-        if source.weight is not None and source.weight <= 0:
-            errors.append(f"dataset weight of {source.name} must be positive (leave a source out to drop it)")
     if sum(x is not None for x in (dataset.test_size, dataset.eval_split, dataset.eval_sources)) > 1:
         errors.append("set only one of dataset.test_size, dataset.eval_split and dataset.eval_sources")
     if model.load_in_4bit and not model.use_lora:
         errors.append("model.load_in_4bit: true needs model.use_lora: true (4-bit weights can only train adapters)")
+    if model.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+        errors.append("model.load_in_4bit: true needs the bitsandbytes package: pip install bitsandbytes")
     size = dataset.test_size
-    if size is not None and not (0 < size < 1 or (size >= 1 and float(size).is_integer())):
+    if size is not None and size >= 1 and not float(size).is_integer():
         errors.append("dataset.test_size must be a fraction between 0 and 1, or a row count")
-    if model.max_seq_length is not None and model.max_seq_length < 1:
-        errors.append("model.max_seq_length must be positive")
     if "max_length" in training:
         errors.append("training.max_length is set from model.max_seq_length; remove it from training")
-    if model.lora_config.r < 1:
-        errors.append("model.lora_config.r must be at least 1")
     return errors
 
 
-def _precheck_training(values: Any) -> list[str]:
-    """Unknown keys and plainly wrong types in `training`, found without importing trl (see _sft_config_fields)."""
-    if not isinstance(values, dict):
-        return [f"training must be a mapping of keys to values, not {type(values).__name__}"]
-    fields = _sft_config_fields()
+@dataclass(frozen=True)
+class Bound:
+    """The allowed values of a numeric setting: low..high, either end open, plus special values (max_steps -1)."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False  # low itself is not allowed
+    high_open: bool = False
+    also: tuple = ()
+    hint: str = ""  # how to fix, or what a special value means
+
+    def allows(self, value: float) -> bool:
+        above = self.low < value if self.low_open else self.low <= value
+        below = value < self.high if self.high_open else value <= self.high
+        return value in self.also or (above and below)
+
+    def __str__(self) -> str:
+        low = f"{'greater than' if self.low_open else 'at least'} {_show(self.low)}"
+        high = f"{'below' if self.high_open else 'at most'} {_show(self.high)}"
+        text = low if self.high == math.inf else f"{low} and {high}"
+        return " or ".join([*map(_show, self.also), text])
+
+
+def _show(number: float) -> str:
+    """1e-05, 0.5, 4294967295 (whole numbers in full)."""
+    return str(int(number)) if math.isfinite(number) and float(number).is_integer() else f"{number:g}"
+
+
+AT_LEAST_1 = Bound(1)
+POSITIVE = Bound(0, low_open=True)
+NON_NEGATIVE = Bound(0)
+PROBABILITY = Bound(0, 1, high_open=True)  # a dropout, an Adam beta
+SEED = Bound(0, 2**32 - 1)  # numpy's range
+# Every number of the three sections ("dataset.x" also covers dataset.sources[i].x and dataset.eval_sources[i].x).
+# A number not listed must be at least 0 (training.weight_decay, max_grad_norm, warmup_steps, dataloader_num_workers,
+# neftune_noise_alpha, ...). NaN and infinity are never allowed.
+NUMBER_RULES = {
+    "model.max_seq_length": AT_LEAST_1,
+    "model.lora_config.r": AT_LEAST_1,
+    "model.lora_config.lora_alpha": POSITIVE,
+    "model.lora_config.lora_dropout": PROBABILITY,
+    "dataset.max_samples": Bound(1, hint="leave it unset to use every row"),
+    "dataset.weight": Bound(0, low_open=True, hint="leave a source out to drop it"),
+    "dataset.test_size": Bound(0, low_open=True, hint="a fraction below 1 or a row count"),
+    "training.learning_rate": POSITIVE,
+    "training.num_train_epochs": Bound(0, low_open=True, hint="or set training.max_steps"),  # >= 0 with max_steps
+    "training.max_steps": Bound(1, also=(-1,), hint="-1 trains for training.num_train_epochs"),
+    "training.per_device_train_batch_size": AT_LEAST_1,
+    "training.per_device_eval_batch_size": AT_LEAST_1,
+    "training.gradient_accumulation_steps": AT_LEAST_1,
+    "training.eval_accumulation_steps": AT_LEAST_1,
+    "training.logging_steps": Bound(0, low_open=True, hint="below 1: a fraction of the total steps"),
+    "training.save_steps": Bound(0, low_open=True, hint="below 1: a fraction of the total steps"),
+    "training.eval_steps": Bound(0, low_open=True, hint="below 1: a fraction of the total steps"),
+    "training.save_total_limit": Bound(1, hint="null keeps every checkpoint"),
+    "training.dataset_num_proc": Bound(1, hint="null prepares the data in this process"),
+    "training.dataloader_prefetch_factor": AT_LEAST_1,
+    "training.torch_empty_cache_steps": AT_LEAST_1,
+    "training.ddp_bucket_cap_mb": AT_LEAST_1,
+    "training.ddp_timeout": POSITIVE,
+    "training.pad_to_multiple_of": AT_LEAST_1,
+    "training.adam_beta1": PROBABILITY,
+    "training.adam_beta2": PROBABILITY,
+    "training.adam_epsilon": POSITIVE,
+    "training.label_smoothing_factor": PROBABILITY,
+    "training.seed": SEED,
+    "training.data_seed": SEED,
+    "training.local_rank": Bound(0, also=(-1,)),
+}
+
+
+def _number_errors(values: dict[str, Any]) -> list[str]:
+    """Check every number against NUMBER_RULES; `values` is flat: {"training.seed": 42, "dataset.max_samples": 9}."""
     errors = []
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value):
+            errors.append(f"{key} must be a finite number, got {value}")
+            continue
+        rule = re.sub(r"\.(eval_)?sources\[\d+\]", "", key)
+        bound = NUMBER_RULES.get(rule, NON_NEGATIVE)
+        if rule == "training.num_train_epochs" and values.get("training.max_steps", -1) > 0:
+            bound = NON_NEGATIVE  # max_steps decides the length
+        if not bound.allows(value):
+            errors.append(f"{key} must be {bound}, got {_show(value)}" + (f" ({bound.hint})" if bound.hint else ""))
+    return errors
+
+
+def _numbers(value: Any, key: str) -> dict[str, Any]:
+    """The numbers of a config dataclass, flat: {"model.lora_config.r": 16, "dataset.sources[0].weight": 2, ...}."""
+    if dataclasses.is_dataclass(value):
+        found = {}
+        for item in dataclasses.fields(value):
+            found.update(_numbers(getattr(value, item.name), f"{key}.{item.name}"))
+        return found
+    if isinstance(value, list):
+        return {name: number for index, item in enumerate(value)
+                for name, number in _numbers(item, f"{key}[{index}]").items()}
+    return {key: value} if isinstance(value, (int, float)) and not isinstance(value, bool) else {}
+
+
+def _path_errors(model: ModelConfig, dataset: DatasetConfig, training: Any) -> list[str]:
+    """Local paths that do not exist, and splits that local data does not have; hub ids are left to the hub."""
+    errors = []
+    deepspeed = training.get("deepspeed") if isinstance(training, dict) else None
+    if isinstance(deepspeed, str) and looks_local(deepspeed) and not Path(resolve_path(deepspeed)).is_file():
+        errors.append(f"training.deepspeed: {deepspeed} does not exist{looked_in(deepspeed)}; give the path of a "
+                      "DeepSpeed JSON file such as deepspeed_configs/zero2.json")
+    if looks_local(model.path):
+        path = Path(resolve_path(model.path))
+        if not path.exists():
+            errors.append(f"model.path: {model.path} does not exist{looked_in(model.path)}; fix the path, or give a "
+                          "hub id such as Qwen/Qwen2.5-0.5B-Instruct")
+        elif not (path / "config.json").is_file():
+            errors.append(f"model.path: {model.path} is not a model directory (it has no config.json); point it at the "
+                          "directory written by save_pretrained, which holds config.json and the weights")
+    template = dataset.chat_template
+    if template and "\n" not in template and "{" not in template and looks_local(template):
+        if not Path(resolve_path(template)).is_file():
+            errors.append(f"dataset.chat_template: {template} does not exist{looked_in(template)}; give the path of "
+                          "a Jinja file, or the template itself")
+    sources = [("dataset", dataset)] if not dataset.sources else []
+    sources += [(f"dataset.sources[{index}]", source) for index, source in enumerate(dataset.sources or [])]
+    for key, source in sources:
+        errors += _source_errors(key, source, dataset.eval_split)
+    for index, source in enumerate(dataset.eval_sources or []):
+        errors += _source_errors(f"dataset.eval_sources[{index}]", source, None)
+    return errors
+
+
+def _source_errors(key: str, source: SourceConfig, eval_split: str | None) -> list[str]:
+    name = source.name
+    if name is None:
+        return []
+    if glob.has_magic(name):
+        if not (glob.glob(os.path.expanduser(name)) or glob.glob(str(PROJECT_DIR / name))):
+            return [f"{key}.name: the pattern {name} matches no file{looked_in(name)}"]
+        splits, what = ["train"], "local files have one split, train"
+    elif looks_local(name):
+        path = Path(resolve_path(name))
+        if not path.exists():
+            return [f"{key}.name: {name} does not exist{looked_in(name)}; fix the path, or give a hub dataset id "
+                    "such as HuggingFaceH4/ultrachat_200k"]
+        if source.subset is not None:
+            return [f"{key}.subset: {source.subset} names a configuration of a hub dataset, but {name} is local; "
+                    "remove it"]
+        splits = local_splits(path)
+        if splits is None:  # a folder of data files: load_dataset names its splits after the files, when it loads
+            return []
+        what = f"its splits are {', '.join(splits)}" if path.is_dir() else "a local file has one split, train"
+    else:
+        return []
+    errors = []
+    if source.split not in splits:
+        errors.append(f"{key}.split: {source.split!r} is not a split of {name}: {what}; "
+                      + ("remove the split setting" if splits == ["train"] else "use one of them"))
+    if eval_split is not None and eval_split not in splits:
+        errors.append(f"dataset.eval_split: {eval_split!r} is not a split of {name}: {what}; "
+                      + ("hold out rows with dataset.test_size, or evaluate on dataset.eval_sources"
+                         if splits == ["train"] else "use one of them"))
+    return errors
+
+
+def local_splits(path: Path) -> list[str] | None:
+    """The splits local data has: a data file has one, train; a save_to_disk DatasetDict has its own; a single
+    saved Dataset counts as train; None for a folder of data files (load_dataset names splits after the files)."""
+    if path.is_file():
+        return ["train"]
+    if (path / "dataset_dict.json").is_file():
+        import json
+
+        return list(json.loads((path / "dataset_dict.json").read_text()).get("splits", []))
+    if (path / "state.json").is_file():
+        return ["train"]
+    return None
+
+
+def _precheck_training(values: Any) -> tuple[list[str], dict]:
+    """Unknown keys and plainly wrong types in `training`, found without importing trl (see _sft_config_fields).
+    Returns the errors and the values that could be coerced to their field's type (for _number_errors)."""
+    if not isinstance(values, dict):
+        return [f"training must be a mapping of keys to values, not {type(values).__name__}"], {}
+    fields = _sft_config_fields()
+    errors, coerced = [], {}
     for key, value in values.items():
         if key not in fields:
             errors.append(f"unknown key training.{key}{_suggest(key, fields)}")
             continue
-        hint = _TRAINING_HINTS.get(key) or _SIMPLE_HINTS.get(fields[key].replace(" ", ""))
+        hint = _TRAINING_HINTS.get(key) or _simple_hint(fields[key])
         if hint is not None:
             try:
-                _coerce(value, hint)
+                coerced[key] = _coerce(value, hint)
             except (TypeError, ValueError) as error:
                 errors.append(f"training.{key}: {error}")
-    return errors
+    return errors, coerced
 
 
 # SFTConfig types it as a path, but Trainer.train() also takes true for "the latest checkpoint in output_dir".
 _TRAINING_HINTS = {"resume_from_checkpoint": bool | str | None}
-_SIMPLE_HINTS = {
-    name: hint
-    for base in (bool, int, float, str)
-    for name, hint in ((base.__name__, base), (f"{base.__name__}|None", base | None), (f"Optional[{base.__name__}]", base | None))
-}
+_SIMPLE_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "None": type(None)}
+
+
+def _simple_hint(annotation: str):
+    """`int | str | None` or `Optional[float]` (as SFTConfig's source spells it) as a type; None for other types."""
+    text = annotation.replace(" ", "")
+    if text.startswith("Optional[") and text.endswith("]"):
+        text = text[len("Optional["):-1] + "|None"
+    parts = text.split("|")
+    if not all(part in _SIMPLE_TYPES for part in parts):
+        return None
+    return functools.reduce(operator.or_, (_SIMPLE_TYPES[part] for part in parts))
 
 
 @functools.cache
@@ -311,6 +540,8 @@ def _build_training(values: dict, model: ModelConfig, dataset: DatasetConfig, er
     if kwargs.get("resume_from_checkpoint") is False:
         kwargs["resume_from_checkpoint"] = None
     kwargs["max_length"] = model.max_seq_length
+    if isinstance(kwargs.get("deepspeed"), str) and looks_local(kwargs["deepspeed"]):
+        kwargs["deepspeed"] = resolve_path(kwargs["deepspeed"])  # from the working directory, else the project
     if dataset.test_size or dataset.eval_split or dataset.eval_sources:
         kwargs.setdefault("eval_on_start", True)  # so the summary has the eval loss before training to compare with
     kwargs.setdefault("include_num_input_tokens_seen", "non_padding")  # the Trainer then logs tokens/s
@@ -326,10 +557,26 @@ def _build_training(values: dict, model: ModelConfig, dataset: DatasetConfig, er
                             ("MASTER_PORT", "29500")):
             os.environ.setdefault(name, value)
     try:
-        return SFTConfig(**kwargs)
+        training = SFTConfig(**kwargs)
     except (ValueError, TypeError) as error:
         errors.append(f"training: {str(error).splitlines()[0]}")
         return None
+    errors += _report_to_errors(training.report_to)
+    return training
+
+
+def _report_to_errors(report_to: list[str]) -> list[str]:
+    """The Trainer only checks these when it is built, after the model has loaded."""
+    from transformers.integrations.integration_utils import (INTEGRATION_TO_CALLBACK,
+                                                             get_available_reporting_integrations)
+
+    errors = []
+    for name in report_to or []:
+        if name not in INTEGRATION_TO_CALLBACK:
+            errors.append(f"training.report_to: {name} is not one of {', '.join(INTEGRATION_TO_CALLBACK)}, all or none")
+        elif name not in get_available_reporting_integrations():
+            errors.append(f"training.report_to: {name} needs its package, which is not installed (pip install {name})")
+    return errors
 
 
 def _has_gpu() -> bool:

@@ -204,3 +204,77 @@ def test_yaml_boolean_words(tmp_path):
     assert config.training.save_strategy == "no"
     with pytest.raises(ConfigError, match=r'training.save_strategy: .*got false \(YAML reads a bare no.*quote it'):
         load_config(write(tmp_path, MINIMAL + "  save_strategy: no\n"))
+
+
+def test_override_values_that_are_not_yaml_are_the_text_typed(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL), ["--dataset.system_prompt", "Note: be brief: always"])
+    assert config.dataset.system_prompt == "Note: be brief: always"
+    with pytest.raises(ConfigError, match=r"override --dataset.sample_prompts: '\[Hi, there' is not a valid YAML list .*quote it"):
+        load_config(write(tmp_path, MINIMAL), ["--dataset.sample_prompts", "[Hi, there"])
+
+
+def test_every_number_rule_names_a_real_field_and_every_default_passes_it():
+    import dataclasses
+
+    from trl import SFTConfig
+
+    from sftkit.config import NUMBER_RULES, DatasetConfig, ModelConfig, _number_errors, _numbers, _sft_config_fields
+
+    defaults = {**_numbers(ModelConfig(), "model"), **_numbers(DatasetConfig(max_samples=1, weight=1, test_size=0.1), "dataset")}
+    for key in NUMBER_RULES:
+        section, _, name = key.partition(".")
+        assert name in _sft_config_fields() if section == "training" else key in defaults, key
+    # the fields that take a negative value (max_steps -1, local_rank -1) are allowed it
+    defaults.update({f"training.{f.name}": f.default for f in dataclasses.fields(SFTConfig) if f.init})
+    assert _number_errors(defaults) == []
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (["--training.num_train_epochs", "0"], "training.num_train_epochs must be greater than 0, got 0 (or set training.max_steps)"),
+        (["--training.max_steps", "-2"], "training.max_steps must be -1 or at least 1, got -2"),
+        (["--training.max_grad_norm", "-1"], "training.max_grad_norm must be at least 0, got -1"),
+        (["--training.logging_steps", "0"], "training.logging_steps must be greater than 0, got 0"),
+        (["--training.dataset_num_proc", "0"], "training.dataset_num_proc must be at least 1, got 0 (null prepares"),
+        (["--training.adam_epsilon", "0"], "training.adam_epsilon must be greater than 0, got 0"),
+        (["--training.dataloader_num_workers", "-1"], "training.dataloader_num_workers must be at least 0, got -1"),
+        (["--training.max_grad_norm", ".inf"], "training.max_grad_norm must be a finite number, got inf"),
+        (["--model.lora_config.lora_alpha", "0"], "model.lora_config.lora_alpha must be greater than 0, got 0"),
+        (["--dataset.name", "null", "--dataset.sources", "[{name: data/sample_chat.jsonl, weight: 0}]"],
+         "dataset.sources[0].weight must be greater than 0, got 0 (leave a source out to drop it)"),
+    ],
+)
+def test_numbers_out_of_range_name_the_key_and_the_range(tmp_path, override, expected):
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, MINIMAL), override)
+    assert expected in str(error.value)
+
+
+def test_zero_epochs_are_fine_when_max_steps_sets_the_length(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL), ["--training.num_train_epochs", "0", "--training.max_steps", "5"])
+    assert config.training.max_steps == 5
+
+
+@pytest.mark.parametrize(
+    ("name", "local"),
+    [("data/tiny-chat-llama", True), ("data/typo", True), ("./model", True), ("/abs/model", True), ("~/model", True),
+     ("chat.jsonl", True), ("template.jinja", True), ("Qwen/Qwen2.5-0.5B-Instruct", False), ("gpt2", False),
+     ("meta-llama/Llama-3.1-8B-Instruct", False), ("HuggingFaceH4/ultrachat_200k", False)],
+)
+def test_what_looks_like_a_local_path_is_never_a_hub_id(name, local):
+    from sftkit.config import looks_local
+
+    assert looks_local(name) is local
+
+
+def test_local_paths_are_checked_and_hub_ids_are_not(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL), ["--model.path", "Qwen/Qwen2.5-0.5B-Instruct", "--dataset.chat_template", "{{ messages }}"])
+    assert config.model.path == "Qwen/Qwen2.5-0.5B-Instruct"
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, MINIMAL), ["--model.path", "./nowhere", "--dataset.name", "data/*.csv",
+                                               "--dataset.eval_sources", "[{name: data/sample_chat.jsonl, split: test}]"])
+    message = str(error.value)
+    assert "model.path: ./nowhere does not exist" in message
+    assert "dataset.name: the pattern data/*.csv matches no file" in message
+    assert "dataset.eval_sources[0].split: 'test' is not a split of data/sample_chat.jsonl" in message
