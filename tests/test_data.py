@@ -96,7 +96,7 @@ def test_bad_rows_name_the_source_row_line_and_problem(tmp_path, tokenizer, row,
     good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
-    with pytest.raises(DataError, match=re.escape(f"bad.jsonl, row 1 (line 2): {problem}")):
+    with pytest.raises(DataError, match=re.escape(f"bad.jsonl line 2: {problem}")):
         prepare_data(DatasetConfig(name=str(path), format="messages"), tokenizer, max_length=64)
 
 
@@ -106,7 +106,7 @@ def test_unknown_columns_and_missing_files_are_clear(tmp_path, tokenizer):
         prepare_data(DatasetConfig(name=path), tokenizer, max_length=64)
     with pytest.raises(DataError, match="missing column 'prompt' for format 'prompt_response'"):
         prepare_data(DatasetConfig(name=path, format="prompt_response"), tokenizer, max_length=64)
-    with pytest.raises(DataError, match="could not be loaded"):
+    with pytest.raises(DataError, match=r"dataset.name: .*nope does not exist"):
         prepare_data(DatasetConfig(name=str(tmp_path / "nope")), tokenizer, max_length=64)
     (tmp_path / "rows.txt").write_text("hello")
     with pytest.raises(DataError, match="files must all be one of .jsonl, .json, .csv, .parquet"):
@@ -156,7 +156,7 @@ def test_text_rows_train_on_every_token(tmp_path, tokenizer):
 
 def test_sharegpt_with_an_unknown_speaker_names_the_turn(tmp_path, tokenizer):
     row = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "robot", "value": "Yo"}]}
-    with pytest.raises(DataError, match=r"row 0 \(line 1\): turn 1 has from='robot'"):
+    with pytest.raises(DataError, match=r"rows.jsonl line 1: turn 1 has from='robot'"):
         prepare_data(DatasetConfig(name=write_rows(tmp_path, ".jsonl", [row])), tokenizer, max_length=64)
 
 
@@ -214,7 +214,7 @@ def test_skipped_bad_rows_are_counted_with_their_problem(tmp_path, tokenizer):
     rows = [{"prompt": "Hi", "response": "Hello!"}, {"prompt": "Hi", "response": ""}, {"prompt": "Yo", "response": "Hey."}]
     data = prepare_data(DatasetConfig(name=write_rows(tmp_path, ".jsonl", rows), on_bad_row="skip"), tokenizer, max_length=64)
     assert len(data.train) == 2 and data.dropped["bad rows"] == 1
-    assert data.problems == [f"dataset {tmp_path / 'rows.jsonl'}, row 1 (line 2): message 1 (assistant) has empty content"]
+    assert data.problems == [f"dataset {tmp_path / 'rows.jsonl'} line 2: message 1 (assistant) has empty content"]
 
 
 def test_preprocessing_is_cached_between_runs(tmp_path, tokenizer):
@@ -244,3 +244,72 @@ def test_pad_token_is_never_the_eos_that_ends_replies(tmp_path):
     bare = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"hi": 0, "</s>": 1}, unk_token=None)), eos_token="</s>")
     with pytest.raises(ConfigError, match="has no pad token other than its eos '</s>'"):
         ensure_distinct_pad_token(bare)
+
+
+# --- where a source is broken: 1-based lines of .jsonl files, rows elsewhere ------------------------------------
+
+BAD_ROW = {"prompt": "Hi", "response": ""}
+
+
+def test_jsonl_errors_give_the_line_even_after_blank_lines(tmp_path, tokenizer):
+    path = tmp_path / "gaps.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n\n" + json.dumps(ROWS[1]) + "\n   \n" + json.dumps(BAD_ROW) + "\n")
+    with pytest.raises(DataError, match=re.escape(f"dataset {path} line 5: message 1 (assistant) has empty content")):
+        prepare_data(DatasetConfig(name=str(path)), tokenizer, max_length=64)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".json"])
+def test_other_files_give_the_1_based_row(tmp_path, tokenizer, suffix):
+    path = write_rows(tmp_path, suffix, [ROWS[0], BAD_ROW])
+    with pytest.raises(DataError, match=re.escape(f"dataset {path} row 2: ")):
+        prepare_data(DatasetConfig(name=path), tokenizer, max_length=64)
+
+
+@pytest.mark.parametrize(
+    ("suffix", "text", "expected"),
+    [
+        (".jsonl", '{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": "d"\n', "line 2: not valid JSON: Expecting ',' delimiter at column"),
+        (".jsonl", '{"prompt": "a", "response": "b"}\n["c", "d"]\n', "line 2: expected a JSON object of the row's columns, got list"),
+        (".json", '[\n  {"prompt": "a", "response": "b"},\n  {"prompt": "c" "response": "d"}\n]\n', "line 3: not valid JSON: Expecting ',' delimiter at column 18"),
+        (".jsonl", '{"prompt": "a", "response": "b"}\n{"prompt": "\xff"}\n', "line 2: 'utf-8' codec can't decode byte 0xff"),
+    ],
+)
+def test_invalid_json_names_the_file_and_line(tmp_path, tokenizer, suffix, text, expected):
+    path = tmp_path / f"broken{suffix}"
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(DataError, match=re.escape(f"dataset {path} {expected}")):
+        prepare_data(DatasetConfig(name=str(path)), tokenizer, max_length=64)
+
+
+def test_every_row_truncated_away_says_which_max_seq_length_fits(tmp_path, tokenizer):
+    with pytest.raises(DataError) as error:
+        prepare_data(DatasetConfig(name=write_rows(tmp_path, ".jsonl", ROWS)), tokenizer, max_length=4)
+    from sftkit.data import tokenize_messages
+
+    rows = [tokenize_messages(tokenizer, to_messages(row, "prompt_response")) for row in ROWS]
+    prompts = [next(i for i, label in enumerate(row["labels"]) if label != -100) for row in rows]
+    longest = max(len(row["input_ids"]) for row in rows)
+    assert str(error.value).endswith(
+        f"no row has a trainable token within max_seq_length 4: replies start after at least {min(prompts)} prompt "
+        f"tokens and the longest row has {longest} tokens; set model.max_seq_length to {longest} or more to keep "
+        "every row whole")
+
+
+def test_splits_of_local_data(tmp_path, tokenizer):
+    import datasets
+
+    path = write_rows(tmp_path, ".jsonl", ROWS)
+    with pytest.raises(DataError, match=r"dataset.split: 'test' is not a split of .*rows.jsonl: local files have one split, train"):
+        prepare_data(DatasetConfig(name=path, split="test"), tokenizer, max_length=64)
+    with pytest.raises(DataError, match=r"dataset.eval_split: 'test' is not a split .*dataset.test_size"):
+        prepare_data(DatasetConfig(name=path, eval_split="test"), tokenizer, max_length=64)
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS), "dev": datasets.Dataset.from_list(ROWS)}).save_to_disk(saved)
+    with pytest.raises(DataError, match="dataset.sources\\[1\\].split: 'test' is not a split of .*saved; its splits are train, dev"):
+        prepare_data(DatasetConfig(sources=[SourceConfig(name=path), SourceConfig(name=str(saved), split="test")]), tokenizer, max_length=64)
+
+
+def test_weights_that_round_every_row_away_are_clear(tmp_path, tokenizer):
+    config = DatasetConfig(sources=[SourceConfig(name=write_rows(tmp_path, ".jsonl", ROWS), weight=0.1)])
+    with pytest.raises(DataError, match="the dataset.sources weights leave no train row"):
+        prepare_data(config, tokenizer, max_length=64)

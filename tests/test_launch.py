@@ -52,7 +52,7 @@ def test_bad_data_fails_before_any_weight_loads_with_one_line(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "sft.py"), "--dataset.name", str(data), "--dataset.test_size", "null",
                              "--training.output_dir", str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr.strip() == f"sft.py: error: dataset {data}, row 0 (line 1): message 1 has role 'robot'; expected one of system, user, assistant, tool"
+    assert result.stderr.strip() == f"sft.py: error: dataset {data} line 1: message 1 has role 'robot'; expected one of system, user, assistant, tool"
     assert not (tmp_path / "out" / "config.json").exists()
 
 

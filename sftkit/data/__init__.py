@@ -4,11 +4,11 @@ from dataclasses import dataclass, field
 
 from sftkit.config import DatasetConfig, SourceConfig
 from sftkit.data.formats import DataError, detect_format, to_messages, to_text
-from sftkit.data.load import is_jsonl, load_source
+from sftkit.data.load import jsonl_file, jsonl_line_numbers, load_source
 from sftkit.data.tokenize import IGNORE_INDEX, MaskError, tokenize_messages, tokenize_text
 
 __all__ = ["DataError", "MaskError", "PreparedData", "prepare_data", "tokenize_messages"]
-HELPER_COLUMNS = ["source", "row", "trainable_tokens", "problem"]
+HELPER_COLUMNS = ["source", "row", "trainable_tokens", "prompt_tokens", "problem"]
 BAD_ROW, NOTHING_TO_TRAIN = "bad rows", "with nothing to train within max_seq_length"
 
 
@@ -28,6 +28,8 @@ class PreparedData:
 def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42, num_proc: int | None = None):
     prepare = _Preparation(cfg, tokenizer, max_length, num_proc)
     train_parts = [prepare.source(source, index) for index, source in enumerate(cfg.train_sources())]
+    if not any(len(rows) for rows, _ in train_parts):
+        raise DataError(prepare.nothing_to_train())
     train = _mix([(rows, source.weight) for (rows, _), source in zip(train_parts, cfg.train_sources())], seed)
     evaluation = None
     if cfg.eval_sources:
@@ -42,9 +44,12 @@ def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42,
         except ValueError:
             raise DataError(f"dataset.test_size {size} cannot split {len(train)} rows into train and eval") from None
         train, evaluation = split["train"], split["test"]
-    if len(train) == 0:
-        raise DataError(f"dataset {cfg.name or 'sources'}: no row has a trainable token within max_seq_length "
-                        f"{max_length} ({prepare.dropped})")
+    if evaluation is not None and len(evaluation) == 0:
+        raise DataError(f"the eval data has no row with a trainable token within max_seq_length {max_length}: "
+                        "every eval row was dropped")
+    if len(train) == 0:  # rows were kept, but weight x rows rounded to none of them
+        raise DataError("the dataset.sources weights leave no train row (each keeps round(weight x rows)); raise "
+                        "them")
     return PreparedData(
         train=train.remove_columns(HELPER_COLUMNS),
         eval=evaluation.remove_columns(HELPER_COLUMNS) if evaluation is not None else None,
@@ -67,9 +72,10 @@ class _Preparation:
         self.rows_read = 0
         self.dropped = {BAD_ROW: 0, NOTHING_TO_TRAIN: 0}
         self.problems: list[str] = []
+        self.tokenized: list = []  # of each train source, before rows without a trainable token are dropped
 
     def source(self, source: SourceConfig, index: int, split: str | None = None):
-        rows = load_source(source, split)
+        rows = load_source(source, split, self.key(index, split))
         format_name = source.format or detect_format(rows.column_names, source.name)
         self.raw[index] = (rows, format_name, source)
         tokenized = rows.map(
@@ -86,18 +92,42 @@ class _Preparation:
                 "max_length": self.max_length,
                 "source_index": index,
                 "where": f"dataset {source.name}",
-                "line_numbers": is_jsonl(source),
+                "jsonl": jsonl_file(source),
                 "skip_bad_rows": self.cfg.on_bad_row == "skip",
             },
         )
         kept = tokenized.filter(lambda count: count > 0, input_columns="trainable_tokens", num_proc=self.num_proc)
         if index >= 0:  # a train source
+            self.tokenized.append(tokenized)
             self.rows_read += len(rows)
             problems = [problem for problem in tokenized["problem"] if problem]
             self.dropped[BAD_ROW] += len(problems)
             self.dropped[NOTHING_TO_TRAIN] += len(tokenized) - len(kept) - len(problems)
             self.problems += problems[: 5 - len(self.problems)]
         return kept, format_name
+
+    def key(self, index: int, split: str | None) -> str:
+        """Where source `index` is in the config (negative: eval source -1 - index, or with dataset.eval_split the
+        eval split of train source -1 - index)."""
+        if index < 0 and split is None:
+            return f"dataset.eval_sources[{-1 - index}]"
+        position = index if index >= 0 else -1 - index
+        return f"dataset.sources[{position}]" if self.cfg.sources else "dataset"
+
+    def nothing_to_train(self) -> str:
+        """Why every train row was dropped, and what to change."""
+        where = f"dataset {self.cfg.name or 'sources'}"
+        if not self.dropped[NOTHING_TO_TRAIN]:
+            return (f"{where}: every one of the {self.rows_read} rows is bad and was skipped; the first: "
+                    f"{self.problems[0] if self.problems else 'unknown'}")
+        prompts, lengths = [], []
+        for tokenized in self.tokenized:
+            good = tokenized.filter(lambda problem: not problem, input_columns="problem")
+            prompts += good["prompt_tokens"]
+            lengths += [len(ids) for ids in good["input_ids"]]
+        return (f"{where}: no row has a trainable token within max_seq_length {self.max_length}: replies start "
+                f"after at least {min(prompts)} prompt tokens and the longest row has {max(lengths)} tokens; set "
+                f"model.max_seq_length to {max(lengths)} or more to keep every row whole")
 
     def sample_prompts(self, first_example: dict) -> list[list[dict]]:
         if self.cfg.sample_prompts:
@@ -115,20 +145,25 @@ class _Preparation:
 
 
 def _tokenize_row(row, index, tokenizer, format_name, system_prompt, answer_source, loss_on, max_length,
-                  source_index, where, line_numbers, skip_bad_rows):
+                  source_index, where, jsonl, skip_bad_rows):
     try:
         if format_name == "text":
             tokens = tokenize_text(tokenizer, to_text(row))
         else:
             tokens = tokenize_messages(tokenizer, to_messages(row, format_name, system_prompt, answer_source), loss_on)
     except ValueError as error:
-        problem = f"{where}, row {index}{f' (line {index + 1})' if line_numbers else ''}: {error}"
+        # 1-based: the line of a .jsonl file, else the row
+        place = f"line {jsonl_line_numbers(jsonl)[index]}" if jsonl else f"row {index + 1}"
+        problem = f"{where} {place}: {error}"
         if not skip_bad_rows:
             raise DataError(problem) from None
         return {"input_ids": [], "labels": [], "source": source_index, "row": index, "trainable_tokens": 0,
-                "problem": problem}
-    trainable = sum(label != IGNORE_INDEX for label in tokens["labels"][:max_length])
-    return {**tokens, "source": source_index, "row": index, "trainable_tokens": trainable, "problem": ""}
+                "prompt_tokens": 0, "problem": problem}
+    labels = tokens["labels"]
+    trainable = sum(label != IGNORE_INDEX for label in labels[:max_length])
+    prompt = next((position for position, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+    return {**tokens, "source": source_index, "row": index, "trainable_tokens": trainable, "prompt_tokens": prompt,
+            "problem": ""}
 
 
 def _mix(parts: list[tuple], seed: int):
@@ -142,4 +177,6 @@ def _mix(parts: list[tuple], seed: int):
         pieces += [rows] * whole
         if rest:
             pieces.append(rows.shuffle(seed=seed).select(range(rest)))
+    if not pieces:  # every weighted source rounded down to no row
+        return parts[0][0].select([])
     return concatenate_datasets(pieces) if len(pieces) != 1 else pieces[0]

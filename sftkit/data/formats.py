@@ -33,8 +33,8 @@ def from_sharegpt(row: dict, answer_source: str) -> list[dict]:
 
 def from_prompt_response(row: dict, answer_source: str) -> list[dict]:
     """{"prompt", "response"} or TRL's {"prompt", "completion"}, each a string or a list of messages."""
-    prompt = _as_turns(row["prompt"], "user")
-    return prompt + _as_turns(row["response"] if "response" in row else row["completion"], "assistant")
+    answer = "response" if "response" in row else "completion"
+    return _as_turns(row, "prompt", "user") + _as_turns(row, answer, "assistant")
 
 
 def from_question_answer(row: dict, answer_source: str) -> list[dict]:
@@ -104,7 +104,10 @@ def to_text(row: dict) -> str:
     return text
 
 
-def _as_turns(value, role: str) -> list[dict]:
+def _as_turns(row: dict, column: str, role: str) -> list[dict]:
+    value = row[column]
+    if value is None:  # an empty CSV cell, or a missing key in some JSON rows
+        raise ValueError(f"column {column!r} is empty")
     return [{"role": role, "content": value}] if isinstance(value, str) else _as_list(value)
 
 

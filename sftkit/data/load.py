@@ -1,24 +1,42 @@
 """Raw rows of one source: a hub dataset, a local file, a glob, a directory or a `save_to_disk` directory."""
 
+import functools
 import glob
+import json
+import logging
 from pathlib import Path
 
-from sftkit.config import PROJECT_DIR, SourceConfig, resolve_path
+from sftkit.config import PROJECT_DIR, SourceConfig, local_splits, looked_in, looks_local, resolve_path
 from sftkit.data.formats import DataError
 
 LOCAL_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+# datasets logs this before raising; the error we raise says where the file is broken instead.
+logging.getLogger("datasets.packaged_modules.json.json").addFilter(
+    lambda record: not record.getMessage().startswith("Failed to load JSON from file")
+)
 
 
-def load_source(source: SourceConfig, split: str | None = None):
-    """The rows of `split` (default: the source's own), with column_map applied and cut to max_samples."""
+def load_source(source: SourceConfig, split: str | None = None, key: str = "dataset"):
+    """The rows of `split` (default: the source's own), with column_map applied and cut to max_samples.
+
+    `key` is where the source is in the config (dataset, dataset.sources[1]), for the errors; a given `split` is
+    dataset.eval_split.
+    """
+    split_key = "dataset.eval_split" if split else f"{key}.split"
     split = split or source.split
     try:
-        rows = _load(source, split)
+        rows = _load(source, split, key, split_key)
     except DataError:
         raise
     except Exception as error:  # datasets raises many types; all mean "this source or split cannot be read"
+        # a folder of data files, or a hub dataset that just answered about its splits
+        known = Path(resolve_path(source.name)).is_dir() or (not looks_local(source.name) and "split" in str(error))
+        splits = _split_names(source) if known else None
+        if splits and split not in splits:
+            raise DataError(f"{split_key}: {split!r} is not a split of {source.name}; its splits are "
+                            f"{', '.join(splits)}") from None
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise DataError(f"dataset {source.name!r} (split {split!r}) could not be loaded: {message}") from None
+        raise DataError(f"{key}.name: {source.name} (split {split!r}) could not be loaded: {message}") from None
     if source.column_map:
         missing = sorted(set(source.column_map) - set(rows.column_names))
         if missing:
@@ -32,12 +50,21 @@ def load_source(source: SourceConfig, split: str | None = None):
     return rows
 
 
-def is_jsonl(source: SourceConfig) -> bool:
-    """Row numbers of a single .jsonl file are line numbers minus one, so errors can name the line."""
-    return source.name.endswith(".jsonl") and "*" not in source.name
+def jsonl_file(source: SourceConfig) -> str | None:
+    """The file of a source that is one .jsonl file, whose errors can name the line; else None."""
+    if not source.name.endswith(".jsonl") or glob.has_magic(source.name):
+        return None
+    return resolve_path(source.name)
 
 
-def _load(source: SourceConfig, split: str):
+@functools.cache
+def jsonl_line_numbers(file: str) -> list[int]:
+    """The 1-based line number of each row of a .jsonl file (the loader skips blank lines)."""
+    with open(file, "rb") as handle:
+        return [number for number, line in enumerate(handle, 1) if line.strip()]
+
+
+def _load(source: SourceConfig, split: str, key: str, split_key: str):
     from datasets import DatasetDict, load_dataset, load_from_disk
 
     files = _local_files(source.name)
@@ -45,17 +72,79 @@ def _load(source: SourceConfig, split: str):
         builders = {LOCAL_FILE_BUILDERS.get(Path(file).suffix) for file in files}
         if None in builders or len(builders) > 1:
             raise DataError(f"dataset {source.name}: files must all be one of {', '.join(LOCAL_FILE_BUILDERS)}")
-        if split != source.split:
-            raise DataError(f"dataset {source.name} is local files with a single split; evaluate with test_size "
-                            "or eval_sources instead of eval_split")
-        return load_dataset(builders.pop(), data_files=files, split="train")  # local files load as one "train" split
+        if split != "train":
+            fix = ("hold out rows with dataset.test_size, or evaluate on dataset.eval_sources"
+                   if split_key == "dataset.eval_split" else "remove the split setting")
+            raise DataError(f"{split_key}: {split!r} is not a split of {source.name}: local files have one split, "
+                            f"train; {fix}")
+        builder = builders.pop()
+        try:
+            return load_dataset(builder, data_files=files, split="train")  # local files load as one "train" split
+        except Exception:
+            problem = next(filter(None, map(_json_problem, files)), None) if builder == "json" else None
+            if problem:
+                raise DataError(f"dataset {problem}; fix or remove that line") from None
+            raise
     path = Path(resolve_path(source.name))
+    if looks_local(source.name) and not path.exists():  # never sent to the hub (see looks_local)
+        raise DataError(f"{key}.name: {source.name} does not exist{looked_in(source.name)}")
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():  # written by save_to_disk
+        splits = local_splits(path)
+        if split not in splits:
+            raise DataError(f"{split_key}: {split!r} is not a split of {source.name}; its splits are "
+                            f"{', '.join(splits)}")
         saved = load_from_disk(str(path))
         return saved[split] if isinstance(saved, DatasetDict) else saved
     if path.is_dir():
         return load_dataset(str(path), split=split)
     return load_dataset(source.name, source.subset, split=split)
+
+
+def _split_names(source: SourceConfig) -> list[str] | None:
+    """The splits a folder of data files or a hub dataset has, or None where that cannot be found out."""
+    from datasets import get_dataset_split_names
+
+    try:
+        return get_dataset_split_names(resolve_path(source.name), source.subset)
+    except Exception:
+        return None
+
+
+def _json_problem(file: str) -> str | None:
+    """Where a .json or .jsonl file is not JSON, as "FILE line N: ..." (1-based); None if it all parses.
+
+    The datasets loader only says that generating the dataset failed. A .json file may be JSON Lines or one
+    document; a document is checked as a whole.
+    """
+    with open(file, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            if not raw.strip():
+                continue
+            try:
+                value = json.loads(raw.decode("utf-8").rstrip("\r\n"))
+            except UnicodeDecodeError as error:
+                return f"{file} line {number}: not UTF-8 text ({error.reason} at byte {error.start})"
+            except json.JSONDecodeError as error:
+                if number == 1 and file.endswith(".json"):
+                    break  # a document spread over lines
+                return f"{file} line {number}: not valid JSON: {_json_message(error)}"
+            if not isinstance(value, dict):
+                if number == 1 and file.endswith(".json"):
+                    break
+                return f"{file} line {number}: expected a JSON object of the row's columns, got {type(value).__name__}"
+        else:
+            return None
+    try:
+        json.loads(Path(file).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        return f"{file} line {error.lineno}: not valid JSON: {_json_message(error)}"
+    except UnicodeDecodeError as error:
+        return f"{file}: not UTF-8 text ({error.reason} at byte {error.start})"
+    return None
+
+
+def _json_message(error: json.JSONDecodeError) -> str:
+    return f"{error.msg.removesuffix(' at')} at column {error.colno}"
 
 
 def _local_files(name: str) -> list[str]:
