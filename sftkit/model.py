@@ -1,15 +1,116 @@
 """Tokenizer, dtype, 4-bit quantization and the LoRA config."""
 
 import dataclasses
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.pytorch_utils import Conv1D
 
 from sftkit.config import ConfigError, DatasetConfig, ModelConfig, resolve_path
 from sftkit.data.tokenize import CHATML_TEMPLATE
+
+
+# The layer types PEFT's LoRA can adapt (target_modules must name some of these).
+ADAPTABLE_LAYERS = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, Conv1D)
+
+
+def check_model_source(model_cfg: ModelConfig) -> None:
+    """Fail in about a second, before the data is prepared and before any weight is read, where loading would
+    fail later: a config.json transformers cannot read, modeling code that is not trusted, an attention
+    implementation the model or this machine lacks, LoRA target_modules or modules_to_save that name no layer.
+    The model is built on the meta device from its config.json alone (no weights, no memory). Raises ConfigError.
+    """
+    if model_cfg.use_lora:
+        try:
+            lora_config(model_cfg)
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"model.lora_config: {_first_line(error)}") from None
+    hf_config = _read_model_config(model_cfg)
+    model = _meta_model(model_cfg, hf_config)
+    if model is None or not model_cfg.use_lora:
+        return
+    lora = model_cfg.lora_config
+    adaptable = [name for name, module in model.named_modules() if isinstance(module, ADAPTABLE_LAYERS)]
+    if isinstance(lora.target_modules, str) and lora.target_modules != "all-linear":
+        missing = [] if any(re.fullmatch(lora.target_modules, name) for name in adaptable) else [lora.target_modules]
+    elif isinstance(lora.target_modules, list):
+        missing = [target for target in lora.target_modules if not _names_module(target, adaptable)]
+    else:
+        missing = []
+    if missing:
+        linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+        raise ConfigError(
+            f"model.lora_config.target_modules: {', '.join(missing)} {'matches' if len(missing) == 1 else 'match'} "
+            f"no layer of {model_cfg.path} that LoRA can adapt; its linear layers are {', '.join(_leaf_names(linear))} (or use all-linear)"
+        )
+    named = [name for name, _ in model.named_modules() if name]
+    missing = [name for name in lora.modules_to_save or [] if not _names_module(name, named)]
+    if missing:
+        top = [name for name, module in model.named_modules() if name and any(True for _ in module.parameters(False))]
+        raise ConfigError(f"model.lora_config.modules_to_save: {', '.join(missing)} names no module of "
+                          f"{model_cfg.path}; its modules with weights are {', '.join(_leaf_names(top))}")
+
+
+def _read_model_config(model_cfg: ModelConfig):
+    """The model's config.json as transformers reads it; never trusts remote code on its own."""
+    try:
+        return AutoConfig.from_pretrained(resolve_path(model_cfg.path), revision=model_cfg.revision,
+                                          trust_remote_code=model_cfg.trust_remote_code)
+    except Exception as error:  # transformers raises ValueError, OSError, KeyError...: all mean "cannot read it"
+        message = str(error)
+        if "trust_remote_code" in message:
+            raise ConfigError(f"model.path {model_cfg.path} ships its own modeling code; set "
+                              "model.trust_remote_code: true if you trust it") from None
+        if "does not recognize this architecture" in message:
+            import transformers
+
+            raise ConfigError(f"model.path {model_cfg.path}: transformers {transformers.__version__} does not know its "
+                              "model_type; upgrade transformers, or, if the model ships its own modeling code "
+                              "(auto_map in config.json), set model.trust_remote_code: true") from None
+        raise ConfigError(f"model.path {model_cfg.path}: cannot read its config.json: {_first_line(error)}") from None
+
+
+def _meta_model(model_cfg: ModelConfig, hf_config):
+    """The model built on the meta device, or None where the model's own code cannot be built there."""
+    def build(attn_implementation):
+        with zero3_init_disabled(), torch.device("meta"):
+            return AutoModelForCausalLM.from_config(hf_config, trust_remote_code=model_cfg.trust_remote_code,
+                                                    attn_implementation=attn_implementation, dtype=torch.bfloat16)
+
+    try:
+        return build(model_cfg.attn_implementation)
+    except Exception as error:
+        failure = error
+    if model_cfg.attn_implementation is not None:
+        try:
+            build(None)
+        except Exception:
+            pass
+        else:
+            raise ConfigError(f"model.attn_implementation: {model_cfg.attn_implementation} cannot be used: "
+                              f"{_first_line(failure)}; use sdpa or eager, or leave it unset") from None
+    if model_cfg.trust_remote_code:
+        return None  # the model's own code may not support the meta device; loading it will tell
+    raise ConfigError(f"model.path {model_cfg.path} ({hf_config.model_type}) cannot be built as a causal LM: "
+                      f"{_first_line(failure)}") from None
+
+
+def _names_module(target: str, names: list[str]) -> bool:
+    """PEFT's rule for a list entry: the module's full name, or its last dotted parts."""
+    return any(name == target or name.endswith(f".{target}") for name in names)
+
+
+def _leaf_names(names: list[str]) -> list[str]:
+    return list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in names))
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0].rstrip(".") if lines else type(error).__name__
 
 
 def load_tokenizer(model_cfg: ModelConfig, dataset_cfg: DatasetConfig):

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from sftkit.config import RunConfig, resolve_path
 from sftkit.data import prepare_data
-from sftkit.model import load_tokenizer, lora_config, resolve_dtype, zero3_init_disabled
+from sftkit.model import check_model_source, load_tokenizer, lora_config, resolve_dtype, zero3_init_disabled
 
 GIB = 2**30
 ADAM_STATES = 2  # exp_avg and exp_avg_sq per trained parameter
@@ -50,6 +50,7 @@ class Plan:
 
 def build_plan(config: RunConfig) -> Plan:
     args = config.training
+    check_model_source(config.model)
     tokenizer = load_tokenizer(config.model, config.dataset)
     data = prepare_data(config.dataset, tokenizer, args.max_length, args.seed, args.dataset_num_proc)
     shape = model_shape(config)

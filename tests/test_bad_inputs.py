@@ -1,0 +1,144 @@
+"""Bad inputs as a user types them: `python sft.py ...` exits 2 with one line naming the key, file or row and how
+to fix it, no traceback, and fails before any weight loads (config mistakes within a second or two)."""
+
+import json
+import os
+import shutil
+import time
+
+import pytest
+from conftest import REPO, SAMPLE_DATA, TINY_MODEL, run_python
+
+# Hub retries for a path mistaken for a hub id took about 50 s; a config error takes well under a second.
+FAST = 15
+
+
+def sft(*args: str, tmp_path) -> tuple[str, float]:
+    """Run sft.py as a user would (HF_HUB_OFFLINE unset); return its one stderr line and the seconds it took."""
+    env = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    started = time.perf_counter()
+    result = run_python("sft.py", *args, "--training.output_dir", str(tmp_path / "out"), env=env, check=False,
+                        timeout=120)
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sft.py: error: "), result.stderr[-3000:]
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    return lines[0], elapsed
+
+
+CONFIG_CASES = {
+    "negative epochs": (["--training.num_train_epochs", "-1"],
+                        ["training.num_train_epochs must be greater than 0, got -1 (or set training.max_steps)"]),
+    "negative learning rate": (["--training.learning_rate", "-1"], ["training.learning_rate must be greater than 0"]),
+    "lora dropout": (["--model.lora_config.lora_dropout", "1.5"],
+                     ["model.lora_config.lora_dropout must be at least 0 and below 1, got 1.5"]),
+    "nan": (["--training.learning_rate", "nan"], ["training.learning_rate must be a finite number, got nan"]),
+    "several at once": (
+        ["--training.per_device_train_batch_size", "0", "--training.max_steps", "0", "--training.seed", "-3",
+         "--training.warmup_steps", "-1", "--model.max_seq_length", "0", "--model.lora_config.r", "0",
+         "--dataset.max_samples", "0", "--training.adam_beta2", "1"],
+        ["training.per_device_train_batch_size must be at least 1, got 0",
+         "training.max_steps must be -1 or at least 1, got 0", "training.seed must be at least 0",
+         "training.warmup_steps must be at least 0, got -1", "model.max_seq_length must be at least 1, got 0",
+         "model.lora_config.r must be at least 1, got 0", "dataset.max_samples must be at least 1, got 0",
+         "training.adam_beta2 must be at least 0 and below 1, got 1"]),
+    "broken list override": (["--dataset.system_prompt", "[be brief"],
+                             ["override --dataset.system_prompt: '[be brief' is not a valid YAML list or mapping",
+                              "quote it"]),
+    "missing model path": (["--model.path", "data/tiny-chat-lama"],
+                           ["model.path: data/tiny-chat-lama does not exist (looked in", str(REPO)]),
+    "model path without config.json": (["--model.path", "data"], ["model.path: data is not a model directory",
+                                                                  "config.json"]),
+    "missing dataset file": (["--dataset.name", "data/nope.jsonl"],
+                             ["dataset.name: data/nope.jsonl does not exist (looked in", str(REPO)]),
+    "missing dataset in a source": (["--dataset.name", "null", "--dataset.sources", "[{name: ./missing.csv}]"],
+                                    ["dataset.sources[0].name: ./missing.csv does not exist"]),
+    "split of a local file": (["--dataset.split", "validation"],
+                              ["dataset.split: 'validation' is not a split of data/sample_chat.jsonl: a local file has "
+                               "one split, train; remove the split setting"]),
+    "eval split of a local file": (["--dataset.eval_split", "test", "--dataset.test_size", "null"],
+                                   ["dataset.eval_split: 'test' is not a split of data/sample_chat.jsonl",
+                                    "dataset.test_size"]),
+    "missing chat template file": (["--dataset.chat_template", "templates/mine.jinja"],
+                                   ["dataset.chat_template: templates/mine.jinja does not exist"]),
+    "missing deepspeed file": (["--training.deepspeed", "deepspeed_configs/zero9.json"],
+                               ["training.deepspeed: deepspeed_configs/zero9.json does not exist"]),
+    "subset of a local file": (["--dataset.subset", "en"], ["dataset.subset: en names a configuration of a hub "
+                                                            "dataset, but data/sample_chat.jsonl is local"]),
+    "unknown reporting integration": (["--training.report_to", "tensorbord"],
+                                      ["training.report_to: tensorbord is not one of", "tensorboard"]),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_CASES)
+def test_config_mistakes_fail_at_once_naming_the_key(tmp_path, case):
+    args, expected = CONFIG_CASES[case]
+    line, elapsed = sft(*args, tmp_path=tmp_path)
+    for text in expected:
+        assert text in line
+    assert elapsed < FAST, f"{elapsed:.1f} s: nothing may be looked up on the hub"
+
+
+@pytest.fixture(scope="module")
+def saved_dataset_dict(tmp_path_factory):
+    import datasets
+
+    path = tmp_path_factory.mktemp("saved") / "chat"
+    rows = datasets.load_dataset("json", data_files=str(SAMPLE_DATA), split="train")
+    datasets.DatasetDict({"train": rows, "test": rows.select(range(5))}).save_to_disk(path)
+    return path
+
+
+def test_a_split_a_saved_dataset_lacks_lists_its_splits(tmp_path, saved_dataset_dict):
+    line, elapsed = sft("--dataset.name", str(saved_dataset_dict), "--dataset.split", "validation", tmp_path=tmp_path)
+    assert f"dataset.split: 'validation' is not a split of {saved_dataset_dict}: its splits are train, test" in line
+    assert elapsed < FAST
+
+
+def test_a_split_a_folder_of_files_lacks_lists_its_splits(tmp_path):
+    folder = tmp_path / "chat"
+    folder.mkdir()
+    lines = SAMPLE_DATA.read_text().splitlines(keepends=True)
+    (folder / "train.jsonl").write_text("".join(lines[:40]))
+    (folder / "test.jsonl").write_text("".join(lines[40:50]))
+    line, _ = sft("--dataset.name", str(folder), "--dataset.split", "validation", tmp_path=tmp_path)
+    assert line.endswith(f"dataset.split: 'validation' is not a split of {folder}; its splits are train, test")
+
+
+def test_invalid_json_names_the_1_based_line(tmp_path):
+    lines = SAMPLE_DATA.read_text().splitlines(keepends=True)
+    lines[136] = lines[136].replace('"}]}', '"}]')  # line 137 loses its closing brace
+    data = tmp_path / "x.jsonl"
+    data.write_text("".join(lines))
+    line, _ = sft("--dataset.name", str(data), tmp_path=tmp_path)
+    assert line.startswith(f"sft.py: error: dataset {data} line 137: not valid JSON: ")
+    assert "fix or remove that line" in line
+
+
+def test_every_row_truncated_away_says_which_max_seq_length_fits(tmp_path):
+    line, _ = sft("--model.max_seq_length", "4", tmp_path=tmp_path)
+    assert "no row has a trainable token within max_seq_length 4" in line
+    assert "set model.max_seq_length to" in line
+
+
+def test_lora_target_module_that_matches_nothing_lists_the_layers(tmp_path):
+    line, _ = sft("--model.use_lora", "true", "--model.lora_config.target_modules", "[q_proj, qkv_proj]",
+                  tmp_path=tmp_path)
+    assert line == ("sft.py: error: model.lora_config.target_modules: qkv_proj matches no layer of "
+                    "data/tiny-chat-llama that LoRA can adapt; its linear layers are q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+                    "down_proj, lm_head (or use all-linear)")
+
+
+def test_model_with_its_own_code_needs_trust_remote_code(tmp_path):
+    model = tmp_path / "custom"
+    shutil.copytree(TINY_MODEL, model)
+    config = json.loads((model / "config.json").read_text())
+    config["model_type"] = "my_custom_llama"
+    config["auto_map"] = {"AutoConfig": "modeling_custom.MyConfig", "AutoModelForCausalLM": "modeling_custom.MyModel"}
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "modeling_custom.py").write_text("raise SystemExit('the untrusted modeling code ran')\n")
+    line, elapsed = sft("--model.path", str(model), tmp_path=tmp_path)
+    assert line == (f"sft.py: error: model.path {model} ships its own modeling code; set model.trust_remote_code: "
+                    "true if you trust it")
