@@ -48,7 +48,7 @@ def export(trainer, run_config, tokenizer, dtype, parameters: tuple[int, int]) -
     trainer.accelerator.wait_for_everyone()
     try:
         trainer.save_model(str(staging / ADAPTER_DIR if lora else staging))
-    except OSError as error:
+    except Exception as error:  # OSError, or safetensors' own error on a full disk
         raise RunFailed(f"could not write the trained {'adapter' if lora else 'model'} to {staging}: {error}") from None
     if main:
         finish_export(output_dir, run_config.model, dtype)
@@ -68,7 +68,7 @@ def finish_export(output_dir: Path, model_cfg: ModelConfig, dtype) -> None:
     Any failure keeps the staging directory and says how to finish from it."""
     staging = output_dir / STAGING_DIR
     try:
-        if model_cfg.use_lora and not (staging / "config.json").exists():
+        if model_cfg.use_lora:
             _merge_adapter(model_cfg, staging / ADAPTER_DIR, staging, dtype)
         broken = non_finite_tensors(staging)
         if broken:
@@ -76,9 +76,15 @@ def finish_export(output_dir: Path, model_cfg: ModelConfig, dtype) -> None:
             raise RunFailed(f"the trained weights are not finite ({len(broken)} tensors hold nan or inf, e.g. "
                             f"{broken[0]}); nothing was published and the broken weights were deleted")
         _publish(staging, output_dir)
-    except OSError as error:
+    except RunFailed:
+        raise
+    except Exception as error:  # a full disk raises OSError or safetensors' own error; any failure keeps the weights
+        if model_cfg.use_lora:  # a half-written merged model: gone, so the staging directory holds only the adapter
+            for partial in [*staging.glob("model*.safetensors*"), staging / "config.json"]:
+                partial.unlink(missing_ok=True)
         kept = staging / ADAPTER_DIR if model_cfg.use_lora else staging
-        raise RunFailed(f"the export to {output_dir} failed: {error}. The trained "
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise RunFailed(f"the export to {output_dir} failed: {reason}. The trained "
                         f"{'adapter' if model_cfg.use_lora else 'model'} is kept in {kept}; once that is fixed, "
                         f"finish the export with: python -m sftkit.export {output_dir}") from None
 

@@ -259,9 +259,12 @@ def free_bytes(directory: Path) -> int:
 
 
 def export_bytes(total_parameters: int, trainable_parameters: int, dtype, lora: bool) -> int:
-    """What the export writes: the model in the training dtype, and for LoRA the adapter in float32 beside it."""
-    size = total_parameters * dtype.itemsize
-    return int(size + (trainable_parameters * 4 if lora else 0)) + 16 * 2**20  # tokenizer and reports
+    """What the export writes: the model in the training dtype, and for LoRA the float32 adapter beside it."""
+    if lora:  # PEFT's total counts the adapter too; the merged model does not hold it
+        size = (total_parameters - trainable_parameters) * dtype.itemsize + trainable_parameters * 4
+    else:
+        size = total_parameters * dtype.itemsize
+    return int(size * 1.02) + 2 * 2**20  # headers, tokenizer and reports
 
 
 def check_free_space(directory: Path, needed: int, when: str) -> str | None:

@@ -72,9 +72,9 @@ def test_a_fresh_run_starts_the_sample_file_anew_and_a_resumed_one_appends(tmp_p
     overrides = ["--training.output_dir", str(tmp_path), "--training.max_steps", "4", "--training.save_steps", "2",
                  "--training.save_strategy", "steps", "--dataset.sample_prompts", '["Hello!"]', "--dataset.test_size", "null"]
     samples = tmp_path / "sample_replies.jsonl"
-    for expected_lines in (1, 1):  # one epoch end (step 4) per run; the second run replaces the first's file
-        train(load_config(None, overrides))
-        assert len(samples.read_text().splitlines()) == expected_lines
+    for overwrite in (False, True):  # one epoch end (step 4) per run; the second run replaces the first's file
+        train(load_config(None, overrides), overwrite=overwrite)
+        assert len(samples.read_text().splitlines()) == 1
     shutil.rmtree(tmp_path / "checkpoint-4")
     train(load_config(None, overrides + ["--training.resume_from_checkpoint", "true"]))  # from step 2
     assert [json.loads(line)["step"] for line in samples.read_text().splitlines()] == [4, 4]

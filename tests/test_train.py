@@ -10,8 +10,9 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sftkit.config import load_config
-from sftkit.export import ADAPTER_DIR, RUN_CONFIG_FILE, STAGING_DIR, VERSIONS_FILE, export
+from sftkit.config import RunFailed, load_config
+from sftkit.export import ADAPTER_DIR, RUN_CONFIG_FILE, VERSIONS_FILE, export
+from sftkit.rundir import STAGING_DIR
 from sftkit.train import SUMMARY_FILE, train
 
 PROMPTS = [
@@ -141,8 +142,8 @@ def test_a_failed_export_leaves_the_previous_complete_model_untouched(tmp_path):
 
     shutil.rmtree(base)  # the merge reloads the base, so this export fails half-way
     tokenizer = result.trainer.processing_class
-    with pytest.raises(OSError):
-        export(result.trainer, config, tokenizer, torch.float32)
+    with pytest.raises(RunFailed, match=f"The trained adapter is kept in {out / STAGING_DIR / ADAPTER_DIR}"):
+        export(result.trainer, config, tokenizer, torch.float32, (1, 1))
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert (out / STAGING_DIR / ADAPTER_DIR).exists(), "the partial export stays in the staging directory"
     AutoModelForCausalLM.from_pretrained(out)

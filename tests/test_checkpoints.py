@@ -1,0 +1,68 @@
+"""Resuming only from intact checkpoints of the same run: a damaged file is named in one line, and `true` falls back
+to the newest intact checkpoint with a warning."""
+
+import shutil
+
+import pytest
+from conftest import run_python
+
+from sftkit.checkpoints import damage
+from sftkit.config import ConfigError, load_config
+from sftkit.train import train
+
+ARGS = ["--training.max_steps", "4", "--training.logging_steps", "1", "--dataset.test_size", "null",
+        "--training.save_strategy", "steps", "--training.save_steps", "2"]
+
+
+def config(out, *overrides):
+    return load_config(None, ["--training.output_dir", str(out), *ARGS, *overrides])
+
+
+@pytest.fixture(scope="module")
+def with_checkpoints(tmp_path_factory):
+    out = tmp_path_factory.mktemp("checkpoints") / "out"
+    train(config(out))
+    return out
+
+
+@pytest.fixture
+def damaged(with_checkpoints, tmp_path):
+    """A copy of the run whose newest checkpoint (checkpoint-4) has one file cut in half."""
+    out = tmp_path / "out"
+    shutil.copytree(with_checkpoints, out)
+
+    def cut(name: str):
+        file = out / "checkpoint-4" / name
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+        return out
+    return cut
+
+
+@pytest.mark.parametrize(("name", "problem"), [
+    ("model.safetensors", "model.safetensors is damaged: Error while deserializing header"),
+    ("optimizer.pt", "optimizer.pt is damaged: truncated or not a complete archive"),
+    ("trainer_state.json", "trainer_state.json is damaged: "),
+])
+def test_a_damaged_checkpoint_is_named_with_the_newest_intact_one(damaged, name, problem):
+    out = damaged(name)
+    assert problem in damage(out / "checkpoint-4")
+    with pytest.raises(ConfigError, match=f"training.resume_from_checkpoint {out}/checkpoint-4: {problem}.*; resume "
+                                          f"from {out}/checkpoint-2 instead"):
+        train(config(out, "--training.resume_from_checkpoint", str(out / "checkpoint-4")))
+
+
+def test_the_command_line_shows_one_line_for_a_damaged_checkpoint(damaged):
+    out = damaged("optimizer.pt")
+    result = run_python("sft.py", "--training.output_dir", str(out), *ARGS, "--training.resume_from_checkpoint",
+                        str(out / "checkpoint-4"), check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"sft.py: error: training.resume_from_checkpoint {out}/checkpoint-4: optimizer.pt is damaged")
+
+
+def test_resume_true_falls_back_to_the_newest_intact_checkpoint_with_a_warning(damaged, capsys):
+    out = damaged("optimizer.pt")
+    run = train(config(out, "--training.resume_from_checkpoint", "true"))
+    assert f"warning: skipping {out}/checkpoint-4: optimizer.pt is damaged" in capsys.readouterr().out
+    logged = [entry["step"] for entry in run.trainer.state.log_history if "loss" in entry]
+    assert logged == [1, 2, 3, 4] and run.summary["steps"] == 4  # steps 3 and 4 trained again from checkpoint-2

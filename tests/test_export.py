@@ -1,0 +1,103 @@
+"""Nothing broken is published and nothing trained is lost at the end: divergence stops the run, non-finite weights
+are refused, a full disk is found before training and, at export, keeps the trained adapter with the way to finish."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import torch
+from conftest import TINY_MODEL, run_python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from sftkit import export as export_module
+from sftkit.config import RunFailed, load_config
+from sftkit.export import ADAPTER_DIR, export
+from sftkit.rundir import RUN_FILE, STAGING_DIR
+from sftkit.train import train
+
+
+def config(out, name="default_train_config.yaml", *overrides):
+    return load_config(name, ["--training.output_dir", str(out), "--training.max_steps", "3", "--training.logging_steps",
+                              "1", "--dataset.test_size", "null", *overrides])
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 12 MiB filesystem: room for the tiny LoRA run's export (about 7 MiB) and little more."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(disk)]).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_diverged_run_stops_names_the_step_and_publishes_nothing(tmp_path):
+    out = tmp_path / "out"
+    result = run_python("sft.py", "--training.output_dir", str(out), "--training.max_steps", "30",
+                        "--training.logging_steps", "1", "--training.learning_rate", "1e6", check=False)
+    assert result.returncode == 1, result.stderr[-2000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("sft.py: error: training diverged at step ") and " of 30: the loss is no longer finite" in error
+    assert "training.learning_rate is 1e+06" in error and "Nothing was published; no checkpoint was saved" in error
+    assert int(error.split("step ")[1].split(" ")[0]) < 10, "stopped as soon as the loss was not finite"
+    assert not (out / "config.json").exists() and not (out / STAGING_DIR).exists()
+    assert json.loads((out / RUN_FILE).read_text())["status"] == "failed"
+
+
+def test_weights_that_are_not_finite_are_never_published(tmp_path):
+    out = tmp_path / "out"
+    cfg = config(out)
+    run = train(cfg)
+    before = (out / "model.safetensors").read_bytes()
+    with torch.no_grad():
+        run.trainer.model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(RunFailed, match=r"the trained weights are not finite \(1 tensors hold nan or inf, e.g. "
+                                        r"model.safetensors:model.layers.1.mlp.down_proj.weight\); nothing was published"):
+        export(run.trainer, cfg, run.trainer.processing_class, torch.float32, (1, 1))
+    assert (out / "model.safetensors").read_bytes() == before and not (out / STAGING_DIR).exists()
+
+
+def test_a_disk_too_small_for_the_export_is_refused_before_training(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)]).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        result = run_python("sft.py", "--training.output_dir", str(disk / "out"), check=False)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert f"the export needs 5.5 MiB in {disk / 'out'} but its filesystem has 1.0 MiB free: free 4.5 MiB" in error
+    assert "step 1/" not in result.stdout
+
+
+def test_a_full_disk_at_export_keeps_the_trained_adapter_and_the_export_can_be_finished(small_disk, monkeypatch):
+    out = small_disk / "out"
+    cfg = config(out, "lora_train_config.yaml")
+    run = train(cfg)
+    published = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 2 * 2**20))  # 2 MiB left: the adapter fits
+    monkeypatch.setattr(export_module, "DISK_WAIT_SECONDS", 0)
+    with pytest.raises(RunFailed) as failure:
+        export(run.trainer, cfg, run.trainer.processing_class, torch.float32, (1, 1))
+    kept = out / STAGING_DIR / ADAPTER_DIR
+    assert "No space left on device" in str(failure.value)
+    assert f"The trained adapter is kept in {kept}; once that is fixed, finish the export with: python -m " \
+           f"sftkit.export {out}" in str(failure.value)
+    assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == published
+    assert (kept / "adapter_model.safetensors").exists() and not (out / STAGING_DIR / "config.json").exists()
+
+    filler.unlink()
+    shutil.rmtree(out / ADAPTER_DIR)  # the adapter published by the first export, to tell the two apart
+    finished = run_python("-m", "sftkit.export", str(out))
+    assert f"the model is in {out}" in finished.stdout and not (out / STAGING_DIR).exists()
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY_MODEL), out / ADAPTER_DIR)
+    ids = torch.tensor([[1, 50, 60, 70, 80]])
+    with torch.no_grad():
+        assert (merged(ids).logits - with_adapter(ids).logits).abs().max() < 1e-4
