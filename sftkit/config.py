@@ -188,9 +188,10 @@ def parse_overrides(args: list[str]) -> dict:
 
 def _parse_value(key: str, value: str) -> Any:
     """An override's value as YAML (numbers, lists, true); text that is not YAML is the text the user typed,
-    unless it starts like a list or a mapping (a Jinja template starts with {{ or {%: that is text)."""
+    unless it starts like a list or a mapping (a Jinja template starts with {{ or {%: that is text). So is prose
+    with a colon ("Note: be brief"), which YAML would read as a mapping: a mapping is written {key: value}."""
     try:
-        return yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
     except yaml.YAMLError as error:
         start = value.lstrip()
         if start.startswith(("[", "{")) and not start.startswith(("{{", "{%", "{#")):
@@ -198,6 +199,7 @@ def _parse_value(key: str, value: str) -> Any:
                               f"({getattr(error, 'problem', None) or str(error).splitlines()[0]}); fix it, or to "
                               f"pass it as text quote it inside the shell quotes: '\"{value}\"'") from None
         return value
+    return value if isinstance(parsed, dict) and not value.lstrip().startswith("{") else parsed
 
 
 def merge(base: dict, overrides: dict) -> dict:
@@ -246,8 +248,8 @@ def load_config(config_name: str | None = None, cli_args: list[str] = (), preset
     if errors:
         raise ConfigError(f"{path}: " + "; ".join(errors))
     resolved = {
-        "model": dataclasses.asdict(model),
-        "dataset": dataclasses.asdict(dataset),
+        "model": hide_secrets(dataclasses.asdict(model)),
+        "dataset": hide_secrets(dataclasses.asdict(dataset)),
         "training": _public_training_fields(training),
     }
     return RunConfig(model=model, dataset=dataset, training=training, source=path, resolved=resolved)
@@ -545,6 +547,10 @@ def _build_training(values: dict, model: ModelConfig, dataset: DatasetConfig, er
     if dataset.test_size or dataset.eval_split or dataset.eval_sources:
         kwargs.setdefault("eval_on_start", True)  # so the summary has the eval loss before training to compare with
     kwargs.setdefault("include_num_input_tokens_seen", "non_padding")  # the Trainer then logs tokens/s
+    # A non-finite loss stops the run (monitor.StopGuard), so the Trainer's filter that hides it from the logs would
+    # only add a device sync per micro-batch.
+    kwargs.setdefault("logging_nan_inf_filter", False)
+    _move_hub_token_to_environment(kwargs)
     _resolve_hardware_defaults(kwargs)
     if kwargs.get("deepspeed") and not _has_gpu() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         errors.append("training.deepspeed needs GPUs: without one, Accelerate counts a single process and DeepSpeed "
@@ -613,9 +619,31 @@ def _resolve_hardware_defaults(kwargs: dict) -> None:
         kwargs.pop(old, None)
 
 
+def _move_hub_token_to_environment(kwargs: dict) -> None:
+    """The Trainer pickles the whole SFTConfig into training_args.bin in output_dir and in every checkpoint, so a
+    token in it ends up on disk (and on the Hub with push_to_hub). huggingface_hub reads HF_TOKEN when the field is
+    empty, so the token moves there: pushing works and no file holds it."""
+    token = kwargs.pop("hub_token", None)
+    if token:
+        os.environ["HF_TOKEN"] = token
+
+
+# Access tokens of the Hugging Face Hub, OpenAI-style APIs, GitHub and W&B, by their prefixes.
+TOKEN_LIKE = re.compile(r"\b(?:hf|sk|ghp|gho|github_pat|wandb|api)[_-][A-Za-z0-9_-]{16,}")
+
+
+def hide_secrets(value: Any) -> Any:
+    """`value` with every token-like string replaced by <hidden> (for the printed and saved config)."""
+    if isinstance(value, dict):
+        return {key: hide_secrets(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [hide_secrets(item) for item in value]
+    return TOKEN_LIKE.sub("<hidden>", value) if isinstance(value, str) else value
+
+
 def _public_training_fields(training) -> dict:
     """SFTConfig as a plain dict with secrets hidden (for the printed and saved config)."""
-    values = training.to_dict()
+    values = hide_secrets(training.to_dict())
     for key in ("hub_token", "push_to_hub_token"):
         if values.get(key):
             values[key] = "<hidden>"

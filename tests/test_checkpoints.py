@@ -66,3 +66,14 @@ def test_resume_true_falls_back_to_the_newest_intact_checkpoint_with_a_warning(d
     assert f"warning: skipping {out}/checkpoint-4: optimizer.pt is damaged" in capsys.readouterr().out
     logged = [entry["step"] for entry in run.trainer.state.log_history if "loss" in entry]
     assert logged == [1, 2, 3, 4] and run.summary["steps"] == 4  # steps 3 and 4 trained again from checkpoint-2
+
+
+def test_no_file_of_the_run_or_its_checkpoints_holds_the_hub_token(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    token = "hf_" + "sEcReT" * 6
+    out = tmp_path / "out"
+    train(config(out, "--training.hub_token", token, "--dataset.system_prompt", f"key {token}"))
+    files = [path for path in out.rglob("*") if path.is_file()]
+    assert any(path.name == "training_args.bin" for path in files) and list(out.glob("checkpoint-*/optimizer.pt"))
+    assert [path for path in files if token.encode() in path.read_bytes()] == []
+    assert __import__("os").environ["HF_TOKEN"] == token, "kept where huggingface_hub reads it for push_to_hub"
