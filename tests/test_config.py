@@ -160,9 +160,13 @@ def test_gradient_checkpointing_keeps_its_familiar_name(tmp_path):
     assert load_config(write(tmp_path, MINIMAL)).training.gradient_checkpointing is True  # TRL's default
 
 
-def test_secrets_are_hidden_in_the_resolved_config(tmp_path):
+def test_secrets_are_hidden_in_the_resolved_config(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setenv("HF_TOKEN", "")  # so the test leaves HF_TOKEN as it found it
     config = load_config(write(tmp_path, MINIMAL + "  hub_token: hf_secret123\n"))
-    assert config.training.hub_token == "hf_secret123"
+    assert config.training.hub_token is None, "the Trainer would pickle it into output_dir"
+    assert os.environ["HF_TOKEN"] == "hf_secret123", "huggingface_hub reads it from there"
     assert "hf_secret123" not in str(config.resolved)
 
 
@@ -209,6 +213,8 @@ def test_yaml_boolean_words(tmp_path):
 def test_override_values_that_are_not_yaml_are_the_text_typed(tmp_path):
     config = load_config(write(tmp_path, MINIMAL), ["--dataset.system_prompt", "Note: be brief: always"])
     assert config.dataset.system_prompt == "Note: be brief: always"
+    assert load_config(write(tmp_path, MINIMAL), ["--dataset.system_prompt", "Note: be brief"]).dataset.system_prompt == "Note: be brief"
+    assert load_config(write(tmp_path, MINIMAL), ["--dataset.column_map", "{q: prompt}"]).dataset.column_map == {"q": "prompt"}
     with pytest.raises(ConfigError, match=r"override --dataset.sample_prompts: '\[Hi, there' is not a valid YAML list .*quote it"):
         load_config(write(tmp_path, MINIMAL), ["--dataset.sample_prompts", "[Hi, there"])
 
