@@ -116,6 +116,8 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
             raise ConfigError(missing)
         print(_plan(config, data, dtype, trainable, total), flush=True)
     memory_at_start = memory_mib()
+    if resume_from:
+        args.eval_on_start = False  # the run evaluated at its start already
     trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = timing.seconds()["train_seconds"]
     guard = trainer.guard

@@ -3,10 +3,12 @@ loss.png and the model card; and a run stopped by a signal, then resumed."""
 
 import json
 import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO, SAMPLE_PROMPTS, run_python
@@ -133,26 +135,75 @@ def interrupted_run(out, signum: int, steps: int = 40):
     return process.returncode, stdout + rest, stderr
 
 
+def launch(out, *extra):
+    """`accelerate launch sft.py` as the README runs it: 3 epochs of the default config (57 steps), a log every 4."""
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    return [accelerate, "launch", "sft.py", "--training.output_dir", str(out),
+            "--training.num_train_epochs", "3", "--training.logging_steps", "4", "--dataset.system_prompt",
+            "Be brief.", *extra]
+
+
+def history(out) -> tuple[dict, float]:
+    entries = json.loads((out / "checkpoint-57" / "trainer_state.json").read_text())["log_history"]
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    return {entry["step"]: entry["loss"] for entry in entries if "loss" in entry}, summary
+
+
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches_an_uninterrupted_one(tmp_path):
-    whole = run_python("sft.py", "--training.output_dir", str(tmp_path / "whole"), "--training.max_steps", "40",
-                       "--training.logging_steps", "1")
-    code, stdout, stderr = interrupted_run(tmp_path / "split", signal.SIGTERM)
-    assert code == 128 + signal.SIGTERM, stderr[-2000:]
-    stopped = max(logged_losses(stdout))
-    assert 5 <= stopped < 40
-    assert f"stopped by SIGTERM at step {stopped} of 40; checkpoint saved in {tmp_path / 'split'}/checkpoint-{stopped}" in stderr
-    assert "--training.resume_from_checkpoint true" in stderr
-    assert (tmp_path / "split" / f"checkpoint-{stopped}" / "optimizer.pt").exists()
-    assert not (tmp_path / "split" / "config.json").exists(), "no exported model that looks complete"
-    resumed = run_python("sft.py", "--training.output_dir", str(tmp_path / "split"), "--training.max_steps", "40",
-                         "--training.logging_steps", "1", "--training.resume_from_checkpoint", "true")
-    expected = logged_losses(whole.stdout)
-    combined = {**logged_losses(stdout), **logged_losses(resumed.stdout)}
-    assert sorted(combined) == list(range(1, 41)) and min(logged_losses(resumed.stdout)) == stopped + 1
+def test_sigterm_mid_epoch_then_the_printed_command_resumes_exactly(tmp_path):
+    common = ["--training.save_strategy", "steps", "--training.save_steps", "57"]  # a checkpoint at the end, to compare
+    whole = subprocess.run(launch(tmp_path / "whole", *common), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    out = tmp_path / "split run"  # a space, which the printed command must quote
+    process = subprocess.Popen(launch(out, *common), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env={**__import__("os").environ, "PYTHONUNBUFFERED": "1"})
+    stdout = ""
+    for line in process.stdout:
+        stdout += line
+        if "step 4/" in line:  # the training process, not the launcher, gets the signal (as `kill PID` would)
+            __import__("psutil").Process(process.pid).children()[0].send_signal(signal.SIGTERM)
+            break
+    rest, stderr = process.communicate(timeout=120)
+    stopped = int(re.search(r"stopped by SIGTERM at step (\d+) of 57", stderr)[1])
+    assert 4 < stopped < 57 and stopped % 4, "stopped between two logs, so the resume must restore a partial window"
+    assert f"checkpoint saved in {out}/checkpoint-{stopped}" in stderr
+    assert not (out / "config.json").exists(), "no exported model that looks complete"
+    command = re.search(r"Resume with: (.*)", stderr)[1]
+    assert command.startswith("accelerate launch sft.py") and f"'{out}'" in command and "'Be brief.'" in command
+
+    resumed = subprocess.run(shlex.split(command), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    (losses, summary), (expected, whole) = history(out), history(tmp_path / "whole")
+    assert sorted(losses) == sorted(expected) == [1, *range(4, 57, 4)]
     for step, loss in expected.items():
-        assert combined[step] == pytest.approx(loss, abs=2e-4), f"step {step}: {combined[step]} vs {loss}"
-    assert json.loads((tmp_path / "split" / SUMMARY_FILE).read_text())["steps"] == 40
+        assert losses[step] == pytest.approx(loss, abs=1e-4), f"step {step}: {losses[step]} vs {loss}"
+    assert summary["eval_loss"] == pytest.approx(whole["eval_loss"], abs=1e-4)
+    assert summary["eval_loss_first"] == pytest.approx(whole["eval_loss_first"], abs=1e-4)
+    assert summary["train_loss_mean"] == pytest.approx(whole["train_loss_mean"], abs=1e-4), "the whole run's mean"
+    assert summary["steps"] == 57 and summary["input_tokens"] == whole["input_tokens"]
+    assert summary["wall_seconds"] > json.loads((out / "checkpoint-57" / "sftkit_run.json").read_text())["wall_seconds"] - 1
+
+
+def test_a_resume_under_another_cpu_thread_count_uses_the_interrupted_runs(tmp_path, caplog):
+    import torch
+
+    overrides = ["--training.max_steps", "6", "--training.logging_steps", "4", "--dataset.test_size", "null",
+                 "--training.save_strategy", "steps", "--training.save_steps", "3"]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        whole = train(load_config(None, ["--training.output_dir", str(tmp_path / "whole"), *overrides]))
+        shutil.copytree(tmp_path / "whole" / "checkpoint-3", tmp_path / "split" / "checkpoint-3")
+        shutil.copy(tmp_path / "whole" / "sftkit_run.json", tmp_path / "split")
+        torch.set_num_threads(2)
+        resumed = train(load_config(None, ["--training.output_dir", str(tmp_path / "split"), *overrides,
+                                           "--training.resume_from_checkpoint", "true"]))
+        assert torch.get_num_threads() == 1 and "resuming with 1 CPU threads, as the interrupted run had" in caplog.text
+    finally:
+        torch.set_num_threads(threads)
+    logged = {entry["step"]: entry["loss"] for entry in resumed.trainer.state.log_history if "loss" in entry}
+    expected = {entry["step"]: entry["loss"] for entry in whole.trainer.state.log_history if "loss" in entry}
+    assert list(logged) == [1, 4] and logged == pytest.approx(expected, abs=1e-6)
 
 
 @pytest.mark.slow
