@@ -1,18 +1,22 @@
-"""Command line: parse arguments, validate the config, run; a bad config or bad data exits 2 with one line."""
+"""Command line: parse arguments, validate the config, run; a bad config or bad data exits 2 with one line.
+
+    python sft.py [--config FILE] [--key.path value ...]    # what `accelerate launch sft.py` runs
+    sftkit train [CONFIG] [--key.path value ...]             # the same, installed (`pip install .`)
+    sftkit init my_run.yaml [--from lora]                    # a starting config to edit
+    sftkit env | chat DIR | compare DIR | webchat DIR | export DIR
+"""
 
 import argparse
-import logging
-import os
 import sys
 import time
-import warnings
+from pathlib import Path
 
 from sftkit.config import ConfigError, Interrupted, RunFailed, is_main_process, load_config
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "sft.py") -> int:
     parser = argparse.ArgumentParser(
-        prog="sft.py",
+        prog=prog,
         description="Fine-tune a causal LM on chat data from a YAML config. `python sft.py env` reports the "
                     "environment for a bug report.",
         epilog="Any config key can be overridden: --training.learning_rate 1e-4 --model.use_lora true",
@@ -29,7 +33,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="load only the tokenizer and the data, print statistics and N samples (default 3) "
                              "with the trained tokens highlighted, and exit")
     argv = sys.argv[1:] if argv is None else argv
-    _quiet_known_noise()
     if argv[:1] == ["env"]:
         from sftkit.environment import report
 
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         train(config, overwrite=args.overwrite)
     except ConfigError as error:
         if is_main_process():
-            print(f"sft.py: error: {error}", file=sys.stderr)
+            print(f"{prog}: error: {error}", file=sys.stderr)
         else:
             # Every process finds the same error; the launcher kills the others as soon as one exits, so the
             # others give the main process a moment to print it.
@@ -65,30 +68,86 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RunFailed as failure:
         if is_main_process():
-            print(f"sft.py: error: {failure}", file=sys.stderr)
+            print(f"{prog}: error: {failure}", file=sys.stderr)
         return 1
     except Interrupted as stop:
         if is_main_process():
-            print(f"sft.py: {stop}", file=sys.stderr)
+            print(f"{prog}: {stop}", file=sys.stderr)
         return stop.exit_code
     except KeyboardInterrupt:
         if is_main_process():
-            print("sft.py: interrupted before training started; nothing was saved", file=sys.stderr)
+            print(f"{prog}: interrupted before training started; nothing was saved", file=sys.stderr)
         return 130
     return 0
 
 
-def _quiet_known_noise() -> None:
-    """Silence messages these libraries repeat on every run that tell the user nothing actionable."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # fork warning after the tokenizer was used
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # one progress bar per run: the Trainer's
-    # bitsandbytes on CPU without the optional `kernels` package; its own fallback path is used and works.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-        lambda record: "kernels-community" not in record.getMessage()
-    )
-    # transformers 5 renamed gradient to activation checkpointing; PEFT and TRL still call the old name internally.
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    # DeepSpeed's collectives call torch.distributed functions that torch deprecated, once per step and process.
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    # DeepSpeed on a machine without a GPU, once per process at import; a real run on CPU says so in its plan.
-    logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())
+TOOLS = {  # sftkit NAME ... -> the module whose main() takes the rest of the command line
+    "chat": "sftkit.chat", "compare": "sftkit.compare", "webchat": "sftkit.webchat", "export": "sftkit.export",
+}
+USAGE = """usage: sftkit COMMAND ...
+
+  train [CONFIG] [--preset NAME] [--overwrite] [--dry-run] [--inspect [N]] [--section.key value ...]
+                      fine-tune (CONFIG: a YAML file or a shipped config's name; default: the embedded default)
+  init FILE [--from NAME]
+                      write a starting config to edit (NAME: default, lora, qlora, or an example's name)
+  env                 what this machine has for training, for a bug report
+  chat DIR            talk to a trained model in the terminal
+  compare DIR         base vs fine-tuned replies, written to DIR/before_after.md
+  webchat DIR         talk to it in the browser (needs the extras)
+  export DIR          finish an export that failed (for example on a full disk)
+
+Under several processes: accelerate launch -m sftkit train CONFIG"""
+
+
+def sftkit(argv: list[str] | None = None) -> int:
+    """The `sftkit` console command (and `python -m sftkit`): one entry point, one subcommand per task."""
+    argv = sys.argv[1:] if argv is None else argv
+    command, rest = (argv[0], argv[1:]) if argv else ("--help", [])
+    if command == "train":
+        if rest and not rest[0].startswith("-"):
+            rest = ["--config", rest[0], *rest[1:]]
+        return main(rest, prog="sftkit train")
+    if command == "init":
+        return init(rest)
+    if command == "env":
+        return main(["env"])
+    if command in TOOLS:
+        import importlib
+
+        return importlib.import_module(TOOLS[command]).main(rest)
+    print(USAGE, file=sys.stdout if command in ("-h", "--help") else sys.stderr)
+    return 0 if command in ("-h", "--help") else 2
+
+
+def init(argv: list[str]) -> int:
+    """Write a copy of a shipped config (its comments are its documentation) where the user can edit it."""
+    parser = argparse.ArgumentParser(prog="sftkit init", description=init.__doc__)
+    parser.add_argument("file", help="the config to write, e.g. my_run.yaml")
+    parser.add_argument("--from", dest="source", default="lora",
+                        help="the shipped config to start from: default, lora, qlora, or an example's name "
+                             "(llama3.1_8b_qlora, qwen2.5_1.5b_full, tinyllama_1.1b_chat_lora)")
+    args = parser.parse_args(argv)
+    target = Path(args.file if args.file.endswith((".yaml", ".yml")) else f"{args.file}.yaml")
+    try:
+        source = _shipped_config(args.source)
+        if target.exists():
+            raise ConfigError(f"{target} exists already; choose another name (sftkit init never replaces a file)")
+        target.write_text(source.read_text())
+    except (ConfigError, OSError) as error:
+        print(f"sftkit init: error: {error}", file=sys.stderr)
+        return 2
+    print(f"sftkit init: wrote {target} (from {source.name}); edit model.path, dataset.name and training.output_dir, "
+          f"then: sftkit train {target}")
+    return 0
+
+
+def _shipped_config(name: str) -> Path:
+    from sftkit.config import CONFIGS_DIR, find_config_file
+
+    for candidate in (f"{name}_train_config", f"examples/{name}", name):
+        try:
+            return find_config_file(candidate, CONFIGS_DIR)
+        except ConfigError:
+            continue
+    raise ConfigError(f"no shipped config named {name!r}: use default, lora, qlora, or one of "
+                      f"{', '.join(path.stem for path in sorted((CONFIGS_DIR / 'examples').glob('*.yaml')))}")

@@ -23,7 +23,11 @@ from typing import Any, Literal
 
 import yaml
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+PACKAGE_DIR = Path(__file__).resolve().parent
+# A clone (or `pip install -e .`) has configs/ and data/ beside the package; an installed wheel carries them inside
+# it, in sftkit/project/ (see pyproject.toml).
+PROJECT_DIR = next(directory for directory in (PACKAGE_DIR.parent, PACKAGE_DIR / "project")
+                   if (directory / "configs" / "default_train_config.yaml").is_file() or directory.name == "project")
 CONFIGS_DIR = PROJECT_DIR / "configs"
 PRESETS_DIR = CONFIGS_DIR / "presets"
 DEFAULT_CONFIG = CONFIGS_DIR / "default_train_config.yaml"

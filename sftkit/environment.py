@@ -51,13 +51,17 @@ def _library_checks() -> list[tuple[str, str, str]]:
 
 
 def _pinned_versions() -> dict[str, str]:
+    """The versions pinned in requirements*.txt: from the installed package's metadata, else from a clone's files."""
+    try:
+        lines = importlib.metadata.requires("sftkit") or []
+    except importlib.metadata.PackageNotFoundError:
+        lines = [line for file in ("requirements.txt", "requirements-extras.txt") if (PROJECT_DIR / file).exists()
+                 for line in (PROJECT_DIR / file).read_text().splitlines()]
     pins = {}
-    for file in ("requirements.txt", "requirements-extras.txt"):
-        path = PROJECT_DIR / file
-        for line in path.read_text().splitlines() if path.exists() else []:
-            name, _, version = line.split("#")[0].strip().partition("==")
-            if version:
-                pins[name.lower()] = version
+    for line in lines:
+        name, _, version = line.split("#")[0].split(";")[0].strip().partition("==")
+        if version:
+            pins[name.lower()] = version
     return pins
 
 

@@ -60,6 +60,7 @@ class MonitoredSFTTrainer(SFTTrainer):
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
         checkpoint = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        checkpoint.mkdir(parents=True, exist_ok=True)  # with DDP only the main process saves, maybe not yet
         window = {"loss_sum": self._tr_loss.item(), "last_logged_step": self._globalstep_last_logged,
                   "cpu_threads": torch.get_num_threads()}
         (checkpoint / LOSS_WINDOW_FILE.format(rank=self.args.process_index)).write_text(json.dumps(window) + "\n")

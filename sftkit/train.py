@@ -198,7 +198,7 @@ def _how_to_resume(trainer, signum: int) -> str:
 def resume_command() -> str:
     """The command that started this run (its launcher included), shell-quoted, set to resume from the newest
     checkpoint; --overwrite is dropped, since it would delete that checkpoint."""
-    words = _launcher_command() or [_python(), *sys.argv]
+    words = _launcher_command() or _own_command()
     kept, skip = [], False
     for word in words:
         if skip:
@@ -230,6 +230,16 @@ def _launcher_command() -> list[str] | None:
             if Path(word).name in LAUNCHERS:
                 return [Path(word).name, *words[index + 1:]]
     return None
+
+
+def _own_command() -> list[str]:
+    """How this process was started: `python sft.py ...`, the `sftkit` console command, or `python -m sftkit`."""
+    script = Path(sys.argv[0])
+    if script.name == "sftkit":
+        return ["sftkit", *sys.argv[1:]]
+    if script.name == "__main__.py" and script.parent.name == "sftkit":
+        return [_python(), "-m", "sftkit", *sys.argv[1:]]
+    return [_python(), *sys.argv]
 
 
 def _python() -> str:

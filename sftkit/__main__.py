@@ -1,0 +1,5 @@
+"""`python -m sftkit ...`: the same as the `sftkit` console command."""
+
+from sftkit.cli import sftkit
+
+raise SystemExit(sftkit())
