@@ -4,8 +4,8 @@
     python -m sftkit.compare outputs/default --prompts prompts.txt  # one prompt per line
 
 Writes OUTPUT_DIR/before_after.md (or --out). The base model and the data come from the run's sftkit_config.yaml.
-Loss is the mean over trained tokens (assistant replies), on the held-out rows if the run had any, else on the
-first training rows (the report says which).
+Loss is the run's eval loss (mean over the trained tokens of each batch, then over batches), on the held-out rows if
+the run had any, else on the first training rows (the report says which). OUTPUT_DIR may also be its lora_weights.
 """
 
 import argparse
@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from sftkit.config import ConfigError, DatasetConfig, ModelConfig, read_section, resolve_path
+from sftkit.data.tokenize import IGNORE_INDEX
 from sftkit.export import RUN_CONFIG_FILE
 
 REPORT_FILE = "before_after.md"
@@ -56,14 +57,17 @@ def write_report(args) -> Path:
 
     datasets.disable_progress_bars()
 
-    output_dir = Path(args.output_dir)
+    model_dir = Path(args.output_dir)
+    # the run's lora_weights: the adapter on its base is compared, and the report goes to the run's directory
+    adapter_only = (model_dir / "adapter_config.json").is_file() and (model_dir.parent / RUN_CONFIG_FILE).is_file()
+    output_dir = model_dir.parent if adapter_only else model_dir
     saved_config = output_dir / RUN_CONFIG_FILE
     if not saved_config.is_file():
         raise ConfigError(f"{output_dir}: no {RUN_CONFIG_FILE}; pass the output_dir of a finished sftkit run")
     saved = yaml.safe_load(saved_config.read_text())
     model_cfg = read_section(ModelConfig, saved["model"], "model", saved_config)
     dataset_cfg = read_section(DatasetConfig, saved["dataset"], "dataset", saved_config)
-    tuned, tokenizer = load_for_inference(str(output_dir), model_cfg.trust_remote_code)
+    tuned, tokenizer = load_for_inference(str(model_dir), model_cfg.trust_remote_code)
     base = AutoModelForCausalLM.from_pretrained(
         resolve_path(model_cfg.path), dtype=tuned.dtype, revision=model_cfg.revision,
         trust_remote_code=model_cfg.trust_remote_code).to(tuned.device).eval()
@@ -79,16 +83,17 @@ def write_report(args) -> Path:
     else:
         prompts = [_prompt_from_row(tokenizer, row) for row in rows.select(range(min(args.rows, len(rows))))]
     with torch.no_grad():
-        losses = {name: mean_loss(model, loss_rows, model_cfg.max_seq_length) for name, model in
+        batch_size = saved["training"].get("per_device_eval_batch_size", 8)
+        losses = {name: mean_loss(model, loss_rows, model_cfg.max_seq_length, batch_size) for name, model in
                   (("base", base), ("tuned", tuned))}
     replies = {name: [generate_from_ids(model, tokenizer, prompt.input_ids, args.max_new_tokens) for prompt in prompts]
                for name, model in (("base", base), ("tuned", tuned))}
     where = (f"{len(loss_rows)} held-out rows" if held_out
              else f"the first {len(loss_rows)} training rows (no held-out set)")
     lines = [
-        f"# Before and after: `{model_cfg.path}` vs `{output_dir}`",
+        f"# Before and after: `{model_cfg.path}` vs `{model_dir}`",
         "",
-        f"Loss on {where}, mean over trained tokens: **base {losses['base']:.3f}**, "
+        f"Loss on {where}, computed as the run's eval loss: **base {losses['base']:.3f}**, "
         f"**fine-tuned {losses['tuned']:.3f}**.",
         "",
         f"Greedy replies, at most {args.max_new_tokens} new tokens.",
@@ -104,20 +109,24 @@ def write_report(args) -> Path:
     return path
 
 
-def mean_loss(model, rows, max_length: int) -> float:
-    """Cross-entropy per trained token, summed over rows and divided by their trained tokens."""
+def mean_loss(model, rows, max_length: int, batch_size: int) -> float:
+    """The eval loss as the Trainer computes it, so that it equals the run's summary: the mean over trained tokens
+    within each batch of `batch_size` rows (in order), then the mean over batches weighted by their rows."""
     import torch
 
     total, count = 0.0, 0
-    for input_ids, labels in zip(rows["input_ids"], rows["labels"]):
-        input_ids, labels = input_ids[:max_length], labels[:max_length]
-        trained = sum(label != -100 for label in labels[1:])  # the model shifts labels by one
-        if trained == 0:
-            continue
-        loss = model(input_ids=torch.tensor([input_ids], device=model.device),
-                     labels=torch.tensor([labels], device=model.device)).loss
-        total += loss.item() * trained
-        count += trained
+    for start in range(0, len(rows), batch_size):
+        batch = rows.select(range(start, min(start + batch_size, len(rows))))
+        token_sum, tokens = 0.0, 0
+        for input_ids, labels in zip(batch["input_ids"], batch["labels"]):
+            input_ids, labels = input_ids[:max_length], labels[:max_length]
+            trained = sum(label != IGNORE_INDEX for label in labels[1:])  # the model shifts labels by one
+            if trained:
+                loss = model(input_ids=torch.tensor([input_ids], device=model.device),
+                             labels=torch.tensor([labels], device=model.device)).loss
+                token_sum, tokens = token_sum + loss.item() * trained, tokens + trained
+        total += token_sum / max(tokens, 1) * len(batch)
+        count += len(batch)
     return total / max(count, 1)
 
 

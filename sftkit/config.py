@@ -562,10 +562,11 @@ def _build_training(values: dict, model: ModelConfig, dataset: DatasetConfig, er
                       "cpu_zero3_2proc.yaml instead")
         return None
     if kwargs.get("deepspeed") and "LOCAL_RANK" not in os.environ:
-        # Outside a launcher DeepSpeed looks for MPI to find its processes; a plain `python sft.py` is one process.
-        for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                            ("MASTER_PORT", "29500")):
+        # Outside a launcher DeepSpeed looks for MPI to find its processes; a plain `python sft.py` is one process
+        # (on a free port: two such runs, or one beside a launch, must not collide on a fixed one).
+        for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
             os.environ.setdefault(name, value)
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     try:
         training = SFTConfig(**kwargs)
     except (ValueError, TypeError) as error:
@@ -587,6 +588,14 @@ def _report_to_errors(report_to: list[str]) -> list[str]:
         elif name not in get_available_reporting_integrations():
             errors.append(f"training.report_to: {name} needs its package, which is not installed (pip install {name})")
     return errors
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _has_gpu() -> bool:

@@ -48,6 +48,8 @@ def export(trainer, run_config, tokenizer, dtype, parameters: tuple[int, int]) -
     trainer.accelerator.wait_for_everyone()
     try:
         trainer.save_model(str(staging / ADAPTER_DIR if lora else staging))
+        if main and lora:  # PEFT's empty card template ("[More Information Needed]"); output_dir/README.md describes it
+            (staging / ADAPTER_DIR / "README.md").unlink(missing_ok=True)
     except Exception as error:  # OSError, or safetensors' own error on a full disk
         raise RunFailed(f"could not write the trained {'adapter' if lora else 'model'} to {staging}: {error}") from None
     if main:
@@ -139,6 +141,16 @@ def _publish(staging: Path, output_dir: Path) -> None:
             target.unlink()
         item.rename(target)
     staging.rmdir()
+    _readable_like_other_files(output_dir)
+
+
+def _readable_like_other_files(directory: Path) -> None:
+    """safetensors writes its files with mode 0600; give them the mode every other file gets (0644 under the
+    usual umask), so a model shared on a cluster's filesystem can be read by the team."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in [*directory.glob("*.safetensors"), *directory.glob(f"{ADAPTER_DIR}/*.safetensors")]:
+        file.chmod(0o666 & ~umask)
 
 
 def saved_dtypes(directory: Path) -> list[str]:

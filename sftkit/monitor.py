@@ -57,6 +57,19 @@ class MonitoredSFTTrainer(SFTTrainer):
         self._window_to_restore = window if resume_from_checkpoint and window.is_file() else None
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
+    def create_model_card(self, *args, **kwargs) -> None:
+        """TRL 1.16 writes its own card ("fine-tuned version of [None]") to output_dir/README.md with every
+        checkpoint, before any model is there; sftkit writes one card, describing the run, with the model."""
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """transformers 5.24 warns on resume that the checkpoint lacks lm_head.weight when the head shares the
+        embeddings' weights, which are saved once; tied keys are not missing."""
+        model = self.accelerator.unwrap_model(self.model)
+        config = getattr(model, "config", None)
+        tied = set(getattr(model, "_tied_weights_keys", None) or ()) if getattr(config, "tie_word_embeddings", 0) else set()
+        missing = [key for key in load_result.missing_keys if key not in tied]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
+
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
         checkpoint = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"

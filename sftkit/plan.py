@@ -73,10 +73,11 @@ def dry_run(config: RunConfig) -> str:
     method = config.model.method
     eval_rows = f" / {len(data.eval)} eval" if data.eval is not None else ""
     tokens = sum(data.lengths)
+    counted = shape.total + (shape.trainable if config.model.use_lora else 0)  # with the adapters, as the run counts
     rows = [
         ("model", f"{config.model.path} ({shape.description})"),
-        ("method", f"{method} in {str(plan.dtype).removeprefix('torch.')}: {shape.trainable:,} of {shape.total:,} "
-                   f"parameters train ({100 * shape.trainable / shape.total:.2f}%)"),
+        ("method", f"{method} in {str(plan.dtype).removeprefix('torch.')}: {shape.trainable:,} of {counted:,} "
+                   f"parameters train ({100 * shape.trainable / counted:.2f}%)"),
         ("data", f"{data.rows} rows read, {len(data.train)} train{eval_rows}; {tokens:,} tokens per epoch, "
                  f"{data.trainable_tokens:,} of them trained; longest row {max(data.lengths)} tokens "
                  f"(max_seq_length {args.max_length})"

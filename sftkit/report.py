@@ -25,7 +25,7 @@ def plot_loss(history: list[dict], path: Path) -> None:
     if train:
         axes.plot(*zip(*train), color="tab:blue", label="train loss")
     if evaluation:
-        axes.plot(*zip(*evaluation), "o-", color="tab:orange", label="eval loss")
+        axes.plot(*zip(*evaluation), "o", color="tab:orange", label="eval loss")  # points: nothing between them
     axes.set_xlabel("step")
     axes.set_ylabel("loss (trained tokens)")
     axes.set_title("Training loss")
@@ -59,7 +59,7 @@ def model_card(config, summary: dict) -> str:
         "|---|---|",
         f"| method | {method} |",
         f"| data | {sources}: {summary['rows']} rows read |",
-        f"| steps | {summary['steps']} ({training.num_train_epochs} epochs requested) |",
+        f"| steps | {_length(training, summary)} |",
         f"| learning rate | {training.learning_rate} ({getattr(training.lr_scheduler_type, 'value', '')} schedule) |",
         f"| effective batch size | {batch} |",
         f"| max sequence length | {model.max_seq_length} |",
@@ -102,6 +102,12 @@ def model_card(config, summary: dict) -> str:
         lines += ["", "The LoRA adapter alone is in `lora_weights/` (load it with `peft.PeftModel.from_pretrained` "
                       f"on `{model.path}`); the weights here are already merged."]
     return "\n".join(lines) + "\n"
+
+
+def _length(training, summary: dict) -> str:
+    if training.max_steps > 0:
+        return f"{summary['steps']} (training.max_steps; {summary['epochs']:.2f} epochs of the data)"
+    return f"{summary['steps']} ({training.num_train_epochs:g} epochs)"
 
 
 def _number(value) -> str:

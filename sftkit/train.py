@@ -137,6 +137,7 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
     summary = {
         "wall_seconds": timing.seconds()["wall_seconds"],
         "steps": trainer.state.global_step,
+        "epochs": round(trainer.state.epoch, 3),
         "train_seconds": train_seconds,
         "input_tokens": trainer.state.num_input_tokens_seen or None,
         "tokens_per_second": round(trainer.state.num_input_tokens_seen / train_seconds, 1),

@@ -1,6 +1,7 @@
 """`sft.py --dry-run` and `sft.py env`: the plan from the config, tokenizer and data alone, and the environment."""
 
 import importlib.metadata
+import json
 import re
 import shutil
 
@@ -52,7 +53,7 @@ def test_dry_run_loads_no_weights_and_counts_parameters_from_the_config(tmp_path
     assert "8,030,261,248 of 8,030,261,248 parameters train" in plan_value(full.stdout, "method")
     lora = run_python("sft.py", "--dry-run", "--config", "lora_train_config.yaml", "--model.path", str(llama3_8b),
                       "--model.lora_config.r", "16")
-    assert "41,943,040 of 8,030,261,248 parameters train" in plan_value(lora.stdout, "method")
+    assert "41,943,040 of 8,072,204,288 parameters train" in plan_value(lora.stdout, "method")  # base + adapters
     # full fine-tuning in fp32 on one device: 4 bytes each for weight and gradient, 8 for Adam's two states
     memory = plan_value(full.stdout, "memory per device")
     assert f"{8_030_261_248 * 16 / 2**30:.2f} GiB model states" in memory
@@ -101,3 +102,10 @@ def test_env_shows_the_accelerate_config_in_use():
     result = run_python("sft.py", "env", env={"ACCELERATE_CONFIG_FILE": "accelerate_configs/cpu_zero2_2proc.yaml"})
     line = next(line for line in result.stdout.splitlines() if "accelerate config" in line)
     assert "distributed_type DEEPSPEED, num_processes 2" in line and "zero2.json" in line
+
+
+def test_dry_run_counts_parameters_as_the_run_does(lora_run):
+    summary = json.loads((lora_run / "run_summary.json").read_text())
+    dry = run_python("sft.py", "--dry-run", "--config", "lora_train_config.yaml")
+    assert (f"{summary['trainable_parameters']:,} of {summary['total_parameters']:,} parameters train"
+            in plan_value(dry.stdout, "method"))
