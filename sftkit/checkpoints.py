@@ -110,14 +110,14 @@ class RecordRunInCheckpoints(TrainerCallback):
     def __init__(self, resolved: dict, earlier: dict, started: float):
         self.resolved = resolved
         self.earlier = earlier
-        self.started = started  # time.perf_counter() at the start of this segment
+        self.started = started  # time.time() at the start of this segment (the process's start, from the CLI)
         self.training_began = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.training_began = time.perf_counter()
+        self.training_began = time.time()
 
     def seconds(self) -> dict:
-        now = time.perf_counter()
+        now = time.time()
         return {"wall_seconds": round(self.earlier["wall_seconds"] + now - self.started, 1),
                 "train_seconds": round(self.earlier["train_seconds"] + now - (self.training_began or now), 3)}
 

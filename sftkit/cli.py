@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None, prog: str = "sft.py") -> int:
             return 0
         from sftkit.train import train
 
-        train(config, overwrite=args.overwrite)
+        train(config, overwrite=args.overwrite, started=_process_start())
     except ConfigError as error:
         if is_main_process():
             print(f"{prog}: error: {error}", file=sys.stderr)
@@ -79,6 +79,12 @@ def main(argv: list[str] | None = None, prog: str = "sft.py") -> int:
             print(f"{prog}: interrupted before training started; nothing was saved", file=sys.stderr)
         return 130
     return 0
+
+
+def _process_start() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 TOOLS = {  # sftkit NAME ... -> the module whose main() takes the rest of the command line

@@ -5,6 +5,7 @@ installed when sftkit is imported (sftkit/__init__.py), so the training command,
 all see the same quiet output. Each matches one message at its source logger or warning, never a whole library.
 """
 
+import glob
 import logging
 import os
 import warnings
@@ -35,3 +36,14 @@ def _drop_log(logger: str, text: str) -> None:
 
 def _drop_warning(pattern: str, category: type[Warning]) -> None:
     warnings.filterwarnings("ignore", message=pattern, category=category)
+
+
+def announce_deepspeed_cpu_op_build() -> None:
+    """DeepSpeed 0.19 on a machine without a GPU compiles its shared-memory collective op with the C++ compiler the
+    first time it starts there, silently, for one to four minutes (measured on 2 cores); say so before it starts.
+    It caches the build with torch's other extensions (TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions)."""
+    cache = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch_extensions")
+    if os.environ.get("RANK", "0") == "0" and not glob.glob(os.path.join(cache, "*", "deepspeed_shm_comm", "*.so")):
+        print("sftkit: DeepSpeed is building its CPU communication op (once per machine; 1 to 4 minutes)...",
+              flush=True)

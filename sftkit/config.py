@@ -534,6 +534,8 @@ def _build_training(values: dict, model: ModelConfig, dataset: DatasetConfig, er
     """Coerce the `training` values to SFTConfig's field types and build it (_precheck_training checked the keys)."""
     from trl import SFTConfig
 
+    from sftkit.compat import announce_deepspeed_cpu_op_build
+
     hints = typing.get_type_hints(SFTConfig)
     kwargs = {}
     for key, value in values.items():
@@ -561,6 +563,8 @@ def _build_training(values: dict, model: ModelConfig, dataset: DatasetConfig, er
                       "rejects the batch size; on a CPU use accelerate_configs/cpu_zero2_2proc.yaml or "
                       "cpu_zero3_2proc.yaml instead")
         return None
+    if (kwargs.get("deepspeed") or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true") and not _has_gpu():
+        announce_deepspeed_cpu_op_build()  # it happens while SFTConfig sets up the processes, below
     if kwargs.get("deepspeed") and "LOCAL_RANK" not in os.environ:
         # Outside a launcher DeepSpeed looks for MPI to find its processes; a plain `python sft.py` is one process
         # (on a free port: two such runs, or one beside a launch, must not collide on a fixed one).

@@ -40,10 +40,11 @@ class Run:
     trainer: MonitoredSFTTrainer
 
 
-def train(config: RunConfig, overwrite: bool = False) -> Run:
+def train(config: RunConfig, overwrite: bool = False, started: float | None = None) -> Run:
     """Claim output_dir, train, export, report. Raises ConfigError before loading anything when the run cannot
-    start; Interrupted (checkpoint saved) or RunFailed (what was kept and where) when it ends early."""
-    started = time.perf_counter()
+    start; Interrupted (checkpoint saved) or RunFailed (what was kept and where) when it ends early. `started`
+    (time.time()) is when the command started, so the wall time counts imports and DeepSpeed's op builds too."""
+    started = started or time.time()
     args = config.training  # built before the model, so ZeRO-3 can partition the weights as they load
     output = OutputDir(args.output_dir, config.resolved)
     resume_from = _claim(output, args, config, overwrite)
