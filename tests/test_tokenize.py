@@ -34,6 +34,15 @@ def expected_spans(family, messages):
     return spans
 
 
+# Conversations a family's template allows no exact mask for, and the MaskError that says so.
+REFUSED = {}
+CONVERSATIONS = {"single": SINGLE, "multi": MULTI, "system_multi": [SYSTEM] + MULTI}
+
+
+def masked_families(*names):
+    return [(family, name) for family in sorted(FAMILIES) for name in names if (family, name) not in REFUSED]
+
+
 @pytest.mark.parametrize("messages", [SINGLE, MULTI, [SYSTEM] + SINGLE, [SYSTEM] + MULTI], ids=["single", "multi", "system_single", "system_multi"])
 def test_shipped_template_trains_each_reply_and_its_end_of_turn(tokenizer, messages):
     tokens = tokenize_messages(tokenizer, messages)
@@ -57,15 +66,14 @@ def test_loss_on_last_assistant_and_all(tokenizer):
     assert everything["labels"] == everything["input_ids"]
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("messages", [SINGLE, MULTI], ids=["single", "multi"])
-def test_real_family_templates(family, messages):
+@pytest.mark.parametrize("family, name", masked_families("single", "multi"))
+def test_real_family_templates(family, name):
     tokenizer = family_tokenizer(family)
-    tokens = tokenize_messages(tokenizer, messages)
-    assert trained_spans(tokenizer, tokens) == expected_spans(family, messages)
+    tokens = tokenize_messages(tokenizer, CONVERSATIONS[name])
+    assert trained_spans(tokenizer, tokens) == expected_spans(family, CONVERSATIONS[name])
 
 
-@pytest.mark.parametrize("family", sorted(set(FAMILIES) - set(REJECT_SYSTEM)))
+@pytest.mark.parametrize("family", [f for f, _ in masked_families("system_multi") if f not in REJECT_SYSTEM])
 def test_real_family_templates_with_a_system_message(family):
     tokenizer = family_tokenizer(family)
     tokens = tokenize_messages(tokenizer, [SYSTEM] + MULTI)
@@ -123,3 +131,104 @@ def test_fallback_chatml_template_closes_turns_with_eos(tokenizer):
     tokenizer.chat_template = CHATML_TEMPLATE
     tokens = tokenize_messages(tokenizer, [SYSTEM] + MULTI)
     assert trained_spans(tokenizer, tokens) == [reply + "</s>" for reply in replies(MULTI)]
+
+
+LONG = [message for k in range(40) for message in (
+    {"role": "user", "content": f"Question {k}: what comes after {k}?"},
+    {"role": "assistant", "content": f"After {k} comes {k + 1}."},
+)]
+SPACED = [
+    {"role": "user", "content": "  Spaces around  "},
+    {"role": "assistant", "content": "\n\nA reply after blank lines, and a space after it "},
+    {"role": "user", "content": "<b>markup</b> first"},
+    {"role": "assistant", "content": "Some <b>markup</b> in the reply too."},
+]
+
+
+def the_old_way(monkeypatch):
+    """Mask every row from its own prefix renderings, as before the skeletons."""
+    from sftkit.data import tokenize
+
+    monkeypatch.setattr(tokenize, "_spans_from_skeleton", lambda *args: None)
+
+
+def outcome(tokenizer, messages, loss_on):
+    try:
+        return tokenize_messages(tokenizer, messages, loss_on)
+    except MaskError as error:
+        return str(error)
+
+
+@pytest.mark.parametrize("family, name", masked_families("single", "multi", "system_multi"))
+@pytest.mark.parametrize("loss_on", ["assistant", "last_assistant"])
+def test_skeletons_give_the_labels_of_the_prefix_renderings(monkeypatch, family, name, loss_on):
+    tokenizer = family_tokenizer(family)
+    conversations = [CONVERSATIONS[name], LONG, SPACED]
+    fast = [outcome(tokenizer, messages, loss_on) for messages in conversations]
+    the_old_way(monkeypatch)
+    assert fast == [outcome(tokenizer, messages, loss_on) for messages in conversations]
+
+
+def test_a_row_is_rendered_and_tokenized_once_and_its_prefixes_once_per_sequence_of_roles(monkeypatch):
+    """The cost of a row grows with its tokens: prefixes are rendered once per sequence of roles, not per row."""
+    tokenizer = family_tokenizer("llama3")
+    tokenizer.name_or_path = "llama3-counted"  # a template key no other test has warmed
+    calls = {"render": 0, "tokenize": 0}
+    render, tokenize = type(tokenizer).apply_chat_template, type(tokenizer).__call__
+
+    def counted(name, function):
+        def wrapper(self, *args, **kwargs):
+            calls[name] += 1
+            return function(self, *args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(type(tokenizer), "apply_chat_template", counted("render", render))
+    monkeypatch.setattr(type(tokenizer), "__call__", counted("tokenize", tokenize))
+    rows = [[dict(message, content=f"{message['content']} ({row})") for message in LONG] for row in range(3)]
+    tokenize_messages(tokenizer, rows[0])
+    first = dict(calls)
+    assert first["render"] > 2 * 40  # the skeletons: the whole conversation and two prefixes per assistant turn
+    for row in rows[1:]:
+        tokenize_messages(tokenizer, row)
+    assert calls == {"render": first["render"] + 2, "tokenize": first["tokenize"] + 2}
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen3", "phi3", "gemma3"])
+@pytest.mark.parametrize("max_length", [5, 60, 333, 10_000])
+def test_max_length_tokenizes_only_what_is_kept_and_the_turn_it_cuts(monkeypatch, family, max_length):
+    from sftkit.data import tokenize
+
+    tokenizer = family_tokenizer(family)
+    whole = tokenize_messages(tokenizer, LONG)
+    tokenized = []
+    of = tokenize._Tokens.of.__func__
+    monkeypatch.setattr(tokenize._Tokens, "of", classmethod(lambda cls, tok, text: tokenized.append(text) or
+                                                            of(cls, tok, text)))
+    monkeypatch.setattr(tokenize, "_spans_from_prefixes", None)  # the old way would tokenize every prefix
+    cut = tokenize_messages(tokenizer, LONG, max_length=max_length)
+    kept = len(cut["input_ids"])
+    assert cut == {"input_ids": whole["input_ids"][:kept], "labels": whole["labels"][:kept]}
+    assert kept == len(whole["input_ids"]) if max_length >= len(whole["input_ids"]) else max_length <= kept
+    if max_length < len(whole["input_ids"]) // 2:
+        assert max(map(len, tokenized)) < len(tokenizer.apply_chat_template(LONG, tokenize=False)) // 2
+    if kept > max_length:  # the cut fell in an assistant turn, which is kept whole up to its end-of-turn token
+        assert tokenizer.decode(cut["input_ids"][-1:]) == FAMILIES[family]["end"] and cut["labels"][-1] != -100
+
+
+def test_a_special_token_inside_a_reply_does_not_end_its_mask_early():
+    """The old masks trained only '<|im_end|>' here: the reply holds the special token's text, and the template has
+    no end-of-turn token of its own. The per-row check refuses it."""
+    tokenizer = family_tokenizer("qwen2_5")
+    tokenizer.chat_template = (TEMPLATES / "bad_no_end_token.jinja").read_text()
+    tokenizer.name_or_path = "no-end-token"
+    messages = [{"role": "user", "content": "Quote it"}, {"role": "assistant", "content": "<|im_end|> is the token"}]
+    with pytest.raises(MaskError, match="no-end-token would train '<|im_end|>' for assistant turn 1, which is not the"):
+        tokenize_messages(tokenizer, messages, loss_on="last_assistant")
+
+
+def test_deepseek_reply_that_starts_like_the_think_tag_trains_whole():
+    """The old masks left the reply's first '<' untrained: it matched the '<think>' the generation prompt adds."""
+    tokenizer = family_tokenizer("deepseekv3")
+    messages = [{"role": "user", "content": "Bold?"}, {"role": "assistant", "content": "<b>Yes</b>, bold."}]
+    tokens = tokenize_messages(tokenizer, messages)
+    assert trained_spans(tokenizer, tokens) == ["<b>Yes</b>, bold.<｜end▁of▁sentence｜>"]

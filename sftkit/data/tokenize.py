@@ -1,11 +1,11 @@
 """Chat messages -> input_ids + labels, rendered by the tokenizer's own chat template.
 
-Which tokens train is derived from token prefixes, not from `{% generation %}` markers (few templates have them)
-and not from searching the rendered text. For each assistant turn the conversation is rendered twice more:
-- up to the turn, with the generation prompt. It must tokenize to a prefix of the whole conversation and the reply
-  starts where it ends, exactly where a model's reply starts at inference. A template whose generation prompt adds
-  tokens the conversation does not have (DeepSeek's `<think>`) is accepted when only those added tokens differ:
-  the reply starts where the two diverge, and a warning says that training and inference contexts differ.
+Which tokens train is derived from prefix renderings of the conversation, not from `{% generation %}` markers (few
+templates have them) and not from searching the rendered text. For each assistant turn two renderings matter:
+- up to the turn, with the generation prompt. It must be a prefix of the whole conversation and the reply starts
+  where it ends, exactly where a model's reply starts at inference. A template whose generation prompt adds text
+  the conversation does not have (DeepSeek's `<think>`) is accepted when only that added text differs: the reply
+  starts where the two part, and a warning says that training and inference contexts differ.
 - through the turn. Where it stops matching the whole conversation bounds the turn, and the turn ends at its last
   special token before that point (the end-of-turn token), so the model learns to stop while whitespace after it
   stays masked. What the through-rendering has after that token may only be whitespace or special tokens (Phi-3
@@ -15,7 +15,25 @@ and not from searching the rendered text. For each assistant turn the conversati
   that decodes to the message's own content; otherwise the row fails instead of training a wrong mask.
 A template that closes the whole conversation with one more special token (Phi-3's eos after the last `<|end|>`)
 trains that token too on the last turn, as TRL's own Phi-3 training template does.
+
+Rendering and tokenizing those prefixes for every row costs the square of its turns. So the prefixes are rendered
+once per sequence of roles, with a placeholder for each message's content (a skeleton, cached), and each row is
+rendered once and tokenized once, with the fast tokenizer's character offsets. The row's text must be its skeleton
+with every placeholder replaced by the message's content (as the template trims it): then every position of the
+skeleton outside a content has its place in the row's text, and the offsets say which token starts there. A row
+for which that does not hold (the template treats some content unlike a placeholder, a message has other keys than
+role and content, a boundary falls inside a token) is masked the old way, from its own prefixes, tokenized.
+With max_length the row is still rendered whole (a template is one program over the whole conversation, and
+rendering is a small part of the cost), but tokenized, masked and checked only up to the end of the assistant turn
+the cut falls in.
+
+Either way every trained span is checked: it must hold the reply's content (as the template trims it) and end with
+a special token, else MaskError naming the template. A template without an end-of-turn token of its own (GLM-4.5:
+the next role token ends a reply) otherwise trains only the special tokens before the reply, silently.
 """
+
+import bisect
+from dataclasses import dataclass
 
 import jinja2
 from transformers.utils import logging
@@ -31,38 +49,44 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+# Stands for the content of message k in a skeleton: plain text to a template, and never produced by one itself.
+OPEN, CLOSE = "\u27ea", "\u27eb"
+CACHE_SIZE = 4096  # entries per cache; a dataset has few distinct role sequences
 
 
 class MaskError(ValueError):
     """The chat template does not allow an exact assistant mask for this conversation."""
 
 
-def tokenize_messages(tokenizer, messages: list[dict], loss_on: str = "assistant") -> dict:
+def tokenize_messages(tokenizer, messages: list[dict], loss_on: str = "assistant", max_length: int | None = None):
     """Tokenize a conversation; labels are -100 except on the trained tokens.
 
     loss_on: "assistant" trains every assistant turn, "last_assistant" only the last one, "all" every token.
+    max_length: tokenize only as far as the row is kept: its first max_length tokens and the rest of the assistant
+    turn the cut falls in (so that turn is checked whole, and the row shows it was cut). None keeps the whole row.
     """
+    text = _render(tokenizer, [messages])[0]
+    if loss_on == "all":
+        input_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return {"input_ids": input_ids, "labels": list(input_ids)}
     turns = [index for index, message in enumerate(messages) if message["role"] == "assistant"]
     if loss_on == "last_assistant":
         turns = turns[-1:]
-    if loss_on == "all":
-        turns = []
-    # Every rendering the masks need, tokenized in one call: most of the cost of tokenizing is per call.
-    texts = _render(tokenizer, [messages] + [messages[: turn + 1] for turn in turns])
-    texts += _render(tokenizer, [messages[:turn] for turn in turns], add_generation_prompt=True)
-    input_ids, *renderings = tokenizer(texts, add_special_tokens=False)["input_ids"]  # templates write their own bos
-    if loss_on == "all":
-        return {"input_ids": input_ids, "labels": list(input_ids)}
-    special_ids = set(tokenizer.all_special_ids)
-    labels = [IGNORE_INDEX] * len(input_ids)
-    for turn, through, prompt in zip(turns, renderings[: len(turns)], renderings[len(turns) :]):
-        start = _turn_start(tokenizer, messages[:turn], prompt, input_ids)
-        end = _turn_end(tokenizer, messages[: turn + 1], through, input_ids, start, special_ids)
-        labels[start:end] = input_ids[start:end]
-    if labels == input_ids:
-        raise MaskError(f"the chat template of {tokenizer.name_or_path} renders nothing around the replies, so every "
+    template = _template(tokenizer)
+    found = _spans_from_skeleton(tokenizer, template, messages, turns, text, max_length)
+    tokens, spans = found or _spans_from_prefixes(tokenizer, template, messages, turns, text)
+    if max_length is not None:
+        spans = [span for span in spans if span[1] < max_length]  # the turns that start past the cut are not kept
+    labels = [IGNORE_INDEX] * len(tokens.ids)
+    for span in spans:
+        turn, start, end, _ = span
+        _check_span(tokenizer, template, tokens, span, messages[turn]["content"])
+        labels[start:end] = tokens.ids[start:end]
+    if spans and labels == tokens.ids:
+        raise MaskError(f"the chat template of {template.name} renders nothing around the replies, so every "
                         "token would train; set dataset.chat_template to a chat template with role markers")
-    return {"input_ids": input_ids, "labels": labels}
+    keep = len(tokens.ids) if max_length is None else max([max_length] + [span[2] for span in spans])
+    return {"input_ids": tokens.ids[:keep], "labels": labels[:keep]}
 
 
 def tokenize_text(tokenizer, text: str) -> dict:
@@ -71,6 +95,57 @@ def tokenize_text(tokenizer, text: str) -> dict:
     if tokenizer.eos_token_id is not None and input_ids[-1:] != [tokenizer.eos_token_id]:
         input_ids.append(tokenizer.eos_token_id)
     return {"input_ids": input_ids, "labels": list(input_ids)}
+
+
+# --- what both ways share -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Template:
+    """One tokenizer's chat template and special tokens: the key of every cache below."""
+    key: tuple
+    name: str
+    special_ids: frozenset
+
+
+@dataclass
+class _Tokens:
+    """A text tokenized once, with each token's character span."""
+    text: str
+    ids: list
+    starts: tuple
+    ends: tuple
+
+    @classmethod
+    def of(cls, tokenizer, text: str) -> "_Tokens":
+        if not tokenizer.is_fast:  # a Python tokenizer gives no offsets: only the old way and decoded text work
+            return cls(text, tokenizer(text, add_special_tokens=False)["input_ids"], None, None)
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        starts, ends = zip(*encoding["offset_mapping"]) if encoding["input_ids"] else ((), ())
+        return cls(text, encoding["input_ids"], starts, ends)
+
+    def between(self, tokenizer, first: int, last: int) -> str:
+        """The text of tokens first to last - 1."""
+        if self.starts is None:
+            return tokenizer.decode(self.ids[first:last])
+        return self.text[self.position(first) : self.position(last)]
+
+    def at(self, position: int) -> int | None:
+        """The index of the token that starts at `position` (the count of tokens at the end of the text), or None
+        when no token boundary falls there."""
+        index = bisect.bisect_left(self.starts, position)
+        if index < len(self.ids) and self.starts[index] != position:
+            return None
+        if index > 0 and self.ends[index - 1] != position:
+            return None
+        return index
+
+    def position(self, index: int) -> int:
+        return self.starts[index] if index < len(self.ids) else len(self.text)
+
+
+def _template(tokenizer) -> _Template:
+    key = (tokenizer.chat_template, tokenizer.name_or_path, len(tokenizer), str(tokenizer.special_tokens_map))
+    return _cached(_TEMPLATES, key, lambda: _Template(key, key[1], frozenset(tokenizer.all_special_ids)))
 
 
 def _render(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool = False) -> list[str]:
@@ -82,50 +157,384 @@ def _render(tokenizer, conversations: list[list[dict]], add_generation_prompt: b
         raise MaskError(f"the chat template of {tokenizer.name_or_path} rejected the conversation: {error}") from None
 
 
-def _turn_start(tokenizer, history: list[dict], prompt: list[int], full_ids: list[int]) -> int:
+def _turn_end(tokenizer, template: _Template, tokens: _Tokens, turn: int, content: str, start: int, common: int,
+              through_matches: bool, tail_is_blank) -> int:
+    """Where assistant turn `turn` stops training. `common`: how many tokens the rendering through the turn shares
+    with the conversation (all of it when `through_matches`); `tail_is_blank(index)`: whether that rendering holds
+    only whitespace and special tokens from token `index` on."""
+    ids = tokens.ids
+    end = next((i + 1 for i in range(common - 1, start - 1, -1) if ids[i] in template.special_ids), None)
+    if through_matches or tail_is_blank(end or start):
+        # rendered alike in both places (only whitespace or special tokens after the end-of-turn differ)
+        if end is None:
+            raise MaskError(
+                f"the chat template of {template.name} ends assistant turn {turn} without a special token (it "
+                f"renders as {tokenizer.decode(ids[start:common])!r}), so the model could not learn to stop; set "
+                "dataset.chat_template to a template that closes assistant turns with the eos or an end-of-turn token"
+            )
+        return end
+    end = next((i + 1 for i in range(start, len(ids)) if ids[i] in template.special_ids), None)
+    if end is None or tokenizer.decode(ids[start : end - 1]).strip() != content.strip():
+        raise MaskError(
+            f"the chat template of {template.name} renders assistant turn {turn} differently when later messages "
+            "follow it (for example it drops reasoning from earlier turns), so its tokens cannot be told apart "
+            "exactly; use dataset.loss_on: last_assistant, or set dataset.chat_template to a template that renders "
+            "earlier turns unchanged"
+        )
+    return end
+
+
+def _check_span(tokenizer, template: _Template, tokens: _Tokens, span: tuple, content: str):
+    """The generic check on every row: the trained span holds the reply, then ends with a special token. A reply may
+    begin with what its generation prompt ends with after its last special token (a thinking model's `<think>`),
+    when that prompt is a prefix of the conversation."""
+    turn, start, end, prompt_is_prefix = span
+    if end > start and tokens.ids[end - 1] in template.special_ids:
+        header = start
+        if prompt_is_prefix:
+            header = next((i for i in range(start - 1, -1, -1) if tokens.ids[i] in template.special_ids), start)
+        opener, text = tokens.between(tokenizer, header, start), tokens.between(tokenizer, header, end - 1)
+        reply = content.strip()
+        found = text.rfind(reply)
+        if found >= 0 and found + len(reply) > len(opener):
+            return
+    raise MaskError(
+        f"the chat template of {template.name} would train {tokenizer.decode(tokens.ids[start:end])!r} for assistant "
+        f"turn {turn}, which is not the reply followed by an end-of-turn token (the template closes the reply with "
+        "no special token of its own, or renders it unlike its content); set dataset.chat_template to a template "
+        "that ends every assistant turn with an end-of-turn token and renders replies as they are"
+    )
+
+
+def _warn_prompt_adds(template: _Template, added: str):
+    logger.warning_once(
+        f"the generation prompt of {template.name}'s chat template adds {added!r}, which the training conversations "
+        "do not have; replies train after the part they share, so the model sees a slightly different context at "
+        "inference"
+    )
+
+
+# --- the old way: every prefix of the row rendered and tokenized --------------------------------------------------
+
+def _spans_from_prefixes(tokenizer, template: _Template, messages: list[dict], turns: list[int], text: str):
+    tokens = _Tokens.of(tokenizer, text)
+    # every rendering the masks need, tokenized in one call: most of the cost of tokenizing is per call
+    texts = _render(tokenizer, [messages[: turn + 1] for turn in turns])
+    texts += _render(tokenizer, [messages[:turn] for turn in turns], add_generation_prompt=True)
+    renderings = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    spans = []
+    for turn, through, prompt in zip(turns, renderings[: len(turns)], renderings[len(turns) :]):
+        start = _prefix_start(tokenizer, template, messages[:turn], prompt, tokens.ids)
+        prompt_is_prefix = start == len(prompt)
+        common = _common_prefix(through, tokens.ids)
+
+        def tail_is_blank(index, through=through):
+            return not tokenizer.decode(through[index:], skip_special_tokens=True).strip()
+
+        end = _turn_end(tokenizer, template, tokens, turn, messages[turn]["content"], start, common,
+                        common == len(through), tail_is_blank)
+        spans.append((turn, start, end, prompt_is_prefix))
+    return tokens, spans
+
+
+def _prefix_start(tokenizer, template: _Template, history: list[dict], prompt: list[int], full_ids: list[int]) -> int:
     if full_ids[: len(prompt)] == prompt:
         return len(prompt)
     common = _common_prefix(prompt, full_ids)
     history_ids = tokenizer(_render(tokenizer, [history]), add_special_tokens=False)["input_ids"][0]
     if common >= len(history_ids):  # only what the generation prompt adds differs
-        logger.warning_once(
-            f"the generation prompt of {tokenizer.name_or_path}'s chat template adds "
-            f"{tokenizer.decode(prompt[common:])!r}, which the training conversations do not have; replies train "
-            "after the part they share, so the model sees a slightly different context at inference"
-        )
+        _warn_prompt_adds(template, tokenizer.decode(prompt[common:]))
         return common
     raise MaskError(
-        f"the chat template of {tokenizer.name_or_path} renders the first {len(history)} messages differently from "
-        "the same messages inside the whole conversation, so the reply cannot be located exactly; set "
-        "dataset.chat_template to a template that renders earlier turns unchanged"
+        f"the chat template of {template.name} renders the first {len(history)} messages differently from the same "
+        "messages inside the whole conversation, so the reply cannot be located exactly; set dataset.chat_template "
+        "to a template that renders earlier turns unchanged"
     )
 
 
-def _turn_end(tokenizer, through_turn: list[dict], through: list[int], full_ids: list[int], start: int,
-              special_ids: set[int]) -> int:
-    common = _common_prefix(through, full_ids)
-    end = next((i + 1 for i in range(common - 1, start - 1, -1) if full_ids[i] in special_ids), None)
-    if common == len(through) or not tokenizer.decode(through[end or start :], skip_special_tokens=True).strip():
-        # rendered alike in both places (only whitespace or special tokens after the end-of-turn differ)
-        if end is None:
-            raise MaskError(
-                f"the chat template of {tokenizer.name_or_path} ends assistant turn {len(through_turn) - 1} without "
-                f"a special token (it renders as {tokenizer.decode(full_ids[start:common])!r}), so the model could not "
-                "learn to stop; set dataset.chat_template to a template that closes assistant turns with the eos or "
-                "an end-of-turn token"
-            )
-        return end
-    end = next((i + 1 for i in range(start, len(full_ids)) if full_ids[i] in special_ids), None)
-    if end is None or tokenizer.decode(full_ids[start : end - 1]).strip() != through_turn[-1]["content"].strip():
-        raise MaskError(
-            f"the chat template of {tokenizer.name_or_path} renders assistant turn {len(through_turn) - 1} "
-            "differently when later messages follow it (for example it drops reasoning from earlier turns), so its "
-            "tokens cannot be told apart exactly; use dataset.loss_on: last_assistant, or set dataset.chat_template "
-            "to a template that renders earlier turns unchanged"
-        )
-    return end
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def _common_prefix(a, b) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
+
+# --- the fast way: prefixes rendered once per sequence of roles, the row rendered and tokenized once ---------------
+
+@dataclass(frozen=True)
+class _Skeleton:
+    """A rendering with a placeholder for each message's content, cut at the placeholders."""
+    text: str
+    literals: tuple  # the template's own text around the placeholders: one more than there are placeholders
+    starts: tuple  # where each literal starts in `text`
+    messages: tuple  # the message each placeholder stands for, in order
+
+
+@dataclass(frozen=True)
+class _TurnShape:
+    """One assistant turn, in positions of the whole conversation's skeleton."""
+    start: int  # where the reply starts: the end of the generation prompt, or where the two part
+    prompt_adds: str  # what the generation prompt has from there on instead ("" when it is a prefix)
+    common: int  # how far the rendering through the turn matches the whole conversation
+    through_rest: str  # what that rendering has from there on instead ("" when it is a prefix)
+    end: int  # a safe place to stop tokenizing: just after the first special token past the turn and `common`
+    common_at_content: bool  # whether the rendering through the turn parts from the conversation at a content
+
+
+@dataclass(frozen=True)
+class _Layout:
+    skeleton: _Skeleton
+    turns: dict  # message index -> _TurnShape, or None where the prefixes do not line up (the old way decides)
+
+
+def _spans_from_skeleton(tokenizer, template, messages, turns, text, max_length):
+    """(tokens, spans) for the row, or None when it must be masked the old way."""
+    if not tokenizer.is_fast or not all(_plain(message) for message in messages):
+        return None
+    layout = _layout(tokenizer, template, tuple(message["role"] for message in messages))
+    placed = layout and _place(layout.skeleton, messages, text)
+    if placed is None or any(layout.turns[turn] is None for turn in turns):
+        return None
+    place = _Placement(layout.skeleton, placed)
+    tokens = _tokenize_far_enough(tokenizer, text, place, layout, turns, max_length)
+    spans = []
+    for turn in turns:
+        shape = layout.turns[turn]
+        start_at = place.in_text(shape.start)
+        if start_at > len(tokens.text):
+            break  # tokenized only as far as max_length: this turn and the later ones lie past the cut
+        start = tokens.at(start_at)
+        if start is None:
+            return None
+        if max_length is not None and start >= max_length:
+            break
+        span = _turn_span(tokenizer, template, tokens, place, shape, turn, messages[turn]["content"], start, start_at)
+        if span is None:
+            return None
+        spans.append(span)
+    return tokens, spans
+
+
+def _plain(message) -> bool:
+    """Only role and content, the content text: a placeholder can stand for it."""
+    if type(message) is not dict or len(message) != 2 or "role" not in message:
+        return False
+    content = message.get("content")
+    return type(content) is str and bool(content) and not content.isspace()
+
+
+def _turn_span(tokenizer, template, tokens, place, shape, turn, content, start, start_at):
+    """(turn, start, end, whether the generation prompt is a prefix) in tokens, or None where positions do not fall
+    on token boundaries or the row's own text parts from the prefixes elsewhere than its skeleton does."""
+    if shape.prompt_adds:
+        _warn_prompt_adds(template, shape.prompt_adds)
+    common_at = place.in_text(shape.common)
+    if common_at is None or common_at > len(tokens.text):
+        return None
+    # where the skeletons part at a placeholder, the row's content must part from the template's text there too
+    if shape.through_rest and (shape.through_rest.startswith(OPEN) or shape.common_at_content
+                               and tokens.text.startswith(shape.through_rest[0], common_at)):
+        return None
+    common = tokens.at(common_at)
+    if common is None:
+        return None
+
+    def tail_is_blank(index):  # what the rendering through the turn has from token `index` on
+        at = place.in_skeleton(tokens.position(index))
+        if at is None:
+            raise _NotOnSkeleton
+        return _blank(tokenizer, template, place.skeleton.text[at : shape.common] + shape.through_rest)
+
+    try:
+        end = _turn_end(tokenizer, template, tokens, turn, content, start, common, not shape.through_rest,
+                        tail_is_blank)
+    except (MaskError, _NotOnSkeleton):
+        return None  # the old way decides, and words the error
+    return turn, start, end, not shape.prompt_adds
+
+
+class _NotOnSkeleton(Exception):
+    """A position inside a message's content: the skeleton cannot speak for it."""
+
+
+@dataclass
+class _Placement:
+    """Where the skeleton's literals lie in the row's text."""
+    skeleton: _Skeleton
+    placed: list
+
+    def in_text(self, position: int) -> int | None:
+        return _translate(position, self.skeleton.starts, self.placed, self.skeleton.literals)
+
+    def in_skeleton(self, position: int) -> int | None:
+        return _translate(position, self.placed, self.skeleton.starts, self.skeleton.literals)
+
+
+def _translate(position: int, from_starts, to_starts, literals) -> int | None:
+    """A position within (or at the end of) a literal, from one text to the other; None inside a content."""
+    index = bisect.bisect_right(from_starts, position) - 1
+    offset = position - from_starts[index]
+    return to_starts[index] + offset if offset <= len(literals[index]) else None
+
+
+def _place(skeleton: _Skeleton, messages: list[dict], text: str) -> list[int] | None:
+    """Where each literal of the skeleton starts in the row's text; None unless the text is the skeleton with each
+    placeholder replaced by its message's content, as given or as the template trims it."""
+    placed, position = [], 0
+    last = len(skeleton.messages)
+    for index, literal in enumerate(skeleton.literals):
+        if not text.startswith(literal, position):
+            return None
+        placed.append(position)
+        position += len(literal)
+        if index == last:
+            break
+        following = skeleton.literals[index + 1]
+        end_of_text = len(text) - len(following) if index + 1 == last else None
+        length = _rendered_length(messages[skeleton.messages[index]]["content"], text, position, following, end_of_text)
+        if length is None:
+            return None
+        position += length
+    return placed if position == len(text) else None
+
+
+def _rendered_length(content: str, text: str, position: int, following: str, end_of_text: int | None) -> int | None:
+    """How long the content is in the row's text at `position`, followed by the literal `following` (and, for the
+    last content, by nothing more): as given, or as the template trims it (`trim`, `strip()`, Qwen3's
+    `lstrip('\n')`, ...). None when no way, or more than one way, fits."""
+    variants = [content]
+    if content[0].isspace() or content[-1].isspace():
+        variants = {content, content.strip(), content.lstrip(), content.rstrip(), content.strip("\n"),
+                    content.lstrip("\n"), content.rstrip("\n")} - {""}
+    lengths = {len(variant) for variant in variants
+               if text.startswith(variant, position) and text.startswith(following, position + len(variant))
+               and (end_of_text is None or position + len(variant) == end_of_text)}
+    return lengths.pop() if len(lengths) == 1 else None
+
+
+def _layout(tokenizer, template: _Template, roles: tuple) -> _Layout | None:
+    return _cached(_LAYOUTS, (template.key, roles), lambda: _build_layout(tokenizer, template, roles))
+
+
+def _build_layout(tokenizer, template: _Template, roles: tuple) -> _Layout | None:
+    text = _skeleton(tokenizer, template, roles, False)
+    skeleton = text and _split(text)
+    if skeleton is None:
+        return None
+    specials = _special_spans(tokenizer, template, skeleton.text)
+    turns = {}
+    for turn, role in enumerate(roles):
+        if role == "assistant":
+            turns[turn] = _turn_shape(tokenizer, template, skeleton, specials, roles, turn)
+    return _Layout(skeleton, turns)
+
+
+def _turn_shape(tokenizer, template, skeleton, specials, roles, turn) -> _TurnShape | None:
+    prompt = _skeleton(tokenizer, template, roles[:turn], True)
+    through = _skeleton(tokenizer, template, roles[: turn + 1], False)
+    if prompt is None or through is None:
+        return None
+    whole = skeleton.text
+    start = _token_prefix(prompt, whole, specials)
+    if start < len(prompt):  # the generation prompt adds what the conversation does not have (DeepSeek)
+        history = _skeleton(tokenizer, template, roles[:turn], False)
+        if history is None or start < len(history) or _inside_placeholder(prompt, start):
+            return None
+    common = _token_prefix(through, whole, specials)
+    placeholder = _placeholder(turn)
+    after_reply = whole.find(placeholder) + len(placeholder) if placeholder in whole else start
+    end = next((stop for _, stop in specials if stop >= max(common, after_reply)), len(whole))
+    return _TurnShape(start, prompt[start:], common, through[common:], end, whole.startswith(OPEN, common))
+
+
+def _token_prefix(text: str, whole: str, specials: list) -> int:
+    """How much of `text` the skeleton `whole` starts with, backed off to the start of a special token of `whole`
+    that the two part inside (`<|im_start|>` against `<|im_end|>`): tokens, not characters, are compared."""
+    common = _common_prefix(text, whole)
+    return next((first for first, stop in specials if first < common < stop), common)
+
+
+def _skeleton(tokenizer, template: _Template, roles: tuple, add_generation_prompt: bool) -> str | None:
+    """The rendering of a conversation with these roles and a placeholder for each content."""
+    def render():
+        conversation = [{"role": role, "content": _placeholder(index)} for index, role in enumerate(roles)]
+        try:
+            return tokenizer.apply_chat_template([conversation], tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt)[0]
+        except Exception:  # noqa: BLE001 - a template may reject a conversation in any way; the old way reports it
+            return None
+
+    return _cached(_SKELETONS, (template.key, roles, add_generation_prompt), render)
+
+
+def _placeholder(index: int) -> str:
+    return f"{OPEN}{index}{CLOSE}"
+
+
+def _split(text: str) -> _Skeleton | None:
+    literals, starts, messages, position = [], [], [], 0
+    while (opened := text.find(OPEN, position)) >= 0:
+        closed = text.find(CLOSE, opened)
+        if closed < 0 or not text[opened + 1 : closed].isdigit():
+            return None
+        literals.append(text[position:opened])
+        starts.append(position)
+        messages.append(int(text[opened + 1 : closed]))
+        position = closed + 1
+    literals.append(text[position:])
+    starts.append(position)
+    if len(set(messages)) != len(messages):  # a content rendered twice
+        return None
+    return _Skeleton(text, tuple(literals), tuple(starts), tuple(messages))
+
+
+def _inside_placeholder(text: str, position: int) -> bool:
+    """Whether `position` is at or inside a placeholder (the row's text has content there, not the template's)."""
+    opened = text.rfind(OPEN, 0, position + 1)
+    return opened >= 0 and text.find(CLOSE, opened) >= position
+
+
+def _special_spans(tokenizer, template: _Template, text: str) -> list[tuple]:
+    """Where the template's own special tokens lie in a skeleton. Just after one, tokenizing a prefix of the row
+    gives the same tokens as tokenizing all of it."""
+    tokens = _Tokens.of(tokenizer, text)
+    return [(first, stop) for token, first, stop in zip(tokens.ids, tokens.starts, tokens.ends)
+            if token in template.special_ids]
+
+
+def _tokenize_far_enough(tokenizer, text: str, place: _Placement, layout: _Layout, turns: list[int], max_length):
+    """The row's tokens: all of them, or with max_length as far as the turns that start within it reach."""
+    if max_length is None:
+        return _Tokens.of(tokenizer, text)
+    stops = sorted({place.in_text(shape.end) for shape in layout.turns.values() if shape} | {len(text)})
+    guess = 4 * max_length  # characters: most text has 3 to 5 per token
+    while True:
+        stop = stops[bisect.bisect_left(stops, min(guess, len(text)))]
+        tokens = _Tokens.of(tokenizer, text[:stop])
+        if len(tokens.ids) >= max_length or stop == len(text):
+            break
+        guess = 2 * stop
+    # a turn that starts before the cut is tokenized to its end, whatever the guess
+    ends = [place.in_text(layout.turns[turn].end) for turn in turns if place.in_text(layout.turns[turn].start) < stop]
+    reach = max(ends, default=stop)
+    return tokens if reach <= stop else _Tokens.of(tokenizer, text[:reach])
+
+
+def _blank(tokenizer, template: _Template, tail: str) -> bool:
+    if OPEN in tail:
+        return False
+    return _cached(_BLANKS, (template.key, tail),
+                   lambda: not tokenizer.decode(tokenizer(tail, add_special_tokens=False)["input_ids"],
+                                                skip_special_tokens=True).strip())
+
+
+_TEMPLATES: dict = {}
+_LAYOUTS: dict = {}
+_SKELETONS: dict = {}
+_BLANKS: dict = {}
+
+
+def _cached(cache: dict, key, compute):
+    if key in cache:
+        return cache[key]
+    if len(cache) >= CACHE_SIZE:
+        cache.clear()
+    value = cache[key] = compute()
+    return value
