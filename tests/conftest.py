@@ -23,6 +23,17 @@ FAMILIES = {
     "mistral": {"bos": "<s>", "eos": "</s>", "extra": [], "end": "</s>"},
     "deepseekv3": {"bos": "<｜begin▁of▁sentence｜>", "eos": "<｜end▁of▁sentence｜>", "extra": ["<｜User｜>", "<｜Assistant｜>"], "end": "<｜end▁of▁sentence｜>"},
     "gemma3": {"bos": "<bos>", "eos": "<eos>", "extra": ["<start_of_turn>", "<end_of_turn>"], "end": "<end_of_turn>"},
+    # Families added with the linear-cost masks; tests/templates/README.md says where each template comes from.
+    "glm4_5": {"bos": None, "eos": "<|endoftext|>", "extra": ["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>", "<think>"], "end": "</think>"},
+    "gpt_oss": {"bos": "<|startoftext|>", "eos": "<|return|>", "extra": ["<|start|>", "<|message|>", "<|channel|>", "<|end|>", "<|call|>", "<|constrain|>"], "end": "<|return|>"},
+    "command_r": {"bos": "<BOS_TOKEN>", "eos": "<|END_OF_TURN_TOKEN|>", "extra": ["<|START_OF_TURN_TOKEN|>", "<|SYSTEM_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>"], "end": "<|END_OF_TURN_TOKEN|>"},
+    "command_a": {"bos": "<BOS_TOKEN>", "eos": "<|END_OF_TURN_TOKEN|>", "extra": ["<|START_OF_TURN_TOKEN|>", "<|SYSTEM_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>", "<|START_RESPONSE|>", "<|END_RESPONSE|>"], "end": "<|END_OF_TURN_TOKEN|>"},
+    "granite3_3": {"bos": None, "eos": "<|end_of_text|>", "extra": ["<|start_of_role|>", "<|end_of_role|>", "<|tool_call|>"], "end": "<|end_of_text|>"},
+    "llama4": {"bos": "<|begin_of_text|>", "eos": "<|eot|>", "extra": ["<|header_start|>", "<|header_end|>", "<|python_start|>", "<|python_end|>", "<|image|>"], "end": "<|eot|>"},
+    "mistral_nemo": {"bos": "<s>", "eos": "</s>", "extra": ["[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]"], "end": "</s>"},
+    "gemma4": {"bos": "<bos>", "eos": "<eos>", "extra": ["<|turn>", "<|channel>", "<channel|>", "<|think|>", "<|tool>", "<tool|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>"], "end": "<turn|>"},
+    "lfm2_5": {"bos": "<|startoftext|>", "eos": "<|im_end|>", "extra": ["<|im_start|>", "<|tool_call_start|>", "<|tool_call_end|>", "<|tool_response_start|>", "<|tool_response_end|>"], "end": "<|im_end|>"},
+    "qwen3_6": {"bos": None, "eos": "<|im_end|>", "extra": ["<|im_start|>"], "end": "<|im_end|>"},
 }
 REJECT_SYSTEM = {"gemma": "System role not supported", "mistral": "Conversation roles must alternate"}
 

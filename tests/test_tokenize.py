@@ -31,11 +31,26 @@ def expected_spans(family, messages):
         spans[-1] += "\n<|endoftext|>"
     if family == "qwen3":  # the last turn is rendered with an empty think block, earlier ones without
         spans[-1] = "<think>\n\n</think>\n\n" + spans[-1]
+    if family == "qwen3_6":  # the same block, but the generation prompt already opens it: the model writes the rest
+        spans[-1] = "\n</think>\n\n" + spans[-1]
+    if family == "command_a":  # the reply closes with <|END_RESPONSE|>, then the turn with <|END_OF_TURN_TOKEN|>
+        spans = [reply + "<|END_RESPONSE|><|END_OF_TURN_TOKEN|>" for reply in replies(messages)]
+    if family == "gpt_oss":  # the model writes its channel header after `<|start|>assistant`, then the final reply
+        spans = ["<|channel|>final<|message|>" + reply + "<|return|>" for reply in replies(messages)]
     return spans
 
 
 # Conversations a family's template allows no exact mask for, and the MaskError that says so.
-REFUSED = {}
+REFUSED = {
+    # GLM ends a reply with no token of its own (the next <|user|> does): the old masks trained '\n<think></think>'
+    **{("glm4_5", name): r"glm4_5 would train '\\n<think></think>' for assistant turn \d, which is not the reply "
+       "followed by an end-of-turn token" for name in ("single", "multi", "system_multi")},
+    # gpt-oss closes earlier replies with <|end|> and the last with <|return|>
+    **{("gpt_oss", name): "gpt_oss renders assistant turn \\d differently when later messages follow it"
+       for name in ("multi", "system_multi")},
+    # Mistral Nemo moves the system message into the last user message
+    ("mistral_nemo", "system_multi"): "mistral_nemo renders the first 2 messages differently",
+}
 CONVERSATIONS = {"single": SINGLE, "multi": MULTI, "system_multi": [SYSTEM] + MULTI}
 
 
@@ -78,6 +93,18 @@ def test_real_family_templates_with_a_system_message(family):
     tokenizer = family_tokenizer(family)
     tokens = tokenize_messages(tokenizer, [SYSTEM] + MULTI)
     assert trained_spans(tokenizer, tokens) == expected_spans(family, MULTI)
+
+
+@pytest.mark.parametrize("family, name", sorted(REFUSED))
+def test_templates_without_an_exact_mask_are_refused_with_their_name(family, name):
+    with pytest.raises(MaskError, match=REFUSED[(family, name)]):
+        tokenize_messages(family_tokenizer(family), CONVERSATIONS[name])
+
+
+def test_gpt_oss_trains_the_last_turn_of_a_multi_turn_conversation():
+    tokenizer = family_tokenizer("gpt_oss")
+    tokens = tokenize_messages(tokenizer, MULTI, loss_on="last_assistant")
+    assert trained_spans(tokenizer, tokens) == expected_spans("gpt_oss", MULTI)[-1:]
 
 
 @pytest.mark.parametrize("family", sorted(REJECT_SYSTEM))
