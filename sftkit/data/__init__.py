@@ -1,5 +1,6 @@
 """Sources -> rows -> chat messages -> input_ids + labels, mixed and split, ready for TRL's SFTTrainer."""
 
+import os
 from dataclasses import dataclass, field
 
 from sftkit.config import DatasetConfig, SourceConfig
@@ -10,6 +11,14 @@ from sftkit.data.tokenize import IGNORE_INDEX, MaskError, tokenize_messages, tok
 __all__ = ["DataError", "MaskError", "PreparedData", "prepare_data", "tokenize_messages"]
 HELPER_COLUMNS = ["source", "row", "trainable_tokens", "prompt_tokens", "problem"]
 BAD_ROW, NOTHING_TO_TRAIN = "bad rows", "with nothing to train within max_seq_length"
+# training.dataset_num_proc left out: a source of at least MIN_ROWS_FOR_PROCESSES rows is prepared by one process per
+# usable core, at most MAX_PROCESSES. A worker costs a fork, a copy of the tokenizer (megabytes for real ones) and
+# its own cache shard, and rows cost about 0.3 ms each (the tiny tokenizer, short chats, one process on this 2-core
+# VM). On that VM, shared and loaded, two processes did not pay even at 12,800 rows (4.4-4.9 s against 4.7 s); on
+# idle cores the start-up (~0.05 s measured at 320 rows, more for large tokenizers) is repaid within a few thousand
+# rows. 10,000 rows is ~3 s of work in one process: below it there is little to gain and a loaded machine loses.
+MIN_ROWS_FOR_PROCESSES = 10_000
+MAX_PROCESSES = 8
 
 
 @dataclass
@@ -21,12 +30,19 @@ class PreparedData:
     dropped: dict[str, int]  # train rows dropped, by reason
     trainable_tokens: int  # trained tokens in one epoch of the train rows
     sample_prompts: list[list[dict]]  # dataset.sample_prompts, else the first eval (or train) row up to its reply
-    lengths: list[int] = field(default_factory=list)  # token count of every kept train row, before truncation
+    # token count of every kept train row, before truncation (with truncate, up to the end of the turn it is cut in)
+    lengths: list[int] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # what was wrong with the first skipped bad rows
 
 
-def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42, num_proc: int | None = None):
-    prepare = _Preparation(cfg, tokenizer, max_length, num_proc)
+def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42, num_proc: int | None = None,
+                 truncate: bool = False):
+    """num_proc None: one process per usable core for large sources (see MIN_ROWS_FOR_PROCESSES).
+    truncate: tokenize a conversation only as far as max_length keeps it (its first max_length tokens and the rest of
+    the assistant turn the cut falls in). Right when the trainer keeps the start of each row and drops the rest
+    (TRL's truncation_mode keep_start, unpacked or packed with packing_strategy bfd); with keep_end, or packing that
+    splits long rows (bfd_split, wrapped), the rest trains: leave it False."""
+    prepare = _Preparation(cfg, tokenizer, max_length, num_proc, truncate)
     train_parts = [prepare.source(source, index) for index, source in enumerate(cfg.train_sources())]
     if not any(len(rows) for rows, _ in train_parts):
         raise DataError(prepare.nothing_to_train())
@@ -66,8 +82,9 @@ def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42,
 class _Preparation:
     """Tokenizes sources one at a time, counting what it drops and keeping the raw rows for the sample prompt."""
 
-    def __init__(self, cfg: DatasetConfig, tokenizer, max_length: int, num_proc: int | None):
+    def __init__(self, cfg: DatasetConfig, tokenizer, max_length: int, num_proc: int | None, truncate: bool):
         self.cfg, self.tokenizer, self.max_length, self.num_proc = cfg, tokenizer, max_length, num_proc
+        self.truncate = truncate
         self.raw: dict[int, tuple] = {}
         self.rows_read = 0
         self.dropped = {BAD_ROW: 0, NOTHING_TO_TRAIN: 0}
@@ -78,25 +95,9 @@ class _Preparation:
         rows = load_source(source, split, self.key(index, split))
         format_name = source.format or detect_format(rows.column_names, source.name)
         self.raw[index] = (rows, format_name, source)
-        tokenized = rows.map(
-            _tokenize_row,
-            with_indices=True,
-            remove_columns=rows.column_names,
-            num_proc=self.num_proc,
-            fn_kwargs={
-                "tokenizer": self.tokenizer,
-                "format_name": format_name,
-                "system_prompt": self.cfg.system_prompt,
-                "answer_source": source.answer_source,
-                "loss_on": self.cfg.loss_on,
-                "max_length": self.max_length,
-                "source_index": index,
-                "where": f"dataset {source.name}",
-                "jsonl": jsonl_file(source),
-                "skip_bad_rows": self.cfg.on_bad_row == "skip",
-            },
-        )
-        kept = tokenized.filter(lambda count: count > 0, input_columns="trainable_tokens", num_proc=self.num_proc)
+        num_proc = self.num_proc or _processes_for(len(rows))
+        tokenized = self.tokenize(rows, format_name, source, index, num_proc, self.truncate)
+        kept = tokenized.filter(lambda count: count > 0, input_columns="trainable_tokens", num_proc=num_proc)
         if index >= 0:  # a train source
             self.tokenized.append(tokenized)
             self.rows_read += len(rows)
@@ -105,6 +106,27 @@ class _Preparation:
             self.dropped[NOTHING_TO_TRAIN] += len(tokenized) - len(kept) - len(problems)
             self.problems += problems[: 5 - len(self.problems)]
         return kept, format_name
+
+    def tokenize(self, rows, format_name: str, source: SourceConfig, index: int, num_proc: int | None, truncate: bool):
+        return rows.map(
+            _tokenize_row,
+            with_indices=True,
+            remove_columns=rows.column_names,
+            num_proc=num_proc,
+            fn_kwargs={
+                "tokenizer": self.tokenizer,
+                "format_name": format_name,
+                "system_prompt": self.cfg.system_prompt,
+                "answer_source": source.answer_source,
+                "loss_on": self.cfg.loss_on,
+                "max_length": self.max_length,
+                "cut": self.max_length if truncate else None,
+                "source_index": index,
+                "where": f"dataset {source.name}",
+                "jsonl": jsonl_file(source),
+                "skip_bad_rows": self.cfg.on_bad_row == "skip",
+            },
+        )
 
     def key(self, index: int, split: str | None) -> str:
         """Where source `index` is in the config (negative: eval source -1 - index, or with dataset.eval_split the
@@ -121,7 +143,10 @@ class _Preparation:
             return (f"{where}: every one of the {self.rows_read} rows is bad and was skipped; the first: "
                     f"{self.problems[0] if self.problems else 'unknown'}")
         prompts, lengths = [], []
-        for tokenized in self.tokenized:
+        for source_index, tokenized in enumerate(self.tokenized):
+            if self.truncate:  # rows were tokenized only as far as max_length: the advice needs their whole length
+                rows, format_name, source = self.raw[source_index]
+                tokenized = self.tokenize(rows, format_name, source, source_index, self.num_proc, truncate=False)
             good = tokenized.filter(lambda problem: not problem, input_columns="problem")
             prompts += good["prompt_tokens"]
             lengths += [len(ids) for ids in good["input_ids"]]
@@ -144,13 +169,22 @@ class _Preparation:
         return messages[: next(i for i, message in enumerate(messages) if message["role"] == "assistant")]
 
 
-def _tokenize_row(row, index, tokenizer, format_name, system_prompt, answer_source, loss_on, max_length,
+def _processes_for(rows: int) -> int | None:
+    """The processes that prepare a source of `rows` rows when training.dataset_num_proc is left out."""
+    if rows < MIN_ROWS_FOR_PROCESSES:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, MAX_PROCESSES) if cores > 1 else None
+
+
+def _tokenize_row(row, index, tokenizer, format_name, system_prompt, answer_source, loss_on, max_length, cut,
                   source_index, where, jsonl, skip_bad_rows):
     try:
         if format_name == "text":
             tokens = tokenize_text(tokenizer, to_text(row))
         else:
-            tokens = tokenize_messages(tokenizer, to_messages(row, format_name, system_prompt, answer_source), loss_on)
+            messages = to_messages(row, format_name, system_prompt, answer_source)
+            tokens = tokenize_messages(tokenizer, messages, loss_on, max_length=cut)
     except ValueError as error:
         # 1-based: the line of a .jsonl file, else the row
         place = f"line {jsonl_line_numbers(jsonl)[index]}" if jsonl else f"row {index + 1}"
