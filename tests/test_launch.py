@@ -1,6 +1,7 @@
 """The commands of the README, run as a user runs them: `accelerate launch sft.py` and `python sft.py`."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,8 +33,33 @@ def test_default_job_learns_the_sample_data_and_saves_a_loadable_model(tmp_path)
     for line in ("train loss", "eval loss", "tokens", "rows", "parameters", "peak memory", "loss plot", str(out)):
         assert line in result.stdout
     assert "Traceback" not in result.stderr
+    assert_readme_transcript_matches(result.stdout.replace(str(out), "outputs/default"))
     AutoTokenizer.from_pretrained(out)
     AutoModelForCausalLM.from_pretrained(out)
+
+
+# What varies from run to run (speed, memory, time) is compared as a placeholder; everything else, every loss and
+# learning rate, the sample reply and the counts, must be what the README shows.
+VARIES = [(re.compile(r"[\d,]+ tok/s"), "N tok/s"), (re.compile(r"mem [\d,]+ MiB \(peak [\d,]+\)"), "mem N"),
+          (re.compile(r"wall time .*"), "wall time N"), (re.compile(r"\([\d,]+/s\)"), "(N/s)"),
+          (re.compile(r"rss peak [\d,]+ MiB"), "rss peak N MiB"), (re.compile(r"config \S+"), "config C")]
+
+
+def readme_transcript() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    block = text.split("The first command prints", 1)[1].split("```", 2)[1]
+    return [line for line in block.splitlines()[1:] if line.strip() and line != "..." and "it/s]" not in line]
+
+
+def assert_readme_transcript_matches(stdout: str):
+    def normal(line: str) -> str:
+        for pattern, placeholder in VARIES:
+            line = pattern.sub(placeholder, line)
+        return line.rstrip()
+
+    printed = {normal(line) for line in stdout.splitlines()}
+    missing = [line for line in readme_transcript() if normal(line) not in printed]
+    assert not missing, f"the README's transcript is not what the default job prints: {missing}"
 
 
 @pytest.mark.slow
