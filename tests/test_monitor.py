@@ -117,6 +117,7 @@ def test_model_card_describes_the_run_and_how_to_load_it(monitored_run):
     assert f"| eval loss | {summary['eval_loss_first']:.3f} | {summary['eval_loss']:.3f} |" in card
     assert "AutoModelForCausalLM.from_pretrained" in card and "python -m sftkit.chat" in card
     assert "![loss](loss.png)" in card
+    assert f"| steps | 24 (training.max_steps; {summary['epochs']:.2f} epochs of the data) |" in card
 
 
 def interrupted_run(out, signum: int, steps: int = 40):
@@ -168,11 +169,13 @@ def test_sigterm_mid_epoch_then_the_printed_command_resumes_exactly(tmp_path):
     assert 4 < stopped < 57 and stopped % 4, "stopped between two logs, so the resume must restore a partial window"
     assert f"checkpoint saved in {out}/checkpoint-{stopped}" in stderr
     assert not (out / "config.json").exists(), "no exported model that looks complete"
+    assert not (out / "README.md").exists(), "no model card before there is a model"
     command = re.search(r"Resume with: (.*)", stderr)[1]
     assert command.startswith("accelerate launch sft.py") and f"'{out}'" in command and "'Be brief.'" in command
 
     resumed = subprocess.run(shlex.split(command), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "missing keys" not in resumed.stderr and "Traceback" not in resumed.stderr
     (losses, summary), (expected, whole) = history(out), history(tmp_path / "whole")
     assert sorted(losses) == sorted(expected) == [1, *range(4, 57, 4)]
     for step, loss in expected.items():

@@ -74,6 +74,9 @@ def test_lora_saves_the_adapter_and_a_merged_model_equal_to_base_plus_adapter(tm
     with safe_open(out / ADAPTER_DIR / "adapter_model.safetensors", "pt") as adapter:
         names = list(adapter.keys())
         assert all(adapter.get_tensor(name).numel() > 0 for name in names)
+    assert not (out / ADAPTER_DIR / "README.md").exists(), "no empty card template beside the adapter"
+    for weights in (out / "model.safetensors", out / ADAPTER_DIR / "adapter_model.safetensors"):
+        assert weights.stat().st_mode & 0o777 == (out / "config.json").stat().st_mode & 0o777 == 0o644
     linear_layers = 7 * 4  # q k v o gate up down, in each of the 4 layers
     assert sum("lora_A" in n for n in names) == sum("lora_B" in n for n in names) == linear_layers
 
