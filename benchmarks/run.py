@@ -25,7 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 MODEL, DATA = ROOT / "data" / "tiny-chat-llama", ROOT / "data" / "sample_chat.jsonl"
 TARGETS = {"wall_ratio": "<= 1.02", "step_time_ratio": "<= 1.02", "preprocess_ratio": ">= 0.8",
-           "nonpad_share_packed": ">= 0.97", "config_error_seconds": "< 1", "peak_rss_ratio": "(lower is better)"}
+           "nonpad_share_packed": ">= 0.97", "config_error_seconds": "< 1", "peak_rss_ratio": "(lower is better)",
+           "preprocess_ratio_by_turns": ">= half the 1-turn ratio at 64 turns"}
+TURNS = (1, 4, 16, 64)  # assistant turns per row in preprocess_ratio_by_turns
 
 
 def timed_run(command: list[str], out: str) -> tuple[float, float, float]:
@@ -117,6 +119,49 @@ def preprocessing(repeats: int, copies: int) -> dict:
             "trl_rows_per_second": len(rows) / statistics.median(seconds["trl"])}
 
 
+def conversations(turns: int, rows: int = 40) -> list[list[dict]]:
+    """`rows` conversations of `turns` user/assistant exchanges each, drawn from the sample data's exchanges."""
+    samples = [json.loads(line)["messages"] for line in DATA.read_text().splitlines()]
+    exchanges = [conversation[i : i + 2] for conversation in samples for i in range(len(conversation) - 1)
+                 if conversation[i]["role"] == "user" and conversation[i + 1]["role"] == "assistant"]
+    return [[message for k in range(turns) for message in exchanges[(7 * row + k) % len(exchanges)]]
+            for row in range(rows)]
+
+
+def preprocessing_by_turns(repeats: int, variants: dict | None = None) -> dict:
+    """Rows per second of masking (tokenize_messages) against one plain rendering and tokenization of the same
+    conversation, at 1, 4, 16 and 64 assistant turns per row, 40 rows each. The functions take turns, each timed
+    over as many passes of the rows as make about the same number of tokens at every turn count; medians."""
+    from transformers import AutoTokenizer
+
+    from sftkit.data import tokenize_messages
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    tokenizer.model_max_length = 1_000_000  # no warning about rows longer than the tiny model's context
+
+    def plain(tokenizer, messages):
+        return tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)
+
+    sides = {"plain": plain, **(variants or {"ours": tokenize_messages})}
+    result = {}
+    for turns in TURNS:
+        rows, passes = conversations(turns), max(1, 64 // turns)
+        for side in sides.values():  # warm: jinja compiles the template, sftkit caches the row shape
+            side(tokenizer, rows[0])
+        seconds = {name: [] for name in sides}
+        for _ in range(repeats):
+            for name, side in sides.items():
+                started = time.perf_counter()
+                for _ in range(passes):
+                    for messages in rows:
+                        side(tokenizer, messages)
+                seconds[name].append(time.perf_counter() - started)
+        rates = {name: passes * len(rows) / statistics.median(values) for name, values in seconds.items()}
+        result[turns] = {"rows_per_second": rates,
+                         "ratio": {name: rate / rates["plain"] for name, rate in rates.items() if name != "plain"}}
+    return result
+
+
 def nonpad_shares() -> dict:
     """Share of real tokens in the batches the model sees over one epoch, without and with packing."""
     import torch
@@ -174,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         runs = training_runs(steps, args.repeats, Path(workdir))
     prep = preprocessing(args.repeats, copies)
+    by_turns = preprocessing_by_turns(args.repeats)
     shares = nonpad_shares()
     errors = config_error_seconds(args.repeats)
     ours_run, base_run = runs["median"]["ours"], runs["median"]["baseline"]
@@ -181,6 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_ratio": ours_run["wall"] / base_run["wall"],
         "step_time_ratio": ours_run["step_seconds"] / base_run["step_seconds"],
         "preprocess_ratio": prep["ours_rows_per_second"] / prep["trl_rows_per_second"],
+        "preprocess_ratio_by_turns": {str(turns): figures["ratio"]["ours"] for turns, figures in by_turns.items()},
         "nonpad_share_packed": shares["packed"],
         "nonpad_share_unpacked": shares["unpacked"],
         "config_error_seconds": statistics.median(errors),
@@ -189,7 +236,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "date": datetime.date.today().isoformat(), "machine": machine(), "quick": args.quick,
         "steps": steps, "repeats": args.repeats, **figures,
-        "raw": {"training": runs, "preprocessing": prep, "config_error_seconds": errors},
+        "raw": {"training": runs, "preprocessing": prep, "config_error_seconds": errors,
+                "preprocessing_by_turns": {str(turns): figures for turns, figures in by_turns.items()}},
     }
     table = markdown_table(result)
     print(table)
@@ -222,6 +270,12 @@ def markdown_table(result: dict) -> str:
     ]
     for name, ours_value, baseline_value in rows:
         lines.append(f"| {name} | {result[name]:.3f} | {TARGETS.get(name, '')} | {ours_value} | {baseline_value} |")
+    # masking against one plain rendering + tokenization of the same conversation, by assistant turns per row
+    for turns, ratio in result["preprocess_ratio_by_turns"].items():
+        rates = result["raw"]["preprocessing_by_turns"][turns]["rows_per_second"]
+        target = TARGETS["preprocess_ratio_by_turns"] if turns == str(TURNS[-1]) else ""
+        lines.append(f"| preprocess_ratio_by_turns[{turns}] | {ratio:.3f} | {target} | {rates['ours']:.1f} rows/s | "
+                     f"{rates['plain']:.1f} rows/s |")
     return "\n".join(lines)
 
 

@@ -24,6 +24,10 @@ def test_quick_benchmark_writes_every_figure(tmp_path):
     assert len(report["raw"]["training"]["raw"]["ours"]["wall"]) == 3
     table = json_file.with_suffix(".md").read_text()
     assert all(f"| {name} |" in table for name in FIGURES) and table in result.stdout
+    by_turns = report["preprocess_ratio_by_turns"]  # masking against one plain tokenization, by turns per row
+    assert list(by_turns) == ["1", "4", "16", "64"]
+    assert all(isinstance(ratio, float) and ratio > 0 for ratio in by_turns.values())
+    assert all(f"| preprocess_ratio_by_turns[{turns}] |" in table for turns in by_turns)
 
 
 def test_gpu_script_runs_its_tiny_shape_anywhere(tmp_path):
