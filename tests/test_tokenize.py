@@ -259,3 +259,9 @@ def test_deepseek_reply_that_starts_like_the_think_tag_trains_whole():
     messages = [{"role": "user", "content": "Bold?"}, {"role": "assistant", "content": "<b>Yes</b>, bold."}]
     tokens = tokenize_messages(tokenizer, messages)
     assert trained_spans(tokenizer, tokens) == ["<b>Yes</b>, bold.<｜end▁of▁sentence｜>"]
+
+
+def test_a_tokenizer_with_named_chat_templates_uses_its_default_one():
+    tokenizer = family_tokenizer("qwen2_5")
+    tokenizer.chat_template = {"default": (TEMPLATES / "qwen2_5.jinja").read_text(), "tool_use": CHATML_TEMPLATE}
+    assert trained_spans(tokenizer, tokenize_messages(tokenizer, MULTI)) == expected_spans("qwen2_5", MULTI)

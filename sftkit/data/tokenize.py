@@ -144,7 +144,9 @@ class _Tokens:
 
 
 def _template(tokenizer) -> _Template:
-    key = (tokenizer.chat_template, tokenizer.name_or_path, len(tokenizer), str(tokenizer.special_tokens_map))
+    chat_template = tokenizer.chat_template  # a dict where a tokenizer has named templates
+    key = (chat_template if isinstance(chat_template, str) else repr(chat_template), tokenizer.name_or_path,
+           len(tokenizer), str(tokenizer.special_tokens_map))
     return _cached(_TEMPLATES, key, lambda: _Template(key, key[1], frozenset(tokenizer.all_special_ids)))
 
 
