@@ -282,6 +282,7 @@ class _TurnShape:
 
 @dataclass(frozen=True)
 class _Layout:
+    """What every conversation with one sequence of roles shares: its skeleton and the shape of each assistant turn."""
     skeleton: _Skeleton
     turns: dict  # message index -> _TurnShape, or None where the prefixes do not line up (the old way decides)
 
