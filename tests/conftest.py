@@ -1,3 +1,4 @@
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -122,3 +123,21 @@ def lora_run(tmp_path_factory):
     train(load_config("lora_train_config.yaml", ["--training.output_dir", str(out), "--training.max_steps", "40",
                                                  "--training.logging_steps", "10"]))
     return out
+
+
+@contextlib.contextmanager
+def tmpfs(directory: Path, options: str):
+    """A small (or read-only) filesystem mounted at `directory`, for what a full or unwritable disk does. Needs root,
+    which CI has: there a failed mount fails the test instead of skipping it."""
+    import os
+    import subprocess
+
+    directory.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)]).returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail("CI runs as root and must be able to mount a tmpfs")
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=True)

@@ -3,11 +3,10 @@ are refused, a full disk is found before training and, at export, keeps the trai
 
 import json
 import shutil
-import subprocess
 
 import pytest
 import torch
-from conftest import TINY_MODEL, run_python
+from conftest import TINY_MODEL, run_python, tmpfs
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -26,12 +25,8 @@ def config(out, name="default_train_config.yaml", *overrides):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 12 MiB filesystem: room for the tiny LoRA run's export (about 7 MiB) and little more."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(disk)]).returncode != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], check=True)
+    with tmpfs(tmp_path / "disk", "size=12m") as disk:
+        yield disk
 
 
 def test_a_diverged_run_stops_names_the_step_and_publishes_nothing(tmp_path):
@@ -61,14 +56,8 @@ def test_weights_that_are_not_finite_are_never_published(tmp_path):
 
 
 def test_a_disk_too_small_for_the_export_is_refused_before_training(tmp_path):
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)]).returncode != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    try:
+    with tmpfs(tmp_path / "disk", "size=1m") as disk:
         result = run_python("sft.py", "--training.output_dir", str(disk / "out"), check=False)
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     error = result.stderr.strip().splitlines()[-1]
     assert f"the export needs 5.5 MiB in {disk / 'out'} but its filesystem has 1.0 MiB free: free 4.5 MiB" in error

@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, run_python
+from conftest import REPO, run_python, tmpfs
 
 from sftkit.config import ConfigError, load_config
 from sftkit.rundir import LOCK_FILE, RUN_FILE
@@ -119,12 +119,8 @@ def test_a_run_into_a_directory_in_use_stops_at_once_and_a_dead_runs_lock_does_n
 
 @pytest.fixture
 def read_only_dir(tmp_path):
-    directory = tmp_path / "read-only"
-    directory.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(directory)]).returncode != 0:
-        pytest.skip("mounting a read-only tmpfs needs root")
-    yield directory
-    subprocess.run(["umount", str(directory)], check=True)
+    with tmpfs(tmp_path / "read-only", "ro,size=1m") as directory:
+        yield directory
 
 
 @pytest.mark.parametrize(("where", "expected"), [("file", "is a file, not a directory"),
