@@ -346,7 +346,7 @@ NUMBER_RULES = {
     "training.save_steps": Bound(0, low_open=True, hint="below 1: a fraction of the total steps"),
     "training.eval_steps": Bound(0, low_open=True, hint="below 1: a fraction of the total steps"),
     "training.save_total_limit": Bound(1, hint="null keeps every checkpoint"),
-    "training.dataset_num_proc": Bound(1, hint="null prepares the data in this process"),
+    "training.dataset_num_proc": Bound(1, hint="null: one process per usable core for sources of 10,000 rows or more"),
     "training.dataloader_prefetch_factor": AT_LEAST_1,
     "training.torch_empty_cache_steps": AT_LEAST_1,
     "training.ddp_bucket_cap_mb": AT_LEAST_1,

@@ -8,7 +8,7 @@ import statistics
 import sys
 
 from sftkit.config import RunConfig
-from sftkit.data import prepare_data
+from sftkit.data import prepare_for_training
 from sftkit.data.tokenize import IGNORE_INDEX
 from sftkit.model import load_tokenizer
 
@@ -19,7 +19,7 @@ def inspect(config: RunConfig, samples: int = 3, color: bool | None = None) -> s
     color = sys.stdout.isatty() if color is None else color
     args = config.training
     tokenizer = load_tokenizer(config.model, config.dataset)
-    data = prepare_data(config.dataset, tokenizer, args.max_length, args.seed, args.dataset_num_proc)
+    data = prepare_for_training(config.dataset, tokenizer, args)
     lines = [f"sftkit inspect: {config.source}, tokenizer {config.model.path}", *_statistics(data, args.max_length)]
     for index in range(min(samples, len(data.train))):
         row = data.train[index]

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from sftkit.config import RunConfig, resolve_path
-from sftkit.data import prepare_data
+from sftkit.data import prepare_for_training
 from sftkit.model import check_model_source, load_tokenizer, lora_config, resolve_dtype, zero3_init_disabled
 
 GIB = 2**30
@@ -52,7 +52,7 @@ def build_plan(config: RunConfig) -> Plan:
     args = config.training
     check_model_source(config.model)
     tokenizer = load_tokenizer(config.model, config.dataset)
-    data = prepare_data(config.dataset, tokenizer, args.max_length, args.seed, args.dataset_num_proc)
+    data = prepare_for_training(config.dataset, tokenizer, args)
     shape = model_shape(config)
     dtype = resolve_dtype(config.model, args)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

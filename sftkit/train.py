@@ -20,7 +20,7 @@ from transformers import set_seed
 from sftkit.checkpoints import (RecordRunInCheckpoints, checkpoint_to_resume, earlier_progress,
                                 newest_checkpoint_words)
 from sftkit.config import ConfigError, Interrupted, RunConfig, RunFailed
-from sftkit.data import prepare_data
+from sftkit.data import prepare_for_training
 from sftkit.export import ADAPTER_DIR, export, saved_dtypes
 from sftkit.inference import generate_reply
 from sftkit.model import check_model_source, load_model, load_tokenizer, lora_config, resolve_dtype
@@ -88,7 +88,7 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
     set_seed(args.seed)
     tokenizer = load_tokenizer(config.model, config.dataset)
     with args.main_process_first(desc="dataset preparation"):
-        data = prepare_data(config.dataset, tokenizer, args.max_length, args.seed, args.dataset_num_proc)
+        data = prepare_for_training(config.dataset, tokenizer, args)
     dtype = resolve_dtype(config.model, args)
     model = load_model(config.model, dtype, args.gradient_checkpointing)
     if (args.packing or args.padding_free) and config.model.trust_remote_code:

@@ -313,3 +313,18 @@ def test_weights_that_round_every_row_away_are_clear(tmp_path, tokenizer):
     config = DatasetConfig(sources=[SourceConfig(name=write_rows(tmp_path, ".jsonl", ROWS), weight=0.1)])
     with pytest.raises(DataError, match="the dataset.sources weights leave no train row"):
         prepare_data(config, tokenizer, max_length=64)
+
+
+def test_training_data_is_tokenized_only_as_far_as_the_trainer_keeps_it(tokenizer):
+    from sftkit.config import load_config
+    from sftkit.data import prepare_data, prepare_for_training
+
+    config = load_config(None, ["--model.max_seq_length", "24", "--dataset.test_size", "null"])
+    cut = prepare_for_training(config.dataset, tokenizer, config.training)
+    whole = prepare_data(config.dataset, tokenizer, 24, truncate=False)
+    assert max(map(len, cut.train["input_ids"])) < max(map(len, whole.train["input_ids"]))
+    for short, full in zip(cut.train, whole.train):  # what trains, the first 24 tokens, is the same
+        assert short["input_ids"][:24] == full["input_ids"][:24] and short["labels"][:24] == full["labels"][:24]
+    keep_end = load_config(None, ["--model.max_seq_length", "24", "--dataset.test_size", "null",
+                                  "--training.truncation_mode", "keep_end"])
+    assert prepare_for_training(keep_end.dataset, tokenizer, keep_end.training).train["input_ids"] == whole.train["input_ids"]

@@ -8,7 +8,7 @@ from sftkit.data.formats import DataError, detect_format, to_messages, to_text
 from sftkit.data.load import jsonl_file, jsonl_line_numbers, load_source
 from sftkit.data.tokenize import IGNORE_INDEX, MaskError, tokenize_messages, tokenize_text
 
-__all__ = ["DataError", "MaskError", "PreparedData", "prepare_data", "tokenize_messages"]
+__all__ = ["DataError", "MaskError", "PreparedData", "prepare_data", "prepare_for_training", "tokenize_messages"]
 HELPER_COLUMNS = ["source", "row", "trainable_tokens", "prompt_tokens", "problem"]
 BAD_ROW, NOTHING_TO_TRAIN = "bad rows", "with nothing to train within max_seq_length"
 # training.dataset_num_proc left out: a source of at least MIN_ROWS_FOR_PROCESSES rows is prepared by one process per
@@ -33,6 +33,12 @@ class PreparedData:
     # token count of every kept train row, before truncation (with truncate, up to the end of the turn it is cut in)
     lengths: list[int] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # what was wrong with the first skipped bad rows
+
+
+def prepare_for_training(cfg: DatasetConfig, tokenizer, args):
+    """prepare_data with the run's SFTConfig: rows are tokenized only as far as the trainer will keep them."""
+    keeps_start = args.truncation_mode == "keep_start" and not (args.packing and args.packing_strategy != "bfd")
+    return prepare_data(cfg, tokenizer, args.max_length, args.seed, args.dataset_num_proc, truncate=keeps_start)
 
 
 def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42, num_proc: int | None = None,
