@@ -143,3 +143,11 @@ def test_a_failed_attempt_that_saved_nothing_can_simply_be_run_again(tmp_path):
         train(config(out, "--model.max_seq_length", "4"))  # every row is cut away: fails after claiming output_dir
     assert json.loads((out / RUN_FILE).read_text())["status"] == "failed" and not (out / LOCK_FILE).exists()
     assert train(config(out)).summary["steps"] == 3
+
+
+def test_overwrite_and_resume_together_are_refused_before_anything_is_removed(finished, tmp_path):
+    out = copy_of(finished, tmp_path)
+    before = contents(out)
+    with pytest.raises(ConfigError, match="--overwrite removes the checkpoints that training.resume_from_checkpoint"):
+        train(config(out, "--training.resume_from_checkpoint", "true"), overwrite=True)
+    assert contents(out) == before
