@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from sftkit.config import ConfigError
+from sftkit.data.formats import with_system
 
 COMMANDS = "/reset starts a new conversation, /exit quits"
 
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"sftkit.chat: error: {error}", file=sys.stderr)
         return 2
-    start = [{"role": "system", "content": args.system}] if args.system else []
+    start = with_system([], args.system)
     history = list(start)
     print(f"Chatting with {args.model} ({COMMANDS}).", flush=True)
     while True:

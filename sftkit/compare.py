@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from sftkit.config import ConfigError, DatasetConfig, ModelConfig, read_section, resolve_path
+from sftkit.data.formats import with_system
 from sftkit.data.tokenize import IGNORE_INDEX
 from sftkit.export import RUN_CONFIG_FILE
 
@@ -131,8 +132,7 @@ def mean_loss(model, rows, max_length: int, batch_size: int) -> float:
 
 
 def _prompt_from_text(tokenizer, text: str, system_prompt: str | None = None) -> Prompt:
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": text}]
+    messages = with_system([{"role": "user", "content": text}], system_prompt)
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                         return_dict=True)["input_ids"]
     return Prompt(ids, text)

@@ -21,12 +21,12 @@ from pathlib import Path
 import yaml
 
 from sftkit.config import ConfigError, ModelConfig, RunFailed, read_section
+from sftkit.environment import STACK
 from sftkit.rundir import STAGING_DIR, check_free_space, export_bytes, read_run_record
 
 ADAPTER_DIR = "lora_weights"
 RUN_CONFIG_FILE = "sftkit_config.yaml"
 VERSIONS_FILE = "sftkit_versions.json"
-STACK = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "deepspeed", "bitsandbytes")
 # Files of an earlier export of the same run (a resumed run exports again) that would otherwise mix with the new one.
 STALE_PATTERNS = ("config.json", "model*.safetensors*", "pytorch_model*", "adapter_*", "generation_config.json")
 DISK_WAIT_SECONDS = float(os.environ.get("SFTKIT_DISK_WAIT_SECONDS", 900))  # within torch.distributed's 30 min

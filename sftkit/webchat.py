@@ -14,6 +14,7 @@ import sys
 
 from sftkit.chat import generation_arguments
 from sftkit.config import ConfigError
+from sftkit.data.formats import with_system
 
 
 def build_app(model, tokenizer, title: str, system: str | None = None, temperature: float = 0.7, top_p: float = 0.9,
@@ -23,9 +24,8 @@ def build_app(model, tokenizer, title: str, system: str | None = None, temperatu
     from sftkit.inference import stream_reply
 
     def respond(message: str, history: list[dict], temperature: float, top_p: float, max_new_tokens: int):
-        messages = [{"role": "system", "content": system}] if system else []
-        messages += [{"role": turn["role"], "content": _text(turn["content"])} for turn in history]
-        messages.append({"role": "user", "content": _text(message)})
+        turns = [{"role": turn["role"], "content": _text(turn["content"])} for turn in history]
+        messages = with_system([*turns, {"role": "user", "content": _text(message)}], system)
         reply = ""
         for piece in stream_reply(model, tokenizer, messages, int(max_new_tokens), temperature, top_p):
             reply += piece

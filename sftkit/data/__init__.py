@@ -4,7 +4,7 @@ import os
 from dataclasses import dataclass, field
 
 from sftkit.config import DatasetConfig, SourceConfig
-from sftkit.data.formats import DataError, detect_format, to_messages, to_text
+from sftkit.data.formats import DataError, detect_format, to_messages, to_text, with_system
 from sftkit.data.load import jsonl_file, jsonl_line_numbers, load_source
 from sftkit.data.tokenize import IGNORE_INDEX, MaskError, tokenize_messages, tokenize_text
 
@@ -162,8 +162,8 @@ class _Preparation:
 
     def sample_prompts(self, first_example: dict) -> list[list[dict]]:
         if self.cfg.sample_prompts:
-            system = [{"role": "system", "content": self.cfg.system_prompt}] if self.cfg.system_prompt else []
-            return [system + [{"role": "user", "content": prompt}] for prompt in self.cfg.sample_prompts]
+            return [with_system([{"role": "user", "content": prompt}], self.cfg.system_prompt)
+                    for prompt in self.cfg.sample_prompts]
         prompt = self.prompt_of(first_example)
         return [prompt] if prompt else []
 

@@ -92,9 +92,14 @@ def to_messages(row: dict, format_name: str, system_prompt: str | None = None, a
     messages = [_check_message(message, index) for index, message in enumerate(_as_list(messages))]
     if not any(message["role"] == "assistant" for message in messages):
         raise ValueError("no assistant message: there is nothing to train on")
-    if system_prompt and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    return messages
+    return with_system(messages, system_prompt)
+
+
+def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """The messages with system_prompt first, unless it is empty or they begin with a system message already."""
+    if system_prompt and not (messages and messages[0]["role"] == "system"):
+        return [{"role": "system", "content": system_prompt}, *messages]
+    return list(messages)
 
 
 def to_text(row: dict) -> str:
