@@ -1,14 +1,25 @@
 """Workarounds for the libraries' behaviour, in one place, each with the version it was written for.
 
+Each is guarded: when the library has changed so that a workaround no longer applies, it warns and takes the plain
+path instead of failing with a traceback, and tests/test_compat.py fails, so it can be revisited or removed.
+
 Noise filters: messages the libraries repeat on every run that tell the user nothing they can act on. They are
 installed when sftkit is imported (sftkit/__init__.py), so the training command, the tests and `python -m sftkit.*`
 all see the same quiet output. Each matches one message at its source logger or warning, never a whole library.
 """
 
+import ast
+import functools
+import json
 import glob
+import importlib.util
 import logging
 import os
 import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+logger = logging.getLogger("sftkit")
 
 
 def quiet_known_noise() -> None:
@@ -47,3 +58,169 @@ def announce_deepspeed_cpu_op_build() -> None:
     if os.environ.get("RANK", "0") == "0" and not glob.glob(os.path.join(cache, "*", "deepspeed_shm_comm", "*.so")):
         print("sftkit: DeepSpeed is building its CPU communication op (once per machine; 1 to 4 minutes)...",
               flush=True)
+
+
+@functools.cache
+def sft_config_fields() -> dict[str, str]:
+    """SFTConfig's field names and annotations (TRL 1.16, transformers 5.24), read from the installed sources.
+
+    Importing trl imports torch and transformers (about 6 s on a CPU machine); reading the three files that define
+    SFTConfig and its bases takes tens of milliseconds, so a typo in the config fails in well under a second. If
+    the files moved or changed shape, the fields come from importing trl instead (slow, always right).
+    """
+    try:
+        trl_dir = Path(importlib.util.find_spec("trl").origin).parent
+        transformers_dir = Path(importlib.util.find_spec("transformers").origin).parent
+        classes = {
+            trl_dir / "trainer" / "sft_config.py": "SFTConfig",
+            trl_dir / "trainer" / "base_config.py": "_BaseConfig",
+            transformers_dir / "training_args.py": "TrainingArguments",
+        }
+        fields: dict[str, str] = {}
+        for file, class_name in classes.items():
+            tree = ast.parse(file.read_text())
+            body = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == class_name).body
+            for node in body:
+                if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                    fields.setdefault(node.target.id, ast.unparse(node.annotation))
+        return fields
+    except (OSError, SyntaxError, StopIteration, AttributeError) as error:
+        logger.warning(f"reading SFTConfig's fields from TRL's sources failed ({error!r}); importing trl instead")
+        import dataclasses
+
+        from trl import SFTConfig
+
+        return {field.name: str(field.type) for field in dataclasses.fields(SFTConfig)}
+
+
+def rename_gradient_checkpointing(kwargs: dict) -> None:
+    """transformers 5 renamed gradient_checkpointing to activation_checkpointing and warns on every run where only
+    the old name is set, which TRL 1.16's own default (gradient_checkpointing=True) does. Users know the old name,
+    so both are accepted; the old one is passed on as the new one, with TRL's default."""
+    for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                     ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+        if new not in kwargs:
+            kwargs[new] = kwargs.pop(old, True if old == "gradient_checkpointing" else None)
+        kwargs.pop(old, None)
+
+
+def keep_cpu_4bit_layout_trainable(model) -> None:
+    """bitsandbytes 0.50.2's CPU backend repacks a 4-bit weight into an inference layout on its first forward in
+    eval mode (an evaluation, a sample reply) and does not unpack it when training resumes: the gradients are wrong
+    from then on (grad norm 0.7 instead of 10, the loss doubled after one evaluation). Reproduce: QLoRA on a CPU,
+    train 3 steps, model.eval() and one forward, model.train(), compare the next step's grad norm with a run
+    without the eval forward. bitsandbytes has no switch for this, so the flag that enables the repacking is off."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    layers = [module for module in model.modules() if type(module).__name__ == "Linear4bit"]
+    if layers and not any(hasattr(layer, "support_avx512bf16_for_cpu") for layer in layers):
+        logger.warning("bitsandbytes' 4-bit layers no longer have support_avx512bf16_for_cpu; if an evaluation "
+                       "during QLoRA on a CPU changes the training loss, the repacking bug is back")
+    for layer in layers:
+        if getattr(layer, "support_avx512bf16_for_cpu", False):
+            layer.support_avx512bf16_for_cpu = False
+
+
+@contextmanager
+def zero3_init_disabled():
+    """While a ZeRO-3 config is registered, from_pretrained partitions the weights across all processes, which
+    would deadlock the main process merging alone (and from_config would allocate a meta-device model in full).
+    transformers 5.24 has no switch for this, so its registration (a module global) is set aside briefly."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    if not hasattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref"):
+        logger.warning("transformers no longer keeps its DeepSpeed config in _hf_deepspeed_config_weak_ref; "
+                       "loading as registered (a merge under ZeRO-3 may hang)")
+        yield
+        return
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
+
+
+def zero_model_states(stage: int, total: int, largest_layer: int, world_size: int, offload_optimizer: bool,
+                      offload_params: bool) -> tuple[float, float]:
+    """DeepSpeed 0.19's estimate of (CPU, GPU) bytes per device for the model states of a full fine-tune, called by
+    keyword so that a changed signature fails loudly here rather than silently shifting arguments."""
+    if stage == 2:
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        return estimate_zero2_model_states_mem_needs(total_params=total, num_gpus_per_node=world_size, num_nodes=1,
+                                                     cpu_offload=offload_optimizer, additional_buffer_factor=1.0)
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+        total_params=total, largest_layer_params=largest_layer, num_gpus_per_node=world_size, num_nodes=1,
+        cpu_offload=offload_optimizer, cpu_offload_params=offload_params, zero_init=True, additional_buffer_factor=1.0)
+    return cpu, gpu
+
+
+LOSS_WINDOW_FILE = "sftkit_loss_window_{rank}.json"
+
+
+class TrainerWorkarounds:
+    """Mixed into sftkit's SFTTrainer (monitor.MonitoredSFTTrainer); written for transformers 5.24 and TRL 1.16.
+
+    Exact resume: the Trainer keeps the losses of the steps since the last log in `_tr_loss` and that log's step in
+    `_globalstep_last_logged`, and saves neither in a checkpoint, so the first log after a resume averaged only the
+    steps since the resume (reproduce: log every 20 steps, stop at step 15, resume: step 20 logs the mean of steps
+    16-20). And on a CPU the thread count sets the summation order of every matmul, so a resume under another count
+    (`accelerate launch` exports OMP_NUM_THREADS=1, a plain `python` uses every core) drifted from the run it
+    continued. Both are saved beside each checkpoint, per process, and restored at the first step of the resume.
+    """
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        window = Path(str(resume_from_checkpoint)) / LOSS_WINDOW_FILE.format(rank=self.args.process_index)
+        self._window_to_restore = window if resume_from_checkpoint and window.is_file() else None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if getattr(self, "_window_to_restore", None) is not None:
+            self._restore_loss_window(self._window_to_restore)
+            self._window_to_restore = None
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if not hasattr(self, "_tr_loss") or not hasattr(self, "_globalstep_last_logged"):
+            logger.warning("the Trainer no longer keeps _tr_loss/_globalstep_last_logged; the first log after a "
+                           "resume may average fewer steps")
+            return
+        import torch
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        checkpoint = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        checkpoint.mkdir(parents=True, exist_ok=True)  # with DDP only the main process saves, maybe not yet
+        window = {"loss_sum": self._tr_loss.item(), "last_logged_step": self._globalstep_last_logged,
+                  "cpu_threads": torch.get_num_threads()}
+        (checkpoint / LOSS_WINDOW_FILE.format(rank=self.args.process_index)).write_text(json.dumps(window) + "\n")
+
+    def _restore_loss_window(self, path: Path) -> None:
+        import torch
+
+        window = json.loads(path.read_text())
+        self._tr_loss += window["loss_sum"]
+        self._total_loss_scalar -= window["loss_sum"]  # so that the Trainer's train_loss stays its own mean
+        self._globalstep_last_logged = window["last_logged_step"]
+        if window["cpu_threads"] != torch.get_num_threads():
+            logger.warning(f"resuming with {window['cpu_threads']} CPU threads, as the interrupted run had (not "
+                           f"{torch.get_num_threads()}), so that its sums add up in the same order")
+            torch.set_num_threads(window["cpu_threads"])
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """TRL 1.16 writes its own card ("fine-tuned version of [None]") to output_dir/README.md with every
+        checkpoint, before any model is there; sftkit writes one card, describing the run, with the model."""
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """transformers 5.24 warns on resume that the checkpoint lacks lm_head.weight when the head shares the
+        embeddings' weights, which are saved once: tied keys are not missing."""
+        model = self.accelerator.unwrap_model(self.model)
+        tied_embeddings = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+        tied = set(getattr(model, "_tied_weights_keys", None) or ()) if tied_embeddings else set()
+        missing = [key for key in load_result.missing_keys if key not in tied]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))

@@ -4,7 +4,6 @@
 config are collected and raised together as one `ConfigError`, before any model weight is loaded.
 """
 
-import ast
 import dataclasses
 import difflib
 import enum
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from sftkit.compat import rename_gradient_checkpointing, sft_config_fields
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # A clone (or `pip install -e .`) has configs/ and data/ beside the package; an installed wheel carries them inside
@@ -470,11 +471,11 @@ def local_splits(path: Path) -> list[str] | None:
 
 
 def _precheck_training(values: Any) -> tuple[list[str], dict]:
-    """Unknown keys and plainly wrong types in `training`, found without importing trl (see _sft_config_fields).
+    """Unknown keys and plainly wrong types in `training`, found without importing trl (see compat.sft_config_fields).
     Returns the errors and the values that could be coerced to their field's type (for _number_errors)."""
     if not isinstance(values, dict):
         return [f"training must be a mapping of keys to values, not {type(values).__name__}"], {}
-    fields = _sft_config_fields()
+    fields = sft_config_fields()
     errors, coerced = [], {}
     for key, value in values.items():
         if key not in fields:
@@ -503,31 +504,6 @@ def _simple_hint(annotation: str):
     if not all(part in _SIMPLE_TYPES for part in parts):
         return None
     return functools.reduce(operator.or_, (_SIMPLE_TYPES[part] for part in parts))
-
-
-@functools.cache
-def _sft_config_fields() -> dict[str, str]:
-    """SFTConfig's field names and annotations, read from the installed sources instead of imported.
-
-    Importing trl imports torch and transformers (about 6 s on a CPU machine); reading the three files that
-    define SFTConfig and its bases takes a few tens of milliseconds, so a typo fails in well under a second.
-    The full check against the real class follows once these pass.
-    """
-    trl_dir = Path(importlib.util.find_spec("trl").origin).parent
-    transformers_dir = Path(importlib.util.find_spec("transformers").origin).parent
-    classes = {
-        trl_dir / "trainer" / "sft_config.py": "SFTConfig",
-        trl_dir / "trainer" / "base_config.py": "_BaseConfig",
-        transformers_dir / "training_args.py": "TrainingArguments",
-    }
-    fields: dict[str, str] = {}
-    for file, class_name in classes.items():
-        tree = ast.parse(file.read_text())
-        body = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == class_name).body
-        for node in body:
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                fields.setdefault(node.target.id, ast.unparse(node.annotation))
-    return fields
 
 
 def _build_training(values: dict, model: ModelConfig, dataset: DatasetConfig, errors: list[str]):
@@ -627,13 +603,7 @@ def _resolve_hardware_defaults(kwargs: dict) -> None:
         # Several processes without a GPU (torchrun, or accelerate's multi-GPU launcher) only form a DDP group
         # when the Trainer is told it runs on the CPU; a single process is unaffected.
         kwargs.setdefault("use_cpu", True)
-    # transformers 5 renamed gradient_checkpointing to activation_checkpointing and warns on every run where only
-    # the old name is set, which TRL's own default (True) does. Users know the old name, so both are accepted.
-    for old, new in (("gradient_checkpointing", "activation_checkpointing"),
-                     ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
-        if new not in kwargs:
-            kwargs[new] = kwargs.pop(old, True if old == "gradient_checkpointing" else None)
-        kwargs.pop(old, None)
+    rename_gradient_checkpointing(kwargs)
 
 
 def _move_hub_token_to_environment(kwargs: dict) -> None:

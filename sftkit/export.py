@@ -106,7 +106,8 @@ def _merge_adapter(model_cfg, adapter_dir: Path, target: Path, dtype) -> None:
     """Merge the saved adapter into a fresh, unquantized copy of the base (never into dequantized 4-bit weights)."""
     from peft import PeftModel
 
-    from sftkit.model import load_model, zero3_init_disabled
+    from sftkit.compat import zero3_init_disabled
+    from sftkit.model import load_model
 
     with zero3_init_disabled():
         base = load_model(model_cfg, dtype, gradient_checkpointing=False, quantize=False)

@@ -2,7 +2,6 @@
 
 import dataclasses
 import re
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -10,6 +9,7 @@ from peft import LoraConfig, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.pytorch_utils import Conv1D
 
+from sftkit.compat import keep_cpu_4bit_layout_trainable, zero3_init_disabled
 from sftkit.config import ConfigError, DatasetConfig, ModelConfig, resolve_path
 from sftkit.data.tokenize import CHATML_TEMPLATE
 
@@ -180,36 +180,11 @@ def load_model(model_cfg: ModelConfig, dtype: torch.dtype, gradient_checkpointin
     model = AutoModelForCausalLM.from_pretrained(resolve_path(model_cfg.path), **kwargs)
     if quantize:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-        _keep_cpu_4bit_layout_trainable(model)
+        keep_cpu_4bit_layout_trainable(model)
     return model
-
-
-def _keep_cpu_4bit_layout_trainable(model) -> None:
-    """bitsandbytes' CPU backend repacks a 4-bit weight into an inference layout on its first forward in eval mode
-    (an evaluation, a sample reply) and does not unpack it when training resumes; the gradients are wrong from then
-    on (measured with bitsandbytes 0.50.2: grad norm 0.7 instead of 10, and the loss doubled after one evaluation).
-    bitsandbytes has no switch for this, so the flag that enables the repacking is turned off."""
-    for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
 
 
 def lora_config(model_cfg: ModelConfig) -> LoraConfig | None:
     if not model_cfg.use_lora:
         return None
     return LoraConfig(**dataclasses.asdict(model_cfg.lora_config))
-
-
-@contextmanager
-def zero3_init_disabled():
-    """While a ZeRO-3 config is registered, from_pretrained partitions the weights across all processes, which
-    would deadlock the main process merging alone (and from_config would allocate a meta-device model in full);
-    transformers has no switch for this, so unregister it briefly."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = registered

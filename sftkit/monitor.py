@@ -11,83 +11,34 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from transformers.utils import logging
 from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import SFTTrainer
 
+from sftkit.compat import TrainerWorkarounds
 from sftkit.inference import generate_reply
 
 SAMPLES_FILE = "sample_replies.jsonl"
-LOSS_WINDOW_FILE = "sftkit_loss_window_{rank}.json"
-logger = logging.get_logger(__name__)
 
 
-class MonitoredSFTTrainer(SFTTrainer):
+class MonitoredSFTTrainer(TrainerWorkarounds, SFTTrainer):
     """SFTTrainer whose every micro-batch loss is checked to be finite (see StopGuard), and whose every log also
-    carries memory. `Trainer.log` is the documented place to add metrics: what
-    is added here reaches the progress bar, `log_history`, TensorBoard and W&B alike (a callback's `on_log` comes
-    after `log_history` is written)."""
+    carries memory. `Trainer.log` is the documented place to add metrics: what is added here reaches the progress
+    bar, `log_history`, TensorBoard and W&B alike (a callback's `on_log` comes after `log_history` is written).
+    What it changes in the Trainer's own behaviour is in compat.TrainerWorkarounds."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.guard = StopGuard()
         self.add_callback(self.guard)
-        self._window_to_restore: Path | None = None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         logs.update(memory_mib())
         super().log(logs, start_time)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if self._window_to_restore is not None:
-            self._restore_loss_window(self._window_to_restore)
-            self._window_to_restore = None
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.guard.observe(loss)
         return loss
-
-    # Exact resume. transformers 5.24 keeps the losses of the steps since the last log in `_tr_loss` and that log's
-    # step in `_globalstep_last_logged`, and saves neither in a checkpoint: the first log after a resume averaged only
-    # the steps since the resume. And the CPU thread count sets the summation order of every matmul on a CPU, so a
-    # resume under another count (`accelerate launch` exports OMP_NUM_THREADS=1, a plain `python` uses every core)
-    # drifted from the run it continued. Both are saved beside each checkpoint, per process, and restored.
-    def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        window = Path(str(resume_from_checkpoint)) / LOSS_WINDOW_FILE.format(rank=self.args.process_index)
-        self._window_to_restore = window if resume_from_checkpoint and window.is_file() else None
-        return super().train(resume_from_checkpoint, *args, **kwargs)
-
-    def create_model_card(self, *args, **kwargs) -> None:
-        """TRL 1.16 writes its own card ("fine-tuned version of [None]") to output_dir/README.md with every
-        checkpoint, before any model is there; sftkit writes one card, describing the run, with the model."""
-
-    def _issue_warnings_after_load(self, load_result) -> None:
-        """transformers 5.24 warns on resume that the checkpoint lacks lm_head.weight when the head shares the
-        embeddings' weights, which are saved once; tied keys are not missing."""
-        model = self.accelerator.unwrap_model(self.model)
-        config = getattr(model, "config", None)
-        tied = set(getattr(model, "_tied_weights_keys", None) or ()) if getattr(config, "tie_word_embeddings", 0) else set()
-        missing = [key for key in load_result.missing_keys if key not in tied]
-        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
-
-    def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
-        checkpoint = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        checkpoint.mkdir(parents=True, exist_ok=True)  # with DDP only the main process saves, maybe not yet
-        window = {"loss_sum": self._tr_loss.item(), "last_logged_step": self._globalstep_last_logged,
-                  "cpu_threads": torch.get_num_threads()}
-        (checkpoint / LOSS_WINDOW_FILE.format(rank=self.args.process_index)).write_text(json.dumps(window) + "\n")
-
-    def _restore_loss_window(self, path: Path) -> None:
-        """Called at the first step after a resume, once the Trainer has started its window afresh."""
-        window = json.loads(path.read_text())
-        self._tr_loss += window["loss_sum"]
-        self._total_loss_scalar -= window["loss_sum"]  # so that the Trainer's train_loss stays its own mean
-        self._globalstep_last_logged = window["last_logged_step"]
-        if window["cpu_threads"] != torch.get_num_threads():
-            logger.warning(f"resuming with {window['cpu_threads']} CPU threads, as the interrupted run had (not "
-                           f"{torch.get_num_threads()}), so that its sums add up in the same order")
-            torch.set_num_threads(window["cpu_threads"])
 
 
 def memory_mib() -> dict[str, int]:

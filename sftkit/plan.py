@@ -15,7 +15,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from sftkit.config import RunConfig, resolve_path
 from sftkit.data import prepare_for_training
-from sftkit.model import check_model_source, load_tokenizer, lora_config, resolve_dtype, zero3_init_disabled
+from sftkit.compat import zero3_init_disabled, zero_model_states
+from sftkit.model import check_model_source, load_tokenizer, lora_config, resolve_dtype
 
 GIB = 2**30
 ADAM_STATES = 2  # exp_avg and exp_avg_sq per trained parameter
@@ -169,15 +170,11 @@ def estimate_memory(config: RunConfig, shape: ModelShape, dtype, zero: ZeroSetti
     element = torch.finfo(dtype).bits // 8
     cpu = 0.0
     if zero.stage in (2, 3) and not config.model.use_lora:
-        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-
+        cpu, states = zero_model_states(zero.stage, shape.total, shape.largest_layer, world_size,
+                                        zero.offload_optimizer, zero.offload_params)
         if zero.stage == 2:
-            cpu, states = estimate_zero2_model_states_mem_needs(shape.total, world_size, 1, zero.offload_optimizer, 1.0)
             weights = 2 * shape.total
         else:
-            cpu, states, _ = estimate_zero3_model_states_mem_needs(
-                shape.total, shape.largest_layer, world_size, 1, zero.offload_optimizer, zero.offload_params, True, 1.0)
             weights = 0 if zero.offload_params else 2 * shape.total / world_size
         source = "DeepSpeed's estimator"
     else:

@@ -35,3 +35,61 @@ def test_known_noise_is_filtered_at_its_source_and_nothing_else(caplog):
             "Token indices sequence length is longer than the specified maximum sequence length (528 > 512)")
         logging.getLogger("transformers.tokenization_utils_base").warning("another tokenizer warning")
     assert [record.getMessage() for record in caplog.records] == ["another tokenizer warning"]
+
+
+# Each workaround in sftkit/compat.py, checked against the library behaviour it works around: when one of these
+# fails after an upgrade, the workaround may be obsolete (or need changing), not the test.
+
+def test_trl_still_defaults_to_the_old_gradient_checkpointing_name():
+    import dataclasses
+
+    from trl import SFTConfig
+
+    fields = {field.name: field for field in dataclasses.fields(SFTConfig)}
+    assert fields["gradient_checkpointing"].default is True and "activation_checkpointing" in fields
+    kwargs = {"gradient_checkpointing": False}
+    from sftkit.compat import rename_gradient_checkpointing
+
+    rename_gradient_checkpointing(kwargs)
+    assert kwargs == {"activation_checkpointing": False, "activation_checkpointing_kwargs": None}
+
+
+def test_bitsandbytes_4bit_layers_still_have_the_cpu_repacking_flag():
+    import bitsandbytes
+
+    assert getattr(bitsandbytes.nn.Linear4bit(16, 16), "support_avx512bf16_for_cpu", None)
+
+
+def test_transformers_still_registers_its_deepspeed_config_in_a_module_global():
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    from sftkit.compat import zero3_init_disabled
+
+    marker = object()
+    hf_deepspeed._hf_deepspeed_config_weak_ref, before = marker, hf_deepspeed._hf_deepspeed_config_weak_ref
+    try:
+        with zero3_init_disabled():
+            assert hf_deepspeed._hf_deepspeed_config_weak_ref is None
+        assert hf_deepspeed._hf_deepspeed_config_weak_ref is marker
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = before
+
+
+def test_deepspeeds_estimators_take_the_arguments_by_these_names():
+    from sftkit.compat import zero_model_states
+
+    cpu, gpu = zero_model_states(3, total=10**9, largest_layer=10**8, world_size=2, offload_optimizer=True,
+                                 offload_params=False)
+    assert cpu > 0 and gpu > 0
+    assert zero_model_states(2, 10**9, 0, 2, False, False)[1] > gpu
+
+
+def test_the_trainer_still_leaves_the_loss_window_and_tied_keys_to_sftkit():
+    import inspect
+
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    assert "_tr_loss" in inspect.getsource(Trainer) and "_tr_loss" not in inspect.getsource(Trainer._save_checkpoint)
+    assert "tied" not in inspect.getsource(Trainer._issue_warnings_after_load)
+    assert "create_model_card" in inspect.getsource(SFTTrainer._save_checkpoint)

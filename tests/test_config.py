@@ -198,9 +198,9 @@ def test_the_static_field_list_matches_sft_config():
 
     from trl import SFTConfig
 
-    from sftkit.config import _sft_config_fields
+    from sftkit.compat import sft_config_fields
 
-    assert set(_sft_config_fields()) == {f.name for f in dataclasses.fields(SFTConfig) if f.init}
+    assert set(sft_config_fields()) == {f.name for f in dataclasses.fields(SFTConfig) if f.init}
 
 
 def test_yaml_boolean_words(tmp_path):
@@ -224,12 +224,13 @@ def test_every_number_rule_names_a_real_field_and_every_default_passes_it():
 
     from trl import SFTConfig
 
-    from sftkit.config import NUMBER_RULES, DatasetConfig, ModelConfig, _number_errors, _numbers, _sft_config_fields
+    from sftkit.compat import sft_config_fields
+    from sftkit.config import NUMBER_RULES, DatasetConfig, ModelConfig, _number_errors, _numbers
 
     defaults = {**_numbers(ModelConfig(), "model"), **_numbers(DatasetConfig(max_samples=1, weight=1, test_size=0.1), "dataset")}
     for key in NUMBER_RULES:
         section, _, name = key.partition(".")
-        assert name in _sft_config_fields() if section == "training" else key in defaults, key
+        assert name in sft_config_fields() if section == "training" else key in defaults, key
     # the fields that take a negative value (max_steps -1, local_rank -1) are allowed it
     defaults.update({f"training.{f.name}": f.default for f in dataclasses.fields(SFTConfig) if f.init})
     assert _number_errors(defaults) == []
@@ -242,7 +243,7 @@ def test_every_number_rule_names_a_real_field_and_every_default_passes_it():
         (["--training.max_steps", "-2"], "training.max_steps must be -1 or at least 1, got -2"),
         (["--training.max_grad_norm", "-1"], "training.max_grad_norm must be at least 0, got -1"),
         (["--training.logging_steps", "0"], "training.logging_steps must be greater than 0, got 0"),
-        (["--training.dataset_num_proc", "0"], "training.dataset_num_proc must be at least 1, got 0 (null prepares"),
+        (["--training.dataset_num_proc", "0"], "training.dataset_num_proc must be at least 1, got 0 (null: one process per usable core"),
         (["--training.adam_epsilon", "0"], "training.adam_epsilon must be greater than 0, got 0"),
         (["--training.dataloader_num_workers", "-1"], "training.dataloader_num_workers must be at least 0, got -1"),
         (["--training.max_grad_norm", ".inf"], "training.max_grad_norm must be a finite number, got inf"),

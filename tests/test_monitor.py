@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SAMPLE_PROMPTS, run_python
+from conftest import REPO, SAMPLE_PROMPTS
 
 from sftkit.config import ConfigError, load_config
 from sftkit.train import SUMMARY_FILE, train
