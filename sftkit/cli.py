@@ -7,11 +7,12 @@
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-from sftkit.config import ConfigError, Interrupted, RunFailed, is_main_process, load_config
+from sftkit.config import ConfigError, Interrupted, RunFailed, load_config
 
 
 def main(argv: list[str] | None = None, prog: str = "sft.py") -> int:
@@ -79,6 +80,11 @@ def main(argv: list[str] | None = None, prog: str = "sft.py") -> int:
             print(f"{prog}: interrupted before training started; nothing was saved", file=sys.stderr)
         return 130
     return 0
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a launch (readable before torch.distributed starts), so errors print once."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _process_start() -> float:

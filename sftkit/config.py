@@ -742,8 +742,3 @@ def _describe(hint: Any) -> str:
         return "a list"
     names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}
     return names.get(hint, getattr(hint, "__name__", str(hint)))
-
-
-def is_main_process() -> bool:
-    """Rank 0 of a launch (readable before torch.distributed starts), so errors print once."""
-    return os.environ.get("RANK", "0") == "0"

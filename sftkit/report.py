@@ -1,15 +1,86 @@
-"""Files that explain a finished run to a person, written beside the model: loss.png and a model card README.md."""
+"""What a finished run tells a person: the summary (printed and run_summary.json), loss.png and a model card."""
 
+import json
+import math
 from pathlib import Path
+
+from sftkit.export import ADAPTER_DIR, saved_dtypes
+from sftkit.monitor import SAMPLES_FILE, memory_mib
 
 LOSS_PLOT = "loss.png"
 MODEL_CARD = "README.md"
+SUMMARY_FILE = "run_summary.json"
 
 
-def write_reports(output_dir: Path, config, summary: dict, history: list[dict]) -> dict:
+def build_summary(trainer, config, data, dtype, parameters: tuple[int, int], reply: str | None, seconds: dict,
+                  train_seconds: float, memory_at_start: dict) -> dict:
+    """The run in numbers, from the Trainer's state and log history (which a resume restores, so the summary
+    after a resume covers the whole run); `seconds` counts earlier segments too (checkpoints.RecordRunInCheckpoints)."""
+    state, output_dir = trainer.state, Path(trainer.args.output_dir)
+    history = state.log_history
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    eval_losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
+    return {
+        "wall_seconds": seconds["wall_seconds"],
+        "steps": state.global_step,
+        "epochs": round(state.epoch, 3),
+        "train_seconds": train_seconds,
+        "input_tokens": state.num_input_tokens_seen or None,
+        "tokens_per_second": round(state.num_input_tokens_seen / train_seconds, 1),
+        "trained_tokens": round(data.trainable_tokens * state.epoch),
+        "train_loss_first": losses[0] if losses else None,
+        "train_loss_last": losses[-1] if losses else None,
+        "train_loss_mean": mean_logged_loss(history),
+        "eval_loss_first": eval_losses[0] if len(eval_losses) > 1 else None,
+        "eval_loss": eval_losses[-1] if eval_losses else None,
+        "rows": data.rows,
+        "rows_dropped": data.dropped,
+        "trainable_parameters": parameters[0],
+        "total_parameters": parameters[1],
+        "peak_memory_mib": _peak_memory(memory_mib()),
+        "memory_before_training_mib": memory_at_start,
+        "sample_prompt": data.sample_prompts[0][-1]["content"] if data.sample_prompts else None,
+        "sample_reply": reply,
+        "training_dtype": str(dtype).removeprefix("torch."),
+        "saved_dtypes": saved_dtypes(output_dir),
+        "output_dir": str(output_dir),
+        "adapter_dir": str(output_dir / ADAPTER_DIR) if config.model.use_lora else None,
+        "sample_replies_file": str(output_dir / SAMPLES_FILE) if config.dataset.sample_prompts else None,
+    }
+
+
+def report(output_dir: Path, config, summary: dict, history: list[dict]) -> dict:
+    """Write loss.png, the model card and run_summary.json, print the summary; the summary with their paths."""
     plot_loss(history, output_dir / LOSS_PLOT)
+    summary = {**summary, "loss_plot": str(output_dir / LOSS_PLOT), "model_card": str(output_dir / MODEL_CARD)}
     (output_dir / MODEL_CARD).write_text(model_card(config, summary))
-    return {"loss_plot": str(output_dir / LOSS_PLOT), "model_card": str(output_dir / MODEL_CARD)}
+    (output_dir / SUMMARY_FILE).write_text(json.dumps(_finite(summary), indent=2, allow_nan=False) + "\n")
+    print(format_summary(summary), flush=True)
+    return summary
+
+
+def mean_logged_loss(history: list[dict]) -> float | None:
+    """The mean train loss over the whole run, resumed parts included: each log's loss is the mean over the steps
+    since the previous log, so the logs weighted by their steps give it (the Trainer's own `training_loss` covers
+    only the steps since the last resume)."""
+    total = steps = previous = 0
+    for entry in history:
+        if "loss" in entry:
+            total += entry["loss"] * (entry["step"] - previous)
+            steps += entry["step"] - previous
+            previous = entry["step"]
+    return total / steps if steps else None
+
+
+def _peak_memory(memory: dict) -> dict:
+    return {name.removeprefix("mem_").removesuffix("_mib"): mib for name, mib in memory.items() if "peak" in name}
+
+
+def _finite(value):
+    """JSON has no nan or inf: they are written as null (a bare NaN makes the file unreadable to strict parsers)."""
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def plot_loss(history: list[dict], path: Path) -> None:
@@ -112,3 +183,42 @@ def _length(training, summary: dict) -> str:
 
 def _number(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def describe_dropped(dropped: dict) -> str:
+    return ", ".join(f"{count} {reason}" for reason, count in dropped.items())
+
+
+def format_summary(summary: dict) -> str:
+    def loss(value):
+        return "n/a" if value is None else f"{value:.3f}"
+
+    def count(value):
+        return "n/a" if value is None else f"{value:,.0f}"
+
+    memory = ", ".join(f"{name.replace('_', ' ')} {mib:,} MiB" for name, mib in summary["peak_memory_mib"].items())
+    share = 100 * summary["trainable_parameters"] / max(summary["total_parameters"], 1)
+    saved = ", ".join(summary["saved_dtypes"])
+    if saved != summary["training_dtype"]:
+        saved += f" (trained in {summary['training_dtype']})"
+    rows = [
+        ("wall time", f"{summary['wall_seconds']:.1f} s ({summary['train_seconds']:.1f} s training), "
+                      f"{summary['steps']} steps"),
+        ("tokens", f"{count(summary['input_tokens'])} input ({count(summary['tokens_per_second'])}/s), "
+                   f"{summary['trained_tokens']:,} trained"),
+        ("train loss", f"{loss(summary['train_loss_first'])} -> {loss(summary['train_loss_last'])} "
+                       f"(first -> last log), {loss(summary['train_loss_mean'])} mean"),
+        ("eval loss", f"{loss(summary['eval_loss_first'])} -> {loss(summary['eval_loss'])} (start -> end)"),
+        ("rows", f"{summary['rows']} read, dropped: {describe_dropped(summary['rows_dropped'])}"),
+        ("parameters", f"{summary['trainable_parameters']:,} of {summary['total_parameters']:,} train ({share:.2f}%)"),
+        ("peak memory", memory),
+    ]
+    if summary["sample_reply"] is not None:
+        rows.append(("sample", f"{summary['sample_prompt']!r} -> {summary['sample_reply']!r}"))
+    rows.append(("model + tokenizer", f"{summary['output_dir']} ({saved})"))
+    for label, key in (("LoRA adapter", "adapter_dir"), ("sample replies", "sample_replies_file"),
+                       ("loss plot", "loss_plot"), ("model card", "model_card")):
+        if summary.get(key):
+            rows.append((label, summary[key]))
+    rows.append(("summary", str(Path(summary["output_dir"]) / SUMMARY_FILE)))
+    return "Run summary\n" + "\n".join(f"  {label:<18} {value}" for label, value in rows)

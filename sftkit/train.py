@@ -4,7 +4,6 @@ summary.
     accelerate launch sft.py --config configs/lora_train_config.yaml
 """
 
-import json
 import logging
 import shlex
 import shutil
@@ -21,15 +20,13 @@ from sftkit.checkpoints import (RecordRunInCheckpoints, checkpoint_to_resume, ea
                                 newest_checkpoint_words)
 from sftkit.config import ConfigError, Interrupted, RunConfig, RunFailed
 from sftkit.data import prepare_for_training
-from sftkit.export import ADAPTER_DIR, export, saved_dtypes
+from sftkit.export import export
 from sftkit.inference import generate_reply
 from sftkit.model import check_model_source, load_model, load_tokenizer, lora_config, resolve_dtype
-from sftkit.monitor import (SAMPLES_FILE, MonitoredSFTTrainer, ProgressBar, SampleReplies, generates_on_every_process,
-                            memory_mib)
-from sftkit.report import write_reports
+from sftkit.monitor import MonitoredSFTTrainer, ProgressBar, SampleReplies, generates_on_every_process, memory_mib
+from sftkit.report import build_summary, report
 from sftkit.rundir import OutputDir, check_free_space, export_bytes
 
-SUMMARY_FILE = "run_summary.json"
 LAUNCHERS = ("accelerate", "torchrun", "deepspeed")
 logger = logging.getLogger(__name__)
 
@@ -91,95 +88,66 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
         data = prepare_for_training(config.dataset, tokenizer, args)
     dtype = resolve_dtype(config.model, args)
     model = load_model(config.model, dtype, args.gradient_checkpointing)
-    if (args.packing or args.padding_free) and config.model.trust_remote_code:
+    timing = RecordRunInCheckpoints(config.resolved, earlier_progress(resume_from), started)
+    trainer = _trainer(config, model, tokenizer, data, [timing], resumed=resume_from is not None)
+    parameters = _count_parameters(trainer.model)
+    if trainer.accelerator.is_main_process:
+        _check_space_for_export(output, config, dtype, parameters)
+        print(_plan(config, data, dtype, *parameters), flush=True)
+    memory_at_start = memory_mib()
+    if resume_from:
+        args.eval_on_start = False  # the run evaluated at its start already
+    trainer.train(resume_from_checkpoint=resume_from)
+    train_seconds = timing.seconds()["train_seconds"]
+    _stop_unless_trained(trainer)
+    if data.eval is not None and _last_eval_step(trainer.state.log_history) != trainer.state.global_step:
+        trainer.evaluate()
+    reply = _final_reply(trainer, tokenizer, data.sample_prompts[:1])
+    if trainer.accelerator.is_main_process:
+        output.mark("exporting", dtype=str(dtype).removeprefix("torch."))
+    output_dir = export(trainer, config, tokenizer, dtype, parameters)
+    summary = build_summary(trainer, config, data, dtype, parameters, reply, timing.seconds(), train_seconds,
+                            memory_at_start)
+    if trainer.accelerator.is_main_process:
+        summary = report(output_dir, config, summary, trainer.state.log_history)
+    return Run(summary, trainer)
+
+
+def _trainer(config: RunConfig, model, tokenizer, data, callbacks: list, resumed: bool) -> MonitoredSFTTrainer:
+    if (config.training.packing or config.training.padding_free) and config.model.trust_remote_code:
         logger.warning("packing with a model's own modeling code: transformers' built-in attention keeps packed "
                        "samples apart, custom code may let them attend to each other")
-    timing = RecordRunInCheckpoints(config.resolved, earlier_progress(resume_from), started)
-    callbacks = [timing]
     if config.dataset.sample_prompts:
-        callbacks.append(SampleReplies(tokenizer, data.sample_prompts, resumed=resume_from is not None))
+        callbacks.append(SampleReplies(tokenizer, data.sample_prompts, resumed=resumed))
     trainer = MonitoredSFTTrainer(
         model=model,
-        args=args,
+        args=config.training,
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
         peft_config=lora_config(config.model),
         callbacks=callbacks,
     )
-    if not args.disable_tqdm:
+    if not config.training.disable_tqdm:
         trainer.remove_callback(transformers.trainer_callback.ProgressCallback)
         trainer.add_callback(ProgressBar)
-    trainable, total = _count_parameters(trainer.model)
-    if trainer.accelerator.is_main_process:
-        missing = check_free_space(output.path, export_bytes(total, trainable, dtype, config.model.use_lora), "the export")
-        if missing:
-            raise ConfigError(missing)
-        print(_plan(config, data, dtype, trainable, total), flush=True)
-    memory_at_start = memory_mib()
-    if resume_from:
-        args.eval_on_start = False  # the run evaluated at its start already
-    trainer.train(resume_from_checkpoint=resume_from)
-    train_seconds = timing.seconds()["train_seconds"]
+    return trainer
+
+
+def _check_space_for_export(output: OutputDir, config: RunConfig, dtype, parameters: tuple[int, int]) -> None:
+    trainable, total = parameters
+    missing = check_free_space(output.path, export_bytes(total, trainable, dtype, config.model.use_lora), "the export")
+    if missing:
+        raise ConfigError(missing)
+
+
+def _stop_unless_trained(trainer) -> None:
+    """Training ended early: a non-finite loss (nothing may be published) or a signal (a checkpoint was saved)."""
     guard = trainer.guard
     if guard.diverged_at is not None:
         raise RunFailed(_diverged(trainer, guard.diverged_at))
     if guard.received is not None:
         raise Interrupted(_how_to_resume(trainer, guard.received), guard.received)
-    if data.eval is not None and _last_eval_step(trainer.state.log_history) != trainer.state.global_step:
-        trainer.evaluate()
-    reply = _final_reply(trainer, tokenizer, data.sample_prompts[:1])
-    if trainer.accelerator.is_main_process:
-        output.mark("exporting", dtype=str(dtype).removeprefix("torch."))
-    output_dir = export(trainer, config, tokenizer, dtype, (trainable, total))
-    history = trainer.state.log_history
-    losses = [entry["loss"] for entry in history if "loss" in entry]
-    eval_losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
-    summary = {
-        "wall_seconds": timing.seconds()["wall_seconds"],
-        "steps": trainer.state.global_step,
-        "epochs": round(trainer.state.epoch, 3),
-        "train_seconds": train_seconds,
-        "input_tokens": trainer.state.num_input_tokens_seen or None,
-        "tokens_per_second": round(trainer.state.num_input_tokens_seen / train_seconds, 1),
-        "trained_tokens": round(data.trainable_tokens * trainer.state.epoch),
-        "train_loss_first": losses[0] if losses else None,
-        "train_loss_last": losses[-1] if losses else None,
-        "train_loss_mean": _mean_logged_loss(history),
-        "eval_loss_first": eval_losses[0] if len(eval_losses) > 1 else None,
-        "eval_loss": eval_losses[-1] if eval_losses else None,
-        "rows": data.rows,
-        "rows_dropped": data.dropped,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "peak_memory_mib": _peak_memory(memory_mib()),
-        "memory_before_training_mib": memory_at_start,
-        "sample_prompt": data.sample_prompts[0][-1]["content"] if data.sample_prompts else None,
-        "sample_reply": reply,
-        "training_dtype": str(dtype).removeprefix("torch."),
-        "saved_dtypes": saved_dtypes(output_dir),
-        "output_dir": str(output_dir),
-        "adapter_dir": str(output_dir / ADAPTER_DIR) if config.model.use_lora else None,
-        "sample_replies_file": str(output_dir / SAMPLES_FILE) if config.dataset.sample_prompts else None,
-    }
-    if trainer.accelerator.is_main_process:
-        summary.update(write_reports(output_dir, config, summary, history))
-        (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-        print(format_summary(summary), flush=True)
-    return Run(summary, trainer)
-
-
-def _mean_logged_loss(history: list[dict]) -> float | None:
-    """The mean train loss over the whole run, resumed parts included: each log's loss is the mean over the steps
-    since the previous log, so the logs weighted by their steps give it (the Trainer's own `training_loss` covers
-    only the steps since the last resume)."""
-    total = steps = previous = 0
-    for entry in history:
-        if "loss" in entry:
-            total += entry["loss"] * (entry["step"] - previous)
-            steps += entry["step"] - previous
-            previous = entry["step"]
-    return total / steps if steps else None
 
 
 def _diverged(trainer, step: int) -> str:
@@ -254,10 +222,6 @@ def _last_eval_step(history: list[dict]) -> int | None:
     return next((entry["step"] for entry in reversed(history) if "eval_loss" in entry), None)
 
 
-def _peak_memory(memory: dict) -> dict:
-    return {name.removeprefix("mem_").removesuffix("_mib"): mib for name, mib in memory.items() if "peak" in name}
-
-
 def _count_parameters(model) -> tuple[int, int]:
     """Trainable and total parameters; ZeRO-3 leaves each process an empty shard, whose full size is ds_numel."""
     if hasattr(model, "get_nb_trainable_parameters"):  # PEFT's count also unpacks 4-bit weights
@@ -291,42 +255,3 @@ def _plan(config: RunConfig, data, dtype, trainable: int, total: int) -> str:
 
 def describe_sources(dataset, data) -> str:
     return ", ".join(f"{source.name} as {format_name!r}" for source, format_name in zip(dataset.train_sources(), data.formats))
-
-
-def describe_dropped(dropped: dict) -> str:
-    return ", ".join(f"{count} {reason}" for reason, count in dropped.items())
-
-
-def format_summary(summary: dict) -> str:
-    def loss(value):
-        return "n/a" if value is None else f"{value:.3f}"
-
-    def count(value):
-        return "n/a" if value is None else f"{value:,.0f}"
-
-    memory = ", ".join(f"{name.replace('_', ' ')} {mib:,} MiB" for name, mib in summary["peak_memory_mib"].items())
-    share = 100 * summary["trainable_parameters"] / max(summary["total_parameters"], 1)
-    saved = ", ".join(summary["saved_dtypes"])
-    if saved != summary["training_dtype"]:
-        saved += f" (trained in {summary['training_dtype']})"
-    rows = [
-        ("wall time", f"{summary['wall_seconds']:.1f} s ({summary['train_seconds']:.1f} s training), "
-                      f"{summary['steps']} steps"),
-        ("tokens", f"{count(summary['input_tokens'])} input ({count(summary['tokens_per_second'])}/s), "
-                   f"{summary['trained_tokens']:,} trained"),
-        ("train loss", f"{loss(summary['train_loss_first'])} -> {loss(summary['train_loss_last'])} "
-                       f"(first -> last log), {loss(summary['train_loss_mean'])} mean"),
-        ("eval loss", f"{loss(summary['eval_loss_first'])} -> {loss(summary['eval_loss'])} (start -> end)"),
-        ("rows", f"{summary['rows']} read, dropped: {describe_dropped(summary['rows_dropped'])}"),
-        ("parameters", f"{summary['trainable_parameters']:,} of {summary['total_parameters']:,} train ({share:.2f}%)"),
-        ("peak memory", memory),
-    ]
-    if summary["sample_reply"] is not None:
-        rows.append(("sample", f"{summary['sample_prompt']!r} -> {summary['sample_reply']!r}"))
-    rows.append(("model + tokenizer", f"{summary['output_dir']} ({saved})"))
-    for label, key in (("LoRA adapter", "adapter_dir"), ("sample replies", "sample_replies_file"),
-                       ("loss plot", "loss_plot"), ("model card", "model_card")):
-        if summary.get(key):
-            rows.append((label, summary[key]))
-    rows.append(("summary", str(Path(summary["output_dir"]) / SUMMARY_FILE)))
-    return "Run summary\n" + "\n".join(f"  {label:<18} {value}" for label, value in rows)

@@ -14,7 +14,8 @@ import pytest
 from conftest import REPO, SAMPLE_PROMPTS
 
 from sftkit.config import ConfigError, load_config
-from sftkit.train import SUMMARY_FILE, train
+from sftkit.report import SUMMARY_FILE
+from sftkit.train import train
 
 LOG_LINE = re.compile(r"step (\d+)/(\d+)  loss ([\d.]+)  lr ([\d.e+-]+)  grad norm ([\d.e+-]+)  ([\d,]+) tok/s  "
                       r"mem ([\d,]+) MiB \(peak ([\d,]+)\)")

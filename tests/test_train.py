@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sftkit.config import RunFailed, load_config
 from sftkit.export import ADAPTER_DIR, RUN_CONFIG_FILE, VERSIONS_FILE, export
 from sftkit.rundir import STAGING_DIR
-from sftkit.train import SUMMARY_FILE, train
+from sftkit.report import SUMMARY_FILE
+from sftkit.train import train
 
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of Norway?"}, {"role": "assistant", "content": "The capital of Norway is Oslo."}],
