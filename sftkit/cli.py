@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from sftkit.config import ConfigError, Interrupted, RunFailed, load_config
+from sftkit.config import SECTIONS, ConfigError, Interrupted, RunFailed, load_config, section_help
 
 
 def main(argv: list[str] | None = None, prog: str = "sft.py") -> int:
@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None, prog: str = "sft.py") -> int:
         prog=prog,
         description="Fine-tune a causal LM on chat data from a YAML config. `python sft.py env` reports the "
                     "environment for a bug report.",
-        epilog="Any config key can be overridden: --training.learning_rate 1e-4 --model.use_lora true",
+        epilog="Any config key can be overridden: --training.learning_rate 1e-4 --model.use_lora true. "
+               "--help model (or dataset, training) lists a section's keys.",
     )
     parser.add_argument("--config", help="YAML file, or the name of one in configs/ (default: default_train_config.yaml)")
     parser.add_argument("--preset", help="a partial config from configs/presets/ laid over --config: fast_test, "
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None, prog: str = "sft.py") -> int:
                         help="load only the tokenizer and the data, print statistics and N samples (default 3) "
                              "with the trained tokens highlighted, and exit")
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["--help"], ["-h"]) and argv[1:2] and argv[1] in SECTIONS:
+        print(section_help(argv[1]))
+        return 0
     if argv[:1] == ["env"]:
         from sftkit.environment import report
 

@@ -55,30 +55,43 @@ class RunFailed(Exception):
     kept and where. Exit code 1."""
 
 
+def option(default=None, help: str = "", factory=None):
+    """A config field with its one line of documentation, which `--help model` prints and the README's tables
+    are tested against (tests/test_config.py)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class LoraSettings:
-    r: int = 16  # rank of the update matrices
-    lora_alpha: int = 32  # scaling numerator; usually 2 x r
-    target_modules: list[str] | str = "all-linear"  # module names, or "all-linear" for every linear layer but the head
-    lora_dropout: float = 0.05
-    bias: Literal["none", "all", "lora_only"] = "none"
-    task_type: Literal["CAUSAL_LM"] = "CAUSAL_LM"  # the only PEFT task type of a causal LM
-    use_dora: bool = False  # weight-decomposed LoRA (slower, sometimes better)
-    use_rslora: bool = False  # scale by alpha / sqrt(r) instead of alpha / r
-    modules_to_save: list[str] | None = None  # modules trained in full and saved with the adapter, e.g. [lm_head]
+    r: int = option(16, "adapter rank")
+    lora_alpha: int = option(32, "scaling numerator, usually 2 × r")
+    target_modules: list[str] | str = option(
+        "all-linear", "module names, or `all-linear` for every linear layer but the output head")
+    lora_dropout: float = option(0.05, "dropout on the adapters' input, in [0, 1)")
+    bias: Literal["none", "all", "lora_only"] = option("none", "`none`, `all` or `lora_only`")
+    task_type: Literal["CAUSAL_LM"] = option("CAUSAL_LM", "the only PEFT task type of a causal LM")
+    use_dora: bool = option(False, "weight-decomposed LoRA (slower, sometimes better)")
+    use_rslora: bool = option(False, "rank-stabilized scaling (alpha / sqrt(r) instead of alpha / r)")
+    modules_to_save: list[str] | None = option(
+        None, "modules trained in full and saved with the adapter, e.g. `[lm_head]`")
 
 
 @dataclass
 class ModelConfig:
-    path: str = "data/tiny-chat-llama"  # hub id or local directory
-    max_seq_length: int = 2048  # longer samples are truncated; becomes SFTConfig.max_length
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None  # None/auto: bf16 if training.bf16, else fp32
-    load_in_4bit: bool = False  # QLoRA: base weights in 4-bit NF4 (needs use_lora)
-    use_lora: bool = False  # train LoRA adapters instead of every weight
-    lora_config: LoraSettings = field(default_factory=LoraSettings)
-    attn_implementation: str | None = None  # e.g. sdpa, eager, flash_attention_2; None: the transformers default
-    revision: str | None = None  # hub branch, tag or commit
-    trust_remote_code: bool = False  # run code shipped with the model; only for models you trust
+    path: str = option("data/tiny-chat-llama", "hub id or local directory")
+    max_seq_length: int = option(2048, "longer samples are truncated (becomes `SFTConfig.max_length`)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = option(
+        None, "`auto`/`null`: bfloat16 when `training.bf16` is on, else float32; or `float32`, `bfloat16`, `float16`")
+    load_in_4bit: bool = option(
+        False, "QLoRA: NF4 with double quantization, compute and storage in `dtype`; needs `use_lora`")
+    use_lora: bool = option(False, "train LoRA adapters instead of every weight")
+    lora_config: LoraSettings = option(help="the adapters (keys below)", factory=LoraSettings)
+    attn_implementation: str | None = option(
+        None, "e.g. `sdpa`, `eager`, `flash_attention_2`; null keeps the transformers default")
+    revision: str | None = option(None, "hub branch, tag or commit")
+    trust_remote_code: bool = option(False, "run code shipped with the model; only for models you trust")
 
     @property
     def method(self) -> str:
@@ -92,30 +105,69 @@ FORMAT_NAMES = Literal[
 
 @dataclass
 class SourceConfig:
-    name: str | None = None  # hub id; a local .jsonl/.json/.csv/.parquet file, a glob, a directory or a save_to_disk dir
-    subset: str | None = None  # hub configuration name
-    split: str = "train"
-    format: FORMAT_NAMES | None = None  # None: detected from the columns
-    column_map: dict[str, str] | None = None  # rename columns first: {their_name: our_name}
-    max_samples: int | None = None  # keep only the first N rows
-    weight: float | None = None  # when mixing: 2 uses every row twice, 0.5 a seeded half; None: every row once
-    answer_source: Literal["drop", "append"] = "drop"  # question_answer: append the `source` column to the answer
+    name: str | None = option(
+        None, "required (or `sources`): hub id; a local `.jsonl`, `.json`, `.csv` or `.parquet` file; a glob "
+              "(`data/*.jsonl`); a directory of such files; or a `save_to_disk` directory")
+    subset: str | None = option(None, "hub configuration name")
+    split: str = option("train", "the split to train on (a local file has one: `train`)")
+    format: FORMAT_NAMES | None = option(
+        None, "`messages`, `sharegpt`, `prompt_response`, `prompt_completion`, `question_answer`, `alpaca` or `text` "
+              "(see the README's Formats); detected from the columns when null")
+    column_map: dict[str, str] | None = option(
+        None, "rename columns first, `{their_name: our_name}`, e.g. `{query: prompt, reply: response}`")
+    max_samples: int | None = option(None, "keep only the first N rows")
+    weight: float | None = option(
+        None, "when mixing `sources`: 2 uses every row twice, 0.5 a seeded half, null every row once")
+    answer_source: Literal["drop", "append"] = option(
+        "drop", "`question_answer` rows: `append` adds \"Source: ...\" from the `source` column to the answer")
 
 
 @dataclass
 class DatasetConfig(SourceConfig):
-    sources: list[SourceConfig] | None = None  # several sources to mix, instead of name/subset/split/... above
-    eval_sources: list[SourceConfig] | None = None  # evaluate on these sources
-    system_prompt: str | None = None  # prepended to rows that have no system message
-    test_size: float | int | None = None  # hold out a fraction (< 1) or a count of rows for evaluation
-    eval_split: str | None = None  # or evaluate on this split of the same source(s)
-    loss_on: Literal["assistant", "last_assistant", "all"] = "assistant"  # which tokens train
-    chat_template: str | None = None  # override: a Jinja string or a path to a .jinja file
-    on_bad_row: Literal["error", "skip"] = "error"  # skip: drop malformed rows and count them in the summary
-    sample_prompts: list[str] | None = None  # replies to these are generated at each evaluation and epoch end
+    sources: list[SourceConfig] | None = option(
+        None, "several sources to mix, each with the keys above (see the README's Mixing)")
+    eval_sources: list[SourceConfig] | None = option(None, "evaluate on these sources (same keys)")
+    system_prompt: str | None = option(None, "prepended to rows that have no system message")
+    test_size: float | int | None = option(
+        None, "or hold out a fraction (below 1) or a count of rows, seeded by `training.seed`")
+    eval_split: str | None = option(None, "or evaluate on this split of the same source(s)")
+    loss_on: Literal["assistant", "last_assistant", "all"] = option(
+        "assistant", "`assistant`: every assistant turn; `last_assistant`: the final one; `all`: every token")
+    chat_template: str | None = option(
+        None, "override the tokenizer's template: a Jinja string or a path to a `.jinja` file")
+    on_bad_row: Literal["error", "skip"] = option(
+        "error", "`error`: stop before training at the first malformed row; `skip`: drop such rows and count them")
+    sample_prompts: list[str] | None = option(
+        None, "a list of user messages; the model's greedy replies are printed and saved at each evaluation and "
+              "epoch end")
 
     def train_sources(self) -> list[SourceConfig]:
         return self.sources or [self]
+
+
+def schema_table(cls, prefix: str = "") -> list[str]:
+    """The Markdown rows `| key | default | meaning |` of a config section, nested sections flattened."""
+    rows, hints = [], typing.get_type_hints(cls)
+    for item in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[item.name]):
+            rows += schema_table(hints[item.name], f"{prefix}{item.name}.")
+            continue
+        default = item.default
+        shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else default
+        rows.append(f"| `{prefix}{item.name}` | `{shown}` | {item.metadata.get('help', '')} |")
+    return rows
+
+
+def section_help(section: str) -> str:
+    """`--help model` (or dataset): every key of the section with its default and meaning."""
+    if section == "training":
+        return ("training: every field of trl.SFTConfig (see `python -c \"from trl import SFTConfig; "
+                "help(SFTConfig)\"`); sftkit sets max_length from model.max_seq_length")
+    cls = {"model": ModelConfig, "dataset": DatasetConfig}[section]
+    rows = [row.strip("| ").split(" | ") for row in schema_table(cls)]
+    width = max(len(key) for key, _, _ in rows)
+    return f"{section}:\n" + "\n".join(f"  {key.strip('`'):<{width}}  {default.strip('`'):<20}  {meaning}"
+                                      for key, default, meaning in rows)
 
 
 @dataclass

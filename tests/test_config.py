@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, run_python
 
-from sftkit.config import CONFIGS_DIR, DEFAULT_CONFIG, PRESETS_DIR, ConfigError, find_config_file, load_config
+from sftkit.config import CONFIGS_DIR, PRESETS_DIR, ConfigError, find_config_file, load_config
 
 SHIPPED = sorted(path for path in CONFIGS_DIR.rglob("*.yaml") if path.parent != PRESETS_DIR)
 PRESETS = sorted(PRESETS_DIR.glob("*.yaml"))
@@ -70,8 +70,13 @@ def test_resume_from_checkpoint_accepts_true_or_a_path(tmp_path):
         load_config(write(tmp_path, MINIMAL), ["--training.resume_from_checkpoint", "3"])
 
 
-def test_no_config_means_the_default(monkeypatch):
-    assert find_config_file(None) == DEFAULT_CONFIG
+def test_no_config_means_the_shipped_default_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shipped = yaml.safe_load((REPO / "configs" / "default_train_config.yaml").read_text())
+    config = load_config(None, [])
+    assert config.source.resolve() == (REPO / "configs" / "default_train_config.yaml").resolve()
+    assert config.training.num_train_epochs == shipped["training"]["num_train_epochs"]
+    assert Path(config.model.path).name == "tiny-chat-llama" and config.dataset.test_size == shipped["dataset"]["test_size"]
 
 
 def test_bare_name_is_found_in_configs_from_any_directory(tmp_path, monkeypatch):
@@ -285,3 +290,17 @@ def test_local_paths_are_checked_and_hub_ids_are_not(tmp_path):
     assert "model.path: ./nowhere does not exist" in message
     assert "dataset.name: the pattern data/*.csv matches no file" in message
     assert "dataset.eval_sources[0].split: 'test' is not a split of data/sample_chat.jsonl" in message
+
+
+@pytest.mark.parametrize(("section", "cls"), [("model", "ModelConfig"), ("dataset", "DatasetConfig")])
+def test_the_readme_tables_are_the_schemas_own_documentation(section, cls):
+    import sftkit.config
+
+    table = "\n".join(["| key | default | meaning |", "|---|---|---|", *sftkit.config.schema_table(getattr(sftkit.config, cls))])
+    assert f"### `{section}`\n\n{table}\n\n" in (REPO / "README.md").read_text(), "regenerate with config.schema_table"
+
+
+def test_help_for_a_section_lists_its_keys_with_defaults_and_meaning():
+    result = run_python("sft.py", "--help", "model")
+    assert result.stdout.startswith("model:\n  path ")
+    assert "lora_config.lora_dropout" in result.stdout and "dropout on the adapters' input" in result.stdout
