@@ -20,6 +20,17 @@ def test_quick_benchmark_writes_every_figure(tmp_path):
     [json_file] = tmp_path.glob("*.json")
     report = json.loads(json_file.read_text())
     assert all(isinstance(report[name], float) for name in FIGURES)  # values are timings: not asserted
+    # ...but every ratio is the one its raw measurements give (a benchmark that mislabels or inverts a ratio fails)
+    raw = report["raw"]
+    median = raw["training"]["median"]
+    assert report["wall_ratio"] == pytest.approx(median["ours"]["wall"] / median["baseline"]["wall"])
+    assert report["peak_rss_ratio"] == pytest.approx(median["ours"]["rss"] / median["baseline"]["rss"])
+    preprocessing = raw["preprocessing"]
+    assert report["preprocess_ratio"] == pytest.approx(
+        preprocessing["ours_rows_per_second"] / preprocessing["trl_rows_per_second"])
+    for turns, measured in raw["preprocessing_by_turns"].items():
+        rates = measured["rows_per_second"]
+        assert report["preprocess_ratio_by_turns"][turns] == pytest.approx(rates["ours"] / rates["plain"])
     assert report["nonpad_share_packed"] > report["nonpad_share_unpacked"] > 0
     assert len(report["raw"]["training"]["raw"]["ours"]["wall"]) == 3
     table = json_file.with_suffix(".md").read_text()
