@@ -176,6 +176,8 @@ class StopGuard(TrainerCallback):
             signal.signal(signum, handler)
 
     def _shared_flags(self, args) -> tuple[bool, bool]:
+        """(signalled, diverged) on any process. Accelerate's set_trigger/check_trigger shares one flag per
+        collective; these are two, so one all-reduce of both here instead of two a step."""
         device = self._finite.device if self._finite is not None else args.device
         diverged = torch.zeros((), device=device) if self._finite is None else (~self._finite).float()
         flags = torch.stack([torch.tensor(float(self.received is not None), device=device), diverged])

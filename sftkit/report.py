@@ -115,9 +115,7 @@ def model_card(config, summary: dict) -> str:
     batch = training.per_device_train_batch_size * training.gradient_accumulation_steps * training.world_size
     lines = [
         "---",
-        f"base_model: {model.path}",
-        "library_name: transformers",
-        f"tags: [sftkit, sft, {method.split()[0].lower()}]",
+        _front_matter(model.path, method),
         "---",
         "",
         f"# {Path(summary['output_dir']).name}",
@@ -173,6 +171,14 @@ def model_card(config, summary: dict) -> str:
         lines += ["", "The LoRA adapter alone is in `lora_weights/` (load it with `peft.PeftModel.from_pretrained` "
                       f"on `{model.path}`); the weights here are already merged."]
     return "\n".join(lines) + "\n"
+
+
+def _front_matter(base_model: str, method: str) -> str:
+    """The Hub's model card metadata, as huggingface_hub writes it (it quotes and validates the values)."""
+    from huggingface_hub import ModelCardData
+
+    tags = ["sftkit", "sft", method.split()[0].lower()]
+    return ModelCardData(base_model=base_model, library_name="transformers", tags=tags).to_yaml()
 
 
 def _length(training, summary: dict) -> str:
