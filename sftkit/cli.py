@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from sftkit.config import SECTIONS, ConfigError, Interrupted, RunFailed, load_config, section_help
+from sftkit.peers import lost_contact, report_failure, says_errors, watch
 
 
 def main(argv: list[str] | None = None, prog: str = "sft.py") -> int:
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None, prog: str = "sft.py") -> int:
         print(report())
         return 0
     args, overrides = parser.parse_known_args(argv)
+    watch(prog)  # under several machines: a failure on another one stops this one at once
     try:
         config = load_config(args.config, overrides, args.preset)
         if args.dry_run:
@@ -64,16 +66,18 @@ def main(argv: list[str] | None = None, prog: str = "sft.py") -> int:
 
         train(config, overwrite=args.overwrite, started=_process_start())
     except ConfigError as error:
-        if is_main_process():
-            print(f"{prog}: error: {error}", file=sys.stderr)
-        else:
+        if says_errors():
+            print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+        report_failure(str(error))
+        if not says_errors():
             # Every process finds the same error; the launcher kills the others as soon as one exits, so the
             # others give the main process a moment to print it.
             time.sleep(5)
         return 2
     except RunFailed as failure:
-        if is_main_process():
-            print(f"{prog}: error: {failure}", file=sys.stderr)
+        if says_errors():
+            print(f"{prog}: error: {failure}", file=sys.stderr, flush=True)
+        report_failure(str(failure))
         return 1
     except Interrupted as stop:
         if is_main_process():
@@ -83,6 +87,14 @@ def main(argv: list[str] | None = None, prog: str = "sft.py") -> int:
         if is_main_process():
             print(f"{prog}: interrupted before training started; nothing was saved", file=sys.stderr)
         return 130
+    except Exception as error:
+        lost = lost_contact(error)
+        if lost:  # mid-training, after the progress bar
+            print(f"\n{prog}: error: {lost}", file=sys.stderr, flush=True)
+        report_failure(lost or f"{type(error).__name__}: {error}")
+        if lost is None:
+            raise
+        return 1
     return 0
 
 

@@ -123,6 +123,58 @@ def keep_cpu_4bit_layout_trainable(model) -> None:
             layer.support_avx512bf16_for_cpu = False
 
 
+def allow_fsdp_on_cpu() -> None:
+    """Accelerate 1.15 (AcceleratorState.__init__ in accelerate/state.py) reads its FSDP settings only for
+    processes on GPUs or other accelerators: an FSDP launch on CPU processes silently becomes plain data parallel
+    (MULTI_CPU), each process training a full copy. PyTorch's FSDP2 itself runs on CPU processes over gloo (torch
+    2.13), so while the Accelerator builds its state, CPU processes launched for FSDP are presented as a
+    multi-device group, the one case in which Accelerate turns FSDP on (it then records FSDP as the type).
+    Reproduce: `accelerate launch --config_file accelerate_configs/fsdp2.yaml --num_processes 2 x.py` without a
+    GPU, where x.py prints `Accelerator(cpu=True).distributed_type`: MULTI_CPU. Offload (fsdp_offload_params) is
+    then kept in unpinned memory. Call before the Trainer exists."""
+    import torch
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true" or torch.cuda.is_available():
+        return
+    try:
+        from accelerate import state
+        from accelerate.utils import DistributedType
+
+        original = state.AcceleratorState.__init__
+        if getattr(original, "sftkit_fsdp_on_cpu", False):
+            return
+
+        def init(self, *args, **kwargs):
+            shared = state.PartialState._shared_state
+            on_cpu = shared.get("distributed_type") == DistributedType.MULTI_CPU
+            if on_cpu:
+                shared["distributed_type"] = DistributedType.MULTI_GPU
+            try:
+                original(self, *args, **kwargs)  # which ends by setting the shared type to FSDP
+            finally:
+                if on_cpu and shared.get("distributed_type") == DistributedType.MULTI_GPU:
+                    shared["distributed_type"] = DistributedType.MULTI_CPU
+            offload = getattr(getattr(self, "fsdp_plugin", None), "cpu_offload", None)
+            if on_cpu and getattr(offload, "pin_memory", False):
+                offload.pin_memory = False  # pinning needs an accelerator: torch raises without one
+
+        init.sftkit_fsdp_on_cpu = True
+        state.AcceleratorState.__init__ = init
+    except (ImportError, AttributeError) as error:
+        logger.warning(f"Accelerate changed ({error!r}); FSDP on CPU processes is left to Accelerate")
+
+
+def check_fsdp_on(trainer) -> None:
+    """A launch that asks for FSDP must get it: never a silent full copy of the model on every process."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not trainer.is_fsdp_enabled:
+        from sftkit.config import ConfigError
+
+        kind = getattr(trainer.accelerator.distributed_type, "value", trainer.accelerator.distributed_type)
+        raise ConfigError(f"the launch asks for FSDP, but Accelerate (distributed type {kind}) did not turn it on, "
+                          "so every process would train a full copy of the model; use a DeepSpeed config instead "
+                          "(accelerate_configs/cpu_zero3_2proc.yaml on a machine without a GPU)")
+
+
 @contextmanager
 def zero3_init_disabled():
     """While a ZeRO-3 config is registered, from_pretrained partitions the weights across all processes, which

@@ -72,6 +72,8 @@ def finish_export(output_dir: Path, model_cfg: ModelConfig, dtype) -> None:
     try:
         if model_cfg.use_lora:
             _merge_adapter(model_cfg, staging / ADAPTER_DIR, staging, dtype)
+        else:
+            _cast_float32_weights(staging, dtype)
         broken = non_finite_tensors(staging)
         if broken:
             shutil.rmtree(staging)
@@ -113,6 +115,24 @@ def _merge_adapter(model_cfg, adapter_dir: Path, target: Path, dtype) -> None:
         base = load_model(model_cfg, dtype, gradient_checkpointing=False, quantize=False)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(target)
+
+
+def _cast_float32_weights(directory: Path, dtype) -> None:
+    """A 16-bit full fine-tune under FSDP trains fp32 master weights (Accelerate upcasts the trainable parameters
+    for mixed precision) and its full state dict is fp32; the model is published in the training dtype, as
+    DeepSpeed's 16-bit gather and a single process publish it. A file that mixes dtypes (modules a model keeps
+    in fp32 on purpose) is left as it is."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    if dtype not in (torch.bfloat16, torch.float16):
+        return
+    for file in sorted(directory.glob("model*.safetensors")):
+        weights = load_file(file)
+        floats = [tensor.dtype for tensor in weights.values() if tensor.is_floating_point()]
+        if floats and set(floats) == {torch.float32}:
+            save_file({name: tensor.to(dtype) if tensor.is_floating_point() else tensor
+                       for name, tensor in weights.items()}, file, metadata={"format": "pt"})
 
 
 def non_finite_tensors(directory: Path) -> list[str]:

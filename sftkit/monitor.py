@@ -2,6 +2,7 @@
 clean stop with a checkpoint on Ctrl-C or SIGTERM, and a stop without one when the loss is no longer finite. Loss, learning rate, grad norm and tokens/s are the Trainer's."""
 
 import json
+import os
 import resource
 import signal
 from pathlib import Path
@@ -126,9 +127,10 @@ class SampleReplies(TrainerCallback):
 
 
 def generates_on_every_process(args) -> bool:
-    """Under ZeRO-3 each process holds a shard of the weights, so all of them generate together (synced_gpus);
-    otherwise the main process generates alone."""
-    return is_deepspeed_zero3_enabled() and args.world_size > 1
+    """Under ZeRO-3 and FSDP each process holds a shard of the weights, so all of them generate together
+    (synced_gpus); otherwise the main process generates alone."""
+    fsdp = bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    return (is_deepspeed_zero3_enabled() or fsdp) and args.world_size > 1
 
 
 class StopGuard(TrainerCallback):

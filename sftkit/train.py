@@ -18,6 +18,7 @@ from transformers import set_seed
 
 from sftkit.checkpoints import (RecordRunInCheckpoints, checkpoint_to_resume, earlier_progress,
                                 newest_checkpoint_words)
+from sftkit.compat import allow_fsdp_on_cpu, check_fsdp_on
 from sftkit.config import ConfigError, Interrupted, RunConfig, RunFailed
 from sftkit.data import prepare_for_training
 from sftkit.export import export
@@ -119,6 +120,7 @@ def _trainer(config: RunConfig, model, tokenizer, data, callbacks: list, resumed
                        "samples apart, custom code may let them attend to each other")
     if config.dataset.sample_prompts:
         callbacks.append(SampleReplies(tokenizer, data.sample_prompts, resumed=resumed))
+    allow_fsdp_on_cpu()  # before the Trainer builds its Accelerator
     trainer = MonitoredSFTTrainer(
         model=model,
         args=config.training,
@@ -128,6 +130,7 @@ def _trainer(config: RunConfig, model, tokenizer, data, callbacks: list, resumed
         peft_config=lora_config(config.model),
         callbacks=callbacks,
     )
+    check_fsdp_on(trainer)
     if not config.training.disable_tqdm:
         trainer.remove_callback(transformers.trainer_callback.ProgressCallback)
         trainer.add_callback(ProgressBar)

@@ -1,4 +1,4 @@
-"""Two-process runs through `accelerate launch` on the CPU (gloo): DDP, ZeRO-2, ZeRO-3, with complete saves.
+"""Two-process runs through `accelerate launch` on the CPU (gloo): DDP, ZeRO-2, ZeRO-3, FSDP2, with complete saves.
 
 Each is compared with a single-process run of the same config and the same global batch (2 x 8 = 1 x 16 rows).
 The mean train loss over the run must agree within 1%. Both see the same rows in the same order and the Trainer
@@ -6,6 +6,11 @@ normalises the loss by the token count of all processes together, so the two are
 different order: measured here, 0.00% apart for full and LoRA runs and 0.02% for QLoRA. 1% leaves room for other
 CPUs' summation order while still catching a launch that silently trains on fewer rows (one seen while building
 this, where each process believed it was alone, was 8% off).
+
+FSDP2 runs the shipped fsdp2*.yaml files with --num_processes 2. Accelerate 1.15 turns FSDP on only for processes
+on accelerators; sftkit's workaround (compat.allow_fsdp_on_cpu) lets it shard over gloo, and the run fails instead
+of silently training full copies if FSDP is not on. Single-process baselines are computed once per session and
+shared with test_multinode.py.
 """
 
 import subprocess
@@ -30,13 +35,21 @@ PROMPTS = [[{"role": "user", "content": "What is the capital of Norway?"}, {"rol
 
 
 def accelerate_launch(accelerate_config: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    command = [ACCELERATE, "launch", "--config_file", f"accelerate_configs/{accelerate_config}", "sft.py", *args]
+    command = [ACCELERATE, "launch", "--config_file", f"accelerate_configs/{accelerate_config}", "--num_processes", "2",
+               "sft.py", *args]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
+_single_losses: dict[str, float] = {}
+
+
 def single_process_loss(tmp_path, config: str) -> float:
-    config = load_config(config, ["--training.output_dir", str(tmp_path / "single"), "--training.per_device_train_batch_size", "16", *STEPS])
-    return train(config).summary["train_loss_mean"]
+    """The mean train loss of one process over the same 10 steps of 16 rows; once per config and session."""
+    if config not in _single_losses:
+        run_config = load_config(config, ["--training.output_dir", str(tmp_path / "single"),
+                                          "--training.per_device_train_batch_size", "16", *STEPS])
+        _single_losses[config] = train(run_config).summary["train_loss_mean"]
+    return _single_losses[config]
 
 
 def logits(model, tokenizer) -> torch.Tensor:
@@ -46,29 +59,36 @@ def logits(model, tokenizer) -> torch.Tensor:
 
 
 def assert_complete_model(out: Path):
-    """Every tensor has the base model's shape and the training precision (none empty, none silently 16-bit)."""
+    """Every tensor has the base model's shape and the training precision (none empty, none silently 16-bit).
+    The output head shares the embeddings' weights: saved once, or (from FSDP's gathered state dict) twice."""
     base = AutoModelForCausalLM.from_pretrained(TINY_MODEL).state_dict()
+    base = {key: tuple(tensor.shape) for key, tensor in base.items()}
     with safe_open(out / "model.safetensors", "pt") as saved:
         shapes = {key: tuple(saved.get_slice(key).get_shape()) for key in saved.keys()}
         dtypes = {saved.get_slice(key).get_dtype() for key in saved.keys()}
-    assert shapes == {key: tuple(tensor.shape) for key, tensor in base.items() if key != "lm_head.weight"}
+        if "lm_head.weight" in shapes:
+            assert torch.equal(saved.get_tensor("lm_head.weight"), saved.get_tensor("model.embed_tokens.weight"))
+    assert shapes.keys() | {"lm_head.weight"} == base.keys()
+    assert all(shapes[key] == base[key] for key in shapes)
     assert dtypes == {"F32"}
 
 
 @pytest.mark.parametrize(
     ("accelerate_config", "config"),
     [
-        ("cpu_ddp_2proc.yaml", "default_train_config.yaml"),
-        ("cpu_zero2_2proc.yaml", "lora_train_config.yaml"),
+        ("multi_gpu.yaml", "default_train_config.yaml"),  # the GPU files with --num_processes 2 run on CPUs too
+        ("deepspeed_zero2.yaml", "lora_train_config.yaml"),
         ("cpu_zero3_2proc.yaml", "lora_train_config.yaml"),
-        ("cpu_zero3_2proc.yaml", "default_train_config.yaml"),
+        ("deepspeed_zero3.yaml", "default_train_config.yaml"),
         ("cpu_zero3_2proc.yaml", "qlora_train_config.yaml"),
+        ("fsdp2.yaml", "lora_train_config.yaml"),
+        ("fsdp2.yaml", "default_train_config.yaml"),
+        ("fsdp2_offload.yaml", "lora_train_config.yaml"),
     ],
-    ids=["ddp-full", "zero2-lora", "zero3-lora", "zero3-full", "zero3-qlora"],
+    ids=["ddp-full", "zero2-lora", "zero3-lora", "zero3-full", "zero3-qlora", "fsdp2-lora", "fsdp2-full",
+         "fsdp2-offload-lora"],
 )
 def test_two_processes_train_like_one_and_save_complete_models(tmp_path, accelerate_config, config):
-    import json
-
     out = tmp_path / "out"
     started = time.perf_counter()
     result = accelerate_launch(accelerate_config, "--config", config, "--training.output_dir", str(out),
@@ -76,22 +96,32 @@ def test_two_processes_train_like_one_and_save_complete_models(tmp_path, acceler
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     print(f"{accelerate_config} {config}: {time.perf_counter() - started:.1f} s")
     assert result.stdout.count("Run summary") == 1, "only the main process prints the summary"
+    summary = check_saved_run(out, config)
+    assert_loss_like_one_process(tmp_path, config, summary, "2 processes")
+
+
+def check_saved_run(out: Path, config: str) -> dict:
+    """The run's summary, once its model (and adapter) are checked complete, in fp32, and in agreement."""
+    import json
+
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["steps"] == 10 and summary["saved_dtypes"] == ["float32"]
-
     assert_complete_model(out)
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    merged = AutoModelForCausalLM.from_pretrained(out)
     if "lora" in config:
         with safe_open(out / "lora_weights" / "adapter_model.safetensors", "pt") as adapter:
             lora = {key: adapter.get_slice(key).get_shape() for key in adapter.keys()}
         assert len(lora) == 2 * 7 * 4 and all(0 not in shape and shape for shape in lora.values())
+        tokenizer = AutoTokenizer.from_pretrained(out)
+        merged = AutoModelForCausalLM.from_pretrained(out)
         with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY_MODEL), out / "lora_weights")
         assert (logits(merged, tokenizer) - logits(with_adapter, tokenizer)).abs().max().item() < 1e-4
+    return summary
 
+
+def assert_loss_like_one_process(tmp_path, config: str, summary: dict, label: str) -> None:
     single = single_process_loss(tmp_path, config)
     relative = abs(summary["train_loss_mean"] - single) / single
-    print(f"loss: 2 processes {summary['train_loss_mean']:.4f}, 1 process {single:.4f}, difference {relative:.2%}")
+    print(f"loss: {label} {summary['train_loss_mean']:.4f}, 1 process {single:.4f}, difference {relative:.2%}")
     assert relative < 0.01
 
 
@@ -121,3 +151,50 @@ def test_training_deepspeed_without_a_gpu_stops_early_with_one_line():
     assert result.stderr.count("training.deepspeed needs GPUs") == 1, result.stderr[-3000:]
     assert "AssertionError" not in result.stderr
 
+
+
+def test_an_fsdp_launch_that_accelerate_runs_without_fsdp_stops(tmp_path):
+    """Without sftkit's workaround, Accelerate 1.15 turns an FSDP launch on CPU processes into plain data parallel
+    (a full copy per process) without a word; sftkit refuses such a run instead of training it."""
+    script = tmp_path / "sft_without_workaround.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\nimport sftkit.train\n"
+                      "sftkit.train.allow_fsdp_on_cpu = lambda: None\n"
+                      "from sftkit.cli import main\nraise SystemExit(main())\n")
+    command = [ACCELERATE, "launch", "--config_file", "accelerate_configs/fsdp2.yaml", "--num_processes", "2",
+               str(script), "--training.output_dir", str(tmp_path / "out"), *STEPS]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.count("the launch asks for FSDP, but Accelerate (distributed type MULTI_CPU) did not turn "
+                               "it on") == 1, result.stderr[-3000:]
+
+
+def test_a_16_bit_full_fine_tune_gathered_in_fp32_is_published_in_16_bit(tmp_path):
+    """FSDP2 under bf16 mixed precision keeps fp32 master weights, so the state dict it gathers is fp32 (a
+    fsdp2.yaml run of the default config with training.bf16 true published float32 before this)."""
+    from safetensors.torch import load_file, save_file
+
+    from sftkit.export import _cast_float32_weights
+
+    save_file({"weight": torch.ones(2, 2), "position": torch.tensor([3])}, tmp_path / "model.safetensors")
+    save_file({"norm": torch.ones(2), "weight": torch.ones(2, dtype=torch.bfloat16)},
+              tmp_path / "model-mixed.safetensors")
+    _cast_float32_weights(tmp_path, torch.bfloat16)
+    assert {name: tensor.dtype for name, tensor in load_file(tmp_path / "model.safetensors").items()} == {
+        "weight": torch.bfloat16, "position": torch.int64}
+    assert load_file(tmp_path / "model-mixed.safetensors")["norm"].dtype == torch.float32  # kept in fp32 on purpose
+
+
+def test_every_shipped_launch_config_loads_and_is_in_the_readme_table():
+    """Accelerate reads each file (an unknown key fails), the DeepSpeed file it names exists, and the README's table
+    of launch configs lists it."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Multi-GPU and multi-node"):]
+    table = section[:section.index("\n## ")]
+    for path in sorted((REPO / "accelerate_configs").glob("*.yaml")):
+        config = load_config_from_file(str(path))
+        deepspeed = (config.deepspeed_config or {}).get("deepspeed_config_file")
+        assert deepspeed is None or (REPO / deepspeed).is_file(), path.name
+        assert config.num_processes % config.num_machines == 0, path.name
+        assert f"| `accelerate_configs/{path.name}`" in table, f"{path.name} is missing from the README table"

@@ -1,0 +1,191 @@
+"""Two machines simulated on one host, and the Slurm script that launches the same commands on a cluster.
+
+Each "machine" is its own `accelerate launch` over the shipped accelerate_configs/multi_node_zero3.yaml, with one CPU
+process, told its rank, the main machine's address (127.0.0.1) and a free port: the same command a user runs on
+each machine, with the values a test must set given on the command line. The two launches rendezvous over TCP as
+two machines would (torchrun's static rendezvous, gloo); they share this host's filesystem, as nodes of a cluster
+share theirs. Single-process baselines come from test_distributed.py (the same 10 steps of 16 rows).
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import REPO
+from test_distributed import ACCELERATE, STEPS, assert_loss_like_one_process, check_saved_run
+
+pytestmark = pytest.mark.slow
+MULTI_NODE_CONFIG = "accelerate_configs/multi_node_zero3.yaml"
+SLURM_SCRIPT = REPO / "examples" / "slurm" / "sft_multinode.sbatch"
+MACHINES = 2
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def machine_commands(port: int, *args: str) -> list[list[str]]:
+    """What each machine runs: `accelerate launch` with its rank, one process per machine."""
+    return [["accelerate", "launch", "--config_file", MULTI_NODE_CONFIG, "--num_machines", str(MACHINES),
+             "--num_processes", str(MACHINES), "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+             "--main_process_port", str(port), "sft.py", *args] for rank in range(MACHINES)]
+
+
+def training_args(config: str, out: Path) -> list[str]:
+    return ["--config", f"configs/{config}", "--training.output_dir", str(out),
+            "--training.per_device_train_batch_size", "8", *STEPS]
+
+
+class Machines:
+    """The launches of all machines, started together; each machine's output goes to its own log files."""
+
+    def __init__(self, commands: list[list[str]], logs: Path):
+        logs.mkdir(parents=True, exist_ok=True)
+        self.logs = logs
+        self.started = time.perf_counter()
+        self.processes = []
+        for rank, command in enumerate(commands):
+            with open(logs / f"machine{rank}.out", "w") as out, open(logs / f"machine{rank}.err", "w") as err:
+                self.processes.append(subprocess.Popen([ACCELERATE, *command[1:]], cwd=REPO, stdout=out, stderr=err,
+                                                       env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+
+    def wait(self, timeout: float) -> list[float]:
+        """Seconds from the start until each machine's launch ended; any still running after timeout is killed."""
+        ended = [None] * len(self.processes)
+        deadline = time.perf_counter() + timeout
+        while None in ended and time.perf_counter() < deadline:
+            for rank, process in enumerate(self.processes):
+                if ended[rank] is None and process.poll() is not None:
+                    ended[rank] = time.perf_counter() - self.started
+            time.sleep(0.2)
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        return ended
+
+    def returncodes(self) -> list[int]:
+        return [process.returncode for process in self.processes]
+
+    def stdout(self, rank: int) -> str:
+        return (self.logs / f"machine{rank}.out").read_text()
+
+    def stderr(self, rank: int) -> str:
+        return (self.logs / f"machine{rank}.err").read_text()
+
+    def output(self) -> str:
+        return "\n".join(f"--- machine {rank}\n{self.stdout(rank)[-2000:]}{self.stderr(rank)[-4000:]}"
+                         for rank in range(len(self.processes)))
+
+
+@pytest.mark.parametrize("config", ["lora_train_config.yaml", "default_train_config.yaml"],
+                         ids=["zero3-lora", "zero3-full"])
+def test_two_machines_on_one_host_train_like_one_process(tmp_path, config):
+    out = tmp_path / "out"
+    machines = Machines(machine_commands(free_port(), *training_args(config, out)), tmp_path / "logs")
+    ended = machines.wait(timeout=600)
+    assert machines.returncodes() == [0, 0], machines.output()
+    print(f"two machines, ZeRO-3, {config}: {max(ended):.1f} s wall")
+    assert machines.stdout(0).count("Run summary") == 1 and "Run summary" not in machines.stdout(1)
+    assert [path.parent for path in tmp_path.rglob("model*.safetensors")] == [out], "one model, by the main process"
+    summary = check_saved_run(out, config)
+    assert_loss_like_one_process(tmp_path, config, summary, "2 machines")
+
+
+def test_a_machine_that_fails_before_training_stops_the_other(tmp_path):
+    """A data file missing on machine 1 only: it fails before torch.distributed is up, where machine 0 would wait
+    in the rendezvous for training.ddp_timeout (30 minutes) if nothing told it."""
+    args = training_args("lora_train_config.yaml", tmp_path / "out")
+    commands = machine_commands(free_port(), *args)
+    commands[1] += ["--dataset.name", str(tmp_path / "only-on-machine-0.jsonl")]
+    machines = Machines(commands, tmp_path / "logs")
+    ended = machines.wait(timeout=180)
+    print(f"machine 1 failed at {ended[1]:.1f} s, machine 0 stopped at {ended[0]:.1f} s")
+    assert None not in ended and all(code != 0 for code in machines.returncodes()), machines.output()
+    assert ended[0] - ended[1] < 15, machines.output()
+    missing = f"dataset.name: {tmp_path / 'only-on-machine-0.jsonl'} does not exist"
+    assert machines.stderr(1).count(missing) == 1, machines.output()
+    assert machines.stderr(0).count("stopping, because process 1 on") == 1, machines.output()
+    assert missing in machines.stderr(0)
+
+
+def test_a_killed_process_stops_the_other_machine(tmp_path):
+    """Machine 1's training process dies (SIGKILL: out of memory, a node failure) mid-training."""
+    args = training_args("lora_train_config.yaml", tmp_path / "out")
+    args[args.index("--training.max_steps") + 1] = "1000"
+    machines = Machines(machine_commands(free_port(), *args), tmp_path / "logs")
+    deadline = time.perf_counter() + 300
+    while "step 1/" not in machines.stderr(0) + machines.stdout(0):  # training has started
+        if time.perf_counter() > deadline or any(process.poll() is not None for process in machines.processes):
+            pytest.fail(machines.output())
+        time.sleep(0.2)
+    workers = psutil.Process(machines.processes[1].pid).children(recursive=True)
+    assert workers, "machine 1's launcher has its training process"
+    killed = time.perf_counter()
+    for worker in workers:
+        worker.send_signal(signal.SIGKILL)
+    ended = machines.wait(timeout=120)
+    stopped = [seconds - (killed - machines.started) for seconds in ended if seconds is not None]
+    print(f"after the kill: machine 1 stopped in {stopped[1]:.1f} s, machine 0 in {stopped[0]:.1f} s")
+    assert len(stopped) == 2 and all(code != 0 for code in machines.returncodes()), machines.output()
+    assert max(stopped) < 60
+    assert "lost contact with another process" in machines.stderr(0), machines.output()
+    assert "Signal 9 (SIGKILL)" in machines.stderr(1)
+
+
+def test_the_slurm_script_is_valid_bash():
+    result = subprocess.run(["bash", "-n", str(SLURM_SCRIPT)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_slurm_script_runs_the_loopback_commands_on_each_node(tmp_path):
+    """With Slurm's variables as a 2-node allocation sets them, the script's command for node 0 and node 1 is
+    exactly what the two-machine test runs. Checked twice: printed (--print-command), and through the script's own
+    srun line, with srun and accelerate replaced by stand-ins that record what each node would run."""
+    port = free_port()
+    args = training_args("lora_train_config.yaml", tmp_path / "out")
+    expected = machine_commands(port, *args)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stand_ins = {
+        # srun: the task once per node, with that node's SLURM_NODEID, after the options.
+        "srun": 'while [[ $1 == --* ]]; do shift; done\n'
+                'for node in $(seq 0 $((SLURM_JOB_NUM_NODES - 1))); do SLURM_NODEID=$node "$@" || exit; done\n',
+        "accelerate": 'printf "%s\\0" accelerate "$@" > "$RECORD/node$SLURM_NODEID"\n',
+        "scontrol": '[[ $1 == show && $2 == hostnames ]] && tr , "\\n" <<< "$3"\n',  # a list, expanded
+    }
+    for name, body in stand_ins.items():
+        (bin_dir / name).write_text("#!/bin/bash\n" + body)
+        (bin_dir / name).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "RECORD": str(tmp_path), "SLURM_JOB_NUM_NODES": str(MACHINES),
+           "SLURM_JOB_NODELIST": "127.0.0.1,127.0.0.2", "SLURM_GPUS_ON_NODE": "1", "SLURM_JOB_ID": "4242",
+           "MAIN_PROCESS_PORT": str(port), "SFTKIT_CONFIG": "configs/lora_train_config.yaml"}
+    script_args = args[2:]  # the script names the config itself (SFTKIT_CONFIG)
+
+    for rank in range(MACHINES):
+        printed = subprocess.run(["bash", str(SLURM_SCRIPT), "--print-command", *script_args], cwd=REPO,
+                                 env={**env, "SLURM_NODEID": str(rank)}, capture_output=True, text=True)
+        assert printed.returncode == 0, printed.stderr
+        assert printed.stdout.split("\0")[:-1] == expected[rank]
+
+    submitted = subprocess.run(["bash", str(SLURM_SCRIPT), *script_args], cwd=REPO, env=env, capture_output=True,
+                               text=True)
+    assert submitted.returncode == 0, submitted.stderr
+    for rank in range(MACHINES):
+        assert (tmp_path / f"node{rank}").read_text().split("\0")[:-1] == expected[rank]
+
+    del env["MAIN_PROCESS_PORT"]
+    env["SLURM_JOB_NODELIST"] = "gpu[07-08]"  # scontrol expands a range; its first host is the main node
+    (bin_dir / "scontrol").write_text('#!/bin/bash\nprintf "gpu07\\ngpu08\\n"\n')
+    printed = subprocess.run(["bash", str(SLURM_SCRIPT), "--print-command"], cwd=REPO,
+                             env={**env, "SLURM_NODEID": "1"}, capture_output=True, text=True)
+    command = printed.stdout.split("\0")
+    assert command[command.index("--main_process_ip") + 1] == "gpu07"
+    assert command[command.index("--main_process_port") + 1] == str(20000 + 4242 % 20000)
