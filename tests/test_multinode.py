@@ -161,9 +161,14 @@ def test_the_slurm_script_runs_the_loopback_commands_on_each_node(tmp_path):
         "accelerate": 'printf "%s\\0" accelerate "$@" > "$RECORD/node$SLURM_NODEID"\n',
         "scontrol": '[[ $1 == show && $2 == hostnames ]] && tr , "\\n" <<< "$3"\n',  # a list, expanded
     }
-    for name, body in stand_ins.items():
-        (bin_dir / name).write_text("#!/bin/bash\n" + body)
-        (bin_dir / name).chmod(0o755)
+    # Every stand-in is written before any is run (an executable rewritten just before it is run can be "text file
+    # busy" while a forked process still holds it open for writing); the range-expanding scontrol has its own folder.
+    ranges_dir = tmp_path / "bin-ranges"
+    ranges_dir.mkdir()
+    for folder, name, body in [*((bin_dir, name, body) for name, body in stand_ins.items()),
+                               (ranges_dir, "scontrol", 'printf "gpu07\\ngpu08\\n"\n')]:
+        (folder / name).write_text("#!/bin/bash\n" + body)
+        (folder / name).chmod(0o755)
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "RECORD": str(tmp_path), "SLURM_JOB_NUM_NODES": str(MACHINES),
            "SLURM_JOB_NODELIST": "127.0.0.1,127.0.0.2", "SLURM_GPUS_ON_NODE": "1", "SLURM_JOB_ID": "4242",
            "MAIN_PROCESS_PORT": str(port), "SFTKIT_CONFIG": "configs/lora_train_config.yaml"}
@@ -183,9 +188,10 @@ def test_the_slurm_script_runs_the_loopback_commands_on_each_node(tmp_path):
 
     del env["MAIN_PROCESS_PORT"]
     env["SLURM_JOB_NODELIST"] = "gpu[07-08]"  # scontrol expands a range; its first host is the main node
-    (bin_dir / "scontrol").write_text('#!/bin/bash\nprintf "gpu07\\ngpu08\\n"\n')
+    env["PATH"] = f"{ranges_dir}:{env['PATH']}"
     printed = subprocess.run(["bash", str(SLURM_SCRIPT), "--print-command"], cwd=REPO,
                              env={**env, "SLURM_NODEID": "1"}, capture_output=True, text=True)
+    assert printed.returncode == 0 and "--main_process_ip" in printed.stdout, (printed.returncode, printed.stderr)
     command = printed.stdout.split("\0")
     assert command[command.index("--main_process_ip") + 1] == "gpu07"
     assert command[command.index("--main_process_port") + 1] == str(20000 + 4242 % 20000)
