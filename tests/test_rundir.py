@@ -97,7 +97,8 @@ def test_the_same_run_resumes_with_a_longer_schedule(finished, tmp_path):
 
 def test_a_run_into_a_directory_in_use_stops_at_once_and_a_dead_runs_lock_does_not_block(tmp_path):
     out = tmp_path / "out"
-    first = subprocess.Popen([sys.executable, "sft.py", "--training.output_dir", str(out), "--training.max_steps", "30",
+    # A schedule it cannot finish before the kill, however fast the machine: its lock must still be there.
+    first = subprocess.Popen([sys.executable, "sft.py", "--training.output_dir", str(out), "--training.max_steps", "100000",
                               "--training.logging_steps", "1"], cwd=REPO, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in first.stdout:
@@ -108,6 +109,7 @@ def test_a_run_into_a_directory_in_use_stops_at_once_and_a_dead_runs_lock_does_n
     error = one_line_error(second)
     assert f"training.output_dir {out} is in use by another run (process {first.pid} on" in error
     assert time.perf_counter() - started < 30
+    assert first.poll() is None, "the first run ended before it could be killed"
     first.kill()  # SIGKILL: no chance to remove its lock
     first.communicate()
     assert (out / LOCK_FILE).exists()
