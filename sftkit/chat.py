@@ -10,8 +10,8 @@ Commands: /reset starts a new conversation, /exit (or Ctrl-D) quits.
 import argparse
 import sys
 
-from sftkit.config import ConfigError
 from sftkit.data.formats import with_system
+from sftkit.errors import ConfigError
 
 COMMANDS = "/reset starts a new conversation, /exit quits"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from sftkit.config import ConfigError
+from sftkit.errors import ConfigError
 from sftkit.rundir import RUN_FILE, config_differences, fingerprint, read_run_record, run_record, write_json
 
 STATE_FILE = "trainer_state.json"

@@ -12,7 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from sftkit.config import SECTIONS, ConfigError, Interrupted, RunFailed, load_config, section_help
+from sftkit.config import SECTIONS, load_config, section_help
+from sftkit.errors import ConfigError, Interrupted, RunFailed
 from sftkit.peers import lost_contact, report_failure, says_errors, watch
 
 
@@ -73,12 +74,12 @@ def main(argv: list[str] | None = None, prog: str = "sft.py") -> int:
             # Every process finds the same error; the launcher kills the others as soon as one exits, so the
             # others give the main process a moment to print it.
             time.sleep(5)
-        return 2
+        return error.exit_code
     except RunFailed as failure:
         if says_errors():
             print(f"{prog}: error: {failure}", file=sys.stderr, flush=True)
         report_failure(str(failure))
-        return 1
+        return failure.exit_code
     except Interrupted as stop:
         if is_main_process():
             print(f"{prog}: {stop}", file=sys.stderr)

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import yaml
 
-from sftkit.config import ConfigError, DatasetConfig, ModelConfig, read_section, resolve_path
+from sftkit.config import DatasetConfig, ModelConfig, read_section, resolve_path
 from sftkit.data.formats import with_system
 from sftkit.data.tokenize import IGNORE_INDEX
+from sftkit.errors import ConfigError
 from sftkit.export import RUN_CONFIG_FILE
 
 REPORT_FILE = "before_after.md"
@@ -143,8 +144,8 @@ def _prompt_from_row(tokenizer, row: dict) -> Prompt:
     import torch
 
     labels = row["labels"]
-    start = next(i for i, label in enumerate(labels) if label != -100)
-    end = next((i for i in range(start, len(labels)) if labels[i] == -100), len(labels))
+    start = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    end = next((i for i in range(start, len(labels)) if labels[i] == IGNORE_INDEX), len(labels))
     prompt_ids = row["input_ids"][:start]
     return Prompt(torch.tensor([prompt_ids]), tokenizer.decode(prompt_ids, skip_special_tokens=False).strip(),
                   tokenizer.decode(row["input_ids"][start:end], skip_special_tokens=True).strip())

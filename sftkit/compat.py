@@ -10,14 +10,16 @@ all see the same quiet output. Each matches one message at its source logger or 
 
 import ast
 import functools
-import json
 import glob
 import importlib.util
+import json
 import logging
 import os
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+
+from sftkit.errors import ConfigError
 
 logger = logging.getLogger("sftkit")
 
@@ -167,8 +169,6 @@ def allow_fsdp_on_cpu() -> None:
 def check_fsdp_on(trainer) -> None:
     """A launch that asks for FSDP must get it: never a silent full copy of the model on every process."""
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not trainer.is_fsdp_enabled:
-        from sftkit.config import ConfigError
-
         kind = getattr(trainer.accelerator.distributed_type, "value", trainer.accelerator.distributed_type)
         raise ConfigError(f"the launch asks for FSDP, but Accelerate (distributed type {kind}) did not turn it on, "
                           "so every process would train a full copy of the model; use a DeepSpeed config instead "

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from sftkit.compat import rename_gradient_checkpointing, sft_config_fields
+from sftkit.errors import ConfigError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # A clone (or `pip install -e .`) has configs/ and data/ beside the package; an installed wheel carries them inside
@@ -36,23 +37,6 @@ SECTIONS = ("model", "dataset", "training")
 YAML_BOOLEAN_WORDS = {"yes", "no", "on", "off", "y", "n"}
 # A name with one of these extensions is a local file, never a hub id (see looks_local).
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt", ".yaml", ".yml", ".jinja", ".j2")
-
-
-class ConfigError(Exception):
-    """A problem with the user's config or data, reported as one message and exit code 2."""
-
-
-class Interrupted(Exception):
-    """Training stopped on Ctrl-C or SIGTERM after saving a checkpoint; the message says how to resume."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
-
-
-class RunFailed(Exception):
-    """Training or export failed in a way the user can act on (divergence, a full disk); the message says what was
-    kept and where. Exit code 1."""
 
 
 def option(default=None, help: str = "", factory=None):
@@ -610,8 +594,10 @@ def _build_training(values: dict, model: ModelConfig, dataset: DatasetConfig, er
 
 def _report_to_errors(report_to: list[str]) -> list[str]:
     """The Trainer only checks these when it is built, after the model has loaded."""
-    from transformers.integrations.integration_utils import (INTEGRATION_TO_CALLBACK,
-                                                             get_available_reporting_integrations)
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
 
     errors = []
     for name in report_to or []:

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import yaml
 
-from sftkit.config import ConfigError, ModelConfig, RunFailed, read_section
+from sftkit.config import ModelConfig, read_section
 from sftkit.environment import STACK
+from sftkit.errors import ConfigError, RunFailed
 from sftkit.rundir import STAGING_DIR, check_free_space, export_bytes, read_run_record
 
 ADAPTER_DIR = "lora_weights"

@@ -10,9 +10,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 from transformers.pytorch_utils import Conv1D
 
 from sftkit.compat import keep_cpu_4bit_layout_trainable, zero3_init_disabled
-from sftkit.config import ConfigError, DatasetConfig, ModelConfig, resolve_path
+from sftkit.config import DatasetConfig, ModelConfig, resolve_path
 from sftkit.data.tokenize import CHATML_TEMPLATE
-
+from sftkit.errors import ConfigError
 
 # The layer types PEFT's LoRA can adapt (target_modules must name some of these).
 ADAPTABLE_LAYERS = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, Conv1D)

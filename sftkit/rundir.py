@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from sftkit.config import ConfigError
+from sftkit.errors import ConfigError
 
 RUN_FILE = "sftkit_run.json"  # in output_dir and in every checkpoint: the fingerprint and the resolved config
 LOCK_FILE = ".sftkit.lock"

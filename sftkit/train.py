@@ -16,11 +16,11 @@ from pathlib import Path
 import transformers
 from transformers import set_seed
 
-from sftkit.checkpoints import (RecordRunInCheckpoints, checkpoint_to_resume, earlier_progress,
-                                newest_checkpoint_words)
+from sftkit.checkpoints import RecordRunInCheckpoints, checkpoint_to_resume, earlier_progress, newest_checkpoint_words
 from sftkit.compat import allow_fsdp_on_cpu, check_fsdp_on
-from sftkit.config import ConfigError, Interrupted, RunConfig, RunFailed
+from sftkit.config import RunConfig
 from sftkit.data import prepare_for_training
+from sftkit.errors import ConfigError, Interrupted, RunFailed
 from sftkit.export import export
 from sftkit.inference import generate_reply
 from sftkit.model import check_model_source, load_model, load_tokenizer, lora_config, resolve_dtype

@@ -13,8 +13,8 @@ import os
 import sys
 
 from sftkit.chat import generation_arguments
-from sftkit.config import ConfigError
 from sftkit.data.formats import with_system
+from sftkit.errors import ConfigError
 
 
 def build_app(model, tokenizer, title: str, system: str | None = None, temperature: float = 0.7, top_p: float = 0.9,

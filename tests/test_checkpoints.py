@@ -7,7 +7,8 @@ import pytest
 from conftest import run_python
 
 from sftkit.checkpoints import damage
-from sftkit.config import ConfigError, load_config
+from sftkit.config import load_config
+from sftkit.errors import ConfigError
 from sftkit.train import train
 
 ARGS = ["--training.max_steps", "4", "--training.logging_steps", "1", "--dataset.test_size", "null",

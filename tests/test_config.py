@@ -8,7 +8,8 @@ import pytest
 import yaml
 from conftest import REPO, run_python
 
-from sftkit.config import CONFIGS_DIR, PRESETS_DIR, ConfigError, find_config_file, load_config
+from sftkit.config import CONFIGS_DIR, PRESETS_DIR, find_config_file, load_config
+from sftkit.errors import ConfigError
 
 SHIPPED = sorted(path for path in CONFIGS_DIR.rglob("*.yaml") if path.parent != PRESETS_DIR)
 PRESETS = sorted(PRESETS_DIR.glob("*.yaml"))
@@ -188,7 +189,7 @@ def test_bad_config_exits_2_with_one_line_and_no_traceback(tmp_path):
 
 def test_training_keys_are_checked_without_importing_torch(tmp_path):
     code = (
-        "import sys\nfrom sftkit.config import ConfigError, load_config\n"
+        "import sys\nfrom sftkit.config import load_config\nfrom sftkit.errors import ConfigError\n"
         f"try:\n    load_config({write(tmp_path, MINIMAL + '  learning_rat: 1e-4' + chr(10))!r})\n"
         "except ConfigError as error:\n    print(error)\n"
         "print('torch' in sys.modules, 'trl.trainer' in sys.modules)\n"

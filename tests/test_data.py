@@ -218,9 +218,8 @@ def test_skipped_bad_rows_are_counted_with_their_problem(tmp_path, tokenizer):
 
 
 def test_preprocessing_is_cached_between_runs(tmp_path, tokenizer):
-    from transformers import AutoTokenizer
-
     from conftest import TINY_MODEL
+    from transformers import AutoTokenizer
 
     path = write_rows(tmp_path, ".jsonl", ROWS * 20)
     first = prepare_data(DatasetConfig(name=path), AutoTokenizer.from_pretrained(TINY_MODEL), max_length=64)
@@ -234,7 +233,7 @@ def test_pad_token_is_never_the_eos_that_ends_replies(tmp_path):
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    from sftkit.config import ConfigError
+    from sftkit.errors import ConfigError
     from sftkit.model import ensure_distinct_pad_token
 
     tokenizer = family_tokenizer("qwen2_5")

@@ -11,7 +11,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from sftkit import export as export_module
-from sftkit.config import RunFailed, load_config
+from sftkit.config import load_config
+from sftkit.errors import RunFailed
 from sftkit.export import ADAPTER_DIR, export
 from sftkit.rundir import RUN_FILE, STAGING_DIR
 from sftkit.train import train

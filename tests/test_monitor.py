@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, SAMPLE_PROMPTS
 
-from sftkit.config import ConfigError, load_config
+from sftkit.config import load_config
+from sftkit.errors import ConfigError
 from sftkit.report import SUMMARY_FILE
 from sftkit.train import train
 

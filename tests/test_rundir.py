@@ -12,7 +12,8 @@ import time
 import pytest
 from conftest import REPO, run_python, tmpfs
 
-from sftkit.config import ConfigError, load_config
+from sftkit.config import load_config
+from sftkit.errors import ConfigError
 from sftkit.rundir import LOCK_FILE, RUN_FILE
 from sftkit.train import train
 

@@ -10,10 +10,11 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sftkit.config import RunFailed, load_config
+from sftkit.config import load_config
+from sftkit.errors import RunFailed
 from sftkit.export import ADAPTER_DIR, RUN_CONFIG_FILE, VERSIONS_FILE, export
-from sftkit.rundir import STAGING_DIR
 from sftkit.report import SUMMARY_FILE
+from sftkit.rundir import STAGING_DIR
 from sftkit.train import train
 
 PROMPTS = [

@@ -4,7 +4,7 @@
 trains (see tokenize.tokenize_text).
 """
 
-from sftkit.config import ConfigError
+from sftkit.errors import ConfigError
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant",
