@@ -49,16 +49,18 @@ def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42,
     (TRL's truncation_mode keep_start, unpacked or packed with packing_strategy bfd); with keep_end, or packing that
     splits long rows (bfd_split, wrapped), the rest trains: leave it False."""
     prepare = _Preparation(cfg, tokenizer, max_length, num_proc, truncate)
-    train_parts = [prepare.source(source, index) for index, source in enumerate(cfg.train_sources())]
+    sources = cfg.train_sources()
+    train_parts = [prepare.source(source, _train_key(cfg, i), train=True) for i, source in enumerate(sources)]
     if not any(len(rows) for rows, _ in train_parts):
         raise DataError(prepare.nothing_to_train())
-    train = _mix([(rows, source.weight) for (rows, _), source in zip(train_parts, cfg.train_sources())], seed)
+    train = _mix([(rows, source.weight) for (rows, _), source in zip(train_parts, sources)], seed)
     evaluation = None
     if cfg.eval_sources:
-        evaluation = _mix([(prepare.source(source, -1 - i)[0], None) for i, source in enumerate(cfg.eval_sources)], seed)
+        parts = [prepare.source(source, f"dataset.eval_sources[{i}]") for i, source in enumerate(cfg.eval_sources)]
+        evaluation = _mix([(rows, None) for rows, _ in parts], seed)
     elif cfg.eval_split:
-        parts = [prepare.source(source, -1 - i, cfg.eval_split)[0] for i, source in enumerate(cfg.train_sources())]
-        evaluation = _mix([(rows, None) for rows in parts], seed)
+        parts = [prepare.source(source, _train_key(cfg, i), split=cfg.eval_split) for i, source in enumerate(sources)]
+        evaluation = _mix([(rows, None) for rows, _ in parts], seed)
     elif cfg.test_size is not None:
         size = cfg.test_size if cfg.test_size < 1 else int(cfg.test_size)
         try:
@@ -91,21 +93,23 @@ class _Preparation:
     def __init__(self, cfg: DatasetConfig, tokenizer, max_length: int, num_proc: int | None, truncate: bool):
         self.cfg, self.tokenizer, self.max_length, self.num_proc = cfg, tokenizer, max_length, num_proc
         self.truncate = truncate
-        self.raw: dict[int, tuple] = {}
+        self.raw: list[tuple] = []  # (rows, format, source) of each source prepared; rows name theirs by position
         self.rows_read = 0
         self.dropped = {BAD_ROW: 0, NOTHING_TO_TRAIN: 0}
         self.problems: list[str] = []
-        self.tokenized: list = []  # of each train source, before rows without a trainable token are dropped
+        self.tokenized: list[tuple] = []  # (position in raw, rows) of each train source, before any row is dropped
 
-    def source(self, source: SourceConfig, index: int, split: str | None = None):
-        rows = load_source(source, split, self.key(index, split))
+    def source(self, source: SourceConfig, key: str, train: bool = False, split: str | None = None):
+        """Tokenize one source (`key`: where it is in the config, for errors); only train sources are counted."""
+        rows = load_source(source, split, key)
         format_name = source.format or detect_format(rows.column_names, source.name)
-        self.raw[index] = (rows, format_name, source)
+        position = len(self.raw)
+        self.raw.append((rows, format_name, source))
         num_proc = self.num_proc or _processes_for(len(rows))
-        tokenized = self.tokenize(rows, format_name, source, index, num_proc, self.truncate)
+        tokenized = self.tokenize(rows, format_name, source, position, num_proc, self.truncate)
         kept = tokenized.filter(lambda count: count > 0, input_columns="trainable_tokens", num_proc=num_proc)
-        if index >= 0:  # a train source
-            self.tokenized.append(tokenized)
+        if train:
+            self.tokenized.append((position, tokenized))
             self.rows_read += len(rows)
             problems = [problem for problem in tokenized["problem"] if problem]
             self.dropped[BAD_ROW] += len(problems)
@@ -113,7 +117,8 @@ class _Preparation:
             self.problems += problems[: 5 - len(self.problems)]
         return kept, format_name
 
-    def tokenize(self, rows, format_name: str, source: SourceConfig, index: int, num_proc: int | None, truncate: bool):
+    def tokenize(self, rows, format_name: str, source: SourceConfig, position: int, num_proc: int | None,
+                 truncate: bool):
         return rows.map(
             _tokenize_row,
             with_indices=True,
@@ -127,20 +132,12 @@ class _Preparation:
                 "loss_on": self.cfg.loss_on,
                 "max_length": self.max_length,
                 "cut": self.max_length if truncate else None,
-                "source_index": index,
+                "source_position": position,
                 "where": f"dataset {source.name}",
                 "jsonl": jsonl_file(source),
                 "skip_bad_rows": self.cfg.on_bad_row == "skip",
             },
         )
-
-    def key(self, index: int, split: str | None) -> str:
-        """Where source `index` is in the config (negative: eval source -1 - index, or with dataset.eval_split the
-        eval split of train source -1 - index)."""
-        if index < 0 and split is None:
-            return f"dataset.eval_sources[{-1 - index}]"
-        position = index if index >= 0 else -1 - index
-        return f"dataset.sources[{position}]" if self.cfg.sources else "dataset"
 
     def nothing_to_train(self) -> str:
         """Why every train row was dropped, and what to change."""
@@ -149,10 +146,10 @@ class _Preparation:
             return (f"{where}: every one of the {self.rows_read} rows is bad and was skipped; the first: "
                     f"{self.problems[0] if self.problems else 'unknown'}")
         prompts, lengths = [], []
-        for source_index, tokenized in enumerate(self.tokenized):
+        for position, tokenized in self.tokenized:
             if self.truncate:  # rows were tokenized only as far as max_length: the advice needs their whole length
-                rows, format_name, source = self.raw[source_index]
-                tokenized = self.tokenize(rows, format_name, source, source_index, self.num_proc, truncate=False)
+                rows, format_name, source = self.raw[position]
+                tokenized = self.tokenize(rows, format_name, source, position, self.num_proc, truncate=False)
             good = tokenized.filter(lambda problem: not problem, input_columns="problem")
             prompts += good["prompt_tokens"]
             lengths += [len(ids) for ids in good["input_ids"]]
@@ -175,6 +172,11 @@ class _Preparation:
         return messages[: next(i for i, message in enumerate(messages) if message["role"] == "assistant")]
 
 
+def _train_key(cfg: DatasetConfig, index: int) -> str:
+    """Where train source `index` is in the config, for error messages."""
+    return f"dataset.sources[{index}]" if cfg.sources else "dataset"
+
+
 def _processes_for(rows: int) -> int | None:
     """The processes that prepare a source of `rows` rows when training.dataset_num_proc is left out."""
     if rows < MIN_ROWS_FOR_PROCESSES:
@@ -184,7 +186,7 @@ def _processes_for(rows: int) -> int | None:
 
 
 def _tokenize_row(row, index, tokenizer, format_name, system_prompt, answer_source, loss_on, max_length, cut,
-                  source_index, where, jsonl, skip_bad_rows):
+                  source_position, where, jsonl, skip_bad_rows):
     try:
         if format_name == "text":
             tokens = tokenize_text(tokenizer, to_text(row))
@@ -197,12 +199,12 @@ def _tokenize_row(row, index, tokenizer, format_name, system_prompt, answer_sour
         problem = f"{where} {place}: {error}"
         if not skip_bad_rows:
             raise DataError(problem) from None
-        return {"input_ids": [], "labels": [], "source": source_index, "row": index, "trainable_tokens": 0,
+        return {"input_ids": [], "labels": [], "source": source_position, "row": index, "trainable_tokens": 0,
                 "prompt_tokens": 0, "problem": problem}
     labels = tokens["labels"]
     trainable = sum(label != IGNORE_INDEX for label in labels[:max_length])
     prompt = next((position for position, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
-    return {**tokens, "source": source_index, "row": index, "trainable_tokens": trainable, "prompt_tokens": prompt,
+    return {**tokens, "source": source_position, "row": index, "trainable_tokens": trainable, "prompt_tokens": prompt,
             "problem": ""}
 
 
