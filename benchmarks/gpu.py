@@ -128,12 +128,11 @@ def _sftkit_trainer(spec, model_dir, data_file, seq_len, common):
 
 def _baseline_trainer(spec, model_dir, data_file, seq_len, common):
     import torch
+    from baseline_trl import to_prompt_completion
     from datasets import load_dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
-
-    from baseline_trl import to_prompt_completion
 
     gpu = torch.cuda.is_available()
     args = SFTConfig(max_length=seq_len, bf16=gpu and torch.cuda.is_bf16_supported(), use_cpu=not gpu, **common)

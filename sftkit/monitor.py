@@ -11,8 +11,8 @@ import psutil
 import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
-from transformers.trainer_callback import ProgressCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.trainer_callback import ProgressCallback
 from trl import SFTTrainer
 
 from sftkit.compat import TrainerWorkarounds

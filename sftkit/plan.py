@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from sftkit.compat import zero3_init_disabled, zero_model_states
 from sftkit.config import RunConfig, resolve_path
 from sftkit.data import prepare_for_training
-from sftkit.compat import zero3_init_disabled, zero_model_states
 from sftkit.model import check_model_source, load_tokenizer, lora_config, resolve_dtype
 
 GIB = 2**30

@@ -23,9 +23,8 @@ def test_small_sources_are_prepared_in_this_process_large_ones_by_the_usable_cor
 
 @pytest.mark.skipif(CORES < 2, reason="one usable core: the default stays one process")
 def test_default_processes_give_the_same_rows_and_reuse_the_cache(monkeypatch, tokenizer):
-    from transformers import AutoTokenizer
-
     from conftest import TINY_MODEL
+    from transformers import AutoTokenizer
 
     one = prepare_data(DatasetConfig(name=str(SAMPLE_DATA)), tokenizer, max_length=256, num_proc=1)
     monkeypatch.setattr(data, "MIN_ROWS_FOR_PROCESSES", 100)  # the sample data has 320 rows
