@@ -1,9 +1,15 @@
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# pytest.ini runs the tests on one pytest-xdist worker per core. Each worker, and every process it starts, computes
+# on one thread (as `accelerate launch` gives each of its processes): with a thread pool per worker on every core,
+# the pools spin against each other and the QLoRA preset test took 84 s instead of 3 s. Before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_MODEL = REPO / "data" / "tiny-chat-llama"
@@ -94,6 +100,41 @@ def run_python(*args: str, env: dict | None = None, timeout: int = 300, check: b
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+def run_here(main, *args: str, env: dict | None = None, input: str = "", check: bool = True):
+    """A command's `main(args)` in this process, as its `python ...` runs it (from the repository, with `env` added
+    and `input` on stdin), its output captured; a CompletedProcess like run_python's. For what a command says and
+    leaves, where a new interpreter only adds 5-6 s of imports. What only a process shows (the README commands,
+    launches, signals, the quiet console at start-up) stays in subprocesses."""
+    import io
+    import subprocess
+    from contextlib import redirect_stderr, redirect_stdout
+
+    saved_env, saved_cwd, saved_stdin = dict(os.environ), os.getcwd(), sys.stdin
+    stdout, stderr = io.StringIO(), io.StringIO()
+    try:
+        os.environ.update(env or {})
+        os.chdir(REPO)
+        sys.stdin = io.StringIO(input)
+        with redirect_stdout(stdout), redirect_stderr(stderr):
+            code = main(list(args))
+    finally:
+        sys.stdin = saved_stdin
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    result = subprocess.CompletedProcess([main.__module__, *args], code, stdout.getvalue(), stderr.getvalue())
+    if check:
+        assert code == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def run_sft(*args: str, **kwargs):
+    """`python sft.py ARGS`, in this process (run_here)."""
+    from sftkit.cli import main
+
+    return run_here(main, *args, **kwargs)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,8 @@ FIGURES = ["wall_ratio", "step_time_ratio", "preprocess_ratio", "nonpad_share_pa
 
 
 def test_quick_benchmark_writes_every_figure(tmp_path):
-    result = subprocess.run([sys.executable, "benchmarks/run.py", "--quick", "--results", str(tmp_path)],
+    # One repetition: what is checked here is that every figure is written and is the ratio its raw numbers give.
+    result = subprocess.run([sys.executable, "benchmarks/run.py", "--quick", "--repeats", "1", "--results", str(tmp_path)],
                             cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     [json_file] = tmp_path.glob("*.json")
@@ -32,7 +33,7 @@ def test_quick_benchmark_writes_every_figure(tmp_path):
         rates = measured["rows_per_second"]
         assert report["preprocess_ratio_by_turns"][turns] == pytest.approx(rates["ours"] / rates["plain"])
     assert report["nonpad_share_packed"] > report["nonpad_share_unpacked"] > 0
-    assert len(report["raw"]["training"]["raw"]["ours"]["wall"]) == 3
+    assert len(report["raw"]["training"]["raw"]["ours"]["wall"]) == report["repeats"] == 1
     table = json_file.with_suffix(".md").read_text()
     assert all(f"| {name} |" in table for name in FIGURES) and table in result.stdout
     by_turns = report["preprocess_ratio_by_turns"]  # masking against one plain tokenization, by turns per row
@@ -58,3 +59,6 @@ def test_memory_benchmark_sets_the_estimate_against_real_runs():
     for line in lines:
         estimate, measured = (int(n.replace(",", "")) for n in re.findall(r"(?:estimate|measured) +([\d,]+) MiB", line))
         assert estimate > 0 and measured > 0 and f"ratio {measured / estimate:.2f}" in line
+        # measured 1.2-1.8x on the 2-core VM (RSS growth counts the allocator's slack); a gross error in the estimate
+        # (a term left out or counted in the wrong unit) falls outside
+        assert 0.5 < measured / estimate < 3, line

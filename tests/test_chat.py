@@ -9,8 +9,10 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, SAMPLE_PROMPTS, run_python
+from conftest import REPO, SAMPLE_PROMPTS, run_here, run_python
 
+from sftkit import chat as chat_command
+from sftkit import compare
 from sftkit.inference import generate_reply, load_for_inference
 
 
@@ -19,9 +21,12 @@ def greedy(model_dir, conversation: list[dict]) -> str:
     return generate_reply(model, tokenizer, conversation, max_new_tokens=40)
 
 
-def chat(model_dir, *lines: str):
-    return run_python("-m", "sftkit.chat", str(model_dir), "--temperature", "0", "--max_new_tokens", "40",
-                      input="\n".join(lines) + "\n")
+def chat(model_dir, *lines: str, in_process: bool = False):
+    """`python -m sftkit.chat DIR`, typed `lines`; as a process, or its main in this one."""
+    args = [str(model_dir), "--temperature", "0", "--max_new_tokens", "40"]
+    if in_process:
+        return run_here(chat_command.main, *args, input="\n".join(lines) + "\n")
+    return run_python("-m", "sftkit.chat", *args, input="\n".join(lines) + "\n")
 
 
 def test_terminal_chat_is_multi_turn_with_reset_and_exit(monitored_run):
@@ -40,22 +45,22 @@ def test_terminal_chat_is_multi_turn_with_reset_and_exit(monitored_run):
 
 def test_terminal_chat_on_base_plus_adapter_matches_the_merged_model(lora_run):
     prompt = SAMPLE_PROMPTS[0]
-    merged = chat(lora_run, prompt)
-    adapter = chat(lora_run / "lora_weights", prompt)
+    merged = chat(lora_run, prompt, in_process=True)
+    adapter = chat(lora_run / "lora_weights", prompt, in_process=True)
     assert re.findall(r"model> (.*)", adapter.stdout) == re.findall(r"model> (.*)", merged.stdout)
     assert re.findall(r"model> (.*)", merged.stdout)[0]
-    missing = run_python("-m", "sftkit.chat", str(REPO / "configs"), check=False, input="")
+    missing = run_here(chat_command.main, str(REPO / "configs"), check=False)
     assert missing.returncode == 2 and "no model here" in missing.stderr
 
 
 def test_before_after_report_on_sample_prompts(monitored_run, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("What day comes after Monday?\n\nHello!\n")
-    run_python("-m", "sftkit.compare", str(monitored_run.out), "--out", str(tmp_path / "custom.md"), "--prompts",
-               str(prompts), "--max_new_tokens", "40")
+    run_here(compare.main, str(monitored_run.out), "--out", str(tmp_path / "custom.md"), "--prompts", str(prompts),
+             "--max_new_tokens", "40")
     custom = (tmp_path / "custom.md").read_text()
     assert custom.count("| base model | fine-tuned |") == 2 and "Hello!" in custom
-    result = run_python("-m", "sftkit.compare", str(monitored_run.out), "--max_new_tokens", "40")
+    result = run_here(compare.main, str(monitored_run.out), "--max_new_tokens", "40")
     report = (monitored_run.out / "before_after.md").read_text()
     assert f"wrote {monitored_run.out / 'before_after.md'}" in result.stdout
     base, tuned = map(float, re.search(r"base ([\d.]+)\*\*, \*\*fine-tuned ([\d.]+)", report).groups())
@@ -70,7 +75,7 @@ def test_before_after_report_on_sample_prompts(monitored_run, tmp_path):
 
 
 def test_before_after_report_on_held_out_rows_shows_the_reference(lora_run):
-    run_python("-m", "sftkit.compare", str(lora_run / "lora_weights"), "--rows", "2", "--max_new_tokens", "30")
+    run_here(compare.main, str(lora_run / "lora_weights"), "--rows", "2", "--max_new_tokens", "30")
     report = (lora_run / "before_after.md").read_text()
     assert "Loss on 16 held-out rows" in report
     assert report.count("Reference reply: ") == 2 and "## 3" not in report

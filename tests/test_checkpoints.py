@@ -4,7 +4,7 @@ to the newest intact checkpoint with a warning."""
 import shutil
 
 import pytest
-from conftest import run_python
+from conftest import run_sft
 
 from sftkit.checkpoints import damage
 from sftkit.config import load_config
@@ -54,8 +54,8 @@ def test_a_damaged_checkpoint_is_named_with_the_newest_intact_one(damaged, name,
 
 def test_the_command_line_shows_one_line_for_a_damaged_checkpoint(damaged):
     out = damaged("optimizer.pt")
-    result = run_python("sft.py", "--training.output_dir", str(out), *ARGS, "--training.resume_from_checkpoint",
-                        str(out / "checkpoint-4"), check=False)
+    result = run_sft("--training.output_dir", str(out), *ARGS, "--training.resume_from_checkpoint",
+                     str(out / "checkpoint-4"), check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(
         f"sft.py: error: training.resume_from_checkpoint {out}/checkpoint-4: optimizer.pt is damaged")

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import TINY_MODEL, run_python, tmpfs
+from conftest import TINY_MODEL, run_here, run_sft, tmpfs
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -14,6 +14,7 @@ from sftkit import export as export_module
 from sftkit.config import load_config
 from sftkit.errors import RunFailed
 from sftkit.export import ADAPTER_DIR, export
+from sftkit.export import main as export_main
 from sftkit.rundir import RUN_FILE, STAGING_DIR
 from sftkit.train import train
 
@@ -32,8 +33,8 @@ def small_disk(tmp_path):
 
 def test_a_diverged_run_stops_names_the_step_and_publishes_nothing(tmp_path):
     out = tmp_path / "out"
-    result = run_python("sft.py", "--training.output_dir", str(out), "--training.max_steps", "30",
-                        "--training.logging_steps", "1", "--training.learning_rate", "1e6", check=False)
+    result = run_sft("--training.output_dir", str(out), "--training.max_steps", "30", "--training.logging_steps", "1",
+                     "--training.learning_rate", "1e6", check=False)
     assert result.returncode == 1, result.stderr[-2000:]
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("sft.py: error: training diverged at step ") and " of 30: the loss is no longer finite" in error
@@ -58,7 +59,7 @@ def test_weights_that_are_not_finite_are_never_published(tmp_path):
 
 def test_a_disk_too_small_for_the_export_is_refused_before_training(tmp_path):
     with tmpfs(tmp_path / "disk", "size=1m") as disk:
-        result = run_python("sft.py", "--training.output_dir", str(disk / "out"), check=False)
+        result = run_sft("--training.output_dir", str(disk / "out"), check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     error = result.stderr.strip().splitlines()[-1]
     assert f"the export needs 5.5 MiB in {disk / 'out'} but its filesystem has 1.0 MiB free: free 4.5 MiB" in error
@@ -84,7 +85,7 @@ def test_a_full_disk_at_export_keeps_the_trained_adapter_and_the_export_can_be_f
 
     filler.unlink()
     shutil.rmtree(out / ADAPTER_DIR)  # the adapter published by the first export, to tell the two apart
-    finished = run_python("-m", "sftkit.export", str(out))
+    finished = run_here(export_main, str(out))
     assert f"the model is in {out}" in finished.stdout and not (out / STAGING_DIR).exists()
     merged = AutoModelForCausalLM.from_pretrained(out)
     with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY_MODEL), out / ADAPTER_DIR)

@@ -5,7 +5,7 @@ import json
 import re
 import shutil
 
-from conftest import TINY_MODEL, run_python
+from conftest import TINY_MODEL, run_python, run_sft
 from transformers import LlamaConfig
 
 from sftkit.config import load_config
@@ -28,7 +28,7 @@ def weightless_copy(tmp_path, **config_changes):
 def test_dry_run_counts_the_steps_a_real_run_takes(tmp_path):
     overrides = ["--training.output_dir", str(tmp_path / "out"), "--training.num_train_epochs", "2",
                  "--training.per_device_train_batch_size", "8", "--training.gradient_accumulation_steps", "3"]
-    result = run_python("sft.py", "--dry-run", *overrides)
+    result = run_sft("--dry-run", *overrides)
     assert plan_value(result.stdout, "batch") == "8 per device x 3 accumulation x 1 process = 24 rows per step"
     steps = int(re.match(r"(\d+) per epoch; (\d+) in all", plan_value(result.stdout, "steps")).group(2))
     assert not (tmp_path / "out").exists(), "a dry run writes nothing"
@@ -38,7 +38,7 @@ def test_dry_run_counts_the_steps_a_real_run_takes(tmp_path):
 def test_dry_run_of_packing_counts_packed_rows(tmp_path):
     overrides = ["--training.output_dir", str(tmp_path / "out"), "--training.num_train_epochs", "1",
                  "--training.packing", "true", "--training.per_device_train_batch_size", "4"]
-    result = run_python("sft.py", "--dry-run", *overrides)
+    result = run_sft("--dry-run", *overrides)
     packed = int(re.search(r"packed into (\d+) rows", plan_value(result.stdout, "data")).group(1))
     steps = int(re.match(r"(\d+) per epoch", plan_value(result.stdout, "steps")).group(1))
     assert steps == -(-packed // 4)
@@ -49,9 +49,9 @@ def test_dry_run_loads_no_weights_and_counts_parameters_from_the_config(tmp_path
     # Llama-3-8B's published shape: 8.03B parameters, 41.9M LoRA parameters at r=16 on every linear layer.
     llama3_8b = weightless_copy(tmp_path, vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)
-    full = run_python("sft.py", "--dry-run", "--model.path", str(llama3_8b), "--model.max_seq_length", "2048")
+    full = run_sft("--dry-run", "--model.path", str(llama3_8b), "--model.max_seq_length", "2048")
     assert "8,030,261,248 of 8,030,261,248 parameters train" in plan_value(full.stdout, "method")
-    lora = run_python("sft.py", "--dry-run", "--config", "lora_train_config.yaml", "--model.path", str(llama3_8b),
+    lora = run_sft("--dry-run", "--config", "lora_train_config.yaml", "--model.path", str(llama3_8b),
                       "--model.lora_config.r", "16")
     assert "41,943,040 of 8,072,204,288 parameters train" in plan_value(lora.stdout, "method")  # base + adapters
     # full fine-tuning in fp32 on one device: 4 bytes each for weight and gradient, 8 for Adam's two states
@@ -62,7 +62,7 @@ def test_dry_run_loads_no_weights_and_counts_parameters_from_the_config(tmp_path
 def test_dry_run_uses_deepspeeds_estimator_for_zero(tmp_path):
     model = weightless_copy(tmp_path, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
                             num_attention_heads=8, vocab_size=820)
-    result = run_python("sft.py", "--dry-run", "--model.path", str(model), "--training.deepspeed",
+    result = run_sft("--dry-run", "--model.path", str(model), "--training.deepspeed",
                         "deepspeed_configs/zero3_offload.json")
     assert plan_value(result.stdout, "distributed") == "DeepSpeed ZeRO-3 with optimizer and parameters on the CPU"
     total = int(re.search(r"([\d,]+) of ([\d,]+) parameters", result.stdout).group(2).replace(",", ""))
@@ -75,10 +75,10 @@ def test_dry_run_uses_deepspeeds_estimator_for_zero(tmp_path):
 
 
 def test_dry_run_of_a_preset_and_a_bad_config():
-    result = run_python("sft.py", "--dry-run", "--preset", "low_memory")
+    result = run_sft("--dry-run", "--preset", "low_memory")
     assert plan_value(result.stdout, "method").startswith("QLoRA in ")
     assert plan_value(result.stdout, "batch").startswith("1 per device x 16 accumulation")
-    bad = run_python("sft.py", "--dry-run", "--training.learning_rat", "1", check=False)
+    bad = run_sft("--dry-run", "--training.learning_rat", "1", check=False)
     assert bad.returncode == 2 and "did you mean 'learning_rate'" in bad.stderr
 
 
@@ -106,6 +106,6 @@ def test_env_shows_the_accelerate_config_in_use():
 
 def test_dry_run_counts_parameters_as_the_run_does(lora_run):
     summary = json.loads((lora_run / "run_summary.json").read_text())
-    dry = run_python("sft.py", "--dry-run", "--config", "lora_train_config.yaml")
+    dry = run_sft("--dry-run", "--config", "lora_train_config.yaml")
     assert (f"{summary['trainable_parameters']:,} of {summary['total_parameters']:,} parameters train"
             in plan_value(dry.stdout, "method"))

@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, run_python, tmpfs
+from conftest import REPO, run_sft, tmpfs
 
 from sftkit.config import load_config
 from sftkit.errors import ConfigError
@@ -53,7 +53,7 @@ def test_a_second_run_refuses_to_replace_a_finished_model_and_says_how_to_go_on(
     out = copy_of(finished, tmp_path)
     before = contents(out)
     started = time.perf_counter()
-    result = run_python("sft.py", "--training.output_dir", str(out), "--preset", "fast_test", check=False)
+    result = run_sft("--training.output_dir", str(out), "--preset", "fast_test", check=False)
     error = one_line_error(result)
     assert time.perf_counter() - started < 30, "refused before the data and the model were loaded"
     assert f"training.output_dir {out} already holds a trained model (config.json, model.safetensors" in error
@@ -106,7 +106,7 @@ def test_a_run_into_a_directory_in_use_stops_at_once_and_a_dead_runs_lock_does_n
         if "step 1/" in line:
             break
     started = time.perf_counter()
-    second = run_python("sft.py", "--training.output_dir", str(out), "--training.max_steps", "3", check=False)
+    second = run_sft("--training.output_dir", str(out), "--training.max_steps", "3", check=False)
     error = one_line_error(second)
     assert f"training.output_dir {out} is in use by another run (process {first.pid} on" in error
     assert time.perf_counter() - started < 30
@@ -115,7 +115,7 @@ def test_a_run_into_a_directory_in_use_stops_at_once_and_a_dead_runs_lock_does_n
     first.communicate()
     assert (out / LOCK_FILE).exists()
 
-    third = run_python("sft.py", "--training.output_dir", str(out), "--training.max_steps", "2", "--overwrite")
+    third = run_sft("--training.output_dir", str(out), "--training.max_steps", "2", "--overwrite")
     assert f"taking over {out / LOCK_FILE}: its process {first.pid} no longer runs" in third.stdout
     assert (out / "config.json").exists() and not (out / LOCK_FILE).exists()
 
@@ -135,7 +135,7 @@ def test_an_output_dir_that_cannot_be_written_fails_before_anything_loads(tmp_pa
     (tmp_path / "file").write_text("x")
     out = tmp_path / where
     started = time.perf_counter()
-    error = one_line_error(run_python("sft.py", "--training.output_dir", str(out), check=False))
+    error = one_line_error(run_sft("--training.output_dir", str(out), check=False))
     assert f"training.output_dir {out} {expected}" in error
     assert time.perf_counter() - started < 30
 
