@@ -24,6 +24,7 @@ import yaml
 
 from sftkit.compat import rename_gradient_checkpointing, sft_config_fields
 from sftkit.errors import ConfigError
+from sftkit.fastpath import choose as choose_fast_path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # A clone (or `pip install -e .`) has configs/ and data/ beside the package; an installed wheel carries them inside
@@ -73,7 +74,8 @@ class ModelConfig:
     use_lora: bool = option(False, "train LoRA adapters instead of every weight")
     lora_config: LoraSettings = option(help="the adapters (keys below)", factory=LoraSettings)
     attn_implementation: str | None = option(
-        None, "e.g. `sdpa`, `eager`, `flash_attention_2`; null keeps the transformers default")
+        None, "e.g. `sdpa`, `eager`, `flash_attention_2`; null: `flash_attention_2` on a GPU with flash-attn "
+              "installed, else transformers' default")
     revision: str | None = option(None, "hub branch, tag or commit")
     trust_remote_code: bool = option(False, "run code shipped with the model; only for models you trust")
 
@@ -161,6 +163,7 @@ class RunConfig:
     training: Any  # trl.SFTConfig
     source: Path  # the YAML file it came from
     resolved: dict  # the three sections as finally used, for printing and saving
+    speed: list = field(default_factory=list)  # the fast-path choices (sftkit.fastpath.Choice)
 
 
 def find_config_file(name: str | None, directory: Path = CONFIGS_DIR) -> Path:
@@ -285,7 +288,9 @@ def load_config(config_name: str | None = None, cli_args: list[str] = (), preset
     errors += _path_errors(model, dataset, raw.get("training") or {})
     if errors:  # before importing trl and torch, which take seconds
         raise ConfigError(f"{path}: " + "; ".join(errors))
-    training = _build_training(dict(raw.get("training") or {}), model, dataset, errors)
+    training_values = dict(raw.get("training") or {})
+    speed = choose_fast_path(training_values, model, _has_gpu())
+    training = _build_training(training_values, model, dataset, errors)
     if errors:
         raise ConfigError(f"{path}: " + "; ".join(errors))
     resolved = {
@@ -293,7 +298,7 @@ def load_config(config_name: str | None = None, cli_args: list[str] = (), preset
         "dataset": hide_secrets(dataclasses.asdict(dataset)),
         "training": _public_training_fields(training),
     }
-    return RunConfig(model=model, dataset=dataset, training=training, source=path, resolved=resolved)
+    return RunConfig(model=model, dataset=dataset, training=training, source=path, resolved=resolved, speed=speed)
 
 
 def read_section(cls, values: Any, section: str, source: Path):

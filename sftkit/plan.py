@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from sftkit.compat import zero3_init_disabled, zero_model_states
 from sftkit.config import RunConfig, resolve_path
 from sftkit.data import prepare_for_training
+from sftkit.fastpath import describe as describe_speed
 from sftkit.model import check_model_source, load_tokenizer, lora_config, resolve_dtype
 
 GIB = 2**30
@@ -88,6 +89,7 @@ def dry_run(config: RunConfig) -> str:
         ("steps", f"{plan.steps_per_epoch} per epoch; {plan.total_steps} in all"
                   + (" (training.max_steps)" if args.max_steps > 0 else f" ({args.num_train_epochs:g} epochs)")),
         ("distributed", plan.zero.description),
+        ("speed", describe_speed(config.speed)),
         ("memory per device", plan.memory.description),
     ]
     return f"Dry run of {config.source} (no weights loaded, nothing trained)\n" + "\n".join(

@@ -22,6 +22,7 @@ from sftkit.config import RunConfig
 from sftkit.data import prepare_for_training
 from sftkit.errors import ConfigError, Interrupted, RunFailed
 from sftkit.export import export
+from sftkit.fastpath import describe as describe_speed
 from sftkit.inference import generate_reply
 from sftkit.model import check_model_source, load_model, load_tokenizer, lora_config, resolve_dtype
 from sftkit.monitor import MonitoredSFTTrainer, ProgressBar, SampleReplies, generates_on_every_process, memory_mib
@@ -252,7 +253,8 @@ def _plan(config: RunConfig, data, dtype, trainable: int, total: int) -> str:
         f"sftkit: {method} of {config.model.path} in {str(dtype).removeprefix('torch.')} "
         f"({trainable:,} of {total:,} parameters train)\n"
         f"        {describe_sources(config.dataset, data)}: {data.rows} rows, {len(data.train)} to train{eval_rows}; "
-        f"config {config.source}"
+        f"config {config.source}\n"
+        f"        speed: {describe_speed(config.speed)}"
     )
 
 
