@@ -5,8 +5,10 @@
 
 Each variant runs in its own process for a fixed number of optimizer steps; tokens/s is measured after the warm-up
 steps, from the Trainer's count of input tokens. Variants: LoRA and full fine-tuning; sftkit vs plain TRL with its
-defaults (the baseline); with and without packing (padding-free), Liger kernels, activation checkpointing, and
-the best attention implementation installed (flash_attention_2 when available, else sdpa).
+defaults (the baseline) and plain TRL given sftkit's settings (packing, Liger, compile, attention); sftkit with and
+without packing (padding-free), Liger kernels, torch.compile, activation checkpointing, the best attention
+implementation installed (flash_attention_2 when available, else sdpa), and micro-batch 4 against 8. The results
+JSON names the device and the library versions, and each variant's seconds (start-up, compile and all).
 
 MFU = achieved FLOP/s / the device's peak dense bf16 FLOP/s, with per-token FLOPs of
 - full fine-tuning: 6 N (forward 2 N, backward 4 N) + attention 12 L s d (forward and backward of QK^T and AV);
@@ -17,6 +19,7 @@ sample. Activation checkpointing recomputes the forward pass (another 2 N), whic
 """
 
 import argparse
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -36,12 +39,17 @@ SHAPES = {
 
 
 def variants(attention: str) -> dict[str, dict]:
-    """name -> (side, sftkit overrides). The baseline is plain TRL: its defaults, no packing, no Liger."""
-    fast = {"packing": "true", "use_liger_kernel": "true", "attn": attention, "gradient_checkpointing": "false"}
+    """name -> (side, settings). The baseline is plain TRL: its defaults, no packing, no Liger; `trl-same-settings`
+    is plain TRL given the settings of sftkit's fast variant."""
+    fast = {"packing": "true", "use_liger_kernel": "true", "torch_compile": "true", "attn": attention,
+            "gradient_checkpointing": "false"}
     table = {}
     for method in ("lora", "full"):
         table[f"{method}-baseline-trl"] = {"side": "baseline", "method": method}
+        table[f"{method}-trl-same-settings"] = {"side": "baseline", "method": method, **fast}
         table[f"{method}-sftkit"] = {"side": "ours", "method": method, **fast}
+        table[f"{method}-sftkit-no-compile"] = {**table[f"{method}-sftkit"], "torch_compile": "false"}
+        table[f"{method}-sftkit-micro-batch-8"] = {**table[f"{method}-sftkit"], "micro_batch": 8}
         table[f"{method}-sftkit-no-packing"] = {**table[f"{method}-sftkit"], "packing": "false"}
         table[f"{method}-sftkit-no-liger"] = {**table[f"{method}-sftkit"], "use_liger_kernel": "false"}
         table[f"{method}-sftkit-checkpointing"] = {**table[f"{method}-sftkit"], "gradient_checkpointing": "true"}
@@ -83,7 +91,8 @@ def run_variant(spec: dict, model_dir: str, data_file: str, seq_len: int, steps:
             self.end = (time.perf_counter(), state.num_input_tokens_seen)
 
     meter = Meter()
-    common = {"max_steps": steps, "per_device_train_batch_size": 4, "learning_rate": 1e-4, "logging_steps": 1000,
+    common = {"max_steps": steps, "per_device_train_batch_size": spec.get("micro_batch", 4), "learning_rate": 1e-4,
+              "logging_steps": 1000,
               "save_strategy": "no", "report_to": "none", "include_num_input_tokens_seen": "non_padding",
               "output_dir": tempfile.mkdtemp()}
     if spec["side"] == "baseline":
@@ -114,7 +123,7 @@ def _sftkit_trainer(spec, model_dir, data_file, seq_len, common):
     overrides = ["--model.path", model_dir, "--dataset.name", data_file, "--model.max_seq_length", str(seq_len),
                  "--model.use_lora", str(spec["method"] == "lora").lower(), "--model.attn_implementation", spec["attn"],
                  "--dataset.test_size", "null"]
-    for key in ("packing", "use_liger_kernel", "gradient_checkpointing"):
+    for key in FAST_SETTINGS:
         overrides += [f"--training.{key}", spec[key]]
     for key, value in common.items():
         overrides += [f"--training.{key}", str(value)]
@@ -135,13 +144,30 @@ def _baseline_trainer(spec, model_dir, data_file, seq_len, common):
     from trl import SFTConfig, SFTTrainer
 
     gpu = torch.cuda.is_available()
-    args = SFTConfig(max_length=seq_len, bf16=gpu and torch.cuda.is_bf16_supported(), use_cpu=not gpu, **common)
+    same = {key: spec[key] == "true" for key in FAST_SETTINGS if key in spec}  # trl-same-settings
+    args = SFTConfig(max_length=seq_len, bf16=gpu and torch.cuda.is_bf16_supported(), use_cpu=not gpu, **same,
+                     **common)
     dataset = load_dataset("json", data_files=data_file, split="train")
     dataset = dataset.map(to_prompt_completion, remove_columns=dataset.column_names)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if args.bf16 else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if args.bf16 else torch.float32,
+                                                 attn_implementation=spec.get("attn"))
     peft = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM") if spec["method"] == "lora" else None
     return SFTTrainer(model=model, args=args, train_dataset=dataset,
                       processing_class=AutoTokenizer.from_pretrained(model_dir), peft_config=peft)
+
+
+FAST_SETTINGS = ("packing", "use_liger_kernel", "torch_compile", "gradient_checkpointing")
+LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "liger-kernel", "flash-attn")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
 
 
 def flops_per_token(config, seq_len: int, method: str) -> float:
@@ -176,9 +202,9 @@ def main(argv: list[str] | None = None) -> dict:
     gpu = torch.cuda.is_available()
     attention = "flash_attention_2" if gpu and _flash_attention_installed() else "sdpa"
     table = variants(attention)
-    if args.tiny:  # no Liger on a CPU; two variants are enough to keep the script working
-        table = {name: {**spec, "use_liger_kernel": "false"} for name, spec in table.items()
-                 if name in ("lora-baseline-trl", "lora-sftkit-no-liger")}
+    if args.tiny:  # no Liger and no compiling on a CPU; three variants are enough to keep the script working
+        table = {name: {**spec, "use_liger_kernel": "false", "torch_compile": "false"} for name, spec in table.items()
+                 if name in ("lora-baseline-trl", "lora-trl-same-settings", "lora-sftkit-no-liger")}
     if args.only:
         table = {name: spec for name, spec in table.items() if name in args.only}
     with tempfile.TemporaryDirectory() as workdir:
@@ -187,7 +213,9 @@ def main(argv: list[str] | None = None) -> dict:
         for name, spec in table.items():
             spec = {**spec, "model_dir": str(model_dir), "data_file": str(data_file)}
             command = [sys.executable, __file__, "--run", name, "--spec", json.dumps(spec)] + (["--tiny"] if args.tiny else [])
+            started = time.perf_counter()
             output = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+            elapsed = time.perf_counter() - started
             line = next((l for l in output.stdout.splitlines() if l.startswith("RESULT ")), None)
             if line is None:
                 results[name] = {"error": output.stderr.strip().splitlines()[-1] if output.stderr.strip() else "no result"}
@@ -195,9 +223,10 @@ def main(argv: list[str] | None = None) -> dict:
             result = json.loads(line[len("RESULT "):])
             peak = peak_flops(result["device"])
             result["mfu"] = result["tokens_per_second"] * result["flops_per_token"] / peak if peak else None
-            results[name] = result
+            results[name] = {**result, "variant_seconds": elapsed}
     report = {"device": torch.cuda.get_device_name(0) if gpu else "cpu (no GPU available)", "seq_len": seq_len,
-              "steps": steps, "warmup_steps": warmup, "attention": attention, "variants": results}
+              "steps": steps, "warmup_steps": warmup, "attention": attention, "versions": library_versions(),
+              "variants": results}
     print(json.dumps(report, indent=2))
     Path(args.results).mkdir(parents=True, exist_ok=True)
     name = "gpu-tiny" if args.tiny else "gpu"
