@@ -91,8 +91,10 @@ def _meta_model(model_cfg: ModelConfig, hf_config):
         except Exception:
             pass
         else:
-            raise ConfigError(f"model.attn_implementation: {model_cfg.attn_implementation} cannot be used: "
-                              f"{_first_line(failure)}; use sdpa or eager, or leave it unset") from None
+            chosen = " (sftkit's choice where flash-attn is installed and the setting is left out)" if \
+                model_cfg.attn_implementation == "flash_attention_2" else ""
+            raise ConfigError(f"model.attn_implementation: {model_cfg.attn_implementation}{chosen} cannot be used: "
+                              f"{_first_line(failure)}; set model.attn_implementation: sdpa (or eager)") from None
     if model_cfg.trust_remote_code:
         return None  # the model's own code may not support the meta device; loading it will tell
     raise ConfigError(f"model.path {model_cfg.path} ({hf_config.model_type}) cannot be built as a causal LM: "

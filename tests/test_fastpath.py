@@ -2,9 +2,11 @@
 the tiny model (one compile for every step of packed batches, the same losses)."""
 
 import pytest
-from conftest import run_sft
+from conftest import TINY_MODEL, run_sft
+from safetensors import safe_open
 
 from sftkit.config import ModelConfig, load_config
+from sftkit.errors import ConfigError
 from sftkit.fastpath import PACKED_LENGTH_MULTIPLE, choose
 from sftkit.train import train
 
@@ -48,6 +50,15 @@ def test_the_configs_own_settings_are_kept():
 def test_compile_stays_off_where_it_was_not_measured(model, training, why):
     value, reason, _ = chosen(training, model)["training.torch_compile"]
     assert value is False and reason.startswith(why) and "set training.torch_compile: true to try" in reason
+
+
+def test_an_attention_the_model_cannot_use_is_named_with_the_way_out():
+    from sftkit.model import check_model_source
+
+    with pytest.raises(ConfigError, match=r"model.attn_implementation: flash_attention_2 \(sftkit's choice where "
+                                          r"flash-attn is installed and the setting is left out\) cannot be used: .*; "
+                                          r"set model.attn_implementation: sdpa \(or eager\)"):
+        check_model_source(ModelConfig(path=str(TINY_MODEL), attn_implementation="flash_attention_2"))
 
 
 def test_compile_under_an_accelerate_deepspeed_launch_stays_off(monkeypatch):
@@ -95,3 +106,6 @@ def test_compile_trains_the_tiny_model_like_eager_on_packed_batches_of_one_shape
     assert lengths == {PACKED_LENGTH_MULTIPLE}
     losses = [[entry["loss"] for entry in run.trainer.state.log_history if "loss" in entry] for run in (eager, compiled)]
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    with safe_open(tmp_path / "eager" / "model.safetensors", "pt") as eager_file, \
+            safe_open(tmp_path / "compiled" / "model.safetensors", "pt") as compiled_file:
+        assert set(compiled_file.keys()) == set(eager_file.keys()), "the compiled model saved under its own names"
