@@ -167,7 +167,8 @@ def estimate_memory(config: RunConfig, shape: ModelShape, dtype, zero: ZeroSetti
     Activations: per token and layer 24 hidden-size and 4 intermediate-size values (what autograd saved in a Llama
     layer with sdpa attention, counted with torch's saved-tensor hooks; sdpa and flash attention store no score
     matrix), plus LoRA dropout's copies of each adapted input; only the layer input with gradient checkpointing,
-    plus one layer recomputed; and the logits and their gradient in float32.
+    plus one layer recomputed; and the logits and their gradient in float32, except with Liger's fused linear
+    cross-entropy (training.use_liger_kernel), which computes the loss chunk by chunk and never holds them.
     """
     element = torch.finfo(dtype).bits // 8
     cpu = 0.0
@@ -195,7 +196,8 @@ def estimate_memory(config: RunConfig, shape: ModelShape, dtype, zero: ZeroSetti
     if config.model.use_lora and config.model.lora_config.lora_dropout > 0:
         full_layer += (6 * shape.hidden + shape.intermediate) * (element + 1)  # dropped-out inputs and their masks
     per_layer = shape.hidden * element if config.training.gradient_checkpointing else full_layer
-    activations = tokens_per_step * (per_layer * shape.layers + shape.vocab * 4 * 2)
+    logits = 0 if config.training.use_liger_kernel else shape.vocab * 4 * 2
+    activations = tokens_per_step * (per_layer * shape.layers + logits)
     if config.training.gradient_checkpointing:  # one layer is recomputed in full during the backward pass
         activations += tokens_per_step * full_layer
     total = states + activations

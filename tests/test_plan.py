@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 
+import torch
 from conftest import TINY_MODEL, run_python, run_sft
 from transformers import LlamaConfig
 
@@ -109,3 +110,18 @@ def test_dry_run_counts_parameters_as_the_run_does(lora_run):
     dry = run_sft("--dry-run", "--config", "lora_train_config.yaml")
     assert (f"{summary['trainable_parameters']:,} of {summary['total_parameters']:,} parameters train"
             in plan_value(dry.stdout, "method"))
+
+
+def test_with_liger_the_estimate_holds_no_full_vocabulary_logits(tmp_path):
+    """Liger's fused cross-entropy (on by default on a GPU where it is installed) never builds the float32 logits of
+    a micro-batch: the estimate drops at least their size. Set on the config by hand: its kernels need a GPU."""
+    from sftkit.plan import deepspeed_settings, estimate_memory, model_shape
+
+    config = load_config(None, ["--training.output_dir", str(tmp_path)])
+    shape, tokens = model_shape(config), 1024
+    def activations() -> float:
+        return estimate_memory(config, shape, torch.float32, deepspeed_settings(config.training), 1, tokens).activations
+
+    without = activations()
+    config.training.use_liger_kernel = True
+    assert without - activations() >= tokens * shape.vocab * 4
