@@ -157,12 +157,14 @@ def _baseline_trainer(spec, model_dir, data_file, seq_len, common):
 
 
 FAST_SETTINGS = ("packing", "use_liger_kernel", "torch_compile", "gradient_checkpointing")
-LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "liger-kernel", "flash-attn")
+GPU_EXTRAS = ("liger-kernel", "flash-attn")  # requirements-gpu.txt
 
 
 def library_versions() -> dict[str, str]:
+    from sftkit.environment import STACK
+
     versions = {}
-    for name in LIBRARIES:
+    for name in (*STACK, *GPU_EXTRAS):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
