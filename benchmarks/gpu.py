@@ -21,6 +21,7 @@ sample. Activation checkpointing recomputes the forward pass (another 2 N), whic
 import argparse
 import importlib.metadata
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -68,7 +69,9 @@ def build_model_and_data(shape: str, seq_len: int, rows: int, workdir: Path) -> 
                          pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     model_dir = workdir / "model"
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(model_dir)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a 1B model initialises in seconds on a GPU
+        model = LlamaForCausalLM(config)
+    model.to(torch.bfloat16).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     sample = [json.loads(line)["messages"] for line in (ROOT / "data" / "sample_chat.jsonl").read_text().splitlines()]
     data_file = workdir / "chat.jsonl"
@@ -92,9 +95,9 @@ def run_variant(spec: dict, model_dir: str, data_file: str, seq_len: int, steps:
 
     meter = Meter()
     common = {"max_steps": steps, "per_device_train_batch_size": spec.get("micro_batch", 4), "learning_rate": 1e-4,
-              "logging_steps": 1000,
-              "save_strategy": "no", "report_to": "none", "include_num_input_tokens_seen": "non_padding",
-              "output_dir": tempfile.mkdtemp()}
+              "logging_steps": 1000, "save_strategy": "no", "report_to": "none",
+              "include_num_input_tokens_seen": "non_padding", "output_dir": tempfile.mkdtemp(),
+              "dataset_num_proc": min(os.cpu_count() or 1, 8)}  # both sides tokenize in parallel
     if spec["side"] == "baseline":
         trainer = _baseline_trainer(spec, model_dir, data_file, seq_len, common)
     else:
@@ -129,7 +132,8 @@ def _sftkit_trainer(spec, model_dir, data_file, seq_len, common):
         overrides += [f"--training.{key}", str(value)]
     config = load_config("default_train_config.yaml", overrides)
     tokenizer = load_tokenizer(config.model, config.dataset)
-    data = prepare_data(config.dataset, tokenizer, config.training.max_length)
+    data = prepare_data(config.dataset, tokenizer, config.training.max_length,
+                        num_proc=config.training.dataset_num_proc)
     model = load_model(config.model, resolve_dtype(config.model, config.training), config.training.gradient_checkpointing)
     return SFTTrainer(model=model, args=config.training, train_dataset=data.train, processing_class=tokenizer,
                       peft_config=lora_config(config.model))
