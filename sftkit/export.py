@@ -9,6 +9,7 @@ they stay in the staging directory and `python -m sftkit.export OUTPUT_DIR` fini
 """
 
 import argparse
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -112,8 +113,11 @@ def _merge_adapter(model_cfg, adapter_dir: Path, target: Path, dtype) -> None:
     from sftkit.compat import zero3_init_disabled
     from sftkit.model import load_model
 
+    # The attention kernel plays no part in merging, and `sftkit export` may finish the export on a machine without
+    # the one the run used (flash_attention_2, chosen where flash-attn is installed): load with the default.
+    base_cfg = dataclasses.replace(model_cfg, attn_implementation=None)
     with zero3_init_disabled():
-        base = load_model(model_cfg, dtype, gradient_checkpointing=False, quantize=False)
+        base = load_model(base_cfg, dtype, gradient_checkpointing=False, quantize=False)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(target)
 

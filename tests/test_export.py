@@ -8,10 +8,11 @@ import pytest
 import torch
 from conftest import TINY_MODEL, run_here, run_sft, tmpfs
 from peft import PeftModel
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from sftkit import export as export_module
-from sftkit.config import load_config
+from sftkit.config import ModelConfig, load_config
 from sftkit.errors import RunFailed
 from sftkit.export import ADAPTER_DIR, export
 from sftkit.export import main as export_main
@@ -92,3 +93,16 @@ def test_a_full_disk_at_export_keeps_the_trained_adapter_and_the_export_can_be_f
     ids = torch.tensor([[1, 50, 60, 70, 80]])
     with torch.no_grad():
         assert (merged(ids).logits - with_adapter(ids).logits).abs().max() < 1e-4
+
+
+def test_an_export_is_finished_without_the_attention_kernel_the_run_used(lora_run, tmp_path):
+    """A GPU run with flash-attn installed records flash_attention_2; merging its adapter on a machine without
+    flash-attn (as `sftkit export` may) loads the base with the default kernel and gives the run's merged model."""
+    from sftkit.export import _merge_adapter
+
+    run_cfg = ModelConfig(path=str(TINY_MODEL), use_lora=True, attn_implementation="flash_attention_2")
+    _merge_adapter(run_cfg, lora_run / ADAPTER_DIR, tmp_path / "merged", torch.float32)
+    with safe_open(tmp_path / "merged" / "model.safetensors", "pt") as merged, \
+            safe_open(lora_run / "model.safetensors", "pt") as published:
+        for key in published.keys():
+            assert torch.equal(merged.get_tensor(key), published.get_tensor(key)), key
