@@ -135,8 +135,9 @@ def allow_fsdp_on_cpu() -> None:
     GPU, where x.py prints `Accelerator(cpu=True).distributed_type`: MULTI_CPU. Offload (fsdp_offload_params) is
     then kept in unpinned memory. Call before the Trainer exists."""
     import torch
+    from accelerate.utils import parse_flag_from_env
 
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true" or torch.cuda.is_available():
+    if not parse_flag_from_env("ACCELERATE_USE_FSDP") or torch.cuda.is_available():
         return
     try:
         from accelerate import state
@@ -168,7 +169,9 @@ def allow_fsdp_on_cpu() -> None:
 
 def check_fsdp_on(trainer) -> None:
     """A launch that asks for FSDP must get it: never a silent full copy of the model on every process."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not trainer.is_fsdp_enabled:
+    from accelerate.utils import parse_flag_from_env
+
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and not trainer.is_fsdp_enabled:
         kind = getattr(trainer.accelerator.distributed_type, "value", trainer.accelerator.distributed_type)
         raise ConfigError(f"the launch asks for FSDP, but Accelerate (distributed type {kind}) did not turn it on, "
                           "so every process would train a full copy of the model; use a DeepSpeed config instead "

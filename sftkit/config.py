@@ -549,6 +549,7 @@ def _simple_hint(annotation: str):
 
 def _build_training(values: dict, model: ModelConfig, dataset: DatasetConfig, errors: list[str]):
     """Coerce the `training` values to SFTConfig's field types and build it (_precheck_training checked the keys)."""
+    from accelerate.utils import parse_flag_from_env
     from trl import SFTConfig
 
     from sftkit.compat import announce_deepspeed_cpu_op_build
@@ -580,7 +581,7 @@ def _build_training(values: dict, model: ModelConfig, dataset: DatasetConfig, er
                       "rejects the batch size; on a CPU use accelerate_configs/cpu_zero2_2proc.yaml or "
                       "cpu_zero3_2proc.yaml instead")
         return None
-    if (kwargs.get("deepspeed") or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true") and not _has_gpu():
+    if (kwargs.get("deepspeed") or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")) and not _has_gpu():
         announce_deepspeed_cpu_op_build()  # it happens while SFTConfig sets up the processes, below
     if kwargs.get("deepspeed") and "LOCAL_RANK" not in os.environ:
         # Outside a launcher DeepSpeed looks for MPI to find its processes; a plain `python sft.py` is one process
@@ -630,6 +631,7 @@ def _has_gpu() -> bool:
 def _resolve_hardware_defaults(kwargs: dict) -> None:
     """Fill the SFTConfig defaults that depend on the machine, so one config runs on a CPU and on a GPU."""
     import torch
+    from accelerate.utils import parse_flag_from_env
 
     has_gpu = _has_gpu()
     if "bf16" not in kwargs and "fp16" not in kwargs:
@@ -638,7 +640,7 @@ def _resolve_hardware_defaults(kwargs: dict) -> None:
     # The Trainer asks DDP to look for unused parameters whenever activation checkpointing is off: an extra graph
     # traversal every step, and a warning, for causal LMs that use every parameter.
     kwargs.setdefault("ddp_find_unused_parameters", False)
-    if not has_gpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+    if not has_gpu and parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
         # DeepSpeed without a GPU: Accelerate finds no backend of its own, starts DeepSpeed's process group but then
         # counts a single process, so DeepSpeed's batch-size check fails. Naming gloo makes it count them all.
         kwargs.setdefault("ddp_backend", "gloo")

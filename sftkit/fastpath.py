@@ -10,7 +10,6 @@ DeepSpeed or FSDP, and with 4-bit layers; the attention kernels side by side.
 """
 
 import importlib.util
-import os
 from dataclasses import dataclass
 
 # Packed, padding-free batches are one sequence of a different length every step, and each new length is a new
@@ -93,6 +92,7 @@ def _attention(model, gpu: bool, installed: set[str]) -> Choice:
 
 def _deepspeed_or_fsdp(training: dict) -> bool:
     """From training.deepspeed or training.fsdp, or from the Accelerate config of the launch."""
-    return bool(training.get("deepspeed") or training.get("fsdp")
-                or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-                or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true")
+    from accelerate.utils import parse_flag_from_env
+
+    return bool(training.get("deepspeed") or training.get("fsdp") or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+                or parse_flag_from_env("ACCELERATE_USE_FSDP"))

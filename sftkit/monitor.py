@@ -2,13 +2,13 @@
 clean stop with a checkpoint on Ctrl-C or SIGTERM, and a stop without one when the loss is no longer finite. Loss, learning rate, grad norm and tokens/s are the Trainer's."""
 
 import json
-import os
 import resource
 import signal
 from pathlib import Path
 
 import psutil
 import torch
+from accelerate.utils import parse_flag_from_env
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
@@ -129,7 +129,7 @@ class SampleReplies(TrainerCallback):
 def generates_on_every_process(args) -> bool:
     """Under ZeRO-3 and FSDP each process holds a shard of the weights, so all of them generate together
     (synced_gpus); otherwise the main process generates alone."""
-    fsdp = bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    fsdp = bool(args.fsdp) or parse_flag_from_env("ACCELERATE_USE_FSDP")
     return (is_deepspeed_zero3_enabled() or fsdp) and args.world_size > 1
 
 
