@@ -196,9 +196,6 @@ def describe_dropped(dropped: dict) -> str:
 
 
 def format_summary(summary: dict) -> str:
-    def loss(value):
-        return "n/a" if value is None else f"{value:.3f}"
-
     def count(value):
         return "n/a" if value is None else f"{value:,.0f}"
 
@@ -212,9 +209,9 @@ def format_summary(summary: dict) -> str:
                       f"{summary['steps']} steps"),
         ("tokens", f"{count(summary['input_tokens'])} input ({count(summary['tokens_per_second'])}/s), "
                    f"{summary['trained_tokens']:,} trained"),
-        ("train loss", f"{loss(summary['train_loss_first'])} -> {loss(summary['train_loss_last'])} "
-                       f"(first -> last log), {loss(summary['train_loss_mean'])} mean"),
-        ("eval loss", f"{loss(summary['eval_loss_first'])} -> {loss(summary['eval_loss'])} (start -> end)"),
+        ("train loss", f"{_number(summary['train_loss_first'])} -> {_number(summary['train_loss_last'])} "
+                       f"(first -> last log), {_number(summary['train_loss_mean'])} mean"),
+        ("eval loss", f"{_number(summary['eval_loss_first'])} -> {_number(summary['eval_loss'])} (start -> end)"),
         ("rows", f"{summary['rows']} read, dropped: {describe_dropped(summary['rows_dropped'])}"),
         ("parameters", f"{summary['trainable_parameters']:,} of {summary['total_parameters']:,} train ({share:.2f}%)"),
         ("peak memory", memory),
