@@ -18,6 +18,7 @@ import time
 
 FAILURE_KEY = "sftkit/failure"
 POLL_SECONDS = 1.0
+WATCH_STORE_SECONDS = 10.0  # the longest a call of the watcher to the store may block
 _stop = threading.Event()
 
 
@@ -40,7 +41,7 @@ def watch(prog: str) -> None:
     if not _several_machines() or os.environ.get("LOCAL_RANK", "0") != "0":
         return
     try:
-        store = _store(10)
+        store = _store(WATCH_STORE_SECONDS)
     except Exception:  # no store to watch (another launcher): the connection timeouts still apply
         return
 
@@ -59,7 +60,11 @@ def watch(prog: str) -> None:
 
     thread = threading.Thread(target=poll, name="sftkit-peers", daemon=True)
     thread.start()
-    atexit.register(lambda: (_stop.set(), thread.join(POLL_SECONDS + 1)))  # never left inside the store at exit
+    # The watcher must be out of the store before Python finalizes: a daemon thread that returns from a C++ call
+    # after that is ended by pthread_exit, whose unwinding through the call can abort the process ("terminate called
+    # without an active exception", SIGABRT; seen once at the end of a two-machine test on a loaded machine, when
+    # this wait was 2 s). So wait as long as one store call can take.
+    atexit.register(lambda: (_stop.set(), thread.join(WATCH_STORE_SECONDS + POLL_SECONDS + 1)))
 
 
 def says_errors() -> bool:
