@@ -25,6 +25,7 @@ import yaml
 from sftkit.compat import rename_gradient_checkpointing, sft_config_fields
 from sftkit.errors import ConfigError
 from sftkit.fastpath import choose as choose_fast_path
+from sftkit.fastpath import choose_adapter_inputs
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # A clone (or `pip install -e .`) has configs/ and data/ beside the package; an installed wheel carries them inside
@@ -74,8 +75,14 @@ class ModelConfig:
     use_lora: bool = option(False, "train LoRA adapters instead of every weight")
     lora_config: LoraSettings = option(help="the adapters (keys below)", factory=LoraSettings)
     attn_implementation: str | None = option(
-        None, "e.g. `sdpa`, `eager`, `flash_attention_2`; null: `flash_attention_2` on a GPU with flash-attn "
-              "installed, else transformers' default")
+        None, "e.g. `sdpa`, `eager`, `flash_attention_2`, `flex_attention`; null: `flash_attention_2` on a GPU with "
+              "flash-attn installed, else the Hub's flash-attention kernel where allowed (below), else `sdpa`")
+    allow_hub_kernels: bool = option(
+        False, "let transformers download flash-attention from the Hub's kernels-community (`pip install kernels`); "
+               "sftkit then uses it when flash-attn is not installed: packed batches need a variable-length kernel")
+    cast_adapter_inputs: bool | None = option(
+        None, "LoRA: copy each adapter input to the adapters' float32 (PEFT's way); null: only without mixed "
+              "precision, since autocast computes the adapters in 16 bits either way")
     revision: str | None = option(None, "hub branch, tag or commit")
     trust_remote_code: bool = option(False, "run code shipped with the model; only for models you trust")
 
@@ -293,6 +300,7 @@ def load_config(config_name: str | None = None, cli_args: list[str] = (), preset
     training = _build_training(training_values, model, dataset, errors)
     if errors:
         raise ConfigError(f"{path}: " + "; ".join(errors))
+    speed += choose_adapter_inputs(model, training)
     resolved = {
         "model": hide_secrets(dataclasses.asdict(model)),
         "dataset": hide_secrets(dataclasses.asdict(dataset)),

@@ -7,6 +7,16 @@ What was measured, and where (issue 13, one H200, a Llama-3.2-1B-shape model, se
 packing + Liger took LoRA from 7.7k to 19.5k tokens/s (Liger alone 18.2k -> 19.5k, and 3 GiB less at peak), and
 torch.compile halved LoRA's step time (0.59 s -> 0.30 s). Not measured yet, so left off by default: compile under
 DeepSpeed or FSDP, and with 4-bit layers; the attention kernels side by side.
+
+Why packed batches are slow under sdpa (53% of the GPU time in the profile above): a padding-free micro-batch is one
+row of every packed row end to end, and transformers 5.24 keeps its conversations apart with a boolean mask built
+from the position ids (masking_utils.find_packed_sequence_indices). PyTorch's flash backend takes no mask, so SDPA
+runs cuDNN's or the memory-efficient kernel over every token pair of the row. On the GPU benchmark's data (4 x 2,048
+packed, 8,153 tokens and 9.5 conversations per micro-batch on average) that is 14.5 times the pairs a
+variable-length kernel computes (each conversation's own, causal), counted on CPU from the collated batches.
+flash_attention_2 (or the Hub's build of it) takes the position ids as sequence boundaries instead. PyTorch's
+flex_attention skips the masked-out blocks too, but is compiled per shape and has no CPU backward to test here, so it
+is a benchmark variant (benchmarks/gpu.py), not a default, until a GPU has measured it.
 """
 
 import importlib.util
@@ -16,6 +26,8 @@ from dataclasses import dataclass
 # shape for torch.compile. TRL's collator pads that sequence to a multiple of this (labels -100, so no token more
 # trains): fewer shapes, fewer recompiles, at most 63 padded tokens a step.
 PACKED_LENGTH_MULTIPLE = 64
+# transformers' own stand-in for flash_attention_2 when the flash-attn package is missing (FLASH_ATTN_KERNEL_FALLBACK)
+HUB_FLASH_ATTENTION = "kernels-community/flash-attn2"
 
 
 @dataclass
@@ -33,21 +45,45 @@ class Choice:
 def choose(training: dict, model, gpu: bool, installed=None) -> list[Choice]:
     """Fill in the fast-path settings the config leaves out: `training` (the config's training values, as given)
     gets torch_compile, use_liger_kernel and pad_to_multiple_of, `model` its attn_implementation. `installed`: the
-    importable packages among flash_attn and liger_kernel (found here when None)."""
+    importable packages among flash_attn, kernels and liger_kernel (found here when None)."""
     if installed is None:
-        installed = {name for name in ("flash_attn", "liger_kernel") if importlib.util.find_spec(name)}
+        installed = {name for name in ("flash_attn", "kernels", "liger_kernel") if importlib.util.find_spec(name)}
+    packed = training.get("padding_free") or (training.get("packing") and training.get("packing_strategy", "bfd")
+                                              in ("bfd", "bfd_split"))
     choices = [
         _set(training, "torch_compile", *_compile(training, model, gpu)),
         _set(training, "use_liger_kernel", *_liger(gpu, installed)),
-        _attention(model, gpu, installed),
+        _attention(model, gpu, installed, packed),
     ]
-    packed = training.get("padding_free") or (training.get("packing") and training.get("packing_strategy", "bfd")
-                                              in ("bfd", "bfd_split"))
     if training.get("torch_compile") and packed and "pad_to_multiple_of" not in training:
         training["pad_to_multiple_of"] = PACKED_LENGTH_MULTIPLE
         choices.append(Choice("training.pad_to_multiple_of", PACKED_LENGTH_MULTIPLE,
                               "packed batches rounded up, so that compiled shapes repeat"))
     return choices
+
+
+def choose_adapter_inputs(model, args) -> list[Choice]:
+    """model.cast_adapter_inputs, once SFTConfig is built (it decides bf16). PEFT 0.21 keeps LoRA adapters of a
+    16-bit model in float32 and copies every adapter input to float32 on each call; under mixed precision autocast
+    then casts it back to 16 bits for the matmul, so the two copies of the activations change nothing (the same
+    losses and gradients, tests/test_fastpath.py). Where autocast runs, training and evaluation skip them."""
+    if not model.use_lora:
+        return []
+    if model.cast_adapter_inputs is not None:
+        return [Choice("model.cast_adapter_inputs", model.cast_adapter_inputs, "", chosen=False)]
+    autocast = (args.bf16 or args.fp16) and not args.deepspeed_plugin  # DeepSpeed casts the whole model instead
+    model.cast_adapter_inputs = not autocast
+    why = ("mixed precision: the adapters compute in 16 bits, PEFT's float32 copies of their inputs are skipped"
+           if autocast else "no mixed precision: the inputs take the adapters' dtype")
+    return [Choice("model.cast_adapter_inputs", model.cast_adapter_inputs, why)]
+
+
+def adapter_input_casts(model, enabled: bool):
+    """PEFT's own switch for the casts above, for one forward pass (generation outside the Trainer has no autocast,
+    so there the adapters still need inputs of their dtype)."""
+    from peft.helpers import disable_input_dtype_casting
+
+    return disable_input_dtype_casting(model, active=not enabled)
 
 
 def describe(choices: list[Choice]) -> str:
@@ -79,15 +115,24 @@ def _liger(gpu: bool, installed: set[str]) -> tuple[bool, str]:
     return True, "installed: fused linear cross-entropy, no full-vocabulary logits in memory"
 
 
-def _attention(model, gpu: bool, installed: set[str]) -> Choice:
+def _attention(model, gpu: bool, installed: set[str], packed: bool) -> Choice:
     if model.attn_implementation is not None:
         return Choice("model.attn_implementation", model.attn_implementation, "", chosen=False)
-    if gpu and "flash_attn" in installed and model.dtype not in ("float32",):
+    sixteen_bit = model.dtype != "float32"
+    if gpu and sixteen_bit and "flash_attn" in installed:
         model.attn_implementation = "flash_attention_2"
         return Choice("model.attn_implementation", "flash_attention_2",
                       "flash-attn installed: variable-length kernels for packed batches")
-    hint = "; pip install flash-attn for packed batches" if gpu else ""
-    return Choice("model.attn_implementation", "sdpa", f"transformers' default{hint}")
+    if gpu and sixteen_bit and model.allow_hub_kernels and "kernels" in installed:
+        model.attn_implementation = HUB_FLASH_ATTENTION
+        return Choice("model.attn_implementation", HUB_FLASH_ATTENTION,
+                      "model.allow_hub_kernels: flash-attention from the Hub, variable-length for packed batches")
+    if not (gpu and packed):
+        return Choice("model.attn_implementation", "sdpa", "transformers' default")
+    way_out = "pip install kernels" if model.allow_hub_kernels else "set model.allow_hub_kernels: true"
+    return Choice("model.attn_implementation", "sdpa",
+                  "transformers' default; packed batches reach it with a mask, so no flash kernel and every token "
+                  f"pair of the micro-batch is computed: pip install flash-attn, or {way_out}")
 
 
 def _deepspeed_or_fsdp(training: dict) -> bool:

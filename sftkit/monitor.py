@@ -16,6 +16,7 @@ from transformers.trainer_callback import ProgressCallback
 from trl import SFTTrainer
 
 from sftkit.compat import TrainerWorkarounds
+from sftkit.fastpath import adapter_input_casts
 from sftkit.inference import generate_reply
 
 SAMPLES_FILE = "sample_replies.jsonl"
@@ -25,12 +26,18 @@ class MonitoredSFTTrainer(TrainerWorkarounds, SFTTrainer):
     """SFTTrainer whose every micro-batch loss is checked to be finite (see StopGuard), and whose every log also
     carries memory. `Trainer.log` is the documented place to add metrics: what is added here reaches the progress
     bar, `log_history`, TensorBoard and W&B alike (a callback's `on_log` comes after `log_history` is written).
-    What it changes in the Trainer's own behaviour is in compat.TrainerWorkarounds."""
+    What it changes in the Trainer's own behaviour is in compat.TrainerWorkarounds. `cast_adapter_inputs`: see
+    fastpath.choose_adapter_inputs."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, cast_adapter_inputs: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.guard = StopGuard()
         self.add_callback(self.guard)
+        self.cast_adapter_inputs = cast_adapter_inputs
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        with adapter_input_casts(model, self.cast_adapter_inputs):
+            return super().compute_loss(model, inputs, *args, **kwargs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         logs.update(memory_mib())

@@ -37,7 +37,7 @@ RESUMABLE = {
         # how fast, not what is computed (sftkit.fastpath chooses them from the machine)
         "torch_compile", "torch_compile_backend", "torch_compile_mode", "use_liger_kernel", "pad_to_multiple_of",
     },
-    "model": {"attn_implementation"},
+    "model": {"attn_implementation", "allow_hub_kernels", "cast_adapter_inputs"},
     "dataset": {"sample_prompts"},
 }
 # What sftkit and the Trainer write into output_dir. Anything else there is the user's and is never removed.

@@ -2,12 +2,13 @@
 the tiny model (one compile for every step of packed batches, the same losses)."""
 
 import pytest
+import torch
 from conftest import TINY_MODEL, run_sft
 from safetensors import safe_open
 
 from sftkit.config import ModelConfig, load_config
 from sftkit.errors import ConfigError
-from sftkit.fastpath import PACKED_LENGTH_MULTIPLE, choose
+from sftkit.fastpath import HUB_FLASH_ATTENTION, PACKED_LENGTH_MULTIPLE, choose
 from sftkit.train import train
 
 NOTHING, BOTH = set(), {"flash_attn", "liger_kernel"}
@@ -27,11 +28,26 @@ def test_on_a_gpu_compile_is_on_and_what_is_installed_is_used():
 
 
 def test_on_a_gpu_without_the_extras_each_choice_says_what_to_install():
-    choices = chosen({}, installed=NOTHING)
+    choices = chosen({"packing": True}, installed=NOTHING)
     assert choices["training.use_liger_kernel"][:2] == (False, "not installed: pip install -r requirements-gpu.txt")
-    assert choices["model.attn_implementation"][:2] == ("sdpa", "transformers' default; pip install flash-attn for "
-                                                                "packed batches")
+    attention, why, _ = choices["model.attn_implementation"]
+    assert attention == "sdpa" and why.startswith("transformers' default; packed batches reach it with a mask")
+    assert why.endswith("pip install flash-attn, or set model.allow_hub_kernels: true")
+    assert chosen({}, installed=NOTHING)["model.attn_implementation"][:2] == ("sdpa", "transformers' default")
     assert chosen({}, ModelConfig(dtype="float32"), installed=BOTH)["model.attn_implementation"][0] == "sdpa"
+
+
+def test_the_hubs_flash_attention_is_used_only_where_the_config_allows_it():
+    allowed = ModelConfig(dtype="bfloat16", allow_hub_kernels=True)
+    assert chosen({"packing": True}, allowed, installed={"kernels"})["model.attn_implementation"][:2] == (
+        HUB_FLASH_ATTENTION, "model.allow_hub_kernels: flash-attention from the Hub, variable-length for packed batches")
+    assert allowed.attn_implementation == HUB_FLASH_ATTENTION
+    assert chosen({"packing": True}, installed={"kernels"})["model.attn_implementation"][0] == "sdpa"
+    without_package = chosen({"packing": True}, ModelConfig(dtype="bfloat16", allow_hub_kernels=True))
+    assert without_package["model.attn_implementation"][1].endswith("pip install flash-attn, or pip install kernels")
+    flash_first = ModelConfig(dtype="bfloat16", allow_hub_kernels=True)
+    assert chosen({}, flash_first, installed={"kernels", "flash_attn"})["model.attn_implementation"][0] == \
+        "flash_attention_2"
 
 
 def test_the_configs_own_settings_are_kept():
@@ -109,3 +125,65 @@ def test_compile_trains_the_tiny_model_like_eager_on_packed_batches_of_one_shape
     with safe_open(tmp_path / "eager" / "model.safetensors", "pt") as eager_file, \
             safe_open(tmp_path / "compiled" / "model.safetensors", "pt") as compiled_file:
         assert set(compiled_file.keys()) == set(eager_file.keys()), "the compiled model saved under its own names"
+
+
+@pytest.mark.parametrize(("model", "training", "expected"), [
+    (ModelConfig(use_lora=True), {"bf16": True}, (False, "mixed precision: the adapters compute in 16 bits")),
+    (ModelConfig(use_lora=True), {}, (True, "no mixed precision: the inputs take the adapters' dtype")),
+    (ModelConfig(use_lora=True, cast_adapter_inputs=True), {"bf16": True}, (True, "")),
+])
+def test_adapter_inputs_stay_in_16_bits_only_under_mixed_precision(tmp_path, model, training, expected):
+    overrides = [arg for key, value in training.items() for arg in (f"--training.{key}", str(value).lower())]
+    config = load_config(None, ["--training.output_dir", str(tmp_path), "--model.use_lora", "true", *overrides,
+                                *(["--model.cast_adapter_inputs", "true"] if model.cast_adapter_inputs else [])])
+    choice = config.speed[-1]
+    assert choice.key == "model.cast_adapter_inputs"
+    assert (choice.value, choice.why[:len(expected[1])]) == expected
+    assert config.model.cast_adapter_inputs is expected[0]
+    full = load_config(None, ["--training.output_dir", str(tmp_path), "--training.bf16", "true"])
+    assert "model.cast_adapter_inputs" not in [choice.key for choice in full.speed]
+
+
+def test_bf16_adapters_without_input_casts_train_exactly_as_with_them(tmp_path):
+    """PEFT copies each adapter input to float32 and autocast copies it back to bf16 for the matmul: skipping both
+    changes no loss and no gradient (dropout off, so both runs draw nothing at random)."""
+    from transformers import set_seed
+
+    from sftkit.data import prepare_data
+    from sftkit.model import load_model, load_tokenizer, lora_config, resolve_dtype
+    from sftkit.monitor import MonitoredSFTTrainer
+
+    def train_lora(cast: str) -> tuple[list, set]:
+        config = load_config(None, ["--training.output_dir", str(tmp_path / cast), "--model.use_lora", "true",
+                                    "--training.bf16", "true", "--model.lora_config.lora_dropout", "0",
+                                    "--model.cast_adapter_inputs", cast, "--training.max_steps", "4",
+                                    "--training.logging_steps", "1", "--dataset.test_size", "null"])
+        set_seed(0)
+        tokenizer = load_tokenizer(config.model, config.dataset)
+        data = prepare_data(config.dataset, tokenizer, config.training.max_length)
+        model = load_model(config.model, resolve_dtype(config.model, config.training), False)
+        trainer = MonitoredSFTTrainer(model=model, args=config.training, train_dataset=data.train,
+                                      processing_class=tokenizer, peft_config=lora_config(config.model),
+                                      cast_adapter_inputs=config.model.cast_adapter_inputs)
+        input_dtypes = set()
+        for name, module in trainer.model.named_modules():
+            if name.endswith("lora_A.default"):
+                module.register_forward_pre_hook(lambda _, inputs: input_dtypes.add(inputs[0].dtype))
+        trainer.train()
+        logs = [(entry["loss"], entry["grad_norm"]) for entry in trainer.state.log_history if "loss" in entry]
+        return logs, input_dtypes
+
+    (cast_logs, cast_dtypes), (kept_logs, kept_dtypes) = train_lora("true"), train_lora("false")
+    assert (cast_dtypes, kept_dtypes) == ({torch.float32}, {torch.bfloat16})
+    assert len(kept_logs) == 4 and kept_logs == cast_logs
+
+
+def test_a_bf16_lora_run_without_input_casts_replies_and_exports(tmp_path):
+    """Generation (sample replies, the final reply) runs outside the Trainer's autocast, where the float32 adapters
+    need float32 inputs: the casts are skipped only inside the Trainer's loss."""
+    run = train(load_config(None, ["--training.output_dir", str(tmp_path), "--model.use_lora", "true",
+                                   "--training.bf16", "true", "--training.max_steps", "2",
+                                   "--dataset.sample_prompts", "[\"What color is an orange?\"]"]))
+    assert run.trainer.cast_adapter_inputs is False
+    assert run.summary["sample_reply"] is not None
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "lora_weights").is_dir()
