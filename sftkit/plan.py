@@ -21,6 +21,7 @@ from sftkit.model import check_model_source, load_tokenizer, lora_config, resolv
 
 GIB = 2**30
 ADAM_STATES = 2  # exp_avg and exp_avg_sq per trained parameter
+LOGIT_BYTES = 4  # per token and vocabulary entry without Liger, at the peak (calibrated, see estimate_memory)
 
 
 @dataclass
@@ -164,11 +165,15 @@ def estimate_memory(config: RunConfig, shape: ModelShape, dtype, zero: ZeroSetti
     weights, gradients and Adam states). Otherwise: weights in the training dtype (4-bit NF4 linear layers under
     QLoRA, ~0.56 bytes each with their scales), and per trained parameter a gradient and two Adam states in its
     dtype (LoRA adapters are kept in float32 by PEFT). ZeRO-3 partitions frozen weights across the processes too.
-    Activations: per token and layer 24 hidden-size and 4 intermediate-size values (what autograd saved in a Llama
-    layer with sdpa attention, counted with torch's saved-tensor hooks; sdpa and flash attention store no score
-    matrix), plus LoRA dropout's copies of each adapted input; only the layer input with gradient checkpointing,
-    plus one layer recomputed; and the logits and their gradient in float32, except with Liger's fused linear
-    cross-entropy (training.use_liger_kernel), which computes the loss chunk by chunk and never holds them.
+    Activations, per token and layer (a Llama layer; h hidden size, i intermediate size): 3.33 h + 4 i values
+    whatever trains (norms, attention's q, k, v and output, the MLP's gate, up and product); full fine-tuning adds
+    the inputs its linear layers and norms keep for their weight gradients (5 h + i); LoRA dropout adds each adapted
+    input again, with its mask. Only the layer input with activation checkpointing, plus one layer recomputed.
+    Without Liger's fused linear cross-entropy (training.use_liger_kernel) the logits add 4 bytes per token and
+    vocabulary entry. The coefficients are calibrated on torch's peak allocated memory measured on one H200 (issue
+    13: Llama-3.2-1B shape, 4 x 2,048 packed tokens, bf16, sdpa, no compile: LoRA 19.8 GiB with Liger and 22.8
+    without, full 20.7 with Liger; Llama-3.1-8B shape QLoRA, 4 x 4,096 with checkpointing: 24.5 GiB); see
+    tests/test_plan.py.
     """
     element = torch.finfo(dtype).bits // 8
     cpu = 0.0
@@ -192,11 +197,13 @@ def estimate_memory(config: RunConfig, shape: ModelShape, dtype, zero: ZeroSetti
             weights += shape.trainable * trained_element  # the adapters themselves
         states = weights + shape.trainable * trained_element * (1 + ADAM_STATES)  # + a gradient and Adam states
         source = "weights, gradients and Adam states"
-    full_layer = (24 * shape.hidden + 4 * shape.intermediate) * element
+    full_layer = (3.33 * shape.hidden + 4 * shape.intermediate) * element
+    if not config.model.use_lora:
+        full_layer += (5 * shape.hidden + shape.intermediate) * element  # the inputs kept for weight gradients
     if config.model.use_lora and config.model.lora_config.lora_dropout > 0:
         full_layer += (6 * shape.hidden + shape.intermediate) * (element + 1)  # dropped-out inputs and their masks
     per_layer = shape.hidden * element if config.training.gradient_checkpointing else full_layer
-    logits = 0 if config.training.use_liger_kernel else shape.vocab * 4 * 2
+    logits = 0 if config.training.use_liger_kernel else shape.vocab * LOGIT_BYTES
     activations = tokens_per_step * (per_layer * shape.layers + logits)
     if config.training.gradient_checkpointing:  # one layer is recomputed in full during the backward pass
         activations += tokens_per_step * full_layer
