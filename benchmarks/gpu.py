@@ -1,14 +1,20 @@
-"""Training throughput on a GPU: a randomly initialised Llama of Llama-3.2-1B's shape, sequence length 2048, bf16.
+"""Training throughput and memory on a GPU: randomly initialised Llamas of Llama-3.2-1B's shape (sequence 2,048, bf16)
+and of Llama-3.1-8B's (QLoRA, configs/examples/llama3.1_8b_qlora.yaml as shipped).
 
-    python benchmarks/gpu.py             # on a GPU: the variants below, a few minutes each
-    python benchmarks/gpu.py --tiny      # anywhere (CI, a CPU): a tiny shape, so the script keeps working
+    python benchmarks/gpu.py                      # on a GPU: every variant below, in order, within --budget
+    python benchmarks/gpu.py --only lora-sftkit   # some of them
+    python benchmarks/gpu.py --tiny               # anywhere (CI, a CPU): a tiny shape, so the script keeps working
 
 Each variant runs in its own process for a fixed number of optimizer steps; tokens/s is measured after the warm-up
 steps, from the Trainer's count of input tokens. Variants: LoRA and full fine-tuning; sftkit vs plain TRL with its
 defaults (the baseline) and plain TRL given sftkit's settings (packing, Liger, compile, attention); sftkit with and
-without packing (padding-free), Liger kernels, torch.compile, activation checkpointing, the best attention
-implementation installed (flash_attention_2 when available, else sdpa), and micro-batch 4 against 8. The results
-JSON names the device and the library versions, and each variant's seconds (start-up, compile and all).
+without torch.compile, Liger kernels, packing (padding-free), activation checkpointing, PEFT's float32 copies of the
+adapter inputs, flex_attention in place of the default attention, and micro-batch 4 against 8; the QLoRA 8B
+example. Each sftkit variant also records the dry run's memory estimate for its settings beside the peak measured.
+
+The results JSON names the device and the library versions, and each variant's seconds (start-up, compile and all);
+it is rewritten after every variant, and a variant that would start after --budget seconds is skipped and says so,
+so one call on a lent GPU returns what it measured even when it runs out of time.
 
 MFU = achieved FLOP/s / the device's peak dense bf16 FLOP/s, with per-token FLOPs of
 - full fine-tuning: 6 N (forward 2 N, backward 4 N) + attention 12 L s d (forward and backward of QK^T and AV);
@@ -33,57 +39,74 @@ sys.path.insert(0, str(ROOT))
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 SHAPES = {
     "llama-3.2-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
-                     "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256},
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": True},
+    "llama-3.1-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+                     "tie_word_embeddings": False},
     "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 2, "vocab_size": 820},
 }
 
 
 def variants(attention: str) -> dict[str, dict]:
-    """name -> (side, settings). The baseline is plain TRL: its defaults, no packing, no Liger; `trl-same-settings`
-    is plain TRL given the settings of sftkit's fast variant."""
+    """name -> settings, the most telling first (the budget cuts from the end). The baseline is plain TRL: its
+    defaults, no packing, no Liger; `trl-same-settings` is plain TRL given the settings of sftkit's fast variant."""
     fast = {"packing": "true", "use_liger_kernel": "true", "torch_compile": "true", "attn": attention,
             "gradient_checkpointing": "false"}
     table = {}
     for method in ("lora", "full"):
         table[f"{method}-baseline-trl"] = {"side": "baseline", "method": method}
-        table[f"{method}-trl-same-settings"] = {"side": "baseline", "method": method, **fast}
         table[f"{method}-sftkit"] = {"side": "ours", "method": method, **fast}
-        table[f"{method}-sftkit-no-compile"] = {**table[f"{method}-sftkit"], "torch_compile": "false"}
-        table[f"{method}-sftkit-micro-batch-8"] = {**table[f"{method}-sftkit"], "micro_batch": 8}
-        table[f"{method}-sftkit-no-packing"] = {**table[f"{method}-sftkit"], "packing": "false"}
-        table[f"{method}-sftkit-no-liger"] = {**table[f"{method}-sftkit"], "use_liger_kernel": "false"}
-        table[f"{method}-sftkit-checkpointing"] = {**table[f"{method}-sftkit"], "gradient_checkpointing": "true"}
-        table[f"{method}-sftkit-sdpa"] = {**table[f"{method}-sftkit"], "attn": "sdpa"}
+    table["qlora-8b-example"] = {"side": "ours", "method": "qlora", "shape": "llama-3.1-8b",
+                                 "config": "examples/llama3.1_8b_qlora.yaml", "steps": 8, "warmup": 3}
+    for method in ("lora", "full"):
+        ours = table[f"{method}-sftkit"]
+        table[f"{method}-trl-same-settings"] = {**ours, "side": "baseline"}
+        table[f"{method}-sftkit-no-compile"] = {**ours, "torch_compile": "false"}
+        table[f"{method}-sftkit-flex-attention"] = {**ours, "attn": "flex_attention"}
+    lora = table["lora-sftkit"]
+    if attention != "sdpa":
+        table["lora-sftkit-sdpa"] = {**lora, "attn": "sdpa"}
+    table["lora-sftkit-adapter-input-casts"] = {**lora, "cast_adapter_inputs": "true"}
+    table["lora-sftkit-no-liger"] = {**lora, "use_liger_kernel": "false"}
+    table["lora-sftkit-micro-batch-8"] = {**lora, "micro_batch": 8}
+    table["lora-sftkit-checkpointing"] = {**lora, "gradient_checkpointing": "true"}
+    table["lora-sftkit-no-packing"] = {**lora, "packing": "false"}
     return table
 
 
-def build_model_and_data(shape: str, seq_len: int, rows: int, workdir: Path) -> tuple[Path, Path]:
-    """A random-weight model with the tiny model's tokenizer, and chat rows of realistic, varied length."""
+def build_model(shape: str, seq_len: int, directory: Path) -> Path:
+    """A random-weight bf16 model of `shape` with the tiny model's tokenizer, built on the GPU (an 8B model
+    initialises in seconds there) and saved, so each variant loads it the way a run loads a real one."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     tokenizer = AutoTokenizer.from_pretrained(ROOT / "data" / "tiny-chat-llama")
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=seq_len, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=max(seq_len, 4096), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
-    model_dir = workdir / "model"
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a 1B model initialises in seconds on a GPU
-        model = LlamaForCausalLM(config)
-    model.to(torch.bfloat16).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return directory
+
+
+def build_data(rows: int, data_file: Path) -> Path:
+    """Chat rows of realistic, varied length, from the sample data."""
     sample = [json.loads(line)["messages"] for line in (ROOT / "data" / "sample_chat.jsonl").read_text().splitlines()]
-    data_file = workdir / "chat.jsonl"
     with data_file.open("w") as out:
         for index in range(rows):  # 1 to ~40 conversations chained into one: from a few dozen to ~2000 tokens
             turns = [m for k in range(1 + (index * 7919) % 40) for m in sample[(index + k) % len(sample)] if m["role"] != "system"]
             out.write(json.dumps({"messages": turns}) + "\n")
-    return model_dir, data_file
+    return data_file
 
 
 def run_variant(spec: dict, model_dir: str, data_file: str, seq_len: int, steps: int, warmup: int) -> dict:
-    """One variant in this process: train `steps` steps, time the ones after `warmup`."""
+    """One variant in this process: train `steps` steps (or the variant's own), time the ones after `warmup`."""
     import torch
     from transformers import TrainerCallback
 
@@ -93,50 +116,68 @@ def run_variant(spec: dict, model_dir: str, data_file: str, seq_len: int, steps:
                 self.start = (time.perf_counter(), state.num_input_tokens_seen)
             self.end = (time.perf_counter(), state.num_input_tokens_seen)
 
+    steps, warmup = spec.get("steps", steps), spec.get("warmup", warmup)
     meter = Meter()
     common = {"max_steps": steps, "per_device_train_batch_size": spec.get("micro_batch", 4), "learning_rate": 1e-4,
-              "logging_steps": 1000, "save_strategy": "no", "report_to": "none",
+              "logging_steps": 1000, "save_strategy": "no", "eval_strategy": "no", "report_to": "none",
               "include_num_input_tokens_seen": "non_padding", "output_dir": tempfile.mkdtemp(),
               "dataset_num_proc": min(os.cpu_count() or 1, 8)}  # both sides tokenize in parallel
+    estimate = None
     if spec["side"] == "baseline":
         trainer = _baseline_trainer(spec, model_dir, data_file, seq_len, common)
     else:
-        trainer = _sftkit_trainer(spec, model_dir, data_file, seq_len, common)
+        trainer, estimate = _sftkit_trainer(spec, model_dir, data_file, seq_len, common)
     trainer.add_callback(meter)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     seconds, tokens = meter.end[0] - meter.start[0], meter.end[1] - meter.start[1]
     config = trainer.model.config
+    gpu = torch.cuda.is_available()
     return {
         "tokens_per_second": tokens / seconds,
-        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-        "flops_per_token": flops_per_token(config, seq_len, spec["method"]),
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if gpu else None,
+        "dry_run_estimate_gib": estimate,
+        "flops_per_token": flops_per_token(config, trainer.args.max_length, spec["method"]),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
     }
 
 
 def _sftkit_trainer(spec, model_dir, data_file, seq_len, common):
-    from trl import SFTTrainer
-
+    """sftkit's own trainer on its own config (the variant's settings as overrides), and the dry run's memory
+    estimate for those settings (what --dry-run prints, from the same model shape and micro-batch)."""
     from sftkit.config import load_config
     from sftkit.data import prepare_data
     from sftkit.model import load_model, load_tokenizer, lora_config, resolve_dtype
+    from sftkit.monitor import MonitoredSFTTrainer
+    from sftkit.plan import deepspeed_settings, estimate_memory, model_shape
 
-    overrides = ["--model.path", model_dir, "--dataset.name", data_file, "--model.max_seq_length", str(seq_len),
-                 "--model.use_lora", str(spec["method"] == "lora").lower(), "--model.attn_implementation", spec["attn"],
-                 "--dataset.test_size", "null"]
-    for key in FAST_SETTINGS:
-        overrides += [f"--training.{key}", spec[key]]
+    overrides = ["--model.path", model_dir, "--dataset.name", data_file, "--dataset.split", "train",
+                 "--dataset.eval_split", "null", "--dataset.test_size", "null"]
+    if "config" not in spec:  # the 1B variants: the default config at the benchmark's shape
+        overrides += ["--model.use_lora", str(spec["method"] == "lora").lower()]
+    if "config" not in spec or spec.get("tiny"):
+        overrides += ["--model.max_seq_length", str(seq_len)]
+    for key, setting in (("attn", "model.attn_implementation"), ("cast_adapter_inputs", "model.cast_adapter_inputs"),
+                         *((key, f"training.{key}") for key in FAST_SETTINGS)):
+        if key in spec:
+            overrides += [f"--{setting}", spec[key]]
     for key, value in common.items():
         overrides += [f"--training.{key}", str(value)]
-    config = load_config("default_train_config.yaml", overrides)
+    config = load_config(spec.get("config", "default_train_config.yaml"), overrides)
+    args = config.training
     tokenizer = load_tokenizer(config.model, config.dataset)
-    data = prepare_data(config.dataset, tokenizer, config.training.max_length,
-                        num_proc=config.training.dataset_num_proc)
-    model = load_model(config.model, resolve_dtype(config.model, config.training), config.training.gradient_checkpointing)
-    return SFTTrainer(model=model, args=config.training, train_dataset=data.train, processing_class=tokenizer,
-                      peft_config=lora_config(config.model))
+    data = prepare_data(config.dataset, tokenizer, args.max_length, num_proc=args.dataset_num_proc)
+    dtype = resolve_dtype(config.model, args)
+    longest = args.max_length if args.packing else min(max(data.lengths), args.max_length)
+    memory = estimate_memory(config, model_shape(config), dtype, deepspeed_settings(args), 1,
+                             args.per_device_train_batch_size * longest)
+    model = load_model(config.model, dtype, args.gradient_checkpointing)
+    trainer = MonitoredSFTTrainer(model=model, args=args, train_dataset=data.train, processing_class=tokenizer,
+                                  peft_config=lora_config(config.model),
+                                  cast_adapter_inputs=config.model.cast_adapter_inputs is not False)
+    return trainer, (memory.model_states + memory.activations) / 2**30
 
 
 def _baseline_trainer(spec, model_dir, data_file, seq_len, common):
@@ -193,6 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a tiny shape on any device (what CI runs)")
     parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
+    parser.add_argument("--budget", type=float, default=480,
+                        help="seconds after which no variant starts (default 480: the set fits 8 minutes)")
     parser.add_argument("--run", help=argparse.SUPPRESS)  # internal: run one variant in this process
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
@@ -205,39 +248,54 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
+    started = time.perf_counter()
     gpu = torch.cuda.is_available()
     attention = "flash_attention_2" if gpu and _flash_attention_installed() else "sdpa"
     table = variants(attention)
-    if args.tiny:  # no Liger and no compiling on a CPU; one variant of each side keeps the script working
-        table = {name: {**spec, "use_liger_kernel": "false", "torch_compile": "false"} for name, spec in table.items()
-                 if name in ("lora-trl-same-settings", "lora-sftkit-no-liger")}
+    if args.tiny:  # no Liger and no compiling on a CPU; one variant of each kind keeps the script working
+        table = {name: {**spec, "use_liger_kernel": "false", "torch_compile": "false", "steps": steps, "warmup": warmup,
+                        "tiny": True}
+                 for name, spec in table.items()
+                 if name in ("lora-trl-same-settings", "lora-sftkit-no-liger", "qlora-8b-example")}
     if args.only:
         table = {name: spec for name, spec in table.items() if name in args.only}
-    with tempfile.TemporaryDirectory() as workdir:
-        model_dir, data_file = build_model_and_data("tiny" if args.tiny else "llama-3.2-1b", seq_len, rows, Path(workdir))
-        results = {}
-        for name, spec in table.items():
-            spec = {**spec, "model_dir": str(model_dir), "data_file": str(data_file)}
-            command = [sys.executable, __file__, "--run", name, "--spec", json.dumps(spec)] + (["--tiny"] if args.tiny else [])
-            started = time.perf_counter()
-            output = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-            elapsed = time.perf_counter() - started
-            line = next((l for l in output.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if line is None:
-                results[name] = {"error": output.stderr.strip().splitlines()[-1] if output.stderr.strip() else "no result"}
-                continue
-            result = json.loads(line[len("RESULT "):])
-            peak = peak_flops(result["device"])
-            result["mfu"] = result["tokens_per_second"] * result["flops_per_token"] / peak if peak else None
-            results[name] = {**result, "variant_seconds": elapsed}
     report = {"device": torch.cuda.get_device_name(0) if gpu else "cpu (no GPU available)", "seq_len": seq_len,
               "steps": steps, "warmup_steps": warmup, "attention": attention, "versions": library_versions(),
-              "variants": results}
-    print(json.dumps(report, indent=2))
+              "budget_seconds": args.budget, "variants": {}}
     Path(args.results).mkdir(parents=True, exist_ok=True)
-    name = "gpu-tiny" if args.tiny else "gpu"
-    (Path(args.results) / f"{time.strftime('%Y-%m-%d')}-{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    out = Path(args.results) / f"{time.strftime('%Y-%m-%d')}-{'gpu-tiny' if args.tiny else 'gpu'}.json"
+    with tempfile.TemporaryDirectory() as workdir:
+        data_file = build_data(rows, Path(workdir) / "chat.jsonl")
+        models = {}
+        for name, spec in table.items():
+            if time.perf_counter() - started > args.budget:
+                report["variants"][name] = {"skipped": f"past the budget of {args.budget:g} s"}
+                continue
+            shape = "tiny" if args.tiny else spec.get("shape", "llama-3.2-1b")
+            if shape not in models:
+                models[shape] = build_model(shape, seq_len, Path(workdir) / shape)
+            report["variants"][name] = _run_in_subprocess(name, {**spec, "model_dir": str(models[shape]),
+                                                                 "data_file": str(data_file)}, args.tiny)
+            out.write_text(json.dumps(report, indent=2) + "\n")  # what was measured survives a timeout
+    report["total_seconds"] = time.perf_counter() - started
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
     return report
+
+
+def _run_in_subprocess(name: str, spec: dict, tiny: bool) -> dict:
+    command = [sys.executable, __file__, "--run", name, "--spec", json.dumps(spec)] + (["--tiny"] if tiny else [])
+    started = time.perf_counter()
+    output = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    elapsed = time.perf_counter() - started
+    line = next((line for line in output.stdout.splitlines() if line.startswith("RESULT ")), None)
+    if line is None:
+        return {"error": output.stderr.strip().splitlines()[-1] if output.stderr.strip() else "no result",
+                "variant_seconds": elapsed}
+    result = json.loads(line[len("RESULT "):])
+    peak = peak_flops(result["device"])
+    result["mfu"] = result["tokens_per_second"] * result["flops_per_token"] / peak if peak else None
+    return {**result, "variant_seconds": elapsed}
 
 
 def _flash_attention_installed() -> bool:

@@ -47,8 +47,10 @@ def test_gpu_script_runs_its_tiny_shape_anywhere(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(next(tmp_path.glob("*gpu-tiny.json")).read_text())
-    assert set(report["variants"]) == {"lora-trl-same-settings", "lora-sftkit-no-liger"}
+    assert set(report["variants"]) == {"lora-trl-same-settings", "lora-sftkit-no-liger", "qlora-8b-example"}
     assert all(v.get("tokens_per_second", 0) > 0 and v["variant_seconds"] > 0 for v in report["variants"].values()), report
+    assert report["variants"]["qlora-8b-example"]["dry_run_estimate_gib"] > 0  # each sftkit variant's estimate
+    assert report["variants"]["lora-trl-same-settings"]["dry_run_estimate_gib"] is None
     import torch
 
     assert report["versions"]["torch"] == torch.__version__ and "liger-kernel" in report["versions"]
@@ -66,3 +68,11 @@ def test_memory_benchmark_sets_the_estimate_against_real_runs():
         # measured 1.2-1.8x on the 2-core VM (RSS growth counts the allocator's slack); a gross error in the estimate
         # (a term left out or counted in the wrong unit) falls outside
         assert 0.5 < measured / estimate < 3, line
+
+
+def test_gpu_script_skips_what_would_start_past_its_budget_and_says_so(tmp_path):
+    result = subprocess.run([sys.executable, "benchmarks/gpu.py", "--tiny", "--budget", "0", "--results", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(next(tmp_path.glob("*gpu-tiny.json")).read_text())
+    assert report["variants"] and all(v == {"skipped": "past the budget of 0 s"} for v in report["variants"].values())
