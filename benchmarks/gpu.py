@@ -243,6 +243,10 @@ def main(argv: list[str] | None = None) -> dict:
     seq_len, steps, warmup, rows = (128, 6, 2, 64) if args.tiny else (2048, 30, 10, 2000)
     if args.run:
         spec = json.loads(args.spec)
+        if spec["side"] == "ours":  # as sftkit's command does, before CUDA starts
+            from sftkit.fastpath import use_expandable_segments
+
+            use_expandable_segments()
         print("RESULT " + json.dumps(run_variant(spec, spec["model_dir"], spec["data_file"], seq_len, steps, warmup)))
         return {}
 

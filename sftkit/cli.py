@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sftkit.config import SECTIONS, load_config, section_help
 from sftkit.errors import ConfigError, Interrupted, RunFailed
+from sftkit.fastpath import use_expandable_segments
 from sftkit.peers import lost_contact, report_failure, says_errors, watch
 
 
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None, prog: str = "sft.py") -> int:
         print(report())
         return 0
     args, overrides = parser.parse_known_args(argv)
+    use_expandable_segments()  # before anything starts CUDA
     watch(prog)  # under several machines: a failure on another one stops this one at once
     try:
         config = load_config(args.config, overrides, args.preset)

@@ -1,6 +1,8 @@
 """The fast path: what a run turns on when the config leaves it out, on a GPU and on this CPU, and torch.compile on
 the tiny model (one compile for every step of packed batches, the same losses)."""
 
+import os
+
 import pytest
 import torch
 from conftest import TINY_MODEL, run_sft
@@ -8,7 +10,7 @@ from safetensors import safe_open
 
 from sftkit.config import ModelConfig, load_config
 from sftkit.errors import ConfigError
-from sftkit.fastpath import HUB_FLASH_ATTENTION, PACKED_LENGTH_MULTIPLE, choose
+from sftkit.fastpath import HUB_FLASH_ATTENTION, PACKED_LENGTH_MULTIPLE, choose, use_expandable_segments
 from sftkit.train import train
 
 NOTHING, BOTH = set(), {"flash_attn", "liger_kernel"}
@@ -187,3 +189,21 @@ def test_a_bf16_lora_run_without_input_casts_replies_and_exports(tmp_path):
     assert run.trainer.cast_adapter_inputs is False
     assert run.summary["sample_reply"] is not None
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "lora_weights").is_dir()
+
+
+def test_the_command_sets_expandable_segments_before_cuda_unless_the_user_chose(tmp_path, monkeypatch, capsys):
+    from sftkit.cli import main
+
+    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "SFTKIT_SET_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["--dry-run", "--training.output_dir", str(tmp_path)]) == 0
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert chosen({})["cuda_allocator"] == ("expandable_segments:True", "packed batches vary in length; cached blocks "
+                                            "of fixed size fragment (set PYTORCH_ALLOC_CONF to choose)", True)
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:512")
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    use_expandable_segments()
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    assert choose({}, ModelConfig(), True, NOTHING)[-1].describe() == \
+        "cuda_allocator max_split_size_mb:512 (set in the environment)"
+    assert "cuda_allocator" not in chosen({}, gpu=False)
