@@ -146,38 +146,72 @@ def test_adapter_inputs_stay_in_16_bits_only_under_mixed_precision(tmp_path, mod
     assert "model.cast_adapter_inputs" not in [choice.key for choice in full.speed]
 
 
-def test_bf16_adapters_without_input_casts_train_exactly_as_with_them(tmp_path):
-    """PEFT copies each adapter input to float32 and autocast copies it back to bf16 for the matmul: skipping both
-    changes no loss and no gradient (dropout off, so both runs draw nothing at random)."""
+def train_bf16_lora(output_dir, *overrides: str, callbacks=()):
+    """sftkit's trainer on the tiny model, LoRA in bf16 mixed precision, dropout off (nothing drawn at random)."""
     from transformers import set_seed
 
     from sftkit.data import prepare_data
     from sftkit.model import load_model, load_tokenizer, lora_config, resolve_dtype
     from sftkit.monitor import MonitoredSFTTrainer
 
-    def train_lora(cast: str) -> tuple[list, set]:
-        config = load_config(None, ["--training.output_dir", str(tmp_path / cast), "--model.use_lora", "true",
-                                    "--training.bf16", "true", "--model.lora_config.lora_dropout", "0",
-                                    "--model.cast_adapter_inputs", cast, "--training.max_steps", "4",
-                                    "--training.logging_steps", "1", "--dataset.test_size", "null"])
-        set_seed(0)
-        tokenizer = load_tokenizer(config.model, config.dataset)
-        data = prepare_data(config.dataset, tokenizer, config.training.max_length)
-        model = load_model(config.model, resolve_dtype(config.model, config.training), False)
-        trainer = MonitoredSFTTrainer(model=model, args=config.training, train_dataset=data.train,
-                                      processing_class=tokenizer, peft_config=lora_config(config.model),
-                                      cast_adapter_inputs=config.model.cast_adapter_inputs)
+    config = load_config(None, ["--training.output_dir", str(output_dir), "--model.use_lora", "true",
+                                "--training.bf16", "true", "--model.lora_config.lora_dropout", "0",
+                                "--training.logging_steps", "1", "--dataset.test_size", "null", *overrides])
+    set_seed(0)
+    tokenizer = load_tokenizer(config.model, config.dataset)
+    data = prepare_data(config.dataset, tokenizer, config.training.max_length)
+    model = load_model(config.model, resolve_dtype(config.model, config.training), False)
+    trainer = MonitoredSFTTrainer(model=model, args=config.training, train_dataset=data.train,
+                                  processing_class=tokenizer, peft_config=lora_config(config.model),
+                                  cast_adapter_inputs=config.model.cast_adapter_inputs, callbacks=list(callbacks))
+    return trainer
+
+
+def logged(trainer) -> list[tuple[float, float]]:
+    return [(entry["loss"], entry["grad_norm"]) for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_bf16_adapters_without_input_casts_train_exactly_as_with_them(tmp_path):
+    """PEFT copies each adapter input to float32 and autocast copies it back to bf16 for the matmul: skipping both
+    changes no loss and no gradient."""
+    runs = {}
+    for cast in ("true", "false"):
+        trainer = train_bf16_lora(tmp_path / cast, "--model.cast_adapter_inputs", cast, "--training.max_steps", "4")
         input_dtypes = set()
         for name, module in trainer.model.named_modules():
             if name.endswith("lora_A.default"):
                 module.register_forward_pre_hook(lambda _, inputs: input_dtypes.add(inputs[0].dtype))
         trainer.train()
-        logs = [(entry["loss"], entry["grad_norm"]) for entry in trainer.state.log_history if "loss" in entry]
-        return logs, input_dtypes
+        runs[cast] = logged(trainer), input_dtypes
+    assert (runs["true"][1], runs["false"][1]) == ({torch.float32}, {torch.bfloat16})
+    assert len(runs["false"][0]) == 4 and runs["false"][0] == runs["true"][0]
 
-    (cast_logs, cast_dtypes), (kept_logs, kept_dtypes) = train_lora("true"), train_lora("false")
-    assert (cast_dtypes, kept_dtypes) == ({torch.float32}, {torch.bfloat16})
-    assert len(kept_logs) == 4 and kept_logs == cast_logs
+
+@pytest.mark.slow
+def test_compiled_bf16_lora_without_input_casts_compiles_once_and_trains_like_eager(tmp_path):
+    """PEFT's switch is turned off and on around every loss: the compiled model must not see that as a change and
+    recompile each step. Packed batches of one shape (rows of 128 tokens, 2 to a batch)."""
+    from torch._dynamo.utils import counters
+    from transformers import TrainerCallback
+
+    class GraphsPerStep(TrainerCallback):
+        graphs = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.graphs.append(counters["stats"]["unique_graphs"])
+
+    packed = ["--training.packing", "true", "--model.max_seq_length", "128", "--training.max_steps", "6",
+              "--training.per_device_train_batch_size", "2"]
+    eager = train_bf16_lora(tmp_path / "eager", *packed)
+    eager.train()
+    counters.clear()
+    compiled = train_bf16_lora(tmp_path / "compiled", *packed, "--training.torch_compile", "true",
+                               callbacks=[GraphsPerStep()])
+    assert compiled.cast_adapter_inputs is False
+    compiled.train()
+    assert GraphsPerStep.graphs[0] >= 1 and GraphsPerStep.graphs[-1] == GraphsPerStep.graphs[0], GraphsPerStep.graphs
+    losses = [[loss for loss, _ in logged(run)] for run in (eager, compiled)]
+    assert losses[1] == pytest.approx(losses[0], rel=0.05)  # bf16: the compiled kernels round differently
 
 
 def test_a_bf16_lora_run_without_input_casts_replies_and_exports(tmp_path):
