@@ -162,9 +162,10 @@ def estimate_memory(config: RunConfig, shape: ModelShape, dtype, zero: ZeroSetti
     """Peak device memory, excluding the CUDA context (~0.5 GiB) or, on a CPU, the Python process itself.
 
     Full fine-tuning under ZeRO uses DeepSpeed's own estimators (mixed precision: 16-bit weights, fp32 master
-    weights, gradients and Adam states). Otherwise: weights in the training dtype (4-bit NF4 linear layers under
-    QLoRA, ~0.56 bytes each with their scales), and per trained parameter a gradient and two Adam states in its
-    dtype (LoRA adapters are kept in float32 by PEFT). ZeRO-3 partitions frozen weights across the processes too.
+    weights, gradients and Adam states). Otherwise: weights in the training dtype (under QLoRA 4-bit NF4 linear
+    layers, ~0.56 bytes each with their scales, and the rest in float32), and per trained parameter a gradient and
+    two Adam states in its dtype (one byte each for 8-bit optimizers; LoRA adapters are float32, QLoRA's bf16).
+    ZeRO-3 partitions frozen weights across the processes too.
     Activations, per token and layer (a Llama layer; h hidden size, i intermediate size): 3.33 h + 4 i values
     whatever trains (norms, attention's q, k, v and output, the MLP's gate, up and product); full fine-tuning adds
     the inputs its linear layers and norms keep for their weight gradients (5 h + i); LoRA dropout adds each adapted
@@ -186,16 +187,18 @@ def estimate_memory(config: RunConfig, shape: ModelShape, dtype, zero: ZeroSetti
             weights = 0 if zero.offload_params else 2 * shape.total / world_size
         source = "DeepSpeed's estimator"
     else:
-        if config.model.load_in_4bit:
-            weights = shape.quantizable * 0.5625 + (shape.total - shape.quantizable) * element
+        if config.model.load_in_4bit:  # PEFT's k-bit preparation casts what stays unquantized to float32
+            weights = shape.quantizable * 0.5625 + (shape.total - shape.quantizable) * 4
         else:
             weights = shape.total * element
         if zero.stage == 3:
             weights /= world_size
-        trained_element = 4 if config.model.use_lora else element
+        # LoRA adapters in float32 (PEFT), QLoRA's in bf16 (TRL 1.16 casts them), full fine-tuning in the dtype
+        trained_element = (2 if config.model.load_in_4bit else 4) if config.model.use_lora else element
         if config.model.use_lora:
             weights += shape.trainable * trained_element  # the adapters themselves
-        states = weights + shape.trainable * trained_element * (1 + ADAM_STATES)  # + a gradient and Adam states
+        optimizer = ADAM_STATES * (1 if "8bit" in str(config.training.optim) else trained_element)
+        states = weights + shape.trainable * (trained_element + optimizer)  # + a gradient and the optimizer's states
         source = "weights, gradients and Adam states"
     full_layer = (3.33 * shape.hidden + 4 * shape.intermediate) * element
     if not config.model.use_lora:
