@@ -81,8 +81,8 @@ class ModelConfig:
         False, "let transformers download flash-attention from the Hub's kernels-community (`pip install kernels`); "
                "sftkit then uses it when flash-attn is not installed: packed batches need a variable-length kernel")
     cast_adapter_inputs: bool | None = option(
-        None, "LoRA: copy each adapter input to the adapters' float32 (PEFT's way); null: only without mixed "
-              "precision, since autocast computes the adapters in 16 bits either way")
+        None, "LoRA: copy each adapter input to the adapters' float32 (PEFT's way); null: not under bf16/fp16 mixed "
+              "precision (autocast computes the adapters in 16 bits either way), except DoRA and under DeepSpeed")
     revision: str | None = option(None, "hub branch, tag or commit")
     trust_remote_code: bool = option(False, "run code shipped with the model; only for models you trust")
 
@@ -300,7 +300,7 @@ def load_config(config_name: str | None = None, cli_args: list[str] = (), preset
     training = _build_training(training_values, model, dataset, errors)
     if errors:
         raise ConfigError(f"{path}: " + "; ".join(errors))
-    speed += choose_adapter_inputs(model, training)
+    speed += choose_adapter_inputs(model, training, _has_gpu())
     resolved = {
         "model": hide_secrets(dataclasses.asdict(model)),
         "dataset": hide_secrets(dataclasses.asdict(dataset)),

@@ -23,12 +23,12 @@ import importlib.util
 import os
 from dataclasses import dataclass
 
+from sftkit.errors import ConfigError
+
 # Packed, padding-free batches are one sequence of a different length every step, and each new length is a new
 # shape for torch.compile. TRL's collator pads that sequence to a multiple of this (labels -100, so no token more
 # trains): fewer shapes, fewer recompiles, at most 63 padded tokens a step.
 PACKED_LENGTH_MULTIPLE = 64
-# transformers' own stand-in for flash_attention_2 when the flash-attn package is missing (FLASH_ATTN_KERNEL_FALLBACK)
-HUB_FLASH_ATTENTION = "kernels-community/flash-attn2"
 
 
 @dataclass
@@ -36,15 +36,12 @@ class Choice:
     key: str  # the config key, e.g. "training.torch_compile"
     value: object
     why: str
-    chosen: bool = True  # False: the config set it
+    chosen: bool = True  # False: the user set it (see `given`)
+    given: str = "set in the config"
 
     def describe(self) -> str:
         value = ("on" if self.value else "off") if isinstance(self.value, bool) else self.value
         return f"{self.key.split('.')[-1]} {value} ({self.why if self.chosen else self.given})"
-
-    @property
-    def given(self) -> str:
-        return "set in the environment" if self.key == "cuda_allocator" else "set in the config"
 
 
 ALLOCATOR_SETTING = "expandable_segments:True"
@@ -53,25 +50,28 @@ ALLOCATOR_SETTING = "expandable_segments:True"
 def use_expandable_segments() -> None:
     """PyTorch's CUDA allocator in expandable segments, unless PYTORCH_ALLOC_CONF (or its older name) is set: packed
     batches change length every step, and fixed-size cached blocks fragment (34.6 GiB reserved for 24.5 GiB allocated
-    in issue 13's 8B QLoRA run). Unsloth and Axolotl set the same; torchtune measured 16.4 -> 10.8 GiB on an 8B QLoRA
-    (torchtune#1185). Read once, when CUDA starts, so this runs first thing in the command (sftkit.cli)."""
+    in issue 13's 8B QLoRA run). Unsloth and Axolotl set the same; torchtune measured 16.4 -> 10.8 GiB on an 8B
+    QLoRA on one A100 80GB (torchtune#1185). Read once, when CUDA starts, so the command (sftkit.cli) sets it first."""
     if not (os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATOR_SETTING
         os.environ["SFTKIT_SET_ALLOC_CONF"] = "1"  # so the plan can tell sftkit's choice from the user's
 
 
 def _allocator() -> Choice:
-    setting = os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or "default"
+    setting = os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    if setting is None:  # train() called from Python, not through the command
+        return Choice("cuda_allocator", "PyTorch's default", "sftkit's command sets expandable segments")
     if os.environ.get("SFTKIT_SET_ALLOC_CONF") == "1" and setting == ALLOCATOR_SETTING:
         return Choice("cuda_allocator", setting, "packed batches vary in length; cached blocks of fixed size "
                                                  "fragment (set PYTORCH_ALLOC_CONF to choose)")
-    return Choice("cuda_allocator", setting, "", chosen=False)
+    return Choice("cuda_allocator", setting, "", chosen=False, given="set in the environment")
 
 
 def choose(training: dict, model, gpu: bool, installed=None) -> list[Choice]:
     """Fill in the fast-path settings the config leaves out: `training` (the config's training values, as given)
-    gets torch_compile, use_liger_kernel and pad_to_multiple_of, `model` its attn_implementation. `installed`: the
-    importable packages among flash_attn, kernels and liger_kernel (found here when None)."""
+    gets torch_compile, use_liger_kernel and pad_to_multiple_of, `model` its attn_implementation; on a GPU the
+    allocator setting (use_expandable_segments) is reported too. `installed`: the importable packages among
+    flash_attn, kernels and liger_kernel (found here when None)."""
     if installed is None:
         installed = {name for name in ("flash_attn", "kernels", "liger_kernel") if importlib.util.find_spec(name)}
     packed = training.get("padding_free") or (training.get("packing") and training.get("packing_strategy", "bfd")
@@ -89,25 +89,38 @@ def choose(training: dict, model, gpu: bool, installed=None) -> list[Choice]:
     return choices
 
 
-def choose_adapter_inputs(model, args) -> list[Choice]:
-    """model.cast_adapter_inputs, once SFTConfig is built (it decides bf16). PEFT 0.21 keeps LoRA adapters of a
+def choose_adapter_inputs(model, args, gpu: bool) -> list[Choice]:
+    """model.cast_adapter_inputs, once SFTConfig is built (it decides bf16). PEFT 0.21 keeps the LoRA adapters of a
     16-bit model in float32 and copies every adapter input to float32 on each call; under mixed precision autocast
-    then casts it back to 16 bits for the matmul, so the two copies of the activations change nothing (the same
-    losses and gradients, tests/test_fastpath.py). Where autocast runs, training and evaluation skip them."""
+    casts it back to 16 bits for the matmul, so for plain LoRA the two copies of the activations change nothing (the
+    same losses and gradients, tests/test_fastpath.py). Where autocast runs, training and evaluation skip them.
+    Not for DoRA, whose weight norm PEFT computes in the input's dtype (outside autocast's matmuls), and moot for
+    QLoRA and DeepSpeed, where the adapters are 16-bit already (TRL 1.16 casts them; DeepSpeed casts the model)."""
     if not model.use_lora:
         return []
+    autocast = (args.bf16 or (args.fp16 and gpu)) and not args.deepspeed_plugin
+    if model.cast_adapter_inputs is False and not autocast:
+        raise ConfigError("model.cast_adapter_inputs: false needs bf16 or fp16 mixed precision (training.bf16 or "
+                          "training.fp16, not under DeepSpeed), where autocast computes the adapters in 16 bits; "
+                          "remove the setting")
     if model.cast_adapter_inputs is not None:
         return [Choice("model.cast_adapter_inputs", model.cast_adapter_inputs, "", chosen=False)]
-    autocast = (args.bf16 or args.fp16) and not args.deepspeed_plugin  # DeepSpeed casts the whole model instead
-    model.cast_adapter_inputs = not autocast
-    why = ("mixed precision: the adapters compute in 16 bits, PEFT's float32 copies of their inputs are skipped"
-           if autocast else "no mixed precision: the inputs take the adapters' dtype")
+    if model.lora_config.use_dora:
+        why = "DoRA computes its weight norm in the inputs' dtype"
+    elif args.deepspeed_plugin:
+        why = "DeepSpeed trains the whole model in 16 bits: nothing to copy"
+    elif not autocast:
+        why = "no mixed precision: the inputs take the adapters' dtype"
+    else:
+        why = "mixed precision: the adapters compute in 16 bits, PEFT's float32 copies of their inputs are skipped"
+    model.cast_adapter_inputs = not autocast or model.lora_config.use_dora
     return [Choice("model.cast_adapter_inputs", model.cast_adapter_inputs, why)]
 
 
 def adapter_input_casts(model, enabled: bool):
-    """PEFT's own switch for the casts above, for one forward pass (generation outside the Trainer has no autocast,
-    so there the adapters still need inputs of their dtype)."""
+    """PEFT's own switch for the casts above, around one training step (forward and backward: activation
+    checkpointing runs the forward again) or evaluation step. Generation outside the Trainer has no autocast, so
+    there the adapters still need inputs of their dtype."""
     from peft.helpers import disable_input_dtype_casting
 
     return disable_input_dtype_casting(model, active=not enabled)
@@ -151,9 +164,11 @@ def _attention(model, gpu: bool, installed: set[str], packed: bool) -> Choice:
         return Choice("model.attn_implementation", "flash_attention_2",
                       "flash-attn installed: variable-length kernels for packed batches")
     if gpu and sixteen_bit and model.allow_hub_kernels and "kernels" in installed:
-        model.attn_implementation = HUB_FLASH_ATTENTION
-        return Choice("model.attn_implementation", HUB_FLASH_ATTENTION,
-                      "model.allow_hub_kernels: flash-attention from the Hub, variable-length for packed batches")
+        # without flash-attn, transformers 5.24 loads its build from the Hub (FLASH_ATTN_KERNEL_FALLBACK)
+        model.attn_implementation = "flash_attention_2"
+        return Choice("model.attn_implementation", "flash_attention_2",
+                      "model.allow_hub_kernels: transformers loads it from the Hub's kernels-community; "
+                      "variable-length kernels for packed batches")
     if not (gpu and packed):
         return Choice("model.attn_implementation", "sdpa", "transformers' default")
     way_out = "pip install kernels" if model.allow_hub_kernels else "set model.allow_hub_kernels: true"

@@ -91,10 +91,15 @@ def _meta_model(model_cfg: ModelConfig, hf_config):
         except Exception:
             pass
         else:
-            chosen = " (sftkit's choice where flash-attn is installed and the setting is left out)" if \
-                model_cfg.attn_implementation == "flash_attention_2" else ""
+            chosen, way_out = "", "set model.attn_implementation: sdpa (or eager)"
+            if model_cfg.attn_implementation == "flash_attention_2" and model_cfg.allow_hub_kernels:
+                chosen = (" (sftkit's choice where model.allow_hub_kernels is on: loaded from the Hub's "
+                          "kernels-community)")
+                way_out += ", or set model.allow_hub_kernels: false"
+            elif model_cfg.attn_implementation == "flash_attention_2":
+                chosen = " (sftkit's choice where flash-attn is installed and the setting is left out)"
             raise ConfigError(f"model.attn_implementation: {model_cfg.attn_implementation}{chosen} cannot be used: "
-                              f"{_first_line(failure)}; set model.attn_implementation: sdpa (or eager)") from None
+                              f"{_first_line(failure)}; {way_out}") from None
     if model_cfg.trust_remote_code:
         return None  # the model's own code may not support the meta device; loading it will tell
     raise ConfigError(f"model.path {model_cfg.path} ({hf_config.model_type}) cannot be built as a causal LM: "

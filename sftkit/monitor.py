@@ -29,24 +29,26 @@ class MonitoredSFTTrainer(TrainerWorkarounds, SFTTrainer):
     What it changes in the Trainer's own behaviour is in compat.TrainerWorkarounds. `cast_adapter_inputs`: see
     fastpath.choose_adapter_inputs."""
 
-    def __init__(self, *args, cast_adapter_inputs: bool = True, **kwargs):
+    def __init__(self, *args, cast_adapter_inputs: bool | None = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.guard = StopGuard()
         self.add_callback(self.guard)
-        self.cast_adapter_inputs = cast_adapter_inputs
-
-    def compute_loss(self, model, inputs, *args, **kwargs):
-        with adapter_input_casts(model, self.cast_adapter_inputs):
-            return super().compute_loss(model, inputs, *args, **kwargs)
+        self.cast_adapter_inputs = cast_adapter_inputs is not False  # None: PEFT's default
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         logs.update(memory_mib())
         super().log(logs, start_time)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        # the backward pass too: activation checkpointing runs each layer's forward again there
+        with adapter_input_casts(model, self.cast_adapter_inputs):
+            loss = super().training_step(model, inputs, num_items_in_batch)
         self.guard.observe(loss)
         return loss
+
+    def prediction_step(self, model, inputs, *args, **kwargs):
+        with adapter_input_casts(model, self.cast_adapter_inputs):
+            return super().prediction_step(model, inputs, *args, **kwargs)
 
 
 def memory_mib() -> dict[str, int]:

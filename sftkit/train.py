@@ -130,7 +130,7 @@ def _trainer(config: RunConfig, model, tokenizer, data, callbacks: list, resumed
         processing_class=tokenizer,
         peft_config=lora_config(config.model),
         callbacks=callbacks,
-        cast_adapter_inputs=config.model.cast_adapter_inputs is not False,
+        cast_adapter_inputs=config.model.cast_adapter_inputs,
     )
     check_fsdp_on(trainer)
     if not config.training.disable_tqdm:

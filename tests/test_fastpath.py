@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from sftkit.config import ModelConfig, load_config
 from sftkit.errors import ConfigError
-from sftkit.fastpath import HUB_FLASH_ATTENTION, PACKED_LENGTH_MULTIPLE, choose, use_expandable_segments
+from sftkit.fastpath import PACKED_LENGTH_MULTIPLE, choose, use_expandable_segments
 from sftkit.train import train
 
 NOTHING, BOTH = set(), {"flash_attn", "liger_kernel"}
@@ -41,22 +41,32 @@ def test_on_a_gpu_without_the_extras_each_choice_says_what_to_install():
 
 def test_the_hubs_flash_attention_is_used_only_where_the_config_allows_it():
     allowed = ModelConfig(dtype="bfloat16", allow_hub_kernels=True)
-    assert chosen({"packing": True}, allowed, installed={"kernels"})["model.attn_implementation"][:2] == (
-        HUB_FLASH_ATTENTION, "model.allow_hub_kernels: flash-attention from the Hub, variable-length for packed batches")
-    assert allowed.attn_implementation == HUB_FLASH_ATTENTION
+    attention, why, _ = chosen({"packing": True}, allowed, installed={"kernels"})["model.attn_implementation"]
+    assert (attention, allowed.attn_implementation) == ("flash_attention_2", "flash_attention_2")
+    assert why.startswith("model.allow_hub_kernels: transformers loads it from the Hub's kernels-community")
     assert chosen({"packing": True}, installed={"kernels"})["model.attn_implementation"][0] == "sdpa"
     without_package = chosen({"packing": True}, ModelConfig(dtype="bfloat16", allow_hub_kernels=True))
     assert without_package["model.attn_implementation"][1].endswith("pip install flash-attn, or pip install kernels")
-    flash_first = ModelConfig(dtype="bfloat16", allow_hub_kernels=True)
-    assert chosen({}, flash_first, installed={"kernels", "flash_attn"})["model.attn_implementation"][0] == \
-        "flash_attention_2"
+    flash_first = chosen({}, ModelConfig(dtype="bfloat16", allow_hub_kernels=True), installed={"kernels", "flash_attn"})
+    assert flash_first["model.attn_implementation"][1] == "flash-attn installed: variable-length kernels for packed " \
+                                                          "batches"
+
+
+def test_a_hub_kernel_the_model_cannot_use_names_the_setting_that_chose_it():
+    from sftkit.model import check_model_source
+
+    with pytest.raises(ConfigError, match=r"flash_attention_2 \(sftkit's choice where model.allow_hub_kernels is on: "
+                                          r".*; set model.attn_implementation: sdpa \(or eager\), or set "
+                                          r"model.allow_hub_kernels: false$"):
+        check_model_source(ModelConfig(path=str(TINY_MODEL), attn_implementation="flash_attention_2",
+                                       allow_hub_kernels=True))
 
 
 def test_the_configs_own_settings_are_kept():
     training = {"torch_compile": False, "use_liger_kernel": False}
     choices = chosen(training, ModelConfig(attn_implementation="eager"), installed=BOTH)
     assert training == {"torch_compile": False, "use_liger_kernel": False}
-    assert all(not was_chosen for _, _, was_chosen in choices.values())
+    assert all(not was_chosen for key, (_, _, was_chosen) in choices.items() if key != "cuda_allocator")
     assert choose({}, ModelConfig(attn_implementation="eager"), True, BOTH)[2].describe() == \
         "attn_implementation eager (set in the config)"
 
@@ -129,21 +139,31 @@ def test_compile_trains_the_tiny_model_like_eager_on_packed_batches_of_one_shape
         assert set(compiled_file.keys()) == set(eager_file.keys()), "the compiled model saved under its own names"
 
 
-@pytest.mark.parametrize(("model", "training", "expected"), [
-    (ModelConfig(use_lora=True), {"bf16": True}, (False, "mixed precision: the adapters compute in 16 bits")),
-    (ModelConfig(use_lora=True), {}, (True, "no mixed precision: the inputs take the adapters' dtype")),
-    (ModelConfig(use_lora=True, cast_adapter_inputs=True), {"bf16": True}, (True, "")),
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["--training.bf16", "true"], (False, "mixed precision: the adapters compute in 16 bits")),
+    (["--training.bf16", "false"], (True, "no mixed precision: the inputs take the adapters' dtype")),
+    (["--training.bf16", "true", "--model.lora_config.use_dora", "true"],
+     (True, "DoRA computes its weight norm in the inputs' dtype")),
+    (["--training.bf16", "true", "--model.cast_adapter_inputs", "true"], (True, "")),
 ])
-def test_adapter_inputs_stay_in_16_bits_only_under_mixed_precision(tmp_path, model, training, expected):
-    overrides = [arg for key, value in training.items() for arg in (f"--training.{key}", str(value).lower())]
-    config = load_config(None, ["--training.output_dir", str(tmp_path), "--model.use_lora", "true", *overrides,
-                                *(["--model.cast_adapter_inputs", "true"] if model.cast_adapter_inputs else [])])
+def test_adapter_inputs_stay_in_16_bits_only_under_mixed_precision_and_not_for_dora(tmp_path, overrides, expected):
+    config = load_config(None, ["--training.output_dir", str(tmp_path), "--model.use_lora", "true", *overrides])
     choice = config.speed[-1]
     assert choice.key == "model.cast_adapter_inputs"
     assert (choice.value, choice.why[:len(expected[1])]) == expected
     assert config.model.cast_adapter_inputs is expected[0]
     full = load_config(None, ["--training.output_dir", str(tmp_path), "--training.bf16", "true"])
     assert "model.cast_adapter_inputs" not in [choice.key for choice in full.speed]
+
+
+def test_skipping_the_casts_without_mixed_precision_is_refused_before_loading(tmp_path):
+    """Without autocast nothing would bring float32 adapters and 16-bit inputs to one dtype: the first step fails."""
+    result = run_sft("--training.output_dir", str(tmp_path), "--model.use_lora", "true", "--training.bf16", "false",
+                     "--model.dtype", "bfloat16", "--model.cast_adapter_inputs", "false", check=False)
+    assert result.returncode == 2 and not (tmp_path / "sftkit_run.json").exists()
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "model.cast_adapter_inputs: false needs bf16 or fp16 mixed precision (training.bf16 or training.fp16, not "
+        "under DeepSpeed), where autocast computes the adapters in 16 bits; remove the setting")
 
 
 def train_bf16_lora(output_dir, *overrides: str, callbacks=()):
@@ -195,7 +215,8 @@ def test_compiled_bf16_lora_without_input_casts_compiles_once_and_trains_like_ea
     from transformers import TrainerCallback
 
     class GraphsPerStep(TrainerCallback):
-        graphs = []
+        def __init__(self):
+            self.graphs = []
 
         def on_step_end(self, args, state, control, **kwargs):
             self.graphs.append(counters["stats"]["unique_graphs"])
@@ -205,31 +226,37 @@ def test_compiled_bf16_lora_without_input_casts_compiles_once_and_trains_like_ea
     eager = train_bf16_lora(tmp_path / "eager", *packed)
     eager.train()
     counters.clear()
-    compiled = train_bf16_lora(tmp_path / "compiled", *packed, "--training.torch_compile", "true",
-                               callbacks=[GraphsPerStep()])
+    graphs = GraphsPerStep()
+    compiled = train_bf16_lora(tmp_path / "compiled", *packed, "--training.torch_compile", "true", callbacks=[graphs])
     assert compiled.cast_adapter_inputs is False
     compiled.train()
-    assert GraphsPerStep.graphs[0] >= 1 and GraphsPerStep.graphs[-1] == GraphsPerStep.graphs[0], GraphsPerStep.graphs
+    assert graphs.graphs[0] >= 1 and graphs.graphs[-1] == graphs.graphs[0], graphs.graphs
     losses = [[loss for loss, _ in logged(run)] for run in (eager, compiled)]
     assert losses[1] == pytest.approx(losses[0], rel=0.05)  # bf16: the compiled kernels round differently
 
 
-def test_a_bf16_lora_run_without_input_casts_replies_and_exports(tmp_path):
-    """Generation (sample replies, the final reply) runs outside the Trainer's autocast, where the float32 adapters
-    need float32 inputs: the casts are skipped only inside the Trainer's loss."""
+def test_a_bf16_lora_run_without_input_casts_checkpoints_evaluates_replies_and_exports(tmp_path):
+    """The casts are skipped only inside the Trainer's training and evaluation steps: activation checkpointing runs
+    each layer's forward again in the backward pass, which must see the same dtypes (with dropout on, a recomputed
+    float32 input fails torch's check), and generation (sample replies, the final reply) runs outside autocast,
+    where the float32 adapters need float32 inputs."""
     run = train(load_config(None, ["--training.output_dir", str(tmp_path), "--model.use_lora", "true",
                                    "--training.bf16", "true", "--training.max_steps", "2",
+                                   "--training.gradient_checkpointing", "true",
+                                   "--model.lora_config.lora_dropout", "0.1",
                                    "--dataset.sample_prompts", "[\"What color is an orange?\"]"]))
     assert run.trainer.cast_adapter_inputs is False
     assert run.summary["sample_reply"] is not None
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "lora_weights").is_dir()
 
 
-def test_the_command_sets_expandable_segments_before_cuda_unless_the_user_chose(tmp_path, monkeypatch, capsys):
+def test_the_command_sets_expandable_segments_before_cuda_unless_the_user_chose(tmp_path, monkeypatch):
     from sftkit.cli import main
 
     for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "SFTKIT_SET_ALLOC_CONF"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded, so that teardown puts back what the session had
+        monkeypatch.delenv(name)
+    assert chosen({})["cuda_allocator"][:2] == ("PyTorch's default", "sftkit's command sets expandable segments")
     assert main(["--dry-run", "--training.output_dir", str(tmp_path)]) == 0
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     assert chosen({})["cuda_allocator"] == ("expandable_segments:True", "packed batches vary in length; cached blocks "

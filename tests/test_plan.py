@@ -153,9 +153,10 @@ def test_the_memory_estimate_is_within_20_percent_of_what_a_gpu_measured(tmp_pat
     from sftkit.plan import build_plan
 
     model = weightless_copy(tmp_path, **shape)
-    config = load_config(config_file, ["--training.output_dir", str(tmp_path / "out"), *overrides, "--model.path", str(model),
-                                "--dataset.name", "data/sample_chat.jsonl", "--dataset.split", "train",
-                                "--dataset.test_size", "null", "--training.bf16", "true"])
+    config = load_config(config_file, ["--training.output_dir", str(tmp_path / "out"), *overrides,
+                                       "--model.path", str(model), "--dataset.name", "data/sample_chat.jsonl",
+                                       "--dataset.split", "train", "--dataset.test_size", "null",
+                                       "--training.bf16", "true"])
     memory = build_plan(config).memory
     estimate_gib = (memory.model_states + memory.activations) / 2**30
     assert 0.8 < estimate_gib / measured_gib < 1.2, memory.description
