@@ -1,7 +1,8 @@
 """The fast path on a GPU: what a run turns on when its config leaves the setting out, and why.
 
-Each choice is made once, from the config and the machine, before SFTConfig is built; the run and the dry run print
-them on one line (`speed`). A setting given in the config is always kept as given.
+Each choice is made once, from the config and the machine, while the config loads (before SFTConfig is built, and
+for the adapter-input casts just after, since they follow its bf16); the run and the dry run print them on one line
+(`speed`). A setting given in the config or the environment is always kept as given.
 
 What was measured, and where (issue 13, one H200, a Llama-3.2-1B-shape model, sequence 2,048, micro-batch 4, bf16):
 packing + Liger took LoRA from 7.7k to 19.5k tokens/s (Liger alone 18.2k -> 19.5k, and 3 GiB less at peak), and

@@ -167,14 +167,15 @@ def estimate_memory(config: RunConfig, shape: ModelShape, dtype, zero: ZeroSetti
     two Adam states in its dtype (one byte each for 8-bit optimizers; LoRA adapters are float32, QLoRA's bf16).
     ZeRO-3 partitions frozen weights across the processes too.
     Activations, per token and layer (a Llama layer; h hidden size, i intermediate size): 3.33 h + 4 i values
-    whatever trains (norms, attention's q, k, v and output, the MLP's gate, up and product); full fine-tuning adds
-    the inputs its linear layers and norms keep for their weight gradients (5 h + i); LoRA dropout adds each adapted
-    input again, with its mask. Only the layer input with activation checkpointing, plus one layer recomputed.
+    whichever weights train (norms, attention's q, k, v and output, the MLP's gate, up and product); full
+    fine-tuning adds the inputs its linear layers and norms keep for their weight gradients (5 h + i); LoRA dropout
+    adds each adapted input again, with its mask. Only the layer input with activation checkpointing, plus one layer recomputed.
     Without Liger's fused linear cross-entropy (training.use_liger_kernel) the logits add 4 bytes per token and
     vocabulary entry. The coefficients are calibrated on torch's peak allocated memory measured on one H200 (issue
-    13: Llama-3.2-1B shape, 4 x 2,048 packed tokens, bf16, sdpa, no compile: LoRA 19.8 GiB with Liger and 22.8
-    without, full 20.7 with Liger; Llama-3.1-8B shape QLoRA, 4 x 4,096 with checkpointing: 24.5 GiB); see
-    tests/test_plan.py.
+    13: Llama-3.2-1B shape, 4 x 2,048 packed tokens, bf16, sdpa, no compile, PEFT's adapter-input casts on: LoRA
+    19.8 GiB with Liger and 22.8 without, full 20.7 with Liger; Llama-3.1-8B shape QLoRA, 4 x 4,096 with
+    checkpointing: 24.5 GiB); see tests/test_plan.py. benchmarks/gpu.py prints the estimate beside each peak it
+    measures, to recalibrate with the defaults of today (compile, no casts).
     """
     element = torch.finfo(dtype).bits // 8
     cpu = 0.0
