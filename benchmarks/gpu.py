@@ -121,10 +121,11 @@ def run_variant(spec: dict, model_dir: str, data_file: str, seq_len: int, steps:
 
     steps, warmup = spec.get("steps", steps), spec.get("warmup", warmup)
     meter = Meter()
-    common = {"max_steps": steps, "per_device_train_batch_size": spec.get("micro_batch", 4), "learning_rate": 1e-4,
-              "logging_steps": 1000, "save_strategy": "no", "eval_strategy": "no", "report_to": "none",
-              "include_num_input_tokens_seen": "non_padding", "output_dir": tempfile.mkdtemp(),
-              "dataset_num_proc": min(os.cpu_count() or 1, 8)}  # both sides tokenize in parallel
+    common = {"max_steps": steps, "learning_rate": 1e-4, "logging_steps": 1000, "save_strategy": "no",
+              "eval_strategy": "no", "report_to": "none", "include_num_input_tokens_seen": "non_padding",
+              "output_dir": tempfile.mkdtemp(), "dataset_num_proc": min(os.cpu_count() or 1, 8)}  # both sides in parallel
+    if "config" not in spec or "micro_batch" in spec:  # a shipped example keeps its own
+        common["per_device_train_batch_size"] = spec.get("micro_batch", 4)
     estimate = None
     if spec["side"] == "baseline":
         trainer = _baseline_trainer(spec, model_dir, data_file, seq_len, common)

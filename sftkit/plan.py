@@ -21,7 +21,6 @@ from sftkit.model import check_model_source, load_tokenizer, lora_config, resolv
 
 GIB = 2**30
 ADAM_STATES = 2  # exp_avg and exp_avg_sq per trained parameter
-LOGIT_BYTES = 4  # per token and vocabulary entry without Liger, at the peak (calibrated, see estimate_memory)
 
 
 @dataclass
@@ -167,15 +166,18 @@ def estimate_memory(config: RunConfig, shape: ModelShape, dtype, zero: ZeroSetti
     two Adam states in its dtype (one byte each for 8-bit optimizers; LoRA adapters are float32, QLoRA's bf16).
     ZeRO-3 partitions frozen weights across the processes too.
     Activations, per token and layer (a Llama layer; h hidden size, i intermediate size): 3.33 h + 4 i values
-    whichever weights train (norms, attention's q, k, v and output, the MLP's gate, up and product); full
+    whichever weights train (norms, attention's q, k, v and output, the MLP's gate, up and product); without Liger's
+    layer kernels (training.use_liger_kernel) another 2 h + i (the norms' float32 copies, SwiGLU's activation); full
     fine-tuning adds the inputs its linear layers and norms keep for their weight gradients (5 h + i); LoRA dropout
-    adds each adapted input again, with its mask. Only the layer input with activation checkpointing, plus one layer recomputed.
-    Without Liger's fused linear cross-entropy (training.use_liger_kernel) the logits add 4 bytes per token and
-    vocabulary entry. The coefficients are calibrated on torch's peak allocated memory measured on one H200 (issue
-    13: Llama-3.2-1B shape, 4 x 2,048 packed tokens, bf16, sdpa, no compile, PEFT's adapter-input casts on: LoRA
-    19.8 GiB with Liger and 22.8 without, full 20.7 with Liger; Llama-3.1-8B shape QLoRA, 4 x 4,096 with
-    checkpointing: 24.5 GiB); see tests/test_plan.py. benchmarks/gpu.py prints the estimate beside each peak it
-    measures, to recalibrate with the defaults of today (compile, no casts).
+    adds each adapted input again, with its mask. With activation checkpointing: the layer inputs, plus one layer
+    recomputed in the backward pass and the gradients of its activations (twice a layer). No logits: TRL 1.16's
+    SFTTrainer computes the loss from the hidden states in chunks of the vocabulary (it turns Liger's own fused
+    cross-entropy off), so the full-vocabulary logits are never built. The coefficients are calibrated on torch's
+    peak allocated memory measured on one H200 (issue 13: Llama-3.2-1B shape, 4 x 2,048 packed tokens, bf16, sdpa,
+    no compile, PEFT's adapter-input casts on: LoRA 19.8 GiB with Liger and 22.8 without, full 20.7 with Liger;
+    Llama-3.1-8B shape QLoRA, 4 x 4,096 with checkpointing, without Liger: 24.5 GiB); see tests/test_plan.py.
+    benchmarks/gpu.py prints the estimate beside each peak it measures, to recalibrate with the defaults of today
+    (compile, no casts).
     """
     element = torch.finfo(dtype).bits // 8
     cpu = 0.0
@@ -202,15 +204,16 @@ def estimate_memory(config: RunConfig, shape: ModelShape, dtype, zero: ZeroSetti
         states = weights + shape.trainable * (trained_element + optimizer)  # + a gradient and the optimizer's states
         source = "weights, gradients and Adam states"
     full_layer = (3.33 * shape.hidden + 4 * shape.intermediate) * element
+    if not config.training.use_liger_kernel:
+        full_layer += (2 * shape.hidden + shape.intermediate) * element  # what Liger's norm and SwiGLU do not keep
     if not config.model.use_lora:
         full_layer += (5 * shape.hidden + shape.intermediate) * element  # the inputs kept for weight gradients
     if config.model.use_lora and config.model.lora_config.lora_dropout > 0:
         full_layer += (6 * shape.hidden + shape.intermediate) * (element + 1)  # dropped-out inputs and their masks
-    per_layer = shape.hidden * element if config.training.gradient_checkpointing else full_layer
-    logits = 0 if config.training.use_liger_kernel else shape.vocab * LOGIT_BYTES
-    activations = tokens_per_step * (per_layer * shape.layers + logits)
-    if config.training.gradient_checkpointing:  # one layer is recomputed in full during the backward pass
-        activations += tokens_per_step * full_layer
+    if config.training.gradient_checkpointing:  # the layer inputs, and one layer recomputed with its gradients
+        activations = tokens_per_step * (shape.hidden * element * shape.layers + 2 * full_layer)
+    else:
+        activations = tokens_per_step * full_layer * shape.layers
     total = states + activations
     description = (f"~{_size(total)}: {_size(states)} model states ({source}) + {_size(activations)} activations "
                    f"for {tokens_per_step:,} tokens per micro-batch"

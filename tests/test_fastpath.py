@@ -26,7 +26,7 @@ def test_on_a_gpu_compile_is_on_and_what_is_installed_is_used():
     choices = chosen(training, installed=BOTH)
     assert training == {"torch_compile": True, "use_liger_kernel": True}
     assert choices["model.attn_implementation"][0] == "flash_attention_2"
-    assert choices["training.use_liger_kernel"][1].startswith("installed: fused linear cross-entropy")
+    assert choices["training.use_liger_kernel"][1].startswith("installed: fused norm, SwiGLU and RoPE kernels")
 
 
 def test_on_a_gpu_without_the_extras_each_choice_says_what_to_install():
