@@ -34,6 +34,9 @@ def quiet_known_noise() -> None:
     _drop_warning("`gradient_checkpointing_enable` is deprecated", FutureWarning)
     # transformers 5.24 logs this through its own logger for the same rename, from PEFT's k-bit preparation.
     _drop_log("transformers.modeling_utils", "`gradient_checkpointing_enable` is deprecated")
+    # TRL 1.16 deprecates use_liger_kernel for transformers' Hub kernels (`model_init_kwargs`, which sftkit does not
+    # use: it loads the model itself), once per run where sftkit turns Liger on; it still works until TRL 2.0.
+    _drop_warning(r"`use_liger_kernel=True` is deprecated", FutureWarning)
     # DeepSpeed 0.19's collectives call torch.distributed functions that torch deprecated, once per step and process.
     _drop_warning(r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
     # DeepSpeed on a machine without a GPU, once per process at import; a run on CPU says so in its plan.

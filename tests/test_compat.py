@@ -28,6 +28,7 @@ def test_known_noise_is_filtered_at_its_source_and_nothing_else(caplog):
 
         sftkit.compat.quiet_known_noise()
         warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("`use_liger_kernel=True` is deprecated and will be removed in v2.0.0.", FutureWarning)
         warnings.warn("something else is deprecated", FutureWarning)
     assert [str(w.message) for w in caught] == ["something else is deprecated"]
     with caplog.at_level(logging.WARNING):
@@ -39,6 +40,17 @@ def test_known_noise_is_filtered_at_its_source_and_nothing_else(caplog):
 
 # Each workaround in sftkit/compat.py, checked against the library behaviour it works around: when one of these
 # fails after an upgrade, the workaround may be obsolete (or need changing), not the test.
+
+def test_trl_still_warns_about_liger_as_the_filter_expects_and_still_accepts_it():
+    """sftkit turns Liger on where it is installed; TRL 2.0 is to remove use_liger_kernel (then the fast path needs
+    transformers' Hub kernels instead, and the filter goes)."""
+    import inspect
+
+    from trl import SFTConfig, SFTTrainer
+
+    assert "`use_liger_kernel=True` is deprecated" in inspect.getsource(SFTTrainer.__init__)
+    assert "use_liger_kernel" in SFTConfig.__dataclass_fields__
+
 
 def test_trl_still_defaults_to_the_old_gradient_checkpointing_name():
     import dataclasses
