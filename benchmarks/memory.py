@@ -50,7 +50,7 @@ def measure(config_name: str, overrides: list[str], workdir: Path) -> dict:
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-3000:])
     summary = json.loads((out / "run_summary.json").read_text())
-    total = (estimate.model_states + estimate.activations) / MIB
+    total = estimate.peak / MIB
     if "gpu_peak" in summary["peak_memory_mib"]:
         return {"estimate_mib": round(total), "measured_mib": summary["peak_memory_mib"]["gpu_peak"],
                 "what": "GPU peak allocated"}

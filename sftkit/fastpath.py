@@ -52,8 +52,9 @@ ALLOCATOR_SETTING = "expandable_segments:True"
 def use_expandable_segments() -> None:
     """PyTorch's CUDA allocator in expandable segments, unless PYTORCH_ALLOC_CONF (or its older name) is set: packed
     batches change length every step, and fixed-size cached blocks fragment (34.6 GiB reserved for 24.5 GiB allocated
-    in issue 13's 8B QLoRA run). Unsloth and Axolotl set the same; torchtune measured 16.4 -> 10.8 GiB on an 8B
-    QLoRA on one A100 80GB (torchtune#1185). Read once, when CUDA starts, so the command (sftkit.cli) sets it first."""
+    in issue 13's 8B QLoRA run, micro-batch 4). Unsloth and Axolotl set the same; torchtune measured 16.4 -> 10.8 GiB
+    on an 8B QLoRA on one A100 80GB (torchtune#1185). Read once, when CUDA starts, so the command (sftkit.cli) sets
+    it first."""
     if not (os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATOR_SETTING
         os.environ["SFTKIT_SET_ALLOC_CONF"] = "1"  # so the plan can tell sftkit's choice from the user's

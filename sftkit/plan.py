@@ -151,8 +151,9 @@ def deepspeed_settings(args) -> ZeroSettings:
 class MemoryEstimate:
     weights: float  # bytes on each device of the model's weights (part of model_states)
     model_states: float  # bytes on each device: weights, gradients, optimizer states
-    activations: float
+    activations: float  # with the loss's buffers
     cpu: float  # bytes of host memory for offloaded states
+    peak: float  # bytes on each device at the peak (what torch.cuda.max_memory_allocated reads)
     description: str
 
 
@@ -168,19 +169,20 @@ def estimate_memory(config: RunConfig, shape: ModelShape, dtype, zero: ZeroSetti
     Activations, per token and layer (a Llama layer; h hidden size, i intermediate size): 3.33 h + 4 i values
     whichever weights train (norms, attention's q, k, v and output, the MLP's gate, up and product); without Liger's
     layer kernels (training.use_liger_kernel) another 2 h + i (the norms' float32 copies, SwiGLU's activation); full
-    fine-tuning adds the inputs its linear layers and norms keep for their weight gradients (5 h + i); LoRA dropout
-    adds each adapted input again, with its mask. With activation checkpointing: the layer inputs, plus one layer
-    recomputed in the backward pass and the gradients of its activations (twice a layer). No logits: TRL 1.16's
-    SFTTrainer computes the loss from the hidden states in chunks of the vocabulary (it turns Liger's own fused
-    cross-entropy off), so the full-vocabulary logits are never built. The coefficients are calibrated on torch's
-    peak allocated memory measured on one H200 (issue 13: Llama-3.2-1B shape, 4 x 2,048 packed tokens, bf16, sdpa,
-    no compile, PEFT's adapter-input casts on: LoRA 19.8 GiB with Liger and 22.8 without, full 20.7 with Liger;
+    fine-tuning adds the inputs its linear layers (and, without Liger, norms) keep for their weight gradients; LoRA
+    dropout adds each adapted input again, with its mask. With activation checkpointing: the layer inputs, plus one
+    layer recomputed in the backward pass. No full-vocabulary logits: TRL 1.16's SFTTrainer computes the loss from
+    the hidden states in chunks (and turns Liger's fused cross-entropy off); its buffers are counted, and the logits
+    only with label smoothing. At the peak, without gradient accumulation, the gradients are built while the
+    backward pass frees the activations, so they do not add up. The coefficients are calibrated on torch's peak
+    allocated memory measured on one H200 (issue 13: Llama-3.2-1B shape, 4 x 2,048 packed tokens, bf16, sdpa, no
+    compile, PEFT's adapter-input casts on: LoRA 19.8 GiB with Liger and 22.8 without, full 20.7 with Liger;
     Llama-3.1-8B shape QLoRA, 4 x 4,096 with checkpointing, without Liger: 24.5 GiB); see tests/test_plan.py.
     benchmarks/gpu.py prints the estimate beside each peak it measures, to recalibrate with the defaults of today
     (compile, no casts).
     """
     element = torch.finfo(dtype).bits // 8
-    cpu = 0.0
+    cpu, gradients = 0.0, 0.0
     if zero.stage in (2, 3) and not config.model.use_lora:
         cpu, states = zero_model_states(zero.stage, shape.total, shape.largest_layer, world_size,
                                         zero.offload_optimizer, zero.offload_params)
@@ -201,25 +203,55 @@ def estimate_memory(config: RunConfig, shape: ModelShape, dtype, zero: ZeroSetti
         if config.model.use_lora:
             weights += shape.trainable * trained_element  # the adapters themselves
         optimizer = ADAM_STATES * (1 if "8bit" in str(config.training.optim) else trained_element)
-        states = weights + shape.trainable * (trained_element + optimizer)  # + a gradient and the optimizer's states
+        gradients = shape.trainable * trained_element
+        states = weights + gradients + shape.trainable * optimizer
         source = "weights, gradients and Adam states"
-    full_layer = (3.33 * shape.hidden + 4 * shape.intermediate) * element
-    if not config.training.use_liger_kernel:
-        full_layer += (2 * shape.hidden + shape.intermediate) * element  # what Liger's norm and SwiGLU do not keep
-    if not config.model.use_lora:
-        full_layer += (5 * shape.hidden + shape.intermediate) * element  # the inputs kept for weight gradients
-    if config.model.use_lora and config.model.lora_config.lora_dropout > 0:
-        full_layer += (6 * shape.hidden + shape.intermediate) * (element + 1)  # dropped-out inputs and their masks
-    if config.training.gradient_checkpointing:  # the layer inputs, and one layer recomputed with its gradients
-        activations = tokens_per_step * (shape.hidden * element * shape.layers + 2 * full_layer)
-    else:
-        activations = tokens_per_step * full_layer * shape.layers
-    total = states + activations
-    description = (f"~{_size(total)}: {_size(states)} model states ({source}) + {_size(activations)} activations "
+    activations = tokens_per_step * _activations_per_token(config, shape, element) + _loss_buffers(
+        config, shape, element, tokens_per_step)
+    peak = states + activations
+    if gradients and config.training.gradient_accumulation_steps == 1:
+        # the gradients are built as the backward pass frees the activations (the Trainer sets them to None after
+        # each step); with accumulation they stay from one micro-batch to the next
+        peak -= min(gradients, activations)
+    description = (f"~{_size(peak)}: {_size(states)} model states ({source}) + {_size(activations)} activations "
                    f"for {tokens_per_step:,} tokens per micro-batch"
+                   + ("; the gradients take the activations' place" if peak < states + activations else "")
                    + (f"; {_size(cpu)} of host memory for offloaded states" if zero.offload_optimizer else "")
                    + "; excludes the CUDA context (~0.5 GiB) or the Python process on a CPU")
-    return MemoryEstimate(weights, states, activations, cpu, description)
+    return MemoryEstimate(weights, states, activations, cpu, peak, description)
+
+
+def _activations_per_token(config: RunConfig, shape: ModelShape, element: int) -> float:
+    """What autograd keeps per token in the layers (see estimate_memory)."""
+    liger = config.training.use_liger_kernel
+    full_layer = (3.33 * shape.hidden + 4 * shape.intermediate) * element
+    if not liger:
+        full_layer += (2 * shape.hidden + shape.intermediate) * element  # what Liger's norm and SwiGLU do not keep
+    if not config.model.use_lora:  # the inputs kept for weight gradients (Liger's norms keep theirs already)
+        full_layer += ((3 if liger else 5) * shape.hidden + shape.intermediate) * element
+    if config.model.use_lora and config.model.lora_config.lora_dropout > 0:
+        full_layer += (6 * shape.hidden + shape.intermediate) * (element + 1)  # dropped-out inputs and their masks
+    if not config.training.gradient_checkpointing:
+        return full_layer * shape.layers
+    # the layer inputs, and one layer recomputed in the backward pass; under QLoRA the residual stream is float32,
+    # since PEFT's k-bit preparation casts the embeddings and norms to float32
+    residual = 4 if config.model.load_in_4bit else element
+    return shape.hidden * residual * shape.layers + full_layer
+
+
+def _loss_buffers(config: RunConfig, shape: ModelShape, element: int, tokens: int) -> float:
+    """TRL 1.16's chunked loss: a tile of 4,096 tokens x 32,768 vocabulary entries in the forward and the backward
+    pass, the hidden states' gradient in float32, a 16-bit copy of a float32 head's tile (QLoRA), and in full
+    fine-tuning the head's gradient in float32. Label smoothing goes through the full logits instead: the logits,
+    their float32 log-softmax and its gradient."""
+    buffers = 2 * min(tokens, 4096) * min(shape.vocab, 32768) * element + tokens * shape.hidden * 4
+    if config.model.load_in_4bit:
+        buffers += min(shape.vocab, 32768) * shape.hidden * element
+    if not config.model.use_lora:
+        buffers += shape.vocab * shape.hidden * 4
+    if config.training.label_smoothing_factor > 0:
+        buffers += tokens * shape.vocab * (element + 8)
+    return buffers
 
 
 def _size(value: float) -> str:

@@ -112,23 +112,33 @@ def test_dry_run_counts_parameters_as_the_run_does(lora_run):
             in plan_value(dry.stdout, "method"))
 
 
-def test_training_never_builds_the_full_vocabulary_logits_so_the_estimate_counts_none(tmp_path):
-    """The estimate has no logits term because TRL's SFTTrainer computes the loss from the hidden states in chunks
-    of the vocabulary and never runs the LM head as a module; if a TRL release brings the logits back, this fails."""
+@pytest.mark.parametrize("label_smoothing", [0, 0.1])
+def test_the_estimate_counts_full_vocabulary_logits_only_where_training_builds_them(tmp_path, label_smoothing):
+    """TRL's SFTTrainer computes the loss from the hidden states in chunks of the vocabulary, without running the LM
+    head as a module; with label smoothing it runs the head over every token. The estimate follows: the logits
+    count only then (if a TRL release changes which way a run goes, this fails)."""
     from sftkit.data import prepare_data
     from sftkit.model import load_model, load_tokenizer, resolve_dtype
     from sftkit.monitor import MonitoredSFTTrainer
+    from sftkit.plan import build_plan
 
-    config = load_config(None, ["--training.output_dir", str(tmp_path), "--training.max_steps", "2",
-                                "--dataset.test_size", "null"])
+    overrides = ["--training.output_dir", str(tmp_path), "--training.max_steps", "2", "--dataset.test_size", "null"]
+    config = load_config(None, [*overrides, "--training.label_smoothing_factor", str(label_smoothing)])
     tokenizer = load_tokenizer(config.model, config.dataset)
     model = load_model(config.model, resolve_dtype(config.model, config.training), False)
-    head_calls = []
-    model.get_output_embeddings().register_forward_hook(lambda module, inputs, output: head_calls.append(output.shape))
-    trainer = MonitoredSFTTrainer(model=model, args=config.training, processing_class=tokenizer,
-                                  train_dataset=prepare_data(config.dataset, tokenizer, config.training.max_length).train)
+    data = prepare_data(config.dataset, tokenizer, config.training.max_length)
+    trainer = MonitoredSFTTrainer(model=model, args=config.training, processing_class=tokenizer, train_dataset=data.train)
+    head_outputs = []
+    trainer.model.get_output_embeddings().register_forward_hook(lambda module, inputs, out: head_outputs.append(out))
     trainer.train()
-    assert trainer.state.global_step == 2 and head_calls == []
+    assert trainer.state.global_step == 2
+    assert bool(head_outputs) == (label_smoothing > 0)
+    assert all(output.shape[-1] == model.config.vocab_size for output in head_outputs)
+    plain = build_plan(load_config(None, overrides))
+    plan = build_plan(config)
+    logits = plan.memory.activations - plain.memory.activations
+    tokens = config.training.per_device_train_batch_size * min(max(plan.data.lengths), config.training.max_length)
+    assert logits == (tokens * plan.shape.vocab * 12 if label_smoothing else 0)  # fp32 logits, log-softmax, gradient
 
 
 LLAMA_3_2_1B = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
@@ -162,5 +172,5 @@ def test_the_memory_estimate_is_within_20_percent_of_what_a_gpu_measured(tmp_pat
                                        "--dataset.split", "train", "--dataset.test_size", "null",
                                        "--training.bf16", "true"])
     memory = build_plan(config).memory
-    estimate_gib = (memory.model_states + memory.activations) / 2**30
+    estimate_gib = memory.peak / 2**30
     assert 0.8 < estimate_gib / measured_gib < 1.2, memory.description
