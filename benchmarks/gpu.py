@@ -74,6 +74,8 @@ def variants(attention: str) -> dict[str, dict]:
     table["lora-sftkit-micro-batch-8"] = {**lora, "micro_batch": 8}
     table["lora-sftkit-checkpointing"] = {**lora, "gradient_checkpointing": "true"}
     table["lora-sftkit-no-packing"] = {**lora, "packing": "false"}
+    # the dry run's calibration point: the 8B example as measured in issue 13 (micro-batch 4, no Liger)
+    table["qlora-8b-example-micro-batch-4"] = {**table["qlora-8b-example"], "micro_batch": 4, "use_liger_kernel": "false"}
     return table
 
 
