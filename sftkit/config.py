@@ -82,7 +82,7 @@ class ModelConfig:
                "sftkit then uses it when flash-attn is not installed: packed batches need a variable-length kernel")
     cast_adapter_inputs: bool | None = option(
         None, "LoRA: copy each adapter input to the adapters' float32 (PEFT's way); null: not under bf16/fp16 mixed "
-              "precision (autocast computes the adapters in 16 bits either way), except DoRA and under DeepSpeed")
+              "precision (autocast computes the adapters in 16 bits either way), except DoRA, QLoRA and DeepSpeed")
     revision: str | None = option(None, "hub branch, tag or commit")
     trust_remote_code: bool = option(False, "run code shipped with the model; only for models you trust")
 

@@ -97,8 +97,9 @@ def choose_adapter_inputs(model, args, gpu: bool) -> list[Choice]:
     16-bit model in float32 and copies every adapter input to float32 on each call; under mixed precision autocast
     casts it back to 16 bits for the matmul, so for plain LoRA the two copies of the activations change nothing (the
     same losses and gradients, tests/test_fastpath.py). Where autocast runs, training and evaluation skip them.
-    Not for DoRA, whose weight norm PEFT computes in the input's dtype (outside autocast's matmuls), and moot for
-    QLoRA and DeepSpeed, where the adapters are 16-bit already (TRL 1.16 casts them; DeepSpeed casts the model)."""
+    Not for DoRA, whose weight norm PEFT computes in the input's dtype (outside autocast's matmuls), nor for QLoRA,
+    whose adapters TRL 1.16 keeps in bf16 while PEFT's k-bit preparation makes the residual stream float32 (there the
+    cast is a useful downcast before dropout); moot under DeepSpeed, which casts the whole model."""
     if not model.use_lora:
         return []
     autocast = (args.bf16 or (args.fp16 and gpu)) and not args.deepspeed_plugin
@@ -108,15 +109,18 @@ def choose_adapter_inputs(model, args, gpu: bool) -> list[Choice]:
                           "remove the setting")
     if model.cast_adapter_inputs is not None:
         return [Choice("model.cast_adapter_inputs", model.cast_adapter_inputs, "", chosen=False)]
+    keep = model.lora_config.use_dora or model.load_in_4bit
     if model.lora_config.use_dora:
         why = "DoRA computes its weight norm in the inputs' dtype"
+    elif model.load_in_4bit:
+        why = "QLoRA's adapters are bf16 already; the cast makes the float32 residual stream 16-bit before dropout"
     elif args.deepspeed_plugin:
         why = "DeepSpeed trains the whole model in 16 bits: nothing to copy"
     elif not autocast:
         why = "no mixed precision: the inputs take the adapters' dtype"
     else:
         why = "mixed precision: the adapters compute in 16 bits, PEFT's float32 copies of their inputs are skipped"
-    model.cast_adapter_inputs = not autocast or model.lora_config.use_dora
+    model.cast_adapter_inputs = not autocast or keep
     return [Choice("model.cast_adapter_inputs", model.cast_adapter_inputs, why)]
 
 

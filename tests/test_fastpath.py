@@ -144,9 +144,10 @@ def test_compile_trains_the_tiny_model_like_eager_on_packed_batches_of_one_shape
     (["--training.bf16", "false"], (True, "no mixed precision: the inputs take the adapters' dtype")),
     (["--training.bf16", "true", "--model.lora_config.use_dora", "true"],
      (True, "DoRA computes its weight norm in the inputs' dtype")),
+    (["--training.bf16", "true", "--model.load_in_4bit", "true"], (True, "QLoRA's adapters are bf16 already")),
     (["--training.bf16", "true", "--model.cast_adapter_inputs", "true"], (True, "")),
 ])
-def test_adapter_inputs_stay_in_16_bits_only_under_mixed_precision_and_not_for_dora(tmp_path, overrides, expected):
+def test_adapter_inputs_stay_in_16_bits_under_mixed_precision_but_not_for_dora_or_qlora(tmp_path, overrides, expected):
     config = load_config(None, ["--training.output_dir", str(tmp_path), "--model.use_lora", "true", *overrides])
     choice = config.speed[-1]
     assert choice.key == "model.cast_adapter_inputs"
