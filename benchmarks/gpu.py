@@ -75,7 +75,8 @@ def variants(attention: str) -> dict[str, dict]:
     table["lora-sftkit-checkpointing"] = {**lora, "gradient_checkpointing": "true"}
     table["lora-sftkit-no-packing"] = {**lora, "packing": "false"}
     # the dry run's calibration point: the 8B example as measured in issue 13 (micro-batch 4, no Liger)
-    table["qlora-8b-example-micro-batch-4"] = {**table["qlora-8b-example"], "micro_batch": 4, "use_liger_kernel": "false"}
+    table["qlora-8b-example-micro-batch-4"] = {**table["qlora-8b-example"], "micro_batch": 4,
+                                               "use_liger_kernel": "false"}
     return table
 
 
@@ -125,9 +126,12 @@ def run_variant(spec: dict, model_dir: str, data_file: str, seq_len: int, steps:
     meter = Meter()
     common = {"max_steps": steps, "learning_rate": 1e-4, "logging_steps": 1000, "save_strategy": "no",
               "eval_strategy": "no", "report_to": "none", "include_num_input_tokens_seen": "non_padding",
-              "output_dir": tempfile.mkdtemp(), "dataset_num_proc": min(os.cpu_count() or 1, 8)}  # both sides in parallel
+              "output_dir": tempfile.mkdtemp(),
+              "dataset_num_proc": min(os.cpu_count() or 1, 8)}  # both sides tokenize in parallel
     if "config" not in spec or "micro_batch" in spec:  # a shipped example keeps its own
         common["per_device_train_batch_size"] = spec.get("micro_batch", 4)
+    if "gradient_accumulation_steps" in spec:
+        common["gradient_accumulation_steps"] = spec["gradient_accumulation_steps"]
     estimate = None
     if spec["side"] == "baseline":
         trainer = _baseline_trainer(spec, model_dir, data_file, seq_len, common)
@@ -157,7 +161,7 @@ def _sftkit_trainer(spec, model_dir, data_file, seq_len, common):
     from sftkit.data import prepare_data
     from sftkit.model import load_model, load_tokenizer, lora_config, resolve_dtype
     from sftkit.monitor import MonitoredSFTTrainer
-    from sftkit.plan import deepspeed_settings, estimate_memory, model_shape
+    from sftkit.plan import deepspeed_settings, estimate_memory, model_shape, tokens_per_micro_batch
 
     overrides = ["--model.path", model_dir, "--dataset.name", data_file, "--dataset.split", "train",
                  "--dataset.eval_split", "null", "--dataset.test_size", "null"]
@@ -169,17 +173,15 @@ def _sftkit_trainer(spec, model_dir, data_file, seq_len, common):
                          *((key, f"training.{key}") for key in FAST_SETTINGS)):
         if key in spec:
             overrides += [f"--{setting}", spec[key]]
-    for key, value in {**common, **({"gradient_accumulation_steps": spec["gradient_accumulation_steps"]}
-                                    if "gradient_accumulation_steps" in spec else {})}.items():
+    for key, value in common.items():
         overrides += [f"--training.{key}", str(value)]
     config = load_config(spec.get("config", "default_train_config.yaml"), overrides)
     args = config.training
     tokenizer = load_tokenizer(config.model, config.dataset)
     data = prepare_data(config.dataset, tokenizer, args.max_length, num_proc=args.dataset_num_proc)
     dtype = resolve_dtype(config.model, args)
-    longest = args.max_length if args.packing else min(max(data.lengths), args.max_length)
     memory = estimate_memory(config, model_shape(config), dtype, deepspeed_settings(args), 1,
-                             args.per_device_train_batch_size * longest)
+                             tokens_per_micro_batch(args, data.lengths))
     model = load_model(config.model, dtype, args.gradient_checkpointing)
     trainer = MonitoredSFTTrainer(model=model, args=args, train_dataset=data.train, processing_class=tokenizer,
                                   peft_config=lora_config(config.model),

@@ -62,10 +62,13 @@ def build_plan(config: RunConfig) -> Plan:
     steps_per_epoch = _steps_per_epoch(train_rows, args, world_size)
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     zero = deepspeed_settings(args)
-    # the longest batch the collator can build: padded to the longest row, or full rows when packing
-    longest = args.max_length if args.packing else min(max(data.lengths), args.max_length)
-    memory = estimate_memory(config, shape, dtype, zero, world_size, args.per_device_train_batch_size * longest)
+    memory = estimate_memory(config, shape, dtype, zero, world_size, tokens_per_micro_batch(args, data.lengths))
     return Plan(config, data, shape, dtype, world_size, train_rows, steps_per_epoch, total_steps, zero, memory)
+
+
+def tokens_per_micro_batch(args, lengths: list[int]) -> int:
+    """The longest batch the collator can build: full rows when packing, else padded to the longest row."""
+    return args.per_device_train_batch_size * (args.max_length if args.packing else min(max(lengths), args.max_length))
 
 
 def dry_run(config: RunConfig) -> str:
