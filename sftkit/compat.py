@@ -282,3 +282,15 @@ class TrainerWorkarounds:
         tied = set(getattr(model, "_tied_weights_keys", None) or ()) if tied_embeddings else set()
         missing = [key for key in load_result.missing_keys if key not in tied]
         super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
+
+
+def compile_under_zero3_error(args) -> str | None:
+    """torch.compile under DeepSpeed ZeRO-3 fails at the first backward pass with DeepSpeed 0.19.8 and torch 2.13
+    ("one of the variables needed for gradient computation has been modified by an inplace operation", on a
+    partitioned parameter's empty placeholder), after minutes of loading. Reproduce: accelerate launch --config_file
+    accelerate_configs/cpu_zero3_2proc.yaml sft.py --training.torch_compile true. ZeRO-2 compiles and trains."""
+    plugin = args.deepspeed_plugin
+    if args.torch_compile and plugin is not None and plugin.zero_stage == 3:
+        return ("training.torch_compile: true fails under DeepSpeed ZeRO-3 (DeepSpeed 0.19.8, torch 2.13: an autograd "
+                "error at the first backward pass); set training.torch_compile: false, or use ZeRO-2")
+    return None

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-from sftkit.compat import rename_gradient_checkpointing, sft_config_fields
+from sftkit.compat import compile_under_zero3_error, rename_gradient_checkpointing, sft_config_fields
 from sftkit.errors import ConfigError
 from sftkit.fastpath import choose as choose_fast_path
 from sftkit.fastpath import choose_adapter_inputs
@@ -603,6 +603,7 @@ def _build_training(values: dict, model: ModelConfig, dataset: DatasetConfig, er
         errors.append(f"training: {str(error).splitlines()[0]}")
         return None
     errors += _report_to_errors(training.report_to)
+    errors += [error for error in [compile_under_zero3_error(training)] if error]
     return training
 
 

@@ -142,6 +142,14 @@ def test_a_failure_on_one_process_ends_the_launch(tmp_path):
     assert time.perf_counter() - started < 120
 
 
+def test_compile_under_zero3_is_refused_before_loading_with_one_line(tmp_path):
+    """It would fail at the first backward pass, after the model and data have loaded (compat.py says how)."""
+    result = accelerate_launch("cpu_zero3_2proc.yaml", "--training.torch_compile", "true", "--training.output_dir",
+                               str(tmp_path / "out"), timeout=120)
+    assert result.returncode != 0 and not (tmp_path / "out").exists()
+    assert result.stderr.count("training.torch_compile: true fails under DeepSpeed ZeRO-3") == 1, result.stderr[-3000:]
+
+
 def test_training_deepspeed_without_a_gpu_stops_early_with_one_line():
     import torch
 
