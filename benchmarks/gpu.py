@@ -9,8 +9,9 @@ Each variant runs in its own process for a fixed number of optimizer steps; toke
 steps, from the Trainer's count of input tokens. Variants: LoRA and full fine-tuning; sftkit vs plain TRL with its
 defaults (the baseline) and plain TRL given sftkit's settings (packing, Liger, compile, attention); sftkit with and
 without torch.compile, Liger kernels, packing (padding-free), activation checkpointing, PEFT's float32 copies of the
-adapter inputs, flex_attention in place of the default attention, and micro-batch 4 against 8; the QLoRA 8B
-example. Each sftkit variant also records the dry run's memory estimate for its settings beside the peak measured.
+adapter inputs, flex_attention in place of the default attention, micro-batch 4 against 8, and packed micro-batches
+padded to one static shape; the QLoRA 8B example (as shipped, and at micro-batch 4 as issue 13 measured it).
+Each sftkit variant also records the dry run's memory estimate for its settings beside the peak measured.
 
 The results JSON names the device and the library versions, and each variant's seconds (start-up, compile and all);
 it is rewritten after every variant, and a variant that would start after --budget seconds is skipped and says so,
@@ -74,6 +75,8 @@ def variants(attention: str) -> dict[str, dict]:
     table["lora-sftkit-micro-batch-8"] = {**lora, "micro_batch": 8}
     table["lora-sftkit-checkpointing"] = {**lora, "gradient_checkpointing": "true"}
     table["lora-sftkit-no-packing"] = {**lora, "packing": "false"}
+    # every micro-batch padded to 4 x 2,048: one static shape for the compiler, against the default rounding to 64
+    table["lora-sftkit-one-shape"] = {**lora, "pad_to_multiple_of": "8192"}
     # the dry run's calibration point: the 8B example as measured in issue 13 (micro-batch 4, no Liger)
     table["qlora-8b-example-micro-batch-4"] = {**table["qlora-8b-example"], "micro_batch": 4,
                                                "use_liger_kernel": "false"}
@@ -170,7 +173,7 @@ def _sftkit_trainer(spec, model_dir, data_file, seq_len, common):
     if "config" not in spec or spec.get("tiny"):
         overrides += ["--model.max_seq_length", str(seq_len)]
     for key, setting in (("attn", "model.attn_implementation"), ("cast_adapter_inputs", "model.cast_adapter_inputs"),
-                         *((key, f"training.{key}") for key in FAST_SETTINGS)):
+                         *((key, f"training.{key}") for key in (*FAST_SETTINGS, "pad_to_multiple_of"))):
         if key in spec:
             overrides += [f"--{setting}", spec[key]]
     for key, value in common.items():
