@@ -83,7 +83,7 @@ def choose(training: dict, model, gpu: bool, installed=None) -> list[Choice]:
     choices = [
         _set(training, "torch_compile", *_compile(training, model, gpu)),
         _set(training, "use_liger_kernel", *_liger(gpu, installed)),
-        _attention(model, gpu, installed, packed),
+        _attention(model, gpu, installed, packed, _sixteen_bit_weights(model, training, gpu)),
         *([_allocator()] if gpu else []),
     ]
     if training.get("torch_compile") and packed and "pad_to_multiple_of" not in training:
@@ -163,10 +163,21 @@ def _liger(gpu: bool, installed: set[str]) -> tuple[bool, str]:
     return True, "installed: fused norm, SwiGLU and RoPE kernels, less activation memory"
 
 
-def _attention(model, gpu: bool, installed: set[str], packed: bool) -> Choice:
+def _sixteen_bit_weights(model, training: dict, gpu: bool) -> bool:
+    """As model.resolve_dtype will decide: model.dtype, or with `auto` bf16 weights exactly when training.bf16 is on
+    (by default where the GPU supports bf16); flash attention takes 16-bit inputs only."""
+    if model.dtype not in (None, "auto"):
+        return model.dtype != "float32"
+    if "bf16" in training or training.get("fp16"):
+        return bool(training.get("bf16"))
+    import torch
+
+    return gpu and torch.cuda.is_bf16_supported()
+
+
+def _attention(model, gpu: bool, installed: set[str], packed: bool, sixteen_bit: bool) -> Choice:
     if model.attn_implementation is not None:
         return Choice("model.attn_implementation", model.attn_implementation, "", chosen=False)
-    sixteen_bit = model.dtype != "float32"
     if gpu and sixteen_bit and "flash_attn" in installed:
         model.attn_implementation = "flash_attention_2"
         return Choice("model.attn_implementation", "flash_attention_2",

@@ -37,6 +37,10 @@ def test_on_a_gpu_without_the_extras_each_choice_says_what_to_install():
     assert why.endswith("pip install flash-attn, or set model.allow_hub_kernels: true")
     assert chosen({}, installed=NOTHING)["model.attn_implementation"][:2] == ("sdpa", "transformers' default")
     assert chosen({}, ModelConfig(dtype="float32"), installed=BOTH)["model.attn_implementation"][0] == "sdpa"
+    # dtype auto: float32 weights when the run is not bf16 (model.resolve_dtype), and flash attention takes 16 bits only
+    assert chosen({"bf16": False}, ModelConfig(), installed=BOTH)["model.attn_implementation"][0] == "sdpa"
+    assert chosen({"fp16": True}, ModelConfig(), installed=BOTH)["model.attn_implementation"][0] == "sdpa"
+    assert chosen({"bf16": True}, ModelConfig(), installed=BOTH)["model.attn_implementation"][0] == "flash_attention_2"
 
 
 def test_the_hubs_flash_attention_is_used_only_where_the_config_allows_it():
