@@ -338,6 +338,11 @@ def _cross_field_errors(model: ModelConfig, dataset: DatasetConfig, training: di
         errors.append("dataset.test_size must be a fraction between 0 and 1, or a row count")
     if "max_length" in training:
         errors.append("training.max_length is set from model.max_seq_length; remove it from training")
+    if isinstance(training.get("liger_kernel_config"), dict) and training["liger_kernel_config"].get(
+            "fused_linear_cross_entropy"):
+        # TRL 1.16 raises this only once the Trainer is built, after the model has loaded
+        errors.append("training.liger_kernel_config.fused_linear_cross_entropy: TRL's trainer computes the loss in "
+                      "chunks itself and refuses Liger's fused cross-entropy; remove it")
     return errors
 
 

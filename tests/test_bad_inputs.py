@@ -69,6 +69,9 @@ CONFIG_CASES = {
                                                             "dataset, but data/sample_chat.jsonl is local"]),
     "unknown reporting integration": (["--training.report_to", "tensorbord"],
                                       ["training.report_to: tensorbord is not one of", "tensorboard"]),
+    "liger's fused cross-entropy": (["--training.liger_kernel_config", "{fused_linear_cross_entropy: true}"],
+                                    ["training.liger_kernel_config.fused_linear_cross_entropy: TRL's trainer computes "
+                                     "the loss in chunks itself"]),
 }
 
 

@@ -48,7 +48,10 @@ def test_trl_still_warns_about_liger_as_the_filter_expects_and_still_accepts_it(
 
     from trl import SFTConfig, SFTTrainer
 
-    assert "`use_liger_kernel=True` is deprecated" in inspect.getsource(SFTTrainer.__init__)
+    source = inspect.getsource(SFTTrainer.__init__)
+    assert "`use_liger_kernel=True` is deprecated" in source
+    # and refuses Liger's fused cross-entropy, which sftkit refuses first, before loading (config._cross_field_errors)
+    assert '"fused_linear_cross_entropy": True}` is not supported' in source
     assert "use_liger_kernel" in SFTConfig.__dataclass_fields__
 
 
