@@ -295,12 +295,12 @@ def load_config(config_name: str | None = None, cli_args: list[str] = (), preset
     errors += _path_errors(model, dataset, raw.get("training") or {})
     if errors:  # before importing trl and torch, which take seconds
         raise ConfigError(f"{path}: " + "; ".join(errors))
-    training_values = dict(raw.get("training") or {})
-    speed = choose_fast_path(training_values, model, _has_gpu())
+    training_values, gpu = dict(raw.get("training") or {}), _has_gpu()
+    speed = choose_fast_path(training_values, model, gpu)
     training = _build_training(training_values, model, dataset, errors)
     if errors:
         raise ConfigError(f"{path}: " + "; ".join(errors))
-    speed += choose_adapter_inputs(model, training, _has_gpu())
+    speed += choose_adapter_inputs(model, training, gpu)
     resolved = {
         "model": hide_secrets(dataclasses.asdict(model)),
         "dataset": hide_secrets(dataclasses.asdict(dataset)),
