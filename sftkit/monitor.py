@@ -16,7 +16,7 @@ from transformers.trainer_callback import ProgressCallback
 from trl import SFTTrainer
 
 from sftkit.compat import TrainerWorkarounds
-from sftkit.fastpath import adapter_input_casts
+from sftkit.fastpath import adapter_input_casts, lengths_vary, mark_lengths_dynamic
 from sftkit.inference import generate_reply
 
 SAMPLES_FILE = "sample_replies.jsonl"
@@ -34,10 +34,18 @@ class MonitoredSFTTrainer(TrainerWorkarounds, SFTTrainer):
         self.guard = StopGuard()
         self.add_callback(self.guard)
         self.cast_adapter_inputs = cast_adapter_inputs is not False  # None: PEFT's default
+        self.mark_lengths_dynamic = self.args.torch_compile and lengths_vary(self.args)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         logs.update(memory_mib())
         super().log(logs, start_time)
+
+    def _prepare_inputs(self, inputs):
+        # marked where the tensors the model sees are made (transformers 5.24 moves each batch to the device here)
+        inputs = super()._prepare_inputs(inputs)
+        if self.mark_lengths_dynamic:
+            mark_lengths_dynamic(inputs)
+        return inputs
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # the backward pass too: activation checkpointing runs each layer's forward again there

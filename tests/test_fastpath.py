@@ -1,11 +1,12 @@
 """The fast path: what a run turns on when the config leaves it out, on a GPU and on this CPU, and torch.compile on
 the tiny model (one compile for every step of packed batches, the same losses)."""
 
+import json
 import os
 
 import pytest
 import torch
-from conftest import TINY_MODEL, run_sft
+from conftest import SAMPLE_DATA, TINY_MODEL, run_sft
 from safetensors import safe_open
 
 from sftkit.config import ModelConfig, load_config
@@ -238,6 +239,32 @@ def test_compiled_bf16_lora_without_input_casts_compiles_once_and_trains_like_ea
     assert graphs.graphs[0] >= 1 and graphs.graphs[-1] == graphs.graphs[0], graphs.graphs
     losses = [[loss for loss, _ in logged(run)] for run in (eager, compiled)]
     assert losses[1] == pytest.approx(losses[0], rel=0.05)  # bf16: the compiled kernels round differently
+
+
+@pytest.mark.slow
+def test_compiled_packed_batches_of_varying_length_never_recompile_for_a_new_length(tmp_path):
+    """Rows of 1 to 5 sample conversations, packed to 256 tokens, two to a micro-batch: its length and its number of
+    conversations change from step to step. Marked dynamic before the first compile, no new batch sends torch back
+    to compiling; unmarked, it compiles the model for the first shapes and again for each of the two lengths once
+    it sees it change (TRL's loss tiles, past a graph break, still may: their tensors are not the batch's)."""
+    from torch._dynamo.utils import guard_failures
+
+    sample = [json.loads(line)["messages"] for line in SAMPLE_DATA.read_text().splitlines()]
+    rows = [{"messages": [message for k in range(1 + i % 5) for message in sample[(3 * i + k) % len(sample)]]}
+            for i in range(40)]
+    (tmp_path / "chained.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    trainer = train_bf16_lora(tmp_path / "run", "--dataset.name", str(tmp_path / "chained.jsonl"),
+                              "--training.packing", "true", "--model.max_seq_length", "256",
+                              "--training.per_device_train_batch_size", "2", "--training.max_steps", "8",
+                              "--training.torch_compile", "true")
+    batches = list(trainer.get_train_dataloader())
+    assert len({batch["input_ids"].shape[1] for batch in batches}) > 1
+    assert len({batch["cu_seq_lens_q"].shape[0] for batch in batches}) > 1
+    guard_failures.clear()
+    trainer.train()
+    trainer.evaluate(trainer.train_dataset.select(range(6)))
+    for_a_batch = [reason for reasons in guard_failures.values() for reason in reasons if "kwargs[" in reason]
+    assert for_a_batch == []
 
 
 def test_a_bf16_lora_run_without_input_casts_checkpoints_evaluates_replies_and_exports(tmp_path):
