@@ -88,7 +88,7 @@ def choose(training: dict, model, gpu: bool, installed=None) -> list[Choice]:
     if training.get("torch_compile") and packed and "pad_to_multiple_of" not in training:
         training["pad_to_multiple_of"] = PACKED_LENGTH_MULTIPLE
         choices.append(Choice("training.pad_to_multiple_of", PACKED_LENGTH_MULTIPLE,
-                              "packed batches rounded up, so that compiled shapes repeat"))
+                              "packed batches rounded up to few, aligned lengths"))
     return choices
 
 
