@@ -9,7 +9,15 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sftkit.errors import ConfigError
-from sftkit.rundir import RUN_FILE, config_differences, fingerprint, read_run_record, run_record, write_json
+from sftkit.rundir import (
+    RUN_FILE,
+    config_differences,
+    fingerprint,
+    is_checkpoint,
+    read_run_record,
+    run_record,
+    write_json,
+)
 
 STATE_FILE = "trainer_state.json"
 
@@ -18,8 +26,7 @@ def checkpoints_in(directory: Path) -> list[Path]:
     """checkpoint-N directories, oldest first."""
     if not directory.is_dir():
         return []
-    found = [path for path in directory.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if path.is_dir()
-             and path.name.rsplit("-", 1)[-1].isdigit()]
+    found = [path for path in directory.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if is_checkpoint(path)]
     return sorted(found, key=lambda path: int(path.name.rsplit("-", 1)[-1]))
 
 

@@ -40,12 +40,14 @@ RESUMABLE = {
     "model": {"attn_implementation", "allow_hub_kernels", "cast_adapter_inputs"},
     "dataset": {"sample_prompts"},
 }
-# What sftkit and the Trainer write into output_dir. Anything else there is the user's and is never removed.
-TRAINED = ("config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*", "adapter_*", "lora_weights",
-           "checkpoint-*", STAGING_DIR, "run_summary.json")
+# What sftkit and the Trainer write into output_dir (checkpoint-N directories aside), by name. Only a directory that
+# holds a run record (RUN_FILE) can hold an earlier run's files; anything else there is the user's, never removed
+# and never replaced.
+TRAINED = ("config.json", "model*.safetensors", "model.safetensors.index.json", "pytorch_model*", "adapter_config.json",
+           "adapter_model*", "lora_weights", STAGING_DIR, "run_summary.json")
 WRITTEN = TRAINED + (
-    RUN_FILE, LOCK_FILE, "generation_config.json", "tokenizer*", "special_tokens_map.json", "chat_template.jinja",
-    "vocab.json", "merges.txt", "added_tokens.json", "training_args.bin", "sftkit_config.yaml",
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json", "training_args.bin", "sftkit_config.yaml",
     "sftkit_versions.json", "README.md", "loss.png", "sample_replies.jsonl", "before_after.md", "runs",
 )
 
@@ -93,6 +95,7 @@ class Contents:
     checkpoints: list[str] = field(default_factory=list)
     ours: list[str] = field(default_factory=list)  # reports and other files an earlier run wrote
     foreign: list[str] = field(default_factory=list)  # not written by sftkit or the Trainer
+    in_the_way: list[str] = field(default_factory=list)  # foreign, with the name of a file a run writes
 
     def describe(self) -> str:
         parts = []
@@ -111,19 +114,33 @@ def survey(directory: Path) -> Contents:
     contents = Contents()
     if not directory.is_dir():
         return contents
+    recorded = (directory / RUN_FILE).is_file()  # without a run record nothing there is an earlier run's
     for item in sorted(directory.iterdir(), key=lambda path: _natural_key(path.name)):
         name = item.name
         if name in (LOCK_FILE, RUN_FILE) or name.endswith(".partial"):
             continue
-        if item.match("checkpoint-*") and item.is_dir():
+        ours = is_checkpoint(item) or any(item.match(pattern) for pattern in WRITTEN)
+        if not (recorded and ours) or item.is_symlink():
+            contents.foreign.append(name)
+            if ours:
+                contents.in_the_way.append(name)
+        elif is_checkpoint(item):
             contents.checkpoints.append(name)
         elif any(item.match(pattern) for pattern in TRAINED):
             contents.models.append(name)
-        elif any(item.match(pattern) for pattern in WRITTEN):
-            contents.ours.append(name)
         else:
-            contents.foreign.append(name)
+            contents.ours.append(name)
     return contents
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A checkpoint-N directory, as the Trainer names them."""
+    prefix, _, number = path.name.rpartition("-")
+    return prefix == "checkpoint" and number.isdigit() and path.is_dir() and not path.is_symlink()
+
+
+def _some(names: list[str], shown: int = 4) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _natural_key(name: str):
@@ -147,6 +164,10 @@ class OutputDir:
         self._lock()
         try:
             contents = survey(self.path)
+            if contents.in_the_way:
+                raise ConfigError(f"training.output_dir {self.path} holds files sftkit did not write under the names a "
+                                  f"run writes ({_some(contents.in_the_way)}); move them elsewhere or choose another "
+                                  "training.output_dir")
             if overwrite:
                 self._remove_earlier_run(contents)
             elif resume is not True:  # resuming from output_dir: checkpoints.checkpoint_to_resume checks the run
@@ -231,7 +252,7 @@ class OutputDir:
         saved nothing; a resumed one where the same run left its work. Anything else is another run's work."""
         earlier = read_run_record(self.path)
         same_config = earlier is not None and earlier.get("fingerprint") == fingerprint(self.resolved)
-        if resuming and (same_config or earlier is None):
+        if resuming and same_config:
             return  # the checkpoint itself is checked to be this run's (checkpoints.checkpoint_to_resume)
         if not (contents.models or contents.checkpoints or contents.foreign or (contents.ours and not same_config)):
             return

@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, run_sft, tmpfs
+from conftest import REPO, TINY_MODEL, run_sft, tmpfs
 
 from sftkit.config import load_config
 from sftkit.errors import ConfigError
@@ -76,6 +76,34 @@ def test_overwrite_removes_everything_the_earlier_run_left_and_keeps_the_users_f
     assert (out / "my_notes.txt").read_text() == "mine"
     assert json.loads((out / "run_summary.json").read_text())["steps"] == 2
     assert json.loads((out / RUN_FILE).read_text())["status"] == "finished"
+
+
+def test_overwrite_keeps_the_users_files_even_under_names_like_a_runs(finished, tmp_path):
+    out = copy_of(finished, tmp_path)
+    (out / "checkpoint-best").mkdir()
+    (out / "checkpoint-best" / "note.txt").write_text("mine")
+    (out / "my_embeddings.safetensors").write_bytes(b"mine")
+    (out / "tokenizer_experiments").mkdir()
+    train(config(out, "--training.max_steps", "2"), overwrite=True)
+    assert (out / "checkpoint-best" / "note.txt").read_text() == "mine"
+    assert (out / "my_embeddings.safetensors").read_bytes() == b"mine" and (out / "tokenizer_experiments").is_dir()
+    assert not (out / "checkpoint-2").exists() and json.loads((out / "run_summary.json").read_text())["steps"] == 2
+
+
+@pytest.mark.parametrize("how", ["overwrite", "resume from a path"])
+def test_a_directory_without_a_run_record_is_never_written_over(finished, tmp_path, how):
+    """A downloaded model, or one an older tool wrote: sftkit did not write it, so --overwrite may not remove it, and
+    neither may a resumed run's export replace it."""
+    out = tmp_path / "out"
+    shutil.copytree(TINY_MODEL, out)
+    (out / "README.md").write_text("the model card of a model I downloaded")
+    before = contents(out)
+    overrides = ["--training.resume_from_checkpoint", str(finished / "checkpoint-3")] if how != "overwrite" else []
+    with pytest.raises(ConfigError, match=rf"training.output_dir {out} holds files sftkit did not write under the names "
+                                          r"a run writes \(README.md, chat_template.jinja, config.json, generation_config.json and 3 more\); "
+                                          r"move them elsewhere or choose another training.output_dir"):
+        train(config(out, *overrides), overwrite=how == "overwrite")
+    assert contents(out) == before
 
 
 def test_checkpoints_of_a_run_with_other_settings_are_never_resumed(finished, tmp_path):
