@@ -608,8 +608,42 @@ def _build_training(values: dict, model: ModelConfig, dataset: DatasetConfig, er
         errors.append(f"training: {str(error).splitlines()[0]}")
         return None
     errors += _report_to_errors(training.report_to)
-    errors += [error for error in [compile_under_zero3_error(training)] if error]
+    errors += [error for error in [compile_under_zero3_error(training), _zero3_save_error(training),
+                                  _fsdp_save_error(training)] if error]
     return training
+
+
+def _zero3_save_error(training) -> str | None:
+    """Without its 16-bit gather (DeepSpeed's default is off) ZeRO-3 can save no model at the end, only its own
+    sharded checkpoint; the export then fails after the whole run (export.require_weights)."""
+    plugin = training.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3:
+        return None
+    gather = plugin.deepspeed_config.get("zero_optimization", {}).get("stage3_gather_16bit_weights_on_model_save")
+    if gather is True or (gather == "auto" and plugin.zero3_save_16bit_model):
+        return None
+    source = training.deepspeed if isinstance(training.deepspeed, str) else \
+        os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "the DeepSpeed config")
+    return (f"{source}: DeepSpeed ZeRO-3 saves no model at the end unless zero_optimization."
+            "stage3_gather_16bit_weights_on_model_save is true; set it to true, as deepspeed_configs/zero3.json does")
+
+
+def _fsdp_save_error(training) -> str | None:
+    """From a sharded state dict the Trainer saves no model at the end. Accelerate's FSDP2 uses one unless its
+    config names another (transformers' training.fsdp defaults to the full one)."""
+    from accelerate.utils import parse_flag_from_env
+
+    if training.fsdp:
+        kind, where = training.fsdp_config.get("state_dict_type", "FULL_STATE_DICT"), "training.fsdp_config"
+    elif parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        default = "FULL_STATE_DICT" if os.environ.get("FSDP_VERSION", "1") == "1" else "SHARDED_STATE_DICT"
+        kind, where = os.environ.get("FSDP_STATE_DICT_TYPE", default), "the Accelerate config's fsdp_config"
+    else:
+        return None
+    if str(kind).upper() in ("FULL_STATE_DICT", "1"):
+        return None
+    return (f"{where}: FSDP with state_dict_type {kind} saves no model at the end; set fsdp_state_dict_type: "
+            "FULL_STATE_DICT, as accelerate_configs/fsdp2.yaml does")
 
 
 def _report_to_errors(report_to: list[str]) -> list[str]:

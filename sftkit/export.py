@@ -73,9 +73,11 @@ def finish_export(output_dir: Path, model_cfg: ModelConfig, dtype) -> None:
     staging = output_dir / STAGING_DIR
     try:
         if model_cfg.use_lora:
+            require_weights(staging / ADAPTER_DIR, "adapter_model")
             _merge_adapter(model_cfg, staging / ADAPTER_DIR, staging, dtype)
         else:
             _cast_float32_weights(staging, dtype)
+        require_weights(staging, "model")
         broken = non_finite_tensors(staging)
         if broken:
             shutil.rmtree(staging)
@@ -138,6 +140,24 @@ def _cast_float32_weights(directory: Path, dtype) -> None:
         if floats and set(floats) == {torch.float32}:
             save_file({name: tensor.to(dtype) if tensor.is_floating_point() else tensor
                        for name, tensor in weights.items()}, file, metadata={"format": "pt"})
+
+
+def require_weights(folder: Path, stem: str) -> None:
+    """RunFailed unless `stem`.safetensors, or every shard its index names, is in folder. Where the Trainer cannot
+    gather the weights (ZeRO-3 without its 16-bit gather, FSDP's sharded state dict) it saves none, yet writes
+    config.json."""
+    index = folder / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+        absent = sorted(shard for shard in shards if not (folder / shard).is_file())
+        missing = f"{len(absent)} of its {len(shards)} shards are missing, e.g. {absent[0]}" if absent else None
+    else:
+        missing = None if (folder / f"{stem}.safetensors").is_file() else f"no {stem}.safetensors"
+    if missing:
+        raise RunFailed(f"the export wrote no complete model to {folder} ({missing}), so nothing was published. "
+                        "Under DeepSpeed ZeRO-3 the DeepSpeed config needs stage3_gather_16bit_weights_on_model_save: "
+                        "true (a checkpoint DeepSpeed saved instead stays there); under FSDP, fsdp_state_dict_type: "
+                        "FULL_STATE_DICT")
 
 
 def non_finite_tensors(directory: Path) -> list[str]:

@@ -13,6 +13,7 @@ of silently training full copies if FSDP is not on. Single-process baselines are
 shared with test_multinode.py.
 """
 
+import json
 import subprocess
 import sys
 import time
@@ -148,6 +149,32 @@ def test_compile_under_zero3_is_refused_before_loading_with_one_line(tmp_path):
                                str(tmp_path / "out"), timeout=120)
     assert result.returncode != 0 and not (tmp_path / "out").exists()
     assert result.stderr.count("training.torch_compile: true fails under DeepSpeed ZeRO-3") == 1, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
+def test_a_sharded_engine_that_would_save_no_model_is_refused_before_loading(tmp_path, engine):
+    """DeepSpeed's default (no 16-bit gather) and Accelerate's FSDP2 default (a sharded state dict) leave the Trainer
+    no whole model to save: found after the whole run, the trained weights would be lost (FSDP) or kept only as
+    DeepSpeed's shards, so they are refused at the start."""
+    if engine == "zero3":
+        settings = json.loads((REPO / "deepspeed_configs" / "zero3.json").read_text())
+        settings["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+        (tmp_path / "zero3.json").write_text(json.dumps(settings))
+        launch = (REPO / "accelerate_configs" / "cpu_zero3_2proc.yaml").read_text()
+        launch = launch.replace("deepspeed_configs/zero3.json", str(tmp_path / "zero3.json"))
+        expected = (f"{tmp_path / 'zero3.json'}: DeepSpeed ZeRO-3 saves no model at the end unless zero_optimization."
+                    "stage3_gather_16bit_weights_on_model_save is true")
+    else:  # an Accelerate config that leaves the state dict type out
+        launch = "\n".join(line for line in (REPO / "accelerate_configs" / "fsdp2.yaml").read_text().splitlines()
+                           if "fsdp_state_dict_type" not in line)
+        expected = ("the Accelerate config's fsdp_config: FSDP with state_dict_type SHARDED_STATE_DICT saves no model "
+                    "at the end; set fsdp_state_dict_type: FULL_STATE_DICT")
+    (tmp_path / "launch.yaml").write_text(launch)
+    result = subprocess.run([ACCELERATE, "launch", "--config_file", str(tmp_path / "launch.yaml"), "--num_processes",
+                             "2", "sft.py", "--training.output_dir", str(tmp_path / "out")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and not (tmp_path / "out").exists()
+    assert result.stderr.count(expected) == 1, result.stderr[-3000:]
 
 
 def test_training_deepspeed_without_a_gpu_stops_early_with_one_line():

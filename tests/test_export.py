@@ -58,6 +58,23 @@ def test_weights_that_are_not_finite_are_never_published(tmp_path):
     assert (out / "model.safetensors").read_bytes() == before and not (out / STAGING_DIR).exists()
 
 
+def test_an_export_without_the_weights_is_never_published(tmp_path, capsys):
+    """What the Trainer leaves where it cannot gather the weights (config.json and the tokenizer, no model) is not a
+    model: finishing such an export publishes nothing and keeps what there is."""
+    out = tmp_path / "out"
+    train(config(out))
+    staging = out / STAGING_DIR
+    staging.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (out / name).rename(staging / name)
+    (out / "model.safetensors").unlink()
+    capsys.readouterr()
+    assert export_main([str(out)]) == 1
+    assert capsys.readouterr().err.startswith(f"sftkit.export: error: the export wrote no complete model to {staging} "
+                                              "(no model.safetensors), so nothing was published")
+    assert not (out / "config.json").exists() and (staging / "config.json").is_file()
+
+
 def test_a_disk_too_small_for_the_export_is_refused_before_training(tmp_path):
     with tmpfs(tmp_path / "disk", "size=1m") as disk:
         result = run_sft("--training.output_dir", str(disk / "out"), check=False)
