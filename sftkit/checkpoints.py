@@ -91,8 +91,15 @@ def checkpoint_to_resume(requested, output_dir: Path, resolved: dict) -> str | N
     return str(checkpoint)
 
 
+def checkpoint_record(checkpoint: Path) -> dict | None:
+    """The run record of the run that saved a checkpoint: its own copy, or else (a stop between the Trainer's save
+    and RecordRunInCheckpoints.on_save) that of the output_dir holding it, whose checkpoints are all one run's
+    (a run with other settings starts there only with --overwrite, which removes them)."""
+    return read_run_record(checkpoint) or read_run_record(checkpoint.parent)
+
+
 def _check_same_run(checkpoint: Path, resolved: dict) -> None:
-    record = read_run_record(checkpoint)
+    record = checkpoint_record(checkpoint)
     if record is None:
         raise ConfigError(f"training.resume_from_checkpoint: {checkpoint} has no {RUN_FILE}, so it was not saved by "
                           "this version of sftkit and cannot be checked to be this run's; start afresh with --overwrite")
@@ -136,7 +143,7 @@ class RecordRunInCheckpoints(TrainerCallback):
 
 def newest_checkpoint_words(output_dir: Path, max_steps: int) -> str:
     """Where a failed run can continue from, for its error message."""
-    intact = [path for path in checkpoints_in(output_dir) if damage(path) is None and read_run_record(path)]
+    intact = [path for path in checkpoints_in(output_dir) if damage(path) is None and checkpoint_record(path)]
     if not intact:
         return "no checkpoint was saved (set training.save_strategy: steps to keep some)"
     newest = intact[-1]

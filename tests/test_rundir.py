@@ -12,6 +12,7 @@ import time
 import pytest
 from conftest import REPO, TINY_MODEL, run_sft, tmpfs
 
+from sftkit.checkpoints import checkpoint_to_resume
 from sftkit.config import load_config
 from sftkit.errors import ConfigError
 from sftkit.rundir import LOCK_FILE, RUN_FILE
@@ -122,6 +123,16 @@ def test_the_same_run_resumes_with_a_longer_schedule(finished, tmp_path):
     shutil.rmtree(out / "checkpoint-3", ignore_errors=True)
     summary = train(config(out, "--training.max_steps", "4", "--training.resume_from_checkpoint", "true")).summary
     assert summary["steps"] == 4
+
+
+def test_a_checkpoint_saved_just_before_a_crash_is_resumed(finished, tmp_path):
+    """The Trainer saves a checkpoint (and rotates the older ones away) before sftkit writes its run record into it:
+    a crash in between leaves the newest checkpoint without one, which the output_dir's record vouches for."""
+    out = copy_of(finished, tmp_path)
+    (out / "checkpoint-3" / RUN_FILE).unlink()
+    longer = config(out, "--training.max_steps", "4", "--training.resume_from_checkpoint", "true")
+    assert checkpoint_to_resume(True, out, longer.resolved) == str(out / "checkpoint-3")
+    assert train(longer).trainer.state.global_step == 4
 
 
 def test_a_run_into_a_directory_in_use_stops_at_once_and_a_dead_runs_lock_does_not_block(tmp_path):
