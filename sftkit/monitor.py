@@ -1,5 +1,6 @@
 """What a run shows while it trains: memory in every log, sample replies at each evaluation and epoch end, a
-clean stop with a checkpoint on Ctrl-C or SIGTERM, and a stop without one when the loss is no longer finite. Loss, learning rate, grad norm and tokens/s are the Trainer's."""
+clean stop with a checkpoint on Ctrl-C or SIGTERM, and a stop without one when the loss or the gradient norm is no
+longer finite. Loss, learning rate, grad norm and tokens/s are the Trainer's."""
 
 import json
 import resource
@@ -46,6 +47,14 @@ class MonitoredSFTTrainer(TrainerWorkarounds, SFTTrainer):
         if self.mark_lengths_dynamic:
             mark_lengths_dynamic(inputs)
         return inputs
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # transformers 5.24 computes each step's gradient norm here, before the optimizer step. A finite loss with
+        # gradients that are not (bf16 and float32 have no loss scaler to skip that step) makes the weights nan.
+        norm = super()._get_grad_norm(model, grad_norm)
+        if norm is not None and not self.args.fp16:  # fp16's loss scaler skips a step whose gradients overflow
+            self.guard.observe(torch.as_tensor(norm))
+        return norm
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # the backward pass too: activation checkpointing runs each layer's forward again there
@@ -151,8 +160,8 @@ def generates_on_every_process(args) -> bool:
 
 
 class StopGuard(TrainerCallback):
-    """Ends training after the current step: with a checkpoint on Ctrl-C or SIGTERM, without one when the loss is
-    no longer finite (the weights are then broken, so nothing of that step may be saved).
+    """Ends training after the current step: with a checkpoint on Ctrl-C or SIGTERM, without one when the loss or
+    the gradient norm is no longer finite (the weights are then broken, so nothing of that step may be saved).
 
     A second signal gets the default behaviour (stop at once). With several processes both flags are shared every
     step, so all of them stop, and save, together (saving under ZeRO is collective).
@@ -160,14 +169,15 @@ class StopGuard(TrainerCallback):
 
     def __init__(self):
         self.received: int | None = None  # the signal that asked for the stop
-        self.diverged_at: int | None = None  # the optimizer step whose loss was not finite
-        self._finite = None  # a device tensor: every micro-batch loss since the last step was finite
+        self.diverged_at: int | None = None  # the optimizer step whose loss or gradient norm was not finite
+        self._finite = None  # a device tensor: every loss and gradient norm since the last step was finite
         self._previous: dict = {}
 
-    def observe(self, loss: torch.Tensor) -> None:
-        """Called with each micro-batch's loss; kept on the device so that the check costs one sync per step."""
-        finite = torch.isfinite(loss.detach()).all()
-        self._finite = finite if self._finite is None else self._finite & finite
+    def observe(self, value: torch.Tensor) -> None:
+        """Called with each micro-batch's loss and each step's gradient norm; kept on the device so that the check
+        costs one sync per step."""
+        finite = torch.isfinite(value.detach()).all()
+        self._finite = finite if self._finite is None else self._finite & finite.to(self._finite.device)
 
     def on_train_begin(self, args, state, control, **kwargs):
         for signum in (signal.SIGINT, signal.SIGTERM):

@@ -158,8 +158,8 @@ def _stop_unless_trained(trainer) -> None:
 def _diverged(trainer, step: int) -> str:
     args = trainer.args
     fp16 = ", fp16 overflow (train in bf16 where the GPU supports it)" if args.fp16 else ""
-    return (f"training diverged at step {step} of {trainer.state.max_steps}: the loss is no longer finite (nan or "
-            f"inf). Usual causes: a learning rate too high (training.learning_rate is {args.learning_rate:g}){fp16}, "
+    return (f"training diverged at step {step} of {trainer.state.max_steps}: the loss or the gradient norm is no "
+            f"longer finite (nan or inf). Usual causes: a learning rate too high (training.learning_rate is {args.learning_rate:g}){fp16}, "
             f"no gradient clipping (training.max_grad_norm is {args.max_grad_norm}) or broken data. Nothing was "
             f"published; {newest_checkpoint_words(Path(args.output_dir), trainer.state.max_steps)}")
 

@@ -38,11 +38,38 @@ def test_a_diverged_run_stops_names_the_step_and_publishes_nothing(tmp_path):
                      "--training.learning_rate", "1e6", check=False)
     assert result.returncode == 1, result.stderr[-2000:]
     error = result.stderr.strip().splitlines()[-1]
-    assert error.startswith("sft.py: error: training diverged at step ") and " of 30: the loss is no longer finite" in error
+    assert error.startswith("sft.py: error: training diverged at step ") and " of 30: the loss or the gradient norm is no longer finite" in error
     assert "training.learning_rate is 1e+06" in error and "Nothing was published; no checkpoint was saved" in error
     assert int(error.split("step ")[1].split(" ")[0]) < 10, "stopped as soon as the loss was not finite"
     assert not (out / "config.json").exists() and not (out / STAGING_DIR).exists()
     assert json.loads((out / RUN_FILE).read_text())["status"] == "failed"
+
+
+def test_gradients_that_are_not_finite_stop_the_run_before_their_step_is_saved(tmp_path):
+    """A finite loss with an inf gradient (bf16 has no loss scaler to skip the step; here one step's gradient is made
+    inf) turns the clipped update, and so the weights, into nan: that step's checkpoint is never written."""
+    from transformers import TrainerCallback
+
+    from sftkit.data import prepare_data
+    from sftkit.model import load_model, load_tokenizer
+    from sftkit.monitor import MonitoredSFTTrainer
+
+    class InfiniteGradientAtStep3(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 2:
+                model.lm_head.weight.register_hook(lambda grad: grad * float("inf"))
+
+    cfg = config(tmp_path, "default_train_config.yaml", "--training.max_steps", "5", "--training.save_strategy",
+                 "steps", "--training.save_steps", "1")
+    tokenizer = load_tokenizer(cfg.model, cfg.dataset)
+    trainer = MonitoredSFTTrainer(model=load_model(cfg.model, torch.float32, False), args=cfg.training,
+                                  train_dataset=prepare_data(cfg.dataset, tokenizer, cfg.training.max_length).train,
+                                  processing_class=tokenizer, callbacks=[InfiniteGradientAtStep3()])
+    trainer.train()
+    assert trainer.guard.diverged_at == 3 and trainer.state.global_step == 3
+    assert [entry["loss"] for entry in trainer.state.log_history if "loss" in entry][-1] < 10, "the loss was finite"
+    assert sorted(path.name for path in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert not export_module.non_finite_tensors(tmp_path / "checkpoint-2")
 
 
 def test_weights_that_are_not_finite_are_never_published(tmp_path):
