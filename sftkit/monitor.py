@@ -5,6 +5,7 @@ longer finite. Loss, learning rate, grad norm and tokens/s are the Trainer's."""
 import json
 import resource
 import signal
+import sys
 from pathlib import Path
 
 import psutil
@@ -164,7 +165,9 @@ class StopGuard(TrainerCallback):
     the gradient norm is no longer finite (the weights are then broken, so nothing of that step may be saved).
 
     A second signal gets the default behaviour (stop at once). With several processes both flags are shared every
-    step, so all of them stop, and save, together (saving under ZeRO is collective).
+    step, so all of them stop, and save, together (saving under ZeRO is collective). The handlers stay until the
+    run calls restore_signals, after its export: a signal after the last step asks the run to export the trained
+    model without its extras (stop_requested), never to drop it.
     """
 
     def __init__(self):
@@ -172,6 +175,7 @@ class StopGuard(TrainerCallback):
         self.diverged_at: int | None = None  # the optimizer step whose loss or gradient norm was not finite
         self._finite = None  # a device tensor: every loss and gradient norm since the last step was finite
         self._previous: dict = {}
+        self.training_over = False
 
     def observe(self, value: torch.Tensor) -> None:
         """Called with each micro-batch's loss and each step's gradient norm; kept on the device so that the check
@@ -186,6 +190,17 @@ class StopGuard(TrainerCallback):
     def _handle(self, signum, frame) -> None:
         self.received = signum
         signal.signal(signum, self._previous[signum])
+        if self.training_over:
+            print(f"\nsftkit: {signal.Signals(signum).name}: training is over; the trained model is exported before "
+                  "the run stops (the same signal again stops it at once)", file=sys.stderr, flush=True)
+
+    def stop_requested(self, args) -> bool:
+        """Whether any process received a signal; every process must ask at the same point."""
+        return self._shared_flags(args)[0]
+
+    def restore_signals(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
     def on_step_end(self, args, state, control, **kwargs):
         signalled, diverged = self._shared_flags(args)
@@ -201,8 +216,7 @@ class StopGuard(TrainerCallback):
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+        self.training_over = True
 
     def _shared_flags(self, args) -> tuple[bool, bool]:
         """(signalled, diverged) on any process. Accelerate's set_trigger/check_trigger shares one flag per

@@ -27,7 +27,7 @@ from sftkit.inference import generate_reply
 from sftkit.model import check_model_source, load_model, load_tokenizer, lora_config, resolve_dtype
 from sftkit.monitor import MonitoredSFTTrainer, ProgressBar, SampleReplies, generates_on_every_process, memory_mib
 from sftkit.report import build_summary, report
-from sftkit.rundir import OutputDir, check_free_space, export_bytes
+from sftkit.rundir import STAGING_DIR, OutputDir, check_free_space, export_bytes
 
 LAUNCHERS = ("accelerate", "torchrun", "deepspeed")
 logger = logging.getLogger(__name__)
@@ -54,6 +54,9 @@ def train(config: RunConfig, overwrite: bool = False, started: float | None = No
     except Interrupted:
         output.mark("interrupted")
         raise
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one stops after the step, or after the export)
+        output.mark("interrupted")
+        raise Interrupted(_stopped_at_once(output.path), signal.SIGINT) from None
     except BaseException as failure:
         output.mark("failed", error=str(failure).splitlines()[0] if str(failure) else type(failure).__name__)
         raise
@@ -100,19 +103,23 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
     if resume_from:
         args.eval_on_start = False  # the run evaluated at its start already
     trainer.train(resume_from_checkpoint=resume_from)
-    train_seconds = timing.seconds()["train_seconds"]
-    _stop_unless_trained(trainer)
-    if data.eval is not None and _last_eval_step(trainer.state.log_history) != trainer.state.global_step:
-        trainer.evaluate()
-    reply = _final_reply(trainer, tokenizer, data.sample_prompts[:1])
-    if trainer.accelerator.is_main_process:
-        output.mark("exporting", dtype=str(dtype).removeprefix("torch."))
-    output_dir = export(trainer, config, tokenizer, dtype, parameters)
-    summary = build_summary(trainer, config, data, dtype, parameters, reply, timing.seconds(), train_seconds,
-                            memory_at_start)
-    if trainer.accelerator.is_main_process:
-        summary = report(output_dir, config, summary, trainer.state.log_history)
-    return Run(summary, trainer)
+    try:  # Ctrl-C or SIGTERM from here on: the trained model is exported first (StopGuard)
+        train_seconds = timing.seconds()["train_seconds"]
+        _stop_unless_trained(trainer)
+        extras = not _asked_to_stop(trainer)
+        if extras and data.eval is not None and _last_eval_step(trainer.state.log_history) != trainer.state.global_step:
+            trainer.evaluate()
+        reply = _final_reply(trainer, tokenizer, data.sample_prompts[:1]) if extras else None
+        if trainer.accelerator.is_main_process:
+            output.mark("exporting", dtype=str(dtype).removeprefix("torch."))
+        output_dir = export(trainer, config, tokenizer, dtype, parameters)
+        summary = build_summary(trainer, config, data, dtype, parameters, reply, timing.seconds(), train_seconds,
+                                memory_at_start)
+        if trainer.accelerator.is_main_process:
+            summary = report(output_dir, config, summary, trainer.state.log_history)
+        return Run(summary, trainer)
+    finally:
+        trainer.guard.restore_signals()
 
 
 def _trainer(config: RunConfig, model, tokenizer, data, callbacks: list, resumed: bool) -> MonitoredSFTTrainer:
@@ -151,8 +158,19 @@ def _stop_unless_trained(trainer) -> None:
     guard = trainer.guard
     if guard.diverged_at is not None:
         raise RunFailed(_diverged(trainer, guard.diverged_at))
-    if guard.received is not None:
+    if guard.received is not None and trainer.state.global_step < trainer.state.max_steps:
         raise Interrupted(_how_to_resume(trainer, guard.received), guard.received)
+
+
+def _asked_to_stop(trainer) -> bool:
+    """A signal after the last step (during the epoch's last evaluation, say): the run exports the trained model
+    and skips the final evaluation and sample reply."""
+    if not trainer.guard.stop_requested(trainer.args):
+        return False
+    if trainer.accelerator.is_main_process:
+        print(f"sftkit: {signal.Signals(trainer.guard.received or signal.SIGTERM).name} after the last step: exporting "
+              "the trained model, without the final evaluation and sample reply", file=sys.stderr, flush=True)
+    return True
 
 
 def _diverged(trainer, step: int) -> str:
@@ -165,9 +183,21 @@ def _diverged(trainer, step: int) -> str:
 
 
 def _how_to_resume(trainer, signum: int) -> str:
-    checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
-    return (f"stopped by {signal.Signals(signum).name} at step {trainer.state.global_step} of "
-            f"{trainer.state.max_steps}; checkpoint saved in {checkpoint}. Resume with: {resume_command()}")
+    output_dir, step = Path(trainer.args.output_dir), trainer.state.global_step
+    checkpoint = output_dir / f"checkpoint-{step}"
+    saved = f"checkpoint saved in {checkpoint}" if checkpoint.is_dir() else \
+        f"no checkpoint could be saved at it; {newest_checkpoint_words(output_dir, trainer.state.max_steps)}"
+    return (f"stopped by {signal.Signals(signum).name} at step {step} of {trainer.state.max_steps}; {saved}. "
+            f"Resume with: {resume_command()}")
+
+
+def _stopped_at_once(output_dir: Path) -> str:
+    staging = output_dir / STAGING_DIR
+    if staging.is_dir():
+        return (f"stopped at once during the export; what it wrote is kept in {staging}, and if the weights were "
+                f"written, sftkit export {output_dir} finishes it")
+    newest = newest_checkpoint_words(output_dir)
+    return f"stopped at once; {newest}" + (f". Resume with: {resume_command()}" if "newest" in newest else "")
 
 
 def resume_command() -> str:

@@ -122,8 +122,8 @@ def test_model_card_describes_the_run_and_how_to_load_it(monitored_run):
     assert f"| steps | 24 (training.max_steps; {summary['epochs']:.2f} epochs of the data) |" in card
 
 
-def interrupted_run(out, signum: int, steps: int = 40):
-    """Start a run, send `signum` once it has logged step 5, and return its result."""
+def interrupted_run(out, signum: int, steps: int = 40, at: str = "step 5/"):
+    """Start a run, send `signum` once it has printed `at` (by default, logged step 5), and return its result."""
     command = [sys.executable, "sft.py", "--training.output_dir", str(out), "--training.max_steps", str(steps),
                "--training.logging_steps", "1"]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -131,7 +131,7 @@ def interrupted_run(out, signum: int, steps: int = 40):
     stdout = ""
     for line in process.stdout:
         stdout += line
-        if "step 5/" in line:
+        if at in line:
             process.send_signal(signum)
             break
     rest, stderr = process.communicate(timeout=120)
@@ -223,6 +223,17 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_non_zero(tmp_path):
     assert "stopped by SIGINT" in stderr and "Resume with: python sft.py" in stderr
     assert list((tmp_path / "out").glob("checkpoint-*/trainer_state.json"))
     assert "Traceback" not in stderr
+
+
+@pytest.mark.slow
+def test_a_signal_after_the_last_step_still_exports_the_trained_model(tmp_path):
+    """Ctrl-C once the last step is done (during the final evaluation, the sample reply or the export) must not drop
+    the trained model, which exists only in memory: the run exports it, skipping what is left of the extras."""
+    code, stdout, stderr = interrupted_run(tmp_path / "out", signal.SIGINT, steps=6, at="step 6/6")
+    assert code == 0, stderr[-3000:]
+    assert "sftkit: SIGINT" in stderr and "Traceback" not in stderr, stderr[-3000:]
+    assert (tmp_path / "out" / "model.safetensors").is_file() and "Run summary" in stdout
+    assert json.loads((tmp_path / "out" / "sftkit_run.json").read_text())["status"] == "finished"
 
 
 def test_resume_without_a_checkpoint_is_a_config_error(tmp_path):
