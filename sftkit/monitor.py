@@ -54,7 +54,8 @@ class MonitoredSFTTrainer(TrainerWorkarounds, SFTTrainer):
         # gradients that are not (bf16 and float32 have no loss scaler to skip that step) makes the weights nan.
         norm = super()._get_grad_norm(model, grad_norm)
         if norm is not None and not self.args.fp16:  # fp16's loss scaler skips a step whose gradients overflow
-            self.guard.observe(torch.as_tensor(norm))
+            # under FSDP2 a DTensor: each process checks its part, and the guard shares the verdict
+            self.guard.observe(norm.to_local() if hasattr(norm, "to_local") else torch.as_tensor(norm))
         return norm
 
     def training_step(self, model, inputs, num_items_in_batch=None):
