@@ -24,14 +24,15 @@ import yaml
 from sftkit.config import ModelConfig, read_section
 from sftkit.environment import STACK
 from sftkit.errors import ConfigError, RunFailed
-from sftkit.rundir import STAGING_DIR, check_free_space, export_bytes, read_run_record
+from sftkit.rundir import STAGING_DIR, OutputDir, check_free_space, export_bytes, read_run_record, write_json
 
 ADAPTER_DIR = "lora_weights"
 RUN_CONFIG_FILE = "sftkit_config.yaml"
+PUBLISHING_FILE = "publishing.json"  # in the staging directory once its contents start moving into output_dir
 VERSIONS_FILE = "sftkit_versions.json"
 # Files of an earlier export of the same run (a resumed run exports again) that would otherwise mix with the new one.
 STALE_PATTERNS = ("config.json", "model*.safetensors*", "pytorch_model*", "adapter_*", "generation_config.json")
-DISK_WAIT_SECONDS = float(os.environ.get("SFTKIT_DISK_WAIT_SECONDS", 900))  # within torch.distributed's 30 min
+DISK_WAIT_SECONDS = float(os.environ.get("SFTKIT_DISK_WAIT_SECONDS", 900))
 
 
 def export(trainer, run_config, tokenizer, dtype, parameters: tuple[int, int]) -> Path:
@@ -42,7 +43,10 @@ def export(trainer, run_config, tokenizer, dtype, parameters: tuple[int, int]) -
     lora = run_config.model.use_lora
     main = trainer.accelerator.is_main_process
     if main:
-        _wait_for_space(output_dir, export_bytes(parameters[1], parameters[0], dtype, lora))
+        # the others wait at the next barrier meanwhile, which fails after training.ddp_timeout
+        limit = DISK_WAIT_SECONDS if trainer.args.world_size == 1 else min(DISK_WAIT_SECONDS,
+                                                                            trainer.args.ddp_timeout * 0.8)
+        _wait_for_space(output_dir, export_bytes(parameters[1], parameters[0], dtype, lora), limit)
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir()
@@ -71,6 +75,9 @@ def finish_export(output_dir: Path, model_cfg: ModelConfig, dtype) -> None:
     """From trained weights in the staging directory to a published model: merge (LoRA), check, move into place.
     Any failure keeps the staging directory and says how to finish from it."""
     staging = output_dir / STAGING_DIR
+    if (staging / PUBLISHING_FILE).is_file():  # a publish cut short: all was checked, part of it moved already
+        _publish(staging, output_dir)
+        return
     try:
         if model_cfg.use_lora:
             require_weights(staging / ADAPTER_DIR, "adapter_model")
@@ -87,6 +94,10 @@ def finish_export(output_dir: Path, model_cfg: ModelConfig, dtype) -> None:
     except RunFailed:
         raise
     except Exception as error:  # a full disk raises OSError or safetensors' own error; any failure keeps the weights
+        if (staging / PUBLISHING_FILE).is_file():
+            raise RunFailed(f"publishing the model in {output_dir} failed part way: {error}. What is not moved yet "
+                            f"is in {staging}; once that is fixed, finish with: python -m sftkit.export "
+                            f"{output_dir}") from None
         if model_cfg.use_lora:  # a half-written merged model: gone, so the staging directory holds only the adapter
             for partial in [*staging.glob("model*.safetensors*"), staging / "config.json"]:
                 partial.unlink(missing_ok=True)
@@ -97,10 +108,10 @@ def finish_export(output_dir: Path, model_cfg: ModelConfig, dtype) -> None:
                         f"finish the export with: python -m sftkit.export {output_dir}") from None
 
 
-def _wait_for_space(output_dir: Path, needed: int) -> None:
+def _wait_for_space(output_dir: Path, needed: int, limit: float) -> None:
     """The trained model exists only in memory until the export: rather than lose it to a full disk, wait for the
-    user to free space (checked every 30 s, for SFTKIT_DISK_WAIT_SECONDS), then try anyway."""
-    deadline = time.monotonic() + DISK_WAIT_SECONDS
+    user to free space (checked every 30 s, for `limit` seconds), then try anyway."""
+    deadline = time.monotonic() + limit
     while (missing := check_free_space(output_dir, needed, "the export")) and time.monotonic() < deadline:
         print(f"sftkit: {missing}; waiting for space (checking every 30 s until "
               f"{time.strftime('%H:%M', time.localtime(time.time() + deadline - time.monotonic()))})",
@@ -137,9 +148,11 @@ def _cast_float32_weights(directory: Path, dtype) -> None:
     for file in sorted(directory.glob("model*.safetensors")):
         weights = load_file(file)
         floats = [tensor.dtype for tensor in weights.values() if tensor.is_floating_point()]
-        if floats and set(floats) == {torch.float32}:
+        if floats and set(floats) == {torch.float32}:  # written beside, then renamed: a kill keeps the fp32 file
+            partial = file.with_name(file.name + ".partial")
             save_file({name: tensor.to(dtype) if tensor.is_floating_point() else tensor
-                       for name, tensor in weights.items()}, file, metadata={"format": "pt"})
+                       for name, tensor in weights.items()}, partial, metadata={"format": "pt"})
+            os.replace(partial, file)
 
 
 def require_weights(folder: Path, stem: str) -> None:
@@ -176,16 +189,27 @@ def non_finite_tensors(directory: Path) -> list[str]:
 
 
 def _publish(staging: Path, output_dir: Path) -> None:
-    for pattern in STALE_PATTERNS:
+    """Move the checked export into output_dir, config.json last. What it moves is listed first (PUBLISHING_FILE),
+    so that a publish cut short is finished by running it again: the files it already moved are this export's, not
+    stale ones of an earlier export to delete."""
+    manifest = staging / PUBLISHING_FILE
+    if not manifest.is_file():
+        write_json(manifest, {"items": sorted(item.name for item in staging.iterdir())})
+    moved = set(json.loads(manifest.read_text())["items"]) - {item.name for item in staging.iterdir()}
+    for pattern in STALE_PATTERNS:  # an earlier config.json goes first: until the new one lands, none is there
         for stale in output_dir.glob(pattern):
-            stale.unlink()
-    if (staging / ADAPTER_DIR).exists() and (output_dir / ADAPTER_DIR).exists():
-        shutil.rmtree(output_dir / ADAPTER_DIR)
-    for item in sorted(staging.iterdir(), key=lambda path: path.name == "config.json"):
+            if stale.name not in moved:
+                stale.unlink()
+    for item in sorted(staging.iterdir(), key=lambda path: (path.name == "config.json", path.name)):
         target = output_dir / item.name
-        if target.is_file():
+        if item == manifest:
+            continue
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
             target.unlink()
         item.rename(target)
+    manifest.unlink()
     staging.rmdir()
     _readable_like_other_files(output_dir)
 
@@ -227,11 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output_dir", type=Path)
     args = parser.parse_args(argv)
     staging = args.output_dir / STAGING_DIR
+    lock = OutputDir(args.output_dir, {})
     try:
         record = read_run_record(args.output_dir)
         if not staging.is_dir() or record is None or "dtype" not in record:
             raise ConfigError(f"{args.output_dir} has no unfinished export to finish ({staging} or its run record "
                               "is missing)")
+        lock.take_lock()  # not while a run still writes there
         import torch
 
         model_cfg = read_section(ModelConfig, record["config"]["model"], "model", args.output_dir)
@@ -239,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RunFailed) as error:
         print(f"sftkit.export: error: {error}", file=sys.stderr)
         return 2 if isinstance(error, ConfigError) else 1
+    finally:
+        lock.release()
     print(f"sftkit.export: the model is in {args.output_dir}")
     return 0
 

@@ -161,7 +161,7 @@ class OutputDir:
         """Create output_dir, lock it, and make sure it is this run's to write. Raises ConfigError otherwise.
         `resume` is training.resume_from_checkpoint: true, a path or None."""
         self._create()
-        self._lock()
+        self.take_lock()
         try:
             contents = survey(self.path)
             if contents.in_the_way:
@@ -206,7 +206,7 @@ class OutputDir:
             raise ConfigError(f"{key} {self.path} cannot be written: {error.strerror or error} "
                               f"({type(error).__name__}); choose a directory you can write to") from None
 
-    def _lock(self) -> None:
+    def take_lock(self) -> None:
         """An exclusive lock file holding who owns it; one left by a process that no longer runs is taken over."""
         lock = self.path / LOCK_FILE
         mine = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}

@@ -102,6 +102,36 @@ def test_an_export_without_the_weights_is_never_published(tmp_path, capsys):
     assert not (out / "config.json").exists() and (staging / "config.json").is_file()
 
 
+def test_a_publish_cut_short_is_finished_by_running_the_export_again(tmp_path, monkeypatch):
+    """A kill or an I/O error part way through moving the checked export into output_dir (made to happen here at
+    the move after the weights'): nothing looks finished, and `sftkit export` moves the rest, keeping what had
+    moved as this export's rather than deleting it as an earlier export's."""
+    from pathlib import Path
+
+    out = tmp_path / "out"
+    cfg = config(out)
+    run = train(cfg)
+    weights = (out / "model.safetensors").read_bytes()
+    rename, moves = Path.rename, []
+
+    def rename_failing_after_the_weights(self, target):
+        if moves and moves[-1] == "model.safetensors":
+            raise OSError(5, "Input/output error")
+        moves.append(self.name)
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename_failing_after_the_weights)
+    with pytest.raises(RunFailed, match=rf"publishing the model in {out} failed part way: .*Input/output error.*"
+                                        rf"finish with: python -m sftkit.export {out}"):
+        export(run.trainer, cfg, run.trainer.processing_class, torch.float32, (1, 1))
+    monkeypatch.undo()
+    assert moves[-1] == "model.safetensors" and not (out / "config.json").exists()
+    assert export_main([str(out)]) == 0
+    assert (out / "model.safetensors").read_bytes() == weights and (out / "config.json").is_file()
+    assert not (out / STAGING_DIR).exists()
+    AutoModelForCausalLM.from_pretrained(out)
+
+
 def test_a_disk_too_small_for_the_export_is_refused_before_training(tmp_path):
     with tmpfs(tmp_path / "disk", "size=1m") as disk:
         result = run_sft("--training.output_dir", str(disk / "out"), check=False)
