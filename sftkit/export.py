@@ -75,37 +75,40 @@ def finish_export(output_dir: Path, model_cfg: ModelConfig, dtype) -> None:
     """From trained weights in the staging directory to a published model: merge (LoRA), check, move into place.
     Any failure keeps the staging directory and says how to finish from it."""
     staging = output_dir / STAGING_DIR
-    if (staging / PUBLISHING_FILE).is_file():  # a publish cut short: all was checked, part of it moved already
-        _publish(staging, output_dir)
-        return
     try:
-        if model_cfg.use_lora:
-            require_weights(staging / ADAPTER_DIR, "adapter_model")
-            _merge_adapter(model_cfg, staging / ADAPTER_DIR, staging, dtype)
-        else:
-            _cast_float32_weights(staging, dtype)
-        require_weights(staging, "model")
-        broken = non_finite_tensors(staging)
-        if broken:
-            shutil.rmtree(staging)
-            raise RunFailed(f"the trained weights are not finite ({len(broken)} tensors hold nan or inf, e.g. "
-                            f"{broken[0]}); nothing was published and the broken weights were deleted")
+        if not (staging / PUBLISHING_FILE).is_file():  # else a publish cut short: checked, and part of it moved
+            _complete_and_check(staging, model_cfg, dtype)
         _publish(staging, output_dir)
     except RunFailed:
         raise
     except Exception as error:  # a full disk raises OSError or safetensors' own error; any failure keeps the weights
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         if (staging / PUBLISHING_FILE).is_file():
-            raise RunFailed(f"publishing the model in {output_dir} failed part way: {error}. What is not moved yet "
+            raise RunFailed(f"publishing the model in {output_dir} failed part way: {reason}. What is not moved yet "
                             f"is in {staging}; once that is fixed, finish with: python -m sftkit.export "
                             f"{output_dir}") from None
         if model_cfg.use_lora:  # a half-written merged model: gone, so the staging directory holds only the adapter
             for partial in [*staging.glob("model*.safetensors*"), staging / "config.json"]:
                 partial.unlink(missing_ok=True)
         kept = staging / ADAPTER_DIR if model_cfg.use_lora else staging
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise RunFailed(f"the export to {output_dir} failed: {reason}. The trained "
                         f"{'adapter' if model_cfg.use_lora else 'model'} is kept in {kept}; once that is fixed, "
                         f"finish the export with: python -m sftkit.export {output_dir}") from None
+
+
+def _complete_and_check(staging: Path, model_cfg: ModelConfig, dtype) -> None:
+    """The merged model (LoRA) or the model in the training dtype, checked whole and finite."""
+    if model_cfg.use_lora:
+        require_weights(staging / ADAPTER_DIR, "adapter_model")
+        _merge_adapter(model_cfg, staging / ADAPTER_DIR, staging, dtype)
+    else:
+        _cast_float32_weights(staging, dtype)
+    require_weights(staging, "model")
+    broken = non_finite_tensors(staging)
+    if broken:
+        shutil.rmtree(staging)
+        raise RunFailed(f"the trained weights are not finite ({len(broken)} tensors hold nan or inf, e.g. "
+                        f"{broken[0]}); nothing was published and the broken weights were deleted")
 
 
 def _wait_for_space(output_dir: Path, needed: int, limit: float) -> None:
