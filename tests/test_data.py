@@ -50,6 +50,34 @@ def test_prompt_completion_in_conversational_form(tokenizer, tmp_path):
     assert to_messages(row, "prompt_response") == row["prompt"] + row["completion"]
 
 
+def test_only_the_completion_trains_when_the_prompt_holds_assistant_turns(tokenizer, tmp_path):
+    """TRL's conversational prompt-completion rows train the completion alone, earlier assistant turns included."""
+    row = {"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "hello there"},
+                      {"role": "user", "content": "How are you?"}],
+           "completion": [{"role": "assistant", "content": "fine"}]}
+    (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n")
+    data = prepare_data(DatasetConfig(name=str(tmp_path / "rows.jsonl")), tokenizer, max_length=128)
+    assert data.formats == ["prompt_completion"]
+    assert [trained_spans(tokenizer, row) for row in data.train] == [["fine<|im_end|>"]]
+
+
+def test_assistant_messages_of_weight_0_do_not_train(tokenizer, tmp_path):
+    """OpenAI's fine-tuning format: weight 0 leaves a reply out of the loss. Rows with and without weights in one
+    file (a row without one is read back with weight None, which trains)."""
+    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "BAD answer", "weight": 0},
+                          {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Hello!", "weight": 1}]},
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]},
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Only bad", "weight": 0}]},
+            {"messages": [{"role": "user", "content": "Hi", "weight": 0}, {"role": "assistant", "content": "Yo"}]}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = prepare_data(DatasetConfig(name=str(tmp_path / "rows.jsonl"), on_bad_row="skip"), tokenizer, max_length=128)
+    assert [trained_spans(tokenizer, row) for row in data.train] == [["Hello!<|im_end|>"], ["Yo<|im_end|>"]]
+    with pytest.raises(ValueError, match="every assistant message has weight 0: there is nothing to train on"):
+        to_messages(rows[2], "messages")
+    with pytest.raises(ValueError, match=r"message 0 \(user\) has weight 0; only assistant messages take a weight"):
+        to_messages(rows[3], "messages")
+
+
 def test_sample_data_is_messages_with_system_and_multi_turn_rows(tokenizer):
     rows = [json.loads(line) for line in SAMPLE_DATA.read_text().splitlines()]
     assert len(rows) >= 200

@@ -32,9 +32,12 @@ def from_sharegpt(row: dict, answer_source: str) -> list[dict]:
 
 
 def from_prompt_response(row: dict, answer_source: str) -> list[dict]:
-    """{"prompt", "response"} or TRL's {"prompt", "completion"}, each a string or a list of messages."""
+    """{"prompt", "response"} or TRL's {"prompt", "completion"}, each a string or a list of messages. Only the
+    response trains: assistant turns inside a conversational prompt get weight 0, as TRL trains the completion."""
     answer = "response" if "response" in row else "completion"
-    return _as_turns(row, "prompt", "user") + _as_turns(row, answer, "assistant")
+    prompt = [{**turn, "weight": 0} if isinstance(turn, dict) and turn.get("role") == "assistant" else turn
+              for turn in _as_turns(row, "prompt", "user")]
+    return prompt + _as_turns(row, answer, "assistant")
 
 
 def from_question_answer(row: dict, answer_source: str) -> list[dict]:
@@ -92,6 +95,8 @@ def to_messages(row: dict, format_name: str, system_prompt: str | None = None, a
     messages = [_check_message(message, index) for index, message in enumerate(_as_list(messages))]
     if not any(message["role"] == "assistant" for message in messages):
         raise ValueError("no assistant message: there is nothing to train on")
+    if not any(trains(message) for message in messages):
+        raise ValueError("every assistant message has weight 0: there is nothing to train on")
     return with_system(messages, system_prompt)
 
 
@@ -134,4 +139,16 @@ def _check_message(message, index: int) -> dict:
         raise ValueError(f"message {index} ({role}) has content of type {type(content).__name__}, expected text")
     if not content or not content.strip():
         raise ValueError(f"message {index} ({role}) has empty content")
-    return {"role": role, "content": content}
+    weight = message.get("weight")
+    if weight is None or (weight == 1 and role == "assistant"):
+        return {"role": role, "content": content}
+    if role != "assistant" or weight != 0 or isinstance(weight, bool):
+        raise ValueError(f"message {index} ({role}) has weight {weight!r}; only assistant messages take a weight, 0 "
+                         "(not trained) or 1")
+    return {"role": role, "content": content, "weight": 0}
+
+
+def trains(message: dict) -> bool:
+    """An assistant message trains unless its weight is 0 (OpenAI's fine-tuning format; a missing weight is read
+    back as None from a dataset where other rows have one)."""
+    return message["role"] == "assistant" and message.get("weight") != 0

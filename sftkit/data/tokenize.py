@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import jinja2
 from transformers.utils import logging
 
+from sftkit.data.formats import trains
+
 IGNORE_INDEX = -100
 logger = logging.get_logger(__name__)
 
@@ -61,7 +63,8 @@ class MaskError(ValueError):
 def tokenize_messages(tokenizer, messages: list[dict], loss_on: str = "assistant", max_length: int | None = None):
     """Tokenize a conversation; labels are -100 except on the trained tokens.
 
-    loss_on: "assistant" trains every assistant turn, "last_assistant" only the last one, "all" every token.
+    loss_on: "assistant" trains every assistant turn (but those of weight 0), "last_assistant" only the last one
+    of those, "all" every token.
     max_length: tokenize only as far as the row is kept: its first max_length tokens and the rest of the assistant
     turn the cut falls in (so that turn is checked whole, and the row shows it was cut). None keeps the whole row.
     """
@@ -69,7 +72,7 @@ def tokenize_messages(tokenizer, messages: list[dict], loss_on: str = "assistant
     if loss_on == "all":
         input_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         return {"input_ids": input_ids, "labels": list(input_ids)}
-    turns = [index for index, message in enumerate(messages) if message["role"] == "assistant"]
+    turns = [index for index, message in enumerate(messages) if trains(message)]
     if loss_on == "last_assistant":
         turns = turns[-1:]
     template = _template(tokenizer)
