@@ -338,11 +338,26 @@ def _cross_field_errors(model: ModelConfig, dataset: DatasetConfig, training: di
         errors.append("dataset.test_size must be a fraction between 0 and 1, or a row count")
     if "max_length" in training:
         errors.append("training.max_length is set from model.max_seq_length; remove it from training")
+    errors += _evaluation_errors(dataset, training)
     if isinstance(training.get("liger_kernel_config"), dict) and training["liger_kernel_config"].get(
             "fused_linear_cross_entropy"):
         # TRL 1.16 raises this only once the Trainer is built, after the model has loaded
         errors.append("training.liger_kernel_config.fused_linear_cross_entropy: TRL's trainer computes the loss in "
                       "chunks itself and refuses Liger's fused cross-entropy; remove it")
+    return errors
+
+
+def _evaluation_errors(dataset: DatasetConfig, training: dict) -> list[str]:
+    """What the Trainer refuses only once it is built, after the model has loaded (transformers 5.24)."""
+    errors = []
+    asks = [key for key in ("eval_strategy", "load_best_model_at_end", "eval_on_start")
+            if training.get(key) not in (None, False, "no")]
+    if asks and not (dataset.test_size or dataset.eval_split or dataset.eval_sources):
+        errors.append(f"training.{asks[0]} needs evaluation data: set dataset.test_size (0.05 holds out 5% of the "
+                      f"rows), dataset.eval_split or dataset.eval_sources, or remove training.{asks[0]}")
+    if training.get("save_strategy") == "best" and not training.get("metric_for_best_model"):
+        errors.append("training.save_strategy: best needs training.metric_for_best_model (eval_loss, say), the "
+                      "metric that decides which checkpoint is best")
     return errors
 
 
