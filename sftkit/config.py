@@ -263,11 +263,30 @@ def merge(base: dict, overrides: dict) -> dict:
     return merged
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys without a word: a config that sets one twice is refused instead."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(problem=f"the key {key_node.value!r} is set twice",
+                                                            problem_mark=key_node.start_mark)
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader) or {}
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {str(error).splitlines()[0]} {getattr(error, 'problem_mark', '')}")
+        mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        hint = "; indent with spaces, not tabs" if problem and "'\\t'" in problem else ""
+        raise ConfigError(f"{path}{where}: not valid YAML: {problem or str(error).splitlines()[0]}{hint}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected sections {', '.join(SECTIONS)} at the top level")
     return data

@@ -209,6 +209,23 @@ def test_the_static_field_list_matches_sft_config():
     assert set(sft_config_fields()) == {f.name for f in dataclasses.fields(SFTConfig) if f.init}
 
 
+@pytest.mark.parametrize(("text", "expected"), [
+    (MINIMAL + "  learning_rate: 1e-4\n  learning_rate: 5\n",
+     r"config.yaml, line 6, column 3: not valid YAML: the key 'learning_rate' is set twice$"),
+    ("dataset:\n\tname: data/sample_chat.jsonl\n",
+     r"config.yaml, line 2, column 1: not valid YAML: found character '\\t' that cannot start any token; indent "
+     r"with spaces, not tabs$"),
+    ("dataset:\n  system_prompt: \"R\xe9ponds\"\n".encode("latin-1"),
+     r"config.yaml: not UTF-8 text \(byte 28: invalid continuation byte\); save it as UTF-8$"),
+], ids=["a key set twice", "a tab", "latin-1"])
+def test_a_config_file_that_does_not_read_cleanly_is_one_line_naming_the_place(tmp_path, text, expected):
+    """PyYAML keeps the last of two equal keys without a word; a tab or another encoding raised with three lines."""
+    path = tmp_path / "config.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError, match=expected):
+        load_config(str(path))
+
+
 def test_yaml_boolean_words(tmp_path):
     config = load_config(write(tmp_path, MINIMAL), ["--training.save_strategy", "no"])
     assert config.training.save_strategy == "no"
