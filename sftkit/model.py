@@ -37,6 +37,10 @@ def check_model_source(model_cfg: ModelConfig) -> None:
     adaptable = [name for name, module in model.named_modules() if isinstance(module, ADAPTABLE_LAYERS)]
     if isinstance(lora.target_modules, str) and lora.target_modules != "all-linear":
         missing = [] if any(re.fullmatch(lora.target_modules, name) for name in adaptable) else [lora.target_modules]
+        if missing and _names_module(lora.target_modules, adaptable):
+            raise ConfigError(f"model.lora_config.target_modules: PEFT reads the text {lora.target_modules!r} as a "
+                              "regular expression over whole module names (model.layers.0.self_attn.q_proj), which it "
+                              f"does not match; for the layers of that name write a list: [{lora.target_modules}]")
     elif isinstance(lora.target_modules, list):
         missing = [target for target in lora.target_modules if not _names_module(target, adaptable)]
     else:
@@ -120,10 +124,20 @@ def _first_line(error: Exception) -> str:
     return lines[0].rstrip(".") if lines else type(error).__name__
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
 def load_tokenizer(model_cfg: ModelConfig, dataset_cfg: DatasetConfig):
-    tokenizer = AutoTokenizer.from_pretrained(
-        resolve_path(model_cfg.path), revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
-    )
+    path = resolve_path(model_cfg.path)
+    if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"model.path {model_cfg.path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); save "
+                          "the tokenizer beside the model (tokenizer.save_pretrained(path))")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=model_cfg.revision,
+                                                  trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as error:  # transformers' words for a tokenizer it cannot build
+        raise ConfigError(f"model.path {model_cfg.path}: its tokenizer cannot be loaded: {_first_line(error)}") \
+            from None
     if dataset_cfg.chat_template:
         tokenizer.chat_template = _read_template(dataset_cfg.chat_template)
     elif tokenizer.chat_template is None:

@@ -130,6 +130,23 @@ def test_every_row_truncated_away_says_which_max_seq_length_fits(tmp_path):
     assert "set model.max_seq_length to" in line
 
 
+def test_a_model_directory_without_its_tokenizer_says_so(tmp_path):
+    model = tmp_path / "weights-only"
+    model.mkdir()
+    shutil.copy(TINY_MODEL / "config.json", model)
+    line, _ = sft("--model.path", str(model), "--dry-run", tmp_path=tmp_path)
+    assert line == (f"sft.py: error: model.path {model} has no tokenizer files (tokenizer.json, tokenizer.model, "
+                    "vocab.json, tokenizer_config.json); save the tokenizer beside the model "
+                    "(tokenizer.save_pretrained(path))")
+
+
+def test_a_lora_target_written_as_text_says_peft_reads_it_as_a_pattern(tmp_path):
+    line, _ = sft("--model.use_lora", "true", "--model.lora_config.target_modules", "q_proj", tmp_path=tmp_path)
+    assert line.endswith("PEFT reads the text 'q_proj' as a regular expression over whole module names "
+                         "(model.layers.0.self_attn.q_proj), which it does not match; for the layers of that name "
+                         "write a list: [q_proj]")
+
+
 def test_lora_target_module_that_matches_nothing_lists_the_layers(tmp_path):
     line, _ = sft("--model.use_lora", "true", "--model.lora_config.target_modules", "[q_proj, qkv_proj]",
                   tmp_path=tmp_path)
