@@ -83,7 +83,8 @@ def dry_run(config: RunConfig) -> str:
         ("model", f"{config.model.path} ({shape.description})"),
         ("method", f"{method} in {str(plan.dtype).removeprefix('torch.')}: {shape.trainable:,} of {counted:,} "
                    f"parameters train ({100 * shape.trainable / counted:.2f}%)"),
-        ("data", f"{data.rows} rows read, {len(data.train)} train{eval_rows}; {tokens:,} tokens per epoch, "
+        ("data", f"{data.rows} rows read, {len(data.train)} train{eval_rows}{data.dropped_words()}; {tokens:,} "
+                 f"tokens per epoch, "
                  f"{data.trainable_tokens:,} of them trained; longest row {max(data.lengths)} tokens "
                  f"(max_seq_length {args.max_length})"
                  + (f"; packed into {plan.train_rows} rows" if args.packing else "")),

@@ -283,7 +283,8 @@ def _plan(config: RunConfig, data, dtype, trainable: int, total: int) -> str:
     return (
         f"sftkit: {method} of {config.model.path} in {str(dtype).removeprefix('torch.')} "
         f"({trainable:,} of {total:,} parameters train)\n"
-        f"        {describe_sources(config.dataset, data)}: {data.rows} rows, {len(data.train)} to train{eval_rows}; "
+        f"        {describe_sources(config.dataset, data)}: {data.rows} rows, {len(data.train)} to train{eval_rows}"
+        f"{data.dropped_words()}; "
         f"config {config.source}\n"
         f"        speed: {describe_speed(config.speed)}"
     )

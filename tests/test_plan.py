@@ -6,7 +6,7 @@ import re
 import shutil
 
 import pytest
-from conftest import TINY_MODEL, run_python, run_sft
+from conftest import SAMPLE_DATA, TINY_MODEL, run_python, run_sft
 from transformers import LlamaConfig
 
 from sftkit.config import load_config
@@ -44,6 +44,19 @@ def test_dry_run_of_packing_counts_packed_rows(tmp_path):
     steps = int(re.match(r"(\d+) per epoch", plan_value(result.stdout, "steps")).group(1))
     assert steps == -(-packed // 4)
     assert train(load_config(None, overrides)).trainer.state.global_step == steps
+
+
+def test_the_plan_says_how_many_rows_were_dropped_and_why_before_training(tmp_path):
+    rows = [json.loads(line) for line in SAMPLE_DATA.read_text().splitlines()[:20]]
+    for row in rows[:14]:  # most replies empty: with on_bad_row skip, most of the data goes
+        row["messages"][-1]["content"] = ""
+    data = tmp_path / "mostly-bad.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = run_sft("--dry-run", "--dataset.name", str(data), "--dataset.on_bad_row", "skip", "--dataset.test_size",
+                     "null", "--training.output_dir", str(tmp_path / "out"))
+    assert plan_value(result.stdout, "data").startswith(
+        f"20 rows read, 6 train; dropped 14 bad rows (the first: dataset {data} line 1: message 6 (assistant) has "
+        "empty content); ")
 
 
 def test_dry_run_loads_no_weights_and_counts_parameters_from_the_config(tmp_path):
@@ -156,7 +169,7 @@ BENCHMARK_1B = ["--model.max_seq_length", "2048", "--training.per_device_train_b
     (LLAMA_3_2_1B, None, [*BENCHMARK_1B, "--model.use_lora", "true", "--training.use_liger_kernel", "false"], 22.8),
     (LLAMA_3_2_1B, None, [*BENCHMARK_1B, "--model.use_lora", "false", "--training.use_liger_kernel", "true"], 20.7),
     (LLAMA_3_1_8B, "examples/llama3.1_8b_qlora.yaml",
-     ["--dataset.eval_split", "null", "--training.use_liger_kernel", "false",
+     ["--dataset.eval_split", "null", "--training.eval_strategy", "no", "--training.use_liger_kernel", "false",
       "--training.per_device_train_batch_size", "4"], 24.5),
 ], ids=["lora-1b-liger", "lora-1b", "full-1b-liger", "qlora-8b-example"])
 def test_the_memory_estimate_is_within_20_percent_of_what_a_gpu_measured(tmp_path, shape, config_file, overrides,

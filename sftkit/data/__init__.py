@@ -34,6 +34,13 @@ class PreparedData:
     lengths: list[int] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # what was wrong with the first skipped bad rows
 
+    def dropped_words(self) -> str:
+        """'; dropped 18 bad rows (the first: ...), ...' for the plan, before training; '' when none was dropped."""
+        parts = [f"{count} {reason}" + (f" (the first: {self.problems[0]})" if reason == BAD_ROW and self.problems
+                                        else "")
+                 for reason, count in self.dropped.items() if count]
+        return f"; dropped {', '.join(parts)}" if parts else ""
+
 
 def prepare_for_training(cfg: DatasetConfig, tokenizer, args):
     """prepare_data with the run's SFTConfig: rows are tokenized only as far as the trainer will keep them."""
