@@ -44,6 +44,10 @@ def quiet_known_noise() -> None:
     # transformers 5.24 warns when a tokenized row is longer than the tokenizer's model_max_length, once per
     # process; sftkit tokenizes whole conversations on purpose and truncates to model.max_seq_length itself.
     _drop_log("transformers.tokenization_utils_base", "Token indices sequence length is longer than")
+    # datasets 5.2 logs a file it cannot read before raising; sftkit's one-line error says where it is broken.
+    _drop_log("datasets.packaged_modules.json.json", "Failed to load JSON from file")
+    _drop_log("datasets.packaged_modules.csv.csv", "Failed to read file")
+    _drop_log("datasets.packaged_modules.parquet.parquet", "Failed to read file")
 
 
 def _drop_log(logger: str, text: str) -> None:

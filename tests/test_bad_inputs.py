@@ -124,6 +124,26 @@ def test_invalid_json_names_the_1_based_line(tmp_path):
     assert "fix or remove that line" in line
 
 
+@pytest.mark.parametrize(("files", "expected"), [
+    ({"chat/a.jsonl": "SAMPLE", "chat/b.csv": "prompt,response\nhi,hello\n"},
+     "dataset {dir}/chat mixes file types (a.jsonl, b.csv), and only one type is read; keep one type there, or list "
+     "each as one of dataset.sources"),
+    ({"empty.jsonl": ""}, "dataset {dir}/empty.jsonl: the file is empty"),
+    ({"ragged.csv": "prompt,response\nhi,hello\nx,y,z\n"},
+     "dataset.name: {dir}/ragged.csv (split 'train') could not be loaded: Error tokenizing data. C error: Expected 2 "
+     "fields in line 3, saw 3"),
+], ids=["a folder of two file types", "an empty file", "a ragged csv"])
+def test_data_files_that_cannot_be_read_as_given_say_why(tmp_path, files, expected):
+    """A folder of .jsonl and .csv files read only the .jsonl rows without a word; an empty file said
+    StopIteration; a broken CSV only 'An error occurred while generating the dataset'."""
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("".join(SAMPLE_DATA.read_text().splitlines(keepends=True)[:20])
+                                     if text == "SAMPLE" else text)
+    line, _ = sft("--dataset.name", str(tmp_path / next(iter(files)).split("/")[0]), tmp_path=tmp_path)
+    assert line == "sft.py: error: " + expected.format(dir=tmp_path)
+
+
 def test_every_row_truncated_away_says_which_max_seq_length_fits(tmp_path):
     line, _ = sft("--model.max_seq_length", "4", tmp_path=tmp_path)
     assert "no row has a trainable token within max_seq_length 4" in line

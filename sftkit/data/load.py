@@ -3,17 +3,12 @@
 import functools
 import glob
 import json
-import logging
 from pathlib import Path
 
 from sftkit.config import PROJECT_DIR, SourceConfig, local_splits, looked_in, looks_local, resolve_path
 from sftkit.data.formats import DataError
 
 LOCAL_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-# datasets logs this before raising; the error we raise says where the file is broken instead.
-logging.getLogger("datasets.packaged_modules.json.json").addFilter(
-    lambda record: not record.getMessage().startswith("Failed to load JSON from file")
-)
 
 
 def load_source(source: SourceConfig, split: str | None = None, key: str = "dataset"):
@@ -35,6 +30,8 @@ def load_source(source: SourceConfig, split: str | None = None, key: str = "data
         if splits and split not in splits:
             raise DataError(f"{split_key}: {split!r} is not a split of {source.name}; its splits are "
                             f"{', '.join(splits)}") from None
+        while error.__cause__ is not None:  # datasets wraps the reader's own error ("while generating the dataset")
+            error = error.__cause__
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataError(f"{key}.name: {source.name} (split {split!r}) could not be loaded: {message}") from None
     if source.column_map:
@@ -70,8 +67,13 @@ def _load(source: SourceConfig, split: str, key: str, split_key: str):
     files = _local_files(source.name)
     if files:
         builders = {LOCAL_FILE_BUILDERS.get(Path(file).suffix) for file in files}
-        if None in builders or len(builders) > 1:
-            raise DataError(f"dataset {source.name}: files must all be one of {', '.join(LOCAL_FILE_BUILDERS)}")
+        unknown = [file for file in files if Path(file).suffix not in LOCAL_FILE_BUILDERS]
+        if unknown:
+            raise DataError(f"dataset {source.name}: files must all be one of {', '.join(LOCAL_FILE_BUILDERS)}"
+                            + (f"; {Path(unknown[0]).name} is not" if len(files) > 1 else ""))
+        _one_file_type(source.name, files)
+        if all(Path(file).stat().st_size == 0 for file in files):
+            raise DataError(f"dataset {source.name}: {'the file is' if len(files) == 1 else 'its files are'} empty")
         if split != "train":
             fix = ("hold out rows with dataset.test_size, or evaluate on dataset.eval_sources"
                    if split_key == "dataset.eval_split" else "remove the split setting")
@@ -96,8 +98,19 @@ def _load(source: SourceConfig, split: str, key: str, split_key: str):
         saved = load_from_disk(str(path))
         return saved[split] if isinstance(saved, DatasetDict) else saved
     if path.is_dir():
+        _one_file_type(source.name, [str(file) for file in path.iterdir() if file.suffix in LOCAL_FILE_BUILDERS])
         return load_dataset(str(path), split=split)
     return load_dataset(source.name, source.subset, split=split)
+
+
+def _one_file_type(name: str, files: list[str]) -> None:
+    """The datasets loader reads one type of file: of a folder of .jsonl and .csv files it quietly reads one kind."""
+    kinds = {}
+    for file in sorted(files):
+        kinds.setdefault(LOCAL_FILE_BUILDERS[Path(file).suffix], Path(file).name)
+    if len(kinds) > 1:
+        raise DataError(f"dataset {name} mixes file types ({', '.join(kinds.values())}), and only one type is read; "
+                        "keep one type there, or list each as one of dataset.sources")
 
 
 def _split_names(source: SourceConfig) -> list[str] | None:
