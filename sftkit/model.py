@@ -139,7 +139,7 @@ def load_tokenizer(model_cfg: ModelConfig, dataset_cfg: DatasetConfig):
         raise ConfigError(f"model.path {model_cfg.path}: its tokenizer cannot be loaded: {_first_line(error)}") \
             from None
     if dataset_cfg.chat_template:
-        tokenizer.chat_template = _read_template(dataset_cfg.chat_template)
+        _set_template(tokenizer, dataset_cfg.chat_template)
     elif tokenizer.chat_template is None:
         tokenizer.chat_template = CHATML_TEMPLATE
     ensure_distinct_pad_token(tokenizer)
@@ -169,9 +169,23 @@ def ensure_distinct_pad_token(tokenizer) -> None:
     )
 
 
-def _read_template(value: str) -> str:
+def _set_template(tokenizer, value: str) -> None:
+    """dataset.chat_template, a file's path or the template itself, checked to be Jinja before any row meets it
+    (compiled the way transformers compiles it, by rendering a two-message chat; only a syntax error counts here,
+    since a template may refuse such a chat on purpose)."""
+    import jinja2
+
     path = Path(resolve_path(value))
-    return path.read_text() if path.is_file() else value
+    tokenizer.chat_template = path.read_text() if path.is_file() else value
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+                                      tokenize=False)
+    except jinja2.TemplateSyntaxError as error:
+        where = path if path.is_file() else "(the text given)"
+        raise ConfigError(f"dataset.chat_template {where}: not a valid Jinja template, line {error.lineno}: "
+                          f"{error.message}") from None
+    except Exception:  # what the template refuses, each row that meets it reports
+        pass
 
 
 def resolve_dtype(model_cfg: ModelConfig, training) -> torch.dtype:

@@ -144,6 +144,15 @@ def test_data_files_that_cannot_be_read_as_given_say_why(tmp_path, files, expect
     assert line == "sft.py: error: " + expected.format(dir=tmp_path)
 
 
+def test_a_chat_template_file_that_is_not_jinja_is_named(tmp_path):
+    """It was blamed on the model's template and the first data row."""
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for message in messages %}{{ message.content }\n{% endfor %}")
+    line, _ = sft("--dataset.chat_template", str(template), tmp_path=tmp_path)
+    assert line == (f"sft.py: error: dataset.chat_template {template}: not a valid Jinja template, line 1: "
+                    "unexpected '}'")
+
+
 def test_every_row_truncated_away_says_which_max_seq_length_fits(tmp_path):
     line, _ = sft("--model.max_seq_length", "4", tmp_path=tmp_path)
     assert "no row has a trainable token within max_seq_length 4" in line
