@@ -78,6 +78,14 @@ def test_assistant_messages_of_weight_0_do_not_train(tokenizer, tmp_path):
         to_messages(rows[3], "messages")
 
 
+def test_an_empty_system_message_is_no_system_prompt(tokenizer):
+    """ShareGPT dumps often carry {"from": "system", "value": ""}; such rows failed as bad rows."""
+    row = {"conversations": [{"from": "system", "value": ""}, {"from": "human", "value": "Hi"},
+                             {"from": "gpt", "value": "Hello!"}]}
+    assert to_messages(row, "sharegpt") == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    assert to_messages(row, "sharegpt", "Be brief.")[0] == {"role": "system", "content": "Be brief."}
+
+
 def test_sample_data_is_messages_with_system_and_multi_turn_rows(tokenizer):
     rows = [json.loads(line) for line in SAMPLE_DATA.read_text().splitlines()]
     assert len(rows) >= 200

@@ -92,7 +92,8 @@ def to_messages(row: dict, format_name: str, system_prompt: str | None = None, a
         messages = FORMATS[format_name](row, answer_source)
     except KeyError as missing:
         raise ValueError(f"missing column {missing} for format {format_name!r}") from None
-    messages = [_check_message(message, index) for index, message in enumerate(_as_list(messages))]
+    messages = [_check_message(message, index) for index, message in enumerate(_as_list(messages))
+                if not _empty_system(message)]  # common in ShareGPT dumps ("system": ""): no system prompt
     if not any(message["role"] == "assistant" for message in messages):
         raise ValueError("no assistant message: there is nothing to train on")
     if not any(trains(message) for message in messages):
@@ -125,6 +126,10 @@ def _as_list(messages) -> list:
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"expected a non-empty list of messages, got {type(messages).__name__}")
     return messages
+
+
+def _empty_system(message) -> bool:
+    return isinstance(message, dict) and message.get("role") == "system" and not (message.get("content") or "").strip()
 
 
 def _check_message(message, index: int) -> dict:
