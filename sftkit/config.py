@@ -183,7 +183,9 @@ def find_config_file(name: str | None, directory: Path = CONFIGS_DIR) -> Path:
     for candidate in (directory / path, directory / f"{path}.yaml"):
         if not path.is_absolute() and candidate.is_file():
             return candidate
-    raise ConfigError(f"config file not found: {name} (looked in the working directory and in {directory})")
+    there = ", ".join(sorted(file.stem for file in directory.glob("*.yaml")))
+    raise ConfigError(f"config file not found: {name} (looked in the working directory and in {directory}, which "
+                      f"has {there})")
 
 
 def resolve_path(value: str) -> str:

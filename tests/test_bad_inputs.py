@@ -144,6 +144,14 @@ def test_data_files_that_cannot_be_read_as_given_say_why(tmp_path, files, expect
     assert line == "sft.py: error: " + expected.format(dir=tmp_path)
 
 
+def test_sharegpt_role_names_in_openai_messages_say_what_they_mean(tmp_path):
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "human", "content": "Hi"}, {"role": "gpt", "content": "Yo"}]}))
+    line, _ = sft("--dataset.name", str(data), "--dataset.test_size", "null", tmp_path=tmp_path)
+    assert line.endswith("line 1: message 0 has role 'human'; expected one of system, user, assistant, tool "
+                         "(ShareGPT's name for user: rename it)")
+
+
 def test_a_chat_template_file_that_is_not_jinja_is_named(tmp_path):
     """It was blamed on the model's template and the first data row."""
     template = tmp_path / "chat.jinja"

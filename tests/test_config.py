@@ -59,7 +59,8 @@ def test_preset_lies_between_the_config_and_the_command_line(tmp_path):
     assert config.training.logging_steps == 3, "the command line wins over the preset"
     low = load_config(write(tmp_path, MINIMAL), [], "low_memory")
     assert (low.model.use_lora, low.model.load_in_4bit, low.training.activation_checkpointing) == (True, True, True)
-    with pytest.raises(ConfigError, match="config file not found: no_such_preset"):
+    with pytest.raises(ConfigError, match="config file not found: no_such_preset .*, which has fast_test, "
+                                          "full_training, low_memory"):
         load_config(write(tmp_path, MINIMAL), [], "no_such_preset")
 
 

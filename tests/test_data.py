@@ -150,7 +150,8 @@ def test_unknown_columns_and_missing_files_are_clear(tmp_path, tokenizer):
 
 
 def test_test_size_too_large_for_the_data_is_clear(tmp_path, tokenizer):
-    with pytest.raises(DataError, match="dataset.test_size 5 cannot split 3 rows into train and eval"):
+    with pytest.raises(DataError, match=r"dataset.test_size 5 cannot split 3 rows into train and eval; give a "
+                                        r"fraction below 1 \(0.05\) or a count below 3$"):
         prepare_data(DatasetConfig(name=write_rows(tmp_path, ".jsonl", ROWS), test_size=5), tokenizer, max_length=64)
 
 

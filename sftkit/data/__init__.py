@@ -73,7 +73,8 @@ def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42,
         try:
             split = train.train_test_split(test_size=size, seed=seed)
         except ValueError:
-            raise DataError(f"dataset.test_size {size} cannot split {len(train)} rows into train and eval") from None
+            raise DataError(f"dataset.test_size {size} cannot split {len(train)} rows into train and eval; give a "
+                            f"fraction below 1 (0.05) or a count below {len(train)}") from None
         train, evaluation = split["train"], split["test"]
     if evaluation is not None and len(evaluation) == 0:
         raise DataError(f"the eval data has no row with a trainable token within max_seq_length {max_length}: "

@@ -139,7 +139,8 @@ def _check_message(message, index: int) -> dict:
         raise ValueError(f"message {index} has no role")
     role, content = message["role"], message.get("content")
     if role not in ROLES:
-        raise ValueError(f"message {index} has role {role!r}; expected one of {', '.join(ROLES)}")
+        mapped = f" (ShareGPT's name for {SHAREGPT_ROLES[role]}: rename it)" if role in SHAREGPT_ROLES else ""
+        raise ValueError(f"message {index} has role {role!r}; expected one of {', '.join(ROLES)}{mapped}")
     if content is not None and not isinstance(content, str):
         raise ValueError(f"message {index} ({role}) has content of type {type(content).__name__}, expected text")
     if not content or not content.strip():
