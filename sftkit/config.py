@@ -855,6 +855,8 @@ def _coerce(value: Any, hint: Any) -> Any:
     if hint is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, int) and not isinstance(value, bool):  # output_dir: 2024, as YAML reads it
+            return str(value)
         raise ValueError(f"expected a string, got {value!r}")
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         return hint(value).value

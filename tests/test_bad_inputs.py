@@ -152,6 +152,21 @@ def test_sharegpt_role_names_in_openai_messages_say_what_they_mean(tmp_path):
                          "(ShareGPT's name for user: rename it)")
 
 
+@pytest.mark.parametrize(("row", "overrides", "expected"), [
+    ({"conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}, [],
+     "line 1: turn 0 has role and content, as OpenAI messages do, not ShareGPT's from and value; map the column: "
+     "column_map: {conversations: messages}"),
+    ({"query": "a", "prompt": "b", "response": "c"}, ["--dataset.column_map", "{query: prompt}"],
+     ": column_map renames 'query' to 'prompt', a column the rows have already; map that one to another name too, "
+     "or leave the rename out"),
+], ids=["openai messages under conversations", "a rename onto a column it has"])
+def test_columns_under_other_names_say_how_to_map_them(tmp_path, row, overrides, expected):
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    line, _ = sft("--dataset.name", str(data), "--dataset.test_size", "null", *overrides, tmp_path=tmp_path)
+    assert line.startswith(f"sft.py: error: dataset {data}") and line.endswith(expected)
+
+
 def test_a_chat_template_file_that_is_not_jinja_is_named(tmp_path):
     """It was blamed on the model's template and the first data row."""
     template = tmp_path / "chat.jinja"

@@ -227,6 +227,11 @@ def test_a_config_file_that_does_not_read_cleanly_is_one_line_naming_the_place(t
         load_config(str(path))
 
 
+def test_a_text_setting_given_digits_is_that_text(tmp_path):
+    """YAML, and an override, read output_dir: 2024 as a number."""
+    assert load_config(write(tmp_path, MINIMAL), ["--training.output_dir", "2024"]).training.output_dir == "2024"
+
+
 def test_yaml_boolean_words(tmp_path):
     config = load_config(write(tmp_path, MINIMAL), ["--training.save_strategy", "no"])
     assert config.training.save_strategy == "no"

@@ -24,6 +24,9 @@ def from_sharegpt(row: dict, answer_source: str) -> list[dict]:
     """ShareGPT: {"conversations": [{"from": "human" | "gpt" | "system", "value": ...}, ...]}."""
     messages = []
     for index, turn in enumerate(_as_list(row["conversations"])):
+        if isinstance(turn, dict) and "from" not in turn and "role" in turn:
+            raise ValueError(f"turn {index} has role and content, as OpenAI messages do, not ShareGPT's from and "
+                             "value; map the column: column_map: {conversations: messages}")
         if not isinstance(turn, dict) or turn.get("from") not in SHAREGPT_ROLES:
             found = turn.get("from") if isinstance(turn, dict) else type(turn).__name__
             raise ValueError(f"turn {index} has from={found!r}; expected one of {', '.join(SHAREGPT_ROLES)}")

@@ -39,6 +39,11 @@ def load_source(source: SourceConfig, split: str | None = None, key: str = "data
         if missing:
             raise DataError(f"dataset {source.name}: column_map names columns it does not have: {missing}; "
                             f"its columns are {rows.column_names}")
+        taken = sorted(set(source.column_map.values()) & (set(rows.column_names) - set(source.column_map)))
+        if taken:
+            renamed = next(old for old, new in source.column_map.items() if new == taken[0])
+            raise DataError(f"dataset {source.name}: column_map renames {renamed!r} to {taken[0]!r}, a column the rows "
+                            "have already; map that one to another name too, or leave the rename out")
         rows = rows.rename_columns(source.column_map)
     if source.max_samples is not None:
         rows = rows.select(range(min(source.max_samples, len(rows))))
