@@ -147,7 +147,8 @@ def _check_message(message, index: int) -> dict:
     if content is not None and not isinstance(content, str):
         raise ValueError(f"message {index} ({role}) has content of type {type(content).__name__}, expected text")
     if not content or not content.strip():
-        raise ValueError(f"message {index} ({role}) has empty content")
+        calls = " (it holds tool_calls, which sftkit does not train on)" if message.get("tool_calls") else ""
+        raise ValueError(f"message {index} ({role}) has empty content{calls}")
     weight = message.get("weight")
     if weight is None or (weight == 1 and role == "assistant"):
         return {"role": role, "content": content}
