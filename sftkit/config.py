@@ -822,7 +822,7 @@ def _coerce(value: Any, hint: Any) -> Any:
         if isinstance(value, bool) and str in args:
             raise ValueError(f"expected {_describe(hint)}, got {str(value).lower()} (YAML reads a bare no, off, yes "
                              "or on as a boolean: quote it, as in \"no\")")
-        raise ValueError(f"expected {_describe(hint)}, got {value!r}")
+        raise ValueError(f"expected {_describe(hint)}, got {value!r}{_number_for_text(value) if str in args else ''}")
     if origin is Literal:
         if value in args:
             return value
@@ -855,12 +855,17 @@ def _coerce(value: Any, hint: Any) -> Any:
     if hint is str:
         if isinstance(value, str):
             return value
-        if isinstance(value, int) and not isinstance(value, bool):  # output_dir: 2024, as YAML reads it
-            return str(value)
-        raise ValueError(f"expected a string, got {value!r}")
+        raise ValueError(f"expected a string, got {value!r}{_number_for_text(value)}")
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         return hint(value).value
     return value
+
+
+def _number_for_text(value: Any) -> str:
+    """The fix for digits given where text is expected (output_dir: 2024)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f' (YAML reads it as a number: quote it, as in "{value}")'
+    return ""
 
 
 def _describe(hint: Any) -> str:

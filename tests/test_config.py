@@ -227,9 +227,11 @@ def test_a_config_file_that_does_not_read_cleanly_is_one_line_naming_the_place(t
         load_config(str(path))
 
 
-def test_a_text_setting_given_digits_is_that_text(tmp_path):
+def test_a_text_setting_given_digits_says_to_quote_them(tmp_path):
     """YAML, and an override, read output_dir: 2024 as a number."""
-    assert load_config(write(tmp_path, MINIMAL), ["--training.output_dir", "2024"]).training.output_dir == "2024"
+    with pytest.raises(ConfigError, match=r'training.output_dir: expected a string or null, got 2024 \(YAML reads '
+                                          r'it as a number: quote it, as in "2024"\)'):
+        load_config(write(tmp_path, MINIMAL), ["--training.output_dir", "2024"])
 
 
 def test_yaml_boolean_words(tmp_path):
