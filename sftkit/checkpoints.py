@@ -141,11 +141,16 @@ class RecordRunInCheckpoints(TrainerCallback):
             write_json(checkpoint / RUN_FILE, run_record(self.resolved, step=state.global_step, **self.seconds()))
 
 
+def newest_resumable(output_dir: Path) -> Path | None:
+    """The newest checkpoint in output_dir that is intact and vouched for by a run record."""
+    intact = [path for path in checkpoints_in(output_dir) if damage(path) is None and checkpoint_record(path)]
+    return intact[-1] if intact else None
+
+
 def newest_checkpoint_words(output_dir: Path, max_steps: int | None = None) -> str:
     """Where a failed run can continue from, for its error message."""
-    intact = [path for path in checkpoints_in(output_dir) if damage(path) is None and checkpoint_record(path)]
-    if not intact:
+    newest = newest_resumable(output_dir)
+    if newest is None:
         return "no checkpoint was saved (set training.save_strategy: steps to keep some)"
-    newest = intact[-1]
     of = f" of {max_steps}" if max_steps else ""
     return f"the newest checkpoint is {newest} (step {newest.name.rsplit('-', 1)[-1]}{of})"

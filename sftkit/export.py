@@ -204,9 +204,9 @@ def _publish(staging: Path, output_dir: Path) -> None:
             if stale.name not in moved:
                 stale.unlink()
     for item in sorted(staging.iterdir(), key=lambda path: (path.name == "config.json", path.name)):
-        target = output_dir / item.name
         if item == manifest:
             continue
+        target = output_dir / item.name
         if target.is_dir():
             shutil.rmtree(target)
         elif target.exists():

@@ -16,7 +16,13 @@ from pathlib import Path
 import transformers
 from transformers import set_seed
 
-from sftkit.checkpoints import RecordRunInCheckpoints, checkpoint_to_resume, earlier_progress, newest_checkpoint_words
+from sftkit.checkpoints import (
+    RecordRunInCheckpoints,
+    checkpoint_to_resume,
+    earlier_progress,
+    newest_checkpoint_words,
+    newest_resumable,
+)
 from sftkit.compat import allow_fsdp_on_cpu, check_fsdp_on
 from sftkit.config import RunConfig
 from sftkit.data import prepare_for_training
@@ -196,8 +202,8 @@ def _stopped_at_once(output_dir: Path) -> str:
     if staging.is_dir():
         return (f"stopped at once during the export; what it wrote is kept in {staging}, and if the weights were "
                 f"written, sftkit export {output_dir} finishes it")
-    newest = newest_checkpoint_words(output_dir)
-    return f"stopped at once; {newest}" + (f". Resume with: {resume_command()}" if "newest" in newest else "")
+    resume = f". Resume with: {resume_command()}" if newest_resumable(output_dir) else ""
+    return f"stopped at once; {newest_checkpoint_words(output_dir)}{resume}"
 
 
 def resume_command() -> str:

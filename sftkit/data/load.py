@@ -71,12 +71,11 @@ def _load(source: SourceConfig, split: str, key: str, split_key: str):
 
     files = _local_files(source.name)
     if files:
-        builders = {LOCAL_FILE_BUILDERS.get(Path(file).suffix) for file in files}
         unknown = [file for file in files if Path(file).suffix not in LOCAL_FILE_BUILDERS]
         if unknown:
             raise DataError(f"dataset {source.name}: files must all be one of {', '.join(LOCAL_FILE_BUILDERS)}"
                             + (f"; {Path(unknown[0]).name} is not" if len(files) > 1 else ""))
-        _one_file_type(source.name, files)
+        builder = _one_file_type(source.name, files)
         if all(Path(file).stat().st_size == 0 for file in files):
             raise DataError(f"dataset {source.name}: {'the file is' if len(files) == 1 else 'its files are'} empty")
         if split != "train":
@@ -84,7 +83,6 @@ def _load(source: SourceConfig, split: str, key: str, split_key: str):
                    if split_key == "dataset.eval_split" else "remove the split setting")
             raise DataError(f"{split_key}: {split!r} is not a split of {source.name}: local files have one split, "
                             f"train; {fix}")
-        builder = builders.pop()
         try:
             return load_dataset(builder, data_files=files, split="train")  # local files load as one "train" split
         except Exception:
@@ -108,14 +106,16 @@ def _load(source: SourceConfig, split: str, key: str, split_key: str):
     return load_dataset(source.name, source.subset, split=split)
 
 
-def _one_file_type(name: str, files: list[str]) -> None:
-    """The datasets loader reads one type of file: of a folder of .jsonl and .csv files it quietly reads one kind."""
+def _one_file_type(name: str, files: list[str]) -> str | None:
+    """The datasets builder of the files (None for none): it reads one type of file, and of a folder of .jsonl and
+    .csv files it quietly reads one kind."""
     kinds = {}
     for file in sorted(files):
         kinds.setdefault(LOCAL_FILE_BUILDERS[Path(file).suffix], Path(file).name)
     if len(kinds) > 1:
         raise DataError(f"dataset {name} mixes file types ({', '.join(kinds.values())}), and only one type is read; "
                         "keep one type there, or list each as one of dataset.sources")
+    return next(iter(kinds), None)
 
 
 def _split_names(source: SourceConfig) -> list[str] | None:
