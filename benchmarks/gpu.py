@@ -1,21 +1,26 @@
-"""Training throughput and memory on a GPU: randomly initialised Llamas of Llama-3.2-1B's shape (sequence 2,048, bf16)
-and of Llama-3.1-8B's (QLoRA, configs/examples/llama3.1_8b_qlora.yaml as shipped).
+"""Training throughput and memory on a GPU: randomly initialised models of real shapes (Llama-3.2-1B at sequence
+2,048 in bf16; the shipped examples' models: Llama-3.1-8B under QLoRA, TinyLlama-1.1B, Qwen2.5-1.5B).
 
-    python benchmarks/gpu.py                      # on a GPU: every variant below, in order, within --budget
+    python benchmarks/gpu.py                      # on a GPU: the core set (CORE), in order, within --budget
+    python benchmarks/gpu.py --all                # every variant below, the core set first
     python benchmarks/gpu.py --only lora-sftkit   # some of them
     python benchmarks/gpu.py --tiny               # anywhere (CI, a CPU): a tiny shape, so the script keeps working
+    python benchmarks/gpu.py --table results.json # the table of an earlier results file
 
 Each variant runs in its own process for a fixed number of optimizer steps; tokens/s is measured after the warm-up
-steps, from the Trainer's count of input tokens. Variants: LoRA and full fine-tuning; sftkit vs plain TRL with its
-defaults (the baseline) and plain TRL given sftkit's settings (packing, Liger, compile, attention); sftkit with and
-without torch.compile, Liger kernels, packing (padding-free), activation checkpointing, PEFT's float32 copies of the
-adapter inputs, flex_attention in place of the default attention, micro-batch 4 against 8, and packed micro-batches
-padded to one static shape; the QLoRA 8B example (as shipped, and at micro-batch 4 as issue 13 measured it).
-Each sftkit variant also records the dry run's memory estimate for its settings beside the peak measured.
+steps, from the Trainer's count of input tokens. The core set: LoRA and full fine-tuning, sftkit against plain TRL
+with its defaults (the baseline) and against plain TRL given sftkit's settings (packing, Liger, compile, attention),
+and the 8B QLoRA example as shipped. The rest: the other examples as shipped; a profile of three LoRA steps (the
+kernels that take the GPU's time); sftkit with and without torch.compile, Liger kernels, packing (padding-free),
+activation checkpointing, PEFT's float32 copies of the adapter inputs, flex_attention in place of the default
+attention, micro-batch 4 against 8, and packed micro-batches padded to one static shape; the 8B example at
+micro-batch 4 without Liger, as issue 13 first measured it. Each sftkit variant also records the dry run's memory
+estimate for its settings beside the peak measured.
 
-The results JSON names the device and the library versions, and each variant's seconds (start-up, compile and all);
-it is rewritten after every variant, and a variant that would start after --budget seconds is skipped and says so,
-so one call on a lent GPU returns what it measured even when it runs out of time.
+The results JSON names the device and the library versions, and each variant's seconds (in all, and split into
+setup, warm-up steps with any compiling, and measured steps); it is rewritten after every variant, and a variant that
+would start after --budget seconds is skipped and says so, so one call on a lent GPU returns what it measured even
+when it runs out of time. The table beside it (.md, also printed) sets each variant against both baselines.
 
 MFU = achieved FLOP/s / the device's peak dense bf16 FLOP/s, with per-token FLOPs of
 - full fine-tuning: 6 N (forward 2 N, backward 4 N) + attention 12 L s d (forward and backward of QK^T and AV);
@@ -36,38 +41,49 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+STARTED = time.perf_counter()  # in a variant's own process: its setup time counts from here
 sys.path.insert(0, str(ROOT))
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
-SHAPES = {
-    "llama-3.2-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+SHAPES = {  # each real model's architecture and sizes, from its config.json on the Hub
+    "llama-3.2-1b": {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
                      "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
                      "tie_word_embeddings": True},
-    "llama-3.1-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "llama-3.1-8b": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
                      "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
                      "tie_word_embeddings": False},
-    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "tinyllama-1.1b": {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+                       "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000,
+                       "tie_word_embeddings": False},
+    "qwen2.5-1.5b": {"model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+                     "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936,
+                     "tie_word_embeddings": True},
+    "tiny": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 2, "vocab_size": 820, "tie_word_embeddings": True},
 }
 
 
 def variants(attention: str) -> dict[str, dict]:
-    """name -> settings, the most telling first (the budget cuts from the end). The baseline is plain TRL: its
-    defaults, no packing, no Liger; `trl-same-settings` is plain TRL given the settings of sftkit's fast variant."""
+    """name -> settings, the most telling first (the budget cuts from the end); the first CORE ones run by default.
+    The baseline is plain TRL: its defaults, no packing, no Liger; `trl-same-settings` is plain TRL given the settings
+    of sftkit's fast variant. A variant with a `config` trains that shipped example as it is (one micro-batch a step:
+    the same peak memory and tokens/s as its accumulation, in a fraction of the time)."""
     fast = {"packing": "true", "use_liger_kernel": "true", "torch_compile": "true", "attn": attention,
             "gradient_checkpointing": "false"}
     table = {}
     for method in ("lora", "full"):
         table[f"{method}-baseline-trl"] = {"side": "baseline", "method": method}
         table[f"{method}-sftkit"] = {"side": "ours", "method": method, **fast}
-    table["qlora-8b-example"] = {"side": "ours", "method": "qlora", "shape": "llama-3.1-8b",  # one micro-batch a step:
-                                 "config": "examples/llama3.1_8b_qlora.yaml", "steps": 8, "warmup": 3,  # the same
-                                 "gradient_accumulation_steps": 1}  # peak memory and tokens/s, an eighth of the time
+    table["qlora-8b-example"] = example("llama3.1_8b_qlora.yaml", "qlora", "llama-3.1-8b", steps=8, warmup=3)
+    lora = table["lora-sftkit"]
+    table["lora-trl-same-settings"] = {**lora, "side": "baseline"}
+    table["tinyllama-1.1b-lora-example"] = example("tinyllama_1.1b_chat_lora.yaml", "lora", "tinyllama-1.1b")
+    table["qwen2.5-1.5b-full-example"] = example("qwen2.5_1.5b_full.yaml", "full", "qwen2.5-1.5b")
+    table["lora-sftkit-profile"] = {**lora, "profile": True}  # where the GPU time of three steps goes
+    table["full-trl-same-settings"] = {**table["full-sftkit"], "side": "baseline"}
     for method in ("lora", "full"):
         ours = table[f"{method}-sftkit"]
-        table[f"{method}-trl-same-settings"] = {**ours, "side": "baseline"}
         table[f"{method}-sftkit-no-compile"] = {**ours, "torch_compile": "false"}
         table[f"{method}-sftkit-flex-attention"] = {**ours, "attn": "flex_attention"}
-    lora = table["lora-sftkit"]
     if attention != "sdpa":
         table["lora-sftkit-sdpa"] = {**lora, "attn": "sdpa"}
     table["lora-sftkit-adapter-input-casts"] = {**lora, "cast_adapter_inputs": "true"}
@@ -83,16 +99,28 @@ def variants(attention: str) -> dict[str, dict]:
     return table
 
 
+# Measured on one H100 with 16 cores (2026-11-27): the first five took 471 s with the models built and saved, the
+# fair baseline 100 s more. The rest run with --all (or by name with --only), a budget's worth per call.
+CORE = ("lora-baseline-trl", "lora-sftkit", "full-baseline-trl", "full-sftkit", "qlora-8b-example",
+        "lora-trl-same-settings")
+
+
+def example(config: str, method: str, shape: str, steps: int = 20, warmup: int = 6) -> dict:
+    return {"side": "ours", "method": method, "shape": shape, "config": f"examples/{config}", "steps": steps,
+            "warmup": warmup, "gradient_accumulation_steps": 1}
+
+
 def build_model(shape: str, seq_len: int, directory: Path) -> Path:
-    """A random-weight bf16 model of `shape` with the tiny model's tokenizer, built on the GPU (an 8B model
-    initialises in seconds there) and saved, so each variant loads it the way a run loads a real one."""
+    """A random-weight bf16 model of `shape` (its architecture and sizes) with the tiny model's tokenizer, built on
+    the GPU (an 8B model initialises in seconds there) and saved, so each variant loads it the way a run loads a real
+    one."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(ROOT / "data" / "tiny-chat-llama")
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=max(seq_len, 4096),
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = AutoConfig.for_model(**SHAPES[shape], max_position_embeddings=max(seq_len, 4096),
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -120,14 +148,19 @@ def run_variant(spec: dict, model_dir: str, data_file: str, seq_len: int, steps:
     from transformers import TrainerCallback
 
     class Meter(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.begin = time.perf_counter()
+
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == warmup:
                 self.start = (time.perf_counter(), state.num_input_tokens_seen)
-            self.end = (time.perf_counter(), state.num_input_tokens_seen)
+            if state.global_step <= steps:  # not the profiled steps
+                self.end = (time.perf_counter(), state.num_input_tokens_seen)
 
     steps, warmup = spec.get("steps", steps), spec.get("warmup", warmup)
     meter = Meter()
-    common = {"max_steps": steps, "learning_rate": 1e-4, "logging_steps": 1000, "save_strategy": "no",
+    profile = profile_callback(steps) if spec.get("profile") else None
+    common = {"max_steps": steps + (PROFILED_STEPS if profile else 0), "learning_rate": 1e-4, "logging_steps": 1000, "save_strategy": "no",
               "eval_strategy": "no", "report_to": "none", "include_num_input_tokens_seen": "non_padding",
               "output_dir": tempfile.mkdtemp(),
               "dataset_num_proc": min(os.cpu_count() or 1, 8)}  # both sides tokenize in parallel
@@ -141,20 +174,63 @@ def run_variant(spec: dict, model_dir: str, data_file: str, seq_len: int, steps:
     else:
         trainer, estimate = _sftkit_trainer(spec, model_dir, data_file, seq_len, common)
     trainer.add_callback(meter)
-    if torch.cuda.is_available():
+    if profile:
+        trainer.add_callback(profile)
+    gpu = torch.cuda.is_available()
+    if gpu:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     seconds, tokens = meter.end[0] - meter.start[0], meter.end[1] - meter.start[1]
     config = trainer.model.config
-    gpu = torch.cuda.is_available()
     return {
         "tokens_per_second": tokens / seconds,
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if gpu else None,
         "dry_run_estimate_gib": estimate,
         "flops_per_token": flops_per_token(config, trainer.args.max_length, spec["method"]),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "device": torch.cuda.get_device_name(0) if gpu else "cpu",
+        "method": spec["method"],
+        # where a variant's time goes: loading and preparing, the warm-up steps (compiling), the measured steps
+        "seconds": {"setup": meter.begin - STARTED, "warmup_steps": meter.start[0] - meter.begin, "measured": seconds},
+        **({"profile": profile.top_kernels} if profile else {}),
     }
+
+
+PROFILED_STEPS = 3
+
+
+def profile_callback(after: int, steps: int = PROFILED_STEPS, top: int = 12):
+    """torch.profiler over `steps` more steps after step `after` (past the timed ones, which the profiler would slow
+    down): the kernels (the operators, without a GPU) that took the most device time, each with its share of it.
+    Issue 13's profile put 53% of the GPU time in attention."""
+    import torch
+    from transformers import TrainerCallback
+
+    gpu = torch.cuda.is_available()
+    activities = [torch.profiler.ProfilerActivity.CUDA if gpu else torch.profiler.ProfilerActivity.CPU]
+
+    class Profile(TrainerCallback):
+        profiler, top_kernels = None, []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == after and self.profiler is None and not self.top_kernels:
+                self.profiler = torch.profiler.profile(activities=activities)
+                self.profiler.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.profiler is None or state.global_step < after + steps:
+                return
+            if gpu:
+                torch.cuda.synchronize()
+            self.profiler.__exit__(None, None, None)
+            events = self.profiler.key_averages()
+            self.profiler = None
+            times = {e.key: e.self_device_time_total if gpu else e.self_cpu_time_total for e in events}
+            total = sum(times.values()) or 1
+            self.top_kernels = [{"name": name[:120], "share": t / total}
+                                for name, t in sorted(times.items(), key=lambda item: -item[1])[:top]]
+
+    return Profile()
 
 
 def _sftkit_trainer(spec, model_dir, data_file, seq_len, common):
@@ -246,7 +322,10 @@ def peak_flops(device: str) -> float | None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a tiny shape on any device (what CI runs)")
-    parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
+    parser.add_argument("--only", nargs="*", help="variant names to run (default: the core set, %s)" % ", ".join(CORE))
+    parser.add_argument("--all", action="store_true", help="every variant, the core set first")
+    parser.add_argument("--table", metavar="JSON", help="print the table of an earlier results file, and write it "
+                                                        "beside it as .md")
     parser.add_argument("--budget", type=float, default=480,
                         help="seconds of the whole call (default 480): no variant starts after them, and a running "
                              "one is stopped at them plus a minute and marked")
@@ -254,6 +333,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
+    if args.table:
+        return write_table(Path(args.table), json.loads(Path(args.table).read_text()))
     seq_len, steps, warmup, rows = (128, 6, 2, 64) if args.tiny else (2048, 30, 10, 2000)
     if args.run:
         spec = json.loads(args.spec)
@@ -274,9 +355,12 @@ def main(argv: list[str] | None = None) -> dict:
         table = {name: {**spec, "use_liger_kernel": "false", "torch_compile": "false", "steps": steps, "warmup": warmup,
                         "tiny": True}
                  for name, spec in table.items()
-                 if name in ("lora-trl-same-settings", "lora-sftkit-no-liger", "qlora-8b-example")}
+                 if name in ("lora-trl-same-settings", "lora-sftkit-no-liger", "lora-sftkit-profile",
+                             "qlora-8b-example")}
     if args.only:
         table = {name: spec for name, spec in table.items() if name in args.only}
+    elif not (args.all or args.tiny):
+        table = {name: spec for name, spec in table.items() if name in CORE}
     report = {"device": torch.cuda.get_device_name(0) if gpu else "cpu (no GPU available)", "seq_len": seq_len,
               "steps": steps, "warmup_steps": warmup, "attention": attention, "versions": library_versions(),
               "budget_seconds": args.budget, "variants": {}}
@@ -298,8 +382,43 @@ def main(argv: list[str] | None = None) -> dict:
             out.write_text(json.dumps(report, indent=2) + "\n")  # what was measured survives a timeout
     report["total_seconds"] = time.perf_counter() - started
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    return write_table(out, report)
+
+
+def write_table(results: Path, report: dict) -> dict:
+    """The results side by side: each variant's tokens/s as a ratio to plain TRL's defaults and to plain TRL given
+    the same settings (for the same model and method: the same FLOPs per token), and its peak memory beside the dry
+    run's estimate. Printed, and written beside the JSON as .md."""
+    variants = report["variants"]
+    versions = report["versions"]
+    lines = [f"GPU benchmark on {report['device']}: sequence {report['seq_len']}, {report['steps']} steps "
+             f"({report['warmup_steps']} warm-up), attention {report['attention']}; "
+             + ", ".join(f"{name} {versions.get(name)}" for name in ("torch", "transformers", "trl", "peft",
+                                                                   "liger-kernel", "bitsandbytes")), "",
+             "| variant | tokens/s | x TRL defaults | x TRL same settings | MFU | peak allocated GiB | reserved GiB "
+             "| dry run GiB | dry run / peak | seconds |", "|---" * 10 + "|"]
+    for name, result in variants.items():
+        if "tokens_per_second" not in result:
+            lines.append(f"| {name} | {result.get('error') or result.get('skipped')} |" + " |" * 8)
+            continue
+        method = result.get("method") or name.split("-")[0]
+        ratios = [_ratio(result, variants.get(f"{method}-{baseline}")) for baseline in ("baseline-trl",
+                                                                                        "trl-same-settings")]
+        peak, estimate = result["peak_gpu_gib"], result["dry_run_estimate_gib"]
+        lines.append("| " + " | ".join([
+            name, f"{result['tokens_per_second']:,.0f}", *ratios,
+            f"{result['mfu']:.1%}" if result.get("mfu") else "",
+            *(f"{value:.2f}" if value is not None else "" for value in (peak, result["peak_reserved_gib"], estimate)),
+            f"{estimate / peak:.2f}" if estimate and peak else "", f"{result['variant_seconds']:.0f}"]) + " |")
+    text = "\n".join(lines) + "\n"
+    results.with_suffix(".md").write_text(text)
+    print(text)
     return report
+
+
+def _ratio(result: dict, baseline: dict | None) -> str:
+    same_model = baseline and baseline.get("flops_per_token") == result["flops_per_token"]
+    return f"{result['tokens_per_second'] / baseline['tokens_per_second']:.2f}" if same_model else ""
 
 
 def _run_in_subprocess(name: str, spec: dict, tiny: bool, timeout: float) -> dict:

@@ -2,6 +2,7 @@
 
 import json
 import re
+import runpy
 import subprocess
 import sys
 
@@ -47,8 +48,20 @@ def test_gpu_script_runs_its_tiny_shape_anywhere(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(next(tmp_path.glob("*gpu-tiny.json")).read_text())
-    assert set(report["variants"]) == {"lora-trl-same-settings", "lora-sftkit-no-liger", "qlora-8b-example"}
+    assert set(report["variants"]) == {"lora-trl-same-settings", "lora-sftkit-no-liger", "lora-sftkit-profile",
+                                       "qlora-8b-example"}
     assert all(v.get("tokens_per_second", 0) > 0 and v["variant_seconds"] > 0 for v in report["variants"].values()), report
+    for variant in report["variants"].values():  # where each variant's time went, in its own process
+        phases = variant["seconds"]
+        assert phases["setup"] > 0 and phases["warmup_steps"] > 0 and phases["measured"] > 0
+        assert sum(phases.values()) < variant["variant_seconds"]
+    kernels = report["variants"]["lora-sftkit-profile"]["profile"]  # on a CPU, operators: matmuls among the first
+    assert 0 < sum(k["share"] for k in kernels) <= 1 and any(k["name"] == "aten::mm" for k in kernels[:5]), kernels
+    table = next(tmp_path.glob("*gpu-tiny.md")).read_text()
+    ours, fair = (report["variants"][name]["tokens_per_second"] for name in ("lora-sftkit-no-liger",
+                                                                           "lora-trl-same-settings"))
+    assert f"| lora-sftkit-no-liger | {ours:,.0f} |  | {ours / fair:.2f} |" in table  # no defaults baseline here
+    assert table in result.stdout
     assert report["variants"]["qlora-8b-example"]["dry_run_estimate_gib"] > 0  # each sftkit variant's estimate
     assert report["variants"]["lora-trl-same-settings"]["dry_run_estimate_gib"] is None
     import torch
@@ -69,6 +82,19 @@ def test_memory_benchmark_sets_the_estimate_against_real_runs():
         # RSS growth on a CPU also counts the allocator's slack and fp32 CPU kernels; a gross error in the estimate
         # (a term left out, or counted in KiB or bits) still falls outside
         assert 0.5 < measured / estimate < 6, line
+
+
+def test_gpu_script_runs_its_core_set_by_default_and_every_variant_with_all(tmp_path):
+    def planned(*flags):
+        subprocess.run([sys.executable, "benchmarks/gpu.py", "--budget", "0", "--results", str(tmp_path), *flags],
+                       cwd=REPO, check=True, capture_output=True, timeout=300)
+        return list(json.loads(next(tmp_path.glob("*gpu.json")).read_text())["variants"])
+
+    core = list(runpy.run_path(str(REPO / "benchmarks" / "gpu.py"))["CORE"])
+    assert planned() == core
+    every = planned("--all")
+    assert every[:len(core)] == core and len(every) > len(core) + 10
+    assert {"tinyllama-1.1b-lora-example", "qwen2.5-1.5b-full-example", "lora-sftkit-profile"} <= set(every)
 
 
 def test_gpu_script_skips_what_would_start_past_its_budget_and_says_so(tmp_path):
