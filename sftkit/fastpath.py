@@ -7,9 +7,12 @@ for the adapter-input casts just after, since they follow its bf16); the run and
 What was measured, and where (issue 13, one H200, a Llama-3.2-1B-shape model, sequence 2,048, micro-batch 4, bf16):
 packing + Liger took LoRA from 7.7k to 19.5k tokens/s (Liger alone 18.2k -> 19.5k, and 3 GiB less at peak: with
 TRL 1.16 that is its layer kernels, since TRL turns Liger's fused cross-entropy off for its own chunked loss), and
-torch.compile halved LoRA's step time (0.59 s -> 0.30 s). Not measured yet, so left off by default: compile under
-DeepSpeed or FSDP (on this CPU ZeRO-2 compiles and trains; ZeRO-3 fails and is refused, compat.py), and with 4-bit
-layers; the attention kernels side by side.
+torch.compile halved LoRA's step time (0.59 s -> 0.30 s). With every choice below, on one H100 (2026-11-27, the same
+shape and libraries, benchmarks/results/2026-11-27-h100.md): LoRA 27.6k tokens/s, 3.8 times plain TRL's defaults
+and 1.7 times plain TRL given the same packing, Liger, compile and attention; full fine-tuning 30.3k, 3.5 times;
+15% and 24% MFU. Not measured yet, so left off by default: compile under DeepSpeed or FSDP (on this CPU ZeRO-2
+compiles and trains; ZeRO-3 fails and is refused, compat.py), and with 4-bit layers; the attention kernels side by
+side.
 
 Why packed batches are slow under sdpa (53% of the GPU time in the profile above): a padding-free micro-batch is one
 row of every packed row end to end, and transformers 5.24 keeps its conversations apart with a boolean mask built
