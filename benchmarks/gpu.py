@@ -10,7 +10,8 @@
 Each variant runs in its own process for a fixed number of optimizer steps; tokens/s is measured after the warm-up
 steps, from the Trainer's count of input tokens. The core set: LoRA and full fine-tuning, sftkit against plain TRL
 with its defaults (the baseline) and against plain TRL given sftkit's settings (packing, Liger, compile, attention),
-and the 8B QLoRA example as shipped. The rest: the other examples as shipped; a profile of three LoRA steps (the
+sftkit with PyTorch's own variable-length attention (model.attn_implementation: torch_varlen) in place of sdpa, and
+the 8B QLoRA example as shipped. The rest: the other examples as shipped; a profile of three LoRA steps (the
 kernels that take the GPU's time); sftkit with and without torch.compile, Liger kernels, packing (padding-free),
 activation checkpointing, PEFT's float32 copies of the adapter inputs, flex_attention in place of the default
 attention, micro-batch 4 against 8, and packed micro-batches padded to one static shape; the 8B example at
@@ -73,6 +74,8 @@ def variants(attention: str) -> dict[str, dict]:
     for method in ("lora", "full"):
         table[f"{method}-baseline-trl"] = {"side": "baseline", "method": method}
         table[f"{method}-sftkit"] = {"side": "ours", "method": method, **fast}
+        # PyTorch's own varlen kernel (sftkit/varlen.py): each packed conversation attends only to itself
+        table[f"{method}-sftkit-torch-varlen"] = {**table[f"{method}-sftkit"], "attn": "torch_varlen"}
     table["qlora-8b-example"] = example("llama3.1_8b_qlora.yaml", "qlora", "llama-3.1-8b", steps=8, warmup=3)
     lora = table["lora-sftkit"]
     table["lora-trl-same-settings"] = {**lora, "side": "baseline"}
@@ -83,6 +86,7 @@ def variants(attention: str) -> dict[str, dict]:
     for method in ("lora", "full"):
         ours = table[f"{method}-sftkit"]
         table[f"{method}-sftkit-no-compile"] = {**ours, "torch_compile": "false"}
+        table[f"{method}-sftkit-torch-varlen-no-compile"] = {**ours, "attn": "torch_varlen", "torch_compile": "false"}
         table[f"{method}-sftkit-flex-attention"] = {**ours, "attn": "flex_attention"}
     if attention != "sdpa":
         table["lora-sftkit-sdpa"] = {**lora, "attn": "sdpa"}
@@ -99,10 +103,11 @@ def variants(attention: str) -> dict[str, dict]:
     return table
 
 
-# Measured on one H100 with 16 cores (2026-11-27): the first five took 471 s with the models built and saved, the
-# fair baseline 100 s more. The rest run with --all (or by name with --only), a budget's worth per call.
-CORE = ("lora-baseline-trl", "lora-sftkit", "full-baseline-trl", "full-sftkit", "qlora-8b-example",
-        "lora-trl-same-settings")
+# Measured on one H100 with 16 cores (2026-11-27), before the torch-varlen variants: the two baselines, sftkit's two
+# runs and the 8B example took 471 s with the models built and saved, the fair baseline 100 s more. The rest run
+# with --all (or by name with --only), a budget's worth per call.
+CORE = ("lora-baseline-trl", "lora-sftkit", "lora-sftkit-torch-varlen", "full-baseline-trl", "full-sftkit",
+        "full-sftkit-torch-varlen", "qlora-8b-example", "lora-trl-same-settings")
 
 
 def example(config: str, method: str, shape: str, steps: int = 20, warmup: int = 6) -> dict:
@@ -356,7 +361,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "tiny": True}
                  for name, spec in table.items()
                  if name in ("lora-trl-same-settings", "lora-sftkit-no-liger", "lora-sftkit-profile",
-                             "qlora-8b-example")}
+                             "lora-sftkit-torch-varlen", "qlora-8b-example")}
     if args.only:
         table = {name: spec for name, spec in table.items() if name in args.only}
     elif not (args.all or args.tiny):

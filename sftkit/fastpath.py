@@ -20,9 +20,10 @@ from the position ids (masking_utils.find_packed_sequence_indices). PyTorch's fl
 runs cuDNN's or the memory-efficient kernel over every token pair of the row. On the GPU benchmark's data (4 x 2,048
 packed, 8,153 tokens and 9.5 conversations per micro-batch on average) that is 14.5 times the pairs a
 variable-length kernel computes (each conversation's own, causal), counted on CPU from the collated batches.
-flash_attention_2 (or the Hub's build of it) takes the position ids as sequence boundaries instead. PyTorch's
-flex_attention skips the masked-out blocks too, but is compiled per shape and has no CPU backward to test here, so it
-is a benchmark variant (benchmarks/gpu.py), not a default, until a GPU has measured it.
+flash_attention_2 (or the Hub's build of it) takes the position ids as sequence boundaries instead, and so does
+torch_varlen, PyTorch's own build of that kernel (sftkit/varlen.py). PyTorch's flex_attention skips the masked-out
+blocks too, but is compiled per shape and has no CPU backward to test here. Both are benchmark variants
+(benchmarks/gpu.py), not defaults, until a GPU has measured them.
 """
 
 import importlib.util
@@ -217,7 +218,8 @@ def _attention(model, gpu: bool, installed: set[str], packed: bool, sixteen_bit:
     way_out = "pip install kernels" if model.allow_hub_kernels else "set model.allow_hub_kernels: true"
     return Choice("model.attn_implementation", "sdpa",
                   "transformers' default; packed batches reach it with a mask, so no flash kernel and every token "
-                  f"pair of the micro-batch is computed: pip install flash-attn, or {way_out}")
+                  f"pair of the micro-batch is computed: pip install flash-attn, or {way_out}, or try "
+                  "model.attn_implementation: torch_varlen (PyTorch's own varlen kernel, not measured yet)")
 
 
 def _padding_free(training: dict) -> bool:

@@ -49,7 +49,7 @@ def test_gpu_script_runs_its_tiny_shape_anywhere(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(next(tmp_path.glob("*gpu-tiny.json")).read_text())
     assert set(report["variants"]) == {"lora-trl-same-settings", "lora-sftkit-no-liger", "lora-sftkit-profile",
-                                       "qlora-8b-example"}
+                                       "lora-sftkit-torch-varlen", "qlora-8b-example"}
     assert all(v.get("tokens_per_second", 0) > 0 and v["variant_seconds"] > 0 for v in report["variants"].values()), report
     for variant in report["variants"].values():  # where each variant's time went, in its own process
         phases = variant["seconds"]

@@ -1,0 +1,97 @@
+"""model.attn_implementation: torch_varlen (sftkit/varlen.py): each packed conversation attends only to itself.
+
+On a GPU it calls PyTorch's flash varlen kernel, which this CPU lacks; here the same boundaries go through sdpa one
+conversation at a time, so these tests check what both share: the registration with transformers, the layouts, the
+boundaries, the fallback, training and export."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_MODEL, run_python
+
+from sftkit.config import load_config
+from sftkit.train import train
+from sftkit.varlen import NAME, attention
+
+
+class Layer(torch.nn.Module):  # what transformers' sdpa fallback reads from an attention layer
+    is_causal = True
+    num_key_value_groups = 2
+
+
+def test_each_packed_conversation_attends_only_to_itself():
+    torch.manual_seed(0)
+    bounds = [0, 5, 12, 13, 16]  # three conversations and a padding token (TRL gives it a position id of 0)
+    query, key, value = torch.randn(1, 4, 16, 8), torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8)  # 4 heads, 2 kv
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    out, weights = attention(Layer(), query, key, value, None, scaling=0.5, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                             max_length_q=7, max_length_k=7)
+    assert out.shape == (1, 16, 4, 8) and weights is None  # transformers' layout: (batch, tokens, heads, head_dim)
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        alone = F.scaled_dot_product_attention(query[..., start:end, :], key[..., start:end, :],
+                                               value[..., start:end, :], is_causal=True, scale=0.5, enable_gqa=True)
+        torch.testing.assert_close(out[0, start:end], alone[0].transpose(0, 1))
+    whole_row = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=0.5, enable_gqa=True)
+    assert not torch.allclose(out[0, 5:12], whole_row[0, :, 5:12].transpose(0, 1))  # it did not look past its start
+
+    unpacked, _ = attention(Layer(), query, key, value, None, scaling=0.5)  # no boundaries: sdpa, causal
+    torch.testing.assert_close(unpacked[0], whole_row[0].transpose(0, 1))
+
+
+def packed_batch(tokenizer, rows: int = 6):
+    """A real padding-free micro-batch: sample conversations tokenized as sftkit does, collated by TRL."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from sftkit.data import prepare_data
+
+    config = load_config(None, ["--dataset.test_size", "null"])
+    data = prepare_data(config.dataset, tokenizer, 256)
+    collate = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True,
+                                              pad_to_multiple_of=64)
+    return collate([data.train[i] for i in range(rows)])
+
+
+def test_the_tiny_model_computes_the_same_logits_and_gradients_as_with_sdpa(tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    batch = packed_batch(tokenizer)
+    assert batch["cu_seq_lens_q"].numel() > 3 and batch["input_ids"].shape[0] == 1
+    results = {}
+    for implementation in ("sdpa", NAME):  # sdpa keeps the conversations apart with a block mask
+        model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, attn_implementation=implementation)
+        assert model.config._attn_implementation == implementation
+        output = model(**batch, use_cache=False)  # with a cache, transformers builds no block mask for sdpa
+        output.loss.backward()
+        results[implementation] = (output.logits, model.model.layers[0].self_attn.q_proj.weight.grad)
+    torch.testing.assert_close(results[NAME][0], results["sdpa"][0], rtol=1e-4, atol=1e-4)  # float32, summed in another order
+    torch.testing.assert_close(results[NAME][1], results["sdpa"][1], rtol=1e-4, atol=1e-6)
+
+
+def test_a_packed_run_trains_like_sdpa_and_exports_a_model_that_loads_without_sftkit(tmp_path):
+    args = ["--training.max_steps", "4", "--training.logging_steps", "1", "--dataset.test_size", "null",
+            "--training.packing", "true", "--training.per_device_train_batch_size", "4"]
+    runs = {name: train(load_config(None, ["--training.output_dir", str(tmp_path / name),
+                                           "--model.attn_implementation", name, *args]))
+            for name in ("sdpa", NAME)}
+    losses = {name: [entry["loss"] for entry in run.trainer.state.log_history if "loss" in entry]
+              for name, run in runs.items()}
+    assert len(losses[NAME]) == 4 and losses[NAME] == pytest.approx(losses["sdpa"], rel=1e-4)
+    saved = json.loads((tmp_path / NAME / "config.json").read_text())
+    assert NAME not in json.dumps(saved)  # a user's transformers, without sftkit, loads the model
+    run_python("-c", "import sys; from transformers import AutoModelForCausalLM; "
+                     "AutoModelForCausalLM.from_pretrained(sys.argv[1])", str(tmp_path / NAME))
+
+
+
+def test_the_gpu_kernel_takes_the_keywords_given_to_it_by_this_torch():
+    """The flash varlen kernel has no CPU build; on the meta device its shape function still checks the call
+    (torch 2.10 and later releases name causality and grouped-query attention differently, varlen._flash_varlen)."""
+    from sftkit.varlen import _flash_varlen
+
+    query = torch.empty(16, 4, 8, device="meta", dtype=torch.bfloat16)
+    key = torch.empty(16, 2, 8, device="meta", dtype=torch.bfloat16)
+    cu = torch.tensor([0, 5, 16], dtype=torch.int32, device="meta")
+    out = _flash_varlen(query, key, key, cu, cu, 11, 11, 0.25)
+    assert (out.shape, out.dtype, out.device.type) == (query.shape, torch.bfloat16, "meta")
