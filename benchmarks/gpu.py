@@ -104,8 +104,8 @@ def variants(attention: str) -> dict[str, dict]:
 
 
 # Measured on one H100 with 16 cores (2026-11-27), before the torch-varlen variants: the two baselines, sftkit's two
-# runs and the 8B example took 471 s with the models built and saved, the fair baseline 100 s more. The rest run
-# with --all (or by name with --only), a budget's worth per call.
+# runs and the 8B example took 412 s in their processes (471 s with the models and data built), the fair baseline
+# 100 s more. So the core set takes two calls of the default budget; the rest run with --all or --only.
 CORE = ("lora-baseline-trl", "lora-sftkit", "lora-sftkit-torch-varlen", "full-baseline-trl", "full-sftkit",
         "full-sftkit-torch-varlen", "qlora-8b-example", "lora-trl-same-settings")
 
@@ -400,6 +400,7 @@ def write_table(results: Path, report: dict) -> dict:
              f"({report['warmup_steps']} warm-up), attention {report['attention']}; "
              + ", ".join(f"{name} {versions.get(name)}" for name in ("torch", "transformers", "trl", "peft",
                                                                    "liger-kernel", "bitsandbytes")), "",
+             "(x TRL same settings: plain TRL with packing, Liger, compile and sdpa, as it has no torch_varlen)", "",
              "| variant | tokens/s | x TRL defaults | x TRL same settings | MFU | peak allocated GiB | reserved GiB "
              "| dry run GiB | dry run / peak | seconds |", "|---" * 10 + "|"]
     for name, result in variants.items():

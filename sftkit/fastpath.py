@@ -20,7 +20,7 @@ from the position ids (masking_utils.find_packed_sequence_indices). PyTorch's fl
 runs cuDNN's or the memory-efficient kernel over every token pair of the row. On the GPU benchmark's data (4 x 2,048
 packed, 8,153 tokens and 9.5 conversations per micro-batch on average) that is 14.5 times the pairs a
 variable-length kernel computes (each conversation's own, causal), counted on CPU from the collated batches.
-flash_attention_2 (or the Hub's build of it) takes the position ids as sequence boundaries instead, and so does
+flash_attention_2 (or the Hub's build of it) takes the sequence boundaries TRL's collator gives instead, and so does
 torch_varlen, PyTorch's own build of that kernel (sftkit/varlen.py). PyTorch's flex_attention skips the masked-out
 blocks too, but is compiled per shape and has no CPU backward to test here. Both are benchmark variants
 (benchmarks/gpu.py), not defaults, until a GPU has measured them.

@@ -4,71 +4,121 @@ Why by hand: transformers 5.24 reaches a variable-length kernel only through the
 build of it (a download). Without them a padding-free micro-batch goes through sdpa with a block mask, which rules out
 PyTorch's flash backend and computes every token pair of the micro-batch (sftkit/fastpath.py). PyTorch 2.10 and
 later ship flash attention's variable-length kernel themselves (torch.nn.attention.varlen); this registers it with
-transformers' AttentionInterface. Each conversation of the micro-batch then attends only to itself, from TRL's
-sequence boundaries (cu_seq_lens_q/k, max_length_q/k). Calls without them (unpacked batches, generation) take
-transformers' sdpa with its usual mask. Without CUDA the same boundaries go through sdpa one conversation at a time.
+transformers' AttentionInterface. Each conversation of the micro-batch then attends only to itself, from the sequence
+boundaries TRL's padding-free collator gives (cu_seq_lens_q/k, max_length_q/k), and no tokens x tokens mask is built
+for it. Every other call (unpacked or padded batches, generation with a cache, sliding-window layers) takes
+transformers' sdpa with sdpa's own mask. Where the flash kernel cannot run (no CUDA, a GPU older than Ampere, float32
+attention), the same boundaries go through sdpa one conversation at a time.
 """
 
-import inspect
+import logging
 import math
 
+logger = logging.getLogger("sftkit")
 NAME = "torch_varlen"
 
 
-def available() -> bool:
-    import importlib.util
+def _varlen_keywords() -> frozenset[str]:
+    """The keywords this torch's varlen_attn takes, read once (not inside a compiled step). Its keywords changed
+    between releases: torch 2.10 takes `is_causal`; later releases a causal `window_size` of (-1, 0) and `scale`;
+    2.12 adds `enable_gqa` (the flash kernel takes fewer key/value heads than query heads in all of them)."""
+    import inspect
 
-    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return frozenset()
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+VARLEN_KEYWORDS = _varlen_keywords()
+
+
+def available() -> bool:
+    return bool(VARLEN_KEYWORDS)
 
 
 def register() -> None:
     """Make NAME a valid attn_implementation for transformers (models built or loaded after this call)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     AttentionInterface.register(NAME, attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)  # the mask the sdpa fallback needs; packed calls ignore it
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, _mask)
+
+
+def _mask(batch_size, q_length, kv_length, attention_mask=None, local_size=None, **kwargs):
+    """sdpa's mask, except for rows of unpadded tokens with nothing cached (training and evaluation batches), where
+    it would be a causal or, for packed rows, a block mask of tokens x tokens (64 MiB at 8,192 tokens) that the packed
+    path does not read: None there, and the sdpa fallback is then plainly causal."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None and local_size is None and q_length == kv_length:
+        return None
+    return sdpa_mask(batch_size, q_length, kv_length, attention_mask=attention_mask, local_size=local_size, **kwargs)
 
 
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
-              cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None, **kwargs):
-    """transformers' attention interface: query (1, heads, tokens, head_dim), key and value with their own number of
-    heads (grouped-query attention); returns (1, tokens, heads, head_dim) and no weights."""
-    if not _packed(query, cu_seq_lens_q, dropout, kwargs):
+              is_causal: bool | None = None, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None,
+              max_length_k=None, **kwargs):
+    """transformers' attention interface: query (batch, heads, tokens, head_dim), key and value with their own
+    number of heads (grouped-query attention); returns (batch, tokens, heads, head_dim) and no weights."""
+    for unsupported in ("softcap", "s_aux"):
+        if kwargs.get(unsupported) is not None:
+            raise ValueError(f"model.attn_implementation: {NAME} does not support {unsupported} "
+                             f"({type(module).__name__}); use flash_attention_2 or eager")
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    packed = (cu_seq_lens_q is not None and causal and query.shape[0] == 1 and query.shape[2] == key.shape[2]
+              and not dropout and kwargs.get("sliding_window") is None)
+    if not packed:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+                                      is_causal=is_causal, **kwargs)
     # (1, heads, tokens, head_dim) -> (tokens, heads, head_dim), the varlen kernels' layout
     q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (query, key, value))
     if q.is_cuda:
+        from transformers.integrations.flash_attention import get_target_dtype
+
+        target = get_target_dtype(q, module)  # float32 activations (QLoRA's, or autocast's) to the 16-bit dtype
+        if target is not None:
+            q, k, v = q.to(target), k.to(target), v.to(target)
+    if _flash_runs(q):
         out = _flash_varlen(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, scaling)
     else:
         out = _one_conversation_at_a_time(q, k, v, cu_seq_lens_q, scaling)
     return out.unsqueeze(0), None
 
 
-def _packed(query, cu_seq_lens_q, dropout: float, kwargs: dict) -> bool:
-    """A padding-free micro-batch with its sequence boundaries, and nothing the varlen path does not do: dropout in
-    attention, sliding windows, logit soft-capping, attention sinks."""
-    special = any(kwargs.get(name) is not None for name in ("sliding_window", "softcap", "s_aux"))
-    return cu_seq_lens_q is not None and query.shape[0] == 1 and not dropout and not special
+_warned = []
+
+
+def _flash_runs(q) -> bool:
+    """PyTorch's flash kernel: CUDA, an Ampere or newer GPU, 16-bit inputs."""
+    import torch
+
+    if not q.is_cuda:
+        return False
+    if torch.cuda.get_device_capability(q.device) >= (8, 0) and q.dtype in (torch.bfloat16, torch.float16):
+        return True
+    if not _warned:
+        _warned.append(True)
+        logger.warning(f"model.attn_implementation: {NAME}: PyTorch's flash kernel needs an Ampere or newer GPU and "
+                       f"16-bit attention ({q.dtype} here); packed conversations go through sdpa one at a time "
+                       "(slow): use sdpa, or train in bf16")
+    return False
 
 
 def _flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling):
-    """torch.nn.attention.varlen.varlen_attn, whose keywords changed between releases: torch 2.10 takes
-    `is_causal`; later releases a causal `window_size` of (-1, 0), and `scale`; 2.12 adds `enable_gqa` (the flash
-    kernel takes fewer key/value heads than query heads in all of them)."""
     from torch.nn.attention.varlen import varlen_attn
 
-    accepts = inspect.signature(varlen_attn).parameters
-    options = {"is_causal": True} if "is_causal" in accepts else {"window_size": (-1, 0)}
-    if "enable_gqa" in accepts:
+    options = {"is_causal": True} if "is_causal" in VARLEN_KEYWORDS else {"window_size": (-1, 0)}
+    if "enable_gqa" in VARLEN_KEYWORDS:
         options["enable_gqa"] = k.shape[1] != q.shape[1]
-    if "scale" in accepts:
+    if "scale" in VARLEN_KEYWORDS:
         options["scale"] = scaling
     elif scaling is not None and not math.isclose(scaling * math.sqrt(q.shape[-1]), 1.0):
-        q = q * (scaling * math.sqrt(q.shape[-1]))  # the kernel's own scale is 1/sqrt(head_dim)
+        q = q * (scaling * math.sqrt(q.shape[-1]))  # torch 2.10's kernel scales by 1/sqrt(head_dim)
     return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **options)
 
 

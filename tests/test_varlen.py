@@ -53,20 +53,53 @@ def packed_batch(tokenizer, rows: int = 6):
     return collate([data.train[i] for i in range(rows)])
 
 
-def test_the_tiny_model_computes_the_same_logits_and_gradients_as_with_sdpa(tokenizer):
+def test_the_tiny_model_computes_each_packed_conversation_as_if_it_were_alone(tokenizer):
     from transformers import AutoModelForCausalLM
 
     batch = packed_batch(tokenizer)
     assert batch["cu_seq_lens_q"].numel() > 3 and batch["input_ids"].shape[0] == 1
-    results = {}
-    for implementation in ("sdpa", NAME):  # sdpa keeps the conversations apart with a block mask
+    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, attn_implementation=NAME)
+    assert model.config._attn_implementation == NAME
+    packed = model(**batch, use_cache=False).logits[0]
+    bounds = batch["cu_seq_lens_q"].tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        alone = model(input_ids=batch["input_ids"][:, start:end], use_cache=False).logits[0]
+        torch.testing.assert_close(packed[start:end], alone, rtol=1e-4, atol=1e-4)  # float32, summed in another order
+
+
+def test_the_gradients_are_those_of_sdpa_with_its_block_mask(tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    batch = packed_batch(tokenizer)
+    gradients = {}
+    for implementation in ("sdpa", NAME):  # sdpa keeps the conversations apart with a tokens x tokens mask
         model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, attn_implementation=implementation)
-        assert model.config._attn_implementation == implementation
-        output = model(**batch, use_cache=False)  # with a cache, transformers builds no block mask for sdpa
-        output.loss.backward()
-        results[implementation] = (output.logits, model.model.layers[0].self_attn.q_proj.weight.grad)
-    torch.testing.assert_close(results[NAME][0], results["sdpa"][0], rtol=1e-4, atol=1e-4)  # float32, summed in another order
-    torch.testing.assert_close(results[NAME][1], results["sdpa"][1], rtol=1e-4, atol=1e-6)
+        model(**batch, use_cache=False).loss.backward()  # with a cache, transformers builds sdpa no block mask
+        gradients[implementation] = model.model.layers[0].self_attn.q_proj.weight.grad
+    torch.testing.assert_close(gradients[NAME], gradients["sdpa"], rtol=1e-4, atol=1e-6)
+
+
+def test_generation_with_a_cache_takes_sdpa_and_gives_its_tokens(tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    prompts = tokenizer(["What color is an orange?", "Hi"], return_tensors="pt", padding=True, padding_side="left")
+    replies = {}
+    for implementation in ("sdpa", NAME):
+        model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, attn_implementation=implementation)
+        replies[implementation] = model.generate(**prompts, max_new_tokens=8, do_sample=False)
+    assert torch.equal(replies[NAME], replies["sdpa"])
+
+
+def test_what_the_kernel_cannot_do_takes_sdpa_or_is_refused():
+    torch.manual_seed(0)
+    query, key, value = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    cu = torch.tensor([0, 3, 6], dtype=torch.int32)
+    bidirectional, _ = attention(Layer(), query, key, value, None, is_causal=False, cu_seq_lens_q=cu,
+                                 cu_seq_lens_k=cu, max_length_q=3, max_length_k=3)
+    whole = F.scaled_dot_product_attention(query, key, value, enable_gqa=True)  # sdpa's, across the boundary
+    torch.testing.assert_close(bidirectional[0], whole[0].transpose(0, 1))
+    with pytest.raises(ValueError, match="torch_varlen does not support softcap"):
+        attention(Layer(), query, key, value, None, softcap=30.0, cu_seq_lens_q=cu)
 
 
 def test_a_packed_run_trains_like_sdpa_and_exports_a_model_that_loads_without_sftkit(tmp_path):
