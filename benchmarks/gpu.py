@@ -82,6 +82,10 @@ def variants(attention: str) -> dict[str, dict]:
     table["tinyllama-1.1b-lora-example"] = example("tinyllama_1.1b_chat_lora.yaml", "lora", "tinyllama-1.1b")
     table["qwen2.5-1.5b-full-example"] = example("qwen2.5_1.5b_full.yaml", "full", "qwen2.5-1.5b")
     table["lora-sftkit-profile"] = {**lora, "profile": True}  # where the GPU time of three steps goes
+    # compiling each decoder layer once instead of the whole model (Accelerate's regional compilation): less time
+    # compiling, perhaps less speed; users turn it on with ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION=1
+    table["lora-sftkit-regional-compile"] = {**lora, "regional_compile": True}
+    table["qlora-8b-example-compile"] = {**table["qlora-8b-example"], "torch_compile": "true"}  # off by default
     table["full-trl-same-settings"] = {**table["full-sftkit"], "side": "baseline"}
     for method in ("lora", "full"):
         ours = table[f"{method}-sftkit"]
@@ -163,6 +167,8 @@ def run_variant(spec: dict, model_dir: str, data_file: str, seq_len: int, steps:
                 self.end = (time.perf_counter(), state.num_input_tokens_seen)
 
     steps, warmup = spec.get("steps", steps), spec.get("warmup", warmup)
+    if spec.get("regional_compile"):  # read by Accelerate's TorchDynamoPlugin when the Trainer builds it
+        os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = "1"
     meter = Meter()
     profile = profile_callback(steps) if spec.get("profile") else None
     common = {"max_steps": steps + (PROFILED_STEPS if profile else 0), "learning_rate": 1e-4, "logging_steps": 1000, "save_strategy": "no",

@@ -5,6 +5,7 @@ where another run's finished model or checkpoints are, unless told to replace th
 them (`training.resume_from_checkpoint`, accepted only for checkpoints of the same run; see checkpoints.py).
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -219,16 +220,41 @@ class OutputDir:
                     self.locked = True
                     return
                 except FileExistsError:
-                    holder = self._live_holder(lock)
-                    if holder is not None:
-                        raise ConfigError(
-                            f"training.output_dir {self.path} is in use by another run (process {holder['pid']} on "
-                            f"{holder['host']}, since {time.strftime('%H:%M:%S', time.localtime(holder['since']))}); "
-                            f"wait for it or choose another output_dir (if no run uses it, delete {lock})")
-                    lock.unlink(missing_ok=True)
+                    with self._one_at_a_time():  # two runs finding the same stale lock: one takes it over
+                        holder = self._live_holder(lock)
+                        if holder is not None:
+                            since = time.strftime('%H:%M:%S', time.localtime(holder['since']))
+                            raise ConfigError(
+                                f"training.output_dir {self.path} is in use by another run (process {holder['pid']} "
+                                f"on {holder['host']}, since {since}); wait for it or choose another output_dir (if "
+                                f"no run uses it, delete {lock})")
+                        lock.unlink(missing_ok=True)
+                        try:
+                            os.link(partial, lock)
+                            self.locked = True
+                            return
+                        except FileExistsError:
+                            continue
         finally:
             partial.unlink(missing_ok=True)
         raise ConfigError(f"training.output_dir {self.path}: could not take the lock {lock}; delete it if no run uses it")
+
+    @contextlib.contextmanager
+    def _one_at_a_time(self):
+        """An exclusive flock on output_dir itself while a stale lock is judged and replaced: otherwise a second run
+        that read the same stale lock could delete the first one's new lock and take it too. Where the filesystem
+        has no flock (some network filesystems), the takeover goes unguarded, as before."""
+        import fcntl
+
+        descriptor = os.open(self.path, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX)
+            except OSError:
+                pass
+            yield
+        finally:
+            os.close(descriptor)  # releases the flock
 
     @staticmethod
     def _live_holder(lock: Path) -> dict | None:

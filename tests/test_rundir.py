@@ -5,6 +5,7 @@ write its output_dir fails before loading anything."""
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -193,3 +194,38 @@ def test_overwrite_and_resume_together_are_refused_before_anything_is_removed(fi
     with pytest.raises(ConfigError, match="--overwrite removes the checkpoints that training.resume_from_checkpoint"):
         train(config(out, "--training.resume_from_checkpoint", "true"), overwrite=True)
     assert contents(out) == before
+
+
+RACER = """
+import sys, time
+from pathlib import Path
+from sftkit.errors import ConfigError
+from sftkit.rundir import OutputDir
+out, start = Path(sys.argv[1]), Path(sys.argv[2])
+print("ready", flush=True)
+while not start.exists():
+    time.sleep(0.0005)
+try:
+    OutputDir(out, {}).take_lock()
+    print("took", flush=True)
+    time.sleep(3)  # holding it while the others try
+except ConfigError as error:
+    print("refused", error, flush=True)
+"""
+
+
+def test_of_several_runs_finding_the_same_stale_lock_only_one_takes_it_over(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / LOCK_FILE).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(),
+                                             "since": time.time()}))
+    start = tmp_path / "start"
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(out), str(start)], cwd=REPO, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(8)]
+    assert all(racer.stdout.readline() == "ready\n" for racer in racers)  # each waits at the line
+    start.touch()
+    outcomes = [racer.communicate(timeout=120)[0] for racer in racers]
+    took = [outcome for outcome in outcomes if "took" in outcome.splitlines()[-1]]
+    assert len(took) == 1, outcomes
+    assert all("is in use by another run" in outcome for outcome in outcomes if outcome not in took), outcomes
