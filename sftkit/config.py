@@ -66,7 +66,7 @@ class LoraSettings:
 
 @dataclass
 class ModelConfig:
-    path: str = option("data/tiny-chat-llama", "hub id or local directory")
+    path: str | None = option(None, "required: hub id or local directory")
     max_seq_length: int = option(2048, "longer samples are truncated (becomes `SFTConfig.max_length`)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = option(
         None, "`auto`/`null`: bfloat16 when `training.bf16` is on, else float32; or `float32`, `bfloat16`, `float16`")
@@ -342,6 +342,9 @@ def read_section(cls, values: Any, section: str, source: Path):
 
 def _cross_field_errors(model: ModelConfig, dataset: DatasetConfig, training: dict) -> list[str]:
     errors = []
+    if model.path is None:  # no silent default: a config that forgot it would fine-tune the embedded tiny model
+        errors.append("model.path is required: the model to fine-tune, a hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct) or "
+                      "a local directory")
     if dataset.name is None and not dataset.sources:
         errors.append("dataset.name is required: a hub id or a local file or directory (or list dataset.sources)")
     if dataset.name is not None and dataset.sources:
@@ -492,7 +495,7 @@ def _path_errors(model: ModelConfig, dataset: DatasetConfig, training: Any) -> l
     if isinstance(deepspeed, str) and looks_local(deepspeed) and not Path(resolve_path(deepspeed)).is_file():
         errors.append(f"training.deepspeed: {deepspeed} does not exist{looked_in(deepspeed)}; give the path of a "
                       "DeepSpeed JSON file such as deepspeed_configs/zero2.json")
-    if looks_local(model.path):
+    if model.path is not None and looks_local(model.path):
         path = Path(resolve_path(model.path))
         if not path.exists():
             errors.append(f"model.path: {model.path} does not exist{looked_in(model.path)}; fix the path, or give a "

@@ -21,7 +21,8 @@ def write(tmp_path: Path, text: str) -> str:
     return str(path)
 
 
-MINIMAL = "dataset:\n  name: data/sample_chat.jsonl\ntraining:\n  output_dir: out\n"
+DATA_AND_OUTPUT = "dataset:\n  name: data/sample_chat.jsonl\ntraining:\n  output_dir: out\n"
+MINIMAL = "model:\n  path: data/tiny-chat-llama\n" + DATA_AND_OUTPUT
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
@@ -212,7 +213,7 @@ def test_the_static_field_list_matches_sft_config():
 
 @pytest.mark.parametrize(("text", "expected"), [
     (MINIMAL + "  learning_rate: 1e-4\n  learning_rate: 5\n",
-     r"config.yaml, line 6, column 3: not valid YAML: the key 'learning_rate' is set twice$"),
+     r"config.yaml, line 8, column 3: not valid YAML: the key 'learning_rate' is set twice$"),
     ("dataset:\n\tname: data/sample_chat.jsonl\n",
      r"config.yaml, line 2, column 1: not valid YAML: found character '\\t' that cannot start any token; indent "
      r"with spaces, not tabs$"),
@@ -330,3 +331,11 @@ def test_help_for_a_section_lists_its_keys_with_defaults_and_meaning():
     result = run_python("sft.py", "--help", "model")
     assert result.stdout.startswith("model:\n  path ")
     assert "lora_config.lora_dropout" in result.stdout and "dropout on the adapters' input" in result.stdout
+
+
+@pytest.mark.parametrize("model_section", ["", "model:\n", "model:\n  use_lora: true\n"],
+                         ids=["no section", "an empty one", "no path"])
+def test_a_config_without_a_model_path_says_so_instead_of_training_the_tiny_model(tmp_path, model_section):
+    with pytest.raises(ConfigError, match=r"config.yaml: model.path is required: the model to fine-tune, a hub id "
+                                          r"\(e.g. Qwen/Qwen2.5-0.5B-Instruct\) or a local directory$"):
+        load_config(write(tmp_path, model_section + DATA_AND_OUTPUT))
