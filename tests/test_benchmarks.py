@@ -103,3 +103,15 @@ def test_gpu_script_skips_what_would_start_past_its_budget_and_says_so(tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(next(tmp_path.glob("*gpu-tiny.json")).read_text())
     assert report["variants"] and all(v == {"skipped": "past the budget of 0 s"} for v in report["variants"].values())
+
+
+@pytest.mark.slow
+def test_the_compile_time_benchmark_sets_regional_compilation_beside_the_whole_model():
+    result = subprocess.run([sys.executable, "benchmarks/compile_time.py"], cwd=REPO, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in result.stdout.splitlines()
+            if line.startswith("| whole") or line.startswith("| each")}
+    assert set(rows) == {"whole model", "each layer (regional)"} and rows["whole model"][2] == "1.00"
+    whole, regional = (json.loads(rows[name][3].rstrip(" |")) for name in ("whole model", "each layer (regional)"))
+    assert regional == pytest.approx(whole, rel=0.05)  # the same training; bf16 kernels round apart (1.2% seen)
