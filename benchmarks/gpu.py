@@ -108,8 +108,9 @@ def variants(attention: str) -> dict[str, dict]:
 
 
 # Measured on one H100 with 16 cores (2026-11-27), before the torch-varlen variants: the two baselines, sftkit's two
-# runs and the 8B example took 412 s in their processes (471 s with the models and data built), the fair baseline
-# 100 s more. So the core set takes two calls of the default budget; the rest run with --all or --only.
+# runs and the 8B example took 412 s in their own processes; the call took 537 s in all, 66 s of them in the fair
+# baseline it stopped at the budget (it took 100 s in a call of its own). So the core set takes two calls of the
+# default budget; the rest run with --all or --only.
 CORE = ("lora-baseline-trl", "lora-sftkit", "lora-sftkit-torch-varlen", "full-baseline-trl", "full-sftkit",
         "full-sftkit-torch-varlen", "qlora-8b-example", "lora-trl-same-settings")
 
@@ -406,7 +407,8 @@ def write_table(results: Path, report: dict) -> dict:
              f"({report['warmup_steps']} warm-up), attention {report['attention']}; "
              + ", ".join(f"{name} {versions.get(name)}" for name in ("torch", "transformers", "trl", "peft",
                                                                    "liger-kernel", "bitsandbytes")), "",
-             "(x TRL same settings: plain TRL with packing, Liger, compile and sdpa, as it has no torch_varlen)", "",
+             f"(x TRL same settings: plain TRL with packing, Liger, compile and {report['attention']}; for the "
+             "torch_varlen rows too, as plain TRL has no such kernel)", "",
              "| variant | tokens/s | x TRL defaults | x TRL same settings | MFU | peak allocated GiB | reserved GiB "
              "| dry run GiB | dry run / peak | seconds |", "|---" * 10 + "|"]
     for name, result in variants.items():

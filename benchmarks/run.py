@@ -30,13 +30,14 @@ TARGETS = {"wall_ratio": "<= 1.02", "step_time_ratio": "<= 1.02", "preprocess_ra
 TURNS = (1, 4, 16, 64)  # assistant turns per row in preprocess_ratio_by_turns
 
 
-def timed_run(command: list[str], out: str) -> tuple[float, float, float]:
+def timed_run(command: list[str], out: str, env: dict | None = None) -> tuple[float, float, float]:
     """Wall seconds and peak RSS (MiB) of one process, start to exit (the model is saved before it exits), and the
     seconds of its training loop as the Trainer reports them (`train_runtime`: printed by the baseline, saved in
-    run_summary.json by sftkit)."""
+    run_summary.json by sftkit). `env`: added to this process's environment."""
     with tempfile.TemporaryFile("w+") as log:
         started = time.perf_counter()
-        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                   env={**os.environ, **(env or {})})
         _, status, usage = os.wait4(process.pid, 0)  # this child's own peak RSS, not the running maximum of all
         wall = time.perf_counter() - started
         log.seek(0)

@@ -216,10 +216,13 @@ def _attention(model, gpu: bool, installed: set[str], packed: bool, sixteen_bit:
     if not (gpu and packed):
         return Choice("model.attn_implementation", "sdpa", "transformers' default")
     way_out = "pip install kernels" if model.allow_hub_kernels else "set model.allow_hub_kernels: true"
+    from sftkit.varlen import available as torch_varlen_available  # imports torch and transformers: only here
+
+    if sixteen_bit and torch_varlen_available():
+        way_out += ", or try model.attn_implementation: torch_varlen (PyTorch's own varlen kernel, not measured yet)"
     return Choice("model.attn_implementation", "sdpa",
                   "transformers' default; packed batches reach it with a mask, so no flash kernel and every token "
-                  f"pair of the micro-batch is computed: pip install flash-attn, or {way_out}, or try "
-                  "model.attn_implementation: torch_varlen (PyTorch's own varlen kernel, not measured yet)")
+                  f"pair of the micro-batch is computed: pip install flash-attn, or {way_out}")
 
 
 def _padding_free(training: dict) -> bool:

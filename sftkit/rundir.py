@@ -21,6 +21,7 @@ from sftkit.errors import ConfigError
 
 RUN_FILE = "sftkit_run.json"  # in output_dir and in every checkpoint: the fingerprint and the resolved config
 LOCK_FILE = ".sftkit.lock"
+GUARD_FILE = ".sftkit.lock.guard"  # see OutputDir._one_at_a_time
 STAGING_DIR = ".export-incomplete"
 # Settings a resume may change without changing what is trained: the length of the run, logging, saving,
 # evaluation and where results go. Everything else in the resolved config is part of the fingerprint.
@@ -118,7 +119,7 @@ def survey(directory: Path) -> Contents:
     recorded = (directory / RUN_FILE).is_file()  # without a run record nothing there is an earlier run's
     for item in sorted(directory.iterdir(), key=lambda path: _natural_key(path.name)):
         name = item.name
-        if name in (LOCK_FILE, RUN_FILE) or name.endswith(".partial"):
+        if name in (LOCK_FILE, GUARD_FILE, RUN_FILE) or name.endswith(".partial"):
             continue
         ours = is_checkpoint(item) or any(item.match(pattern) for pattern in WRITTEN)
         if not (recorded and ours) or item.is_symlink():
@@ -214,54 +215,63 @@ class OutputDir:
         partial = self.path / f"{LOCK_FILE}.{os.getpid()}.partial"
         partial.write_text(json.dumps(mine))
         try:
-            for _ in range(2):
-                try:
-                    os.link(partial, lock)  # atomic: fails if the lock exists, and never shows a half-written lock
-                    self.locked = True
+            for _ in range(3):
+                if self._link(partial, lock):
                     return
-                except FileExistsError:
-                    with self._one_at_a_time():  # two runs finding the same stale lock: one takes it over
-                        holder = self._live_holder(lock)
-                        if holder is not None:
-                            since = time.strftime('%H:%M:%S', time.localtime(holder['since']))
-                            raise ConfigError(
-                                f"training.output_dir {self.path} is in use by another run (process {holder['pid']} "
-                                f"on {holder['host']}, since {since}); wait for it or choose another output_dir (if "
-                                f"no run uses it, delete {lock})")
-                        lock.unlink(missing_ok=True)
-                        try:
-                            os.link(partial, lock)
-                            self.locked = True
-                            return
-                        except FileExistsError:
-                            continue
+                with self._one_at_a_time():  # two runs finding the same stale lock: only one takes it over
+                    try:
+                        text = lock.read_text()
+                    except FileNotFoundError:
+                        continue  # released meanwhile: the atomic link again, deleting nothing
+                    holder = self._live_holder(text, lock)
+                    if holder is not None:
+                        since = time.strftime('%H:%M:%S', time.localtime(holder['since']))
+                        raise ConfigError(
+                            f"training.output_dir {self.path} is in use by another run (process {holder['pid']} on "
+                            f"{holder['host']}, since {since}); wait for it or choose another output_dir (if no "
+                            f"run uses it, delete {lock})")
+                    lock.unlink(missing_ok=True)  # a dead process's: only a holder of the guard deletes one
+                    if self._link(partial, lock):
+                        return
         finally:
             partial.unlink(missing_ok=True)
         raise ConfigError(f"training.output_dir {self.path}: could not take the lock {lock}; delete it if no run uses it")
 
+    def _link(self, partial: Path, lock: Path) -> bool:
+        try:
+            os.link(partial, lock)  # atomic: fails if the lock exists, and never shows a half-written lock
+        except FileExistsError:
+            return False
+        self.locked = True
+        return True
+
     @contextlib.contextmanager
     def _one_at_a_time(self):
-        """An exclusive flock on output_dir itself while a stale lock is judged and replaced: otherwise a second run
-        that read the same stale lock could delete the first one's new lock and take it too. Where the filesystem
-        has no flock (some network filesystems), the takeover goes unguarded, as before."""
+        """An exclusive lock (fcntl, which NFS shares between machines) on GUARD_FILE while a stale lock is judged
+        and replaced: otherwise a second run that read the same stale lock could delete the first one's new lock and
+        take it too. The guard file stays (deleting it would let a waiter lock a file no longer there). Where the
+        filesystem has no locks (Lustre without -o flock), the takeover goes unguarded, and says so."""
         import fcntl
 
-        descriptor = os.open(self.path, os.O_RDONLY)
+        descriptor = None
         try:
-            try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX)
-            except OSError:
-                pass
+            descriptor = os.open(self.path / GUARD_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.lockf(descriptor, fcntl.LOCK_EX)
+        except OSError as error:
+            print(f"sftkit: {self.path} has no file locks ({error.strerror or error}); taking over a stale lock "
+                  "unguarded: start one run at a time there", flush=True)
+        try:
             yield
         finally:
-            os.close(descriptor)  # releases the flock
+            if descriptor is not None:
+                os.close(descriptor)  # releases the lock
 
     @staticmethod
-    def _live_holder(lock: Path) -> dict | None:
+    def _live_holder(text: str, lock: Path) -> dict | None:
         """The lock's owner if it still runs; None for a stale lock (its process is gone, or the pid was reused)."""
         try:
-            holder = json.loads(lock.read_text())
-        except (OSError, ValueError):
+            holder = json.loads(text)
+        except ValueError:
             return None
         if holder.get("host") != socket.gethostname():
             return holder  # another machine's process cannot be checked from here

@@ -8,11 +8,19 @@ transformers' AttentionInterface. Each conversation of the micro-batch then atte
 boundaries TRL's padding-free collator gives (cu_seq_lens_q/k, max_length_q/k), and no tokens x tokens mask is built
 for it. Every other call (unpacked or padded batches, generation with a cache, sliding-window layers) takes
 transformers' sdpa with sdpa's own mask. Where the flash kernel cannot run (no CUDA, a GPU older than Ampere, float32
-attention), the same boundaries go through sdpa one conversation at a time.
+attention, attention dropout, bidirectional attention), the same boundaries go through sdpa one conversation at a
+time.
 """
 
 import logging
 import math
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.flash_attention import get_target_dtype
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 logger = logging.getLogger("sftkit")
 NAME = "torch_varlen"
@@ -40,9 +48,6 @@ def available() -> bool:
 
 def register() -> None:
     """Make NAME a valid attn_implementation for transformers (models built or loaded after this call)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
     AttentionInterface.register(NAME, attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, _mask)
 
@@ -51,8 +56,6 @@ def _mask(batch_size, q_length, kv_length, attention_mask=None, local_size=None,
     """sdpa's mask, except for rows of unpadded tokens with nothing cached (training and evaluation batches), where
     it would be a causal or, for packed rows, a block mask of tokens x tokens (64 MiB at 8,192 tokens) that the packed
     path does not read: None there, and the sdpa fallback is then plainly causal."""
-    from transformers.masking_utils import sdpa_mask
-
     if attention_mask is None and local_size is None and q_length == kv_length:
         return None
     return sdpa_mask(batch_size, q_length, kv_length, attention_mask=attention_mask, local_size=local_size, **kwargs)
@@ -67,39 +70,37 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
         if kwargs.get(unsupported) is not None:
             raise ValueError(f"model.attn_implementation: {NAME} does not support {unsupported} "
                              f"({type(module).__name__}); use flash_attention_2 or eager")
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    packed = (cu_seq_lens_q is not None and causal and query.shape[0] == 1 and query.shape[2] == key.shape[2]
-              and not dropout and kwargs.get("sliding_window") is None)
-    if not packed:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    # Packed rows with their boundaries; a sliding window has its mask from _mask, so sdpa keeps it apart there
+    bounded = (cu_seq_lens_q is not None and query.shape[0] == 1 and query.shape[2] == key.shape[2]
+               and kwargs.get("sliding_window") is None)
+    if not bounded:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # (1, heads, tokens, head_dim) -> (tokens, heads, head_dim), the varlen kernels' layout
     q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (query, key, value))
     if q.is_cuda:
-        from transformers.integrations.flash_attention import get_target_dtype
-
         target = get_target_dtype(q, module)  # float32 activations (QLoRA's, or autocast's) to the 16-bit dtype
         if target is not None:
             q, k, v = q.to(target), k.to(target), v.to(target)
-    if _flash_runs(q):
+    if causal and not dropout and _flash_runs(q):
         out = _flash_varlen(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, scaling)
-    else:
-        out = _one_conversation_at_a_time(q, k, v, cu_seq_lens_q, scaling)
+    else:  # attention dropout, or bidirectional attention, within each conversation all the same
+        out = _one_conversation_at_a_time(q, k, v, cu_seq_lens_q, scaling, dropout, causal)
     return out.unsqueeze(0), None
 
 
-_warned = []
+_FLASH_CAPABLE: dict[int, bool] = {}  # device index -> Ampere or newer, asked once
 
 
 def _flash_runs(q) -> bool:
     """PyTorch's flash kernel: CUDA, an Ampere or newer GPU, 16-bit inputs."""
-    import torch
-
     if not q.is_cuda:
         return False
-    if torch.cuda.get_device_capability(q.device) >= (8, 0) and q.dtype in (torch.bfloat16, torch.float16):
+    index = q.device.index or 0
+    if index not in _FLASH_CAPABLE:
+        _FLASH_CAPABLE[index] = torch.cuda.get_device_capability(index) >= (8, 0)
+    if _FLASH_CAPABLE[index] and q.dtype in (torch.bfloat16, torch.float16):
         return True
     if not _warned:
         _warned.append(True)
@@ -109,8 +110,11 @@ def _flash_runs(q) -> bool:
     return False
 
 
+_warned = []
+
+
 def _flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling):
-    from torch.nn.attention.varlen import varlen_attn
+    from torch.nn.attention.varlen import varlen_attn  # torch 2.10 and later (checked when the config loads)
 
     options = {"is_causal": True} if "is_causal" in VARLEN_KEYWORDS else {"window_size": (-1, 0)}
     if "enable_gqa" in VARLEN_KEYWORDS:
@@ -122,13 +126,10 @@ def _flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling):
     return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **options)
 
 
-def _one_conversation_at_a_time(q, k, v, cu_q, scaling):
-    import torch
-    import torch.nn.functional as F
-
+def _one_conversation_at_a_time(q, k, v, cu_q, scaling, dropout: float = 0.0, causal: bool = True):
     bounds = cu_q.tolist()
     pieces = [F.scaled_dot_product_attention(q[start:end].transpose(0, 1), k[start:end].transpose(0, 1),
-                                             v[start:end].transpose(0, 1), is_causal=True, scale=scaling,
-                                             enable_gqa=True).transpose(0, 1)
+                                             v[start:end].transpose(0, 1), dropout_p=dropout, is_causal=causal,
+                                             scale=scaling, enable_gqa=True).transpose(0, 1)
               for start, end in zip(bounds[:-1], bounds[1:])]
     return torch.cat(pieces)

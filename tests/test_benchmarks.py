@@ -106,12 +106,13 @@ def test_gpu_script_skips_what_would_start_past_its_budget_and_says_so(tmp_path)
 
 
 @pytest.mark.slow
-def test_the_compile_time_benchmark_sets_regional_compilation_beside_the_whole_model():
-    result = subprocess.run([sys.executable, "benchmarks/compile_time.py"], cwd=REPO, capture_output=True, text=True,
-                            timeout=900)
+def test_the_compile_time_benchmark_sets_regional_compilation_beside_the_whole_model(tmp_path):
+    result = subprocess.run([sys.executable, "benchmarks/compile_time.py", "--results", str(tmp_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in result.stdout.splitlines()
             if line.startswith("| whole") or line.startswith("| each")}
     assert set(rows) == {"whole model", "each layer (regional)"} and rows["whole model"][2] == "1.00"
     whole, regional = (json.loads(rows[name][3].rstrip(" |")) for name in ("whole model", "each layer (regional)"))
     assert regional == pytest.approx(whole, rel=0.05)  # the same training; bf16 kernels round apart (1.2% seen)
+    assert next(tmp_path.glob("*-compile-time.md")).read_text() in result.stdout

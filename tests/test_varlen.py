@@ -4,8 +4,6 @@ On a GPU it calls PyTorch's flash varlen kernel, which this CPU lacks; here the 
 conversation at a time, so these tests check what both share: the registration with transformers, the layouts, the
 boundaries, the fallback, training and export."""
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -90,14 +88,16 @@ def test_generation_with_a_cache_takes_sdpa_and_gives_its_tokens(tokenizer):
     assert torch.equal(replies[NAME], replies["sdpa"])
 
 
-def test_what_the_kernel_cannot_do_takes_sdpa_or_is_refused():
+def test_bidirectional_packed_attention_still_stays_within_each_conversation_and_softcap_is_refused():
     torch.manual_seed(0)
     query, key, value = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
-    cu = torch.tensor([0, 3, 6], dtype=torch.int32)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
     bidirectional, _ = attention(Layer(), query, key, value, None, is_causal=False, cu_seq_lens_q=cu,
-                                 cu_seq_lens_k=cu, max_length_q=3, max_length_k=3)
-    whole = F.scaled_dot_product_attention(query, key, value, enable_gqa=True)  # sdpa's, across the boundary
-    torch.testing.assert_close(bidirectional[0], whole[0].transpose(0, 1))
+                                 cu_seq_lens_k=cu, max_length_q=4, max_length_k=4)
+    for start, end in ((0, 2), (2, 6)):
+        alone = F.scaled_dot_product_attention(query[..., start:end, :], key[..., start:end, :],
+                                               value[..., start:end, :], enable_gqa=True)
+        torch.testing.assert_close(bidirectional[0, start:end], alone[0].transpose(0, 1))
     with pytest.raises(ValueError, match="torch_varlen does not support softcap"):
         attention(Layer(), query, key, value, None, softcap=30.0, cu_seq_lens_q=cu)
 
@@ -111,16 +111,14 @@ def test_a_packed_run_trains_like_sdpa_and_exports_a_model_that_loads_without_sf
     losses = {name: [entry["loss"] for entry in run.trainer.state.log_history if "loss" in entry]
               for name, run in runs.items()}
     assert len(losses[NAME]) == 4 and losses[NAME] == pytest.approx(losses["sdpa"], rel=1e-4)
-    saved = json.loads((tmp_path / NAME / "config.json").read_text())
-    assert NAME not in json.dumps(saved)  # a user's transformers, without sftkit, loads the model
+    # a user's transformers, without sftkit and its registration, loads the exported model
     run_python("-c", "import sys; from transformers import AutoModelForCausalLM; "
                      "AutoModelForCausalLM.from_pretrained(sys.argv[1])", str(tmp_path / NAME))
 
 
 
 def test_the_gpu_kernel_takes_the_keywords_given_to_it_by_this_torch():
-    """The flash varlen kernel has no CPU build; on the meta device its shape function still checks the call
-    (torch 2.10 and later releases name causality and grouped-query attention differently, varlen._flash_varlen)."""
+    """The flash varlen kernel has no CPU build; on the meta device its shape function still checks the call."""
     from sftkit.varlen import _flash_varlen
 
     query = torch.empty(16, 4, 8, device="meta", dtype=torch.bfloat16)
@@ -128,3 +126,28 @@ def test_the_gpu_kernel_takes_the_keywords_given_to_it_by_this_torch():
     cu = torch.tensor([0, 5, 16], dtype=torch.int32, device="meta")
     out = _flash_varlen(query, key, key, cu, cu, 11, 11, 0.25)
     assert (out.shape, out.dtype, out.device.type) == (query.shape, torch.bfloat16, "meta")
+
+
+@pytest.mark.parametrize(("keywords", "expected"), [
+    ({"is_causal", "return_aux"}, {"is_causal": True}),  # torch 2.10; its kernel scales by 1/sqrt(head_dim)
+    ({"return_aux", "scale", "window_size"}, {"window_size": (-1, 0), "scale": 0.25}),  # torch 2.11
+    ({"return_aux", "scale", "window_size", "enable_gqa", "seqused_k"},  # torch 2.12 and 2.13
+     {"window_size": (-1, 0), "scale": 0.25, "enable_gqa": True}),
+], ids=["torch-2.10", "torch-2.11", "torch-2.13"])
+def test_each_torch_release_is_asked_for_causal_attention_in_its_own_words(monkeypatch, keywords, expected):
+    """What varlen_attn is called with, for the signatures read from torch 2.10-2.13's sources (the device image
+    has 2.11, this machine 2.13): the kernels cannot run here, so a recorder stands in for varlen_attn."""
+    import torch.nn.attention.varlen as torch_varlen
+
+    import sftkit.varlen as varlen
+
+    calls = []
+    monkeypatch.setattr(varlen, "VARLEN_KEYWORDS", frozenset(keywords))
+    monkeypatch.setattr(torch_varlen, "varlen_attn", lambda q, *args, **options: calls.append((q, options)) or q)
+    query, key = torch.ones(16, 4, 8), torch.ones(16, 2, 8)
+    cu = torch.tensor([0, 5, 16], dtype=torch.int32)
+    varlen._flash_varlen(query, key, key, cu, cu, 11, 11, 0.25)
+    (passed_query, options), = calls
+    assert options == expected
+    # without `scale`, the query is scaled so that the kernel's 1/sqrt(8) makes it 0.25
+    assert torch.allclose(passed_query, query * (0.25 * 8 ** 0.5) if "scale" not in keywords else query)
