@@ -9,15 +9,13 @@ from peft import LoraConfig, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.pytorch_utils import Conv1D
 
+from sftkit import varlen
 from sftkit.compat import keep_cpu_4bit_layout_trainable, zero3_init_disabled
 from sftkit.config import DatasetConfig, ModelConfig, resolve_path
 from sftkit.data.tokenize import CHATML_TEMPLATE
 from sftkit.errors import ConfigError
-from sftkit.varlen import NAME as TORCH_VARLEN
-from sftkit.varlen import available as torch_varlen_available
-from sftkit.varlen import register as register_torch_varlen
 
-register_torch_varlen()  # model.attn_implementation: torch_varlen is then a name transformers accepts
+varlen.register()  # model.attn_implementation: torch_varlen is then a name transformers accepts
 
 # The layer types PEFT's LoRA can adapt (target_modules must name some of these).
 ADAPTABLE_LAYERS = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, Conv1D)
@@ -29,8 +27,8 @@ def check_model_source(model_cfg: ModelConfig) -> None:
     implementation the model or this machine lacks, LoRA target_modules or modules_to_save that name no layer.
     The model is built on the meta device from its config.json alone (no weights, no memory). Raises ConfigError.
     """
-    if model_cfg.attn_implementation == TORCH_VARLEN and not torch_varlen_available():
-        raise ConfigError(f"model.attn_implementation: {TORCH_VARLEN} needs torch 2.10 or later (this is torch "
+    if model_cfg.attn_implementation == varlen.NAME and not varlen.available():
+        raise ConfigError(f"model.attn_implementation: {varlen.NAME} needs torch 2.10 or later (this is torch "
                           f"{torch.__version__}); upgrade torch, or use sdpa")
     if model_cfg.use_lora:
         try:
