@@ -8,7 +8,9 @@
     python benchmarks/gpu.py --table results.json # the table of an earlier results file
 
 Each variant runs in its own process for a fixed number of optimizer steps; tokens/s is measured after the warm-up
-steps, from the Trainer's count of input tokens. The core set: LoRA and full fine-tuning, sftkit against plain TRL
+steps, from the Trainer's count of input tokens. The core set: attention alone on the benchmark's packed
+micro-batches (benchmarks/attention.py: the SDPA backend PyTorch picks for them, and sdpa's time against
+torch_varlen's, in seconds); LoRA and full fine-tuning, sftkit against plain TRL
 with its defaults (the baseline) and against plain TRL given sftkit's settings (packing, Liger, compile, attention),
 sftkit with PyTorch's own variable-length attention (model.attn_implementation: torch_varlen) in place of sdpa, and
 the 8B QLoRA example as shipped. The rest: the other examples as shipped; a profile of three LoRA steps (the
@@ -70,7 +72,7 @@ def variants(attention: str) -> dict[str, dict]:
     the same peak memory and tokens/s as its accumulation, in a fraction of the time)."""
     fast = {"packing": "true", "use_liger_kernel": "true", "torch_compile": "true", "attn": attention,
             "gradient_checkpointing": "false"}
-    table = {}
+    table = {"attention-kernels": {"side": "attention", "method": "attention"}}  # benchmarks/attention.py, seconds
     for method in ("lora", "full"):
         table[f"{method}-baseline-trl"] = {"side": "baseline", "method": method}
         table[f"{method}-sftkit"] = {"side": "ours", "method": method, **fast}
@@ -111,7 +113,7 @@ def variants(attention: str) -> dict[str, dict]:
 # runs and the 8B example took 412 s in their own processes; the call took 537 s in all, 66 s of them in the fair
 # baseline it stopped at the budget (it took 100 s in a call of its own). So the core set takes two calls of the
 # default budget; the rest run with --all or --only.
-CORE = ("lora-baseline-trl", "lora-sftkit", "lora-sftkit-torch-varlen", "full-baseline-trl", "full-sftkit",
+CORE = ("attention-kernels", "lora-baseline-trl", "lora-sftkit", "lora-sftkit-torch-varlen", "full-baseline-trl", "full-sftkit",
         "full-sftkit-torch-varlen", "qlora-8b-example", "lora-trl-same-settings")
 
 
@@ -354,7 +356,14 @@ def main(argv: list[str] | None = None) -> dict:
             from sftkit.fastpath import use_expandable_segments
 
             use_expandable_segments()
-        print("RESULT " + json.dumps(run_variant(spec, spec["model_dir"], spec["data_file"], seq_len, steps, warmup)))
+        if spec["side"] == "attention":
+            from attention import measure
+
+            result = measure(SHAPES["tiny" if args.tiny else spec.get("shape", "llama-3.2-1b")], seq_len, 4,
+                             Path(spec["data_file"]))
+        else:
+            result = run_variant(spec, spec["model_dir"], spec["data_file"], seq_len, steps, warmup)
+        print("RESULT " + json.dumps(result))
         return {}
 
     import torch
@@ -367,7 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
         table = {name: {**spec, "use_liger_kernel": "false", "torch_compile": "false", "steps": steps, "warmup": warmup,
                         "tiny": True}
                  for name, spec in table.items()
-                 if name in ("lora-trl-same-settings", "lora-sftkit-no-liger", "lora-sftkit-profile",
+                 if name in ("attention-kernels", "lora-trl-same-settings", "lora-sftkit-no-liger", "lora-sftkit-profile",
                              "lora-sftkit-torch-varlen", "qlora-8b-example")}
     if args.only:
         table = {name: spec for name, spec in table.items() if name in args.only}
@@ -386,10 +395,10 @@ def main(argv: list[str] | None = None) -> dict:
                 report["variants"][name] = {"skipped": f"past the budget of {args.budget:g} s"}
                 continue
             shape = "tiny" if args.tiny else spec.get("shape", "llama-3.2-1b")
-            if shape not in models:
+            if shape not in models and spec["side"] != "attention":
                 models[shape] = build_model(shape, seq_len, Path(workdir) / shape)
             left = args.budget + GRACE_SECONDS - (time.perf_counter() - started)
-            report["variants"][name] = _run_in_subprocess(name, {**spec, "model_dir": str(models[shape]),
+            report["variants"][name] = _run_in_subprocess(name, {**spec, "model_dir": str(models.get(shape)),
                                                                  "data_file": str(data_file)}, args.tiny, left)
             out.write_text(json.dumps(report, indent=2) + "\n")  # what was measured survives a timeout
     report["total_seconds"] = time.perf_counter() - started
@@ -412,6 +421,8 @@ def write_table(results: Path, report: dict) -> dict:
              "| variant | tokens/s | x TRL defaults | x TRL same settings | MFU | peak allocated GiB | reserved GiB "
              "| dry run GiB | dry run / peak | seconds |", "|---" * 10 + "|"]
     for name, result in variants.items():
+        if "forward_backward_ms" in result:
+            continue
         if "tokens_per_second" not in result:
             lines.append(f"| {name} | {result.get('error') or result.get('skipped')} |" + " |" * 8)
             continue
@@ -424,6 +435,10 @@ def write_table(results: Path, report: dict) -> dict:
             f"{result['mfu']:.1%}" if result.get("mfu") else "",
             *(f"{value:.2f}" if value is not None else "" for value in (peak, result["peak_reserved_gib"], estimate)),
             f"{estimate / peak:.2f}" if estimate and peak else "", f"{result['variant_seconds']:.0f}"]) + " |")
+    if "forward_backward_ms" in variants.get("attention-kernels", {}):
+        from attention import describe
+
+        lines += ["", describe(variants["attention-kernels"])]
     text = "\n".join(lines) + "\n"
     results.with_suffix(".md").write_text(text)
     print(text)
@@ -449,7 +464,8 @@ def _run_in_subprocess(name: str, spec: dict, tiny: bool, timeout: float) -> dic
                 "variant_seconds": elapsed}
     result = json.loads(line[len("RESULT "):])
     peak = peak_flops(result["device"])
-    result["mfu"] = result["tokens_per_second"] * result["flops_per_token"] / peak if peak else None
+    if "tokens_per_second" in result:
+        result["mfu"] = result["tokens_per_second"] * result["flops_per_token"] / peak if peak else None
     return {**result, "variant_seconds": elapsed}
 
 

@@ -48,6 +48,7 @@ def test_gpu_script_runs_its_tiny_shape_anywhere(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(next(tmp_path.glob("*gpu-tiny.json")).read_text())
+    attention = report["variants"].pop("attention-kernels")
     assert set(report["variants"]) == {"lora-trl-same-settings", "lora-sftkit-no-liger", "lora-sftkit-profile",
                                        "lora-sftkit-torch-varlen", "qlora-8b-example"}
     assert all(v.get("tokens_per_second", 0) > 0 and v["variant_seconds"] > 0 for v in report["variants"].values()), report
@@ -61,6 +62,14 @@ def test_gpu_script_runs_its_tiny_shape_anywhere(tmp_path):
     ours, fair = (report["variants"][name]["tokens_per_second"] for name in ("lora-sftkit-no-liger",
                                                                            "lora-trl-same-settings"))
     assert f"| lora-sftkit-no-liger | {ours:,.0f} |  | {ours / fair:.2f} |" in table  # no defaults baseline here
+    # attention alone on packed micro-batches: each way timed, sdpa's backend named, torch_varlen equal to the mask
+    assert set(attention["forward_backward_ms"]) == {"sdpa-block-mask", "sdpa-causal-no-mask", "torch_varlen"}
+    assert all(ms > 0 for ms in attention["forward_backward_ms"].values())
+    assert set(attention["sdpa_backend"].values()) <= {"MATH", "FLASH_ATTENTION", "EFFICIENT_ATTENTION",
+                                                       "CUDNN_ATTENTION"}
+    assert attention["torch_varlen_max_abs_difference"] < 1e-4  # float32 on a CPU
+    assert attention["conversations_per_micro_batch"] > 1 and 0 < attention["own_conversation_pair_share"] < 1
+    assert "Attention alone" in table and f"{attention['forward_backward_ms']['torch_varlen']:.2f} ms" in table
     assert table in result.stdout
     assert report["variants"]["qlora-8b-example"]["dry_run_estimate_gib"] > 0  # each sftkit variant's estimate
     assert report["variants"]["lora-trl-same-settings"]["dry_run_estimate_gib"] is None
