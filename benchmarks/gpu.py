@@ -351,7 +351,8 @@ def main(argv: list[str] | None = None) -> dict:
         return write_table(Path(args.table), json.loads(Path(args.table).read_text()))
     # 800 rows pack into about 340 rows of 2,048 (30 steps of micro-batch 8 take 240) and leave 800 for the unpacked
     # baseline's 120: 2,000 rows (before 2026-11-27) were preprocessed in every variant for nothing. Setup of a
-    # LoRA variant's trainer on this 2-core CPU (2 preprocessing processes): 8.3 s -> 6.3 s (sftkit), 10.5 s -> 6.7 s (plain TRL)
+    # LoRA variant's trainer on a 2-core CPU (2 preprocessing processes): 8.3 s -> 6.3 s (sftkit), 10.5 s -> 6.7 s
+    # (plain TRL)
     seq_len, steps, warmup, rows = (128, 6, 2, 64) if args.tiny else (2048, 30, 10, 800)
     if args.run:
         spec = json.loads(args.spec)
