@@ -194,6 +194,8 @@ def run_variant(spec: dict, model_dir: str, data_file: str, seq_len: int, steps:
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
+    from torch._dynamo.utils import counters
+
     seconds, tokens = meter.end[0] - meter.start[0], meter.end[1] - meter.start[1]
     config = trainer.model.config
     return {
@@ -206,6 +208,7 @@ def run_variant(spec: dict, model_dir: str, data_file: str, seq_len: int, steps:
         "method": spec["method"],
         # where a variant's time goes: loading and preparing, the warm-up steps (compiling), the measured steps
         "seconds": {"setup": meter.begin - STARTED, "warmup_steps": meter.start[0] - meter.begin, "measured": seconds},
+        "compiled_graphs": counters["stats"]["unique_graphs"],  # each compile and recompile of a graph
         **({"profile": profile.top_kernels} if profile else {}),
     }
 

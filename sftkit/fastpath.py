@@ -158,6 +158,18 @@ def mark_lengths_dynamic(inputs: dict) -> None:
             torch._dynamo.maybe_mark_dynamic(value, value.dim() - 1)
 
 
+def bound_max_lengths(inputs: dict, longest: int) -> None:
+    """Under torch.compile, for padding-free batches: the length of the micro-batch's longest conversation
+    (max_length_q/k, a Python int TRL 1.16's collator computes for each batch) raised to `longest`
+    (training.max_length, which no packed conversation exceeds). The variable-length kernels (flash_attention_2,
+    torch_varlen) use it only to size their grid of blocks, and the blocks past a conversation's end return at once;
+    as an int that changes every step, it makes torch compile the whole model a second time, the first time it
+    changes (then it is a symbol). tests/test_fastpath.py counts the compiles."""
+    for key in ("max_length_q", "max_length_k"):
+        if isinstance(inputs.get(key), int):
+            inputs[key] = max(inputs[key], longest)
+
+
 def describe(choices: list[Choice]) -> str:
     return ", ".join(choice.describe() for choice in choices)
 

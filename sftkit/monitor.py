@@ -18,7 +18,7 @@ from transformers.trainer_callback import ProgressCallback
 from trl import SFTTrainer
 
 from sftkit.compat import TrainerWorkarounds
-from sftkit.fastpath import adapter_input_casts, lengths_vary, mark_lengths_dynamic
+from sftkit.fastpath import adapter_input_casts, bound_max_lengths, lengths_vary, mark_lengths_dynamic
 from sftkit.inference import generate_reply
 
 SAMPLES_FILE = "sample_replies.jsonl"
@@ -47,6 +47,8 @@ class MonitoredSFTTrainer(TrainerWorkarounds, SFTTrainer):
         inputs = super()._prepare_inputs(inputs)
         if self.mark_lengths_dynamic:
             mark_lengths_dynamic(inputs)
+        if self.args.torch_compile and self.args.max_length:  # padding-free batches of one shape too
+            bound_max_lengths(inputs, self.args.max_length)
         return inputs
 
     def _get_grad_norm(self, model, grad_norm=None):

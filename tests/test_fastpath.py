@@ -301,3 +301,67 @@ def test_the_command_sets_expandable_segments_before_cuda_unless_the_user_chose(
     assert choose({}, ModelConfig(), True, NOTHING)[-1].describe() == \
         "cuda_allocator max_split_size_mb:512 (set in the environment)"
     assert "cuda_allocator" not in chosen({}, gpu=False)
+
+
+def chained_rows(tmp_path, count: int = 40):
+    """Rows of 1 to 5 sample conversations: packed, their lengths and number change from batch to batch."""
+    sample = [json.loads(line)["messages"] for line in SAMPLE_DATA.read_text().splitlines()]
+    rows = [{"messages": [message for k in range(1 + i % 5) for message in sample[(3 * i + k) % len(sample)]]}
+            for i in range(count)]
+    (tmp_path / "chained.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(tmp_path / "chained.jsonl")
+
+
+def test_compiled_padding_free_batches_give_the_kernels_max_length_as_their_longest_conversation(tmp_path):
+    """TRL's collator gives each packed batch the length of its longest conversation, as an int; a varlen kernel
+    (flash_attention_2, torch_varlen) that reads it makes torch compile the whole model again when it first changes.
+    Under compile sftkit hands the kernels training.max_length instead, which none exceeds: one compile. On this CPU
+    the kernel's compiling is checked on fake CUDA tensors (torch traces the kernel without running it), with the
+    boundaries of the run's own batches."""
+    from torch._dynamo.testing import CompileCounter
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    from sftkit import varlen
+
+    packed = ["--dataset.name", chained_rows(tmp_path), "--training.packing", "true", "--model.max_seq_length", "256",
+              "--training.per_device_train_batch_size", "2"]
+    compiled = train_bf16_lora(tmp_path / "compiled", *packed, "--training.torch_compile", "true")
+    eager = train_bf16_lora(tmp_path / "eager", *packed)
+    batches = list(compiled.get_train_dataloader())
+    longest = [batch["max_length_q"] for batch in batches]
+    assert len(set(longest)) > 1 and max(longest) <= 256
+    given = [compiled._prepare_inputs(dict(batch)) for batch in batches]
+    assert {(inputs["max_length_q"], inputs["max_length_k"]) for inputs in given} == {(256, 256)}
+    assert [eager._prepare_inputs(dict(batch))["max_length_q"] for batch in batches] == longest
+
+    if not varlen.available():
+        pytest.skip("this torch has no varlen attention")
+    module = compiled.model.get_base_model().model.layers[0].self_attn
+    assert isinstance(module, LlamaAttention)
+    heads, kv_heads = module.config.num_attention_heads, module.config.num_key_value_heads
+
+    def attention(q, k, v, cu, max_length):
+        return varlen.attention(module, q, k, v, None, scaling=module.scaling, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                                max_length_q=max_length, max_length_k=max_length)[0]
+
+    def compiles(max_lengths) -> int:
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        step = torch.compile(attention, backend=counter, fullgraph=True)
+        boundaries = [batch["cu_seq_lens_q"].tolist() for batch in batches]
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            for bounds, max_length in zip(boundaries, max_lengths):
+                q, k = (torch.empty(1, n, bounds[-1], module.head_dim, device="cuda", dtype=torch.bfloat16)
+                        for n in (heads, kv_heads))
+                cu = torch.tensor(bounds, device="cuda", dtype=torch.int32)
+                for tensor, tokens in ((q, 2), (k, 2), (cu, 0)):  # as the batch's lengths are marked
+                    torch._dynamo.maybe_mark_dynamic(tensor, tokens)
+                step(q, k, k, cu, max_length)
+        torch._dynamo.reset()
+        return counter.frame_count
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(varlen._FLASH_CAPABLE, 0, True)  # what an Ampere or newer GPU answers
+        assert compiles([inputs["max_length_q"] for inputs in given]) == 1
+        assert compiles(longest) == 2
