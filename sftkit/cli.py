@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None, prog: str = "sft.py") -> int:
         if args.dry_run:
             from sftkit.plan import dry_run
 
-            plan = dry_run(config)
+            plan = dry_run(config, overwrite=args.overwrite)
             if is_main_process():
                 print(plan)
             return 0

@@ -10,6 +10,7 @@ import enum
 import functools
 import glob
 import importlib.util
+import logging
 import math
 import operator
 import os
@@ -26,6 +27,8 @@ from sftkit.compat import compile_under_zero3_error, rename_gradient_checkpointi
 from sftkit.errors import ConfigError
 from sftkit.fastpath import choose as choose_fast_path
 from sftkit.fastpath import choose_adapter_inputs
+
+logger = logging.getLogger("sftkit")
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # A clone (or `pip install -e .`) has configs/ and data/ beside the package; an installed wheel carries them inside
@@ -226,8 +229,8 @@ def parse_overrides(args: list[str]) -> dict:
             raise ConfigError(f"unexpected argument {arg!r}: overrides look like --training.learning_rate 1e-4")
         key, has_value, value = arg[2:].partition("=")
         if not has_value:
-            if index + 1 >= len(args):
-                raise ConfigError(f"override {arg} has no value")
+            if index + 1 >= len(args) or (args[index + 1].startswith("--") and "." in args[index + 1]):
+                raise ConfigError(f"override {arg} has no value: write {arg} VALUE")
             index += 1
             value = args[index]
         *parents, leaf = key.split(".")
@@ -289,9 +292,15 @@ def read_yaml(path: Path) -> dict:
         mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         hint = "; indent with spaces, not tabs" if problem and "'\\t'" in problem else ""
+        if problem and "<block" in problem:
+            hint = "; check this line's indentation against the lines above it"
         raise ConfigError(f"{path}{where}: not valid YAML: {problem or str(error).splitlines()[0]}{hint}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected sections {', '.join(SECTIONS)} at the top level")
+    for section in SECTIONS:  # here, before a command-line override of one of its keys replaces it
+        if data.get(section) is not None and not isinstance(data[section], dict):
+            raise ConfigError(f"{path}: {section} must be a mapping of keys to values (indented `key: value` lines "
+                              f"under `{section}:`, no `- `), not {type(data[section]).__name__}")
     return data
 
 
@@ -317,6 +326,9 @@ def load_config(config_name: str | None = None, cli_args: list[str] = (), preset
     errors += _path_errors(model, dataset, raw.get("training") or {})
     if errors:  # before importing trl and torch, which take seconds
         raise ConfigError(f"{path}: " + "; ".join(errors))
+    if "lora_config" in (raw.get("model") or {}) and not model.use_lora:
+        logger.warning("model.lora_config is set but model.use_lora is false: this run fine-tunes every weight and "
+                       "leaves the LoRA settings unused; set model.use_lora: true to train LoRA adapters")
     training_values, gpu = dict(raw.get("training") or {}), _has_gpu()
     speed = choose_fast_path(training_values, model, gpu)
     training = _build_training(training_values, model, dataset, errors)
@@ -492,7 +504,11 @@ def _path_errors(model: ModelConfig, dataset: DatasetConfig, training: Any) -> l
     """Local paths that do not exist, and splits that local data does not have; hub ids are left to the hub."""
     errors = []
     deepspeed = training.get("deepspeed") if isinstance(training, dict) else None
-    if isinstance(deepspeed, str) and looks_local(deepspeed) and not Path(resolve_path(deepspeed)).is_file():
+    shipped = PROJECT_DIR / "deepspeed_configs" / f"{deepspeed}.json" if isinstance(deepspeed, str) else None
+    if shipped is not None and not looks_local(deepspeed) and shipped.is_file():
+        errors.append(f"training.deepspeed: {deepspeed} is not a file; the shipped config of that name is "
+                      f"deepspeed_configs/{deepspeed}.json")
+    elif isinstance(deepspeed, str) and looks_local(deepspeed) and not Path(resolve_path(deepspeed)).is_file():
         errors.append(f"training.deepspeed: {deepspeed} does not exist{looked_in(deepspeed)}; give the path of a "
                       "DeepSpeed JSON file such as deepspeed_configs/zero2.json")
     if model.path is not None and looks_local(model.path):
@@ -645,7 +661,7 @@ def _build_training(values: dict, model: ModelConfig, dataset: DatasetConfig, er
     try:
         training = SFTConfig(**kwargs)
     except (ValueError, TypeError) as error:
-        errors.append(f"training: {str(error).splitlines()[0]}")
+        errors.append(f"training: {' '.join(line.strip() for line in str(error).splitlines() if line.strip())}")
         return None
     errors += _report_to_errors(training.report_to)
     errors += [error for error in [compile_under_zero3_error(training), _zero3_save_error(training),
@@ -772,6 +788,9 @@ def _public_training_fields(training) -> dict:
 
 def _build(cls, values: Any, section: str, errors: list[str]):
     """Instantiate a config dataclass from a YAML mapping, collecting errors for unknown keys and wrong types."""
+    if values is None:  # `lora_config:` with every key below it commented out
+        errors.append(f"{section} is empty: give it keys, or remove the line to take its defaults")
+        return cls()
     if not isinstance(values, dict):
         errors.append(f"{section} must be a mapping of keys to values, not {type(values).__name__}")
         return cls()
@@ -842,7 +861,9 @@ def _coerce(value: Any, hint: Any) -> Any:
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise ValueError(f"expected true or false, got {value!r}")
+        quoted = isinstance(value, str) and value.strip().lower() in ("true", "false")
+        raise ValueError(f"expected true or false, got {value!r}" + (" (text, in quotes: remove the quotes)"
+                                                                     if quoted else ""))
     if hint in (int, float):
         if isinstance(value, bool):
             raise ValueError(f"expected a number, got {value!r}")

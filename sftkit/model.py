@@ -1,6 +1,7 @@
 """Tokenizer, dtype, 4-bit quantization and the LoRA config."""
 
 import dataclasses
+import logging
 import re
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from sftkit.compat import keep_cpu_4bit_layout_trainable, zero3_init_disabled
 from sftkit.config import DatasetConfig, ModelConfig, resolve_path
 from sftkit.data.tokenize import CHATML_TEMPLATE
 from sftkit.errors import ConfigError
+
+logger = logging.getLogger("sftkit")
 
 varlen.register()  # model.attn_implementation: torch_varlen is then a name transformers accepts
 
@@ -147,6 +150,8 @@ def load_tokenizer(model_cfg: ModelConfig, dataset_cfg: DatasetConfig):
     if dataset_cfg.chat_template:
         _set_template(tokenizer, dataset_cfg.chat_template)
     elif tokenizer.chat_template is None:
+        logger.warning(f"model.path {model_cfg.path} has no chat template: conversations are written in ChatML "
+                       "(<|im_start|>role ... <|im_end|>); set dataset.chat_template for another format")
         tokenizer.chat_template = CHATML_TEMPLATE
     ensure_distinct_pad_token(tokenizer)
     return tokenizer

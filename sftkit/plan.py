@@ -13,11 +13,13 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from sftkit.checkpoints import checkpoint_to_resume
 from sftkit.compat import zero3_init_disabled, zero_model_states
 from sftkit.config import RunConfig, resolve_path
 from sftkit.data import prepare_for_training
 from sftkit.fastpath import describe as describe_speed
 from sftkit.model import check_model_source, load_tokenizer, lora_config, resolve_dtype
+from sftkit.rundir import OutputDir
 
 GIB = 2**30
 ADAM_STATES = 2  # exp_avg and exp_avg_sq per trained parameter
@@ -71,9 +73,11 @@ def tokens_per_micro_batch(args, lengths: list[int]) -> int:
     return args.per_device_train_batch_size * (args.max_length if args.packing else min(max(lengths), args.max_length))
 
 
-def dry_run(config: RunConfig) -> str:
+def dry_run(config: RunConfig, overwrite: bool = False) -> str:
+    args = config.training
+    output = output_dir_plan(config, overwrite)  # first: it reads only output_dir
     plan = build_plan(config)
-    args, data, shape, world_size = config.training, plan.data, plan.shape, plan.world_size
+    data, shape, world_size = plan.data, plan.shape, plan.world_size
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
     method = config.model.method
     eval_rows = f" / {len(data.eval)} eval" if data.eval is not None else ""
@@ -95,9 +99,21 @@ def dry_run(config: RunConfig) -> str:
         ("distributed", plan.zero.description),
         ("speed", describe_speed(config.speed)),
         ("memory per device", plan.memory.description),
+        ("output", output),
     ]
     return f"Dry run of {config.source} (no weights loaded, nothing trained)\n" + "\n".join(
         f"  {label:<18} {value}" for label, value in rows)
+
+
+def output_dir_plan(config: RunConfig, overwrite: bool) -> str:
+    """What the run would do with training.output_dir and the checkpoint it would resume, checked as the run checks
+    them (a finished model there without --overwrite, another run's checkpoints, a missing checkpoint) but with
+    nothing written: the run's own ConfigError otherwise."""
+    args = config.training
+    output = OutputDir(args.output_dir, config.resolved)
+    where = output.preview(overwrite, args.resume_from_checkpoint)
+    checkpoint = checkpoint_to_resume(args.resume_from_checkpoint, output.path, config.resolved)
+    return where + (f"; resumes from {checkpoint}" if checkpoint else "")
 
 
 def model_shape(config: RunConfig) -> ModelShape:

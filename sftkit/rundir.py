@@ -165,18 +165,33 @@ class OutputDir:
         self._create()
         self.take_lock()
         try:
-            contents = survey(self.path)
-            if contents.in_the_way:
-                raise ConfigError(f"training.output_dir {self.path} holds files sftkit did not write under the names a "
-                                  f"run writes ({_some(contents.in_the_way)}); move them elsewhere or choose another "
-                                  "training.output_dir")
+            contents = self._contents_this_run_may_take(overwrite, resume)
             if overwrite:
                 self._remove_earlier_run(contents)
-            elif resume is not True:  # resuming from output_dir: checkpoints.checkpoint_to_resume checks the run
-                self._refuse_another_runs_work(contents, resuming=resume is not None)
         except BaseException:
             self.release()
             raise
+
+    def preview(self, overwrite: bool, resume) -> str:
+        """What claim would find, checked the same way but with nothing created, locked or removed (the dry run):
+        raises claim's ConfigError, else says what the run would do there."""
+        refuse_overwrite_with_resume(overwrite, resume)
+        self._refuse_a_file()
+        contents = self._contents_this_run_may_take(overwrite, resume)
+        earlier = contents.describe()
+        if overwrite and earlier:
+            return f"{self.path} (--overwrite: the run first removes what the earlier run wrote: {earlier})"
+        return f"{self.path} ({'new' if not self.path.exists() else 'holds ' + earlier if earlier else 'empty'})"
+
+    def _contents_this_run_may_take(self, overwrite: bool, resume) -> "Contents":
+        contents = survey(self.path)
+        if contents.in_the_way:
+            raise ConfigError(f"training.output_dir {self.path} holds files sftkit did not write under the names a "
+                              f"run writes ({_some(contents.in_the_way)}); move them elsewhere or choose another "
+                              "training.output_dir")
+        if not overwrite and resume is not True:  # resuming from output_dir: checkpoint_to_resume checks the run
+            self._refuse_another_runs_work(contents, resuming=resume is not None)
+        return contents
 
     def record_start(self) -> None:
         """Mark output_dir as this run's; called once the checkpoint to resume (if any) was found to be its own."""
@@ -195,10 +210,13 @@ class OutputDir:
         record = read_run_record(self.path) or run_record(self.resolved)
         write_json(self.path / RUN_FILE, {**record, "status": status, **extra})
 
+    def _refuse_a_file(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"training.output_dir {self.path} is a file, not a directory; choose a directory path")
+
     def _create(self) -> None:
         key = "training.output_dir"
-        if self.path.exists() and not self.path.is_dir():
-            raise ConfigError(f"{key} {self.path} is a file, not a directory; choose a directory path")
+        self._refuse_a_file()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / f".sftkit-write-test-{os.getpid()}"
@@ -312,6 +330,12 @@ class OutputDir:
         if removed:
             kept = f"; kept {', '.join(contents.foreign)} (not written by sftkit)" if contents.foreign else ""
             print(f"sftkit: --overwrite: removed {removed} item(s) of the earlier run in {self.path}{kept}", flush=True)
+
+
+def refuse_overwrite_with_resume(overwrite: bool, resume) -> None:
+    if overwrite and resume is not None:
+        raise ConfigError("--overwrite removes the checkpoints that training.resume_from_checkpoint would continue; "
+                          "use one or the other")
 
 
 def free_bytes(directory: Path) -> int:

@@ -122,6 +122,11 @@ def test_unknown_keys_in_every_section_are_reported_together_with_suggestions(tm
         ("dataset:\n  test_size: 0.1\n  eval_split: test\n", "set only one of dataset.test_size, dataset.eval_split and dataset.eval_sources"),
         ("dataset:\n  test_size: 2.5\n", "dataset.test_size must be a fraction between 0 and 1, or a row count"),
         ("model: [1, 2]\n", "model must be a mapping"),
+        ("model:\n  use_lora: \"false\"\n", "model.use_lora: expected true or false, got 'false' (text, in quotes: "
+                                              "remove the quotes)"),
+        ("model:\n  lora_config:\n", "model.lora_config is empty: give it keys, or remove the line"),
+        ("training:\n  deepspeed: zero2\n", "training.deepspeed: zero2 is not a file; the shipped config of that name "
+                                           "is deepspeed_configs/zero2.json"),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_expected(tmp_path, text, expected):
@@ -129,6 +134,38 @@ def test_bad_values_name_the_key_and_what_is_expected(tmp_path, text, expected):
     with pytest.raises(ConfigError, match=None) as error:
         load_config(write(tmp_path, text))
     assert expected in str(error.value)
+
+
+@pytest.mark.parametrize("section", ["model", "dataset", "training"])
+@pytest.mark.parametrize("written", ["\n  - num_train_epochs: 1\n", " epochs 3\n"], ids=["a list", "text"])
+def test_a_section_that_is_not_a_mapping_is_refused_even_beside_an_override_of_it(tmp_path, section, written):
+    """An override of one key merged into a list would have replaced the user's whole section without a word."""
+    text = {"model": "model:\n  path: data/tiny-chat-llama\n", "dataset": "dataset:\n  name: data/sample_chat.jsonl\n",
+            "training": "training:\n  output_dir: out\n"}
+    text[section] = f"{section}:{written}"
+    path = write(tmp_path, "".join(text.values()))
+    expected = rf"config.yaml: {section} must be a mapping of keys to values .* not (list|str)$"
+    for overrides in ([], [f"--{section}.{'path' if section == 'model' else 'name'}", "x"]):
+        with pytest.raises(ConfigError, match=expected):
+            load_config(path, overrides)
+
+
+def test_a_whole_message_of_trl_is_kept(tmp_path):
+    """TRL's message spans lines; its first line ended in "but found"."""
+    with pytest.raises(ConfigError, match=r"requires the save and eval strategy to match, .*but found - Evaluation "
+                                          r"strategy: .*STEPS - Save strategy: .*EPOCH"):
+        load_config(write(tmp_path, MINIMAL + "  eval_strategy: steps\n  eval_steps: 10\n  save_strategy: epoch\n"
+                                              "  load_best_model_at_end: true\n"), ["--dataset.test_size", "0.1"])
+
+
+def test_lora_settings_with_lora_off_are_named_as_unused(tmp_path, caplog):
+    lora_settings = "model:\n  path: data/tiny-chat-llama\n  lora_config:\n    r: 8\n" + DATA_AND_OUTPUT
+    config = load_config(write(tmp_path, lora_settings))
+    assert config.model.use_lora is False
+    assert "model.lora_config is set but model.use_lora is false" in caplog.text
+    caplog.clear()
+    load_config(write(tmp_path, lora_settings), ["--model.use_lora", "true"])
+    assert "lora_config" not in caplog.text
 
 
 def test_missing_dataset_name(tmp_path):
@@ -152,6 +189,9 @@ def test_cli_overrides_beat_yaml_and_are_validated(tmp_path):
         load_config(path, ["--model.use_lorra", "true"])
     with pytest.raises(ConfigError, match="overrides look like --training.learning_rate 1e-4"):
         load_config(path, ["learning_rate=3"])
+    with pytest.raises(ConfigError, match="^override --training.learning_rate has no value: write "
+                                          "--training.learning_rate VALUE$"):
+        load_config(path, ["--training.learning_rate", "--model.use_lora", "true"])
 
 
 def test_precision_is_chosen_for_the_hardware_when_not_set(tmp_path):
@@ -219,7 +259,10 @@ def test_the_static_field_list_matches_sft_config():
      r"with spaces, not tabs$"),
     ("dataset:\n  system_prompt: \"R\xe9ponds\"\n".encode("latin-1"),
      r"config.yaml: not UTF-8 text \(byte 28: invalid continuation byte\); save it as UTF-8$"),
-], ids=["a key set twice", "a tab", "latin-1"])
+    (MINIMAL.replace("training:", " training:"),
+     r"config.yaml, line 5, column 2: not valid YAML: expected <block end>, but found '<block mapping start>'; "
+     r"check this line's indentation against the lines above it$"),
+], ids=["a key set twice", "a tab", "latin-1", "indentation"])
 def test_a_config_file_that_does_not_read_cleanly_is_one_line_naming_the_place(tmp_path, text, expected):
     """PyYAML keeps the last of two equal keys without a word; a tab or another encoding raised with three lines."""
     path = tmp_path / "config.yaml"

@@ -124,7 +124,8 @@ def test_rows_left_with_nothing_to_train_by_truncation_are_dropped_and_counted(t
         ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]}, "message 1 (assistant) has empty content"),
         ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": 42}]}, "message 1 (assistant) has content of type int"),
         ({"messages": [{"role": "user", "content": "Hi"}]}, "no assistant message"),
-        ({"messages": "Hi"}, "expected a non-empty list of messages"),
+        ({"messages": "Hi"}, "expected a non-empty list of messages, got str"),
+        ({"messages": []}, "expected a non-empty list of messages, got an empty list"),
         ({"messages": [{"role": "user", "content": "Hi"}, ["assistant", "Yo"]]}, "message 1 is a list"),
     ],
 )
@@ -307,7 +308,8 @@ def test_other_files_give_the_1_based_row(tmp_path, tokenizer, suffix):
         (".jsonl", '{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": "d"\n', "line 2: not valid JSON: Expecting ',' delimiter at column"),
         (".jsonl", '{"prompt": "a", "response": "b"}\n["c", "d"]\n', "line 2: expected a JSON object of the row's columns, got list"),
         (".json", '[\n  {"prompt": "a", "response": "b"},\n  {"prompt": "c" "response": "d"}\n]\n', "line 3: not valid JSON: Expecting ',' delimiter at column 18"),
-        (".jsonl", '{"prompt": "a", "response": "b"}\n{"prompt": "\xff"}\n', "line 2: 'utf-8' codec can't decode byte 0xff"),
+        (".jsonl", '{"prompt": "a", "response": "b"}\n{"prompt": "\xff"}\n',
+         "line 2: not UTF-8 text (invalid start byte at byte 0); save the file as UTF-8"),
     ],
 )
 def test_invalid_json_names_the_file_and_line(tmp_path, tokenizer, suffix, text, expected):

@@ -4,13 +4,25 @@ import importlib.metadata
 import json
 import re
 import shutil
+import tempfile
+import uuid
+from pathlib import Path
 
+import conftest
 import pytest
-from conftest import SAMPLE_DATA, TINY_MODEL, run_python, run_sft
+from conftest import SAMPLE_DATA, TINY_MODEL, run_python
 from transformers import LlamaConfig
 
 from sftkit.config import load_config
 from sftkit.train import train
+
+
+def run_sft(*args: str, **kwargs):
+    """sft.py in this process, into an output_dir that does not exist unless the arguments name one: the dry run
+    checks output_dir as the run does, and the configs' own (outputs/...) may hold a developer's finished run."""
+    if "--training.output_dir" not in args:
+        args = (*args, "--training.output_dir", str(Path(tempfile.gettempdir()) / f"sftkit-dry-run-{uuid.uuid4()}"))
+    return conftest.run_sft(*args, **kwargs)
 
 
 def plan_value(stdout: str, label: str) -> str:

@@ -196,6 +196,32 @@ def test_overwrite_and_resume_together_are_refused_before_anything_is_removed(fi
     assert contents(out) == before
 
 
+def test_the_dry_run_refuses_what_the_run_refuses_and_writes_nothing(finished, tmp_path):
+    """The dry run checks output_dir and the checkpoint to resume as the run does, without creating, locking or
+    removing anything, and says what the run would do there."""
+    out = copy_of(finished, tmp_path)
+    before = contents(out)
+    refused = one_line_error(run_sft("--dry-run", "--training.output_dir", str(out), *SHORT, check=False))
+    run = one_line_error(run_sft("--training.output_dir", str(out), *SHORT, check=False))
+    assert refused == run and "already holds a trained model" in refused
+    plan = run_sft("--dry-run", "--overwrite", "--training.output_dir", str(out), *SHORT).stdout
+    assert f"output             {out} (--overwrite: the run first removes what the earlier run wrote: a trained " \
+           "model (config.json" in plan
+    plan = run_sft("--dry-run", "--training.output_dir", str(out), *SHORT, "--training.save_strategy", "steps",
+                   "--training.save_steps", "2", "--training.resume_from_checkpoint", "true").stdout
+    assert plan.rstrip().endswith(f"; resumes from {out / 'checkpoint-3'}")
+    for refused_here in (["--training.resume_from_checkpoint", str(tmp_path / "none")],
+                         ["--training.resume_from_checkpoint", "true", "--overwrite"]):
+        assert "Traceback" not in one_line_error(run_sft("--dry-run", "--training.output_dir", str(out), *SHORT,
+                                                         *refused_here, check=False))
+    assert contents(out) == before and not (out / LOCK_FILE).exists()
+    (tmp_path / "a-file").write_text("notes")
+    assert one_line_error(run_sft("--dry-run", "--training.output_dir", str(tmp_path / "a-file"), check=False)) \
+        .endswith("is a file, not a directory; choose a directory path")
+    plan = run_sft("--dry-run", "--training.output_dir", str(tmp_path / "new"), *SHORT).stdout
+    assert f"output             {tmp_path / 'new'} (new)" in plan and not (tmp_path / "new").exists()
+
+
 RACER = """
 import sys, time
 from pathlib import Path

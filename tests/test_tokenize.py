@@ -1,7 +1,7 @@
 """Completion-only masks from the chat template: exactly each assistant reply plus its end-of-turn token trains."""
 
 import pytest
-from conftest import FAMILIES, REJECT_SYSTEM, TEMPLATES, family_tokenizer, trained_spans
+from conftest import FAMILIES, REJECT_SYSTEM, TEMPLATES, TINY_MODEL, family_tokenizer, trained_spans
 
 from sftkit.data import MaskError, tokenize_messages
 from sftkit.data.tokenize import CHATML_TEMPLATE
@@ -158,6 +158,22 @@ def test_fallback_chatml_template_closes_turns_with_eos(tokenizer):
     tokenizer.chat_template = CHATML_TEMPLATE
     tokens = tokenize_messages(tokenizer, [SYSTEM] + MULTI)
     assert trained_spans(tokenizer, tokens) == [reply + "</s>" for reply in replies(MULTI)]
+
+
+def test_a_model_without_a_chat_template_gets_chatml_and_the_run_says_so(tmp_path, caplog):
+    import shutil
+
+    from sftkit.config import DatasetConfig, ModelConfig
+    from sftkit.model import load_tokenizer
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):  # the tiny model, its template left out
+        shutil.copy(TINY_MODEL / name, tmp_path / name)
+    tokenizer = load_tokenizer(ModelConfig(path=str(tmp_path)), DatasetConfig(name="d.jsonl"))
+    assert tokenizer.chat_template == CHATML_TEMPLATE
+    assert f"model.path {tmp_path} has no chat template: conversations are written in ChatML" in caplog.text
+    caplog.clear()
+    load_tokenizer(ModelConfig(path=str(TINY_MODEL)), DatasetConfig(name="d.jsonl"))
+    assert "chat template" not in caplog.text
 
 
 LONG = [message for k in range(40) for message in (

@@ -204,9 +204,13 @@ def _tokenize_row(row, index, tokenizer, format_name, system_prompt, answer_sour
     except ValueError as error:
         # 1-based: the line of a .jsonl file, else the row
         place = f"line {jsonl_line_numbers(jsonl)[index]}" if jsonl else f"row {index + 1}"
-        problem = f"{where} {place}: {error}"
+        if isinstance(error, UnicodeDecodeError):  # Arrow keeps the bytes and decodes them when the row is read
+            problem = f"{where} {place}: not UTF-8 text ({error.reason} at byte {error.start})"
+            fix = "save the file as UTF-8"
+        else:
+            problem, fix = f"{where} {place}: {error}", None
         if not skip_bad_rows:
-            raise DataError(problem) from None
+            raise DataError(f"{problem}; {fix}" if fix else problem) from None
         return {"input_ids": [], "labels": [], "source": source_position, "row": index, "trainable_tokens": 0,
                 "prompt_tokens": 0, "problem": problem}
     labels = tokens["labels"]

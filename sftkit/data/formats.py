@@ -127,7 +127,8 @@ def _as_turns(row: dict, column: str, role: str) -> list[dict]:
 
 def _as_list(messages) -> list:
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"expected a non-empty list of messages, got {type(messages).__name__}")
+        got = "an empty list" if isinstance(messages, list) else type(messages).__name__
+        raise ValueError(f"expected a non-empty list of messages, got {got}")
     return messages
 
 

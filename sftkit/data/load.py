@@ -141,7 +141,7 @@ def _json_problem(file: str) -> str | None:
             try:
                 value = json.loads(raw.decode("utf-8").rstrip("\r\n"))
             except UnicodeDecodeError as error:
-                return f"{file} line {number}: not UTF-8 text ({error.reason} at byte {error.start})"
+                return f"{file} line {number}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
             except json.JSONDecodeError as error:
                 if number == 1 and file.endswith(".json"):
                     break  # a document spread over lines
@@ -157,7 +157,7 @@ def _json_problem(file: str) -> str | None:
     except json.JSONDecodeError as error:
         return f"{file} line {error.lineno}: not valid JSON: {_json_message(error)}"
     except UnicodeDecodeError as error:
-        return f"{file}: not UTF-8 text ({error.reason} at byte {error.start})"
+        return f"{file}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
     return None
 
 
