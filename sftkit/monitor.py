@@ -218,6 +218,13 @@ class StopGuard(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
 
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # the Trainer leaves the epoch after a stop and ends it: its flow callback then asks again for the epoch's
+        # save (save_strategy: epoch), which would write the broken weights and let rotation delete a good checkpoint
+        if self.diverged_at is not None:
+            control.should_save = False
+            control.should_evaluate = False
+
     def on_train_end(self, args, state, control, **kwargs):
         self.training_over = True
 

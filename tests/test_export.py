@@ -48,28 +48,45 @@ def test_a_diverged_run_stops_names_the_step_and_publishes_nothing(tmp_path):
 def test_gradients_that_are_not_finite_stop_the_run_before_their_step_is_saved(tmp_path):
     """A finite loss with an inf gradient (bf16 has no loss scaler to skip the step; here one step's gradient is made
     inf) turns the clipped update, and so the weights, into nan: that step's checkpoint is never written."""
+    trainer = trainer_with_an_inf_gradient_at(3, tmp_path, "--training.max_steps", "5", "--training.save_strategy",
+                                              "steps", "--training.save_steps", "1")
+    trainer.train()
+    assert trainer.guard.diverged_at == 3 and trainer.state.global_step == 3
+    assert [entry["loss"] for entry in trainer.state.log_history if "loss" in entry][-1] < 10, "the loss was finite"
+    assert sorted(path.name for path in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert not export_module.non_finite_tensors(tmp_path / "checkpoint-2")
+
+
+def test_a_divergence_within_an_epoch_saves_no_checkpoint_at_its_end_nor_rotates_the_good_one_away(tmp_path):
+    """After the stop the Trainer still ends the epoch, and with save_strategy: epoch its flow asked for the epoch's
+    checkpoint: the broken weights were saved, and save_total_limit 1 deleted the epoch before's."""
+    trainer = trainer_with_an_inf_gradient_at(6, tmp_path, "--dataset.max_samples", "32", "--training.max_steps", "-1",
+                                              "--training.per_device_train_batch_size", "8", "--training.num_train_epochs",
+                                              "4", "--training.save_strategy", "epoch", "--training.save_total_limit", "1")
+    trainer.train()
+    assert trainer.guard.diverged_at == 6 and trainer.state.global_step == 6
+    assert sorted(path.name for path in tmp_path.glob("checkpoint-*")) == ["checkpoint-4"]  # the first epoch's
+    assert not export_module.non_finite_tensors(tmp_path / "checkpoint-4")
+
+
+def trainer_with_an_inf_gradient_at(step: int, output_dir, *overrides: str):
+    """The default config's trainer, whose gradient at `step` is made inf (a finite loss, broken weights after it)."""
     from transformers import TrainerCallback
 
     from sftkit.data import prepare_data
     from sftkit.model import load_model, load_tokenizer
     from sftkit.monitor import MonitoredSFTTrainer
 
-    class InfiniteGradientAtStep3(TrainerCallback):
+    class InfiniteGradient(TrainerCallback):
         def on_step_begin(self, args, state, control, model=None, **kwargs):
-            if state.global_step == 2:
+            if state.global_step == step - 1:
                 model.lm_head.weight.register_hook(lambda grad: grad * float("inf"))
 
-    cfg = config(tmp_path, "default_train_config.yaml", "--training.max_steps", "5", "--training.save_strategy",
-                 "steps", "--training.save_steps", "1")
+    cfg = config(output_dir, "default_train_config.yaml", *overrides)
     tokenizer = load_tokenizer(cfg.model, cfg.dataset)
-    trainer = MonitoredSFTTrainer(model=load_model(cfg.model, torch.float32, False), args=cfg.training,
-                                  train_dataset=prepare_data(cfg.dataset, tokenizer, cfg.training.max_length).train,
-                                  processing_class=tokenizer, callbacks=[InfiniteGradientAtStep3()])
-    trainer.train()
-    assert trainer.guard.diverged_at == 3 and trainer.state.global_step == 3
-    assert [entry["loss"] for entry in trainer.state.log_history if "loss" in entry][-1] < 10, "the loss was finite"
-    assert sorted(path.name for path in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
-    assert not export_module.non_finite_tensors(tmp_path / "checkpoint-2")
+    return MonitoredSFTTrainer(model=load_model(cfg.model, torch.float32, False), args=cfg.training,
+                               train_dataset=prepare_data(cfg.dataset, tokenizer, cfg.training.max_length).train,
+                               processing_class=tokenizer, callbacks=[InfiniteGradient()])
 
 
 def test_weights_that_are_not_finite_are_never_published(tmp_path):
