@@ -111,7 +111,7 @@ def output_dir_plan(config: RunConfig, overwrite: bool) -> str:
     nothing written: the run's own ConfigError otherwise."""
     args = config.training
     output = OutputDir(args.output_dir, config.resolved)
-    where = output.preview(overwrite, args.resume_from_checkpoint)
+    where = output.preview(overwrite, args.resume_from_checkpoint, resolve_path(config.model.path))
     checkpoint = checkpoint_to_resume(args.resume_from_checkpoint, output.path, config.resolved)
     return where + (f"; resumes from {checkpoint}" if checkpoint else "")
 

@@ -172,10 +172,10 @@ class OutputDir:
             self.release()
             raise
 
-    def preview(self, overwrite: bool, resume) -> str:
+    def preview(self, overwrite: bool, resume, model_path: str) -> str:
         """What claim would find, checked the same way but with nothing created, locked or removed (the dry run):
         raises claim's ConfigError, else says what the run would do there."""
-        refuse_overwrite_with_resume(overwrite, resume)
+        refuse_before_claiming(self.path, model_path, overwrite, resume)
         self._refuse_a_file()
         contents = self._contents_this_run_may_take(overwrite, resume)
         earlier = contents.describe()
@@ -332,10 +332,17 @@ class OutputDir:
             print(f"sftkit: --overwrite: removed {removed} item(s) of the earlier run in {self.path}{kept}", flush=True)
 
 
-def refuse_overwrite_with_resume(overwrite: bool, resume) -> None:
+def refuse_before_claiming(output_dir: Path, model_path: str, overwrite: bool, resume) -> None:
+    """What no output_dir can allow, checked in every process before any of them claims it."""
     if overwrite and resume is not None:
         raise ConfigError("--overwrite removes the checkpoints that training.resume_from_checkpoint would continue; "
                           "use one or the other")
+    model, output = Path(model_path).expanduser().resolve(), output_dir.expanduser().resolve()
+    if model.exists() and (model == output or output in model.parents):
+        # --overwrite would remove it before it loads (a finished run's model, one of its checkpoints or its
+        # adapter), and the export would write the new model over it
+        raise ConfigError(f"model.path {model_path} lies in training.output_dir {output_dir}, where this run writes "
+                          "its model; choose another training.output_dir (the model in model.path stays as it is)")
 
 
 def free_bytes(directory: Path) -> int:

@@ -24,7 +24,7 @@ from sftkit.checkpoints import (
     newest_resumable,
 )
 from sftkit.compat import allow_fsdp_on_cpu, check_fsdp_on
-from sftkit.config import RunConfig
+from sftkit.config import RunConfig, resolve_path
 from sftkit.data import prepare_for_training
 from sftkit.errors import ConfigError, Interrupted, RunFailed
 from sftkit.export import export
@@ -33,7 +33,7 @@ from sftkit.inference import generate_reply
 from sftkit.model import check_model_source, load_model, load_tokenizer, lora_config, resolve_dtype
 from sftkit.monitor import MonitoredSFTTrainer, ProgressBar, SampleReplies, generates_on_every_process, memory_mib
 from sftkit.report import build_summary, report
-from sftkit.rundir import STAGING_DIR, OutputDir, check_free_space, export_bytes, refuse_overwrite_with_resume
+from sftkit.rundir import STAGING_DIR, OutputDir, check_free_space, export_bytes, refuse_before_claiming
 
 LAUNCHERS = ("accelerate", "torchrun", "deepspeed")
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def train(config: RunConfig, overwrite: bool = False, started: float | None = No
 
 def _claim(output: OutputDir, args, config: RunConfig, overwrite: bool) -> str | None:
     """Make output_dir this run's (the main process locks and checks it first) and find the checkpoint to resume."""
-    refuse_overwrite_with_resume(overwrite, args.resume_from_checkpoint)  # in every process, before any waits
+    refuse_before_claiming(output.path, resolve_path(config.model.path), overwrite, args.resume_from_checkpoint)
     check_model_source(config.model)
     with args.main_process_first(desc="claiming output_dir"):
         main = args.process_index == 0

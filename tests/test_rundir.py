@@ -196,6 +196,20 @@ def test_overwrite_and_resume_together_are_refused_before_anything_is_removed(fi
     assert contents(out) == before
 
 
+@pytest.mark.parametrize("model", ["", "checkpoint-3"], ids=["its model", "its checkpoint"])
+def test_a_model_inside_output_dir_is_refused_before_overwrite_removes_it(finished, tmp_path, model):
+    """Fine-tuning a finished run's model again into its own directory: --overwrite removed the model (or the
+    checkpoint) before it was loaded."""
+    out = copy_of(finished, tmp_path)
+    before = contents(out)
+    for extra in ([], ["--overwrite"], ["--overwrite", "--dry-run"]):
+        error = one_line_error(run_sft("--model.path", str(out / model), "--training.output_dir", str(out), *SHORT,
+                                       *extra, check=False))
+        assert error.endswith(f"model.path {out / model} lies in training.output_dir {out}, where this run writes its "
+                              "model; choose another training.output_dir (the model in model.path stays as it is)")
+    assert contents(out) == before
+
+
 def test_the_dry_run_refuses_what_the_run_refuses_and_writes_nothing(finished, tmp_path):
     """The dry run checks output_dir and the checkpoint to resume as the run does, without creating, locking or
     removing anything, and says what the run would do there."""
