@@ -87,6 +87,7 @@ def checkpoint_to_resume(requested, output_dir: Path, resolved: dict) -> str | N
             intact = [path for path in checkpoints_in(checkpoint.parent) if path != checkpoint and not damage(path)]
             way = f"resume from {intact[-1]} instead" if intact else "no other checkpoint there is intact"
             raise ConfigError(f"training.resume_from_checkpoint {checkpoint}: {problem}; {way}")
+        _refuse_rewinding_over_later_checkpoints(checkpoint, output_dir)
     _check_same_run(checkpoint, resolved)
     return str(checkpoint)
 
@@ -96,6 +97,19 @@ def checkpoint_record(checkpoint: Path) -> dict | None:
     and RecordRunInCheckpoints.on_save) that of the output_dir holding it, whose checkpoints are all one run's
     (a run with other settings starts there only with --overwrite, which removes them)."""
     return read_run_record(checkpoint) or read_run_record(checkpoint.parent)
+
+
+def _refuse_rewinding_over_later_checkpoints(checkpoint: Path, output_dir: Path) -> None:
+    """Resuming from an earlier checkpoint than output_dir's newest intact one would save over the later ones as the
+    run reaches their steps (the Trainer writes checkpoint-N into an existing directory), and the printed resume
+    command, whose `true` means the newest, would then continue the older branch."""
+    step = int(checkpoint.name.rsplit("-", 1)[-1])
+    later = [path.name for path in checkpoints_in(output_dir)
+             if int(path.name.rsplit("-", 1)[-1]) > step and damage(path) is None]
+    if later:
+        raise ConfigError(f"training.resume_from_checkpoint {checkpoint} is older than {', '.join(later[-3:])} in "
+                          f"{output_dir}, which this run would save over as it reaches their steps; move them out of "
+                          f"{output_dir} to go back to step {step}, or resume with true (from {later[-1]})")
 
 
 def _check_same_run(checkpoint: Path, resolved: dict) -> None:

@@ -196,6 +196,22 @@ def test_overwrite_and_resume_together_are_refused_before_anything_is_removed(fi
     assert contents(out) == before
 
 
+def test_resuming_an_earlier_checkpoint_than_the_newest_is_refused_before_it_saves_over_the_later_ones(finished,
+                                                                                                     tmp_path):
+    out = copy_of(finished, tmp_path)
+    before = contents(out)
+    resume = ["--training.save_strategy", "steps", "--training.save_steps", "2", "--training.max_steps", "6"]
+    error = one_line_error(run_sft("--training.output_dir", str(out), *SHORT, *resume,
+                                   "--training.resume_from_checkpoint", str(out / "checkpoint-2"), check=False))
+    assert error.endswith(f"training.resume_from_checkpoint {out / 'checkpoint-2'} is older than checkpoint-3 in "
+                          f"{out}, which this run would save over as it reaches their steps; move them out of {out} "
+                          "to go back to step 2, or resume with true (from checkpoint-3)")
+    assert contents(out) == before
+    shutil.move(out / "checkpoint-3", tmp_path / "checkpoint-3")  # as the error says
+    assert run_sft("--training.output_dir", str(out), *SHORT, *resume, "--training.resume_from_checkpoint",
+                   str(out / "checkpoint-2")).returncode == 0
+
+
 @pytest.mark.parametrize("model", ["", "checkpoint-3"], ids=["its model", "its checkpoint"])
 def test_a_model_inside_output_dir_is_refused_before_overwrite_removes_it(finished, tmp_path, model):
     """Fine-tuning a finished run's model again into its own directory: --overwrite removed the model (or the
