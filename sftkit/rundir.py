@@ -73,7 +73,56 @@ def config_differences(ours: dict, theirs: dict) -> list[str]:
 
 
 def run_record(resolved: dict, **extra) -> dict:
-    return {"fingerprint": fingerprint(resolved), "config": resolved, **extra}
+    return {"fingerprint": fingerprint(resolved), "config": resolved, "inputs": input_digests(resolved), **extra}
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+MODEL_FILES = ("config.json", "*.safetensors", "pytorch_model*.bin", "adapter_config.json")
+
+
+def input_digests(resolved: dict) -> dict[str, str]:
+    """What the local files the run trains from hold: each dataset file (of dataset.name and the sources) and the
+    model's config and weights, by the name the config gives them, as a digest of their contents. The fingerprint
+    covers the names only, and a resume onto a rewritten data file or changed base weights would train something
+    else under the same config. Hub ids are left out (their revision is in the config)."""
+    from sftkit.config import resolve_path
+
+    dataset, files = resolved.get("dataset", {}), {}
+    names = [dataset.get("name")] + [source.get("name") for key in ("sources", "eval_sources")
+                                     for source in dataset.get(key) or []]
+    for name in filter(None, names):
+        root = Path(resolve_path(name))
+        if root.is_file():
+            files[name] = root
+        elif root.is_dir():
+            files.update({f"{name}/{path.relative_to(root)}": path for path in sorted(root.rglob("*"))
+                          if path.suffix in DATA_SUFFIXES and path.is_file()})
+    model = resolved.get("model", {}).get("path")
+    if model and Path(resolve_path(model)).is_dir():
+        root = Path(resolve_path(model))
+        files.update({f"{model}/{path.name}": path for pattern in MODEL_FILES for path in sorted(root.glob(pattern))})
+    return {name: _digest(path) for name, path in files.items()}
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _digest(path: Path, whole_below: int = 32 * 2**20, chunks: int = 16, chunk: int = 2**18) -> str:
+    """sha256 of a file's size and contents: all of it below 32 MiB, else 16 evenly spaced 256 KiB pieces and the
+    end (a few milliseconds for a model's weights). Computed once per file and modification time in a process."""
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256(str(stat.st_size).encode())
+        with path.open("rb") as handle:
+            if stat.st_size <= whole_below:
+                digest.update(handle.read())
+            else:
+                for offset in [stat.st_size * k // chunks for k in range(chunks)] + [stat.st_size - chunk]:
+                    handle.seek(offset)
+                    digest.update(handle.read(chunk))
+        _DIGESTS[key] = digest.hexdigest()[:16]
+    return _DIGESTS[key]
 
 
 def read_run_record(directory: Path) -> dict | None:

@@ -196,6 +196,36 @@ def test_overwrite_and_resume_together_are_refused_before_anything_is_removed(fi
     assert contents(out) == before
 
 
+@pytest.mark.parametrize("changed", ["data", "model"])
+def test_a_resume_onto_changed_data_or_base_weights_is_refused(tmp_path, changed):
+    """The config names the files; a resume after they were rewritten would train something else under the same
+    config, and replace the finished model with it."""
+    data, model = tmp_path / "chat.jsonl", tmp_path / "model"
+    shutil.copy(REPO / "data" / "sample_chat.jsonl", data)
+    shutil.copytree(TINY_MODEL, model)
+    out = tmp_path / "out"
+    run = ["--dataset.name", str(data), "--model.path", str(model), "--training.save_strategy", "steps",
+           "--training.save_steps", "2"]
+    train(config(out, *run))
+    resume = config(out, *run, "--training.max_steps", "5", "--training.resume_from_checkpoint", "true")
+    assert checkpoint_to_resume(True, out, resume.resolved) == str(out / "checkpoint-3")  # the files as they were
+    if changed == "data":
+        rows = data.read_text().splitlines()
+        data.write_text("\n".join(rows[1:] + rows[:1]) + "\n")  # the same rows, in another order
+        name = str(data)
+    else:
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(model / "model.safetensors")
+        weights[next(iter(weights))] += 0.01
+        save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+        name = f"{model}/model.safetensors"
+    with pytest.raises(ConfigError, match=f"^training.resume_from_checkpoint: {out}/checkpoint-3 was trained on "
+                                          f"other contents of {name} \\(changed, added or removed since\\); resume "
+                                          "with the files as they were, or start afresh with --overwrite$"):
+        checkpoint_to_resume(True, out, resume.resolved)
+
+
 def test_resuming_an_earlier_checkpoint_than_the_newest_is_refused_before_it_saves_over_the_later_ones(finished,
                                                                                                      tmp_path):
     out = copy_of(finished, tmp_path)
