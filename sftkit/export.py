@@ -24,7 +24,7 @@ import yaml
 from sftkit.config import ModelConfig, read_section
 from sftkit.environment import STACK
 from sftkit.errors import ConfigError, RunFailed
-from sftkit.rundir import STAGING_DIR, OutputDir, check_free_space, export_bytes, read_run_record, write_json
+from sftkit.rundir import RUN_FILE, STAGING_DIR, OutputDir, check_free_space, export_bytes, read_run_record, write_json
 
 ADAPTER_DIR = "lora_weights"
 RUN_CONFIG_FILE = "sftkit_config.yaml"
@@ -265,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
 
         model_cfg = read_section(ModelConfig, record["config"]["model"], "model", args.output_dir)
         finish_export(args.output_dir, model_cfg, getattr(torch, record["dtype"]))
+        finished = {key: value for key, value in record.items() if key != "error"}
+        write_json(args.output_dir / RUN_FILE, {**finished, "status": "finished", "export": "python -m sftkit.export"})
     except (ConfigError, RunFailed) as error:
         print(f"sftkit.export: error: {error}", file=sys.stderr)
         return 2 if isinstance(error, ConfigError) else 1

@@ -362,7 +362,9 @@ class OutputDir:
         why = ""
         ways = ["pass --overwrite to replace it (removes only what an earlier run wrote)",
                 "choose another training.output_dir"]
-        if contents.checkpoints and same_config:
+        if STAGING_DIR in contents.models:  # the trained weights, kept when the export failed
+            ways.insert(0, f"finish its export with python -m sftkit.export {self.path}")
+        elif contents.checkpoints and same_config:
             ways.insert(0, "continue it with --training.resume_from_checkpoint true")
         elif contents.checkpoints and earlier is not None:
             differences = config_differences(self.resolved, earlier.get("config", {}))

@@ -16,7 +16,7 @@ from sftkit.config import ModelConfig, load_config
 from sftkit.errors import RunFailed
 from sftkit.export import ADAPTER_DIR, export
 from sftkit.export import main as export_main
-from sftkit.rundir import RUN_FILE, STAGING_DIR
+from sftkit.rundir import RUN_FILE, STAGING_DIR, OutputDir
 from sftkit.train import train
 
 
@@ -175,10 +175,18 @@ def test_a_full_disk_at_export_keeps_the_trained_adapter_and_the_export_can_be_f
     assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == published
     assert (kept / "adapter_model.safetensors").exists() and not (out / STAGING_DIR / "config.json").exists()
 
+    output = OutputDir(out, cfg.resolved)
+    output.owner = True
+    output.mark("failed", error=str(failure.value).splitlines()[0])  # as train() records the failure
+
     filler.unlink()
     shutil.rmtree(out / ADAPTER_DIR)  # the adapter published by the first export, to tell the two apart
+    refused = run_sft("--config", "lora_train_config.yaml", "--training.output_dir", str(out), check=False)
+    assert refused.returncode == 2 and f"finish its export with python -m sftkit.export {out}" in refused.stderr
     finished = run_here(export_main, str(out))
     assert f"the model is in {out}" in finished.stdout and not (out / STAGING_DIR).exists()
+    record = json.loads((out / RUN_FILE).read_text())
+    assert record["status"] == "finished" and "error" not in record
     merged = AutoModelForCausalLM.from_pretrained(out)
     with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY_MODEL), out / ADAPTER_DIR)
     ids = torch.tensor([[1, 50, 60, 70, 80]])
