@@ -123,6 +123,9 @@ def test_rows_left_with_nothing_to_train_by_truncation_are_dropped_and_counted(t
         ({"messages": [{"role": "user", "content": "Hi"}, {"content": "Yo"}]}, "message 1 has no role"),
         ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]}, "message 1 (assistant) has empty content"),
         ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": 42}]}, "message 1 (assistant) has content of type int"),
+        ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [{"type": "text", "text": "Yo"}]}]},
+         "message 1 (assistant) has content of type list, expected text (content parts, as OpenAI's [{type: text, "
+         "text: ...}], are not read: join their text)"),
         ({"messages": [{"role": "user", "content": "Hi"}]}, "no assistant message"),
         ({"messages": "Hi"}, "expected a non-empty list of messages, got str"),
         ({"messages": []}, "expected a non-empty list of messages, got an empty list"),
@@ -133,8 +136,12 @@ def test_bad_rows_name_the_source_row_line_and_problem(tmp_path, tokenizer, row,
     good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
-    with pytest.raises(DataError, match=re.escape(f"bad.jsonl line 2: {problem}")):
+    with pytest.raises(DataError, match=re.escape(f"bad.jsonl line 2: {problem}")) as error:
         prepare_data(DatasetConfig(name=str(path), format="messages"), tokenizer, max_length=64)
+    # a defect of the row may be left out; a role name every row shares may not
+    skip = "; fix or remove the row, or set dataset.on_bad_row: skip"
+    assert str(error.value).endswith(skip) == (problem.startswith(("message 1 has no", "no assistant", "expected"))
+                                                or "empty content" in problem)
 
 
 def test_unknown_columns_and_missing_files_are_clear(tmp_path, tokenizer):

@@ -4,7 +4,7 @@ import os
 from dataclasses import dataclass, field
 
 from sftkit.config import DatasetConfig, SourceConfig
-from sftkit.data.formats import DataError, detect_format, to_messages, to_text, with_system
+from sftkit.data.formats import DataError, RowDefect, detect_format, to_messages, to_text, with_system
 from sftkit.data.load import jsonl_file, jsonl_line_numbers, load_source
 from sftkit.data.tokenize import IGNORE_INDEX, MaskError, tokenize_messages, tokenize_text
 
@@ -208,7 +208,8 @@ def _tokenize_row(row, index, tokenizer, format_name, system_prompt, answer_sour
             problem = f"{where} {place}: not UTF-8 text ({error.reason} at byte {error.start})"
             fix = "save the file as UTF-8"
         else:
-            problem, fix = f"{where} {place}: {error}", None
+            problem = f"{where} {place}: {error}"
+            fix = "fix or remove the row, or set dataset.on_bad_row: skip" if isinstance(error, RowDefect) else None
         if not skip_bad_rows:
             raise DataError(f"{problem}; {fix}" if fix else problem) from None
         return {"input_ids": [], "labels": [], "source": source_position, "row": index, "trainable_tokens": 0,

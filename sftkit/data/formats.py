@@ -15,6 +15,11 @@ class DataError(ConfigError):
     """A row or a source that cannot be turned into training data."""
 
 
+class RowDefect(ValueError):
+    """A row with nothing to train, or a message without a role or text: a defect of that row, which
+    dataset.on_bad_row: skip may leave out (unlike a format or role names to map, which every row shares)."""
+
+
 def from_messages(row: dict, answer_source: str) -> list[dict]:
     """OpenAI / ChatML: {"messages": [{"role": ..., "content": ...}, ...]}."""
     return row["messages"]
@@ -98,9 +103,9 @@ def to_messages(row: dict, format_name: str, system_prompt: str | None = None, a
     messages = [_check_message(message, index) for index, message in enumerate(_as_list(messages))
                 if not _empty_system(message)]  # common in ShareGPT dumps ("system": ""): no system prompt
     if not any(message["role"] == "assistant" for message in messages):
-        raise ValueError("no assistant message: there is nothing to train on")
+        raise RowDefect("no assistant message: there is nothing to train on")
     if not any(trains(message) for message in messages):
-        raise ValueError("every assistant message has weight 0: there is nothing to train on")
+        raise RowDefect("every assistant message has weight 0: there is nothing to train on")
     return with_system(messages, system_prompt)
 
 
@@ -114,21 +119,21 @@ def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
 def to_text(row: dict) -> str:
     text = row.get("text")
     if not isinstance(text, str) or not text.strip():
-        raise ValueError("the text column is missing or empty")
+        raise RowDefect("the text column is missing or empty")
     return text
 
 
 def _as_turns(row: dict, column: str, role: str) -> list[dict]:
     value = row[column]
     if value is None:  # an empty CSV cell, or a missing key in some JSON rows
-        raise ValueError(f"column {column!r} is empty")
+        raise RowDefect(f"column {column!r} is empty")
     return [{"role": role, "content": value}] if isinstance(value, str) else _as_list(value)
 
 
 def _as_list(messages) -> list:
     if not isinstance(messages, list) or not messages:
         got = "an empty list" if isinstance(messages, list) else type(messages).__name__
-        raise ValueError(f"expected a non-empty list of messages, got {got}")
+        raise RowDefect(f"expected a non-empty list of messages, got {got}")
     return messages
 
 
@@ -140,16 +145,19 @@ def _check_message(message, index: int) -> dict:
     if not isinstance(message, dict):
         raise ValueError(f"message {index} is a {type(message).__name__}, not a mapping with role and content")
     if "role" not in message:
-        raise ValueError(f"message {index} has no role")
+        raise RowDefect(f"message {index} has no role")
     role, content = message["role"], message.get("content")
     if role not in ROLES:
         mapped = f" (ShareGPT's name for {SHAREGPT_ROLES[role]}: rename it)" if role in SHAREGPT_ROLES else ""
         raise ValueError(f"message {index} has role {role!r}; expected one of {', '.join(ROLES)}{mapped}")
     if content is not None and not isinstance(content, str):
-        raise ValueError(f"message {index} ({role}) has content of type {type(content).__name__}, expected text")
+        parts = " (content parts, as OpenAI's [{type: text, text: ...}], are not read: join their text)" \
+            if isinstance(content, list) else ""
+        raise ValueError(f"message {index} ({role}) has content of type {type(content).__name__}, expected text"
+                         f"{parts}")
     if not content or not content.strip():
         calls = " (it holds tool_calls, which sftkit does not train on)" if message.get("tool_calls") else ""
-        raise ValueError(f"message {index} ({role}) has empty content{calls}")
+        raise RowDefect(f"message {index} ({role}) has empty content{calls}")
     weight = message.get("weight")
     if weight is None or (weight == 1 and role == "assistant"):
         return {"role": role, "content": content}
