@@ -18,8 +18,15 @@ from sftkit.fastpath import use_expandable_segments
 from sftkit.peers import lost_contact, report_failure, says_errors, watch
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse's errors as one line, like the config's (it prints its usage block first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def main(argv: list[str] | None = None, prog: str = "sft.py") -> int:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrors(
         prog=prog,
         description="Fine-tune a causal LM on chat data from a YAML config. `python sft.py env` reports the "
                     "environment for a bug report.",

@@ -228,6 +228,16 @@ def test_bad_config_exits_2_with_one_line_and_no_traceback(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--inspect", "abc"], "sft.py: error: argument --inspect: invalid int value: 'abc'; see sft.py --help"),
+    (["--config"], "sft.py: error: argument --config: expected one argument; see sft.py --help"),
+])
+def test_a_mistaken_launcher_option_is_one_line_too(args, expected):
+    """argparse printed its usage block above the error."""
+    result = subprocess.run([sys.executable, str(REPO / "sft.py"), *args], capture_output=True, text=True)
+    assert (result.returncode, result.stderr) == (2, expected + "\n")
+
+
 
 def test_training_keys_are_checked_without_importing_torch(tmp_path):
     code = (
