@@ -48,6 +48,7 @@ def test_gpu_script_runs_its_tiny_shape_anywhere(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(next(tmp_path.glob("*gpu-tiny.json")).read_text())
+    assert set(report["model_build_seconds"]) == {"tiny"} and report["model_build_seconds"]["tiny"] > 0
     attention = report["variants"].pop("attention-kernels")
     assert set(report["variants"]) == {"lora-trl-same-settings", "lora-sftkit-no-liger", "lora-sftkit-profile",
                                        "lora-sftkit-torch-varlen", "qlora-8b-example"}
