@@ -104,13 +104,25 @@ def _refuse_rewinding_over_later_checkpoints(checkpoint: Path, output_dir: Path)
     """Resuming from an earlier checkpoint than output_dir's newest intact one would save over the later ones as the
     run reaches their steps (the Trainer writes checkpoint-N into an existing directory), and the printed resume
     command, whose `true` means the newest, would then continue the older branch."""
-    step = int(checkpoint.name.rsplit("-", 1)[-1])
+    step = _step_of(checkpoint)
+    if step is None:
+        return
     later = [path.name for path in checkpoints_in(output_dir)
              if int(path.name.rsplit("-", 1)[-1]) > step and damage(path) is None]
     if later:
         raise ConfigError(f"training.resume_from_checkpoint {checkpoint} is older than {', '.join(later[-3:])} in "
                           f"{output_dir}, which this run would save over as it reaches their steps; move them out of "
                           f"{output_dir} to go back to step {step}, or resume with true (from {later[-1]})")
+
+
+def _step_of(checkpoint: Path) -> int | None:
+    """A checkpoint's step: from its checkpoint-N name, else (a copy under another name) from its trainer state."""
+    if is_checkpoint(checkpoint):
+        return int(checkpoint.name.rsplit("-", 1)[-1])
+    try:
+        return int(json.loads((checkpoint / STATE_FILE).read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _check_same_run(checkpoint: Path, resolved: dict) -> None:

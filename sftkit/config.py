@@ -309,6 +309,7 @@ def load_config(config_name: str | None = None, cli_args: list[str] = (), preset
     every problem. A preset (configs/presets/) is a partial config laid over the user's, e.g. fast_test."""
     path = find_config_file(config_name)
     raw = read_yaml(path)
+    written = raw.get("model") or {}  # the file's own model section, before a preset or an override
     if preset is not None:
         raw = merge(raw, read_yaml(find_config_file(preset, PRESETS_DIR)))
     raw = merge(raw, parse_overrides(list(cli_args)))
@@ -326,7 +327,7 @@ def load_config(config_name: str | None = None, cli_args: list[str] = (), preset
     errors += _path_errors(model, dataset, raw.get("training") or {})
     if errors:  # before importing trl and torch, which take seconds
         raise ConfigError(f"{path}: " + "; ".join(errors))
-    if "lora_config" in (raw.get("model") or {}) and not model.use_lora:
+    if "lora_config" in written and not written.get("use_lora") and not model.use_lora:  # not turned off on purpose
         logger.warning("model.lora_config is set but model.use_lora is false: this run fine-tunes every weight and "
                        "leaves the LoRA settings unused; set model.use_lora: true to train LoRA adapters")
     training_values, gpu = dict(raw.get("training") or {}), _has_gpu()

@@ -77,7 +77,8 @@ def run_record(resolved: dict, **extra) -> dict:
 
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-MODEL_FILES = ("config.json", "*.safetensors", "pytorch_model*.bin", "adapter_config.json")
+MODEL_FILES = ("config.json", "*.safetensors", "pytorch_model*.bin", "adapter_config.json", "tokenizer.json",
+               "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "chat_template.jinja")
 
 
 def input_digests(resolved: dict) -> dict[str, str]:
@@ -86,37 +87,48 @@ def input_digests(resolved: dict) -> dict[str, str]:
     covers the names only, and a resume onto a rewritten data file or changed base weights would train something
     else under the same config. Hub ids are left out (their revision is in the config)."""
     from sftkit.config import resolve_path
+    from sftkit.data.load import local_files
 
     dataset, files = resolved.get("dataset", {}), {}
     names = [dataset.get("name")] + [source.get("name") for key in ("sources", "eval_sources")
                                      for source in dataset.get(key) or []]
     for name in filter(None, names):
         root = Path(resolve_path(name))
-        if root.is_file():
-            files[name] = root
-        elif root.is_dir():
+        if root.is_dir():  # as load_dataset reads a directory: its data files, not hidden ones
             files.update({f"{name}/{path.relative_to(root)}": path for path in sorted(root.rglob("*"))
-                          if path.suffix in DATA_SUFFIXES and path.is_file()})
+                          if path.suffix in DATA_SUFFIXES and path.is_file()
+                          and not any(part.startswith((".", "__")) for part in path.relative_to(root).parts)})
+        else:  # a file or a glob; nothing for a hub id, nor for a glob that matches nothing (the run says so)
+            try:
+                matched = local_files(name)
+            except ConfigError:
+                matched = []
+            files.update({f"{name}:{Path(path).name}" if path != str(root) else name: Path(path) for path in matched})
+    digests = {name: _digest(path, whole=True) for name, path in files.items()}  # read whole by the run anyway
     model = resolved.get("model", {}).get("path")
     if model and Path(resolve_path(model)).is_dir():
         root = Path(resolve_path(model))
-        files.update({f"{model}/{path.name}": path for pattern in MODEL_FILES for path in sorted(root.glob(pattern))})
-    return {name: _digest(path) for name, path in files.items()}
+        digests.update({f"{model}/{path.name}": _digest(path) for pattern in MODEL_FILES
+                        for path in sorted(root.glob(pattern))})
+    return digests
 
 
 _DIGESTS: dict[tuple, str] = {}
 
 
-def _digest(path: Path, whole_below: int = 32 * 2**20, chunks: int = 16, chunk: int = 2**18) -> str:
-    """sha256 of a file's size and contents: all of it below 32 MiB, else 16 evenly spaced 256 KiB pieces and the
-    end (a few milliseconds for a model's weights). Computed once per file and modification time in a process."""
+def _digest(path: Path, whole: bool = False, whole_below: int = 32 * 2**20, chunks: int = 16,
+            chunk: int = 2**18) -> str:
+    """sha256 of a file's size and contents: all of it when `whole` or below 32 MiB, else (a model's weights) 16
+    evenly spaced 256 KiB pieces and the end, a few milliseconds. Computed once per file and modification time in a
+    process."""
     stat = path.stat()
     key = (str(path), stat.st_size, stat.st_mtime_ns)
     if key not in _DIGESTS:
         digest = hashlib.sha256(str(stat.st_size).encode())
         with path.open("rb") as handle:
-            if stat.st_size <= whole_below:
-                digest.update(handle.read())
+            if whole or stat.st_size <= whole_below:
+                for block in iter(lambda: handle.read(2**24), b""):
+                    digest.update(block)
             else:
                 for offset in [stat.st_size * k // chunks for k in range(chunks)] + [stat.st_size - chunk]:
                     handle.seek(offset)
@@ -226,6 +238,8 @@ class OutputDir:
         raises claim's ConfigError, else says what the run would do there."""
         refuse_before_claiming(self.path, model_path, overwrite, resume)
         self._refuse_a_file()
+        if (self.path / LOCK_FILE).is_file():
+            self._refuse_a_live_holder((self.path / LOCK_FILE).read_text(), self.path / LOCK_FILE)
         contents = self._contents_this_run_may_take(overwrite, resume)
         earlier = contents.describe()
         if overwrite and earlier:
@@ -290,19 +304,21 @@ class OutputDir:
                         text = lock.read_text()
                     except FileNotFoundError:
                         continue  # released meanwhile: the atomic link again, deleting nothing
-                    holder = self._live_holder(text, lock)
-                    if holder is not None:
-                        since = time.strftime('%H:%M:%S', time.localtime(holder['since']))
-                        raise ConfigError(
-                            f"training.output_dir {self.path} is in use by another run (process {holder['pid']} on "
-                            f"{holder['host']}, since {since}); wait for it or choose another output_dir (if no "
-                            f"run uses it, delete {lock})")
+                    self._refuse_a_live_holder(text, lock)
                     lock.unlink(missing_ok=True)  # a dead process's: only a holder of the guard deletes one
                     if self._link(partial, lock):
                         return
         finally:
             partial.unlink(missing_ok=True)
         raise ConfigError(f"training.output_dir {self.path}: could not take the lock {lock}; delete it if no run uses it")
+
+    def _refuse_a_live_holder(self, text: str, lock: Path) -> None:
+        holder = self._live_holder(text, lock)
+        if holder is not None:
+            since = time.strftime('%H:%M:%S', time.localtime(holder['since']))
+            raise ConfigError(f"training.output_dir {self.path} is in use by another run (process {holder['pid']} on "
+                              f"{holder['host']}, since {since}); wait for it or choose another output_dir (if no "
+                              f"run uses it, delete {lock})")
 
     def _link(self, partial: Path, lock: Path) -> bool:
         try:

@@ -4,6 +4,7 @@ write its output_dir fails before loading anything."""
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -196,23 +197,30 @@ def test_overwrite_and_resume_together_are_refused_before_anything_is_removed(fi
     assert contents(out) == before
 
 
-@pytest.mark.parametrize("changed", ["data", "model"])
+@pytest.mark.parametrize("changed", ["data", "a file of a glob", "model", "tokenizer"])
 def test_a_resume_onto_changed_data_or_base_weights_is_refused(tmp_path, changed):
     """The config names the files; a resume after they were rewritten would train something else under the same
-    config, and replace the finished model with it."""
-    data, model = tmp_path / "chat.jsonl", tmp_path / "model"
+    config, and replace the finished model with it. A hidden file beside the data (an editor's autosave) is not
+    the data."""
+    data, model = tmp_path / "data" / "chat.jsonl", tmp_path / "model"
+    data.parent.mkdir()
     shutil.copy(REPO / "data" / "sample_chat.jsonl", data)
     shutil.copytree(TINY_MODEL, model)
     out = tmp_path / "out"
-    run = ["--dataset.name", str(data), "--model.path", str(model), "--training.save_strategy", "steps",
-           "--training.save_steps", "2"]
+    run = ["--dataset.name", str(tmp_path / "data" / "*.jsonl") if changed == "a file of a glob" else str(data),
+           "--model.path", str(model), "--training.save_strategy", "steps", "--training.save_steps", "2"]
     train(config(out, *run))
     resume = config(out, *run, "--training.max_steps", "5", "--training.resume_from_checkpoint", "true")
+    (tmp_path / "data" / ".chat.jsonl.swp").write_text("{}")
     assert checkpoint_to_resume(True, out, resume.resolved) == str(out / "checkpoint-3")  # the files as they were
-    if changed == "data":
+    if changed in ("data", "a file of a glob"):
         rows = data.read_text().splitlines()
         data.write_text("\n".join(rows[1:] + rows[:1]) + "\n")  # the same rows, in another order
-        name = str(data)
+        name = str(data) if changed == "data" else f"{tmp_path / 'data' / '*.jsonl'}:chat.jsonl"
+    elif changed == "tokenizer":
+        settings = json.loads((model / "tokenizer_config.json").read_text())
+        (model / "tokenizer_config.json").write_text(json.dumps({**settings, "model_max_length": 64}))
+        name = f"{model}/tokenizer_config.json"
     else:
         from safetensors.torch import load_file, save_file
 
@@ -221,8 +229,8 @@ def test_a_resume_onto_changed_data_or_base_weights_is_refused(tmp_path, changed
         save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
         name = f"{model}/model.safetensors"
     with pytest.raises(ConfigError, match=f"^training.resume_from_checkpoint: {out}/checkpoint-3 was trained on "
-                                          f"other contents of {name} \\(changed, added or removed since\\); resume "
-                                          "with the files as they were, or start afresh with --overwrite$"):
+                                          f"other contents of {re.escape(name)} \\(changed, added or removed since\\); "
+                                          "resume with the files as they were, or start afresh with --overwrite$"):
         checkpoint_to_resume(True, out, resume.resolved)
 
 
@@ -237,6 +245,10 @@ def test_resuming_an_earlier_checkpoint_than_the_newest_is_refused_before_it_sav
                           f"{out}, which this run would save over as it reaches their steps; move them out of {out} "
                           "to go back to step 2, or resume with true (from checkpoint-3)")
     assert contents(out) == before
+    shutil.copytree(out / "checkpoint-2", tmp_path / "best")  # a copy under another name: its step from its state
+    assert "is older than checkpoint-3" in one_line_error(run_sft(
+        "--training.output_dir", str(out), *SHORT, *resume, "--training.resume_from_checkpoint", str(tmp_path / "best"),
+        "--dry-run", check=False))
     shutil.move(out / "checkpoint-3", tmp_path / "checkpoint-3")  # as the error says
     assert run_sft("--training.output_dir", str(out), *SHORT, *resume, "--training.resume_from_checkpoint",
                    str(out / "checkpoint-2")).returncode == 0

@@ -69,7 +69,7 @@ def jsonl_line_numbers(file: str) -> list[int]:
 def _load(source: SourceConfig, split: str, key: str, split_key: str):
     from datasets import DatasetDict, load_dataset, load_from_disk
 
-    files = _local_files(source.name)
+    files = local_files(source.name)
     if files:
         unknown = [file for file in files if Path(file).suffix not in LOCAL_FILE_BUILDERS]
         if unknown:
@@ -165,7 +165,7 @@ def _json_message(error: json.JSONDecodeError) -> str:
     return f"{error.msg.removesuffix(' at')} at column {error.colno}"
 
 
-def _local_files(name: str) -> list[str]:
+def local_files(name: str) -> list[str]:
     """The files a local file name or glob stands for, from the working directory or else the project."""
     if glob.has_magic(name):
         files = sorted(glob.glob(name)) or sorted(glob.glob(str(PROJECT_DIR / name)))
