@@ -12,6 +12,7 @@ attention, attention dropout, bidirectional attention), the same boundaries go t
 time.
 """
 
+import functools
 import logging
 import math
 
@@ -90,17 +91,18 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     return out.unsqueeze(0), None
 
 
-_FLASH_CAPABLE: dict[int, bool] = {}  # device index -> Ampere or newer, asked once
+@functools.lru_cache(maxsize=8)
+@torch.compiler.assume_constant_result  # asked while torch.compile traces the model: a constant, not a graph break
+def _flash_capable(index: int) -> bool:
+    """An Ampere or newer GPU (as torch.nn.attention.varlen asks its own device questions)."""
+    return torch.cuda.get_device_capability(index) >= (8, 0)
 
 
 def _flash_runs(q) -> bool:
     """PyTorch's flash kernel: CUDA, an Ampere or newer GPU, 16-bit inputs."""
     if not q.is_cuda:
         return False
-    index = q.device.index or 0
-    if index not in _FLASH_CAPABLE:
-        _FLASH_CAPABLE[index] = torch.cuda.get_device_capability(index) >= (8, 0)
-    if _FLASH_CAPABLE[index] and q.dtype in (torch.bfloat16, torch.float16):
+    if _flash_capable(q.device.index or 0) and q.dtype in (torch.bfloat16, torch.float16):
         return True
     if not _warned:
         _warned.append(True)
