@@ -16,11 +16,27 @@ from sftkit.errors import ConfigError
 COMMANDS = "/reset starts a new conversation, /exit quits"
 
 
+def _number(kind, allowed, rule: str):
+    """An argparse type: a number of `kind` that `allowed` accepts, else argparse's one-line error naming `rule`."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not allowed(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {rule}")
+        return value
+    return parse
+
+
 def generation_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("model", help="output_dir of a run, or its lora_weights directory")
-    parser.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding (default 0.7)")
-    parser.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling threshold (default 0.9)")
-    parser.add_argument("--max_new_tokens", type=int, default=256, help="longest reply in tokens (default 256)")
+    parser.add_argument("--temperature", type=_number(float, lambda t: t >= 0, "0 or more"), default=0.7,
+                        help="0 for greedy decoding (default 0.7)")
+    parser.add_argument("--top_p", type=_number(float, lambda p: 0 < p <= 1, "above 0 and at most 1"), default=0.9,
+                        help="nucleus sampling threshold (default 0.9)")
+    parser.add_argument("--max_new_tokens", type=_number(int, lambda n: n >= 1, "a whole number of 1 or more"),
+                        default=256, help="longest reply in tokens (default 256)")
     parser.add_argument("--system", help="a system message at the start of every conversation")
     parser.add_argument("--trust_remote_code", action="store_true", help="only for models whose code you trust")
     return parser

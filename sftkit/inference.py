@@ -61,8 +61,18 @@ def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 2
                  top_p: float = 1.0) -> Iterator[str]:
     """The reply in pieces as it is generated (generation runs in a thread that feeds the streamer)."""
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    thread = Thread(target=generate_reply,
-                    args=(model, tokenizer, messages, max_new_tokens, temperature, top_p, streamer))
+    failed = []
+
+    def generate():
+        try:
+            generate_reply(model, tokenizer, messages, max_new_tokens, temperature, top_p, streamer)
+        except Exception as error:  # noqa: BLE001 - raised again below, in the caller's thread
+            failed.append(error)
+            streamer.end()  # else the caller waits for tokens that never come
+
+    thread = Thread(target=generate)
     thread.start()
     yield from streamer
     thread.join()
+    if failed:
+        raise failed[0]

@@ -142,3 +142,22 @@ def test_web_chat_answers_in_a_real_browser(monitored_run, browser, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_generation_that_fails_ends_the_reply_with_its_error_instead_of_waiting_for_tokens():
+    """Generation streams from a thread: its error used to leave the chat waiting forever for the next token."""
+    from conftest import TINY_MODEL
+
+    from sftkit.inference import stream_reply
+
+    model, tokenizer = load_for_inference(str(TINY_MODEL))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        list(stream_reply(model, tokenizer, [{"role": "user", "content": "Hi"}], max_new_tokens=0))
+
+
+@pytest.mark.parametrize(("option", "rule"), [("--max_new_tokens", "a whole number of 1 or more"),
+                                              ("--top_p", "above 0 and at most 1"), ("--temperature", "0 or more")])
+def test_the_chats_generation_options_are_checked_before_the_model_loads(option, rule, capsys):
+    with pytest.raises(SystemExit) as exit_code:
+        chat_command.main([str(REPO / "data" / "tiny-chat-llama"), option, "-1"])
+    assert exit_code.value.code == 2 and capsys.readouterr().err.rstrip().endswith(f"'-1' is not {rule}")
