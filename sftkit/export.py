@@ -67,7 +67,9 @@ def export(trainer, run_config, tokenizer, dtype, parameters: tuple[int, int]) -
 def write_metadata(directory: Path, run_config, tokenizer) -> None:
     """Tokenizer, resolved config (secrets hidden) and library versions: small, so written first."""
     tokenizer.save_pretrained(directory)
-    (directory / RUN_CONFIG_FILE).write_text(yaml.safe_dump(run_config.resolved, sort_keys=False))
+    resolved = run_config.resolved  # a config to train with again: max_length comes from model.max_seq_length
+    reusable = {**resolved, "training": {k: v for k, v in resolved["training"].items() if k != "max_length"}}
+    (directory / RUN_CONFIG_FILE).write_text(yaml.safe_dump(reusable, sort_keys=False))
     (directory / VERSIONS_FILE).write_text(json.dumps(library_versions(), indent=2) + "\n")
 
 

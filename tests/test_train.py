@@ -62,6 +62,8 @@ def test_full_fine_tuning_learns_and_saves_exactly_the_trained_model(tmp_path):
 
     saved_config = (out / RUN_CONFIG_FILE).read_text()
     assert "use_lora: false" in saved_config and "learning_rate: 0.003" in saved_config
+    again = load_config(str(out / RUN_CONFIG_FILE))  # the resolved config trains again as it is
+    assert again.resolved["training"]["learning_rate"] == 0.003 and again.training.max_length == result.trainer.args.max_length
     assert json.loads((out / VERSIONS_FILE).read_text())["trl"]
     assert not (out / STAGING_DIR).exists()
 
