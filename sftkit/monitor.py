@@ -35,6 +35,7 @@ class MonitoredSFTTrainer(TrainerWorkarounds, SFTTrainer):
         super().__init__(*args, **kwargs)
         self.guard = StopGuard()
         self.add_callback(self.guard)
+        self.add_callback(LogTheLastStep())
         self.cast_adapter_inputs = cast_adapter_inputs is not False  # None: PEFT's default
         self.mark_lengths_dynamic = self.args.torch_compile and lengths_vary(self.args)
 
@@ -161,6 +162,16 @@ def generates_on_every_process(args) -> bool:
     (synced_gpus); otherwise the main process generates alone."""
     fsdp = bool(args.fsdp) or parse_flag_from_env("ACCELERATE_USE_FSDP")
     return (is_deepspeed_zero3_enabled() or fsdp) and args.world_size > 1
+
+
+class LogTheLastStep(TrainerCallback):
+    """A log at the last step too (the Trainer logs every logging_steps only): otherwise the steps after the last
+    multiple of logging_steps are in no log, and the summary's last and mean train loss, and the loss plot, leave
+    them out (a 4-step run logging every 10 steps had its first step's loss as its mean)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps and args.logging_strategy == "steps":
+            control.should_log = True
 
 
 class StopGuard(TrainerCallback):
