@@ -164,3 +164,14 @@ def test_eval_loss_is_logged_and_the_best_checkpoint_is_kept(tmp_path):
     evals = [entry["eval_loss"] for entry in state.log_history if "eval_loss" in entry]
     assert len(evals) >= 3
     assert state.best_model_checkpoint and state.best_metric == min(evals[:3])
+
+
+def test_the_summary_covers_every_step_whatever_the_logging_interval(tmp_path):
+    """The last step is logged too: a 4-step run logging every 10 steps had its first step's loss as its mean and
+    last train loss."""
+    every_step = run(tmp_path / "each", "default_train_config.yaml", "--training.logging_steps", "1", steps=4)[1]
+    sparse = run(tmp_path / "sparse", "default_train_config.yaml", "--training.logging_steps", "10", steps=4)[1]
+    losses = [entry["loss"] for entry in every_step.trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 4 and sparse.summary["train_loss_mean"] == pytest.approx(sum(losses) / 4, rel=1e-4)
+    logged = {entry["step"]: entry["loss"] for entry in sparse.trainer.state.log_history if "loss" in entry}
+    assert list(logged) == [1, 4] and logged[4] == pytest.approx(sum(losses[1:]) / 3, rel=1e-4)  # steps 2 to 4
