@@ -41,12 +41,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help=f"report path (default OUTPUT_DIR/{REPORT_FILE})")
     args = parser.parse_args(argv)
     try:
+        _check_paths(args)  # before minutes of generating
         path = write_report(args)
     except ConfigError as error:
         print(f"sftkit.compare: error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {path}")
     return 0
+
+
+def _check_paths(args) -> None:
+    if args.prompts and not Path(args.prompts).is_file():
+        raise ConfigError(f"--prompts {args.prompts} is not a file; give a text file with one prompt per line")
+    if args.out and not Path(args.out).parent.is_dir():
+        raise ConfigError(f"--out {args.out}: the directory {Path(args.out).parent} does not exist; create it or "
+                          "choose another path")
+    for option in ("rows", "loss_rows", "max_new_tokens"):
+        if getattr(args, option) < 1:
+            raise ConfigError(f"--{option} {getattr(args, option)}: give 1 or more")
 
 
 def write_report(args) -> Path:

@@ -148,7 +148,8 @@ def model_card(config, summary: dict) -> str:
         f"| train loss | {_number(summary['train_loss_first'])} | {_number(summary['train_loss_last'])} |",
         f"| eval loss | {_number(summary['eval_loss_first'])} | {_number(summary['eval_loss'])} |",
         "",
-        f"{summary['trained_tokens']:,} tokens trained in {summary['wall_seconds']} s.",
+        f"{summary['trained_tokens']:,} tokens trained in {summary['train_seconds']:.1f} s of training "
+        f"({summary['wall_seconds']} s in all).",
         "",
         f"![loss]({LOSS_PLOT})",
         "",

@@ -161,3 +161,13 @@ def test_the_chats_generation_options_are_checked_before_the_model_loads(option,
     with pytest.raises(SystemExit) as exit_code:
         chat_command.main([str(REPO / "data" / "tiny-chat-llama"), option, "-1"])
     assert exit_code.value.code == 2 and capsys.readouterr().err.rstrip().endswith(f"'-1' is not {rule}")
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    (["--prompts", "nosuch.txt"], "--prompts nosuch.txt is not a file; give a text file with one prompt per line"),
+    (["--out", "nodir/x.md"], "--out nodir/x.md: the directory nodir does not exist; create it or choose another path"),
+    (["--loss_rows", "0"], "--loss_rows 0: give 1 or more"),
+])
+def test_compare_refuses_bad_options_in_one_line_before_generating(tmp_path, options, expected, capsys):
+    assert compare.main([str(tmp_path), *options]) == 2
+    assert capsys.readouterr().err == f"sftkit.compare: error: {expected}\n"
