@@ -153,8 +153,12 @@ def sftkit(argv: list[str] | None = None) -> int:
         import importlib
 
         return importlib.import_module(TOOLS[command]).main(rest)
-    print(USAGE, file=sys.stdout if command in ("-h", "--help") else sys.stderr)
-    return 0 if command in ("-h", "--help") else 2
+    if command in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    print(f"sftkit: error: unknown command {command!r}; the commands are train, init, env, {', '.join(TOOLS)} "
+          "(sftkit --help)", file=sys.stderr)
+    return 2
 
 
 def init(argv: list[str]) -> int:

@@ -394,3 +394,12 @@ def test_a_config_without_a_model_path_says_so_instead_of_training_the_tiny_mode
     with pytest.raises(ConfigError, match=r"config.yaml: model.path is required: the model to fine-tune, a hub id "
                                           r"\(e.g. Qwen/Qwen2.5-0.5B-Instruct\) or a local directory$"):
         load_config(write(tmp_path, model_section + DATA_AND_OUTPUT))
+
+
+def test_an_unknown_sftkit_command_is_named_in_one_line(capsys):
+    from sftkit.cli import sftkit
+
+    assert sftkit(["nosuch"]) == 2
+    assert capsys.readouterr().err == ("sftkit: error: unknown command 'nosuch'; the commands are train, init, env, "
+                                       "chat, compare, webchat, export (sftkit --help)\n")
+    assert sftkit(["--help"]) == 0 and capsys.readouterr().out.startswith("usage: sftkit COMMAND")
