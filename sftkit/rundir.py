@@ -238,7 +238,7 @@ class OutputDir:
         raises claim's ConfigError, else says what the run would do there."""
         refuse_before_claiming(self.path, model_path, overwrite, resume)
         self._refuse_a_file()
-        if (self.path / LOCK_FILE).is_file():
+        with contextlib.suppress(FileNotFoundError):  # no lock, or released meanwhile
             self._refuse_a_live_holder((self.path / LOCK_FILE).read_text(), self.path / LOCK_FILE)
         contents = self._contents_this_run_may_take(overwrite, resume)
         earlier = contents.describe()
