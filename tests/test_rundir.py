@@ -17,7 +17,7 @@ from conftest import REPO, TINY_MODEL, run_sft, tmpfs
 from sftkit.checkpoints import checkpoint_to_resume
 from sftkit.config import load_config
 from sftkit.errors import ConfigError
-from sftkit.rundir import LOCK_FILE, RUN_FILE
+from sftkit.rundir import LOCK_FILE, RUN_FILE, OutputDir
 from sftkit.train import train
 
 SHORT = ["--training.max_steps", "3", "--training.logging_steps", "1", "--dataset.test_size", "null"]
@@ -292,6 +292,13 @@ def test_the_dry_run_refuses_what_the_run_refuses_and_writes_nothing(finished, t
         .endswith("is a file, not a directory; choose a directory path")
     plan = run_sft("--dry-run", "--training.output_dir", str(tmp_path / "new"), *SHORT).stdout
     assert f"output             {tmp_path / 'new'} (new)" in plan and not (tmp_path / "new").exists()
+    running = OutputDir(out, {})
+    running.take_lock()  # a live run's lock (this process's)
+    try:
+        assert "is in use by another run (process" in one_line_error(
+            run_sft("--dry-run", "--overwrite", "--training.output_dir", str(out), *SHORT, check=False))
+    finally:
+        running.release()
 
 
 RACER = """
