@@ -28,6 +28,7 @@ class _OneLineErrors(argparse.ArgumentParser):
 def main(argv: list[str] | None = None, prog: str = "sft.py") -> int:
     parser = _OneLineErrors(
         prog=prog,
+        usage=f"{prog} [CONFIG] [options] [--section.key value ...]" if prog == "sftkit train" else None,
         description="Fine-tune a causal LM on chat data from a YAML config. `python sft.py env` reports the "
                     "environment for a bug report.",
         epilog="Any config key can be overridden: --training.learning_rate 1e-4 --model.use_lora true. "
@@ -49,6 +50,12 @@ def main(argv: list[str] | None = None, prog: str = "sft.py") -> int:
         print(section_help(argv[1]))
         return 0
     if argv[:1] == ["env"]:
+        if argv[1:] in (["-h"], ["--help"]):
+            print(f"usage: {prog}\n\nPrint what this machine has for training (libraries, devices, the accelerate "
+                  "config in use), for a bug report.")
+            return 0
+        if argv[1:]:
+            parser.exit(2, f"{prog}: error: env takes no arguments, got {' '.join(argv[1:])}\n")
         from sftkit.environment import report
 
         print(report())
@@ -148,7 +155,7 @@ def sftkit(argv: list[str] | None = None) -> int:
     if command == "init":
         return init(rest)
     if command == "env":
-        return main(["env"])
+        return main(["env", *rest], prog="sftkit env")
     if command in TOOLS:
         import importlib
 
@@ -163,9 +170,9 @@ def sftkit(argv: list[str] | None = None) -> int:
 
 def init(argv: list[str]) -> int:
     """Write a copy of a shipped config (its comments are its documentation) where the user can edit it."""
-    parser = argparse.ArgumentParser(prog="sftkit init", description=init.__doc__)
+    parser = _OneLineErrors(prog="sftkit init", description=init.__doc__)
     parser.add_argument("file", help="the config to write, e.g. my_run.yaml")
-    parser.add_argument("--from", dest="source", default="lora",
+    parser.add_argument("--from", "--config", dest="source", default="lora",
                         help="the shipped config to start from: default, lora, qlora, or an example's name "
                              "(llama3.1_8b_qlora, qwen2.5_1.5b_full, tinyllama_1.1b_chat_lora)")
     args = parser.parse_args(argv)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import conftest
 import pytest
-from conftest import SAMPLE_DATA, TINY_MODEL, run_python
+from conftest import REPO, SAMPLE_DATA, TINY_MODEL, run_python
 from transformers import LlamaConfig
 
 from sftkit.config import load_config
@@ -122,6 +122,17 @@ def test_env_reports_every_library_and_a_verdict_per_check():
     assert "bitsandbytes" in result.stdout and "backend" in result.stdout
     assert lines[-1] == "  => ready to train"
     assert "Traceback" not in result.stderr and not result.stderr.strip(), result.stderr
+
+
+def test_env_and_init_answer_a_mistyped_argument_in_one_line(tmp_path):
+    wrong = run_python("-m", "sftkit", "env", "--foo", check=False)
+    assert wrong.returncode == 2 and wrong.stderr == "sftkit env: error: env takes no arguments, got --foo\n"
+    assert run_python("-m", "sftkit", "env", "--help").stdout.startswith("usage: sftkit env\n")
+    assert "usage: sftkit train [CONFIG]" in run_python("-m", "sftkit", "train", "--help").stdout
+    init = run_python("-m", "sftkit", "init", "--fro", "lora", check=False)
+    assert init.returncode == 2 and init.stderr.count("\n") == 1 and "see sftkit init --help" in init.stderr
+    run_python("-m", "sftkit", "init", str(tmp_path / "mine.yaml"), "--config", "qlora")  # --config as train has it
+    assert (tmp_path / "mine.yaml").read_text() == (REPO / "configs" / "qlora_train_config.yaml").read_text()
 
 
 def test_env_shows_the_accelerate_config_in_use():
