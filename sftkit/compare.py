@@ -53,12 +53,18 @@ def main(argv: list[str] | None = None) -> int:
 def _check_paths(args) -> None:
     if args.prompts and not Path(args.prompts).is_file():
         raise ConfigError(f"--prompts {args.prompts} is not a file; give a text file with one prompt per line")
+    if args.prompts and not _read_prompts(args.prompts):
+        raise ConfigError(f"--prompts {args.prompts} holds no prompt; write one prompt per line")
     if args.out and not Path(args.out).parent.is_dir():
         raise ConfigError(f"--out {args.out}: the directory {Path(args.out).parent} does not exist; create it or "
                           "choose another path")
     for option in ("rows", "loss_rows", "max_new_tokens"):
         if getattr(args, option) < 1:
             raise ConfigError(f"--{option} {getattr(args, option)}: give 1 or more")
+
+
+def _read_prompts(path: str) -> list[str]:
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def write_report(args) -> Path:
@@ -90,8 +96,7 @@ def write_report(args) -> Path:
     rows = data.eval if held_out else data.train
     loss_rows = rows.select(range(min(args.loss_rows, len(rows))))
     if args.prompts:
-        prompts = [_prompt_from_text(tokenizer, line.strip()) for line in Path(args.prompts).read_text().splitlines()
-                   if line.strip()]
+        prompts = [_prompt_from_text(tokenizer, text) for text in _read_prompts(args.prompts)]
     elif dataset_cfg.sample_prompts:
         prompts = [_prompt_from_text(tokenizer, text, dataset_cfg.system_prompt) for text in dataset_cfg.sample_prompts]
     else:

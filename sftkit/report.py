@@ -94,7 +94,8 @@ def plot_loss(history: list[dict], path: Path) -> None:
     evaluation = [(entry["step"], entry["eval_loss"]) for entry in history if "eval_loss" in entry]
     figure, axes = plt.subplots(figsize=(8, 4.5), dpi=100)
     if train:
-        axes.plot(*zip(*train), color="tab:blue", label="train loss")
+        # a run that logged once (a short one) would draw a line of one point: nothing
+        axes.plot(*zip(*train), color="tab:blue", label="train loss", marker="o" if len(train) == 1 else None)
     if evaluation:
         axes.plot(*zip(*evaluation), "o", color="tab:orange", label="eval loss")  # points: nothing between them
     axes.set_xlabel("step")

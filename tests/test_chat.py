@@ -167,7 +167,10 @@ def test_the_chats_generation_options_are_checked_before_the_model_loads(option,
     (["--prompts", "nosuch.txt"], "--prompts nosuch.txt is not a file; give a text file with one prompt per line"),
     (["--out", "nodir/x.md"], "--out nodir/x.md: the directory nodir does not exist; create it or choose another path"),
     (["--loss_rows", "0"], "--loss_rows 0: give 1 or more"),
+    (["--prompts", "blank.txt"], "--prompts blank.txt holds no prompt; write one prompt per line"),
 ])
-def test_compare_refuses_bad_options_in_one_line_before_generating(tmp_path, options, expected, capsys):
+def test_compare_refuses_bad_options_in_one_line_before_generating(tmp_path, options, expected, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "blank.txt").write_text("\n  \n")
     assert compare.main([str(tmp_path), *options]) == 2
     assert capsys.readouterr().err == f"sftkit.compare: error: {expected}\n"

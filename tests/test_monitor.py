@@ -111,6 +111,17 @@ def test_loss_plot_is_a_real_image_of_train_and_eval_loss(monitored_run):
     assert {blue, orange} <= {color for _, color in colors}
 
 
+def test_loss_plot_of_a_run_that_logged_once_shows_the_point(tmp_path):
+    from PIL import Image
+
+    from sftkit.report import plot_loss
+
+    plot_loss([{"step": 3, "loss": 2.5}], tmp_path / "loss.png")
+    image = Image.open(tmp_path / "loss.png").convert("RGB")
+    middle = image.crop((300, 150, 560, 280))  # the axes' middle, away from the legend's sample of the line
+    assert (31, 119, 180) in {color for _, color in middle.getcolors(maxcolors=100_000)}  # the point, in tab:blue
+
+
 def test_model_card_describes_the_run_and_how_to_load_it(monitored_run):
     card = (monitored_run.out / "README.md").read_text()
     summary = json.loads((monitored_run.out / SUMMARY_FILE).read_text())
