@@ -267,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
 
         model_cfg = read_section(ModelConfig, record["config"]["model"], "model", args.output_dir)
         finish_export(args.output_dir, model_cfg, getattr(torch, record["dtype"]))
+        from sftkit.report import add_saved_dtypes  # report imports this module
+
+        add_saved_dtypes(args.output_dir)
         finished = {key: value for key, value in record.items() if key != "error"}
         write_json(args.output_dir / RUN_FILE, {**finished, "status": "finished", "export": "python -m sftkit.export"})
     except (ConfigError, RunFailed) as error:

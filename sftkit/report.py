@@ -42,7 +42,6 @@ def build_summary(trainer, config, data, dtype, parameters: tuple[int, int], rep
         "sample_prompt": data.sample_prompts[0][-1]["content"] if data.sample_prompts else None,
         "sample_reply": reply,
         "training_dtype": str(dtype).removeprefix("torch."),
-        "saved_dtypes": saved_dtypes(output_dir),
         "output_dir": str(output_dir),
         "adapter_dir": str(output_dir / ADAPTER_DIR) if config.model.use_lora else None,
         "sample_replies_file": str(output_dir / SAMPLES_FILE) if config.dataset.sample_prompts else None,
@@ -50,13 +49,34 @@ def build_summary(trainer, config, data, dtype, parameters: tuple[int, int], rep
 
 
 def report(output_dir: Path, config, summary: dict, history: list[dict]) -> dict:
-    """Write loss.png, the model card and run_summary.json, print the summary; the summary with their paths."""
-    plot_loss(history, output_dir / LOSS_PLOT)
-    summary = {**summary, "loss_plot": str(output_dir / LOSS_PLOT), "model_card": str(output_dir / MODEL_CARD)}
-    (output_dir / MODEL_CARD).write_text(model_card(config, summary))
-    (output_dir / SUMMARY_FILE).write_text(json.dumps(_finite(summary), indent=2, allow_nan=False) + "\n")
+    """Write loss.png, the model card and run_summary.json beside the exported model, print the summary; the
+    summary with their paths."""
+    summary = write_report(output_dir, output_dir, config, {**summary, "saved_dtypes": saved_dtypes(output_dir)},
+                           history)
     print(format_summary(summary), flush=True)
     return summary
+
+
+def write_report(directory: Path, output_dir: Path, config, summary: dict, history: list[dict]) -> dict:
+    """loss.png, the model card and run_summary.json in `directory`: output_dir, or the unfinished export's
+    staging directory, from which `sftkit export` publishes them with the model (the log history lives only in
+    this process)."""
+    plot_loss(history, directory / LOSS_PLOT)
+    summary = {**summary, "loss_plot": str(output_dir / LOSS_PLOT), "model_card": str(output_dir / MODEL_CARD)}
+    (directory / MODEL_CARD).write_text(model_card(config, summary))
+    write_summary(directory, summary)
+    return summary
+
+
+def write_summary(directory: Path, summary: dict) -> None:
+    (directory / SUMMARY_FILE).write_text(json.dumps(_finite(summary), indent=2, allow_nan=False) + "\n")
+
+
+def add_saved_dtypes(output_dir: Path) -> None:
+    """Once an export that failed is finished: the summary written before it learns the dtypes saved."""
+    path = output_dir / SUMMARY_FILE
+    if path.is_file():
+        write_summary(output_dir, {**json.loads(path.read_text()), "saved_dtypes": saved_dtypes(output_dir)})
 
 
 def mean_logged_loss(history: list[dict]) -> float | None:

@@ -32,7 +32,7 @@ from sftkit.fastpath import describe as describe_speed
 from sftkit.inference import generate_reply
 from sftkit.model import check_model_source, load_model, load_tokenizer, lora_config, resolve_dtype
 from sftkit.monitor import MonitoredSFTTrainer, ProgressBar, SampleReplies, generates_on_every_process, memory_mib
-from sftkit.report import build_summary, report
+from sftkit.report import build_summary, report, write_report
 from sftkit.rundir import STAGING_DIR, OutputDir, check_free_space, export_bytes, refuse_before_claiming
 
 LAUNCHERS = ("accelerate", "torchrun", "deepspeed")
@@ -116,14 +116,31 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
         reply = _final_reply(trainer, tokenizer, data.sample_prompts[:1]) if extras else None
         if trainer.accelerator.is_main_process:
             output.mark("exporting", dtype=str(dtype).removeprefix("torch."))
-        output_dir = export(trainer, config, tokenizer, dtype, parameters)
-        summary = build_summary(trainer, config, data, dtype, parameters, reply, timing.seconds(), train_seconds,
-                                memory_at_start)
+
+        def summary() -> dict:  # taken once the export has ended, whose seconds its wall time counts
+            return build_summary(trainer, config, data, dtype, parameters, reply, timing.seconds(), train_seconds,
+                                 memory_at_start)
+
+        try:
+            output_dir = export(trainer, config, tokenizer, dtype, parameters)
+        except RunFailed:
+            if trainer.accelerator.is_main_process:
+                _keep_report_with_the_export(trainer, config, summary())
+            raise
         if trainer.accelerator.is_main_process:
-            summary = report(output_dir, config, summary, trainer.state.log_history)
-        return Run(summary, trainer)
+            return Run(report(output_dir, config, summary(), trainer.state.log_history), trainer)
+        return Run(summary(), trainer)
     finally:
         trainer.guard.restore_signals()
+
+
+def _keep_report_with_the_export(trainer, config: RunConfig, summary: dict) -> None:
+    """The summary, loss plot and card wait with the kept weights, and `sftkit export` publishes them together."""
+    output_dir = Path(trainer.args.output_dir)
+    try:
+        write_report(output_dir / STAGING_DIR, output_dir, config, summary, trainer.state.log_history)
+    except OSError:  # the disk that failed the export: the weights matter, the report is lost
+        pass
 
 
 def _trainer(config: RunConfig, model, tokenizer, data, callbacks: list, resumed: bool) -> MonitoredSFTTrainer:

@@ -194,6 +194,36 @@ def test_a_full_disk_at_export_keeps_the_trained_adapter_and_the_export_can_be_f
         assert (merged(ids).logits - with_adapter(ids).logits).abs().max() < 1e-4
 
 
+def test_a_run_whose_export_fails_keeps_its_summary_loss_plot_and_card_for_the_finished_export(small_disk,
+                                                                                               monkeypatch):
+    """The log history lives only in the training process: the report waits with the kept adapter, and finishing
+    the export publishes it with the model."""
+    out = small_disk / "out"
+    filler = small_disk / "filler"
+    finish = export_module.finish_export
+
+    def fill_the_disk_then_finish(*args):  # the disk fills up while the adapter is saved: the merge fails
+        filler.write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 2 * 2**20))
+        finish(*args)
+
+    monkeypatch.setattr(export_module, "finish_export", fill_the_disk_then_finish)
+    monkeypatch.setattr(export_module, "DISK_WAIT_SECONDS", 0)
+    with pytest.raises(RunFailed, match="No space left on device"):
+        train(config(out, "lora_train_config.yaml"))
+    kept = {path.name for path in (out / STAGING_DIR).iterdir()}
+    assert {"README.md", "loss.png", "run_summary.json", ADAPTER_DIR} <= kept and "config.json" not in kept
+    assert not (out / "run_summary.json").exists()
+
+    filler.unlink()
+    monkeypatch.undo()
+    assert run_here(export_main, str(out)).returncode == 0
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["steps"] == 3 and summary["model_card"] == str(out / "README.md")
+    assert summary["saved_dtypes"] == ["float32"] and summary["train_loss_last"] < summary["train_loss_first"]
+    assert (out / "README.md").read_text().startswith("---\nbase_model: data/tiny-chat-llama\n")
+    assert (out / "loss.png").stat().st_size > 10_000 and (out / "config.json").is_file()
+
+
 def test_an_export_is_finished_without_the_attention_kernel_the_run_used(lora_run, tmp_path):
     """A GPU run with flash-attn installed records flash_attention_2; merging its adapter on a machine without
     flash-attn (as `sftkit export` may) loads the base with the default kernel and gives the run's merged model."""
