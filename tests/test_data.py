@@ -248,6 +248,16 @@ def test_sources_mix_with_weights_and_their_own_formats(tmp_path, tokenizer):
     assert again.train["input_ids"] == data.train["input_ids"], "mixing is seeded"
 
 
+def test_test_size_holds_out_rows_before_weights_repeat_them(tmp_path, tokenizer):
+    """A source of weight 3 is three copies of each row: split after the copies, most eval rows would also train."""
+    config = DatasetConfig(sources=[SourceConfig(name=str(SAMPLE_DATA), max_samples=40, weight=3),
+                                    SourceConfig(name=write_rows(tmp_path, ".jsonl", ROWS))], test_size=0.25)
+    data = prepare_data(config, tokenizer, max_length=256)
+    trained = {tuple(ids) for ids in data.train["input_ids"]}
+    assert len(data.eval) == 11 and not [ids for ids in data.eval["input_ids"] if tuple(ids) in trained]
+    assert len(data.train) > 2 * len(trained)  # most rows, repeated by their weight
+
+
 def test_eval_sources(tmp_path, tokenizer):
     config = DatasetConfig(name=str(SAMPLE_DATA), max_samples=20, eval_sources=[SourceConfig(name=write_rows(tmp_path, ".jsonl", ROWS))])
     data = prepare_data(config, tokenizer, max_length=256)

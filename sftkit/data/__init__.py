@@ -60,7 +60,7 @@ def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42,
     train_parts = [prepare.source(source, _train_key(cfg, i), train=True) for i, source in enumerate(sources)]
     if not any(len(rows) for rows, _ in train_parts):
         raise DataError(prepare.nothing_to_train())
-    train = _mix([(rows, source.weight) for (rows, _), source in zip(train_parts, sources)], seed)
+    train_rows = [rows for rows, _ in train_parts]
     evaluation = None
     if cfg.eval_sources:
         parts = [prepare.source(source, f"dataset.eval_sources[{i}]") for i, source in enumerate(cfg.eval_sources)]
@@ -69,13 +69,9 @@ def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42,
         parts = [prepare.source(source, _train_key(cfg, i), split=cfg.eval_split) for i, source in enumerate(sources)]
         evaluation = _mix([(rows, None) for rows, _ in parts], seed)
     elif cfg.test_size is not None:
-        size = cfg.test_size if cfg.test_size < 1 else int(cfg.test_size)
-        try:
-            split = train.train_test_split(test_size=size, seed=seed)
-        except ValueError:
-            raise DataError(f"dataset.test_size {size} cannot split {len(train)} rows into train and eval; give a "
-                            f"fraction below 1 (0.05) or a count below {len(train)}") from None
-        train, evaluation = split["train"], split["test"]
+        train_rows, evaluation = _split_off_eval(train_rows, [position for position, _ in prepare.tokenized],
+                                                 cfg.test_size, seed)
+    train = _mix([(rows, source.weight) for rows, source in zip(train_rows, sources)], seed)
     if evaluation is not None and len(evaluation) == 0:
         raise DataError(f"the eval data has no row with a trainable token within max_seq_length {max_length}: "
                         "every eval row was dropped")
@@ -219,6 +215,22 @@ def _tokenize_row(row, index, tokenizer, format_name, system_prompt, answer_sour
     prompt = next((position for position, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
     return {**tokens, "source": source_position, "row": index, "trainable_tokens": trainable, "prompt_tokens": prompt,
             "problem": ""}
+
+
+def _split_off_eval(sources: list, positions: list[int], test_size: float, seed: int) -> tuple[list, object]:
+    """dataset.test_size of the rows read, held out before the sources' weights repeat rows (a repeated row would
+    land on both sides); the train rows are handed back per source, for their weights."""
+    whole = _mix([(rows, None) for rows in sources], seed)
+    size = test_size if test_size < 1 else int(test_size)
+    try:
+        split = whole.train_test_split(test_size=size, seed=seed)
+    except ValueError:
+        raise DataError(f"dataset.test_size {size} cannot split {len(whole)} rows into train and eval; give a "
+                        f"fraction below 1 (0.05) or a count below {len(whole)}") from None
+    if len(sources) == 1:
+        return [split["train"]], split["test"]
+    return [split["train"].filter(lambda source: source == position, input_columns="source")
+            for position in positions], split["test"]
 
 
 def _mix(parts: list[tuple], seed: int):
