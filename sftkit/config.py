@@ -126,7 +126,8 @@ class DatasetConfig(SourceConfig):
     eval_sources: list[SourceConfig] | None = option(None, "evaluate on these sources (same keys)")
     system_prompt: str | None = option(None, "prepended to rows that have no system message")
     test_size: float | int | None = option(
-        None, "or hold out a fraction (below 1) or a count of rows, seeded by `training.seed`")
+        None, "or hold out a fraction (below 1) or a count of the rows read, seeded by `training.seed`, before "
+              "`sources` weights repeat rows (no eval row also trains)")
     eval_split: str | None = option(None, "or evaluate on this split of the same source(s)")
     loss_on: Literal["assistant", "last_assistant", "all"] = option(
         "assistant", "`assistant`: every assistant turn; `last_assistant`: the final one; `all`: every token")
@@ -362,9 +363,15 @@ def _cross_field_errors(model: ModelConfig, dataset: DatasetConfig, training: di
         errors.append("dataset.name is required: a hub id or a local file or directory (or list dataset.sources)")
     if dataset.name is not None and dataset.sources:
         errors.append("set dataset.name or dataset.sources, not both")
-    for index, source in enumerate((dataset.sources or []) + (dataset.eval_sources or [])):
-        if source.name is None:
-            errors.append(f"dataset source {index} has no name")
+    for key in ("sources", "eval_sources"):
+        for index, source in enumerate(getattr(dataset, key) or []):
+            if source.name is None:
+                errors.append(f"dataset.{key}[{index}] has no name: give each source a name (a hub id or a path)")
+    if dataset.sources:
+        errors += [f"dataset.{key.name} is set beside dataset.sources, where it would be ignored; set it in the "
+                   f"sources it is for (dataset.sources[0].{key.name})"
+                   for key in dataclasses.fields(SourceConfig)
+                   if key.name != "name" and getattr(dataset, key.name) != key.default]
     if sum(x is not None for x in (dataset.test_size, dataset.eval_split, dataset.eval_sources)) > 1:
         errors.append("set only one of dataset.test_size, dataset.eval_split and dataset.eval_sources")
     if model.load_in_4bit and not model.use_lora:
@@ -376,6 +383,11 @@ def _cross_field_errors(model: ModelConfig, dataset: DatasetConfig, training: di
         errors.append("dataset.test_size must be a fraction between 0 and 1, or a row count")
     if "max_length" in training:
         errors.append("training.max_length is set from model.max_seq_length; remove it from training")
+    if training.get("padding_free") and not training.get("packing"):
+        # TRL 1.16 refuses it only once the Trainer is built: without packing it would not cut rows to max_length
+        errors.append("training.padding_free: true needs training.packing: true (TRL does not cut unpacked rows to "
+                      "model.max_seq_length when padding-free); set training.packing: true, which is padding-free "
+                      "itself, and remove padding_free")
     errors += _evaluation_errors(dataset, training)
     if isinstance(training.get("liger_kernel_config"), dict) and training["liger_kernel_config"].get(
             "fused_linear_cross_entropy"):
@@ -823,6 +835,9 @@ def _list_of_dataclass(hint: Any):
 
 
 def _suggest(key: str, valid) -> str:
+    written, colon, value = key.partition(":")
+    if colon and written in valid:  # `{name:x}` is YAML for the key "name:x"
+        return f" (YAML needs a space after the colon: '{written}: {value}')"
     close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 

@@ -59,6 +59,18 @@ CONFIG_CASES = {
                              ["dataset.name: data/nope.jsonl does not exist (looked in", str(REPO)]),
     "missing dataset in a source": (["--dataset.name", "null", "--dataset.sources", "[{name: ./missing.csv}]"],
                                     ["dataset.sources[0].name: ./missing.csv does not exist"]),
+    "source without a name": (["--dataset.name", "null", "--dataset.sources", "[{name: data/sample_chat.jsonl}]",
+                               "--dataset.test_size", "null", "--dataset.eval_sources", "[{split: train}]"],
+                              ["dataset.eval_sources[0] has no name: give each source a name"]),
+    "source key beside sources": (["--dataset.name", "null", "--dataset.sources", "[{name: data/sample_chat.jsonl}]",
+                                   "--dataset.max_samples", "10"],
+                                  ["dataset.max_samples is set beside dataset.sources, where it would be ignored; set "
+                                   "it in the sources it is for (dataset.sources[0].max_samples)"]),
+    "no space after a colon": (["--dataset.name", "null", "--dataset.sources", "[{name:data/sample_chat.jsonl}]"],
+                               ["unknown key dataset.sources[0].name:data/sample_chat.jsonl (YAML needs a space after "
+                                "the colon: 'name: data/sample_chat.jsonl')"]),
+    "padding-free without packing": (["--training.padding_free", "true"],
+                                     ["training.padding_free: true needs training.packing: true"]),
     "split of a local file": (["--dataset.split", "validation"],
                               ["dataset.split: 'validation' is not a split of data/sample_chat.jsonl: a local file has "
                                "one split, train; remove the split setting"]),
