@@ -238,8 +238,9 @@ def _attention(model, gpu: bool, installed: set[str], packed: bool, sixteen_bit:
 
 
 def _padding_free(training: dict) -> bool:
+    """TRL 1.16's rule, on the config's values (bfd-requeue: TRL's deprecated name of bfd_split)."""
     return bool(training.get("padding_free") or (training.get("packing") and training.get("packing_strategy", "bfd")
-                                                 in ("bfd", "bfd_split")))
+                                                 in ("bfd", "bfd_split", "bfd-requeue")))
 
 
 def _deepspeed_or_fsdp(training: dict) -> bool:

@@ -30,7 +30,7 @@ class PreparedData:
     dropped: dict[str, int]  # train rows dropped, by reason
     trainable_tokens: int  # trained tokens in one epoch of the train rows
     sample_prompts: list[list[dict]]  # dataset.sample_prompts, else the first eval (or train) row up to its reply
-    # token count of every kept train row, before truncation (with truncate, up to the end of the turn it is cut in)
+    # token count of every kept train row, before truncation (keeping the start, up to the end of the turn it is cut in)
     lengths: list[int] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # what was wrong with the first skipped bad rows
 
@@ -44,18 +44,28 @@ class PreparedData:
 
 def prepare_for_training(cfg: DatasetConfig, tokenizer, args):
     """prepare_data with the run's SFTConfig: rows are tokenized only as far as the trainer will keep them."""
-    keeps_start = args.truncation_mode == "keep_start" and not (args.packing and args.packing_strategy != "bfd")
-    return prepare_data(cfg, tokenizer, args.max_length, args.seed, args.dataset_num_proc, truncate=keeps_start)
+    keeps = trainer_keeps(args)
+    return prepare_data(cfg, tokenizer, args.max_length, args.seed, args.dataset_num_proc, keeps, keeps == "start")
+
+
+def trainer_keeps(args) -> str:
+    """Which tokens of a row longer than max_length TRL 1.16 trains: 'start' unpacked with truncation_mode
+    keep_start, or packed best-fit ('bfd' cuts each row); 'end' unpacked with keep_end; 'all' when packing splits
+    long rows ('bfd_split', 'wrapped')."""
+    if args.packing:
+        return "start" if args.packing_strategy == "bfd" else "all"
+    return "end" if args.truncation_mode == "keep_end" else "start"
 
 
 def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42, num_proc: int | None = None,
-                 truncate: bool = False):
+                 keeps: str = "start", truncate: bool = False):
     """num_proc None: one process per usable core for large sources (see MIN_ROWS_FOR_PROCESSES).
-    truncate: tokenize a conversation only as far as max_length keeps it (its first max_length tokens and the rest of
-    the assistant turn the cut falls in). Right when the trainer keeps the start of each row and drops the rest
-    (TRL's truncation_mode keep_start, unpacked or packed with packing_strategy bfd); with keep_end, or packing that
-    splits long rows (bfd_split, wrapped), the rest trains: leave it False."""
-    prepare = _Preparation(cfg, tokenizer, max_length, num_proc, truncate)
+    keeps: the tokens of a long row the trainer trains (trainer_keeps); a row with no trainable token among them is
+    dropped. truncate (with keeps 'start' only): tokenize a conversation only as far as max_length keeps it (its
+    first max_length tokens and the rest of the assistant turn the cut falls in)."""
+    if truncate and keeps != "start":
+        raise ValueError(f"truncate keeps the start of each row, but the trainer keeps {keeps!r}")
+    prepare = _Preparation(cfg, tokenizer, max_length, num_proc, keeps, truncate)
     sources = cfg.train_sources()
     train_parts = [prepare.source(source, _train_key(cfg, i), train=True) for i, source in enumerate(sources)]
     if not any(len(rows) for rows, _ in train_parts):
@@ -94,9 +104,11 @@ def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42,
 class _Preparation:
     """Tokenizes sources one at a time, counting what it drops and keeping the raw rows for the sample prompt."""
 
-    def __init__(self, cfg: DatasetConfig, tokenizer, max_length: int, num_proc: int | None, truncate: bool):
+    def __init__(self, cfg: DatasetConfig, tokenizer, max_length: int, num_proc: int | None, keeps: str,
+                 truncate: bool):
         self.cfg, self.tokenizer, self.max_length, self.num_proc = cfg, tokenizer, max_length, num_proc
         self.truncate = truncate
+        self.kept = {"start": slice(None, max_length), "end": slice(-max_length, None), "all": slice(None)}[keeps]
         self.raw: list[tuple] = []  # (rows, format, source) of each source prepared; rows name theirs by position
         self.rows_read = 0
         self.dropped = {BAD_ROW: 0, NOTHING_TO_TRAIN: 0}
@@ -134,7 +146,7 @@ class _Preparation:
                 "system_prompt": self.cfg.system_prompt,
                 "answer_source": source.answer_source,
                 "loss_on": self.cfg.loss_on,
-                "max_length": self.max_length,
+                "kept": self.kept,
                 "cut": self.max_length if truncate else None,
                 "source_position": position,
                 "where": f"dataset {source.name}",
@@ -189,7 +201,7 @@ def _processes_for(rows: int) -> int | None:
     return min(cores, MAX_PROCESSES) if cores > 1 else None
 
 
-def _tokenize_row(row, index, tokenizer, format_name, system_prompt, answer_source, loss_on, max_length, cut,
+def _tokenize_row(row, index, tokenizer, format_name, system_prompt, answer_source, loss_on, kept, cut,
                   source_position, where, jsonl, skip_bad_rows):
     try:
         if format_name == "text":
@@ -211,7 +223,7 @@ def _tokenize_row(row, index, tokenizer, format_name, system_prompt, answer_sour
         return {"input_ids": [], "labels": [], "source": source_position, "row": index, "trainable_tokens": 0,
                 "prompt_tokens": 0, "problem": problem}
     labels = tokens["labels"]
-    trainable = sum(label != IGNORE_INDEX for label in labels[:max_length])
+    trainable = sum(label != IGNORE_INDEX for label in labels[kept])
     prompt = next((position for position, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
     return {**tokens, "source": source_position, "row": index, "trainable_tokens": trainable, "prompt_tokens": prompt,
             "problem": ""}
