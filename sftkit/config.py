@@ -202,6 +202,12 @@ def resolve_path(value: str) -> str:
     return str(in_project) if in_project.exists() else value
 
 
+def resolve_glob(pattern: str) -> list[str]:
+    """The files a glob matches, as resolve_path finds a path: from the working directory, else the project."""
+    pattern = os.path.expanduser(pattern)
+    return sorted(glob.glob(pattern)) or sorted(glob.glob(str(PROJECT_DIR / pattern)))
+
+
 def looks_local(value: str) -> bool:
     """A path meant on this machine, which is never sent to the hub (a typo would cost a minute of hub retries and
     end in an error about the internet): it exists, starts with `.`, `/` or `~`, has a file extension such as
@@ -551,7 +557,7 @@ def _source_errors(key: str, source: SourceConfig, eval_split: str | None) -> li
     if name is None:
         return []
     if glob.has_magic(name):
-        if not (glob.glob(os.path.expanduser(name)) or glob.glob(str(PROJECT_DIR / name))):
+        if not resolve_glob(name):
             return [f"{key}.name: the pattern {name} matches no file{looked_in(name)}"]
         splits, what = ["train"], "local files have one split, train"
     elif looks_local(name):

@@ -76,7 +76,6 @@ def run_record(resolved: dict, **extra) -> dict:
     return {"fingerprint": fingerprint(resolved), "config": resolved, "inputs": input_digests(resolved), **extra}
 
 
-DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 MODEL_FILES = ("config.json", "*.safetensors", "pytorch_model*.bin", "adapter_config.json", "tokenizer.json",
                "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "chat_template.jinja")
 
@@ -87,7 +86,7 @@ def input_digests(resolved: dict) -> dict[str, str]:
     covers the names only, and a resume onto a rewritten data file or changed base weights would train something
     else under the same config. Hub ids are left out (their revision is in the config)."""
     from sftkit.config import resolve_path
-    from sftkit.data.load import local_files
+    from sftkit.data.load import LOCAL_FILE_BUILDERS, local_files
 
     dataset, files = resolved.get("dataset", {}), {}
     names = [dataset.get("name")] + [source.get("name") for key in ("sources", "eval_sources")
@@ -96,7 +95,7 @@ def input_digests(resolved: dict) -> dict[str, str]:
         root = Path(resolve_path(name))
         if root.is_dir():  # as load_dataset reads a directory: its data files, not hidden ones
             files.update({f"{name}/{path.relative_to(root)}": path for path in sorted(root.rglob("*"))
-                          if path.suffix in DATA_SUFFIXES and path.is_file()
+                          if path.suffix in LOCAL_FILE_BUILDERS and path.is_file()
                           and not any(part.startswith((".", "__")) for part in path.relative_to(root).parts)})
         else:  # a file or a glob; nothing for a hub id, nor for a glob that matches nothing (the run says so)
             try:

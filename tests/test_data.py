@@ -215,6 +215,16 @@ def test_column_map_renames_other_field_names(tmp_path, tokenizer):
 
 # --- sources: globs, directories, save_to_disk, mixing, evaluation --------------------------------------------
 
+def test_a_glob_under_the_home_directory_is_checked_and_loaded(tmp_path, tokenizer, monkeypatch):
+    from sftkit.config import load_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "chats").mkdir()
+    (tmp_path / "chats" / "a.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    config = load_config(None, ["--dataset.name", "~/chats/*.jsonl", "--dataset.test_size", "null"])  # checks it
+    assert prepare_data(config.dataset, tokenizer, max_length=64).rows == 3
+
+
 def test_glob_directory_and_save_to_disk_sources(tmp_path, tokenizer):
     import datasets
 

@@ -5,7 +5,7 @@ import glob
 import json
 from pathlib import Path
 
-from sftkit.config import PROJECT_DIR, SourceConfig, local_splits, looked_in, looks_local, resolve_path
+from sftkit.config import SourceConfig, local_splits, looked_in, looks_local, resolve_glob, resolve_path
 from sftkit.data.formats import DataError
 
 LOCAL_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -168,7 +168,7 @@ def _json_message(error: json.JSONDecodeError) -> str:
 def local_files(name: str) -> list[str]:
     """The files a local file name or glob stands for, from the working directory or else the project."""
     if glob.has_magic(name):
-        files = sorted(glob.glob(name)) or sorted(glob.glob(str(PROJECT_DIR / name)))
+        files = resolve_glob(name)
         if not files:
             raise DataError(f"dataset {name}: the pattern matches no file")
         return files
