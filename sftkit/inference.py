@@ -15,7 +15,7 @@ from sftkit.errors import ConfigError
 
 def load_for_inference(path: str, trust_remote_code: bool = False):
     """A merged or full model directory (output_dir), or an adapter directory (output_dir/lora_weights) whose base
-    is read from its adapter_config.json. Returns (model, tokenizer), the model in eval mode on the GPU if any."""
+    and its revision are read from its adapter_config.json. Returns (model, tokenizer), the model in eval mode on the GPU if any."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
@@ -27,8 +27,9 @@ def load_for_inference(path: str, trust_remote_code: bool = False):
     elif (directory / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base_path = json.loads((directory / "adapter_config.json").read_text())["base_model_name_or_path"]
-        base = AutoModelForCausalLM.from_pretrained(resolve_path(base_path), **options)
+        adapter = json.loads((directory / "adapter_config.json").read_text())
+        base = AutoModelForCausalLM.from_pretrained(resolve_path(adapter["base_model_name_or_path"]),
+                                                    revision=adapter.get("revision"), **options)
         model = PeftModel.from_pretrained(base, directory)
     else:
         raise ConfigError(f"{path}: no model here (expected config.json, or adapter_config.json for a LoRA adapter); "

@@ -233,4 +233,6 @@ def load_model(model_cfg: ModelConfig, dtype: torch.dtype, gradient_checkpointin
 def lora_config(model_cfg: ModelConfig) -> LoraConfig | None:
     if not model_cfg.use_lora:
         return None
-    return LoraConfig(**dataclasses.asdict(model_cfg.lora_config))
+    # revision: written to adapter_config.json, so the adapter is loaded (by PEFT, or sftkit's chat) on its base's
+    # revision, not the hub's newest
+    return LoraConfig(**dataclasses.asdict(model_cfg.lora_config), revision=model_cfg.revision)

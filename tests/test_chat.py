@@ -174,3 +174,39 @@ def test_compare_refuses_bad_options_in_one_line_before_generating(tmp_path, opt
     (tmp_path / "blank.txt").write_text("\n  \n")
     assert compare.main([str(tmp_path), *options]) == 2
     assert capsys.readouterr().err == f"sftkit.compare: error: {expected}\n"
+
+
+def test_an_adapter_is_loaded_on_the_revision_of_the_base_it_trained_on(tmp_path):
+    """model.revision goes into adapter_config.json, and the chat loads the base at it: a hub cache (offline) holds
+    two revisions of the tiny model, the adapter trained on the older one, and `main` has other weights."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    repo = tmp_path / "hub" / "models--team--tiny"
+    for revision, scale in (("v1", 1.0), ("main", 2.0)):
+        commit = hashlib.sha1(revision.encode()).hexdigest()
+        snapshot = repo / "snapshots" / commit
+        shutil.copytree(REPO / "data" / "tiny-chat-llama", snapshot)
+        weights = load_file(snapshot / "model.safetensors")
+        save_file({name: tensor * scale for name, tensor in weights.items()}, snapshot / "model.safetensors",
+                  metadata={"format": "pt"})
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / revision).write_text(commit)
+    script = f"""
+import torch
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from sftkit.config import load_config
+from sftkit.inference import load_for_inference
+from sftkit.model import lora_config
+config = load_config(None, ["--model.path", "team/tiny", "--model.revision", "v1", "--model.use_lora", "true"])
+base = AutoModelForCausalLM.from_pretrained("team/tiny", revision="v1")
+get_peft_model(base, lora_config(config.model)).save_pretrained("{tmp_path / 'adapter'}")
+AutoTokenizer.from_pretrained("team/tiny", revision="v1").save_pretrained("{tmp_path / 'adapter'}")
+model, _ = load_for_inference("{tmp_path / 'adapter'}")
+loaded = model.get_base_model().model.embed_tokens.weight
+print("v1" if torch.equal(loaded, base.model.embed_tokens.weight) else "other")
+"""
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    assert run_python("-c", script, env=env).stdout.strip().splitlines()[-1] == "v1"
