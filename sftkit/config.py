@@ -1,7 +1,8 @@
 """The run configuration: a YAML file with `model`, `dataset` and `training` sections, plus CLI overrides.
 
-`model` and `dataset` are typed here; `training` is every field of `trl.SFTConfig`, passed through. All errors of a
-config are collected and raised together as one `ConfigError`, before any model weight is loaded.
+`model` and `dataset` are typed here; `training` is every field of `trl.SFTConfig`, passed through. The errors of a
+config are collected and raised together as one `ConfigError` (the key and type errors first, then those that need
+the values read), before any model weight is loaded.
 """
 
 import dataclasses

@@ -3,6 +3,7 @@ clean stop with a checkpoint on Ctrl-C or SIGTERM, and a stop without one when t
 longer finite. Loss, learning rate, grad norm and tokens/s are the Trainer's."""
 
 import json
+import logging
 import resource
 import signal
 import sys
@@ -28,11 +29,18 @@ class MonitoredSFTTrainer(TrainerWorkarounds, SFTTrainer):
     """SFTTrainer whose every micro-batch loss is checked to be finite (see StopGuard), and whose every log also
     carries memory. `Trainer.log` is the documented place to add metrics: what is added here reaches the progress
     bar, `log_history`, TensorBoard and W&B alike (a callback's `on_log` comes after `log_history` is written).
-    What it changes in the Trainer's own behaviour is in compat.TrainerWorkarounds. `cast_adapter_inputs`: see
+    It hooks two of the Trainer's private methods (`_prepare_inputs`, `_get_grad_norm`; it warns where they are
+    gone); what it changes in the Trainer's own behaviour is in compat.TrainerWorkarounds. `cast_adapter_inputs`: see
     fastpath.choose_adapter_inputs."""
 
     def __init__(self, *args, cast_adapter_inputs: bool | None = True, **kwargs):
         super().__init__(*args, **kwargs)
+        lost = {"_prepare_inputs": "compiled runs may compile more often",
+                "_get_grad_norm": "gradient norms are not checked to be finite"}
+        for hook, loss in lost.items():  # the Trainer's own methods, overridden below (written for 5.24)
+            if not hasattr(SFTTrainer, hook):
+                logging.getLogger("sftkit").warning(f"this transformers' Trainer has no {hook}: {loss}; install the "
+                                                    "versions in requirements.txt")
         self.guard = StopGuard()
         self.add_callback(self.guard)
         self.add_callback(LogTheLastStep())

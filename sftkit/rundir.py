@@ -266,7 +266,8 @@ class OutputDir:
             self.locked = False
 
     def mark(self, status: str, **extra) -> None:
-        """Record how the run ended (finished, diverged, interrupted, export failed) beside its fingerprint."""
+        """Record where the run is (exporting) or how it ended (finished, interrupted, failed: diverged or an export
+        that failed, with its error) beside its fingerprint."""
         if not self.owner:
             return
         record = read_run_record(self.path) or run_record(self.resolved)

@@ -69,6 +69,15 @@ def test_a_divergence_within_an_epoch_saves_no_checkpoint_at_its_end_nor_rotates
     assert not export_module.non_finite_tensors(tmp_path / "checkpoint-4")
 
 
+def test_a_transformers_without_the_gradient_norm_hook_is_said_to_leave_the_gradients_unchecked(tmp_path,
+                                                                                                 monkeypatch, caplog):
+    import transformers
+
+    monkeypatch.delattr(transformers.Trainer, "_get_grad_norm")
+    trainer_with_an_inf_gradient_at(2, tmp_path)
+    assert "this transformers' Trainer has no _get_grad_norm: gradient norms are not checked to be finite" in caplog.text
+
+
 def trainer_with_an_inf_gradient_at(step: int, output_dir, *overrides: str):
     """The default config's trainer, whose gradient at `step` is made inf (a finite loss, broken weights after it)."""
     from transformers import TrainerCallback

@@ -16,8 +16,9 @@ class DataError(ConfigError):
 
 
 class RowDefect(ValueError):
-    """A row with nothing to train, or a message without a role or text: a defect of that row, which
-    dataset.on_bad_row: skip may leave out (unlike a format or role names to map, which every row shares)."""
+    """A row with nothing to train, or a message without a role or text: a defect of that row alone, whose error
+    suggests dataset.on_bad_row: skip. (skip leaves out every row that fails, but a format or role names to map,
+    which every row shares, are better fixed in the config: their error does not suggest it.)"""
 
 
 def from_messages(row: dict, answer_source: str) -> list[dict]:
