@@ -67,8 +67,11 @@ def export(trainer, run_config, tokenizer, dtype, parameters: tuple[int, int]) -
 def write_metadata(directory: Path, run_config, tokenizer) -> None:
     """Tokenizer, resolved config (secrets hidden) and library versions: small, so written first."""
     tokenizer.save_pretrained(directory)
-    resolved = run_config.resolved  # a config to train with again: max_length comes from model.max_seq_length
-    reusable = {**resolved, "training": {k: v for k, v in resolved["training"].items() if k != "max_length"}}
+    # A config to train with again: without training.max_length (it comes from model.max_seq_length), nor what the
+    # fast path chose for this machine (flash_attention_2, compile...), which the next machine chooses for itself.
+    left_out = {"training.max_length"} | {choice.key for choice in run_config.speed if choice.chosen}
+    reusable = {section: {key: value for key, value in values.items() if f"{section}.{key}" not in left_out}
+                for section, values in run_config.resolved.items()}
     (directory / RUN_CONFIG_FILE).write_text(yaml.safe_dump(reusable, sort_keys=False))
     (directory / VERSIONS_FILE).write_text(json.dumps(library_versions(), indent=2) + "\n")
 

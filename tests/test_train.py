@@ -64,6 +64,8 @@ def test_full_fine_tuning_learns_and_saves_exactly_the_trained_model(tmp_path):
     assert "use_lora: false" in saved_config and "learning_rate: 0.003" in saved_config
     again = load_config(str(out / RUN_CONFIG_FILE))  # the resolved config trains again as it is
     assert again.resolved["training"]["learning_rate"] == 0.003 and again.training.max_length == result.trainer.args.max_length
+    assert "torch_compile:" not in saved_config and all(choice.chosen for choice in again.speed), \
+        "what the fast path chose for this machine is chosen again on the next"
     assert json.loads((out / VERSIONS_FILE).read_text())["trl"]
     assert not (out / STAGING_DIR).exists()
 
