@@ -87,8 +87,8 @@ def preprocessing(repeats: int, copies: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from sftkit.config import DatasetConfig
     from sftkit.data import prepare_data
+    from sftkit.schema import DatasetConfig
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from baseline_trl import to_prompt_completion

@@ -12,10 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-from sftkit.config import SECTIONS, load_config, section_help
+from sftkit.config import load_config
 from sftkit.errors import ConfigError, Interrupted, RunFailed
 from sftkit.fastpath import use_expandable_segments
 from sftkit.peers import lost_contact, report_failure, says_errors, watch
+from sftkit.schema import SECTIONS, section_help
 
 
 class _OneLineErrors(argparse.ArgumentParser):
@@ -191,7 +192,7 @@ def init(argv: list[str]) -> int:
 
 
 def _shipped_config(name: str) -> Path:
-    from sftkit.config import CONFIGS_DIR, find_config_file
+    from sftkit.paths import CONFIGS_DIR, find_config_file
 
     for candidate in (f"{name}_train_config", f"examples/{name}", name):
         try:

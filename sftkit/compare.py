@@ -15,11 +15,13 @@ from pathlib import Path
 
 import yaml
 
-from sftkit.config import DatasetConfig, ModelConfig, read_section, resolve_path
+from sftkit.config import read_section
 from sftkit.data.formats import with_system
 from sftkit.data.tokenize import IGNORE_INDEX
 from sftkit.errors import ConfigError
 from sftkit.export import RUN_CONFIG_FILE
+from sftkit.paths import resolve_path
+from sftkit.schema import DatasetConfig, ModelConfig
 
 REPORT_FILE = "before_after.md"
 

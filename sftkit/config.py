@@ -1,7 +1,7 @@
 """The run configuration: a YAML file with `model`, `dataset` and `training` sections, plus CLI overrides.
 
-`model` and `dataset` are typed here; `training` is every field of `trl.SFTConfig`, passed through. The errors of a
-config are collected and raised together as one `ConfigError` (the key and type errors first, then those that need
+`model` and `dataset` are typed in schema.py; `training` is every field of `trl.SFTConfig`, passed through. The
+errors of a config (checks.py has the checks across keys) are collected and raised together as one `ConfigError` (the key and type errors first, then those that need
 the values read), before any model weight is loaded.
 """
 
@@ -9,222 +9,28 @@ import dataclasses
 import difflib
 import enum
 import functools
-import glob
-import importlib.util
 import logging
-import math
 import operator
 import os
 import re
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from sftkit.checks import cross_field_errors, number_errors, numbers, path_errors
 from sftkit.compat import compile_under_zero3_error, rename_gradient_checkpointing, sft_config_fields
 from sftkit.errors import ConfigError
 from sftkit.fastpath import choose as choose_fast_path
 from sftkit.fastpath import choose_adapter_inputs
+from sftkit.paths import PRESETS_DIR, find_config_file, looks_local, resolve_path
+from sftkit.schema import SECTIONS, DatasetConfig, ModelConfig, RunConfig
 
 logger = logging.getLogger("sftkit")
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-# A clone (or `pip install -e .`) has configs/ and data/ beside the package; an installed wheel carries them inside
-# it, in sftkit/project/ (see pyproject.toml).
-PROJECT_DIR = next(directory for directory in (PACKAGE_DIR.parent, PACKAGE_DIR / "project")
-                   if (directory / "configs" / "default_train_config.yaml").is_file() or directory.name == "project")
-CONFIGS_DIR = PROJECT_DIR / "configs"
-PRESETS_DIR = CONFIGS_DIR / "presets"
-DEFAULT_CONFIG = CONFIGS_DIR / "default_train_config.yaml"
-SECTIONS = ("model", "dataset", "training")
 YAML_BOOLEAN_WORDS = {"yes", "no", "on", "off", "y", "n"}
-# A name with one of these extensions is a local file, never a hub id (see looks_local).
-LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt", ".yaml", ".yml", ".jinja", ".j2")
-
-
-def option(default=None, help: str = "", factory=None):
-    """A config field with its one line of documentation, which `--help model` prints and the README's tables
-    are tested against (tests/test_config.py)."""
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class LoraSettings:
-    r: int = option(16, "adapter rank")
-    lora_alpha: int = option(32, "scaling numerator, usually 2 × r")
-    target_modules: list[str] | str = option(
-        "all-linear", "module names, or `all-linear` for every linear layer but the output head")
-    lora_dropout: float = option(0.05, "dropout on the adapters' input, in [0, 1)")
-    bias: Literal["none", "all", "lora_only"] = option("none", "`none`, `all` or `lora_only`")
-    task_type: Literal["CAUSAL_LM"] = option("CAUSAL_LM", "the only PEFT task type of a causal LM")
-    use_dora: bool = option(False, "weight-decomposed LoRA (slower, sometimes better)")
-    use_rslora: bool = option(False, "rank-stabilized scaling (alpha / sqrt(r) instead of alpha / r)")
-    modules_to_save: list[str] | None = option(
-        None, "modules trained in full and saved with the adapter, e.g. `[lm_head]`")
-
-
-@dataclass
-class ModelConfig:
-    path: str | None = option(None, "required: hub id or local directory")
-    max_seq_length: int = option(2048, "longer samples are truncated (becomes `SFTConfig.max_length`)")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = option(
-        None, "`auto`/`null`: bfloat16 when `training.bf16` is on, else float32; or `float32`, `bfloat16`, `float16`")
-    load_in_4bit: bool = option(
-        False, "QLoRA: NF4 with double quantization, compute and storage in `dtype`; needs `use_lora`")
-    use_lora: bool = option(False, "train LoRA adapters instead of every weight")
-    lora_config: LoraSettings = option(help="the adapters (keys below)", factory=LoraSettings)
-    attn_implementation: str | None = option(
-        None, "e.g. `sdpa`, `eager`, `flash_attention_2`, `flex_attention`, `torch_varlen` (PyTorch's own "
-              "variable-length flash attention for packed batches, torch >= 2.10); null: `flash_attention_2` on a GPU "
-              "with flash-attn installed, else the Hub's flash-attention kernel where allowed (below), else `sdpa`")
-    allow_hub_kernels: bool = option(
-        False, "let transformers download flash-attention from the Hub's kernels-community (`pip install kernels`); "
-               "sftkit then uses it when flash-attn is not installed: packed batches need a variable-length kernel")
-    cast_adapter_inputs: bool | None = option(
-        None, "LoRA: copy each adapter input to the adapters' float32 (PEFT's way); null: not under bf16/fp16 mixed "
-              "precision (autocast computes the adapters in 16 bits either way), except DoRA, QLoRA and DeepSpeed")
-    revision: str | None = option(None, "hub branch, tag or commit")
-    trust_remote_code: bool = option(False, "run code shipped with the model; only for models you trust")
-
-    @property
-    def method(self) -> str:
-        return "QLoRA" if self.load_in_4bit else "LoRA" if self.use_lora else "full fine-tuning"
-
-
-FORMAT_NAMES = Literal[
-    "messages", "sharegpt", "prompt_response", "prompt_completion", "question_answer", "alpaca", "text"
-]
-
-
-@dataclass
-class SourceConfig:
-    name: str | None = option(
-        None, "required (or `sources`): hub id; a local `.jsonl`, `.json`, `.csv` or `.parquet` file; a glob "
-              "(`data/*.jsonl`); a directory of such files; or a `save_to_disk` directory")
-    subset: str | None = option(None, "hub configuration name")
-    split: str = option("train", "the split to train on (a local file has one: `train`)")
-    format: FORMAT_NAMES | None = option(
-        None, "`messages`, `sharegpt`, `prompt_response`, `prompt_completion`, `question_answer`, `alpaca` or `text` "
-              "(see the README's Formats); detected from the columns when null")
-    column_map: dict[str, str] | None = option(
-        None, "rename columns first, `{their_name: our_name}`, e.g. `{query: prompt, reply: response}`")
-    max_samples: int | None = option(None, "keep only the first N rows")
-    weight: float | None = option(
-        None, "when mixing `sources`: 2 uses every row twice, 0.5 a seeded half, null every row once")
-    answer_source: Literal["drop", "append"] = option(
-        "drop", "`question_answer` rows: `append` adds \"Source: ...\" from the `source` column to the answer")
-
-
-@dataclass
-class DatasetConfig(SourceConfig):
-    sources: list[SourceConfig] | None = option(
-        None, "several sources to mix, each with the keys above (see the README's Mixing)")
-    eval_sources: list[SourceConfig] | None = option(None, "evaluate on these sources (same keys)")
-    system_prompt: str | None = option(None, "prepended to rows that have no system message")
-    test_size: float | int | None = option(
-        None, "or hold out a fraction (below 1) or a count of the rows read, seeded by `training.seed`, before "
-              "`sources` weights repeat rows (no eval row also trains)")
-    eval_split: str | None = option(None, "or evaluate on this split of the same source(s)")
-    loss_on: Literal["assistant", "last_assistant", "all"] = option(
-        "assistant", "`assistant`: every assistant turn; `last_assistant`: the final one; `all`: every token")
-    chat_template: str | None = option(
-        None, "override the tokenizer's template: a Jinja string or a path to a `.jinja` file")
-    on_bad_row: Literal["error", "skip"] = option(
-        "error", "`error`: stop before training at the first malformed row; `skip`: drop such rows and count them")
-    sample_prompts: list[str] | None = option(
-        None, "a list of user messages; the model's greedy replies are printed and saved at each evaluation and "
-              "epoch end")
-
-    def train_sources(self) -> list[SourceConfig]:
-        return self.sources or [self]
-
-
-def schema_table(cls, prefix: str = "") -> list[str]:
-    """The Markdown rows `| key | default | meaning |` of a config section, nested sections flattened."""
-    rows, hints = [], typing.get_type_hints(cls)
-    for item in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[item.name]):
-            rows += schema_table(hints[item.name], f"{prefix}{item.name}.")
-            continue
-        default = item.default
-        shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else default
-        rows.append(f"| `{prefix}{item.name}` | `{shown}` | {item.metadata.get('help', '')} |")
-    return rows
-
-
-def section_help(section: str) -> str:
-    """`--help model` (or dataset): every key of the section with its default and meaning."""
-    if section == "training":
-        return ("training: every field of trl.SFTConfig (see `python -c \"from trl import SFTConfig; "
-                "help(SFTConfig)\"`); sftkit sets max_length from model.max_seq_length")
-    cls = {"model": ModelConfig, "dataset": DatasetConfig}[section]
-    rows = [row.strip("| ").split(" | ") for row in schema_table(cls)]
-    width = max(len(key) for key, _, _ in rows)
-    return f"{section}:\n" + "\n".join(f"  {key.strip('`'):<{width}}  {default.strip('`'):<20}  {meaning}"
-                                      for key, default, meaning in rows)
-
-
-@dataclass
-class RunConfig:
-    model: ModelConfig
-    dataset: DatasetConfig
-    training: Any  # trl.SFTConfig
-    source: Path  # the YAML file it came from
-    resolved: dict  # the three sections as finally used, for printing and saving
-    speed: list = field(default_factory=list)  # the fast-path choices (sftkit.fastpath.Choice)
-
-
-def find_config_file(name: str | None, directory: Path = CONFIGS_DIR) -> Path:
-    """The config to use: the given path, else the same name (.yaml optional) in `directory`, else the default."""
-    if name is None:
-        return DEFAULT_CONFIG
-    path = Path(name)
-    if path.is_file():
-        return path
-    for candidate in (directory / path, directory / f"{path}.yaml"):
-        if not path.is_absolute() and candidate.is_file():
-            return candidate
-    there = ", ".join(sorted(file.stem for file in directory.glob("*.yaml")))
-    raise ConfigError(f"config file not found: {name} (looked in the working directory and in {directory}, which "
-                      f"has {there})")
-
-
-def resolve_path(value: str) -> str:
-    """A relative local path, found from the working directory or else the project; anything else is a hub id."""
-    value = os.path.expanduser(value)
-    if Path(value).exists() or Path(value).is_absolute():
-        return value
-    in_project = PROJECT_DIR / value
-    return str(in_project) if in_project.exists() else value
-
-
-def resolve_glob(pattern: str) -> list[str]:
-    """The files a glob matches, as resolve_path finds a path: from the working directory, else the project."""
-    pattern = os.path.expanduser(pattern)
-    return sorted(glob.glob(pattern)) or sorted(glob.glob(str(PROJECT_DIR / pattern)))
-
-
-def looks_local(value: str) -> bool:
-    """A path meant on this machine, which is never sent to the hub (a typo would cost a minute of hub retries and
-    end in an error about the internet): it exists, starts with `.`, `/` or `~`, has a file extension such as
-    .jsonl or .yaml, or lies in a folder that exists."""
-    path = Path(value)
-    if value.startswith((".", "/", "~")) or path.suffix.lower() in LOCAL_SUFFIXES or Path(resolve_path(value)).exists():
-        return True
-    return path.parent != Path(".") and Path(resolve_path(str(path.parent))).is_dir()
-
-
-def looked_in(value: str) -> str:
-    """Where resolve_path looked for a relative path, for an error message."""
-    if Path(os.path.expanduser(value)).is_absolute():
-        return ""
-    places = [Path.cwd()] + ([PROJECT_DIR] if Path.cwd() != PROJECT_DIR else [])
-    return f" (looked in {' and in '.join(map(str, places))})"
 
 
 def parse_overrides(args: list[str]) -> dict:
@@ -327,12 +133,12 @@ def load_config(config_name: str | None = None, cli_args: list[str] = (), preset
             errors.append(f"unknown section {section!r}{_suggest(section, SECTIONS)}")
     model = _build(ModelConfig, raw.get("model") or {}, "model", errors)
     dataset = _build(DatasetConfig, raw.get("dataset") or {}, "dataset", errors)
-    errors += _cross_field_errors(model, dataset, raw.get("training") or {})
+    errors += cross_field_errors(model, dataset, raw.get("training") or {})
     training_errors, training_values = _precheck_training(raw.get("training") or {})
     errors += training_errors
-    errors += _number_errors({**_numbers(model, "model"), **_numbers(dataset, "dataset"),
+    errors += number_errors({**numbers(model, "model"), **numbers(dataset, "dataset"),
                               **{f"training.{key}": value for key, value in training_values.items()}})
-    errors += _path_errors(model, dataset, raw.get("training") or {})
+    errors += path_errors(model, dataset, raw.get("training") or {})
     if errors:  # before importing trl and torch, which take seconds
         raise ConfigError(f"{path}: " + "; ".join(errors))
     if "lora_config" in written and not written.get("use_lora") and not model.use_lora:  # not turned off on purpose
@@ -359,245 +165,6 @@ def read_section(cls, values: Any, section: str, source: Path):
     if errors:
         raise ConfigError(f"{source}: " + "; ".join(errors))
     return built
-
-
-def _cross_field_errors(model: ModelConfig, dataset: DatasetConfig, training: dict) -> list[str]:
-    errors = []
-    if model.path is None:  # no silent default: a config that forgot it would fine-tune the embedded tiny model
-        errors.append("model.path is required: the model to fine-tune, a hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct) or "
-                      "a local directory")
-    if dataset.name is None and not dataset.sources:
-        errors.append("dataset.name is required: a hub id or a local file or directory (or list dataset.sources)")
-    if dataset.name is not None and dataset.sources:
-        errors.append("set dataset.name or dataset.sources, not both")
-    for key in ("sources", "eval_sources"):
-        for index, source in enumerate(getattr(dataset, key) or []):
-            if source.name is None:
-                errors.append(f"dataset.{key}[{index}] has no name: give each source a name (a hub id or a path)")
-    if dataset.sources:
-        errors += [f"dataset.{key.name} is set beside dataset.sources, where it would be ignored; set it in the "
-                   f"sources it is for (dataset.sources[0].{key.name})"
-                   for key in dataclasses.fields(SourceConfig)
-                   if key.name != "name" and getattr(dataset, key.name) != key.default]
-    if sum(x is not None for x in (dataset.test_size, dataset.eval_split, dataset.eval_sources)) > 1:
-        errors.append("set only one of dataset.test_size, dataset.eval_split and dataset.eval_sources")
-    if model.load_in_4bit and not model.use_lora:
-        errors.append("model.load_in_4bit: true needs model.use_lora: true (4-bit weights can only train adapters)")
-    if model.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
-        errors.append("model.load_in_4bit: true needs the bitsandbytes package: pip install bitsandbytes")
-    size = dataset.test_size
-    if size is not None and size >= 1 and not float(size).is_integer():
-        errors.append("dataset.test_size must be a fraction between 0 and 1, or a row count")
-    if "max_length" in training:
-        errors.append("training.max_length is set from model.max_seq_length; remove it from training")
-    if training.get("padding_free") and not training.get("packing"):
-        # TRL 1.16 refuses it only once the Trainer is built: without packing it would not cut rows to max_length
-        errors.append("training.padding_free: true needs training.packing: true (TRL does not cut unpacked rows to "
-                      "model.max_seq_length when padding-free); set training.packing: true, which is padding-free "
-                      "itself, and remove padding_free")
-    errors += _evaluation_errors(dataset, training)
-    if isinstance(training.get("liger_kernel_config"), dict) and training["liger_kernel_config"].get(
-            "fused_linear_cross_entropy"):
-        # TRL 1.16 raises this only once the Trainer is built, after the model has loaded
-        errors.append("training.liger_kernel_config.fused_linear_cross_entropy: TRL's trainer computes the loss in "
-                      "chunks itself and refuses Liger's fused cross-entropy; remove it")
-    return errors
-
-
-def _evaluation_errors(dataset: DatasetConfig, training: dict) -> list[str]:
-    """What the Trainer refuses only once it is built, after the model has loaded (transformers 5.24)."""
-    errors = []
-    asks = [key for key in ("eval_strategy", "load_best_model_at_end", "eval_on_start")
-            if training.get(key) not in (None, False, "no")]
-    if asks and not (dataset.test_size or dataset.eval_split or dataset.eval_sources):
-        errors.append(f"training.{asks[0]} needs evaluation data: set dataset.test_size (0.05 holds out 5% of the "
-                      f"rows), dataset.eval_split or dataset.eval_sources, or remove training.{asks[0]}")
-    if training.get("save_strategy") == "best" and not training.get("metric_for_best_model"):
-        errors.append("training.save_strategy: best needs training.metric_for_best_model (eval_loss, say), the "
-                      "metric that decides which checkpoint is best")
-    return errors
-
-
-@dataclass(frozen=True)
-class Bound:
-    """The allowed values of a numeric setting: low..high, either end open, plus special values (max_steps -1)."""
-
-    low: float = -math.inf
-    high: float = math.inf
-    low_open: bool = False  # low itself is not allowed
-    high_open: bool = False
-    also: tuple = ()
-    hint: str = ""  # how to fix, or what a special value means
-
-    def allows(self, value: float) -> bool:
-        above = self.low < value if self.low_open else self.low <= value
-        below = value < self.high if self.high_open else value <= self.high
-        return value in self.also or (above and below)
-
-    def __str__(self) -> str:
-        low = f"{'greater than' if self.low_open else 'at least'} {_show(self.low)}"
-        high = f"{'below' if self.high_open else 'at most'} {_show(self.high)}"
-        text = low if self.high == math.inf else f"{low} and {high}"
-        return " or ".join([*map(_show, self.also), text])
-
-
-def _show(number: float) -> str:
-    """1e-05, 0.5, 4294967295 (whole numbers in full)."""
-    return str(int(number)) if math.isfinite(number) and float(number).is_integer() else f"{number:g}"
-
-
-AT_LEAST_1 = Bound(1)
-POSITIVE = Bound(0, low_open=True)
-NON_NEGATIVE = Bound(0)
-PROBABILITY = Bound(0, 1, high_open=True)  # a dropout, an Adam beta
-SEED = Bound(0, 2**32 - 1)  # numpy's range
-# Every number of the three sections ("dataset.x" also covers dataset.sources[i].x and dataset.eval_sources[i].x).
-# A number not listed must be at least 0 (training.weight_decay, max_grad_norm, warmup_steps, dataloader_num_workers,
-# neftune_noise_alpha, ...). NaN and infinity are never allowed.
-NUMBER_RULES = {
-    "model.max_seq_length": AT_LEAST_1,
-    "model.lora_config.r": AT_LEAST_1,
-    "model.lora_config.lora_alpha": POSITIVE,
-    "model.lora_config.lora_dropout": PROBABILITY,
-    "dataset.max_samples": Bound(1, hint="leave it unset to use every row"),
-    "dataset.weight": Bound(0, low_open=True, hint="leave a source out to drop it"),
-    "dataset.test_size": Bound(0, low_open=True, hint="a fraction below 1 or a row count"),
-    "training.learning_rate": POSITIVE,
-    "training.num_train_epochs": Bound(0, low_open=True, hint="or set training.max_steps"),  # >= 0 with max_steps
-    "training.max_steps": Bound(1, also=(-1,), hint="-1 trains for training.num_train_epochs"),
-    "training.per_device_train_batch_size": AT_LEAST_1,
-    "training.per_device_eval_batch_size": AT_LEAST_1,
-    "training.gradient_accumulation_steps": AT_LEAST_1,
-    "training.eval_accumulation_steps": AT_LEAST_1,
-    "training.logging_steps": Bound(0, low_open=True, hint="below 1: a fraction of the total steps"),
-    "training.save_steps": Bound(0, low_open=True, hint="below 1: a fraction of the total steps"),
-    "training.eval_steps": Bound(0, low_open=True, hint="below 1: a fraction of the total steps"),
-    "training.save_total_limit": Bound(1, hint="null keeps every checkpoint"),
-    "training.dataset_num_proc": Bound(1, hint="null: one process per usable core for sources of 10,000 rows or more"),
-    "training.dataloader_prefetch_factor": AT_LEAST_1,
-    "training.torch_empty_cache_steps": AT_LEAST_1,
-    "training.ddp_bucket_cap_mb": AT_LEAST_1,
-    "training.ddp_timeout": POSITIVE,
-    "training.pad_to_multiple_of": AT_LEAST_1,
-    "training.adam_beta1": PROBABILITY,
-    "training.adam_beta2": PROBABILITY,
-    "training.adam_epsilon": POSITIVE,
-    "training.label_smoothing_factor": PROBABILITY,
-    "training.seed": SEED,
-    "training.data_seed": SEED,
-    "training.local_rank": Bound(0, also=(-1,)),
-}
-
-
-def _number_errors(values: dict[str, Any]) -> list[str]:
-    """Check every number against NUMBER_RULES; `values` is flat: {"training.seed": 42, "dataset.max_samples": 9}."""
-    errors = []
-    for key, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if not math.isfinite(value):
-            errors.append(f"{key} must be a finite number, got {value}")
-            continue
-        rule = re.sub(r"\.(eval_)?sources\[\d+\]", "", key)
-        bound = NUMBER_RULES.get(rule, NON_NEGATIVE)
-        if rule == "training.num_train_epochs" and values.get("training.max_steps", -1) > 0:
-            bound = NON_NEGATIVE  # max_steps decides the length
-        if not bound.allows(value):
-            errors.append(f"{key} must be {bound}, got {_show(value)}" + (f" ({bound.hint})" if bound.hint else ""))
-    return errors
-
-
-def _numbers(value: Any, key: str) -> dict[str, Any]:
-    """The numbers of a config dataclass, flat: {"model.lora_config.r": 16, "dataset.sources[0].weight": 2, ...}."""
-    if dataclasses.is_dataclass(value):
-        found = {}
-        for item in dataclasses.fields(value):
-            found.update(_numbers(getattr(value, item.name), f"{key}.{item.name}"))
-        return found
-    if isinstance(value, list):
-        return {name: number for index, item in enumerate(value)
-                for name, number in _numbers(item, f"{key}[{index}]").items()}
-    return {key: value} if isinstance(value, (int, float)) and not isinstance(value, bool) else {}
-
-
-def _path_errors(model: ModelConfig, dataset: DatasetConfig, training: Any) -> list[str]:
-    """Local paths that do not exist, and splits that local data does not have; hub ids are left to the hub."""
-    errors = []
-    deepspeed = training.get("deepspeed") if isinstance(training, dict) else None
-    shipped = PROJECT_DIR / "deepspeed_configs" / f"{deepspeed}.json" if isinstance(deepspeed, str) else None
-    if shipped is not None and not looks_local(deepspeed) and shipped.is_file():
-        errors.append(f"training.deepspeed: {deepspeed} is not a file; the shipped config of that name is "
-                      f"deepspeed_configs/{deepspeed}.json")
-    elif isinstance(deepspeed, str) and looks_local(deepspeed) and not Path(resolve_path(deepspeed)).is_file():
-        errors.append(f"training.deepspeed: {deepspeed} does not exist{looked_in(deepspeed)}; give the path of a "
-                      "DeepSpeed JSON file such as deepspeed_configs/zero2.json")
-    if model.path is not None and looks_local(model.path):
-        path = Path(resolve_path(model.path))
-        if not path.exists():
-            errors.append(f"model.path: {model.path} does not exist{looked_in(model.path)}; fix the path, or give a "
-                          "hub id such as Qwen/Qwen2.5-0.5B-Instruct")
-        elif not (path / "config.json").is_file():
-            errors.append(f"model.path: {model.path} is not a model directory (it has no config.json); point it at the "
-                          "directory written by save_pretrained, which holds config.json and the weights")
-    template = dataset.chat_template
-    if template and "\n" not in template and "{" not in template and looks_local(template):
-        if not Path(resolve_path(template)).is_file():
-            errors.append(f"dataset.chat_template: {template} does not exist{looked_in(template)}; give the path of "
-                          "a Jinja file, or the template itself")
-    sources = [("dataset", dataset)] if not dataset.sources else []
-    sources += [(f"dataset.sources[{index}]", source) for index, source in enumerate(dataset.sources or [])]
-    for key, source in sources:
-        errors += _source_errors(key, source, dataset.eval_split)
-    for index, source in enumerate(dataset.eval_sources or []):
-        errors += _source_errors(f"dataset.eval_sources[{index}]", source, None)
-    return errors
-
-
-def _source_errors(key: str, source: SourceConfig, eval_split: str | None) -> list[str]:
-    name = source.name
-    if name is None:
-        return []
-    if glob.has_magic(name):
-        if not resolve_glob(name):
-            return [f"{key}.name: the pattern {name} matches no file{looked_in(name)}"]
-        splits, what = ["train"], "local files have one split, train"
-    elif looks_local(name):
-        path = Path(resolve_path(name))
-        if not path.exists():
-            return [f"{key}.name: {name} does not exist{looked_in(name)}; fix the path, or give a hub dataset id "
-                    "such as HuggingFaceH4/ultrachat_200k"]
-        if source.subset is not None:
-            return [f"{key}.subset: {source.subset} names a configuration of a hub dataset, but {name} is local; "
-                    "remove it"]
-        splits = local_splits(path)
-        if splits is None:  # a folder of data files: load_dataset names its splits after the files, when it loads
-            return []
-        what = f"its splits are {', '.join(splits)}" if path.is_dir() else "a local file has one split, train"
-    else:
-        return []
-    errors = []
-    if source.split not in splits:
-        errors.append(f"{key}.split: {source.split!r} is not a split of {name}: {what}; "
-                      + ("remove the split setting" if splits == ["train"] else "use one of them"))
-    if eval_split is not None and eval_split not in splits:
-        errors.append(f"dataset.eval_split: {eval_split!r} is not a split of {name}: {what}; "
-                      + ("hold out rows with dataset.test_size, or evaluate on dataset.eval_sources"
-                         if splits == ["train"] else "use one of them"))
-    return errors
-
-
-def local_splits(path: Path) -> list[str] | None:
-    """The splits local data has: a data file has one, train; a save_to_disk DatasetDict has its own; a single
-    saved Dataset counts as train; None for a folder of data files (load_dataset names splits after the files)."""
-    if path.is_file():
-        return ["train"]
-    if (path / "dataset_dict.json").is_file():
-        import json
-
-        return list(json.loads((path / "dataset_dict.json").read_text()).get("splits", []))
-    if (path / "state.json").is_file():
-        return ["train"]
-    return None
 
 
 def _precheck_training(values: Any) -> tuple[list[str], dict]:

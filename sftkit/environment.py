@@ -10,7 +10,7 @@ import platform
 import sys
 from pathlib import Path
 
-from sftkit.config import PROJECT_DIR
+from sftkit.paths import PROJECT_DIR
 
 STACK = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "deepspeed", "bitsandbytes", "pyyaml",
          "tensorboard", "matplotlib")

@@ -21,15 +21,17 @@ from pathlib import Path
 
 import yaml
 
-from sftkit.config import ModelConfig, read_section
+from sftkit.config import read_section
 from sftkit.environment import STACK
 from sftkit.errors import ConfigError, RunFailed
 from sftkit.rundir import RUN_FILE, STAGING_DIR, OutputDir, check_free_space, export_bytes, read_run_record, write_json
+from sftkit.schema import ModelConfig
 
 ADAPTER_DIR = "lora_weights"
 RUN_CONFIG_FILE = "sftkit_config.yaml"
 PUBLISHING_FILE = "publishing.json"  # in the staging directory once its contents start moving into output_dir
 VERSIONS_FILE = "sftkit_versions.json"
+SUMMARY_FILE = "run_summary.json"  # written by report.py; an export finished later adds the dtypes it saved
 # Files of an earlier export of the same run (a resumed run exports again) that would otherwise mix with the new one.
 STALE_PATTERNS = ("config.json", "model*.safetensors*", "pytorch_model*", "adapter_*", "generation_config.json")
 DISK_WAIT_SECONDS = float(os.environ.get("SFTKIT_DISK_WAIT_SECONDS", 900))
@@ -253,6 +255,13 @@ def library_versions() -> dict:
     return versions
 
 
+def _add_saved_dtypes_to_the_summary(output_dir: Path) -> None:
+    """The summary a run wrote when its export failed (report.write_report) lacks the dtypes saved."""
+    path = output_dir / SUMMARY_FILE
+    if path.is_file():
+        write_json(path, {**json.loads(path.read_text()), "saved_dtypes": saved_dtypes(output_dir)})
+
+
 def main(argv: list[str] | None = None) -> int:
     """Finish an export that failed after training, from the weights kept in OUTPUT_DIR/.export-incomplete."""
     parser = argparse.ArgumentParser(prog="python -m sftkit.export", description=main.__doc__)
@@ -270,9 +279,7 @@ def main(argv: list[str] | None = None) -> int:
 
         model_cfg = read_section(ModelConfig, record["config"]["model"], "model", args.output_dir)
         finish_export(args.output_dir, model_cfg, getattr(torch, record["dtype"]))
-        from sftkit.report import add_saved_dtypes  # report imports this module
-
-        add_saved_dtypes(args.output_dir)
+        _add_saved_dtypes_to_the_summary(args.output_dir)
         finished = {key: value for key, value in record.items() if key != "error"}
         write_json(args.output_dir / RUN_FILE, {**finished, "status": "finished", "export": "python -m sftkit.export"})
     except (ConfigError, RunFailed) as error:

@@ -9,8 +9,8 @@ from threading import Thread
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
-from sftkit.config import resolve_path
 from sftkit.errors import ConfigError
+from sftkit.paths import resolve_path
 
 
 def load_for_inference(path: str, trust_remote_code: bool = False):

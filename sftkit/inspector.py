@@ -7,10 +7,10 @@ import itertools
 import statistics
 import sys
 
-from sftkit.config import RunConfig
 from sftkit.data import prepare_for_training
 from sftkit.data.tokenize import IGNORE_INDEX
 from sftkit.model import load_tokenizer
+from sftkit.schema import RunConfig
 
 GREEN, RESET = "\033[1;32m", "\033[0m"
 

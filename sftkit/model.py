@@ -12,9 +12,10 @@ from transformers.pytorch_utils import Conv1D
 
 from sftkit import varlen
 from sftkit.compat import keep_cpu_4bit_layout_trainable, zero3_init_disabled
-from sftkit.config import DatasetConfig, ModelConfig, resolve_path
 from sftkit.data.tokenize import CHATML_TEMPLATE
 from sftkit.errors import ConfigError
+from sftkit.paths import resolve_path
+from sftkit.schema import DatasetConfig, ModelConfig
 
 logger = logging.getLogger("sftkit")
 

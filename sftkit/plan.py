@@ -15,11 +15,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from sftkit.checkpoints import checkpoint_to_resume
 from sftkit.compat import zero3_init_disabled, zero_model_states
-from sftkit.config import RunConfig, resolve_path
 from sftkit.data import prepare_for_training
 from sftkit.fastpath import describe as describe_speed
 from sftkit.model import check_model_source, load_tokenizer, lora_config, resolve_dtype
+from sftkit.paths import resolve_path
 from sftkit.rundir import OutputDir
+from sftkit.schema import RunConfig
 
 GIB = 2**30
 ADAM_STATES = 2  # exp_avg and exp_avg_sq per trained parameter

@@ -4,12 +4,11 @@ import json
 import math
 from pathlib import Path
 
-from sftkit.export import ADAPTER_DIR, saved_dtypes
+from sftkit.export import ADAPTER_DIR, SUMMARY_FILE, saved_dtypes
 from sftkit.monitor import SAMPLES_FILE, memory_mib
 
 LOSS_PLOT = "loss.png"
 MODEL_CARD = "README.md"
-SUMMARY_FILE = "run_summary.json"
 
 
 def build_summary(trainer, config, data, dtype, parameters: tuple[int, int], reply: str | None, seconds: dict,
@@ -70,13 +69,6 @@ def write_report(directory: Path, output_dir: Path, config, summary: dict, histo
 
 def write_summary(directory: Path, summary: dict) -> None:
     (directory / SUMMARY_FILE).write_text(json.dumps(_finite(summary), indent=2, allow_nan=False) + "\n")
-
-
-def add_saved_dtypes(output_dir: Path) -> None:
-    """Once an export that failed is finished: the summary written before it learns the dtypes saved."""
-    path = output_dir / SUMMARY_FILE
-    if path.is_file():
-        write_summary(output_dir, {**json.loads(path.read_text()), "saved_dtypes": saved_dtypes(output_dir)})
 
 
 def mean_logged_loss(history: list[dict]) -> float | None:

@@ -85,8 +85,8 @@ def input_digests(resolved: dict) -> dict[str, str]:
     model's config and weights, by the name the config gives them, as a digest of their contents. The fingerprint
     covers the names only, and a resume onto a rewritten data file or changed base weights would train something
     else under the same config. Hub ids are left out (their revision is in the config)."""
-    from sftkit.config import resolve_path
     from sftkit.data.load import LOCAL_FILE_BUILDERS, local_files
+    from sftkit.paths import resolve_path
 
     dataset, files = resolved.get("dataset", {}), {}
     names = [dataset.get("name")] + [source.get("name") for key in ("sources", "eval_sources")

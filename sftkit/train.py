@@ -24,7 +24,6 @@ from sftkit.checkpoints import (
     newest_resumable,
 )
 from sftkit.compat import allow_fsdp_on_cpu, check_fsdp_on
-from sftkit.config import RunConfig, resolve_path
 from sftkit.data import prepare_for_training
 from sftkit.errors import ConfigError, Interrupted, RunFailed
 from sftkit.export import export
@@ -32,8 +31,10 @@ from sftkit.fastpath import describe as describe_speed
 from sftkit.inference import generate_reply
 from sftkit.model import check_model_source, load_model, load_tokenizer, lora_config, resolve_dtype
 from sftkit.monitor import MonitoredSFTTrainer, ProgressBar, SampleReplies, generates_on_every_process, memory_mib
+from sftkit.paths import resolve_path
 from sftkit.report import build_summary, report, write_report
 from sftkit.rundir import STAGING_DIR, OutputDir, check_free_space, export_bytes, refuse_before_claiming
+from sftkit.schema import RunConfig
 
 LAUNCHERS = ("accelerate", "torchrun", "deepspeed")
 logger = logging.getLogger(__name__)

@@ -8,8 +8,9 @@ import pytest
 import yaml
 from conftest import REPO, run_python
 
-from sftkit.config import CONFIGS_DIR, PRESETS_DIR, find_config_file, load_config
+from sftkit.config import load_config
 from sftkit.errors import ConfigError
+from sftkit.paths import CONFIGS_DIR, PRESETS_DIR, find_config_file
 
 SHIPPED = sorted(path for path in CONFIGS_DIR.rglob("*.yaml") if path.parent != PRESETS_DIR)
 PRESETS = sorted(PRESETS_DIR.glob("*.yaml"))
@@ -311,16 +312,17 @@ def test_every_number_rule_names_a_real_field_and_every_default_passes_it():
 
     from trl import SFTConfig
 
+    from sftkit.checks import NUMBER_RULES, number_errors, numbers
     from sftkit.compat import sft_config_fields
-    from sftkit.config import NUMBER_RULES, DatasetConfig, ModelConfig, _number_errors, _numbers
+    from sftkit.schema import DatasetConfig, ModelConfig
 
-    defaults = {**_numbers(ModelConfig(), "model"), **_numbers(DatasetConfig(max_samples=1, weight=1, test_size=0.1), "dataset")}
+    defaults = {**numbers(ModelConfig(), "model"), **numbers(DatasetConfig(max_samples=1, weight=1, test_size=0.1), "dataset")}
     for key in NUMBER_RULES:
         section, _, name = key.partition(".")
         assert name in sft_config_fields() if section == "training" else key in defaults, key
     # the fields that take a negative value (max_steps -1, local_rank -1) are allowed it
     defaults.update({f"training.{f.name}": f.default for f in dataclasses.fields(SFTConfig) if f.init})
-    assert _number_errors(defaults) == []
+    assert number_errors(defaults) == []
 
 
 @pytest.mark.parametrize(
@@ -357,7 +359,7 @@ def test_zero_epochs_are_fine_when_max_steps_sets_the_length(tmp_path):
      ("meta-llama/Llama-3.1-8B-Instruct", False), ("HuggingFaceH4/ultrachat_200k", False)],
 )
 def test_what_looks_like_a_local_path_is_never_a_hub_id(name, local):
-    from sftkit.config import looks_local
+    from sftkit.paths import looks_local
 
     assert looks_local(name) is local
 
@@ -376,10 +378,10 @@ def test_local_paths_are_checked_and_hub_ids_are_not(tmp_path):
 
 @pytest.mark.parametrize(("section", "cls"), [("model", "ModelConfig"), ("dataset", "DatasetConfig")])
 def test_the_readme_tables_are_the_schemas_own_documentation(section, cls):
-    import sftkit.config
+    import sftkit.schema
 
-    table = "\n".join(["| key | default | meaning |", "|---|---|---|", *sftkit.config.schema_table(getattr(sftkit.config, cls))])
-    assert f"### `{section}`\n\n{table}\n\n" in (REPO / "README.md").read_text(), "regenerate with config.schema_table"
+    table = "\n".join(["| key | default | meaning |", "|---|---|---|", *sftkit.schema.schema_table(getattr(sftkit.schema, cls))])
+    assert f"### `{section}`\n\n{table}\n\n" in (REPO / "README.md").read_text(), "regenerate with schema.schema_table"
 
 
 def test_help_for_a_section_lists_its_keys_with_defaults_and_meaning():

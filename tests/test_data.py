@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from conftest import SAMPLE_DATA, trained_spans
 
-from sftkit.config import DatasetConfig, SourceConfig
 from sftkit.data import DataError, prepare_data
 from sftkit.data.formats import to_messages
+from sftkit.schema import DatasetConfig, SourceConfig
 
 ROWS = [
     {"prompt": "What is the capital of Peru?", "response": "The capital of Peru is Lima."},

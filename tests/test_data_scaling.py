@@ -9,8 +9,8 @@ import pytest
 from conftest import SAMPLE_DATA
 
 import sftkit.data as data
-from sftkit.config import DatasetConfig
 from sftkit.data import DataError, prepare_data
+from sftkit.schema import DatasetConfig
 
 CORES = len(os.sched_getaffinity(0))
 

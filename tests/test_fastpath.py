@@ -9,9 +9,10 @@ import torch
 from conftest import SAMPLE_DATA, TINY_MODEL, run_sft
 from safetensors import safe_open
 
-from sftkit.config import ModelConfig, load_config
+from sftkit.config import load_config
 from sftkit.errors import ConfigError
 from sftkit.fastpath import PACKED_LENGTH_MULTIPLE, choose, use_expandable_segments
+from sftkit.schema import ModelConfig
 from sftkit.train import train
 
 NOTHING, BOTH = set(), {"flash_attn", "liger_kernel"}

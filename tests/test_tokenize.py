@@ -163,8 +163,8 @@ def test_fallback_chatml_template_closes_turns_with_eos(tokenizer):
 def test_a_model_without_a_chat_template_gets_chatml_and_the_run_says_so(tmp_path, caplog):
     import shutil
 
-    from sftkit.config import DatasetConfig, ModelConfig
     from sftkit.model import load_tokenizer
+    from sftkit.schema import DatasetConfig, ModelConfig
 
     for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):  # the tiny model, its template left out
         shutil.copy(TINY_MODEL / name, tmp_path / name)

@@ -3,10 +3,10 @@
 import os
 from dataclasses import dataclass, field
 
-from sftkit.config import DatasetConfig, SourceConfig
 from sftkit.data.formats import DataError, RowDefect, detect_format, to_messages, to_text, with_system
 from sftkit.data.load import jsonl_file, jsonl_line_numbers, load_source
 from sftkit.data.tokenize import IGNORE_INDEX, MaskError, tokenize_messages, tokenize_text
+from sftkit.schema import DatasetConfig, SourceConfig
 
 __all__ = ["DataError", "MaskError", "PreparedData", "prepare_data", "prepare_for_training", "tokenize_messages"]
 HELPER_COLUMNS = ["source", "row", "trainable_tokens", "prompt_tokens", "problem"]

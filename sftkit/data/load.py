@@ -5,8 +5,9 @@ import glob
 import json
 from pathlib import Path
 
-from sftkit.config import SourceConfig, local_splits, looked_in, looks_local, resolve_glob, resolve_path
 from sftkit.data.formats import DataError
+from sftkit.paths import local_splits, looked_in, looks_local, resolve_glob, resolve_path
+from sftkit.schema import SourceConfig
 
 LOCAL_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 

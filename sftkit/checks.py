@@ -1,0 +1,249 @@
+"""The config's checks that need more than one key's type: keys that go together, number ranges, and paths that
+must exist; each returns its errors as one-line messages (config.load_config raises them together)."""
+
+import dataclasses
+import glob
+import importlib.util
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sftkit.paths import PROJECT_DIR, local_splits, looked_in, looks_local, resolve_glob, resolve_path
+from sftkit.schema import DatasetConfig, ModelConfig, SourceConfig
+
+
+def cross_field_errors(model: ModelConfig, dataset: DatasetConfig, training: dict) -> list[str]:
+    errors = []
+    if model.path is None:  # no silent default: a config that forgot it would fine-tune the embedded tiny model
+        errors.append("model.path is required: the model to fine-tune, a hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct) or "
+                      "a local directory")
+    if dataset.name is None and not dataset.sources:
+        errors.append("dataset.name is required: a hub id or a local file or directory (or list dataset.sources)")
+    if dataset.name is not None and dataset.sources:
+        errors.append("set dataset.name or dataset.sources, not both")
+    for key in ("sources", "eval_sources"):
+        for index, source in enumerate(getattr(dataset, key) or []):
+            if source.name is None:
+                errors.append(f"dataset.{key}[{index}] has no name: give each source a name (a hub id or a path)")
+    if dataset.sources:
+        errors += [f"dataset.{key.name} is set beside dataset.sources, where it would be ignored; set it in the "
+                   f"sources it is for (dataset.sources[0].{key.name})"
+                   for key in dataclasses.fields(SourceConfig)
+                   if key.name != "name" and getattr(dataset, key.name) != key.default]
+    if sum(x is not None for x in (dataset.test_size, dataset.eval_split, dataset.eval_sources)) > 1:
+        errors.append("set only one of dataset.test_size, dataset.eval_split and dataset.eval_sources")
+    if model.load_in_4bit and not model.use_lora:
+        errors.append("model.load_in_4bit: true needs model.use_lora: true (4-bit weights can only train adapters)")
+    if model.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+        errors.append("model.load_in_4bit: true needs the bitsandbytes package: pip install bitsandbytes")
+    size = dataset.test_size
+    if size is not None and size >= 1 and not float(size).is_integer():
+        errors.append("dataset.test_size must be a fraction between 0 and 1, or a row count")
+    if "max_length" in training:
+        errors.append("training.max_length is set from model.max_seq_length; remove it from training")
+    if training.get("padding_free") and not training.get("packing"):
+        # TRL 1.16 refuses it only once the Trainer is built: without packing it would not cut rows to max_length
+        errors.append("training.padding_free: true needs training.packing: true (TRL does not cut unpacked rows to "
+                      "model.max_seq_length when padding-free); set training.packing: true, which is padding-free "
+                      "itself, and remove padding_free")
+    errors += _evaluation_errors(dataset, training)
+    if isinstance(training.get("liger_kernel_config"), dict) and training["liger_kernel_config"].get(
+            "fused_linear_cross_entropy"):
+        # TRL 1.16 raises this only once the Trainer is built, after the model has loaded
+        errors.append("training.liger_kernel_config.fused_linear_cross_entropy: TRL's trainer computes the loss in "
+                      "chunks itself and refuses Liger's fused cross-entropy; remove it")
+    return errors
+
+
+def _evaluation_errors(dataset: DatasetConfig, training: dict) -> list[str]:
+    """What the Trainer refuses only once it is built, after the model has loaded (transformers 5.24)."""
+    errors = []
+    asks = [key for key in ("eval_strategy", "load_best_model_at_end", "eval_on_start")
+            if training.get(key) not in (None, False, "no")]
+    if asks and not (dataset.test_size or dataset.eval_split or dataset.eval_sources):
+        errors.append(f"training.{asks[0]} needs evaluation data: set dataset.test_size (0.05 holds out 5% of the "
+                      f"rows), dataset.eval_split or dataset.eval_sources, or remove training.{asks[0]}")
+    if training.get("save_strategy") == "best" and not training.get("metric_for_best_model"):
+        errors.append("training.save_strategy: best needs training.metric_for_best_model (eval_loss, say), the "
+                      "metric that decides which checkpoint is best")
+    return errors
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The allowed values of a numeric setting: low..high, either end open, plus special values (max_steps -1)."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False  # low itself is not allowed
+    high_open: bool = False
+    also: tuple = ()
+    hint: str = ""  # how to fix, or what a special value means
+
+    def allows(self, value: float) -> bool:
+        above = self.low < value if self.low_open else self.low <= value
+        below = value < self.high if self.high_open else value <= self.high
+        return value in self.also or (above and below)
+
+    def __str__(self) -> str:
+        low = f"{'greater than' if self.low_open else 'at least'} {_show(self.low)}"
+        high = f"{'below' if self.high_open else 'at most'} {_show(self.high)}"
+        text = low if self.high == math.inf else f"{low} and {high}"
+        return " or ".join([*map(_show, self.also), text])
+
+
+def _show(number: float) -> str:
+    """1e-05, 0.5, 4294967295 (whole numbers in full)."""
+    return str(int(number)) if math.isfinite(number) and float(number).is_integer() else f"{number:g}"
+
+
+AT_LEAST_1 = Bound(1)
+
+
+POSITIVE = Bound(0, low_open=True)
+
+
+NON_NEGATIVE = Bound(0)
+
+
+PROBABILITY = Bound(0, 1, high_open=True)  # a dropout, an Adam beta
+
+
+SEED = Bound(0, 2**32 - 1)  # numpy's range
+
+
+# Every number of the three sections ("dataset.x" also covers dataset.sources[i].x and dataset.eval_sources[i].x).
+# A number not listed must be at least 0 (training.weight_decay, max_grad_norm, warmup_steps, dataloader_num_workers,
+# neftune_noise_alpha, ...). NaN and infinity are never allowed.
+NUMBER_RULES = {
+    "model.max_seq_length": AT_LEAST_1,
+    "model.lora_config.r": AT_LEAST_1,
+    "model.lora_config.lora_alpha": POSITIVE,
+    "model.lora_config.lora_dropout": PROBABILITY,
+    "dataset.max_samples": Bound(1, hint="leave it unset to use every row"),
+    "dataset.weight": Bound(0, low_open=True, hint="leave a source out to drop it"),
+    "dataset.test_size": Bound(0, low_open=True, hint="a fraction below 1 or a row count"),
+    "training.learning_rate": POSITIVE,
+    "training.num_train_epochs": Bound(0, low_open=True, hint="or set training.max_steps"),  # >= 0 with max_steps
+    "training.max_steps": Bound(1, also=(-1,), hint="-1 trains for training.num_train_epochs"),
+    "training.per_device_train_batch_size": AT_LEAST_1,
+    "training.per_device_eval_batch_size": AT_LEAST_1,
+    "training.gradient_accumulation_steps": AT_LEAST_1,
+    "training.eval_accumulation_steps": AT_LEAST_1,
+    "training.logging_steps": Bound(0, low_open=True, hint="below 1: a fraction of the total steps"),
+    "training.save_steps": Bound(0, low_open=True, hint="below 1: a fraction of the total steps"),
+    "training.eval_steps": Bound(0, low_open=True, hint="below 1: a fraction of the total steps"),
+    "training.save_total_limit": Bound(1, hint="null keeps every checkpoint"),
+    "training.dataset_num_proc": Bound(1, hint="null: one process per usable core for sources of 10,000 rows or more"),
+    "training.dataloader_prefetch_factor": AT_LEAST_1,
+    "training.torch_empty_cache_steps": AT_LEAST_1,
+    "training.ddp_bucket_cap_mb": AT_LEAST_1,
+    "training.ddp_timeout": POSITIVE,
+    "training.pad_to_multiple_of": AT_LEAST_1,
+    "training.adam_beta1": PROBABILITY,
+    "training.adam_beta2": PROBABILITY,
+    "training.adam_epsilon": POSITIVE,
+    "training.label_smoothing_factor": PROBABILITY,
+    "training.seed": SEED,
+    "training.data_seed": SEED,
+    "training.local_rank": Bound(0, also=(-1,)),
+}
+
+
+def number_errors(values: dict[str, Any]) -> list[str]:
+    """Check every number against NUMBER_RULES; `values` is flat: {"training.seed": 42, "dataset.max_samples": 9}."""
+    errors = []
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value):
+            errors.append(f"{key} must be a finite number, got {value}")
+            continue
+        rule = re.sub(r"\.(eval_)?sources\[\d+\]", "", key)
+        bound = NUMBER_RULES.get(rule, NON_NEGATIVE)
+        if rule == "training.num_train_epochs" and values.get("training.max_steps", -1) > 0:
+            bound = NON_NEGATIVE  # max_steps decides the length
+        if not bound.allows(value):
+            errors.append(f"{key} must be {bound}, got {_show(value)}" + (f" ({bound.hint})" if bound.hint else ""))
+    return errors
+
+
+def numbers(value: Any, key: str) -> dict[str, Any]:
+    """The numbers of a config dataclass, flat: {"model.lora_config.r": 16, "dataset.sources[0].weight": 2, ...}."""
+    if dataclasses.is_dataclass(value):
+        found = {}
+        for item in dataclasses.fields(value):
+            found.update(numbers(getattr(value, item.name), f"{key}.{item.name}"))
+        return found
+    if isinstance(value, list):
+        return {name: number for index, item in enumerate(value)
+                for name, number in numbers(item, f"{key}[{index}]").items()}
+    return {key: value} if isinstance(value, (int, float)) and not isinstance(value, bool) else {}
+
+
+def path_errors(model: ModelConfig, dataset: DatasetConfig, training: Any) -> list[str]:
+    """Local paths that do not exist, and splits that local data does not have; hub ids are left to the hub."""
+    errors = []
+    deepspeed = training.get("deepspeed") if isinstance(training, dict) else None
+    shipped = PROJECT_DIR / "deepspeed_configs" / f"{deepspeed}.json" if isinstance(deepspeed, str) else None
+    if shipped is not None and not looks_local(deepspeed) and shipped.is_file():
+        errors.append(f"training.deepspeed: {deepspeed} is not a file; the shipped config of that name is "
+                      f"deepspeed_configs/{deepspeed}.json")
+    elif isinstance(deepspeed, str) and looks_local(deepspeed) and not Path(resolve_path(deepspeed)).is_file():
+        errors.append(f"training.deepspeed: {deepspeed} does not exist{looked_in(deepspeed)}; give the path of a "
+                      "DeepSpeed JSON file such as deepspeed_configs/zero2.json")
+    if model.path is not None and looks_local(model.path):
+        path = Path(resolve_path(model.path))
+        if not path.exists():
+            errors.append(f"model.path: {model.path} does not exist{looked_in(model.path)}; fix the path, or give a "
+                          "hub id such as Qwen/Qwen2.5-0.5B-Instruct")
+        elif not (path / "config.json").is_file():
+            errors.append(f"model.path: {model.path} is not a model directory (it has no config.json); point it at the "
+                          "directory written by save_pretrained, which holds config.json and the weights")
+    template = dataset.chat_template
+    if template and "\n" not in template and "{" not in template and looks_local(template):
+        if not Path(resolve_path(template)).is_file():
+            errors.append(f"dataset.chat_template: {template} does not exist{looked_in(template)}; give the path of "
+                          "a Jinja file, or the template itself")
+    sources = [("dataset", dataset)] if not dataset.sources else []
+    sources += [(f"dataset.sources[{index}]", source) for index, source in enumerate(dataset.sources or [])]
+    for key, source in sources:
+        errors += _source_errors(key, source, dataset.eval_split)
+    for index, source in enumerate(dataset.eval_sources or []):
+        errors += _source_errors(f"dataset.eval_sources[{index}]", source, None)
+    return errors
+
+
+def _source_errors(key: str, source: SourceConfig, eval_split: str | None) -> list[str]:
+    name = source.name
+    if name is None:
+        return []
+    if glob.has_magic(name):
+        if not resolve_glob(name):
+            return [f"{key}.name: the pattern {name} matches no file{looked_in(name)}"]
+        splits, what = ["train"], "local files have one split, train"
+    elif looks_local(name):
+        path = Path(resolve_path(name))
+        if not path.exists():
+            return [f"{key}.name: {name} does not exist{looked_in(name)}; fix the path, or give a hub dataset id "
+                    "such as HuggingFaceH4/ultrachat_200k"]
+        if source.subset is not None:
+            return [f"{key}.subset: {source.subset} names a configuration of a hub dataset, but {name} is local; "
+                    "remove it"]
+        splits = local_splits(path)
+        if splits is None:  # a folder of data files: load_dataset names its splits after the files, when it loads
+            return []
+        what = f"its splits are {', '.join(splits)}" if path.is_dir() else "a local file has one split, train"
+    else:
+        return []
+    errors = []
+    if source.split not in splits:
+        errors.append(f"{key}.split: {source.split!r} is not a split of {name}: {what}; "
+                      + ("remove the split setting" if splits == ["train"] else "use one of them"))
+    if eval_split is not None and eval_split not in splits:
+        errors.append(f"dataset.eval_split: {eval_split!r} is not a split of {name}: {what}; "
+                      + ("hold out rows with dataset.test_size, or evaluate on dataset.eval_sources"
+                         if splits == ["train"] else "use one of them"))
+    return errors

@@ -1,0 +1,82 @@
+"""Where things are: the project's configs and data (beside the package in a clone, inside it when installed), and
+local paths and globs as a config names them, found from the working directory or else the project."""
+
+import glob
+import json
+import os
+from pathlib import Path
+
+from sftkit.errors import ConfigError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+# A clone (or `pip install -e .`) has configs/ and data/ beside the package; an installed wheel carries them inside
+# it, in sftkit/project/ (see pyproject.toml).
+PROJECT_DIR = next(directory for directory in (PACKAGE_DIR.parent, PACKAGE_DIR / "project")
+                   if (directory / "configs" / "default_train_config.yaml").is_file() or directory.name == "project")
+
+
+CONFIGS_DIR = PROJECT_DIR / "configs"
+PRESETS_DIR = CONFIGS_DIR / "presets"
+DEFAULT_CONFIG = CONFIGS_DIR / "default_train_config.yaml"
+# A name with one of these extensions is a local file, never a hub id (see looks_local).
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt", ".yaml", ".yml", ".jinja", ".j2")
+
+
+def find_config_file(name: str | None, directory: Path = CONFIGS_DIR) -> Path:
+    """The config to use: the given path, else the same name (.yaml optional) in `directory`, else the default."""
+    if name is None:
+        return DEFAULT_CONFIG
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (directory / path, directory / f"{path}.yaml"):
+        if not path.is_absolute() and candidate.is_file():
+            return candidate
+    there = ", ".join(sorted(file.stem for file in directory.glob("*.yaml")))
+    raise ConfigError(f"config file not found: {name} (looked in the working directory and in {directory}, which "
+                      f"has {there})")
+
+
+def resolve_path(value: str) -> str:
+    """A relative local path, found from the working directory or else the project; anything else is a hub id."""
+    value = os.path.expanduser(value)
+    if Path(value).exists() or Path(value).is_absolute():
+        return value
+    in_project = PROJECT_DIR / value
+    return str(in_project) if in_project.exists() else value
+
+
+def resolve_glob(pattern: str) -> list[str]:
+    """The files a glob matches, as resolve_path finds a path: from the working directory, else the project."""
+    pattern = os.path.expanduser(pattern)
+    return sorted(glob.glob(pattern)) or sorted(glob.glob(str(PROJECT_DIR / pattern)))
+
+
+def looks_local(value: str) -> bool:
+    """A path meant on this machine, which is never sent to the hub (a typo would cost a minute of hub retries and
+    end in an error about the internet): it exists, starts with `.`, `/` or `~`, has a file extension such as
+    .jsonl or .yaml, or lies in a folder that exists."""
+    path = Path(value)
+    if value.startswith((".", "/", "~")) or path.suffix.lower() in LOCAL_SUFFIXES or Path(resolve_path(value)).exists():
+        return True
+    return path.parent != Path(".") and Path(resolve_path(str(path.parent))).is_dir()
+
+
+def looked_in(value: str) -> str:
+    """Where resolve_path looked for a relative path, for an error message."""
+    if Path(os.path.expanduser(value)).is_absolute():
+        return ""
+    places = [Path.cwd()] + ([PROJECT_DIR] if Path.cwd() != PROJECT_DIR else [])
+    return f" (looked in {' and in '.join(map(str, places))})"
+
+
+def local_splits(path: Path) -> list[str] | None:
+    """The splits local data has: a data file has one, train; a save_to_disk DatasetDict has its own; a single
+    saved Dataset counts as train; None for a folder of data files (load_dataset names splits after the files)."""
+    if path.is_file():
+        return ["train"]
+    if (path / "dataset_dict.json").is_file():
+        return list(json.loads((path / "dataset_dict.json").read_text()).get("splits", []))
+    if (path / "state.json").is_file():
+        return ["train"]
+    return None
