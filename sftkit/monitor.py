@@ -7,6 +7,7 @@ import logging
 import resource
 import signal
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -23,6 +24,7 @@ from sftkit.fastpath import adapter_input_casts, bound_max_lengths, lengths_vary
 from sftkit.inference import generate_reply
 
 SAMPLES_FILE = "sample_replies.jsonl"
+REPEATED_SIGTERM_SECONDS = 2.0  # a SIGTERM this soon after the first is the same stop, delivered twice
 
 
 class MonitoredSFTTrainer(TrainerWorkarounds, SFTTrainer):
@@ -197,6 +199,7 @@ class StopGuard(TrainerCallback):
         self.diverged_at: int | None = None  # the optimizer step whose loss or gradient norm was not finite
         self._finite = None  # a device tensor: every loss and gradient norm since the last step was finite
         self._previous: dict = {}
+        self._received_at: dict = {}  # signal -> when it first came
         self.training_over = False
 
     def observe(self, value: torch.Tensor) -> None:
@@ -210,8 +213,14 @@ class StopGuard(TrainerCallback):
             self._previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if signum in self._received_at:  # the same signal again
+            if signum == signal.SIGTERM and time.monotonic() - self._received_at[signum] < REPEATED_SIGTERM_SECONDS:
+                return  # one stop delivered twice: a scheduler signals every process, and torchrun forwards its own
+            signal.signal(signum, self._previous[signum])
+            signal.raise_signal(signum)  # stop at once, as without sftkit
+            return
+        self._received_at[signum] = time.monotonic()
         self.received = signum
-        signal.signal(signum, self._previous[signum])
         if self.training_over:
             print(f"\nsftkit: {signal.Signals(signum).name}: training is over; the trained model is exported before "
                   "the run stops (the same signal again stops it at once)", file=sys.stderr, flush=True)

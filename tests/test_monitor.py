@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -133,8 +134,9 @@ def test_model_card_describes_the_run_and_how_to_load_it(monitored_run):
     assert f"| steps | 24 (training.max_steps; {summary['epochs']:.2f} epochs of the data) |" in card
 
 
-def interrupted_run(out, signum: int, steps: int = 40, at: str = "step 5/"):
-    """Start a run, send `signum` once it has printed `at` (by default, logged step 5), and return its result."""
+def interrupted_run(out, signum: int, steps: int = 40, at: str = "step 5/", again_after: float | None = None):
+    """Start a run, send `signum` once it has printed `at` (by default, logged step 5), and again `again_after`
+    seconds later if given, and return its result."""
     command = [sys.executable, "sft.py", "--training.output_dir", str(out), "--training.max_steps", str(steps),
                "--training.logging_steps", "1"]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -144,6 +146,9 @@ def interrupted_run(out, signum: int, steps: int = 40, at: str = "step 5/"):
         stdout += line
         if at in line:
             process.send_signal(signum)
+            if again_after is not None:
+                time.sleep(again_after)
+                process.send_signal(signum)
             break
     rest, stderr = process.communicate(timeout=120)
     return process.returncode, stdout + rest, stderr
@@ -234,6 +239,14 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_non_zero(tmp_path):
     assert "stopped by SIGINT" in stderr and "Resume with: python sft.py" in stderr
     assert list((tmp_path / "out").glob("checkpoint-*/trainer_state.json"))
     assert "Traceback" not in stderr
+
+
+@pytest.mark.slow
+def test_a_sigterm_delivered_twice_at_once_is_one_stop_with_a_checkpoint(tmp_path):
+    """A scheduler signals every process and torchrun forwards its own: two SIGTERMs 50 ms apart are one stop."""
+    code, stdout, stderr = interrupted_run(tmp_path / "out", signal.SIGTERM, again_after=0.05)
+    assert code == 143 and "stopped by SIGTERM" in stderr, stderr[-3000:]
+    assert list((tmp_path / "out").glob("checkpoint-*/trainer_state.json"))
 
 
 @pytest.mark.slow
