@@ -1,6 +1,7 @@
 """Checkpoints a run may resume from: the same run's (by fingerprint), and intact (every file readable whole)."""
 
 import json
+import os
 import time
 import zipfile
 from pathlib import Path
@@ -38,6 +39,10 @@ def damage(checkpoint: Path) -> str | None:
     """
     if not (checkpoint / STATE_FILE).is_file():
         return f"{STATE_FILE} is missing (the save did not finish)"
+    processes = (read_run_record(checkpoint) or {}).get("world_size", 1)  # recorded since 2026-11-27
+    for rank in range(processes if processes > 1 else 0):  # each process saves its own; one may have died first
+        if not (checkpoint / f"rng_state_{rank}.pth").is_file():
+            return f"rng_state_{rank}.pth is missing (process {rank} of {processes} did not finish the save)"
     for file in sorted(path for path in checkpoint.rglob("*") if path.is_file()):
         name = file.relative_to(checkpoint)
         try:
@@ -90,7 +95,43 @@ def checkpoint_to_resume(requested, output_dir: Path, resolved: dict) -> str | N
             raise ConfigError(f"training.resume_from_checkpoint {checkpoint}: {problem}; {way}")
         _refuse_rewinding_over_later_checkpoints(checkpoint, output_dir)
     _check_same_run(checkpoint, resolved)
+    _refuse_another_number_of_processes(checkpoint)
+    _refuse_resuming_at_the_end(checkpoint, resolved)
     return str(checkpoint)
+
+
+def _refuse_another_number_of_processes(checkpoint: Path) -> None:
+    """The global batch is per_device x accumulation x processes, and each process resumes its own data position
+    and random state: a resume under another number of processes trains something else."""
+    saved = (checkpoint_record(checkpoint) or {}).get("world_size")  # recorded since 2026-11-27
+    now = int(os.environ.get("WORLD_SIZE", "1"))
+    if saved is not None and saved != now:
+        raise ConfigError(f"training.resume_from_checkpoint: {checkpoint} was saved by {saved} process"
+                          f"{'es' if saved > 1 else ''} and this launch has {now}; resume with {saved} (the global "
+                          "batch and each process's place in the data depend on it), or start afresh with --overwrite")
+
+
+def _refuse_resuming_at_the_end(checkpoint: Path, resolved: dict) -> None:
+    """A checkpoint of the run's last step has nothing left to train, and transformers 5.24 would still train one
+    step past it (step 7 of 6) and publish that over the run's model."""
+    try:
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+        step, planned, epochs = int(state["global_step"]), int(state["max_steps"]), state.get("num_train_epochs")
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    training = resolved.get("training", {})
+    max_steps = training.get("max_steps", -1)
+    if max_steps is not None and max_steps > 0:
+        end, length = max_steps, f"training.max_steps {max_steps}"
+    elif epochs is not None and training.get("num_train_epochs") == epochs:
+        end, length = planned, f"{epochs:g} epochs, {planned} steps"
+    else:
+        return
+    if step >= end:
+        raise ConfigError(f"training.resume_from_checkpoint: {checkpoint} is step {step}, the end of this run "
+                          f"({length}): nothing is left to train. Its model is in {checkpoint.parent} (an export "
+                          "that failed is finished with python -m sftkit.export), or the checkpoint itself; to train "
+                          "longer, raise training.max_steps or training.num_train_epochs")
 
 
 def checkpoint_record(checkpoint: Path) -> dict | None:
@@ -172,7 +213,8 @@ class RecordRunInCheckpoints(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if state.is_world_process_zero and checkpoint.is_dir():
-            write_json(checkpoint / RUN_FILE, run_record(self.resolved, step=state.global_step, **self.seconds()))
+            write_json(checkpoint / RUN_FILE, run_record(self.resolved, step=state.global_step,
+                                                         world_size=args.world_size, **self.seconds()))
 
 
 def newest_resumable(output_dir: Path) -> Path | None:

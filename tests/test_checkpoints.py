@@ -78,3 +78,37 @@ def test_no_file_of_the_run_or_its_checkpoints_holds_the_hub_token(tmp_path, mon
     assert any(path.name == "training_args.bin" for path in files) and list(out.glob("checkpoint-*/optimizer.pt"))
     assert [path for path in files if token.encode() in path.read_bytes()] == []
     assert __import__("os").environ["HF_TOKEN"] == token, "kept where huggingface_hub reads it for push_to_hub"
+
+
+def test_resuming_a_finished_run_is_refused_instead_of_training_past_its_end(with_checkpoints, tmp_path):
+    """checkpoint-4 is the last step of a 4-step run: transformers would train a step 5 of 4 and publish it over the
+    finished model."""
+    out = tmp_path / "out"
+    shutil.copytree(with_checkpoints, out)
+    model = (out / "model.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match=f"{out}/checkpoint-4 is step 4, the end of this run \\(training.max_steps "
+                                          "4\\): nothing is left to train"):
+        train(config(out, "--training.resume_from_checkpoint", "true"))
+    assert (out / "model.safetensors").read_bytes() == model
+
+
+def test_a_resume_under_another_number_of_processes_is_refused(with_checkpoints, tmp_path, monkeypatch):
+    from sftkit.checkpoints import checkpoint_to_resume
+
+    resolved = config(with_checkpoints).resolved
+    assert checkpoint_to_resume(str(with_checkpoints / "checkpoint-2"), tmp_path, resolved)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as accelerate launch --num_processes 2 sets it, before any process group
+    with pytest.raises(ConfigError, match="checkpoint-2 was saved by 1 process and this launch has 2; resume with 1"):
+        checkpoint_to_resume(str(with_checkpoints / "checkpoint-2"), tmp_path, resolved)
+
+
+def test_a_checkpoint_one_process_did_not_finish_is_damaged(with_checkpoints, tmp_path):
+    """Each process of a launch saves its own random state: rank 1 killed after rank 0's save leaves none."""
+    import json
+
+    checkpoint = tmp_path / "checkpoint-2"
+    shutil.copytree(with_checkpoints / "checkpoint-2", checkpoint)
+    record = json.loads((checkpoint / "sftkit_run.json").read_text())
+    (checkpoint / "sftkit_run.json").write_text(json.dumps({**record, "world_size": 2}))
+    (checkpoint / "rng_state.pth").rename(checkpoint / "rng_state_0.pth")  # as rank 0 of two names it
+    assert damage(checkpoint) == "rng_state_1.pth is missing (process 1 of 2 did not finish the save)"
