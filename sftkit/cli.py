@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None, prog: str = "sft.py") -> int:
     args, overrides = parser.parse_known_args(argv)
     use_expandable_segments()  # before anything starts CUDA
     watch(prog)  # under several machines: a failure on another one stops this one at once
+    config = None
     try:
         config = load_config(args.config, overrides, args.preset)
         if args.dry_run:
@@ -107,7 +108,11 @@ def main(argv: list[str] | None = None, prog: str = "sft.py") -> int:
         return 130
     except Exception as error:
         lost = lost_contact(error)
-        if lost:  # mid-training, after the progress bar
+        if lost and config is not None and is_main_process():  # mid-training, after the progress bar
+            from sftkit.checkpoints import newest_checkpoint_words
+
+            lost += f"; {newest_checkpoint_words(Path(config.training.output_dir))}"
+        if lost:
             print(f"\n{prog}: error: {lost}", file=sys.stderr, flush=True)
         report_failure(lost or f"{type(error).__name__}: {error}")
         if lost is None:

@@ -137,6 +137,7 @@ def test_a_killed_process_stops_the_other_machine(tmp_path):
     assert len(stopped) == 2 and all(code != 0 for code in machines.returncodes()), machines.output()
     assert max(stopped) < 60
     assert "lost contact with another process" in machines.stderr(0), machines.output()
+    assert "no checkpoint was saved (set training.save_strategy: steps to keep some)" in machines.stderr(0)
     assert "Signal 9 (SIGKILL)" in machines.stderr(1)
 
 
