@@ -1,4 +1,5 @@
-"""Several machines: a process that fails on one machine stops the processes on the others at once.
+"""Several machines: a process that fails on one machine stops the processes on the others at once, and every
+process checks that all of them run the same settings on the same data.
 
 torchrun's agents (torch 2.13) watch only their own machine's processes. Once torch.distributed is up, a process
 that dies breaks its connections and the others fail within seconds; but a process that fails before (a config or
@@ -10,11 +11,14 @@ skip all of this: there the launcher already stops every process when one fails.
 """
 
 import atexit
+import json
 import os
 import socket
 import sys
 import threading
 import time
+
+from sftkit.errors import ConfigError
 
 FAILURE_KEY = "sftkit/failure"
 POLL_SECONDS = 1.0
@@ -99,3 +103,42 @@ def lost_contact(error: BaseException) -> str | None:
     first_sentence = (text.strip().splitlines() or [type(error).__name__])[0].split(". ")[0]
     return (f"lost contact with another process ({first_sentence}): it stopped, or its machine went away; why "
             "is in its own output (the launcher's report names its rank)")
+
+
+# Settings each machine may have its own of: where it writes and logs, and how fast it reads data (what the fast
+# path chose for its hardware is left out too, see _shared_settings).
+PER_MACHINE = {"output_dir", "logging_dir", "local_rank", "log_level", "log_level_replica", "disable_tqdm",
+               "dataloader_num_workers", "dataloader_prefetch_factor", "dataloader_pin_memory",
+               "dataloader_persistent_workers", "dataset_num_proc"}
+
+
+def check_every_process_runs_the_same(config, accelerator) -> None:
+    """Every process of a launch trains with the same settings on the same data contents, or all stop with one
+    line. A machine given another max_steps or save_steps would wait in a collective its peers never reach (for
+    training.ddp_timeout, 30 minutes), and one with another copy of the data would train on it unnoticed, under a
+    model card that names the first machine's."""
+    if accelerator.num_processes < 2:
+        return
+    from accelerate.utils import gather_object
+
+    from sftkit.rundir import input_digests
+
+    mine = {"where": f"process {accelerator.process_index} on {socket.gethostname()}",
+            "settings": _shared_settings(config), "inputs": input_digests(config.resolved)}
+    everyone = gather_object([mine])
+    first = everyone[0]
+    for other in everyone[1:]:
+        differences = [f"{key} {other['settings'].get(key)} (there: {value})"
+                       for key, value in first["settings"].items() if value != other["settings"].get(key)]
+        differences += [f"the contents of {name}" for name in sorted({*first["inputs"], *other["inputs"]})
+                        if first["inputs"].get(name) != other["inputs"].get(name)]
+        if differences:
+            raise ConfigError(f"{other['where']} runs with other settings or data than {first['where']}: "
+                              f"{'; '.join(differences[:3])}; give every machine the same config and data files")
+
+
+def _shared_settings(config) -> dict:
+    chosen = {choice.key for choice in config.speed if choice.chosen}
+    return {f"{section}.{key}": json.dumps(value, sort_keys=True, default=str)
+            for section, values in config.resolved.items() for key, value in values.items()
+            if key not in PER_MACHINE and f"{section}.{key}" not in chosen}

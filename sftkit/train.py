@@ -32,6 +32,7 @@ from sftkit.inference import generate_reply
 from sftkit.model import check_model_source, load_model, load_tokenizer, lora_config, resolve_dtype
 from sftkit.monitor import MonitoredSFTTrainer, ProgressBar, SampleReplies, generates_on_every_process, memory_mib
 from sftkit.paths import resolve_path
+from sftkit.peers import check_every_process_runs_the_same
 from sftkit.report import build_summary, report, write_report
 from sftkit.rundir import STAGING_DIR, OutputDir, check_free_space, export_bytes, refuse_before_claiming
 from sftkit.schema import RunConfig
@@ -100,6 +101,7 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
     model = load_model(config.model, dtype, args.gradient_checkpointing)
     timing = RecordRunInCheckpoints(config.resolved, earlier_progress(resume_from), started)
     trainer = _trainer(config, model, tokenizer, data, [timing], resumed=resume_from is not None)
+    check_every_process_runs_the_same(config, trainer.accelerator)
     parameters = _count_parameters(trainer.model)
     if trainer.accelerator.is_main_process:
         _check_space_for_export(output, config, dtype, parameters)

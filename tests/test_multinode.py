@@ -116,6 +116,21 @@ def test_a_machine_that_fails_before_training_stops_the_other(tmp_path):
     assert missing in machines.stderr(0)
 
 
+def test_machines_given_other_settings_stop_together_before_training(tmp_path):
+    """Another max_steps on machine 1 would leave machine 0 waiting in a collective for training.ddp_timeout."""
+    commands = machine_commands(free_port(), *training_args("lora_train_config.yaml", tmp_path / "out"))
+    commands[1] += ["--training.max_steps", "6"]
+    machines = Machines(commands, tmp_path / "logs")
+    ended = machines.wait(timeout=180)
+    assert None not in ended and all(code != 0 for code in machines.returncodes()), machines.output()
+    assert abs(ended[0] - ended[1]) < 15, machines.output()
+    for machine in range(MACHINES):
+        assert ("process 1 on " in machines.stderr(machine) and "runs with other settings or data than process 0 on "
+                "" in machines.stderr(machine) and "training.max_steps 6 (there: 10)" in machines.stderr(machine)), \
+            machines.output()
+    assert "step 1/" not in machines.stdout(0) + machines.stderr(0)
+
+
 def test_a_killed_process_stops_the_other_machine(tmp_path):
     """Machine 1's training process dies (SIGKILL: out of memory, a node failure) mid-training."""
     args = training_args("lora_train_config.yaml", tmp_path / "out")
