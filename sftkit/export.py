@@ -255,6 +255,28 @@ def library_versions() -> dict:
     return versions
 
 
+def _take_weights_from_the_last_step(output_dir: Path, lora: bool) -> None:
+    """An export cut off before the trained weights were written (a process lost, the run killed) leaves the staging
+    directory without them; the run's checkpoint of its last step, where there is one, holds the same weights."""
+    from sftkit.checkpoints import STATE_FILE, checkpoints_in, damage
+
+    staging = output_dir / STAGING_DIR
+    target, stem = (staging / ADAPTER_DIR, "adapter_model") if lora else (staging, "model")
+    if any(target.glob(f"{stem}*.safetensors")) or (staging / PUBLISHING_FILE).is_file():
+        return
+    intact = [path for path in checkpoints_in(output_dir) if damage(path) is None]
+    if not intact:
+        return  # require_weights says what is missing
+    state = json.loads((intact[-1] / STATE_FILE).read_text())
+    if state["global_step"] < state["max_steps"] or not any(intact[-1].glob(f"{stem}*.safetensors")):
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    for file in intact[-1].iterdir():
+        if file.name.startswith(stem) or file.name in ("config.json", "adapter_config.json", "generation_config.json"):
+            shutil.copy2(file, target / file.name)
+    print(f"sftkit.export: the export had no trained weights yet; taking them from {intact[-1]}, the run's last step")
+
+
 def _add_saved_dtypes_to_the_summary(output_dir: Path) -> None:
     """The summary a run wrote when its export failed (report.write_report) lacks the dtypes saved."""
     path = output_dir / SUMMARY_FILE
@@ -278,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         model_cfg = read_section(ModelConfig, record["config"]["model"], "model", args.output_dir)
+        _take_weights_from_the_last_step(args.output_dir, model_cfg.use_lora)
         finish_export(args.output_dir, model_cfg, getattr(torch, record["dtype"]))
         _add_saved_dtypes_to_the_summary(args.output_dir)
         finished = {key: value for key, value in record.items() if key != "error"}

@@ -129,6 +129,32 @@ def test_an_export_without_the_weights_is_never_published(tmp_path, capsys):
     assert not (out / "config.json").exists() and (staging / "config.json").is_file()
 
 
+def test_an_export_cut_off_before_the_weights_is_finished_from_the_last_steps_checkpoint(tmp_path, capsys):
+    """A process lost, or the run killed, as the export starts: the staging directory has the tokenizer and config
+    only, and the checkpoint of the run's last step has the trained adapter; `sftkit export` publishes from it."""
+    out = tmp_path / "out"
+    cfg = config(out, "lora_train_config.yaml", "--training.save_strategy", "steps", "--training.save_steps", "2")
+    train(cfg)
+    finished = AutoModelForCausalLM.from_pretrained(out)
+    staging = out / STAGING_DIR
+    staging.mkdir()
+    for item in list(out.iterdir()):  # as the run left it: metadata in the staging directory, nothing published
+        if item.name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "sftkit_config.yaml"):
+            item.rename(staging / item.name)
+        elif item.name.startswith(("model", "config", "generation", ADAPTER_DIR)):
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    output = OutputDir(out, cfg.resolved)
+    output.owner = True
+    output.mark("exporting", dtype="float32")
+    capsys.readouterr()
+    assert export_main([str(out)]) == 0, capsys.readouterr().err
+    assert f"taking them from {out / 'checkpoint-3'}, the run's last step" in capsys.readouterr().out
+    published = AutoModelForCausalLM.from_pretrained(out)
+    for (name, tensor), (_, expected) in zip(published.state_dict().items(), finished.state_dict().items()):
+        assert torch.equal(tensor, expected), name
+    assert (out / ADAPTER_DIR / "adapter_model.safetensors").is_file() and not staging.exists()
+
+
 def test_a_publish_cut_short_is_finished_by_running_the_export_again(tmp_path, monkeypatch):
     """A kill or an I/O error part way through moving the checked export into output_dir (made to happen here at
     the move after the weights'): nothing looks finished, and `sftkit export` moves the rest, keeping what had
