@@ -1,7 +1,6 @@
 """Checkpoints a run may resume from: the same run's (by fingerprint), and intact (every file readable whole)."""
 
 import json
-import os
 import time
 import zipfile
 from pathlib import Path
@@ -63,10 +62,11 @@ def damage(checkpoint: Path) -> str | None:
     return None
 
 
-def checkpoint_to_resume(requested, output_dir: Path, resolved: dict) -> str | None:
+def checkpoint_to_resume(requested, output_dir: Path, resolved: dict, processes: int | None) -> str | None:
     """`training.resume_from_checkpoint` checked: true is the newest intact checkpoint of this run in output_dir
-    (a damaged newer one is skipped with a warning), a path is that checkpoint, which must be intact and of this
-    run. Raises ConfigError with the way on otherwise."""
+    (a damaged newer one is skipped with a warning), a path is that checkpoint, which must be intact, of this run,
+    and saved by as many `processes` as this launch has (None: not known, as in a dry run outside the launcher).
+    Raises ConfigError with the way on otherwise."""
     if requested in (None, False):
         return None
     if requested is True:
@@ -95,16 +95,16 @@ def checkpoint_to_resume(requested, output_dir: Path, resolved: dict) -> str | N
             raise ConfigError(f"training.resume_from_checkpoint {checkpoint}: {problem}; {way}")
         _refuse_rewinding_over_later_checkpoints(checkpoint, output_dir)
     _check_same_run(checkpoint, resolved)
-    _refuse_another_number_of_processes(checkpoint)
+    if processes is not None:
+        _refuse_another_number_of_processes(checkpoint, processes)
     _refuse_resuming_at_the_end(checkpoint, resolved)
     return str(checkpoint)
 
 
-def _refuse_another_number_of_processes(checkpoint: Path) -> None:
+def _refuse_another_number_of_processes(checkpoint: Path, now: int) -> None:
     """The global batch is per_device x accumulation x processes, and each process resumes its own data position
     and random state: a resume under another number of processes trains something else."""
     saved = (checkpoint_record(checkpoint) or {}).get("world_size")  # recorded since 2026-11-27
-    now = int(os.environ.get("WORLD_SIZE", "1"))
     if saved is not None and saved != now:
         raise ConfigError(f"training.resume_from_checkpoint: {checkpoint} was saved by {saved} process"
                           f"{'es' if saved > 1 else ''} and this launch has {now}; resume with {saved} (the global "

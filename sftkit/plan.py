@@ -113,7 +113,10 @@ def output_dir_plan(config: RunConfig, overwrite: bool) -> str:
     args = config.training
     output = OutputDir(args.output_dir, config.resolved)
     where = output.preview(overwrite, args.resume_from_checkpoint, resolve_path(config.model.path))
-    checkpoint = checkpoint_to_resume(args.resume_from_checkpoint, output.path, config.resolved)
+    # the launcher sets WORLD_SIZE; a plain `python sft.py --dry-run` cannot know how the run will be launched
+    launched = os.environ.get("WORLD_SIZE")
+    checkpoint = checkpoint_to_resume(args.resume_from_checkpoint, output.path, config.resolved,
+                                      int(launched) if launched else None)
     return where + (f"; resumes from {checkpoint}" if checkpoint else "")
 
 

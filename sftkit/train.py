@@ -81,7 +81,8 @@ def _claim(output: OutputDir, args, config: RunConfig, overwrite: bool) -> str |
         if main:
             output.claim(overwrite, args.resume_from_checkpoint)
         try:
-            checkpoint = checkpoint_to_resume(args.resume_from_checkpoint, output.path, config.resolved)
+            checkpoint = checkpoint_to_resume(args.resume_from_checkpoint, output.path, config.resolved,
+                                              args.world_size)
         except ConfigError:
             output.release()
             raise

@@ -92,14 +92,14 @@ def test_resuming_a_finished_run_is_refused_instead_of_training_past_its_end(wit
     assert (out / "model.safetensors").read_bytes() == model
 
 
-def test_a_resume_under_another_number_of_processes_is_refused(with_checkpoints, tmp_path, monkeypatch):
+def test_a_resume_under_another_number_of_processes_is_refused(with_checkpoints, tmp_path):
     from sftkit.checkpoints import checkpoint_to_resume
 
-    resolved = config(with_checkpoints).resolved
-    assert checkpoint_to_resume(str(with_checkpoints / "checkpoint-2"), tmp_path, resolved)
-    monkeypatch.setenv("WORLD_SIZE", "2")  # as accelerate launch --num_processes 2 sets it, before any process group
+    checkpoint, resolved = str(with_checkpoints / "checkpoint-2"), config(with_checkpoints).resolved
+    assert checkpoint_to_resume(checkpoint, tmp_path, resolved, 1) == checkpoint
     with pytest.raises(ConfigError, match="checkpoint-2 was saved by 1 process and this launch has 2; resume with 1"):
-        checkpoint_to_resume(str(with_checkpoints / "checkpoint-2"), tmp_path, resolved)
+        checkpoint_to_resume(checkpoint, tmp_path, resolved, 2)
+    assert checkpoint_to_resume(checkpoint, tmp_path, resolved, None) == checkpoint  # a dry run outside a launcher
 
 
 def test_a_checkpoint_one_process_did_not_finish_is_damaged(with_checkpoints, tmp_path):

@@ -133,7 +133,7 @@ def test_a_checkpoint_saved_just_before_a_crash_is_resumed(finished, tmp_path):
     out = copy_of(finished, tmp_path)
     (out / "checkpoint-3" / RUN_FILE).unlink()
     longer = config(out, "--training.max_steps", "4", "--training.resume_from_checkpoint", "true")
-    assert checkpoint_to_resume(True, out, longer.resolved) == str(out / "checkpoint-3")
+    assert checkpoint_to_resume(True, out, longer.resolved, 1) == str(out / "checkpoint-3")
     assert train(longer).trainer.state.global_step == 4
 
 
@@ -212,7 +212,7 @@ def test_a_resume_onto_changed_data_or_base_weights_is_refused(tmp_path, changed
     train(config(out, *run))
     resume = config(out, *run, "--training.max_steps", "5", "--training.resume_from_checkpoint", "true")
     (tmp_path / "data" / ".chat.jsonl.swp").write_text("{}")
-    assert checkpoint_to_resume(True, out, resume.resolved) == str(out / "checkpoint-3")  # the files as they were
+    assert checkpoint_to_resume(True, out, resume.resolved, 1) == str(out / "checkpoint-3")  # the files as they were
     if changed in ("data", "a file of a glob"):
         rows = data.read_text().splitlines()
         data.write_text("\n".join(rows[1:] + rows[:1]) + "\n")  # the same rows, in another order
@@ -231,7 +231,7 @@ def test_a_resume_onto_changed_data_or_base_weights_is_refused(tmp_path, changed
     with pytest.raises(ConfigError, match=f"^training.resume_from_checkpoint: {out}/checkpoint-3 was trained on "
                                           f"other contents of {re.escape(name)} \\(changed, added or removed since\\); "
                                           "resume with the files as they were, or start afresh with --overwrite$"):
-        checkpoint_to_resume(True, out, resume.resolved)
+        checkpoint_to_resume(True, out, resume.resolved, 1)
 
 
 def test_resuming_an_earlier_checkpoint_than_the_newest_is_refused_before_it_saves_over_the_later_ones(finished,
