@@ -23,8 +23,8 @@ import yaml
 from sftkit.checks import cross_field_errors, number_errors, numbers, path_errors
 from sftkit.compat import compile_under_zero3_error, rename_gradient_checkpointing, sft_config_fields
 from sftkit.errors import ConfigError
+from sftkit.fastpath import bf16_by_default, choose_adapter_inputs
 from sftkit.fastpath import choose as choose_fast_path
-from sftkit.fastpath import choose_adapter_inputs
 from sftkit.paths import PRESETS_DIR, find_config_file, looks_local, resolve_path
 from sftkit.schema import SECTIONS, DatasetConfig, ModelConfig, RunConfig
 
@@ -321,12 +321,11 @@ def _has_gpu() -> bool:
 
 def _resolve_hardware_defaults(kwargs: dict) -> None:
     """Fill the SFTConfig defaults that depend on the machine, so one config runs on a CPU and on a GPU."""
-    import torch
     from accelerate.utils import parse_flag_from_env
 
     has_gpu = _has_gpu()
     if "bf16" not in kwargs and "fp16" not in kwargs:
-        kwargs["bf16"] = has_gpu and torch.cuda.is_bf16_supported()  # SFTConfig's bf16=True default fails on a CPU
+        kwargs["bf16"] = bf16_by_default(has_gpu)  # SFTConfig's bf16=True default fails on a CPU
     kwargs.setdefault("dataloader_pin_memory", has_gpu)
     # The Trainer asks DDP to look for unused parameters whenever activation checkpointing is off: an extra graph
     # traversal every step, and a warning, for causal LMs that use every parameter.

@@ -207,6 +207,11 @@ def _sixteen_bit_weights(model, training: dict, gpu: bool) -> bool:
         return model.dtype != "float32"
     if "bf16" in training or training.get("fp16"):
         return bool(training.get("bf16"))
+    return bf16_by_default(gpu)
+
+
+def bf16_by_default(gpu: bool) -> bool:
+    """training.bf16 where the config leaves out bf16 and fp16 (config._resolve_hardware_defaults sets it)."""
     import torch
 
     return gpu and torch.cuda.is_bf16_supported()
