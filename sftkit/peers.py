@@ -23,6 +23,11 @@ from sftkit.errors import ConfigError
 FAILURE_KEY = "sftkit/failure"
 POLL_SECONDS = 1.0
 WATCH_STORE_SECONDS = 10.0  # the longest a call of the watcher to the store may block
+ARRIVED_KEY = "sftkit/arrived/{rank}"
+# A process that has not started sftkit by then never will: its machine could not run the command (a wrong path to
+# sft.py, a failed import), and its launcher ended there without a word to the others. Imports from a slow shared
+# filesystem take a minute at most; the others would otherwise wait for training.ddp_timeout (30 minutes).
+ARRIVAL_SECONDS = float(os.environ.get("SFTKIT_ARRIVAL_SECONDS", 300))
 _stop = threading.Event()
 
 
@@ -41,17 +46,26 @@ def _store(seconds: float):
 
 
 def watch(prog: str) -> None:
-    """Under a launch over several machines, the first process of this machine watches for a failure elsewhere."""
-    if not _several_machines() or os.environ.get("LOCAL_RANK", "0") != "0":
+    """Under a launch over several machines, every process says it has started, and the first process of each
+    machine watches for a failure elsewhere; the main one also for a process that never started."""
+    if not _several_machines():
         return
     try:
         store = _store(WATCH_STORE_SECONDS)
+        store.set(ARRIVED_KEY.format(rank=os.environ.get("RANK", "0")), socket.gethostname())
     except Exception:  # no store to watch (another launcher): the connection timeouts still apply
         return
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    arrivals_due = time.monotonic() + ARRIVAL_SECONDS if os.environ.get("RANK", "0") == "0" else None
 
     def poll():
+        nonlocal arrivals_due
         while not _stop.wait(POLL_SECONDS):
             try:
+                if arrivals_due is not None and time.monotonic() > arrivals_due:
+                    arrivals_due = None
+                    _report_who_never_started(store)
                 if not store.check([FAILURE_KEY]):
                     continue
                 failure = store.get(FAILURE_KEY).decode()
@@ -69,6 +83,16 @@ def watch(prog: str) -> None:
     # without an active exception", SIGABRT; seen once at the end of a two-machine test on a loaded machine, when
     # this wait was 2 s). So wait as long as one store call can take.
     atexit.register(lambda: (_stop.set(), thread.join(WATCH_STORE_SECONDS + POLL_SECONDS + 1)))
+
+
+def _report_who_never_started(store) -> None:
+    """Posts, as a failure, the processes that have not said they started (every machine's watcher then stops)."""
+    missing = [str(rank) for rank in range(int(os.environ["WORLD_SIZE"]))
+               if not store.check([ARRIVED_KEY.format(rank=rank)])]
+    if missing:
+        store.set(FAILURE_KEY, f"process{'es' if len(missing) > 1 else ''} {', '.join(missing)} never started sftkit "
+                               f"within {ARRIVAL_SECONDS:g} s: its machine could not run the command (a wrong path to "
+                               "sft.py, a failed import); see that machine's own output")
 
 
 def says_errors() -> bool:

@@ -116,6 +116,19 @@ def test_a_machine_that_fails_before_training_stops_the_other(tmp_path):
     assert missing in machines.stderr(0)
 
 
+def test_a_machine_that_cannot_start_sftkit_stops_the_other(tmp_path, monkeypatch):
+    """Machine 1's command names an sft.py that is not there: its launcher ends at once without a word to machine 0,
+    whose processes would wait for training.ddp_timeout (30 minutes) unless it notices who never started."""
+    monkeypatch.setenv("SFTKIT_ARRIVAL_SECONDS", "20")
+    commands = machine_commands(free_port(), *training_args("lora_train_config.yaml", tmp_path / "out"))
+    commands[1][commands[1].index("sft.py")] = str(tmp_path / "elsewhere" / "sft.py")
+    machines = Machines(commands, tmp_path / "logs")
+    ended = machines.wait(timeout=180)
+    print(f"machine 1 ended at {ended[1]:.1f} s, machine 0 at {ended[0]:.1f} s")
+    assert None not in ended and all(code != 0 for code in machines.returncodes()), machines.output()
+    assert "stopping, because process 1 never started sftkit within 20 s" in machines.stderr(0), machines.output()
+
+
 def test_machines_given_other_settings_stop_together_before_training(tmp_path):
     """Another max_steps on machine 1 would leave machine 0 waiting in a collective for training.ddp_timeout."""
     commands = machine_commands(free_port(), *training_args("lora_train_config.yaml", tmp_path / "out"))
