@@ -39,7 +39,8 @@ def damage(checkpoint: Path) -> str | None:
     if not (checkpoint / STATE_FILE).is_file():
         return f"{STATE_FILE} is missing (the save did not finish)"
     processes = (read_run_record(checkpoint) or {}).get("world_size", 1)  # recorded since 2026-11-27
-    for rank in range(processes if processes > 1 else 0):  # each process saves its own; one may have died first
+    saves_random_state = any(checkpoint.glob("rng_state_*.pth"))  # none with training.save_only_model
+    for rank in range(processes if processes > 1 and saves_random_state else 0):  # each process saves its own
         if not (checkpoint / f"rng_state_{rank}.pth").is_file():
             return f"rng_state_{rank}.pth is missing (process {rank} of {processes} did not finish the save)"
     for file in sorted(path for path in checkpoint.rglob("*") if path.is_file()):
@@ -121,15 +122,18 @@ def _refuse_resuming_at_the_end(checkpoint: Path, resolved: dict) -> None:
         return
     training = resolved.get("training", {})
     max_steps = training.get("max_steps", -1)
+    saved_by_epochs = (checkpoint_record(checkpoint) or {}).get("config", {}).get("training", {}).get("max_steps", -1)
     if max_steps is not None and max_steps > 0:
         end, length = max_steps, f"training.max_steps {max_steps}"
-    elif epochs is not None and training.get("num_train_epochs") == epochs:
-        end, length = planned, f"{epochs:g} epochs, {planned} steps"
+    elif saved_by_epochs <= 0 and epochs is not None and training.get("num_train_epochs") == epochs:
+        # the run that saved it ran for whole epochs, so its planned max_steps is their length (a run capped by
+        # max_steps records the cap there instead)
+        end, length = planned, f"{epochs:g} epoch{'s' if epochs != 1 else ''}, {planned} steps"
     else:
         return
     if step >= end:
-        raise ConfigError(f"training.resume_from_checkpoint: {checkpoint} is step {step}, the end of this run "
-                          f"({length}): nothing is left to train. Its model is in {checkpoint.parent} (an export "
+        raise ConfigError(f"training.resume_from_checkpoint: {checkpoint} is step {step}, at or past the end of this "
+                          f"run ({length}): nothing is left to train. Its model is in {checkpoint.parent} (an export "
                           "that failed is finished with python -m sftkit.export), or the checkpoint itself; to train "
                           "longer, raise training.max_steps or training.num_train_epochs")
 

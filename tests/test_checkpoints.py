@@ -86,10 +86,18 @@ def test_resuming_a_finished_run_is_refused_instead_of_training_past_its_end(wit
     out = tmp_path / "out"
     shutil.copytree(with_checkpoints, out)
     model = (out / "model.safetensors").read_bytes()
-    with pytest.raises(ConfigError, match=f"{out}/checkpoint-4 is step 4, the end of this run \\(training.max_steps "
+    with pytest.raises(ConfigError, match=f"{out}/checkpoint-4 is step 4, at or past the end of this run \\(training.max_steps "
                                           "4\\): nothing is left to train"):
         train(config(out, "--training.resume_from_checkpoint", "true"))
     assert (out / "model.safetensors").read_bytes() == model
+
+
+def test_a_run_capped_by_max_steps_resumes_for_whole_epochs(with_checkpoints, tmp_path):
+    """Its trainer state records the cap as max_steps: that is not where a run of whole epochs ends."""
+    from sftkit.checkpoints import checkpoint_to_resume
+
+    epochs = config(with_checkpoints, "--training.max_steps", "-1", "--training.num_train_epochs", "1").resolved
+    assert checkpoint_to_resume(str(with_checkpoints / "checkpoint-4"), tmp_path, epochs, 1)
 
 
 def test_a_resume_under_another_number_of_processes_is_refused(with_checkpoints, tmp_path):
@@ -112,3 +120,5 @@ def test_a_checkpoint_one_process_did_not_finish_is_damaged(with_checkpoints, tm
     (checkpoint / "sftkit_run.json").write_text(json.dumps({**record, "world_size": 2}))
     (checkpoint / "rng_state.pth").rename(checkpoint / "rng_state_0.pth")  # as rank 0 of two names it
     assert damage(checkpoint) == "rng_state_1.pth is missing (process 1 of 2 did not finish the save)"
+    (checkpoint / "rng_state_0.pth").unlink()  # training.save_only_model: no process saves its random state
+    assert damage(checkpoint) is None

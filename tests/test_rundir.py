@@ -281,7 +281,7 @@ def test_the_dry_run_refuses_what_the_run_refuses_and_writes_nothing(finished, t
            "model (config.json" in plan
     resume = ["--training.save_strategy", "steps", "--training.save_steps", "2", "--training.resume_from_checkpoint",
               "true"]
-    assert "is step 3, the end of this run (training.max_steps 3): nothing is left to train" in one_line_error(
+    assert "is step 3, at or past the end of this run (training.max_steps 3): nothing is left to train" in one_line_error(
         run_sft("--dry-run", "--training.output_dir", str(out), *SHORT, *resume, check=False))
     plan = run_sft("--dry-run", "--training.output_dir", str(out), *SHORT, *resume, "--training.max_steps", "5").stdout
     assert plan.rstrip().endswith(f"; resumes from {out / 'checkpoint-3'}")
