@@ -1,8 +1,8 @@
 """The run configuration: a YAML file with `model`, `dataset` and `training` sections, plus CLI overrides.
 
 `model` and `dataset` are typed in schema.py; `training` is every field of `trl.SFTConfig`, passed through. The
-errors of a config (checks.py has the checks across keys) are collected and raised together as one `ConfigError` (the key and type errors first, then those that need
-the values read), before any model weight is loaded.
+errors of a config are collected and raised together as one `ConfigError` (the key and type errors, and the checks
+across keys of checks.py, first; then those that need the values read), before any model weight is loaded.
 """
 
 import dataclasses
@@ -26,7 +26,7 @@ from sftkit.errors import ConfigError
 from sftkit.fastpath import bf16_by_default, choose_adapter_inputs
 from sftkit.fastpath import choose as choose_fast_path
 from sftkit.paths import PRESETS_DIR, find_config_file, looks_local, resolve_path
-from sftkit.schema import SECTIONS, DatasetConfig, ModelConfig, RunConfig
+from sftkit.schema import SECTIONS, DatasetConfig, ModelConfig, RunConfig, SourceConfig
 
 logger = logging.getLogger("sftkit")
 
@@ -124,9 +124,15 @@ def load_config(config_name: str | None = None, cli_args: list[str] = (), preset
     path = find_config_file(config_name)
     raw = read_yaml(path)
     written = raw.get("model") or {}  # the file's own model section, before a preset or an override
+    overrides = parse_overrides(list(cli_args))
     if preset is not None:
-        raw = merge(raw, read_yaml(find_config_file(preset, PRESETS_DIR)))
-    raw = merge(raw, parse_overrides(list(cli_args)))
+        layer = read_yaml(find_config_file(preset, PRESETS_DIR))
+        if (merge(raw, overrides).get("dataset") or {}).get("sources"):  # a preset's source keys are dataset.name's
+            source_keys = {key.name for key in dataclasses.fields(SourceConfig)}
+            layer["dataset"] = {key: value for key, value in (layer.get("dataset") or {}).items()
+                                if key not in source_keys}
+        raw = merge(raw, layer)
+    raw = merge(raw, overrides)
     errors: list[str] = []
     for section in raw:
         if section not in SECTIONS:
@@ -208,7 +214,7 @@ def _build_training(values: dict, model: ModelConfig, dataset: DatasetConfig, er
     from accelerate.utils import parse_flag_from_env
     from trl import SFTConfig
 
-    from sftkit.compat import announce_deepspeed_cpu_op_build
+    from sftkit.compat import before_deepspeed_cpu_op_build
 
     hints = typing.get_type_hints(SFTConfig)
     kwargs = {}
@@ -238,7 +244,7 @@ def _build_training(values: dict, model: ModelConfig, dataset: DatasetConfig, er
                       "cpu_zero3_2proc.yaml instead")
         return None
     if (kwargs.get("deepspeed") or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")) and not _has_gpu():
-        announce_deepspeed_cpu_op_build()  # it happens while SFTConfig sets up the processes, below
+        before_deepspeed_cpu_op_build()  # it happens while SFTConfig sets up the processes, below
     if kwargs.get("deepspeed") and "LOCAL_RANK" not in os.environ:
         # Outside a launcher DeepSpeed looks for MPI to find its processes; a plain `python sft.py` is one process
         # (on a free port: two such runs, or one beside a launch, must not collide on a fixed one).
