@@ -136,33 +136,37 @@ PER_MACHINE = {"output_dir", "logging_dir", "local_rank", "log_level", "log_leve
                "dataloader_persistent_workers", "dataset_num_proc"}
 
 
-def check_every_process_runs_the_same(config, accelerator) -> None:
+def check_every_process_runs_the_same(config) -> None:
     """Every process of a launch trains with the same settings on the same data contents, or all stop with one
-    line. A machine given another max_steps or save_steps would wait in a collective its peers never reach (for
-    training.ddp_timeout, 30 minutes), and one with another copy of the data would train on it unnoticed, under a
-    model card that names the first machine's."""
-    if accelerator.num_processes < 2:
+    line, before anything is claimed or loaded. A machine given another max_steps or save_steps would wait in a
+    collective its peers never reach (for training.ddp_timeout, 30 minutes), and one with another copy of the data
+    would train on it unnoticed, under a model card that names the first machine's."""
+    args = config.training
+    if args.world_size < 2:
         return
     from accelerate.utils import gather_object
 
     from sftkit.rundir import input_digests
 
-    mine = {"where": f"process {accelerator.process_index} on {socket.gethostname()}",
-            "settings": _shared_settings(config), "inputs": input_digests(config.resolved)}
-    everyone = gather_object([mine])
-    first = everyone[0]
-    for other in everyone[1:]:
-        differences = [f"{key} {other['settings'].get(key)} (there: {value})"
-                       for key, value in first["settings"].items() if value != other["settings"].get(key)]
-        differences += [f"the contents of {name}" for name in sorted({*first["inputs"], *other["inputs"]})
+    mine = {"where": f"process {args.process_index} on {socket.gethostname()}", "settings": _settings(config),
+            "chosen": {choice.key for choice in config.speed if choice.chosen},
+            "inputs": input_digests(config.resolved)}
+    first, *others = gather_object([mine])
+    for other in others:
+        keys = sorted((first["settings"].keys() | other["settings"].keys()) - first["chosen"] - other["chosen"])
+        differences = [f"{key} {other['settings'].get(key)} (process 0: {first['settings'].get(key)})"
+                       for key in keys if _differ(first["settings"].get(key), other["settings"].get(key))]
+        differences += [f"the contents of {name}" for name in sorted(first["inputs"].keys() | other["inputs"].keys())
                         if first["inputs"].get(name) != other["inputs"].get(name)]
         if differences:
             raise ConfigError(f"{other['where']} runs with other settings or data than {first['where']}: "
                               f"{'; '.join(differences[:3])}; give every machine the same config and data files")
 
 
-def _shared_settings(config) -> dict:
-    chosen = {choice.key for choice in config.speed if choice.chosen}
-    return {f"{section}.{key}": json.dumps(value, sort_keys=True, default=str)
-            for section, values in config.resolved.items() for key, value in values.items()
-            if key not in PER_MACHINE and f"{section}.{key}" not in chosen}
+def _settings(config) -> dict:
+    return {f"{section}.{key}": value for section, values in config.resolved.items() for key, value in values.items()
+            if key not in PER_MACHINE}
+
+
+def _differ(one, other) -> bool:
+    return json.dumps(one, sort_keys=True, default=str) != json.dumps(other, sort_keys=True, default=str)

@@ -53,6 +53,7 @@ def train(config: RunConfig, overwrite: bool = False, started: float | None = No
     (time.time()) is when the command started, so the wall time counts imports and DeepSpeed's op builds too."""
     started = started or time.time()
     args = config.training  # built before the model, so ZeRO-3 can partition the weights as they load
+    check_every_process_runs_the_same(config)
     output = OutputDir(args.output_dir, config.resolved)
     resume_from = _claim(output, args, config, overwrite)
     try:
@@ -102,7 +103,6 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
     model = load_model(config.model, dtype, args.gradient_checkpointing)
     timing = RecordRunInCheckpoints(config.resolved, earlier_progress(resume_from), started)
     trainer = _trainer(config, model, tokenizer, data, [timing], resumed=resume_from is not None)
-    check_every_process_runs_the_same(config, trainer.accelerator)
     parameters = _count_parameters(trainer.model)
     if trainer.accelerator.is_main_process:
         _check_space_for_export(output, config, dtype, parameters)
