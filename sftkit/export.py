@@ -265,7 +265,8 @@ def _take_weights_from_the_last_step(output_dir: Path, lora: bool) -> None:
     if any(target.glob(f"{stem}*.safetensors")) or (staging / PUBLISHING_FILE).is_file():
         return
     intact = [path for path in checkpoints_in(output_dir) if damage(path) is None]
-    if not intact:
+    best = ((read_run_record(output_dir) or {}).get("config", {}).get("training", {}).get("load_best_model_at_end"))
+    if not intact or best:  # a run that exports its best checkpoint: which one that is, the Trainer knew
         return  # require_weights says what is missing
     state = json.loads((intact[-1] / STATE_FILE).read_text())
     if state["global_step"] < state["max_steps"] or not any(intact[-1].glob(f"{stem}*.safetensors")):
