@@ -15,6 +15,7 @@ import importlib.util
 import json
 import logging
 import os
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,12 +59,27 @@ def _drop_warning(pattern: str, category: type[Warning]) -> None:
     warnings.filterwarnings("ignore", message=pattern, category=category)
 
 
-def announce_deepspeed_cpu_op_build() -> None:
+STALE_OP_LOCK_SECONDS = 600  # a build takes 1 to 4 minutes; a lock this old was left by a process that died
+
+
+def before_deepspeed_cpu_op_build() -> None:
     """DeepSpeed 0.19 on a machine without a GPU compiles its shared-memory collective op with the C++ compiler the
     first time it starts there, silently, for one to four minutes (measured on 2 cores); say so before it starts.
-    It caches the build with torch's other extensions (TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions)."""
+    It caches the build with torch's other extensions (TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions).
+
+    Each start loads the op under torch's FileBaton (torch 2.13), a lock file without an owner: a process killed
+    meanwhile (Ctrl-C, a launcher stopping its workers) leaves it, and every later DeepSpeed run on the machine
+    waits on it silently, forever. The first process of the machine removes such a lock once it is stale."""
     cache = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch_extensions")
+    if os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) != "0":
+        return
+    for lock in glob.glob(os.path.join(cache, "*", "deepspeed_shm_comm", "lock")):
+        age = time.time() - os.path.getmtime(lock)
+        if age > STALE_OP_LOCK_SECONDS:
+            os.remove(lock)
+            logger.warning(f"removed {lock}, left {age / 60:.0f} minutes ago by a DeepSpeed op build that was "
+                           "stopped part way; DeepSpeed would otherwise wait on it forever")
     if os.environ.get("RANK", "0") == "0" and not glob.glob(os.path.join(cache, "*", "deepspeed_shm_comm", "*.so")):
         print("sftkit: DeepSpeed is building its CPU communication op (once per machine; 1 to 4 minutes)...",
               flush=True)

@@ -3,19 +3,40 @@
 import logging
 import warnings
 
-from sftkit.compat import announce_deepspeed_cpu_op_build
+from sftkit.compat import before_deepspeed_cpu_op_build
 
 
 def test_deepspeeds_first_cpu_op_build_is_announced_once_per_machine(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.delenv("RANK", raising=False)
-    announce_deepspeed_cpu_op_build()
+    before_deepspeed_cpu_op_build()
     assert "DeepSpeed is building its CPU communication op (once per machine; 1 to 4 minutes)" in capsys.readouterr().out
     built = tmp_path / "py311_cpu" / "deepspeed_shm_comm"  # where DeepSpeed 0.19 leaves the built op
     built.mkdir(parents=True)
     (built / "deepspeed_shm_comm.so").write_bytes(b"")
-    announce_deepspeed_cpu_op_build()
+    before_deepspeed_cpu_op_build()
     assert capsys.readouterr().out == ""
+
+
+def test_a_stale_deepspeed_op_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch, caplog):
+    """torch's FileBaton lock has no owner: one left by a killed process made every later DeepSpeed run wait."""
+    import os
+    import time
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    built = tmp_path / "py311_cpu" / "deepspeed_shm_comm"
+    built.mkdir(parents=True)
+    (built / "deepspeed_shm_comm.so").write_bytes(b"")
+    (built / "lock").write_bytes(b"")
+    before_deepspeed_cpu_op_build()
+    assert (built / "lock").exists(), "a build may be running: its lock stays"
+    an_hour_ago = time.time() - 3600
+    os.utime(built / "lock", (an_hour_ago, an_hour_ago))
+    with caplog.at_level(logging.WARNING, logger="sftkit"):
+        before_deepspeed_cpu_op_build()
+    assert not (built / "lock").exists() and "left 60 minutes ago by a DeepSpeed op build" in caplog.text
 
 
 def test_known_noise_is_filtered_at_its_source_and_nothing_else(caplog):
