@@ -15,7 +15,8 @@ from sftkit.paths import resolve_path
 
 def load_for_inference(path: str, trust_remote_code: bool = False):
     """A merged or full model directory (output_dir), or an adapter directory (output_dir/lora_weights) whose base
-    and its revision are read from its adapter_config.json. Returns (model, tokenizer), the model in eval mode on the GPU if any."""
+    and its revision are read from its adapter_config.json. Returns (model, tokenizer), the model in eval mode on
+    the GPU if any."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()

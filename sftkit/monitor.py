@@ -223,7 +223,8 @@ class StopGuard(TrainerCallback):
         self.received = signum
         if self.training_over:
             print(f"\nsftkit: {signal.Signals(signum).name}: training is over; the trained model is exported before "
-                  "the run stops (the same signal again stops it at once)", file=sys.stderr, flush=True)
+                  "the run stops (Ctrl-C again, or a SIGTERM more than 2 s later, stops it at once)", file=sys.stderr,
+                  flush=True)
 
     def stop_requested(self, args) -> bool:
         """Whether any process received a signal; every process must ask at the same point."""
