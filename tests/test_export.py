@@ -143,10 +143,14 @@ def test_an_export_cut_off_before_the_weights_is_finished_from_the_last_steps_ch
             item.rename(staging / item.name)
         elif item.name.startswith(("model", "config", "generation", ADAPTER_DIR)):
             shutil.rmtree(item) if item.is_dir() else item.unlink()
-    output = OutputDir(out, cfg.resolved)
-    output.owner = True
-    output.mark("exporting", dtype="float32")
+    record = {**json.loads((out / RUN_FILE).read_text()), "status": "exporting", "dtype": "float32"}
+    record["config"]["training"]["load_best_model_at_end"] = True
+    (out / RUN_FILE).write_text(json.dumps(record))
     capsys.readouterr()
+    assert export_main([str(out)]) == 1, "the best checkpoint, not the last, was to be exported: unknown here"
+    assert "the export wrote no complete model" in capsys.readouterr().err
+    record["config"]["training"]["load_best_model_at_end"] = False
+    (out / RUN_FILE).write_text(json.dumps(record))
     assert export_main([str(out)]) == 0, capsys.readouterr().err
     assert f"taking them from {out / 'checkpoint-3'}, the run's last step" in capsys.readouterr().out
     published = AutoModelForCausalLM.from_pretrained(out)
