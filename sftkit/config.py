@@ -99,7 +99,8 @@ class _StrictLoader(yaml.SafeLoader):
 
 def read_yaml(path: Path) -> dict:
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader) or {}
+        text = path.read_text(encoding="utf-8")
+        data = yaml.load(text, Loader=_StrictLoader) or {}
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8") from None
     except yaml.YAMLError as error:
@@ -108,6 +109,8 @@ def read_yaml(path: Path) -> dict:
         hint = "; indent with spaces, not tabs" if problem and "'\\t'" in problem else ""
         if problem and "<block" in problem:
             hint = "; check this line's indentation against the lines above it"
+        if problem and "could not find expected ':'" in problem and mark:
+            hint = _colon_without_space(text.splitlines(), mark.line) or hint
         raise ConfigError(f"{path}{where}: not valid YAML: {problem or str(error).splitlines()[0]}{hint}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected sections {', '.join(SECTIONS)} at the top level")
@@ -116,6 +119,15 @@ def read_yaml(path: Path) -> dict:
             raise ConfigError(f"{path}: {section} must be a mapping of keys to values (indented `key: value` lines "
                               f"under `{section}:`, no `- `), not {type(data[section]).__name__}")
     return data
+
+
+def _colon_without_space(lines: list[str], line: int) -> str:
+    """`learning_rate:1e-4` is one word to YAML, which then fails a line or two later; name the line."""
+    for number in range(min(line, len(lines) - 1), max(line - 3, -1), -1):
+        written = re.match(r"^\s*([\w.-]+):(\S.*)$", lines[number])
+        if written:
+            return f"; line {number + 1} needs a space after its colon: '{written[1]}: {written[2]}'"
+    return ""
 
 
 def load_config(config_name: str | None = None, cli_args: list[str] = (), preset: str | None = None) -> RunConfig:

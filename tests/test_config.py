@@ -284,7 +284,10 @@ def test_the_static_field_list_matches_sft_config():
     (MINIMAL.replace("training:", " training:"),
      r"config.yaml, line 5, column 2: not valid YAML: expected <block end>, but found '<block mapping start>'; "
      r"check this line's indentation against the lines above it$"),
-], ids=["a key set twice", "a tab", "latin-1", "indentation"])
+    (MINIMAL + "  learning_rate:1e-4\n  max_steps: 3\n",
+     r"config.yaml, line 8, column 3: not valid YAML: could not find expected ':'; line 7 needs a space after its "
+     r"colon: 'learning_rate: 1e-4'$"),
+], ids=["a key set twice", "a tab", "latin-1", "indentation", "no space after a colon"])
 def test_a_config_file_that_does_not_read_cleanly_is_one_line_naming_the_place(tmp_path, text, expected):
     """PyYAML keeps the last of two equal keys without a word; a tab or another encoding raised with three lines."""
     path = tmp_path / "config.yaml"
