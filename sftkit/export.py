@@ -258,24 +258,24 @@ def library_versions() -> dict:
 def _take_weights_from_the_last_step(output_dir: Path, lora: bool) -> None:
     """An export cut off before the trained weights were written (a process lost, the run killed) leaves the staging
     directory without them; the run's checkpoint of its last step, where there is one, holds the same weights."""
-    from sftkit.checkpoints import STATE_FILE, checkpoints_in, damage
+    from sftkit.checkpoints import STATE_FILE, newest_resumable
 
     staging = output_dir / STAGING_DIR
     target, stem = (staging / ADAPTER_DIR, "adapter_model") if lora else (staging, "model")
     if any(target.glob(f"{stem}*.safetensors")) or (staging / PUBLISHING_FILE).is_file():
         return
-    intact = [path for path in checkpoints_in(output_dir) if damage(path) is None]
+    newest = newest_resumable(output_dir)
     best = ((read_run_record(output_dir) or {}).get("config", {}).get("training", {}).get("load_best_model_at_end"))
-    if not intact or best:  # a run that exports its best checkpoint: which one that is, the Trainer knew
+    if newest is None or best:  # a run that exports its best checkpoint: which one that is, the Trainer knew
         return  # require_weights says what is missing
-    state = json.loads((intact[-1] / STATE_FILE).read_text())
-    if state["global_step"] < state["max_steps"] or not any(intact[-1].glob(f"{stem}*.safetensors")):
+    state = json.loads((newest / STATE_FILE).read_text())
+    if state["global_step"] < state["max_steps"] or not any(newest.glob(f"{stem}*.safetensors")):
         return
     target.mkdir(parents=True, exist_ok=True)
-    for file in intact[-1].iterdir():
+    for file in newest.iterdir():
         if file.name.startswith(stem) or file.name in ("config.json", "adapter_config.json", "generation_config.json"):
             shutil.copy2(file, target / file.name)
-    print(f"sftkit.export: the export had no trained weights yet; taking them from {intact[-1]}, the run's last step")
+    print(f"sftkit.export: the export had no trained weights yet; taking them from {newest}, the run's last step")
 
 
 def _add_saved_dtypes_to_the_summary(output_dir: Path) -> None:
