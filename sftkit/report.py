@@ -63,12 +63,8 @@ def write_report(directory: Path, output_dir: Path, config, summary: dict, histo
     plot_loss(history, directory / LOSS_PLOT)
     summary = {**summary, "loss_plot": str(output_dir / LOSS_PLOT), "model_card": str(output_dir / MODEL_CARD)}
     (directory / MODEL_CARD).write_text(model_card(config, summary))
-    write_summary(directory, summary)
-    return summary
-
-
-def write_summary(directory: Path, summary: dict) -> None:
     (directory / SUMMARY_FILE).write_text(json.dumps(_finite(summary), indent=2, allow_nan=False) + "\n")
+    return summary
 
 
 def mean_logged_loss(history: list[dict]) -> float | None:
