@@ -72,15 +72,16 @@ def before_deepspeed_cpu_op_build() -> None:
     waits on it silently, forever. The first process of the machine removes such a lock once it is stale."""
     cache = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch_extensions")
+    op_dirs = os.path.join(cache, "*", "deepspeed_shm_comm")
     if os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) != "0":
         return
-    for lock in glob.glob(os.path.join(cache, "*", "deepspeed_shm_comm", "lock")):
+    for lock in glob.glob(os.path.join(op_dirs, "lock")):
         age = time.time() - os.path.getmtime(lock)
         if age > STALE_OP_LOCK_SECONDS:
             os.remove(lock)
             logger.warning(f"removed {lock}, left {age / 60:.0f} minutes ago by a DeepSpeed op build that was "
                            "stopped part way; DeepSpeed would otherwise wait on it forever")
-    if os.environ.get("RANK", "0") == "0" and not glob.glob(os.path.join(cache, "*", "deepspeed_shm_comm", "*.so")):
+    if os.environ.get("RANK", "0") == "0" and not glob.glob(os.path.join(op_dirs, "*.so")):
         print("sftkit: DeepSpeed is building its CPU communication op (once per machine; 1 to 4 minutes)...",
               flush=True)
 
