@@ -188,6 +188,19 @@ def _check_same_run(checkpoint: Path, resolved: dict) -> None:
             raise ConfigError(f"training.resume_from_checkpoint: {checkpoint} was trained on other contents of "
                               f"{', '.join(changed[:3])}{' and more' if len(changed) > 3 else ''} (changed, added or "
                               "removed since); resume with the files as they were, or start afresh with --overwrite")
+    _warn_of_another_preparation(checkpoint, record.get("preparation", 1))
+
+
+def _warn_of_another_preparation(checkpoint: Path, saved: int) -> None:
+    """Rows prepared another way (data.PREPARATION) make the resumed run skip the batches it had trained by count,
+    over other rows: some may repeat or be left out this epoch. Not refused: the trained steps are still the user's,
+    and starting afresh would lose them."""
+    from sftkit.data import PREPARATION
+
+    if saved != PREPARATION:
+        print(f"sftkit: warning: {checkpoint} was trained on rows prepared by an sftkit of another data preparation "
+              f"({saved}, now {PREPARATION}); the run continues on the rows as prepared now, so this epoch may repeat "
+              "or leave out some of them (start afresh with --overwrite to train on them evenly)", flush=True)
 
 
 def earlier_progress(checkpoint: str | None) -> dict:

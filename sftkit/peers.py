@@ -164,8 +164,13 @@ def check_every_process_runs_the_same(config) -> None:
 
 
 def _settings(config) -> dict:
-    return {f"{section}.{key}": value for section, values in config.resolved.items() for key, value in values.items()
-            if key not in PER_MACHINE}
+    """The resolved config less PER_MACHINE, and how this sftkit prepares rows (machines with other versions of
+    sftkit may train on other rows from the same files)."""
+    from sftkit.data import PREPARATION
+
+    return {"sftkit data preparation": PREPARATION,
+            **{f"{section}.{key}": value for section, values in config.resolved.items()
+               for key, value in values.items() if key not in PER_MACHINE}}
 
 
 def _differ(one, other) -> bool:

@@ -73,7 +73,10 @@ def config_differences(ours: dict, theirs: dict) -> list[str]:
 
 
 def run_record(resolved: dict, **extra) -> dict:
-    return {"fingerprint": fingerprint(resolved), "config": resolved, "inputs": input_digests(resolved), **extra}
+    from sftkit.data import PREPARATION
+
+    return {"fingerprint": fingerprint(resolved), "config": resolved, "inputs": input_digests(resolved),
+            "preparation": PREPARATION, **extra}
 
 
 MODEL_FILES = ("config.json", "*.safetensors", "pytorch_model*.bin", "adapter_config.json", "tokenizer.json",

@@ -122,3 +122,24 @@ def test_a_checkpoint_one_process_did_not_finish_is_damaged(with_checkpoints, tm
     assert damage(checkpoint) == "rng_state_1.pth is missing (process 1 of 2 did not finish the save)"
     (checkpoint / "rng_state_0.pth").unlink()  # training.save_only_model: no process saves its random state
     assert damage(checkpoint) is None
+
+
+@pytest.mark.parametrize("saved", [None, 1])  # None: a checkpoint saved before the preparation was recorded
+def test_a_resume_onto_rows_prepared_another_way_warns(with_checkpoints, tmp_path, capsys, saved):
+    """The same config and files gave other rows before data.PREPARATION 2; resuming skips batches by count."""
+    import json
+
+    from sftkit.checkpoints import checkpoint_to_resume
+    from sftkit.data import PREPARATION
+
+    checkpoint = tmp_path / "checkpoint-2"
+    shutil.copytree(with_checkpoints / "checkpoint-2", checkpoint)
+    record = json.loads((checkpoint / "sftkit_run.json").read_text())
+    assert record["preparation"] == PREPARATION
+    resolved = config(with_checkpoints).resolved
+    assert checkpoint_to_resume(str(checkpoint), tmp_path, resolved, 1) and "warning" not in capsys.readouterr().out
+    record.pop("preparation")
+    (checkpoint / "sftkit_run.json").write_text(json.dumps({**record, **({"preparation": saved} if saved else {})}))
+    assert checkpoint_to_resume(str(checkpoint), tmp_path, resolved, 1) == str(checkpoint)
+    assert (f"checkpoint-2 was trained on rows prepared by an sftkit of another data preparation (1, now {PREPARATION})"
+            in capsys.readouterr().out)

@@ -19,6 +19,10 @@ BAD_ROW, NOTHING_TO_TRAIN = "bad rows", "with nothing to train within max_seq_le
 # rows. 10,000 rows is ~3 s of work in one process: below it there is little to gain and a loaded machine loses.
 MIN_ROWS_FOR_PROCESSES = 10_000
 MAX_PROCESSES = 8
+# Raised whenever the same config and files give other rows, tokens or labels, so that a resume can say its checkpoint
+# trained on rows prepared another way. 2 (2026-11-27): the eval split before source weights; rows kept by the window
+# the trainer keeps (trainer_keeps).
+PREPARATION = 2
 
 
 @dataclass
