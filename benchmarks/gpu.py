@@ -255,7 +255,7 @@ def _sftkit_trainer(spec, model_dir, data_file, seq_len, common):
     estimate for those settings (what --dry-run prints, from the same model shape and micro-batch)."""
     from sftkit.config import load_config
     from sftkit.data import prepare_data
-    from sftkit.model import load_model, load_tokenizer, lora_config, resolve_dtype
+    from sftkit.model import check_model_source, load_model, load_tokenizer, lora_config, resolve_dtype
     from sftkit.monitor import MonitoredSFTTrainer
     from sftkit.plan import deepspeed_settings, estimate_memory, model_shape, tokens_per_micro_batch
 
@@ -276,8 +276,8 @@ def _sftkit_trainer(spec, model_dir, data_file, seq_len, common):
     tokenizer = load_tokenizer(config.model, config.dataset)
     data = prepare_data(config.dataset, tokenizer, args.max_length, num_proc=args.dataset_num_proc)
     dtype = resolve_dtype(config.model, args)
-    memory = estimate_memory(config, model_shape(config), dtype, deepspeed_settings(args), 1,
-                             tokens_per_micro_batch(args, data.lengths))
+    shape = model_shape(config, check_model_source(config.model))
+    memory = estimate_memory(config, shape, dtype, deepspeed_settings(args), 1, tokens_per_micro_batch(args, data.lengths))
     model = load_model(config.model, dtype, args.gradient_checkpointing)
     trainer = MonitoredSFTTrainer(model=model, args=args, train_dataset=data.train, processing_class=tokenizer,
                                   peft_config=lora_config(config.model),

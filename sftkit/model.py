@@ -25,11 +25,12 @@ varlen.register()  # model.attn_implementation: torch_varlen is then a name tran
 ADAPTABLE_LAYERS = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, Conv1D)
 
 
-def check_model_source(model_cfg: ModelConfig) -> None:
+def check_model_source(model_cfg: ModelConfig):
     """Fail in about a second, before the data is prepared and before any weight is read, where loading would
     fail later: a config.json transformers cannot read, modeling code that is not trusted, an attention
     implementation the model or this machine lacks, LoRA target_modules or modules_to_save that name no layer.
-    The model is built on the meta device from its config.json alone (no weights, no memory). Raises ConfigError.
+    The model is built on the meta device from its config.json alone (no weights, no memory) and returned (None
+    where the model's own code cannot be built there). Raises ConfigError.
     """
     if model_cfg.attn_implementation == varlen.NAME and not varlen.available():
         raise ConfigError(f"model.attn_implementation: {varlen.NAME} needs torch 2.10 or later (this is torch "
@@ -42,7 +43,7 @@ def check_model_source(model_cfg: ModelConfig) -> None:
     hf_config = _read_model_config(model_cfg)
     model = _meta_model(model_cfg, hf_config)
     if model is None or not model_cfg.use_lora:
-        return
+        return model
     lora = model_cfg.lora_config
     adaptable = [name for name, module in model.named_modules() if isinstance(module, ADAPTABLE_LAYERS)]
     if isinstance(lora.target_modules, str) and lora.target_modules != "all-linear":
@@ -67,6 +68,7 @@ def check_model_source(model_cfg: ModelConfig) -> None:
         top = [name for name, module in model.named_modules() if name and any(True for _ in module.parameters(False))]
         raise ConfigError(f"model.lora_config.modules_to_save: {', '.join(missing)} names no module of "
                           f"{model_cfg.path}; its modules with weights are {', '.join(_leaf_names(top))}")
+    return model
 
 
 def _read_model_config(model_cfg: ModelConfig):

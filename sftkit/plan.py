@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from sftkit.checkpoints import checkpoint_to_resume
-from sftkit.compat import zero3_init_disabled, zero_model_states
+from sftkit.compat import zero_model_states
 from sftkit.data import prepare_for_training
+from sftkit.errors import ConfigError
 from sftkit.fastpath import describe as describe_speed
 from sftkit.model import check_model_source, load_tokenizer, lora_config, resolve_dtype
 from sftkit.paths import resolve_path
@@ -55,10 +55,10 @@ class Plan:
 
 def build_plan(config: RunConfig) -> Plan:
     args = config.training
-    check_model_source(config.model)
+    meta_model = check_model_source(config.model)
     tokenizer = load_tokenizer(config.model, config.dataset)
     data = prepare_for_training(config.dataset, tokenizer, args)
-    shape = model_shape(config)
+    shape = model_shape(config, meta_model)
     dtype = resolve_dtype(config.model, args)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     train_rows = _rows_per_epoch(data.train, args)
@@ -120,13 +120,13 @@ def output_dir_plan(config: RunConfig, overwrite: bool) -> str:
     return where + (f"; resumes from {checkpoint}" if checkpoint else "")
 
 
-def model_shape(config: RunConfig) -> ModelShape:
-    """Parameter counts from the model's config alone: the model is built on the meta device (no memory)."""
+def model_shape(config: RunConfig, model) -> ModelShape:
+    """Parameter counts of the model as check_model_source built it on the meta device (no memory)."""
     model_cfg = config.model
-    hf_config = AutoConfig.from_pretrained(resolve_path(model_cfg.path), revision=model_cfg.revision,
-                                           trust_remote_code=model_cfg.trust_remote_code)
-    with zero3_init_disabled(), torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=model_cfg.trust_remote_code)
+    if model is None:
+        raise ConfigError(f"model.path {model_cfg.path}: its own modeling code cannot be built on the meta device, so "
+                          "a dry run cannot count its parameters; run without --dry-run")
+    hf_config = model.config
     total = sum(parameter.numel() for parameter in model.parameters())
     largest = max(sum(p.numel() for p in module.parameters(recurse=False)) for module in model.modules())
     output = model.get_output_embeddings()
