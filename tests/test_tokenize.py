@@ -236,6 +236,24 @@ def test_a_row_is_rendered_and_tokenized_once_and_its_prefixes_once_per_sequence
     assert calls == {"render": first["render"] + 2, "tokenize": first["tokenize"] + 2}
 
 
+@pytest.mark.parametrize("family", ["llama3", "deepseekv3"])
+def test_a_turn_of_weight_0_keeps_the_row_on_the_fast_way(monkeypatch, family):
+    """prompt/completion rows give the prompt's assistant turns weight 0. Such rows were masked from all their
+    prefixes (2.3 s for a row of 200 turns, against 14 ms), and a DeepSeek reply starting with '<' was refused."""
+    from sftkit.data import tokenize
+
+    tokenizer = family_tokenizer(family)
+    weighted = [dict(message, weight=0) if index == 1 else message for index, message in enumerate(LONG)]
+    weighted[3] = dict(weighted[3], content="<b>After 1</b> comes 2.")
+    unweighted = [{key: value for key, value in message.items() if key != "weight"} for message in weighted]
+    monkeypatch.setattr(tokenize, "_spans_from_prefixes", None)  # the old way would render every prefix
+    fast = tokenize_messages(tokenizer, weighted)
+    assert fast["input_ids"] == tokenize_messages(tokenizer, unweighted)["input_ids"]  # the weight is never rendered
+    turns = trained_spans(tokenizer, fast)
+    assert len(turns) == len(LONG) // 2 - 1 and "After 0 comes 1" not in "".join(turns)
+    assert turns[0].startswith("<b>After 1</b> comes 2.")
+
+
 @pytest.mark.parametrize("family", ["llama3", "qwen3", "phi3", "gemma3"])
 @pytest.mark.parametrize("max_length", [5, 60, 333, 10_000])
 def test_max_length_tokenizes_only_what_is_kept_and_the_turn_it_cuts(monkeypatch, family, max_length):

@@ -68,13 +68,15 @@ def tokenize_messages(tokenizer, messages: list[dict], loss_on: str = "assistant
     max_length: tokenize only as far as the row is kept: its first max_length tokens and the rest of the assistant
     turn the cut falls in (so that turn is checked whole, and the row shows it was cut). None keeps the whole row.
     """
+    turns = [index for index, message in enumerate(messages) if trains(message)]
+    if loss_on == "last_assistant":
+        turns = turns[-1:]
+    # a weight says which turns train; the template never sees it (and rows without other keys take the fast way)
+    messages = [{key: value for key, value in message.items() if key != "weight"} for message in messages]
     text = _render(tokenizer, [messages])[0]
     if loss_on == "all":
         input_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         return {"input_ids": input_ids, "labels": list(input_ids)}
-    turns = [index for index, message in enumerate(messages) if trains(message)]
-    if loss_on == "last_assistant":
-        turns = turns[-1:]
     template = _template(tokenizer)
     found = _spans_from_skeleton(tokenizer, template, messages, turns, text, max_length)
     tokens, spans = found or _spans_from_prefixes(tokenizer, template, messages, turns, text)
