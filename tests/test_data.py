@@ -116,6 +116,9 @@ def test_rows_left_with_nothing_to_train_by_truncation_are_dropped_and_counted(t
     assert (data.rows, len(data.train), data.dropped) == (4, 3, {"bad rows": 0, "with nothing to train within max_seq_length": 1})
 
 
+CALL = {"type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}
+
+
 @pytest.mark.parametrize(
     ("row", "problem"),
     [
@@ -130,6 +133,16 @@ def test_rows_left_with_nothing_to_train_by_truncation_are_dropped_and_counted(t
         ({"messages": "Hi"}, "expected a non-empty list of messages, got str"),
         ({"messages": []}, "expected a non-empty list of messages, got an empty list"),
         ({"messages": [{"role": "user", "content": "Hi"}, ["assistant", "Yo"]]}, "message 1 is a list"),
+        # what the template would render besides the content: the turn must not train without it
+        ({"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "Let me check.",
+                                                                 "tool_calls": [CALL]}]},
+         "message 1 (assistant) has tool_calls, which sftkit does not pass to the chat template yet (the turn would "
+         "train without it)"),
+        ({"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4.",
+                                                             "reasoning_content": "Two and two make four."}]},
+         "message 1 (assistant) has reasoning_content, which sftkit"),
+        ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], "tools": [CALL]},
+         "the row has tools, which sftkit does not pass to the chat template yet"),
     ],
 )
 def test_bad_rows_name_the_source_row_line_and_problem(tmp_path, tokenizer, row, problem):
@@ -141,7 +154,7 @@ def test_bad_rows_name_the_source_row_line_and_problem(tmp_path, tokenizer, row,
     # a defect of the row may be left out; a role name every row shares may not
     skip = "; fix or remove the row, or set dataset.on_bad_row: skip"
     assert str(error.value).endswith(skip) == (problem.startswith(("message 1 has no", "no assistant", "expected"))
-                                                or "empty content" in problem)
+                                                or "empty content" in problem or "which sftkit" in problem)
 
 
 def test_unknown_columns_and_missing_files_are_clear(tmp_path, tokenizer):

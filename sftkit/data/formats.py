@@ -7,6 +7,9 @@ trains (see tokenize.tokenize_text).
 from sftkit.errors import ConfigError
 
 ROLES = ("system", "user", "assistant", "tool")
+# What a chat template renders besides a message's content, that sftkit does not pass to it (nor the row's tools):
+# a turn trained without them would teach the model to announce a tool call, or skip its reasoning, and stop.
+NOT_PASSED = ("tool_calls", "function_call", "reasoning_content", "reasoning", "thinking")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant",
                   "tool": "tool", "observation": "tool"}
 
@@ -101,6 +104,9 @@ def to_messages(row: dict, format_name: str, system_prompt: str | None = None, a
         messages = FORMATS[format_name](row, answer_source)
     except KeyError as missing:
         raise ValueError(f"missing column {missing} for format {format_name!r}") from None
+    if row.get("tools"):
+        raise RowDefect("the row has tools, which sftkit does not pass to the chat template yet (training would "
+                        "leave them out of the prompt)")
     messages = [_check_message(message, index) for index, message in enumerate(_as_list(messages))
                 if not _empty_system(message)]  # common in ShareGPT dumps ("system": ""): no system prompt
     if not any(message["role"] == "assistant" for message in messages):
@@ -148,6 +154,10 @@ def _check_message(message, index: int) -> dict:
     if "role" not in message:
         raise RowDefect(f"message {index} has no role")
     role, content = message["role"], message.get("content")
+    held = next((key for key in NOT_PASSED if message.get(key)), None)  # datasets fills keys other rows have: None
+    if held:
+        raise RowDefect(f"message {index} ({role}) has {held}, which sftkit does not pass to the chat template yet "
+                        "(the turn would train without it)")
     if role not in ROLES:
         mapped = f" (ShareGPT's name for {SHAREGPT_ROLES[role]}: rename it)" if role in SHAREGPT_ROLES else ""
         raise ValueError(f"message {index} has role {role!r}; expected one of {', '.join(ROLES)}{mapped}")
@@ -157,8 +167,7 @@ def _check_message(message, index: int) -> dict:
         raise ValueError(f"message {index} ({role}) has content of type {type(content).__name__}, expected text"
                          f"{parts}")
     if not content or not content.strip():
-        calls = " (it holds tool_calls, which sftkit does not train on)" if message.get("tool_calls") else ""
-        raise RowDefect(f"message {index} ({role}) has empty content{calls}")
+        raise RowDefect(f"message {index} ({role}) has empty content")
     weight = message.get("weight")
     if weight is None or (weight == 1 and role == "assistant"):
         return {"role": role, "content": content}
