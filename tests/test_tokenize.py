@@ -254,6 +254,34 @@ def test_a_turn_of_weight_0_keeps_the_row_on_the_fast_way(monkeypatch, family):
     assert turns[0].startswith("<b>After 1</b> comes 2.")
 
 
+def test_a_token_merged_across_the_start_of_a_reply_is_refused(tmp_path):
+    """Real tokenizers merge '\n\n' (Qwen, Llama): a reply starting with a newline after the template's own
+    'assistant\n' shares a token with the prompt. Trained, it taught the prompt's newline, under a wrong warning that
+    the generation prompt adds text."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TINY_MODEL / name, tmp_path)
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    spec["model"]["vocab"]["ĊĊ"] = max(spec["model"]["vocab"].values()) + 1
+    merges = spec["model"]["merges"]
+    merges.insert(0, ["Ċ", "Ċ"] if isinstance(merges[0], list) else "Ċ Ċ")
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    tokenizer.chat_template = (TEMPLATES / "qwen2_5.jinja").read_text()
+    tokenizer.add_special_tokens({"eos_token": "<|im_end|>", "additional_special_tokens": ["<|im_start|>"]})
+    tokenizer.name_or_path = "qwen2_5-merging-newlines"
+    assert len(tokenizer("\n\n", add_special_tokens=False)["input_ids"]) == 1
+    hello = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    assert trained_spans(tokenizer, tokenize_messages(tokenizer, hello)) == ["Hello.<|im_end|>"]
+    with pytest.raises(MaskError, match=r"qwen2_5-merging-newlines merges the end of the generation prompt with the "
+                                        r"start of assistant turn 1 into one token \('\\n\\n'\)"):
+        tokenize_messages(tokenizer, [hello[0], {"role": "assistant", "content": "\n\nHello."}])
+
+
 @pytest.mark.parametrize("family", ["llama3", "qwen3", "phi3", "gemma3"])
 @pytest.mark.parametrize("max_length", [5, 60, 333, 10_000])
 def test_max_length_tokenizes_only_what_is_kept_and_the_turn_it_cuts(monkeypatch, family, max_length):

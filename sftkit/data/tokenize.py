@@ -230,8 +230,9 @@ def _spans_from_prefixes(tokenizer, template: _Template, messages: list[dict], t
     texts += _render(tokenizer, [messages[:turn] for turn in turns], add_generation_prompt=True)
     renderings = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     spans = []
-    for turn, through, prompt in zip(turns, renderings[: len(turns)], renderings[len(turns) :]):
-        start = _prefix_start(tokenizer, template, messages[:turn], prompt, tokens.ids)
+    for turn, through, prompt, prompt_text in zip(turns, renderings[: len(turns)], renderings[len(turns) :],
+                                                  texts[len(turns) :]):
+        start = _prefix_start(tokenizer, template, messages[:turn], prompt, tokens, prompt_text)
         prompt_is_prefix = start == len(prompt)
         common = _common_prefix(through, tokens.ids)
 
@@ -244,12 +245,25 @@ def _spans_from_prefixes(tokenizer, template: _Template, messages: list[dict], t
     return tokens, spans
 
 
-def _prefix_start(tokenizer, template: _Template, history: list[dict], prompt: list[int], full_ids: list[int]) -> int:
+def _merged_across(tokenizer, template: _Template, turn: int, merged: list[int]) -> str:
+    """The generation prompt's text is where the conversation's is, but one token holds its end and the reply's
+    start: training it would train part of the prompt, and leaving it out part of the reply."""
+    return (f"the tokenizer of {template.name} merges the end of the generation prompt with the start of assistant "
+            f"turn {turn} into one token ({tokenizer.decode(merged)!r}), so the reply's tokens cannot be told apart "
+            "from the prompt's; start the reply otherwise (without its leading whitespace), or set "
+            "dataset.on_bad_row: skip")
+
+
+def _prefix_start(tokenizer, template: _Template, history: list[dict], prompt: list[int], tokens: _Tokens,
+                  prompt_text: str) -> int:
+    full_ids = tokens.ids
     if full_ids[: len(prompt)] == prompt:
         return len(prompt)
     common = _common_prefix(prompt, full_ids)
     history_ids = tokenizer(_render(tokenizer, [history]), add_special_tokens=False)["input_ids"][0]
     if common >= len(history_ids):  # only what the generation prompt adds differs
+        if tokens.text.startswith(prompt_text):  # or nothing, but one token holds the prompt's end and the reply's start
+            raise MaskError(_merged_across(tokenizer, template, len(history), full_ids[common : common + 1]))
         _warn_prompt_adds(template, tokenizer.decode(prompt[common:]))
         return common
     raise MaskError(
