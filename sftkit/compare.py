@@ -74,7 +74,6 @@ def write_report(args) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sftkit.data import prepare_data
     from sftkit.inference import generate_from_ids, load_for_inference
 
     datasets.disable_progress_bars()
@@ -93,7 +92,7 @@ def write_report(args) -> Path:
     base = AutoModelForCausalLM.from_pretrained(
         resolve_path(model_cfg.path), dtype=tuned.dtype, revision=model_cfg.revision,
         trust_remote_code=model_cfg.trust_remote_code).to(tuned.device).eval()
-    data = prepare_data(dataset_cfg, tokenizer, model_cfg.max_seq_length, saved["training"].get("seed", 42))
+    data = run_data(saved, dataset_cfg, model_cfg, tokenizer)
     held_out = data.eval is not None
     rows = data.eval if held_out else data.train
     loss_rows = rows.select(range(min(args.loss_rows, len(rows))))
@@ -149,6 +148,17 @@ def mean_loss(model, rows, max_length: int, batch_size: int) -> float:
         total += token_sum / max(tokens, 1) * len(batch)
         count += len(batch)
     return total / max(count, 1)
+
+
+def run_data(saved: dict, dataset_cfg: DatasetConfig, model_cfg: ModelConfig, tokenizer):
+    """The run's rows, split into train and eval as the run split them: which rows a run keeps (and so which it holds
+    out) depends on how its trainer truncates and packs."""
+    from types import SimpleNamespace
+
+    from sftkit.data import prepare_for_training
+
+    args = SimpleNamespace(**{**saved["training"], "max_length": model_cfg.max_seq_length})
+    return prepare_for_training(dataset_cfg, tokenizer, args)
 
 
 def _prompt_from_text(tokenizer, text: str, system_prompt: str | None = None) -> Prompt:

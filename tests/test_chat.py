@@ -210,3 +210,31 @@ print("v1" if torch.equal(loaded, base.model.embed_tokens.weight) else "other")
 """
     env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     assert run_python("-c", script, env=env).stdout.strip().splitlines()[-1] == "v1"
+
+
+@pytest.mark.parametrize("packing", ["bfd_split", "wrapped"])
+def test_compare_holds_out_the_rows_the_run_held_out(tmp_path, packing):
+    """Packing that splits long rows keeps rows that truncation drops, so the run's test_size split differs from one
+    over the rows truncation keeps: compare took 5 of its 7 held-out rows from those the run trained on."""
+    import json
+
+    import yaml
+
+    from sftkit.config import load_config
+    from sftkit.data import prepare_for_training
+    from sftkit.export import RUN_CONFIG_FILE, write_metadata
+    from sftkit.model import load_tokenizer
+
+    rows = [{"messages": [{"role": "user", "content": f"question {i} " + ("filler " * 80 if i % 3 == 0 else "")},
+                          {"role": "assistant", "content": f"answer {i}"}]} for i in range(40)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = load_config(None, ["--dataset.name", str(tmp_path / "rows.jsonl"), "--dataset.test_size", "0.25",
+                                "--model.max_seq_length", "64", "--training.packing", "true",
+                                "--training.packing_strategy", packing, "--training.output_dir", str(tmp_path / "out")])
+    tokenizer = load_tokenizer(config.model, config.dataset)
+    run = prepare_for_training(config.dataset, tokenizer, config.training)
+    write_metadata(tmp_path, config, tokenizer)
+    saved = yaml.safe_load((tmp_path / RUN_CONFIG_FILE).read_text())
+    held_out = compare.run_data(saved, config.dataset, config.model, tokenizer).eval
+    assert held_out["input_ids"] == run.eval["input_ids"]
+    assert not {tuple(ids) for ids in held_out["input_ids"]} & {tuple(ids) for ids in run.train["input_ids"]}
