@@ -63,3 +63,27 @@ def test_truncated_rows_still_say_which_max_seq_length_keeps_them_whole(tmp_path
     with pytest.raises(DataError) as cut:
         prepare_data(DatasetConfig(name=path), tokenizer, max_length=4, truncate=True)
     assert str(cut.value) == str(whole.value)
+
+
+def test_the_cache_of_prepared_rows_is_not_reused_by_other_code(tmp_path, monkeypatch, tokenizer):
+    """datasets fingerprints the map by its function's name: an sftkit with other masking code reused the labels an
+    older one had cached."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    copy = tmp_path / "copy"
+    shutil.copytree(REPO / "sftkit", copy / "sftkit", ignore=shutil.ignore_patterns("__pycache__"))
+    digest = [sys.executable, "-c", "from sftkit.data import code_digest; print(code_digest())"]
+    same = subprocess.run(digest, cwd=copy, capture_output=True, text=True, check=True).stdout.strip()
+    assert same == data.code_digest()
+    with (copy / "sftkit" / "data" / "tokenize.py").open("a") as file:
+        file.write("# changed\n")
+    assert subprocess.run(digest, cwd=copy, capture_output=True, text=True, check=True).stdout.strip() != same
+
+    first = prepare_data(DatasetConfig(name=str(SAMPLE_DATA)), tokenizer, 256)
+    monkeypatch.setattr(data, "code_digest", lambda: "other code")
+    other = prepare_data(DatasetConfig(name=str(SAMPLE_DATA)), tokenizer, 256)
+    assert {f["filename"] for f in first.train.cache_files} != {f["filename"] for f in other.train.cache_files}

@@ -1,7 +1,10 @@
 """Sources -> rows -> chat messages -> input_ids + labels, mixed and split, ready for TRL's SFTTrainer."""
 
+import functools
+import hashlib
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sftkit.data.formats import DataError, RowDefect, detect_format, to_messages, to_text, with_system
 from sftkit.data.load import jsonl_file, jsonl_line_numbers, load_source
@@ -156,6 +159,7 @@ class _Preparation:
                 "where": f"dataset {source.name}",
                 "jsonl": jsonl_file(source),
                 "skip_bad_rows": self.cfg.on_bad_row == "skip",
+                "code": code_digest(),
             },
         )
 
@@ -205,8 +209,19 @@ def _processes_for(rows: int) -> int | None:
     return min(cores, MAX_PROCESSES) if cores > 1 else None
 
 
+@functools.cache
+def code_digest() -> str:
+    """Of the code that prepares rows. datasets fingerprints a map by its function's name and arguments, not by the
+    code it calls (datasets 5.2), so an sftkit whose masks changed would reuse the rows an older one cached: this
+    digest is passed to the map as an argument for that reason alone."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _tokenize_row(row, index, tokenizer, format_name, system_prompt, answer_source, loss_on, kept, cut,
-                  source_position, where, jsonl, skip_bad_rows):
+                  source_position, where, jsonl, skip_bad_rows, code):
     try:
         if format_name == "text":
             tokens = tokenize_text(tokenizer, to_text(row))
