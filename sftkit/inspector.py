@@ -39,6 +39,8 @@ def _statistics(data, max_length: int) -> list[str]:
         f"rows read          {data.rows:,}",
         "rows dropped       " + ", ".join(f"{count} {reason}" for reason, count in data.dropped.items()),
         *(f"                   {problem}" for problem in data.problems),
+        *(["eval rows dropped  " + ", ".join(f"{count} {reason}" for reason, count in data.eval_dropped.items())]
+          if any(data.eval_dropped.values()) else []),
         f"rows kept          {len(data.train):,} train{eval_rows}",
         f"tokens per row     min {lengths[0]}, mean {statistics.mean(lengths):.1f}, median "
         f"{statistics.median(lengths):g}, p95 {lengths[int(0.95 * (len(lengths) - 1))]}, max {lengths[-1]}",

@@ -34,6 +34,7 @@ def build_summary(trainer, config, data, dtype, parameters: tuple[int, int], rep
         "eval_loss": eval_losses[-1] if eval_losses else None,
         "rows": data.rows,
         "rows_dropped": data.dropped,
+        "eval_rows_dropped": data.eval_dropped,
         "trainable_parameters": parameters[0],
         "total_parameters": parameters[1],
         "peak_memory_mib": _peak_memory(memory_mib()),

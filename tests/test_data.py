@@ -407,3 +407,18 @@ def test_training_data_is_tokenized_only_as_far_as_the_trainer_keeps_it(tokenize
                                   "--training.truncation_mode", "keep_end"])
     ends = prepare_for_training(keep_end.dataset, tokenizer, keep_end.training)  # whole rows, and every reply trains
     assert len(ends.train) == ends.rows > len(whole.train) and max(map(len, ends.train["input_ids"])) > 24
+
+
+def test_eval_rows_dropped_are_counted_apart_from_the_train_rows(tmp_path, tokenizer):
+    """An eval loss over the rows left is biased (the long ones went): the plan and summary say so."""
+    rows = [{"prompt": "Hi", "response": ""}, {"prompt": "Tell me " + "a very long story " * 30, "response": "No."},
+            *ROWS]
+    evaluation = SourceConfig(name=str(tmp_path / "eval.jsonl"))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = DatasetConfig(name=str(SAMPLE_DATA), max_samples=20, eval_sources=[evaluation], on_bad_row="skip")
+    data = prepare_data(config, tokenizer, max_length=40)
+    assert (len(data.train), len(data.eval)) == (20, len(ROWS))
+    assert data.dropped == {"bad rows": 0, "with nothing to train within max_seq_length": 0}
+    assert data.eval_dropped == {"bad rows": 1, "with nothing to train within max_seq_length": 1}
+    assert data.dropped_words() == ("; dropped from the eval data 1 bad rows, 1 with nothing to train within "
+                                    "max_seq_length")

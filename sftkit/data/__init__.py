@@ -40,13 +40,16 @@ class PreparedData:
     # token count of every kept train row, before truncation (keeping the start, up to the end of the turn it is cut in)
     lengths: list[int] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # what was wrong with the first skipped bad rows
+    eval_dropped: dict[str, int] = field(default_factory=dict)  # rows of eval_sources or eval_split dropped, by reason
 
     def dropped_words(self) -> str:
         """'; dropped 18 bad rows (the first: ...), ...' for the plan, before training; '' when none was dropped."""
         parts = [f"{count} {reason}" + (f" (the first: {self.problems[0]})" if reason == BAD_ROW and self.problems
                                         else "")
                  for reason, count in self.dropped.items() if count]
-        return f"; dropped {', '.join(parts)}" if parts else ""
+        eval_parts = [f"{count} {reason}" for reason, count in self.eval_dropped.items() if count]
+        return ((f"; dropped {', '.join(parts)}" if parts else "")
+                + (f"; dropped from the eval data {', '.join(eval_parts)}" if eval_parts else ""))
 
 
 def prepare_for_training(cfg: DatasetConfig, tokenizer, args):
@@ -105,6 +108,7 @@ def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42,
         sample_prompts=prepare.sample_prompts(evaluation[0] if evaluation is not None and len(evaluation) else train[0]),
         lengths=[len(ids) for ids in train["input_ids"]],
         problems=prepare.problems,
+        eval_dropped=prepare.eval_dropped,
     )
 
 
@@ -119,11 +123,12 @@ class _Preparation:
         self.raw: list[tuple] = []  # (rows, format, source) of each source prepared; rows name theirs by position
         self.rows_read = 0
         self.dropped = {BAD_ROW: 0, NOTHING_TO_TRAIN: 0}
+        self.eval_dropped = {BAD_ROW: 0, NOTHING_TO_TRAIN: 0}
         self.problems: list[str] = []
         self.tokenized: list[tuple] = []  # (position in raw, rows) of each train source, before any row is dropped
 
     def source(self, source: SourceConfig, key: str, train: bool = False, split: str | None = None):
-        """Tokenize one source (`key`: where it is in the config, for errors); only train sources are counted."""
+        """Tokenize one source (`key`: where it is in the config, for errors), counting the rows it drops."""
         rows = load_source(source, split, key)
         format_name = source.format or detect_format(rows.column_names, source.name)
         position = len(self.raw)
@@ -134,10 +139,11 @@ class _Preparation:
         if train:
             self.tokenized.append((position, tokenized))
             self.rows_read += len(rows)
-            problems = [problem for problem in tokenized["problem"] if problem]
-            self.dropped[BAD_ROW] += len(problems)
-            self.dropped[NOTHING_TO_TRAIN] += len(tokenized) - len(kept) - len(problems)
-            self.problems += problems[: 5 - len(self.problems)]
+        problems = [problem for problem in tokenized["problem"] if problem]
+        dropped = self.dropped if train else self.eval_dropped
+        dropped[BAD_ROW] += len(problems)
+        dropped[NOTHING_TO_TRAIN] += len(tokenized) - len(kept) - len(problems)
+        self.problems += problems[: 5 - len(self.problems)]
         return kept, format_name
 
     def tokenize(self, rows, format_name: str, source: SourceConfig, position: int, num_proc: int | None,
