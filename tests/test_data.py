@@ -238,6 +238,17 @@ def test_a_glob_under_the_home_directory_is_checked_and_loaded(tmp_path, tokeniz
     assert prepare_data(config.dataset, tokenizer, max_length=64).rows == 3
 
 
+def test_a_bad_row_of_a_glob_names_its_file_and_line(tmp_path, tokenizer):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    bad = {"prompt": "Hi", "response": ""}
+    (shards / "a.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    (shards / "b.jsonl").write_text(json.dumps(ROWS[0]) + "\n\n" + json.dumps(bad) + "\n")
+    with pytest.raises(DataError, match=re.escape(f"dataset {shards / 'b.jsonl'} line 3: message 1 (assistant) has "
+                                                  "empty content")):
+        prepare_data(DatasetConfig(name=str(shards / "*.jsonl")), tokenizer, max_length=64)
+
+
 def test_glob_directory_and_save_to_disk_sources(tmp_path, tokenizer):
     import datasets
 

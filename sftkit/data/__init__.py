@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sftkit.data.formats import DataError, RowDefect, detect_format, to_messages, to_text, with_system
-from sftkit.data.load import jsonl_file, jsonl_line_numbers, load_source
+from sftkit.data.load import jsonl_files, jsonl_place, load_source
 from sftkit.data.tokenize import IGNORE_INDEX, MaskError, tokenize_messages, tokenize_text
 from sftkit.schema import DatasetConfig, SourceConfig
 
@@ -163,7 +163,7 @@ class _Preparation:
                 "cut": self.max_length if truncate else None,
                 "source_position": position,
                 "where": f"dataset {source.name}",
-                "jsonl": jsonl_file(source),
+                "jsonl": jsonl_files(source),
                 "skip_bad_rows": self.cfg.on_bad_row == "skip",
                 "code": code_digest(),
             },
@@ -236,7 +236,10 @@ def _tokenize_row(row, index, tokenizer, format_name, system_prompt, answer_sour
             tokens = tokenize_messages(tokenizer, messages, loss_on, max_length=cut)
     except ValueError as error:
         # 1-based: the line of a .jsonl file, else the row
-        place = f"line {jsonl_line_numbers(jsonl)[index]}" if jsonl else f"row {index + 1}"
+        place = f"row {index + 1}"
+        if jsonl:
+            file, line = jsonl_place(jsonl, index)
+            where, place = (where if len(jsonl) == 1 else f"dataset {file}"), f"line {line}"
         if isinstance(error, UnicodeDecodeError):  # Arrow keeps the bytes and decodes them when the row is read
             problem = f"{where} {place}: not UTF-8 text ({error.reason} at byte {error.start})"
             fix = "save the file as UTF-8"

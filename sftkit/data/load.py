@@ -3,6 +3,7 @@
 import functools
 import glob
 import json
+import os
 from pathlib import Path
 
 from sftkit.data.formats import DataError
@@ -53,16 +54,31 @@ def load_source(source: SourceConfig, split: str | None = None, key: str = "data
     return rows
 
 
-def jsonl_file(source: SourceConfig) -> str | None:
-    """The file of a source that is one .jsonl file, whose errors can name the line; else None."""
-    if not source.name.endswith(".jsonl") or glob.has_magic(source.name):
+def jsonl_files(source: SourceConfig) -> list[str] | None:
+    """The .jsonl files of a source that is one such file or a glob of them, in the order their rows load, whose
+    errors can name the file and line; else None."""
+    if not source.name.endswith(".jsonl"):
         return None
-    return resolve_path(source.name)
+    try:
+        return local_files(source.name) or None
+    except DataError:
+        return None
+
+
+def jsonl_place(files: list[str], index: int) -> tuple[str, int]:
+    """The file and 1-based line of row `index` of the rows those .jsonl files hold, one after the other."""
+    for file in files:
+        lines = _line_numbers(file, os.stat(file).st_mtime_ns)
+        if index < len(lines):
+            return file, lines[index]
+        index -= len(lines)
+    raise IndexError(index)
 
 
 @functools.cache
-def jsonl_line_numbers(file: str) -> list[int]:
-    """The 1-based line number of each row of a .jsonl file (the loader skips blank lines)."""
+def _line_numbers(file: str, modified: int) -> list[int]:
+    """The 1-based line number of each row of a .jsonl file (the loader skips blank lines); by modification time,
+    so a file rewritten in this process is read again."""
     with open(file, "rb") as handle:
         return [number for number, line in enumerate(handle, 1) if line.strip()]
 
