@@ -88,7 +88,9 @@ def variants(attention: str) -> dict[str, dict]:
     # compiling, perhaps less speed; users turn it on with ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION=1
     table["lora-sftkit-regional-compile"] = {**lora, "regional_compile": True}
     table["qlora-8b-example-compile"] = {**table["qlora-8b-example"], "torch_compile": "true"}  # off by default
-    table["full-trl-same-settings"] = {**table["full-sftkit"], "side": "baseline"}
+    # sftkit trains full fine-tuning in bf16 with float32 weights (model.weights_dtype): the fair baseline does too
+    table["full-trl-same-settings"] = {**table["full-sftkit"], "side": "baseline", "float32_weights": True}
+    table["full-sftkit-bf16-weights"] = {**table["full-sftkit"], "dtype": "bfloat16"}  # pure bf16: half the states
     for method in ("lora", "full"):
         ours = table[f"{method}-sftkit"]
         table[f"{method}-sftkit-no-compile"] = {**ours, "torch_compile": "false"}
@@ -266,6 +268,7 @@ def _sftkit_trainer(spec, model_dir, data_file, seq_len, common):
     if "config" not in spec or spec.get("tiny"):
         overrides += ["--model.max_seq_length", str(seq_len)]
     for key, setting in (("attn", "model.attn_implementation"), ("cast_adapter_inputs", "model.cast_adapter_inputs"),
+                         ("dtype", "model.dtype"),
                          *((key, f"training.{key}") for key in (*FAST_SETTINGS, "pad_to_multiple_of"))):
         if key in spec:
             overrides += [f"--{setting}", spec[key]]
@@ -299,7 +302,8 @@ def _baseline_trainer(spec, model_dir, data_file, seq_len, common):
                      **common)
     dataset = load_dataset("json", data_files=data_file, split="train")
     dataset = dataset.map(to_prompt_completion, remove_columns=dataset.column_names)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if args.bf16 else torch.float32,
+    sixteen_bit = args.bf16 and not spec.get("float32_weights")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if sixteen_bit else torch.float32,
                                                  attn_implementation=spec.get("attn"))
     peft = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM") if spec["method"] == "lora" else None
     return SFTTrainer(model=model, args=args, train_dataset=dataset,

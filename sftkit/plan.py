@@ -17,7 +17,14 @@ from sftkit.compat import zero_model_states
 from sftkit.data import prepare_for_training
 from sftkit.errors import ConfigError
 from sftkit.fastpath import describe as describe_speed
-from sftkit.model import check_model_source, load_tokenizer, lora_config, resolve_dtype
+from sftkit.model import (
+    check_model_source,
+    load_tokenizer,
+    lora_config,
+    precision_words,
+    resolve_dtype,
+    weights_dtype,
+)
 from sftkit.paths import resolve_path
 from sftkit.rundir import OutputDir
 from sftkit.schema import RunConfig
@@ -86,7 +93,8 @@ def dry_run(config: RunConfig, overwrite: bool = False) -> str:
     counted = shape.total + (shape.trainable if config.model.use_lora else 0)  # with the adapters, as the run counts
     rows = [
         ("model", f"{config.model.path} ({shape.description})"),
-        ("method", f"{method} in {str(plan.dtype).removeprefix('torch.')}: {shape.trainable:,} of {counted:,} "
+        ("method", f"{method} in {precision_words(config.model, args, plan.dtype)}: {shape.trainable:,} of "
+                   f"{counted:,} "
                    f"parameters train ({100 * shape.trainable / counted:.2f}%)"),
         ("data", f"{data.rows} rows read, {len(data.train)} train{eval_rows}{data.dropped_words()}; {tokens:,} "
                  f"tokens per epoch, "
@@ -205,7 +213,8 @@ def estimate_memory(config: RunConfig, shape: ModelShape, dtype, zero: ZeroSetti
     Checked with today's defaults (compile, no casts; the 8B example at micro-batch 2 with Liger) on one H100:
     20.2, 21.3 and 15.3 GiB measured, within 2% (benchmarks/results/2026-11-27-h100.md).
     """
-    element = torch.finfo(dtype).bits // 8
+    element = torch.finfo(dtype).bits // 8  # of the activations
+    stored = torch.finfo(weights_dtype(config.model, config.training, dtype)).bits // 8  # of the weights
     cpu, gradients = 0.0, 0.0
     if zero.stage in (2, 3) and not config.model.use_lora:
         cpu, states = zero_model_states(zero.stage, shape.total, shape.largest_layer, world_size,
@@ -219,11 +228,11 @@ def estimate_memory(config: RunConfig, shape: ModelShape, dtype, zero: ZeroSetti
         if config.model.load_in_4bit:  # PEFT's k-bit preparation casts what stays unquantized to float32
             weights = shape.quantizable * 0.5625 + (shape.total - shape.quantizable) * 4
         else:
-            weights = shape.total * element
+            weights = shape.total * stored
         if zero.stage == 3:
             weights /= world_size
-        # LoRA adapters in float32 (PEFT), QLoRA's in bf16 (TRL 1.16 casts them), full fine-tuning in the dtype
-        trained_element = (2 if config.model.load_in_4bit else 4) if config.model.use_lora else element
+        # LoRA adapters in float32 (PEFT), QLoRA's in bf16 (TRL 1.16 casts them), full fine-tuning in its weights'
+        trained_element = (2 if config.model.load_in_4bit else 4) if config.model.use_lora else stored
         if config.model.use_lora:
             weights += shape.trainable * trained_element  # the adapters themselves
         optimizer = ADAM_STATES * (1 if "8bit" in str(config.training.optim) else trained_element)

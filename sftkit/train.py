@@ -29,12 +29,32 @@ from sftkit.errors import ConfigError, Interrupted, RunFailed
 from sftkit.export import export
 from sftkit.fastpath import describe as describe_speed
 from sftkit.inference import generate_reply
-from sftkit.model import check_model_source, load_model, load_tokenizer, lora_config, resolve_dtype
-from sftkit.monitor import MonitoredSFTTrainer, ProgressBar, SampleReplies, generates_on_every_process, memory_mib
+from sftkit.model import (
+    check_model_source,
+    load_model,
+    load_tokenizer,
+    lora_config,
+    precision_words,
+    resolve_dtype,
+    weights_dtype,
+)
+from sftkit.monitor import (
+    MonitoredSFTTrainer,
+    ProgressBar,
+    SampleReplies,
+    generates_on_every_process,
+    memory_mib,
+)
 from sftkit.paths import resolve_path
 from sftkit.peers import check_every_process_runs_the_same
 from sftkit.report import build_summary, report, write_report
-from sftkit.rundir import STAGING_DIR, OutputDir, check_free_space, export_bytes, refuse_before_claiming
+from sftkit.rundir import (
+    STAGING_DIR,
+    OutputDir,
+    check_free_space,
+    export_bytes,
+    refuse_before_claiming,
+)
 from sftkit.schema import RunConfig
 
 LAUNCHERS = ("accelerate", "torchrun", "deepspeed")
@@ -100,7 +120,7 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
     with args.main_process_first(desc="dataset preparation"):
         data = prepare_for_training(config.dataset, tokenizer, args)
     dtype = resolve_dtype(config.model, args)
-    model = load_model(config.model, dtype, args.gradient_checkpointing)
+    model = load_model(config.model, weights_dtype(config.model, args, dtype), args.gradient_checkpointing)
     timing = RecordRunInCheckpoints(config.resolved, earlier_progress(resume_from), started)
     trainer = _trainer(config, model, tokenizer, data, [timing], resumed=resume_from is not None)
     parameters = _count_parameters(trainer.model)
@@ -306,7 +326,7 @@ def _plan(config: RunConfig, data, dtype, trainable: int, total: int) -> str:
     method = config.model.method
     eval_rows = f", {len(data.eval)} eval rows" if data.eval is not None else ""
     return (
-        f"sftkit: {method} of {config.model.path} in {str(dtype).removeprefix('torch.')} "
+        f"sftkit: {method} of {config.model.path} in {precision_words(config.model, config.training, dtype)} "
         f"({trainable:,} of {total:,} parameters train)\n"
         f"        {describe_sources(config.dataset, data)}: {data.rows} rows, {len(data.train)} to train{eval_rows}"
         f"{data.dropped_words()}; "

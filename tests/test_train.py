@@ -70,6 +70,29 @@ def test_full_fine_tuning_learns_and_saves_exactly_the_trained_model(tmp_path):
     assert not (out / STAGING_DIR).exists()
 
 
+def changed_weights(model_dir) -> float:
+    """The share of the published weights that differ from the base's, at the published precision."""
+    from safetensors.torch import load_file
+
+    base, trained = load_file(TINY_MODEL / "model.safetensors"), load_file(model_dir / "model.safetensors")
+    changed = sum((value != base[name].to(value.dtype)).sum().item() for name, value in trained.items())
+    return changed / sum(value.numel() for value in trained.values())
+
+
+def test_full_fine_tuning_in_bf16_keeps_float32_weights_so_small_updates_are_not_lost(tmp_path, capsys):
+    """In bf16 weights AdamW's updates below 1/256 of a weight are lost: at learning rate 1e-5 most weights never
+    changed. With model.dtype auto the weights stay float32 (bf16 autocast) and the model is published in bf16."""
+    settings = ["--training.bf16", "true", "--training.learning_rate", "1e-5", "--training.warmup_steps", "0",
+                "--training.lr_scheduler_type", "constant", "--dataset.test_size", "null"]
+    run(tmp_path / "mixed", "default_train_config.yaml", *settings, steps=10)
+    assert "full fine-tuning of data/tiny-chat-llama in bfloat16 with float32 weights" in capsys.readouterr().out
+    run(tmp_path / "pure", "default_train_config.yaml", *settings, "--model.dtype", "bfloat16", steps=10)
+    mixed, pure = tmp_path / "mixed" / "out", tmp_path / "pure" / "out"
+    with safe_open(mixed / "model.safetensors", "pt") as weights:
+        assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.bfloat16}
+    assert changed_weights(mixed) > 0.4 and changed_weights(pure) < 0.2
+
+
 def test_lora_saves_the_adapter_and_a_merged_model_equal_to_base_plus_adapter(tmp_path):
     _, result = run(tmp_path, "lora_train_config.yaml")
     out = tmp_path / "out"
