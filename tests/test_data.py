@@ -238,6 +238,34 @@ def test_a_glob_under_the_home_directory_is_checked_and_loaded(tmp_path, tokeniz
     assert prepare_data(config.dataset, tokenizer, max_length=64).rows == 3
 
 
+@pytest.mark.parametrize("odd", [123, [{"type": "text", "text": "Hi"}]])
+def test_a_field_of_text_in_some_rows_and_other_values_in_others_is_refused(tmp_path, tokenizer, odd):
+    """datasets 5.2 reads such a field as JSON and turns the text of every row that parses as JSON into a value:
+    "4" trained as 4, '"Hello"' lost its quotes, and the error named line 1 for the odd line 13."""
+    replies = ["4", '{"name": "x"}', '"Hello"', "Hi!"] * 3
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": reply}]}
+            for reply in replies] + [{"messages": [{"role": "user", "content": odd}, {"role": "assistant", "content": "ok"}]}]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(DataError, match=re.escape(f"dataset {path} line 13: messages[].content is a "
+                                                  f"{type(odd).__name__} where other rows have text, so datasets would "
+                                                  "read that field as JSON and change text that looks like JSON ('4' "
+                                                  "on line 1 into 4)")):
+        prepare_data(DatasetConfig(name=str(path), on_bad_row="skip"), tokenizer, max_length=64)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows[:-1]))
+    data = prepare_data(DatasetConfig(name=str(path), test_size=None), tokenizer, max_length=64)
+    assert [tokenizer.decode([token for token, label in zip(row["input_ids"], row["labels"]) if label != -100])
+            for row in data.train][:4] == [reply + "<|im_end|>" for reply in replies[:4]]
+
+
+def test_csv_cells_reading_none_or_na_are_text(tmp_path, tokenizer):
+    (tmp_path / "rows.csv").write_text("prompt,response\nIs 4 prime? One word.,None\nAnd 9?,NA\nEmpty,\n")
+    data = prepare_data(DatasetConfig(name=str(tmp_path / "rows.csv"), on_bad_row="skip", test_size=None), tokenizer,
+                        max_length=64)
+    assert len(data.train) == 2 and data.problems == [f"dataset {tmp_path / 'rows.csv'} row 3: column 'response' "
+                                                       "is empty"]
+
+
 def test_a_bad_row_of_a_glob_names_its_file_and_line(tmp_path, tokenizer):
     shards = tmp_path / "shards"
     shards.mkdir()

@@ -11,6 +11,9 @@ from sftkit.paths import local_splits, looked_in, looks_local, resolve_glob, res
 from sftkit.schema import SourceConfig
 
 LOCAL_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+# pandas reads cells holding None, null, NA or nan as missing by default: in a chat dataset they are text. Only an
+# empty cell is missing.
+READER_OPTIONS = {"csv": {"keep_default_na": False, "na_values": [""]}}
 
 
 def load_source(source: SourceConfig, split: str | None = None, key: str = "dataset"):
@@ -101,12 +104,15 @@ def _load(source: SourceConfig, split: str, key: str, split_key: str):
             raise DataError(f"{split_key}: {split!r} is not a split of {source.name}: local files have one split, "
                             f"train; {fix}")
         try:
-            return load_dataset(builder, data_files=files, split="train")  # local files load as one "train" split
+            rows = load_dataset(builder, data_files=files, split="train",  # local files load as one "train" split
+                                **READER_OPTIONS.get(builder, {}))
         except Exception:
             problem = next(filter(None, map(_json_problem, files)), None) if builder == "json" else None
             if problem:
                 raise DataError(f"dataset {problem}; fix or remove that line") from None
             raise
+        _refuse_values_read_as_json(rows.features, source.name, files)
+        return rows
     path = Path(resolve_path(source.name))
     if looks_local(source.name) and not path.exists():  # never sent to the hub (see looks_local)
         raise DataError(f"{key}.name: {source.name} does not exist{looked_in(source.name)}")
@@ -118,9 +124,78 @@ def _load(source: SourceConfig, split: str, key: str, split_key: str):
         saved = load_from_disk(str(path))
         return saved[split] if isinstance(saved, DatasetDict) else saved
     if path.is_dir():
-        _one_file_type(source.name, [str(file) for file in path.iterdir() if file.suffix in LOCAL_FILE_BUILDERS])
-        return load_dataset(str(path), split=split)
-    return load_dataset(source.name, source.subset, split=split)
+        files = sorted(str(file) for file in path.iterdir() if file.suffix in LOCAL_FILE_BUILDERS)
+        builder = _one_file_type(source.name, files)
+        rows = load_dataset(str(path), split=split, **READER_OPTIONS.get(builder, {}))
+    else:
+        rows = load_dataset(source.name, source.subset, split=split)
+        files = []
+    _refuse_values_read_as_json(rows.features, source.name, files)
+    return rows
+
+
+def _refuse_values_read_as_json(features, name: str, files: list[str]) -> None:
+    """datasets 5.2 reads a field that holds text in some rows and other values (a number, content parts) in others
+    as JSON, and then turns each row's text there that parses as JSON into a value: "4" into 4, '"Hi"' into Hi. A
+    file where that would happen is refused, naming the line whose value is not text, before any row is read wrong.
+    (Text that does not parse as JSON comes back unchanged, and the rows' own checks name what is wrong.)"""
+    for path in _json_fields(features):
+        field = "".join(f".{part}" if part else "[]" for part in path).lstrip(".")
+        odd, changed = None, None
+        for file in files:
+            for number, row in _json_lines(file):
+                for value in _values_at(row, path):
+                    if odd is None and not isinstance(value, (str, type(None))):
+                        odd = (file, number, type(value).__name__)
+                    elif changed is None and isinstance(value, str) and _parses_as_json(value):
+                        changed = (file, number, value)
+        if odd and changed:
+            (file, number, kind), (_, line, text) = odd, changed
+            raise DataError(f"dataset {file} line {number}: {field} is a {kind} where other rows have text, so "
+                            f"datasets would read that field as JSON and change text that looks like JSON ({text!r} "
+                            f"on line {line} into {json.loads(text)!r}); make it text, or remove that row")
+
+
+def _json_lines(file: str):
+    """(line number, row) of each line of a JSON Lines file; nothing for a document spread over lines."""
+    with open(file, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                try:
+                    yield number, json.loads(line)
+                except ValueError:
+                    return
+
+
+def _parses_as_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _json_fields(features, path: tuple = ()):
+    """The paths of the fields datasets reads as JSON, e.g. ('messages', '', 'content') ('' for a list's items)."""
+    from datasets import Json, LargeList, List, Sequence
+
+    if isinstance(features, Json):
+        yield path
+    elif isinstance(features, dict):
+        for key, feature in features.items():
+            yield from _json_fields(feature, (*path, key))
+    elif isinstance(features, (List, LargeList, Sequence)):
+        yield from _json_fields(features.feature, (*path, ""))
+
+
+def _values_at(value, path: tuple):
+    if not path:
+        yield value
+    elif path[0] == "" and isinstance(value, list):
+        for item in value:
+            yield from _values_at(item, path[1:])
+    elif path[0] and isinstance(value, dict) and path[0] in value:
+        yield from _values_at(value[path[0]], path[1:])
 
 
 def _one_file_type(name: str, files: list[str]) -> str | None:
