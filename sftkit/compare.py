@@ -57,6 +57,9 @@ def _check_paths(args) -> None:
         raise ConfigError(f"--prompts {args.prompts} is not a file; give a text file with one prompt per line")
     if args.prompts and not _read_prompts(args.prompts):
         raise ConfigError(f"--prompts {args.prompts} holds no prompt; write one prompt per line")
+    if args.out and Path(args.out).exists():  # the default report file in the run's directory is compare's own
+        raise ConfigError(f"--out {args.out} exists already; choose another path (compare never replaces a file "
+                          "it is given)")
     if args.out and not Path(args.out).parent.is_dir():
         raise ConfigError(f"--out {args.out}: the directory {Path(args.out).parent} does not exist; create it or "
                           "choose another path")

@@ -168,12 +168,15 @@ def test_the_chats_generation_options_are_checked_before_the_model_loads(option,
     (["--out", "nodir/x.md"], "--out nodir/x.md: the directory nodir does not exist; create it or choose another path"),
     (["--loss_rows", "0"], "--loss_rows 0: give 1 or more"),
     (["--prompts", "blank.txt"], "--prompts blank.txt holds no prompt; write one prompt per line"),
+    (["--out", "blank.txt"], "--out blank.txt exists already; choose another path (compare never replaces a file it "
+                             "is given)"),
 ])
 def test_compare_refuses_bad_options_in_one_line_before_generating(tmp_path, options, expected, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "blank.txt").write_text("\n  \n")
     assert compare.main([str(tmp_path), *options]) == 2
     assert capsys.readouterr().err == f"sftkit.compare: error: {expected}\n"
+    assert (tmp_path / "blank.txt").read_text() == "\n  \n"
 
 
 def test_an_adapter_is_loaded_on_the_revision_of_the_base_it_trained_on(tmp_path):
