@@ -209,11 +209,26 @@ def path_errors(model: ModelConfig, dataset: DatasetConfig, training: Any) -> li
                           "a Jinja file, or the template itself")
     sources = [("dataset", dataset)] if not dataset.sources else []
     sources += [(f"dataset.sources[{index}]", source) for index, source in enumerate(dataset.sources or [])]
+    evaluation = [(f"dataset.eval_sources[{index}]", source) for index, source in enumerate(dataset.eval_sources or [])]
     for key, source in sources:
         errors += _source_errors(key, source, dataset.eval_split)
-    for index, source in enumerate(dataset.eval_sources or []):
-        errors += _source_errors(f"dataset.eval_sources[{index}]", source, None)
-    return errors
+    for key, source in evaluation:
+        errors += _source_errors(key, source, None)
+    output_dir = training.get("output_dir") if isinstance(training, dict) else None
+    return errors + (_output_dir_among_data(output_dir, sources + evaluation) if isinstance(output_dir, str) else [])
+
+
+def _output_dir_among_data(output_dir: str, sources: list[tuple]) -> list[str]:
+    """A directory of data files is read whole, subdirectories included: the .json files a run writes there would be
+    read as rows by this run's export and by every later run."""
+    out = Path(output_dir).expanduser().resolve()
+    for key, source in sources:
+        data = Path(resolve_path(source.name)).resolve() if source.name and not glob.has_magic(source.name) else None
+        if data is not None and data.is_dir() and (out == data or data in out.parents):
+            where = "the data directory" if out == data else "inside the data directory"
+            return [f"training.output_dir: {output_dir} is {where} of {key}.name ({source.name}), which would read "
+                    "the run's own files as rows; choose an output_dir outside it"]
+    return []
 
 
 def _source_errors(key: str, source: SourceConfig, eval_split: str | None) -> list[str]:

@@ -315,6 +315,9 @@ def test_override_values_that_are_not_yaml_are_the_text_typed(tmp_path):
     assert config.dataset.system_prompt == "Note: be brief: always"
     assert load_config(write(tmp_path, MINIMAL), ["--dataset.system_prompt", "Note: be brief"]).dataset.system_prompt == "Note: be brief"
     assert load_config(write(tmp_path, MINIMAL), ["--dataset.column_map", "{q: prompt}"]).dataset.column_map == {"q": "prompt"}
+    for text in ("#1 rule: be brief", "Answer in English #always", "# only"):  # YAML would drop them as comments
+        assert load_config(write(tmp_path, MINIMAL), ["--dataset.system_prompt", text]).dataset.system_prompt == text
+    assert load_config(write(tmp_path, MINIMAL), ["--training.output_dir", "out #3"]).training.output_dir == "out #3"
     with pytest.raises(ConfigError, match=r"override --dataset.sample_prompts: '\[Hi, there' is not a valid YAML list .*quote it"):
         load_config(write(tmp_path, MINIMAL), ["--dataset.sample_prompts", "[Hi, there"])
 
@@ -386,6 +389,20 @@ def test_local_paths_are_checked_and_hub_ids_are_not(tmp_path):
     assert "model.path: ./nowhere does not exist" in message
     assert "dataset.name: the pattern data/*.csv matches no file" in message
     assert "dataset.eval_sources[0].split: 'test' is not a split of data/sample_chat.jsonl" in message
+
+
+@pytest.mark.parametrize("output_dir", ["shards", "shards/run"])
+def test_an_output_dir_in_a_directory_of_data_is_refused(tmp_path, monkeypatch, output_dir):
+    """The run's sftkit_run.json there was read as rows: the run, and every later one on that data, failed with
+    "Couldn't cast"."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "a.jsonl").write_text('{"prompt": "Hi", "response": "Hello!"}\n')
+    where = "the data directory" if output_dir == "shards" else "inside the data directory"
+    with pytest.raises(ConfigError, match=f"training.output_dir: {output_dir} is {where} of dataset.name \\(shards\\), "
+                                          "which would read the run's own files as rows; choose an output_dir outside it"):
+        load_config(write(tmp_path, MINIMAL), ["--dataset.name", "shards", "--training.output_dir", output_dir])
+    assert load_config(write(tmp_path, MINIMAL), ["--dataset.name", "shards", "--training.output_dir", "out"])
 
 
 @pytest.mark.parametrize(("section", "cls"), [("model", "ModelConfig"), ("dataset", "DatasetConfig")])
