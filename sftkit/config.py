@@ -60,7 +60,8 @@ def parse_overrides(args: list[str]) -> dict:
 def _parse_value(key: str, value: str) -> Any:
     """An override's value as YAML (numbers, lists, true); text that is not YAML is the text the user typed,
     unless it starts like a list or a mapping (a Jinja template starts with {{ or {%: that is text). So is prose
-    with a colon ("Note: be brief"), which YAML would read as a mapping: a mapping is written {key: value}."""
+    with a colon ("Note: be brief"), which YAML would read as a mapping: a mapping is written {key: value}. A `#`
+    starts no comment there."""
     try:
         parsed = yaml.safe_load(value)
     except yaml.YAMLError as error:
@@ -70,7 +71,12 @@ def _parse_value(key: str, value: str) -> Any:
                               f"({getattr(error, 'problem', None) or str(error).splitlines()[0]}); fix it, or to "
                               f"pass it as text quote it inside the shell quotes: '\"{value}\"'") from None
         return value
-    return value if isinstance(parsed, dict) and not value.lstrip().startswith("{") else parsed
+    if isinstance(parsed, dict) and not value.lstrip().startswith("{"):
+        return value
+    # YAML drops a comment: `out #3` would be `out`, and `#1 rule: be brief` nothing. On the command line it is text.
+    if "#" in value and (parsed is None or isinstance(parsed, str)) and parsed != value:
+        return value
+    return parsed
 
 
 def merge(base: dict, overrides: dict) -> dict:
