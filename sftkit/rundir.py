@@ -244,8 +244,10 @@ class OutputDir:
             self._refuse_a_live_holder((self.path / LOCK_FILE).read_text(), self.path / LOCK_FILE)
         contents = self._contents_this_run_may_take(overwrite, resume)
         earlier = contents.describe()
-        if overwrite and earlier:
-            return f"{self.path} (--overwrite: the run first removes what the earlier run wrote: {earlier})"
+        if overwrite and earlier:  # as _remove_earlier_run does: files sftkit did not write stay
+            removed = Contents(contents.models, contents.checkpoints, contents.ours).describe() or "nothing"
+            kept = f"; keeps files sftkit did not write ({_some(contents.foreign, 3)})" if contents.foreign else ""
+            return f"{self.path} (--overwrite: the run first removes what the earlier run wrote: {removed}{kept})"
         return f"{self.path} ({'new' if not self.path.exists() else 'holds ' + earlier if earlier else 'empty'})"
 
     def _contents_this_run_may_take(self, overwrite: bool, resume) -> "Contents":

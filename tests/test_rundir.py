@@ -272,6 +272,7 @@ def test_the_dry_run_refuses_what_the_run_refuses_and_writes_nothing(finished, t
     """The dry run checks output_dir and the checkpoint to resume as the run does, without creating, locking or
     removing anything, and says what the run would do there."""
     out = copy_of(finished, tmp_path)
+    (out / "notes.txt").write_text("the user's own")
     before = contents(out)
     refused = one_line_error(run_sft("--dry-run", "--training.output_dir", str(out), *SHORT, check=False))
     run = one_line_error(run_sft("--training.output_dir", str(out), *SHORT, check=False))
@@ -279,6 +280,7 @@ def test_the_dry_run_refuses_what_the_run_refuses_and_writes_nothing(finished, t
     plan = run_sft("--dry-run", "--overwrite", "--training.output_dir", str(out), *SHORT).stdout
     assert f"output             {out} (--overwrite: the run first removes what the earlier run wrote: a trained " \
            "model (config.json" in plan
+    assert plan.rstrip().endswith("; keeps files sftkit did not write (notes.txt))")  # as the run keeps them
     resume = ["--training.save_strategy", "steps", "--training.save_steps", "2", "--training.resume_from_checkpoint",
               "true"]
     assert "is step 3, at or past the end of this run (training.max_steps 3): nothing is left to train" in one_line_error(
