@@ -385,6 +385,10 @@ class OutputDir:
                 "choose another training.output_dir"]
         if STAGING_DIR in contents.models:  # the trained weights, kept when the export failed
             ways.insert(0, f"finish its export with python -m sftkit.export {self.path}")
+        elif contents.checkpoints and same_config and earlier.get("status") == "finished":
+            # its last checkpoint is its last step, from which a resume has nothing left to train
+            ways.insert(0, "train it longer with --training.resume_from_checkpoint true and a higher "
+                           "training.max_steps or num_train_epochs")
         elif contents.checkpoints and same_config:
             ways.insert(0, "continue it with --training.resume_from_checkpoint true")
         elif contents.checkpoints and earlier is not None:

@@ -277,6 +277,8 @@ def test_the_dry_run_refuses_what_the_run_refuses_and_writes_nothing(finished, t
     refused = one_line_error(run_sft("--dry-run", "--training.output_dir", str(out), *SHORT, check=False))
     run = one_line_error(run_sft("--training.output_dir", str(out), *SHORT, check=False))
     assert refused == run and "already holds a trained model" in refused
+    # its checkpoint-3 is its last step: resuming as such would be refused, so the way is to train longer
+    assert "train it longer with --training.resume_from_checkpoint true and a higher training.max_steps" in refused
     plan = run_sft("--dry-run", "--overwrite", "--training.output_dir", str(out), *SHORT).stdout
     assert f"output             {out} (--overwrite: the run first removes what the earlier run wrote: a trained " \
            "model (config.json" in plan
