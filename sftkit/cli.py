@@ -29,7 +29,7 @@ class _OneLineErrors(argparse.ArgumentParser):
 def main(argv: list[str] | None = None, prog: str = "sft.py") -> int:
     parser = _OneLineErrors(
         prog=prog,
-        usage=f"{prog} [CONFIG] [options] [--section.key value ...]" if prog == "sftkit train" else None,
+        usage=f"{prog} [CONFIG] [options] [--section.key value ...]",
         description="Fine-tune a causal LM on chat data from a YAML config. `python sft.py env` reports the "
                     "environment for a bug report.",
         epilog="Any config key can be overridden: --training.learning_rate 1e-4 --model.use_lora true. "
@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None, prog: str = "sft.py") -> int:
 
         print(report())
         return 0
+    if argv and not argv[0].startswith("-"):  # `sft.py my.yaml`, as `sftkit train my.yaml`
+        argv = ["--config", argv[0], *argv[1:]]
     args, overrides = parser.parse_known_args(argv)
     use_expandable_segments()  # before anything starts CUDA
     watch(prog)  # under several machines: a failure on another one stops this one at once
@@ -155,8 +157,6 @@ def sftkit(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command, rest = (argv[0], argv[1:]) if argv else ("--help", [])
     if command == "train":
-        if rest and not rest[0].startswith("-"):
-            rest = ["--config", rest[0], *rest[1:]]
         return main(rest, prog="sftkit train")
     if command == "init":
         return init(rest)

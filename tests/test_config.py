@@ -434,3 +434,11 @@ def test_an_unknown_sftkit_command_is_named_in_one_line(capsys):
     assert capsys.readouterr().err == ("sftkit: error: unknown command 'nosuch'; the commands are train, init, env, "
                                        "chat, compare, webchat, export (sftkit --help)\n")
     assert sftkit(["--help"]) == 0 and capsys.readouterr().out.startswith("usage: sftkit COMMAND")
+
+
+def test_sft_py_takes_the_config_as_its_first_argument_as_sftkit_train_does(tmp_path, capsys):
+    from sftkit.cli import main
+
+    assert main(["lora_train_config.yaml", "--dry-run", "--training.output_dir", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "Dry run of " in out and "lora_train_config.yaml" in out.splitlines()[0] and "LoRA" in out
