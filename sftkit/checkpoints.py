@@ -16,6 +16,7 @@ from sftkit.rundir import (
     input_digests,
     is_checkpoint,
     read_run_record,
+    readable_like_other_files,
     run_record,
     write_json,
 )
@@ -232,6 +233,7 @@ class RecordRunInCheckpoints(TrainerCallback):
         if state.is_world_process_zero and checkpoint.is_dir():
             write_json(checkpoint / RUN_FILE, run_record(self.resolved, step=state.global_step,
                                                          world_size=args.world_size, **self.seconds()))
+            readable_like_other_files(checkpoint)
 
 
 def newest_resumable(output_dir: Path) -> Path | None:

@@ -24,7 +24,16 @@ import yaml
 from sftkit.config import read_section
 from sftkit.environment import STACK
 from sftkit.errors import ConfigError, RunFailed
-from sftkit.rundir import RUN_FILE, STAGING_DIR, OutputDir, check_free_space, export_bytes, read_run_record, write_json
+from sftkit.rundir import (
+    RUN_FILE,
+    STAGING_DIR,
+    OutputDir,
+    check_free_space,
+    export_bytes,
+    read_run_record,
+    readable_like_other_files,
+    write_json,
+)
 from sftkit.schema import ModelConfig
 
 ADAPTER_DIR = "lora_weights"
@@ -221,16 +230,7 @@ def _publish(staging: Path, output_dir: Path) -> None:
         item.rename(target)
     manifest.unlink()
     staging.rmdir()
-    _readable_like_other_files(output_dir)
-
-
-def _readable_like_other_files(directory: Path) -> None:
-    """safetensors writes its files with mode 0600; give them the mode every other file gets (0644 under the
-    usual umask), so a model shared on a cluster's filesystem can be read by the team."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for file in [*directory.glob("*.safetensors"), *directory.glob(f"{ADAPTER_DIR}/*.safetensors")]:
-        file.chmod(0o666 & ~umask)
+    readable_like_other_files(output_dir, output_dir / ADAPTER_DIR)
 
 
 def saved_dtypes(directory: Path) -> list[str]:

@@ -139,6 +139,16 @@ def _digest(path: Path, whole: bool = False, whole_below: int = 32 * 2**20, chun
     return _DIGESTS[key]
 
 
+def readable_like_other_files(*directories: Path) -> None:
+    """safetensors writes its files with mode 0600; give them the mode every other file gets (0644 under the
+    usual umask), so a model or checkpoint shared on a cluster's filesystem can be read, and resumed, by the team."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for directory in directories:
+        for file in directory.glob("*.safetensors"):
+            file.chmod(0o666 & ~umask)
+
+
 def read_run_record(directory: Path) -> dict | None:
     try:
         return json.loads((Path(directory) / RUN_FILE).read_text())

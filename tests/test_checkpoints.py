@@ -143,3 +143,10 @@ def test_a_resume_onto_rows_prepared_another_way_warns(with_checkpoints, tmp_pat
     assert checkpoint_to_resume(str(checkpoint), tmp_path, resolved, 1) == str(checkpoint)
     assert (f"checkpoint-2 was trained on rows prepared by an sftkit of another data preparation (1, now {PREPARATION})"
             in capsys.readouterr().out)
+
+
+def test_checkpoints_are_readable_like_the_other_files_of_the_run(with_checkpoints):
+    """safetensors writes 0600: a teammate on the same filesystem could not read, or resume, the checkpoints."""
+    for checkpoint in with_checkpoints.glob("checkpoint-*"):
+        mode = (checkpoint / "trainer_state.json").stat().st_mode & 0o777
+        assert (checkpoint / "model.safetensors").stat().st_mode & 0o777 == mode == 0o644
