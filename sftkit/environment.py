@@ -88,7 +88,7 @@ def _bitsandbytes_check() -> tuple[str, str, str]:
         return "FAIL", "bitsandbytes", f"import failed ({type(error).__name__}: {error}); QLoRA will not work"
     backend = cextension.BNB_BACKEND
     if backend == "CPU":
-        return "ok", "bitsandbytes", "CPU backend: 4-bit (QLoRA) works, slowly; 8-bit optimizers need a GPU"
+        return "ok", "bitsandbytes", "CPU backend: 4-bit (QLoRA) and 8-bit optimizers work, slowly"
     return "ok", "bitsandbytes", f"{backend} backend"
 
 

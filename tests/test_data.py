@@ -168,6 +168,13 @@ def test_unknown_columns_and_missing_files_are_clear(tmp_path, tokenizer):
     (tmp_path / "rows.txt").write_text("hello")
     with pytest.raises(DataError, match="files must all be one of .jsonl, .json, .csv, .parquet"):
         prepare_data(DatasetConfig(name=str(tmp_path / "rows.txt")), tokenizer, max_length=64)
+    (tmp_path / "document.json").write_text(json.dumps({"data": [{"prompt": "Hi", "response": "Yo"}]}))
+    with pytest.raises(DataError, match=re.escape("its one column 'data'; if it is a JSON document with the rows "
+                                                  'under that key ({"data": [rows]}), save the rows themselves')):
+        prepare_data(DatasetConfig(name=str(tmp_path / "document.json")), tokenizer, max_length=64)
+    (tmp_path / "blank.jsonl").write_text("\n  \n")  # datasets said: Instruction "train" corresponds to no data
+    with pytest.raises(DataError, match="blank.jsonl: the file is empty"):
+        prepare_data(DatasetConfig(name=str(tmp_path / "blank.jsonl")), tokenizer, max_length=64)
 
 
 def test_test_size_too_large_for_the_data_is_clear(tmp_path, tokenizer):

@@ -92,6 +92,10 @@ def detect_format(columns: list[str], source: str) -> str:
     for name, required in SIGNATURES:
         if required <= set(columns):
             return name
+    if len(columns) == 1:  # a JSON document {"data": [rows]} reads as one row of one column
+        raise DataError(f"{source}: cannot tell the dataset format from its one column {columns[0]!r}; if it is a "
+                        f"JSON document with the rows under that key ({{\"{columns[0]}\": [rows]}}), save the rows "
+                        "themselves as a JSON list or as JSON Lines; else rename columns with column_map")
     raise DataError(
         f"{source}: cannot tell the dataset format from its columns {columns}; set its format to one of "
         f"{', '.join(name for name, _ in SIGNATURES)}, or rename columns with column_map"

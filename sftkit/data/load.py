@@ -96,7 +96,8 @@ def _load(source: SourceConfig, split: str, key: str, split_key: str):
             raise DataError(f"dataset {source.name}: files must all be one of {', '.join(LOCAL_FILE_BUILDERS)}"
                             + (f"; {Path(unknown[0]).name} is not" if len(files) > 1 else ""))
         builder = _one_file_type(source.name, files)
-        if all(Path(file).stat().st_size == 0 for file in files):
+        if all(not Path(file).read_bytes().strip() if Path(file).suffix == ".jsonl" else Path(file).stat().st_size == 0
+               for file in files):
             raise DataError(f"dataset {source.name}: {'the file is' if len(files) == 1 else 'its files are'} empty")
         if split != "train":
             fix = ("hold out rows with dataset.test_size, or evaluate on dataset.eval_sources"
