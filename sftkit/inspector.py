@@ -20,7 +20,7 @@ def inspect(config: RunConfig, samples: int = 3, color: bool | None = None) -> s
     args = config.training
     tokenizer = load_tokenizer(config.model, config.dataset)
     data = prepare_for_training(config.dataset, tokenizer, args)
-    lines = [f"sftkit inspect: {config.source}, tokenizer {config.model.path}", *_statistics(data, args.max_length)]
+    lines = [f"sftkit inspect: {config.source}, tokenizer {config.model.path}", *_statistics(data, args)]
     for index in range(min(samples, len(data.train))):
         row = data.train[index]
         lines += ["", f"--- sample {index} ({len(row['input_ids'])} tokens; trained tokens "
@@ -31,9 +31,9 @@ def inspect(config: RunConfig, samples: int = 3, color: bool | None = None) -> s
     return "\n".join(lines)
 
 
-def _statistics(data, max_length: int) -> list[str]:
+def _statistics(data, args) -> list[str]:
     lengths = sorted(data.lengths)
-    kept_tokens = sum(min(length, max_length) for length in lengths)
+    kept_tokens, cut_rows = data.kept(args)
     eval_rows = f", {len(data.eval)} eval" if data.eval is not None else ""
     lines = [
         f"rows read          {data.rows:,}",
@@ -45,7 +45,8 @@ def _statistics(data, max_length: int) -> list[str]:
         f"tokens per row     min {lengths[0]}, mean {statistics.mean(lengths):.1f}, median "
         f"{statistics.median(lengths):g}, p95 {lengths[int(0.95 * (len(lengths) - 1))]}, max {lengths[-1]}",
         f"tokens that train  {data.trainable_tokens:,} of {kept_tokens:,} ({100 * data.trainable_tokens / kept_tokens:.1f}%)",
-        f"rows truncated     {sum(length > max_length for length in lengths)} longer than max_seq_length {max_length}",
+        f"rows truncated     {cut_rows} longer than max_seq_length {args.max_length}"
+        + (" (packing splits them instead)" if cut_rows == 0 and lengths[-1] > args.max_length else ""),
     ]
     return lines
 

@@ -89,7 +89,7 @@ def dry_run(config: RunConfig, overwrite: bool = False) -> str:
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
     method = config.model.method
     eval_rows = f" / {len(data.eval)} eval" if data.eval is not None else ""
-    tokens = sum(data.lengths)
+    tokens, long_rows = data.kept(args)
     counted = shape.total + (shape.trainable if config.model.use_lora else 0)  # with the adapters, as the run counts
     rows = [
         ("model", f"{config.model.path} ({shape.description})"),
@@ -99,7 +99,8 @@ def dry_run(config: RunConfig, overwrite: bool = False) -> str:
         ("data", f"{data.rows} rows read, {len(data.train)} train{eval_rows}{data.dropped_words()}; {tokens:,} "
                  f"tokens per epoch, "
                  f"{data.trainable_tokens:,} of them trained; longest row {max(data.lengths)} tokens "
-                 f"(max_seq_length {args.max_length})"
+                 f"(max_seq_length {args.max_length}"
+                 + (f": {long_rows} row{'s are' if long_rows > 1 else ' is'} cut to it)" if long_rows else ")")
                  + (f"; packed into {plan.train_rows} rows" if args.packing else "")),
         ("batch", f"{args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation "
                   f"x {world_size} process{'es' if world_size > 1 else ''} = {batch} rows per step"),

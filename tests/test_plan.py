@@ -221,3 +221,14 @@ def test_the_memory_estimate_is_within_20_percent_of_what_a_gpu_measured(tmp_pat
     memory = build_plan(config).memory
     estimate_gib = memory.peak / 2**30
     assert 0.8 < estimate_gib / measured_gib < 1.2, memory.description
+
+
+def test_the_dry_run_counts_the_tokens_the_trainer_keeps_as_inspect_does(tmp_path):
+    """It counted rows before truncation: 600,228 tokens per epoch for a file with one huge row, --inspect 440."""
+    overrides = ["--training.output_dir", str(tmp_path / "out"), "--model.max_seq_length", "48"]
+    data = plan_value(run_sft("--dry-run", *overrides).stdout, "data")
+    inspected = run_sft("--inspect", "0", *overrides).stdout
+    kept = re.search(r"tokens that train  [\d,]+ of ([\d,]+)", inspected).group(1)
+    cut = re.search(r"rows truncated     (\d+) longer", inspected).group(1)
+    assert f"; {kept} tokens per epoch, " in data and f"(max_seq_length 48: {cut} rows are cut to it)" in data
+    assert int(cut) > 0

@@ -42,6 +42,14 @@ class PreparedData:
     problems: list[str] = field(default_factory=list)  # what was wrong with the first skipped bad rows
     eval_dropped: dict[str, int] = field(default_factory=dict)  # rows of eval_sources or eval_split dropped, by reason
 
+    def kept(self, args) -> tuple[int, int]:
+        """(tokens of an epoch the trainer keeps, rows it cuts to max_length): long rows are cut unless packing
+        splits them (trainer_keeps)."""
+        if trainer_keeps(args) == "all":
+            return sum(self.lengths), 0
+        return (sum(min(length, args.max_length) for length in self.lengths),
+                sum(length > args.max_length for length in self.lengths))
+
     def dropped_words(self) -> str:
         """'; dropped 18 bad rows (the first: ...), ...' for the plan, before training; '' when none was dropped."""
         parts = [f"{count} {reason}" + (f" (the first: {self.problems[0]})" if reason == BAD_ROW and self.problems
