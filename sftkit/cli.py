@@ -179,11 +179,13 @@ def init(argv: list[str]) -> int:
     parser = _OneLineErrors(prog="sftkit init", description=init.__doc__)
     parser.add_argument("file", help="the config to write, e.g. my_run.yaml")
     parser.add_argument("--from", "--config", dest="source", default="lora",
-                        help="the shipped config to start from: default, lora, qlora, or an example's name "
-                             "(llama3.1_8b_qlora, qwen2.5_1.5b_full, tinyllama_1.1b_chat_lora)")
+                        help="the shipped config to start from (default: lora): default, lora, qlora, or an "
+                             "example's name (llama3.1_8b_qlora, qwen2.5_1.5b_full, tinyllama_1.1b_chat_lora)")
     args = parser.parse_args(argv)
     target = Path(args.file if args.file.endswith((".yaml", ".yml")) else f"{args.file}.yaml")
     try:
+        if Path(args.file).suffix not in ("", ".yaml", ".yml"):
+            raise ConfigError(f"{args.file}: a config is a YAML file; give a name ending in .yaml, or none")
         source = _shipped_config(args.source)
         if target.exists():
             raise ConfigError(f"{target} exists already; choose another name (sftkit init never replaces a file)")

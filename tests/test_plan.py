@@ -133,6 +133,9 @@ def test_env_and_init_answer_a_mistyped_argument_in_one_line(tmp_path):
     assert init.returncode == 2 and init.stderr.count("\n") == 1 and "see sftkit init --help" in init.stderr
     run_python("-m", "sftkit", "init", str(tmp_path / "mine.yaml"), "--config", "qlora")  # --config as train has it
     assert (tmp_path / "mine.yaml").read_text() == (REPO / "configs" / "qlora_train_config.yaml").read_text()
+    json_name = run_python("-m", "sftkit", "init", str(tmp_path / "mine.json"), check=False)  # not mine.json.yaml
+    assert json_name.returncode == 2 and "a config is a YAML file; give a name ending in .yaml" in json_name.stderr
+    assert not list(tmp_path.glob("mine.json*"))
 
 
 def test_env_shows_the_accelerate_config_in_use():
