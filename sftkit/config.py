@@ -165,7 +165,8 @@ def load_config(config_name: str | None = None, cli_args: list[str] = (), preset
     errors += path_errors(model, dataset, raw.get("training") or {})
     if errors:  # before importing trl and torch, which take seconds
         raise ConfigError(f"{path}: " + "; ".join(errors))
-    if "lora_config" in written and not written.get("use_lora") and not model.use_lora:  # not turned off on purpose
+    given = "lora_config" in written or "lora_config" in (overrides.get("model") or {})
+    if given and not written.get("use_lora") and not model.use_lora:  # not turned off on purpose
         logger.warning("model.lora_config is set but model.use_lora is false: this run fine-tunes every weight and "
                        "leaves the LoRA settings unused; set model.use_lora: true to train LoRA adapters")
     training_values, gpu = dict(raw.get("training") or {}), _has_gpu()

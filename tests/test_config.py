@@ -174,6 +174,9 @@ def test_lora_settings_with_lora_off_are_named_as_unused(tmp_path, caplog):
     assert config.model.use_lora is False
     assert "model.lora_config is set but model.use_lora is false" in caplog.text
     caplog.clear()
+    load_config(None, ["--model.lora_config.r", "4"])  # on the command line too
+    assert "model.lora_config is set but model.use_lora is false" in caplog.text
+    caplog.clear()
     load_config(write(tmp_path, lora_settings), ["--model.use_lora", "true"])
     load_config("lora_train_config.yaml", ["--model.use_lora", "false"])  # off on purpose, as the config says to
     load_config("lora_train_config.yaml", preset="full_training")
