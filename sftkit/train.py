@@ -126,7 +126,7 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
     parameters = _count_parameters(trainer.model)
     if trainer.accelerator.is_main_process:
         _check_space_for_export(output, config, dtype, parameters)
-        print(_plan(config, data, dtype, *parameters), flush=True)
+        print(_plan(config, data, dtype, *parameters) + _resuming_words(resume_from, output.path), flush=True)
     memory_at_start = memory_mib()
     if resume_from:
         args.eval_on_start = False  # the run evaluated at its start already
@@ -333,6 +333,15 @@ def _plan(config: RunConfig, data, dtype, trainable: int, total: int) -> str:
         f"config {config.source}\n"
         f"        speed: {describe_speed(config.speed)}"
     )
+
+
+def _resuming_words(checkpoint: str | None, output_dir: Path) -> str:
+    """The plan's last line on a resume: where from, and that the finished model there is replaced at the end."""
+    if checkpoint is None:
+        return ""
+    published = (output_dir / "config.json").is_file() or (output_dir / "adapter_config.json").is_file()
+    replaced = f"; at the end its model replaces the one in {output_dir}" if published else ""
+    return f"\n        resumes from {checkpoint}{replaced}"
 
 
 def describe_sources(dataset, data) -> str:

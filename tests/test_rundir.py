@@ -120,11 +120,12 @@ def test_checkpoints_of_a_run_with_other_settings_are_never_resumed(finished, tm
         train(fresh)
 
 
-def test_the_same_run_resumes_with_a_longer_schedule(finished, tmp_path):
+def test_the_same_run_resumes_with_a_longer_schedule(finished, tmp_path, capsys):
     out = copy_of(finished, tmp_path)
     shutil.rmtree(out / "checkpoint-3", ignore_errors=True)
     summary = train(config(out, "--training.max_steps", "4", "--training.resume_from_checkpoint", "true")).summary
     assert summary["steps"] == 4
+    assert f"resumes from {out}/checkpoint-2; at the end its model replaces the one in {out}" in capsys.readouterr().out
 
 
 def test_a_checkpoint_saved_just_before_a_crash_is_resumed(finished, tmp_path):
