@@ -257,7 +257,7 @@ def _sftkit_trainer(spec, model_dir, data_file, seq_len, common):
     estimate for those settings (what --dry-run prints, from the same model shape and micro-batch)."""
     from sftkit.config import load_config
     from sftkit.data import prepare_data
-    from sftkit.model import check_model_source, load_model, load_tokenizer, lora_config, resolve_dtype
+    from sftkit.model import check_model_source, load_model, load_tokenizer, lora_config, resolve_dtype, weights_dtype
     from sftkit.monitor import MonitoredSFTTrainer
     from sftkit.plan import deepspeed_settings, estimate_memory, model_shape, tokens_per_micro_batch
 
@@ -281,7 +281,7 @@ def _sftkit_trainer(spec, model_dir, data_file, seq_len, common):
     dtype = resolve_dtype(config.model, args)
     shape = model_shape(config, check_model_source(config.model))
     memory = estimate_memory(config, shape, dtype, deepspeed_settings(args), 1, tokens_per_micro_batch(args, data.lengths))
-    model = load_model(config.model, dtype, args.gradient_checkpointing)
+    model = load_model(config.model, weights_dtype(config.model, args, dtype), args.gradient_checkpointing)
     trainer = MonitoredSFTTrainer(model=model, args=args, train_dataset=data.train, processing_class=tokenizer,
                                   peft_config=lora_config(config.model),
                                   cast_adapter_inputs=config.model.cast_adapter_inputs)

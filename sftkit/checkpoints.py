@@ -204,6 +204,17 @@ def _warn_of_another_preparation(checkpoint: Path, saved: int) -> None:
               "or leave out some of them (start afresh with --overwrite to train on them evenly)", flush=True)
 
 
+def warn_of_other_weights(checkpoint: str | None, weights: str, dtype: str) -> None:
+    """A checkpoint of a bf16 full fine-tune saved before 2026-11-27 trained bf16 weights (then loaded in the run's
+    dtype); the same config now keeps float32 ones (model.weights_dtype). The resume casts them, and from then on
+    the weights, gradients and Adam states take twice the memory: say so before it runs out."""
+    saved = ((checkpoint_record(Path(checkpoint)) or {}).get("weights", dtype)) if checkpoint else weights
+    if saved != weights:
+        print(f"sftkit: warning: {checkpoint} trained {saved} weights; this sftkit continues with {weights} weights "
+              "(bf16 full fine-tuning keeps float32 weights since 2026-11-27, so small updates are not lost), "
+              "which take twice the memory for weights, gradients and Adam states", flush=True)
+
+
 def earlier_progress(checkpoint: str | None) -> dict:
     """What the run had done before this resume: its wall and training time so far."""
     record = (read_run_record(Path(checkpoint)) if checkpoint else None) or {}
@@ -214,8 +225,9 @@ class RecordRunInCheckpoints(TrainerCallback):
     """Writes RUN_FILE into every checkpoint: this run's fingerprint and config, and its wall and training time so
     far (earlier segments of a resumed run included), so that the summary after a resume covers the whole run."""
 
-    def __init__(self, resolved: dict, earlier: dict, started: float):
+    def __init__(self, resolved: dict, earlier: dict, started: float, weights: str):
         self.resolved = resolved
+        self.weights = weights  # the dtype the weights train in
         self.earlier = earlier
         self.started = started  # time.time() at the start of this segment (the process's start, from the CLI)
         self.training_began = None
@@ -231,7 +243,7 @@ class RecordRunInCheckpoints(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if state.is_world_process_zero and checkpoint.is_dir():
-            write_json(checkpoint / RUN_FILE, run_record(self.resolved, step=state.global_step,
+            write_json(checkpoint / RUN_FILE, run_record(self.resolved, step=state.global_step, weights=self.weights,
                                                          world_size=args.world_size, **self.seconds()))
             readable_like_other_files(checkpoint)
 

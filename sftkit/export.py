@@ -57,7 +57,10 @@ def export(trainer, run_config, tokenizer, dtype, parameters: tuple[int, int]) -
         # the others wait at the next barrier meanwhile, which fails after training.ddp_timeout
         limit = DISK_WAIT_SECONDS if trainer.args.world_size == 1 else min(DISK_WAIT_SECONDS,
                                                                             trainer.args.ddp_timeout * 0.8)
-        _wait_for_space(output_dir, export_bytes(parameters[1], parameters[0], dtype, lora), limit)
+        from sftkit.model import weights_dtype
+
+        weights = weights_dtype(run_config.model, trainer.args, dtype)
+        _wait_for_space(output_dir, export_bytes(parameters[1], parameters[0], dtype, lora, weights), limit)
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir()
@@ -164,6 +167,7 @@ def _cast_float32_weights(directory: Path, dtype) -> None:
 
     if dtype not in (torch.bfloat16, torch.float16):
         return
+    cast = False
     for file in sorted(directory.glob("model*.safetensors")):
         weights = load_file(file)
         floats = [tensor.dtype for tensor in weights.values() if tensor.is_floating_point()]
@@ -172,6 +176,18 @@ def _cast_float32_weights(directory: Path, dtype) -> None:
             save_file({name: tensor.to(dtype) if tensor.is_floating_point() else tensor
                        for name, tensor in weights.items()}, partial, metadata={"format": "pt"})
             os.replace(partial, file)
+            cast = True
+    if cast:  # save_pretrained wrote the float32 it held: loading with dtype "auto" would double the memory
+        _record_dtype(directory / "config.json", str(dtype).removeprefix("torch."))
+
+
+def _record_dtype(config_file: Path, dtype: str) -> None:
+    """config.json's dtype, and its sub-configs' (a text_config), as the weights are saved."""
+    def record(node: dict) -> dict:
+        return {key: dtype if key in ("dtype", "torch_dtype") and isinstance(value, str) else
+                record(value) if isinstance(value, dict) else value for key, value in node.items()}
+
+    write_json(config_file, record(json.loads(config_file.read_text())))
 
 
 def require_weights(folder: Path, stem: str) -> None:

@@ -195,9 +195,11 @@ def estimate_memory(config: RunConfig, shape: ModelShape, dtype, zero: ZeroSetti
     """Peak device memory, excluding the CUDA context (~0.5 GiB) or, on a CPU, the Python process itself.
 
     Full fine-tuning under ZeRO uses DeepSpeed's own estimators (mixed precision: 16-bit weights, fp32 master
-    weights, gradients and Adam states). Otherwise: weights in the training dtype (under QLoRA 4-bit NF4 linear
-    layers, ~0.56 bytes each with their scales, and the rest in float32), and per trained parameter a gradient and
-    two Adam states in its dtype (one byte each for 8-bit optimizers; LoRA adapters are float32, QLoRA's bf16).
+    weights, gradients and Adam states). Otherwise: weights in model.weights_dtype (float32 for full fine-tuning in
+    bf16 with dtype auto, whose matmul weights autocast copies to bf16 for the forward pass; else the training
+    dtype; under QLoRA 4-bit NF4 linear layers, ~0.56 bytes each with their scales, and the rest in float32), and per
+    trained parameter a gradient and two Adam states in its dtype (one byte each for 8-bit optimizers; LoRA adapters
+    are float32, QLoRA's bf16).
     ZeRO-3 partitions frozen weights across the processes too.
     Activations, per token and layer (a Llama layer; h hidden size, i intermediate size): 3.33 h + 4 i values
     whichever weights train (norms, attention's q, k, v and output, the MLP's gate, up and product); without Liger's
@@ -242,6 +244,8 @@ def estimate_memory(config: RunConfig, shape: ModelShape, dtype, zero: ZeroSetti
         source = "weights, gradients and Adam states"
     activations = tokens_per_step * _activations_per_token(config, shape, element) + _loss_buffers(
         config, shape, element, tokens_per_step)
+    if stored > element and zero.stage == 0:  # autocast keeps a 16-bit copy of each float32 matmul weight
+        activations += (shape.quantizable + shape.vocab * shape.hidden) * element  # until the forward pass ends
     peak = states + activations
     if gradients and config.training.gradient_accumulation_steps == 1:
         # the gradients are built as the backward pass frees the activations (the Trainer sets them to None after

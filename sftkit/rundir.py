@@ -435,12 +435,13 @@ def free_bytes(directory: Path) -> int:
     return shutil.disk_usage(directory).free
 
 
-def export_bytes(total_parameters: int, trainable_parameters: int, dtype, lora: bool) -> int:
-    """What the export writes: the model in the training dtype, and for LoRA the float32 adapter beside it."""
+def export_bytes(total_parameters: int, trainable_parameters: int, dtype, lora: bool, weights=None) -> int:
+    """What the export writes: the model in the training dtype, and for LoRA the float32 adapter beside it. A model
+    trained in other `weights` (float32 under bf16) is saved in them first, then cast beside them."""
     if lora:  # PEFT's total counts the adapter too; the merged model does not hold it
         size = (total_parameters - trainable_parameters) * dtype.itemsize + trainable_parameters * 4
     else:
-        size = total_parameters * dtype.itemsize
+        size = total_parameters * (dtype.itemsize + (weights.itemsize if weights not in (None, dtype) else 0))
     return int(size * 1.02) + 2 * 2**20  # headers, tokenizer and reports
 
 

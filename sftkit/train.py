@@ -22,6 +22,7 @@ from sftkit.checkpoints import (
     earlier_progress,
     newest_checkpoint_words,
     newest_resumable,
+    warn_of_other_weights,
 )
 from sftkit.compat import allow_fsdp_on_cpu, check_fsdp_on
 from sftkit.data import prepare_for_training
@@ -120,8 +121,12 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
     with args.main_process_first(desc="dataset preparation"):
         data = prepare_for_training(config.dataset, tokenizer, args)
     dtype = resolve_dtype(config.model, args)
-    model = load_model(config.model, weights_dtype(config.model, args, dtype), args.gradient_checkpointing)
-    timing = RecordRunInCheckpoints(config.resolved, earlier_progress(resume_from), started)
+    weights = weights_dtype(config.model, args, dtype)
+    if args.process_index == 0:
+        warn_of_other_weights(resume_from, str(weights).removeprefix("torch."), str(dtype).removeprefix("torch."))
+    model = load_model(config.model, weights, args.gradient_checkpointing)
+    timing = RecordRunInCheckpoints(config.resolved, earlier_progress(resume_from), started,
+                                    str(weights).removeprefix("torch."))
     trainer = _trainer(config, model, tokenizer, data, [timing], resumed=resume_from is not None)
     parameters = _count_parameters(trainer.model)
     if trainer.accelerator.is_main_process:
@@ -193,7 +198,9 @@ def _trainer(config: RunConfig, model, tokenizer, data, callbacks: list, resumed
 
 def _check_space_for_export(output: OutputDir, config: RunConfig, dtype, parameters: tuple[int, int]) -> None:
     trainable, total = parameters
-    missing = check_free_space(output.path, export_bytes(total, trainable, dtype, config.model.use_lora), "the export")
+    weights = weights_dtype(config.model, config.training, dtype)
+    missing = check_free_space(output.path, export_bytes(total, trainable, dtype, config.model.use_lora, weights),
+                               "the export")
     if missing:
         raise ConfigError(missing)
 

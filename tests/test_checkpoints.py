@@ -147,6 +147,29 @@ def test_a_resume_onto_rows_prepared_another_way_warns(with_checkpoints, tmp_pat
 
 def test_checkpoints_are_readable_like_the_other_files_of_the_run(with_checkpoints):
     """safetensors writes 0600: a teammate on the same filesystem could not read, or resume, the checkpoints."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
     for checkpoint in with_checkpoints.glob("checkpoint-*"):
         mode = (checkpoint / "trainer_state.json").stat().st_mode & 0o777
-        assert (checkpoint / "model.safetensors").stat().st_mode & 0o777 == mode == 0o644
+        assert (checkpoint / "model.safetensors").stat().st_mode & 0o777 == mode == 0o666 & ~umask
+
+
+def test_a_resume_onto_other_weights_warns(with_checkpoints, tmp_path, capsys):
+    """A bf16 full fine-tune checkpointed before 2026-11-27 trained bf16 weights; the same config now keeps float32
+    ones, which take twice the memory from the resume on."""
+    import json
+
+    from sftkit.checkpoints import warn_of_other_weights
+
+    checkpoint = tmp_path / "checkpoint-2"
+    shutil.copytree(with_checkpoints / "checkpoint-2", checkpoint)
+    record = json.loads((checkpoint / "sftkit_run.json").read_text())
+    assert record["weights"] == "float32"
+    warn_of_other_weights(str(checkpoint), "float32", "float32")
+    assert "warning" not in capsys.readouterr().out
+    record.pop("weights")  # saved before the weights were recorded: they were in the run's dtype
+    (checkpoint / "sftkit_run.json").write_text(json.dumps(record))
+    warn_of_other_weights(str(checkpoint), "float32", "bfloat16")
+    assert f"{checkpoint} trained bfloat16 weights; this sftkit continues with float32 weights" in capsys.readouterr().out

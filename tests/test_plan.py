@@ -136,6 +136,8 @@ def test_env_and_init_answer_a_mistyped_argument_in_one_line(tmp_path):
     json_name = run_python("-m", "sftkit", "init", str(tmp_path / "mine.json"), check=False)  # not mine.json.yaml
     assert json_name.returncode == 2 and "a config is a YAML file; give a name ending in .yaml" in json_name.stderr
     assert not list(tmp_path.glob("mine.json*"))
+    run_python("-m", "sftkit", "init", str(tmp_path / "llama3.1_mine"), "--from", "default")  # a dot in the name
+    assert (tmp_path / "llama3.1_mine.yaml").is_file()
 
 
 def test_env_shows_the_accelerate_config_in_use():
@@ -235,3 +237,18 @@ def test_the_dry_run_counts_the_tokens_the_trainer_keeps_as_inspect_does(tmp_pat
     cut = re.search(r"rows truncated     (\d+) longer", inspected).group(1)
     assert f"; {kept} tokens per epoch, " in data and f"(max_seq_length 48: {cut} rows are cut to it)" in data
     assert int(cut) > 0
+
+
+def test_full_fine_tuning_in_bf16_is_estimated_with_float32_weights_and_their_bf16_copies(tmp_path):
+    """16 bytes per parameter of weights, gradients and Adam states instead of pure bf16's 8, and autocast's bf16
+    copy of every matmul weight while the forward pass runs."""
+    from sftkit.plan import build_plan
+
+    model = weightless_copy(tmp_path, **LLAMA_3_2_1B)
+    overrides = ["--training.output_dir", str(tmp_path / "out"), *BENCHMARK_1B, "--model.path", str(model),
+                 "--dataset.name", "data/sample_chat.jsonl", "--dataset.test_size", "null", "--training.bf16", "true"]
+    mixed = build_plan(load_config(None, overrides))
+    pure = build_plan(load_config(None, [*overrides, "--model.dtype", "bfloat16"]))
+    assert mixed.memory.model_states - pure.memory.model_states == 8 * mixed.shape.total
+    copies = (mixed.shape.quantizable + mixed.shape.vocab * mixed.shape.hidden) * 2
+    assert mixed.memory.activations - pure.memory.activations == copies

@@ -90,6 +90,8 @@ def test_full_fine_tuning_in_bf16_keeps_float32_weights_so_small_updates_are_not
     mixed, pure = tmp_path / "mixed" / "out", tmp_path / "pure" / "out"
     with safe_open(mixed / "model.safetensors", "pt") as weights:
         assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.bfloat16}
+    assert json.loads((mixed / "config.json").read_text())["dtype"] == "bfloat16"  # what dtype "auto" loads
+    assert AutoModelForCausalLM.from_pretrained(mixed).dtype == torch.bfloat16
     assert changed_weights(mixed) > 0.4 and changed_weights(pure) < 0.2
 
 
