@@ -265,6 +265,18 @@ def test_a_field_of_text_in_some_rows_and_other_values_in_others_is_refused(tmp_
             for row in data.train][:4] == [reply + "<|im_end|>" for reply in replies[:4]]
 
 
+def test_columns_no_format_reads_may_mix_types_and_empty_tools_are_no_tools(tmp_path, tokenizer):
+    rows = [{"id": 5, "meta": {"score": 1}, "tools": "[]",
+             "messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
+            {"id": "7", "meta": {"score": "high"}, "tools": None,
+             "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = prepare_data(DatasetConfig(name=str(path), test_size=None), tokenizer, max_length=64)
+    assert [tokenizer.decode([token for token, label in zip(row["input_ids"], row["labels"]) if label != -100])
+            for row in data.train] == ["4<|im_end|>", "Hello!<|im_end|>"]
+
+
 def test_csv_cells_reading_none_or_na_are_text(tmp_path, tokenizer):
     (tmp_path / "rows.csv").write_text("prompt,response\nIs 4 prime? One word.,None\nAnd 9?,NA\nEmpty,\n")
     data = prepare_data(DatasetConfig(name=str(tmp_path / "rows.csv"), on_bad_row="skip", test_size=None), tokenizer,

@@ -23,8 +23,9 @@ BAD_ROW, NOTHING_TO_TRAIN = "bad rows", "with nothing to train within max_seq_le
 MIN_ROWS_FOR_PROCESSES = 10_000
 MAX_PROCESSES = 8
 # Raised whenever the same config and files give other rows, tokens or labels, so that a resume can say its checkpoint
-# trained on rows prepared another way. 2 (2026-11-27): the eval split before source weights; rows kept by the window
-# the trainer keeps (trainer_keeps).
+# trained on rows prepared another way. 1: checkpoints saved before it was recorded. 2 (2026-11-27): rows with tool
+# calls or reasoning refused, CSV cells reading None or NA kept as text, a token merged across a reply's start
+# refused (and, since 2026-11-26, the eval split before source weights, rows kept by the trainer's window).
 PREPARATION = 2
 
 
@@ -151,7 +152,8 @@ class _Preparation:
         dropped = self.dropped if train else self.eval_dropped
         dropped[BAD_ROW] += len(problems)
         dropped[NOTHING_TO_TRAIN] += len(tokenized) - len(kept) - len(problems)
-        self.problems += problems[: 5 - len(self.problems)]
+        if train:  # what the plan and --inspect show beside the train rows dropped
+            self.problems += problems[: 5 - len(self.problems)]
         return kept, format_name
 
     def tokenize(self, rows, format_name: str, source: SourceConfig, position: int, num_proc: int | None,

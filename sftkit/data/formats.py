@@ -108,7 +108,7 @@ def to_messages(row: dict, format_name: str, system_prompt: str | None = None, a
         messages = FORMATS[format_name](row, answer_source)
     except KeyError as missing:
         raise ValueError(f"missing column {missing} for format {format_name!r}") from None
-    if row.get("tools"):
+    if _holds(row.get("tools")):
         raise RowDefect("the row has tools, which sftkit does not pass to the chat template yet (training would "
                         "leave them out of the prompt)")
     messages = [_check_message(message, index) for index, message in enumerate(_as_list(messages))
@@ -158,7 +158,7 @@ def _check_message(message, index: int) -> dict:
     if "role" not in message:
         raise RowDefect(f"message {index} has no role")
     role, content = message["role"], message.get("content")
-    held = next((key for key in NOT_PASSED if message.get(key)), None)  # datasets fills keys other rows have: None
+    held = next((key for key in NOT_PASSED if _holds(message.get(key))), None)
     if held:
         raise RowDefect(f"message {index} ({role}) has {held}, which sftkit does not pass to the chat template yet "
                         "(the turn would train without it)")
@@ -179,6 +179,12 @@ def _check_message(message, index: int) -> dict:
         raise ValueError(f"message {index} ({role}) has weight {weight!r}; only assistant messages take a weight, 0 "
                          "(not trained) or 1")
     return {"role": role, "content": content, "weight": 0}
+
+
+def _holds(value) -> bool:
+    """Whether a tools or tool_calls value holds anything: datasets fills keys other rows have with None, and some
+    datasets store them as JSON text ("[]")."""
+    return bool(value.strip() not in ("", "[]", "{}", "null") if isinstance(value, str) else value)
 
 
 def trains(message: dict) -> bool:

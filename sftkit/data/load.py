@@ -6,11 +6,14 @@ import json
 import os
 from pathlib import Path
 
-from sftkit.data.formats import DataError
+from sftkit.data.formats import SIGNATURES, DataError
 from sftkit.paths import local_splits, looked_in, looks_local, resolve_glob, resolve_path
 from sftkit.schema import SourceConfig
 
 LOCAL_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+# The columns and message keys the row formats read, where a value read wrong would train.
+READ_FIELDS = {column for _, columns in SIGNATURES for column in columns} | {
+    "input", "source", "role", "content", "from", "value", "weight"}
 # pandas reads cells holding None, null, NA or nan as missing by default: in a chat dataset they are text. Only an
 # empty cell is missing.
 READER_OPTIONS = {"csv": {"keep_default_na": False, "na_values": [""]}}
@@ -112,7 +115,7 @@ def _load(source: SourceConfig, split: str, key: str, split_key: str):
             if problem:
                 raise DataError(f"dataset {problem}; fix or remove that line") from None
             raise
-        _refuse_values_read_as_json(rows.features, source.name, files)
+        _refuse_values_read_as_json(rows.features, source.name, files, set(source.column_map or {}))
         return rows
     path = Path(resolve_path(source.name))
     if looks_local(source.name) and not path.exists():  # never sent to the hub (see looks_local)
@@ -131,16 +134,20 @@ def _load(source: SourceConfig, split: str, key: str, split_key: str):
     else:
         rows = load_dataset(source.name, source.subset, split=split)
         files = []
-    _refuse_values_read_as_json(rows.features, source.name, files)
+    _refuse_values_read_as_json(rows.features, source.name, files, set(source.column_map or {}))
     return rows
 
 
-def _refuse_values_read_as_json(features, name: str, files: list[str]) -> None:
+def _refuse_values_read_as_json(features, name: str, files: list[str], mapped: set) -> None:
     """datasets 5.2 reads a field that holds text in some rows and other values (a number, content parts) in others
     as JSON, and then turns each row's text there that parses as JSON into a value: "4" into 4, '"Hi"' into Hi. A
-    file where that would happen is refused, naming the line whose value is not text, before any row is read wrong.
-    (Text that does not parse as JSON comes back unchanged, and the rows' own checks name what is wrong.)"""
+    file where that would happen is refused, naming the line whose value is not text, before any row is read wrong
+    (dataset.on_bad_row: skip cannot leave out that line: every row's field is read so). Only the fields a format
+    reads (READ_FIELDS, and columns column_map renames) count. Text that does not parse as JSON comes back
+    unchanged, and the rows' own checks name what is wrong."""
     for path in _json_fields(features):
+        if not READ_FIELDS.issuperset(filter(None, path)) and path[0] not in mapped:
+            continue  # a column no format reads (an id, metadata): whatever datasets makes of it is never used
         field = "".join(f".{part}" if part else "[]" for part in path).lstrip(".")
         odd, changed = None, None
         for file in files:
