@@ -157,6 +157,8 @@ def sftkit(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command, rest = (argv[0], argv[1:]) if argv else ("--help", [])
     if command == "train":
+        if rest[:1] == ["env"]:  # a config file named env, not sft.py's env report
+            rest = ["--config", *rest]
         return main(rest, prog="sftkit train")
     if command == "init":
         return init(rest)
@@ -184,7 +186,7 @@ def init(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     target = Path(args.file if args.file.endswith((".yaml", ".yml")) else f"{args.file}.yaml")
     try:
-        if Path(args.file).suffix not in ("", ".yaml", ".yml"):
+        if Path(args.file).suffix in (".json", ".jsonl", ".csv", ".parquet", ".txt", ".py", ".md"):
             raise ConfigError(f"{args.file}: a config is a YAML file; give a name ending in .yaml, or none")
         source = _shipped_config(args.source)
         if target.exists():

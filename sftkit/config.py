@@ -61,7 +61,7 @@ def _parse_value(key: str, value: str) -> Any:
     """An override's value as YAML (numbers, lists, true); text that is not YAML is the text the user typed,
     unless it starts like a list or a mapping (a Jinja template starts with {{ or {%: that is text). So is prose
     with a colon ("Note: be brief"), which YAML would read as a mapping: a mapping is written {key: value}. A `#`
-    starts no comment there."""
+    in plain text starts no comment."""
     try:
         parsed = yaml.safe_load(value)
     except yaml.YAMLError as error:
@@ -73,8 +73,10 @@ def _parse_value(key: str, value: str) -> Any:
         return value
     if isinstance(parsed, dict) and not value.lstrip().startswith("{"):
         return value
-    # YAML drops a comment: `out #3` would be `out`, and `#1 rule: be brief` nothing. On the command line it is text.
-    if "#" in value and (parsed is None or isinstance(parsed, str)) and parsed != value:
+    # YAML drops a comment: `out #3` would be `out`, and `#1 rule: be brief` nothing. On the command line plain text
+    # keeps it; quoted text is YAML's to unquote.
+    if "#" in value and (parsed is None or isinstance(parsed, str)) and parsed != value \
+            and not value.lstrip().startswith(("'", '"')):
         return value
     return parsed
 
