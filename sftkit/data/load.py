@@ -99,8 +99,7 @@ def _load(source: SourceConfig, split: str, key: str, split_key: str):
             raise DataError(f"dataset {source.name}: files must all be one of {', '.join(LOCAL_FILE_BUILDERS)}"
                             + (f"; {Path(unknown[0]).name} is not" if len(files) > 1 else ""))
         builder = _one_file_type(source.name, files)
-        if all(not Path(file).read_bytes().strip() if Path(file).suffix == ".jsonl" else Path(file).stat().st_size == 0
-               for file in files):
+        if all(_blank(file) for file in files):
             raise DataError(f"dataset {source.name}: {'the file is' if len(files) == 1 else 'its files are'} empty")
         if split != "train":
             fix = ("hold out rows with dataset.test_size, or evaluate on dataset.eval_sources"
@@ -204,6 +203,14 @@ def _values_at(value, path: tuple):
             yield from _values_at(item, path[1:])
     elif path[0] and isinstance(value, dict) and path[0] in value:
         yield from _values_at(value[path[0]], path[1:])
+
+
+def _blank(file: str) -> bool:
+    """Empty, or (JSON Lines) only blank lines: datasets then says 'Instruction "train" corresponds to no data'."""
+    if not file.endswith(".jsonl"):
+        return Path(file).stat().st_size == 0
+    with open(file, "rb") as handle:
+        return not any(block.strip() for block in iter(lambda: handle.read(2**20), b""))
 
 
 def _one_file_type(name: str, files: list[str]) -> str | None:
