@@ -11,6 +11,7 @@ all see the same quiet output. Each matches one message at its source logger or 
 import ast
 import functools
 import glob
+import hashlib
 import importlib.util
 import json
 import logging
@@ -315,3 +316,85 @@ def compile_under_zero3_error(args) -> str | None:
         return ("training.torch_compile: true fails under DeepSpeed ZeRO-3 (DeepSpeed 0.19.8, torch 2.13: an autograd "
                 "error at the first backward pass); set training.torch_compile: false, or use ZeRO-2")
     return None
+
+
+def refuse_values_datasets_reads_as_json(features, files: list[str], read: set, renames: dict) -> None:
+    """datasets 5.2 reads a field that holds text in some rows and other values (a number, content parts) in others
+    as JSON (its Json feature), and then turns each row's text there that parses as JSON into a value: "4" into 4,
+    '"Hi"' into Hi. A JSON Lines file where that would happen is refused with DataError, naming the line whose value
+    is not text, before any row is read wrong (dataset.on_bad_row: skip cannot leave out that line: every row's
+    field is read so). Only fields whose names are all in `read` count (a column by its name after `renames`, the
+    source's column_map): an id or metadata column may mix types. Text that does not parse as JSON comes back unchanged, and the rows'
+    own checks name what is wrong. Reproduce: load_dataset("json") of two rows whose `content` is "4" and [1]."""
+    from sftkit.data.formats import DataError
+
+    for path in _json_fields(features):
+        if not read.issuperset(filter(None, (renames.get(path[0], path[0]), *path[1:]))):
+            continue  # a field no format reads: whatever datasets makes of it is never used
+        field = "".join(f".{part}" if part else "[]" for part in path).lstrip(".")
+        odd, changed = None, None
+        for file in files:
+            for number, row in _json_lines(file):
+                for value in _values_at(row, path):
+                    if odd is None and not isinstance(value, (str, type(None))):
+                        odd = (file, number, type(value).__name__)
+                    elif changed is None and isinstance(value, str) and _parses_as_json(value):
+                        changed = (file, number, value)
+        if odd and changed:
+            (file, number, kind), (_, line, text) = odd, changed
+            raise DataError(f"dataset {file} line {number}: {field} is a {kind} where other rows have text, so "
+                            f"datasets would read that field as JSON and change text that looks like JSON ({text!r} "
+                            f"on line {line} into {json.loads(text)!r}); make it text, or remove that row")
+
+
+def _json_lines(file: str):
+    """(line number, row) of each line of a JSON Lines file; nothing for a document spread over lines."""
+    with open(file, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                try:
+                    yield number, json.loads(line)
+                except ValueError:
+                    return
+
+
+def _parses_as_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _json_fields(features, path: tuple = ()):
+    """The paths of the fields datasets reads as JSON, e.g. ('messages', '', 'content') ('' for a list's items)."""
+    from datasets import Json, LargeList, List, Sequence
+
+    if isinstance(features, Json):
+        yield path
+    elif isinstance(features, dict):
+        for key, feature in features.items():
+            yield from _json_fields(feature, (*path, key))
+    elif isinstance(features, (List, LargeList, Sequence)):
+        yield from _json_fields(features.feature, (*path, ""))
+
+
+def _values_at(value, path: tuple):
+    if not path:
+        yield value
+    elif path[0] == "" and isinstance(value, list):
+        for item in value:
+            yield from _values_at(item, path[1:])
+    elif path[0] and isinstance(value, dict) and path[0] in value:
+        yield from _values_at(value[path[0]], path[1:])
+
+
+@functools.cache
+def data_code_digest() -> str:
+    """Of the code that prepares rows (sftkit/data). datasets 5.2 fingerprints a map by its function's name and
+    arguments, not by the code it calls, so an sftkit whose masks changed would reuse the rows an older one cached:
+    the digest is passed to the map as an argument for that reason alone."""
+    digest = hashlib.sha256()
+    for path in sorted((Path(__file__).parent / "data").glob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]

@@ -129,3 +129,16 @@ def test_the_trainer_still_leaves_the_loss_window_and_tied_keys_to_sftkit():
     assert "_tr_loss" in inspect.getsource(Trainer) and "_tr_loss" not in inspect.getsource(Trainer._save_checkpoint)
     assert "tied" not in inspect.getsource(Trainer._issue_warnings_after_load)
     assert "create_model_card" in inspect.getsource(SFTTrainer._save_checkpoint)
+
+
+def test_datasets_still_reads_a_field_of_mixed_types_as_json_and_changes_text_that_parses(tmp_path):
+    """compat.refuse_values_datasets_reads_as_json exists for this (datasets 5.2)."""
+    import json
+
+    from datasets import Json, load_dataset
+
+    rows = [{"messages": [{"role": "assistant", "content": "4"}]}, {"messages": [{"role": "user", "content": [1]}]}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    loaded = load_dataset("json", data_files=str(tmp_path / "rows.jsonl"), split="train")
+    assert isinstance(loaded.features["messages"].feature["content"], Json)
+    assert loaded[0]["messages"][0]["content"] == 4

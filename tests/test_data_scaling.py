@@ -9,6 +9,7 @@ import pytest
 from conftest import SAMPLE_DATA
 
 import sftkit.data as data
+from sftkit import compat
 from sftkit.data import DataError, prepare_data
 from sftkit.schema import DatasetConfig
 
@@ -76,14 +77,14 @@ def test_the_cache_of_prepared_rows_is_not_reused_by_other_code(tmp_path, monkey
 
     copy = tmp_path / "copy"
     shutil.copytree(REPO / "sftkit", copy / "sftkit", ignore=shutil.ignore_patterns("__pycache__"))
-    digest = [sys.executable, "-c", "from sftkit.data import code_digest; print(code_digest())"]
+    digest = [sys.executable, "-c", "from sftkit.compat import data_code_digest; print(data_code_digest())"]
     same = subprocess.run(digest, cwd=copy, capture_output=True, text=True, check=True).stdout.strip()
-    assert same == data.code_digest()
+    assert same == compat.data_code_digest()
     with (copy / "sftkit" / "data" / "tokenize.py").open("a") as file:
         file.write("# changed\n")
     assert subprocess.run(digest, cwd=copy, capture_output=True, text=True, check=True).stdout.strip() != same
 
     first = prepare_data(DatasetConfig(name=str(SAMPLE_DATA)), tokenizer, 256)
-    monkeypatch.setattr(data, "code_digest", lambda: "other code")
+    monkeypatch.setattr(compat, "data_code_digest", lambda: "other code")
     other = prepare_data(DatasetConfig(name=str(SAMPLE_DATA)), tokenizer, 256)
     assert {f["filename"] for f in first.train.cache_files} != {f["filename"] for f in other.train.cache_files}

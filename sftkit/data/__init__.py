@@ -1,11 +1,9 @@
 """Sources -> rows -> chat messages -> input_ids + labels, mixed and split, ready for TRL's SFTTrainer."""
 
-import functools
-import hashlib
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from sftkit import compat
 from sftkit.data.formats import DataError, RowDefect, detect_format, to_messages, to_text, with_system
 from sftkit.data.load import jsonl_files, jsonl_place, load_source
 from sftkit.data.tokenize import IGNORE_INDEX, MaskError, tokenize_messages, tokenize_text
@@ -175,7 +173,7 @@ class _Preparation:
                 "where": f"dataset {source.name}",
                 "jsonl": jsonl_files(source),
                 "skip_bad_rows": self.cfg.on_bad_row == "skip",
-                "code": code_digest(),
+                "code": compat.data_code_digest(),
             },
         )
 
@@ -223,17 +221,6 @@ def _processes_for(rows: int) -> int | None:
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return min(cores, MAX_PROCESSES) if cores > 1 else None
-
-
-@functools.cache
-def code_digest() -> str:
-    """Of the code that prepares rows. datasets fingerprints a map by its function's name and arguments, not by the
-    code it calls (datasets 5.2), so an sftkit whose masks changed would reuse the rows an older one cached: this
-    digest is passed to the map as an argument for that reason alone."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def _tokenize_row(row, index, tokenizer, format_name, system_prompt, answer_source, loss_on, kept, cut,

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from sftkit.compat import refuse_values_datasets_reads_as_json
 from sftkit.data.formats import SIGNATURES, DataError
 from sftkit.paths import local_splits, looked_in, looks_local, resolve_glob, resolve_path
 from sftkit.schema import SourceConfig
@@ -114,7 +115,7 @@ def _load(source: SourceConfig, split: str, key: str, split_key: str):
             if problem:
                 raise DataError(f"dataset {problem}; fix or remove that line") from None
             raise
-        _refuse_values_read_as_json(rows.features, source.name, files, set(source.column_map or {}))
+        refuse_values_datasets_reads_as_json(rows.features, files, READ_FIELDS, source.column_map or {})
         return rows
     path = Path(resolve_path(source.name))
     if looks_local(source.name) and not path.exists():  # never sent to the hub (see looks_local)
@@ -133,76 +134,8 @@ def _load(source: SourceConfig, split: str, key: str, split_key: str):
     else:
         rows = load_dataset(source.name, source.subset, split=split)
         files = []
-    _refuse_values_read_as_json(rows.features, source.name, files, set(source.column_map or {}))
+    refuse_values_datasets_reads_as_json(rows.features, files, READ_FIELDS, source.column_map or {})
     return rows
-
-
-def _refuse_values_read_as_json(features, name: str, files: list[str], mapped: set) -> None:
-    """datasets 5.2 reads a field that holds text in some rows and other values (a number, content parts) in others
-    as JSON, and then turns each row's text there that parses as JSON into a value: "4" into 4, '"Hi"' into Hi. A
-    file where that would happen is refused, naming the line whose value is not text, before any row is read wrong
-    (dataset.on_bad_row: skip cannot leave out that line: every row's field is read so). Only the fields a format
-    reads (READ_FIELDS, and columns column_map renames) count. Text that does not parse as JSON comes back
-    unchanged, and the rows' own checks name what is wrong."""
-    for path in _json_fields(features):
-        if not READ_FIELDS.issuperset(filter(None, path)) and path[0] not in mapped:
-            continue  # a column no format reads (an id, metadata): whatever datasets makes of it is never used
-        field = "".join(f".{part}" if part else "[]" for part in path).lstrip(".")
-        odd, changed = None, None
-        for file in files:
-            for number, row in _json_lines(file):
-                for value in _values_at(row, path):
-                    if odd is None and not isinstance(value, (str, type(None))):
-                        odd = (file, number, type(value).__name__)
-                    elif changed is None and isinstance(value, str) and _parses_as_json(value):
-                        changed = (file, number, value)
-        if odd and changed:
-            (file, number, kind), (_, line, text) = odd, changed
-            raise DataError(f"dataset {file} line {number}: {field} is a {kind} where other rows have text, so "
-                            f"datasets would read that field as JSON and change text that looks like JSON ({text!r} "
-                            f"on line {line} into {json.loads(text)!r}); make it text, or remove that row")
-
-
-def _json_lines(file: str):
-    """(line number, row) of each line of a JSON Lines file; nothing for a document spread over lines."""
-    with open(file, "rb") as handle:
-        for number, line in enumerate(handle, 1):
-            if line.strip():
-                try:
-                    yield number, json.loads(line)
-                except ValueError:
-                    return
-
-
-def _parses_as_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _json_fields(features, path: tuple = ()):
-    """The paths of the fields datasets reads as JSON, e.g. ('messages', '', 'content') ('' for a list's items)."""
-    from datasets import Json, LargeList, List, Sequence
-
-    if isinstance(features, Json):
-        yield path
-    elif isinstance(features, dict):
-        for key, feature in features.items():
-            yield from _json_fields(feature, (*path, key))
-    elif isinstance(features, (List, LargeList, Sequence)):
-        yield from _json_fields(features.feature, (*path, ""))
-
-
-def _values_at(value, path: tuple):
-    if not path:
-        yield value
-    elif path[0] == "" and isinstance(value, list):
-        for item in value:
-            yield from _values_at(item, path[1:])
-    elif path[0] and isinstance(value, dict) and path[0] in value:
-        yield from _values_at(value[path[0]], path[1:])
 
 
 def _blank(file: str) -> bool:
