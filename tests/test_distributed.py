@@ -214,10 +214,13 @@ def test_a_16_bit_full_fine_tune_gathered_in_fp32_is_published_in_16_bit(tmp_pat
     save_file({"weight": torch.ones(2, 2), "position": torch.tensor([3])}, tmp_path / "model.safetensors")
     save_file({"norm": torch.ones(2), "weight": torch.ones(2, dtype=torch.bfloat16)},
               tmp_path / "model-mixed.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": "float32", "text_config": {"dtype": "float32"}}))
     _cast_float32_weights(tmp_path, torch.bfloat16)
     assert {name: tensor.dtype for name, tensor in load_file(tmp_path / "model.safetensors").items()} == {
         "weight": torch.bfloat16, "position": torch.int64}
     assert load_file(tmp_path / "model-mixed.safetensors")["norm"].dtype == torch.float32  # kept in fp32 on purpose
+    # what from_pretrained(dtype="auto") loads in, as the weights are saved
+    assert json.loads((tmp_path / "config.json").read_text()) == {"dtype": "bfloat16", "text_config": {"dtype": "bfloat16"}}
 
 
 def test_every_shipped_launch_config_loads_and_is_in_the_readme_table():
