@@ -315,11 +315,17 @@ def test_a_special_token_inside_a_reply_does_not_end_its_mask_early():
         tokenize_messages(tokenizer, messages, loss_on="last_assistant")
 
 
-def test_deepseek_reply_that_starts_like_the_think_tag_trains_whole():
-    """The old masks left the reply's first '<' untrained: it matched the '<think>' the generation prompt adds."""
+@pytest.mark.parametrize("way", ["skeleton", "prefixes"])
+def test_deepseek_reply_that_starts_like_the_think_tag_trains_whole(monkeypatch, way):
+    """The old masks left the reply's first '<' untrained: it matched the '<think>' the generation prompt adds. Masked
+    from the row's own prefixes (the way rows the skeletons cannot place take), a reply after an earlier turn was
+    then refused."""
     tokenizer = family_tokenizer("deepseekv3")
-    messages = [{"role": "user", "content": "Bold?"}, {"role": "assistant", "content": "<b>Yes</b>, bold."}]
-    tokens = tokenize_messages(tokenizer, messages)
+    if way == "prefixes":
+        the_old_way(monkeypatch)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Bold?"}, {"role": "assistant", "content": "<b>Yes</b>, bold."}]
+    tokens = tokenize_messages(tokenizer, messages, loss_on="last_assistant")
     assert trained_spans(tokenizer, tokens) == ["<b>Yes</b>, bold.<｜end▁of▁sentence｜>"]
 
 

@@ -264,13 +264,25 @@ def _prefix_start(tokenizer, template: _Template, history: list[dict], prompt: l
     if common >= len(history_ids):  # only what the generation prompt adds differs
         if tokens.text.startswith(prompt_text):  # or nothing, but one token holds the prompt's end and the reply's start
             raise MaskError(_merged_across(tokenizer, template, len(history), full_ids[common : common + 1]))
-        _warn_prompt_adds(template, tokenizer.decode(prompt[common:]))
-        return common
+        start = _reply_start(tokenizer, history, tokens, common)
+        _warn_prompt_adds(template, tokenizer.decode(prompt[start:]))
+        return start
     raise MaskError(
         f"the chat template of {template.name} renders the first {len(history)} messages differently from the same "
         "messages inside the whole conversation, so the reply cannot be located exactly; set dataset.chat_template "
         "to a template that renders earlier turns unchanged"
     )
+
+
+def _reply_start(tokenizer, history: list[dict], tokens: _Tokens, common: int) -> int:
+    """Where the reply after `history` starts, when the generation prompt adds text: the tokens shared with the
+    conversation may run into the reply (DeepSeek's added '<think>' and a reply '<b>' share '<'). The reply starts
+    where a placeholder for it starts, in the history rendered with one (the skeletons' way, for this row); else
+    where the shared tokens end."""
+    marked = _render(tokenizer, [[*history, {"role": "assistant", "content": _placeholder(len(history))}]])[0]
+    at = marked.find(OPEN)
+    start = tokens.at(at) if at >= 0 and tokens.starts is not None and tokens.text.startswith(marked[:at]) else None
+    return start if start is not None and start <= common else common
 
 
 def _common_prefix(a, b) -> int:
