@@ -81,6 +81,20 @@ def _parse_value(key: str, value: str) -> Any:
     return parsed
 
 
+def _where(errors: list[str], overrides: dict, path) -> str:
+    """The command line, when every error is about a key given there (`--training.learning_rate -1`); else the
+    config file."""
+    def keys(values: dict, prefix: str = ""):
+        for key, value in values.items():
+            yield f"{prefix}{key}"
+            if isinstance(value, dict):
+                yield from keys(value, f"{prefix}{key}.")
+
+    given = set(keys(overrides))
+    about = [re.split(r"[ :\[]", error.removeprefix("unknown key "), maxsplit=1)[0] for error in errors]
+    return "the command line" if given and all(key in given for key in about) else str(path)
+
+
 def merge(base: dict, overrides: dict) -> dict:
     merged = dict(base)
     for key, value in overrides.items():
@@ -166,7 +180,7 @@ def load_config(config_name: str | None = None, cli_args: list[str] = (), preset
                               **{f"training.{key}": value for key, value in training_values.items()}})
     errors += path_errors(model, dataset, raw.get("training") or {})
     if errors:  # before importing trl and torch, which take seconds
-        raise ConfigError(f"{path}: " + "; ".join(errors))
+        raise ConfigError(f"{_where(errors, overrides, path)}: " + "; ".join(errors))
     given = "lora_config" in written or "lora_config" in (overrides.get("model") or {})
     if given and not written.get("use_lora") and not model.use_lora:  # not turned off on purpose
         logger.warning("model.lora_config is set but model.use_lora is false: this run fine-tunes every weight and "

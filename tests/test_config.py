@@ -447,3 +447,14 @@ def test_sft_py_takes_the_config_as_its_first_argument_as_sftkit_train_does(tmp_
     assert main(["lora_train_config.yaml", "--dry-run", "--training.output_dir", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "Dry run of " in out and "lora_train_config.yaml" in out.splitlines()[0] and "LoRA" in out
+
+
+def test_an_error_in_a_command_line_value_names_the_command_line_not_the_file(tmp_path):
+    config = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError, match=r"^the command line: training.learning_rate must be greater than 0, got -1$"):
+        load_config(config, ["--training.learning_rate", "-1"])
+    with pytest.raises(ConfigError, match=r"^the command line: unknown key training.learning_rat "):
+        load_config(config, ["--training.learning_rat", "1"])
+    in_the_file = write(tmp_path, MINIMAL.replace("model:\n", "model:\n  max_seq_length: 0\n"))
+    with pytest.raises(ConfigError, match=f"^{in_the_file}: model.max_seq_length must be"):  # with one given here too
+        load_config(in_the_file, ["--training.learning_rate", "-1"])
