@@ -17,14 +17,7 @@ from sftkit.compat import zero_model_states
 from sftkit.data import prepare_for_training
 from sftkit.errors import ConfigError
 from sftkit.fastpath import describe as describe_speed
-from sftkit.model import (
-    check_model_source,
-    load_tokenizer,
-    lora_config,
-    precision_words,
-    resolve_dtype,
-    weights_dtype,
-)
+from sftkit.model import check_model_source, load_tokenizer, lora_config, precision_words, resolve_dtype, weights_dtype
 from sftkit.paths import resolve_path
 from sftkit.rundir import OutputDir
 from sftkit.schema import RunConfig
@@ -94,8 +87,7 @@ def dry_run(config: RunConfig, overwrite: bool = False) -> str:
     rows = [
         ("model", f"{config.model.path} ({shape.description})"),
         ("method", f"{method} in {precision_words(config.model, args, plan.dtype)}: {shape.trainable:,} of "
-                   f"{counted:,} "
-                   f"parameters train ({100 * shape.trainable / counted:.2f}%)"),
+                   f"{counted:,} parameters train ({100 * shape.trainable / counted:.2f}%)"),
         ("data", f"{data.rows} rows read, {len(data.train)} train{eval_rows}{data.dropped_words()}; {tokens:,} "
                  f"tokens per epoch, "
                  f"{data.trainable_tokens:,} of them trained; longest row {max(data.lengths)} tokens "

@@ -39,23 +39,11 @@ from sftkit.model import (
     resolve_dtype,
     weights_dtype,
 )
-from sftkit.monitor import (
-    MonitoredSFTTrainer,
-    ProgressBar,
-    SampleReplies,
-    generates_on_every_process,
-    memory_mib,
-)
+from sftkit.monitor import MonitoredSFTTrainer, ProgressBar, SampleReplies, generates_on_every_process, memory_mib
 from sftkit.paths import resolve_path
 from sftkit.peers import check_every_process_runs_the_same
 from sftkit.report import build_summary, report, write_report
-from sftkit.rundir import (
-    STAGING_DIR,
-    OutputDir,
-    check_free_space,
-    export_bytes,
-    refuse_before_claiming,
-)
+from sftkit.rundir import STAGING_DIR, OutputDir, check_free_space, export_bytes, refuse_before_claiming
 from sftkit.schema import RunConfig
 
 LAUNCHERS = ("accelerate", "torchrun", "deepspeed")
