@@ -201,8 +201,9 @@ def _liger(gpu: bool, installed: set[str]) -> tuple[bool, str]:
 
 
 def _sixteen_bit_weights(model, training: dict, gpu: bool) -> bool:
-    """As model.resolve_dtype will decide: model.dtype, or with `auto` bf16 weights exactly when training.bf16 is on
-    (by default where the GPU supports bf16); flash attention takes 16-bit inputs only."""
+    """Whether attention computes in 16 bits, as model.resolve_dtype will decide: model.dtype, or with `auto` bf16
+    exactly when training.bf16 is on (by default where the GPU supports bf16; full fine-tuning then keeps float32
+    weights, and autocast hands attention bf16 inputs); flash attention takes 16-bit inputs only."""
     if model.dtype not in (None, "auto"):
         return model.dtype != "float32"
     if "bf16" in training or training.get("fp16"):
