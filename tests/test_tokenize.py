@@ -327,6 +327,9 @@ def test_deepseek_reply_that_starts_like_the_think_tag_trains_whole(monkeypatch,
                 {"role": "user", "content": "Bold?"}, {"role": "assistant", "content": "<b>Yes</b>, bold."}]
     tokens = tokenize_messages(tokenizer, messages, loss_on="last_assistant")
     assert trained_spans(tokenizer, tokens) == ["<b>Yes</b>, bold.<｜end▁of▁sentence｜>"]
+    messages[2] = {"role": "user", "content": "What does \u27eax\u27eb mean?"}  # the placeholder's brackets, as text
+    tokens = tokenize_messages(tokenizer, messages, loss_on="last_assistant")
+    assert trained_spans(tokenizer, tokens) == ["<b>Yes</b>, bold.<｜end▁of▁sentence｜>"]
 
 
 def test_a_tokenizer_with_named_chat_templates_uses_its_default_one():

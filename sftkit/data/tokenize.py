@@ -279,8 +279,9 @@ def _reply_start(tokenizer, history: list[dict], tokens: _Tokens, common: int) -
     conversation may run into the reply (DeepSeek's added '<think>' and a reply '<b>' share '<'). The reply starts
     where a placeholder for it starts, in the history rendered with one (the skeletons' way, for this row); else
     where the shared tokens end."""
-    marked = _render(tokenizer, [[*history, {"role": "assistant", "content": _placeholder(len(history))}]])[0]
-    at = marked.find(OPEN)
+    placeholder = _placeholder(len(history))
+    marked = _render(tokenizer, [[*history, {"role": "assistant", "content": placeholder}]])[0]
+    at = marked.rfind(placeholder)  # the history's own text may hold the placeholder's brackets
     start = tokens.at(at) if at >= 0 and tokens.starts is not None and tokens.text.startswith(marked[:at]) else None
     return start if start is not None and start <= common else common
 
