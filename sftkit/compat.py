@@ -320,47 +320,59 @@ def compile_under_zero3_error(args) -> str | None:
 
 def refuse_values_datasets_reads_as_json(features, files: list[str], read: set, renames: dict) -> None:
     """datasets 5.2 reads a field that holds text in some rows and other values (a number, content parts) in others
-    as JSON (its Json feature), and then turns each row's text there that parses as JSON into a value: "4" into 4,
-    '"Hi"' into Hi. A JSON Lines file where that would happen is refused with DataError, naming the line whose value
-    is not text, before any row is read wrong (dataset.on_bad_row: skip cannot leave out that line: every row's
-    field is read so). Only fields whose names are all in `read` count (a column by its name after `renames`, the
-    source's column_map): an id or metadata column may mix types. Text that does not parse as JSON comes back unchanged, and the rows'
-    own checks name what is wrong. Reproduce: load_dataset("json") of two rows whose `content` is "4" and [1]."""
+    as JSON (its Json feature), and then turns each row's text there that parses as JSON (its own lax parser's
+    JSON: "007", a quoted line with a raw newline) into a value: "4" into 4, '"Hi"' into Hi. A file where that
+    would happen is refused with DataError, naming the row whose value is not text, before any row is read wrong
+    (dataset.on_bad_row: skip cannot leave that row out: every row's field is read so). Only the fields the
+    source's format reads count, `read`, a column by its name after `renames` (the column_map): an id or metadata
+    column may mix types. Text that does not parse comes back unchanged, and the rows' own checks name what is
+    wrong. Reproduce: load_dataset("json") of two rows whose `content` is "4" and [1]."""
+    from datasets.utils.json import ujson_loads
+
     from sftkit.data.formats import DataError
 
-    for path in _json_fields(features):
-        if not read.issuperset(filter(None, (renames.get(path[0], path[0]), *path[1:]))):
-            continue  # a field no format reads: whatever datasets makes of it is never used
-        field = "".join(f".{part}" if part else "[]" for part in path).lstrip(".")
-        odd, changed = None, None
-        for file in files:
-            for number, row in _json_lines(file):
+    paths = [path for path in _json_fields(features)
+             if read.issuperset(filter(None, (renames.get(path[0], path[0]), *path[1:])))]
+    odd, changed = {}, {}  # path -> the first (file, place, value) of each kind
+    for file in files:
+        for place, row in _json_rows(file):
+            for path in paths:
                 for value in _values_at(row, path):
-                    if odd is None and not isinstance(value, (str, type(None))):
-                        odd = (file, number, type(value).__name__)
-                    elif changed is None and isinstance(value, str) and _parses_as_json(value):
-                        changed = (file, number, value)
-        if odd and changed:
-            (file, number, kind), (_, line, text) = odd, changed
-            raise DataError(f"dataset {file} line {number}: {field} is a {kind} where other rows have text, so "
-                            f"datasets would read that field as JSON and change text that looks like JSON ({text!r} "
-                            f"on line {line} into {json.loads(text)!r}); make it text, or remove that row")
+                    if path not in odd and not isinstance(value, (str, type(None))):
+                        odd[path] = (file, place, value)
+                    elif path not in changed and isinstance(value, str) and _parses(ujson_loads, value):
+                        changed[path] = (file, place, value)
+            both = [path for path in paths if path in odd and path in changed]
+            if both:
+                (file, place, value), (_, where, text) = odd[both[0]], changed[both[0]]
+                field = "".join(f".{part}" if part else "[]" for part in both[0]).lstrip(".")
+                raise DataError(f"dataset {file} {place}: {field} is a {type(value).__name__} where other rows have "
+                                f"text, so datasets would read that field as JSON and change text that looks like "
+                                f"JSON ({text!r} on {where} into {ujson_loads(text)!r}); make it text, or remove that "
+                                "row")
 
 
-def _json_lines(file: str):
-    """(line number, row) of each line of a JSON Lines file; nothing for a document spread over lines."""
+def _json_rows(file: str):
+    """('line N', row) of each row of a JSON Lines file, or ('row N', row) of a .json file holding a list of rows."""
     with open(file, "rb") as handle:
         for number, line in enumerate(handle, 1):
             if line.strip():
                 try:
-                    yield number, json.loads(line)
+                    yield f"line {number}", json.loads(line)
                 except ValueError:
-                    return
+                    break  # a document spread over lines
+    if file.endswith(".json"):
+        try:
+            document = json.loads(Path(file).read_text(encoding="utf-8"))
+        except ValueError:
+            return
+        if isinstance(document, list):
+            yield from ((f"row {index}", row) for index, row in enumerate(document, 1))
 
 
-def _parses_as_json(text: str) -> bool:
+def _parses(loads, text: str) -> bool:
     try:
-        json.loads(text)
+        loads(text)
     except ValueError:
         return False
     return True

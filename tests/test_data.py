@@ -265,10 +265,25 @@ def test_a_field_of_text_in_some_rows_and_other_values_in_others_is_refused(tmp_
             for row in data.train][:4] == [reply + "<|im_end|>" for reply in replies[:4]]
 
 
+@pytest.mark.parametrize(("reply", "document"), [
+    ("\"Roses are red,\nviolets are blue\"", False),  # datasets' own parser takes the raw newline; json.loads not
+    ("\"Hi\"", True),  # rows in a .json list
+])
+def test_text_datasets_would_change_is_found_as_datasets_parses_it(tmp_path, tokenizer, reply, document):
+    rows = [{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": reply}]},
+            {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": 4}]}]
+    path = tmp_path / ("rows.json" if document else "rows.jsonl")
+    path.write_text(json.dumps(rows, indent=1) if document else "".join(json.dumps(row) + "\n" for row in rows))
+    place = "row 2" if document else "line 2"
+    with pytest.raises(DataError, match=re.escape(f"dataset {path} {place}: messages[].content is a int where other "
+                                                  "rows have text")):
+        prepare_data(DatasetConfig(name=str(path), on_bad_row="skip"), tokenizer, max_length=64)
+
+
 def test_columns_no_format_reads_may_mix_types_and_empty_tools_are_no_tools(tmp_path, tokenizer):
-    rows = [{"id": 5, "meta": {"score": 1}, "tools": "[]",
+    rows = [{"id": 5, "source": 5, "meta": {"score": 1}, "tools": "[]",
              "messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
-            {"id": "7", "meta": {"score": "high"}, "tools": None,
+            {"id": "7", "source": "2023", "meta": {"score": "high"}, "tools": None,
              "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}]
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))

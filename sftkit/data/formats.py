@@ -76,6 +76,17 @@ FORMATS = {
     "question_answer": from_question_answer,
     "alpaca": from_alpaca,
 }
+# What each format reads of a row: columns and message keys.
+MESSAGE_KEYS = {"role", "content", "weight"}
+READS = {
+    "messages": {"messages", *MESSAGE_KEYS},
+    "sharegpt": {"conversations", "from", "value"},
+    "prompt_response": {"prompt", "response", *MESSAGE_KEYS},
+    "prompt_completion": {"prompt", "completion", *MESSAGE_KEYS},
+    "question_answer": {"question", "answer", "source"},
+    "alpaca": {"instruction", "input", "output"},
+    "text": {"text"},
+}
 # Columns that identify each format, most specific first.
 SIGNATURES = [
     ("messages", {"messages"}),

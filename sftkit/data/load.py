@@ -7,14 +7,11 @@ import os
 from pathlib import Path
 
 from sftkit.compat import refuse_values_datasets_reads_as_json
-from sftkit.data.formats import SIGNATURES, DataError
+from sftkit.data.formats import READS, DataError, detect_format
 from sftkit.paths import local_splits, looked_in, looks_local, resolve_glob, resolve_path
 from sftkit.schema import SourceConfig
 
 LOCAL_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-# The columns and message keys the row formats read, where a value read wrong would train.
-READ_FIELDS = {column for _, columns in SIGNATURES for column in columns} | {
-    "input", "source", "role", "content", "from", "value", "weight"}
 # pandas reads cells holding None, null, NA or nan as missing by default: in a chat dataset they are text. Only an
 # empty cell is missing.
 READER_OPTIONS = {"csv": {"keep_default_na": False, "na_values": [""]}}
@@ -115,7 +112,8 @@ def _load(source: SourceConfig, split: str, key: str, split_key: str):
             if problem:
                 raise DataError(f"dataset {problem}; fix or remove that line") from None
             raise
-        refuse_values_datasets_reads_as_json(rows.features, files, READ_FIELDS, source.column_map or {})
+        refuse_values_datasets_reads_as_json(rows.features, files, _fields_read(source, rows.column_names),
+                                             source.column_map or {})
         return rows
     path = Path(resolve_path(source.name))
     if looks_local(source.name) and not path.exists():  # never sent to the hub (see looks_local)
@@ -134,8 +132,18 @@ def _load(source: SourceConfig, split: str, key: str, split_key: str):
     else:
         rows = load_dataset(source.name, source.subset, split=split)
         files = []
-    refuse_values_datasets_reads_as_json(rows.features, files, READ_FIELDS, source.column_map or {})
+    refuse_values_datasets_reads_as_json(rows.features, files, _fields_read(source, rows.column_names),
+                                             source.column_map or {})
     return rows
+
+
+def _fields_read(source: SourceConfig, columns: list[str]) -> set:
+    """What the source's format reads of a row (every format's, where its format cannot be told)."""
+    renamed = [(source.column_map or {}).get(column, column) for column in columns]
+    try:
+        return READS[source.format or detect_format(renamed, source.name)]
+    except DataError:
+        return set().union(*READS.values())
 
 
 def _blank(file: str) -> bool:
