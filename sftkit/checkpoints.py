@@ -208,11 +208,13 @@ def warn_of_other_weights(checkpoint: str | None, weights: str, dtype: str) -> N
     """A checkpoint of a bf16 full fine-tune saved before 2026-11-27 trained bf16 weights (then loaded in the run's
     dtype); the same config now keeps float32 ones (model.weights_dtype). The resume casts them, and from then on
     the weights, gradients and Adam states take twice the memory: say so before it runs out."""
-    saved = ((checkpoint_record(Path(checkpoint)) or {}).get("weights", dtype)) if checkpoint else weights
+    record = read_run_record(Path(checkpoint)) if checkpoint else None  # its own: output_dir's has no weights
+    saved = record.get("weights", dtype) if record else weights
     if saved != weights:
+        ratio = "twice" if weights == "float32" else "half"
         print(f"sftkit: warning: {checkpoint} trained {saved} weights; this sftkit continues with {weights} weights "
               "(bf16 full fine-tuning keeps float32 weights since 2026-11-27, so small updates are not lost), "
-              "which take twice the memory for weights, gradients and Adam states", flush=True)
+              f"which take {ratio} the memory for weights, gradients and Adam states", flush=True)
 
 
 def earlier_progress(checkpoint: str | None) -> dict:

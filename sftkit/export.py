@@ -177,8 +177,9 @@ def _cast_float32_weights(directory: Path, dtype) -> None:
                        for name, tensor in weights.items()}, partial, metadata={"format": "pt"})
             os.replace(partial, file)
             cast = True
-    if cast:  # save_pretrained wrote the float32 it held: loading with dtype "auto" would double the memory
-        _record_dtype(directory / "config.json", str(dtype).removeprefix("torch."))
+    config = directory / "config.json"  # save_pretrained wrote the float32 it held: dtype "auto" would load that
+    if cast or (config.is_file() and json.loads(config.read_text()).get("dtype") == "float32"):  # or a cast cut short
+        _record_dtype(config, str(dtype).removeprefix("torch."))
 
 
 def _record_dtype(config_file: Path, dtype: str) -> None:

@@ -173,3 +173,6 @@ def test_a_resume_onto_other_weights_warns(with_checkpoints, tmp_path, capsys):
     (checkpoint / "sftkit_run.json").write_text(json.dumps(record))
     warn_of_other_weights(str(checkpoint), "float32", "bfloat16")
     assert f"{checkpoint} trained bfloat16 weights; this sftkit continues with float32 weights" in capsys.readouterr().out
+    (checkpoint / "sftkit_run.json").unlink()  # cut short before its record: output_dir's record says no weights
+    warn_of_other_weights(str(checkpoint), "float32", "bfloat16")
+    assert "warning" not in capsys.readouterr().out
