@@ -49,8 +49,11 @@ def parse_overrides(args: list[str]) -> dict:
             value = args[index]
         *parents, leaf = key.split(".")
         node = overrides
-        for part in parents:
+        for depth, part in enumerate(parents):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):  # --model.path x, then --model.path.y 1
+                raise ConfigError(f"override --{key}: {'.'.join(parents[: depth + 1])} is given a value already, "
+                                  "not keys; give one or the other")
         # YAML 1.1 reads yes/no/on/off as booleans; on the command line they are the words (save_strategy no).
         node[leaf] = value if value.lower() in YAML_BOOLEAN_WORDS else _parse_value(key, value)
         index += 1

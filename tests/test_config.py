@@ -321,6 +321,8 @@ def test_override_values_that_are_not_yaml_are_the_text_typed(tmp_path):
     for text in ("#1 rule: be brief", "Answer in English #always", "# only"):  # YAML would drop them as comments
         assert load_config(write(tmp_path, MINIMAL), ["--dataset.system_prompt", text]).dataset.system_prompt == text
     assert load_config(write(tmp_path, MINIMAL), ["--training.output_dir", "out #3"]).training.output_dir == "out #3"
+    with pytest.raises(ConfigError, match="override --model.path.y: model.path is given a value already, not keys"):
+        load_config(write(tmp_path, MINIMAL), ["--model.path", "x", "--model.path.y", "1"])  # was a TypeError
     quoted = load_config(write(tmp_path, MINIMAL), ["--dataset.system_prompt", '"Rule #1: be brief"'])
     assert quoted.dataset.system_prompt == "Rule #1: be brief"  # quoted as the YAML errors advise: unquoted
     with pytest.raises(ConfigError, match=r"override --dataset.sample_prompts: '\[Hi, there' is not a valid YAML list .*quote it"):
