@@ -110,15 +110,15 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
         data = prepare_for_training(config.dataset, tokenizer, args)
     dtype = resolve_dtype(config.model, args)
     weights = weights_dtype(config.model, args, dtype)
+    weights_name = str(weights).removeprefix("torch.")
     if args.process_index == 0:
-        warn_of_other_weights(resume_from, str(weights).removeprefix("torch."), str(dtype).removeprefix("torch."))
+        warn_of_other_weights(resume_from, weights_name, str(dtype).removeprefix("torch."))
     model = load_model(config.model, weights, args.gradient_checkpointing)
-    timing = RecordRunInCheckpoints(config.resolved, earlier_progress(resume_from), started,
-                                    str(weights).removeprefix("torch."))
+    timing = RecordRunInCheckpoints(config.resolved, earlier_progress(resume_from), started, weights_name)
     trainer = _trainer(config, model, tokenizer, data, [timing], resumed=resume_from is not None)
     parameters = _count_parameters(trainer.model)
     if trainer.accelerator.is_main_process:
-        _check_space_for_export(output, config, dtype, parameters)
+        _check_space_for_export(output, config, dtype, weights, parameters)
         print(_plan(config, data, dtype, *parameters) + _resuming_words(resume_from, output.path), flush=True)
     memory_at_start = memory_mib()
     if resume_from:
@@ -184,9 +184,8 @@ def _trainer(config: RunConfig, model, tokenizer, data, callbacks: list, resumed
     return trainer
 
 
-def _check_space_for_export(output: OutputDir, config: RunConfig, dtype, parameters: tuple[int, int]) -> None:
+def _check_space_for_export(output: OutputDir, config: RunConfig, dtype, weights, parameters: tuple[int, int]) -> None:
     trainable, total = parameters
-    weights = weights_dtype(config.model, config.training, dtype)
     missing = check_free_space(output.path, export_bytes(total, trainable, dtype, config.model.use_lora, weights),
                                "the export")
     if missing:
