@@ -143,14 +143,13 @@ class _Preparation:
         num_proc = self.num_proc or _processes_for(len(rows))
         tokenized = self.tokenize(rows, format_name, source, position, num_proc, self.truncate)
         kept = tokenized.filter(lambda count: count > 0, input_columns="trainable_tokens", num_proc=num_proc)
-        if train:
-            self.tokenized.append((position, tokenized))
-            self.rows_read += len(rows)
         problems = [problem for problem in tokenized["problem"] if problem]
         dropped = self.dropped if train else self.eval_dropped
         dropped[BAD_ROW] += len(problems)
         dropped[NOTHING_TO_TRAIN] += len(tokenized) - len(kept) - len(problems)
-        if train:  # what the plan and --inspect show beside the train rows dropped
+        if train:  # the problems are what the plan and --inspect show beside the train rows dropped
+            self.tokenized.append((position, tokenized))
+            self.rows_read += len(rows)
             self.problems += problems[: 5 - len(self.problems)]
         return kept, format_name
 
