@@ -223,6 +223,29 @@ def zero3_init_disabled():
         hf_deepspeed._hf_deepspeed_config_weak_ref = registered
 
 
+def float32_by_design(directory: Path, dtype, trust_remote_code: bool):
+    """The tensors a model keeps in float32 whatever dtype it loads in (MoE routers' gate.weight, e.g. in DeepSeek-V3
+    and Nemotron-H), as a pattern to search parameter names with; None where the model cannot be built here. This is
+    transformers 5.24's PreTrainedModel._get_dtype_plan (a private method; _keep_in_fp32_modules_strict, and for
+    float16 _keep_in_fp32_modules too) on a meta-device model (1.6 s for DeepSeek-V3's 671B parameters)."""
+    import re
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+        with torch.device("meta"), zero3_init_disabled():
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        plan = model._get_dtype_plan(dtype)
+    except Exception as error:  # any model class, any library change: the caller then keeps what it cannot tell
+        logger.warning(f"could not tell which tensors this model keeps in float32 ({type(error).__name__}: {error}); "
+                       "a weights file that mixes dtypes is published as it is")
+        return None
+    # transformers matches these as regular expressions with * for any text (core_model_loading.build_glob_alternation)
+    return re.compile("|".join(name.replace("*", ".*") for name in plan) or r"(?!)")
+
+
 def zero_model_states(stage: int, total: int, largest_layer: int, world_size: int, offload_optimizer: bool,
                       offload_params: bool) -> tuple[float, float]:
     """DeepSpeed 0.19's estimate of (CPU, GPU) bytes per device for the model states of a full fine-tune, called by

@@ -10,6 +10,7 @@ they stay in the staging directory and `python -m sftkit.export OUTPUT_DIR` fini
 
 import argparse
 import dataclasses
+import functools
 import importlib.metadata
 import json
 import os
@@ -121,7 +122,7 @@ def _complete_and_check(staging: Path, model_cfg: ModelConfig, dtype) -> None:
         require_weights(staging / ADAPTER_DIR, "adapter_model")
         _merge_adapter(model_cfg, staging / ADAPTER_DIR, staging, dtype)
     else:
-        _cast_float32_weights(staging, dtype)
+        _cast_float32_weights(staging, dtype, model_cfg.trust_remote_code)
     require_weights(staging, "model")
     broken = non_finite_tensors(staging)
     if broken:
@@ -157,26 +158,34 @@ def _merge_adapter(model_cfg, adapter_dir: Path, target: Path, dtype) -> None:
     merged.save_pretrained(target)
 
 
-def _cast_float32_weights(directory: Path, dtype) -> None:
-    """A 16-bit full fine-tune under FSDP trains fp32 master weights (Accelerate upcasts the trainable parameters
-    for mixed precision) and its full state dict is fp32; the model is published in the training dtype, as
-    DeepSpeed's 16-bit gather and a single process publish it. A file that mixes dtypes (modules a model keeps
-    in fp32 on purpose) is left as it is."""
+def _cast_float32_weights(directory: Path, dtype, trust_remote_code: bool) -> None:
+    """Full fine-tuning in 16 bits trains float32 weights (mixed precision: model.weights_dtype, and FSDP's master
+    weights), and the model is published in the training dtype, as DeepSpeed's 16-bit gather publishes it; the
+    tensors the model keeps in float32 by design stay so, as from_pretrained would load them."""
     import torch
     from safetensors.torch import load_file, save_file
 
+    from sftkit.compat import float32_by_design
+
     if dtype not in (torch.bfloat16, torch.float16):
         return
+    kept = functools.cache(lambda: float32_by_design(directory, dtype, trust_remote_code))  # at the first float32
     cast = False
     for file in sorted(directory.glob("model*.safetensors")):
         weights = load_file(file)
-        floats = [tensor.dtype for tensor in weights.values() if tensor.is_floating_point()]
-        if floats and set(floats) == {torch.float32}:  # written beside, then renamed: a kill keeps the fp32 file
-            partial = file.with_name(file.name + ".partial")
-            save_file({name: tensor.to(dtype) if tensor.is_floating_point() else tensor
-                       for name, tensor in weights.items()}, partial, metadata={"format": "pt"})
-            os.replace(partial, file)
-            cast = True
+        floats = {name for name, tensor in weights.items() if tensor.is_floating_point()}
+        float32 = {name for name in floats if weights[name].dtype == torch.float32}
+        if not float32:
+            continue
+        pattern = kept()
+        to_cast = {name for name in float32 if not (pattern and pattern.search(name))}
+        if not to_cast or (pattern is None and to_cast != floats):  # an unknown model's mixed file: left as it is
+            continue
+        partial = file.with_name(file.name + ".partial")  # written beside, then renamed: a kill keeps the fp32 file
+        save_file({name: tensor.to(dtype) if name in to_cast else tensor for name, tensor in weights.items()},
+                  partial, metadata={"format": "pt"})
+        os.replace(partial, file)
+        cast = True
     config = directory / "config.json"  # save_pretrained wrote the float32 it held: dtype "auto" would load that
     if cast or (config.is_file() and json.loads(config.read_text()).get("dtype") == "float32"):  # or a cast cut short
         _record_dtype(config, str(dtype).removeprefix("torch."))

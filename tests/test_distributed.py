@@ -215,7 +215,7 @@ def test_a_16_bit_full_fine_tune_gathered_in_fp32_is_published_in_16_bit(tmp_pat
     save_file({"norm": torch.ones(2), "weight": torch.ones(2, dtype=torch.bfloat16)},
               tmp_path / "model-mixed.safetensors")
     (tmp_path / "config.json").write_text(json.dumps({"dtype": "float32", "text_config": {"dtype": "float32"}}))
-    _cast_float32_weights(tmp_path, torch.bfloat16)
+    _cast_float32_weights(tmp_path, torch.bfloat16, trust_remote_code=False)
     assert {name: tensor.dtype for name, tensor in load_file(tmp_path / "model.safetensors").items()} == {
         "weight": torch.bfloat16, "position": torch.int64}
     assert load_file(tmp_path / "model-mixed.safetensors")["norm"].dtype == torch.float32  # kept in fp32 on purpose

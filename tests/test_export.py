@@ -275,3 +275,27 @@ def test_an_export_is_finished_without_the_attention_kernel_the_run_used(lora_ru
             safe_open(lora_run / "model.safetensors", "pt") as published:
         for key in published.keys():
             assert torch.equal(merged.get_tensor(key), published.get_tensor(key)), key
+
+
+def test_the_tensors_a_model_keeps_in_float32_by_design_stay_so_when_its_float32_weights_are_published_in_bf16(
+        tmp_path):
+    """Full fine-tuning in bf16 trains float32 weights, published in bf16; a DeepSeek-V3 router's gate.weight and
+    e_score_correction_bias stay float32, as from_pretrained loads them whatever the dtype (before this, the export
+    rounded them to bf16 with the rest)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("deepseek_v3", vocab_size=64, hidden_size=16, intermediate_size=32,
+                                  moe_intermediate_size=8, num_hidden_layers=2, first_k_dense_replace=1,
+                                  num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4,
+                                  num_experts_per_tok=2, n_group=1, topk_group=1, kv_lora_rank=8, q_lora_rank=8,
+                                  qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=4)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path)
+    export_module._cast_float32_weights(tmp_path, torch.bfloat16, trust_remote_code=False)
+    saved = load_file(tmp_path / "model.safetensors")
+    kept = {name for name, tensor in saved.items() if tensor.dtype == torch.float32}
+    assert kept == {"model.layers.1.mlp.gate.weight", "model.layers.1.mlp.gate.e_score_correction_bias"}
+    assert {tensor.dtype for name, tensor in saved.items() if name not in kept} == {torch.bfloat16}
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype="auto").state_dict()
+    assert {name for name, tensor in loaded.items() if tensor.dtype == torch.float32} == kept
+    assert all(torch.equal(loaded[name], saved[name]) for name in kept)
