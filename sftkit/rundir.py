@@ -435,13 +435,21 @@ def free_bytes(directory: Path) -> int:
     return shutil.disk_usage(directory).free
 
 
+# save_pretrained's max_shard_size in transformers 5.24; the export casts float32 weights one shard at a time.
+SHARD_BYTES = 50 * 10**9
+
+
 def export_bytes(total_parameters: int, trainable_parameters: int, dtype, lora: bool, weights=None) -> int:
-    """What the export writes: the model in the training dtype, and for LoRA the float32 adapter beside it. A model
-    trained in other `weights` (float32 under bf16) is saved in them first, then cast beside them."""
+    """What the export writes at its peak: the model in the training dtype, and for LoRA the float32 adapter beside
+    it. A model trained in other `weights` (float32 under bf16) is saved in them first, then each shard is cast
+    beside itself and replaces it."""
     if lora:  # PEFT's total counts the adapter too; the merged model does not hold it
         size = (total_parameters - trainable_parameters) * dtype.itemsize + trainable_parameters * 4
+    elif weights in (None, dtype):
+        size = total_parameters * dtype.itemsize
     else:
-        size = total_parameters * (dtype.itemsize + (weights.itemsize if weights not in (None, dtype) else 0))
+        size = total_parameters * weights.itemsize + min(total_parameters, SHARD_BYTES // weights.itemsize) * \
+            dtype.itemsize
     return int(size * 1.02) + 2 * 2**20  # headers, tokenizer and reports
 
 

@@ -342,3 +342,18 @@ def test_of_several_runs_finding_the_same_stale_lock_only_one_takes_it_over(tmp_
     took = [outcome for outcome in outcomes if "took" in outcome.splitlines()[-1]]
     assert len(took) == 1, outcomes
     assert all("is in use by another run" in outcome for outcome in outcomes if outcome not in took), outcomes
+
+
+def test_the_export_of_float32_weights_needs_room_for_them_and_one_shard_cast_beside_them():
+    """The cast replaces one 50 GB shard at a time: a 20B model trained in float32 weights and published in bf16
+    peaks at 80 GB plus 25 GB, not at 80 GB plus the whole 40 GB bf16 model (refused with room to spare before)."""
+    import torch
+
+    from sftkit.rundir import export_bytes
+
+    def needed(parameters):
+        return export_bytes(parameters, parameters, torch.bfloat16, lora=False, weights=torch.float32) / 1e9
+
+    assert needed(10**9) == pytest.approx(6 * 1.02, abs=0.01)  # below one shard: float32 and the whole bf16 copy
+    assert needed(20 * 10**9) == pytest.approx((80 + 25) * 1.02, abs=0.01)
+    assert export_bytes(10**9, 10**9, torch.bfloat16, lora=False) / 1e9 == pytest.approx(2 * 1.02, abs=0.01)
