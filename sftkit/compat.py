@@ -356,6 +356,8 @@ def refuse_values_datasets_reads_as_json(features, files: list[str], read: set, 
 
     paths = [path for path in _json_fields(features)
              if read.issuperset(filter(None, (renames.get(path[0], path[0]), *path[1:])))]
+    if not paths:  # the usual case: every field read holds one type, so nothing was read as JSON
+        return
     odd, changed = {}, {}  # path -> the first (file, place, value) of each kind
     for file in files:
         for place, row in _json_rows(file):
