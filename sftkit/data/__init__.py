@@ -3,6 +3,8 @@
 import os
 from dataclasses import dataclass, field
 
+import pyarrow.compute as pc
+
 from sftkit import compat
 from sftkit.data.formats import DataError, RowDefect, detect_format, to_messages, to_text, with_system
 from sftkit.data.load import jsonl_files, jsonl_place, load_source
@@ -111,12 +113,18 @@ def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42,
         formats=[format_name for _, format_name in train_parts],
         rows=prepare.rows_read,
         dropped=prepare.dropped,
-        trainable_tokens=sum(train["trainable_tokens"]),
+        trainable_tokens=pc.sum(_column(train, "trainable_tokens")).as_py() or 0,
         sample_prompts=prepare.sample_prompts(evaluation[0] if evaluation is not None and len(evaluation) else train[0]),
-        lengths=[len(ids) for ids in train["input_ids"]],
+        lengths=pc.list_value_length(_column(train, "input_ids")).to_pylist(),
         problems=prepare.problems,
         eval_dropped=prepare.eval_dropped,
     )
+
+
+def _column(rows, name: str):
+    """A whole column as one Arrow array. datasets 5.2's rows[name] is a Column that decodes row by row in Python: 5.3 s
+    for the lengths of 224,000 rows on a cache hit, against 0.75 s so."""
+    return rows.with_format("arrow")[name]
 
 
 class _Preparation:
@@ -143,7 +151,7 @@ class _Preparation:
         num_proc = self.num_proc or _processes_for(len(rows))
         tokenized = self.tokenize(rows, format_name, source, position, num_proc, self.truncate)
         kept = tokenized.filter(lambda count: count > 0, input_columns="trainable_tokens", num_proc=num_proc)
-        problems = [problem for problem in tokenized["problem"] if problem]
+        problems = [problem for problem in _column(tokenized, "problem").to_pylist() if problem]
         dropped = self.dropped if train else self.eval_dropped
         dropped[BAD_ROW] += len(problems)
         dropped[NOTHING_TO_TRAIN] += len(tokenized) - len(kept) - len(problems)
@@ -188,8 +196,8 @@ class _Preparation:
                 rows, format_name, source = self.raw[position]
                 tokenized = self.tokenize(rows, format_name, source, position, self.num_proc, truncate=False)
             good = tokenized.filter(lambda problem: not problem, input_columns="problem")
-            prompts += good["prompt_tokens"]
-            lengths += [len(ids) for ids in good["input_ids"]]
+            prompts += _column(good, "prompt_tokens").to_pylist()
+            lengths += pc.list_value_length(_column(good, "input_ids")).to_pylist()
         return (f"{where}: no row has a trainable token within max_seq_length {self.max_length}: replies start "
                 f"after at least {min(prompts)} prompt tokens and the longest row has {max(lengths)} tokens; set "
                 f"model.max_seq_length to {max(lengths)} or more to keep every row whole")
