@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from sftkit.data.formats import with_system
-from sftkit.errors import ConfigError
+from sftkit.errors import ConfigError, OneLineArgumentParser, say_error
 
 COMMANDS = "/reset starts a new conversation, /exit quits"
 
@@ -42,16 +42,15 @@ def generation_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sftkit.chat", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m sftkit.chat") -> int:
+    parser = OneLineArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     args = generation_arguments(parser).parse_args(argv)
     from sftkit.inference import load_for_inference, stream_reply
 
     try:
         model, tokenizer = load_for_inference(args.model, args.trust_remote_code)
     except ConfigError as error:
-        print(f"sftkit.chat: error: {error}", file=sys.stderr)
-        return 2
+        return say_error(prog, error)
     start = with_system([], args.system)
     history = list(start)
     print(f"Chatting with {args.model} ({COMMANDS}).", flush=True)

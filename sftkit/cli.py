@@ -6,28 +6,20 @@
     sftkit env | chat DIR | compare DIR | webchat DIR | export DIR
 """
 
-import argparse
 import os
 import sys
 import time
 from pathlib import Path
 
 from sftkit.config import load_config
-from sftkit.errors import ConfigError, Interrupted, RunFailed
+from sftkit.errors import ConfigError, Interrupted, OneLineArgumentParser, SftkitError, say_error
 from sftkit.fastpath import use_expandable_segments
 from sftkit.peers import lost_contact, report_failure, says_errors, watch
 from sftkit.schema import SECTIONS, section_help
 
 
-class _OneLineErrors(argparse.ArgumentParser):
-    """argparse's errors as one line, like the config's (it prints its usage block first)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
-
-
 def main(argv: list[str] | None = None, prog: str = "sft.py") -> int:
-    parser = _OneLineErrors(
+    parser = OneLineArgumentParser(
         prog=prog,
         usage=f"{prog} [CONFIG] [options] [--section.key value ...]",
         description="Fine-tune a causal LM on chat data from a YAML config. `python sft.py env` reports the "
@@ -79,31 +71,26 @@ def main(argv: list[str] | None = None, prog: str = "sft.py") -> int:
         if args.inspect is not None:
             from sftkit.inspector import inspect
 
-            report = inspect(config, samples=args.inspect)
+            statistics = inspect(config, samples=args.inspect)
             if is_main_process():
-                print(report)
+                print(statistics)
             return 0
         from sftkit.train import train
 
         train(config, overwrite=args.overwrite, started=_process_start())
-    except ConfigError as error:
-        if says_errors():
-            print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
-        report_failure(str(error))
-        if not says_errors():
-            # Every process finds the same error; the launcher kills the others as soon as one exits, so the
-            # others give the main process a moment to print it.
-            time.sleep(5)
-        return error.exit_code
-    except RunFailed as failure:
-        if says_errors():
-            print(f"{prog}: error: {failure}", file=sys.stderr, flush=True)
-        report_failure(str(failure))
-        return failure.exit_code
     except Interrupted as stop:
         if is_main_process():
             print(f"{prog}: {stop}", file=sys.stderr)
         return stop.exit_code
+    except SftkitError as error:
+        if says_errors():
+            say_error(prog, error)
+        report_failure(str(error))
+        if isinstance(error, ConfigError) and not says_errors():
+            # Every process finds the same error; the launcher kills the others as soon as one exits, so the
+            # others give the main process a moment to print it.
+            time.sleep(5)
+        return error.exit_code
     except KeyboardInterrupt:
         if is_main_process():
             print(f"{prog}: interrupted before training started; nothing was saved", file=sys.stderr)
@@ -167,7 +154,7 @@ def sftkit(argv: list[str] | None = None) -> int:
     if command in TOOLS:
         import importlib
 
-        return importlib.import_module(TOOLS[command]).main(rest)
+        return importlib.import_module(TOOLS[command]).main(rest, prog=f"sftkit {command}")
     if command in ("-h", "--help"):
         print(USAGE)
         return 0
@@ -178,7 +165,7 @@ def sftkit(argv: list[str] | None = None) -> int:
 
 def init(argv: list[str]) -> int:
     """Write a copy of a shipped config (its comments are its documentation) where the user can edit it."""
-    parser = _OneLineErrors(prog="sftkit init", description=init.__doc__)
+    parser = OneLineArgumentParser(prog="sftkit init", description=init.__doc__)
     parser.add_argument("file", help="the config to write, e.g. my_run.yaml")
     parser.add_argument("--from", "--config", dest="source", default="lora",
                         help="the shipped config to start from (default: lora): default, lora, qlora, or an "
@@ -192,9 +179,10 @@ def init(argv: list[str]) -> int:
         if target.exists():
             raise ConfigError(f"{target} exists already; choose another name (sftkit init never replaces a file)")
         target.write_text(source.read_text())
-    except (ConfigError, OSError) as error:
-        print(f"sftkit init: error: {error}", file=sys.stderr)
-        return 2
+    except OSError as error:
+        return say_error("sftkit init", ConfigError(str(error)))
+    except ConfigError as error:
+        return say_error("sftkit init", error)
     print(f"sftkit init: wrote {target} (from {source.name}); edit model.path, dataset.name and training.output_dir, "
           f"then: sftkit train {target}")
     return 0

@@ -8,7 +8,6 @@ Loss is the run's eval loss (mean over the trained tokens of each batch, then ov
 the run had any, else on the first training rows (the report says which). OUTPUT_DIR may also be its lora_weights.
 """
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import yaml
 from sftkit.config import read_section
 from sftkit.data.formats import with_system
 from sftkit.data.tokenize import IGNORE_INDEX
-from sftkit.errors import ConfigError
+from sftkit.errors import ConfigError, OneLineArgumentParser, say_error
 from sftkit.export import RUN_CONFIG_FILE
 from sftkit.paths import resolve_path
 from sftkit.schema import DatasetConfig, ModelConfig
@@ -33,8 +32,8 @@ class Prompt:
     reference: str | None = None  # the reply in the data, for held-out rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sftkit.compare", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m sftkit.compare") -> int:
+    parser = OneLineArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("output_dir", help="output_dir of a finished run")
     parser.add_argument("--prompts", help="a text file with one prompt per line")
     parser.add_argument("--rows", type=int, default=5, help="held-out rows to reply to when no prompts are given")
@@ -46,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_paths(args)  # before minutes of generating
         path = write_report(args)
     except ConfigError as error:
-        print(f"sftkit.compare: error: {error}", file=sys.stderr)
-        return 2
+        return say_error(prog, error)
     print(f"wrote {path}")
     return 0
 

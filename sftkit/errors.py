@@ -1,23 +1,54 @@
-"""How a run ends early, each with its exit code: the CLI (cli.py) turns these into one line and that code."""
+"""How a run or a tool ends early, each with its exit code, and how that is said: one line (`say_error`)."""
+
+import argparse
+import os
+import sys
+import traceback
 
 
-class ConfigError(Exception):
+class SftkitError(Exception):
+    """An ending sftkit foresaw, said in one line; the error it came from, if any, is its __cause__."""
+
+    exit_code = 1
+
+
+class ConfigError(SftkitError):
     """A problem with the user's config or data, reported as one message. Exit code 2."""
 
     exit_code = 2
 
 
-class RunFailed(Exception):
+class RunFailed(SftkitError):
     """Training or export failed in a way the user can act on (divergence, a full disk); the message says what was
     kept and where. Exit code 1."""
 
-    exit_code = 1
 
-
-class Interrupted(Exception):
+class Interrupted(SftkitError):
     """Training stopped on Ctrl-C or SIGTERM after saving a checkpoint; the message says how to resume. Exit code
     128 + the signal's number, as a shell reports a process killed by it."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+def say_error(prog: str, error: SftkitError) -> int:
+    """Say `error` in one line under `prog`, and return its exit code. With SFTKIT_DEBUG=1 its traceback follows,
+    with the library error it came from: for a bug report."""
+    print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+    if os.environ.get("SFTKIT_DEBUG", "0") not in ("", "0"):
+        traceback.print_exception(error, file=sys.stderr)
+    return error.exit_code
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's first line of text, for a one-line error that quotes it: else its type's name."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0].rstrip(".") if lines else type(error).__name__
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse's errors as one line, like the config's (it prints its usage block first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")

@@ -8,7 +8,6 @@ they stay in the staging directory and `python -m sftkit.export OUTPUT_DIR` fini
     python -m sftkit.export outputs/lora     # finish an export that failed (for example on a full disk)
 """
 
-import argparse
 import dataclasses
 import functools
 import importlib.metadata
@@ -24,7 +23,7 @@ import yaml
 
 from sftkit.config import read_section
 from sftkit.environment import STACK
-from sftkit.errors import ConfigError, RunFailed
+from sftkit.errors import ConfigError, OneLineArgumentParser, RunFailed, SftkitError, first_line, say_error
 from sftkit.rundir import (
     RUN_FILE,
     STAGING_DIR,
@@ -72,7 +71,7 @@ def export(trainer, run_config, tokenizer, dtype, parameters: tuple[int, int]) -
         if main and lora:  # PEFT's empty card template ("[More Information Needed]"); output_dir/README.md describes it
             (staging / ADAPTER_DIR / "README.md").unlink(missing_ok=True)
     except Exception as error:  # OSError, or safetensors' own error on a full disk
-        raise RunFailed(f"could not write the trained {'adapter' if lora else 'model'} to {staging}: {error}") from None
+        raise RunFailed(f"could not write the trained {'adapter' if lora else 'model'} to {staging}: {error}") from error
     if main:
         finish_export(output_dir, run_config.model, dtype)
     trainer.accelerator.wait_for_everyone()
@@ -102,18 +101,18 @@ def finish_export(output_dir: Path, model_cfg: ModelConfig, dtype) -> None:
     except RunFailed:
         raise
     except Exception as error:  # a full disk raises OSError or safetensors' own error; any failure keeps the weights
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = first_line(error)
         if (staging / PUBLISHING_FILE).is_file():
             raise RunFailed(f"publishing the model in {output_dir} failed part way: {reason}. What is not moved yet "
                             f"is in {staging}; once that is fixed, finish with: python -m sftkit.export "
-                            f"{output_dir}") from None
+                            f"{output_dir}") from error
         if model_cfg.use_lora:  # a half-written merged model: gone, so the staging directory holds only the adapter
             for partial in [*staging.glob("model*.safetensors*"), staging / "config.json"]:
                 partial.unlink(missing_ok=True)
         kept = staging / ADAPTER_DIR if model_cfg.use_lora else staging
         raise RunFailed(f"the export to {output_dir} failed: {reason}. The trained "
                         f"{'adapter' if model_cfg.use_lora else 'model'} is kept in {kept}; once that is fixed, "
-                        f"finish the export with: python -m sftkit.export {output_dir}") from None
+                        f"finish the export with: python -m sftkit.export {output_dir}") from error
 
 
 def _complete_and_check(staging: Path, model_cfg: ModelConfig, dtype) -> None:
@@ -311,9 +310,9 @@ def _add_saved_dtypes_to_the_summary(output_dir: Path) -> None:
         write_json(path, {**json.loads(path.read_text()), "saved_dtypes": saved_dtypes(output_dir)})
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m sftkit.export") -> int:
     """Finish an export that failed after training, from the weights kept in OUTPUT_DIR/.export-incomplete."""
-    parser = argparse.ArgumentParser(prog="python -m sftkit.export", description=main.__doc__)
+    parser = OneLineArgumentParser(prog=prog, description=main.__doc__)
     parser.add_argument("output_dir", type=Path)
     args = parser.parse_args(argv)
     staging = args.output_dir / STAGING_DIR
@@ -332,12 +331,11 @@ def main(argv: list[str] | None = None) -> int:
         _add_saved_dtypes_to_the_summary(args.output_dir)
         finished = {key: value for key, value in record.items() if key != "error"}
         write_json(args.output_dir / RUN_FILE, {**finished, "status": "finished", "export": "python -m sftkit.export"})
-    except (ConfigError, RunFailed) as error:
-        print(f"sftkit.export: error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, ConfigError) else 1
+    except SftkitError as error:
+        return say_error(prog, error)
     finally:
         lock.release()
-    print(f"sftkit.export: the model is in {args.output_dir}")
+    print(f"{prog}: the model is in {args.output_dir}")
     return 0
 
 

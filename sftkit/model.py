@@ -13,7 +13,7 @@ from transformers.pytorch_utils import Conv1D
 from sftkit import varlen
 from sftkit.compat import keep_cpu_4bit_layout_trainable, zero3_init_disabled
 from sftkit.data.tokenize import CHATML_TEMPLATE
-from sftkit.errors import ConfigError
+from sftkit.errors import ConfigError, first_line
 from sftkit.paths import resolve_path
 from sftkit.schema import DatasetConfig, ModelConfig
 
@@ -39,7 +39,7 @@ def check_model_source(model_cfg: ModelConfig):
         try:
             lora_config(model_cfg)
         except (ValueError, TypeError) as error:
-            raise ConfigError(f"model.lora_config: {_first_line(error)}") from None
+            raise ConfigError(f"model.lora_config: {first_line(error)}") from error
     hf_config = _read_model_config(model_cfg)
     model = _meta_model(model_cfg, hf_config)
     if model is None or not model_cfg.use_lora:
@@ -80,14 +80,14 @@ def _read_model_config(model_cfg: ModelConfig):
         message = str(error)
         if "trust_remote_code" in message:
             raise ConfigError(f"model.path {model_cfg.path} ships its own modeling code; set "
-                              "model.trust_remote_code: true if you trust it") from None
+                              "model.trust_remote_code: true if you trust it") from error
         if "does not recognize this architecture" in message:
             import transformers
 
             raise ConfigError(f"model.path {model_cfg.path}: transformers {transformers.__version__} does not know its "
                               "model_type; upgrade transformers, or, if the model ships its own modeling code "
-                              "(auto_map in config.json), set model.trust_remote_code: true") from None
-        raise ConfigError(f"model.path {model_cfg.path}: cannot read its config.json: {_first_line(error)}") from None
+                              "(auto_map in config.json), set model.trust_remote_code: true") from error
+        raise ConfigError(f"model.path {model_cfg.path}: cannot read its config.json: {first_line(error)}") from error
 
 
 def _meta_model(model_cfg: ModelConfig, hf_config):
@@ -115,11 +115,11 @@ def _meta_model(model_cfg: ModelConfig, hf_config):
             elif model_cfg.attn_implementation == "flash_attention_2":
                 chosen = " (sftkit's choice where flash-attn is installed and the setting is left out)"
             raise ConfigError(f"model.attn_implementation: {model_cfg.attn_implementation}{chosen} cannot be used: "
-                              f"{_first_line(failure)}; {way_out}") from None
+                              f"{first_line(failure)}; {way_out}") from failure
     if model_cfg.trust_remote_code:
         return None  # the model's own code may not support the meta device; loading it will tell
     raise ConfigError(f"model.path {model_cfg.path} ({hf_config.model_type}) cannot be built as a causal LM: "
-                      f"{_first_line(failure)}") from None
+                      f"{first_line(failure)}") from failure
 
 
 def _names_module(target: str, names: list[str]) -> bool:
@@ -129,11 +129,6 @@ def _names_module(target: str, names: list[str]) -> bool:
 
 def _leaf_names(names: list[str]) -> list[str]:
     return list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in names))
-
-
-def _first_line(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0].rstrip(".") if lines else type(error).__name__
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -148,8 +143,8 @@ def load_tokenizer(model_cfg: ModelConfig, dataset_cfg: DatasetConfig):
         tokenizer = AutoTokenizer.from_pretrained(path, revision=model_cfg.revision,
                                                   trust_remote_code=model_cfg.trust_remote_code)
     except (OSError, ValueError) as error:  # transformers' words for a tokenizer it cannot build
-        raise ConfigError(f"model.path {model_cfg.path}: its tokenizer cannot be loaded: {_first_line(error)}") \
-            from None
+        raise ConfigError(f"model.path {model_cfg.path}: its tokenizer cannot be loaded: {first_line(error)}") \
+            from error
     if dataset_cfg.chat_template:
         _set_template(tokenizer, dataset_cfg.chat_template)
     elif tokenizer.chat_template is None:

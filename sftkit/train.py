@@ -26,7 +26,7 @@ from sftkit.checkpoints import (
 )
 from sftkit.compat import allow_fsdp_on_cpu, check_fsdp_on
 from sftkit.data import prepare_for_training
-from sftkit.errors import ConfigError, Interrupted, RunFailed
+from sftkit.errors import ConfigError, Interrupted, RunFailed, first_line
 from sftkit.export import export
 from sftkit.fastpath import describe as describe_speed
 from sftkit.inference import generate_reply
@@ -76,7 +76,7 @@ def train(config: RunConfig, overwrite: bool = False, started: float | None = No
         output.mark("interrupted")
         raise Interrupted(_stopped_at_once(output.path), signal.SIGINT) from None
     except BaseException as failure:
-        output.mark("failed", error=str(failure).splitlines()[0] if str(failure) else type(failure).__name__)
+        output.mark("failed", error=first_line(failure))
         raise
     finally:
         output.release()

@@ -7,14 +7,13 @@
 The page keeps the conversation; the reply streams in as it is generated, with the model's own chat template.
 """
 
-import argparse
 import importlib.util
 import os
 import sys
 
 from sftkit.chat import generation_arguments
 from sftkit.data.formats import with_system
-from sftkit.errors import ConfigError
+from sftkit.errors import ConfigError, OneLineArgumentParser, say_error
 
 
 def build_app(model, tokenizer, title: str, system: str | None = None, temperature: float = 0.7, top_p: float = 0.9,
@@ -52,23 +51,20 @@ def _text(content) -> str:
     return "".join(part.get("text", "") for part in content if isinstance(part, dict))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = generation_arguments(argparse.ArgumentParser(prog="python -m sftkit.webchat",
-                                                          description=__doc__.split("\n")[0]))
+def main(argv: list[str] | None = None, prog: str = "python -m sftkit.webchat") -> int:
+    parser = generation_arguments(OneLineArgumentParser(prog=prog, description=__doc__.split("\n")[0]))
     parser.add_argument("--host", default="127.0.0.1", help="127.0.0.1 keeps it on this machine (default)")
     parser.add_argument("--port", type=int, default=7860)
     args = parser.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline machine
     if importlib.util.find_spec("gradio") is None:
-        print("sftkit.webchat: error: gradio is not installed; pip install -r requirements-extras.txt", file=sys.stderr)
-        return 2
+        return say_error(prog, ConfigError("gradio is not installed; pip install -r requirements-extras.txt"))
     from sftkit.inference import load_for_inference
 
     try:
         model, tokenizer = load_for_inference(args.model, args.trust_remote_code)
     except ConfigError as error:
-        print(f"sftkit.webchat: error: {error}", file=sys.stderr)
-        return 2
+        return say_error(prog, error)
     app = build_app(model, tokenizer, f"sftkit chat: {args.model}", args.system, args.temperature, args.top_p,
                     args.max_new_tokens)
     app.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False)

@@ -156,6 +156,20 @@ def test_data_files_that_cannot_be_read_as_given_say_why(tmp_path, files, expect
     assert line == "sft.py: error: " + expected.format(dir=tmp_path)
 
 
+def test_sftkit_debug_adds_the_traceback_of_the_library_error_a_one_line_error_quotes(tmp_path):
+    """The one line keeps the library's first line only; the traceback it came from was lost before."""
+    (tmp_path / "ragged.csv").write_text("prompt,response\nhi,hello\nx,y,z\n")
+    result = run_python("sft.py", "--dataset.name", str(tmp_path / "ragged.csv"), "--training.output_dir",
+                        str(tmp_path / "out"), env={**os.environ, "SFTKIT_DEBUG": "1"}, check=False, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith(f"sft.py: error: dataset.name: {tmp_path}/ragged.csv (split 'train') could not be "
+                               "loaded: Error tokenizing data"), result.stderr[-3000:]
+    assert "pandas.errors.ParserError: Error tokenizing data" in result.stderr
+    assert "The above exception was the direct cause of the following exception" in result.stderr
+    assert lines[-1].startswith("sftkit.data.formats.DataError: dataset.name:")
+
+
 def test_sharegpt_role_names_in_openai_messages_say_what_they_mean(tmp_path):
     data = tmp_path / "chat.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "human", "content": "Hi"}, {"role": "gpt", "content": "Yo"}]}))

@@ -160,7 +160,8 @@ def test_a_generation_that_fails_ends_the_reply_with_its_error_instead_of_waitin
 def test_the_chats_generation_options_are_checked_before_the_model_loads(option, rule, capsys):
     with pytest.raises(SystemExit) as exit_code:
         chat_command.main([str(REPO / "data" / "tiny-chat-llama"), option, "-1"])
-    assert exit_code.value.code == 2 and capsys.readouterr().err.rstrip().endswith(f"'-1' is not {rule}")
+    assert exit_code.value.code == 2 and capsys.readouterr().err == (
+        f"python -m sftkit.chat: error: argument {option}: '-1' is not {rule}; see python -m sftkit.chat --help\n")
 
 
 @pytest.mark.parametrize(("options", "expected"), [
@@ -175,7 +176,7 @@ def test_compare_refuses_bad_options_in_one_line_before_generating(tmp_path, opt
     monkeypatch.chdir(tmp_path)
     (tmp_path / "blank.txt").write_text("\n  \n")
     assert compare.main([str(tmp_path), *options]) == 2
-    assert capsys.readouterr().err == f"sftkit.compare: error: {expected}\n"
+    assert capsys.readouterr().err == f"python -m sftkit.compare: error: {expected}\n"
     assert (tmp_path / "blank.txt").read_text() == "\n  \n"
 
 

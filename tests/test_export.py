@@ -124,7 +124,7 @@ def test_an_export_without_the_weights_is_never_published(tmp_path, capsys):
     (out / "model.safetensors").unlink()
     capsys.readouterr()
     assert export_main([str(out)]) == 1
-    assert capsys.readouterr().err.startswith(f"sftkit.export: error: the export wrote no complete model to {staging} "
+    assert capsys.readouterr().err.startswith(f"python -m sftkit.export: error: the export wrote no complete model to {staging} "
                                               "(no model.safetensors), so nothing was published")
     assert not (out / "config.json").exists() and (staging / "config.json").is_file()
 

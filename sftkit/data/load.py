@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sftkit.compat import refuse_values_datasets_reads_as_json
 from sftkit.data.formats import READS, DataError, detect_format
+from sftkit.errors import first_line
 from sftkit.paths import local_splits, looked_in, looks_local, resolve_glob, resolve_path
 from sftkit.schema import SourceConfig
 
@@ -35,11 +36,12 @@ def load_source(source: SourceConfig, split: str | None = None, key: str = "data
         splits = _split_names(source) if known else None
         if splits and split not in splits:
             raise DataError(f"{split_key}: {split!r} is not a split of {source.name}; its splits are "
-                            f"{', '.join(splits)}") from None
-        while error.__cause__ is not None:  # datasets wraps the reader's own error ("while generating the dataset")
-            error = error.__cause__
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise DataError(f"{key}.name: {source.name} (split {split!r}) could not be loaded: {message}") from None
+                            f"{', '.join(splits)}") from error
+        reason = error
+        while reason.__cause__ is not None:  # datasets wraps the reader's own error ("while generating the dataset")
+            reason = reason.__cause__
+        raise DataError(f"{key}.name: {source.name} (split {split!r}) could not be loaded: "
+                        f"{first_line(reason)}") from error
     if source.column_map:
         missing = sorted(set(source.column_map) - set(rows.column_names))
         if missing:
