@@ -4,11 +4,9 @@ The model is built on the meta device from its config.json, so parameter counts 
 cost no memory. The memory estimate is a model of model states plus activations, stated with its assumptions.
 """
 
-import json
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -156,13 +154,12 @@ class ZeroSettings:
 
 
 def deepspeed_settings(args) -> ZeroSettings:
-    """The ZeRO stage from training.deepspeed, or from the Accelerate config this process was launched with."""
-    source = args.deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    if not source:
-        stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0"))
-        return ZeroSettings(stage, False, False, f"DeepSpeed ZeRO-{stage}" if stage else "no DeepSpeed")
-    settings = source if isinstance(source, dict) else json.loads(Path(resolve_path(source)).read_text())
-    zero = settings.get("zero_optimization", {})
+    """The ZeRO stage and offloads as DeepSpeed will get them: from training.deepspeed, or from the Accelerate config
+    this process was launched with (a DeepSpeed JSON file it names, or its own zero_stage and offload keys)."""
+    plugin = args.deepspeed_plugin
+    if plugin is None:
+        return ZeroSettings(0, False, False, "no DeepSpeed")
+    zero = plugin.deepspeed_config.get("zero_optimization", {})
     offload_optimizer = (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
     offload_params = (zero.get("offload_param") or {}).get("device") in ("cpu", "nvme")
     stage = int(zero.get("stage", 0))

@@ -177,6 +177,21 @@ def test_a_sharded_engine_that_would_save_no_model_is_refused_before_loading(tmp
     assert result.stderr.count(expected) == 1, result.stderr[-3000:]
 
 
+def test_the_dry_run_plans_the_offloads_an_accelerate_config_sets_without_a_deepspeed_file(tmp_path):
+    """`accelerate config` writes zero_stage and offload devices into its own file, with no DeepSpeed JSON: the plan
+    said plain ZeRO-3 and counted the model states on the device."""
+    launch = (REPO / "accelerate_configs" / "cpu_zero3_2proc.yaml").read_text().replace(
+        "  deepspeed_config_file: deepspeed_configs/zero3.json", "  zero_stage: 3\n  offload_optimizer_device: cpu\n"
+        "  offload_param_device: cpu\n  zero3_save_16bit_model: true")
+    (tmp_path / "launch.yaml").write_text(launch)
+    result = subprocess.run([ACCELERATE, "launch", "--config_file", str(tmp_path / "launch.yaml"), "sft.py",
+                             "--dry-run", "--training.output_dir", str(tmp_path / "out")],
+                            cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "  distributed        DeepSpeed ZeRO-3 with optimizer and parameters on the CPU\n" in result.stdout
+    assert "of host memory for offloaded states" in result.stdout
+
+
 def test_training_deepspeed_without_a_gpu_stops_early_with_one_line():
     import torch
 
