@@ -160,9 +160,10 @@ def allow_fsdp_on_cpu() -> None:
     GPU, where x.py prints `Accelerator(cpu=True).distributed_type`: MULTI_CPU. Offload (fsdp_offload_params) is
     then kept in unpinned memory. Call before the Trainer exists."""
     import torch
-    from accelerate.utils import parse_flag_from_env
 
-    if not parse_flag_from_env("ACCELERATE_USE_FSDP") or torch.cuda.is_available():
+    from sftkit.engines import launch_uses_fsdp
+
+    if not launch_uses_fsdp() or torch.cuda.is_available():
         return
     try:
         from accelerate import state
@@ -194,9 +195,9 @@ def allow_fsdp_on_cpu() -> None:
 
 def check_fsdp_on(trainer) -> None:
     """A launch that asks for FSDP must get it: never a silent full copy of the model on every process."""
-    from accelerate.utils import parse_flag_from_env
+    from sftkit.engines import launch_uses_fsdp
 
-    if parse_flag_from_env("ACCELERATE_USE_FSDP") and not trainer.is_fsdp_enabled:
+    if launch_uses_fsdp() and not trainer.is_fsdp_enabled:
         kind = getattr(trainer.accelerator.distributed_type, "value", trainer.accelerator.distributed_type)
         raise ConfigError(f"the launch asks for FSDP, but Accelerate (distributed type {kind}) did not turn it on, "
                           "so every process would train a full copy of the model; use a DeepSpeed config instead "
@@ -334,8 +335,9 @@ def compile_under_zero3_error(args) -> str | None:
     ("one of the variables needed for gradient computation has been modified by an inplace operation", on a
     partitioned parameter's empty placeholder), after minutes of loading. Reproduce: accelerate launch --config_file
     accelerate_configs/cpu_zero3_2proc.yaml sft.py --training.torch_compile true. ZeRO-2 compiles and trains."""
-    plugin = args.deepspeed_plugin
-    if args.torch_compile and plugin is not None and plugin.zero_stage == 3:
+    from sftkit.engines import zero_stage
+
+    if args.torch_compile and zero_stage(args) == 3:
         return ("training.torch_compile: true fails under DeepSpeed ZeRO-3 (DeepSpeed 0.19.8, torch 2.13: an autograd "
                 "error at the first backward pass); set training.torch_compile: false, or use ZeRO-2")
     return None

@@ -22,6 +22,7 @@ import yaml
 
 from sftkit.checks import cross_field_errors, number_errors, numbers, path_errors
 from sftkit.compat import compile_under_zero3_error, rename_gradient_checkpointing, sft_config_fields
+from sftkit.engines import launch_uses_deepspeed, launch_uses_fsdp, uses_deepspeed, zero_stage
 from sftkit.errors import ConfigError
 from sftkit.fastpath import bf16_by_default, choose_adapter_inputs
 from sftkit.fastpath import choose as choose_fast_path
@@ -249,7 +250,6 @@ def _simple_hint(annotation: str):
 
 def _build_training(values: dict, model: ModelConfig, dataset: DatasetConfig, errors: list[str]):
     """Coerce the `training` values to SFTConfig's field types and build it (_precheck_training checked the keys)."""
-    from accelerate.utils import parse_flag_from_env
     from trl import SFTConfig
 
     from sftkit.compat import before_deepspeed_cpu_op_build
@@ -281,7 +281,7 @@ def _build_training(values: dict, model: ModelConfig, dataset: DatasetConfig, er
                       "rejects the batch size; on a CPU use accelerate_configs/cpu_zero2_2proc.yaml or "
                       "cpu_zero3_2proc.yaml instead")
         return None
-    if (kwargs.get("deepspeed") or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")) and not _has_gpu():
+    if uses_deepspeed(kwargs) and not _has_gpu():
         before_deepspeed_cpu_op_build()  # it happens while SFTConfig sets up the processes, below
     if kwargs.get("deepspeed") and "LOCAL_RANK" not in os.environ:
         # Outside a launcher DeepSpeed looks for MPI to find its processes; a plain `python sft.py` is one process
@@ -303,9 +303,9 @@ def _build_training(values: dict, model: ModelConfig, dataset: DatasetConfig, er
 def _zero3_save_error(training) -> str | None:
     """Without its 16-bit gather (DeepSpeed's default is off) ZeRO-3 can save no model at the end, only its own
     sharded checkpoint; the export then fails after the whole run (export.require_weights)."""
-    plugin = training.deepspeed_plugin
-    if plugin is None or plugin.zero_stage != 3:
+    if zero_stage(training) != 3:
         return None
+    plugin = training.deepspeed_plugin
     gather = plugin.deepspeed_config.get("zero_optimization", {}).get("stage3_gather_16bit_weights_on_model_save")
     if gather is True or (gather == "auto" and plugin.zero3_save_16bit_model):
         return None
@@ -318,11 +318,9 @@ def _zero3_save_error(training) -> str | None:
 def _fsdp_save_error(training) -> str | None:
     """From a sharded state dict the Trainer saves no model at the end. Accelerate's FSDP2 uses one unless its
     config names another (transformers' training.fsdp defaults to the full one)."""
-    from accelerate.utils import parse_flag_from_env
-
     if training.fsdp:
         kind, where = training.fsdp_config.get("state_dict_type", "FULL_STATE_DICT"), "training.fsdp_config"
-    elif parse_flag_from_env("ACCELERATE_USE_FSDP"):
+    elif launch_uses_fsdp():
         default = "FULL_STATE_DICT" if os.environ.get("FSDP_VERSION", "1") == "1" else "SHARDED_STATE_DICT"
         kind, where = os.environ.get("FSDP_STATE_DICT_TYPE", default), "the Accelerate config's fsdp_config"
     else:
@@ -365,8 +363,6 @@ def _has_gpu() -> bool:
 
 def _resolve_hardware_defaults(kwargs: dict) -> None:
     """Fill the SFTConfig defaults that depend on the machine, so one config runs on a CPU and on a GPU."""
-    from accelerate.utils import parse_flag_from_env
-
     has_gpu = _has_gpu()
     if "bf16" not in kwargs and "fp16" not in kwargs:
         kwargs["bf16"] = bf16_by_default(has_gpu)  # SFTConfig's bf16=True default fails on a CPU
@@ -374,7 +370,7 @@ def _resolve_hardware_defaults(kwargs: dict) -> None:
     # The Trainer asks DDP to look for unused parameters whenever activation checkpointing is off: an extra graph
     # traversal every step, and a warning, for causal LMs that use every parameter.
     kwargs.setdefault("ddp_find_unused_parameters", False)
-    if not has_gpu and parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+    if not has_gpu and launch_uses_deepspeed():
         # DeepSpeed without a GPU: Accelerate finds no backend of its own, starts DeepSpeed's process group but then
         # counts a single process, so DeepSpeed's batch-size check fails. Naming gloo makes it count them all.
         kwargs.setdefault("ddp_backend", "gloo")

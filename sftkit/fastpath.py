@@ -30,6 +30,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 
+from sftkit.engines import uses_deepspeed, uses_fsdp
 from sftkit.errors import ConfigError
 
 # Packed, padding-free batches are one sequence of a different length every step. TRL's collator pads it to a
@@ -106,7 +107,7 @@ def choose_adapter_inputs(model, args, gpu: bool) -> list[Choice]:
     cast is a useful downcast before dropout); moot under DeepSpeed, which casts the whole model."""
     if not model.use_lora:
         return []
-    autocast = (args.bf16 or (args.fp16 and gpu)) and not args.deepspeed_plugin
+    autocast = (args.bf16 or (args.fp16 and gpu)) and not uses_deepspeed(args)
     if model.cast_adapter_inputs is False and not autocast:
         raise ConfigError("model.cast_adapter_inputs: false needs bf16 or fp16 mixed precision (training.bf16 or "
                           "training.fp16, not under DeepSpeed), where autocast computes the adapters in 16 bits; "
@@ -118,7 +119,7 @@ def choose_adapter_inputs(model, args, gpu: bool) -> list[Choice]:
         why = "DoRA computes its weight norm in the inputs' dtype"
     elif model.load_in_4bit:
         why = "QLoRA's adapters are bf16 already; the cast makes the float32 residual stream 16-bit before dropout"
-    elif args.deepspeed_plugin:
+    elif uses_deepspeed(args):
         why = "DeepSpeed trains the whole model in 16 bits: nothing to copy"
     elif not autocast:
         why = "no mixed precision: the inputs take the adapters' dtype"
@@ -186,7 +187,7 @@ def _compile(training: dict, model, gpu: bool) -> tuple[bool, str]:
         return False, "a CPU run: compiling takes minutes"
     if model.load_in_4bit:
         return False, "not measured with 4-bit layers; set training.torch_compile: true to try"
-    if _deepspeed_or_fsdp(training):
+    if uses_deepspeed(training) or uses_fsdp(training):
         return False, ("not measured under DeepSpeed or FSDP; set training.torch_compile: true to try (not under "
                        "ZeRO-3, where it fails)")
     return True, "CUDA: 2x faster LoRA steps measured on a 1B model"
@@ -247,11 +248,3 @@ def _padding_free(training: dict) -> bool:
     """TRL 1.16's rule, on the config's values (bfd-requeue: TRL's deprecated name of bfd_split)."""
     return bool(training.get("padding_free") or (training.get("packing") and training.get("packing_strategy", "bfd")
                                                  in ("bfd", "bfd_split", "bfd-requeue")))
-
-
-def _deepspeed_or_fsdp(training: dict) -> bool:
-    """From training.deepspeed or training.fsdp, or from the Accelerate config of the launch."""
-    from accelerate.utils import parse_flag_from_env
-
-    return bool(training.get("deepspeed") or training.get("fsdp") or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
-                or parse_flag_from_env("ACCELERATE_USE_FSDP"))

@@ -13,6 +13,7 @@ from transformers.pytorch_utils import Conv1D
 from sftkit import varlen
 from sftkit.compat import keep_cpu_4bit_layout_trainable, zero3_init_disabled
 from sftkit.data.tokenize import CHATML_TEMPLATE
+from sftkit.engines import uses_deepspeed
 from sftkit.errors import ConfigError, first_line
 from sftkit.paths import resolve_path
 from sftkit.schema import DatasetConfig, ModelConfig
@@ -212,7 +213,7 @@ def weights_dtype(model_cfg: ModelConfig, training, dtype: torch.dtype) -> torch
     never changed. DeepSpeed keeps float32 master weights of its own, and LoRA trains float32 adapters over the
     frozen base, so both load in `dtype`; model.dtype: bfloat16 asks for pure bf16 (half the memory of the states)."""
     mixed = dtype == torch.bfloat16 and model_cfg.dtype in (None, "auto") and not model_cfg.use_lora
-    return torch.float32 if mixed and getattr(training, "deepspeed_plugin", None) is None else dtype
+    return torch.float32 if mixed and not uses_deepspeed(training) else dtype
 
 
 def precision_words(model_cfg: ModelConfig, training, dtype: torch.dtype) -> str:

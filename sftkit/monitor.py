@@ -12,14 +12,13 @@ from pathlib import Path
 
 import psutil
 import torch
-from accelerate.utils import parse_flag_from_env
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
-from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_callback import ProgressCallback
 from trl import SFTTrainer
 
 from sftkit.compat import TrainerWorkarounds
+from sftkit.engines import shards_weights
 from sftkit.fastpath import adapter_input_casts, bound_max_lengths, lengths_vary, mark_lengths_dynamic
 from sftkit.inference import generate_reply
 
@@ -170,8 +169,7 @@ class SampleReplies(TrainerCallback):
 def generates_on_every_process(args) -> bool:
     """Under ZeRO-3 and FSDP each process holds a shard of the weights, so all of them generate together
     (synced_gpus); otherwise the main process generates alone."""
-    fsdp = bool(args.fsdp) or parse_flag_from_env("ACCELERATE_USE_FSDP")
-    return (is_deepspeed_zero3_enabled() or fsdp) and args.world_size > 1
+    return shards_weights(args) and args.world_size > 1
 
 
 class LogTheLastStep(TrainerCallback):

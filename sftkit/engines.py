@@ -1,0 +1,38 @@
+"""Which engine shards the run: DeepSpeed (and its ZeRO stage) or FSDP, asked for by the config (training.deepspeed,
+training.fsdp) or by the Accelerate config of the launch (which sets ACCELERATE_USE_* for each process).
+
+`training` is the training section's values before SFTConfig is built from them (a dict), or the SFTConfig."""
+
+
+def launch_uses_deepspeed() -> bool:
+    from accelerate.utils import parse_flag_from_env  # here: the config's checks run before torch is imported
+
+    return parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+
+
+def launch_uses_fsdp() -> bool:
+    from accelerate.utils import parse_flag_from_env
+
+    return parse_flag_from_env("ACCELERATE_USE_FSDP")
+
+
+def uses_deepspeed(training) -> bool:
+    if isinstance(training, dict):
+        return bool(training.get("deepspeed")) or launch_uses_deepspeed()
+    return getattr(training, "deepspeed_plugin", None) is not None  # SFTConfig builds it from either
+
+
+def uses_fsdp(training) -> bool:
+    value = training.get("fsdp") if isinstance(training, dict) else training.fsdp
+    return bool(value) or launch_uses_fsdp()
+
+
+def zero_stage(args) -> int | None:
+    """The ZeRO stage of an SFTConfig's DeepSpeed; None without DeepSpeed."""
+    plugin = getattr(args, "deepspeed_plugin", None)
+    return None if plugin is None else plugin.zero_stage
+
+
+def shards_weights(args) -> bool:
+    """Each process holds only a shard of the weights: ZeRO-3 or FSDP."""
+    return zero_stage(args) == 3 or uses_fsdp(args)
