@@ -4,7 +4,7 @@
     python -m sftkit.compare outputs/default --prompts prompts.txt  # one prompt per line
 
 Writes OUTPUT_DIR/before_after.md (or --out). The base model and the data come from the run's sftkit_config.yaml.
-Loss is the run's eval loss (mean over the trained tokens of each batch, then over batches), on the held-out rows if
+Loss is the run's eval loss, computed by the Trainer with the run's batch size and packing, on the held-out rows if
 the run had any, else on the first training rows (the report says which). OUTPUT_DIR may also be its lora_weights.
 """
 
@@ -72,7 +72,6 @@ def _read_prompts(path: str) -> list[str]:
 
 def write_report(args) -> Path:
     import datasets
-    import torch
     from transformers import AutoModelForCausalLM
 
     from sftkit.inference import generate_from_ids, load_for_inference
@@ -103,10 +102,8 @@ def write_report(args) -> Path:
         prompts = [_prompt_from_text(tokenizer, text, dataset_cfg.system_prompt) for text in dataset_cfg.sample_prompts]
     else:
         prompts = [_prompt_from_row(tokenizer, row) for row in rows.select(range(min(args.rows, len(rows))))]
-    with torch.no_grad():
-        batch_size = saved["training"].get("per_device_eval_batch_size", 8)
-        losses = {name: mean_loss(model, loss_rows, model_cfg.max_seq_length, batch_size) for name, model in
-                  (("base", base), ("tuned", tuned))}
+    losses = {name: eval_loss(model, tokenizer, loss_rows, saved["training"], model_cfg.max_seq_length)
+              for name, model in (("base", base), ("tuned", tuned))}
     replies = {name: [generate_from_ids(model, tokenizer, prompt.input_ids, args.max_new_tokens) for prompt in prompts]
                for name, model in (("base", base), ("tuned", tuned))}
     where = (f"{len(loss_rows)} held-out rows" if held_out
@@ -130,25 +127,27 @@ def write_report(args) -> Path:
     return path
 
 
-def mean_loss(model, rows, max_length: int, batch_size: int) -> float:
-    """The eval loss as the Trainer computes it, so that it equals the run's summary: the mean over trained tokens
-    within each batch of `batch_size` rows (in order), then the mean over batches weighted by their rows."""
-    import torch
+# The training settings that decide what an evaluation computes; the rest (engines, precision, logging) are this
+# machine's to choose, and the models are compared in the dtype they were saved in.
+EVAL_SETTINGS = ("per_device_eval_batch_size", "packing", "packing_strategy", "padding_free", "eval_packing",
+                 "label_smoothing_factor")
 
-    total, count = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        batch = rows.select(range(start, min(start + batch_size, len(rows))))
-        token_sum, tokens = 0.0, 0
-        for input_ids, labels in zip(batch["input_ids"], batch["labels"]):
-            input_ids, labels = input_ids[:max_length], labels[:max_length]
-            trained = sum(label != IGNORE_INDEX for label in labels[1:])  # the model shifts labels by one
-            if trained:
-                loss = model(input_ids=torch.tensor([input_ids], device=model.device),
-                             labels=torch.tensor([labels], device=model.device)).loss
-                token_sum, tokens = token_sum + loss.item() * trained, tokens + trained
-        total += token_sum / max(tokens, 1) * len(batch)
-        count += len(batch)
-    return total / max(count, 1)
+
+def eval_loss(model, tokenizer, rows, training: dict, max_length: int) -> float:
+    """The run's eval loss on `rows`: TRL's SFTTrainer evaluates them with the run's settings (batches, packing)."""
+    import tempfile
+
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    settings = {key: training[key] for key in EVAL_SETTINGS if key in training}
+    with tempfile.TemporaryDirectory() as scratch:
+        args = SFTConfig(output_dir=scratch, report_to="none", max_length=max_length, bf16=False, fp16=False,
+                         use_cpu=not torch.cuda.is_available(), dataloader_pin_memory=False, disable_tqdm=True,
+                         **settings)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=rows, eval_dataset=rows,  # TRL 1.16 needs both
+                             processing_class=tokenizer)
+        return trainer.evaluate()["eval_loss"]
 
 
 def run_data(saved: dict, dataset_cfg: DatasetConfig, model_cfg: ModelConfig, tokenizer):
