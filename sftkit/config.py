@@ -214,7 +214,7 @@ def read_section(cls, values: Any, section: str, source: Path):
 
 def _precheck_training(values: Any) -> tuple[list[str], dict]:
     """Unknown keys and plainly wrong types in `training`, found without importing trl (see compat.sft_config_fields).
-    Returns the errors and the values that could be coerced to their field's type (for _number_errors)."""
+    Returns the errors and the values that could be coerced to their field's type (for checks.number_errors)."""
     if not isinstance(values, dict):
         return [f"training must be a mapping of keys to values, not {type(values).__name__}"], {}
     fields = sft_config_fields()

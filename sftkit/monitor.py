@@ -30,8 +30,9 @@ class MonitoredSFTTrainer(TrainerWorkarounds, SFTTrainer):
     """SFTTrainer whose every micro-batch loss is checked to be finite (see StopGuard), and whose every log also
     carries memory. `Trainer.log` is the documented place to add metrics: what is added here reaches the progress
     bar, `log_history`, TensorBoard and W&B alike (a callback's `on_log` comes after `log_history` is written).
-    It hooks two of the Trainer's private methods (`_prepare_inputs`, `_get_grad_norm`; it warns where they are
-    gone); what it changes in the Trainer's own behaviour is in compat.TrainerWorkarounds. `cast_adapter_inputs`: see
+    It hooks two of the Trainer's private methods (`_prepare_inputs` for torch.compile's shape hints, `_get_grad_norm`
+    for the finite check; it warns where they are gone), and logs the last step (LogTheLastStep); the fixes to the
+    Trainer's own behaviour are in compat.TrainerWorkarounds. `cast_adapter_inputs`: see
     fastpath.choose_adapter_inputs."""
 
     def __init__(self, *args, cast_adapter_inputs: bool | None = True, **kwargs):
