@@ -12,6 +12,7 @@ from sftkit.errors import ConfigError
 from sftkit.rundir import (
     RUN_FILE,
     config_differences,
+    empty_tensors,
     fingerprint,
     input_digests,
     is_checkpoint,
@@ -47,11 +48,8 @@ def damage(checkpoint: Path) -> str | None:
     for file in sorted(path for path in checkpoint.rglob("*") if path.is_file()):
         name = file.relative_to(checkpoint)
         try:
-            if file.suffix == ".safetensors":
-                from safetensors import safe_open
-
-                with safe_open(file, "pt"):
-                    pass
+            if file.suffix == ".safetensors" and (empty := empty_tensors(file)):
+                return f"{name} holds empty tensors (e.g. {empty[0]}): a process without the gathered weights wrote it"
             elif file.suffix in (".pt", ".pth", ".bin"):
                 with zipfile.ZipFile(file):  # torch.save writes a zip archive whose directory is at its end
                     pass

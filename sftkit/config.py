@@ -296,7 +296,7 @@ def _build_training(values: dict, model: ModelConfig, dataset: DatasetConfig, er
         return None
     errors += _report_to_errors(training.report_to)
     errors += [error for error in [compile_under_zero3_error(training), _zero3_save_error(training),
-                                  _fsdp_save_error(training)] if error]
+                                  _fsdp_save_error(training), _save_on_each_node_error(training)] if error]
     return training
 
 
@@ -313,6 +313,18 @@ def _zero3_save_error(training) -> str | None:
         os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "the DeepSpeed config")
     return (f"{source}: DeepSpeed ZeRO-3 saves no model at the end unless zero_optimization."
             "stage3_gather_16bit_weights_on_model_save is true; set it to true, as deepspeed_configs/zero3.json does")
+
+
+def _save_on_each_node_error(training) -> str | None:
+    """Over several machines output_dir is on storage they all share (README, "Where files must live"), where
+    save_on_each_node has the first process of each machine write the same files over each other's; under ZeRO-3
+    those of the other machines hold no gathered weights and write empty tensors (transformers 5.24): a two-machine
+    run published an adapter of 56 empty tensors, with exit code 0."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not training.save_on_each_node or world <= int(os.environ.get("LOCAL_WORLD_SIZE", world)):
+        return None
+    return ("training.save_on_each_node: true has every machine write the model and checkpoints into output_dir, "
+            "which several machines share, over each other's (under ZeRO-3 with empty weights); remove it")
 
 
 def _fsdp_save_error(training) -> str | None:

@@ -21,14 +21,17 @@ from pathlib import Path
 
 import yaml
 
+from sftkit.checkpoints import newest_checkpoint_words
 from sftkit.config import read_section
 from sftkit.environment import STACK
 from sftkit.errors import ConfigError, OneLineArgumentParser, RunFailed, SftkitError, first_line, say_error
+from sftkit.peers import lost_contact
 from sftkit.rundir import (
     RUN_FILE,
     STAGING_DIR,
     OutputDir,
     check_free_space,
+    empty_tensors,
     export_bytes,
     read_run_record,
     readable_like_other_files,
@@ -71,10 +74,22 @@ def export(trainer, run_config, tokenizer, dtype, parameters: tuple[int, int]) -
         if main and lora:  # PEFT's empty card template ("[More Information Needed]"); output_dir/README.md describes it
             (staging / ADAPTER_DIR / "README.md").unlink(missing_ok=True)
     except Exception as error:  # OSError, or safetensors' own error on a full disk
+        if lost := lost_contact(error):  # in the gather of ZeRO-3 or FSDP: no weights reached this process
+            if main:
+                shutil.rmtree(staging, ignore_errors=True)  # its tokenizer and config: not a trained model to finish
+            raise RunFailed(f"{lost}; it happened while the weights were gathered for the export, so none was "
+                            f"written; {newest_checkpoint_words(output_dir)}") from error
         raise RunFailed(f"could not write the trained {'adapter' if lora else 'model'} to {staging}: {error}") from error
     if main:
         finish_export(output_dir, run_config.model, dtype)
-    trainer.accelerator.wait_for_everyone()
+    try:
+        trainer.accelerator.wait_for_everyone()
+    except Exception as error:
+        if not (main and lost_contact(error)):
+            raise
+        # the model is published: the other processes have nothing left to do with it
+        print(f"sftkit: {lost_contact(error)}; this was after the model was published in {output_dir}",
+              file=sys.stderr, flush=True)
     return output_dir
 
 
@@ -209,7 +224,13 @@ def require_weights(folder: Path, stem: str) -> None:
         absent = sorted(shard for shard in shards if not (folder / shard).is_file())
         missing = f"{len(absent)} of its {len(shards)} shards are missing, e.g. {absent[0]}" if absent else None
     else:
-        missing = None if (folder / f"{stem}.safetensors").is_file() else f"no {stem}.safetensors"
+        shards = [f"{stem}.safetensors"]
+        missing = None if (folder / shards[0]).is_file() else f"no {stem}.safetensors"
+    empty = [f"{shard}: {names[0]}" for shard in sorted(shards) if not missing
+             and (names := empty_tensors(folder / shard))]
+    if empty:
+        raise RunFailed(f"the export wrote no complete model to {folder}: its tensors are empty (e.g. {empty[0]}), "
+                        "as a process without the gathered weights writes them, so nothing was published")
     if missing:
         raise RunFailed(f"the export wrote no complete model to {folder} ({missing}), so nothing was published. "
                         "Under DeepSpeed ZeRO-3 the DeepSpeed config needs stage3_gather_16bit_weights_on_model_save: "

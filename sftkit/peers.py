@@ -153,7 +153,8 @@ def check_every_process_runs_the_same(config) -> None:
             "inputs": input_digests(config.resolved)}
     first, *others = gather_object([mine])
     for other in others:
-        keys = sorted((first["settings"].keys() | other["settings"].keys()) - first["chosen"] - other["chosen"])
+        keys = sorted((first["settings"].keys() | other["settings"].keys()) - first["chosen"] - other["chosen"],
+                      key=lambda key: (key not in first["settings"] or key not in other["settings"], key))  # changed values first
         differences = [f"{key} {other['settings'].get(key)} (process 0: {first['settings'].get(key)})"
                        for key in keys if _differ(first["settings"].get(key), other["settings"].get(key))]
         differences += [f"the contents of {name}" for name in sorted(first["inputs"].keys() | other["inputs"].keys())
@@ -164,13 +165,32 @@ def check_every_process_runs_the_same(config) -> None:
 
 
 def _settings(config) -> dict:
-    """The resolved config less PER_MACHINE, and how this sftkit prepares rows (machines with other versions of
-    sftkit may train on other rows from the same files)."""
+    """The resolved config less PER_MACHINE, how this sftkit prepares rows (machines with other versions of sftkit
+    may train on other rows from the same files), and the engine the launch set up on this machine."""
     from sftkit.data import PREPARATION
 
-    return {"sftkit data preparation": PREPARATION,
+    return {"sftkit data preparation": PREPARATION, **_launch_settings(config.training),
             **{f"{section}.{key}": value for section, values in config.resolved.items()
                for key, value in values.items() if key not in PER_MACHINE}}
+
+
+def _launch_settings(args) -> dict:
+    """What each machine's own Accelerate config decides (`accelerate config` is run on each): the DeepSpeed config
+    key by key, FSDP's settings and the mixed precision. Machines launched with ZeRO-3 and ZeRO-2 waited for each
+    other in the first collective of loading, for training.ddp_timeout."""
+    from sftkit.engines import uses_fsdp
+
+    def flat(node, path: str) -> dict:
+        if not isinstance(node, dict):
+            return {path: node}
+        return {key: value for name, child in node.items() for key, value in flat(child, f"{path}.{name}").items()}
+
+    plugin = args.deepspeed_plugin
+    settings = flat(plugin.deepspeed_config, "DeepSpeed config") if plugin else {"DeepSpeed": None}
+    settings["FSDP"] = uses_fsdp(args)
+    settings.update({f"the launch's {name}": value for name, value in sorted(os.environ.items())
+                     if name.startswith(("FSDP_", "ACCELERATE_MIXED_PRECISION"))})
+    return settings
 
 
 def _differ(one, other) -> bool:

@@ -149,6 +149,16 @@ def readable_like_other_files(*directories: Path) -> None:
             file.chmod(0o666 & ~umask)
 
 
+def empty_tensors(file: Path) -> list[str]:
+    """Names of the tensors in a safetensors file that hold no element, read from its header alone. A process that
+    saves without holding the gathered weights (ZeRO-3 outside process 0) writes each partitioned parameter's empty
+    placeholder: every name there, no weights."""
+    from safetensors import safe_open
+
+    with safe_open(file, "pt") as weights:
+        return [name for name in weights.keys() if 0 in weights.get_slice(name).get_shape()]
+
+
 def read_run_record(directory: Path) -> dict | None:
     try:
         return json.loads((Path(directory) / RUN_FILE).read_text())

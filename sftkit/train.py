@@ -154,6 +154,8 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
 def _keep_report_with_the_export(trainer, config: RunConfig, summary: dict) -> None:
     """The summary, loss plot and card wait with the kept weights, and `sftkit export` publishes them together."""
     output_dir = Path(trainer.args.output_dir)
+    if not (output_dir / STAGING_DIR).is_dir():  # nothing trained was kept there
+        return
     try:
         write_report(output_dir / STAGING_DIR, output_dir, config, summary, trainer.state.log_history)
     except OSError:  # the disk that failed the export: the weights matter, the report is lost

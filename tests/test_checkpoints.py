@@ -124,6 +124,24 @@ def test_a_checkpoint_one_process_did_not_finish_is_damaged(with_checkpoints, tm
     assert damage(checkpoint) is None
 
 
+def test_weights_written_by_a_process_without_them_are_damage_and_never_published(with_checkpoints, tmp_path):
+    """Under ZeRO-3 a process that did not gather the weights saves their empty placeholders: every name, no values.
+    Such a checkpoint read as intact, and such an export was published (save_on_each_node over two machines)."""
+    from safetensors.torch import load_file, save_file
+
+    from sftkit.errors import RunFailed
+    from sftkit.export import require_weights
+
+    checkpoint = tmp_path / "checkpoint-2"
+    shutil.copytree(with_checkpoints / "checkpoint-2", checkpoint)
+    weights = load_file(checkpoint / "model.safetensors")
+    save_file({name: tensor.new_empty(0) for name, tensor in weights.items()}, checkpoint / "model.safetensors")
+    assert damage(checkpoint).startswith("model.safetensors holds empty tensors (e.g. ")
+    with pytest.raises(RunFailed, match=f"the export wrote no complete model to {checkpoint}: its tensors are empty "
+                                        r"\(e.g. model.safetensors: "):
+        require_weights(checkpoint, "model")
+
+
 @pytest.mark.parametrize("saved", [None, 1])  # None: a checkpoint saved before the preparation was recorded
 def test_a_resume_onto_rows_prepared_another_way_warns(with_checkpoints, tmp_path, capsys, saved):
     """The same config and files gave other rows before data.PREPARATION 2; resuming skips batches by count."""

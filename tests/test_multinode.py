@@ -7,6 +7,7 @@ two machines would (torchrun's static rendezvous, gloo); they share this host's 
 share theirs. Single-process baselines come from test_distributed.py (the same 10 steps of 16 rows).
 """
 
+import json
 import os
 import signal
 import socket
@@ -130,18 +131,27 @@ def test_a_machine_that_cannot_start_sftkit_stops_the_other(tmp_path, monkeypatc
     assert "stopping, because process 1 never started sftkit within 60 s" in machines.stderr(0), machines.output()
 
 
-def test_machines_given_other_settings_stop_together_before_training(tmp_path):
-    """Another max_steps on machine 1 would leave machine 0 waiting in a collective for training.ddp_timeout."""
+@pytest.mark.parametrize("other", ["max_steps", "zero_stage"])
+def test_machines_given_other_settings_stop_together_before_training(tmp_path, other):
+    """Another max_steps on machine 1 would leave machine 0 waiting in a collective for training.ddp_timeout; so did
+    machines launched with ZeRO-3 and ZeRO-2 (each machine has its own Accelerate config), in the model's loading."""
     commands = machine_commands(free_port(), *training_args("lora_train_config.yaml", tmp_path / "out"))
-    commands[1] += ["--training.max_steps", "6"]
+    if other == "max_steps":
+        commands[1] += ["--training.max_steps", "6"]
+        expected = "training.max_steps 6 (process 0: 10)"
+    else:
+        launch = (REPO / MULTI_NODE_CONFIG).read_text().replace("deepspeed_configs/zero3.json",
+                                                                str(REPO / "deepspeed_configs" / "zero2.json"))
+        (tmp_path / "zero2.yaml").write_text(launch)
+        commands[1][commands[1].index(MULTI_NODE_CONFIG)] = str(tmp_path / "zero2.yaml")
+        expected = "DeepSpeed config.zero_optimization.stage 2 (process 0: 3)"
     machines = Machines(commands, tmp_path / "logs")
     ended = machines.wait(timeout=180)
     assert None not in ended and all(code != 0 for code in machines.returncodes()), machines.output()
     assert abs(ended[0] - ended[1]) < 15, machines.output()
     for machine in range(MACHINES):
         assert ("process 1 on " in machines.stderr(machine) and "runs with other settings or data than process 0 on "
-                "" in machines.stderr(machine) and "training.max_steps 6 (process 0: 10)" in machines.stderr(machine)), \
-            machines.output()
+                "" in machines.stderr(machine) and expected in machines.stderr(machine)), machines.output()
     assert "step 1/" not in machines.stdout(0) + machines.stderr(0)
 
 
@@ -168,6 +178,76 @@ def test_a_killed_process_stops_the_other_machine(tmp_path):
     assert "lost contact with another process" in machines.stderr(0), machines.output()
     assert "no checkpoint was saved (set training.save_strategy: steps to keep some)" in machines.stderr(0)
     assert "Signal 9 (SIGKILL)" in machines.stderr(1)
+
+
+def dying_machine(tmp_path, when: str) -> str:
+    """sft.py for machine 1, whose process dies (os._exit, as a lost node) in the export: as it starts gathering the
+    weights ('gather'), or once machine 0 has published the model ('published')."""
+    script = tmp_path / "sft_that_dies.py"
+    script.write_text(f"""import os, sys, time
+from pathlib import Path
+sys.path.insert(0, {str(REPO)!r})
+import transformers
+save_model = transformers.Trainer.save_model
+
+def dying_save_model(self, output_dir=None, _internal_call=False):
+    if _internal_call:  # a checkpoint
+        return save_model(self, output_dir, _internal_call)
+    if {when!r} == "published":
+        save_model(self, output_dir, _internal_call)
+        while not (Path(self.args.output_dir) / "config.json").exists():
+            time.sleep(0.05)
+    os._exit(9)
+
+transformers.Trainer.save_model = dying_save_model
+from sftkit.cli import main
+raise SystemExit(main())
+""")
+    return str(script)
+
+
+def test_a_machine_lost_after_the_model_is_published_leaves_a_finished_run(tmp_path):
+    """Machine 1 died at the last barrier: machine 0 said the run failed and no checkpoint was saved, and marked it
+    failed, beside a complete published model (which the next run would have a user --overwrite)."""
+    out = tmp_path / "out"
+    commands = machine_commands(free_port(), *training_args("lora_train_config.yaml", out))
+    commands[1][commands[1].index("sft.py")] = dying_machine(tmp_path, "published")
+    machines = Machines(commands, tmp_path / "logs")
+    deadline = time.perf_counter() + 300
+    while "Run summary" not in machines.stdout(0) and time.perf_counter() < deadline:
+        time.sleep(0.5)
+    # machine 0's training process has ended; its launcher would wait 300 s more for machine 1's (torchrun's exit
+    # barrier), then exit as its process did
+    machines.wait(timeout=5)
+    assert f"this was after the model was published in {out}" in machines.stderr(0), machines.output()
+    assert json.loads((out / "sftkit_run.json").read_text())["status"] == "finished"
+    assert (out / "run_summary.json").is_file() and (out / "lora_weights" / "adapter_model.safetensors").is_file()
+
+
+def test_a_machine_lost_while_the_weights_are_gathered_leaves_no_model_to_finish(tmp_path):
+    """Machine 1 died as the export began: machine 0 said it could not write the adapter, kept a staging directory
+    without weights that the next run called a trained model, and `sftkit export` blamed the DeepSpeed config."""
+    out = tmp_path / "out"
+    commands = machine_commands(free_port(), *training_args("lora_train_config.yaml", out))
+    commands[1][commands[1].index("sft.py")] = dying_machine(tmp_path, "gather")
+    machines = Machines(commands, tmp_path / "logs")
+    machines.wait(timeout=300)
+    assert machines.returncodes()[0] != 0, machines.output()
+    assert ("lost contact with another process" in machines.stderr(0) and "while the weights were gathered for the "
+            "export, so none was written; no checkpoint was saved" in machines.stderr(0)), machines.output()
+    assert not (out / ".export-incomplete").exists() and not (out / "config.json").exists()
+
+
+def test_save_on_each_node_over_several_machines_is_refused_before_loading(tmp_path):
+    """Each machine's first process wrote the adapter into the shared output_dir; under ZeRO-3 machine 1's held 56
+    empty tensors, published once with exit code 0."""
+    args = [*training_args("lora_train_config.yaml", tmp_path / "out"), "--training.save_on_each_node", "true"]
+    machines = Machines(machine_commands(free_port(), *args), tmp_path / "logs")
+    machines.wait(timeout=180)
+    assert all(code != 0 for code in machines.returncodes()), machines.output()
+    assert "training.save_on_each_node: true has every machine write the model and checkpoints into output_dir" in \
+        machines.stderr(0), machines.output()
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_slurm_script_is_valid_bash():
