@@ -118,8 +118,7 @@ def input_digests(resolved: dict) -> dict[str, str]:
 _DIGESTS: dict[tuple, str] = {}
 
 
-def _digest(path: Path, whole: bool = False, whole_below: int = 32 * 2**20, chunks: int = 16,
-            chunk: int = 2**18) -> str:
+def _digest(path: Path, whole: bool = False) -> str:
     """sha256 of a file's size and contents: all of it when `whole` or below 32 MiB, else (a model's weights) 16
     evenly spaced 256 KiB pieces and the end, a few milliseconds. Computed once per file and modification time in a
     process."""
@@ -128,13 +127,13 @@ def _digest(path: Path, whole: bool = False, whole_below: int = 32 * 2**20, chun
     if key not in _DIGESTS:
         digest = hashlib.sha256(str(stat.st_size).encode())
         with path.open("rb") as handle:
-            if whole or stat.st_size <= whole_below:
+            if whole or stat.st_size <= 32 * 2**20:
                 for block in iter(lambda: handle.read(2**24), b""):
                     digest.update(block)
             else:
-                for offset in [stat.st_size * k // chunks for k in range(chunks)] + [stat.st_size - chunk]:
+                for offset in [stat.st_size * k // 16 for k in range(16)] + [stat.st_size - 2**18]:
                     handle.seek(offset)
-                    digest.update(handle.read(chunk))
+                    digest.update(handle.read(2**18))
         _DIGESTS[key] = digest.hexdigest()[:16]
     return _DIGESTS[key]
 
@@ -329,7 +328,8 @@ class OutputDir:
                         text = lock.read_text()
                     except FileNotFoundError:
                         continue  # released meanwhile: the atomic link again, deleting nothing
-                    self._refuse_a_live_holder(text, lock)
+                    stale = self._refuse_a_live_holder(text, lock)
+                    print(f"sftkit: taking over {lock}: its process {stale.get('pid')} no longer runs", flush=True)
                     lock.unlink(missing_ok=True)  # a dead process's: only a holder of the guard deletes one
                     if self._link(partial, lock):
                         return
@@ -337,13 +337,15 @@ class OutputDir:
             partial.unlink(missing_ok=True)
         raise ConfigError(f"training.output_dir {self.path}: could not take the lock {lock}; delete it if no run uses it")
 
-    def _refuse_a_live_holder(self, text: str, lock: Path) -> None:
-        holder = self._live_holder(text, lock)
-        if holder is not None:
+    def _refuse_a_live_holder(self, text: str, lock: Path) -> dict:
+        """ConfigError naming the lock's owner while it runs; else what the stale lock says ({} when unreadable)."""
+        holder, alive = self._holder(text)
+        if alive:
             since = time.strftime('%H:%M:%S', time.localtime(holder['since']))
             raise ConfigError(f"training.output_dir {self.path} is in use by another run (process {holder['pid']} on "
                               f"{holder['host']}, since {since}); wait for it or choose another output_dir (if no "
                               f"run uses it, delete {lock})")
+        return holder
 
     def _link(self, partial: Path, lock: Path) -> bool:
         try:
@@ -375,21 +377,18 @@ class OutputDir:
                 os.close(descriptor)  # releases the lock
 
     @staticmethod
-    def _live_holder(text: str, lock: Path) -> dict | None:
-        """The lock's owner if it still runs; None for a stale lock (its process is gone, or the pid was reused)."""
+    def _holder(text: str) -> tuple[dict, bool]:
+        """The lock's owner, and whether it still runs (not if its process is gone, or the pid was reused)."""
         try:
             holder = json.loads(text)
         except ValueError:
-            return None
+            return {}, False
         if holder.get("host") != socket.gethostname():
-            return holder  # another machine's process cannot be checked from here
+            return holder, True  # another machine's process cannot be checked from here
         try:
-            alive = psutil.Process(holder["pid"]).create_time() <= holder["since"] + 1
+            return holder, psutil.Process(holder["pid"]).create_time() <= holder["since"] + 1
         except (psutil.Error, KeyError, TypeError):
-            alive = False
-        if not alive:
-            print(f"sftkit: taking over {lock}: its process {holder.get('pid')} no longer runs", flush=True)
-        return holder if alive else None
+            return holder, False
 
     def _refuse_another_runs_work(self, contents: Contents, resuming: bool) -> None:
         """A fresh run starts in an empty directory, or in one left by an earlier attempt of the same config that

@@ -156,6 +156,8 @@ def test_a_run_into_a_directory_in_use_stops_at_once_and_a_dead_runs_lock_does_n
     first.kill()  # SIGKILL: no chance to remove its lock
     first.communicate()
     assert (out / LOCK_FILE).exists()
+    preview = run_sft("--training.output_dir", str(out), "--overwrite", "--dry-run")
+    assert "taking over" not in preview.stdout + preview.stderr and (out / LOCK_FILE).exists()  # it takes nothing
 
     third = run_sft("--training.output_dir", str(out), "--training.max_steps", "2", "--overwrite")
     assert f"taking over {out / LOCK_FILE}: its process {first.pid} no longer runs" in third.stdout
