@@ -34,7 +34,6 @@ sample. Activation checkpointing recomputes the forward pass (another 2 N), whic
 """
 
 import argparse
-import importlib.metadata
 import json
 import os
 import subprocess
@@ -315,16 +314,10 @@ FAST_SETTINGS = ("packing", "use_liger_kernel", "torch_compile", "gradient_check
 GPU_EXTRAS = ("liger-kernel", "flash-attn")  # requirements-gpu.txt
 
 
-def library_versions() -> dict[str, str]:
-    from sftkit.environment import STACK
+def library_versions() -> dict[str, str | None]:
+    from sftkit import environment
 
-    versions = {}
-    for name in (*STACK, *GPU_EXTRAS):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
+    return environment.library_versions((*environment.STACK, *GPU_EXTRAS))
 
 
 def flops_per_token(config, seq_len: int, method: str) -> float:

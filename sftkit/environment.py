@@ -29,6 +29,17 @@ def report() -> str:
     return "sftkit environment (paste this into a bug report)\n" + "\n".join(lines) + f"\n  => {summary}"
 
 
+def library_versions(names=STACK) -> dict[str, str | None]:
+    """Python's version and each library's (None: not installed), as a run records them beside its model."""
+    versions = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 def _library_checks() -> list[tuple[str, str, str]]:
     pins = _pinned_versions()
     checks = []

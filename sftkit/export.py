@@ -10,10 +10,8 @@ they stay in the staging directory and `python -m sftkit.export OUTPUT_DIR` fini
 
 import dataclasses
 import functools
-import importlib.metadata
 import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -23,7 +21,7 @@ import yaml
 
 from sftkit.checkpoints import newest_checkpoint_words
 from sftkit.config import read_section
-from sftkit.environment import STACK
+from sftkit.environment import library_versions
 from sftkit.errors import ConfigError, OneLineArgumentParser, RunFailed, SftkitError, first_line, say_error
 from sftkit.peers import lost_contact
 from sftkit.rundir import (
@@ -289,16 +287,6 @@ def saved_dtypes(directory: Path) -> list[str]:
         with safe_open(file, "pt") as weights:
             dtypes.update(names.get(weights.get_slice(key).get_dtype(), "other") for key in weights.keys())
     return sorted(dtypes)
-
-
-def library_versions() -> dict:
-    versions = {"python": platform.python_version()}
-    for name in STACK:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
 
 
 def _take_weights_from_the_last_step(output_dir: Path, lora: bool) -> None:

@@ -7,7 +7,7 @@ import itertools
 import statistics
 import sys
 
-from sftkit.data import prepare_for_training
+from sftkit.data import describe_dropped, prepare_for_training
 from sftkit.data.tokenize import IGNORE_INDEX
 from sftkit.model import load_tokenizer
 from sftkit.schema import RunConfig
@@ -37,9 +37,9 @@ def _statistics(data, args) -> list[str]:
     eval_rows = f", {len(data.eval)} eval" if data.eval is not None else ""
     lines = [
         f"rows read          {data.rows:,}",
-        "rows dropped       " + ", ".join(f"{count} {reason}" for reason, count in data.dropped.items()),
+        "rows dropped       " + describe_dropped(data.dropped),
         *(f"                   {problem}" for problem in data.problems),
-        *(["eval rows dropped  " + ", ".join(f"{count} {reason}" for reason, count in data.eval_dropped.items())]
+        *(["eval rows dropped  " + describe_dropped(data.eval_dropped)]
           if any(data.eval_dropped.values()) else []),
         f"rows kept          {len(data.train):,} train{eval_rows}",
         f"tokens per row     min {lengths[0]}, mean {statistics.mean(lengths):.1f}, median "

@@ -4,6 +4,7 @@ import json
 import math
 from pathlib import Path
 
+from sftkit.data import describe_dropped
 from sftkit.export import ADAPTER_DIR, SUMMARY_FILE, saved_dtypes
 from sftkit.monitor import SAMPLES_FILE, memory_mib
 
@@ -200,10 +201,6 @@ def _length(training, summary: dict) -> str:
 
 def _number(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
-
-
-def describe_dropped(dropped: dict) -> str:
-    return ", ".join(f"{count} {reason}" for reason, count in dropped.items())
 
 
 def format_summary(summary: dict) -> str:

@@ -29,6 +29,11 @@ MAX_PROCESSES = 8
 PREPARATION = 2
 
 
+def describe_dropped(dropped: dict[str, int]) -> str:
+    """'0 bad rows, 2 with nothing to train within max_seq_length'."""
+    return ", ".join(f"{count} {reason}" for reason, count in dropped.items())
+
+
 @dataclass
 class PreparedData:
     train: object  # datasets.Dataset with input_ids and labels
