@@ -148,17 +148,8 @@ class SampleReplies(TrainerCallback):
         if state.global_step == self.last_step:  # an evaluation at an epoch end: once is enough
             return
         self.last_step = state.global_step
-        zero3 = generates_on_every_process(args)
-        if not (state.is_world_process_zero or zero3):
-            return
-        was_training = model.training
-        model.eval()
-        replies = [
-            generate_reply(model, self.tokenizer, prompt, self.max_new_tokens, synced_gpus=zero3)
-            for prompt in self.prompts
-        ]
-        model.train(was_training)
-        if state.is_world_process_zero:
+        replies = sample_replies(model, self.tokenizer, self.prompts, args, self.max_new_tokens)
+        if replies is not None and state.is_world_process_zero:
             with (Path(args.output_dir) / SAMPLES_FILE).open("a") as file:
                 for prompt, reply in zip(self.prompts, replies):
                     record = {"step": state.global_step, "epoch": state.epoch, "event": event,
@@ -167,10 +158,18 @@ class SampleReplies(TrainerCallback):
                     tqdm.write(f"sample at step {state.global_step}: {record['prompt']!r} -> {reply!r}")
 
 
-def generates_on_every_process(args) -> bool:
-    """Under ZeRO-3 and FSDP each process holds a shard of the weights, so all of them generate together
-    (synced_gpus); otherwise the main process generates alone."""
-    return shards_weights(args) and args.world_size > 1
+def sample_replies(model, tokenizer, prompts: list[list[dict]], args, max_new_tokens: int) -> list[str] | None:
+    """Greedy replies to `prompts`, by the main process alone, or under ZeRO-3 and FSDP, where each process holds a
+    shard of the weights, by all of them together (synced_gpus); None on a process that takes no part."""
+    together = shards_weights(args) and args.world_size > 1
+    if not (args.process_index == 0 or together):
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        return [generate_reply(model, tokenizer, prompt, max_new_tokens, synced_gpus=together) for prompt in prompts]
+    finally:
+        model.train(was_training)
 
 
 class LogTheLastStep(TrainerCallback):

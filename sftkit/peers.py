@@ -17,6 +17,7 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 from sftkit.errors import ConfigError
 
@@ -162,6 +163,35 @@ def check_every_process_runs_the_same(config) -> None:
         if differences:
             raise ConfigError(f"{other['where']} runs with other settings or data than {first['where']}: "
                               f"{'; '.join(differences[:3])}; give every machine the same config and data files")
+
+
+def check_output_dir_is_shared(output_dir: Path, args) -> None:
+    """Over several machines output_dir is one directory they all share, which each process tells by seeing the lock
+    process 0 has just taken there. Where one does not, the model is still written (by process 0), but each process
+    writes its part of every checkpoint to its own machine's disk: a warning, and a resume is refused (each machine
+    found another part of the checkpoint damaged, and said to start afresh with --overwrite)."""
+    if not _several_machines():
+        return
+    from accelerate.utils import gather_object
+
+    from sftkit.rundir import LOCK_FILE
+
+    lock = output_dir / LOCK_FILE
+    seen = gather_object([(f"process {args.process_index} on {socket.gethostname()}", str(output_dir),
+                           lock.read_text() if lock.is_file() else None)])
+    apart = [(where, directory) for where, directory, text in seen[1:] if text != seen[0][2]]
+    if not apart:
+        return
+    (where, directory), problem = apart[0], "is not one directory every machine shares"
+    if args.resume_from_checkpoint not in (None, False):
+        raise ConfigError(f"training.output_dir {problem}: {where} does not see this run's lock in {directory}, so "
+                          "each machine holds only its own part of every checkpoint; resume with output_dir on a "
+                          "filesystem every machine shares (copying each machine's checkpoint-N files into one "
+                          "directory there makes them whole)")
+    if args.process_index == 0:
+        print(f"sftkit: warning: training.output_dir {problem}: {where} does not see this run's lock in {directory}. "
+              "The model is written on this machine, but each checkpoint is split across the machines' disks and "
+              "cannot resume; put output_dir on a filesystem every machine shares", file=sys.stderr, flush=True)
 
 
 def _settings(config) -> dict:

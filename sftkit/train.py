@@ -29,7 +29,6 @@ from sftkit.data import prepare_for_training
 from sftkit.errors import ConfigError, Interrupted, RunFailed, first_line
 from sftkit.export import export
 from sftkit.fastpath import describe as describe_speed
-from sftkit.inference import generate_reply
 from sftkit.model import (
     check_model_source,
     load_model,
@@ -39,9 +38,9 @@ from sftkit.model import (
     resolve_dtype,
     weights_dtype,
 )
-from sftkit.monitor import MonitoredSFTTrainer, ProgressBar, SampleReplies, generates_on_every_process, memory_mib
+from sftkit.monitor import MonitoredSFTTrainer, ProgressBar, SampleReplies, memory_mib, sample_replies
 from sftkit.paths import resolve_path
-from sftkit.peers import check_every_process_runs_the_same
+from sftkit.peers import check_every_process_runs_the_same, check_output_dir_is_shared
 from sftkit.report import build_summary, report, write_report
 from sftkit.rundir import STAGING_DIR, OutputDir, check_free_space, export_bytes, refuse_before_claiming
 from sftkit.schema import RunConfig
@@ -86,19 +85,19 @@ def _claim(output: OutputDir, args, config: RunConfig, overwrite: bool) -> str |
     """Make output_dir this run's (the main process locks and checks it first) and find the checkpoint to resume."""
     refuse_before_claiming(output.path, resolve_path(config.model.path), overwrite, args.resume_from_checkpoint)
     check_model_source(config.model)
+    main = args.process_index == 0
     with args.main_process_first(desc="claiming output_dir"):
-        main = args.process_index == 0
         if main:
             output.claim(overwrite, args.resume_from_checkpoint)
-        try:
-            checkpoint = checkpoint_to_resume(args.resume_from_checkpoint, output.path, config.resolved,
-                                              args.world_size)
-        except ConfigError:
-            output.release()
-            raise
-        if main:
-            output.record_start()
-        return checkpoint
+    try:
+        check_output_dir_is_shared(output.path, args)
+        checkpoint = checkpoint_to_resume(args.resume_from_checkpoint, output.path, config.resolved, args.world_size)
+    except ConfigError:
+        output.release()
+        raise
+    if main:
+        output.record_start()
+    return checkpoint
 
 
 def _train(config: RunConfig, output: OutputDir, resume_from: str | None, started: float) -> Run:
@@ -310,12 +309,10 @@ def _count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def _final_reply(trainer, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 40) -> str | None:
+def _final_reply(trainer, tokenizer, prompts: list[list[dict]]) -> str | None:
     """Greedy reply of the trained model to the first sample prompt, to show what it learned."""
-    zero3 = generates_on_every_process(trainer.args)
-    if not prompts or not (trainer.accelerator.is_main_process or zero3):
-        return None
-    return generate_reply(trainer.model.eval(), tokenizer, prompts[0], max_new_tokens, synced_gpus=zero3)
+    replies = sample_replies(trainer.model, tokenizer, prompts[:1], trainer.args, max_new_tokens=40)
+    return replies[0] if replies else None
 
 
 def _plan(config: RunConfig, data, dtype, trainable: int, total: int) -> str:

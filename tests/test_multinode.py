@@ -214,7 +214,8 @@ def test_a_machine_lost_after_the_model_is_published_leaves_a_finished_run(tmp_p
     commands[1][commands[1].index("sft.py")] = dying_machine(tmp_path, "published")
     machines = Machines(commands, tmp_path / "logs")
     deadline = time.perf_counter() + 300
-    while "Run summary" not in machines.stdout(0) and time.perf_counter() < deadline:
+    while "Run summary" not in machines.stdout(0) and machines.processes[0].poll() is None \
+            and time.perf_counter() < deadline:
         time.sleep(0.5)
     # machine 0's training process has ended; its launcher would wait 300 s more for machine 1's (torchrun's exit
     # barrier), then exit as its process did
@@ -248,6 +249,29 @@ def test_save_on_each_node_over_several_machines_is_refused_before_loading(tmp_p
     assert "training.save_on_each_node: true has every machine write the model and checkpoints into output_dir" in \
         machines.stderr(0), machines.output()
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_dir_the_machines_do_not_share_is_said_at_the_start_and_refused_for_a_resume(tmp_path):
+    """Each machine given its own directory: the run went on without a word, and its resume failed on each machine
+    with another part of the checkpoint 'damaged' and the advice to start afresh with --overwrite."""
+    args = [*training_args("lora_train_config.yaml", tmp_path / "shared"), "--training.save_strategy", "steps",
+            "--training.save_steps", "5"]
+    commands = machine_commands(free_port(), *args)
+    commands[1] += ["--training.output_dir", str(tmp_path / "machine1")]
+    machines = Machines(commands, tmp_path / "logs")
+    machines.wait(timeout=300)
+    assert machines.returncodes() == [0, 0], machines.output()
+    assert (f"sftkit: warning: training.output_dir is not one directory every machine shares: process 1 on "
+            f"{socket.gethostname()} does not see this run's lock in {tmp_path / 'machine1'}") in machines.stderr(0)
+    resume = machine_commands(free_port(), *args, "--training.max_steps", "12", "--training.resume_from_checkpoint",
+                              "true")
+    resume[1] += ["--training.output_dir", str(tmp_path / "machine1")]
+    machines = Machines(resume, tmp_path / "resume-logs")
+    machines.wait(timeout=180)
+    assert all(code != 0 for code in machines.returncodes()), machines.output()
+    assert ("error: training.output_dir is not one directory every machine shares: process 1 on "
+            in machines.stderr(0)), machines.output()
+    assert "start afresh with --overwrite" not in machines.stderr(0) + machines.stderr(1)
 
 
 def test_the_slurm_script_is_valid_bash():
