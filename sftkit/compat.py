@@ -21,7 +21,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from sftkit.errors import ConfigError
+from sftkit.errors import ConfigError, DataError
 
 logger = logging.getLogger("sftkit")
 
@@ -354,7 +354,6 @@ def refuse_values_datasets_reads_as_json(features, files: list[str], read: set, 
     wrong. Reproduce: load_dataset("json") of two rows whose `content` is "4" and [1]."""
     from datasets.utils.json import ujson_loads
 
-    from sftkit.data.formats import DataError
 
     paths = [path for path in _json_fields(features)
              if read.issuperset(filter(None, (renames.get(path[0], path[0]), *path[1:])))]

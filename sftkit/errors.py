@@ -18,6 +18,10 @@ class ConfigError(SftkitError):
     exit_code = 2
 
 
+class DataError(ConfigError):
+    """A row or a source that cannot be turned into training data. Exit code 2."""
+
+
 class RunFailed(SftkitError):
     """Training or export failed in a way the user can act on (divergence, a full disk); the message says what was
     kept and where. Exit code 1."""

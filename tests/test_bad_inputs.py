@@ -167,7 +167,7 @@ def test_sftkit_debug_adds_the_traceback_of_the_library_error_a_one_line_error_q
                                "loaded: Error tokenizing data"), result.stderr[-3000:]
     assert "pandas.errors.ParserError: Error tokenizing data" in result.stderr
     assert "The above exception was the direct cause of the following exception" in result.stderr
-    assert lines[-1].startswith("sftkit.data.formats.DataError: dataset.name:")
+    assert lines[-1].startswith("sftkit.errors.DataError: dataset.name:")
 
 
 def test_sharegpt_role_names_in_openai_messages_say_what_they_mean(tmp_path):

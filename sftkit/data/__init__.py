@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 import pyarrow.compute as pc
 
 from sftkit import compat
-from sftkit.data.formats import DataError, RowDefect, detect_format, to_messages, to_text, with_system
+from sftkit.data.formats import RowDefect, detect_format, to_messages, to_text, with_system
 from sftkit.data.load import jsonl_files, jsonl_place, load_source
 from sftkit.data.tokenize import IGNORE_INDEX, MaskError, tokenize_messages, tokenize_text
+from sftkit.errors import DataError
 from sftkit.schema import DatasetConfig, SourceConfig
 
 __all__ = ["DataError", "MaskError", "PreparedData", "prepare_data", "prepare_for_training", "tokenize_messages"]

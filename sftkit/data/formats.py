@@ -4,7 +4,7 @@
 trains (see tokenize.tokenize_text).
 """
 
-from sftkit.errors import ConfigError
+from sftkit.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
 # What a chat template renders besides a message's content, that sftkit does not pass to it (nor the row's tools):
@@ -12,10 +12,6 @@ ROLES = ("system", "user", "assistant", "tool")
 NOT_PASSED = ("tool_calls", "function_call", "reasoning_content", "reasoning", "thinking")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant",
                   "tool": "tool", "observation": "tool"}
-
-
-class DataError(ConfigError):
-    """A row or a source that cannot be turned into training data."""
 
 
 class RowDefect(ValueError):

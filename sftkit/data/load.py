@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 from sftkit.compat import refuse_values_datasets_reads_as_json
-from sftkit.data.formats import READS, DataError, detect_format
-from sftkit.errors import first_line
+from sftkit.data.formats import READS, detect_format
+from sftkit.errors import DataError, first_line
 from sftkit.paths import local_splits, looked_in, looks_local, resolve_glob, resolve_path
 from sftkit.schema import SourceConfig
 
