@@ -19,7 +19,6 @@ from pathlib import Path
 
 import yaml
 
-from sftkit.checkpoints import newest_checkpoint_words
 from sftkit.config import read_section
 from sftkit.environment import library_versions
 from sftkit.errors import ConfigError, OneLineArgumentParser, RunFailed, SftkitError, first_line, say_error
@@ -66,29 +65,43 @@ def export(trainer, run_config, tokenizer, dtype, parameters: tuple[int, int]) -
             shutil.rmtree(staging)
         staging.mkdir()
         write_metadata(staging, run_config, tokenizer)
-    trainer.accelerator.wait_for_everyone()
     try:
+        trainer.accelerator.wait_for_everyone()
         trainer.save_model(str(staging / ADAPTER_DIR if lora else staging))
         if main and lora:  # PEFT's empty card template ("[More Information Needed]"); output_dir/README.md describes it
             (staging / ADAPTER_DIR / "README.md").unlink(missing_ok=True)
     except Exception as error:  # OSError, or safetensors' own error on a full disk
-        if lost := lost_contact(error):  # in the gather of ZeRO-3 or FSDP: no weights reached this process
-            if main:
-                shutil.rmtree(staging, ignore_errors=True)  # its tokenizer and config: not a trained model to finish
-            raise RunFailed(f"{lost}; it happened while the weights were gathered for the export, so none was "
-                            f"written; {newest_checkpoint_words(output_dir)}") from error
+        if lost := lost_contact(error):  # before or in the gather of ZeRO-3 or FSDP: no weights reached this process
+            raise _lost_before_the_weights(lost, output_dir, lora, main) from error
         raise RunFailed(f"could not write the trained {'adapter' if lora else 'model'} to {staging}: {error}") from error
     if main:
         finish_export(output_dir, run_config.model, dtype)
     try:
         trainer.accelerator.wait_for_everyone()
-    except Exception as error:
-        if not (main and lost_contact(error)):
+    except Exception as error:  # the model is published: no process has anything left to do with it
+        if not lost_contact(error):
             raise
-        # the model is published: the other processes have nothing left to do with it
-        print(f"sftkit: {lost_contact(error)}; this was after the model was published in {output_dir}",
-              file=sys.stderr, flush=True)
+        if main:
+            print(f"sftkit: {lost_contact(error)}; this was after the model was published in {output_dir}",
+                  file=sys.stderr, flush=True)
     return output_dir
+
+
+def _lost_before_the_weights(lost: str, output_dir: Path, lora: bool, main: bool) -> RunFailed:
+    """A process lost before the weights were gathered: the staging directory is kept where the run's last-step
+    checkpoint holds them (`sftkit export` finishes from it), else removed (its tokenizer and config are no trained
+    model to finish)."""
+    from sftkit.checkpoints import newest_checkpoint_words
+
+    last = last_step_checkpoint(output_dir, "adapter_model" if lora else "model")
+    if last is not None:
+        return RunFailed(f"{lost}; it happened before the weights were written, so the export was not finished; "
+                         f"the run's last step is saved in {last}: finish the export from it with: python -m "
+                         f"sftkit.export {output_dir}")
+    if main:
+        shutil.rmtree(output_dir / STAGING_DIR, ignore_errors=True)
+    return RunFailed(f"{lost}; it happened before the weights were written, so none was; "
+                     f"{newest_checkpoint_words(output_dir)}")
 
 
 def write_metadata(directory: Path, run_config, tokenizer) -> None:
@@ -289,22 +302,31 @@ def saved_dtypes(directory: Path) -> list[str]:
     return sorted(dtypes)
 
 
+def last_step_checkpoint(output_dir: Path, stem: str) -> Path | None:
+    """The run's checkpoint of its last step with the weights `stem` names, which are the trained ones; None also
+    for a run that exports its best checkpoint (which one that is, the Trainer knew)."""
+    from sftkit.checkpoints import STATE_FILE, newest_resumable
+
+    newest = newest_resumable(output_dir)
+    best = ((read_run_record(output_dir) or {}).get("config", {}).get("training", {}).get("load_best_model_at_end"))
+    if newest is None or best:
+        return None
+    state = json.loads((newest / STATE_FILE).read_text())
+    if state["global_step"] < state["max_steps"] or not any(newest.glob(f"{stem}*.safetensors")):
+        return None
+    return newest
+
+
 def _take_weights_from_the_last_step(output_dir: Path, lora: bool) -> None:
     """An export cut off before the trained weights were written (a process lost, the run killed) leaves the staging
     directory without them; the run's checkpoint of its last step, where there is one, holds the same weights."""
-    from sftkit.checkpoints import STATE_FILE, newest_resumable
-
     staging = output_dir / STAGING_DIR
     target, stem = (staging / ADAPTER_DIR, "adapter_model") if lora else (staging, "model")
     if any(target.glob(f"{stem}*.safetensors")) or (staging / PUBLISHING_FILE).is_file():
         return
-    newest = newest_resumable(output_dir)
-    best = ((read_run_record(output_dir) or {}).get("config", {}).get("training", {}).get("load_best_model_at_end"))
-    if newest is None or best:  # a run that exports its best checkpoint: which one that is, the Trainer knew
+    newest = last_step_checkpoint(output_dir, stem)
+    if newest is None:
         return  # require_weights says what is missing
-    state = json.loads((newest / STATE_FILE).read_text())
-    if state["global_step"] < state["max_steps"] or not any(newest.glob(f"{stem}*.safetensors")):
-        return
     target.mkdir(parents=True, exist_ok=True)
     for file in newest.iterdir():
         if file.name.startswith(stem) or file.name in ("config.json", "adapter_config.json", "generation_config.json"):

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -181,11 +182,10 @@ def test_a_killed_process_stops_the_other_machine(tmp_path):
 
 
 def dying_machine(tmp_path, when: str) -> str:
-    """sft.py for machine 1, whose process dies (os._exit, as a lost node) in the export: as it starts gathering the
-    weights ('gather'), or once machine 0 has published the model ('published')."""
+    """sft.py for machine 1, whose processes die (os._exit, as a lost node) in the export: as they start gathering
+    the weights ('gather'), or once the weights are gathered, while machine 0 merges and publishes ('saved')."""
     script = tmp_path / "sft_that_dies.py"
-    script.write_text(f"""import os, sys, time
-from pathlib import Path
+    script.write_text(f"""import os, sys
 sys.path.insert(0, {str(REPO)!r})
 import transformers
 save_model = transformers.Trainer.save_model
@@ -193,10 +193,8 @@ save_model = transformers.Trainer.save_model
 def dying_save_model(self, output_dir=None, _internal_call=False):
     if _internal_call:  # a checkpoint
         return save_model(self, output_dir, _internal_call)
-    if {when!r} == "published":
+    if {when!r} == "saved":
         save_model(self, output_dir, _internal_call)
-        while not (Path(self.args.output_dir) / "config.json").exists():
-            time.sleep(0.05)
     os._exit(9)
 
 transformers.Trainer.save_model = dying_save_model
@@ -206,37 +204,55 @@ raise SystemExit(main())
     return str(script)
 
 
-def test_a_machine_lost_after_the_model_is_published_leaves_a_finished_run(tmp_path):
-    """Machine 1 died at the last barrier: machine 0 said the run failed and no checkpoint was saved, and marked it
-    failed, beside a complete published model (which the next run would have a user --overwrite)."""
+@pytest.mark.parametrize("per_machine", [1, 2])
+def test_a_machine_lost_after_the_model_is_published_leaves_a_finished_run(tmp_path, per_machine):
+    """Machine 1 died once the weights were gathered: machine 0 said the run failed and no checkpoint was saved, and
+    marked it failed, beside a complete published model (which the next run would have a user --overwrite). With
+    two processes on each machine, machine 0's second one failed at the last barrier while the first published."""
     out = tmp_path / "out"
     commands = machine_commands(free_port(), *training_args("lora_train_config.yaml", out))
-    commands[1][commands[1].index("sft.py")] = dying_machine(tmp_path, "published")
+    for command in commands:
+        command[command.index("--num_processes") + 1] = str(MACHINES * per_machine)
+    commands[1][commands[1].index("sft.py")] = dying_machine(tmp_path, "saved")
     machines = Machines(commands, tmp_path / "logs")
-    deadline = time.perf_counter() + 300
+    deadline = time.perf_counter() + 400
     while "Run summary" not in machines.stdout(0) and machines.processes[0].poll() is None \
             and time.perf_counter() < deadline:
         time.sleep(0.5)
-    # machine 0's training process has ended; its launcher would wait 300 s more for machine 1's (torchrun's exit
-    # barrier), then exit as its process did
-    machines.wait(timeout=5)
+    # machine 0's training processes have ended; its launcher would wait 300 s more for machine 1's (torchrun's exit
+    # barrier), then exit as its processes did
+    machines.wait(timeout=10)
     assert f"this was after the model was published in {out}" in machines.stderr(0), machines.output()
     assert json.loads((out / "sftkit_run.json").read_text())["status"] == "finished"
     assert (out / "run_summary.json").is_file() and (out / "lora_weights" / "adapter_model.safetensors").is_file()
 
 
-def test_a_machine_lost_while_the_weights_are_gathered_leaves_no_model_to_finish(tmp_path):
+@pytest.mark.parametrize("checkpoints", [False, True])
+def test_a_machine_lost_while_the_weights_are_gathered_leaves_what_can_be_finished(tmp_path, checkpoints):
     """Machine 1 died as the export began: machine 0 said it could not write the adapter, kept a staging directory
-    without weights that the next run called a trained model, and `sftkit export` blamed the DeepSpeed config."""
+    without weights that the next run called a trained model, and `sftkit export` blamed the DeepSpeed config.
+    Where the run's last step is a checkpoint, `sftkit export` publishes from it."""
     out = tmp_path / "out"
-    commands = machine_commands(free_port(), *training_args("lora_train_config.yaml", out))
+    args = training_args("lora_train_config.yaml", out)
+    if checkpoints:
+        args += ["--training.save_strategy", "steps", "--training.save_steps", "5"]
+    commands = machine_commands(free_port(), *args)
     commands[1][commands[1].index("sft.py")] = dying_machine(tmp_path, "gather")
     machines = Machines(commands, tmp_path / "logs")
     machines.wait(timeout=300)
     assert machines.returncodes()[0] != 0, machines.output()
-    assert ("lost contact with another process" in machines.stderr(0) and "while the weights were gathered for the "
-            "export, so none was written; no checkpoint was saved" in machines.stderr(0)), machines.output()
-    assert not (out / ".export-incomplete").exists() and not (out / "config.json").exists()
+    assert "lost contact with another process" in machines.stderr(0), machines.output()
+    if not checkpoints:
+        assert ("it happened before the weights were written, so none was; no checkpoint was saved"
+                in machines.stderr(0)), machines.output()
+        assert not (out / ".export-incomplete").exists() and not (out / "config.json").exists()
+        return
+    assert (f"the run's last step is saved in {out / 'checkpoint-10'}: finish the export from it with: python -m "
+            f"sftkit.export {out}") in machines.stderr(0), machines.output()
+    finished = subprocess.run([sys.executable, "-m", "sftkit.export", str(out)], cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert (out / "config.json").is_file() and (out / "lora_weights" / "adapter_model.safetensors").is_file()
 
 
 def test_save_on_each_node_over_several_machines_is_refused_before_loading(tmp_path):
