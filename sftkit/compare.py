@@ -138,6 +138,7 @@ def eval_loss(model, tokenizer, rows, training: dict, max_length: int) -> float:
     import tempfile
 
     import torch
+    from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     settings = {key: training[key] for key in EVAL_SETTINGS if key in training}
@@ -147,6 +148,7 @@ def eval_loss(model, tokenizer, rows, training: dict, max_length: int) -> float:
                          **settings)
         trainer = SFTTrainer(model=model, args=args, train_dataset=rows, eval_dataset=rows,  # TRL 1.16 needs both
                              processing_class=tokenizer)
+        trainer.remove_callback(PrinterCallback)  # the metrics dict it prints with disable_tqdm; the report says them
         return trainer.evaluate()["eval_loss"]
 
 

@@ -353,7 +353,7 @@ def refuse_values_datasets_reads_as_json(features, files: list[str], read: set, 
     column may mix types. Text that does not parse comes back unchanged, and the rows' own checks name what is
     wrong. Reproduce: load_dataset("json") of two rows whose `content` is "4" and [1]."""
     try:
-        from datasets import Json  # noqa: F401 - what _json_fields looks for
+        from datasets import Json, LargeList, List, Sequence  # noqa: F401 - what _json_fields looks for
         from datasets.utils.json import ujson_loads
     except ImportError as error:  # another datasets: the coercion may be gone with them
         logger.warning(f"datasets changed ({error}); fields it may read as JSON are not checked")

@@ -217,6 +217,7 @@ def _launch_settings(args) -> dict:
 
     plugin = args.deepspeed_plugin
     settings = flat(plugin.deepspeed_config, "DeepSpeed config") if plugin else {"DeepSpeed": None}
+    settings = {key: value for key, value in settings.items() if not key.endswith("nvme_path")}  # each machine's disk
     settings["FSDP"] = uses_fsdp(args)
     settings.update({f"the launch's {name}": value for name, value in sorted(os.environ.items())
                      if name.startswith(("FSDP_", "ACCELERATE_MIXED_PRECISION"))})

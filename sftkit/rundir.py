@@ -329,7 +329,8 @@ class OutputDir:
                     except FileNotFoundError:
                         continue  # released meanwhile: the atomic link again, deleting nothing
                     stale = self._refuse_a_live_holder(text, lock)
-                    print(f"sftkit: taking over {lock}: its process {stale.get('pid')} no longer runs", flush=True)
+                    whose = f"its process {stale['pid']} no longer runs" if "pid" in stale else "it cannot be read"
+                    print(f"sftkit: taking over {lock}: {whose}", flush=True)
                     lock.unlink(missing_ok=True)  # a dead process's: only a holder of the guard deletes one
                     if self._link(partial, lock):
                         return
