@@ -46,9 +46,10 @@ STALE_PATTERNS = ("config.json", "model*.safetensors*", "pytorch_model*", "adapt
 DISK_WAIT_SECONDS = float(os.environ.get("SFTKIT_DISK_WAIT_SECONDS", 900))
 
 
-def export(trainer, run_config, tokenizer, dtype, parameters: tuple[int, int]) -> Path:
+def export(trainer, run_config, tokenizer, dtype, weights, parameters: tuple[int, int]) -> Path:
     """Save the trained model; every process must call this (under ZeRO-3 saving gathers from all of them).
-    `parameters` is (trainable, total), for the space the export needs."""
+    `weights` is the dtype they trained in (model.weights_dtype) and `parameters` (trainable, total), for the space
+    the export needs."""
     output_dir = Path(trainer.args.output_dir)
     staging = output_dir / STAGING_DIR
     lora = run_config.model.use_lora
@@ -57,9 +58,6 @@ def export(trainer, run_config, tokenizer, dtype, parameters: tuple[int, int]) -
         # the others wait at the next barrier meanwhile, which fails after training.ddp_timeout
         limit = DISK_WAIT_SECONDS if trainer.args.world_size == 1 else min(DISK_WAIT_SECONDS,
                                                                             trainer.args.ddp_timeout * 0.8)
-        from sftkit.model import weights_dtype
-
-        weights = weights_dtype(run_config.model, trainer.args, dtype)
         _wait_for_space(output_dir, export_bytes(parameters[1], parameters[0], dtype, lora, weights), limit)
         if staging.exists():
             shutil.rmtree(staging)
@@ -71,7 +69,7 @@ def export(trainer, run_config, tokenizer, dtype, parameters: tuple[int, int]) -
         if main and lora:  # PEFT's empty card template ("[More Information Needed]"); output_dir/README.md describes it
             (staging / ADAPTER_DIR / "README.md").unlink(missing_ok=True)
     except Exception as error:  # OSError, or safetensors' own error on a full disk
-        if lost := lost_contact(error):  # before or in the gather of ZeRO-3 or FSDP: no weights reached this process
+        if lost := lost_contact(error):  # before or in the ZeRO-3 or FSDP gather: no weights reached this process
             raise _lost_before_the_weights(lost, output_dir, lora, main) from error
         raise RunFailed(f"could not write the trained {'adapter' if lora else 'model'} to {staging}: {error}") from error
     if main:

@@ -155,7 +155,8 @@ def check_every_process_runs_the_same(config) -> None:
     first, *others = gather_object([mine])
     for other in others:
         keys = sorted((first["settings"].keys() | other["settings"].keys()) - first["chosen"] - other["chosen"],
-                      key=lambda key: (key not in first["settings"] or key not in other["settings"], key))  # changed values first
+                      key=lambda key: (key not in first["settings"] or key not in other["settings"], key))
+        # values both have come first (a changed stage), then keys only one has
         differences = [f"{key} {other['settings'].get(key)} (process 0: {first['settings'].get(key)})"
                        for key in keys if _differ(first["settings"].get(key), other["settings"].get(key))]
         differences += [f"the contents of {name}" for name in sorted(first["inputs"].keys() | other["inputs"].keys())

@@ -138,7 +138,7 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
                                  memory_at_start)
 
         try:
-            output_dir = export(trainer, config, tokenizer, dtype, parameters)
+            output_dir = export(trainer, config, tokenizer, dtype, weights, parameters)
         except RunFailed:
             if trainer.accelerator.is_main_process:
                 _keep_report_with_the_export(trainer, config, summary())

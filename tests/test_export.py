@@ -108,7 +108,7 @@ def test_weights_that_are_not_finite_are_never_published(tmp_path):
         run.trainer.model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
     with pytest.raises(RunFailed, match=r"the trained weights are not finite \(1 tensors hold nan or inf, e.g. "
                                         r"model.safetensors:model.layers.1.mlp.down_proj.weight\); nothing was published"):
-        export(run.trainer, cfg, run.trainer.processing_class, torch.float32, (1, 1))
+        export(run.trainer, cfg, run.trainer.processing_class, torch.float32, torch.float32, (1, 1))
     assert (out / "model.safetensors").read_bytes() == before and not (out / STAGING_DIR).exists()
 
 
@@ -180,7 +180,7 @@ def test_a_publish_cut_short_is_finished_by_running_the_export_again(tmp_path, m
     monkeypatch.setattr(Path, "rename", rename_failing_after_the_weights)
     with pytest.raises(RunFailed, match=rf"publishing the model in {out} failed part way: .*Input/output error.*"
                                         rf"finish with: python -m sftkit.export {out}"):
-        export(run.trainer, cfg, run.trainer.processing_class, torch.float32, (1, 1))
+        export(run.trainer, cfg, run.trainer.processing_class, torch.float32, torch.float32, (1, 1))
     monkeypatch.undo()
     assert moves[-1] == "model.safetensors" and not (out / "config.json").exists()
     assert export_main([str(out)]) == 0
@@ -207,7 +207,7 @@ def test_a_full_disk_at_export_keeps_the_trained_adapter_and_the_export_can_be_f
     filler.write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 2 * 2**20))  # 2 MiB left: the adapter fits
     monkeypatch.setattr(export_module, "DISK_WAIT_SECONDS", 0)
     with pytest.raises(RunFailed) as failure:
-        export(run.trainer, cfg, run.trainer.processing_class, torch.float32, (1, 1))
+        export(run.trainer, cfg, run.trainer.processing_class, torch.float32, torch.float32, (1, 1))
     kept = out / STAGING_DIR / ADAPTER_DIR
     assert "No space left on device" in str(failure.value)
     assert f"The trained adapter is kept in {kept}; once that is fixed, finish the export with: python -m " \

@@ -177,7 +177,7 @@ def test_a_failed_export_leaves_the_previous_complete_model_untouched(tmp_path):
     shutil.rmtree(base)  # the merge reloads the base, so this export fails half-way
     tokenizer = result.trainer.processing_class
     with pytest.raises(RunFailed, match=f"The trained adapter is kept in {out / STAGING_DIR / ADAPTER_DIR}"):
-        export(result.trainer, config, tokenizer, torch.float32, (1, 1))
+        export(result.trainer, config, tokenizer, torch.float32, torch.float32, (1, 1))
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert (out / STAGING_DIR / ADAPTER_DIR).exists(), "the partial export stays in the staging directory"
     AutoModelForCausalLM.from_pretrained(out)
