@@ -211,9 +211,9 @@ def path_errors(model: ModelConfig, dataset: DatasetConfig, training: Any) -> li
     sources += [(f"dataset.sources[{index}]", source) for index, source in enumerate(dataset.sources or [])]
     evaluation = [(f"dataset.eval_sources[{index}]", source) for index, source in enumerate(dataset.eval_sources or [])]
     for key, source in sources:
-        errors += _source_errors(key, source, dataset.eval_split)
+        errors += source_errors(key, source, dataset.eval_split)
     for key, source in evaluation:
-        errors += _source_errors(key, source, None)
+        errors += source_errors(key, source, None)
     output_dir = training.get("output_dir") if isinstance(training, dict) else None
     return errors + (_output_dir_among_data(output_dir, sources + evaluation) if isinstance(output_dir, str) else [])
 
@@ -231,7 +231,9 @@ def _output_dir_among_data(output_dir: str, sources: list[tuple]) -> list[str]:
     return []
 
 
-def _source_errors(key: str, source: SourceConfig, eval_split: str | None) -> list[str]:
+def source_errors(key: str, source: SourceConfig, eval_split: str | None) -> list[str]:
+    """What is wrong with a source that can be told without loading it: a local path or pattern that finds nothing,
+    a split it does not have, a hub-only setting on it."""
     name = source.name
     if name is None:
         return []

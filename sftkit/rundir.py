@@ -101,10 +101,7 @@ def input_digests(resolved: dict) -> dict[str, str]:
                           if path.suffix in LOCAL_FILE_BUILDERS and path.is_file()
                           and not any(part.startswith((".", "__")) for part in path.relative_to(root).parts)})
         else:  # a file or a glob; nothing for a hub id, nor for a glob that matches nothing (the run says so)
-            try:
-                matched = local_files(name)
-            except ConfigError:
-                matched = []
+            matched = local_files(name)
             files.update({f"{name}:{Path(path).name}" if path != str(root) else name: Path(path) for path in matched})
     digests = {name: _digest(path, whole=True) for name, path in files.items()}  # read whole by the run anyway
     model = resolved.get("model", {}).get("path")

@@ -338,7 +338,7 @@ def test_glob_directory_and_save_to_disk_sources(tmp_path, tokenizer):
     datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS), "test": datasets.Dataset.from_list(ROWS[:1])}).save_to_disk(saved)
     data = prepare_data(DatasetConfig(name=str(saved), eval_split="test"), tokenizer, max_length=64)
     assert (len(data.train), len(data.eval)) == (3, 1)
-    with pytest.raises(DataError, match="the pattern matches no file"):
+    with pytest.raises(DataError, match="dataset.name: the pattern .*none\\*.jsonl matches no file"):
         prepare_data(DatasetConfig(name=str(tmp_path / "none*.jsonl")), tokenizer, max_length=64)
 
 
@@ -464,13 +464,13 @@ def test_splits_of_local_data(tmp_path, tokenizer):
     import datasets
 
     path = write_rows(tmp_path, ".jsonl", ROWS)
-    with pytest.raises(DataError, match=r"dataset.split: 'test' is not a split of .*rows.jsonl: local files have one split, train"):
+    with pytest.raises(DataError, match=r"dataset.split: 'test' is not a split of .*rows.jsonl: a local file has one split, train"):
         prepare_data(DatasetConfig(name=path, split="test"), tokenizer, max_length=64)
     with pytest.raises(DataError, match=r"dataset.eval_split: 'test' is not a split .*dataset.test_size"):
         prepare_data(DatasetConfig(name=path, eval_split="test"), tokenizer, max_length=64)
     saved = tmp_path / "saved"
     datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS), "dev": datasets.Dataset.from_list(ROWS)}).save_to_disk(saved)
-    with pytest.raises(DataError, match="dataset.sources\\[1\\].split: 'test' is not a split of .*saved; its splits are train, dev"):
+    with pytest.raises(DataError, match="dataset.sources\\[1\\].split: 'test' is not a split of .*saved: its splits are train, dev; use one of them"):
         prepare_data(DatasetConfig(sources=[SourceConfig(name=path), SourceConfig(name=str(saved), split="test")]), tokenizer, max_length=64)
 
 

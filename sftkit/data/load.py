@@ -6,10 +6,11 @@ import json
 import os
 from pathlib import Path
 
+from sftkit.checks import source_errors
 from sftkit.compat import refuse_values_datasets_reads_as_json
 from sftkit.data.formats import READS, detect_format
 from sftkit.errors import DataError, first_line
-from sftkit.paths import local_splits, looked_in, looks_local, resolve_glob, resolve_path
+from sftkit.paths import looks_local, resolve_glob, resolve_path
 from sftkit.schema import SourceConfig
 
 LOCAL_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -25,9 +26,12 @@ def load_source(source: SourceConfig, split: str | None = None, key: str = "data
     dataset.eval_split.
     """
     split_key = "dataset.eval_split" if split else f"{key}.split"
+    problems = source_errors(key, source, split)  # checked with the config already; files may change until now
+    if problems:
+        raise DataError(problems[0])
     split = split or source.split
     try:
-        rows = _load(source, split, key, split_key)
+        rows = _load(source, split)
     except DataError:
         raise
     except Exception as error:  # datasets raises many types; all mean "this source or split cannot be read"
@@ -35,8 +39,8 @@ def load_source(source: SourceConfig, split: str | None = None, key: str = "data
         known = Path(resolve_path(source.name)).is_dir() or (not looks_local(source.name) and "split" in str(error))
         splits = _split_names(source) if known else None
         if splits and split not in splits:
-            raise DataError(f"{split_key}: {split!r} is not a split of {source.name}; its splits are "
-                            f"{', '.join(splits)}") from error
+            raise DataError(f"{split_key}: {split!r} is not a split of {source.name}: its splits are "
+                            f"{', '.join(splits)}; use one of them") from error
         reason = error
         while reason.__cause__ is not None:  # datasets wraps the reader's own error ("while generating the dataset")
             reason = reason.__cause__
@@ -65,10 +69,7 @@ def jsonl_files(source: SourceConfig) -> list[str] | None:
     errors can name the file and line; else None."""
     if not source.name.endswith(".jsonl"):
         return None
-    try:
-        return local_files(source.name) or None
-    except DataError:
-        return None
+    return local_files(source.name) or None
 
 
 def jsonl_place(files: list[str], index: int) -> tuple[str, int]:
@@ -89,7 +90,7 @@ def _line_numbers(file: str, modified: int) -> list[int]:
         return [number for number, line in enumerate(handle, 1) if line.strip()]
 
 
-def _load(source: SourceConfig, split: str, key: str, split_key: str):
+def _load(source: SourceConfig, split: str):
     from datasets import DatasetDict, load_dataset, load_from_disk
 
     files = local_files(source.name)
@@ -101,11 +102,6 @@ def _load(source: SourceConfig, split: str, key: str, split_key: str):
         builder = _one_file_type(source.name, files)
         if all(_blank(file) for file in files):
             raise DataError(f"dataset {source.name}: {'the file is' if len(files) == 1 else 'its files are'} empty")
-        if split != "train":
-            fix = ("hold out rows with dataset.test_size, or evaluate on dataset.eval_sources"
-                   if split_key == "dataset.eval_split" else "remove the split setting")
-            raise DataError(f"{split_key}: {split!r} is not a split of {source.name}: local files have one split, "
-                            f"train; {fix}")
         try:
             rows = load_dataset(builder, data_files=files, split="train",  # local files load as one "train" split
                                 **READER_OPTIONS.get(builder, {}))
@@ -118,13 +114,7 @@ def _load(source: SourceConfig, split: str, key: str, split_key: str):
                                              source.column_map or {})
         return rows
     path = Path(resolve_path(source.name))
-    if looks_local(source.name) and not path.exists():  # never sent to the hub (see looks_local)
-        raise DataError(f"{key}.name: {source.name} does not exist{looked_in(source.name)}")
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():  # written by save_to_disk
-        splits = local_splits(path)
-        if split not in splits:
-            raise DataError(f"{split_key}: {split!r} is not a split of {source.name}; its splits are "
-                            f"{', '.join(splits)}")
         saved = load_from_disk(str(path))
         return saved[split] if isinstance(saved, DatasetDict) else saved
     if path.is_dir():
@@ -218,9 +208,6 @@ def _json_message(error: json.JSONDecodeError) -> str:
 def local_files(name: str) -> list[str]:
     """The files a local file name or glob stands for, from the working directory or else the project."""
     if glob.has_magic(name):
-        files = resolve_glob(name)
-        if not files:
-            raise DataError(f"dataset {name}: the pattern matches no file")
-        return files
+        return resolve_glob(name)
     path = Path(resolve_path(name))
     return [str(path)] if path.is_file() else []
