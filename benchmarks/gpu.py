@@ -258,7 +258,7 @@ def _sftkit_trainer(spec, model_dir, data_file, seq_len, common):
     from sftkit.data import prepare_data
     from sftkit.model import check_model_source, load_model, load_tokenizer, lora_config, resolve_dtype, weights_dtype
     from sftkit.monitor import MonitoredSFTTrainer
-    from sftkit.plan import deepspeed_settings, estimate_memory, model_shape, tokens_per_micro_batch
+    from sftkit.plan import estimate_memory, model_shape, sharding, tokens_per_micro_batch
 
     overrides = ["--model.path", model_dir, "--dataset.name", data_file, "--dataset.split", "train",
                  "--dataset.eval_split", "null", "--dataset.test_size", "null"]
@@ -279,7 +279,7 @@ def _sftkit_trainer(spec, model_dir, data_file, seq_len, common):
     data = prepare_data(config.dataset, tokenizer, args.max_length, num_proc=args.dataset_num_proc)
     dtype = resolve_dtype(config.model, args)
     shape = model_shape(config, check_model_source(config.model))
-    memory = estimate_memory(config, shape, dtype, deepspeed_settings(args), 1, tokens_per_micro_batch(args, data.lengths))
+    memory = estimate_memory(config, shape, dtype, sharding(args, 1), 1, tokens_per_micro_batch(args, data.lengths))
     model = load_model(config.model, weights_dtype(config.model, args, dtype), args.gradient_checkpointing)
     trainer = MonitoredSFTTrainer(model=model, args=args, train_dataset=data.train, processing_class=tokenizer,
                                   peft_config=lora_config(config.model),

@@ -27,6 +27,16 @@ def uses_fsdp(training) -> bool:
     return bool(value) or launch_uses_fsdp()
 
 
+def fsdp_plugin(args):
+    """Accelerate's FSDP plugin as the run's Accelerator builds it, from training.fsdp or else the launch's
+    FSDP_* variables; None without FSDP."""
+    if not uses_fsdp(args):
+        return None
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(**(args.fsdp_plugin_args or {}))
+
+
 def zero_stage(args) -> int | None:
     """The ZeRO stage of an SFTConfig's DeepSpeed; None without DeepSpeed."""
     plugin = getattr(args, "deepspeed_plugin", None)

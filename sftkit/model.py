@@ -13,7 +13,7 @@ from transformers.pytorch_utils import Conv1D
 from sftkit import varlen
 from sftkit.compat import keep_cpu_4bit_layout_trainable, zero3_init_disabled
 from sftkit.data.tokenize import CHATML_TEMPLATE
-from sftkit.engines import uses_deepspeed
+from sftkit.engines import uses_deepspeed, uses_fsdp
 from sftkit.errors import ConfigError, first_line
 from sftkit.paths import resolve_path
 from sftkit.schema import DatasetConfig, ModelConfig
@@ -207,13 +207,19 @@ def resolve_dtype(model_cfg: ModelConfig, training) -> torch.dtype:
 
 
 def weights_dtype(model_cfg: ModelConfig, training, dtype: torch.dtype) -> torch.dtype:
-    """The dtype the weights load and train in. Full fine-tuning in bf16 with model.dtype auto keeps float32 weights
-    and computes in bf16 under the Trainer's autocast (mixed precision): AdamW's updates smaller than bf16's
+    """The dtype the weights train and are saved in. Full fine-tuning in bf16 with model.dtype auto keeps float32
+    weights and computes in bf16 under the Trainer's autocast (mixed precision): AdamW's updates smaller than bf16's
     resolution (1/256 of a weight) are lost in bf16 weights; in a 10-step run at learning rate 1e-5, 92% of them
     never changed. DeepSpeed keeps float32 master weights of its own, and LoRA trains float32 adapters over the
-    frozen base, so both load in `dtype`; model.dtype: bfloat16 asks for pure bf16 (half the memory of the states)."""
-    mixed = dtype == torch.bfloat16 and model_cfg.dtype in (None, "auto") and not model_cfg.use_lora
-    return torch.float32 if mixed and not uses_deepspeed(training) else dtype
+    frozen base, so both load in `dtype`; model.dtype: bfloat16 asks for pure bf16 (half the memory of the states).
+    FSDP under mixed precision (training.bf16 or fp16) trains float32 weights whatever they load in: Accelerate
+    1.15 upcasts them itself, as its master weights."""
+    if model_cfg.use_lora or dtype == torch.float32:
+        return dtype
+    if uses_fsdp(training) and (training.bf16 or training.fp16):
+        return torch.float32
+    auto = model_cfg.dtype in (None, "auto")
+    return torch.float32 if auto and dtype == torch.bfloat16 and not uses_deepspeed(training) else dtype
 
 
 def precision_words(model_cfg: ModelConfig, training, dtype: torch.dtype) -> str:

@@ -13,6 +13,7 @@ import torch
 from sftkit.checkpoints import checkpoint_to_resume
 from sftkit.compat import zero_model_states
 from sftkit.data import prepare_for_training
+from sftkit.engines import fsdp_plugin
 from sftkit.errors import ConfigError
 from sftkit.fastpath import describe as describe_speed
 from sftkit.model import check_model_source, load_tokenizer, lora_config, precision_words, resolve_dtype, weights_dtype
@@ -47,7 +48,7 @@ class Plan:
     train_rows: int  # rows per epoch as the dataloader sees them (after packing)
     steps_per_epoch: int
     total_steps: int
-    zero: "ZeroSettings"
+    sharding: "Sharding"
     memory: "MemoryEstimate"
 
 
@@ -62,9 +63,9 @@ def build_plan(config: RunConfig) -> Plan:
     train_rows = _rows_per_epoch(data.train, args)
     steps_per_epoch = _steps_per_epoch(train_rows, args, world_size)
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-    zero = deepspeed_settings(args)
-    memory = estimate_memory(config, shape, dtype, zero, world_size, tokens_per_micro_batch(args, data.lengths))
-    return Plan(config, data, shape, dtype, world_size, train_rows, steps_per_epoch, total_steps, zero, memory)
+    spread = sharding(args, world_size)
+    memory = estimate_memory(config, shape, dtype, spread, world_size, tokens_per_micro_batch(args, data.lengths))
+    return Plan(config, data, shape, dtype, world_size, train_rows, steps_per_epoch, total_steps, spread, memory)
 
 
 def tokens_per_micro_batch(args, lengths: list[int]) -> int:
@@ -96,7 +97,7 @@ def dry_run(config: RunConfig, overwrite: bool = False) -> str:
                   f"x {world_size} process{'es' if world_size > 1 else ''} = {batch} rows per step"),
         ("steps", f"{plan.steps_per_epoch} per epoch; {plan.total_steps} in all"
                   + (" (training.max_steps)" if args.max_steps > 0 else f" ({args.num_train_epochs:g} epochs)")),
-        ("distributed", plan.zero.description),
+        ("distributed", plan.sharding.description),
         ("speed", describe_speed(config.speed)),
         ("memory per device", plan.memory.description),
         ("output", output),
@@ -146,27 +147,48 @@ def model_shape(config: RunConfig, model) -> ModelShape:
 
 
 @dataclass
-class ZeroSettings:
-    stage: int  # 0: no DeepSpeed
+class Sharding:
+    """How the engine spreads the model states over the processes."""
+
+    zero_stage: int  # DeepSpeed's; 0 without DeepSpeed
+    fsdp: bool
+    shards_weights: bool  # between layers, each process holds 1/world_size of the weights (ZeRO-3, FSDP)
     offload_optimizer: bool
     offload_params: bool
     description: str
 
 
-def deepspeed_settings(args) -> ZeroSettings:
-    """The ZeRO stage and offloads as DeepSpeed will get them: from training.deepspeed, or from the Accelerate config
-    this process was launched with (a DeepSpeed JSON file it names, or its own zero_stage and offload keys)."""
-    plugin = args.deepspeed_plugin
-    if plugin is None:
-        return ZeroSettings(0, False, False, "no DeepSpeed")
-    zero = plugin.deepspeed_config.get("zero_optimization", {})
-    offload_optimizer = (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
-    offload_params = (zero.get("offload_param") or {}).get("device") in ("cpu", "nvme")
-    stage = int(zero.get("stage", 0))
-    offload = " with " + " and ".join(name for name, on in (("optimizer", offload_optimizer),
-                                                           ("parameters", offload_params)) if on) + " on the CPU"
-    return ZeroSettings(stage, offload_optimizer, offload_params,
-                        f"DeepSpeed ZeRO-{stage}" + (offload if offload_optimizer or offload_params else ""))
+def sharding(args, world_size: int) -> Sharding:
+    """The ZeRO stage or FSDP layout and offloads as the engine will get them: from training.deepspeed or
+    training.fsdp, or from the Accelerate config this process was launched with."""
+    if args.deepspeed_plugin is not None:  # a DeepSpeed JSON file, or the Accelerate config's own zero_stage keys
+        zero = args.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+        stage = int(zero.get("stage", 0))
+        offload_optimizer = (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
+        offload_params = (zero.get("offload_param") or {}).get("device") in ("cpu", "nvme")
+        return Sharding(stage, False, stage == 3, offload_optimizer, offload_params,
+                        f"DeepSpeed ZeRO-{stage}" + _offloads(offload_optimizer, offload_params))
+    fsdp = fsdp_plugin(args)
+    if fsdp is not None:
+        # FSDP2's reshard_after_forward is a bool; FSDP1's is a ShardingStrategy (FULL_SHARD reshards, NO_SHARD
+        # keeps whole copies like DDP)
+        layout = str(fsdp.reshard_after_forward).rsplit(".", 1)[-1].upper()
+        whole = layout == "NO_SHARD"
+        reshards = layout in ("TRUE", "FULL_SHARD", "HYBRID_SHARD")
+        # FSDP2's CPUOffloadPolicy (its OffloadPolicy base offloads nothing), FSDP1's CPUOffload(offload_params)
+        offload = type(fsdp.cpu_offload).__name__ == "CPUOffloadPolicy" or getattr(fsdp.cpu_offload,
+                                                                                  "offload_params", False)
+        words = "no sharding" if whole else "full shard" if reshards else "weights gathered from forward to backward"
+        return Sharding(0, not whole, reshards, offload, offload,
+                        f"FSDP{fsdp.fsdp_version} ({words})" + _offloads(offload, offload))
+    if world_size > 1:
+        return Sharding(0, False, False, False, False, "data parallel: each process holds the whole model")
+    return Sharding(0, False, False, False, False, "one process")
+
+
+def _offloads(optimizer: bool, parameters: bool) -> str:
+    on = [name for name, offloaded in (("optimizer", optimizer), ("parameters", parameters)) if offloaded]
+    return f" with {' and '.join(on)} on the CPU" if on else ""
 
 
 @dataclass
@@ -179,7 +201,7 @@ class MemoryEstimate:
     description: str
 
 
-def estimate_memory(config: RunConfig, shape: ModelShape, dtype, zero: ZeroSettings, world_size: int,
+def estimate_memory(config: RunConfig, shape: ModelShape, dtype, spread: Sharding, world_size: int,
                     tokens_per_step: int) -> MemoryEstimate:
     """Peak device memory, excluding the CUDA context (~0.5 GiB) or, on a CPU, the Python process itself.
 
@@ -189,7 +211,11 @@ def estimate_memory(config: RunConfig, shape: ModelShape, dtype, zero: ZeroSetti
     dtype; under QLoRA 4-bit NF4 linear layers, ~0.56 bytes each with their scales, and the rest in float32), and per
     trained parameter a gradient and two Adam states in its dtype (one byte each for 8-bit optimizers; LoRA adapters
     are float32, QLoRA's bf16).
-    ZeRO-3 partitions frozen weights across the processes too.
+    ZeRO-3 partitions frozen weights across the processes too. FSDP divides every model state by the processes,
+    with float32 weights under mixed precision (Accelerate's master weights, model.weights_dtype); it gathers two
+    decoder layers at once in the training dtype (the one computing and the one prefetched), or, where it does not
+    reshard after the forward pass, every layer until the backward pass; parameter offload keeps the states on the
+    CPU.
     Activations, per token and layer (a Llama layer; h hidden size, i intermediate size): 3.33 h + 4 i values
     whichever weights train (norms, attention's q, k, v and output, the MLP's gate, up and product); without Liger's
     layer kernels (training.use_liger_kernel) another 2 h + i (the norms' float32 copies, SwiGLU's activation); full
@@ -208,20 +234,20 @@ def estimate_memory(config: RunConfig, shape: ModelShape, dtype, zero: ZeroSetti
     element = torch.finfo(dtype).bits // 8  # of the activations
     stored = torch.finfo(weights_dtype(config.model, config.training, dtype)).bits // 8  # of the weights
     cpu, gradients = 0.0, 0.0
-    if zero.stage in (2, 3) and not config.model.use_lora:
-        cpu, states = zero_model_states(zero.stage, shape.total, shape.largest_layer, world_size,
-                                        zero.offload_optimizer, zero.offload_params)
-        if zero.stage == 2:
+    if spread.zero_stage in (2, 3) and not config.model.use_lora:
+        cpu, states = zero_model_states(spread.zero_stage, shape.total, shape.largest_layer, world_size,
+                                        spread.offload_optimizer, spread.offload_params)
+        if spread.zero_stage == 2:
             weights = 2 * shape.total
         else:
-            weights = 0 if zero.offload_params else 2 * shape.total / world_size
+            weights = 0 if spread.offload_params else 2 * shape.total / world_size
         source = "DeepSpeed's estimator"
     else:
         if config.model.load_in_4bit:  # PEFT's k-bit preparation casts what stays unquantized to float32
             weights = shape.quantizable * 0.5625 + (shape.total - shape.quantizable) * 4
         else:
             weights = shape.total * stored
-        if zero.stage == 3:
+        if spread.shards_weights:
             weights /= world_size
         # LoRA adapters in float32 (PEFT), QLoRA's in bf16 (TRL 1.16 casts them), full fine-tuning in its weights'
         trained_element = (2 if config.model.load_in_4bit else 4) if config.model.use_lora else stored
@@ -229,11 +255,18 @@ def estimate_memory(config: RunConfig, shape: ModelShape, dtype, zero: ZeroSetti
             weights += shape.trainable * trained_element  # the adapters themselves
         optimizer = ADAM_STATES * (1 if "8bit" in str(config.training.optim) else trained_element)
         gradients = shape.trainable * trained_element
-        states = weights + gradients + shape.trainable * optimizer
+        optimizer *= shape.trainable
+        if spread.fsdp:
+            gradients, optimizer = gradients / world_size, optimizer / world_size
+        states = weights + gradients + optimizer
         source = "weights, gradients and Adam states"
+        if spread.offload_params:
+            cpu, states, weights, gradients = states, 0, 0, 0
+        if spread.fsdp:
+            states += _fsdp_gathered_weights(shape, spread, element)
     activations = tokens_per_step * _activations_per_token(config, shape, element) + _loss_buffers(
         config, shape, element, tokens_per_step)
-    if stored > element and zero.stage == 0:  # autocast keeps a 16-bit copy of each float32 matmul weight
+    if stored > element and spread.zero_stage == 0 and not spread.fsdp:  # autocast's 16-bit copy of float32 weights
         activations += (shape.quantizable + shape.vocab * shape.hidden) * element  # until the forward pass ends
     peak = states + activations
     if gradients and config.training.gradient_accumulation_steps == 1:
@@ -243,9 +276,16 @@ def estimate_memory(config: RunConfig, shape: ModelShape, dtype, zero: ZeroSetti
     description = (f"~{_size(peak)}: {_size(states)} model states ({source}) + {_size(activations)} activations "
                    f"for {tokens_per_step:,} tokens per micro-batch"
                    + ("; the gradients take the activations' place" if peak < states + activations else "")
-                   + (f"; {_size(cpu)} of host memory for offloaded states" if zero.offload_optimizer else "")
+                   + (f"; {_size(cpu)} of host memory for offloaded states" if spread.offload_optimizer else "")
                    + "; excludes the CUDA context (~0.5 GiB) or the Python process on a CPU")
     return MemoryEstimate(weights, states, activations, cpu, peak, description)
+
+
+def _fsdp_gathered_weights(shape: ModelShape, spread: Sharding, element: int) -> float:
+    """The training-dtype copies FSDP gathers for computing: two decoder layers, or every layer where it keeps them
+    gathered from the forward pass to the backward pass."""
+    layer = (shape.total - shape.vocab * shape.hidden) / shape.layers
+    return (2 * layer if spread.shards_weights else shape.total) * element
 
 
 def _activations_per_token(config: RunConfig, shape: ModelShape, element: int) -> float:

@@ -14,6 +14,7 @@ shared with test_multinode.py.
 """
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -190,6 +191,31 @@ def test_the_dry_run_plans_the_offloads_an_accelerate_config_sets_without_a_deep
     assert result.returncode == 0, result.stderr[-3000:]
     assert "  distributed        DeepSpeed ZeRO-3 with optimizer and parameters on the CPU\n" in result.stdout
     assert "of host memory for offloaded states" in result.stdout
+
+
+@pytest.mark.parametrize("launch, layout", [("fsdp2.yaml", "FSDP2 (full shard)"), (
+    "fsdp2_offload.yaml", "FSDP2 (full shard) with optimizer and parameters on the CPU")])
+def test_the_dry_run_of_fsdp_plans_sharded_float32_states(tmp_path, launch, layout):
+    """FSDP under bf16 upcasts the weights it trains to float32 even where model.dtype asks for bfloat16 (Accelerate
+    1.15), and shards every model state: the plan said "no DeepSpeed", pure bf16, and whole states on each device,
+    and the export's disk check counted 2 bytes a weight where the run writes 4."""
+    result = accelerate_launch(launch, "--dry-run", "--training.output_dir", str(tmp_path / "out"),
+                               "--training.bf16", "true", "--model.dtype", "bfloat16", timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"  distributed        {layout}\n" in result.stdout
+    method = re.search(r"full fine-tuning in bfloat16 with float32 weights: ([\d,]+) of", result.stdout)
+    assert method, result.stdout
+    parameters = int(method[1].replace(",", ""))
+    memory = re.search(r"~[\d.]+ MiB: ([\d.]+) MiB model states", result.stdout)
+    host = re.search(r"([\d.]+) MiB of host memory", result.stdout)
+    # float32 weights and gradients and two Adam states, 16 bytes a parameter, halved over the two processes; on
+    # the device besides: the two decoder layers FSDP gathers in bf16
+    on_device, on_host = float(memory[1]) * 2**20, float(host[1]) * 2**20 if host else 0
+    halved = 16 * parameters / 2
+    if "offload" in launch:
+        assert on_host == pytest.approx(halved, rel=0.01) and on_device < 0.2 * halved
+    else:
+        assert halved < on_device < 1.2 * halved and on_host == 0
 
 
 def test_training_deepspeed_without_a_gpu_stops_early_with_one_line():
