@@ -30,8 +30,10 @@ from sftkit.rundir import (
     check_free_space,
     empty_tensors,
     export_bytes,
+    published_weights,
     read_run_record,
     readable_like_other_files,
+    safetensors_weights,
     write_json,
 )
 from sftkit.schema import ModelConfig
@@ -42,7 +44,6 @@ PUBLISHING_FILE = "publishing.json"  # in the staging directory once its content
 VERSIONS_FILE = "sftkit_versions.json"
 SUMMARY_FILE = "run_summary.json"  # written by report.py; an export finished later adds the dtypes it saved
 # Files of an earlier export of the same run (a resumed run exports again) that would otherwise mix with the new one.
-STALE_PATTERNS = ("config.json", "model*.safetensors*", "pytorch_model*", "adapter_*", "generation_config.json")
 DISK_WAIT_SECONDS = float(os.environ.get("SFTKIT_DISK_WAIT_SECONDS", 900))
 
 
@@ -270,10 +271,11 @@ def _publish(staging: Path, output_dir: Path) -> None:
     if not manifest.is_file():
         write_json(manifest, {"items": sorted(item.name for item in staging.iterdir())})
     moved = set(json.loads(manifest.read_text())["items"]) - {item.name for item in staging.iterdir()}
-    for pattern in STALE_PATTERNS:  # an earlier config.json goes first: until the new one lands, none is there
-        for stale in output_dir.glob(pattern):
-            if stale.name not in moved:
-                stale.unlink()
+    # an earlier export's weights, whose names this one may not replace (other shards); its config.json goes first:
+    # until the new one lands, none is there
+    for stale in sorted(output_dir.iterdir(), key=lambda path: path.name != "config.json"):
+        if published_weights(stale.name) and stale.name not in moved and stale.is_file():
+            stale.unlink()
     for item in sorted(staging.iterdir(), key=lambda path: (path.name == "config.json", path.name)):
         if item == manifest:
             continue
@@ -294,7 +296,7 @@ def saved_dtypes(directory: Path) -> list[str]:
 
     names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
     dtypes = set()
-    for file in directory.glob("model*.safetensors"):
+    for file in safetensors_weights(directory):
         with safe_open(file, "pt") as weights:
             dtypes.update(names.get(weights.get_slice(key).get_dtype(), "other") for key in weights.keys())
     return sorted(dtypes)

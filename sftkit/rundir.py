@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -42,16 +43,34 @@ RESUMABLE = {
     "model": {"attn_implementation", "allow_hub_kernels", "cast_adapter_inputs"},
     "dataset": {"sample_prompts"},
 }
-# What sftkit and the Trainer write into output_dir (checkpoint-N directories aside), by name. Only a directory that
-# holds a run record (RUN_FILE) can hold an earlier run's files; anything else there is the user's, never removed
-# and never replaced.
-TRAINED = ("config.json", "model*.safetensors", "model.safetensors.index.json", "pytorch_model*", "adapter_config.json",
-           "adapter_model*", "lora_weights", STAGING_DIR, "run_summary.json")
-WRITTEN = TRAINED + (
-    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+# What sftkit and the Trainer write into output_dir (checkpoint-N directories aside), by whole name. Only a directory
+# that holds a run record (RUN_FILE) can hold an earlier run's files; anything else there is the user's, never
+# removed and never replaced: a model.safetensors.bak or adapter_notes.txt beside the model is theirs.
+PUBLISHED_WEIGHTS = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                     "pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_config.json",
+                     "adapter_model.safetensors", "adapter_model.bin")
+SHARD = re.compile(r"(model|pytorch_model)-\d{5}-of-\d{5}\.(safetensors|bin)")  # transformers 5.24's shard names
+TRAINED = tuple(name for name in PUBLISHED_WEIGHTS if name != "generation_config.json") + (
+    "lora_weights", STAGING_DIR, "run_summary.json")
+WRITTEN = PUBLISHED_WEIGHTS + TRAINED + (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
     "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json", "training_args.bin", "sftkit_config.yaml",
     "sftkit_versions.json", "README.md", "loss.png", "sample_replies.jsonl", "before_after.md", "runs",
 )
+
+
+def published_weights(name: str) -> bool:
+    """A file an export writes beside the model's tokenizer and reports: weights, their index, the model's config."""
+    return name in PUBLISHED_WEIGHTS or SHARD.fullmatch(name) is not None
+
+
+def safetensors_weights(directory: Path) -> list[Path]:
+    """The safetensors weights an export wrote into directory, by name: a user's files there are left alone."""
+    return sorted(path for path in directory.glob("*.safetensors") if published_weights(path.name))
+
+
+def _trained(name: str) -> bool:
+    return name in TRAINED or SHARD.fullmatch(name) is not None
 
 
 def fingerprint(resolved: dict) -> str:
@@ -141,7 +160,7 @@ def readable_like_other_files(*directories: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     for directory in directories:
-        for file in directory.glob("*.safetensors"):
+        for file in safetensors_weights(directory):
             file.chmod(0o666 & ~umask)
 
 
@@ -200,14 +219,14 @@ def survey(directory: Path) -> Contents:
         name = item.name
         if name in (LOCK_FILE, GUARD_FILE, RUN_FILE) or name.endswith(".partial"):
             continue
-        ours = is_checkpoint(item) or any(item.match(pattern) for pattern in WRITTEN)
+        ours = is_checkpoint(item) or name in WRITTEN or _trained(name)
         if not (recorded and ours) or item.is_symlink():
             contents.foreign.append(name)
             if ours:
                 contents.in_the_way.append(name)
         elif is_checkpoint(item):
             contents.checkpoints.append(name)
-        elif any(item.match(pattern) for pattern in TRAINED):
+        elif _trained(name):
             contents.models.append(name)
         else:
             contents.ours.append(name)

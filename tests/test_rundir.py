@@ -81,16 +81,29 @@ def test_overwrite_removes_everything_the_earlier_run_left_and_keeps_the_users_f
     assert json.loads((out / RUN_FILE).read_text())["status"] == "finished"
 
 
-def test_overwrite_keeps_the_users_files_even_under_names_like_a_runs(finished, tmp_path):
+@pytest.mark.parametrize("how", ["overwrite", "resume"])
+def test_a_new_model_keeps_the_users_files_even_under_names_like_a_runs(finished, tmp_path, how):
+    """The export removed an earlier export's files by pattern (model*.safetensors*, adapter_*): a backup such as
+    model.safetensors.bak, made before a run that replaces the model, went with them, and a folder adapter_v1 failed
+    the publish."""
     out = copy_of(finished, tmp_path)
     (out / "checkpoint-best").mkdir()
     (out / "checkpoint-best" / "note.txt").write_text("mine")
-    (out / "my_embeddings.safetensors").write_bytes(b"mine")
     (out / "tokenizer_experiments").mkdir()
-    train(config(out, "--training.max_steps", "2"), overwrite=True)
+    (out / "adapter_v1").mkdir()
+    users = ["my_embeddings.safetensors", "model.safetensors.bak", "model-v1.safetensors", "adapter_notes.txt",
+             "pytorch_model_old.pt"]
+    for name in users:
+        (out / name).write_bytes(b"mine")
+    if how == "overwrite":
+        train(config(out, "--training.max_steps", "2"), overwrite=True)
+    else:
+        train(config(out, "--training.max_steps", "4", "--training.resume_from_checkpoint", "true"))
     assert (out / "checkpoint-best" / "note.txt").read_text() == "mine"
-    assert (out / "my_embeddings.safetensors").read_bytes() == b"mine" and (out / "tokenizer_experiments").is_dir()
-    assert not (out / "checkpoint-2").exists() and json.loads((out / "run_summary.json").read_text())["steps"] == 2
+    assert all((out / name).read_bytes() == b"mine" for name in users)
+    assert (out / "tokenizer_experiments").is_dir() and (out / "adapter_v1").is_dir()
+    assert json.loads((out / "run_summary.json").read_text())["steps"] == (2 if how == "overwrite" else 4)
+    assert json.loads((out / RUN_FILE).read_text())["status"] == "finished"
 
 
 @pytest.mark.parametrize("how", ["overwrite", "resume from a path"])
