@@ -26,10 +26,11 @@ from sftkit.peers import lost_contact
 from sftkit.rundir import (
     RUN_FILE,
     STAGING_DIR,
+    WRITTEN,
     OutputDir,
     check_free_space,
-    empty_tensors,
     export_bytes,
+    missing_weights,
     published_weights,
     read_run_record,
     readable_like_other_files,
@@ -225,27 +226,19 @@ def _record_dtype(config_file: Path, dtype: str) -> None:
 
 
 def require_weights(folder: Path, stem: str) -> None:
-    """RunFailed unless `stem`.safetensors, or every shard its index names, is in folder. Where the Trainer cannot
-    gather the weights (ZeRO-3 without its 16-bit gather, FSDP's sharded state dict) it saves none, yet writes
-    config.json."""
-    index = folder / f"{stem}.safetensors.index.json"
-    if index.is_file():
-        shards = set(json.loads(index.read_text())["weight_map"].values())
-        absent = sorted(shard for shard in shards if not (folder / shard).is_file())
-        missing = f"{len(absent)} of its {len(shards)} shards are missing, e.g. {absent[0]}" if absent else None
-    else:
-        shards = [f"{stem}.safetensors"]
-        missing = None if (folder / shards[0]).is_file() else f"no {stem}.safetensors"
-    empty = [f"{shard}: {names[0]}" for shard in sorted(shards) if not missing
-             and (names := empty_tensors(folder / shard))]
-    if empty:
-        raise RunFailed(f"the export wrote no complete model to {folder}: its tensors are empty (e.g. {empty[0]}), "
-                        "as a process without the gathered weights writes them, so nothing was published")
-    if missing:
-        raise RunFailed(f"the export wrote no complete model to {folder} ({missing}), so nothing was published. "
-                        "Under DeepSpeed ZeRO-3 the DeepSpeed config needs stage3_gather_16bit_weights_on_model_save: "
-                        "true (a checkpoint DeepSpeed saved instead stays there); under FSDP, fsdp_state_dict_type: "
-                        "FULL_STATE_DICT")
+    """RunFailed unless `stem`.safetensors, or every shard its index names, is in folder, whole. Where the Trainer
+    cannot gather the weights (ZeRO-3 without its 16-bit gather, FSDP's sharded state dict) it saves none, yet
+    writes config.json; a process without the gathered weights writes empty tensors."""
+    missing = missing_weights(folder, stem)
+    if missing is None:
+        return
+    if "empty tensors" in missing:
+        raise RunFailed(f"the export wrote no complete model to {folder}: {missing}, as a process without the "
+                        "gathered weights writes them, so nothing was published")
+    raise RunFailed(f"the export wrote no complete model to {folder} ({missing}), so nothing was published. "
+                    "Under DeepSpeed ZeRO-3 the DeepSpeed config needs stage3_gather_16bit_weights_on_model_save: "
+                    "true (a checkpoint DeepSpeed saved instead stays there); under FSDP, fsdp_state_dict_type: "
+                    "FULL_STATE_DICT")
 
 
 def non_finite_tensors(directory: Path) -> list[str]:
@@ -303,35 +296,56 @@ def saved_dtypes(directory: Path) -> list[str]:
 
 
 def last_step_checkpoint(output_dir: Path, stem: str) -> Path | None:
-    """The run's checkpoint of its last step with the weights `stem` names, which are the trained ones; None also
-    for a run that exports its best checkpoint (which one that is, the Trainer knew)."""
-    from sftkit.checkpoints import STATE_FILE, newest_resumable
+    """The run's checkpoint of its last step with whole weights `stem`, which are the trained ones; None also for a
+    run that exports its best checkpoint (which one that is, the Trainer knew). The last step of the run recorded in
+    output_dir: a resume that trains longer records its new length, and the step that ended the first attempt is not
+    its last."""
+    from sftkit.checkpoints import STATE_FILE, checkpoint_record, newest_resumable
 
     newest = newest_resumable(output_dir)
-    best = ((read_run_record(output_dir) or {}).get("config", {}).get("training", {}).get("load_best_model_at_end"))
-    if newest is None or best:
+    training = (read_run_record(output_dir) or {}).get("config", {}).get("training", {})
+    if newest is None or training.get("load_best_model_at_end"):
         return None
     state = json.loads((newest / STATE_FILE).read_text())
-    if state["global_step"] < state["max_steps"] or not any(newest.glob(f"{stem}*.safetensors")):
+    saved_by = (checkpoint_record(newest) or {}).get("config", {}).get("training", {})
+    length = ["max_steps"] + (["num_train_epochs"] if training.get("max_steps", -1) <= 0 else [])
+    if state["global_step"] < state["max_steps"] or any(saved_by.get(key) != training.get(key) for key in length):
         return None
-    return newest
+    return None if missing_weights(newest, stem) else newest
 
 
-def _take_weights_from_the_last_step(output_dir: Path, lora: bool) -> None:
-    """An export cut off before the trained weights were written (a process lost, the run killed) leaves the staging
-    directory without them; the run's checkpoint of its last step, where there is one, holds the same weights."""
+def _recover_weights(output_dir: Path, lora: bool) -> None:
+    """An export cut off before the trained weights were whole in the staging directory (a process lost, the run
+    killed while writing them) is finished from the run's checkpoint of its last step, which holds the same weights.
+    Without one, no trained model is left to finish: the partial weights are deleted, and the staging directory
+    with them where it holds nothing else, so that nothing there looks trained."""
+    from sftkit.checkpoints import newest_checkpoint_words
+
     staging = output_dir / STAGING_DIR
     target, stem = (staging / ADAPTER_DIR, "adapter_model") if lora else (staging, "model")
-    if any(target.glob(f"{stem}*.safetensors")) or (staging / PUBLISHING_FILE).is_file():
+    missing = missing_weights(target, stem)
+    if missing is None or (staging / PUBLISHING_FILE).is_file():
         return
+    for partial in target.glob(f"{stem}*"):
+        partial.unlink()
     newest = last_step_checkpoint(output_dir, stem)
-    if newest is None:
-        return  # require_weights says what is missing
-    target.mkdir(parents=True, exist_ok=True)
-    for file in newest.iterdir():
-        if file.name.startswith(stem) or file.name in ("config.json", "adapter_config.json", "generation_config.json"):
-            shutil.copy2(file, target / file.name)
-    print(f"sftkit.export: the export had no trained weights yet; taking them from {newest}, the run's last step")
+    if newest is not None:
+        target.mkdir(parents=True, exist_ok=True)
+        for file in newest.iterdir():
+            if file.name.startswith(stem) or file.name in ("config.json", "adapter_config.json",
+                                                           "generation_config.json"):
+                shutil.copy2(file, target / file.name)
+        print(f"sftkit.export: the export had no whole trained weights ({missing}); taking them from {newest}, the "
+              "run's last step")
+        return
+    kept = [item.name for item in staging.rglob("*") if item.is_file() and item.name not in WRITTEN]
+    if not kept:
+        shutil.rmtree(staging)
+    raise RunFailed(f"the export was cut off before the trained weights were written ({missing}), and no checkpoint "
+                    f"holds the run's last step, so there is no trained model to finish; "
+                    + (f"{staging} holds other files ({', '.join(kept[:3])}), kept; " if kept else
+                       f"{staging} held nothing else and was removed; ")
+                    + newest_checkpoint_words(output_dir))
 
 
 def _add_saved_dtypes_to_the_summary(output_dir: Path) -> None:
@@ -357,7 +371,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m sftkit.export") -
         import torch
 
         model_cfg = read_section(ModelConfig, record["config"]["model"], "model", args.output_dir)
-        _take_weights_from_the_last_step(args.output_dir, model_cfg.use_lora)
+        _recover_weights(args.output_dir, model_cfg.use_lora)
         finish_export(args.output_dir, model_cfg, getattr(torch, record["dtype"]))
         _add_saved_dtypes_to_the_summary(args.output_dir)
         finished = {key: value for key, value in record.items() if key != "error"}

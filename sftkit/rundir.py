@@ -174,6 +174,32 @@ def empty_tensors(file: Path) -> list[str]:
         return [name for name in weights.keys() if 0 in weights.get_slice(name).get_shape()]
 
 
+def missing_weights(folder: Path, stem: str) -> str | None:
+    """What keeps folder from holding whole weights `stem` (model, adapter_model), read from the headers alone: none
+    written, shards missing, a file cut short (its process killed while writing it) or of empty tensors; None when
+    they are whole."""
+    index = folder / f"{stem}.safetensors.index.json"
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else None
+    except (ValueError, KeyError) as error:
+        return f"{index.name} is cut short or unreadable ({error})"
+    if shards is None:
+        shards = [f"{stem}.safetensors"]
+        if not (folder / shards[0]).is_file():
+            return f"no {stem}.safetensors"
+    absent = [shard for shard in shards if not (folder / shard).is_file()]
+    if absent:
+        return f"{len(absent)} of its {len(shards)} shards are missing, e.g. {absent[0]}"
+    for shard in shards:
+        try:
+            empty = empty_tensors(folder / shard)
+        except Exception as error:  # safetensors' own error type; a truncated file: "file not fully covered"
+            return f"{shard} is cut short or unreadable ({str(error).splitlines()[0]})"
+        if empty:
+            return f"{shard} holds empty tensors (e.g. {empty[0]})"
+    return None
+
+
 def read_run_record(directory: Path) -> dict | None:
     try:
         return json.loads((Path(directory) / RUN_FILE).read_text())
@@ -199,8 +225,11 @@ class Contents:
 
     def describe(self) -> str:
         parts = []
-        if self.models:
-            parts.append(f"a trained model ({', '.join(self.models[:3])})")
+        published = [name for name in self.models if name != STAGING_DIR]
+        if published:
+            parts.append(f"a trained model ({', '.join(published[:3])})")
+        if STAGING_DIR in self.models:  # its weights may be whole or cut short; sftkit export tells and finishes it
+            parts.append(f"an unfinished export ({STAGING_DIR})")
         if self.checkpoints:
             parts.append(f"{len(self.checkpoints)} checkpoint(s) ({', '.join(self.checkpoints[-2:])})")
         if self.foreign:

@@ -137,8 +137,8 @@ def test_weights_written_by_a_process_without_them_are_damage_and_never_publishe
     weights = load_file(checkpoint / "model.safetensors")
     save_file({name: tensor.new_empty(0) for name, tensor in weights.items()}, checkpoint / "model.safetensors")
     assert damage(checkpoint).startswith("model.safetensors holds empty tensors (e.g. ")
-    with pytest.raises(RunFailed, match=f"the export wrote no complete model to {checkpoint}: its tensors are empty "
-                                        r"\(e.g. model.safetensors: "):
+    with pytest.raises(RunFailed, match=f"the export wrote no complete model to {checkpoint}: model.safetensors "
+                                        r"holds empty tensors \(e.g. "):
         require_weights(checkpoint, "model")
 
 

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import TINY_MODEL, run_here, run_sft, tmpfs
+from conftest import REPO, TINY_MODEL, run_here, run_python, run_sft, tmpfs
 from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
@@ -19,6 +19,8 @@ from sftkit.export import main as export_main
 from sftkit.rundir import RUN_FILE, STAGING_DIR, OutputDir
 from sftkit.schema import ModelConfig
 from sftkit.train import train
+
+SHORT = ["--training.max_steps", "3", "--training.logging_steps", "1", "--dataset.test_size", "null"]
 
 
 def config(out, name="default_train_config.yaml", *overrides):
@@ -112,9 +114,11 @@ def test_weights_that_are_not_finite_are_never_published(tmp_path):
     assert (out / "model.safetensors").read_bytes() == before and not (out / STAGING_DIR).exists()
 
 
-def test_an_export_without_the_weights_is_never_published(tmp_path, capsys):
-    """What the Trainer leaves where it cannot gather the weights (config.json and the tokenizer, no model) is not a
-    model: finishing such an export publishes nothing and keeps what there is."""
+def test_an_export_without_the_weights_and_no_checkpoint_to_finish_it_from_is_cleared_and_says_so(tmp_path, capsys):
+    """What an export cut off before the weights leaves (config.json and the tokenizer, no model) is not a model:
+    finishing it publishes nothing. Without a checkpoint of the run's last step nothing can finish it, and the
+    staging directory goes, so that the output_dir no longer says it holds an unfinished export (before, every rerun
+    said to finish it, and the export blamed the DeepSpeed config of a one-process run)."""
     out = tmp_path / "out"
     train(config(out))
     staging = out / STAGING_DIR
@@ -124,9 +128,11 @@ def test_an_export_without_the_weights_is_never_published(tmp_path, capsys):
     (out / "model.safetensors").unlink()
     capsys.readouterr()
     assert export_main([str(out)]) == 1
-    assert capsys.readouterr().err.startswith(f"python -m sftkit.export: error: the export wrote no complete model to {staging} "
-                                              "(no model.safetensors), so nothing was published")
-    assert not (out / "config.json").exists() and (staging / "config.json").is_file()
+    assert capsys.readouterr().err.startswith(
+        "python -m sftkit.export: error: the export was cut off before the trained weights were written (no "
+        f"model.safetensors), and no checkpoint holds the run's last step, so there is no trained model to finish; "
+        f"{staging} held nothing else and was removed; no checkpoint was saved")
+    assert not staging.exists() and not (out / "config.json").exists()
 
 
 def test_an_export_cut_off_before_the_weights_is_finished_from_the_last_steps_checkpoint(tmp_path, capsys):
@@ -146,9 +152,11 @@ def test_an_export_cut_off_before_the_weights_is_finished_from_the_last_steps_ch
     record = {**json.loads((out / RUN_FILE).read_text()), "status": "exporting", "dtype": "float32"}
     record["config"]["training"]["load_best_model_at_end"] = True
     (out / RUN_FILE).write_text(json.dumps(record))
+    kept = shutil.copytree(staging, tmp_path / "staging")
     capsys.readouterr()
     assert export_main([str(out)]) == 1, "the best checkpoint, not the last, was to be exported: unknown here"
-    assert "the export wrote no complete model" in capsys.readouterr().err
+    assert "so there is no trained model to finish" in capsys.readouterr().err
+    shutil.copytree(kept, staging)
     record["config"]["training"]["load_best_model_at_end"] = False
     (out / RUN_FILE).write_text(json.dumps(record))
     assert export_main([str(out)]) == 0, capsys.readouterr().err
@@ -157,6 +165,78 @@ def test_an_export_cut_off_before_the_weights_is_finished_from_the_last_steps_ch
     for (name, tensor), (_, expected) in zip(published.state_dict().items(), finished.state_dict().items()):
         assert torch.equal(tensor, expected), name
     assert (out / ADAPTER_DIR / "adapter_model.safetensors").is_file() and not staging.exists()
+
+
+def killed_in_the_export(tmp_path, *args: str, cut: bool):
+    """`python sft.py ARGS` whose process is killed (os._exit, as SIGKILL: no cleanup) as the export writes the
+    trained weights: once they are half written (`cut`), or before any is."""
+    script = tmp_path / "sft_killed.py"
+    script.write_text(f"""import os, sys
+sys.path.insert(0, {str(REPO)!r})
+import peft.peft_model, transformers.modeling_utils
+from safetensors.torch import save_file
+
+def save_then_die(tensors, filename, metadata=None):
+    if "{STAGING_DIR}" not in str(filename):
+        return save_file(tensors, filename, metadata=metadata)
+    if {cut!r}:
+        save_file(tensors, filename, metadata=metadata)
+        os.truncate(filename, os.path.getsize(filename) // 2)
+    os._exit(137)
+
+transformers.modeling_utils.safe_save_file = peft.peft_model.safe_save_file = save_then_die
+from sftkit.cli import main
+raise SystemExit(main())
+""")
+    result = run_python(str(script), *args, check=False)
+    assert result.returncode == 137, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("config_file", ["default_train_config.yaml", "lora_train_config.yaml"])
+def test_an_export_killed_while_writing_the_weights_is_finished_from_the_last_steps_checkpoint(tmp_path, capsys,
+                                                                                               config_file):
+    """A kill mid-write (a scheduler's SIGKILL after its grace period, the OOM killer) left a half-written weights
+    file in the staging directory: `sftkit export` failed on it every time, a rerun was told to finish it, and only
+    --overwrite, which deletes the intact checkpoint of the last step, got past it."""
+    out = tmp_path / "out"
+    killed_in_the_export(tmp_path, "--config", config_file, "--training.output_dir", str(out), *SHORT,
+                         "--training.save_strategy", "steps", "--training.save_steps", "2", cut=True)
+    stem, weights = ("adapter_model", out / STAGING_DIR / ADAPTER_DIR) if "lora" in config_file else (
+        "model", out / STAGING_DIR)
+    assert 0 < (weights / f"{stem}.safetensors").stat().st_size, "the kill left half a file"
+    rerun = run_sft("--config", config_file, "--training.output_dir", str(out), *SHORT, check=False)
+    assert f"already holds 2 checkpoint(s) (checkpoint-2, checkpoint-3) and an unfinished export ({STAGING_DIR})" \
+        in rerun.stderr or f"already holds an unfinished export ({STAGING_DIR})" in rerun.stderr, rerun.stderr
+    assert f"finish its export with python -m sftkit.export {out}" in rerun.stderr
+    capsys.readouterr()
+    assert export_main([str(out)]) == 0, capsys.readouterr().err
+    said = capsys.readouterr().out
+    assert f"the export had no whole trained weights ({stem}.safetensors is cut short or unreadable" in said
+    assert f"taking them from {out / 'checkpoint-3'}, the run's last step" in said
+    with safe_open(out / "checkpoint-3" / f"{stem}.safetensors", "pt") as trained:
+        published = out / ADAPTER_DIR if "lora" in config_file else out
+        with safe_open(published / f"{stem}.safetensors", "pt") as weights:
+            assert set(weights.keys()) == set(trained.keys())
+            assert all(torch.equal(weights.get_tensor(name), trained.get_tensor(name)) for name in trained.keys())
+    AutoModelForCausalLM.from_pretrained(out)
+    assert json.loads((out / RUN_FILE).read_text())["status"] == "finished"
+
+
+def test_an_export_killed_after_a_resume_that_trains_longer_never_publishes_the_first_attempts_last_step(
+        tmp_path, capsys):
+    """The first attempt's last checkpoint (step 3) looked like the run's last step to `sftkit export` after a resume
+    to 5 steps was killed in its export: it published step 3's weights and marked the 5-step run finished."""
+    out = tmp_path / "out"
+    args = ["--training.output_dir", str(out), *SHORT]
+    run_sft(*args, "--training.save_strategy", "steps", "--training.save_steps", "2")
+    first = (out / "model.safetensors").read_bytes()
+    killed_in_the_export(tmp_path, *args, "--training.max_steps", "5", "--training.save_strategy", "no",
+                         "--training.resume_from_checkpoint", "true", cut=False)
+    capsys.readouterr()
+    assert export_main([str(out)]) == 1
+    assert "so there is no trained model to finish" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == first, "the first attempt's model is left as it was"
+    assert json.loads((out / RUN_FILE).read_text())["status"] != "finished"
 
 
 def test_a_publish_cut_short_is_finished_by_running_the_export_again(tmp_path, monkeypatch):
