@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None, prog: str = "sft.py") -> int:
 
         train(config, overwrite=args.overwrite, started=_process_start())
     except Interrupted as stop:
-        if is_main_process():
+        if says_errors():  # every process stops; each machine's log says why, and how to resume there
             print(f"{prog}: {stop}", file=sys.stderr)
         return stop.exit_code
     except SftkitError as error:

@@ -32,7 +32,7 @@ ARRIVAL_SECONDS = float(os.environ.get("SFTKIT_ARRIVAL_SECONDS", 300))
 _stop = threading.Event()
 
 
-def _several_machines() -> bool:
+def several_machines() -> bool:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return world > int(os.environ.get("LOCAL_WORLD_SIZE", world)) and "MASTER_ADDR" in os.environ
 
@@ -49,7 +49,7 @@ def _store(seconds: float):
 def watch(prog: str) -> None:
     """Under a launch over several machines, every process says it has started, and the first process of each
     machine watches for a failure elsewhere; the main one also for a process that never started."""
-    if not _several_machines():
+    if not several_machines():
         return
     try:
         store = _store(WATCH_STORE_SECONDS)
@@ -105,7 +105,7 @@ def says_errors() -> bool:
 def report_failure(message: str) -> None:
     """Tell the other machines' processes why this one stops (best effort, a few seconds at most)."""
     _stop.set()
-    if not _several_machines():
+    if not several_machines():
         return
     rank = os.environ.get("RANK", "?")
     first_line = (message.strip().splitlines() or ["no message"])[0]
@@ -171,7 +171,7 @@ def check_output_dir_is_shared(output_dir: Path, args) -> None:
     process 0 has just taken there. Where one does not, the model is still written (by process 0), but each process
     writes its part of every checkpoint to its own machine's disk: a warning, and a resume is refused (each machine
     found another part of the checkpoint damaged, and said to start afresh with --overwrite)."""
-    if not _several_machines():
+    if not several_machines():
         return
     from accelerate.utils import gather_object
 

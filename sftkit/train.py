@@ -5,8 +5,6 @@ summary.
 """
 
 import logging
-import shlex
-import shutil
 import signal
 import sys
 import time
@@ -24,6 +22,7 @@ from sftkit.checkpoints import (
     newest_resumable,
     warn_of_other_weights,
 )
+from sftkit.command import resume_words
 from sftkit.compat import allow_fsdp_on_cpu, check_fsdp_on
 from sftkit.data import prepare_for_training
 from sftkit.errors import ConfigError, Interrupted, RunFailed, first_line
@@ -45,7 +44,6 @@ from sftkit.report import build_summary, report, write_report
 from sftkit.rundir import STAGING_DIR, OutputDir, check_free_space, export_bytes, refuse_before_claiming
 from sftkit.schema import RunConfig
 
-LAUNCHERS = ("accelerate", "torchrun", "deepspeed")
 logger = logging.getLogger(__name__)
 
 
@@ -228,7 +226,7 @@ def _how_to_resume(trainer, signum: int) -> str:
     saved = f"checkpoint saved in {checkpoint}" if checkpoint.is_dir() else \
         f"no checkpoint could be saved at it; {newest_checkpoint_words(output_dir, trainer.state.max_steps)}"
     return (f"stopped by {signal.Signals(signum).name} at step {step} of {trainer.state.max_steps}; {saved}. "
-            f"Resume with: {resume_command()}")
+            f"{resume_words()}")
 
 
 def _stopped_at_once(output_dir: Path) -> str:
@@ -236,61 +234,8 @@ def _stopped_at_once(output_dir: Path) -> str:
     if staging.is_dir():
         return (f"stopped at once during the export; what it wrote is kept in {staging}, and if the weights were "
                 f"written, sftkit export {output_dir} finishes it")
-    resume = f". Resume with: {resume_command()}" if newest_resumable(output_dir) else ""
+    resume = f". {resume_words()}" if newest_resumable(output_dir) else ""
     return f"stopped at once; {newest_checkpoint_words(output_dir)}{resume}"
-
-
-def resume_command() -> str:
-    """The command that started this run (its launcher included), shell-quoted, set to resume from the newest
-    checkpoint; --overwrite is dropped, since it would delete that checkpoint."""
-    words = _launcher_command() or _own_command()
-    kept, skip = [], False
-    for word in words:
-        if skip:
-            skip = False
-        elif word == "--overwrite" or word.startswith("--training.resume_from_checkpoint="):
-            continue
-        elif word == "--training.resume_from_checkpoint":
-            skip = True
-        else:
-            kept.append(word)
-    return shlex.join([*kept, "--training.resume_from_checkpoint", "true"])
-
-
-def _launcher_command() -> list[str] | None:
-    """`accelerate launch ...`, `torchrun ...` or `deepspeed ...` when one of this process's parents is that
-    launcher (each starts the training script as its child or grandchild), from the first launcher word on."""
-    import psutil
-
-    process = psutil.Process()
-    for _ in range(3):
-        process = process.parent()
-        if process is None:
-            return None
-        try:
-            words = process.cmdline()
-        except psutil.Error:
-            return None
-        for index, word in enumerate(words):
-            if Path(word).name in LAUNCHERS:
-                return [Path(word).name, *words[index + 1:]]
-    return None
-
-
-def _own_command() -> list[str]:
-    """How this process was started: `python sft.py ...`, the `sftkit` console command, or `python -m sftkit`."""
-    script = Path(sys.argv[0])
-    if script.name == "sftkit":
-        return ["sftkit", *sys.argv[1:]]
-    if script.name == "__main__.py" and script.parent.name == "sftkit":
-        return [_python(), "-m", "sftkit", *sys.argv[1:]]
-    return [_python(), *sys.argv]
-
-
-def _python() -> str:
-    """`python` when that is this interpreter on PATH, else this interpreter's full path."""
-    found = shutil.which("python")
-    return "python" if found and Path(found).resolve() == Path(sys.executable).resolve() else sys.executable
 
 
 def _last_eval_step(history: list[dict]) -> int | None:

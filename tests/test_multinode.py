@@ -181,6 +181,33 @@ def test_a_killed_process_stops_the_other_machine(tmp_path):
     assert "Signal 9 (SIGKILL)" in machines.stderr(1)
 
 
+def test_a_stop_on_one_machine_is_explained_in_every_machines_log_with_its_own_resume_command(tmp_path):
+    """A scheduler's SIGTERM to machine 1 alone (one node preempted): both machines stop at the same step with one
+    shared checkpoint. Machine 1's log showed only torchrun's exit report, and machine 0's resume command carried
+    --machine_rank 0, wrong for machine 1."""
+    out = tmp_path / "out"
+    args = training_args("lora_train_config.yaml", out)
+    args[args.index("--training.max_steps") + 1] = "1000"
+    machines = Machines(machine_commands(free_port(), *args), tmp_path / "logs")
+    deadline = time.perf_counter() + 300
+    while "step 1/" not in machines.stderr(0) + machines.stdout(0):  # training has started
+        if time.perf_counter() > deadline or any(process.poll() is not None for process in machines.processes):
+            pytest.fail(machines.output())
+        time.sleep(0.2)
+    machines.processes[1].send_signal(signal.SIGTERM)  # the launcher, which passes it on to its training process
+    machines.wait(timeout=180)
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1, machines.output()
+    for rank in range(MACHINES):
+        said = [line for line in machines.stderr(rank).splitlines() if line.startswith("sft.py: stopped by SIGTERM")]
+        assert len(said) == 1, machines.output()
+        assert f"checkpoint saved in {checkpoints[0]}" in said[0]
+        assert "Resume with, on every machine, the command that started it there and --training.resume_from_checkpoint" \
+               " true; on this one: accelerate launch" in said[0]
+        assert f" --machine_rank {rank} " in said[0] and said[0].endswith(
+            f"sft.py {' '.join(args)} --training.resume_from_checkpoint true"), said[0]
+
+
 def dying_machine(tmp_path, when: str) -> str:
     """sft.py for machine 1, whose processes die (os._exit, as a lost node) in the export: as they start gathering
     the weights ('gather'), or once the weights are gathered, while machine 0 merges and publishes ('saved')."""
