@@ -29,12 +29,14 @@ def uses_fsdp(training) -> bool:
 
 def fsdp_plugin(args):
     """Accelerate's FSDP plugin as the run's Accelerator builds it, from training.fsdp or else the launch's
-    FSDP_* variables; None without FSDP."""
+    FSDP_* variables, for its layout (version, sharding, offload); None without FSDP."""
     if not uses_fsdp(args):
         return None
     from accelerate.utils import FullyShardedDataParallelPlugin
 
-    return FullyShardedDataParallelPlugin(**(args.fsdp_plugin_args or {}))
+    # sync_module_states asks for the current GPU in Accelerate 1.15's checks, which a dry run on a machine without
+    # one (a login node) has not
+    return FullyShardedDataParallelPlugin(**{**(args.fsdp_plugin_args or {}), "sync_module_states": False})
 
 
 def zero_stage(args) -> int | None:

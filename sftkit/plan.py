@@ -152,7 +152,8 @@ class Sharding:
 
     zero_stage: int  # DeepSpeed's; 0 without DeepSpeed
     fsdp: bool
-    shards_weights: bool  # between layers, each process holds 1/world_size of the weights (ZeRO-3, FSDP)
+    shards_weights: bool  # only a shard of the weights between layers, none gathered whole (ZeRO-3, FSDP full shard)
+    shard_group: int  # how many processes FSDP divides the model states over (1 without FSDP)
     offload_optimizer: bool
     offload_params: bool
     description: str
@@ -166,24 +167,29 @@ def sharding(args, world_size: int) -> Sharding:
         stage = int(zero.get("stage", 0))
         offload_optimizer = (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
         offload_params = (zero.get("offload_param") or {}).get("device") in ("cpu", "nvme")
-        return Sharding(stage, False, stage == 3, offload_optimizer, offload_params,
+        return Sharding(stage, False, stage == 3, 1, offload_optimizer, offload_params,
                         f"DeepSpeed ZeRO-{stage}" + _offloads(offload_optimizer, offload_params))
     fsdp = fsdp_plugin(args)
     if fsdp is not None:
-        # FSDP2's reshard_after_forward is a bool; FSDP1's is a ShardingStrategy (FULL_SHARD reshards, NO_SHARD
-        # keeps whole copies like DDP)
-        layout = str(fsdp.reshard_after_forward).rsplit(".", 1)[-1].upper()
-        whole = layout == "NO_SHARD"
+        # FSDP2's reshard_after_forward is a bool; FSDP1's layout is its ShardingStrategy (FULL_SHARD reshards,
+        # SHARD_GRAD_OP keeps the weights gathered until the backward pass, NO_SHARD keeps whole copies like DDP)
+        layout = fsdp.sharding_strategy if fsdp.reshard_after_forward is None else fsdp.reshard_after_forward
+        layout = str(layout).rsplit(".", 1)[-1].upper()
+        if layout == "NO_SHARD":
+            return Sharding(0, False, False, 1, False, False, f"FSDP{fsdp.fsdp_version} (no sharding)")
         reshards = layout in ("TRUE", "FULL_SHARD", "HYBRID_SHARD")
+        # the hybrid layouts shard within a machine and copy across machines
+        group = int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) if "HYBRID" in layout else world_size
         # FSDP2's CPUOffloadPolicy (its OffloadPolicy base offloads nothing), FSDP1's CPUOffload(offload_params)
         offload = type(fsdp.cpu_offload).__name__ == "CPUOffloadPolicy" or getattr(fsdp.cpu_offload,
                                                                                   "offload_params", False)
-        words = "no sharding" if whole else "full shard" if reshards else "weights gathered from forward to backward"
-        return Sharding(0, not whole, reshards, offload, offload,
-                        f"FSDP{fsdp.fsdp_version} ({words})" + _offloads(offload, offload))
+        words = "full shard" if reshards else "weights gathered from forward to backward"
+        return Sharding(0, True, reshards, group, offload, offload,
+                        f"FSDP{fsdp.fsdp_version} ({words}{', within each machine' if group != world_size else ''})"
+                        + _offloads(offload, offload))
     if world_size > 1:
-        return Sharding(0, False, False, False, False, "data parallel: each process holds the whole model")
-    return Sharding(0, False, False, False, False, "one process")
+        return Sharding(0, False, False, 1, False, False, "data parallel: each process holds the whole model")
+    return Sharding(0, False, False, 1, False, False, "one process")
 
 
 def _offloads(optimizer: bool, parameters: bool) -> str:
@@ -247,17 +253,16 @@ def estimate_memory(config: RunConfig, shape: ModelShape, dtype, spread: Shardin
             weights = shape.quantizable * 0.5625 + (shape.total - shape.quantizable) * 4
         else:
             weights = shape.total * stored
-        if spread.shards_weights:
+        if spread.zero_stage == 3:
             weights /= world_size
         # LoRA adapters in float32 (PEFT), QLoRA's in bf16 (TRL 1.16 casts them), full fine-tuning in its weights'
         trained_element = (2 if config.model.load_in_4bit else 4) if config.model.use_lora else stored
         if config.model.use_lora:
             weights += shape.trainable * trained_element  # the adapters themselves
-        optimizer = ADAM_STATES * (1 if "8bit" in str(config.training.optim) else trained_element)
+        optimizer = shape.trainable * ADAM_STATES * (1 if "8bit" in str(config.training.optim) else trained_element)
         gradients = shape.trainable * trained_element
-        optimizer *= shape.trainable
-        if spread.fsdp:
-            gradients, optimizer = gradients / world_size, optimizer / world_size
+        if spread.fsdp:  # every model state sharded; what is gathered to compute is counted below
+            weights, gradients, optimizer = (state / spread.shard_group for state in (weights, gradients, optimizer))
         states = weights + gradients + optimizer
         source = "weights, gradients and Adam states"
         if spread.offload_params:

@@ -252,3 +252,12 @@ def test_full_fine_tuning_in_bf16_is_estimated_with_float32_weights_and_their_bf
     assert mixed.memory.model_states - pure.memory.model_states == 8 * mixed.shape.total
     copies = (mixed.shape.quantizable + mixed.shape.vocab * mixed.shape.hidden) * 2
     assert mixed.memory.activations - pure.memory.activations == copies
+
+
+@pytest.mark.parametrize("layout, words", [("full_shard", "FSDP1 (full shard)"),
+                                           ("shard_grad_op", "FSDP1 (weights gathered from forward to backward)")])
+def test_the_dry_run_of_fsdp1_set_in_the_config_plans_it_on_a_machine_without_a_gpu(layout, words):
+    """Planning a GPU job on a login node: Accelerate's FSDP1 plugin asks for the current GPU while it checks
+    sync_module_states, and the dry run ended in its traceback."""
+    result = run_sft("--dry-run", "--training.fsdp", layout, "--training.fsdp_config", '{"version": 1}')
+    assert plan_value(result.stdout, "distributed") == words
