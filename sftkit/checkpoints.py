@@ -245,7 +245,7 @@ class RecordRunInCheckpoints(TrainerCallback):
         if state.is_world_process_zero and checkpoint.is_dir():
             write_json(checkpoint / RUN_FILE, run_record(self.resolved, step=state.global_step, weights=self.weights,
                                                          world_size=args.world_size, **self.seconds()))
-            readable_like_other_files(checkpoint)
+            readable_like_other_files(checkpoint.glob("*.safetensors"))
 
 
 def newest_resumable(output_dir: Path) -> Path | None:

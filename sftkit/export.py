@@ -11,6 +11,7 @@ they stay in the staging directory and `python -m sftkit.export OUTPUT_DIR` fini
 import dataclasses
 import functools
 import json
+import math
 import os
 import shutil
 import sys
@@ -26,9 +27,9 @@ from sftkit.peers import lost_contact
 from sftkit.rundir import (
     RUN_FILE,
     STAGING_DIR,
-    WRITTEN,
     OutputDir,
     check_free_space,
+    cut_short,
     export_bytes,
     missing_weights,
     published_weights,
@@ -36,6 +37,7 @@ from sftkit.rundir import (
     readable_like_other_files,
     safetensors_weights,
     write_json,
+    written_by_sftkit,
 )
 from sftkit.schema import ModelConfig
 
@@ -44,7 +46,6 @@ RUN_CONFIG_FILE = "sftkit_config.yaml"
 PUBLISHING_FILE = "publishing.json"  # in the staging directory once its contents start moving into output_dir
 VERSIONS_FILE = "sftkit_versions.json"
 SUMMARY_FILE = "run_summary.json"  # written by report.py; an export finished later adds the dtypes it saved
-# Files of an earlier export of the same run (a resumed run exports again) that would otherwise mix with the new one.
 DISK_WAIT_SECONDS = float(os.environ.get("SFTKIT_DISK_WAIT_SECONDS", 900))
 
 
@@ -280,7 +281,7 @@ def _publish(staging: Path, output_dir: Path) -> None:
         item.rename(target)
     manifest.unlink()
     staging.rmdir()
-    readable_like_other_files(output_dir, output_dir / ADAPTER_DIR)
+    readable_like_other_files([*safetensors_weights(output_dir), *(output_dir / ADAPTER_DIR).glob("*.safetensors")])
 
 
 def saved_dtypes(directory: Path) -> list[str]:
@@ -298,27 +299,29 @@ def saved_dtypes(directory: Path) -> list[str]:
 def last_step_checkpoint(output_dir: Path, stem: str) -> Path | None:
     """The run's checkpoint of its last step with whole weights `stem`, which are the trained ones; None also for a
     run that exports its best checkpoint (which one that is, the Trainer knew). The last step of the run recorded in
-    output_dir: a resume that trains longer records its new length, and the step that ended the first attempt is not
-    its last."""
-    from sftkit.checkpoints import STATE_FILE, checkpoint_record, newest_resumable
+    output_dir, by the length the checkpoint's own trainer state was saved with: after a resume that trains longer,
+    the step that ended the first attempt is not the run's last."""
+    from sftkit.checkpoints import STATE_FILE, newest_resumable
 
     newest = newest_resumable(output_dir)
     training = (read_run_record(output_dir) or {}).get("config", {}).get("training", {})
     if newest is None or training.get("load_best_model_at_end"):
         return None
     state = json.loads((newest / STATE_FILE).read_text())
-    saved_by = (checkpoint_record(newest) or {}).get("config", {}).get("training", {})
-    length = ["max_steps"] + (["num_train_epochs"] if training.get("max_steps", -1) <= 0 else [])
-    if state["global_step"] < state["max_steps"] or any(saved_by.get(key) != training.get(key) for key in length):
+    max_steps = training.get("max_steps", -1)
+    same_length = (state["max_steps"] == max_steps if max_steps > 0 else
+                   state["num_train_epochs"] == math.ceil(training.get("num_train_epochs", 0)))  # as the Trainer counts
+    if state["global_step"] < state["max_steps"] or not same_length or missing_weights(newest, stem):
         return None
-    return None if missing_weights(newest, stem) else newest
+    return newest
 
 
 def _recover_weights(output_dir: Path, lora: bool) -> None:
     """An export cut off before the trained weights were whole in the staging directory (a process lost, the run
     killed while writing them) is finished from the run's checkpoint of its last step, which holds the same weights.
-    Without one, no trained model is left to finish: the partial weights are deleted, and the staging directory
-    with them where it holds nothing else, so that nothing there looks trained."""
+    Without one, and where the staging directory holds only sftkit's own files, none of them whole weights (none
+    written, or cut short), no trained model is left to finish: it is removed, so that nothing there looks trained.
+    Anything else (weights that cannot be read, an engine's own checkpoint) is left for require_weights to name."""
     from sftkit.checkpoints import newest_checkpoint_words
 
     staging = output_dir / STAGING_DIR
@@ -326,10 +329,10 @@ def _recover_weights(output_dir: Path, lora: bool) -> None:
     missing = missing_weights(target, stem)
     if missing is None or (staging / PUBLISHING_FILE).is_file():
         return
-    for partial in target.glob(f"{stem}*"):
-        partial.unlink()
     newest = last_step_checkpoint(output_dir, stem)
     if newest is not None:
+        for partial in target.glob(f"{stem}*"):
+            partial.unlink()
         target.mkdir(parents=True, exist_ok=True)
         for file in newest.iterdir():
             if file.name.startswith(stem) or file.name in ("config.json", "adapter_config.json",
@@ -338,14 +341,15 @@ def _recover_weights(output_dir: Path, lora: bool) -> None:
         print(f"sftkit.export: the export had no whole trained weights ({missing}); taking them from {newest}, the "
               "run's last step")
         return
-    kept = [item.name for item in staging.rglob("*") if item.is_file() and item.name not in WRITTEN]
-    if not kept:
-        shutil.rmtree(staging)
+    files = [file for file in staging.rglob("*") if file.is_file()]
+    weights = [file for file in files if file.suffix == ".safetensors"]
+    if any(not written_by_sftkit(file.name) and file.parent.name != ADAPTER_DIR for file in files) or not all(
+            map(cut_short, weights)):
+        return
+    shutil.rmtree(staging)
     raise RunFailed(f"the export was cut off before the trained weights were written ({missing}), and no checkpoint "
-                    f"holds the run's last step, so there is no trained model to finish; "
-                    + (f"{staging} holds other files ({', '.join(kept[:3])}), kept; " if kept else
-                       f"{staging} held nothing else and was removed; ")
-                    + newest_checkpoint_words(output_dir))
+                    f"holds the run's last step, so there is no trained model to finish; {staging} held nothing else "
+                    f"and was removed; {newest_checkpoint_words(output_dir)}")
 
 
 def _add_saved_dtypes_to_the_summary(output_dir: Path) -> None:

@@ -46,12 +46,10 @@ RESUMABLE = {
 # What sftkit and the Trainer write into output_dir (checkpoint-N directories aside), by whole name. Only a directory
 # that holds a run record (RUN_FILE) can hold an earlier run's files; anything else there is the user's, never
 # removed and never replaced: a model.safetensors.bak or adapter_notes.txt beside the model is theirs.
-PUBLISHED_WEIGHTS = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-                     "pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_config.json",
-                     "adapter_model.safetensors", "adapter_model.bin")
-SHARD = re.compile(r"(model|pytorch_model)-\d{5}-of-\d{5}\.(safetensors|bin)")  # transformers 5.24's shard names
-TRAINED = tuple(name for name in PUBLISHED_WEIGHTS if name != "generation_config.json") + (
-    "lora_weights", STAGING_DIR, "run_summary.json")
+PUBLISHED_WEIGHTS = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
+SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # save_pretrained's shard names (transformers 5.24)
+TRAINED = ("config.json", "model.safetensors", "model.safetensors.index.json", "lora_weights", STAGING_DIR,
+           "run_summary.json")
 WRITTEN = PUBLISHED_WEIGHTS + TRAINED + (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
     "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json", "training_args.bin", "sftkit_config.yaml",
@@ -60,13 +58,14 @@ WRITTEN = PUBLISHED_WEIGHTS + TRAINED + (
 
 
 def published_weights(name: str) -> bool:
-    """A file an export writes beside the model's tokenizer and reports: weights, their index, the model's config."""
+    """A file an export writes into output_dir beside the model's tokenizer and reports: weights, their index, the
+    model's config (the adapter goes into lora_weights/)."""
     return name in PUBLISHED_WEIGHTS or SHARD.fullmatch(name) is not None
 
 
-def safetensors_weights(directory: Path) -> list[Path]:
-    """The safetensors weights an export wrote into directory, by name: a user's files there are left alone."""
-    return sorted(path for path in directory.glob("*.safetensors") if published_weights(path.name))
+def written_by_sftkit(name: str) -> bool:
+    """A name sftkit or the Trainer writes into output_dir (checkpoints aside)."""
+    return name in WRITTEN or SHARD.fullmatch(name) is not None
 
 
 def _trained(name: str) -> bool:
@@ -154,14 +153,18 @@ def _digest(path: Path, whole: bool = False) -> str:
     return _DIGESTS[key]
 
 
-def readable_like_other_files(*directories: Path) -> None:
+def readable_like_other_files(files) -> None:
     """safetensors writes its files with mode 0600; give them the mode every other file gets (0644 under the
     usual umask), so a model or checkpoint shared on a cluster's filesystem can be read, and resumed, by the team."""
     umask = os.umask(0)
     os.umask(umask)
-    for directory in directories:
-        for file in safetensors_weights(directory):
-            file.chmod(0o666 & ~umask)
+    for file in files:
+        file.chmod(0o666 & ~umask)
+
+
+def safetensors_weights(directory: Path) -> list[Path]:
+    """The safetensors weights an export published in output_dir, by name: a user's files there are left alone."""
+    return sorted(path for path in directory.glob("*.safetensors") if published_weights(path.name))
 
 
 def empty_tensors(file: Path) -> list[str]:
@@ -176,8 +179,8 @@ def empty_tensors(file: Path) -> list[str]:
 
 def missing_weights(folder: Path, stem: str) -> str | None:
     """What keeps folder from holding whole weights `stem` (model, adapter_model), read from the headers alone: none
-    written, shards missing, a file cut short (its process killed while writing it) or of empty tensors; None when
-    they are whole."""
+    written, shards missing, a file cut short (its process killed while writing it), unreadable or of empty tensors;
+    None when they are whole."""
     index = folder / f"{stem}.safetensors.index.json"
     try:
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else None
@@ -191,13 +194,31 @@ def missing_weights(folder: Path, stem: str) -> str | None:
     if absent:
         return f"{len(absent)} of its {len(shards)} shards are missing, e.g. {absent[0]}"
     for shard in shards:
+        if cut_short(folder / shard):
+            return f"{shard} is cut short"
         try:
             empty = empty_tensors(folder / shard)
-        except Exception as error:  # safetensors' own error type; a truncated file: "file not fully covered"
-            return f"{shard} is cut short or unreadable ({str(error).splitlines()[0]})"
+        except Exception as error:  # an OSError, or safetensors' own error type
+            return f"{shard} could not be read ({str(error).splitlines()[0]})"
         if empty:
             return f"{shard} holds empty tensors (e.g. {empty[0]})"
     return None
+
+
+def cut_short(file: Path) -> bool:
+    """A safetensors file shorter than its own header says it is: its writer was stopped part way. (A file that
+    cannot be read at all is not known to be cut short.)"""
+    try:
+        with open(file, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            size = os.fstat(handle.fileno()).st_size
+            if size < 8 + length:
+                return True
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError):
+        return False
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    return size < 8 + length + max(ends, default=0)
 
 
 def read_run_record(directory: Path) -> dict | None:
@@ -248,7 +269,7 @@ def survey(directory: Path) -> Contents:
         name = item.name
         if name in (LOCK_FILE, GUARD_FILE, RUN_FILE) or name.endswith(".partial"):
             continue
-        ours = is_checkpoint(item) or name in WRITTEN or _trained(name)
+        ours = is_checkpoint(item) or written_by_sftkit(name)
         if not (recorded and ours) or item.is_symlink():
             contents.foreign.append(name)
             if ours:

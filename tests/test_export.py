@@ -211,7 +211,7 @@ def test_an_export_killed_while_writing_the_weights_is_finished_from_the_last_st
     capsys.readouterr()
     assert export_main([str(out)]) == 0, capsys.readouterr().err
     said = capsys.readouterr().out
-    assert f"the export had no whole trained weights ({stem}.safetensors is cut short or unreadable" in said
+    assert f"the export had no whole trained weights ({stem}.safetensors is cut short); taking them from" in said
     assert f"taking them from {out / 'checkpoint-3'}, the run's last step" in said
     with safe_open(out / "checkpoint-3" / f"{stem}.safetensors", "pt") as trained:
         published = out / ADAPTER_DIR if "lora" in config_file else out
@@ -222,14 +222,19 @@ def test_an_export_killed_while_writing_the_weights_is_finished_from_the_last_st
     assert json.loads((out / RUN_FILE).read_text())["status"] == "finished"
 
 
+@pytest.mark.parametrize("own_record", [True, False])
 def test_an_export_killed_after_a_resume_that_trains_longer_never_publishes_the_first_attempts_last_step(
-        tmp_path, capsys):
+        tmp_path, capsys, own_record):
     """The first attempt's last checkpoint (step 3) looked like the run's last step to `sftkit export` after a resume
-    to 5 steps was killed in its export: it published step 3's weights and marked the 5-step run finished."""
+    to 5 steps was killed in its export: it published step 3's weights and marked the 5-step run finished. So did a
+    checkpoint without its own run record (a stop between the Trainer's save and sftkit's), which reads the
+    output_dir's."""
     out = tmp_path / "out"
     args = ["--training.output_dir", str(out), *SHORT]
     run_sft(*args, "--training.save_strategy", "steps", "--training.save_steps", "2")
     first = (out / "model.safetensors").read_bytes()
+    if not own_record:
+        (out / "checkpoint-3" / RUN_FILE).unlink()
     killed_in_the_export(tmp_path, *args, "--training.max_steps", "5", "--training.save_strategy", "no",
                          "--training.resume_from_checkpoint", "true", cut=False)
     capsys.readouterr()
@@ -237,6 +242,25 @@ def test_an_export_killed_after_a_resume_that_trains_longer_never_publishes_the_
     assert "so there is no trained model to finish" in capsys.readouterr().err
     assert (out / "model.safetensors").read_bytes() == first, "the first attempt's model is left as it was"
     assert json.loads((out / RUN_FILE).read_text())["status"] != "finished"
+
+
+def test_weights_that_cannot_be_read_but_are_not_cut_short_are_never_deleted(tmp_path, capsys):
+    """Only a file shorter than its own header says is cut short; one that cannot be read otherwise (an I/O error
+    on a network filesystem, here a garbled header) may be the only copy of the trained weights and stays."""
+    out = tmp_path / "out"
+    train(config(out))
+    staging = out / STAGING_DIR
+    staging.mkdir()
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):
+        (out / name).rename(staging / name)
+    weights = bytearray((staging / "model.safetensors").read_bytes())
+    weights[8:10] = b"#!"  # the header's JSON no longer parses; the file keeps its length
+    (staging / "model.safetensors").write_bytes(weights)
+    (out / RUN_FILE).write_text(json.dumps({**json.loads((out / RUN_FILE).read_text()), "status": "exporting"}))
+    capsys.readouterr()
+    assert export_main([str(out)]) == 1
+    assert "model.safetensors could not be read" in capsys.readouterr().err
+    assert (staging / "model.safetensors").read_bytes() == weights
 
 
 def test_a_publish_cut_short_is_finished_by_running_the_export_again(tmp_path, monkeypatch):

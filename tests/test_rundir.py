@@ -92,7 +92,7 @@ def test_a_new_model_keeps_the_users_files_even_under_names_like_a_runs(finished
     (out / "tokenizer_experiments").mkdir()
     (out / "adapter_v1").mkdir()
     users = ["my_embeddings.safetensors", "model.safetensors.bak", "model-v1.safetensors", "adapter_notes.txt",
-             "pytorch_model_old.pt"]
+             "pytorch_model_old.pt", "pytorch_model.bin", "adapter_config.json", "adapter_model.safetensors"]
     for name in users:
         (out / name).write_bytes(b"mine")
     if how == "overwrite":
