@@ -114,17 +114,23 @@ def test_weights_that_are_not_finite_are_never_published(tmp_path):
     assert (out / "model.safetensors").read_bytes() == before and not (out / STAGING_DIR).exists()
 
 
+def export_cut_off(out, *names: str):
+    """A finished 3-step run, turned into one whose export stopped with `names` in its staging directory."""
+    train(config(out))
+    staging = out / STAGING_DIR
+    staging.mkdir()
+    for name in names:
+        (out / name).rename(staging / name)
+    return staging
+
+
 def test_an_export_without_the_weights_and_no_checkpoint_to_finish_it_from_is_cleared_and_says_so(tmp_path, capsys):
     """What an export cut off before the weights leaves (config.json and the tokenizer, no model) is not a model:
     finishing it publishes nothing. Without a checkpoint of the run's last step nothing can finish it, and the
     staging directory goes, so that the output_dir no longer says it holds an unfinished export (before, every rerun
     said to finish it, and the export blamed the DeepSpeed config of a one-process run)."""
     out = tmp_path / "out"
-    train(config(out))
-    staging = out / STAGING_DIR
-    staging.mkdir()
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        (out / name).rename(staging / name)
+    staging = export_cut_off(out, "config.json", "tokenizer.json", "tokenizer_config.json")
     (out / "model.safetensors").unlink()
     capsys.readouterr()
     assert export_main([str(out)]) == 1
@@ -248,11 +254,7 @@ def test_weights_that_cannot_be_read_but_are_not_cut_short_are_never_deleted(tmp
     """Only a file shorter than its own header says is cut short; one that cannot be read otherwise (an I/O error
     on a network filesystem, here a garbled header) may be the only copy of the trained weights and stays."""
     out = tmp_path / "out"
-    train(config(out))
-    staging = out / STAGING_DIR
-    staging.mkdir()
-    for name in ("config.json", "tokenizer.json", "model.safetensors"):
-        (out / name).rename(staging / name)
+    staging = export_cut_off(out, "config.json", "tokenizer.json", "model.safetensors")
     weights = bytearray((staging / "model.safetensors").read_bytes())
     weights[8:10] = b"#!"  # the header's JSON no longer parses; the file keeps its length
     (staging / "model.safetensors").write_bytes(weights)

@@ -156,16 +156,22 @@ def test_machines_given_other_settings_stop_together_before_training(tmp_path, o
     assert "step 1/" not in machines.stdout(0) + machines.stderr(0)
 
 
-def test_a_killed_process_stops_the_other_machine(tmp_path):
-    """Machine 1's training process dies (SIGKILL: out of memory, a node failure) mid-training."""
-    args = training_args("lora_train_config.yaml", tmp_path / "out")
+def training_for_long(args: list[str], logs: Path) -> Machines:
+    """Two machines started on a run of 1,000 steps, once the first step is logged."""
     args[args.index("--training.max_steps") + 1] = "1000"
-    machines = Machines(machine_commands(free_port(), *args), tmp_path / "logs")
+    machines = Machines(machine_commands(free_port(), *args), logs)
     deadline = time.perf_counter() + 300
-    while "step 1/" not in machines.stderr(0) + machines.stdout(0):  # training has started
+    while "step 1/" not in machines.stderr(0) + machines.stdout(0):
         if time.perf_counter() > deadline or any(process.poll() is not None for process in machines.processes):
             pytest.fail(machines.output())
         time.sleep(0.2)
+    return machines
+
+
+def test_a_killed_process_stops_the_other_machine(tmp_path):
+    """Machine 1's training process dies (SIGKILL: out of memory, a node failure) mid-training."""
+    args = training_args("lora_train_config.yaml", tmp_path / "out")
+    machines = training_for_long(args, tmp_path / "logs")
     workers = psutil.Process(machines.processes[1].pid).children(recursive=True)
     assert workers, "machine 1's launcher has its training process"
     killed = time.perf_counter()
@@ -187,13 +193,7 @@ def test_a_stop_on_one_machine_is_explained_in_every_machines_log_with_its_own_r
     --machine_rank 0, wrong for machine 1."""
     out = tmp_path / "out"
     args = training_args("lora_train_config.yaml", out)
-    args[args.index("--training.max_steps") + 1] = "1000"
-    machines = Machines(machine_commands(free_port(), *args), tmp_path / "logs")
-    deadline = time.perf_counter() + 300
-    while "step 1/" not in machines.stderr(0) + machines.stdout(0):  # training has started
-        if time.perf_counter() > deadline or any(process.poll() is not None for process in machines.processes):
-            pytest.fail(machines.output())
-        time.sleep(0.2)
+    machines = training_for_long(args, tmp_path / "logs")
     machines.processes[1].send_signal(signal.SIGTERM)  # the launcher, which passes it on to its training process
     machines.wait(timeout=180)
     checkpoints = sorted(out.glob("checkpoint-*"))
