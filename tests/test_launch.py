@@ -38,11 +38,17 @@ def test_default_job_learns_the_sample_data_and_saves_a_loadable_model(tmp_path)
     AutoModelForCausalLM.from_pretrained(out)
 
 
-# What varies from run to run (speed, memory, time) is compared as a placeholder; everything else, every loss and
-# learning rate, the sample reply and the counts, must be what the README shows.
+# What varies from run to run (speed, memory, time) is compared as a placeholder; everything else, the words, the
+# counts (integers) and the sample reply, must be what the README shows. Decimal numbers (losses, learning rates,
+# gradient norms) are compared within LOSS_BAND: the order of a CPU's float sums depends on its instructions (AVX2
+# or AVX-512, the BLAS library's code path), and 228 steps carry the differences into the second digit. Measured
+# from a clean clone: a mean loss of 0.459 on the CPU the README was written on, 0.471 on an AVX-512 AMD EPYC, 0.463
+# there with ATen and MKL held to AVX2; the step-220 loss 0.1405, 0.1583 and 0.1392.
 VARIES = [(re.compile(r"[\d,]+ tok/s"), "N tok/s"), (re.compile(r"mem [\d,]+ MiB \(peak [\d,]+\)"), "mem N"),
           (re.compile(r"wall time .*"), "wall time N"), (re.compile(r"\([\d,]+/s\)"), "(N/s)"),
           (re.compile(r"rss peak [\d,]+ MiB"), "rss peak N MiB"), (re.compile(r"config \S+"), "config C")]
+DECIMAL = re.compile(r"\d+\.\d+(?:e[-+]\d+)?")
+LOSS_BAND = 0.25  # relative
 
 
 def readme_transcript() -> list[str]:
@@ -57,8 +63,14 @@ def assert_readme_transcript_matches(stdout: str):
             line = pattern.sub(placeholder, line)
         return line.rstrip()
 
-    printed = {normal(line) for line in stdout.splitlines()}
-    missing = [line for line in readme_transcript() if normal(line) not in printed]
+    def within_band(shown: str, printed: str) -> bool:
+        return DECIMAL.sub("D", shown) == DECIMAL.sub("D", printed) and all(
+            abs(float(a) - float(b)) <= LOSS_BAND * abs(float(a))
+            for a, b in zip(DECIMAL.findall(shown), DECIMAL.findall(printed)))
+
+    printed = [normal(line) for line in stdout.splitlines()]
+    missing = [line for line in readme_transcript()
+               if not any(within_band(normal(line), other) for other in printed)]
     assert not missing, f"the README's transcript is not what the default job prints: {missing}"
 
 
