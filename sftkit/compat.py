@@ -120,6 +120,36 @@ def sft_config_fields() -> dict[str, str]:
         return {field.name: str(field.type) for field in dataclasses.fields(SFTConfig)}
 
 
+def group_cpu_processes(kwargs: dict) -> None:
+    """Let several processes without a GPU form one group (Accelerate 1.15, DeepSpeed 0.19.8).
+
+    DeepSpeed: Accelerate finds no backend of its own, starts DeepSpeed's process group but then counts a single
+    process, so DeepSpeed's batch-size check fails; naming gloo makes it count them all. Otherwise (torchrun, or
+    accelerate's multi-GPU launcher) the processes form a DDP group only when the Trainer is told it runs on the
+    CPU; a single process is unaffected."""
+    from sftkit.engines import launch_uses_deepspeed
+
+    if launch_uses_deepspeed():
+        kwargs.setdefault("ddp_backend", "gloo")
+    else:
+        kwargs.setdefault("use_cpu", True)
+
+
+def let_deepspeed_find_one_process() -> None:
+    """training.deepspeed outside a launcher: DeepSpeed 0.19.8 looks for MPI to find its processes, and a plain
+    `python sft.py` is one process. It is told so, on a free port (two such runs, or one beside a launch, must not
+    collide on a fixed one)."""
+    if "LOCAL_RANK" in os.environ:
+        return
+    import socket
+
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(name, value)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        os.environ.setdefault("MASTER_PORT", str(sock.getsockname()[1]))
+
+
 def rename_gradient_checkpointing(kwargs: dict) -> None:
     """transformers 5 renamed gradient_checkpointing to activation_checkpointing and warns on every run where only
     the old name is set, which TRL 1.16's own default (gradient_checkpointing=True) does. Users know the old name,

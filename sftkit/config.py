@@ -21,8 +21,14 @@ from typing import Any, Literal
 import yaml
 
 from sftkit.checks import cross_field_errors, number_errors, numbers, path_errors
-from sftkit.compat import compile_under_zero3_error, rename_gradient_checkpointing, sft_config_fields
-from sftkit.engines import launch_uses_deepspeed, launch_uses_fsdp, uses_deepspeed, zero_stage
+from sftkit.compat import (
+    compile_under_zero3_error,
+    group_cpu_processes,
+    let_deepspeed_find_one_process,
+    rename_gradient_checkpointing,
+    sft_config_fields,
+)
+from sftkit.engines import launch_uses_fsdp, uses_deepspeed, zero_stage
 from sftkit.errors import ConfigError
 from sftkit.fastpath import bf16_by_default, choose_adapter_inputs
 from sftkit.fastpath import choose as choose_fast_path
@@ -275,20 +281,17 @@ def _build_training(values: dict, model: ModelConfig, dataset: DatasetConfig, er
     # only add a device sync per micro-batch.
     kwargs.setdefault("logging_nan_inf_filter", False)
     _move_hub_token_to_environment(kwargs)
-    _resolve_hardware_defaults(kwargs)
-    if kwargs.get("deepspeed") and not _has_gpu() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    has_gpu = _has_gpu()
+    _resolve_hardware_defaults(kwargs, has_gpu)
+    if kwargs.get("deepspeed") and not has_gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         errors.append("training.deepspeed needs GPUs: without one, Accelerate counts a single process and DeepSpeed "
                       "rejects the batch size; on a CPU use accelerate_configs/cpu_zero2_2proc.yaml or "
                       "cpu_zero3_2proc.yaml instead")
         return None
-    if uses_deepspeed(kwargs) and not _has_gpu():
+    if uses_deepspeed(kwargs) and not has_gpu:
         before_deepspeed_cpu_op_build()  # it happens while SFTConfig sets up the processes, below
-    if kwargs.get("deepspeed") and "LOCAL_RANK" not in os.environ:
-        # Outside a launcher DeepSpeed looks for MPI to find its processes; a plain `python sft.py` is one process
-        # (on a free port: two such runs, or one beside a launch, must not collide on a fixed one).
-        for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-            os.environ.setdefault(name, value)
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if kwargs.get("deepspeed"):
+        let_deepspeed_find_one_process()
     try:
         training = SFTConfig(**kwargs)
     except (ValueError, TypeError) as error:
@@ -359,37 +362,22 @@ def _report_to_errors(report_to: list[str]) -> list[str]:
     return errors
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _has_gpu() -> bool:
     import torch
 
     return torch.cuda.is_available()
 
 
-def _resolve_hardware_defaults(kwargs: dict) -> None:
+def _resolve_hardware_defaults(kwargs: dict, has_gpu: bool) -> None:
     """Fill the SFTConfig defaults that depend on the machine, so one config runs on a CPU and on a GPU."""
-    has_gpu = _has_gpu()
     if "bf16" not in kwargs and "fp16" not in kwargs:
         kwargs["bf16"] = bf16_by_default(has_gpu)  # SFTConfig's bf16=True default fails on a CPU
     kwargs.setdefault("dataloader_pin_memory", has_gpu)
     # The Trainer asks DDP to look for unused parameters whenever activation checkpointing is off: an extra graph
     # traversal every step, and a warning, for causal LMs that use every parameter.
     kwargs.setdefault("ddp_find_unused_parameters", False)
-    if not has_gpu and launch_uses_deepspeed():
-        # DeepSpeed without a GPU: Accelerate finds no backend of its own, starts DeepSpeed's process group but then
-        # counts a single process, so DeepSpeed's batch-size check fails. Naming gloo makes it count them all.
-        kwargs.setdefault("ddp_backend", "gloo")
-    elif not has_gpu:
-        # Several processes without a GPU (torchrun, or accelerate's multi-GPU launcher) only form a DDP group
-        # when the Trainer is told it runs on the CPU; a single process is unaffected.
-        kwargs.setdefault("use_cpu", True)
+    if not has_gpu:
+        group_cpu_processes(kwargs)
     rename_gradient_checkpointing(kwargs)
 
 
