@@ -199,7 +199,7 @@ def load_config(config_name: str | None = None, cli_args: list[str] = (), preset
     speed = choose_fast_path(training_values, model, gpu)
     training = _build_training(training_values, model, dataset, errors)
     if errors:
-        raise ConfigError(f"{path}: " + "; ".join(errors))
+        raise ConfigError(f"{_where(errors, overrides, path)}: " + "; ".join(errors))
     speed += choose_adapter_inputs(model, training, gpu)
     resolved = {
         "model": hide_secrets(dataclasses.asdict(model)),
@@ -295,7 +295,9 @@ def _build_training(values: dict, model: ModelConfig, dataset: DatasetConfig, er
     try:
         training = SFTConfig(**kwargs)
     except (ValueError, TypeError) as error:
-        errors.append(f"training: {' '.join(line.strip() for line in str(error).splitlines() if line.strip())}")
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        key = _key_in_error(message, values)
+        errors.append(f"training{f'.{key}' if key else ''}: {message}")
         return None
     errors += _report_to_errors(training.report_to)
     errors += [error for error in [compile_under_zero3_error(training), _zero3_save_error(training),
@@ -360,6 +362,19 @@ def _report_to_errors(report_to: list[str]) -> list[str]:
         elif name not in get_available_reporting_integrations():
             errors.append(f"training.report_to: {name} needs its package, which is not installed (pip install {name})")
     return errors
+
+
+def _key_in_error(message: str, given: dict) -> str | None:
+    """The training key a library's error is about, for the message to name it (and the command line, where it was
+    given there): named in it, or else the only given text quoted in it. SFTConfig's own checks seldom name the key:
+    `bogus is not a valid SchedulerType`."""
+    named = {key: found.start() for key in given
+             if (found := re.search(rf"(?<![\w.]){re.escape(key)}(?!\w)", message))}
+    if named:
+        return min(named, key=named.get)  # the first named
+    quoted = [key for key, value in given.items() if isinstance(value, str) and len(value) >= 3
+              and re.search(rf"(?<![\w.]){re.escape(value)}(?!\w)", message)]
+    return quoted[0] if len(quoted) == 1 else None
 
 
 def _has_gpu() -> bool:

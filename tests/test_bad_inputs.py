@@ -44,6 +44,14 @@ CONFIG_CASES = {
          "training.warmup_steps must be at least 0, got -1", "model.max_seq_length must be at least 1, got 0",
          "model.lora_config.r must be at least 1, got 0", "dataset.max_samples must be at least 1, got 0",
          "training.adam_beta2 must be at least 0 and below 1, got 1"]),
+    # SFTConfig's own checks name no key, and the file was named where the value came from the command line
+    "scheduler SFTConfig refuses": (["--training.lr_scheduler_type", "bogus"],
+                                    ["sft.py: error: the command line: training.lr_scheduler_type: bogus is not a "
+                                     "valid SchedulerType, please select one of ['linear', 'cosine',"]),
+    "strategies SFTConfig refuses": (["--training.eval_strategy", "steps", "--training.save_strategy", "epoch",
+                                      "--training.load_best_model_at_end", "true"],
+                                     ["sft.py: error: the command line: training.load_best_model_at_end: "
+                                      "--load_best_model_at_end requires the save and eval strategy to match"]),
     "evaluation without eval data": (["--dataset.test_size", "null", "--training.eval_strategy", "steps"],
                                      ["training.eval_strategy needs evaluation data: set dataset.test_size"]),
     "best checkpoint without a metric": (["--training.save_strategy", "best"],
