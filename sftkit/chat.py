@@ -9,9 +9,14 @@ Commands: /reset starts a new conversation, /exit (or Ctrl-D) quits.
 
 import argparse
 import sys
+from pathlib import Path
+
+import yaml
 
 from sftkit.data.formats import with_system
 from sftkit.errors import ConfigError, OneLineArgumentParser, say_error
+from sftkit.export import RUN_CONFIG_FILE
+from sftkit.paths import resolve_path
 
 COMMANDS = "/reset starts a new conversation, /exit quits"
 
@@ -37,9 +42,22 @@ def generation_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                         help="nucleus sampling threshold (default 0.9)")
     parser.add_argument("--max_new_tokens", type=_number(int, lambda n: n >= 1, "a whole number of 1 or more"),
                         default=256, help="longest reply in tokens (default 256)")
-    parser.add_argument("--system", help="a system message at the start of every conversation")
+    parser.add_argument("--system", help="a system message at the start of every conversation (default: the "
+                                         "run's dataset.system_prompt, which it trained with; '' for none)")
     parser.add_argument("--trust_remote_code", action="store_true", help="only for models whose code you trust")
     return parser
+
+
+def system_prompt(args) -> str | None:
+    """--system, or else the system prompt the run trained with (its dataset.system_prompt, in the run's
+    sftkit_config.yaml beside the model or above its lora_weights): the model learned its replies after it."""
+    if args.system is not None:
+        return args.system or None
+    model = Path(resolve_path(args.model))
+    for saved in (model / RUN_CONFIG_FILE, model.parent / RUN_CONFIG_FILE):
+        if saved.is_file():
+            return ((yaml.safe_load(saved.read_text()) or {}).get("dataset") or {}).get("system_prompt")
+    return None
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m sftkit.chat") -> int:
@@ -51,9 +69,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m sftkit.chat") -> 
         model, tokenizer = load_for_inference(args.model, args.trust_remote_code)
     except ConfigError as error:
         return say_error(prog, error)
-    start = with_system([], args.system)
+    system = system_prompt(args)
+    start = with_system([], system)
     history = list(start)
-    print(f"Chatting with {args.model} ({COMMANDS}).", flush=True)
+    print(f"Chatting with {args.model} ({COMMANDS})" + (f"; system prompt: {system!r}" if system else "") + ".",
+          flush=True)
     while True:
         try:
             text = input("you> ").strip()

@@ -17,7 +17,7 @@ import yaml
 from sftkit.config import read_section
 from sftkit.data.formats import with_system
 from sftkit.data.tokenize import IGNORE_INDEX
-from sftkit.errors import ConfigError, OneLineArgumentParser, say_error
+from sftkit.errors import ConfigError, DataError, OneLineArgumentParser, say_error
 from sftkit.export import RUN_CONFIG_FILE
 from sftkit.paths import resolve_path
 from sftkit.schema import DatasetConfig, ModelConfig
@@ -92,14 +92,19 @@ def write_report(args) -> Path:
     base = AutoModelForCausalLM.from_pretrained(
         resolve_path(model_cfg.path), dtype=tuned.dtype, revision=model_cfg.revision,
         trust_remote_code=model_cfg.trust_remote_code).to(tuned.device).eval()
-    data = run_data(saved, dataset_cfg, model_cfg, tokenizer)
+    try:
+        data = run_data(saved, dataset_cfg, model_cfg, tokenizer)
+    except DataError as error:
+        if "does not exist" not in str(error):
+            raise
+        raise DataError(f"{error}; {saved_config} names the data as the run was given it: run sftkit compare from "
+                        "the directory the run was started in") from error
     held_out = data.eval is not None
     rows = data.eval if held_out else data.train
     loss_rows = rows.select(range(min(args.loss_rows, len(rows))))
-    if args.prompts:
-        prompts = [_prompt_from_text(tokenizer, text) for text in _read_prompts(args.prompts)]
-    elif dataset_cfg.sample_prompts:
-        prompts = [_prompt_from_text(tokenizer, text, dataset_cfg.system_prompt) for text in dataset_cfg.sample_prompts]
+    texts = _read_prompts(args.prompts) if args.prompts else dataset_cfg.sample_prompts
+    if texts:  # asked as the run's prompts were, after its system prompt
+        prompts = [_prompt_from_text(tokenizer, text, dataset_cfg.system_prompt) for text in texts]
     else:
         prompts = [_prompt_from_row(tokenizer, row) for row in rows.select(range(min(args.rows, len(rows))))]
     losses = {name: eval_loss(model, tokenizer, loss_rows, saved["training"], model_cfg.max_seq_length)

@@ -35,6 +35,7 @@ def build_summary(trainer, config, data, dtype, parameters: tuple[int, int], rep
         "eval_loss": eval_losses[-1] if eval_losses else None,
         "rows": data.rows,
         "rows_dropped": data.dropped,
+        "rows_cut": data.kept(trainer.args)[1],  # to max_seq_length: a reply cut there trains without its end
         "eval_rows_dropped": data.eval_dropped,
         "trainable_parameters": parameters[0],
         "total_parameters": parameters[1],
@@ -214,13 +215,15 @@ def format_summary(summary: dict) -> str:
         saved += f" (trained in {summary['training_dtype']})"
     rows = [
         ("wall time", f"{summary['wall_seconds']:.1f} s ({summary['train_seconds']:.1f} s training), "
-                      f"{summary['steps']} steps"),
+                      f"{summary['steps']} step{'s' if summary['steps'] != 1 else ''}"),
         ("tokens", f"{count(summary['input_tokens'])} input ({count(summary['tokens_per_second'])}/s), "
                    f"{summary['trained_tokens']:,} trained"),
         ("train loss", f"{_number(summary['train_loss_first'])} -> {_number(summary['train_loss_last'])} "
                        f"(first -> last log), {_number(summary['train_loss_mean'])} mean"),
-        ("eval loss", f"{_number(summary['eval_loss_first'])} -> {_number(summary['eval_loss'])} (start -> end)"),
-        ("rows", f"{summary['rows']} read, dropped: {describe_dropped(summary['rows_dropped'])}"),
+        *([("eval loss", f"{_number(summary['eval_loss_first'])} -> {_number(summary['eval_loss'])} (start -> end)")]
+          if summary["eval_loss"] is not None else []),  # no evaluation data
+        ("rows", f"{summary['rows']} read, dropped: {describe_dropped(summary['rows_dropped'])}"
+                 + (f"; {summary['rows_cut']} cut to max_seq_length" if summary.get("rows_cut") else "")),
         ("parameters", f"{summary['trainable_parameters']:,} of {summary['total_parameters']:,} train ({share:.2f}%)"),
         ("peak memory", memory),
     ]

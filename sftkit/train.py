@@ -267,10 +267,17 @@ def _plan(config: RunConfig, data, dtype, trainable: int, total: int) -> str:
         f"sftkit: {method} of {config.model.path} in {precision_words(config.model, config.training, dtype)} "
         f"({trainable:,} of {total:,} parameters train)\n"
         f"        {describe_sources(config.dataset, data)}: {data.rows} rows, {len(data.train)} to train{eval_rows}"
-        f"{data.dropped_words()}; "
+        f"{data.dropped_words()}{_cut_words(data, config.training)}; "
         f"config {config.source}\n"
         f"        speed: {describe_speed(config.speed)}"
     )
+
+
+def _cut_words(data, args) -> str:
+    """'; 14 rows cut to max_seq_length 40 (...)' where the trainer cuts rows, as the dry run says it."""
+    cut = data.kept(args)[1]
+    return (f"; {cut} row{'s' if cut > 1 else ''} cut to max_seq_length {args.max_length} (a reply cut there trains "
+            "without its end)" if cut else "")
 
 
 def _resuming_words(checkpoint: str | None, output_dir: Path) -> str:

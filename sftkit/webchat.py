@@ -11,7 +11,7 @@ import importlib.util
 import os
 import sys
 
-from sftkit.chat import generation_arguments
+from sftkit.chat import generation_arguments, system_prompt
 from sftkit.data.formats import with_system
 from sftkit.errors import ConfigError, OneLineArgumentParser, say_error
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m sftkit.webchat") 
         model, tokenizer = load_for_inference(args.model, args.trust_remote_code)
     except ConfigError as error:
         return say_error(prog, error)
-    app = build_app(model, tokenizer, f"sftkit chat: {args.model}", args.system, args.temperature, args.top_p,
+    app = build_app(model, tokenizer, f"sftkit chat: {args.model}", system_prompt(args), args.temperature, args.top_p,
                     args.max_new_tokens)
     app.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False)
     return 0

@@ -259,3 +259,35 @@ def test_compare_holds_out_the_rows_the_run_held_out(tmp_path, packing):
     held_out = compare.run_data(saved, config.dataset, config.model, tokenizer).eval
     assert held_out["input_ids"] == run.eval["input_ids"]
     assert not {tuple(ids) for ids in held_out["input_ids"]} & {tuple(ids) for ids in run.train["input_ids"]}
+
+
+def test_the_chat_and_compare_ask_after_the_runs_system_prompt_and_compare_says_where_to_run_from(
+        tmp_path, monkeypatch, capsys):
+    """A run trained after dataset.system_prompt: the chat (and the web chat) asked without it, so `--temperature 0`
+    did not give the summary's greedy reply, and compare's --prompts left it out too. compare run from another
+    directory could not find the run's relative data path and did not say why."""
+    import json
+
+    from sftkit.config import load_config
+    from sftkit.train import train
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(REPO / "data" / "sample_chat.jsonl", tmp_path / "rows.jsonl")
+    out = tmp_path / "out"
+    train(load_config(None, ["--dataset.name", "rows.jsonl", "--dataset.system_prompt", "You are a pirate.",
+                             "--dataset.sample_prompts", json.dumps(SAMPLE_PROMPTS[:1]), "--training.max_steps", "6",
+                             "--training.output_dir", str(out), "--dataset.test_size", "null"]))
+    summary = json.loads((out / "run_summary.json").read_text())
+    said = chat(out, SAMPLE_PROMPTS[0], "/exit", in_process=True).stdout
+    assert "system prompt: 'You are a pirate.'" in said
+    reply = re.findall(r"model> (.*)", said)[0]
+    assert reply and (reply.startswith(summary["sample_reply"]) or summary["sample_reply"].startswith(reply))
+    plain = run_here(chat_command.main, str(out), "--temperature", "0", "--max_new_tokens", "40", "--system", "",
+                     input=f"{SAMPLE_PROMPTS[0]}\n/exit\n").stdout
+    assert "system prompt" not in plain and re.findall(r"model> (.*)", plain)[0] != reply
+    (tmp_path / "prompts.txt").write_text(SAMPLE_PROMPTS[0] + "\n")
+    monkeypatch.chdir(REPO / "configs")
+    assert compare.main([str(out), "--prompts", str(tmp_path / "prompts.txt")]) == 2
+    assert capsys.readouterr().err.rstrip().endswith(
+        f"{out / 'sftkit_config.yaml'} names the data as the run was given it: run sftkit compare from the directory "
+        "the run was started in")

@@ -123,6 +123,23 @@ def test_loss_plot_of_a_run_that_logged_once_shows_the_point(tmp_path):
     assert (31, 119, 180) in {color for _, color in middle.getcolors(maxcolors=100_000)}  # the point, in tab:blue
 
 
+def test_rows_cut_to_max_seq_length_are_said_by_the_run_as_by_the_dry_run(tmp_path, capsys):
+    """The dry run said how many rows the trainer cuts to max_seq_length, and the run said nothing, though a reply
+    cut there trains without its end-of-turn token. A run without evaluation data printed `eval loss n/a -> n/a`,
+    and a one-step run `1 steps`."""
+    from conftest import run_sft
+
+    args = ["--config", "lora_train_config.yaml", "--model.max_seq_length", "40", "--dataset.test_size", "null",
+            "--training.max_steps", "1", "--training.output_dir", str(tmp_path / "out")]
+    planned = int(re.search(r"max_seq_length 40: (\d+) rows are cut to it", run_sft(*args, "--dry-run").stdout)[1])
+    said = run_sft(*args).stdout
+    assert f"{planned} rows cut to max_seq_length 40 (a reply cut there trains without its end)" in said
+    assert f"dropped: 0 bad rows, 0 with nothing to train within max_seq_length; {planned} cut to max_seq_length" \
+        in said
+    assert json.loads((tmp_path / "out" / SUMMARY_FILE).read_text())["rows_cut"] == planned > 0
+    assert "  eval loss " not in said and "  wall time " in said and " 1 step\n" in said
+
+
 def test_model_card_describes_the_run_and_how_to_load_it(monitored_run):
     card = (monitored_run.out / "README.md").read_text()
     summary = json.loads((monitored_run.out / SUMMARY_FILE).read_text())
