@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None, prog: str = "sft.py") -> int:
         print(report())
         return 0
     if argv and not argv[0].startswith("-"):  # `sft.py my.yaml`, as `sftkit train my.yaml`
+        if "--config" in argv or any(arg.startswith("--config=") for arg in argv):
+            parser.error(f"two configs: {argv[0]} and --config; give one")
         argv = ["--config", argv[0], *argv[1:]]
     args, overrides = parser.parse_known_args(argv)
     use_expandable_segments()  # before anything starts CUDA

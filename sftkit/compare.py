@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from sftkit.compat import rename_gradient_checkpointing
 from sftkit.config import read_section
 from sftkit.data.formats import with_system
 from sftkit.data.tokenize import IGNORE_INDEX
@@ -147,6 +148,7 @@ def eval_loss(model, tokenizer, rows, training: dict, max_length: int) -> float:
     from trl import SFTConfig, SFTTrainer
 
     settings = {key: training[key] for key in EVAL_SETTINGS if key in training}
+    rename_gradient_checkpointing(settings)  # TRL's default under its old name: a warning on every report
     with tempfile.TemporaryDirectory() as scratch:
         args = SFTConfig(output_dir=scratch, report_to="none", max_length=max_length, bf16=False, fp16=False,
                          use_cpu=not torch.cuda.is_available(), dataloader_pin_memory=False, disable_tqdm=True,

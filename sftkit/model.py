@@ -15,7 +15,7 @@ from sftkit.compat import keep_cpu_4bit_layout_trainable, zero3_init_disabled
 from sftkit.data.tokenize import CHATML_TEMPLATE
 from sftkit.engines import uses_deepspeed, uses_fsdp
 from sftkit.errors import ConfigError, first_line
-from sftkit.paths import resolve_path
+from sftkit.paths import looked_in, resolve_path
 from sftkit.schema import DatasetConfig, ModelConfig
 
 logger = logging.getLogger("sftkit")
@@ -88,7 +88,11 @@ def _read_model_config(model_cfg: ModelConfig):
             raise ConfigError(f"model.path {model_cfg.path}: transformers {transformers.__version__} does not know its "
                               "model_type; upgrade transformers, or, if the model ships its own modeling code "
                               "(auto_map in config.json), set model.trust_remote_code: true") from error
-        raise ConfigError(f"model.path {model_cfg.path}: cannot read its config.json: {first_line(error)}") from error
+        # a hub id and a local path look alike (org/name, models/my-llama): say both were tried
+        local = "" if Path(resolve_path(model_cfg.path)).exists() else \
+            f"; no local directory {model_cfg.path} either{looked_in(model_cfg.path)}"
+        raise ConfigError(f"model.path {model_cfg.path}: cannot read its config.json: {first_line(error)}{local}") \
+            from error
 
 
 def _meta_model(model_cfg: ModelConfig, hf_config):

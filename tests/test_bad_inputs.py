@@ -44,6 +44,8 @@ CONFIG_CASES = {
          "training.warmup_steps must be at least 0, got -1", "model.max_seq_length must be at least 1, got 0",
          "model.lora_config.r must be at least 1, got 0", "dataset.max_samples must be at least 1, got 0",
          "training.adam_beta2 must be at least 0 and below 1, got 1"]),
+    "two configs": (["configs/lora_train_config.yaml", "--config", "configs/default_train_config.yaml"],
+                    ["sft.py: error: two configs: configs/lora_train_config.yaml and --config; give one"]),
     # SFTConfig's own checks name no key, and the file was named where the value came from the command line
     "scheduler SFTConfig refuses": (["--training.lr_scheduler_type", "bogus"],
                                     ["sft.py: error: the command line: training.lr_scheduler_type: bogus is not a "
@@ -252,3 +254,16 @@ def test_model_with_its_own_code_needs_trust_remote_code(tmp_path):
     line, elapsed = sft("--model.path", str(model), tmp_path=tmp_path)
     assert line == (f"sft.py: error: model.path {model} ships its own modeling code; set model.trust_remote_code: "
                     "true if you trust it")
+
+
+def test_a_model_path_that_is_neither_on_the_hub_nor_here_says_both(tmp_path):
+    """`models/my-llama` reads as a hub id when no folder `models` exists: the error said only that the hub could
+    not be reached, and not that no such local directory exists (offline here, as in the tests)."""
+    from conftest import run_sft
+
+    result = run_sft("--model.path", "models/my-llama", "--dry-run", "--training.output_dir", str(tmp_path / "out"),
+                     env={"HF_HUB_OFFLINE": "1"}, check=False)
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("sft.py: error: model.path models/my-llama: cannot read its config.json: ")
+    assert line.endswith(f"; no local directory models/my-llama either (looked in {REPO})")
