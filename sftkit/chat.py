@@ -50,14 +50,18 @@ def generation_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 def system_prompt(args) -> str | None:
     """--system, or else the system prompt the run trained with (its dataset.system_prompt, in the run's
-    sftkit_config.yaml beside the model or above its lora_weights): the model learned its replies after it."""
+    sftkit_config.yaml beside the model, or above the lora_weights adapter): the model learned its replies after
+    it."""
     if args.system is not None:
         return args.system or None
     model = Path(resolve_path(args.model))
-    for saved in (model / RUN_CONFIG_FILE, model.parent / RUN_CONFIG_FILE):
-        if saved.is_file():
-            return ((yaml.safe_load(saved.read_text()) or {}).get("dataset") or {}).get("system_prompt")
-    return None
+    saved = model.parent / RUN_CONFIG_FILE if (model / "adapter_config.json").is_file() else model / RUN_CONFIG_FILE
+    try:
+        config = yaml.safe_load(saved.read_text()) if saved.is_file() else None
+    except yaml.YAMLError:
+        return None
+    dataset = config.get("dataset") if isinstance(config, dict) else None
+    return dataset.get("system_prompt") if isinstance(dataset, dict) else None
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m sftkit.chat") -> int:

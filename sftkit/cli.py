@@ -21,6 +21,7 @@ from sftkit.schema import SECTIONS, section_help
 def main(argv: list[str] | None = None, prog: str = "sft.py") -> int:
     parser = OneLineArgumentParser(
         prog=prog,
+        allow_abbrev=False,  # --conf would be --config, beside the config given by name
         usage=f"{prog} [CONFIG] [options] [--section.key value ...]",
         description="Fine-tune a causal LM on chat data from a YAML config. `python sft.py env` reports the "
                     "environment for a bug report.",
@@ -54,9 +55,9 @@ def main(argv: list[str] | None = None, prog: str = "sft.py") -> int:
         print(report())
         return 0
     if argv and not argv[0].startswith("-"):  # `sft.py my.yaml`, as `sftkit train my.yaml`
-        if "--config" in argv or any(arg.startswith("--config=") for arg in argv):
-            parser.error(f"two configs: {argv[0]} and --config; give one")
         argv = ["--config", argv[0], *argv[1:]]
+    if sum(arg == "--config" or arg.startswith("--config=") for arg in argv) > 1:  # argparse keeps the last one
+        parser.error("two configs given (a config file name first, and --config, or --config twice); give one")
     args, overrides = parser.parse_known_args(argv)
     use_expandable_segments()  # before anything starts CUDA
     watch(prog)  # under several machines: a failure on another one stops this one at once

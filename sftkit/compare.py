@@ -8,6 +8,7 @@ Loss is the run's eval loss, computed by the Trainer with the run's batch size a
 the run had any, else on the first training rows (the report says which). OUTPUT_DIR may also be its lora_weights.
 """
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +97,10 @@ def write_report(args) -> Path:
     try:
         data = run_data(saved, dataset_cfg, model_cfg, tokenizer)
     except DataError as error:
-        if "does not exist" not in str(error):
+        names = [dataset_cfg.name] + [source.name for source in (dataset_cfg.sources or [])
+                                      + (dataset_cfg.eval_sources or [])]
+        if "does not exist" not in str(error) or all(Path(os.path.expanduser(name)).is_absolute()
+                                                     for name in filter(None, names)):
             raise
         raise DataError(f"{error}; {saved_config} names the data as the run was given it: run sftkit compare from "
                         "the directory the run was started in") from error

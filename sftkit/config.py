@@ -94,11 +94,12 @@ def _parse_value(key: str, value: str) -> Any:
 def _where(errors: list[str], overrides: dict, path) -> str:
     """The command line, when every error is about a key given there (`--training.learning_rate -1`); else the
     config file."""
-    def keys(values: dict, prefix: str = ""):
+    def keys(values: dict, prefix: str = ""):  # the leaves: an error about a whole section is not the command line's
         for key, value in values.items():
-            yield f"{prefix}{key}"
             if isinstance(value, dict):
                 yield from keys(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}"
 
     given = set(keys(overrides))
     about = [re.split(r"[ :\[]", error.removeprefix("unknown key "), maxsplit=1)[0] for error in errors]

@@ -45,7 +45,10 @@ CONFIG_CASES = {
          "model.lora_config.r must be at least 1, got 0", "dataset.max_samples must be at least 1, got 0",
          "training.adam_beta2 must be at least 0 and below 1, got 1"]),
     "two configs": (["configs/lora_train_config.yaml", "--config", "configs/default_train_config.yaml"],
-                    ["sft.py: error: two configs: configs/lora_train_config.yaml and --config; give one"]),
+                    ["sft.py: error: two configs given (a config file name first, and --config, or --config twice); "
+                     "give one"]),
+    "an abbreviated --config beside a config": (["configs/lora_train_config.yaml", "--conf", "x.yaml"],
+                                                ["sft.py: error: unexpected argument '--conf'"]),
     # SFTConfig's own checks name no key, and the file was named where the value came from the command line
     "scheduler SFTConfig refuses": (["--training.lr_scheduler_type", "bogus"],
                                     ["sft.py: error: the command line: training.lr_scheduler_type: bogus is not a "

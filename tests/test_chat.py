@@ -291,3 +291,21 @@ def test_the_chat_and_compare_ask_after_the_runs_system_prompt_and_compare_says_
     assert capsys.readouterr().err.rstrip().endswith(
         f"{out / 'sftkit_config.yaml'} names the data as the run was given it: run sftkit compare from the directory "
         "the run was started in")
+
+
+def test_the_system_prompt_is_read_only_from_the_runs_own_config_and_a_bad_one_is_none(tmp_path):
+    """A merged model copied into another run's directory took that run's system prompt; a run config that is not
+    a mapping ended the chat in a traceback after the model had loaded."""
+    from types import SimpleNamespace
+
+    run = tmp_path / "run"
+    (run / "lora_weights").mkdir(parents=True)
+    (run / "lora_weights" / "adapter_config.json").write_text("{}")
+    (run / "merged").mkdir()
+    (run / "sftkit_config.yaml").write_text("dataset:\n  system_prompt: Be a pirate.\n")
+    asked = lambda model, system=None: chat_command.system_prompt(SimpleNamespace(model=str(model), system=system))
+    assert asked(run / "lora_weights") == asked(run) == "Be a pirate." and asked(run, "") is None
+    assert asked(run / "merged") is None, "another run's config above a model is not its own"
+    for text in ("- a list\n", "dataset: [a]\n", "dataset: {system_prompt: [\n"):
+        (run / "sftkit_config.yaml").write_text(text)
+        assert asked(run) is None

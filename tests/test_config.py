@@ -460,3 +460,18 @@ def test_an_error_in_a_command_line_value_names_the_command_line_not_the_file(tm
     in_the_file = write(tmp_path, MINIMAL.replace("model:\n", "model:\n  max_seq_length: 0\n"))
     with pytest.raises(ConfigError, match=f"^{in_the_file}: model.max_seq_length must be"):  # with one given here too
         load_config(in_the_file, ["--training.learning_rate", "-1"])
+
+
+def test_an_error_about_a_value_from_the_file_is_not_blamed_on_the_command_line(tmp_path):
+    """SFTConfig's error names no key where two given keys hold the text it quotes; with any --training option given,
+    the section name itself counted as given there, and the file's bad value was called the command line's."""
+    config = tmp_path / "run.yaml"
+    values = yaml.safe_load((REPO / "configs" / "default_train_config.yaml").read_text())
+    values["training"]["lr_scheduler_type"] = "bogus"
+    config.write_text(yaml.safe_dump(values))
+    with pytest.raises(ConfigError) as error:
+        load_config(str(config), ["--training.run_name", "bogus"])
+    assert str(error.value).startswith(f"{config}: training: bogus is not a valid SchedulerType")
+    with pytest.raises(ConfigError) as error:
+        load_config(str(config), ["--training.learning_rate", "1e-4"])
+    assert str(error.value).startswith(f"{config}: training.lr_scheduler_type: bogus is not a valid SchedulerType")
