@@ -42,8 +42,9 @@ def test_default_job_learns_the_sample_data_and_saves_a_loadable_model(tmp_path)
 # counts (integers) and the sample reply, must be what the README shows. Decimal numbers (losses, learning rates,
 # gradient norms) are compared within LOSS_BAND: the order of a CPU's float sums depends on its instructions (AVX2
 # or AVX-512, the BLAS library's code path), and 228 steps carry the differences into the second digit. Measured
-# from a clean clone: a mean loss of 0.459 on the CPU the README was written on, 0.471 on an AVX-512 AMD EPYC, 0.463
-# there with ATen and MKL held to AVX2; the step-220 loss 0.1405, 0.1583 and 0.1392.
+# from a clean clone: a mean loss of 0.471 on the AVX-512 AMD EPYC whose run the README shows, 0.459 on the CPU
+# earlier READMEs were measured on, 0.463 on the EPYC with ATen and MKL held to AVX2; the step-220 loss 0.1583, 0.1405
+# and 0.1392.
 VARIES = [(re.compile(r"[\d,]+ tok/s"), "N tok/s"), (re.compile(r"mem [\d,]+ MiB \(peak [\d,]+\)"), "mem N"),
           (re.compile(r"wall time .*"), "wall time N"), (re.compile(r"\([\d,]+/s\)"), "(N/s)"),
           (re.compile(r"rss peak [\d,]+ MiB"), "rss peak N MiB"), (re.compile(r"config \S+"), "config C")]
