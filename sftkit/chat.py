@@ -15,7 +15,7 @@ import yaml
 
 from sftkit.data.formats import with_system
 from sftkit.errors import ConfigError, OneLineArgumentParser, say_error
-from sftkit.export import RUN_CONFIG_FILE
+from sftkit.export import RUN_CONFIG_FILE, run_directory
 from sftkit.paths import resolve_path
 
 COMMANDS = "/reset starts a new conversation, /exit quits"
@@ -54,8 +54,7 @@ def system_prompt(args) -> str | None:
     it."""
     if args.system is not None:
         return args.system or None
-    model = Path(resolve_path(args.model))
-    saved = model.parent / RUN_CONFIG_FILE if (model / "adapter_config.json").is_file() else model / RUN_CONFIG_FILE
+    saved = run_directory(Path(resolve_path(args.model))) / RUN_CONFIG_FILE
     try:
         config = yaml.safe_load(saved.read_text()) if saved.is_file() else None
     except yaml.YAMLError:

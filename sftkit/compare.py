@@ -20,7 +20,7 @@ from sftkit.config import read_section
 from sftkit.data.formats import with_system
 from sftkit.data.tokenize import IGNORE_INDEX
 from sftkit.errors import ConfigError, DataError, OneLineArgumentParser, say_error
-from sftkit.export import RUN_CONFIG_FILE
+from sftkit.export import RUN_CONFIG_FILE, run_directory
 from sftkit.paths import resolve_path
 from sftkit.schema import DatasetConfig, ModelConfig
 
@@ -81,9 +81,8 @@ def write_report(args) -> Path:
     datasets.disable_progress_bars()
 
     model_dir = Path(args.output_dir)
-    # the run's lora_weights: the adapter on its base is compared, and the report goes to the run's directory
-    adapter_only = (model_dir / "adapter_config.json").is_file() and (model_dir.parent / RUN_CONFIG_FILE).is_file()
-    output_dir = model_dir.parent if adapter_only else model_dir
+    # for the run's lora_weights, the adapter on its base is compared, and the report goes to the run's directory
+    output_dir = run_directory(model_dir)
     saved_config = output_dir / RUN_CONFIG_FILE
     if not saved_config.is_file():
         raise ConfigError(f"{output_dir}: no {RUN_CONFIG_FILE}; pass the output_dir of a finished sftkit run")

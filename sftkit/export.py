@@ -105,6 +105,12 @@ def _lost_before_the_weights(lost: str, output_dir: Path, lora: bool, main: bool
                      f"{newest_checkpoint_words(output_dir)}")
 
 
+def run_directory(model_dir: Path) -> Path:
+    """The output_dir of the run a model directory comes from: itself, or above it for the run's lora_weights."""
+    adapter = (model_dir / "adapter_config.json").is_file() and (model_dir.parent / RUN_CONFIG_FILE).is_file()
+    return model_dir.parent if adapter else model_dir
+
+
 def write_metadata(directory: Path, run_config, tokenizer) -> None:
     """Tokenizer, resolved config (secrets hidden) and library versions: small, so written first."""
     tokenizer.save_pretrained(directory)
