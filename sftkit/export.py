@@ -25,7 +25,6 @@ from sftkit.environment import library_versions
 from sftkit.errors import ConfigError, OneLineArgumentParser, RunFailed, SftkitError, first_line, say_error
 from sftkit.peers import lost_contact
 from sftkit.rundir import (
-    RUN_FILE,
     STAGING_DIR,
     OutputDir,
     check_free_space,
@@ -35,6 +34,7 @@ from sftkit.rundir import (
     published_weights,
     read_run_record,
     readable_like_other_files,
+    record_published,
     safetensors_weights,
     write_json,
     written_by_sftkit,
@@ -123,9 +123,10 @@ def write_metadata(directory: Path, run_config, tokenizer) -> None:
     (directory / VERSIONS_FILE).write_text(json.dumps(library_versions(), indent=2) + "\n")
 
 
-def finish_export(output_dir: Path, model_cfg: ModelConfig, dtype) -> None:
-    """From trained weights in the staging directory to a published model: merge (LoRA), check, move into place.
-    Any failure keeps the staging directory and says how to finish from it."""
+def finish_export(output_dir: Path, model_cfg: ModelConfig, dtype, **record) -> None:
+    """From trained weights in the staging directory to a published model: merge (LoRA), check, move into place,
+    record the run finished (with `record` added). Any failure keeps the staging directory and says how to finish
+    from it."""
     staging = output_dir / STAGING_DIR
     try:
         if not (staging / PUBLISHING_FILE).is_file():  # else a publish cut short: checked, and part of it moved
@@ -146,6 +147,7 @@ def finish_export(output_dir: Path, model_cfg: ModelConfig, dtype) -> None:
         raise RunFailed(f"the export to {output_dir} failed: {reason}. The trained "
                         f"{'adapter' if model_cfg.use_lora else 'model'} is kept in {kept}; once that is fixed, "
                         f"finish the export with: python -m sftkit.export {output_dir}") from error
+    record_published(output_dir, **record)
 
 
 def _complete_and_check(staging: Path, model_cfg: ModelConfig, dtype) -> None:
@@ -382,10 +384,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m sftkit.export") -
 
         model_cfg = read_section(ModelConfig, record["config"]["model"], "model", args.output_dir)
         _recover_weights(args.output_dir, model_cfg.use_lora)
-        finish_export(args.output_dir, model_cfg, getattr(torch, record["dtype"]))
+        finish_export(args.output_dir, model_cfg, getattr(torch, record["dtype"]), export="python -m sftkit.export")
         _add_saved_dtypes_to_the_summary(args.output_dir)
-        finished = {key: value for key, value in record.items() if key != "error"}
-        write_json(args.output_dir / RUN_FILE, {**finished, "status": "finished", "export": "python -m sftkit.export"})
     except SftkitError as error:
         return say_error(prog, error)
     finally:

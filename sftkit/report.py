@@ -2,9 +2,11 @@
 
 import json
 import math
+import sys
 from pathlib import Path
 
 from sftkit.data import describe_dropped
+from sftkit.errors import first_line
 from sftkit.export import ADAPTER_DIR, SUMMARY_FILE, saved_dtypes
 from sftkit.monitor import SAMPLES_FILE, memory_mib
 
@@ -52,9 +54,14 @@ def build_summary(trainer, config, data, dtype, parameters: tuple[int, int], rep
 
 def report(output_dir: Path, config, summary: dict, history: list[dict]) -> dict:
     """Write loss.png, the model card and run_summary.json beside the exported model, print the summary; the
-    summary with their paths."""
-    summary = write_report(output_dir, output_dir, config, {**summary, "saved_dtypes": saved_dtypes(output_dir)},
-                           history)
+    summary with their paths. The model is published by then: a report that cannot be written (a full disk) is said,
+    and the summary is still printed."""
+    summary = {**summary, "saved_dtypes": saved_dtypes(output_dir)}
+    try:
+        summary = write_report(output_dir, output_dir, config, summary, history)
+    except OSError as error:
+        print(f"sftkit: the model is published in {output_dir}, but its report (loss plot, model card, "
+              f"{SUMMARY_FILE}) could not be written there: {first_line(error)}", file=sys.stderr, flush=True)
     print(format_summary(summary), flush=True)
     return summary
 
@@ -64,7 +71,8 @@ def write_report(directory: Path, output_dir: Path, config, summary: dict, histo
     staging directory, from which `sftkit export` publishes them with the model (the log history lives only in
     this process)."""
     plot_loss(history, directory / LOSS_PLOT)
-    summary = {**summary, "loss_plot": str(output_dir / LOSS_PLOT), "model_card": str(output_dir / MODEL_CARD)}
+    summary = {**summary, "loss_plot": str(output_dir / LOSS_PLOT), "model_card": str(output_dir / MODEL_CARD),
+               "summary_file": str(output_dir / SUMMARY_FILE)}
     (directory / MODEL_CARD).write_text(model_card(config, summary))
     (directory / SUMMARY_FILE).write_text(json.dumps(_finite(summary), indent=2, allow_nan=False) + "\n")
     return summary
@@ -231,8 +239,7 @@ def format_summary(summary: dict) -> str:
         rows.append(("sample", f"{summary['sample_prompt']!r} -> {summary['sample_reply']!r}"))
     rows.append(("model + tokenizer", f"{summary['output_dir']} ({saved})"))
     for label, key in (("LoRA adapter", "adapter_dir"), ("sample replies", "sample_replies_file"),
-                       ("loss plot", "loss_plot"), ("model card", "model_card")):
+                       ("loss plot", "loss_plot"), ("model card", "model_card"), ("summary", "summary_file")):
         if summary.get(key):
             rows.append((label, summary[key]))
-    rows.append(("summary", str(Path(summary["output_dir"]) / SUMMARY_FILE)))
     return "Run summary\n" + "\n".join(f"  {label:<18} {value}" for label, value in rows)

@@ -228,6 +228,15 @@ def read_run_record(directory: Path) -> dict | None:
         return None
 
 
+def record_published(directory: Path, **extra) -> None:
+    """The run record says finished as soon as the model is in place: a kill while the report is written leaves a
+    finished model, not one that looks still exporting."""
+    record = read_run_record(directory)
+    if record is not None:
+        record.pop("error", None)  # of an export that failed before
+        write_json(Path(directory) / RUN_FILE, {**record, "status": "finished", **extra})
+
+
 def write_json(path: Path, value: dict) -> None:
     """Written whole or not at all: a crash mid-write leaves the previous file."""
     partial = path.with_name(path.name + ".partial")
@@ -356,8 +365,8 @@ class OutputDir:
             self.locked = False
 
     def mark(self, status: str, **extra) -> None:
-        """Record where the run is (exporting) or how it ended (finished, interrupted, failed: diverged or an export
-        that failed, with its error) beside its fingerprint."""
+        """Record where the run is (exporting) or how it ended early (interrupted, failed: diverged or an export
+        that failed, with its error) beside its fingerprint; record_published says it finished."""
         if not self.owner:
             return
         record = read_run_record(self.path) or run_record(self.resolved)

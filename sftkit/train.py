@@ -63,9 +63,7 @@ def train(config: RunConfig, overwrite: bool = False, started: float | None = No
     output = OutputDir(args.output_dir, config.resolved)
     resume_from = _claim(output, args, config, overwrite)
     try:
-        run = _train(config, output, resume_from, started)
-        output.mark("finished")
-        return run
+        return _train(config, output, resume_from, started)  # the export recorded it finished
     except Interrupted:
         output.mark("interrupted")
         raise

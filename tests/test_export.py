@@ -370,6 +370,48 @@ def test_a_run_whose_export_fails_keeps_its_summary_loss_plot_and_card_for_the_f
     assert (out / "loss.png").stat().st_size > 10_000 and (out / "config.json").is_file()
 
 
+def test_a_disk_that_fills_after_the_model_is_published_leaves_a_finished_model_and_says_the_report_is_missing(
+        small_disk, monkeypatch, capsys):
+    """The model is in place before its report is written: a report that no longer fits does not fail the run, nor
+    mark a published model failed."""
+    out = small_disk / "out"
+    finish = export_module.finish_export
+
+    def finish_then_fill_the_disk(*args):
+        finish(*args)
+        (small_disk / "filler").write_bytes(b"\0" * shutil.disk_usage(small_disk).free)
+
+    monkeypatch.setattr(export_module, "finish_export", finish_then_fill_the_disk)
+    run = train(config(out, "lora_train_config.yaml"))
+    said = capsys.readouterr()
+    assert f"sftkit: the model is published in {out}, but its report (loss plot, model card, run_summary.json) " \
+           "could not be written there: [Errno 28] No space left on device" in said.err
+    assert f"model + tokenizer  {out} (float32)" in said.out and "  summary  " not in said.out
+    assert json.loads((out / RUN_FILE).read_text())["status"] == "finished"
+    assert run.summary["steps"] == 3 and not (out / STAGING_DIR).exists()
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_a_run_killed_while_writing_its_report_has_a_finished_model(tmp_path):
+    """A SIGKILL after the publish left status "exporting" beside a whole model: a rerun then asked to continue a
+    run that had finished."""
+    out = tmp_path / "out"
+    script = tmp_path / "sft_killed.py"
+    script.write_text(f"""import os, sys
+sys.path.insert(0, {str(REPO)!r})
+import sftkit.report
+sftkit.report.plot_loss = lambda history, path: os._exit(137)
+from sftkit.cli import main
+raise SystemExit(main())
+""")
+    args = ["--training.output_dir", str(out), *SHORT, "--training.save_strategy", "steps", "--training.save_steps", "3"]
+    assert run_python(str(script), *args, check=False).returncode == 137
+    assert json.loads((out / RUN_FILE).read_text())["status"] == "finished"
+    AutoModelForCausalLM.from_pretrained(out)
+    rerun = run_sft(*args, check=False)
+    assert rerun.returncode == 2 and "train it longer with --training.resume_from_checkpoint true" in rerun.stderr
+
+
 def test_an_export_is_finished_without_the_attention_kernel_the_run_used(lora_run, tmp_path):
     """A GPU run with flash-attn installed records flash_attention_2; merging its adapter on a machine without
     flash-attn (as `sftkit export` may) loads the base with the default kernel and gives the run's merged model."""
