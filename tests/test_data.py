@@ -116,6 +116,22 @@ def test_rows_left_with_nothing_to_train_by_truncation_are_dropped_and_counted(t
     assert (data.rows, len(data.train), data.dropped) == (4, 3, {"bad rows": 0, "with nothing to train within max_seq_length": 1})
 
 
+def test_every_row_longer_than_max_seq_length_is_counted_as_cut_wherever_the_cut_falls(tmp_path, tokenizer):
+    """A row cut where no reply was (in a prompt, or between turns) came back max_length tokens long, like a row that
+    fits exactly, and the summary's rows cut left it out."""
+    from trl import SFTConfig
+
+    cfg = DatasetConfig(name=str(SAMPLE_DATA), max_samples=40)
+    rows = prepare_data(cfg, tokenizer, max_length=10_000).train
+    whole = [len(ids) for ids in rows["input_ids"]]
+    prompts = [next(at for at, label in enumerate(labels) if label != -100) for labels in rows["labels"]]
+    for max_length in range(max(prompts) + 1, max(whole) + 1):  # every row keeps a trained token: none is dropped
+        data = prepare_data(cfg, tokenizer, max_length, keeps="start", truncate=True)
+        args = SFTConfig(output_dir=str(tmp_path), max_length=max_length, use_cpu=True, report_to=[])
+        longer = [length for length in whole if length > max_length]
+        assert data.kept(args) == (sum(min(length, max_length) for length in whole), len(longer)), max_length
+
+
 CALL = {"type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}
 
 

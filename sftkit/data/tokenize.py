@@ -65,8 +65,9 @@ def tokenize_messages(tokenizer, messages: list[dict], loss_on: str = "assistant
 
     loss_on: "assistant" trains every assistant turn (but those of weight 0), "last_assistant" only the last one
     of those, "all" every token.
-    max_length: tokenize only as far as the row is kept: its first max_length tokens and the rest of the assistant
-    turn the cut falls in (so that turn is checked whole, and the row shows it was cut). None keeps the whole row.
+    max_length: tokenize only as far as the row is kept: its first max_length tokens, one more when the row goes on
+    (so its length shows it is cut) and the rest of the assistant turn the cut falls in (so that turn is checked
+    whole). None keeps the whole row.
     """
     turns = [index for index, message in enumerate(messages) if trains(message)]
     if loss_on == "last_assistant":
@@ -90,7 +91,7 @@ def tokenize_messages(tokenizer, messages: list[dict], loss_on: str = "assistant
     if spans and labels == tokens.ids:
         raise MaskError(f"the chat template of {template.name} renders nothing around the replies, so every "
                         "token would train; set dataset.chat_template to a chat template with role markers")
-    keep = len(tokens.ids) if max_length is None else max([max_length] + [span[2] for span in spans])
+    keep = len(tokens.ids) if max_length is None else max([max_length + 1] + [span[2] for span in spans])
     return {"input_ids": tokens.ids[:keep], "labels": labels[:keep]}
 
 
@@ -535,7 +536,8 @@ def _special_spans(tokenizer, template: _Template, text: str) -> list[tuple]:
 
 
 def _tokenize_far_enough(tokenizer, text: str, place: _Placement, layout: _Layout, turns: list[int], max_length):
-    """The row's tokens: all of them, or with max_length as far as the turns that start within it reach."""
+    """The row's tokens: all of them, or with max_length one past it and as far as the turns that start within it
+    reach."""
     if max_length is None:
         return _Tokens.of(tokenizer, text)
     stops = sorted({place.in_text(shape.end) for shape in layout.turns.values() if shape} | {len(text)})
@@ -543,7 +545,7 @@ def _tokenize_far_enough(tokenizer, text: str, place: _Placement, layout: _Layou
     while True:
         stop = stops[bisect.bisect_left(stops, min(guess, len(text)))]
         tokens = _Tokens.of(tokenizer, text[:stop])
-        if len(tokens.ids) >= max_length or stop == len(text):
+        if len(tokens.ids) > max_length or stop == len(text):
             break
         guess = 2 * stop
     # a turn that starts before the cut is tokenized to its end, whatever the guess
