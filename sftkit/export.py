@@ -292,13 +292,20 @@ def _publish(staging: Path, output_dir: Path) -> None:
     readable_like_other_files([*safetensors_weights(output_dir), *(output_dir / ADAPTER_DIR).glob("*.safetensors")])
 
 
-def saved_dtypes(directory: Path) -> list[str]:
-    """The dtypes of the weights actually written (read from the safetensors headers, not from config.json)."""
+def saved_dtypes(output_dir: Path) -> dict[str, list[str]]:
+    """The dtypes of the weights actually written (read from the safetensors headers, not from config.json): of the
+    model, and of the LoRA adapter where there is one (TRL 1.16 keeps QLoRA's in bf16 whatever the run's dtype)."""
+    adapter = sorted((output_dir / ADAPTER_DIR).glob("adapter_model*.safetensors"))
+    return {"saved_dtypes": _dtypes_in(safetensors_weights(output_dir)),
+            **({"adapter_dtypes": _dtypes_in(adapter)} if adapter else {})}
+
+
+def _dtypes_in(files: list[Path]) -> list[str]:
     from safetensors import safe_open
 
     names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
     dtypes = set()
-    for file in safetensors_weights(directory):
+    for file in files:
         with safe_open(file, "pt") as weights:
             dtypes.update(names.get(weights.get_slice(key).get_dtype(), "other") for key in weights.keys())
     return sorted(dtypes)
@@ -364,7 +371,7 @@ def _add_saved_dtypes_to_the_summary(output_dir: Path) -> None:
     """The summary a run wrote when its export failed (report.write_report) lacks the dtypes saved."""
     path = output_dir / SUMMARY_FILE
     if path.is_file():
-        write_json(path, {**json.loads(path.read_text()), "saved_dtypes": saved_dtypes(output_dir)})
+        write_json(path, {**json.loads(path.read_text()), **saved_dtypes(output_dir)})
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m sftkit.export") -> int:

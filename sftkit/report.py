@@ -56,7 +56,7 @@ def report(output_dir: Path, config, summary: dict, history: list[dict]) -> dict
     """Write loss.png, the model card and run_summary.json beside the exported model, print the summary; the
     summary with their paths. The model is published by then: a report that cannot be written (a full disk) is said,
     and the summary is still printed."""
-    summary = {**summary, "saved_dtypes": saved_dtypes(output_dir)}
+    summary = {**summary, **saved_dtypes(output_dir)}
     try:
         summary = write_report(output_dir, output_dir, config, summary, history)
     except OSError as error:
@@ -238,7 +238,10 @@ def format_summary(summary: dict) -> str:
     if summary["sample_reply"] is not None:
         rows.append(("sample", f"{summary['sample_prompt']!r} -> {summary['sample_reply']!r}"))
     rows.append(("model + tokenizer", f"{summary['output_dir']} ({saved})"))
-    for label, key in (("LoRA adapter", "adapter_dir"), ("sample replies", "sample_replies_file"),
+    if summary.get("adapter_dir"):
+        adapter = summary.get("adapter_dtypes")
+        rows.append(("LoRA adapter", summary["adapter_dir"] + (f" ({', '.join(adapter)})" if adapter else "")))
+    for label, key in (("sample replies", "sample_replies_file"),
                        ("loss plot", "loss_plot"), ("model card", "model_card"), ("summary", "summary_file")):
         if summary.get(key):
             rows.append((label, summary[key]))

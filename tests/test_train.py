@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sftkit.config import load_config
 from sftkit.errors import RunFailed
 from sftkit.export import ADAPTER_DIR, RUN_CONFIG_FILE, VERSIONS_FILE, export
-from sftkit.report import SUMMARY_FILE
+from sftkit.report import SUMMARY_FILE, format_summary
 from sftkit.rundir import STAGING_DIR
 from sftkit.train import train
 
@@ -99,6 +99,7 @@ def test_lora_saves_the_adapter_and_a_merged_model_equal_to_base_plus_adapter(tm
     _, result = run(tmp_path, "lora_train_config.yaml")
     out = tmp_path / "out"
     summary = result.summary
+    assert summary["adapter_dtypes"] == ["float32"]
     assert 0 < summary["trainable_parameters"] < summary["total_parameters"]
     assert summary["train_loss_last"] < summary["train_loss_first"]
 
@@ -125,6 +126,9 @@ def test_qlora_merges_into_the_unquantized_base(tmp_path):
 
     _, result = run(tmp_path, "qlora_train_config.yaml")
     out = tmp_path / "out"
+    # TRL keeps QLoRA's adapters in bf16 in a float32 run: the summary says what each file holds
+    assert (result.summary["saved_dtypes"], result.summary["adapter_dtypes"]) == (["float32"], ["bfloat16"])
+    assert f"LoRA adapter       {out / ADAPTER_DIR} (bfloat16)" in format_summary(result.summary)
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert merged.dtype == torch.float32
