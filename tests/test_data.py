@@ -135,6 +135,26 @@ def test_every_row_longer_than_max_seq_length_is_counted_as_cut_wherever_the_cut
 CALL = {"type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}
 
 
+@pytest.mark.parametrize("every_row", [True, False])
+def test_openai_content_parts_train_as_their_joined_text(tmp_path, tokenizer, every_row):
+    """[{type: text, text: ...}] content, in every row or beside plain text in others (which datasets then reads as
+    JSON), trains exactly as the text the parts join to."""
+    def parts(text: str) -> list[dict]:
+        half = len(text) // 2
+        return [{"type": "text", "text": text[:half]}, {"type": "text", "text": text[half:]}]
+
+    plain = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": row["prompt"]},
+                           {"role": "assistant", "content": row["response"]}]} for row in ROWS]
+    with_parts = [{"messages": [{**message, "content": parts(message["content"])} if every_row or number % 2 else
+                                message for message in row["messages"]]} for number, row in enumerate(plain)]
+    for name, rows in (("plain", plain), ("parts", with_parts)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    expected = prepare_data(DatasetConfig(name=str(tmp_path / "plain.jsonl")), tokenizer, 128).train
+    got = prepare_data(DatasetConfig(name=str(tmp_path / "parts.jsonl")), tokenizer, 128).train
+    assert got["input_ids"] == expected["input_ids"] and got["labels"] == expected["labels"]
+    assert trained_spans(tokenizer, got[1]) == [ROWS[1]["response"] + tokenizer.eos_token]
+
+
 @pytest.mark.parametrize(
     ("row", "problem"),
     [
@@ -142,9 +162,13 @@ CALL = {"type": "function", "function": {"name": "get_weather", "arguments": "{\
         ({"messages": [{"role": "user", "content": "Hi"}, {"content": "Yo"}]}, "message 1 has no role"),
         ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]}, "message 1 (assistant) has empty content"),
         ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": 42}]}, "message 1 (assistant) has content of type int"),
-        ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [{"type": "text", "text": "Yo"}]}]},
-         "message 1 (assistant) has content of type list, expected text (content parts, as OpenAI's [{type: text, "
-         "text: ...}], are not read: join their text)"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "a.png"}}]},
+                       {"role": "assistant", "content": "Yo"}]},
+         "message 0 (user) has a part of type 'image_url', and sftkit trains on text only"),
+        ({"messages": [{"role": "user", "content": ["Hi"]}, {"role": "assistant", "content": "Yo"}]},
+         "message 0 (user) has a part that is not {type: text, text: ...} ('Hi')"),
+        ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [{"type": "text", "text": ""}]}]},
+         "message 1 (assistant) has empty content"),
         ({"messages": [{"role": "user", "content": "Hi"}]}, "no assistant message"),
         ({"messages": "Hi"}, "expected a non-empty list of messages, got str"),
         ({"messages": []}, "expected a non-empty list of messages, got an empty list"),
@@ -170,7 +194,8 @@ def test_bad_rows_name_the_source_row_line_and_problem(tmp_path, tokenizer, row,
     # a defect of the row may be left out; a role name every row shares may not
     skip = "; fix or remove the row, or set dataset.on_bad_row: skip"
     assert str(error.value).endswith(skip) == (problem.startswith(("message 1 has no", "no assistant", "expected"))
-                                                or "empty content" in problem or "which sftkit" in problem)
+                                                or "empty content" in problem or "which sftkit" in problem
+                                                or " part" in problem)
 
 
 def test_unknown_columns_and_missing_files_are_clear(tmp_path, tokenizer):

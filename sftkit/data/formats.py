@@ -72,8 +72,8 @@ FORMATS = {
     "question_answer": from_question_answer,
     "alpaca": from_alpaca,
 }
-# What each format reads of a row: columns and message keys.
-MESSAGE_KEYS = {"role", "content", "weight"}
+# What each format reads of a row: columns and message keys (with those of OpenAI's content parts).
+MESSAGE_KEYS = {"role", "content", "weight", "type", "text"}
 READS = {
     "messages": {"messages", *MESSAGE_KEYS},
     "sharegpt": {"conversations", "from", "value"},
@@ -156,7 +156,10 @@ def _as_list(messages) -> list:
 
 
 def _empty_system(message) -> bool:
-    return isinstance(message, dict) and message.get("role") == "system" and not (message.get("content") or "").strip()
+    if not isinstance(message, dict) or message.get("role") != "system":
+        return False
+    content = message.get("content")
+    return not isinstance(content, list) and not (content or "").strip()  # parts are checked as any content
 
 
 def _check_message(message, index: int) -> dict:
@@ -172,11 +175,10 @@ def _check_message(message, index: int) -> dict:
     if role not in ROLES:
         mapped = f" (ShareGPT's name for {SHAREGPT_ROLES[role]}: rename it)" if role in SHAREGPT_ROLES else ""
         raise ValueError(f"message {index} has role {role!r}; expected one of {', '.join(ROLES)}{mapped}")
+    if isinstance(content, list):
+        content = _joined_text_parts(content, index, role)
     if content is not None and not isinstance(content, str):
-        parts = " (content parts, as OpenAI's [{type: text, text: ...}], are not read: join their text)" \
-            if isinstance(content, list) else ""
-        raise ValueError(f"message {index} ({role}) has content of type {type(content).__name__}, expected text"
-                         f"{parts}")
+        raise ValueError(f"message {index} ({role}) has content of type {type(content).__name__}, expected text")
     if not content or not content.strip():
         raise RowDefect(f"message {index} ({role}) has empty content")
     weight = message.get("weight")
@@ -186,6 +188,20 @@ def _check_message(message, index: int) -> dict:
         raise ValueError(f"message {index} ({role}) has weight {weight!r}; only assistant messages take a weight, 0 "
                          "(not trained) or 1")
     return {"role": role, "content": content, "weight": 0}
+
+
+def _joined_text_parts(parts: list, index: int, role: str) -> str:
+    """OpenAI's content parts, [{"type": "text", "text": ...}, ...], as one text: joined as the API and the chat
+    templates that take parts (Llama 3.2 Vision, Gemma 3) join them, with nothing between. A part of another kind (an
+    image) is refused: sftkit trains on text."""
+    texts = []
+    for part in parts:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            what = f"a part of type {kind!r}" if kind else f"a part that is not {{type: text, text: ...}} ({part!r:.60})"
+            raise RowDefect(f"message {index} ({role}) has {what}, and sftkit trains on text only")
+        texts.append(part.get("text") or "")
+    return "".join(texts)
 
 
 def _holds(value) -> bool:
