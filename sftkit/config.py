@@ -33,7 +33,7 @@ from sftkit.errors import ConfigError
 from sftkit.fastpath import bf16_by_default, choose_adapter_inputs
 from sftkit.fastpath import choose as choose_fast_path
 from sftkit.paths import PRESETS_DIR, find_config_file, looks_local, resolve_path
-from sftkit.schema import SECTIONS, DatasetConfig, ModelConfig, RunConfig, SourceConfig
+from sftkit.schema import SECTIONS, DatasetConfig, LoraSettings, ModelConfig, RunConfig, SourceConfig
 
 logger = logging.getLogger("sftkit")
 
@@ -228,7 +228,7 @@ def _precheck_training(values: Any) -> tuple[list[str], dict]:
     errors, coerced = [], {}
     for key, value in values.items():
         if key not in fields:
-            errors.append(f"unknown key training.{key}{_suggest(key, fields)}")
+            errors.append(f"unknown key training.{key}{_suggest(key, fields, 'training')}")
             continue
         hint = _TRAINING_HINTS.get(key) or _simple_hint(fields[key])
         if hint is not None:
@@ -441,7 +441,7 @@ def _build(cls, values: Any, section: str, errors: list[str]):
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
-            errors.append(f"unknown key {section}.{key}{_suggest(key, fields)}")
+            errors.append(f"unknown key {section}.{key}{_suggest(key, fields, section)}")
         elif dataclasses.is_dataclass(hints[key]):
             kwargs[key] = _build(hints[key], value, f"{section}.{key}", errors)
         elif _list_of_dataclass(hints[key]) and isinstance(value, list):
@@ -463,12 +463,44 @@ def _list_of_dataclass(hint: Any):
     return None
 
 
-def _suggest(key: str, valid) -> str:
+# What other tools call sftkit's keys (Axolotl, LLaMA-Factory, TRL's script arguments, PEFT), by themselves or in
+# a section: spelling distance finds none of these, or a wrong one (batch_size -> auto_find_batch_size).
+KNOWN_AS = {
+    "base_model": "model.path", "model_name_or_path": "model.path", "model_name": "model.path",
+    "sequence_len": "model.max_seq_length", "cutoff_len": "model.max_seq_length", "max_seq_len": "model.max_seq_length",
+    "torch_dtype": "model.dtype", "adapter": "model.use_lora", "finetuning_type": "model.use_lora",
+    "lora_r": "model.lora_config.r", "lora_rank": "model.lora_config.r", "rank": "model.lora_config.r",
+    "lora_target": "model.lora_config.target_modules", "lora_target_modules": "model.lora_config.target_modules",
+    "dataset.path": "dataset.name", "dataset_name": "dataset.name", "data_files": "dataset.name", "data_path": "dataset.name",
+    "val_set_size": "dataset.test_size", "val_size": "dataset.test_size", "default_system": "dataset.system_prompt",
+    "system_message": "dataset.system_prompt", "train_on_inputs": "dataset.loss_on",
+    "micro_batch_size": "training.per_device_train_batch_size", "batch_size": "training.per_device_train_batch_size",
+    "epochs": "training.num_train_epochs", "num_epochs": "training.num_train_epochs", "lr": "training.learning_rate",
+}
+
+
+def _suggest(key: str, valid, section: str = "") -> str:
+    """What an unknown `key` of `section` may be meant as: a key of that section, or the key of another section
+    (its full name) that holds it or that other tools call `key`."""
     written, colon, value = key.partition(":")
     if colon and written in valid:  # `{name:x}` is YAML for the key "name:x"
         return f" (YAML needs a space after the colon: '{written}: {value}')"
+    meant = KNOWN_AS.get(f"{section.partition('.')[0]}.{key}") or KNOWN_AS.get(key) or _home_of(key)
+    if meant and meant.rpartition(".")[2] in valid:  # this section's (a source's `name` for dataset.name)
+        return f" (did you mean {meant.rpartition('.')[2]!r}?)"
+    if meant:
+        return f" (did you mean {meant}?)"
     close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _home_of(key: str) -> str | None:
+    """The full name of the key `key` in another section, as `training.learning_rate`; None where there is none."""
+    homes = [("model", ModelConfig), ("model.lora_config", LoraSettings), ("dataset", DatasetConfig)]
+    for section, cls in homes:
+        if key in {field.name for field in dataclasses.fields(cls)}:
+            return f"{section}.{key}"
+    return f"training.{key}" if key in sft_config_fields() and key != "max_length" else None
 
 
 def _coerce(value: Any, hint: Any) -> Any:

@@ -1,5 +1,6 @@
 """Config loading: every shipped file validates; typos, wrong types and conflicts fail together, naming the key."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -110,11 +111,32 @@ def test_unknown_keys_in_every_section_are_reported_together_with_suggestions(tm
         load_config(write(tmp_path, text))
     message = str(error.value)
     assert "unknown key model.use_lorra (did you mean 'use_lora'?)" in message
-    assert "unknown key model.lora_config.rank" in message
+    assert "unknown key model.lora_config.rank (did you mean 'r'?)" in message
     assert "unknown key dataset.sytem_prompt (did you mean 'system_prompt'?)" in message
     assert "unknown key training.learning_rat (did you mean 'learning_rate'?)" in message
     assert "unknown section 'trainig' (did you mean 'training'?)" in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "meant"),
+    [
+        ("model", "base_model", "'path'"),  # Axolotl's names
+        ("model", "sequence_len", "'max_seq_length'"),
+        ("model", "lora_r", "model.lora_config.r"),
+        ("training", "micro_batch_size", "'per_device_train_batch_size'"),
+        ("training", "batch_size", "'per_device_train_batch_size'"),  # not auto_find_batch_size, the nearest spelling
+        ("training", "epochs", "'num_train_epochs'"),
+        ("model", "learning_rate", "training.learning_rate"),  # a key of another section
+        ("training", "max_seq_length", "model.max_seq_length"),
+        ("training", "use_lora", "model.use_lora"),
+        ("dataset", "path", "'name'"),  # load_dataset's path, not model.path
+        ("dataset", "val_set_size", "'test_size'"),
+    ],
+)
+def test_keys_other_tools_use_or_another_section_holds_are_named_as_sftkit_calls_them(tmp_path, section, key, meant):
+    with pytest.raises(ConfigError, match=re.escape(f"unknown key {section}.{key} (did you mean {meant}?)")):
+        load_config(write(tmp_path, f"{section}:\n  {key}: 1\n"))
 
 
 @pytest.mark.parametrize(
