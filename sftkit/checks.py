@@ -183,8 +183,9 @@ def numbers(value: Any, key: str) -> dict[str, Any]:
     return {key: value} if isinstance(value, (int, float)) and not isinstance(value, bool) else {}
 
 
-def path_errors(model: ModelConfig, dataset: DatasetConfig, training: Any) -> list[str]:
-    """Local paths that do not exist, and splits that local data does not have; hub ids are left to the hub."""
+def path_errors(model: ModelConfig, dataset: DatasetConfig, training: Any, beside: Path | None = None) -> list[str]:
+    """Local paths that do not exist, and splits that local data does not have; hub ids are left to the hub.
+    `beside`: the config file's directory, also looked in."""
     errors = []
     deepspeed = training.get("deepspeed") if isinstance(training, dict) else None
     shipped = PROJECT_DIR / "deepspeed_configs" / f"{deepspeed}.json" if isinstance(deepspeed, str) else None
@@ -192,12 +193,12 @@ def path_errors(model: ModelConfig, dataset: DatasetConfig, training: Any) -> li
         errors.append(f"training.deepspeed: {deepspeed} is not a file; the shipped config of that name is "
                       f"deepspeed_configs/{deepspeed}.json")
     elif isinstance(deepspeed, str) and looks_local(deepspeed) and not Path(resolve_path(deepspeed)).is_file():
-        errors.append(f"training.deepspeed: {deepspeed} does not exist{looked_in(deepspeed)}; give the path of a "
+        errors.append(f"training.deepspeed: {deepspeed} does not exist{looked_in(deepspeed, beside)}; give the path of a "
                       "DeepSpeed JSON file such as deepspeed_configs/zero2.json")
     if model.path is not None and looks_local(model.path):
         path = Path(resolve_path(model.path))
         if not path.exists():
-            errors.append(f"model.path: {model.path} does not exist{looked_in(model.path)}; fix the path, or give a "
+            errors.append(f"model.path: {model.path} does not exist{looked_in(model.path, beside)}; fix the path, or give a "
                           "hub id such as Qwen/Qwen2.5-0.5B-Instruct")
         elif not (path / "config.json").is_file():
             errors.append(f"model.path: {model.path} is not a model directory (it has no config.json); point it at the "
@@ -205,15 +206,15 @@ def path_errors(model: ModelConfig, dataset: DatasetConfig, training: Any) -> li
     template = dataset.chat_template
     if template and "\n" not in template and "{" not in template and looks_local(template):
         if not Path(resolve_path(template)).is_file():
-            errors.append(f"dataset.chat_template: {template} does not exist{looked_in(template)}; give the path of "
+            errors.append(f"dataset.chat_template: {template} does not exist{looked_in(template, beside)}; give the path of "
                           "a Jinja file, or the template itself")
     sources = [("dataset", dataset)] if not dataset.sources else []
     sources += [(f"dataset.sources[{index}]", source) for index, source in enumerate(dataset.sources or [])]
     evaluation = [(f"dataset.eval_sources[{index}]", source) for index, source in enumerate(dataset.eval_sources or [])]
     for key, source in sources:
-        errors += source_errors(key, source, dataset.eval_split)
+        errors += source_errors(key, source, dataset.eval_split, beside)
     for key, source in evaluation:
-        errors += source_errors(key, source, None)
+        errors += source_errors(key, source, None, beside)
     output_dir = training.get("output_dir") if isinstance(training, dict) else None
     return errors + (_output_dir_among_data(output_dir, sources + evaluation) if isinstance(output_dir, str) else [])
 
@@ -231,7 +232,7 @@ def _output_dir_among_data(output_dir: str, sources: list[tuple]) -> list[str]:
     return []
 
 
-def source_errors(key: str, source: SourceConfig, eval_split: str | None) -> list[str]:
+def source_errors(key: str, source: SourceConfig, eval_split: str | None, beside: Path | None = None) -> list[str]:
     """What is wrong with a source that can be told without loading it: a local path or pattern that finds nothing,
     a split it does not have, a hub-only setting on it."""
     name = source.name
@@ -239,12 +240,12 @@ def source_errors(key: str, source: SourceConfig, eval_split: str | None) -> lis
         return []
     if glob.has_magic(name):
         if not resolve_glob(name):
-            return [f"{key}.name: the pattern {name} matches no file{looked_in(name)}"]
+            return [f"{key}.name: the pattern {name} matches no file{looked_in(name, beside)}"]
         splits, what = ["train"], "local files have one split, train"
     elif looks_local(name):
         path = Path(resolve_path(name))
         if not path.exists():
-            return [f"{key}.name: {name} does not exist{looked_in(name)}; fix the path, or give a hub dataset id "
+            return [f"{key}.name: {name} does not exist{looked_in(name, beside)}; fix the path, or give a hub dataset id "
                     "such as HuggingFaceH4/ultrachat_200k"]
         if source.subset is not None:
             return [f"{key}.subset: {source.subset} names a configuration of a hub dataset, but {name} is local; "

@@ -32,12 +32,29 @@ from sftkit.engines import launch_uses_fsdp, uses_deepspeed, zero_stage
 from sftkit.errors import ConfigError
 from sftkit.fastpath import bf16_by_default, choose_adapter_inputs
 from sftkit.fastpath import choose as choose_fast_path
-from sftkit.paths import PRESETS_DIR, find_config_file, looks_local, resolve_path
+from sftkit.paths import PRESETS_DIR, find_config_file, found_beside, looks_local, resolve_path
 from sftkit.schema import SECTIONS, DatasetConfig, LoraSettings, ModelConfig, RunConfig, SourceConfig
 
 logger = logging.getLogger("sftkit")
 
 YAML_BOOLEAN_WORDS = {"yes", "no", "on", "off", "y", "n"}
+
+
+def _paths_found_beside(raw: dict, directory: Path) -> dict:
+    """The config's local paths, each found beside the config file where the working directory has none
+    (paths.found_beside)."""
+    found = {section: dict(values) if isinstance(values, dict) else values for section, values in raw.items()}
+    for section, key in (("model", "path"), ("dataset", "name"), ("dataset", "chat_template"),
+                         ("training", "deepspeed")):
+        if isinstance(found.get(section), dict) and key in found[section]:
+            found[section][key] = found_beside(found[section][key], directory)
+    for key in ("sources", "eval_sources"):
+        sources = found["dataset"].get(key) if isinstance(found.get("dataset"), dict) else None
+        if isinstance(sources, list):
+            found["dataset"][key] = [{**source, "name": found_beside(source.get("name"), directory)}
+                                     if isinstance(source, dict) and "name" in source else source
+                                     for source in sources]
+    return found
 
 
 def parse_overrides(args: list[str]) -> dict:
@@ -177,7 +194,7 @@ def load_config(config_name: str | None = None, cli_args: list[str] = (), preset
             layer["dataset"] = {key: value for key, value in (layer.get("dataset") or {}).items()
                                 if key not in source_keys}
         raw = merge(raw, layer)
-    raw = merge(raw, overrides)
+    raw = _paths_found_beside(merge(raw, overrides), path.parent)
     errors: list[str] = []
     for section in raw:
         if section not in SECTIONS:
@@ -189,7 +206,7 @@ def load_config(config_name: str | None = None, cli_args: list[str] = (), preset
     errors += training_errors
     errors += number_errors({**numbers(model, "model"), **numbers(dataset, "dataset"),
                               **{f"training.{key}": value for key, value in training_values.items()}})
-    errors += path_errors(model, dataset, raw.get("training") or {})
+    errors += path_errors(model, dataset, raw.get("training") or {}, path.parent)
     if errors:  # before importing trl and torch, which take seconds
         raise ConfigError(f"{_where(errors, overrides, path)}: " + "; ".join(errors))
     given = "lora_config" in written or "lora_config" in (overrides.get("model") or {})

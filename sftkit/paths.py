@@ -1,5 +1,6 @@
 """Where things are: the project's configs and data (beside the package in a clone, inside it when installed), and
-local paths and globs as a config names them, found from the working directory or else the project."""
+local paths and globs as a config names them, found from the working directory, else beside the config file (made
+absolute when the config is read), else in the project."""
 
 import glob
 import json
@@ -62,11 +63,27 @@ def looks_local(value: str) -> bool:
     return path.parent != Path(".") and Path(resolve_path(str(path.parent))).is_dir()
 
 
-def looked_in(value: str) -> str:
-    """Where resolve_path looked for a relative path, for an error message."""
+def found_beside(value, directory: Path):
+    """A relative local path (or glob) of a config file, as an absolute one where it is not found from the working
+    directory but is beside the config file: a config kept with its data runs from any directory. Anything else
+    (absolute, found from the working directory, a hub id, not a text) as it is."""
+    if not isinstance(value, str) or not value or "\n" in value or "{" in value:  # a template's text, say
+        return value
+    if Path(os.path.expanduser(value)).is_absolute():
+        return value
+    if glob.has_magic(value):
+        found = not glob.glob(value) and glob.glob(str(directory / value))
+    else:
+        found = not Path(value).exists() and (directory / value).exists()
+    return str(directory.resolve() / value) if found else value
+
+
+def looked_in(value: str, beside: Path | None = None) -> str:
+    """Where resolve_path looked for a relative path (and load_config beside the config file), for an error
+    message."""
     if Path(os.path.expanduser(value)).is_absolute():
         return ""
-    places = [Path.cwd()] + ([PROJECT_DIR] if Path.cwd() != PROJECT_DIR else [])
+    places = list(dict.fromkeys([Path.cwd(), *([beside.resolve()] if beside else []), PROJECT_DIR]))
     return f" (looked in {' and in '.join(map(str, places))})"
 
 

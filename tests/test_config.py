@@ -1,13 +1,14 @@
 """Config loading: every shipped file validates; typos, wrong types and conflicts fail together, naming the key."""
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, run_python
+from conftest import REPO, SAMPLE_DATA, TINY_MODEL, run_python
 
 from sftkit.config import load_config
 from sftkit.errors import ConfigError
@@ -98,6 +99,33 @@ def test_bare_name_is_found_in_configs_from_any_directory(tmp_path, monkeypatch)
     assert find_config_file("lora_train_config.yaml") == CONFIGS_DIR / "lora_train_config.yaml"
     with pytest.raises(ConfigError, match="config file not found: missing.yaml"):
         find_config_file("missing.yaml")
+
+
+def test_a_configs_own_paths_are_found_beside_it_from_any_directory(tmp_path, monkeypatch):
+    """A config kept with its data and DeepSpeed file runs from another directory; the working directory comes
+    first, and the project last."""
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    shutil.copy(SAMPLE_DATA, project / "data" / "chat.jsonl")
+    shutil.copy(REPO / "deepspeed_configs" / "zero2.json", project / "ds.json")
+    (project / "config.yaml").write_text(
+        f"model:\n  path: {TINY_MODEL}\ndataset:\n  name: data/chat.jsonl\n  eval_sources:\n    - name: data/*.jsonl\n"
+        "training:\n  output_dir: out\n  deepspeed: ds.json\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config(str(project / "config.yaml"))
+    assert config.dataset.name == str(project / "data" / "chat.jsonl")
+    assert config.dataset.eval_sources[0].name == str(project / "data" / "*.jsonl")
+    assert config.training.deepspeed == str(project / "ds.json")
+    assert config.training.output_dir == "out", "what a run writes goes where it runs"
+
+    (elsewhere / "data").mkdir()
+    shutil.copy(SAMPLE_DATA, elsewhere / "data" / "chat.jsonl")
+    assert load_config(str(project / "config.yaml")).dataset.name == "data/chat.jsonl", "the working directory's first"
+    with pytest.raises(ConfigError, match=re.escape(f"dataset.name: data/other.jsonl does not exist (looked in "
+                                                    f"{elsewhere} and in {project} and in {REPO})")):
+        load_config(str(project / "config.yaml"), ["--dataset.name", "data/other.jsonl"])
 
 
 def test_unknown_keys_in_every_section_are_reported_together_with_suggestions(tmp_path):
