@@ -268,6 +268,10 @@ class Contents:
             parts.append(f"files of an earlier run ({', '.join(self.ours[:3])})")
         return " and ".join(parts)
 
+    def removed(self) -> list[str]:
+        """What --overwrite removes: what an earlier run wrote."""
+        return self.models + self.checkpoints + self.ours
+
 
 def survey(directory: Path) -> Contents:
     contents = Contents()
@@ -315,19 +319,37 @@ class OutputDir:
         self.resolved = resolved
         self.locked = False
         self.owner = False  # the process that claimed it (the main one) records how the run ends
+        self.replaces: Contents | None = None  # what --overwrite removes once training begins
 
     def claim(self, overwrite: bool, resume) -> None:
         """Create output_dir, lock it, and make sure it is this run's to write. Raises ConfigError otherwise.
-        `resume` is training.resume_from_checkpoint: true, a path or None."""
+        `resume` is training.resume_from_checkpoint: true, a path or None. What --overwrite replaces stays until
+        training begins (begin)."""
         self._create()
         self.take_lock()
         try:
             contents = self._contents_this_run_may_take(overwrite, resume)
-            if overwrite:
-                self._remove_earlier_run(contents)
         except BaseException:
             self.release()
             raise
+        self.replaces = contents if overwrite else None
+
+    def freed_at_begin(self) -> int:
+        """The bytes begin() frees: what --overwrite removes of the earlier run."""
+        if self.replaces is None:
+            return 0
+        items = [self.path / name for name in self.replaces.removed()]
+        return sum(file.stat().st_size for item in items
+                   for file in ([item] if item.is_file() else item.rglob("*")) if file.is_file())
+
+    def begin(self) -> None:
+        """Training begins: what --overwrite replaces is removed now, once this run's data, model and trainer are
+        ready (a bad row, a failed load or a Ctrl-C before it keeps the earlier run whole), and output_dir is recorded
+        as this run's."""
+        if self.replaces is not None:
+            self._remove_earlier_run(self.replaces)
+            self.replaces = None
+        self.record_start()
 
     def preview(self, overwrite: bool, resume, model_path: str) -> str:
         """What claim would find, checked the same way but with nothing created, locked or removed (the dry run):
@@ -493,11 +515,11 @@ class OutputDir:
                           f"{', '.join(ways[:-1])}, or {ways[-1]}")
 
     def _remove_earlier_run(self, contents: Contents) -> None:
-        for name in contents.models + contents.checkpoints + contents.ours:
+        for name in contents.removed():
             item = self.path / name
             shutil.rmtree(item) if item.is_dir() else item.unlink()
         (self.path / RUN_FILE).unlink(missing_ok=True)
-        removed = len(contents.models + contents.checkpoints + contents.ours)
+        removed = len(contents.removed())
         if removed:
             kept = f"; kept {', '.join(contents.foreign)} (not written by sftkit)" if contents.foreign else ""
             print(f"sftkit: --overwrite: removed {removed} item(s) of the earlier run in {self.path}{kept}", flush=True)

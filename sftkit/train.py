@@ -91,8 +91,6 @@ def _claim(output: OutputDir, args, config: RunConfig, overwrite: bool) -> str |
     except ConfigError:
         output.release()
         raise
-    if main:
-        output.record_start()
     return checkpoint
 
 
@@ -118,6 +116,8 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
     memory_at_start = memory_mib()
     if resume_from:
         args.eval_on_start = False  # the run evaluated at its start already
+    if trainer.accelerator.is_main_process:
+        output.begin()
     trainer.train(resume_from_checkpoint=resume_from)
     try:  # Ctrl-C or SIGTERM from here on: the trained model is exported first (StopGuard)
         train_seconds = timing.seconds()["train_seconds"]
@@ -183,8 +183,8 @@ def _trainer(config: RunConfig, model, tokenizer, data, callbacks: list, resumed
 
 def _check_space_for_export(output: OutputDir, config: RunConfig, dtype, weights, parameters: tuple[int, int]) -> None:
     trainable, total = parameters
-    missing = check_free_space(output.path, export_bytes(total, trainable, dtype, config.model.use_lora, weights),
-                               "the export")
+    missing = check_free_space(output.path, export_bytes(total, trainable, dtype, config.model.use_lora, weights)
+                               - output.freed_at_begin(), "the export")
     if missing:
         raise ConfigError(missing)
 

@@ -81,6 +81,32 @@ def test_overwrite_removes_everything_the_earlier_run_left_and_keeps_the_users_f
     assert json.loads((out / RUN_FILE).read_text())["status"] == "finished"
 
 
+@pytest.mark.parametrize("failure", ["a bad row", "a model that does not load"])
+def test_overwrite_keeps_the_earlier_run_whole_until_training_begins(finished, tmp_path, failure):
+    """--overwrite removed the finished model at once: a bad row in the new data (the commonest first-hour error),
+    or a model that failed to load, then left an output_dir with nothing in it."""
+    out = copy_of(finished, tmp_path)
+    before = contents(out)
+    if failure == "a bad row":
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Yo"}]})
+                       + "\n")
+        result = run_sft("--training.output_dir", str(out), *SHORT, "--dataset.name", str(bad), "--overwrite",
+                         check=False)
+        assert "message 1 has role 'bot'" in one_line_error(result)
+    else:
+        model = tmp_path / "model"
+        shutil.copytree(TINY_MODEL, model)
+        (model / "model.safetensors").write_bytes(b"not weights")
+        with pytest.raises(Exception, match="header too large"):  # safetensors' own error
+            run_sft("--training.output_dir", str(out), *SHORT, "--model.path", str(model), "--overwrite")
+    assert contents(out) == before, "the earlier run is as it was"
+    earlier = len({path.name for path in out.iterdir()} - {RUN_FILE})
+    rerun = run_sft("--training.output_dir", str(out), *SHORT, "--overwrite").stdout
+    removed = rerun.index(f"sftkit: --overwrite: removed {earlier} item(s) of the earlier run in {out}")
+    assert rerun.index("sftkit: full fine-tuning") < removed < rerun.index("step 1/3")
+
+
 @pytest.mark.parametrize("how", ["overwrite", "resume"])
 def test_a_new_model_keeps_the_users_files_even_under_names_like_a_runs(finished, tmp_path, how):
     """The export removed an earlier export's files by pattern (model*.safetensors*, adapter_*): a backup such as
@@ -201,7 +227,7 @@ def test_a_failed_attempt_that_saved_nothing_can_simply_be_run_again(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match="max_seq_length"):
         train(config(out, "--model.max_seq_length", "4"))  # every row is cut away: fails after claiming output_dir
-    assert json.loads((out / RUN_FILE).read_text())["status"] == "failed" and not (out / LOCK_FILE).exists()
+    assert not list(out.iterdir()), "a run that failed before training began leaves output_dir as it found it"
     assert train(config(out)).summary["steps"] == 3
 
 
