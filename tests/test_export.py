@@ -304,6 +304,17 @@ def test_a_disk_too_small_for_the_export_is_refused_before_training(tmp_path):
     assert "step 1/" not in result.stdout
 
 
+def test_overwrite_counts_the_space_it_frees_for_the_export(small_disk):
+    """The earlier model stays until training begins: the space check before it counts what --overwrite removes."""
+    out = small_disk / "out"
+    run_sft("--training.output_dir", str(out), *SHORT)
+    (small_disk / "filler").write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 2 * 2**20))
+    refused = run_sft("--training.output_dir", str(small_disk / "other"), *SHORT, check=False)
+    assert "the export needs 5.5 MiB" in refused.stderr, "without the earlier model's space it does not fit"
+    assert run_sft("--training.output_dir", str(out), *SHORT, "--overwrite").returncode == 0
+    assert json.loads((out / "run_summary.json").read_text())["steps"] == 3
+
+
 def test_a_full_disk_at_export_keeps_the_trained_adapter_and_the_export_can_be_finished(small_disk, monkeypatch):
     out = small_disk / "out"
     cfg = config(out, "lora_train_config.yaml")
