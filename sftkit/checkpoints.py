@@ -16,6 +16,7 @@ from sftkit.rundir import (
     fingerprint,
     input_digests,
     is_checkpoint,
+    published_step,
     read_run_record,
     readable_like_other_files,
     run_record,
@@ -98,7 +99,26 @@ def checkpoint_to_resume(requested, output_dir: Path, resolved: dict, processes:
     if processes is not None:
         _refuse_another_number_of_processes(checkpoint, processes)
     _refuse_resuming_at_the_end(checkpoint, resolved)
+    if requested is True:  # a checkpoint named by its path is the user's choice
+        _refuse_going_back_behind_the_published_model(checkpoint, output_dir)
     return str(checkpoint)
+
+
+def _refuse_going_back_behind_the_published_model(checkpoint: Path, output_dir: Path) -> None:
+    """A run stopped by a signal (a checkpoint at step 11) and resumed to its end (step 30) without saving again:
+    its newest checkpoint is behind its model, and a resume from the newest (the printed resume command, run again
+    by a requeued job) would train steps 12-30 over again and publish that over the finished model."""
+    step, trained = _step_of(checkpoint), published_step(output_dir)
+    if step is None or trained is None or step >= trained:
+        return
+    again = f"step {trained}" if step + 1 == trained else f"steps {step + 1}-{trained}"
+    raise ConfigError(f"training.resume_from_checkpoint: {checkpoint} is step {step}, behind the model published in "
+                      f"{output_dir}, which trained to step {trained}: a resume would train {again} again and replace "
+                      f"it. To train that model further, fine-tune it as model.path {output_dir} into "
+                      "another training.output_dir; to resume from the checkpoint all the same, give its path as "
+                      "training.resume_from_checkpoint")
+
+
 
 
 def _refuse_another_number_of_processes(checkpoint: Path, now: int) -> None:

@@ -228,6 +228,20 @@ def read_run_record(directory: Path) -> dict | None:
         return None
 
 
+def published_step(directory: Path) -> int | None:
+    """The step the model published in directory was trained to: from its run record (since 2026-11-28), else from
+    its summary; None when no finished model is recorded there."""
+    record = read_run_record(directory) or {}
+    if record.get("status") != "finished":
+        return None
+    if "step" in record:
+        return record["step"]
+    try:
+        return int(json.loads((Path(directory) / "run_summary.json").read_text())["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def record_published(directory: Path, **extra) -> None:
     """The run record says finished as soon as the model is in place: a kill while the report is written leaves a
     finished model, not one that looks still exporting."""
@@ -363,7 +377,7 @@ class OutputDir:
         if overwrite and earlier:  # as _remove_earlier_run does: files sftkit did not write stay
             removed = Contents(contents.models, contents.checkpoints, contents.ours).describe() or "nothing"
             kept = f"; keeps files sftkit did not write ({_some(contents.foreign, 3)})" if contents.foreign else ""
-            return f"{self.path} (--overwrite: the run first removes what the earlier run wrote: {removed}{kept})"
+            return f"{self.path} (--overwrite: as training begins, the run removes what the earlier run wrote: {removed}{kept})"
         return f"{self.path} ({'new' if not self.path.exists() else 'holds ' + earlier if earlier else 'empty'})"
 
     def _contents_this_run_may_take(self, overwrite: bool, resume) -> "Contents":
@@ -503,9 +517,15 @@ class OutputDir:
         if STAGING_DIR in contents.models:  # the trained weights, kept when the export failed
             ways.insert(0, f"finish its export with python -m sftkit.export {self.path}")
         elif contents.checkpoints and same_config and earlier.get("status") == "finished":
-            # its last checkpoint is its last step, from which a resume has nothing left to train
-            ways.insert(0, "train it longer with --training.resume_from_checkpoint true and a higher "
-                           "training.max_steps or num_train_epochs")
+            if _natural_key(contents.checkpoints[-1])[1] >= (published_step(self.path) or 0):
+                ways.insert(0, "train it longer with --training.resume_from_checkpoint true and a higher "
+                               "training.max_steps or num_train_epochs")
+            else:  # a signal's checkpoint, before the steps that finished the run: a resume would train them again
+                why = (f"; its newest checkpoint is behind its model, which trained to step "
+                       f"{published_step(self.path)}")
+                ways = [f"fine-tune that model further as model.path {self.path} into another training.output_dir",
+                        "pass --overwrite to redo the run (removes only what it wrote)",
+                        "choose another training.output_dir"]
         elif contents.checkpoints and same_config:
             ways.insert(0, "continue it with --training.resume_from_checkpoint true")
         elif contents.checkpoints and earlier is not None:

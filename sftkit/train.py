@@ -127,7 +127,7 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
             trainer.evaluate()
         reply = _final_reply(trainer, tokenizer, data.sample_prompts[:1]) if extras else None
         if trainer.accelerator.is_main_process:
-            output.mark("exporting", dtype=str(dtype).removeprefix("torch."))
+            output.mark("exporting", dtype=str(dtype).removeprefix("torch."), step=trainer.state.global_step)
 
         def summary() -> dict:  # taken once the export has ended, whose seconds its wall time counts
             return build_summary(trainer, config, data, dtype, parameters, reply, timing.seconds(), train_seconds,

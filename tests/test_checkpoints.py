@@ -1,6 +1,7 @@
 """Resuming only from intact checkpoints of the same run: a damaged file is named in one line, and `true` falls back
 to the newest intact checkpoint with a warning."""
 
+import json
 import shutil
 
 import pytest
@@ -9,6 +10,7 @@ from conftest import run_sft
 from sftkit.checkpoints import damage
 from sftkit.config import load_config
 from sftkit.errors import ConfigError
+from sftkit.rundir import RUN_FILE
 from sftkit.train import train
 
 ARGS = ["--training.max_steps", "4", "--training.logging_steps", "1", "--dataset.test_size", "null",
@@ -63,6 +65,8 @@ def test_the_command_line_shows_one_line_for_a_damaged_checkpoint(damaged):
 
 def test_resume_true_falls_back_to_the_newest_intact_checkpoint_with_a_warning(damaged, capsys):
     out = damaged("optimizer.pt")
+    record = out / RUN_FILE  # killed as it saved checkpoint-4 (how a checkpoint is damaged): the run did not finish
+    record.write_text(json.dumps({**json.loads(record.read_text()), "status": "interrupted"}))
     run = train(config(out, "--training.resume_from_checkpoint", "true"))
     assert f"warning: skipping {out}/checkpoint-4: optimizer.pt is damaged" in capsys.readouterr().out
     logged = [entry["step"] for entry in run.trainer.state.log_history if "loss" in entry]

@@ -161,10 +161,9 @@ def test_checkpoints_of_a_run_with_other_settings_are_never_resumed(finished, tm
 
 def test_the_same_run_resumes_with_a_longer_schedule(finished, tmp_path, capsys):
     out = copy_of(finished, tmp_path)
-    shutil.rmtree(out / "checkpoint-3", ignore_errors=True)
     summary = train(config(out, "--training.max_steps", "4", "--training.resume_from_checkpoint", "true")).summary
     assert summary["steps"] == 4
-    assert f"resumes from {out}/checkpoint-2; at the end its model replaces the one in {out}" in capsys.readouterr().out
+    assert f"resumes from {out}/checkpoint-3; at the end its model replaces the one in {out}" in capsys.readouterr().out
 
 
 def test_a_checkpoint_saved_just_before_a_crash_is_resumed(finished, tmp_path):
@@ -310,6 +309,27 @@ def test_a_model_inside_output_dir_is_refused_before_overwrite_removes_it(finish
     assert contents(out) == before
 
 
+def test_a_finished_run_whose_newest_checkpoint_is_behind_its_model_is_never_resumed_from_it(finished, tmp_path):
+    """Stopped by SIGTERM at step 2 (its checkpoint), resumed to its end without saving again: the rerun advised
+    training longer from checkpoint-2, and the printed resume command, run again by a requeued job, trained step 3
+    again and published it over the finished model."""
+    out = copy_of(finished, tmp_path)
+    shutil.rmtree(out / "checkpoint-3")
+    before = contents(out)
+    rerun = one_line_error(run_sft("--training.output_dir", str(out), *SHORT, check=False))
+    assert "; its newest checkpoint is behind its model, which trained to step 3: fine-tune that model further as " \
+           f"model.path {out} into another training.output_dir, pass --overwrite to redo the run" in rerun
+    for longer in ([], ["--training.max_steps", "6"]):
+        resumed = one_line_error(run_sft("--training.output_dir", str(out), *SHORT, *longer,
+                                         "--training.resume_from_checkpoint", "true", check=False))
+        assert f"training.resume_from_checkpoint: {out / 'checkpoint-2'} is step 2, behind the model published in " \
+               f"{out}, which trained to step 3: a resume would train step 3 again and replace it" in resumed
+    assert contents(out) == before
+    chosen = run_sft("--training.output_dir", str(out), *SHORT, "--training.max_steps", "4",
+                     "--training.resume_from_checkpoint", str(out / "checkpoint-2"))  # a path is the user's choice
+    assert json.loads((out / "run_summary.json").read_text())["steps"] == 4 and chosen.returncode == 0
+
+
 def test_the_dry_run_refuses_what_the_run_refuses_and_writes_nothing(finished, tmp_path):
     """The dry run checks output_dir and the checkpoint to resume as the run does, without creating, locking or
     removing anything, and says what the run would do there."""
@@ -322,7 +342,7 @@ def test_the_dry_run_refuses_what_the_run_refuses_and_writes_nothing(finished, t
     # its checkpoint-3 is its last step: resuming as such would be refused, so the way is to train longer
     assert "train it longer with --training.resume_from_checkpoint true and a higher training.max_steps" in refused
     plan = run_sft("--dry-run", "--overwrite", "--training.output_dir", str(out), *SHORT).stdout
-    assert f"output             {out} (--overwrite: the run first removes what the earlier run wrote: a trained " \
+    assert f"output             {out} (--overwrite: as training begins, the run removes what the earlier run wrote: a trained " \
            "model (config.json" in plan
     assert plan.rstrip().endswith("; keeps files sftkit did not write (notes.txt))")  # as the run keeps them
     resume = ["--training.save_strategy", "steps", "--training.save_steps", "2", "--training.resume_from_checkpoint",
