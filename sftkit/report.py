@@ -22,6 +22,10 @@ def build_summary(trainer, config, data, dtype, parameters: tuple[int, int], rep
     history = state.log_history
     losses = [entry["loss"] for entry in history if "loss" in entry]
     eval_losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
+    best = published_checkpoint_step(trainer)
+    if best is not None:  # the model published is that checkpoint's, evaluated at its step
+        eval_losses.append(next(entry["eval_loss"] for entry in history
+                                if "eval_loss" in entry and entry["step"] == best))
     return {
         "wall_seconds": seconds["wall_seconds"],
         "steps": state.global_step,
@@ -35,6 +39,7 @@ def build_summary(trainer, config, data, dtype, parameters: tuple[int, int], rep
         "train_loss_mean": mean_logged_loss(history),
         "eval_loss_first": eval_losses[0] if len(eval_losses) > 1 else None,
         "eval_loss": eval_losses[-1] if eval_losses else None,
+        "published_step": best,
         "rows": data.rows,
         "rows_dropped": data.dropped,
         "rows_cut": data.kept(trainer.args)[1],  # to max_seq_length: a reply cut there trains without its end
@@ -76,6 +81,17 @@ def write_report(directory: Path, output_dir: Path, config, summary: dict, histo
     (directory / MODEL_CARD).write_text(model_card(config, summary))
     (directory / SUMMARY_FILE).write_text(json.dumps(_finite(summary), indent=2, allow_nan=False) + "\n")
     return summary
+
+
+def published_checkpoint_step(trainer) -> int | None:
+    """The step of the best checkpoint that training.load_best_model_at_end loaded back at the end, whose model the
+    run publishes; None when that is the last step's model."""
+    state, args = trainer.state, trainer.args
+    if not (args.load_best_model_at_end and state.best_model_checkpoint):
+        return None
+    step = int(Path(state.best_model_checkpoint).name.rsplit("-", 1)[-1])
+    logged = any("eval_loss" in entry and entry["step"] == step for entry in state.log_history)
+    return step if step != state.global_step and logged else None
 
 
 def mean_logged_loss(history: list[dict]) -> float | None:
@@ -167,6 +183,9 @@ def model_card(config, summary: dict) -> str:
         "|---|---|---|",
         f"| train loss | {_number(summary['train_loss_first'])} | {_number(summary['train_loss_last'])} |",
         f"| eval loss | {_number(summary['eval_loss_first'])} | {_number(summary['eval_loss'])} |",
+        *(["", f"The model is the best checkpoint's, step {summary['published_step']} of {summary['steps']} "
+               "(training.load_best_model_at_end): its eval loss is the end's."] if summary.get("published_step")
+          else []),
         "",
         f"{summary['trained_tokens']:,} tokens trained in {summary['train_seconds']:.1f} s of training "
         f"({summary['wall_seconds']} s in all).",
@@ -212,6 +231,12 @@ def _number(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _published(summary: dict) -> str:
+    """'step 5, the best checkpoint' where the run published an earlier checkpoint's model than its last step's."""
+    step = summary.get("published_step")
+    return f"step {step}, the best checkpoint" if step else ""
+
+
 def format_summary(summary: dict) -> str:
     def count(value):
         return "n/a" if value is None else f"{value:,.0f}"
@@ -228,7 +253,8 @@ def format_summary(summary: dict) -> str:
                    f"{summary['trained_tokens']:,} trained"),
         ("train loss", f"{_number(summary['train_loss_first'])} -> {_number(summary['train_loss_last'])} "
                        f"(first -> last log), {_number(summary['train_loss_mean'])} mean"),
-        *([("eval loss", f"{_number(summary['eval_loss_first'])} -> {_number(summary['eval_loss'])} (start -> end)")]
+        *([("eval loss", f"{_number(summary['eval_loss_first'])} -> {_number(summary['eval_loss'])} (start -> "
+                         f"{_published(summary) or 'end'})")]
           if summary["eval_loss"] is not None else []),  # no evaluation data
         ("rows", f"{summary['rows']} read, dropped: {describe_dropped(summary['rows_dropped'])}"
                  + (f"; {summary['rows_cut']} cut to max_seq_length" if summary.get("rows_cut") else "")),
@@ -237,7 +263,8 @@ def format_summary(summary: dict) -> str:
     ]
     if summary["sample_reply"] is not None:
         rows.append(("sample", f"{summary['sample_prompt']!r} -> {summary['sample_reply']!r}"))
-    rows.append(("model + tokenizer", f"{summary['output_dir']} ({saved})"))
+    rows.append(("model + tokenizer", f"{summary['output_dir']} ({saved}" + (f"; {_published(summary)}"
+                                                                              if _published(summary) else "") + ")"))
     if summary.get("adapter_dir"):
         adapter = summary.get("adapter_dtypes")
         rows.append(("LoRA adapter", summary["adapter_dir"] + (f" ({', '.join(adapter)})" if adapter else "")))

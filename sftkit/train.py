@@ -40,7 +40,7 @@ from sftkit.model import (
 from sftkit.monitor import MonitoredSFTTrainer, ProgressBar, SampleReplies, memory_mib, sample_replies
 from sftkit.paths import resolve_path
 from sftkit.peers import check_every_process_runs_the_same, check_output_dir_is_shared
-from sftkit.report import build_summary, report, write_report
+from sftkit.report import build_summary, published_checkpoint_step, report, write_report
 from sftkit.rundir import STAGING_DIR, OutputDir, check_free_space, export_bytes, refuse_before_claiming
 from sftkit.schema import RunConfig
 
@@ -123,7 +123,8 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
         train_seconds = timing.seconds()["train_seconds"]
         _stop_unless_trained(trainer)
         extras = not _asked_to_stop(trainer)
-        if extras and data.eval is not None and _last_eval_step(trainer.state.log_history) != trainer.state.global_step:
+        if extras and data.eval is not None and _last_eval_step(trainer.state.log_history) != \
+                trainer.state.global_step and published_checkpoint_step(trainer) is None:  # the best was evaluated
             trainer.evaluate()
         reply = _final_reply(trainer, tokenizer, data.sample_prompts[:1]) if extras else None
         if trainer.accelerator.is_main_process:
