@@ -184,8 +184,11 @@ def _merge_adapter(model_cfg, adapter_dir: Path, target: Path, dtype) -> None:
     from sftkit.model import load_model
 
     # The attention kernel plays no part in merging, and `sftkit export` may finish the export on a machine without
-    # the one the run used (flash_attention_2, chosen where flash-attn is installed): load with the default.
-    base_cfg = dataclasses.replace(model_cfg, attn_implementation=None)
+    # the one the run used (flash_attention_2, chosen where flash-attn is installed): load with the default. The
+    # base is the one the adapter records (a local one by its absolute path), so `sftkit export` finds it from any
+    # working directory.
+    base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base_cfg = dataclasses.replace(model_cfg, path=base, attn_implementation=None)
     with zero3_init_disabled():
         base = load_model(base_cfg, dtype, gradient_checkpointing=False, quantize=False)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()

@@ -9,7 +9,7 @@ from threading import Thread
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
-from sftkit.errors import ConfigError
+from sftkit.errors import ConfigError, first_line
 from sftkit.paths import resolve_path
 
 
@@ -29,8 +29,14 @@ def load_for_inference(path: str, trust_remote_code: bool = False):
         from peft import PeftModel
 
         adapter = json.loads((directory / "adapter_config.json").read_text())
-        base = AutoModelForCausalLM.from_pretrained(resolve_path(adapter["base_model_name_or_path"]),
-                                                    revision=adapter.get("revision"), **options)
+        name = adapter["base_model_name_or_path"]
+        try:
+            base = AutoModelForCausalLM.from_pretrained(resolve_path(name), revision=adapter.get("revision"),
+                                                        **options)
+        except OSError as error:  # a relative local path (adapters before 2026-11-28) from another directory
+            raise ConfigError(f"{path}: its base model {name} (base_model_name_or_path in its adapter_config.json) "
+                              f"could not be loaded: {first_line(error)}; if it is a local directory, run from the "
+                              "directory the training ran in, or write its absolute path there") from error
         model = PeftModel.from_pretrained(base, directory)
     else:
         raise ConfigError(f"{path}: no model here (expected config.json, or adapter_config.json for a LoRA adapter); "

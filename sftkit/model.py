@@ -15,7 +15,7 @@ from sftkit.compat import keep_cpu_4bit_layout_trainable, zero3_init_disabled
 from sftkit.data.tokenize import CHATML_TEMPLATE
 from sftkit.engines import uses_deepspeed, uses_fsdp
 from sftkit.errors import ConfigError, first_line
-from sftkit.paths import looked_in, resolve_path
+from sftkit.paths import absolute_if_local, looked_in, resolve_path
 from sftkit.schema import DatasetConfig, ModelConfig
 
 logger = logging.getLogger("sftkit")
@@ -249,7 +249,7 @@ def load_model(model_cfg: ModelConfig, dtype: torch.dtype, gradient_checkpointin
             bnb_4bit_compute_dtype=dtype,
             bnb_4bit_quant_storage=dtype,  # ZeRO-3 can only shard 4-bit weights stored in the compute dtype
         )
-    model = AutoModelForCausalLM.from_pretrained(resolve_path(model_cfg.path), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(absolute_if_local(model_cfg.path), **kwargs)
     if quantize:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
         keep_cpu_4bit_layout_trainable(model)

@@ -47,6 +47,14 @@ def resolve_path(value: str) -> str:
     return str(in_project) if in_project.exists() else value
 
 
+def absolute_if_local(value: str) -> str:
+    """resolve_path's answer, absolute where it is a local path: what a model is loaded from, since transformers and
+    PEFT record it (the adapter's base_model_name_or_path), and a relative one is lost once the working directory
+    changes."""
+    found = resolve_path(value)
+    return os.path.abspath(found) if Path(found).exists() else found
+
+
 def resolve_glob(pattern: str) -> list[str]:
     """The files a glob matches, as resolve_path finds a path: from the working directory, else the project."""
     pattern = os.path.expanduser(pattern)

@@ -1,5 +1,6 @@
 """After training: the terminal chat, the before/after report and the web chat in a real headless browser."""
 
+import json
 import os
 import re
 import shutil
@@ -9,11 +10,12 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, SAMPLE_PROMPTS, run_here, run_python
+from conftest import REPO, SAMPLE_PROMPTS, TINY_MODEL, run_here, run_python
 
 from sftkit import chat as chat_command
 from sftkit import compare
 from sftkit.inference import generate_reply, load_for_inference
+from sftkit.rundir import STAGING_DIR
 
 
 def greedy(model_dir, conversation: list[dict]) -> str:
@@ -309,3 +311,36 @@ def test_the_system_prompt_is_read_only_from_the_runs_own_config_and_a_bad_one_i
     for text in ("- a list\n", "dataset: [a]\n", "dataset: {system_prompt: [\n"):
         (run / "sftkit_config.yaml").write_text(text)
         assert asked(run) is None
+
+
+def test_an_adapter_trained_on_a_relative_local_model_path_loads_from_any_directory(tmp_path, monkeypatch):
+    """The adapter recorded its base as given ("mymodel", from the working directory): the chat and `sftkit export`
+    from anywhere else tried the hub for 60 s and ended in a traceback."""
+    from sftkit.config import load_config
+    from sftkit.export import main as export_main
+    from sftkit.train import train
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    shutil.copytree(TINY_MODEL, work / "mymodel")
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    out = tmp_path / "out"
+    train(load_config("lora_train_config.yaml", ["--model.path", "mymodel", "--training.output_dir", str(out),
+                                                 "--training.max_steps", "2", "--dataset.test_size", "null"]))
+    adapter = out / "lora_weights" / "adapter_config.json"
+    assert json.loads(adapter.read_text())["base_model_name_or_path"] == str(work / "mymodel")
+    monkeypatch.chdir(elsewhere)
+    load_for_inference(str(out / "lora_weights"))
+    (out / STAGING_DIR).mkdir()  # an export to finish from here, as after a kill: merged from the adapter's base
+    shutil.copytree(out / "lora_weights", out / STAGING_DIR / "lora_weights")
+    record = out / "sftkit_run.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "status": "exporting"}))
+    assert run_here(export_main, str(out)).returncode == 0 and not (out / STAGING_DIR).exists()
+
+    adapter.write_text(json.dumps({**json.loads(adapter.read_text()), "base_model_name_or_path": "mymodel"}))
+    result = subprocess.run([sys.executable, "-m", "sftkit.chat", str(out / "lora_weights")], cwd=elsewhere,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}, input="/exit\n",
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "its base model mymodel (base_model_name_or_path in its adapter_config.json) could not be loaded: " \
+           in result.stderr and "run from the directory the training ran in" in result.stderr
