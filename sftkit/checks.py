@@ -48,7 +48,7 @@ def cross_field_errors(model: ModelConfig, dataset: DatasetConfig, training: dic
         errors.append("training.padding_free: true needs training.packing: true (TRL does not cut unpacked rows to "
                       "model.max_seq_length when padding-free); set training.packing: true, which is padding-free "
                       "itself, and remove padding_free")
-    errors += _evaluation_errors(dataset, training)
+    errors += _evaluation_errors(dataset, training) + _hub_errors(training)
     if isinstance(training.get("liger_kernel_config"), dict) and training["liger_kernel_config"].get(
             "fused_linear_cross_entropy"):
         # TRL 1.16 raises this only once the Trainer is built, after the model has loaded
@@ -69,6 +69,22 @@ def _evaluation_errors(dataset: DatasetConfig, training: dict) -> list[str]:
         errors.append("training.save_strategy: best needs training.metric_for_best_model (eval_loss, say), the "
                       "metric that decides which checkpoint is best")
     return errors
+
+
+def _hub_errors(training: dict) -> list[str]:
+    """training.push_to_hub needs the hub and a login, which the Trainer finds missing only once it is built, after
+    the data and the model have loaded (transformers 5.24 creates the repo then)."""
+    if not training.get("push_to_hub"):
+        return []
+    from huggingface_hub import constants, get_token
+
+    if constants.HF_HUB_OFFLINE:
+        return ["training.push_to_hub: true needs the hub, but HF_HUB_OFFLINE is set; unset it, or remove "
+                "push_to_hub (the model is saved in training.output_dir either way)"]
+    if not (training.get("hub_token") or get_token()):
+        return ["training.push_to_hub: true needs a hub login: run `hf auth login` or set HF_TOKEN, or remove "
+                "push_to_hub (the model is saved in training.output_dir either way)"]
+    return []
 
 
 @dataclass(frozen=True)

@@ -165,21 +165,32 @@ def _trainer(config: RunConfig, model, tokenizer, data, callbacks: list, resumed
     if config.dataset.sample_prompts:
         callbacks.append(SampleReplies(tokenizer, data.sample_prompts, resumed=resumed))
     allow_fsdp_on_cpu()  # before the Trainer builds its Accelerator
-    trainer = MonitoredSFTTrainer(
-        model=model,
-        args=config.training,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        processing_class=tokenizer,
-        peft_config=lora_config(config.model),
-        callbacks=callbacks,
-        cast_adapter_inputs=config.model.cast_adapter_inputs,
-    )
+    try:
+        trainer = MonitoredSFTTrainer(
+            model=model,
+            args=config.training,
+            train_dataset=data.train,
+            eval_dataset=data.eval,
+            processing_class=tokenizer,
+            peft_config=lora_config(config.model),
+            callbacks=callbacks,
+            cast_adapter_inputs=config.model.cast_adapter_inputs,
+        )
+    except Exception as error:
+        if config.training.push_to_hub and _from_the_hub(error):  # the Trainer creates the hub repo as it is built
+            raise ConfigError(f"training.push_to_hub: the hub repo could not be created: {first_line(error)}; check "
+                              "the login (hf auth whoami) and training.hub_model_id, or remove push_to_hub") from error
+        raise
     check_fsdp_on(trainer)
     if not config.training.disable_tqdm:
         trainer.remove_callback(transformers.trainer_callback.ProgressCallback)
         trainer.add_callback(ProgressBar)
     return trainer
+
+
+def _from_the_hub(error: Exception) -> bool:
+    return type(error).__module__.split(".")[0] in ("huggingface_hub", "requests", "httpx") or \
+        isinstance(error, OSError)
 
 
 def _check_space_for_export(output: OutputDir, config: RunConfig, dtype, weights, parameters: tuple[int, int]) -> None:

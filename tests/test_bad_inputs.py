@@ -270,3 +270,17 @@ def test_a_model_path_that_is_neither_on_the_hub_nor_here_says_both(tmp_path):
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("sft.py: error: model.path models/my-llama: cannot read its config.json: ")
     assert line.endswith(f"; no local directory models/my-llama either (looked in {REPO})")
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({"HF_HUB_OFFLINE": "1"}, "training.push_to_hub: true needs the hub, but HF_HUB_OFFLINE is set"),
+    ({}, "training.push_to_hub: true needs a hub login: run `hf auth login` or set HF_TOKEN"),
+])
+def test_push_to_hub_without_the_hub_or_a_login_is_refused_before_loading(tmp_path, env, expected):
+    """The Trainer found it out once built, after the data and the model had loaded, with a traceback."""
+    no_login = {"HF_TOKEN": "", "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")}  # no token stored there
+    result = run_python("sft.py", "--training.push_to_hub", "true", "--training.output_dir", str(tmp_path / "out"),
+                        env={**no_login, **env}, check=False, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert expected in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
