@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,8 +190,9 @@ def _trainer(config: RunConfig, model, tokenizer, data, callbacks: list, resumed
 
 
 def _from_the_hub(error: Exception) -> bool:
-    return type(error).__module__.split(".")[0] in ("huggingface_hub", "requests", "httpx") or \
-        isinstance(error, OSError)
+    """Raised in huggingface_hub (its own errors, or its HTTP client's, whichever that is)."""
+    return any("huggingface_hub" in Path(frame.f_code.co_filename).parts
+               for frame, _ in traceback.walk_tb(error.__traceback__))
 
 
 def _check_space_for_export(output: OutputDir, config: RunConfig, dtype, weights, parameters: tuple[int, int]) -> None:

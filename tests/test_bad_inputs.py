@@ -284,3 +284,16 @@ def test_push_to_hub_without_the_hub_or_a_login_is_refused_before_loading(tmp_pa
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert expected in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_hub_repo_the_trainer_cannot_create_is_one_line(tmp_path):
+    """A login, but a hub that cannot be reached (here nothing listens at the endpoint): the Trainer's repo creation
+    fails once it is built."""
+    env = {"HF_TOKEN": "hf_" + "x" * 34, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9",
+           "HF_HOME": str(tmp_path / "hf")}
+    result = run_python("sft.py", "--training.push_to_hub", "true", "--training.hub_model_id", "me/tiny",
+                        "--training.output_dir", str(tmp_path / "out"), "--training.max_steps", "1", env=env,
+                        check=False, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "sft.py: error: training.push_to_hub: the hub repo could not be created: ")
