@@ -69,7 +69,8 @@ def _check_paths(args) -> None:
 
 
 def _read_prompts(path: str) -> list[str]:
-    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    text = Path(path).read_text(encoding="utf-8-sig")  # the BOM Windows editors start a file with is no prompt
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def write_report(args) -> Path:

@@ -57,11 +57,12 @@ def test_terminal_chat_on_base_plus_adapter_matches_the_merged_model(lora_run):
 
 def test_before_after_report_on_sample_prompts(monitored_run, tmp_path):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("What day comes after Monday?\n\nHello!\n")
+    prompts.write_bytes("\ufeffWhat day comes after Monday?\r\n\r\nHello!\r\n".encode())  # as Notepad saves it
     run_here(compare.main, str(monitored_run.out), "--out", str(tmp_path / "custom.md"), "--prompts", str(prompts),
              "--max_new_tokens", "40")
     custom = (tmp_path / "custom.md").read_text()
     assert custom.count("| base model | fine-tuned |") == 2 and "Hello!" in custom
+    assert "\ufeff" not in custom and "\r" not in custom and "What day comes after Monday?" in custom
     result = run_here(compare.main, str(monitored_run.out), "--max_new_tokens", "40")
     report = (monitored_run.out / "before_after.md").read_text()
     assert f"wrote {monitored_run.out / 'before_after.md'}" in result.stdout
