@@ -138,6 +138,11 @@ def test_env_and_init_answer_a_mistyped_argument_in_one_line(tmp_path):
     assert not list(tmp_path.glob("mine.json*"))
     run_python("-m", "sftkit", "init", str(tmp_path / "llama3.1_mine"), "--from", "default")  # a dot in the name
     assert (tmp_path / "llama3.1_mine.yaml").is_file()
+    run_python("-m", "sftkit", "init", str(tmp_path / "runs" / "first.yaml"))  # its folder is made
+    assert (tmp_path / "runs" / "first.yaml").read_text() == (REPO / "configs" / "lora_train_config.yaml").read_text()
+    again = run_python("-m", "sftkit", "init", str(tmp_path / "runs" / "first.yaml"), "--from", "qlora", check=False)
+    assert again.returncode == 2 and "exists already" in again.stderr
+    assert (tmp_path / "runs" / "first.yaml").read_text() == (REPO / "configs" / "lora_train_config.yaml").read_text()
 
 
 def test_env_shows_the_accelerate_config_in_use():
