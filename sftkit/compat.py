@@ -403,12 +403,13 @@ def refuse_values_datasets_reads_as_json(features, files: list[str], read: set, 
                         changed[path] = (file, place, value)
             both = [path for path in paths if path in odd and path in changed]
             if both:
-                (file, place, value), (_, where, text) = odd[both[0]], changed[both[0]]
+                (file, place, value), (text_file, where, text) = odd[both[0]], changed[both[0]]
                 field = "".join(f".{part}" if part else "[]" for part in both[0]).lstrip(".")
-                raise DataError(f"dataset {file} {place}: {field} is a {type(value).__name__} where other rows have "
-                                f"text, so datasets would read that field as JSON and change text that looks like "
-                                f"JSON ({text!r} on {where} into {ujson_loads(text)!r}); make it text, or remove that "
-                                "row")
+                # which row is the odd one, the user knows: both are named
+                where += f" of {text_file}" if text_file != file else ""
+                raise DataError(f"dataset {file}: {field} is a {type(value).__name__} on {place} and text on {where}, "
+                                "so datasets would read that field as JSON and change text that looks like JSON "
+                                f"({text!r} into {ujson_loads(text)!r}); give that field one type in every row")
 
 
 def _json_rows(file: str):

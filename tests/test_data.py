@@ -295,10 +295,10 @@ def test_a_field_of_text_in_some_rows_and_other_values_in_others_is_refused(tmp_
             for reply in replies] + [{"messages": [{"role": "user", "content": odd}, {"role": "assistant", "content": "ok"}]}]
     path = tmp_path / "mixed.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    with pytest.raises(DataError, match=re.escape(f"dataset {path} line 13: messages[].content is a "
-                                                  f"{type(odd).__name__} where other rows have text, so datasets would "
-                                                  "read that field as JSON and change text that looks like JSON ('4' "
-                                                  "on line 1 into 4)")):
+    with pytest.raises(DataError, match=re.escape(f"dataset {path}: messages[].content is a {type(odd).__name__} on "
+                                                  "line 13 and text on line 1, so datasets would read that field as "
+                                                  "JSON and change text that looks like JSON ('4' into 4); give that "
+                                                  "field one type in every row")):
         prepare_data(DatasetConfig(name=str(path), on_bad_row="skip"), tokenizer, max_length=64)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows[:-1]))
     data = prepare_data(DatasetConfig(name=str(path), test_size=None), tokenizer, max_length=64)
@@ -316,8 +316,9 @@ def test_text_datasets_would_change_is_found_as_datasets_parses_it(tmp_path, tok
     path = tmp_path / ("rows.json" if document else "rows.jsonl")
     path.write_text(json.dumps(rows, indent=1) if document else "".join(json.dumps(row) + "\n" for row in rows))
     place = "row 2" if document else "line 2"
-    with pytest.raises(DataError, match=re.escape(f"dataset {path} {place}: messages[].content is a int where other "
-                                                  "rows have text")):
+    first = "row 1" if document else "line 1"
+    with pytest.raises(DataError, match=re.escape(f"dataset {path}: messages[].content is a int on {place} and text "
+                                                  f"on {first}")):
         prepare_data(DatasetConfig(name=str(path), on_bad_row="skip"), tokenizer, max_length=64)
 
 
