@@ -16,10 +16,10 @@ from sftkit.rundir import (
     fingerprint,
     input_digests,
     is_checkpoint,
-    published_step,
     read_run_record,
     readable_like_other_files,
     run_record,
+    trained_to_step,
     write_json,
 )
 
@@ -108,7 +108,7 @@ def _refuse_going_back_behind_the_published_model(checkpoint: Path, output_dir: 
     """A run stopped by a signal (a checkpoint at step 11) and resumed to its end (step 30) without saving again:
     its newest checkpoint is behind its model, and a resume from the newest (the printed resume command, run again
     by a requeued job) would train steps 12-30 over again and publish that over the finished model."""
-    step, trained = _step_of(checkpoint), published_step(output_dir)
+    step, trained = _step_of(checkpoint), trained_to_step(output_dir)
     if step is None or trained is None or step >= trained:
         return
     again = f"step {trained}" if step + 1 == trained else f"steps {step + 1}-{trained}"
@@ -117,8 +117,6 @@ def _refuse_going_back_behind_the_published_model(checkpoint: Path, output_dir: 
                       f"it. To train that model further, fine-tune it as model.path {output_dir} into "
                       "another training.output_dir; to resume from the checkpoint all the same, give its path as "
                       "training.resume_from_checkpoint")
-
-
 
 
 def _refuse_another_number_of_processes(checkpoint: Path, now: int) -> None:

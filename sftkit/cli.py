@@ -180,11 +180,12 @@ def init(argv: list[str]) -> int:
             raise ConfigError(f"{args.file}: a config is a YAML file; give a name ending in .yaml, or none")
         source = _shipped_config(args.source)
         target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "x") as file:  # never over a file, even one made meanwhile
-            file.write(source.read_text())
-    except FileExistsError:
-        return say_error("sftkit init", ConfigError(f"{target} exists already; choose another name (sftkit init "
-                                                    "never replaces a file)"))
+        try:
+            with open(target, "x") as file:  # never over a file, even one made meanwhile
+                file.write(source.read_text())
+        except FileExistsError:
+            raise ConfigError(f"{target} exists already; choose another name (sftkit init never replaces a "
+                              "file)") from None
     except OSError as error:
         return say_error("sftkit init", ConfigError(str(error)))
     except ConfigError as error:

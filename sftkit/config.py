@@ -484,6 +484,7 @@ def _list_of_dataclass(hint: Any):
 # a section: spelling distance finds none of these, or a wrong one (batch_size -> auto_find_batch_size).
 KNOWN_AS = {
     "base_model": "model.path", "model_name_or_path": "model.path", "model_name": "model.path",
+    "model.name": "model.path",
     "sequence_len": "model.max_seq_length", "cutoff_len": "model.max_seq_length", "max_seq_len": "model.max_seq_length",
     "torch_dtype": "model.dtype", "adapter": "model.use_lora", "finetuning_type": "model.use_lora",
     "lora_r": "model.lora_config.r", "lora_rank": "model.lora_config.r", "rank": "model.lora_config.r",

@@ -22,7 +22,7 @@ def build_summary(trainer, config, data, dtype, parameters: tuple[int, int], rep
     history = state.log_history
     losses = [entry["loss"] for entry in history if "loss" in entry]
     eval_losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
-    best = published_checkpoint_step(trainer)
+    best = best_checkpoint_step(trainer)
     if best is not None:  # the model published is that checkpoint's, evaluated at its step
         eval_losses.append(next(entry["eval_loss"] for entry in history
                                 if "eval_loss" in entry and entry["step"] == best))
@@ -39,7 +39,7 @@ def build_summary(trainer, config, data, dtype, parameters: tuple[int, int], rep
         "train_loss_mean": mean_logged_loss(history),
         "eval_loss_first": eval_losses[0] if len(eval_losses) > 1 else None,
         "eval_loss": eval_losses[-1] if eval_losses else None,
-        "published_step": best,
+        "best_checkpoint_step": best,
         "rows": data.rows,
         "rows_dropped": data.dropped,
         "rows_cut": data.kept(trainer.args)[1],  # to max_seq_length: a reply cut there trains without its end
@@ -64,9 +64,12 @@ def report(output_dir: Path, config, summary: dict, history: list[dict]) -> dict
     summary = {**summary, **saved_dtypes(output_dir)}
     try:
         summary = write_report(output_dir, output_dir, config, summary, history)
-    except OSError as error:
+    except OSError as error:  # an earlier export's report, or this one's written in part, would describe another run
+        for name in (LOSS_PLOT, MODEL_CARD, SUMMARY_FILE):
+            (output_dir / name).unlink(missing_ok=True)
         print(f"sftkit: the model is published in {output_dir}, but its report (loss plot, model card, "
-              f"{SUMMARY_FILE}) could not be written there: {first_line(error)}", file=sys.stderr, flush=True)
+              f"{SUMMARY_FILE}) could not be written there: {first_line(error)}; any earlier report there was "
+              "removed", file=sys.stderr, flush=True)
     print(format_summary(summary), flush=True)
     return summary
 
@@ -83,12 +86,12 @@ def write_report(directory: Path, output_dir: Path, config, summary: dict, histo
     return summary
 
 
-def published_checkpoint_step(trainer) -> int | None:
+def best_checkpoint_step(trainer) -> int | None:
     """The step of the best checkpoint that training.load_best_model_at_end loaded back at the end, whose model the
     run publishes; None when that is the last step's model."""
     state, args = trainer.state, trainer.args
-    if not (args.load_best_model_at_end and state.best_model_checkpoint):
-        return None
+    if not (args.load_best_model_at_end and state.best_model_checkpoint and Path(state.best_model_checkpoint).is_dir()):
+        return None  # the Trainer loads no best checkpoint that is gone (rotated away, deleted), with a warning
     step = int(Path(state.best_model_checkpoint).name.rsplit("-", 1)[-1])
     logged = any("eval_loss" in entry and entry["step"] == step for entry in state.log_history)
     return step if step != state.global_step and logged else None
@@ -183,9 +186,9 @@ def model_card(config, summary: dict) -> str:
         "|---|---|---|",
         f"| train loss | {_number(summary['train_loss_first'])} | {_number(summary['train_loss_last'])} |",
         f"| eval loss | {_number(summary['eval_loss_first'])} | {_number(summary['eval_loss'])} |",
-        *(["", f"The model is the best checkpoint's, step {summary['published_step']} of {summary['steps']} "
-               "(training.load_best_model_at_end): its eval loss is the end's."] if summary.get("published_step")
-          else []),
+        *(["", f"The model is the best checkpoint's, step {summary['best_checkpoint_step']} of {summary['steps']} "
+               "(training.load_best_model_at_end): the eval loss at the end is that checkpoint's."]
+          if summary.get("best_checkpoint_step") else []),
         "",
         f"{summary['trained_tokens']:,} tokens trained in {summary['train_seconds']:.1f} s of training "
         f"({summary['wall_seconds']} s in all).",
@@ -233,7 +236,7 @@ def _number(value) -> str:
 
 def _published(summary: dict) -> str:
     """'step 5, the best checkpoint' where the run published an earlier checkpoint's model than its last step's."""
-    step = summary.get("published_step")
+    step = summary.get("best_checkpoint_step")
     return f"step {step}, the best checkpoint" if step else ""
 
 
@@ -263,8 +266,8 @@ def format_summary(summary: dict) -> str:
     ]
     if summary["sample_reply"] is not None:
         rows.append(("sample", f"{summary['sample_prompt']!r} -> {summary['sample_reply']!r}"))
-    rows.append(("model + tokenizer", f"{summary['output_dir']} ({saved}" + (f"; {_published(summary)}"
-                                                                              if _published(summary) else "") + ")"))
+    best = _published(summary)
+    rows.append(("model + tokenizer", f"{summary['output_dir']} ({saved}{'; ' + best if best else ''})"))
     if summary.get("adapter_dir"):
         adapter = summary.get("adapter_dtypes")
         rows.append(("LoRA adapter", summary["adapter_dir"] + (f" ({', '.join(adapter)})" if adapter else "")))

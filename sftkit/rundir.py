@@ -228,9 +228,9 @@ def read_run_record(directory: Path) -> dict | None:
         return None
 
 
-def published_step(directory: Path) -> int | None:
-    """The step the model published in directory was trained to: from its run record (since 2026-11-28), else from
-    its summary; None when no finished model is recorded there."""
+def trained_to_step(directory: Path) -> int | None:
+    """The step a finished run in directory trained to (its last, whichever checkpoint's model it published): from
+    its run record (since 2026-11-28), else from its summary; None when no finished run is recorded there."""
     record = read_run_record(directory) or {}
     if record.get("status") != "finished":
         return None
@@ -334,6 +334,7 @@ class OutputDir:
         self.locked = False
         self.owner = False  # the process that claimed it (the main one) records how the run ends
         self.replaces: Contents | None = None  # what --overwrite removes once training begins
+        self.began = False  # training began (begin), in every process
 
     def claim(self, overwrite: bool, resume) -> None:
         """Create output_dir, lock it, and make sure it is this run's to write. Raises ConfigError otherwise.
@@ -356,14 +357,17 @@ class OutputDir:
         return sum(file.stat().st_size for item in items
                    for file in ([item] if item.is_file() else item.rglob("*")) if file.is_file())
 
-    def begin(self) -> None:
-        """Training begins: what --overwrite replaces is removed now, once this run's data, model and trainer are
-        ready (a bad row, a failed load or a Ctrl-C before it keeps the earlier run whole), and output_dir is recorded
-        as this run's."""
+    def begin(self, main: bool) -> None:
+        """Training begins: in the main process output_dir is recorded as this run's and what --overwrite replaces
+        is removed, now that this run's data, model and trainer are ready (a bad row, a failed load or a Ctrl-C
+        before it keeps the earlier run whole)."""
+        self.began = True
+        if not main:
+            return
+        self.record_start()  # first: a kill while removing leaves this run's record, not the earlier one's "finished"
         if self.replaces is not None:
             self._remove_earlier_run(self.replaces)
             self.replaces = None
-        self.record_start()
 
     def preview(self, overwrite: bool, resume, model_path: str) -> str:
         """What claim would find, checked the same way but with nothing created, locked or removed (the dry run):
@@ -406,6 +410,8 @@ class OutputDir:
         if not self.owner:
             return
         record = read_run_record(self.path) or run_record(self.resolved)
+        if record.get("status") == "finished":  # this run's model is published (record_published): nothing undoes it
+            return
         write_json(self.path / RUN_FILE, {**record, "status": status, **extra})
 
     def _refuse_a_file(self) -> None:
@@ -517,12 +523,12 @@ class OutputDir:
         if STAGING_DIR in contents.models:  # the trained weights, kept when the export failed
             ways.insert(0, f"finish its export with python -m sftkit.export {self.path}")
         elif contents.checkpoints and same_config and earlier.get("status") == "finished":
-            if _natural_key(contents.checkpoints[-1])[1] >= (published_step(self.path) or 0):
+            trained = trained_to_step(self.path) or 0
+            if _natural_key(contents.checkpoints[-1])[1] >= trained:
                 ways.insert(0, "train it longer with --training.resume_from_checkpoint true and a higher "
                                "training.max_steps or num_train_epochs")
-            else:  # a signal's checkpoint, before the steps that finished the run: a resume would train them again
-                why = (f"; its newest checkpoint is behind its model, which trained to step "
-                       f"{published_step(self.path)}")
+            else:  # no checkpoint of its last step (a signal's, or save_strategy no or epoch): a resume would redo steps
+                why = f"; its newest checkpoint is behind its model, which trained to step {trained}"
                 ways = [f"fine-tune that model further as model.path {self.path} into another training.output_dir",
                         "pass --overwrite to redo the run (removes only what it wrote)",
                         "choose another training.output_dir"]
@@ -538,7 +544,6 @@ class OutputDir:
         for name in contents.removed():
             item = self.path / name
             shutil.rmtree(item) if item.is_dir() else item.unlink()
-        (self.path / RUN_FILE).unlink(missing_ok=True)
         removed = len(contents.removed())
         if removed:
             kept = f"; kept {', '.join(contents.foreign)} (not written by sftkit)" if contents.foreign else ""

@@ -41,8 +41,15 @@ from sftkit.model import (
 from sftkit.monitor import MonitoredSFTTrainer, ProgressBar, SampleReplies, memory_mib, sample_replies
 from sftkit.paths import resolve_path
 from sftkit.peers import check_every_process_runs_the_same, check_output_dir_is_shared
-from sftkit.report import build_summary, published_checkpoint_step, report, write_report
-from sftkit.rundir import STAGING_DIR, OutputDir, check_free_space, export_bytes, refuse_before_claiming
+from sftkit.report import best_checkpoint_step, build_summary, report, write_report
+from sftkit.rundir import (
+    STAGING_DIR,
+    OutputDir,
+    check_free_space,
+    export_bytes,
+    refuse_before_claiming,
+    trained_to_step,
+)
 from sftkit.schema import RunConfig
 
 logger = logging.getLogger(__name__)
@@ -70,7 +77,7 @@ def train(config: RunConfig, overwrite: bool = False, started: float | None = No
         raise
     except KeyboardInterrupt:  # a second Ctrl-C (the first one stops after the step, or after the export)
         output.mark("interrupted")
-        raise Interrupted(_stopped_at_once(output.path), signal.SIGINT) from None
+        raise Interrupted(_stopped_at_once(output), signal.SIGINT) from None
     except BaseException as failure:
         output.mark("failed", error=first_line(failure))
         raise
@@ -117,15 +124,15 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
     memory_at_start = memory_mib()
     if resume_from:
         args.eval_on_start = False  # the run evaluated at its start already
-    if trainer.accelerator.is_main_process:
-        output.begin()
+    output.begin(trainer.accelerator.is_main_process)
     trainer.train(resume_from_checkpoint=resume_from)
     try:  # Ctrl-C or SIGTERM from here on: the trained model is exported first (StopGuard)
         train_seconds = timing.seconds()["train_seconds"]
         _stop_unless_trained(trainer)
         extras = not _asked_to_stop(trainer)
-        if extras and data.eval is not None and _last_eval_step(trainer.state.log_history) != \
-                trainer.state.global_step and published_checkpoint_step(trainer) is None:  # the best was evaluated
+        evaluated = _last_eval_step(trainer.state.log_history) == trainer.state.global_step or \
+            best_checkpoint_step(trainer) is not None  # the model is that checkpoint's, evaluated at its step
+        if extras and data.eval is not None and not evaluated:
             trainer.evaluate()
         reply = _final_reply(trainer, tokenizer, data.sample_prompts[:1]) if extras else None
         if trainer.accelerator.is_main_process:
@@ -179,8 +186,9 @@ def _trainer(config: RunConfig, model, tokenizer, data, callbacks: list, resumed
         )
     except Exception as error:
         if config.training.push_to_hub and _from_the_hub(error):  # the Trainer creates the hub repo as it is built
-            raise ConfigError(f"training.push_to_hub: the hub repo could not be created: {first_line(error)}; check "
-                              "the login (hf auth whoami) and training.hub_model_id, or remove push_to_hub") from error
+            raise ConfigError(f"training.push_to_hub: the hub failed as the Trainer set up its repo: "
+                              f"{first_line(error)}; check the login (hf auth whoami), the network and "
+                              "training.hub_model_id, or remove push_to_hub") from error
         raise
     check_fsdp_on(trainer)
     if not config.training.disable_tqdm:
@@ -241,8 +249,12 @@ def _how_to_resume(trainer, signum: int) -> str:
             f"{resume_words()}")
 
 
-def _stopped_at_once(output_dir: Path) -> str:
-    staging = output_dir / STAGING_DIR
+def _stopped_at_once(output: OutputDir) -> str:
+    output_dir, staging = output.path, output.path / STAGING_DIR
+    if not output.began:  # an earlier run's checkpoints are not this run's to resume
+        return f"stopped at once, before training began: this run wrote nothing in {output_dir}"
+    if trained_to_step(output_dir) is not None:
+        return f"stopped at once, after the model was published in {output_dir}"
     if staging.is_dir():
         return (f"stopped at once during the export; what it wrote is kept in {staging}, and if the weights were "
                 f"written, sftkit export {output_dir} finishes it")

@@ -155,6 +155,13 @@ def test_openai_content_parts_train_as_their_joined_text(tmp_path, tokenizer, ev
     assert trained_spans(tokenizer, got[1]) == [ROWS[1]["response"] + tokenizer.eos_token]
 
 
+@pytest.mark.parametrize("empty", ["", [], [{"type": "text", "text": " "}]])
+def test_an_empty_system_message_is_left_out_whether_text_or_parts(empty):
+    row = {"messages": [{"role": "system", "content": empty}, {"role": "user", "content": "Hi"},
+                        {"role": "assistant", "content": "Yo"}]}
+    assert to_messages(row, "messages") == row["messages"][1:]
+
+
 @pytest.mark.parametrize(
     ("row", "problem"),
     [
@@ -169,6 +176,10 @@ def test_openai_content_parts_train_as_their_joined_text(tmp_path, tokenizer, ev
          "message 0 (user) has a part that is not {type: text, text: ...} ('Hi')"),
         ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [{"type": "text", "text": ""}]}]},
          "message 1 (assistant) has empty content"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 7}]}, {"role": "assistant", "content": "Yo"}]},
+         "message 0 (user) has a text part whose text is a int"),
+        ({"messages": [{"role": "system", "content": 7}, {"role": "user", "content": "Hi"},
+                       {"role": "assistant", "content": "Yo"}]}, "message 0 (system) has content of type int"),
         ({"messages": [{"role": "user", "content": "Hi"}]}, "no assistant message"),
         ({"messages": "Hi"}, "expected a non-empty list of messages, got str"),
         ({"messages": []}, "expected a non-empty list of messages, got an empty list"),

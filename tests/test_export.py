@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from sftkit import export as export_module
 from sftkit.config import load_config
-from sftkit.errors import RunFailed
+from sftkit.errors import Interrupted, RunFailed
 from sftkit.export import ADAPTER_DIR, export
 from sftkit.export import main as export_main
 from sftkit.rundir import RUN_FILE, STAGING_DIR, OutputDir
@@ -396,10 +396,48 @@ def test_a_disk_that_fills_after_the_model_is_published_leaves_a_finished_model_
     run = train(config(out, "lora_train_config.yaml"))
     said = capsys.readouterr()
     assert f"sftkit: the model is published in {out}, but its report (loss plot, model card, run_summary.json) " \
-           "could not be written there: [Errno 28] No space left on device" in said.err
+           "could not be written there: [Errno 28] No space left on device; any earlier report there was removed" \
+           in said.err
     assert f"model + tokenizer  {out} (float32)" in said.out and "  summary  " not in said.out
     assert json.loads((out / RUN_FILE).read_text())["status"] == "finished"
     assert run.summary["steps"] == 3 and not (out / STAGING_DIR).exists()
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_a_report_that_cannot_be_written_leaves_no_earlier_report_beside_the_new_model(tmp_path, monkeypatch):
+    """The first attempt's report (3 steps) stayed beside the model of the resume that trained longer (5 steps)."""
+    import errno
+
+    from sftkit import report as report_module
+
+    out = tmp_path / "out"
+    train(config(out, "default_train_config.yaml", "--training.save_strategy", "steps", "--training.save_steps", "3"))
+
+    def no_space(history, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report_module, "plot_loss", no_space)
+    longer = config(out, "default_train_config.yaml", "--training.max_steps", "5", "--training.resume_from_checkpoint",
+                    "true")
+    assert train(longer).summary["steps"] == 5
+    assert not {"run_summary.json", "README.md", "loss.png"} & {path.name for path in out.iterdir()}
+    assert json.loads((out / RUN_FILE).read_text())["status"] == "finished"
+
+
+def test_a_second_ctrl_c_after_the_publish_keeps_the_run_finished(tmp_path, monkeypatch):
+    """A KeyboardInterrupt while the report was written marked the published model's run interrupted, so a resume
+    of it was no longer refused, and said to resume it."""
+    out = tmp_path / "out"
+    finish = export_module.finish_export
+
+    def finish_then_interrupt(*args):
+        finish(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_module, "finish_export", finish_then_interrupt)
+    with pytest.raises(Interrupted, match=f"stopped at once, after the model was published in {out}$"):
+        train(config(out))
+    assert json.loads((out / RUN_FILE).read_text())["status"] == "finished"
     AutoModelForCausalLM.from_pretrained(out)
 
 

@@ -16,7 +16,7 @@ from conftest import REPO, TINY_MODEL, run_sft, tmpfs
 
 from sftkit.checkpoints import checkpoint_to_resume
 from sftkit.config import load_config
-from sftkit.errors import ConfigError
+from sftkit.errors import ConfigError, Interrupted
 from sftkit.rundir import LOCK_FILE, RUN_FILE, OutputDir
 from sftkit.train import train
 
@@ -105,6 +105,44 @@ def test_overwrite_keeps_the_earlier_run_whole_until_training_begins(finished, t
     rerun = run_sft("--training.output_dir", str(out), *SHORT, "--overwrite").stdout
     removed = rerun.index(f"sftkit: --overwrite: removed {earlier} item(s) of the earlier run in {out}")
     assert rerun.index("sftkit: full fine-tuning") < removed < rerun.index("step 1/3")
+
+
+def test_a_ctrl_c_before_training_began_keeps_the_earlier_run_and_offers_none_of_its_checkpoints(finished, tmp_path,
+                                                                                                  monkeypatch):
+    """It said "Resume with: ... true" about the checkpoints of the run --overwrite was to replace."""
+    import sftkit.train
+
+    out = copy_of(finished, tmp_path)
+    before = contents(out)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sftkit.train, "prepare_for_training", interrupted)
+    with pytest.raises(Interrupted, match=f"^stopped at once, before training began: this run wrote nothing in {out}$"):
+        train(config(out, "--training.learning_rate", "1e-4"), overwrite=True)
+    assert contents(out) == before
+
+
+def test_a_stop_while_overwrite_removes_the_earlier_run_never_leaves_its_finished_record(finished, tmp_path,
+                                                                                         monkeypatch):
+    """The earlier run's record ("finished") went last: a stop in between left it beside half its files."""
+    import sftkit.rundir
+
+    out = copy_of(finished, tmp_path)
+    removing = sftkit.rundir.shutil.rmtree
+
+    def stopped_after_one(path, *args, **kwargs):
+        removing(path, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sftkit.rundir.shutil, "rmtree", stopped_after_one)
+    with pytest.raises(Interrupted):
+        train(config(out, "--training.learning_rate", "1e-4"), overwrite=True)
+    monkeypatch.undo()
+    record = json.loads((out / RUN_FILE).read_text())
+    assert record["status"] == "interrupted" and record["config"]["training"]["learning_rate"] == 1e-4
+    assert train(config(out, "--training.learning_rate", "1e-4"), overwrite=True).summary["steps"] == 3
 
 
 @pytest.mark.parametrize("how", ["overwrite", "resume"])
@@ -373,7 +411,7 @@ def test_the_dry_run_refuses_what_the_run_refuses_and_writes_nothing(finished, t
 RACER = """
 import sys, time
 from pathlib import Path
-from sftkit.errors import ConfigError
+from sftkit.errors import ConfigError, Interrupted
 from sftkit.rundir import OutputDir
 out, start = Path(sys.argv[1]), Path(sys.argv[2])
 print("ready", flush=True)

@@ -206,7 +206,7 @@ def test_a_run_that_publishes_its_best_checkpoint_reports_that_checkpoints_eval_
                     "--training.greater_is_better", "true", steps=12)
     out, summary = tmp_path / "out", result.summary
     at_step = {entry["step"]: entry["eval_loss"] for entry in result.trainer.state.log_history if "eval_loss" in entry}
-    assert (summary["published_step"], summary["eval_loss"]) == (4, at_step[4]) and at_step[12] < at_step[4]
+    assert (summary["best_checkpoint_step"], summary["eval_loss"]) == (4, at_step[4]) and at_step[12] < at_step[4]
     said = format_summary(summary)
     assert "(start -> step 4, the best checkpoint)" in said and f"{out} (float32; step 4, the best checkpoint)" in said
     assert "The model is the best checkpoint's, step 4 of 12" in (out / "README.md").read_text()

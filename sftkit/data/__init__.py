@@ -27,7 +27,9 @@ MAX_PROCESSES = 8
 # trained on rows prepared another way. 1: checkpoints saved before it was recorded. 2 (2026-11-27): rows with tool
 # calls or reasoning refused, CSV cells reading None or NA kept as text, a token merged across a reply's start
 # refused (and, since 2026-11-26, the eval split before source weights, rows kept by the trainer's window).
-PREPARATION = 2
+# 3 (2026-11-28): OpenAI content parts joined into text (such rows were bad rows), rows cut at max_length one token
+# longer.
+PREPARATION = 3
 
 
 def describe_dropped(dropped: dict[str, int]) -> str:

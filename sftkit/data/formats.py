@@ -72,8 +72,8 @@ FORMATS = {
     "question_answer": from_question_answer,
     "alpaca": from_alpaca,
 }
-# What each format reads of a row: columns and message keys (with those of OpenAI's content parts).
-MESSAGE_KEYS = {"role", "content", "weight", "type", "text"}
+# What each format reads of a row: columns and message keys.
+MESSAGE_KEYS = {"role", "content", "weight"}
 READS = {
     "messages": {"messages", *MESSAGE_KEYS},
     "sharegpt": {"conversations", "from", "value"},
@@ -159,7 +159,12 @@ def _empty_system(message) -> bool:
     if not isinstance(message, dict) or message.get("role") != "system":
         return False
     content = message.get("content")
-    return not isinstance(content, list) and not (content or "").strip()  # parts are checked as any content
+    if isinstance(content, list):
+        try:
+            content = _joined_text_parts(content, 0, "system")
+        except RowDefect:
+            return False  # refused by _check_message, as any message's parts
+    return content is None or (isinstance(content, str) and not content.strip())  # other types: _check_message
 
 
 def _check_message(message, index: int) -> dict:
@@ -200,7 +205,10 @@ def _joined_text_parts(parts: list, index: int, role: str) -> str:
         if kind != "text":
             what = f"a part of type {kind!r}" if kind else f"a part that is not {{type: text, text: ...}} ({part!r:.60})"
             raise RowDefect(f"message {index} ({role}) has {what}, and sftkit trains on text only")
-        texts.append(part.get("text") or "")
+        text = part.get("text")
+        if not isinstance(text, (str, type(None))):
+            raise RowDefect(f"message {index} ({role}) has a text part whose text is a {type(text).__name__}")
+        texts.append(text or "")
     return "".join(texts)
 
 
