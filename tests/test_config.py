@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import REPO, SAMPLE_DATA, TINY_MODEL, run_python
 
-from sftkit.config import load_config
+from sftkit.config import _paths_found_beside, load_config
 from sftkit.errors import ConfigError
 from sftkit.paths import CONFIGS_DIR, PRESETS_DIR, find_config_file
 
@@ -110,15 +110,17 @@ def test_a_configs_own_paths_are_found_beside_it_from_any_directory(tmp_path, mo
     shutil.copy(REPO / "deepspeed_configs" / "zero2.json", project / "ds.json")
     (project / "config.yaml").write_text(
         f"model:\n  path: {TINY_MODEL}\ndataset:\n  name: data/chat.jsonl\n  eval_sources:\n    - name: data/*.jsonl\n"
-        "training:\n  output_dir: out\n  deepspeed: ds.json\n")
+        "training:\n  output_dir: out\n")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     config = load_config(str(project / "config.yaml"))
     assert config.dataset.name == str(project / "data" / "chat.jsonl")
     assert config.dataset.eval_sources[0].name == str(project / "data" / "*.jsonl")
-    assert config.training.deepspeed == str(project / "ds.json")
     assert config.training.output_dir == "out", "what a run writes goes where it runs"
+    # (a DeepSpeed config loaded here would start torch.distributed in the test process, on a port later tests need)
+    found = _paths_found_beside({"training": {"deepspeed": "ds.json", "output_dir": "out"}}, project)
+    assert found["training"] == {"deepspeed": str(project / "ds.json"), "output_dir": "out"}
 
     (elsewhere / "data").mkdir()
     shutil.copy(SAMPLE_DATA, elsewhere / "data" / "chat.jsonl")

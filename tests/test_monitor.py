@@ -81,7 +81,8 @@ def test_a_fresh_run_starts_the_sample_file_anew_and_a_resumed_one_appends(tmp_p
         train(load_config(None, overrides), overwrite=overwrite)
         assert len(samples.read_text().splitlines()) == 1
     shutil.rmtree(tmp_path / "checkpoint-4")
-    train(load_config(None, overrides + ["--training.resume_from_checkpoint", "true"]))  # from step 2
+    # from step 2, named: `true` refuses a checkpoint behind the finished model
+    train(load_config(None, overrides + ["--training.resume_from_checkpoint", str(tmp_path / "checkpoint-2")]))
     assert [json.loads(line)["step"] for line in samples.read_text().splitlines()] == [4, 4]
 
 
@@ -237,7 +238,8 @@ def test_a_resume_under_another_cpu_thread_count_uses_the_interrupted_runs(tmp_p
         torch.set_num_threads(1)
         whole = train(load_config(None, ["--training.output_dir", str(tmp_path / "whole"), *overrides]))
         shutil.copytree(tmp_path / "whole" / "checkpoint-3", tmp_path / "split" / "checkpoint-3")
-        shutil.copy(tmp_path / "whole" / "sftkit_run.json", tmp_path / "split")
+        record = json.loads((tmp_path / "whole" / "sftkit_run.json").read_text())  # as a run stopped at step 3 left it
+        (tmp_path / "split" / "sftkit_run.json").write_text(json.dumps({**record, "status": "interrupted"}))
         torch.set_num_threads(2)
         resumed = train(load_config(None, ["--training.output_dir", str(tmp_path / "split"), *overrides,
                                            "--training.resume_from_checkpoint", "true"]))
