@@ -296,4 +296,4 @@ def test_a_hub_repo_the_trainer_cannot_create_is_one_line(tmp_path):
                         check=False, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1].startswith(
-        "sft.py: error: training.push_to_hub: the hub repo could not be created: ")
+        "sft.py: error: training.push_to_hub: the hub failed as the Trainer set up its repo: ")
