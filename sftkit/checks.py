@@ -209,21 +209,21 @@ def path_errors(model: ModelConfig, dataset: DatasetConfig, training: Any, besid
         errors.append(f"training.deepspeed: {deepspeed} is not a file; the shipped config of that name is "
                       f"deepspeed_configs/{deepspeed}.json")
     elif isinstance(deepspeed, str) and looks_local(deepspeed) and not Path(resolve_path(deepspeed)).is_file():
-        errors.append(f"training.deepspeed: {deepspeed} does not exist{looked_in(deepspeed, beside)}; give the path of a "
-                      "DeepSpeed JSON file such as deepspeed_configs/zero2.json")
+        errors.append(f"training.deepspeed: {deepspeed} does not exist{looked_in(deepspeed, beside)}; give the path "
+                      "of a DeepSpeed JSON file such as deepspeed_configs/zero2.json")
     if model.path is not None and looks_local(model.path):
         path = Path(resolve_path(model.path))
         if not path.exists():
-            errors.append(f"model.path: {model.path} does not exist{looked_in(model.path, beside)}; fix the path, or give a "
-                          "hub id such as Qwen/Qwen2.5-0.5B-Instruct")
+            errors.append(f"model.path: {model.path} does not exist{looked_in(model.path, beside)}; fix the path, or "
+                          "give a hub id such as Qwen/Qwen2.5-0.5B-Instruct")
         elif not (path / "config.json").is_file():
             errors.append(f"model.path: {model.path} is not a model directory (it has no config.json); point it at the "
                           "directory written by save_pretrained, which holds config.json and the weights")
     template = dataset.chat_template
     if template and "\n" not in template and "{" not in template and looks_local(template):
         if not Path(resolve_path(template)).is_file():
-            errors.append(f"dataset.chat_template: {template} does not exist{looked_in(template, beside)}; give the path of "
-                          "a Jinja file, or the template itself")
+            errors.append(f"dataset.chat_template: {template} does not exist{looked_in(template, beside)}; give the "
+                          "path of a Jinja file, or the template itself")
     sources = [("dataset", dataset)] if not dataset.sources else []
     sources += [(f"dataset.sources[{index}]", source) for index, source in enumerate(dataset.sources or [])]
     evaluation = [(f"dataset.eval_sources[{index}]", source) for index, source in enumerate(dataset.eval_sources or [])]
@@ -261,8 +261,8 @@ def source_errors(key: str, source: SourceConfig, eval_split: str | None, beside
     elif looks_local(name):
         path = Path(resolve_path(name))
         if not path.exists():
-            return [f"{key}.name: {name} does not exist{looked_in(name, beside)}; fix the path, or give a hub dataset id "
-                    "such as HuggingFaceH4/ultrachat_200k"]
+            return [f"{key}.name: {name} does not exist{looked_in(name, beside)}; fix the path, or give a hub dataset "
+                    "id such as HuggingFaceH4/ultrachat_200k"]
         if source.subset is not None:
             return [f"{key}.subset: {source.subset} names a configuration of a hub dataset, but {name} is local; "
                     "remove it"]

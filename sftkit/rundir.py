@@ -381,7 +381,8 @@ class OutputDir:
         if overwrite and earlier:  # as _remove_earlier_run does: files sftkit did not write stay
             removed = Contents(contents.models, contents.checkpoints, contents.ours).describe() or "nothing"
             kept = f"; keeps files sftkit did not write ({_some(contents.foreign, 3)})" if contents.foreign else ""
-            return f"{self.path} (--overwrite: as training begins, the run removes what the earlier run wrote: {removed}{kept})"
+            return (f"{self.path} (--overwrite: as training begins, the run removes what the earlier run wrote: "
+                    f"{removed}{kept})")
         return f"{self.path} ({'new' if not self.path.exists() else 'holds ' + earlier if earlier else 'empty'})"
 
     def _contents_this_run_may_take(self, overwrite: bool, resume) -> "Contents":
@@ -527,7 +528,7 @@ class OutputDir:
             if _natural_key(contents.checkpoints[-1])[1] >= trained:
                 ways.insert(0, "train it longer with --training.resume_from_checkpoint true and a higher "
                                "training.max_steps or num_train_epochs")
-            else:  # no checkpoint of its last step (a signal's, or save_strategy no or epoch): a resume would redo steps
+            else:  # no checkpoint of its last step (after a signal's, save_strategy no or epoch): a resume redoes steps
                 why = f"; its newest checkpoint is behind its model, which trained to step {trained}"
                 ways = [f"fine-tune that model further as model.path {self.path} into another training.output_dir",
                         "pass --overwrite to redo the run (removes only what it wrote)",

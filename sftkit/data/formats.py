@@ -203,7 +203,8 @@ def _joined_text_parts(parts: list, index: int, role: str) -> str:
     for part in parts:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind != "text":
-            what = f"a part of type {kind!r}" if kind else f"a part that is not {{type: text, text: ...}} ({part!r:.60})"
+            what = f"a part of type {kind!r}" if kind else \
+                f"a part that is not {{type: text, text: ...}} ({part!r:.60})"
             raise RowDefect(f"message {index} ({role}) has {what}, and sftkit trains on text only")
         text = part.get("text")
         if not isinstance(text, (str, type(None))):
