@@ -297,6 +297,25 @@ def zero_model_states(stage: int, total: int, largest_layer: int, world_size: in
 LOSS_WINDOW_FILE = "sftkit_loss_window_{rank}.json"
 
 
+def keep_checkpoints_at_an_early_stop(args) -> None:
+    """A stop before the last step (a signal, or a loss no longer finite) ends the Trainer's loop as if training were
+    over, and transformers 5.24 then reloads the best checkpoint (load_best_model_at_end) and, with save_total_limit
+    1, deletes every other one: the checkpoint the signal had just saved too, so the resume went back to the best
+    checkpoint and trained every step after it again. And under save_strategy best an evaluation saves only a new
+    best, so a signal at one saved nothing. Reproduce: load_best_model_at_end, save_total_limit 1, SIGTERM at step 11
+    of 40 with the best at step 3: only checkpoint-3 is left. Called at the stop's step, before its save; the run
+    then ends without training further, so these settings are not needed again."""
+    args.load_best_model_at_end = False
+    args.save_total_limit = None
+    try:
+        from transformers.trainer_utils import SaveStrategy
+    except ImportError as error:
+        logger.warning(f"transformers changed ({error}); a stop under save_strategy best may save no checkpoint")
+        return
+    if args.save_strategy == SaveStrategy.BEST:
+        args.save_strategy = SaveStrategy.STEPS
+
+
 class TrainerWorkarounds:
     """Mixed into sftkit's SFTTrainer (monitor.MonitoredSFTTrainer); written for transformers 5.24 and TRL 1.16.
 

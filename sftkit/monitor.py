@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 from trl import SFTTrainer
 
-from sftkit.compat import TrainerWorkarounds
+from sftkit.compat import TrainerWorkarounds, keep_checkpoints_at_an_early_stop
 from sftkit.engines import shards_weights
 from sftkit.fastpath import adapter_input_casts, bound_max_lengths, lengths_vary, mark_lengths_dynamic
 from sftkit.inference import generate_reply
@@ -240,10 +240,13 @@ class StopGuard(TrainerCallback):
             control.should_save = False
             control.should_evaluate = False
             control.should_training_stop = True
+            keep_checkpoints_at_an_early_stop(args)
         elif signalled:
             self.received = self.received or signal.SIGTERM
             control.should_save = True
             control.should_training_stop = True
+            if state.global_step < state.max_steps:  # at the last step the run ends as planned, best model and all
+                keep_checkpoints_at_an_early_stop(args)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         # the Trainer leaves the epoch after a stop and ends it: its flow callback then asks again for the epoch's

@@ -251,6 +251,42 @@ def test_a_resume_under_another_cpu_thread_count_uses_the_interrupted_runs(tmp_p
     assert list(logged) == [1, 4, 6] and logged == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.parametrize("saving", [["--training.save_strategy", "steps", "--training.save_steps", "3",
+                                      "--training.save_total_limit", "1"], ["--training.save_strategy", "best"]])
+def test_a_signal_under_the_best_model_settings_keeps_its_checkpoint(tmp_path, monkeypatch, saving):
+    """transformers ends a stopped loop as a finished one: with load_best_model_at_end and save_total_limit 1 it
+    deleted the checkpoint the signal had saved, and save_strategy best saved none at an evaluation that was no new
+    best; the resume went back to the best checkpoint (here step 1 or 3: greater_is_better makes the first the best)."""
+    import os
+
+    from transformers import TrainerCallback
+
+    import sftkit.train
+    from sftkit.errors import Interrupted
+
+    class SignalAtStep5(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 4:  # during step 5
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    build = sftkit.train._trainer
+
+    def with_a_signal(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        trainer.add_callback(SignalAtStep5)
+        return trainer
+
+    monkeypatch.setattr(sftkit.train, "_trainer", with_a_signal)
+    out = tmp_path / "out"
+    with pytest.raises(Interrupted, match=f"stopped by SIGTERM at step 5 of 12; checkpoint saved in {out}/checkpoint-5"):
+        train(load_config(None, ["--training.output_dir", str(out), "--training.max_steps", "12",
+                                 "--training.eval_strategy", "steps", "--training.eval_steps", "1" if "best" in saving
+                                 else "3", "--training.load_best_model_at_end", "true",
+                                 "--training.metric_for_best_model", "eval_loss", "--training.greater_is_better",
+                                 "true", *saving]))
+    assert (out / "checkpoint-5" / "trainer_state.json").is_file()
+
+
 @pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exits_non_zero(tmp_path):
     code, stdout, stderr = interrupted_run(tmp_path / "out", signal.SIGINT)
