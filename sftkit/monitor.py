@@ -206,9 +206,15 @@ class StopGuard(TrainerCallback):
         finite = torch.isfinite(value.detach()).all()
         self._finite = finite if self._finite is None else self._finite & finite.to(self._finite.device)
 
+    def install(self) -> None:
+        """Catch Ctrl-C and SIGTERM from now on (sftkit's run installs it before --overwrite removes the earlier
+        run, the Trainer's start only after its setup, which under DeepSpeed takes tens of seconds)."""
+        if not self._previous:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+
     def on_train_begin(self, args, state, control, **kwargs):
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self._handle)
+        self.install()
 
     def _handle(self, signum, frame) -> None:
         if signum in self._received_at:  # the same signal again

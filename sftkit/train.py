@@ -124,9 +124,15 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
     memory_at_start = memory_mib()
     if resume_from:
         args.eval_on_start = False  # the run evaluated at its start already
-    output.begin(trainer.accelerator.is_main_process)
-    trainer.train(resume_from_checkpoint=resume_from)
-    try:  # Ctrl-C or SIGTERM from here on: the trained model is exported first (StopGuard)
+    trainer.guard.install()  # a signal from here on stops after a step, with a checkpoint (StopGuard)
+    try:
+        if trainer.guard.stop_requested(args):  # not yet begun: the earlier run stays whole
+            signum = trainer.guard.received or signal.SIGTERM
+            raise Interrupted(f"stopped by {signal.Signals(signum).name} before training began: this run wrote "
+                              f"nothing in {output.path}", signum)
+        output.begin(trainer.accelerator.is_main_process)
+        trainer.train(resume_from_checkpoint=resume_from)
+        # Ctrl-C or SIGTERM from here on asks to export the trained model first
         train_seconds = timing.seconds()["train_seconds"]
         _stop_unless_trained(trainer)
         extras = not _asked_to_stop(trainer)

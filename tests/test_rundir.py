@@ -124,6 +124,29 @@ def test_a_ctrl_c_before_training_began_keeps_the_earlier_run_and_offers_none_of
     assert contents(out) == before
 
 
+def test_a_signal_while_the_trainer_sets_up_keeps_the_earlier_run(finished, tmp_path, monkeypatch):
+    """The Trainer catches signals only once its setup is done (tens of seconds under DeepSpeed): a SIGTERM before
+    that, once --overwrite had removed the earlier run, killed the run with nothing of either left."""
+    import signal
+
+    from sftkit.monitor import StopGuard
+
+    out = copy_of(finished, tmp_path)
+    before = contents(out)
+    install = StopGuard.install
+
+    def install_then_signal(guard):
+        install(guard)
+        os.kill(os.getpid(), signal.SIGTERM)  # as the scheduler's, right after sftkit catches it
+
+    monkeypatch.setattr(StopGuard, "install", install_then_signal)
+    with pytest.raises(Interrupted, match=f"^stopped by SIGTERM before training began: this run wrote nothing in "
+                                          f"{out}$") as stop:
+        train(config(out, "--training.learning_rate", "1e-4"), overwrite=True)
+    assert stop.value.exit_code == 143 and contents(out) == before
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, "the run gave the signal back"
+
+
 def test_a_stop_while_overwrite_removes_the_earlier_run_never_leaves_its_finished_record(finished, tmp_path,
                                                                                          monkeypatch):
     """The earlier run's record ("finished") went last: a stop in between left it beside half its files."""
