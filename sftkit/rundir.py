@@ -544,7 +544,8 @@ class OutputDir:
     def _remove_earlier_run(self, contents: Contents) -> None:
         for name in contents.removed():
             item = self.path / name
-            shutil.rmtree(item) if item.is_dir() else item.unlink()
+            with contextlib.suppress(FileNotFoundError):  # found at the start, and removed since by someone else
+                shutil.rmtree(item) if item.is_dir() else item.unlink()
         removed = len(contents.removed())
         if removed:
             kept = f"; kept {', '.join(contents.foreign)} (not written by sftkit)" if contents.foreign else ""
