@@ -124,6 +124,18 @@ def test_a_ctrl_c_before_training_began_keeps_the_earlier_run_and_offers_none_of
     assert contents(out) == before
 
 
+def test_overwrite_goes_on_past_an_item_of_the_earlier_run_that_is_gone_when_training_begins(finished, tmp_path):
+    """The items are listed as the run starts and removed minutes later: one removed meanwhile stopped the removal
+    half-way with a traceback, after the loading."""
+    out = copy_of(finished, tmp_path)
+    output = OutputDir(out, config(out, "--training.learning_rate", "1e-4").resolved)
+    output.claim(overwrite=True, resume=None)
+    shutil.rmtree(out / "checkpoint-2")
+    output.begin(main=True)
+    output.release()
+    assert {path.name for path in out.iterdir()} == {RUN_FILE}
+
+
 def test_a_signal_while_the_trainer_sets_up_keeps_the_earlier_run(finished, tmp_path, monkeypatch):
     """The Trainer catches signals only once its setup is done (tens of seconds under DeepSpeed): a SIGTERM before
     that, once --overwrite had removed the earlier run, killed the run with nothing of either left."""
