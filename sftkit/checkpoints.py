@@ -11,10 +11,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from sftkit.errors import ConfigError
 from sftkit.rundir import (
     RUN_FILE,
+    changed_inputs,
     config_differences,
     empty_tensors,
     fingerprint,
-    input_digests,
     is_checkpoint,
     read_run_record,
     readable_like_other_files,
@@ -198,13 +198,11 @@ def _check_same_run(checkpoint: Path, resolved: dict) -> None:
                           f"({'; '.join(differences[:4]) or 'its fingerprint differs'}); resume with that run's "
                           "settings (only the run length, logging, saving and evaluation may change), or start "
                           "afresh with --overwrite")
-    if "inputs" in record:  # recorded since 2026-11-27
-        now = input_digests(resolved)
-        changed = sorted(name for name in {*record["inputs"], *now} if record["inputs"].get(name) != now.get(name))
-        if changed:
-            raise ConfigError(f"training.resume_from_checkpoint: {checkpoint} was trained on other contents of "
-                              f"{', '.join(changed[:3])}{' and more' if len(changed) > 3 else ''} (changed, added or "
-                              "removed since); resume with the files as they were, or start afresh with --overwrite")
+    changed = changed_inputs(record, resolved)
+    if changed:
+        raise ConfigError(f"training.resume_from_checkpoint: {checkpoint} was trained on other contents of "
+                          f"{', '.join(changed[:3])}{' and more' if len(changed) > 3 else ''} (changed, added or "
+                          "removed since); resume with the files as they were, or start afresh with --overwrite")
     _warn_of_another_preparation(checkpoint, record.get("preparation", 1))
 
 

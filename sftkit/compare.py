@@ -8,7 +8,6 @@ Loss is the run's eval loss, computed by the Trainer with the run's batch size a
 the run had any, else on the first training rows (the report says which). OUTPUT_DIR may also be its lora_weights.
 """
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +18,10 @@ from sftkit.compat import rename_gradient_checkpointing
 from sftkit.config import read_section
 from sftkit.data.formats import with_system
 from sftkit.data.tokenize import IGNORE_INDEX
-from sftkit.errors import ConfigError, DataError, OneLineArgumentParser, say_error
-from sftkit.export import RUN_CONFIG_FILE, run_directory
+from sftkit.errors import ConfigError, OneLineArgumentParser, say_error
+from sftkit.export import ADAPTER_DIR, RUN_CONFIG_FILE, adapter_base, run_directory
 from sftkit.paths import resolve_path
+from sftkit.rundir import changed_inputs, read_run_record
 from sftkit.schema import DatasetConfig, ModelConfig
 
 REPORT_FILE = "before_after.md"
@@ -90,20 +90,14 @@ def write_report(args) -> Path:
     saved = yaml.safe_load(saved_config.read_text())
     model_cfg = read_section(ModelConfig, saved["model"], "model", saved_config)
     dataset_cfg = read_section(DatasetConfig, saved["dataset"], "dataset", saved_config)
+    _refuse_other_inputs(output_dir)
     tuned, tokenizer = load_for_inference(str(model_dir), model_cfg.trust_remote_code)
+    adapter = output_dir / ADAPTER_DIR
+    base_path = adapter_base(adapter) if (adapter / "adapter_config.json").is_file() else resolve_path(model_cfg.path)
     base = AutoModelForCausalLM.from_pretrained(
-        resolve_path(model_cfg.path), dtype=tuned.dtype, revision=model_cfg.revision,
+        base_path, dtype=tuned.dtype, revision=model_cfg.revision,
         trust_remote_code=model_cfg.trust_remote_code).to(tuned.device).eval()
-    try:
-        data = run_data(saved, dataset_cfg, model_cfg, tokenizer)
-    except DataError as error:
-        names = [dataset_cfg.name] + [source.name for source in (dataset_cfg.sources or [])
-                                      + (dataset_cfg.eval_sources or [])]
-        if "does not exist" not in str(error) or all(Path(os.path.expanduser(name)).is_absolute()
-                                                     for name in filter(None, names)):
-            raise
-        raise DataError(f"{error}; {saved_config} names the data as the run was given it: run sftkit compare from "
-                        "the directory the run was started in") from error
+    data = run_data(saved, dataset_cfg, model_cfg, tokenizer)
     held_out = data.eval is not None
     rows = data.eval if held_out else data.train
     loss_rows = rows.select(range(min(args.loss_rows, len(rows))))
@@ -135,6 +129,19 @@ def write_report(args) -> Path:
     path = Path(args.out) if args.out else output_dir / REPORT_FILE
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _refuse_other_inputs(output_dir: Path) -> None:
+    """The run's config names its data and base model as it was given them, relative paths from where it started:
+    from another directory they may be other files, and the report would compare the model on other data, or
+    against another base, without a word."""
+    record = read_run_record(output_dir)
+    changed = changed_inputs(record) if record else []
+    if changed:
+        raise ConfigError(f"{output_dir}: its run trained on other contents of {', '.join(changed[:3])} than are "
+                          f"found from here ({Path.cwd()}): relative paths in its {RUN_CONFIG_FILE} are found from "
+                          "the working directory; run sftkit compare from the directory the run was started in, with "
+                          "its files as they were")
 
 
 # The training settings that decide what an evaluation computes; the rest (engines, precision, logging) are this

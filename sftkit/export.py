@@ -176,6 +176,11 @@ def _wait_for_space(output_dir: Path, needed: int, limit: float) -> None:
         time.sleep(min(30, max(deadline - time.monotonic(), 0)))
 
 
+def adapter_base(adapter_dir: Path) -> str:
+    """The base model an adapter records: a hub id, or (since 2026-11-28) a local one by its absolute path."""
+    return json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
 def _merge_adapter(model_cfg, adapter_dir: Path, target: Path, dtype) -> None:
     """Merge the saved adapter into a fresh, unquantized copy of the base (never into dequantized 4-bit weights)."""
     from peft import PeftModel
@@ -187,8 +192,7 @@ def _merge_adapter(model_cfg, adapter_dir: Path, target: Path, dtype) -> None:
     # the one the run used (flash_attention_2, chosen where flash-attn is installed): load with the default. The
     # base is the one the adapter records (a local one by its absolute path), so `sftkit export` finds it from any
     # working directory.
-    base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
-    base_cfg = dataclasses.replace(model_cfg, path=base, attn_implementation=None)
+    base_cfg = dataclasses.replace(model_cfg, path=adapter_base(adapter_dir), attn_implementation=None)
     with zero3_init_disabled():
         base = load_model(base_cfg, dtype, gradient_checkpointing=False, quantize=False)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()

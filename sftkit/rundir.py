@@ -221,6 +221,16 @@ def cut_short(file: Path) -> bool:
     return size < 8 + length + max(ends, default=0)
 
 
+def changed_inputs(record: dict, resolved: dict | None = None) -> list[str]:
+    """The local files (data, base model) whose contents, as the config `resolved` (the record's own by default)
+    finds them from here, differ from those the run recorded; [] for a record without digests (before
+    2026-11-27)."""
+    if "inputs" not in record:
+        return []
+    now = input_digests(record.get("config", {}) if resolved is None else resolved)
+    return sorted(name for name in {*record["inputs"], *now} if record["inputs"].get(name) != now.get(name))
+
+
 def read_run_record(directory: Path) -> dict | None:
     try:
         return json.loads((Path(directory) / RUN_FILE).read_text())

@@ -292,8 +292,9 @@ def test_the_chat_and_compare_ask_after_the_runs_system_prompt_and_compare_says_
     monkeypatch.chdir(REPO / "configs")
     assert compare.main([str(out), "--prompts", str(tmp_path / "prompts.txt")]) == 2
     assert capsys.readouterr().err.rstrip().endswith(
-        f"{out / 'sftkit_config.yaml'} names the data as the run was given it: run sftkit compare from the directory "
-        "the run was started in")
+        f"{out}: its run trained on other contents of rows.jsonl than are found from here ({REPO / 'configs'}): "
+        "relative paths in its sftkit_config.yaml are found from the working directory; run sftkit compare from the "
+        "directory the run was started in, with its files as they were")
 
 
 def test_the_system_prompt_is_read_only_from_the_runs_own_config_and_a_bad_one_is_none(tmp_path):
@@ -337,6 +338,13 @@ def test_an_adapter_trained_on_a_relative_local_model_path_loads_from_any_direct
     record = out / "sftkit_run.json"
     record.write_text(json.dumps({**json.loads(record.read_text()), "status": "exporting"}))
     assert run_here(export_main, str(out)).returncode == 0 and not (out / STAGING_DIR).exists()
+
+    compared = run_here(compare.main, str(out), "--rows", "1", "--loss_rows", "2", "--max_new_tokens", "4",
+                        check=False)
+    assert compared.returncode == 2 and "its run trained on other contents of mymodel/config.json" in compared.stderr
+    assert "run sftkit compare from the directory the run was started in" in compared.stderr
+    monkeypatch.chdir(work)
+    assert run_here(compare.main, str(out), "--rows", "1", "--loss_rows", "2", "--max_new_tokens", "4").returncode == 0
 
     adapter.write_text(json.dumps({**json.loads(adapter.read_text()), "base_model_name_or_path": "mymodel"}))
     result = subprocess.run([sys.executable, "-m", "sftkit.chat", str(out / "lora_weights")], cwd=elsewhere,
