@@ -19,12 +19,10 @@ from sftkit.config import read_section
 from sftkit.data.formats import with_system
 from sftkit.data.tokenize import IGNORE_INDEX
 from sftkit.errors import ConfigError, OneLineArgumentParser, say_error
-from sftkit.export import ADAPTER_DIR, RUN_CONFIG_FILE, adapter_base, run_directory
+from sftkit.export import ADAPTER_DIR, BEFORE_AFTER_FILE, RUN_CONFIG_FILE, adapter_base, run_directory
 from sftkit.paths import resolve_path
 from sftkit.rundir import changed_inputs, read_run_record
 from sftkit.schema import DatasetConfig, ModelConfig
-
-REPORT_FILE = "before_after.md"
 
 
 @dataclass
@@ -41,7 +39,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m sftkit.compare") 
     parser.add_argument("--rows", type=int, default=5, help="held-out rows to reply to when no prompts are given")
     parser.add_argument("--loss_rows", type=int, default=64, help="rows the loss is computed on (default 64)")
     parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--out", help=f"report path (default OUTPUT_DIR/{REPORT_FILE})")
+    parser.add_argument("--out", help=f"report path (default OUTPUT_DIR/{BEFORE_AFTER_FILE})")
     args = parser.parse_args(argv)
     try:
         _check_paths(args)  # before minutes of generating
@@ -126,7 +124,7 @@ def write_report(args) -> Path:
             lines += [f"Reference reply: {_cell(prompt.reference)}", ""]
         lines += ["| base model | fine-tuned |", "|---|---|",
                   f"| {_cell(replies['base'][index - 1])} | {_cell(replies['tuned'][index - 1])} |"]
-    path = Path(args.out) if args.out else output_dir / REPORT_FILE
+    path = Path(args.out) if args.out else output_dir / BEFORE_AFTER_FILE
     path.write_text("\n".join(lines) + "\n")
     return path
 

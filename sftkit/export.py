@@ -42,6 +42,7 @@ from sftkit.rundir import (
 from sftkit.schema import ModelConfig
 
 ADAPTER_DIR = "lora_weights"
+BEFORE_AFTER_FILE = "before_after.md"  # sftkit compare's report, of the model it compared
 RUN_CONFIG_FILE = "sftkit_config.yaml"
 PUBLISHING_FILE = "publishing.json"  # in the staging directory once its contents start moving into output_dir
 VERSIONS_FILE = "sftkit_versions.json"
@@ -296,6 +297,7 @@ def _publish(staging: Path, output_dir: Path) -> None:
         item.rename(target)
     manifest.unlink()
     staging.rmdir()
+    (output_dir / BEFORE_AFTER_FILE).unlink(missing_ok=True)  # of the model this one replaced
     readable_like_other_files([*safetensors_weights(output_dir), *(output_dir / ADAPTER_DIR).glob("*.safetensors")])
 
 

@@ -424,6 +424,15 @@ def test_a_report_that_cannot_be_written_leaves_no_earlier_report_beside_the_new
     assert json.loads((out / RUN_FILE).read_text())["status"] == "finished"
 
 
+def test_a_resume_that_publishes_a_new_model_removes_the_old_models_before_after_report(tmp_path):
+    out = tmp_path / "out"
+    train(config(out, "default_train_config.yaml", "--training.save_strategy", "steps", "--training.save_steps", "3"))
+    (out / "before_after.md").write_text("fine-tuned 2.322: the step-3 model's")
+    train(config(out, "default_train_config.yaml", "--training.max_steps", "4", "--training.resume_from_checkpoint",
+                 "true"))
+    assert not (out / "before_after.md").exists()
+
+
 def test_a_second_ctrl_c_after_the_publish_keeps_the_run_finished(tmp_path, monkeypatch):
     """A KeyboardInterrupt while the report was written marked the published model's run interrupted, so a resume
     of it was no longer refused, and said to resume it."""
