@@ -234,7 +234,7 @@ def _number(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def _published(summary: dict) -> str:
+def _best_checkpoint_words(summary: dict) -> str:
     """'step 5, the best checkpoint' where the run published an earlier checkpoint's model than its last step's."""
     step = summary.get("best_checkpoint_step")
     return f"step {step}, the best checkpoint" if step else ""
@@ -257,7 +257,7 @@ def format_summary(summary: dict) -> str:
         ("train loss", f"{_number(summary['train_loss_first'])} -> {_number(summary['train_loss_last'])} "
                        f"(first -> last log), {_number(summary['train_loss_mean'])} mean"),
         *([("eval loss", f"{_number(summary['eval_loss_first'])} -> {_number(summary['eval_loss'])} (start -> "
-                         f"{_published(summary) or 'end'})")]
+                         f"{_best_checkpoint_words(summary) or 'end'})")]
           if summary["eval_loss"] is not None else []),  # no evaluation data
         ("rows", f"{summary['rows']} read, dropped: {describe_dropped(summary['rows_dropped'])}"
                  + (f"; {summary['rows_cut']} cut to max_seq_length" if summary.get("rows_cut") else "")),
@@ -266,7 +266,7 @@ def format_summary(summary: dict) -> str:
     ]
     if summary["sample_reply"] is not None:
         rows.append(("sample", f"{summary['sample_prompt']!r} -> {summary['sample_reply']!r}"))
-    best = _published(summary)
+    best = _best_checkpoint_words(summary)
     rows.append(("model + tokenizer", f"{summary['output_dir']} ({saved}{'; ' + best if best else ''})"))
     if summary.get("adapter_dir"):
         adapter = summary.get("adapter_dtypes")
