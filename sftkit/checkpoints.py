@@ -24,6 +24,7 @@ from sftkit.rundir import (
 )
 
 STATE_FILE = "trainer_state.json"
+AUTO = "auto"
 
 
 def checkpoints_in(directory: Path) -> list[Path]:
@@ -61,6 +62,15 @@ def damage(checkpoint: Path) -> str | None:
                 str(error).splitlines()[0]
             return f"{name} is damaged: {reason}"
     return None
+
+
+def resume_request(requested, output_dir: Path):
+    """`training.resume_from_checkpoint: auto` is true where output_dir holds a checkpoint, else a fresh start (which
+    still refuses another run's work): one command for a job's first launch and every relaunch of it by a scheduler
+    (transformers has no such value; its true fails where nothing was saved yet)."""
+    if requested != AUTO:
+        return requested
+    return True if checkpoints_in(output_dir) else None
 
 
 def checkpoint_to_resume(requested, output_dir: Path, resolved: dict, processes: int | None) -> str | None:

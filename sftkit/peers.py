@@ -166,7 +166,7 @@ def check_every_process_runs_the_same(config) -> None:
                               f"{'; '.join(differences[:3])}; give every machine the same config and data files")
 
 
-def check_output_dir_is_shared(output_dir: Path, args) -> None:
+def check_output_dir_is_shared(output_dir: Path, args, resuming: bool) -> None:
     """Over several machines output_dir is one directory they all share, which each process tells by seeing the lock
     process 0 has just taken there. Where one does not, the model is still written (by process 0), but each process
     writes its part of every checkpoint to its own machine's disk: a warning, and a resume is refused (each machine
@@ -184,7 +184,7 @@ def check_output_dir_is_shared(output_dir: Path, args) -> None:
     if not apart:
         return
     (where, directory), problem = apart[0], "is not one directory every machine shares"
-    if args.resume_from_checkpoint not in (None, False):
+    if resuming:  # asked for, even where this machine found nothing to resume
         raise ConfigError(f"training.output_dir {problem}: {where} does not see this run's lock in {directory}, so "
                           "each machine holds only its own part of every checkpoint; resume with output_dir on a "
                           "filesystem every machine shares (copying each machine's checkpoint-N files into one "

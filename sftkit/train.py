@@ -21,6 +21,7 @@ from sftkit.checkpoints import (
     earlier_progress,
     newest_checkpoint_words,
     newest_resumable,
+    resume_request,
     warn_of_other_weights,
 )
 from sftkit.command import resume_words
@@ -87,6 +88,8 @@ def train(config: RunConfig, overwrite: bool = False, started: float | None = No
 
 def _claim(output: OutputDir, args, config: RunConfig, overwrite: bool) -> str | None:
     """Make output_dir this run's (the main process locks and checks it first) and find the checkpoint to resume."""
+    requested = args.resume_from_checkpoint
+    args.resume_from_checkpoint = resume_request(requested, output.path)  # before the main process claims it
     refuse_before_claiming(output.path, resolve_path(config.model.path), overwrite, args.resume_from_checkpoint)
     check_model_source(config.model)
     main = args.process_index == 0
@@ -94,7 +97,7 @@ def _claim(output: OutputDir, args, config: RunConfig, overwrite: bool) -> str |
         if main:
             output.claim(overwrite, args.resume_from_checkpoint)
     try:
-        check_output_dir_is_shared(output.path, args)
+        check_output_dir_is_shared(output.path, args, resuming=requested not in (None, False))
         checkpoint = checkpoint_to_resume(args.resume_from_checkpoint, output.path, config.resolved, args.world_size)
     except ConfigError:
         output.release()

@@ -328,7 +328,7 @@ def test_the_slurm_script_runs_the_loopback_commands_on_each_node(tmp_path):
     srun line, with srun and accelerate replaced by stand-ins that record what each node would run."""
     port = free_port()
     args = training_args("lora_train_config.yaml", tmp_path / "out")
-    expected = machine_commands(port, *args)
+    expected = machine_commands(port, *args[:2], "--training.resume_from_checkpoint", "auto", *args[2:])
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     stand_ins = {
@@ -372,3 +372,66 @@ def test_the_slurm_script_runs_the_loopback_commands_on_each_node(tmp_path):
     command = printed.stdout.split("\0")
     assert command[command.index("--main_process_ip") + 1] == "gpu07"
     assert command[command.index("--main_process_port") + 1] == str(20000 + 4242 % 20000)
+
+
+def test_the_slurm_script_stops_at_the_time_limit_with_a_checkpoint_and_its_relaunch_finishes_the_run(tmp_path):
+    """Slurm's warning before the time limit (--signal=B:USR1) reaches the script: both machines stop at one step with
+    one checkpoint and the job queues itself again. The relaunch, the same script with the same arguments, resumes
+    from that checkpoint (resume_from_checkpoint auto) and finishes the run. srun and scontrol are stand-ins; each
+    node's `accelerate launch` and its training process are real."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stand_ins = {
+        # srun: the task once per node, all at once, with that node's SLURM_NODEID; a SIGTERM is passed on to them
+        "srun": 'while [[ $1 == --* ]]; do shift; done\n'
+                'pids=()\n'
+                'for node in $(seq 0 $((SLURM_JOB_NUM_NODES - 1))); do SLURM_NODEID=$node "$@" & pids+=($!); done\n'
+                'trap \'kill -TERM "${pids[@]}"\' TERM\n'
+                'status=0\n'
+                'for pid in "${pids[@]}"; do\n'
+                '  while true; do wait $pid; code=$?; kill -0 $pid 2>/dev/null || break; done\n'
+                '  (( code )) && status=$code\n'
+                'done\n'
+                'exit $status\n',
+        "scontrol": 'if [[ $1 == show ]]; then tr , "\\n" <<< "$3"; else echo "$@" >> "$RECORD/scontrol"; fi\n',
+    }
+    for name, body in stand_ins.items():
+        (bin_dir / name).write_text("#!/bin/bash\n" + body)
+        (bin_dir / name).chmod(0o755)
+    out = tmp_path / "out"
+    args = training_args("lora_train_config.yaml", out)[2:]  # the script names the config itself (SFTKIT_CONFIG)
+    args[args.index("--training.max_steps") + 1] = "40"
+    env = {**os.environ, "PATH": f"{bin_dir}:{Path(ACCELERATE).parent}:/usr/bin:/bin", "RECORD": str(tmp_path),
+           "SLURM_JOB_NUM_NODES": str(MACHINES), "SLURM_JOB_NODELIST": "127.0.0.1,127.0.0.2",
+           "SLURM_GPUS_ON_NODE": "1", "SLURM_JOB_ID": "4242", "MAIN_PROCESS_PORT": str(free_port()),
+           "SFTKIT_CONFIG": "configs/lora_train_config.yaml", "PYTHONUNBUFFERED": "1"}
+
+    log = tmp_path / "job.out"
+    with open(log, "w") as written:
+        job = subprocess.Popen(["bash", str(SLURM_SCRIPT), *args], cwd=REPO, env=env, stdout=written,
+                               stderr=subprocess.STDOUT)
+    deadline = time.perf_counter() + 300
+    while "step 1/" not in log.read_text():
+        if time.perf_counter() > deadline or job.poll() is not None:
+            job.kill()
+            pytest.fail(log.read_text()[-6000:])
+        time.sleep(0.2)
+    job.send_signal(signal.SIGUSR1)  # what Slurm sends the batch script 600 s before the time limit
+    assert job.wait(timeout=180) == 0, log.read_text()[-6000:]
+    first = log.read_text()
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and not (out / "adapter_config.json").exists(), first[-6000:]
+    assert "sbatch: the time limit is near: stopping with a checkpoint, then queuing job 4242 again" in first
+    assert first.count(f"checkpoint saved in {checkpoints[0]}") == MACHINES, first[-6000:]
+    assert (tmp_path / "scontrol").read_text() == "requeue 4242\n"
+    stopped_at = int(checkpoints[0].name.rsplit("-", 1)[1])
+    assert 0 < stopped_at < 40
+
+    env["MAIN_PROCESS_PORT"] = str(free_port())
+    relaunch = subprocess.run(["bash", str(SLURM_SCRIPT), *args], cwd=REPO, env={**env, "SLURM_RESTART_COUNT": "1"},
+                              capture_output=True, text=True, timeout=600)
+    assert relaunch.returncode == 0, (relaunch.stdout + relaunch.stderr)[-6000:]
+    assert f"resumes from {checkpoints[0]}" in relaunch.stdout
+    assert json.loads((out / "run_summary.json").read_text())["steps"] == 40
+    assert json.loads((out / "sftkit_run.json").read_text())["status"] == "finished"
+    assert (tmp_path / "scontrol").read_text() == "requeue 4242\n"  # not queued again once finished

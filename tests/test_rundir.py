@@ -221,9 +221,11 @@ def test_a_directory_without_a_run_record_is_never_written_over(finished, tmp_pa
     assert contents(out) == before
 
 
-def test_checkpoints_of_a_run_with_other_settings_are_never_resumed(finished, tmp_path):
+@pytest.mark.parametrize("resume", ["true", "auto"])
+def test_checkpoints_of_a_run_with_other_settings_are_never_resumed(finished, tmp_path, resume):
+    """`auto` (a requeued job's resume) is true where output_dir holds checkpoints: never a fresh start over them."""
     out = copy_of(finished, tmp_path)
-    other = config(out, "--training.learning_rate", "1e-3", "--training.resume_from_checkpoint", "true")
+    other = config(out, "--training.learning_rate", "1e-3", "--training.resume_from_checkpoint", resume)
     with pytest.raises(ConfigError, match=r"checkpoint-3 belongs to a run with other settings \(training.learning_rate "
                                           r"0.001 \(that run: 0.003\)\)"):
         train(other)
