@@ -15,8 +15,9 @@ import yaml
 
 from sftkit.data.formats import with_system
 from sftkit.errors import ConfigError, OneLineArgumentParser, say_error
-from sftkit.export import RUN_CONFIG_FILE, run_directory
+from sftkit.export import run_directory
 from sftkit.paths import resolve_path
+from sftkit.rundir import RUN_CONFIG_FILE
 
 COMMANDS = "/reset starts a new conversation, /exit quits"
 

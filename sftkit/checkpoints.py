@@ -6,12 +6,13 @@ import zipfile
 from pathlib import Path
 
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sftkit.errors import ConfigError
 from sftkit.rundir import (
     RUN_FILE,
     changed_inputs,
+    checkpoint_dir,
+    checkpoint_step,
     config_differences,
     empty_tensors,
     fingerprint,
@@ -31,8 +32,8 @@ def checkpoints_in(directory: Path) -> list[Path]:
     """checkpoint-N directories, oldest first."""
     if not directory.is_dir():
         return []
-    found = [path for path in directory.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if is_checkpoint(path)]
-    return sorted(found, key=lambda path: int(path.name.rsplit("-", 1)[-1]))
+    found = [path for path in directory.iterdir() if is_checkpoint(path)]
+    return sorted(found, key=lambda path: checkpoint_step(path.name))
 
 
 def damage(checkpoint: Path) -> str | None:
@@ -180,7 +181,7 @@ def _refuse_rewinding_over_later_checkpoints(checkpoint: Path, output_dir: Path)
     if step is None:
         return
     later = [path.name for path in checkpoints_in(output_dir)
-             if int(path.name.rsplit("-", 1)[-1]) > step and damage(path) is None]
+             if checkpoint_step(path.name) > step and damage(path) is None]
     if later:
         raise ConfigError(f"training.resume_from_checkpoint {checkpoint} is older than {', '.join(later[-3:])} in "
                           f"{output_dir}, which this run would save over as it reaches their steps; move them out of "
@@ -190,7 +191,7 @@ def _refuse_rewinding_over_later_checkpoints(checkpoint: Path, output_dir: Path)
 def _step_of(checkpoint: Path) -> int | None:
     """A checkpoint's step: from its checkpoint-N name, else (a copy under another name) from its trainer state."""
     if is_checkpoint(checkpoint):
-        return int(checkpoint.name.rsplit("-", 1)[-1])
+        return checkpoint_step(checkpoint.name)
     try:
         return int(json.loads((checkpoint / STATE_FILE).read_text())["global_step"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -267,7 +268,7 @@ class RecordRunInCheckpoints(TrainerCallback):
                 "train_seconds": round(self.earlier["train_seconds"] + now - (self.training_began or now), 3)}
 
     def on_save(self, args, state, control, **kwargs):
-        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        checkpoint = checkpoint_dir(args.output_dir, state.global_step)
         if state.is_world_process_zero and checkpoint.is_dir():
             write_json(checkpoint / RUN_FILE, run_record(self.resolved, step=state.global_step, weights=self.weights,
                                                          world_size=args.world_size, **self.seconds()))

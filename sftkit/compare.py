@@ -19,9 +19,9 @@ from sftkit.config import read_section
 from sftkit.data.formats import with_system
 from sftkit.data.tokenize import IGNORE_INDEX
 from sftkit.errors import ConfigError, OneLineArgumentParser, say_error
-from sftkit.export import ADAPTER_DIR, BEFORE_AFTER_FILE, RUN_CONFIG_FILE, adapter_base, run_directory
+from sftkit.export import adapter_base, run_directory
 from sftkit.paths import resolve_path
-from sftkit.rundir import changed_inputs, read_run_record
+from sftkit.rundir import ADAPTER_DIR, BEFORE_AFTER_FILE, RUN_CONFIG_FILE, changed_inputs, read_run_record
 from sftkit.schema import DatasetConfig, ModelConfig
 
 

@@ -25,7 +25,12 @@ from sftkit.environment import library_versions
 from sftkit.errors import ConfigError, OneLineArgumentParser, RunFailed, SftkitError, first_line, say_error
 from sftkit.peers import lost_contact
 from sftkit.rundir import (
+    ADAPTER_DIR,
+    BEFORE_AFTER_FILE,
+    RUN_CONFIG_FILE,
     STAGING_DIR,
+    SUMMARY_FILE,
+    VERSIONS_FILE,
     OutputDir,
     check_free_space,
     cut_short,
@@ -41,12 +46,7 @@ from sftkit.rundir import (
 )
 from sftkit.schema import ModelConfig
 
-ADAPTER_DIR = "lora_weights"
-BEFORE_AFTER_FILE = "before_after.md"  # sftkit compare's report, of the model it compared
-RUN_CONFIG_FILE = "sftkit_config.yaml"
 PUBLISHING_FILE = "publishing.json"  # in the staging directory once its contents start moving into output_dir
-VERSIONS_FILE = "sftkit_versions.json"
-SUMMARY_FILE = "run_summary.json"  # written by report.py; an export finished later adds the dtypes it saved
 DISK_WAIT_SECONDS = float(os.environ.get("SFTKIT_DISK_WAIT_SECONDS", 900))
 
 

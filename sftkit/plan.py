@@ -18,7 +18,7 @@ from sftkit.errors import ConfigError
 from sftkit.fastpath import describe as describe_speed
 from sftkit.model import check_model_source, load_tokenizer, lora_config, precision_words, resolve_dtype, weights_dtype
 from sftkit.paths import resolve_path
-from sftkit.rundir import OutputDir
+from sftkit.rundir import OutputDir, size_words
 from sftkit.schema import RunConfig
 
 GIB = 2**30
@@ -279,10 +279,10 @@ def estimate_memory(config: RunConfig, shape: ModelShape, dtype, spread: Shardin
         # the gradients are built as the backward pass frees the activations (the Trainer sets them to None after
         # each step); with accumulation they stay from one micro-batch to the next
         peak -= min(gradients, activations)
-    description = (f"~{_size(peak)}: {_size(states)} model states ({source}) + {_size(activations)} activations "
-                   f"for {tokens_per_step:,} tokens per micro-batch"
+    description = (f"~{size_words(peak)}: {size_words(states)} model states ({source}) + "
+                   f"{size_words(activations)} activations for {tokens_per_step:,} tokens per micro-batch"
                    + ("; the gradients take the activations' place" if peak < states + activations else "")
-                   + (f"; {_size(cpu)} of host memory for offloaded states" if spread.offload_optimizer else "")
+                   + (f"; {size_words(cpu)} of host memory for offloaded states" if spread.offload_optimizer else "")
                    + "; excludes the CUDA context (~0.5 GiB) or the Python process on a CPU")
     return MemoryEstimate(weights, states, activations, cpu, peak, description)
 
@@ -325,10 +325,6 @@ def _loss_buffers(config: RunConfig, shape: ModelShape, element: int, tokens: in
     if config.training.label_smoothing_factor > 0:
         buffers += tokens * shape.vocab * (element + 8)
     return buffers
-
-
-def _size(value: float) -> str:
-    return f"{value / GIB:.2f} GiB" if value >= GIB / 10 else f"{value / 2**20:.1f} MiB"
 
 
 def _rows_per_epoch(train, args) -> int:

@@ -7,11 +7,9 @@ from pathlib import Path
 
 from sftkit.data import describe_dropped
 from sftkit.errors import first_line
-from sftkit.export import ADAPTER_DIR, SUMMARY_FILE, saved_dtypes
-from sftkit.monitor import SAMPLES_FILE, memory_mib
-
-LOSS_PLOT = "loss.png"
-MODEL_CARD = "README.md"
+from sftkit.export import saved_dtypes
+from sftkit.monitor import memory_mib
+from sftkit.rundir import ADAPTER_DIR, LOSS_PLOT, MODEL_CARD, SAMPLES_FILE, SUMMARY_FILE, checkpoint_step
 
 
 def build_summary(trainer, config, data, dtype, parameters: tuple[int, int], reply: str | None, seconds: dict,
@@ -92,7 +90,7 @@ def best_checkpoint_step(trainer) -> int | None:
     state, args = trainer.state, trainer.args
     if not (args.load_best_model_at_end and state.best_model_checkpoint and Path(state.best_model_checkpoint).is_dir()):
         return None  # the Trainer loads no best checkpoint that is gone (rotated away, deleted), with a warning
-    step = int(Path(state.best_model_checkpoint).name.rsplit("-", 1)[-1])
+    step = checkpoint_step(Path(state.best_model_checkpoint).name)
     logged = any("eval_loss" in entry and entry["step"] == step for entry in state.log_history)
     return step if step != state.global_step and logged else None
 

@@ -24,6 +24,16 @@ RUN_FILE = "sftkit_run.json"  # in output_dir and in every checkpoint: the finge
 LOCK_FILE = ".sftkit.lock"
 GUARD_FILE = ".sftkit.lock.guard"  # see OutputDir._one_at_a_time
 STAGING_DIR = ".export-incomplete"
+CHECKPOINT_PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR (5.24), without importing the Trainer here
+# What a run writes into output_dir beside the model and its tokenizer
+ADAPTER_DIR = "lora_weights"
+SUMMARY_FILE = "run_summary.json"  # the report's; an export finished later adds the dtypes it saved
+RUN_CONFIG_FILE = "sftkit_config.yaml"
+VERSIONS_FILE = "sftkit_versions.json"
+LOSS_PLOT = "loss.png"
+MODEL_CARD = "README.md"
+SAMPLES_FILE = "sample_replies.jsonl"
+BEFORE_AFTER_FILE = "before_after.md"  # sftkit compare's report, of the model it compared
 # Settings a resume may change without changing what is trained: the length of the run, logging, saving,
 # evaluation and where results go. Everything else in the resolved config is part of the fingerprint.
 RESUMABLE = {
@@ -48,28 +58,32 @@ RESUMABLE = {
 # removed and never replaced: a model.safetensors.bak or adapter_notes.txt beside the model is theirs.
 PUBLISHED_WEIGHTS = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
 SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # save_pretrained's shard names (transformers 5.24)
-TRAINED = ("config.json", "model.safetensors", "model.safetensors.index.json", "lora_weights", STAGING_DIR,
-           "run_summary.json")
+TRAINED = ("config.json", "model.safetensors", "model.safetensors.index.json", ADAPTER_DIR, STAGING_DIR, SUMMARY_FILE)
 WRITTEN = PUBLISHED_WEIGHTS + TRAINED + (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-    "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json", "training_args.bin", "sftkit_config.yaml",
-    "sftkit_versions.json", "README.md", "loss.png", "sample_replies.jsonl", "before_after.md", "runs",
+    "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json", "training_args.bin", RUN_CONFIG_FILE,
+    VERSIONS_FILE, MODEL_CARD, LOSS_PLOT, SAMPLES_FILE, BEFORE_AFTER_FILE, "runs",
 )
 
 
 def published_weights(name: str) -> bool:
     """A file an export writes into output_dir beside the model's tokenizer and reports: weights, their index, the
     model's config (the adapter goes into lora_weights/)."""
-    return name in PUBLISHED_WEIGHTS or SHARD.fullmatch(name) is not None
+    return _one_of(name, PUBLISHED_WEIGHTS)
 
 
 def written_by_sftkit(name: str) -> bool:
     """A name sftkit or the Trainer writes into output_dir (checkpoints aside)."""
-    return name in WRITTEN or SHARD.fullmatch(name) is not None
+    return _one_of(name, WRITTEN)
 
 
 def _trained(name: str) -> bool:
-    return name in TRAINED or SHARD.fullmatch(name) is not None
+    """What holds the trained weights or says how they trained: a run's model, not only its report."""
+    return _one_of(name, TRAINED)
+
+
+def _one_of(name: str, names: tuple[str, ...]) -> bool:
+    return name in names or SHARD.fullmatch(name) is not None
 
 
 def fingerprint(resolved: dict) -> str:
@@ -247,7 +261,7 @@ def trained_to_step(directory: Path) -> int | None:
     if "step" in record:
         return record["step"]
     try:
-        return int(json.loads((Path(directory) / "run_summary.json").read_text())["steps"])
+        return int(json.loads((Path(directory) / SUMMARY_FILE).read_text())["steps"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -320,10 +334,19 @@ def survey(directory: Path) -> Contents:
     return contents
 
 
+def checkpoint_step(name: str) -> int | None:
+    """N of a checkpoint-N name; None for any other name."""
+    prefix, _, number = name.rpartition("-")
+    return int(number) if prefix == CHECKPOINT_PREFIX and number.isdigit() else None
+
+
+def checkpoint_dir(output_dir, step: int) -> Path:
+    return Path(output_dir) / f"{CHECKPOINT_PREFIX}-{step}"
+
+
 def is_checkpoint(path: Path) -> bool:
     """A checkpoint-N directory, as the Trainer names them."""
-    prefix, _, number = path.name.rpartition("-")
-    return prefix == "checkpoint" and number.isdigit() and path.is_dir() and not path.is_symlink()
+    return checkpoint_step(path.name) is not None and path.is_dir() and not path.is_symlink()
 
 
 def _some(names: list[str], shown: int = 4) -> str:
@@ -535,7 +558,7 @@ class OutputDir:
             ways.insert(0, f"finish its export with python -m sftkit.export {self.path}")
         elif contents.checkpoints and same_config and earlier.get("status") == "finished":
             trained = trained_to_step(self.path) or 0
-            if _natural_key(contents.checkpoints[-1])[1] >= trained:
+            if checkpoint_step(contents.checkpoints[-1]) >= trained:
                 ways.insert(0, "train it longer with --training.resume_from_checkpoint true and a higher "
                                "training.max_steps or num_train_epochs")
             else:  # no checkpoint of its last step (after a signal's, save_strategy no or epoch): a resume redoes steps
@@ -575,10 +598,6 @@ def refuse_before_claiming(output_dir: Path, model_path: str, overwrite: bool, r
                           "its model; choose another training.output_dir (the model in model.path stays as it is)")
 
 
-def free_bytes(directory: Path) -> int:
-    return shutil.disk_usage(directory).free
-
-
 # save_pretrained's max_shard_size in transformers 5.24; the export casts float32 weights one shard at a time.
 SHARD_BYTES = 50 * 10**9
 
@@ -599,12 +618,12 @@ def export_bytes(total_parameters: int, trainable_parameters: int, dtype, lora: 
 
 def check_free_space(directory: Path, needed: int, when: str) -> str | None:
     """None when `needed` bytes fit on directory's filesystem, else what is missing, in words."""
-    free = free_bytes(directory)
+    free = shutil.disk_usage(directory).free
     if free >= needed:
         return None
-    return (f"{when} needs {_gib(needed)} in {directory} but its filesystem has {_gib(free)} free: "
-            f"free {_gib(needed - free)} or choose a training.output_dir on a larger disk")
+    return (f"{when} needs {size_words(needed)} in {directory} but its filesystem has {size_words(free)} free: "
+            f"free {size_words(needed - free)} or choose a training.output_dir on a larger disk")
 
 
-def _gib(size: int) -> str:
+def size_words(size: float) -> str:
     return f"{size / 2**30:.2f} GiB" if size >= 2**30 / 10 else f"{size / 2**20:.1f} MiB"

@@ -47,6 +47,7 @@ from sftkit.rundir import (
     STAGING_DIR,
     OutputDir,
     check_free_space,
+    checkpoint_dir,
     export_bytes,
     refuse_before_claiming,
     trained_to_step,
@@ -251,7 +252,7 @@ def _diverged(trainer, step: int) -> str:
 
 def _how_to_resume(trainer, signum: int) -> str:
     output_dir, step = Path(trainer.args.output_dir), trainer.state.global_step
-    checkpoint = output_dir / f"checkpoint-{step}"
+    checkpoint = checkpoint_dir(output_dir, step)
     saved = f"checkpoint saved in {checkpoint}" if checkpoint.is_dir() else \
         f"no checkpoint could be saved at it; {newest_checkpoint_words(output_dir, trainer.state.max_steps)}"
     return (f"stopped by {signal.Signals(signum).name} at step {step} of {trainer.state.max_steps}; {saved}. "
@@ -317,8 +318,7 @@ def _resuming_words(checkpoint: str | None, output_dir: Path) -> str:
     """The plan's last line on a resume: where from, and that the finished model there is replaced at the end."""
     if checkpoint is None:
         return ""
-    published = (output_dir / "config.json").is_file() or (output_dir / "adapter_config.json").is_file()
-    replaced = f"; at the end its model replaces the one in {output_dir}" if published else ""
+    replaced = f"; at the end its model replaces the one in {output_dir}" if (output_dir / "config.json").is_file() else ""
     return f"\n        resumes from {checkpoint}{replaced}"
 
 

@@ -246,8 +246,9 @@ def test_compare_holds_out_the_rows_the_run_held_out(tmp_path, packing):
 
     from sftkit.config import load_config
     from sftkit.data import prepare_for_training
-    from sftkit.export import RUN_CONFIG_FILE, write_metadata
+    from sftkit.export import write_metadata
     from sftkit.model import load_tokenizer
+    from sftkit.rundir import RUN_CONFIG_FILE
 
     rows = [{"messages": [{"role": "user", "content": f"question {i} " + ("filler " * 80 if i % 3 == 0 else "")},
                           {"role": "assistant", "content": f"answer {i}"}]} for i in range(40)]

@@ -71,7 +71,7 @@ def test_trl_still_warns_about_liger_as_the_filter_expects_and_still_accepts_it(
 
     source = inspect.getsource(SFTTrainer.__init__)
     assert "`use_liger_kernel=True` is deprecated" in source
-    # and refuses Liger's fused cross-entropy, which sftkit refuses first, before loading (config._cross_field_errors)
+    # and refuses Liger's fused cross-entropy, which sftkit refuses first, before loading (checks.cross_field_errors)
     assert '"fused_linear_cross_entropy": True}` is not supported' in source
     assert "use_liger_kernel" in SFTConfig.__dataclass_fields__
 

@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM
 from sftkit import export as export_module
 from sftkit.config import load_config
 from sftkit.errors import Interrupted, RunFailed
-from sftkit.export import ADAPTER_DIR, export
+from sftkit.export import export
 from sftkit.export import main as export_main
-from sftkit.rundir import RUN_FILE, STAGING_DIR, OutputDir
+from sftkit.rundir import ADAPTER_DIR, RUN_FILE, STAGING_DIR, OutputDir
 from sftkit.schema import ModelConfig
 from sftkit.train import train
 
