@@ -140,25 +140,31 @@ def _refuse_another_number_of_processes(checkpoint: Path, now: int) -> None:
                           "batch and each process's place in the data depend on it), or start afresh with --overwrite")
 
 
+def last_step(checkpoint: Path, training: dict) -> int | None:
+    """The last step of a run of `training`'s length (training.max_steps, or num_train_epochs) that reached this
+    checkpoint: None where only counting the data could tell (the checkpoint's run had another length)."""
+    max_steps = training.get("max_steps", -1)
+    if max_steps is not None and max_steps > 0:
+        return max_steps
+    saved = (checkpoint_record(checkpoint) or {}).get("config", {}).get("training", {})
+    if saved.get("max_steps", -1) > 0 or saved.get("num_train_epochs") != training.get("num_train_epochs"):
+        return None  # its trainer state's max_steps is another length (not the run's epochs: a cap, other epochs)
+    try:  # the length the Trainer planned for those epochs (it records epochs rounded up: 2 for 1.5)
+        return int(json.loads((checkpoint / STATE_FILE).read_text())["max_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _refuse_resuming_at_the_end(checkpoint: Path, resolved: dict) -> None:
     """A checkpoint of the run's last step has nothing left to train, and transformers 5.24 would still train one
     step past it (step 7 of 6) and publish that over the run's model."""
-    try:
-        state = json.loads((checkpoint / STATE_FILE).read_text())
-        step, planned, epochs = int(state["global_step"]), int(state["max_steps"]), state.get("num_train_epochs")
-    except (OSError, ValueError, KeyError, TypeError):
-        return
     training = resolved.get("training", {})
-    max_steps = training.get("max_steps", -1)
-    saved_by_epochs = (checkpoint_record(checkpoint) or {}).get("config", {}).get("training", {}).get("max_steps", -1)
-    if max_steps is not None and max_steps > 0:
-        end, length = max_steps, f"training.max_steps {max_steps}"
-    elif saved_by_epochs <= 0 and epochs is not None and training.get("num_train_epochs") == epochs:
-        # the run that saved it ran for whole epochs, so its planned max_steps is their length (a run capped by
-        # max_steps records the cap there instead)
-        end, length = planned, f"{epochs:g} epoch{'s' if epochs != 1 else ''}, {planned} steps"
-    else:
+    step, end = _step_of(checkpoint), last_step(checkpoint, training)
+    if step is None or end is None:
         return
+    max_steps, epochs = training.get("max_steps", -1), training.get("num_train_epochs")
+    length = f"training.max_steps {max_steps}" if max_steps is not None and max_steps > 0 else \
+        f"{epochs:g} epoch{'s' if epochs != 1 else ''}, {end} steps"
     if step >= end:
         raise ConfigError(f"training.resume_from_checkpoint: {checkpoint} is step {step}, at or past the end of this "
                           f"run ({length}): nothing is left to train. Its model is in {checkpoint.parent} (an export "

@@ -11,7 +11,6 @@ they stay in the staging directory and `python -m sftkit.export OUTPUT_DIR` fini
 import dataclasses
 import functools
 import json
-import math
 import os
 import shutil
 import sys
@@ -325,17 +324,15 @@ def last_step_checkpoint(output_dir: Path, stem: str) -> Path | None:
     run that exports its best checkpoint (which one that is, the Trainer knew). The last step of the run recorded in
     output_dir, by the length the checkpoint's own trainer state was saved with: after a resume that trains longer,
     the step that ended the first attempt is not the run's last."""
-    from sftkit.checkpoints import STATE_FILE, newest_resumable
+    from sftkit.checkpoints import STATE_FILE, last_step, newest_resumable
 
     newest = newest_resumable(output_dir)
     training = (read_run_record(output_dir) or {}).get("config", {}).get("training", {})
     if newest is None or training.get("load_best_model_at_end"):
         return None
-    state = json.loads((newest / STATE_FILE).read_text())
-    max_steps = training.get("max_steps", -1)
-    same_length = (state["max_steps"] == max_steps if max_steps > 0 else
-                   state["num_train_epochs"] == math.ceil(training.get("num_train_epochs", 0)))  # as the Trainer counts
-    if state["global_step"] < state["max_steps"] or not same_length or missing_weights(newest, stem):
+    end = last_step(newest, training)
+    if end is None or json.loads((newest / STATE_FILE).read_text())["global_step"] < end or \
+            missing_weights(newest, stem):
         return None
     return newest
 

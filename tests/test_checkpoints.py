@@ -96,6 +96,21 @@ def test_resuming_a_finished_run_is_refused_instead_of_training_past_its_end(wit
     assert (out / "model.safetensors").read_bytes() == model
 
 
+@pytest.mark.parametrize("epochs", ["1", "1.5"])
+def test_resuming_a_finished_run_of_epochs_is_refused_however_many(tmp_path, epochs):
+    """The Trainer records 1.5 epochs as 2 in its state: the check compared that with the config's 1.5, found another
+    run length, and the resume trained a step 7 of 6 and published it over the finished model."""
+    out = tmp_path / "out"
+    by_epochs = ["--training.max_steps", "-1", "--training.num_train_epochs", epochs, "--dataset.max_samples", "48",
+                 "--training.save_steps", "1"]
+    train(config(out, *by_epochs))
+    model, last = (out / "model.safetensors").read_bytes(), max(out.glob("checkpoint-*"), key=lambda p: int(p.name[11:]))
+    with pytest.raises(ConfigError, match=f"{last} is step {last.name[11:]}, at or past the end of this run "
+                                          f"\\({epochs} epochs?, {last.name[11:]} steps\\): nothing is left to train"):
+        train(config(out, *by_epochs, "--training.resume_from_checkpoint", "true"))
+    assert (out / "model.safetensors").read_bytes() == model
+
+
 def test_a_run_capped_by_max_steps_resumes_for_whole_epochs(with_checkpoints, tmp_path):
     """Its trainer state records the cap as max_steps: that is not where a run of whole epochs ends."""
     from sftkit.checkpoints import checkpoint_to_resume
