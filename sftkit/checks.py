@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sftkit.engines import is_main_process
 from sftkit.paths import PROJECT_DIR, local_splits, looked_in, looks_local, resolve_glob, resolve_path
 from sftkit.schema import DatasetConfig, ModelConfig, SourceConfig
 
@@ -74,7 +75,7 @@ def _evaluation_errors(dataset: DatasetConfig, training: dict) -> list[str]:
 def _hub_errors(training: dict) -> list[str]:
     """training.push_to_hub needs the hub and a login, which the Trainer finds missing only once it is built, after
     the data and the model have loaded (transformers 5.24 creates the repo then)."""
-    if not training.get("push_to_hub"):
+    if not training.get("push_to_hub") or not is_main_process():  # only the main process talks to the hub
         return []
     from huggingface_hub import constants, get_token
 

@@ -6,12 +6,12 @@
     sftkit env | chat DIR | compare DIR | webchat DIR | export DIR
 """
 
-import os
 import sys
 import time
 from pathlib import Path
 
 from sftkit.config import load_config
+from sftkit.engines import is_main_process
 from sftkit.errors import ConfigError, Interrupted, OneLineArgumentParser, SftkitError, say_error
 from sftkit.fastpath import use_expandable_segments
 from sftkit.peers import lost_contact, report_failure, says_errors, watch
@@ -111,11 +111,6 @@ def main(argv: list[str] | None = None, prog: str = "sft.py") -> int:
             raise
         return 1
     return 0
-
-
-def is_main_process() -> bool:
-    """Rank 0 of a launch (readable before torch.distributed starts), so errors print once."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 def _process_start() -> float:

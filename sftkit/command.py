@@ -5,7 +5,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from sftkit.peers import several_machines
+from sftkit.engines import several_machines
 
 LAUNCHERS = ("accelerate", "torchrun", "deepspeed")
 

@@ -74,7 +74,9 @@ def before_deepspeed_cpu_op_build() -> None:
     cache = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch_extensions")
     op_dirs = os.path.join(cache, "*", "deepspeed_shm_comm")
-    if os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) != "0":
+    from sftkit.engines import first_on_its_machine, is_main_process
+
+    if not first_on_its_machine():
         return
     for lock in glob.glob(os.path.join(op_dirs, "lock")):
         age = time.time() - os.path.getmtime(lock)
@@ -82,7 +84,7 @@ def before_deepspeed_cpu_op_build() -> None:
             os.remove(lock)
             logger.warning(f"removed {lock}, left {age / 60:.0f} minutes ago by a DeepSpeed op build that was "
                            "stopped part way; DeepSpeed would otherwise wait on it forever")
-    if os.environ.get("RANK", "0") == "0" and not glob.glob(os.path.join(op_dirs, "*.so")):
+    if is_main_process() and not glob.glob(os.path.join(op_dirs, "*.so")):
         print("sftkit: DeepSpeed is building its CPU communication op (once per machine; 1 to 4 minutes)...",
               flush=True)
 

@@ -28,7 +28,7 @@ from sftkit.compat import (
     rename_gradient_checkpointing,
     sft_config_fields,
 )
-from sftkit.engines import launch_uses_fsdp, uses_deepspeed, zero_stage
+from sftkit.engines import launch_uses_fsdp, several_machines, uses_deepspeed, world_size, zero_stage
 from sftkit.errors import ConfigError
 from sftkit.fastpath import bf16_by_default, choose_adapter_inputs
 from sftkit.fastpath import choose as choose_fast_path
@@ -301,7 +301,7 @@ def _build_training(values: dict, model: ModelConfig, dataset: DatasetConfig, er
     _move_hub_token_to_environment(kwargs)
     has_gpu = _has_gpu()
     _resolve_hardware_defaults(kwargs, has_gpu)
-    if kwargs.get("deepspeed") and not has_gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if kwargs.get("deepspeed") and not has_gpu and world_size() > 1:
         errors.append("training.deepspeed needs GPUs: without one, Accelerate counts a single process and DeepSpeed "
                       "rejects the batch size; on a CPU use accelerate_configs/cpu_zero2_2proc.yaml or "
                       "cpu_zero3_2proc.yaml instead")
@@ -343,8 +343,7 @@ def _save_on_each_node_error(training) -> str | None:
     save_on_each_node has the first process of each machine write the same files over each other's; under ZeRO-3
     those of the other machines hold no gathered weights and write empty tensors (transformers 5.24): a two-machine
     run published an adapter of 56 empty tensors, with exit code 0."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if not training.save_on_each_node or world <= int(os.environ.get("LOCAL_WORLD_SIZE", world)):
+    if not training.save_on_each_node or not several_machines():
         return None
     return ("training.save_on_each_node: true has every machine write the model and checkpoints into output_dir, "
             "which several machines share, over each other's (under ZeRO-3 with empty weights); remove it")

@@ -1,7 +1,28 @@
 """Which engine shards the run: DeepSpeed (and its ZeRO stage) or FSDP, asked for by the config (training.deepspeed,
 training.fsdp) or by the Accelerate config of the launch (which sets ACCELERATE_USE_* for each process).
 
-`training` is the training section's values before SFTConfig is built from them (a dict), or the SFTConfig."""
+`training` is the training section's values before SFTConfig is built from them (a dict), or the SFTConfig.
+
+Where this process stands in the launch is read from the launcher's variables, before torch.distributed starts."""
+
+import os
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the launch: the process that writes output_dir and pushes to the hub."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def first_on_its_machine() -> bool:
+    return os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0"
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def several_machines() -> bool:
+    return world_size() > int(os.environ.get("LOCAL_WORLD_SIZE", world_size())) and "MASTER_ADDR" in os.environ
 
 
 def launch_uses_deepspeed() -> bool:

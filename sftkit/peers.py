@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+from sftkit.engines import first_on_its_machine, several_machines, world_size
 from sftkit.errors import ConfigError
 
 FAILURE_KEY = "sftkit/failure"
@@ -30,11 +31,6 @@ ARRIVED_KEY = "sftkit/arrived/{rank}"
 # filesystem take a minute at most; the others would otherwise wait for training.ddp_timeout (30 minutes).
 ARRIVAL_SECONDS = float(os.environ.get("SFTKIT_ARRIVAL_SECONDS", 300))
 _stop = threading.Event()
-
-
-def several_machines() -> bool:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return world > int(os.environ.get("LOCAL_WORLD_SIZE", world)) and "MASTER_ADDR" in os.environ
 
 
 def _store(seconds: float):
@@ -99,7 +95,7 @@ def _report_who_never_started(store) -> None:
 def says_errors() -> bool:
     """Whether this process prints a config or data error: rank 0, and the first process of every other machine
     (a file missing on one machine fails only there, and each machine keeps its own log)."""
-    return os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0"
+    return first_on_its_machine()
 
 
 def report_failure(message: str) -> None:
@@ -118,7 +114,7 @@ def report_failure(message: str) -> None:
 
 def lost_contact(error: BaseException) -> str | None:
     """The one line to print when a collective failed because another process is gone, else None."""
-    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+    if world_size() < 2:
         return None
     text = str(error)
     lost = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")

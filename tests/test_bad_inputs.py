@@ -286,6 +286,19 @@ def test_push_to_hub_without_the_hub_or_a_login_is_refused_before_loading(tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+def test_only_the_main_process_needs_a_hub_login(tmp_path, monkeypatch):
+    """The Trainer creates the repo and pushes from process 0 only: a machine without a login (on a cluster, often
+    all but the first) stopped every machine at its config check."""
+    from sftkit.checks import _hub_errors
+
+    monkeypatch.setenv("HF_TOKEN", "")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("RANK", "0")
+    assert _hub_errors({"push_to_hub": True})[0].startswith("training.push_to_hub: true needs ")  # a login or the hub
+    monkeypatch.setenv("RANK", "3")
+    assert _hub_errors({"push_to_hub": True}) == []
+
+
 def test_a_hub_repo_the_trainer_cannot_create_is_one_line(tmp_path):
     """A login, but a hub that cannot be reached (here nothing listens at the endpoint): the Trainer's repo creation
     fails once it is built."""
