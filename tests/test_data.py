@@ -264,6 +264,77 @@ def test_alpaca_without_input_and_question_answer_with_its_source_appended():
     assert to_messages(row, "question_answer", answer_source="append")[-1]["content"] == "Lima.\n\nSource: atlas"
 
 
+SYSTEM_ROWS = {
+    "prompt_response": {"prompt": "Hi", "response": "Arr"},
+    "prompt_completion": {"prompt": "Hi", "completion": "Arr"},
+    "question_answer": {"question": "Hi", "answer": "Arr"},
+    "alpaca": {"instruction": "Greet.", "input": "Hi", "output": "Arr"},
+    "sharegpt": {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Arr"}]},
+}
+
+
+@pytest.mark.parametrize("format_name", sorted(SYSTEM_ROWS))
+def test_a_system_column_is_the_rows_system_message(tmp_path, tokenizer, format_name):
+    """It was ignored. A row's own system wins over dataset.system_prompt, as a messages row's system message does;
+    an empty one is none. It is a field the format reads, so datasets' JSON reading of it is refused too."""
+    row = SYSTEM_ROWS[format_name]
+    rows = [{"system": "You are a pirate.", **row}, {"system": "", **row}, {"system": None, **row}]
+    data = prepare_data(DatasetConfig(name=write_rows(tmp_path, ".jsonl", rows), system_prompt="Be kind."), tokenizer,
+                        max_length=128)
+    assert data.formats == [format_name]
+    prompts = [tokenizer.decode(tokens["input_ids"]) for tokens in data.train]
+    assert ["You are a pirate." in text for text in prompts] == [True, False, False]
+    assert ["Be kind." in text for text in prompts] == [False, True, True]
+    assert [trained_spans(tokenizer, tokens) for tokens in data.train] == [["Arr<|im_end|>"]] * 3
+    user = "Greet.\n\nHi" if format_name == "alpaca" else "Hi"
+    assert to_messages(rows[1], format_name)[0] == {"role": "user", "content": user}
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps({"system": "4", **row}) + "\n" + json.dumps({"system": 5, **row}) + "\n")
+    with pytest.raises(DataError, match="system is a int on line 2 and text on line 1"):
+        prepare_data(DatasetConfig(name=str(mixed)), tokenizer, max_length=128)
+
+
+def test_an_alpaca_input_of_0_is_an_input(tmp_path, tokenizer):
+    assert to_messages({"instruction": "Add one.", "input": 0, "output": "1"}, "alpaca")[0]["content"] == \
+        "Add one.\n\n0"
+    assert to_messages({"instruction": "Add one.", "input": " ", "output": "1"}, "alpaca")[0]["content"] == "Add one."
+    (tmp_path / "rows.csv").write_text("instruction,input,output\nAdd one.,0,1\nAdd two.,5,7\n")
+    data = prepare_data(DatasetConfig(name=str(tmp_path / "rows.csv")), tokenizer, max_length=64)
+    assert "Add one.\n\n0<|im_end|>" in tokenizer.decode(data.train[0]["input_ids"])
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_numbers_in_the_text_columns_of_other_formats_are_their_text(tmp_path, tokenizer, suffix):
+    """They failed as content of type int. Messages rows stay strict (see
+    test_bad_rows_name_the_source_row_line_and_problem)."""
+    rows = [{"question": "What is 2+2?", "answer": 4}, {"question": "What is 7+5?", "answer": 12}]
+    data = prepare_data(DatasetConfig(name=write_rows(tmp_path, suffix, rows)), tokenizer, max_length=64)
+    assert [trained_spans(tokenizer, tokens) for tokens in data.train] == [["4<|im_end|>"], ["12<|im_end|>"]]
+    assert to_messages({"instruction": 7, "input": 2.5, "output": 9.5}, "alpaca") == [
+        {"role": "user", "content": "7\n\n2.5"}, {"role": "assistant", "content": "9.5"}]
+    assert to_messages({"prompt": 3, "response": 4.0}, "prompt_response") == [
+        {"role": "user", "content": "3"}, {"role": "assistant", "content": "4.0"}]
+    with pytest.raises(ValueError, match=r"message 1 \(assistant\) has content of type bool"):
+        to_messages({"question": "Is 4 even?", "answer": True}, "question_answer")
+
+
+def test_a_row_of_another_format_names_its_columns_and_the_format_of_the_source(tmp_path, tokenizer):
+    """It said: expected a non-empty list of messages, got NoneType."""
+    chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+    path = write_rows(tmp_path, ".jsonl", [chat] * 6 + [{"prompt": "Hi", "response": "Hello"}])
+    with pytest.raises(DataError) as error:
+        prepare_data(DatasetConfig(name=path), tokenizer, max_length=64)
+    assert str(error.value) == (f"dataset {path} line 7: the row has no messages column but has the columns prompt, "
+                                "response, while the source is read as messages rows; if the file mixes formats, "
+                                "split it into files of one format each, listed in dataset.sources; else fix the row, "
+                                "or set dataset.on_bad_row: skip")
+    qa = write_rows(tmp_path, ".jsonl", [{"question": "Q?", "answer": "A."}, {"prompt": "Hi", "response": "Hello"}])
+    with pytest.raises(DataError, match=re.escape("line 2: the row has no answer or question column but has the "
+                                                  "columns prompt, response, while the source is read as "
+                                                  "question_answer rows")):
+        prepare_data(DatasetConfig(name=qa), tokenizer, max_length=64)
+
+
 def test_text_rows_train_on_every_token(tmp_path, tokenizer):
     data = prepare_data(DatasetConfig(name=write_rows(tmp_path, ".jsonl", [{"text": "The sky is blue."}])), tokenizer, max_length=64)
     row = data.train[0]
@@ -275,6 +346,20 @@ def test_sharegpt_with_an_unknown_speaker_names_the_turn(tmp_path, tokenizer):
     row = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "robot", "value": "Yo"}]}
     with pytest.raises(DataError, match=r"rows.jsonl line 1: turn 1 has from='robot'"):
         prepare_data(DatasetConfig(name=write_rows(tmp_path, ".jsonl", [row])), tokenizer, max_length=64)
+
+
+def test_sharegpt_turns_of_weight_0_do_not_train_as_messages_do(tmp_path, tokenizer):
+    row = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "BAD answer", "weight": 0},
+                             {"from": "human", "value": "Again"}, {"from": "gpt", "value": "Hello!", "weight": 1}]}
+    data = prepare_data(DatasetConfig(name=write_rows(tmp_path, ".jsonl", [row])), tokenizer, max_length=128)
+    assert [trained_spans(tokenizer, tokens) for tokens in data.train] == [["Hello!<|im_end|>"]]
+    turns = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]
+    with pytest.raises(ValueError, match="every assistant message has weight 0: there is nothing to train on"):
+        to_messages({"conversations": [turns[0], {**turns[1], "weight": 0}]}, "sharegpt")
+    with pytest.raises(ValueError, match=r"message 0 \(user\) has weight 0; only assistant messages take a weight"):
+        to_messages({"conversations": [{**turns[0], "weight": 0}, turns[1]]}, "sharegpt")
+    with pytest.raises(ValueError, match=r"message 1 \(assistant\) has weight 2; only assistant messages take a"):
+        to_messages({"conversations": [turns[0], {**turns[1], "weight": 2}]}, "sharegpt")
 
 
 def test_column_map_renames_other_field_names(tmp_path, tokenizer):

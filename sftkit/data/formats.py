@@ -26,8 +26,9 @@ def from_messages(row: dict, answer_source: str) -> list[dict]:
 
 
 def from_sharegpt(row: dict, answer_source: str) -> list[dict]:
-    """ShareGPT: {"conversations": [{"from": "human" | "gpt" | "system", "value": ...}, ...]}."""
-    messages = []
+    """ShareGPT: {"conversations": [{"from": "human" | "gpt" | "system", "value": ...}, ...], optional "system"}; a
+    turn's weight is a message's."""
+    messages = _system(row)
     for index, turn in enumerate(_as_list(row["conversations"])):
         if isinstance(turn, dict) and "from" not in turn and "role" in turn:
             raise ValueError(f"turn {index} has role and content, as OpenAI messages do, not ShareGPT's from and "
@@ -35,33 +36,38 @@ def from_sharegpt(row: dict, answer_source: str) -> list[dict]:
         if not isinstance(turn, dict) or turn.get("from") not in SHAREGPT_ROLES:
             found = turn.get("from") if isinstance(turn, dict) else type(turn).__name__
             raise ValueError(f"turn {index} has from={found!r}; expected one of {', '.join(SHAREGPT_ROLES)}")
-        messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn.get("value")})
+        messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn.get("value"),
+                         "weight": turn.get("weight")})
     return messages
 
 
 def from_prompt_response(row: dict, answer_source: str) -> list[dict]:
-    """{"prompt", "response"} or TRL's {"prompt", "completion"}, each a string or a list of messages. Only the
-    response trains: assistant turns inside a conversational prompt get weight 0, as TRL trains the completion."""
+    """{"prompt", "response"} or TRL's {"prompt", "completion"}, each a string or a list of messages, optional
+    "system". Only the response trains: assistant turns inside a conversational prompt get weight 0, as TRL trains the
+    completion."""
     answer = "response" if "response" in row else "completion"
     prompt = [{**turn, "weight": 0} if isinstance(turn, dict) and turn.get("role") == "assistant" else turn
               for turn in _as_turns(row, "prompt", "user")]
-    return prompt + _as_turns(row, answer, "assistant")
+    return _system(row) + prompt + _as_turns(row, answer, "assistant")
 
 
 def from_question_answer(row: dict, answer_source: str) -> list[dict]:
-    """{"question", "answer", optional "source"}; the source is dropped or appended to the answer."""
-    answer = row["answer"]
+    """{"question", "answer", optional "source" and "system"}; the source is dropped or appended to the answer."""
+    answer = _text(row["answer"])
     if answer_source == "append" and row.get("source"):
         answer = f"{answer}\n\nSource: {row['source']}"
-    return [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": answer}]
+    return [*_system(row), {"role": "user", "content": _text(row["question"])},
+            {"role": "assistant", "content": answer}]
 
 
 def from_alpaca(row: dict, answer_source: str) -> list[dict]:
-    """Alpaca: {"instruction", optional "input", "output"}; the input follows the instruction in the user turn."""
-    instruction = row["instruction"]
-    if row.get("input"):
-        instruction = f"{instruction}\n\n{row['input']}"
-    return [{"role": "user", "content": instruction}, {"role": "assistant", "content": row["output"]}]
+    """Alpaca: {"instruction", optional "input", "output", optional "system"}; the input follows the instruction in
+    the user turn."""
+    instruction, extra = _text(row["instruction"]), _text(row.get("input"))
+    if extra is not None and str(extra).strip():
+        instruction = f"{instruction}\n\n{extra}"
+    return [*_system(row), {"role": "user", "content": instruction},
+            {"role": "assistant", "content": _text(row["output"])}]
 
 
 FORMATS = {
@@ -76,11 +82,11 @@ FORMATS = {
 MESSAGE_KEYS = {"role", "content", "weight"}
 READS = {
     "messages": {"messages", *MESSAGE_KEYS},
-    "sharegpt": {"conversations", "from", "value"},
-    "prompt_response": {"prompt", "response", *MESSAGE_KEYS},
-    "prompt_completion": {"prompt", "completion", *MESSAGE_KEYS},
-    "question_answer": {"question", "answer", "source"},
-    "alpaca": {"instruction", "input", "output"},
+    "sharegpt": {"conversations", "from", "value", "weight", "system"},
+    "prompt_response": {"prompt", "response", "system", *MESSAGE_KEYS},
+    "prompt_completion": {"prompt", "completion", "system", *MESSAGE_KEYS},
+    "question_answer": {"question", "answer", "source", "system"},
+    "alpaca": {"instruction", "input", "output", "system"},
     "text": {"text"},
 }
 # Columns that identify each format, most specific first.
@@ -111,6 +117,13 @@ def detect_format(columns: list[str], source: str) -> str:
 
 def to_messages(row: dict, format_name: str, system_prompt: str | None = None, answer_source: str = "drop"):
     """Convert one row and validate it. Raises ValueError saying what is wrong with the row."""
+    columns = dict(SIGNATURES)[format_name]
+    held = [column for column, value in row.items() if value is not None]
+    if held and columns <= row.keys() and not columns & set(held):  # datasets fills the columns of other rows with None
+        raise ValueError(f"the row has no {' or '.join(sorted(columns))} column but has the columns {', '.join(held)}, "
+                         f"while the source is read as {format_name} rows; if the file mixes formats, split it into "
+                         "files of one format each, listed in dataset.sources; else fix the row, or set "
+                         "dataset.on_bad_row: skip")
     try:
         messages = FORMATS[format_name](row, answer_source)
     except KeyError as missing:
@@ -141,8 +154,19 @@ def to_text(row: dict) -> str:
     return text
 
 
+def _system(row: dict) -> list[dict]:
+    """A row's own system column, as its first message: it wins over dataset.system_prompt (see with_system)."""
+    message = {"role": "system", "content": row.get("system")}
+    return [] if _empty_system(message) else [message]
+
+
+def _text(value):
+    """A number in a text column (JSON 4, a parquet int column) as its text; anything else is checked as content."""
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
 def _as_turns(row: dict, column: str, role: str) -> list[dict]:
-    value = row[column]
+    value = _text(row[column])
     if value is None:  # an empty CSV cell, or a missing key in some JSON rows
         raise RowDefect(f"column {column!r} is empty")
     return [{"role": role, "content": value}] if isinstance(value, str) else _as_list(value)
