@@ -11,7 +11,17 @@ from pathlib import Path
 from typing import Any
 
 from sftkit.engines import is_main_process
-from sftkit.paths import PROJECT_DIR, local_splits, looked_in, looks_local, resolve_glob, resolve_path
+from sftkit.paths import (
+    DATA_FILE_BUILDERS,
+    PROJECT_DIR,
+    directory_splits,
+    local_splits,
+    looked_in,
+    looks_local,
+    resolve_glob,
+    resolve_path,
+    saved_by_datasets,
+)
 from sftkit.schema import DatasetConfig, ModelConfig, SourceConfig
 
 
@@ -249,6 +259,16 @@ def _output_dir_among_data(output_dir: str, sources: list[tuple]) -> list[str]:
     return []
 
 
+def _files_by_split(folder: Path) -> str:
+    """'split train (a.jsonl, b.jsonl) and split test (test.jsonl)', with how the files came to be split."""
+    splits = directory_splits(folder)
+    listed = " and ".join(f"split {split} ({', '.join(Path(file).name for file in files[:3])}"
+                          f"{f' and {len(files) - 3} more' if len(files) > 3 else ''})" for split, files in splits.items())
+    why = ("named for their splits as datasets names them" if len(splits) > 1 or "train" not in splits else
+           "one split, as not every file is named for a split (train*, test* or eval*, validation* or dev*)")
+    return f"{listed}: {why}"
+
+
 def source_errors(key: str, source: SourceConfig, eval_split: str | None, beside: Path | None = None) -> list[str]:
     """What is wrong with a source that can be told without loading it: a local path or pattern that finds nothing,
     a split it does not have, a hub-only setting on it."""
@@ -268,9 +288,14 @@ def source_errors(key: str, source: SourceConfig, eval_split: str | None, beside
             return [f"{key}.subset: {source.subset} names a configuration of a hub dataset, but {name} is local; "
                     "remove it"]
         splits = local_splits(path)
-        if splits is None:  # a folder of data files: load_dataset names its splits after the files, when it loads
-            return []
-        what = f"its splits are {', '.join(splits)}" if path.is_dir() else "a local file has one split, train"
+        if not splits:
+            return [f"{key}.name: the folder {name} holds no {', '.join(DATA_FILE_BUILDERS)} file (nor one of those "
+                    "compressed: .gz, .bz2, .xz); put the data there, or name the file itself"]
+        what = "a local file has one split, train"
+        if path.is_dir():
+            what = f"its splits are {', '.join(splits)}"
+            if not saved_by_datasets(path):
+                what = f"its files are {_files_by_split(path)}"
     else:
         return []
     errors = []

@@ -435,16 +435,19 @@ def refuse_values_datasets_reads_as_json(features, files: list[str], read: set, 
 
 def _json_rows(file: str):
     """('line N', row) of each row of a JSON Lines file, or ('row N', row) of a .json file holding a list of rows."""
-    with open(file, "rb") as handle:
+    from sftkit.paths import data_suffix, open_data
+
+    with open_data(file) as handle:
         for number, line in enumerate(handle, 1):
             if line.strip():
                 try:
                     yield f"line {number}", json.loads(line)
                 except ValueError:
                     break  # a document spread over lines
-    if file.endswith(".json"):
+    if data_suffix(file) == ".json":
         try:
-            document = json.loads(Path(file).read_text(encoding="utf-8"))
+            with open_data(file) as handle:
+                document = json.loads(handle.read().decode("utf-8"))
         except ValueError:
             return
         if isinstance(document, list):

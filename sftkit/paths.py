@@ -2,8 +2,11 @@
 local paths and globs as a config names them, found from the working directory, else beside the config file (made
 absolute when the config is read), else in the project."""
 
+import bz2
 import glob
+import gzip
 import json
+import lzma
 import os
 from pathlib import Path
 
@@ -19,8 +22,13 @@ PROJECT_DIR = next(directory for directory in (PACKAGE_DIR.parent, PACKAGE_DIR /
 CONFIGS_DIR = PROJECT_DIR / "configs"
 PRESETS_DIR = CONFIGS_DIR / "presets"
 DEFAULT_CONFIG = CONFIGS_DIR / "default_train_config.yaml"
+# The local data files sftkit reads, by the datasets builder that reads them; each may be compressed too (data.jsonl.gz),
+# which datasets reads as it is and sftkit's own checks read through open_data.
+DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 # A name with one of these extensions is a local file, never a hub id (see looks_local).
-LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt", ".yaml", ".yml", ".jinja", ".j2")
+LOCAL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt", ".yaml", ".yml", ".jinja", ".j2",
+                  *COMPRESSIONS)
 
 
 def find_config_file(name: str | None, directory: Path = CONFIGS_DIR) -> Path:
@@ -95,13 +103,65 @@ def looked_in(value: str, beside: Path | None = None) -> str:
     return f" (looked in {' and in '.join(map(str, places))})"
 
 
+def data_suffix(file) -> str:
+    """The kind of data a file holds, by its name: .jsonl for train.JSONL.gz (and for .ndjson, its other name)."""
+    suffixes = [suffix.lower() for suffix in Path(file).suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        suffixes.pop()
+    return {".ndjson": ".jsonl"}.get(suffixes[-1], suffixes[-1]) if suffixes else ""
+
+
+def open_data(file):
+    """A data file's bytes, decompressed."""
+    return COMPRESSIONS.get(Path(file).suffix.lower(), open)(file, "rb")
+
+
 def local_splits(path: Path) -> list[str] | None:
     """The splits local data has: a data file has one, train; a save_to_disk DatasetDict has its own; a single
-    saved Dataset counts as train; None for a folder of data files (load_dataset names splits after the files)."""
+    saved Dataset counts as train; a folder of data files those of directory_splits."""
     if path.is_file():
         return ["train"]
     if (path / "dataset_dict.json").is_file():
         return list(json.loads((path / "dataset_dict.json").read_text()).get("splits", []))
-    if (path / "state.json").is_file():
-        return ["train"]
-    return None
+    return ["train"] if saved_by_datasets(path) else list(directory_splits(path))
+
+
+def saved_by_datasets(folder: Path) -> bool:
+    """A folder written by save_to_disk (a DatasetDict, or one Dataset)."""
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
+def directory_splits(folder: Path) -> dict[str, list[str]]:
+    """The data files of a folder (and its subfolders; hidden ones and files of other kinds never) by split. Where
+    every one is named for a split as datasets names them (train*, test* or eval*, validation* or dev*, ...), those
+    are the splits; else they are all one split, train.
+
+    Not datasets' own reading of a folder: it reads only the most common kind of file there (notes.txt beside
+    data.jsonl was trained on, data.jsonl never read), and leaves out a file named for no split when others are
+    (chats.jsonl beside eval.jsonl)."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    files = sorted(str(path) for path in folder.rglob("*") if data_suffix(path) in DATA_FILE_BUILDERS
+                   and path.is_file() and not any(part.startswith((".", "__")) for part in path.relative_to(folder).parts))
+    try:
+        named = DataFilesDict.from_patterns(get_data_patterns(str(folder)), str(folder))
+    except Exception:  # no file at all, or none datasets can name
+        named = {}
+    split_of = {}
+    for split, split_files in named.items():
+        for file in split_files:
+            split_of.setdefault(str(Path(file).resolve()), str(split))
+    if not all(str(Path(file).resolve()) in split_of for file in files):
+        return {"train": files} if files else {}
+    splits: dict[str, list[str]] = {}
+    for file in files:
+        splits.setdefault(split_of[str(Path(file).resolve())], []).append(file)
+    return splits
+
+
+def local_files(name: str) -> list[str]:
+    """The files a local file name or glob stands for, from the working directory or else the project."""
+    if glob.has_magic(name):
+        return resolve_glob(name)
+    path = Path(resolve_path(name))
+    return [str(path)] if path.is_file() else []

@@ -120,18 +120,16 @@ def input_digests(resolved: dict) -> dict[str, str]:
     model's config and weights, by the name the config gives them, as a digest of their contents. The fingerprint
     covers the names only, and a resume onto a rewritten data file or changed base weights would train something
     else under the same config. Hub ids are left out (their revision is in the config)."""
-    from sftkit.data.load import LOCAL_FILE_BUILDERS, local_files
-    from sftkit.paths import resolve_path
+    from sftkit.paths import directory_splits, local_files, resolve_path
 
     dataset, files = resolved.get("dataset", {}), {}
     names = [dataset.get("name")] + [source.get("name") for key in ("sources", "eval_sources")
                                      for source in dataset.get(key) or []]
     for name in filter(None, names):
         root = Path(resolve_path(name))
-        if root.is_dir():  # as load_dataset reads a directory: its data files, not hidden ones
-            files.update({f"{name}/{path.relative_to(root)}": path for path in sorted(root.rglob("*"))
-                          if path.suffix in LOCAL_FILE_BUILDERS and path.is_file()
-                          and not any(part.startswith((".", "__")) for part in path.relative_to(root).parts)})
+        if root.is_dir():  # every split's files
+            files.update({f"{name}/{Path(path).relative_to(root)}": Path(path)
+                          for split_files in directory_splits(root).values() for path in split_files})
         else:  # a file or a glob; nothing for a hub id, nor for a glob that matches nothing (the run says so)
             matched = local_files(name)
             files.update({f"{name}:{Path(path).name}" if path != str(root) else name: Path(path) for path in matched})

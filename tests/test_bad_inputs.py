@@ -136,7 +136,8 @@ def test_a_split_a_folder_of_files_lacks_lists_its_splits(tmp_path):
     (folder / "train.jsonl").write_text("".join(lines[:40]))
     (folder / "test.jsonl").write_text("".join(lines[40:50]))
     line, _ = sft("--dataset.name", str(folder), "--dataset.split", "validation", tmp_path=tmp_path)
-    assert line.endswith(f"dataset.split: 'validation' is not a split of {folder}: its splits are train, test; use one of them")
+    assert line.endswith(f"dataset.split: 'validation' is not a split of {folder}: its files are split test (test.jsonl) "
+                         "and split train (train.jsonl): named for their splits as datasets names them; use one of them")
 
 
 def test_invalid_json_names_the_1_based_line(tmp_path):

@@ -1,7 +1,9 @@
 """Sources -> rows -> chat messages -> input_ids + labels, mixed and split, ready for TRL's SFTTrainer."""
 
+import glob
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyarrow.compute as pc
 
@@ -9,7 +11,9 @@ from sftkit import compat
 from sftkit.data.formats import RowDefect, detect_format, to_messages, to_text, with_system
 from sftkit.data.load import jsonl_files, jsonl_place, load_source
 from sftkit.data.tokenize import IGNORE_INDEX, MaskError, tokenize_messages, tokenize_text
+from sftkit.engines import is_main_process
 from sftkit.errors import DataError
+from sftkit.paths import directory_splits, resolve_path, saved_by_datasets
 from sftkit.schema import DatasetConfig, SourceConfig
 
 __all__ = ["DataError", "MaskError", "PreparedData", "prepare_data", "prepare_for_training", "tokenize_messages"]
@@ -28,8 +32,9 @@ MAX_PROCESSES = 8
 # calls or reasoning refused, CSV cells reading None or NA kept as text, a token merged across a reply's start
 # refused (and, since 2026-11-26, the eval split before source weights, rows kept by the trainer's window).
 # 3 (2026-11-28): OpenAI content parts joined into text (such rows were bad rows), rows cut at max_length one token
-# longer.
-PREPARATION = 3
+# longer. 4 (2026-11-28): a folder reads its data files only, as one split unless each is named for one; a row's
+# system column, an alpaca input of 0, numbers in text columns and ShareGPT weights read.
+PREPARATION = 4
 
 
 def describe_dropped(dropped: dict[str, int]) -> str:
@@ -94,6 +99,8 @@ def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42,
         raise ValueError(f"truncate keeps the start of each row, but the trainer keeps {keeps!r}")
     prepare = _Preparation(cfg, tokenizer, max_length, num_proc, keeps, truncate)
     sources = cfg.train_sources()
+    if is_main_process():
+        _warn_of_files_not_read(cfg)
     train_parts = [prepare.source(source, _train_key(cfg, i), train=True) for i, source in enumerate(sources)]
     if not any(len(rows) for rows, _ in train_parts):
         raise DataError(prepare.nothing_to_train())
@@ -129,6 +136,23 @@ def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42,
     )
 
 
+def _warn_of_files_not_read(cfg: DatasetConfig) -> None:
+    """A folder's files of another split than the run reads (test_cases.jsonl beside train_math.jsonl) are not
+    trained on: say so, and how to use them."""
+    for source in cfg.train_sources():
+        folder = Path(resolve_path(source.name))
+        if not folder.is_dir() or saved_by_datasets(folder):
+            continue
+        unread = {split: files for split, files in directory_splits(folder).items()
+                  if split not in (source.split, cfg.eval_split)}
+        for split, files in unread.items():
+            names = ", ".join(Path(file).name for file in files[:3]) + (" ..." if len(files) > 3 else "")
+            print(f"sftkit: warning: dataset {source.name}: {names} {'is' if len(files) == 1 else 'are'} split "
+                  f"{split!r} (named so), which this run does not read; evaluate on it with dataset.eval_split: "
+                  f"{split}, or rename {'it' if len(files) == 1 else 'them'} to train on {'it' if len(files) == 1 else 'them'}",
+                  flush=True)
+
+
 def _column(rows, name: str):
     """A whole column as one Arrow array. datasets 5.2's rows[name] is a Column that decodes row by row in Python: 5.3 s
     for the lengths of 224,000 rows on a cache hit, against 0.75 s so."""
@@ -157,7 +181,7 @@ class _Preparation:
         position = len(self.raw)
         self.raw.append((rows, format_name, source))
         num_proc = self.num_proc or _processes_for(len(rows))
-        tokenized = self.tokenize(rows, format_name, source, position, num_proc, self.truncate)
+        tokenized = self.tokenize(rows, format_name, source, position, num_proc, self.truncate, split)
         kept = tokenized.filter(lambda count: count > 0, input_columns="trainable_tokens", num_proc=num_proc)
         problems = [problem for problem in _column(tokenized, "problem").to_pylist() if problem]
         dropped = self.dropped if train else self.eval_dropped
@@ -170,7 +194,7 @@ class _Preparation:
         return kept, format_name
 
     def tokenize(self, rows, format_name: str, source: SourceConfig, position: int, num_proc: int | None,
-                 truncate: bool):
+                 truncate: bool, split: str | None = None):
         return rows.map(
             _tokenize_row,
             with_indices=True,
@@ -186,7 +210,8 @@ class _Preparation:
                 "cut": self.max_length if truncate else None,
                 "source_position": position,
                 "where": f"dataset {source.name}",
-                "jsonl": jsonl_files(source),
+                "jsonl": jsonl_files(source, split),
+                "name_the_file": glob.has_magic(source.name) or Path(resolve_path(source.name)).is_dir(),
                 "skip_bad_rows": self.cfg.on_bad_row == "skip",
                 "code": compat.data_code_digest(),
             },
@@ -239,7 +264,7 @@ def _processes_for(rows: int) -> int | None:
 
 
 def _tokenize_row(row, index, tokenizer, format_name, system_prompt, answer_source, loss_on, kept, cut,
-                  source_position, where, jsonl, skip_bad_rows, code):
+                  source_position, where, jsonl, name_the_file, skip_bad_rows, code):
     try:
         if format_name == "text":
             tokens = tokenize_text(tokenizer, to_text(row))
@@ -249,9 +274,9 @@ def _tokenize_row(row, index, tokenizer, format_name, system_prompt, answer_sour
     except ValueError as error:
         # 1-based: the line of a .jsonl file, else the row
         place = f"row {index + 1}"
-        if jsonl:
-            file, line = jsonl_place(jsonl, index)
-            where, place = (where if len(jsonl) == 1 else f"dataset {file}"), f"line {line}"
+        if jsonl and (found := jsonl_place(jsonl, index)):
+            file, line = found
+            where, place = (f"dataset {file}" if name_the_file else where), f"line {line}"
         if isinstance(error, UnicodeDecodeError):  # Arrow keeps the bytes and decodes them when the row is read
             problem = f"{where} {place}: not UTF-8 text ({error.reason} at byte {error.start})"
             fix = "save the file as UTF-8"

@@ -1,7 +1,6 @@
 """Raw rows of one source: a hub dataset, a local file, a glob, a directory or a `save_to_disk` directory."""
 
 import functools
-import glob
 import json
 import os
 from pathlib import Path
@@ -10,10 +9,18 @@ from sftkit.checks import source_errors
 from sftkit.compat import refuse_values_datasets_reads_as_json
 from sftkit.data.formats import READS, detect_format
 from sftkit.errors import DataError, first_line
-from sftkit.paths import looks_local, resolve_glob, resolve_path
+from sftkit.paths import (
+    DATA_FILE_BUILDERS,
+    data_suffix,
+    directory_splits,
+    local_files,
+    looks_local,
+    open_data,
+    resolve_path,
+    saved_by_datasets,
+)
 from sftkit.schema import SourceConfig
 
-LOCAL_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 # pandas reads cells holding None, null, NA or nan as missing by default: in a chat dataset they are text. Only an
 # empty cell is missing.
 READER_OPTIONS = {"csv": {"keep_default_na": False, "na_values": [""]}}
@@ -35,9 +42,8 @@ def load_source(source: SourceConfig, split: str | None = None, key: str = "data
     except DataError:
         raise
     except Exception as error:  # datasets raises many types; all mean "this source or split cannot be read"
-        # a folder of data files, or a hub dataset that just answered about its splits
-        known = Path(resolve_path(source.name)).is_dir() or (not looks_local(source.name) and "split" in str(error))
-        splits = _split_names(source) if known else None
+        # a hub dataset that just answered about its splits (a local source's are checked before it loads)
+        splits = _split_names(source) if not looks_local(source.name) and "split" in str(error) else None
         if splits and split not in splits:
             raise DataError(f"{split_key}: {split!r} is not a split of {source.name}: its splits are "
                             f"{', '.join(splits)}; use one of them") from error
@@ -64,46 +70,67 @@ def load_source(source: SourceConfig, split: str | None = None, key: str = "data
     return rows
 
 
-def jsonl_files(source: SourceConfig) -> list[str] | None:
-    """The .jsonl files of a source that is one such file or a glob of them, in the order their rows load, whose
-    errors can name the file and line; else None."""
-    if not source.name.endswith(".jsonl"):
-        return None
-    return local_files(source.name) or None
+def jsonl_files(source: SourceConfig, split: str | None = None) -> list[str] | None:
+    """The files of a source (a file, a glob or a folder's `split`) in the order their rows load, when they are all
+    JSON Lines, whose errors can name the file and line; else None."""
+    files = local_files(source.name)
+    if not files and Path(resolve_path(source.name)).is_dir():
+        files = directory_splits(Path(resolve_path(source.name))).get(split or source.split, [])
+    return files if files and all(data_suffix(file) == ".jsonl" for file in files) else None
 
 
-def jsonl_place(files: list[str], index: int) -> tuple[str, int]:
-    """The file and 1-based line of row `index` of the rows those .jsonl files hold, one after the other."""
+def jsonl_place(files: list[str], index: int) -> tuple[str, int] | None:
+    """The file and 1-based line of row `index` of the rows those .jsonl files hold, one after the other; None
+    where a file is not one row per line."""
     for file in files:
         lines = _line_numbers(file, os.stat(file).st_mtime_ns)
+        if lines is None:
+            return None
         if index < len(lines):
             return file, lines[index]
         index -= len(lines)
-    raise IndexError(index)
+    return None
 
 
 @functools.cache
-def _line_numbers(file: str, modified: int) -> list[int]:
-    """The 1-based line number of each row of a .jsonl file (the loader skips blank lines); by modification time,
-    so a file rewritten in this process is read again."""
-    with open(file, "rb") as handle:
-        return [number for number, line in enumerate(handle, 1) if line.strip()]
+def _line_numbers(file: str, modified: int) -> list[int] | None:
+    """The 1-based line number of each row of a .jsonl file (the loader skips blank lines), by modification time
+    (a file rewritten in this process is read again); None where its rows are not one per line, which datasets
+    reads all the same: a row spread over lines, rows parted by a carriage return alone, a JSON list."""
+    numbers = []
+    with open_data(file) as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                try:
+                    if not isinstance(json.loads(line), dict):
+                        return None
+                except UnicodeDecodeError:
+                    pass  # a row all the same: datasets keeps its bytes, and the row's error says they are not UTF-8
+                except ValueError:
+                    return None
+                numbers.append(number)
+    return numbers
 
 
 def _load(source: SourceConfig, split: str):
     from datasets import DatasetDict, load_dataset, load_from_disk
 
     files = local_files(source.name)
+    path = Path(resolve_path(source.name))
+    if not files and path.is_dir() and not saved_by_datasets(path):
+        files = directory_splits(path).get(split, [])
+        split = "train"  # of those files
     if files:
-        unknown = [file for file in files if Path(file).suffix not in LOCAL_FILE_BUILDERS]
+        unknown = [file for file in files if data_suffix(file) not in DATA_FILE_BUILDERS]
         if unknown:
-            raise DataError(f"dataset {source.name}: files must all be one of {', '.join(LOCAL_FILE_BUILDERS)}"
+            raise DataError(f"dataset {source.name}: files must all be one of {', '.join(DATA_FILE_BUILDERS)} (or "
+                            "those compressed: .gz, .bz2, .xz)"
                             + (f"; {Path(unknown[0]).name} is not" if len(files) > 1 else ""))
         builder = _one_file_type(source.name, files)
         if all(_blank(file) for file in files):
             raise DataError(f"dataset {source.name}: {'the file is' if len(files) == 1 else 'its files are'} empty")
         try:
-            rows = load_dataset(builder, data_files=files, split="train",  # local files load as one "train" split
+            rows = load_dataset(builder, data_files=files, split=split,  # local files load as one "train" split
                                 **READER_OPTIONS.get(builder, {}))
         except Exception:
             problem = next(filter(None, map(_json_problem, files)), None) if builder == "json" else None
@@ -113,20 +140,14 @@ def _load(source: SourceConfig, split: str):
         refuse_values_datasets_reads_as_json(rows.features, files, _fields_read(source, rows.column_names),
                                              source.column_map or {})
         return rows
-    path = Path(resolve_path(source.name))
-    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():  # written by save_to_disk
+    if saved_by_datasets(path):
         saved = load_from_disk(str(path))
         return saved[split] if isinstance(saved, DatasetDict) else saved
-    if path.is_dir():
-        files = sorted(str(file) for file in path.iterdir() if file.suffix in LOCAL_FILE_BUILDERS)
-        builder = _one_file_type(source.name, files)
-        rows = load_dataset(str(path), split=split, **READER_OPTIONS.get(builder, {}))
-    else:
-        rows = load_dataset(source.name, source.subset, split=split)
-        files = []
-    refuse_values_datasets_reads_as_json(rows.features, files, _fields_read(source, rows.column_names),
-                                             source.column_map or {})
+    rows = load_dataset(source.name, source.subset, split=split)
+    refuse_values_datasets_reads_as_json(rows.features, [], _fields_read(source, rows.column_names),
+                                         source.column_map or {})
     return rows
+
 
 
 def _fields_read(source: SourceConfig, columns: list[str]) -> set:
@@ -140,9 +161,9 @@ def _fields_read(source: SourceConfig, columns: list[str]) -> set:
 
 def _blank(file: str) -> bool:
     """Empty, or (JSON Lines) only blank lines: datasets then says 'Instruction "train" corresponds to no data'."""
-    if not file.endswith(".jsonl"):
-        return Path(file).stat().st_size == 0
-    with open(file, "rb") as handle:
+    with open_data(file) as handle:
+        if data_suffix(file) != ".jsonl":
+            return not handle.read(1)
         return not any(block.strip() for block in iter(lambda: handle.read(2**20), b""))
 
 
@@ -151,7 +172,7 @@ def _one_file_type(name: str, files: list[str]) -> str | None:
     .csv files it quietly reads one kind."""
     kinds = {}
     for file in sorted(files):
-        kinds.setdefault(LOCAL_FILE_BUILDERS[Path(file).suffix], Path(file).name)
+        kinds.setdefault(DATA_FILE_BUILDERS[data_suffix(file)], Path(file).name)
     if len(kinds) > 1:
         raise DataError(f"dataset {name} mixes file types ({', '.join(kinds.values())}), and only one type is read; "
                         "keep one type there, or list each as one of dataset.sources")
@@ -174,7 +195,7 @@ def _json_problem(file: str) -> str | None:
     The datasets loader only says that generating the dataset failed. A .json file may be JSON Lines or one
     document; a document is checked as a whole.
     """
-    with open(file, "rb") as handle:
+    with open_data(file) as handle:
         for number, raw in enumerate(handle, 1):
             if not raw.strip():
                 continue
@@ -183,17 +204,18 @@ def _json_problem(file: str) -> str | None:
             except UnicodeDecodeError as error:
                 return f"{file} line {number}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
             except json.JSONDecodeError as error:
-                if number == 1 and file.endswith(".json"):
+                if number == 1 and data_suffix(file) == ".json":
                     break  # a document spread over lines
                 return f"{file} line {number}: not valid JSON: {_json_message(error)}"
             if not isinstance(value, dict):
-                if number == 1 and file.endswith(".json"):
+                if number == 1 and data_suffix(file) == ".json":
                     break
                 return f"{file} line {number}: expected a JSON object of the row's columns, got {type(value).__name__}"
         else:
             return None
     try:
-        json.loads(Path(file).read_text(encoding="utf-8"))
+        with open_data(file) as handle:
+            json.loads(handle.read().decode("utf-8"))
     except json.JSONDecodeError as error:
         return f"{file} line {error.lineno}: not valid JSON: {_json_message(error)}"
     except UnicodeDecodeError as error:
@@ -203,11 +225,3 @@ def _json_problem(file: str) -> str | None:
 
 def _json_message(error: json.JSONDecodeError) -> str:
     return f"{error.msg.removesuffix(' at')} at column {error.colno}"
-
-
-def local_files(name: str) -> list[str]:
-    """The files a local file name or glob stands for, from the working directory or else the project."""
-    if glob.has_magic(name):
-        return resolve_glob(name)
-    path = Path(resolve_path(name))
-    return [str(path)] if path.is_file() else []

@@ -1,0 +1,114 @@
+"""Local data as users keep it: folders with notes and files named for splits, compressed files, JSON Lines files
+that are not one row per line. Each reads exactly the rows it holds, or says in one line what it does not read."""
+
+import bz2
+import gzip
+import json
+
+import pytest
+from conftest import run_sft, trained_spans
+
+from sftkit.data import DataError, prepare_data
+from sftkit.schema import DatasetConfig
+
+
+def chat(index: int, reply: str | None = None, role: str = "assistant") -> dict:
+    return {"messages": [{"role": "user", "content": f"Question {index}?"},
+                         {"role": role, "content": reply or f"Answer {index}."}]}
+
+
+def write_jsonl(path, rows, opener=open) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with opener(path, "wt") as out:
+        out.writelines(json.dumps(row) + "\n" for row in rows)
+    return str(path)
+
+
+def replies(tokenizer, data) -> list[str]:
+    return sorted(span for row in data.train for span in trained_spans(tokenizer, row))
+
+
+def test_a_folder_trains_its_data_files_and_never_the_notes_beside_them(tmp_path, tokenizer):
+    """datasets reads a folder's most common kind of file: two .txt notes were trained as text, and data.jsonl was
+    never read."""
+    write_jsonl(tmp_path / "data" / "data.jsonl", [chat(0), chat(1)])
+    (tmp_path / "data" / "notes.txt").write_text("Remember to clean row 3.\nTODO: add more.\n")
+    (tmp_path / "data" / "CHANGES.txt").write_text("v2 changelog\n")
+    (tmp_path / "data" / "README.md").write_text("# my data\n")
+    data = prepare_data(DatasetConfig(name=str(tmp_path / "data")), tokenizer, max_length=128)
+    assert data.formats == ["messages"] and data.rows == 2
+    assert replies(tokenizer, data) == ["Answer 0.<|im_end|>", "Answer 1.<|im_end|>"]
+
+
+def test_a_file_named_for_no_split_makes_the_whole_folder_one_train_split(tmp_path, tokenizer):
+    """datasets left chats.jsonl out (named for no split) and read eval.jsonl as split test: the advice to use that
+    split trained on the eval file alone."""
+    write_jsonl(tmp_path / "data" / "chats.jsonl", [chat(0), chat(1), chat(2)])
+    write_jsonl(tmp_path / "data" / "eval.jsonl", [chat(3)])
+    write_jsonl(tmp_path / "data" / "more" / "extra.jsonl", [chat(4)])  # subfolders too, as datasets reads them
+    data = prepare_data(DatasetConfig(name=str(tmp_path / "data")), tokenizer, max_length=128)
+    assert data.rows == 5
+    with pytest.raises(DataError, match=r"dataset.eval_split: 'test' is not a split of .*: its files are split train "
+                                         r"\(chats.jsonl, eval.jsonl, extra.jsonl\): one split, as not every file is "
+                                         r"named for a split"):
+        prepare_data(DatasetConfig(name=str(tmp_path / "data"), eval_split="test"), tokenizer, max_length=128)
+
+
+def test_a_folder_of_files_named_for_splits_says_which_files_it_does_not_read(tmp_path, tokenizer, capsys):
+    write_jsonl(tmp_path / "data" / "train_general.jsonl", [chat(0), chat(1)])
+    write_jsonl(tmp_path / "data" / "train_math.jsonl", [chat(2)])
+    write_jsonl(tmp_path / "data" / "test_cases.jsonl", [chat(3), chat(4)])
+    data = prepare_data(DatasetConfig(name=str(tmp_path / "data")), tokenizer, max_length=128)
+    assert data.rows == 3 and data.eval is None
+    assert (f"sftkit: warning: dataset {tmp_path / 'data'}: test_cases.jsonl is split 'test' (named so), which this "
+            "run does not read; evaluate on it with dataset.eval_split: test") in capsys.readouterr().out
+    data = prepare_data(DatasetConfig(name=str(tmp_path / "data"), eval_split="test"), tokenizer, max_length=128)
+    assert data.rows == 3 and len(data.eval) == 2
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_a_bad_row_in_a_folder_names_its_file_and_line(tmp_path):
+    write_jsonl(tmp_path / "data" / "part0.jsonl", [chat(0), chat(1)])
+    write_jsonl(tmp_path / "data" / "part1.jsonl", [chat(2), chat(3, role="bot")])
+    result = run_sft("--dataset.name", str(tmp_path / "data"), "--training.output_dir", str(tmp_path / "out"),
+                     "--dry-run", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"sft.py: error: dataset {tmp_path / 'data' / 'part1.jsonl'} line 2: message 1 has role 'bot'")
+
+
+def test_an_empty_folder_is_one_line(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "notes.txt").write_text("nothing yet\n")
+    result = run_sft("--dataset.name", str(tmp_path / "data"), "--training.output_dir", str(tmp_path / "out"),
+                     "--dry-run", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"dataset.name: the folder {tmp_path / 'data'} holds no .jsonl, .json, .csv, .parquet file" in \
+        result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(("name", "opener"), [("rows.jsonl.gz", gzip.open), ("rows.jsonl.bz2", bz2.open),
+                                              ("ROWS.JSONL", open), ("rows.ndjson", open)])
+def test_compressed_and_otherwise_named_json_lines_files_load_and_name_a_bad_line(tmp_path, tokenizer, name, opener):
+    path = write_jsonl(tmp_path / name, [chat(0), chat(1)], opener)
+    data = prepare_data(DatasetConfig(name=path), tokenizer, max_length=128)
+    assert data.rows == 2 and replies(tokenizer, data) == ["Answer 0.<|im_end|>", "Answer 1.<|im_end|>"]
+    write_jsonl(tmp_path / name, [chat(0), chat(1), chat(2, role="bot")], opener)
+    with pytest.raises(DataError, match=f"dataset {path} line 3: message 1 has role 'bot'"):
+        prepare_data(DatasetConfig(name=path), tokenizer, max_length=128)
+
+
+@pytest.mark.parametrize("layout", ["rows parted by a carriage return", "a JSON list", "rows spread over lines"])
+def test_a_json_lines_file_that_is_not_one_row_per_line_names_the_bad_row_by_number(tmp_path, tokenizer, layout):
+    """datasets reads all three; naming the bad row's line then crashed (IndexError) or named a wrong line."""
+    rows = [chat(0), chat(1), chat(2, role="bot"), chat(3)]
+    text = {"rows parted by a carriage return": "\r".join(json.dumps(row) for row in rows),
+            "a JSON list": json.dumps(rows),
+            "rows spread over lines": "\n".join(json.dumps(row, indent=2) for row in rows)}[layout]
+    (tmp_path / "rows.jsonl").write_text(text + "\n")
+    config = DatasetConfig(name=str(tmp_path / "rows.jsonl"))
+    with pytest.raises(DataError, match=f"dataset {tmp_path / 'rows.jsonl'} row 3: message 1 has role 'bot'"):
+        prepare_data(config, tokenizer, max_length=128)
+    config.on_bad_row = "skip"
+    data = prepare_data(config, tokenizer, max_length=128)
+    assert data.rows == 4 and len(data.train) == 3 and data.dropped["bad rows"] == 1
