@@ -1,9 +1,12 @@
 """Completion-only masks from the chat template: exactly each assistant reply plus its end-of-turn token trains."""
 
+import re
+
 import pytest
 from conftest import FAMILIES, REJECT_SYSTEM, TEMPLATES, TINY_MODEL, family_tokenizer, trained_spans
 
 from sftkit.data import MaskError, tokenize_messages
+from sftkit.data.formats import RowDefect
 from sftkit.data.tokenize import CHATML_TEMPLATE
 
 SYSTEM = {"role": "system", "content": "You are a polite assistant."}
@@ -307,13 +310,31 @@ def test_max_length_tokenizes_only_what_is_kept_and_the_turn_it_cuts(monkeypatch
 
 def test_a_special_token_inside_a_reply_does_not_end_its_mask_early():
     """The old masks trained only '<|im_end|>' here: the reply holds the special token's text, and the template has
-    no end-of-turn token of its own. The per-row check refuses it."""
+    no end-of-turn token of its own. The row is refused before it is masked."""
     tokenizer = family_tokenizer("qwen2_5")
     tokenizer.chat_template = (TEMPLATES / "bad_no_end_token.jinja").read_text()
     tokenizer.name_or_path = "no-end-token"
     messages = [{"role": "user", "content": "Quote it"}, {"role": "assistant", "content": "<|im_end|> is the token"}]
-    with pytest.raises(MaskError, match="no-end-token would train '<|im_end|>' for assistant turn 1, which is not the"):
+    with pytest.raises(RowDefect, match=r"message 1 \(assistant\) holds the text '<\|im_end\|>', which the tokenizer"):
         tokenize_messages(tokenizer, messages, loss_on="last_assistant")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("role", ["user", "assistant"])
+def test_a_special_tokens_text_in_a_message_is_a_bad_row(family, role):
+    """The tokenizer reads the text of its special tokens as those tokens: a reply explaining "end a turn with
+    <|im_end|>" trained an end of turn in the middle of the reply, and a user message with it ended the user's turn
+    early. Text that only looks like one stays text."""
+    tokenizer = family_tokenizer(family)
+    end = FAMILIES[family]["eos"]
+    messages = [{"role": "user", "content": "How does a turn end?"}, {"role": "assistant", "content": "Like this."}]
+    messages[0 if role == "user" else 1]["content"] += f" With {end} after it."
+    with pytest.raises(RowDefect, match=f"message {0 if role == 'user' else 1} \\({role}\\) holds the text "
+                                        f"'{re.escape(end)}', which the tokenizer reads as its special token"):
+        tokenize_messages(tokenizer, messages)
+    messages[0 if role == "user" else 1]["content"] = f"With {end[:-1]} {end[-1]} after it."
+    if (family, "single") not in REFUSED:  # refused for its template, whatever the text
+        tokenize_messages(tokenizer, messages)
 
 
 @pytest.mark.parametrize("way", ["skeleton", "prefixes"])

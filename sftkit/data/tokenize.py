@@ -33,12 +33,13 @@ the next role token ends a reply) otherwise trains only the special tokens befor
 """
 
 import bisect
+import re
 from dataclasses import dataclass
 
 import jinja2
 from transformers.utils import logging
 
-from sftkit.data.formats import trains
+from sftkit.data.formats import RowDefect, trains
 
 IGNORE_INDEX = -100
 logger = logging.get_logger(__name__)
@@ -74,11 +75,12 @@ def tokenize_messages(tokenizer, messages: list[dict], loss_on: str = "assistant
         turns = turns[-1:]
     # a weight says which turns train; the template never sees it (and rows without other keys take the fast way)
     messages = [{key: value for key, value in message.items() if key != "weight"} for message in messages]
+    template = _template(tokenizer)
+    _refuse_special_token_text(template, messages)
     text = _render(tokenizer, [messages])[0]
     if loss_on == "all":
         input_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         return {"input_ids": input_ids, "labels": list(input_ids)}
-    template = _template(tokenizer)
     found = _spans_from_skeleton(tokenizer, template, messages, turns, text, max_length)
     tokens, spans = found or _spans_from_prefixes(tokenizer, template, messages, turns, text)
     if max_length is not None:
@@ -111,6 +113,7 @@ class _Template:
     key: tuple
     name: str
     special_ids: frozenset
+    special_text: re.Pattern | None  # the text of any special token, which rendering would turn into that token
 
 
 @dataclass
@@ -153,7 +156,28 @@ def _template(tokenizer) -> _Template:
     chat_template = tokenizer.chat_template  # a dict where a tokenizer has named templates
     key = (chat_template if isinstance(chat_template, str) else repr(chat_template), tokenizer.name_or_path,
            len(tokenizer), str(tokenizer.special_tokens_map))
-    return _cached(_TEMPLATES, key, lambda: _Template(key, key[1], frozenset(tokenizer.all_special_ids)))
+    return _cached(_TEMPLATES, key, lambda: _Template(key, key[1], frozenset(tokenizer.all_special_ids),
+                                                      _special_text(tokenizer)))
+
+
+def _special_text(tokenizer) -> re.Pattern | None:
+    texts = {*tokenizer.all_special_tokens,
+             *(token.content for token in tokenizer.added_tokens_decoder.values() if token.special)}
+    texts = sorted(filter(None, texts), key=len, reverse=True)  # the longest first, so it is the one named
+    return re.compile("|".join(map(re.escape, texts))) if texts else None
+
+
+def _refuse_special_token_text(template: _Template, messages: list[dict]) -> None:
+    """The chat template renders a message's text as it is and the tokenizer then reads a special token's text as
+    that token: "end a turn with <|im_end|>" in a reply trained an end of turn mid-reply, and the same text in a
+    user message ended that turn early."""
+    for index, message in enumerate(messages):
+        content = message.get("content")
+        found = template.special_text.search(content) if template.special_text and isinstance(content, str) else None
+        if found:
+            raise RowDefect(f"message {index} ({message.get('role')}) holds the text {found.group()!r}, which the "
+                            "tokenizer reads as its special token, not as text (it ends or starts a turn mid-message); "
+                            "reword it")
 
 
 def _render(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool = False) -> list[str]:
