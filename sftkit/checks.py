@@ -275,6 +275,11 @@ def source_errors(key: str, source: SourceConfig, eval_split: str | None, beside
     name = source.name
     if name is None:
         return []
+    targets = list((source.column_map or {}).values())
+    if twice := next((target for target in targets if targets.count(target) > 1), None):
+        both = [old for old, new in source.column_map.items() if new == twice]
+        return [f"{key}.column_map maps {' and '.join(map(str, both))} to the same name {twice!r}; map only one of "
+                "them to it"]
     if glob.has_magic(name):
         if not resolve_glob(name):
             return [f"{key}.name: the pattern {name} matches no file{looked_in(name, beside)}"]

@@ -4,6 +4,7 @@ that are not one row per line. Each reads exactly the rows it holds, or says in 
 import bz2
 import gzip
 import json
+import re
 
 import pytest
 from conftest import run_sft, trained_spans
@@ -112,3 +113,43 @@ def test_a_json_lines_file_that_is_not_one_row_per_line_names_the_bad_row_by_num
     config.on_bad_row = "skip"
     data = prepare_data(config, tokenizer, max_length=128)
     assert data.rows == 4 and len(data.train) == 3 and data.dropped["bad rows"] == 1
+
+
+def test_csv_cells_are_read_as_text(tmp_path, tokenizer):
+    """Numbers became integers, floats where a cell was empty ("0.0"), and lost their leading zeros."""
+    (tmp_path / "rows.csv").write_text("instruction,input,output\nAdd one.,0,1\nSay the code.,,007\n")
+    data = prepare_data(DatasetConfig(name=str(tmp_path / "rows.csv")), tokenizer, max_length=128)
+    assert replies(tokenizer, data) == ["007<|im_end|>", "1<|im_end|>"]
+    prompts = [tokenizer.decode(row["input_ids"]) for row in data.train]
+    assert any("Add one.\n\n0<|im_end|>" in prompt for prompt in prompts), prompts
+
+
+@pytest.mark.parametrize(("name", "text", "expected"), [
+    ("rows.csv", "prompt,response\nHi,Hello\nCaf\xe9?,Oui\n", "rows.csv line 3: not UTF-8 text (invalid continuation "
+                                                               "byte at byte 3); save it as UTF-8"),
+    ("rows.csv", "prompt,response\n", "has no rows (a CSV file of its header alone, or a JSON list that is empty)"),
+    ("rows.json", "[]", "has no rows (a CSV file of its header alone, or a JSON list that is empty)"),
+])
+def test_a_file_datasets_cannot_read_is_named_with_the_reason(tmp_path, tokenizer, name, text, expected):
+    (tmp_path / name).write_bytes(text.encode("latin-1"))
+    with pytest.raises(DataError, match=re.escape(expected)):
+        prepare_data(DatasetConfig(name=str(tmp_path / name)), tokenizer, max_length=128)
+
+
+def test_files_of_one_source_with_other_columns_are_named(tmp_path, tokenizer):
+    """datasets said only "Couldn't cast"."""
+    write_jsonl(tmp_path / "a.jsonl", [chat(0)])
+    write_jsonl(tmp_path / "b.jsonl", [{**chat(1), "id": 7, "lang": "en"}])
+    with pytest.raises(DataError, match=r"its files have other columns \(a.jsonl: messages; b.jsonl: id, lang, "
+                                        r"messages\), and datasets reads files of one set of columns"):
+        prepare_data(DatasetConfig(name=str(tmp_path / "*.jsonl")), tokenizer, max_length=128)
+
+
+def test_a_column_map_onto_one_name_twice_is_refused_before_loading(tmp_path):
+    """datasets raised a ValueError with a traceback."""
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"q": "Hi", "query": "Hi?", "a": "Hello"}])
+    result = run_sft("--dataset.name", path, "--dataset.column_map", "{q: question, query: question, a: answer}",
+                     "--training.output_dir", str(tmp_path / "out"), "--dry-run", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "dataset.column_map maps q and query to the same name 'question'; map only one of them to it")

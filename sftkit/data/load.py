@@ -1,5 +1,6 @@
 """Raw rows of one source: a hub dataset, a local file, a glob, a directory or a `save_to_disk` directory."""
 
+import csv
 import functools
 import json
 import os
@@ -129,13 +130,22 @@ def _load(source: SourceConfig, split: str):
         builder = _one_file_type(source.name, files)
         if all(_blank(file) for file in files):
             raise DataError(f"dataset {source.name}: {'the file is' if len(files) == 1 else 'its files are'} empty")
+        options = READER_OPTIONS.get(builder, {})
+        if builder == "csv":
+            options = {**options, "features": _text_columns(files[0])}
         try:
-            rows = load_dataset(builder, data_files=files, split=split,  # local files load as one "train" split
-                                **READER_OPTIONS.get(builder, {}))
-        except Exception:
-            problem = next(filter(None, map(_json_problem, files)), None) if builder == "json" else None
+            rows = load_dataset(builder, data_files=files, split=split, **options)  # local files: one "train" split
+        except Exception as error:
+            problem = next(filter(None, map(_json_problem if builder == "json" else _text_problem, files)), None)
             if problem:
                 raise DataError(f"dataset {problem}; fix or remove that line") from None
+            if "corresponds to no data" in str(error):
+                raise DataError(f"dataset {source.name} has no rows (a CSV file of its header alone, or a JSON list "
+                                "that is empty)") from None
+            if len(files) > 1 and (columns := _other_columns(files)):
+                raise DataError(f"dataset {source.name}: its files have other columns ({columns}), and datasets reads "
+                                "files of one set of columns; give every file the same columns, or list them apart "
+                                "as dataset.sources") from None
             raise
         refuse_values_datasets_reads_as_json(rows.features, files, _fields_read(source, rows.column_names),
                                              source.column_map or {})
@@ -221,6 +231,55 @@ def _json_problem(file: str) -> str | None:
     except UnicodeDecodeError as error:
         return f"{file}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
     return None
+
+
+def _text_columns(file: str):
+    """Every column of a CSV file read as text: a column of numbers (answers "4", an alpaca input "0") became
+    integers, or floats ("0.0") where a cell was empty, and "007" lost its zeros."""
+    from datasets import Features, Value
+
+    with open_data(file) as handle:
+        header = next((line for line in handle if line.strip()), b"").decode("utf-8-sig", "replace")
+    return Features({name: Value("string") for name in next(csv.reader([header]), [])}) or None
+
+
+def _text_problem(file: str) -> str | None:
+    """Where a CSV file is not UTF-8 text, as "FILE line N: ..."."""
+    if data_suffix(file) != ".csv":
+        return None
+    with open_data(file) as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return f"{file} line {number}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
+    return None
+
+
+def _other_columns(files: list[str]) -> str | None:
+    """'a.jsonl: messages; b.jsonl: id, messages, tags' where the files' first rows have other columns."""
+    import pyarrow.parquet
+
+    def columns(file: str) -> tuple:
+        if data_suffix(file) == ".parquet":
+            return tuple(pyarrow.parquet.read_schema(file).names)
+        with open_data(file) as handle:
+            first = next((line for line in handle if line.strip()), b"")
+        if data_suffix(file) == ".csv":
+            return tuple(first.decode("utf-8", "replace").strip().split(","))
+        try:
+            row = json.loads(first)
+        except ValueError:
+            return ()
+        return tuple(row) if isinstance(row, dict) else ()
+
+    found = {file: columns(file) for file in files}
+    if len(set(found.values())) < 2:
+        return None
+    kinds = {}
+    for file, names in found.items():
+        kinds.setdefault(names, file)
+    return "; ".join(f"{Path(file).name}: {', '.join(sorted(names)) or 'none'}" for names, file in kinds.items())
 
 
 def _json_message(error: json.JSONDecodeError) -> str:
