@@ -4,6 +4,7 @@
 """
 
 import itertools
+import math
 import statistics
 import sys
 
@@ -43,7 +44,7 @@ def _statistics(data, args) -> list[str]:
           if any(data.eval_dropped.values()) else []),
         f"rows kept          {len(data.train):,} train{eval_rows}",
         f"tokens per row     min {lengths[0]}, mean {statistics.mean(lengths):.1f}, median "
-        f"{statistics.median(lengths):g}, p95 {lengths[int(0.95 * (len(lengths) - 1))]}, max {lengths[-1]}",
+        f"{statistics.median(lengths):g}, p95 {lengths[math.ceil(0.95 * len(lengths)) - 1]}, max {lengths[-1]}",
         f"tokens that train  {data.trainable_tokens:,} of {kept_tokens:,} ({100 * data.trainable_tokens / kept_tokens:.1f}%)",
         f"rows truncated     {cut_rows} longer than max_seq_length {args.max_length}"
         + (" (packing splits them instead)" if cut_rows == 0 and lengths[-1] > args.max_length else ""),

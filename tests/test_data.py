@@ -231,8 +231,13 @@ def test_unknown_columns_and_missing_files_are_clear(tmp_path, tokenizer):
 
 def test_test_size_too_large_for_the_data_is_clear(tmp_path, tokenizer):
     with pytest.raises(DataError, match=r"dataset.test_size 5 cannot split 3 rows into train and eval; give a "
-                                        r"fraction below 1 \(0.05\) or a count below 3$"):
+                                        r"fraction below 1 \(0.05\) or a count from 1 to 2$"):
         prepare_data(DatasetConfig(name=write_rows(tmp_path, ".jsonl", ROWS), test_size=5), tokenizer, max_length=64)
+    # one row: no fraction or count can leave a row to train (it said "a fraction below 1 (0.05) or a count below 1")
+    with pytest.raises(DataError, match=r"dataset.test_size 0.05 cannot hold out an eval row from 1 row: it would "
+                                        r"leave none to train; remove test_size, or add rows$"):
+        prepare_data(DatasetConfig(name=write_rows(tmp_path, ".jsonl", ROWS[:1]), test_size=0.05), tokenizer,
+                     max_length=64)
 
 
 # --- every format, one row each -------------------------------------------------------------------------------

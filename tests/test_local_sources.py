@@ -153,3 +153,12 @@ def test_a_column_map_onto_one_name_twice_is_refused_before_loading(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].endswith(
         "dataset.column_map maps q and query to the same name 'question'; map only one of them to it")
+
+
+def test_inspect_gives_the_95th_percentile_of_two_rows_as_the_longer(tmp_path):
+    """It gave the shorter: the index was rounded down."""
+    path = write_jsonl(tmp_path / "rows.jsonl", [chat(0), chat(1, reply="A much longer answer than the other one.")])
+    out = run_sft("--dataset.name", path, "--dataset.test_size", "null", "--training.output_dir",
+                  str(tmp_path / "out"), "--inspect", "0").stdout
+    line = next(line for line in out.splitlines() if line.startswith("tokens per row"))
+    assert line.split("p95 ")[1].split(",")[0] == line.split("max ")[1], line

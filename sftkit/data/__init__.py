@@ -303,8 +303,11 @@ def _split_off_eval(sources: list, positions: list[int], test_size: float, seed:
     try:
         split = whole.train_test_split(test_size=size, seed=seed)
     except ValueError:
+        if len(whole) < 2:
+            raise DataError(f"dataset.test_size {size} cannot hold out an eval row from {len(whole)} row: it would "
+                            "leave none to train; remove test_size, or add rows") from None
         raise DataError(f"dataset.test_size {size} cannot split {len(whole)} rows into train and eval; give a "
-                        f"fraction below 1 (0.05) or a count below {len(whole)}") from None
+                        f"fraction below 1 (0.05) or a count from 1 to {len(whole) - 1}") from None
     if len(sources) == 1:
         return [split["train"]], split["test"]
     return [split["train"].filter(lambda source: source == position, input_columns="source")
