@@ -258,7 +258,9 @@ def format_summary(summary: dict) -> str:
                          f"{_best_checkpoint_words(summary) or 'end'})")]
           if summary["eval_loss"] is not None else []),  # no evaluation data
         ("rows", f"{summary['rows']} read, dropped: {describe_dropped(summary['rows_dropped'])}"
-                 + (f"; {summary['rows_cut']} cut to max_seq_length" if summary.get("rows_cut") else "")),
+                 + (f"; {summary['rows_cut']} cut to max_seq_length" if summary.get("rows_cut") else "")
+                 + (f"; dropped from the eval data: {describe_dropped(summary['eval_rows_dropped'], only_some=True)}"
+                    if any((summary.get("eval_rows_dropped") or {}).values()) else "")),
         ("parameters", f"{summary['trainable_parameters']:,} of {summary['total_parameters']:,} train ({share:.2f}%)"),
         ("peak memory", memory),
     ]

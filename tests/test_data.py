@@ -650,5 +650,5 @@ def test_eval_rows_dropped_are_counted_apart_from_the_train_rows(tmp_path, token
     assert (len(data.train), len(data.eval)) == (20, len(ROWS))
     assert data.dropped == {"bad rows": 0, "with nothing to train within max_seq_length": 0}
     assert data.eval_dropped == {"bad rows": 1, "with nothing to train within max_seq_length": 1}
-    assert data.dropped_words() == ("; dropped from the eval data 1 bad rows, 1 with nothing to train within "
+    assert data.dropped_words() == ("; dropped from the eval data 1 bad row, 1 with nothing to train within "
                                     "max_seq_length")

@@ -319,3 +319,13 @@ def test_resume_without_a_checkpoint_is_a_config_error(tmp_path):
     config = load_config(None, ["--training.output_dir", str(tmp_path), "--training.resume_from_checkpoint", "true"])
     with pytest.raises(ConfigError, match=f"training.resume_from_checkpoint is true but {tmp_path} holds no checkpoint"):
         train(config)
+
+
+def test_the_printed_summary_counts_the_eval_rows_dropped_as_its_json_does(monitored_run):
+    """They were in run_summary.json and the plan only."""
+    from sftkit.report import format_summary
+
+    summary = json.loads((monitored_run.out / SUMMARY_FILE).read_text())
+    assert "eval data" not in format_summary(summary)
+    summary["eval_rows_dropped"] = {"bad rows": 1, "with nothing to train within max_seq_length": 0}
+    assert "; dropped from the eval data: 1 bad row\n" in format_summary(summary) + "\n"

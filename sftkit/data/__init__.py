@@ -38,9 +38,10 @@ MAX_PROCESSES = 8
 PREPARATION = 4
 
 
-def describe_dropped(dropped: dict[str, int]) -> str:
-    """'0 bad rows, 2 with nothing to train within max_seq_length'."""
-    return ", ".join(f"{count} {reason}" for reason, count in dropped.items())
+def describe_dropped(dropped: dict[str, int], only_some: bool = False) -> str:
+    """'0 bad rows, 1 with nothing to train within max_seq_length' (only_some: the reasons some row was dropped for)."""
+    return ", ".join(f"{count} {reason.removesuffix('s') if count == 1 and reason == BAD_ROW else reason}"
+                     for reason, count in dropped.items() if count or not only_some)
 
 
 @dataclass
@@ -67,12 +68,13 @@ class PreparedData:
 
     def dropped_words(self) -> str:
         """'; dropped 18 bad rows (the first: ...), ...' for the plan, before training; '' when none was dropped."""
-        parts = [f"{count} {reason}" + (f" (the first: {self.problems[0]})" if reason == BAD_ROW and self.problems
-                                        else "")
-                 for reason, count in self.dropped.items() if count]
-        eval_parts = [f"{count} {reason}" for reason, count in self.eval_dropped.items() if count]
-        return ((f"; dropped {', '.join(parts)}" if parts else "")
-                + (f"; dropped from the eval data {', '.join(eval_parts)}" if eval_parts else ""))
+        first = f" (the first: {self.problems[0]})" if self.dropped[BAD_ROW] and self.problems else ""
+        bad = describe_dropped({BAD_ROW: self.dropped[BAD_ROW]}, only_some=True) + first
+        parts = ", ".join(filter(None, [bad, describe_dropped({NOTHING_TO_TRAIN: self.dropped[NOTHING_TO_TRAIN]},
+                                                              only_some=True)]))
+        eval_parts = describe_dropped(self.eval_dropped, only_some=True)
+        return ((f"; dropped {parts}" if parts else "")
+                + (f"; dropped from the eval data {eval_parts}" if eval_parts else ""))
 
 
 def prepare_for_training(cfg: DatasetConfig, tokenizer, args):
