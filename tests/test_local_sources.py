@@ -162,3 +162,15 @@ def test_inspect_gives_the_95th_percentile_of_two_rows_as_the_longer(tmp_path):
                   str(tmp_path / "out"), "--inspect", "0").stdout
     line = next(line for line in out.splitlines() if line.startswith("tokens per row"))
     assert line.split("p95 ")[1].split(",")[0] == line.split("max ")[1], line
+
+
+def test_settings_plain_text_rows_ignore_are_said(tmp_path, tokenizer, capsys):
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"text": "A sentence to learn."}])
+    data = prepare_data(DatasetConfig(name=path, system_prompt="Be nice", loss_on="last_assistant"), tokenizer,
+                        max_length=128)
+    assert data.formats == ["text"]
+    assert (f"sftkit: warning: dataset {path} is plain text, whose rows train every token as written: "
+            "dataset.system_prompt 'Be nice' and dataset.loss_on last_assistant do nothing to them") in \
+        capsys.readouterr().out
+    prepare_data(DatasetConfig(name=path), tokenizer, max_length=128)
+    assert "warning" not in capsys.readouterr().out

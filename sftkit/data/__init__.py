@@ -181,6 +181,8 @@ class _Preparation:
         """Tokenize one source (`key`: where it is in the config, for errors), counting the rows it drops."""
         rows = load_source(source, split, key)
         format_name = source.format or detect_format(rows.column_names, source.name)
+        if format_name == "text" and is_main_process():
+            self._warn_of_settings_text_ignores(source)
         position = len(self.raw)
         self.raw.append((rows, format_name, source))
         num_proc = self.num_proc or _processes_for(len(rows))
@@ -195,6 +197,15 @@ class _Preparation:
             self.rows_read += len(rows)
             self.problems += problems[: 5 - len(self.problems)]
         return kept, format_name
+
+    def _warn_of_settings_text_ignores(self, source: SourceConfig) -> None:
+        """Plain text rows train every token as written: no system prompt, no turns to choose from."""
+        ignored = [f"dataset.{key} {value}" for key, value in (("system_prompt", repr(self.cfg.system_prompt)),
+                                                                ("loss_on", self.cfg.loss_on))
+                   if getattr(self.cfg, key) not in (None, "assistant", "all")]
+        if ignored:
+            print(f"sftkit: warning: dataset {source.name} is plain text, whose rows train every token as written: "
+                  f"{' and '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} nothing to them", flush=True)
 
     def tokenize(self, rows, format_name: str, source: SourceConfig, position: int, num_proc: int | None,
                  truncate: bool, split: str | None = None):
