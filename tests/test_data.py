@@ -652,3 +652,19 @@ def test_eval_rows_dropped_are_counted_apart_from_the_train_rows(tmp_path, token
     assert data.eval_dropped == {"bad rows": 1, "with nothing to train within max_seq_length": 1}
     assert data.dropped_words() == ("; dropped from the eval data 1 bad row, 1 with nothing to train within "
                                     "max_seq_length")
+
+
+@pytest.mark.parametrize(("row", "format_name", "expected"), [
+    ({"instruction": None, "input": "Paris", "output": "France"}, "alpaca", "message 0 (user) has empty content"),
+    ({"question": "Why?", "answer": None, "source": "a book"}, "question_answer",
+     "message 1 (assistant) has empty content"),
+])
+def test_an_empty_instruction_or_answer_is_never_trained_as_the_word_none(row, format_name, expected):
+    """They trained "None\\n\\nParis" and "None\\n\\nSource: a book"."""
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        to_messages(row, format_name, answer_source="append")
+
+
+def test_a_source_of_0_is_appended():
+    row = {"question": "Which page?", "answer": "The first.", "source": 0}
+    assert to_messages(row, "question_answer", answer_source="append")[-1]["content"] == "The first.\n\nSource: 0"

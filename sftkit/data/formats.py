@@ -53,9 +53,9 @@ def from_prompt_response(row: dict, answer_source: str) -> list[dict]:
 
 def from_question_answer(row: dict, answer_source: str) -> list[dict]:
     """{"question", "answer", optional "source" and "system"}; the source is dropped or appended to the answer."""
-    answer = _text(row["answer"])
-    if answer_source == "append" and row.get("source"):
-        answer = f"{answer}\n\nSource: {row['source']}"
+    answer, source = _text(row["answer"]), _text(row.get("source"))
+    if answer_source == "append" and _written(answer) and _written(source):  # an empty answer is refused as it is
+        answer = f"{answer}\n\nSource: {source}"
     return [*_system(row), {"role": "user", "content": _text(row["question"])},
             {"role": "assistant", "content": answer}]
 
@@ -64,7 +64,7 @@ def from_alpaca(row: dict, answer_source: str) -> list[dict]:
     """Alpaca: {"instruction", optional "input", "output", optional "system"}; the input follows the instruction in
     the user turn."""
     instruction, extra = _text(row["instruction"]), _text(row.get("input"))
-    if extra is not None and str(extra).strip():
+    if _written(instruction) and _written(extra):  # an empty instruction is refused as it is
         instruction = f"{instruction}\n\n{extra}"
     return [*_system(row), {"role": "user", "content": instruction},
             {"role": "assistant", "content": _text(row["output"])}]
@@ -163,6 +163,11 @@ def _system(row: dict) -> list[dict]:
 def _text(value):
     """A number in a text column (JSON 4, a parquet int column) as its text; anything else is checked as content."""
     return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def _written(value) -> bool:
+    """Text with something in it (0 is; None and blanks are not)."""
+    return isinstance(value, str) and bool(value.strip())
 
 
 def _as_turns(row: dict, column: str, role: str) -> list[dict]:
