@@ -465,7 +465,7 @@ class OutputDir:
     def take_lock(self) -> None:
         """An exclusive lock file holding who owns it; one left by a process that no longer runs is taken over."""
         lock = self.path / LOCK_FILE
-        mine = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        mine = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), **_slurm_run()}
         partial = self.path / f"{LOCK_FILE}.{os.getpid()}.partial"
         partial.write_text(json.dumps(mine))
         try:
@@ -479,6 +479,8 @@ class OutputDir:
                         continue  # released meanwhile: the atomic link again, deleting nothing
                     stale = self._refuse_a_live_holder(text, lock)
                     whose = f"its process {stale['pid']} no longer runs" if "pid" in stale else "it cannot be read"
+                    if stale.get("host", socket.gethostname()) != socket.gethostname():
+                        whose = f"Slurm requeued its job {stale['slurm_job']}, which this is"
                     print(f"sftkit: taking over {lock}: {whose}", flush=True)
                     lock.unlink(missing_ok=True)  # a dead process's: only a holder of the guard deletes one
                     if self._link(partial, lock):
@@ -533,8 +535,11 @@ class OutputDir:
             holder = json.loads(text)
         except ValueError:
             return {}, False
-        if holder.get("host") != socket.gethostname():
-            return holder, True  # another machine's process cannot be checked from here
+        if holder.get("host") != socket.gethostname():  # another machine's process cannot be checked from here,
+            # but a Slurm job runs again (requeued: preempted, or at its time limit) only once its last run has ended
+            requeued = holder.get("slurm_job") is not None and holder.get("slurm_job") == _slurm_run().get(
+                "slurm_job") and holder.get("slurm_restart", 0) < _slurm_run()["slurm_restart"]
+            return holder, not requeued
         try:
             return holder, psutil.Process(holder["pid"]).create_time() <= holder["since"] + 1
         except (psutil.Error, KeyError, TypeError):
@@ -581,6 +586,12 @@ class OutputDir:
         if removed:
             kept = f"; kept {', '.join(contents.foreign)} (not written by sftkit)" if contents.foreign else ""
             print(f"sftkit: --overwrite: removed {removed} item(s) of the earlier run in {self.path}{kept}", flush=True)
+
+
+def _slurm_run() -> dict:
+    """Which Slurm job this process belongs to, and how many times it was requeued (it keeps its id)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return {"slurm_job": job, "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT") or 0)} if job else {}
 
 
 def refuse_before_claiming(output_dir: Path, model_path: str, overwrite: bool, resume) -> None:

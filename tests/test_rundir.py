@@ -493,3 +493,27 @@ def test_the_export_of_float32_weights_needs_room_for_them_and_one_shard_cast_be
     assert needed(10**9) == pytest.approx(6 * 1.02, abs=0.01)  # below one shard: float32 and the whole bf16 copy
     assert needed(20 * 10**9) == pytest.approx((80 + 25) * 1.02, abs=0.01)
     assert export_bytes(10**9, 10**9, torch.bfloat16, lora=False) / 1e9 == pytest.approx(2 * 1.02, abs=0.01)
+
+
+@pytest.mark.parametrize(("job", "restart", "taken"), [("4242", "1", True), ("4242", None, False), ("77", "1", False),
+                                                        (None, None, False)])
+def test_a_requeued_slurm_job_takes_over_the_lock_its_last_run_left_on_another_node(tmp_path, monkeypatch, capsys,
+                                                                                       job, restart, taken):
+    """A node that fails (not a signal: the lock stays) is requeued by Slurm onto other nodes, where the lock of its
+    last run cannot be checked: every relaunch was refused as "in use by another run". Any other holder on another
+    machine still is."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK_FILE).write_text(json.dumps({"pid": 999999, "host": "node-that-failed", "since": time.time(),
+                                             "slurm_job": "4242", "slurm_restart": 0}))
+    for name, value in (("SLURM_JOB_ID", job), ("SLURM_RESTART_COUNT", restart)):
+        monkeypatch.delenv(name, raising=False) if value is None else monkeypatch.setenv(name, value)
+    run = OutputDir(out, {})
+    if taken:
+        run.take_lock()
+        assert json.loads((out / LOCK_FILE).read_text())["slurm_restart"] == 1
+        assert f"taking over {out / LOCK_FILE}: Slurm requeued its job 4242, which this is" in capsys.readouterr().out
+        run.release()
+    else:
+        with pytest.raises(ConfigError, match="is in use by another run \\(process 999999 on node-that-failed"):
+            run.take_lock()
