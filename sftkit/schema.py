@@ -71,10 +71,12 @@ FORMAT_NAMES = Literal[
 @dataclass
 class SourceConfig:
     name: str | None = option(
-        None, "required (or `sources`): hub id; a local `.jsonl`, `.json`, `.csv` or `.parquet` file; a glob "
-              "(`data/*.jsonl`); a directory of such files; or a `save_to_disk` directory")
+        None, "required (or `sources`): hub id; a local `.jsonl` (or `.ndjson`), `.json`, `.csv` or `.parquet` file, "
+              "also compressed (`.gz`, `.bz2`, `.xz`); a glob (`data/*.jsonl`); a directory of such files; or a "
+              "`save_to_disk` directory")
     subset: str | None = option(None, "hub configuration name")
-    split: str = option("train", "the split to train on (a local file has one: `train`)")
+    split: str = option("train", "the split to train on (a local file has one: `train`; a directory's are named by "
+                                 "its files)")
     format: FORMAT_NAMES | None = option(
         None, "`messages`, `sharegpt`, `prompt_response`, `prompt_completion`, `question_answer`, `alpaca` or `text` "
               "(see the README's Formats); detected from the columns when null")

@@ -1,6 +1,7 @@
 import contextlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -43,6 +44,16 @@ FAMILIES = {
     "qwen3_6": {"bos": None, "eos": "<|im_end|>", "extra": ["<|im_start|>"], "end": "<|im_end|>"},
 }
 REJECT_SYSTEM = {"gemma": "System role not supported", "mistral": "Conversation roles must alternate"}
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_given_back():
+    """A test that trains a Trainer it built itself leaves sftkit's Ctrl-C and SIGTERM handler installed (sftkit's
+    run gives it back; the Trainer alone does not), and the worker's later tests would inherit it."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
 
 
 @pytest.fixture(scope="session")

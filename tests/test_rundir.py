@@ -152,11 +152,12 @@ def test_a_signal_while_the_trainer_sets_up_keeps_the_earlier_run(finished, tmp_
         os.kill(os.getpid(), signal.SIGTERM)  # as the scheduler's, right after sftkit catches it
 
     monkeypatch.setattr(StopGuard, "install", install_then_signal)
+    handler = signal.getsignal(signal.SIGTERM)  # the default, or what a Trainer of an earlier test left installed
     with pytest.raises(Interrupted, match=f"^stopped by SIGTERM before training began: this run wrote nothing in "
                                           f"{out}$") as stop:
         train(config(out, "--training.learning_rate", "1e-4"), overwrite=True)
     assert stop.value.exit_code == 143 and contents(out) == before
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, "the run gave the signal back"
+    assert signal.getsignal(signal.SIGTERM) == handler, "the run gave the signal back"
 
 
 def test_a_stop_while_overwrite_removes_the_earlier_run_never_leaves_its_finished_record(finished, tmp_path,
