@@ -19,6 +19,24 @@ from sftkit.schema import SECTIONS, section_help
 
 
 def main(argv: list[str] | None = None, prog: str = "sft.py") -> int:
+    parser = _parser(prog)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["--help"], ["-h"]) and argv[1:2] and argv[1] in SECTIONS:
+        print(section_help(argv[1]))
+        return 0
+    if argv[:1] == ["env"]:
+        return _env(argv[1:], prog, parser)
+    if argv and not argv[0].startswith("-"):  # `sft.py my.yaml`, as `sftkit train my.yaml`
+        argv = ["--config", argv[0], *argv[1:]]
+    if sum(arg == "--config" or arg.startswith("--config=") for arg in argv) > 1:  # argparse keeps the last one
+        parser.error("two configs given (a config file name first, and --config, or --config twice); give one")
+    args, overrides = parser.parse_known_args(argv)
+    use_expandable_segments()  # before anything starts CUDA
+    watch(prog)  # under several machines: a failure on another one stops this one at once
+    return _run(args, overrides, prog)
+
+
+def _parser(prog: str) -> OneLineArgumentParser:
     parser = OneLineArgumentParser(
         prog=prog,
         allow_abbrev=False,  # --conf would be --config, beside the config given by name
@@ -39,28 +57,24 @@ def main(argv: list[str] | None = None, prog: str = "sft.py") -> int:
     parser.add_argument("--inspect", nargs="?", type=int, const=3, metavar="N",
                         help="load only the tokenizer and the data, print statistics and N samples (default 3) "
                              "with the trained tokens highlighted, and exit")
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] in (["--help"], ["-h"]) and argv[1:2] and argv[1] in SECTIONS:
-        print(section_help(argv[1]))
-        return 0
-    if argv[:1] == ["env"]:
-        if argv[1:] in (["-h"], ["--help"]):
-            print(f"usage: {prog}\n\nPrint what this machine has for training (libraries, devices, the accelerate "
-                  "config in use), for a bug report.")
-            return 0
-        if argv[1:]:
-            parser.exit(2, f"{prog}: error: env takes no arguments, got {' '.join(argv[1:])}\n")
-        from sftkit.environment import report
+    return parser
 
-        print(report())
+
+def _env(argv: list[str], prog: str, parser) -> int:
+    if argv in (["-h"], ["--help"]):
+        print(f"usage: {prog}\n\nPrint what this machine has for training (libraries, devices, the accelerate "
+              "config in use), for a bug report.")
         return 0
-    if argv and not argv[0].startswith("-"):  # `sft.py my.yaml`, as `sftkit train my.yaml`
-        argv = ["--config", argv[0], *argv[1:]]
-    if sum(arg == "--config" or arg.startswith("--config=") for arg in argv) > 1:  # argparse keeps the last one
-        parser.error("two configs given (a config file name first, and --config, or --config twice); give one")
-    args, overrides = parser.parse_known_args(argv)
-    use_expandable_segments()  # before anything starts CUDA
-    watch(prog)  # under several machines: a failure on another one stops this one at once
+    if argv:
+        parser.exit(2, f"{prog}: error: env takes no arguments, got {' '.join(argv)}\n")
+    from sftkit.environment import report
+
+    print(report())
+    return 0
+
+
+def _run(args, overrides: list[str], prog: str) -> int:
+    """Load the config and train (or plan, or inspect); how it ends is the exit code, each process's log saying why."""
     config = None
     try:
         config = load_config(args.config, overrides, args.preset)
