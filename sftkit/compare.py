@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m sftkit.compare") 
     args = parser.parse_args(argv)
     try:
         _check_paths(args)  # before minutes of generating
-        path = write_report(args)
+        path = write_before_after(args)
     except ConfigError as error:
         return say_error(prog, error)
     print(f"wrote {path}")
@@ -71,7 +71,7 @@ def _read_prompts(path: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def write_report(args) -> Path:
+def write_before_after(args) -> Path:
     import datasets
     from transformers import AutoModelForCausalLM
 
