@@ -7,7 +7,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from sftkit.errors import ConfigError
+from sftkit.errors import AlreadyFinished, ConfigError
 from sftkit.rundir import (
     RUN_FILE,
     changed_inputs,
@@ -65,13 +65,25 @@ def damage(checkpoint: Path) -> str | None:
     return None
 
 
-def resume_request(requested, output_dir: Path):
+def resume_request(requested, output_dir: Path, resolved: dict):
     """`training.resume_from_checkpoint: auto` is true where output_dir holds a checkpoint, else a fresh start (which
     still refuses another run's work): one command for a job's first launch and every relaunch of it by a scheduler
-    (transformers has no such value; its true fails where nothing was saved yet)."""
+    (transformers has no such value; its true fails where nothing was saved yet). A relaunch of this run once it has
+    finished raises AlreadyFinished."""
     if requested != AUTO:
         return requested
+    _stop_if_finished(output_dir, resolved)
     return True if checkpoints_in(output_dir) else None
+
+
+def _stop_if_finished(output_dir: Path, resolved: dict) -> None:
+    record, trained = read_run_record(output_dir) or {}, trained_to_step(output_dir)
+    ran = record.get("config", {}).get("training", {})
+    now = resolved.get("training", {})
+    same_length = all(ran.get(key) == now.get(key) for key in ("max_steps", "num_train_epochs"))
+    if trained is not None and record.get("fingerprint") == fingerprint(resolved) and same_length:
+        raise AlreadyFinished(f"training.output_dir {output_dir} already holds this run's finished model (step "
+                              f"{trained}): nothing is left to train (training.resume_from_checkpoint auto)")
 
 
 def checkpoint_to_resume(requested, output_dir: Path, resolved: dict, processes: int | None) -> str | None:

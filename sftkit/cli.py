@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sftkit.config import load_config
 from sftkit.engines import is_main_process
-from sftkit.errors import ConfigError, Interrupted, OneLineArgumentParser, SftkitError, say_error
+from sftkit.errors import AlreadyFinished, ConfigError, Interrupted, OneLineArgumentParser, SftkitError, say_error
 from sftkit.fastpath import use_expandable_segments
 from sftkit.peers import lost_contact, report_failure, says_errors, watch
 from sftkit.schema import SECTIONS, section_help
@@ -95,6 +95,10 @@ def _run(args, overrides: list[str], prog: str) -> int:
         from sftkit.train import train
 
         train(config, overwrite=args.overwrite, started=_process_start())
+    except AlreadyFinished as done:
+        if is_main_process():
+            print(f"{prog}: {done}", flush=True)
+        return 0
     except Interrupted as stop:
         if says_errors():  # every process stops; each machine's log says why, and how to resume there
             print(f"{prog}: {stop}", file=sys.stderr)

@@ -36,6 +36,13 @@ class Interrupted(SftkitError):
         self.exit_code = 128 + signum
 
 
+class AlreadyFinished(SftkitError):
+    """Nothing to do: `resume_from_checkpoint: auto` found this run finished (a scheduler relaunched a job whose run
+    ended as it was stopped). Exit code 0."""
+
+    exit_code = 0
+
+
 def say_error(prog: str, error: SftkitError) -> int:
     """Say `error` in one line under `prog`, and return its exit code. With SFTKIT_DEBUG=1 its traceback follows,
     with the library error it came from: for a bug report."""

@@ -375,24 +375,26 @@ def test_the_slurm_script_runs_the_loopback_commands_on_each_node(tmp_path):
 
 
 def test_the_slurm_script_stops_at_the_time_limit_with_a_checkpoint_and_its_relaunch_finishes_the_run(tmp_path):
-    """Slurm's warning before the time limit (--signal=B:USR1) reaches the script: both machines stop at one step with
-    one checkpoint and the job queues itself again. The relaunch, the same script with the same arguments, resumes
-    from that checkpoint (resume_from_checkpoint auto) and finishes the run. srun and scontrol are stand-ins; each
-    node's `accelerate launch` and its training process are real."""
+    """Slurm's warning before the time limit (--signal=B:USR1) reaches the script, which has Slurm signal every
+    process of the job's steps: both machines stop at one step with one checkpoint and the job queues itself again.
+    The relaunch, the same script with the same arguments, resumes from that checkpoint (resume_from_checkpoint auto)
+    and finishes the run; one more relaunch finds it finished and ends. srun, scancel and scontrol are stand-ins;
+    each node's `accelerate launch` and its training process are real."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     stand_ins = {
-        # srun: the task once per node, all at once, with that node's SLURM_NODEID; a SIGTERM is passed on to them
+        # srun: the task once per node, all at once, with that node's SLURM_NODEID, each its own process group (a
+        # step's processes, as Slurm tracks them)
         "srun": 'while [[ $1 == --* ]]; do shift; done\n'
                 'pids=()\n'
-                'for node in $(seq 0 $((SLURM_JOB_NUM_NODES - 1))); do SLURM_NODEID=$node "$@" & pids+=($!); done\n'
-                'trap \'kill -TERM "${pids[@]}"\' TERM\n'
-                'status=0\n'
-                'for pid in "${pids[@]}"; do\n'
-                '  while true; do wait $pid; code=$?; kill -0 $pid 2>/dev/null || break; done\n'
-                '  (( code )) && status=$code\n'
+                'for node in $(seq 0 $((SLURM_JOB_NUM_NODES - 1))); do\n'
+                '  SLURM_NODEID=$node setsid "$@" & pids+=($!); echo $! >> "$RECORD/steps"\n'
                 'done\n'
+                'status=0\n'
+                'for pid in "${pids[@]}"; do wait $pid || status=$?; done\n'
                 'exit $status\n',
+        # scancel --signal=TERM JOB: the signal to every process of the job's steps, not to the batch script
+        "scancel": '[[ $1 == --signal=TERM ]] && while read -r group; do kill -TERM -- -$group; done < "$RECORD/steps"\n',
         "scontrol": 'if [[ $1 == show ]]; then tr , "\\n" <<< "$3"; else echo "$@" >> "$RECORD/scontrol"; fi\n',
     }
     for name, body in stand_ins.items():
@@ -435,3 +437,10 @@ def test_the_slurm_script_stops_at_the_time_limit_with_a_checkpoint_and_its_rela
     assert json.loads((out / "run_summary.json").read_text())["steps"] == 40
     assert json.loads((out / "sftkit_run.json").read_text())["status"] == "finished"
     assert (tmp_path / "scontrol").read_text() == "requeue 4242\n"  # not queued again once finished
+
+    env["MAIN_PROCESS_PORT"] = str(free_port())  # requeued once more (the run ended as the signal came): nothing to do
+    again = subprocess.run(["bash", str(SLURM_SCRIPT), *args], cwd=REPO, env={**env, "SLURM_RESTART_COUNT": "2"},
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-6000:]
+    assert f"training.output_dir {out} already holds this run's finished model (step 40): nothing is left to " \
+           "train" in again.stdout + again.stderr

@@ -16,7 +16,7 @@ from conftest import REPO, TINY_MODEL, run_sft, tmpfs
 
 from sftkit.checkpoints import checkpoint_to_resume
 from sftkit.config import load_config
-from sftkit.errors import ConfigError, Interrupted
+from sftkit.errors import AlreadyFinished, ConfigError, Interrupted
 from sftkit.rundir import LOCK_FILE, RUN_FILE, OutputDir
 from sftkit.train import train
 
@@ -518,3 +518,18 @@ def test_a_requeued_slurm_job_takes_over_the_lock_its_last_run_left_on_another_n
     else:
         with pytest.raises(ConfigError, match="is in use by another run \\(process 999999 on node-that-failed"):
             run.take_lock()
+
+
+def test_auto_on_a_finished_run_has_nothing_to_do_and_resumes_a_longer_one(finished, tmp_path, capsys):
+    """A scheduler relaunches a job whose run finished as it was stopped: `true` was refused (nothing left to train)
+    and the job ended failed. A longer schedule of the same run is resumed."""
+    out = copy_of(finished, tmp_path)
+    before = contents(out)
+    with pytest.raises(AlreadyFinished, match=f"training.output_dir {out} already holds this run's finished model "
+                                              r"\(step 3\): nothing is left to train"):
+        train(config(out, "--training.save_strategy", "steps", "--training.save_steps", "2",
+                      "--training.resume_from_checkpoint", "auto"))
+    assert contents(out) == before
+    longer = train(config(out, "--training.save_strategy", "steps", "--training.save_steps", "2",
+                          "--training.max_steps", "4", "--training.resume_from_checkpoint", "auto"))
+    assert longer.summary["steps"] == 4 and f"resumes from {out}/checkpoint-3" in capsys.readouterr().out
