@@ -139,24 +139,30 @@ def directory_splits(folder: Path) -> dict[str, list[str]]:
     Not datasets' own reading of a folder: it reads only the most common kind of file there (notes.txt beside
     data.jsonl was trained on, data.jsonl never read), and leaves out a file named for no split when others are
     (chats.jsonl beside eval.jsonl)."""
+    named = named_splits(folder)
+    if None in named.values():
+        return {"train": list(named)} if named else {}
+    splits: dict[str, list[str]] = {}
+    for file, split in named.items():
+        splits.setdefault(split, []).append(file)
+    return splits
+
+
+def named_splits(folder: Path) -> dict[str, str | None]:
+    """Each data file of a folder, and the split its name names as datasets reads names (None: none)."""
     from datasets.data_files import DataFilesDict, get_data_patterns
 
-    files = sorted(str(path) for path in folder.rglob("*") if data_suffix(path) in DATA_FILE_BUILDERS
-                   and path.is_file() and not any(part.startswith((".", "__")) for part in path.relative_to(folder).parts))
+    files = sorted(str(path) for path in folder.rglob("*") if data_suffix(path) in DATA_FILE_BUILDERS and
+                   path.is_file() and not any(part.startswith((".", "__")) for part in path.relative_to(folder).parts))
     try:
         named = DataFilesDict.from_patterns(get_data_patterns(str(folder)), str(folder))
-    except Exception:  # no file at all, or none datasets can name
+    except FileNotFoundError:  # datasets' EmptyDatasetError: no file, or a pattern that matches none
         named = {}
     split_of = {}
     for split, split_files in named.items():
         for file in split_files:
             split_of.setdefault(str(Path(file).resolve()), str(split))
-    if not all(str(Path(file).resolve()) in split_of for file in files):
-        return {"train": files} if files else {}
-    splits: dict[str, list[str]] = {}
-    for file in files:
-        splits.setdefault(split_of[str(Path(file).resolve())], []).append(file)
-    return splits
+    return {file: split_of.get(str(Path(file).resolve())) for file in files}
 
 
 def local_files(name: str) -> list[str]:

@@ -361,8 +361,6 @@ def test_sharegpt_turns_of_weight_0_do_not_train_as_messages_do(tmp_path, tokeni
     turns = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]
     with pytest.raises(ValueError, match="every assistant message has weight 0: there is nothing to train on"):
         to_messages({"conversations": [turns[0], {**turns[1], "weight": 0}]}, "sharegpt")
-    with pytest.raises(ValueError, match=r"message 0 \(user\) has weight 0; only assistant messages take a weight"):
-        to_messages({"conversations": [{**turns[0], "weight": 0}, turns[1]]}, "sharegpt")
     with pytest.raises(ValueError, match=r"message 1 \(assistant\) has weight 2; only assistant messages take a"):
         to_messages({"conversations": [turns[0], {**turns[1], "weight": 2}]}, "sharegpt")
 
@@ -668,3 +666,28 @@ def test_an_empty_instruction_or_answer_is_never_trained_as_the_word_none(row, f
 def test_a_source_of_0_is_appended():
     row = {"question": "Which page?", "answer": "The first.", "source": 0}
     assert to_messages(row, "question_answer", answer_source="append")[-1]["content"] == "The first.\n\nSource: 0"
+
+
+def test_sharegpt_weights_on_turns_that_never_train_are_accepted():
+    """Datasets that weigh every turn give human turns weight 0: such rows were refused (only replies take a
+    weight), every one of them under on_bad_row: skip."""
+    row = {"conversations": [{"from": "human", "value": "Hi", "weight": 0}, {"from": "gpt", "value": "Yo", "weight": 1},
+                             {"from": "human", "value": "Again", "weight": 0},
+                             {"from": "gpt", "value": "No", "weight": 0}]}
+    assert to_messages(row, "sharegpt") == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
+                                            {"role": "user", "content": "Again"},
+                                            {"role": "assistant", "content": "No", "weight": 0}]
+
+
+@pytest.mark.parametrize(("row", "format_name"), [
+    ({"system": "From the column.", "conversations": [{"from": "system", "value": "From the turn."},
+                                                      {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]},
+     "sharegpt"),
+    ({"system": "From the column.", "prompt": [{"role": "system", "content": "From the turn."},
+                                               {"role": "user", "content": "Hi"}],
+      "completion": [{"role": "assistant", "content": "Yo"}]}, "prompt_completion"),
+])
+def test_a_conversations_own_system_message_is_kept_alone_beside_a_system_column(row, format_name):
+    """Both were rendered, two system messages in a row, which most chat templates mishandle."""
+    messages = to_messages(row, format_name)
+    assert [message["content"] for message in messages if message["role"] == "system"] == ["From the turn."]

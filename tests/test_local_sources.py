@@ -41,7 +41,7 @@ def test_a_folder_trains_its_data_files_and_never_the_notes_beside_them(tmp_path
     assert replies(tokenizer, data) == ["Answer 0.<|im_end|>", "Answer 1.<|im_end|>"]
 
 
-def test_a_file_named_for_no_split_makes_the_whole_folder_one_train_split(tmp_path, tokenizer):
+def test_a_file_named_for_no_split_makes_the_whole_folder_one_train_split(tmp_path, tokenizer, capsys):
     """datasets left chats.jsonl out (named for no split) and read eval.jsonl as split test: the advice to use that
     split trained on the eval file alone."""
     write_jsonl(tmp_path / "data" / "chats.jsonl", [chat(0), chat(1), chat(2)])
@@ -49,6 +49,8 @@ def test_a_file_named_for_no_split_makes_the_whole_folder_one_train_split(tmp_pa
     write_jsonl(tmp_path / "data" / "more" / "extra.jsonl", [chat(4)])  # subfolders too, as datasets reads them
     data = prepare_data(DatasetConfig(name=str(tmp_path / "data")), tokenizer, max_length=128)
     assert data.rows == 5
+    assert (f"sftkit: warning: dataset {tmp_path / 'data'}: eval.jsonl is named for another split (test, validation, "
+            "...) but trained on with the rest, as chats.jsonl is named for no split") in capsys.readouterr().out
     with pytest.raises(DataError, match=r"dataset.eval_split: 'test' is not a split of .*: its files are split train "
                                          r"\(chats.jsonl, eval.jsonl, extra.jsonl\): one split, as not every file is "
                                          r"named for a split"):
@@ -61,7 +63,7 @@ def test_a_folder_of_files_named_for_splits_says_which_files_it_does_not_read(tm
     write_jsonl(tmp_path / "data" / "test_cases.jsonl", [chat(3), chat(4)])
     data = prepare_data(DatasetConfig(name=str(tmp_path / "data")), tokenizer, max_length=128)
     assert data.rows == 3 and data.eval is None
-    assert (f"sftkit: warning: dataset {tmp_path / 'data'}: test_cases.jsonl is split 'test' (named so), which this "
+    assert (f"sftkit: warning: dataset {tmp_path / 'data'}: test_cases.jsonl is named for split 'test', which this "
             "run does not read; evaluate on it with dataset.eval_split: test") in capsys.readouterr().out
     data = prepare_data(DatasetConfig(name=str(tmp_path / "data"), eval_split="test"), tokenizer, max_length=128)
     assert data.rows == 3 and len(data.eval) == 2
@@ -174,3 +176,26 @@ def test_settings_plain_text_rows_ignore_are_said(tmp_path, tokenizer, capsys):
         capsys.readouterr().out
     prepare_data(DatasetConfig(name=path), tokenizer, max_length=128)
     assert "warning" not in capsys.readouterr().out
+
+
+def test_csv_files_of_one_source_with_other_headers_or_a_column_named_twice_are_refused(tmp_path, tokenizer):
+    """The first file's header was read for every file: a column the second one had (system) was dropped, and a
+    column named twice lost its second one."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.csv").write_text("prompt,response\nHi,Hello\n")
+    (tmp_path / "data" / "b.csv").write_text('response,prompt,system\nYo,Hey,"Be kind, always"\n')
+    with pytest.raises(DataError, match=r"its files have other columns \(a.csv: prompt, response; b.csv: prompt, "
+                                        r"response, system\)"):
+        prepare_data(DatasetConfig(name=str(tmp_path / "data")), tokenizer, max_length=128)
+    (tmp_path / "twice.csv").write_text('"prompt, long",response,response\nHi,Hello,Yo\n')
+    with pytest.raises(DataError, match=r"twice.csv: its header names the column 'response' twice; rename one"):
+        prepare_data(DatasetConfig(name=str(tmp_path / "twice.csv")), tokenizer, max_length=128)
+
+
+def test_a_system_prompt_holding_a_special_tokens_text_is_one_config_error(tmp_path, tokenizer):
+    """Every row was a bad row."""
+    path = write_jsonl(tmp_path / "rows.jsonl", [chat(0)])
+    with pytest.raises(DataError, match=r"dataset.system_prompt holds the text '<\|im_end\|>', which the tokenizer "
+                                        r"reads as its special token"):
+        prepare_data(DatasetConfig(name=path, system_prompt="Close with <|im_end|>.", on_bad_row="skip"), tokenizer,
+                     max_length=128)

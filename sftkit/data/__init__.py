@@ -10,10 +10,10 @@ import pyarrow.compute as pc
 from sftkit import compat
 from sftkit.data.formats import RowDefect, detect_format, to_messages, to_text, with_system
 from sftkit.data.load import jsonl_files, jsonl_place, load_source
-from sftkit.data.tokenize import IGNORE_INDEX, MaskError, tokenize_messages, tokenize_text
+from sftkit.data.tokenize import IGNORE_INDEX, MaskError, special_token_text, tokenize_messages, tokenize_text
 from sftkit.engines import is_main_process
 from sftkit.errors import DataError
-from sftkit.paths import directory_splits, resolve_path, saved_by_datasets
+from sftkit.paths import directory_splits, named_splits, resolve_path, saved_by_datasets
 from sftkit.schema import DatasetConfig, SourceConfig
 
 __all__ = ["DataError", "MaskError", "PreparedData", "prepare_data", "prepare_for_training", "tokenize_messages"]
@@ -100,6 +100,9 @@ def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42,
     first max_length tokens and the rest of the assistant turn the cut falls in)."""
     if truncate and keeps != "start":
         raise ValueError(f"truncate keeps the start of each row, but the trainer keeps {keeps!r}")
+    if cfg.system_prompt and (token := special_token_text(tokenizer, cfg.system_prompt)):
+        raise DataError(f"dataset.system_prompt holds the text {token!r}, which the tokenizer reads as its special "
+                        "token, not as text, in every row; reword it")
     prepare = _Preparation(cfg, tokenizer, max_length, num_proc, keeps, truncate)
     sources = cfg.train_sources()
     if is_main_process():
@@ -141,19 +144,28 @@ def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42,
 
 def _warn_of_files_not_read(cfg: DatasetConfig) -> None:
     """A folder's files of another split than the run reads (test_cases.jsonl beside train_math.jsonl) are not
-    trained on: say so, and how to use them."""
+    trained on, and where any file is named for no split, those named for another split are: say so, and what to do."""
     for source in cfg.train_sources():
         folder = Path(resolve_path(source.name))
         if not folder.is_dir() or saved_by_datasets(folder):
             continue
-        unread = {split: files for split, files in directory_splits(folder).items()
-                  if split not in (source.split, cfg.eval_split)}
-        for split, files in unread.items():
-            names = ", ".join(Path(file).name for file in files[:3]) + (" ..." if len(files) > 3 else "")
-            print(f"sftkit: warning: dataset {source.name}: {names} {'is' if len(files) == 1 else 'are'} split "
-                  f"{split!r} (named so), which this run does not read; evaluate on it with dataset.eval_split: "
-                  f"{split}, or rename {'it' if len(files) == 1 else 'them'} to train on {'it' if len(files) == 1 else 'them'}",
-                  flush=True)
+        named, splits = named_splits(folder), directory_splits(folder)
+        for split, files in splits.items():
+            if split not in (source.split, cfg.eval_split):
+                print(f"sftkit: warning: dataset {source.name}: {_some_files(files)} named for split {split!r}, "
+                      f"which this run does not read; evaluate on it with dataset.eval_split: {split}, or rename "
+                      "to train on it", flush=True)
+        merged = [file for file, split in named.items() if split not in (None, "train")]
+        if list(splits) == ["train"] and merged:
+            unnamed = next(Path(file).name for file, split in named.items() if split is None)
+            print(f"sftkit: warning: dataset {source.name}: {_some_files(merged)} named for another split (test, "
+                  f"validation, ...) but trained on with the rest, as {unnamed} is named for no split; name every "
+                  "file for its split (train*, test*, ...) to evaluate on it with dataset.eval_split", flush=True)
+
+
+def _some_files(files: list[str]) -> str:
+    names = [Path(file).name for file in files]
+    return (", ".join(names[:3]) + (" ..." if len(names) > 3 else "")) + (" is" if len(names) == 1 else " are")
 
 
 def _column(rows, name: str):

@@ -27,8 +27,8 @@ def from_messages(row: dict, answer_source: str) -> list[dict]:
 
 def from_sharegpt(row: dict, answer_source: str) -> list[dict]:
     """ShareGPT: {"conversations": [{"from": "human" | "gpt" | "system", "value": ...}, ...], optional "system"}; a
-    turn's weight is a message's."""
-    messages = _system(row)
+    reply's weight is a message's (other turns never train, and datasets that weigh every turn give them 0)."""
+    messages = []
     for index, turn in enumerate(_as_list(row["conversations"])):
         if isinstance(turn, dict) and "from" not in turn and "role" in turn:
             raise ValueError(f"turn {index} has role and content, as OpenAI messages do, not ShareGPT's from and "
@@ -36,9 +36,10 @@ def from_sharegpt(row: dict, answer_source: str) -> list[dict]:
         if not isinstance(turn, dict) or turn.get("from") not in SHAREGPT_ROLES:
             found = turn.get("from") if isinstance(turn, dict) else type(turn).__name__
             raise ValueError(f"turn {index} has from={found!r}; expected one of {', '.join(SHAREGPT_ROLES)}")
-        messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn.get("value"),
-                         "weight": turn.get("weight")})
-    return messages
+        role = SHAREGPT_ROLES[turn["from"]]
+        messages.append({"role": role, "content": turn.get("value"),
+                         **({"weight": turn.get("weight")} if role == "assistant" else {})})
+    return _system(row, messages) + messages
 
 
 def from_prompt_response(row: dict, answer_source: str) -> list[dict]:
@@ -48,7 +49,7 @@ def from_prompt_response(row: dict, answer_source: str) -> list[dict]:
     answer = "response" if "response" in row else "completion"
     prompt = [{**turn, "weight": 0} if isinstance(turn, dict) and turn.get("role") == "assistant" else turn
               for turn in _as_turns(row, "prompt", "user")]
-    return _system(row) + prompt + _as_turns(row, answer, "assistant")
+    return _system(row, prompt) + prompt + _as_turns(row, answer, "assistant")
 
 
 def from_question_answer(row: dict, answer_source: str) -> list[dict]:
@@ -154,10 +155,12 @@ def to_text(row: dict) -> str:
     return text
 
 
-def _system(row: dict) -> list[dict]:
-    """A row's own system column, as its first message: it wins over dataset.system_prompt (see with_system)."""
+def _system(row: dict, then: list | None = None) -> list[dict]:
+    """A row's own system column, as its first message: it wins over dataset.system_prompt (see with_system). A
+    conversation `then` that opens with a system message of its own keeps that one alone."""
     message = {"role": "system", "content": row.get("system")}
-    return [] if _empty_system(message) else [message]
+    opens_with_system = bool(then) and isinstance(then[0], dict) and then[0].get("role") == "system"
+    return [] if _empty_system(message) or opens_with_system else [message]
 
 
 def _text(value):

@@ -132,7 +132,7 @@ def _load(source: SourceConfig, split: str):
             raise DataError(f"dataset {source.name}: {'the file is' if len(files) == 1 else 'its files are'} empty")
         options = READER_OPTIONS.get(builder, {})
         if builder == "csv":
-            options = {**options, "features": _text_columns(files[0])}
+            options = {**options, "features": _text_columns(source.name, files)}
         try:
             rows = load_dataset(builder, data_files=files, split=split, **options)  # local files: one "train" split
         except Exception as error:
@@ -142,10 +142,7 @@ def _load(source: SourceConfig, split: str):
             if "corresponds to no data" in str(error):
                 raise DataError(f"dataset {source.name} has no rows (a CSV file of its header alone, or a JSON list "
                                 "that is empty)") from None
-            if len(files) > 1 and (columns := _other_columns(files)):
-                raise DataError(f"dataset {source.name}: its files have other columns ({columns}), and datasets reads "
-                                "files of one set of columns; give every file the same columns, or list them apart "
-                                "as dataset.sources") from None
+            _refuse_other_columns(source.name, files)
             raise
         refuse_values_datasets_reads_as_json(rows.features, files, _fields_read(source, rows.column_names),
                                              source.column_map or {})
@@ -233,14 +230,22 @@ def _json_problem(file: str) -> str | None:
     return None
 
 
-def _text_columns(file: str):
-    """Every column of a CSV file read as text: a column of numbers (answers "4", an alpaca input "0") became
-    integers, or floats ("0.0") where a cell was empty, and "007" lost its zeros."""
+def _text_columns(name: str, files: list[str]):
+    """Every column of CSV files read as text: a column of numbers (answers "4", an alpaca input "0") became
+    integers, or floats ("0.0") where a cell was empty, and "007" lost its zeros. The files' headers must agree."""
     from datasets import Features, Value
 
+    _refuse_other_columns(name, files)  # else the first file's columns would be read from every one
+    header = _header(files[0])
+    if twice := next((column for column in header if header.count(column) > 1), None):
+        raise DataError(f"dataset {files[0]}: its header names the column {twice!r} twice; rename one")
+    return Features({column: Value("string") for column in header}) or None
+
+
+def _header(file: str) -> list[str]:
     with open_data(file) as handle:
-        header = next((line for line in handle if line.strip()), b"").decode("utf-8-sig", "replace")
-    return Features({name: Value("string") for name in next(csv.reader([header]), [])}) or None
+        line = next((line for line in handle if line.strip()), b"").decode("utf-8-sig", "replace")
+    return next(csv.reader([line]), [])
 
 
 def _text_problem(file: str) -> str | None:
@@ -256,6 +261,12 @@ def _text_problem(file: str) -> str | None:
     return None
 
 
+def _refuse_other_columns(name: str, files: list[str]) -> None:
+    if len(files) > 1 and (columns := _other_columns(files)):
+        raise DataError(f"dataset {name}: its files have other columns ({columns}), and datasets reads files of one "
+                        "set of columns; give every file the same columns, or list them apart as dataset.sources")
+
+
 def _other_columns(files: list[str]) -> str | None:
     """'a.jsonl: messages; b.jsonl: id, messages, tags' where the files' first rows have other columns."""
     import pyarrow.parquet
@@ -263,17 +274,17 @@ def _other_columns(files: list[str]) -> str | None:
     def columns(file: str) -> tuple:
         if data_suffix(file) == ".parquet":
             return tuple(pyarrow.parquet.read_schema(file).names)
+        if data_suffix(file) == ".csv":
+            return tuple(_header(file))
         with open_data(file) as handle:
             first = next((line for line in handle if line.strip()), b"")
-        if data_suffix(file) == ".csv":
-            return tuple(first.decode("utf-8", "replace").strip().split(","))
         try:
             row = json.loads(first)
         except ValueError:
             return ()
         return tuple(row) if isinstance(row, dict) else ()
 
-    found = {file: columns(file) for file in files}
+    found = {file: tuple(sorted(columns(file))) for file in files}
     if len(set(found.values())) < 2:
         return None
     kinds = {}

@@ -167,6 +167,13 @@ def _special_text(tokenizer) -> re.Pattern | None:
     return re.compile("|".join(map(re.escape, texts))) if texts else None
 
 
+def special_token_text(tokenizer, text: str) -> str | None:
+    """The first text of one of the tokenizer's special tokens in `text` (which the tokenizer would read as it)."""
+    pattern = _template(tokenizer).special_text
+    found = pattern.search(text) if pattern else None
+    return found.group() if found else None
+
+
 def _refuse_special_token_text(template: _Template, messages: list[dict]) -> None:
     """The chat template renders a message's text as it is and the tokenizer then reads a special token's text as
     that token: "end a turn with <|im_end|>" in a reply trained an end of turn mid-reply, and the same text in a
