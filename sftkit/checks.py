@@ -263,7 +263,8 @@ def _files_by_split(folder: Path) -> str:
     """'split train (a.jsonl, b.jsonl) and split test (test.jsonl)', with how the files came to be split."""
     splits = directory_splits(folder)
     listed = " and ".join(f"split {split} ({', '.join(Path(file).name for file in files[:3])}"
-                          f"{f' and {len(files) - 3} more' if len(files) > 3 else ''})" for split, files in splits.items())
+                          f"{f' and {len(files) - 3} more' if len(files) > 3 else ''})"
+                          for split, files in splits.items())
     why = ("named for their splits as datasets names them" if len(splits) > 1 or "train" not in splits else
            "one split, as not every file is named for a split (train*, test* or eval*, validation* or dev*)")
     return f"{listed}: {why}"

@@ -22,13 +22,13 @@ PROJECT_DIR = next(directory for directory in (PACKAGE_DIR.parent, PACKAGE_DIR /
 CONFIGS_DIR = PROJECT_DIR / "configs"
 PRESETS_DIR = CONFIGS_DIR / "presets"
 DEFAULT_CONFIG = CONFIGS_DIR / "default_train_config.yaml"
-# The local data files sftkit reads, by the datasets builder that reads them; each may be compressed too (data.jsonl.gz),
-# which datasets reads as it is and sftkit's own checks read through open_data.
+# The local data files sftkit reads, by the datasets builder that reads them; each may be compressed too
+# (data.jsonl.gz), which datasets reads as it is and sftkit's own checks read through open_data.
 DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 # A name with one of these extensions is a local file, never a hub id (see looks_local).
-LOCAL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt", ".yaml", ".yml", ".jinja", ".j2",
-                  *COMPRESSIONS)
+LOCAL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt", ".yaml", ".yml",
+                  ".jinja", ".j2", *COMPRESSIONS)
 
 
 def find_config_file(name: str | None, directory: Path = CONFIGS_DIR) -> Path:

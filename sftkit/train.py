@@ -318,7 +318,8 @@ def _resuming_words(checkpoint: str | None, output_dir: Path) -> str:
     """The plan's last line on a resume: where from, and that the finished model there is replaced at the end."""
     if checkpoint is None:
         return ""
-    replaced = f"; at the end its model replaces the one in {output_dir}" if (output_dir / "config.json").is_file() else ""
+    published = (output_dir / "config.json").is_file()
+    replaced = f"; at the end its model replaces the one in {output_dir}" if published else ""
     return f"\n        resumes from {checkpoint}{replaced}"
 
 
