@@ -65,14 +65,15 @@ def damage(checkpoint: Path) -> str | None:
     return None
 
 
-def resume_request(requested, output_dir: Path, resolved: dict):
+def resume_request(requested, output_dir: Path, resolved: dict, overwrite: bool = False):
     """`training.resume_from_checkpoint: auto` is true where output_dir holds a checkpoint, else a fresh start (which
     still refuses another run's work): one command for a job's first launch and every relaunch of it by a scheduler
     (transformers has no such value; its true fails where nothing was saved yet). A relaunch of this run once it has
-    finished raises AlreadyFinished."""
+    finished raises AlreadyFinished, unless told to --overwrite it."""
     if requested != AUTO:
         return requested
-    _stop_if_finished(output_dir, resolved)
+    if not overwrite:
+        _stop_if_finished(output_dir, resolved)
     return True if checkpoints_in(output_dir) else None
 
 

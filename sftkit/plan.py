@@ -112,7 +112,7 @@ def output_dir_plan(config: RunConfig, overwrite: bool) -> str:
     nothing written: the run's own ConfigError otherwise."""
     args = config.training
     output = OutputDir(args.output_dir, config.resolved)
-    resume = resume_request(args.resume_from_checkpoint, output.path, config.resolved)
+    resume = resume_request(args.resume_from_checkpoint, output.path, config.resolved, overwrite)
     where = output.preview(overwrite, resume, resolve_path(config.model.path))
     # the launcher sets WORLD_SIZE; a plain `python sft.py --dry-run` cannot know how the run will be launched
     launched = os.environ.get("WORLD_SIZE")

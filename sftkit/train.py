@@ -90,7 +90,7 @@ def train(config: RunConfig, overwrite: bool = False, started: float | None = No
 def _claim(output: OutputDir, args, config: RunConfig, overwrite: bool) -> str | None:
     """Make output_dir this run's (the main process locks and checks it first) and find the checkpoint to resume."""
     requested = args.resume_from_checkpoint
-    args.resume_from_checkpoint = resume_request(requested, output.path, config.resolved)  # before any claim
+    args.resume_from_checkpoint = resume_request(requested, output.path, config.resolved, overwrite)  # before claims
     refuse_before_claiming(output.path, resolve_path(config.model.path), overwrite, args.resume_from_checkpoint)
     check_model_source(config.model)
     main = args.process_index == 0

@@ -530,6 +530,9 @@ def test_auto_on_a_finished_run_has_nothing_to_do_and_resumes_a_longer_one(finis
         train(config(out, "--training.save_strategy", "steps", "--training.save_steps", "2",
                       "--training.resume_from_checkpoint", "auto"))
     assert contents(out) == before
+    with pytest.raises(ConfigError, match="--overwrite removes the checkpoints that training.resume_from_checkpoint "
+                                          "would continue"):  # told to redo it: not "nothing to do"
+        train(config(out, "--training.resume_from_checkpoint", "auto"), overwrite=True)
     longer = train(config(out, "--training.save_strategy", "steps", "--training.save_steps", "2",
                           "--training.max_steps", "4", "--training.resume_from_checkpoint", "auto"))
     assert longer.summary["steps"] == 4 and f"resumes from {out}/checkpoint-3" in capsys.readouterr().out
