@@ -2,7 +2,6 @@
 must exist; each returns its errors as one-line messages (config.load_config raises them together)."""
 
 import dataclasses
-import glob
 import importlib.util
 import math
 import re
@@ -15,6 +14,7 @@ from sftkit.paths import (
     DATA_FILE_BUILDERS,
     PROJECT_DIR,
     directory_splits,
+    is_pattern,
     local_splits,
     looked_in,
     looks_local,
@@ -251,7 +251,7 @@ def _output_dir_among_data(output_dir: str, sources: list[tuple]) -> list[str]:
     read as rows by this run's export and by every later run."""
     out = Path(output_dir).expanduser().resolve()
     for key, source in sources:
-        data = Path(resolve_path(source.name)).resolve() if source.name and not glob.has_magic(source.name) else None
+        data = Path(resolve_path(source.name)).resolve() if source.name and not is_pattern(source.name) else None
         if data is not None and data.is_dir() and (out == data or data in out.parents):
             where = "the data directory" if out == data else "inside the data directory"
             return [f"training.output_dir: {output_dir} is {where} of {key}.name ({source.name}), which would read "
@@ -281,7 +281,7 @@ def source_errors(key: str, source: SourceConfig, eval_split: str | None, beside
         both = [old for old, new in source.column_map.items() if new == twice]
         return [f"{key}.column_map maps {' and '.join(map(str, both))} to the same name {twice!r}; map only one of "
                 "them to it"]
-    if glob.has_magic(name):
+    if is_pattern(name):
         if not resolve_glob(name):
             return [f"{key}.name: the pattern {name} matches no file{looked_in(name, beside)}"]
         splits, what = ["train"], "local files have one split, train"

@@ -64,9 +64,15 @@ def absolute_if_local(value: str) -> str:
 
 
 def resolve_glob(pattern: str) -> list[str]:
-    """The files a glob matches, as resolve_path finds a path: from the working directory, else the project."""
+    """The files a glob matches (** any folders deep, as datasets and a shell's globstar read it), as resolve_path
+    finds a path: from the working directory, else the project."""
     pattern = os.path.expanduser(pattern)
-    return sorted(glob.glob(pattern)) or sorted(glob.glob(str(PROJECT_DIR / pattern)))
+    return sorted(glob.glob(pattern, recursive=True)) or sorted(glob.glob(str(PROJECT_DIR / pattern), recursive=True))
+
+
+def is_pattern(name: str) -> bool:
+    """A glob, not a path that exists: chat[1].jsonl is that file where it exists."""
+    return glob.has_magic(name) and not Path(resolve_path(name)).exists()
 
 
 def looks_local(value: str) -> bool:
@@ -87,8 +93,8 @@ def found_beside(value, directory: Path):
         return value
     if Path(os.path.expanduser(value)).is_absolute():
         return value
-    if glob.has_magic(value):
-        found = not glob.glob(value) and glob.glob(str(directory / value))
+    if glob.has_magic(value) and not Path(value).exists():
+        found = not glob.glob(value, recursive=True) and glob.glob(str(directory / value), recursive=True)
     else:
         found = not Path(value).exists() and (directory / value).exists()
     return str(directory.resolve() / value) if found else value
@@ -167,7 +173,7 @@ def named_splits(folder: Path) -> dict[str, str | None]:
 
 def local_files(name: str) -> list[str]:
     """The files a local file name or glob stands for, from the working directory or else the project."""
-    if glob.has_magic(name):
+    if is_pattern(name):
         return resolve_glob(name)
     path = Path(resolve_path(name))
     return [str(path)] if path.is_file() else []

@@ -10,7 +10,7 @@ import pytest
 from conftest import run_sft, trained_spans
 
 from sftkit.data import DataError, prepare_data
-from sftkit.schema import DatasetConfig
+from sftkit.schema import DatasetConfig, SourceConfig
 
 
 def chat(index: int, reply: str | None = None, role: str = "assistant") -> dict:
@@ -49,8 +49,8 @@ def test_a_file_named_for_no_split_makes_the_whole_folder_one_train_split(tmp_pa
     write_jsonl(tmp_path / "data" / "more" / "extra.jsonl", [chat(4)])  # subfolders too, as datasets reads them
     data = prepare_data(DatasetConfig(name=str(tmp_path / "data")), tokenizer, max_length=128)
     assert data.rows == 5
-    assert (f"sftkit: warning: dataset {tmp_path / 'data'}: eval.jsonl is named for another split (test, validation, "
-            "...) but trained on with the rest, as chats.jsonl is named for no split") in capsys.readouterr().out
+    assert (f"sftkit: warning: dataset {tmp_path / 'data'}: eval.jsonl is named for a split but trained on with the "
+            "rest, as chats.jsonl is named for none") in capsys.readouterr().out
     with pytest.raises(DataError, match=r"dataset.eval_split: 'test' is not a split of .*: its files are split train "
                                          r"\(chats.jsonl, eval.jsonl, extra.jsonl\): one split, as not every file is "
                                          r"named for a split"):
@@ -64,7 +64,7 @@ def test_a_folder_of_files_named_for_splits_says_which_files_it_does_not_read(tm
     data = prepare_data(DatasetConfig(name=str(tmp_path / "data")), tokenizer, max_length=128)
     assert data.rows == 3 and data.eval is None
     assert (f"sftkit: warning: dataset {tmp_path / 'data'}: test_cases.jsonl is named for split 'test', which this "
-            "run does not read; evaluate on it with dataset.eval_split: test") in capsys.readouterr().out
+            "run reads nowhere; evaluate on it with dataset.eval_split: test") in capsys.readouterr().out
     data = prepare_data(DatasetConfig(name=str(tmp_path / "data"), eval_split="test"), tokenizer, max_length=128)
     assert data.rows == 3 and len(data.eval) == 2
     assert "warning" not in capsys.readouterr().out
@@ -199,3 +199,44 @@ def test_a_system_prompt_holding_a_special_tokens_text_is_one_config_error(tmp_p
                                         r"reads as its special token"):
         prepare_data(DatasetConfig(name=path, system_prompt="Close with <|im_end|>.", on_bad_row="skip"), tokenizer,
                      max_length=128)
+
+
+def test_a_file_whose_name_looks_like_a_glob_is_read_as_itself(tmp_path, tokenizer):
+    """chat[1].jsonl was read as the pattern chat[1].jsonl, which matches chat1.jsonl: the decoy beside it trained
+    (and the resume check digested the other file)."""
+    path = write_jsonl(tmp_path / "chat[1].jsonl", [chat(0, reply="The real one.")])
+    write_jsonl(tmp_path / "chat1.jsonl", [chat(0, reply="The decoy.")])
+    for name in (path, str(tmp_path)):
+        data = prepare_data(DatasetConfig(name=name), tokenizer, max_length=128)
+        assert "The real one.<|im_end|>" in replies(tokenizer, data)
+    assert data.rows == 2
+
+
+def test_a_recursive_glob_reads_every_folder_level(tmp_path, tokenizer):
+    write_jsonl(tmp_path / "a.jsonl", [chat(0)])
+    write_jsonl(tmp_path / "x" / "b.jsonl", [chat(1)])
+    write_jsonl(tmp_path / "x" / "y" / "c.jsonl.gz", [chat(2)], gzip.open)
+    data = prepare_data(DatasetConfig(name=str(tmp_path / "**" / "*.jsonl*")), tokenizer, max_length=128)
+    assert data.rows == 3
+
+
+def test_a_folders_split_read_as_eval_source_is_read_and_its_train_split_as_eval_is_said(tmp_path, tokenizer, capsys):
+    write_jsonl(tmp_path / "data" / "train.jsonl", [chat(0), chat(1)])
+    write_jsonl(tmp_path / "data" / "test.jsonl", [chat(2)])
+    folder = str(tmp_path / "data")
+    data = prepare_data(DatasetConfig(name=folder, eval_sources=[SourceConfig(name=folder, split="test")]), tokenizer,
+                        max_length=128)
+    assert (data.rows, len(data.eval)) == (2, 1) and "warning" not in capsys.readouterr().out
+    prepare_data(DatasetConfig(name=folder, eval_sources=[SourceConfig(name=folder)]), tokenizer, max_length=128)
+    out = capsys.readouterr().out
+    assert "split 'train' is both trained and evaluated on, so the eval loss measures memory" in out
+    assert "test.jsonl is named for split 'test', which this run reads nowhere" in out
+
+
+def test_split_names_in_capitals_are_said_to_be_trained_on(tmp_path, tokenizer, capsys):
+    """datasets names splits by lower-case names: Test.jsonl was trained on beside Train.jsonl, unsaid."""
+    write_jsonl(tmp_path / "data" / "Train.jsonl", [chat(0)])
+    write_jsonl(tmp_path / "data" / "Test.jsonl", [chat(1)])
+    assert prepare_data(DatasetConfig(name=str(tmp_path / "data")), tokenizer, max_length=128).rows == 2
+    assert "Test.jsonl is named for a split but trained on with the rest, as datasets reads split names in lower " \
+           "case only" in capsys.readouterr().out

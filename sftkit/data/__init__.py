@@ -1,7 +1,7 @@
 """Sources -> rows -> chat messages -> input_ids + labels, mixed and split, ready for TRL's SFTTrainer."""
 
-import glob
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +13,7 @@ from sftkit.data.load import jsonl_files, jsonl_place, load_source
 from sftkit.data.tokenize import IGNORE_INDEX, MaskError, special_token_text, tokenize_messages, tokenize_text
 from sftkit.engines import is_main_process
 from sftkit.errors import DataError
-from sftkit.paths import directory_splits, named_splits, resolve_path, saved_by_datasets
+from sftkit.paths import directory_splits, is_pattern, named_splits, resolve_path, saved_by_datasets
 from sftkit.schema import DatasetConfig, SourceConfig
 
 __all__ = ["DataError", "MaskError", "PreparedData", "prepare_data", "prepare_for_training", "tokenize_messages"]
@@ -143,28 +143,46 @@ def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42,
 
 
 def _warn_of_files_not_read(cfg: DatasetConfig) -> None:
-    """A folder's files of another split than the run reads (test_cases.jsonl beside train_math.jsonl) are not
-    trained on, and where any file is named for no split, those named for another split are: say so, and what to do."""
-    for source in cfg.train_sources():
-        folder = Path(resolve_path(source.name))
-        if not folder.is_dir() or saved_by_datasets(folder):
-            continue
+    """A folder's files of a split the run reads nowhere (test_cases.jsonl beside train_math.jsonl) are not trained
+    on, and where any file is named for no split, those named for another split are: say so, and what to do."""
+    trains = {(_folder(source), source.split) for source in cfg.train_sources()}
+    evaluates = {(_folder(source), source.split) for source in cfg.eval_sources or []}
+    evaluates |= {(folder, cfg.eval_split) for folder, _ in trains if cfg.eval_split}
+    for folder, split in sorted(trains & evaluates, key=str):
+        if folder is not None:
+            print(f"sftkit: warning: dataset {folder}: split {split!r} is both trained and evaluated on, so the eval "
+                  "loss measures memory; evaluate on another split, or hold out rows with dataset.test_size",
+                  flush=True)
+    for folder in sorted({folder for folder, _ in trains | evaluates if folder is not None}):
         named, splits = named_splits(folder), directory_splits(folder)
         for split, files in splits.items():
-            if split not in (source.split, cfg.eval_split):
-                print(f"sftkit: warning: dataset {source.name}: {_some_files(files)} named for split {split!r}, "
-                      f"which this run does not read; evaluate on it with dataset.eval_split: {split}, or rename "
-                      "to train on it", flush=True)
-        merged = [file for file, split in named.items() if split not in (None, "train")]
+            if (folder, split) not in trains | evaluates:
+                print(f"sftkit: warning: dataset {folder}: {_some_files(folder, files)} named for split {split!r}, "
+                      "which this run reads nowhere"
+                      + (f"; evaluate on it with dataset.eval_split: {split}" if split != "train" else ""), flush=True)
+        merged = [file for file, split in named.items() if split not in (None, "train") or _named_like_a_split(file)]
         if list(splits) == ["train"] and merged:
-            unnamed = next(Path(file).name for file, split in named.items() if split is None)
-            print(f"sftkit: warning: dataset {source.name}: {_some_files(merged)} named for another split (test, "
-                  f"validation, ...) but trained on with the rest, as {unnamed} is named for no split; name every "
-                  "file for its split (train*, test*, ...) to evaluate on it with dataset.eval_split", flush=True)
+            unnamed = next((Path(file).name for file, split in named.items() if split is None), None)
+            why = f"as {unnamed} is named for none" if unnamed else "as datasets reads split names in lower case only"
+            print(f"sftkit: warning: dataset {folder}: {_some_files(folder, merged)} named for a split but trained "
+                  f"on with the rest, {why} (train*, test* or eval*, validation* or dev*); name every file for its "
+                  "split, in lower case, to evaluate on one", flush=True)
 
 
-def _some_files(files: list[str]) -> str:
-    names = [Path(file).name for file in files]
+def _folder(source: SourceConfig) -> Path | None:
+    """The folder of data files a source names; None for anything else."""
+    folder = Path(resolve_path(source.name))
+    return folder.resolve() if folder.is_dir() and not saved_by_datasets(folder) else None
+
+
+def _named_like_a_split(file: str) -> bool:
+    """Test.jsonl, VALID-1.csv: named for a split in capitals, which datasets does not read as one."""
+    return re.match(r"(test|testing|eval|evaluation|validation|valid|dev|val)([-._ 0-9]|$)",
+                    Path(file).name.lower()) is not None and not re.match(r"[a-z]", Path(file).name)
+
+
+def _some_files(folder: Path, files: list[str]) -> str:
+    names = [str(Path(file).relative_to(folder)) for file in files]
     return (", ".join(names[:3]) + (" ..." if len(names) > 3 else "")) + (" is" if len(names) == 1 else " are")
 
 
@@ -237,7 +255,7 @@ class _Preparation:
                 "source_position": position,
                 "where": f"dataset {source.name}",
                 "jsonl": jsonl_files(source, split),
-                "name_the_file": glob.has_magic(source.name) or Path(resolve_path(source.name)).is_dir(),
+                "name_the_file": is_pattern(source.name) or Path(resolve_path(source.name)).is_dir(),
                 "skip_bad_rows": self.cfg.on_bad_row == "skip",
                 "code": compat.data_code_digest(),
             },

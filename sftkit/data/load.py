@@ -2,6 +2,7 @@
 
 import csv
 import functools
+import glob
 import json
 import os
 from pathlib import Path
@@ -134,7 +135,8 @@ def _load(source: SourceConfig, split: str):
         if builder == "csv":
             options = {**options, "features": _text_columns(source.name, files)}
         try:
-            rows = load_dataset(builder, data_files=files, split=split, **options)  # local files: one "train" split
+            # local files load as one "train" split; escaped, as datasets reads them as patterns (chat[1].jsonl)
+            rows = load_dataset(builder, data_files=[glob.escape(file) for file in files], split=split, **options)
         except Exception as error:
             problem = next(filter(None, map(_json_problem if builder == "json" else _text_problem, files)), None)
             if problem:
