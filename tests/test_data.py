@@ -451,7 +451,7 @@ def test_csv_cells_reading_none_or_na_are_text(tmp_path, tokenizer):
     (tmp_path / "rows.csv").write_text("prompt,response\nIs 4 prime? One word.,None\nAnd 9?,NA\nEmpty,\n")
     data = prepare_data(DatasetConfig(name=str(tmp_path / "rows.csv"), on_bad_row="skip", test_size=None), tokenizer,
                         max_length=64)
-    assert len(data.train) == 2 and data.problems == [f"dataset {tmp_path / 'rows.csv'} row 3: column 'response' "
+    assert len(data.train) == 2 and data.problems == [f"dataset {tmp_path / 'rows.csv'} line 4: column 'response' "
                                                        "is empty"]
 
 
@@ -563,10 +563,10 @@ def test_jsonl_errors_give_the_line_even_after_blank_lines(tmp_path, tokenizer):
         prepare_data(DatasetConfig(name=str(path)), tokenizer, max_length=64)
 
 
-@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".json"])
-def test_other_files_give_the_1_based_row(tmp_path, tokenizer, suffix):
+@pytest.mark.parametrize(("suffix", "place"), [(".csv", "line 3"), (".parquet", "row 2"), (".json", "row 2")])
+def test_other_files_give_the_1_based_row_or_the_line_of_a_csv_file(tmp_path, tokenizer, suffix, place):
     path = write_rows(tmp_path, suffix, [ROWS[0], BAD_ROW])
-    with pytest.raises(DataError, match=re.escape(f"dataset {path} row 2: ")):
+    with pytest.raises(DataError, match=re.escape(f"dataset {path} {place}: ")):
         prepare_data(DatasetConfig(name=path), tokenizer, max_length=64)
 
 

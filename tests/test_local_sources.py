@@ -240,3 +240,22 @@ def test_split_names_in_capitals_are_said_to_be_trained_on(tmp_path, tokenizer, 
     assert prepare_data(DatasetConfig(name=str(tmp_path / "data")), tokenizer, max_length=128).rows == 2
     assert "Test.jsonl is named for a split but trained on with the rest, as datasets reads split names in lower " \
            "case only" in capsys.readouterr().out
+
+
+def test_a_bad_row_in_a_folder_of_any_kind_of_file_names_its_file_and_place(tmp_path, tokenizer):
+    """Only JSON Lines files were named: a Parquet shard's bad row was "row 6" of the whole folder."""
+    import datasets
+
+    rows = [{"prompt": f"Question {index}?", "response": f"Answer {index}."} for index in range(3)]
+    bad = [*rows[:2], {"prompt": "Question 2?", "response": ""}]
+    cases = {".parquet": "row 3", ".csv": "line 4", ".json": "row 3"}
+    for suffix, place in cases.items():
+        folder = tmp_path / suffix.strip(".")
+        folder.mkdir()
+        for name, content in (("a", rows), ("b", bad)):
+            table = datasets.Dataset.from_list(content)
+            path = folder / f"{name}{suffix}"
+            table.to_parquet(path) if suffix == ".parquet" else table.to_csv(path, index=False) if suffix == ".csv" \
+                else path.write_text(json.dumps(content))
+        with pytest.raises(DataError, match=f"dataset {re.escape(str(folder / ('b' + suffix)))} {place}: "):
+            prepare_data(DatasetConfig(name=str(folder)), tokenizer, max_length=128)

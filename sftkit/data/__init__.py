@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 
 from sftkit import compat
 from sftkit.data.formats import RowDefect, detect_format, to_messages, to_text, with_system
-from sftkit.data.load import jsonl_files, jsonl_place, load_source
+from sftkit.data.load import load_source, row_place, source_files
 from sftkit.data.tokenize import IGNORE_INDEX, MaskError, special_token_text, tokenize_messages, tokenize_text
 from sftkit.engines import is_main_process
 from sftkit.errors import DataError
@@ -254,7 +254,7 @@ class _Preparation:
                 "cut": self.max_length if truncate else None,
                 "source_position": position,
                 "where": f"dataset {source.name}",
-                "jsonl": jsonl_files(source, split),
+                "files": source_files(source, split),
                 "name_the_file": is_pattern(source.name) or Path(resolve_path(source.name)).is_dir(),
                 "skip_bad_rows": self.cfg.on_bad_row == "skip",
                 "code": compat.data_code_digest(),
@@ -308,7 +308,7 @@ def _processes_for(rows: int) -> int | None:
 
 
 def _tokenize_row(row, index, tokenizer, format_name, system_prompt, answer_source, loss_on, kept, cut,
-                  source_position, where, jsonl, name_the_file, skip_bad_rows, code):
+                  source_position, where, files, name_the_file, skip_bad_rows, code):
     try:
         if format_name == "text":
             tokens = tokenize_text(tokenizer, to_text(row))
@@ -316,11 +316,11 @@ def _tokenize_row(row, index, tokenizer, format_name, system_prompt, answer_sour
             messages = to_messages(row, format_name, system_prompt, answer_source)
             tokens = tokenize_messages(tokenizer, messages, loss_on, max_length=cut)
     except ValueError as error:
-        # 1-based: the line of a .jsonl file, else the row
+        # 1-based: the line of a JSON Lines or CSV file, else the row
         place = f"row {index + 1}"
-        if jsonl and (found := jsonl_place(jsonl, index)):
-            file, line = found
-            where, place = (f"dataset {file}" if name_the_file else where), f"line {line}"
+        if files and (found := row_place(files, index)):
+            file, place = found
+            where = f"dataset {file}" if name_the_file else where
         if isinstance(error, UnicodeDecodeError):  # Arrow keeps the bytes and decodes them when the row is read
             problem = f"{where} {place}: not UTF-8 text ({error.reason} at byte {error.start})"
             fix = "save the file as UTF-8"

@@ -72,33 +72,63 @@ def load_source(source: SourceConfig, split: str | None = None, key: str = "data
     return rows
 
 
-def jsonl_files(source: SourceConfig, split: str | None = None) -> list[str] | None:
-    """The files of a source (a file, a glob or a folder's `split`) in the order their rows load, when they are all
-    JSON Lines, whose errors can name the file and line; else None."""
+def source_files(source: SourceConfig, split: str | None = None) -> list[str] | None:
+    """The local files of a source (a file, a glob or a folder's `split`) in the order their rows load, whose errors
+    can name the file and the row's place in it; None for a hub dataset or a save_to_disk folder."""
     files = local_files(source.name)
     if not files and Path(resolve_path(source.name)).is_dir():
         files = directory_splits(Path(resolve_path(source.name))).get(split or source.split, [])
-    return files if files and all(data_suffix(file) == ".jsonl" for file in files) else None
+    return files or None
 
 
-def jsonl_place(files: list[str], index: int) -> tuple[str, int] | None:
-    """The file and 1-based line of row `index` of the rows those .jsonl files hold, one after the other; None
-    where a file is not one row per line."""
+def row_place(files: list[str], index: int) -> tuple[str, str] | None:
+    """The file and the place in it ("line 7" of JSON Lines and CSV, "row 3" of a JSON list or Parquet) of row
+    `index` of the rows those files hold, one after the other; None where a file's rows cannot be told apart."""
     for file in files:
-        lines = _line_numbers(file, os.stat(file).st_mtime_ns)
-        if lines is None:
+        places = _places(file, os.stat(file).st_mtime_ns)
+        if places is None:
             return None
-        if index < len(lines):
-            return file, lines[index]
-        index -= len(lines)
+        if index < len(places):
+            return file, places[index]
+        index -= len(places)
     return None
 
 
 @functools.cache
-def _line_numbers(file: str, modified: int) -> list[int] | None:
-    """The 1-based line number of each row of a .jsonl file (the loader skips blank lines), by modification time
-    (a file rewritten in this process is read again); None where its rows are not one per line, which datasets
-    reads all the same: a row spread over lines, rows parted by a carriage return alone, a JSON list."""
+def _places(file: str, modified: int) -> list[str] | None:
+    """Where each row of a file is, as datasets reads them (by modification time: a file rewritten in this process
+    is read again)."""
+    kind = data_suffix(file)
+    if kind == ".parquet":
+        import pyarrow.parquet
+
+        return [f"row {number}" for number in range(1, pyarrow.parquet.ParquetFile(file).metadata.num_rows + 1)]
+    if kind == ".csv":
+        with open_data(file) as handle:
+            lines = (line.decode("utf-8-sig", "replace") for line in handle)
+            reader, places, start = csv.reader(lines), [], 1
+            for number, record in enumerate(reader):
+                if number and record:  # the header, and blank lines, which pandas skips
+                    places.append(f"line {start}")
+                start = reader.line_num + 1
+            return places
+    lines = _line_numbers(file)
+    if lines is not None:
+        return [f"line {number}" for number in lines]
+    if kind == ".json":
+        with open_data(file) as handle:
+            try:
+                document = json.loads(handle.read().decode("utf-8"))
+            except ValueError:
+                return None
+        return [f"row {number}" for number in range(1, len(document) + 1)] if isinstance(document, list) else None
+    return None
+
+
+def _line_numbers(file: str) -> list[int] | None:
+    """The 1-based line number of each row of a JSON Lines file (the loader skips blank lines); None where its rows
+    are not one per line, which datasets reads all the same: a row spread over lines, rows parted by a carriage
+    return alone, a JSON list."""
     numbers = []
     with open_data(file) as handle:
         for number, line in enumerate(handle, 1):
