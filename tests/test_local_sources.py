@@ -134,7 +134,7 @@ def test_csv_cells_are_read_as_text(tmp_path, tokenizer):
 ])
 def test_a_file_datasets_cannot_read_is_named_with_the_reason(tmp_path, tokenizer, name, text, expected):
     (tmp_path / name).write_bytes(text.encode("latin-1"))
-    with pytest.raises(DataError, match=re.escape(expected)):
+    with pytest.raises(DataError, match=re.escape(expected) + "$"):
         prepare_data(DatasetConfig(name=str(tmp_path / name)), tokenizer, max_length=128)
 
 

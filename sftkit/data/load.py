@@ -169,8 +169,9 @@ def _load(source: SourceConfig, split: str):
             rows = load_dataset(builder, data_files=[glob.escape(file) for file in files], split=split, **options)
         except Exception as error:
             problem = next(filter(None, map(_json_problem if builder == "json" else _text_problem, files)), None)
-            if problem:
-                raise DataError(f"dataset {problem}; fix or remove that line") from None
+            if problem:  # a file not in UTF-8 is saved again whole, not fixed line by line
+                fix = "" if problem.endswith("save it as UTF-8") else "; fix or remove that line"
+                raise DataError(f"dataset {problem}{fix}") from None
             if "corresponds to no data" in str(error):
                 raise DataError(f"dataset {source.name} has no rows (a CSV file of its header alone, or a JSON list "
                                 "that is empty)") from None
