@@ -145,7 +145,11 @@ def directory_splits(folder: Path) -> dict[str, list[str]]:
     Not datasets' own reading of a folder: it reads only the most common kind of file there (notes.txt beside
     data.jsonl was trained on, data.jsonl never read), and leaves out a file named for no split when others are
     (chats.jsonl beside eval.jsonl)."""
-    named = named_splits(folder)
+    return splits_of(named_splits(folder))
+
+
+def splits_of(named: dict[str, str | None]) -> dict[str, list[str]]:
+    """named_splits' files by split, as directory_splits reads them."""
     if None in named.values():
         return {"train": list(named)} if named else {}
     splits: dict[str, list[str]] = {}

@@ -13,7 +13,7 @@ from sftkit.data.load import load_source, row_place, source_files
 from sftkit.data.tokenize import IGNORE_INDEX, MaskError, special_token_text, tokenize_messages, tokenize_text
 from sftkit.engines import is_main_process
 from sftkit.errors import DataError
-from sftkit.paths import directory_splits, is_pattern, named_splits, resolve_path, saved_by_datasets
+from sftkit.paths import is_pattern, named_splits, resolve_path, saved_by_datasets, splits_of
 from sftkit.schema import DatasetConfig, SourceConfig
 
 __all__ = ["DataError", "MaskError", "PreparedData", "prepare_data", "prepare_for_training", "tokenize_messages"]
@@ -154,7 +154,8 @@ def _warn_of_files_not_read(cfg: DatasetConfig) -> None:
                   "loss measures memory; evaluate on another split, or hold out rows with dataset.test_size",
                   flush=True)
     for folder in sorted({folder for folder, _ in trains | evaluates if folder is not None}):
-        named, splits = named_splits(folder), directory_splits(folder)
+        named = named_splits(folder)
+        splits = splits_of(named)
         for split, files in splits.items():
             if (folder, split) not in trains | evaluates:
                 print(f"sftkit: warning: dataset {folder}: {_some_files(folder, files)} named for split {split!r}, "
