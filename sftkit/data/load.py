@@ -75,9 +75,9 @@ def load_source(source: SourceConfig, split: str | None = None, key: str = "data
 def source_files(source: SourceConfig, split: str | None = None) -> list[str] | None:
     """The local files of a source (a file, a glob or a folder's `split`) in the order their rows load, whose errors
     can name the file and the row's place in it; None for a hub dataset or a save_to_disk folder."""
-    files = local_files(source.name)
-    if not files and Path(resolve_path(source.name)).is_dir():
-        files = directory_splits(Path(resolve_path(source.name))).get(split or source.split, [])
+    files, path = local_files(source.name), Path(resolve_path(source.name))
+    if not files and path.is_dir() and not saved_by_datasets(path):
+        files = directory_splits(path).get(split or source.split, [])
     return files or None
 
 
@@ -147,11 +147,7 @@ def _line_numbers(file: str) -> list[int] | None:
 def _load(source: SourceConfig, split: str):
     from datasets import DatasetDict, load_dataset, load_from_disk
 
-    files = local_files(source.name)
-    path = Path(resolve_path(source.name))
-    if not files and path.is_dir() and not saved_by_datasets(path):
-        files = directory_splits(path).get(split, [])
-        split = "train"  # of those files
+    files = source_files(source, split)
     if files:
         unknown = [file for file in files if data_suffix(file) not in DATA_FILE_BUILDERS]
         if unknown:
@@ -166,7 +162,7 @@ def _load(source: SourceConfig, split: str):
             options = {**options, "features": _text_columns(source.name, files)}
         try:
             # local files load as one "train" split; escaped, as datasets reads them as patterns (chat[1].jsonl)
-            rows = load_dataset(builder, data_files=[glob.escape(file) for file in files], split=split, **options)
+            rows = load_dataset(builder, data_files=[glob.escape(file) for file in files], split="train", **options)
         except Exception as error:
             problem = next(filter(None, map(_json_problem if builder == "json" else _text_problem, files)), None)
             if problem:  # a file not in UTF-8 is saved again whole, not fixed line by line
@@ -180,6 +176,7 @@ def _load(source: SourceConfig, split: str):
         refuse_values_datasets_reads_as_json(rows.features, files, _fields_read(source, rows.column_names),
                                              source.column_map or {})
         return rows
+    path = Path(resolve_path(source.name))
     if saved_by_datasets(path):
         saved = load_from_disk(str(path))
         return saved[split] if isinstance(saved, DatasetDict) else saved
