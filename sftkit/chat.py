@@ -16,8 +16,8 @@ import yaml
 from sftkit.data.formats import with_system
 from sftkit.errors import ConfigError, OneLineArgumentParser, say_error
 from sftkit.export import run_directory
+from sftkit.layout import RUN_CONFIG_FILE
 from sftkit.paths import resolve_path
-from sftkit.rundir import RUN_CONFIG_FILE
 
 COMMANDS = "/reset starts a new conversation, /exit quits"
 

@@ -8,21 +8,17 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from sftkit.errors import AlreadyFinished, ConfigError
-from sftkit.rundir import (
-    RUN_FILE,
+from sftkit.layout import RUN_FILE, checkpoint_dir, checkpoint_step, is_checkpoint
+from sftkit.runrecord import (
     changed_inputs,
-    checkpoint_dir,
-    checkpoint_step,
     config_differences,
-    empty_tensors,
     fingerprint,
-    is_checkpoint,
     read_run_record,
-    readable_like_other_files,
     run_record,
     trained_to_step,
     write_json,
 )
+from sftkit.weightfiles import empty_tensors, readable_like_other_files
 
 STATE_FILE = "trainer_state.json"
 AUTO = "auto"

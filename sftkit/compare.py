@@ -20,8 +20,9 @@ from sftkit.data.formats import with_system
 from sftkit.data.tokenize import IGNORE_INDEX
 from sftkit.errors import ConfigError, OneLineArgumentParser, say_error
 from sftkit.export import adapter_base, run_directory
+from sftkit.layout import ADAPTER_DIR, BEFORE_AFTER_FILE, RUN_CONFIG_FILE
 from sftkit.paths import resolve_path
-from sftkit.rundir import ADAPTER_DIR, BEFORE_AFTER_FILE, RUN_CONFIG_FILE, changed_inputs, read_run_record
+from sftkit.runrecord import changed_inputs, read_run_record
 from sftkit.schema import DatasetConfig, ModelConfig
 
 

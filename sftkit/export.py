@@ -22,28 +22,28 @@ import yaml
 from sftkit.config import read_section
 from sftkit.environment import library_versions
 from sftkit.errors import ConfigError, OneLineArgumentParser, RunFailed, SftkitError, first_line, say_error
-from sftkit.peers import lost_contact
-from sftkit.rundir import (
+from sftkit.layout import (
     ADAPTER_DIR,
     BEFORE_AFTER_FILE,
     RUN_CONFIG_FILE,
     STAGING_DIR,
     SUMMARY_FILE,
     VERSIONS_FILE,
-    OutputDir,
+    published_weights,
+    written_by_sftkit,
+)
+from sftkit.peers import lost_contact
+from sftkit.rundir import OutputDir
+from sftkit.runrecord import read_run_record, record_published, write_json
+from sftkit.schema import ModelConfig
+from sftkit.weightfiles import (
     check_free_space,
     cut_short,
     export_bytes,
     missing_weights,
-    published_weights,
-    read_run_record,
     readable_like_other_files,
-    record_published,
     safetensors_weights,
-    write_json,
-    written_by_sftkit,
 )
-from sftkit.schema import ModelConfig
 
 PUBLISHING_FILE = "publishing.json"  # in the staging directory once its contents start moving into output_dir
 DISK_WAIT_SECONDS = float(os.environ.get("SFTKIT_DISK_WAIT_SECONDS", 900))

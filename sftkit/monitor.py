@@ -21,7 +21,7 @@ from sftkit.compat import TrainerWorkarounds, keep_checkpoints_at_an_early_stop
 from sftkit.engines import shards_weights
 from sftkit.fastpath import adapter_input_casts, bound_max_lengths, lengths_vary, mark_lengths_dynamic
 from sftkit.inference import generate_reply
-from sftkit.rundir import SAMPLES_FILE
+from sftkit.layout import SAMPLES_FILE
 
 REPEATED_SIGTERM_SECONDS = 2.0  # a SIGTERM this soon after the first is the same stop, delivered twice
 

@@ -143,7 +143,7 @@ def check_every_process_runs_the_same(config) -> None:
         return
     from accelerate.utils import gather_object
 
-    from sftkit.rundir import input_digests
+    from sftkit.runrecord import input_digests
 
     mine = {"where": f"process {args.process_index} on {socket.gethostname()}", "settings": _settings(config),
             "chosen": {choice.key for choice in config.speed if choice.chosen},
@@ -171,7 +171,7 @@ def check_output_dir_is_shared(output_dir: Path, args, resuming: bool) -> None:
         return
     from accelerate.utils import gather_object
 
-    from sftkit.rundir import LOCK_FILE
+    from sftkit.layout import LOCK_FILE
 
     lock = output_dir / LOCK_FILE
     seen = gather_object([(f"process {args.process_index} on {socket.gethostname()}", str(output_dir),

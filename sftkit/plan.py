@@ -18,8 +18,9 @@ from sftkit.errors import ConfigError
 from sftkit.fastpath import describe as describe_speed
 from sftkit.model import check_model_source, load_tokenizer, lora_config, precision_words, resolve_dtype, weights_dtype
 from sftkit.paths import resolve_path
-from sftkit.rundir import OutputDir, size_words
+from sftkit.rundir import OutputDir
 from sftkit.schema import RunConfig
+from sftkit.weightfiles import size_words
 
 GIB = 2**30
 ADAM_STATES = 2  # exp_avg and exp_avg_sq per trained parameter

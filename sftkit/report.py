@@ -8,8 +8,8 @@ from pathlib import Path
 from sftkit.data import describe_dropped
 from sftkit.errors import first_line
 from sftkit.export import saved_dtypes
+from sftkit.layout import ADAPTER_DIR, LOSS_PLOT, MODEL_CARD, SAMPLES_FILE, SUMMARY_FILE, checkpoint_step
 from sftkit.monitor import memory_mib
-from sftkit.rundir import ADAPTER_DIR, LOSS_PLOT, MODEL_CARD, SAMPLES_FILE, SUMMARY_FILE, checkpoint_step
 
 
 def build_summary(trainer, config, data, dtype, parameters: tuple[int, int], reply: str | None, seconds: dict,

@@ -30,6 +30,7 @@ from sftkit.data import prepare_for_training
 from sftkit.errors import ConfigError, Interrupted, RunFailed, first_line
 from sftkit.export import export
 from sftkit.fastpath import describe as describe_speed
+from sftkit.layout import STAGING_DIR, checkpoint_dir
 from sftkit.model import (
     check_model_source,
     load_model,
@@ -43,16 +44,10 @@ from sftkit.monitor import MonitoredSFTTrainer, ProgressBar, SampleReplies, memo
 from sftkit.paths import resolve_path
 from sftkit.peers import check_every_process_runs_the_same, check_output_dir_is_shared
 from sftkit.report import best_checkpoint_step, build_summary, report, write_report
-from sftkit.rundir import (
-    STAGING_DIR,
-    OutputDir,
-    check_free_space,
-    checkpoint_dir,
-    export_bytes,
-    refuse_before_claiming,
-    trained_to_step,
-)
+from sftkit.rundir import OutputDir, refuse_before_claiming
+from sftkit.runrecord import trained_to_step
 from sftkit.schema import RunConfig
+from sftkit.weightfiles import check_free_space, export_bytes
 
 logger = logging.getLogger(__name__)
 

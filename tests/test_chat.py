@@ -15,7 +15,7 @@ from conftest import REPO, SAMPLE_PROMPTS, TINY_MODEL, run_here, run_python
 from sftkit import chat as chat_command
 from sftkit import compare
 from sftkit.inference import generate_reply, load_for_inference
-from sftkit.rundir import STAGING_DIR
+from sftkit.layout import STAGING_DIR
 
 
 def greedy(model_dir, conversation: list[dict]) -> str:
@@ -247,8 +247,8 @@ def test_compare_holds_out_the_rows_the_run_held_out(tmp_path, packing):
     from sftkit.config import load_config
     from sftkit.data import prepare_for_training
     from sftkit.export import write_metadata
+    from sftkit.layout import RUN_CONFIG_FILE
     from sftkit.model import load_tokenizer
-    from sftkit.rundir import RUN_CONFIG_FILE
 
     rows = [{"messages": [{"role": "user", "content": f"question {i} " + ("filler " * 80 if i % 3 == 0 else "")},
                           {"role": "assistant", "content": f"answer {i}"}]} for i in range(40)]

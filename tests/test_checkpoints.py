@@ -10,7 +10,7 @@ from conftest import run_sft
 from sftkit.checkpoints import damage
 from sftkit.config import load_config
 from sftkit.errors import ConfigError
-from sftkit.rundir import RUN_FILE
+from sftkit.layout import RUN_FILE
 from sftkit.train import train
 
 ARGS = ["--training.max_steps", "4", "--training.logging_steps", "1", "--dataset.test_size", "null",

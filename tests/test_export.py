@@ -16,7 +16,8 @@ from sftkit.config import load_config
 from sftkit.errors import Interrupted, RunFailed
 from sftkit.export import export
 from sftkit.export import main as export_main
-from sftkit.rundir import ADAPTER_DIR, RUN_FILE, STAGING_DIR, OutputDir
+from sftkit.layout import ADAPTER_DIR, RUN_FILE, STAGING_DIR
+from sftkit.rundir import OutputDir
 from sftkit.schema import ModelConfig
 from sftkit.train import train
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, assistant_replies
 
-from sftkit.rundir import SUMMARY_FILE
+from sftkit.layout import SUMMARY_FILE
 
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 

@@ -16,7 +16,7 @@ from conftest import REPO, SAMPLE_PROMPTS
 
 from sftkit.config import load_config
 from sftkit.errors import ConfigError
-from sftkit.rundir import SUMMARY_FILE
+from sftkit.layout import SUMMARY_FILE
 from sftkit.train import train
 
 LOG_LINE = re.compile(r"step (\d+)/(\d+)  loss ([\d.]+)  lr ([\d.e+-]+)  grad norm ([\d.e+-]+)  ([\d,]+) tok/s  "

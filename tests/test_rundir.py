@@ -17,7 +17,8 @@ from conftest import REPO, TINY_MODEL, run_sft, tmpfs
 from sftkit.checkpoints import checkpoint_to_resume
 from sftkit.config import load_config
 from sftkit.errors import AlreadyFinished, ConfigError, Interrupted
-from sftkit.rundir import LOCK_FILE, RUN_FILE, OutputDir
+from sftkit.layout import LOCK_FILE, RUN_FILE
+from sftkit.rundir import OutputDir
 from sftkit.train import train
 
 SHORT = ["--training.max_steps", "3", "--training.logging_steps", "1", "--dataset.test_size", "null"]
@@ -486,7 +487,7 @@ def test_the_export_of_float32_weights_needs_room_for_them_and_one_shard_cast_be
     peaks at 80 GB plus 25 GB, not at 80 GB plus the whole 40 GB bf16 model (refused with room to spare before)."""
     import torch
 
-    from sftkit.rundir import export_bytes
+    from sftkit.weightfiles import export_bytes
 
     def needed(parameters):
         return export_bytes(parameters, parameters, torch.bfloat16, lora=False, weights=torch.float32) / 1e9

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sftkit.config import load_config
 from sftkit.errors import RunFailed
 from sftkit.export import export
+from sftkit.layout import ADAPTER_DIR, RUN_CONFIG_FILE, STAGING_DIR, SUMMARY_FILE, VERSIONS_FILE
 from sftkit.report import format_summary
-from sftkit.rundir import ADAPTER_DIR, RUN_CONFIG_FILE, STAGING_DIR, SUMMARY_FILE, VERSIONS_FILE
 from sftkit.train import train
 
 PROMPTS = [

@@ -1,0 +1,65 @@
+"""The names of what a run writes into output_dir, and which of them hold its trained model."""
+
+import re
+from pathlib import Path
+
+RUN_FILE = "sftkit_run.json"  # in output_dir and in every checkpoint: the fingerprint and the resolved config
+LOCK_FILE = ".sftkit.lock"
+GUARD_FILE = ".sftkit.lock.guard"  # see OutputDir._one_at_a_time
+STAGING_DIR = ".export-incomplete"
+CHECKPOINT_PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR (5.24), without importing the Trainer here
+# What a run writes into output_dir beside the model and its tokenizer
+ADAPTER_DIR = "lora_weights"
+SUMMARY_FILE = "run_summary.json"  # the report's; an export finished later adds the dtypes it saved
+RUN_CONFIG_FILE = "sftkit_config.yaml"
+VERSIONS_FILE = "sftkit_versions.json"
+LOSS_PLOT = "loss.png"
+MODEL_CARD = "README.md"
+SAMPLES_FILE = "sample_replies.jsonl"
+BEFORE_AFTER_FILE = "before_after.md"  # sftkit compare's report, of the model it compared
+# What sftkit and the Trainer write into output_dir (checkpoint-N directories aside), by whole name. Only a directory
+# that holds a run record (RUN_FILE) can hold an earlier run's files; anything else there is the user's, never
+# removed and never replaced: a model.safetensors.bak or adapter_notes.txt beside the model is theirs.
+PUBLISHED_WEIGHTS = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
+SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # save_pretrained's shard names (transformers 5.24)
+TRAINED = ("config.json", "model.safetensors", "model.safetensors.index.json", ADAPTER_DIR, STAGING_DIR, SUMMARY_FILE)
+WRITTEN = PUBLISHED_WEIGHTS + TRAINED + (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json", "training_args.bin", RUN_CONFIG_FILE,
+    VERSIONS_FILE, MODEL_CARD, LOSS_PLOT, SAMPLES_FILE, BEFORE_AFTER_FILE, "runs",
+)
+
+
+def published_weights(name: str) -> bool:
+    """A file an export writes into output_dir beside the model's tokenizer and reports: weights, their index, the
+    model's config (the adapter goes into lora_weights/)."""
+    return _one_of(name, PUBLISHED_WEIGHTS)
+
+
+def written_by_sftkit(name: str) -> bool:
+    """A name sftkit or the Trainer writes into output_dir (checkpoints aside)."""
+    return _one_of(name, WRITTEN)
+
+
+def holds_training(name: str) -> bool:
+    """What holds the trained weights or says how they trained: a run's model, not only its report."""
+    return _one_of(name, TRAINED)
+
+
+def _one_of(name: str, names: tuple[str, ...]) -> bool:
+    return name in names or SHARD.fullmatch(name) is not None
+
+
+def checkpoint_step(name: str) -> int | None:
+    """N of a checkpoint-N name; None for any other name."""
+    prefix, _, number = name.rpartition("-")
+    return int(number) if prefix == CHECKPOINT_PREFIX and number.isdigit() else None
+
+
+def checkpoint_dir(output_dir, step: int) -> Path:
+    return Path(output_dir) / f"{CHECKPOINT_PREFIX}-{step}"
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A checkpoint-N directory, as the Trainer names them."""
+    return checkpoint_step(path.name) is not None and path.is_dir() and not path.is_symlink()

@@ -1,0 +1,156 @@
+"""The run record (RUN_FILE): what a run is (a fingerprint of its resolved config and digests of its local inputs)
+and how far it got. It sits in output_dir and in every checkpoint, and decides which runs a resume may continue.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from sftkit.layout import RUN_FILE, SUMMARY_FILE
+
+# Settings a resume may change without changing what is trained: the length of the run, logging, saving,
+# evaluation and where results go. Everything else in the resolved config is part of the fingerprint.
+RESUMABLE = {
+    "training": {
+        "output_dir", "resume_from_checkpoint", "max_steps", "num_train_epochs", "logging_strategy", "logging_steps",
+        "logging_first_step", "logging_dir", "log_level", "log_level_replica", "log_on_each_node", "disable_tqdm",
+        "report_to", "run_name", "project", "save_strategy", "save_steps", "save_total_limit", "save_only_model",
+        "save_on_each_node", "eval_strategy", "eval_steps", "eval_delay", "eval_on_start", "per_device_eval_batch_size",
+        "eval_accumulation_steps", "push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo", "hub_token",
+        "hub_always_push", "hub_revision", "dataloader_num_workers", "dataloader_prefetch_factor",
+        "dataloader_pin_memory", "dataloader_persistent_workers", "dataset_num_proc", "ddp_timeout", "local_rank",
+        "include_num_input_tokens_seen", "logging_nan_inf_filter", "load_best_model_at_end", "metric_for_best_model",
+        "greater_is_better", "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id",
+        # how fast, not what is computed (sftkit.fastpath chooses them from the machine)
+        "torch_compile", "torch_compile_backend", "torch_compile_mode", "use_liger_kernel", "pad_to_multiple_of",
+    },
+    "model": {"attn_implementation", "allow_hub_kernels", "cast_adapter_inputs"},
+    "dataset": {"sample_prompts"},
+}
+
+
+def fingerprint(resolved: dict) -> str:
+    """A hash of the resolved config less the settings a resume may change (RESUMABLE)."""
+    kept = {section: {key: value for key, value in values.items() if key not in RESUMABLE.get(section, ())}
+            for section, values in resolved.items()}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def config_differences(ours: dict, theirs: dict) -> list[str]:
+    """`training.learning_rate 0.001 (that run: 0.003)` for each fingerprinted setting that differs."""
+    differences = []
+    for section, values in ours.items():
+        for key, value in values.items():
+            other = theirs.get(section, {}).get(key)
+            if key not in RESUMABLE.get(section, ()) and json.dumps(value, default=str) != json.dumps(other, default=str):
+                differences.append(f"{section}.{key} {value} (that run: {other})")
+    return differences
+
+
+def run_record(resolved: dict, **extra) -> dict:
+    from sftkit.data import PREPARATION
+
+    return {"fingerprint": fingerprint(resolved), "config": resolved, "inputs": input_digests(resolved),
+            "preparation": PREPARATION, **extra}
+
+
+MODEL_FILES = ("config.json", "*.safetensors", "pytorch_model*.bin", "adapter_config.json", "tokenizer.json",
+               "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "chat_template.jinja")
+
+
+def input_digests(resolved: dict) -> dict[str, str]:
+    """What the local files the run trains from hold: each dataset file (of dataset.name and the sources) and the
+    model's config and weights, by the name the config gives them, as a digest of their contents. The fingerprint
+    covers the names only, and a resume onto a rewritten data file or changed base weights would train something
+    else under the same config. Hub ids are left out (their revision is in the config)."""
+    from sftkit.paths import directory_splits, local_files, resolve_path
+
+    dataset, files = resolved.get("dataset", {}), {}
+    names = [dataset.get("name")] + [source.get("name") for key in ("sources", "eval_sources")
+                                     for source in dataset.get(key) or []]
+    for name in filter(None, names):
+        root = Path(resolve_path(name))
+        if root.is_dir():  # every split's files
+            files.update({f"{name}/{Path(path).relative_to(root)}": Path(path)
+                          for split_files in directory_splits(root).values() for path in split_files})
+        else:  # a file or a glob; nothing for a hub id, nor for a glob that matches nothing (the run says so)
+            matched = local_files(name)
+            files.update({f"{name}:{Path(path).name}" if path != str(root) else name: Path(path) for path in matched})
+    digests = {name: _digest(path, whole=True) for name, path in files.items()}  # read whole by the run anyway
+    model = resolved.get("model", {}).get("path")
+    if model and Path(resolve_path(model)).is_dir():
+        root = Path(resolve_path(model))
+        digests.update({f"{model}/{path.name}": _digest(path) for pattern in MODEL_FILES
+                        for path in sorted(root.glob(pattern))})
+    return digests
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _digest(path: Path, whole: bool = False) -> str:
+    """sha256 of a file's size and contents: all of it when `whole` or below 32 MiB, else (a model's weights) 16
+    evenly spaced 256 KiB pieces and the end, a few milliseconds. Computed once per file and modification time in a
+    process."""
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256(str(stat.st_size).encode())
+        with path.open("rb") as handle:
+            if whole or stat.st_size <= 32 * 2**20:
+                for block in iter(lambda: handle.read(2**24), b""):
+                    digest.update(block)
+            else:
+                for offset in [stat.st_size * k // 16 for k in range(16)] + [stat.st_size - 2**18]:
+                    handle.seek(offset)
+                    digest.update(handle.read(2**18))
+        _DIGESTS[key] = digest.hexdigest()[:16]
+    return _DIGESTS[key]
+
+def changed_inputs(record: dict, resolved: dict | None = None) -> list[str]:
+    """The local files (data, base model) whose contents, as the config `resolved` (the record's own by default)
+    finds them from here, differ from those the run recorded; [] for a record without digests (before
+    2026-11-27)."""
+    if "inputs" not in record:
+        return []
+    now = input_digests(record.get("config", {}) if resolved is None else resolved)
+    return sorted(name for name in {*record["inputs"], *now} if record["inputs"].get(name) != now.get(name))
+
+
+def read_run_record(directory: Path) -> dict | None:
+    try:
+        return json.loads((Path(directory) / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def trained_to_step(directory: Path) -> int | None:
+    """The step a finished run in directory trained to (its last, whichever checkpoint's model it published): from
+    its run record (since 2026-11-28), else from its summary; None when no finished run is recorded there."""
+    record = read_run_record(directory) or {}
+    if record.get("status") != "finished":
+        return None
+    if "step" in record:
+        return record["step"]
+    try:
+        return int(json.loads((Path(directory) / SUMMARY_FILE).read_text())["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def record_published(directory: Path, **extra) -> None:
+    """The run record says finished as soon as the model is in place: a kill while the report is written leaves a
+    finished model, not one that looks still exporting."""
+    record = read_run_record(directory)
+    if record is not None:
+        record.pop("error", None)  # of an export that failed before
+        write_json(Path(directory) / RUN_FILE, {**record, "status": "finished", **extra})
+
+
+def write_json(path: Path, value: dict) -> None:
+    """Written whole or not at all: a crash mid-write leaves the previous file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(value, indent=2, default=str) + "\n")
+    os.replace(partial, path)
+

@@ -1,0 +1,107 @@
+"""Weight files on disk: whether they are whole, how they are shared, and the room an export needs for them."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from sftkit.layout import published_weights
+
+
+def readable_like_other_files(files) -> None:
+    """safetensors writes its files with mode 0600; give them the mode every other file gets (0644 under the
+    usual umask), so a model or checkpoint shared on a cluster's filesystem can be read, and resumed, by the team."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in files:
+        file.chmod(0o666 & ~umask)
+
+
+def safetensors_weights(directory: Path) -> list[Path]:
+    """The safetensors weights an export published in output_dir, by name: a user's files there are left alone."""
+    return sorted(path for path in directory.glob("*.safetensors") if published_weights(path.name))
+
+
+def empty_tensors(file: Path) -> list[str]:
+    """Names of the tensors in a safetensors file that hold no element, read from its header alone. A process that
+    saves without holding the gathered weights (ZeRO-3 outside process 0) writes each partitioned parameter's empty
+    placeholder: every name there, no weights."""
+    from safetensors import safe_open
+
+    with safe_open(file, "pt") as weights:
+        return [name for name in weights.keys() if 0 in weights.get_slice(name).get_shape()]
+
+
+def missing_weights(folder: Path, stem: str) -> str | None:
+    """What keeps folder from holding whole weights `stem` (model, adapter_model), read from the headers alone: none
+    written, shards missing, a file cut short (its process killed while writing it), unreadable or of empty tensors;
+    None when they are whole."""
+    index = folder / f"{stem}.safetensors.index.json"
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else None
+    except (ValueError, KeyError) as error:
+        return f"{index.name} is cut short or unreadable ({error})"
+    if shards is None:
+        shards = [f"{stem}.safetensors"]
+        if not (folder / shards[0]).is_file():
+            return f"no {stem}.safetensors"
+    absent = [shard for shard in shards if not (folder / shard).is_file()]
+    if absent:
+        return f"{len(absent)} of its {len(shards)} shards are missing, e.g. {absent[0]}"
+    for shard in shards:
+        if cut_short(folder / shard):
+            return f"{shard} is cut short"
+        try:
+            empty = empty_tensors(folder / shard)
+        except Exception as error:  # an OSError, or safetensors' own error type
+            return f"{shard} could not be read ({str(error).splitlines()[0]})"
+        if empty:
+            return f"{shard} holds empty tensors (e.g. {empty[0]})"
+    return None
+
+
+def cut_short(file: Path) -> bool:
+    """A safetensors file shorter than its own header says it is: its writer was stopped part way. (A file that
+    cannot be read at all is not known to be cut short.)"""
+    try:
+        with open(file, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            size = os.fstat(handle.fileno()).st_size
+            if size < 8 + length:
+                return True
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError):
+        return False
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    return size < 8 + length + max(ends, default=0)
+
+
+# save_pretrained's max_shard_size in transformers 5.24; the export casts float32 weights one shard at a time.
+SHARD_BYTES = 50 * 10**9
+
+
+def export_bytes(total_parameters: int, trainable_parameters: int, dtype, lora: bool, weights=None) -> int:
+    """What the export writes at its peak: the model in the training dtype, and for LoRA the float32 adapter beside
+    it. A model trained in other `weights` (float32 under bf16) is saved in them first, then each shard is cast
+    beside itself and replaces it."""
+    if lora:  # PEFT's total counts the adapter too; the merged model does not hold it
+        size = (total_parameters - trainable_parameters) * dtype.itemsize + trainable_parameters * 4
+    elif weights in (None, dtype):
+        size = total_parameters * dtype.itemsize
+    else:
+        size = total_parameters * weights.itemsize + min(total_parameters, SHARD_BYTES // weights.itemsize) * \
+            dtype.itemsize
+    return int(size * 1.02) + 2 * 2**20  # headers, tokenizer and reports
+
+
+def check_free_space(directory: Path, needed: int, when: str) -> str | None:
+    """None when `needed` bytes fit on directory's filesystem, else what is missing, in words."""
+    free = shutil.disk_usage(directory).free
+    if free >= needed:
+        return None
+    return (f"{when} needs {size_words(needed)} in {directory} but its filesystem has {size_words(free)} free: "
+            f"free {size_words(needed - free)} or choose a training.output_dir on a larger disk")
+
+
+def size_words(size: float) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 / 10 else f"{size / 2**20:.1f} MiB"
