@@ -12,9 +12,9 @@ from sftkit.layout import RUN_FILE, checkpoint_dir, checkpoint_step, is_checkpoi
 from sftkit.runrecord import (
     changed_inputs,
     config_differences,
-    fingerprint,
     read_run_record,
     run_record,
+    same_settings,
     trained_to_step,
     write_json,
 )
@@ -78,7 +78,7 @@ def _stop_if_finished(output_dir: Path, resolved: dict) -> None:
     ran = record.get("config", {}).get("training", {})
     now = resolved.get("training", {})
     same_length = all(ran.get(key) == now.get(key) for key in ("max_steps", "num_train_epochs"))
-    if trained is not None and record.get("fingerprint") == fingerprint(resolved) and same_length:
+    if trained is not None and same_settings(record, resolved) and same_length:
         raise AlreadyFinished(f"training.output_dir {output_dir} already holds this run's finished model (step "
                               f"{trained}): nothing is left to train (training.resume_from_checkpoint auto)")
 
@@ -218,7 +218,7 @@ def _check_same_run(checkpoint: Path, resolved: dict) -> None:
     if record is None:
         raise ConfigError(f"training.resume_from_checkpoint: {checkpoint} has no {RUN_FILE}, so it was not saved by "
                           "this version of sftkit and cannot be checked to be this run's; start afresh with --overwrite")
-    if record.get("fingerprint") != fingerprint(resolved):
+    if not same_settings(record, resolved):
         differences = config_differences(resolved, record.get("config", {}))
         raise ConfigError(f"training.resume_from_checkpoint: {checkpoint} belongs to a run with other settings "
                           f"({'; '.join(differences[:4]) or 'its fingerprint differs'}); resume with that run's "

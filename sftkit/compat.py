@@ -122,6 +122,18 @@ def sft_config_fields() -> dict[str, str]:
         return {field.name: str(field.type) for field in dataclasses.fields(SFTConfig)}
 
 
+def training_fields(training) -> dict:
+    """SFTConfig as a plain dict, with its real eos_token and pad_token: transformers 5.24's to_dict writes a
+    placeholder (<EOS_TOKEN>) for every field whose name ends in _token, as if each held a secret, so a config
+    saved from it could not train again, and the fingerprint missed a changed eos_token. hub_token holds no token
+    here (config moves it to HF_TOKEN); its placeholder is dropped to its default."""
+    values = training.to_dict()
+    for key in values:
+        if key.endswith("_token"):
+            values[key] = getattr(training, key)
+    return values
+
+
 def group_cpu_processes(kwargs: dict) -> None:
     """Let several processes without a GPU form one group (Accelerate 1.15, DeepSpeed 0.19.8).
 

@@ -27,6 +27,7 @@ from sftkit.compat import (
     let_deepspeed_find_one_process,
     rename_gradient_checkpointing,
     sft_config_fields,
+    training_fields,
 )
 from sftkit.engines import launch_uses_fsdp, several_machines, uses_deepspeed, world_size, zero_stage
 from sftkit.errors import ConfigError
@@ -437,11 +438,7 @@ def hide_secrets(value: Any) -> Any:
 
 def _public_training_fields(training) -> dict:
     """SFTConfig as a plain dict with secrets hidden (for the printed and saved config)."""
-    values = hide_secrets(training.to_dict())
-    for key in ("hub_token", "push_to_hub_token"):
-        if values.get(key):
-            values[key] = "<hidden>"
-    return values
+    return hide_secrets(training_fields(training))
 
 
 def _build(cls, values: Any, section: str, errors: list[str]):

@@ -29,9 +29,9 @@ from sftkit.layout import (
 )
 from sftkit.runrecord import (
     config_differences,
-    fingerprint,
     read_run_record,
     run_record,
+    same_settings,
     trained_to_step,
     write_json,
 )
@@ -293,7 +293,7 @@ class OutputDir:
         """A fresh run starts in an empty directory, or in one left by an earlier attempt of the same config that
         saved nothing; a resumed one where the same run left its work. Anything else is another run's work."""
         earlier = read_run_record(self.path)
-        same_config = earlier is not None and earlier.get("fingerprint") == fingerprint(self.resolved)
+        same_config = same_settings(earlier, self.resolved)
         if resuming and same_config:
             return  # the checkpoint itself is checked to be this run's (checkpoints.checkpoint_to_resume)
         if not (contents.models or contents.checkpoints or contents.foreign or (contents.ours and not same_config)):

@@ -37,6 +37,21 @@ def fingerprint(resolved: dict) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def same_settings(record: dict | None, resolved: dict) -> bool:
+    """Whether a run record is of a run with these settings (the RESUMABLE ones aside). Records written before
+    2026-11-28 hold transformers' placeholders for training's *_token fields (<EOS_TOKEN>, see
+    compat.training_fields), and are compared so."""
+    if record is None:
+        return False
+    theirs = record.get("fingerprint")
+    if theirs == fingerprint(resolved):
+        return True
+    training = resolved.get("training", {})
+    as_before = {**resolved, "training": {key: f"<{key.upper()}>" if key.endswith("_token") else value
+                                          for key, value in training.items()}}
+    return theirs == fingerprint(as_before)
+
+
 def config_differences(ours: dict, theirs: dict) -> list[str]:
     """`training.learning_rate 0.001 (that run: 0.003)` for each fingerprinted setting that differs."""
     differences = []

@@ -213,3 +213,22 @@ def test_a_resume_onto_other_weights_warns(with_checkpoints, tmp_path, capsys):
     (checkpoint / "sftkit_run.json").unlink()  # cut short before its record: output_dir's record says no weights
     warn_of_other_weights(str(checkpoint), "float32", "bfloat16")
     assert "warning" not in capsys.readouterr().out
+
+
+def test_eos_token_is_part_of_the_run_and_records_with_transformers_placeholders_still_resume(with_checkpoints, tmp_path):
+    """Records before 2026-11-28 saved to_dict's <EOS_TOKEN> for training.eos_token and pad_token (so another
+    eos_token went unseen): the run they record still resumes."""
+    from sftkit.checkpoints import checkpoint_to_resume
+    from sftkit.runrecord import fingerprint
+
+    out = tmp_path / "out"
+    shutil.copytree(with_checkpoints, out)
+    longer = config(out, "--training.max_steps", "6").resolved
+    with pytest.raises(ConfigError, match=r"other settings \(training.eos_token </s> \(that run: None\)\)"):
+        checkpoint_to_resume(True, out, config(out, "--training.max_steps", "6", "--training.eos_token", "</s>").resolved, 1)
+    for record_file in [out / RUN_FILE, *out.glob(f"checkpoint-*/{RUN_FILE}")]:
+        record = json.loads(record_file.read_text())
+        record["config"]["training"].update(eos_token="<EOS_TOKEN>", pad_token="<PAD_TOKEN>", hub_token="<hidden>")
+        record["fingerprint"] = fingerprint(record["config"])
+        record_file.write_text(json.dumps(record))
+    assert checkpoint_to_resume(True, out, longer, 1) == str(out / "checkpoint-4")

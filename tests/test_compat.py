@@ -90,6 +90,18 @@ def test_trl_still_defaults_to_the_old_gradient_checkpointing_name():
     assert kwargs == {"activation_checkpointing": False, "activation_checkpointing_kwargs": None}
 
 
+def test_transformers_still_hides_every_token_field_and_sftkit_keeps_the_vocabulary_ones(tmp_path):
+    from trl import SFTConfig
+
+    from sftkit.compat import training_fields
+
+    training = SFTConfig(output_dir=str(tmp_path), eos_token="<|im_end|>", pad_token="<|endoftext|>", use_cpu=True)
+    assert training.to_dict()["eos_token"] == "<EOS_TOKEN>", "to_dict keeps eos_token now: remove training_fields"
+    values = training_fields(training)
+    assert (values["eos_token"], values["pad_token"], values["hub_token"]) == ("<|im_end|>", "<|endoftext|>", None)
+    assert values["learning_rate"] == training.learning_rate and values["lr_scheduler_type"] == "linear"
+
+
 def test_bitsandbytes_4bit_layers_still_have_the_cpu_repacking_flag():
     import bitsandbytes
 

@@ -15,6 +15,7 @@ from sftkit.errors import RunFailed
 from sftkit.export import export
 from sftkit.layout import ADAPTER_DIR, RUN_CONFIG_FILE, STAGING_DIR, SUMMARY_FILE, VERSIONS_FILE
 from sftkit.report import format_summary
+from sftkit.runrecord import fingerprint
 from sftkit.train import train
 
 PROMPTS = [
@@ -64,6 +65,9 @@ def test_full_fine_tuning_learns_and_saves_exactly_the_trained_model(tmp_path):
     assert "use_lora: false" in saved_config and "learning_rate: 0.003" in saved_config
     again = load_config(str(out / RUN_CONFIG_FILE))  # the resolved config trains again as it is
     assert again.resolved["training"]["learning_rate"] == 0.003 and again.training.max_length == result.trainer.args.max_length
+    assert fingerprint(again.resolved) == fingerprint(config.resolved), "the same run, as a resume would find it"
+    assert (again.training.eos_token, again.training.pad_token, again.training.hub_token) == \
+        (config.training.eos_token, config.training.pad_token, None), "no <EOS_TOKEN> placeholder of to_dict's"
     assert "torch_compile:" not in saved_config and all(choice.chosen for choice in again.speed), \
         "what the fast path chose for this machine is chosen again on the next"
     assert json.loads((out / VERSIONS_FILE).read_text())["trl"]
