@@ -160,6 +160,17 @@ def load_tokenizer(model_cfg: ModelConfig, dataset_cfg: DatasetConfig):
     return tokenizer
 
 
+def check_token_settings(tokenizer, training, model_path: str) -> None:
+    """training.eos_token and pad_token must be tokens of the tokenizer: TRL refuses others only when it builds the
+    trainer, after the data is prepared and the model loaded."""
+    vocab = tokenizer.get_vocab()
+    for key in ("eos_token", "pad_token"):
+        value = getattr(training, key)
+        if value is not None and value not in vocab:
+            raise ConfigError(f"training.{key} {value!r} is not a token of the tokenizer of model.path {model_path}; "
+                              f"give one of its tokens (its eos is {tokenizer.eos_token!r}) or remove the key")
+
+
 def ensure_distinct_pad_token(tokenizer) -> None:
     """Give the tokenizer a pad token other than eos (TRL would pad with eos when there is none).
 

@@ -16,7 +16,15 @@ from sftkit.data import prepare_for_training
 from sftkit.engines import fsdp_plugin
 from sftkit.errors import ConfigError
 from sftkit.fastpath import describe as describe_speed
-from sftkit.model import check_model_source, load_tokenizer, lora_config, precision_words, resolve_dtype, weights_dtype
+from sftkit.model import (
+    check_model_source,
+    check_token_settings,
+    load_tokenizer,
+    lora_config,
+    precision_words,
+    resolve_dtype,
+    weights_dtype,
+)
 from sftkit.paths import resolve_path
 from sftkit.rundir import OutputDir
 from sftkit.schema import RunConfig
@@ -57,6 +65,7 @@ def build_plan(config: RunConfig) -> Plan:
     args = config.training
     meta_model = check_model_source(config.model)
     tokenizer = load_tokenizer(config.model, config.dataset)
+    check_token_settings(tokenizer, config.training, config.model.path)
     data = prepare_for_training(config.dataset, tokenizer, args)
     shape = model_shape(config, meta_model)
     dtype = resolve_dtype(config.model, args)

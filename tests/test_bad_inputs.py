@@ -35,6 +35,9 @@ CONFIG_CASES = {
     "lora dropout": (["--model.lora_config.lora_dropout", "1.5"],
                      ["model.lora_config.lora_dropout must be at least 0 and below 1, got 1.5"]),
     "nan": (["--training.learning_rate", "nan"], ["training.learning_rate must be a finite number, got nan"]),
+    "a saved config's hidden token": (["--training.hub_token", "<hidden>"], [
+        "training.hub_token is <hidden>, what sftkit saves in place of a token; remove the key (huggingface_hub finds "
+        "your login or HF_TOKEN)"]),
     "several at once": (
         ["--training.per_device_train_batch_size", "0", "--training.max_steps", "0", "--training.seed", "-3",
          "--training.warmup_steps", "-1", "--model.max_seq_length", "0", "--model.lora_config.r", "0",
@@ -230,6 +233,15 @@ def test_a_model_directory_without_its_tokenizer_says_so(tmp_path):
     assert line == (f"sft.py: error: model.path {model} has no tokenizer files (tokenizer.json, tokenizer.model, "
                     "vocab.json, tokenizer_config.json); save the tokenizer beside the model "
                     "(tokenizer.save_pretrained(path))")
+
+
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_an_eos_token_the_tokenizer_lacks_is_refused_before_the_data_and_the_model(tmp_path, dry_run):
+    """As an older sftkit_config.yaml held it (transformers' <EOS_TOKEN> placeholder); TRL refused it only once
+    the data was prepared and the model loaded. (training.pad_token is checked alike.)"""
+    line, _ = sft("--training.eos_token", "<EOS_TOKEN>", *dry_run, tmp_path=tmp_path)
+    assert line == ("sft.py: error: training.eos_token '<EOS_TOKEN>' is not a token of the tokenizer of "
+                    "model.path data/tiny-chat-llama; give one of its tokens (its eos is '<|im_end|>') or remove the key")
 
 
 def test_a_lora_target_written_as_text_says_peft_reads_it_as_a_pattern(tmp_path):
