@@ -9,6 +9,7 @@ all see the same quiet output. Each matches one message at its source logger or 
 """
 
 import ast
+import contextlib
 import functools
 import glob
 import hashlib
@@ -79,11 +80,12 @@ def before_deepspeed_cpu_op_build() -> None:
     if not first_on_its_machine():
         return
     for lock in glob.glob(os.path.join(op_dirs, "lock")):
-        age = time.time() - os.path.getmtime(lock)
-        if age > STALE_OP_LOCK_SECONDS:
-            os.remove(lock)
-            logger.warning(f"removed {lock}, left {age / 60:.0f} minutes ago by a DeepSpeed op build that was "
-                           "stopped part way; DeepSpeed would otherwise wait on it forever")
+        with contextlib.suppress(FileNotFoundError):  # the build that holds it may end, and remove it, meanwhile
+            age = time.time() - os.path.getmtime(lock)
+            if age > STALE_OP_LOCK_SECONDS:
+                os.remove(lock)
+                logger.warning(f"removed {lock}, left {age / 60:.0f} minutes ago by a DeepSpeed op build that was "
+                               "stopped part way; DeepSpeed would otherwise wait on it forever")
     if is_main_process() and not glob.glob(os.path.join(op_dirs, "*.so")):
         print("sftkit: DeepSpeed is building its CPU communication op (once per machine; 1 to 4 minutes)...",
               flush=True)
