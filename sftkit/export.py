@@ -75,16 +75,9 @@ def export(trainer, run_config, tokenizer, dtype, weights, parameters: tuple[int
         if lost := lost_contact(error):  # before or in the ZeRO-3 or FSDP gather: no weights reached this process
             raise _lost_before_the_weights(lost, output_dir, lora, main) from error
         raise RunFailed(f"could not write the trained {'adapter' if lora else 'model'} to {staging}: {error}") from error
-    if main:
+    if main:  # the others are done and leave: waiting for the merge and checks of a large model at a barrier, they
+        # would be torn down by NCCL's watchdog after training.ddp_timeout, and the launcher would stop this process
         finish_export(output_dir, run_config.model, dtype)
-    try:
-        trainer.accelerator.wait_for_everyone()
-    except Exception as error:  # the model is published: no process has anything left to do with it
-        if not lost_contact(error):
-            raise
-        if main:
-            print(f"sftkit: {lost_contact(error)}; this was after the model was published in {output_dir}",
-                  file=sys.stderr, flush=True)
     return output_dir
 
 

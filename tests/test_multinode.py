@@ -235,7 +235,8 @@ raise SystemExit(main())
 def test_a_machine_lost_after_the_model_is_published_leaves_a_finished_run(tmp_path, per_machine):
     """Machine 1 died once the weights were gathered: machine 0 said the run failed and no checkpoint was saved, and
     marked it failed, beside a complete published model (which the next run would have a user --overwrite). With
-    two processes on each machine, machine 0's second one failed at the last barrier while the first published."""
+    two processes on each machine, machine 0's second one failed at the last barrier while the first published.
+    No process waits for the publish now: it has nothing left to do with the model."""
     out = tmp_path / "out"
     commands = machine_commands(free_port(), *training_args("lora_train_config.yaml", out))
     for command in commands:
@@ -249,7 +250,7 @@ def test_a_machine_lost_after_the_model_is_published_leaves_a_finished_run(tmp_p
     # machine 0's training processes have ended; its launcher would wait 300 s more for machine 1's (torchrun's exit
     # barrier), then exit as its processes did
     machines.wait(timeout=10)
-    assert f"this was after the model was published in {out}" in machines.stderr(0), machines.output()
+    assert "Run summary" in machines.stdout(0) and "lost contact" not in machines.stderr(0), machines.output()
     assert json.loads((out / "sftkit_run.json").read_text())["status"] == "finished"
     assert (out / "run_summary.json").is_file() and (out / "lora_weights" / "adapter_model.safetensors").is_file()
 
