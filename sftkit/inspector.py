@@ -8,7 +8,7 @@ import math
 import statistics
 import sys
 
-from sftkit.data import describe_dropped, prepare_for_training
+from sftkit.data import describe_dropped, prepare_for_training, trainer_keeps
 from sftkit.data.tokenize import IGNORE_INDEX
 from sftkit.model import load_tokenizer
 from sftkit.schema import RunConfig
@@ -25,11 +25,22 @@ def inspect(config: RunConfig, samples: int = 3, color: bool | None = None) -> s
     for index in range(min(samples, len(data.train))):
         row = data.train[index]
         lines += ["", f"--- sample {index} ({len(row['input_ids'])} tokens; trained tokens "
-                  f"{'in green' if color else 'in [[double brackets]]'}) ---",
-                  render_trained(tokenizer, row["input_ids"][: args.max_length], row["labels"], color)]
-        if len(row["input_ids"]) > args.max_length:
-            lines.append(f"... {len(row['input_ids']) - args.max_length} more tokens cut by max_seq_length")
+                  f"{'in green' if color else 'in [[double brackets]]'}) ---", *_as_trained(tokenizer, row, args, color)]
     return "\n".join(lines)
+
+
+def _as_trained(tokenizer, row: dict, args, color: bool) -> list[str]:
+    """The row as the trainer sees it: a row longer than max_seq_length cut where the trainer cuts it (keeps)."""
+    ids, labels, limit = row["input_ids"], row["labels"], args.max_length
+    cut, keeps = len(ids) - limit, trainer_keeps(args)
+    if cut <= 0 or keeps == "all":
+        split = [f"... packing ({args.packing_strategy}) splits its tokens over rows of {limit}"] if cut > 0 else []
+        return [render_trained(tokenizer, ids, labels, color), *split]
+    if keeps == "end":
+        return [f"{cut} tokens cut from the start by max_seq_length (truncation_mode keep_end) ...",
+                render_trained(tokenizer, ids[cut:], labels[cut:], color)]
+    return [render_trained(tokenizer, ids[:limit], labels[:limit], color),
+            f"... {cut} more tokens cut by max_seq_length"]
 
 
 def _statistics(data, args) -> list[str]:

@@ -266,3 +266,24 @@ def test_the_dry_run_of_fsdp1_set_in_the_config_plans_it_on_a_machine_without_a_
     sync_module_states, and the dry run ended in its traceback."""
     result = run_sft("--dry-run", "--training.fsdp", layout, "--training.fsdp_config", '{"version": 1}')
     assert plan_value(result.stdout, "distributed") == words
+
+
+@pytest.mark.parametrize(("settings", "shown", "hidden", "note"), [
+    ([], "Alpha", "Omega", "more tokens cut by max_seq_length"),
+    (["--training.truncation_mode", "keep_end"], "Omega", "Alpha", "tokens cut from the start by max_seq_length"),
+    (["--training.packing", "true", "--training.packing_strategy", "bfd_split"], "Omega", None,
+     "packing (bfd_split) splits its tokens over rows of 40"),
+])
+def test_inspect_shows_a_long_row_as_the_trainer_keeps_it(tmp_path, settings, shown, hidden, note):
+    """It always showed the first max_seq_length tokens: with keep_end the trainer trains the row's end, and
+    bfd_split packing trains all of it."""
+    turns = [("user", "First question?"), ("assistant", "Alpha " * 20), ("user", "Last question?"),
+             ("assistant", "Omega " * 10)]
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": role, "content": text} for role, text in turns]}) + "\n")
+    inspected = run_sft("--inspect", "1", "--dataset.name", str(data), "--dataset.test_size", "null",
+                        "--model.max_seq_length", "40", "--training.output_dir", str(tmp_path / "out"),
+                        *settings).stdout
+    sample = inspected.split("--- sample 0", 1)[1]
+    assert note in sample and shown in sample and "[[" in sample, sample
+    assert hidden is None or hidden not in sample, sample
