@@ -408,7 +408,7 @@ def compile_under_zero3_error(args) -> str | None:
     return None
 
 
-def refuse_values_datasets_reads_as_json(features, files: list[str], read: set, renames: dict) -> None:
+def refuse_values_datasets_reads_as_json(features, files: list[str], read: set, renames: dict, name: str) -> None:
     """datasets 5.2 reads a field that holds text in some rows and other values (a number, content parts) in others
     as JSON (its Json feature), and then turns each row's text there that parses as JSON (its own lax parser's
     JSON: "007", a quoted line with a raw newline) into a value: "4" into 4, '"Hi"' into Hi. A file where that
@@ -416,7 +416,8 @@ def refuse_values_datasets_reads_as_json(features, files: list[str], read: set, 
     (dataset.on_bad_row: skip cannot leave that row out: every row's field is read so). Only the fields the
     source's format reads count, `read`, a column by its name after `renames` (the column_map): an id or metadata
     column may mix types. Text that does not parse comes back unchanged, and the rows' own checks name what is
-    wrong. Reproduce: load_dataset("json") of two rows whose `content` is "4" and [1]."""
+    wrong. Reproduce: load_dataset("json") of two rows whose `content` is "4" and [1]. A hub dataset's files are
+    not here to read again: its JSON fields are warned of."""
     try:
         from datasets import Json, LargeList, List, Sequence  # noqa: F401 - what _json_fields looks for
         from datasets.utils.json import ujson_loads
@@ -426,6 +427,12 @@ def refuse_values_datasets_reads_as_json(features, files: list[str], read: set, 
     paths = [path for path in _json_fields(features)
              if read.issuperset(filter(None, (renames.get(path[0], path[0]), *path[1:])))]
     if not paths:  # the usual case: every field read holds one type, so nothing was read as JSON
+        return
+    if not files:
+        fields = ", ".join("".join(f".{part}" if part else "[]" for part in path).lstrip(".") for path in paths)
+        logger.warning(f"dataset {name}: datasets read {fields} as JSON, since its rows mix text with other values: "
+                       "text there that looks like JSON (\"4\", '\"Hi\"') arrived as a value (4, Hi); give that "
+                       "field one type in every row")
         return
     odd, changed = {}, {}  # path -> the first (file, place, value) of each kind
     for file in files:

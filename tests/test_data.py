@@ -1,6 +1,7 @@
 """Rows from local files in every supported type and both formats -> masked tokens; bad rows name the row."""
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -432,7 +433,23 @@ def test_a_file_whose_fields_each_hold_one_type_is_not_read_again_for_the_json_c
     path.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
     rows = load_dataset("json", data_files=str(path), split="train")
     path.unlink()  # a read would fail
-    refuse_values_datasets_reads_as_json(rows.features, [str(path)], {"messages", "role", "content"}, {})
+    refuse_values_datasets_reads_as_json(rows.features, [str(path)], {"messages", "role", "content"}, {}, str(path))
+
+
+def test_a_hub_dataset_with_a_field_read_as_json_is_warned_of(tmp_path, caplog):
+    """A hub dataset's files are not here to find the rows datasets changed: it went unchecked and unsaid."""
+    from datasets import load_dataset
+
+    from sftkit.compat import refuse_values_datasets_reads_as_json
+
+    path = tmp_path / "rows.jsonl"
+    rows = [[{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+            [{"role": "user", "content": "Which?"}, {"role": "assistant", "content": [1]}]]
+    path.write_text("".join(json.dumps({"messages": messages}) + "\n" for messages in rows))
+    features = load_dataset("json", data_files=str(path), split="train").features
+    with caplog.at_level(logging.WARNING, logger="sftkit"):
+        refuse_values_datasets_reads_as_json(features, [], {"messages", "role", "content"}, {}, "org/chats")
+    assert "dataset org/chats: datasets read messages[].content as JSON, since its rows mix text" in caplog.text
 
 
 def test_columns_no_format_reads_may_mix_types_and_empty_tools_are_no_tools(tmp_path, tokenizer):

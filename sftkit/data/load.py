@@ -174,7 +174,7 @@ def _load(source: SourceConfig, split: str):
             _refuse_other_columns(source.name, files)
             raise
         refuse_values_datasets_reads_as_json(rows.features, files, _fields_read(source, rows.column_names),
-                                             source.column_map or {})
+                                             source.column_map or {}, source.name)
         return rows
     path = Path(resolve_path(source.name))
     if saved_by_datasets(path):
@@ -182,7 +182,7 @@ def _load(source: SourceConfig, split: str):
         return saved[split] if isinstance(saved, DatasetDict) else saved
     rows = load_dataset(source.name, source.subset, split=split)
     refuse_values_datasets_reads_as_json(rows.features, [], _fields_read(source, rows.column_names),
-                                         source.column_map or {})
+                                         source.column_map or {}, source.name)
     return rows
 
 
