@@ -30,7 +30,6 @@ from sftkit.rundir import OutputDir
 from sftkit.schema import RunConfig
 from sftkit.weightfiles import size_words
 
-GIB = 2**30
 ADAM_STATES = 2  # exp_avg and exp_avg_sq per trained parameter
 
 

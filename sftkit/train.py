@@ -14,6 +14,7 @@ from pathlib import Path
 
 import transformers
 from transformers import set_seed
+from transformers.trainer_pt_utils import get_model_param_count
 
 from sftkit.checkpoints import (
     RecordRunInCheckpoints,
@@ -141,7 +142,7 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
             best_checkpoint_step(trainer) is not None  # the model is that checkpoint's, evaluated at its step
         if extras and data.eval is not None and not evaluated:
             trainer.evaluate()
-        reply = _final_reply(trainer, tokenizer, data.sample_prompts[:1]) if extras else None
+        reply = _final_reply(trainer, tokenizer, data.sample_prompts) if extras else None
         if trainer.accelerator.is_main_process:
             output.mark("exporting", dtype=str(dtype).removeprefix("torch."), step=trainer.state.global_step)
 
@@ -274,15 +275,10 @@ def _last_eval_step(history: list[dict]) -> int | None:
 
 
 def _count_parameters(model) -> tuple[int, int]:
-    """Trainable and total parameters; ZeRO-3 leaves each process an empty shard, whose full size is ds_numel."""
+    """Trainable and total parameters, whole under ZeRO-3 (each process holds an empty shard of each)."""
     if hasattr(model, "get_nb_trainable_parameters"):  # PEFT's count also unpacks 4-bit weights
         return model.get_nb_trainable_parameters()
-    trainable = total = 0
-    for parameter in model.parameters():
-        count = getattr(parameter, "ds_numel", parameter.numel())
-        total += count
-        trainable += count if parameter.requires_grad else 0
-    return trainable, total
+    return get_model_param_count(model, trainable_only=True), get_model_param_count(model)
 
 
 def _final_reply(trainer, tokenizer, prompts: list[list[dict]]) -> str | None:

@@ -110,6 +110,9 @@ def check_saved_run(out: Path, config: str) -> dict:
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["steps"] == 10 and summary["saved_dtypes"] == ["float32"]
     assert_complete_model(out)
+    if "lora" not in config:  # counted whole, though ZeRO-3 and FSDP leave each process a shard of each
+        total = sum(parameter.numel() for parameter in AutoModelForCausalLM.from_pretrained(TINY_MODEL).parameters())
+        assert summary["trainable_parameters"] == summary["total_parameters"] == total
     if "lora" in config:
         with safe_open(out / "lora_weights" / "adapter_model.safetensors", "pt") as adapter:
             lora = {key: adapter.get_slice(key).get_shape() for key in adapter.keys()}

@@ -372,7 +372,7 @@ def _spans_from_skeleton(tokenizer, template, messages, turns, text, max_length)
             return None
         if max_length is not None and start >= max_length:
             break
-        span = _turn_span(tokenizer, template, tokens, place, shape, turn, messages[turn]["content"], start, start_at)
+        span = _turn_span(tokenizer, template, tokens, place, shape, turn, messages[turn]["content"], start)
         if span is None:
             return None
         spans.append(span)
@@ -387,7 +387,7 @@ def _plain(message) -> bool:
     return type(content) is str and bool(content) and not content.isspace()
 
 
-def _turn_span(tokenizer, template, tokens, place, shape, turn, content, start, start_at):
+def _turn_span(tokenizer, template, tokens, place, shape, turn, content, start):
     """(turn, start, end, whether the generation prompt is a prefix) in tokens, or None where positions do not fall
     on token boundaries or the row's own text parts from the prefixes elsewhere than its skeleton does."""
     if shape.prompt_adds:
