@@ -1,13 +1,15 @@
 """Checkpoints a run may resume from: the same run's (by fingerprint), and intact (every file readable whole)."""
 
 import json
+import shutil
+import sys
 import time
 import zipfile
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from sftkit.errors import AlreadyFinished, ConfigError
+from sftkit.errors import AlreadyFinished, ConfigError, RunFailed
 from sftkit.layout import RUN_FILE, checkpoint_dir, checkpoint_step, is_checkpoint
 from sftkit.runrecord import (
     changed_inputs,
@@ -263,6 +265,20 @@ def earlier_progress(checkpoint: str | None) -> dict:
     return {key: record.get(key, 0.0) for key in ("wall_seconds", "train_seconds")}
 
 
+def drop_unsaved_checkpoint(args, step: int, error: Exception) -> None:
+    """A checkpoint that could not be written whole (a full disk) is removed, so that it never looks resumable; the
+    older ones stay (the Trainer rotates them away only after a whole save). One process trains on and its export
+    waits for space; several stop together, since each save is collective."""
+    checkpoint = checkpoint_dir(args.output_dir, step)
+    if args.should_save:
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    reason = f"could not save {checkpoint}: {getattr(error, 'strerror', None) or 'its disk is full'}"
+    if args.world_size > 1:
+        raise RunFailed(f"{reason}; {newest_checkpoint_words(Path(args.output_dir))}") from error
+    print(f"sftkit: warning: {reason}; training goes on (free space: the export at the end waits for it)",
+          file=sys.stderr, flush=True)
+
+
 class RecordRunInCheckpoints(TrainerCallback):
     """Writes RUN_FILE into every checkpoint: this run's fingerprint and config, and its wall and training time so
     far (earlier segments of a resumed run included), so that the summary after a resume covers the whole run."""
@@ -285,8 +301,13 @@ class RecordRunInCheckpoints(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         checkpoint = checkpoint_dir(args.output_dir, state.global_step)
         if state.is_world_process_zero and checkpoint.is_dir():
-            write_json(checkpoint / RUN_FILE, run_record(self.resolved, step=state.global_step, weights=self.weights,
-                                                         world_size=args.world_size, **self.seconds()))
+            try:
+                write_json(checkpoint / RUN_FILE, run_record(self.resolved, step=state.global_step,
+                                                             weights=self.weights, world_size=args.world_size,
+                                                             **self.seconds()))
+            except OSError as error:  # without its record no resume accepts it
+                drop_unsaved_checkpoint(args, state.global_step, error)
+                return
             readable_like_other_files(checkpoint.glob("*.safetensors"))
 
 

@@ -47,6 +47,7 @@ from sftkit.weightfiles import (
 
 PUBLISHING_FILE = "publishing.json"  # in the staging directory once its contents start moving into output_dir
 DISK_WAIT_SECONDS = float(os.environ.get("SFTKIT_DISK_WAIT_SECONDS", 900))
+DISK_POLL_SECONDS = 30
 
 
 def export(trainer, run_config, tokenizer, dtype, weights, parameters: tuple[int, int]) -> Path:
@@ -160,13 +161,13 @@ def _complete_and_check(staging: Path, model_cfg: ModelConfig, dtype) -> None:
 
 def _wait_for_space(output_dir: Path, needed: int, limit: float) -> None:
     """The trained model exists only in memory until the export: rather than lose it to a full disk, wait for the
-    user to free space (checked every 30 s, for `limit` seconds), then try anyway."""
+    user to free space (checked every DISK_POLL_SECONDS, for `limit` seconds), then try anyway."""
     deadline = time.monotonic() + limit
     while (missing := check_free_space(output_dir, needed, "the export")) and time.monotonic() < deadline:
-        print(f"sftkit: {missing}; waiting for space (checking every 30 s until "
+        print(f"sftkit: {missing}; waiting for space (checking every {DISK_POLL_SECONDS} s until "
               f"{time.strftime('%H:%M', time.localtime(time.time() + deadline - time.monotonic()))})",
               file=sys.stderr, flush=True)
-        time.sleep(min(30, max(deadline - time.monotonic(), 0)))
+        time.sleep(min(DISK_POLL_SECONDS, max(deadline - time.monotonic(), 0)))
 
 
 def adapter_base(adapter_dir: Path) -> str:

@@ -17,11 +17,13 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 from trl import SFTTrainer
 
+from sftkit.checkpoints import drop_unsaved_checkpoint
 from sftkit.compat import TrainerWorkarounds, keep_checkpoints_at_an_early_stop
 from sftkit.engines import shards_weights
 from sftkit.fastpath import adapter_input_casts, bound_max_lengths, lengths_vary, mark_lengths_dynamic
 from sftkit.inference import generate_reply
 from sftkit.layout import SAMPLES_FILE
+from sftkit.weightfiles import out_of_space
 
 REPEATED_SIGTERM_SECONDS = 2.0  # a SIGTERM this soon after the first is the same stop, delivered twice
 
@@ -30,15 +32,16 @@ class MonitoredSFTTrainer(TrainerWorkarounds, SFTTrainer):
     """SFTTrainer whose every micro-batch loss is checked to be finite (see StopGuard), and whose every log also
     carries memory. `Trainer.log` is the documented place to add metrics: what is added here reaches the progress
     bar, `log_history`, TensorBoard and W&B alike (a callback's `on_log` comes after `log_history` is written).
-    It hooks two of the Trainer's private methods (`_prepare_inputs` for torch.compile's shape hints, `_get_grad_norm`
-    for the finite check; it warns where they are gone), and logs the last step (LogTheLastStep); the fixes to the
+    It hooks three of the Trainer's private methods (`_prepare_inputs` for torch.compile's shape hints, `_get_grad_norm`
+    for the finite check, `_save_checkpoint` for a checkpoint that cannot be written; it warns where they are gone), and logs the last step (LogTheLastStep); the fixes to the
     Trainer's own behaviour are in compat.TrainerWorkarounds. `cast_adapter_inputs`: see
     fastpath.choose_adapter_inputs."""
 
     def __init__(self, *args, cast_adapter_inputs: bool | None = True, **kwargs):
         super().__init__(*args, **kwargs)
         lost = {"_prepare_inputs": "compiled runs may compile more often",
-                "_get_grad_norm": "gradient norms are not checked to be finite"}
+                "_get_grad_norm": "gradient norms are not checked to be finite",
+                "_save_checkpoint": "a checkpoint that cannot be written ends the run"}
         for hook, loss in lost.items():  # the Trainer's own methods, overridden below (written for 5.24)
             if not hasattr(SFTTrainer, hook):
                 logging.getLogger("sftkit").warning(f"this transformers' Trainer has no {hook}: {loss}; install the "
@@ -70,6 +73,16 @@ class MonitoredSFTTrainer(TrainerWorkarounds, SFTTrainer):
             # under FSDP2 a DTensor: each process checks its part, and the guard shares the verdict
             self.guard.observe(norm.to_local() if hasattr(norm, "to_local") else torch.as_tensor(norm))
         return norm
+
+    def _save_checkpoint(self, model, trial):
+        # transformers 5.24 saves each checkpoint here, and rotates the older ones away only once it is whole
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as error:
+            if not out_of_space(error, self.args.output_dir):
+                raise
+            # the model in memory is worth more than one checkpoint
+            drop_unsaved_checkpoint(self.args, self.state.global_step, error)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # the backward pass too: activation checkpointing runs each layer's forward again there
@@ -183,8 +196,9 @@ class LogTheLastStep(TrainerCallback):
 
 
 class StopGuard(TrainerCallback):
-    """Ends training after the current step: with a checkpoint on Ctrl-C or SIGTERM, without one when the loss or
-    the gradient norm is no longer finite (the weights are then broken, so nothing of that step may be saved).
+    """Ends training after the current step: with a checkpoint on Ctrl-C or SIGTERM, without one when the loss, the
+    gradient norm or (where a checkpoint is due) the trained weights are no longer finite (the weights are then
+    broken, so nothing of that step may be saved).
 
     A second signal gets the default behaviour (stop at once). With several processes both flags are shared every
     step, so all of them stop, and save, together (saving under ZeRO is collective). The handlers stay until the
@@ -238,7 +252,9 @@ class StopGuard(TrainerCallback):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if control.should_save or self.received is not None:  # a checkpoint may be saved: of finite weights only
+            self._observe_trained_weights(model)
         signalled, diverged = self._shared_flags(args)
         self._finite = None
         if diverged:
@@ -253,6 +269,16 @@ class StopGuard(TrainerCallback):
             control.should_training_stop = True
             if state.global_step < state.max_steps:  # at the last step the run ends as planned, best model and all
                 keep_checkpoints_at_an_early_stop(args)
+
+    def _observe_trained_weights(self, model) -> None:
+        """A step's update can make the weights inf while its loss and gradient norm were finite (a learning rate
+        far too high): caught one step later, after the checkpoint of the broken weights was saved and rotation had
+        deleted the last good one. Each process reads its own part (ZeRO-3's ds_tensor, FSDP2's local shard)."""
+        for parameter in model.parameters() if model is not None else ():
+            if parameter.requires_grad:
+                local = getattr(parameter, "ds_tensor", None)
+                local = local if local is not None else getattr(parameter, "to_local", lambda: parameter)()
+                self.observe(local)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         # the Trainer leaves the epoch after a stop and ends it: its flow callback then asks again for the epoch's

@@ -188,7 +188,11 @@ class OutputDir:
         record = read_run_record(self.path) or run_record(self.resolved)
         if record.get("status") == "finished":  # this run's model is published (record_published): nothing undoes it
             return
-        write_json(self.path / RUN_FILE, {**record, "status": status, **extra})
+        try:
+            write_json(self.path / RUN_FILE, {**record, "status": status, **extra})
+        except OSError as error:  # a full disk: what the run does next (wait for space, export) matters more
+            print(f"sftkit: warning: could not record the run as {status} in {self.path / RUN_FILE}: "
+                  f"{error.strerror or error}", flush=True)
 
     def _refuse_a_file(self) -> None:
         if self.path.exists() and not self.path.is_dir():

@@ -164,8 +164,12 @@ def record_published(directory: Path, **extra) -> None:
 
 
 def write_json(path: Path, value: dict) -> None:
-    """Written whole or not at all: a crash mid-write leaves the previous file."""
+    """Written whole or not at all: a crash or a full disk mid-write leaves the previous file."""
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(value, indent=2, default=str) + "\n")
-    os.replace(partial, path)
+    try:
+        partial.write_text(json.dumps(value, indent=2, default=str) + "\n")
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 

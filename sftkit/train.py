@@ -242,8 +242,8 @@ def _asked_to_stop(trainer) -> bool:
 def _diverged(trainer, step: int) -> str:
     args = trainer.args
     fp16 = ", fp16 overflow (train in bf16 where the GPU supports it)" if args.fp16 else ""
-    return (f"training diverged at step {step} of {trainer.state.max_steps}: the loss or the gradient norm is no "
-            f"longer finite (nan or inf). Usual causes: a learning rate too high (training.learning_rate is {args.learning_rate:g}){fp16}, "
+    return (f"training diverged at step {step} of {trainer.state.max_steps}: the loss, the gradient norm or the "
+            f"weights are no longer finite (nan or inf). Usual causes: a learning rate too high (training.learning_rate is {args.learning_rate:g}){fp16}, "
             f"no gradient clipping (training.max_grad_norm is {args.max_grad_norm}) or broken data. Nothing was "
             f"published; {newest_checkpoint_words(Path(args.output_dir), trainer.state.max_steps)}")
 

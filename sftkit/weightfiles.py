@@ -1,5 +1,6 @@
 """Weight files on disk: whether they are whole, how they are shared, and the room an export needs for them."""
 
+import errno
 import json
 import os
 import shutil
@@ -101,6 +102,21 @@ def check_free_space(directory: Path, needed: int, when: str) -> str | None:
         return None
     return (f"{when} needs {size_words(needed)} in {directory} but its filesystem has {size_words(free)} free: "
             f"free {size_words(needed - free)} or choose a training.output_dir on a larger disk")
+
+
+def out_of_space(error: BaseException, directory) -> bool:
+    """Whether a failed write ran out of disk: an OSError that says so, or a filesystem left with next to nothing
+    free (torch.save raises RuntimeError "iostream error" on a full disk, safetensors its own error)."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        usage = shutil.disk_usage(directory)
+    except OSError:
+        return False
+    return usage.free < min(64 * 2**20, usage.total // 100)
 
 
 def size_words(size: float) -> str:

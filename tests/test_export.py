@@ -1,6 +1,7 @@
 """Nothing broken is published and nothing trained is lost at the end: divergence stops the run, non-finite weights
 are refused, a full disk is found before training and, at export, keeps the trained adapter with the way to finish."""
 
+import contextlib
 import json
 import shutil
 
@@ -42,7 +43,7 @@ def test_a_diverged_run_stops_names_the_step_and_publishes_nothing(tmp_path):
                      "--training.learning_rate", "1e6", check=False)
     assert result.returncode == 1, result.stderr[-2000:]
     error = result.stderr.strip().splitlines()[-1]
-    assert error.startswith("sft.py: error: training diverged at step ") and " of 30: the loss or the gradient norm is no longer finite" in error
+    assert error.startswith("sft.py: error: training diverged at step ") and " of 30: the loss, the gradient norm or the weights are no longer finite" in error
     assert "training.learning_rate is 1e+06" in error and "Nothing was published; no checkpoint was saved" in error
     assert int(error.split("step ")[1].split(" ")[0]) < 10, "stopped as soon as the loss was not finite"
     assert not (out / "config.json").exists() and not (out / STAGING_DIR).exists()
@@ -59,6 +60,22 @@ def test_gradients_that_are_not_finite_stop_the_run_before_their_step_is_saved(t
     assert [entry["loss"] for entry in trainer.state.log_history if "loss" in entry][-1] < 10, "the loss was finite"
     assert sorted(path.name for path in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     assert not export_module.non_finite_tensors(tmp_path / "checkpoint-2")
+
+
+def test_an_update_that_breaks_the_weights_under_a_finite_loss_is_not_saved_and_keeps_the_good_checkpoint(tmp_path):
+    """A learning rate of 1e40 in warmup: step 2's loss and gradient norm were finite but its update made the weights
+    inf; checkpoint-2 was saved of them, save_total_limit 1 deleted checkpoint-1, and the error named checkpoint-2
+    as the one to resume."""
+    out = tmp_path / "out"
+    result = run_sft("--training.output_dir", str(out), "--training.max_steps", "6", "--training.logging_steps", "1",
+                     "--training.learning_rate", "1e40", "--training.warmup_steps", "3", "--training.save_strategy",
+                     "steps", "--training.save_steps", "1", "--training.save_total_limit", "1", check=False)
+    assert result.returncode == 1, result.stderr[-2000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert "training diverged at step 2 of 6" in error, error
+    assert f"the newest checkpoint is {out}/checkpoint-1 (step 1 of 6)" in error, error
+    assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert not export_module.non_finite_tensors(out / "checkpoint-1")
 
 
 def test_a_divergence_within_an_epoch_saves_no_checkpoint_at_its_end_nor_rotates_the_good_one_away(tmp_path):
@@ -350,6 +367,60 @@ def test_a_full_disk_at_export_keeps_the_trained_adapter_and_the_export_can_be_f
     ids = torch.tensor([[1, 50, 60, 70, 80]])
     with torch.no_grad():
         assert (merged(ids).logits - with_adapter(ids).logits).abs().max() < 1e-4
+
+
+def test_a_disk_full_as_training_ends_waits_for_space_and_publishes_the_model(small_disk, monkeypatch, capsys):
+    """The run record's "exporting" could not be written on the full disk: a traceback, and the trained model was
+    lost before the export's wait for space began."""
+    import threading
+
+    import sftkit.train as train_module
+
+    out, filler = small_disk / "out", small_disk / "filler"
+    reply = train_module._final_reply
+
+    def fill_the_disk_as_training_ends(*args):
+        with contextlib.suppress(OSError), filler.open("wb") as handle:
+            while True:
+                handle.write(b"\0" * 2**16)
+        threading.Timer(1.0, filler.unlink).start()  # the user frees space while the export waits
+        return reply(*args)
+
+    monkeypatch.setattr(train_module, "_final_reply", fill_the_disk_as_training_ends)
+    monkeypatch.setattr(export_module, "DISK_POLL_SECONDS", 0.5)
+    run = train(config(out))
+    said = capsys.readouterr()
+    assert f"could not record the run as exporting in {out / RUN_FILE}: No space left on device" in said.out
+    assert "waiting for space" in said.err and (out / "config.json").is_file() and not (out / STAGING_DIR).exists()
+    assert json.loads((out / RUN_FILE).read_text())["status"] == "finished" and run.summary["steps"] == 3
+    assert not list(out.glob("*.partial"))
+
+
+def test_a_checkpoint_the_full_disk_cuts_short_is_removed_and_training_goes_on(small_disk, monkeypatch, capsys):
+    """torch.save raised its RuntimeError through the Trainer: a traceback, the trained model lost, and the cut
+    checkpoint left among the good ones."""
+    import transformers
+
+    out, filler = small_disk / "out", small_disk / "filler"
+    save = transformers.Trainer._save_optimizer_and_scheduler
+
+    def full_disk_at_step_2(self, output_dir):
+        if self.state.global_step == 2:
+            with contextlib.suppress(OSError), filler.open("wb") as handle:
+                while True:
+                    handle.write(b"\0" * 2**16)
+        else:
+            filler.unlink(missing_ok=True)  # the user freed space by step 3
+        return save(self, output_dir)
+
+    monkeypatch.setattr(transformers.Trainer, "_save_optimizer_and_scheduler", full_disk_at_step_2)
+    run = train(config(out, "lora_train_config.yaml", "--training.save_strategy", "steps", "--training.save_steps", "1",
+                       "--training.save_total_limit", "1"))
+    assert f"sftkit: warning: could not save {out}/checkpoint-2: its disk is full; training goes on" in \
+        capsys.readouterr().err
+    assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert run.summary["steps"] == 3 and (out / "config.json").is_file()
+    assert json.loads((out / RUN_FILE).read_text())["status"] == "finished"
 
 
 def test_a_run_whose_export_fails_keeps_its_summary_loss_plot_and_card_for_the_finished_export(small_disk,
