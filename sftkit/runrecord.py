@@ -22,6 +22,7 @@ RESUMABLE = {
         "dataloader_pin_memory", "dataloader_persistent_workers", "dataset_num_proc", "ddp_timeout", "local_rank",
         "include_num_input_tokens_seen", "logging_nan_inf_filter", "load_best_model_at_end", "metric_for_best_model",
         "greater_is_better", "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id",
+        "do_eval", "do_train", "do_predict",  # what TrainingArguments derives from eval_strategy and the like
         # how fast, not what is computed (sftkit.fastpath chooses them from the machine)
         "torch_compile", "torch_compile_backend", "torch_compile_mode", "use_liger_kernel", "pad_to_multiple_of",
     },

@@ -232,3 +232,18 @@ def test_eos_token_is_part_of_the_run_and_records_with_transformers_placeholders
         record["fingerprint"] = fingerprint(record["config"])
         record_file.write_text(json.dumps(record))
     assert checkpoint_to_resume(True, out, longer, 1) == str(out / "checkpoint-4")
+
+
+def test_a_resume_may_turn_evaluation_on(tmp_path):
+    """eval_strategy may change on a resume, but the do_eval that TrainingArguments derives from it was fingerprinted:
+    the resume was refused as a run with other settings (training.do_eval True (that run: False))."""
+    from sftkit.checkpoints import checkpoint_to_resume
+
+    out = tmp_path / "out"
+    quiet = ["--training.max_steps", "2", "--training.save_strategy", "steps", "--training.save_steps", "2",
+             "--training.eval_strategy", "no"]
+    train(load_config(None, ["--training.output_dir", str(out), *quiet]))
+    evaluating = load_config(None, ["--training.output_dir", str(out), *quiet, "--training.max_steps", "4",
+                                    "--training.eval_strategy", "steps", "--training.eval_steps", "2"])
+    assert evaluating.training.do_eval
+    assert checkpoint_to_resume(True, out, evaluating.resolved, 1) == str(out / "checkpoint-2")
