@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -272,8 +273,11 @@ def _publish(staging: Path, output_dir: Path) -> None:
     stale ones of an earlier export to delete."""
     manifest = staging / PUBLISHING_FILE
     if not manifest.is_file():
-        write_json(manifest, {"items": sorted(item.name for item in staging.iterdir())})
-    moved = set(json.loads(manifest.read_text())["items"]) - {item.name for item in staging.iterdir()}
+        adapter = staging / ADAPTER_DIR
+        write_json(manifest, {"items": sorted(item.name for item in staging.iterdir()),
+                              "adapter": sorted(item.name for item in adapter.iterdir()) if adapter.is_dir() else []})
+    listed = json.loads(manifest.read_text())
+    moved = set(listed["items"]) - {item.name for item in staging.iterdir()}
     # an earlier export's weights, whose names this one may not replace (other shards); its config.json goes first:
     # until the new one lands, none is there
     for stale in sorted(output_dir.iterdir(), key=lambda path: path.name != "config.json"):
@@ -283,6 +287,9 @@ def _publish(staging: Path, output_dir: Path) -> None:
         if item == manifest:
             continue
         target = output_dir / item.name
+        if item.name == ADAPTER_DIR and target.is_dir():
+            _replace_adapter(item, target, set(listed.get("adapter", [])))
+            continue
         if target.is_dir():
             shutil.rmtree(target)
         elif target.exists():
@@ -292,6 +299,21 @@ def _publish(staging: Path, output_dir: Path) -> None:
     staging.rmdir()
     (output_dir / BEFORE_AFTER_FILE).unlink(missing_ok=True)  # of the model this one replaced
     readable_like_other_files([*safetensors_weights(output_dir), *(output_dir / ADAPTER_DIR).glob("*.safetensors")])
+
+
+# what PEFT 0.21 writes into an adapter's directory (its README.md aside, which the export removes)
+ADAPTER_FILE = re.compile(r"adapter_config\.json|adapter_model.*\.(safetensors|bin)|adapter_model\.safetensors\.index\.json")
+
+
+def _replace_adapter(new: Path, published: Path, written: set[str]) -> None:
+    """The earlier adapter's files in output_dir/lora_weights are replaced by this export's `written` ones; files
+    the user keeps beside them there (notes, a backup) stay."""
+    for stale in published.iterdir():
+        if ADAPTER_FILE.fullmatch(stale.name) and stale.name not in written and stale.is_file():
+            stale.unlink()
+    for item in new.iterdir():
+        item.replace(published / item.name)
+    new.rmdir()
 
 
 def saved_dtypes(output_dir: Path) -> dict[str, list[str]]:

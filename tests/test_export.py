@@ -577,3 +577,20 @@ def test_the_tensors_a_model_keeps_in_float32_by_design_stay_so_when_its_float32
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype="auto").state_dict()
     assert {name for name, tensor in loaded.items() if tensor.dtype == torch.float32} == kept
     assert all(torch.equal(loaded[name], saved[name]) for name in kept)
+
+
+def test_a_resume_that_publishes_anew_keeps_the_users_files_in_the_adapter_directory(tmp_path):
+    """It removed lora_weights/ whole: a backup of the earlier adapter and notes kept there were lost."""
+    out = tmp_path / "out"
+    saving = ["--training.save_strategy", "steps", "--training.save_steps", "3"]
+    train(config(out, "lora_train_config.yaml", *saving))
+    adapter = out / ADAPTER_DIR
+    earlier = (adapter / "adapter_model.safetensors").read_bytes()
+    (adapter / "NOTES.md").write_text("lr sweep: this one\n")
+    (adapter / "adapter_model.safetensors.bak").write_bytes(earlier)
+    train(config(out, "lora_train_config.yaml", *saving, "--training.max_steps", "6",
+                 "--training.resume_from_checkpoint", "true"))
+    assert (adapter / "NOTES.md").read_text() == "lr sweep: this one\n"
+    assert (adapter / "adapter_model.safetensors.bak").read_bytes() == earlier
+    assert (adapter / "adapter_model.safetensors").read_bytes() != earlier
+    assert not (out / STAGING_DIR).exists()
