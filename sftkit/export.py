@@ -35,7 +35,7 @@ from sftkit.layout import (
 )
 from sftkit.peers import lost_contact
 from sftkit.rundir import OutputDir
-from sftkit.runrecord import read_run_record, record_published, write_json
+from sftkit.runrecord import changed_model_files, read_run_record, record_published, write_json
 from sftkit.schema import ModelConfig
 from sftkit.weightfiles import (
     check_free_space,
@@ -188,10 +188,26 @@ def _merge_adapter(model_cfg, adapter_dir: Path, target: Path, dtype) -> None:
     # base is the one the adapter records (a local one by its absolute path), so `sftkit export` finds it from any
     # working directory.
     base_cfg = dataclasses.replace(model_cfg, path=adapter_base(adapter_dir), attn_implementation=None)
+    _refuse_another_base(Path(base_cfg.path), target.parent)
     with zero3_init_disabled():
         base = load_model(base_cfg, dtype, gradient_checkpointing=False, quantize=False)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(target)
+
+
+def _refuse_another_base(base: Path, output_dir: Path) -> None:
+    """The adapter merges only into the base it trained on: a local base moved away, or replaced since, would
+    publish other weights under this run's name (the run record holds its files' digests)."""
+    kept = f"The trained adapter is kept in {output_dir / STAGING_DIR / ADAPTER_DIR}"
+    again = f"then finish the export with: python -m sftkit.export {output_dir}"
+    if base.is_absolute() and not base.exists():  # a local base (its absolute path); a hub id is never absolute
+        raise RunFailed(f"the base model {base} that the adapter trained on is gone. {kept}; put the base back there, "
+                        f"{again}")
+    changed = changed_model_files(read_run_record(output_dir), base) if base.is_dir() else []
+    if changed:
+        raise RunFailed(f"the base model {base} changed since the run trained on it ({', '.join(changed[:3])}): "
+                        f"merging the adapter into it would publish other weights. {kept}; put the base back as it "
+                        f"was, {again}")
 
 
 def _cast_float32_weights(directory: Path, dtype, trust_remote_code: bool) -> None:

@@ -134,6 +134,18 @@ def changed_inputs(record: dict, resolved: dict | None = None) -> list[str]:
     return sorted(name for name in {*record["inputs"], *now} if record["inputs"].get(name) != now.get(name))
 
 
+def changed_model_files(record: dict | None, model_dir: Path) -> list[str]:
+    """The files of the base model in model_dir (by name) whose contents differ from those the run recorded; [] where
+    the record holds none (a hub model, or a record before 2026-11-27)."""
+    model = (record or {}).get("config", {}).get("model", {}).get("path")
+    recorded = {name.removeprefix(f"{model}/"): digest for name, digest in (record or {}).get("inputs", {}).items()
+                if model and name.startswith(f"{model}/")}
+    if not recorded:
+        return []
+    now = {path.name: _digest(path) for pattern in MODEL_FILES for path in sorted(Path(model_dir).glob(pattern))}
+    return sorted(name for name in {*recorded, *now} if recorded.get(name) != now.get(name))
+
+
 def read_run_record(directory: Path) -> dict | None:
     try:
         return json.loads((Path(directory) / RUN_FILE).read_text())

@@ -594,3 +594,27 @@ def test_a_resume_that_publishes_anew_keeps_the_users_files_in_the_adapter_direc
     assert (adapter / "adapter_model.safetensors.bak").read_bytes() == earlier
     assert (adapter / "adapter_model.safetensors").read_bytes() != earlier
     assert not (out / STAGING_DIR).exists()
+
+
+def test_an_adapter_is_merged_only_into_the_base_it_trained_on(tmp_path):
+    """`sftkit export` merged a kept adapter into whatever model lay at the base's path by then, and said finished."""
+    from safetensors.torch import load_file, save_file
+
+    base, out = tmp_path / "base", tmp_path / "out"
+    shutil.copytree(TINY_MODEL, base)
+    cfg = config(out, "lora_train_config.yaml", "--model.path", str(base))
+    run = train(cfg)
+    weights = load_file(base / "model.safetensors")
+    original = (base / "model.safetensors").read_bytes()
+    save_file({name: tensor + 0.01 for name, tensor in weights.items()}, base / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(RunFailed, match=f"the base model {base} changed since the run trained on it "
+                                        r"\(model.safetensors\): merging the adapter into it would publish other"):
+        export(run.trainer, cfg, run.trainer.processing_class, torch.float32, torch.float32, (1, 1))
+    assert (out / STAGING_DIR / ADAPTER_DIR / "adapter_model.safetensors").is_file()
+    shutil.move(base, tmp_path / "moved")
+    refused = run_here(export_main, str(out), check=False)
+    assert refused.returncode == 1 and f"the base model {base} that the adapter trained on is gone" in refused.stderr
+    shutil.move(tmp_path / "moved", base)
+    (base / "model.safetensors").write_bytes(original)
+    assert run_here(export_main, str(out)).returncode == 0 and not (out / STAGING_DIR).exists()
