@@ -63,6 +63,25 @@ def damage(checkpoint: Path) -> str | None:
     return None
 
 
+def resume_problem(checkpoint: Path) -> str | None:
+    """Why a resume cannot continue from a checkpoint (damage, or the model alone), or None."""
+    if (problem := damage(checkpoint)) is not None:
+        return problem
+    if not _optimizer_state(checkpoint):
+        return ("it holds the model alone, no optimizer or learning-rate schedule state (training.save_only_model, or "
+                "they were removed), so a resume would start both afresh")
+    return None
+
+
+def _optimizer_state(checkpoint: Path) -> bool:
+    """Whether the Trainer (transformers 5.24) saved the optimizer's state there (optimizer.pt; DeepSpeed's
+    global_stepN/; FSDP's optimizer_0/ or optimizer.bin) and the schedule's (scheduler.pt, which it saves beside
+    each of them for the schedulers sftkit uses)."""
+    optimizer = any((checkpoint / name).exists() for name in ("optimizer.pt", "optimizer.bin", "optimizer_0")) or \
+        any(path.is_dir() for path in checkpoint.glob("global_step*"))
+    return optimizer and (checkpoint / "scheduler.pt").is_file()
+
+
 def resume_request(requested, output_dir: Path, resolved: dict, overwrite: bool = False):
     """`training.resume_from_checkpoint: auto` is true where output_dir holds a checkpoint, else a fresh start (which
     still refuses another run's work): one command for a job's first launch and every relaunch of it by a scheduler
@@ -98,23 +117,23 @@ def checkpoint_to_resume(requested, output_dir: Path, resolved: dict, processes:
             raise ConfigError(f"training.resume_from_checkpoint is true but {output_dir} holds no checkpoint-N "
                               "directory; remove the key to start afresh, or give a checkpoint's path")
         for newest in reversed(candidates):
-            problem = damage(newest)
+            problem = resume_problem(newest)
             if problem is None:
                 break
             print(f"sftkit: warning: skipping {newest}: {problem}", flush=True)
         else:
-            raise ConfigError(f"training.resume_from_checkpoint: no checkpoint in {output_dir} is intact "
-                              f"({candidates[-1].name}: {damage(candidates[-1])}); start afresh with --overwrite")
+            raise ConfigError(f"training.resume_from_checkpoint: no checkpoint in {output_dir} can be resumed "
+                              f"({candidates[-1].name}: {resume_problem(candidates[-1])}); start afresh with --overwrite")
         checkpoint = newest
     else:
         checkpoint = Path(requested)
         if not checkpoint.is_dir():
             raise ConfigError(f"training.resume_from_checkpoint {checkpoint} is not a directory; give a checkpoint-N "
                               "directory or true for the newest one in output_dir")
-        problem = damage(checkpoint)
+        problem = resume_problem(checkpoint)
         if problem is not None:
-            intact = [path for path in checkpoints_in(checkpoint.parent) if path != checkpoint and not damage(path)]
-            way = f"resume from {intact[-1]} instead" if intact else "no other checkpoint there is intact"
+            intact = [path for path in checkpoints_in(checkpoint.parent) if path != checkpoint and not resume_problem(path)]
+            way = f"resume from {intact[-1]} instead" if intact else "no other checkpoint there can be resumed"
             raise ConfigError(f"training.resume_from_checkpoint {checkpoint}: {problem}; {way}")
         _refuse_rewinding_over_later_checkpoints(checkpoint, output_dir)
     _check_same_run(checkpoint, resolved)
@@ -198,7 +217,7 @@ def _refuse_rewinding_over_later_checkpoints(checkpoint: Path, output_dir: Path)
     if step is None:
         return
     later = [path.name for path in checkpoints_in(output_dir)
-             if checkpoint_step(path.name) > step and damage(path) is None]
+             if checkpoint_step(path.name) > step and resume_problem(path) is None]
     if later:
         raise ConfigError(f"training.resume_from_checkpoint {checkpoint} is older than {', '.join(later[-3:])} in "
                           f"{output_dir}, which this run would save over as it reaches their steps; move them out of "
@@ -311,9 +330,11 @@ class RecordRunInCheckpoints(TrainerCallback):
             readable_like_other_files(checkpoint.glob("*.safetensors"))
 
 
-def newest_resumable(output_dir: Path) -> Path | None:
-    """The newest checkpoint in output_dir that is intact and vouched for by a run record."""
-    intact = [path for path in checkpoints_in(output_dir) if damage(path) is None and checkpoint_record(path)]
+def newest_resumable(output_dir: Path, weights_only: bool = False) -> Path | None:
+    """The newest checkpoint in output_dir that a resume can continue (with `weights_only`: that holds whole
+    weights), vouched for by a run record."""
+    usable = damage if weights_only else resume_problem
+    intact = [path for path in checkpoints_in(output_dir) if usable(path) is None and checkpoint_record(path)]
     return intact[-1] if intact else None
 
 

@@ -358,7 +358,7 @@ def last_step_checkpoint(output_dir: Path, stem: str) -> Path | None:
     the step that ended the first attempt is not the run's last."""
     from sftkit.checkpoints import STATE_FILE, last_step, newest_resumable
 
-    newest = newest_resumable(output_dir)
+    newest = newest_resumable(output_dir, weights_only=True)
     training = (read_run_record(output_dir) or {}).get("config", {}).get("training", {})
     if newest is None or training.get("load_best_model_at_end"):
         return None

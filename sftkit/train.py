@@ -253,8 +253,11 @@ def _how_to_resume(trainer, signum: int) -> str:
     checkpoint = checkpoint_dir(output_dir, step)
     saved = f"checkpoint saved in {checkpoint}" if checkpoint.is_dir() else \
         f"no checkpoint could be saved at it; {newest_checkpoint_words(output_dir, trainer.state.max_steps)}"
-    return (f"stopped by {signal.Signals(signum).name} at step {step} of {trainer.state.max_steps}; {saved}. "
-            f"{resume_words()}")
+    stopped = f"stopped by {signal.Signals(signum).name} at step {step} of {trainer.state.max_steps}; {saved}"
+    if checkpoint.is_dir() and trainer.args.save_only_model:
+        return (f"{stopped}, of the model alone (training.save_only_model), which a resume cannot continue: "
+                f"fine-tune it further as model.path {checkpoint} into another training.output_dir")
+    return f"{stopped}. {resume_words()}"
 
 
 def _stopped_at_once(output: OutputDir) -> str:

@@ -247,3 +247,27 @@ def test_a_resume_may_turn_evaluation_on(tmp_path):
                                     "--training.eval_strategy", "steps", "--training.eval_steps", "2"])
     assert evaluating.training.do_eval
     assert checkpoint_to_resume(True, out, evaluating.resolved, 1) == str(out / "checkpoint-2")
+
+
+def test_a_checkpoint_without_optimizer_state_is_not_resumed_as_if_it_had_it(with_checkpoints, tmp_path, capsys):
+    """A resume from the model alone restarted Adam and the warmup (lr 0.00e+00 at step 4 of 8) and said nothing."""
+    from sftkit.checkpoints import checkpoint_to_resume
+
+    out = tmp_path / "out"
+    shutil.copytree(with_checkpoints, out)
+    (out / "checkpoint-4" / "optimizer.pt").unlink()  # to save space, say
+    record = json.loads((out / RUN_FILE).read_text())
+    (out / RUN_FILE).write_text(json.dumps({**record, "status": "interrupted"}))  # as a run stopped at step 4
+    longer = config(out, "--training.max_steps", "6").resolved
+    assert checkpoint_to_resume(True, out, longer, 1) == str(out / "checkpoint-2")
+    assert f"skipping {out}/checkpoint-4: it holds the model alone, no optimizer or learning-rate schedule state" in \
+        capsys.readouterr().out
+    with pytest.raises(ConfigError, match="checkpoint-4: it holds the model alone.*resume from .*checkpoint-2 instead"):
+        checkpoint_to_resume(str(out / "checkpoint-4"), out, longer, 1)
+
+    model_only = tmp_path / "model-only"
+    train(config(model_only, "--training.save_only_model", "true"))
+    with pytest.raises(ConfigError, match=f"no checkpoint in {model_only} can be resumed \\(checkpoint-4: it holds "
+                                          "the model alone"):
+        checkpoint_to_resume(True, model_only, config(model_only, "--training.max_steps", "6",
+                                                      "--training.save_only_model", "true").resolved, 1)
