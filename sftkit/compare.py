@@ -22,7 +22,7 @@ from sftkit.errors import ConfigError, OneLineArgumentParser, say_error
 from sftkit.export import adapter_base, run_directory
 from sftkit.layout import ADAPTER_DIR, BEFORE_AFTER_FILE, RUN_CONFIG_FILE
 from sftkit.paths import resolve_path
-from sftkit.runrecord import changed_inputs, read_run_record
+from sftkit.runrecord import changed_inputs, read_run_record, record_written
 from sftkit.schema import DatasetConfig, ModelConfig
 
 
@@ -127,6 +127,8 @@ def write_before_after(args) -> Path:
                   f"| {_cell(replies['base'][index - 1])} | {_cell(replies['tuned'][index - 1])} |"]
     path = Path(args.out) if args.out else output_dir / BEFORE_AFTER_FILE
     path.write_text("\n".join(lines) + "\n")
+    if not args.out:
+        record_written(output_dir, [BEFORE_AFTER_FILE])
     return path
 
 

@@ -35,7 +35,7 @@ from sftkit.layout import (
 )
 from sftkit.peers import lost_contact
 from sftkit.rundir import OutputDir
-from sftkit.runrecord import changed_model_files, read_run_record, record_published, write_json
+from sftkit.runrecord import changed_model_files, read_run_record, record_published, record_written, write_json
 from sftkit.schema import ModelConfig
 from sftkit.weightfiles import (
     check_free_space,
@@ -429,8 +429,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m sftkit.export") -
 
         model_cfg = read_section(ModelConfig, record["config"]["model"], "model", args.output_dir)
         _recover_weights(args.output_dir, model_cfg.use_lora)
+        published = [item.name for item in staging.iterdir()]
         finish_export(args.output_dir, model_cfg, getattr(torch, record["dtype"]), export="python -m sftkit.export")
         _add_saved_dtypes_to_the_summary(args.output_dir)
+        record_written(args.output_dir, [*published, SUMMARY_FILE])
     except SftkitError as error:
         return say_error(prog, error)
     finally:

@@ -30,8 +30,10 @@ from sftkit.layout import (
 from sftkit.runrecord import (
     config_differences,
     read_run_record,
+    record_written,
     run_record,
     same_settings,
+    signature,
     trained_to_step,
     write_json,
 )
@@ -45,6 +47,7 @@ class Contents:
     ours: list[str] = field(default_factory=list)  # reports and other files an earlier run wrote
     foreign: list[str] = field(default_factory=list)  # not written by sftkit or the Trainer
     in_the_way: list[str] = field(default_factory=list)  # foreign, with the name of a file a run writes
+    written: dict | None = None  # what the earlier run recorded it wrote (runrecord.record_written), if it did
 
     def describe(self) -> str:
         parts = []
@@ -71,12 +74,15 @@ def survey(directory: Path) -> Contents:
     if not directory.is_dir():
         return contents
     recorded = (directory / RUN_FILE).is_file()  # without a run record nothing there is an earlier run's
+    # what the run recorded it wrote, as it wrote it (record_written; none for a run killed before its end)
+    written = contents.written = (read_run_record(directory) or {}).get("written") if recorded else None
     for item in sorted(directory.iterdir(), key=lambda path: _natural_key(path.name)):
         name = item.name
         if name in (LOCK_FILE, GUARD_FILE, RUN_FILE) or name.endswith(".partial"):
             continue
         ours = is_checkpoint(item) or written_by_sftkit(name)
-        if not (recorded and ours) or item.is_symlink():
+        changed = written is not None and ours and not is_checkpoint(item) and _changed_since(item, written.get(name))
+        if not (recorded and ours) or item.is_symlink() or changed:
             contents.foreign.append(name)
             if ours:
                 contents.in_the_way.append(name)
@@ -89,6 +95,18 @@ def survey(directory: Path) -> Contents:
     return contents
 
 
+
+
+def _changed_since(item: Path, recorded) -> bool:
+    """Whether the user made or changed `item` since the earlier run wrote it (signature `recorded`, None where it
+    did not): a file changed, or a file the run wrote in a directory changed. Files the user added to such a
+    directory are theirs, and --overwrite leaves them (_remove_earlier_run); the staging directory is always sftkit's."""
+    if item.name == STAGING_DIR:
+        return False
+    if recorded is None or not item.is_dir():
+        return recorded != signature(item)
+    now = {entry[0]: entry[1:] for entry in signature(item)}
+    return any(entry[0] in now and now[entry[0]] != entry[1:] for entry in recorded)
 
 
 def _some(names: list[str], shown: int = 4) -> str:
@@ -163,9 +181,9 @@ class OutputDir:
     def _contents_this_run_may_take(self, overwrite: bool, resume) -> "Contents":
         contents = survey(self.path)
         if contents.in_the_way:
-            raise ConfigError(f"training.output_dir {self.path} holds files sftkit did not write under the names a "
-                              f"run writes ({_some(contents.in_the_way)}); move them elsewhere or choose another "
-                              "training.output_dir")
+            raise ConfigError(f"training.output_dir {self.path} holds files sftkit did not write, or changed since, "
+                              f"under the names a run writes ({_some(contents.in_the_way)}); move them elsewhere or "
+                              "choose another training.output_dir")
         if not overwrite and resume is not True:  # resuming from output_dir: checkpoint_to_resume checks the run
             self._refuse_another_runs_work(contents, resuming=resume is not None)
         return contents
@@ -174,6 +192,12 @@ class OutputDir:
         """Mark output_dir as this run's; called once the checkpoint to resume (if any) was found to be its own."""
         write_json(self.path / RUN_FILE, run_record(self.resolved, status="training", started=time.time()))
         self.owner = True
+
+    def end(self) -> None:
+        """The run ends, however: what it wrote is recorded (record_written), and the lock released."""
+        if self.owner:
+            record_written(self.path)
+        self.release()
 
     def release(self) -> None:
         if self.locked:
@@ -329,11 +353,25 @@ class OutputDir:
         for name in contents.removed():
             item = self.path / name
             with contextlib.suppress(FileNotFoundError):  # found at the start, and removed since by someone else
-                shutil.rmtree(item) if item.is_dir() else item.unlink()
+                if item.is_dir() and contents.written and name in contents.written:
+                    _remove_written_files(item, contents.written[name])
+                else:
+                    shutil.rmtree(item) if item.is_dir() else item.unlink()
         removed = len(contents.removed())
         if removed:
             kept = f"; kept {', '.join(contents.foreign)} (not written by sftkit)" if contents.foreign else ""
             print(f"sftkit: --overwrite: removed {removed} item(s) of the earlier run in {self.path}{kept}", flush=True)
+
+
+def _remove_written_files(directory: Path, recorded: list) -> None:
+    """The files the run wrote in `directory`, and then the folders left empty; what the user added there stays."""
+    for entry in recorded:
+        (directory / entry[0]).unlink(missing_ok=True)
+    for folder in sorted((path for path in directory.rglob("*") if path.is_dir()), key=lambda path: -len(path.parts)):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only an empty one
+    with contextlib.suppress(OSError):
+        directory.rmdir()
 
 
 def _slurm_run() -> dict:

@@ -176,6 +176,36 @@ def record_published(directory: Path, **extra) -> None:
         write_json(Path(directory) / RUN_FILE, {**record, "status": "finished", **extra})
 
 
+def signature(item: Path):
+    """What an item looked like when its run wrote it: a file's size and modification time; a directory's, those of
+    each file in it."""
+    if item.is_dir():
+        return sorted([str(file.relative_to(item)), *signature(file)] for file in item.rglob("*") if file.is_file())
+    stat = item.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def record_written(directory: Path, names: list[str] | None = None) -> None:
+    """Record in the run record what the run wrote into output_dir (checkpoints aside: each holds its own record), as
+    it is now: --overwrite later removes only that, and what the user has added or changed there since counts as
+    theirs. Called as each command that writes there ends: training (everything it wrote), `sftkit export` and
+    `sftkit compare` (the `names` they wrote)."""
+    from sftkit.layout import is_checkpoint, written_by_sftkit
+
+    record = read_run_record(directory)
+    if record is None:
+        return
+    written = {item.name: signature(item) for item in Path(directory).iterdir()
+               if written_by_sftkit(item.name) and not item.is_symlink() and not is_checkpoint(item)
+               and (names is None or item.name in names)}
+    if names is not None:
+        written = {**record.get("written", {}), **written}
+    try:
+        write_json(Path(directory) / RUN_FILE, {**record, "written": written})
+    except OSError:  # a full disk: without the list, what the names say is the run's counts as the run's
+        pass
+
+
 def write_json(path: Path, value: dict) -> None:
     """Written whole or not at all: a crash or a full disk mid-write leaves the previous file."""
     partial = path.with_name(path.name + ".partial")

@@ -81,7 +81,7 @@ def train(config: RunConfig, overwrite: bool = False, started: float | None = No
         output.mark("failed", error=first_line(failure))
         raise
     finally:
-        output.release()
+        output.end()
 
 
 def _claim(output: OutputDir, args, config: RunConfig, overwrite: bool) -> str | None:

@@ -19,6 +19,7 @@ from sftkit.export import export
 from sftkit.export import main as export_main
 from sftkit.layout import ADAPTER_DIR, RUN_FILE, STAGING_DIR
 from sftkit.rundir import OutputDir
+from sftkit.runrecord import record_written
 from sftkit.schema import ModelConfig
 from sftkit.train import train
 
@@ -500,6 +501,7 @@ def test_a_resume_that_publishes_a_new_model_removes_the_old_models_before_after
     out = tmp_path / "out"
     train(config(out, "default_train_config.yaml", "--training.save_strategy", "steps", "--training.save_steps", "3"))
     (out / "before_after.md").write_text("fine-tuned 2.322: the step-3 model's")
+    record_written(out, ["before_after.md"])  # as sftkit compare records its report
     train(config(out, "default_train_config.yaml", "--training.max_steps", "4", "--training.resume_from_checkpoint",
                  "true"))
     assert not (out / "before_after.md").exists()

@@ -19,6 +19,7 @@ from sftkit.config import load_config
 from sftkit.errors import AlreadyFinished, ConfigError, Interrupted
 from sftkit.layout import LOCK_FILE, RUN_FILE
 from sftkit.rundir import OutputDir
+from sftkit.runrecord import record_written
 from sftkit.train import train
 
 SHORT = ["--training.max_steps", "3", "--training.logging_steps", "1", "--dataset.test_size", "null"]
@@ -73,10 +74,13 @@ def test_overwrite_removes_everything_the_earlier_run_left_and_keeps_the_users_f
     (out / "lora_weights").mkdir()  # as if the earlier run had been a LoRA run
     (out / "lora_weights" / "adapter_config.json").write_text("{}")
     (out / "before_after.md").write_text("the old model's replies")
+    record_written(out, ["lora_weights", "before_after.md"])  # as the earlier run, and its compare, recorded them
     (out / "my_notes.txt").write_text("mine")
+    (out / "lora_weights" / "NOTES.md").write_text("which sweep this was")  # added since: the user's
     train(config(out, "--training.max_steps", "2"), overwrite=True)
     left = {path.name for path in out.iterdir()}
-    assert not {"lora_weights", "before_after.md", "checkpoint-2"} & left
+    assert not {"before_after.md", "checkpoint-2"} & left
+    assert [path.name for path in (out / "lora_weights").iterdir()] == ["NOTES.md"]
     assert (out / "my_notes.txt").read_text() == "mine"
     assert json.loads((out / "run_summary.json").read_text())["steps"] == 2
     assert json.loads((out / RUN_FILE).read_text())["status"] == "finished"
@@ -216,8 +220,8 @@ def test_a_directory_without_a_run_record_is_never_written_over(finished, tmp_pa
     (out / "README.md").write_text("the model card of a model I downloaded")
     before = contents(out)
     overrides = ["--training.resume_from_checkpoint", str(finished / "checkpoint-3")] if how != "overwrite" else []
-    with pytest.raises(ConfigError, match=rf"training.output_dir {out} holds files sftkit did not write under the names "
-                                          r"a run writes \(README.md, chat_template.jinja, config.json, generation_config.json and 3 more\); "
+    with pytest.raises(ConfigError, match=rf"training.output_dir {out} holds files sftkit did not write, or changed since, "
+                                          r"under the names a run writes \(README.md, chat_template.jinja, config.json, generation_config.json and 3 more\); "
                                           r"move them elsewhere or choose another training.output_dir"):
         train(config(out, *overrides), overwrite=how == "overwrite")
     assert contents(out) == before
@@ -537,3 +541,21 @@ def test_auto_on_a_finished_run_has_nothing_to_do_and_resumes_a_longer_one(finis
     longer = train(config(out, "--training.save_strategy", "steps", "--training.save_steps", "2",
                           "--training.max_steps", "4", "--training.resume_from_checkpoint", "auto"))
     assert longer.summary["steps"] == 4 and f"resumes from {out}/checkpoint-3" in capsys.readouterr().out
+
+
+def test_overwrite_removes_only_what_the_run_wrote_as_it_wrote_it(finished, tmp_path):
+    """It went by names: a README.md the user wrote over the model card, and a runs/ folder of their own (the run
+    logged to no TensorBoard), were removed as the earlier run's, and the message said only notes.txt was kept."""
+    out = copy_of(finished, tmp_path)
+    (out / "README.md").write_text("# my project notes\n")
+    (out / "runs" / "exp1").mkdir(parents=True)
+    (out / "runs" / "exp1" / "log.txt").write_text("log\n")
+    before = contents(out)
+    with pytest.raises(ConfigError, match=r"holds files sftkit did not write, or changed since, under the names a run "
+                                          r"writes \(README.md, runs\); move them elsewhere"):
+        train(config(out, "--training.max_steps", "2"), overwrite=True)
+    assert contents(out) == before
+    shutil.rmtree(out / "runs")
+    (out / "README.md").unlink()
+    train(config(out, "--training.max_steps", "2"), overwrite=True)  # what is left is the earlier run's, as written
+    assert json.loads((out / "run_summary.json").read_text())["steps"] == 2
