@@ -41,6 +41,9 @@ def damage(checkpoint: Path) -> str | None:
     """
     if not (checkpoint / STATE_FILE).is_file():
         return f"{STATE_FILE} is missing (the save did not finish)"
+    # the Trainer's weights (model or adapter_model.safetensors; FSDP's pytorch_model_fsdp*; DeepSpeed's global_stepN/)
+    if not any(next(checkpoint.glob(pattern), None) for pattern in ("*.safetensors", "pytorch_model*", "global_step*")):
+        return "it holds no model weights (model.safetensors or adapter_model.safetensors is missing)"
     processes = (read_run_record(checkpoint) or {}).get("world_size", 1)  # recorded since 2026-11-27
     saves_random_state = any(checkpoint.glob("rng_state_*.pth"))  # none with training.save_only_model
     for rank in range(processes if processes > 1 and saves_random_state else 0):  # each process saves its own

@@ -271,3 +271,11 @@ def test_a_checkpoint_without_optimizer_state_is_not_resumed_as_if_it_had_it(wit
                                           "the model alone"):
         checkpoint_to_resume(True, model_only, config(model_only, "--training.max_steps", "6",
                                                       "--training.save_only_model", "true").resolved, 1)
+
+
+def test_a_checkpoint_without_its_weights_is_damaged(with_checkpoints, tmp_path):
+    """It passed the check, and the resume ended in transformers' "Can't find a valid checkpoint" traceback."""
+    checkpoint = tmp_path / "checkpoint-2"
+    shutil.copytree(with_checkpoints / "checkpoint-2", checkpoint)
+    (checkpoint / "model.safetensors").unlink()
+    assert damage(checkpoint) == "it holds no model weights (model.safetensors or adapter_model.safetensors is missing)"
