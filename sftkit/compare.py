@@ -22,6 +22,7 @@ from sftkit.errors import ConfigError, OneLineArgumentParser, say_error
 from sftkit.export import adapter_base, run_directory
 from sftkit.layout import ADAPTER_DIR, BEFORE_AFTER_FILE, RUN_CONFIG_FILE
 from sftkit.paths import resolve_path
+from sftkit.rundir import changed_since_written
 from sftkit.runrecord import changed_inputs, read_run_record, record_written
 from sftkit.schema import DatasetConfig, ModelConfig
 
@@ -59,12 +60,23 @@ def _check_paths(args) -> None:
     if args.out and Path(args.out).exists():  # the default report file in the run's directory is compare's own
         raise ConfigError(f"--out {args.out} exists already; choose another path (compare never replaces a file "
                           "it is given)")
+    _refuse_replacing_a_changed_report(Path(args.output_dir) / BEFORE_AFTER_FILE, args.out)
     if args.out and not Path(args.out).parent.is_dir():
         raise ConfigError(f"--out {args.out}: the directory {Path(args.out).parent} does not exist; create it or "
                           "choose another path")
     for option in ("rows", "loss_rows", "max_new_tokens"):
         if getattr(args, option) < 1:
             raise ConfigError(f"--{option} {getattr(args, option)}: give 1 or more")
+
+
+def _refuse_replacing_a_changed_report(report: Path, out: str | None) -> None:
+    """The report in the run's directory is compare's own to replace, as compare wrote it (run record): notes the
+    user added to it are not."""
+    written = (read_run_record(report.parent) or {}).get("written")
+    if out or written is None or not report.exists() or not changed_since_written(report, written.get(report.name)):
+        return
+    raise ConfigError(f"{report} was changed since sftkit compare wrote it; move it, or pass --out to write the report "
+                      "elsewhere")
 
 
 def _read_prompts(path: str) -> list[str]:

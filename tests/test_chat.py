@@ -75,6 +75,10 @@ def test_before_after_report_on_sample_prompts(monitored_run, tmp_path):
     assert tuned == pytest.approx(summary["eval_loss"], abs=6e-4) and base == pytest.approx(summary["eval_loss_first"], abs=6e-4)
     tuned_reply = greedy(monitored_run.out, [{"role": "user", "content": SAMPLE_PROMPTS[0]}])
     assert f"| {tuned_reply} |" in report.split("## 2")[0]
+    with (monitored_run.out / "before_after.md").open("a") as notes:  # compare replaced them silently
+        notes.write("\nMy notes: the base model rambles.\n")
+    refused = run_here(compare.main, str(monitored_run.out), check=False)
+    assert refused.returncode == 2 and "before_after.md was changed since sftkit compare wrote it" in refused.stderr
 
 
 @pytest.mark.slow
