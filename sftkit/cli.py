@@ -26,11 +26,17 @@ def main(argv: list[str] | None = None, prog: str = "sft.py") -> int:
         return 0
     if argv[:1] == ["env"]:
         return _env(argv[1:], prog, parser)
+    if argv[:1] and argv[0] in (*TOOLS, "init") and not Path(argv[0]).exists():  # `sft.py chat DIR`, as `env` works
+        return sftkit(argv)
     if argv and not argv[0].startswith("-"):  # `sft.py my.yaml`, as `sftkit train my.yaml`
         argv = ["--config", argv[0], *argv[1:]]
     if sum(arg == "--config" or arg.startswith("--config=") for arg in argv) > 1:  # argparse keeps the last one
         parser.error("two configs given (a config file name first, and --config, or --config twice); give one")
     args, overrides = parser.parse_known_args(argv)
+    if args.inspect is not None and args.inspect < 0:
+        parser.error(f"argument --inspect: {args.inspect} samples; give 0 or more")
+    if args.inspect is not None and args.dry_run:
+        parser.error("--dry-run and --inspect each read the data and exit; give one of them")
     use_expandable_segments()  # before anything starts CUDA
     watch(prog)  # under several machines: a failure on another one stops this one at once
     return _run(args, overrides, prog)
@@ -174,7 +180,11 @@ def sftkit(argv: list[str] | None = None) -> int:
     if command in ("-h", "--help"):
         print(USAGE)
         return 0
-    print(f"sftkit: error: unknown command {command!r}; the commands are train, init, env, {', '.join(TOOLS)} "
+    import difflib
+
+    nearest = difflib.get_close_matches(command, ["train", "init", "env", *TOOLS], n=1)
+    meant = f" (did you mean {nearest[0]!r}?)" if nearest else ""
+    print(f"sftkit: error: unknown command {command!r}{meant}; the commands are train, init, env, {', '.join(TOOLS)} "
           "(sftkit --help)", file=sys.stderr)
     return 2
 

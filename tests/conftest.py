@@ -129,7 +129,10 @@ def run_here(main, *args: str, env: dict | None = None, input: str = "", check: 
         os.chdir(REPO)
         sys.stdin = io.StringIO(input)
         with redirect_stdout(stdout), redirect_stderr(stderr):
-            code = main(list(args))
+            try:
+                code = main(list(args))
+            except SystemExit as stop:  # argparse's errors, as the process exits with them
+                code = stop.code if isinstance(stop.code, int) else 1
     finally:
         sys.stdin = saved_stdin
         os.chdir(saved_cwd)

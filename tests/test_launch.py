@@ -113,3 +113,16 @@ def test_inspect_needs_no_weights_and_shows_what_trains(tmp_path):
     assert out.count("--- sample") == 2
     assert "[[The capital of France is Paris.<|im_end|>]]" in out  # the first row's first reply, and only that
     assert "[[Which city" not in out
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--inspect", "-1"], "sft.py: error: argument --inspect: -1 samples; give 0 or more"),
+    (["--dry-run", "--inspect", "2"], "sft.py: error: --dry-run and --inspect each read the data and exit; give one "
+                                      "of them"),
+    (["chat", "configs"], "sftkit chat: error: "),  # sftkit's command, as `sft.py env` is (it read "chat" as a config)
+])
+def test_sft_py_refuses_what_it_would_drop_and_runs_sftkits_commands(args, expected):
+    from conftest import run_sft
+
+    result = run_sft(*args, check=False)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr

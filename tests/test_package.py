@@ -72,4 +72,4 @@ def test_python_dash_m_sftkit_is_the_same_command(installed):
     result = subprocess.run([sys.executable, "-m", "sftkit", "--help"], cwd=work, env=env, capture_output=True, text=True)
     assert result.returncode == 0 and "train [CONFIG]" in result.stdout
     wrong = sftkit(installed, "trian")
-    assert wrong.returncode == 2 and "sftkit: error: unknown command 'trian'; the commands are train," in wrong.stderr
+    assert wrong.returncode == 2 and "sftkit: error: unknown command 'trian' (did you mean 'train'?); the commands are train," in wrong.stderr
