@@ -59,24 +59,26 @@ def export(trainer, run_config, tokenizer, dtype, weights, parameters: tuple[int
     staging = output_dir / STAGING_DIR
     lora = run_config.model.use_lora
     main = trainer.accelerator.is_main_process
-    if main:
-        # the others wait at the next barrier meanwhile, which fails after training.ddp_timeout
-        limit = DISK_WAIT_SECONDS if trainer.args.world_size == 1 else min(DISK_WAIT_SECONDS,
-                                                                            trainer.args.ddp_timeout * 0.8)
-        _wait_for_space(output_dir, export_bytes(parameters[1], parameters[0], dtype, lora, weights), limit)
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir()
-        write_metadata(staging, run_config, tokenizer)
     try:
+        if main:
+            # the others wait at the next barrier meanwhile, which fails after training.ddp_timeout
+            limit = DISK_WAIT_SECONDS if trainer.args.world_size == 1 else min(DISK_WAIT_SECONDS,
+                                                                                trainer.args.ddp_timeout * 0.8)
+            _wait_for_space(output_dir, export_bytes(parameters[1], parameters[0], dtype, lora, weights), limit)
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir()
+            write_metadata(staging, run_config, tokenizer)
         trainer.accelerator.wait_for_everyone()
         trainer.save_model(str(staging / ADAPTER_DIR if lora else staging))
         if main and lora:  # PEFT's empty card template ("[More Information Needed]"); output_dir/README.md describes it
             (staging / ADAPTER_DIR / "README.md").unlink(missing_ok=True)
     except Exception as error:  # OSError, or safetensors' own error on a full disk
         if lost := lost_contact(error):  # before or in the ZeRO-3 or FSDP gather: no weights reached this process
-            raise _lost_before_the_weights(lost, output_dir, lora, main) from error
-        raise RunFailed(f"could not write the trained {'adapter' if lora else 'model'} to {staging}: {error}") from error
+            raise _lost_before_the_weights(f"{lost}; it happened before the weights were written", output_dir, lora,
+                                           main) from error
+        what = f"could not write the trained {'adapter' if lora else 'model'} to {staging}: {first_line(error)}"
+        raise _lost_before_the_weights(what, output_dir, lora, main) from error
     if main:  # the others are done and leave: waiting for the merge and checks of a large model at a barrier, they
         # would be torn down by NCCL's watchdog after training.ddp_timeout, and the launcher would stop this process
         finish_export(output_dir, run_config.model, dtype)
@@ -84,20 +86,18 @@ def export(trainer, run_config, tokenizer, dtype, weights, parameters: tuple[int
 
 
 def _lost_before_the_weights(lost: str, output_dir: Path, lora: bool, main: bool) -> RunFailed:
-    """A process lost before the weights were gathered: the staging directory is kept where the run's last-step
-    checkpoint holds them (`sftkit export` finishes from it), else removed (its tokenizer and config are no trained
-    model to finish)."""
+    """The weights were never written (a process lost before they were gathered, a disk that stayed full): the
+    staging directory is kept where the run's last-step checkpoint holds them (`sftkit export` finishes from it),
+    else removed (its tokenizer and config are no trained model to finish)."""
     from sftkit.checkpoints import newest_checkpoint_words
 
     last = last_step_checkpoint(output_dir, "adapter_model" if lora else "model")
     if last is not None:
-        return RunFailed(f"{lost}; it happened before the weights were written, so the export was not finished; "
-                         f"the run's last step is saved in {last}: finish the export from it with: python -m "
-                         f"sftkit.export {output_dir}")
+        return RunFailed(f"{lost}, so the export was not finished; the run's last step is saved in {last}: finish "
+                         f"the export from it with: python -m sftkit.export {output_dir}")
     if main:
         shutil.rmtree(output_dir / STAGING_DIR, ignore_errors=True)
-    return RunFailed(f"{lost}; it happened before the weights were written, so none was; "
-                     f"{newest_checkpoint_words(output_dir)}")
+    return RunFailed(f"{lost}, so no trained weights were saved; {newest_checkpoint_words(output_dir)}")
 
 
 def run_directory(model_dir: Path) -> Path:

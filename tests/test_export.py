@@ -620,3 +620,22 @@ def test_an_adapter_is_merged_only_into_the_base_it_trained_on(tmp_path):
     shutil.move(tmp_path / "moved", base)
     (base / "model.safetensors").write_bytes(original)
     assert run_here(export_main, str(out)).returncode == 0 and not (out / STAGING_DIR).exists()
+
+
+def test_weights_that_cannot_be_written_at_all_are_said_to_be_lost_and_leave_nothing_that_looks_trained(small_disk,
+                                                                                                        monkeypatch):
+    """The error said only that the adapter could not be written, beside a staging directory of its tokenizer and
+    config alone."""
+    out = small_disk / "out"
+    cfg = config(out, "lora_train_config.yaml")
+    run = train(cfg)
+    with contextlib.suppress(OSError), (small_disk / "filler").open("wb") as handle:
+        while True:
+            handle.write(b"\0" * 2**16)
+    monkeypatch.setattr(export_module, "DISK_WAIT_SECONDS", 0)
+    with pytest.raises(RunFailed) as failure:
+        export(run.trainer, cfg, run.trainer.processing_class, torch.float32, torch.float32, (1, 1))
+    assert str(failure.value).startswith(f"could not write the trained adapter to {out / STAGING_DIR}: ")
+    assert str(failure.value).endswith(", so no trained weights were saved; no checkpoint was saved (set "
+                                       "training.save_strategy: steps to keep some)")
+    assert not (out / STAGING_DIR).exists()

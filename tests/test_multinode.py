@@ -271,7 +271,7 @@ def test_a_machine_lost_while_the_weights_are_gathered_leaves_what_can_be_finish
     assert machines.returncodes()[0] != 0, machines.output()
     assert "lost contact with another process" in machines.stderr(0), machines.output()
     if not checkpoints:
-        assert ("it happened before the weights were written, so none was; no checkpoint was saved"
+        assert ("it happened before the weights were written, so no trained weights were saved; no checkpoint was saved"
                 in machines.stderr(0)), machines.output()
         assert not (out / ".export-incomplete").exists() and not (out / "config.json").exists()
         return
