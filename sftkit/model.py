@@ -118,7 +118,7 @@ def _meta_model(model_cfg: ModelConfig, hf_config):
                           "kernels-community)")
                 way_out += ", or set model.allow_hub_kernels: false"
             elif model_cfg.attn_implementation == "flash_attention_2":
-                chosen = " (sftkit's choice where flash-attn is installed and the setting is left out)"
+                chosen = " (as set, or as sftkit chooses where flash-attn is installed and the key is left out)"
             raise ConfigError(f"model.attn_implementation: {model_cfg.attn_implementation}{chosen} cannot be used: "
                               f"{first_line(failure)}; {way_out}") from failure
     if model_cfg.trust_remote_code:
