@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sftkit.engines import is_main_process
+from sftkit.engines import is_main_process, uses_deepspeed, uses_fsdp
 from sftkit.paths import (
     DATA_FILE_BUILDERS,
     PROJECT_DIR,
@@ -59,7 +59,16 @@ def cross_field_errors(model: ModelConfig, dataset: DatasetConfig, training: dic
         errors.append("training.padding_free: true needs training.packing: true (TRL does not cut unpacked rows to "
                       "model.max_seq_length when padding-free); set training.packing: true, which is padding-free "
                       "itself, and remove padding_free")
-    errors += _evaluation_errors(dataset, training) + _hub_errors(training)
+    errors += _evaluation_errors(dataset, training) + _hub_errors(training) + _precision_errors(model, training)
+    errors += _unused_training_keys(training)
+    if training.get("use_liger_kernel") is True and importlib.util.find_spec("liger_kernel") is None:
+        errors.append("training.use_liger_kernel: true needs the liger-kernel package: pip install -r "
+                      "requirements-gpu.txt, or remove the key")
+    for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                     ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+        if old in training and new in training and training[old] != training[new]:  # compat keeps one of them
+            errors.append(f"training.{old} ({_yaml(training[old])}) and training.{new} ({_yaml(training[new])}) are "
+                          "one setting under its old and its new name (transformers 5): give only one of them")
     if isinstance(training.get("liger_kernel_config"), dict) and training["liger_kernel_config"].get(
             "fused_linear_cross_entropy"):
         # TRL 1.16 raises this only once the Trainer is built, after the model has loaded
@@ -73,13 +82,60 @@ def _evaluation_errors(dataset: DatasetConfig, training: dict) -> list[str]:
     errors = []
     asks = [key for key in ("eval_strategy", "load_best_model_at_end", "eval_on_start")
             if training.get(key) not in (None, False, "no")]
-    if asks and not (dataset.test_size or dataset.eval_split or dataset.eval_sources):
+    has_data = dataset.test_size or dataset.eval_split or dataset.eval_sources
+    if training.get("load_best_model_at_end") is True and training.get("eval_strategy") in (None, False, "no"):
+        # transformers 5.24 refuses only a save_strategy other than eval_strategy: with both "no" it trains and
+        # keeps the last weights without a word
+        errors.append("training.load_best_model_at_end: true needs evaluations to pick the best checkpoint from, but "
+                      "training.eval_strategy is no; set eval_strategy and save_strategy both to steps (or epoch)"
+                      + ("" if has_data else " and hold out evaluation data (dataset.test_size: 0.05)")
+                      + ", or remove load_best_model_at_end")
+        asks.remove("load_best_model_at_end")
+    if asks and not has_data:
         errors.append(f"training.{asks[0]} needs evaluation data: set dataset.test_size (0.05 holds out 5% of the "
                       f"rows), dataset.eval_split or dataset.eval_sources, or remove training.{asks[0]}")
     if training.get("save_strategy") == "best" and not training.get("metric_for_best_model"):
         errors.append("training.save_strategy: best needs training.metric_for_best_model (eval_loss, say), the "
                       "metric that decides which checkpoint is best")
     return errors
+
+
+def _precision_errors(model: ModelConfig, training: dict) -> list[str]:
+    """Full fine-tuning of float16 weights: AdamW's small updates round away and large ones overflow (the tiny
+    model's loss went 3.2, 2.8, 58, 1071 in four steps, and the run published). Mixed precision (training.fp16 with
+    model.dtype auto) keeps float32 weights; so do DeepSpeed and FSDP under fp16 or bf16, as master weights. LoRA
+    trains float32 adapters over the frozen float16 base."""
+    if model.dtype != "float16" or model.use_lora:
+        return []
+    mixed = training.get("fp16") is True or training.get("bf16") is True
+    if mixed and (uses_deepspeed(training) or uses_fsdp(training)):
+        return []
+    return ["model.dtype: float16 with full fine-tuning trains float16 weights, which lose small updates and "
+            "overflow; on a GPU without bf16 set training.fp16: true and model.dtype auto (mixed precision keeps "
+            "float32 weights), else use model.dtype auto or bfloat16"]
+
+
+# TRL settings that act on the rows TRL tokenizes; sftkit hands it input_ids and labels, so they would do nothing.
+# The values a saved sftkit_config.yaml holds (TRL 1.16's defaults) pass.
+UNUSED_TRL_KEYS = {
+    "assistant_only_loss": (False, "choose what trains with dataset.loss_on: assistant (every assistant turn, the "
+                                   "default), last_assistant or all"),
+    "completion_only_loss": (None, "choose what trains with dataset.loss_on: assistant (the replies, the default) "
+                                   "or all (every token)"),
+    "dataset_text_field": ("text", "rename your column with dataset.column_map: {your_column: text} (text-format "
+                                   "rows are read from the column text)"),
+}
+
+
+def _unused_training_keys(training: dict) -> list[str]:
+    return [f"training.{key}: {_yaml(training[key])} would have no effect, as sftkit hands TRL its rows tokenized; "
+            f"remove it and {fix}"
+            for key, (default, fix) in UNUSED_TRL_KEYS.items() if key in training and training[key] != default]
+
+
+def _yaml(value: Any) -> str:
+    """A value as the config writes it: true, null."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _hub_errors(training: dict) -> list[str]:
@@ -99,6 +155,79 @@ def _hub_errors(training: dict) -> list[str]:
         return ["training.push_to_hub: true needs a hub login: run `hf auth login` or set HF_TOKEN, or remove "
                 "push_to_hub (the model is saved in training.output_dir either way)"]
     return []
+
+
+def trainer_setup_errors(training) -> list[str]:
+    """What the Trainer finds wrong with the built SFTConfig only as it trains, after the model has loaded
+    (transformers 5.24): the optimizer's package, the scheduler's arguments, a W&B login."""
+    plugin = getattr(training, "deepspeed_plugin", None)
+    # an optimizer or scheduler in the DeepSpeed config replaces the Trainer's (transformers 5.24 deepspeed_optim_sched)
+    own = plugin.deepspeed_config if plugin is not None else {}
+    return [error for error in (None if "optimizer" in own else _optimizer_error(training),
+                                None if "scheduler" in own else _scheduler_error(training),
+                                _wandb_login_error(training)) if error]
+
+
+def _optimizer_error(training) -> str | None:
+    """The Trainer's own choice of optimizer class, which raises for a package that is missing (galore_torch,
+    torchao, bitsandbytes, ...) or a setting it lacks (optim_target_modules); those that need the model pass."""
+    from transformers import Trainer
+
+    try:
+        Trainer.get_optimizer_cls_and_kwargs(training)
+    except (ImportError, ValueError, TypeError, NotImplementedError) as error:
+        message = " ".join(str(error).split())
+        if re.search(r"You need to pass a `?model`?", message):  # only the model is missing here
+            return None
+        return f"training.optim: {getattr(training.optim, 'value', training.optim)} cannot be used: {message}"
+    return None
+
+
+def _scheduler_error(training) -> str | None:
+    """The scheduler built as the Trainer builds it, over a throwaway optimizer (cosine_with_min_lr without
+    lr_scheduler_kwargs min_lr or min_lr_rate, a keyword the schedule does not take)."""
+    import torch
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=training.learning_rate)
+    try:
+        get_scheduler(training.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=100,
+                      scheduler_specific_kwargs=training.lr_scheduler_kwargs)
+    except (ValueError, TypeError) as error:
+        name = getattr(training.lr_scheduler_type, "value", training.lr_scheduler_type)
+        return (f"training.lr_scheduler_type: {name} with training.lr_scheduler_kwargs "
+                f"{_yaml(training.lr_scheduler_kwargs)}: {' '.join(str(error).split())}; give the schedule's own "
+                "arguments in training.lr_scheduler_kwargs")
+    return None
+
+
+def _wandb_login_error(training) -> str | None:
+    """report_to wandb (or all, with wandb installed) needs a W&B key, which wandb.init() looks for only once the
+    Trainer starts: without a terminal it raised UsageError after the model had loaded, and in one its prompt would
+    come there too, so a missing key is refused either way. Offline and disabled runs need none. The key is looked up
+    as wandb 0.31 does: WANDB_API_KEY (or an identity token file), ~/.netrc, wandb's settings file."""
+    if "wandb" not in (training.report_to or []) or not is_main_process():  # only the main process logs to W&B
+        return None
+    try:
+        from wandb.errors import AuthenticationError
+        from wandb.sdk import wandb_setup
+        from wandb.sdk.lib import wbauth
+    except ImportError:  # another wandb layout: left to wandb.init()
+        return None
+    settings = wandb_setup.singleton().settings
+    if settings.mode in ("offline", "dryrun", "disabled"):
+        return None
+    try:
+        found = wbauth.authenticate_session(host=settings.base_url, source="sftkit", prompt=False,
+                                            update_session=False)
+    except AuthenticationError as error:  # a key of the wrong format; both a key and an identity token file
+        return f"training.report_to: wandb cannot log in: {' '.join(str(error).split())}"
+    except Exception:  # wandb's internals changed (written for 0.31): left to wandb.init()
+        return None
+    if found is None:
+        return ("training.report_to: wandb needs a W&B login: run `wandb login` or set WANDB_API_KEY, or set "
+                "WANDB_MODE=offline to log locally (wandb sync uploads later), or remove wandb from report_to")
+    return None
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from sftkit.checks import cross_field_errors, number_errors, numbers, path_errors
+from sftkit.checks import cross_field_errors, number_errors, numbers, path_errors, trainer_setup_errors
 from sftkit.compat import (
     compile_under_zero3_error,
     group_cpu_processes,
@@ -186,10 +186,11 @@ def load_config(config_name: str | None = None, cli_args: list[str] = (), preset
     every problem. A preset (configs/presets/) is a partial config laid over the user's, e.g. fast_test."""
     path = find_config_file(config_name)
     raw = read_yaml(path)
-    written = raw.get("model") or {}  # the file's own model section, before a preset or an override
+    model_layers = [raw.get("model") or {}]  # the model sections of the file, the preset and the command line
     overrides = parse_overrides(list(cli_args))
     if preset is not None:
         layer = read_yaml(find_config_file(preset, PRESETS_DIR))
+        model_layers.append(layer.get("model") or {})
         if (merge(raw, overrides).get("dataset") or {}).get("sources"):  # a preset's source keys are dataset.name's
             source_keys = {key.name for key in dataclasses.fields(SourceConfig)}
             layer["dataset"] = {key: value for key, value in (layer.get("dataset") or {}).items()
@@ -210,8 +211,11 @@ def load_config(config_name: str | None = None, cli_args: list[str] = (), preset
     errors += path_errors(model, dataset, raw.get("training") or {}, path.parent)
     if errors:  # before importing trl and torch, which take seconds
         raise ConfigError(f"{_where(errors, overrides, path)}: " + "; ".join(errors))
-    given = "lora_config" in written or "lora_config" in (overrides.get("model") or {})
-    if given and not written.get("use_lora") and not model.use_lora:  # not turned off on purpose
+    model_layers.append(overrides.get("model") or {})
+    with_lora = [index for index, layer in enumerate(model_layers) if "lora_config" in layer]
+    # use_lora given with the LoRA settings or after them (a saved sftkit_config.yaml has both; --model.use_lora
+    # false over lora_train_config.yaml) turns LoRA off on purpose
+    if with_lora and not any("use_lora" in layer for layer in model_layers[with_lora[-1]:]) and not model.use_lora:
         logger.warning("model.lora_config is set but model.use_lora is false: this run fine-tunes every weight and "
                        "leaves the LoRA settings unused; set model.use_lora: true to train LoRA adapters")
     training_values, gpu = dict(raw.get("training") or {}), _has_gpu()
@@ -318,7 +322,7 @@ def _build_training(values: dict, model: ModelConfig, dataset: DatasetConfig, er
         key = _key_in_error(message, values)
         errors.append(f"training{f'.{key}' if key else ''}: {message}")
         return None
-    errors += _report_to_errors(training.report_to)
+    errors += _report_to_errors(training.report_to) + trainer_setup_errors(training)
     errors += [error for error in [compile_under_zero3_error(training), _zero3_save_error(training),
                                   _fsdp_save_error(training), _save_on_each_node_error(training)] if error]
     return training
@@ -423,8 +427,23 @@ def _move_hub_token_to_environment(kwargs: dict) -> None:
         os.environ["HF_TOKEN"] = token
 
 
-# Access tokens of the Hugging Face Hub, OpenAI-style APIs, GitHub and W&B, by their prefixes.
+# Access tokens of the Hugging Face Hub, OpenAI-style APIs, GitHub and W&B, by their prefixes. The prefixes also
+# start ordinary names (hf-internal-testing, api-documentation-chats.jsonl), so a candidate is hidden only where it
+# holds a random-looking run (_RANDOM_RUN): hf_ + 34 mixed-case letters, sk-proj-..., ghp_ + mixed alphanumerics.
 TOKEN_LIKE = re.compile(r"\b(?:hf|sk|ghp|gho|github_pat|wandb|api)[_-][A-Za-z0-9_-]{16,}")
+_RANDOM_RUN = re.compile(r"[A-Za-z0-9]{16,}")
+
+
+def _random_looking(run: str) -> bool:
+    """16+ letters and digits that mix upper and lower case, or letters and digits, as generated tokens do; words
+    in one case do not."""
+    letters = [char for char in run if char.isalpha()]
+    mixed_case = any(char.islower() for char in letters) and any(char.isupper() for char in letters)
+    return mixed_case or (bool(letters) and len(letters) < len(run))
+
+
+def _hide_token(match: re.Match) -> str:
+    return "<hidden>" if any(map(_random_looking, _RANDOM_RUN.findall(match[0]))) else match[0]
 
 
 def hide_secrets(value: Any) -> Any:
@@ -433,7 +452,7 @@ def hide_secrets(value: Any) -> Any:
         return {key: hide_secrets(item) for key, item in value.items()}
     if isinstance(value, list):
         return [hide_secrets(item) for item in value]
-    return TOKEN_LIKE.sub("<hidden>", value) if isinstance(value, str) else value
+    return TOKEN_LIKE.sub(_hide_token, value) if isinstance(value, str) else value
 
 
 def _public_training_fields(training) -> dict:

@@ -40,7 +40,7 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = option(
         None, "`auto`/`null`: bfloat16 when `training.bf16` is on (full fine-tuning keeps float32 weights and computes "
               "in bf16, outside DeepSpeed, which keeps its own), else float32; or `float32`, `bfloat16` (pure bf16), "
-              "`float16`")
+              "`float16` (LoRA; full fine-tuning on a GPU without bf16 takes `auto` and `training.fp16: true`)")
     load_in_4bit: bool = option(
         False, "QLoRA: NF4 with double quantization, compute and storage in `dtype`; needs `use_lora`")
     use_lora: bool = option(False, "train LoRA adapters instead of every weight")

@@ -104,6 +104,28 @@ CONFIG_CASES = {
     "liger's fused cross-entropy": (["--training.liger_kernel_config", "{fused_linear_cross_entropy: true}"],
                                     ["training.liger_kernel_config.fused_linear_cross_entropy: TRL's trainer computes "
                                      "the loss in chunks itself"]),
+    # the cases below loaded the model, then died with a traceback (or trained without a word)
+    "full fine-tuning in float16": (["--model.dtype", "float16"], [
+        "sft.py: error: the command line: model.dtype: float16 with full fine-tuning trains float16 weights, which "
+        "lose small updates and overflow; on a GPU without bf16 set training.fp16: true and model.dtype auto"]),
+    "min-lr cosine without its minimum": (["--training.lr_scheduler_type", "cosine_with_min_lr"], [
+        "sft.py: error: the command line: training.lr_scheduler_type: cosine_with_min_lr with "
+        "training.lr_scheduler_kwargs null: One of min_lr or min_lr_rate should be set through the "
+        "`lr_scheduler_kwargs`"]),
+    "TRL's assistant mask": (["--training.assistant_only_loss", "true"], [
+        "sft.py: error: the command line: training.assistant_only_loss: true would have no effect, as sftkit hands TRL "
+        "its rows tokenized; remove it and choose what trains with dataset.loss_on"]),
+    "TRL's completion mask": (["--training.completion_only_loss", "false"], [
+        "training.completion_only_loss: false would have no effect", "dataset.loss_on"]),
+    "TRL's text column": (["--training.dataset_text_field", "body"], [
+        "training.dataset_text_field: body would have no effect", "dataset.column_map: {your_column: text}"]),
+    "best model without evaluations": (["--training.load_best_model_at_end", "true"], [
+        "sft.py: error: the command line: training.load_best_model_at_end: true needs evaluations to pick the best "
+        "checkpoint from, but training.eval_strategy is no"]),
+    "checkpointing under both names": (["--training.gradient_checkpointing", "true",
+                                        "--training.activation_checkpointing", "false"], [
+        "sft.py: error: the command line: training.gradient_checkpointing (true) and training.activation_checkpointing "
+        "(false) are one setting under its old and its new name (transformers 5): give only one of them"]),
 }
 
 
@@ -114,6 +136,48 @@ def test_config_mistakes_fail_at_once_naming_the_key(tmp_path, case):
     for text in expected:
         assert text in line
     assert elapsed < FAST, f"{elapsed:.1f} s: nothing may be looked up on the hub"
+
+
+@pytest.mark.parametrize(("args", "package", "expected"), [
+    (["--training.use_liger_kernel", "true"], "liger_kernel",
+     "training.use_liger_kernel: true needs the liger-kernel package: pip install -r requirements-gpu.txt, or remove "
+     "the key"),
+    (["--training.optim", "galore_adamw"], "galore_torch",
+     "training.optim: galore_adamw cannot be used: You need to install `galore_torch` in order to use GaLore "
+     "optimizers."),
+    (["--training.optim", "adamw_torch_4bit"], "torchao",
+     "training.optim: adamw_torch_4bit cannot be used: You need to have `torchao>=0.4.0` in order to use torch 4-bit "
+     "optimizers."),
+], ids=["liger", "galore", "torchao 4-bit"])
+def test_a_missing_package_the_training_needs_is_named_before_loading(tmp_path, args, package, expected):
+    """An ImportError with a traceback once the model had loaded (the Trainer imports them as it trains)."""
+    import importlib.util
+
+    if importlib.util.find_spec(package):
+        pytest.skip(f"{package} is installed here")
+    line, elapsed = sft(*args, tmp_path=tmp_path)
+    assert line.startswith(f"sft.py: error: the command line: {expected}")
+    assert elapsed < FAST
+
+
+def test_wandb_without_a_login_is_refused_before_loading_and_offline_needs_none(tmp_path):
+    """wandb.init() raised UsageError "No API key configured" once the model had loaded (no terminal to ask on)."""
+    no_login = {"HOME": str(tmp_path), "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "WANDB_DIR": str(tmp_path),
+                "WANDB_SILENT": "true"}
+    env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")} | no_login
+    for report_to in ("wandb", "all"):
+        result = run_python("sft.py", "--training.report_to", report_to, "--training.output_dir", str(tmp_path / "out"),
+                            env=env, check=False, timeout=120)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert result.stderr.strip().splitlines() == [
+            "sft.py: error: the command line: training.report_to: wandb needs a W&B login: run `wandb login` or set "
+            "WANDB_API_KEY, or set WANDB_MODE=offline to log locally (wandb sync uploads later), or remove wandb from "
+            "report_to"]
+    key = "0123456789abcdef" * 2 + "01234567"  # 40 hex digits, as W&B issues them
+    for found in ({"WANDB_MODE": "offline"}, {"WANDB_MODE": "disabled"}, {"WANDB_API_KEY": key}):
+        result = run_python("sft.py", "--training.report_to", "wandb", "--dry-run", "--training.output_dir",
+                            str(tmp_path / "out"), env={**env, **found}, check=False, timeout=120)
+        assert result.returncode == 0, (found, result.stderr[-3000:])
 
 
 @pytest.fixture(scope="module")

@@ -235,6 +235,45 @@ def test_lora_settings_with_lora_off_are_named_as_unused(tmp_path, caplog):
     assert "lora_config" not in caplog.text
 
 
+def test_lora_settings_turned_off_on_purpose_are_not_warned_of(tmp_path, caplog):
+    """A run of lora_train_config.yaml with --model.use_lora false saves use_lora: false beside its lora_config;
+    rerunning that sftkit_config.yaml, or a config that writes use_lora: false itself, warned each time."""
+    for text in ("model:\n  path: data/tiny-chat-llama\n  use_lora: false\n  lora_config:\n    r: 8\n",
+                 (REPO / "configs" / "lora_train_config.yaml").read_text().replace("use_lora: true", "use_lora: false")):
+        load_config(write(tmp_path, text if "dataset:" in text else text + DATA_AND_OUTPUT))
+    assert "lora_config" not in caplog.text
+
+
+@pytest.mark.parametrize(("overrides", "refused"), [
+    (["--model.dtype", "float16"], True),
+    (["--model.dtype", "float16", "--training.fp16", "true"], True),  # fp16 autocast over float16 weights
+    (["--training.fp16", "true"], False),  # model.dtype auto: float32 weights, fp16 mixed precision
+    (["--model.dtype", "float16", "--model.use_lora", "true"], False),  # float32 adapters over a frozen fp16 base
+])
+def test_full_fine_tuning_of_float16_weights_is_refused_and_mixed_precision_is_not(tmp_path, overrides, refused):
+    """Pure float16 weights under AdamW: the tiny model's loss went 3.21, 2.84, 57.8, 1071 and the run exited 0."""
+    if not refused:
+        load_config(write(tmp_path, MINIMAL), overrides)
+        return
+    with pytest.raises(ConfigError, match=re.escape(
+            "model.dtype: float16 with full fine-tuning trains float16 weights, which lose small updates and "
+            "overflow; on a GPU without bf16 set training.fp16: true and model.dtype auto (mixed precision keeps "
+            "float32 weights), else use model.dtype auto or bfloat16")):
+        load_config(write(tmp_path, MINIMAL), overrides)
+
+
+def test_float16_weights_under_deepspeed_or_fsdp_mixed_precision_are_allowed():
+    """Both keep float32 master weights of their own (checked on the raw values: loading a DeepSpeed config here
+    would start torch.distributed in the test process)."""
+    from sftkit.checks import _precision_errors
+    from sftkit.schema import ModelConfig
+
+    model = ModelConfig(path="m", dtype="float16")
+    assert _precision_errors(model, {"deepspeed": "ds.json", "fp16": True}) == []
+    assert _precision_errors(model, {"fsdp": "full_shard", "bf16": True}) == []
+    assert _precision_errors(model, {"deepspeed": "ds.json"})  # no mixed precision: float16 weights train
+
+
 def test_missing_dataset_name(tmp_path):
     with pytest.raises(ConfigError, match="dataset.name is required"):
         load_config(write(tmp_path, "training:\n  output_dir: out\n"))
@@ -283,6 +322,30 @@ def test_secrets_are_hidden_in_the_resolved_config(tmp_path, monkeypatch):
     assert config.training.hub_token is None, "the Trainer would pickle it into output_dir"
     assert os.environ["HF_TOKEN"] == "hf_secret123", "huggingface_hub reads it from there"
     assert "hf_secret123" not in str(config.resolved)
+
+
+def test_only_random_looking_tokens_are_hidden_and_ordinary_names_with_their_prefixes_are_kept(tmp_path, monkeypatch):
+    """hf-, api- and sk- also start ordinary names: a data file api-documentation-chats.jsonl was saved as
+    <hidden>.jsonl and output_dir hf-finetune-experiment-1 as <hidden>, so `sftkit compare` and reruns broke."""
+    from sftkit.config import hide_secrets
+
+    data = tmp_path / "d" / "api-documentation-chats.jsonl"
+    data.parent.mkdir()
+    shutil.copy(SAMPLE_DATA, data)
+    token = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYzAbCdEfGh"  # 34 mixed-case letters, as the Hub issues them
+    monkeypatch.chdir(tmp_path)
+    config = load_config(write(tmp_path, MINIMAL), [
+        "--dataset.name", str(data), "--training.output_dir", "hf-finetune-experiment-1",
+        "--training.hub_model_id", "hf-internal-testing/tiny-random-llama", "--training.run_name", f"run-{token}"])
+    assert config.resolved["dataset"]["name"] == str(data)
+    assert config.resolved["training"]["output_dir"] == "hf-finetune-experiment-1"
+    assert config.resolved["training"]["hub_model_id"] == "hf-internal-testing/tiny-random-llama"
+    assert config.resolved["training"]["run_name"] == "run-<hidden>"
+    for secret in ("ghp_" + "aB3dE5gH7jK9mN1pQ3sT5vW7yZ9bC1dF3hJ5", "github_pat_11ABCDEFG0" + "aBcDeF123456789_xYz",
+                   "sk-proj-" + "Ab12Cd34Ef56Gh78Ij90Kl12Mn34", "wandb_" + "0123456789abcdef" * 2 + "01234567"):
+        assert hide_secrets({"key": f"x {secret} y"}) == {"key": "x <hidden> y"}, secret
+    for name in ("hf-supercalifragilisticexpialidocious", "sk-1234567890123456789", "api_documentation_chats_v2"):
+        assert hide_secrets(name) == name
 
 
 def test_bad_config_exits_2_with_one_line_and_no_traceback(tmp_path):
@@ -462,6 +525,24 @@ def test_an_output_dir_in_a_directory_of_data_is_refused(tmp_path, monkeypatch, 
                                           "which would read the run's own files as rows; choose an output_dir outside it"):
         load_config(write(tmp_path, MINIMAL), ["--dataset.name", "shards", "--training.output_dir", output_dir])
     assert load_config(write(tmp_path, MINIMAL), ["--dataset.name", "shards", "--training.output_dir", "out"])
+
+
+def test_the_readme_shows_what_inspect_prints():
+    """It showed p95 82 where the command prints 83."""
+    command = "python sft.py --config configs/lora_train_config.yaml --inspect 2"
+    readme = (REPO / "README.md").read_text()
+    assert command in readme
+    printed = run_python(*command.split()[1:]).stdout.strip()
+    assert f"```\n{printed}\n```" in readme
+
+
+def test_a_launch_config_for_full_fine_tuning_shows_a_full_fine_tuning_config():
+    """deepspeed_zero3.yaml said it was for full fine-tuning and showed a LoRA config."""
+    for path in sorted((REPO / "accelerate_configs").glob("*.yaml")):
+        header = "".join(line for line in path.read_text().splitlines(keepends=True) if line.startswith("#"))
+        if "full fine-tuning" in header and "LoRA" not in header:
+            shown = re.search(r"--config (\S+\.yaml)", header)[1]
+            assert load_config(str(REPO / shown)).model.use_lora is False, path.name
 
 
 @pytest.mark.parametrize(("section", "cls"), [("model", "ModelConfig"), ("dataset", "DatasetConfig")])
