@@ -61,9 +61,6 @@ def cross_field_errors(model: ModelConfig, dataset: DatasetConfig, training: dic
                       "itself, and remove padding_free")
     errors += _evaluation_errors(dataset, training) + _hub_errors(training) + _precision_errors(model, training)
     errors += _unused_training_keys(training)
-    if training.get("use_liger_kernel") is True and importlib.util.find_spec("liger_kernel") is None:
-        errors.append("training.use_liger_kernel: true needs the liger-kernel package: pip install -r "
-                      "requirements-gpu.txt, or remove the key")
     for old, new in (("gradient_checkpointing", "activation_checkpointing"),
                      ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
         if old in training and new in training and training[old] != training[new]:  # compat keeps one of them
@@ -159,13 +156,26 @@ def _hub_errors(training: dict) -> list[str]:
 
 def trainer_setup_errors(training) -> list[str]:
     """What the Trainer finds wrong with the built SFTConfig only as it trains, after the model has loaded
-    (transformers 5.24): the optimizer's package, the scheduler's arguments, a W&B login."""
+    (transformers 5.24): the scheduler's arguments."""
+    return [error] if not _deepspeed_owns("scheduler", training) and (error := _scheduler_error(training)) else []
+
+
+def machine_errors(training) -> list[str]:
+    """What this machine lacks for the run, which the Trainer finds only once the model has loaded: a package
+    (liger-kernel, the optimizer's), a W&B login. Checked as the run starts, not with the config: a dry run may plan
+    a GPU machine's run on a laptop."""
+    errors = []
+    if training.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+        errors.append("training.use_liger_kernel: true needs the liger-kernel package: pip install -r "
+                      "requirements-gpu.txt, or remove the key")
+    return errors + [error for error in (None if _deepspeed_owns("optimizer", training) else _optimizer_error(training),
+                                         _wandb_login_error(training)) if error]
+
+
+def _deepspeed_owns(part: str, training) -> bool:
+    """An optimizer or scheduler in the DeepSpeed config replaces the Trainer's (transformers 5.24)."""
     plugin = getattr(training, "deepspeed_plugin", None)
-    # an optimizer or scheduler in the DeepSpeed config replaces the Trainer's (transformers 5.24 deepspeed_optim_sched)
-    own = plugin.deepspeed_config if plugin is not None else {}
-    return [error for error in (None if "optimizer" in own else _optimizer_error(training),
-                                None if "scheduler" in own else _scheduler_error(training),
-                                _wandb_login_error(training)) if error]
+    return plugin is not None and part in plugin.deepspeed_config
 
 
 def _optimizer_error(training) -> str | None:

@@ -25,6 +25,7 @@ from sftkit.checkpoints import (
     resume_request,
     warn_of_other_weights,
 )
+from sftkit.checks import machine_errors
 from sftkit.command import resume_words
 from sftkit.compat import allow_fsdp_on_cpu, check_fsdp_on
 from sftkit.data import prepare_for_training
@@ -66,6 +67,8 @@ def train(config: RunConfig, overwrite: bool = False, started: float | None = No
     (time.time()) is when the command started, so the wall time counts imports and DeepSpeed's op builds too."""
     started = started or time.time()
     args = config.training  # built before the model, so ZeRO-3 can partition the weights as they load
+    if lacking := machine_errors(args):
+        raise ConfigError("; ".join(lacking))
     check_every_process_runs_the_same(config)
     output = OutputDir(args.output_dir, config.resolved)
     resume_from = _claim(output, args, config, overwrite)

@@ -156,7 +156,7 @@ def test_a_missing_package_the_training_needs_is_named_before_loading(tmp_path, 
     if importlib.util.find_spec(package):
         pytest.skip(f"{package} is installed here")
     line, elapsed = sft(*args, tmp_path=tmp_path)
-    assert line.startswith(f"sft.py: error: the command line: {expected}")
+    assert line.startswith(f"sft.py: error: {expected}")
     assert elapsed < FAST
 
 
@@ -170,7 +170,7 @@ def test_wandb_without_a_login_is_refused_before_loading_and_offline_needs_none(
                             env=env, check=False, timeout=120)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
         assert result.stderr.strip().splitlines() == [
-            "sft.py: error: the command line: training.report_to: wandb needs a W&B login: run `wandb login` or set "
+            "sft.py: error: training.report_to: wandb needs a W&B login: run `wandb login` or set "
             "WANDB_API_KEY, or set WANDB_MODE=offline to log locally (wandb sync uploads later), or remove wandb from "
             "report_to"]
     key = "0123456789abcdef" * 2 + "01234567"  # 40 hex digits, as W&B issues them

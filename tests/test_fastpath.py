@@ -90,8 +90,8 @@ def test_compile_stays_off_where_it_was_not_measured(model, training, why):
 def test_an_attention_the_model_cannot_use_is_named_with_the_way_out():
     from sftkit.model import check_model_source
 
-    with pytest.raises(ConfigError, match=r"model.attn_implementation: flash_attention_2 \(sftkit's choice where "
-                                          r"flash-attn is installed and the setting is left out\) cannot be used: .*; "
+    with pytest.raises(ConfigError, match=r"model.attn_implementation: flash_attention_2 \(as set, or as sftkit chooses "
+                                          r"where flash-attn is installed and the key is left out\) cannot be used: .*; "
                                           r"set model.attn_implementation: sdpa \(or eager\)"):
         check_model_source(ModelConfig(path=str(TINY_MODEL), attn_implementation="flash_attention_2"))
 
