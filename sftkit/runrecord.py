@@ -96,10 +96,13 @@ def input_digests(resolved: dict) -> dict[str, str]:
     digests = {name: _digest(path, whole=True) for name, path in files.items()}  # read whole by the run anyway
     model = resolved.get("model", {}).get("path")
     if model and Path(resolve_path(model)).is_dir():
-        root = Path(resolve_path(model))
-        digests.update({f"{model}/{path.name}": _digest(path) for pattern in MODEL_FILES
-                        for path in sorted(root.glob(pattern))})
+        digests.update({f"{model}/{name}": digest for name, digest in _model_digests(Path(resolve_path(model))).items()})
     return digests
+
+
+def _model_digests(model_dir: Path) -> dict[str, str]:
+    """A model directory's config, tokenizer and weights files, by name."""
+    return {path.name: _digest(path) for pattern in MODEL_FILES for path in sorted(model_dir.glob(pattern))}
 
 
 _DIGESTS: dict[tuple, str] = {}
@@ -142,7 +145,7 @@ def changed_model_files(record: dict | None, model_dir: Path) -> list[str]:
                 if model and name.startswith(f"{model}/")}
     if not recorded:
         return []
-    now = {path.name: _digest(path) for pattern in MODEL_FILES for path in sorted(Path(model_dir).glob(pattern))}
+    now = _model_digests(Path(model_dir))
     return sorted(name for name in {*recorded, *now} if recorded.get(name) != now.get(name))
 
 
