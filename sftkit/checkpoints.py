@@ -126,7 +126,8 @@ def checkpoint_to_resume(requested, output_dir: Path, resolved: dict, processes:
             print(f"sftkit: warning: skipping {newest}: {problem}", flush=True)
         else:
             raise ConfigError(f"training.resume_from_checkpoint: no checkpoint in {output_dir} can be resumed "
-                              f"({candidates[-1].name}: {resume_problem(candidates[-1])}); start afresh with --overwrite")
+                              f"({candidates[-1].name}: {resume_problem(candidates[-1])}); start afresh with "
+                              "--overwrite")
         checkpoint = newest
     else:
         checkpoint = Path(requested)
@@ -135,7 +136,8 @@ def checkpoint_to_resume(requested, output_dir: Path, resolved: dict, processes:
                               "directory or true for the newest one in output_dir")
         problem = resume_problem(checkpoint)
         if problem is not None:
-            intact = [path for path in checkpoints_in(checkpoint.parent) if path != checkpoint and not resume_problem(path)]
+            intact = [path for path in checkpoints_in(checkpoint.parent)
+                      if path != checkpoint and not resume_problem(path)]
             way = f"resume from {intact[-1]} instead" if intact else "no other checkpoint there can be resumed"
             raise ConfigError(f"training.resume_from_checkpoint {checkpoint}: {problem}; {way}")
         _refuse_rewinding_over_later_checkpoints(checkpoint, output_dir)

@@ -139,8 +139,8 @@ def _hub_errors(training: dict) -> list[str]:
     """training.push_to_hub needs the hub and a login, which the Trainer finds missing only once it is built, after
     the data and the model have loaded (transformers 5.24 creates the repo then)."""
     if training.get("hub_token") == "<hidden>":
-        return ["training.hub_token is <hidden>, what sftkit saves in place of a token; remove the key (huggingface_hub "
-                "finds your login or HF_TOKEN)"]
+        return ["training.hub_token is <hidden>, what sftkit saves in place of a token; remove the key "
+                "(huggingface_hub finds your login or HF_TOKEN)"]
     if not training.get("push_to_hub") or not is_main_process():  # only the main process talks to the hub
         return []
     from huggingface_hub import constants, get_token

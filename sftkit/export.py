@@ -318,7 +318,8 @@ def _publish(staging: Path, output_dir: Path) -> None:
 
 
 # what PEFT 0.21 writes into an adapter's directory (its README.md aside, which the export removes)
-ADAPTER_FILE = re.compile(r"adapter_config\.json|adapter_model.*\.(safetensors|bin)|adapter_model\.safetensors\.index\.json")
+ADAPTER_FILE = re.compile(r"adapter_config\.json|adapter_model.*\.(safetensors|bin)"
+                          r"|adapter_model\.safetensors\.index\.json")
 
 
 def _replace_adapter(new: Path, published: Path, written: set[str]) -> None:

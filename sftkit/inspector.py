@@ -25,7 +25,8 @@ def inspect(config: RunConfig, samples: int = 3, color: bool | None = None) -> s
     for index in range(min(samples, len(data.train))):
         row = data.train[index]
         lines += ["", f"--- sample {index} ({len(row['input_ids'])} tokens; trained tokens "
-                  f"{'in green' if color else 'in [[double brackets]]'}) ---", *_as_trained(tokenizer, row, args, color)]
+                  f"{'in green' if color else 'in [[double brackets]]'}) ---",
+                  *_as_trained(tokenizer, row, args, color)]
     return "\n".join(lines)
 
 

@@ -33,9 +33,9 @@ class MonitoredSFTTrainer(TrainerWorkarounds, SFTTrainer):
     carries memory. `Trainer.log` is the documented place to add metrics: what is added here reaches the progress
     bar, `log_history`, TensorBoard and W&B alike (a callback's `on_log` comes after `log_history` is written).
     It hooks three of the Trainer's private methods (`_prepare_inputs` for torch.compile's shape hints, `_get_grad_norm`
-    for the finite check, `_save_checkpoint` for a checkpoint that cannot be written; it warns where they are gone), and logs the last step (LogTheLastStep); the fixes to the
-    Trainer's own behaviour are in compat.TrainerWorkarounds. `cast_adapter_inputs`: see
-    fastpath.choose_adapter_inputs."""
+    for the finite check, `_save_checkpoint` for a checkpoint that cannot be written; it warns where they are gone),
+    and logs the last step (LogTheLastStep); the fixes to the Trainer's own behaviour are in
+    compat.TrainerWorkarounds. `cast_adapter_inputs`: see fastpath.choose_adapter_inputs."""
 
     def __init__(self, *args, cast_adapter_inputs: bool | None = True, **kwargs):
         super().__init__(*args, **kwargs)

@@ -81,7 +81,8 @@ def survey(directory: Path) -> Contents:
         if name in (LOCK_FILE, GUARD_FILE, RUN_FILE) or name.endswith(".partial"):
             continue
         ours = is_checkpoint(item) or written_by_sftkit(name)
-        changed = written is not None and ours and not is_checkpoint(item) and changed_since_written(item, written.get(name))
+        changed = written is not None and ours and not is_checkpoint(item) and \
+            changed_since_written(item, written.get(name))
         if not (recorded and ours) or item.is_symlink() or changed:
             contents.foreign.append(name)
             if ours:
@@ -100,7 +101,8 @@ def survey(directory: Path) -> Contents:
 def changed_since_written(item: Path, recorded) -> bool:
     """Whether the user made or changed `item` since the earlier run wrote it (signature `recorded`, None where it
     did not): a file changed, or a file the run wrote in a directory changed. Files the user added to such a
-    directory are theirs, and --overwrite leaves them (_remove_earlier_run); the staging directory is always sftkit's."""
+    directory are theirs, and --overwrite leaves them (_remove_earlier_run); the staging directory is always
+    sftkit's."""
     if item.name == STAGING_DIR:
         return False
     if recorded is None or not item.is_dir():

@@ -96,7 +96,8 @@ def input_digests(resolved: dict) -> dict[str, str]:
     digests = {name: _digest(path, whole=True) for name, path in files.items()}  # read whole by the run anyway
     model = resolved.get("model", {}).get("path")
     if model and Path(resolve_path(model)).is_dir():
-        digests.update({f"{model}/{name}": digest for name, digest in _model_digests(Path(resolve_path(model))).items()})
+        model_files = _model_digests(Path(resolve_path(model)))
+        digests.update({f"{model}/{name}": digest for name, digest in model_files.items()})
     return digests
 
 
