@@ -373,10 +373,9 @@ def path_errors(model: ModelConfig, dataset: DatasetConfig, training: Any, besid
             errors.append(f"model.path: {model.path} is not a model directory (it has no config.json); point it at the "
                           "directory written by save_pretrained, which holds config.json and the weights")
     template = dataset.chat_template
-    if template and "\n" not in template and "{" not in template and looks_local(template):
-        if not Path(resolve_path(template)).is_file():
-            errors.append(f"dataset.chat_template: {template} does not exist{looked_in(template, beside)}; give the "
-                          "path of a Jinja file, or the template itself")
+    if template and "{" not in template and not Path(resolve_path(template)).is_file():  # no Jinja tag: a file meant
+        errors.append(f"dataset.chat_template: {template} does not exist{looked_in(template, beside)}; give the "
+                      "path of a Jinja file, or the template itself")
     sources = [("dataset", dataset)] if not dataset.sources else []
     sources += [(f"dataset.sources[{index}]", source) for index, source in enumerate(dataset.sources or [])]
     evaluation = [(f"dataset.eval_sources[{index}]", source) for index, source in enumerate(dataset.eval_sources or [])]

@@ -205,7 +205,7 @@ def init(argv: list[str]) -> int:
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             with open(target, "x") as file:  # never over a file, even one made meanwhile
-                file.write(source.read_text())
+                file.write(_as_written_to(source, target))
         except FileExistsError:
             raise ConfigError(f"{target} exists already; choose another name (sftkit init never replaces a "
                               "file)") from None
@@ -216,6 +216,13 @@ def init(argv: list[str]) -> int:
     print(f"sftkit init: wrote {target} (from {source.name}); edit model.path, dataset.name and training.output_dir, "
           f"then: sftkit train {target}")
     return 0
+
+
+def _as_written_to(source: Path, target: Path) -> str:
+    """The shipped config's text, its header's launch commands naming the copy rather than the shipped file."""
+    from sftkit.paths import CONFIGS_DIR
+
+    return source.read_text().replace(f"configs/{source.relative_to(CONFIGS_DIR)}", str(target))
 
 
 def _shipped_config(name: str) -> Path:

@@ -35,7 +35,14 @@ from sftkit.layout import (
 )
 from sftkit.peers import lost_contact
 from sftkit.rundir import OutputDir
-from sftkit.runrecord import changed_model_files, read_run_record, record_published, record_written, write_json
+from sftkit.runrecord import (
+    changed_model_files,
+    read_run_record,
+    record_published,
+    record_written,
+    trained_to_step,
+    write_json,
+)
 from sftkit.schema import ModelConfig
 from sftkit.weightfiles import (
     check_free_space,
@@ -422,6 +429,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m sftkit.export") -
     lock = OutputDir(args.output_dir, {})
     try:
         record = read_run_record(args.output_dir)
+        if not args.output_dir.is_dir():
+            raise ConfigError(f"{args.output_dir}: no such directory; give the training.output_dir of the run whose "
+                              "export failed")
+        if not staging.is_dir() and trained_to_step(args.output_dir) is not None:
+            raise ConfigError(f"{args.output_dir}: its export finished already; the model there is complete")
         if not staging.is_dir() or record is None or "dtype" not in record:
             raise ConfigError(f"{args.output_dir} has no unfinished export to finish ({staging} or its run record "
                               "is missing)")

@@ -30,7 +30,8 @@ def build_summary(trainer, config, data, dtype, parameters: tuple[int, int], rep
         "epochs": round(state.epoch, 3),
         "train_seconds": train_seconds,
         "input_tokens": state.num_input_tokens_seen or None,
-        "tokens_per_second": round(state.num_input_tokens_seen / train_seconds, 1),
+        "tokens_per_second": round(state.num_input_tokens_seen / train_seconds, 1) if state.num_input_tokens_seen
+        else None,
         "trained_tokens": round(data.trainable_tokens * state.epoch),
         "train_loss_first": losses[0] if losses else None,
         "train_loss_last": losses[-1] if losses else None,
@@ -251,7 +252,9 @@ def format_summary(summary: dict) -> str:
         ("wall time", f"{summary['wall_seconds']:.1f} s ({summary['train_seconds']:.1f} s training), "
                       f"{summary['steps']} step{'s' if summary['steps'] != 1 else ''}"),
         ("tokens", f"{count(summary['input_tokens'])} input ({count(summary['tokens_per_second'])}/s), "
-                   f"{summary['trained_tokens']:,} trained"),
+                   f"{summary['trained_tokens']:,} trained" if summary["input_tokens"] else
+                   f"{summary['trained_tokens']:,} trained (input tokens not counted: "
+                   "training.include_num_input_tokens_seen is off)"),
         ("train loss", f"{_number(summary['train_loss_first'])} -> {_number(summary['train_loss_last'])} "
                        f"(first -> last log), {_number(summary['train_loss_mean'])} mean"),
         *([("eval loss", f"{_number(summary['eval_loss_first'])} -> {_number(summary['eval_loss'])} (start -> "

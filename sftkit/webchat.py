@@ -7,6 +7,7 @@
 The page keeps the conversation; the reply streams in as it is generated, with the model's own chat template.
 """
 
+import argparse
 import importlib.util
 import os
 import sys
@@ -51,10 +52,16 @@ def _text(content) -> str:
     return "".join(part.get("text", "") for part in content if isinstance(part, dict))
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number from 1 to 65535")
+    return int(text)
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m sftkit.webchat") -> int:
     parser = generation_arguments(OneLineArgumentParser(prog=prog, description=__doc__.split("\n")[0]))
     parser.add_argument("--host", default="127.0.0.1", help="127.0.0.1 keeps it on this machine (default)")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=_port, default=7860, help="a TCP port, 1 to 65535 (default 7860)")
     args = parser.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline machine
     if importlib.util.find_spec("gradio") is None:

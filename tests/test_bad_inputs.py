@@ -95,6 +95,8 @@ CONFIG_CASES = {
                                     "dataset.test_size"]),
     "missing chat template file": (["--dataset.chat_template", "templates/mine.jinja"],
                                    ["dataset.chat_template: templates/mine.jinja does not exist"]),
+    "chat template file without a suffix": (["--dataset.chat_template", "my_chatml"],  # it was the template itself
+                                             ["dataset.chat_template: my_chatml does not exist (looked in"]),
     "missing deepspeed file": (["--training.deepspeed", "deepspeed_configs/zero9.json"],
                                ["training.deepspeed: deepspeed_configs/zero9.json does not exist"]),
     "subset of a local file": (["--dataset.subset", "en"], ["dataset.subset: en names a configuration of a hub "

@@ -188,6 +188,18 @@ def test_the_chats_generation_options_are_checked_before_the_model_loads(option,
         f"python -m sftkit.chat: error: argument {option}: '-1' is not {rule}; see python -m sftkit.chat --help\n")
 
 
+@pytest.mark.parametrize("port", ["99999", "0", "http"])
+def test_the_web_chats_port_is_checked_before_the_model_loads(port, capsys):
+    """99999 ended in gradio's OverflowError traceback after the model had loaded."""
+    from sftkit import webchat
+
+    with pytest.raises(SystemExit) as exit_code:
+        webchat.main([str(REPO / "data" / "tiny-chat-llama"), "--port", port])
+    assert exit_code.value.code == 2 and capsys.readouterr().err == (
+        f"python -m sftkit.webchat: error: argument --port: '{port}' is not a port number from 1 to 65535; see "
+        "python -m sftkit.webchat --help\n")
+
+
 @pytest.mark.parametrize(("options", "expected"), [
     (["--prompts", "nosuch.txt"], "--prompts nosuch.txt is not a file; give a text file with one prompt per line"),
     (["--out", "nodir/x.md"], "--out nodir/x.md: the directory nodir does not exist; create it or choose another path"),

@@ -639,3 +639,14 @@ def test_weights_that_cannot_be_written_at_all_are_said_to_be_lost_and_leave_not
     assert str(failure.value).endswith(", so no trained weights were saved; no checkpoint was saved (set "
                                        "training.save_strategy: steps to keep some)")
     assert not (out / STAGING_DIR).exists()
+
+
+def test_finishing_an_export_names_a_missing_directory_and_a_finished_one(monitored_run, tmp_path, capsys):
+    """Both were "has no unfinished export to finish (... or its run record is missing)", which sent a user with a
+    typo in the path, or with a model that was fine, looking for a lost run record."""
+    assert export_main([str(tmp_path / "typo")]) == 2
+    assert capsys.readouterr().err == (f"python -m sftkit.export: error: {tmp_path / 'typo'}: no such directory; give "
+                                       "the training.output_dir of the run whose export failed\n")
+    assert export_main([str(monitored_run.out)]) == 2
+    assert capsys.readouterr().err == (f"python -m sftkit.export: error: {monitored_run.out}: its export finished "
+                                       "already; the model there is complete\n")

@@ -60,7 +60,9 @@ def test_sftkit_train_from_another_directory_trains_the_default_model(installed)
 def test_sftkit_init_writes_a_config_that_trains(installed):
     _, _, work = installed
     assert sftkit(installed, "init", "my_run", "--from", "default").returncode == 0
-    assert (work / "my_run.yaml").read_text().startswith("# Full fine-tuning of the embedded tiny Llama model")
+    written = (work / "my_run.yaml").read_text()
+    assert written.startswith("# Full fine-tuning of the embedded tiny Llama model")
+    assert "--config my_run.yaml" in written and "default_train_config.yaml" not in written, written[:800]
     again = sftkit(installed, "init", "my_run")
     assert again.returncode == 2 and "my_run.yaml exists already" in again.stderr
     dry = sftkit(installed, "train", "my_run.yaml", "--dry-run")

@@ -219,6 +219,14 @@ def test_a_run_that_publishes_its_best_checkpoint_reports_that_checkpoints_eval_
         assert all(torch.equal(published.get_tensor(name), best.get_tensor(name)) for name in best.keys())
 
 
+def test_a_run_that_does_not_count_its_input_tokens_says_so_instead_of_a_speed_of_zero(tmp_path):
+    """It printed "tokens n/a input (0/s)": the Trainer counts input tokens only where asked to."""
+    _, result = run(tmp_path, "default_train_config.yaml", "--training.include_num_input_tokens_seen", "no", steps=2)
+    assert (result.summary["input_tokens"], result.summary["tokens_per_second"]) == (None, None)
+    assert (f"  tokens             {result.summary['trained_tokens']:,} trained (input tokens not counted: "
+            "training.include_num_input_tokens_seen is off)\n") in format_summary(result.summary)
+
+
 def test_the_summary_covers_every_step_whatever_the_logging_interval(tmp_path):
     """The last step is logged too: a 4-step run logging every 10 steps had its first step's loss as its mean and
     last train loss."""
