@@ -1,8 +1,8 @@
 """Checkpoints a run may resume from: the same run's (by fingerprint), and intact (every file readable whole)."""
 
 import json
+import logging
 import shutil
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -21,6 +21,8 @@ from sftkit.runrecord import (
     write_json,
 )
 from sftkit.weightfiles import empty_tensors, readable_like_other_files
+
+logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
 AUTO = "auto"
@@ -123,7 +125,7 @@ def checkpoint_to_resume(requested, output_dir: Path, resolved: dict, processes:
             problem = resume_problem(newest)
             if problem is None:
                 break
-            print(f"sftkit: warning: skipping {newest}: {problem}", flush=True)
+            logger.warning(f"skipping {newest}: {problem}")
         else:
             raise ConfigError(f"training.resume_from_checkpoint: no checkpoint in {output_dir} can be resumed "
                               f"({candidates[-1].name}: {resume_problem(candidates[-1])}); start afresh with "
@@ -265,9 +267,9 @@ def _warn_of_another_preparation(checkpoint: Path, saved: int) -> None:
     from sftkit.data import PREPARATION
 
     if saved != PREPARATION:
-        print(f"sftkit: warning: {checkpoint} was trained on rows prepared by an sftkit of another data preparation "
-              f"({saved}, now {PREPARATION}); the run continues on the rows as prepared now, so this epoch may repeat "
-              "or leave out some of them (start afresh with --overwrite to train on them evenly)", flush=True)
+        logger.warning(f"{checkpoint} was trained on rows prepared by an sftkit of another data preparation "
+                       f"({saved}, now {PREPARATION}); the run continues on the rows as prepared now, so this epoch "
+                       "may repeat or leave out some of them (start afresh with --overwrite to train on them evenly)")
 
 
 def warn_of_other_weights(checkpoint: str | None, weights: str, dtype: str) -> None:
@@ -278,9 +280,9 @@ def warn_of_other_weights(checkpoint: str | None, weights: str, dtype: str) -> N
     saved = record.get("weights", dtype) if record else weights
     if saved != weights:
         ratio = "twice" if weights == "float32" else "half"
-        print(f"sftkit: warning: {checkpoint} trained {saved} weights; this sftkit continues with {weights} weights "
-              "(bf16 full fine-tuning keeps float32 weights since 2026-11-27, so small updates are not lost), "
-              f"which take {ratio} the memory for weights, gradients and Adam states", flush=True)
+        logger.warning(f"{checkpoint} trained {saved} weights; this sftkit continues with {weights} weights "
+                       "(bf16 full fine-tuning keeps float32 weights since 2026-11-27, so small updates are not lost), "
+                       f"which take {ratio} the memory for weights, gradients and Adam states")
 
 
 def earlier_progress(checkpoint: str | None) -> dict:
@@ -299,8 +301,7 @@ def drop_unsaved_checkpoint(args, step: int, error: Exception) -> None:
     reason = f"could not save {checkpoint}: {getattr(error, 'strerror', None) or 'its disk is full'}"
     if args.world_size > 1:
         raise RunFailed(f"{reason}; {newest_checkpoint_words(Path(args.output_dir))}") from error
-    print(f"sftkit: warning: {reason}; training goes on (free space: the export at the end waits for it)",
-          file=sys.stderr, flush=True)
+    logger.warning(f"{reason}; training goes on (free space: the export at the end waits for it)")
 
 
 class RecordRunInCheckpoints(TrainerCallback):

@@ -1,6 +1,7 @@
 """How a run or a tool ends early, each with its exit code, and how that is said: one line (`say_error`)."""
 
 import argparse
+import logging
 import os
 import sys
 import traceback
@@ -50,6 +51,21 @@ def say_error(prog: str, error: SftkitError) -> int:
     if os.environ.get("SFTKIT_DEBUG", "0") not in ("", "0"):
         traceback.print_exception(error, file=sys.stderr)
     return error.exit_code
+
+
+class _WarningsOnStderr(logging.Handler):
+    """The `sftkit` logger's warnings as `sftkit: warning: ...` on stderr, each at once, on the stderr of the moment
+    (a test's capture replaces it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"sftkit: {record.levelname.lower()}: {self.format(record)}", file=sys.stderr, flush=True)
+
+
+def say_warnings() -> None:
+    """Every warning of sftkit's modules (their loggers are `sftkit` and below it) said the same way."""
+    logger = logging.getLogger("sftkit")
+    if not any(isinstance(handler, _WarningsOnStderr) for handler in logger.handlers):
+        logger.addHandler(_WarningsOnStderr(logging.WARNING))
 
 
 def first_line(error: BaseException) -> str:

@@ -12,6 +12,7 @@ skip all of this: there the launcher already stops every process when one fails.
 
 import atexit
 import json
+import logging
 import os
 import socket
 import sys
@@ -21,6 +22,8 @@ from pathlib import Path
 
 from sftkit.engines import first_on_its_machine, several_machines, world_size
 from sftkit.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 FAILURE_KEY = "sftkit/failure"
 POLL_SECONDS = 1.0
@@ -186,9 +189,9 @@ def check_output_dir_is_shared(output_dir: Path, args, resuming: bool) -> None:
                           "filesystem every machine shares (copying each machine's checkpoint-N files into one "
                           "directory there makes them whole)")
     if args.process_index == 0:
-        print(f"sftkit: warning: training.output_dir {problem}: {where} does not see this run's lock in {directory}. "
-              "The model is written on this machine, but each checkpoint is split across the machines' disks and "
-              "cannot resume; put output_dir on a filesystem every machine shares", file=sys.stderr, flush=True)
+        logger.warning(f"training.output_dir {problem}: {where} does not see this run's lock in {directory}. "
+                       "The model is written on this machine, but each checkpoint is split across the machines' "
+                       "disks and cannot resume; put output_dir on a filesystem every machine shares")
 
 
 def _settings(config) -> dict:

@@ -7,6 +7,7 @@ them (`training.resume_from_checkpoint`, accepted only for checkpoints of the sa
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -37,6 +38,8 @@ from sftkit.runrecord import (
     trained_to_step,
     write_json,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -217,8 +220,8 @@ class OutputDir:
         try:
             write_json(self.path / RUN_FILE, {**record, "status": status, **extra})
         except OSError as error:  # a full disk: what the run does next (wait for space, export) matters more
-            print(f"sftkit: warning: could not record the run as {status} in {self.path / RUN_FILE}: "
-                  f"{error.strerror or error}", flush=True)
+            logger.warning(f"could not record the run as {status} in {self.path / RUN_FILE}: "
+                           f"{error.strerror or error}")
 
     def _refuse_a_file(self) -> None:
         if self.path.exists() and not self.path.is_dir():

@@ -68,7 +68,7 @@ def test_resume_true_falls_back_to_the_newest_intact_checkpoint_with_a_warning(d
     record = out / RUN_FILE  # killed as it saved checkpoint-4 (how a checkpoint is damaged): the run did not finish
     record.write_text(json.dumps({**json.loads(record.read_text()), "status": "interrupted"}))
     run = train(config(out, "--training.resume_from_checkpoint", "true"))
-    assert f"warning: skipping {out}/checkpoint-4: optimizer.pt is damaged" in capsys.readouterr().out
+    assert f"warning: skipping {out}/checkpoint-4: optimizer.pt is damaged" in capsys.readouterr().err
     logged = [entry["step"] for entry in run.trainer.state.log_history if "loss" in entry]
     assert logged == [1, 2, 3, 4] and run.summary["steps"] == 4  # steps 3 and 4 trained again from checkpoint-2
 
@@ -174,12 +174,12 @@ def test_a_resume_onto_rows_prepared_another_way_warns(with_checkpoints, tmp_pat
     record = json.loads((checkpoint / "sftkit_run.json").read_text())
     assert record["preparation"] == PREPARATION
     resolved = config(with_checkpoints).resolved
-    assert checkpoint_to_resume(str(checkpoint), tmp_path, resolved, 1) and "warning" not in capsys.readouterr().out
+    assert checkpoint_to_resume(str(checkpoint), tmp_path, resolved, 1) and "warning" not in capsys.readouterr().err
     record.pop("preparation")
     (checkpoint / "sftkit_run.json").write_text(json.dumps({**record, **({"preparation": saved} if saved else {})}))
     assert checkpoint_to_resume(str(checkpoint), tmp_path, resolved, 1) == str(checkpoint)
     assert (f"checkpoint-2 was trained on rows prepared by an sftkit of another data preparation (1, now {PREPARATION})"
-            in capsys.readouterr().out)
+            in capsys.readouterr().err)
 
 
 def test_checkpoints_are_readable_like_the_other_files_of_the_run(with_checkpoints):
@@ -205,14 +205,14 @@ def test_a_resume_onto_other_weights_warns(with_checkpoints, tmp_path, capsys):
     record = json.loads((checkpoint / "sftkit_run.json").read_text())
     assert record["weights"] == "float32"
     warn_of_other_weights(str(checkpoint), "float32", "float32")
-    assert "warning" not in capsys.readouterr().out
+    assert "warning" not in capsys.readouterr().err
     record.pop("weights")  # saved before the weights were recorded: they were in the run's dtype
     (checkpoint / "sftkit_run.json").write_text(json.dumps(record))
     warn_of_other_weights(str(checkpoint), "float32", "bfloat16")
-    assert f"{checkpoint} trained bfloat16 weights; this sftkit continues with float32 weights" in capsys.readouterr().out
+    assert f"{checkpoint} trained bfloat16 weights; this sftkit continues with float32 weights" in capsys.readouterr().err
     (checkpoint / "sftkit_run.json").unlink()  # cut short before its record: output_dir's record says no weights
     warn_of_other_weights(str(checkpoint), "float32", "bfloat16")
-    assert "warning" not in capsys.readouterr().out
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_eos_token_is_part_of_the_run_and_records_with_transformers_placeholders_still_resume(with_checkpoints, tmp_path):
@@ -261,7 +261,7 @@ def test_a_checkpoint_without_optimizer_state_is_not_resumed_as_if_it_had_it(wit
     longer = config(out, "--training.max_steps", "6").resolved
     assert checkpoint_to_resume(True, out, longer, 1) == str(out / "checkpoint-2")
     assert f"skipping {out}/checkpoint-4: it holds the model alone, no optimizer or learning-rate schedule state" in \
-        capsys.readouterr().out
+        capsys.readouterr().err
     with pytest.raises(ConfigError, match="checkpoint-4: it holds the model alone.*resume from .*checkpoint-2 instead"):
         checkpoint_to_resume(str(out / "checkpoint-4"), out, longer, 1)
 

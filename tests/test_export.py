@@ -391,7 +391,8 @@ def test_a_disk_full_as_training_ends_waits_for_space_and_publishes_the_model(sm
     monkeypatch.setattr(export_module, "DISK_POLL_SECONDS", 0.5)
     run = train(config(out))
     said = capsys.readouterr()
-    assert f"could not record the run as exporting in {out / RUN_FILE}: No space left on device" in said.out
+    assert (f"sftkit: warning: could not record the run as exporting in {out / RUN_FILE}: No space left on device"
+            in said.err)
     assert "waiting for space" in said.err and (out / "config.json").is_file() and not (out / STAGING_DIR).exists()
     assert json.loads((out / RUN_FILE).read_text())["status"] == "finished" and run.summary["steps"] == 3
     assert not list(out.glob("*.partial"))

@@ -50,7 +50,7 @@ def test_a_file_named_for_no_split_makes_the_whole_folder_one_train_split(tmp_pa
     data = prepare_data(DatasetConfig(name=str(tmp_path / "data")), tokenizer, max_length=128)
     assert data.rows == 5
     assert (f"sftkit: warning: dataset {tmp_path / 'data'}: eval.jsonl is named for a split but trained on with the "
-            "rest, as chats.jsonl is named for none") in capsys.readouterr().out
+            "rest, as chats.jsonl is named for none") in capsys.readouterr().err
     with pytest.raises(DataError, match=r"dataset.eval_split: 'test' is not a split of .*: its files are split train "
                                          r"\(chats.jsonl, eval.jsonl, extra.jsonl\): one split, as not every file is "
                                          r"named for a split"):
@@ -64,10 +64,10 @@ def test_a_folder_of_files_named_for_splits_says_which_files_it_does_not_read(tm
     data = prepare_data(DatasetConfig(name=str(tmp_path / "data")), tokenizer, max_length=128)
     assert data.rows == 3 and data.eval is None
     assert (f"sftkit: warning: dataset {tmp_path / 'data'}: test_cases.jsonl is named for split 'test', which this "
-            "run reads nowhere; evaluate on it with dataset.eval_split: test") in capsys.readouterr().out
+            "run reads nowhere; evaluate on it with dataset.eval_split: test") in capsys.readouterr().err
     data = prepare_data(DatasetConfig(name=str(tmp_path / "data"), eval_split="test"), tokenizer, max_length=128)
     assert data.rows == 3 and len(data.eval) == 2
-    assert "warning" not in capsys.readouterr().out
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_a_bad_row_in_a_folder_names_its_file_and_line(tmp_path):
@@ -173,9 +173,9 @@ def test_settings_plain_text_rows_ignore_are_said(tmp_path, tokenizer, capsys):
     assert data.formats == ["text"]
     assert (f"sftkit: warning: dataset {path} is plain text, whose rows train every token as written: "
             "dataset.system_prompt 'Be nice' and dataset.loss_on last_assistant do nothing to them") in \
-        capsys.readouterr().out
+        capsys.readouterr().err
     prepare_data(DatasetConfig(name=path), tokenizer, max_length=128)
-    assert "warning" not in capsys.readouterr().out
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_csv_files_of_one_source_with_other_headers_or_a_column_named_twice_are_refused(tmp_path, tokenizer):
@@ -226,9 +226,9 @@ def test_a_folders_split_read_as_eval_source_is_read_and_its_train_split_as_eval
     folder = str(tmp_path / "data")
     data = prepare_data(DatasetConfig(name=folder, eval_sources=[SourceConfig(name=folder, split="test")]), tokenizer,
                         max_length=128)
-    assert (data.rows, len(data.eval)) == (2, 1) and "warning" not in capsys.readouterr().out
+    assert (data.rows, len(data.eval)) == (2, 1) and "warning" not in capsys.readouterr().err
     prepare_data(DatasetConfig(name=folder, eval_sources=[SourceConfig(name=folder)]), tokenizer, max_length=128)
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "split 'train' is both trained and evaluated on, so the eval loss measures memory" in out
     assert "test.jsonl is named for split 'test', which this run reads nowhere" in out
 
@@ -239,7 +239,7 @@ def test_split_names_in_capitals_are_said_to_be_trained_on(tmp_path, tokenizer, 
     write_jsonl(tmp_path / "data" / "Test.jsonl", [chat(1)])
     assert prepare_data(DatasetConfig(name=str(tmp_path / "data")), tokenizer, max_length=128).rows == 2
     assert "Test.jsonl is named for a split but trained on with the rest, as datasets reads split names in lower " \
-           "case only" in capsys.readouterr().out
+           "case only" in capsys.readouterr().err
 
 
 def test_a_bad_row_in_a_folder_of_any_kind_of_file_names_its_file_and_place(tmp_path, tokenizer):

@@ -1,5 +1,6 @@
 """Sources -> rows -> chat messages -> input_ids + labels, mixed and split, ready for TRL's SFTTrainer."""
 
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from sftkit.engines import is_main_process
 from sftkit.errors import DataError
 from sftkit.paths import is_pattern, named_splits, resolve_path, saved_by_datasets, splits_of
 from sftkit.schema import DatasetConfig, SourceConfig
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["DataError", "MaskError", "PreparedData", "prepare_data", "prepare_for_training", "tokenize_messages"]
 HELPER_COLUMNS = ["source", "row", "trainable_tokens", "prompt_tokens", "problem"]
@@ -150,24 +153,23 @@ def _warn_of_files_not_read(cfg: DatasetConfig) -> None:
     evaluates |= {(folder, cfg.eval_split) for folder, _ in trains if cfg.eval_split}
     for folder, split in sorted(trains & evaluates, key=str):
         if folder is not None:
-            print(f"sftkit: warning: dataset {folder}: split {split!r} is both trained and evaluated on, so the eval "
-                  "loss measures memory; evaluate on another split, or hold out rows with dataset.test_size",
-                  flush=True)
+            logger.warning(f"dataset {folder}: split {split!r} is both trained and evaluated on, so the eval loss "
+                           "measures memory; evaluate on another split, or hold out rows with dataset.test_size")
     for folder in sorted({folder for folder, _ in trains | evaluates if folder is not None}):
         named = named_splits(folder)
         splits = splits_of(named)
         for split, files in splits.items():
             if (folder, split) not in trains | evaluates:
-                print(f"sftkit: warning: dataset {folder}: {_some_files(folder, files)} named for split {split!r}, "
-                      "which this run reads nowhere"
-                      + (f"; evaluate on it with dataset.eval_split: {split}" if split != "train" else ""), flush=True)
+                logger.warning(f"dataset {folder}: {_some_files(folder, files)} named for split {split!r}, which this "
+                               "run reads nowhere"
+                               + (f"; evaluate on it with dataset.eval_split: {split}" if split != "train" else ""))
         merged = [file for file, split in named.items() if split not in (None, "train") or _named_like_a_split(file)]
         if list(splits) == ["train"] and merged:
             unnamed = next((Path(file).name for file, split in named.items() if split is None), None)
             why = f"as {unnamed} is named for none" if unnamed else "as datasets reads split names in lower case only"
-            print(f"sftkit: warning: dataset {folder}: {_some_files(folder, merged)} named for a split but trained "
-                  f"on with the rest, {why} (train*, test* or eval*, validation* or dev*); name every file for its "
-                  "split, in lower case, to evaluate on one", flush=True)
+            logger.warning(f"dataset {folder}: {_some_files(folder, merged)} named for a split but trained on with "
+                           f"the rest, {why} (train*, test* or eval*, validation* or dev*); name every file for its "
+                           "split, in lower case, to evaluate on one")
 
 
 def _folder(source: SourceConfig) -> Path | None:
@@ -235,8 +237,8 @@ class _Preparation:
                                                                 ("loss_on", self.cfg.loss_on))
                    if getattr(self.cfg, key) not in (None, "assistant", "all")]
         if ignored:
-            print(f"sftkit: warning: dataset {source.name} is plain text, whose rows train every token as written: "
-                  f"{' and '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} nothing to them", flush=True)
+            logger.warning(f"dataset {source.name} is plain text, whose rows train every token as written: "
+                           f"{' and '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} nothing to them")
 
     def tokenize(self, rows, format_name: str, source: SourceConfig, position: int, num_proc: int | None,
                  truncate: bool, split: str | None = None):
