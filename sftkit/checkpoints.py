@@ -10,7 +10,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from sftkit.errors import AlreadyFinished, ConfigError, RunFailed
-from sftkit.layout import RUN_FILE, checkpoint_dir, checkpoint_step, is_checkpoint
+from sftkit.layout import RUN_FILE, STAGING_DIR, checkpoint_dir, checkpoint_step, is_checkpoint
 from sftkit.runrecord import (
     changed_inputs,
     config_differences,
@@ -203,10 +203,17 @@ def _refuse_resuming_at_the_end(checkpoint: Path, resolved: dict) -> None:
     length = f"training.max_steps {max_steps}" if max_steps is not None and max_steps > 0 else \
         f"{epochs:g} epoch{'s' if epochs != 1 else ''}, {end} steps"
     if step >= end:
+        output_dir = checkpoint.parent
+        if trained_to_step(output_dir) is not None:
+            model = f"Its model is in {output_dir}, and in the checkpoint itself"
+        elif (output_dir / STAGING_DIR).is_dir():  # killed during the export: nothing is published yet
+            model = (f"Its export did not finish, so {output_dir} holds no model yet: finish it with python -m "
+                     f"sftkit.export {output_dir}")
+        else:
+            model = "Its trained weights are in the checkpoint itself"
         raise ConfigError(f"training.resume_from_checkpoint: {checkpoint} is step {step}, at or past the end of this "
-                          f"run ({length}): nothing is left to train. Its model is in {checkpoint.parent} (an export "
-                          "that failed is finished with python -m sftkit.export), or the checkpoint itself; to train "
-                          "longer, raise training.max_steps or training.num_train_epochs")
+                          f"run ({length}): nothing is left to train. {model}; to train longer, raise "
+                          "training.max_steps or training.num_train_epochs")
 
 
 def checkpoint_record(checkpoint: Path) -> dict | None:

@@ -116,11 +116,17 @@ def run_directory(model_dir: Path) -> Path:
 def write_metadata(directory: Path, run_config, tokenizer) -> None:
     """Tokenizer, resolved config (secrets hidden) and library versions: small, so written first."""
     tokenizer.save_pretrained(directory)
-    # A config to train with again: without training.max_length (it comes from model.max_seq_length), nor what the
-    # fast path chose for this machine (flash_attention_2, compile...), which the next machine chooses for itself.
-    left_out = {"training.max_length"} | {choice.key for choice in run_config.speed if choice.chosen}
+    # without what the fast path chose for this machine (flash_attention_2, compile...): the next one chooses its own
+    _write_config_and_versions(directory, run_config.resolved, {choice.key for choice in run_config.speed
+                                                                if choice.chosen})
+
+
+def _write_config_and_versions(directory: Path, resolved: dict, left_out: set[str]) -> None:
+    """A config to train with again (without training.max_length, which comes from model.max_seq_length, nor the
+    keys `left_out`), and the library versions."""
+    left_out = left_out | {"training.max_length"}
     reusable = {section: {key: value for key, value in values.items() if f"{section}.{key}" not in left_out}
-                for section, values in run_config.resolved.items()}
+                for section, values in resolved.items()}
     (directory / RUN_CONFIG_FILE).write_text(yaml.safe_dump(reusable, sort_keys=False))
     (directory / VERSIONS_FILE).write_text(json.dumps(library_versions(), indent=2) + "\n")
 
@@ -442,6 +448,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m sftkit.export") -
 
         model_cfg = read_section(ModelConfig, record["config"]["model"], "model", args.output_dir)
         _recover_weights(args.output_dir, model_cfg.use_lora)
+        if not (staging / RUN_CONFIG_FILE).is_file() and not (args.output_dir / RUN_CONFIG_FILE).is_file():
+            # killed before the export wrote them: `sftkit chat` and `compare` read the run's config
+            _write_config_and_versions(staging, record["config"], set())
         published = [item.name for item in staging.iterdir()]
         finish_export(args.output_dir, model_cfg, getattr(torch, record["dtype"]), export="python -m sftkit.export")
         _add_saved_dtypes_to_the_summary(args.output_dir)

@@ -96,6 +96,30 @@ def test_resuming_a_finished_run_is_refused_instead_of_training_past_its_end(wit
     assert (out / "model.safetensors").read_bytes() == model
 
 
+def test_resuming_a_run_killed_during_its_export_says_to_finish_the_export_not_that_its_model_is_there(
+        with_checkpoints, tmp_path):
+    """A SIGKILL (the OOM killer, a scheduler) while the export wrote its staging directory: a relaunch said "Its model
+    is in OUTPUT_DIR", which held none."""
+    from sftkit.export import main as export_main
+    from sftkit.layout import STAGING_DIR
+
+    out = tmp_path / "out"
+    shutil.copytree(with_checkpoints, out)
+    (out / STAGING_DIR).mkdir()
+    for name in ("model.safetensors", "config.json"):
+        (out / name).rename(out / STAGING_DIR / name)
+    for name in ("sftkit_config.yaml", "sftkit_versions.json", "README.md", "run_summary.json", "loss.png"):
+        (out / name).unlink()  # the export writes them, the report later
+    record = json.loads((out / RUN_FILE).read_text())
+    (out / RUN_FILE).write_text(json.dumps({**record, "status": "exporting"}))  # as it stood when killed
+    with pytest.raises(ConfigError, match=f"nothing is left to train. Its export did not finish, so {out} holds no "
+                                          f"model yet: finish it with python -m sftkit.export {out}; to train longer"):
+        train(config(out, "--training.resume_from_checkpoint", "auto"))
+    assert export_main([str(out)]) == 0 and (out / "model.safetensors").is_file()
+    again = load_config(str(out / "sftkit_config.yaml"), [])  # what `sftkit chat` and `compare` read
+    assert (again.resolved["dataset"], again.training.max_steps) == (record["config"]["dataset"], 4)
+
+
 @pytest.mark.parametrize("epochs", ["1", "1.5"])
 def test_resuming_a_finished_run_of_epochs_is_refused_however_many(tmp_path, epochs):
     """The Trainer records 1.5 epochs as 2 in its state: the check compared that with the config's 1.5, found another
