@@ -69,3 +69,9 @@ def zero_stage(args) -> int | None:
 def shards_weights(args) -> bool:
     """Each process holds only a shard of the weights: ZeRO-3 or FSDP."""
     return zero_stage(args) == 3 or uses_fsdp(args)
+
+
+def local_shard(parameter):
+    """The part of a parameter this process holds: ZeRO-3's ds_tensor, FSDP2's local shard, else all of it."""
+    shard = getattr(parameter, "ds_tensor", None)
+    return shard if shard is not None else getattr(parameter, "to_local", lambda: parameter)()

@@ -149,8 +149,7 @@ def finish_export(output_dir: Path, model_cfg: ModelConfig, dtype, **record) -> 
                             f"is in {staging}; once that is fixed, finish with: python -m sftkit.export "
                             f"{output_dir}") from error
         if model_cfg.use_lora:  # a half-written merged model: gone, so the staging directory holds only the adapter
-            for partial in [*staging.glob("model*.safetensors*"), staging / "config.json"]:
-                partial.unlink(missing_ok=True)
+            _drop_merged_model(staging)
         kept = staging / ADAPTER_DIR if model_cfg.use_lora else staging
         raise RunFailed(f"the export to {output_dir} failed: {reason}. The trained "
                         f"{'adapter' if model_cfg.use_lora else 'model'} is kept in {kept}; once that is fixed, "
@@ -167,10 +166,21 @@ def _complete_and_check(staging: Path, model_cfg: ModelConfig, dtype) -> None:
         _cast_float32_weights(staging, dtype, model_cfg.trust_remote_code)
     require_weights(staging, "model")
     broken = non_finite_tensors(staging)
+    if broken and model_cfg.use_lora and not non_finite_tensors(staging / ADAPTER_DIR):
+        _drop_merged_model(staging)
+        raise RunFailed(f"merging the trained adapter into its base gave weights that are not finite ({len(broken)} "
+                        f"tensors hold nan or inf, e.g. {broken[0]}), though the adapter's are finite: nothing was "
+                        f"published; the adapter is kept in {staging / ADAPTER_DIR}, to load on its base with PEFT (the merge "
+                        "overflowed its dtype, or the base holds nan or inf)")
     if broken:
         shutil.rmtree(staging)
         raise RunFailed(f"the trained weights are not finite ({len(broken)} tensors hold nan or inf, e.g. "
                         f"{broken[0]}); nothing was published and the broken weights were deleted")
+
+
+def _drop_merged_model(staging: Path) -> None:
+    for merged in [*staging.glob("model*.safetensors*"), staging / "config.json", staging / "generation_config.json"]:
+        merged.unlink(missing_ok=True)
 
 
 def _wait_for_space(output_dir: Path, needed: int, limit: float) -> None:

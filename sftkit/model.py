@@ -13,7 +13,7 @@ from transformers.pytorch_utils import Conv1D
 from sftkit import varlen
 from sftkit.compat import keep_cpu_4bit_layout_trainable, zero3_init_disabled
 from sftkit.data.tokenize import CHATML_TEMPLATE
-from sftkit.engines import uses_deepspeed, uses_fsdp
+from sftkit.engines import local_shard, uses_deepspeed, uses_fsdp
 from sftkit.errors import ConfigError, first_line
 from sftkit.paths import absolute_if_local, looked_in, resolve_path
 from sftkit.schema import DatasetConfig, ModelConfig
@@ -265,6 +265,29 @@ def load_model(model_cfg: ModelConfig, dtype: torch.dtype, gradient_checkpointin
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
         keep_cpu_4bit_layout_trainable(model)
     return model
+
+
+def refuse_non_finite_weights(model, model_path: str, args) -> None:
+    """A nan or inf in the base (an unused embedding row of a converted model, say) leaves every loss finite where
+    no row reads it, and the export then finds the published weights broken after the whole run: refused before
+    training. Each process reads its own shard, in slices (a whole-tensor isfinite doubles the largest one); 4-bit
+    weights are packed bytes (stored as floats for ZeRO-3), not numbers to check."""
+    broken = [name for name, parameter in model.named_parameters()
+              if type(parameter).__name__ != "Params4bit" and not _finite(local_shard(parameter))]
+    found = torch.tensor(float(len(broken)), device=args.device)
+    if args.world_size > 1:
+        torch.distributed.all_reduce(found)
+    if found.item():
+        which = f"{', '.join(broken[:3])}{' and more' if len(broken) > 3 else ''}" if broken else \
+            "a shard another process holds"
+        raise ConfigError(f"model.path {model_path}: its weights hold nan or inf ({which}), which training would "
+                          "carry into the model it publishes; fine-tune a copy of the model whose weights are finite")
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    if not tensor.is_floating_point():
+        return True
+    return all(torch.isfinite(part).all() for part in tensor.detach().reshape(-1).split(2**24))
 
 
 def lora_config(model_cfg: ModelConfig) -> LoraConfig | None:

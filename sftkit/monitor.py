@@ -19,7 +19,7 @@ from trl import SFTTrainer
 
 from sftkit.checkpoints import drop_unsaved_checkpoint
 from sftkit.compat import TrainerWorkarounds, keep_checkpoints_at_an_early_stop
-from sftkit.engines import shards_weights
+from sftkit.engines import local_shard, shards_weights
 from sftkit.fastpath import adapter_input_casts, bound_max_lengths, lengths_vary, mark_lengths_dynamic
 from sftkit.inference import generate_reply
 from sftkit.layout import SAMPLES_FILE
@@ -276,9 +276,7 @@ class StopGuard(TrainerCallback):
         deleted the last good one. Each process reads its own part (ZeRO-3's ds_tensor, FSDP2's local shard)."""
         for parameter in model.parameters() if model is not None else ():
             if parameter.requires_grad:
-                local = getattr(parameter, "ds_tensor", None)
-                local = local if local is not None else getattr(parameter, "to_local", lambda: parameter)()
-                self.observe(local)
+                self.observe(local_shard(parameter))
 
     def on_epoch_end(self, args, state, control, **kwargs):
         # the Trainer leaves the epoch after a stop and ends it: its flow callback then asks again for the epoch's

@@ -40,6 +40,7 @@ from sftkit.model import (
     load_tokenizer,
     lora_config,
     precision_words,
+    refuse_non_finite_weights,
     resolve_dtype,
     weights_dtype,
 )
@@ -120,6 +121,7 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
     if args.process_index == 0:
         warn_of_other_weights(resume_from, weights_name, str(dtype).removeprefix("torch."))
     model = load_model(config.model, weights, args.gradient_checkpointing)
+    refuse_non_finite_weights(model, config.model.path, args)
     timing = RecordRunInCheckpoints(config.resolved, earlier_progress(resume_from), started, weights_name)
     trainer = _trainer(config, model, tokenizer, data, [timing], resumed=resume_from is not None)
     parameters = _count_parameters(trainer.model)

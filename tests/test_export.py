@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from sftkit import export as export_module
 from sftkit.config import load_config
-from sftkit.errors import Interrupted, RunFailed
-from sftkit.export import export
+from sftkit.errors import ConfigError, Interrupted, RunFailed
+from sftkit.export import export, non_finite_tensors
 from sftkit.export import main as export_main
 from sftkit.layout import ADAPTER_DIR, RUN_FILE, STAGING_DIR
 from sftkit.rundir import OutputDir
@@ -131,6 +131,47 @@ def test_weights_that_are_not_finite_are_never_published(tmp_path):
                                         r"model.safetensors:model.layers.1.mlp.down_proj.weight\); nothing was published"):
         export(run.trainer, cfg, run.trainer.processing_class, torch.float32, torch.float32, (1, 1))
     assert (out / "model.safetensors").read_bytes() == before and not (out / STAGING_DIR).exists()
+
+
+def base_with_an_inf_row(directory) -> str:
+    """The tiny model, untied, with one embedding row no sample row uses set to inf, as in some converted models."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(TINY_MODEL, directory)
+    weights = load_file(directory / "model.safetensors")
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    weights["model.embed_tokens.weight"][-1] = float("inf")
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    settings = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**settings, "tie_word_embeddings": False}))
+    return str(directory)
+
+
+def test_a_base_whose_weights_are_not_finite_is_refused_before_training(tmp_path):
+    """Every loss was finite (no row reads the row), and after the whole run the export found the merged model
+    broken and deleted it, the finite trained adapter with it."""
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=r"model.path .*base: its weights hold nan or inf \(model.embed_tokens.weight"
+                                          r"\), which training would carry into the model it publishes"):
+        train(config(out, "lora_train_config.yaml", "--model.path", base_with_an_inf_row(tmp_path / "base")))
+    assert not list(out.glob("checkpoint-*")) and not (out / "model.safetensors").exists()
+
+
+def test_a_merge_that_is_not_finite_keeps_the_finite_adapter(lora_run, tmp_path):
+    """The merge can overflow where the adapter is finite, and the base can change under `sftkit export`: the
+    adapter, the run's whole training, was deleted with the merged model."""
+    staging = tmp_path / STAGING_DIR
+    shutil.copytree(lora_run / ADAPTER_DIR, staging / ADAPTER_DIR)
+    adapter_config = staging / ADAPTER_DIR / "adapter_config.json"
+    base = base_with_an_inf_row(tmp_path / "base")
+    adapter_config.write_text(json.dumps({**json.loads(adapter_config.read_text()), "base_model_name_or_path": base}))
+    with pytest.raises(RunFailed, match=r"merging the trained adapter into its base gave weights that are not finite "
+                                        r"\(1 tensors hold nan or inf, e.g. model.safetensors:model.embed_tokens.weight"
+                                        r"\), though the adapter's are finite: nothing was published; the adapter is "
+                                        f"kept in {staging / ADAPTER_DIR}"):
+        export_module._complete_and_check(staging, ModelConfig(path=base, use_lora=True), torch.float32)
+    assert sorted(path.name for path in staging.iterdir()) == [ADAPTER_DIR]
+    assert non_finite_tensors(staging / ADAPTER_DIR) == [] and (staging / ADAPTER_DIR / "adapter_model.safetensors").is_file()
 
 
 def export_cut_off(out, *names: str):
