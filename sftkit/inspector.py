@@ -24,14 +24,15 @@ def inspect(config: RunConfig, samples: int = 3, color: bool | None = None) -> s
     lines = [f"sftkit inspect: {config.source}, tokenizer {config.model.path}", *_statistics(data, args)]
     for index in range(min(samples, len(data.train))):
         row = data.train[index]
-        lines += ["", f"--- sample {index} ({len(row['input_ids'])} tokens; trained tokens "
+        lines += ["", f"--- sample {index} ({data.length_words(len(row['input_ids']))} tokens; trained tokens "
                   f"{'in green' if color else 'in [[double brackets]]'}) ---",
-                  *_as_trained(tokenizer, row, args, color)]
+                  *_as_trained(tokenizer, row, args, color, measured=data.measured_to is None)]
     return "\n".join(lines)
 
 
-def _as_trained(tokenizer, row: dict, args, color: bool) -> list[str]:
-    """The row as the trainer sees it: a row longer than max_seq_length cut where the trainer cuts it (keeps)."""
+def _as_trained(tokenizer, row: dict, args, color: bool, measured: bool) -> list[str]:
+    """The row as the trainer sees it: a row longer than max_seq_length cut where the trainer cuts it (keeps).
+    `measured`: the row was tokenized whole, so what is cut can be counted."""
     ids, labels, limit = row["input_ids"], row["labels"], args.max_length
     cut, keeps = len(ids) - limit, trainer_keeps(args)
     if cut <= 0 or keeps == "all":
@@ -41,7 +42,7 @@ def _as_trained(tokenizer, row: dict, args, color: bool) -> list[str]:
         return [f"{cut} tokens cut from the start by max_seq_length (truncation_mode keep_end) ...",
                 render_trained(tokenizer, ids[cut:], labels[cut:], color)]
     return [render_trained(tokenizer, ids[:limit], labels[:limit], color),
-            f"... {cut} more tokens cut by max_seq_length"]
+            f"... {cut} more tokens cut by max_seq_length" if measured else "... the rest is cut by max_seq_length"]
 
 
 def _statistics(data, args) -> list[str]:
@@ -55,13 +56,23 @@ def _statistics(data, args) -> list[str]:
         *(["eval rows dropped  " + describe_dropped(data.eval_dropped)]
           if any(data.eval_dropped.values()) else []),
         f"rows kept          {len(data.train):,} train{eval_rows}",
-        f"tokens per row     min {lengths[0]}, mean {statistics.mean(lengths):.1f}, median "
-        f"{statistics.median(lengths):g}, p95 {lengths[math.ceil(0.95 * len(lengths)) - 1]}, max {lengths[-1]}",
+        _length_statistics(data, lengths),
         f"tokens that train  {data.trainable_tokens:,} of {kept_tokens:,} ({100 * data.trainable_tokens / kept_tokens:.1f}%)",
         f"rows truncated     {cut_rows} longer than max_seq_length {args.max_length}"
         + (" (packing splits them instead)" if cut_rows == 0 and lengths[-1] > args.max_length else ""),
     ]
     return lines
+
+
+def _length_statistics(data, lengths: list[int]) -> str:
+    """Rows measured only past max_seq_length have no mean, and their lengths are said as 'more than N'."""
+    if data.measured_to and lengths[-1] > data.measured_to:
+        words = data.length_words
+        return (f"tokens per row     min {words(lengths[0])}, median {words(lengths[len(lengths) // 2])}, p95 "
+                f"{words(lengths[math.ceil(0.95 * len(lengths)) - 1])}, max {words(lengths[-1])} (rows are tokenized "
+                "only as far as max_seq_length keeps them)")
+    return (f"tokens per row     min {lengths[0]}, mean {statistics.mean(lengths):.1f}, median "
+            f"{statistics.median(lengths):g}, p95 {lengths[math.ceil(0.95 * len(lengths)) - 1]}, max {lengths[-1]}")
 
 
 def render_trained(tokenizer, input_ids: list[int], labels: list[int], color: bool) -> str:

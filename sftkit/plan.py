@@ -97,8 +97,8 @@ def dry_run(config: RunConfig, overwrite: bool = False) -> str:
         ("method", f"{method} in {precision_words(config.model, args, plan.dtype)}: {shape.trainable:,} of "
                    f"{counted:,} parameters train ({100 * shape.trainable / counted:.2f}%)"),
         ("data", f"{data.rows} rows read, {len(data.train)} train{eval_rows}{data.dropped_words()}; {tokens:,} "
-                 f"tokens per epoch, "
-                 f"{data.trainable_tokens:,} of them trained; longest row {max(data.lengths)} tokens "
+                 f"tokens per epoch, {data.trainable_tokens:,} of them trained; longest row "
+                 f"{data.length_words(max(data.lengths))} tokens "
                  f"(max_seq_length {args.max_length}"
                  + (f": {long_rows} row{'s are' if long_rows > 1 else ' is'} cut to it)" if long_rows else ")")
                  + (f"; packed into {plan.train_rows} rows" if args.packing else "")),

@@ -268,8 +268,27 @@ def test_the_dry_run_of_fsdp1_set_in_the_config_plans_it_on_a_machine_without_a_
     assert plan_value(result.stdout, "distributed") == words
 
 
+def test_the_length_of_rows_tokenized_only_as_far_as_training_keeps_them_is_said_as_more_than_the_cut(tmp_path):
+    """A conversation of about 1,600 tokens was "257 tokens" under max_seq_length 256 (tokenized one token past the
+    cut, for speed), and "... 1 more tokens cut": a user raised max_seq_length to 257 and still cut every row."""
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Question {row}?"},
+                                                     {"role": "assistant", "content": "A long answer. " * 60}]}) + "\n"
+                            for row in range(2)))
+    common = ["--dataset.name", str(data), "--dataset.test_size", "null", "--model.max_seq_length", "40",
+              "--training.output_dir", str(tmp_path / "out")]
+    inspected = run_sft("--inspect", "1", *common).stdout
+    assert ("tokens per row     min more than 40, median more than 40, p95 more than 40, max more than 40 (rows are "
+            "tokenized only as far as max_seq_length keeps them)") in inspected, inspected
+    assert "--- sample 0 (more than 40 tokens;" in inspected and "... the rest is cut by max_seq_length" in inspected
+    planned = plan_value(run_sft("--dry-run", *common).stdout, "data")
+    assert "longest row more than 40 tokens (max_seq_length 40: 2 rows are cut to it)" in planned, planned
+    whole = run_sft("--inspect", "1", *common, "--training.truncation_mode", "keep_end").stdout  # tokenized whole
+    assert "max more than" not in whole and "tokens cut from the start by max_seq_length" in whole
+
+
 @pytest.mark.parametrize(("settings", "shown", "hidden", "note"), [
-    ([], "Alpha", "Omega", "more tokens cut by max_seq_length"),
+    ([], "Alpha", "Omega", "... the rest is cut by max_seq_length"),  # tokenized only as far as it is kept
     (["--training.truncation_mode", "keep_end"], "Omega", "Alpha", "tokens cut from the start by max_seq_length"),
     (["--training.packing", "true", "--training.packing_strategy", "bfd_split"], "Omega", None,
      "packing (bfd_split) splits its tokens over rows of 40"),

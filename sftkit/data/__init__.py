@@ -60,6 +60,12 @@ class PreparedData:
     lengths: list[int] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # what was wrong with the first skipped bad rows
     eval_dropped: dict[str, int] = field(default_factory=dict)  # rows of eval_sources or eval_split dropped, by reason
+    # max_length where rows were tokenized only as far as the trainer keeps them: a length past it is a lower bound
+    measured_to: int | None = None
+
+    def length_words(self, length: int) -> str:
+        """'1,644', or 'more than 256' for a row measured only past max_length."""
+        return f"more than {self.measured_to:,}" if self.measured_to and length > self.measured_to else f"{length:,}"
 
     def kept(self, args) -> tuple[int, int]:
         """(tokens of an epoch the trainer keeps, rows it cuts to max_length): long rows are cut unless packing
@@ -142,6 +148,7 @@ def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42,
         lengths=pc.list_value_length(_column(train, "input_ids")).to_pylist(),
         problems=prepare.problems,
         eval_dropped=prepare.eval_dropped,
+        measured_to=max_length if truncate else None,
     )
 
 
