@@ -29,12 +29,12 @@ from sftkit.layout import (
     written_by_sftkit,
 )
 from sftkit.runrecord import (
+    as_written,
     config_differences,
     read_run_record,
     record_written,
     run_record,
     same_settings,
-    signature,
     trained_to_step,
     write_json,
 )
@@ -48,8 +48,9 @@ class Contents:
     models: list[str] = field(default_factory=list)  # a finished model or adapter, or an unfinished export
     checkpoints: list[str] = field(default_factory=list)
     ours: list[str] = field(default_factory=list)  # reports and other files an earlier run wrote
-    foreign: list[str] = field(default_factory=list)  # not written by sftkit or the Trainer
+    foreign: list[str] = field(default_factory=list)  # not the earlier run's: the user's, or changed since
     in_the_way: list[str] = field(default_factory=list)  # foreign, with the name of a file a run writes
+    changed: list[str] = field(default_factory=list)  # in the way: the earlier run wrote it, and it changed since
     written: dict | None = None  # what the earlier run recorded it wrote (runrecord.record_written), if it did
 
     def describe(self) -> str:
@@ -77,21 +78,26 @@ def survey(directory: Path) -> Contents:
     if not directory.is_dir():
         return contents
     recorded = (directory / RUN_FILE).is_file()  # without a run record nothing there is an earlier run's
+    record = (read_run_record(directory) or {}) if recorded else {}
     # what the run recorded it wrote, as it wrote it (record_written; none for a run killed before its end)
-    written = contents.written = (read_run_record(directory) or {}).get("written") if recorded else None
-    for item in sorted(directory.iterdir(), key=lambda path: _natural_key(path.name)):
+    written = contents.written = record.get("written")
+    items = sorted(directory.iterdir(), key=lambda path: _natural_key(path.name))
+    newest = max((item.name for item in items if is_checkpoint(item)), key=checkpoint_step, default=None)
+    trained = trained_to_step(directory) if recorded else None
+    for item in items:
         name = item.name
         if name in (LOCK_FILE, GUARD_FILE, RUN_FILE) or name.endswith(".partial"):
             continue
-        ours = is_checkpoint(item) or written_by_sftkit(name)
-        changed = written is not None and ours and not is_checkpoint(item) and \
-            changed_since_written(item, written.get(name))
-        if not (recorded and ours) or item.is_symlink() or changed:
+        if not (is_checkpoint(item) or written_by_sftkit(name)):
             contents.foreign.append(name)
-            if ours:
-                contents.in_the_way.append(name)
-        elif is_checkpoint(item):
+        elif is_checkpoint(item) and recorded and _saved_by_the_run(item, record, name == newest, trained):
             contents.checkpoints.append(name)
+        elif is_checkpoint(item) or not recorded or item.is_symlink() or \
+                (written is not None and changed_since_written(item, written.get(name))):
+            contents.foreign.append(name)
+            contents.in_the_way.append(name)
+            if written and name in written:
+                contents.changed.append(name)
         elif holds_training(name):
             contents.models.append(name)
         else:
@@ -99,6 +105,17 @@ def survey(directory: Path) -> Contents:
     return contents
 
 
+def _saved_by_the_run(checkpoint: Path, record: dict, newest: bool, trained: int | None) -> bool:
+    """Whether a checkpoint-N is the earlier run's: its own record (RecordRunInCheckpoints) is of the same settings
+    as output_dir's. One without a record is the run's only as the newest checkpoint, and no later than the step a
+    finished run trained to: a kill between the Trainer's save and that record leaves one so. Any other (made by hand,
+    copied from another run) is the user's, and --overwrite may not remove it."""
+    if checkpoint.name in record.get("replacing", ()):
+        return True  # the run before, whose checkpoints a stopped --overwrite was removing
+    own = read_run_record(checkpoint)
+    if own is None:
+        return newest and (trained is None or checkpoint_step(checkpoint.name) <= trained)
+    return own.get("fingerprint") == record.get("fingerprint") or same_settings(own, record.get("config", {}))
 
 
 def changed_since_written(item: Path, recorded) -> bool:
@@ -108,10 +125,18 @@ def changed_since_written(item: Path, recorded) -> bool:
     sftkit's."""
     if item.name == STAGING_DIR:
         return False
-    if recorded is None or not item.is_dir():
-        return recorded != signature(item)
-    now = {entry[0]: entry[1:] for entry in signature(item)}
-    return any(entry[0] in now and now[entry[0]] != entry[1:] for entry in recorded)
+    if recorded is None or item.is_dir() != all(isinstance(entry, list) for entry in recorded):
+        return True  # not written, or a file then and a directory now (or the other way)
+    if not item.is_dir():
+        return not as_written(item, recorded)
+    return any(not as_written(item / entry[0], entry[1:]) for entry in recorded if (item / entry[0]).is_file())
+
+
+def _what_is_in_the_way(contents: Contents) -> str:
+    made = [name for name in contents.in_the_way if name not in contents.changed]
+    parts = [f"files sftkit did not write there ({_some(made)})" if made else "",
+             f"files changed since the run wrote them ({_some(contents.changed)})" if contents.changed else ""]
+    return " and ".join(filter(None, parts))
 
 
 def _some(names: list[str], shown: int = 4) -> str:
@@ -162,10 +187,12 @@ class OutputDir:
         self.began = True
         if not main:
             return
-        self.record_start()  # first: a kill while removing leaves this run's record, not the earlier one's "finished"
+        # first: a kill while removing leaves this run's record, not the earlier one's "finished"
+        self.record_start(replacing=self.replaces.checkpoints if self.replaces else None)
         if self.replaces is not None:
             self._remove_earlier_run(self.replaces)
             self.replaces = None
+            self.record_start()  # none of them is left
 
     def preview(self, overwrite: bool, resume, model_path: str) -> str:
         """What claim would find, checked the same way but with nothing created, locked or removed (the dry run):
@@ -186,16 +213,18 @@ class OutputDir:
     def _contents_this_run_may_take(self, overwrite: bool, resume) -> "Contents":
         contents = survey(self.path)
         if contents.in_the_way:
-            raise ConfigError(f"training.output_dir {self.path} holds files sftkit did not write, or changed since, "
-                              f"under the names a run writes ({_some(contents.in_the_way)}); move them elsewhere or "
-                              "choose another training.output_dir")
+            raise ConfigError(f"training.output_dir {self.path} holds {_what_is_in_the_way(contents)}, under the names "
+                              "a run writes; move them elsewhere or choose another training.output_dir")
         if not overwrite and resume is not True:  # resuming from output_dir: checkpoint_to_resume checks the run
             self._refuse_another_runs_work(contents, resuming=resume is not None)
         return contents
 
-    def record_start(self) -> None:
-        """Mark output_dir as this run's; called once the checkpoint to resume (if any) was found to be its own."""
-        write_json(self.path / RUN_FILE, run_record(self.resolved, status="training", started=time.time()))
+    def record_start(self, replacing: list[str] | None = None) -> None:
+        """Mark output_dir as this run's; called once the checkpoint to resume (if any) was found to be its own. While
+        --overwrite removes the earlier run's checkpoints, the record names them: a stop midway leaves them this run's
+        to remove (_saved_by_the_run), not the user's."""
+        extra = {"replacing": replacing} if replacing else {}
+        write_json(self.path / RUN_FILE, run_record(self.resolved, status="training", started=time.time(), **extra))
         self.owner = True
 
     def end(self) -> None:

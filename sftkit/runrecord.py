@@ -181,12 +181,22 @@ def record_published(directory: Path, **extra) -> None:
 
 
 def signature(item: Path):
-    """What an item looked like when its run wrote it: a file's size and modification time; a directory's, those of
-    each file in it."""
+    """What an item looked like when its run wrote it: a file's size, modification time and digest (_digest); a
+    directory's, those of each file in it."""
     if item.is_dir():
         return sorted([str(file.relative_to(item)), *signature(file)] for file in item.rglob("*") if file.is_file())
     stat = item.stat()
-    return [stat.st_size, stat.st_mtime_ns]
+    return [stat.st_size, stat.st_mtime_ns, _digest(item)]
+
+
+def as_written(file: Path, recorded: list) -> bool:
+    """Whether a file is as its signature `recorded` says the run wrote it: the same size and modification time, or,
+    copied without its times (cp -r, rsync without -t), the same size and digest. An older signature holds no
+    digest: a copy without times counts as changed there."""
+    stat = file.stat()
+    if stat.st_size != recorded[0]:
+        return False
+    return stat.st_mtime_ns == recorded[1] or (len(recorded) > 2 and _digest(file) == recorded[2])
 
 
 def record_written(directory: Path, names: list[str] | None = None) -> None:

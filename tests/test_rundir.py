@@ -18,8 +18,9 @@ from sftkit.checkpoints import checkpoint_to_resume
 from sftkit.config import load_config
 from sftkit.errors import AlreadyFinished, ConfigError, Interrupted
 from sftkit.layout import LOCK_FILE, RUN_FILE
+from sftkit.plan import output_dir_plan
 from sftkit.rundir import OutputDir
-from sftkit.runrecord import record_written
+from sftkit.runrecord import fingerprint, record_written
 from sftkit.train import train
 
 SHORT = ["--training.max_steps", "3", "--training.logging_steps", "1", "--dataset.test_size", "null"]
@@ -220,9 +221,10 @@ def test_a_directory_without_a_run_record_is_never_written_over(finished, tmp_pa
     (out / "README.md").write_text("the model card of a model I downloaded")
     before = contents(out)
     overrides = ["--training.resume_from_checkpoint", str(finished / "checkpoint-3")] if how != "overwrite" else []
-    with pytest.raises(ConfigError, match=rf"training.output_dir {out} holds files sftkit did not write, or changed since, "
-                                          r"under the names a run writes \(README.md, chat_template.jinja, config.json, generation_config.json and 3 more\); "
-                                          r"move them elsewhere or choose another training.output_dir"):
+    with pytest.raises(ConfigError, match=rf"training.output_dir {out} holds files sftkit did not write there "
+                                          r"\(README.md, chat_template.jinja, config.json, generation_config.json "
+                                          r"and 3 more\), under the names a run writes; move them elsewhere or choose "
+                                          r"another training.output_dir"):
         train(config(out, *overrides), overwrite=how == "overwrite")
     assert contents(out) == before
 
@@ -551,11 +553,60 @@ def test_overwrite_removes_only_what_the_run_wrote_as_it_wrote_it(finished, tmp_
     (out / "runs" / "exp1").mkdir(parents=True)
     (out / "runs" / "exp1" / "log.txt").write_text("log\n")
     before = contents(out)
-    with pytest.raises(ConfigError, match=r"holds files sftkit did not write, or changed since, under the names a run "
-                                          r"writes \(README.md, runs\); move them elsewhere"):
+    with pytest.raises(ConfigError, match=r"holds files sftkit did not write there \(runs\) and files changed since "
+                                          r"the run wrote them \(README.md\), under the names a run writes; move "
+                                          r"them elsewhere"):
         train(config(out, "--training.max_steps", "2"), overwrite=True)
     assert contents(out) == before
     shutil.rmtree(out / "runs")
     (out / "README.md").unlink()
     train(config(out, "--training.max_steps", "2"), overwrite=True)  # what is left is the earlier run's, as written
     assert json.loads((out / "run_summary.json").read_text())["steps"] == 2
+
+
+def test_a_run_directory_copied_without_its_modification_times_is_still_the_runs(finished, tmp_path):
+    """cp -r (or rsync without -t, most backup restores) gives every file a new modification time: every file the run
+    wrote looked changed since, and the copy could be neither resumed nor overwritten ("holds files sftkit did not
+    write"). A file whose contents changed in the copy is still refused."""
+    edited = tmp_path / "edited"
+    shutil.copytree(finished, edited, copy_function=shutil.copy)  # contents and modes, not times
+    card = (edited / "README.md").read_bytes()
+    (edited / "README.md").write_bytes(bytes([card[0] ^ 1]) + card[1:])  # the same size
+    before = contents(edited)
+    longer = ["--training.max_steps", "4", "--training.resume_from_checkpoint", "true"]
+    with pytest.raises(ConfigError, match=rf"^training.output_dir {edited} holds files changed since the run wrote "
+                                          r"them \(README.md\), under the names a run writes; move them elsewhere"):
+        train(config(edited, *longer))
+    assert contents(edited) == before
+    out = tmp_path / "out"
+    shutil.copytree(finished, out, copy_function=shutil.copy)
+    assert (out / "config.json").stat().st_mtime_ns != (finished / "config.json").stat().st_mtime_ns
+    assert "removes what the earlier run wrote" in output_dir_plan(config(out), overwrite=True)
+    assert train(config(out, *longer)).summary["steps"] == 4
+
+
+@pytest.mark.parametrize("whose", ["made by hand", "of a run with other settings"])
+def test_overwrite_never_removes_a_checkpoint_the_earlier_run_did_not_save(finished, tmp_path, whose):
+    """Every checkpoint-N went as the earlier run's: a checkpoint-99 the user made, or one copied in from another
+    run, was removed by --overwrite, and the dry run said it would be."""
+    out = copy_of(finished, tmp_path)
+    if whose == "made by hand":
+        name = "checkpoint-99"
+        (out / name).mkdir()
+        (out / name / "notes.txt").write_text("my notes")
+    else:
+        name = "checkpoint-1"  # a step the earlier run passed: its record, not its number, tells
+        shutil.copytree(out / "checkpoint-2", out / name)
+        other = config(out, "--training.learning_rate", "1e-3").resolved
+        record = json.loads((out / name / RUN_FILE).read_text())
+        (out / name / RUN_FILE).write_text(json.dumps({**record, "fingerprint": fingerprint(other), "config": other}))
+    before = contents(out)
+    fresh = config(out, "--training.max_steps", "2")
+    with pytest.raises(ConfigError) as planned:
+        output_dir_plan(fresh, overwrite=True)
+    with pytest.raises(ConfigError) as run:
+        train(fresh, overwrite=True)
+    assert str(planned.value) == str(run.value) == (
+        f"training.output_dir {out} holds files sftkit did not write there ({name}), under the names a run writes; "
+        "move them elsewhere or choose another training.output_dir")
+    assert contents(out) == before
