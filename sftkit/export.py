@@ -26,6 +26,8 @@ from sftkit.errors import ConfigError, OneLineArgumentParser, RunFailed, SftkitE
 from sftkit.layout import (
     ADAPTER_DIR,
     BEFORE_AFTER_FILE,
+    LOSS_PLOT,
+    MODEL_CARD,
     RUN_CONFIG_FILE,
     STAGING_DIR,
     SUMMARY_FILE,
@@ -34,7 +36,7 @@ from sftkit.layout import (
     written_by_sftkit,
 )
 from sftkit.peers import lost_contact
-from sftkit.rundir import OutputDir
+from sftkit.rundir import OutputDir, survey
 from sftkit.runrecord import (
     changed_model_files,
     read_run_record,
@@ -306,6 +308,18 @@ def non_finite_tensors(directory: Path) -> list[str]:
     return broken
 
 
+def _refuse_files_made_meanwhile(staging: Path, output_dir: Path, moved: set[str]) -> None:
+    """Files the user put in output_dir under the names the export and its report write, while the run trained or
+    before `sftkit export` (notes in README.md, say), are theirs: nothing is replaced, the checked model waits."""
+    targets = {item.name for item in staging.iterdir()} | {MODEL_CARD, LOSS_PLOT, SUMMARY_FILE}
+    made = [name for name in survey(output_dir).in_the_way if name in targets - moved]
+    if made:
+        raise RunFailed(f"{output_dir} holds files made or changed since the run began, under names the export "
+                        f"writes ({', '.join(made[:4])}): they are not the run's, so nothing was replaced. The checked "
+                        f"model is kept in {staging}; move those files elsewhere, then finish the export with: "
+                        f"python -m sftkit.export {output_dir}")
+
+
 def _publish(staging: Path, output_dir: Path) -> None:
     """Move the checked export into output_dir, config.json last. What it moves is listed first (PUBLISHING_FILE),
     so that a publish cut short is finished by running it again: the files it already moved are this export's, not
@@ -317,6 +331,7 @@ def _publish(staging: Path, output_dir: Path) -> None:
                               "adapter": sorted(item.name for item in adapter.iterdir()) if adapter.is_dir() else []})
     listed = json.loads(manifest.read_text())
     moved = set(listed["items"]) - {item.name for item in staging.iterdir()}
+    _refuse_files_made_meanwhile(staging, output_dir, moved)
     # an earlier export's weights, whose names this one may not replace (other shards); its config.json goes first:
     # until the new one lands, none is there
     for stale in sorted(output_dir.iterdir(), key=lambda path: path.name != "config.json"):
@@ -334,6 +349,7 @@ def _publish(staging: Path, output_dir: Path) -> None:
         elif target.exists():
             target.unlink()
         item.rename(target)
+    record_written(output_dir, listed["items"])  # this run's now, as a kill before the run's end leaves them
     manifest.unlink()
     staging.rmdir()
     (output_dir / BEFORE_AFTER_FILE).unlink(missing_ok=True)  # of the model this one replaced

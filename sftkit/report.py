@@ -10,6 +10,7 @@ from sftkit.errors import first_line
 from sftkit.export import saved_dtypes
 from sftkit.layout import ADAPTER_DIR, LOSS_PLOT, MODEL_CARD, SAMPLES_FILE, SUMMARY_FILE, checkpoint_step
 from sftkit.monitor import memory_mib
+from sftkit.runrecord import record_written
 
 
 def build_summary(trainer, config, data, dtype, parameters: tuple[int, int], reply: str | None, seconds: dict,
@@ -63,6 +64,7 @@ def report(output_dir: Path, config, summary: dict, history: list[dict]) -> dict
     summary = {**summary, **saved_dtypes(output_dir)}
     try:
         summary = write_report(output_dir, output_dir, config, summary, history)
+        record_written(output_dir, [LOSS_PLOT, MODEL_CARD, SUMMARY_FILE])
     except OSError as error:  # an earlier export's report, or this one's written in part, would describe another run
         for name in (LOSS_PLOT, MODEL_CARD, SUMMARY_FILE):
             (output_dir / name).unlink(missing_ok=True)

@@ -22,6 +22,7 @@ from sftkit.layout import (
     GUARD_FILE,
     LOCK_FILE,
     RUN_FILE,
+    SAMPLES_FILE,
     STAGING_DIR,
     checkpoint_step,
     holds_training,
@@ -193,6 +194,9 @@ class OutputDir:
             self._remove_earlier_run(self.replaces)
             self.replaces = None
             self.record_start()  # none of them is left
+        # what is there now is the earlier run's, checked at claim: what appears under a run's names while this one
+        # trains is the user's, and its export replaces none of it (export._refuse_files_made_meanwhile)
+        record_written(self.path)
 
     def preview(self, overwrite: bool, resume, model_path: str) -> str:
         """What claim would find, checked the same way but with nothing created, locked or removed (the dry run):
@@ -230,8 +234,15 @@ class OutputDir:
     def end(self) -> None:
         """The run ends, however: what it wrote is recorded (record_written), and the lock released."""
         if self.owner:
-            record_written(self.path)
+            record_written(self.path, None if self._published_or_stopped_in_begin() else [SAMPLES_FILE, "runs"])
         self.release()
+
+    def _published_or_stopped_in_begin(self) -> bool:
+        """Whether all that is under a run's names in output_dir is sftkit's: the run published its model, or it
+        stopped as begin() removed the earlier run (what is left is that run's). Else the run, which published
+        nothing, wrote there only what training writes, and the rest appeared since begin() recorded what was
+        there: the user's."""
+        return trained_to_step(self.path) is not None or "written" not in (read_run_record(self.path) or {})
 
     def release(self) -> None:
         if self.locked:

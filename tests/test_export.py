@@ -692,3 +692,29 @@ def test_finishing_an_export_names_a_missing_directory_and_a_finished_one(monito
     assert export_main([str(monitored_run.out)]) == 2
     assert capsys.readouterr().err == (f"python -m sftkit.export: error: {monitored_run.out}: its export finished "
                                        "already; the model there is complete\n")
+
+
+def test_files_the_user_puts_in_output_dir_while_the_run_trains_are_never_replaced(tmp_path, monkeypatch):
+    """Notes written into README.md during a run (hours on a real model) became the model card, and a config.json put
+    there before `sftkit export` became the model's: the check ran only as the run started."""
+    import sftkit.train as train_module
+
+    out = tmp_path / "out"
+    reply = train_module._final_reply
+
+    def notes_written_as_training_ends(*args):
+        (out / "README.md").write_text("# my notes: lr sweep 3 of 5\n")
+        return reply(*args)
+
+    monkeypatch.setattr(train_module, "_final_reply", notes_written_as_training_ends)
+    with pytest.raises(RunFailed, match=f"{out} holds files made or changed since the run began, under names the "
+                                        r"export writes \(README.md\): they are not the run's, so nothing was "
+                                        f"replaced. The checked model is kept in {out / STAGING_DIR}"):
+        train(config(out))
+    assert (out / "README.md").read_text() == "# my notes: lr sweep 3 of 5\n" and not (out / "config.json").exists()
+    (out / "README.md").rename(tmp_path / "notes.md")
+    (out / "config.json").write_text('{"mine": true}')  # and another, before the export is finished
+    assert export_main([str(out)]) == 1 and json.loads((out / "config.json").read_text()) == {"mine": True}
+    (out / "config.json").unlink()
+    assert export_main([str(out)]) == 0
+    assert (out / "model.safetensors").is_file() and "sftkit" in (out / "README.md").read_text()
