@@ -9,6 +9,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from sftkit.engines import fsdp_plugin, zero_stage
 from sftkit.errors import AlreadyFinished, ConfigError, RunFailed
 from sftkit.layout import RUN_FILE, STAGING_DIR, checkpoint_dir, checkpoint_step, is_checkpoint
 from sftkit.runrecord import (
@@ -109,11 +110,12 @@ def _stop_if_finished(output_dir: Path, resolved: dict) -> None:
                               f"{trained}): nothing is left to train (training.resume_from_checkpoint auto)")
 
 
-def checkpoint_to_resume(requested, output_dir: Path, resolved: dict, processes: int | None) -> str | None:
+def checkpoint_to_resume(requested, output_dir: Path, resolved: dict, processes: int | None,
+                         engine: str | None = None) -> str | None:
     """`training.resume_from_checkpoint` checked: true is the newest intact checkpoint of this run in output_dir
     (a damaged newer one is skipped with a warning), a path is that checkpoint, which must be intact, of this run,
-    and saved by as many `processes` as this launch has (None: not known, as in a dry run outside the launcher).
-    Raises ConfigError with the way on otherwise."""
+    and saved by as many `processes` as this launch has, under its `engine` (launch_engine; None: not known, as in a
+    dry run outside the launcher). Raises ConfigError with the way on otherwise."""
     if requested in (None, False):
         return None
     if requested is True:
@@ -146,6 +148,8 @@ def checkpoint_to_resume(requested, output_dir: Path, resolved: dict, processes:
     _check_same_run(checkpoint, resolved)
     if processes is not None:
         _refuse_another_number_of_processes(checkpoint, processes)
+    if engine is not None:
+        _refuse_another_engine(checkpoint, engine)
     _refuse_resuming_at_the_end(checkpoint, resolved)
     if requested is True:  # a checkpoint named by its path is the user's choice
         _refuse_going_back_behind_the_published_model(checkpoint, output_dir)
@@ -175,6 +179,28 @@ def _refuse_another_number_of_processes(checkpoint: Path, now: int) -> None:
         raise ConfigError(f"training.resume_from_checkpoint: {checkpoint} was saved by {saved} process"
                           f"{'es' if saved > 1 else ''} and this launch has {now}; resume with {saved} (the global "
                           "batch and each process's place in the data depend on it), or start afresh with --overwrite")
+
+
+def launch_engine(args) -> str:
+    """The engine this launch saves and loads checkpoints with, from the same engines.py answers as plan.sharding:
+    "DeepSpeed ZeRO-2", "FSDP2", "DDP" or "one process". Offloads and FSDP's sharding strategies, which the dry run
+    also names, are left out: they save the same files."""
+    if (stage := zero_stage(args)) is not None:
+        return f"DeepSpeed ZeRO-{stage}"
+    if (fsdp := fsdp_plugin(args)) is not None:
+        return f"FSDP{fsdp.fsdp_version}"
+    return "DDP" if args.world_size > 1 else "one process"
+
+
+def _refuse_another_engine(checkpoint: Path, now: str) -> None:
+    """Each engine saves its own layout of the weights and optimizer states (ZeRO-2 and ZeRO-3 partition them
+    differently, DDP saves them whole): under another one DeepSpeed failed with a bare AssertionError once
+    everything had loaded."""
+    saved = (checkpoint_record(checkpoint) or {}).get("engine")  # recorded since 2026-11-28
+    if saved is not None and saved != now:
+        raise ConfigError(f"training.resume_from_checkpoint: {checkpoint} was saved under {saved} and this launch "
+                          f"runs {now}, which cannot load it; resume with the Accelerate config (or "
+                          "training.deepspeed) of that run, or start afresh with --overwrite")
 
 
 def last_step(checkpoint: Path, training: dict) -> int | None:
@@ -336,7 +362,7 @@ class RecordRunInCheckpoints(TrainerCallback):
             try:
                 write_json(checkpoint / RUN_FILE, run_record(self.resolved, step=state.global_step,
                                                              weights=self.weights, world_size=args.world_size,
-                                                             **self.seconds()))
+                                                             engine=launch_engine(args), **self.seconds()))
             except OSError as error:  # without its record no resume accepts it
                 drop_unsaved_checkpoint(args, state.global_step, error)
                 return

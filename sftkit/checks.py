@@ -2,14 +2,18 @@
 must exist; each returns its errors as one-line messages (config.load_config raises them together)."""
 
 import dataclasses
+import fnmatch
+import glob
 import importlib.util
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sftkit.engines import is_main_process, uses_deepspeed, uses_fsdp
+from sftkit.layout import ADAPTER_DIR, RUN_FILE, WRITTEN, checkpoint_dir
 from sftkit.paths import (
     DATA_FILE_BUILDERS,
     PROJECT_DIR,
@@ -388,16 +392,59 @@ def path_errors(model: ModelConfig, dataset: DatasetConfig, training: Any, besid
 
 
 def _output_dir_among_data(output_dir: str, sources: list[tuple]) -> list[str]:
-    """A directory of data files is read whole, subdirectories included: the .json files a run writes there would be
-    read as rows by this run's export and by every later run."""
+    """The .json and .jsonl files a run writes into output_dir must never be read as rows, by this run's export and
+    resumes or by any later run on the same data: refused where a data directory holds output_dir (read whole,
+    subdirectories included), or a data pattern matches a name the run writes there."""
     out = Path(output_dir).expanduser().resolve()
     for key, source in sources:
-        data = Path(resolve_path(source.name)).resolve() if source.name and not is_pattern(source.name) else None
-        if data is not None and data.is_dir() and (out == data or data in out.parents):
+        if not source.name:
+            continue
+        if is_pattern(source.name):
+            if caught := _written_file_a_pattern_matches(out, source.name):
+                return [f"training.output_dir: {output_dir} is within reach of {key}.name ({source.name}), which would "
+                        f"match the run's own {caught} and read it as rows; choose an output_dir the pattern cannot "
+                        "match"]
+            continue
+        data = Path(resolve_path(source.name)).resolve()
+        if data.is_dir() and (out == data or data in out.parents):
             where = "the data directory" if out == data else "inside the data directory"
             return [f"training.output_dir: {output_dir} is {where} of {key}.name ({source.name}), which would read "
                     "the run's own files as rows; choose an output_dir outside it"]
     return []
+
+
+def _written_file_a_pattern_matches(out: Path, pattern: str) -> str | None:
+    """The first file a run writes under `out` (by the names layout.py lists, in output_dir and one folder below:
+    a checkpoint, the adapter) that the glob matches, relative to `out`; None where it matches none."""
+    names = (*WRITTEN, RUN_FILE, "trainer_state.json", "adapter_config.json")
+    written = [Path(name) for name in names] + [Path(folder, name) for folder in (checkpoint_dir("", 1), ADAPTER_DIR)
+                                                for name in names]
+    pattern_parts = Path(_absolute_pattern(pattern)).parts
+    return next((str(path) for path in written if _parts_match(pattern_parts, (out / path).parts)), None)
+
+
+def _absolute_pattern(pattern: str) -> str:
+    """A glob as resolve_glob reads it (from the working directory where it matches there, else from the project),
+    its fixed folders resolved as output_dir's are."""
+    pattern = os.path.expanduser(pattern)
+    if not os.path.isabs(pattern):
+        pattern = os.path.join(os.getcwd() if glob.glob(pattern, recursive=True) else PROJECT_DIR, pattern)
+    parts = Path(pattern).parts
+    fixed = next(index for index, part in enumerate(parts) if glob.has_magic(part))
+    return str(Path(*parts[:fixed]).resolve().joinpath(*parts[fixed:]))
+
+
+def _parts_match(pattern: tuple[str, ...], parts: tuple[str, ...]) -> bool:
+    """Whether glob.glob(pattern, recursive=True) would match the path of these parts. Segment by segment, since
+    fnmatch's * crosses /: ** stands for any number of folders (none too), and neither it nor a wildcard matches a
+    hidden name (.name), as glob reads them."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return _parts_match(pattern[1:], parts) or (
+            bool(parts) and not parts[0].startswith(".") and _parts_match(pattern, parts[1:]))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and (
+        not parts[0].startswith(".") or pattern[0].startswith(".")) and _parts_match(pattern[1:], parts[1:])
 
 
 def _files_by_split(folder: Path) -> str:

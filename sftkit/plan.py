@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sftkit.checkpoints import checkpoint_to_resume, resume_request
+from sftkit.checkpoints import checkpoint_to_resume, launch_engine, resume_request
 from sftkit.compat import zero_model_states
 from sftkit.data import prepare_for_training
 from sftkit.engines import fsdp_plugin
@@ -125,8 +125,8 @@ def output_dir_plan(config: RunConfig, overwrite: bool) -> str:
     where = output.preview(overwrite, resume, resolve_path(config.model.path))
     # the launcher sets WORLD_SIZE; a plain `python sft.py --dry-run` cannot know how the run will be launched
     launched = os.environ.get("WORLD_SIZE")
-    checkpoint = checkpoint_to_resume(resume, output.path, config.resolved,
-                                      int(launched) if launched else None)
+    checkpoint = checkpoint_to_resume(resume, output.path, config.resolved, int(launched) if launched else None,
+                                      launch_engine(args) if launched else None)
     return where + (f"; resumes from {checkpoint}" if checkpoint else "")
 
 

@@ -76,10 +76,11 @@ MODEL_FILES = ("config.json", "*.safetensors", "pytorch_model*.bin", "adapter_co
 
 
 def input_digests(resolved: dict) -> dict[str, str]:
-    """What the local files the run trains from hold: each dataset file (of dataset.name and the sources) and the
-    model's config and weights, by the name the config gives them, as a digest of their contents. The fingerprint
-    covers the names only, and a resume onto a rewritten data file or changed base weights would train something
-    else under the same config. Hub ids are left out (their revision is in the config)."""
+    """What the local files the run trains from hold: each dataset file (of dataset.name and the sources), the chat
+    template file and the model's config and weights, by the name the config gives them, as a digest of their
+    contents. The fingerprint covers the names only, and a resume onto a rewritten data file, another template or
+    changed base weights would train something else under the same config. Hub ids are left out (their revision is
+    in the config)."""
     from sftkit.paths import directory_splits, local_files, resolve_path
 
     dataset, files = resolved.get("dataset", {}), {}
@@ -94,11 +95,22 @@ def input_digests(resolved: dict) -> dict[str, str]:
             matched = local_files(name)
             files.update({f"{name}:{Path(path).name}" if path != str(root) else name: Path(path) for path in matched})
     digests = {name: _digest(path, whole=True) for name, path in files.items()}  # read whole by the run anyway
+    digests.update(_template_digests(dataset))
     model = resolved.get("model", {}).get("path")
     if model and Path(resolve_path(model)).is_dir():
         model_files = _model_digests(Path(resolve_path(model)))
         digests.update({f"{model}/{name}": digest for name, digest in model_files.items()})
     return digests
+
+
+def _template_digests(dataset: dict) -> dict[str, str]:
+    """dataset.chat_template given as a file, which decides every token and mask that trains: its digest by the path
+    the config gives ({} for the template's own text, or none)."""
+    from sftkit.paths import resolve_path
+
+    template = dataset.get("chat_template")
+    path = Path(resolve_path(template)) if template and "{" not in template else None  # a Jinja tag: the text itself
+    return {template: _digest(path, whole=True)} if path is not None and path.is_file() else {}
 
 
 def _model_digests(model_dir: Path) -> dict[str, str]:
@@ -129,12 +141,15 @@ def _digest(path: Path, whole: bool = False) -> str:
     return _DIGESTS[key]
 
 def changed_inputs(record: dict, resolved: dict | None = None) -> list[str]:
-    """The local files (data, base model) whose contents, as the config `resolved` (the record's own by default)
-    finds them from here, differ from those the run recorded; [] for a record without digests (before
+    """The local files (data, chat template, base model) whose contents, as the config `resolved` (the record's own
+    by default) finds them from here, differ from those the run recorded; [] for a record without digests (before
     2026-11-27)."""
     if "inputs" not in record:
         return []
-    now = input_digests(record.get("config", {}) if resolved is None else resolved)
+    config = record.get("config", {}) if resolved is None else resolved
+    now = input_digests(config)
+    for template in _template_digests(config.get("dataset", {})).keys() - record["inputs"].keys():
+        now.pop(template)  # a record before 2026-11-28 holds no digest of the template (its path is fingerprinted)
     return sorted(name for name in {*record["inputs"], *now} if record["inputs"].get(name) != now.get(name))
 
 

@@ -20,6 +20,7 @@ from sftkit.checkpoints import (
     RecordRunInCheckpoints,
     checkpoint_to_resume,
     earlier_progress,
+    launch_engine,
     newest_checkpoint_words,
     newest_resumable,
     resume_request,
@@ -100,7 +101,8 @@ def _claim(output: OutputDir, args, config: RunConfig, overwrite: bool) -> str |
             output.claim(overwrite, args.resume_from_checkpoint)
     try:
         check_output_dir_is_shared(output.path, args, resuming=requested not in (None, False))
-        checkpoint = checkpoint_to_resume(args.resume_from_checkpoint, output.path, config.resolved, args.world_size)
+        checkpoint = checkpoint_to_resume(args.resume_from_checkpoint, output.path, config.resolved, args.world_size,
+                                          launch_engine(args))
     except ConfigError:
         output.release()
         raise

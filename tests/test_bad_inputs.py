@@ -285,6 +285,29 @@ def test_a_chat_template_file_that_is_not_jinja_is_named(tmp_path):
                     "unexpected '}'")
 
 
+def test_an_output_dir_a_data_pattern_reaches_is_refused_at_once(tmp_path):
+    """With dataset.name DATA/**/*.jsonl and output_dir below DATA, the run's own sample_replies.jsonl became rows:
+    its resume failed on the files' other columns, and with the file moved away on the data's digest, so none of
+    its checkpoints could ever be resumed. A directory of data was refused so; a pattern was not checked."""
+    from sftkit.config import load_config
+    from sftkit.errors import ConfigError
+
+    (tmp_path / "data" / "more").mkdir(parents=True)
+    shutil.copy(SAMPLE_DATA, tmp_path / "data" / "chats.jsonl")
+    shutil.copy(SAMPLE_DATA, tmp_path / "data" / "more" / "chats.json")
+    line, elapsed = sft("--dataset.name", f"{tmp_path}/**/*.jsonl", tmp_path=tmp_path)  # output_dir is tmp_path/out
+    assert line.endswith(f"training.output_dir: {tmp_path}/out is within reach of dataset.name ({tmp_path}/**/*.jsonl),"
+                         " which would match the run's own sample_replies.jsonl and read it as rows; choose an "
+                         "output_dir the pattern cannot match") and elapsed < FAST, line
+    with pytest.raises(ConfigError, match=r"training.output_dir: \S+/data/run is within reach of "
+                                          r"dataset.sources\[0\].name \(\S+/data/\*/\*.json\), which would match the "
+                                          "run's own config.json"):
+        load_config(None, ["--dataset.name", "null", "--dataset.sources", f"[{{name: {tmp_path}/data/*/*.json}}]",
+                           "--training.output_dir", str(tmp_path / "data" / "run")])
+    for pattern, output_dir in ((f"{tmp_path}/data/*.jsonl", "data/runs/r1"), (f"{tmp_path}/data/**/*.jsonl", "out")):
+        assert load_config(None, ["--dataset.name", pattern, "--training.output_dir", str(tmp_path / output_dir)])
+
+
 def test_every_row_truncated_away_says_which_max_seq_length_fits(tmp_path):
     line, _ = sft("--model.max_seq_length", "4", tmp_path=tmp_path)
     assert "no row has a trainable token within max_seq_length 4" in line

@@ -303,3 +303,46 @@ def test_a_checkpoint_without_its_weights_is_damaged(with_checkpoints, tmp_path)
     shutil.copytree(with_checkpoints / "checkpoint-2", checkpoint)
     (checkpoint / "model.safetensors").unlink()
     assert damage(checkpoint) == "it holds no model weights (model.safetensors or adapter_model.safetensors is missing)"
+
+
+def test_a_resume_after_the_chat_template_file_changed_is_refused_naming_it(tmp_path):
+    """dataset.chat_template given as a file was fingerprinted by its path alone: after the file was edited, a resume
+    trained its last steps on the new rendering without a word. Records saved before it was digested still resume."""
+    from conftest import TINY_MODEL
+
+    from sftkit.checkpoints import checkpoint_to_resume
+
+    template, out = tmp_path / "template.jinja", tmp_path / "out"
+    shutil.copy(TINY_MODEL / "chat_template.jinja", template)
+    train(config(out, "--dataset.chat_template", str(template)))
+    template.write_text(template.read_text().replace("'<|im_start|>' + message['role']",
+                                                     "'<|im_start|>' + message['role'] + ' says'"))
+    longer = config(out, "--dataset.chat_template", str(template), "--training.max_steps", "6",
+                    "--training.resume_from_checkpoint", "true")
+    with pytest.raises(ConfigError, match=f"{out}/checkpoint-4 was trained on other contents of {template} "):
+        train(longer)
+    for record_file in out.glob(f"checkpoint-*/{RUN_FILE}"):  # as saved before the template was digested
+        record = json.loads(record_file.read_text())
+        record["inputs"].pop(str(template))
+        record_file.write_text(json.dumps(record))
+    assert checkpoint_to_resume(True, out, longer.resolved, 1) == str(out / "checkpoint-4")
+
+
+def test_a_resume_under_another_engine_is_refused_and_one_saved_before_engines_were_recorded_resumes(
+        with_checkpoints, tmp_path):
+    """A ZeRO-2 checkpoint resumed under ZeRO-3 failed in DeepSpeed with a bare AssertionError once everything had
+    loaded (test_distributed.py launches that run); the engine is in each checkpoint's record now."""
+    from sftkit.checkpoints import checkpoint_to_resume
+
+    checkpoint = tmp_path / "checkpoint-2"
+    shutil.copytree(with_checkpoints / "checkpoint-2", checkpoint)
+    resolved = config(with_checkpoints).resolved
+    assert json.loads((checkpoint / RUN_FILE).read_text())["engine"] == "one process"
+    assert checkpoint_to_resume(str(checkpoint), tmp_path, resolved, 1, "one process") == str(checkpoint)
+    with pytest.raises(ConfigError, match=f"{checkpoint} was saved under one process and this launch runs DeepSpeed "
+                                          "ZeRO-3, which cannot load it; resume with the Accelerate config"):
+        checkpoint_to_resume(str(checkpoint), tmp_path, resolved, 1, "DeepSpeed ZeRO-3")
+    record = json.loads((checkpoint / RUN_FILE).read_text())
+    record.pop("engine")
+    (checkpoint / RUN_FILE).write_text(json.dumps(record))
+    assert checkpoint_to_resume(str(checkpoint), tmp_path, resolved, 1, "DeepSpeed ZeRO-3") == str(checkpoint)

@@ -281,3 +281,20 @@ def test_every_shipped_launch_config_loads_and_is_in_the_readme_table():
         assert deepspeed is None or (REPO / deepspeed).is_file(), path.name
         assert config.num_processes % config.num_machines == 0, path.name
         assert f"| `accelerate_configs/{path.name}`" in table, f"{path.name} is missing from the README table"
+
+
+def test_a_zero2_checkpoint_resumed_under_zero3_is_refused_before_loading_with_one_line(tmp_path):
+    """The engine was recorded nowhere: DeepSpeed failed on both processes with a bare AssertionError once everything
+    had loaded, and the finished run's record was turned into "failed"."""
+    out = tmp_path / "out"
+    saving = ["--training.save_strategy", "steps", "--training.save_steps", "2", "--dataset.test_size", "null",
+              "--training.output_dir", str(out)]
+    result = accelerate_launch("cpu_zero2_2proc.yaml", *saving, "--training.max_steps", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "checkpoint-2" / "sftkit_run.json").read_text())["engine"] == "DeepSpeed ZeRO-2"
+    result = accelerate_launch("cpu_zero3_2proc.yaml", *saving, "--training.max_steps", "4",
+                               "--training.resume_from_checkpoint", "true", timeout=180)
+    assert result.returncode != 0 and "AssertionError" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.count(f"{out}/checkpoint-2 was saved under DeepSpeed ZeRO-2 and this launch runs DeepSpeed "
+                               "ZeRO-3, which cannot load it") == 1, result.stderr[-3000:]
+    assert json.loads((out / "sftkit_run.json").read_text())["status"] == "finished"
