@@ -167,6 +167,7 @@ def _complete_and_check(staging: Path, model_cfg: ModelConfig, dtype) -> None:
     else:
         _cast_float32_weights(staging, dtype, model_cfg.trust_remote_code)
     require_weights(staging, "model")
+    _stop_at_the_end_of_a_reply(staging)
     broken = non_finite_tensors(staging)
     if broken and model_cfg.use_lora and not non_finite_tensors(staging / ADAPTER_DIR):
         _drop_merged_model(staging)
@@ -178,6 +179,28 @@ def _complete_and_check(staging: Path, model_cfg: ModelConfig, dtype) -> None:
         shutil.rmtree(staging)
         raise RunFailed(f"the trained weights are not finite ({len(broken)} tensors hold nan or inf, e.g. "
                         f"{broken[0]}); nothing was published and the broken weights were deleted")
+
+
+def _stop_at_the_end_of_a_reply(directory: Path) -> None:
+    """The published generation config stops at the token the chat template ends each reply with, as the model
+    learned to: where that is not the eos (a base model's ChatML template), plain `generate`, vLLM and TGI ran on
+    past every reply."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from sftkit.data.tokenize import stop_token_ids
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except OSError:  # an export killed before it saved the tokenizer: the published one is the base's
+        return
+    try:
+        generation = GenerationConfig.from_pretrained(directory)
+    except OSError:  # the model has none
+        generation = GenerationConfig()
+    stops = stop_token_ids(tokenizer, generation.eos_token_id)
+    if stops != ([generation.eos_token_id] if isinstance(generation.eos_token_id, int) else generation.eos_token_id):
+        generation.eos_token_id = stops if len(stops) > 1 else stops[0]
+        generation.save_pretrained(directory)
 
 
 def _drop_merged_model(staging: Path) -> None:

@@ -9,6 +9,7 @@ from threading import Thread
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
+from sftkit.data.tokenize import stop_token_ids
 from sftkit.errors import ConfigError, first_line
 from sftkit.paths import resolve_path
 
@@ -61,7 +62,9 @@ def generate_from_ids(model, tokenizer, input_ids, max_new_tokens: int = 256, te
         "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer,
-                                pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus, **sampling)
+                                pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus,
+                                eos_token_id=stop_token_ids(tokenizer, model.generation_config.eos_token_id),
+                                **sampling)
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 

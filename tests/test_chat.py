@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import REPO, SAMPLE_PROMPTS, TINY_MODEL, run_here, run_python
@@ -372,3 +373,41 @@ def test_an_adapter_trained_on_a_relative_local_model_path_loads_from_any_direct
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "its base model mymodel (base_model_name_or_path in its adapter_config.json) could not be loaded: " \
            in result.stderr and "run from the directory the training ran in" in result.stderr
+
+
+def with_eos_moved(source: Path, target: Path) -> Path:
+    """A copy of a model whose eos is another token than the <|im_end|> its template closes replies with: a base
+    model's layout (Qwen2.5 base: eos <|endoftext|>, ChatML template)."""
+    shutil.copytree(source, target)
+    settings = json.loads((target / "tokenizer_config.json").read_text())
+    settings.update(eos_token="<|begin_of_text|>", extra_special_tokens=["<|im_start|>", "<|im_end|>"])
+    (target / "tokenizer_config.json").write_text(json.dumps(settings))
+    for name in ("generation_config.json", "config.json"):
+        if (target / name).is_file():
+            (target / name).write_text(json.dumps({**json.loads((target / name).read_text()), "eos_token_id": 0}))
+    return target
+
+
+def test_replies_stop_at_the_end_of_turn_token_where_it_is_not_the_eos(lora_run, tmp_path):
+    """The model learned to close its reply with <|im_end|>, but generation stopped only at the eos: the sample
+    replies, the summary, the chat and compare ran on past every reply (special tokens hidden, so the cause too)."""
+    messages = [{"role": "user", "content": SAMPLE_PROMPTS[0]}]
+    model, tokenizer = load_for_inference(str(lora_run))
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = model.generate(**prompt, max_new_tokens=64, do_sample=False)[0, prompt["input_ids"].shape[1]:].tolist()
+    assert ids[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>") and len(ids) < 64, "the model learned to stop"
+    moved = load_for_inference(str(with_eos_moved(lora_run, tmp_path / "moved")))
+    assert moved[1].eos_token == "<|begin_of_text|>"
+    assert generate_reply(*moved, messages, max_new_tokens=64) == generate_reply(model, tokenizer, messages, 64)
+
+
+def test_the_published_generation_config_stops_at_the_end_of_turn_token(tmp_path):
+    """It listed the eos alone: plain transformers, vLLM and TGI ran on past every reply of a base model trained on
+    its ChatML template."""
+    from sftkit.config import load_config
+    from sftkit.train import train
+
+    base = with_eos_moved(TINY_MODEL, tmp_path / "base")
+    train(load_config(None, ["--model.path", str(base), "--training.output_dir", str(tmp_path / "out"),
+                             "--training.max_steps", "2", "--dataset.test_size", "null"]))
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == [0, 1]

@@ -61,6 +61,20 @@ class MaskError(ValueError):
     """The chat template does not allow an exact assistant mask for this conversation."""
 
 
+def stop_token_ids(tokenizer, configured=None) -> list[int]:
+    """The tokens generation stops at: the eos, the token the chat template closes each reply with (the last one a
+    reply trains: `<|im_end|>` where a base model's eos is `<|endoftext|>`, `<|eot_id|>` beside Llama 3's
+    `<|end_of_text|>`), and any the model's generation config already lists (`configured`: an id or a list)."""
+    ids = [*([configured] if isinstance(configured, int) else configured or []), tokenizer.eos_token_id]
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    try:
+        row = tokenize_messages(tokenizer, probe)
+        ids.append([token for token, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX][-1])
+    except Exception:  # noqa: BLE001 - a template that refuses this chat (a row would say why): the eos alone
+        pass
+    return list(dict.fromkeys(token for token in ids if token is not None))
+
+
 def tokenize_messages(tokenizer, messages: list[dict], loss_on: str = "assistant", max_length: int | None = None):
     """Tokenize a conversation; labels are -100 except on the trained tokens.
 
