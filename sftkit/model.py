@@ -171,6 +171,20 @@ def check_token_settings(tokenizer, training, model_path: str) -> None:
                               f"give one of its tokens (its eos is {tokenizer.eos_token!r}) or remove the key")
 
 
+def check_vocabulary_fits(tokenizer, model_cfg: ModelConfig) -> None:
+    """Every token id must have a row in the model's embeddings: a tokenizer given tokens the model lacks (a pad or
+    chat tokens added without resizing) passed --inspect and the dry run, then failed in the first forward pass with
+    an IndexError (a device-side assert on a GPU)."""
+    hf_config = _read_model_config(model_cfg)
+    rows = getattr(hf_config.get_text_config(), "vocab_size", None)
+    ids = max(tokenizer.get_vocab().values()) + 1
+    if rows is not None and ids > rows:
+        raise ConfigError(f"model.path {model_cfg.path}: its tokenizer has token ids up to {ids - 1:,}, but the "
+                          f"model's embeddings hold {rows:,} rows (vocab_size in config.json), so a row using the added tokens "
+                          "would fail; resize the embeddings to the tokenizer and save both (model.resize_token_"
+                          "embeddings(len(tokenizer)), then save_pretrained of each) and point model.path at that copy")
+
+
 def ensure_distinct_pad_token(tokenizer) -> None:
     """Give the tokenizer a pad token other than eos (TRL would pad with eos when there is none).
 
@@ -189,8 +203,8 @@ def ensure_distinct_pad_token(tokenizer) -> None:
             return
     raise ConfigError(
         f"the tokenizer of {tokenizer.name_or_path} has no pad token other than its eos {tokenizer.eos_token!r}, "
-        "which ends every reply; add one (tokenizer.add_special_tokens({'pad_token': '<pad>'}), then save it "
-        "with the model) and point model.path at that copy"
+        "which ends every reply; add one (tokenizer.add_special_tokens({'pad_token': '<pad>'}) and "
+        "model.resize_token_embeddings(len(tokenizer)), then save_pretrained of each) and point model.path at that copy"
     )
 
 

@@ -19,6 +19,7 @@ from sftkit.fastpath import describe as describe_speed
 from sftkit.model import (
     check_model_source,
     check_token_settings,
+    check_vocabulary_fits,
     load_tokenizer,
     lora_config,
     precision_words,
@@ -65,6 +66,7 @@ def build_plan(config: RunConfig) -> Plan:
     meta_model = check_model_source(config.model)
     tokenizer = load_tokenizer(config.model, config.dataset)
     check_token_settings(tokenizer, config.training, config.model.path)
+    check_vocabulary_fits(tokenizer, config.model)
     data = prepare_for_training(config.dataset, tokenizer, args)
     shape = model_shape(config, meta_model)
     dtype = resolve_dtype(config.model, args)

@@ -37,6 +37,7 @@ from sftkit.layout import STAGING_DIR, checkpoint_dir
 from sftkit.model import (
     check_model_source,
     check_token_settings,
+    check_vocabulary_fits,
     load_model,
     load_tokenizer,
     lora_config,
@@ -115,6 +116,7 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
     set_seed(args.seed)
     tokenizer = load_tokenizer(config.model, config.dataset)
     check_token_settings(tokenizer, config.training, config.model.path)
+    check_vocabulary_fits(tokenizer, config.model)
     with args.main_process_first(desc="dataset preparation"):
         data = prepare_for_training(config.dataset, tokenizer, args)
     dtype = resolve_dtype(config.model, args)
