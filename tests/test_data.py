@@ -79,6 +79,24 @@ def test_assistant_messages_of_weight_0_do_not_train(tokenizer, tmp_path):
         to_messages(rows[3], "messages")
 
 
+@pytest.mark.parametrize(("message", "said"), [
+    ({"train": False}, "message 1 (assistant) has 'train', which sftkit does not read (the turn would train whatever "
+                       "it says); sftkit's per-turn switch is weight: 0 (not trained) or 1, on assistant messages"),
+    ({"training": False}, "message 1 (assistant) has 'training', which sftkit does not read"),
+    ({"weight": False}, "message 1 (assistant) has weight False; a weight is the number 0 (not trained) or 1"),
+    ({"weight": 0.5}, "message 1 (assistant) has weight 0.5; a weight is the number 0 (not trained) or 1"),
+])
+def test_another_tools_per_turn_training_switch_is_refused_rather_than_trained_through(tokenizer, tmp_path, message,
+                                                                                      said):
+    """Axolotl's `training: false` turn trained, without a word; a weight of false was told that only assistant
+    messages take a weight, on an assistant message."""
+    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "BAD", **message},
+                        {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Good."}]}
+    (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=re.escape(said)):
+        prepare_data(DatasetConfig(name=str(tmp_path / "rows.jsonl")), tokenizer, max_length=128)
+
+
 def test_an_empty_system_message_is_no_system_prompt(tokenizer):
     """ShareGPT dumps often carry {"from": "system", "value": ""}; such rows failed as bad rows."""
     row = {"conversations": [{"from": "system", "value": ""}, {"from": "human", "value": "Hi"},
@@ -362,7 +380,8 @@ def test_sharegpt_turns_of_weight_0_do_not_train_as_messages_do(tmp_path, tokeni
     turns = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]
     with pytest.raises(ValueError, match="every assistant message has weight 0: there is nothing to train on"):
         to_messages({"conversations": [turns[0], {**turns[1], "weight": 0}]}, "sharegpt")
-    with pytest.raises(ValueError, match=r"message 1 \(assistant\) has weight 2; only assistant messages take a"):
+    with pytest.raises(ValueError, match=r"message 1 \(assistant\) has weight 2; a weight is the number 0 \(not "
+                                         r"trained\) or 1"):
         to_messages({"conversations": [turns[0], {**turns[1], "weight": 2}]}, "sharegpt")
 
 

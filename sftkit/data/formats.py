@@ -10,6 +10,8 @@ ROLES = ("system", "user", "assistant", "tool")
 # What a chat template renders besides a message's content, that sftkit does not pass to it (nor the row's tools):
 # a turn trained without them would teach the model to announce a tool call, or skip its reasoning, and stop.
 NOT_PASSED = ("tool_calls", "function_call", "reasoning_content", "reasoning", "thinking")
+# Other tools' per-turn training switches (Axolotl's `training`/`train`): read as nothing, the turn would train
+OTHER_SWITCHES = ("train", "training", "trainable", "train_on", "loss", "mask")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant",
                   "tool": "tool", "observation": "tool"}
 
@@ -209,6 +211,11 @@ def _check_message(message, index: int) -> dict:
     if held:
         raise RowDefect(f"message {index} ({role}) has {held}, which sftkit does not pass to the chat template yet "
                         "(the turn would train without it)")
+    switch = next((key for key in OTHER_SWITCHES if message.get(key) is not None), None)
+    if switch:
+        raise ValueError(f"message {index} ({role}) has {switch!r}, which sftkit does not read (the turn would train "
+                         "whatever it says); sftkit's per-turn switch is weight: 0 (not trained) or 1, on assistant "
+                         "messages")
     if role not in ROLES:
         mapped = f" (ShareGPT's name for {SHAREGPT_ROLES[role]}: rename it)" if role in SHAREGPT_ROLES else ""
         raise ValueError(f"message {index} has role {role!r}; expected one of {', '.join(ROLES)}{mapped}")
@@ -221,9 +228,11 @@ def _check_message(message, index: int) -> dict:
     weight = message.get("weight")
     if weight is None or (weight == 1 and role == "assistant"):
         return {"role": role, "content": content}
-    if role != "assistant" or weight != 0 or isinstance(weight, bool):
-        raise ValueError(f"message {index} ({role}) has weight {weight!r}; only assistant messages take a weight, 0 "
-                         "(not trained) or 1")
+    if role != "assistant":
+        raise ValueError(f"message {index} ({role}) has weight {weight!r}; only assistant messages take a weight")
+    if weight != 0 or isinstance(weight, bool):
+        raise ValueError(f"message {index} ({role}) has weight {weight!r}; a weight is the number 0 (not trained) or "
+                         "1")
     return {"role": role, "content": content, "weight": 0}
 
 
