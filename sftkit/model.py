@@ -216,6 +216,8 @@ def _set_template(tokenizer, value: str) -> None:
 
     path = Path(resolve_path(value))
     tokenizer.chat_template = path.read_text() if path.is_file() else value
+    tokenizer.sftkit_chat_template = f"{value} (dataset.chat_template)" if path.is_file() else \
+        "given as dataset.chat_template"  # its errors name it (data.tokenize.template_source)
     try:
         tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
                                       tokenize=False)

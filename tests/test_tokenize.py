@@ -1,5 +1,6 @@
 """Completion-only masks from the chat template: exactly each assistant reply plus its end-of-turn token trains."""
 
+import json
 import re
 
 import pytest
@@ -154,6 +155,44 @@ def test_template_without_an_end_of_turn_token_is_refused():
     tokenizer.chat_template = (TEMPLATES / "bad_no_end_token.jinja").read_text()
     with pytest.raises(MaskError, match="without a special token.*could not learn to stop"):
         tokenize_messages(tokenizer, MULTI)
+
+
+def test_another_models_template_set_in_the_config_is_named_with_what_its_tokenizer_lacks(tmp_path):
+    """The error blamed the model's own template (data/tiny-chat-llama) for a template the user set, and did not say
+    that <|eot_id|> is no special token of this tokenizer."""
+    from sftkit.config import load_config
+    from sftkit.data import DataError, prepare_for_training
+    from sftkit.model import load_tokenizer
+
+    template = TEMPLATES / "llama3.jinja"
+    config = load_config(None, ["--dataset.chat_template", str(template), "--training.output_dir", str(tmp_path)])
+    tokenizer = load_tokenizer(config.model, config.dataset)
+    with pytest.raises(DataError, match=re.escape(
+            f"the chat template {template} (dataset.chat_template) ends assistant turn 2 without a special token (it "
+            f"renders as 'The capital of France is Paris.<|eot_id|>'; <|eot_id|> is no special token of the tokenizer "
+            f"of {TINY_MODEL}: the template is written for another model's tokenizer)")):
+        prepare_for_training(config.dataset, tokenizer, config.training)
+
+
+def test_a_template_whose_replies_end_with_markers_the_tokenizer_reads_as_text_is_warned_of(capsys, tmp_path):
+    """Phi-3's template on a ChatML tokenizer was accepted without a word: every reply trained '<|end|>' as text.
+    Zephyr's <|user|>, plain text in its own tokenizer, never is in a reply, and is not warned of."""
+    from transformers import AutoTokenizer
+
+    from sftkit.data import prepare_data
+    from sftkit.schema import DatasetConfig
+
+    phi3_on_chatml = AutoTokenizer.from_pretrained(TINY_MODEL)
+    phi3_on_chatml.chat_template = (TEMPLATES / "phi3.jinja").read_text()
+    for tokenizer, warned in ((phi3_on_chatml, True), (family_tokenizer("zephyr"), False)):
+        rows = tmp_path / "rows.jsonl"
+        rows.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                                 {"role": "assistant", "content": "Hello!"}]}) + "\n")
+        prepare_data(DatasetConfig(name=str(rows)), tokenizer, max_length=256)
+        said = capsys.readouterr().err
+        assert (f"ends each reply with <|end|>, which the tokenizer of {TINY_MODEL} reads as plain text, not as a "
+                "special token" in said) == warned, said
+        assert ("<|user|>" in said) is False, said
 
 
 def test_fallback_chatml_template_closes_turns_with_eos(tokenizer):

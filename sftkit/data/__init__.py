@@ -11,7 +11,14 @@ import pyarrow.compute as pc
 from sftkit import compat
 from sftkit.data.formats import RowDefect, detect_format, to_messages, to_text, with_system
 from sftkit.data.load import load_source, row_place, source_files
-from sftkit.data.tokenize import IGNORE_INDEX, MaskError, special_token_text, tokenize_messages, tokenize_text
+from sftkit.data.tokenize import (
+    IGNORE_INDEX,
+    MaskError,
+    special_token_text,
+    tokenize_messages,
+    tokenize_text,
+    warn_of_markers_trained_as_text,
+)
 from sftkit.engines import is_main_process
 from sftkit.errors import DataError
 from sftkit.paths import is_pattern, named_splits, resolve_path, saved_by_datasets, splits_of
@@ -116,6 +123,7 @@ def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42,
     sources = cfg.train_sources()
     if is_main_process():
         _warn_of_files_not_read(cfg)
+        warn_of_markers_trained_as_text(tokenizer)
     train_parts = [prepare.source(source, _train_key(cfg, i), train=True) for i, source in enumerate(sources)]
     if not any(len(rows) for rows, _ in train_parts):
         raise DataError(prepare.nothing_to_train())

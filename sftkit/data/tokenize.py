@@ -105,7 +105,7 @@ def tokenize_messages(tokenizer, messages: list[dict], loss_on: str = "assistant
         _check_span(tokenizer, template, tokens, span, messages[turn]["content"])
         labels[start:end] = tokens.ids[start:end]
     if spans and labels == tokens.ids:
-        raise MaskError(f"the chat template of {template.name} renders nothing around the replies, so every "
+        raise MaskError(f"{template.source} renders nothing around the replies, so every "
                         "token would train; set dataset.chat_template to a chat template with role markers")
     keep = len(tokens.ids) if max_length is None else max([max_length + 1] + [span[2] for span in spans])
     return {"input_ids": tokens.ids[:keep], "labels": labels[:keep]}
@@ -125,7 +125,8 @@ def tokenize_text(tokenizer, text: str) -> dict:
 class _Template:
     """One tokenizer's chat template and special tokens: the key of every cache below."""
     key: tuple
-    name: str
+    name: str  # the tokenizer's model
+    source: str  # "the chat template of MODEL", or of the file dataset.chat_template names
     special_ids: frozenset
     special_text: re.Pattern | None  # the text of any special token, which rendering would turn into that token
 
@@ -169,9 +170,37 @@ class _Tokens:
 def _template(tokenizer) -> _Template:
     chat_template = tokenizer.chat_template  # a dict where a tokenizer has named templates
     key = (chat_template if isinstance(chat_template, str) else repr(chat_template), tokenizer.name_or_path,
-           len(tokenizer), str(tokenizer.special_tokens_map))
-    return _cached(_TEMPLATES, key, lambda: _Template(key, key[1], frozenset(tokenizer.all_special_ids),
-                                                      _special_text(tokenizer)))
+           len(tokenizer), str(tokenizer.special_tokens_map), getattr(tokenizer, "sftkit_chat_template", None))
+    return _cached(_TEMPLATES, key, lambda: _new_template(tokenizer, key))
+
+
+def _new_template(tokenizer, key: tuple) -> _Template:
+    return _Template(key, key[1], template_source(tokenizer), frozenset(tokenizer.all_special_ids),
+                     _special_text(tokenizer))
+
+
+def warn_of_markers_trained_as_text(tokenizer) -> None:
+    """A template written for another tokenizer closes replies with <|markers|> this one reads as plain text (Phi-3's
+    <|end|>): replies then train that text before the real end of turn, and the model learns to write it. Zephyr's
+    <|user|>, plain text by design, is fine: it is never in a reply."""
+    try:
+        row = tokenize_messages(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+    except MaskError:
+        return  # each row will say why
+    trained = tokenizer.decode([token for token, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX])
+    foreign = [marker for marker in dict.fromkeys(re.findall(r"<\|[\w.-]+\|>", trained))
+               if marker not in tokenizer.all_special_tokens]
+    if foreign:
+        logger.warning(f"{template_source(tokenizer)} ends each reply with {', '.join(foreign)}, which the tokenizer "
+                       f"of {tokenizer.name_or_path} reads as plain text, not as a special token: the template is "
+                       "likely written for another model's tokenizer, and every reply trains that text")
+
+
+def template_source(tokenizer) -> str:
+    """Whose chat template the tokenizer holds, for an error: its model's, or the one dataset.chat_template set
+    (model.set_template records it)."""
+    given = getattr(tokenizer, "sftkit_chat_template", None)
+    return f"the chat template {given}" if given else f"the chat template of {tokenizer.name_or_path}"
 
 
 def _special_text(tokenizer) -> re.Pattern | None:
@@ -207,7 +236,7 @@ def _render(tokenizer, conversations: list[list[dict]], add_generation_prompt: b
     try:
         return tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=add_generation_prompt)
     except jinja2.TemplateError as error:
-        raise MaskError(f"the chat template of {tokenizer.name_or_path} rejected the conversation: {error}") from None
+        raise MaskError(f"{template_source(tokenizer)} rejected the conversation: {error}") from None
 
 
 def _turn_end(tokenizer, template: _Template, tokens: _Tokens, turn: int, content: str, start: int, common: int,
@@ -221,20 +250,30 @@ def _turn_end(tokenizer, template: _Template, tokens: _Tokens, turn: int, conten
         # rendered alike in both places (only whitespace or special tokens after the end-of-turn differ)
         if end is None:
             raise MaskError(
-                f"the chat template of {template.name} ends assistant turn {turn} without a special token (it "
-                f"renders as {tokenizer.decode(ids[start:common])!r}), so the model could not learn to stop; set "
-                "dataset.chat_template to a template that closes assistant turns with the eos or an end-of-turn token"
+                f"{template.source} ends assistant turn {turn} without a special token (it "
+                f"renders as {tokenizer.decode(ids[start:common])!r}{_foreign_markers(tokenizer, ids[start:common])}), "
+                "so the model could not learn to stop; set dataset.chat_template to a template that closes assistant "
+                "turns with the eos or an end-of-turn token"
             )
         return end
     end = next((i + 1 for i in range(start, len(ids)) if ids[i] in template.special_ids), None)
     if end is None or tokenizer.decode(ids[start : end - 1]).strip() != content.strip():
         raise MaskError(
-            f"the chat template of {template.name} renders assistant turn {turn} differently when later messages "
+            f"{template.source} renders assistant turn {turn} differently when later messages "
             "follow it (for example it drops reasoning from earlier turns), so its tokens cannot be told apart "
             "exactly; use dataset.loss_on: last_assistant, or set dataset.chat_template to a template that renders "
             "earlier turns unchanged"
         )
     return end
+
+
+def _foreign_markers(tokenizer, ids: list[int]) -> str:
+    """'; <|eot_id|> is no special token of this tokenizer...' where a template written for another model's tokenizer
+    renders its markers as plain text."""
+    markers = dict.fromkeys(re.findall(r"</?\|?[A-Za-z][\w.-]*\|?>", tokenizer.decode(ids)))
+    foreign = [marker for marker in markers if marker not in tokenizer.all_special_tokens]
+    return (f"; {', '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} no special token of the tokenizer of "
+            f"{tokenizer.name_or_path}: the template is written for another model's tokenizer" if foreign else "")
 
 
 def _check_span(tokenizer, template: _Template, tokens: _Tokens, span: tuple, content: str):
@@ -252,7 +291,7 @@ def _check_span(tokenizer, template: _Template, tokens: _Tokens, span: tuple, co
         if found >= 0 and found + len(reply) > len(opener):
             return
     raise MaskError(
-        f"the chat template of {template.name} would train {tokenizer.decode(tokens.ids[start:end])!r} for assistant "
+        f"{template.source} would train {tokenizer.decode(tokens.ids[start:end])!r} for assistant "
         f"turn {turn}, which is not the reply followed by an end-of-turn token (the template closes the reply with "
         "no special token of its own, or renders it unlike its content); set dataset.chat_template to a template "
         "that ends every assistant turn with an end-of-turn token and renders replies as they are"
@@ -261,7 +300,7 @@ def _check_span(tokenizer, template: _Template, tokens: _Tokens, span: tuple, co
 
 def _warn_prompt_adds(template: _Template, added: str):
     logger.warning_once(
-        f"the generation prompt of {template.name}'s chat template adds {added!r}, which the training conversations "
+        f"the generation prompt of {template.source} adds {added!r}, which the training conversations "
         "do not have; replies train after the part they share, so the model sees a slightly different context at "
         "inference"
     )
@@ -314,7 +353,7 @@ def _prefix_start(tokenizer, template: _Template, history: list[dict], prompt: l
         _warn_prompt_adds(template, tokenizer.decode(prompt[start:]))
         return start
     raise MaskError(
-        f"the chat template of {template.name} renders the first {len(history)} messages differently from the same "
+        f"{template.source} renders the first {len(history)} messages differently from the same "
         "messages inside the whole conversation, so the reply cannot be located exactly; set dataset.chat_template "
         "to a template that renders earlier turns unchanged"
     )
