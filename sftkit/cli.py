@@ -157,6 +157,7 @@ USAGE = """usage: sftkit COMMAND ...
   compare DIR         base vs fine-tuned replies, written to DIR/before_after.md
   webchat DIR         talk to it in the browser (needs the extras)
   export DIR          finish an export that failed (for example on a full disk)
+  --version           this sftkit's version (and git commit, in a checkout)
 
 Under several processes: accelerate launch -m sftkit train CONFIG"""
 
@@ -179,6 +180,11 @@ def sftkit(argv: list[str] | None = None) -> int:
         return importlib.import_module(TOOLS[command]).main(rest, prog=f"sftkit {command}")
     if command in ("-h", "--help"):
         print(USAGE)
+        return 0
+    if command in ("-V", "--version"):
+        from sftkit.environment import sftkit_version
+
+        print(f"sftkit {sftkit_version()}")
         return 0
     import difflib
 

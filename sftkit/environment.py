@@ -18,7 +18,7 @@ EXTRAS = {"gradio": "web chat (python -m sftkit.webchat)", "wandb": "report_to: 
 
 
 def report() -> str:
-    checks = [("ok", "python", f"{platform.python_version()} on {platform.platform()}")]
+    checks = [("ok", "sftkit", sftkit_version()), ("ok", "python", f"{platform.python_version()} on {platform.platform()}")]
     checks += _library_checks()
     checks += _accelerator_checks()
     checks += [_bitsandbytes_check(), _deepspeed_check(), _accelerate_config_check()]
@@ -29,9 +29,35 @@ def report() -> str:
     return "sftkit environment (paste this into a bug report)\n" + "\n".join(lines) + f"\n  => {summary}"
 
 
+def sftkit_version() -> str:
+    """This sftkit's version, with its git commit where it runs from a checkout (a fix can land between versions)."""
+    try:
+        version = importlib.metadata.version("sftkit")
+    except importlib.metadata.PackageNotFoundError:
+        version = "not installed"
+    commit = _checkout_commit()
+    return f"{version} (git {commit[:12]})" if commit else version
+
+
+def _checkout_commit() -> str | None:
+    """The commit checked out in PROJECT_DIR, from .git's own files (HEAD, its ref, or packed-refs)."""
+    git = PROJECT_DIR / ".git"
+    try:
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head
+        ref = head.removeprefix("ref: ")
+        if (git / ref).is_file():
+            return (git / ref).read_text().strip()
+        packed = (line.split() for line in (git / "packed-refs").read_text().splitlines() if not line.startswith("#"))
+        return next((words[0] for words in packed if words[1:] == [ref]), None)
+    except OSError:  # not a checkout (an installed package), or a worktree's .git file
+        return None
+
+
 def library_versions(names=STACK) -> dict[str, str | None]:
-    """Python's version and each library's (None: not installed), as a run records them beside its model."""
-    versions = {"python": platform.python_version()}
+    """sftkit's, Python's and each library's version (None: not installed), as a run records them beside its model."""
+    versions = {"sftkit": sftkit_version(), "python": platform.python_version()}
     for name in names:
         try:
             versions[name] = importlib.metadata.version(name)

@@ -576,6 +576,22 @@ def test_an_unknown_sftkit_command_is_named_in_one_line(capsys):
     assert sftkit(["--help"]) == 0 and capsys.readouterr().out.startswith("usage: sftkit COMMAND")
 
 
+def test_sftkit_says_its_version_and_commit_in_the_command_the_bug_report_and_beside_each_model(capsys):
+    """It was nowhere: not in `sftkit env` ("paste this into a bug report"), not in sftkit_versions.json, and there
+    was no --version, while fixes land between versions."""
+    import importlib.metadata
+    import subprocess
+
+    from sftkit.cli import sftkit
+    from sftkit.environment import library_versions, report
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    expected = f"{importlib.metadata.version('sftkit')} (git {commit[:12]})" if commit else \
+        importlib.metadata.version("sftkit")
+    assert sftkit(["--version"]) == 0 and capsys.readouterr().out == f"sftkit {expected}\n"
+    assert library_versions(())["sftkit"] == expected and "  ok    sftkit " in report()
+
+
 def test_sft_py_takes_the_config_as_its_first_argument_as_sftkit_train_does(tmp_path, capsys):
     from sftkit.cli import main
 
