@@ -158,6 +158,18 @@ def _hub_errors(training: dict) -> list[str]:
     return []
 
 
+def warmup_outlasts(args, total_steps: int) -> str | None:
+    """What a warmup as long as the run does: the learning rate never reaches training.learning_rate (a 1-step smoke
+    run of a shipped config trains at a rate of 0 and publishes the base unchanged)."""
+    warmup = args.get_warmup_steps(total_steps)
+    if warmup < total_steps or total_steps <= 0 or args.lr_scheduler_type in ("constant", "reduce_lr_on_plateau"):
+        return None  # those two have no warmup
+    peak = args.learning_rate * (total_steps - 1) / warmup  # a linear warmup's rate at the last step
+    return (f"training.warmup_steps ({warmup} steps) is at least the run's {total_steps} steps: the learning rate "
+            f"never reaches training.learning_rate {args.learning_rate:g} (it peaks at {peak:.2g}); lower "
+            "warmup_steps or train longer")
+
+
 def trainer_setup_errors(training) -> list[str]:
     """What the Trainer finds wrong with the built SFTConfig only as it trains, after the model has loaded
     (transformers 5.24): the scheduler's arguments."""

@@ -18,6 +18,7 @@ from transformers.trainer_callback import ProgressCallback
 from trl import SFTTrainer
 
 from sftkit.checkpoints import drop_unsaved_checkpoint
+from sftkit.checks import warmup_outlasts
 from sftkit.compat import TrainerWorkarounds, keep_checkpoints_at_an_early_stop
 from sftkit.engines import local_shard, shards_weights
 from sftkit.fastpath import adapter_input_casts, bound_max_lengths, lengths_vary, mark_lengths_dynamic
@@ -49,6 +50,7 @@ class MonitoredSFTTrainer(TrainerWorkarounds, SFTTrainer):
         self.guard = StopGuard()
         self.add_callback(self.guard)
         self.add_callback(LogTheLastStep())
+        self.add_callback(WarnOfAWarmupAsLongAsTheRun())
         self.cast_adapter_inputs = cast_adapter_inputs is not False  # None: PEFT's default
         self.mark_lengths_dynamic = self.args.torch_compile and lengths_vary(self.args)
 
@@ -183,6 +185,12 @@ def sample_replies(model, tokenizer, prompts: list[list[dict]], args, max_new_to
         return [generate_reply(model, tokenizer, prompt, max_new_tokens, synced_gpus=together) for prompt in prompts]
     finally:
         model.train(was_training)
+
+
+class WarnOfAWarmupAsLongAsTheRun(TrainerCallback):
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and (outlasts := warmup_outlasts(args, state.max_steps)):
+            logging.getLogger("sftkit").warning(outlasts)
 
 
 class LogTheLastStep(TrainerCallback):

@@ -287,6 +287,17 @@ def test_the_length_of_rows_tokenized_only_as_far_as_training_keeps_them_is_said
     assert "max more than" not in whole and "tokens cut from the start by max_seq_length" in whole
 
 
+def test_a_warmup_as_long_as_the_run_is_said_by_the_dry_run_and_the_run(tmp_path):
+    """A 1-step smoke run of a shipped config (warmup_steps 10) trained at a learning rate of 0 and published the
+    base unchanged, without a word."""
+    args = ["--training.max_steps", "2", "--training.output_dir", str(tmp_path / "out"), "--dataset.test_size", "null"]
+    said = ("training.warmup_steps (10 steps) is at least the run's 2 steps: the learning rate never reaches "
+            "training.learning_rate 0.003 (it peaks at 0.0003); lower warmup_steps or train longer")
+    assert plan_value(run_sft("--dry-run", *args).stdout, "steps").endswith(f"; 2 in all (training.max_steps); {said}")
+    assert "warmup_steps" not in run_sft("--dry-run", *args, "--training.warmup_steps", "1").stdout
+    assert f"sftkit: warning: {said}\n" in run_sft(*args).stderr
+
+
 @pytest.mark.parametrize(("settings", "shown", "hidden", "note"), [
     ([], "Alpha", "Omega", "... the rest is cut by max_seq_length"),  # tokenized only as far as it is kept
     (["--training.truncation_mode", "keep_end"], "Omega", "Alpha", "tokens cut from the start by max_seq_length"),
