@@ -6,6 +6,7 @@
     sftkit env | chat DIR | compare DIR | webchat DIR | export DIR
 """
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -225,19 +226,24 @@ def init(argv: list[str]) -> int:
 
 
 def _as_written_to(source: Path, target: Path) -> str:
-    """The shipped config's text, its header's launch commands naming the copy rather than the shipped file."""
+    """The shipped config's text, its header's launch commands naming the copy and the installed command (sft.py
+    is in the repo only, where the user's config may not be)."""
     from sftkit.paths import CONFIGS_DIR
 
-    return source.read_text().replace(f"configs/{source.relative_to(CONFIGS_DIR)}", str(target))
+    shipped = f"configs/{source.relative_to(CONFIGS_DIR)}"
+    lines = [line.replace(f"accelerate launch sft.py --config {shipped}", f"accelerate launch -m sftkit train {target}")
+                 .replace(f"python sft.py --config {shipped}", f"sftkit train {target}")
+             for line in source.read_text().splitlines(keepends=True)
+             if "(this file is the default)" not in line]  # the copy is not
+    return "".join(lines)
 
 
 def _shipped_config(name: str) -> Path:
     from sftkit.paths import CONFIGS_DIR, find_config_file
 
-    for candidate in (f"{name}_train_config", f"examples/{name}", name):
-        try:
-            return find_config_file(candidate, CONFIGS_DIR)
-        except ConfigError:
-            continue
+    with contextlib.suppress(ConfigError):
+        found = find_config_file(name, CONFIGS_DIR)
+        if CONFIGS_DIR.resolve() in found.resolve().parents:
+            return found
     raise ConfigError(f"no shipped config named {name!r}: use default, lora, qlora, or one of "
                       f"{', '.join(path.stem for path in sorted((CONFIGS_DIR / 'examples').glob('*.yaml')))}")

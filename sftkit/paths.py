@@ -32,13 +32,15 @@ LOCAL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".ar
 
 
 def find_config_file(name: str | None, directory: Path = CONFIGS_DIR) -> Path:
-    """The config to use: the given path, else the same name (.yaml optional) in `directory`, else the default."""
+    """The config to use: the given path, else a shipped one by its name in `directory` (.yaml optional; `lora` for
+    lora_train_config.yaml, an example's name for examples/NAME.yaml, as sftkit init takes them), else the default."""
     if name is None:
         return DEFAULT_CONFIG
     path = Path(name)
     if path.is_file():
         return path
-    for candidate in (directory / path, directory / f"{path}.yaml"):
+    for candidate in (directory / path, directory / f"{path}.yaml", directory / f"{path}_train_config.yaml",
+                      directory / "examples" / f"{path}.yaml"):
         if not path.is_absolute() and candidate.is_file():
             return candidate
     there = ", ".join(sorted(file.stem for file in directory.glob("*.yaml")))

@@ -97,6 +97,9 @@ def test_no_config_means_the_shipped_default_from_any_directory(tmp_path, monkey
 def test_bare_name_is_found_in_configs_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert find_config_file("lora_train_config.yaml") == CONFIGS_DIR / "lora_train_config.yaml"
+    # the names sftkit init --from takes (`sftkit train lora` was not found)
+    assert find_config_file("lora") == CONFIGS_DIR / "lora_train_config.yaml"
+    assert find_config_file("qwen2.5_1.5b_full") == CONFIGS_DIR / "examples" / "qwen2.5_1.5b_full.yaml"
     with pytest.raises(ConfigError, match="config file not found: missing.yaml"):
         find_config_file("missing.yaml")
 

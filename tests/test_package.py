@@ -62,7 +62,8 @@ def test_sftkit_init_writes_a_config_that_trains(installed):
     assert sftkit(installed, "init", "my_run", "--from", "default").returncode == 0
     written = (work / "my_run.yaml").read_text()
     assert written.startswith("# Full fine-tuning of the embedded tiny Llama model")
-    assert "--config my_run.yaml" in written and "default_train_config.yaml" not in written, written[:800]
+    assert "#   sftkit train my_run.yaml\n" in written and "default_train_config.yaml" not in written, written[:800]
+    assert "sft.py" not in written.split("model:")[0], "sft.py is in the repo only"
     again = sftkit(installed, "init", "my_run")
     assert again.returncode == 2 and "my_run.yaml exists already" in again.stderr
     dry = sftkit(installed, "train", "my_run.yaml", "--dry-run")
