@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m sftkit.compare") 
     parser = OneLineArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("output_dir", help="output_dir of a finished run")
     parser.add_argument("--prompts", help="a text file with one prompt per line")
-    parser.add_argument("--rows", type=int, default=5, help="held-out rows to reply to when no prompts are given")
+    parser.add_argument("--rows", type=int, help="held-out rows to reply to instead of the run's sample_prompts "
+                                                 "(default 5, where the run had none and no --prompts is given)")
     parser.add_argument("--loss_rows", type=int, default=64, help="rows the loss is computed on (default 64)")
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--out", help=f"report path (default OUTPUT_DIR/{BEFORE_AFTER_FILE})")
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m sftkit.compare") 
 
 
 def _check_paths(args) -> None:
+    if args.prompts and args.rows is not None:
+        raise ConfigError("--prompts and --rows: give one of them, the prompts to reply to or the held-out rows")
     if args.prompts and not Path(args.prompts).is_file():
         raise ConfigError(f"--prompts {args.prompts} is not a file; give a text file with one prompt per line")
     if args.prompts and not _read_prompts(args.prompts):
@@ -65,7 +68,7 @@ def _check_paths(args) -> None:
         raise ConfigError(f"--out {args.out}: the directory {Path(args.out).parent} does not exist; create it or "
                           "choose another path")
     for option in ("rows", "loss_rows", "max_new_tokens"):
-        if getattr(args, option) < 1:
+        if getattr(args, option) is not None and getattr(args, option) < 1:
             raise ConfigError(f"--{option} {getattr(args, option)}: give 1 or more")
 
 
@@ -112,11 +115,11 @@ def write_before_after(args) -> Path:
     held_out = data.eval is not None
     rows = data.eval if held_out else data.train
     loss_rows = rows.select(range(min(args.loss_rows, len(rows))))
-    texts = _read_prompts(args.prompts) if args.prompts else dataset_cfg.sample_prompts
+    texts = _read_prompts(args.prompts) if args.prompts else dataset_cfg.sample_prompts if args.rows is None else None
     if texts:  # asked as the run's prompts were, after its system prompt
         prompts = [_prompt_from_text(tokenizer, text, dataset_cfg.system_prompt) for text in texts]
     else:
-        prompts = [_prompt_from_row(tokenizer, row) for row in rows.select(range(min(args.rows, len(rows))))]
+        prompts = [_prompt_from_row(tokenizer, row) for row in rows.select(range(min(args.rows or 5, len(rows))))]
     losses = {name: eval_loss(model, tokenizer, loss_rows, saved["training"], model_cfg.max_seq_length)
               for name, model in (("base", base), ("tuned", tuned))}
     replies = {name: [generate_from_ids(model, tokenizer, prompt.input_ids, args.max_new_tokens) for prompt in prompts]

@@ -80,6 +80,11 @@ def test_before_after_report_on_sample_prompts(monitored_run, tmp_path):
         notes.write("\nMy notes: the base model rambles.\n")
     refused = run_here(compare.main, str(monitored_run.out), check=False)
     assert refused.returncode == 2 and "before_after.md was changed since sftkit compare wrote it" in refused.stderr
+    # --rows asks for held-out rows: it was ignored where the run had sample_prompts
+    run_here(compare.main, str(monitored_run.out), "--rows", "1", "--out", str(tmp_path / "rows.md"),
+             "--max_new_tokens", "8")
+    rows = (tmp_path / "rows.md").read_text()
+    assert len(re.findall(r"^## \d", rows, re.M)) == 1 and "Reference reply: " in rows, rows
 
 
 @pytest.mark.slow
@@ -205,6 +210,9 @@ def test_the_web_chats_port_is_checked_before_the_model_loads(port, capsys):
     (["--prompts", "nosuch.txt"], "--prompts nosuch.txt is not a file; give a text file with one prompt per line"),
     (["--out", "nodir/x.md"], "--out nodir/x.md: the directory nodir does not exist; create it or choose another path"),
     (["--loss_rows", "0"], "--loss_rows 0: give 1 or more"),
+    (["--rows", "0"], "--rows 0: give 1 or more"),
+    (["--prompts", "blank.txt", "--rows", "2"], "--prompts and --rows: give one of them, the prompts to reply to or "
+                                                "the held-out rows"),
     (["--prompts", "blank.txt"], "--prompts blank.txt holds no prompt; write one prompt per line"),
     (["--out", "blank.txt"], "--out blank.txt exists already; choose another path (compare never replaces a file it "
                              "is given)"),
