@@ -100,7 +100,7 @@ class DatasetConfig(SourceConfig):
               "`sources` weights repeat rows (no eval row also trains)")
     eval_split: str | None = option(None, "or evaluate on this split of the same source(s)")
     loss_on: Literal["assistant", "last_assistant", "all"] = option(
-        "assistant", "`assistant`: every assistant turn; `last_assistant`: the final one; `all`: every token")
+        "assistant", "`assistant`: every assistant turn; `last_assistant`: the last one that trains (weight not 0); `all`: every token")
     chat_template: str | None = option(
         None, "override the tokenizer's template: a Jinja string or a path to a `.jinja` file")
     on_bad_row: Literal["error", "skip"] = option(

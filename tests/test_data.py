@@ -483,6 +483,21 @@ def test_columns_no_format_reads_may_mix_types_and_empty_tools_are_no_tools(tmp_
             for row in data.train] == ["4<|im_end|>", "Hello!<|im_end|>"]
 
 
+@pytest.mark.parametrize(("text", "said"), [
+    ("question;answer\nHi;Hello\n", "its one column 'question;answer' looks like columns separated by ';'; save the "
+                                     "file comma-separated (CSV) or as JSON Lines"),
+    ('messages\n"[{""role"": ""user"", ""content"": ""Hi""}, {""role"": ""assistant"", ""content"": ""Yo""}]"\n',
+     "expected a list of messages, got text that looks like a JSON list of them; parse it into a list (json.loads) "
+     "and save the rows as JSON Lines"),
+])
+def test_a_spreadsheets_csv_that_sftkit_cannot_read_says_how_to_save_it(tmp_path, tokenizer, text, said):
+    """A ';'-separated CSV (Excel's default in much of Europe) was told it might be a JSON document; a messages
+    column exported as JSON text was a bad row, and skipping dropped every row."""
+    (tmp_path / "rows.csv").write_text(text)
+    with pytest.raises(DataError, match=re.escape(said)):
+        prepare_data(DatasetConfig(name=str(tmp_path / "rows.csv")), tokenizer, max_length=64)
+
+
 def test_csv_cells_reading_none_or_na_are_text(tmp_path, tokenizer):
     (tmp_path / "rows.csv").write_text("prompt,response\nIs 4 prime? One word.,None\nAnd 9?,NA\nEmpty,\n")
     data = prepare_data(DatasetConfig(name=str(tmp_path / "rows.csv"), on_bad_row="skip", test_size=None), tokenizer,

@@ -108,6 +108,10 @@ def detect_format(columns: list[str], source: str) -> str:
     for name, required in SIGNATURES:
         if required <= set(columns):
             return name
+    separator = next((mark for mark in (";", "\t", "|") if len(columns) == 1 and mark in columns[0]), None)
+    if separator:  # a CSV saved with Excel's European default, or tab-separated under a .csv name
+        raise DataError(f"{source}: its one column {columns[0]!r} looks like columns separated by {separator!r}; "
+                        "save the file comma-separated (CSV) or as JSON Lines")
     if len(columns) == 1:  # a JSON document {"data": [rows]} reads as one row of one column
         raise DataError(f"{source}: cannot tell the dataset format from its one column {columns[0]!r}; if it is a "
                         f"JSON document with the rows under that key ({{\"{columns[0]}\": [rows]}}), save the rows "
@@ -183,6 +187,9 @@ def _as_turns(row: dict, column: str, role: str) -> list[dict]:
 
 
 def _as_list(messages) -> list:
+    if isinstance(messages, str) and messages.lstrip().startswith("["):  # a CSV's or a database export's cell
+        raise ValueError("expected a list of messages, got text that looks like a JSON list of them; parse it into a "
+                         "list (json.loads) and save the rows as JSON Lines")
     if not isinstance(messages, list) or not messages:
         got = "an empty list" if isinstance(messages, list) else type(messages).__name__
         raise RowDefect(f"expected a non-empty list of messages, got {got}")
