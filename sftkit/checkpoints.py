@@ -360,9 +360,11 @@ class RecordRunInCheckpoints(TrainerCallback):
         checkpoint = checkpoint_dir(args.output_dir, state.global_step)
         if state.is_world_process_zero and checkpoint.is_dir():
             try:
+                # `files`: what the Trainer saved there, which --overwrite removes; anything added later is the user's
+                files = sorted(str(file.relative_to(checkpoint)) for file in checkpoint.rglob("*") if file.is_file())
                 write_json(checkpoint / RUN_FILE, run_record(self.resolved, step=state.global_step,
                                                              weights=self.weights, world_size=args.world_size,
-                                                             engine=launch_engine(args), **self.seconds()))
+                                                             engine=launch_engine(args), files=files, **self.seconds()))
             except OSError as error:  # without its record no resume accepts it
                 drop_unsaved_checkpoint(args, state.global_step, error)
                 return

@@ -610,3 +610,21 @@ def test_overwrite_never_removes_a_checkpoint_the_earlier_run_did_not_save(finis
         f"training.output_dir {out} holds files sftkit did not write there ({name}), under the names a run writes; "
         "move them elsewhere or choose another training.output_dir")
     assert contents(out) == before
+
+
+def test_overwrite_never_removes_files_added_to_the_earlier_runs_checkpoints(finished, tmp_path):
+    """--overwrite removed each checkpoint whole: eval notes put beside a checkpoint's weights went with it. Each
+    checkpoint's record lists what the Trainer saved there."""
+    out = copy_of(finished, tmp_path)
+    (out / "checkpoint-2" / "eval_notes.txt").write_text("step 2 was the best")
+    before = contents(out)
+    fresh = config(out, "--training.max_steps", "2")
+    said = (f"training.output_dir {out}: --overwrite would remove the earlier run's checkpoints, which hold files it "
+            "did not save (checkpoint-2/eval_notes.txt); move them elsewhere first")
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        output_dir_plan(fresh, overwrite=True)
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        train(fresh, overwrite=True)
+    assert contents(out) == before
+    (out / "checkpoint-2" / "eval_notes.txt").unlink()
+    assert train(fresh, overwrite=True).summary["steps"] == 2
