@@ -11,6 +11,7 @@ they stay in the staging directory and `python -m sftkit.export OUTPUT_DIR` fini
 import dataclasses
 import functools
 import json
+import logging
 import os
 import re
 import shutil
@@ -167,7 +168,7 @@ def _complete_and_check(staging: Path, model_cfg: ModelConfig, dtype) -> None:
     else:
         _cast_float32_weights(staging, dtype, model_cfg.trust_remote_code)
     require_weights(staging, "model")
-    _stop_at_the_end_of_a_reply(staging)
+    _stop_at_the_end_of_a_reply(staging, model_cfg.trust_remote_code)
     broken = non_finite_tensors(staging)
     if broken and model_cfg.use_lora and not non_finite_tensors(staging / ADAPTER_DIR):
         _drop_merged_model(staging)
@@ -181,17 +182,19 @@ def _complete_and_check(staging: Path, model_cfg: ModelConfig, dtype) -> None:
                         f"{broken[0]}); nothing was published and the broken weights were deleted")
 
 
-def _stop_at_the_end_of_a_reply(directory: Path) -> None:
+def _stop_at_the_end_of_a_reply(directory: Path, trust_remote_code: bool) -> None:
     """The published generation config stops at the token the chat template ends each reply with, as the model
     learned to: where that is not the eos (a base model's ChatML template), plain `generate`, vLLM and TGI ran on
-    past every reply."""
+    past every reply. A nicety: whatever fails here keeps the base's generation config, never the export."""
     from transformers import AutoTokenizer, GenerationConfig
 
     from sftkit.data.tokenize import stop_token_ids
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-    except OSError:  # an export killed before it saved the tokenizer: the published one is the base's
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    except Exception as error:  # noqa: BLE001 - e.g. killed before it saved the tokenizer
+        logging.getLogger("sftkit").warning(f"the published generation config stops at the eos alone: the tokenizer "
+                                            f"in {directory} could not be read ({first_line(error)})")
         return
     try:
         generation = GenerationConfig.from_pretrained(directory)

@@ -4,6 +4,7 @@ are refused, a full disk is found before training and, at export, keeps the trai
 import contextlib
 import json
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -718,3 +719,19 @@ def test_files_the_user_puts_in_output_dir_while_the_run_trains_are_never_replac
     (out / "config.json").unlink()
     assert export_main([str(out)]) == 0
     assert (out / "model.safetensors").is_file() and "sftkit" in (out / "README.md").read_text()
+
+
+def test_a_model_whose_tokenizer_ships_its_own_code_exports(tmp_path):
+    """The export read the saved tokenizer back without trust_remote_code, to list its end-of-turn token: every run
+    of such a model (GLM-4, InternLM2, Baichuan2) failed its export, and `sftkit export` could never finish it."""
+    base = tmp_path / "base"
+    shutil.copytree(TINY_MODEL, base)
+    (base / "tok.py").write_text("from transformers import PreTrainedTokenizerFast\n\n\n"
+                                 "class MyTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    settings = json.loads((base / "tokenizer_config.json").read_text())
+    (base / "tokenizer_config.json").write_text(json.dumps({**settings, "auto_map": {
+        "AutoTokenizer": [None, "tok.MyTokenizer"]}}))
+    out = tmp_path / "out"
+    result = run_python("sft.py", "--model.path", str(base), "--model.trust_remote_code", "true",
+                        "--training.output_dir", str(out), *SHORT, stdin=subprocess.DEVNULL)
+    assert (out / "model.safetensors").is_file() and "custom code" not in result.stderr, result.stderr[-2000:]
