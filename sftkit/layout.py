@@ -17,6 +17,7 @@ LOSS_PLOT = "loss.png"
 MODEL_CARD = "README.md"
 SAMPLES_FILE = "sample_replies.jsonl"
 BEFORE_AFTER_FILE = "before_after.md"  # sftkit compare's report, of the model it compared
+DURING_TRAINING = (SAMPLES_FILE, "runs")  # what a run writes as it trains (sample replies, TensorBoard's logs)
 # What sftkit and the Trainer write into output_dir (checkpoint-N directories aside), by whole name. Only a directory
 # that holds a run record (RUN_FILE) can hold an earlier run's files; anything else there is the user's, never
 # removed and never replaced: a model.safetensors.bak or adapter_notes.txt beside the model is theirs.

@@ -19,10 +19,10 @@ import psutil
 
 from sftkit.errors import ConfigError
 from sftkit.layout import (
+    DURING_TRAINING,
     GUARD_FILE,
     LOCK_FILE,
     RUN_FILE,
-    SAMPLES_FILE,
     STAGING_DIR,
     checkpoint_step,
     holds_training,
@@ -93,8 +93,9 @@ def survey(directory: Path) -> Contents:
             contents.foreign.append(name)
         elif is_checkpoint(item) and recorded and _saved_by_the_run(item, record, name == newest, trained):
             contents.checkpoints.append(name)
-        elif is_checkpoint(item) or not recorded or item.is_symlink() or \
-                (written is not None and changed_since_written(item, written.get(name))):
+        elif is_checkpoint(item) or not recorded or item.is_symlink() or (
+                written is not None and not _written_by_a_run_cut_short(name, written)
+                and changed_since_written(item, written.get(name))):
             contents.foreign.append(name)
             contents.in_the_way.append(name)
             if written and name in written:
@@ -104,6 +105,11 @@ def survey(directory: Path) -> Contents:
         else:
             contents.ours.append(name)
     return contents
+
+
+def _written_by_a_run_cut_short(name: str, written: dict) -> bool:
+    """What a run writes as it trains, unrecorded: a run killed before its end (end() records them) wrote them."""
+    return name in DURING_TRAINING and name not in written
 
 
 def _saved_by_the_run(checkpoint: Path, record: dict, newest: bool, trained: int | None) -> bool:
@@ -250,7 +256,7 @@ class OutputDir:
     def end(self) -> None:
         """The run ends, however: what it wrote is recorded (record_written), and the lock released."""
         if self.owner:
-            record_written(self.path, None if self._published_or_stopped_in_begin() else [SAMPLES_FILE, "runs"])
+            record_written(self.path, None if self._published_or_stopped_in_begin() else list(DURING_TRAINING))
         self.release()
 
     def _published_or_stopped_in_begin(self) -> bool:

@@ -628,3 +628,32 @@ def test_overwrite_never_removes_files_added_to_the_earlier_runs_checkpoints(fin
     assert contents(out) == before
     (out / "checkpoint-2" / "eval_notes.txt").unlink()
     assert train(fresh, overwrite=True).summary["steps"] == 2
+
+
+def test_a_run_killed_as_it_trains_resumes_with_its_sample_replies_and_logs(tmp_path):
+    """Killed (the OOM killer, a preemption) before its end recorded what it wrote, the run's own
+    sample_replies.jsonl and TensorBoard logs counted as the user's files: neither a resume nor --overwrite went on."""
+    from conftest import run_python
+
+    out = tmp_path / "out"
+    script = tmp_path / "sft_killed.py"
+    script.write_text(f"""import os, sys
+sys.path.insert(0, {str(REPO)!r})
+import sftkit.checkpoints
+saved = sftkit.checkpoints.RecordRunInCheckpoints.on_save
+def on_save(self, args, state, *rest, **kwargs):
+    saved(self, args, state, *rest, **kwargs)
+    if state.global_step == 2:
+        os._exit(137)
+sftkit.checkpoints.RecordRunInCheckpoints.on_save = on_save
+from sftkit.cli import main
+raise SystemExit(main())
+""")
+    args = ["--training.output_dir", str(out), *SHORT, "--training.save_strategy", "steps", "--training.save_steps",
+            "1", "--dataset.sample_prompts", "[Hi]", "--training.eval_strategy", "steps", "--training.eval_steps", "1",
+            "--dataset.test_size", "16",
+            "--training.report_to", "tensorboard"]
+    assert run_python(str(script), *args, check=False).returncode == 137
+    assert (out / "sample_replies.jsonl").is_file() and (out / "runs").is_dir()
+    resumed = run_sft(*args, "--training.resume_from_checkpoint", "true")
+    assert "resumes from" in resumed.stdout and (out / "model.safetensors").is_file()
