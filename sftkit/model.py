@@ -171,18 +171,20 @@ def check_token_settings(tokenizer, training, model_path: str) -> None:
                               f"give one of its tokens (its eos is {tokenizer.eos_token!r}) or remove the key")
 
 
-def check_vocabulary_fits(tokenizer, model_cfg: ModelConfig) -> None:
-    """Every token id must have a row in the model's embeddings: a tokenizer given tokens the model lacks (a pad or
-    chat tokens added without resizing) passed --inspect and the dry run, then failed in the first forward pass with
-    an IndexError (a device-side assert on a GPU)."""
-    hf_config = _read_model_config(model_cfg)
-    rows = getattr(hf_config.get_text_config(), "vocab_size", None)
-    ids = max(tokenizer.get_vocab().values()) + 1
-    if rows is not None and ids > rows:
-        raise ConfigError(f"model.path {model_cfg.path}: its tokenizer has token ids up to {ids - 1:,}, but the "
-                          f"model's embeddings hold {rows:,} rows (vocab_size in config.json), so a row using the added tokens "
-                          "would fail; resize the embeddings to the tokenizer and save both (model.resize_token_"
-                          "embeddings(len(tokenizer)), then save_pretrained of each) and point model.path at that copy")
+def check_vocabulary_fits(tokenizer, model_cfg: ModelConfig, data) -> None:
+    """Every token id the rows use (and the pad and eos the collator and generation add) must have a row in the
+    model's embeddings: tokens added to the tokenizer alone passed --inspect and the dry run, then failed in the first
+    forward pass with an IndexError (a device-side assert on a GPU). Ids no row uses may lie past them: Gemma 3's
+    tokenizer holds <image_soft_token> beyond its text model's vocab_size."""
+    rows = getattr(_read_model_config(model_cfg).get_text_config(), "vocab_size", None)
+    used = max(data.largest_token_id(), *(token for token in (tokenizer.pad_token_id, tokenizer.eos_token_id)
+                                          if token is not None))
+    if rows is not None and used >= rows:
+        raise ConfigError(f"model.path {model_cfg.path}: the rows (or the pad or eos) use token id {used:,} "
+                          f"({tokenizer.convert_ids_to_tokens(used)!r}), but the model's embeddings hold {rows:,} rows "
+                          "(vocab_size in config.json), so training would fail; resize the embeddings to the tokenizer "
+                          "and save both (model.resize_token_embeddings(len(tokenizer)), then save_pretrained of "
+                          "each) and point model.path at that copy")
 
 
 def ensure_distinct_pad_token(tokenizer) -> None:

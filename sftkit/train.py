@@ -116,9 +116,9 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
     set_seed(args.seed)
     tokenizer = load_tokenizer(config.model, config.dataset)
     check_token_settings(tokenizer, config.training, config.model.path)
-    check_vocabulary_fits(tokenizer, config.model)
     with args.main_process_first(desc="dataset preparation"):
         data = prepare_for_training(config.dataset, tokenizer, args)
+    check_vocabulary_fits(tokenizer, config.model, data)
     dtype = resolve_dtype(config.model, args)
     weights = weights_dtype(config.model, args, dtype)
     weights_name = str(weights).removeprefix("torch.")

@@ -415,21 +415,25 @@ def test_a_hub_repo_the_trainer_cannot_create_is_one_line(tmp_path):
 
 
 def test_a_tokenizer_with_tokens_the_embeddings_lack_is_refused_before_training_and_the_advice_works(tmp_path):
-    """Adding a pad or a template's chat tokens to the tokenizer alone (as sftkit's own no-pad-token error advised)
-    passed --inspect and the dry run, then ended training in an IndexError traceback (a device-side assert on a GPU)."""
+    """A pad added to the tokenizer alone (as sftkit's own no-pad-token error advised) passed --inspect and the dry
+    run, then ended training in an IndexError traceback (a device-side assert on a GPU). A token no row uses may lie
+    past the embeddings, as Gemma 3's <image_soft_token> does."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = tmp_path / "model"
     shutil.copytree(TINY_MODEL, model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|eot_id|>", "<|start_header_id|>"]})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image_soft_token>"]})
     tokenizer.save_pretrained(model_dir)
     args = ["--model.path", str(model_dir), "--training.output_dir", str(tmp_path / "out"), "--training.max_steps", "2"]
+    assert run_python("sft.py", *args, "--dry-run").returncode == 0, "an id no row uses"
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    tokenizer.save_pretrained(model_dir)
     for mode in ("--dry-run", "--training.logging_steps=1"):
         refused = run_python("sft.py", *args, mode, check=False)
         assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
-            f"sft.py: error: model.path {model_dir}: its tokenizer has token ids up to 821, but the model's embeddings "
-            "hold 820 rows (vocab_size in config.json), so a row using the added tokens would fail; resize the "
+            f"sft.py: error: model.path {model_dir}: the rows (or the pad or eos) use token id 821 ('<pad>'), but the "
+            "model's embeddings hold 820 rows (vocab_size in config.json), so training would fail; resize the "
             "embeddings to the tokenizer and save both (model.resize_token_embeddings(len(tokenizer)), then "
             "save_pretrained of each) and point model.path at that copy"), refused.stderr[-2000:]
     model = AutoModelForCausalLM.from_pretrained(model_dir)

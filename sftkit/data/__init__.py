@@ -70,6 +70,11 @@ class PreparedData:
     # max_length where rows were tokenized only as far as the trainer keeps them: a length past it is a lower bound
     measured_to: int | None = None
 
+    def largest_token_id(self) -> int:
+        """The largest token id in the train and eval rows."""
+        return max(pc.max(pc.list_flatten(_column(rows, "input_ids"))).as_py() or 0
+                   for rows in (self.train, self.eval) if rows is not None and len(rows))
+
     def length_words(self, length: int) -> str:
         """'1,644', or 'more than 256' for a row measured only past max_length."""
         return f"more than {self.measured_to:,}" if self.measured_to and length > self.measured_to else f"{length:,}"
