@@ -79,18 +79,35 @@ def test_assistant_messages_of_weight_0_do_not_train(tokenizer, tmp_path):
         to_messages(rows[3], "messages")
 
 
+@pytest.mark.parametrize("sharegpt", [False, True])
+def test_another_tools_per_turn_training_switch_is_read_as_a_weight(tokenizer, tmp_path, sharegpt):
+    """Axolotl's `training: false` on a reply trained it, without a word; its explicit flags that agree with what
+    sftkit trains anyway are read too."""
+    def turn(role, text, **switch):
+        return ({"from": {"user": "human", "assistant": "gpt"}[role], "value": text, **switch} if sharegpt
+                else {"role": role, "content": text, **switch})
+
+    row = {"conversations" if sharegpt else "messages": [
+        turn("user", "Hi", training=False), turn("assistant", "BAD", training=False),
+        turn("user", "Again", train=False), turn("assistant", "Good.", trainable=True)]}
+    (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n")
+    data = prepare_data(DatasetConfig(name=str(tmp_path / "rows.jsonl")), tokenizer, max_length=128)
+    assert [trained_spans(tokenizer, tokens) for tokens in data.train] == [["Good.<|im_end|>"]]
+
+
 @pytest.mark.parametrize(("message", "said"), [
-    ({"train": False}, "message 1 (assistant) has 'train', which sftkit does not read (the turn would train whatever "
-                       "it says); sftkit's per-turn switch is weight: 0 (not trained) or 1, on assistant messages"),
-    ({"training": False}, "message 1 (assistant) has 'training', which sftkit does not read"),
-    ({"weight": False}, "message 1 (assistant) has weight False; a weight is the number 0 (not trained) or 1"),
-    ({"weight": 0.5}, "message 1 (assistant) has weight 0.5; a weight is the number 0 (not trained) or 1"),
+    ({"role": "assistant", "train": "no"}, "message 1 (assistant) has train 'no'; give true or false (or sftkit's "
+                                           "weight, 0 or 1)"),
+    ({"role": "user", "training": True}, "message 1 (user) has training true, but only assistant messages train "
+                                         "(every token does with dataset.loss_on: all)"),
+    ({"role": "assistant", "weight": False}, "message 1 (assistant) has weight False; a weight is the number 0 (not "
+                                             "trained) or 1"),
+    ({"role": "assistant", "weight": 0.5}, "message 1 (assistant) has weight 0.5; a weight is the number 0 (not "
+                                           "trained) or 1"),
 ])
-def test_another_tools_per_turn_training_switch_is_refused_rather_than_trained_through(tokenizer, tmp_path, message,
-                                                                                      said):
-    """Axolotl's `training: false` turn trained, without a word; a weight of false was told that only assistant
-    messages take a weight, on an assistant message."""
-    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "BAD", **message},
+def test_a_per_turn_switch_sftkit_cannot_follow_is_refused(tokenizer, tmp_path, message, said):
+    """A weight of false was told that only assistant messages take a weight, on an assistant message."""
+    row = {"messages": [{"role": "user", "content": "Hi"}, {"content": "Hello", **message},
                         {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Good."}]}
     (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n")
     with pytest.raises(DataError, match=re.escape(said)):

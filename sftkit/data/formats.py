@@ -10,8 +10,8 @@ ROLES = ("system", "user", "assistant", "tool")
 # What a chat template renders besides a message's content, that sftkit does not pass to it (nor the row's tools):
 # a turn trained without them would teach the model to announce a tool call, or skip its reasoning, and stop.
 NOT_PASSED = ("tool_calls", "function_call", "reasoning_content", "reasoning", "thinking")
-# Other tools' per-turn training switches (Axolotl's `training`/`train`): read as nothing, the turn would train
-OTHER_SWITCHES = ("train", "training", "trainable", "train_on", "loss", "mask")
+# Other tools' per-turn training switches (Axolotl's `training`/`train`), read as sftkit's weight
+OTHER_SWITCHES = ("train", "training", "trainable")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant",
                   "tool": "tool", "observation": "tool"}
 
@@ -39,7 +39,8 @@ def from_sharegpt(row: dict, answer_source: str) -> list[dict]:
             found = turn.get("from") if isinstance(turn, dict) else type(turn).__name__
             raise ValueError(f"turn {index} has from={found!r}; expected one of {', '.join(SHAREGPT_ROLES)}")
         role = SHAREGPT_ROLES[turn["from"]]
-        messages.append({"role": role, "content": turn.get("value"),
+        switches = {key: turn[key] for key in OTHER_SWITCHES if turn.get(key) is not None}
+        messages.append({"role": role, "content": turn.get("value"), **switches,
                          **({"weight": turn.get("weight")} if role == "assistant" else {})})
     return _system(row, messages) + messages
 
@@ -218,11 +219,6 @@ def _check_message(message, index: int) -> dict:
     if held:
         raise RowDefect(f"message {index} ({role}) has {held}, which sftkit does not pass to the chat template yet "
                         "(the turn would train without it)")
-    switch = next((key for key in OTHER_SWITCHES if message.get(key) is not None), None)
-    if switch:
-        raise ValueError(f"message {index} ({role}) has {switch!r}, which sftkit does not read (the turn would train "
-                         "whatever it says); sftkit's per-turn switch is weight: 0 (not trained) or 1, on assistant "
-                         "messages")
     if role not in ROLES:
         mapped = f" (ShareGPT's name for {SHAREGPT_ROLES[role]}: rename it)" if role in SHAREGPT_ROLES else ""
         raise ValueError(f"message {index} has role {role!r}; expected one of {', '.join(ROLES)}{mapped}")
@@ -232,7 +228,7 @@ def _check_message(message, index: int) -> dict:
         raise ValueError(f"message {index} ({role}) has content of type {type(content).__name__}, expected text")
     if not content or not content.strip():
         raise RowDefect(f"message {index} ({role}) has empty content")
-    weight = message.get("weight")
+    weight = _weight(message, index, role)
     if weight is None or (weight == 1 and role == "assistant"):
         return {"role": role, "content": content}
     if role != "assistant":
@@ -241,6 +237,23 @@ def _check_message(message, index: int) -> dict:
         raise ValueError(f"message {index} ({role}) has weight {weight!r}; a weight is the number 0 (not trained) or "
                          "1")
     return {"role": role, "content": content, "weight": 0}
+
+
+def _weight(message: dict, index: int, role: str):
+    """The message's weight, or what another tool's per-turn switch says (Axolotl's `training: false` on a reply is
+    weight 0): read as nothing, the turn trained whatever it said."""
+    weight = message.get("weight")
+    switch = next((key for key in OTHER_SWITCHES if message.get(key) is not None), None)
+    if switch is None:
+        return weight
+    value = message[switch]
+    if not isinstance(value, bool):
+        raise ValueError(f"message {index} ({role}) has {switch} {value!r}; give true or false (or sftkit's weight, "
+                         "0 or 1)")
+    if value and role != "assistant":
+        raise ValueError(f"message {index} ({role}) has {switch} true, but only assistant messages train (every "
+                         "token does with dataset.loss_on: all)")
+    return 0 if role == "assistant" and not value else weight
 
 
 def _joined_text_parts(parts: list, index: int, role: str) -> str:
