@@ -74,4 +74,15 @@ def shards_weights(args) -> bool:
 def local_shard(parameter):
     """The part of a parameter this process holds: ZeRO-3's ds_tensor, FSDP2's local shard, else all of it."""
     shard = getattr(parameter, "ds_tensor", None)
-    return shard if shard is not None else getattr(parameter, "to_local", lambda: parameter)()
+    if shard is None:
+        return getattr(parameter, "to_local", lambda: parameter)()
+    import torch.distributed as dist
+
+    # DeepSpeed 0.19 pads the last processes' partitions to one size and leaves the padding uninitialized
+    rank = dist.get_rank(getattr(parameter, "ds_process_group", None)) if dist.is_initialized() else 0
+    return shard.narrow(0, 0, max(0, min(shard.numel(), parameter.ds_numel - rank * shard.numel())))
+
+
+def holds_a_shard(parameter) -> bool:
+    """Whether each process holds its own part of the parameter (ZeRO-3, FSDP2), not a whole copy."""
+    return getattr(parameter, "ds_tensor", None) is not None or hasattr(parameter, "to_local")

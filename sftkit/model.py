@@ -13,7 +13,7 @@ from transformers.pytorch_utils import Conv1D
 from sftkit import varlen
 from sftkit.compat import keep_cpu_4bit_layout_trainable, zero3_init_disabled
 from sftkit.data.tokenize import CHATML_TEMPLATE
-from sftkit.engines import local_shard, uses_deepspeed, uses_fsdp
+from sftkit.engines import holds_a_shard, local_shard, uses_deepspeed, uses_fsdp
 from sftkit.errors import ConfigError, first_line
 from sftkit.paths import absolute_if_local, looked_in, resolve_path
 from sftkit.schema import DatasetConfig, ModelConfig
@@ -288,10 +288,12 @@ def load_model(model_cfg: ModelConfig, dtype: torch.dtype, gradient_checkpointin
 def refuse_non_finite_weights(model, model_path: str, args) -> None:
     """A nan or inf in the base (an unused embedding row of a converted model, say) leaves every loss finite where
     no row reads it, and the export then finds the published weights broken after the whole run: refused before
-    training. Each process reads its own shard, in slices (a whole-tensor isfinite doubles the largest one); 4-bit
-    weights are packed bytes (stored as floats for ZeRO-3), not numbers to check."""
+    training. A process reads its own shard where the weights are sharded, else the main process reads them (every
+    process holds the same copy, on the CPU until the Trainer places it), in slices (a whole-tensor isfinite doubles
+    the largest one); 4-bit weights are packed bytes (stored as floats for ZeRO-3), not numbers to check."""
     broken = [name for name, parameter in model.named_parameters()
-              if type(parameter).__name__ != "Params4bit" and not _finite(local_shard(parameter))]
+              if type(parameter).__name__ != "Params4bit" and (args.process_index == 0 or holds_a_shard(parameter))
+              and not _finite(local_shard(parameter))]
     found = torch.tensor(float(len(broken)), device=args.device)
     if args.world_size > 1:
         torch.distributed.all_reduce(found)
@@ -303,9 +305,12 @@ def refuse_non_finite_weights(model, model_path: str, args) -> None:
 
 
 def _finite(tensor: torch.Tensor) -> bool:
-    if not tensor.is_floating_point():
+    if not tensor.is_floating_point() or tensor.is_meta:  # FSDP's other processes may load onto meta
         return True
-    return all(torch.isfinite(part).all() for part in tensor.detach().reshape(-1).split(2**24))
+    parts = tensor.detach().reshape(-1).split(2**24)
+    if tensor.element_size() == 1:  # float8 checkpoints: torch has no isfinite for them
+        parts = (part.float() for part in parts)
+    return all(torch.isfinite(part).all() for part in parts)
 
 
 def lora_config(model_cfg: ModelConfig) -> LoraConfig | None:

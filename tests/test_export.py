@@ -158,6 +158,16 @@ def test_a_base_whose_weights_are_not_finite_is_refused_before_training(tmp_path
     assert not list(out.glob("checkpoint-*")) and not (out / "model.safetensors").exists()
 
 
+def test_the_base_check_reads_float8_weights_and_skips_those_not_loaded_here():
+    """torch has no isfinite for float8 (FP8 checkpoints on Hopper): a traceback instead of training; FSDP's other
+    processes may hold weights on the meta device."""
+    from sftkit.model import _finite
+
+    assert _finite(torch.randn(64).to(torch.float8_e4m3fn))
+    assert not _finite(torch.tensor([1.0, float("inf")]).to(torch.float8_e5m2))
+    assert _finite(torch.empty(8, device="meta"))
+
+
 def test_a_merge_that_is_not_finite_keeps_the_finite_adapter(lora_run, tmp_path):
     """The merge can overflow where the adapter is finite, and the base can change under `sftkit export`: the
     adapter, the run's whole training, was deleted with the merged model."""
