@@ -11,11 +11,19 @@ from transformers import TrainerCallback
 
 from sftkit.engines import fsdp_plugin, zero_stage
 from sftkit.errors import AlreadyFinished, ConfigError, RunFailed
-from sftkit.layout import RUN_FILE, STAGING_DIR, checkpoint_dir, checkpoint_step, is_checkpoint
+from sftkit.layout import (
+    RUN_FILE,
+    STAGING_DIR,
+    checkpoint_dir,
+    checkpoint_step,
+    is_checkpoint,
+    pushed_from_a_checkpoint,
+)
 from sftkit.runrecord import (
     changed_inputs,
     config_differences,
     read_run_record,
+    record_written,
     run_record,
     same_settings,
     trained_to_step,
@@ -369,6 +377,10 @@ class RecordRunInCheckpoints(TrainerCallback):
                 drop_unsaved_checkpoint(args, state.global_step, error)
                 return
             readable_like_other_files(checkpoint.glob("*.safetensors"))
+            if args.push_to_hub and args.hub_strategy != "end":  # the Trainer copied the checkpoint's model there
+                output_dir = Path(args.output_dir)
+                record_written(output_dir, [item.name for item in output_dir.iterdir()
+                                            if pushed_from_a_checkpoint(item.name)])
 
 
 def newest_resumable(output_dir: Path, weights_only: bool = False) -> Path | None:

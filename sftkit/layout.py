@@ -24,10 +24,10 @@ DURING_TRAINING = (SAMPLES_FILE, "runs")  # what a run writes as it trains (samp
 PUBLISHED_WEIGHTS = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
 SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # save_pretrained's shard names (transformers 5.24)
 TRAINED = ("config.json", "model.safetensors", "model.safetensors.index.json", ADAPTER_DIR, STAGING_DIR, SUMMARY_FILE)
-WRITTEN = PUBLISHED_WEIGHTS + TRAINED + (
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-    "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json", "training_args.bin", RUN_CONFIG_FILE,
-    VERSIONS_FILE, MODEL_CARD, LOSS_PLOT, SAMPLES_FILE, BEFORE_AFTER_FILE, "runs",
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json")
+WRITTEN = PUBLISHED_WEIGHTS + TRAINED + TOKENIZER_FILES + (
+    "training_args.bin", RUN_CONFIG_FILE, VERSIONS_FILE, MODEL_CARD, LOSS_PLOT, SAMPLES_FILE, BEFORE_AFTER_FILE, "runs",
 )
 
 
@@ -35,6 +35,12 @@ def published_weights(name: str) -> bool:
     """A file an export writes into output_dir beside the model's tokenizer and reports: weights, their index, the
     model's config (the adapter goes into lora_weights/)."""
     return _one_of(name, PUBLISHED_WEIGHTS)
+
+
+def pushed_from_a_checkpoint(name: str) -> bool:
+    """What the Trainer copies into output_dir to push each checkpoint (training.push_to_hub; transformers 5.24's
+    _push_from_checkpoint): the weights, their configs, the tokenizer and training_args.bin."""
+    return published_weights(name) or name in TOKENIZER_FILES or name == "training_args.bin"
 
 
 def written_by_sftkit(name: str) -> bool:

@@ -108,8 +108,9 @@ def survey(directory: Path) -> Contents:
 
 
 def _written_by_a_run_cut_short(name: str, written: dict) -> bool:
-    """What a run writes as it trains, unrecorded: a run killed before its end (end() records them) wrote them."""
-    return name in DURING_TRAINING and name not in written
+    """What a run writes as it trains (sample replies, TensorBoard's logs): end() records them, and a run killed
+    before it, once or again after a resume, leaves them unrecorded or grown since."""
+    return name in DURING_TRAINING
 
 
 def _saved_by_the_run(checkpoint: Path, record: dict, newest: bool, trained: int | None) -> bool:

@@ -745,3 +745,28 @@ def test_a_model_whose_tokenizer_ships_its_own_code_exports(tmp_path):
     result = run_python("sft.py", "--model.path", str(base), "--model.trust_remote_code", "true",
                         "--training.output_dir", str(out), *SHORT, stdin=subprocess.DEVNULL)
     assert (out / "model.safetensors").is_file() and "custom code" not in result.stderr, result.stderr[-2000:]
+
+
+def test_a_run_that_pushes_each_checkpoint_publishes_over_the_trainers_copies(tmp_path, monkeypatch):
+    """The Trainer copies each checkpoint's model and tokenizer into output_dir to push them (hub_strategy
+    every_save): the export took them for the user's files, made during the run, and every such run failed."""
+    import concurrent.futures
+    import types
+
+    import transformers.trainer
+
+    class Hub:  # the hub's side, offline: the repo and the uploads the Trainer asks for
+        def create_repo(self, name, **kwargs):
+            return types.SimpleNamespace(repo_id=f"me/{name}")
+
+        def upload_folder(self, **kwargs):
+            done = concurrent.futures.Future()
+            done.set_result(None)
+            return done
+
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: Hub())
+    monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 34)
+    out = tmp_path / "out"
+    train(config(out, "default_train_config.yaml", "--training.push_to_hub", "true", "--training.hub_strategy",
+                 "every_save", "--training.save_strategy", "steps", "--training.save_steps", "2"))
+    assert (out / "model.safetensors").is_file() and json.loads((out / RUN_FILE).read_text())["status"] == "finished"

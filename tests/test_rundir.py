@@ -632,7 +632,8 @@ def test_overwrite_never_removes_files_added_to_the_earlier_runs_checkpoints(fin
 
 def test_a_run_killed_as_it_trains_resumes_with_its_sample_replies_and_logs(tmp_path):
     """Killed (the OOM killer, a preemption) before its end recorded what it wrote, the run's own
-    sample_replies.jsonl and TensorBoard logs counted as the user's files: neither a resume nor --overwrite went on."""
+    sample_replies.jsonl and TensorBoard logs counted as the user's files: neither a resume nor --overwrite went on.
+    Killed again after a resume, they had grown since its start recorded them."""
     from conftest import run_python
 
     out = tmp_path / "out"
@@ -643,7 +644,7 @@ import sftkit.checkpoints
 saved = sftkit.checkpoints.RecordRunInCheckpoints.on_save
 def on_save(self, args, state, *rest, **kwargs):
     saved(self, args, state, *rest, **kwargs)
-    if state.global_step == 2:
+    if state.global_step in (2, 3):
         os._exit(137)
 sftkit.checkpoints.RecordRunInCheckpoints.on_save = on_save
 from sftkit.cli import main
@@ -651,9 +652,11 @@ raise SystemExit(main())
 """)
     args = ["--training.output_dir", str(out), *SHORT, "--training.save_strategy", "steps", "--training.save_steps",
             "1", "--dataset.sample_prompts", "[Hi]", "--training.eval_strategy", "steps", "--training.eval_steps", "1",
-            "--dataset.test_size", "16",
+            "--dataset.test_size", "16", "--training.max_steps", "4",
             "--training.report_to", "tensorboard"]
     assert run_python(str(script), *args, check=False).returncode == 137
     assert (out / "sample_replies.jsonl").is_file() and (out / "runs").is_dir()
+    # killed again after a resume, once its start recorded them, and they grew since
+    assert run_python(str(script), *args, "--training.resume_from_checkpoint", "true", check=False).returncode == 137
     resumed = run_sft(*args, "--training.resume_from_checkpoint", "true")
     assert "resumes from" in resumed.stdout and (out / "model.safetensors").is_file()
