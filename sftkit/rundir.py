@@ -36,6 +36,7 @@ from sftkit.runrecord import (
     record_written,
     run_record,
     same_settings,
+    signatures,
     trained_to_step,
     write_json,
 )
@@ -177,6 +178,7 @@ class OutputDir:
         self.owner = False  # the process that claimed it (the main one) records how the run ends
         self.replaces: Contents | None = None  # what --overwrite removes once training begins
         self.began = False  # training began (begin), in every process
+        self.found: dict = {}  # the signatures of what claim found under a run's names (runrecord.signatures)
 
     def claim(self, overwrite: bool, resume) -> None:
         """Create output_dir, lock it, and make sure it is this run's to write. Raises ConfigError otherwise.
@@ -190,6 +192,7 @@ class OutputDir:
             self.release()
             raise
         self.replaces = contents if overwrite else None
+        self.found = signatures(self.path)  # as checked here: what appears until training begins is the user's too
 
     def freed_at_begin(self) -> int:
         """The bytes begin() frees: what --overwrite removes of the earlier run."""
@@ -212,9 +215,10 @@ class OutputDir:
             self._remove_earlier_run(self.replaces)
             self.replaces = None
             self.record_start()  # none of them is left
-        # what is there now is the earlier run's, checked at claim: what appears under a run's names while this one
-        # trains is the user's, and its export replaces none of it (export._refuse_files_made_meanwhile)
-        record_written(self.path)
+        # what claim found and checked is the earlier run's, less what --overwrite removed: what appears under a run's
+        # names from claim on is the user's, and the export replaces none of it (export._refuse_files_made_meanwhile)
+        record_written(self.path, found={name: found for name, found in self.found.items()
+                                         if (self.path / name).exists()})
 
     def preview(self, overwrite: bool, resume, model_path: str) -> str:
         """What claim would find, checked the same way but with nothing created, locked or removed (the dry run):

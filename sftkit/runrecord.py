@@ -214,19 +214,25 @@ def as_written(file: Path, recorded: list) -> bool:
     return stat.st_mtime_ns == recorded[1] or (len(recorded) > 2 and _digest(file) == recorded[2])
 
 
-def record_written(directory: Path, names: list[str] | None = None) -> None:
-    """Record in the run record what the run wrote into output_dir (checkpoints aside: each holds its own record), as
-    it is now: --overwrite later removes only that, and what the user has added or changed there since counts as
-    theirs. Called as each command that writes there ends: training (everything it wrote), `sftkit export` and
-    `sftkit compare` (the `names` they wrote)."""
+def signatures(directory: Path, names: list[str] | None = None) -> dict:
+    """The signature of each item under a name sftkit writes in output_dir (of `names` only, if given), checkpoints
+    aside (each holds its own record)."""
     from sftkit.layout import is_checkpoint, written_by_sftkit
 
+    return {item.name: signature(item) for item in Path(directory).iterdir()
+            if written_by_sftkit(item.name) and not item.is_symlink() and not is_checkpoint(item)
+            and (names is None or item.name in names)}
+
+
+def record_written(directory: Path, names: list[str] | None = None, found: dict | None = None) -> None:
+    """Record in the run record what the run wrote into output_dir, as it is now (or as `found`, signatures taken
+    earlier): --overwrite later removes only that, and what the user has added or changed there since counts as
+    theirs. Called as each command that writes there ends: training (everything it wrote), `sftkit export` and
+    `sftkit compare` (the `names` they wrote)."""
     record = read_run_record(directory)
     if record is None:
         return
-    written = {item.name: signature(item) for item in Path(directory).iterdir()
-               if written_by_sftkit(item.name) and not item.is_symlink() and not is_checkpoint(item)
-               and (names is None or item.name in names)}
+    written = signatures(directory, names) if found is None else found
     if names is not None:
         written = {**record.get("written", {}), **written}
     try:

@@ -705,6 +705,24 @@ def test_finishing_an_export_names_a_missing_directory_and_a_finished_one(monito
                                        "already; the model there is complete\n")
 
 
+def test_files_put_in_output_dir_as_the_run_prepares_its_data_are_never_replaced(tmp_path, monkeypatch):
+    """Between the check of output_dir and the start of training (tokenizing, loading the model: minutes to hours),
+    a README.md written there was taken for the earlier run's, and the export replaced it with the model card."""
+    import sftkit.train as train_module
+
+    out = tmp_path / "out"
+    prepare = train_module.prepare_for_training
+
+    def notes_written_as_the_data_is_prepared(*args):
+        (out / "README.md").write_text("# my notes\n")
+        return prepare(*args)
+
+    monkeypatch.setattr(train_module, "prepare_for_training", notes_written_as_the_data_is_prepared)
+    with pytest.raises(RunFailed, match=r"under names the export writes \(README.md\)"):
+        train(config(out))
+    assert (out / "README.md").read_text() == "# my notes\n"
+
+
 def test_files_the_user_puts_in_output_dir_while_the_run_trains_are_never_replaced(tmp_path, monkeypatch):
     """Notes written into README.md during a run (hours on a real model) became the model card, and a config.json put
     there before `sftkit export` became the model's: the check ran only as the run started."""
