@@ -95,7 +95,7 @@ def survey(directory: Path) -> Contents:
         elif is_checkpoint(item) and recorded and _saved_by_the_run(item, record, name == newest, trained):
             contents.checkpoints.append(name)
         elif is_checkpoint(item) or not recorded or item.is_symlink() or (
-                written is not None and not _written_by_a_run_cut_short(name, written)
+                written is not None and not _written_by_a_run_cut_short(name, record)
                 and changed_since_written(item, written.get(name))):
             contents.foreign.append(name)
             contents.in_the_way.append(name)
@@ -108,10 +108,11 @@ def survey(directory: Path) -> Contents:
     return contents
 
 
-def _written_by_a_run_cut_short(name: str, written: dict) -> bool:
+def _written_by_a_run_cut_short(name: str, record: dict) -> bool:
     """What a run writes as it trains (sample replies, TensorBoard's logs): end() records them, and a run killed
-    before it, once or again after a resume, leaves them unrecorded or grown since."""
-    return name in DURING_TRAINING
+    before it (its record still says training or exporting), once or again after a resume, leaves them unrecorded or
+    grown since."""
+    return name in DURING_TRAINING and record.get("status") in ("training", "exporting")
 
 
 def _saved_by_the_run(checkpoint: Path, record: dict, newest: bool, trained: int | None) -> bool:
