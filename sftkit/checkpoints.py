@@ -205,10 +205,17 @@ def _refuse_another_engine(checkpoint: Path, now: str) -> None:
     differently, DDP saves them whole): under another one DeepSpeed failed with a bare AssertionError once
     everything had loaded."""
     saved = (checkpoint_record(checkpoint) or {}).get("engine")  # recorded since 2026-11-28
-    if saved is not None and saved != now:
+    if saved is not None and _layout(saved) != _layout(now):
         raise ConfigError(f"training.resume_from_checkpoint: {checkpoint} was saved under {saved} and this launch "
                           f"runs {now}, which cannot load it; resume with the Accelerate config (or "
                           "training.deepspeed) of that run, or start afresh with --overwrite")
+
+
+def _layout(engine: str) -> str:
+    """The files an engine saves: ZeRO-1 and ZeRO-2 the same ones (DeepSpeed 0.19 records the stage and never checks
+    it on load), DDP those of one process (their number is checked apart)."""
+    return {"DeepSpeed ZeRO-1": "DeepSpeed ZeRO-1/2", "DeepSpeed ZeRO-2": "DeepSpeed ZeRO-1/2",
+            "DDP": "one copy"}.get(engine, "one copy" if engine == "one process" else engine)
 
 
 def last_step(checkpoint: Path, training: dict) -> int | None:

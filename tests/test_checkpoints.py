@@ -343,6 +343,11 @@ def test_a_resume_under_another_engine_is_refused_and_one_saved_before_engines_w
                                           "ZeRO-3, which cannot load it; resume with the Accelerate config"):
         checkpoint_to_resume(str(checkpoint), tmp_path, resolved, 1, "DeepSpeed ZeRO-3")
     record = json.loads((checkpoint / RUN_FILE).read_text())
+    # ZeRO-1 and ZeRO-2 save the same files, which DeepSpeed loads under either
+    (checkpoint / RUN_FILE).write_text(json.dumps({**record, "engine": "DeepSpeed ZeRO-2"}))
+    assert checkpoint_to_resume(str(checkpoint), tmp_path, resolved, 1, "DeepSpeed ZeRO-1") == str(checkpoint)
+    with pytest.raises(ConfigError, match="saved under DeepSpeed ZeRO-2 and this launch runs DeepSpeed ZeRO-3"):
+        checkpoint_to_resume(str(checkpoint), tmp_path, resolved, 1, "DeepSpeed ZeRO-3")
     record.pop("engine")
     (checkpoint / RUN_FILE).write_text(json.dumps(record))
     assert checkpoint_to_resume(str(checkpoint), tmp_path, resolved, 1, "DeepSpeed ZeRO-3") == str(checkpoint)
