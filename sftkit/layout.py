@@ -57,6 +57,11 @@ def _one_of(name: str, names: tuple[str, ...]) -> bool:
     return name in names or SHARD.fullmatch(name) is not None
 
 
+# What each process saves into a checkpoint of several (transformers 5.24, DeepSpeed, FSDP's sharded states), with no
+# barrier before the main process lists the checkpoint: on a shared filesystem it may list some of them late
+PER_PROCESS = re.compile(r"rng_state_\d+\.pth|(global_step\d+|pytorch_model_fsdp_\d+|optimizer_\d+)/.*")
+
+
 def checkpoint_step(name: str) -> int | None:
     """N of a checkpoint-N name; None for any other name."""
     prefix, _, number = name.rpartition("-")

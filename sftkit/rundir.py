@@ -22,6 +22,7 @@ from sftkit.layout import (
     DURING_TRAINING,
     GUARD_FILE,
     LOCK_FILE,
+    PER_PROCESS,
     RUN_FILE,
     STAGING_DIR,
     checkpoint_step,
@@ -149,8 +150,9 @@ def _added_to_checkpoint(checkpoint: Path) -> list[str]:
     if saved is None:
         return []
     saved = {*saved, RUN_FILE}
-    return sorted(str(file.relative_to(checkpoint)) for file in checkpoint.rglob("*")
-                  if file.is_file() and str(file.relative_to(checkpoint)) not in saved)
+    return sorted(name for name in (str(file.relative_to(checkpoint)) for file in checkpoint.rglob("*")
+                                    if file.is_file())
+                  if name not in saved and not PER_PROCESS.fullmatch(name))
 
 
 def _what_is_in_the_way(contents: Contents) -> str:
