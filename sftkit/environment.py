@@ -40,18 +40,22 @@ def sftkit_version() -> str:
 
 
 def _checkout_commit() -> str | None:
-    """The commit checked out in PROJECT_DIR, from .git's own files (HEAD, its ref, or packed-refs)."""
+    """The commit checked out in PROJECT_DIR, from git's own files (HEAD, its ref, or packed-refs; a worktree's .git
+    file names its directory, whose refs are shared with the main one)."""
     git = PROJECT_DIR / ".git"
     try:
+        if git.is_file():
+            git = PROJECT_DIR / git.read_text().strip().removeprefix("gitdir: ")
+        shared = git / (git / "commondir").read_text().strip() if (git / "commondir").is_file() else git
         head = (git / "HEAD").read_text().strip()
         if not head.startswith("ref: "):
             return head
         ref = head.removeprefix("ref: ")
-        if (git / ref).is_file():
-            return (git / ref).read_text().strip()
-        packed = (line.split() for line in (git / "packed-refs").read_text().splitlines() if not line.startswith("#"))
+        if (shared / ref).is_file():
+            return (shared / ref).read_text().strip()
+        packed = (line.split() for line in (shared / "packed-refs").read_text().splitlines() if line[:1] not in "#^")
         return next((words[0] for words in packed if words[1:] == [ref]), None)
-    except OSError:  # not a checkout (an installed package), or a worktree's .git file
+    except OSError:  # not a checkout (an installed package)
         return None
 
 
