@@ -306,6 +306,11 @@ def test_an_output_dir_a_data_pattern_reaches_is_refused_at_once(tmp_path):
                            "--training.output_dir", str(tmp_path / "data" / "run")])
     for pattern, output_dir in ((f"{tmp_path}/data/*.jsonl", "data/runs/r1"), (f"{tmp_path}/data/**/*.jsonl", "out")):
         assert load_config(None, ["--dataset.name", pattern, "--training.output_dir", str(tmp_path / output_dir)])
+    (tmp_path / "scratch").mkdir()  # data/outputs -> scratch: glob's ** follows the link
+    (tmp_path / "data" / "outputs").symlink_to(tmp_path / "scratch")
+    with pytest.raises(ConfigError, match=r"training.output_dir: \S+/data/outputs/r1 is within reach of dataset.name"):
+        load_config(None, ["--dataset.name", f"{tmp_path}/data/**/*.jsonl", "--training.output_dir",
+                           str(tmp_path / "data" / "outputs" / "r1")])
 
 
 def test_every_row_truncated_away_says_which_max_seq_length_fits(tmp_path):
