@@ -502,7 +502,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m sftkit.export") -
         _recover_weights(args.output_dir, model_cfg.use_lora)
         if not (staging / RUN_CONFIG_FILE).is_file() and not (args.output_dir / RUN_CONFIG_FILE).is_file():
             # killed before the export wrote them: `sftkit chat` and `compare` read the run's config
-            _write_config_and_versions(staging, record["config"], set())
+            _write_config_and_versions(staging, record["config"], set(record.get("chosen", [])))
         published = [item.name for item in staging.iterdir()]
         finish_export(args.output_dir, model_cfg, getattr(torch, record["dtype"]), export="python -m sftkit.export")
         _add_saved_dtypes_to_the_summary(args.output_dir)

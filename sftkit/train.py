@@ -153,7 +153,8 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
             trainer.evaluate()
         reply = _final_reply(trainer, tokenizer, data.sample_prompts) if extras else None
         if trainer.accelerator.is_main_process:
-            output.mark("exporting", dtype=str(dtype).removeprefix("torch."), step=trainer.state.global_step)
+            output.mark("exporting", dtype=str(dtype).removeprefix("torch."), step=trainer.state.global_step,
+                        chosen=sorted(choice.key for choice in config.speed if choice.chosen))  # see export.main
 
         def summary() -> dict:  # taken once the export has ended, whose seconds its wall time counts
             return build_summary(trainer, config, data, dtype, parameters, reply, timing.seconds(), train_seconds,

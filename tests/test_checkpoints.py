@@ -118,6 +118,7 @@ def test_resuming_a_run_killed_during_its_export_says_to_finish_the_export_not_t
     assert export_main([str(out)]) == 0 and (out / "model.safetensors").is_file()
     again = load_config(str(out / "sftkit_config.yaml"), [])  # what `sftkit chat` and `compare` read
     assert (again.resolved["dataset"], again.training.max_steps) == (record["config"]["dataset"], 4)
+    assert "torch_compile:" not in (out / "sftkit_config.yaml").read_text(), "what the fast path chose, it chooses again"
 
 
 @pytest.mark.parametrize("epochs", ["1", "1.5"])
