@@ -5,6 +5,7 @@ import contextlib
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -705,19 +706,24 @@ def test_finishing_an_export_names_a_missing_directory_and_a_finished_one(monito
                                        "already; the model there is complete\n")
 
 
+def notes_written_during(monkeypatch, step: str, notes: Path, text: str) -> None:
+    """The user writes `notes` as the run reaches `step` (a function of sftkit.train's)."""
+    import sftkit.train as train_module
+
+    original = getattr(train_module, step)
+
+    def with_notes(*args):
+        notes.write_text(text)
+        return original(*args)
+
+    monkeypatch.setattr(train_module, step, with_notes)
+
+
 def test_files_put_in_output_dir_as_the_run_prepares_its_data_are_never_replaced(tmp_path, monkeypatch):
     """Between the check of output_dir and the start of training (tokenizing, loading the model: minutes to hours),
     a README.md written there was taken for the earlier run's, and the export replaced it with the model card."""
-    import sftkit.train as train_module
-
     out = tmp_path / "out"
-    prepare = train_module.prepare_for_training
-
-    def notes_written_as_the_data_is_prepared(*args):
-        (out / "README.md").write_text("# my notes\n")
-        return prepare(*args)
-
-    monkeypatch.setattr(train_module, "prepare_for_training", notes_written_as_the_data_is_prepared)
+    notes_written_during(monkeypatch, "prepare_for_training", out / "README.md", "# my notes\n")
     with pytest.raises(RunFailed, match=r"under names the export writes \(README.md\)"):
         train(config(out))
     assert (out / "README.md").read_text() == "# my notes\n"
@@ -726,16 +732,8 @@ def test_files_put_in_output_dir_as_the_run_prepares_its_data_are_never_replaced
 def test_files_the_user_puts_in_output_dir_while_the_run_trains_are_never_replaced(tmp_path, monkeypatch):
     """Notes written into README.md during a run (hours on a real model) became the model card, and a config.json put
     there before `sftkit export` became the model's: the check ran only as the run started."""
-    import sftkit.train as train_module
-
     out = tmp_path / "out"
-    reply = train_module._final_reply
-
-    def notes_written_as_training_ends(*args):
-        (out / "README.md").write_text("# my notes: lr sweep 3 of 5\n")
-        return reply(*args)
-
-    monkeypatch.setattr(train_module, "_final_reply", notes_written_as_training_ends)
+    notes_written_during(monkeypatch, "_final_reply", out / "README.md", "# my notes: lr sweep 3 of 5\n")  # at the end
     with pytest.raises(RunFailed, match=f"{out} holds files made or changed since the run began, under names the "
                                         r"export writes \(README.md\): they are not the run's, so nothing was "
                                         f"replaced. The checked model is kept in {out / STAGING_DIR}"):
