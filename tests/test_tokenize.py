@@ -193,6 +193,10 @@ def test_a_template_whose_replies_end_with_markers_the_tokenizer_reads_as_text_i
         assert (f"ends each reply with <|end|>, which the tokenizer of {TINY_MODEL} reads as plain text, not as a "
                 "special token" in said) == warned, said
         assert ("<|user|>" in said) is False, said
+    text = tmp_path / "text.jsonl"  # plain text rows never meet the template
+    text.write_text(json.dumps({"text": "A sentence."}) + "\n")
+    prepare_data(DatasetConfig(name=str(text)), phi3_on_chatml, max_length=256)
+    assert "<|end|>" not in capsys.readouterr().err
 
 
 def test_fallback_chatml_template_closes_turns_with_eos(tokenizer):

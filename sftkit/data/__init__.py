@@ -128,7 +128,6 @@ def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42,
     sources = cfg.train_sources()
     if is_main_process():
         _warn_of_files_not_read(cfg)
-        warn_of_markers_trained_as_text(tokenizer)
     train_parts = [prepare.source(source, _train_key(cfg, i), train=True) for i, source in enumerate(sources)]
     if not any(len(rows) for rows, _ in train_parts):
         raise DataError(prepare.nothing_to_train())
@@ -229,6 +228,7 @@ class _Preparation:
         self.eval_dropped = {BAD_ROW: 0, NOTHING_TO_TRAIN: 0}
         self.problems: list[str] = []
         self.tokenized: list[tuple] = []  # (position in raw, rows) of each train source, before any row is dropped
+        self.template_checked = False  # warn_of_markers_trained_as_text, at the first source of chat rows
 
     def source(self, source: SourceConfig, key: str, train: bool = False, split: str | None = None):
         """Tokenize one source (`key`: where it is in the config, for errors), counting the rows it drops."""
@@ -236,6 +236,9 @@ class _Preparation:
         format_name = source.format or detect_format(rows.column_names, source.name)
         if format_name == "text" and is_main_process():
             self._warn_of_settings_text_ignores(source)
+        elif is_main_process() and not self.template_checked:  # chat rows meet the template: once per run
+            warn_of_markers_trained_as_text(self.tokenizer)
+            self.template_checked = True
         position = len(self.raw)
         self.raw.append((rows, format_name, source))
         num_proc = self.num_proc or _processes_for(len(rows))
