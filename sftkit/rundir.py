@@ -367,8 +367,8 @@ class OutputDir:
             descriptor = os.open(self.path / GUARD_FILE, os.O_RDWR | os.O_CREAT, 0o644)
             fcntl.lockf(descriptor, fcntl.LOCK_EX)
         except OSError as error:
-            print(f"sftkit: {self.path} has no file locks ({error.strerror or error}); taking over a stale lock "
-                  "unguarded: start one run at a time there", flush=True)
+            logger.warning(f"{self.path} has no file locks ({error.strerror or error}); taking over a stale lock "
+                           "unguarded: start one run at a time there")
         try:
             yield
         finally:
