@@ -13,6 +13,7 @@ from pathlib import Path
 
 from sftkit.config import load_config
 from sftkit.engines import is_main_process
+from sftkit.environment import sftkit_version
 from sftkit.errors import AlreadyFinished, ConfigError, Interrupted, OneLineArgumentParser, SftkitError, say_error
 from sftkit.fastpath import use_expandable_segments
 from sftkit.peers import lost_contact, report_failure, says_errors, watch
@@ -61,6 +62,8 @@ def _parser(prog: str) -> OneLineArgumentParser:
                              "and checkpoints); without it a run refuses to start there")
     parser.add_argument("--dry-run", action="store_true",
                         help="load the tokenizer and the data (no weights), print the plan with a memory estimate, exit")
+    parser.add_argument("--version", action="version", version=f"sftkit {sftkit_version()}",
+                        help="this sftkit's version (and git commit, in a checkout)")
     parser.add_argument("--inspect", nargs="?", type=int, const=3, metavar="N",
                         help="load only the tokenizer and the data, print statistics and N samples (default 3) "
                              "with the trained tokens highlighted, and exit")

@@ -592,6 +592,11 @@ def test_sftkit_says_its_version_and_commit_in_the_command_the_bug_report_and_be
     expected = f"{importlib.metadata.version('sftkit')} (git {commit[:12]})" if commit else \
         importlib.metadata.version("sftkit")
     assert sftkit(["--version"]) == 0 and capsys.readouterr().out == f"sftkit {expected}\n"
+    from sftkit.cli import main
+
+    with pytest.raises(SystemExit) as done:  # sft.py --version, as argparse answers it
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"sftkit {expected}\n"
     assert library_versions(())["sftkit"] == expected and "  ok    sftkit " in report()
 
 
