@@ -170,7 +170,7 @@ def test_another_models_template_set_in_the_config_is_named_with_what_its_tokeni
     with pytest.raises(DataError, match=re.escape(
             f"the chat template {template} (dataset.chat_template) ends assistant turn 2 without a special token (it "
             f"renders as 'The capital of France is Paris.<|eot_id|>'; <|eot_id|> is no special token of the tokenizer "
-            f"of {TINY_MODEL}: the template is written for another model's tokenizer)")):
+            f"of {tokenizer.name_or_path}: the template is written for another model's tokenizer)")):
         prepare_for_training(config.dataset, tokenizer, config.training)
 
 
