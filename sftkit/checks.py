@@ -165,7 +165,8 @@ def warmup_outlasts(args, total_steps: int) -> str | None:
     if warmup < total_steps or total_steps <= 0 or args.lr_scheduler_type in ("constant", "reduce_lr_on_plateau"):
         return None  # those two have no warmup
     peak = args.learning_rate * (total_steps - 1) / warmup  # a linear warmup's rate at the last step
-    return (f"training.warmup_steps ({warmup} steps) is at least the run's {total_steps} steps: the learning rate "
+    return (f"training.warmup_steps ({warmup} steps) is at least the run's {total_steps} "
+            f"step{'s' if total_steps != 1 else ''}: the learning rate "
             f"never reaches training.learning_rate {args.learning_rate:g} (it peaks at {peak:.2g}); lower "
             "warmup_steps or train longer")
 
