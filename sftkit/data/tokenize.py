@@ -66,13 +66,20 @@ def stop_token_ids(tokenizer, configured=None) -> list[int]:
     reply trains: `<|im_end|>` where a base model's eos is `<|endoftext|>`, `<|eot_id|>` beside Llama 3's
     `<|end_of_text|>`), and any the model's generation config already lists (`configured`: an id or a list)."""
     ids = [*([configured] if isinstance(configured, int) else configured or []), tokenizer.eos_token_id]
-    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    try:
-        row = tokenize_messages(tokenizer, probe)
-        ids.append([token for token, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX][-1])
-    except Exception:  # noqa: BLE001 - a template that refuses this chat (a row would say why): the eos alone
-        pass
+    reply = _trained_reply(tokenizer)
+    ids += reply[-1:] if reply else []  # a template that refuses the probe (a row would say why): the eos alone
     return list(dict.fromkeys(token for token in ids if token is not None))
+
+
+def _trained_reply(tokenizer) -> list[int] | None:
+    """The tokens a one-turn chat's reply trains (its text, then the end-of-turn token); None where the chat template
+    refuses that chat."""
+    try:
+        row = tokenize_messages(tokenizer, [{"role": "user", "content": "Hi"},
+                                            {"role": "assistant", "content": "Hello"}])
+    except Exception:  # noqa: BLE001 - MaskError, or a template's own error
+        return None
+    return [token for token, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX]
 
 
 def tokenize_messages(tokenizer, messages: list[dict], loss_on: str = "assistant", max_length: int | None = None):
@@ -183,13 +190,10 @@ def warn_of_markers_trained_as_text(tokenizer) -> None:
     """A template written for another tokenizer closes replies with <|markers|> this one reads as plain text (Phi-3's
     <|end|>): replies then train that text before the real end of turn, and the model learns to write it. Zephyr's
     <|user|>, plain text by design, is fine: it is never in a reply."""
-    try:
-        row = tokenize_messages(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
-    except MaskError:
+    reply = _trained_reply(tokenizer)
+    if reply is None:
         return  # each row will say why
-    trained = tokenizer.decode([token for token, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX])
-    foreign = [marker for marker in dict.fromkeys(re.findall(r"<\|[\w.-]+\|>", trained))
-               if marker not in tokenizer.all_special_tokens]
+    foreign = _markers_not_special(tokenizer, tokenizer.decode(reply), r"<\|[\w.-]+\|>")
     if foreign:
         logger.warning(f"{template_source(tokenizer)} ends each reply with {', '.join(foreign)}, which the tokenizer "
                        f"of {tokenizer.name_or_path} reads as plain text, not as a special token: the template is "
@@ -267,11 +271,15 @@ def _turn_end(tokenizer, template: _Template, tokens: _Tokens, turn: int, conten
     return end
 
 
+def _markers_not_special(tokenizer, text: str, marker: str) -> list[str]:
+    """The markers (text matching the `marker` pattern) in `text` that are no special token of the tokenizer."""
+    return [found for found in dict.fromkeys(re.findall(marker, text)) if found not in tokenizer.all_special_tokens]
+
+
 def _foreign_markers(tokenizer, ids: list[int]) -> str:
     """'; <|eot_id|> is no special token of this tokenizer...' where a template written for another model's tokenizer
     renders its markers as plain text."""
-    markers = dict.fromkeys(re.findall(r"</?\|?[A-Za-z][\w.-]*\|?>", tokenizer.decode(ids)))
-    foreign = [marker for marker in markers if marker not in tokenizer.all_special_tokens]
+    foreign = _markers_not_special(tokenizer, tokenizer.decode(ids), r"</?\|?[A-Za-z][\w.-]*\|?>")
     return (f"; {', '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} no special token of the tokenizer of "
             f"{tokenizer.name_or_path}: the template is written for another model's tokenizer" if foreign else "")
 
