@@ -415,8 +415,9 @@ def _output_dir_among_data(output_dir: str, sources: list[tuple]) -> list[str]:
         if is_pattern(source.name):
             # glob's ** follows symlinked folders: output_dir as written and resolved, against the pattern both ways
             spelled = Path(os.path.abspath(os.path.expanduser(output_dir)))
-            if caught := next(filter(None, (_written_file_a_pattern_matches(place, source.name, resolve)
-                                            for place in (out, spelled) for resolve in (True, False))), None):
+            patterns = _absolute_patterns(source.name)
+            if caught := next(filter(None, (_written_file_a_pattern_matches(place, pattern)
+                                            for place in (out, spelled) for pattern in patterns)), None):
                 return [f"training.output_dir: {output_dir} is within reach of {key}.name ({source.name}), which would "
                         f"match the run's own {caught} and read it as rows; choose an output_dir the pattern cannot "
                         "match"]
@@ -429,26 +430,26 @@ def _output_dir_among_data(output_dir: str, sources: list[tuple]) -> list[str]:
     return []
 
 
-def _written_file_a_pattern_matches(out: Path, pattern: str, resolve: bool) -> str | None:
+def _written_file_a_pattern_matches(out: Path, pattern: str) -> str | None:
     """The first file a run writes under `out` (by the names layout.py lists, in output_dir and one folder below:
     a checkpoint, the adapter) that the glob matches, relative to `out`; None where it matches none."""
     names = (*WRITTEN, RUN_FILE, "trainer_state.json", "adapter_config.json")
     written = [Path(name) for name in names] + [Path(folder, name) for folder in (checkpoint_dir("", 1), ADAPTER_DIR)
                                                 for name in names]
-    pattern_parts = Path(_absolute_pattern(pattern, resolve)).parts
+    pattern_parts = Path(pattern).parts
     return next((str(path) for path in written if _parts_match(pattern_parts, (out / path).parts)), None)
 
 
-def _absolute_pattern(pattern: str, resolve: bool) -> str:
+def _absolute_patterns(pattern: str) -> tuple[str, str]:
     """A glob as resolve_glob reads it (from the working directory where it matches there, else from the project),
-    its fixed folders resolved as output_dir's are (or as written)."""
+    its fixed folders resolved as output_dir's are, and as written."""
     pattern = os.path.expanduser(pattern)
     if not os.path.isabs(pattern):
         pattern = os.path.join(os.getcwd() if glob.glob(pattern, recursive=True) else PROJECT_DIR, pattern)
     parts = Path(pattern).parts
     fixed = next(index for index, part in enumerate(parts) if glob.has_magic(part))
     fixed_part = Path(*parts[:fixed])
-    return str((fixed_part.resolve() if resolve else fixed_part).joinpath(*parts[fixed:]))
+    return str(fixed_part.resolve().joinpath(*parts[fixed:])), str(fixed_part.joinpath(*parts[fixed:]))
 
 
 def _parts_match(pattern: tuple[str, ...], parts: tuple[str, ...]) -> bool:
