@@ -22,12 +22,24 @@ def inspect(config: RunConfig, samples: int = 3, color: bool | None = None) -> s
     tokenizer = load_tokenizer(config.model, config.dataset)
     data = prepare_for_training(config.dataset, tokenizer, args)
     lines = [f"sftkit inspect: {config.source}, tokenizer {config.model.path}", *_statistics(data, args)]
-    for index in range(min(samples, len(data.train))):
+    names = [source.name for source in config.dataset.train_sources()]
+    for number, (index, source) in enumerate(_sample_rows(data.rows_per_source, samples)):
         row = data.train[index]
-        lines += ["", f"--- sample {index} ({data.length_words(len(row['input_ids']))} tokens; trained tokens "
-                  f"{'in green' if color else 'in [[double brackets]]'}) ---",
+        where = f"{names[source]}, " if len(names) > 1 else ""
+        lines += ["", f"--- sample {number} ({where}{data.length_words(len(row['input_ids']))} tokens; trained "
+                  f"tokens {'in green' if color else 'in [[double brackets]]'}) ---",
                   *_as_trained(tokenizer, row, args, color, measured=data.measured_to is None)]
     return "\n".join(lines)
+
+
+def _sample_rows(rows_per_source: list[int], samples: int) -> list[tuple[int, int]]:
+    """(index in the train rows, source) of the first `samples` rows taken from each source in turn, so that every
+    source's format and masks are shown, not only the first one's."""
+    starts = list(itertools.accumulate(rows_per_source, initial=0))
+    turns = itertools.chain.from_iterable(itertools.zip_longest(
+        *[[(start + row, source) for row in range(count)] for source, (start, count)
+          in enumerate(zip(starts, rows_per_source))]))
+    return list(itertools.islice(filter(None, turns), samples))
 
 
 def _as_trained(tokenizer, row: dict, args, color: bool, measured: bool) -> list[str]:

@@ -259,3 +259,17 @@ def test_a_bad_row_in_a_folder_of_any_kind_of_file_names_its_file_and_place(tmp_
                 else path.write_text(json.dumps(content))
         with pytest.raises(DataError, match=f"dataset {re.escape(str(folder / ('b' + suffix)))} {place}: "):
             prepare_data(DatasetConfig(name=str(folder)), tokenizer, max_length=128)
+
+
+def test_inspect_shows_rows_of_every_source_in_turn(tmp_path):
+    """Its samples were the first rows of the train data, all from the first source: a second source's format and
+    masks were never shown."""
+    chats = write_jsonl(tmp_path / "chats.jsonl", [chat(index) for index in range(3)])
+    alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": f"Name colour {index}.", "output": f"Red {index}."}
+                                                     for index in range(3)])
+    sources = json.dumps([{"name": chats}, {"name": alpaca, "weight": 2}])
+    out = run_sft("--dataset.name", "null", "--dataset.sources", sources, "--dataset.test_size", "null", "--training.output_dir",
+                  str(tmp_path / "out"), "--inspect", "3").stdout
+    samples = out.split("--- sample ")[1:]
+    assert [sample.split(",")[0] for sample in samples] == [f"0 ({chats}", f"1 ({alpaca}", f"2 ({chats}"], out
+    assert "Question 0?" in samples[0] and "[[Red 0." in samples[1] and "Question 1?" in samples[2], out

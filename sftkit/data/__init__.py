@@ -59,6 +59,7 @@ class PreparedData:
     train: object  # datasets.Dataset with input_ids and labels
     eval: object | None
     formats: list[str]  # of each train source
+    rows_per_source: list[int]  # train rows of each train source, in the order `train` holds them
     rows: int  # train rows read from the sources (before mixing weights)
     dropped: dict[str, int]  # train rows dropped, by reason
     trainable_tokens: int  # trained tokens in one epoch of the train rows
@@ -153,6 +154,7 @@ def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42,
         train=train.remove_columns(HELPER_COLUMNS),
         eval=evaluation.remove_columns(HELPER_COLUMNS) if evaluation is not None else None,
         formats=[format_name for _, format_name in train_parts],
+        rows_per_source=_mixed_counts([(rows, source.weight) for rows, source in zip(train_rows, sources)]),
         rows=prepare.rows_read,
         dropped=prepare.dropped,
         trainable_tokens=pc.sum(_column(train, "trainable_tokens")).as_py() or 0,
@@ -388,8 +390,7 @@ def _mix(parts: list[tuple], seed: int):
     from datasets import concatenate_datasets
 
     pieces = []
-    for rows, weight in parts:
-        count = len(rows) if weight is None else round(weight * len(rows))
+    for (rows, _), count in zip(parts, _mixed_counts(parts)):
         whole, rest = divmod(count, len(rows)) if len(rows) else (0, 0)
         pieces += [rows] * whole
         if rest:
@@ -397,3 +398,8 @@ def _mix(parts: list[tuple], seed: int):
     if not pieces:  # every weighted source rounded down to no row
         return parts[0][0].select([])
     return concatenate_datasets(pieces) if len(pieces) != 1 else pieces[0]
+
+
+def _mixed_counts(parts: list[tuple]) -> list[int]:
+    """The rows _mix takes of each (rows, weight): weight x its rows, or all of them."""
+    return [len(rows) if weight is None else round(weight * len(rows)) for rows, weight in parts]
