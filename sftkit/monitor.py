@@ -203,6 +203,10 @@ class LogTheLastStep(TrainerCallback):
             control.should_log = True
 
 
+class EvaluationStopped(Exception):
+    """A signal stopped the final evaluation (StopGuard.on_prediction_step)."""
+
+
 class StopGuard(TrainerCallback):
     """Ends training after the current step: with a checkpoint on Ctrl-C or SIGTERM, without one when the loss, the
     gradient norm or (where a checkpoint is due) the trained weights are no longer finite (the weights are then
@@ -285,6 +289,13 @@ class StopGuard(TrainerCallback):
         for parameter in model.parameters() if model is not None else ():
             if parameter.requires_grad:
                 self.observe(local_shard(parameter))
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        # the final evaluation gives way to the export at once: a scheduler's SIGKILL follows its SIGTERM within
+        # seconds (Slurm's KillWait: 30 s), and a large eval set takes minutes. Every process evaluates the same number
+        # of batches, so each asks here, together.
+        if self.training_over and self.stop_requested(args):
+            raise EvaluationStopped
 
     def on_epoch_end(self, args, state, control, **kwargs):
         # the Trainer leaves the epoch after a stop and ends it: its flow callback then asks again for the epoch's

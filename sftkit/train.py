@@ -46,7 +46,14 @@ from sftkit.model import (
     resolve_dtype,
     weights_dtype,
 )
-from sftkit.monitor import MonitoredSFTTrainer, ProgressBar, SampleReplies, memory_mib, sample_replies
+from sftkit.monitor import (
+    EvaluationStopped,
+    MonitoredSFTTrainer,
+    ProgressBar,
+    SampleReplies,
+    memory_mib,
+    sample_replies,
+)
 from sftkit.paths import resolve_path
 from sftkit.peers import check_every_process_runs_the_same, check_output_dir_is_shared
 from sftkit.report import best_checkpoint_step, build_summary, report, write_report
@@ -150,7 +157,7 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
         evaluated = _last_eval_step(trainer.state.log_history) == trainer.state.global_step or \
             best_checkpoint_step(trainer) is not None  # the model is that checkpoint's, evaluated at its step
         if extras and data.eval is not None and not evaluated:
-            trainer.evaluate()
+            extras = _evaluated_unless_stopped(trainer)
         reply = _final_reply(trainer, tokenizer, data.sample_prompts) if extras else None
         if trainer.accelerator.is_main_process:
             output.mark("exporting", dtype=str(dtype).removeprefix("torch."), step=trainer.state.global_step,
@@ -246,6 +253,15 @@ def _asked_to_stop(trainer) -> bool:
     if trainer.accelerator.is_main_process:
         print(f"sftkit: {signal.Signals(trainer.guard.received or signal.SIGTERM).name} after the last step: exporting "
               "the trained model, without the final evaluation and sample reply", file=sys.stderr, flush=True)
+    return True
+
+
+def _evaluated_unless_stopped(trainer) -> bool:
+    """The final evaluation; False where a signal stopped it, so that the export comes next."""
+    try:
+        trainer.evaluate()
+    except EvaluationStopped:
+        return False
     return True
 
 

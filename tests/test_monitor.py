@@ -315,6 +315,40 @@ def test_a_signal_after_the_last_step_still_exports_the_trained_model(tmp_path):
     assert json.loads((tmp_path / "out" / "sftkit_run.json").read_text())["status"] == "finished"
 
 
+def test_a_signal_during_the_final_evaluation_stops_it_and_the_model_is_exported(tmp_path, monkeypatch):
+    """The evaluation after the last step ran to its end first (minutes on a large eval set), so the SIGKILL a
+    scheduler sends seconds after its SIGTERM lost the whole run: no checkpoint, no model."""
+    import os
+
+    from transformers import TrainerCallback
+
+    import sftkit.train
+
+    evaluated = []
+
+    class SignalAtTheFinalEvaluation(TrainerCallback):
+        def on_prediction_step(self, args, state, control, **kwargs):
+            evaluated.append(state.global_step)
+            if len(evaluated) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    build = sftkit.train._trainer
+
+    def with_a_signal(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        trainer.callback_handler.callbacks.insert(0, SignalAtTheFinalEvaluation())  # before StopGuard's check
+        return trainer
+
+    monkeypatch.setattr(sftkit.train, "_trainer", with_a_signal)
+    out = tmp_path / "out"
+    run = train(load_config(None, ["--training.output_dir", str(out), "--training.max_steps", "3",
+                                   "--training.eval_on_start", "false", "--training.per_device_eval_batch_size", "1"]))
+    assert len(evaluated) == 2  # of 16 eval rows
+    assert (out / "model.safetensors").is_file() and json.loads((out / "sftkit_run.json").read_text())["status"] == \
+        "finished"
+    assert run.summary["eval_loss"] is None and run.summary["sample_reply"] is None
+
+
 def test_resume_without_a_checkpoint_is_a_config_error(tmp_path):
     config = load_config(None, ["--training.output_dir", str(tmp_path), "--training.resume_from_checkpoint", "true"])
     with pytest.raises(ConfigError, match=f"training.resume_from_checkpoint is true but {tmp_path} holds no checkpoint"):
