@@ -278,6 +278,7 @@ class StopGuard(TrainerCallback):
         elif signalled:
             self.received = self.received or signal.SIGTERM
             control.should_save = True
+            control.should_evaluate = False  # the checkpoint first: a SIGKILL follows a scheduler's SIGTERM
             control.should_training_stop = True
             if state.global_step < state.max_steps:  # at the last step the run ends as planned, best model and all
                 keep_checkpoints_at_an_early_stop(args)
