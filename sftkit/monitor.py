@@ -21,6 +21,7 @@ from sftkit.checkpoints import drop_unsaved_checkpoint
 from sftkit.checks import warmup_outlasts
 from sftkit.compat import TrainerWorkarounds, keep_checkpoints_at_an_early_stop
 from sftkit.engines import local_shard, shards_weights
+from sftkit.errors import first_line
 from sftkit.fastpath import adapter_input_casts, bound_max_lengths, lengths_vary, mark_lengths_dynamic
 from sftkit.inference import generate_reply
 from sftkit.layout import SAMPLES_FILE
@@ -183,6 +184,14 @@ def sample_replies(model, tokenizer, prompts: list[list[dict]], args, max_new_to
     model.eval()
     try:
         return [generate_reply(model, tokenizer, prompt, max_new_tokens, synced_gpus=together) for prompt in prompts]
+    except Exception as error:
+        if together:  # every process generates: one that went on alone would wait for the others forever
+            raise
+        # a sample shows what the model learned; it must not cost the training (a prompt past a model's learned
+        # positions, a GPU out of memory with the optimizer's states still held)
+        logging.getLogger("sftkit").warning(f"a sample reply could not be generated ({type(error).__name__}: "
+                                            f"{first_line(error)}); the run goes on without it")
+        return None
     finally:
         model.train(was_training)
 

@@ -257,10 +257,17 @@ def _asked_to_stop(trainer) -> bool:
 
 
 def _evaluated_unless_stopped(trainer) -> bool:
-    """The final evaluation; False where a signal stopped it, so that the export comes next."""
+    """The final evaluation; False where a signal stopped it, or where it failed in a run of one process (with more,
+    the others would wait for the failed one in the evaluation's collectives), so that the export comes next."""
     try:
         trainer.evaluate()
     except EvaluationStopped:
+        return False
+    except Exception as error:
+        if trainer.args.world_size > 1:
+            raise
+        logger.warning(f"the final evaluation failed ({type(error).__name__}: {first_line(error)}); the trained model "
+                       "is exported without it")
         return False
     return True
 

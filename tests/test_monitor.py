@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SAMPLE_PROMPTS
+from conftest import REPO, SAMPLE_PROMPTS, TINY_MODEL
 
 from sftkit.config import load_config
 from sftkit.errors import ConfigError
@@ -347,6 +347,36 @@ def test_a_signal_during_the_final_evaluation_stops_it_and_the_model_is_exported
     run = train(load_config(None, ["--training.output_dir", str(out), "--training.max_steps", "3",
                                    "--training.eval_on_start", "false", "--training.per_device_eval_batch_size", "1"]))
     assert len(evaluated) == 2  # of 16 eval rows
+    assert (out / "model.safetensors").is_file() and json.loads((out / "sftkit_run.json").read_text())["status"] == \
+        "finished"
+    assert run.summary["eval_loss"] is None and run.summary["sample_reply"] is None
+
+
+def test_a_failed_sample_reply_or_final_evaluation_never_costs_the_trained_model(tmp_path, capsys):
+    """A model with learned positions (GPT-2's 128 here) given a sample prompt longer than them, and an eval row as
+    long, raised IndexError in the reply after the last step and in the final evaluation: a traceback, and the
+    trained model, which existed only in memory, was lost."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=1, n_head=2,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    long = "Tell me about the weather today, please. " * 12
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": long},
+                                                                  {"role": "assistant", "content": "Sunny."}]}) + "\n")
+    out = tmp_path / "out"
+    run = train(load_config(None, [
+        "--model.path", str(tmp_path / "gpt2"), "--model.max_seq_length", "512", "--training.output_dir", str(out),
+        "--training.max_steps", "2", "--dataset.test_size", "null", "--training.eval_on_start", "false",
+        "--dataset.eval_sources", json.dumps([{"name": str(tmp_path / "eval.jsonl")}]),
+        "--dataset.sample_prompts", json.dumps([long]), "--training.num_train_epochs", "1"]))
+    warnings = capsys.readouterr().err
+    assert "sftkit: warning: the final evaluation failed (IndexError: index out of range in self); the trained " \
+           "model is exported without it" in warnings, warnings
+    assert "sftkit: warning: a sample reply could not be generated (IndexError" in warnings, warnings
     assert (out / "model.safetensors").is_file() and json.loads((out / "sftkit_run.json").read_text())["status"] == \
         "finished"
     assert run.summary["eval_loss"] is None and run.summary["sample_reply"] is None
