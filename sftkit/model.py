@@ -13,7 +13,7 @@ from transformers.pytorch_utils import Conv1D
 from sftkit import varlen
 from sftkit.compat import keep_cpu_4bit_layout_trainable, zero3_init_disabled
 from sftkit.data.tokenize import CHATML_TEMPLATE
-from sftkit.engines import holds_a_shard, local_shard, uses_deepspeed, uses_fsdp
+from sftkit.engines import holds_a_shard, is_main_process, local_shard, uses_deepspeed, uses_fsdp
 from sftkit.errors import ConfigError, first_line
 from sftkit.paths import absolute_if_local, looked_in, resolve_path
 from sftkit.schema import DatasetConfig, ModelConfig
@@ -171,12 +171,19 @@ def check_token_settings(tokenizer, training, model_path: str) -> None:
                               f"give one of its tokens (its eos is {tokenizer.eos_token!r}) or remove the key")
 
 
-def check_vocabulary_fits(tokenizer, model_cfg: ModelConfig, data) -> None:
+def check_data_fits_model(tokenizer, model_cfg: ModelConfig, data, max_length: int) -> None:
+    """The prepared rows against the model's config.json: their token ids (an error) and their lengths (a warning)."""
+    text_config = _read_model_config(model_cfg).get_text_config()
+    _check_vocabulary_fits(tokenizer, model_cfg, data, text_config)
+    _warn_of_rows_past_positions(model_cfg, data, max_length, text_config)
+
+
+def _check_vocabulary_fits(tokenizer, model_cfg: ModelConfig, data, text_config) -> None:
     """Every token id the rows use (and the pad and eos the collator and generation add) must have a row in the
     model's embeddings: tokens added to the tokenizer alone passed --inspect and the dry run, then failed in the first
     forward pass with an IndexError (a device-side assert on a GPU). Ids no row uses may lie past them: Gemma 3's
     tokenizer holds <image_soft_token> beyond its text model's vocab_size."""
-    rows = getattr(_read_model_config(model_cfg).get_text_config(), "vocab_size", None)
+    rows = getattr(text_config, "vocab_size", None)
     used = max(data.largest_token_id(), *(token for token in (tokenizer.pad_token_id, tokenizer.eos_token_id)
                                           if token is not None))
     if rows is not None and used >= rows:
@@ -185,6 +192,19 @@ def check_vocabulary_fits(tokenizer, model_cfg: ModelConfig, data) -> None:
                           "(vocab_size in config.json), so training would fail; resize the embeddings to the tokenizer "
                           "and save both (model.resize_token_embeddings(len(tokenizer)), then save_pretrained of "
                           "each) and point model.path at that copy")
+
+
+def _warn_of_rows_past_positions(model_cfg: ModelConfig, data, max_length: int, text_config) -> None:
+    """Rows longer than the positions the model has: where they are learned (GPT-2, OPT) training fails on the first
+    such row with an IndexError, and rotary ones were not pretrained past them. A warning, not an error: config.json
+    does not say reliably which kind a model has, and rope scaling may extend them."""
+    positions = getattr(text_config, "max_position_embeddings", None)
+    longest = min(max(data.lengths), max_length)
+    if is_main_process() and isinstance(positions, int) and longest > positions:
+        logger.warning(f"rows of up to {longest:,} tokens reach the model (model.max_seq_length {max_length:,}), but "
+                       f"{model_cfg.path} has {positions:,} positions (max_position_embeddings in config.json): a "
+                       "model with learned positions (GPT-2, OPT) fails on such a row, and others were not "
+                       f"pretrained past them; set model.max_seq_length to {positions:,} or less")
 
 
 def ensure_distinct_pad_token(tokenizer) -> None:

@@ -18,9 +18,9 @@ from sftkit.engines import fsdp_plugin
 from sftkit.errors import ConfigError
 from sftkit.fastpath import describe as describe_speed
 from sftkit.model import (
+    check_data_fits_model,
     check_model_source,
     check_token_settings,
-    check_vocabulary_fits,
     load_tokenizer,
     lora_config,
     precision_words,
@@ -68,7 +68,7 @@ def build_plan(config: RunConfig) -> Plan:
     tokenizer = load_tokenizer(config.model, config.dataset)
     check_token_settings(tokenizer, config.training, config.model.path)
     data = prepare_for_training(config.dataset, tokenizer, args)
-    check_vocabulary_fits(tokenizer, config.model, data)
+    check_data_fits_model(tokenizer, config.model, data, args.max_length)
     shape = model_shape(config, meta_model)
     dtype = resolve_dtype(config.model, args)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

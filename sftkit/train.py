@@ -35,9 +35,9 @@ from sftkit.export import export
 from sftkit.fastpath import describe as describe_speed
 from sftkit.layout import STAGING_DIR, checkpoint_dir
 from sftkit.model import (
+    check_data_fits_model,
     check_model_source,
     check_token_settings,
-    check_vocabulary_fits,
     load_model,
     load_tokenizer,
     lora_config,
@@ -125,7 +125,7 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
     check_token_settings(tokenizer, config.training, config.model.path)
     with args.main_process_first(desc="dataset preparation"):
         data = prepare_for_training(config.dataset, tokenizer, args)
-    check_vocabulary_fits(tokenizer, config.model, data)
+    check_data_fits_model(tokenizer, config.model, data, args.max_length)
     dtype = resolve_dtype(config.model, args)
     weights = weights_dtype(config.model, args, dtype)
     weights_name = str(weights).removeprefix("torch.")

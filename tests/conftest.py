@@ -63,6 +63,19 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(TINY_MODEL)
 
 
+def save_tiny_gpt2(directory, positions: int = 128) -> str:
+    """A model with learned positions (GPT-2's, `positions` of them), random, with the embedded model's tokenizer."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=positions, n_embd=32, n_layer=1, n_head=2,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
 def family_tokenizer(family: str):
     from transformers import AutoTokenizer
 

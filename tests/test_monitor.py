@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SAMPLE_PROMPTS, TINY_MODEL
+from conftest import REPO, SAMPLE_PROMPTS, save_tiny_gpt2
 
 from sftkit.config import load_config
 from sftkit.errors import ConfigError
@@ -356,20 +356,13 @@ def test_a_failed_sample_reply_or_final_evaluation_never_costs_the_trained_model
     """A model with learned positions (GPT-2's 128 here) given a sample prompt longer than them, and an eval row as
     long, raised IndexError in the reply after the last step and in the final evaluation: a traceback, and the
     trained model, which existed only in memory, was lost."""
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=1, n_head=2,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
-    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
-    tokenizer.save_pretrained(tmp_path / "gpt2")
+    model = save_tiny_gpt2(tmp_path / "gpt2", positions=128)
     long = "Tell me about the weather today, please. " * 12
     (tmp_path / "eval.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": long},
                                                                   {"role": "assistant", "content": "Sunny."}]}) + "\n")
     out = tmp_path / "out"
     run = train(load_config(None, [
-        "--model.path", str(tmp_path / "gpt2"), "--model.max_seq_length", "512", "--training.output_dir", str(out),
+        "--model.path", model, "--model.max_seq_length", "512", "--training.output_dir", str(out),
         "--training.max_steps", "2", "--dataset.test_size", "null", "--training.eval_on_start", "false",
         "--dataset.eval_sources", json.dumps([{"name": str(tmp_path / "eval.jsonl")}]),
         "--dataset.sample_prompts", json.dumps([long]), "--training.num_train_epochs", "1"]))

@@ -236,6 +236,20 @@ def test_the_memory_estimate_is_within_20_percent_of_what_a_gpu_measured(tmp_pat
     assert 0.8 < estimate_gib / measured_gib < 1.2, memory.description
 
 
+def test_rows_longer_than_the_models_positions_are_warned_of_before_loading(tmp_path):
+    """A model with learned positions (GPT-2's 64 here) under a max_seq_length longer than them failed in the first
+    forward pass of such a row with an IndexError, after the model had loaded."""
+    model = conftest.save_tiny_gpt2(tmp_path / "gpt2", positions=64)
+    result = run_sft("--dry-run", "--model.path", model, "--training.output_dir", str(tmp_path / "out"))
+    assert (f"sftkit: warning: rows of up to 91 tokens reach the model (model.max_seq_length 256), but {model} has 64 "
+            "positions (max_position_embeddings in config.json): a model with learned positions (GPT-2, OPT) fails on "
+            "such a row, and others were not pretrained past them; set model.max_seq_length to 64 or less") in \
+        result.stderr, result.stderr
+    fits = run_sft("--dry-run", "--model.path", model, "--model.max_seq_length", "64", "--training.output_dir",
+                   str(tmp_path / "out"))
+    assert "positions" not in fits.stderr, fits.stderr
+
+
 def test_the_dry_run_counts_the_tokens_the_trainer_keeps_as_inspect_does(tmp_path):
     """It counted rows before truncation: 600,228 tokens per epoch for a file with one huge row, --inspect 440."""
     overrides = ["--training.output_dir", str(tmp_path / "out"), "--model.max_seq_length", "48"]
