@@ -20,7 +20,7 @@ from trl import SFTTrainer
 from sftkit.checkpoints import drop_unsaved_checkpoint
 from sftkit.checks import warmup_outlasts
 from sftkit.compat import TrainerWorkarounds, keep_checkpoints_at_an_early_stop
-from sftkit.engines import local_shard, shards_weights
+from sftkit.engines import first_on_its_machine, local_shard, shards_weights
 from sftkit.errors import first_line
 from sftkit.fastpath import adapter_input_casts, bound_max_lengths, lengths_vary, mark_lengths_dynamic
 from sftkit.inference import generate_reply
@@ -213,7 +213,7 @@ class LogTheLastStep(TrainerCallback):
 
 
 class EvaluationStopped(Exception):
-    """A signal stopped the final evaluation (StopGuard.on_prediction_step)."""
+    """A signal stopped the evaluation before the first step or after the last (StopGuard.on_prediction_step)."""
 
 
 class StopGuard(TrainerCallback):
@@ -260,10 +260,11 @@ class StopGuard(TrainerCallback):
             return
         self._received_at[signum] = time.monotonic()
         self.received = signum
-        if self.training_over:
-            print(f"\nsftkit: {signal.Signals(signum).name}: training is over; the trained model is exported before "
-                  "the run stops (Ctrl-C again, or a SIGTERM more than 2 s later, stops it at once)", file=sys.stderr,
-                  flush=True)
+        if first_on_its_machine():  # said at once: the step, or an evaluation, may take minutes
+            what = ("training is over; the trained model is exported before the run stops" if self.training_over else
+                    "the run stops after the current step, with a checkpoint")
+            print(f"\nsftkit: {signal.Signals(signum).name}: {what} (Ctrl-C again, or a SIGTERM more than 2 s later, "
+                  "stops it at once)", file=sys.stderr, flush=True)
 
     def stop_requested(self, args) -> bool:
         """Whether any process received a signal; every process must ask at the same point."""
@@ -301,10 +302,10 @@ class StopGuard(TrainerCallback):
                 self.observe(local_shard(parameter))
 
     def on_prediction_step(self, args, state, control, **kwargs):
-        # the final evaluation gives way to the export at once: a scheduler's SIGKILL follows its SIGTERM within
-        # seconds (Slurm's KillWait: 30 s), and a large eval set takes minutes. Every process evaluates the same number
-        # of batches, so each asks here, together.
-        if self.training_over and self.stop_requested(args):
+        # the evaluations before the first step and after the last give way at once, to the stop or to the export: a
+        # scheduler's SIGKILL follows its SIGTERM within seconds (Slurm's KillWait: 30 s), and a large eval set takes
+        # minutes. Every process evaluates the same number of batches, so each asks here, together.
+        if (self.training_over or state.global_step == 0) and self.stop_requested(args):
             raise EvaluationStopped
 
     def on_epoch_end(self, args, state, control, **kwargs):

@@ -149,7 +149,12 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
             raise Interrupted(f"stopped by {signal.Signals(signum).name} before training began: this run wrote "
                               f"nothing in {output.path}", signum)
         output.begin(trainer.accelerator.is_main_process)
-        trainer.train(resume_from_checkpoint=resume_from)
+        try:
+            trainer.train(resume_from_checkpoint=resume_from)
+        except EvaluationStopped:  # in the evaluation before the first step (eval_on_start)
+            signum = trainer.guard.received or signal.SIGTERM
+            raise Interrupted(f"stopped by {signal.Signals(signum).name} in the evaluation before the first step: "
+                              "nothing was trained", signum) from None
         # Ctrl-C or SIGTERM from here on asks to export the trained model first
         train_seconds = timing.seconds()["train_seconds"]
         _stop_unless_trained(trainer)

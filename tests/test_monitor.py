@@ -352,6 +352,45 @@ def test_a_signal_during_the_final_evaluation_stops_it_and_the_model_is_exported
     assert run.summary["eval_loss"] is None and run.summary["sample_reply"] is None
 
 
+def test_a_signal_in_the_evaluation_before_the_first_step_stops_it_at_once(tmp_path, monkeypatch, capsys):
+    """The signal was said nothing of while the evaluation ran to its end (minutes on a large eval set), and the run
+    then trained a step it was asked not to; a second Ctrl-C, the natural reaction, stopped it with nothing saved."""
+    import os
+
+    from transformers import TrainerCallback
+
+    import sftkit.train
+    from sftkit.errors import Interrupted
+
+    evaluated = []
+
+    class SignalInTheFirstEvaluation(TrainerCallback):
+        def on_prediction_step(self, args, state, control, **kwargs):
+            evaluated.append(state.global_step)
+            if len(evaluated) == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    build = sftkit.train._trainer
+
+    def with_a_signal(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        trainer.callback_handler.callbacks.insert(0, SignalInTheFirstEvaluation())  # before StopGuard's check
+        return trainer
+
+    monkeypatch.setattr(sftkit.train, "_trainer", with_a_signal)
+    out = tmp_path / "out"
+    arguments = ["--training.output_dir", str(out), "--training.max_steps", "3", "--training.per_device_eval_batch_size",
+                 "1"]
+    with pytest.raises(Interrupted, match="^stopped by SIGINT in the evaluation before the first step: nothing was "
+                                          "trained$"):
+        train(load_config(None, arguments))
+    assert evaluated == [0, 0]  # of 16 eval rows
+    assert "sftkit: SIGINT: the run stops after the current step, with a checkpoint (Ctrl-C again" in \
+        capsys.readouterr().err
+    monkeypatch.setattr(sftkit.train, "_trainer", build)
+    assert train(load_config(None, arguments)).trainer.state.global_step == 3  # the same command starts it again
+
+
 def test_a_failed_sample_reply_or_final_evaluation_never_costs_the_trained_model(tmp_path, capsys):
     """A model with learned positions (GPT-2's 128 here) given a sample prompt longer than them, and an eval row as
     long, raised IndexError in the reply after the last step and in the final evaluation: a traceback, and the
