@@ -262,9 +262,9 @@ class StopGuard(TrainerCallback):
         self.received = signum
         if first_on_its_machine():  # said at once: the step, or an evaluation, may take minutes
             what = ("training is over; the trained model is exported before the run stops" if self.training_over else
-                    "the run stops after the current step, with a checkpoint (before the first, at once)")
-            print(f"\nsftkit: {signal.Signals(signum).name}: {what} (Ctrl-C again, or a SIGTERM more than 2 s later, "
-                  "stops it at once)", file=sys.stderr, flush=True)
+                    "the run stops after the current step with a checkpoint, or at once before the first step")
+            print(f"\nsftkit: {signal.Signals(signum).name}: {what}; Ctrl-C again, or a SIGTERM more than 2 s later, "
+                  "stops it at once", file=sys.stderr, flush=True)
 
     def stop_requested(self, args) -> bool:
         """Whether any process received a signal; every process must ask at the same point."""

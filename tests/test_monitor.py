@@ -385,7 +385,8 @@ def test_a_signal_in_the_evaluation_before_the_first_step_stops_it_at_once(tmp_p
                                           "trained$"):
         train(load_config(None, arguments))
     assert evaluated == [0, 0]  # of 16 eval rows
-    assert "sftkit: SIGINT: the run stops after the current step, with a checkpoint (Ctrl-C again" in \
+    assert "sftkit: SIGINT: the run stops after the current step with a checkpoint, or at once before the first step; " \
+           "Ctrl-C again" in \
         capsys.readouterr().err
     monkeypatch.setattr(sftkit.train, "_trainer", build)
     assert train(load_config(None, arguments)).trainer.state.global_step == 3  # the same command starts it again
