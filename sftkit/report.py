@@ -153,6 +153,9 @@ def model_card(config, summary: dict) -> str:
     method = model.method
     sources = ", ".join(f"`{source.name}`" for source in config.dataset.train_sources())
     batch = training.per_device_train_batch_size * training.gradient_accumulation_steps * training.world_size
+    system = config.dataset.system_prompt
+    # prompted as it was trained: a model trained with a system prompt in every row answers best with it
+    system_message = f'{{"role": "system", "content": {system!r}}}, ' if system else ""
     lines = [
         "---",
         _front_matter(model.path, method),
@@ -168,6 +171,8 @@ def model_card(config, summary: dict) -> str:
         "|---|---|",
         f"| method | {method} |",
         f"| data | {sources}: {summary['rows']} rows read |",
+        *([f"| system prompt | {json.dumps(system, ensure_ascii=False).replace('|', '&#124;')} (dataset.system_prompt: "
+           "first in every row without a system message of its own) |"] if system else []),
         f"| steps | {_length(training, summary)} |",
         f"| learning rate | {training.learning_rate} ({getattr(training.lr_scheduler_type, 'value', '')} schedule) |",
         f"| effective batch size | {batch} |",
@@ -203,7 +208,7 @@ def model_card(config, summary: dict) -> str:
         "",
         'model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")',
         'tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")',
-        'messages = [{"role": "user", "content": "Hello!"}]',
+        f"messages = [{system_message}{{\"role\": \"user\", \"content\": \"Hello!\"}}]",
         "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
         "return_dict=True)",
         "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0]))",

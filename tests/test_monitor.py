@@ -150,6 +150,25 @@ def test_model_card_describes_the_run_and_how_to_load_it(monitored_run):
     assert "AutoModelForCausalLM.from_pretrained" in card and "python -m sftkit.chat" in card
     assert "![loss](loss.png)" in card
     assert f"| steps | 24 (training.max_steps; {summary['epochs']:.2f} epochs of the data) |" in card
+    assert "system prompt" not in card and 'messages = [{"role": "user", "content": "Hello!"}]' in card
+
+
+def test_the_model_card_prompts_the_model_with_the_system_prompt_it_trained_with(monitored_run):
+    """It never said that every row had been given dataset.system_prompt, and its code prompted the model without
+    it, unlike training (sftkit chat, compare and the sample replies use it)."""
+    import ast
+
+    from sftkit.report import model_card
+
+    system = 'You are Acme\'s agent | answer in "one" sentence.'
+    config = load_config(None, ["--dataset.system_prompt", system])
+    card = model_card(config, json.loads((monitored_run.out / SUMMARY_FILE).read_text()))
+    assert ('| system prompt | "You are Acme\'s agent &#124; answer in \\"one\\" sentence." (dataset.system_prompt: '
+            "first in every row without a system message of its own) |") in card, card
+    code = card.split("```python\n")[1].split("```")[0]
+    messages = next(line for line in code.splitlines() if line.startswith("messages = "))
+    assert ast.literal_eval(messages.removeprefix("messages = ")) == [{"role": "system", "content": system},
+                                                                      {"role": "user", "content": "Hello!"}]
 
 
 def interrupted_run(out, signum: int, steps: int = 40, at: str = "step 5/", again_after: float | None = None):
