@@ -158,7 +158,10 @@ class SampleReplies(TrainerCallback):
         self._sample(args, state, model, "evaluation")
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        self._sample(args, state, model, "epoch end")
+        # the Trainer ends the epoch it leaves at a stop too: after a signal (whose checkpoint is saved, and the
+        # scheduler's SIGKILL near) or a divergence (whose weights are not finite), no sample
+        if not (control.should_training_stop and state.global_step < state.max_steps):
+            self._sample(args, state, model, "epoch end")
 
     def _sample(self, args, state, model, event: str) -> None:
         if state.global_step == self.last_step:  # an evaluation at an epoch end: once is enough

@@ -2,6 +2,7 @@
 loss.png and the model card; and a run stopped by a signal, then resumed."""
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, SAMPLE_PROMPTS, save_tiny_gpt2
+from transformers import TrainerCallback
 
 from sftkit.config import load_config
 from sftkit.errors import ConfigError
@@ -270,32 +272,45 @@ def test_a_resume_under_another_cpu_thread_count_uses_the_interrupted_runs(tmp_p
     assert list(logged) == [1, 4, 6] and logged == pytest.approx(expected, abs=1e-6)
 
 
+class SignalAt(TrainerCallback):
+    """Sends `signum` to this process on the `count`-th call of the callback event `event` (before sftkit's own
+    callbacks see that call): where a signal from outside would land by chance, here every time."""
+
+    def __init__(self, event: str, count: int, signum: int = signal.SIGTERM):
+        self.calls, self.count, self.signum = [], count, signum
+
+        def event_happened(args, state, control, **kwargs):
+            self.calls.append(state.global_step)
+            if len(self.calls) == self.count:
+                os.kill(os.getpid(), self.signum)
+
+        setattr(self, event, event_happened)
+
+
+def signal_at(monkeypatch, event: str, count: int, signum: int = signal.SIGTERM) -> SignalAt:
+    """Every trainer sftkit.train builds from now on signals itself as SignalAt says."""
+    import sftkit.train
+
+    callback, build = SignalAt(event, count, signum), sftkit.train._trainer
+
+    def with_a_signal(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        trainer.callback_handler.callbacks.insert(0, callback)
+        return trainer
+
+    monkeypatch.setattr(sftkit.train, "_trainer", with_a_signal)
+    return callback
+
+
 @pytest.mark.parametrize("saving", [["--training.save_strategy", "steps", "--training.save_steps", "3",
                                       "--training.save_total_limit", "1"], ["--training.save_strategy", "best"]])
 def test_a_signal_under_the_best_model_settings_keeps_its_checkpoint(tmp_path, monkeypatch, saving):
     """transformers ends a stopped loop as a finished one: with load_best_model_at_end and save_total_limit 1 it
     deleted the checkpoint the signal had saved, and save_strategy best saved none at an evaluation that was no new
     best; the resume went back to the best checkpoint (here step 1 or 3: greater_is_better makes the first the best)."""
-    import os
-
-    from transformers import TrainerCallback
-
-    import sftkit.train
     from sftkit.errors import Interrupted
 
-    class SignalAtStep5(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == 4:  # during step 5
-                os.kill(os.getpid(), signal.SIGTERM)
-
-    build = sftkit.train._trainer
-
-    def with_a_signal(*args, **kwargs):
-        trainer = build(*args, **kwargs)
-        trainer.add_callback(SignalAtStep5)
-        return trainer
-
-    monkeypatch.setattr(sftkit.train, "_trainer", with_a_signal)
+    signal_at(monkeypatch, "on_step_begin", 5)  # during step 5
     out = tmp_path / "out"
     with pytest.raises(Interrupted, match=f"stopped by SIGTERM at step 5 of 12; checkpoint saved in {out}/checkpoint-5"):
         train(load_config(None, ["--training.output_dir", str(out), "--training.max_steps", "12",
@@ -337,31 +352,25 @@ def test_a_signal_after_the_last_step_still_exports_the_trained_model(tmp_path):
     assert json.loads((tmp_path / "out" / "sftkit_run.json").read_text())["status"] == "finished"
 
 
+def test_no_sample_reply_is_made_as_an_epoch_end_at_a_stop(tmp_path, monkeypatch):
+    """The Trainer ends the epoch it leaves at a stop: a sample reply was generated and saved as an "epoch end" at
+    step 3 of an epoch of 19, after the checkpoint and before the run said where it was (and, after a divergence,
+    from weights that were not finite)."""
+    from sftkit.errors import Interrupted
+
+    signal_at(monkeypatch, "on_step_begin", 3)
+    out = tmp_path / "out"
+    with pytest.raises(Interrupted, match="stopped by SIGTERM at step 3 of 19"):
+        train(load_config(None, ["--training.output_dir", str(out), "--training.num_train_epochs", "1",
+                                 "--dataset.sample_prompts", json.dumps(SAMPLE_PROMPTS[:1])]))
+    samples = [json.loads(line) for line in (out / "sample_replies.jsonl").read_text().splitlines()]
+    assert [(sample["step"], sample["event"]) for sample in samples] == [(0, "evaluation")]
+
+
 def test_a_signal_during_the_final_evaluation_stops_it_and_the_model_is_exported(tmp_path, monkeypatch):
     """The evaluation after the last step ran to its end first (minutes on a large eval set), so the SIGKILL a
     scheduler sends seconds after its SIGTERM lost the whole run: no checkpoint, no model."""
-    import os
-
-    from transformers import TrainerCallback
-
-    import sftkit.train
-
-    evaluated = []
-
-    class SignalAtTheFinalEvaluation(TrainerCallback):
-        def on_prediction_step(self, args, state, control, **kwargs):
-            evaluated.append(state.global_step)
-            if len(evaluated) == 2:
-                os.kill(os.getpid(), signal.SIGTERM)
-
-    build = sftkit.train._trainer
-
-    def with_a_signal(*args, **kwargs):
-        trainer = build(*args, **kwargs)
-        trainer.callback_handler.callbacks.insert(0, SignalAtTheFinalEvaluation())  # before StopGuard's check
-        return trainer
-
-    monkeypatch.setattr(sftkit.train, "_trainer", with_a_signal)
+    evaluated = signal_at(monkeypatch, "on_prediction_step", 2).calls
     out = tmp_path / "out"
     run = train(load_config(None, ["--training.output_dir", str(out), "--training.max_steps", "3",
                                    "--training.eval_on_start", "false", "--training.per_device_eval_batch_size", "1"]))
@@ -374,29 +383,11 @@ def test_a_signal_during_the_final_evaluation_stops_it_and_the_model_is_exported
 def test_a_signal_in_the_evaluation_before_the_first_step_stops_it_at_once(tmp_path, monkeypatch, capsys):
     """The signal was said nothing of while the evaluation ran to its end (minutes on a large eval set), and the run
     then trained a step it was asked not to; a second Ctrl-C, the natural reaction, stopped it with nothing saved."""
-    import os
-
-    from transformers import TrainerCallback
-
     import sftkit.train
     from sftkit.errors import Interrupted
 
-    evaluated = []
-
-    class SignalInTheFirstEvaluation(TrainerCallback):
-        def on_prediction_step(self, args, state, control, **kwargs):
-            evaluated.append(state.global_step)
-            if len(evaluated) == 2:
-                os.kill(os.getpid(), signal.SIGINT)
-
     build = sftkit.train._trainer
-
-    def with_a_signal(*args, **kwargs):
-        trainer = build(*args, **kwargs)
-        trainer.callback_handler.callbacks.insert(0, SignalInTheFirstEvaluation())  # before StopGuard's check
-        return trainer
-
-    monkeypatch.setattr(sftkit.train, "_trainer", with_a_signal)
+    evaluated = signal_at(monkeypatch, "on_prediction_step", 2, signal.SIGINT).calls
     out = tmp_path / "out"
     arguments = ["--training.output_dir", str(out), "--training.max_steps", "3", "--training.per_device_eval_batch_size",
                  "1"]
