@@ -553,8 +553,9 @@ def _coerce(value: Any, hint: Any) -> Any:
         for option in (a for a in args if a is not type(None)):
             try:
                 return _coerce(value, option)
-            except (TypeError, ValueError):
-                continue
+            except (TypeError, ValueError) as error:
+                if isinstance(value, list) and _is_list(option):  # a list with a wrong item: that item is named
+                    raise error
         if isinstance(value, bool) and str in args:
             raise ValueError(f"expected {_describe(hint)}, got {str(value).lower()} (YAML reads a bare no, off, yes "
                              "or on as a boolean: quote it, as in \"no\")")
@@ -563,10 +564,10 @@ def _coerce(value: Any, hint: Any) -> Any:
         if value in args:
             return value
         raise ValueError(f"expected one of {', '.join(map(str, args))}, got {value!r}")
-    if origin in (list, tuple) or hint in (list, tuple):
+    if _is_list(hint):
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             raise ValueError(f"expected a list, got {value!r}")
-        return [_coerce(item, args[0]) if args else item for item in value]
+        return [_list_item(item, number, args[0]) if args else item for number, item in enumerate(value, 1)]
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
             raise ValueError(f"expected a mapping, got {value!r}")
@@ -593,10 +594,29 @@ def _coerce(value: Any, hint: Any) -> Any:
     if hint is str:
         if isinstance(value, str):
             return value
-        raise ValueError(f"expected a string, got {value!r}{_number_for_text(value)}")
+        raise ValueError(f"expected a string, got {value!r}{_number_for_text(value)}{_mapping_for_text(value)}")
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         return hint(value).value
     return value
+
+
+def _is_list(hint: Any) -> bool:
+    return typing.get_origin(hint) in (list, tuple) or hint in (list, tuple)
+
+
+def _list_item(item: Any, number: int, hint: Any) -> Any:
+    try:
+        return _coerce(item, hint)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"item {number}: {error}") from None
+
+
+def _mapping_for_text(value: Any) -> str:
+    """The fix for text that holds ': ' unquoted (- Note: how do I get a refund?), which YAML reads as a mapping."""
+    if isinstance(value, dict) and len(value) == 1:
+        key, text = next(iter(value.items()))
+        return f" (YAML reads 'key: value' as a mapping: quote it, as in \"{key}: {text}\")"
+    return ""
 
 
 def _number_for_text(value: Any) -> str:

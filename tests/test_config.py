@@ -424,6 +424,18 @@ def test_a_text_setting_given_digits_says_to_quote_them(tmp_path):
         load_config(write(tmp_path, MINIMAL), ["--training.output_dir", "2024"])
 
 
+def test_a_wrong_item_of_a_list_is_named_with_the_fix(tmp_path):
+    """The whole list was quoted as not a list: "expected a list or null, got ['How do I cancel?', {'Note': ...}]"."""
+    config = MINIMAL.replace("dataset:\n", "dataset:\n  sample_prompts:\n    - How do I cancel?\n"
+                                           "    - Note: how do I get a refund?\n")
+    with pytest.raises(ConfigError, match=r"dataset.sample_prompts: item 2: expected a string, got \{'Note': 'how do I "
+                                          r"get a refund\?'\} \(YAML reads 'key: value' as a mapping: quote it, as in "
+                                          r'"Note: how do I get a refund\?"\)'):
+        load_config(write(tmp_path, config))
+    with pytest.raises(ConfigError, match=r"model.lora_config.target_modules: item 2: expected a string, got 3 "):
+        load_config(write(tmp_path, MINIMAL), ["--model.lora_config.target_modules", "[q_proj, 3]"])
+
+
 def test_yaml_boolean_words(tmp_path):
     config = load_config(write(tmp_path, MINIMAL), ["--training.save_strategy", "no"])
     assert config.training.save_strategy == "no"
