@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sftkit.compat import RENAMED_TRAINING_KEYS
 from sftkit.engines import is_main_process, uses_deepspeed, uses_fsdp
 from sftkit.layout import ADAPTER_DIR, RUN_FILE, WRITTEN, checkpoint_dir
 from sftkit.paths import (
@@ -65,8 +66,7 @@ def cross_field_errors(model: ModelConfig, dataset: DatasetConfig, training: dic
                       "itself, and remove padding_free")
     errors += _evaluation_errors(dataset, training) + _hub_errors(training) + _precision_errors(model, training)
     errors += _unused_training_keys(training)
-    for old, new in (("gradient_checkpointing", "activation_checkpointing"),
-                     ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+    for old, new in RENAMED_TRAINING_KEYS:
         if old in training and new in training and training[old] != training[new]:  # compat keeps one of them
             errors.append(f"training.{old} ({_yaml(training[old])}) and training.{new} ({_yaml(training[new])}) are "
                           "one setting under its old and its new name (transformers 5): give only one of them")

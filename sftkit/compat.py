@@ -166,12 +166,16 @@ def let_deepspeed_find_one_process() -> None:
         os.environ.setdefault("MASTER_PORT", str(sock.getsockname()[1]))
 
 
+# (old name, new name) of the training keys transformers 5 renamed, both SFTConfig fields in 5.24
+RENAMED_TRAINING_KEYS = (("gradient_checkpointing", "activation_checkpointing"),
+                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"))
+
+
 def rename_gradient_checkpointing(kwargs: dict) -> None:
     """transformers 5 renamed gradient_checkpointing to activation_checkpointing and warns on every run where only
     the old name is set, which TRL 1.16's own default (gradient_checkpointing=True) does. Users know the old name,
     so both are accepted; the old one is passed on as the new one, with TRL's default."""
-    for old, new in (("gradient_checkpointing", "activation_checkpointing"),
-                     ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+    for old, new in RENAMED_TRAINING_KEYS:
         if new not in kwargs:
             kwargs[new] = kwargs.pop(old, True if old == "gradient_checkpointing" else None)
         kwargs.pop(old, None)

@@ -22,6 +22,7 @@ import yaml
 
 from sftkit.checks import cross_field_errors, number_errors, numbers, path_errors, trainer_setup_errors
 from sftkit.compat import (
+    RENAMED_TRAINING_KEYS,
     compile_under_zero3_error,
     group_cpu_processes,
     let_deepspeed_find_one_process,
@@ -134,6 +135,17 @@ def merge(base: dict, overrides: dict) -> dict:
     return merged
 
 
+def _laid_over(base: dict, layer: dict) -> dict:
+    """`layer` merged over `base`, where a training key `layer` gives under one of its two names (transformers 5
+    renamed gradient_checkpointing) replaces the other name in `base` too: a saved sftkit_config.yaml holds both,
+    and `--training.gradient_checkpointing true` over it was refused as two values of one setting."""
+    given = (layer.get("training") or {}) if isinstance(layer.get("training"), dict) else {}
+    replaced = {other for pair in RENAMED_TRAINING_KEYS for name, other in (pair, pair[::-1]) if name in given}
+    if replaced and isinstance(base.get("training"), dict):
+        base = {**base, "training": {key: value for key, value in base["training"].items() if key not in replaced}}
+    return merge(base, layer)
+
+
 class _StrictLoader(yaml.SafeLoader):
     """PyYAML keeps the last of two equal keys without a word: a config that sets one twice is refused instead."""
 
@@ -195,8 +207,8 @@ def load_config(config_name: str | None = None, cli_args: list[str] = (), preset
             source_keys = {key.name for key in dataclasses.fields(SourceConfig)}
             layer["dataset"] = {key: value for key, value in (layer.get("dataset") or {}).items()
                                 if key not in source_keys}
-        raw = merge(raw, layer)
-    raw = _paths_found_beside(merge(raw, overrides), path.parent)
+        raw = _laid_over(raw, layer)
+    raw = _paths_found_beside(_laid_over(raw, overrides), path.parent)
     errors: list[str] = []
     for section in raw:
         if section not in SECTIONS:

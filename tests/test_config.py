@@ -238,6 +238,14 @@ def test_lora_settings_with_lora_off_are_named_as_unused(tmp_path, caplog):
     assert "lora_config" not in caplog.text
 
 
+def test_a_saved_config_takes_the_checkpointing_switch_under_either_name(monitored_run):
+    """A run's sftkit_config.yaml holds both names (SFTConfig has both fields): turning checkpointing on over it, the
+    usual change to fit memory, was refused as two values of one setting."""
+    saved = str(monitored_run.out / "sftkit_config.yaml")
+    for name in ("gradient_checkpointing", "activation_checkpointing"):
+        assert load_config(saved, [f"--training.{name}", "true"]).training.gradient_checkpointing is True
+
+
 def test_lora_settings_turned_off_on_purpose_are_not_warned_of(tmp_path, caplog):
     """A run of lora_train_config.yaml with --model.use_lora false saves use_lora: false beside its lora_config;
     rerunning that sftkit_config.yaml, or a config that writes use_lora: false itself, warned each time."""
