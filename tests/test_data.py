@@ -344,6 +344,25 @@ def test_an_alpaca_input_of_0_is_an_input(tmp_path, tokenizer):
     assert "Add one.\n\n0<|im_end|>" in tokenizer.decode(data.train[0]["input_ids"])
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet"])
+def test_llama_factory_alpaca_history_is_the_turns_before_the_instruction(tmp_path, tokenizer, suffix):
+    """LLaMA-Factory's multi-turn alpaca rows were read without their history: each follow-up question trained
+    with its context cut off, without a word."""
+    rows = [{"instruction": "And a refund?", "input": "", "output": "Refunds take 5 days.", "system": "Be brief.",
+             "history": [["How do I cancel?", "Press Cancel."], ["Is it free?", "Yes."]]},
+            {"instruction": "Hi", "input": "", "output": "Hello.", "system": "Be brief.", "history": []}]
+    data = prepare_data(DatasetConfig(name=write_rows(tmp_path, suffix, rows), test_size=None), tokenizer,
+                        max_length=128)
+    assert data.formats == ["alpaca"]
+    assert [trained_spans(tokenizer, row) for row in data.train] == [
+        ["Press Cancel.<|im_end|>", "Yes.<|im_end|>", "Refunds take 5 days.<|im_end|>"], ["Hello.<|im_end|>"]]
+    assert "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHow do I cancel?<|im_end|>" in \
+        tokenizer.decode(data.train[0]["input_ids"])
+    with pytest.raises(ValueError, match=r"history\[0\] is \['How do I cancel\?'\]; expected a pair \[instruction, "
+                                         r"response\]"):
+        to_messages({**rows[0], "history": [["How do I cancel?"]]}, "alpaca")
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
 def test_numbers_in_the_text_columns_of_other_formats_are_their_text(tmp_path, tokenizer, suffix):
     """They failed as content of type int. Messages rows stay strict (see

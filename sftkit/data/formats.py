@@ -66,12 +66,23 @@ def from_question_answer(row: dict, answer_source: str) -> list[dict]:
 
 def from_alpaca(row: dict, answer_source: str) -> list[dict]:
     """Alpaca: {"instruction", optional "input", "output", optional "system"}; the input follows the instruction in
-    the user turn."""
+    the user turn. LLaMA-Factory's optional "history", [[instruction, response], ...], is the turns before it."""
     instruction, extra = _text(row["instruction"]), _text(row.get("input"))
     if _written(instruction) and _written(extra):  # an empty instruction is refused as it is
         instruction = f"{instruction}\n\n{extra}"
-    return [*_system(row), {"role": "user", "content": instruction},
+    return [*_system(row), *_history(row.get("history")), {"role": "user", "content": instruction},
             {"role": "assistant", "content": _text(row["output"])}]
+
+
+def _history(pairs) -> list[dict]:
+    if pairs is None or pairs == []:
+        return []
+    turns = []
+    for index, pair in enumerate(_as_list(pairs)):
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise ValueError(f"history[{index}] is {pair!r}; expected a pair [instruction, response]")
+        turns += [{"role": "user", "content": _text(pair[0])}, {"role": "assistant", "content": _text(pair[1])}]
+    return turns
 
 
 FORMATS = {
@@ -90,7 +101,7 @@ READS = {
     "prompt_response": {"prompt", "response", "system", *MESSAGE_KEYS},
     "prompt_completion": {"prompt", "completion", "system", *MESSAGE_KEYS},
     "question_answer": {"question", "answer", "source", "system"},
-    "alpaca": {"instruction", "input", "output", "system"},
+    "alpaca": {"instruction", "input", "output", "system", "history"},
     "text": {"text"},
 }
 # Columns that identify each format, most specific first.
