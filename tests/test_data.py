@@ -69,14 +69,19 @@ def test_assistant_messages_of_weight_0_do_not_train(tokenizer, tmp_path):
                           {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Hello!", "weight": 1}]},
             {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]},
             {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Only bad", "weight": 0}]},
-            {"messages": [{"role": "user", "content": "Hi", "weight": 0}, {"role": "assistant", "content": "Yo"}]}]
+            # weight 0 on a prompt turn says what sftkit does anyway: it was refused, and with it the whole dataset
+            {"messages": [{"role": "system", "content": "Be brief.", "weight": 0}, {"role": "user", "content": "Hey",
+                                                                                  "weight": 0},
+                          {"role": "assistant", "content": "Yo"}]}]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     data = prepare_data(DatasetConfig(name=str(tmp_path / "rows.jsonl"), on_bad_row="skip"), tokenizer, max_length=128)
-    assert [trained_spans(tokenizer, row) for row in data.train] == [["Hello!<|im_end|>"], ["Yo<|im_end|>"]]
+    assert [trained_spans(tokenizer, row) for row in data.train] == [["Hello!<|im_end|>"], ["Yo<|im_end|>"],
+                                                                    ["Yo<|im_end|>"]]
     with pytest.raises(ValueError, match="every assistant message has weight 0: there is nothing to train on"):
         to_messages(rows[2], "messages")
-    with pytest.raises(ValueError, match=r"message 0 \(user\) has weight 0; only assistant messages take a weight"):
-        to_messages(rows[3], "messages")
+    with pytest.raises(ValueError, match=r"message 0 \(user\) has weight 1, but only assistant messages train \(every "
+                                         r"token does with dataset.loss_on: all\); remove it, or give 0"):
+        to_messages({"messages": [{"role": "user", "content": "Hi", "weight": 1}, rows[1]["messages"][1]]}, "messages")
 
 
 @pytest.mark.parametrize("sharegpt", [False, True])
