@@ -44,7 +44,8 @@ MAX_PROCESSES = 8
 # 3 (2026-11-28): OpenAI content parts joined into text (such rows were bad rows), rows cut at max_length one token
 # longer. 4 (2026-11-28): a folder reads its data files only, as one split unless each is named for one; a row's
 # system column, an alpaca input of 0, numbers in text columns and ShareGPT weights read; a message holding a special
-# token's text refused. 5 (2026-11-28): LLaMA-Factory's alpaca history read as the earlier turns.
+# token's text refused. 5 (2026-11-28): LLaMA-Factory's alpaca history read as the earlier turns, weight 0 on a
+# prompt turn accepted.
 PREPARATION = 5
 
 
