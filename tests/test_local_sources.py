@@ -229,8 +229,23 @@ def test_a_folders_split_read_as_eval_source_is_read_and_its_train_split_as_eval
     assert (data.rows, len(data.eval)) == (2, 1) and "warning" not in capsys.readouterr().err
     prepare_data(DatasetConfig(name=folder, eval_sources=[SourceConfig(name=folder)]), tokenizer, max_length=128)
     out = capsys.readouterr().err
-    assert "split 'train' is both trained and evaluated on, so the eval loss measures memory" in out
+    assert f"dataset {tmp_path / 'data'}: split 'train' is both trained and evaluated on, so the eval loss measures " \
+           "memory, not learning" in out
     assert "test.jsonl is named for split 'test', which this run reads nowhere" in out
+
+
+def test_a_file_both_trained_and_evaluated_on_is_said(tmp_path, tokenizer, capsys):
+    """Said of a folder's split only: eval_split train on a file, or eval_sources naming a file of the train glob,
+    reported the train rows' loss as the eval loss, and `sftkit compare` called them held-out rows."""
+    first = write_jsonl(tmp_path / "a.jsonl", [chat(0), chat(1)])
+    write_jsonl(tmp_path / "b.jsonl", [chat(2)])
+    for config in (DatasetConfig(name=first, eval_split="train"),
+                   DatasetConfig(name=str(tmp_path / "*.jsonl"), eval_sources=[SourceConfig(name=first)])):
+        prepare_data(config, tokenizer, max_length=128)
+        assert capsys.readouterr().err.count("both trained and evaluated on") == 1
+    prepare_data(DatasetConfig(name=str(tmp_path / "b.jsonl"), eval_sources=[SourceConfig(name=first)]), tokenizer,
+                 max_length=128)
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_split_names_in_capitals_are_said_to_be_trained_on(tmp_path, tokenizer, capsys):

@@ -21,7 +21,7 @@ from sftkit.data.tokenize import (
 )
 from sftkit.engines import is_main_process
 from sftkit.errors import DataError
-from sftkit.paths import is_pattern, named_splits, resolve_path, saved_by_datasets, splits_of
+from sftkit.paths import is_pattern, local_files, named_splits, resolve_path, saved_by_datasets, splits_of
 from sftkit.schema import DatasetConfig, SourceConfig
 
 logger = logging.getLogger(__name__)
@@ -170,13 +170,10 @@ def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42,
 def _warn_of_files_not_read(cfg: DatasetConfig) -> None:
     """A folder's files of a split the run reads nowhere (test_cases.jsonl beside train_math.jsonl) are not trained
     on, and where any file is named for no split, those named for another split are: say so, and what to do."""
+    _warn_of_rows_both_trained_and_evaluated_on(cfg)
     trains = {(_folder(source), source.split) for source in cfg.train_sources()}
     evaluates = {(_folder(source), source.split) for source in cfg.eval_sources or []}
     evaluates |= {(folder, cfg.eval_split) for folder, _ in trains if cfg.eval_split}
-    for folder, split in sorted(trains & evaluates, key=str):
-        if folder is not None:
-            logger.warning(f"dataset {folder}: split {split!r} is both trained and evaluated on, so the eval loss "
-                           "measures memory; evaluate on another split, or hold out rows with dataset.test_size")
     for folder in sorted({folder for folder, _ in trains | evaluates if folder is not None}):
         named = named_splits(folder)
         splits = splits_of(named)
@@ -192,6 +189,30 @@ def _warn_of_files_not_read(cfg: DatasetConfig) -> None:
             logger.warning(f"dataset {folder}: {_some_files(folder, merged)} named for a split but trained on with "
                            f"the rest, {why} (train*, test* or eval*, validation* or dev*); name every file for its "
                            "split, in lower case, to evaluate on one")
+
+
+def _warn_of_rows_both_trained_and_evaluated_on(cfg: DatasetConfig) -> None:
+    """dataset.eval_split naming the split trained on, or eval_sources naming a train file (or a folder's split, or a
+    hub dataset's): the eval loss, the summary's and the card's, then measures what the model remembers."""
+    trains = {part for source in cfg.train_sources() for part in _parts(source, source.split)}
+    evaluates = {part for source in cfg.eval_sources or [] for part in _parts(source, source.split)}
+    evaluates |= {part for source in cfg.train_sources() if cfg.eval_split for part in _parts(source, cfg.eval_split)}
+    for place in sorted(trains & evaluates):
+        logger.warning(f"dataset {place} is both trained and evaluated on, so the eval loss measures memory, not "
+                       "learning; evaluate on other rows, or hold out rows with dataset.test_size")
+
+
+def _parts(source: SourceConfig, split: str) -> set[str]:
+    """The pieces of data a source reads as `split`, named alike whichever way the config names them: each file of a
+    file or a glob, a folder's split, a hub dataset's split."""
+    folder = _folder(source)
+    if folder is not None:
+        return {f"{folder}: split {split!r}"}
+    files = local_files(source.name)
+    if files:
+        return {str(Path(file).resolve()) for file in files}
+    subset = f" ({source.subset})" if source.subset else ""
+    return {f"{source.name}{subset}: split {split!r}"}
 
 
 def _folder(source: SourceConfig) -> Path | None:
