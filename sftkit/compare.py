@@ -124,13 +124,14 @@ def write_before_after(args) -> Path:
               for name, model in (("base", base), ("tuned", tuned))}
     replies = {name: [generate_from_ids(model, tokenizer, prompt.input_ids, args.max_new_tokens) for prompt in prompts]
                for name, model in (("base", base), ("tuned", tuned))}
-    where = (f"{len(loss_rows)} held-out rows" if held_out
-             else f"the first {len(loss_rows)} training rows (no held-out set)")
+    some = f"the first {len(loss_rows)} of {len(rows)}" if len(loss_rows) < len(rows) else f"{len(loss_rows)}"
+    where = f"{some} held-out rows" if held_out else f"{some} training rows (no held-out set)"
+    how = "computed as the run's eval loss" if held_out and len(loss_rows) == len(rows) else \
+        "computed as the run's eval loss is, on these rows (--loss_rows sets how many)"
     lines = [
         f"# Before and after: `{model_cfg.path}` vs `{model_dir}`",
         "",
-        f"Loss on {where}, computed as the run's eval loss: **base {losses['base']:.3f}**, "
-        f"**fine-tuned {losses['tuned']:.3f}**.",
+        f"Loss on {where}, {how}: **base {losses['base']:.3f}**, **fine-tuned {losses['tuned']:.3f}**.",
         "",
         f"Greedy replies, at most {args.max_new_tokens} new tokens.",
     ]
