@@ -21,7 +21,8 @@ def inspect(config: RunConfig, samples: int = 3, color: bool | None = None) -> s
     args = config.training
     tokenizer = load_tokenizer(config.model, config.dataset)
     data = prepare_for_training(config.dataset, tokenizer, args)
-    lines = [f"sftkit inspect: {config.source}, tokenizer {config.model.path}", *_statistics(data, args)]
+    lines = [f"sftkit inspect: {config.source}, tokenizer {config.model.path}",
+             f"data               {data.sources_words(config.dataset)}", *_statistics(data, args)]
     names = [source.name for source in config.dataset.train_sources()]
     for number, (index, source) in enumerate(_sample_rows(data.rows_per_source, samples)):
         row = data.train[index]

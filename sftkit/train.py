@@ -334,7 +334,7 @@ def _plan(config: RunConfig, data, dtype, trainable: int, total: int) -> str:
     return (
         f"sftkit: {method} of {config.model.path} in {precision_words(config.model, config.training, dtype)} "
         f"({trainable:,} of {total:,} parameters train)\n"
-        f"        {describe_sources(config.dataset, data)}: {data.rows} rows, {len(data.train)} to train{eval_rows}"
+        f"        {data.sources_words(config.dataset)}: {data.rows} rows, {len(data.train)} to train{eval_rows}"
         f"{data.dropped_words()}{_cut_words(data, config.training)}; "
         f"config {config.source}\n"
         f"        speed: {describe_speed(config.speed)}"
@@ -356,6 +356,3 @@ def _resuming_words(checkpoint: str | None, output_dir: Path) -> str:
     replaced = f"; at the end its model replaces the one in {output_dir}" if published else ""
     return f"\n        resumes from {checkpoint}{replaced}"
 
-
-def describe_sources(dataset, data) -> str:
-    return ", ".join(f"{source.name} as {format_name!r}" for source, format_name in zip(dataset.train_sources(), data.formats))

@@ -67,7 +67,7 @@ def test_the_plan_says_how_many_rows_were_dropped_and_why_before_training(tmp_pa
     result = run_sft("--dry-run", "--dataset.name", str(data), "--dataset.on_bad_row", "skip", "--dataset.test_size",
                      "null", "--training.output_dir", str(tmp_path / "out"))
     assert plan_value(result.stdout, "data").startswith(
-        f"20 rows read, 6 train; dropped 14 bad rows (the first: dataset {data} line 1: message 6 (assistant) has "
+        f"{data} as 'messages': 20 rows read, 6 train; dropped 14 bad rows (the first: dataset {data} line 1: message 6 (assistant) has "
         "empty content); ")
 
 

@@ -72,6 +72,10 @@ class PreparedData:
     # max_length where rows were tokenized only as far as the trainer keeps them: a length past it is a lower bound
     measured_to: int | None = None
 
+    def sources_words(self, cfg: DatasetConfig) -> str:
+        """'data/chat.jsonl as 'messages', faq.csv as 'question_answer'': each train source and the format it is read as."""
+        return ", ".join(f"{source.name} as {name!r}" for source, name in zip(cfg.train_sources(), self.formats))
+
     def largest_token_id(self) -> int:
         """The largest token id in the train and eval rows."""
         return max(pc.max(pc.list_flatten(_column(rows, "input_ids"))).as_py() or 0
