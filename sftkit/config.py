@@ -522,6 +522,11 @@ KNOWN_AS = {
     "system_message": "dataset.system_prompt", "train_on_inputs": "dataset.loss_on",
     "micro_batch_size": "training.per_device_train_batch_size", "batch_size": "training.per_device_train_batch_size",
     "epochs": "training.num_train_epochs", "num_epochs": "training.num_train_epochs", "lr": "training.learning_rate",
+    "warmup_ratio": "training.warmup_steps", "dataset.type": "dataset.format", "ds_type": "dataset.format",
+}
+# What a suggestion adds where the key it suggests takes the value another way
+KNOWN_AS_NOTES = {
+    "warmup_ratio": "transformers 5 removed warmup_ratio: a warmup_steps below 1 is that fraction of the steps",
 }
 
 
@@ -532,10 +537,11 @@ def _suggest(key: str, valid, section: str = "") -> str:
     if colon and written in valid:  # `{name:x}` is YAML for the key "name:x"
         return f" (YAML needs a space after the colon: '{written}: {value}')"
     meant = KNOWN_AS.get(f"{section.partition('.')[0]}.{key}") or KNOWN_AS.get(key) or _home_of(key)
+    note = f" {KNOWN_AS_NOTES[key]}" if key in KNOWN_AS_NOTES else ""
     if meant and meant.rpartition(".")[2] in valid:  # this section's (a source's `name` for dataset.name)
-        return f" (did you mean {meant.rpartition('.')[2]!r}?)"
+        return f" (did you mean {meant.rpartition('.')[2]!r}?{note})"
     if meant:
-        return f" (did you mean {meant}?)"
+        return f" (did you mean {meant}?{note})"
     close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
