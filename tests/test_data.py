@@ -250,6 +250,21 @@ def test_bad_rows_name_the_source_row_line_and_problem(tmp_path, tokenizer, row,
                                                 or " part" in problem)
 
 
+@pytest.mark.parametrize(("row", "hint", "column_map", "trained"), [
+    ({"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}, "these are preference pairs (DPO)",
+     {"chosen": "completion"}, "Hello!"),
+    ({"instruction": "Name it.", "context": "A cat.", "response": "Tom.", "category": "qa"}, "this is Dolly's layout",
+     {"context": "input", "response": "output"}, "Tom."),
+])
+def test_other_well_known_layouts_say_how_to_read_them(tmp_path, tokenizer, row, hint, column_map, trained):
+    """Preference pairs and Dolly rows got the bare "cannot tell the dataset format"."""
+    path = write_rows(tmp_path, ".jsonl", [row])
+    with pytest.raises(DataError, match=re.escape(hint)):
+        prepare_data(DatasetConfig(name=path), tokenizer, max_length=64)
+    data = prepare_data(DatasetConfig(name=path, column_map=column_map), tokenizer, max_length=64)  # as it says
+    assert trained_spans(tokenizer, data.train[0]) == [f"{trained}<|im_end|>"]
+
+
 def test_unknown_columns_and_missing_files_are_clear(tmp_path, tokenizer):
     path = write_rows(tmp_path, ".jsonl", [{"query": "q", "reply": "a"}])
     with pytest.raises(DataError, match=r"cannot tell the dataset format from its columns \['query', 'reply'\]"):

@@ -128,10 +128,20 @@ def detect_format(columns: list[str], source: str) -> str:
         raise DataError(f"{source}: cannot tell the dataset format from its one column {columns[0]!r}; if it is a "
                         f"JSON document with the rows under that key ({{\"{columns[0]}\": [rows]}}), save the rows "
                         "themselves as a JSON list or as JSON Lines; else rename columns with column_map")
+    hint = next((hint for required, hint in OTHER_LAYOUTS if required <= set(columns)), "")
     raise DataError(
-        f"{source}: cannot tell the dataset format from its columns {columns}; set its format to one of "
+        f"{source}: cannot tell the dataset format from its columns {columns}; {hint}set its format to one of "
         f"{', '.join(name for name, _ in SIGNATURES)}, or rename columns with column_map"
     )
+
+
+# Well-known layouts of other kinds of data, and how to train on them as SFT rows
+OTHER_LAYOUTS = [
+    ({"prompt", "chosen", "rejected"}, "these are preference pairs (DPO): to train on the chosen replies, give "
+                                       "column_map: {chosen: completion} (the rejected ones are then unread); else "),
+    ({"instruction", "context", "response"}, "this is Dolly's layout: give column_map: {context: input, response: "
+                                              "output} to read it as alpaca; else "),
+]
 
 
 def to_messages(row: dict, format_name: str, system_prompt: str | None = None, answer_source: str = "drop"):
