@@ -41,6 +41,8 @@ def build_summary(trainer, config, data, dtype, parameters: tuple[int, int], rep
         "eval_loss": eval_losses[-1] if eval_losses else None,
         "best_checkpoint_step": best,
         "rows": data.rows,
+        "train_rows": len(data.train),
+        "eval_rows": len(data.eval) if data.eval is not None else None,
         "rows_dropped": data.dropped,
         "rows_cut": data.kept(trainer.args)[1],  # to max_seq_length: a reply cut there trains without its end
         "eval_rows_dropped": data.eval_dropped,
@@ -170,7 +172,7 @@ def model_card(config, summary: dict) -> str:
         "| setting | value |",
         "|---|---|",
         f"| method | {method} |",
-        f"| data | {sources}: {summary['rows']} rows read |",
+        f"| data | {sources}: {_rows_words(summary)} |",
         *([f"| system prompt | {json.dumps(system, ensure_ascii=False).replace('|', '&#124;')} (dataset.system_prompt: "
            "first in every row without a system message of its own) |"] if system else []),
         f"| steps | {_length(training, summary)} |",
@@ -220,6 +222,14 @@ def model_card(config, summary: dict) -> str:
         lines += ["", "The LoRA adapter alone is in `lora_weights/` (load it with `peft.PeftModel.from_pretrained` "
                       f"on `{model.path}`); the weights here are already merged."]
     return "\n".join(lines) + "\n"
+
+
+def _rows_words(summary: dict) -> str:
+    """'320 rows read, 304 trained on, 16 held out to evaluate', with the rows dropped and why."""
+    dropped = describe_dropped(summary.get("rows_dropped") or {}, only_some=True)
+    held_out = f", {summary['eval_rows']} evaluated on" if summary.get("eval_rows") is not None else ""
+    trained = f", {summary['train_rows']} trained on" if summary.get("train_rows") is not None else ""
+    return f"{summary['rows']} rows read{f' (dropped: {dropped})' if dropped else ''}{trained}{held_out}"
 
 
 def _front_matter(base_model: str, method: str) -> str:
