@@ -247,6 +247,6 @@ def _shipped_config(name: str) -> Path:
     with contextlib.suppress(ConfigError):
         found = find_config_file(name, CONFIGS_DIR)
         if CONFIGS_DIR.resolve() in found.resolve().parents:
-            return found
+            return found.resolve()
     raise ConfigError(f"no shipped config named {name!r}: use default, lora, qlora, or one of "
                       f"{', '.join(path.stem for path in sorted((CONFIGS_DIR / 'examples').glob('*.yaml')))}")

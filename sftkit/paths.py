@@ -35,17 +35,26 @@ def find_config_file(name: str | None, directory: Path = CONFIGS_DIR) -> Path:
     """The config to use: the given path, else a shipped one by its name in `directory` (.yaml optional; `lora` for
     lora_train_config.yaml, an example's name for examples/NAME.yaml, as sftkit init takes them), else the default."""
     if name is None:
-        return DEFAULT_CONFIG
+        return _from_here(DEFAULT_CONFIG)
     path = Path(name)
     if path.is_file():
         return path
     for candidate in (directory / path, directory / f"{path}.yaml", directory / f"{path}_train_config.yaml",
                       directory / "examples" / f"{path}.yaml"):
         if not path.is_absolute() and candidate.is_file():
-            return candidate
+            return _from_here(candidate)
     there = ", ".join(sorted(file.stem for file in directory.glob("*.yaml")))
     raise ConfigError(f"config file not found: {name} (looked in the working directory and in {directory}, which "
                       f"has {there})")
+
+
+def _from_here(path: Path) -> Path:
+    """A shipped config as the user would write it from the working directory (configs/lora_train_config.yaml in
+    the project), for the messages that name it; else its whole path."""
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
 
 
 def resolve_path(value: str) -> str:
