@@ -39,7 +39,7 @@ class MonitoredSFTTrainer(TrainerWorkarounds, SFTTrainer):
     and logs the last step (LogTheLastStep); the fixes to the Trainer's own behaviour are in
     compat.TrainerWorkarounds. `cast_adapter_inputs`: see fastpath.choose_adapter_inputs."""
 
-    def __init__(self, *args, cast_adapter_inputs: bool | None = True, **kwargs):
+    def __init__(self, *args, cast_adapter_inputs: bool | None = True, guard: "StopGuard | None" = None, **kwargs):
         super().__init__(*args, **kwargs)
         lost = {"_prepare_inputs": "compiled runs may compile more often",
                 "_get_grad_norm": "gradient norms are not checked to be finite",
@@ -48,7 +48,7 @@ class MonitoredSFTTrainer(TrainerWorkarounds, SFTTrainer):
             if not hasattr(SFTTrainer, hook):
                 logging.getLogger("sftkit").warning(f"this transformers' Trainer has no {hook}: {loss}; install the "
                                                     "versions in requirements.txt")
-        self.guard = StopGuard()
+        self.guard = guard or StopGuard()
         self.add_callback(self.guard)
         self.add_callback(LogTheLastStep())
         self.add_callback(WarnOfAWarmupAsLongAsTheRun())
@@ -143,8 +143,9 @@ class SampleReplies(TrainerCallback):
     """Greedy replies to `dataset.sample_prompts` at each evaluation and epoch end, printed and appended to
     output_dir/sample_replies.jsonl, so the user sees the model learn."""
 
-    def __init__(self, tokenizer, prompts: list[list[dict]], resumed: bool, max_new_tokens: int = 64):
+    def __init__(self, tokenizer, prompts: list[list[dict]], resumed: bool, guard: "StopGuard", max_new_tokens: int = 64):
         self.tokenizer = tokenizer
+        self.guard = guard  # no sample where it stopped the run
         self.prompts = prompts
         self.resumed = resumed  # a resumed run appends to the file; a fresh one starts it anew
         self.max_new_tokens = max_new_tokens
@@ -160,7 +161,7 @@ class SampleReplies(TrainerCallback):
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         # the Trainer ends the epoch it leaves at a stop too: after a signal (whose checkpoint is saved, and the
         # scheduler's SIGKILL near) or a divergence (whose weights are not finite), no sample
-        if not (control.should_training_stop and state.global_step < state.max_steps):
+        if not self.guard.stopped_early(state):
             self._sample(args, state, model, "epoch end")
 
     def _sample(self, args, state, model, event: str) -> None:
@@ -215,8 +216,9 @@ class LogTheLastStep(TrainerCallback):
             control.should_log = True
 
 
-class EvaluationStopped(Exception):
-    """A signal stopped the evaluation before the first step or after the last (StopGuard.on_prediction_step)."""
+class StopRequested(Exception):
+    """A signal asked to stop where the Trainer has no place to: before the first step (in its setup, or the
+    evaluation at its start) or in the final evaluation (StopGuard)."""
 
 
 class StopGuard(TrainerCallback):
@@ -253,6 +255,8 @@ class StopGuard(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.install()
+        if self.stop_requested(args):  # during the Trainer's setup: the loop would train a step before it stops
+            raise StopRequested
 
     def _handle(self, signum, frame) -> None:
         if signum in self._received_at:  # the same signal again
@@ -265,7 +269,8 @@ class StopGuard(TrainerCallback):
         self.received = signum
         if first_on_its_machine():  # said at once: the step, or an evaluation, may take minutes
             what = ("training is over; the trained model is exported before the run stops" if self.training_over else
-                    "the run stops after the current step with a checkpoint, or at once before the first step")
+                    "the run stops with a checkpoint after the current step (and an evaluation under way), or at once "
+                    "before the first step")
             print(f"\nsftkit: {signal.Signals(signum).name}: {what}; Ctrl-C again, or a SIGTERM more than 2 s later, "
                   "stops it at once", file=sys.stderr, flush=True)
 
@@ -309,14 +314,20 @@ class StopGuard(TrainerCallback):
         # scheduler's SIGKILL follows its SIGTERM within seconds (Slurm's KillWait: 30 s), and a large eval set takes
         # minutes. Every process evaluates the same number of batches, so each asks here, together.
         if (self.training_over or state.global_step == 0) and self.stop_requested(args):
-            raise EvaluationStopped
+            raise StopRequested
 
     def on_epoch_end(self, args, state, control, **kwargs):
         # the Trainer leaves the epoch after a stop and ends it: its flow callback then asks again for the epoch's
-        # save (save_strategy: epoch), which would write the broken weights and let rotation delete a good checkpoint
-        if self.diverged_at is not None:
+        # save and evaluation (save_strategy, eval_strategy: epoch), which after a divergence would write the broken
+        # weights and let rotation delete a good checkpoint, and after a signal would save its checkpoint again
+        # after a whole evaluation, as the scheduler's SIGKILL nears
+        if self.stopped_early(state):
             control.should_save = False
             control.should_evaluate = False
+
+    def stopped_early(self, state) -> bool:
+        """Training stopped before its last step (by a signal, or a divergence), or diverged at it."""
+        return self.diverged_at is not None or (self.received is not None and state.global_step < state.max_steps)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.training_over = True

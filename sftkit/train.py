@@ -47,10 +47,11 @@ from sftkit.model import (
     weights_dtype,
 )
 from sftkit.monitor import (
-    EvaluationStopped,
     MonitoredSFTTrainer,
     ProgressBar,
     SampleReplies,
+    StopGuard,
+    StopRequested,
     memory_mib,
     sample_replies,
 )
@@ -151,10 +152,8 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
         output.begin(trainer.accelerator.is_main_process)
         try:
             trainer.train(resume_from_checkpoint=resume_from)
-        except EvaluationStopped:  # in the evaluation before the first step (eval_on_start)
-            signum = trainer.guard.received or signal.SIGTERM
-            raise Interrupted(f"stopped by {signal.Signals(signum).name} in the evaluation before the first step: "
-                              "nothing was trained", signum) from None
+        except StopRequested:  # in the Trainer's setup, or the evaluation at its start
+            raise Interrupted(*_stopped_before_the_first_step(trainer, resume_from)) from None
         # Ctrl-C or SIGTERM from here on asks to export the trained model first
         train_seconds = timing.seconds()["train_seconds"]
         _stop_unless_trained(trainer)
@@ -200,8 +199,9 @@ def _trainer(config: RunConfig, model, tokenizer, data, callbacks: list, resumed
     if (config.training.packing or config.training.padding_free) and config.model.trust_remote_code:
         logger.warning("packing with a model's own modeling code: transformers' built-in attention keeps packed "
                        "samples apart, custom code may let them attend to each other")
+    guard = StopGuard()
     if config.dataset.sample_prompts:
-        callbacks.append(SampleReplies(tokenizer, data.sample_prompts, resumed=resumed))
+        callbacks.append(SampleReplies(tokenizer, data.sample_prompts, resumed=resumed, guard=guard))
     allow_fsdp_on_cpu()  # before the Trainer builds its Accelerator
     try:
         trainer = MonitoredSFTTrainer(
@@ -213,6 +213,7 @@ def _trainer(config: RunConfig, model, tokenizer, data, callbacks: list, resumed
             peft_config=lora_config(config.model),
             callbacks=callbacks,
             cast_adapter_inputs=config.model.cast_adapter_inputs,
+            guard=guard,
         )
     except Exception as error:
         if config.training.push_to_hub and _from_the_hub(error):  # the Trainer creates the hub repo as it is built
@@ -266,7 +267,7 @@ def _evaluated_unless_stopped(trainer) -> bool:
     the others would wait for the failed one in the evaluation's collectives), so that the export comes next."""
     try:
         trainer.evaluate()
-    except EvaluationStopped:
+    except StopRequested:
         return False
     except Exception as error:
         if trainer.args.world_size > 1:
@@ -275,6 +276,14 @@ def _evaluated_unless_stopped(trainer) -> bool:
                        "is exported without it")
         return False
     return True
+
+
+def _stopped_before_the_first_step(trainer, resume_from: str | None) -> tuple[str, int]:
+    signum = trainer.guard.received or signal.SIGTERM
+    if resume_from is not None:  # the checkpoint it resumed from is still the newest
+        return f"stopped by {signal.Signals(signum).name} before the first step: nothing more was trained. " \
+               f"{resume_words()}", signum
+    return f"stopped by {signal.Signals(signum).name} before the first step: nothing was trained", signum
 
 
 def _diverged(trainer, step: int) -> str:

@@ -356,19 +356,24 @@ def test_a_signal_after_the_last_step_still_exports_the_trained_model(tmp_path):
     assert json.loads((tmp_path / "out" / "sftkit_run.json").read_text())["status"] == "finished"
 
 
-def test_no_sample_reply_is_made_as_an_epoch_end_at_a_stop(tmp_path, monkeypatch):
+@pytest.mark.parametrize("per_epoch", [False, True])
+def test_a_stop_mid_epoch_ends_without_the_epochs_evaluation_save_or_sample(tmp_path, monkeypatch, per_epoch):
     """The Trainer ends the epoch it leaves at a stop: a sample reply was generated and saved as an "epoch end" at
     step 3 of an epoch of 19, after the checkpoint and before the run said where it was (and, after a divergence,
-    from weights that were not finite)."""
+    from weights that were not finite); with evaluations and saves per epoch, the whole evaluation ran and the
+    checkpoint was saved a second time."""
     from sftkit.errors import Interrupted
 
     signal_at(monkeypatch, "on_step_begin", 3)
+    saved = signal_at(monkeypatch, "on_save", 0).calls  # records each save (never the 0th)
     out = tmp_path / "out"
+    per_epoch_settings = ["--training.eval_strategy", "epoch", "--training.save_strategy", "epoch"] if per_epoch else []
     with pytest.raises(Interrupted, match="stopped by SIGTERM at step 3 of 19"):
         train(load_config(None, ["--training.output_dir", str(out), "--training.num_train_epochs", "1",
-                                 "--dataset.sample_prompts", json.dumps(SAMPLE_PROMPTS[:1])]))
+                                 "--dataset.sample_prompts", json.dumps(SAMPLE_PROMPTS[:1]), *per_epoch_settings]))
     samples = [json.loads(line) for line in (out / "sample_replies.jsonl").read_text().splitlines()]
     assert [(sample["step"], sample["event"]) for sample in samples] == [(0, "evaluation")]
+    assert saved == [3]
 
 
 def test_a_signal_during_the_final_evaluation_stops_it_and_the_model_is_exported(tmp_path, monkeypatch):
@@ -395,13 +400,16 @@ def test_a_signal_in_the_evaluation_before_the_first_step_stops_it_at_once(tmp_p
     out = tmp_path / "out"
     arguments = ["--training.output_dir", str(out), "--training.max_steps", "3", "--training.per_device_eval_batch_size",
                  "1"]
-    with pytest.raises(Interrupted, match="^stopped by SIGINT in the evaluation before the first step: nothing was "
-                                          "trained$"):
+    with pytest.raises(Interrupted, match="^stopped by SIGINT before the first step: nothing was trained$"):
         train(load_config(None, arguments))
     assert evaluated == [0, 0]  # of 16 eval rows
-    assert "sftkit: SIGINT: the run stops after the current step with a checkpoint, or at once before the first step; " \
-           "Ctrl-C again" in \
-        capsys.readouterr().err
+    assert "sftkit: SIGINT: the run stops with a checkpoint after the current step (and an evaluation under way), or " \
+           "at once before the first step; Ctrl-C again" in capsys.readouterr().err
+    # in the Trainer's setup, without an evaluation at the start: it trained step 1 and saved it first
+    signal_at(monkeypatch, "on_train_begin", 1)
+    with pytest.raises(Interrupted, match="^stopped by SIGTERM before the first step: nothing was trained$"):
+        train(load_config(None, [*arguments, "--training.eval_on_start", "false"]))
+    assert not list(out.glob("checkpoint-*"))
     monkeypatch.setattr(sftkit.train, "_trainer", build)
     assert train(load_config(None, arguments)).trainer.state.global_step == 3  # the same command starts it again
 
