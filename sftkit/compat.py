@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sftkit.errors import ConfigError, DataError
+from sftkit.layout import LOSS_WINDOW_FILE
 
 logger = logging.getLogger("sftkit")
 
@@ -312,9 +313,6 @@ def zero_model_states(stage: int, total: int, largest_layer: int, world_size: in
         total_params=total, largest_layer_params=largest_layer, num_gpus_per_node=world_size, num_nodes=1,
         cpu_offload=offload_optimizer, cpu_offload_params=offload_params, zero_init=True, additional_buffer_factor=1.0)
     return cpu, gpu
-
-
-LOSS_WINDOW_FILE = "sftkit_loss_window_{rank}.json"
 
 
 def keep_checkpoints_at_an_early_stop(args) -> None:

@@ -57,9 +57,11 @@ def _one_of(name: str, names: tuple[str, ...]) -> bool:
     return name in names or SHARD.fullmatch(name) is not None
 
 
-# What each process saves into a checkpoint of several (transformers 5.24, DeepSpeed, FSDP's sharded states), with no
-# barrier before the main process lists the checkpoint: on a shared filesystem it may list some of them late
-PER_PROCESS = re.compile(r"rng_state_\d+\.pth|(global_step\d+|pytorch_model_fsdp_\d+|optimizer_\d+)/.*")
+LOSS_WINDOW_FILE = "sftkit_loss_window_{rank}.json"  # each process's, in each checkpoint (compat.TrainerWorkarounds)
+# What each process saves into a checkpoint of several (transformers 5.24, DeepSpeed, FSDP's sharded states, sftkit's
+# loss window), with no barrier before the main process lists the checkpoint: it may list some of them late
+PER_PROCESS = re.compile(r"rng_state_\d+\.pth|sftkit_loss_window_\d+\.json|"
+                         r"(global_step\d+|pytorch_model_fsdp_\d+|optimizer_\d+)/.*")
 
 
 def checkpoint_step(name: str) -> int | None:
