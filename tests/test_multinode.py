@@ -9,6 +9,7 @@ share theirs. Single-process baselines come from test_distributed.py (the same 1
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -334,7 +335,7 @@ def test_the_slurm_script_runs_the_loopback_commands_on_each_node(tmp_path):
     bin_dir.mkdir()
     stand_ins = {
         # srun: the task once per node, with that node's SLURM_NODEID, after the options.
-        "srun": 'while [[ $1 == --* ]]; do shift; done\n'
+        "srun": 'printf "%s\\n" "$@" > "$RECORD/srun"; while [[ $1 == --* ]]; do shift; done\n'
                 'for node in $(seq 0 $((SLURM_JOB_NUM_NODES - 1))); do SLURM_NODEID=$node "$@" || exit; done\n',
         "accelerate": 'printf "%s\\0" accelerate "$@" > "$RECORD/node$SLURM_NODEID"\n',
         "scontrol": '[[ $1 == show && $2 == hostnames ]] && tr , "\\n" <<< "$3"\n',  # a list, expanded
@@ -349,20 +350,23 @@ def test_the_slurm_script_runs_the_loopback_commands_on_each_node(tmp_path):
         (folder / name).chmod(0o755)
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "RECORD": str(tmp_path), "SLURM_JOB_NUM_NODES": str(MACHINES),
            "SLURM_JOB_NODELIST": "127.0.0.1,127.0.0.2", "SLURM_GPUS_ON_NODE": "1", "SLURM_JOB_ID": "4242",
-           "MAIN_PROCESS_PORT": str(port), "SFTKIT_CONFIG": "configs/lora_train_config.yaml"}
+           "MAIN_PROCESS_PORT": str(port), "SFTKIT_CONFIG": "configs/lora_train_config.yaml",
+           "SLURM_CPUS_PER_TASK": "16"}
     script_args = args[2:]  # the script names the config itself (SFTKIT_CONFIG)
 
     for rank in range(MACHINES):
         printed = subprocess.run(["bash", str(SLURM_SCRIPT), "--print-command", *script_args], cwd=REPO,
                                  env={**env, "SLURM_NODEID": str(rank)}, capture_output=True, text=True)
         assert printed.returncode == 0, printed.stderr
-        assert printed.stdout.split("\0")[:-1] == expected[rank]
+        assert shlex.split(printed.stdout) == expected[rank]
 
     submitted = subprocess.run(["bash", str(SLURM_SCRIPT), *script_args], cwd=REPO, env=env, capture_output=True,
                                text=True)
     assert submitted.returncode == 0, submitted.stderr
     for rank in range(MACHINES):
         assert (tmp_path / f"node{rank}").read_text().split("\0")[:-1] == expected[rank]
+    # Slurm 22.05 and later: srun does not take the job's --cpus-per-task, and binds each task to one core without it
+    assert "--cpus-per-task=16" in (tmp_path / "srun").read_text().splitlines()
 
     del env["MAIN_PROCESS_PORT"]
     env["SLURM_JOB_NODELIST"] = "gpu[07-08]"  # scontrol expands a range; its first host is the main node
@@ -370,7 +374,7 @@ def test_the_slurm_script_runs_the_loopback_commands_on_each_node(tmp_path):
     printed = subprocess.run(["bash", str(SLURM_SCRIPT), "--print-command"], cwd=REPO,
                              env={**env, "SLURM_NODEID": "1"}, capture_output=True, text=True)
     assert printed.returncode == 0 and "--main_process_ip" in printed.stdout, (printed.returncode, printed.stderr)
-    command = printed.stdout.split("\0")
+    command = shlex.split(printed.stdout)
     assert command[command.index("--main_process_ip") + 1] == "gpu07"
     assert command[command.index("--main_process_port") + 1] == str(20000 + 4242 % 20000)
 
