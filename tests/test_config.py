@@ -1,5 +1,6 @@
 """Config loading: every shipped file validates; typos, wrong types and conflicts fail together, naming the key."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -570,6 +571,21 @@ def test_a_launch_config_for_full_fine_tuning_shows_a_full_fine_tuning_config():
         if "full fine-tuning" in header and "LoRA" not in header:
             shown = re.search(r"--config (\S+\.yaml)", header)[1]
             assert load_config(str(REPO / shown)).model.use_lora is False, path.name
+
+
+def test_the_launch_configs_train_on_the_gpus_the_user_or_the_scheduler_gave(tmp_path):
+    """single_gpu.yaml named gpu_ids '0': Accelerate then set CUDA_VISIBLE_DEVICES=0, so a launch given GPU 3
+    (CUDA_VISIBLE_DEVICES=3, or Slurm on a node without device cgroups) trained on GPU 0, maybe someone else's."""
+    import yaml
+
+    for path in sorted((REPO / "accelerate_configs").glob("*.yaml")):
+        assert yaml.safe_load(path.read_text()).get("gpu_ids", "all") == "all", path.name
+    script = tmp_path / "devices.py"
+    script.write_text("import os\nprint('devices', os.environ.get('CUDA_VISIBLE_DEVICES'))\n")
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    launched = subprocess.run([accelerate, "launch", "--config_file", str(REPO / "accelerate_configs" / "single_gpu.yaml"),
+                               str(script)], capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": "3"})
+    assert "devices 3" in launched.stdout, launched.stdout + launched.stderr
 
 
 @pytest.mark.parametrize(("section", "cls"), [("model", "ModelConfig"), ("dataset", "DatasetConfig")])
