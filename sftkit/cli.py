@@ -132,7 +132,7 @@ def _run(args, overrides: list[str], prog: str) -> int:
             from sftkit.checkpoints import newest_checkpoint_words
 
             lost += f"; {newest_checkpoint_words(Path(config.training.output_dir))}"
-        if lost:
+        if lost and says_errors():  # once per machine: the others of a machine lose contact alike
             print(f"\n{prog}: error: {lost}", file=sys.stderr, flush=True)
         report_failure(lost or f"{type(error).__name__}: {error}")
         if lost is None:

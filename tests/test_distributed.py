@@ -298,3 +298,8 @@ def test_a_zero2_checkpoint_resumed_under_zero3_is_refused_before_loading_with_o
     assert result.stderr.count(f"{out}/checkpoint-2 was saved under DeepSpeed ZeRO-2 and this launch runs DeepSpeed "
                                "ZeRO-3, which cannot load it") == 1, result.stderr[-3000:]
     assert json.loads((out / "sftkit_run.json").read_text())["status"] == "finished"
+    # refused by the main process alone: the other one, left in the barrier, said it had lost contact with another
+    # process that "stopped, or its machine went away"
+    result = accelerate_launch("cpu_ddp_2proc.yaml", *saving, "--training.max_steps", "2", timeout=180)
+    assert result.returncode != 0 and result.stderr.count(f"{out} already holds a trained model") == 1
+    assert "lost contact" not in result.stderr, result.stderr[-3000:]
