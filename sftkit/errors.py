@@ -6,6 +6,8 @@ import os
 import sys
 import traceback
 
+from sftkit.engines import first_on_its_machine
+
 
 class SftkitError(Exception):
     """An ending sftkit foresaw, said in one line; the error it came from, if any, is its __cause__."""
@@ -55,9 +57,12 @@ def say_error(prog: str, error: SftkitError) -> int:
 
 class _WarningsOnStderr(logging.Handler):
     """The `sftkit` logger's warnings as `sftkit: warning: ...` on stderr, each at once, on the stderr of the moment
-    (a test's capture replaces it)."""
+    (a test's capture replaces it). Said by the first process of each machine only: every process of a launch finds
+    the same (an 8-GPU machine printed each 8 times), and each machine keeps its own log."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        if not first_on_its_machine():
+            return
         print(f"sftkit: {record.levelname.lower()}: {self.format(record)}", file=sys.stderr, flush=True)
 
 

@@ -137,6 +137,18 @@ def test_a_config_error_in_a_distributed_launch_is_printed_once():
     assert result.stderr.count("unknown key model.use_lorra (did you mean 'use_lora'?)") == 1, result.stderr
 
 
+def test_a_warning_in_a_distributed_launch_is_printed_once(tmp_path):
+    """Every process printed it: 8 copies per machine of 8 GPUs."""
+    import shutil
+
+    model = tmp_path / "no-template"
+    shutil.copytree(TINY_MODEL, model, ignore=shutil.ignore_patterns("chat_template.jinja", "model.safetensors"))
+    result = accelerate_launch("cpu_ddp_2proc.yaml", "--dry-run", "--model.path", str(model), "--training.output_dir",
+                               str(tmp_path / "out"), timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count(f"sftkit: warning: model.path {model} has no chat template") == 1, result.stderr
+
+
 def test_a_failure_on_one_process_ends_the_launch(tmp_path):
     """The main process alone fails to write its output; the other must not wait for it forever."""
     blocker = tmp_path / "not-a-directory"
