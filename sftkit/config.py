@@ -522,7 +522,7 @@ KNOWN_AS = {
     "system_message": "dataset.system_prompt", "train_on_inputs": "dataset.loss_on",
     "micro_batch_size": "training.per_device_train_batch_size", "batch_size": "training.per_device_train_batch_size",
     "epochs": "training.num_train_epochs", "num_epochs": "training.num_train_epochs", "lr": "training.learning_rate",
-    "warmup_ratio": "training.warmup_steps", "dataset.type": "dataset.format", "ds_type": "dataset.format",
+    "warmup_ratio": "training.warmup_steps", "dataset.type": "dataset.format",
 }
 # What a suggestion adds where the key it suggests takes the value another way
 KNOWN_AS_NOTES = {

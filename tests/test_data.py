@@ -253,6 +253,9 @@ def test_bad_rows_name_the_source_row_line_and_problem(tmp_path, tokenizer, row,
 @pytest.mark.parametrize(("row", "hint", "column_map", "trained"), [
     ({"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}, "these are preference pairs (DPO)",
      {"chosen": "completion"}, "Hello!"),
+    ({"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+      "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away."}]},
+     "map chosen to messages where it holds the whole conversation", {"chosen": "messages"}, "Hello!"),
     ({"instruction": "Name it.", "context": "A cat.", "response": "Tom.", "category": "qa"}, "this is Dolly's layout",
      {"context": "input", "response": "output"}, "Tom."),
 ])
@@ -381,6 +384,8 @@ def test_llama_factory_alpaca_history_is_the_turns_before_the_instruction(tmp_pa
     with pytest.raises(ValueError, match=r"history\[0\] is \['How do I cancel\?'\]; expected a pair \[instruction, "
                                          r"response\]"):
         to_messages({**rows[0], "history": [["How do I cancel?"]]}, "alpaca")
+    with pytest.raises(ValueError, match=r"history is str '\[\]'; expected a list of \[instruction, response\] pairs"):
+        to_messages({**rows[0], "history": "[]"}, "alpaca")  # a CSV's cell
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])

@@ -134,6 +134,7 @@ def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42,
     sources = cfg.train_sources()
     if is_main_process():
         _warn_of_files_not_read(cfg)
+        _warn_of_rows_both_trained_and_evaluated_on(cfg)
     train_parts = [prepare.source(source, _train_key(cfg, i), train=True) for i, source in enumerate(sources)]
     if not any(len(rows) for rows, _ in train_parts):
         raise DataError(prepare.nothing_to_train())
@@ -174,7 +175,6 @@ def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42,
 def _warn_of_files_not_read(cfg: DatasetConfig) -> None:
     """A folder's files of a split the run reads nowhere (test_cases.jsonl beside train_math.jsonl) are not trained
     on, and where any file is named for no split, those named for another split are: say so, and what to do."""
-    _warn_of_rows_both_trained_and_evaluated_on(cfg)
     trains = {(_folder(source), source.split) for source in cfg.train_sources()}
     evaluates = {(_folder(source), source.split) for source in cfg.eval_sources or []}
     evaluates |= {(folder, cfg.eval_split) for folder, _ in trains if cfg.eval_split}

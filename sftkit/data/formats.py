@@ -77,8 +77,11 @@ def from_alpaca(row: dict, answer_source: str) -> list[dict]:
 def _history(pairs) -> list[dict]:
     if pairs is None or pairs == []:
         return []
+    if not isinstance(pairs, list):  # a CSV's cell holds text
+        raise ValueError(f"history is {type(pairs).__name__} {pairs!r:.60}; expected a list of [instruction, response] "
+                         "pairs (save the rows as JSON Lines to keep it a list)")
     turns = []
-    for index, pair in enumerate(_as_list(pairs)):
+    for index, pair in enumerate(pairs):
         if not (isinstance(pair, list) and len(pair) == 2):
             raise ValueError(f"history[{index}] is {pair!r}; expected a pair [instruction, response]")
         turns += [{"role": "user", "content": _text(pair[0])}, {"role": "assistant", "content": _text(pair[1])}]
@@ -137,8 +140,9 @@ def detect_format(columns: list[str], source: str) -> str:
 
 # Well-known layouts of other kinds of data, and how to train on them as SFT rows
 OTHER_LAYOUTS = [
-    ({"prompt", "chosen", "rejected"}, "these are preference pairs (DPO): to train on the chosen replies, give "
-                                       "column_map: {chosen: completion} (the rejected ones are then unread); else "),
+    ({"chosen", "rejected"}, "these are preference pairs (DPO): to train on the chosen replies, map chosen to "
+                              "messages where it holds the whole conversation (column_map: {chosen: messages}), or to "
+                              "completion beside a prompt column ({chosen: completion}); else "),
     ({"instruction", "context", "response"}, "this is Dolly's layout: give column_map: {context: input, response: "
                                               "output} to read it as alpaca; else "),
 ]
