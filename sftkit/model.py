@@ -171,11 +171,11 @@ def check_token_settings(tokenizer, training, model_path: str) -> None:
                               f"give one of its tokens (its eos is {tokenizer.eos_token!r}) or remove the key")
 
 
-def check_data_fits_model(tokenizer, model_cfg: ModelConfig, data, max_length: int) -> None:
+def check_data_fits_model(tokenizer, model_cfg: ModelConfig, data, args) -> None:
     """The prepared rows against the model's config.json: their token ids (an error) and their lengths (a warning)."""
     text_config = _read_model_config(model_cfg).get_text_config()
     _check_vocabulary_fits(tokenizer, model_cfg, data, text_config)
-    _warn_of_rows_past_positions(model_cfg, data, max_length, text_config)
+    _warn_of_rows_past_positions(model_cfg, data, args, text_config)
 
 
 def _check_vocabulary_fits(tokenizer, model_cfg: ModelConfig, data, text_config) -> None:
@@ -194,12 +194,14 @@ def _check_vocabulary_fits(tokenizer, model_cfg: ModelConfig, data, text_config)
                           "each) and point model.path at that copy")
 
 
-def _warn_of_rows_past_positions(model_cfg: ModelConfig, data, max_length: int, text_config) -> None:
-    """Rows longer than the positions the model has: where they are learned (GPT-2, OPT) training fails on the first
-    such row with an IndexError, and rotary ones were not pretrained past them. A warning, not an error: config.json
-    does not say reliably which kind a model has, and rope scaling may extend them."""
-    positions = getattr(text_config, "max_position_embeddings", None)
-    longest = min(max(data.lengths), max_length)
+def _warn_of_rows_past_positions(model_cfg: ModelConfig, data, args, text_config) -> None:
+    """Rows (train or eval) longer than the positions the model has: where they are learned (GPT-2, OPT) training or
+    evaluation fails on the first such row with an IndexError, and rotary ones were not pretrained past them. Packing
+    `wrapped` runs positions on across rows, to max_length. A warning, not an error: config.json does not say
+    reliably which kind a model has, and rope scaling may extend them."""
+    positions, max_length = getattr(text_config, "max_position_embeddings", None), args.max_length
+    wrapped = args.packing and args.packing_strategy == "wrapped"
+    longest = max_length if wrapped else min(data.longest_row(), max_length)
     if is_main_process() and isinstance(positions, int) and longest > positions:
         logger.warning(f"rows of up to {longest:,} tokens reach the model (model.max_seq_length {max_length:,}), but "
                        f"{model_cfg.path} has {positions:,} positions (max_position_embeddings in config.json): a "

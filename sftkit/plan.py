@@ -68,7 +68,7 @@ def build_plan(config: RunConfig) -> Plan:
     tokenizer = load_tokenizer(config.model, config.dataset)
     check_token_settings(tokenizer, config.training, config.model.path)
     data = prepare_for_training(config.dataset, tokenizer, args)
-    check_data_fits_model(tokenizer, config.model, data, args.max_length)
+    check_data_fits_model(tokenizer, config.model, data, args)
     shape = model_shape(config, meta_model)
     dtype = resolve_dtype(config.model, args)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -126,7 +126,7 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
     check_token_settings(tokenizer, config.training, config.model.path)
     with args.main_process_first(desc="dataset preparation"):
         data = prepare_for_training(config.dataset, tokenizer, args)
-    check_data_fits_model(tokenizer, config.model, data, args.max_length)
+    check_data_fits_model(tokenizer, config.model, data, args)
     dtype = resolve_dtype(config.model, args)
     weights = weights_dtype(config.model, args, dtype)
     weights_name = str(weights).removeprefix("torch.")

@@ -241,13 +241,25 @@ def test_rows_longer_than_the_models_positions_are_warned_of_before_loading(tmp_
     forward pass of such a row with an IndexError, after the model had loaded."""
     model = conftest.save_tiny_gpt2(tmp_path / "gpt2", positions=64)
     result = run_sft("--dry-run", "--model.path", model, "--training.output_dir", str(tmp_path / "out"))
-    assert (f"sftkit: warning: rows of up to 91 tokens reach the model (model.max_seq_length 256), but {model} has 64 "
+    assert (f"sftkit: warning: rows of up to 92 tokens reach the model (model.max_seq_length 256), but {model} has 64 "
             "positions (max_position_embeddings in config.json): a model with learned positions (GPT-2, OPT) fails on "
             "such a row, and others were not pretrained past them; set model.max_seq_length to 64 or less") in \
         result.stderr, result.stderr
     fits = run_sft("--dry-run", "--model.path", model, "--model.max_seq_length", "64", "--training.output_dir",
                    str(tmp_path / "out"))
     assert "positions" not in fits.stderr, fits.stderr
+    # positions run on across packed rows under packing wrapped; an eval row counts as a train row does
+    wider = conftest.save_tiny_gpt2(tmp_path / "gpt2-128", positions=128)
+    assert "positions" not in run_sft("--dry-run", "--model.path", wider).stderr
+    wrapped = run_sft("--dry-run", "--model.path", wider, "--training.packing", "true", "--training.packing_strategy",
+                      "wrapped").stderr
+    assert "rows of up to 256 tokens reach the model (model.max_seq_length 256), but" in wrapped, wrapped
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"messages": [
+        {"role": "user", "content": "Tell me about the weather today, please. " * 12},
+        {"role": "assistant", "content": "Sunny."}]}) + "\n")
+    evaluated = run_sft("--dry-run", "--model.path", wider, "--dataset.test_size", "null", "--dataset.eval_sources",
+                        json.dumps([{"name": str(tmp_path / "eval.jsonl")}])).stderr
+    assert "rows of up to 233 tokens reach the model" in evaluated, evaluated
 
 
 def test_the_dry_run_counts_the_tokens_the_trainer_keeps_as_inspect_does(tmp_path):

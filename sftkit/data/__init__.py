@@ -76,6 +76,11 @@ class PreparedData:
         """'data/chat.jsonl as 'messages', faq.csv as 'question_answer'': each train source and the format it is read as."""
         return ", ".join(f"{source.name} as {name!r}" for source, name in zip(cfg.train_sources(), self.formats))
 
+    def longest_row(self) -> int:
+        """The tokens of the longest train or eval row, before truncation."""
+        return max(pc.max(pc.list_value_length(_column(rows, "input_ids"))).as_py() or 0
+                   for rows in (self.train, self.eval) if rows is not None and len(rows))
+
     def largest_token_id(self) -> int:
         """The largest token id in the train and eval rows."""
         return max(pc.max(pc.list_flatten(_column(rows, "input_ids"))).as_py() or 0
