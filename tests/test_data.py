@@ -82,6 +82,12 @@ def test_assistant_messages_of_weight_0_do_not_train(tokenizer, tmp_path):
     with pytest.raises(ValueError, match=r"message 0 \(user\) has weight 1, but only assistant messages train \(every "
                                          r"token does with dataset.loss_on: all\); remove it, or give 0"):
         to_messages({"messages": [{"role": "user", "content": "Hi", "weight": 1}, rows[1]["messages"][1]]}, "messages")
+    # loss_on all trains every token: it trained the turns of weight 0 too, without a word
+    for row, turn in ((rows[0], "message 1 \\(assistant\\)"), (rows[3], "message 0 \\(system\\)")):
+        (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n")
+        with pytest.raises(DataError, match=f"line 1: {turn} has weight 0 \\(or training: false\\), but "
+                                            "dataset.loss_on all trains every token"):
+            prepare_data(DatasetConfig(name=str(tmp_path / "rows.jsonl"), loss_on="all"), tokenizer, max_length=128)
 
 
 @pytest.mark.parametrize("sharegpt", [False, True])

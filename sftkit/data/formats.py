@@ -256,8 +256,8 @@ def _check_message(message, index: int) -> dict:
     weight = _weight(message, index, role)
     if weight is None or (weight == 1 and role == "assistant"):
         return {"role": role, "content": content}
-    if role != "assistant" and weight == 0 and not isinstance(weight, bool):  # as sftkit trains it anyway
-        return {"role": role, "content": content}
+    if role != "assistant" and weight == 0 and not isinstance(weight, bool):  # as loss_on assistant trains it anyway
+        return {"role": role, "content": content, "weight": 0}
     if role != "assistant":
         raise ValueError(f"message {index} ({role}) has weight {weight!r}, but only assistant messages train (every "
                          "token does with dataset.loss_on: all); remove it, or give 0")

@@ -92,6 +92,11 @@ def tokenize_messages(tokenizer, messages: list[dict], loss_on: str = "assistant
     whole). None keeps the whole row.
     """
     turns = [index for index, message in enumerate(messages) if trains(message)]
+    if loss_on == "all" and (held_out := next((i for i, message in enumerate(messages) if message.get("weight") == 0),
+                                              None)) is not None:
+        raise ValueError(f"message {held_out} ({messages[held_out]['role']}) has weight 0 (or training: false), but "
+                         "dataset.loss_on all trains every token; use loss_on: assistant to leave such turns out, or "
+                         "remove their weights")
     if loss_on == "last_assistant":
         turns = turns[-1:]
     # a weight says which turns train; the template never sees it (and rows without other keys take the fast way)
