@@ -16,6 +16,7 @@ import yaml
 
 from sftkit.compat import rename_gradient_checkpointing
 from sftkit.config import read_section
+from sftkit.data import both_trained_and_evaluated_on
 from sftkit.data.formats import with_system
 from sftkit.data.tokenize import IGNORE_INDEX
 from sftkit.errors import ConfigError, OneLineArgumentParser, say_error
@@ -125,7 +126,9 @@ def write_before_after(args) -> Path:
     replies = {name: [generate_from_ids(model, tokenizer, prompt.input_ids, args.max_new_tokens) for prompt in prompts]
                for name, model in (("base", base), ("tuned", tuned))}
     some = f"the first {len(loss_rows)} of {len(rows)}" if len(loss_rows) < len(rows) else f"{len(loss_rows)}"
-    where = f"{some} held-out rows" if held_out else f"{some} training rows (no held-out set)"
+    trained_on = both_trained_and_evaluated_on(dataset_cfg) if held_out else []
+    where = (f"{some} eval rows, which it also trained on ({', '.join(trained_on)})" if trained_on else
+             f"{some} held-out rows" if held_out else f"{some} training rows (no held-out set)")
     how = "computed as the run's eval loss" if held_out and len(loss_rows) == len(rows) else \
         "computed as the run's eval loss is, on these rows (--loss_rows sets how many)"
     lines = [

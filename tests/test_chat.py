@@ -265,6 +265,19 @@ print("v1" if torch.equal(loaded, base.model.embed_tokens.weight) else "other")
     assert run_python("-c", script, env=env).stdout.strip().splitlines()[-1] == "v1"
 
 
+def test_compare_does_not_call_rows_the_run_trained_on_held_out(tmp_path):
+    """eval_split train on a file: the run warned, and compare reported the loss of the train rows as that of
+    held-out rows, "computed as the run's eval loss"."""
+    from conftest import SAMPLE_DATA, run_sft
+
+    out = tmp_path / "out"
+    run_sft("--dataset.test_size", "null", "--dataset.eval_split", "train", "--training.max_steps", "1",
+            "--training.output_dir", str(out))
+    run_here(compare.main, str(out), "--rows", "1", "--loss_rows", "2", "--max_new_tokens", "2")
+    assert (f"Loss on the first 2 of 320 eval rows, which it also trained on ({SAMPLE_DATA.resolve()}), computed "
+            "as the run's eval loss is") in (out / "before_after.md").read_text()
+
+
 @pytest.mark.parametrize("packing", ["bfd_split", "wrapped"])
 def test_compare_holds_out_the_rows_the_run_held_out(tmp_path, packing):
     """Packing that splits long rows keeps rows that truncation drops, so the run's test_size split differs from one

@@ -200,13 +200,17 @@ def _warn_of_files_not_read(cfg: DatasetConfig) -> None:
                            "split, in lower case, to evaluate on one")
 
 
-def _warn_of_rows_both_trained_and_evaluated_on(cfg: DatasetConfig) -> None:
-    """dataset.eval_split naming the split trained on, or eval_sources naming a train file (or a folder's split, or a
-    hub dataset's): the eval loss, the summary's and the card's, then measures what the model remembers."""
+def both_trained_and_evaluated_on(cfg: DatasetConfig) -> list[str]:
+    """The data dataset.eval_split (the split trained on) or eval_sources (a train file, a folder's split, a hub
+    dataset's) evaluates on that is also trained on: an eval loss there measures what the model remembers."""
     trains = {part for source in cfg.train_sources() for part in _parts(source, source.split)}
     evaluates = {part for source in cfg.eval_sources or [] for part in _parts(source, source.split)}
     evaluates |= {part for source in cfg.train_sources() if cfg.eval_split for part in _parts(source, cfg.eval_split)}
-    for place in sorted(trains & evaluates):
+    return sorted(trains & evaluates)
+
+
+def _warn_of_rows_both_trained_and_evaluated_on(cfg: DatasetConfig) -> None:
+    for place in both_trained_and_evaluated_on(cfg):
         logger.warning(f"dataset {place} is both trained and evaluated on, so the eval loss measures memory, not "
                        "learning; evaluate on other rows, or hold out rows with dataset.test_size")
 
