@@ -119,7 +119,7 @@ def choose_adapter_inputs(model, args, gpu: bool) -> list[Choice]:
         why = "DoRA computes its weight norm in the inputs' dtype"
     elif model.load_in_4bit:
         why = "QLoRA's adapters are bf16 already; the cast makes the float32 residual stream 16-bit before dropout"
-    elif uses_deepspeed(args):
+    elif uses_deepspeed(args) and (args.bf16 or args.fp16):
         why = "DeepSpeed trains the whole model in 16 bits: nothing to copy"
     elif not autocast:
         why = "no mixed precision: the inputs take the adapters' dtype"

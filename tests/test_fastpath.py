@@ -146,6 +146,22 @@ def test_compile_trains_the_tiny_model_like_eager_on_packed_batches_of_one_shape
         assert set(compiled_file.keys()) == set(eager_file.keys()), "the compiled model saved under its own names"
 
 
+def test_the_adapter_inputs_choice_under_deepspeed_gives_the_runs_own_precision(tmp_path):
+    """A float32 ZeRO-2 LoRA run's plan said "DeepSpeed trains the whole model in 16 bits". The selection alone: a
+    DeepSpeed launch takes GPUs or two processes (tests/test_distributed.py)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from sftkit.fastpath import choose_adapter_inputs
+
+    model = load_config(None, ["--training.output_dir", str(tmp_path), "--model.use_lora", "true"]).model
+    for bf16, why in ((True, "DeepSpeed trains the whole model in 16 bits"),
+                      (False, "no mixed precision: the inputs take the adapters' dtype")):
+        args = SimpleNamespace(bf16=bf16, fp16=False, deepspeed_plugin=object())
+        choice = choose_adapter_inputs(dataclasses.replace(model, cast_adapter_inputs=None), args, gpu=True)[0]
+        assert choice.why.startswith(why) and choice.value is True
+
+
 @pytest.mark.parametrize(("overrides", "expected"), [
     (["--training.bf16", "true"], (False, "mixed precision: the adapters compute in 16 bits")),
     (["--training.bf16", "false"], (True, "no mixed precision: the inputs take the adapters' dtype")),
