@@ -32,6 +32,9 @@ from sftkit.runrecord import (
 from sftkit.weightfiles import empty_tensors, readable_like_other_files
 
 logger = logging.getLogger(__name__)
+# A fresh start over a run's checkpoints, also where the config or a scheduler's script asks to resume (--overwrite
+# alone is refused beside resume_from_checkpoint true or auto)
+AFRESH = "--overwrite --training.resume_from_checkpoint null"
 
 STATE_FILE = "trainer_state.json"
 AUTO = "auto"
@@ -139,7 +142,7 @@ def checkpoint_to_resume(requested, output_dir: Path, resolved: dict, processes:
         else:
             raise ConfigError(f"training.resume_from_checkpoint: no checkpoint in {output_dir} can be resumed "
                               f"({candidates[-1].name}: {resume_problem(candidates[-1])}); start afresh with "
-                              "--overwrite")
+                              f"{AFRESH}")
         checkpoint = newest
     else:
         checkpoint = Path(requested)
@@ -186,7 +189,7 @@ def _refuse_another_number_of_processes(checkpoint: Path, now: int) -> None:
     if saved is not None and saved != now:
         raise ConfigError(f"training.resume_from_checkpoint: {checkpoint} was saved by {saved} process"
                           f"{'es' if saved > 1 else ''} and this launch has {now}; resume with {saved} (the global "
-                          "batch and each process's place in the data depend on it), or start afresh with --overwrite")
+                          f"batch and each process's place in the data depend on it), or start afresh with {AFRESH}")
 
 
 def launch_engine(args) -> str:
@@ -208,7 +211,7 @@ def _refuse_another_engine(checkpoint: Path, now: str) -> None:
     if saved is not None and _layout(saved) != _layout(now):
         raise ConfigError(f"training.resume_from_checkpoint: {checkpoint} was saved under {saved} and this launch "
                           f"runs {now}, which cannot load it; resume with the Accelerate config (or "
-                          "training.deepspeed) of that run, or start afresh with --overwrite")
+                          f"training.deepspeed) of that run, or start afresh with {AFRESH}")
 
 
 def _layout(engine: str) -> str:
@@ -293,18 +296,18 @@ def _check_same_run(checkpoint: Path, resolved: dict) -> None:
     record = checkpoint_record(checkpoint)
     if record is None:
         raise ConfigError(f"training.resume_from_checkpoint: {checkpoint} has no {RUN_FILE}, so it was not saved by "
-                          "this version of sftkit and cannot be checked to be this run's; start afresh with --overwrite")
+                          f"this version of sftkit and cannot be checked to be this run's; start afresh with {AFRESH}")
     if not same_settings(record, resolved):
         differences = config_differences(resolved, record.get("config", {}))
         raise ConfigError(f"training.resume_from_checkpoint: {checkpoint} belongs to a run with other settings "
                           f"({'; '.join(differences[:4]) or 'its fingerprint differs'}); resume with that run's "
                           "settings (only the run length, logging, saving and evaluation may change), or start "
-                          "afresh with --overwrite")
+                          f"afresh with {AFRESH}")
     changed = changed_inputs(record, resolved)
     if changed:
         raise ConfigError(f"training.resume_from_checkpoint: {checkpoint} was trained on other contents of "
                           f"{', '.join(changed[:3])}{' and more' if len(changed) > 3 else ''} (changed, added or "
-                          "removed since); resume with the files as they were, or start afresh with --overwrite")
+                          f"removed since); resume with the files as they were, or start afresh with {AFRESH}")
     _warn_of_another_preparation(checkpoint, record.get("preparation", 1))
 
 
@@ -317,7 +320,7 @@ def _warn_of_another_preparation(checkpoint: Path, saved: int) -> None:
     if saved != PREPARATION:
         logger.warning(f"{checkpoint} was trained on rows prepared by an sftkit of another data preparation "
                        f"({saved}, now {PREPARATION}); the run continues on the rows as prepared now, so this epoch "
-                       "may repeat or leave out some of them (start afresh with --overwrite to train on them evenly)")
+                       f"may repeat or leave out some of them (start afresh with {AFRESH} to train on them evenly)")
 
 
 def warn_of_other_weights(checkpoint: str | None, weights: str, dtype: str) -> None:

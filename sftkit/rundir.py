@@ -459,7 +459,8 @@ def refuse_before_claiming(output_dir: Path, model_path: str, overwrite: bool, r
     """What no output_dir can allow, checked in every process before any of them claims it."""
     if overwrite and resume is not None:
         raise ConfigError("--overwrite removes the checkpoints that training.resume_from_checkpoint would continue; "
-                          "use one or the other")
+                          "use one or the other (to start afresh where a config or a script asks to resume, pass "
+                          "--training.resume_from_checkpoint null after it)")
     model, output = Path(model_path).expanduser().resolve(), output_dir.expanduser().resolve()
     if model.exists() and (model == output or output in model.parents):
         # --overwrite would remove it before it loads (a finished run's model, one of its checkpoints or its

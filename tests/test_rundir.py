@@ -354,7 +354,8 @@ def test_a_resume_onto_changed_data_or_base_weights_is_refused(tmp_path, changed
         name = f"{model}/model.safetensors"
     with pytest.raises(ConfigError, match=f"^training.resume_from_checkpoint: {out}/checkpoint-3 was trained on "
                                           f"other contents of {re.escape(name)} \\(changed, added or removed since\\); "
-                                          "resume with the files as they were, or start afresh with --overwrite$"):
+                                          "resume with the files as they were, or start afresh with --overwrite "
+                                          "--training.resume_from_checkpoint null$"):
         checkpoint_to_resume(True, out, resume.resolved, 1)
 
 
@@ -543,6 +544,9 @@ def test_auto_on_a_finished_run_has_nothing_to_do_and_resumes_a_longer_one(finis
     longer = train(config(out, "--training.save_strategy", "steps", "--training.save_steps", "2",
                           "--training.max_steps", "4", "--training.resume_from_checkpoint", "auto"))
     assert longer.summary["steps"] == 4 and f"resumes from {out}/checkpoint-3" in capsys.readouterr().out
+    # the way out the refusal names, after a script's auto: a fresh start
+    assert train(config(out, "--training.resume_from_checkpoint", "auto", "--training.resume_from_checkpoint", "null"),
+                 overwrite=True).summary["steps"] == 3
 
 
 def test_overwrite_removes_only_what_the_run_wrote_as_it_wrote_it(finished, tmp_path):
