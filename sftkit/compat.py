@@ -378,7 +378,8 @@ class TrainerWorkarounds:
         self._tr_loss += window["loss_sum"]
         self._total_loss_scalar -= window["loss_sum"]  # so that the Trainer's train_loss stays its own mean
         self._globalstep_last_logged = window["last_logged_step"]
-        if window["cpu_threads"] != torch.get_num_threads():
+        # on a CPU the thread count orders every sum; a GPU run's sums are the GPU's, whatever the CPU threads
+        if self.args.device.type == "cpu" and window["cpu_threads"] != torch.get_num_threads():
             logger.warning(f"resuming with {window['cpu_threads']} CPU threads, as the interrupted run had (not "
                            f"{torch.get_num_threads()}), so that its sums add up in the same order")
             torch.set_num_threads(window["cpu_threads"])
