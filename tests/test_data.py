@@ -373,6 +373,20 @@ def test_an_alpaca_input_of_0_is_an_input(tmp_path, tokenizer):
     assert "Add one.\n\n0<|im_end|>" in tokenizer.decode(data.train[0]["input_ids"])
 
 
+def test_speaker_names_that_do_not_train_are_said_once(tmp_path, tokenizer, capsys):
+    """OpenAI's multi-party `name` was dropped without a word (tool calls and reasoning are refused)."""
+    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]},
+            *[{"messages": [{"role": "user", "content": "Hi", "name": name}, {"role": "assistant", "content": "Yo"}]}
+              for name in ("alice", "bob")]]
+    data = prepare_data(DatasetConfig(name=write_rows(tmp_path, ".jsonl", rows)), tokenizer, max_length=64)
+    assert len(data.train) == 3
+    said = capsys.readouterr().err
+    assert said.count('messages name their speaker ("name", row 2 first), which sftkit does not pass to the chat '
+                      "template") == 1, said
+    prepare_data(DatasetConfig(name=write_rows(tmp_path, ".jsonl", rows[:1])), tokenizer, max_length=64)
+    assert "name their speaker" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet"])
 def test_llama_factory_alpaca_history_is_the_turns_before_the_instruction(tmp_path, tokenizer, suffix):
     """LLaMA-Factory's multi-turn alpaca rows were read without their history: each follow-up question trained

@@ -273,6 +273,8 @@ class _Preparation:
         format_name = source.format or detect_format(rows.column_names, source.name)
         if format_name == "text" and is_main_process():
             self._warn_of_settings_text_ignores(source)
+        elif format_name == "messages" and is_main_process():
+            _warn_of_speaker_names(rows, source)
         elif is_main_process() and not self.template_checked:  # chat rows meet the template: once per run
             warn_of_markers_trained_as_text(self.tokenizer)
             self.template_checked = True
@@ -355,6 +357,18 @@ class _Preparation:
             return None
         messages = to_messages(rows[example["row"]], format_name, self.cfg.system_prompt, source.answer_source)
         return messages[: next(i for i, message in enumerate(messages) if message["role"] == "assistant")]
+
+
+def _warn_of_speaker_names(rows, source: SourceConfig, looked_at: int = 100) -> None:
+    """OpenAI's multi-party chats name each speaker (`name`), which sftkit does not pass to the chat template (few
+    render it): said once, from the first rows, as the turns then train without saying who speaks."""
+    named = next((index for index, row in enumerate(rows.select(range(min(looked_at, len(rows)))))
+                  if isinstance(row.get("messages"), list) and any(isinstance(message, dict) and message.get("name")
+                                                                   for message in row["messages"])), None)
+    if named is not None:
+        logger.warning(f"dataset {source.name}: messages name their speaker (\"name\", row {named + 1} first), which "
+                       "sftkit does not pass to the chat template: the turns train without it; write the names into "
+                       "the content if they matter")
 
 
 def _train_key(cfg: DatasetConfig, index: int) -> str:
