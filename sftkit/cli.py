@@ -128,7 +128,7 @@ def _run(args, overrides: list[str], prog: str) -> int:
         return 130
     except Exception as error:
         lost = lost_contact(error)
-        if lost and config is not None and is_main_process():  # mid-training, after the progress bar
+        if lost and config is not None and says_errors():  # each machine's log: the main one may be the one gone
             from sftkit.checkpoints import newest_checkpoint_words
 
             lost += f"; {newest_checkpoint_words(Path(config.training.output_dir))}"

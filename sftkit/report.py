@@ -155,7 +155,7 @@ def model_card(config, summary: dict) -> str:
     method = model.method
     sources = ", ".join(f"`{source.name}`" for source in config.dataset.train_sources())
     batch = training.per_device_train_batch_size * training.gradient_accumulation_steps * training.world_size
-    system = config.dataset.system_prompt
+    system = config.resolved["dataset"]["system_prompt"]  # secrets hidden, as in the saved config
     # prompted as it was trained: a model trained with a system prompt in every row answers best with it
     system_message = f'{{"role": "system", "content": {system!r}}}, ' if system else ""
     lines = [

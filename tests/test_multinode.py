@@ -188,6 +188,23 @@ def test_a_killed_process_stops_the_other_machine(tmp_path):
     assert "Signal 9 (SIGKILL)" in machines.stderr(1)
 
 
+def test_the_main_machines_death_leaves_the_newest_checkpoint_named_in_the_other_machines_log(tmp_path):
+    """Only the main process named the newest checkpoint after a lost contact: with the main machine gone, no log
+    said where the run could resume from."""
+    out = tmp_path / "out"
+    args = training_args("lora_train_config.yaml", out) + ["--training.save_strategy", "steps", "--training.save_steps",
+                                                           "2"]
+    machines = training_for_long(args, tmp_path / "logs")
+    deadline = time.perf_counter() + 120
+    while not (out / "checkpoint-2" / "trainer_state.json").is_file() and time.perf_counter() < deadline:
+        time.sleep(0.2)
+    for worker in psutil.Process(machines.processes[0].pid).children(recursive=True):
+        worker.send_signal(signal.SIGKILL)
+    machines.wait(timeout=120)
+    assert "lost contact with another process" in machines.stderr(1), machines.output()
+    assert f"the newest checkpoint is {out}/checkpoint-" in machines.stderr(1), machines.output()
+
+
 def test_a_stop_on_one_machine_is_explained_in_every_machines_log_with_its_own_resume_command(tmp_path):
     """A scheduler's SIGTERM to machine 1 alone (one node preempted): both machines stop at the same step with one
     shared checkpoint. Machine 1's log showed only torchrun's exit report, and machine 0's resume command carried
