@@ -273,11 +273,11 @@ class _Preparation:
         format_name = source.format or detect_format(rows.column_names, source.name)
         if format_name == "text" and is_main_process():
             self._warn_of_settings_text_ignores(source)
-        elif format_name == "messages" and is_main_process():
-            _warn_of_speaker_names(rows, source)
         elif is_main_process() and not self.template_checked:  # chat rows meet the template: once per run
             warn_of_markers_trained_as_text(self.tokenizer)
             self.template_checked = True
+        if format_name == "messages" and is_main_process():
+            _warn_of_speaker_names(rows, source)
         position = len(self.raw)
         self.raw.append((rows, format_name, source))
         num_proc = self.num_proc or _processes_for(len(rows))
