@@ -78,13 +78,15 @@ class PreparedData:
 
     def longest_row(self) -> int:
         """The tokens of the longest train or eval row, before truncation."""
-        return max(pc.max(pc.list_value_length(_column(rows, "input_ids"))).as_py() or 0
-                   for rows in (self.train, self.eval) if rows is not None and len(rows))
+        return max(pc.max(pc.list_value_length(ids)).as_py() or 0 for ids in self._input_ids())
 
     def largest_token_id(self) -> int:
         """The largest token id in the train and eval rows."""
-        return max(pc.max(pc.list_flatten(_column(rows, "input_ids"))).as_py() or 0
-                   for rows in (self.train, self.eval) if rows is not None and len(rows))
+        return max(pc.max(pc.list_flatten(ids)).as_py() or 0 for ids in self._input_ids())
+
+    def _input_ids(self) -> list:
+        """The input_ids column of the train rows and of the eval rows, where there are any."""
+        return [_column(rows, "input_ids") for rows in (self.train, self.eval) if rows is not None and len(rows)]
 
     def length_words(self, length: int) -> str:
         """'1,644', or 'more than 256' for a row measured only past max_length."""
