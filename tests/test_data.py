@@ -447,6 +447,19 @@ def test_text_rows_train_on_every_token(tmp_path, tokenizer):
     assert tokenizer.decode(row["input_ids"]) == "The sky is blue.<|im_end|>"
 
 
+@pytest.mark.parametrize("key, conversation, problem", [
+    ("conversations", [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}],
+     "turn 0 is a list, not a mapping with from and value; a list of conversations under one key"),
+    ("messages", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}],
+     "message 0 is a list, not a mapping with role and content; a list of conversations under one key"),
+])
+def test_a_json_document_of_conversations_says_to_save_them_as_rows(tmp_path, tokenizer, key, conversation, problem):
+    path = tmp_path / "document.json"  # read by datasets as one row: {"version": 1, key: [conversation, ...]}
+    path.write_text(json.dumps({"version": 1, key: [conversation, conversation]}))
+    with pytest.raises(DataError, match=re.escape(f"document.json line 1: {problem}")):
+        prepare_data(DatasetConfig(name=str(path)), tokenizer, max_length=64)
+
+
 def test_sharegpt_with_an_unknown_speaker_names_the_turn(tmp_path, tokenizer):
     row = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "robot", "value": "Yo"}]}
     with pytest.raises(DataError, match=r"rows.jsonl line 1: turn 1 has from='robot'"):

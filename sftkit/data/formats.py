@@ -35,9 +35,11 @@ def from_sharegpt(row: dict, answer_source: str) -> list[dict]:
         if isinstance(turn, dict) and "from" not in turn and "role" in turn:
             raise ValueError(f"turn {index} has role and content, as OpenAI messages do, not ShareGPT's from and "
                              "value; map the column: column_map: {conversations: messages}")
-        if not isinstance(turn, dict) or turn.get("from") not in SHAREGPT_ROLES:
-            found = turn.get("from") if isinstance(turn, dict) else type(turn).__name__
-            raise ValueError(f"turn {index} has from={found!r}; expected one of {', '.join(SHAREGPT_ROLES)}")
+        if not isinstance(turn, dict):
+            raise ValueError(f"turn {index} is a {type(turn).__name__}, not a mapping with from and value"
+                             f"{_nested_hint(turn)}")
+        if turn.get("from") not in SHAREGPT_ROLES:
+            raise ValueError(f"turn {index} has from={turn.get('from')!r}; expected one of {', '.join(SHAREGPT_ROLES)}")
         role = SHAREGPT_ROLES[turn["from"]]
         switches = {key: turn[key] for key in OTHER_SWITCHES if turn.get(key) is not None}
         messages.append({"role": role, "content": turn.get("value"), **switches,
@@ -222,6 +224,14 @@ def _as_list(messages) -> list:
     return messages
 
 
+def _nested_hint(turn) -> str:
+    """A JSON document {"conversations": [[...], [...]]} reads as one row whose turns are whole conversations."""
+    if not (isinstance(turn, list) and turn and isinstance(turn[0], dict)):
+        return ""
+    return ("; a list of conversations under one key of a JSON document reads as a single row: save each "
+            "conversation as a row of JSON Lines")
+
+
 def _empty_system(message) -> bool:
     if not isinstance(message, dict) or message.get("role") != "system":
         return False
@@ -236,7 +246,8 @@ def _empty_system(message) -> bool:
 
 def _check_message(message, index: int) -> dict:
     if not isinstance(message, dict):
-        raise ValueError(f"message {index} is a {type(message).__name__}, not a mapping with role and content")
+        raise ValueError(f"message {index} is a {type(message).__name__}, not a mapping with role and content"
+                         f"{_nested_hint(message)}")
     if "role" not in message:
         raise RowDefect(f"message {index} has no role")
     role, content = message["role"], message.get("content")
