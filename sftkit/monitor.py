@@ -43,7 +43,8 @@ class MonitoredSFTTrainer(TrainerWorkarounds, SFTTrainer):
         super().__init__(*args, **kwargs)
         lost = {"_prepare_inputs": "compiled runs may compile more often",
                 "_get_grad_norm": "gradient norms are not checked to be finite",
-                "_save_checkpoint": "a checkpoint that cannot be written ends the run"}
+                "_save_checkpoint": "a checkpoint that cannot be written ends the run",
+                "_maybe_log_save_evaluate": "a signal during an evaluation stops the run only after the next step"}
         for hook, loss in lost.items():  # the Trainer's own methods, overridden below (written for 5.24)
             if not hasattr(SFTTrainer, hook):
                 logging.getLogger("sftkit").warning(f"this transformers' Trainer has no {hook}: {loss}; install the "
@@ -86,6 +87,18 @@ class MonitoredSFTTrainer(TrainerWorkarounds, SFTTrainer):
                 raise
             # the model in memory is worth more than one checkpoint
             drop_unsaved_checkpoint(self.args, self.state.global_step, error)
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, trial, *args, **kwargs):
+        # transformers 5.24 evaluates here after a step, then saves its checkpoint. A signal during that evaluation
+        # stops it at the next batch (StopGuard.on_prediction_step), and the checkpoint is saved at once: the
+        # evaluation and one more step would take longer than a scheduler waits for its SIGKILL.
+        try:
+            super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, trial, *args, **kwargs)
+        except StopRequested:
+            self.guard.stop_after_the_step(self.args, self.state, self.control, self.model)
+            if self.control.should_save:
+                self._save_checkpoint(model, trial)
+                self.control = self.callback_handler.on_save(self.args, self.state, self.control)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # the backward pass too: activation checkpointing runs each layer's forward again there
@@ -218,7 +231,7 @@ class LogTheLastStep(TrainerCallback):
 
 class StopRequested(Exception):
     """A signal asked to stop where the Trainer has no place to: before the first step (in its setup, or the
-    evaluation at its start) or in the final evaluation (StopGuard)."""
+    evaluation at its start) or in an evaluation (StopGuard)."""
 
 
 class StopGuard(TrainerCallback):
@@ -269,7 +282,7 @@ class StopGuard(TrainerCallback):
         self.received = signum
         if first_on_its_machine():  # said at once: the step, or an evaluation, may take minutes
             what = ("training is over; the trained model is exported before the run stops" if self.training_over else
-                    "the run stops with a checkpoint after the current step (and an evaluation under way), or at once "
+                    "the run stops with a checkpoint after the current step (an evaluation at its next batch), or at once "
                     "before the first step")
             print(f"\nsftkit: {signal.Signals(signum).name}: {what}; Ctrl-C again, or a SIGTERM more than 2 s later, "
                   "stops it at once", file=sys.stderr, flush=True)
@@ -310,11 +323,16 @@ class StopGuard(TrainerCallback):
                 self.observe(local_shard(parameter))
 
     def on_prediction_step(self, args, state, control, **kwargs):
-        # the evaluations before the first step and after the last give way at once, to the stop or to the export: a
-        # scheduler's SIGKILL follows its SIGTERM within seconds (Slurm's KillWait: 30 s), and a large eval set takes
-        # minutes. Every process evaluates the same number of batches, so each asks here, together.
-        if (self.training_over or state.global_step == 0) and self.stop_requested(args):
+        # an evaluation gives way at once to the stop, the checkpoint or the export: a scheduler's SIGKILL follows its
+        # SIGTERM within seconds (Slurm's KillWait: 30 s), and a large eval set takes minutes. Every process evaluates
+        # the same number of batches, so each asks here, together.
+        if self.stop_requested(args):
             raise StopRequested
+
+    def stop_after_the_step(self, args, state, control, model) -> None:
+        """A signal stopped an evaluation between steps (MonitoredSFTTrainer._maybe_log_save_evaluate): the step ends
+        as if the signal had come before it ended, with a checkpoint of finite weights."""
+        self.on_step_end(args, state, control, model=model)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         # the Trainer leaves the epoch after a stop and ends it: its flow callback then asks again for the epoch's

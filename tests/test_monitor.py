@@ -376,6 +376,25 @@ def test_a_stop_mid_epoch_ends_without_the_epochs_evaluation_save_or_sample(tmp_
     assert saved == [3]
 
 
+def test_a_signal_during_an_evaluation_between_steps_saves_that_steps_checkpoint_at_once(tmp_path, monkeypatch):
+    """The evaluation ran to its end (minutes on a large eval set), then the run trained one more step before it
+    saved: a scheduler's SIGKILL, seconds after its SIGTERM, came first and the work since the last checkpoint was
+    lost."""
+    from sftkit.errors import Interrupted
+
+    evaluated = signal_at(monkeypatch, "on_prediction_step", 3).calls
+    trained = signal_at(monkeypatch, "on_step_begin", 0).calls  # records each step's start (never signals)
+    out = tmp_path / "out"
+    with pytest.raises(Interrupted, match=f"stopped by SIGTERM at step 2 of 6; checkpoint saved in {out}/checkpoint-2"):
+        train(load_config(None, ["--training.output_dir", str(out), "--training.max_steps", "6",
+                                 "--training.eval_on_start", "false", "--training.eval_strategy", "steps",
+                                 "--training.eval_steps", "2", "--training.per_device_eval_batch_size", "1"]))
+    assert evaluated == [2, 2, 2] and trained == [0, 1]  # 3 of 16 eval rows, and no third step
+    assert [path.name for path in out.glob("checkpoint-*")] == ["checkpoint-2"]
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and not any("eval_loss" in entry for entry in state["log_history"])
+
+
 def test_a_signal_during_the_final_evaluation_stops_it_and_the_model_is_exported(tmp_path, monkeypatch):
     """The evaluation after the last step ran to its end first (minutes on a large eval set), so the SIGKILL a
     scheduler sends seconds after its SIGTERM lost the whole run: no checkpoint, no model."""
@@ -403,7 +422,7 @@ def test_a_signal_in_the_evaluation_before_the_first_step_stops_it_at_once(tmp_p
     with pytest.raises(Interrupted, match="^stopped by SIGINT before the first step: nothing was trained$"):
         train(load_config(None, arguments))
     assert evaluated == [0, 0]  # of 16 eval rows
-    assert "sftkit: SIGINT: the run stops with a checkpoint after the current step (and an evaluation under way), or " \
+    assert "sftkit: SIGINT: the run stops with a checkpoint after the current step (an evaluation at its next batch), or " \
            "at once before the first step; Ctrl-C again" in capsys.readouterr().err
     # in the Trainer's setup, without an evaluation at the start: it trained step 1 and saved it first
     signal_at(monkeypatch, "on_train_begin", 1)
