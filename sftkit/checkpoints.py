@@ -10,7 +10,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from sftkit.engines import fsdp_plugin, zero_stage
-from sftkit.errors import AlreadyFinished, ConfigError, RunFailed
+from sftkit.errors import AlreadyFinished, ConfigError, RunFailed, first_line
 from sftkit.layout import (
     RUN_FILE,
     STAGING_DIR,
@@ -75,7 +75,7 @@ def damage(checkpoint: Path) -> str | None:
                 json.loads(file.read_text())
         except Exception as error:  # each reader raises its own types; any of them means "unreadable"
             reason = "truncated or not a complete archive" if isinstance(error, zipfile.BadZipFile) else \
-                str(error).splitlines()[0]
+                first_line(error)
             return f"{name} is damaged: {reason}"
     return None
 

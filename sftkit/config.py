@@ -31,7 +31,7 @@ from sftkit.compat import (
     training_fields,
 )
 from sftkit.engines import launch_uses_fsdp, several_machines, uses_deepspeed, world_size, zero_stage
-from sftkit.errors import ConfigError
+from sftkit.errors import ConfigError, first_line
 from sftkit.fastpath import bf16_by_default, choose_adapter_inputs
 from sftkit.fastpath import choose as choose_fast_path
 from sftkit.paths import PRESETS_DIR, find_config_file, found_beside, looks_local, resolve_path
@@ -97,7 +97,7 @@ def _parse_value(key: str, value: str) -> Any:
         start = value.lstrip()
         if start.startswith(("[", "{")) and not start.startswith(("{{", "{%", "{#")):
             raise ConfigError(f"override --{key}: {value!r} is not a valid YAML list or mapping "
-                              f"({getattr(error, 'problem', None) or str(error).splitlines()[0]}); fix it, or to "
+                              f"({getattr(error, 'problem', None) or first_line(error)}); fix it, or to "
                               f"pass it as text quote it inside the shell quotes: '\"{value}\"'") from None
         return value
     if isinstance(parsed, dict) and not value.lstrip().startswith("{"):
@@ -174,7 +174,7 @@ def read_yaml(path: Path) -> dict:
             hint = "; check this line's indentation against the lines above it"
         if problem and "could not find expected ':'" in problem and mark:
             hint = _colon_without_space(text.splitlines(), mark.line) or hint
-        raise ConfigError(f"{path}{where}: not valid YAML: {problem or str(error).splitlines()[0]}{hint}") from None
+        raise ConfigError(f"{path}{where}: not valid YAML: {problem or first_line(error)}{hint}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected sections {', '.join(SECTIONS)} at the top level")
     for section in SECTIONS:  # here, before a command-line override of one of its keys replaces it

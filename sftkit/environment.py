@@ -10,6 +10,7 @@ import platform
 import sys
 from pathlib import Path
 
+from sftkit.errors import first_line
 from sftkit.paths import PROJECT_DIR
 
 STACK = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "deepspeed", "bitsandbytes", "pyyaml",
@@ -158,7 +159,7 @@ def _accelerate_config_check() -> tuple[str, str, str]:
     try:
         settings = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
-        return "FAIL", "accelerate config", f"{path} is not valid YAML: {str(error).splitlines()[0]}"
+        return "FAIL", "accelerate config", f"{path} is not valid YAML: {first_line(error)}"
     keys = ("distributed_type", "num_processes", "num_machines", "mixed_precision", "use_cpu")
     detail = ", ".join(f"{key} {settings[key]}" for key in keys if key in settings)
     deepspeed = (settings.get("deepspeed_config") or {}).get("deepspeed_config_file")

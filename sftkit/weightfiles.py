@@ -6,6 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
+from sftkit.errors import first_line
 from sftkit.layout import published_weights
 
 
@@ -55,7 +56,7 @@ def missing_weights(folder: Path, stem: str) -> str | None:
         try:
             empty = empty_tensors(folder / shard)
         except Exception as error:  # an OSError, or safetensors' own error type
-            return f"{shard} could not be read ({str(error).splitlines()[0]})"
+            return f"{shard} could not be read ({first_line(error)})"
         if empty:
             return f"{shard} holds empty tensors (e.g. {empty[0]})"
     return None
