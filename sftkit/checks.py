@@ -1,5 +1,6 @@
-"""The config's checks that need more than one key's type: keys that go together, number ranges, and paths that
-must exist; each returns its errors as one-line messages (config.load_config raises them together)."""
+"""The config's checks that need more than one key's type: keys that go together, number ranges, paths that must
+exist, and settings of the built SFTConfig that would fail late or save no model; each returns its errors as one-line
+messages (config.load_config raises them together)."""
 
 import dataclasses
 import fnmatch
@@ -12,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sftkit.compat import RENAMED_TRAINING_KEYS
-from sftkit.engines import is_main_process, uses_deepspeed, uses_fsdp
+from sftkit.compat import RENAMED_TRAINING_KEYS, compile_under_zero3_error
+from sftkit.engines import is_main_process, launch_uses_fsdp, several_machines, uses_deepspeed, uses_fsdp, zero_stage
 from sftkit.layout import ADAPTER_DIR, RUN_FILE, WRITTEN, checkpoint_dir
 from sftkit.paths import (
     DATA_FILE_BUILDERS,
@@ -171,10 +172,74 @@ def warmup_outlasts(args, total_steps: int) -> str | None:
             "warmup_steps or train longer")
 
 
-def trainer_setup_errors(training) -> list[str]:
-    """What the Trainer finds wrong with the built SFTConfig only as it trains, after the model has loaded
-    (transformers 5.24): the scheduler's arguments."""
-    return [error] if not _deepspeed_owns("scheduler", training) and (error := _scheduler_error(training)) else []
+def built_config_errors(training) -> list[str]:
+    """What is wrong with the built SFTConfig that the Trainer finds only after the model has loaded, or never: the
+    scheduler's arguments and the reporting integrations (transformers 5.24), and settings under which the run would
+    save no model, or a broken one, at its end."""
+    errors = _report_to_errors(training.report_to)
+    if not _deepspeed_owns("scheduler", training):
+        errors.append(_scheduler_error(training))
+    errors += [compile_under_zero3_error(training), _zero3_save_error(training), _fsdp_save_error(training),
+               _save_on_each_node_error(training)]
+    return [error for error in errors if error]
+
+
+def _zero3_save_error(training) -> str | None:
+    """Without its 16-bit gather (DeepSpeed's default is off) ZeRO-3 can save no model at the end, only its own
+    sharded checkpoint; the export then fails after the whole run (export.require_weights)."""
+    if zero_stage(training) != 3:
+        return None
+    plugin = training.deepspeed_plugin
+    gather = plugin.deepspeed_config.get("zero_optimization", {}).get("stage3_gather_16bit_weights_on_model_save")
+    if gather is True or (gather == "auto" and plugin.zero3_save_16bit_model):
+        return None
+    source = training.deepspeed if isinstance(training.deepspeed, str) else \
+        os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "the DeepSpeed config")
+    return (f"{source}: DeepSpeed ZeRO-3 saves no model at the end unless zero_optimization."
+            "stage3_gather_16bit_weights_on_model_save is true; set it to true, as deepspeed_configs/zero3.json does")
+
+
+def _save_on_each_node_error(training) -> str | None:
+    """Over several machines output_dir is on storage they all share (README, "Where files must live"), where
+    save_on_each_node has the first process of each machine write the same files over each other's; under ZeRO-3
+    those of the other machines hold no gathered weights and write empty tensors (transformers 5.24): a two-machine
+    run published an adapter of 56 empty tensors, with exit code 0."""
+    if not training.save_on_each_node or not several_machines():
+        return None
+    return ("training.save_on_each_node: true has every machine write the model and checkpoints into output_dir, "
+            "which several machines share, over each other's (under ZeRO-3 with empty weights); remove it")
+
+
+def _fsdp_save_error(training) -> str | None:
+    """From a sharded state dict the Trainer saves no model at the end. Accelerate's FSDP2 uses one unless its
+    config names another (transformers' training.fsdp defaults to the full one)."""
+    if training.fsdp:
+        kind, where = training.fsdp_config.get("state_dict_type", "FULL_STATE_DICT"), "training.fsdp_config"
+    elif launch_uses_fsdp():
+        default = "FULL_STATE_DICT" if os.environ.get("FSDP_VERSION", "1") == "1" else "SHARDED_STATE_DICT"
+        kind, where = os.environ.get("FSDP_STATE_DICT_TYPE", default), "the Accelerate config's fsdp_config"
+    else:
+        return None
+    if str(kind).upper() in ("FULL_STATE_DICT", "1"):
+        return None
+    return (f"{where}: FSDP with state_dict_type {kind} saves no model at the end; set fsdp_state_dict_type: "
+            "FULL_STATE_DICT, as accelerate_configs/fsdp2.yaml does")
+
+
+def _report_to_errors(report_to: list[str]) -> list[str]:
+    """The Trainer only checks these when it is built, after the model has loaded."""
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    errors = []
+    for name in report_to or []:
+        if name not in INTEGRATION_TO_CALLBACK:
+            errors.append(f"training.report_to: {name} is not one of {', '.join(INTEGRATION_TO_CALLBACK)}, all or none")
+        elif name not in get_available_reporting_integrations():
+            errors.append(f"training.report_to: {name} needs its package, which is not installed (pip install {name})")
+    return errors
 
 
 def machine_errors(training) -> list[str]:

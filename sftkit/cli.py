@@ -186,8 +186,6 @@ def sftkit(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     if command in ("-V", "--version"):
-        from sftkit.environment import sftkit_version
-
         print(f"sftkit {sftkit_version()}")
         return 0
     import difflib

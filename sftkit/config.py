@@ -20,17 +20,16 @@ from typing import Any, Literal
 
 import yaml
 
-from sftkit.checks import cross_field_errors, number_errors, numbers, path_errors, trainer_setup_errors
+from sftkit.checks import built_config_errors, cross_field_errors, number_errors, numbers, path_errors
 from sftkit.compat import (
     RENAMED_TRAINING_KEYS,
-    compile_under_zero3_error,
     group_cpu_processes,
     let_deepspeed_find_one_process,
     rename_gradient_checkpointing,
     sft_config_fields,
     training_fields,
 )
-from sftkit.engines import launch_uses_fsdp, several_machines, uses_deepspeed, world_size, zero_stage
+from sftkit.engines import uses_deepspeed, world_size
 from sftkit.errors import ConfigError, first_line
 from sftkit.fastpath import bf16_by_default, choose_adapter_inputs
 from sftkit.fastpath import choose as choose_fast_path
@@ -334,68 +333,8 @@ def _build_training(values: dict, model: ModelConfig, dataset: DatasetConfig, er
         key = _key_in_error(message, values)
         errors.append(f"training{f'.{key}' if key else ''}: {message}")
         return None
-    errors += _report_to_errors(training.report_to) + trainer_setup_errors(training)
-    errors += [error for error in [compile_under_zero3_error(training), _zero3_save_error(training),
-                                  _fsdp_save_error(training), _save_on_each_node_error(training)] if error]
+    errors += built_config_errors(training)
     return training
-
-
-def _zero3_save_error(training) -> str | None:
-    """Without its 16-bit gather (DeepSpeed's default is off) ZeRO-3 can save no model at the end, only its own
-    sharded checkpoint; the export then fails after the whole run (export.require_weights)."""
-    if zero_stage(training) != 3:
-        return None
-    plugin = training.deepspeed_plugin
-    gather = plugin.deepspeed_config.get("zero_optimization", {}).get("stage3_gather_16bit_weights_on_model_save")
-    if gather is True or (gather == "auto" and plugin.zero3_save_16bit_model):
-        return None
-    source = training.deepspeed if isinstance(training.deepspeed, str) else \
-        os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "the DeepSpeed config")
-    return (f"{source}: DeepSpeed ZeRO-3 saves no model at the end unless zero_optimization."
-            "stage3_gather_16bit_weights_on_model_save is true; set it to true, as deepspeed_configs/zero3.json does")
-
-
-def _save_on_each_node_error(training) -> str | None:
-    """Over several machines output_dir is on storage they all share (README, "Where files must live"), where
-    save_on_each_node has the first process of each machine write the same files over each other's; under ZeRO-3
-    those of the other machines hold no gathered weights and write empty tensors (transformers 5.24): a two-machine
-    run published an adapter of 56 empty tensors, with exit code 0."""
-    if not training.save_on_each_node or not several_machines():
-        return None
-    return ("training.save_on_each_node: true has every machine write the model and checkpoints into output_dir, "
-            "which several machines share, over each other's (under ZeRO-3 with empty weights); remove it")
-
-
-def _fsdp_save_error(training) -> str | None:
-    """From a sharded state dict the Trainer saves no model at the end. Accelerate's FSDP2 uses one unless its
-    config names another (transformers' training.fsdp defaults to the full one)."""
-    if training.fsdp:
-        kind, where = training.fsdp_config.get("state_dict_type", "FULL_STATE_DICT"), "training.fsdp_config"
-    elif launch_uses_fsdp():
-        default = "FULL_STATE_DICT" if os.environ.get("FSDP_VERSION", "1") == "1" else "SHARDED_STATE_DICT"
-        kind, where = os.environ.get("FSDP_STATE_DICT_TYPE", default), "the Accelerate config's fsdp_config"
-    else:
-        return None
-    if str(kind).upper() in ("FULL_STATE_DICT", "1"):
-        return None
-    return (f"{where}: FSDP with state_dict_type {kind} saves no model at the end; set fsdp_state_dict_type: "
-            "FULL_STATE_DICT, as accelerate_configs/fsdp2.yaml does")
-
-
-def _report_to_errors(report_to: list[str]) -> list[str]:
-    """The Trainer only checks these when it is built, after the model has loaded."""
-    from transformers.integrations.integration_utils import (
-        INTEGRATION_TO_CALLBACK,
-        get_available_reporting_integrations,
-    )
-
-    errors = []
-    for name in report_to or []:
-        if name not in INTEGRATION_TO_CALLBACK:
-            errors.append(f"training.report_to: {name} is not one of {', '.join(INTEGRATION_TO_CALLBACK)}, all or none")
-        elif name not in get_available_reporting_integrations():
-            errors.append(f"training.report_to: {name} needs its package, which is not installed (pip install {name})")
-    return errors
 
 
 def _key_in_error(message: str, given: dict) -> str | None:
