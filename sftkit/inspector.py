@@ -8,9 +8,9 @@ import math
 import statistics
 import sys
 
-from sftkit.data import describe_dropped, prepare_for_training, trainer_keeps
+from sftkit.data import describe_dropped, trainer_keeps
 from sftkit.data.tokenize import IGNORE_INDEX
-from sftkit.model import load_tokenizer
+from sftkit.model import tokenizer_and_data
 from sftkit.schema import RunConfig
 
 GREEN, RESET = "\033[1;32m", "\033[0m"
@@ -19,8 +19,7 @@ GREEN, RESET = "\033[1;32m", "\033[0m"
 def inspect(config: RunConfig, samples: int = 3, color: bool | None = None) -> str:
     color = sys.stdout.isatty() if color is None else color
     args = config.training
-    tokenizer = load_tokenizer(config.model, config.dataset)
-    data = prepare_for_training(config.dataset, tokenizer, args)
+    tokenizer, data = tokenizer_and_data(config)
     lines = [f"sftkit inspect: {config.source}, tokenizer {config.model.path}",
              f"data               {data.sources_words(config.dataset)}", *_statistics(data, args)]
     names = [source.name for source in config.dataset.train_sources()]

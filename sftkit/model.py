@@ -12,11 +12,12 @@ from transformers.pytorch_utils import Conv1D
 
 from sftkit import varlen
 from sftkit.compat import keep_cpu_4bit_layout_trainable, zero3_init_disabled
+from sftkit.data import prepare_for_training
 from sftkit.data.tokenize import CHATML_TEMPLATE
 from sftkit.engines import holds_a_shard, is_main_process, local_shard, uses_deepspeed, uses_fsdp
 from sftkit.errors import ConfigError, first_line
 from sftkit.paths import absolute_if_local, looked_in, resolve_path
-from sftkit.schema import DatasetConfig, ModelConfig
+from sftkit.schema import DatasetConfig, ModelConfig, RunConfig
 
 logger = logging.getLogger("sftkit")
 
@@ -158,6 +159,18 @@ def load_tokenizer(model_cfg: ModelConfig, dataset_cfg: DatasetConfig):
         tokenizer.chat_template = CHATML_TEMPLATE
     ensure_distinct_pad_token(tokenizer)
     return tokenizer
+
+
+def tokenizer_and_data(config: RunConfig) -> tuple:
+    """The tokenizer and the prepared data, checked against the model's config.json: the run, its dry run and
+    --inspect read them here alike, so that each refuses, and warns of, the same things."""
+    args = config.training
+    tokenizer = load_tokenizer(config.model, config.dataset)
+    check_token_settings(tokenizer, args, config.model.path)
+    with args.main_process_first(desc="dataset preparation"):
+        data = prepare_for_training(config.dataset, tokenizer, args)
+    check_data_fits_model(tokenizer, config.model, data, args)
+    return tokenizer, data
 
 
 def check_token_settings(tokenizer, training, model_path: str) -> None:

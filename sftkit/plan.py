@@ -13,18 +13,15 @@ import torch
 from sftkit.checkpoints import checkpoint_to_resume, launch_engine, resume_request
 from sftkit.checks import warmup_outlasts
 from sftkit.compat import zero_model_states
-from sftkit.data import prepare_for_training
 from sftkit.engines import fsdp_plugin
 from sftkit.errors import ConfigError
 from sftkit.fastpath import describe as describe_speed
 from sftkit.model import (
-    check_data_fits_model,
     check_model_source,
-    check_token_settings,
-    load_tokenizer,
     lora_config,
     precision_words,
     resolve_dtype,
+    tokenizer_and_data,
     weights_dtype,
 )
 from sftkit.paths import resolve_path
@@ -65,10 +62,7 @@ class Plan:
 def build_plan(config: RunConfig) -> Plan:
     args = config.training
     meta_model = check_model_source(config.model)
-    tokenizer = load_tokenizer(config.model, config.dataset)
-    check_token_settings(tokenizer, config.training, config.model.path)
-    data = prepare_for_training(config.dataset, tokenizer, args)
-    check_data_fits_model(tokenizer, config.model, data, args)
+    data = tokenizer_and_data(config)[1]
     shape = model_shape(config, meta_model)
     dtype = resolve_dtype(config.model, args)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -29,21 +29,18 @@ from sftkit.checkpoints import (
 from sftkit.checks import machine_errors
 from sftkit.command import resume_words
 from sftkit.compat import allow_fsdp_on_cpu, check_fsdp_on
-from sftkit.data import prepare_for_training
 from sftkit.errors import ConfigError, Interrupted, RunFailed, first_line
 from sftkit.export import export
 from sftkit.fastpath import describe as describe_speed
 from sftkit.layout import STAGING_DIR, checkpoint_dir
 from sftkit.model import (
-    check_data_fits_model,
     check_model_source,
-    check_token_settings,
     load_model,
-    load_tokenizer,
     lora_config,
     precision_words,
     refuse_non_finite_weights,
     resolve_dtype,
+    tokenizer_and_data,
     weights_dtype,
 )
 from sftkit.monitor import (
@@ -122,11 +119,7 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
     transformers.utils.logging.disable_progress_bar()  # weight loading and saving bars; the Trainer keeps its own
     args = config.training
     set_seed(args.seed)
-    tokenizer = load_tokenizer(config.model, config.dataset)
-    check_token_settings(tokenizer, config.training, config.model.path)
-    with args.main_process_first(desc="dataset preparation"):
-        data = prepare_for_training(config.dataset, tokenizer, args)
-    check_data_fits_model(tokenizer, config.model, data, args)
+    tokenizer, data = tokenizer_and_data(config)
     dtype = resolve_dtype(config.model, args)
     weights = weights_dtype(config.model, args, dtype)
     weights_name = str(weights).removeprefix("torch.")

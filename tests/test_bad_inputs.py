@@ -330,7 +330,7 @@ def test_a_model_directory_without_its_tokenizer_says_so(tmp_path):
                     "(tokenizer.save_pretrained(path))")
 
 
-@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"], ["--inspect"]])
 def test_an_eos_token_the_tokenizer_lacks_is_refused_before_the_data_and_the_model(tmp_path, dry_run):
     """As an older sftkit_config.yaml held it (transformers' <EOS_TOKEN> placeholder); TRL refused it only once
     the data was prepared and the model loaded. (training.pad_token is checked alike.)"""
@@ -435,7 +435,7 @@ def test_a_tokenizer_with_tokens_the_embeddings_lack_is_refused_before_training_
     assert run_python("sft.py", *args, "--dry-run").returncode == 0, "an id no row uses"
     tokenizer.add_special_tokens({"pad_token": "<pad>"})
     tokenizer.save_pretrained(model_dir)
-    for mode in ("--dry-run", "--training.logging_steps=1"):
+    for mode in ("--dry-run", "--inspect", "--training.logging_steps=1"):
         refused = run_python("sft.py", *args, mode, check=False)
         assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
             f"sft.py: error: model.path {model_dir}: the rows (or the pad or eos) use token id 821 ('<pad>'), but the "
