@@ -74,11 +74,8 @@ def export(trainer, run_config, tokenizer, dtype, weights, parameters: tuple[int
             # the others wait at the next barrier meanwhile, which fails after training.ddp_timeout
             limit = DISK_WAIT_SECONDS if trainer.args.world_size == 1 else min(DISK_WAIT_SECONDS,
                                                                                 trainer.args.ddp_timeout * 0.8)
-            _wait_for_space(output_dir, export_bytes(parameters[1], parameters[0], dtype, lora, weights), limit)
-            if staging.exists():
-                shutil.rmtree(staging)
-            staging.mkdir()
-            write_metadata(staging, run_config, tokenizer)
+            _begin_staging(staging, run_config, tokenizer,
+                           export_bytes(parameters[1], parameters[0], dtype, lora, weights), limit)
         trainer.accelerator.wait_for_everyone()
         trainer.save_model(str(staging / ADAPTER_DIR if lora else staging))
         if main and lora:  # PEFT's empty card template ("[More Information Needed]"); output_dir/README.md describes it
@@ -211,15 +208,35 @@ def _drop_merged_model(staging: Path) -> None:
         merged.unlink(missing_ok=True)
 
 
-def _wait_for_space(output_dir: Path, needed: int, limit: float) -> None:
-    """The trained model exists only in memory until the export: rather than lose it to a full disk, wait for the
-    user to free space (checked every DISK_POLL_SECONDS, for `limit` seconds), then try anyway."""
+def _begin_staging(staging: Path, run_config, tokenizer, needed: int, limit: float) -> None:
+    """The staging directory, with the tokenizer and config. The trained model exists only in memory until the
+    export: rather than lose it to a full disk, or one that cannot be written (a filesystem remounted read-only after
+    an I/O error, a network mount gone stale), wait for the user to mend it (checked every DISK_POLL_SECONDS, for
+    `limit` seconds), then try anyway."""
     deadline = time.monotonic() + limit
-    while (missing := check_free_space(output_dir, needed, "the export")) and time.monotonic() < deadline:
-        print(f"sftkit: {missing}; waiting for space (checking every {DISK_POLL_SECONDS} s until "
+    while True:
+        try:
+            problem = check_free_space(staging.parent, needed, "the export")
+            if not problem or time.monotonic() >= deadline:
+                _write_staging(staging, run_config, tokenizer)
+                return
+            waiting = "waiting for space"
+        except OSError as error:
+            if time.monotonic() >= deadline:
+                raise
+            problem = f"{staging} cannot be written ({error.strerror or first_line(error)})"
+            waiting = "the trained model is in memory only: waiting for the disk to be mended"
+        print(f"sftkit: {problem}; {waiting} (checking every {DISK_POLL_SECONDS} s until "
               f"{time.strftime('%H:%M', time.localtime(time.time() + deadline - time.monotonic()))})",
               file=sys.stderr, flush=True)
         time.sleep(min(DISK_POLL_SECONDS, max(deadline - time.monotonic(), 0)))
+
+
+def _write_staging(staging: Path, run_config, tokenizer) -> None:
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    write_metadata(staging, run_config, tokenizer)
 
 
 def adapter_base(adapter_dir: Path) -> str:

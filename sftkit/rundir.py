@@ -276,7 +276,11 @@ class OutputDir:
 
     def release(self) -> None:
         if self.locked:
-            (self.path / LOCK_FILE).unlink(missing_ok=True)
+            try:
+                (self.path / LOCK_FILE).unlink(missing_ok=True)
+            except OSError as error:  # a filesystem gone read-only: how the run ended matters more
+                logger.warning(f"could not remove the lock {self.path / LOCK_FILE} ({error.strerror or error}); "
+                               "delete it once the disk is mended (a later run takes it over all the same)")
             self.locked = False
 
     def mark(self, status: str, **extra) -> None:

@@ -451,6 +451,48 @@ def test_a_disk_full_as_training_ends_waits_for_space_and_publishes_the_model(sm
     assert not list(out.glob("*.partial"))
 
 
+@pytest.mark.parametrize("mended", [True, False])
+def test_a_disk_gone_read_only_as_training_ends_is_waited_for(tmp_path, monkeypatch, capsys, mended):
+    """A filesystem remounted read-only (ext4's errors=remount-ro after an I/O error, a stale network mount): the
+    trained model, in memory only, was dropped at once, in a traceback about the lock file that could not be
+    removed (which hid the run's own error). Now the export waits for the disk as it waits for space."""
+    import threading
+
+    import sftkit.train as train_module
+
+    with tmpfs(tmp_path / "disk", "size=64m") as disk:
+        out, reply = disk / "out", train_module._final_reply
+
+        def remount(mode: str) -> None:
+            subprocess.run(["mount", "-o", f"remount,{mode}", str(disk)], check=True)
+
+        def read_only_as_training_ends(*args):
+            remount("ro")
+            if mended:
+                threading.Timer(1.0, remount, ["rw"]).start()  # the admin mends it while the export waits
+            return reply(*args)
+
+        monkeypatch.setattr(train_module, "_final_reply", read_only_as_training_ends)
+        monkeypatch.setattr(export_module, "DISK_POLL_SECONDS", 0.5)
+        monkeypatch.setattr(export_module, "DISK_WAIT_SECONDS", 3 if mended else 0.5)
+        try:
+            if mended:
+                run = train(config(out))
+                assert run.summary["steps"] == 3 and (out / "model.safetensors").is_file()
+                assert json.loads((out / RUN_FILE).read_text())["status"] == "finished"
+            else:
+                with pytest.raises(RunFailed, match=f"could not write the trained model to {out / STAGING_DIR}: "
+                                                    r"\[Errno 30\] Read-only file system"):
+                    train(config(out))
+                assert f"could not remove the lock {out / '.sftkit.lock'} (Read-only file system)" in \
+                    capsys.readouterr().err
+        finally:
+            remount("rw")
+        said = capsys.readouterr().err
+        assert not mended or (f"sftkit: {out / STAGING_DIR} cannot be written (Read-only file system); the trained "
+                              "model is in memory only: waiting for the disk to be mended" in said)
+
+
 def test_a_checkpoint_the_full_disk_cuts_short_is_removed_and_training_goes_on(small_disk, monkeypatch, capsys):
     """torch.save raised its RuntimeError through the Trainer: a traceback, the trained model lost, and the cut
     checkpoint left among the good ones."""
