@@ -342,17 +342,18 @@ def earlier_progress(checkpoint: str | None) -> dict:
     return {key: record.get(key, 0.0) for key in ("wall_seconds", "train_seconds")}
 
 
-def drop_unsaved_checkpoint(args, step: int, error: Exception) -> None:
-    """A checkpoint that could not be written whole (a full disk) is removed, so that it never looks resumable; the
-    older ones stay (the Trainer rotates them away only after a whole save). One process trains on and its export
-    waits for space; several stop together, since each save is collective."""
+def drop_unsaved_checkpoint(args, step: int, error: Exception, reason: str) -> None:
+    """A checkpoint that could not be written whole (a full disk, a file too large, a disk gone read-only) is
+    removed, so that it never looks resumable; the older ones stay (the Trainer rotates them away only after a whole
+    save). One process trains on and its export waits for the disk; several stop together, since each save is
+    collective."""
     checkpoint = checkpoint_dir(args.output_dir, step)
     if args.should_save:
         shutil.rmtree(checkpoint, ignore_errors=True)
-    reason = f"could not save {checkpoint}: {getattr(error, 'strerror', None) or 'its disk is full'}"
+    reason = f"could not save {checkpoint}: {reason}"
     if args.world_size > 1:
         raise RunFailed(f"{reason}; {newest_checkpoint_words(Path(args.output_dir))}") from error
-    logger.warning(f"{reason}; training goes on (free space: the export at the end waits for it)")
+    logger.warning(f"{reason}; training goes on (mend the disk: the export at the end waits for it)")
 
 
 class RecordRunInCheckpoints(TrainerCallback):
@@ -384,7 +385,7 @@ class RecordRunInCheckpoints(TrainerCallback):
                                                              weights=self.weights, world_size=args.world_size,
                                                              engine=launch_engine(args), files=files, **self.seconds()))
             except OSError as error:  # without its record no resume accepts it
-                drop_unsaved_checkpoint(args, state.global_step, error)
+                drop_unsaved_checkpoint(args, state.global_step, error, error.strerror or first_line(error))
                 return
             readable_like_other_files(checkpoint.glob("*.safetensors"))
             if args.push_to_hub and args.hub_strategy != "end":  # the Trainer copied the checkpoint's model there

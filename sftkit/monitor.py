@@ -25,7 +25,7 @@ from sftkit.errors import first_line
 from sftkit.fastpath import adapter_input_casts, bound_max_lengths, lengths_vary, mark_lengths_dynamic
 from sftkit.inference import generate_reply
 from sftkit.layout import SAMPLES_FILE
-from sftkit.weightfiles import out_of_space
+from sftkit.weightfiles import disk_failure
 
 REPEATED_SIGTERM_SECONDS = 2.0  # a SIGTERM this soon after the first is the same stop, delivered twice
 
@@ -83,10 +83,11 @@ class MonitoredSFTTrainer(TrainerWorkarounds, SFTTrainer):
         try:
             super()._save_checkpoint(model, trial)
         except Exception as error:
-            if not out_of_space(error, self.args.output_dir):
+            reason = disk_failure(error, self.args.output_dir)
+            if reason is None:
                 raise
             # the model in memory is worth more than one checkpoint
-            drop_unsaved_checkpoint(self.args, self.state.global_step, error)
+            drop_unsaved_checkpoint(self.args, self.state.global_step, error, reason)
 
     def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, trial, *args, **kwargs):
         # transformers 5.24 evaluates here after a step, then saves its checkpoint. A signal during that evaluation

@@ -105,19 +105,29 @@ def check_free_space(directory: Path, needed: int, when: str) -> str | None:
             f"free {size_words(needed - free)} or choose a training.output_dir on a larger disk")
 
 
-def out_of_space(error: BaseException, directory) -> bool:
-    """Whether a failed write ran out of disk: an OSError that says so, or a filesystem left with next to nothing
-    free (torch.save raises RuntimeError "iostream error" on a full disk, safetensors its own error)."""
-    seen = error
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
+# A write that failed for its disk: no space or quota, a file too large for the filesystem or a size limit (ulimit -f,
+# FAT32's 4 GiB), an I/O error, a filesystem gone read-only or stale (NFS), a permission taken away.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS, errno.ESTALE, errno.EACCES)
+# torch.save's writer says only this, without an errno (torch 2.13): "basic_ios::clear: iostream error", "[enforce
+# fail at inline_container.cc] . unexpected pos", "PytorchStreamWriter failed writing file"
+TORCH_WRITE_ERRORS = ("iostream error", "unexpected pos", "PytorchStreamWriter failed writing")
+
+
+def disk_failure(error: BaseException, directory) -> str | None:
+    """Why a failed write failed, where its disk is the cause (DISK_ERRNOS, torch's writer's errors, a filesystem
+    left with next to nothing free: safetensors raises its own error on a full disk); else None."""
+    seen, found = error, None
+    while seen is not None and found is None:
+        if isinstance(seen, OSError) and seen.errno in DISK_ERRNOS:
+            found = seen.strerror or os.strerror(seen.errno)
+        elif isinstance(seen, RuntimeError) and any(words in str(seen) for words in TORCH_WRITE_ERRORS):
+            found = f"the file could not be written ({first_line(seen)})"
         seen = seen.__cause__ or seen.__context__
     try:
         usage = shutil.disk_usage(directory)
     except OSError:
-        return False
-    return usage.free < min(64 * 2**20, usage.total // 100)
+        return found
+    return "its disk is full" if usage.free < min(64 * 2**20, usage.total // 100) else found
 
 
 def size_words(size: float) -> str:

@@ -493,6 +493,24 @@ def test_a_disk_gone_read_only_as_training_ends_is_waited_for(tmp_path, monkeypa
                               "model is in memory only: waiting for the disk to be mended" in said)
 
 
+def test_a_checkpoint_too_large_for_a_file_size_limit_is_removed_and_training_goes_on(tmp_path):
+    """A per-file size limit (ulimit -f on a cluster, FAT32's 4 GiB) cut the optimizer's file short: torch.save's
+    RuntimeError ended the run in a traceback, every step trained lost and the cut checkpoint left behind. Here
+    the limit lets the model's file (3.5 MB) be written and not the optimizer's (7 MB)."""
+    import resource
+
+    def file_size_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (5 * 10**6, resource.RLIM_INFINITY))
+
+    out = tmp_path / "out"
+    result = run_python("sft.py", "--training.output_dir", str(out), *SHORT[:2], "--training.save_strategy", "steps",
+                        "--training.save_steps", "2", preexec_fn=file_size_limit)
+    assert f"sftkit: warning: could not save {out}/checkpoint-2: the file could not be written (" in result.stderr
+    assert "training goes on (mend the disk: the export at the end waits for it)" in result.stderr
+    assert not list(out.glob("checkpoint-*")) and (out / "model.safetensors").is_file()
+    assert json.loads((out / RUN_FILE).read_text())["status"] == "finished"
+
+
 def test_a_checkpoint_the_full_disk_cuts_short_is_removed_and_training_goes_on(small_disk, monkeypatch, capsys):
     """torch.save raised its RuntimeError through the Trainer: a traceback, the trained model lost, and the cut
     checkpoint left among the good ones."""
@@ -513,7 +531,7 @@ def test_a_checkpoint_the_full_disk_cuts_short_is_removed_and_training_goes_on(s
     monkeypatch.setattr(transformers.Trainer, "_save_optimizer_and_scheduler", full_disk_at_step_2)
     run = train(config(out, "lora_train_config.yaml", "--training.save_strategy", "steps", "--training.save_steps", "1",
                        "--training.save_total_limit", "1"))
-    assert f"sftkit: warning: could not save {out}/checkpoint-2: its disk is full; training goes on" in \
+    assert f"sftkit: warning: could not save {out}/checkpoint-2: its disk is full; training goes on (mend the disk" in \
         capsys.readouterr().err
     assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-3"]
     assert run.summary["steps"] == 3 and (out / "config.json").is_file()
