@@ -16,7 +16,7 @@ from sftkit.data import prepare_for_training
 from sftkit.data.tokenize import CHATML_TEMPLATE
 from sftkit.engines import holds_a_shard, is_main_process, local_shard, uses_deepspeed, uses_fsdp
 from sftkit.errors import ConfigError, first_line
-from sftkit.paths import absolute_if_local, looked_in, resolve_path
+from sftkit.paths import absolute_if_local, looked_in, looks_local, resolve_path
 from sftkit.schema import DatasetConfig, ModelConfig, RunConfig
 
 logger = logging.getLogger("sftkit")
@@ -71,6 +71,28 @@ def check_model_source(model_cfg: ModelConfig):
         raise ConfigError(f"model.lora_config.modules_to_save: {', '.join(missing)} names no module of "
                           f"{model_cfg.path}; its modules with weights are {', '.join(_leaf_names(top))}")
     return model
+
+
+def with_base_pinned(config: RunConfig) -> RunConfig:
+    """The run's config with a hub model at the commit its revision (a branch, a tag, or none: main) points at now,
+    so that a resume, the export's merge and the adapter's revision (lora_config) all use the weights the run began
+    on: a repository updated upstream meanwhile gave a resumed LoRA run another base, silently. The commit is saved
+    with the config and fingerprinted, so a resume after such an update is refused and names both commits. Unchanged
+    where the model is a local directory, already a commit, or cannot be looked up (check_model_source says why)."""
+    from transformers.utils.hub import cached_file, extract_commit_hash
+
+    model_cfg = config.model
+    if looks_local(model_cfg.path) or re.fullmatch(r"[0-9a-f]{40}", model_cfg.revision or ""):
+        return config
+    try:
+        found = cached_file(model_cfg.path, "config.json", revision=model_cfg.revision)
+    except Exception:  # a repository that does not exist, is gated, or cannot be reached
+        return config
+    commit = extract_commit_hash(found, None)
+    if commit is None:
+        return config
+    resolved = {**config.resolved, "model": {**config.resolved["model"], "revision": commit}}
+    return dataclasses.replace(config, model=dataclasses.replace(model_cfg, revision=commit), resolved=resolved)
 
 
 def _read_model_config(model_cfg: ModelConfig):

@@ -23,6 +23,7 @@ from sftkit.model import (
     resolve_dtype,
     tokenizer_and_data,
     weights_dtype,
+    with_base_pinned,
 )
 from sftkit.paths import resolve_path
 from sftkit.rundir import OutputDir
@@ -80,6 +81,7 @@ def tokens_per_micro_batch(args, lengths: list[int]) -> int:
 
 
 def dry_run(config: RunConfig, overwrite: bool = False) -> str:
+    config = with_base_pinned(config)
     args = config.training
     output = output_dir_plan(config, overwrite)  # first: it reads only output_dir
     plan = build_plan(config)

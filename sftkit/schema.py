@@ -55,7 +55,7 @@ class ModelConfig:
     cast_adapter_inputs: bool | None = option(
         None, "LoRA: copy each adapter input to the adapters' float32 (PEFT's way); null: not under bf16/fp16 mixed "
               "precision (autocast computes the adapters in 16 bits either way), except DoRA, QLoRA and DeepSpeed")
-    revision: str | None = option(None, "hub branch, tag or commit")
+    revision: str | None = option(None, "hub branch, tag or commit; a run pins the commit it points at as it starts")
     trust_remote_code: bool = option(False, "run code shipped with the model; only for models you trust")
 
     @property

@@ -42,6 +42,7 @@ from sftkit.model import (
     resolve_dtype,
     tokenizer_and_data,
     weights_dtype,
+    with_base_pinned,
 )
 from sftkit.monitor import (
     MonitoredSFTTrainer,
@@ -74,6 +75,7 @@ def train(config: RunConfig, overwrite: bool = False, started: float | None = No
     start; Interrupted (checkpoint saved) or RunFailed (what was kept and where) when it ends early. `started`
     (time.time()) is when the command started, so the wall time counts imports and DeepSpeed's op builds too."""
     started = started or time.time()
+    config = with_base_pinned(config)
     args = config.training  # built before the model, so ZeRO-3 can partition the weights as they load
     if lacking := machine_errors(args):
         raise ConfigError("; ".join(lacking))

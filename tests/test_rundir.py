@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, TINY_MODEL, run_sft, tmpfs
+from conftest import REPO, TINY_MODEL, run_python, run_sft, tmpfs
 
 from sftkit.checkpoints import checkpoint_to_resume
 from sftkit.config import load_config
@@ -357,6 +357,36 @@ def test_a_resume_onto_changed_data_or_base_weights_is_refused(tmp_path, changed
                                           "resume with the files as they were, or start afresh with --overwrite "
                                           "--training.resume_from_checkpoint null$"):
         checkpoint_to_resume(True, out, resume.resolved, 1)
+
+
+@pytest.mark.slow
+def test_a_hub_base_model_updated_since_the_run_began_is_not_resumed_onto(tmp_path):
+    """With model.revision null (main), a hub repository updated upstream gave a resumed LoRA run another base model,
+    silently: its first steps trained against one, its last against the other, and it merged into the new one. The
+    run now pins the commit main pointed at: in its saved config, its fingerprint and the adapter's revision. The hub
+    here is a local cache (HF_HUB_OFFLINE) whose main moves as an update moves it."""
+    repo = tmp_path / "hf" / "hub" / "models--fakeorg--tiny"
+    first, second = "a" * 40, "b" * 40
+    for commit in (first, second):
+        shutil.copytree(TINY_MODEL, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(first)
+    env, out = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}, tmp_path / "out"
+    run = ["sft.py", "configs/lora_train_config.yaml", "--model.path", "fakeorg/tiny", "--training.output_dir", str(out),
+           "--training.save_strategy", "steps", "--training.save_steps", "2"]
+    run_python(*run, "--training.max_steps", "2", env=env)
+    assert f"revision: {first}" in (out / "sftkit_config.yaml").read_text()
+    assert json.loads((out / "lora_weights" / "adapter_config.json").read_text())["revision"] == first
+    (repo / "refs" / "main").write_text(second)  # the repository was updated
+    resume = [*run, "--training.max_steps", "4", "--training.resume_from_checkpoint", "true", "--dry-run"]
+    refused = run_python(*resume, env=env, check=False)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
+        f"sft.py: error: training.resume_from_checkpoint: {out}/checkpoint-2 belongs to a run with other settings "
+        f"(model.revision {second} (that run: {first})); resume with that run's settings (only the run length, "
+        "logging, saving and evaluation may change), or start afresh with --overwrite "
+        "--training.resume_from_checkpoint null")
+    planned = run_python(*resume, "--model.revision", first, env=env).stdout
+    assert f"resumes from {out}/checkpoint-2" in planned
 
 
 def test_resuming_an_earlier_checkpoint_than_the_newest_is_refused_before_it_saves_over_the_later_ones(finished,
