@@ -6,6 +6,7 @@ them (`training.resume_from_checkpoint`, accepted only for checkpoints of the sa
 """
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -229,7 +230,7 @@ class OutputDir:
         refuse_before_claiming(self.path, model_path, overwrite, resume)
         self._refuse_a_file()
         with contextlib.suppress(FileNotFoundError):  # no lock, or released meanwhile
-            self._refuse_a_live_holder((self.path / LOCK_FILE).read_text(), self.path / LOCK_FILE)
+            self._refuse_a_live_holder(self._lock_text(self.path / LOCK_FILE), self.path / LOCK_FILE)
         contents = self._contents_this_run_may_take(overwrite, resume)
         earlier = contents.describe()
         if overwrite and earlier:  # as _remove_earlier_run does: files sftkit did not write stay
@@ -325,7 +326,7 @@ class OutputDir:
                     return
                 with self._one_at_a_time():  # two runs finding the same stale lock: only one takes it over
                     try:
-                        text = lock.read_text()
+                        text = self._lock_text(lock)
                     except FileNotFoundError:
                         continue  # released meanwhile: the atomic link again, deleting nothing
                     stale = self._refuse_a_live_holder(text, lock)
@@ -355,6 +356,31 @@ class OutputDir:
             os.link(partial, lock)  # atomic: fails if the lock exists, and never shows a half-written lock
         except FileExistsError:
             return False
+        except OSError as error:
+            if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            return self._create_exclusively(partial, lock)
+        self.locked = True
+        return True
+
+    @staticmethod
+    def _lock_text(lock: Path) -> str:
+        """The lock's contents; a lock read empty is being written (_create_exclusively): read again a second later."""
+        text = lock.read_text()
+        if not text:
+            time.sleep(1)
+            text = lock.read_text()
+        return text
+
+    def _create_exclusively(self, partial: Path, lock: Path) -> bool:
+        """The lock on a filesystem without hard links (gcsfuse, s3fs, blobfuse2, FAT): an exclusive create, then
+        its contents; a lock read empty meanwhile is waited for (take_lock)."""
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(descriptor, "w") as file:
+            file.write(partial.read_text())
         self.locked = True
         return True
 

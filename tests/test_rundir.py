@@ -485,11 +485,15 @@ def test_the_dry_run_refuses_what_the_run_refuses_and_writes_nothing(finished, t
 
 
 RACER = """
-import sys, time
+import errno, os, sys, time
 from pathlib import Path
 from sftkit.errors import ConfigError, Interrupted
 from sftkit.rundir import OutputDir
 out, start = Path(sys.argv[1]), Path(sys.argv[2])
+if sys.argv[3:] == ["no-hard-links"]:  # as gcsfuse, s3fs, blobfuse2 and FAT answer link()
+    def link(*args, **kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+    os.link = link
 print("ready", flush=True)
 while not start.exists():
     time.sleep(0.0005)
@@ -502,14 +506,17 @@ except ConfigError as error:
 """
 
 
-def test_of_several_runs_finding_the_same_stale_lock_only_one_takes_it_over(tmp_path):
+@pytest.mark.parametrize("filesystem", ["", "no-hard-links"])
+def test_of_several_runs_finding_the_same_stale_lock_only_one_takes_it_over(tmp_path, filesystem):
+    """Where the filesystem has no hard links (a bucket mounted with gcsfuse or s3fs, a FAT disk), every run ended at
+    the lock in a PermissionError traceback, while the dry run said output_dir was fine."""
     out = tmp_path / "out"
     out.mkdir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (out / LOCK_FILE).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(),
                                              "since": time.time()}))
     start = tmp_path / "start"
-    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(out), str(start)], cwd=REPO, text=True,
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(out), str(start), filesystem], cwd=REPO, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(8)]
     assert all(racer.stdout.readline() == "ready\n" for racer in racers)  # each waits at the line
     start.touch()
