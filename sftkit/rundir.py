@@ -175,9 +175,10 @@ def _natural_key(name: str):
 class OutputDir:
     """The output directory of one run: locked while the run lives, claimed only when that is safe."""
 
-    def __init__(self, path: str | Path, resolved: dict):
+    def __init__(self, path: str | Path, resolved: dict, config_file: Path | None = None):
         self.path = Path(path)
         self.resolved = resolved
+        self.config_file = config_file  # the run's own --config, which --overwrite keeps where it is the earlier run's
         self.locked = False
         self.owner = False  # the process that claimed it (the main one) records how the run ends
         self.replaces: Contents | None = None  # what --overwrite removes once training begins
@@ -455,17 +456,22 @@ class OutputDir:
                           f"{', '.join(ways[:-1])}, or {ways[-1]}")
 
     def _remove_earlier_run(self, contents: Contents) -> None:
-        for name in contents.removed():
+        # the earlier run's saved config, where this run reads it, stays: a resume after a failure reads it again
+        kept = [name for name in contents.removed() if self.config_file is not None
+                and (self.path / name).resolve() == self.config_file.resolve()]
+        removed = [name for name in contents.removed() if name not in kept]
+        for name in removed:
             item = self.path / name
             with contextlib.suppress(FileNotFoundError):  # found at the start, and removed since by someone else
                 if item.is_dir() and contents.written and name in contents.written:
                     _remove_written_files(item, contents.written[name])
                 else:
                     shutil.rmtree(item) if item.is_dir() else item.unlink()
-        removed = len(contents.removed())
         if removed:
-            kept = f"; kept {', '.join(contents.foreign)} (not written by sftkit)" if contents.foreign else ""
-            print(f"sftkit: --overwrite: removed {removed} item(s) of the earlier run in {self.path}{kept}", flush=True)
+            kept = [f"{name} (this run's config)" for name in kept] + \
+                ([f"{', '.join(contents.foreign)} (not written by sftkit)"] if contents.foreign else [])
+            print(f"sftkit: --overwrite: removed {len(removed)} item(s) of the earlier run in {self.path}"
+                  f"{'; kept ' + ', '.join(kept) if kept else ''}", flush=True)
 
 
 def _remove_written_files(directory: Path, recorded: list) -> None:

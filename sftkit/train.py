@@ -80,7 +80,7 @@ def train(config: RunConfig, overwrite: bool = False, started: float | None = No
     if lacking := machine_errors(args):
         raise ConfigError("; ".join(lacking))
     check_every_process_runs_the_same(config)
-    output = OutputDir(args.output_dir, config.resolved)
+    output = OutputDir(args.output_dir, config.resolved, config.source)
     resume_from = _claim(output, args, config, overwrite)
     try:
         return _train(config, output, resume_from, started)  # the export recorded it finished
