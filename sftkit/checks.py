@@ -466,7 +466,20 @@ def path_errors(model: ModelConfig, dataset: DatasetConfig, training: Any, besid
     for key, source in evaluation:
         errors += source_errors(key, source, None, beside)
     output_dir = training.get("output_dir") if isinstance(training, dict) else None
-    return errors + (_output_dir_among_data(output_dir, sources + evaluation) if isinstance(output_dir, str) else [])
+    if not isinstance(output_dir, str):
+        return errors
+    return errors + _unexpanded_variables(output_dir) + _output_dir_among_data(output_dir, sources + evaluation)
+
+
+def _unexpanded_variables(output_dir: str) -> list[str]:
+    """`$HOME/runs/x` from a YAML file (or a quoted argument) made a directory named `$HOME` in the working
+    directory: neither sftkit nor the Trainer expands variables (the Trainer expands `~`)."""
+    variables = re.findall(r"\$(?:\{\w+\}|\w+)", output_dir)
+    if not variables:
+        return []
+    return [f"training.output_dir {output_dir}: {', '.join(variables)} is not expanded (a config's paths are taken as "
+            f"written); write the path out ({os.path.expandvars(output_dir)}), or pass it on the command line "
+            "unquoted for the shell to expand"]
 
 
 def _output_dir_among_data(output_dir: str, sources: list[tuple]) -> list[str]:

@@ -141,6 +141,18 @@ def test_config_mistakes_fail_at_once_naming_the_key(tmp_path, case):
     assert elapsed < FAST, f"{elapsed:.1f} s: nothing may be looked up on the hub"
 
 
+def test_a_variable_in_output_dir_is_refused_where_it_made_a_directory_named_after_it(tmp_path):
+    """`output_dir: $SCRATCH/runs/x` in a YAML file trained into ./$SCRATCH/runs/x, where nobody looked for it."""
+    written = f"{tmp_path}/${{SCRATCH}}/x"
+    result = run_python("sft.py", "--training.output_dir", written, "--training.max_steps", "1",
+                        env={"SCRATCH": "scratch"}, check=False)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
+        f"sft.py: error: the command line: training.output_dir {written}: ${{SCRATCH}} is not expanded (a config's "
+        f"paths are taken as written); write the path out ({tmp_path}/scratch/x), or pass it on the command line "
+        "unquoted for the shell to expand")
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize(("args", "package", "expected"), [
     (["--training.use_liger_kernel", "true"], "liger_kernel",
      "training.use_liger_kernel: true needs the liger-kernel package: pip install -r requirements-gpu.txt, or remove "
