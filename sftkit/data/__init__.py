@@ -112,9 +112,12 @@ class PreparedData:
 
 
 def prepare_for_training(cfg: DatasetConfig, tokenizer, args):
-    """prepare_data with the run's SFTConfig: rows are tokenized only as far as the trainer will keep them."""
+    """prepare_data with the run's SFTConfig: rows are tokenized only as far as the trainer will keep them. The
+    held-out rows and the sources' weighted samples are seeded as the Trainer seeds its data order: by data_seed
+    where it is set, else by seed, so that a sweep over seeds with data_seed fixed evaluates on the same rows."""
     keeps = trainer_keeps(args)
-    return prepare_data(cfg, tokenizer, args.max_length, args.seed, args.dataset_num_proc, keeps, keeps == "start")
+    seed = args.seed if args.data_seed is None else args.data_seed
+    return prepare_data(cfg, tokenizer, args.max_length, seed, args.dataset_num_proc, keeps, keeps == "start")
 
 
 def trainer_keeps(args) -> str:
