@@ -467,6 +467,11 @@ KNOWN_AS = {
 KNOWN_AS_NOTES = {
     "warmup_ratio": "transformers 5 removed warmup_ratio: a warmup_steps below 1 is that fraction of the steps",
 }
+# keys of older versions that nothing replaces in the config: what to do instead
+REMOVED = {
+    "logging_dir": "transformers 5 removed logging_dir: TensorBoard writes under output_dir/runs/, or into the "
+                   "directory the TENSORBOARD_LOGGING_DIR environment variable names (one per run of a sweep)",
+}
 
 
 def _suggest(key: str, valid, section: str = "") -> str:
@@ -475,6 +480,8 @@ def _suggest(key: str, valid, section: str = "") -> str:
     written, colon, value = key.partition(":")
     if colon and written in valid:  # `{name:x}` is YAML for the key "name:x"
         return f" (YAML needs a space after the colon: '{written}: {value}')"
+    if key in REMOVED:
+        return f" ({REMOVED[key]})"
     meant = KNOWN_AS.get(f"{section.partition('.')[0]}.{key}") or KNOWN_AS.get(key) or _home_of(key)
     note = f" {KNOWN_AS_NOTES[key]}" if key in KNOWN_AS_NOTES else ""
     if meant and meant.rpartition(".")[2] in valid:  # this section's (a source's `name` for dataset.name)

@@ -131,7 +131,7 @@ def lost_contact(error: BaseException) -> str | None:
 
 # Settings each machine may have its own of: where it writes and logs, and how fast it reads data (what the fast
 # path chose for its hardware is left out too, see check_every_process_runs_the_same).
-PER_MACHINE = {"output_dir", "logging_dir", "local_rank", "log_level", "log_level_replica", "disable_tqdm",
+PER_MACHINE = {"output_dir", "local_rank", "log_level", "log_level_replica", "disable_tqdm",
                "dataloader_num_workers", "dataloader_prefetch_factor", "dataloader_pin_memory",
                "dataloader_persistent_workers", "dataset_num_proc"}
 

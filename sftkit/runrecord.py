@@ -14,7 +14,7 @@ from sftkit.layout import RUN_FILE, SUMMARY_FILE
 RESUMABLE = {
     "training": {
         "output_dir", "resume_from_checkpoint", "max_steps", "num_train_epochs", "logging_strategy", "logging_steps",
-        "logging_first_step", "logging_dir", "log_level", "log_level_replica", "log_on_each_node", "disable_tqdm",
+        "logging_first_step", "log_level", "log_level_replica", "log_on_each_node", "disable_tqdm",
         "report_to", "run_name", "project", "save_strategy", "save_steps", "save_total_limit", "save_only_model",
         "save_on_each_node", "eval_strategy", "eval_steps", "eval_delay", "eval_on_start", "per_device_eval_batch_size",
         "eval_accumulation_steps", "push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo", "hub_token",

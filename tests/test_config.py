@@ -177,6 +177,14 @@ def test_keys_other_tools_use_or_another_section_holds_are_named_as_sftkit_calls
         load_config(write(tmp_path, f"{section}:\n  {key}: 1\n"))
 
 
+def test_a_key_transformers_removed_says_what_replaces_it(tmp_path):
+    """logging_dir, the usual way to gather a sweep's TensorBoard logs, was taken for a typo of logging_first_step."""
+    with pytest.raises(ConfigError, match=re.escape("unknown key training.logging_dir (transformers 5 removed "
+                                                    "logging_dir: TensorBoard writes under output_dir/runs/, or into "
+                                                    "the directory the TENSORBOARD_LOGGING_DIR environment variable")):
+        load_config(write(tmp_path, "training:\n  logging_dir: tb/run1\n"))
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
