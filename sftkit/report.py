@@ -85,7 +85,9 @@ def write_report(directory: Path, output_dir: Path, config, summary: dict, histo
     summary = {**summary, "loss_plot": str(output_dir / LOSS_PLOT), "model_card": str(output_dir / MODEL_CARD),
                "summary_file": str(output_dir / SUMMARY_FILE)}
     (directory / MODEL_CARD).write_text(model_card(config, summary))
-    (directory / SUMMARY_FILE).write_text(json.dumps(_finite(summary), indent=2, allow_nan=False) + "\n")
+    # with every logged loss and evaluation: a sweep compares its runs' curves from these files
+    written = {**summary, "log_history": history}
+    (directory / SUMMARY_FILE).write_text(json.dumps(_finite(written), indent=2, allow_nan=False) + "\n")
     return summary
 
 
@@ -121,6 +123,8 @@ def _finite(value):
     """JSON has no nan or inf: they are written as null (a bare NaN makes the file unreadable to strict parsers)."""
     if isinstance(value, dict):
         return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 

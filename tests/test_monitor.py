@@ -103,6 +103,11 @@ def test_final_summary_is_printed_and_saved(monitored_run):
                   "model card", "summary"):
         assert re.search(rf"^  {re.escape(label)} +\S", table, re.M), label
     assert f"{summary['eval_loss_first']:.3f} -> {summary['eval_loss']:.3f} (start -> end)" in table
+    # every logged point, as the log lines printed them (a sweep compares its runs' curves from this file)
+    evaluated = [(entry["step"], round(entry["eval_loss"], 4)) for entry in summary["log_history"] if "eval_loss" in entry]
+    printed = [(int(step), float(loss)) for step, loss in
+               re.findall(r"^step (\d+)/24  eval loss ([\d.]+)", monitored_run.stdout, re.M)]
+    assert evaluated == printed and [step for step, _ in evaluated][:2] == [0, 12]
 
 
 def test_loss_plot_is_a_real_image_of_train_and_eval_loss(monitored_run):
