@@ -381,6 +381,19 @@ def test_a_stop_mid_epoch_ends_without_the_epochs_evaluation_save_or_sample(tmp_
     assert saved == [3]
 
 
+def test_evaluations_leave_what_trains_as_it_is(tmp_path):
+    """Each evaluation drew its DataLoader's seed from torch's global generator and moved every later dropout mask:
+    runs that differed only in eval_steps trained differently (eval loss 1.1798 against 1.1914 in a 10-step LoRA run
+    with lora_dropout 0.1), and a resume after a stop that skipped a due evaluation was not exact."""
+    def final_eval_loss(tmp_path, *evaluations):
+        return train(load_config("lora_train_config.yaml", [
+            "--training.output_dir", str(tmp_path), "--training.max_steps", "6", "--model.lora_config.lora_dropout",
+            "0.1", "--training.eval_on_start", "false", *evaluations])).summary["eval_loss"]
+
+    assert final_eval_loss(tmp_path / "none") == final_eval_loss(tmp_path / "every_2", "--training.eval_strategy",
+                                                                 "steps", "--training.eval_steps", "2")
+
+
 def test_a_signal_during_an_evaluation_between_steps_saves_that_steps_checkpoint_at_once(tmp_path, monkeypatch):
     """The evaluation ran to its end (minutes on a large eval set), then the run trained one more step before it
     saved: a scheduler's SIGKILL, seconds after its SIGTERM, came first and the work since the last checkpoint was
