@@ -50,7 +50,14 @@ def same_settings(record: dict | None, resolved: dict) -> bool:
     training = resolved.get("training", {})
     as_before = {**resolved, "training": {key: f"<{key.upper()}>" if key.endswith("_token") else value
                                           for key, value in training.items()}}
-    return theirs == fingerprint(as_before)
+    if theirs == fingerprint(as_before):
+        return True
+    # records before 2026-11-28 hold a hub model's revision as written (null: main), not the commit it pinned
+    model = resolved.get("model", {})
+    if record.get("config", {}).get("model", {}).get("revision", "") is None and model.get("revision"):
+        unpinned = {**resolved, "model": {**model, "revision": None}}
+        return same_settings({"fingerprint": theirs}, unpinned)
+    return False
 
 
 def config_differences(ours: dict, theirs: dict) -> list[str]:

@@ -408,6 +408,18 @@ def test_a_hub_base_model_updated_since_the_run_began_is_not_resumed_onto(tmp_pa
     assert f"resumes from {out}/checkpoint-2" in planned
 
 
+def test_a_checkpoint_recorded_before_hub_models_were_pinned_still_resumes(tmp_path):
+    """Its record holds the revision as written (null): the pinned commit now in the config never matched it, and
+    no --model.revision could (null and main are pinned again)."""
+    from sftkit.runrecord import same_settings
+
+    written = config(tmp_path / "out").resolved  # a local model: no revision, as a hub model's before pinning
+    pinned = {**written, "model": {**written["model"], "revision": "a" * 40}}
+    other = {**written, "model": {**written["model"], "revision": "b" * 40}}
+    assert same_settings({"fingerprint": fingerprint(written), "config": written}, pinned)
+    assert not same_settings({"fingerprint": fingerprint(other), "config": other}, pinned)
+
+
 def test_resuming_an_earlier_checkpoint_than_the_newest_is_refused_before_it_saves_over_the_later_ones(finished,
                                                                                                      tmp_path):
     out = copy_of(finished, tmp_path)
