@@ -50,6 +50,7 @@ from sftkit.schema import ModelConfig
 from sftkit.weightfiles import (
     check_free_space,
     cut_short,
+    disk_failure,
     export_bytes,
     missing_weights,
     readable_like_other_files,
@@ -222,9 +223,10 @@ def _begin_staging(staging: Path, run_config, tokenizer, needed: int, limit: flo
                 return
             waiting = "waiting for space"
         except OSError as error:
-            if time.monotonic() >= deadline:
+            reason = disk_failure(error, staging.parent)
+            if reason is None or time.monotonic() >= deadline:
                 raise
-            problem = f"{staging} cannot be written ({error.strerror or first_line(error)})"
+            problem = f"{staging} cannot be written ({reason})"
             waiting = "the trained model is in memory only: waiting for the disk to be mended"
         print(f"sftkit: {problem}; {waiting} (checking every {DISK_POLL_SECONDS} s until "
               f"{time.strftime('%H:%M', time.localtime(time.time() + deadline - time.monotonic()))})",

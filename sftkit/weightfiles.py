@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -111,6 +112,9 @@ DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS, 
 # torch.save's writer says only this, without an errno (torch 2.13): "basic_ios::clear: iostream error", "[enforce
 # fail at inline_container.cc] . unexpected pos", "PytorchStreamWriter failed writing file"
 TORCH_WRITE_ERRORS = ("iostream error", "unexpected pos", "PytorchStreamWriter failed writing")
+# safetensors 0.8 raises its own error type, with the errno in its text: "Error while serializing: I/O error: File too
+# large (os error 27)"
+SAFETENSORS_ERRNO = re.compile(r"I/O error: (.+) \(os error (\d+)\)")
 
 
 def disk_failure(error: BaseException, directory) -> str | None:
@@ -122,6 +126,8 @@ def disk_failure(error: BaseException, directory) -> str | None:
             found = seen.strerror or os.strerror(seen.errno)
         elif isinstance(seen, RuntimeError) and any(words in str(seen) for words in TORCH_WRITE_ERRORS):
             found = f"the file could not be written ({first_line(seen)})"
+        elif (written := SAFETENSORS_ERRNO.search(str(seen))) and int(written[2]) in DISK_ERRNOS:
+            found = written[1]
         seen = seen.__cause__ or seen.__context__
     try:
         usage = shutil.disk_usage(directory)

@@ -511,6 +511,26 @@ def test_a_checkpoint_too_large_for_a_file_size_limit_is_removed_and_training_go
     assert json.loads((out / RUN_FILE).read_text())["status"] == "finished"
 
 
+def test_a_weights_file_too_large_for_a_file_size_limit_is_a_disk_failure(tmp_path):
+    """safetensors' own error type, errno in its text: the model's file of a checkpoint (written first) cut short by
+    the limit ended the run in a traceback, where torch.save's optimizer file was recognised."""
+    import resource
+
+    from safetensors.torch import save_file
+
+    from sftkit.weightfiles import disk_failure
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (10**6, hard))
+    try:
+        with pytest.raises(Exception) as raised:
+            save_file({"weight": torch.zeros(10**6)}, tmp_path / "model.safetensors")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert disk_failure(raised.value, tmp_path) == "File too large"
+    assert disk_failure(ValueError("a bug, not a disk"), tmp_path) is None
+
+
 def test_a_checkpoint_the_full_disk_cuts_short_is_removed_and_training_goes_on(small_disk, monkeypatch, capsys):
     """torch.save raised its RuntimeError through the Trainer: a traceback, the trained model lost, and the cut
     checkpoint left among the good ones."""
