@@ -34,8 +34,9 @@ class MonitoredSFTTrainer(TrainerWorkarounds, SFTTrainer):
     """SFTTrainer whose every micro-batch loss is checked to be finite (see StopGuard), and whose every log also
     carries memory. `Trainer.log` is the documented place to add metrics: what is added here reaches the progress
     bar, `log_history`, TensorBoard and W&B alike (a callback's `on_log` comes after `log_history` is written).
-    It hooks three of the Trainer's private methods (`_prepare_inputs` for torch.compile's shape hints, `_get_grad_norm`
-    for the finite check, `_save_checkpoint` for a checkpoint that cannot be written; it warns where they are gone),
+    It hooks four of the Trainer's private methods (`_prepare_inputs` for torch.compile's shape hints, `_get_grad_norm`
+    for the finite check, `_save_checkpoint` for a checkpoint that cannot be written, `_maybe_log_save_evaluate` for a
+    stop during an evaluation; it warns where they are gone),
     and logs the last step (LogTheLastStep); the fixes to the Trainer's own behaviour are in
     compat.TrainerWorkarounds. `cast_adapter_inputs`: see fastpath.choose_adapter_inputs."""
 
@@ -93,10 +94,13 @@ class MonitoredSFTTrainer(TrainerWorkarounds, SFTTrainer):
         # transformers 5.24 evaluates here after a step, then saves its checkpoint. A signal during that evaluation
         # stops it at the next batch (StopGuard.on_prediction_step), and the checkpoint is saved at once: the
         # evaluation and one more step would take longer than a scheduler waits for its SIGKILL.
+        self.guard.between_steps = True
         try:
             super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, trial, *args, **kwargs)
         except StopRequested:
             self.guard.stop_after_the_step(self.args, self.state, self.control, self.model)
+        finally:
+            self.guard.between_steps = False
             if self.control.should_save:
                 self._save_checkpoint(model, trial)
                 self.control = self.callback_handler.on_save(self.args, self.state, self.control)
@@ -253,6 +257,7 @@ class StopGuard(TrainerCallback):
         self._previous: dict = {}
         self._received_at: dict = {}  # signal -> when it first came
         self.training_over = False
+        self.between_steps = False  # in MonitoredSFTTrainer._maybe_log_save_evaluate, which catches StopRequested
 
     def observe(self, value: torch.Tensor) -> None:
         """Called with each micro-batch's loss and each step's gradient norm; kept on the device so that the check
@@ -309,10 +314,12 @@ class StopGuard(TrainerCallback):
             keep_checkpoints_at_an_early_stop(args)
         elif signalled:
             self.received = self.received or signal.SIGTERM
-            control.should_save = True
             control.should_evaluate = False  # the checkpoint first: a SIGKILL follows a scheduler's SIGTERM
             control.should_training_stop = True
-            if state.global_step < state.max_steps:  # at the last step the run ends as planned, best model and all
+            # at the last step the run ends as planned, best model and all: the export, which writes less than a
+            # checkpoint, comes next
+            if state.global_step < state.max_steps:
+                control.should_save = True
                 keep_checkpoints_at_an_early_stop(args)
 
     def _observe_trained_weights(self, model) -> None:
@@ -327,7 +334,7 @@ class StopGuard(TrainerCallback):
         # an evaluation gives way at once to the stop, the checkpoint or the export: a scheduler's SIGKILL follows its
         # SIGTERM within seconds (Slurm's KillWait: 30 s), and a large eval set takes minutes. Every process evaluates
         # the same number of batches, so each asks here, together.
-        if self.stop_requested(args):
+        if (self.training_over or state.global_step == 0 or self.between_steps) and self.stop_requested(args):
             raise StopRequested
 
     def stop_after_the_step(self, args, state, control, model) -> None:

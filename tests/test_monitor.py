@@ -411,6 +411,15 @@ def test_a_signal_during_an_evaluation_between_steps_saves_that_steps_checkpoint
     assert [path.name for path in out.glob("checkpoint-*")] == ["checkpoint-2"]
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and not any("eval_loss" in entry for entry in state["log_history"])
+    # in the last step's evaluation: the export comes next, without a checkpoint first (it writes more, and later)
+    monkeypatch.undo()
+    evaluated = signal_at(monkeypatch, "on_prediction_step", 16 + 3).calls
+    last = tmp_path / "last"
+    run = train(load_config(None, ["--training.output_dir", str(last), "--training.max_steps", "4",
+                                   "--training.eval_on_start", "false", "--training.eval_strategy", "steps",
+                                   "--training.eval_steps", "2", "--training.per_device_eval_batch_size", "1"]))
+    assert evaluated == [2] * 16 + [4] * 3 and not list(last.glob("checkpoint-*"))
+    assert (last / "model.safetensors").is_file() and run.summary["steps"] == 4
 
 
 def test_a_signal_during_the_final_evaluation_stops_it_and_the_model_is_exported(tmp_path, monkeypatch):
