@@ -475,11 +475,13 @@ def _unexpanded_variables(output_dir: str) -> list[str]:
     """`$HOME/runs/x` from a YAML file (or a quoted argument) made a directory named `$HOME` in the working
     directory: neither sftkit nor the Trainer expands variables (the Trainer expands `~`)."""
     variables = re.findall(r"\$(?:\{\w+\}|\w+)", output_dir)
-    if not variables:
+    if not variables or Path(output_dir).expanduser().exists():  # a directory named with a $ is one
         return []
+    expanded = os.path.expandvars(output_dir)
+    written_out = f" ({expanded})" if "$" not in expanded else ""
     return [f"training.output_dir {output_dir}: {', '.join(variables)} is not expanded (a config's paths are taken as "
-            f"written); write the path out ({os.path.expandvars(output_dir)}), or pass it on the command line "
-            "unquoted for the shell to expand"]
+            f"written); write the path out{written_out}, or pass it on the command line unquoted for the shell to "
+            "expand"]
 
 
 def _output_dir_among_data(output_dir: str, sources: list[tuple]) -> list[str]:

@@ -469,6 +469,8 @@ KNOWN_AS_NOTES = {
 }
 # keys of older versions that nothing replaces in the config: what to do instead
 REMOVED = {
+    "overwrite_output_dir": "transformers 5 removed overwrite_output_dir: pass --overwrite to sft.py to replace what an "
+                            "earlier run left in output_dir",
     "logging_dir": "transformers 5 removed logging_dir: TensorBoard writes under output_dir/runs/, or into the "
                    "directory the TENSORBOARD_LOGGING_DIR environment variable names (one per run of a sweep)",
 }

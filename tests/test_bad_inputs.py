@@ -151,6 +151,13 @@ def test_a_variable_in_output_dir_is_refused_where_it_made_a_directory_named_aft
         f"paths are taken as written); write the path out ({tmp_path}/scratch/x), or pass it on the command line "
         "unquoted for the shell to expand")
     assert not list(tmp_path.iterdir())
+    unset = run_python("sft.py", "--training.output_dir", "$NOT_SET_ANYWHERE/x", "--dry-run", check=False)
+    assert unset.stderr.strip().endswith("$NOT_SET_ANYWHERE is not expanded (a config's paths are taken as written); "
+                                         "write the path out, or pass it on the command line unquoted for the shell "
+                                         "to expand")
+    named = tmp_path / "costs$2024"  # a directory named with a $ is one
+    named.mkdir()
+    assert run_python("sft.py", "--training.output_dir", str(named), "--dry-run").returncode == 0
 
 
 @pytest.mark.parametrize(("args", "package", "expected"), [

@@ -183,6 +183,9 @@ def test_a_key_transformers_removed_says_what_replaces_it(tmp_path):
                                                     "logging_dir: TensorBoard writes under output_dir/runs/, or into "
                                                     "the directory the TENSORBOARD_LOGGING_DIR environment variable")):
         load_config(write(tmp_path, "training:\n  logging_dir: tb/run1\n"))
+    with pytest.raises(ConfigError, match=re.escape("unknown key training.overwrite_output_dir (transformers 5 removed "
+                                                    "overwrite_output_dir: pass --overwrite to sft.py")):
+        load_config(write(tmp_path, "training:\n  overwrite_output_dir: true\n"))
 
 
 @pytest.mark.parametrize(

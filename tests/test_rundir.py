@@ -557,6 +557,20 @@ def test_of_several_runs_finding_the_same_stale_lock_only_one_takes_it_over(tmp_
     assert all("is in use by another run" in outcome for outcome in outcomes if outcome not in took), outcomes
 
 
+def test_a_lock_read_empty_while_its_run_writes_it_is_not_taken_over(tmp_path):
+    """Without hard links the lock is created empty and then written (rundir._create_exclusively): a run reading it
+    in between took it for a dead run's and took it over, and two runs trained into one output_dir."""
+    import threading
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK_FILE).write_text("")  # created by the other run, which writes who it is a moment later
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+    threading.Timer(0.3, (out / LOCK_FILE).write_text, [json.dumps(holder)]).start()
+    with pytest.raises(ConfigError, match="is in use by another run"):
+        OutputDir(out, {}).take_lock()
+
+
 def test_the_export_of_float32_weights_needs_room_for_them_and_one_shard_cast_beside_them():
     """The cast replaces one 50 GB shard at a time: a 20B model trained in float32 weights and published in bf16
     peaks at 80 GB plus 25 GB, not at 80 GB plus the whole 40 GB bf16 model (refused with room to spare before)."""
