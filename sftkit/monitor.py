@@ -288,8 +288,8 @@ class StopGuard(TrainerCallback):
         self.received = signum
         if first_on_its_machine():  # said at once: the step, or an evaluation, may take minutes
             what = ("training is over; the trained model is exported before the run stops" if self.training_over else
-                    "the run stops with a checkpoint after the current step (an evaluation at its next batch), or at once "
-                    "before the first step")
+                    "the run stops with a checkpoint after the current step (an evaluation at its next batch; at the "
+                    "last step the export takes its place), or at once before the first step")
             print(f"\nsftkit: {signal.Signals(signum).name}: {what}; Ctrl-C again, or a SIGTERM more than 2 s later, "
                   "stops it at once", file=sys.stderr, flush=True)
 

@@ -20,11 +20,11 @@ def build_summary(trainer, config, data, dtype, parameters: tuple[int, int], rep
     state, output_dir = trainer.state, Path(trainer.args.output_dir)
     history = state.log_history
     losses = [entry["loss"] for entry in history if "loss" in entry]
-    eval_losses = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
+    evaluations = [(entry["step"], entry["eval_loss"]) for entry in history if "eval_loss" in entry]
     best = best_checkpoint_step(trainer)
     if best is not None:  # the model published is that checkpoint's, evaluated at its step
-        eval_losses.append(next(entry["eval_loss"] for entry in history
-                                if "eval_loss" in entry and entry["step"] == best))
+        evaluations.append(next(evaluation for evaluation in evaluations if evaluation[0] == best))
+    eval_losses = [loss for _, loss in evaluations]
     return {
         "wall_seconds": seconds["wall_seconds"],
         "steps": state.global_step,
@@ -39,6 +39,7 @@ def build_summary(trainer, config, data, dtype, parameters: tuple[int, int], rep
         "train_loss_mean": mean_logged_loss(history),
         "eval_loss_first": eval_losses[0] if len(eval_losses) > 1 else None,
         "eval_loss": eval_losses[-1] if eval_losses else None,
+        "eval_loss_step": evaluations[-1][0] if evaluations else None,  # before the last step where a stop skipped it
         "best_checkpoint_step": best,
         "rows": data.rows,
         "train_rows": len(data.train),
@@ -201,6 +202,9 @@ def model_card(config, summary: dict) -> str:
         *(["", f"The model is the best checkpoint's, step {summary['best_checkpoint_step']} of {summary['steps']} "
                "(training.load_best_model_at_end): the eval loss at the end is that checkpoint's."]
           if summary.get("best_checkpoint_step") else []),
+        *(["", f"The eval loss at the end is that of {_eval_end_words(summary)} (a stop skipped the final "
+               "evaluation)."] if _eval_end_words(summary).startswith("step ") and
+          not summary.get("best_checkpoint_step") else []),
         "",
         f"{summary['trained_tokens']:,} tokens trained in {summary['train_seconds']:.1f} s of training "
         f"({summary['wall_seconds']} s in all).",
@@ -260,6 +264,15 @@ def _best_checkpoint_words(summary: dict) -> str:
     return f"step {step}, the best checkpoint" if step else ""
 
 
+def _eval_end_words(summary: dict) -> str:
+    """Whose the last eval loss is: the published model's ('end'), the best checkpoint's, or an earlier step's where
+    a stop skipped the final evaluation."""
+    step = summary.get("eval_loss_step")
+    if summary.get("best_checkpoint_step") or step is None or step == summary["steps"]:
+        return _best_checkpoint_words(summary) or "end"
+    return f"step {step}, not the published model's step {summary['steps']}"
+
+
 def format_summary(summary: dict) -> str:
     def count(value):
         return "n/a" if value is None else f"{value:,.0f}"
@@ -279,7 +292,7 @@ def format_summary(summary: dict) -> str:
         ("train loss", f"{_number(summary['train_loss_first'])} -> {_number(summary['train_loss_last'])} "
                        f"(first -> last log), {_number(summary['train_loss_mean'])} mean"),
         *([("eval loss", f"{_number(summary['eval_loss_first'])} -> {_number(summary['eval_loss'])} (start -> "
-                         f"{_best_checkpoint_words(summary) or 'end'})")]
+                         f"{_eval_end_words(summary)})")]
           if summary["eval_loss"] is not None else []),  # no evaluation data
         ("rows", f"{summary['rows']} read, dropped: {describe_dropped(summary['rows_dropped'])}"
                  + (f"; {summary['rows_cut']} cut to max_seq_length" if summary.get("rows_cut") else "")

@@ -399,6 +399,7 @@ def test_a_signal_during_an_evaluation_between_steps_saves_that_steps_checkpoint
     saved: a scheduler's SIGKILL, seconds after its SIGTERM, came first and the work since the last checkpoint was
     lost."""
     from sftkit.errors import Interrupted
+    from sftkit.report import format_summary
 
     evaluated = signal_at(monkeypatch, "on_prediction_step", 3).calls
     trained = signal_at(monkeypatch, "on_step_begin", 0).calls  # records each step's start (never signals)
@@ -420,6 +421,11 @@ def test_a_signal_during_an_evaluation_between_steps_saves_that_steps_checkpoint
                                    "--training.eval_steps", "2", "--training.per_device_eval_batch_size", "1"]))
     assert evaluated == [2] * 16 + [4] * 3 and not list(last.glob("checkpoint-*"))
     assert (last / "model.safetensors").is_file() and run.summary["steps"] == 4
+    # the last eval loss is step 2's, and is not called the published model's
+    assert run.summary["eval_loss_step"] == 2 and "(start -> step 2, not the published model's step 4)" in \
+        format_summary(run.summary)
+    assert "The eval loss at the end is that of step 2, not the published model's step 4 (a stop skipped the final " \
+           "evaluation)." in (last / "README.md").read_text()
 
 
 def test_a_signal_during_the_final_evaluation_stops_it_and_the_model_is_exported(tmp_path, monkeypatch):
@@ -449,8 +455,9 @@ def test_a_signal_in_the_evaluation_before_the_first_step_stops_it_at_once(tmp_p
     with pytest.raises(Interrupted, match="^stopped by SIGINT before the first step: nothing was trained$"):
         train(load_config(None, arguments))
     assert evaluated == [0, 0]  # of 16 eval rows
-    assert "sftkit: SIGINT: the run stops with a checkpoint after the current step (an evaluation at its next batch), or " \
-           "at once before the first step; Ctrl-C again" in capsys.readouterr().err
+    assert "sftkit: SIGINT: the run stops with a checkpoint after the current step (an evaluation at its next batch; " \
+           "at the last step the export takes its place), or at once before the first step; Ctrl-C again" in \
+        capsys.readouterr().err
     # in the Trainer's setup, without an evaluation at the start: it trained step 1 and saved it first
     signal_at(monkeypatch, "on_train_begin", 1)
     with pytest.raises(Interrupted, match="^stopped by SIGTERM before the first step: nothing was trained$"):
