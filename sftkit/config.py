@@ -462,10 +462,14 @@ KNOWN_AS = {
     "micro_batch_size": "training.per_device_train_batch_size", "batch_size": "training.per_device_train_batch_size",
     "epochs": "training.num_train_epochs", "num_epochs": "training.num_train_epochs", "lr": "training.learning_rate",
     "warmup_ratio": "training.warmup_steps", "dataset.type": "dataset.format",
+    "eval_file": "dataset.eval_sources", "validation_file": "dataset.eval_sources", "val_file": "dataset.eval_sources",
+    "eval_dataset": "dataset.eval_sources", "dataset.eval_name": "dataset.eval_sources",
 }
 # What a suggestion adds where the key it suggests takes the value another way
+EVAL_FILE_NOTE = "a list of sources: eval_sources: [{name: heldout.jsonl}]"
 KNOWN_AS_NOTES = {
     "warmup_ratio": "transformers 5 removed warmup_ratio: a warmup_steps below 1 is that fraction of the steps",
+    **{key: EVAL_FILE_NOTE for key in ("eval_file", "validation_file", "val_file", "eval_dataset", "eval_name")},
 }
 # keys of older versions that nothing replaces in the config: what to do instead
 REMOVED = {

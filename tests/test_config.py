@@ -169,10 +169,12 @@ def test_unknown_keys_in_every_section_are_reported_together_with_suggestions(tm
         ("dataset", "type", "'format'"),  # Axolotl's
         ("training", "warmup_ratio", "'warmup_steps'? transformers 5 removed warmup_ratio: a warmup_steps below 1 is "
                                      "that fraction of the steps"),
+        ("dataset", "validation_file", "'eval_sources'? a list of sources: eval_sources: [{name: heldout.jsonl}]"),
+        ("dataset", "eval_file", "'eval_sources'? a list of sources"),  # was eval_split, a split's name
     ],
 )
 def test_keys_other_tools_use_or_another_section_holds_are_named_as_sftkit_calls_them(tmp_path, section, key, meant):
-    ending = ")" if meant.endswith("steps") else "?)"
+    ending = "" if "?" in meant else "?)"
     with pytest.raises(ConfigError, match=re.escape(f"unknown key {section}.{key} (did you mean {meant}{ending}")):
         load_config(write(tmp_path, f"{section}:\n  {key}: 1\n"))
 

@@ -59,7 +59,9 @@ def test_sftkit_train_from_another_directory_trains_the_default_model(installed)
 
 def test_sftkit_init_writes_a_config_that_trains(installed):
     _, _, work = installed
-    assert sftkit(installed, "init", "my_run", "--from", "default").returncode == 0
+    made = sftkit(installed, "init", "my_run", "--from", "default")
+    assert made.returncode == 0 and "suit the embedded tiny model: for a real one use about 2048, 1-3 and 2e-4 " \
+        "(LoRA) or 2e-5 (full)" in made.stdout, "the copy's toy settings, named where the user edits it"
     written = (work / "my_run.yaml").read_text()
     assert written.startswith("# Full fine-tuning of the embedded tiny Llama model")
     assert "#   sftkit train my_run.yaml\n" in written and "default_train_config.yaml" not in written, written[:800]
