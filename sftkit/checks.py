@@ -573,6 +573,9 @@ def source_errors(key: str, source: SourceConfig, eval_split: str | None, beside
         splits, what = ["train"], "local files have one split, train"
     elif looks_local(name):
         path = Path(resolve_path(name))
+        if not path.exists() and "," in name and all(looks_local(part.strip()) for part in name.split(",")):
+            return [f"{key}.name: {name} names several files separated by commas (as LLaMA-Factory's dataset: does); "
+                    f"list them as dataset.sources: [{', '.join(part.strip() for part in name.split(','))}]"]
         if not path.exists():
             return [f"{key}.name: {name} does not exist{looked_in(name, beside)}; fix the path, or give a hub dataset "
                     "id such as HuggingFaceH4/ultrachat_200k"]

@@ -429,6 +429,8 @@ def _build(cls, values: Any, section: str, errors: list[str]):
             kwargs[key] = _build(hints[key], value, f"{section}.{key}", errors)
         elif _list_of_dataclass(hints[key]) and isinstance(value, list):
             item = _list_of_dataclass(hints[key])
+            # `- data/chat.jsonl` is a source of that name, as dataset.name takes the same text
+            value = [{"name": entry} if isinstance(entry, str) and item is SourceConfig else entry for entry in value]
             kwargs[key] = [_build(item, entry, f"{section}.{key}[{i}]", errors) for i, entry in enumerate(value)]
         else:
             try:

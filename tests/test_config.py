@@ -179,6 +179,19 @@ def test_keys_other_tools_use_or_another_section_holds_are_named_as_sftkit_calls
         load_config(write(tmp_path, f"{section}:\n  {key}: 1\n"))
 
 
+def test_sources_listed_as_bare_paths_are_sources_of_those_names(tmp_path):
+    """`sources: [a.jsonl, b.jsonl]` (the obvious YAML) was refused twice per item: "must be a mapping" and "has no
+    name"; LLaMA-Factory's comma list in dataset.name said only "does not exist"."""
+    sample = str(REPO / "data" / "sample_chat.jsonl")
+    config = load_config(None, ["--dataset.name", "null", "--dataset.sources", f"[{sample}]",
+                                "--dataset.eval_sources", f"[{sample}]", "--dataset.test_size", "null"])
+    assert [source.name for source in config.dataset.sources + config.dataset.eval_sources] == [sample, sample]
+    with pytest.raises(ConfigError, match=re.escape(f"dataset.name: {sample},{sample} names several files separated by "
+                                                    f"commas (as LLaMA-Factory's dataset: does); list them as "
+                                                    f"dataset.sources: [{sample}, {sample}]")):
+        load_config(None, ["--dataset.name", f"{sample},{sample}"])
+
+
 def test_a_key_transformers_removed_says_what_replaces_it(tmp_path):
     """logging_dir, the usual way to gather a sweep's TensorBoard logs, was taken for a typo of logging_first_step."""
     with pytest.raises(ConfigError, match=re.escape("unknown key training.logging_dir (transformers 5 removed "
