@@ -94,7 +94,7 @@ def dry_run(config: RunConfig, overwrite: bool = False) -> str:
     rows = [
         ("model", f"{config.model.path} ({shape.description})"),
         ("method", f"{method} in {precision_words(config.model, args, plan.dtype)}: {shape.trainable:,} of "
-                   f"{counted:,} parameters train ({100 * shape.trainable / counted:.2f}%)"),
+                   f"{counted:,} parameters train ({100 * shape.trainable / counted:.2f}%)" + _planned_for_a_cpu(args)),
         ("data", f"{data.sources_words(config.dataset)}: {data.rows} rows read, {len(data.train)} train{eval_rows}"
                  f"{data.dropped_words()}; {tokens:,} "
                  f"tokens per epoch, {data.trainable_tokens:,} of them trained; longest row "
@@ -114,6 +114,13 @@ def dry_run(config: RunConfig, overwrite: bool = False) -> str:
     ]
     return f"Dry run of {config.source} (no weights loaded, nothing trained)\n" + "\n".join(
         f"  {label:<18} {value}" for label, value in rows)
+
+
+def _planned_for_a_cpu(args) -> str:
+    """A machine without a GPU plans its own float32 run: a GPU example's dry run on a laptop read as the GPU's."""
+    if torch.cuda.is_available() or args.bf16 or args.fp16:
+        return ""
+    return "; planned for this machine, which has no GPU: add --training.bf16 true to plan a bf16 GPU's run"
 
 
 def output_dir_plan(config: RunConfig, overwrite: bool) -> str:

@@ -80,6 +80,12 @@ def test_dry_run_loads_no_weights_and_counts_parameters_from_the_config(tmp_path
     lora = run_sft("--dry-run", "--config", "lora_train_config.yaml", "--model.path", str(llama3_8b),
                       "--model.lora_config.r", "16")
     assert "41,943,040 of 8,072,204,288 parameters train" in plan_value(lora.stdout, "method")  # base + adapters
+    # a laptop's plan of tomorrow's GPU run read as the GPU's: float32, twice the memory
+    assert plan_value(lora.stdout, "method").endswith("; planned for this machine, which has no GPU: add "
+                                                      "--training.bf16 true to plan a bf16 GPU's run")
+    on_a_gpu = run_sft("--dry-run", "--config", "lora_train_config.yaml", "--model.path", str(llama3_8b),
+                       "--training.bf16", "true")
+    assert plan_value(on_a_gpu.stdout, "method").startswith("LoRA in bfloat16") and "planned for" not in on_a_gpu.stdout
     # full fine-tuning in fp32 on one device: 4 bytes each for weight and gradient, 8 for Adam's two states
     memory = plan_value(full.stdout, "memory per device")
     assert f"{8_030_261_248 * 16 / 2**30:.2f} GiB model states" in memory
