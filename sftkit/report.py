@@ -5,12 +5,14 @@ import math
 import sys
 from pathlib import Path
 
+from sftkit.checkpoints import checkpoints_in
 from sftkit.data import describe_dropped
 from sftkit.errors import first_line
 from sftkit.export import saved_dtypes
 from sftkit.layout import ADAPTER_DIR, LOSS_PLOT, MODEL_CARD, SAMPLES_FILE, SUMMARY_FILE, checkpoint_step
 from sftkit.monitor import memory_mib
 from sftkit.runrecord import record_written
+from sftkit.weightfiles import size_words
 
 
 def build_summary(trainer, config, data, dtype, parameters: tuple[int, int], reply: str | None, seconds: dict,
@@ -57,7 +59,18 @@ def build_summary(trainer, config, data, dtype, parameters: tuple[int, int], rep
         "output_dir": str(output_dir),
         "adapter_dir": str(output_dir / ADAPTER_DIR) if config.model.use_lora else None,
         "sample_replies_file": str(output_dir / SAMPLES_FILE) if config.dataset.sample_prompts else None,
+        "checkpoints": _checkpoints(output_dir),
     }
+
+
+def _checkpoints(output_dir: Path) -> dict | None:
+    """The checkpoints kept beside the model (transformers saves one at the end unless save_strategy is no): each
+    holds the optimizer's states, several times an adapter's size, which a config written by hand may not expect."""
+    kept = checkpoints_in(output_dir)
+    if not kept:
+        return None
+    size = sum(file.stat().st_size for checkpoint in kept for file in checkpoint.rglob("*") if file.is_file())
+    return {"count": len(kept), "newest": str(kept[-1]), "bytes": size}
 
 
 def report(output_dir: Path, config, summary: dict, history: list[dict]) -> dict:
@@ -308,6 +321,10 @@ def format_summary(summary: dict) -> str:
     if summary.get("adapter_dir"):
         adapter = summary.get("adapter_dtypes")
         rows.append(("LoRA adapter", summary["adapter_dir"] + (f" ({', '.join(adapter)})" if adapter else "")))
+    if summary.get("checkpoints"):
+        kept = summary["checkpoints"]
+        rows.append(("checkpoints", f"{kept['count']}, newest {kept['newest']} ({size_words(kept['bytes'])} in all, "
+                                    "optimizer states included; training.save_strategy: \"no\" keeps none)"))
     for label, key in (("sample replies", "sample_replies_file"),
                        ("loss plot", "loss_plot"), ("model card", "model_card"), ("summary", "summary_file")):
         if summary.get(key):

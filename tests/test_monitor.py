@@ -110,6 +110,22 @@ def test_final_summary_is_printed_and_saved(monitored_run):
     assert evaluated == printed and [step for step, _ in evaluated][:2] == [0, 12]
 
 
+def test_the_summary_names_the_checkpoints_kept_beside_the_model(tmp_path):
+    """A config without save_strategy (the README's minimal one) kept transformers' checkpoint of the last step, its
+    optimizer states included, beside the model: three times its size, and named nowhere."""
+    from sftkit.report import format_summary
+
+    out = tmp_path / "out"
+    run = train(load_config(None, ["--training.output_dir", str(out), "--training.max_steps", "2",
+                                   "--training.save_strategy", "steps", "--training.save_steps", "1"]))
+    kept = run.summary["checkpoints"]
+    size = sum(file.stat().st_size for file in out.glob("checkpoint-*/**/*") if file.is_file())
+    assert kept == {"count": 2, "newest": str(out / "checkpoint-2"), "bytes": size} and size > 3 * 2**20
+    assert re.search(rf"^  checkpoints +2, newest {out}/checkpoint-2 \([\d.]+ MiB in all, optimizer states included; "
+                     r'training.save_strategy: "no" keeps none\)$', format_summary(run.summary), re.M)
+    assert json.loads((out / SUMMARY_FILE).read_text())["checkpoints"] == kept
+
+
 def test_loss_plot_is_a_real_image_of_train_and_eval_loss(monitored_run):
     from PIL import Image
 
