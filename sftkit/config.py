@@ -204,8 +204,14 @@ def load_config(config_name: str | None = None, cli_args: list[str] = (), preset
         model_layers.append(layer.get("model") or {})
         if (merge(raw, overrides).get("dataset") or {}).get("sources"):  # a preset's source keys are dataset.name's
             source_keys = {key.name for key in dataclasses.fields(SourceConfig)}
+            dropped = {key: value for key, value in (layer.get("dataset") or {}).items() if key in source_keys}
             layer["dataset"] = {key: value for key, value in (layer.get("dataset") or {}).items()
                                 if key not in source_keys}
+            if dropped:
+                settings = ", ".join(f"dataset.{key} {value}" for key, value in dropped.items())
+                logger.warning(f"--preset {preset}: its {settings} is a source's setting, left out under "
+                               "dataset.sources; set it in each source (dataset.sources[0].max_samples) to read fewer "
+                               "rows")
         raw = _laid_over(raw, layer)
     raw = _paths_found_beside(_laid_over(raw, overrides), path.parent)
     errors: list[str] = []
@@ -475,8 +481,8 @@ KNOWN_AS_NOTES = {
 }
 # keys of older versions that nothing replaces in the config: what to do instead
 REMOVED = {
-    "overwrite_output_dir": "transformers 5 removed overwrite_output_dir: pass --overwrite to sft.py to replace what an "
-                            "earlier run left in output_dir",
+    "overwrite_output_dir": "transformers 5 removed overwrite_output_dir: pass --overwrite to sft.py to replace what "
+                            "an earlier run left in output_dir",
     "logging_dir": "transformers 5 removed logging_dir: TensorBoard writes under output_dir/runs/, or into the "
                    "directory the TENSORBOARD_LOGGING_DIR environment variable names (one per run of a sweep)",
 }
