@@ -67,7 +67,7 @@ def _statistics(data, args) -> list[str]:
         *(f"                   {problem}" for problem in data.problems),
         *(["eval rows dropped  " + describe_dropped(data.eval_dropped)]
           if any(data.eval_dropped.values()) else []),
-        f"rows kept          {len(data.train):,} train{eval_rows}",
+        f"rows kept          {len(data.train):,} train{eval_rows}{data.repeated_words()}",
         _length_statistics(data, lengths),
         f"tokens that train  {data.trainable_tokens:,} of {kept_tokens:,} ({100 * data.trainable_tokens / kept_tokens:.1f}%)",
         f"rows truncated     {cut_rows} longer than max_seq_length {args.max_length}"

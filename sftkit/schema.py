@@ -97,7 +97,8 @@ class DatasetConfig(SourceConfig):
     system_prompt: str | None = option(None, "prepended to rows that have no system message")
     test_size: float | int | None = option(
         None, "or hold out a fraction (below 1) or a count of the rows read, seeded by `training.data_seed` (else "
-              "`seed`), before `sources` weights repeat rows (no eval row also trains)")
+              "`seed`), before `sources` weights repeat rows (rows the data repeats can fall on both sides: the "
+              "dry run counts them)")
     eval_split: str | None = option(None, "or evaluate on this split of the same source(s)")
     loss_on: Literal["assistant", "last_assistant", "all"] = option(
         "assistant", "`assistant`: every assistant turn; `last_assistant`: the last one that trains (weight not 0); `all`: every token")

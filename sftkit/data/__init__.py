@@ -85,6 +85,17 @@ class PreparedData:
         """The largest token id in the train and eval rows."""
         return max(pc.max(pc.list_flatten(ids)).as_py() or 0 for ids in self._input_ids())
 
+    def repeated_words(self) -> str:
+        """' (3 eval rows are also train rows, token for token)': rows the data repeats fall on both sides of
+        test_size's split, and their eval loss measures recall, not what the model learned."""
+        if self.eval is None or not len(self.eval):
+            return ""
+        trained = {hash(tuple(ids)) for ids in _column(self.train, "input_ids").to_pylist()}
+        repeated = sum(hash(tuple(ids)) in trained for ids in _column(self.eval, "input_ids").to_pylist())
+        if not repeated:
+            return ""
+        return f" ({repeated} eval row{'s are' if repeated > 1 else ' is'} also train rows, token for token)"
+
     def _input_ids(self) -> list:
         """The input_ids column of the train rows and of the eval rows, where there are any."""
         return [_column(rows, "input_ids") for rows in (self.train, self.eval) if rows is not None and len(rows)]
