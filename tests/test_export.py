@@ -803,7 +803,7 @@ def test_files_put_in_output_dir_as_the_run_prepares_its_data_are_never_replaced
     """Between the check of output_dir and the start of training (tokenizing, loading the model: minutes to hours),
     a README.md written there was taken for the earlier run's, and the export replaced it with the model card."""
     out = tmp_path / "out"
-    notes_written_during(monkeypatch, "prepare_for_training", out / "README.md", "# my notes\n")
+    notes_written_during(monkeypatch, "tokenizer_and_data", out / "README.md", "# my notes\n")
     with pytest.raises(RunFailed, match=r"under names the export writes \(README.md\)"):
         train(config(out))
     assert (out / "README.md").read_text() == "# my notes\n"

@@ -143,7 +143,7 @@ def test_a_ctrl_c_before_training_began_keeps_the_earlier_run_and_offers_none_of
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sftkit.train, "prepare_for_training", interrupted)
+    monkeypatch.setattr(sftkit.train, "tokenizer_and_data", interrupted)
     with pytest.raises(Interrupted, match=f"^stopped at once, before training began: this run wrote nothing in {out}$"):
         train(config(out, "--training.learning_rate", "1e-4"), overwrite=True)
     assert contents(out) == before
