@@ -99,11 +99,11 @@ class MonitoredSFTTrainer(TrainerWorkarounds, SFTTrainer):
             super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, trial, *args, **kwargs)
         except StopRequested:
             self.guard.stop_after_the_step(self.args, self.state, self.control, self.model)
-        finally:
-            self.guard.between_steps = False
             if self.control.should_save:
                 self._save_checkpoint(model, trial)
                 self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+        finally:
+            self.guard.between_steps = False
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # the backward pass too: activation checkpointing runs each layer's forward again there

@@ -444,6 +444,25 @@ def test_a_signal_during_an_evaluation_between_steps_saves_that_steps_checkpoint
            "evaluation)." in (last / "README.md").read_text()
 
 
+def test_a_checkpoint_save_that_fails_is_not_tried_again_on_the_way_out(tmp_path, monkeypatch):
+    """The hook that saves a signal's checkpoint after a stopped evaluation saved again as any error left it: under
+    ZeRO-2 a full disk's RunFailed on one process sent it into a second save's collectives while the other waited in
+    the first one's, and both hung until ddp_timeout (30 minutes), deaf to SIGTERM."""
+    import transformers
+
+    saves = []
+
+    def failing_save(self, output_dir):
+        saves.append(self.state.global_step)
+        raise ValueError("the optimizer's states could not be written")
+
+    monkeypatch.setattr(transformers.Trainer, "_save_optimizer_and_scheduler", failing_save)
+    with pytest.raises(ValueError, match="the optimizer's states could not be written"):
+        train(load_config(None, ["--training.output_dir", str(tmp_path / "out"), "--training.max_steps", "3",
+                                 "--training.save_strategy", "steps", "--training.save_steps", "2"]))
+    assert saves == [2]
+
+
 def test_a_signal_during_the_final_evaluation_stops_it_and_the_model_is_exported(tmp_path, monkeypatch):
     """The evaluation after the last step ran to its end first (minutes on a large eval set), so the SIGKILL a
     scheduler sends seconds after its SIGTERM lost the whole run: no checkpoint, no model."""
