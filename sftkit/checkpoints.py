@@ -406,6 +406,8 @@ def newest_checkpoint_words(output_dir: Path, max_steps: int | None = None) -> s
     """Where a failed run can continue from, for its error message."""
     newest = newest_resumable(output_dir)
     if newest is None:
-        return "no checkpoint was saved (set training.save_strategy: steps to keep some)"
+        saving = ((read_run_record(output_dir) or {}).get("config", {}).get("training", {})).get("save_strategy", "no")
+        return "no checkpoint was saved" + (" (set training.save_strategy: steps to keep some)" if saving == "no" else
+                                            " yet")
     of = f" of {max_steps}" if max_steps else ""
     return f"the newest checkpoint is {newest} (step {newest.name.rsplit('-', 1)[-1]}{of})"

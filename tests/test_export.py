@@ -53,6 +53,15 @@ def test_a_diverged_run_stops_names_the_step_and_publishes_nothing(tmp_path):
     assert json.loads((out / RUN_FILE).read_text())["status"] == "failed"
 
 
+def test_a_run_that_saves_checkpoints_is_not_told_to_turn_saving_on(tmp_path):
+    """Stopped before its first checkpoint, a run with save_strategy steps was told "set training.save_strategy:
+    steps to keep some"."""
+    with pytest.raises(RunFailed, match=r"Nothing was published; no checkpoint was saved yet$"):
+        train(config(tmp_path / "out", "default_train_config.yaml", "--training.max_steps", "30",
+                     "--training.learning_rate", "1e6", "--training.save_strategy", "steps", "--training.save_steps",
+                     "20"))
+
+
 def test_gradients_that_are_not_finite_stop_the_run_before_their_step_is_saved(tmp_path):
     """A finite loss with an inf gradient (bf16 has no loss scaler to skip the step; here one step's gradient is made
     inf) turns the clipped update, and so the weights, into nan: that step's checkpoint is never written."""
