@@ -313,6 +313,9 @@ class StopGuard(TrainerCallback):
             control.should_training_stop = True
             keep_checkpoints_at_an_early_stop(args)
         elif signalled:
+            if self.received is None and first_on_its_machine():  # a signal to another process alone (kill PID)
+                print("\nsftkit: another process of the run received a signal: the run stops after this step",
+                      file=sys.stderr, flush=True)
             self.received = self.received or signal.SIGTERM
             control.should_evaluate = False  # the checkpoint first: a SIGKILL follows a scheduler's SIGTERM
             control.should_training_stop = True
