@@ -26,7 +26,8 @@ def build_summary(trainer, config, data, dtype, parameters: tuple[int, int], rep
     best = best_checkpoint_step(trainer)
     if best is not None:  # the model published is that checkpoint's, evaluated at its step
         evaluations.append(next(evaluation for evaluation in evaluations if evaluation[0] == best))
-    eval_losses = [loss for _, loss in evaluations]
+    start = evaluations[0][1] if evaluations and evaluations[0][0] == 0 else None  # eval_on_start's
+    end = evaluations[-1] if evaluations and evaluations[-1][0] > 0 else (None, None)  # none: the final one skipped
     return {
         "wall_seconds": seconds["wall_seconds"],
         "steps": state.global_step,
@@ -39,9 +40,9 @@ def build_summary(trainer, config, data, dtype, parameters: tuple[int, int], rep
         "train_loss_first": losses[0] if losses else None,
         "train_loss_last": losses[-1] if losses else None,
         "train_loss_mean": mean_logged_loss(history),
-        "eval_loss_first": eval_losses[0] if len(eval_losses) > 1 else None,
-        "eval_loss": eval_losses[-1] if eval_losses else None,
-        "eval_loss_step": evaluations[-1][0] if evaluations else None,  # before the last step where a stop skipped it
+        "eval_loss_first": start,
+        "eval_loss": end[1],
+        "eval_loss_step": end[0],  # before the last step where a stop skipped the final evaluation
         "best_checkpoint_step": best,
         "rows": data.rows,
         "train_rows": len(data.train),
@@ -306,7 +307,9 @@ def format_summary(summary: dict) -> str:
                        f"(first -> last log), {_number(summary['train_loss_mean'])} mean"),
         *([("eval loss", f"{_number(summary['eval_loss_first'])} -> {_number(summary['eval_loss'])} (start -> "
                          f"{_eval_end_words(summary)})")]
-          if summary["eval_loss"] is not None else []),  # no evaluation data
+          if summary["eval_loss"] is not None else
+          [("eval loss", f"{_number(summary['eval_loss_first'])} at the start (a stop skipped the final evaluation)")]
+          if summary["eval_loss_first"] is not None else []),  # no evaluation data
         ("rows", f"{summary['rows']} read, dropped: {describe_dropped(summary['rows_dropped'])}"
                  + (f"; {summary['rows_cut']} cut to max_seq_length" if summary.get("rows_cut") else "")
                  + (f"; dropped from the eval data: {describe_dropped(summary['eval_rows_dropped'], only_some=True)}"

@@ -117,6 +117,12 @@ TORCH_WRITE_ERRORS = ("iostream error", "unexpected pos", "PytorchStreamWriter f
 SAFETENSORS_ERRNO = re.compile(r"I/O error: (.+) \(os error (\d+)\)")
 
 
+def _file_size_limited() -> bool:
+    import resource
+
+    return resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY
+
+
 def disk_failure(error: BaseException, directory) -> str | None:
     """Why a failed write failed, where its disk is the cause (DISK_ERRNOS, torch's writer's errors, a filesystem
     left with next to nothing free: safetensors raises its own error on a full disk); else None."""
@@ -125,7 +131,8 @@ def disk_failure(error: BaseException, directory) -> str | None:
         if isinstance(seen, OSError) and seen.errno in DISK_ERRNOS:
             found = seen.strerror or os.strerror(seen.errno)
         elif isinstance(seen, RuntimeError) and any(words in str(seen) for words in TORCH_WRITE_ERRORS):
-            found = f"the file could not be written ({first_line(seen)})"
+            found = "File too large (beyond the file size limit, ulimit -f)" if _file_size_limited() else \
+                f"the file could not be written ({first_line(seen)})"
         elif (written := SAFETENSORS_ERRNO.search(str(seen))) and int(written[2]) in DISK_ERRNOS:
             found = written[1]
         seen = seen.__cause__ or seen.__context__

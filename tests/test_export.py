@@ -514,7 +514,8 @@ def test_a_checkpoint_too_large_for_a_file_size_limit_is_removed_and_training_go
     out = tmp_path / "out"
     result = run_python("sft.py", "--training.output_dir", str(out), *SHORT[:2], "--training.save_strategy", "steps",
                         "--training.save_steps", "2", preexec_fn=file_size_limit)
-    assert f"sftkit: warning: could not save {out}/checkpoint-2: the file could not be written (" in result.stderr
+    assert f"sftkit: warning: could not save {out}/checkpoint-2: File too large (beyond the file size limit, ulimit " \
+           "-f)" in result.stderr
     assert "training goes on (mend the disk: the export at the end waits for it)" in result.stderr
     assert not list(out.glob("checkpoint-*")) and (out / "model.safetensors").is_file()
     assert json.loads((out / RUN_FILE).read_text())["status"] == "finished"

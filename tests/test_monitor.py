@@ -466,14 +466,20 @@ def test_a_checkpoint_save_that_fails_is_not_tried_again_on_the_way_out(tmp_path
 def test_a_signal_during_the_final_evaluation_stops_it_and_the_model_is_exported(tmp_path, monkeypatch):
     """The evaluation after the last step ran to its end first (minutes on a large eval set), so the SIGKILL a
     scheduler sends seconds after its SIGTERM lost the whole run: no checkpoint, no model."""
-    evaluated = signal_at(monkeypatch, "on_prediction_step", 2).calls
+    from sftkit.report import format_summary
+
+    evaluated = signal_at(monkeypatch, "on_prediction_step", 16 + 2).calls
     out = tmp_path / "out"
     run = train(load_config(None, ["--training.output_dir", str(out), "--training.max_steps", "3",
-                                   "--training.eval_on_start", "false", "--training.per_device_eval_batch_size", "1"]))
-    assert len(evaluated) == 2  # of 16 eval rows
+                                   "--training.per_device_eval_batch_size", "1"]))
+    assert evaluated == [0] * 16 + [3] * 2  # the evaluation at the start, then 2 of the final one's 16 rows
     assert (out / "model.safetensors").is_file() and json.loads((out / "sftkit_run.json").read_text())["status"] == \
         "finished"
     assert run.summary["eval_loss"] is None and run.summary["sample_reply"] is None
+    # the start's eval loss is not shown as the end's, the trained model's ("n/a -> 3.191 (start -> step 0...)")
+    assert run.summary["eval_loss_first"] > 3 and \
+        f"{run.summary['eval_loss_first']:.3f} at the start (a stop skipped the final evaluation)" in \
+        format_summary(run.summary)
 
 
 def test_a_signal_in_the_evaluation_before_the_first_step_stops_it_at_once(tmp_path, monkeypatch, capsys):
