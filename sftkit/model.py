@@ -78,7 +78,7 @@ def with_base_pinned(config: RunConfig) -> RunConfig:
     so that a resume, the export's merge and the adapter's revision (lora_config) all use the weights the run began
     on: a repository updated upstream meanwhile gave a resumed LoRA run another base, silently. The commit is saved
     with the config and fingerprinted, so a resume after such an update is refused and names both commits. Unchanged
-    where the model is a local directory, already a commit, or cannot be looked up (check_model_source says why)."""
+    where the model is a local directory or already a commit; ConfigError where it cannot be looked up."""
     from transformers.utils.hub import cached_file, extract_commit_hash
 
     model_cfg = config.model
@@ -86,8 +86,8 @@ def with_base_pinned(config: RunConfig) -> RunConfig:
         return config
     try:
         found = cached_file(model_cfg.path, "config.json", revision=model_cfg.revision)
-    except Exception:  # a repository that does not exist, is gated, or cannot be reached
-        return config
+    except Exception as error:  # not found, gated or unreachable: said now, not after check_model_source's retries
+        raise _unreadable_config(model_cfg, error) from error
     commit = extract_commit_hash(found, None)
     if commit is None:
         return config
@@ -101,21 +101,24 @@ def _read_model_config(model_cfg: ModelConfig):
         return AutoConfig.from_pretrained(resolve_path(model_cfg.path), revision=model_cfg.revision,
                                           trust_remote_code=model_cfg.trust_remote_code)
     except Exception as error:  # transformers raises ValueError, OSError, KeyError...: all mean "cannot read it"
-        message = str(error)
-        if "trust_remote_code" in message:
-            raise ConfigError(f"model.path {model_cfg.path} ships its own modeling code; set "
-                              "model.trust_remote_code: true if you trust it") from error
-        if "does not recognize this architecture" in message:
-            import transformers
+        raise _unreadable_config(model_cfg, error) from error
 
-            raise ConfigError(f"model.path {model_cfg.path}: transformers {transformers.__version__} does not know its "
-                              "model_type; upgrade transformers, or, if the model ships its own modeling code "
-                              "(auto_map in config.json), set model.trust_remote_code: true") from error
-        # a hub id and a local path look alike (org/name, models/my-llama): say both were tried
-        local = "" if Path(resolve_path(model_cfg.path)).exists() else \
-            f"; no local directory {model_cfg.path} either{looked_in(model_cfg.path)}"
-        raise ConfigError(f"model.path {model_cfg.path}: cannot read its config.json: {first_line(error)}{local}") \
-            from error
+
+def _unreadable_config(model_cfg: ModelConfig, error: Exception) -> ConfigError:
+    message = str(error)
+    if "trust_remote_code" in message:
+        return ConfigError(f"model.path {model_cfg.path} ships its own modeling code; set model.trust_remote_code: "
+                           "true if you trust it")
+    if "does not recognize this architecture" in message:
+        import transformers
+
+        return ConfigError(f"model.path {model_cfg.path}: transformers {transformers.__version__} does not know its "
+                           "model_type; upgrade transformers, or, if the model ships its own modeling code (auto_map "
+                           "in config.json), set model.trust_remote_code: true")
+    # a hub id and a local path look alike (org/name, models/my-llama): say both were tried
+    local = "" if Path(resolve_path(model_cfg.path)).exists() else \
+        f"; no local directory {model_cfg.path} either{looked_in(model_cfg.path)}"
+    return ConfigError(f"model.path {model_cfg.path}: cannot read its config.json: {first_line(error)}{local}")
 
 
 def _meta_model(model_cfg: ModelConfig, hf_config):

@@ -399,6 +399,17 @@ def test_a_model_path_that_is_neither_on_the_hub_nor_here_says_both(tmp_path):
     assert line.endswith(f"; no local directory models/my-llama either (looked in {REPO})")
 
 
+def test_a_hub_that_cannot_be_reached_is_asked_once_for_the_model(tmp_path):
+    """The commit pin (model.with_base_pinned) looked the model up, failed after its retries (23 s here), and left
+    the error to check_model_source, which asked the hub again: 46 s, and every retry said twice."""
+    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    result = run_python("sft.py", "--dry-run", "--model.path", "someorg/some-model", "--training.output_dir",
+                        str(tmp_path / "out"), env=env, check=False)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(
+        "sft.py: error: model.path someorg/some-model: cannot read its config.json: We couldn't connect to")
+    assert result.stderr.count("Retrying in") == 5, result.stderr[-3000:]  # huggingface_hub's one round of them
+
+
 @pytest.mark.parametrize(("env", "expected"), [
     ({"HF_HUB_OFFLINE": "1"}, "training.push_to_hub: true needs the hub, but HF_HUB_OFFLINE is set"),
     ({}, "training.push_to_hub: true needs a hub login: run `hf auth login` or set HF_TOKEN"),
