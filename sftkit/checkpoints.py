@@ -350,10 +350,10 @@ def drop_unsaved_checkpoint(args, step: int, error: Exception, reason: str) -> N
     checkpoint = checkpoint_dir(args.output_dir, step)
     if args.should_save:
         shutil.rmtree(checkpoint, ignore_errors=True)
-    reason = f"could not save {checkpoint}: {reason}"
+    unsaved = f"could not save {checkpoint}: {reason}"
     if args.world_size > 1:
-        raise RunFailed(f"{reason}; {newest_checkpoint_words(Path(args.output_dir))}") from error
-    logger.warning(f"{reason}; training goes on (mend the disk: the export at the end waits for it)")
+        raise RunFailed(f"{unsaved}; {newest_checkpoint_words(Path(args.output_dir))}") from error
+    logger.warning(f"{unsaved}; training goes on (mend the disk: the export at the end waits for it)")
 
 
 class RecordRunInCheckpoints(TrainerCallback):

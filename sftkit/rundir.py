@@ -468,10 +468,10 @@ class OutputDir:
                 else:
                     shutil.rmtree(item) if item.is_dir() else item.unlink()
         if removed:
-            kept = [f"{name} (this run's config)" for name in kept] + \
+            left = [f"{name} (this run's config)" for name in kept] + \
                 ([f"{', '.join(contents.foreign)} (not written by sftkit)"] if contents.foreign else [])
             print(f"sftkit: --overwrite: removed {len(removed)} item(s) of the earlier run in {self.path}"
-                  f"{'; kept ' + ', '.join(kept) if kept else ''}", flush=True)
+                  f"{'; kept ' + ', '.join(left) if left else ''}", flush=True)
 
 
 def _remove_written_files(directory: Path, recorded: list) -> None:
