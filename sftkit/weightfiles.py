@@ -108,7 +108,8 @@ def check_free_space(directory: Path, needed: int, when: str) -> str | None:
 
 # A write that failed for its disk: no space or quota, a file too large for the filesystem or a size limit (ulimit -f,
 # FAT32's 4 GiB), an I/O error, a filesystem gone read-only or stale (NFS), a permission taken away.
-DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS, errno.ESTALE, errno.EACCES)
+SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+DISK_ERRNOS = (*SPACE_ERRNOS, errno.EFBIG, errno.EIO, errno.EROFS, errno.ESTALE, errno.EACCES)
 # torch.save's writer says only this, without an errno (torch 2.13): "basic_ios::clear: iostream error", "[enforce
 # fail at inline_container.cc] . unexpected pos", "PytorchStreamWriter failed writing file"
 TORCH_WRITE_ERRORS = ("iostream error", "unexpected pos", "PytorchStreamWriter failed writing")
@@ -125,17 +126,21 @@ def _file_size_limited() -> bool:
 
 def disk_failure(error: BaseException, directory) -> str | None:
     """Why a failed write failed, where its disk is the cause (DISK_ERRNOS, torch's writer's errors, a filesystem
-    left with next to nothing free: safetensors raises its own error on a full disk); else None."""
-    seen, found = error, None
+    left with next to nothing free: safetensors raises its own error on a full disk); else None. A precise cause (a
+    read-only disk, an I/O error, a file size limit) is named even on a nearly full disk."""
+    seen, found, precise = error, None, False
     while seen is not None and found is None:
         if isinstance(seen, OSError) and seen.errno in DISK_ERRNOS:
-            found = seen.strerror or os.strerror(seen.errno)
+            found, precise = seen.strerror or os.strerror(seen.errno), seen.errno not in SPACE_ERRNOS
         elif isinstance(seen, RuntimeError) and any(words in str(seen) for words in TORCH_WRITE_ERRORS):
-            found = "File too large (beyond the file size limit, ulimit -f)" if _file_size_limited() else \
+            precise = _file_size_limited()
+            found = "File too large (beyond the file size limit, ulimit -f)" if precise else \
                 f"the file could not be written ({first_line(seen)})"
         elif (written := SAFETENSORS_ERRNO.search(str(seen))) and int(written[2]) in DISK_ERRNOS:
-            found = written[1]
+            found, precise = written[1], int(written[2]) not in SPACE_ERRNOS
         seen = seen.__cause__ or seen.__context__
+    if precise:
+        return found
     try:
         usage = shutil.disk_usage(directory)
     except OSError:

@@ -541,6 +541,19 @@ def test_a_weights_file_too_large_for_a_file_size_limit_is_a_disk_failure(tmp_pa
     assert disk_failure(ValueError("a bug, not a disk"), tmp_path) is None
 
 
+def test_a_precise_disk_error_is_named_on_a_nearly_full_disk(small_disk):
+    """A read-only or failing disk that was also nearly full was said to be "full": the user freed space and the
+    next save failed again."""
+    import errno
+
+    from sftkit.weightfiles import disk_failure
+
+    (small_disk / "filler").write_bytes(b"\0" * (12 * 2**20 - 4096))
+    assert disk_failure(OSError(errno.EROFS, "Read-only file system"), small_disk) == "Read-only file system"
+    assert disk_failure(OSError(errno.EIO, "Input/output error"), small_disk) == "Input/output error"
+    assert disk_failure(OSError(errno.ENOSPC, "No space left on device"), small_disk) == "its disk is full"
+
+
 def test_a_checkpoint_the_full_disk_cuts_short_is_removed_and_training_goes_on(small_disk, monkeypatch, capsys):
     """torch.save raised its RuntimeError through the Trainer: a traceback, the trained model lost, and the cut
     checkpoint left among the good ones."""
