@@ -14,7 +14,15 @@ from pathlib import Path
 from sftkit.config import load_config
 from sftkit.engines import is_main_process
 from sftkit.environment import sftkit_version
-from sftkit.errors import AlreadyFinished, ConfigError, Interrupted, OneLineArgumentParser, SftkitError, say_error
+from sftkit.errors import (
+    AlreadyFinished,
+    ConfigError,
+    FailedHere,
+    Interrupted,
+    OneLineArgumentParser,
+    SftkitError,
+    say_error,
+)
 from sftkit.fastpath import use_expandable_segments
 from sftkit.peers import lost_contact, report_failure, says_errors, watch
 from sftkit.schema import SECTIONS, section_help
@@ -114,7 +122,7 @@ def _run(args, overrides: list[str], prog: str) -> int:
             print(f"{prog}: {stop}", file=sys.stderr)
         return stop.exit_code
     except SftkitError as error:
-        if says_errors():
+        if says_errors() or isinstance(error, FailedHere):
             say_error(prog, error)
         report_failure(str(error))
         if isinstance(error, ConfigError) and not says_errors():
@@ -129,9 +137,9 @@ def _run(args, overrides: list[str], prog: str) -> int:
     except Exception as error:
         lost = lost_contact(error)
         if lost and config is not None and says_errors():  # each machine's log: the main one may be the one gone
-            from sftkit.checkpoints import newest_checkpoint_words
+            from sftkit.export import kept_work_words
 
-            lost += f"; {newest_checkpoint_words(Path(config.training.output_dir))}"
+            lost += f"; {kept_work_words(Path(config.training.output_dir))}"
         if lost and says_errors():  # once per machine: the others of a machine lose contact alike
             print(f"\n{prog}: error: {lost}", file=sys.stderr, flush=True)
         report_failure(lost or f"{type(error).__name__}: {error}")

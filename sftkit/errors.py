@@ -30,6 +30,11 @@ class RunFailed(SftkitError):
     kept and where. Exit code 1."""
 
 
+class FailedHere(RunFailed):
+    """A RunFailed of this process alone (its final evaluation ran out of memory, say): it says so whatever its rank,
+    where the others, left waiting for it, say only that they lost contact."""
+
+
 class Interrupted(SftkitError):
     """Training stopped on Ctrl-C or SIGTERM after saving a checkpoint; the message says how to resume. Exit code
     128 + the signal's number, as a shell reports a process killed by it."""

@@ -66,6 +66,14 @@ def export(trainer, run_config, tokenizer, dtype, weights, parameters: tuple[int
     """Save the trained model; every process must call this (under ZeRO-3 saving gathers from all of them).
     `weights` is the dtype they trained in (model.weights_dtype) and `parameters` (trainable, total), for the space
     the export needs."""
+    stage_trained_weights(trainer, run_config, tokenizer, dtype, weights, parameters)
+    return publish_staged(trainer, run_config, dtype)
+
+
+def stage_trained_weights(trainer, run_config, tokenizer, dtype, weights, parameters: tuple[int, int]) -> None:
+    """The export's first half, on every process: the trained weights written to the staging directory. From there
+    a failure or a kill of what follows (the final evaluation, the merge) leaves them for `python -m sftkit.export`
+    to finish."""
     output_dir = Path(trainer.args.output_dir)
     staging = output_dir / STAGING_DIR
     lora = run_config.model.use_lora
@@ -81,16 +89,50 @@ def export(trainer, run_config, tokenizer, dtype, weights, parameters: tuple[int
         trainer.save_model(str(staging / ADAPTER_DIR if lora else staging))
         if main and lora:  # PEFT's empty card template ("[More Information Needed]"); output_dir/README.md describes it
             (staging / ADAPTER_DIR / "README.md").unlink(missing_ok=True)
+        failure = None
     except Exception as error:  # OSError, or safetensors' own error on a full disk
         if lost := lost_contact(error):  # before or in the ZeRO-3 or FSDP gather: no weights reached this process
             raise _lost_before_the_weights(f"{lost}; it happened before the weights were written", output_dir, lora,
                                            main) from error
-        what = f"could not write the trained {'adapter' if lora else 'model'} to {staging}: {first_line(error)}"
-        raise _lost_before_the_weights(what, output_dir, lora, main) from error
-    if main:  # the others are done and leave: waiting for the merge and checks of a large model at a barrier, they
-        # would be torn down by NCCL's watchdog after training.ddp_timeout, and the launcher would stop this process
+        failure = error
+    if _failed_anywhere(trainer, failure is not None):
+        what = f"could not write the trained {'adapter' if lora else 'model'} to {staging}: {first_line(failure)}" \
+            if failure is not None else "another process could not write the trained weights (why is in its output)"
+        raise _lost_before_the_weights(what, output_dir, lora, main) from failure
+
+
+def _failed_anywhere(trainer, failed: bool) -> bool:
+    """Whether writing the weights failed on any process: then every one stops here, where the others would wait for
+    the failed one in the final evaluation's collectives."""
+    if trainer.args.world_size < 2:
+        return failed
+    import torch
+
+    flag = torch.tensor(float(failed), device=trainer.args.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def publish_staged(trainer, run_config, dtype) -> Path:
+    """The export's second half: the main process merges, checks and publishes the staged weights."""
+    output_dir = Path(trainer.args.output_dir)
+    if trainer.accelerator.is_main_process:  # the others are done and leave: waiting for the merge and checks of a
+        # large model at a barrier, they would be torn down by NCCL's watchdog after training.ddp_timeout, and the
+        # launcher would stop this process
         finish_export(output_dir, run_config.model, dtype)
     return output_dir
+
+
+def kept_work_words(output_dir: Path) -> str:
+    """Where the work of a run that failed is kept, for its error message: its trained weights, once written to the
+    staging directory (the final evaluation or the merge failed after), else its newest checkpoint."""
+    from sftkit.checkpoints import newest_checkpoint_words
+
+    staging = output_dir / STAGING_DIR
+    kept, what = (staging / ADAPTER_DIR, "adapter") if (staging / ADAPTER_DIR).is_dir() else (staging, "model")
+    if missing_weights(kept, "adapter_model" if what == "adapter" else "model") is not None:
+        return newest_checkpoint_words(output_dir)
+    return f"the trained {what} is kept in {kept}: finish the export with: python -m sftkit.export {output_dir}"
 
 
 def _lost_before_the_weights(lost: str, output_dir: Path, lora: bool, main: bool) -> RunFailed:
@@ -516,6 +558,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m sftkit.export") -
                               "is missing)")
         lock.take_lock()  # not while a run still writes there
         import torch
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # the merge's loading and saving bars, as in a run
 
         model_cfg = read_section(ModelConfig, record["config"]["model"], "model", args.output_dir)
         _recover_weights(args.output_dir, model_cfg.use_lora)

@@ -1,5 +1,5 @@
-"""One run, top to bottom: output_dir -> tokenizer -> data -> model -> SFTTrainer -> train -> evaluate -> export ->
-summary.
+"""One run, top to bottom: output_dir -> tokenizer -> data -> model -> SFTTrainer -> train -> the trained weights
+staged -> evaluate -> merge and publish -> summary.
 
     accelerate launch sft.py --config configs/lora_train_config.yaml
 """
@@ -29,8 +29,8 @@ from sftkit.checkpoints import (
 from sftkit.checks import machine_errors
 from sftkit.command import resume_words
 from sftkit.compat import allow_fsdp_on_cpu, check_fsdp_on
-from sftkit.errors import ConfigError, Interrupted, RunFailed, first_line
-from sftkit.export import export
+from sftkit.errors import ConfigError, FailedHere, Interrupted, RunFailed, first_line
+from sftkit.export import kept_work_words, publish_staged, stage_trained_weights
 from sftkit.fastpath import describe as describe_speed
 from sftkit.layout import STAGING_DIR, checkpoint_dir
 from sftkit.model import (
@@ -54,7 +54,7 @@ from sftkit.monitor import (
     sample_replies,
 )
 from sftkit.paths import resolve_path
-from sftkit.peers import check_every_process_runs_the_same, check_output_dir_is_shared
+from sftkit.peers import check_every_process_runs_the_same, check_output_dir_is_shared, lost_contact
 from sftkit.report import best_checkpoint_step, build_summary, report, write_report
 from sftkit.rundir import OutputDir, refuse_before_claiming
 from sftkit.runrecord import trained_to_step
@@ -153,21 +153,25 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
         train_seconds = timing.seconds()["train_seconds"]
         _stop_unless_trained(trainer)
         extras = not _asked_to_stop(trainer)
-        evaluated = _last_eval_step(trainer.state.log_history) == trainer.state.global_step or \
-            best_checkpoint_step(trainer) is not None  # the model is that checkpoint's, evaluated at its step
-        if extras and data.eval is not None and not evaluated:
-            extras = _evaluated_unless_stopped(trainer)
-        reply = _final_reply(trainer, tokenizer, data.sample_prompts) if extras else None
         if trainer.accelerator.is_main_process:
             output.mark("exporting", dtype=str(dtype).removeprefix("torch."), step=trainer.state.global_step,
                         chosen=sorted(choice.key for choice in config.speed if choice.chosen))  # see export.main
+        reply = None
 
         def summary() -> dict:  # taken once the export has ended, whose seconds its wall time counts
             return build_summary(trainer, config, data, dtype, parameters, reply, timing.seconds(), train_seconds,
                                  memory_at_start)
 
         try:
-            output_dir = export(trainer, config, tokenizer, dtype, weights, parameters)
+            # the trained weights on disk first: a failure or a kill in the final evaluation or the sample reply
+            # (one process's out-of-memory error leaves the others waiting in its collectives) keeps them
+            stage_trained_weights(trainer, config, tokenizer, dtype, weights, parameters)
+            evaluated = _last_eval_step(trainer.state.log_history) == trainer.state.global_step or \
+                best_checkpoint_step(trainer) is not None  # the model is that checkpoint's, evaluated at its step
+            if extras and data.eval is not None and not evaluated:
+                extras = _evaluated_unless_stopped(trainer)
+            reply = _final_reply(trainer, tokenizer, data.sample_prompts) if extras else None
+            output_dir = publish_staged(trainer, config, dtype)
         except RunFailed:
             if trainer.accelerator.is_main_process:
                 _keep_report_with_the_export(trainer, config, summary())
@@ -258,15 +262,19 @@ def _asked_to_stop(trainer) -> bool:
 
 
 def _evaluated_unless_stopped(trainer) -> bool:
-    """The final evaluation; False where a signal stopped it, or where it failed in a run of one process (with more,
-    the others would wait for the failed one in the evaluation's collectives), so that the export comes next."""
+    """The final evaluation; False where a signal stopped it, or where it failed in a run of one process, so that the
+    export comes next. With more, the others would wait for the failed one in the evaluation's collectives: the run
+    stops, its trained weights staged."""
     try:
         trainer.evaluate()
     except StopRequested:
         return False
     except Exception as error:
         if trainer.args.world_size > 1:
-            raise
+            why = lost_contact(error) or f"failed on process {trainer.args.process_index} ({type(error).__name__}: " \
+                f"{first_line(error)})"
+            raise FailedHere(f"the final evaluation {why}; {kept_work_words(Path(trainer.args.output_dir))}") \
+                from error
         logger.warning(f"the final evaluation failed ({type(error).__name__}: {first_line(error)}); the trained model "
                        "is exported without it")
         return False

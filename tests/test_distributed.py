@@ -315,3 +315,44 @@ def test_a_zero2_checkpoint_resumed_under_zero3_is_refused_before_loading_with_o
     result = accelerate_launch("cpu_ddp_2proc.yaml", *saving, "--training.max_steps", "2", timeout=180)
     assert result.returncode != 0 and result.stderr.count(f"{out} already holds a trained model") == 1
     assert "lost contact" not in result.stderr, result.stderr[-3000:]
+
+
+def test_a_final_evaluation_failing_on_one_process_keeps_the_trained_model(tmp_path):
+    """Process 1 alone ran out of memory in the final evaluation: process 0 waited for it in the evaluation's
+    collectives until the launch was torn down, and nothing of the trained model was on disk (no checkpoint at the
+    last step). The weights are now written before the evaluation, and `sftkit export` publishes them."""
+    from sftkit.export import main as export_main
+    from sftkit.layout import ADAPTER_DIR, RUN_FILE, STAGING_DIR
+
+    script = tmp_path / "sft_eval_oom.py"
+    script.write_text(f"""import os, sys
+sys.path.insert(0, {str(REPO)!r})
+import torch
+from sftkit import monitor
+prediction_step = monitor.MonitoredSFTTrainer.prediction_step
+
+def out_of_memory_on_process_1(self, *args, **kwargs):
+    if self.guard.training_over and os.environ["RANK"] == "1":
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 7.83 GiB")
+    return prediction_step(self, *args, **kwargs)
+
+monitor.MonitoredSFTTrainer.prediction_step = out_of_memory_on_process_1
+from sftkit.cli import main
+raise SystemExit(main())
+""")
+    out = tmp_path / "out"
+    started = time.perf_counter()
+    result = subprocess.run([ACCELERATE, "launch", "--config_file", "accelerate_configs/cpu_zero3_2proc.yaml",
+                             "--num_processes", "2", str(script), "--config", "lora_train_config.yaml",
+                             "--training.output_dir", str(out), "--training.max_steps", "4"],
+                            cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert result.returncode != 0 and time.perf_counter() - started < 300, result.stderr[-3000:]
+    kept = f"the trained adapter is kept in {out / STAGING_DIR / ADAPTER_DIR}: finish the export with: python -m " \
+           f"sftkit.export {out}"
+    assert f"sft.py: error: the final evaluation failed on process 1 (OutOfMemoryError: CUDA out of memory. Tried to " \
+           f"allocate 7.83 GiB); {kept}" in result.stderr, result.stderr[-3000:]
+    assert not list(out.glob("checkpoint-*")) and not (out / "config.json").exists()
+    assert export_main([str(out)]) == 0
+    AutoModelForCausalLM.from_pretrained(out)
+    assert (out / ADAPTER_DIR / "adapter_model.safetensors").is_file()
+    assert json.loads((out / RUN_FILE).read_text())["status"] == "finished"

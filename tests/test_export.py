@@ -309,6 +309,35 @@ def test_an_export_killed_while_writing_the_weights_is_finished_from_the_last_st
     assert json.loads((out / RUN_FILE).read_text())["status"] == "finished"
 
 
+def test_a_run_killed_in_its_final_evaluation_keeps_the_trained_model(tmp_path, capsys):
+    """A kill during the final evaluation (the OOM killer, a scheduler's SIGKILL; a large eval set takes minutes)
+    lost the trained model where no checkpoint held its last step: the weights were written only after it."""
+    out = tmp_path / "out"
+    script = tmp_path / "sft_killed_in_eval.py"
+    script.write_text(f"""import os, sys
+sys.path.insert(0, {str(REPO)!r})
+from sftkit import monitor
+prediction_step = monitor.MonitoredSFTTrainer.prediction_step
+
+def killed_in_the_final_evaluation(self, *args, **kwargs):
+    if self.guard.training_over:
+        os._exit(137)
+    return prediction_step(self, *args, **kwargs)
+
+monitor.MonitoredSFTTrainer.prediction_step = killed_in_the_final_evaluation
+from sftkit.cli import main
+raise SystemExit(main())
+""")
+    args = ["--training.output_dir", str(out), "--training.max_steps", "3"]  # with the config's eval rows
+    result = run_python(str(script), *args, check=False)
+    assert result.returncode == 137, result.stderr[-2000:]
+    rerun = run_sft(*args, check=False)
+    assert f"finish its export with python -m sftkit.export {out}" in rerun.stderr, rerun.stderr[-2000:]
+    assert export_main([str(out)]) == 0, capsys.readouterr().err
+    AutoModelForCausalLM.from_pretrained(out)
+    assert json.loads((out / RUN_FILE).read_text())["status"] == "finished"
+
+
 @pytest.mark.parametrize("own_record", [True, False])
 def test_an_export_killed_after_a_resume_that_trains_longer_never_publishes_the_first_attempts_last_step(
         tmp_path, capsys, own_record):
@@ -440,16 +469,16 @@ def test_a_disk_full_as_training_ends_waits_for_space_and_publishes_the_model(sm
     import sftkit.train as train_module
 
     out, filler = small_disk / "out", small_disk / "filler"
-    reply = train_module._final_reply
+    trained = train_module._stop_unless_trained
 
     def fill_the_disk_as_training_ends(*args):
         with contextlib.suppress(OSError), filler.open("wb") as handle:
             while True:
                 handle.write(b"\0" * 2**16)
         threading.Timer(1.0, filler.unlink).start()  # the user frees space while the export waits
-        return reply(*args)
+        return trained(*args)
 
-    monkeypatch.setattr(train_module, "_final_reply", fill_the_disk_as_training_ends)
+    monkeypatch.setattr(train_module, "_stop_unless_trained", fill_the_disk_as_training_ends)
     monkeypatch.setattr(export_module, "DISK_POLL_SECONDS", 0.5)
     run = train(config(out))
     said = capsys.readouterr()
@@ -470,7 +499,7 @@ def test_a_disk_gone_read_only_as_training_ends_is_waited_for(tmp_path, monkeypa
     import sftkit.train as train_module
 
     with tmpfs(tmp_path / "disk", "size=64m") as disk:
-        out, reply = disk / "out", train_module._final_reply
+        out, trained = disk / "out", train_module._stop_unless_trained
 
         def remount(mode: str) -> None:
             subprocess.run(["mount", "-o", f"remount,{mode}", str(disk)], check=True)
@@ -479,9 +508,9 @@ def test_a_disk_gone_read_only_as_training_ends_is_waited_for(tmp_path, monkeypa
             remount("ro")
             if mended:
                 threading.Timer(1.0, remount, ["rw"]).start()  # the admin mends it while the export waits
-            return reply(*args)
+            return trained(*args)
 
-        monkeypatch.setattr(train_module, "_final_reply", read_only_as_training_ends)
+        monkeypatch.setattr(train_module, "_stop_unless_trained", read_only_as_training_ends)
         monkeypatch.setattr(export_module, "DISK_POLL_SECONDS", 0.5)
         monkeypatch.setattr(export_module, "DISK_WAIT_SECONDS", 3 if mended else 0.5)
         try:
