@@ -224,6 +224,21 @@ class WarnOfAWarmupAsLongAsTheRun(TrainerCallback):
             logging.getLogger("sftkit").warning(outlasts)
 
 
+class SettingsToWandb(TrainerCallback):
+    """W&B's run config holds the Trainer's arguments only (transformers 5.24's WandbCallback): a sweep over
+    model.lora_config.r or the data could not tell its runs apart there. Runs after the Trainer's own callbacks, so
+    W&B's run has begun."""
+
+    def __init__(self, resolved: dict):
+        self.settings = {section: resolved[section] for section in ("model", "dataset")}  # secrets hidden
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import wandb
+
+        if state.is_world_process_zero and wandb.run is not None:
+            wandb.run.config.update({"sftkit": self.settings}, allow_val_change=True)
+
+
 class LogTheLastStep(TrainerCallback):
     """A log at the last step too (the Trainer logs every logging_steps only): otherwise the steps after the last
     multiple of logging_steps are in no log, and the summary's last and mean train loss, and the loss plot, leave

@@ -48,6 +48,7 @@ from sftkit.monitor import (
     MonitoredSFTTrainer,
     ProgressBar,
     SampleReplies,
+    SettingsToWandb,
     StopGuard,
     StopRequested,
     memory_mib,
@@ -199,6 +200,10 @@ def _trainer(config: RunConfig, model, tokenizer, data, callbacks: list, resumed
         logger.warning("packing with a model's own modeling code: transformers' built-in attention keeps packed "
                        "samples apart, custom code may let them attend to each other")
     guard = StopGuard()
+    if config.training.run_name is None:  # else W&B, MLflow and Comet name a sweep's runs at random
+        config.training.run_name = Path(config.training.output_dir).name
+    if "wandb" in config.training.report_to:
+        callbacks.append(SettingsToWandb(config.resolved))
     if config.dataset.sample_prompts:
         callbacks.append(SampleReplies(tokenizer, data.sample_prompts, resumed=resumed, guard=guard))
     allow_fsdp_on_cpu()  # before the Trainer builds its Accelerator

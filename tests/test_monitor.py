@@ -58,11 +58,44 @@ def test_tensorboard_event_files_hold_the_logged_scalars(monitored_run):
     assert scalars["eval/loss"] == [0, 12, 24]
 
 
-def test_wandb_writes_an_offline_run(monitored_run):
+def wandb_records(history: Path):
+    """The records of an offline W&B run's file (wandb 0.31): a 7-byte header (":W&B", magic, version), then
+    LevelDB-log blocks of 32 KiB whose chunks each start with a CRC, a length and a type (1: whole, 4: last part)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, position, block, pending = history.read_bytes(), 7, 32768, b""
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's tail too short for a header is padding
+            position += block - position % block
+            continue
+        length, kind = struct.unpack("<HB", data[position + 4:position + 7])
+        if length == 0 and kind == 0:
+            return
+        pending += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+            pending = b""
+
+
+def test_wandb_writes_an_offline_run_named_after_output_dir_with_sftkits_settings(monitored_run):
+    """W&B named each run of a sweep at random, and its config held the Trainer's arguments only: runs that
+    differed in model.lora_config.r or the data could not be told apart."""
     runs = list((monitored_run.root / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     (history,) = runs[0].glob("run-*.wandb")
-    assert history.stat().st_size > 1000
+    records = list(wandb_records(history))
+    assert [record.run.display_name for record in records if record.HasField("run")][0] == monitored_run.out.name
+    settings = [json.loads(item.value_json) for record in records if record.HasField("config")
+                for item in record.config.update if item.key == "sftkit"]
+    assert settings and settings[0]["model"]["path"] == "data/tiny-chat-llama"
+    assert settings[0]["dataset"]["name"] == "data/sample_chat.jsonl"
+    assert any(item.key == "learning_rate" for record in records if record.HasField("config")
+               for item in record.config.update), "the Trainer's arguments are still there"
 
 
 def test_sample_replies_at_each_evaluation_and_epoch_end(monitored_run):
