@@ -360,8 +360,9 @@ class RecordRunInCheckpoints(TrainerCallback):
     """Writes RUN_FILE into every checkpoint: this run's fingerprint and config, and its wall and training time so
     far (earlier segments of a resumed run included), so that the summary after a resume covers the whole run."""
 
-    def __init__(self, resolved: dict, earlier: dict, started: float, weights: str):
+    def __init__(self, resolved: dict, earlier: dict, started: float, weights: str, inputs: dict | None):
         self.resolved = resolved
+        self.inputs = inputs  # the digests of the run's files as it began (OutputDir.inputs)
         self.weights = weights  # the dtype the weights train in
         self.earlier = earlier
         self.started = started  # time.time() at the start of this segment (the process's start, from the CLI)
@@ -381,9 +382,9 @@ class RecordRunInCheckpoints(TrainerCallback):
             try:
                 # `files`: what the Trainer saved there, which --overwrite removes; anything added later is the user's
                 files = sorted(str(file.relative_to(checkpoint)) for file in checkpoint.rglob("*") if file.is_file())
-                write_json(checkpoint / RUN_FILE, run_record(self.resolved, step=state.global_step,
-                                                             weights=self.weights, world_size=args.world_size,
-                                                             engine=launch_engine(args), files=files, **self.seconds()))
+                write_json(checkpoint / RUN_FILE, run_record(
+                    self.resolved, inputs=self.inputs, step=state.global_step, weights=self.weights,
+                    world_size=args.world_size, engine=launch_engine(args), files=files, **self.seconds()))
             except OSError as error:  # without its record no resume accepts it
                 drop_unsaved_checkpoint(args, state.global_step, error, error.strerror or first_line(error))
                 return

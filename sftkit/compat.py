@@ -530,3 +530,14 @@ def data_code_digest() -> str:
     for path in sorted((Path(__file__).parent / "data").glob("*.py")):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def cache_named_by_contents(files: list[str]) -> str:
+    """A name for the builder config that loads local `files`. datasets 5.2 keys its cache of a local file by its
+    path and modification time alone (data_files._get_single_origin_metadata), so a file replaced by one of the same
+    time (cp -p, rsync -a, an archive's fixed times) loaded, and tokenized, the old rows from the cache. The name
+    goes into the cache's key, so other contents are read again."""
+    from sftkit.paths import file_digest
+
+    digest = hashlib.sha256("".join(file_digest(Path(file), whole=True) for file in files).encode())
+    return f"sftkit-{digest.hexdigest()[:16]}"

@@ -34,6 +34,7 @@ from sftkit.layout import (
 from sftkit.runrecord import (
     as_written,
     config_differences,
+    input_digests,
     read_run_record,
     record_written,
     run_record,
@@ -184,6 +185,7 @@ class OutputDir:
         self.replaces: Contents | None = None  # what --overwrite removes once training begins
         self.began = False  # training began (begin), in every process
         self.found: dict = {}  # the signatures of what claim found under a run's names (runrecord.signatures)
+        self.inputs: dict | None = None  # the digests of the data, template and model files as claim found them
 
     def claim(self, overwrite: bool, resume) -> None:
         """Create output_dir, lock it, and make sure it is this run's to write. Raises ConfigError otherwise.
@@ -192,6 +194,9 @@ class OutputDir:
         self._create()
         self.take_lock()
         try:
+            # before the data is read: the run and its checkpoints record what it trained on, not what a file holds
+            # when they are saved (data edited during the run was taken for the data it trained on)
+            self.inputs = input_digests(self.resolved)
             contents = self._contents_this_run_may_take(overwrite, resume)
         except BaseException:
             self.release()
@@ -260,7 +265,8 @@ class OutputDir:
         --overwrite removes the earlier run's checkpoints, the record names them: a stop midway leaves them this run's
         to remove (_saved_by_the_run), not the user's."""
         extra = {"replacing": replacing} if replacing else {}
-        write_json(self.path / RUN_FILE, run_record(self.resolved, status="training", started=time.time(), **extra))
+        write_json(self.path / RUN_FILE, run_record(self.resolved, inputs=self.inputs, status="training",
+                                                    started=time.time(), **extra))
         self.owner = True
 
     def end(self) -> None:
@@ -290,7 +296,7 @@ class OutputDir:
         that failed, with its error) beside its fingerprint; record_published says it finished."""
         if not self.owner:
             return
-        record = read_run_record(self.path) or run_record(self.resolved)
+        record = read_run_record(self.path) or run_record(self.resolved, inputs=self.inputs)
         if record.get("status") == "finished":  # this run's model is published (record_published): nothing undoes it
             return
         try:

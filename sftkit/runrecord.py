@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from sftkit.layout import RUN_FILE, SUMMARY_FILE
+from sftkit.paths import file_digest
 
 # Settings a resume may change without changing what is trained: the length of the run, logging, saving,
 # evaluation and where results go. Everything else in the resolved config is part of the fingerprint.
@@ -71,11 +72,12 @@ def config_differences(ours: dict, theirs: dict) -> list[str]:
     return differences
 
 
-def run_record(resolved: dict, **extra) -> dict:
+def run_record(resolved: dict, inputs: dict | None = None, **extra) -> dict:
+    """`inputs`: the digests of the run's files (input_digests) as the run began; taken now where None."""
     from sftkit.data import PREPARATION
 
-    return {"fingerprint": fingerprint(resolved), "config": resolved, "inputs": input_digests(resolved),
-            "preparation": PREPARATION, **extra}
+    return {"fingerprint": fingerprint(resolved), "config": resolved,
+            "inputs": input_digests(resolved) if inputs is None else inputs, "preparation": PREPARATION, **extra}
 
 
 MODEL_FILES = ("config.json", "*.safetensors", "pytorch_model*.bin", "adapter_config.json", "tokenizer.json",
@@ -101,7 +103,7 @@ def input_digests(resolved: dict) -> dict[str, str]:
         else:  # a file or a glob; nothing for a hub id, nor for a glob that matches nothing (the run says so)
             matched = local_files(name)
             files.update({f"{name}:{Path(path).name}" if path != str(root) else name: Path(path) for path in matched})
-    digests = {name: _digest(path, whole=True) for name, path in files.items()}  # read whole by the run anyway
+    digests = {name: file_digest(path, whole=True) for name, path in files.items()}  # read whole by the run anyway
     digests.update(_template_digests(dataset))
     model = resolved.get("model", {}).get("path")
     if model and Path(resolve_path(model)).is_dir():
@@ -117,35 +119,14 @@ def _template_digests(dataset: dict) -> dict[str, str]:
 
     template = dataset.get("chat_template")
     path = Path(resolve_path(template)) if template and "{" not in template else None  # a Jinja tag: the text itself
-    return {template: _digest(path, whole=True)} if path is not None and path.is_file() else {}
+    return {template: file_digest(path, whole=True)} if path is not None and path.is_file() else {}
 
 
 def _model_digests(model_dir: Path) -> dict[str, str]:
     """A model directory's config, tokenizer and weights files, by name."""
-    return {path.name: _digest(path) for pattern in MODEL_FILES for path in sorted(model_dir.glob(pattern))}
+    return {path.name: file_digest(path) for pattern in MODEL_FILES for path in sorted(model_dir.glob(pattern))}
 
 
-_DIGESTS: dict[tuple, str] = {}
-
-
-def _digest(path: Path, whole: bool = False) -> str:
-    """sha256 of a file's size and contents: all of it when `whole` or below 32 MiB, else (a model's weights) 16
-    evenly spaced 256 KiB pieces and the end, a few milliseconds. Computed once per file and modification time in a
-    process."""
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _DIGESTS:
-        digest = hashlib.sha256(str(stat.st_size).encode())
-        with path.open("rb") as handle:
-            if whole or stat.st_size <= 32 * 2**20:
-                for block in iter(lambda: handle.read(2**24), b""):
-                    digest.update(block)
-            else:
-                for offset in [stat.st_size * k // 16 for k in range(16)] + [stat.st_size - 2**18]:
-                    handle.seek(offset)
-                    digest.update(handle.read(2**18))
-        _DIGESTS[key] = digest.hexdigest()[:16]
-    return _DIGESTS[key]
 
 def changed_inputs(record: dict, resolved: dict | None = None) -> list[str]:
     """The local files (data, chat template, base model) whose contents, as the config `resolved` (the record's own
@@ -203,12 +184,12 @@ def record_published(directory: Path, **extra) -> None:
 
 
 def signature(item: Path):
-    """What an item looked like when its run wrote it: a file's size, modification time and digest (_digest); a
+    """What an item looked like when its run wrote it: a file's size, modification time and digest (file_digest); a
     directory's, those of each file in it."""
     if item.is_dir():
         return sorted([str(file.relative_to(item)), *signature(file)] for file in item.rglob("*") if file.is_file())
     stat = item.stat()
-    return [stat.st_size, stat.st_mtime_ns, _digest(item)]
+    return [stat.st_size, stat.st_mtime_ns, file_digest(item)]
 
 
 def as_written(file: Path, recorded: list) -> bool:
@@ -218,7 +199,7 @@ def as_written(file: Path, recorded: list) -> bool:
     stat = file.stat()
     if stat.st_size != recorded[0]:
         return False
-    return stat.st_mtime_ns == recorded[1] or (len(recorded) > 2 and _digest(file) == recorded[2])
+    return stat.st_mtime_ns == recorded[1] or (len(recorded) > 2 and file_digest(file) == recorded[2])
 
 
 def signatures(directory: Path, names: list[str] | None = None) -> dict:

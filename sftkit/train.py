@@ -130,7 +130,8 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
         warn_of_other_weights(resume_from, weights_name, str(dtype).removeprefix("torch."))
     model = load_model(config.model, weights, args.gradient_checkpointing)
     refuse_non_finite_weights(model, config.model.path, args)
-    timing = RecordRunInCheckpoints(config.resolved, earlier_progress(resume_from), started, weights_name)
+    timing = RecordRunInCheckpoints(config.resolved, earlier_progress(resume_from), started, weights_name,
+                                    output.inputs)
     trainer = _trainer(config, model, tokenizer, data, [timing], resumed=resume_from is not None)
     parameters = _count_parameters(trainer.model)
     if trainer.accelerator.is_main_process:

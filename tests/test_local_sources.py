@@ -288,3 +288,19 @@ def test_inspect_shows_rows_of_every_source_in_turn(tmp_path):
     samples = out.split("--- sample ")[1:]
     assert [sample.split(",")[0] for sample in samples] == [f"0 ({chats}", f"1 ({alpaca}", f"2 ({chats}"], out
     assert "Question 0?" in samples[0] and "[[Red 0." in samples[1] and "Question 1?" in samples[2], out
+
+
+def test_a_file_replaced_by_one_of_the_same_modification_time_is_read_again(tmp_path, tokenizer):
+    """datasets keys its cache of a local file by path and modification time: a new version copied in with
+    `cp -p` (or rsync -a, or unpacked from an archive) trained the old rows, tokenized, from the cache."""
+    import os
+
+    data = tmp_path / "chats.jsonl"
+    write_jsonl(data, [chat(index) for index in range(4)])
+    first = prepare_data(DatasetConfig(name=str(data)), tokenizer, max_length=128)
+    assert first.rows == 4
+    times = os.stat(data).st_atime_ns, os.stat(data).st_mtime_ns
+    write_jsonl(data, [chat(index, f"New answer {index}.") for index in range(2)])
+    os.utime(data, ns=times)
+    again = prepare_data(DatasetConfig(name=str(data)), tokenizer, max_length=128)
+    assert again.rows == 2 and replies(tokenizer, again) == ["New answer 0.<|im_end|>", "New answer 1.<|im_end|>"]

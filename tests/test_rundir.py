@@ -332,6 +332,30 @@ def test_a_failed_attempt_that_saved_nothing_can_simply_be_run_again(tmp_path):
     assert train(config(out)).summary["steps"] == 3
 
 
+def test_data_edited_while_the_run_trains_is_not_taken_for_the_data_it_trained_on(tmp_path, monkeypatch):
+    """Each checkpoint's record digested the data file as it was when the checkpoint was saved: the next version of
+    the data, written in place during a run, was recorded as what steps 1 to 3 trained on, and the resume onto it
+    was accepted without a word."""
+    from sftkit.checkpoints import RecordRunInCheckpoints
+
+    data = tmp_path / "chat.jsonl"
+    shutil.copy(REPO / "data" / "sample_chat.jsonl", data)
+    saved = RecordRunInCheckpoints.on_save
+
+    def next_version_written_after_the_first_save(self, args, state, control, **kwargs):
+        saved(self, args, state, control, **kwargs)
+        if state.global_step == 1:
+            data.write_text("".join(data.read_text().splitlines(keepends=True)[:160]))
+
+    monkeypatch.setattr(RecordRunInCheckpoints, "on_save", next_version_written_after_the_first_save)
+    out = tmp_path / "out"
+    run = ["--dataset.name", str(data), "--training.save_strategy", "steps", "--training.save_steps", "1"]
+    train(config(out, *run))
+    resume = config(out, *run, "--training.max_steps", "5", "--training.resume_from_checkpoint", "true")
+    with pytest.raises(ConfigError, match=f"checkpoint-3 was trained on other contents of {re.escape(str(data))} "):
+        checkpoint_to_resume(True, out, resume.resolved, 1)
+
+
 def test_overwrite_and_resume_together_are_refused_before_anything_is_removed(finished, tmp_path):
     out = copy_of(finished, tmp_path)
     before = contents(out)
