@@ -225,10 +225,11 @@ def _complete_and_check(staging: Path, model_cfg: ModelConfig, dtype) -> None:
 def _stop_at_the_end_of_a_reply(directory: Path, trust_remote_code: bool) -> None:
     """The published generation config stops at the token the chat template ends each reply with, as the model
     learned to: where that is not the eos (a base model's ChatML template), plain `generate`, vLLM and TGI ran on
-    past every reply. A nicety: whatever fails here keeps the base's generation config, never the export."""
+    past every reply. (The run set it in the trained model too, for its checkpoints; a merge reloads the base's.) A
+    nicety: whatever fails here keeps the base's generation config, never the export."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    from sftkit.data.tokenize import stop_token_ids
+    from sftkit.data.tokenize import stop_at_the_end_of_a_reply
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
@@ -240,9 +241,7 @@ def _stop_at_the_end_of_a_reply(directory: Path, trust_remote_code: bool) -> Non
         generation = GenerationConfig.from_pretrained(directory)
     except OSError:  # the model has none
         generation = GenerationConfig()
-    stops = stop_token_ids(tokenizer, generation.eos_token_id)
-    if stops != ([generation.eos_token_id] if isinstance(generation.eos_token_id, int) else generation.eos_token_id):
-        generation.eos_token_id = stops if len(stops) > 1 else stops[0]
+    if stop_at_the_end_of_a_reply(generation, tokenizer):
         generation.save_pretrained(directory)
 
 

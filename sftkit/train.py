@@ -29,6 +29,7 @@ from sftkit.checkpoints import (
 from sftkit.checks import machine_errors
 from sftkit.command import resume_words
 from sftkit.compat import allow_fsdp_on_cpu, check_fsdp_on
+from sftkit.data.tokenize import stop_at_the_end_of_a_reply
 from sftkit.errors import ConfigError, FailedHere, Interrupted, RunFailed, first_line
 from sftkit.export import kept_work_words, publish_staged, stage_trained_weights
 from sftkit.fastpath import describe as describe_speed
@@ -129,6 +130,8 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
     if args.process_index == 0:
         warn_of_other_weights(resume_from, weights_name, str(dtype).removeprefix("torch."))
     model = load_model(config.model, weights, args.gradient_checkpointing)
+    if getattr(model, "generation_config", None) is not None:  # every checkpoint's too, for plain generate and vLLM
+        stop_at_the_end_of_a_reply(model.generation_config, tokenizer)
     refuse_non_finite_weights(model, config.model.path, args)
     timing = RecordRunInCheckpoints(config.resolved, earlier_progress(resume_from), started, weights_name,
                                     output.inputs)

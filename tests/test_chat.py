@@ -426,13 +426,16 @@ def test_replies_stop_at_the_end_of_turn_token_where_it_is_not_the_eos(lora_run,
     assert generate_reply(*moved, messages, max_new_tokens=64) == generate_reply(model, tokenizer, messages, 64)
 
 
-def test_the_published_generation_config_stops_at_the_end_of_turn_token(tmp_path):
+def test_the_published_and_checkpointed_generation_configs_stop_at_the_end_of_turn_token(tmp_path):
     """It listed the eos alone: plain transformers, vLLM and TGI ran on past every reply of a base model trained on
-    its ChatML template."""
+    its ChatML template. The checkpoints, all a stopped run has, kept listing it alone."""
     from sftkit.config import load_config
     from sftkit.train import train
 
     base = with_eos_moved(TINY_MODEL, tmp_path / "base")
-    train(load_config(None, ["--model.path", str(base), "--training.output_dir", str(tmp_path / "out"),
-                             "--training.max_steps", "2", "--dataset.test_size", "null"]))
-    assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == [0, 1]
+    out = tmp_path / "out"
+    train(load_config(None, ["--model.path", str(base), "--training.output_dir", str(out), "--training.max_steps",
+                             "2", "--dataset.test_size", "null", "--training.save_strategy", "steps",
+                             "--training.save_steps", "1"]))
+    for model_dir in (out, out / "checkpoint-1", out / "checkpoint-2"):
+        assert json.loads((model_dir / "generation_config.json").read_text())["eos_token_id"] == [0, 1], model_dir

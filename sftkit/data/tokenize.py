@@ -71,6 +71,15 @@ def stop_token_ids(tokenizer, configured=None) -> list[int]:
     return list(dict.fromkeys(token for token in ids if token is not None))
 
 
+def stop_at_the_end_of_a_reply(generation, tokenizer) -> bool:
+    """Make a generation config's eos_token_id the stop_token_ids; whether that changed it."""
+    stops = stop_token_ids(tokenizer, generation.eos_token_id)
+    if stops == ([generation.eos_token_id] if isinstance(generation.eos_token_id, int) else generation.eos_token_id):
+        return False
+    generation.eos_token_id = stops if len(stops) > 1 else stops[0]
+    return True
+
+
 def _trained_reply(tokenizer) -> list[int] | None:
     """The tokens a one-turn chat's reply trains (its text, then the end-of-turn token); None where the chat template
     refuses that chat."""
