@@ -18,6 +18,7 @@ from sftkit.errors import ConfigError, OneLineArgumentParser, say_error
 from sftkit.export import run_directory
 from sftkit.layout import RUN_CONFIG_FILE
 from sftkit.paths import resolve_path
+from sftkit.runrecord import read_run_record
 
 COMMANDS = "/reset starts a new conversation, /exit quits"
 
@@ -51,13 +52,15 @@ def generation_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 def system_prompt(args) -> str | None:
     """--system, or else the system prompt the run trained with (its dataset.system_prompt, in the run's
-    sftkit_config.yaml beside the model, or above the lora_weights adapter): the model learned its replies after
-    it."""
+    sftkit_config.yaml beside the model, or above the lora_weights adapter; a checkpoint's in its run record): the
+    model learned its replies after it."""
     if args.system is not None:
         return args.system or None
-    saved = run_directory(Path(resolve_path(args.model))) / RUN_CONFIG_FILE
+    directory = run_directory(Path(resolve_path(args.model)))
+    saved = directory / RUN_CONFIG_FILE
     try:
-        config = yaml.safe_load(saved.read_text()) if saved.is_file() else None
+        config = yaml.safe_load(saved.read_text()) if saved.is_file() else (read_run_record(directory) or {}).get(
+            "config")
     except yaml.YAMLError:
         return None
     dataset = config.get("dataset") if isinstance(config, dict) else None

@@ -358,6 +358,22 @@ def test_the_system_prompt_is_read_only_from_the_runs_own_config_and_a_bad_one_i
         assert asked(run) is None
 
 
+def test_a_checkpoint_is_asked_after_the_system_prompt_its_run_trained_with(tmp_path):
+    """A checkpoint holds no sftkit_config.yaml: the chat on a stopped run's checkpoint asked without the system
+    prompt, and the model replied as it never learned to."""
+    from types import SimpleNamespace
+
+    from sftkit.config import load_config
+    from sftkit.train import train
+
+    out = tmp_path / "out"
+    train(load_config(None, ["--training.output_dir", str(out), "--training.max_steps", "2", "--dataset.test_size",
+                             "null", "--dataset.system_prompt", "You are a pirate.", "--training.save_strategy", "steps",
+                             "--training.save_steps", "1"]))
+    assert chat_command.system_prompt(SimpleNamespace(model=str(out / "checkpoint-1"), system=None)) == \
+        "You are a pirate."
+
+
 def test_an_adapter_trained_on_a_relative_local_model_path_loads_from_any_directory(tmp_path, monkeypatch, capsys):
     """The adapter recorded its base as given ("mymodel", from the working directory): the chat and `sftkit export`
     from anywhere else tried the hub for 60 s and ended in a traceback."""
