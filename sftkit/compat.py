@@ -344,11 +344,28 @@ class TrainerWorkarounds:
     (`accelerate launch` exports OMP_NUM_THREADS=1, a plain `python` uses every core) drifted from the run it
     continued. Both are saved beside each checkpoint, per process, and restored at the first step of the resume.
 
-    Evaluations leave training's randomness alone: each one drew its DataLoader's base seed from torch's global
+    Saved configs keep the base's use_cache (see __init__). Evaluations leave training's randomness alone: each one drew its DataLoader's base seed from torch's global
     generator (torch 2.13), which moved every later dropout mask, so evaluation settings changed what was trained and
     a resume after a stop that skipped a due evaluation was no longer exact (LoRA with lora_dropout 0.1, 10 steps:
     eval loss 1.1798 without evaluations, 1.1914 with eval_steps 3).
     """
+
+    def __init__(self, *args, **kwargs):
+        # transformers 5.24's Trainer sets the model's config.use_cache to args.use_cache (False) as it is built, for
+        # training: every saved config.json then said false, and a plain forward of the published model returned no
+        # cache. Saves (save_model) put the base's value back.
+        self._saved_use_cache = getattr(getattr(kwargs.get("model"), "config", None), "use_cache", None)
+        super().__init__(*args, **kwargs)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        config = getattr(self.model, "config", None)
+        if config is None or self._saved_use_cache is None:
+            return super().save_model(output_dir, _internal_call)
+        config.use_cache = self._saved_use_cache
+        try:
+            return super().save_model(output_dir, _internal_call)
+        finally:
+            config.use_cache = self.args.use_cache
 
     def evaluate(self, *args, **kwargs):
         import torch

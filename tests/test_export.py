@@ -918,3 +918,16 @@ def test_a_run_that_pushes_each_checkpoint_publishes_over_the_trainers_copies(tm
     train(config(out, "default_train_config.yaml", "--training.push_to_hub", "true", "--training.hub_strategy",
                  "every_save", "--training.save_strategy", "steps", "--training.save_steps", "2"))
     assert (out / "model.safetensors").is_file() and json.loads((out / RUN_FILE).read_text())["status"] == "finished"
+
+
+def test_the_saved_configs_keep_the_base_models_use_cache(tmp_path):
+    """The Trainer turns use_cache off for training, and the published config.json and every checkpoint's said
+    false: a plain forward of the fine-tuned model returned no cache, where the base's did."""
+    out = tmp_path / "out"
+    train(config(out, "default_train_config.yaml", "--training.save_strategy", "steps", "--training.save_steps", "2"))
+    base = json.loads((TINY_MODEL / "config.json").read_text())["use_cache"]
+    assert base is True
+    for model_dir in (out, out / "checkpoint-2"):
+        assert json.loads((model_dir / "config.json").read_text())["use_cache"] is base, model_dir
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model(input_ids=torch.tensor([[1, 2, 3]])).past_key_values is not None
