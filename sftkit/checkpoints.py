@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import shutil
 import time
 import zipfile
@@ -337,9 +338,14 @@ def warn_of_other_weights(checkpoint: str | None, weights: str, dtype: str) -> N
 
 
 def earlier_progress(checkpoint: str | None) -> dict:
-    """What the run had done before this resume: its wall and training time so far."""
+    """What the run had done before this resume: its wall and training time so far, and the lengths its learning-rate
+    schedule was planned for ([from step, steps] each; a record before 2026-11-28 holds none: the checkpoint's)."""
     record = (read_run_record(Path(checkpoint)) if checkpoint else None) or {}
-    return {key: record.get(key, 0.0) for key in ("wall_seconds", "train_seconds")}
+    lengths = record.get("schedule_lengths")
+    if checkpoint and not lengths and (Path(checkpoint) / STATE_FILE).is_file():
+        lengths = [[0, json.loads((Path(checkpoint) / STATE_FILE).read_text())["max_steps"]]]
+    return {**{key: record.get(key, 0.0) for key in ("wall_seconds", "train_seconds")},
+            "schedule_lengths": lengths or []}
 
 
 def drop_unsaved_checkpoint(args, step: int, error: Exception, reason: str) -> None:
@@ -367,9 +373,14 @@ class RecordRunInCheckpoints(TrainerCallback):
         self.earlier = earlier
         self.started = started  # time.time() at the start of this segment (the process's start, from the CLI)
         self.training_began = None
+        self.schedule_lengths = [list(length) for length in earlier["schedule_lengths"]]
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
         self.training_began = time.time()
+        if not self.schedule_lengths or self.schedule_lengths[-1][1] != state.max_steps:
+            if self.schedule_lengths:  # a resume with another max_steps or num_train_epochs
+                _follow_the_new_schedule(args, state, optimizer, lr_scheduler, self.schedule_lengths[-1][1])
+            self.schedule_lengths.append([state.global_step, state.max_steps])
 
     def seconds(self) -> dict:
         now = time.time()
@@ -384,7 +395,8 @@ class RecordRunInCheckpoints(TrainerCallback):
                 files = sorted(str(file.relative_to(checkpoint)) for file in checkpoint.rglob("*") if file.is_file())
                 write_json(checkpoint / RUN_FILE, run_record(
                     self.resolved, inputs=self.inputs, step=state.global_step, weights=self.weights,
-                    world_size=args.world_size, engine=launch_engine(args), files=files, **self.seconds()))
+                    world_size=args.world_size, engine=launch_engine(args), files=files,
+                    schedule_lengths=self.schedule_lengths, **self.seconds()))
             except OSError as error:  # without its record no resume accepts it
                 drop_unsaved_checkpoint(args, state.global_step, error, error.strerror or first_line(error))
                 return
@@ -393,6 +405,28 @@ class RecordRunInCheckpoints(TrainerCallback):
                 output_dir = Path(args.output_dir)
                 record_written(output_dir, [item.name for item in output_dir.iterdir()
                                             if pushed_from_a_checkpoint(item.name)])
+
+
+def _follow_the_new_schedule(args, state, optimizer, lr_scheduler, planned: int) -> None:
+    """A resume that changes the run's length: transformers 5.24 builds the learning-rate schedule for the new length
+    and loads the checkpoint's step into it, but the optimizer keeps the rate the old schedule set for the next step
+    (0 after a finished run's decay), so one step trained at it before the rate jumped. It is set from the new
+    schedule at once, and the run says where the rate goes."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    if not isinstance(lr_scheduler, LambdaLR) or optimizer is None:  # DeepSpeed's own, reduce_lr_on_plateau
+        return
+    before = optimizer.param_groups[0]["lr"]
+    for group, factor, base in zip(optimizer.param_groups, lr_scheduler.lr_lambdas, lr_scheduler.base_lrs):
+        group["lr"] = base * factor(state.global_step)
+    lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what the Trainer logs
+    after = optimizer.param_groups[0]["lr"]
+    kind = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    if state.is_world_process_zero and not math.isclose(before, after, rel_tol=1e-3, abs_tol=1e-12):
+        logger.warning(f"the run resumes at step {state.global_step} with another length, {state.max_steps} steps "
+                       f"where its {kind} learning-rate schedule was planned for {planned}: the schedule is planned "
+                       f"anew and goes on at {after:.2e}, where it stood at {before:.2e}; to start a schedule of its "
+                       "own instead, fine-tune the published model as model.path into another training.output_dir")
 
 
 def newest_resumable(output_dir: Path, weights_only: bool = False) -> Path | None:

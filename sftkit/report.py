@@ -5,7 +5,7 @@ import math
 import sys
 from pathlib import Path
 
-from sftkit.checkpoints import checkpoints_in
+from sftkit.checkpoints import checkpoints_in, resume_problem
 from sftkit.data import describe_dropped
 from sftkit.errors import first_line
 from sftkit.export import saved_dtypes
@@ -16,9 +16,10 @@ from sftkit.weightfiles import size_words
 
 
 def build_summary(trainer, config, data, dtype, parameters: tuple[int, int], reply: str | None, seconds: dict,
-                  train_seconds: float, memory_at_start: dict) -> dict:
+                  train_seconds: float, memory_at_start: dict, schedule_lengths: list) -> dict:
     """The run in numbers, from the Trainer's state and log history (which a resume restores, so the summary
-    after a resume covers the whole run); `seconds` counts earlier segments too (checkpoints.RecordRunInCheckpoints)."""
+    after a resume covers the whole run); `seconds` counts earlier segments too, and `schedule_lengths` says what
+    length the learning-rate schedule was planned for from which step (checkpoints.RecordRunInCheckpoints)."""
     state, output_dir = trainer.state, Path(trainer.args.output_dir)
     history = state.log_history
     losses = [entry["loss"] for entry in history if "loss" in entry]
@@ -31,6 +32,7 @@ def build_summary(trainer, config, data, dtype, parameters: tuple[int, int], rep
     return {
         "wall_seconds": seconds["wall_seconds"],
         "steps": state.global_step,
+        "schedule_lengths": schedule_lengths,  # [from step, steps] each: more than one after a resume of another length
         "epochs": round(state.epoch, 3),
         "train_seconds": train_seconds,
         "input_tokens": state.num_input_tokens_seen or None,
@@ -71,7 +73,8 @@ def _checkpoints(output_dir: Path) -> dict | None:
     if not kept:
         return None
     size = sum(file.stat().st_size for checkpoint in kept for file in checkpoint.rglob("*") if file.is_file())
-    return {"count": len(kept), "newest": str(kept[-1]), "bytes": size}
+    return {"count": len(kept), "newest": str(kept[-1]), "bytes": size,
+            "resumable": resume_problem(kept[-1]) is None}  # not of the model alone (training.save_only_model)
 
 
 def report(output_dir: Path, config, summary: dict, history: list[dict]) -> dict:
@@ -263,9 +266,13 @@ def _front_matter(base_model: str, method: str) -> str:
 
 
 def _length(training, summary: dict) -> str:
+    lengths = summary.get("schedule_lengths") or []
+    replanned = "".join(f", then anew for {steps} from step {start}" for start, steps in lengths[1:])
+    replanned = f"; resumed with another length: the learning-rate schedule was planned for {lengths[0][1]} steps" \
+                f"{replanned}" if replanned else ""
     if training.max_steps > 0:
-        return f"{summary['steps']} (training.max_steps; {summary['epochs']:.2f} epochs of the data)"
-    return f"{summary['steps']} ({training.num_train_epochs:g} epochs)"
+        return f"{summary['steps']} (training.max_steps; {summary['epochs']:.2f} epochs of the data{replanned})"
+    return f"{summary['steps']} ({training.num_train_epochs:g} epochs{replanned})"
 
 
 def _number(value) -> str:
@@ -326,8 +333,10 @@ def format_summary(summary: dict) -> str:
         rows.append(("LoRA adapter", summary["adapter_dir"] + (f" ({', '.join(adapter)})" if adapter else "")))
     if summary.get("checkpoints"):
         kept = summary["checkpoints"]
+        held = "optimizer states included" if kept.get("resumable", True) else \
+            "the model alone (training.save_only_model): no resume continues them"
         rows.append(("checkpoints", f"{kept['count']}, newest {kept['newest']} ({size_words(kept['bytes'])} in all, "
-                                    "optimizer states included; training.save_strategy: \"no\" keeps none)"))
+                                    f"{held}; training.save_strategy: \"no\" keeps none)"))
     for label, key in (("sample replies", "sample_replies_file"),
                        ("loss plot", "loss_plot"), ("model card", "model_card"), ("summary", "summary_file")):
         if summary.get(key):

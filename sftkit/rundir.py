@@ -444,12 +444,18 @@ class OutputDir:
         if STAGING_DIR in contents.models:  # the trained weights, kept when the export failed
             ways.insert(0, f"finish its export with python -m sftkit.export {self.path}")
         elif contents.checkpoints and same_config and earlier.get("status") == "finished":
+            from sftkit.checkpoints import resume_problem
+
             trained = trained_to_step(self.path) or 0
-            if checkpoint_step(contents.checkpoints[-1]) >= trained:
+            newest = self.path / contents.checkpoints[-1]
+            if checkpoint_step(contents.checkpoints[-1]) >= trained and resume_problem(newest) is None:
                 ways.insert(0, "train it longer with --training.resume_from_checkpoint true and a higher "
                                "training.max_steps or num_train_epochs")
-            else:  # no checkpoint of its last step (after a signal's, save_strategy no or epoch): a resume redoes steps
-                why = f"; its newest checkpoint is behind its model, which trained to step {trained}"
+            else:  # no checkpoint of its last step (after a signal's, save_strategy no or epoch) or of the model alone
+                # (save_only_model): a resume redoes steps, or cannot continue
+                why = f"; its newest checkpoint is behind its model, which trained to step {trained}" if \
+                    checkpoint_step(contents.checkpoints[-1]) < trained else \
+                    "; its checkpoints hold the model alone (training.save_only_model), which no resume continues"
                 ways = [f"fine-tune that model further as model.path {self.path} into another training.output_dir",
                         "pass --overwrite to redo the run (removes only what it wrote)",
                         "choose another training.output_dir"]

@@ -165,7 +165,7 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
 
         def summary() -> dict:  # taken once the export has ended, whose seconds its wall time counts
             return build_summary(trainer, config, data, dtype, parameters, reply, timing.seconds(), train_seconds,
-                                 memory_at_start)
+                                 memory_at_start, timing.schedule_lengths)
 
         try:
             # the trained weights on disk first: a failure or a kill in the final evaluation or the sample reply

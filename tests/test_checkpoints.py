@@ -352,3 +352,25 @@ def test_a_resume_under_another_engine_is_refused_and_one_saved_before_engines_w
     record.pop("engine")
     (checkpoint / RUN_FILE).write_text(json.dumps(record))
     assert checkpoint_to_resume(str(checkpoint), tmp_path, resolved, 1, "DeepSpeed ZeRO-3") == str(checkpoint)
+
+
+def test_a_resume_that_lengthens_the_run_follows_the_new_schedule_at_once_and_says_so(tmp_path, capsys):
+    """Raising max_steps on a resume (sftkit's own advice to train a finished run longer): the first step trained at
+    the old schedule's end (learning rate 0), then the rate jumped to the new one's, without a word; the card called
+    it one cosine schedule."""
+    out = tmp_path / "out"
+    args = ["--training.save_strategy", "steps", "--training.save_steps", "2", "--training.logging_steps", "1",
+            "--training.warmup_steps", "0"]
+    train(config(out, *args, "--training.max_steps", "4"))
+    capsys.readouterr()
+    resumed = train(config(out, *args, "--training.max_steps", "8", "--training.resume_from_checkpoint", "true"))
+    said = capsys.readouterr().err
+    assert "the run resumes at step 4 with another length, 8 steps where its cosine learning-rate schedule was " \
+           "planned for 4: the schedule is planned anew and goes on at " in said
+    fresh = train(config(tmp_path / "fresh", *args, "--training.max_steps", "8"))
+    rates = [{entry["step"]: entry["learning_rate"] for entry in run.trainer.state.log_history
+              if "learning_rate" in entry} for run in (resumed, fresh)]
+    assert rates[0][5] == pytest.approx(rates[1][5]) and rates[0][5] > 0, "step 5 trains at the new schedule's rate"
+    assert resumed.summary["schedule_lengths"] == [[0, 4], [4, 8]]
+    assert "resumed with another length: the learning-rate schedule was planned for 4 steps, then anew for 8 from " \
+           "step 4" in (out / "README.md").read_text()

@@ -153,7 +153,7 @@ def test_the_summary_names_the_checkpoints_kept_beside_the_model(tmp_path):
                                    "--training.save_strategy", "steps", "--training.save_steps", "1"]))
     kept = run.summary["checkpoints"]
     size = sum(file.stat().st_size for file in out.glob("checkpoint-*/**/*") if file.is_file())
-    assert kept == {"count": 2, "newest": str(out / "checkpoint-2"), "bytes": size} and size > 3 * 2**20
+    assert kept == {"count": 2, "newest": str(out / "checkpoint-2"), "bytes": size, "resumable": True} and size > 3 * 2**20
     assert re.search(rf"^  checkpoints +2, newest {out}/checkpoint-2 \([\d.]+ MiB in all, optimizer states included; "
                      r'training.save_strategy: "no" keeps none\)$', format_summary(run.summary), re.M)
     assert json.loads((out / SUMMARY_FILE).read_text())["checkpoints"] == kept

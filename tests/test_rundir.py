@@ -499,6 +499,21 @@ def test_a_finished_run_whose_newest_checkpoint_is_behind_its_model_is_never_res
     assert json.loads((out / "run_summary.json").read_text())["steps"] == 4 and chosen.returncode == 0
 
 
+def test_a_finished_run_of_model_only_checkpoints_is_not_told_to_resume_them(tmp_path, capsys):
+    """With training.save_only_model the summary said its checkpoints held the optimizer states, and running the
+    command again advised a resume, which then failed and offered --overwrite: that deletes the finished model."""
+    out = tmp_path / "out"
+    only_model = ["--training.save_strategy", "steps", "--training.save_steps", "2", "--training.save_only_model",
+                  "true"]
+    capsys.readouterr()
+    train(config(out, *only_model))
+    assert "(training.save_only_model): no resume continues them" in capsys.readouterr().out
+    refused = one_line_error(run_sft("--training.output_dir", str(out), *SHORT, *only_model, check=False))
+    assert "its checkpoints hold the model alone (training.save_only_model), which no resume continues: fine-tune " \
+           f"that model further as model.path {out} into another training.output_dir" in refused
+    assert "train it longer" not in refused
+
+
 def test_the_dry_run_refuses_what_the_run_refuses_and_writes_nothing(finished, tmp_path):
     """The dry run checks output_dir and the checkpoint to resume as the run does, without creating, locking or
     removing anything, and says what the run would do there."""
