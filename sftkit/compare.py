@@ -20,7 +20,7 @@ from sftkit.data import both_trained_and_evaluated_on
 from sftkit.data.formats import with_system
 from sftkit.data.tokenize import IGNORE_INDEX
 from sftkit.errors import ConfigError, OneLineArgumentParser, say_error
-from sftkit.export import adapter_base, run_directory
+from sftkit.export import adapter_base, run_directory, unfinished_run_words
 from sftkit.layout import ADAPTER_DIR, BEFORE_AFTER_FILE, RUN_CONFIG_FILE
 from sftkit.paths import resolve_path
 from sftkit.rundir import changed_since_written
@@ -101,7 +101,8 @@ def write_before_after(args) -> Path:
     output_dir = run_directory(model_dir)
     saved_config = output_dir / RUN_CONFIG_FILE
     if not saved_config.is_file():
-        raise ConfigError(f"{output_dir}: no {RUN_CONFIG_FILE}; pass the output_dir of a finished sftkit run")
+        raise ConfigError(f"{output_dir}: {unfinished_run_words(output_dir) or f'no {RUN_CONFIG_FILE}'}; pass the "
+                          "output_dir of a finished sftkit run")
     saved = yaml.safe_load(saved_config.read_text())
     model_cfg = read_section(ModelConfig, saved["model"], "model", saved_config)
     dataset_cfg = read_section(DatasetConfig, saved["dataset"], "dataset", saved_config)

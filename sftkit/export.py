@@ -135,6 +135,18 @@ def kept_work_words(output_dir: Path) -> str:
     return f"the trained {what} is kept in {kept}: finish the export with: python -m sftkit.export {output_dir}"
 
 
+def unfinished_run_words(directory: Path) -> str | None:
+    """Why `directory`, given as a model to chat with or compare, holds none: it does not exist, or its run has not
+    published one (and where its work is); None for any other directory."""
+    if not directory.exists():
+        return "no such directory"
+    record = read_run_record(directory)
+    if record is None or trained_to_step(directory) is not None:
+        return None
+    return (f"its run has not published a model (it is {record.get('status', 'unfinished')}); "
+            f"{kept_work_words(directory)}, and a checkpoint's directory can be given instead")
+
+
 def _lost_before_the_weights(lost: str, output_dir: Path, lora: bool, main: bool) -> RunFailed:
     """The weights were never written (a process lost before they were gathered, a disk that stayed full): the
     staging directory is kept where the run's last-step checkpoint holds them (`sftkit export` finishes from it),

@@ -40,8 +40,11 @@ def load_for_inference(path: str, trust_remote_code: bool = False):
                               "directory the training ran in, or write its absolute path there") from error
         model = PeftModel.from_pretrained(base, directory)
     else:
-        raise ConfigError(f"{path}: no model here (expected config.json, or adapter_config.json for a LoRA adapter); "
-                          "pass the output_dir of a run or its lora_weights directory")
+        from sftkit.export import unfinished_run_words
+
+        why = unfinished_run_words(directory) or "no model here (expected config.json, or adapter_config.json for a " \
+            "LoRA adapter)"
+        raise ConfigError(f"{path}: {why}; pass the output_dir of a run or its lora_weights directory")
     tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
     return model.to(device).eval(), tokenizer
 

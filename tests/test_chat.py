@@ -56,6 +56,29 @@ def test_terminal_chat_on_base_plus_adapter_matches_the_merged_model(lora_run):
     assert missing.returncode == 2 and "no model here" in missing.stderr
 
 
+def test_the_chat_and_compare_on_a_stopped_run_name_its_checkpoint_and_on_a_missing_path_say_so(tmp_path,
+                                                                                               monkeypatch):
+    """Both said "no model here" of a run stopped before its end, and of a path that does not exist."""
+    from test_monitor import signal_at
+
+    from sftkit.config import load_config
+    from sftkit.errors import Interrupted
+    from sftkit.train import train
+
+    out = tmp_path / "out"
+    signal_at(monkeypatch, "on_step_end", 3)
+    with pytest.raises(Interrupted):
+        train(load_config(None, ["--training.output_dir", str(out), "--training.max_steps", "6", "--dataset.test_size",
+                                 "null", "--training.save_strategy", "steps", "--training.save_steps", "2"]))
+    for tool in (chat_command.main, compare.main):
+        said = run_here(tool, str(out), check=False)
+        assert said.returncode == 2 and f"{out}: its run has not published a model (it is interrupted); the newest " \
+            f"checkpoint is {out / 'checkpoint-3'} (step 3), and a checkpoint's directory can be given instead" in \
+            said.stderr, said.stderr
+        said = run_here(tool, str(tmp_path / "nowhere"), check=False)
+        assert said.returncode == 2 and f"{tmp_path / 'nowhere'}: no such directory" in said.stderr, said.stderr
+
+
 def test_before_after_report_on_sample_prompts(monitored_run, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes("\ufeffWhat day comes after Monday?\r\n\r\nHello!\r\n".encode())  # as Notepad saves it
