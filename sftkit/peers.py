@@ -34,6 +34,7 @@ ARRIVED_KEY = "sftkit/arrived/{rank}"
 # filesystem take a minute at most; the others would otherwise wait for training.ddp_timeout (30 minutes).
 ARRIVAL_SECONDS = float(os.environ.get("SFTKIT_ARRIVAL_SECONDS", 300))
 _stop = threading.Event()
+_leaving: list = []  # see before_leaving_for_a_failure_elsewhere
 
 
 def _store(seconds: float):
@@ -74,6 +75,11 @@ def watch(prog: str) -> None:
             if _stop.is_set():  # this process is failing itself and says why on its own
                 return
             print(f"{prog}: error: stopping, because {failure}", file=sys.stderr, flush=True)
+            for hook in _leaving:
+                try:
+                    hook(failure)
+                except Exception:  # noqa: BLE001 - the process ends either way
+                    pass
             os._exit(1)
 
     thread = threading.Thread(target=poll, name="sftkit-peers", daemon=True)
@@ -83,6 +89,13 @@ def watch(prog: str) -> None:
     # without an active exception", SIGABRT; seen once at the end of a two-machine test on a loaded machine, when
     # this wait was 2 s). So wait as long as one store call can take.
     atexit.register(lambda: (_stop.set(), thread.join(WATCH_STORE_SECONDS + POLL_SECONDS + 1)))
+
+
+def before_leaving_for_a_failure_elsewhere(hook) -> None:
+    """Run `hook(failure)` in the watcher before it ends this process for another machine's failure: the main thread,
+    waiting in a collective, cannot be interrupted, so what the run must leave right on disk (its record, its lock,
+    where its work is) is done from there."""
+    _leaving.append(hook)
 
 
 def _report_who_never_started(store) -> None:

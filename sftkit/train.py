@@ -56,7 +56,12 @@ from sftkit.monitor import (
     sample_replies,
 )
 from sftkit.paths import resolve_path
-from sftkit.peers import check_every_process_runs_the_same, check_output_dir_is_shared, lost_contact
+from sftkit.peers import (
+    before_leaving_for_a_failure_elsewhere,
+    check_every_process_runs_the_same,
+    check_output_dir_is_shared,
+    lost_contact,
+)
 from sftkit.report import best_checkpoint_step, build_summary, report, write_report
 from sftkit.rundir import OutputDir, refuse_before_claiming
 from sftkit.runrecord import trained_to_step
@@ -84,6 +89,7 @@ def train(config: RunConfig, overwrite: bool = False, started: float | None = No
     check_every_process_runs_the_same(config)
     output = OutputDir(args.output_dir, config.resolved, config.source)
     resume_from = _claim(output, args, config, overwrite)
+    before_leaving_for_a_failure_elsewhere(lambda failure: _left_for_a_failure_elsewhere(output, failure))
     try:
         return _train(config, output, resume_from, started)  # the export recorded it finished
     except Interrupted:
@@ -97,6 +103,15 @@ def train(config: RunConfig, overwrite: bool = False, started: float | None = No
         raise
     finally:
         output.end()
+
+
+def _left_for_a_failure_elsewhere(output: OutputDir, failure: str) -> None:
+    """Another machine failed and this process ends at once (peers.watch): the run is recorded failed and its lock
+    released (`sftkit export` from another host was refused), and this machine's log says where its own work is (the
+    failing machine named its own output_dir's, which need not be shared)."""
+    output.mark("failed", error=failure)
+    output.release()
+    print(f"sftkit: on this machine, {kept_work_words(output.path)}", file=sys.stderr, flush=True)
 
 
 def _claim(output: OutputDir, args, config: RunConfig, overwrite: bool) -> str | None:

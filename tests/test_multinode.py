@@ -466,3 +466,39 @@ def test_the_slurm_script_stops_at_the_time_limit_with_a_checkpoint_and_its_rela
     assert again.returncode == 0, (again.stdout + again.stderr)[-6000:]
     assert f"training.output_dir {out} already holds this run's finished model (step 40): nothing is left to " \
            "train" in again.stdout + again.stderr
+
+
+def test_a_final_evaluation_failing_on_another_machine_leaves_the_run_failed_unlocked_and_its_model_named(tmp_path):
+    """Machine 1 ran out of memory in the final evaluation: machine 0's watcher ended its processes at once, which
+    left the lock (so `sftkit export` from another host was refused), the record saying "exporting", and machine 0's
+    log naming only machine 1's view of the work (its own output_dir need not be shared)."""
+    from sftkit.export import main as export_main
+    from sftkit.layout import ADAPTER_DIR, LOCK_FILE, RUN_FILE, STAGING_DIR
+
+    script = tmp_path / "sft_eval_oom.py"
+    script.write_text(f"""import sys
+sys.path.insert(0, {str(REPO)!r})
+import torch
+from sftkit import monitor
+prediction_step = monitor.MonitoredSFTTrainer.prediction_step
+
+def out_of_memory_in_the_final_evaluation(self, *args, **kwargs):
+    if self.guard.training_over:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 7.83 GiB")
+    return prediction_step(self, *args, **kwargs)
+
+monitor.MonitoredSFTTrainer.prediction_step = out_of_memory_in_the_final_evaluation
+from sftkit.cli import main
+raise SystemExit(main())
+""")
+    out = tmp_path / "out"
+    commands = machine_commands(free_port(), *training_args("lora_train_config.yaml", out))
+    commands[1][commands[1].index("sft.py")] = str(script)
+    machines = Machines(commands, tmp_path / "logs")
+    machines.wait(timeout=400)
+    assert all(code != 0 for code in machines.returncodes()), machines.output()
+    assert "the final evaluation failed on process 1 (OutOfMemoryError" in machines.stderr(1), machines.output()
+    assert f"sftkit: on this machine, the trained adapter is kept in {out / STAGING_DIR / ADAPTER_DIR}: finish the " \
+           f"export with: python -m sftkit.export {out}" in machines.stderr(0), machines.output()
+    assert not (out / LOCK_FILE).exists() and json.loads((out / RUN_FILE).read_text())["status"] == "failed"
+    assert export_main([str(out)]) == 0 and (out / ADAPTER_DIR / "adapter_model.safetensors").is_file()
