@@ -91,8 +91,41 @@ def with_base_pinned(config: RunConfig) -> RunConfig:
     commit = extract_commit_hash(found, None)
     if commit is None:
         return config
+    base_card_file(model_cfg.path, commit, fetch=True)  # now that the hub answers: the model card reads its license
     resolved = {**config.resolved, "model": {**config.resolved["model"], "revision": commit}}
     return dataclasses.replace(config, model=dataclasses.replace(model_cfg, revision=commit), resolved=resolved)
+
+
+def base_card_file(path: str, revision: str | None, fetch: bool = False) -> Path | None:
+    """The base model's own card (README.md): in its local directory, or the hub's in the cache (downloaded first
+    with `fetch`); None where it has none or it cannot be had."""
+    if looks_local(path):
+        card = Path(resolve_path(path)) / "README.md"
+        return card if card.is_file() else None
+    from transformers.utils.hub import cached_file
+
+    try:
+        found = cached_file(path, "README.md", revision=revision, local_files_only=not fetch,
+                            _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+    except Exception:  # noqa: BLE001 - a card is a nicety: the run goes on without it
+        return None
+    return Path(found) if found else None
+
+
+def base_license(model_cfg: ModelConfig) -> dict:
+    """license, license_name and license_link from the base model's card metadata, for the fine-tune's card: a
+    derivative of a model under Llama's or Gemma's license must carry it."""
+    card = base_card_file(model_cfg.path, model_cfg.revision)
+    if card is None:
+        return {}
+    from huggingface_hub import metadata_load
+
+    try:
+        metadata = metadata_load(card) or {}
+    except Exception:  # noqa: BLE001 - front matter that is not YAML: no license to carry
+        return {}
+    return {key: metadata[key] for key in ("license", "license_name", "license_link") if metadata.get(key)}
 
 
 def _read_model_config(model_cfg: ModelConfig):

@@ -10,7 +10,9 @@ from sftkit.data import describe_dropped
 from sftkit.errors import first_line
 from sftkit.export import saved_dtypes
 from sftkit.layout import ADAPTER_DIR, LOSS_PLOT, MODEL_CARD, SAMPLES_FILE, SUMMARY_FILE, checkpoint_step
+from sftkit.model import base_license
 from sftkit.monitor import memory_mib
+from sftkit.paths import looks_local
 from sftkit.runrecord import record_written
 from sftkit.weightfiles import size_words
 
@@ -182,7 +184,7 @@ def model_card(config, summary: dict) -> str:
     system_message = f'{{"role": "system", "content": {system!r}}}, ' if system else ""
     lines = [
         "---",
-        _front_matter(model.path, method),
+        _front_matter(config, method),
         "---",
         "",
         f"# {Path(summary['output_dir']).name}",
@@ -257,12 +259,15 @@ def _rows_words(summary: dict) -> str:
     return f"{summary['rows']} rows read{f' (dropped: {dropped})' if dropped else ''}{trained}{held_out}"
 
 
-def _front_matter(base_model: str, method: str) -> str:
-    """The Hub's model card metadata, as huggingface_hub writes it (it quotes and validates the values)."""
+def _front_matter(config, method: str) -> str:
+    """The Hub's model card metadata, as huggingface_hub writes it (it quotes and validates the values): the base
+    model, its license, the hub datasets trained on."""
     from huggingface_hub import ModelCardData
 
     tags = ["sftkit", "sft", method.split()[0].lower()]
-    return ModelCardData(base_model=base_model, library_name="transformers", tags=tags).to_yaml()
+    datasets = [source.name for source in config.dataset.train_sources() if not looks_local(source.name)]
+    return ModelCardData(base_model=config.model.path, library_name="transformers", tags=tags,
+                         datasets=datasets or None, **base_license(config.model)).to_yaml()
 
 
 def _length(training, summary: dict) -> str:

@@ -578,3 +578,22 @@ def test_the_printed_summary_counts_the_eval_rows_dropped_as_its_json_does(monit
     assert "eval data" not in format_summary(summary)
     summary["eval_rows_dropped"] = {"bad rows": 1, "with nothing to train within max_seq_length": 0}
     assert "; dropped from the eval data: 1 bad row\n" in format_summary(summary) + "\n"
+
+
+def test_the_model_card_carries_the_base_models_license(tmp_path):
+    """The card's metadata held no license: a fine-tune of a model under Llama's license, pushed to the Hub, showed
+    "license: unknown", which that license forbids for a derivative."""
+    from conftest import TINY_MODEL
+    from huggingface_hub import metadata_load
+
+    base = tmp_path / "base"
+    shutil.copytree(TINY_MODEL, base)
+    (base / "README.md").write_text("---\nlicense: other\nlicense_name: llama3.1\nlicense_link: "
+                                    "https://llama.meta.com/llama3_1/license/\n---\n\n# a base model\n")
+    out = tmp_path / "out"
+    train(load_config(None, ["--model.path", str(base), "--training.output_dir", str(out), "--training.max_steps",
+                             "2", "--dataset.test_size", "null"]))
+    card = metadata_load(out / "README.md")
+    assert (card["license"], card["license_name"], card["license_link"]) == (
+        "other", "llama3.1", "https://llama.meta.com/llama3_1/license/")
+    assert card["base_model"] == str(base) and "datasets" not in card, "a local data file is no hub dataset"
