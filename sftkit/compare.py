@@ -160,9 +160,9 @@ def _refuse_other_inputs(output_dir: Path) -> None:
     changed = changed_inputs(record) if record else []
     if changed:
         raise ConfigError(f"{output_dir}: its run trained on other contents of {', '.join(changed[:3])} than are "
-                          f"found from here ({Path.cwd()}): relative paths in its {RUN_CONFIG_FILE} are found from "
-                          "the working directory; run sftkit compare from the directory the run was started in, with "
-                          "its files as they were")
+                          f"found from here ({Path.cwd()}): those files changed since the run (put them back as they "
+                          f"were), or, as relative paths in its {RUN_CONFIG_FILE} are found from the working "
+                          "directory, run sftkit compare from the directory the run was started in")
 
 
 # The training settings that decide what an evaluation computes; the rest (engines, precision, logging) are this

@@ -140,6 +140,8 @@ def unfinished_run_words(directory: Path) -> str | None:
     published one (and where its work is); None for any other directory."""
     if not directory.exists():
         return "no such directory"
+    if (directory / "trainer_state.json").is_file():
+        return "a checkpoint, not a run's output_dir (sftkit chat takes a checkpoint, sftkit compare a finished run)"
     record = read_run_record(directory)
     if record is None or trained_to_step(directory) is not None:
         return None

@@ -31,6 +31,7 @@ def load_for_inference(path: str, trust_remote_code: bool = False):
 
         adapter = json.loads((directory / "adapter_config.json").read_text())
         name = adapter["base_model_name_or_path"]
+        _refuse_a_changed_base(path, directory, name)
         try:
             base = AutoModelForCausalLM.from_pretrained(resolve_path(name), revision=adapter.get("revision"),
                                                         **options)
@@ -47,6 +48,21 @@ def load_for_inference(path: str, trust_remote_code: bool = False):
         raise ConfigError(f"{path}: {why}; pass the output_dir of a run or its lora_weights directory")
     tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
     return model.to(device).eval(), tokenizer
+
+
+def _refuse_a_changed_base(path: str, adapter_dir: Path, base: str) -> None:
+    """An adapter of an sftkit run answers as trained only on the base it trained on: a local base replaced since (a
+    first stage trained again) gave other replies without a word. The run record holds the base's digests."""
+    from sftkit.export import run_directory
+    from sftkit.runrecord import changed_model_files, read_run_record
+
+    record = read_run_record(adapter_dir) or read_run_record(run_directory(adapter_dir))
+    base_dir = Path(resolve_path(base))
+    changed = changed_model_files(record, base_dir) if base_dir.is_dir() else []
+    if changed:
+        raise ConfigError(f"{path}: its base model {base} changed since the run trained the adapter on it "
+                          f"({', '.join(changed[:3])}), so the adapter on it is not the trained model; chat with the "
+                          "merged model the run published, or put the base back as it was")
 
 
 def generate_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,

@@ -77,6 +77,9 @@ def test_the_chat_and_compare_on_a_stopped_run_name_its_checkpoint_and_on_a_miss
             said.stderr, said.stderr
         said = run_here(tool, str(tmp_path / "nowhere"), check=False)
         assert said.returncode == 2 and f"{tmp_path / 'nowhere'}: no such directory" in said.stderr, said.stderr
+    said = run_here(compare.main, str(out / "checkpoint-3"), check=False)  # it said no checkpoint was saved
+    assert said.returncode == 2 and f"{out / 'checkpoint-3'}: a checkpoint, not a run's output_dir (sftkit chat " \
+        "takes a checkpoint, sftkit compare a finished run)" in said.stderr, said.stderr
 
 
 def test_before_after_report_on_sample_prompts(monitored_run, tmp_path):
@@ -478,3 +481,25 @@ def test_the_published_and_checkpointed_generation_configs_stop_at_the_end_of_tu
                              "--training.save_steps", "1"]))
     for model_dir in (out, out / "checkpoint-1", out / "checkpoint-2"):
         assert json.loads((model_dir / "generation_config.json").read_text())["eos_token_id"] == [0, 1], model_dir
+
+
+def test_an_adapter_whose_base_changed_since_training_is_refused(tmp_path):
+    """A first stage trained again under the second stage's adapter: the chat put the adapter on the new base and
+    gave other replies without a word (the export and compare refuse it)."""
+    from safetensors.torch import load_file, save_file
+
+    from sftkit.config import load_config
+    from sftkit.train import train
+
+    base, out = tmp_path / "base", tmp_path / "out"
+    shutil.copytree(TINY_MODEL, base)
+    train(load_config("lora_train_config.yaml", ["--model.path", str(base), "--training.output_dir", str(out),
+                                                 "--training.max_steps", "2", "--dataset.test_size", "null",
+                                                 "--training.save_strategy", "steps", "--training.save_steps", "2"]))
+    weights = load_file(base / "model.safetensors")
+    weights[next(iter(weights))] += 0.01
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    for adapter in (out / "lora_weights", out / "checkpoint-2"):
+        said = run_here(chat_command.main, str(adapter), check=False)
+        assert said.returncode == 2 and f"{adapter}: its base model {base} changed since the run trained the adapter " \
+            "on it (model.safetensors)" in said.stderr, said.stderr
