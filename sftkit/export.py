@@ -30,6 +30,7 @@ from sftkit.layout import (
     LOSS_PLOT,
     MODEL_CARD,
     RUN_CONFIG_FILE,
+    RUN_FILE,
     STAGING_DIR,
     SUMMARY_FILE,
     VERSIONS_FILE,
@@ -566,9 +567,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m sftkit.export") -
                               "export failed")
         if not staging.is_dir() and trained_to_step(args.output_dir) is not None:
             raise ConfigError(f"{args.output_dir}: its export finished already; the model there is complete")
-        if not staging.is_dir() or record is None or "dtype" not in record:
-            raise ConfigError(f"{args.output_dir} has no unfinished export to finish ({staging} or its run record "
-                              "is missing)")
+        if not staging.is_dir():
+            where = f"; {kept_work_words(args.output_dir)}" if record is not None else ""
+            raise ConfigError(f"{args.output_dir} has no unfinished export to finish (no {STAGING_DIR} there){where}")
+        if record is None or "dtype" not in record:
+            raise ConfigError(f"{args.output_dir} has no unfinished export to finish: its run record {RUN_FILE} is "
+                              "missing, or the run never reached its export")
         lock.take_lock()  # not while a run still writes there
         import torch
         import transformers

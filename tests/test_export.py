@@ -838,6 +838,22 @@ def test_finishing_an_export_names_a_missing_directory_and_a_finished_one(monito
                                        "already; the model there is complete\n")
 
 
+def test_finishing_the_export_of_a_stopped_run_names_its_newest_checkpoint(tmp_path, monkeypatch, capsys):
+    """A run stopped before its end was told "(... or its run record is missing)", with its record right there."""
+    from test_monitor import signal_at
+
+    out = tmp_path / "out"
+    signal_at(monkeypatch, "on_step_end", 2)
+    with pytest.raises(Interrupted):
+        train(config(out, "default_train_config.yaml", "--training.save_strategy", "steps", "--training.save_steps",
+                     "1"))
+    capsys.readouterr()
+    assert export_main([str(out)]) == 2
+    assert capsys.readouterr().err == (f"python -m sftkit.export: error: {out} has no unfinished export to finish (no "
+                                       f"{STAGING_DIR} there); the newest checkpoint is {out / 'checkpoint-2'} (step "
+                                       "2)\n")
+
+
 def notes_written_during(monkeypatch, step: str, notes: Path, text: str) -> None:
     """The user writes `notes` as the run reaches `step` (a function of sftkit.train's)."""
     import sftkit.train as train_module
