@@ -8,6 +8,7 @@ Commands: /reset starts a new conversation, /exit (or Ctrl-D) quits.
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import yaml
 
 from sftkit.data.formats import with_system
 from sftkit.errors import ConfigError, OneLineArgumentParser, say_error
-from sftkit.export import run_directory
+from sftkit.export import adapter_base, run_directory
 from sftkit.layout import RUN_CONFIG_FILE
 from sftkit.paths import resolve_path
 from sftkit.runrecord import read_run_record
@@ -67,6 +68,17 @@ def system_prompt(args) -> str | None:
     return dataset.get("system_prompt") if isinstance(dataset, dict) else None
 
 
+def _what_it_is(model_dir: Path) -> str:
+    """' (step 44: the LoRA adapter on BASE)': a checkpoint's step, and an adapter's base, which the path alone does
+    not say."""
+    parts = []
+    if (model_dir / "trainer_state.json").is_file():
+        parts.append(f"step {json.loads((model_dir / 'trainer_state.json').read_text()).get('global_step')}")
+    if (model_dir / "adapter_config.json").is_file():
+        parts.append(f"the LoRA adapter on {adapter_base(model_dir)}")
+    return f" ({': '.join(parts)})" if parts else ""
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m sftkit.chat") -> int:
     parser = OneLineArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     args = generation_arguments(parser).parse_args(argv)
@@ -79,8 +91,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m sftkit.chat") -> 
     system = system_prompt(args)
     start = with_system([], system)
     history = list(start)
-    print(f"Chatting with {args.model} ({COMMANDS})" + (f"; system prompt: {system!r}" if system else "") + ".",
-          flush=True)
+    print(f"Chatting with {args.model}{_what_it_is(Path(resolve_path(args.model)))} ({COMMANDS})"
+          + (f"; system prompt: {system!r}" if system else "") + ".", flush=True)
     while True:
         try:
             text = input("you> ").strip()

@@ -52,6 +52,9 @@ def test_terminal_chat_on_base_plus_adapter_matches_the_merged_model(lora_run):
     adapter = chat(lora_run / "lora_weights", prompt, in_process=True)
     assert re.findall(r"model> (.*)", adapter.stdout) == re.findall(r"model> (.*)", merged.stdout)
     assert re.findall(r"model> (.*)", merged.stdout)[0]
+    base = json.loads((lora_run / "lora_weights" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert f"Chatting with {lora_run / 'lora_weights'} (the LoRA adapter on {base}) (" in adapter.stdout
+    assert f"Chatting with {lora_run} (/reset" in merged.stdout
     missing = run_here(chat_command.main, str(REPO / "configs"), check=False)
     assert missing.returncode == 2 and "no model here" in missing.stderr
 
