@@ -72,10 +72,13 @@ def _what_it_is(model_dir: Path) -> str:
     """' (step 44: the LoRA adapter on BASE)': a checkpoint's step, and an adapter's base, which the path alone does
     not say."""
     parts = []
-    if (model_dir / "trainer_state.json").is_file():
-        parts.append(f"step {json.loads((model_dir / 'trainer_state.json').read_text()).get('global_step')}")
-    if (model_dir / "adapter_config.json").is_file():
-        parts.append(f"the LoRA adapter on {adapter_base(model_dir)}")
+    try:
+        if (model_dir / "trainer_state.json").is_file():
+            parts.append(f"step {json.loads((model_dir / 'trainer_state.json').read_text())['global_step']}")
+        if (model_dir / "adapter_config.json").is_file():
+            parts.append(f"the LoRA adapter on {adapter_base(model_dir)}")
+    except (OSError, ValueError, KeyError):  # a state cut short: the model loaded all the same
+        pass
     return f" ({': '.join(parts)})" if parts else ""
 
 

@@ -2,7 +2,6 @@
 
 import json
 import logging
-import math
 import shutil
 import time
 import zipfile
@@ -10,6 +9,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from sftkit.compat import follow_a_new_schedule_length
 from sftkit.engines import fsdp_plugin, zero_stage
 from sftkit.errors import AlreadyFinished, ConfigError, RunFailed, first_line
 from sftkit.layout import (
@@ -339,7 +339,8 @@ def warn_of_other_weights(checkpoint: str | None, weights: str, dtype: str) -> N
 
 def earlier_progress(checkpoint: str | None) -> dict:
     """What the run had done before this resume: its wall and training time so far, and the lengths its learning-rate
-    schedule was planned for ([from step, steps] each; a record before 2026-11-28 holds none: the checkpoint's)."""
+    schedule was planned for ([from step, steps] each; a record from before this field holds none: the checkpoint's
+    own length then)."""
     record = (read_run_record(Path(checkpoint)) if checkpoint else None) or {}
     lengths = record.get("schedule_lengths")
     if checkpoint and not lengths and (Path(checkpoint) / STATE_FILE).is_file():
@@ -379,7 +380,7 @@ class RecordRunInCheckpoints(TrainerCallback):
         self.training_began = time.time()
         if not self.schedule_lengths or self.schedule_lengths[-1][1] != state.max_steps:
             if self.schedule_lengths:  # a resume with another max_steps or num_train_epochs
-                _follow_the_new_schedule(args, state, optimizer, lr_scheduler, self.schedule_lengths[-1][1])
+                follow_a_new_schedule_length(args, state, optimizer, lr_scheduler, self.schedule_lengths[-1][1])
             self.schedule_lengths.append([state.global_step, state.max_steps])
 
     def seconds(self) -> dict:
@@ -405,28 +406,6 @@ class RecordRunInCheckpoints(TrainerCallback):
                 output_dir = Path(args.output_dir)
                 record_written(output_dir, [item.name for item in output_dir.iterdir()
                                             if pushed_from_a_checkpoint(item.name)])
-
-
-def _follow_the_new_schedule(args, state, optimizer, lr_scheduler, planned: int) -> None:
-    """A resume that changes the run's length: transformers 5.24 builds the learning-rate schedule for the new length
-    and loads the checkpoint's step into it, but the optimizer keeps the rate the old schedule set for the next step
-    (0 after a finished run's decay), so one step trained at it before the rate jumped. It is set from the new
-    schedule at once, and the run says where the rate goes."""
-    from torch.optim.lr_scheduler import LambdaLR
-
-    if not isinstance(lr_scheduler, LambdaLR) or optimizer is None:  # DeepSpeed's own, reduce_lr_on_plateau
-        return
-    before = optimizer.param_groups[0]["lr"]
-    for group, factor, base in zip(optimizer.param_groups, lr_scheduler.lr_lambdas, lr_scheduler.base_lrs):
-        group["lr"] = base * factor(state.global_step)
-    lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what the Trainer logs
-    after = optimizer.param_groups[0]["lr"]
-    kind = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
-    if state.is_world_process_zero and not math.isclose(before, after, rel_tol=1e-3, abs_tol=1e-12):
-        logger.warning(f"the run resumes at step {state.global_step} with another length, {state.max_steps} steps "
-                       f"where its {kind} learning-rate schedule was planned for {planned}: the schedule is planned "
-                       f"anew and goes on at {after:.2e}, where it stood at {before:.2e}; to start a schedule of its "
-                       "own instead, fine-tune the published model as model.path into another training.output_dir")
 
 
 def newest_resumable(output_dir: Path, weights_only: bool = False) -> Path | None:

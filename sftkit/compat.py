@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import time
 import warnings
@@ -558,3 +559,26 @@ def cache_named_by_contents(files: list[str]) -> str:
 
     digest = hashlib.sha256("".join(file_digest(Path(file), whole=True) for file in files).encode())
     return f"sftkit-{digest.hexdigest()[:16]}"
+
+
+def follow_a_new_schedule_length(args, state, optimizer, lr_scheduler, planned: int) -> None:
+    """A resume that changes the run's length: transformers 5.24 builds the learning-rate schedule for the new length
+    and loads the checkpoint's step into it, but the optimizer keeps the rate the old schedule set for the next step
+    (0 after a finished run's decay), so one step trained at it before the rate jumped. It is set from the new
+    schedule at once (and the scheduler's last rate, which the Trainer logs), and the run says where the rate goes.
+    Called by checkpoints.RecordRunInCheckpoints as training begins, once the checkpoint's states are loaded."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    if not isinstance(lr_scheduler, LambdaLR) or optimizer is None:  # DeepSpeed's own, reduce_lr_on_plateau
+        return
+    before = optimizer.param_groups[0]["lr"]
+    for group, factor, base in zip(optimizer.param_groups, lr_scheduler.lr_lambdas, lr_scheduler.base_lrs):
+        group["lr"] = base * factor(state.global_step)
+    lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what the Trainer logs
+    after = optimizer.param_groups[0]["lr"]
+    kind = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    if state.is_world_process_zero and not math.isclose(before, after, rel_tol=1e-3, abs_tol=1e-12):
+        logger.warning(f"the run resumes at step {state.global_step} with another length, {state.max_steps} steps "
+                       f"where its {kind} learning-rate schedule was planned for {planned}: the schedule is planned "
+                       f"anew and goes on at {after:.2e}, where it stood at {before:.2e}; to start a schedule of its "
+                       "own instead, fine-tune the published model as model.path into another training.output_dir")

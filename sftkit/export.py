@@ -71,35 +71,58 @@ def export(trainer, run_config, tokenizer, dtype, weights, parameters: tuple[int
     return publish_staged(trainer, run_config, dtype)
 
 
-def stage_trained_weights(trainer, run_config, tokenizer, dtype, weights, parameters: tuple[int, int]) -> None:
+def stage_trained_weights(trainer, run_config, tokenizer, dtype, weights, parameters: tuple[int, int]) -> bool:
     """The export's first half, on every process: the trained weights written to the staging directory. From there
     a failure or a kill of what follows (the final evaluation, the merge) leaves them for `python -m sftkit.export`
-    to finish."""
+    to finish. False where another process was lost after they were written (the main process publishes them)."""
     output_dir = Path(trainer.args.output_dir)
     staging = output_dir / STAGING_DIR
     lora = run_config.model.use_lora
     main = trainer.accelerator.is_main_process
-    try:
-        if main:
-            # the others wait at the next barrier meanwhile, which fails after training.ddp_timeout
-            limit = DISK_WAIT_SECONDS if trainer.args.world_size == 1 else min(DISK_WAIT_SECONDS,
-                                                                                trainer.args.ddp_timeout * 0.8)
+    failure = None
+    if main:  # the others wait meanwhile, at most training.ddp_timeout
+        limit = DISK_WAIT_SECONDS if trainer.args.world_size == 1 else min(DISK_WAIT_SECONDS,
+                                                                            trainer.args.ddp_timeout * 0.8)
+        try:
             _begin_staging(staging, run_config, tokenizer,
                            export_bytes(parameters[1], parameters[0], dtype, lora, weights), limit)
-        trainer.accelerator.wait_for_everyone()
-        trainer.save_model(str(staging / ADAPTER_DIR if lora else staging))
-        if main and lora:  # PEFT's empty card template ("[More Information Needed]"); output_dir/README.md describes it
-            (staging / ADAPTER_DIR / "README.md").unlink(missing_ok=True)
-        failure = None
-    except Exception as error:  # OSError, or safetensors' own error on a full disk
-        if lost := lost_contact(error):  # before or in the ZeRO-3 or FSDP gather: no weights reached this process
-            raise _lost_before_the_weights(f"{lost}; it happened before the weights were written", output_dir, lora,
-                                           main) from error
-        failure = error
-    if _failed_anywhere(trainer, failure is not None):
-        what = f"could not write the trained {'adapter' if lora else 'model'} to {staging}: {first_line(failure)}" \
-            if failure is not None else "another process could not write the trained weights (why is in its output)"
-        raise _lost_before_the_weights(what, output_dir, lora, main) from failure
+        except Exception as error:  # an unwritable disk that stayed so
+            failure = error
+    # every process asks the same questions, in the same order: one that failed alone left the others waiting
+    if not _failed_anywhere(trainer, failure is not None):
+        try:
+            trainer.save_model(str(staging / ADAPTER_DIR if lora else staging))
+            if main and lora:  # PEFT's empty card template; output_dir/README.md describes the model
+                (staging / ADAPTER_DIR / "README.md").unlink(missing_ok=True)
+        except Exception as error:  # OSError, or safetensors' own error on a full disk
+            if lost := lost_contact(error):  # before or in the ZeRO-3 or FSDP gather: no weights reached this process
+                raise _lost_before_the_weights(f"{lost}; it happened before the weights were written", output_dir,
+                                               lora, main) from error
+            failure = error
+        try:
+            if not _failed_anywhere(trainer, failure is not None):
+                return True
+        except Exception as error:
+            if failure is not None or not lost_after_staging(error, main, output_dir):
+                raise
+            return False
+    what = f"could not write the trained {'adapter' if lora else 'model'} to {staging}: {first_line(failure)}" \
+        if failure is not None else "another process could not write the trained weights (why is in its output)"
+    raise _lost_before_the_weights(what, output_dir, lora, main) from failure
+
+
+def lost_after_staging(error: BaseException, main: bool, output_dir: Path) -> bool:
+    """Whether `error` is another process lost after the trained weights were staged; then said as a warning: the main
+    process publishes them alone, without what needs every process (the final evaluation, the sample reply), and
+    the others end quietly, which a failure would not let it (its machine's launcher, or watcher, would stop it)."""
+    lost = lost_contact(error)
+    if lost is None:
+        return False
+    then = "the trained model is published without the final evaluation and sample reply, which need every process" \
+        if main else f"the main process publishes the trained model without them; if it is the one gone, " \
+                     f"{kept_work_words(output_dir)}"
+    logging.getLogger("sftkit").warning(f"{lost}; {then}")
+    return True
 
 
 def _failed_anywhere(trainer, failed: bool) -> bool:
@@ -147,7 +170,7 @@ def unfinished_run_words(directory: Path) -> str | None:
     if record is None or trained_to_step(directory) is not None:
         return None
     return (f"its run has not published a model (it is {record.get('status', 'unfinished')}); "
-            f"{kept_work_words(directory)}, and a checkpoint's directory can be given instead")
+            f"{kept_work_words(directory)}")
 
 
 def _lost_before_the_weights(lost: str, output_dir: Path, lora: bool, main: bool) -> RunFailed:

@@ -43,8 +43,9 @@ def load_for_inference(path: str, trust_remote_code: bool = False):
     else:
         from sftkit.export import unfinished_run_words
 
-        why = unfinished_run_words(directory) or "no model here (expected config.json, or adapter_config.json for a " \
-            "LoRA adapter)"
+        unfinished = unfinished_run_words(directory)
+        why = f"{unfinished}; a checkpoint's directory can be given" if unfinished else \
+            "no model here (expected config.json, or adapter_config.json for a LoRA adapter)"
         raise ConfigError(f"{path}: {why}; pass the output_dir of a run or its lora_weights directory")
     tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
     return model.to(device).eval(), tokenizer

@@ -82,7 +82,10 @@ def with_base_pinned(config: RunConfig) -> RunConfig:
     from transformers.utils.hub import cached_file, extract_commit_hash
 
     model_cfg = config.model
-    if looks_local(model_cfg.path) or re.fullmatch(r"[0-9a-f]{40}", model_cfg.revision or ""):
+    if looks_local(model_cfg.path):
+        return config
+    if re.fullmatch(r"[0-9a-f]{40}", model_cfg.revision or ""):
+        base_card_file(model_cfg.path, model_cfg.revision, fetch=True)
         return config
     try:
         found = cached_file(model_cfg.path, "config.json", revision=model_cfg.revision)

@@ -225,9 +225,9 @@ class WarnOfAWarmupAsLongAsTheRun(TrainerCallback):
 
 
 class SettingsToWandb(TrainerCallback):
-    """W&B's run config holds the Trainer's arguments only (transformers 5.24's WandbCallback): a sweep over
-    model.lora_config.r or the data could not tell its runs apart there. Runs after the Trainer's own callbacks, so
-    W&B's run has begun."""
+    """W&B's run config holds the Trainer's arguments and the model's configs (transformers 5.24's WandbCallback),
+    not sftkit's dataset settings nor its model ones (path, revision, QLoRA, dtype): a sweep over the data or the
+    base could not tell its runs apart there. Runs after the Trainer's own callbacks, so W&B's run has begun."""
 
     def __init__(self, resolved: dict):
         self.settings = {section: resolved[section] for section in ("model", "dataset")}  # secrets hidden

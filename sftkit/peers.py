@@ -35,6 +35,7 @@ ARRIVED_KEY = "sftkit/arrived/{rank}"
 ARRIVAL_SECONDS = float(os.environ.get("SFTKIT_ARRIVAL_SECONDS", 300))
 _stop = threading.Event()
 _leaving: list = []  # see before_leaving_for_a_failure_elsewhere
+_leaving_lock = threading.Lock()  # the watcher ending the process, or the process handling its own failure: not both
 
 
 def _store(seconds: float):
@@ -72,15 +73,16 @@ def watch(prog: str) -> None:
                 failure = store.get(FAILURE_KEY).decode()
             except Exception:  # the main machine's launcher has ended (the run finished or failed there)
                 return
-            if _stop.is_set():  # this process is failing itself and says why on its own
-                return
-            print(f"{prog}: error: stopping, because {failure}", file=sys.stderr, flush=True)
-            for hook in _leaving:
-                try:
-                    hook(failure)
-                except Exception:  # noqa: BLE001 - the process ends either way
-                    pass
-            os._exit(1)
+            with _leaving_lock:  # held until the process ends
+                if _stop.is_set():  # this process is failing itself and says why on its own
+                    return
+                print(f"{prog}: error: stopping, because {failure}", file=sys.stderr, flush=True)
+                for hook in _leaving:
+                    try:
+                        hook(failure)
+                    except Exception:  # noqa: BLE001 - the process ends either way
+                        pass
+                os._exit(1)
 
     thread = threading.Thread(target=poll, name="sftkit-peers", daemon=True)
     thread.start()
@@ -89,6 +91,13 @@ def watch(prog: str) -> None:
     # without an active exception", SIGABRT; seen once at the end of a two-machine test on a loaded machine, when
     # this wait was 2 s). So wait as long as one store call can take.
     atexit.register(lambda: (_stop.set(), thread.join(WATCH_STORE_SECONDS + POLL_SECONDS + 1)))
+
+
+def handling_a_failure() -> None:
+    """This process handles its own failure (records it, keeps its report): the watcher no longer ends it for a
+    failure elsewhere, and if it already is, this waits for that (its hooks do what the handling would)."""
+    with _leaving_lock:
+        _stop.set()
 
 
 def before_leaving_for_a_failure_elsewhere(hook) -> None:
@@ -116,7 +125,7 @@ def says_errors() -> bool:
 
 def report_failure(message: str) -> None:
     """Tell the other machines' processes why this one stops (best effort, a few seconds at most)."""
-    _stop.set()
+    handling_a_failure()
     if not several_machines():
         return
     rank = os.environ.get("RANK", "?")
@@ -140,6 +149,24 @@ def lost_contact(error: BaseException) -> str | None:
     first_sentence = (text.strip().splitlines() or [type(error).__name__])[0].split(". ")[0]
     return (f"lost contact with another process ({first_sentence}): it stopped, or its machine went away; why "
             "is in its own output (the launcher's report names its rank)")
+
+
+def check_the_data_held_still(config, before: dict) -> None:
+    """The files the run trains from (runrecord.input_digests) hold what they held as it began (`before`, this
+    process's view), on every process: the main process prepares the data first and the others read it after, so a
+    file written meanwhile gave them other rows (and a hang where the row count changed), and one process's edit
+    midway trained rows of both versions."""
+    from sftkit.runrecord import input_digests
+
+    now = input_digests(config.resolved)
+    changed = {name for name in before.keys() | now.keys() if before.get(name) != now.get(name)}
+    if config.training.world_size > 1:
+        from accelerate.utils import gather_object
+
+        changed = set().union(*gather_object([changed]))
+    if changed:
+        raise ConfigError(f"{', '.join(sorted(changed)[:3])} changed while the run read it: the rows trained could "
+                          "mix two versions; run again once the files are written")
 
 
 # Settings each machine may have its own of: where it writes and logs, and how fast it reads data (what the fast

@@ -76,7 +76,7 @@ def _checkpoints(output_dir: Path) -> dict | None:
         return None
     size = sum(file.stat().st_size for checkpoint in kept for file in checkpoint.rglob("*") if file.is_file())
     return {"count": len(kept), "newest": str(kept[-1]), "bytes": size,
-            "resumable": resume_problem(kept[-1]) is None}  # not of the model alone (training.save_only_model)
+            "resumable": resume_problem(kept[-1]) is None}  # e.g. not of the model alone (training.save_only_model)
 
 
 def report(output_dir: Path, config, summary: dict, history: list[dict]) -> dict:
@@ -339,7 +339,7 @@ def format_summary(summary: dict) -> str:
     if summary.get("checkpoints"):
         kept = summary["checkpoints"]
         held = "optimizer states included" if kept.get("resumable", True) else \
-            "the model alone (training.save_only_model): no resume continues them"
+            "without what a resume needs: no resume continues the newest"
         rows.append(("checkpoints", f"{kept['count']}, newest {kept['newest']} ({size_words(kept['bytes'])} in all, "
                                     f"{held}; training.save_strategy: \"no\" keeps none)"))
     for label, key in (("sample replies", "sample_replies_file"),

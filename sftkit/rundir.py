@@ -448,14 +448,15 @@ class OutputDir:
 
             trained = trained_to_step(self.path) or 0
             newest = self.path / contents.checkpoints[-1]
-            if checkpoint_step(contents.checkpoints[-1]) >= trained and resume_problem(newest) is None:
+            problem = resume_problem(newest)
+            if checkpoint_step(contents.checkpoints[-1]) >= trained and problem is None:
                 ways.insert(0, "train it longer with --training.resume_from_checkpoint true and a higher "
                                "training.max_steps or num_train_epochs")
             else:  # no checkpoint of its last step (after a signal's, save_strategy no or epoch) or of the model alone
                 # (save_only_model): a resume redoes steps, or cannot continue
                 why = f"; its newest checkpoint is behind its model, which trained to step {trained}" if \
                     checkpoint_step(contents.checkpoints[-1]) < trained else \
-                    "; its checkpoints hold the model alone (training.save_only_model), which no resume continues"
+                    f"; its newest checkpoint cannot be resumed: {problem}"
                 ways = [f"fine-tune that model further as model.path {self.path} into another training.output_dir",
                         "pass --overwrite to redo the run (removes only what it wrote)",
                         "choose another training.output_dir"]

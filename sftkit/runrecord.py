@@ -103,7 +103,8 @@ def input_digests(resolved: dict) -> dict[str, str]:
         else:  # a file or a glob; nothing for a hub id, nor for a glob that matches nothing (the run says so)
             matched = local_files(name)
             files.update({f"{name}:{Path(path).name}" if path != str(root) else name: Path(path) for path in matched})
-    digests = {name: file_digest(path, whole=True) for name, path in files.items()}  # read whole by the run anyway
+    # read whole by the run anyway; one that cannot be read (a dangling link a glob matches) the data loader names
+    digests = {name: digest for name, path in files.items() if (digest := _readable_digest(path, whole=True))}
     digests.update(_template_digests(dataset))
     model = resolved.get("model", {}).get("path")
     if model and Path(resolve_path(model)).is_dir():
@@ -124,7 +125,16 @@ def _template_digests(dataset: dict) -> dict[str, str]:
 
 def _model_digests(model_dir: Path) -> dict[str, str]:
     """A model directory's config, tokenizer and weights files, by name."""
-    return {path.name: file_digest(path) for pattern in MODEL_FILES for path in sorted(model_dir.glob(pattern))}
+    return {path.name: digest for pattern in MODEL_FILES for path in sorted(model_dir.glob(pattern))
+            if (digest := _readable_digest(path))}
+
+
+def _readable_digest(path: Path, whole: bool = False) -> str | None:
+    """file_digest, or None for a file that cannot be read: what loads it says why, in one line."""
+    try:
+        return file_digest(path, whole)
+    except OSError:
+        return None
 
 
 

@@ -31,7 +31,7 @@ from sftkit.command import resume_words
 from sftkit.compat import allow_fsdp_on_cpu, check_fsdp_on
 from sftkit.data.tokenize import stop_at_the_end_of_a_reply
 from sftkit.errors import ConfigError, FailedHere, Interrupted, RunFailed, first_line
-from sftkit.export import kept_work_words, publish_staged, stage_trained_weights
+from sftkit.export import kept_work_words, lost_after_staging, publish_staged, stage_trained_weights
 from sftkit.fastpath import describe as describe_speed
 from sftkit.layout import STAGING_DIR, checkpoint_dir
 from sftkit.model import (
@@ -60,11 +60,12 @@ from sftkit.peers import (
     before_leaving_for_a_failure_elsewhere,
     check_every_process_runs_the_same,
     check_output_dir_is_shared,
-    lost_contact,
+    check_the_data_held_still,
+    handling_a_failure,
 )
 from sftkit.report import best_checkpoint_step, build_summary, report, write_report
 from sftkit.rundir import OutputDir, refuse_before_claiming
-from sftkit.runrecord import trained_to_step
+from sftkit.runrecord import input_digests, trained_to_step
 from sftkit.schema import RunConfig
 from sftkit.weightfiles import check_free_space, export_bytes
 
@@ -93,12 +94,15 @@ def train(config: RunConfig, overwrite: bool = False, started: float | None = No
     try:
         return _train(config, output, resume_from, started)  # the export recorded it finished
     except Interrupted:
+        handling_a_failure()
         output.mark("interrupted")
         raise
     except KeyboardInterrupt:  # a second Ctrl-C (the first one stops after the step, or after the export)
+        handling_a_failure()
         output.mark("interrupted")
         raise Interrupted(_stopped_at_once(output), signal.SIGINT) from None
     except BaseException as failure:
+        handling_a_failure()
         output.mark("failed", error=first_line(failure))
         raise
     finally:
@@ -138,7 +142,9 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
     transformers.utils.logging.disable_progress_bar()  # weight loading and saving bars; the Trainer keeps its own
     args = config.training
     set_seed(args.seed)
+    held = input_digests(config.resolved)  # as this process is about to read them
     tokenizer, data = tokenizer_and_data(config)
+    check_the_data_held_still(config, held)
     dtype = resolve_dtype(config.model, args)
     weights = weights_dtype(config.model, args, dtype)
     weights_name = str(weights).removeprefix("torch.")
@@ -185,7 +191,7 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
         try:
             # the trained weights on disk first: a failure or a kill in the final evaluation or the sample reply
             # (one process's out-of-memory error leaves the others waiting in its collectives) keeps them
-            stage_trained_weights(trainer, config, tokenizer, dtype, weights, parameters)
+            extras = stage_trained_weights(trainer, config, tokenizer, dtype, weights, parameters) and extras
             evaluated = _last_eval_step(trainer.state.log_history) == trainer.state.global_step or \
                 best_checkpoint_step(trainer) is not None  # the model is that checkpoint's, evaluated at its step
             if extras and data.eval is not None and not evaluated:
@@ -193,6 +199,7 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
             reply = _final_reply(trainer, tokenizer, data.sample_prompts) if extras else None
             output_dir = publish_staged(trainer, config, dtype)
         except RunFailed:
+            handling_a_failure()
             if trainer.accelerator.is_main_process:
                 _keep_report_with_the_export(trainer, config, summary())
             raise
@@ -286,19 +293,23 @@ def _asked_to_stop(trainer) -> bool:
 
 
 def _evaluated_unless_stopped(trainer) -> bool:
-    """The final evaluation; False where a signal stopped it, or where it failed in a run of one process, so that the
-    export comes next. With more, the others would wait for the failed one in the evaluation's collectives: the run
-    stops, its trained weights staged."""
+    """The final evaluation; False where a signal stopped it, where it failed in a run of one process, or where the
+    main process lost the others in it, so that the publish comes next. Else, with several processes, the others would
+    wait for the failed one in the evaluation's collectives: the run stops, its trained weights staged."""
     try:
         trainer.evaluate()
     except StopRequested:
         return False
     except Exception as error:
-        if trainer.args.world_size > 1:
-            why = lost_contact(error) or f"failed on process {trainer.args.process_index} ({type(error).__name__}: " \
-                f"{first_line(error)})"
-            raise FailedHere(f"the final evaluation {why}; {kept_work_words(Path(trainer.args.output_dir))}") \
-                from error
+        output_dir = Path(trainer.args.output_dir)
+        if lost_after_staging(error, trainer.accelerator.is_main_process, output_dir):
+            return False
+        if trainer.args.world_size > 1:  # the others lose contact with it, and go on without the evaluation
+            kept = kept_work_words(output_dir)
+            if trainer.args.process_index:  # the main process publishes the staged weights without it
+                kept = f"the main process publishes the trained model without it (if it is stopped first, {kept})"
+            raise FailedHere(f"the final evaluation failed on process {trainer.args.process_index} "
+                             f"({type(error).__name__}: {first_line(error)}); {kept}") from error
         logger.warning(f"the final evaluation failed ({type(error).__name__}: {first_line(error)}); the trained model "
                        "is exported without it")
         return False

@@ -73,11 +73,11 @@ def test_the_chat_and_compare_on_a_stopped_run_name_its_checkpoint_and_on_a_miss
     with pytest.raises(Interrupted):
         train(load_config(None, ["--training.output_dir", str(out), "--training.max_steps", "6", "--dataset.test_size",
                                  "null", "--training.save_strategy", "steps", "--training.save_steps", "2"]))
-    for tool in (chat_command.main, compare.main):
+    for tool, then in ((chat_command.main, "; a checkpoint's directory can be given; pass the output_dir of a run"),
+                       (compare.main, "; pass the output_dir of a finished sftkit run")):
         said = run_here(tool, str(out), check=False)
         assert said.returncode == 2 and f"{out}: its run has not published a model (it is interrupted); the newest " \
-            f"checkpoint is {out / 'checkpoint-3'} (step 3), and a checkpoint's directory can be given instead" in \
-            said.stderr, said.stderr
+            f"checkpoint is {out / 'checkpoint-3'} (step 3){then}" in said.stderr, said.stderr
         said = run_here(tool, str(tmp_path / "nowhere"), check=False)
         assert said.returncode == 2 and f"{tmp_path / 'nowhere'}: no such directory" in said.stderr, said.stderr
     said = run_here(compare.main, str(out / "checkpoint-3"), check=False)  # it said no checkpoint was saved
@@ -365,8 +365,9 @@ def test_the_chat_and_compare_ask_after_the_runs_system_prompt_and_compare_says_
     assert compare.main([str(out), "--prompts", str(tmp_path / "prompts.txt")]) == 2
     assert capsys.readouterr().err.rstrip().endswith(
         f"{out}: its run trained on other contents of rows.jsonl than are found from here ({REPO / 'configs'}): "
-        "relative paths in its sftkit_config.yaml are found from the working directory; run sftkit compare from the "
-        "directory the run was started in, with its files as they were")
+        "those files changed since the run (put them back as they were), or, as relative paths in its "
+        "sftkit_config.yaml are found from the working directory, run sftkit compare from the directory the run was "
+        "started in")
 
 
 def test_the_system_prompt_is_read_only_from_the_runs_own_config_and_a_bad_one_is_none(tmp_path):

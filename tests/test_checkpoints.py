@@ -6,7 +6,9 @@ import shutil
 
 import pytest
 from conftest import run_sft
+from transformers import TrainerCallback
 
+import sftkit.train
 from sftkit.checkpoints import damage
 from sftkit.config import load_config
 from sftkit.errors import ConfigError
@@ -354,7 +356,8 @@ def test_a_resume_under_another_engine_is_refused_and_one_saved_before_engines_w
     assert checkpoint_to_resume(str(checkpoint), tmp_path, resolved, 1, "DeepSpeed ZeRO-3") == str(checkpoint)
 
 
-def test_a_resume_that_lengthens_the_run_follows_the_new_schedule_at_once_and_says_so(tmp_path, capsys):
+def test_a_resume_that_lengthens_the_run_follows_the_new_schedule_at_once_and_says_so(tmp_path, capsys,
+                                                                                      monkeypatch):
     """Raising max_steps on a resume (sftkit's own advice to train a finished run longer): the first step trained at
     the old schedule's end (learning rate 0), then the rate jumped to the new one's, without a word; the card called
     it one cosine schedule."""
@@ -363,6 +366,15 @@ def test_a_resume_that_lengthens_the_run_follows_the_new_schedule_at_once_and_sa
             "--training.warmup_steps", "0"]
     train(config(out, *args, "--training.max_steps", "4"))
     capsys.readouterr()
+    used = {}  # the rate the optimizer trains each step at, not the one logged
+
+    class RatesUsed(TrainerCallback):
+        def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+            used[state.global_step + 1] = optimizer.param_groups[0]["lr"]
+
+    build = sftkit.train._trainer
+    monkeypatch.setattr(sftkit.train, "_trainer", lambda *a, **k: (trainer := build(*a, **k)).add_callback(
+        RatesUsed()) or trainer)
     resumed = train(config(out, *args, "--training.max_steps", "8", "--training.resume_from_checkpoint", "true"))
     said = capsys.readouterr().err
     assert "the run resumes at step 4 with another length, 8 steps where its cosine learning-rate schedule was " \
@@ -370,7 +382,8 @@ def test_a_resume_that_lengthens_the_run_follows_the_new_schedule_at_once_and_sa
     fresh = train(config(tmp_path / "fresh", *args, "--training.max_steps", "8"))
     rates = [{entry["step"]: entry["learning_rate"] for entry in run.trainer.state.log_history
               if "learning_rate" in entry} for run in (resumed, fresh)]
-    assert rates[0][5] == pytest.approx(rates[1][5]) and rates[0][5] > 0, "step 5 trains at the new schedule's rate"
+    assert used[5] == pytest.approx(rates[1][5]) and used[5] > 0, "step 5 trains at the new schedule's rate"
+    assert rates[0][5] == pytest.approx(used[5]), "and logs the rate it trained at"
     assert resumed.summary["schedule_lengths"] == [[0, 4], [4, 8]]
     assert "resumed with another length: the learning-rate schedule was planned for 4 steps, then anew for 8 from " \
            "step 4" in (out / "README.md").read_text()

@@ -14,6 +14,7 @@ shared with test_multinode.py.
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -317,10 +318,12 @@ def test_a_zero2_checkpoint_resumed_under_zero3_is_refused_before_loading_with_o
     assert "lost contact" not in result.stderr, result.stderr[-3000:]
 
 
-def test_a_final_evaluation_failing_on_one_process_keeps_the_trained_model(tmp_path):
-    """Process 1 alone ran out of memory in the final evaluation: process 0 waited for it in the evaluation's
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_final_evaluation_failing_on_one_process_keeps_the_trained_model(tmp_path, failing):
+    """One process alone ran out of memory in the final evaluation: the other waited for it in the evaluation's
     collectives until the launch was torn down, and nothing of the trained model was on disk (no checkpoint at the
-    last step). The weights are now written before the evaluation, and `sftkit export` publishes them."""
+    last step). The weights are now written before the evaluation: the main process publishes them where another
+    process failed, and `sftkit export` does where the main one did."""
     from sftkit.export import main as export_main
     from sftkit.layout import ADAPTER_DIR, RUN_FILE, STAGING_DIR
 
@@ -331,12 +334,12 @@ import torch
 from sftkit import monitor
 prediction_step = monitor.MonitoredSFTTrainer.prediction_step
 
-def out_of_memory_on_process_1(self, *args, **kwargs):
-    if self.guard.training_over and os.environ["RANK"] == "1":
+def out_of_memory_on_one_process(self, *args, **kwargs):
+    if self.guard.training_over and os.environ["RANK"] == "{failing}":
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 7.83 GiB")
     return prediction_step(self, *args, **kwargs)
 
-monitor.MonitoredSFTTrainer.prediction_step = out_of_memory_on_process_1
+monitor.MonitoredSFTTrainer.prediction_step = out_of_memory_on_one_process
 from sftkit.cli import main
 raise SystemExit(main())
 """)
@@ -349,10 +352,50 @@ raise SystemExit(main())
     assert result.returncode != 0 and time.perf_counter() - started < 300, result.stderr[-3000:]
     kept = f"the trained adapter is kept in {out / STAGING_DIR / ADAPTER_DIR}: finish the export with: python -m " \
            f"sftkit.export {out}"
-    assert f"sft.py: error: the final evaluation failed on process 1 (OutOfMemoryError: CUDA out of memory. Tried to " \
-           f"allocate 7.83 GiB); {kept}" in result.stderr, result.stderr[-3000:]
-    assert not list(out.glob("checkpoint-*")) and not (out / "config.json").exists()
-    assert export_main([str(out)]) == 0
+    kept = kept if failing == 0 else f"the main process publishes the trained model without it (if it is stopped " \
+                                     f"first, {kept})"
+    assert f"sft.py: error: the final evaluation failed on process {failing} (OutOfMemoryError: CUDA out of memory. " \
+           f"Tried to allocate 7.83 GiB); {kept}" in result.stderr, result.stderr[-3000:]
+    assert not list(out.glob("checkpoint-*"))
+    if failing == 0:
+        assert not (out / "config.json").exists()
+        assert export_main([str(out)]) == 0
+    else:
+        assert "the trained model is published without the final evaluation and sample reply" in result.stderr, \
+            result.stderr[-3000:]
     AutoModelForCausalLM.from_pretrained(out)
     assert (out / ADAPTER_DIR / "adapter_model.safetensors").is_file()
     assert json.loads((out / RUN_FILE).read_text())["status"] == "finished"
+
+
+def test_a_disk_that_stays_read_only_as_the_export_begins_stops_every_process(tmp_path):
+    """The main process gave up waiting for the disk before the barrier the other waited at, and then waited in
+    another collective: both hung until killed, leaving the lock and an "exporting" record."""
+    from conftest import tmpfs
+
+    script = tmp_path / "sft_read_only.py"
+    with tmpfs(tmp_path / "disk", "size=64m") as disk:
+        script.write_text(f"""import os, subprocess, sys
+sys.path.insert(0, {str(REPO)!r})
+import sftkit.train
+trained = sftkit.train._stop_unless_trained
+
+def read_only_as_training_ends(trainer):
+    if os.environ["RANK"] == "0":
+        subprocess.run(["mount", "-o", "remount,ro", {str(disk)!r}], check=True)
+    return trained(trainer)
+
+sftkit.train._stop_unless_trained = read_only_as_training_ends
+from sftkit.cli import main
+raise SystemExit(main())
+""")
+        out = disk / "out"
+        started = time.perf_counter()
+        result = subprocess.run([ACCELERATE, "launch", "--config_file", "accelerate_configs/cpu_ddp_2proc.yaml",
+                                 "--num_processes", "2", str(script), "--training.output_dir", str(out),
+                                 "--training.max_steps", "2", "--dataset.test_size", "null"],
+                                cwd=REPO, capture_output=True, text=True, timeout=150,
+                                env={**os.environ, "SFTKIT_DISK_WAIT_SECONDS": "2"})
+        assert result.returncode != 0 and time.perf_counter() - started < 100, result.stderr[-3000:]
+        assert f"could not write the trained model to {out / '.export-incomplete'}" in result.stderr, \
+            result.stderr[-3000:]

@@ -304,3 +304,14 @@ def test_a_file_replaced_by_one_of_the_same_modification_time_is_read_again(tmp_
     os.utime(data, ns=times)
     again = prepare_data(DatasetConfig(name=str(data)), tokenizer, max_length=128)
     assert again.rows == 2 and replies(tokenizer, again) == ["New answer 0.<|im_end|>", "New answer 1.<|im_end|>"]
+
+
+def test_a_dangling_link_a_glob_matches_is_one_line_naming_it(tmp_path):
+    """The run's input digests, taken as it claims output_dir, read it first and ended in a traceback."""
+    write_jsonl(tmp_path / "data" / "a.jsonl", [chat(0), chat(1)])
+    (tmp_path / "data" / "b.jsonl").symlink_to(tmp_path / "gone.jsonl")
+    result = run_sft("--dataset.name", str(tmp_path / "data" / "*.jsonl"), "--training.output_dir",
+                     str(tmp_path / "out"), "--training.max_steps", "1", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"could not be loaded: [Errno 2] No such file or directory: '{tmp_path / 'data' / 'b.jsonl'}'" in \
+        result.stderr

@@ -356,6 +356,28 @@ def test_data_edited_while_the_run_trains_is_not_taken_for_the_data_it_trained_o
         checkpoint_to_resume(True, out, resume.resolved, 1)
 
 
+def test_data_written_while_the_run_reads_it_stops_the_run(tmp_path, monkeypatch):
+    """The main process prepares the data first and the others read it after: a file written in between gave them
+    other rows, without a word (and a hang where the row count changed)."""
+    import sftkit.train
+
+    data = tmp_path / "chat.jsonl"
+    shutil.copy(REPO / "data" / "sample_chat.jsonl", data)
+    prepared = sftkit.train.tokenizer_and_data
+
+    def next_version_written_meanwhile(config):
+        read = prepared(config)
+        data.write_text("".join(data.read_text().splitlines(keepends=True)[:160]))
+        return read
+
+    monkeypatch.setattr(sftkit.train, "tokenizer_and_data", next_version_written_meanwhile)
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(data))} changed while the run read it: the rows trained "
+                                          "could mix two versions; run again once the files are written$"):
+        train(config(out, "--dataset.name", str(data)))
+    assert not (out / LOCK_FILE).exists() and not (out / "config.json").exists()
+
+
 def test_overwrite_and_resume_together_are_refused_before_anything_is_removed(finished, tmp_path):
     out = copy_of(finished, tmp_path)
     before = contents(out)
@@ -507,10 +529,11 @@ def test_a_finished_run_of_model_only_checkpoints_is_not_told_to_resume_them(tmp
                   "true"]
     capsys.readouterr()
     train(config(out, *only_model))
-    assert "(training.save_only_model): no resume continues them" in capsys.readouterr().out
+    assert "without what a resume needs: no resume continues the newest" in capsys.readouterr().out
     refused = one_line_error(run_sft("--training.output_dir", str(out), *SHORT, *only_model, check=False))
-    assert "its checkpoints hold the model alone (training.save_only_model), which no resume continues: fine-tune " \
-           f"that model further as model.path {out} into another training.output_dir" in refused
+    assert "its newest checkpoint cannot be resumed: it holds the model alone, no optimizer or learning-rate " \
+           "schedule state (training.save_only_model, or they were removed), so a resume would start both afresh: " \
+           f"fine-tune that model further as model.path {out} into another training.output_dir" in refused
     assert "train it longer" not in refused
 
 
