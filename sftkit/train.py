@@ -93,16 +93,14 @@ def train(config: RunConfig, overwrite: bool = False, started: float | None = No
     before_leaving_for_a_failure_elsewhere(lambda failure: _left_for_a_failure_elsewhere(output, failure))
     try:
         return _train(config, output, resume_from, started)  # the export recorded it finished
-    except Interrupted:
-        handling_a_failure()
-        output.mark("interrupted")
-        raise
-    except KeyboardInterrupt:  # a second Ctrl-C (the first one stops after the step, or after the export)
-        handling_a_failure()
-        output.mark("interrupted")
-        raise Interrupted(_stopped_at_once(output), signal.SIGINT) from None
     except BaseException as failure:
         handling_a_failure()
+        if isinstance(failure, Interrupted):
+            output.mark("interrupted")
+            raise
+        if isinstance(failure, KeyboardInterrupt):  # a second Ctrl-C (the first stops after the step, or the export)
+            output.mark("interrupted")
+            raise Interrupted(_stopped_at_once(output), signal.SIGINT) from None
         output.mark("failed", error=first_line(failure))
         raise
     finally:
