@@ -345,10 +345,12 @@ class TrainerWorkarounds:
     (`accelerate launch` exports OMP_NUM_THREADS=1, a plain `python` uses every core) drifted from the run it
     continued. Both are saved beside each checkpoint, per process, and restored at the first step of the resume.
 
-    Saved configs keep the base's use_cache (see __init__). Evaluations leave training's randomness alone: each one drew its DataLoader's base seed from torch's global
+    Evaluations leave training's randomness alone: each one drew its DataLoader's base seed from torch's global
     generator (torch 2.13), which moved every later dropout mask, so evaluation settings changed what was trained and
     a resume after a stop that skipped a due evaluation was no longer exact (LoRA with lora_dropout 0.1, 10 steps:
     eval loss 1.1798 without evaluations, 1.1914 with eval_steps 3).
+
+    Saved configs keep the base model's use_cache (see __init__).
     """
 
     def __init__(self, *args, **kwargs):
