@@ -162,8 +162,8 @@ def _load(source: SourceConfig, split: str):
             options = {**options, "features": _text_columns(source.name, files)}
         try:
             # local files load as one "train" split; escaped, as datasets reads them as patterns (chat[1].jsonl)
-            rows = load_dataset(builder, cache_named_by_contents(files), data_files=[glob.escape(file) for file in files],
-                                split="train", **options)
+            rows = load_dataset(builder, cache_named_by_contents(files),
+                                data_files=[glob.escape(file) for file in files], split="train", **options)
         except Exception as error:
             problem = next(filter(None, map(_json_problem if builder == "json" else _text_problem, files)), None)
             if problem:  # a file not in UTF-8 is saved again whole, not fixed line by line
