@@ -128,7 +128,10 @@ def write_before_after(args) -> Path:
                for name, model in (("base", base), ("tuned", tuned))}
     some = f"the first {len(loss_rows)} of {len(rows)}" if len(loss_rows) < len(rows) else f"{len(loss_rows)}"
     trained_on = both_trained_and_evaluated_on(dataset_cfg) if held_out else []
+    repeated = f" ({data.eval_also_trained} of the {len(rows)} also train rows, token for token)" \
+        if held_out and data.eval_also_trained else ""
     where = (f"{some} eval rows, which it also trained on ({', '.join(trained_on)})" if trained_on else
+             f"{some} eval rows{repeated}" if repeated else
              f"{some} held-out rows" if held_out else f"{some} training rows (no held-out set)")
     how = "computed as the run's eval loss" if held_out and len(loss_rows) == len(rows) else \
         "computed as the run's eval loss is, on these rows (--loss_rows sets how many)"

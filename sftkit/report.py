@@ -51,6 +51,7 @@ def build_summary(trainer, config, data, dtype, parameters: tuple[int, int], rep
         "rows": data.rows,
         "train_rows": len(data.train),
         "eval_rows": len(data.eval) if data.eval is not None else None,
+        "eval_rows_also_trained": data.eval_also_trained if data.eval is not None else None,
         "rows_dropped": data.dropped,
         "rows_cut": data.kept(trainer.args)[1],  # to max_seq_length: a reply cut there trains without its end
         "eval_rows_dropped": data.eval_dropped,
@@ -254,7 +255,9 @@ def model_card(config, summary: dict) -> str:
 def _rows_words(summary: dict) -> str:
     """'320 rows read, 304 trained on, 16 held out to evaluate', with the rows dropped and why."""
     dropped = describe_dropped(summary.get("rows_dropped") or {}, only_some=True)
-    held_out = f", {summary['eval_rows']} evaluated on" if summary.get("eval_rows") is not None else ""
+    repeated = summary.get("eval_rows_also_trained")
+    held_out = (f", {summary['eval_rows']} evaluated on" + (f" ({repeated} of them also trained on)" if repeated else "")
+                if summary.get("eval_rows") is not None else "")
     trained = f", {summary['train_rows']} trained on" if summary.get("train_rows") is not None else ""
     return f"{summary['rows']} rows read{f' (dropped: {dropped})' if dropped else ''}{trained}{held_out}"
 

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import TINY_MODEL
+from conftest import SAMPLE_DATA, TINY_MODEL
 from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -236,3 +236,19 @@ def test_the_summary_covers_every_step_whatever_the_logging_interval(tmp_path):
     assert len(losses) == 4 and sparse.summary["train_loss_mean"] == pytest.approx(sum(losses) / 4, rel=1e-4)
     logged = {entry["step"]: entry["loss"] for entry in sparse.trainer.state.log_history if "loss" in entry}
     assert list(logged) == [1, 4] and logged[4] == pytest.approx(sum(losses[1:]) / 3, rel=1e-4)  # steps 2 to 4
+
+
+def test_a_run_evaluated_on_its_own_train_rows_says_so_in_its_header_summary_and_card(tmp_path, capsys):
+    """Eval rows that are train rows too (a second export of the same pool, rows the data repeats) were said only by
+    the dry run; the run, its summary and its card called their loss held-out."""
+    evaluated = tmp_path / "eval.jsonl"
+    evaluated.write_text("\n".join(SAMPLE_DATA.read_text().splitlines()[:8]) + "\n")  # trained on: no test_size
+    _, result = run(tmp_path, "default_train_config.yaml", "--dataset.test_size", "null", "--dataset.eval_sources",
+                    json.dumps([{"name": str(evaluated)}]), steps=2)
+    said = capsys.readouterr()
+    repeated = 8
+    assert f"to train, {repeated} eval rows ({repeated} eval rows are also train rows, token for token)" in said.out
+    assert (f"{repeated} of the {repeated} eval rows are also train rows, token for token, so the eval loss measures "
+            "recall more than learning") in said.err
+    assert result.summary["eval_rows_also_trained"] == result.summary["eval_rows"] == repeated
+    assert f", {repeated} evaluated on ({repeated} of them also trained on)" in (tmp_path / "out" / "README.md").read_text()

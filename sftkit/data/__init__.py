@@ -27,7 +27,7 @@ from sftkit.schema import DatasetConfig, SourceConfig
 logger = logging.getLogger(__name__)
 
 __all__ = ["DataError", "MaskError", "PreparedData", "prepare_data", "prepare_for_training", "tokenize_messages"]
-HELPER_COLUMNS = ["source", "row", "trainable_tokens", "prompt_tokens", "problem"]
+HELPER_COLUMNS = ["source", "row", "trainable_tokens", "prompt_tokens", "problem", "tokens_digest"]
 BAD_ROW, NOTHING_TO_TRAIN = "bad rows", "with nothing to train within max_seq_length"
 # training.dataset_num_proc left out: a source of at least MIN_ROWS_FOR_PROCESSES rows is prepared by one process per
 # usable core, at most MAX_PROCESSES. A worker costs a fork, a copy of the tokenizer (megabytes for real ones) and
@@ -72,6 +72,7 @@ class PreparedData:
     eval_dropped: dict[str, int] = field(default_factory=dict)  # rows of eval_sources or eval_split dropped, by reason
     # max_length where rows were tokenized only as far as the trainer keeps them: a length past it is a lower bound
     measured_to: int | None = None
+    eval_also_trained: int = 0  # eval rows that are also train rows, token for token
 
     def sources_words(self, cfg: DatasetConfig) -> str:
         """'data/chat.jsonl as 'messages', faq.csv as 'question_answer'': each train source and the format it is read as."""
@@ -88,10 +89,7 @@ class PreparedData:
     def repeated_words(self) -> str:
         """' (3 eval rows are also train rows, token for token)': rows the data repeats fall on both sides of
         test_size's split, and their eval loss measures recall, not what the model learned."""
-        if self.eval is None or not len(self.eval):
-            return ""
-        trained = {hash(tuple(ids)) for ids in _column(self.train, "input_ids").to_pylist()}
-        repeated = sum(hash(tuple(ids)) in trained for ids in _column(self.eval, "input_ids").to_pylist())
+        repeated = self.eval_also_trained
         if not repeated:
             return ""
         return f" ({repeated} eval row{'s are' if repeated > 1 else ' is'} also train rows, token for token)"
@@ -178,6 +176,11 @@ def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42,
     if len(train) == 0:  # rows were kept, but weight x rows rounded to none of them
         raise DataError("the dataset.sources weights leave no train row (each keeps round(weight x rows)); raise "
                         "them")
+    repeated = _eval_rows_also_trained(train, evaluation)
+    if is_main_process() and repeated > len(evaluation) / 2:
+        logger.warning(f"{repeated} of the {len(evaluation)} eval rows are also train rows, token for token, so the "
+                       "eval loss measures recall more than learning; remove those rows from the train or the eval "
+                       "data")
     return PreparedData(
         train=train.remove_columns(HELPER_COLUMNS),
         eval=evaluation.remove_columns(HELPER_COLUMNS) if evaluation is not None else None,
@@ -191,7 +194,16 @@ def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42,
         problems=prepare.problems,
         eval_dropped=prepare.eval_dropped,
         measured_to=max_length if truncate else None,
+        eval_also_trained=repeated,
     )
+
+
+def _eval_rows_also_trained(train, evaluation) -> int:
+    """Eval rows whose tokens a train row has too (by the digest each row got as it was tokenized)."""
+    if evaluation is None:
+        return 0
+    trained = _column(train, "tokens_digest").combine_chunks()
+    return pc.sum(pc.is_in(_column(evaluation, "tokens_digest"), value_set=trained)).as_py() or 0
 
 
 def _warn_of_files_not_read(cfg: DatasetConfig) -> None:
@@ -424,12 +436,12 @@ def _tokenize_row(row, index, tokenizer, format_name, system_prompt, answer_sour
         if not skip_bad_rows:
             raise DataError(f"{problem}; {fix}" if fix else problem) from None
         return {"input_ids": [], "labels": [], "source": source_position, "row": index, "trainable_tokens": 0,
-                "prompt_tokens": 0, "problem": problem}
+                "prompt_tokens": 0, "problem": problem, "tokens_digest": 0}
     labels = tokens["labels"]
     trainable = sum(label != IGNORE_INDEX for label in labels[kept])
     prompt = next((position for position, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
     return {**tokens, "source": source_position, "row": index, "trainable_tokens": trainable, "prompt_tokens": prompt,
-            "problem": ""}
+            "problem": "", "tokens_digest": hash(tuple(tokens["input_ids"]))}  # ints' hashes are the same everywhere
 
 
 def _split_off_eval(sources: list, positions: list[int], test_size: float, seed: int) -> tuple[list, object]:
