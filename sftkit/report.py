@@ -256,8 +256,8 @@ def _rows_words(summary: dict) -> str:
     """'320 rows read, 304 trained on, 16 held out to evaluate', with the rows dropped and why."""
     dropped = describe_dropped(summary.get("rows_dropped") or {}, only_some=True)
     repeated = summary.get("eval_rows_also_trained")
-    held_out = (f", {summary['eval_rows']} evaluated on" + (f" ({repeated} of them also trained on)" if repeated else "")
-                if summary.get("eval_rows") is not None else "")
+    held_out = "" if summary.get("eval_rows") is None else \
+        f", {summary['eval_rows']} evaluated on" + (f" ({repeated} of them also trained on)" if repeated else "")
     trained = f", {summary['train_rows']} trained on" if summary.get("train_rows") is not None else ""
     return f"{summary['rows']} rows read{f' (dropped: {dropped})' if dropped else ''}{trained}{held_out}"
 

@@ -251,4 +251,5 @@ def test_a_run_evaluated_on_its_own_train_rows_says_so_in_its_header_summary_and
     assert (f"{repeated} of the {repeated} eval rows are also train rows, token for token, so the eval loss measures "
             "recall more than learning") in said.err
     assert result.summary["eval_rows_also_trained"] == result.summary["eval_rows"] == repeated
-    assert f", {repeated} evaluated on ({repeated} of them also trained on)" in (tmp_path / "out" / "README.md").read_text()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f", {repeated} evaluated on ({repeated} of them also trained on)" in card
