@@ -144,7 +144,8 @@ def test_before_after_report_on_held_out_rows_shows_the_reference(lora_run):
     # on some of them it is not the run's eval loss, which it claimed to be
     run_here(compare.main, str(lora_run / "lora_weights"), "--rows", "1", "--loss_rows", "4", "--max_new_tokens", "4")
     assert "Loss on the first 4 of 16 eval rows (3 of the 16 also train rows, token for token), computed as the " \
-           "run's eval loss is, on these rows (--loss_rows sets how many): " in (lora_run / "before_after.md").read_text()
+           "run's eval loss is, on these rows (--loss_rows sets how many): " \
+        in (lora_run / "before_after.md").read_text()
 
 
 def free_port() -> int:
