@@ -8,6 +8,7 @@ Loss is the run's eval loss, computed by the Trainer with the run's batch size a
 the run had any, else on the first training rows (the report says which). OUTPUT_DIR may also be its lora_weights.
 """
 
+import errno
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from sftkit.errors import ConfigError, OneLineArgumentParser, say_error
 from sftkit.export import adapter_base, run_directory, unfinished_run_words
 from sftkit.layout import ADAPTER_DIR, BEFORE_AFTER_FILE, RUN_CONFIG_FILE
 from sftkit.paths import resolve_path
-from sftkit.rundir import changed_since_written
+from sftkit.rundir import OutputDir, changed_since_written
 from sftkit.runrecord import changed_inputs, read_run_record, record_written
 from sftkit.schema import DatasetConfig, ModelConfig
 
@@ -45,13 +46,29 @@ def main(argv: list[str] | None = None, prog: str = "python -m sftkit.compare") 
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--out", help=f"report path (default OUTPUT_DIR/{BEFORE_AFTER_FILE})")
     args = parser.parse_args(argv)
+    lock = OutputDir(run_directory(Path(args.output_dir)), {})
     try:
         _check_paths(args)  # before minutes of generating
+        _lock_the_run(lock)
         path = write_before_after(args)
     except ConfigError as error:
         return say_error(prog, error)
+    finally:
+        lock.release()
     print(f"wrote {path}")
     return 0
+
+
+def _lock_the_run(lock: OutputDir) -> None:
+    """A run that resumes to train longer publishes another model: a report of the one it replaced was written, and
+    recorded as the run's, beside the new one. Where the lock cannot be written (a read-only share), no run writes."""
+    if not lock.path.is_dir():
+        return
+    try:
+        lock.take_lock("compare it once that run ends")
+    except OSError as error:
+        if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
 
 
 def _check_paths(args) -> None:

@@ -596,7 +596,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m sftkit.export") -
         if record is None or "dtype" not in record:
             raise ConfigError(f"{args.output_dir} has no unfinished export to finish: its run record {RUN_FILE} is "
                               "missing, or the run never reached its export")
-        lock.take_lock()  # not while a run still writes there
+        lock.take_lock("finish its export once that run ends")  # not while a run still writes there
         import torch
         import transformers
 

@@ -321,8 +321,9 @@ class OutputDir:
             raise ConfigError(f"{key} {self.path} cannot be written: {error.strerror or error} "
                               f"({type(error).__name__}); choose a directory you can write to") from None
 
-    def take_lock(self) -> None:
-        """An exclusive lock file holding who owns it; one left by a process that no longer runs is taken over."""
+    def take_lock(self, instead: str = "wait for it or choose another output_dir") -> None:
+        """An exclusive lock file holding who owns it; one left by a process that no longer runs is taken over.
+        `instead`: what to do while a live run holds it."""
         lock = self.path / LOCK_FILE
         mine = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), **_slurm_run()}
         partial = self.path / f"{LOCK_FILE}.{os.getpid()}.partial"
@@ -336,7 +337,7 @@ class OutputDir:
                         text = self._lock_text(lock)
                     except FileNotFoundError:
                         continue  # released meanwhile: the atomic link again, deleting nothing
-                    stale = self._refuse_a_live_holder(text, lock)
+                    stale = self._refuse_a_live_holder(text, lock, instead)
                     whose = f"its process {stale['pid']} no longer runs" if "pid" in stale else "it cannot be read"
                     if stale.get("host", socket.gethostname()) != socket.gethostname():
                         whose = f"Slurm requeued its job {stale['slurm_job']}, which this is"
@@ -348,14 +349,14 @@ class OutputDir:
             partial.unlink(missing_ok=True)
         raise ConfigError(f"training.output_dir {self.path}: could not take the lock {lock}; delete it if no run uses it")
 
-    def _refuse_a_live_holder(self, text: str, lock: Path) -> dict:
+    def _refuse_a_live_holder(self, text: str, lock: Path, instead: str = "wait for it or choose another "
+                                                                            "output_dir") -> dict:
         """ConfigError naming the lock's owner while it runs; else what the stale lock says ({} when unreadable)."""
         holder, alive = self._holder(text)
         if alive:
             since = time.strftime('%H:%M:%S', time.localtime(holder['since']))
             raise ConfigError(f"training.output_dir {self.path} is in use by another run (process {holder['pid']} on "
-                              f"{holder['host']}, since {since}); wait for it or choose another output_dir (if no "
-                              f"run uses it, delete {lock})")
+                              f"{holder['host']}, since {since}); {instead} (if no run uses it, delete {lock})")
         return holder
 
     def _link(self, partial: Path, lock: Path) -> bool:

@@ -510,3 +510,22 @@ def test_an_adapter_whose_base_changed_since_training_is_refused(tmp_path):
         said = run_here(chat_command.main, str(adapter), check=False)
         assert said.returncode == 2 and f"{adapter}: its base model {base} changed since the run trained the adapter " \
             "on it (model.safetensors)" in said.stderr, said.stderr
+
+
+def test_compare_waits_for_a_run_that_writes_its_output_dir(lora_run, tmp_path):
+    """A resume that trains the run longer publishes another model: compare, started meanwhile, wrote the report of
+    the model it replaced beside the new one, and recorded it as the run's."""
+    from sftkit.layout import LOCK_FILE
+    from sftkit.rundir import OutputDir
+
+    running = OutputDir(lora_run, {})
+    running.take_lock()  # as a live run holds it (this process's)
+    try:
+        said = run_here(compare.main, str(lora_run), "--rows", "1", "--out", str(tmp_path / "report.md"), check=False)
+    finally:
+        running.release()
+    assert said.returncode == 2 and f"is in use by another run (process {os.getpid()} on " in said.stderr
+    assert "; compare it once that run ends (if no run uses it, delete " in said.stderr
+    assert not (tmp_path / "report.md").exists()
+    run_here(compare.main, str(lora_run), "--rows", "1", "--max_new_tokens", "2", "--out", str(tmp_path / "report.md"))
+    assert (tmp_path / "report.md").is_file() and not (lora_run / LOCK_FILE).exists(), "compare let the lock go"
