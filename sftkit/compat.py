@@ -510,6 +510,27 @@ def refuse_values_datasets_reads_as_json(features, files: list[str], read: set, 
                                 f"({text!r} into {ujson_loads(text)!r}); give that field one type in every row")
 
 
+def blank_line_datasets_cannot_read(files: list[str], error: BaseException) -> str | None:
+    """'FILE line N', the first blank line of JSON Lines `files` that datasets 5.2 failed to read with "Expected object
+    or value": where a field holds text in some rows and other values in others (OpenAI's content parts), it reads
+    the lines again for its Json feature with a parser that takes no blank line. Reproduce: load_dataset("json") of
+    a row whose content is "Hi", one whose content is [{"type": "text", "text": "Hi"}], and a blank line between."""
+    from sftkit.paths import open_data
+
+    reasons = []
+    while error is not None:
+        reasons.append(str(error))
+        error = error.__cause__ or error.__context__
+    if not any("Expected object or value" in reason for reason in reasons):
+        return None
+    for file in files:
+        with open_data(file) as handle:
+            number = next((number for number, line in enumerate(handle, 1) if not line.strip()), None)
+        if number is not None:
+            return f"{file} line {number}"
+    return None
+
+
 def _json_rows(file: str):
     """('line N', row) of each row of a JSON Lines file, or ('row N', row) of a .json file holding a list of rows."""
     from sftkit.paths import data_suffix, open_data

@@ -749,6 +749,21 @@ def test_invalid_json_names_the_file_and_line(tmp_path, tokenizer, suffix, text,
         prepare_data(DatasetConfig(name=str(path)), tokenizer, max_length=64)
 
 
+def test_a_blank_line_datasets_cannot_read_is_named_with_what_to_do(tmp_path, tokenizer):
+    """datasets 5.2 reads a file mixing text and content parts in one field line by line again, and failed on a
+    blank line with "Expected object or value"; without the blank line the same rows load."""
+    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]},
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                          {"role": "assistant", "content": "Hello."}]}]
+    path = tmp_path / "parts.jsonl"
+    path.write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n")
+    with pytest.raises(DataError, match=re.escape(f"dataset {path} line 2: a blank line, which datasets cannot read "
+                                                  "where a field holds text in some rows and content parts")):
+        prepare_data(DatasetConfig(name=str(path), test_size=None), tokenizer, max_length=64)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert len(prepare_data(DatasetConfig(name=str(path), test_size=None), tokenizer, max_length=64).train) == 2
+
+
 def test_every_row_truncated_away_says_which_max_seq_length_fits(tmp_path, tokenizer):
     with pytest.raises(DataError) as error:
         prepare_data(DatasetConfig(name=write_rows(tmp_path, ".jsonl", ROWS)), tokenizer, max_length=4)

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from sftkit.checks import source_errors
-from sftkit.compat import cache_named_by_contents, refuse_values_datasets_reads_as_json
+from sftkit.compat import blank_line_datasets_cannot_read, cache_named_by_contents, refuse_values_datasets_reads_as_json
 from sftkit.data.formats import READS, detect_format
 from sftkit.errors import DataError, first_line
 from sftkit.paths import (
@@ -169,6 +169,10 @@ def _load(source: SourceConfig, split: str):
             if problem:  # a file not in UTF-8 is saved again whole, not fixed line by line
                 fix = "" if problem.endswith("save it as UTF-8") else "; fix or remove that line"
                 raise DataError(f"dataset {problem}{fix}") from None
+            if builder == "json" and (blank := blank_line_datasets_cannot_read(files, error)):
+                raise DataError(f"dataset {blank}: a blank line, which datasets cannot read where a field holds text "
+                                "in some rows and content parts or other values in others; remove the blank lines") \
+                    from None
             if "corresponds to no data" in str(error):
                 raise DataError(f"dataset {source.name} has no rows (a CSV file of its header alone, or a JSON list "
                                 "that is empty)") from None
