@@ -99,7 +99,28 @@ def _evaluation_errors(dataset: DatasetConfig, training: dict) -> list[str]:
     if training.get("save_strategy") == "best" and not training.get("metric_for_best_model"):
         errors.append("training.save_strategy: best needs training.metric_for_best_model (eval_loss, say), the "
                       "metric that decides which checkpoint is best")
-    return errors
+    return errors + _best_metric_errors(training.get("metric_for_best_model"), training.get("greater_is_better"))
+
+
+# What an evaluation of TRL 1.16's SFTTrainer reports, without compute_metrics (sftkit passes none), and whether more
+# is better: the Trainer picked a best checkpoint by another metric only at the first evaluation, with a KeyError
+# that ended the run before its checkpoint was saved.
+EVAL_METRICS = {"loss": False, "mean_token_accuracy": True, "entropy": None}  # None: either way round makes sense
+
+
+def _best_metric_errors(metric, greater_is_better) -> list[str]:
+    if not isinstance(metric, str):
+        return []
+    name = metric.removeprefix("eval_")
+    if name not in EVAL_METRICS:
+        return [f"training.metric_for_best_model: {metric!r} is not a metric the evaluations report; use one of "
+                f"{', '.join('eval_' + known for known in EVAL_METRICS)}"]
+    if None not in (greater_is_better, EVAL_METRICS[name]) and bool(greater_is_better) != EVAL_METRICS[name]:
+        more = "highest" if greater_is_better else "lowest"
+        return [f"training.greater_is_better: {str(greater_is_better).lower()} counts the checkpoint of the {more} "
+                f"{metric} as the best, and publishes the worst; remove greater_is_better (the Trainer sets it from "
+                "the metric's name)"]
+    return []
 
 
 def _precision_errors(model: ModelConfig, training: dict) -> list[str]:

@@ -65,6 +65,16 @@ CONFIG_CASES = {
                                      ["training.eval_strategy needs evaluation data: set dataset.test_size"]),
     "best checkpoint without a metric": (["--training.save_strategy", "best"],
                                          ["training.save_strategy: best needs training.metric_for_best_model"]),
+    # the run trained to its first evaluation, then ended in a KeyError, before that step's checkpoint was saved
+    "best checkpoint by a metric no evaluation reports": (
+        ["--training.metric_for_best_model", "accuracy"],
+        ["training.metric_for_best_model: 'accuracy' is not a metric the evaluations report; use one of eval_loss, "
+         "eval_mean_token_accuracy, eval_entropy"]),
+    # the run published the checkpoint of the highest eval loss and called it the best
+    "the highest loss counted as the best": (
+        ["--training.metric_for_best_model", "eval_loss", "--training.greater_is_better", "true"],
+        ["training.greater_is_better: true counts the checkpoint of the highest eval_loss as the best, and publishes "
+         "the worst; remove greater_is_better"]),
     "broken list override": (["--dataset.system_prompt", "[be brief"],
                              ["override --dataset.system_prompt: '[be brief' is not a valid YAML list or mapping",
                               "quote it"]),

@@ -365,7 +365,7 @@ def signal_at(monkeypatch, event: str, count: int, signum: int = signal.SIGTERM)
 def test_a_signal_under_the_best_model_settings_keeps_its_checkpoint(tmp_path, monkeypatch, saving):
     """transformers ends a stopped loop as a finished one: with load_best_model_at_end and save_total_limit 1 it
     deleted the checkpoint the signal had saved, and save_strategy best saved none at an evaluation that was no new
-    best; the resume went back to the best checkpoint (here step 1 or 3: greater_is_better makes the first the best)."""
+    best; the resume went back to the best checkpoint (here step 1 or 3: the entropy of the replies rises in the first steps, so the first is the best)."""
     from sftkit.errors import Interrupted
 
     signal_at(monkeypatch, "on_step_begin", 5)  # during step 5
@@ -374,8 +374,8 @@ def test_a_signal_under_the_best_model_settings_keeps_its_checkpoint(tmp_path, m
         train(load_config(None, ["--training.output_dir", str(out), "--training.max_steps", "12",
                                  "--training.eval_strategy", "steps", "--training.eval_steps", "1" if "best" in saving
                                  else "3", "--training.load_best_model_at_end", "true",
-                                 "--training.metric_for_best_model", "eval_loss", "--training.greater_is_better",
-                                 "true", *saving]))
+                                 "--training.metric_for_best_model", "eval_entropy", "--training.greater_is_better",
+                                 "false", *saving]))
     history = json.loads((out / "checkpoint-5" / "trainer_state.json").read_text())["log_history"]
     # the checkpoint comes at once, without the evaluation due at step 5 (eval_steps 1): a scheduler's SIGKILL
     # follows its SIGTERM within seconds, and the evaluation of a large eval set takes minutes

@@ -203,19 +203,23 @@ def test_eval_loss_is_logged_and_the_best_checkpoint_is_kept(tmp_path):
 
 def test_a_run_that_publishes_its_best_checkpoint_reports_that_checkpoints_eval_loss(tmp_path):
     """load_best_model_at_end publishes the best checkpoint's model; the summary and card reported the last step's
-    eval loss. greater_is_better makes the first evaluation's checkpoint the best, as a run that overfits would."""
+    eval loss. The best by the lowest entropy of the replies is an earlier checkpoint's, as an overfitting run's is."""
     _, result = run(tmp_path, "default_train_config.yaml", "--training.eval_strategy", "steps", "--training.eval_steps",
                     "4", "--training.save_strategy", "steps", "--training.save_steps", "4",
-                    "--training.load_best_model_at_end", "true", "--training.metric_for_best_model", "eval_loss",
-                    "--training.greater_is_better", "true", steps=12)
+                    "--training.load_best_model_at_end", "true", "--training.metric_for_best_model", "eval_entropy",
+                    "--training.greater_is_better", "false", steps=12)
     out, summary = tmp_path / "out", result.summary
-    at_step = {entry["step"]: entry["eval_loss"] for entry in result.trainer.state.log_history if "eval_loss" in entry}
-    assert (summary["best_checkpoint_step"], summary["eval_loss"]) == (4, at_step[4]) and at_step[12] < at_step[4]
+    evaluations = [entry for entry in result.trainer.state.log_history if "eval_loss" in entry and entry["step"]]
+    step = min(evaluations, key=lambda entry: entry["eval_entropy"])["step"]
+    assert step < 12, "the test needs a best checkpoint before the last step"
+    at_step = {entry["step"]: entry["eval_loss"] for entry in evaluations}
+    assert (summary["best_checkpoint_step"], summary["eval_loss"]) == (step, at_step[step])
     said = format_summary(summary)
-    assert "(start -> step 4, the best checkpoint)" in said and f"{out} (float32; step 4, the best checkpoint)" in said
-    assert "The model is the best checkpoint's, step 4 of 12" in (out / "README.md").read_text()
+    assert f"(start -> step {step}, the best checkpoint)" in said
+    assert f"{out} (float32; step {step}, the best checkpoint)" in said
+    assert f"The model is the best checkpoint's, step {step} of 12" in (out / "README.md").read_text()
     with safe_open(out / "model.safetensors", "pt") as published, \
-            safe_open(out / "checkpoint-4" / "model.safetensors", "pt") as best:
+            safe_open(out / f"checkpoint-{step}" / "model.safetensors", "pt") as best:
         assert all(torch.equal(published.get_tensor(name), best.get_tensor(name)) for name in best.keys())
 
 
