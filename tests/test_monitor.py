@@ -365,7 +365,8 @@ def signal_at(monkeypatch, event: str, count: int, signum: int = signal.SIGTERM)
 def test_a_signal_under_the_best_model_settings_keeps_its_checkpoint(tmp_path, monkeypatch, saving):
     """transformers ends a stopped loop as a finished one: with load_best_model_at_end and save_total_limit 1 it
     deleted the checkpoint the signal had saved, and save_strategy best saved none at an evaluation that was no new
-    best; the resume went back to the best checkpoint (here step 1 or 3: the entropy of the replies rises in the first steps, so the first is the best)."""
+    best; the resume went back to the best checkpoint (here step 1 or 3: the entropy of the replies rises in the
+    first steps, so the first is the best)."""
     from sftkit.errors import Interrupted
 
     signal_at(monkeypatch, "on_step_begin", 5)  # during step 5
