@@ -545,7 +545,7 @@ def _json_rows(file: str):
     if data_suffix(file) == ".json":
         try:
             with open_data(file) as handle:
-                document = json.loads(handle.read().decode("utf-8"))
+                document = json.loads(handle.read().decode("utf-8-sig"))
         except ValueError:
             return
         if isinstance(document, list):

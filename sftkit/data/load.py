@@ -118,7 +118,7 @@ def _places(file: str, modified: int) -> list[str] | None:
     if kind == ".json":
         with open_data(file) as handle:
             try:
-                document = json.loads(handle.read().decode("utf-8"))
+                document = json.loads(handle.read().decode("utf-8-sig"))
             except ValueError:
                 return None
         return [f"row {number}" for number in range(1, len(document) + 1)] if isinstance(document, list) else None
@@ -242,7 +242,7 @@ def _json_problem(file: str) -> str | None:
             if not raw.strip():
                 continue
             try:
-                value = json.loads(raw.decode("utf-8").rstrip("\r\n"))
+                value = json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n"))
             except UnicodeDecodeError as error:
                 return f"{file} line {number}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
             except json.JSONDecodeError as error:
@@ -257,7 +257,7 @@ def _json_problem(file: str) -> str | None:
             return None
     try:
         with open_data(file) as handle:
-            json.loads(handle.read().decode("utf-8"))
+            json.loads(handle.read().decode("utf-8-sig"))  # the BOM Windows tools start a file with is no error
     except json.JSONDecodeError as error:
         return f"{file} line {error.lineno}: not valid JSON: {_json_message(error)}"
     except UnicodeDecodeError as error:
