@@ -12,6 +12,8 @@ import logging
 import os
 import shutil
 import socket
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ from sftkit.layout import (
     GUARD_FILE,
     LOCK_FILE,
     PER_PROCESS,
+    REPLACED_DIR,
     RUN_FILE,
     STAGING_DIR,
     checkpoint_step,
@@ -219,10 +222,17 @@ class OutputDir:
         self.began = True
         if not main:
             return
+        earlier = read_run_record(self.path) if self.replaces is not None else None
         # first: a kill while removing leaves this run's record, not the earlier one's "finished"
         self.record_start(replacing=self.replaces.checkpoints if self.replaces else None)
         if self.replaces is not None:
-            self._remove_earlier_run(self.replaces)
+            try:
+                self._remove_earlier_run(self.replaces)
+            except ConfigError:  # it removed nothing: the earlier run stays whole, with its own record
+                if earlier is not None:
+                    write_json(self.path / RUN_FILE, earlier)
+                self.owner = False
+                raise
             self.replaces = None
             self.record_start()  # none of them is left
         # what claim found and checked is the earlier run's, less what --overwrite removed: what appears under a run's
@@ -474,13 +484,12 @@ class OutputDir:
         kept = [name for name in contents.removed() if self.config_file is not None
                 and (self.path / name).resolve() == self.config_file.resolve()]
         removed = [name for name in contents.removed() if name not in kept]
-        for name in removed:
-            item = self.path / name
-            with contextlib.suppress(FileNotFoundError):  # found at the start, and removed since by someone else
-                if item.is_dir() and contents.written and name in contents.written:
-                    _remove_written_files(item, contents.written[name])
-                else:
-                    shutil.rmtree(item) if item.is_dir() else item.unlink()
+        replaced = _move_aside(self.path, removed, contents.written or {})
+        if failures := _delete_what_can_be(replaced):  # the earlier run is gone from output_dir: this run goes on
+            path, error = failures[0]
+            logger.warning(f"--overwrite could not delete {len(failures)} of the earlier run's files, moved to "
+                           f"{replaced} ({error.strerror or error}: {Path(path).relative_to(replaced)}); delete that "
+                           "folder once it can be")
         if removed:
             left = [f"{name} (this run's config)" for name in kept] + \
                 ([f"{', '.join(contents.foreign)} (not written by sftkit)"] if contents.foreign else [])
@@ -488,10 +497,52 @@ class OutputDir:
                   f"{'; kept ' + ', '.join(left) if left else ''}", flush=True)
 
 
-def _remove_written_files(directory: Path, recorded: list) -> None:
-    """The files the run wrote in `directory`, and then the folders left empty; what the user added there stays."""
-    for entry in recorded:
-        (directory / entry[0]).unlink(missing_ok=True)
+def _move_aside(directory: Path, names: list[str], written: dict) -> Path:
+    """Moves the earlier run's items into a new folder there, named for REPLACED_DIR, which it returns: all of them
+    or, where one cannot be moved (another user's folder, an immutable file, a busy mount), none. They were deleted
+    one by one, and a failure halfway left the earlier model deleted, its card and half its checkpoints behind, and a
+    traceback. A folder whose files the run recorded (written) loses only those: what the user added stays."""
+    aside, moved = Path(tempfile.mkdtemp(prefix=f"{REPLACED_DIR}-", dir=directory)), []
+    try:
+        for name in names:
+            if name in written and (directory / name).is_dir():
+                for entry in written[name]:
+                    _move(directory / name / entry[0], aside / name / entry[0], moved)
+            else:
+                _move(directory / name, aside / name, moved)
+    except OSError as error:
+        for source, target in reversed(moved):
+            target.rename(source)
+        shutil.rmtree(aside, ignore_errors=True)
+        raise ConfigError(f"--overwrite could not move {error.filename or directory} aside ({error.strerror or error}), "
+                          f"so it removed nothing: the earlier run in {directory} is as it was; make its files yours "
+                          "to remove, or choose another training.output_dir") from None
+    for name in names:
+        if name in written and (directory / name).is_dir():
+            _remove_empty_folders(directory / name)
+    return aside
+
+
+def _delete_what_can_be(folder: Path) -> list[tuple[str, OSError]]:
+    """Deletes all of `folder` that can be; (path, error) of the files that could not be, else of the folders (each
+    folder above such a file cannot be deleted either)."""
+    failures = []
+    if sys.version_info >= (3, 12):  # onerror is deprecated there
+        shutil.rmtree(folder, onexc=lambda _, path, error: failures.append((path, error)))
+    else:
+        shutil.rmtree(folder, onerror=lambda _, path, info: failures.append((path, info[1])))
+    return [(path, error) for path, error in failures if not Path(path).is_dir()] or failures
+
+
+def _move(source: Path, target: Path, moved: list) -> None:
+    if not source.exists() and not source.is_symlink():
+        return  # found at the start, and removed since by someone else
+    target.parent.mkdir(parents=True, exist_ok=True)
+    source.rename(target)
+    moved.append((source, target))
+
+
+def _remove_empty_folders(directory: Path) -> None:
     for folder in sorted((path for path in directory.rglob("*") if path.is_dir()), key=lambda path: -len(path.parts)):
         with contextlib.suppress(OSError):
             folder.rmdir()  # only an empty one

@@ -810,3 +810,50 @@ raise SystemExit(main())
     assert run_python(str(script), *args, "--training.resume_from_checkpoint", "true", check=False).returncode == 137
     resumed = run_sft(*args, "--training.resume_from_checkpoint", "true")
     assert "resumes from" in resumed.stdout and (out / "model.safetensors").is_file()
+
+
+def immutable(*paths):
+    """chattr +i: a file not even root may move or delete, as another user's files are to the user (the tests run as
+    root, which every permission lets through)."""
+    result = subprocess.run(["chattr", "+i", *map(str, paths)], capture_output=True, text=True)
+    if result.returncode:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI runs as root on a filesystem with chattr: {result.stderr}")
+        pytest.skip(f"chattr +i needs root and a filesystem that has it: {result.stderr}")
+
+
+def mutable(directory):
+    """Every file there as it was (pytest deletes old temporary folders)."""
+    subprocess.run(["chattr", "-R", "-i", str(directory)], check=True)
+
+
+def test_overwrite_that_cannot_remove_an_item_of_the_earlier_run_removes_nothing(finished, tmp_path):
+    """The items were deleted one by one: one that could not be (another user's, an immutable file, a busy mount)
+    ended the run in a traceback with the earlier model deleted and its card, report and half its checkpoints left."""
+    out = copy_of(finished, tmp_path)
+    before, before_names = contents(out), [path.name for path in out.iterdir()]
+    immutable(out / "loss.png")
+    try:
+        error = one_line_error(run_sft("--training.output_dir", str(out), *SHORT, "--overwrite", check=False))
+    finally:
+        mutable(out)
+    assert error == (f"sft.py: error: --overwrite could not move {out}/loss.png aside (Operation not permitted), so it "
+                     f"removed nothing: the earlier run in {out} is as it was; make its files yours to remove, or "
+                     "choose another training.output_dir")
+    assert contents(out) == before and sorted(path.name for path in out.iterdir()) == sorted(before_names)
+
+
+def test_overwrite_that_cannot_delete_what_it_moved_aside_trains_and_says_where_it_is(finished, tmp_path, caplog):
+    out = copy_of(finished, tmp_path)
+    stuck = out / "checkpoint-2" / "trainer_state.json"
+    immutable(stuck)
+    try:
+        run_sft("--training.output_dir", str(out), *SHORT, "--overwrite")
+        aside = next(out.glob(".sftkit-replaced-*"))
+        assert f"could not delete 1 of the earlier run's files, moved to {aside} (Operation not permitted: " \
+               "checkpoint-2/trainer_state.json); delete that folder once it can be" in caplog.text
+        assert [path.relative_to(aside) for path in aside.rglob("*") if path.is_file()] == \
+               [stuck.relative_to(out)], "the rest went"
+    finally:
+        mutable(out)
+    assert json.loads((out / RUN_FILE).read_text())["status"] == "finished"
