@@ -514,8 +514,8 @@ def _move_aside(directory: Path, names: list[str], written: dict) -> Path:
         for source, target in reversed(moved):
             target.rename(source)
         shutil.rmtree(aside, ignore_errors=True)
-        raise ConfigError(f"--overwrite could not move {error.filename or directory} aside ({error.strerror or error}), "
-                          f"so it removed nothing: the earlier run in {directory} is as it was; make its files yours "
+        raise ConfigError(f"--overwrite could not move {error.filename or directory} aside "
+                          f"({error.strerror or error}), so it removed nothing: the earlier run in {directory} is as it was; make its files yours "
                           "to remove, or choose another training.output_dir") from None
     for name in names:
         if name in written and (directory / name).is_dir():
