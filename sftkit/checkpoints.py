@@ -13,6 +13,7 @@ from sftkit.compat import follow_a_new_schedule_length
 from sftkit.engines import fsdp_plugin, zero_stage
 from sftkit.errors import AlreadyFinished, ConfigError, RunFailed, first_line
 from sftkit.layout import (
+    PER_PROCESS,
     RUN_FILE,
     STAGING_DIR,
     checkpoint_dir,
@@ -47,6 +48,34 @@ def checkpoints_in(directory: Path) -> list[Path]:
         return []
     found = [path for path in directory.iterdir() if is_checkpoint(path)]
     return sorted(found, key=lambda path: checkpoint_step(path.name))
+
+
+def added_to_checkpoint(checkpoint: Path) -> list[str]:
+    """Files put in a checkpoint after the Trainer saved it (eval notes, say), by the list of what it saved that its
+    record holds (since 2026-11-28; none for older checkpoints)."""
+    saved = (read_run_record(checkpoint) or {}).get("files")
+    if saved is None:
+        return []
+    saved = {*saved, RUN_FILE}
+    return sorted(name for name in (str(file.relative_to(checkpoint)) for file in checkpoint.rglob("*")
+                                    if file.is_file())
+                  if name not in saved and not PER_PROCESS.fullmatch(name))
+
+
+def left_out_of_rotation(folder: Path) -> bool:
+    """Whether the Trainer's rotation (save_total_limit) must leave a folder named checkpoint-*: a copy the user keeps
+    under another name (checkpoint-best, checkpoint-8.bak), or a checkpoint holding files it did not save there."""
+    if checkpoint_step(folder.name) is None:
+        return True
+    added = added_to_checkpoint(folder)
+    if added and folder not in _said_kept:
+        _said_kept.add(folder)
+        logger.warning(f"{folder} holds files the Trainer did not save ({', '.join(added[:3])}): it stays, beyond "
+                       "training.save_total_limit")
+    return bool(added)
+
+
+_said_kept: set[Path] = set()
 
 
 def damage(checkpoint: Path) -> str | None:

@@ -347,6 +347,31 @@ def _share_tied_tensors(model, state_dict: dict) -> None:
                 state_dict[name] = state_dict[kept]
 
 
+def rotate_only_checkpoints_not(left_out) -> None:
+    """transformers 5.24 rotates away (save_total_limit) every folder named checkpoint-*, sorted by modification time,
+    and at the end of a run with save_total_limit 1 and a best checkpoint every folder named checkpoint-<digits>...:
+    a copy the user kept (checkpoint-best, checkpoint-8.bak) and a checkpoint holding the user's files went whole,
+    after sftkit had said it keeps them. Its sort_checkpoints, which both call, leaves out the folders for which
+    left_out(path) is true. Reproduce: save_total_limit 2, cp -r checkpoint-4 checkpoint-best, train on: it is gone."""
+    try:
+        import transformers.trainer as trainer
+        import transformers.trainer_utils as utils
+
+        sort = utils.sort_checkpoints
+        trainer.sort_checkpoints  # noqa: B018 - the name the Trainer calls at the end of a run
+    except (ImportError, AttributeError) as error:
+        logger.warning(f"transformers changed ({error}); save_total_limit may delete folders named checkpoint-* "
+                       "that are not this run's checkpoints")
+        return
+    original = getattr(sort, "__wrapped__", sort)
+
+    @functools.wraps(original)
+    def sort_checkpoints(*args, **kwargs):
+        return [path for path in original(*args, **kwargs) if not left_out(Path(path))]
+
+    utils.sort_checkpoints = trainer.sort_checkpoints = sort_checkpoints
+
+
 class TrainerWorkarounds:
     """Mixed into sftkit's SFTTrainer (monitor.MonitoredSFTTrainer); written for transformers 5.24 and TRL 1.16.
 

@@ -17,9 +17,9 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 from trl import SFTTrainer
 
-from sftkit.checkpoints import drop_unsaved_checkpoint
+from sftkit.checkpoints import drop_unsaved_checkpoint, left_out_of_rotation
 from sftkit.checks import warmup_outlasts
-from sftkit.compat import TrainerWorkarounds, keep_checkpoints_at_an_early_stop
+from sftkit.compat import TrainerWorkarounds, keep_checkpoints_at_an_early_stop, rotate_only_checkpoints_not
 from sftkit.engines import first_on_its_machine, local_shard, shards_weights
 from sftkit.errors import first_line
 from sftkit.fastpath import adapter_input_casts, bound_max_lengths, lengths_vary, mark_lengths_dynamic
@@ -50,6 +50,7 @@ class MonitoredSFTTrainer(TrainerWorkarounds, SFTTrainer):
             if not hasattr(SFTTrainer, hook):
                 logging.getLogger("sftkit").warning(f"this transformers' Trainer has no {hook}: {loss}; install the "
                                                     "versions in requirements.txt")
+        rotate_only_checkpoints_not(left_out_of_rotation)
         self.guard = guard or StopGuard()
         self.add_callback(self.guard)
         self.add_callback(LogTheLastStep())

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import psutil
 
+from sftkit.checkpoints import added_to_checkpoint
 from sftkit.errors import ConfigError
 from sftkit.layout import (
     DURING_TRAINING,
     GUARD_FILE,
     LOCK_FILE,
-    PER_PROCESS,
     REPLACED_DIR,
     RUN_FILE,
     STAGING_DIR,
@@ -148,18 +148,6 @@ def changed_since_written(item: Path, recorded) -> bool:
     return any(not as_written(item / entry[0], entry[1:]) for entry in recorded if (item / entry[0]).is_file())
 
 
-def _added_to_checkpoint(checkpoint: Path) -> list[str]:
-    """Files put in a checkpoint after the Trainer saved it (eval notes, say), by the list of what it saved that its
-    record holds (since 2026-11-28; none for older checkpoints)."""
-    saved = (read_run_record(checkpoint) or {}).get("files")
-    if saved is None:
-        return []
-    saved = {*saved, RUN_FILE}
-    return sorted(name for name in (str(file.relative_to(checkpoint)) for file in checkpoint.rglob("*")
-                                    if file.is_file())
-                  if name not in saved and not PER_PROCESS.fullmatch(name))
-
-
 def _what_is_in_the_way(contents: Contents) -> str:
     made = [name for name in contents.in_the_way if name not in contents.changed]
     parts = [f"files sftkit did not write there ({_some(made)})" if made else "",
@@ -264,7 +252,7 @@ class OutputDir:
         if not overwrite and resume is not True:  # resuming from output_dir: checkpoint_to_resume checks the run
             self._refuse_another_runs_work(contents, resuming=resume is not None)
         added = [f"{name}/{file}" for name in contents.checkpoints if overwrite
-                 for file in _added_to_checkpoint(self.path / name)]
+                 for file in added_to_checkpoint(self.path / name)]
         if added:
             raise ConfigError(f"training.output_dir {self.path}: --overwrite would remove the earlier run's checkpoints, "
                               f"which hold files it did not save ({_some(added)}); move them elsewhere first")

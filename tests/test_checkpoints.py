@@ -387,3 +387,21 @@ def test_a_resume_that_lengthens_the_run_follows_the_new_schedule_at_once_and_sa
     assert resumed.summary["schedule_lengths"] == [[0, 4], [4, 8]]
     assert "resumed with another length: the learning-rate schedule was planned for 4 steps, then anew for 8 from " \
            "step 4" in (out / "README.md").read_text()
+
+
+def test_save_total_limit_leaves_the_users_checkpoint_folders(tmp_path, caplog):
+    """transformers' rotation deleted every folder named checkpoint-*: a copy the user kept (checkpoint-best,
+    checkpoint-4.bak) and a checkpoint holding the user's notes, on the resume sftkit advises after a run."""
+    out = tmp_path / "out"
+    saving = ["--training.output_dir", str(out), "--training.save_strategy", "steps", "--training.save_steps", "2",
+              "--training.save_total_limit", "2", "--dataset.test_size", "null"]
+    train(load_config(None, [*saving, "--training.max_steps", "4"]))
+    (out / "checkpoint-2" / "my_eval_notes.txt").write_text("step 2 answers best\n")
+    for copy in ("checkpoint-best", "checkpoint-4.bak"):
+        shutil.copytree(out / "checkpoint-4", out / copy)
+    train(load_config(None, [*saving, "--training.max_steps", "8", "--training.resume_from_checkpoint", "true"]))
+    assert sorted(path.name for path in out.glob("checkpoint-*")) == [
+        "checkpoint-2", "checkpoint-4.bak", "checkpoint-6", "checkpoint-8", "checkpoint-best"]
+    assert (out / "checkpoint-2" / "my_eval_notes.txt").is_file()
+    assert f"{out}/checkpoint-2 holds files the Trainer did not save (my_eval_notes.txt): it stays, beyond " \
+           "training.save_total_limit" in caplog.text
