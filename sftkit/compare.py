@@ -61,8 +61,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m sftkit.compare") 
 
 def _lock_the_run(lock: OutputDir) -> None:
     """A run that resumes to train longer publishes another model: a report of the one it replaced was written, and
-    recorded as the run's, beside the new one. Where the lock cannot be written (a read-only share), no run writes."""
-    if not lock.path.is_dir():
+    recorded as the run's, beside the new one. Where the lock cannot be written (a read-only share), no run writes.
+    Only a finished run's directory is locked: a checkpoint or a model of another origin is not written to."""
+    if not (lock.path / RUN_CONFIG_FILE).is_file():
         return
     try:
         lock.take_lock("compare it once that run ends")

@@ -96,7 +96,9 @@ def survey(directory: Path) -> Contents:
         name = item.name
         if name in (LOCK_FILE, GUARD_FILE, RUN_FILE) or name.endswith(".partial"):
             continue
-        if not (is_checkpoint(item) or written_by_sftkit(name)):
+        if name.startswith(f"{REPLACED_DIR}-") and item.is_dir():  # an --overwrite cut short: what it was removing
+            contents.ours.append(name)
+        elif not (is_checkpoint(item) or written_by_sftkit(name)):
             contents.foreign.append(name)
         elif is_checkpoint(item) and recorded and _saved_by_the_run(item, record, name == newest, trained):
             contents.checkpoints.append(name)

@@ -80,9 +80,11 @@ def test_the_chat_and_compare_on_a_stopped_run_name_its_checkpoint_and_on_a_miss
             f"checkpoint is {out / 'checkpoint-3'} (step 3){then}" in said.stderr, said.stderr
         said = run_here(tool, str(tmp_path / "nowhere"), check=False)
         assert said.returncode == 2 and f"{tmp_path / 'nowhere'}: no such directory" in said.stderr, said.stderr
+    touched = (out / "checkpoint-3").stat().st_mtime_ns  # rotation deletes checkpoints by modification time
     said = run_here(compare.main, str(out / "checkpoint-3"), check=False)  # it said no checkpoint was saved
     assert said.returncode == 2 and f"{out / 'checkpoint-3'}: a checkpoint, not a run's output_dir (sftkit chat " \
         "takes a checkpoint, sftkit compare a finished run)" in said.stderr, said.stderr
+    assert (out / "checkpoint-3").stat().st_mtime_ns == touched, "compare wrote its lock into the checkpoint"
 
 
 def test_before_after_report_on_sample_prompts(monitored_run, tmp_path):

@@ -857,3 +857,17 @@ def test_overwrite_that_cannot_delete_what_it_moved_aside_trains_and_says_where_
     finally:
         mutable(out)
     assert json.loads((out / RUN_FILE).read_text())["status"] == "finished"
+
+
+def test_what_an_overwrite_cut_short_moved_aside_is_the_earlier_runs_and_the_next_overwrite_removes_it(finished,
+                                                                                                         tmp_path):
+    """A kill while --overwrite moved the earlier run aside left .sftkit-replaced-*: sftkit called it the user's
+    files, kept it on every --overwrite, and a run without --overwrite named it as files sftkit did not write."""
+    out = copy_of(finished, tmp_path)
+    aside = out / ".sftkit-replaced-k1ll3d"
+    aside.mkdir()
+    shutil.move(out / "model.safetensors", aside / "model.safetensors")
+    refused = one_line_error(run_sft("--training.output_dir", str(out), *SHORT, check=False))
+    assert "did not write" not in refused and ".sftkit-replaced" not in refused, refused
+    run_sft("--training.output_dir", str(out), *SHORT, "--overwrite")
+    assert not aside.exists() and (out / "model.safetensors").is_file()
