@@ -340,6 +340,8 @@ SYSTEM_ROWS = {
     "question_answer": {"question": "Hi", "answer": "Arr"},
     "alpaca": {"instruction": "Greet.", "input": "Hi", "output": "Arr"},
     "sharegpt": {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Arr"}]},
+    # Anthropic's layout: the system prompt beside the turns (it was dropped without a word)
+    "messages": {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Arr"}]},
 }
 
 
@@ -866,6 +868,9 @@ def test_sharegpt_weights_on_turns_that_never_train_are_accepted():
     ({"system": "From the column.", "prompt": [{"role": "system", "content": "From the turn."},
                                                {"role": "user", "content": "Hi"}],
       "completion": [{"role": "assistant", "content": "Yo"}]}, "prompt_completion"),
+    ({"system": "From the column.", "messages": [{"role": "system", "content": "From the turn."},
+                                                 {"role": "user", "content": "Hi"},
+                                                 {"role": "assistant", "content": "Yo"}]}, "messages"),
 ])
 def test_a_conversations_own_system_message_is_kept_alone_beside_a_system_column(row, format_name):
     """Both were rendered, two system messages in a row, which most chat templates mishandle."""

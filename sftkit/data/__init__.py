@@ -46,8 +46,9 @@ MAX_PROCESSES = 8
 # system column, an alpaca input of 0, numbers in text columns and ShareGPT weights read; a message holding a special
 # token's text refused. 5 (2026-11-28): LLaMA-Factory's alpaca history read as the earlier turns, weight 0 on a
 # prompt turn accepted, and refused under loss_on all (which trained it). 6 (2026-11-28): the held-out rows and the
-# sources' weighted samples seeded by training.data_seed where it is set and differs from seed.
-PREPARATION = 6
+# sources' weighted samples seeded by training.data_seed where it is set and differs from seed. 7 (2026-11-28): a
+# system column beside messages read as the row's system message.
+PREPARATION = 7
 
 
 def describe_dropped(dropped: dict[str, int], only_some: bool = False) -> str:

@@ -23,8 +23,9 @@ class RowDefect(ValueError):
 
 
 def from_messages(row: dict, answer_source: str) -> list[dict]:
-    """OpenAI / ChatML: {"messages": [{"role": ..., "content": ...}, ...]}."""
-    return row["messages"]
+    """OpenAI / ChatML: {"messages": [{"role": ..., "content": ...}, ...], optional "system"} (Anthropic's layout)."""
+    messages = _as_list(row["messages"])
+    return _system(row, messages) + messages
 
 
 def from_sharegpt(row: dict, answer_source: str) -> list[dict]:
@@ -101,7 +102,7 @@ FORMATS = {
 # What each format reads of a row: columns and message keys.
 MESSAGE_KEYS = {"role", "content", "weight"}
 READS = {
-    "messages": {"messages", *MESSAGE_KEYS},
+    "messages": {"messages", "system", *MESSAGE_KEYS},
     "sharegpt": {"conversations", "from", "value", "weight", "system"},
     "prompt_response": {"prompt", "response", "system", *MESSAGE_KEYS},
     "prompt_completion": {"prompt", "completion", "system", *MESSAGE_KEYS},
