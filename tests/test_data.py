@@ -876,3 +876,29 @@ def test_a_conversations_own_system_message_is_kept_alone_beside_a_system_column
     """Both were rendered, two system messages in a row, which most chat templates mishandle."""
     messages = to_messages(row, format_name)
     assert [message["content"] for message in messages if message["role"] == "system"] == ["From the turn."]
+
+
+def test_a_save_to_disk_folder_is_only_read(tmp_path, tokenizer):
+    """datasets writes a map's cache beside the files the rows came from: each run added its tokenized rows to the
+    user's dataset folder, and a read-only one (a team's shared copy) failed the run with a traceback."""
+    import os
+    import subprocess
+
+    import datasets
+
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list(ROWS * 20).save_to_disk(saved)
+    before = sorted(path.name for path in saved.iterdir())
+    read_only = subprocess.run(["chattr", "+i", str(saved)], capture_output=True, text=True)
+    if read_only.returncode:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI runs as root on a filesystem with chattr: {read_only.stderr}")
+        pytest.skip(f"chattr +i needs root and a filesystem that has it: {read_only.stderr}")
+    try:
+        for processes in (None, 2):
+            data = prepare_data(DatasetConfig(name=str(saved), test_size=None), tokenizer, max_length=64,
+                                num_proc=processes)
+            assert len(data.train) == len(ROWS) * 20
+    finally:
+        subprocess.run(["chattr", "-i", str(saved)], check=True)
+    assert sorted(path.name for path in saved.iterdir()) == before
