@@ -630,6 +630,21 @@ def cache_named_by_contents(files: list[str]) -> str:
     return f"sftkit-{digest.hexdigest()[:16]}"
 
 
+def cache_away_from_the_users_data(rows, arguments: dict) -> str | None:
+    """datasets 5.2 writes a map's cache beside the files its rows were read from: for a save_to_disk folder that is
+    the user's data folder (7 times its size after a run of the sample data), and a read-only one failed the run.
+    There, the tokenized rows go to datasets' own cache folder, named by what they are made from; None elsewhere."""
+    import datasets
+    from datasets.fingerprint import Hasher
+
+    from sftkit.paths import saved_by_datasets
+
+    if not rows.cache_files or not saved_by_datasets(Path(rows.cache_files[0]["filename"]).parent):
+        return None
+    name = Hasher.hash([rows._fingerprint, arguments])
+    return str(Path(datasets.config.HF_DATASETS_CACHE) / "sftkit-tokenized" / f"{name}.arrow")
+
+
 def follow_a_new_schedule_length(args, state, optimizer, lr_scheduler, planned: int) -> None:
     """A resume that changes the run's length: transformers 5.24 builds the learning-rate schedule for the new length
     and loads the checkpoint's step into it, but the optimizer keeps the rate the old schedule set for the next step

@@ -350,7 +350,7 @@ class _Preparation:
             "code": compat.data_code_digest(),
         }
         return rows.map(_tokenize_row, with_indices=True, remove_columns=rows.column_names, num_proc=num_proc,
-                        fn_kwargs=arguments, cache_file_name=_cache_away_from_the_users_data(rows, arguments))
+                        fn_kwargs=arguments, cache_file_name=compat.cache_away_from_the_users_data(rows, arguments))
 
     def nothing_to_train(self) -> str:
         """Why every train row was dropped, and what to change."""
@@ -383,19 +383,6 @@ class _Preparation:
             return None
         messages = to_messages(rows[example["row"]], format_name, self.cfg.system_prompt, source.answer_source)
         return messages[: next(i for i, message in enumerate(messages) if message["role"] == "assistant")]
-
-
-def _cache_away_from_the_users_data(rows, arguments: dict) -> str | None:
-    """datasets 5.2 writes a map's cache beside the files its rows were read from: for a save_to_disk folder that is
-    the user's data folder (7 times its size after a run of the sample data), and a read-only one failed the run.
-    There, the tokenized rows go to datasets' own cache folder, named by what they are made from; None elsewhere."""
-    import datasets
-    from datasets.fingerprint import Hasher
-
-    if not rows.cache_files or not saved_by_datasets(Path(rows.cache_files[0]["filename"]).parent):
-        return None
-    name = Hasher.hash([rows._fingerprint, arguments])
-    return str(Path(datasets.config.HF_DATASETS_CACHE) / "sftkit-tokenized" / f"{name}.arrow")
 
 
 def _warn_of_speaker_names(rows, source: SourceConfig, looked_at: int = 100) -> None:
