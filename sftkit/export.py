@@ -34,6 +34,7 @@ from sftkit.layout import (
     STAGING_DIR,
     SUMMARY_FILE,
     VERSIONS_FILE,
+    checkpoint_dir,
     published_weights,
     written_by_sftkit,
 )
@@ -181,7 +182,7 @@ def _lost_before_the_weights(lost: str, output_dir: Path, lora: bool, main: bool
 
     last = last_step_checkpoint(output_dir, "adapter_model" if lora else "model")
     if last is not None:
-        return RunFailed(f"{lost}, so the export was not finished; the run's last step is saved in {last}: finish "
+        return RunFailed(f"{lost}, so the export was not finished; the model it exports is saved in {last}: finish "
                          f"the export from it with: python -m sftkit.export {output_dir}")
     if main:
         shutil.rmtree(output_dir / STAGING_DIR, ignore_errors=True)
@@ -516,21 +517,21 @@ def _dtypes_in(files: list[Path]) -> list[str]:
 
 
 def last_step_checkpoint(output_dir: Path, stem: str) -> Path | None:
-    """The run's checkpoint of its last step with whole weights `stem`, which are the trained ones; None also for a
-    run that exports its best checkpoint (which one that is, the Trainer knew). The last step of the run recorded in
-    output_dir, by the length the checkpoint's own trainer state was saved with: after a resume that trains longer,
-    the step that ended the first attempt is not the run's last."""
+    """The run's checkpoint with whole weights `stem` that holds the model it exports: its last step's, or under
+    load_best_model_at_end the best one, which the Trainer loaded back (its trainer state names it). The last step of
+    the run recorded in output_dir, by the length the checkpoint's own trainer state was saved with: after a resume
+    that trains longer, the step that ended the first attempt is not the run's last."""
     from sftkit.checkpoints import STATE_FILE, last_step, newest_resumable
 
     newest = newest_resumable(output_dir, weights_only=True)
     training = (read_run_record(output_dir) or {}).get("config", {}).get("training", {})
-    if newest is None or training.get("load_best_model_at_end"):
+    end = last_step(newest, training) if newest is not None else None
+    state = json.loads((newest / STATE_FILE).read_text()) if end is not None else {}
+    if end is None or state["global_step"] < end:
         return None
-    end = last_step(newest, training)
-    if end is None or json.loads((newest / STATE_FILE).read_text())["global_step"] < end or \
-            missing_weights(newest, stem):
-        return None
-    return newest
+    if training.get("load_best_model_at_end"):
+        newest = checkpoint_dir(output_dir, state["best_global_step"]) if state.get("best_global_step") else None
+    return None if newest is None or missing_weights(newest, stem) else newest
 
 
 def _recover_weights(output_dir: Path, lora: bool) -> None:
@@ -539,7 +540,7 @@ def _recover_weights(output_dir: Path, lora: bool) -> None:
     Without one, and where the staging directory holds only sftkit's own files, none of them whole weights (none
     written, or cut short), no trained model is left to finish: it is removed, so that nothing there looks trained.
     Anything else (weights that cannot be read, an engine's own checkpoint) is left for require_weights to name."""
-    from sftkit.checkpoints import newest_checkpoint_words
+    from sftkit.checkpoints import newest_checkpoint_words, newest_resumable
 
     staging = output_dir / STAGING_DIR
     target, stem = (staging / ADAPTER_DIR, "adapter_model") if lora else (staging, "model")
@@ -555,8 +556,9 @@ def _recover_weights(output_dir: Path, lora: bool) -> None:
             if file.name.startswith(stem) or file.name in ("config.json", "adapter_config.json",
                                                            "generation_config.json"):
                 shutil.copy2(file, target / file.name)
+        which = "best checkpoint" if newest != newest_resumable(output_dir, weights_only=True) else "last step"
         print(f"sftkit.export: the export had no whole trained weights ({missing}); taking them from {newest}, the "
-              "run's last step")
+              f"run's {which}")
         return
     files = [file for file in staging.rglob("*") if file.is_file()]
     weights = [file for file in files if file.suffix == ".safetensors"]

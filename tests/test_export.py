@@ -947,3 +947,21 @@ def test_the_saved_configs_keep_the_base_models_use_cache(tmp_path):
         assert json.loads((model_dir / "config.json").read_text())["use_cache"] is base, model_dir
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model(input_ids=torch.tensor([[1, 2, 3]])).past_key_values is not None
+
+
+def test_an_export_killed_while_writing_the_best_checkpoints_weights_is_finished_from_that_checkpoint(tmp_path,
+                                                                                                     capsys):
+    """Under load_best_model_at_end `sftkit export` said that no checkpoint held the run's last step, "so there is no
+    trained model to finish", and removed the staging, while the best checkpoint, which the trainer state names,
+    was on disk (here it is also the last step's)."""
+    out = tmp_path / "out"
+    killed_in_the_export(tmp_path, "--training.output_dir", str(out), *SHORT, "--training.save_strategy", "steps",
+                         "--training.save_steps", "1", "--training.eval_strategy", "steps", "--training.eval_steps",
+                         "1", "--training.load_best_model_at_end", "true", "--dataset.test_size", "0.05", cut=True)
+    best = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["best_global_step"]
+    capsys.readouterr()
+    assert export_main([str(out)]) == 0, capsys.readouterr().err
+    assert f"taking them from {out / f'checkpoint-{best}'}, the run's " in capsys.readouterr().out
+    with safe_open(out / f"checkpoint-{best}" / "model.safetensors", "pt") as trained, \
+            safe_open(out / "model.safetensors", "pt") as weights:
+        assert all(torch.equal(weights.get_tensor(name), trained.get_tensor(name)) for name in trained.keys())

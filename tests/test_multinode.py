@@ -295,7 +295,7 @@ def test_a_machine_lost_while_the_weights_are_gathered_leaves_what_can_be_finish
                 in machines.stderr(0)), machines.output()
         assert not (out / ".export-incomplete").exists() and not (out / "config.json").exists()
         return
-    assert (f"the run's last step is saved in {out / 'checkpoint-10'}: finish the export from it with: python -m "
+    assert (f"the model it exports is saved in {out / 'checkpoint-10'}: finish the export from it with: python -m "
             f"sftkit.export {out}") in machines.stderr(0), machines.output()
     finished = subprocess.run([sys.executable, "-m", "sftkit.export", str(out)], cwd=REPO, capture_output=True,
                               text=True, timeout=300)
