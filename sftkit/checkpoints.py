@@ -170,9 +170,12 @@ def checkpoint_to_resume(requested, output_dir: Path, resolved: dict, processes:
                 break
             logger.warning(f"skipping {newest}: {problem}")
         else:
+            weights = newest_resumable(output_dir, weights_only=True)
+            tune = f"fine-tune the weights of {weights} further as model.path into another training.output_dir, " \
+                if weights is not None else ""
             raise ConfigError(f"training.resume_from_checkpoint: no checkpoint in {output_dir} can be resumed "
-                              f"({candidates[-1].name}: {resume_problem(candidates[-1])}); start afresh with "
-                              f"{AFRESH}")
+                              f"({candidates[-1].name}: {resume_problem(candidates[-1])}); {tune}"
+                              f"{'or ' if tune else ''}start afresh with {AFRESH}")
         checkpoint = newest
     else:
         checkpoint = Path(requested)

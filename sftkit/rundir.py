@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from sftkit.checkpoints import added_to_checkpoint
+from sftkit.checkpoints import added_to_checkpoint, newest_resumable, resume_problem
 from sftkit.errors import ConfigError
 from sftkit.layout import (
     DURING_TRAINING,
@@ -445,8 +445,6 @@ class OutputDir:
         if STAGING_DIR in contents.models:  # the trained weights, kept when the export failed
             ways.insert(0, f"finish its export with python -m sftkit.export {self.path}")
         elif contents.checkpoints and same_config and earlier.get("status") == "finished":
-            from sftkit.checkpoints import resume_problem
-
             trained = trained_to_step(self.path) or 0
             newest = self.path / contents.checkpoints[-1]
             problem = resume_problem(newest)
@@ -461,6 +459,13 @@ class OutputDir:
                 ways = [f"fine-tune that model further as model.path {self.path} into another training.output_dir",
                         "pass --overwrite to redo the run (removes only what it wrote)",
                         "choose another training.output_dir"]
+        elif contents.checkpoints and same_config and not newest_resumable(self.path):
+            weights = newest_resumable(self.path, weights_only=True)
+            newest = self.path / contents.checkpoints[-1]
+            why = f"; none of its checkpoints can be resumed ({newest.name}: {resume_problem(newest)})"
+            if weights is not None:
+                ways.insert(0, f"fine-tune the weights of {weights} further as model.path into another "
+                               "training.output_dir")
         elif contents.checkpoints and same_config:
             ways.insert(0, "continue it with --training.resume_from_checkpoint true")
         elif contents.checkpoints and earlier is not None:

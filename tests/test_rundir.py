@@ -871,3 +871,24 @@ def test_what_an_overwrite_cut_short_moved_aside_is_the_earlier_runs_and_the_nex
     assert "did not write" not in refused and ".sftkit-replaced" not in refused, refused
     run_sft("--training.output_dir", str(out), *SHORT, "--overwrite")
     assert not aside.exists() and (out / "model.safetensors").is_file()
+
+
+def test_a_stopped_run_whose_checkpoints_cannot_be_resumed_is_told_to_fine_tune_their_weights(tmp_path, monkeypatch):
+    """Run again, it was told to resume; the resume then said to start afresh with --overwrite, which deletes the
+    weights the stop had said to fine-tune further."""
+    from test_monitor import signal_at
+
+    out = tmp_path / "out"
+    alone = ["--training.save_strategy", "steps", "--training.save_steps", "1", "--training.save_only_model", "true"]
+    signal_at(monkeypatch, "on_step_end", 2)
+    with pytest.raises(Interrupted):
+        train(config(out, *alone))
+    monkeypatch.undo()
+    fine_tune = f"fine-tune the weights of {out / 'checkpoint-2'} further as model.path into another " \
+                "training.output_dir"
+    again = one_line_error(run_sft("--training.output_dir", str(out), *SHORT, *alone, check=False))
+    assert "none of its checkpoints can be resumed (checkpoint-2: it holds the model alone" in again
+    assert f"): {fine_tune}, pass --overwrite" in again and "continue it" not in again
+    resumed = one_line_error(run_sft("--training.output_dir", str(out), *SHORT, *alone,
+                                     "--training.resume_from_checkpoint", "true", check=False))
+    assert f"; {fine_tune}, or start afresh with --overwrite" in resumed
