@@ -23,6 +23,7 @@ import psutil
 from sftkit.checkpoints import added_to_checkpoint, newest_resumable, resume_problem
 from sftkit.errors import ConfigError
 from sftkit.layout import (
+    CHECKPOINT_PREFIX,
     DURING_TRAINING,
     GUARD_FILE,
     LOCK_FILE,
@@ -247,6 +248,7 @@ class OutputDir:
         return f"{self.path} ({'new' if not self.path.exists() else 'holds ' + earlier if earlier else 'empty'})"
 
     def _contents_this_run_may_take(self, overwrite: bool, resume) -> "Contents":
+        self._refuse_linked_checkpoints()
         contents = survey(self.path)
         if contents.in_the_way:
             raise ConfigError(f"training.output_dir {self.path} holds {_what_is_in_the_way(contents)}, under the names "
@@ -473,6 +475,17 @@ class OutputDir:
             why = f"; its checkpoints belong to a run with other settings ({'; '.join(differences[:3])})"
         raise ConfigError(f"training.output_dir {self.path} already holds {contents.describe()}{why}: "
                           f"{', '.join(ways[:-1])}, or {ways[-1]}")
+
+    def _refuse_linked_checkpoints(self) -> None:
+        """A checkpoint moved to another disk and linked back was not followed: a resume went back to an older one,
+        and the run then saved its own checkpoint of that step through the link, over the user's copy."""
+        links = [item for item in self.path.glob(f"{CHECKPOINT_PREFIX}-*") if item.is_symlink()
+                 and checkpoint_step(item.name) is not None] if self.path.is_dir() else []
+        if links:
+            raise ConfigError(f"training.output_dir {self.path} holds {links[0].name}, a link to "
+                              f"{os.readlink(links[0])}, which sftkit does not follow: a run would write its own "
+                              f"{links[0].name} through it; move that checkpoint back into {self.path}, or remove "
+                              "the link")
 
     def _remove_earlier_run(self, contents: Contents) -> None:
         # the earlier run's saved config, where this run reads it, stays: a resume after a failure reads it again

@@ -892,3 +892,20 @@ def test_a_stopped_run_whose_checkpoints_cannot_be_resumed_is_told_to_fine_tune_
     resumed = one_line_error(run_sft("--training.output_dir", str(out), *SHORT, *alone,
                                      "--training.resume_from_checkpoint", "true", check=False))
     assert f"; {fine_tune}, or start afresh with --overwrite" in resumed
+
+
+def test_a_checkpoint_linked_from_another_disk_is_refused_before_a_run_writes_through_the_link(finished, tmp_path):
+    """It was not followed: a resume went back to an older checkpoint and saved its own of that step through the
+    link, over the user's copy; --overwrite said it kept it, and wrote the new run's weights into it."""
+    out = copy_of(finished, tmp_path)
+    elsewhere = tmp_path / "bigger-disk" / "checkpoint-3"
+    elsewhere.parent.mkdir()
+    shutil.move(out / "checkpoint-3", elsewhere)
+    (out / "checkpoint-3").symlink_to(elsewhere)
+    kept = contents(elsewhere)
+    for how in (["--training.resume_from_checkpoint", "true", "--training.max_steps", "4"], ["--overwrite"]):
+        error = one_line_error(run_sft("--training.output_dir", str(out), *SHORT, *how, check=False))
+        assert error == (f"sft.py: error: training.output_dir {out} holds checkpoint-3, a link to {elsewhere}, which "
+                         "sftkit does not follow: a run would write its own checkpoint-3 through it; move that "
+                         f"checkpoint back into {out}, or remove the link")
+    assert contents(elsewhere) == kept
