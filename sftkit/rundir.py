@@ -37,6 +37,7 @@ from sftkit.layout import (
 )
 from sftkit.runrecord import (
     as_written,
+    chat_template_file,
     config_differences,
     input_digests,
     read_run_record,
@@ -488,9 +489,12 @@ class OutputDir:
                               "the link")
 
     def _remove_earlier_run(self, contents: Contents) -> None:
-        # the earlier run's saved config, where this run reads it, stays: a resume after a failure reads it again
-        kept = [name for name in contents.removed() if self.config_file is not None
-                and (self.path / name).resolve() == self.config_file.resolve()]
+        # the earlier run's files this run reads (its saved config, its chat template) stay: a resume after a stop or
+        # a failure reads them again
+        reads = {path.resolve(): what for path, what in ((self.config_file, "this run's config"), (
+            chat_template_file(self.resolved.get("dataset", {})), "this run's chat template")) if path is not None}
+        kept = {name: reads[(self.path / name).resolve()] for name in contents.removed()
+                if (self.path / name).resolve() in reads}
         removed = [name for name in contents.removed() if name not in kept]
         replaced = _move_aside(self.path, removed, contents.written or {})
         if failures := _delete_what_can_be(replaced):  # the earlier run is gone from output_dir: this run goes on
@@ -499,7 +503,7 @@ class OutputDir:
                            f"{replaced} ({error.strerror or error}: {Path(path).relative_to(replaced)}); delete that "
                            "folder once it can be")
         if removed:
-            left = [f"{name} (this run's config)" for name in kept] + \
+            left = [f"{name} ({what})" for name, what in kept.items()] + \
                 ([f"{', '.join(contents.foreign)} (not written by sftkit)"] if contents.foreign else [])
             print(f"sftkit: --overwrite: removed {len(removed)} item(s) of the earlier run in {self.path}"
                   f"{'; kept ' + ', '.join(left) if left else ''}", flush=True)

@@ -116,11 +116,17 @@ def input_digests(resolved: dict) -> dict[str, str]:
 def _template_digests(dataset: dict) -> dict[str, str]:
     """dataset.chat_template given as a file, which decides every token and mask that trains: its digest by the path
     the config gives ({} for the template's own text, or none)."""
+    path = chat_template_file(dataset)
+    return {dataset["chat_template"]: file_digest(path, whole=True)} if path is not None else {}
+
+
+def chat_template_file(dataset: dict) -> Path | None:
+    """The file dataset.chat_template names; None for the template's own text, or none."""
     from sftkit.paths import resolve_path
 
     template = dataset.get("chat_template")
     path = Path(resolve_path(template)) if template and "{" not in template else None  # a Jinja tag: the text itself
-    return {template: file_digest(path, whole=True)} if path is not None and path.is_file() else {}
+    return path if path is not None and path.is_file() else None
 
 
 def _model_digests(model_dir: Path) -> dict[str, str]:

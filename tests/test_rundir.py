@@ -115,18 +115,20 @@ def test_overwrite_keeps_the_earlier_run_whole_until_training_begins(finished, t
 
 def test_overwrite_keeps_the_earlier_runs_saved_config_where_this_run_reads_it(finished, tmp_path, monkeypatch, capsys):
     """A finished run's sftkit_config.yaml, run again with a change into the same output_dir: --overwrite removed the
-    config the run was reading, so after a stop the resume command failed with "config file not found"."""
+    config the run was reading, so after a stop the resume command failed with "config file not found". So with the
+    chat template it published, given as the new run's dataset.chat_template."""
     from test_monitor import signal_at
 
     out = copy_of(finished, tmp_path)
     saved = out / "sftkit_config.yaml"
     again = ["--training.output_dir", str(out), "--training.max_steps", "5", "--training.save_strategy", "steps",
-             "--training.save_steps", "2", "--training.learning_rate", "1e-3"]
+             "--training.save_steps", "2", "--training.learning_rate", "1e-3",
+             "--dataset.chat_template", str(out / "chat_template.jinja")]
     signal_at(monkeypatch, "on_step_begin", 3)
     with pytest.raises(Interrupted, match=f"stopped by SIGTERM at step 3 of 5; checkpoint saved in {out}/checkpoint-3"):
         train(load_config(str(saved), again), overwrite=True)
-    assert re.search(rf"--overwrite: removed \d+ item\(s\) of the earlier run in {out}; kept sftkit_config.yaml \(this "
-                     r"run's config\)\n", capsys.readouterr().out)
+    assert re.search(rf"--overwrite: removed \d+ item\(s\) of the earlier run in {out}; kept chat_template.jinja \(this "
+                     r"run's chat template\), sftkit_config.yaml \(this run's config\)\n", capsys.readouterr().out)
     monkeypatch.undo()
     resumed = train(load_config(str(saved), [*again, "--training.resume_from_checkpoint", "true"]))
     assert resumed.trainer.state.global_step == 5 and "learning_rate: 0.001" in saved.read_text()
