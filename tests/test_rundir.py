@@ -127,8 +127,9 @@ def test_overwrite_keeps_the_earlier_runs_saved_config_where_this_run_reads_it(f
     signal_at(monkeypatch, "on_step_begin", 3)
     with pytest.raises(Interrupted, match=f"stopped by SIGTERM at step 3 of 5; checkpoint saved in {out}/checkpoint-3"):
         train(load_config(str(saved), again), overwrite=True)
-    assert re.search(rf"--overwrite: removed \d+ item\(s\) of the earlier run in {out}; kept chat_template.jinja \(this "
-                     r"run's chat template\), sftkit_config.yaml \(this run's config\)\n", capsys.readouterr().out)
+    assert re.search(rf"--overwrite: removed \d+ item\(s\) of the earlier run in {out}; kept chat_template.jinja "
+                     r"\(this run's chat template\), sftkit_config.yaml \(this run's config\)\n",
+                     capsys.readouterr().out)
     monkeypatch.undo()
     resumed = train(load_config(str(saved), [*again, "--training.resume_from_checkpoint", "true"]))
     assert resumed.trainer.state.global_step == 5 and "learning_rate: 0.001" in saved.read_text()
