@@ -69,6 +69,15 @@ def test_a_preset_over_sources_leaves_their_own_keys_alone(tmp_path, caplog):
            "set it in each source" in caplog.text
 
 
+def test_fast_test_lies_over_a_config_that_keeps_the_best_checkpoint(tmp_path):
+    """It set eval_strategy no, and the config's load_best_model_at_end was then refused as the config's mistake."""
+    best = ("model:\n  path: data/tiny-chat-llama\ndataset:\n  name: data/sample_chat.jsonl\n  test_size: 0.05\n"
+            "training:\n  output_dir: out\n  eval_strategy: steps\n  save_strategy: steps\n"
+            "  load_best_model_at_end: true\n  metric_for_best_model: eval_loss\n")
+    config = load_config(write(tmp_path, best), [], "fast_test")
+    assert (config.training.load_best_model_at_end, config.training.save_strategy) == (False, "no")
+
+
 def test_preset_lies_between_the_config_and_the_command_line(tmp_path):
     config = load_config(write(tmp_path, MINIMAL + "  max_steps: 500\n  logging_steps: 7\n"), ["--training.logging_steps", "3"],
                          "fast_test")
