@@ -902,3 +902,23 @@ def test_a_save_to_disk_folder_is_only_read(tmp_path, tokenizer):
     finally:
         subprocess.run(["chattr", "-i", str(saved)], check=True)
     assert sorted(path.name for path in saved.iterdir()) == before
+
+
+def test_the_files_pandas_writes_by_default_are_refused_saying_how_to_save_rows(tmp_path, tokenizer):
+    """df.to_csv writes the index as a column without a name (Arrow said 'Field "" does not exist in schema'), and
+    df.to_json one object of columns (read as one bad row without messages, "fix or remove the row")."""
+    import pandas
+
+    frame = pandas.DataFrame(ROWS)
+    frame.to_csv(tmp_path / "index.csv")
+    frame.to_json(tmp_path / "columns.json")
+    index = f"dataset {tmp_path / 'index.csv'}: column 1 of its header has no name (pandas' index, as df.to_csv " \
+            "writes it: save with index=False)"
+    with pytest.raises(DataError, match=re.escape(index)):
+        prepare_data(DatasetConfig(name=str(tmp_path / "index.csv")), tokenizer, max_length=64)
+    with pytest.raises(DataError, match=re.escape("as pandas' to_json writes by default; save the rows instead: "
+                                                  "df.to_json(path, orient='records', lines=True)")):
+        prepare_data(DatasetConfig(name=str(tmp_path / "columns.json")), tokenizer, max_length=64)
+    frame.to_json(tmp_path / "rows.jsonl", orient="records", lines=True)
+    assert len(prepare_data(DatasetConfig(name=str(tmp_path / "rows.jsonl"), test_size=None), tokenizer,
+                            max_length=64).train) == len(ROWS)

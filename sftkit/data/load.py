@@ -178,6 +178,10 @@ def _load(source: SourceConfig, split: str):
                                 "that is empty)") from None
             _refuse_other_columns(source.name, files)
             raise
+        if builder == "json" and len(rows) == 1 and all(isinstance(value, dict) for value in rows[0].values()):
+            raise DataError(f"dataset {source.name}: one JSON object of columns, each a mapping of row numbers to "
+                            "values, as pandas' to_json writes by default; save the rows instead: "
+                            "df.to_json(path, orient='records', lines=True)")
         refuse_values_datasets_reads_as_json(rows.features, files, _fields_read(source, rows.column_names),
                                              source.column_map or {}, source.name)
         return rows
@@ -274,6 +278,10 @@ def _text_columns(name: str, files: list[str]):
     header = _header(files[0])
     if twice := next((column for column in header if header.count(column) > 1), None):
         raise DataError(f"dataset {files[0]}: its header names the column {twice!r} twice; rename one")
+    if "" in header:  # Arrow said 'Field "" does not exist in schema'
+        first = " (pandas' index, as df.to_csv writes it: save with index=False)" if header[0] == "" else ""
+        raise DataError(f"dataset {files[0]}: column {header.index('') + 1} of its header has no name{first}; name "
+                        "it, or remove the column")
     return Features({column: Value("string") for column in header}) or None
 
 
