@@ -254,7 +254,24 @@ def _render(tokenizer, conversations: list[list[dict]], add_generation_prompt: b
     try:
         return tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=add_generation_prompt)
     except jinja2.TemplateError as error:
+        if _renders_without_system_messages(tokenizer, conversations, add_generation_prompt):
+            raise MaskError(f"{template_source(tokenizer)} takes no system message (it said: {error}); remove the "
+                            "system messages from the data (and dataset.system_prompt), or use a template that "
+                            "takes them") from None
         raise MaskError(f"{template_source(tokenizer)} rejected the conversation: {error}") from None
+
+
+def _renders_without_system_messages(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool) -> bool:
+    """Mistral's and Gemma's templates refuse a system message, Mistral's as roles that do not alternate."""
+    if not any(message.get("role") == "system" for conversation in conversations for message in conversation):
+        return False
+    try:
+        tokenizer.apply_chat_template([[message for message in conversation if message.get("role") != "system"]
+                                       for conversation in conversations], tokenize=False,
+                                      add_generation_prompt=add_generation_prompt)
+    except jinja2.TemplateError:
+        return False
+    return True
 
 
 def _turn_end(tokenizer, template: _Template, tokens: _Tokens, turn: int, content: str, start: int, common: int,
