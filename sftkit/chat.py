@@ -82,6 +82,19 @@ def _what_it_is(model_dir: Path) -> str:
     return f" ({': '.join(parts)})" if parts else ""
 
 
+def _refused_by_the_template(tokenizer, system: str) -> str | None:
+    """What the chat template says of a conversation that opens with the system prompt (Gemma's and Mistral's refuse
+    one: the first reply ended in a Jinja traceback); None where it takes it."""
+    import jinja2
+
+    try:
+        tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": "Hi"}],
+                                      tokenize=False, add_generation_prompt=True)
+    except jinja2.TemplateError as error:
+        return str(error)
+    return None
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m sftkit.chat") -> int:
     parser = OneLineArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     args = generation_arguments(parser).parse_args(argv)
@@ -92,6 +105,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m sftkit.chat") -> 
     except ConfigError as error:
         return say_error(prog, error)
     system = system_prompt(args)
+    if system and (refusal := _refused_by_the_template(tokenizer, system)):
+        return say_error(prog, ConfigError(f"{args.model}: its chat template takes no system message ({refusal}), "
+                                           f"so not the system prompt {system!r}; pass --system '' to chat without "
+                                           "one"))
     start = with_system([], system)
     history = list(start)
     print(f"Chatting with {args.model}{_what_it_is(Path(resolve_path(args.model)))} ({COMMANDS})"

@@ -531,3 +531,20 @@ def test_compare_waits_for_a_run_that_writes_its_output_dir(lora_run, tmp_path):
     assert not (tmp_path / "report.md").exists()
     run_here(compare.main, str(lora_run), "--rows", "1", "--max_new_tokens", "2", "--out", str(tmp_path / "report.md"))
     assert (tmp_path / "report.md").is_file() and not (lora_run / LOCK_FILE).exists(), "compare let the lock go"
+
+
+def test_chat_with_a_system_prompt_the_template_refuses_says_so_in_one_line(tmp_path):
+    """Gemma's template takes no system message: the first reply ended in a Jinja traceback."""
+    from conftest import TEMPLATES
+
+    model = tmp_path / "gemma-like"
+    shutil.copytree(TINY_MODEL, model)
+    (model / "chat_template.jinja").write_text((TEMPLATES / "gemma.jinja").read_text())
+    said = run_here(chat_command.main, str(model), "--system", "Be brief.", "--temperature", "0",
+                    input="Hello!\n/exit\n", check=False)
+    assert said.returncode == 2 and said.stderr.strip() == (
+        f"python -m sftkit.chat: error: {model}: its chat template takes no system message (System role not "
+        "supported), so not the system prompt 'Be brief.'; pass --system '' to chat without one"), said.stderr
+    said = run_here(chat_command.main, str(model), "--system", "", "--temperature", "0", "--max_new_tokens", "4",
+                    input="Hello!\n/exit\n")
+    assert "model> " in said.stdout
