@@ -278,7 +278,7 @@ def test_unknown_columns_and_missing_files_are_clear(tmp_path, tokenizer):
     path = write_rows(tmp_path, ".jsonl", [{"query": "q", "reply": "a"}])
     with pytest.raises(DataError, match=r"cannot tell the dataset format from its columns \['query', 'reply'\]"):
         prepare_data(DatasetConfig(name=path), tokenizer, max_length=64)
-    with pytest.raises(DataError, match="missing column 'prompt' for format 'prompt_response'"):
+    with pytest.raises(DataError, match="format prompt_response reads prompt and response, which it lacks"):
         prepare_data(DatasetConfig(name=path, format="prompt_response"), tokenizer, max_length=64)
     with pytest.raises(DataError, match=r"dataset.name: .*nope does not exist"):
         prepare_data(DatasetConfig(name=str(tmp_path / "nope")), tokenizer, max_length=64)
@@ -922,3 +922,24 @@ def test_the_files_pandas_writes_by_default_are_refused_saying_how_to_save_rows(
     frame.to_json(tmp_path / "rows.jsonl", orient="records", lines=True)
     assert len(prepare_data(DatasetConfig(name=str(tmp_path / "rows.jsonl"), test_size=None), tokenizer,
                             max_length=64).train) == len(ROWS)
+
+
+@pytest.mark.parametrize(("rows", "format_name", "expected"), [
+    # each row said "missing column" of itself, with on_bad_row: skip as the way on, which left no row
+    ([{"customer_question": "Hi", "agent_reply": "Hello"}], "prompt_response",
+     "has the columns ['customer_question', 'agent_reply'], and format prompt_response reads prompt and response, "
+     "which it lacks: map them with dataset.column_map: {<your column>: prompt, <your column>: response}"),
+    ([{"Prompt": "Hi", "Response": "Hello"}], None,
+     "its columns ['Prompt', 'Response'] are named like format prompt_response's in other letter case; map them: "
+     "dataset.column_map: {Prompt: prompt, Response: response}"),
+    # ShareGPT turns under a messages key, as some hub exports have: "message 0 has no role ... on_bad_row: skip"
+    ([{"messages": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}], None,
+     "line 1: message 0 has from and value, as ShareGPT turns do, not role and content; map the column: "
+     "column_map: {messages: conversations}"),
+])
+def test_columns_named_otherwise_are_said_once_with_the_map_that_reads_them(tmp_path, tokenizer, rows, format_name,
+                                                                            expected):
+    path = write_rows(tmp_path, ".jsonl", rows * 3)
+    with pytest.raises(DataError, match=re.escape(expected)) as error:
+        prepare_data(DatasetConfig(name=path, format=format_name, test_size=None), tokenizer, max_length=64)
+    assert "on_bad_row" not in str(error.value)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 
 from sftkit import compat
-from sftkit.data.formats import RowDefect, detect_format, to_messages, to_text, with_system
+from sftkit.data.formats import RowDefect, detect_format, refuse_missing_columns, to_messages, to_text, with_system
 from sftkit.data.load import load_source, row_place, source_files
 from sftkit.data.tokenize import (
     IGNORE_INDEX,
@@ -301,6 +301,7 @@ class _Preparation:
         """Tokenize one source (`key`: where it is in the config, for errors), counting the rows it drops."""
         rows = load_source(source, split, key)
         format_name = source.format or detect_format(rows.column_names, source.name)
+        refuse_missing_columns(rows.column_names, format_name, f"dataset {source.name}")
         if format_name == "text" and is_main_process():
             self._warn_of_settings_text_ignores(source)
         elif is_main_process() and not self.template_checked:  # chat rows meet the template: once per run

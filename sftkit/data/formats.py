@@ -126,6 +126,10 @@ def detect_format(columns: list[str], source: str) -> str:
     for name, required in SIGNATURES:
         if required <= set(columns):
             return name
+    for name, required in SIGNATURES:  # headers written Prompt, Response
+        if renames := _renames_by_case(columns, required):
+            raise DataError(f"{source}: its columns {columns} are named like format {name}'s in other letter case; "
+                            f"map them: dataset.column_map: {_as_yaml(renames)}")
     separator = next((mark for mark in (";", "\t", "|") if len(columns) == 1 and mark in columns[0]), None)
     if separator:  # a CSV saved with Excel's European default, or tab-separated under a .csv name
         raise DataError(f"{source}: its one column {columns[0]!r} looks like columns separated by {separator!r}; "
@@ -139,6 +143,35 @@ def detect_format(columns: list[str], source: str) -> str:
         f"{source}: cannot tell the dataset format from its columns {columns}; {hint}set its format to one of "
         f"{', '.join(name for name, _ in SIGNATURES)}, or rename columns with column_map"
     )
+
+
+def refuse_missing_columns(columns: list[str], format_name: str, source: str) -> None:
+    """A format given in the config whose columns the source lacks: said once, with its columns and the map that
+    would read them (each row said 'missing column' of itself, and on_bad_row: skip left none)."""
+    required = dict(SIGNATURES)[format_name]
+    missing = sorted(required - set(columns))
+    if not missing:
+        return
+    renames = _renames_by_case(columns, required)
+    others = [column for column in columns if column not in required]
+    if not renames and len(others) == len(missing) == 1:
+        renames = {others[0]: missing[0]}
+    example = _as_yaml(renames) if renames else "{" + ", ".join(f"<your column>: {name}" for name in missing) + "}"
+    raise DataError(f"{source} has the columns {columns}, and format {format_name} reads {' and '.join(missing)}, "
+                    f"which it lacks: map them with dataset.column_map: {example}")
+
+
+def _renames_by_case(columns: list[str], required: set[str]) -> dict[str, str] | None:
+    """{Prompt: prompt, ...} where the columns hold every required one in other letter case; else None."""
+    lowered = {column.lower(): column for column in columns}
+    if not required <= lowered.keys():
+        return None
+    renames = {lowered[name]: name for name in sorted(required) if lowered[name] != name}
+    return renames or None
+
+
+def _as_yaml(mapping: dict[str, str]) -> str:
+    return "{" + ", ".join(f"{old}: {new}" for old, new in mapping.items()) + "}"
 
 
 # Well-known layouts of other kinds of data, and how to train on them as SFT rows
@@ -249,6 +282,9 @@ def _check_message(message, index: int) -> dict:
     if not isinstance(message, dict):
         raise ValueError(f"message {index} is a {type(message).__name__}, not a mapping with role and content"
                          f"{_nested_hint(message)}")
+    if "role" not in message and {"from", "value"} <= message.keys():  # every row is so: not a row's defect
+        raise ValueError(f"message {index} has from and value, as ShareGPT turns do, not role and content; map the "
+                         "column: column_map: {messages: conversations}")
     if "role" not in message:
         raise RowDefect(f"message {index} has no role")
     role, content = message["role"], message.get("content")
