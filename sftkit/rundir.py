@@ -524,13 +524,14 @@ def _move_aside(directory: Path, names: list[str], written: dict) -> Path:
                 _move(directory / name, aside / name, moved)
     except OSError as error:
         for source, target in reversed(moved):
+            source.parent.mkdir(parents=True, exist_ok=True)
             target.rename(source)
         shutil.rmtree(aside, ignore_errors=True)
-        raise ConfigError(f"--overwrite could not move {error.filename or directory} aside "
-                          f"({error.strerror or error}), so it removed nothing: the earlier run in {directory} is as it was; make its files yours "
+        raise ConfigError(f"--overwrite could not move {error.filename or directory} aside ({error.strerror or error}),"
+                          f" so it removed nothing: the earlier run in {directory} is as it was; make its files yours "
                           "to remove, or choose another training.output_dir") from None
     for name in names:
-        if name in written and (directory / name).is_dir():
+        if (directory / name).is_dir():  # files the user added there, or a folder moved file by file
             _remove_empty_folders(directory / name)
     return aside
 
@@ -550,7 +551,16 @@ def _move(source: Path, target: Path, moved: list) -> None:
     if not source.exists() and not source.is_symlink():
         return  # found at the start, and removed since by someone else
     target.parent.mkdir(parents=True, exist_ok=True)
-    source.rename(target)
+    try:
+        source.rename(target)
+    except OSError as error:
+        # gcsfuse renames no folder that holds files (its default, "Too many open files"): file by file there
+        if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.EBUSY) or not source.is_dir() or \
+                source.is_symlink():
+            raise
+        for file in sorted(path for path in source.rglob("*") if not path.is_dir() or path.is_symlink()):
+            _move(file, target / file.relative_to(source), moved)
+        return
     moved.append((source, target))
 
 

@@ -912,3 +912,27 @@ def test_a_checkpoint_linked_from_another_disk_is_refused_before_a_run_writes_th
                          "sftkit does not follow: a run would write its own checkpoint-3 through it; move that "
                          f"checkpoint back into {out}, or remove the link")
     assert contents(elsewhere) == kept
+
+
+def test_overwrite_on_a_filesystem_that_renames_no_folder_holding_files_moves_them_one_by_one(finished, tmp_path,
+                                                                                             monkeypatch):
+    """gcsfuse (by default) renames no folder that holds files, with "Too many open files": --overwrite, which moves
+    the earlier run aside whole, stopped at its first checkpoint and blamed the files' owner."""
+    import errno
+    import pathlib
+
+    out = copy_of(finished, tmp_path)
+    rename = pathlib.Path.rename
+
+    def like_gcsfuse(path, target):
+        if path.is_dir() and any(path.iterdir()):
+            raise OSError(errno.EMFILE, "Too many open files", str(path))
+        return rename(path, target)
+
+    output = OutputDir(out, config(out, "--training.learning_rate", "1e-4").resolved)
+    output.claim(overwrite=True, resume=None)
+    monkeypatch.setattr(pathlib.Path, "rename", like_gcsfuse)
+    output.begin(main=True)
+    monkeypatch.undo()
+    output.release()
+    assert {path.name for path in out.iterdir()} == {RUN_FILE}
