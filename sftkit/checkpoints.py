@@ -62,13 +62,14 @@ def added_to_checkpoint(checkpoint: Path) -> list[str]:
                   if name not in saved and not PER_PROCESS.fullmatch(name))
 
 
-def left_out_of_rotation(folder: Path) -> bool:
+def left_out_of_rotation(folder: Path, limited: bool = True) -> bool:
     """Whether the Trainer's rotation (save_total_limit) must leave a folder named checkpoint-*: a copy the user keeps
-    under another name (checkpoint-best, checkpoint-8.bak), or a checkpoint holding files it did not save there."""
+    under another name (checkpoint-best, checkpoint-8.bak), or a checkpoint holding files it did not save there
+    (said once, where `limited`: the run has a save_total_limit)."""
     if checkpoint_step(folder.name) is None:
         return True
     added = added_to_checkpoint(folder)
-    if added and folder not in _said_kept:
+    if added and limited and folder not in _said_kept:
         _said_kept.add(folder)
         logger.warning(f"{folder} holds files the Trainer did not save ({', '.join(added[:3])}): it stays, beyond "
                        "training.save_total_limit")

@@ -115,7 +115,7 @@ def _best_metric_errors(metric, greater_is_better) -> list[str]:
     if name not in EVAL_METRICS:
         return [f"training.metric_for_best_model: {metric!r} is not a metric the evaluations report; use one of "
                 f"{', '.join('eval_' + known for known in EVAL_METRICS)}"]
-    if None not in (greater_is_better, EVAL_METRICS[name]) and bool(greater_is_better) != EVAL_METRICS[name]:
+    if isinstance(greater_is_better, bool) and EVAL_METRICS[name] not in (None, greater_is_better):
         more = "highest" if greater_is_better else "lowest"
         return [f"training.greater_is_better: {str(greater_is_better).lower()} counts the checkpoint of the {more} "
                 f"{metric} as the best, and publishes the worst; remove greater_is_better (the Trainer sets it from "

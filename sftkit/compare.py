@@ -8,7 +8,7 @@ Loss is the run's eval loss, computed by the Trainer with the run's batch size a
 the run had any, else on the first training rows (the report says which). OUTPUT_DIR may also be its lora_weights.
 """
 
-import errno
+import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,15 +61,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m sftkit.compare") 
 
 def _lock_the_run(lock: OutputDir) -> None:
     """A run that resumes to train longer publishes another model: a report of the one it replaced was written, and
-    recorded as the run's, beside the new one. Where the lock cannot be written (a read-only share), no run writes.
+    recorded as the run's, beside the new one. Where the lock cannot be written (a read-only share, a full disk), no
+    run writes either, and the report may go elsewhere (--out).
     Only a finished run's directory is locked: a checkpoint or a model of another origin is not written to."""
     if not (lock.path / RUN_CONFIG_FILE).is_file():
         return
-    try:
+    with contextlib.suppress(OSError):
         lock.take_lock("compare it once that run ends")
-    except OSError as error:
-        if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise
 
 
 def _check_paths(args) -> None:

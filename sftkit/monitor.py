@@ -2,6 +2,7 @@
 clean stop with a checkpoint on Ctrl-C or SIGTERM, and a stop without one when the loss or the gradient norm is no
 longer finite. Loss, learning rate, grad norm and tokens/s are the Trainer's."""
 
+import functools
 import json
 import logging
 import resource
@@ -50,7 +51,7 @@ class MonitoredSFTTrainer(TrainerWorkarounds, SFTTrainer):
             if not hasattr(SFTTrainer, hook):
                 logging.getLogger("sftkit").warning(f"this transformers' Trainer has no {hook}: {loss}; install the "
                                                     "versions in requirements.txt")
-        rotate_only_checkpoints_not(left_out_of_rotation)
+        rotate_only_checkpoints_not(functools.partial(left_out_of_rotation, limited=bool(self.args.save_total_limit)))
         self.guard = guard or StopGuard()
         self.add_callback(self.guard)
         self.add_callback(LogTheLastStep())

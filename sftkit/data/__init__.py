@@ -178,7 +178,7 @@ def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42,
         raise DataError("the dataset.sources weights leave no train row (each keeps round(weight x rows)); raise "
                         "them")
     repeated = _eval_rows_also_trained(train, evaluation)
-    if is_main_process() and repeated and repeated > len(evaluation) / 2:
+    if is_main_process() and repeated > len(evaluation or ()) / 2 and not both_trained_and_evaluated_on(cfg):
         logger.warning(f"{repeated} of the {len(evaluation)} eval rows are also train rows, token for token, so the "
                        "eval loss measures recall more than learning; remove those rows from the train or the eval "
                        "data")
