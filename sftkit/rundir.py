@@ -74,6 +74,9 @@ class Contents:
             parts.append(f"{len(self.checkpoints)} checkpoint(s) ({', '.join(self.checkpoints[-2:])})")
         if self.foreign:
             parts.append(f"files sftkit did not write ({', '.join(self.foreign[:3])})")
+        replaced = [name for name in self.ours if name.startswith(f"{REPLACED_DIR}-")]
+        if replaced:  # a kill while --overwrite moved them: the next --overwrite removes them
+            parts.append(f"the earlier run's files an --overwrite cut short had moved aside ({', '.join(replaced)})")
         if not parts and self.ours:
             parts.append(f"files of an earlier run ({', '.join(self.ours[:3])})")
         return " and ".join(parts)
