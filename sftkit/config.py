@@ -33,7 +33,7 @@ from sftkit.engines import uses_deepspeed, world_size
 from sftkit.errors import ConfigError, first_line
 from sftkit.fastpath import bf16_by_default, choose_adapter_inputs
 from sftkit.fastpath import choose as choose_fast_path
-from sftkit.paths import PRESETS_DIR, find_config_file, found_beside, looks_local, resolve_path
+from sftkit.paths import PRESETS_DIR, PROJECT_DIR, find_config_file, found_beside, looks_local, resolve_path
 from sftkit.schema import SECTIONS, DatasetConfig, LoraSettings, ModelConfig, RunConfig, SourceConfig
 
 logger = logging.getLogger("sftkit")
@@ -314,6 +314,9 @@ def _build_training(values: dict, model: ModelConfig, dataset: DatasetConfig, er
     kwargs["max_length"] = model.max_seq_length
     if isinstance(kwargs.get("deepspeed"), str) and looks_local(kwargs["deepspeed"]):
         kwargs["deepspeed"] = resolve_path(kwargs["deepspeed"])  # from the working directory, else the project
+    if problem := _find_the_launchers_deepspeed_file():
+        errors.append(problem)
+        return None
     if dataset.test_size or dataset.eval_split or dataset.eval_sources:
         kwargs.setdefault("eval_on_start", True)  # so the summary has the eval loss before training to compare with
     kwargs.setdefault("include_num_input_tokens_seen", "non_padding")  # the Trainer then logs tokens/s
@@ -373,6 +376,21 @@ def _resolve_hardware_defaults(kwargs: dict, has_gpu: bool) -> None:
     if not has_gpu:
         group_cpu_processes(kwargs)
     rename_gradient_checkpointing(kwargs)
+
+
+def _find_the_launchers_deepspeed_file() -> str | None:
+    """An Accelerate config's deepspeed_config_file (ACCELERATE_DEEPSPEED_CONFIG_FILE), found as training.deepspeed
+    is: from the working directory, else the project. The shipped launch configs name deepspeed_configs/*.json, and
+    from the user's own directory the run was refused as if its training section were wrong."""
+    launched = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not launched or Path(launched).is_file():
+        return None
+    found = resolve_path(launched)
+    if Path(found).is_file():
+        os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = os.path.abspath(found)
+        return None
+    return (f"the Accelerate config's deepspeed_config_file {launched} does not exist (looked in {os.getcwd()} and in "
+            f"{PROJECT_DIR}); give its absolute path there")
 
 
 def _move_hub_token_to_environment(kwargs: dict) -> None:

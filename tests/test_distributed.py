@@ -398,3 +398,13 @@ raise SystemExit(main())
         assert result.returncode != 0 and time.perf_counter() - started < 100, result.stderr[-3000:]
         assert f"could not write the trained model to {out / '.export-incomplete'}" in result.stderr, \
             result.stderr[-3000:]
+
+
+def test_a_shipped_deepspeed_launch_config_runs_from_the_users_own_directory(tmp_path):
+    """Its deepspeed_config_file, deepspeed_configs/zero3.json, was looked up from the working directory only: from
+    the user's project the run was refused as if its config's training section were wrong."""
+    command = [ACCELERATE, "launch", "--config_file", str(REPO / "accelerate_configs" / "cpu_zero3_2proc.yaml"),
+               "-m", "sftkit", "train", "--dry-run", "--training.output_dir", str(tmp_path / "out")]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ZeRO-3" in result.stdout, result.stdout
