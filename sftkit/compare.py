@@ -151,6 +151,8 @@ def write_before_after(args) -> Path:
              f"{some} held-out rows" if held_out else f"{some} training rows (no held-out set)")
     how = "computed as the run's eval loss" if held_out and len(loss_rows) == len(rows) else \
         "computed as the run's eval loss is, on these rows (--loss_rows sets how many)"
+    if model_cfg.load_in_4bit:  # the run evaluated its 4-bit base (with the adapter), this the unquantized models
+        how += ", of the base unquantized and the merged model (the run's own figures are of its 4-bit base)"
     lines = [
         f"# Before and after: `{model_cfg.path}` vs `{model_dir}`",
         "",
