@@ -943,3 +943,15 @@ def test_columns_named_otherwise_are_said_once_with_the_map_that_reads_them(tmp_
     with pytest.raises(DataError, match=re.escape(expected)) as error:
         prepare_data(DatasetConfig(name=path, format=format_name, test_size=None), tokenizer, max_length=64)
     assert "on_bad_row" not in str(error.value)
+
+
+def test_openais_developer_role_and_responses_api_text_parts_are_read_as_a_system_message_and_text():
+    """Both were refused: the developer role as unknown, input_text and output_text parts as not text."""
+    row = {"messages": [{"role": "developer", "content": [{"type": "input_text", "text": "Be brief."}]},
+                        {"role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
+                        {"role": "assistant", "content": [{"type": "output_text", "text": "Hello."}]}]}
+    assert to_messages(row, "messages") == [{"role": "system", "content": "Be brief."},
+                                            {"role": "user", "content": "Hi"},
+                                            {"role": "assistant", "content": "Hello."}]
+    empty = {"messages": [{"role": "developer", "content": ""}, *row["messages"][1:]]}
+    assert [message["role"] for message in to_messages(empty, "messages")] == ["user", "assistant"]

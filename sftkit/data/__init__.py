@@ -47,7 +47,8 @@ MAX_PROCESSES = 8
 # token's text refused. 5 (2026-11-28): LLaMA-Factory's alpaca history read as the earlier turns, weight 0 on a
 # prompt turn accepted, and refused under loss_on all (which trained it). 6 (2026-11-28): the held-out rows and the
 # sources' weighted samples seeded by training.data_seed where it is set and differs from seed. 7 (2026-11-28): a
-# system column beside messages read as the row's system message.
+# system column beside messages read as the row's system message; OpenAI's developer role (its system message) and
+# the Responses API's input_text and output_text parts read.
 PREPARATION = 7
 
 

@@ -267,7 +267,7 @@ def _nested_hint(turn) -> str:
 
 
 def _empty_system(message) -> bool:
-    if not isinstance(message, dict) or message.get("role") != "system":
+    if not isinstance(message, dict) or message.get("role") not in ("system", "developer"):
         return False
     content = message.get("content")
     if isinstance(content, list):
@@ -287,7 +287,8 @@ def _check_message(message, index: int) -> dict:
                          "column: column_map: {messages: conversations}")
     if "role" not in message:
         raise RowDefect(f"message {index} has no role")
-    role, content = message["role"], message.get("content")
+    # OpenAI's name for the system message, with its o1 and later models
+    role, content = "system" if message["role"] == "developer" else message["role"], message.get("content")
     held = next((key for key in NOT_PASSED if _holds(message.get(key))), None)
     if held:
         raise RowDefect(f"message {index} ({role}) has {held}, which sftkit does not pass to the chat template yet "
@@ -332,6 +333,9 @@ def _weight(message: dict, index: int, role: str):
     return 0 if role == "assistant" and not value else weight
 
 
+TEXT_PARTS = ("text", "input_text", "output_text")  # Chat Completions', and the Responses API's
+
+
 def _joined_text_parts(parts: list, index: int, role: str) -> str:
     """OpenAI's content parts, [{"type": "text", "text": ...}, ...], as one text: joined as the API and the chat
     templates that take parts (Llama 3.2 Vision, Gemma 3) join them, with nothing between. A part of another kind (an
@@ -339,7 +343,7 @@ def _joined_text_parts(parts: list, index: int, role: str) -> str:
     texts = []
     for part in parts:
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind != "text":
+        if kind not in TEXT_PARTS:
             what = f"a part of type {kind!r}" if kind else \
                 f"a part that is not {{type: text, text: ...}} ({part!r:.60})"
             raise RowDefect(f"message {index} ({role}) has {what}, and sftkit trains on text only")
