@@ -616,8 +616,10 @@ def source_errors(key: str, source: SourceConfig, eval_split: str | None, beside
         return []
     errors = []
     if source.split not in splits:
+        part = "[" in source.split and source.split.split("[")[0] in splits  # datasets' slices: train[:50]
         errors.append(f"{key}.split: {source.split!r} is not a split of {name}: {what}; "
-                      + ("remove the split setting" if splits == ["train"] else "use one of them"))
+                      + ("remove the split setting" if splits == ["train"] else "use one of them")
+                      + (f"; for its first rows, set {key}.max_samples" if part else ""))
     if eval_split is not None and eval_split not in splits:
         errors.append(f"dataset.eval_split: {eval_split!r} is not a split of {name}: {what}; "
                       + ("hold out rows with dataset.test_size, or evaluate on dataset.eval_sources"

@@ -63,6 +63,10 @@ CONFIG_CASES = {
                                       "--load_best_model_at_end requires the save and eval strategy to match"]),
     "evaluation without eval data": (["--dataset.test_size", "null", "--training.eval_strategy", "steps"],
                                      ["training.eval_strategy needs evaluation data: set dataset.test_size"]),
+    # datasets' slice syntax, the usual way to take part of a split, has a key of its own here
+    "a slice of a split": (["--dataset.split", "train[:50]"],
+                           ["dataset.split: 'train[:50]' is not a split of data/sample_chat.jsonl: a local file has "
+                            "one split, train; remove the split setting; for its first rows, set dataset.max_samples"]),
     "best checkpoint without a metric": (["--training.save_strategy", "best"],
                                          ["training.save_strategy: best needs training.metric_for_best_model"]),
     # the run trained to its first evaluation, then ended in a KeyError, before that step's checkpoint was saved
