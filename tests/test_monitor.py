@@ -202,7 +202,8 @@ def test_model_card_describes_the_run_and_how_to_load_it(monitored_run):
     summary = json.loads((monitored_run.out / SUMMARY_FILE).read_text())
     assert card.startswith("---\nbase_model: data/tiny-chat-llama\n")
     assert "| method | full fine-tuning |" in card
-    assert "| data | `data/sample_chat.jsonl`: 320 rows read, 304 trained on, 16 evaluated on |" in card
+    assert "| data | `data/sample_chat.jsonl`: 320 rows read, 304 trained on, 16 evaluated on (3 of them also " \
+           "trained on) |" in card  # the sample data repeats rows
     assert f"| eval loss | {summary['eval_loss_first']:.3f} | {summary['eval_loss']:.3f} |" in card
     assert "AutoModelForCausalLM.from_pretrained" in card and "python -m sftkit.chat" in card
     assert "![loss](loss.png)" in card
@@ -222,7 +223,8 @@ def test_the_model_card_prompts_the_model_with_the_system_prompt_it_trained_with
     summary = json.loads((monitored_run.out / SUMMARY_FILE).read_text())
     summary["rows_dropped"] = {"bad rows": 2, "with nothing to train within max_seq_length": 0}
     card = model_card(config, summary)
-    assert "320 rows read (dropped: 2 bad rows), 304 trained on, 16 evaluated on |" in card
+    assert "320 rows read (dropped: 2 bad rows), 304 trained on, 16 evaluated on (3 of them also trained on) |" \
+        in card
     assert ('| system prompt | "You are Acme\'s agent &#124; answer in \\"one\\" sentence." (dataset.system_prompt: '
             "first in every row without a system message of its own) |") in card, card
     code = card.split("```python\n")[1].split("```")[0]
