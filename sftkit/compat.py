@@ -347,6 +347,27 @@ def _share_tied_tensors(model, state_dict: dict) -> None:
                 state_dict[name] = state_dict[kept]
 
 
+def _cast_inputs_of_trained_copies(model) -> None:
+    """TRL 1.16 casts every trainable parameter of a quantized model to bf16 (QLoRA's adapters, as its paper does),
+    PEFT 0.21's modules_to_save copies included. Its LoRA layers cast their inputs to the adapter's dtype; those copies
+    do not. Training's loss reads lm_head's weight itself (TRL's fused loss), but generation calls the copy on the
+    float32 hidden states of k-bit preparation: a QLoRA run with modules_to_save [lm_head] lost every sample reply to
+    "expected m1 and m2 to have the same dtype, but got: float != c10::BFloat16". Such a copy now takes its inputs
+    in its own dtype, as the LoRA layers do."""
+    import torch
+    from peft.utils.other import ModulesToSaveWrapper
+
+    def in_its_dtype(copy, inputs):
+        return (inputs[0].to(copy.weight.dtype), *inputs[1:])
+
+    for wrapper in model.modules():
+        if not isinstance(wrapper, ModulesToSaveWrapper) or not isinstance(wrapper.original_module, torch.nn.Linear):
+            continue
+        for copy in wrapper.modules_to_save.values():
+            if copy.weight.dtype != wrapper.original_module.weight.dtype:
+                copy.register_forward_pre_hook(in_its_dtype)
+
+
 def rotate_only_checkpoints_not(left_out) -> None:
     """transformers 5.24 rotates away (save_total_limit) every folder named checkpoint-*, sorted by modification time,
     and at the end of a run with save_total_limit 1 and a best checkpoint every folder named checkpoint-<digits>...:
@@ -387,7 +408,8 @@ class TrainerWorkarounds:
     a resume after a stop that skipped a due evaluation was no longer exact (LoRA with lora_dropout 0.1, 10 steps:
     eval loss 1.1798 without evaluations, 1.1914 with eval_steps 3).
 
-    Saved configs keep the base model's use_cache (see __init__), and tied weights stay tied in saved files (_save).
+    Saved configs keep the base model's use_cache (see __init__), tied weights stay tied in saved files (_save), and
+    QLoRA's trained copies of whole layers take their inputs in their own dtype (_cast_inputs_of_trained_copies).
     """
 
     def __init__(self, *args, **kwargs):
@@ -396,6 +418,7 @@ class TrainerWorkarounds:
         # cache. Saves (save_model) put the base's value back.
         self._saved_use_cache = getattr(getattr(kwargs.get("model"), "config", None), "use_cache", None)
         super().__init__(*args, **kwargs)
+        _cast_inputs_of_trained_copies(self.model)
 
     def save_model(self, output_dir=None, _internal_call=False):
         config = getattr(self.model, "config", None)

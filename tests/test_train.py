@@ -156,6 +156,16 @@ def test_qlora_trains_the_same_with_evaluations_and_sample_replies_in_between(tm
     assert evaluated == pytest.approx(plain, abs=1e-4)  # bitsandbytes' CPU inference repacking is kept off
 
 
+def test_qlora_trains_a_whole_lm_head_and_still_samples_replies(tmp_path, caplog):
+    _, result = run(tmp_path, "qlora_train_config.yaml", "--model.lora_config.modules_to_save", "[lm_head]",
+                    "--dataset.sample_prompts", '["Hello!"]', steps=2)
+    assert "could not be generated" not in caplog.text
+    samples = [json.loads(line) for line in (tmp_path / "out" / "sample_replies.jsonl").read_text().splitlines()]
+    assert samples and all(sample["reply"] for sample in samples)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert not torch.equal(merged.lm_head.weight, base_model().lm_head.weight), "the trained lm_head is published"
+
+
 @pytest.mark.parametrize(("preset", "steps", "method"), [("fast_test", None, "full"), ("low_memory", 2, "QLoRA"),
                                                        ("full_training", 2, "full")])
 def test_presets_train_the_tiny_model(tmp_path, preset, steps, method):
