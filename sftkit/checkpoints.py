@@ -270,6 +270,11 @@ def last_step(checkpoint: Path, training: dict) -> int | None:
         return None
 
 
+def epochs_words(epochs: float) -> str:
+    """`1 epoch`, `2.5 epochs`: training.num_train_epochs in a sentence."""
+    return f"{epochs:g} epoch{'s' if epochs != 1 else ''}"
+
+
 def _refuse_resuming_at_the_end(checkpoint: Path, resolved: dict) -> None:
     """A checkpoint of the run's last step has nothing left to train, and transformers 5.24 would still train one
     step past it (step 7 of 6) and publish that over the run's model."""
@@ -279,7 +284,7 @@ def _refuse_resuming_at_the_end(checkpoint: Path, resolved: dict) -> None:
         return
     max_steps, epochs = training.get("max_steps", -1), training.get("num_train_epochs")
     length = f"training.max_steps {max_steps}" if max_steps is not None and max_steps > 0 else \
-        f"{epochs:g} epoch{'s' if epochs != 1 else ''}, {end} steps"
+        f"{epochs_words(epochs)}, {end} steps"
     if step >= end:
         output_dir = checkpoint.parent
         if trained_to_step(output_dir) is not None:

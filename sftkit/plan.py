@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sftkit.checkpoints import checkpoint_to_resume, launch_engine, resume_request
+from sftkit.checkpoints import checkpoint_to_resume, epochs_words, launch_engine, resume_request
 from sftkit.checks import warmup_outlasts
 from sftkit.compat import zero_model_states
 from sftkit.engines import fsdp_plugin
@@ -105,7 +105,7 @@ def dry_run(config: RunConfig, overwrite: bool = False) -> str:
         ("batch", f"{args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation "
                   f"x {world_size} process{'es' if world_size > 1 else ''} = {batch} rows per step"),
         ("steps", f"{plan.steps_per_epoch} per epoch; {plan.total_steps} in all"
-                  + (" (training.max_steps)" if args.max_steps > 0 else f" ({args.num_train_epochs:g} epochs)")
+                  + (" (training.max_steps)" if args.max_steps > 0 else f" ({epochs_words(args.num_train_epochs)})")
                   + (f"; {outlasts}" if (outlasts := warmup_outlasts(args, plan.total_steps)) else "")),
         ("distributed", plan.sharding.description),
         ("speed", describe_speed(config.speed)),

@@ -5,7 +5,7 @@ import math
 import sys
 from pathlib import Path
 
-from sftkit.checkpoints import checkpoints_in, resume_problem
+from sftkit.checkpoints import checkpoints_in, epochs_words, resume_problem
 from sftkit.data import describe_dropped
 from sftkit.errors import first_line
 from sftkit.export import saved_dtypes
@@ -280,7 +280,7 @@ def _length(training, summary: dict) -> str:
                 f"{replanned}" if replanned else ""
     if training.max_steps > 0:
         return f"{summary['steps']} (training.max_steps; {summary['epochs']:.2f} epochs of the data{replanned})"
-    return f"{summary['steps']} ({training.num_train_epochs:g} epochs{replanned})"
+    return f"{summary['steps']} ({epochs_words(training.num_train_epochs)}{replanned})"
 
 
 def _number(value) -> str:

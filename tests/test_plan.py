@@ -43,7 +43,7 @@ def test_dry_run_counts_the_steps_a_real_run_takes(tmp_path):
                  "--training.per_device_train_batch_size", "8", "--training.gradient_accumulation_steps", "3"]
     result = run_sft("--dry-run", *overrides)
     assert plan_value(result.stdout, "batch") == "8 per device x 3 accumulation x 1 process = 24 rows per step"
-    steps = int(re.match(r"(\d+) per epoch; (\d+) in all", plan_value(result.stdout, "steps")).group(2))
+    steps = int(re.match(r"(\d+) per epoch; (\d+) in all \(2 epochs\)$", plan_value(result.stdout, "steps")).group(2))
     assert not (tmp_path / "out").exists(), "a dry run writes nothing"
     assert train(load_config(None, overrides)).trainer.state.global_step == steps == 26  # 304 rows: 38 batches / 3
 
@@ -54,6 +54,7 @@ def test_dry_run_of_packing_counts_packed_rows(tmp_path):
     result = run_sft("--dry-run", *overrides)
     packed = int(re.search(r"packed into (\d+) rows", plan_value(result.stdout, "data")).group(1))
     steps = int(re.match(r"(\d+) per epoch", plan_value(result.stdout, "steps")).group(1))
+    assert plan_value(result.stdout, "steps") == f"{steps} per epoch; {steps} in all (1 epoch)"
     assert steps == -(-packed // 4)
     assert train(load_config(None, overrides)).trainer.state.global_step == steps
 
