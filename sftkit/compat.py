@@ -355,7 +355,13 @@ def _cast_inputs_of_trained_copies(model) -> None:
     "expected m1 and m2 to have the same dtype, but got: float != c10::BFloat16". Such a copy now takes its inputs
     in its own dtype, as the LoRA layers do."""
     import torch
-    from peft.utils.other import ModulesToSaveWrapper
+
+    try:
+        from peft.utils.other import ModulesToSaveWrapper
+    except ImportError as error:
+        logger.warning(f"peft changed ({error}); a QLoRA run's trained copy of a whole layer (modules_to_save) may "
+                       "fail its sample replies")
+        return
 
     def in_its_dtype(copy, inputs):
         return (inputs[0].to(copy.weight.dtype), *inputs[1:])

@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from sftkit.layout import RUN_FILE, SUMMARY_FILE
+from sftkit.layout import RUN_FILE, SUMMARY_FILE, TOKENIZER_FILES
 from sftkit.paths import file_digest
 
 # Settings a resume may change without changing what is trained: the length of the run, logging, saving,
@@ -77,11 +77,14 @@ def run_record(resolved: dict, inputs: dict | None = None, **extra) -> dict:
     from sftkit.data import PREPARATION
 
     return {"fingerprint": fingerprint(resolved), "config": resolved,
-            "inputs": input_digests(resolved) if inputs is None else inputs, "preparation": PREPARATION, **extra}
+            "inputs": input_digests(resolved) if inputs is None else inputs, "preparation": PREPARATION,
+            "model_files": MODEL_FILES_VERSION, **extra}
 
 
-MODEL_FILES = ("config.json", "*.safetensors", "pytorch_model*.bin", "adapter_config.json", "tokenizer.json",
-               "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "chat_template.jinja")
+# A base model's files whose contents decide what trains: its config, weights and every tokenizer file
+MODEL_FILES = ("config.json", "*.safetensors", "pytorch_model*.bin", "adapter_config.json", *TOKENIZER_FILES)
+MODEL_FILES_VERSION = 2  # 1 (records before 2026-11-29): no vocab.json, merges.txt nor added_tokens.json
+UNRECORDED_BEFORE_2 = ("vocab.json", "merges.txt", "added_tokens.json")
 
 
 def input_digests(resolved: dict) -> dict[str, str]:
@@ -151,7 +154,7 @@ def changed_inputs(record: dict, resolved: dict | None = None) -> list[str]:
     if "inputs" not in record:
         return []
     config = record.get("config", {}) if resolved is None else resolved
-    now = input_digests(config)
+    now = _as_recorded(record, input_digests(config), record["inputs"])
     for template in _template_digests(config.get("dataset", {})).keys() - record["inputs"].keys():
         now.pop(template)  # a record before 2026-11-28 holds no digest of the template (its path is fingerprinted)
     return sorted(name for name in {*record["inputs"], *now} if record["inputs"].get(name) != now.get(name))
@@ -165,8 +168,16 @@ def changed_model_files(record: dict | None, model_dir: Path) -> list[str]:
                 if model and name.startswith(f"{model}/")}
     if not recorded:
         return []
-    now = _model_digests(Path(model_dir))
+    now = _as_recorded(record, _model_digests(Path(model_dir)), recorded)
     return sorted(name for name in {*recorded, *now} if recorded.get(name) != now.get(name))
+
+
+def _as_recorded(record: dict, digests: dict[str, str], recorded: dict[str, str]) -> dict[str, str]:
+    """digests less the files an older record took no digest of, to compare with its `recorded` digests."""
+    if record.get("model_files", 1) >= MODEL_FILES_VERSION:
+        return digests
+    return {name: digest for name, digest in digests.items()
+            if Path(name).name not in UNRECORDED_BEFORE_2 or name in recorded}
 
 
 def read_run_record(directory: Path) -> dict | None:

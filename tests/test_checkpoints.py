@@ -209,6 +209,33 @@ def test_a_resume_onto_rows_prepared_another_way_warns(with_checkpoints, tmp_pat
             in capsys.readouterr().err)
 
 
+def test_every_tokenizer_file_of_a_local_base_is_recorded_and_checked(tmp_path):
+    """A base whose tokenizer lives in vocab.json and merges.txt (a slow BPE tokenizer) or keeps its added tokens in
+    added_tokens.json, rewritten in place: a resume, the merge and the chat on its adapter went on without a word."""
+    from conftest import TINY_MODEL
+
+    from sftkit.runrecord import changed_inputs, changed_model_files, run_record
+
+    base = tmp_path / "base"
+    shutil.copytree(TINY_MODEL, base)
+    for name in ("vocab.json", "merges.txt", "added_tokens.json"):
+        (base / name).write_text("{}\n" if name.endswith(".json") else "#version: 0.2\n")
+    record = run_record({"model": {"path": str(base)}, "dataset": {}})
+    for name in ("vocab.json", "merges.txt", "added_tokens.json"):
+        (base / name).write_text((base / name).read_text() + "\n")
+    changed = ["added_tokens.json", "merges.txt", "vocab.json"]
+    assert changed_model_files(record, base) == changed
+    assert changed_inputs(record) == [f"{base}/{name}" for name in changed]
+
+    # a record written before these files had digests: their contents are no change, the other files still are
+    older = {**record, "inputs": {name: digest for name, digest in record["inputs"].items()
+                                  if not name.endswith(tuple(changed))}}
+    older.pop("model_files")
+    assert changed_model_files(older, base) == [] and changed_inputs(older) == []
+    (base / "config.json").write_text((base / "config.json").read_text() + "\n")
+    assert changed_model_files(older, base) == ["config.json"]
+
+
 def test_checkpoints_are_readable_like_the_other_files_of_the_run(with_checkpoints):
     """safetensors writes 0600: a teammate on the same filesystem could not read, or resume, the checkpoints."""
     import os
