@@ -9,6 +9,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from sftkit.command import export_command
 from sftkit.compat import follow_a_new_schedule_length
 from sftkit.engines import fsdp_plugin, zero_stage
 from sftkit.errors import AlreadyFinished, ConfigError, RunFailed, first_line
@@ -290,8 +291,8 @@ def _refuse_resuming_at_the_end(checkpoint: Path, resolved: dict) -> None:
         if trained_to_step(output_dir) is not None:
             model = f"Its model is in {output_dir}, and in the checkpoint itself"
         elif (output_dir / STAGING_DIR).is_dir():  # killed during the export: nothing is published yet
-            model = (f"Its export did not finish, so {output_dir} holds no model yet: finish it with python -m "
-                     f"sftkit.export {output_dir}")
+            model = (f"Its export did not finish, so {output_dir} holds no model yet: finish it with "
+                     f"{export_command(output_dir)}")
         else:
             model = "Its trained weights are in the checkpoint itself"
         raise ConfigError(f"training.resume_from_checkpoint: {checkpoint} is step {step}, at or past the end of this "

@@ -1,4 +1,4 @@
-"""How this process was started, and the command that resumes its run, for the message of a stopped run."""
+"""How this process was started, and the commands that resume its run or finish its export, for messages."""
 
 import shlex
 import shutil
@@ -17,6 +17,11 @@ def resume_words() -> str:
         return ("Resume with, on every machine, the command that started it there and "
                 f"--training.resume_from_checkpoint true; on this one: {resume_command()}")
     return f"Resume with: {resume_command()}"
+
+
+def export_command(output_dir) -> str:
+    """The command that finishes the export of the run in output_dir (sftkit.export), shell-quoted."""
+    return shlex.join(["python", "-m", "sftkit.export", str(output_dir)])
 
 
 def resume_command() -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from sftkit.command import export_command
 from sftkit.config import read_section
 from sftkit.environment import library_versions
 from sftkit.errors import ConfigError, OneLineArgumentParser, RunFailed, SftkitError, first_line, say_error
@@ -157,7 +158,7 @@ def kept_work_words(output_dir: Path) -> str:
     kept, what = (staging / ADAPTER_DIR, "adapter") if (staging / ADAPTER_DIR).is_dir() else (staging, "model")
     if missing_weights(kept, "adapter_model" if what == "adapter" else "model") is not None:
         return newest_checkpoint_words(output_dir)
-    return f"the trained {what} is kept in {kept}: finish the export with: python -m sftkit.export {output_dir}"
+    return f"the trained {what} is kept in {kept}: finish the export with: {export_command(output_dir)}"
 
 
 def unfinished_run_words(directory: Path) -> str | None:
@@ -183,7 +184,7 @@ def _lost_before_the_weights(lost: str, output_dir: Path, lora: bool, main: bool
     last = last_step_checkpoint(output_dir, "adapter_model" if lora else "model")
     if last is not None:
         return RunFailed(f"{lost}, so the export was not finished; the model it exports is saved in {last}: finish "
-                         f"the export from it with: python -m sftkit.export {output_dir}")
+                         f"the export from it with: {export_command(output_dir)}")
     if main:
         shutil.rmtree(output_dir / STAGING_DIR, ignore_errors=True)
     return RunFailed(f"{lost}, so no trained weights were saved; {newest_checkpoint_words(output_dir)}")
@@ -228,14 +229,14 @@ def finish_export(output_dir: Path, model_cfg: ModelConfig, dtype, **record) -> 
         reason = first_line(error)
         if (staging / PUBLISHING_FILE).is_file():
             raise RunFailed(f"publishing the model in {output_dir} failed part way: {reason}. What is not moved yet "
-                            f"is in {staging}; once that is fixed, finish with: python -m sftkit.export "
-                            f"{output_dir}") from error
+                            f"is in {staging}; once that is fixed, finish with: "
+                            f"{export_command(output_dir)}") from error
         if model_cfg.use_lora:  # a half-written merged model: gone, so the staging directory holds only the adapter
             _drop_merged_model(staging)
         kept = staging / ADAPTER_DIR if model_cfg.use_lora else staging
         raise RunFailed(f"the export to {output_dir} failed: {reason}. The trained "
                         f"{'adapter' if model_cfg.use_lora else 'model'} is kept in {kept}; once that is fixed, "
-                        f"finish the export with: python -m sftkit.export {output_dir}") from error
+                        f"finish the export with: {export_command(output_dir)}") from error
     record_published(output_dir, **record)
 
 
@@ -349,7 +350,7 @@ def _refuse_another_base(base: Path, output_dir: Path) -> None:
     """The adapter merges only into the base it trained on: a local base moved away, or replaced since, would
     publish other weights under this run's name (the run record holds its files' digests)."""
     kept = f"The trained adapter is kept in {output_dir / STAGING_DIR / ADAPTER_DIR}"
-    again = f"then finish the export with: python -m sftkit.export {output_dir}"
+    again = f"then finish the export with: {export_command(output_dir)}"
     if base.is_absolute() and not base.exists():  # a local base (its absolute path); a hub id is never absolute
         raise RunFailed(f"the base model {base} that the adapter trained on is gone. {kept}; put the base back there, "
                         f"{again}")
@@ -442,7 +443,7 @@ def _refuse_files_made_meanwhile(staging: Path, output_dir: Path, moved: set[str
         raise RunFailed(f"{output_dir} holds files made or changed since the run began, under names the export "
                         f"writes ({', '.join(made[:4])}): they are not the run's, so nothing was replaced. The checked "
                         f"model is kept in {staging}; move those files elsewhere, then finish the export with: "
-                        f"python -m sftkit.export {output_dir}")
+                        f"{export_command(output_dir)}")
 
 
 def _publish(staging: Path, output_dir: Path) -> None:

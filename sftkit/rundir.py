@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 
 from sftkit.checkpoints import added_to_checkpoint, newest_resumable, resume_problem
+from sftkit.command import export_command
 from sftkit.errors import ConfigError
 from sftkit.layout import (
     CHECKPOINT_PREFIX,
@@ -449,7 +450,7 @@ class OutputDir:
         ways = ["pass --overwrite to replace it (removes only what an earlier run wrote)",
                 "choose another training.output_dir"]
         if STAGING_DIR in contents.models:  # the trained weights, kept when the export failed
-            ways.insert(0, f"finish its export with python -m sftkit.export {self.path}")
+            ways.insert(0, f"finish its export with {export_command(self.path)}")
         elif contents.checkpoints and same_config and earlier.get("status") == "finished":
             trained = trained_to_step(self.path) or 0
             newest = self.path / contents.checkpoints[-1]

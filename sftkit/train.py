@@ -27,7 +27,7 @@ from sftkit.checkpoints import (
     warn_of_other_weights,
 )
 from sftkit.checks import machine_errors
-from sftkit.command import resume_words
+from sftkit.command import export_command, resume_words
 from sftkit.compat import allow_fsdp_on_cpu, check_fsdp_on
 from sftkit.data.tokenize import stop_at_the_end_of_a_reply
 from sftkit.errors import ConfigError, FailedHere, Interrupted, RunFailed, first_line
@@ -351,7 +351,7 @@ def _stopped_at_once(output: OutputDir) -> str:
         return f"stopped at once, after the model was published in {output_dir}"
     if staging.is_dir():
         return (f"stopped at once during the export; what it wrote is kept in {staging}, and if the weights were "
-                f"written, sftkit export {output_dir} finishes it")
+                f"written, {export_command(output_dir)} finishes it")
     resume = f". {resume_words()}" if newest_resumable(output_dir) else ""
     return f"stopped at once; {newest_checkpoint_words(output_dir)}{resume}"
 

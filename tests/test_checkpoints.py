@@ -105,7 +105,7 @@ def test_resuming_a_run_killed_during_its_export_says_to_finish_the_export_not_t
     from sftkit.export import main as export_main
     from sftkit.layout import STAGING_DIR
 
-    out = tmp_path / "out"
+    out = tmp_path / "my runs" / "out"  # the command it gives is shell-quoted
     shutil.copytree(with_checkpoints, out)
     (out / STAGING_DIR).mkdir()
     for name in ("model.safetensors", "config.json"):
@@ -115,7 +115,7 @@ def test_resuming_a_run_killed_during_its_export_says_to_finish_the_export_not_t
     record = json.loads((out / RUN_FILE).read_text())
     (out / RUN_FILE).write_text(json.dumps({**record, "status": "exporting"}))  # as it stood when killed
     with pytest.raises(ConfigError, match=f"nothing is left to train. Its export did not finish, so {out} holds no "
-                                          f"model yet: finish it with python -m sftkit.export {out}; to train longer"):
+                                          f"model yet: finish it with python -m sftkit.export '{out}'; to train longer"):
         train(config(out, "--training.resume_from_checkpoint", "auto"))
     assert export_main([str(out)]) == 0 and (out / "model.safetensors").is_file()
     again = load_config(str(out / "sftkit_config.yaml"), [])  # what `sftkit chat` and `compare` read
