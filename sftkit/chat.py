@@ -16,8 +16,7 @@ import yaml
 
 from sftkit.data.formats import with_system
 from sftkit.errors import ConfigError, OneLineArgumentParser, say_error
-from sftkit.export import adapter_base, run_directory
-from sftkit.layout import RUN_CONFIG_FILE
+from sftkit.layout import RUN_CONFIG_FILE, adapter_base, run_directory
 from sftkit.paths import resolve_path
 from sftkit.runrecord import read_run_record
 

@@ -14,6 +14,7 @@ from sftkit.compat import follow_a_new_schedule_length
 from sftkit.engines import fsdp_plugin, zero_stage
 from sftkit.errors import AlreadyFinished, ConfigError, RunFailed, first_line
 from sftkit.layout import (
+    ADAPTER_DIR,
     PER_PROCESS,
     RUN_FILE,
     STAGING_DIR,
@@ -32,7 +33,7 @@ from sftkit.runrecord import (
     trained_to_step,
     write_json,
 )
-from sftkit.weightfiles import empty_tensors, readable_like_other_files
+from sftkit.weightfiles import empty_tensors, missing_weights, readable_like_other_files
 
 logger = logging.getLogger(__name__)
 # A fresh start over a run's checkpoints, also where the config or a scheduler's script asks to resume (--overwrite
@@ -464,3 +465,27 @@ def newest_checkpoint_words(output_dir: Path, max_steps: int | None = None) -> s
                                             " yet")
     of = f" of {max_steps}" if max_steps else ""
     return f"the newest checkpoint is {newest} (step {newest.name.rsplit('-', 1)[-1]}{of})"
+
+
+def kept_work_words(output_dir: Path) -> str:
+    """Where the work of a run that failed is kept, for its error message: its trained weights, once written to the
+    staging directory (the final evaluation or the merge failed after), else its newest checkpoint."""
+    staging = output_dir / STAGING_DIR
+    kept, what = (staging / ADAPTER_DIR, "adapter") if (staging / ADAPTER_DIR).is_dir() else (staging, "model")
+    if missing_weights(kept, "adapter_model" if what == "adapter" else "model") is not None:
+        return newest_checkpoint_words(output_dir)
+    return f"the trained {what} is kept in {kept}: finish the export with: {export_command(output_dir)}"
+
+
+def unfinished_run_words(directory: Path) -> str | None:
+    """Why `directory`, given as a model to chat with or compare, holds none: it does not exist, or its run has not
+    published one (and where its work is); None for any other directory."""
+    if not directory.exists():
+        return "no such directory"
+    if (directory / "trainer_state.json").is_file():
+        return "a checkpoint, not a run's output_dir (sftkit chat takes a checkpoint, sftkit compare a finished run)"
+    record = read_run_record(directory)
+    if record is None or trained_to_step(directory) is not None:
+        return None
+    return (f"its run has not published a model (it is {record.get('status', 'unfinished')}); "
+            f"{kept_work_words(directory)}")

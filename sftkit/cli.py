@@ -137,7 +137,7 @@ def _run(args, overrides: list[str], prog: str) -> int:
     except Exception as error:
         lost = lost_contact(error)
         if lost and config is not None and says_errors():  # each machine's log: the main one may be the one gone
-            from sftkit.export import kept_work_words
+            from sftkit.checkpoints import kept_work_words
 
             lost += f"; {kept_work_words(Path(config.training.output_dir))}"
         if lost and says_errors():  # once per machine: the others of a machine lose contact alike

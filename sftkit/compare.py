@@ -15,14 +15,14 @@ from pathlib import Path
 
 import yaml
 
+from sftkit.checkpoints import unfinished_run_words
 from sftkit.compat import rename_gradient_checkpointing
 from sftkit.config import read_section
 from sftkit.data import both_trained_and_evaluated_on
 from sftkit.data.formats import with_system
 from sftkit.data.tokenize import IGNORE_INDEX
 from sftkit.errors import ConfigError, OneLineArgumentParser, say_error
-from sftkit.export import adapter_base, run_directory, unfinished_run_words
-from sftkit.layout import ADAPTER_DIR, BEFORE_AFTER_FILE, RUN_CONFIG_FILE
+from sftkit.layout import ADAPTER_DIR, BEFORE_AFTER_FILE, RUN_CONFIG_FILE, adapter_base, run_directory
 from sftkit.paths import resolve_path
 from sftkit.rundir import OutputDir, changed_since_written
 from sftkit.runrecord import changed_inputs, read_run_record, record_written

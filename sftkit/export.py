@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from sftkit.checkpoints import STATE_FILE, kept_work_words, last_step, newest_checkpoint_words, newest_resumable
 from sftkit.command import export_command
 from sftkit.config import read_section
 from sftkit.environment import library_versions
@@ -35,6 +36,7 @@ from sftkit.layout import (
     STAGING_DIR,
     SUMMARY_FILE,
     VERSIONS_FILE,
+    adapter_base,
     checkpoint_dir,
     published_weights,
     written_by_sftkit,
@@ -149,38 +151,10 @@ def publish_staged(trainer, run_config, dtype) -> Path:
     return output_dir
 
 
-def kept_work_words(output_dir: Path) -> str:
-    """Where the work of a run that failed is kept, for its error message: its trained weights, once written to the
-    staging directory (the final evaluation or the merge failed after), else its newest checkpoint."""
-    from sftkit.checkpoints import newest_checkpoint_words
-
-    staging = output_dir / STAGING_DIR
-    kept, what = (staging / ADAPTER_DIR, "adapter") if (staging / ADAPTER_DIR).is_dir() else (staging, "model")
-    if missing_weights(kept, "adapter_model" if what == "adapter" else "model") is not None:
-        return newest_checkpoint_words(output_dir)
-    return f"the trained {what} is kept in {kept}: finish the export with: {export_command(output_dir)}"
-
-
-def unfinished_run_words(directory: Path) -> str | None:
-    """Why `directory`, given as a model to chat with or compare, holds none: it does not exist, or its run has not
-    published one (and where its work is); None for any other directory."""
-    if not directory.exists():
-        return "no such directory"
-    if (directory / "trainer_state.json").is_file():
-        return "a checkpoint, not a run's output_dir (sftkit chat takes a checkpoint, sftkit compare a finished run)"
-    record = read_run_record(directory)
-    if record is None or trained_to_step(directory) is not None:
-        return None
-    return (f"its run has not published a model (it is {record.get('status', 'unfinished')}); "
-            f"{kept_work_words(directory)}")
-
-
 def _lost_before_the_weights(lost: str, output_dir: Path, lora: bool, main: bool) -> RunFailed:
     """The weights were never written (a process lost before they were gathered, a disk that stayed full): the
     staging directory is kept where the run's last-step checkpoint holds them (`sftkit export` finishes from it),
     else removed (its tokenizer and config are no trained model to finish)."""
-    from sftkit.checkpoints import newest_checkpoint_words
-
     last = last_step_checkpoint(output_dir, "adapter_model" if lora else "model")
     if last is not None:
         return RunFailed(f"{lost}, so the export was not finished; the model it exports is saved in {last}: finish "
@@ -188,12 +162,6 @@ def _lost_before_the_weights(lost: str, output_dir: Path, lora: bool, main: bool
     if main:
         shutil.rmtree(output_dir / STAGING_DIR, ignore_errors=True)
     return RunFailed(f"{lost}, so no trained weights were saved; {newest_checkpoint_words(output_dir)}")
-
-
-def run_directory(model_dir: Path) -> Path:
-    """The output_dir of the run a model directory comes from: itself, or above it for the run's lora_weights."""
-    adapter = (model_dir / "adapter_config.json").is_file() and (model_dir.parent / RUN_CONFIG_FILE).is_file()
-    return model_dir.parent if adapter else model_dir
 
 
 def write_metadata(directory: Path, run_config, tokenizer) -> None:
@@ -320,11 +288,6 @@ def _write_staging(staging: Path, run_config, tokenizer) -> None:
         shutil.rmtree(staging)
     staging.mkdir()
     write_metadata(staging, run_config, tokenizer)
-
-
-def adapter_base(adapter_dir: Path) -> str:
-    """The base model an adapter records: a hub id, or (since 2026-11-28) a local one by its absolute path."""
-    return json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
 def _merge_adapter(model_cfg, adapter_dir: Path, target: Path, dtype) -> None:
@@ -522,8 +485,6 @@ def last_step_checkpoint(output_dir: Path, stem: str) -> Path | None:
     load_best_model_at_end the best one, which the Trainer loaded back (its trainer state names it). The last step of
     the run recorded in output_dir, by the length the checkpoint's own trainer state was saved with: after a resume
     that trains longer, the step that ended the first attempt is not the run's last."""
-    from sftkit.checkpoints import STATE_FILE, last_step, newest_resumable
-
     newest = newest_resumable(output_dir, weights_only=True)
     training = (read_run_record(output_dir) or {}).get("config", {}).get("training", {})
     end = last_step(newest, training) if newest is not None else None
@@ -541,8 +502,6 @@ def _recover_weights(output_dir: Path, lora: bool) -> None:
     Without one, and where the staging directory holds only sftkit's own files, none of them whole weights (none
     written, or cut short), no trained model is left to finish: it is removed, so that nothing there looks trained.
     Anything else (weights that cannot be read, an engine's own checkpoint) is left for require_weights to name."""
-    from sftkit.checkpoints import newest_checkpoint_words, newest_resumable
-
     staging = output_dir / STAGING_DIR
     target, stem = (staging / ADAPTER_DIR, "adapter_model") if lora else (staging, "model")
     missing = missing_weights(target, stem)

@@ -9,9 +9,12 @@ from threading import Thread
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
+from sftkit.checkpoints import unfinished_run_words
 from sftkit.data.tokenize import stop_token_ids
 from sftkit.errors import ConfigError, first_line
+from sftkit.layout import run_directory
 from sftkit.paths import resolve_path
+from sftkit.runrecord import changed_model_files, read_run_record
 
 
 def load_for_inference(path: str, trust_remote_code: bool = False):
@@ -41,8 +44,6 @@ def load_for_inference(path: str, trust_remote_code: bool = False):
                               "directory the training ran in, or write its absolute path there") from error
         model = PeftModel.from_pretrained(base, directory)
     else:
-        from sftkit.export import unfinished_run_words
-
         unfinished = unfinished_run_words(directory)
         why = f"{unfinished}; a checkpoint's directory can be given" if unfinished else \
             "no model here (expected config.json, or adapter_config.json for a LoRA adapter)"
@@ -54,9 +55,6 @@ def load_for_inference(path: str, trust_remote_code: bool = False):
 def _refuse_a_changed_base(path: str, adapter_dir: Path, base: str) -> None:
     """An adapter of an sftkit run answers as trained only on the base it trained on: a local base replaced since (a
     first stage trained again) gave other replies without a word. The run record holds the base's digests."""
-    from sftkit.export import run_directory
-    from sftkit.runrecord import changed_model_files, read_run_record
-
     record = read_run_record(adapter_dir) or read_run_record(run_directory(adapter_dir))
     base_dir = Path(resolve_path(base))
     changed = changed_model_files(record, base_dir) if base_dir.is_dir() else []

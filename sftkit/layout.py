@@ -1,5 +1,6 @@
 """The names of what a run writes into output_dir, and which of them hold its trained model."""
 
+import json
 import re
 from pathlib import Path
 
@@ -78,3 +79,14 @@ def checkpoint_dir(output_dir, step: int) -> Path:
 def is_checkpoint(path: Path) -> bool:
     """A checkpoint-N directory, as the Trainer names them."""
     return checkpoint_step(path.name) is not None and path.is_dir() and not path.is_symlink()
+
+
+def run_directory(model_dir: Path) -> Path:
+    """The output_dir of the run a model directory comes from: itself, or above it for the run's lora_weights."""
+    adapter = (model_dir / "adapter_config.json").is_file() and (model_dir.parent / RUN_CONFIG_FILE).is_file()
+    return model_dir.parent if adapter else model_dir
+
+
+def adapter_base(adapter_dir: Path) -> str:
+    """The base model an adapter records: a hub id, or (since 2026-11-28) a local one by its absolute path."""
+    return json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]

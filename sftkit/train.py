@@ -20,6 +20,7 @@ from sftkit.checkpoints import (
     RecordRunInCheckpoints,
     checkpoint_to_resume,
     earlier_progress,
+    kept_work_words,
     launch_engine,
     newest_checkpoint_words,
     newest_resumable,
@@ -31,7 +32,7 @@ from sftkit.command import export_command, resume_words
 from sftkit.compat import allow_fsdp_on_cpu, check_fsdp_on
 from sftkit.data.tokenize import stop_at_the_end_of_a_reply
 from sftkit.errors import ConfigError, FailedHere, Interrupted, RunFailed, first_line
-from sftkit.export import kept_work_words, lost_after_staging, publish_staged, stage_trained_weights
+from sftkit.export import lost_after_staging, publish_staged, stage_trained_weights
 from sftkit.fastpath import describe as describe_speed
 from sftkit.layout import STAGING_DIR, checkpoint_dir
 from sftkit.model import (
