@@ -244,7 +244,7 @@ def load_config(config_name: str | None = None, cli_args: list[str] = (), preset
     resolved = {
         "model": hide_secrets(dataclasses.asdict(model)),
         "dataset": hide_secrets(dataclasses.asdict(dataset)),
-        "training": _public_training_fields(training),
+        "training": hide_secrets(training_fields(training)),
     }
     return RunConfig(model=model, dataset=dataset, training=training, source=path, resolved=resolved, speed=speed)
 
@@ -428,11 +428,6 @@ def hide_secrets(value: Any) -> Any:
     if isinstance(value, list):
         return [hide_secrets(item) for item in value]
     return TOKEN_LIKE.sub(_hide_token, value) if isinstance(value, str) else value
-
-
-def _public_training_fields(training) -> dict:
-    """SFTConfig as a plain dict with secrets hidden (for the printed and saved config)."""
-    return hide_secrets(training_fields(training))
 
 
 def _build(cls, values: Any, section: str, errors: list[str]):

@@ -16,8 +16,8 @@ from sftkit.schema import RunConfig
 GREEN, RESET = "\033[1;32m", "\033[0m"
 
 
-def inspect(config: RunConfig, samples: int = 3, color: bool | None = None) -> str:
-    color = sys.stdout.isatty() if color is None else color
+def inspect(config: RunConfig, samples: int = 3) -> str:
+    color = sys.stdout.isatty()
     args = config.training
     tokenizer, data = tokenizer_and_data(config)
     lines = [f"sftkit inspect: {config.source}, tokenizer {config.model.path}",

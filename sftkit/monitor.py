@@ -29,6 +29,7 @@ from sftkit.layout import SAMPLES_FILE
 from sftkit.weightfiles import disk_failure
 
 REPEATED_SIGTERM_SECONDS = 2.0  # a SIGTERM this soon after the first is the same stop, delivered twice
+SAMPLE_REPLY_TOKENS = 64  # the longest sample reply at an evaluation (the summary's final one: 40)
 
 
 class MonitoredSFTTrainer(TrainerWorkarounds, SFTTrainer):
@@ -163,12 +164,11 @@ class SampleReplies(TrainerCallback):
     """Greedy replies to `dataset.sample_prompts` at each evaluation and epoch end, printed and appended to
     output_dir/sample_replies.jsonl, so the user sees the model learn."""
 
-    def __init__(self, tokenizer, prompts: list[list[dict]], resumed: bool, guard: "StopGuard", max_new_tokens: int = 64):
+    def __init__(self, tokenizer, prompts: list[list[dict]], resumed: bool, guard: "StopGuard"):
         self.tokenizer = tokenizer
         self.guard = guard  # no sample where it stopped the run
         self.prompts = prompts
         self.resumed = resumed  # a resumed run appends to the file; a fresh one starts it anew
-        self.max_new_tokens = max_new_tokens
         self.last_step = None
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -188,7 +188,7 @@ class SampleReplies(TrainerCallback):
         if state.global_step == self.last_step:  # an evaluation at an epoch end: once is enough
             return
         self.last_step = state.global_step
-        replies = sample_replies(model, self.tokenizer, self.prompts, args, self.max_new_tokens)
+        replies = sample_replies(model, self.tokenizer, self.prompts, args, SAMPLE_REPLY_TOKENS)
         if replies is not None and state.is_world_process_zero:
             with (Path(args.output_dir) / SAMPLES_FILE).open("a") as file:
                 for prompt, reply in zip(self.prompts, replies):
