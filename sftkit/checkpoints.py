@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 
 from sftkit.command import export_command
 from sftkit.compat import follow_a_new_schedule_length
-from sftkit.engines import fsdp_plugin, zero_stage
+from sftkit.engines import launch_engine
 from sftkit.errors import AlreadyFinished, ConfigError, RunFailed, first_line
 from sftkit.layout import (
     ADAPTER_DIR,
@@ -158,8 +158,8 @@ def checkpoint_to_resume(requested, output_dir: Path, resolved: dict, processes:
                          engine: str | None = None) -> str | None:
     """`training.resume_from_checkpoint` checked: true is the newest intact checkpoint of this run in output_dir
     (a damaged newer one is skipped with a warning), a path is that checkpoint, which must be intact, of this run,
-    and saved by as many `processes` as this launch has, under its `engine` (launch_engine; None: not known, as in a
-    dry run outside the launcher). Raises ConfigError with the way on otherwise."""
+    and saved by as many `processes` as this launch has, under its `engine` (engines.launch_engine; None: not known,
+    as in a dry run outside the launcher). Raises ConfigError with the way on otherwise."""
     if requested in (None, False):
         return None
     if requested is True:
@@ -226,17 +226,6 @@ def _refuse_another_number_of_processes(checkpoint: Path, now: int) -> None:
         raise ConfigError(f"training.resume_from_checkpoint: {checkpoint} was saved by {saved} process"
                           f"{'es' if saved > 1 else ''} and this launch has {now}; resume with {saved} (the global "
                           f"batch and each process's place in the data depend on it), or start afresh with {AFRESH}")
-
-
-def launch_engine(args) -> str:
-    """The engine this launch saves and loads checkpoints with, from the same engines.py answers as plan.sharding:
-    "DeepSpeed ZeRO-2", "FSDP2", "DDP" or "one process". Offloads and FSDP's sharding strategies, which the dry run
-    also names, are left out: they save the same files."""
-    if (stage := zero_stage(args)) is not None:
-        return f"DeepSpeed ZeRO-{stage}"
-    if (fsdp := fsdp_plugin(args)) is not None:
-        return f"FSDP{fsdp.fsdp_version}"
-    return "DDP" if args.world_size > 1 else "one process"
 
 
 def _refuse_another_engine(checkpoint: Path, now: str) -> None:

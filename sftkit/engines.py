@@ -66,6 +66,17 @@ def zero_stage(args) -> int | None:
     return None if plugin is None else plugin.zero_stage
 
 
+def launch_engine(args) -> str:
+    """The engine this launch saves and loads checkpoints with, from the same answers as plan.sharding:
+    "DeepSpeed ZeRO-2", "FSDP2", "DDP" or "one process". Offloads and FSDP's sharding strategies, which the dry run
+    also names, are left out: they save the same files."""
+    if (stage := zero_stage(args)) is not None:
+        return f"DeepSpeed ZeRO-{stage}"
+    if (fsdp := fsdp_plugin(args)) is not None:
+        return f"FSDP{fsdp.fsdp_version}"
+    return "DDP" if args.world_size > 1 else "one process"
+
+
 def shards_weights(args) -> bool:
     """Each process holds only a shard of the weights: ZeRO-3 or FSDP."""
     return zero_stage(args) == 3 or uses_fsdp(args)

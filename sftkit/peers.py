@@ -109,7 +109,7 @@ def before_leaving_for_a_failure_elsewhere(hook) -> None:
 
 def _report_who_never_started(store) -> None:
     """Posts, as a failure, the processes that have not said they started (every machine's watcher then stops)."""
-    missing = [str(rank) for rank in range(int(os.environ["WORLD_SIZE"]))
+    missing = [str(rank) for rank in range(world_size())
                if not store.check([ARRIVED_KEY.format(rank=rank)])]
     if missing:
         store.set(FAILURE_KEY, f"process{'es' if len(missing) > 1 else ''} {', '.join(missing)} never started sftkit "

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from sftkit.checkpoints import checkpoint_to_resume, epochs_words, launch_engine, resume_request
+from sftkit.checkpoints import checkpoint_to_resume, epochs_words, resume_request
 from sftkit.checks import warmup_outlasts
 from sftkit.compat import zero_model_states
-from sftkit.engines import fsdp_plugin
+from sftkit.engines import fsdp_plugin, launch_engine
+from sftkit.engines import world_size as launched_world_size
 from sftkit.errors import ConfigError
 from sftkit.fastpath import describe as describe_speed
 from sftkit.model import (
@@ -66,7 +67,7 @@ def build_plan(config: RunConfig) -> Plan:
     data = tokenizer_and_data(config)[1]
     shape = model_shape(config, meta_model)
     dtype = resolve_dtype(config.model, args)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     train_rows = _rows_per_epoch(data.train, args)
     steps_per_epoch = _steps_per_epoch(train_rows, args, world_size)
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)

@@ -21,7 +21,6 @@ from sftkit.checkpoints import (
     checkpoint_to_resume,
     earlier_progress,
     kept_work_words,
-    launch_engine,
     newest_checkpoint_words,
     newest_resumable,
     resume_request,
@@ -31,6 +30,7 @@ from sftkit.checks import machine_errors
 from sftkit.command import export_command, resume_words
 from sftkit.compat import allow_fsdp_on_cpu, check_fsdp_on
 from sftkit.data.tokenize import stop_at_the_end_of_a_reply
+from sftkit.engines import launch_engine
 from sftkit.errors import ConfigError, FailedHere, Interrupted, RunFailed, first_line
 from sftkit.export import lost_after_staging, publish_staged, stage_trained_weights
 from sftkit.fastpath import describe as describe_speed
