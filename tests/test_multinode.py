@@ -343,6 +343,20 @@ def test_the_slurm_script_is_valid_bash():
     assert result.returncode == 0, result.stderr
 
 
+def test_the_slurm_script_without_a_gpu_count_stops_instead_of_launching_no_process(tmp_path):
+    """Without SLURM_GPUS_ON_NODE (a job that asked for GPUs with --gres) and without nvidia-smi (a login node), it
+    printed and ran `--num_processes 0`, which torch's launcher refuses on every node with a bare AssertionError."""
+    (tmp_path / "srun").write_text('#!/bin/bash\nwhile [[ $1 == -* ]]; do shift; done\nexec "$@"\n')  # one node's task
+    (tmp_path / "srun").chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1",
+           "SLURM_JOB_NODELIST": "a,b"}
+    for args in (["--print-command"], []):
+        result = subprocess.run(["bash", str(SLURM_SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True,
+                                text=True)
+        assert result.returncode == 1 and "--num_processes" not in result.stdout, result.stdout
+        assert "cannot tell how many GPUs this node has" in result.stderr, result.stderr
+
+
 def test_the_slurm_script_runs_the_loopback_commands_on_each_node(tmp_path):
     """With Slurm's variables as a 2-node allocation sets them, the script's command for node 0 and node 1 is
     exactly what the two-machine test runs. Checked twice: printed (--print-command), and through the script's own
