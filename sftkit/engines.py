@@ -21,6 +21,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def processes_on_this_machine() -> int | None:
+    """LOCAL_WORLD_SIZE, which torchrun (and so accelerate launch) sets; None under a launcher that does not."""
+    return int(os.environ["LOCAL_WORLD_SIZE"]) if "LOCAL_WORLD_SIZE" in os.environ else None
+
+
 def several_machines() -> bool:
     return world_size() > int(os.environ.get("LOCAL_WORLD_SIZE", world_size())) and "MASTER_ADDR" in os.environ
 

@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from sftkit.engines import first_on_its_machine, several_machines, world_size
+from sftkit.engines import first_on_its_machine, processes_on_this_machine, several_machines, world_size
 from sftkit.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -189,10 +189,12 @@ def check_every_process_runs_the_same(config) -> None:
     from sftkit.runrecord import input_digests
 
     mine = {"where": f"process {args.process_index} on {socket.gethostname()}", "settings": _settings(config),
+            "processes here": processes_on_this_machine(),
             "chosen": {choice.key for choice in config.speed if choice.chosen},
             "inputs": input_digests(config.resolved)}
     first, *others = gather_object([mine])
     for other in others:
+        _refuse_another_process_count(first, other, args.world_size)
         keys = sorted((first["settings"].keys() | other["settings"].keys()) - first["chosen"] - other["chosen"],
                       key=lambda key: (key not in first["settings"] or key not in other["settings"], key))
         # values both have come first (a changed stage), then keys only one has
@@ -203,6 +205,18 @@ def check_every_process_runs_the_same(config) -> None:
         if differences:
             raise ConfigError(f"{other['where']} runs with other settings or data than {first['where']}: "
                               f"{'; '.join(differences[:3])}; give every machine the same config and data files")
+
+
+def _refuse_another_process_count(first: dict, other: dict, world_size: int) -> None:
+    """Machines launched with other process counts (accelerate launch --num_processes 2 on one, 4 on the other) train
+    together on the sum of what each started (3), a world size no machine was given, with another batch per step."""
+    mine, theirs = other["processes here"], first["processes here"]
+    if mine is not None and theirs is not None and mine != theirs:
+        raise ConfigError(f"{other['where']} runs with other settings or data than {first['where']}: {mine} "
+                          f"processes on its machine (process 0's: {theirs}), so the machines train together on "
+                          f"{world_size} processes, which none was given; launch every machine with the same "
+                          "--num_processes (accelerate launch: the total over all machines) or --nproc_per_node "
+                          "(torchrun)")
 
 
 def check_output_dir_is_shared(output_dir: Path, args, resuming: bool) -> None:

@@ -34,6 +34,13 @@ from sftkit.weightfiles import size_words
 ADAM_STATES = 2  # exp_avg and exp_avg_sq per trained parameter
 
 
+def batch_words(args, world_size: int) -> str:
+    """`8 per device x 3 accumulation x 2 processes = 48 rows per step`: the dry run's and a launched run's."""
+    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
+    return (f"{args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation "
+            f"x {world_size} process{'es' if world_size > 1 else ''} = {batch} rows per step")
+
+
 @dataclass
 class ModelShape:
     description: str
@@ -87,7 +94,6 @@ def dry_run(config: RunConfig, overwrite: bool = False) -> str:
     output = output_dir_plan(config, overwrite)  # first: it reads only output_dir
     plan = build_plan(config)
     data, shape, world_size = plan.data, plan.shape, plan.world_size
-    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
     method = config.model.method
     eval_rows = f" / {len(data.eval)} eval" if data.eval is not None else ""
     tokens, long_rows = data.kept(args)
@@ -103,8 +109,7 @@ def dry_run(config: RunConfig, overwrite: bool = False) -> str:
                  f"(max_seq_length {args.max_length}"
                  + (f": {long_rows} row{'s are' if long_rows > 1 else ' is'} cut to it)" if long_rows else ")")
                  + (f"; packed into {plan.train_rows} rows" if args.packing else "")),
-        ("batch", f"{args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation "
-                  f"x {world_size} process{'es' if world_size > 1 else ''} = {batch} rows per step"),
+        ("batch", batch_words(args, world_size)),
         ("steps", f"{plan.steps_per_epoch} per epoch; {plan.total_steps} in all"
                   + (" (training.max_steps)" if args.max_steps > 0 else f" ({epochs_words(args.num_train_epochs)})")
                   + (f"; {outlasts}" if (outlasts := warmup_outlasts(args, plan.total_steps)) else "")),

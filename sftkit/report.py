@@ -36,6 +36,9 @@ def build_summary(trainer, config, data, dtype, parameters: tuple[int, int], rep
         "steps": state.global_step,
         "schedule_lengths": schedule_lengths,  # [from step, steps] each: more than one after a resume of another length
         "epochs": round(state.epoch, 3),
+        "processes": trainer.args.world_size,
+        "rows_per_step": trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
+        * trainer.args.world_size,
         "train_seconds": train_seconds,
         "input_tokens": state.num_input_tokens_seen or None,
         "tokens_per_second": round(state.num_input_tokens_seen / train_seconds, 1) if state.num_input_tokens_seen

@@ -64,6 +64,7 @@ from sftkit.peers import (
     check_the_data_held_still,
     handling_a_failure,
 )
+from sftkit.plan import batch_words
 from sftkit.report import best_checkpoint_step, build_summary, report, write_report
 from sftkit.rundir import OutputDir, refuse_before_claiming
 from sftkit.runrecord import input_digests, trained_to_step
@@ -384,6 +385,8 @@ def _plan(config: RunConfig, data, dtype, trainable: int, total: int) -> str:
         f"{data.repeated_words()}{data.dropped_words()}{_cut_words(data, config.training)}; "
         f"config {config.source}\n"
         f"        speed: {describe_speed(config.speed)}"
+        + (f"\n        batch: {batch_words(config.training, config.training.world_size)}"
+           if config.training.world_size > 1 else "")  # one process: the config says it
     )
 
 

@@ -99,6 +99,9 @@ def test_two_machines_on_one_host_train_like_one_process(tmp_path, config):
     assert machines.stdout(0).count("Run summary") == 1 and "Run summary" not in machines.stdout(1)
     assert [path.parent for path in tmp_path.rglob("model*.safetensors")] == [out], "one model, by the main process"
     summary = check_saved_run(out, config)
+    assert (summary["processes"], summary["rows_per_step"]) == (2, 16)
+    assert "batch: 8 per device x 1 accumulation x 2 processes = 16 rows per step" in machines.stdout(0), \
+        machines.output()
     assert_loss_like_one_process(tmp_path, config, summary, "2 machines")
 
 
@@ -133,14 +136,18 @@ def test_a_machine_that_cannot_start_sftkit_stops_the_other(tmp_path, monkeypatc
     assert "stopping, because process 1 never started sftkit within 60 s" in machines.stderr(0), machines.output()
 
 
-@pytest.mark.parametrize("other", ["max_steps", "zero_stage"])
+@pytest.mark.parametrize("other", ["max_steps", "zero_stage", "num_processes"])
 def test_machines_given_other_settings_stop_together_before_training(tmp_path, other):
     """Another max_steps on machine 1 would leave machine 0 waiting in a collective for training.ddp_timeout; so did
-    machines launched with ZeRO-3 and ZeRO-2 (each machine has its own Accelerate config), in the model's loading."""
+    machines launched with ZeRO-3 and ZeRO-2 (each machine has its own Accelerate config), in the model's loading.
+    Machines given other process counts trained together, on a number of processes none was given, without a word."""
     commands = machine_commands(free_port(), *training_args("lora_train_config.yaml", tmp_path / "out"))
     if other == "max_steps":
         commands[1] += ["--training.max_steps", "6"]
         expected = "training.max_steps 6 (process 0: 10)"
+    elif other == "num_processes":  # 1 process on machine 0, 2 on machine 1: 3 in all, which neither was given
+        commands[1][commands[1].index("--num_processes") + 1] = "4"
+        expected = "2 processes on its machine (process 0's: 1), so the machines train together on 3 processes"
     else:
         launch = (REPO / MULTI_NODE_CONFIG).read_text().replace("deepspeed_configs/zero3.json",
                                                                 str(REPO / "deepspeed_configs" / "zero2.json"))
