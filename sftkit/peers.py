@@ -143,10 +143,16 @@ def lost_contact(error: BaseException) -> str | None:
         return None
     text = str(error)
     lost = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")
+    # torch 2.13's gloo ("Timed out waiting 45000ms for recv operation to complete") and NCCL's watchdog
+    timed_out = ("Timed out waiting", "collective operation timeout")
     distributed = type(error).__name__ in ("DistNetworkError", "DistBackendError")
-    if not distributed and not any(words in text for words in lost):
+    if not distributed and not any(words in text for words in lost + timed_out):
         return None
     first_sentence = (text.strip().splitlines() or [type(error).__name__])[0].split(". ")[0]
+    if any(words in text for words in timed_out):  # a hung machine keeps its connections open: only this tells
+        return (f"another process did not answer within training.ddp_timeout ({first_sentence.split('] ')[-1]}): "
+                "it hangs (a stalled disk, GPU or network, a machine swapping or stopped) or went away without a "
+                "word; why may be in its own output")
     return (f"lost contact with another process ({first_sentence}): it stopped, or its machine went away; why "
             "is in its own output (the launcher's report names its rank)")
 

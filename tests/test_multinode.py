@@ -7,6 +7,7 @@ two machines would (torchrun's static rendezvous, gloo); they share this host's 
 share theirs. Single-process baselines come from test_distributed.py (the same 10 steps of 16 rows).
 """
 
+import contextlib
 import json
 import os
 import shlex
@@ -210,6 +211,32 @@ def test_the_main_machines_death_leaves_the_newest_checkpoint_named_in_the_other
     machines.wait(timeout=120)
     assert "lost contact with another process" in machines.stderr(1), machines.output()
     assert f"the newest checkpoint is {out}/checkpoint-" in machines.stderr(1), machines.output()
+
+
+def test_a_hung_machine_is_named_after_ddp_timeout_with_the_newest_checkpoint(tmp_path):
+    """A frozen machine (a stalled disk or GPU) keeps its connections open: the other one waited ddp_timeout, then
+    ended with gloo's traceback alone, no line of sftkit's and no checkpoint named."""
+    out = tmp_path / "out"
+    args = training_args("lora_train_config.yaml", out) + ["--training.save_strategy", "steps", "--training.save_steps",
+                                                           "2", "--training.ddp_timeout", "20"]
+    machines = training_for_long(args, tmp_path / "logs")
+    deadline = time.perf_counter() + 120
+    while not (out / "checkpoint-2" / "trainer_state.json").is_file() and time.perf_counter() < deadline:
+        time.sleep(0.2)
+    frozen = psutil.Process(machines.processes[1].pid).children(recursive=True)
+    for worker in frozen:
+        worker.send_signal(signal.SIGSTOP)
+    deadline = time.perf_counter() + 120
+    while machines.processes[0].poll() is None and time.perf_counter() < deadline:
+        time.sleep(0.2)
+    for worker in frozen:  # machine 1 would wait forever
+        with contextlib.suppress(psutil.Error):
+            worker.send_signal(signal.SIGKILL)
+    machines.wait(timeout=60)
+    assert machines.returncodes()[0] not in (0, None), machines.output()
+    assert "sft.py: error: another process did not answer within training.ddp_timeout (Timed out waiting 20000ms" \
+        in machines.stderr(0), machines.output()
+    assert f"the newest checkpoint is {out}/checkpoint-" in machines.stderr(0), machines.output()
 
 
 def test_a_stop_on_one_machine_is_explained_in_every_machines_log_with_its_own_resume_command(tmp_path):
