@@ -28,7 +28,7 @@ from sftkit.paths import (
     resolve_path,
     saved_by_datasets,
 )
-from sftkit.schema import DatasetConfig, ModelConfig, SourceConfig
+from sftkit.schema import DatasetConfig, ModelConfig, SourceConfig, yaml_word
 
 
 def cross_field_errors(model: ModelConfig, dataset: DatasetConfig, training: dict) -> list[str]:
@@ -69,8 +69,9 @@ def cross_field_errors(model: ModelConfig, dataset: DatasetConfig, training: dic
     errors += _unused_training_keys(training)
     for old, new in RENAMED_TRAINING_KEYS:
         if old in training and new in training and training[old] != training[new]:  # compat keeps one of them
-            errors.append(f"training.{old} ({_yaml(training[old])}) and training.{new} ({_yaml(training[new])}) are "
-                          "one setting under its old and its new name (transformers 5): give only one of them")
+            errors.append(f"training.{old} ({yaml_word(training[old])}) and training.{new} "
+                          f"({yaml_word(training[new])}) are one setting under its old and its new name (transformers "
+                          "5): give only one of them")
     if isinstance(training.get("liger_kernel_config"), dict) and training["liger_kernel_config"].get(
             "fused_linear_cross_entropy"):
         # TRL 1.16 raises this only once the Trainer is built, after the model has loaded
@@ -117,7 +118,7 @@ def _best_metric_errors(metric, greater_is_better) -> list[str]:
                 f"{', '.join('eval_' + known for known in EVAL_METRICS)}"]
     if isinstance(greater_is_better, bool) and EVAL_METRICS[name] not in (None, greater_is_better):
         more = "highest" if greater_is_better else "lowest"
-        return [f"training.greater_is_better: {str(greater_is_better).lower()} counts the checkpoint of the {more} "
+        return [f"training.greater_is_better: {yaml_word(greater_is_better)} counts the checkpoint of the {more} "
                 f"{metric} as the best, and publishes the worst; remove greater_is_better (the Trainer sets it from "
                 "the metric's name)"]
     return []
@@ -151,14 +152,9 @@ UNUSED_TRL_KEYS = {
 
 
 def _unused_training_keys(training: dict) -> list[str]:
-    return [f"training.{key}: {_yaml(training[key])} would have no effect, as sftkit hands TRL its rows tokenized; "
+    return [f"training.{key}: {yaml_word(training[key])} would have no effect, as sftkit hands TRL its rows tokenized; "
             f"remove it and {fix}"
             for key, (default, fix) in UNUSED_TRL_KEYS.items() if key in training and training[key] != default]
-
-
-def _yaml(value: Any) -> str:
-    """A value as the config writes it: true, null."""
-    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _hub_errors(training: dict) -> list[str]:
@@ -309,7 +305,7 @@ def _scheduler_error(training) -> str | None:
     except (ValueError, TypeError) as error:
         name = getattr(training.lr_scheduler_type, "value", training.lr_scheduler_type)
         return (f"training.lr_scheduler_type: {name} with training.lr_scheduler_kwargs "
-                f"{_yaml(training.lr_scheduler_kwargs)}: {' '.join(str(error).split())}; give the schedule's own "
+                f"{yaml_word(training.lr_scheduler_kwargs)}: {' '.join(str(error).split())}; give the schedule's own "
                 "arguments in training.lr_scheduler_kwargs")
     return None
 

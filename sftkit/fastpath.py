@@ -61,13 +61,17 @@ def use_expandable_segments() -> None:
     in issue 13's 8B QLoRA run, micro-batch 4). Unsloth and Axolotl set the same; torchtune measured 16.4 -> 10.8 GiB
     on an 8B QLoRA on one A100 80GB (torchtune#1185). Read once, when CUDA starts, so the command (sftkit.cli) sets
     it first."""
-    if not (os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):
+    if not _allocator_setting():
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATOR_SETTING
         os.environ["SFTKIT_SET_ALLOC_CONF"] = "1"  # so the plan can tell sftkit's choice from the user's
 
 
+def _allocator_setting() -> str | None:
+    return os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+
+
 def _allocator() -> Choice:
-    setting = os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    setting = _allocator_setting()
     if setting is None:  # train() called from Python, not through the command
         return Choice("cuda_allocator", "PyTorch's default", "sftkit's command sets expandable segments")
     if os.environ.get("SFTKIT_SET_ALLOC_CONF") == "1" and setting == ALLOCATOR_SETTING:

@@ -276,6 +276,10 @@ class StopGuard(TrainerCallback):
         self.training_over = False
         self.between_steps = False  # in MonitoredSFTTrainer._maybe_log_save_evaluate, which catches StopRequested
 
+    def stop_signal(self) -> signal.Signals:
+        """The signal that asked for the stop; SIGTERM where another process received it (_shared_flags)."""
+        return signal.Signals(self.received or signal.SIGTERM)
+
     def observe(self, value: torch.Tensor) -> None:
         """Called with each micro-batch's loss and each step's gradient norm; kept on the device so that the check
         costs one sync per step."""

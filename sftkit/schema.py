@@ -114,6 +114,11 @@ class DatasetConfig(SourceConfig):
         return self.sources or [self]
 
 
+def yaml_word(value) -> str:
+    """A value as the config writes it: true, null."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def schema_table(cls, prefix: str = "") -> list[str]:
     """The Markdown rows `| key | default | meaning |` of a config section, nested sections flattened."""
     rows, hints = [], typing.get_type_hints(cls)
@@ -121,9 +126,7 @@ def schema_table(cls, prefix: str = "") -> list[str]:
         if dataclasses.is_dataclass(hints[item.name]):
             rows += schema_table(hints[item.name], f"{prefix}{item.name}.")
             continue
-        default = item.default
-        shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else default
-        rows.append(f"| `{prefix}{item.name}` | `{shown}` | {item.metadata.get('help', '')} |")
+        rows.append(f"| `{prefix}{item.name}` | `{yaml_word(item.default)}` | {item.metadata.get('help', '')} |")
     return rows
 
 

@@ -167,8 +167,8 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
     trainer.guard.install()  # a signal from here on stops after a step, with a checkpoint (StopGuard)
     try:
         if trainer.guard.stop_requested(args):  # not yet begun: the earlier run stays whole
-            signum = trainer.guard.received or signal.SIGTERM
-            raise Interrupted(f"stopped by {signal.Signals(signum).name} before training began: this run wrote "
+            signum = trainer.guard.stop_signal()
+            raise Interrupted(f"stopped by {signum.name} before training began: this run wrote "
                               f"nothing in {output.path}", signum)
         output.begin(trainer.accelerator.is_main_process)
         try:
@@ -287,7 +287,7 @@ def _asked_to_stop(trainer) -> bool:
     if not trainer.guard.stop_requested(trainer.args):
         return False
     if trainer.accelerator.is_main_process:
-        print(f"sftkit: {signal.Signals(trainer.guard.received or signal.SIGTERM).name} after the last step: exporting "
+        print(f"sftkit: {trainer.guard.stop_signal().name} after the last step: exporting "
               "the trained model, without the final evaluation and sample reply", file=sys.stderr, flush=True)
     return True
 
@@ -317,11 +317,10 @@ def _evaluated_unless_stopped(trainer) -> bool:
 
 
 def _stopped_before_the_first_step(trainer, resume_from: str | None) -> tuple[str, int]:
-    signum = trainer.guard.received or signal.SIGTERM
+    signum = trainer.guard.stop_signal()
     if resume_from is not None:  # the checkpoint it resumed from is still the newest
-        return f"stopped by {signal.Signals(signum).name} before the first step: nothing more was trained. " \
-               f"{resume_words()}", signum
-    return f"stopped by {signal.Signals(signum).name} before the first step: nothing was trained", signum
+        return f"stopped by {signum.name} before the first step: nothing more was trained. {resume_words()}", signum
+    return f"stopped by {signum.name} before the first step: nothing was trained", signum
 
 
 def _diverged(trainer, step: int) -> str:
