@@ -24,7 +24,8 @@ from sftkit.data.tokenize import IGNORE_INDEX
 from sftkit.errors import ConfigError, OneLineArgumentParser, say_error
 from sftkit.layout import ADAPTER_DIR, BEFORE_AFTER_FILE, RUN_CONFIG_FILE, adapter_base, run_directory
 from sftkit.paths import resolve_path
-from sftkit.rundir import OutputDir, changed_since_written
+from sftkit.rundir import changed_since_written
+from sftkit.runlock import RunLock
 from sftkit.runrecord import changed_inputs, read_run_record, record_written
 from sftkit.schema import DatasetConfig, ModelConfig
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m sftkit.compare") 
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--out", help=f"report path (default OUTPUT_DIR/{BEFORE_AFTER_FILE})")
     args = parser.parse_args(argv)
-    lock = OutputDir(run_directory(Path(args.output_dir)), {})
+    lock = RunLock(run_directory(Path(args.output_dir)), "sftkit compare")
     try:
         _check_paths(args)  # before minutes of generating
         _lock_the_run(lock)
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m sftkit.compare") 
     return 0
 
 
-def _lock_the_run(lock: OutputDir) -> None:
+def _lock_the_run(lock: RunLock) -> None:
     """A run that resumes to train longer publishes another model: a report of the one it replaced was written, and
     recorded as the run's, beside the new one. Where the lock cannot be written (a read-only share, a full disk), no
     run writes either, and the report may go elsewhere (--out).
@@ -67,7 +68,7 @@ def _lock_the_run(lock: OutputDir) -> None:
     if not (lock.path / RUN_CONFIG_FILE).is_file():
         return
     with contextlib.suppress(OSError):
-        lock.take_lock("compare it once that run ends")
+        lock.take("compare it once that run ends")
 
 
 def _check_paths(args) -> None:

@@ -42,7 +42,8 @@ from sftkit.layout import (
     written_by_sftkit,
 )
 from sftkit.peers import lost_contact
-from sftkit.rundir import OutputDir, survey
+from sftkit.rundir import survey
+from sftkit.runlock import RunLock
 from sftkit.runrecord import (
     changed_model_files,
     read_run_record,
@@ -544,7 +545,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m sftkit.export") -
     parser.add_argument("output_dir", type=Path)
     args = parser.parse_args(argv)
     staging = args.output_dir / STAGING_DIR
-    lock = OutputDir(args.output_dir, {})
+    lock = RunLock(args.output_dir, "sftkit export")
     try:
         record = read_run_record(args.output_dir)
         if not args.output_dir.is_dir():
@@ -558,7 +559,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m sftkit.export") -
         if record is None or "dtype" not in record:
             raise ConfigError(f"{args.output_dir} has no unfinished export to finish: its run record {RUN_FILE} is "
                               "missing, or the run never reached its export")
-        lock.take_lock("finish its export once that run ends")  # not while a run still writes there
+        lock.take("finish its export once that run ends")  # not while a run still writes there
         import torch
         import transformers
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 RUN_FILE = "sftkit_run.json"  # in output_dir and in every checkpoint: the fingerprint and the resolved config
 LOCK_FILE = ".sftkit.lock"
-GUARD_FILE = ".sftkit.lock.guard"  # see OutputDir._one_at_a_time
+GUARD_FILE = ".sftkit.lock.guard"  # see runlock.RunLock._one_at_a_time
 STAGING_DIR = ".export-incomplete"
 REPLACED_DIR = ".sftkit-replaced"  # what --overwrite removes, moved here first (OutputDir._remove_earlier_run)
 CHECKPOINT_PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR (5.24), without importing the Trainer here

@@ -7,18 +7,14 @@ them (`training.resume_from_checkpoint`, accepted only for checkpoints of the sa
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import psutil
 
 from sftkit.checkpoints import added_to_checkpoint, newest_resumable, resume_problem
 from sftkit.command import export_command
@@ -36,6 +32,7 @@ from sftkit.layout import (
     is_checkpoint,
     written_by_sftkit,
 )
+from sftkit.runlock import RunLock
 from sftkit.runrecord import (
     as_written,
     chat_template_file,
@@ -179,7 +176,7 @@ class OutputDir:
         self.path = Path(path)
         self.resolved = resolved
         self.config_file = config_file  # the run's own --config, which --overwrite keeps where it is the earlier run's
-        self.locked = False
+        self.lock = RunLock(self.path)
         self.owner = False  # the process that claimed it (the main one) records how the run ends
         self.replaces: Contents | None = None  # what --overwrite removes once training begins
         self.began = False  # training began (begin), in every process
@@ -191,14 +188,14 @@ class OutputDir:
         `resume` is training.resume_from_checkpoint: true, a path or None. What --overwrite replaces stays until
         training begins (begin)."""
         self._create()
-        self.take_lock()
+        self.lock.take()
         try:
             # before the data is read: the run and its checkpoints record what it trained on, not what a file holds
             # when they are saved (data edited during the run was taken for the data it trained on)
             self.inputs = input_digests(self.resolved)
             contents = self._contents_this_run_may_take(overwrite, resume)
         except BaseException:
-            self.release()
+            self.lock.release()
             raise
         self.replaces = contents if overwrite else None
         self.found = signatures(self.path)  # as checked here: what appears until training begins is the user's too
@@ -241,8 +238,7 @@ class OutputDir:
         raises claim's ConfigError, else says what the run would do there."""
         refuse_before_claiming(self.path, model_path, overwrite, resume)
         self._refuse_a_file()
-        with contextlib.suppress(FileNotFoundError):  # no lock, or released meanwhile
-            self._refuse_a_live_holder(self._lock_text(self.path / LOCK_FILE), self.path / LOCK_FILE)
+        self.lock.refuse_a_live_holder()
         contents = self._contents_this_run_may_take(overwrite, resume)
         earlier = contents.describe()
         if overwrite and earlier:  # as _remove_earlier_run does: files sftkit did not write stay
@@ -280,7 +276,7 @@ class OutputDir:
         """The run ends, however: what it wrote is recorded (record_written), and the lock released."""
         if self.owner:
             record_written(self.path, None if self._published_or_stopped_in_begin() else list(DURING_TRAINING))
-        self.release()
+        self.lock.release()
 
     def _published_or_stopped_in_begin(self) -> bool:
         """Whether all that is under a run's names in output_dir is sftkit's: the run published its model, or it
@@ -288,15 +284,6 @@ class OutputDir:
         nothing, wrote there only what training writes, and the rest appeared since begin() recorded what was
         there: the user's."""
         return trained_to_step(self.path) is not None or "written" not in (read_run_record(self.path) or {})
-
-    def release(self) -> None:
-        if self.locked:
-            try:
-                (self.path / LOCK_FILE).unlink(missing_ok=True)
-            except OSError as error:  # a filesystem gone read-only: how the run ended matters more
-                logger.warning(f"could not remove the lock {self.path / LOCK_FILE} ({error.strerror or error}); "
-                               "delete it once the disk is mended (a later run takes it over all the same)")
-            self.locked = False
 
     def mark(self, status: str, **extra) -> None:
         """Record where the run is (exporting) or how it ended early (interrupted, failed: diverged or an export
@@ -327,115 +314,6 @@ class OutputDir:
         except OSError as error:
             raise ConfigError(f"{key} {self.path} cannot be written: {error.strerror or error} "
                               f"({type(error).__name__}); choose a directory you can write to") from None
-
-    def take_lock(self, instead: str = "wait for it or choose another output_dir") -> None:
-        """An exclusive lock file holding who owns it; one left by a process that no longer runs is taken over.
-        `instead`: what to do while a live run holds it."""
-        lock = self.path / LOCK_FILE
-        mine = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), **_slurm_run()}
-        partial = self.path / f"{LOCK_FILE}.{os.getpid()}.partial"
-        partial.write_text(json.dumps(mine))
-        try:
-            for _ in range(3):
-                if self._link(partial, lock):
-                    return
-                with self._one_at_a_time():  # two runs finding the same stale lock: only one takes it over
-                    try:
-                        text = self._lock_text(lock)
-                    except FileNotFoundError:
-                        continue  # released meanwhile: the atomic link again, deleting nothing
-                    stale = self._refuse_a_live_holder(text, lock, instead)
-                    whose = f"its process {stale['pid']} no longer runs" if "pid" in stale else "it cannot be read"
-                    if stale.get("host", socket.gethostname()) != socket.gethostname():
-                        whose = f"Slurm requeued its job {stale['slurm_job']}, which this is"
-                    print(f"sftkit: taking over {lock}: {whose}", flush=True)
-                    lock.unlink(missing_ok=True)  # a dead process's: only a holder of the guard deletes one
-                    if self._link(partial, lock):
-                        return
-        finally:
-            partial.unlink(missing_ok=True)
-        raise ConfigError(f"training.output_dir {self.path}: could not take the lock {lock}; delete it if no run uses it")
-
-    def _refuse_a_live_holder(self, text: str, lock: Path, instead: str = "wait for it or choose another "
-                                                                            "output_dir") -> dict:
-        """ConfigError naming the lock's owner while it runs; else what the stale lock says ({} when unreadable)."""
-        holder, alive = self._holder(text)
-        if alive:
-            since = time.strftime('%H:%M:%S', time.localtime(holder['since']))
-            raise ConfigError(f"training.output_dir {self.path} is in use by another run (process {holder['pid']} on "
-                              f"{holder['host']}, since {since}); {instead} (if no run uses it, delete {lock})")
-        return holder
-
-    def _link(self, partial: Path, lock: Path) -> bool:
-        try:
-            os.link(partial, lock)  # atomic: fails if the lock exists, and never shows a half-written lock
-        except FileExistsError:
-            return False
-        except OSError as error:
-            if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.ENOSYS, errno.EOPNOTSUPP):
-                raise
-            return self._create_exclusively(partial, lock)
-        self.locked = True
-        return True
-
-    @staticmethod
-    def _lock_text(lock: Path) -> str:
-        """The lock's contents; a lock read empty is being written (_create_exclusively): read again a second later."""
-        text = lock.read_text()
-        if not text:
-            time.sleep(1)
-            text = lock.read_text()
-        return text
-
-    def _create_exclusively(self, partial: Path, lock: Path) -> bool:
-        """The lock on a filesystem without hard links (gcsfuse, s3fs, blobfuse2, FAT): an exclusive create, then
-        its contents; a lock read empty meanwhile is waited for (take_lock)."""
-        try:
-            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(descriptor, "w") as file:
-            file.write(partial.read_text())
-        self.locked = True
-        return True
-
-    @contextlib.contextmanager
-    def _one_at_a_time(self):
-        """An exclusive lock (fcntl, which NFS shares between machines) on GUARD_FILE while a stale lock is judged
-        and replaced: otherwise a second run that read the same stale lock could delete the first one's new lock and
-        take it too. The guard file stays (deleting it would let a waiter lock a file no longer there). Where the
-        filesystem has no locks (Lustre without -o flock), the takeover goes unguarded, and says so."""
-        import fcntl
-
-        descriptor = None
-        try:
-            descriptor = os.open(self.path / GUARD_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-            fcntl.lockf(descriptor, fcntl.LOCK_EX)
-        except OSError as error:
-            logger.warning(f"{self.path} has no file locks ({error.strerror or error}); taking over a stale lock "
-                           "unguarded: start one run at a time there")
-        try:
-            yield
-        finally:
-            if descriptor is not None:
-                os.close(descriptor)  # releases the lock
-
-    @staticmethod
-    def _holder(text: str) -> tuple[dict, bool]:
-        """The lock's owner, and whether it still runs (not if its process is gone, or the pid was reused)."""
-        try:
-            holder = json.loads(text)
-        except ValueError:
-            return {}, False
-        if holder.get("host") != socket.gethostname():  # another machine's process cannot be checked from here,
-            # but a Slurm job runs again (requeued: preempted, or at its time limit) only once its last run has ended
-            requeued = holder.get("slurm_job") is not None and holder.get("slurm_job") == _slurm_run().get(
-                "slurm_job") and holder.get("slurm_restart", 0) < _slurm_run()["slurm_restart"]
-            return holder, not requeued
-        try:
-            return holder, psutil.Process(holder["pid"]).create_time() <= holder["since"] + 1
-        except (psutil.Error, KeyError, TypeError):
-            return holder, False
 
     def _refuse_another_runs_work(self, contents: Contents, resuming: bool) -> None:
         """A fresh run starts in an empty directory, or in one left by an earlier attempt of the same config that
@@ -574,12 +452,6 @@ def _remove_empty_folders(directory: Path) -> None:
             folder.rmdir()  # only an empty one
     with contextlib.suppress(OSError):
         directory.rmdir()
-
-
-def _slurm_run() -> dict:
-    """Which Slurm job this process belongs to, and how many times it was requeued (it keeps its id)."""
-    job = os.environ.get("SLURM_JOB_ID")
-    return {"slurm_job": job, "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT") or 0)} if job else {}
 
 
 def refuse_before_claiming(output_dir: Path, model_path: str, overwrite: bool, resume) -> None:

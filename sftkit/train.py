@@ -114,7 +114,7 @@ def _left_for_a_failure_elsewhere(output: OutputDir, failure: str) -> None:
     released (`sftkit export` from another host was refused), and this machine's log says where its own work is (the
     failing machine named its own output_dir's, which need not be shared)."""
     output.mark("failed", error=failure)
-    output.release()
+    output.lock.release()
     print(f"sftkit: on this machine, {kept_work_words(output.path)}", file=sys.stderr, flush=True)
 
 
@@ -133,7 +133,7 @@ def _claim(output: OutputDir, args, config: RunConfig, overwrite: bool) -> str |
         checkpoint = checkpoint_to_resume(args.resume_from_checkpoint, output.path, config.resolved, args.world_size,
                                           launch_engine(args))
     except ConfigError:
-        output.release()
+        output.lock.release()
         raise
     return checkpoint
 

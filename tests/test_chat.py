@@ -517,11 +517,12 @@ def test_an_adapter_whose_base_changed_since_training_is_refused(tmp_path):
 def test_compare_waits_for_a_run_that_writes_its_output_dir(lora_run, tmp_path):
     """A resume that trains the run longer publishes another model: compare, started meanwhile, wrote the report of
     the model it replaced beside the new one, and recorded it as the run's."""
+    from sftkit.errors import ConfigError
     from sftkit.layout import LOCK_FILE
-    from sftkit.rundir import OutputDir
+    from sftkit.runlock import RunLock
 
-    running = OutputDir(lora_run, {})
-    running.take_lock()  # as a live run holds it (this process's)
+    running = RunLock(lora_run)
+    running.take()  # as a live run holds it (this process's)
     try:
         said = run_here(compare.main, str(lora_run), "--rows", "1", "--out", str(tmp_path / "report.md"), check=False)
     finally:
@@ -531,6 +532,13 @@ def test_compare_waits_for_a_run_that_writes_its_output_dir(lora_run, tmp_path):
     assert not (tmp_path / "report.md").exists()
     run_here(compare.main, str(lora_run), "--rows", "1", "--max_new_tokens", "2", "--out", str(tmp_path / "report.md"))
     assert (tmp_path / "report.md").is_file() and not (lora_run / LOCK_FILE).exists(), "compare let the lock go"
+    comparing = RunLock(lora_run, "sftkit compare")
+    comparing.take()
+    try:  # a run, or another compare, started meanwhile is told it is a compare, not a run
+        with pytest.raises(ConfigError, match=f"is in use by sftkit compare \\(process {os.getpid()} on "):
+            RunLock(lora_run).take()
+    finally:
+        comparing.release()
 
 
 def test_chat_with_a_system_prompt_the_template_refuses_says_so_in_one_line(tmp_path):

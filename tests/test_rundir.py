@@ -20,6 +20,7 @@ from sftkit.errors import AlreadyFinished, ConfigError, Interrupted
 from sftkit.layout import LOCK_FILE, RUN_FILE
 from sftkit.plan import output_dir_plan
 from sftkit.rundir import OutputDir
+from sftkit.runlock import RunLock
 from sftkit.runrecord import fingerprint, record_written
 from sftkit.train import train
 
@@ -571,8 +572,8 @@ def test_the_dry_run_refuses_what_the_run_refuses_and_writes_nothing(finished, t
         .endswith("is a file, not a directory; choose a directory path")
     plan = run_sft("--dry-run", "--training.output_dir", str(tmp_path / "new"), *SHORT).stdout
     assert f"output             {tmp_path / 'new'} (new)" in plan and not (tmp_path / "new").exists()
-    running = OutputDir(out, {})
-    running.take_lock()  # a live run's lock (this process's)
+    running = RunLock(out)
+    running.take()  # a live run's lock (this process's)
     try:
         assert "is in use by another run (process" in one_line_error(
             run_sft("--dry-run", "--overwrite", "--training.output_dir", str(out), *SHORT, check=False))
@@ -584,7 +585,7 @@ RACER = """
 import errno, os, sys, time
 from pathlib import Path
 from sftkit.errors import ConfigError, Interrupted
-from sftkit.rundir import OutputDir
+from sftkit.runlock import RunLock
 out, start = Path(sys.argv[1]), Path(sys.argv[2])
 if sys.argv[3:] == ["no-hard-links"]:  # as gcsfuse, s3fs, blobfuse2 and FAT answer link()
     def link(*args, **kwargs):
@@ -594,7 +595,7 @@ print("ready", flush=True)
 while not start.exists():
     time.sleep(0.0005)
 try:
-    OutputDir(out, {}).take_lock()
+    RunLock(out).take()
     print("took", flush=True)
     time.sleep(3)  # holding it while the others try
 except ConfigError as error:
@@ -623,7 +624,7 @@ def test_of_several_runs_finding_the_same_stale_lock_only_one_takes_it_over(tmp_
 
 
 def test_a_lock_read_empty_while_its_run_writes_it_is_not_taken_over(tmp_path):
-    """Without hard links the lock is created empty and then written (rundir._create_exclusively): a run reading it
+    """Without hard links the lock is created empty and then written (RunLock._create_exclusively): a run reading it
     in between took it for a dead run's and took it over, and two runs trained into one output_dir."""
     import threading
 
@@ -633,7 +634,7 @@ def test_a_lock_read_empty_while_its_run_writes_it_is_not_taken_over(tmp_path):
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
     threading.Timer(0.3, (out / LOCK_FILE).write_text, [json.dumps(holder)]).start()
     with pytest.raises(ConfigError, match="is in use by another run"):
-        OutputDir(out, {}).take_lock()
+        RunLock(out).take()
 
 
 def test_the_export_of_float32_weights_needs_room_for_them_and_one_shard_cast_beside_them():
@@ -664,15 +665,15 @@ def test_a_requeued_slurm_job_takes_over_the_lock_its_last_run_left_on_another_n
                                              "slurm_job": "4242", "slurm_restart": 0}))
     for name, value in (("SLURM_JOB_ID", job), ("SLURM_RESTART_COUNT", restart)):
         monkeypatch.delenv(name, raising=False) if value is None else monkeypatch.setenv(name, value)
-    run = OutputDir(out, {})
+    run = RunLock(out)
     if taken:
-        run.take_lock()
+        run.take()
         assert json.loads((out / LOCK_FILE).read_text())["slurm_restart"] == 1
         assert f"taking over {out / LOCK_FILE}: Slurm requeued its job 4242, which this is" in capsys.readouterr().out
         run.release()
     else:
         with pytest.raises(ConfigError, match="is in use by another run \\(process 999999 on node-that-failed"):
-            run.take_lock()
+            run.take()
 
 
 def test_auto_on_a_finished_run_has_nothing_to_do_and_resumes_a_longer_one(finished, tmp_path, capsys):
