@@ -195,11 +195,12 @@ def check_every_process_runs_the_same(config) -> None:
     from sftkit.runrecord import input_digests
 
     mine = {"where": f"process {args.process_index} on {socket.gethostname()}", "settings": _settings(config),
-            "processes here": processes_on_this_machine(),
+            "processes here": processes_on_this_machine(), "versions": _versions(),
             "chosen": {choice.key for choice in config.speed if choice.chosen},
             "inputs": input_digests(config.resolved)}
     first, *others = gather_object([mine])
     for other in others:
+        _refuse_other_versions(first, other)  # first: an older sftkit may exchange other keys
         _refuse_another_process_count(first, other, args.world_size)
         keys = sorted((first["settings"].keys() | other["settings"].keys()) - first["chosen"] - other["chosen"],
                       key=lambda key: (key not in first["settings"] or key not in other["settings"], key))
@@ -213,10 +214,38 @@ def check_every_process_runs_the_same(config) -> None:
                               f"{'; '.join(differences[:3])}; give every machine the same config and data files")
 
 
+# What every machine must run alike: sftkit (its git commit too) and the libraries that train
+SAME_EVERYWHERE = ("sftkit", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "deepspeed",
+                   "bitsandbytes")
+
+
+def _versions() -> dict:
+    from sftkit.environment import library_versions
+
+    versions = library_versions()
+    return {name: versions.get(name) for name in SAME_EVERYWHERE}
+
+
+def _refuse_other_versions(first: dict, other: dict) -> None:
+    """Machines running other sftkit commits or library versions trained together unnoticed, or failed in this very
+    check on a key the older sftkit did not send (a `git pull` on one machine only)."""
+    if "versions" not in other or "versions" not in first:
+        older, newer = (other, first) if "versions" not in other else (first, other)
+        differences = [f"{older['where']} runs an sftkit older than {newer['versions']['sftkit']}"]
+    else:
+        mine, theirs = other["versions"], first["versions"]
+        differences = [f"{name} {mine.get(name) or 'not installed'} "
+                       f"(process 0: {theirs.get(name) or 'not installed'})"
+                       for name in SAME_EVERYWHERE if mine.get(name) != theirs.get(name)]
+    if differences:
+        raise ConfigError(f"{other['where']} runs other software than {first['where']}: {'; '.join(differences[:3])}"
+                          "; install the same sftkit and libraries on every machine")
+
+
 def _refuse_another_process_count(first: dict, other: dict, world_size: int) -> None:
     """Machines launched with other process counts (accelerate launch --num_processes 2 on one, 4 on the other) train
     together on the sum of what each started (3), a world size no machine was given, with another batch per step."""
-    mine, theirs = other["processes here"], first["processes here"]
+    mine, theirs = other.get("processes here"), first.get("processes here")
     if mine is not None and theirs is not None and mine != theirs:
         raise ConfigError(f"{other['where']} runs with other settings or data than {first['where']}: {mine} "
                           f"processes on its machine (process 0's: {theirs}), so the machines train together on "

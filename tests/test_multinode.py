@@ -8,6 +8,7 @@ share theirs. Single-process baselines come from test_distributed.py (the same 1
 """
 
 import contextlib
+import importlib.metadata
 import json
 import os
 import shlex
@@ -137,7 +138,7 @@ def test_a_machine_that_cannot_start_sftkit_stops_the_other(tmp_path, monkeypatc
     assert "stopping, because process 1 never started sftkit within 60 s" in machines.stderr(0), machines.output()
 
 
-@pytest.mark.parametrize("other", ["max_steps", "zero_stage", "num_processes"])
+@pytest.mark.parametrize("other", ["max_steps", "zero_stage", "num_processes", "sftkit"])
 def test_machines_given_other_settings_stop_together_before_training(tmp_path, other):
     """Another max_steps on machine 1 would leave machine 0 waiting in a collective for training.ddp_timeout; so did
     machines launched with ZeRO-3 and ZeRO-2 (each machine has its own Accelerate config), in the model's loading.
@@ -146,6 +147,16 @@ def test_machines_given_other_settings_stop_together_before_training(tmp_path, o
     if other == "max_steps":
         commands[1] += ["--training.max_steps", "6"]
         expected = "training.max_steps 6 (process 0: 10)"
+    elif other == "sftkit":  # a `git pull` on machine 0 only: machine 1 runs the commit before
+        older = tmp_path / "older"
+        subprocess.run(["git", "clone", "-q", str(REPO), str(older)], check=True)
+        subprocess.run(["git", "-C", str(older), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+                        "--allow-empty", "-m", "another commit"], check=True)
+        head = subprocess.run(["git", "-C", str(older), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        commands[1][commands[1].index("sft.py")] = str(older / "sft.py")
+        expected = (f"runs other software than process 0 on {socket.gethostname()}: sftkit "
+                    f"{importlib.metadata.version('sftkit')} (git {head})")
     elif other == "num_processes":  # 1 process on machine 0, 2 on machine 1: 3 in all, which neither was given
         commands[1][commands[1].index("--num_processes") + 1] = "4"
         expected = "2 processes on its machine (process 0's: 1), so the machines train together on 3 processes"
@@ -160,8 +171,9 @@ def test_machines_given_other_settings_stop_together_before_training(tmp_path, o
     assert None not in ended and all(code != 0 for code in machines.returncodes()), machines.output()
     assert abs(ended[0] - ended[1]) < 15, machines.output()
     for machine in range(MACHINES):
-        assert ("process 1 on " in machines.stderr(machine) and "runs with other settings or data than process 0 on "
-                "" in machines.stderr(machine) and expected in machines.stderr(machine)), machines.output()
+        said = machines.stderr(machine)
+        assert "process 1 on " in said and expected in said, machines.output()
+        assert other == "sftkit" or "runs with other settings or data than process 0 on " in said
     assert "step 1/" not in machines.stdout(0) + machines.stderr(0)
 
 
