@@ -192,11 +192,11 @@ def checkpoint_to_resume(requested, output_dir: Path, resolved: dict, processes:
             way = f"resume from {intact[-1]} instead" if intact else "no other checkpoint there can be resumed"
             raise ConfigError(f"training.resume_from_checkpoint {checkpoint}: {problem}; {way}")
         _refuse_rewinding_over_later_checkpoints(checkpoint, output_dir)
-    _check_same_run(checkpoint, resolved)
-    if processes is not None:
+    if processes is not None:  # first: a CPU launch fills in settings (use_cpu, ddp_backend) the user never wrote
         _refuse_another_number_of_processes(checkpoint, processes)
     if engine is not None:
         _refuse_another_engine(checkpoint, engine)
+    _check_same_run(checkpoint, resolved)
     _refuse_resuming_at_the_end(checkpoint, resolved)
     if requested is True:  # a checkpoint named by its path is the user's choice
         _refuse_going_back_behind_the_published_model(checkpoint, output_dir)
@@ -225,7 +225,9 @@ def _refuse_another_number_of_processes(checkpoint: Path, now: int) -> None:
     if saved is not None and saved != now:
         raise ConfigError(f"training.resume_from_checkpoint: {checkpoint} was saved by {saved} process"
                           f"{'es' if saved > 1 else ''} and this launch has {now}; resume with {saved} (the global "
-                          f"batch and each process's place in the data depend on it), or start afresh with {AFRESH}")
+                          f"batch and each process's place in the data depend on it); to go on with {now}, fine-tune "
+                          f"its weights further as model.path into another training.output_dir, or start afresh "
+                          f"with {AFRESH}")
 
 
 def _refuse_another_engine(checkpoint: Path, now: str) -> None:

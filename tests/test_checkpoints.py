@@ -153,6 +153,11 @@ def test_a_resume_under_another_number_of_processes_is_refused(with_checkpoints,
     assert checkpoint_to_resume(checkpoint, tmp_path, resolved, 1) == checkpoint
     with pytest.raises(ConfigError, match="checkpoint-2 was saved by 1 process and this launch has 2; resume with 1"):
         checkpoint_to_resume(checkpoint, tmp_path, resolved, 2)
+    # a CPU launch of 2 processes fills in training.ddp_backend itself: the count is what to fix, not that key
+    launched = {**resolved, "training": {**resolved["training"], "ddp_backend": "gloo"}}
+    with pytest.raises(ConfigError, match="and this launch has 2; resume with 1 .*; to go on with 2, fine-tune its "
+                                          "weights further as model.path into another training.output_dir"):
+        checkpoint_to_resume(checkpoint, tmp_path, launched, 2)
     assert checkpoint_to_resume(checkpoint, tmp_path, resolved, None) == checkpoint  # a dry run outside a launcher
 
 
