@@ -286,7 +286,7 @@ def _optimizer_error(training) -> str | None:
         Trainer.get_optimizer_cls_and_kwargs(training)
     except (ImportError, ValueError, TypeError, NotImplementedError) as error:
         message = " ".join(str(error).split())
-        if re.search(r"You need to pass a `?model`?", message):  # only the model is missing here
+        if re.search(r"You need to pass a `?model`?", message):  # transformers 5.24: only the model is missing here
             return None
         return f"training.optim: {getattr(training.optim, 'value', training.optim)} cannot be used: {message}"
     return None

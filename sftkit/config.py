@@ -394,9 +394,9 @@ def _find_the_launchers_deepspeed_file() -> str | None:
 
 
 def _move_hub_token_to_environment(kwargs: dict) -> None:
-    """The Trainer pickles the whole SFTConfig into training_args.bin in output_dir and in every checkpoint, so a
-    token in it ends up on disk (and on the Hub with push_to_hub). huggingface_hub reads HF_TOKEN when the field is
-    empty, so the token moves there: pushing works and no file holds it."""
+    """The Trainer (transformers 5.24) pickles the whole SFTConfig into training_args.bin in output_dir and in every
+    checkpoint, so a token in it ends up on disk (and on the Hub with push_to_hub). huggingface_hub reads HF_TOKEN
+    when the field is empty, so the token moves there: pushing works and no file holds it."""
     token = kwargs.pop("hub_token", None)
     if token:
         os.environ["HF_TOKEN"] = token

@@ -141,7 +141,7 @@ def _read_model_config(model_cfg: ModelConfig):
 
 
 def _unreadable_config(model_cfg: ModelConfig, error: Exception) -> ConfigError:
-    message = str(error)
+    message = str(error)  # transformers 5.24's words
     if "trust_remote_code" in message:
         return ConfigError(f"model.path {model_cfg.path} ships its own modeling code; set model.trust_remote_code: "
                            "true if you trust it")

@@ -12,7 +12,7 @@ from sftkit.layout import published_weights
 
 
 def readable_like_other_files(files) -> None:
-    """safetensors writes its files with mode 0600; give them the mode every other file gets (0644 under the
+    """safetensors 0.8 writes its files with mode 0600; give them the mode every other file gets (0644 under the
     usual umask), so a model or checkpoint shared on a cluster's filesystem can be read, and resumed, by the team."""
     umask = os.umask(0)
     os.umask(umask)

@@ -45,7 +45,7 @@ def load_source(source: SourceConfig, split: str | None = None, key: str = "data
         raise
     except Exception as error:  # datasets raises many types; all mean "this source or split cannot be read"
         # a hub dataset that just answered about its splits (a local source's are checked before it loads)
-        splits = _split_names(source) if not looks_local(source.name) and "split" in str(error) else None
+        splits = _split_names(source) if not looks_local(source.name) and "split" in str(error) else None  # 5.2
         if splits and split not in splits:
             raise DataError(f"{split_key}: {split!r} is not a split of {source.name}: its splits are "
                             f"{', '.join(splits)}; use one of them") from error
@@ -173,7 +173,7 @@ def _load(source: SourceConfig, split: str):
                 raise DataError(f"dataset {blank}: a blank line, which datasets cannot read where a field holds text "
                                 "in some rows and content parts or other values in others; remove the blank lines") \
                     from None
-            if "corresponds to no data" in str(error):
+            if "corresponds to no data" in str(error):  # datasets 5.2's words
                 raise DataError(f"dataset {source.name} has no rows (a CSV file of its header alone, or a JSON list "
                                 "that is empty)") from None
             _refuse_other_columns(source.name, files)
