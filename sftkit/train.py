@@ -12,6 +12,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import transformers
 from transformers import set_seed
 from transformers.trainer_pt_utils import get_model_param_count
@@ -139,6 +140,29 @@ def _claim(output: OutputDir, args, config: RunConfig, overwrite: bool) -> str |
 
 
 def _train(config: RunConfig, output: OutputDir, resume_from: str | None, started: float) -> Run:
+    run = _set_up(config, output, resume_from, started)
+    run.trainer.guard.install()  # a signal from here on stops after a step, with a checkpoint (StopGuard)
+    try:
+        train_seconds, extras = _train_steps(run, config, output, resume_from)
+        return _export_and_report(run, config, train_seconds, extras)
+    finally:
+        run.trainer.guard.restore_signals()
+
+
+@dataclass
+class _SetUp:
+    """What set-up hands to training and the export."""
+    trainer: MonitoredSFTTrainer
+    tokenizer: object
+    data: object  # PreparedData
+    dtype: torch.dtype  # the run's, in which it computes and publishes
+    weights: torch.dtype  # the weights' (model.weights_dtype)
+    parameters: tuple[int, int]  # trainable, total
+    timing: RecordRunInCheckpoints
+    memory_at_start: dict
+
+
+def _set_up(config: RunConfig, output: OutputDir, resume_from: str | None, started: float) -> _SetUp:
     transformers.utils.logging.disable_progress_bar()  # weight loading and saving bars; the Trainer keeps its own
     args = config.training
     set_seed(args.seed)
@@ -164,50 +188,58 @@ def _train(config: RunConfig, output: OutputDir, resume_from: str | None, starte
     memory_at_start = memory_mib()
     if resume_from:
         args.eval_on_start = False  # the run evaluated at its start already
-    trainer.guard.install()  # a signal from here on stops after a step, with a checkpoint (StopGuard)
+    return _SetUp(trainer, tokenizer, data, dtype, weights, parameters, timing, memory_at_start)
+
+
+def _train_steps(run: _SetUp, config: RunConfig, output: OutputDir, resume_from: str | None) -> tuple[float, bool]:
+    """Trains; (seconds of training, whether the final evaluation and sample reply are still wanted)."""
+    trainer = run.trainer
+    if trainer.guard.stop_requested(config.training):  # not yet begun: the earlier run stays whole
+        signum = trainer.guard.stop_signal()
+        raise Interrupted(f"stopped by {signum.name} before training began: this run wrote nothing in {output.path}",
+                          signum)
+    output.begin(trainer.accelerator.is_main_process)
     try:
-        if trainer.guard.stop_requested(args):  # not yet begun: the earlier run stays whole
-            signum = trainer.guard.stop_signal()
-            raise Interrupted(f"stopped by {signum.name} before training began: this run wrote "
-                              f"nothing in {output.path}", signum)
-        output.begin(trainer.accelerator.is_main_process)
-        try:
-            trainer.train(resume_from_checkpoint=resume_from)
-        except StopRequested:  # in the Trainer's setup, or the evaluation at its start
-            raise Interrupted(*_stopped_before_the_first_step(trainer, resume_from)) from None
-        # Ctrl-C or SIGTERM from here on asks to export the trained model first
-        train_seconds = timing.seconds()["train_seconds"]
-        _stop_unless_trained(trainer)
-        extras = not _asked_to_stop(trainer)
-        if trainer.accelerator.is_main_process:
-            output.mark("exporting", dtype=str(dtype).removeprefix("torch."), step=trainer.state.global_step,
-                        chosen=sorted(choice.key for choice in config.speed if choice.chosen))  # see export.main
-        reply = None
+        trainer.train(resume_from_checkpoint=resume_from)
+    except StopRequested:  # in the Trainer's setup, or the evaluation at its start
+        raise Interrupted(*_stopped_before_the_first_step(trainer, resume_from)) from None
+    # Ctrl-C or SIGTERM from here on asks to export the trained model first
+    train_seconds = run.timing.seconds()["train_seconds"]
+    _stop_unless_trained(trainer)
+    extras = not _asked_to_stop(trainer)
+    if trainer.accelerator.is_main_process:
+        output.mark("exporting", dtype=str(run.dtype).removeprefix("torch."), step=trainer.state.global_step,
+                    chosen=sorted(choice.key for choice in config.speed if choice.chosen))  # see export.main
+    return train_seconds, extras
 
-        def summary() -> dict:  # taken once the export has ended, whose seconds its wall time counts
-            return build_summary(trainer, config, data, dtype, parameters, reply, timing.seconds(), train_seconds,
-                                 memory_at_start, timing.schedule_lengths)
 
-        try:
-            # the trained weights on disk first: a failure or a kill in the final evaluation or the sample reply
-            # (one process's out-of-memory error leaves the others waiting in its collectives) keeps them
-            extras = stage_trained_weights(trainer, config, tokenizer, dtype, weights, parameters) and extras
-            evaluated = _last_eval_step(trainer.state.log_history) == trainer.state.global_step or \
-                best_checkpoint_step(trainer) is not None  # the model is that checkpoint's, evaluated at its step
-            if extras and data.eval is not None and not evaluated:
-                extras = _evaluated_unless_stopped(trainer)
-            reply = _final_reply(trainer, tokenizer, data.sample_prompts) if extras else None
-            output_dir = publish_staged(trainer, config, dtype)
-        except RunFailed:
-            handling_a_failure()
-            if trainer.accelerator.is_main_process:
-                _keep_report_with_the_export(trainer, config, summary())
-            raise
+def _export_and_report(run: _SetUp, config: RunConfig, train_seconds: float, extras: bool) -> Run:
+    """The trained weights on disk first: a failure or a kill in the final evaluation or the sample reply (one
+    process's out-of-memory error leaves the others waiting in its collectives) keeps them. Then the final
+    evaluation, the sample reply, the publish and the report; on a failure the report waits with the kept weights."""
+    trainer, reply = run.trainer, None
+
+    def summary() -> dict:  # taken once the export has ended, whose seconds its wall time counts
+        return build_summary(trainer, config, run.data, run.dtype, run.parameters, reply, run.timing.seconds(),
+                             train_seconds, run.memory_at_start, run.timing.schedule_lengths)
+
+    try:
+        extras = stage_trained_weights(trainer, config, run.tokenizer, run.dtype, run.weights, run.parameters) \
+            and extras
+        evaluated = _last_eval_step(trainer.state.log_history) == trainer.state.global_step or \
+            best_checkpoint_step(trainer) is not None  # the model is that checkpoint's, evaluated at its step
+        if extras and run.data.eval is not None and not evaluated:
+            extras = _evaluated_unless_stopped(trainer)
+        reply = _final_reply(trainer, run.tokenizer, run.data.sample_prompts) if extras else None
+        output_dir = publish_staged(trainer, config, run.dtype)
+    except RunFailed:
+        handling_a_failure()
         if trainer.accelerator.is_main_process:
-            return Run(report(output_dir, config, summary(), trainer.state.log_history), trainer)
-        return Run(summary(), trainer)
-    finally:
-        trainer.guard.restore_signals()
+            _keep_report_with_the_export(trainer, config, summary())
+        raise
+    if trainer.accelerator.is_main_process:
+        return Run(report(output_dir, config, summary(), trainer.state.log_history), trainer)
+    return Run(summary(), trainer)
 
 
 def _keep_report_with_the_export(trainer, config: RunConfig, summary: dict) -> None:
