@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sftkit.config import load_config
 from sftkit.engines import is_main_process
-from sftkit.environment import sftkit_version
+from sftkit.environment import report, sftkit_version
 from sftkit.errors import (
     AlreadyFinished,
     ConfigError,
@@ -24,6 +24,7 @@ from sftkit.errors import (
     say_error,
 )
 from sftkit.fastpath import use_expandable_segments
+from sftkit.paths import CONFIGS_DIR, find_config_file
 from sftkit.peers import lost_contact, report_failure, says_errors, watch
 from sftkit.schema import SECTIONS, section_help
 
@@ -85,8 +86,6 @@ def _env(argv: list[str], prog: str, parser) -> int:
         return 0
     if argv:
         parser.exit(2, f"{prog}: error: env takes no arguments, got {' '.join(argv)}\n")
-    from sftkit.environment import report
-
     print(report())
     return 0
 
@@ -240,8 +239,6 @@ def init(argv: list[str]) -> int:
 def _as_written_to(source: Path, target: Path) -> str:
     """The shipped config's text, its header's launch commands naming the copy and the installed command (sft.py
     is in the repo only, where the user's config may not be)."""
-    from sftkit.paths import CONFIGS_DIR
-
     shipped = f"configs/{source.relative_to(CONFIGS_DIR)}"
     lines = [line.replace(f"accelerate launch sft.py --config {shipped}", f"accelerate launch -m sftkit train {target}")
                  .replace(f"python sft.py --config {shipped}", f"sftkit train {target}")
@@ -251,8 +248,6 @@ def _as_written_to(source: Path, target: Path) -> str:
 
 
 def _shipped_config(name: str) -> Path:
-    from sftkit.paths import CONFIGS_DIR, find_config_file
-
     with contextlib.suppress(ConfigError):
         found = find_config_file(name, CONFIGS_DIR)
         if CONFIGS_DIR.resolve() in found.resolve().parents:

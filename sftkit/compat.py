@@ -23,8 +23,10 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from sftkit.engines import first_on_its_machine, is_main_process, launch_uses_deepspeed, launch_uses_fsdp, zero_stage
 from sftkit.errors import ConfigError, DataError
 from sftkit.layout import LOSS_WINDOW_FILE
+from sftkit.paths import data_suffix, file_digest, open_data, saved_by_datasets
 
 logger = logging.getLogger("sftkit")
 
@@ -77,8 +79,6 @@ def before_deepspeed_cpu_op_build() -> None:
     cache = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch_extensions")
     op_dirs = os.path.join(cache, "*", "deepspeed_shm_comm")
-    from sftkit.engines import first_on_its_machine, is_main_process
-
     if not first_on_its_machine():
         return
     for lock in glob.glob(os.path.join(op_dirs, "lock")):
@@ -145,8 +145,6 @@ def group_cpu_processes(kwargs: dict) -> None:
     process, so DeepSpeed's batch-size check fails; naming gloo makes it count them all. Otherwise (torchrun, or
     accelerate's multi-GPU launcher) the processes form a DDP group only when the Trainer is told it runs on the
     CPU; a single process is unaffected."""
-    from sftkit.engines import launch_uses_deepspeed
-
     if launch_uses_deepspeed():
         kwargs.setdefault("ddp_backend", "gloo")
     else:
@@ -213,8 +211,6 @@ def allow_fsdp_on_cpu() -> None:
     then kept in unpinned memory. Call before the Trainer exists."""
     import torch
 
-    from sftkit.engines import launch_uses_fsdp
-
     if not launch_uses_fsdp() or torch.cuda.is_available():
         return
     try:
@@ -247,8 +243,6 @@ def allow_fsdp_on_cpu() -> None:
 
 def check_fsdp_on(trainer) -> None:
     """A launch that asks for FSDP must get it: never a silent full copy of the model on every process."""
-    from sftkit.engines import launch_uses_fsdp
-
     if launch_uses_fsdp() and not trainer.is_fsdp_enabled:
         kind = getattr(trainer.accelerator.distributed_type, "value", trainer.accelerator.distributed_type)
         raise ConfigError(f"the launch asks for FSDP, but Accelerate (distributed type {kind}) did not turn it on, "
@@ -510,8 +504,6 @@ def compile_under_zero3_error(args) -> str | None:
     ("one of the variables needed for gradient computation has been modified by an inplace operation", on a
     partitioned parameter's empty placeholder), after minutes of loading. Reproduce: accelerate launch --config_file
     accelerate_configs/cpu_zero3_2proc.yaml sft.py --training.torch_compile true. ZeRO-2 compiles and trains."""
-    from sftkit.engines import zero_stage
-
     if args.torch_compile and zero_stage(args) == 3:
         return ("training.torch_compile: true fails under DeepSpeed ZeRO-3 (DeepSpeed 0.19.8, torch 2.13: an autograd "
                 "error at the first backward pass); set training.torch_compile: false, or use ZeRO-2")
@@ -569,8 +561,6 @@ def blank_line_datasets_cannot_read(files: list[str], error: BaseException) -> s
     or value": where a field holds text in some rows and other values in others (OpenAI's content parts), it reads
     the lines again for its Json feature with a parser that takes no blank line. Reproduce: load_dataset("json") of
     a row whose content is "Hi", one whose content is [{"type": "text", "text": "Hi"}], and a blank line between."""
-    from sftkit.paths import open_data
-
     reasons = []
     while error is not None:
         reasons.append(str(error))
@@ -587,8 +577,6 @@ def blank_line_datasets_cannot_read(files: list[str], error: BaseException) -> s
 
 def _json_rows(file: str):
     """('line N', row) of each row of a JSON Lines file, or ('row N', row) of a .json file holding a list of rows."""
-    from sftkit.paths import data_suffix, open_data
-
     with open_data(file) as handle:
         for number, line in enumerate(handle, 1):
             if line.strip():
@@ -653,8 +641,6 @@ def cache_named_by_contents(files: list[str]) -> str:
     path and modification time alone (data_files._get_single_origin_metadata), so a file replaced by one of the same
     time (cp -p, rsync -a, an archive's fixed times) loaded, and tokenized, the old rows from the cache. The name
     goes into the cache's key, so other contents are read again."""
-    from sftkit.paths import file_digest
-
     digest = hashlib.sha256("".join(file_digest(Path(file), whole=True) for file in files).encode())
     return f"sftkit-{digest.hexdigest()[:16]}"
 
@@ -665,8 +651,6 @@ def cache_away_from_the_users_data(rows, arguments: dict) -> str | None:
     There, the tokenized rows go to datasets' own cache folder, named by what they are made from; None elsewhere."""
     import datasets
     from datasets.fingerprint import Hasher
-
-    from sftkit.paths import saved_by_datasets
 
     if not rows.cache_files or not saved_by_datasets(Path(rows.cache_files[0]["filename"]).parent):
         return None

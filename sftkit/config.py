@@ -23,6 +23,7 @@ import yaml
 from sftkit.checks import built_config_errors, cross_field_errors, number_errors, numbers, path_errors
 from sftkit.compat import (
     RENAMED_TRAINING_KEYS,
+    before_deepspeed_cpu_op_build,
     group_cpu_processes,
     let_deepspeed_find_one_process,
     rename_gradient_checkpointing,
@@ -297,8 +298,6 @@ def _simple_hint(annotation: str):
 def _build_training(values: dict, model: ModelConfig, dataset: DatasetConfig, errors: list[str]):
     """Coerce the `training` values to SFTConfig's field types and build it (_precheck_training checked the keys)."""
     from trl import SFTConfig
-
-    from sftkit.compat import before_deepspeed_cpu_op_build
 
     hints = typing.get_type_hints(SFTConfig)
     kwargs = {}

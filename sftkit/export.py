@@ -23,6 +23,7 @@ import yaml
 
 from sftkit.checkpoints import STATE_FILE, kept_work_words, last_step, newest_checkpoint_words, newest_resumable
 from sftkit.command import export_command
+from sftkit.compat import float32_by_design, zero3_init_disabled
 from sftkit.config import read_section
 from sftkit.environment import library_versions
 from sftkit.errors import ConfigError, OneLineArgumentParser, RunFailed, SftkitError, first_line, say_error
@@ -295,7 +296,6 @@ def _merge_adapter(model_cfg, adapter_dir: Path, target: Path, dtype) -> None:
     """Merge the saved adapter into a fresh, unquantized copy of the base (never into dequantized 4-bit weights)."""
     from peft import PeftModel
 
-    from sftkit.compat import zero3_init_disabled
     from sftkit.model import load_model
 
     # The attention kernel plays no part in merging, and `sftkit export` may finish the export on a machine without
@@ -331,8 +331,6 @@ def _cast_float32_weights(directory: Path, dtype, trust_remote_code: bool) -> No
     tensors the model keeps in float32 by design stay so, as from_pretrained would load them."""
     import torch
     from safetensors.torch import load_file, save_file
-
-    from sftkit.compat import float32_by_design
 
     if dtype not in (torch.bfloat16, torch.float16):
         return

@@ -20,8 +20,11 @@ import threading
 import time
 from pathlib import Path
 
-from sftkit.engines import first_on_its_machine, processes_on_this_machine, several_machines, world_size
+from sftkit.engines import first_on_its_machine, processes_on_this_machine, several_machines, uses_fsdp, world_size
+from sftkit.environment import library_versions
 from sftkit.errors import ConfigError
+from sftkit.layout import LOCK_FILE
+from sftkit.runrecord import input_digests
 
 logger = logging.getLogger(__name__)
 
@@ -162,8 +165,6 @@ def check_the_data_held_still(config, before: dict) -> None:
     process's view), on every process: the main process prepares the data first and the others read it after, so a
     file written meanwhile gave them other rows (and a hang where the row count changed), and one process's edit
     midway trained rows of both versions."""
-    from sftkit.runrecord import input_digests
-
     now = input_digests(config.resolved)
     changed = {name for name in before.keys() | now.keys() if before.get(name) != now.get(name)}
     if config.training.world_size > 1:
@@ -192,8 +193,6 @@ def check_every_process_runs_the_same(config) -> None:
         return
     from accelerate.utils import gather_object
 
-    from sftkit.runrecord import input_digests
-
     mine = {"where": f"process {args.process_index} on {socket.gethostname()}", "settings": _settings(config),
             "processes here": processes_on_this_machine(), "versions": _versions(),
             "chosen": {choice.key for choice in config.speed if choice.chosen},
@@ -220,8 +219,6 @@ SAME_EVERYWHERE = ("sftkit", "torch", "transformers", "trl", "peft", "datasets",
 
 
 def _versions() -> dict:
-    from sftkit.environment import library_versions
-
     versions = library_versions()
     return {name: versions.get(name) for name in SAME_EVERYWHERE}
 
@@ -263,8 +260,6 @@ def check_output_dir_is_shared(output_dir: Path, args, resuming: bool) -> None:
         return
     from accelerate.utils import gather_object
 
-    from sftkit.layout import LOCK_FILE
-
     lock = output_dir / LOCK_FILE
     seen = gather_object([(f"process {args.process_index} on {socket.gethostname()}", str(output_dir),
                            lock.read_text() if lock.is_file() else None)])
@@ -297,8 +292,6 @@ def _launch_settings(args) -> dict:
     """What each machine's own Accelerate config decides (`accelerate config` is run on each): the DeepSpeed config
     key by key, FSDP's settings and the mixed precision. Machines launched with ZeRO-3 and ZeRO-2 waited for each
     other in the first collective of loading, for training.ddp_timeout."""
-    from sftkit.engines import uses_fsdp
-
     def flat(node, path: str) -> dict:
         if not isinstance(node, dict):
             return {path: node}

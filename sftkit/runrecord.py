@@ -7,8 +7,8 @@ import json
 import os
 from pathlib import Path
 
-from sftkit.layout import RUN_FILE, SUMMARY_FILE, TOKENIZER_FILES
-from sftkit.paths import file_digest
+from sftkit.layout import RUN_FILE, SUMMARY_FILE, TOKENIZER_FILES, is_checkpoint, written_by_sftkit
+from sftkit.paths import directory_splits, file_digest, local_files, resolve_path
 
 # Settings a resume may change without changing what is trained: the length of the run, logging, saving,
 # evaluation and where results go. Everything else in the resolved config is part of the fingerprint.
@@ -93,8 +93,6 @@ def input_digests(resolved: dict) -> dict[str, str]:
     contents. The fingerprint covers the names only, and a resume onto a rewritten data file, another template or
     changed base weights would train something else under the same config. Hub ids are left out (their revision is
     in the config)."""
-    from sftkit.paths import directory_splits, local_files, resolve_path
-
     dataset, files = resolved.get("dataset", {}), {}
     names = [dataset.get("name")] + [source.get("name") for key in ("sources", "eval_sources")
                                      for source in dataset.get(key) or []]
@@ -125,8 +123,6 @@ def _template_digests(dataset: dict) -> dict[str, str]:
 
 def chat_template_file(dataset: dict) -> Path | None:
     """The file dataset.chat_template names; None for the template's own text, or none."""
-    from sftkit.paths import resolve_path
-
     template = dataset.get("chat_template")
     path = Path(resolve_path(template)) if template and "{" not in template else None  # a Jinja tag: the text itself
     return path if path is not None and path.is_file() else None
@@ -232,8 +228,6 @@ def as_written(file: Path, recorded: list) -> bool:
 def signatures(directory: Path, names: list[str] | None = None) -> dict:
     """The signature of each item under a name sftkit writes in output_dir (of `names` only, if given), checkpoints
     aside (each holds its own record)."""
-    from sftkit.layout import is_checkpoint, written_by_sftkit
-
     return {item.name: signature(item) for item in Path(directory).iterdir()
             if written_by_sftkit(item.name) and not item.is_symlink() and not is_checkpoint(item)
             and (names is None or item.name in names)}
