@@ -193,6 +193,33 @@ def _colon_without_space(lines: list[str], line: int) -> str:
     return ""
 
 
+def _preset_layer(preset: str, under_sources: bool) -> dict:
+    """The preset's config (configs/presets/), to lay over the user's. Under dataset.sources its keys of a source
+    (max_samples, say), which a preset gives for dataset.name, are left out with a warning."""
+    layer = read_yaml(find_config_file(preset, PRESETS_DIR))
+    if under_sources:
+        source_keys = {key.name for key in dataclasses.fields(SourceConfig)}
+        dropped = {key: value for key, value in (layer.get("dataset") or {}).items() if key in source_keys}
+        layer["dataset"] = {key: value for key, value in (layer.get("dataset") or {}).items()
+                            if key not in source_keys}
+        if dropped:
+            settings = ", ".join(f"dataset.{key} {value}" for key, value in dropped.items())
+            logger.warning(f"--preset {preset}: its {settings} is a source's setting, left out under "
+                           "dataset.sources; set it in each source (dataset.sources[0].max_samples) to read fewer "
+                           "rows")
+    return layer
+
+
+def _warn_of_unused_lora_settings(model_layers: list[dict], model: ModelConfig) -> None:
+    """`model_layers`: the model sections of the file, the preset and the command line, in that order. use_lora
+    given with the LoRA settings or after them (a saved sftkit_config.yaml has both; --model.use_lora false over
+    lora_train_config.yaml) turns LoRA off on purpose."""
+    with_lora = [index for index, layer in enumerate(model_layers) if "lora_config" in layer]
+    if with_lora and not any("use_lora" in layer for layer in model_layers[with_lora[-1]:]) and not model.use_lora:
+        logger.warning("model.lora_config is set but model.use_lora is false: this run fine-tunes every weight and "
+                       "leaves the LoRA settings unused; set model.use_lora: true to train LoRA adapters")
+
+
 def load_config(config_name: str | None = None, cli_args: list[str] = (), preset: str | None = None) -> RunConfig:
     """Read, merge and validate a config: defaults < YAML < preset < CLI overrides. Raises ConfigError listing
     every problem. A preset (configs/presets/) is a partial config laid over the user's, e.g. fast_test."""
@@ -201,18 +228,8 @@ def load_config(config_name: str | None = None, cli_args: list[str] = (), preset
     model_layers = [raw.get("model") or {}]  # the model sections of the file, the preset and the command line
     overrides = parse_overrides(list(cli_args))
     if preset is not None:
-        layer = read_yaml(find_config_file(preset, PRESETS_DIR))
+        layer = _preset_layer(preset, under_sources=bool((merge(raw, overrides).get("dataset") or {}).get("sources")))
         model_layers.append(layer.get("model") or {})
-        if (merge(raw, overrides).get("dataset") or {}).get("sources"):  # a preset's source keys are dataset.name's
-            source_keys = {key.name for key in dataclasses.fields(SourceConfig)}
-            dropped = {key: value for key, value in (layer.get("dataset") or {}).items() if key in source_keys}
-            layer["dataset"] = {key: value for key, value in (layer.get("dataset") or {}).items()
-                                if key not in source_keys}
-            if dropped:
-                settings = ", ".join(f"dataset.{key} {value}" for key, value in dropped.items())
-                logger.warning(f"--preset {preset}: its {settings} is a source's setting, left out under "
-                               "dataset.sources; set it in each source (dataset.sources[0].max_samples) to read fewer "
-                               "rows")
         raw = _laid_over(raw, layer)
     raw = _paths_found_beside(_laid_over(raw, overrides), path.parent)
     errors: list[str] = []
@@ -229,13 +246,7 @@ def load_config(config_name: str | None = None, cli_args: list[str] = (), preset
     errors += path_errors(model, dataset, raw.get("training") or {}, path.parent)
     if errors:  # before importing trl and torch, which take seconds
         raise ConfigError(f"{_where(errors, overrides, path)}: " + "; ".join(errors))
-    model_layers.append(overrides.get("model") or {})
-    with_lora = [index for index, layer in enumerate(model_layers) if "lora_config" in layer]
-    # use_lora given with the LoRA settings or after them (a saved sftkit_config.yaml has both; --model.use_lora
-    # false over lora_train_config.yaml) turns LoRA off on purpose
-    if with_lora and not any("use_lora" in layer for layer in model_layers[with_lora[-1]:]) and not model.use_lora:
-        logger.warning("model.lora_config is set but model.use_lora is false: this run fine-tunes every weight and "
-                       "leaves the LoRA settings unused; set model.use_lora: true to train LoRA adapters")
+    _warn_of_unused_lora_settings([*model_layers, overrides.get("model") or {}], model)
     training_values, gpu = dict(raw.get("training") or {}), _has_gpu()
     speed = choose_fast_path(training_values, model, gpu)
     training = _build_training(training_values, model, dataset, errors)
