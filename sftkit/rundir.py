@@ -330,20 +330,7 @@ class OutputDir:
         if STAGING_DIR in contents.models:  # the trained weights, kept when the export failed
             ways.insert(0, f"finish its export with {export_command(self.path)}")
         elif contents.checkpoints and same_config and earlier.get("status") == "finished":
-            trained = trained_to_step(self.path) or 0
-            newest = self.path / contents.checkpoints[-1]
-            problem = resume_problem(newest)
-            if checkpoint_step(contents.checkpoints[-1]) >= trained and problem is None:
-                ways.insert(0, "train it longer with --training.resume_from_checkpoint true and a higher "
-                               "training.max_steps or num_train_epochs")
-            else:  # no checkpoint of its last step (after a signal's, save_strategy no or epoch) or of the model alone
-                # (save_only_model): a resume redoes steps, or cannot continue
-                why = f"; its newest checkpoint is behind its model, which trained to step {trained}" if \
-                    checkpoint_step(contents.checkpoints[-1]) < trained else \
-                    f"; its newest checkpoint cannot be resumed: {problem}"
-                ways = [f"fine-tune that model further as model.path {self.path} into another training.output_dir",
-                        "pass --overwrite to redo the run (removes only what it wrote)",
-                        "choose another training.output_dir"]
+            why, ways = self._ways_past_a_finished_run(contents.checkpoints[-1], ways)
         elif contents.checkpoints and same_config and not newest_resumable(self.path):
             weights = newest_resumable(self.path, weights_only=True)
             newest = self.path / contents.checkpoints[-1]
@@ -358,6 +345,21 @@ class OutputDir:
             why = f"; its checkpoints belong to a run with other settings ({'; '.join(differences[:3])})"
         raise ConfigError(f"training.output_dir {self.path} already holds {contents.describe()}{why}: "
                           f"{', '.join(ways[:-1])}, or {ways[-1]}")
+
+    def _ways_past_a_finished_run(self, newest_name: str, ways: list[str]) -> tuple[str, list[str]]:
+        """(why, ways) for a finished run of the same config: train it longer from its newest checkpoint, where that
+        is of its last step and can be resumed. Else (a signal's checkpoint, save_strategy no or epoch, or the model
+        alone: save_only_model) a resume would redo steps, or cannot continue."""
+        trained = trained_to_step(self.path) or 0
+        problem = resume_problem(self.path / newest_name)
+        if checkpoint_step(newest_name) >= trained and problem is None:
+            return "", ["train it longer with --training.resume_from_checkpoint true and a higher training.max_steps "
+                        "or num_train_epochs", *ways]
+        why = f"; its newest checkpoint is behind its model, which trained to step {trained}" if \
+            checkpoint_step(newest_name) < trained else f"; its newest checkpoint cannot be resumed: {problem}"
+        return why, [f"fine-tune that model further as model.path {self.path} into another training.output_dir",
+                     "pass --overwrite to redo the run (removes only what it wrote)",
+                     "choose another training.output_dir"]
 
     def _refuse_linked_checkpoints(self) -> None:
         """A checkpoint moved to another disk and linked back was not followed: a resume went back to an older one,
