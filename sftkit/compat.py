@@ -536,6 +536,20 @@ def refuse_values_datasets_reads_as_json(features, files: list[str], read: set, 
                        "text there that looks like JSON (\"4\", '\"Hi\"') arrived as a value (4, Hi); give that "
                        "field one type in every row")
         return
+    found = _first_field_of_both_kinds(files, paths, ujson_loads)
+    if found is not None:
+        path, (file, place, value), (text_file, where, text) = found
+        field = "".join(f".{part}" if part else "[]" for part in path).lstrip(".")
+        # which row is the odd one, the user knows: both are named
+        where += f" of {text_file}" if text_file != file else ""
+        raise DataError(f"dataset {file}: {field} is a {type(value).__name__} on {place} and text on {where}, so "
+                        "datasets would read that field as JSON and change text that looks like JSON "
+                        f"({text!r} into {ujson_loads(text)!r}); give that field one type in every row")
+
+
+def _first_field_of_both_kinds(files: list[str], paths: list[tuple], loads):
+    """(path, (file, place, value), (file, place, text)) of the first field that holds a value other than text on
+    one row and text that parses as JSON on another, found row by row as the files are read; None where none does."""
     odd, changed = {}, {}  # path -> the first (file, place, value) of each kind
     for file in files:
         for place, row in _json_rows(file):
@@ -543,17 +557,12 @@ def refuse_values_datasets_reads_as_json(features, files: list[str], read: set, 
                 for value in _values_at(row, path):
                     if path not in odd and not isinstance(value, (str, type(None))):
                         odd[path] = (file, place, value)
-                    elif path not in changed and isinstance(value, str) and _parses(ujson_loads, value):
+                    elif path not in changed and isinstance(value, str) and _parses(loads, value):
                         changed[path] = (file, place, value)
             both = [path for path in paths if path in odd and path in changed]
             if both:
-                (file, place, value), (text_file, where, text) = odd[both[0]], changed[both[0]]
-                field = "".join(f".{part}" if part else "[]" for part in both[0]).lstrip(".")
-                # which row is the odd one, the user knows: both are named
-                where += f" of {text_file}" if text_file != file else ""
-                raise DataError(f"dataset {file}: {field} is a {type(value).__name__} on {place} and text on {where}, "
-                                "so datasets would read that field as JSON and change text that looks like JSON "
-                                f"({text!r} into {ujson_loads(text)!r}); give that field one type in every row")
+                return both[0], odd[both[0]], changed[both[0]]
+    return None
 
 
 def blank_line_datasets_cannot_read(files: list[str], error: BaseException) -> str | None:
