@@ -422,7 +422,7 @@ def _plan(config: RunConfig, data, dtype, trainable: int, total: int) -> str:
 
 
 def _cut_words(data, args) -> str:
-    """'; 14 rows cut to max_seq_length 40 (...)' where the trainer cuts rows, as the dry run says it."""
+    """'; 14 rows cut to max_seq_length 40 (...)' where the trainer cuts rows (the dry run counts them too)."""
     cut = data.kept(args)[1]
     return (f"; {cut} row{'s' if cut > 1 else ''} cut to max_seq_length {args.max_length} (a reply cut there trains "
             "without its end)" if cut else "")
