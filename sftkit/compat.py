@@ -242,12 +242,14 @@ def allow_fsdp_on_cpu() -> None:
 
 
 def check_fsdp_on(trainer) -> None:
-    """A launch that asks for FSDP must get it: never a silent full copy of the model on every process."""
+    """A launch that asks for FSDP must get it: never a silent full copy of the model on every process (Accelerate
+    1.15 turns FSDP on only from its own launch config; allow_fsdp_on_cpu is its other half)."""
     if launch_uses_fsdp() and not trainer.is_fsdp_enabled:
         kind = getattr(trainer.accelerator.distributed_type, "value", trainer.accelerator.distributed_type)
         raise ConfigError(f"the launch asks for FSDP, but Accelerate (distributed type {kind}) did not turn it on, "
-                          "so every process would train a full copy of the model; use a DeepSpeed config instead "
-                          "(accelerate_configs/cpu_zero3_2proc.yaml on a machine without a GPU)")
+                          "so every process would train a full copy of the model; launch with accelerate launch "
+                          "--config_file accelerate_configs/fsdp2.yaml (on CPU processes too), or use a DeepSpeed "
+                          "config instead (accelerate_configs/cpu_zero3_2proc.yaml on a machine without a GPU)")
 
 
 @contextmanager
