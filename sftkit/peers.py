@@ -23,7 +23,7 @@ from pathlib import Path
 from sftkit.engines import first_on_its_machine, processes_on_this_machine, several_machines, uses_fsdp, world_size
 from sftkit.environment import library_versions
 from sftkit.errors import ConfigError
-from sftkit.layout import LOCK_FILE
+from sftkit.layout import LOCK_FILE, is_checkpoint
 from sftkit.runrecord import input_digests
 
 logger = logging.getLogger(__name__)
@@ -267,6 +267,11 @@ def check_output_dir_is_shared(output_dir: Path, args, resuming: bool) -> None:
     if not apart:
         return
     (where, directory), problem = apart[0], "is not one directory every machine shares"
+    if resuming and not any(is_checkpoint(path) for path in output_dir.iterdir()):  # a first launch of `auto`
+        raise ConfigError(f"training.output_dir {problem}: {where} does not see this run's lock in {directory}; "
+                          "training.resume_from_checkpoint asks a relaunch to continue from its checkpoints, which "
+                          "would each be split across the machines' disks. Nothing was trained: put output_dir on a "
+                          "filesystem every machine shares, or leave resume_from_checkpoint out")
     if resuming:  # asked for, even where this machine found nothing to resume
         raise ConfigError(f"training.output_dir {problem}: {where} does not see this run's lock in {directory}, so "
                           "each machine holds only its own part of every checkpoint; resume with output_dir on a "

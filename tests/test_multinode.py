@@ -382,6 +382,18 @@ def test_an_output_dir_the_machines_do_not_share_is_said_at_the_start_and_refuse
     assert ("error: training.output_dir is not one directory every machine shares: process 1 on "
             in machines.stderr(0)), machines.output()
     assert "start afresh with --overwrite" not in machines.stderr(0) + machines.stderr(1)
+    assert "each machine holds only its own part of every checkpoint" in machines.stderr(0), machines.output()
+
+    # the Slurm script's first launch (resume_from_checkpoint auto, no checkpoint yet): no resume to speak of
+    fresh = [*training_args("lora_train_config.yaml", tmp_path / "fresh"), "--training.resume_from_checkpoint",
+             "auto"]
+    commands = machine_commands(free_port(), *fresh)
+    commands[1] += ["--training.output_dir", str(tmp_path / "fresh1")]
+    machines = Machines(commands, tmp_path / "fresh-logs")
+    machines.wait(timeout=180)
+    assert all(code != 0 for code in machines.returncodes()), machines.output()
+    assert ("training.resume_from_checkpoint asks a relaunch to continue from its checkpoints, which would each be "
+            "split across the machines' disks. Nothing was trained") in machines.stderr(0), machines.output()
 
 
 def test_the_slurm_script_is_valid_bash():
