@@ -41,6 +41,12 @@ def resume_command() -> str:
     return shlex.join([*kept, "--training.resume_from_checkpoint", "true"])
 
 
+def launcher() -> str | None:
+    """`accelerate`, `torchrun` or `deepspeed`: the launcher that started this process, if one did."""
+    words = _launcher_command()
+    return words[0] if words else None
+
+
 def _launcher_command() -> list[str] | None:
     """`accelerate launch ...`, `torchrun ...` or `deepspeed ...` when one of this process's parents is that
     launcher (each starts the training script as its child or grandchild), from the first launcher word on."""

@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+from sftkit.command import launcher
 from sftkit.engines import first_on_its_machine, processes_on_this_machine, several_machines, uses_fsdp, world_size
 from sftkit.environment import library_versions
 from sftkit.errors import ConfigError
@@ -194,13 +195,14 @@ def check_every_process_runs_the_same(config) -> None:
     from accelerate.utils import gather_object
 
     mine = {"where": f"process {args.process_index} on {socket.gethostname()}", "settings": _settings(config),
-            "processes here": processes_on_this_machine(), "versions": _versions(),
+            "processes here": processes_on_this_machine(), "launcher": launcher(), "versions": _versions(),
             "chosen": {choice.key for choice in config.speed if choice.chosen},
             "inputs": input_digests(config.resolved)}
     first, *others = gather_object([mine])
     for other in others:
         _refuse_other_versions(first, other)  # first: an older sftkit may exchange other keys
-        _refuse_another_process_count(first, other, args.world_size)
+    _refuse_another_process_count(first, others, args)
+    for other in others:
         keys = sorted((first["settings"].keys() | other["settings"].keys()) - first["chosen"] - other["chosen"],
                       key=lambda key: (key not in first["settings"] or key not in other["settings"], key))
         # values both have come first (a changed stage), then keys only one has
@@ -226,6 +228,8 @@ def _versions() -> dict:
 def _refuse_other_versions(first: dict, other: dict) -> None:
     """Machines running other sftkit commits or library versions trained together unnoticed, or failed in this very
     check on a key the older sftkit did not send (a `git pull` on one machine only)."""
+    if "versions" not in other and "versions" not in first:
+        return  # two processes of older sftkits: this one, which is newer, is compared with the first in its turn
     if "versions" not in other or "versions" not in first:
         older, newer = (other, first) if "versions" not in other else (first, other)
         differences = [f"{older['where']} runs an sftkit older than {newer['versions']['sftkit']}"]
@@ -239,16 +243,25 @@ def _refuse_other_versions(first: dict, other: dict) -> None:
                           "; install the same sftkit and libraries on every machine")
 
 
-def _refuse_another_process_count(first: dict, other: dict, world_size: int) -> None:
+def _refuse_another_process_count(first: dict, others: list[dict], args) -> None:
     """Machines launched with other process counts (accelerate launch --num_processes 2 on one, 4 on the other) train
-    together on the sum of what each started (3), a world size no machine was given, with another batch per step."""
-    mine, theirs = other.get("processes here"), first.get("processes here")
-    if mine is not None and theirs is not None and mine != theirs:
-        raise ConfigError(f"{other['where']} runs with other settings or data than {first['where']}: {mine} "
-                          f"processes on its machine (process 0's: {theirs}), so the machines train together on "
-                          f"{world_size} processes, which none was given; launch every machine with the same "
-                          "--num_processes (accelerate launch: the total over all machines) or --nproc_per_node "
-                          "(torchrun)")
+    together on the sum of what each started (3), a world size no machine was given, with another batch per step.
+    accelerate launch divides --num_processes evenly among the machines, so there it is always a slip; torchrun
+    takes --nproc_per_node per machine, which may differ on purpose (machines of 8 and 4 GPUs): there, a warning."""
+    theirs = first.get("processes here")
+    other = next((other for other in others if other.get("processes here") not in (None, theirs)), None)
+    if theirs is None or other is None:
+        return
+    mine = other["processes here"]
+    counts = (f"{mine} processes on the machine of {other['where']} and {theirs} on that of {first['where']}, "
+              f"{args.world_size} in all")
+    if "accelerate" in (other.get("launcher"), first.get("launcher")):
+        raise ConfigError(f"the machines were launched with other --num_processes: {counts}, which no machine was "
+                          "given; launch every machine with the same --num_processes (the total over all machines)")
+    if args.process_index == 0:
+        batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        logger.warning(f"the machines run other numbers of processes: {counts}, so {batch} rows per step; if that "
+                       "is not what you meant, give every machine the same --nproc_per_node")
 
 
 def check_output_dir_is_shared(output_dir: Path, args, resuming: bool) -> None:
@@ -261,13 +274,14 @@ def check_output_dir_is_shared(output_dir: Path, args, resuming: bool) -> None:
     from accelerate.utils import gather_object
 
     lock = output_dir / LOCK_FILE
+    checkpoints = output_dir.is_dir() and any(is_checkpoint(path) for path in output_dir.iterdir())
     seen = gather_object([(f"process {args.process_index} on {socket.gethostname()}", str(output_dir),
-                           lock.read_text() if lock.is_file() else None)])
-    apart = [(where, directory) for where, directory, text in seen[1:] if text != seen[0][2]]
+                           lock.read_text() if lock.is_file() else None, checkpoints)])
+    apart = [(where, directory) for where, directory, text, _ in seen[1:] if text != seen[0][2]]
     if not apart:
         return
     (where, directory), problem = apart[0], "is not one directory every machine shares"
-    if resuming and not any(is_checkpoint(path) for path in output_dir.iterdir()):  # a first launch of `auto`
+    if resuming and not any(found for *_, found in seen):  # a first launch of `auto`: no machine has a checkpoint
         raise ConfigError(f"training.output_dir {problem}: {where} does not see this run's lock in {directory}; "
                           "training.resume_from_checkpoint asks a relaunch to continue from its checkpoints, which "
                           "would each be split across the machines' disks. Nothing was trained: put output_dir on a "

@@ -103,7 +103,7 @@ class RunLock:
 
     def _create_exclusively(self, partial: Path, lock: Path) -> bool:
         """The lock on a filesystem without hard links (gcsfuse, s3fs, blobfuse2, FAT): an exclusive create, then
-        its contents; a lock read empty meanwhile is waited for (take_lock)."""
+        its contents; a lock read empty meanwhile is waited for (take)."""
         try:
             descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:

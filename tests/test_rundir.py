@@ -161,7 +161,7 @@ def test_overwrite_goes_on_past_an_item_of_the_earlier_run_that_is_gone_when_tra
     output.claim(overwrite=True, resume=None)
     shutil.rmtree(out / "checkpoint-2")
     output.begin(main=True)
-    output.release()
+    output.lock.release()
     assert {path.name for path in out.iterdir()} == {RUN_FILE}
 
 
@@ -936,5 +936,5 @@ def test_overwrite_on_a_filesystem_that_renames_no_folder_holding_files_moves_th
     monkeypatch.setattr(pathlib.Path, "rename", like_gcsfuse)
     output.begin(main=True)
     monkeypatch.undo()
-    output.release()
+    output.lock.release()
     assert {path.name for path in out.iterdir()} == {RUN_FILE}
