@@ -125,11 +125,23 @@ def resume_problem(checkpoint: Path) -> str | None:
 
 def _optimizer_state(checkpoint: Path) -> bool:
     """Whether the Trainer (transformers 5.24) saved the optimizer's state there (optimizer.pt; DeepSpeed's
-    global_stepN/; FSDP's optimizer_0/ or optimizer.bin) and the schedule's (scheduler.pt, which it saves beside
-    each of them for the schedulers sftkit uses)."""
-    optimizer = any((checkpoint / name).exists() for name in ("optimizer.pt", "optimizer.bin", "optimizer_0")) or \
-        any(path.is_dir() for path in checkpoint.glob("global_step*"))
-    return optimizer and (checkpoint / "scheduler.pt").is_file()
+    global_stepN/; FSDP's optimizer_0/ or optimizer.bin) and the schedule's: scheduler.pt, or DeepSpeed's own
+    files where DeepSpeed steps the schedule (its config names an optimizer or a scheduler, as zero3_offload.json
+    does: the Trainer then writes no scheduler.pt), which the checkpoint's run record says (since 2026-11-28)."""
+    deepspeed = any(path.is_dir() for path in checkpoint.glob("global_step*"))
+    optimizer = deepspeed or any((checkpoint / name).exists() for name in ("optimizer.pt", "optimizer.bin",
+                                                                          "optimizer_0"))
+    in_deepspeed = deepspeed and (read_run_record(checkpoint) or {}).get("schedule_in") == DEEPSPEED_SCHEDULE
+    return optimizer and ((checkpoint / "scheduler.pt").is_file() or in_deepspeed)
+
+
+DEEPSPEED_SCHEDULE = "DeepSpeed's checkpoint files"
+
+
+def schedule_keeper(lr_scheduler) -> str:
+    """Where a checkpoint keeps the learning-rate schedule's state: Accelerate 1.15 wraps a schedule that DeepSpeed
+    steps (DeepSpeedSchedulerWrapper), and DeepSpeed saves it in its own files."""
+    return DEEPSPEED_SCHEDULE if type(lr_scheduler).__name__ == "DeepSpeedSchedulerWrapper" else "scheduler.pt"
 
 
 def resume_request(requested, output_dir: Path, resolved: dict, overwrite: bool = False):
@@ -419,7 +431,7 @@ class RecordRunInCheckpoints(TrainerCallback):
         return {"wall_seconds": round(self.earlier["wall_seconds"] + now - self.started, 1),
                 "train_seconds": round(self.earlier["train_seconds"] + now - (self.training_began or now), 3)}
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args, state, control, lr_scheduler=None, **kwargs):
         checkpoint = checkpoint_dir(args.output_dir, state.global_step)
         if state.is_world_process_zero and checkpoint.is_dir():
             try:
@@ -428,7 +440,8 @@ class RecordRunInCheckpoints(TrainerCallback):
                 write_json(checkpoint / RUN_FILE, run_record(
                     self.resolved, inputs=self.inputs, step=state.global_step, weights=self.weights,
                     world_size=args.world_size, engine=launch_engine(args), files=files,
-                    schedule_lengths=self.schedule_lengths, **self.seconds()))
+                    schedule_in=schedule_keeper(lr_scheduler), schedule_lengths=self.schedule_lengths,
+                    **self.seconds()))
             except OSError as error:  # without its record no resume accepts it
                 drop_unsaved_checkpoint(args, state.global_step, error, error.strerror or first_line(error))
                 return

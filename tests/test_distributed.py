@@ -260,6 +260,35 @@ def test_an_fsdp_launch_that_accelerate_runs_without_fsdp_stops(tmp_path):
                                "it on") == 1, result.stderr[-3000:]
 
 
+def test_a_checkpoint_whose_schedule_deepspeed_steps_is_resumed(tmp_path):
+    """A DeepSpeed config that names its own optimizer (zero3_offload.json does) has DeepSpeed step the schedule and
+    keep its state in DeepSpeed's files: the Trainer writes no scheduler.pt, and every checkpoint was taken for one
+    of the model alone, so a stopped offload run could never resume."""
+    from sftkit.checkpoints import resume_problem
+
+    zero2 = json.loads((REPO / "deepspeed_configs" / "zero2.json").read_text())
+    zero2["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                      "weight_decay": "auto", "torch_adam": True}}
+    (tmp_path / "zero2_own_optimizer.json").write_text(json.dumps(zero2))
+    launch = (REPO / "accelerate_configs" / "deepspeed_zero2.yaml").read_text().replace(
+        "deepspeed_configs/zero2.json", str(tmp_path / "zero2_own_optimizer.json"))
+    (tmp_path / "launch.yaml").write_text(launch)
+    out = tmp_path / "out"
+    args = ["--config", "configs/lora_train_config.yaml", "--training.output_dir", str(out), "--training.save_strategy",
+            "steps", "--training.save_steps", "2", "--dataset.test_size", "null"]
+    command = [ACCELERATE, "launch", "--config_file", str(tmp_path / "launch.yaml"), "--num_processes", "2", "sft.py"]
+    first = subprocess.run([*command, *args, "--training.max_steps", "4"], cwd=REPO, capture_output=True, text=True,
+                           timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert not (out / "checkpoint-4" / "scheduler.pt").exists() and list((out / "checkpoint-4").glob("global_step*"))
+    assert resume_problem(out / "checkpoint-4") is None
+    longer = subprocess.run([*command, *args, "--training.max_steps", "6", "--training.resume_from_checkpoint",
+                             "true"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert f"resumes from {out / 'checkpoint-4'}" in longer.stdout, longer.stdout[-3000:]
+    assert json.loads((out / "run_summary.json").read_text())["steps"] == 6
+
+
 def test_a_16_bit_full_fine_tune_gathered_in_fp32_is_published_in_16_bit(tmp_path):
     """FSDP2 under bf16 mixed precision keeps fp32 master weights, so the state dict it gathers is fp32 (a
     fsdp2.yaml run of the default config with training.bf16 true published float32 before this)."""
