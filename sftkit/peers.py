@@ -286,6 +286,12 @@ def check_output_dir_is_shared(output_dir: Path, args, resuming: bool) -> None:
                           "training.resume_from_checkpoint asks a relaunch to continue from its checkpoints, which "
                           "would each be split across the machines' disks. Nothing was trained: put output_dir on a "
                           "filesystem every machine shares, or leave resume_from_checkpoint out")
+    if args.load_best_model_at_end and args.save_strategy != "no":
+        raise ConfigError(f"training.output_dir {problem}: {where} does not see this run's lock in {directory}; "
+                          "training.load_best_model_at_end reads the best checkpoint back at the end, and each "
+                          "machine would hold only its own part of it (the run waited for ddp_timeout there, then "
+                          "published nothing). Nothing was trained: put output_dir on a filesystem every machine "
+                          "shares, or leave load_best_model_at_end out")
     if resuming:  # asked for, even where this machine found nothing to resume
         raise ConfigError(f"training.output_dir {problem}: {where} does not see this run's lock in {directory}, so "
                           "each machine holds only its own part of every checkpoint; resume with output_dir on a "
@@ -294,7 +300,8 @@ def check_output_dir_is_shared(output_dir: Path, args, resuming: bool) -> None:
     if args.process_index == 0:
         logger.warning(f"training.output_dir {problem}: {where} does not see this run's lock in {directory}. "
                        "The model is written on this machine, but each checkpoint is split across the machines' "
-                       "disks and cannot resume; put output_dir on a filesystem every machine shares")
+                       "disks and cannot resume, and save_total_limit removes only this machine's parts; put "
+                       "output_dir on a filesystem every machine shares")
 
 
 def _settings(config) -> dict:

@@ -396,6 +396,20 @@ def test_an_output_dir_the_machines_do_not_share_is_said_at_the_start_and_refuse
     assert ("training.resume_from_checkpoint asks a relaunch to continue from its checkpoints, which would each be "
             "split across the machines' disks. Nothing was trained") in machines.stderr(0), machines.output()
 
+    # the best checkpoint read back at the end, each machine from its own disk: it waited for ddp_timeout, then
+    # published nothing and said no checkpoint was saved
+    best = [*training_args("lora_train_config.yaml", tmp_path / "best"), "--training.save_strategy", "steps",
+            "--training.save_steps", "5", "--training.eval_strategy", "steps", "--training.eval_steps", "5",
+            "--training.load_best_model_at_end", "true", "--training.metric_for_best_model", "eval_loss"]
+    commands = machine_commands(free_port(), *best)
+    commands[1] += ["--training.output_dir", str(tmp_path / "best1")]
+    machines = Machines(commands, tmp_path / "best-logs")
+    machines.wait(timeout=180)
+    assert all(code != 0 for code in machines.returncodes()), machines.output()
+    assert "training.load_best_model_at_end reads the best checkpoint back at the end" in machines.stderr(0), \
+        machines.output()
+    assert "step 1/" not in machines.stdout(0) + machines.stderr(0)
+
 
 def test_the_slurm_script_is_valid_bash():
     result = subprocess.run(["bash", "-n", str(SLURM_SCRIPT)], capture_output=True, text=True)
