@@ -26,6 +26,11 @@ def processes_on_this_machine() -> int | None:
     return int(os.environ["LOCAL_WORLD_SIZE"]) if "LOCAL_WORLD_SIZE" in os.environ else None
 
 
+def rows_per_step(args, processes: int | None = None) -> int:
+    """The global batch: per device x accumulation x processes (the launch's, or those a dry run plans for)."""
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * (processes or args.world_size)
+
+
 def several_machines() -> bool:
     return world_size() > int(os.environ.get("LOCAL_WORLD_SIZE", world_size())) and "MASTER_ADDR" in os.environ
 

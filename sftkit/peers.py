@@ -21,7 +21,14 @@ import time
 from pathlib import Path
 
 from sftkit.command import launcher
-from sftkit.engines import first_on_its_machine, processes_on_this_machine, several_machines, uses_fsdp, world_size
+from sftkit.engines import (
+    first_on_its_machine,
+    processes_on_this_machine,
+    rows_per_step,
+    several_machines,
+    uses_fsdp,
+    world_size,
+)
 from sftkit.environment import library_versions
 from sftkit.errors import ConfigError
 from sftkit.layout import LOCK_FILE, is_checkpoint
@@ -259,9 +266,8 @@ def _refuse_another_process_count(first: dict, others: list[dict], args) -> None
         raise ConfigError(f"the machines were launched with other --num_processes: {counts}, which no machine was "
                           "given; launch every machine with the same --num_processes (the total over all machines)")
     if args.process_index == 0:
-        batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-        logger.warning(f"the machines run other numbers of processes: {counts}, so {batch} rows per step; if that "
-                       "is not what you meant, give every machine the same --nproc_per_node")
+        logger.warning(f"the machines run other numbers of processes: {counts}, so {rows_per_step(args)} rows per "
+                       "step; if that is not what you meant, give every machine the same --nproc_per_node")
 
 
 def check_output_dir_is_shared(output_dir: Path, args, resuming: bool) -> None:

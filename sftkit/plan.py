@@ -13,7 +13,7 @@ import torch
 from sftkit.checkpoints import checkpoint_to_resume, epochs_words, resume_request
 from sftkit.checks import warmup_outlasts
 from sftkit.compat import zero_model_states
-from sftkit.engines import fsdp_plugin, launch_engine
+from sftkit.engines import fsdp_plugin, launch_engine, rows_per_step
 from sftkit.engines import world_size as launched_world_size
 from sftkit.errors import ConfigError
 from sftkit.fastpath import describe as describe_speed
@@ -36,9 +36,8 @@ ADAM_STATES = 2  # exp_avg and exp_avg_sq per trained parameter
 
 def batch_words(args, world_size: int) -> str:
     """`8 per device x 3 accumulation x 2 processes = 48 rows per step`: the dry run's and a launched run's."""
-    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
     return (f"{args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation "
-            f"x {world_size} process{'es' if world_size > 1 else ''} = {batch} rows per step")
+            f"x {world_size} process{'es' if world_size > 1 else ''} = {rows_per_step(args, world_size)} rows per step")
 
 
 @dataclass

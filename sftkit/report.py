@@ -7,6 +7,7 @@ from pathlib import Path
 
 from sftkit.checkpoints import checkpoints_in, epochs_words, resume_problem
 from sftkit.data import describe_dropped
+from sftkit.engines import rows_per_step
 from sftkit.errors import first_line
 from sftkit.export import saved_dtypes
 from sftkit.layout import ADAPTER_DIR, LOSS_PLOT, MODEL_CARD, SAMPLES_FILE, SUMMARY_FILE, checkpoint_step
@@ -37,8 +38,7 @@ def build_summary(trainer, config, data, dtype, parameters: tuple[int, int], rep
         "schedule_lengths": schedule_lengths,  # [from step, steps] each: more than one after a resume of another length
         "epochs": round(state.epoch, 3),
         "processes": trainer.args.world_size,
-        "rows_per_step": trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
-        * trainer.args.world_size,
+        "rows_per_step": rows_per_step(trainer.args),
         "train_seconds": train_seconds,
         "input_tokens": state.num_input_tokens_seen or None,
         "tokens_per_second": round(state.num_input_tokens_seen / train_seconds, 1) if state.num_input_tokens_seen
@@ -182,7 +182,7 @@ def model_card(config, summary: dict) -> str:
     model, training = config.model, config.training
     method = model.method
     sources = ", ".join(f"`{source.name}`" for source in config.dataset.train_sources())
-    batch = training.per_device_train_batch_size * training.gradient_accumulation_steps * training.world_size
+    batch = rows_per_step(training)
     system = config.resolved["dataset"]["system_prompt"]  # secrets hidden, as in the saved config
     # prompted as it was trained: a model trained with a system prompt in every row answers best with it
     system_message = f'{{"role": "system", "content": {system!r}}}, ' if system else ""
