@@ -286,28 +286,26 @@ def check_output_dir_is_shared(output_dir: Path, args, resuming: bool) -> None:
     apart = [(where, directory) for where, directory, text, _ in seen[1:] if text != seen[0][2]]
     if not apart:
         return
-    (where, directory), problem = apart[0], "is not one directory every machine shares"
+    where, directory = apart[0]
+    unshared = (f"training.output_dir is not one directory every machine shares: {where} does not see this run's "
+                f"lock in {directory}")
     if resuming and not any(found for *_, found in seen):  # a first launch of `auto`: no machine has a checkpoint
-        raise ConfigError(f"training.output_dir {problem}: {where} does not see this run's lock in {directory}; "
-                          "training.resume_from_checkpoint asks a relaunch to continue from its checkpoints, which "
-                          "would each be split across the machines' disks. Nothing was trained: put output_dir on a "
-                          "filesystem every machine shares, or leave resume_from_checkpoint out")
+        raise ConfigError(f"{unshared}; training.resume_from_checkpoint asks a relaunch to continue from its "
+                          "checkpoints, which would each be split across the machines' disks. Nothing was trained: "
+                          "put output_dir on a filesystem every machine shares, or leave resume_from_checkpoint out")
     if args.load_best_model_at_end and args.save_strategy != "no":
-        raise ConfigError(f"training.output_dir {problem}: {where} does not see this run's lock in {directory}; "
-                          "training.load_best_model_at_end reads the best checkpoint back at the end, and each "
-                          "machine would hold only its own part of it (the run waited for ddp_timeout there, then "
-                          "published nothing). Nothing was trained: put output_dir on a filesystem every machine "
-                          "shares, or leave load_best_model_at_end out")
+        raise ConfigError(f"{unshared}; training.load_best_model_at_end reads the best checkpoint back at the end, "
+                          "and each machine would hold only its own part of it (the run waited for ddp_timeout "
+                          "there, then published nothing). Nothing was trained: put output_dir on a filesystem every "
+                          "machine shares, or leave load_best_model_at_end out")
     if resuming:  # asked for, even where this machine found nothing to resume
-        raise ConfigError(f"training.output_dir {problem}: {where} does not see this run's lock in {directory}, so "
-                          "each machine holds only its own part of every checkpoint; resume with output_dir on a "
-                          "filesystem every machine shares (copying each machine's checkpoint-N files into one "
-                          "directory there makes them whole)")
+        raise ConfigError(f"{unshared}, so each machine holds only its own part of every checkpoint; resume with "
+                          "output_dir on a filesystem every machine shares (copying each machine's checkpoint-N "
+                          "files into one directory there makes them whole)")
     if args.process_index == 0:
-        logger.warning(f"training.output_dir {problem}: {where} does not see this run's lock in {directory}. "
-                       "The model is written on this machine, but each checkpoint is split across the machines' "
-                       "disks and cannot resume, and save_total_limit removes only this machine's parts; put "
-                       "output_dir on a filesystem every machine shares")
+        logger.warning(f"{unshared}. The model is written on this machine, but each checkpoint is split across the "
+                       "machines' disks and cannot resume, and save_total_limit removes only this machine's parts; "
+                       "put output_dir on a filesystem every machine shares")
 
 
 def _settings(config) -> dict:
