@@ -131,8 +131,8 @@ def _optimizer_state(checkpoint: Path) -> bool:
     deepspeed = any(path.is_dir() for path in checkpoint.glob("global_step*"))
     optimizer = deepspeed or any((checkpoint / name).exists() for name in ("optimizer.pt", "optimizer.bin",
                                                                           "optimizer_0"))
-    in_deepspeed = deepspeed and (read_run_record(checkpoint) or {}).get("schedule_in") == DEEPSPEED_SCHEDULE
-    return optimizer and ((checkpoint / "scheduler.pt").is_file() or in_deepspeed)
+    return optimizer and ((checkpoint / "scheduler.pt").is_file() or deepspeed and (
+        read_run_record(checkpoint) or {}).get("schedule_in") == DEEPSPEED_SCHEDULE)  # the record only where needed
 
 
 DEEPSPEED_SCHEDULE = "DeepSpeed's checkpoint files"
