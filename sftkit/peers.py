@@ -36,10 +36,16 @@ from sftkit.runrecord import input_digests
 
 logger = logging.getLogger(__name__)
 
-FAILURE_KEY = "sftkit/failure"
+# The launcher's store outlives a restart of its processes (`--max_restarts`), so the keys are the attempt's: a
+# restarted process must not read the failure that ended the attempt before as a new one. torchrun counts an attempt
+# on each machine whose processes failed, which over several machines is all of them (a process that dies breaks the
+# others' connections); a restart for a machine joining an elastic (c10d) rendezvous is not counted, and there the
+# counts, and so the keys, can differ: the connection timeouts still apply.
+_ATTEMPT = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+FAILURE_KEY = f"sftkit/{_ATTEMPT}/failure"
 POLL_SECONDS = 1.0
 WATCH_STORE_SECONDS = 10.0  # the longest a call of the watcher to the store may block
-ARRIVED_KEY = "sftkit/arrived/{rank}"
+ARRIVED_KEY = f"sftkit/{_ATTEMPT}/arrived/{{rank}}"
 # A process that has not started sftkit by then never will: its machine could not run the command (a wrong path to
 # sft.py, a failed import), and its launcher ended there without a word to the others. Imports from a slow shared
 # filesystem take a minute at most; the others would otherwise wait for training.ddp_timeout (30 minutes).
