@@ -35,7 +35,7 @@ def check_model_source(model_cfg: ModelConfig):
     where the model's own code cannot be built there). Raises ConfigError.
     """
     if model_cfg.attn_implementation == varlen.NAME and not varlen.available():
-        raise ConfigError(f"model.attn_implementation: {varlen.NAME} needs torch 2.10 or later (this is torch "
+        raise ConfigError(f"model.attn_implementation: {varlen.NAME} needs torch 2.11 or later (this is torch "
                           f"{torch.__version__}); upgrade torch, or use sdpa")
     if model_cfg.use_lora:
         try:

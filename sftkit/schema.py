@@ -47,7 +47,7 @@ class ModelConfig:
     lora_config: LoraSettings = option(help="the adapters (keys below)", factory=LoraSettings)
     attn_implementation: str | None = option(
         None, "e.g. `sdpa`, `eager`, `flash_attention_2`, `flex_attention`, `torch_varlen` (PyTorch's own "
-              "variable-length flash attention for packed batches, torch >= 2.10); null: `flash_attention_2` on a GPU "
+              "variable-length flash attention for packed batches, torch >= 2.11); null: `flash_attention_2` on a GPU "
               "with flash-attn installed, else the Hub's flash-attention kernel where allowed (below), else `sdpa`")
     allow_hub_kernels: bool = option(
         False, "let transformers download flash-attention from the Hub's kernels-community (`pip install kernels`); "

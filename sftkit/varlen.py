@@ -2,7 +2,7 @@
 
 Why by hand: transformers 5.24 reaches a variable-length kernel only through the flash-attn package or the Hub's
 build of it (a download). Without them a padding-free micro-batch goes through sdpa with a block mask, which rules out
-PyTorch's flash backend and computes every token pair of the micro-batch (sftkit/fastpath.py). PyTorch 2.10 and
+PyTorch's flash backend and computes every token pair of the micro-batch (sftkit/fastpath.py). PyTorch 2.11 and
 later ship flash attention's variable-length kernel themselves (torch.nn.attention.varlen); this registers it with
 transformers' AttentionInterface. Each conversation of the micro-batch then attends only to itself, from the sequence
 boundaries TRL's padding-free collator gives (cu_seq_lens_q/k, max_length_q/k), and no tokens x tokens mask is built
@@ -14,7 +14,6 @@ time.
 
 import functools
 import logging
-import math
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +28,9 @@ NAME = "torch_varlen"
 
 def _varlen_keywords() -> frozenset[str]:
     """The keywords this torch's varlen_attn takes, read once (not inside a compiled step). Its keywords changed
-    between releases: torch 2.10 takes `is_causal`; later releases a causal `window_size` of (-1, 0) and `scale`;
-    2.12 adds `enable_gqa` (the flash kernel takes fewer key/value heads than query heads in all of them)."""
+    between releases: torch 2.10's took `is_causal` and no `scale` (not supported); 2.11 takes a causal
+    `window_size` of (-1, 0) and `scale`; 2.12 adds `enable_gqa` (the flash kernel takes fewer key/value heads than
+    query heads in all of them)."""
     import inspect
 
     try:
@@ -44,7 +44,7 @@ VARLEN_KEYWORDS = _varlen_keywords()
 
 
 def available() -> bool:
-    return bool(VARLEN_KEYWORDS)
+    return "window_size" in VARLEN_KEYWORDS
 
 
 def register() -> None:
@@ -116,15 +116,11 @@ _warned = []
 
 
 def _flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling):
-    from torch.nn.attention.varlen import varlen_attn  # torch 2.10 and later (checked when the config loads)
+    from torch.nn.attention.varlen import varlen_attn  # torch 2.11 and later (checked when the config loads)
 
-    options = {"is_causal": True} if "is_causal" in VARLEN_KEYWORDS else {"window_size": (-1, 0)}
-    if "enable_gqa" in VARLEN_KEYWORDS:
+    options = {"window_size": (-1, 0), "scale": scaling}
+    if "enable_gqa" in VARLEN_KEYWORDS:  # torch 2.12 and later; the device image has 2.11
         options["enable_gqa"] = k.shape[1] != q.shape[1]
-    if "scale" in VARLEN_KEYWORDS:
-        options["scale"] = scaling
-    elif scaling is not None and not math.isclose(scaling * math.sqrt(q.shape[-1]), 1.0):
-        q = q * (scaling * math.sqrt(q.shape[-1]))  # torch 2.10's kernel scales by 1/sqrt(head_dim)
     return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **options)
 
 
