@@ -25,7 +25,7 @@ from pathlib import Path
 
 from sftkit.engines import first_on_its_machine, is_main_process, launch_uses_deepspeed, launch_uses_fsdp, zero_stage
 from sftkit.errors import ConfigError, DataError
-from sftkit.layout import LOSS_WINDOW_FILE
+from sftkit.layout import LOSS_WINDOW_FILE, checkpoint_dir
 from sftkit.paths import data_suffix, file_digest, open_data, saved_by_datasets
 
 logger = logging.getLogger("sftkit")
@@ -466,9 +466,8 @@ class TrainerWorkarounds:
                            "resume may average fewer steps")
             return
         import torch
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-        checkpoint = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        checkpoint = checkpoint_dir(self._get_output_dir(trial), self.state.global_step)
         checkpoint.mkdir(parents=True, exist_ok=True)  # with DDP only the main process saves, maybe not yet
         window = {"loss_sum": self._tr_loss.item(), "last_logged_step": self._globalstep_last_logged,
                   "cpu_threads": torch.get_num_threads()}

@@ -296,10 +296,8 @@ _SIMPLE_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "None": t
 
 
 def _simple_hint(annotation: str):
-    """`int | str | None` or `Optional[float]` (as SFTConfig's source spells it) as a type; None for other types."""
+    """`int | str | None` (as SFTConfig's source spells it) as a type; None for other types."""
     text = annotation.replace(" ", "")
-    if text.startswith("Optional[") and text.endswith("]"):
-        text = text[len("Optional["):-1] + "|None"
     parts = text.split("|")
     if not all(part in _SIMPLE_TYPES for part in parts):
         return None

@@ -7,7 +7,6 @@ this puts them in one short report and compares the stack with requirements.txt.
 import importlib.metadata
 import os
 import platform
-import sys
 from pathlib import Path
 
 from sftkit.errors import first_line
@@ -74,10 +73,10 @@ def library_versions(names=STACK) -> dict[str, str | None]:
 def _library_checks() -> list[tuple[str, str, str]]:
     pins = _pinned_versions()
     checks = []
-    for name in (*STACK, *EXTRAS):
-        try:
-            version = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
+    for name, version in library_versions((*STACK, *EXTRAS)).items():
+        if name in ("sftkit", "python"):
+            continue
+        if version is None:
             if name in EXTRAS:
                 checks.append(("warn", name, f"not installed, needed for {EXTRAS[name]}: "
                                              "pip install -r requirements-extras.txt"))
@@ -168,4 +167,3 @@ def _accelerate_config_check() -> tuple[str, str, str]:
 
 if __name__ == "__main__":
     print(report())
-    sys.exit(0)

@@ -69,14 +69,6 @@ DISK_WAIT_SECONDS = float(os.environ.get("SFTKIT_DISK_WAIT_SECONDS", 900))
 DISK_POLL_SECONDS = 30
 
 
-def export(trainer, run_config, tokenizer, dtype, weights, parameters: tuple[int, int]) -> Path:
-    """Save the trained model; every process must call this (under ZeRO-3 saving gathers from all of them).
-    `weights` is the dtype they trained in (model.weights_dtype) and `parameters` (trainable, total), for the space
-    the export needs."""
-    stage_trained_weights(trainer, run_config, tokenizer, dtype, weights, parameters)
-    return publish_staged(trainer, run_config, dtype)
-
-
 def stage_trained_weights(trainer, run_config, tokenizer, dtype, weights, parameters: tuple[int, int]) -> bool:
     """The export's first half, on every process: the trained weights written to the staging directory. From there
     a failure or a kill of what follows (the final evaluation, the merge) leaves them for `python -m sftkit.export`

@@ -101,7 +101,8 @@ class MonitoredSFTTrainer(TrainerWorkarounds, SFTTrainer):
         try:
             super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, trial, *args, **kwargs)
         except StopRequested:
-            self.guard.stop_after_the_step(self.args, self.state, self.control, self.model)
+            # the step ends as if the signal had come before it ended, with a checkpoint of finite weights
+            self.guard.on_step_end(self.args, self.state, self.control, model=self.model)
             if self.control.should_save:
                 self._save_checkpoint(model, trial)
                 self.control = self.callback_handler.on_save(self.args, self.state, self.control)
@@ -360,11 +361,6 @@ class StopGuard(TrainerCallback):
         # the same number of batches, so each asks here, together.
         if (self.training_over or state.global_step == 0 or self.between_steps) and self.stop_requested(args):
             raise StopRequested
-
-    def stop_after_the_step(self, args, state, control, model) -> None:
-        """A signal stopped an evaluation between steps (MonitoredSFTTrainer._maybe_log_save_evaluate): the step ends
-        as if the signal had come before it ended, with a checkpoint of finite weights."""
-        self.on_step_end(args, state, control, model=model)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         # the Trainer leaves the epoch after a stop and ends it: its flow callback then asks again for the epoch's

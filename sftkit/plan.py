@@ -55,7 +55,6 @@ class ModelShape:
 
 @dataclass
 class Plan:
-    config: RunConfig
     data: object  # PreparedData
     shape: ModelShape
     dtype: torch.dtype
@@ -79,7 +78,7 @@ def build_plan(config: RunConfig) -> Plan:
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     spread = sharding(args, world_size)
     memory = estimate_memory(config, shape, dtype, spread, world_size, tokens_per_micro_batch(args, data.lengths))
-    return Plan(config, data, shape, dtype, world_size, train_rows, steps_per_epoch, total_steps, spread, memory)
+    return Plan(data, shape, dtype, world_size, train_rows, steps_per_epoch, total_steps, spread, memory)
 
 
 def tokens_per_micro_batch(args, lengths: list[int]) -> int:
@@ -225,7 +224,6 @@ class MemoryEstimate:
     weights: float  # bytes on each device of the model's weights (part of model_states)
     model_states: float  # bytes on each device: weights, gradients, optimizer states
     activations: float  # with the loss's buffers
-    cpu: float  # bytes of host memory for offloaded states
     peak: float  # bytes on each device at the peak (what torch.cuda.max_memory_allocated reads)
     description: str
 
@@ -306,7 +304,7 @@ def estimate_memory(config: RunConfig, shape: ModelShape, dtype, spread: Shardin
                    + ("; the gradients take the activations' place" if peak < states + activations else "")
                    + (f"; {size_words(cpu)} of host memory for offloaded states" if spread.offload_optimizer else "")
                    + "; excludes the CUDA context (~0.5 GiB) or the Python process on a CPU")
-    return MemoryEstimate(weights, states, activations, cpu, peak, description)
+    return MemoryEstimate(weights, states, activations, peak, description)
 
 
 def _fsdp_gathered_weights(shape: ModelShape, spread: Sharding, element: int) -> float:

@@ -164,6 +164,17 @@ def run_sft(*args: str, **kwargs):
     return run_here(main, *args, **kwargs)
 
 
+def export_float32(trainer, config, tokenizer):
+    """The export as train.py runs it (its two halves; the final evaluation, between them there, left out), of
+    weights trained in float32."""
+    import torch
+
+    from sftkit.export import publish_staged, stage_trained_weights
+
+    stage_trained_weights(trainer, config, tokenizer, torch.float32, torch.float32, (1, 1))
+    return publish_staged(trainer, config, torch.float32)
+
+
 @pytest.fixture(scope="session")
 def monitored_run(tmp_path_factory):
     """One real `python sft.py` run of the default config with what a user watches turned on: evaluation every

@@ -159,3 +159,12 @@ def test_datasets_still_reads_a_field_of_mixed_types_as_json_and_changes_text_th
     loaded = load_dataset("json", data_files=str(tmp_path / "rows.jsonl"), split="train")
     assert isinstance(loaded.features["messages"].feature["content"], Json)
     assert loaded[0]["messages"][0]["content"] == 4
+
+
+def test_checkpoint_folders_are_named_as_the_trainer_names_them():
+    """sftkit finds, names and builds checkpoint paths with its own copy of the Trainer's prefix."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    from sftkit.layout import CHECKPOINT_PREFIX
+
+    assert CHECKPOINT_PREFIX == PREFIX_CHECKPOINT_DIR

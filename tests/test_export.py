@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_MODEL, run_here, run_python, run_sft, tmpfs
+from conftest import REPO, TINY_MODEL, export_float32, run_here, run_python, run_sft, tmpfs
 from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM
 from sftkit import export as export_module
 from sftkit.config import load_config
 from sftkit.errors import ConfigError, Interrupted, RunFailed
-from sftkit.export import export, non_finite_tensors
 from sftkit.export import main as export_main
+from sftkit.export import non_finite_tensors
 from sftkit.layout import ADAPTER_DIR, RUN_FILE, STAGING_DIR
 from sftkit.rundir import OutputDir
 from sftkit.runrecord import record_written
@@ -140,7 +140,7 @@ def test_weights_that_are_not_finite_are_never_published(tmp_path):
         run.trainer.model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
     with pytest.raises(RunFailed, match=r"the trained weights are not finite \(1 tensors hold nan or inf, e.g. "
                                         r"model.safetensors:model.layers.1.mlp.down_proj.weight\); nothing was published"):
-        export(run.trainer, cfg, run.trainer.processing_class, torch.float32, torch.float32, (1, 1))
+        export_float32(run.trainer, cfg, run.trainer.processing_class)
     assert (out / "model.safetensors").read_bytes() == before and not (out / STAGING_DIR).exists()
 
 
@@ -396,7 +396,7 @@ def test_a_publish_cut_short_is_finished_by_running_the_export_again(tmp_path, m
     monkeypatch.setattr(Path, "rename", rename_failing_after_the_weights)
     with pytest.raises(RunFailed, match=rf"publishing the model in {out} failed part way: .*Input/output error.*"
                                         rf"finish with: python -m sftkit.export {out}"):
-        export(run.trainer, cfg, run.trainer.processing_class, torch.float32, torch.float32, (1, 1))
+        export_float32(run.trainer, cfg, run.trainer.processing_class)
     monkeypatch.undo()
     assert moves[-1] == "model.safetensors" and not (out / "config.json").exists()
     assert export_main([str(out)]) == 0
@@ -434,7 +434,7 @@ def test_a_full_disk_at_export_keeps_the_trained_adapter_and_the_export_can_be_f
     filler.write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 2 * 2**20))  # 2 MiB left: the adapter fits
     monkeypatch.setattr(export_module, "DISK_WAIT_SECONDS", 0)
     with pytest.raises(RunFailed) as failure:
-        export(run.trainer, cfg, run.trainer.processing_class, torch.float32, torch.float32, (1, 1))
+        export_float32(run.trainer, cfg, run.trainer.processing_class)
     kept = out / STAGING_DIR / ADAPTER_DIR
     assert "No space left on device" in str(failure.value)
     assert f"The trained adapter is kept in {kept}; once that is fixed, finish the export with: python -m " \
@@ -798,7 +798,7 @@ def test_an_adapter_is_merged_only_into_the_base_it_trained_on(tmp_path):
               metadata={"format": "pt"})
     with pytest.raises(RunFailed, match=f"the base model {base} changed since the run trained on it "
                                         r"\(model.safetensors\): merging the adapter into it would publish other"):
-        export(run.trainer, cfg, run.trainer.processing_class, torch.float32, torch.float32, (1, 1))
+        export_float32(run.trainer, cfg, run.trainer.processing_class)
     assert (out / STAGING_DIR / ADAPTER_DIR / "adapter_model.safetensors").is_file()
     shutil.move(base, tmp_path / "moved")
     refused = run_here(export_main, str(out), check=False)
@@ -820,7 +820,7 @@ def test_weights_that_cannot_be_written_at_all_are_said_to_be_lost_and_leave_not
             handle.write(b"\0" * 2**16)
     monkeypatch.setattr(export_module, "DISK_WAIT_SECONDS", 0)
     with pytest.raises(RunFailed) as failure:
-        export(run.trainer, cfg, run.trainer.processing_class, torch.float32, torch.float32, (1, 1))
+        export_float32(run.trainer, cfg, run.trainer.processing_class)
     assert str(failure.value).startswith(f"could not write the trained adapter to {out / STAGING_DIR}: ")
     assert str(failure.value).endswith(", so no trained weights were saved; no checkpoint was saved (set "
                                        "training.save_strategy: steps to keep some)")

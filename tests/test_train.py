@@ -5,14 +5,13 @@ import shutil
 
 import pytest
 import torch
-from conftest import SAMPLE_DATA, TINY_MODEL
+from conftest import SAMPLE_DATA, TINY_MODEL, export_float32
 from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sftkit.config import load_config
 from sftkit.errors import RunFailed
-from sftkit.export import export
 from sftkit.layout import ADAPTER_DIR, RUN_CONFIG_FILE, STAGING_DIR, SUMMARY_FILE, VERSIONS_FILE
 from sftkit.report import format_summary
 from sftkit.runrecord import fingerprint
@@ -195,7 +194,7 @@ def test_a_failed_export_leaves_the_previous_complete_model_untouched(tmp_path):
     shutil.rmtree(base)  # the merge reloads the base, so this export fails half-way
     tokenizer = result.trainer.processing_class
     with pytest.raises(RunFailed, match=f"The trained adapter is kept in {out / STAGING_DIR / ADAPTER_DIR}"):
-        export(result.trainer, config, tokenizer, torch.float32, torch.float32, (1, 1))
+        export_float32(result.trainer, config, tokenizer)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert (out / STAGING_DIR / ADAPTER_DIR).exists(), "the partial export stays in the staging directory"
     AutoModelForCausalLM.from_pretrained(out)
