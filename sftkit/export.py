@@ -60,6 +60,7 @@ from sftkit.weightfiles import (
     disk_failure,
     export_bytes,
     missing_weights,
+    non_finite_tensors,
     readable_like_other_files,
     safetensors_weights,
 )
@@ -371,21 +372,6 @@ def require_weights(folder: Path, stem: str) -> None:
                     "Under DeepSpeed ZeRO-3 the DeepSpeed config needs stage3_gather_16bit_weights_on_model_save: "
                     "true (a checkpoint DeepSpeed saved instead stays there); under FSDP, fsdp_state_dict_type: "
                     "FULL_STATE_DICT")
-
-
-def non_finite_tensors(directory: Path) -> list[str]:
-    """Names of the floating-point tensors with a nan or inf in any safetensors file under directory."""
-    import torch
-    from safetensors import safe_open
-
-    broken = []
-    for file in sorted(directory.rglob("*.safetensors")):
-        with safe_open(file, "pt") as weights:
-            for name in weights.keys():
-                tensor = weights.get_tensor(name)
-                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                    broken.append(f"{file.relative_to(directory)}:{name}")
-    return broken
 
 
 def _refuse_files_made_meanwhile(staging: Path, output_dir: Path, moved: set[str]) -> None:

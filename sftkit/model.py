@@ -18,6 +18,7 @@ from sftkit.engines import holds_a_shard, is_main_process, local_shard, uses_dee
 from sftkit.errors import ConfigError, first_line
 from sftkit.paths import absolute_if_local, looked_in, looks_local, resolve_path
 from sftkit.schema import DatasetConfig, ModelConfig, RunConfig
+from sftkit.weightfiles import finite
 
 logger = logging.getLogger("sftkit")
 
@@ -389,7 +390,7 @@ def refuse_non_finite_weights(model, model_path: str, args) -> None:
     the largest one); 4-bit weights are packed bytes (stored as floats for ZeRO-3), not numbers to check."""
     broken = [name for name, parameter in model.named_parameters()
               if type(parameter).__name__ != "Params4bit" and (args.process_index == 0 or holds_a_shard(parameter))
-              and not _finite(local_shard(parameter))]
+              and not finite(local_shard(parameter))]
     found = torch.tensor(float(len(broken)), device=args.device)
     if args.world_size > 1:
         torch.distributed.all_reduce(found)
@@ -398,15 +399,6 @@ def refuse_non_finite_weights(model, model_path: str, args) -> None:
             "a shard another process holds"
         raise ConfigError(f"model.path {model_path}: its weights hold nan or inf ({which}), which training would "
                           "carry into the model it publishes; fine-tune a copy of the model whose weights are finite")
-
-
-def _finite(tensor: torch.Tensor) -> bool:
-    if not tensor.is_floating_point() or tensor.is_meta:  # FSDP's other processes may load onto meta
-        return True
-    parts = tensor.detach().reshape(-1).split(2**24)
-    if tensor.element_size() == 1:  # float8 checkpoints: torch has no isfinite for them
-        parts = (part.float() for part in parts)
-    return all(torch.isfinite(part).all() for part in parts)
 
 
 def lora_config(model_cfg: ModelConfig) -> LoraConfig | None:

@@ -25,6 +25,30 @@ def safetensors_weights(directory: Path) -> list[Path]:
     return sorted(path for path in directory.glob("*.safetensors") if published_weights(path.name))
 
 
+def finite(tensor) -> bool:
+    """No nan or inf in a tensor, read in slices (no copy of a whole large tensor)."""
+    import torch
+
+    if not tensor.is_floating_point() or tensor.is_meta:  # FSDP's other processes may load onto meta
+        return True
+    parts = tensor.detach().reshape(-1).split(2**24)
+    if tensor.element_size() == 1:  # float8 weights: torch 2.13 has no isfinite for them
+        parts = (part.float() for part in parts)
+    return all(torch.isfinite(part).all() for part in parts)
+
+
+def non_finite_tensors(directory: Path) -> list[str]:
+    """Names of the floating-point tensors with a nan or inf in any safetensors file under directory."""
+    from safetensors import safe_open
+
+    broken = []
+    for file in sorted(directory.rglob("*.safetensors")):
+        with safe_open(file, "pt") as weights:
+            broken += [f"{file.relative_to(directory)}:{name}" for name in weights.keys()
+                       if not finite(weights.get_tensor(name))]
+    return broken
+
+
 def empty_tensors(file: Path) -> list[str]:
     """Names of the tensors in a safetensors file that hold no element, read from its header alone. A process that
     saves without holding the gathered weights (ZeRO-3 outside process 0) writes each partitioned parameter's empty

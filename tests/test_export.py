@@ -18,12 +18,12 @@ from sftkit import export as export_module
 from sftkit.config import load_config
 from sftkit.errors import ConfigError, Interrupted, RunFailed
 from sftkit.export import main as export_main
-from sftkit.export import non_finite_tensors
 from sftkit.layout import ADAPTER_DIR, RUN_FILE, STAGING_DIR
 from sftkit.rundir import OutputDir
 from sftkit.runrecord import record_written
 from sftkit.schema import ModelConfig
 from sftkit.train import train
+from sftkit.weightfiles import finite, non_finite_tensors
 
 SHORT = ["--training.max_steps", "3", "--training.logging_steps", "1", "--dataset.test_size", "null"]
 
@@ -71,7 +71,7 @@ def test_gradients_that_are_not_finite_stop_the_run_before_their_step_is_saved(t
     assert trainer.guard.diverged_at == 3 and trainer.state.global_step == 3
     assert [entry["loss"] for entry in trainer.state.log_history if "loss" in entry][-1] < 10, "the loss was finite"
     assert sorted(path.name for path in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
-    assert not export_module.non_finite_tensors(tmp_path / "checkpoint-2")
+    assert not non_finite_tensors(tmp_path / "checkpoint-2")
 
 
 def test_an_update_that_breaks_the_weights_under_a_finite_loss_is_not_saved_and_keeps_the_good_checkpoint(tmp_path):
@@ -87,7 +87,7 @@ def test_an_update_that_breaks_the_weights_under_a_finite_loss_is_not_saved_and_
     assert "training diverged at step 2 of 6" in error, error
     assert f"the newest checkpoint is {out}/checkpoint-1 (step 1 of 6)" in error, error
     assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-1"]
-    assert not export_module.non_finite_tensors(out / "checkpoint-1")
+    assert not non_finite_tensors(out / "checkpoint-1")
 
 
 def test_a_divergence_within_an_epoch_saves_no_checkpoint_at_its_end_nor_rotates_the_good_one_away(tmp_path):
@@ -99,7 +99,7 @@ def test_a_divergence_within_an_epoch_saves_no_checkpoint_at_its_end_nor_rotates
     trainer.train()
     assert trainer.guard.diverged_at == 6 and trainer.state.global_step == 6
     assert sorted(path.name for path in tmp_path.glob("checkpoint-*")) == ["checkpoint-4"]  # the first epoch's
-    assert not export_module.non_finite_tensors(tmp_path / "checkpoint-4")
+    assert not non_finite_tensors(tmp_path / "checkpoint-4")
 
 
 def test_a_transformers_without_the_gradient_norm_hook_is_said_to_leave_the_gradients_unchecked(tmp_path,
@@ -168,14 +168,17 @@ def test_a_base_whose_weights_are_not_finite_is_refused_before_training(tmp_path
     assert not list(out.glob("checkpoint-*")) and not (out / "model.safetensors").exists()
 
 
-def test_the_base_check_reads_float8_weights_and_skips_those_not_loaded_here():
-    """torch has no isfinite for float8 (FP8 checkpoints on Hopper): a traceback instead of training; FSDP's other
-    processes may hold weights on the meta device."""
-    from sftkit.model import _finite
+def test_the_finite_checks_read_float8_weights_and_skip_those_not_loaded_here(tmp_path):
+    """torch has no isfinite for float8 (FP8 checkpoints on Hopper): a traceback instead of training, or of the
+    export's check of what it wrote; FSDP's other processes may hold weights on the meta device."""
+    from safetensors.torch import save_file
 
-    assert _finite(torch.randn(64).to(torch.float8_e4m3fn))
-    assert not _finite(torch.tensor([1.0, float("inf")]).to(torch.float8_e5m2))
-    assert _finite(torch.empty(8, device="meta"))
+    assert finite(torch.randn(64).to(torch.float8_e4m3fn))
+    assert not finite(torch.tensor([1.0, float("inf")]).to(torch.float8_e5m2))
+    assert finite(torch.empty(8, device="meta"))
+    save_file({"ok": torch.randn(4).to(torch.float8_e4m3fn), "inf": torch.tensor([float("inf")]).to(torch.float8_e5m2),
+               "steps": torch.tensor([3])}, tmp_path / "model.safetensors")
+    assert non_finite_tensors(tmp_path) == ["model.safetensors:inf"]
 
 
 def test_a_merge_that_is_not_finite_keeps_the_finite_adapter(lora_run, tmp_path):
