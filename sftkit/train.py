@@ -408,7 +408,7 @@ def _final_reply(trainer, tokenizer, prompts: list[list[dict]]) -> str | None:
 
 def _plan(config: RunConfig, data, dtype, trainable: int, total: int) -> str:
     method = config.model.method
-    eval_rows = f", {len(data.eval)} eval rows" if data.eval is not None else ""
+    eval_rows = f", {len(data.eval)} eval row{'' if len(data.eval) == 1 else 's'}" if data.eval is not None else ""
     return (
         f"sftkit: {method} of {config.model.path} in {precision_words(config.model, config.training, dtype)} "
         f"({trainable:,} of {total:,} parameters train)\n"
