@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+from sftkit.checkpoints import split_across_machines
 from sftkit.command import launcher
 from sftkit.engines import (
     first_on_its_machine,
@@ -308,6 +309,7 @@ def check_output_dir_is_shared(output_dir: Path, args, resuming: bool) -> None:
         raise ConfigError(f"{unshared}, so each machine holds only its own part of every checkpoint; resume with "
                           "output_dir on a filesystem every machine shares (copying each machine's checkpoint-N "
                           "files into one directory there makes them whole)")
+    split_across_machines()
     if args.process_index == 0:
         logger.warning(f"{unshared}. The model is written on this machine, but each checkpoint is split across the "
                        "machines' disks and cannot resume, and save_total_limit removes only this machine's parts; "

@@ -437,3 +437,13 @@ def test_save_total_limit_leaves_the_users_checkpoint_folders(tmp_path, caplog):
     assert (out / "checkpoint-2" / "my_eval_notes.txt").is_file()
     assert f"{out}/checkpoint-2 holds files the Trainer did not save (my_eval_notes.txt): it stays, beyond " \
            "training.save_total_limit" in caplog.text
+
+
+def test_a_failed_run_whose_only_checkpoint_cannot_resume_says_why_instead_of_that_none_was_saved(tmp_path):
+    """A checkpoint cut off mid-save (a kill, a full disk) was reported as 'no checkpoint was saved yet'."""
+    from sftkit.checkpoints import newest_checkpoint_words
+
+    (tmp_path / "checkpoint-3").mkdir()
+    (tmp_path / "checkpoint-3" / "adapter_model.safetensors").write_bytes(b"")
+    assert newest_checkpoint_words(tmp_path) == (f"no checkpoint here can resume: the newest, {tmp_path}/checkpoint-3: "
+                                                 "trainer_state.json is missing (the save did not finish)")

@@ -434,6 +434,29 @@ def test_an_output_dir_the_machines_do_not_share_is_said_at_the_start_and_refuse
     assert "step 1/" not in machines.stdout(0) + machines.stderr(0)
 
 
+def test_a_machine_lost_with_unshared_output_dirs_names_the_checkpoint_parts_this_machine_holds(tmp_path):
+    """Each machine held its part of every checkpoint, and the other machine's loss was reported with 'no
+    checkpoint was saved yet'."""
+    out = tmp_path / "machine0"
+    args = training_args("lora_train_config.yaml", out) + ["--training.save_strategy", "steps", "--training.save_steps",
+                                                           "2"]
+    args[args.index("--training.max_steps") + 1] = "1000"
+    commands = machine_commands(free_port(), *args)
+    commands[1] += ["--training.output_dir", str(tmp_path / "machine1")]
+    machines = Machines(commands, tmp_path / "logs")
+    deadline = time.perf_counter() + 300
+    while not (out / "checkpoint-2" / "trainer_state.json").is_file():
+        if time.perf_counter() > deadline or any(process.poll() is not None for process in machines.processes):
+            pytest.fail(machines.output())
+        time.sleep(0.2)
+    for worker in psutil.Process(machines.processes[1].pid).children(recursive=True):
+        worker.send_signal(signal.SIGKILL)
+    machines.wait(timeout=120)
+    assert "lost contact with another process" in machines.stderr(0), machines.output()
+    assert f"each checkpoint is split across the machines' output_dirs; {out}/checkpoint-" in machines.stderr(0)
+    assert "holds this machine's part: copy every machine's checkpoint-" in machines.stderr(0)
+
+
 def test_the_slurm_script_is_valid_bash():
     result = subprocess.run(["bash", "-n", str(SLURM_SCRIPT)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
