@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sftkit.command import processes_asked_of_accelerate
 from sftkit.compat import RENAMED_TRAINING_KEYS, compile_under_zero3_error
 from sftkit.engines import is_main_process, launch_uses_fsdp, several_machines, uses_deepspeed, uses_fsdp, zero_stage
 from sftkit.layout import ADAPTER_DIR, RUN_FILE, WRITTEN, checkpoint_dir
@@ -268,7 +269,19 @@ def machine_errors(training) -> list[str]:
         errors.append("training.use_liger_kernel: true needs the liger-kernel package: pip install -r "
                       "requirements-gpu.txt, or remove the key")
     return errors + [error for error in (None if _deepspeed_owns("optimizer", training) else _optimizer_error(training),
-                                         _wandb_login_error(training)) if error]
+                                         _wandb_login_error(training), _one_process_of_several_error(training)) if error]
+
+
+def _one_process_of_several_error(training) -> str | None:
+    """`accelerate launch --num_processes 2` without a launch config for several processes starts one on a CPU or a
+    single GPU (Accelerate 1.15 turns on multi-GPU by itself only where it sees several GPUs), which trained alone
+    with a batch half the size asked for, without a word."""
+    asked = processes_asked_of_accelerate()
+    if asked is None or asked < 2 or training.world_size > 1:  # Accelerate's count, MPI's processes included
+        return None
+    return (f"accelerate launch --num_processes {asked} started 1 process: without a launch config for several "
+            "processes Accelerate runs one here; add --config_file accelerate_configs/cpu_ddp_2proc.yaml (CPU) or "
+            "multi_gpu.yaml (or one of accelerate_configs/), or launch with --num_processes 1")
 
 
 def _deepspeed_owns(part: str, training) -> bool:

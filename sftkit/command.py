@@ -47,6 +47,22 @@ def launcher() -> str | None:
     return words[0] if words else None
 
 
+def processes_asked_of_accelerate() -> int | None:
+    """The `--num_processes N` that `accelerate launch` was given on its command line, where it started this one."""
+    words = _launcher_command() or []
+    if words[:1] != ["accelerate"]:
+        return None
+    for index, word in enumerate(words):
+        if word == "--num_processes":
+            value = words[index + 1] if index + 1 < len(words) else ""
+        elif word.startswith("--num_processes="):
+            value = word.partition("=")[2]
+        else:
+            continue
+        return int(value) if value.isdigit() else None
+    return None
+
+
 def _launcher_command() -> list[str] | None:
     """`accelerate launch ...`, `torchrun ...` or `deepspeed ...` when one of this process's parents is that
     launcher (each starts the training script as its child or grandchild), from the first launcher word on."""

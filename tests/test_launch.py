@@ -84,6 +84,18 @@ def test_bare_config_name_works_from_any_directory(tmp_path):
     assert (out / "model.safetensors").exists()
 
 
+def test_accelerate_asked_for_several_processes_that_start_one_is_refused_before_loading(tmp_path):
+    """Without a launch config for several processes, Accelerate starts one on a CPU (or one GPU): it trained alone,
+    with half the batch asked for, and nothing said so."""
+    out = tmp_path / "out"
+    result = subprocess.run([ACCELERATE, "launch", "--num_processes", "2", "sft.py", "--training.output_dir", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert ("sft.py: error: accelerate launch --num_processes 2 started 1 process: without a launch config for several "
+            "processes Accelerate runs one here; add --config_file accelerate_configs/cpu_ddp_2proc.yaml") in result.stderr
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_bad_data_fails_before_any_weight_loads_with_one_line(tmp_path):
     data = tmp_path / "bad.jsonl"
