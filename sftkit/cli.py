@@ -7,6 +7,7 @@
 """
 
 import contextlib
+import re
 import sys
 import time
 from pathlib import Path
@@ -238,13 +239,22 @@ def init(argv: list[str]) -> int:
 
 def _as_written_to(source: Path, target: Path) -> str:
     """The shipped config's text, its header's launch commands naming the copy and the installed command (sft.py
-    is in the repo only, where the user's config may not be)."""
+    is in the repo only, where the user's config may not be), and checkpoints saved: the tiny model's configs save
+    none, which on a real model's hours of training lost them all to a crash."""
     shipped = f"configs/{source.relative_to(CONFIGS_DIR)}"
-    lines = [line.replace(f"accelerate launch sft.py --config {shipped}", f"accelerate launch -m sftkit train {target}")
+    lines = [CHECKPOINTS_OF_A_COPY if re.match(r' +save_strategy: "no"', line) else
+             line.replace(f"accelerate launch sft.py --config {shipped}", f"accelerate launch -m sftkit train {target}")
                  .replace(f"python sft.py --config {shipped}", f"sftkit train {target}")
              for line in source.read_text().splitlines(keepends=True)
              if "(this file is the default)" not in line]  # the copy is not
     return "".join(lines)
+
+
+CHECKPOINTS_OF_A_COPY = """\
+  save_strategy: steps         # a checkpoint every save_steps: a crash or a stop loses at most that many steps;
+  save_steps: 500              # relaunch with --training.resume_from_checkpoint auto to continue from the newest
+  save_total_limit: 2          # the newest two are kept (the final model is saved besides)
+"""
 
 
 def _shipped_config(name: str) -> Path:

@@ -140,7 +140,12 @@ def test_env_and_init_answer_a_mistyped_argument_in_one_line(tmp_path):
     assert init.returncode == 2 and init.stderr.count("\n") == 1 and "see sftkit init --help" in init.stderr
     run_python("-m", "sftkit", "init", str(tmp_path / "mine.yaml"), "--config", "qlora")  # --config as train has it
     shipped = (REPO / "configs" / "qlora_train_config.yaml").read_text()
-    assert (tmp_path / "mine.yaml").read_text().split("\nmodel:")[1] == shipped.split("\nmodel:")[1]  # its header
+    checkpoints = ("  save_strategy: steps ", "  save_steps: 500 ", "  save_total_limit: 2 ")
+    copy = (tmp_path / "mine.yaml").read_text()
+    assert [line for line in copy.split("\nmodel:")[1].splitlines() if not line.startswith(checkpoints)] == \
+        [line for line in shipped.split("\nmodel:")[1].splitlines() if 'save_strategy: "no"' not in line]  # its header
+    assert all(f"\n{line}" in copy for line in checkpoints), "a copy for a real model's run saves checkpoints"
+    assert load_config(str(tmp_path / "mine.yaml")).training.save_steps == 500
     assert f"accelerate launch -m sftkit train {tmp_path / 'mine.yaml'}" in (tmp_path / "mine.yaml").read_text()
     json_name = run_python("-m", "sftkit", "init", str(tmp_path / "mine.json"), check=False)  # not mine.json.yaml
     assert json_name.returncode == 2 and "a config is a YAML file; give a name ending in .yaml" in json_name.stderr
@@ -149,7 +154,7 @@ def test_env_and_init_answer_a_mistyped_argument_in_one_line(tmp_path):
     assert (tmp_path / "llama3.1_mine.yaml").is_file()
     run_python("-m", "sftkit", "init", str(tmp_path / "runs" / "first.yaml"))  # its folder is made
     first = (tmp_path / "runs" / "first.yaml").read_text()
-    assert first.split("\nmodel:")[1] == (REPO / "configs" / "lora_train_config.yaml").read_text().split("\nmodel:")[1]
+    assert "\n  save_steps: 500 " in first and "\nmodel:\n  path: data/tiny-chat-llama\n" in first
     again = run_python("-m", "sftkit", "init", str(tmp_path / "runs" / "first.yaml"), "--from", "qlora", check=False)
     assert again.returncode == 2 and "exists already" in again.stderr
     assert (tmp_path / "runs" / "first.yaml").read_text() == first
