@@ -370,6 +370,23 @@ def _cast_inputs_of_trained_copies(model) -> None:
                 copy.register_forward_pre_hook(in_its_dtype)
 
 
+def untie_an_adapted_embedding(peft_model) -> None:
+    """PEFT 0.21 merges a LoRA of the input embeddings into their weight, which a model with tie_word_embeddings
+    (Llama 3.2 1B/3B, Qwen2.5 0.5B-3B, Gemma) shares with its output layer: the merged model's output layer changed
+    too, though training never adapted it (a run's published model scored 1.90 where it trained to 1.80; PEFT only
+    warns). The output layer gets its own copy of the weight before the merge, and the config no longer ties them."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    model = peft_model.get_base_model()
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or not isinstance(embedding, LoraLayer) or head.weight is not embedding.get_base_layer().weight:
+        return
+    head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    for config in (model.config, model.config.get_text_config()):
+        config.tie_word_embeddings = False
+
+
 def rotate_only_checkpoints_not(left_out) -> None:
     """transformers 5.24 rotates away (save_total_limit) every folder named checkpoint-*, sorted by modification time,
     and at the end of a run with save_total_limit 1 and a best checkpoint every folder named checkpoint-<digits>...:

@@ -23,7 +23,7 @@ import yaml
 
 from sftkit.checkpoints import STATE_FILE, kept_work_words, last_step, newest_checkpoint_words, newest_resumable
 from sftkit.command import export_command
-from sftkit.compat import float32_by_design, zero3_init_disabled
+from sftkit.compat import float32_by_design, untie_an_adapted_embedding, zero3_init_disabled
 from sftkit.config import read_section
 from sftkit.environment import library_versions
 from sftkit.errors import ConfigError, OneLineArgumentParser, RunFailed, SftkitError, first_line, say_error
@@ -299,7 +299,9 @@ def _merge_adapter(model_cfg, adapter_dir: Path, target: Path, dtype) -> None:
     _refuse_another_base(Path(base_cfg.path), target.parent)
     with zero3_init_disabled():
         base = load_model(base_cfg, dtype, gradient_checkpointing=False, quantize=False)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    adapted = PeftModel.from_pretrained(base, str(adapter_dir))
+    untie_an_adapted_embedding(adapted)
+    merged = adapted.merge_and_unload()
     merged.save_pretrained(target)
 
 

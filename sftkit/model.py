@@ -65,6 +65,11 @@ def check_model_source(model_cfg: ModelConfig):
             f"model.lora_config.target_modules: {', '.join(missing)} {'matches' if len(missing) == 1 else 'match'} "
             f"no layer of {model_cfg.path} that LoRA can adapt; its linear layers are {', '.join(_leaf_names(linear))} (or use all-linear)"
         )
+    if _targets_the_output_layer(lora.target_modules, model):
+        head = _leaf_names([_output_layer_name(model)])[0]
+        raise ConfigError(f"model.lora_config.target_modules: {head} is the output layer, whose weight TRL 1.16 "
+                          "multiplies by directly, so an adapter there would never train; to train it, list it in "
+                          f"model.lora_config.modules_to_save instead (trained in full): modules_to_save: [{head}]")
     named = [name for name, _ in model.named_modules() if name]
     missing = [name for name in lora.modules_to_save or [] if not _names_module(name, named)]
     if missing:
@@ -188,6 +193,21 @@ def _meta_model(model_cfg: ModelConfig, hf_config):
         return None  # the model's own code may not support the meta device; loading it will tell
     raise ConfigError(f"model.path {model_cfg.path} ({hf_config.model_type}) cannot be built as a causal LM: "
                       f"{first_line(failure)}") from failure
+
+
+def _output_layer_name(model) -> str | None:
+    head = model.get_output_embeddings()
+    return next((name for name, module in model.named_modules() if module is head), None)
+
+
+def _targets_the_output_layer(target_modules, model) -> bool:
+    """Whether LoRA's target_modules name the output layer (PEFT 0.21 leaves it out of all-linear)."""
+    head = _output_layer_name(model)
+    if head is None or target_modules == "all-linear":
+        return False
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, head) is not None
+    return any(_names_module(target, [head]) for target in target_modules or [])
 
 
 def _names_module(target: str, names: list[str]) -> bool:

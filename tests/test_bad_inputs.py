@@ -387,6 +387,18 @@ def test_lora_target_module_that_matches_nothing_lists_the_layers(tmp_path):
                     "down_proj, lm_head (or use all-linear)")
 
 
+@pytest.mark.parametrize("targets", ["[q_proj, lm_head]", ".*head"])
+def test_a_lora_of_the_output_layer_is_refused_before_loading_with_the_key_that_trains_it(tmp_path, targets):
+    """TRL 1.16 reads the output layer's weight itself, so an adapter there never trains: it refused with a
+    traceback once the model had loaded, and the dry run planned it."""
+    for dry_run in ((), ("--dry-run",)):
+        line, _ = sft("--model.use_lora", "true", "--model.lora_config.target_modules", targets, *dry_run,
+                      tmp_path=tmp_path)
+        assert line == ("sft.py: error: model.lora_config.target_modules: lm_head is the output layer, whose weight "
+                        "TRL 1.16 multiplies by directly, so an adapter there would never train; to train it, list it "
+                        "in model.lora_config.modules_to_save instead (trained in full): modules_to_save: [lm_head]")
+
+
 def test_model_with_its_own_code_needs_trust_remote_code(tmp_path):
     model = tmp_path / "custom"
     shutil.copytree(TINY_MODEL, model)

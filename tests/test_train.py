@@ -8,7 +8,7 @@ import torch
 from conftest import SAMPLE_DATA, TINY_MODEL, export_float32
 from peft import PeftModel
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from sftkit.config import load_config
 from sftkit.errors import RunFailed
@@ -122,6 +122,23 @@ def test_lora_saves_the_adapter_and_a_merged_model_equal_to_base_plus_adapter(tm
     difference = (logits(merged, inputs) - logits(with_adapter, inputs)).abs().max().item()
     assert difference < 1e-4
     assert not torch.allclose(logits(merged, inputs), logits(base_model(), inputs), atol=1e-3), "the adapter did something"
+
+
+def test_a_lora_of_tied_input_embeddings_publishes_the_model_it_trained(tmp_path):
+    """The tiny model ties its output layer to its input embeddings (as Llama 3.2 1B, Qwen2.5 0.5B and Gemma do):
+    PEFT merged the embeddings' LoRA into the shared weight, so the published model's output layer changed too,
+    though training never adapted it (logits 5.6 apart; eval loss 1.90 where the run reported 1.80)."""
+    assert AutoConfig.from_pretrained(TINY_MODEL).tie_word_embeddings
+    _, result = run(tmp_path, "lora_train_config.yaml", "--model.lora_config.target_modules", "[q_proj, embed_tokens]",
+                    steps=10)
+    out = tmp_path / "out"
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    with_adapter = PeftModel.from_pretrained(base_model(), out / ADAPTER_DIR)
+    assert any("embed_tokens.lora_embedding_A" in name for name, _ in with_adapter.named_parameters())
+    inputs = batch(AutoTokenizer.from_pretrained(out))
+    assert (logits(merged, inputs) - logits(with_adapter, inputs)).abs().max().item() < 1e-4
+    assert not merged.config.tie_word_embeddings
+    assert torch.equal(merged.get_output_embeddings().weight, base_model().get_output_embeddings().weight)
 
 
 def test_qlora_merges_into_the_unquantized_base(tmp_path):
