@@ -302,7 +302,25 @@ def _merge_adapter(model_cfg, adapter_dir: Path, target: Path, dtype) -> None:
     adapted = PeftModel.from_pretrained(base, str(adapter_dir))
     untie_an_adapted_embedding(adapted)
     merged = adapted.merge_and_unload()
+    _agree_with_the_tokenizer(merged, adapter_dir)
     merged.save_pretrained(target)
+
+
+def _agree_with_the_tokenizer(model, tokenizer_dir: Path) -> None:
+    """The merged model's config and generation config name the pad and eos tokens the run trained with and its
+    tokenizer is published with, as TRL 1.16 sets them on the model it trains: the fresh copy of the base has the
+    base's (a base padding with its eos gave its merged model pad_token_id = eos beside a tokenizer with another)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    text, generation = model.config.get_text_config(), model.generation_config
+    if tokenizer.pad_token_id is not None:
+        text.pad_token_id = generation.pad_token_id = tokenizer.pad_token_id
+    ends = [] if generation.eos_token_id is None else [generation.eos_token_id] \
+        if isinstance(generation.eos_token_id, int) else list(generation.eos_token_id)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ends:
+        text.eos_token_id = tokenizer.eos_token_id
+        generation.eos_token_id = [tokenizer.eos_token_id, *ends]
 
 
 def _refuse_another_base(base: Path, output_dir: Path) -> None:

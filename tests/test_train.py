@@ -141,6 +141,27 @@ def test_a_lora_of_tied_input_embeddings_publishes_the_model_it_trained(tmp_path
     assert torch.equal(merged.get_output_embeddings().weight, base_model().get_output_embeddings().weight)
 
 
+def test_a_merged_model_names_the_pad_and_eos_tokens_of_its_tokenizer(tmp_path):
+    """A base that pads with its eos: the run pads with another token (model.ensure_distinct_pad_token) and the
+    published tokenizer says so, but the merged model's config and generation config kept the base's pad (the eos),
+    as did its eos where training.eos_token changed it; a full fine-tune's said the tokenizer's (TRL sets them)."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(TINY_MODEL, base)
+    for name in ("tokenizer_config.json", "config.json", "generation_config.json"):
+        settings = json.loads((base / name).read_text())
+        settings.update({"pad_token": "<|im_end|>"} if name.startswith("tokenizer") else {"pad_token_id": 1})
+        (base / name).write_text(json.dumps(settings))
+    run(tmp_path, "lora_train_config.yaml", "--model.path", str(base), "--training.eos_token", "<|im_start|>", steps=2)
+    out = tmp_path / "out"
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (2, 3)
+    config, generation = (json.loads((out / name).read_text()) for name in ("config.json", "generation_config.json"))
+    assert (config["pad_token_id"], config["eos_token_id"]) == (2, 3)
+    assert (generation["pad_token_id"], generation["eos_token_id"]) == (2, [3, 1])
+
+
 def test_qlora_merges_into_the_unquantized_base(tmp_path):
     from transformers import BitsAndBytesConfig
 
