@@ -50,6 +50,7 @@ def build_summary(trainer, config, data, dtype, parameters: tuple[int, int], rep
         "eval_loss_first": start,
         "eval_loss": end[1],
         "eval_loss_step": end[0],  # before the last step where a stop skipped the final evaluation
+        "evaluated_in_4_bits": config.model.load_in_4bit,  # QLoRA: of the 4-bit base, not of the merged model
         "best_checkpoint_step": best,
         "rows": data.rows,
         "train_rows": len(data.train),
@@ -228,6 +229,7 @@ def model_card(config, summary: dict) -> str:
         *(["", f"The eval loss at the end is that of {_eval_end_words(summary)} (a stop skipped the final "
                "evaluation)."] if _eval_end_words(summary).startswith("step ") and
           not summary.get("best_checkpoint_step") else []),
+        *(["", f"The eval losses are {QUANTIZED_EVAL[2:]}."] if summary.get("evaluated_in_4_bits") else []),
         "",
         f"{summary['trained_tokens']:,} tokens trained in {summary['train_seconds']:.1f} s of training "
         f"({summary['wall_seconds']} s in all).",
@@ -296,6 +298,10 @@ def _best_checkpoint_words(summary: dict) -> str:
     return f"step {step}, the best checkpoint" if step else ""
 
 
+QUANTIZED_EVAL = (", of the 4-bit base with the adapter, as it trained; `sftkit compare` evaluates the published merged "
+                  "model, unquantized")
+
+
 def _eval_end_words(summary: dict) -> str:
     """Whose the last eval loss is: the published model's ('end'), the best checkpoint's, or an earlier step's where
     a stop skipped the final evaluation."""
@@ -324,7 +330,7 @@ def format_summary(summary: dict) -> str:
         ("train loss", f"{_number(summary['train_loss_first'])} -> {_number(summary['train_loss_last'])} "
                        f"(first -> last log), {_number(summary['train_loss_mean'])} mean"),
         *([("eval loss", f"{_number(summary['eval_loss_first'])} -> {_number(summary['eval_loss'])} (start -> "
-                         f"{_eval_end_words(summary)})")]
+                         f"{_eval_end_words(summary)}){QUANTIZED_EVAL if summary.get('evaluated_in_4_bits') else ''}")]
           if summary["eval_loss"] is not None else
           [("eval loss", f"{_number(summary['eval_loss_first'])} at the start (a stop skipped the final evaluation)")]
           if summary["eval_loss_first"] is not None else []),  # no evaluation data

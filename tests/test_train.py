@@ -170,6 +170,11 @@ def test_qlora_merges_into_the_unquantized_base(tmp_path):
     # TRL keeps QLoRA's adapters in bf16 in a float32 run: the summary says what each file holds
     assert (result.summary["saved_dtypes"], result.summary["adapter_dtypes"]) == (["float32"], ["bfloat16"])
     assert f"LoRA adapter       {out / ADAPTER_DIR} (bfloat16)" in format_summary(result.summary)
+    # its eval losses are the 4-bit model's, which is not the one published
+    assert result.summary["evaluated_in_4_bits"] and result.summary["eval_loss"] is not None
+    assert "(start -> end), of the 4-bit base with the adapter, as it trained; `sftkit compare` evaluates the " \
+        "published merged model, unquantized" in format_summary(result.summary)
+    assert "The eval losses are of the 4-bit base with the adapter" in (out / "README.md").read_text()
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert merged.dtype == torch.float32
