@@ -13,7 +13,7 @@ import torch
 from sftkit.checkpoints import checkpoint_to_resume, epochs_words, resume_request
 from sftkit.checks import warmup_outlasts
 from sftkit.compat import zero_model_states
-from sftkit.engines import fsdp_plugin, launch_engine, rows_per_step
+from sftkit.engines import fsdp_plugin, launch_engine, processes_on_this_machine, rows_per_step, several_machines
 from sftkit.engines import world_size as launched_world_size
 from sftkit.errors import ConfigError
 from sftkit.fastpath import describe as describe_speed
@@ -111,13 +111,22 @@ def dry_run(config: RunConfig, overwrite: bool = False) -> str:
         ("steps", f"{plan.steps_per_epoch} per epoch; {plan.total_steps} in all"
                   + (" (training.max_steps)" if args.max_steps > 0 else f" ({epochs_words(args.num_train_epochs)})")
                   + (f"; {outlasts}" if (outlasts := warmup_outlasts(args, plan.total_steps)) else "")),
-        ("distributed", plan.sharding.description),
+        ("distributed", plan.sharding.description + _processes_words(world_size)),
         ("speed", describe_speed(config.speed)),
         ("memory per device", plan.memory.description),
         ("output", output),
     ]
     return f"Dry run of {config.source} (no weights loaded, nothing trained)\n" + "\n".join(
         f"  {label:<18} {value}" for label, value in rows)
+
+
+def _processes_words(world_size: int) -> str:
+    """', 16 processes on 2 machines' where the launch spans several (each machine's launcher says its own count)."""
+    if world_size < 2:
+        return ""
+    per_machine = processes_on_this_machine() or world_size
+    machines = f" on {world_size // per_machine} machines" if several_machines() and per_machine < world_size else ""
+    return f", {world_size} processes{machines}"
 
 
 def _planned_for_a_cpu(args) -> str:

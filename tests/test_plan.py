@@ -371,3 +371,15 @@ def test_inspect_shows_a_long_row_as_the_trainer_keeps_it(tmp_path, settings, sh
     sample = inspected.split("--- sample 0", 1)[1]
     assert note in sample and shown in sample and "[[" in sample, sample
     assert hidden is None or hidden not in sample, sample
+
+
+@pytest.mark.parametrize("variables, words", [({}, ""), ({"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "8"}, ", 8 processes"),
+                                              ({"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "10.0.0.1"},
+                                               ", 16 processes on 2 machines")])
+def test_the_dry_runs_distributed_line_counts_the_launchs_processes_and_machines(monkeypatch, variables, words):
+    from sftkit.engines import world_size
+    from sftkit.plan import _processes_words
+
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    assert _processes_words(world_size()) == words
