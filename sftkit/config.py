@@ -31,7 +31,7 @@ from sftkit.compat import (
     training_fields,
 )
 from sftkit.engines import uses_deepspeed, world_size
-from sftkit.errors import ConfigError, first_line
+from sftkit.errors import ConfigError, first_line, not_utf8
 from sftkit.fastpath import bf16_by_default, choose_adapter_inputs
 from sftkit.fastpath import choose as choose_fast_path
 from sftkit.paths import PRESETS_DIR, PROJECT_DIR, find_config_file, found_beside, looks_local, resolve_path
@@ -165,7 +165,7 @@ def read_yaml(path: Path) -> dict:
         text = path.read_text(encoding="utf-8")
         data = yaml.load(text, Loader=_StrictLoader) or {}
     except UnicodeDecodeError as error:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8") from None
+        raise ConfigError(not_utf8(str(path), error)) from None
     except yaml.YAMLError as error:
         mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""

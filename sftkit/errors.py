@@ -84,6 +84,14 @@ def first_line(error: BaseException) -> str:
     return lines[0].rstrip(".") if lines else type(error).__name__
 
 
+def not_utf8(where: str, error: UnicodeDecodeError) -> str:
+    """'FILE line 3: not UTF-8 text (...); save it as UTF-8': a file in another encoding is saved again whole."""
+    return f"{where}: not UTF-8 text ({error.reason} at byte {error.start}); {NOT_UTF8_FIX}"
+
+
+NOT_UTF8_FIX = "save it as UTF-8"
+
+
 class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse's errors as one line, like the config's (it prints its usage block first)."""
 

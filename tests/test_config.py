@@ -452,7 +452,7 @@ def test_the_static_field_list_matches_sft_config():
      r"config.yaml, line 2, column 1: not valid YAML: found character '\\t' that cannot start any token; indent "
      r"with spaces, not tabs$"),
     ("dataset:\n  system_prompt: \"R\xe9ponds\"\n".encode("latin-1"),
-     r"config.yaml: not UTF-8 text \(byte 28: invalid continuation byte\); save it as UTF-8$"),
+     r"config.yaml: not UTF-8 text \(invalid continuation byte at byte 28\); save it as UTF-8$"),
     (MINIMAL.replace("training:", " training:"),
      r"config.yaml, line 5, column 2: not valid YAML: expected <block end>, but found '<block mapping start>'; "
      r"check this line's indentation against the lines above it$"),

@@ -741,7 +741,7 @@ def test_other_files_give_the_1_based_row_or_the_line_of_a_csv_file(tmp_path, to
         (".jsonl", '{"prompt": "a", "response": "b"}\n["c", "d"]\n', "line 2: expected a JSON object of the row's columns, got list"),
         (".json", '[\n  {"prompt": "a", "response": "b"},\n  {"prompt": "c" "response": "d"}\n]\n', "line 3: not valid JSON: Expecting ',' delimiter at column 18"),
         (".jsonl", '{"prompt": "a", "response": "b"}\n{"prompt": "\xff"}\n',
-         "line 2: not UTF-8 text (invalid start byte at byte 0); save the file as UTF-8"),
+         "line 2: not UTF-8 text (invalid start byte at byte 0); save it as UTF-8"),
         # a BOM, as Windows tools write it, before a good first row: the error named line 1
         (".jsonl", '\xef\xbb\xbf{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": oops}\n',
          "line 2: not valid JSON: Expecting value at column 29"),

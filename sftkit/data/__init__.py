@@ -20,7 +20,7 @@ from sftkit.data.tokenize import (
     warn_of_markers_trained_as_text,
 )
 from sftkit.engines import is_main_process
-from sftkit.errors import DataError
+from sftkit.errors import DataError, not_utf8
 from sftkit.paths import is_pattern, local_files, named_splits, resolve_path, saved_by_datasets, splits_of
 from sftkit.schema import DatasetConfig, SourceConfig
 
@@ -427,8 +427,7 @@ def _tokenize_row(row, index, tokenizer, format_name, system_prompt, answer_sour
             file, place = found
             where = f"dataset {file}" if name_the_file else where
         if isinstance(error, UnicodeDecodeError):  # Arrow keeps the bytes and decodes them when the row is read
-            problem = f"{where} {place}: not UTF-8 text ({error.reason} at byte {error.start})"
-            fix = "save the file as UTF-8"
+            problem, _, fix = not_utf8(f"{where} {place}", error).rpartition("; ")
         else:
             problem = f"{where} {place}: {error}"
             fix = "fix or remove the row, or set dataset.on_bad_row: skip" if isinstance(error, RowDefect) else None

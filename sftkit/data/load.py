@@ -10,7 +10,7 @@ from pathlib import Path
 from sftkit.checks import source_errors
 from sftkit.compat import blank_line_datasets_cannot_read, cache_named_by_contents, refuse_values_datasets_reads_as_json
 from sftkit.data.formats import READS, detect_format
-from sftkit.errors import DataError, first_line
+from sftkit.errors import NOT_UTF8_FIX, DataError, first_line, not_utf8
 from sftkit.paths import (
     DATA_FILE_BUILDERS,
     data_suffix,
@@ -167,7 +167,7 @@ def _load(source: SourceConfig, split: str):
         except Exception as error:
             problem = next(filter(None, map(_json_problem if builder == "json" else _text_problem, files)), None)
             if problem:  # a file not in UTF-8 is saved again whole, not fixed line by line
-                fix = "" if problem.endswith("save it as UTF-8") else "; fix or remove that line"
+                fix = "" if problem.endswith(NOT_UTF8_FIX) else "; fix or remove that line"
                 raise DataError(f"dataset {problem}{fix}") from None
             if builder == "json" and (blank := blank_line_datasets_cannot_read(files, error)):
                 raise DataError(f"dataset {blank}: a blank line, which datasets cannot read where a field holds text "
@@ -248,7 +248,7 @@ def _json_problem(file: str) -> str | None:
             try:
                 value = json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n"))
             except UnicodeDecodeError as error:
-                return f"{file} line {number}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
+                return not_utf8(f"{file} line {number}", error)
             except json.JSONDecodeError as error:
                 if number == 1 and data_suffix(file) == ".json":
                     break  # a document spread over lines
@@ -265,7 +265,7 @@ def _json_problem(file: str) -> str | None:
     except json.JSONDecodeError as error:
         return f"{file} line {error.lineno}: not valid JSON: {_json_message(error)}"
     except UnicodeDecodeError as error:
-        return f"{file}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
+        return not_utf8(file, error)
     return None
 
 
@@ -300,7 +300,7 @@ def _text_problem(file: str) -> str | None:
             try:
                 raw.decode("utf-8")
             except UnicodeDecodeError as error:
-                return f"{file} line {number}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
+                return not_utf8(f"{file} line {number}", error)
     return None
 
 
