@@ -219,13 +219,14 @@ def _leaf_names(names: list[str]) -> list[str]:
     return list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in names))
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+# any one of them tells a tokenizer is there (layout.TOKENIZER_FILES: those a run writes)
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
 def load_tokenizer(model_cfg: ModelConfig, dataset_cfg: DatasetConfig):
     path = resolve_path(model_cfg.path)
-    if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
-        raise ConfigError(f"model.path {model_cfg.path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); save "
+    if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in TOKENIZER_MARKERS):
+        raise ConfigError(f"model.path {model_cfg.path} has no tokenizer files ({', '.join(TOKENIZER_MARKERS)}); save "
                           "the tokenizer beside the model (tokenizer.save_pretrained(path))")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=model_cfg.revision,

@@ -24,6 +24,7 @@ from sftkit.checkpoints import split_across_machines
 from sftkit.command import launcher
 from sftkit.engines import (
     first_on_its_machine,
+    is_main_process,
     processes_on_this_machine,
     rows_per_step,
     several_machines,
@@ -77,7 +78,7 @@ def watch(prog: str) -> None:
         return
     if os.environ.get("LOCAL_RANK", "0") != "0":
         return
-    arrivals_due = time.monotonic() + ARRIVAL_SECONDS if os.environ.get("RANK", "0") == "0" else None
+    arrivals_due = time.monotonic() + ARRIVAL_SECONDS if is_main_process() else None
 
     def poll():
         nonlocal arrivals_due
