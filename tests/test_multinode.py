@@ -76,6 +76,21 @@ class Machines:
                 process.wait()
         return ended
 
+    def wait_for(self, path: Path, timeout: float = 300) -> None:
+        """Until `path` exists (a checkpoint's trainer_state.json: the checkpoint is saved); fails if a machine ended."""
+        deadline = time.perf_counter() + timeout
+        while not path.is_file():
+            if time.perf_counter() > deadline or any(process.poll() is not None for process in self.processes):
+                pytest.fail(self.output())
+            time.sleep(0.2)
+
+    def signal_workers(self, rank: int, signal_number) -> list:
+        """Sends machine `rank`'s training processes (its launcher's children) a signal; returns them."""
+        workers = psutil.Process(self.processes[rank].pid).children(recursive=True)
+        for worker in workers:
+            worker.send_signal(signal_number)
+        return workers
+
     def returncodes(self) -> list[int]:
         return [process.returncode for process in self.processes]
 
@@ -194,11 +209,8 @@ def test_a_killed_process_stops_the_other_machine(tmp_path):
     """Machine 1's training process dies (SIGKILL: out of memory, a node failure) mid-training."""
     args = training_args("lora_train_config.yaml", tmp_path / "out")
     machines = training_for_long(args, tmp_path / "logs")
-    workers = psutil.Process(machines.processes[1].pid).children(recursive=True)
-    assert workers, "machine 1's launcher has its training process"
     killed = time.perf_counter()
-    for worker in workers:
-        worker.send_signal(signal.SIGKILL)
+    assert machines.signal_workers(1, signal.SIGKILL), "machine 1's launcher has its training process"
     ended = machines.wait(timeout=120)
     stopped = [seconds - (killed - machines.started) for seconds in ended if seconds is not None]
     print(f"after the kill: machine 1 stopped in {stopped[1]:.1f} s, machine 0 in {stopped[0]:.1f} s")
@@ -218,13 +230,8 @@ def test_torchruns_max_restarts_resumes_a_run_over_two_machines_from_its_newest_
     args[args.index("--training.max_steps") + 1] = "12"
     machines = Machines(machine_commands(free_port(), *args, config="accelerate_configs/cpu_ddp_2proc.yaml",
                                          launcher=("--max_restarts", "1")), tmp_path / "logs")
-    deadline = time.perf_counter() + 300
-    while not (out / "checkpoint-3" / "trainer_state.json").is_file():
-        if time.perf_counter() > deadline or any(process.poll() is not None for process in machines.processes):
-            pytest.fail(machines.output())
-        time.sleep(0.2)
-    for worker in psutil.Process(machines.processes[1].pid).children(recursive=True):
-        worker.send_signal(signal.SIGKILL)
+    machines.wait_for(out / "checkpoint-3" / "trainer_state.json")
+    machines.signal_workers(1, signal.SIGKILL)
     machines.wait(timeout=400)
     assert machines.returncodes() == [0, 0], machines.output()
     assert f"resumes from {out}/checkpoint-" in machines.stdout(0), machines.output()
@@ -239,11 +246,8 @@ def test_the_main_machines_death_leaves_the_newest_checkpoint_named_in_the_other
     args = training_args("lora_train_config.yaml", out) + ["--training.save_strategy", "steps", "--training.save_steps",
                                                            "2"]
     machines = training_for_long(args, tmp_path / "logs")
-    deadline = time.perf_counter() + 120
-    while not (out / "checkpoint-2" / "trainer_state.json").is_file() and time.perf_counter() < deadline:
-        time.sleep(0.2)
-    for worker in psutil.Process(machines.processes[0].pid).children(recursive=True):
-        worker.send_signal(signal.SIGKILL)
+    machines.wait_for(out / "checkpoint-2" / "trainer_state.json", timeout=120)
+    machines.signal_workers(0, signal.SIGKILL)
     machines.wait(timeout=120)
     assert "lost contact with another process" in machines.stderr(1), machines.output()
     assert f"the newest checkpoint is {out}/checkpoint-" in machines.stderr(1), machines.output()
@@ -256,12 +260,8 @@ def test_a_hung_machine_is_named_after_ddp_timeout_with_the_newest_checkpoint(tm
     args = training_args("lora_train_config.yaml", out) + ["--training.save_strategy", "steps", "--training.save_steps",
                                                            "2", "--training.ddp_timeout", "20"]
     machines = training_for_long(args, tmp_path / "logs")
-    deadline = time.perf_counter() + 120
-    while not (out / "checkpoint-2" / "trainer_state.json").is_file() and time.perf_counter() < deadline:
-        time.sleep(0.2)
-    frozen = psutil.Process(machines.processes[1].pid).children(recursive=True)
-    for worker in frozen:
-        worker.send_signal(signal.SIGSTOP)
+    machines.wait_for(out / "checkpoint-2" / "trainer_state.json", timeout=120)
+    frozen = machines.signal_workers(1, signal.SIGSTOP)
     deadline = time.perf_counter() + 120
     while machines.processes[0].poll() is None and time.perf_counter() < deadline:
         time.sleep(0.2)
@@ -444,13 +444,8 @@ def test_a_machine_lost_with_unshared_output_dirs_names_the_checkpoint_parts_thi
     commands = machine_commands(free_port(), *args)
     commands[1] += ["--training.output_dir", str(tmp_path / "machine1")]
     machines = Machines(commands, tmp_path / "logs")
-    deadline = time.perf_counter() + 300
-    while not (out / "checkpoint-2" / "trainer_state.json").is_file():
-        if time.perf_counter() > deadline or any(process.poll() is not None for process in machines.processes):
-            pytest.fail(machines.output())
-        time.sleep(0.2)
-    for worker in psutil.Process(machines.processes[1].pid).children(recursive=True):
-        worker.send_signal(signal.SIGKILL)
+    machines.wait_for(out / "checkpoint-2" / "trainer_state.json")
+    machines.signal_workers(1, signal.SIGKILL)
     machines.wait(timeout=120)
     assert "lost contact with another process" in machines.stderr(0), machines.output()
     assert f"each checkpoint is split across the machines' output_dirs; {out}/checkpoint-" in machines.stderr(0)
