@@ -1,6 +1,7 @@
 """Tokenizer, dtype, 4-bit quantization and the LoRA config."""
 
 import dataclasses
+import json
 import logging
 import re
 from pathlib import Path
@@ -234,6 +235,8 @@ def load_tokenizer(model_cfg: ModelConfig, dataset_cfg: DatasetConfig):
     except (OSError, ValueError) as error:  # transformers' words for a tokenizer it cannot build
         raise ConfigError(f"model.path {model_cfg.path}: its tokenizer cannot be loaded: {first_line(error)}") \
             from error
+    if not dataset_cfg.chat_template and Path(path).is_dir():
+        _warn_of_a_second_template(Path(path), model_cfg.path)
     if dataset_cfg.chat_template:
         _set_template(tokenizer, dataset_cfg.chat_template)
     elif tokenizer.chat_template is None:
@@ -242,6 +245,22 @@ def load_tokenizer(model_cfg: ModelConfig, dataset_cfg: DatasetConfig):
         tokenizer.chat_template = CHATML_TEMPLATE
     ensure_distinct_pad_token(tokenizer)
     return tokenizer
+
+
+def _warn_of_a_second_template(directory: Path, named: str) -> None:
+    """transformers 5.24 reads chat_template.jinja where a directory has one, and says nothing of the chat_template
+    that tokenizer_config.json may also hold: an edit there (as older guides show) trained with the other one."""
+    jinja, settings = directory / "chat_template.jinja", directory / "tokenizer_config.json"
+    if not (jinja.is_file() and settings.is_file()):
+        return
+    try:
+        written = json.loads(settings.read_text(encoding="utf-8")).get("chat_template")
+    except (ValueError, OSError):  # the tokenizer loaded, so transformers read it; nothing to compare here
+        return
+    if isinstance(written, str) and written.strip() != jinja.read_text(encoding="utf-8").strip():
+        logger.warning(f"model.path {named} has two chat templates that differ: chat_template.jinja, which is used, "
+                       "and tokenizer_config.json's chat_template, which transformers ignores; delete the one you "
+                       "did not mean (or set dataset.chat_template)")
 
 
 def tokenizer_and_data(config: RunConfig) -> tuple:

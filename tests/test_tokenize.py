@@ -227,6 +227,28 @@ def test_a_model_without_a_chat_template_gets_chatml_and_the_run_says_so(tmp_pat
     assert "chat template" not in caplog.text
 
 
+def test_a_template_in_tokenizer_config_beside_a_jinja_file_is_said_to_be_ignored(tmp_path, caplog):
+    """transformers reads chat_template.jinja and ignores tokenizer_config.json's chat_template without a word: an
+    edit there trained with the other template."""
+    import json
+    import shutil
+
+    from sftkit.model import load_tokenizer
+    from sftkit.schema import DatasetConfig, ModelConfig
+
+    shutil.copytree(TINY_MODEL, tmp_path / "model")
+    settings = json.loads((tmp_path / "model" / "tokenizer_config.json").read_text())
+    edited = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+    (tmp_path / "model" / "tokenizer_config.json").write_text(json.dumps({**settings, "chat_template": edited}))
+    tokenizer = load_tokenizer(ModelConfig(path=str(tmp_path / "model")), DatasetConfig(name="d.jsonl"))
+    assert tokenizer.chat_template == (TINY_MODEL / "chat_template.jinja").read_text()
+    assert (f"model.path {tmp_path / 'model'} has two chat templates that differ: chat_template.jinja, which is used, "
+            "and tokenizer_config.json's chat_template, which transformers ignores") in caplog.text
+    caplog.clear()
+    load_tokenizer(ModelConfig(path=str(tmp_path / "model")), DatasetConfig(name="d.jsonl", chat_template=edited))
+    assert "two chat templates" not in caplog.text
+
+
 LONG = [message for k in range(40) for message in (
     {"role": "user", "content": f"Question {k}: what comes after {k}?"},
     {"role": "assistant", "content": f"After {k} comes {k + 1}."},
