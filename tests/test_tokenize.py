@@ -53,7 +53,7 @@ REFUSED = {
     **{("gpt_oss", name): "gpt_oss renders assistant turn \\d differently when later messages follow it"
        for name in ("multi", "system_multi")},
     # Mistral Nemo moves the system message into the last user message
-    ("mistral_nemo", "system_multi"): "mistral_nemo renders the first 2 messages differently",
+    ("mistral_nemo", "system_multi"): "message 0 \\(system\\): the chat template of mistral_nemo renders no system message",
 }
 CONVERSATIONS = {"single": SINGLE, "multi": MULTI, "system_multi": [SYSTEM] + MULTI}
 
@@ -428,3 +428,28 @@ def test_a_tokenizer_with_named_chat_templates_uses_its_default_one():
     tokenizer = family_tokenizer("qwen2_5")
     tokenizer.chat_template = {"default": (TEMPLATES / "qwen2_5.jinja").read_text(), "tool_use": CHATML_TEMPLATE}
     assert trained_spans(tokenizer, tokenize_messages(tokenizer, MULTI)) == expected_spans("qwen2_5", MULTI)
+
+
+TOOL_ROUND = [{"role": "user", "content": "Weather in Paris?"},
+              {"role": "assistant", "content": '<tool_call>{"name": "weather", "arguments": {"city": "Paris"}}</tool_call>'},
+              {"role": "tool", "content": '{"temp": 20}'}, {"role": "assistant", "content": "It is 20 degrees in Paris."}]
+
+
+@pytest.mark.parametrize("family", ["phi3", "zephyr", "gemma4"])
+def test_a_tool_message_the_template_does_not_render_makes_a_bad_row(family):
+    """Phi-3's, Zephyr's and Gemma 4's templates skip tool messages without an error: the tool's result vanished
+    from the prompt, and the reply that reports it trained as if the model had made it up."""
+    tokenizer = family_tokenizer(family)
+    assert "temp" not in tokenizer.apply_chat_template([TOOL_ROUND], tokenize=False)[0]
+    with pytest.raises(MaskError, match=rf"^message 2 \(tool\): the chat template of {family} renders no tool "
+                                         "message here, so its content would be left out of what trains"):
+        tokenize_messages(tokenizer, TOOL_ROUND)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5", "qwen3", "llama3_1", "granite3_3", "deepseekv3", "lfm2_5"])
+def test_tool_messages_a_template_renders_in_its_own_way_are_kept_and_never_trained(family):
+    """Llama 3.1 writes a tool's result as JSON text (its content quoted and escaped), Qwen inside <tool_response>."""
+    tokenizer = family_tokenizer(family)
+    tokens = tokenize_messages(tokenizer, TOOL_ROUND)
+    assert "temp" in tokenizer.decode(tokens["input_ids"])
+    assert not any("temp" in span for span in trained_spans(tokenizer, tokens))

@@ -112,6 +112,7 @@ def tokenize_messages(tokenizer, messages: list[dict], loss_on: str = "assistant
     messages = [{key: value for key, value in message.items() if key != "weight"} for message in messages]
     template = _template(tokenizer)
     _refuse_special_token_text(template, messages)
+    _refuse_messages_left_out(tokenizer, template, messages)
     text = _render(tokenizer, [messages])[0]
     if loss_on == "all":
         input_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -246,6 +247,37 @@ def _refuse_special_token_text(template: _Template, messages: list[dict]) -> Non
             raise RowDefect(f"message {index} ({message.get('role')}) holds the text {found.group()!r}, which the "
                             "tokenizer reads as its special token, not as text (it ends or starts a turn mid-message); "
                             "reword it")
+
+
+def _refuse_messages_left_out(tokenizer, template: _Template, messages: list[dict]) -> None:
+    """A template without a branch for a role skips its messages without an error (Phi-3's and Zephyr's skip tool
+    messages): the tool's result vanished from the prompt, and the reply that reports it trained as if the model had
+    made it up."""
+    roles = tuple(message["role"] for message in messages)
+    for index in _left_out(tokenizer, template, roles):
+        if str(messages[index].get("content") or "").strip():
+            raise MaskError(f"message {index} ({roles[index]}): {template.source} renders no {roles[index]} message "
+                            "here, so its content would be left out of what trains; set dataset.chat_template to a "
+                            f"template that renders {roles[index]} messages, or leave them out of the data")
+
+
+def _left_out(tokenizer, template: _Template, roles: tuple) -> list[int]:
+    """The first system or tool message (the roles templates leave out; replies are checked as they train) in a
+    conversation of these roles that the template does not render: its rendering stays the same whatever it holds.
+    Once per template and sequence of roles."""
+    def render(index: int, text: str) -> str | None:
+        conversation = [{"role": role, "content": text if place == index else _placeholder(place)}
+                        for place, role in enumerate(roles)]
+        try:
+            return tokenizer.apply_chat_template([conversation], tokenize=False)[0]
+        except Exception:  # noqa: BLE001 - a template may reject a conversation in any way; the row reports it
+            return None
+
+    def compute() -> list[int]:
+        firsts = [roles.index(role) for role in dict.fromkeys(roles) if role not in ("assistant", "user")]
+        return [index for index in firsts if (once := render(index, "one")) is not None and once == render(index, "two")]
+
+    return _cached(_LEFT_OUT, (template.key, roles), compute)
 
 
 def _render(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool = False) -> list[str]:
@@ -688,6 +720,7 @@ def _blank(tokenizer, template: _Template, tail: str) -> bool:
 _TEMPLATES: dict = {}
 _LAYOUTS: dict = {}
 _SKELETONS: dict = {}
+_LEFT_OUT: dict = {}
 _BLANKS: dict = {}
 
 
