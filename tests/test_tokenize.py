@@ -48,7 +48,7 @@ def expected_spans(family, messages):
 REFUSED = {
     # GLM ends a reply with no token of its own (the next <|user|> does): the old masks trained '\n<think></think>'
     **{("glm4_5", name): r"glm4_5 would train '\\n<think></think>' for assistant turn \d, which is not the reply "
-       "followed by an end-of-turn token" for name in ("single", "multi", "system_multi")},
+       "'[^']+' followed by an end-of-turn token" for name in ("single", "multi", "system_multi")},
     # gpt-oss closes earlier replies with <|end|> and the last with <|return|>
     **{("gpt_oss", name): "gpt_oss renders assistant turn \\d differently when later messages follow it"
        for name in ("multi", "system_multi")},

@@ -362,11 +362,17 @@ def _check_span(tokenizer, template: _Template, tokens: _Tokens, span: tuple, co
         if found >= 0 and found + len(reply) > len(opener):
             return
     raise MaskError(
-        f"{template.source} would train {tokenizer.decode(tokens.ids[start:end])!r} for assistant "
-        f"turn {turn}, which is not the reply followed by an end-of-turn token (the template closes the reply with "
-        "no special token of its own, or renders it unlike its content); set dataset.chat_template to a template "
-        "that ends every assistant turn with an end-of-turn token and renders replies as they are"
+        f"{template.source} would train {tokenizer.decode(tokens.ids[start:end])!r} for assistant turn {turn}, "
+        f"which is not the reply {_shortened(content.strip())!r} followed by an end-of-turn token: the template "
+        "closes the reply with no special token of its own, or renders it unlike its content (Qwen3's rewrites the "
+        "whitespace around <think>...</think>, DeepSeek-R1's cuts the reasoning out); write the replies as the "
+        "template renders them, or set dataset.chat_template to a template that ends every assistant turn with an "
+        "end-of-turn token and renders replies as they are"
     )
+
+
+def _shortened(text: str, length: int = 120) -> str:
+    return text if len(text) <= length else f"{text[:length - 3]}..."
 
 
 def _warn_prompt_adds(template: _Template, added: str):
