@@ -153,9 +153,14 @@ UNUSED_TRL_KEYS = {
 
 
 def _unused_training_keys(training: dict) -> list[str]:
-    return [f"training.{key}: {yaml_word(training[key])} would have no effect, as sftkit hands TRL its rows tokenized; "
-            f"remove it and {fix}"
-            for key, (default, fix) in UNUSED_TRL_KEYS.items() if key in training and training[key] != default]
+    unused = [f"training.{key}: {yaml_word(training[key])} would have no effect, as sftkit hands TRL its rows "
+              f"tokenized; remove it and {fix}"
+              for key, (default, fix) in UNUSED_TRL_KEYS.items() if key in training and training[key] != default]
+    if training.get("chat_template_path"):  # TRL 1.16 sets it on the tokenizer it saves, after the rows are masked
+        unused.append("training.chat_template_path: the rows are rendered and masked before TRL reads it, with the "
+                      "model's template or dataset.chat_template, so the model would train on one template and be "
+                      "published with this one; remove it and set dataset.chat_template to the template file")
+    return unused
 
 
 def _hub_errors(training: dict) -> list[str]:

@@ -134,6 +134,9 @@ CONFIG_CASES = {
         "its rows tokenized; remove it and choose what trains with dataset.loss_on"]),
     "TRL's completion mask": (["--training.completion_only_loss", "false"], [
         "training.completion_only_loss: false would have no effect", "dataset.loss_on"]),
+    "TRL's chat template": (["--training.chat_template_path", "tests/templates/qwen2_5.jinja"], [
+        "training.chat_template_path: the rows are rendered and masked before TRL reads it, with the model's template "
+        "or dataset.chat_template, so the model would train on one template and be published with this one"]),
     "TRL's text column": (["--training.dataset_text_field", "body"], [
         "training.dataset_text_field: body would have no effect", "dataset.column_map: {your_column: text}"]),
     "best model without evaluations": (["--training.load_best_model_at_end", "true"], [

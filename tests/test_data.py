@@ -256,6 +256,39 @@ def test_bad_rows_name_the_source_row_line_and_problem(tmp_path, tokenizer, row,
                                                 or " part" in problem)
 
 
+@pytest.mark.parametrize(("format_name", "row", "problem"), [
+    ("sharegpt", {"conversations": [{"from": "human", "value": "Weather?"},
+                                    {"from": "gpt", "value": "Let me check.", "tool_calls": [CALL]}]},
+     "message 1 (assistant) has tool_calls, which sftkit does not pass to the chat template yet"),
+    ("sharegpt", {"conversations": [{"from": "human", "value": "2+2?"},
+                                    {"from": "gpt", "value": "4.", "reasoning_content": "Two and two make four."}]},
+     "message 1 (assistant) has reasoning_content, which sftkit does not pass to the chat template yet"),
+    ("prompt_response", {"prompt": "2+2?", "response": "4.", "reasoning_content": "Two and two make four."},
+     "the row has a reasoning_content column, which sftkit does not pass to the chat template yet (the reply would "
+     "train without its reasoning)"),
+    ("alpaca", {"instruction": "Add 2 and 2.", "input": "", "output": "4.", "thinking": "Two and two make four."},
+     "the row has a thinking column"),
+    ("messages", {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}],
+                  "functions": [CALL["function"]]}, "the row has functions, which sftkit does not pass"),
+])
+def test_what_other_formats_hold_beside_the_reply_is_refused_as_the_messages_format_refuses_it(
+        tmp_path, tokenizer, format_name, row, problem):
+    """ShareGPT turns kept only from and value, and a reasoning column beside the reply was never read: the reply
+    trained without its tool call or its reasoning (under Qwen3's template, after an empty <think> block)."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=re.escape(f"rows.jsonl line 1: {problem}")):
+        prepare_data(DatasetConfig(name=str(path), format=format_name), tokenizer, max_length=64)
+
+
+def test_a_reasoning_column_that_is_a_flag_is_no_reasoning_text(tmp_path, tokenizer):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"prompt": "2+2?", "response": "4.", "reasoning": False}) + "\n")
+    data = prepare_data(DatasetConfig(name=str(path), format="prompt_response", test_size=None), tokenizer,
+                        max_length=64)
+    assert trained_spans(tokenizer, data.train[0]) == ["4.<|im_end|>"]
+
+
 @pytest.mark.parametrize(("row", "hint", "column_map", "trained"), [
     ({"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}, "these are preference pairs (DPO)",
      {"chosen": "completion"}, "Hello!"),

@@ -9,7 +9,8 @@ from sftkit.errors import DataError
 ROLES = ("system", "user", "assistant", "tool")
 # What a chat template renders besides a message's content, that sftkit does not pass to it (nor the row's tools):
 # a turn trained without them would teach the model to announce a tool call, or skip its reasoning, and stop.
-NOT_PASSED = ("tool_calls", "function_call", "reasoning_content", "reasoning", "thinking")
+REASONING = ("reasoning_content", "reasoning", "thinking")
+NOT_PASSED = ("tool_calls", "function_call", *REASONING)
 # Other tools' per-turn training switches (Axolotl's `training`/`train`), read as sftkit's weight
 OTHER_SWITCHES = ("train", "training", "trainable")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant",
@@ -42,7 +43,7 @@ def from_sharegpt(row: dict, answer_source: str) -> list[dict]:
         if turn.get("from") not in SHAREGPT_ROLES:
             raise ValueError(f"turn {index} has from={turn.get('from')!r}; expected one of {', '.join(SHAREGPT_ROLES)}")
         role = SHAREGPT_ROLES[turn["from"]]
-        switches = {key: turn[key] for key in OTHER_SWITCHES if turn.get(key) is not None}
+        switches = {key: turn[key] for key in (*OTHER_SWITCHES, *NOT_PASSED) if turn.get(key) is not None}
         messages.append({"role": role, "content": turn.get("value"), **switches,
                          **({"weight": turn.get("weight")} if role == "assistant" else {})})
     return _system(row, messages) + messages
@@ -197,9 +198,13 @@ def to_messages(row: dict, format_name: str, system_prompt: str | None = None, a
         messages = FORMATS[format_name](row, answer_source)
     except KeyError as missing:
         raise ValueError(f"missing column {missing} for format {format_name!r}") from None
-    if _holds(row.get("tools")):
-        raise RowDefect("the row has tools, which sftkit does not pass to the chat template yet (training would "
+    if held := next((key for key in ("tools", "functions") if _holds(row.get(key))), None):
+        raise RowDefect(f"the row has {held}, which sftkit does not pass to the chat template yet (training would "
                         "leave them out of the prompt)")
+    if held := next((key for key in REASONING if isinstance(row.get(key), str) and _holds(row[key])), None):
+        raise RowDefect(f"the row has a {held} column, which sftkit does not pass to the chat template yet (the reply "
+                        "would train without its reasoning); write the reasoning into the reply as the model's "
+                        "template shows it (e.g. <think>...</think>), or drop the column")
     messages = [_check_message(message, index) for index, message in enumerate(_as_list(messages))
                 if not _empty_system(message)]  # common in ShareGPT dumps ("system": ""): no system prompt
     if not any(message["role"] == "assistant" for message in messages):
