@@ -105,3 +105,9 @@ def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 2
     thread.join()
     if failed:
         raise failed[0]
+
+
+def asked(prompt: list[dict]) -> str:
+    """What a sample prompt asks, to show beside its reply: its last user message (a tool's result may follow it)."""
+    return next((message["content"] for message in reversed(prompt) if message["role"] == "user"),
+                prompt[-1]["content"])

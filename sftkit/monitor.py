@@ -24,7 +24,7 @@ from sftkit.compat import TrainerWorkarounds, keep_checkpoints_at_an_early_stop,
 from sftkit.engines import first_on_its_machine, local_shard, shards_weights
 from sftkit.errors import first_line
 from sftkit.fastpath import adapter_input_casts, bound_max_lengths, lengths_vary, mark_lengths_dynamic
-from sftkit.inference import generate_reply
+from sftkit.inference import asked, generate_reply
 from sftkit.layout import SAMPLES_FILE
 from sftkit.weightfiles import disk_failure
 
@@ -194,7 +194,7 @@ class SampleReplies(TrainerCallback):
             with (Path(args.output_dir) / SAMPLES_FILE).open("a") as file:
                 for prompt, reply in zip(self.prompts, replies):
                     record = {"step": state.global_step, "epoch": state.epoch, "event": event,
-                              "prompt": prompt[-1]["content"], "reply": reply}
+                              "prompt": asked(prompt), "reply": reply}
                     file.write(json.dumps(record) + "\n")
                     tqdm.write(f"sample at step {state.global_step}: {record['prompt']!r} -> {reply!r}")
 

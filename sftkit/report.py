@@ -10,6 +10,7 @@ from sftkit.data import describe_dropped
 from sftkit.engines import rows_per_step
 from sftkit.errors import first_line
 from sftkit.export import saved_dtypes
+from sftkit.inference import asked
 from sftkit.layout import ADAPTER_DIR, LOSS_PLOT, MODEL_CARD, SAMPLES_FILE, SUMMARY_FILE, checkpoint_step
 from sftkit.model import base_license
 from sftkit.monitor import memory_mib
@@ -63,7 +64,7 @@ def build_summary(trainer, config, data, dtype, parameters: tuple[int, int], rep
         "total_parameters": parameters[1],
         "peak_memory_mib": _peak_memory(memory_mib()),
         "memory_before_training_mib": memory_at_start,
-        "sample_prompt": data.sample_prompts[0][-1]["content"] if data.sample_prompts else None,
+        "sample_prompt": asked(data.sample_prompts[0]) if data.sample_prompts else None,
         "sample_reply": reply,
         "training_dtype": str(dtype).removeprefix("torch."),
         "output_dir": str(output_dir),

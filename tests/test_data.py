@@ -270,6 +270,15 @@ def test_bad_rows_name_the_source_row_line_and_problem(tmp_path, tokenizer, row,
      "the row has a thinking column"),
     ("messages", {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}],
                   "functions": [CALL["function"]]}, "the row has functions, which sftkit does not pass"),
+    ("sharegpt", {"conversations": [{"from": "human", "value": "Weather?"}, {"from": "function_call", "value": "{}"},
+                                    {"from": "observation", "value": "20"}, {"from": "gpt", "value": "It is 20."}]},
+     "turn 1 is a tool call (from: function_call), which sftkit does not pass to the chat template yet"),
+    ("messages", {"messages": [{"role": "user", "content": "Hi"}, {"type": "reasoning", "summary": []},
+                               {"role": "assistant", "content": "Yo"}]},
+     "message 1 is a Responses API reasoning item, which sftkit does not pass to the chat template yet"),
+    ("messages", {"messages": [{"role": "user", "content": "Is Paris a capital?"},
+                               {"role": "assistant", "content": "<think>\nParis is the capital of France, so"}]},
+     "message 1 (assistant) opens a reasoning block (<think>) it never closes"),
 ])
 def test_what_other_formats_hold_beside_the_reply_is_refused_as_the_messages_format_refuses_it(
         tmp_path, tokenizer, format_name, row, problem):
@@ -279,6 +288,18 @@ def test_what_other_formats_hold_beside_the_reply_is_refused_as_the_messages_for
     path.write_text(json.dumps(row) + "\n")
     with pytest.raises(DataError, match=re.escape(f"rows.jsonl line 1: {problem}")):
         prepare_data(DatasetConfig(name=str(path), format=format_name), tokenizer, max_length=64)
+
+
+def test_an_empty_tool_result_is_a_result_and_a_tools_name_is_no_speakers(tmp_path, tokenizer, caplog):
+    """A command that printed nothing made the whole row bad; a tool message's name (the function's) was warned of
+    as a speaker's."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"messages": [
+        {"role": "user", "content": "Delete it."}, {"role": "assistant", "content": "<tool_call>rm</tool_call>"},
+        {"role": "tool", "name": "rm", "content": ""}, {"role": "assistant", "content": "Deleted."}]}) + "\n")
+    data = prepare_data(DatasetConfig(name=str(path), test_size=None), tokenizer, max_length=64)
+    assert trained_spans(tokenizer, data.train[0]) == ["<tool_call>rm</tool_call><|im_end|>", "Deleted.<|im_end|>"]
+    assert "name their speaker" not in caplog.text
 
 
 def test_a_reasoning_column_that_is_a_flag_is_no_reasoning_text(tmp_path, tokenizer):

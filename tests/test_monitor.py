@@ -600,3 +600,11 @@ def test_the_model_card_carries_the_base_models_license(tmp_path):
     assert (card["license"], card["license_name"], card["license_link"]) == (
         "other", "llama3.1", "https://llama.meta.com/llama3_1/license/")
     assert card["base_model"] == str(base) and "datasets" not in card, "a local data file is no hub dataset"
+
+
+def test_a_samples_prompt_is_shown_as_its_last_user_message_not_a_tool_result_after_it():
+    from sftkit.inference import asked
+
+    prompt = [{"role": "user", "content": "Weather in Paris?"}, {"role": "tool", "content": '{"temp": 20}'}]
+    assert asked(prompt) == "Weather in Paris?"
+    assert asked([{"role": "system", "content": "Be brief."}]) == "Be brief."

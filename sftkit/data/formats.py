@@ -40,6 +40,9 @@ def from_sharegpt(row: dict, answer_source: str) -> list[dict]:
         if not isinstance(turn, dict):
             raise ValueError(f"turn {index} is a {type(turn).__name__}, not a mapping with from and value"
                              f"{_nested_hint(turn)}")
+        if turn.get("from") == "function_call":  # LLaMA-Factory's tool call turn
+            raise RowDefect(f"turn {index} is a tool call (from: function_call), which sftkit does not pass to the "
+                            "chat template yet (the turn would train as plain text)")
         if turn.get("from") not in SHAREGPT_ROLES:
             raise ValueError(f"turn {index} has from={turn.get('from')!r}; expected one of {', '.join(SHAREGPT_ROLES)}")
         role = SHAREGPT_ROLES[turn["from"]]
@@ -290,6 +293,9 @@ def _check_message(message, index: int) -> dict:
     if "role" not in message and {"from", "value"} <= message.keys():  # every row is so: not a row's defect
         raise ValueError(f"message {index} has from and value, as ShareGPT turns do, not role and content; map the "
                          "column: column_map: {messages: conversations}")
+    if "role" not in message and message.get("type") in ("reasoning", "function_call", "function_call_output"):
+        raise RowDefect(f"message {index} is a Responses API {message['type']} item, which sftkit does not pass to the "
+                        "chat template yet (the turns would train without it)")
     if "role" not in message:
         raise RowDefect(f"message {index} has no role")
     # OpenAI's name for the system message, with its o1 and later models
@@ -305,8 +311,13 @@ def _check_message(message, index: int) -> dict:
         content = _joined_text_parts(content, index, role)
     if content is not None and not isinstance(content, str):
         raise ValueError(f"message {index} ({role}) has content of type {type(content).__name__}, expected text")
-    if not content or not content.strip():
+    if (not content or not content.strip()) and role == "tool":  # a command that printed nothing: a result too
+        content = ""
+    elif not content or not content.strip():
         raise RowDefect(f"message {index} ({role}) has empty content")
+    if role == "assistant" and content.count("<think>") > content.count("</think>"):
+        raise RowDefect(f"message {index} ({role}) opens a reasoning block (<think>) it never closes (a trace cut "
+                        "at its length limit): the model would learn to end its turn mid-thought")
     weight = _weight(message, index, role)
     if weight is None or (weight == 1 and role == "assistant"):
         return {"role": role, "content": content}

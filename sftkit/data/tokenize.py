@@ -328,8 +328,9 @@ def _turn_end(tokenizer, template: _Template, tokens: _Tokens, turn: int, conten
         raise MaskError(
             f"{template.source} renders assistant turn {turn} differently when later messages "
             "follow it (for example it drops reasoning from earlier turns), so its tokens cannot be told apart "
-            "exactly; use dataset.loss_on: last_assistant, or set dataset.chat_template to a template that renders "
-            "earlier turns unchanged"
+            "exactly; give such turns \"weight\": 0 (an agent's turns after the last user message keep training), "
+            "use dataset.loss_on: last_assistant, or set dataset.chat_template to a template that renders earlier "
+            "turns unchanged"
         )
     return end
 
