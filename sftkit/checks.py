@@ -273,8 +273,9 @@ def machine_errors(training) -> list[str]:
     if training.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
         errors.append("training.use_liger_kernel: true needs the liger-kernel package: pip install -r "
                       "requirements-gpu.txt, or remove the key")
-    return errors + [error for error in (None if _deepspeed_owns("optimizer", training) else _optimizer_error(training),
-                                         _wandb_login_error(training), _one_process_of_several_error(training)) if error]
+    optimizer = None if _deepspeed_owns("optimizer", training) else _optimizer_error(training)
+    return errors + [error for error in (optimizer, _wandb_login_error(training),
+                                         _one_process_of_several_error(training)) if error]
 
 
 def _one_process_of_several_error(training) -> str | None:

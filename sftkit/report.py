@@ -299,8 +299,8 @@ def _best_checkpoint_words(summary: dict) -> str:
     return f"step {step}, the best checkpoint" if step else ""
 
 
-QUANTIZED_EVAL = (", of the 4-bit base with the adapter, as it trained; `sftkit compare` evaluates the published merged "
-                  "model, unquantized")
+QUANTIZED_EVAL = (", of the 4-bit base with the adapter, as it trained; `sftkit compare` evaluates the published "
+                  "merged model, unquantized")
 
 
 def _eval_end_words(summary: dict) -> str:

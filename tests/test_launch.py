@@ -92,7 +92,8 @@ def test_accelerate_asked_for_several_processes_that_start_one_is_refused_before
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert ("sft.py: error: accelerate launch --num_processes 2 started 1 process: without a launch config for several "
-            "processes Accelerate runs one here; add --config_file accelerate_configs/cpu_ddp_2proc.yaml") in result.stderr
+            "processes Accelerate runs one here; add --config_file accelerate_configs/cpu_ddp_2proc.yaml"
+            ) in result.stderr
     assert not out.exists()
 
 

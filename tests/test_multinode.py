@@ -77,7 +77,7 @@ class Machines:
         return ended
 
     def wait_for(self, path: Path, timeout: float = 300) -> None:
-        """Until `path` exists (a checkpoint's trainer_state.json: the checkpoint is saved); fails if a machine ended."""
+        """Until `path` exists (a checkpoint's trainer_state.json: it is saved); fails if a machine ended first."""
         deadline = time.perf_counter() + timeout
         while not path.is_file():
             if time.perf_counter() > deadline or any(process.poll() is not None for process in self.processes):

@@ -53,7 +53,8 @@ REFUSED = {
     **{("gpt_oss", name): "gpt_oss renders assistant turn \\d differently when later messages follow it"
        for name in ("multi", "system_multi")},
     # Mistral Nemo moves the system message into the last user message
-    ("mistral_nemo", "system_multi"): "message 0 \\(system\\): the chat template of mistral_nemo renders no system message",
+    ("mistral_nemo", "system_multi"):
+        "message 0 \\(system\\): the chat template of mistral_nemo renders no system message",
 }
 CONVERSATIONS = {"single": SINGLE, "multi": MULTI, "system_multi": [SYSTEM] + MULTI}
 
@@ -431,8 +432,10 @@ def test_a_tokenizer_with_named_chat_templates_uses_its_default_one():
 
 
 TOOL_ROUND = [{"role": "user", "content": "Weather in Paris?"},
-              {"role": "assistant", "content": '<tool_call>{"name": "weather", "arguments": {"city": "Paris"}}</tool_call>'},
-              {"role": "tool", "content": '{"temp": 20}'}, {"role": "assistant", "content": "It is 20 degrees in Paris."}]
+              {"role": "assistant", "content": '<tool_call>{"name": "weather", "arguments": {"city": "Paris"}}'
+                                               "</tool_call>"},
+              {"role": "tool", "content": '{"temp": 20}'},
+              {"role": "assistant", "content": "It is 20 degrees in Paris."}]
 
 
 @pytest.mark.parametrize("family", ["phi3", "zephyr", "gemma4"])

@@ -392,8 +392,8 @@ def _warn_of_speaker_names(rows, source: SourceConfig, looked_at: int = 100) -> 
     render it): said once, from the first rows, as the turns then train without saying who speaks."""
     named = next((index for index, row in enumerate(rows.select(range(min(looked_at, len(rows)))))
                   if isinstance(row.get("messages"), list) and any(
-                      isinstance(message, dict) and message.get("name") and message.get("role") != "tool"  # a function's
-                      for message in row["messages"])), None)
+                      isinstance(message, dict) and message.get("name") and message.get("role") != "tool"
+                      for message in row["messages"])), None)  # a tool message's name is its function's
     if named is not None:
         logger.warning(f"dataset {source.name}: messages name their speaker (\"name\", row {named + 1} first), which "
                        "sftkit does not pass to the chat template: the turns train without it; write the names into "

@@ -275,7 +275,8 @@ def _left_out(tokenizer, template: _Template, roles: tuple) -> list[int]:
 
     def compute() -> list[int]:
         firsts = [roles.index(role) for role in dict.fromkeys(roles) if role not in ("assistant", "user")]
-        return [index for index in firsts if (once := render(index, "one")) is not None and once == render(index, "two")]
+        return [index for index in firsts
+                if (once := render(index, "one")) is not None and once == render(index, "two")]
 
     return _cached(_LEFT_OUT, (template.key, roles), compute)
 
