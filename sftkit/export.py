@@ -302,17 +302,26 @@ def _merge_adapter(model_cfg, adapter_dir: Path, target: Path, dtype) -> None:
     adapted = PeftModel.from_pretrained(base, str(adapter_dir))
     untie_an_adapted_embedding(adapted)
     merged = adapted.merge_and_unload()
-    _agree_with_the_tokenizer(merged, adapter_dir)
+    _agree_with_the_tokenizer(merged, target, adapter_dir)
     merged.save_pretrained(target)
 
 
-def _agree_with_the_tokenizer(model, tokenizer_dir: Path) -> None:
+def _agree_with_the_tokenizer(model, *places: Path) -> None:
     """The merged model's config and generation config name the pad and eos tokens the run trained with and its
-    tokenizer is published with, as TRL 1.16 sets them on the model it trains: the fresh copy of the base has the
-    base's (a base padding with its eos gave its merged model pad_token_id = eos beside a tokenizer with another)."""
+    tokenizer is published with (the first of `places` that holds it), as TRL 1.16 sets them on the model it trains:
+    the fresh copy of the base has the base's (a base padding with its eos gave its merged model pad_token_id = eos
+    beside a tokenizer with another)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    from sftkit.model import TOKENIZER_MARKERS
+
+    found = next((place for place in places if any((place / name).is_file() for name in TOKENIZER_MARKERS)), None)
+    if found is None:
+        return
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(found)
+    except (OSError, TypeError, ValueError):  # not whole there: the base's ids stay, the export goes on
+        return
     text, generation = model.config.get_text_config(), model.generation_config
     if tokenizer.pad_token_id is not None:
         text.pad_token_id = generation.pad_token_id = tokenizer.pad_token_id

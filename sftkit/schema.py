@@ -23,7 +23,10 @@ class LoraSettings:
     r: int = option(16, "adapter rank")
     lora_alpha: int = option(32, "scaling numerator, usually 2 × r")
     target_modules: list[str] | str = option(
-        "all-linear", "module names, or `all-linear` for every linear layer but the output head")
+        "all-linear", "module names, or `all-linear` for every linear layer but the output head (an adapter there "
+                      "would never train: TRL reads its weight directly; list it in `modules_to_save`). `embed_tokens` "
+                      "of a model that ties its output layer to it: the merged model gets an untied copy of the output "
+                      "layer, so it is the model trained")
     lora_dropout: float = option(0.05, "dropout on the adapters' input, in [0, 1)")
     bias: Literal["none", "all", "lora_only"] = option("none", "`none`, `all` or `lora_only`")
     task_type: Literal["CAUSAL_LM"] = option("CAUSAL_LM", "the only PEFT task type of a causal LM")

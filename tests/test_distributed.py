@@ -219,7 +219,7 @@ def test_the_dry_run_plans_the_offloads_an_accelerate_config_sets_without_a_deep
                              "--dry-run", "--training.output_dir", str(tmp_path / "out")],
                             cwd=REPO, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "  distributed        DeepSpeed ZeRO-3 with optimizer and parameters on the CPU\n" in result.stdout
+    assert "  distributed        DeepSpeed ZeRO-3 with optimizer and parameters on the CPU, 2 processes\n" in result.stdout
     assert "of host memory for offloaded states" in result.stdout
 
 
@@ -232,7 +232,7 @@ def test_the_dry_run_of_fsdp_plans_sharded_float32_states(tmp_path, launch, layo
     result = accelerate_launch(launch, "--dry-run", "--training.output_dir", str(tmp_path / "out"),
                                "--training.bf16", "true", "--model.dtype", "bfloat16", timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"  distributed        {layout}\n" in result.stdout
+    assert f"  distributed        {layout}, 2 processes\n" in result.stdout
     method = re.search(r"full fine-tuning in bfloat16 with float32 weights: ([\d,]+) of", result.stdout)
     assert method, result.stdout
     parameters = int(method[1].replace(",", ""))

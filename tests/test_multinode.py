@@ -36,9 +36,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def machine_commands(port: int, *args: str, config: str = MULTI_NODE_CONFIG, launcher: tuple = ()) -> list[list[str]]:
+def machine_commands(port: int, *args: str) -> list[list[str]]:
     """What each machine runs: `accelerate launch` with its rank, one process per machine."""
-    return [["accelerate", "launch", "--config_file", config, *launcher, "--num_machines", str(MACHINES),
+    return [["accelerate", "launch", "--config_file", MULTI_NODE_CONFIG, "--num_machines", str(MACHINES),
              "--num_processes", str(MACHINES), "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
              "--main_process_port", str(port), "sft.py", *args] for rank in range(MACHINES)]
 
@@ -219,24 +219,6 @@ def test_a_killed_process_stops_the_other_machine(tmp_path):
     assert "lost contact with another process" in machines.stderr(0), machines.output()
     assert "no checkpoint was saved (set training.save_strategy: steps to keep some)" in machines.stderr(0)
     assert "Signal 9 (SIGKILL)" in machines.stderr(1)
-
-
-def test_torchruns_max_restarts_resumes_a_run_over_two_machines_from_its_newest_checkpoint(tmp_path):
-    """`--max_restarts` restarts every machine's processes after one dies, in the same launcher store: the
-    restarted processes read the failure that ended the attempt before as a new one, and all stopped at once."""
-    out = tmp_path / "out"
-    args = training_args("lora_train_config.yaml", out) + [
-        "--training.save_strategy", "steps", "--training.save_steps", "3", "--training.resume_from_checkpoint", "auto"]
-    args[args.index("--training.max_steps") + 1] = "12"
-    machines = Machines(machine_commands(free_port(), *args, config="accelerate_configs/cpu_ddp_2proc.yaml",
-                                         launcher=("--max_restarts", "1")), tmp_path / "logs")
-    machines.wait_for(out / "checkpoint-3" / "trainer_state.json")
-    machines.signal_workers(1, signal.SIGKILL)
-    machines.wait(timeout=400)
-    assert machines.returncodes() == [0, 0], machines.output()
-    assert f"resumes from {out}/checkpoint-" in machines.stdout(0), machines.output()
-    assert "stopping, because" not in machines.stderr(0) + machines.stderr(1), machines.output()
-    assert json.loads((out / "run_summary.json").read_text())["steps"] == 12
 
 
 def test_the_main_machines_death_leaves_the_newest_checkpoint_named_in_the_other_machines_log(tmp_path):
