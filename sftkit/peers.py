@@ -162,8 +162,9 @@ def lost_contact(error: BaseException) -> str | None:
         return None
     text = str(error)
     lost = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")
-    # torch 2.13's gloo ("Timed out waiting 45000ms for recv operation to complete") and NCCL's watchdog
-    timed_out = ("Timed out waiting", "collective operation timeout")
+    # torch 2.13's gloo ("Timed out waiting 45000ms for recv operation to complete", or, where its pair's own
+    # timeout comes first, "Application timeout caused pair closure") and NCCL's watchdog
+    timed_out = ("Timed out waiting", "Application timeout caused pair closure", "collective operation timeout")
     distributed = type(error).__name__ in ("DistNetworkError", "DistBackendError")
     if not distributed and not any(words in text for words in lost + timed_out):
         return None

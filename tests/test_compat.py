@@ -3,6 +3,8 @@
 import logging
 import warnings
 
+import pytest
+
 from sftkit.compat import before_deepspeed_cpu_op_build
 
 
@@ -168,3 +170,13 @@ def test_checkpoint_folders_are_named_as_the_trainer_names_them():
     from sftkit.layout import CHECKPOINT_PREFIX
 
     assert CHECKPOINT_PREFIX == PREFIX_CHECKPOINT_DIR
+
+
+@pytest.mark.parametrize("text", ["[pair.cc:598] Timed out waiting 20000ms for recv operation to complete",
+                                  "[pair.cc:123] Application timeout caused pair closure"])
+def test_both_of_gloos_timeout_texts_are_read_as_a_machine_that_does_not_answer(monkeypatch, text):
+    """Where gloo's pair timeout came before its recv's (a loaded CI host), the run ended in a traceback."""
+    from sftkit.peers import lost_contact
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert lost_contact(RuntimeError(text)).startswith("another process did not answer within training.ddp_timeout")
