@@ -219,7 +219,8 @@ def test_the_dry_run_plans_the_offloads_an_accelerate_config_sets_without_a_deep
                              "--dry-run", "--training.output_dir", str(tmp_path / "out")],
                             cwd=REPO, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "  distributed        DeepSpeed ZeRO-3 with optimizer and parameters on the CPU, 2 processes\n" in result.stdout
+    assert ("  distributed        DeepSpeed ZeRO-3 with optimizer and parameters on the CPU, 2 processes\n"
+            in result.stdout)
     assert "of host memory for offloaded states" in result.stdout
 
 
