@@ -311,10 +311,10 @@ def _check_message(message, index: int) -> dict:
         content = _joined_text_parts(content, index, role)
     if content is not None and not isinstance(content, str):
         raise ValueError(f"message {index} ({role}) has content of type {type(content).__name__}, expected text")
-    if (not content or not content.strip()) and role == "tool":  # a command that printed nothing: a result too
+    if not content or not content.strip():
+        if role != "tool":  # a tool's empty result is a command that printed nothing
+            raise RowDefect(f"message {index} ({role}) has empty content")
         content = ""
-    elif not content or not content.strip():
-        raise RowDefect(f"message {index} ({role}) has empty content")
     if role == "assistant" and content.count("<think>") > content.count("</think>"):
         raise RowDefect(f"message {index} ({role}) opens a reasoning block (<think>) it never closes (a trace cut "
                         "at its length limit): the model would learn to end its turn mid-thought")
