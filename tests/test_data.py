@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import SAMPLE_DATA, trained_spans
+from conftest import SAMPLE_DATA, TINY_MODEL, trained_spans
 
 from sftkit.data import DataError, prepare_data
 from sftkit.data.formats import to_messages
@@ -234,13 +234,23 @@ def test_an_empty_system_message_is_left_out_whether_text_or_parts(empty):
         # what the template would render besides the content: the turn must not train without it
         ({"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "Let me check.",
                                                                  "tool_calls": [CALL]}]},
-         "message 1 (assistant) has tool_calls, which sftkit does not pass to the chat template yet (the turn would "
-         "train without it)"),
+         f"message 1 (assistant): the chat template of {TINY_MODEL} renders no tool_calls, so the "
+         "turn would train without its call; set dataset.chat_template to a template that renders tool_calls"),
         ({"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4.",
                                                              "reasoning_content": "Two and two make four."}]},
          "message 1 (assistant) has reasoning_content, which sftkit"),
         ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], "tools": [CALL]},
-         "the row has tools, which sftkit does not pass to the chat template yet"),
+         f"the chat template of {TINY_MODEL} renders no tools, so the row's tool definitions would "
+         "be left out of the prompt"),
+        ({"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": None,
+                                                                 "tool_calls": [{"function": {"arguments": "{}"}}]}]},
+         "message 1 (assistant): tool call 0 has no function name: {'function': {'arguments': '{}'}}"),
+        ({"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": None, "tool_calls": [
+            {"function": {"name": "get_weather", "arguments": "{city: Paris}"}}]}]},
+         "message 1 (assistant): tool call 0 (get_weather)'s arguments is text that is not JSON: '{city: Paris}'"),
+        ({"messages": [{"role": "user", "content": "Weather?"}, {"role": "tool", "content": "20",
+                                                                 "tool_calls": [CALL]}]},
+         "message 1 (tool) has tool_calls, but only assistant messages call tools"),
     ],
 )
 def test_bad_rows_name_the_source_row_line_and_problem(tmp_path, tokenizer, row, problem):
@@ -253,13 +263,11 @@ def test_bad_rows_name_the_source_row_line_and_problem(tmp_path, tokenizer, row,
     skip = "; fix or remove the row, or set dataset.on_bad_row: skip"
     assert str(error.value).endswith(skip) == (problem.startswith(("message 1 has no", "no assistant", "expected"))
                                                 or "empty content" in problem or "which sftkit" in problem
-                                                or " part" in problem)
+                                                or " part" in problem or "tool call 0" in problem
+                                                or "call tools" in problem)
 
 
 @pytest.mark.parametrize(("format_name", "row", "problem"), [
-    ("sharegpt", {"conversations": [{"from": "human", "value": "Weather?"},
-                                    {"from": "gpt", "value": "Let me check.", "tool_calls": [CALL]}]},
-     "message 1 (assistant) has tool_calls, which sftkit does not pass to the chat template yet"),
     ("sharegpt", {"conversations": [{"from": "human", "value": "2+2?"},
                                     {"from": "gpt", "value": "4.", "reasoning_content": "Two and two make four."}]},
      "message 1 (assistant) has reasoning_content, which sftkit does not pass to the chat template yet"),
@@ -268,11 +276,10 @@ def test_bad_rows_name_the_source_row_line_and_problem(tmp_path, tokenizer, row,
      "train without its reasoning)"),
     ("alpaca", {"instruction": "Add 2 and 2.", "input": "", "output": "4.", "thinking": "Two and two make four."},
      "the row has a thinking column"),
-    ("messages", {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}],
-                  "functions": [CALL["function"]]}, "the row has functions, which sftkit does not pass"),
-    ("sharegpt", {"conversations": [{"from": "human", "value": "Weather?"}, {"from": "function_call", "value": "{}"},
+    ("sharegpt", {"conversations": [{"from": "human", "value": "Weather?"}, {"from": "function_call",
+                                                                             "value": '{"arguments": {"city": "Paris"}}'},
                                     {"from": "observation", "value": "20"}, {"from": "gpt", "value": "It is 20."}]},
-     "turn 1 is a tool call (from: function_call), which sftkit does not pass to the chat template yet"),
+     "message 1 (assistant): tool call 0 has no function name: {'arguments': {'city': 'Paris'}}"),
     ("messages", {"messages": [{"role": "user", "content": "Hi"}, {"type": "reasoning", "summary": []},
                                {"role": "assistant", "content": "Yo"}]},
      "message 1 is a Responses API reasoning item, which sftkit does not pass to the chat template yet"),
@@ -1009,3 +1016,58 @@ def test_openais_developer_role_and_responses_api_text_parts_are_read_as_a_syste
                                             {"role": "assistant", "content": "Hello."}]
     empty = {"messages": [{"role": "developer", "content": ""}, *row["messages"][1:]]}
     assert [message["role"] for message in to_messages(empty, "messages")] == ["user", "assistant"]
+
+
+WEATHER = {"name": "get_weather", "description": "The weather of a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+# One tool-calling conversation in each layout that datasets hold it in: they must train alike
+TOOL_LAYOUTS = {
+    "openai": ("messages", {"messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 20}'},
+        {"role": "assistant", "content": "It is 20 degrees."}], "tools": [{"type": "function", "function": WEATHER}]}),
+    # arguments as an object, tools as bare schemas and JSON text
+    "objects": ("messages", {"messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather",
+                                                                          "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "name": "get_weather", "content": '{"temp": 20}'},
+        {"role": "assistant", "content": "It is 20 degrees."}], "tools": json.dumps([WEATHER])}),
+    # OpenAI's older function calling
+    "functions": ("messages", {"messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "function_call": {"name": "get_weather",
+                                                                 "arguments": '{"city": "Paris"}'}},
+        {"role": "function", "name": "get_weather", "content": '{"temp": 20}'},
+        {"role": "assistant", "content": "It is 20 degrees."}], "functions": [WEATHER]}),
+    # LLaMA-Factory's ShareGPT (glaive_toolcall)
+    "llamafactory": ("sharegpt", {"conversations": [
+        {"from": "human", "value": "Weather in Paris?"},
+        {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
+        {"from": "observation", "value": '{"temp": 20}'},
+        {"from": "gpt", "value": "It is 20 degrees."}], "tools": json.dumps([WEATHER])}),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(TOOL_LAYOUTS))
+def test_tool_calling_rows_train_alike_in_every_layout(tmp_path, layout):
+    """Each layout was refused; now each passes its tools and calls to the chat template, as TRL passes a row's
+    tools, and the call trains as the template writes it."""
+    from conftest import family_tokenizer
+
+    tokenizer = family_tokenizer("qwen2_5")
+    format_name, row = TOOL_LAYOUTS[layout]
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    data = prepare_data(DatasetConfig(name=str(path), format=format_name, test_size=None), tokenizer, max_length=512)
+    tokens = data.train[0]
+    assert trained_spans(tokenizer, tokens) == [
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
+        "It is 20 degrees.<|im_end|>"]
+    assert tokenizer.decode(tokens["input_ids"]).startswith(
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.\n\n# Tools\n\n"
+        "You may call one or more functions to assist with the user query.\n\nYou are provided with function "
+        f"signatures within <tools></tools> XML tags:\n<tools>\n{json.dumps({'type': 'function', 'function': WEATHER})}"
+        "\n</tools>")

@@ -456,3 +456,70 @@ def test_tool_messages_a_template_renders_in_its_own_way_are_kept_and_never_trai
     tokens = tokenize_messages(tokenizer, TOOL_ROUND)
     assert "temp" in tokenizer.decode(tokens["input_ids"])
     assert not any("temp" in span for span in trained_spans(tokenizer, tokens))
+
+
+def weather_call(city: str, call_id: str) -> dict:
+    return {"role": "assistant", "content": "", "tool_calls": [
+        {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}]}
+
+
+# An agent's trace: two calls, each answered by the tool, then the reply (ids as Mistral's template demands them)
+AGENT = [{"role": "user", "content": "Weather in Paris and in Rome?"}, weather_call("Paris", "call00001"),
+         {"role": "tool", "tool_call_id": "call00001", "content": '{"temp": 20}'}, weather_call("Rome", "call00002"),
+         {"role": "tool", "tool_call_id": "call00002", "content": '{"temp": 25}'},
+         {"role": "assistant", "content": "Paris has 20 degrees, Rome 25."}]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather of a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+# What each family's template writes for a call of get_weather(city=CITY), as that turn trains: the call and the
+# token that closes the turn (gpt-oss: the model writes its recipient after `<|start|>assistant`)
+CALL_TURNS = {
+    "qwen2_5": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "CITY"}}\n</tool_call><|im_end|>',
+    "qwen3": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "CITY"}}\n</tool_call><|im_end|>',
+    "qwen3_6": "\n</think>\n\n<tool_call>\n<function=get_weather>\n<parameter=city>\nCITY\n</parameter>\n</function>\n"
+               "</tool_call><|im_end|>",
+    "llama3_1": '{"name": "get_weather", "parameters": {"city": "CITY"}}<|eot_id|>',
+    "llama4": '<|python_start|><|python_end|>{"name": "get_weather", "parameters": {"city": "CITY"}}<|eot|>',
+    "mistral_nemo": '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "CITY"}, "id": "ID"}]</s>',
+    "gpt_oss": ' to=functions.get_weather<|channel|>commentary json<|message|>{"city": "CITY"}<|call|>',
+    "lfm2_5": "<|tool_call_start|>[get_weather(city='CITY')]<|tool_call_end|><|im_end|>",
+}
+
+
+@pytest.mark.parametrize("family", sorted(CALL_TURNS))
+def test_tool_calls_train_as_the_template_writes_them_and_tools_stay_in_the_prompt(family):
+    """Calls and tool definitions were refused: now the template renders them, each call trains as it writes it (with
+    the token that ends the turn), and the definitions and the tools' results never train."""
+    tokenizer = family_tokenizer(family)
+    tokens = tokenize_messages(tokenizer, AGENT, tools=TOOLS)
+    calls = [CALL_TURNS[family].replace("CITY", city).replace("ID", call_id)
+             for city, call_id in (("Paris", "call00001"), ("Rome", "call00002"))]
+    assert trained_spans(tokenizer, tokens) == calls + expected_spans(family, AGENT[-1:])
+    prompt = tokenizer.decode(tokens["input_ids"])
+    assert "The weather of a city" in prompt and '"temp": 25' in prompt.replace('\\"', '"')
+
+
+def test_deepseek_takes_a_calls_arguments_as_json_text():
+    """DeepSeek-V3's template adds the arguments to its text, where an object fails with a TypeError."""
+    tokenizer = family_tokenizer("deepseekv3")
+    tokens = tokenize_messages(tokenizer, AGENT[:3] + AGENT[-1:])
+    assert trained_spans(tokenizer, tokens)[0] == (
+        '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{"city": "Paris"}\n```'
+        "<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜end▁of▁sentence｜>")
+
+
+@pytest.mark.parametrize(("family", "tools", "refused"), [
+    ("llama3", TOOLS, "the chat template of llama3 renders no tools, so the row's tool definitions would be left out "
+                      "of the prompt; set dataset.chat_template to a template that renders tools"),
+    (None, TOOLS, f"the chat template of {TINY_MODEL} renders no tools"),
+    ("granite3_3", None, "message 1 \\(assistant\\): the chat template of granite3_3 renders no tool_calls, so the "
+                         "turn would train without its call"),
+    (None, None, f"message 1 \\(assistant\\): the chat template of {TINY_MODEL} renders no tool_calls"),
+    # GLM closes no turn with a token of its own: the call would not train
+    ("glm4_5", TOOLS, "the chat template of glm4_5 would train '\\\\n<think></think>' for assistant turn 1, which "
+                      "is not the call of get_weather followed by an end-of-turn token"),
+])
+def test_a_template_that_drops_tools_or_calls_is_refused(tokenizer, family, tools, refused):
+    """Templates that know no tools render the definitions and calls as nothing, without an error: the model learnt
+    to call tools it was never shown, or to answer a question with an empty turn."""
+    with pytest.raises(MaskError, match=f"^{refused}"):
+        tokenize_messages(family_tokenizer(family) if family else tokenizer, AGENT, tools=tools)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pyarrow.compute as pc
 
 from sftkit import compat
-from sftkit.data.formats import RowDefect, detect_format, refuse_missing_columns, to_messages, to_text, with_system
+from sftkit.data.formats import (RowDefect, detect_format, refuse_missing_columns, to_messages, to_text, tools_of,
+                                 with_system)
 from sftkit.data.load import load_source, row_place, source_files
 from sftkit.data.tokenize import (
     IGNORE_INDEX,
@@ -420,7 +421,7 @@ def _tokenize_row(row, index, tokenizer, format_name, system_prompt, answer_sour
             tokens = tokenize_text(tokenizer, to_text(row))
         else:
             messages = to_messages(row, format_name, system_prompt, answer_source)
-            tokens = tokenize_messages(tokenizer, messages, loss_on, max_length=cut)
+            tokens = tokenize_messages(tokenizer, messages, loss_on, max_length=cut, tools=tools_of(row))
     except ValueError as error:
         # 1-based: the line of a JSON Lines or CSV file, else the row
         place = f"row {index + 1}"

@@ -4,13 +4,19 @@
 trains (see tokenize.tokenize_text).
 """
 
+import json
+
 from sftkit.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
-# What a chat template renders besides a message's content, that sftkit does not pass to it (nor the row's tools):
-# a turn trained without them would teach the model to announce a tool call, or skip its reasoning, and stop.
+# What a chat template renders besides a message's content, that sftkit does not pass to it: a reply trained
+# without its reasoning would teach the model to skip it.
 REASONING = ("reasoning_content", "reasoning", "thinking")
-NOT_PASSED = ("tool_calls", "function_call", *REASONING)
+# What a message holds for a tool call, passed to the chat template: an assistant's calls (OpenAI's tool_calls, or
+# its older function_call) and the id of the call a tool message answers.
+CALL_KEYS = ("tool_calls", "function_call", "tool_call_id")
+# The row's tool definitions: OpenAI's tools, or its older functions
+TOOL_COLUMNS = ("tools", "functions")
 # Other tools' per-turn training switches (Axolotl's `training`/`train`), read as sftkit's weight
 OTHER_SWITCHES = ("train", "training", "trainable")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant",
@@ -40,13 +46,14 @@ def from_sharegpt(row: dict, answer_source: str) -> list[dict]:
         if not isinstance(turn, dict):
             raise ValueError(f"turn {index} is a {type(turn).__name__}, not a mapping with from and value"
                              f"{_nested_hint(turn)}")
-        if turn.get("from") == "function_call":  # LLaMA-Factory's tool call turn
-            raise RowDefect(f"turn {index} is a tool call (from: function_call), which sftkit does not pass to the "
-                            "chat template yet (the turn would train as plain text)")
+        if turn.get("from") == "function_call":  # LLaMA-Factory's tool call turn: its value is the call's JSON
+            messages.append({"role": "assistant", "content": "", "tool_calls": turn.get("value"),
+                             "weight": turn.get("weight")})
+            continue
         if turn.get("from") not in SHAREGPT_ROLES:
             raise ValueError(f"turn {index} has from={turn.get('from')!r}; expected one of {', '.join(SHAREGPT_ROLES)}")
         role = SHAREGPT_ROLES[turn["from"]]
-        switches = {key: turn[key] for key in (*OTHER_SWITCHES, *NOT_PASSED) if turn.get(key) is not None}
+        switches = {key: turn[key] for key in (*OTHER_SWITCHES, *REASONING, *CALL_KEYS) if turn.get(key) is not None}
         messages.append({"role": role, "content": turn.get("value"), **switches,
                          **({"weight": turn.get("weight")} if role == "assistant" else {})})
     return _system(row, messages) + messages
@@ -201,9 +208,6 @@ def to_messages(row: dict, format_name: str, system_prompt: str | None = None, a
         messages = FORMATS[format_name](row, answer_source)
     except KeyError as missing:
         raise ValueError(f"missing column {missing} for format {format_name!r}") from None
-    if held := next((key for key in ("tools", "functions") if _holds(row.get(key))), None):
-        raise RowDefect(f"the row has {held}, which sftkit does not pass to the chat template yet (training would "
-                        "leave them out of the prompt)")
     if held := next((key for key in REASONING if isinstance(row.get(key), str) and _holds(row[key])), None):
         raise RowDefect(f"the row has a {held} column, which sftkit does not pass to the chat template yet (the reply "
                         "would train without its reasoning); write the reasoning into the reply as the model's "
@@ -300,36 +304,105 @@ def _check_message(message, index: int) -> dict:
         raise RowDefect(f"message {index} has no role")
     # OpenAI's name for the system message, with its o1 and later models
     role, content = "system" if message["role"] == "developer" else message["role"], message.get("content")
-    held = next((key for key in NOT_PASSED if _holds(message.get(key))), None)
+    held = next((key for key in REASONING if _holds(message.get(key))), None)
     if held:
         raise RowDefect(f"message {index} ({role}) has {held}, which sftkit does not pass to the chat template yet "
                         "(the turn would train without it)")
+    role = "tool" if role == "function" else role  # OpenAI's older name for a tool's result
     if role not in ROLES:
         mapped = f" (ShareGPT's name for {SHAREGPT_ROLES[role]}: rename it)" if role in SHAREGPT_ROLES else ""
         raise ValueError(f"message {index} has role {role!r}; expected one of {', '.join(ROLES)}{mapped}")
+    calls = _tool_calls(message, index, role)
     if isinstance(content, list):
         content = _joined_text_parts(content, index, role)
     if content is not None and not isinstance(content, str):
         raise ValueError(f"message {index} ({role}) has content of type {type(content).__name__}, expected text")
     if not content or not content.strip():
-        if role != "tool":  # a tool's empty result is a command that printed nothing
+        if role != "tool" and not calls:  # a tool's empty result is a command that printed nothing
             raise RowDefect(f"message {index} ({role}) has empty content")
         content = ""
     if role == "assistant" and content.count("<think>") > content.count("</think>"):
         raise RowDefect(f"message {index} ({role}) opens a reasoning block (<think>) it never closes (a trace cut "
                         "at its length limit): the model would learn to end its turn mid-thought")
+    checked = {"role": role, "content": content, **({"tool_calls": calls} if calls else {}), **_answered_call(message)}
     weight = _weight(message, index, role)
     if weight is None or (weight == 1 and role == "assistant"):
-        return {"role": role, "content": content}
+        return checked
     if role != "assistant" and weight == 0 and not isinstance(weight, bool):  # as loss_on assistant trains it anyway
-        return {"role": role, "content": content, "weight": 0}
+        return {**checked, "weight": 0}
     if role != "assistant":
         raise ValueError(f"message {index} ({role}) has weight {weight!r}, but only assistant messages train (every "
                          "token does with dataset.loss_on: all); remove it, or give 0")
     if weight != 0 or isinstance(weight, bool):
         raise ValueError(f"message {index} ({role}) has weight {weight!r}; a weight is the number 0 (not trained) or "
                          "1")
-    return {"role": role, "content": content, "weight": 0}
+    return {**checked, "weight": 0}
+
+
+def tools_of(row: dict) -> list[dict] | None:
+    """The row's tool definitions, each as {"type": "function", "function": {name, description, parameters}}, the
+    shape chat templates read; None where it has none."""
+    column = next((column for column in TOOL_COLUMNS if _holds(row.get(column))), None)
+    if column is None:
+        return None
+    tools = _parsed(row[column], f"the row's {column}")
+    if not isinstance(tools, list):
+        tools = [tools]
+    return [_function(tool, f"{column}[{number}]") for number, tool in enumerate(tools)]
+
+
+def _function(tool, where: str) -> dict:
+    """OpenAI's {"type": "function", "function": schema}, or the bare schema (its older `functions`, Glaive's and
+    LLaMA-Factory's tools), as the former."""
+    schema = tool.get("function") if isinstance(tool, dict) and "function" in tool else tool
+    if not (isinstance(schema, dict) and isinstance(schema.get("name"), str) and schema["name"].strip()):
+        raise RowDefect(f"{where} is not a function definition with a name ({{name, description, parameters}}, or "
+                        f"{{type: function, function: {{name, ...}}}}): {tool!r:.80}")
+    return {"type": "function", "function": schema}
+
+
+def _tool_calls(message: dict, index: int, role: str) -> list[dict]:
+    """The message's tool calls, each as {"type": "function", "function": {"name", "arguments"}} with its id."""
+    given = [key for key in ("tool_calls", "function_call") if _holds(message.get(key))]
+    if not given:
+        return []
+    if role != "assistant":
+        raise RowDefect(f"message {index} ({role}) has {given[0]}, but only assistant messages call tools")
+    calls = _parsed(message[given[0]], f"message {index} ({role})'s {given[0]}")
+    return [_call(call, f"message {index} ({role}): tool call {number}")
+            for number, call in enumerate(calls if isinstance(calls, list) else [calls])]
+
+
+def _call(call, where: str) -> dict:
+    function = call.get("function", call) if isinstance(call, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str) or not name.strip():
+        raise RowDefect(f"{where} has no function name: {call!r:.80}")
+    # Arguments as an object, whichever way the data holds them: templates write them with tojson (Qwen2.5's,
+    # Llama 3.1's), which would quote a JSON text again. Llama's own data names them parameters.
+    arguments = function.get("arguments", function.get("parameters"))
+    arguments = _parsed(arguments, f"{where} ({name})'s arguments") if arguments not in (None, "") else {}
+    if not isinstance(arguments, dict):
+        raise RowDefect(f"{where} ({name}) has arguments {arguments!r:.60}; expected an object of named arguments")
+    found_id = call.get("id")
+    return {**({"id": found_id} if isinstance(found_id, str) and found_id else {}), "type": "function",
+            "function": {"name": name, "arguments": arguments}}
+
+
+def _answered_call(message: dict) -> dict:
+    """A tool message's tool_call_id and name (its function's), which some templates render (Mistral's ids)."""
+    return {key: message[key] for key in ("tool_call_id", "name")
+            if message.get("role") in ("tool", "function") and isinstance(message.get(key), str)}
+
+
+def _parsed(value, what: str):
+    """A value that datasets or the data's author may hold as JSON text."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        raise RowDefect(f"{what} is text that is not JSON: {value!r:.60}") from None
 
 
 def _weight(message: dict, index: int, role: str):

@@ -33,6 +33,7 @@ the next role token ends a reply) otherwise trains only the special tokens befor
 """
 
 import bisect
+import json
 import re
 from dataclasses import dataclass
 
@@ -91,7 +92,8 @@ def _trained_reply(tokenizer) -> list[int] | None:
     return [token for token, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX]
 
 
-def tokenize_messages(tokenizer, messages: list[dict], loss_on: str = "assistant", max_length: int | None = None):
+def tokenize_messages(tokenizer, messages: list[dict], loss_on: str = "assistant", max_length: int | None = None,
+                      tools: list[dict] | None = None):
     """Tokenize a conversation; labels are -100 except on the trained tokens.
 
     loss_on: "assistant" trains every assistant turn (but those of weight 0), "last_assistant" only the last one
@@ -99,6 +101,7 @@ def tokenize_messages(tokenizer, messages: list[dict], loss_on: str = "assistant
     max_length: tokenize only as far as the row is kept: its first max_length tokens, one more when the row goes on
     (so its length shows it is cut) and the rest of the assistant turn the cut falls in (so that turn is checked
     whole). None keeps the whole row.
+    tools: the row's tool definitions, which the template writes into the prompt.
     """
     turns = [index for index, message in enumerate(messages) if trains(message)]
     if loss_on == "all" and (held_out := next((i for i, message in enumerate(messages) if message.get("weight") == 0),
@@ -113,18 +116,20 @@ def tokenize_messages(tokenizer, messages: list[dict], loss_on: str = "assistant
     template = _template(tokenizer)
     _refuse_special_token_text(template, messages)
     _refuse_messages_left_out(tokenizer, template, messages)
-    text = _render(tokenizer, [messages])[0]
+    messages = _with_arguments_the_template_takes(tokenizer, template, messages)
+    text = _render(tokenizer, [messages], tools=tools)[0]
+    _refuse_tools_left_out(tokenizer, template, messages, tools, text)
     if loss_on == "all":
         input_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         return {"input_ids": input_ids, "labels": list(input_ids)}
-    found = _spans_from_skeleton(tokenizer, template, messages, turns, text, max_length)
-    tokens, spans = found or _spans_from_prefixes(tokenizer, template, messages, turns, text)
+    found = None if tools else _spans_from_skeleton(tokenizer, template, messages, turns, text, max_length)
+    tokens, spans = found or _spans_from_prefixes(tokenizer, template, messages, turns, text, tools)
     if max_length is not None:
         spans = [span for span in spans if span[1] < max_length]  # the turns that start past the cut are not kept
     labels = [IGNORE_INDEX] * len(tokens.ids)
     for span in spans:
         turn, start, end, _ = span
-        _check_span(tokenizer, template, tokens, span, messages[turn]["content"])
+        _check_span(tokenizer, template, tokens, span, messages[turn])
         labels[start:end] = tokens.ids[start:end]
     if spans and labels == tokens.ids:
         raise MaskError(f"{template.source} renders nothing around the replies, so every "
@@ -281,33 +286,84 @@ def _left_out(tokenizer, template: _Template, roles: tuple) -> list[int]:
     return _cached(_LEFT_OUT, (template.key, roles), compute)
 
 
-def _render(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool = False) -> list[str]:
+def _refuse_tools_left_out(tokenizer, template: _Template, messages: list[dict], tools: list[dict] | None,
+                           text: str) -> None:
+    """A template that knows no tools (ChatML's, Llama 3's) renders a row's tool definitions and calls as nothing,
+    without an error: the model would learn to call tools it was never shown, or to announce a call and stop."""
+    if tools and text == _render(tokenizer, [messages])[0]:
+        raise MaskError(f"{template.source} renders no tools, so the row's tool definitions would be left out of the "
+                        "prompt; set dataset.chat_template to a template that renders tools (the model's own, if it "
+                        "was trained to call them)")
+    calls = next((index for index, message in enumerate(messages) if message.get("tool_calls")), None)
+    if calls is None:
+        return
+    try:
+        without = _render(tokenizer, [[{key: value for key, value in message.items() if key != "tool_calls"}
+                                       for message in messages]], tools=tools)[0]
+    except MaskError:  # gpt-oss's wants the call a tool message answers: it renders them
+        return
+    if text == without:
+        raise MaskError(f"message {calls} (assistant): {template.source} renders no tool_calls, so the turn would "
+                        "train without its call; set dataset.chat_template to a template that renders tool_calls "
+                        "(the model's own, if it was trained to call tools)")
+
+
+def _with_arguments_the_template_takes(tokenizer, template: _Template, messages: list[dict]) -> list[dict]:
+    """Tool calls' arguments as an object, which most templates write with tojson, or as JSON text for a template
+    that adds them to its text (DeepSeek-V3's: an object fails there with a TypeError)."""
+    if not any(message.get("tool_calls") for message in messages) or not _takes_arguments_as_text(tokenizer, template):
+        return messages
+    return [{**message, "tool_calls": [{**call, "function": {**call["function"],
+                                                             "arguments": json.dumps(call["function"]["arguments"])}}
+                                       for call in message["tool_calls"]]} if message.get("tool_calls") else message
+            for message in messages]
+
+
+def _takes_arguments_as_text(tokenizer, template: _Template) -> bool:
+    def probe() -> bool:
+        call = {"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
+        try:
+            tokenizer.apply_chat_template([{"role": "user", "content": "Hi"},
+                                           {"role": "assistant", "content": "", "tool_calls": [call]}], tokenize=False)
+        except TypeError:
+            return True
+        except Exception:  # noqa: BLE001 - a template may reject the probe in any way; the rows report it
+            return False
+        return False
+
+    return _cached(_ARGUMENTS, template.key, probe)
+
+
+def _render(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool = False,
+            tools: list[dict] | None = None) -> list[str]:
     if not conversations:
         return []
     try:
-        return tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except jinja2.TemplateError as error:
-        if _renders_without_system_messages(tokenizer, conversations, add_generation_prompt):
+        return tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             tools=tools)
+    except (jinja2.TemplateError, TypeError) as error:  # TypeError: a template adding a value to its text
+        if _renders_without_system_messages(tokenizer, conversations, add_generation_prompt, tools):
             raise MaskError(f"{template_source(tokenizer)} takes no system message (it said: {error}); remove the "
                             "system messages from the data (and dataset.system_prompt), or use a template that "
                             "takes them") from None
         raise MaskError(f"{template_source(tokenizer)} rejected the conversation: {error}") from None
 
 
-def _renders_without_system_messages(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool) -> bool:
+def _renders_without_system_messages(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool,
+                                     tools: list[dict] | None) -> bool:
     """Mistral's and Gemma's templates refuse a system message, Mistral's as roles that do not alternate."""
     if not any(message.get("role") == "system" for conversation in conversations for message in conversation):
         return False
     try:
         tokenizer.apply_chat_template([[message for message in conversation if message.get("role") != "system"]
                                        for conversation in conversations], tokenize=False,
-                                      add_generation_prompt=add_generation_prompt)
-    except jinja2.TemplateError:
+                                      add_generation_prompt=add_generation_prompt, tools=tools)
+    except (jinja2.TemplateError, TypeError):
         return False
     return True
 
 
-def _turn_end(tokenizer, template: _Template, tokens: _Tokens, turn: int, content: str, start: int, common: int,
+def _turn_end(tokenizer, template: _Template, tokens: _Tokens, turn: int, message: dict, start: int, common: int,
               through_matches: bool, tail_is_blank) -> int:
     """Where assistant turn `turn` stops training. `common`: how many tokens the rendering through the turn shares
     with the conversation (all of it when `through_matches`); `tail_is_blank(index)`: whether that rendering holds
@@ -325,7 +381,7 @@ def _turn_end(tokenizer, template: _Template, tokens: _Tokens, turn: int, conten
             )
         return end
     end = next((i + 1 for i in range(start, len(ids)) if ids[i] in template.special_ids), None)
-    if end is None or tokenizer.decode(ids[start : end - 1]).strip() != content.strip():
+    if end is None or not _is_the_reply(tokenizer.decode(ids[start : end - 1]), message):
         raise MaskError(
             f"{template.source} renders assistant turn {turn} differently when later messages "
             "follow it (for example it drops reasoning from earlier turns), so its tokens cannot be told apart "
@@ -334,6 +390,18 @@ def _turn_end(tokenizer, template: _Template, tokens: _Tokens, turn: int, conten
             "turns unchanged"
         )
     return end
+
+
+def _is_the_reply(text: str, message: dict) -> bool:
+    """Whether a turn's text, as the whole conversation renders it, is the message: its content, or (where it calls
+    tools, which the template writes in its own way) its content and the name of every function it calls."""
+    if not message.get("tool_calls"):
+        return text.strip() == message["content"].strip()
+    return message["content"].strip() in text and all(name in text for name in _called(message))
+
+
+def _called(message: dict) -> list[str]:
+    return [call["function"]["name"] for call in message.get("tool_calls", [])]
 
 
 def _markers_not_special(tokenizer, text: str, marker: str) -> list[str]:
@@ -349,11 +417,12 @@ def _foreign_markers(tokenizer, ids: list[int]) -> str:
             f"{tokenizer.name_or_path}: the template is written for another model's tokenizer" if foreign else "")
 
 
-def _check_span(tokenizer, template: _Template, tokens: _Tokens, span: tuple, content: str):
-    """The generic check on every row: the trained span holds the reply, then ends with a special token. A reply may
-    begin with what its generation prompt ends with after its last special token (a thinking model's `<think>`),
-    when that prompt is a prefix of the conversation."""
+def _check_span(tokenizer, template: _Template, tokens: _Tokens, span: tuple, message: dict):
+    """The generic check on every row: the trained span holds the reply (and the name of each function it calls),
+    then ends with a special token. A reply may begin with what its generation prompt ends with after its last
+    special token (a thinking model's `<think>`), when that prompt is a prefix of the conversation."""
     turn, start, end, prompt_is_prefix = span
+    content = message["content"]
     if end > start and tokens.ids[end - 1] in template.special_ids:
         header = start
         if prompt_is_prefix:
@@ -361,16 +430,23 @@ def _check_span(tokenizer, template: _Template, tokens: _Tokens, span: tuple, co
         opener, text = tokens.between(tokenizer, header, start), tokens.between(tokenizer, header, end - 1)
         reply = content.strip()
         found = text.rfind(reply)
-        if found >= 0 and found + len(reply) > len(opener):
+        if found >= 0 and found + len(reply) > len(opener) and all(name in text for name in _called(message)):
             return
     raise MaskError(
         f"{template.source} would train {tokenizer.decode(tokens.ids[start:end])!r} for assistant turn {turn}, "
-        f"which is not the reply {_shortened(content.strip())!r} followed by an end-of-turn token: the template "
+        f"which is not {_the_reply(message)} followed by an end-of-turn token: the template "
         "closes the reply with no special token of its own, or renders it unlike its content (Qwen3's rewrites the "
         "whitespace around <think>...</think>, DeepSeek-R1's cuts the reasoning out); write the replies as the "
         "template renders them, or set dataset.chat_template to a template that ends every assistant turn with an "
         "end-of-turn token and renders replies as they are"
     )
+
+
+def _the_reply(message: dict) -> str:
+    content, calls = _shortened(message["content"].strip()), " and ".join(_called(message))
+    if not calls:
+        return f"the reply {content!r}"
+    return f"the reply {content!r} with its call of {calls}" if content else f"the call of {calls}"
 
 
 def _shortened(text: str, length: int = 120) -> str:
@@ -387,23 +463,24 @@ def _warn_prompt_adds(template: _Template, added: str):
 
 # --- the old way: every prefix of the row rendered and tokenized --------------------------------------------------
 
-def _spans_from_prefixes(tokenizer, template: _Template, messages: list[dict], turns: list[int], text: str):
+def _spans_from_prefixes(tokenizer, template: _Template, messages: list[dict], turns: list[int], text: str,
+                         tools: list[dict] | None):
     tokens = _Tokens.of(tokenizer, text)
     # every rendering the masks need, tokenized in one call: most of the cost of tokenizing is per call
-    texts = _render(tokenizer, [messages[: turn + 1] for turn in turns])
-    texts += _render(tokenizer, [messages[:turn] for turn in turns], add_generation_prompt=True)
+    texts = _render(tokenizer, [messages[: turn + 1] for turn in turns], tools=tools)
+    texts += _render(tokenizer, [messages[:turn] for turn in turns], add_generation_prompt=True, tools=tools)
     renderings = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     spans = []
     for turn, through, prompt, prompt_text in zip(turns, renderings[: len(turns)], renderings[len(turns) :],
                                                   texts[len(turns) :]):
-        start = _prefix_start(tokenizer, template, messages[:turn], prompt, tokens, prompt_text)
+        start = _prefix_start(tokenizer, template, messages[:turn], prompt, tokens, prompt_text, tools)
         prompt_is_prefix = start == len(prompt)
         common = _common_prefix(through, tokens.ids)
 
         def tail_is_blank(index, through=through):
             return not tokenizer.decode(through[index:], skip_special_tokens=True).strip()
 
-        end = _turn_end(tokenizer, template, tokens, turn, messages[turn]["content"], start, common,
+        end = _turn_end(tokenizer, template, tokens, turn, messages[turn], start, common,
                         common == len(through), tail_is_blank)
         spans.append((turn, start, end, prompt_is_prefix))
     return tokens, spans
@@ -419,16 +496,16 @@ def _merged_across(tokenizer, template: _Template, turn: int, merged: list[int])
 
 
 def _prefix_start(tokenizer, template: _Template, history: list[dict], prompt: list[int], tokens: _Tokens,
-                  prompt_text: str) -> int:
+                  prompt_text: str, tools: list[dict] | None) -> int:
     full_ids = tokens.ids
     if full_ids[: len(prompt)] == prompt:
         return len(prompt)
     common = _common_prefix(prompt, full_ids)
-    history_ids = tokenizer(_render(tokenizer, [history]), add_special_tokens=False)["input_ids"][0]
+    history_ids = tokenizer(_render(tokenizer, [history], tools=tools), add_special_tokens=False)["input_ids"][0]
     if common >= len(history_ids):  # only what the generation prompt adds differs
         if tokens.text.startswith(prompt_text):  # or nothing, but one token holds the prompt's end and the reply's start
             raise MaskError(_merged_across(tokenizer, template, len(history), full_ids[common : common + 1]))
-        start = _reply_start(tokenizer, history, tokens, common)
+        start = _reply_start(tokenizer, history, tokens, common, tools)
         _warn_prompt_adds(template, tokenizer.decode(prompt[start:]))
         return start
     raise MaskError(
@@ -438,13 +515,13 @@ def _prefix_start(tokenizer, template: _Template, history: list[dict], prompt: l
     )
 
 
-def _reply_start(tokenizer, history: list[dict], tokens: _Tokens, common: int) -> int:
+def _reply_start(tokenizer, history: list[dict], tokens: _Tokens, common: int, tools: list[dict] | None) -> int:
     """Where the reply after `history` starts, when the generation prompt adds text: the tokens shared with the
     conversation may run into the reply (DeepSeek's added '<think>' and a reply '<b>' share '<'). The reply starts
     where a placeholder for it starts, in the history rendered with one (the skeletons' way, for this row); else
     where the shared tokens end."""
     placeholder = _placeholder(len(history))
-    marked = _render(tokenizer, [[*history, {"role": "assistant", "content": placeholder}]])[0]
+    marked = _render(tokenizer, [[*history, {"role": "assistant", "content": placeholder}]], tools=tools)[0]
     at = marked.rfind(placeholder)  # the history's own text may hold the placeholder's brackets
     start = tokens.at(at) if at >= 0 and tokens.starts is not None and tokens.text.startswith(marked[:at]) else None
     return start if start is not None and start <= common else common
@@ -504,7 +581,7 @@ def _spans_from_skeleton(tokenizer, template, messages, turns, text, max_length)
             return None
         if max_length is not None and start >= max_length:
             break
-        span = _turn_span(tokenizer, template, tokens, place, shape, turn, messages[turn]["content"], start)
+        span = _turn_span(tokenizer, template, tokens, place, shape, turn, messages[turn], start)
         if span is None:
             return None
         spans.append(span)
@@ -519,7 +596,7 @@ def _plain(message) -> bool:
     return type(content) is str and bool(content) and not content.isspace()
 
 
-def _turn_span(tokenizer, template, tokens, place, shape, turn, content, start):
+def _turn_span(tokenizer, template, tokens, place, shape, turn, message, start):
     """(turn, start, end, whether the generation prompt is a prefix) in tokens, or None where positions do not fall
     on token boundaries or the row's own text parts from the prefixes elsewhere than its skeleton does."""
     if shape.prompt_adds:
@@ -542,7 +619,7 @@ def _turn_span(tokenizer, template, tokens, place, shape, turn, content, start):
         return _blank(tokenizer, template, place.skeleton.text[at : shape.common] + shape.through_rest)
 
     try:
-        end = _turn_end(tokenizer, template, tokens, turn, content, start, common, not shape.through_rest,
+        end = _turn_end(tokenizer, template, tokens, turn, message, start, common, not shape.through_rest,
                         tail_is_blank)
     except (MaskError, _NotOnSkeleton):
         return None  # the old way decides, and words the error
@@ -729,6 +806,7 @@ _TEMPLATES: dict = {}
 _LAYOUTS: dict = {}
 _SKELETONS: dict = {}
 _LEFT_OUT: dict = {}
+_ARGUMENTS: dict = {}
 _BLANKS: dict = {}
 
 
