@@ -9,8 +9,15 @@ from pathlib import Path
 import pyarrow.compute as pc
 
 from sftkit import compat
-from sftkit.data.formats import (RowDefect, detect_format, refuse_missing_columns, to_messages, to_text, tools_of,
-                                 with_system)
+from sftkit.data.formats import (
+    RowDefect,
+    detect_format,
+    refuse_missing_columns,
+    to_messages,
+    to_text,
+    tools_of,
+    with_system,
+)
 from sftkit.data.load import load_source, row_place, source_files
 from sftkit.data.tokenize import (
     IGNORE_INDEX,
