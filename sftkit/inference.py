@@ -65,9 +65,12 @@ def _refuse_a_changed_base(path: str, adapter_dir: Path, base: str) -> None:
 
 
 def generate_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
-                   top_p: float = 1.0, streamer=None, synced_gpus: bool = False) -> str:
-    """The model's reply to a conversation; greedy when temperature is 0. `streamer` receives tokens as they come."""
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+                   top_p: float = 1.0, streamer=None, synced_gpus: bool = False,
+                   tools: list[dict] | None = None) -> str:
+    """The model's reply to a conversation (with the tools it may call); greedy when temperature is 0. `streamer`
+    receives tokens as they come."""
+    inputs = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)
     return generate_from_ids(model, tokenizer, inputs["input_ids"], max_new_tokens, temperature, top_p, streamer,
                              synced_gpus)
 

@@ -165,10 +165,11 @@ class SampleReplies(TrainerCallback):
     """Greedy replies to `dataset.sample_prompts` at each evaluation and epoch end, printed and appended to
     output_dir/sample_replies.jsonl, so the user sees the model learn."""
 
-    def __init__(self, tokenizer, prompts: list[list[dict]], resumed: bool, guard: "StopGuard"):
+    def __init__(self, tokenizer, prompts: list[list[dict]], tools: list[dict] | None, resumed: bool,
+                 guard: "StopGuard"):
         self.tokenizer = tokenizer
         self.guard = guard  # no sample where it stopped the run
-        self.prompts = prompts
+        self.prompts, self.tools = prompts, tools
         self.resumed = resumed  # a resumed run appends to the file; a fresh one starts it anew
         self.last_step = None
 
@@ -189,7 +190,7 @@ class SampleReplies(TrainerCallback):
         if state.global_step == self.last_step:  # an evaluation at an epoch end: once is enough
             return
         self.last_step = state.global_step
-        replies = sample_replies(model, self.tokenizer, self.prompts, args, SAMPLE_REPLY_TOKENS)
+        replies = sample_replies(model, self.tokenizer, self.prompts, self.tools, args, SAMPLE_REPLY_TOKENS)
         if replies is not None and state.is_world_process_zero:
             with (Path(args.output_dir) / SAMPLES_FILE).open("a") as file:
                 for prompt, reply in zip(self.prompts, replies):
@@ -199,7 +200,8 @@ class SampleReplies(TrainerCallback):
                     tqdm.write(f"sample at step {state.global_step}: {record['prompt']!r} -> {reply!r}")
 
 
-def sample_replies(model, tokenizer, prompts: list[list[dict]], args, max_new_tokens: int) -> list[str] | None:
+def sample_replies(model, tokenizer, prompts: list[list[dict]], tools: list[dict] | None, args,
+                   max_new_tokens: int) -> list[str] | None:
     """Greedy replies to `prompts`, by the main process alone, or under ZeRO-3 and FSDP, where each process holds a
     shard of the weights, by all of them together (synced_gpus); None on a process that takes no part."""
     together = shards_weights(args) and args.world_size > 1
@@ -208,7 +210,8 @@ def sample_replies(model, tokenizer, prompts: list[list[dict]], args, max_new_to
     was_training = model.training
     model.eval()
     try:
-        return [generate_reply(model, tokenizer, prompt, max_new_tokens, synced_gpus=together) for prompt in prompts]
+        return [generate_reply(model, tokenizer, prompt, max_new_tokens, synced_gpus=together, tools=tools)
+                for prompt in prompts]
     except Exception as error:
         if together:  # every process generates: one that went on alone would wait for the others forever
             raise

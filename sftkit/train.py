@@ -230,7 +230,7 @@ def _export_and_report(run: _SetUp, config: RunConfig, train_seconds: float, ext
             best_checkpoint_step(trainer) is not None  # the model is that checkpoint's, evaluated at its step
         if extras and run.data.eval is not None and not evaluated:
             extras = _evaluated_unless_stopped(trainer)
-        reply = _final_reply(trainer, run.tokenizer, run.data.sample_prompts) if extras else None
+        reply = _final_reply(trainer, run.tokenizer, run.data) if extras else None
         output_dir = publish_staged(trainer, config, run.dtype)
     except RunFailed:
         handling_a_failure()
@@ -263,7 +263,8 @@ def _trainer(config: RunConfig, model, tokenizer, data, callbacks: list, resumed
     if "wandb" in config.training.report_to:
         callbacks.append(SettingsToWandb(config.resolved))
     if config.dataset.sample_prompts:
-        callbacks.append(SampleReplies(tokenizer, data.sample_prompts, resumed=resumed, guard=guard))
+        callbacks.append(SampleReplies(tokenizer, data.sample_prompts, data.sample_tools, resumed=resumed,
+                                       guard=guard))
     allow_fsdp_on_cpu()  # before the Trainer builds its Accelerator
     try:
         trainer = MonitoredSFTTrainer(
@@ -400,9 +401,10 @@ def _count_parameters(model) -> tuple[int, int]:
     return get_model_param_count(model, trainable_only=True), get_model_param_count(model)
 
 
-def _final_reply(trainer, tokenizer, prompts: list[list[dict]]) -> str | None:
+def _final_reply(trainer, tokenizer, data) -> str | None:
     """Greedy reply of the trained model to the first sample prompt, to show what it learned."""
-    replies = sample_replies(trainer.model, tokenizer, prompts[:1], trainer.args, max_new_tokens=40)
+    replies = sample_replies(trainer.model, tokenizer, data.sample_prompts[:1], data.sample_tools, trainer.args,
+                             max_new_tokens=40)
     return replies[0] if replies else None
 
 

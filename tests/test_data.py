@@ -1063,6 +1063,7 @@ def test_tool_calling_rows_train_alike_in_every_layout(tmp_path, layout):
     path.write_text(json.dumps(row) + "\n")
     data = prepare_data(DatasetConfig(name=str(path), format=format_name, test_size=None), tokenizer, max_length=512)
     tokens = data.train[0]
+    assert data.sample_tools == [{"type": "function", "function": WEATHER}]  # the sample replies are asked with them
     assert trained_spans(tokenizer, tokens) == [
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
         "It is 20 degrees.<|im_end|>"]

@@ -309,3 +309,37 @@ def test_a_run_evaluated_on_its_own_train_rows_says_so_in_its_header_summary_and
     assert result.summary["eval_rows_also_trained"] == result.summary["eval_rows"] == repeated
     card = (tmp_path / "out" / "README.md").read_text()
     assert f", {repeated} evaluated on ({repeated} of them also trained on)" in card
+
+
+def test_a_tool_calling_dataset_trains_its_calls_and_publishes_a_template_that_renders_tools(tmp_path):
+    """Tools and calls reach the template in training, in the sample replies (asked with the row's tools) and in
+    the published tokenizer, so the model is asked at inference as it was trained."""
+    from conftest import TEMPLATES, run_sft
+
+    weather = {"name": "get_weather", "description": "The weather of a city",
+               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    rows = [{"messages": [
+        {"role": "user", "content": f"What is the weather in {city}?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}]},
+        {"role": "tool", "content": json.dumps({"temp": temp})},
+        {"role": "assistant", "content": f"It is {temp} degrees in {city}."}],
+        "tools": [{"type": "function", "function": weather}]}
+        for city, temp in [("Paris", 20), ("Rome", 25), ("Oslo", 5), ("Lima", 18)] * 3]
+    data = tmp_path / "calls.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out"
+    run_sft("--dataset.name", str(data), "--dataset.chat_template", str(TEMPLATES / "qwen2_5.jinja"),
+            "--dataset.sample_prompts", '["What is the weather in Rome?"]', "--model.max_seq_length", "640",
+            "--training.max_steps", "2", "--training.eval_strategy", "steps", "--training.eval_steps", "1",
+            "--training.output_dir", str(out))
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    # per row, the call and the reply train: far more than the replies alone
+    published = AutoTokenizer.from_pretrained(out)
+    replies = sum(len(published(row["messages"][3]["content"])["input_ids"]) for row in rows)
+    assert summary["trained_tokens"] > 2 * replies
+    prompt = published.apply_chat_template([rows[0]["messages"][0]], tools=rows[0]["tools"], tokenize=False,
+                                           add_generation_prompt=True)
+    assert '"name": "get_weather"' in prompt and prompt.endswith("<|im_start|>assistant\n")
+    samples = [json.loads(line) for line in (out / "sample_replies.jsonl").read_text().splitlines()]
+    assert [sample["prompt"] for sample in samples] == ["What is the weather in Rome?"] * len(samples) and samples

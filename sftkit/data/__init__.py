@@ -76,6 +76,7 @@ class PreparedData:
     dropped: dict[str, int]  # train rows dropped, by reason
     trainable_tokens: int  # trained tokens in one epoch of the train rows
     sample_prompts: list[list[dict]]  # dataset.sample_prompts, else the first eval (or train) row up to its reply
+    sample_tools: list[dict] | None  # the tool definitions of that row, which the sample prompts are asked with
     # token count of every kept train row, before truncation (keeping the start, up to the end of the turn it is cut in)
     lengths: list[int] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # what was wrong with the first skipped bad rows
@@ -191,6 +192,7 @@ def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42,
         logger.warning(f"{repeated} of the {len(evaluation)} eval rows are also train rows, token for token, so the "
                        "eval loss measures recall more than learning; remove those rows from the train or the eval "
                        "data")
+    first = evaluation[0] if evaluation is not None and len(evaluation) else train[0]
     return PreparedData(
         train=train.remove_columns(HELPER_COLUMNS),
         eval=evaluation.remove_columns(HELPER_COLUMNS) if evaluation is not None else None,
@@ -199,7 +201,8 @@ def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42,
         rows=prepare.rows_read,
         dropped=prepare.dropped,
         trainable_tokens=pc.sum(_column(train, "trainable_tokens")).as_py() or 0,
-        sample_prompts=prepare.sample_prompts(evaluation[0] if evaluation is not None and len(evaluation) else train[0]),
+        sample_prompts=prepare.sample_prompts(first),
+        sample_tools=prepare.tools_of(first),
         lengths=pc.list_value_length(_column(train, "input_ids")).to_pylist(),
         problems=prepare.problems,
         eval_dropped=prepare.eval_dropped,
@@ -386,6 +389,10 @@ class _Preparation:
                     for prompt in self.cfg.sample_prompts]
         prompt = self.prompt_of(first_example)
         return [prompt] if prompt else []
+
+    def tools_of(self, example: dict) -> list[dict] | None:
+        rows, format_name, source = self.raw[example["source"]]
+        return None if format_name == "text" else tools_of(rows[example["row"]])
 
     def prompt_of(self, example: dict) -> list[dict] | None:
         rows, format_name, source = self.raw[example["source"]]
