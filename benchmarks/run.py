@@ -26,8 +26,10 @@ sys.path.insert(0, str(ROOT))
 MODEL, DATA = ROOT / "data" / "tiny-chat-llama", ROOT / "data" / "sample_chat.jsonl"
 TARGETS = {"wall_ratio": "<= 1.02", "step_time_ratio": "<= 1.02", "preprocess_ratio": ">= 0.8",
            "nonpad_share_packed": ">= 0.97", "config_error_seconds": "< 1", "peak_rss_ratio": "(lower is better)",
-           "preprocess_ratio_by_turns": ">= half the 1-turn ratio at 64 turns"}
+           "preprocess_ratio_by_turns": ">= half the 1-turn ratio at 64 turns",
+           "preprocess_ratio_by_calls": ">= half the 1-call ratio at 16 calls"}
 TURNS = (1, 4, 16, 64)  # assistant turns per row in preprocess_ratio_by_turns
+CALLS = (1, 4, 16)  # tool calls per row in preprocess_ratio_by_calls
 
 
 def timed_run(command: list[str], out: str, env: dict | None = None) -> tuple[float, float, float]:
@@ -129,36 +131,83 @@ def conversations(turns: int, rows: int = 40) -> list[list[dict]]:
             for row in range(rows)]
 
 
-def preprocessing_by_turns(repeats: int, variants: dict | None = None) -> dict:
+def agent_traces(calls: int, rows: int = 40) -> list[list[dict]]:
+    """`rows` conversations of a question, `calls` tool calls each answered by the tool, and the reply."""
+    def call(row: int, k: int) -> list[dict]:
+        city = f"city {row}-{k}"
+        return [{"role": "assistant", "content": "", "tool_calls": [
+                    {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}]},
+                {"role": "tool", "content": json.dumps({"city": city, "temp": (7 * row + k) % 40})}]
+    return [[{"role": "user", "content": f"Plan trip {row}: what is the weather on the way?"},
+             *[message for k in range(calls) for message in call(row, k)],
+             {"role": "assistant", "content": f"Trip {row} looks fine."}] for row in range(rows)]
+
+
+WEATHER_TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+def preprocessing_by_turns(repeats: int) -> dict:
     """Rows per second of masking (tokenize_messages) against one plain rendering and tokenization of the same
-    conversation, at 1, 4, 16 and 64 assistant turns per row, 40 rows each. The functions take turns, each timed
-    over as many passes of the rows as make about the same number of tokens at every turn count; medians."""
+    conversation, at 1, 4, 16 and 64 assistant turns per row, 40 rows each."""
     from transformers import AutoTokenizer
 
     from sftkit.data import tokenize_messages
 
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    ours = {"ours": lambda tokenizer, messages, tools: tokenize_messages(tokenizer, messages)}
+    return _masking_rates(tokenizer, {turns: conversations(turns) for turns in TURNS}, None, repeats, ours)
+
+
+def preprocessing_by_calls(repeats: int) -> dict:
+    """The same for agent traces of 1, 4 and 16 tool calls under Qwen2.5's template (which renders tools and
+    calls), beside masking from the row's tokenized prefixes (the way tool rows took before 2026-11-29)."""
+    from transformers import AutoTokenizer
+
+    from sftkit.data import tokenize, tokenize_messages
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    tokenizer.chat_template = (ROOT / "tests" / "templates" / "qwen2_5.jinja").read_text()
+
+    def tokenized_prefixes(tokenizer, messages, tools):
+        own, tokenize._spans_from_own_renderings = tokenize._spans_from_own_renderings, lambda *args: None
+        try:
+            return tokenize_messages(tokenizer, messages, tools=tools)
+        finally:
+            tokenize._spans_from_own_renderings = own
+
+    variants = {"ours": lambda tokenizer, messages, tools: tokenize_messages(tokenizer, messages, tools=tools),
+                "tokenized_prefixes": tokenized_prefixes}
+    return _masking_rates(tokenizer, {calls: agent_traces(calls) for calls in CALLS}, WEATHER_TOOLS, repeats,
+                          variants)
+
+
+def _masking_rates(tokenizer, rows_by_count: dict, tools, repeats: int, variants: dict) -> dict:
+    """Rows per second of each variant and of the plain rendering at each count of turns or calls. The sides take
+    turns, each timed over as many passes of the rows as make about the same number of tokens at every count;
+    medians."""
     tokenizer.model_max_length = 1_000_000  # no warning about rows longer than the tiny model's context
 
-    def plain(tokenizer, messages):
-        return tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)
+    def plain(tokenizer, messages, tools=None):
+        return tokenizer(tokenizer.apply_chat_template(messages, tools=tools, tokenize=False), add_special_tokens=False)
 
-    sides = {"plain": plain, **(variants or {"ours": tokenize_messages})}
+    sides = {"plain": plain, **variants}
     result = {}
-    for turns in TURNS:
-        rows, passes = conversations(turns), max(1, 64 // turns)
+    for count, rows in rows_by_count.items():
+        passes = max(1, 64 // count)
         for side in sides.values():  # warm: jinja compiles the template, sftkit caches the row shape
-            side(tokenizer, rows[0])
+            side(tokenizer, rows[0], tools)
         seconds = {name: [] for name in sides}
         for _ in range(repeats):
             for name, side in sides.items():
                 started = time.perf_counter()
                 for _ in range(passes):
                     for messages in rows:
-                        side(tokenizer, messages)
+                        side(tokenizer, messages, tools)
                 seconds[name].append(time.perf_counter() - started)
         rates = {name: passes * len(rows) / statistics.median(values) for name, values in seconds.items()}
-        result[turns] = {"rows_per_second": rates,
+        result[count] = {"rows_per_second": rates,
                          "ratio": {name: rate / rates["plain"] for name, rate in rates.items() if name != "plain"}}
     return result
 
@@ -221,6 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
         runs = training_runs(steps, args.repeats, Path(workdir))
     prep = preprocessing(args.repeats, copies)
     by_turns = preprocessing_by_turns(args.repeats)
+    by_calls = preprocessing_by_calls(args.repeats)
     shares = nonpad_shares()
     errors = config_error_seconds(args.repeats)
     ours_run, base_run = runs["median"]["ours"], runs["median"]["baseline"]
@@ -229,6 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
         "step_time_ratio": ours_run["step_seconds"] / base_run["step_seconds"],
         "preprocess_ratio": prep["ours_rows_per_second"] / prep["trl_rows_per_second"],
         "preprocess_ratio_by_turns": {str(turns): figures["ratio"]["ours"] for turns, figures in by_turns.items()},
+        "preprocess_ratio_by_calls": {str(calls): figures["ratio"]["ours"] for calls, figures in by_calls.items()},
         "nonpad_share_packed": shares["packed"],
         "nonpad_share_unpacked": shares["unpacked"],
         "config_error_seconds": statistics.median(errors),
@@ -238,7 +289,8 @@ def main(argv: list[str] | None = None) -> dict:
         "date": datetime.date.today().isoformat(), "machine": machine(), "quick": args.quick,
         "steps": steps, "repeats": args.repeats, **figures,
         "raw": {"training": runs, "preprocessing": prep, "config_error_seconds": errors,
-                "preprocessing_by_turns": {str(turns): figures for turns, figures in by_turns.items()}},
+                "preprocessing_by_turns": {str(turns): figures for turns, figures in by_turns.items()},
+                "preprocessing_by_calls": {str(calls): figures for calls, figures in by_calls.items()}},
     }
     table = markdown_table(result)
     print(table)
@@ -276,6 +328,13 @@ def markdown_table(result: dict) -> str:
         rates = result["raw"]["preprocessing_by_turns"][turns]["rows_per_second"]
         target = TARGETS["preprocess_ratio_by_turns"] if turns == str(TURNS[-1]) else ""
         lines.append(f"| preprocess_ratio_by_turns[{turns}] | {ratio:.3f} | {target} | {rates['ours']:.1f} rows/s | "
+                     f"{rates['plain']:.1f} rows/s |")
+    # the same for agent traces, and how many times faster than masking them from their tokenized prefixes
+    for calls, ratio in result["preprocess_ratio_by_calls"].items():
+        rates = result["raw"]["preprocessing_by_calls"][calls]["rows_per_second"]
+        target = TARGETS["preprocess_ratio_by_calls"] if calls == str(CALLS[-1]) else ""
+        lines.append(f"| preprocess_ratio_by_calls[{calls}] | {ratio:.3f} | {target} | {rates['ours']:.1f} rows/s "
+                     f"({rates['ours'] / rates['tokenized_prefixes']:.1f}x tokenized prefixes) | "
                      f"{rates['plain']:.1f} rows/s |")
     return "\n".join(lines)
 

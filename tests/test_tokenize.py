@@ -263,15 +263,16 @@ SPACED = [
 
 
 def the_old_way(monkeypatch):
-    """Mask every row from its own prefix renderings, as before the skeletons."""
+    """Mask every row from its own prefix renderings, each tokenized, as before the skeletons."""
     from sftkit.data import tokenize
 
     monkeypatch.setattr(tokenize, "_spans_from_skeleton", lambda *args: None)
+    monkeypatch.setattr(tokenize, "_spans_from_own_renderings", lambda *args: None)
 
 
-def outcome(tokenizer, messages, loss_on):
+def outcome(tokenizer, messages, loss_on, tools=None):
     try:
-        return tokenize_messages(tokenizer, messages, loss_on)
+        return tokenize_messages(tokenizer, messages, loss_on, tools=tools)
     except MaskError as error:
         return str(error)
 
@@ -284,6 +285,22 @@ def test_skeletons_give_the_labels_of_the_prefix_renderings(monkeypatch, family,
     fast = [outcome(tokenizer, messages, loss_on) for messages in conversations]
     the_old_way(monkeypatch)
     assert fast == [outcome(tokenizer, messages, loss_on) for messages in conversations]
+
+
+@pytest.mark.parametrize("family, name", masked_families("single", "multi", "system_multi"))
+@pytest.mark.parametrize("loss_on", ["assistant", "last_assistant"])
+def test_a_rows_own_renderings_give_the_labels_of_its_tokenized_prefixes(monkeypatch, family, name, loss_on):
+    """The way of rows no skeleton stands for (tools, tool calls): their prefixes rendered, not tokenized."""
+    from sftkit.data import tokenize
+
+    tokenizer = family_tokenizer(family)
+    conversations = [(CONVERSATIONS[name], None), (LONG, None), (SPACED, None)]
+    if family in CALL_TURNS:
+        conversations.append((AGENT, TOOLS))
+    monkeypatch.setattr(tokenize, "_spans_from_skeleton", lambda *args: None)
+    own = [outcome(tokenizer, messages, loss_on, tools) for messages, tools in conversations]
+    the_old_way(monkeypatch)
+    assert own == [outcome(tokenizer, messages, loss_on, tools) for messages, tools in conversations]
 
 
 def test_a_row_is_rendered_and_tokenized_once_and_its_prefixes_once_per_sequence_of_roles(monkeypatch):
@@ -486,9 +503,13 @@ CALL_TURNS = {
 
 
 @pytest.mark.parametrize("family", sorted(CALL_TURNS))
-def test_tool_calls_train_as_the_template_writes_them_and_tools_stay_in_the_prompt(family):
+def test_tool_calls_train_as_the_template_writes_them_and_tools_stay_in_the_prompt(monkeypatch, family):
     """Calls and tool definitions were refused: now the template renders them, each call trains as it writes it (with
-    the token that ends the turn), and the definitions and the tools' results never train."""
+    the token that ends the turn), and the definitions and the tools' results never train. Masked from the row's
+    own prefix renderings, untokenized: tokenizing each prefix cost the square of the row's length."""
+    from sftkit.data import tokenize
+
+    monkeypatch.setattr(tokenize, "_spans_from_prefixes", None)
     tokenizer = family_tokenizer(family)
     tokens = tokenize_messages(tokenizer, AGENT, tools=TOOLS)
     calls = [CALL_TURNS[family].replace("CITY", city).replace("ID", call_id)

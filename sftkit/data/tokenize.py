@@ -123,6 +123,7 @@ def tokenize_messages(tokenizer, messages: list[dict], loss_on: str = "assistant
         input_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         return {"input_ids": input_ids, "labels": list(input_ids)}
     found = None if tools else _spans_from_skeleton(tokenizer, template, messages, turns, text, max_length)
+    found = found or _spans_from_own_renderings(tokenizer, template, messages, turns, text, max_length, tools)
     tokens, spans = found or _spans_from_prefixes(tokenizer, template, messages, turns, text, tools)
     if max_length is not None:
         spans = [span for span in spans if span[1] < max_length]  # the turns that start past the cut are not kept
@@ -568,6 +569,32 @@ def _spans_from_skeleton(tokenizer, template, messages, turns, text, max_length)
     placed = layout and _place(layout.skeleton, messages, text)
     if placed is None or any(layout.turns[turn] is None for turn in turns):
         return None
+    return _spans_from_layout(tokenizer, template, messages, turns, text, max_length, layout, placed)
+
+
+def _spans_from_own_renderings(tokenizer, template, messages, turns, text, max_length, tools):
+    """A row no skeleton stands for (it has tools, tool calls, other keys, or content a template treats unlike a
+    placeholder): the shapes of its turns from its own prefix renderings, each rendered but not tokenized (tokenizing
+    them is most of the old way's cost). None where the old way must decide: a generation prompt that adds text
+    (DeepSeek's `<think>`, which may share characters with the reply)."""
+    if not tokenizer.is_fast:
+        return None
+
+    def render(count: int, add_generation_prompt: bool) -> str | None:
+        try:
+            return _render(tokenizer, [messages[:count]], add_generation_prompt, tools)[0]
+        except MaskError:
+            return None
+
+    whole = _Skeleton(text, (text,), (0,), ())
+    specials = _special_spans(tokenizer, template, text)
+    shapes = {turn: _turn_shape(whole, specials, turn, render) for turn in turns}
+    if any(shape is None or shape.prompt_adds for shape in shapes.values()):
+        return None
+    return _spans_from_layout(tokenizer, template, messages, turns, text, max_length, _Layout(whole, shapes), [0])
+
+
+def _spans_from_layout(tokenizer, template, messages, turns, text, max_length, layout, placed):
     place = _Placement(layout.skeleton, placed)
     tokens = _tokenize_far_enough(tokenizer, text, place, layout, turns, max_length)
     spans = []
@@ -698,19 +725,21 @@ def _build_layout(tokenizer, template: _Template, roles: tuple) -> _Layout | Non
     turns = {}
     for turn, role in enumerate(roles):
         if role == "assistant":
-            turns[turn] = _turn_shape(tokenizer, template, skeleton, specials, roles, turn)
+            turns[turn] = _turn_shape(skeleton, specials, turn,
+                                      lambda count, prompt: _skeleton(tokenizer, template, roles[:count], prompt))
     return _Layout(skeleton, turns)
 
 
-def _turn_shape(tokenizer, template, skeleton, specials, roles, turn) -> _TurnShape | None:
-    prompt = _skeleton(tokenizer, template, roles[:turn], True)
-    through = _skeleton(tokenizer, template, roles[: turn + 1], False)
+def _turn_shape(skeleton, specials, turn, render) -> _TurnShape | None:
+    """`render(count, add_generation_prompt)`: the rendering of the first `count` messages, or None."""
+    prompt = render(turn, True)
+    through = render(turn + 1, False)
     if prompt is None or through is None:
         return None
     whole = skeleton.text
     start = _token_prefix(prompt, whole, specials)
     if start < len(prompt):  # the generation prompt adds what the conversation does not have (DeepSeek)
-        history = _skeleton(tokenizer, template, roles[:turn], False)
+        history = render(turn, False)
         if history is None or start < len(history) or _inside_placeholder(prompt, start):
             return None
     common = _token_prefix(through, whole, specials)
