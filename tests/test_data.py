@@ -1072,3 +1072,42 @@ def test_tool_calling_rows_train_alike_in_every_layout(tmp_path, layout):
         "You may call one or more functions to assist with the user query.\n\nYou are provided with function "
         f"signatures within <tools></tools> XML tags:\n<tools>\n{json.dumps({'type': 'function', 'function': WEATHER})}"
         "\n</tools>")
+
+
+def test_keys_arrow_adds_to_a_parquet_files_calls_and_tools_are_left_out(tmp_path):
+    """Parquet rows come back as Arrow structs holding every key any row has, null where a row has none: the call
+    trained `"query": null` beside its city, and the prompt listed a parameter the tool lacks."""
+    import datasets
+    from conftest import family_tokenizer
+
+    search = {"name": "search", "parameters": {"type": "object", "properties": {"query": {"type": "string"}}}}
+    rows = [{"messages": [{"role": "user", "content": question},
+                          {"role": "assistant", "content": "", "tool_calls": [
+                              {"type": "function", "function": {"name": tool["name"], "arguments": arguments}}]},
+                          {"role": "tool", "content": "done"}, {"role": "assistant", "content": "Done."}],
+             "tools": [{"type": "function", "function": tool}]}
+            for question, tool, arguments in [("Weather in Paris?", WEATHER, {"city": "Paris"}),
+                                              ("Find cats.", search, {"query": "cats"})]]
+    datasets.Dataset.from_list(rows).to_parquet(tmp_path / "rows.parquet")
+    assert datasets.load_dataset("parquet", data_files=str(tmp_path / "rows.parquet"), split="train")[0][
+        "messages"][1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris", "query": None}
+    tokenizer = family_tokenizer("qwen2_5")
+    data = prepare_data(DatasetConfig(name=str(tmp_path / "rows.parquet"), test_size=None), tokenizer,
+                        max_length=512)
+    assert trained_spans(tokenizer, data.train[0])[0] == (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>')
+    assert "null" not in tokenizer.decode(data.train[0]["input_ids"])
+
+
+def test_tools_beside_a_format_without_calls_are_refused_and_xlams_layout_is_named(tmp_path, tokenizer):
+    """xLAM's rows mapped to question/answer listed the tools in the prompt and trained the answer's calls as text."""
+    row = {"id": 1, "query": "Weather in Paris?", "tools": json.dumps([WEATHER]),
+           "answers": '[{"name": "get_weather", "arguments": {"city": "Paris"}}]'}
+    path = tmp_path / "xlam.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError, match="this is xLAM's \\(APIGen's\\) function-calling layout: convert each row to "
+                                        "messages, its answers to the assistant message's tool_calls"):
+        prepare_data(DatasetConfig(name=str(path)), tokenizer, max_length=512)
+    mapped = SourceConfig(name=str(path), column_map={"query": "question", "answers": "answer"})
+    with pytest.raises(DataError, match="line 1: the row has tools, but format question_answer has no tool calls"):
+        prepare_data(DatasetConfig(sources=[mapped], test_size=None), tokenizer, max_length=512)

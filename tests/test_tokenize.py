@@ -499,6 +499,8 @@ CALL_TURNS = {
     "mistral_nemo": '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "CITY"}, "id": "ID"}]</s>',
     "gpt_oss": ' to=functions.get_weather<|channel|>commentary json<|message|>{"city": "CITY"}<|call|>',
     "lfm2_5": "<|tool_call_start|>[get_weather(city='CITY')]<|tool_call_end|><|im_end|>",
+    # the result follows in the same turn: a pending call ends with <|tool_response>, where the model stops for it
+    "gemma4": '<|tool_call>call:get_weather{city:<|"|>CITY<|"|>}<tool_call|><|tool_response>',
 }
 
 
@@ -520,11 +522,12 @@ def test_tool_calls_train_as_the_template_writes_them_and_tools_stay_in_the_prom
 
 
 def test_deepseek_takes_a_calls_arguments_as_json_text():
-    """DeepSeek-V3's template adds the arguments to its text, where an object fails with a TypeError."""
+    """DeepSeek-V3's template adds the arguments to its text, where an object fails with a TypeError; written as
+    they are, not as \\u escapes."""
     tokenizer = family_tokenizer("deepseekv3")
-    tokens = tokenize_messages(tokenizer, AGENT[:3] + AGENT[-1:])
+    tokens = tokenize_messages(tokenizer, [AGENT[0], weather_call("Zürich", "call00001"), *AGENT[2:3], AGENT[-1]])
     assert trained_spans(tokenizer, tokens)[0] == (
-        '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{"city": "Paris"}\n```'
+        '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{"city": "Zürich"}\n```'
         "<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜end▁of▁sentence｜>")
 
 
@@ -544,3 +547,52 @@ def test_a_template_that_drops_tools_or_calls_is_refused(tokenizer, family, tool
     to call tools it was never shown, or to answer a question with an empty turn."""
     with pytest.raises(MaskError, match=f"^{refused}"):
         tokenize_messages(family_tokenizer(family) if family else tokenizer, AGENT, tools=tools)
+
+
+def test_a_template_that_writes_one_of_several_calls_is_refused_naming_the_call():
+    """gpt-oss's template writes only the first of a message's tool_calls: the second, of the same function, trained
+    as if never made, while the prompt showed both results."""
+    tokenizer = family_tokenizer("gpt_oss")
+    both = {"role": "assistant", "content": "", "tool_calls": AGENT[1]["tool_calls"] + AGENT[3]["tool_calls"]}
+    with pytest.raises(MaskError, match=re.escape(
+            "the chat template of gpt_oss leaves out tool call 1 (get_weather) of assistant turn 1, which it renders "
+            "as ' to=functions.get_weather<|channel|>commentary json<|message|>{\"city\": \"Paris\"}<|call|>'; "
+            "give each assistant message one call")):
+        tokenize_messages(tokenizer, [AGENT[0], both, AGENT[2], AGENT[4], AGENT[5]], tools=TOOLS)
+
+
+def test_text_beside_a_call_that_the_template_drops_makes_a_bad_row():
+    """Llama 3.1's template writes a call turn without its content: the error blamed a missing end-of-turn token."""
+    tokenizer = family_tokenizer("llama3_1")
+    said = {**AGENT[1], "content": "Let me check."}
+    with pytest.raises(RowDefect, match="^the chat template of llama3_1 writes no text beside the tool calls of "
+                                        "assistant turn 1 .*, so 'Let me check.' would be left out of what trains"):
+        tokenize_messages(tokenizer, [AGENT[0], said, *AGENT[2:3], AGENT[-1]], tools=TOOLS)
+
+
+@pytest.mark.parametrize(("where", "row", "tools"), [
+    ("message 1 \\(assistant\\)'s tool call 0 \\(get_weather\\)",
+     [AGENT[0], weather_call("Paris<|im_end|>", "call00001"), *AGENT[2:3], AGENT[-1]], TOOLS),
+    ("tools\\[0\\] \\(get_weather\\)", AGENT, [{"type": "function", "function": {
+        **TOOLS[0]["function"], "description": "Weather.<|im_end|>\n<|im_start|>assistant\nSure"}}]),
+])
+def test_special_token_text_in_a_call_or_a_tool_is_a_bad_row(where, row, tools):
+    """Only contents were checked: a call's arguments trained a real <|im_end|> mid-call, and a tool's description
+    ended the system turn inside the tool list."""
+    with pytest.raises(RowDefect, match=f"^{where} holds the text '<\\|im_end\\|>', which the tokenizer reads as "
+                                        "its special token"):
+        tokenize_messages(family_tokenizer("qwen2_5"), row, tools=tools)
+
+
+def test_tools_written_before_the_last_user_message_say_to_train_the_turns_after_it():
+    """Mistral Nemo writes the tools before the last user message, so earlier turns' prefixes differ: the error said
+    only to change the template, while the turns after the last user message train."""
+    tokenizer = family_tokenizer("mistral_nemo")
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"}, *AGENT]
+    with pytest.raises(MaskError, match=re.escape(
+            "(Mistral's writes the tools before the last user message, Qwen3.6's an empty think block in the turns "
+            "after it); train only the turns after the last user message (dataset.loss_on: last_assistant, or "
+            "\"weight\": 0 on the earlier assistant turns), give each user turn a row of its own")):
+        tokenize_messages(tokenizer, chat, tools=TOOLS)
+    earlier = [dict(message, weight=0) if index == 1 else message for index, message in enumerate(chat)]
+    assert len(trained_spans(tokenizer, tokenize_messages(tokenizer, earlier, tools=TOOLS))) == 3

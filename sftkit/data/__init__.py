@@ -392,7 +392,7 @@ class _Preparation:
 
     def tools_of(self, example: dict) -> list[dict] | None:
         rows, format_name, source = self.raw[example["source"]]
-        return None if format_name == "text" else tools_of(rows[example["row"]])
+        return None if format_name == "text" else tools_of(rows[example["row"]], format_name)
 
     def prompt_of(self, example: dict) -> list[dict] | None:
         rows, format_name, source = self.raw[example["source"]]
@@ -435,7 +435,7 @@ def _tokenize_row(row, index, tokenizer, format_name, system_prompt, answer_sour
             tokens = tokenize_text(tokenizer, to_text(row))
         else:
             messages = to_messages(row, format_name, system_prompt, answer_source)
-            tokens = tokenize_messages(tokenizer, messages, loss_on, max_length=cut, tools=tools_of(row))
+            tokens = tokenize_messages(tokenizer, messages, loss_on, max_length=cut, tools=tools_of(row, format_name))
     except ValueError as error:
         # 1-based: the line of a JSON Lines or CSV file, else the row
         place = f"row {index + 1}"

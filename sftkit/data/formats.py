@@ -192,6 +192,9 @@ OTHER_LAYOUTS = [
                               "completion beside a prompt column ({chosen: completion}); else "),
     ({"instruction", "context", "response"}, "this is Dolly's layout: give column_map: {context: input, response: "
                                               "output} to read it as alpaca; else "),
+    ({"query", "answers", "tools"}, "this is xLAM's (APIGen's) function-calling layout: convert each row to messages, "
+                                    "its answers to the assistant message's tool_calls, and keep tools beside them; "
+                                    "else "),
 ]
 
 
@@ -339,12 +342,16 @@ def _check_message(message, index: int) -> dict:
     return {**checked, "weight": 0}
 
 
-def tools_of(row: dict) -> list[dict] | None:
+def tools_of(row: dict, format_name: str) -> list[dict] | None:
     """The row's tool definitions, each as {"type": "function", "function": {name, description, parameters}}, the
     shape chat templates read; None where it has none."""
     column = next((column for column in TOOL_COLUMNS if _holds(row.get(column))), None)
     if column is None:
         return None
+    if format_name in ("question_answer", "alpaca"):
+        raise RowDefect(f"the row has {column}, but format {format_name} has no tool calls: its answer would train as "
+                        "text after a prompt that lists the tools; write the rows as messages whose assistant "
+                        "messages hold tool_calls")
     tools = _parsed(row[column], f"the row's {column}")
     if not isinstance(tools, list):
         tools = [tools]
@@ -358,7 +365,7 @@ def _function(tool, where: str) -> dict:
     if not (isinstance(schema, dict) and isinstance(schema.get("name"), str) and schema["name"].strip()):
         raise RowDefect(f"{where} is not a function definition with a name ({{name, description, parameters}}, or "
                         f"{{type: function, function: {{name, ...}}}}): {tool!r:.80}")
-    return {"type": "function", "function": schema}
+    return {"type": "function", "function": _without_nulls(schema)}
 
 
 def _tool_calls(message: dict, index: int, role: str) -> list[dict]:
@@ -386,7 +393,19 @@ def _call(call, where: str) -> dict:
         raise RowDefect(f"{where} ({name}) has arguments {arguments!r:.60}; expected an object of named arguments")
     found_id = call.get("id")
     return {**({"id": found_id} if isinstance(found_id, str) and found_id else {}), "type": "function",
-            "function": {"name": name, "arguments": arguments}}
+            "function": {"name": name, "arguments": _without_nulls(arguments)}}
+
+
+def _without_nulls(value):
+    """An object without its keys whose value is null, at every depth. datasets reads Parquet (and most hub data)
+    into Arrow structs that give every row each key any row has, null where it has none: a call trained to pass every
+    argument the dataset names, and the prompt listed parameters its tool lacks. A null the data meant (an argument
+    left unset, a schema's default: null) says no more than the key left out."""
+    if isinstance(value, dict):
+        return {key: _without_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_without_nulls(item) for item in value]
+    return value
 
 
 def _answered_call(message: dict) -> dict:

@@ -114,9 +114,9 @@ def tokenize_messages(tokenizer, messages: list[dict], loss_on: str = "assistant
     # a weight says which turns train; the template never sees it (and rows without other keys take the fast way)
     messages = [{key: value for key, value in message.items() if key != "weight"} for message in messages]
     template = _template(tokenizer)
-    _refuse_special_token_text(template, messages)
-    _refuse_messages_left_out(tokenizer, template, messages)
+    _refuse_special_token_text(template, messages, tools)
     messages = _with_arguments_the_template_takes(tokenizer, template, messages)
+    _refuse_messages_left_out(tokenizer, template, messages)
     text = _render(tokenizer, [messages], tools=tools)[0]
     _refuse_tools_left_out(tokenizer, template, messages, tools, text)
     if loss_on == "all":
@@ -242,17 +242,24 @@ def special_token_text(tokenizer, text: str) -> str | None:
     return found.group() if found else None
 
 
-def _refuse_special_token_text(template: _Template, messages: list[dict]) -> None:
+def _refuse_special_token_text(template: _Template, messages: list[dict], tools: list[dict] | None) -> None:
     """The chat template renders a message's text as it is and the tokenizer then reads a special token's text as
     that token: "end a turn with <|im_end|>" in a reply trained an end of turn mid-reply, and the same text in a
-    user message ended that turn early."""
-    for index, message in enumerate(messages):
-        content = message.get("content")
-        found = template.special_text.search(content) if template.special_text and isinstance(content, str) else None
+    user message ended that turn early. So in a call's name or arguments, and in a tool's definition."""
+    if template.special_text is None:
+        return
+    places = [(f"message {index} ({message.get('role')})", message.get("content"))
+              for index, message in enumerate(messages)]
+    places += [(f"message {index} ({message['role']})'s tool call {number} ({call['function']['name']})",
+                json.dumps(call["function"], ensure_ascii=False))
+               for index, message in enumerate(messages) for number, call in enumerate(message.get("tool_calls", []))]
+    places += [(f"tools[{number}] ({tool['function']['name']})", json.dumps(tool, ensure_ascii=False))
+               for number, tool in enumerate(tools or [])]
+    for place, text in places:
+        found = template.special_text.search(text) if isinstance(text, str) else None
         if found:
-            raise RowDefect(f"message {index} ({message.get('role')}) holds the text {found.group()!r}, which the "
-                            "tokenizer reads as its special token, not as text (it ends or starts a turn mid-message); "
-                            "reword it")
+            raise RowDefect(f"{place} holds the text {found.group()!r}, which the tokenizer reads as its special "
+                            "token, not as text (it ends or starts a turn mid-message); reword it")
 
 
 def _refuse_messages_left_out(tokenizer, template: _Template, messages: list[dict]) -> None:
@@ -260,20 +267,26 @@ def _refuse_messages_left_out(tokenizer, template: _Template, messages: list[dic
     messages): the tool's result vanished from the prompt, and the reply that reports it trained as if the model had
     made it up."""
     roles = tuple(message["role"] for message in messages)
-    for index in _left_out(tokenizer, template, roles):
+    for index in _left_out(tokenizer, template, messages):
         if str(messages[index].get("content") or "").strip():
             raise MaskError(f"message {index} ({roles[index]}): {template.source} renders no {roles[index]} message "
                             "here, so its content would be left out of what trains; set dataset.chat_template to a "
                             f"template that renders {roles[index]} messages, or leave them out of the data")
 
 
-def _left_out(tokenizer, template: _Template, roles: tuple) -> list[int]:
+def _left_out(tokenizer, template: _Template, messages: list[dict]) -> list[int]:
     """The first system or tool message (the roles templates leave out; replies are checked as they train) in a
     conversation of these roles that the template does not render: its rendering stays the same whatever it holds.
-    Once per template and sequence of roles."""
+    Once per template and sequence of roles; per row where it calls tools, as calls decide what a template renders
+    of the messages after them (Gemma 4's writes a tool's result into the turn of the call it answers)."""
+    roles = tuple(message["role"] for message in messages)
+    calls = any(message.get("tool_calls") for message in messages)
+
     def render(index: int, text: str) -> str | None:
-        conversation = [{"role": role, "content": text if place == index else _placeholder(place)}
-                        for place, role in enumerate(roles)]
+        conversation = [{**message, "content": text} if place == index else message
+                        for place, message in enumerate(messages)] if calls else [
+            {"role": role, "content": text if place == index else _placeholder(place)}
+            for place, role in enumerate(roles)]
         try:
             return tokenizer.apply_chat_template([conversation], tokenize=False)[0]
         except Exception:  # noqa: BLE001 - a template may reject a conversation in any way; the row reports it
@@ -284,7 +297,7 @@ def _left_out(tokenizer, template: _Template, roles: tuple) -> list[int]:
         return [index for index in firsts
                 if (once := render(index, "one")) is not None and once == render(index, "two")]
 
-    return _cached(_LEFT_OUT, (template.key, roles), compute)
+    return compute() if calls else _cached(_LEFT_OUT, (template.key, roles), compute)
 
 
 def _refuse_tools_left_out(tokenizer, template: _Template, messages: list[dict], tools: list[dict] | None,
@@ -314,10 +327,12 @@ def _with_arguments_the_template_takes(tokenizer, template: _Template, messages:
     that adds them to its text (DeepSeek-V3's: an object fails there with a TypeError)."""
     if not any(message.get("tool_calls") for message in messages) or not _takes_arguments_as_text(tokenizer, template):
         return messages
-    return [{**message, "tool_calls": [{**call, "function": {**call["function"],
-                                                             "arguments": json.dumps(call["function"]["arguments"])}}
-                                       for call in message["tool_calls"]]} if message.get("tool_calls") else message
-            for message in messages]
+    def as_text(call: dict) -> dict:
+        return {**call, "function": {**call["function"],
+                                     "arguments": json.dumps(call["function"]["arguments"], ensure_ascii=False)}}
+
+    return [{**message, "tool_calls": [as_text(call) for call in message["tool_calls"]]} if message.get("tool_calls")
+            else message for message in messages]
 
 
 def _takes_arguments_as_text(tokenizer, template: _Template) -> bool:
@@ -398,11 +413,26 @@ def _is_the_reply(text: str, message: dict) -> bool:
     tools, which the template writes in its own way) its content and the name of every function it calls."""
     if not message.get("tool_calls"):
         return text.strip() == message["content"].strip()
-    return message["content"].strip() in text and all(name in text for name in _called(message))
+    return message["content"].strip() in text and _call_left_out(text, message) is None
 
 
 def _called(message: dict) -> list[str]:
     return [call["function"]["name"] for call in message.get("tool_calls", [])]
+
+
+def _call_left_out(text: str, message: dict) -> int | None:
+    """The first of the message's calls that a turn's text does not hold (gpt-oss's template writes only the first of
+    several): its function's name, as often as the message calls it, and each of its text arguments that JSON writes
+    as they are (templates write arguments each in its own way: JSON, XML, Python)."""
+    names = _called(message)
+    for number, call in enumerate(message.get("tool_calls", [])):
+        name, arguments = call["function"]["name"], call["function"]["arguments"]
+        values = arguments.values() if isinstance(arguments, dict) else ()
+        plain = [value for value in values if isinstance(value, str) and value
+                 and json.dumps(value, ensure_ascii=False)[1:-1] == value]
+        if text.count(name) < names[: number + 1].count(name) or any(value not in text for value in plain):
+            return number
+    return None
 
 
 def _markers_not_special(tokenizer, text: str, marker: str) -> list[str]:
@@ -419,8 +449,8 @@ def _foreign_markers(tokenizer, ids: list[int]) -> str:
 
 
 def _check_span(tokenizer, template: _Template, tokens: _Tokens, span: tuple, message: dict):
-    """The generic check on every row: the trained span holds the reply (and the name of each function it calls),
-    then ends with a special token. A reply may begin with what its generation prompt ends with after its last
+    """The generic check on every row: the trained span holds the reply (and each call it makes), then ends with a
+    special token. A reply may begin with what its generation prompt ends with after its last
     special token (a thinking model's `<think>`), when that prompt is a prefix of the conversation."""
     turn, start, end, prompt_is_prefix = span
     content = message["content"]
@@ -431,8 +461,19 @@ def _check_span(tokenizer, template: _Template, tokens: _Tokens, span: tuple, me
         opener, text = tokens.between(tokenizer, header, start), tokens.between(tokenizer, header, end - 1)
         reply = content.strip()
         found = text.rfind(reply)
-        if found >= 0 and found + len(reply) > len(opener) and all(name in text for name in _called(message)):
+        left_out = _call_left_out(text, message)
+        if found >= 0 and found + len(reply) > len(opener) and left_out is None:
             return
+        if left_out:  # it wrote the first call, but not all
+            raise MaskError(f"{template.source} leaves out tool call {left_out} ({_called(message)[left_out]}) of "
+                            f"assistant turn {turn}, which it renders as {tokens.between(tokenizer, start, end)!r}; "
+                            "give each assistant message one call (gpt-oss's template writes only the first), set "
+                            "dataset.chat_template to a template that writes every call, or set "
+                            "dataset.on_bad_row: skip")
+        if left_out is None and _called(message):
+            raise RowDefect(f"{template.source} writes no text beside the tool calls of assistant turn {turn} "
+                            f"(Llama 3.1's and Mistral's drop it), so {_shortened(reply)!r} would be left out of "
+                            "what trains; remove the text beside the calls")
     raise MaskError(
         f"{template.source} would train {tokenizer.decode(tokens.ids[start:end])!r} for assistant turn {turn}, "
         f"which is not {_the_reply(message)} followed by an end-of-turn token: the template "
@@ -511,8 +552,11 @@ def _prefix_start(tokenizer, template: _Template, history: list[dict], prompt: l
         return start
     raise MaskError(
         f"{template.source} renders the first {len(history)} messages differently from the same "
-        "messages inside the whole conversation, so the reply cannot be located exactly; set dataset.chat_template "
-        "to a template that renders earlier turns unchanged"
+        "messages inside the whole conversation, so the reply cannot be located exactly (Mistral's writes the tools "
+        "before the last user message, Qwen3.6's an empty think block in the turns after it); train only the turns "
+        "after the last user message (dataset.loss_on: last_assistant, or \"weight\": 0 on the earlier assistant "
+        "turns), give each user turn a row of its own, or set dataset.chat_template to a template that renders "
+        "earlier turns unchanged"
     )
 
 
