@@ -238,7 +238,8 @@ def test_an_empty_system_message_is_left_out_whether_text_or_parts(empty):
          "turn would train without its call; set dataset.chat_template to a template that renders tool_calls"),
         ({"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4.",
                                                              "reasoning_content": "Two and two make four."}]},
-         "message 1 (assistant) has reasoning_content, which sftkit"),
+         f"message 1 (assistant): the chat template of {TINY_MODEL} renders no reasoning (reasoning_content or "
+         "thinking), so the reply would train without it"),
         ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], "tools": [CALL]},
          f"the chat template of {TINY_MODEL} renders no tools, so the row's tool definitions would "
          "be left out of the prompt"),
@@ -270,12 +271,22 @@ def test_bad_rows_name_the_source_row_line_and_problem(tmp_path, tokenizer, row,
 @pytest.mark.parametrize(("format_name", "row", "problem"), [
     ("sharegpt", {"conversations": [{"from": "human", "value": "2+2?"},
                                     {"from": "gpt", "value": "4.", "reasoning_content": "Two and two make four."}]},
-     "message 1 (assistant) has reasoning_content, which sftkit does not pass to the chat template yet"),
+     f"message 1 (assistant): the chat template of {TINY_MODEL} renders no reasoning"),
+    # a reasoning column beside a single reply is that reply's
     ("prompt_response", {"prompt": "2+2?", "response": "4.", "reasoning_content": "Two and two make four."},
-     "the row has a reasoning_content column, which sftkit does not pass to the chat template yet (the reply would "
-     "train without its reasoning)"),
+     f"message 1 (assistant): the chat template of {TINY_MODEL} renders no reasoning"),
     ("alpaca", {"instruction": "Add 2 and 2.", "input": "", "output": "4.", "thinking": "Two and two make four."},
-     "the row has a thinking column"),
+     f"message 1 (assistant): the chat template of {TINY_MODEL} renders no reasoning"),
+    ("messages", {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4."}],
+                  "reasoning": "Two and two make four."},
+     "the row has a reasoning column, but a conversation may hold several replies; put the reasoning on the "
+     "assistant message it belongs to"),
+    ("messages", {"messages": [{"role": "user", "content": "2+2?", "reasoning_content": "Easy."},
+                               {"role": "assistant", "content": "4."}]},
+     "message 0 (user) has reasoning_content, but only assistant messages reason"),
+    ("messages", {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>Easy."
+                                                                     "</think>4.", "reasoning_content": "Easy."}]},
+     "message 1 (assistant) has reasoning both in reasoning_content and in its content (<think>...); keep one"),
     ("sharegpt", {"conversations": [{"from": "human", "value": "Weather?"}, {"from": "function_call",
                                                                              "value": '{"arguments": {"city": "Paris"}}'},
                                     {"from": "observation", "value": "20"}, {"from": "gpt", "value": "It is 20."}]},
@@ -1111,3 +1122,24 @@ def test_tools_beside_a_format_without_calls_are_refused_and_xlams_layout_is_nam
     mapped = SourceConfig(name=str(path), column_map={"query": "question", "answers": "answer"})
     with pytest.raises(DataError, match="line 1: the row has tools, but format question_answer has no tool calls"):
         prepare_data(DatasetConfig(sources=[mapped], test_size=None), tokenizer, max_length=512)
+
+
+@pytest.mark.parametrize(("format_name", "row"), [
+    ("messages", {"messages": [{"role": "user", "content": "2+2?"},
+                               {"role": "assistant", "content": "4.", "reasoning_content": "Two and two."}]}),
+    ("messages", {"messages": [{"role": "user", "content": "2+2?"},
+                               {"role": "assistant", "content": "4.", "thinking": "Two and two."}]}),
+    ("sharegpt", {"conversations": [{"from": "human", "value": "2+2?"},
+                                    {"from": "gpt", "value": "4.", "reasoning": "Two and two."}]}),
+    ("prompt_response", {"prompt": "2+2?", "response": "4.", "reasoning_content": "Two and two."}),
+    ("question_answer", {"question": "2+2?", "answer": "4.", "thinking": "Two and two."}),
+])
+def test_a_replys_reasoning_trains_with_it_whatever_the_layout_names_it(tmp_path, format_name, row):
+    """Reasoning on a message or in a column beside a single reply was refused: it goes to the template now."""
+    from conftest import family_tokenizer
+
+    tokenizer = family_tokenizer("qwen3")
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    data = prepare_data(DatasetConfig(name=str(path), format=format_name, test_size=None), tokenizer, max_length=64)
+    assert trained_spans(tokenizer, data.train[0]) == ["<think>\nTwo and two.\n</think>\n\n4.<|im_end|>"]

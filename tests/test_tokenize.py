@@ -596,3 +596,47 @@ def test_tools_written_before_the_last_user_message_say_to_train_the_turns_after
         tokenize_messages(tokenizer, chat, tools=TOOLS)
     earlier = [dict(message, weight=0) if index == 1 else message for index, message in enumerate(chat)]
     assert len(trained_spans(tokenizer, tokenize_messages(tokenizer, earlier, tools=TOOLS))) == 3
+
+
+THOUGHT = [{"role": "user", "content": "What is 2+2?"},
+           {"role": "assistant", "content": "4.", "reasoning_content": "Two and two make four."}]
+# How each thinking family's template writes that reply and its reasoning, as it trains
+REASONED = {
+    "qwen3": "<think>\nTwo and two make four.\n</think>\n\n4.<|im_end|>",
+    "qwen3_6": "Two and two make four.\n</think>\n\n4.<|im_end|>",  # the generation prompt opens <think>
+    "gpt_oss": "<|channel|>analysis<|message|>Two and two make four.<|end|><|start|>assistant<|channel|>final"
+               "<|message|>4.<|return|>",  # read from `thinking`
+    "lfm2_5": "<think>Two and two make four.</think>4.<|im_end|>",
+}
+
+
+@pytest.mark.parametrize("family", sorted(REASONED))
+def test_reasoning_trains_before_its_reply_as_the_template_writes_it(family):
+    """A reply's reasoning_content was refused: now it goes to the template (as `thinking` where the template reads
+    that) and trains with the reply."""
+    tokenizer = family_tokenizer(family)
+    assert trained_spans(tokenizer, tokenize_messages(tokenizer, THOUGHT)) == [REASONED[family]]
+
+
+def test_an_agents_reasoning_before_each_call_trains_with_it():
+    """Qwen3 keeps the reasoning of the turns after the last user message: an agent's trace trains whole."""
+    tokenizer = family_tokenizer("qwen3")
+    trace = [AGENT[0], {**AGENT[1], "reasoning_content": "Paris first."}, AGENT[2],
+             {**AGENT[3], "reasoning_content": "Now Rome."}, AGENT[4], AGENT[5]]
+    spans = trained_spans(tokenizer, tokenize_messages(tokenizer, trace, tools=TOOLS))
+    assert spans[:2] == [f"<think>\nParis first.\n</think>\n\n{CALL_TURNS['qwen3'].replace('CITY', 'Paris')}",
+                         f"<think>\nNow Rome.\n</think>\n\n{CALL_TURNS['qwen3'].replace('CITY', 'Rome')}"]
+
+
+def test_reasoning_a_template_would_leave_out_is_refused():
+    with pytest.raises(MaskError, match="^message 1 \\(assistant\\): the chat template of qwen2_5 renders no reasoning "
+                                        "\\(reasoning_content or thinking\\), so the reply would train without it"):
+        tokenize_messages(family_tokenizer("qwen2_5"), THOUGHT)
+    # Qwen3 drops the reasoning of the turns before the last user message: those turns cannot train as reasoned
+    tokenizer = family_tokenizer("qwen3")
+    chat = THOUGHT + [{"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "6."}]
+    with pytest.raises(MaskError, match="^the chat template of qwen3 renders assistant turn 1 differently when later "
+                                        "messages follow it"):
+        tokenize_messages(tokenizer, chat)
+    assert trained_spans(tokenizer, tokenize_messages(tokenizer, chat, "last_assistant")) == [
+        "<think>\n\n</think>\n\n6.<|im_end|>"]

@@ -9,8 +9,8 @@ import json
 from sftkit.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
-# What a chat template renders besides a message's content, that sftkit does not pass to it: a reply trained
-# without its reasoning would teach the model to skip it.
+# A reply's reasoning, passed to the chat template as reasoning_content (Qwen3's, GLM's, DeepSeek's API's name) or
+# thinking (gpt-oss's): the names datasets give it, on a message or (beside a single reply) as a column
 REASONING = ("reasoning_content", "reasoning", "thinking")
 # What a message holds for a tool call, passed to the chat template: an assistant's calls (OpenAI's tool_calls, or
 # its older function_call) and the id of the call a tool message answers.
@@ -211,10 +211,7 @@ def to_messages(row: dict, format_name: str, system_prompt: str | None = None, a
         messages = FORMATS[format_name](row, answer_source)
     except KeyError as missing:
         raise ValueError(f"missing column {missing} for format {format_name!r}") from None
-    if held := next((key for key in REASONING if isinstance(row.get(key), str) and _holds(row[key])), None):
-        raise RowDefect(f"the row has a {held} column, which sftkit does not pass to the chat template yet (the reply "
-                        "would train without its reasoning); write the reasoning into the reply as the model's "
-                        "template shows it (e.g. <think>...</think>), or drop the column")
+    messages = _with_reasoning_column(row, format_name, _as_list(messages))
     messages = [_check_message(message, index) for index, message in enumerate(_as_list(messages))
                 if not _empty_system(message)]  # common in ShareGPT dumps ("system": ""): no system prompt
     if not any(message["role"] == "assistant" for message in messages):
@@ -222,6 +219,18 @@ def to_messages(row: dict, format_name: str, system_prompt: str | None = None, a
     if not any(trains(message) for message in messages):
         raise RowDefect("every assistant message has weight 0: there is nothing to train on")
     return with_system(messages, system_prompt)
+
+
+def _with_reasoning_column(row: dict, format_name: str, messages: list) -> list:
+    """A row's reasoning column as the reasoning of its reply: the last message of a prompt/response, question/answer
+    or Alpaca row. A conversation may hold several replies, so its reasoning goes on the message it belongs to."""
+    held = next((key for key in REASONING if isinstance(row.get(key), str) and _holds(row[key])), None)
+    if held is None:
+        return messages
+    if format_name in ("messages", "sharegpt") or not isinstance(messages[-1], dict):
+        raise RowDefect(f"the row has a {held} column, but a conversation may hold several replies; put the reasoning "
+                        f"on the assistant message it belongs to (its {held} key)")
+    return [*messages[:-1], {**messages[-1], held: row[held]}]
 
 
 def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
@@ -307,10 +316,6 @@ def _check_message(message, index: int) -> dict:
         raise RowDefect(f"message {index} has no role")
     # OpenAI's name for the system message, with its o1 and later models
     role, content = "system" if message["role"] == "developer" else message["role"], message.get("content")
-    held = next((key for key in REASONING if _holds(message.get(key))), None)
-    if held:
-        raise RowDefect(f"message {index} ({role}) has {held}, which sftkit does not pass to the chat template yet "
-                        "(the turn would train without it)")
     role = "tool" if role == "function" else role  # OpenAI's older name for a tool's result
     if role not in ROLES:
         mapped = f" (ShareGPT's name for {SHAREGPT_ROLES[role]}: rename it)" if role in SHAREGPT_ROLES else ""
@@ -327,7 +332,9 @@ def _check_message(message, index: int) -> dict:
     if role == "assistant" and content.count("<think>") > content.count("</think>"):
         raise RowDefect(f"message {index} ({role}) opens a reasoning block (<think>) it never closes (a trace cut "
                         "at its length limit): the model would learn to end its turn mid-thought")
-    checked = {"role": role, "content": content, **({"tool_calls": calls} if calls else {}), **_answered_call(message)}
+    reasoning = _reasoning(message, index, role, content)
+    checked = {"role": role, "content": content, **({"reasoning_content": reasoning} if reasoning else {}),
+               **({"tool_calls": calls} if calls else {}), **_answered_call(message)}
     weight = _weight(message, index, role)
     if weight is None or (weight == 1 and role == "assistant"):
         return checked
@@ -340,6 +347,21 @@ def _check_message(message, index: int) -> dict:
         raise ValueError(f"message {index} ({role}) has weight {weight!r}; a weight is the number 0 (not trained) or "
                          "1")
     return {**checked, "weight": 0}
+
+
+def _reasoning(message: dict, index: int, role: str, content: str) -> str | None:
+    held = next((key for key in REASONING if _holds(message.get(key))), None)
+    if held is None:
+        return None
+    reasoning = message[held]
+    if role != "assistant":
+        raise RowDefect(f"message {index} ({role}) has {held}, but only assistant messages reason")
+    if not isinstance(reasoning, str):
+        raise RowDefect(f"message {index} ({role}) has {held} of type {type(reasoning).__name__}, expected text")
+    if "<think>" in content:
+        raise RowDefect(f"message {index} ({role}) has reasoning both in {held} and in its content (<think>...); "
+                        "keep one")
+    return reasoning.strip()
 
 
 def tools_of(row: dict, format_name: str) -> list[dict] | None:

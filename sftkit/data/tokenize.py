@@ -116,6 +116,7 @@ def tokenize_messages(tokenizer, messages: list[dict], loss_on: str = "assistant
     template = _template(tokenizer)
     _refuse_special_token_text(template, messages, tools)
     messages = _with_arguments_the_template_takes(tokenizer, template, messages)
+    messages = _with_reasoning_the_template_takes(tokenizer, template, messages)
     _refuse_messages_left_out(tokenizer, template, messages)
     text = _render(tokenizer, [messages], tools=tools)[0]
     _refuse_tools_left_out(tokenizer, template, messages, tools, text)
@@ -248,8 +249,8 @@ def _refuse_special_token_text(template: _Template, messages: list[dict], tools:
     user message ended that turn early. So in a call's name or arguments, and in a tool's definition."""
     if template.special_text is None:
         return
-    places = [(f"message {index} ({message.get('role')})", message.get("content"))
-              for index, message in enumerate(messages)]
+    places = [(f"message {index} ({message.get('role')})", message.get(key))
+              for index, message in enumerate(messages) for key in ("content", "reasoning_content")]
     places += [(f"message {index} ({message['role']})'s tool call {number} ({call['function']['name']})",
                 json.dumps(call["function"], ensure_ascii=False))
                for index, message in enumerate(messages) for number, call in enumerate(message.get("tool_calls", []))]
@@ -335,6 +336,40 @@ def _with_arguments_the_template_takes(tokenizer, template: _Template, messages:
             else message for message in messages]
 
 
+def _with_reasoning_the_template_takes(tokenizer, template: _Template, messages: list[dict]) -> list[dict]:
+    """Replies' reasoning under the name the template reads: reasoning_content (Qwen3's, GLM's) or thinking
+    (gpt-oss's); refused where it reads neither, as the replies would train without it."""
+    if not any("reasoning_content" in message for message in messages):
+        return messages
+    key = _reasoning_key(tokenizer, template)
+    if key is None:
+        index = next(index for index, message in enumerate(messages) if "reasoning_content" in message)
+        raise MaskError(f"message {index} (assistant): {template.source} renders no reasoning (reasoning_content or "
+                        "thinking), so the reply would train without it; set dataset.chat_template to a template "
+                        "that renders it (a thinking model's own), or write the reasoning into the reply as that "
+                        "model writes it")
+    if key == "reasoning_content":
+        return messages
+    return [{**{name: value for name, value in message.items() if name != "reasoning_content"},
+             key: message["reasoning_content"]} if "reasoning_content" in message else message
+            for message in messages]
+
+
+def _reasoning_key(tokenizer, template: _Template) -> str | None:
+    def probe() -> str | None:
+        for key in ("reasoning_content", "thinking"):
+            try:
+                text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {
+                    "role": "assistant", "content": "Hello", key: "sftkit probes the reasoning"}], tokenize=False)
+            except Exception:  # noqa: BLE001 - a template may reject the probe in any way; the rows report it
+                continue
+            if "sftkit probes the reasoning" in text:
+                return key
+        return None
+
+    return _cached(_REASONING_KEYS, template.key, probe)
+
+
 def _takes_arguments_as_text(tokenizer, template: _Template) -> bool:
     def probe() -> bool:
         call = {"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
@@ -411,9 +446,13 @@ def _turn_end(tokenizer, template: _Template, tokens: _Tokens, turn: int, messag
 def _is_the_reply(text: str, message: dict) -> bool:
     """Whether a turn's text, as the whole conversation renders it, is the message: its content, or (where it calls
     tools, which the template writes in its own way) its content and the name of every function it calls."""
-    if not message.get("tool_calls"):
+    if not message.get("tool_calls") and not _reasoning(message):
         return text.strip() == message["content"].strip()
-    return message["content"].strip() in text and _call_left_out(text, message) is None
+    return message["content"].strip() in text and _reasoning(message) in text and _call_left_out(text, message) is None
+
+
+def _reasoning(message: dict) -> str:
+    return message.get("reasoning_content") or message.get("thinking") or ""
 
 
 def _called(message: dict) -> list[str]:
@@ -462,8 +501,14 @@ def _check_span(tokenizer, template: _Template, tokens: _Tokens, span: tuple, me
         reply = content.strip()
         found = text.rfind(reply)
         left_out = _call_left_out(text, message)
-        if found >= 0 and found + len(reply) > len(opener) and left_out is None:
+        reasoned = _reasoning(message) in tokens.between(tokenizer, header, end)
+        if found >= 0 and found + len(reply) > len(opener) and left_out is None and reasoned:
             return
+        if not reasoned and found >= 0 and left_out is None:
+            raise MaskError(f"{template.source} writes no reasoning in assistant turn {turn} here (Qwen3's drops it "
+                            "from the turns before the last user message); train only the turns after the last user "
+                            "message (dataset.loss_on: last_assistant, or \"weight\": 0 on the earlier assistant "
+                            "turns), or give each user turn a row of its own")
         if left_out:  # it wrote the first call, but not all
             raise MaskError(f"{template.source} leaves out tool call {left_out} ({_called(message)[left_out]}) of "
                             f"assistant turn {turn}, which it renders as {tokens.between(tokenizer, start, end)!r}; "
@@ -880,6 +925,7 @@ _LAYOUTS: dict = {}
 _SKELETONS: dict = {}
 _LEFT_OUT: dict = {}
 _ARGUMENTS: dict = {}
+_REASONING_KEYS: dict = {}
 _BLANKS: dict = {}
 
 
