@@ -44,6 +44,9 @@ def quiet_known_noise() -> None:
     # TRL 1.16 deprecates use_liger_kernel for transformers' Hub kernels (`model_init_kwargs`, which sftkit does not
     # use: it loads the model itself), once per run where sftkit turns Liger on; it still works until TRL 2.0.
     _drop_warning(r"`use_liger_kernel=True` is deprecated", FutureWarning)
+    # TRL 1.16 deprecates training.pad_token for setting tokenizer.pad_token, which a sftkit user cannot reach; TRL
+    # still sets the tokenizer's pad token from it, which the published tokenizer keeps.
+    _drop_warning(r"`pad_token` is deprecated", FutureWarning)
     # DeepSpeed 0.19's collectives call torch.distributed functions that torch deprecated, once per step and process.
     _drop_warning(r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
     # DeepSpeed on a machine without a GPU, once per process at import; a run on CPU says so in its plan.

@@ -162,6 +162,19 @@ def test_a_merged_model_names_the_pad_and_eos_tokens_of_its_tokenizer(tmp_path):
     assert (generation["pad_token_id"], generation["eos_token_id"]) == (2, [3, 1])
 
 
+def test_a_configured_pad_token_pads_and_is_published_without_a_deprecation_warning(tmp_path):
+    """TRL 1.16 warned that training.pad_token is deprecated and to set tokenizer.pad_token, which a sftkit user
+    cannot reach; TRL still applies it, and the published tokenizer and model say it."""
+    from conftest import run_python
+
+    result = run_python("sft.py", "--training.pad_token", "<|begin_of_text|>", "--training.max_steps", "1",
+                        "--training.output_dir", str(tmp_path / "out"))
+    assert "deprecated" not in result.stderr
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tokenizer.pad_token == "<|begin_of_text|>"
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["pad_token_id"] == tokenizer.pad_token_id
+
+
 def test_qlora_merges_into_the_unquantized_base(tmp_path):
     from transformers import BitsAndBytesConfig
 
