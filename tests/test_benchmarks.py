@@ -41,6 +41,12 @@ def test_quick_benchmark_writes_every_figure(tmp_path):
     assert list(by_turns) == ["1", "4", "16", "64"]
     assert all(isinstance(ratio, float) and ratio > 0 for ratio in by_turns.values())
     assert all(f"| preprocess_ratio_by_turns[{turns}] |" in table for turns in by_turns)
+    by_calls = report["preprocess_ratio_by_calls"]  # the same for agent traces with tools, by calls per row
+    assert list(by_calls) == ["1", "4", "16"]
+    for calls, measured in raw["preprocessing_by_calls"].items():
+        rates = measured["rows_per_second"]
+        assert by_calls[calls] == pytest.approx(rates["ours"] / rates["plain"]) and rates["tokenized_prefixes"] > 0
+    assert all(f"| preprocess_ratio_by_calls[{calls}] |" in table for calls in by_calls)
 
 
 def test_gpu_script_runs_its_tiny_shape_anywhere(tmp_path):

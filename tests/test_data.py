@@ -287,6 +287,9 @@ def test_bad_rows_name_the_source_row_line_and_problem(tmp_path, tokenizer, row,
     ("messages", {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>Easy."
                                                                      "</think>4.", "reasoning_content": "Easy."}]},
      "message 1 (assistant) has reasoning both in reasoning_content and in its content (<think>...); keep one"),
+    ("messages", {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4.",
+                                                                     "reasoning": "Add </think> two and two."}]},
+     "message 1 (assistant) has reasoning that holds a <think> or </think> tag"),
     ("sharegpt", {"conversations": [{"from": "human", "value": "Weather?"}, {"from": "function_call",
                                                                              "value": '{"arguments": {"city": "Paris"}}'},
                                     {"from": "observation", "value": "20"}, {"from": "gpt", "value": "It is 20."}]},
@@ -1143,3 +1146,22 @@ def test_a_replys_reasoning_trains_with_it_whatever_the_layout_names_it(tmp_path
     path.write_text(json.dumps(row) + "\n")
     data = prepare_data(DatasetConfig(name=str(path), format=format_name, test_size=None), tokenizer, max_length=64)
     assert trained_spans(tokenizer, data.train[0]) == ["<think>\nTwo and two.\n</think>\n\n4.<|im_end|>"]
+
+
+def test_a_reasoning_switch_is_no_reasoning(tmp_path):
+    """Llama-Nemotron's rows say `reasoning: "on"` or "off" beside the reply (which holds its own <think> block when
+    on): "off" trained as the reasoning text, "on" rows were refused, and so was every row of its messages layout."""
+    from conftest import family_tokenizer
+
+    tokenizer = family_tokenizer("qwen3")
+    rows = [{"input": "Capital of France?", "output": "Paris.", "reasoning": "off"},
+            {"input": "2+3?", "output": "<think>\nTwo plus three.\n</think>\n\n5.", "reasoning": "on"}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    source = SourceConfig(name=str(path), column_map={"input": "prompt", "output": "response"})
+    data = prepare_data(DatasetConfig(sources=[source], test_size=None), tokenizer, max_length=64)
+    assert [trained_spans(tokenizer, row) for row in data.train] == [
+        ["<think>\n\n</think>\n\nParis.<|im_end|>"], ["<think>\nTwo plus three.\n</think>\n\n5.<|im_end|>"]]
+    chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+            "reasoning": "off"}
+    assert to_messages(chat, "messages") == chat["messages"]

@@ -640,3 +640,27 @@ def test_reasoning_a_template_would_leave_out_is_refused():
         tokenize_messages(tokenizer, chat)
     assert trained_spans(tokenizer, tokenize_messages(tokenizer, chat, "last_assistant")) == [
         "<think>\n\n</think>\n\n6.<|im_end|>"]
+
+
+def test_reasoning_is_checked_where_only_it_could_be_lost():
+    """Reasoning on a turn that does not train is context the template may leave out (as it leaves out earlier turns'
+    reasoning), so such rows were refused for nothing; under loss_on all, reasoning a template drops vanished
+    without a word; and a reasoning that the reply happens to contain ("Yes") passed the check."""
+    chat = THOUGHT + [{"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "6."}]
+    untrained = [dict(message, weight=0) if index == 1 else message for index, message in enumerate(chat)]
+    assert trained_spans(family_tokenizer("llama3"), tokenize_messages(family_tokenizer("llama3"), untrained)) == [
+        "6.<|eot_id|>"]
+    with pytest.raises(MaskError, match="^message 1 \\(assistant\\): the chat template of qwen3 leaves its reasoning "
+                                        "out of the conversation"):
+        tokenize_messages(family_tokenizer("qwen3"), chat, "all")
+    echoed = [chat[0], {"role": "assistant", "content": "Yes, it is four.", "reasoning_content": "Yes"}, *chat[2:]]
+    with pytest.raises(MaskError, match="renders assistant turn 1 differently when later messages follow it"):
+        tokenize_messages(family_tokenizer("qwen3"), echoed)
+
+
+def test_gemma4_writes_reasoning_before_tool_calls():
+    """Gemma 4's template writes reasoning only before a call: its agent traces were refused as reasoning-free."""
+    tokenizer = family_tokenizer("gemma4")
+    trace = [AGENT[0], {**AGENT[1], "reasoning_content": "Paris first."}, *AGENT[2:]]
+    spans = trained_spans(tokenizer, tokenize_messages(tokenizer, trace, tools=TOOLS))
+    assert "Paris first." in spans[0] and spans[0].endswith(CALL_TURNS["gemma4"].replace("CITY", "Paris"))

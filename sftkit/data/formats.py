@@ -9,9 +9,11 @@ import json
 from sftkit.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
-# A reply's reasoning, passed to the chat template as reasoning_content (Qwen3's, GLM's, DeepSeek's API's name) or
-# thinking (gpt-oss's): the names datasets give it, on a message or (beside a single reply) as a column
+# A reply's reasoning, passed to the chat template as reasoning_content (transformers gives gpt-oss's its
+# `thinking`): the names datasets give it, on a message or (beside a single reply) as a column
 REASONING = ("reasoning_content", "reasoning", "thinking")
+# What Llama-Nemotron's data (and others') hold there instead: a switch saying whether the reply reasons, not text
+REASONING_SWITCHES = ("on", "off", "true", "false", "yes", "no")
 # What a message holds for a tool call, passed to the chat template: an assistant's calls (OpenAI's tool_calls, or
 # its older function_call) and the id of the call a tool message answers.
 CALL_KEYS = ("tool_calls", "function_call", "tool_call_id")
@@ -224,9 +226,12 @@ def to_messages(row: dict, format_name: str, system_prompt: str | None = None, a
 def _with_reasoning_column(row: dict, format_name: str, messages: list) -> list:
     """A row's reasoning column as the reasoning of its reply: the last message of a prompt/response, question/answer
     or Alpaca row. A conversation may hold several replies, so its reasoning goes on the message it belongs to."""
-    held = next((key for key in REASONING if isinstance(row.get(key), str) and _holds(row[key])), None)
+    held = next((key for key in REASONING if _reasoning_text(row.get(key))), None)
     if held is None:
         return messages
+    if not isinstance(row[held], str):
+        raise RowDefect(f"the row's {held} column holds a {type(row[held]).__name__}, expected the reply's reasoning "
+                        "as text")
     if format_name in ("messages", "sharegpt") or not isinstance(messages[-1], dict):
         raise RowDefect(f"the row has a {held} column, but a conversation may hold several replies; put the reasoning "
                         f"on the assistant message it belongs to (its {held} key)")
@@ -350,18 +355,31 @@ def _check_message(message, index: int) -> dict:
 
 
 def _reasoning(message: dict, index: int, role: str, content: str) -> str | None:
-    held = next((key for key in REASONING if _holds(message.get(key))), None)
-    if held is None:
+    held = [key for key in REASONING if _reasoning_text(message.get(key))]
+    if not held:
         return None
-    reasoning = message[held]
+    reasoning = message[held[0]]
     if role != "assistant":
-        raise RowDefect(f"message {index} ({role}) has {held}, but only assistant messages reason")
+        raise RowDefect(f"message {index} ({role}) has {held[0]}, but only assistant messages reason")
     if not isinstance(reasoning, str):
-        raise RowDefect(f"message {index} ({role}) has {held} of type {type(reasoning).__name__}, expected text")
+        raise RowDefect(f"message {index} ({role}) has {held[0]} of type {type(reasoning).__name__}, expected text")
+    if any(message[key] != reasoning for key in held[1:]):
+        raise RowDefect(f"message {index} ({role}) has both {held[0]} and {held[1]}, which differ; keep one")
     if "<think>" in content:
-        raise RowDefect(f"message {index} ({role}) has reasoning both in {held} and in its content (<think>...); "
-                        "keep one")
+        raise RowDefect(f"message {index} ({role}) has reasoning both in {held[0]} and in its content "
+                        "(<think>...); keep one")
+    if "<think>" in reasoning or "</think>" in reasoning:
+        raise RowDefect(f"message {index} ({role}) has {held[0]} that holds a <think> or </think> tag, which would "
+                        "open or close the reasoning block where the template writes it; remove the tag")
     return reasoning.strip()
+
+
+def _reasoning_text(value) -> bool:
+    """Whether a reasoning field holds reasoning: not empty, nor a switch ("on", true) that says whether the reply
+    reasons (Llama-Nemotron's `reasoning`), which is not trained."""
+    if isinstance(value, bool) or (isinstance(value, str) and value.strip().lower() in REASONING_SWITCHES):
+        return False
+    return _holds(value)
 
 
 def tools_of(row: dict, format_name: str) -> list[dict] | None:

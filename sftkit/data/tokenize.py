@@ -116,11 +116,12 @@ def tokenize_messages(tokenizer, messages: list[dict], loss_on: str = "assistant
     template = _template(tokenizer)
     _refuse_special_token_text(template, messages, tools)
     messages = _with_arguments_the_template_takes(tokenizer, template, messages)
-    messages = _with_reasoning_the_template_takes(tokenizer, template, messages)
     _refuse_messages_left_out(tokenizer, template, messages)
     text = _render(tokenizer, [messages], tools=tools)[0]
     _refuse_tools_left_out(tokenizer, template, messages, tools, text)
+    _refuse_reasoning_left_out(tokenizer, template, messages, turns if loss_on != "all" else range(len(messages)))
     if loss_on == "all":
+        _refuse_reasoning_dropped(template, messages, text)
         input_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         return {"input_ids": input_ids, "labels": list(input_ids)}
     found = None if tools else _spans_from_skeleton(tokenizer, template, messages, turns, text, max_length)
@@ -336,38 +337,44 @@ def _with_arguments_the_template_takes(tokenizer, template: _Template, messages:
             else message for message in messages]
 
 
-def _with_reasoning_the_template_takes(tokenizer, template: _Template, messages: list[dict]) -> list[dict]:
-    """Replies' reasoning under the name the template reads: reasoning_content (Qwen3's, GLM's) or thinking
-    (gpt-oss's); refused where it reads neither, as the replies would train without it."""
-    if not any("reasoning_content" in message for message in messages):
-        return messages
-    key = _reasoning_key(tokenizer, template)
-    if key is None:
-        index = next(index for index, message in enumerate(messages) if "reasoning_content" in message)
-        raise MaskError(f"message {index} (assistant): {template.source} renders no reasoning (reasoning_content or "
-                        "thinking), so the reply would train without it; set dataset.chat_template to a template "
-                        "that renders it (a thinking model's own), or write the reasoning into the reply as that "
-                        "model writes it")
-    if key == "reasoning_content":
-        return messages
-    return [{**{name: value for name, value in message.items() if name != "reasoning_content"},
-             key: message["reasoning_content"]} if "reasoning_content" in message else message
-            for message in messages]
+def _refuse_reasoning_left_out(tokenizer, template: _Template, messages: list[dict], turns: list[int]) -> None:
+    """A template that reads no reasoning (transformers 5.24 passes it as reasoning_content, thinking and reasoning
+    alike) renders it as nothing, without an error: the reply would train without it. Reasoning on a turn that does
+    not train is context, which the template may leave out as it leaves out earlier turns' reasoning."""
+    reasoned = next((turn for turn in turns if _reasoning(messages[turn])), None)
+    if reasoned is not None and not _renders_reasoning(tokenizer, template):
+        raise MaskError(f"message {reasoned} (assistant): {template.source} renders no reasoning (reasoning_content "
+                        "or thinking), so the reply would train without it; set dataset.chat_template to a template "
+                        "that renders it (a thinking model's own)")
 
 
-def _reasoning_key(tokenizer, template: _Template) -> str | None:
-    def probe() -> str | None:
-        for key in ("reasoning_content", "thinking"):
+def _refuse_reasoning_dropped(template: _Template, messages: list[dict], text: str) -> None:
+    """Under loss_on all, where no turn's span is checked: reasoning the template drops from a turn (Qwen3's, before
+    the last user message) would vanish from what trains."""
+    dropped = next((index for index, message in enumerate(messages)
+                    if _reasoning(message) and _reasoning(message) not in text), None)
+    if dropped is not None:
+        raise MaskError(f"message {dropped} (assistant): {template.source} leaves its reasoning out of the "
+                        "conversation (Qwen3's drops it from the turns before the last user message), so the row "
+                        "would train without it; give each user turn a row of its own, or use dataset.loss_on: "
+                        "last_assistant")
+
+
+def _renders_reasoning(tokenizer, template: _Template) -> bool:
+    """Whether the template writes a reply's reasoning: before a reply, or (Gemma 4's) before a tool call."""
+    def probe() -> bool:
+        call = {"type": "function", "function": {"name": "f", "arguments": {}}}
+        for reply in ({"content": "Hello"}, {"content": "", "tool_calls": [call]}):
             try:
                 text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {
-                    "role": "assistant", "content": "Hello", key: "sftkit probes the reasoning"}], tokenize=False)
+                    "role": "assistant", **reply, "reasoning_content": "sftkit probes the reasoning"}], tokenize=False)
             except Exception:  # noqa: BLE001 - a template may reject the probe in any way; the rows report it
                 continue
             if "sftkit probes the reasoning" in text:
-                return key
-        return None
+                return True
+        return False
 
-    return _cached(_REASONING_KEYS, template.key, probe)
+    return _cached(_REASONING, template.key, probe)
 
 
 def _takes_arguments_as_text(tokenizer, template: _Template) -> bool:
@@ -448,11 +455,12 @@ def _is_the_reply(text: str, message: dict) -> bool:
     tools, which the template writes in its own way) its content and the name of every function it calls."""
     if not message.get("tool_calls") and not _reasoning(message):
         return text.strip() == message["content"].strip()
-    return message["content"].strip() in text and _reasoning(message) in text and _call_left_out(text, message) is None
+    reply = message["content"].strip()
+    return reply in text and _reasoning(message) in text.replace(reply, "", 1) and _call_left_out(text, message) is None
 
 
 def _reasoning(message: dict) -> str:
-    return message.get("reasoning_content") or message.get("thinking") or ""
+    return message.get("reasoning_content") or ""
 
 
 def _called(message: dict) -> list[str]:
@@ -501,12 +509,13 @@ def _check_span(tokenizer, template: _Template, tokens: _Tokens, span: tuple, me
         reply = content.strip()
         found = text.rfind(reply)
         left_out = _call_left_out(text, message)
-        reasoned = _reasoning(message) in tokens.between(tokenizer, header, end)
+        reasoned = found >= 0 and _reasoning(message) in text[:found] + text[found + len(reply):]
         if found >= 0 and found + len(reply) > len(opener) and left_out is None and reasoned:
             return
         if not reasoned and found >= 0 and left_out is None:
             raise MaskError(f"{template.source} writes no reasoning in assistant turn {turn} here (Qwen3's drops it "
-                            "from the turns before the last user message); train only the turns after the last user "
+                            "from the turns before the last user message, Gemma 4's writes it only before tool "
+                            "calls); leave the reasoning out of such turns, train only the turns after the last user "
                             "message (dataset.loss_on: last_assistant, or \"weight\": 0 on the earlier assistant "
                             "turns), or give each user turn a row of its own")
         if left_out:  # it wrote the first call, but not all
@@ -925,7 +934,7 @@ _LAYOUTS: dict = {}
 _SKELETONS: dict = {}
 _LEFT_OUT: dict = {}
 _ARGUMENTS: dict = {}
-_REASONING_KEYS: dict = {}
+_REASONING: dict = {}
 _BLANKS: dict = {}
 
 
