@@ -22,14 +22,19 @@ rendered once and tokenized once, with the fast tokenizer's character offsets. T
 with every placeholder replaced by the message's content (as the template trims it): then every position of the
 skeleton outside a content has its place in the row's text, and the offsets say which token starts there. A row
 for which that does not hold (the template treats some content unlike a placeholder, a message has other keys than
-role and content, a boundary falls inside a token) is masked the old way, from its own prefixes, tokenized.
+role and content: tool calls, reasoning; the row has tools) takes the same positions from its own prefix
+renderings, which costs rendering each prefix but not tokenizing it. Where positions do not fall on token
+boundaries, or the generation prompt adds text, the row is masked the old way, from its own prefixes, tokenized.
 With max_length the row is still rendered whole (a template is one program over the whole conversation, and
 rendering is a small part of the cost), but tokenized, masked and checked only up to the end of the assistant turn
 the cut falls in.
 
-Either way every trained span is checked: it must hold the reply's content (as the template trims it) and end with
-a special token, else MaskError naming the template. A template without an end-of-turn token of its own (GLM-4.5:
-the next role token ends a reply) otherwise trains only the special tokens before the reply, silently.
+Either way every trained span is checked: it must hold the reply's content (as the template trims it), its
+reasoning and each tool call it makes, and end with a special token, else MaskError naming the template. A template
+without an end-of-turn token of its own (GLM-4.5: the next role token ends a reply) otherwise trains only the
+special tokens before the reply, silently. The row's tools, calls and reasoning are passed to the template as TRL
+and transformers pass them; a template that renders none of them where the row has some is refused, as the model
+would learn to call tools it was never shown, or to answer without the call or the reasoning it was given.
 """
 
 import bisect
@@ -329,6 +334,7 @@ def _with_arguments_the_template_takes(tokenizer, template: _Template, messages:
     that adds them to its text (DeepSeek-V3's: an object fails there with a TypeError)."""
     if not any(message.get("tool_calls") for message in messages) or not _takes_arguments_as_text(tokenizer, template):
         return messages
+
     def as_text(call: dict) -> dict:
         return {**call, "function": {**call["function"],
                                      "arguments": json.dumps(call["function"]["arguments"], ensure_ascii=False)}}
@@ -452,7 +458,7 @@ def _turn_end(tokenizer, template: _Template, tokens: _Tokens, turn: int, messag
 
 def _is_the_reply(text: str, message: dict) -> bool:
     """Whether a turn's text, as the whole conversation renders it, is the message: its content, or (where it calls
-    tools, which the template writes in its own way) its content and the name of every function it calls."""
+    tools or reasons, which the template writes in its own way) its content, its reasoning and its calls."""
     if not message.get("tool_calls") and not _reasoning(message):
         return text.strip() == message["content"].strip()
     reply = message["content"].strip()
@@ -496,9 +502,9 @@ def _foreign_markers(tokenizer, ids: list[int]) -> str:
 
 
 def _check_span(tokenizer, template: _Template, tokens: _Tokens, span: tuple, message: dict):
-    """The generic check on every row: the trained span holds the reply (and each call it makes), then ends with a
-    special token. A reply may begin with what its generation prompt ends with after its last
-    special token (a thinking model's `<think>`), when that prompt is a prefix of the conversation."""
+    """The generic check on every row: the trained span holds the reply (its reasoning and each call it makes), then
+    ends with a special token. A reply may begin with what its generation prompt ends with after its last special
+    token (a thinking model's `<think>`), when that prompt is a prefix of the conversation."""
     turn, start, end, prompt_is_prefix = span
     content = message["content"]
     if end > start and tokens.ids[end - 1] in template.special_ids:
