@@ -214,7 +214,7 @@ def to_messages(row: dict, format_name: str, system_prompt: str | None = None, a
     except KeyError as missing:
         raise ValueError(f"missing column {missing} for format {format_name!r}") from None
     messages = _with_reasoning_column(row, format_name, _as_list(messages))
-    messages = [_check_message(message, index) for index, message in enumerate(_as_list(messages))
+    messages = [_check_message(message, index) for index, message in enumerate(messages)
                 if not _empty_system(message)]  # common in ShareGPT dumps ("system": ""): no system prompt
     if not any(message["role"] == "assistant" for message in messages):
         raise RowDefect("no assistant message: there is nothing to train on")
