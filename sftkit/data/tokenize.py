@@ -294,10 +294,7 @@ def _left_out(tokenizer, template: _Template, messages: list[dict]) -> list[int]
                         for place, message in enumerate(messages)] if calls else [
             {"role": role, "content": text if place == index else _placeholder(place)}
             for place, role in enumerate(roles)]
-        try:
-            return tokenizer.apply_chat_template([conversation], tokenize=False)[0]
-        except Exception:  # noqa: BLE001 - a template may reject a conversation in any way; the row reports it
-            return None
+        return _rendered(tokenizer, conversation)
 
     def compute() -> list[int]:
         firsts = [roles.index(role) for role in dict.fromkeys(roles) if role not in ("assistant", "user")]
@@ -370,15 +367,9 @@ def _renders_reasoning(tokenizer, template: _Template) -> bool:
     """Whether the template writes a reply's reasoning: before a reply, or (Gemma 4's) before a tool call."""
     def probe() -> bool:
         call = {"type": "function", "function": {"name": "f", "arguments": {}}}
-        for reply in ({"content": "Hello"}, {"content": "", "tool_calls": [call]}):
-            try:
-                text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {
-                    "role": "assistant", **reply, "reasoning_content": "sftkit probes the reasoning"}], tokenize=False)
-            except Exception:  # noqa: BLE001 - a template may reject the probe in any way; the rows report it
-                continue
-            if "sftkit probes the reasoning" in text:
-                return True
-        return False
+        return any("sftkit probes the reasoning" in (_rendered(tokenizer, [{"role": "user", "content": "Hi"}, {
+            "role": "assistant", **reply, "reasoning_content": "sftkit probes the reasoning"}]) or "")
+            for reply in ({"content": "Hello"}, {"content": "", "tool_calls": [call]}))
 
     return _cached(_REASONING, template.key, probe)
 
@@ -396,6 +387,17 @@ def _takes_arguments_as_text(tokenizer, template: _Template) -> bool:
         return False
 
     return _cached(_ARGUMENTS, template.key, probe)
+
+
+def _rendered(tokenizer, conversation: list[dict], add_generation_prompt: bool = False,
+              tools: list[dict] | None = None) -> str | None:
+    """One conversation rendered, or None where the template rejects it: for a probe or a shortcut, where the row's
+    own rendering (`_render`) then says what is wrong."""
+    try:
+        return tokenizer.apply_chat_template([conversation], tokenize=False, tools=tools,
+                                             add_generation_prompt=add_generation_prompt)[0]
+    except Exception:  # noqa: BLE001 - a template may reject a conversation in any way
+        return None
 
 
 def _render(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool = False,
@@ -685,10 +687,7 @@ def _spans_from_own_renderings(tokenizer, template, messages, turns, text, max_l
         return None
 
     def render(count: int, add_generation_prompt: bool) -> str | None:
-        try:
-            return _render(tokenizer, [messages[:count]], add_generation_prompt, tools)[0]
-        except MaskError:
-            return None
+        return _rendered(tokenizer, messages[:count], add_generation_prompt, tools)
 
     whole = _Skeleton(text, (text,), (0,), ())
     specials = _special_spans(tokenizer, template, text)
@@ -864,11 +863,7 @@ def _skeleton(tokenizer, template: _Template, roles: tuple, add_generation_promp
     """The rendering of a conversation with these roles and a placeholder for each content."""
     def render():
         conversation = [{"role": role, "content": _placeholder(index)} for index, role in enumerate(roles)]
-        try:
-            return tokenizer.apply_chat_template([conversation], tokenize=False,
-                                                 add_generation_prompt=add_generation_prompt)[0]
-        except Exception:  # noqa: BLE001 - a template may reject a conversation in any way; the old way reports it
-            return None
+        return _rendered(tokenizer, conversation, add_generation_prompt)
 
     return _cached(_SKELETONS, (template.key, roles, add_generation_prompt), render)
 
