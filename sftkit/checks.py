@@ -52,6 +52,10 @@ def cross_field_errors(model: ModelConfig, dataset: DatasetConfig, training: dic
                    if key.name != "name" and getattr(dataset, key.name) != key.default]
     if sum(x is not None for x in (dataset.test_size, dataset.eval_split, dataset.eval_sources)) > 1:
         errors.append("set only one of dataset.test_size, dataset.eval_split and dataset.eval_sources")
+    if dataset.split_user_turns and dataset.loss_on == "all":
+        errors.append("dataset.split_user_turns: true trains the replies after each user turn, but dataset.loss_on: "
+                      "all trains every token, each earlier turn again in every piece; set loss_on: assistant, or "
+                      "remove split_user_turns")
     if model.load_in_4bit and not model.use_lora:
         errors.append("model.load_in_4bit: true needs model.use_lora: true (4-bit weights can only train adapters)")
     if model.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:

@@ -736,3 +736,18 @@ def follow_a_new_schedule_length(args, state, optimizer, lr_scheduler, planned: 
                        f"where its {kind} learning-rate schedule was planned for {planned}: the schedule is planned "
                        f"anew and goes on at {after:.2e}, where it stood at {before:.2e}; to start a schedule of its "
                        "own instead, fine-tune the published model as model.path into another training.output_dir")
+
+
+def rows_of(batch) -> list:
+    """The rows of a batched map's batch (datasets 5.2), read a column at a time (a fifth faster than an unbatched
+    map). Arrow decodes a column's text whole, so where a row is not UTF-8 the batch's rows are read as an unbatched
+    map reads them instead: each a LazyRow, which decodes a key when it is read, so that the bad row fails inside its
+    own error handling and is named."""
+    try:
+        columns = {key: batch[key] for key in batch}
+    except UnicodeDecodeError:
+        from datasets.formatting.formatting import LazyRow
+
+        return [LazyRow(batch.pa_table.slice(position, 1), batch.formatter)
+                for position in range(batch.pa_table.num_rows)]
+    return [{key: values[position] for key, values in columns.items()} for position in range(batch.pa_table.num_rows)]

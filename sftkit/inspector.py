@@ -62,7 +62,7 @@ def _statistics(data, args) -> list[str]:
     kept_tokens, cut_rows = data.kept(args)
     eval_rows = f", {len(data.eval)} eval" if data.eval is not None else ""
     lines = [
-        f"rows read          {data.rows:,}",
+        f"rows read          {data.rows:,}{data.split_words()}",
         "rows dropped       " + describe_dropped(data.dropped),
         *(f"                   {problem}" for problem in data.problems),
         *(["eval rows dropped  " + describe_dropped(data.eval_dropped)]

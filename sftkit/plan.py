@@ -100,7 +100,8 @@ def dry_run(config: RunConfig, overwrite: bool = False) -> str:
         ("model", f"{config.model.path} ({shape.description})"),
         ("method", f"{method} in {precision_words(config.model, args, plan.dtype)}: {shape.trainable:,} of "
                    f"{counted:,} parameters train ({100 * shape.trainable / counted:.2f}%)" + _planned_for_a_cpu(args)),
-        ("data", f"{data.sources_words(config.dataset)}: {data.rows} rows read, {len(data.train)} train{eval_rows}"
+        ("data", f"{data.sources_words(config.dataset)}: {data.rows} rows read{data.split_words()}, "
+                 f"{len(data.train)} train{eval_rows}"
                  f"{data.repeated_words()}{data.dropped_words()}; {tokens:,} "
                  f"tokens per epoch, {data.trainable_tokens:,} of them trained; longest row "
                  f"{data.length_words(max(data.lengths))} tokens "

@@ -105,6 +105,9 @@ class DatasetConfig(SourceConfig):
     eval_split: str | None = option(None, "or evaluate on this split of the same source(s)")
     loss_on: Literal["assistant", "last_assistant", "all"] = option(
         "assistant", "`assistant`: every assistant turn; `last_assistant`: the last one that trains (weight not 0); `all`: every token")
+    split_user_turns: bool = option(
+        False, "train each user turn's replies in a row of its own, the earlier turns as their context: how a "
+               "thinking model (Qwen3) sees its history, whose template drops the reasoning of earlier turns")
     chat_template: str | None = option(
         None, "override the tokenizer's template: a Jinja string or a path to a `.jinja` file")
     on_bad_row: Literal["error", "skip"] = option(

@@ -414,7 +414,8 @@ def _plan(config: RunConfig, data, dtype, trainable: int, total: int) -> str:
     return (
         f"sftkit: {method} of {config.model.path} in {precision_words(config.model, config.training, dtype)} "
         f"({trainable:,} of {total:,} parameters train)\n"
-        f"        {data.sources_words(config.dataset)}: {data.rows} rows, {len(data.train)} to train{eval_rows}"
+        f"        {data.sources_words(config.dataset)}: {data.rows} rows{data.split_words()}, "
+        f"{len(data.train)} to train{eval_rows}"
         f"{data.repeated_words()}{data.dropped_words()}{_cut_words(data, config.training)}; "
         f"config {config.source}\n"
         f"        speed: {describe_speed(config.speed)}"

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import SAMPLE_DATA, TINY_MODEL, trained_spans
+from conftest import SAMPLE_DATA, TINY_MODEL, family_tokenizer, trained_spans
 
 from sftkit.data import DataError, prepare_data
 from sftkit.data.formats import to_messages
@@ -378,6 +378,77 @@ def test_test_size_too_large_for_the_data_is_clear(tmp_path, tokenizer):
                                         r"leave none to train; remove test_size, or add rows$"):
         prepare_data(DatasetConfig(name=write_rows(tmp_path, ".jsonl", ROWS[:1]), test_size=0.05), tokenizer,
                      max_length=64)
+
+
+# --- dataset.split_user_turns ----------------------------------------------------------------------------------
+
+REASONED_CHAT = [{"role": "user", "content": "What is 2+2?"},
+                 {"role": "assistant", "content": "4.", "reasoning_content": "Two and two make four."},
+                 {"role": "user", "content": "And 3+3?"},
+                 {"role": "assistant", "content": "6.", "reasoning_content": "Three and three make six."}]
+
+
+def test_split_user_turns_trains_each_reasoned_reply_as_a_thinking_model_sees_its_history(tmp_path):
+    """Qwen3's template drops the reasoning of the turns before the last user message, so a multi-turn row whose
+    every reply reasons was refused; split, each reply trains with its reasoning, after the earlier replies as the
+    model sees them when it serves (without theirs), as Qwen's team advises."""
+    tokenizer = family_tokenizer("qwen3")
+    name = write_rows(tmp_path, ".jsonl", [{"messages": REASONED_CHAT}, {"messages": REASONED_CHAT[:2]}])
+    with pytest.raises(DataError, match="renders assistant turn 1 differently when later messages follow it.*; set "
+                                        "dataset.split_user_turns: true"):
+        prepare_data(DatasetConfig(name=name), tokenizer, max_length=256)
+    data = prepare_data(DatasetConfig(name=name, split_user_turns=True), tokenizer, max_length=256)
+    assert (data.rows, data.pieces, len(data.train)) == (2, 3, 3)
+    assert [trained_spans(tokenizer, row) for row in data.train] == [
+        ["<think>\nTwo and two make four.\n</think>\n\n4.<|im_end|>"],
+        ["<think>\nThree and three make six.\n</think>\n\n6.<|im_end|>"],
+        ["<think>\nTwo and two make four.\n</think>\n\n4.<|im_end|>"]]
+    second = tokenizer.decode(data.train[1]["input_ids"])
+    assert "4.<|im_end|>" in second and "Two and two" not in second
+    assert data.split_words() == " (split at user turns into 3)"
+
+
+def test_split_user_turns_trains_every_turn_of_a_template_that_writes_tools_before_the_last_user_message(tmp_path):
+    """Mistral Nemo writes the tools before the last user message: only the turns after it could train."""
+    from test_tokenize import AGENT, TOOLS
+
+    tokenizer = family_tokenizer("mistral_nemo")
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"}, *AGENT]
+    config = DatasetConfig(name=write_rows(tmp_path, ".jsonl", [{"messages": chat, "tools": TOOLS}]),
+                           split_user_turns=True)
+    data = prepare_data(config, tokenizer, max_length=512)
+    spans = [trained_spans(tokenizer, row) for row in data.train]
+    assert len(spans) == 2 and spans[0] == ["Hello! How can I help?</s>"] and len(spans[1]) == 3
+    assert spans[1][2] == "Paris has 20 degrees, Rome 25.</s>"
+    assert "[AVAILABLE_TOOLS]" in tokenizer.decode(data.train[0]["input_ids"])
+
+
+def test_split_user_turns_holds_out_whole_conversations(tmp_path, tokenizer):
+    """A conversation's pieces share its turns: held out one piece at a time, the eval rows' replies would train as
+    the context of their conversation's other pieces."""
+    rows = [{"messages": [message for turn in range(3) for message in (
+        {"role": "user", "content": f"Conversation {number}, question {turn}?"},
+        {"role": "assistant", "content": f"Answer {turn} of conversation {number}."})]} for number in range(8)]
+    config = DatasetConfig(name=write_rows(tmp_path, ".jsonl", rows), split_user_turns=True, test_size=0.25)
+    data = prepare_data(config, tokenizer, max_length=256)
+    assert (len(data.train), len(data.eval)) == (18, 6)
+
+    def conversations(split):
+        return {re.search(r"Conversation (\d+)", tokenizer.decode(ids))[1] for ids in split["input_ids"]}
+
+    assert len(conversations(data.eval)) == 2 and not conversations(data.eval) & conversations(data.train)
+    with pytest.raises(DataError, match="^dataset.test_size 8 cannot split 8 conversations into train and eval"):
+        prepare_data(DatasetConfig(name=config.name, split_user_turns=True, test_size=8), tokenizer, max_length=256)
+
+
+def test_split_user_turns_keeps_what_the_row_says_does_not_train(tmp_path, tokenizer):
+    """A user turn whose replies have weight 0 makes no row; a greeting before the first user turn trains with it."""
+    chat = [{"role": "assistant", "content": "Welcome!"}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Goodbye.", "weight": 0}]
+    data = prepare_data(DatasetConfig(name=write_rows(tmp_path, ".jsonl", [{"messages": chat}]),
+                                      split_user_turns=True), tokenizer, max_length=256)
+    assert [trained_spans(tokenizer, row) for row in data.train] == [["Welcome!<|im_end|>", "Hello.<|im_end|>"]]
 
 
 # --- every format, one row each -------------------------------------------------------------------------------
@@ -827,6 +898,17 @@ def test_invalid_json_names_the_file_and_line(tmp_path, tokenizer, suffix, text,
     path.write_bytes(text.encode("latin-1"))
     with pytest.raises(DataError, match=re.escape(f"dataset {path} {expected}")):
         prepare_data(DatasetConfig(name=str(path)), tokenizer, max_length=64)
+
+
+def test_a_row_that_is_not_utf8_is_skipped_alone(tmp_path, tokenizer):
+    """Rows are tokenized a batch at a time, and Arrow decodes a batch's text whole: the bad row must still be the
+    only one skipped, and named."""
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "\xff", "response": "c"}\n'
+                     b'{"prompt": "d", "response": "e"}\n')
+    data = prepare_data(DatasetConfig(name=str(path), on_bad_row="skip"), tokenizer, max_length=64)
+    assert len(data.train) == 2 and data.dropped["bad rows"] == 1
+    assert data.problems == [f"dataset {path} line 2: not UTF-8 text (invalid start byte at byte 0)"]
 
 
 def test_a_blank_line_datasets_cannot_read_is_named_with_what_to_do(tmp_path, tokenizer):

@@ -591,8 +591,8 @@ def test_tools_written_before_the_last_user_message_say_to_train_the_turns_after
     chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"}, *AGENT]
     with pytest.raises(MaskError, match=re.escape(
             "(Mistral's writes the tools before the last user message, Qwen3.6's an empty think block in the turns "
-            "after it); train only the turns after the last user message (dataset.loss_on: last_assistant, or "
-            "\"weight\": 0 on the earlier assistant turns), give each user turn a row of its own")):
+            "after it); set dataset.split_user_turns: true (each user turn's replies train in a row of their own), "
+            "give the earlier assistant turns \"weight\": 0")):
         tokenize_messages(tokenizer, chat, tools=TOOLS)
     earlier = [dict(message, weight=0) if index == 1 else message for index, message in enumerate(chat)]
     assert len(trained_spans(tokenizer, tokenize_messages(tokenizer, earlier, tools=TOOLS))) == 3

@@ -13,6 +13,7 @@ from sftkit.data.formats import (
     RowDefect,
     detect_format,
     refuse_missing_columns,
+    split_at_user_turns,
     to_messages,
     to_text,
     tools_of,
@@ -84,10 +85,15 @@ class PreparedData:
     # max_length where rows were tokenized only as far as the trainer keeps them: a length past it is a lower bound
     measured_to: int | None = None
     eval_also_trained: int = 0  # eval rows that are also train rows, token for token
+    pieces: int | None = None  # the train rows read once split at user turns (dataset.split_user_turns)
 
     def sources_words(self, cfg: DatasetConfig) -> str:
         """'data/chat.jsonl as 'messages', faq.csv as 'question_answer'': each train source and the format it is read as."""
         return ", ".join(f"{source.name} as {name!r}" for source, name in zip(cfg.train_sources(), self.formats))
+
+    def split_words(self) -> str:
+        """' (split at user turns into 31)' where dataset.split_user_turns made the rows read into more rows."""
+        return f" (split at user turns into {self.pieces:,})" if self.pieces is not None else ""
 
     def longest_row(self) -> int:
         """The tokens of the longest train or eval row, before truncation."""
@@ -179,7 +185,7 @@ def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42,
         evaluation = _mix([(rows, None) for rows, _ in parts], seed)
     elif cfg.test_size is not None:
         train_rows, evaluation = _split_off_eval(train_rows, [position for position, _ in prepare.tokenized],
-                                                 cfg.test_size, seed)
+                                                 cfg.test_size, seed, by_conversation=cfg.split_user_turns)
     train = _mix([(rows, source.weight) for rows, source in zip(train_rows, sources)], seed)
     if evaluation is not None and len(evaluation) == 0:
         raise DataError(f"the eval data has no row with a trainable token within max_seq_length {max_length}: "
@@ -208,6 +214,7 @@ def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42,
         eval_dropped=prepare.eval_dropped,
         measured_to=max_length if truncate else None,
         eval_also_trained=repeated,
+        pieces=sum(len(rows) for _, rows in prepare.tokenized) if cfg.split_user_turns else None,
     )
 
 
@@ -353,6 +360,7 @@ class _Preparation:
             "system_prompt": self.cfg.system_prompt,
             "answer_source": source.answer_source,
             "loss_on": self.cfg.loss_on,
+            "split": self.cfg.split_user_turns,
             "kept": self.kept,
             "cut": self.max_length if truncate else None,
             "source_position": position,
@@ -362,8 +370,9 @@ class _Preparation:
             "skip_bad_rows": self.cfg.on_bad_row == "skip",
             "code": compat.data_code_digest(),
         }
-        return rows.map(_tokenize_row, with_indices=True, remove_columns=rows.column_names, num_proc=num_proc,
-                        fn_kwargs=arguments, cache_file_name=compat.cache_away_from_the_users_data(rows, arguments))
+        return rows.map(_tokenize_rows, with_indices=True, batched=True, remove_columns=rows.column_names,
+                        num_proc=num_proc, fn_kwargs=arguments,
+                        cache_file_name=compat.cache_away_from_the_users_data(rows, arguments))
 
     def nothing_to_train(self) -> str:
         """Why every train row was dropped, and what to change."""
@@ -428,14 +437,23 @@ def _processes_for(rows: int) -> int | None:
     return min(cores, MAX_PROCESSES) if cores > 1 else None
 
 
-def _tokenize_row(row, index, tokenizer, format_name, system_prompt, answer_source, loss_on, kept, cut,
-                  source_position, where, files, name_the_file, skip_bad_rows, code):
+def _tokenize_rows(rows: dict, indices: list[int], **arguments) -> dict:
+    """A batch of rows tokenized: a row each, or one for each user turn where dataset.split_user_turns says so."""
+    tokenized = [piece for row, index in zip(compat.rows_of(rows), indices)
+                 for piece in _tokenize_row(row, index, **arguments)]
+    return {column: [piece[column] for piece in tokenized] for column in ["input_ids", "labels", *HELPER_COLUMNS]}
+
+
+def _tokenize_row(row, index, tokenizer, format_name, system_prompt, answer_source, loss_on, split, kept, cut,
+                  source_position, where, files, name_the_file, skip_bad_rows, code) -> list[dict]:
     try:
         if format_name == "text":
-            tokens = tokenize_text(tokenizer, to_text(row))
+            pieces = [tokenize_text(tokenizer, to_text(row))]
         else:
             messages = to_messages(row, format_name, system_prompt, answer_source)
-            tokens = tokenize_messages(tokenizer, messages, loss_on, max_length=cut, tools=tools_of(row, format_name))
+            tools = tools_of(row, format_name)
+            pieces = [tokenize_messages(tokenizer, conversation, loss_on, max_length=cut, tools=tools)
+                      for conversation in (split_at_user_turns(messages) if split else [messages])]
     except ValueError as error:
         # 1-based: the line of a JSON Lines or CSV file, else the row
         place = f"row {index + 1}"
@@ -449,8 +467,12 @@ def _tokenize_row(row, index, tokenizer, format_name, system_prompt, answer_sour
             fix = "fix or remove the row, or set dataset.on_bad_row: skip" if isinstance(error, RowDefect) else None
         if not skip_bad_rows:
             raise DataError(f"{problem}; {fix}" if fix else problem) from None
-        return {"input_ids": [], "labels": [], "source": source_position, "row": index, "trainable_tokens": 0,
-                "prompt_tokens": 0, "problem": problem, "tokens_digest": 0}
+        return [{"input_ids": [], "labels": [], "source": source_position, "row": index, "trainable_tokens": 0,
+                 "prompt_tokens": 0, "problem": problem, "tokens_digest": 0}]
+    return [_with_helper_columns(tokens, source_position, index, kept) for tokens in pieces]
+
+
+def _with_helper_columns(tokens: dict, source_position: int, index: int, kept: slice) -> dict:
     labels = tokens["labels"]
     trainable = sum(label != IGNORE_INDEX for label in labels[kept])
     prompt = next((position for position, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
@@ -458,23 +480,40 @@ def _tokenize_row(row, index, tokenizer, format_name, system_prompt, answer_sour
             "problem": "", "tokens_digest": hash(tuple(tokens["input_ids"]))}  # ints' hashes are the same everywhere
 
 
-def _split_off_eval(sources: list, positions: list[int], test_size: float, seed: int) -> tuple[list, object]:
+def _split_off_eval(sources: list, positions: list[int], test_size: float, seed: int,
+                    by_conversation: bool = False) -> tuple[list, object]:
     """dataset.test_size of the rows read, held out before the sources' weights repeat rows (a repeated row would
-    land on both sides); the train rows are handed back per source, for their weights."""
+    land on both sides); the train rows are handed back per source, for their weights. by_conversation: the rows
+    are a conversation's pieces (dataset.split_user_turns), and test_size holds out whole conversations, whose
+    pieces would otherwise show the eval rows' turns in training."""
     whole = _mix([(rows, None) for rows in sources], seed)
     size = test_size if test_size < 1 else int(test_size)
+    units, noun = (_conversations(whole), "conversation") if by_conversation else (whole, "row")
     try:
-        split = whole.train_test_split(test_size=size, seed=seed)
+        split = units.train_test_split(test_size=size, seed=seed)
     except ValueError:
-        if len(whole) < 2:
-            raise DataError(f"dataset.test_size {size} cannot hold out an eval row from {len(whole)} row: it would "
-                            "leave none to train; remove test_size, or add rows") from None
-        raise DataError(f"dataset.test_size {size} cannot split {len(whole)} rows into train and eval; give a "
-                        f"fraction below 1 (0.05) or a count from 1 to {len(whole) - 1}") from None
+        if len(units) < 2:
+            raise DataError(f"dataset.test_size {size} cannot hold out an eval {noun} from {len(units)} {noun}: it "
+                            f"would leave none to train; remove test_size, or add rows") from None
+        raise DataError(f"dataset.test_size {size} cannot split {len(units)} {noun}s into train and eval; give a "
+                        f"fraction below 1 (0.05) or a count from 1 to {len(units) - 1}") from None
+    if by_conversation:
+        held = set(zip(_column(split["test"], "source").to_pylist(), _column(split["test"], "row").to_pylist()))
+        split = {side: whole.filter(lambda source, row, test=test: ((source, row) in held) == test,
+                                    input_columns=["source", "row"])
+                 for side, test in (("train", False), ("test", True))}
     if len(sources) == 1:
         return [split["train"]], split["test"]
     return [split["train"].filter(lambda source: source == position, input_columns="source")
             for position in positions], split["test"]
+
+
+def _conversations(rows):
+    """The (source, row) of each conversation the rows were tokenized from, once each, in order."""
+    from datasets import Dataset
+
+    pairs = sorted(set(zip(_column(rows, "source").to_pylist(), _column(rows, "row").to_pylist())))
+    return Dataset.from_dict({"source": [source for source, _ in pairs], "row": [row for _, row in pairs]})
 
 
 def _mix(parts: list[tuple], seed: int):

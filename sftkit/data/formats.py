@@ -512,3 +512,17 @@ def trains(message: dict) -> bool:
     """An assistant message trains unless its weight is 0 (OpenAI's fine-tuning format; a missing weight is read
     back as None from a dataset where other rows have one)."""
     return message["role"] == "assistant" and message.get("weight") != 0
+
+
+def split_at_user_turns(messages: list[dict]) -> list[list[dict]]:
+    """dataset.split_user_turns: a conversation for each user turn whose replies train, the messages up to the next
+    user turn, the replies before it kept as context (weight 0). Thinking models' templates drop the reasoning of
+    the turns before the last user message (Qwen3's) or mark the turns after it (Qwen3.6's), so only those turns can
+    train as the model will see them; Qwen's team advises training such conversations in these pieces."""
+    starts = [0] + [index for index, message in enumerate(messages) if message["role"] == "user"][1:]
+    pieces = []
+    for start, end in zip(starts, [*starts[1:], len(messages)]):
+        if any(trains(message) for message in messages[start:end]):
+            pieces.append([{**message, "weight": 0} if index < start and trains(message) else message
+                           for index, message in enumerate(messages[:end])])
+    return pieces or [messages]

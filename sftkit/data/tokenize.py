@@ -359,8 +359,8 @@ def _refuse_reasoning_dropped(template: _Template, messages: list[dict], text: s
     if dropped is not None:
         raise MaskError(f"message {dropped} (assistant): {template.source} leaves its reasoning out of the "
                         "conversation (Qwen3's drops it from the turns before the last user message), so the row "
-                        "would train without it; give each user turn a row of its own, or use dataset.loss_on: "
-                        "last_assistant")
+                        "would train without it; set dataset.loss_on: assistant and dataset.split_user_turns: "
+                        "true (each user turn's replies, with their reasoning, train in a row of their own)")
 
 
 def _renders_reasoning(tokenizer, template: _Template) -> bool:
@@ -451,9 +451,9 @@ def _turn_end(tokenizer, template: _Template, tokens: _Tokens, turn: int, messag
         raise MaskError(
             f"{template.source} renders assistant turn {turn} differently when later messages "
             "follow it (for example it drops reasoning from earlier turns), so its tokens cannot be told apart "
-            "exactly; give such turns \"weight\": 0 (an agent's turns after the last user message keep training), "
-            "use dataset.loss_on: last_assistant, or set dataset.chat_template to a template that renders earlier "
-            "turns unchanged"
+            "exactly; set dataset.split_user_turns: true (each user turn's replies train in a row of their own), give "
+            "such turns \"weight\": 0, or set dataset.chat_template to a template that renders earlier turns "
+            "unchanged"
         )
     return end
 
@@ -523,9 +523,9 @@ def _check_span(tokenizer, template: _Template, tokens: _Tokens, span: tuple, me
         if not reasoned and found >= 0 and left_out is None:
             raise MaskError(f"{template.source} writes no reasoning in assistant turn {turn} here (Qwen3's drops it "
                             "from the turns before the last user message, Gemma 4's writes it only before tool "
-                            "calls); leave the reasoning out of such turns, train only the turns after the last user "
-                            "message (dataset.loss_on: last_assistant, or \"weight\": 0 on the earlier assistant "
-                            "turns), or give each user turn a row of its own")
+                            "calls); set dataset.split_user_turns: true (each user turn's replies train in a row of "
+                            "their own, as the model sees its history), leave the reasoning out of such turns, or "
+                            "give the earlier assistant turns \"weight\": 0")
         if left_out:  # it wrote the first call, but not all
             raise MaskError(f"{template.source} leaves out tool call {left_out} ({_called(message)[left_out]}) of "
                             f"assistant turn {turn}, which it renders as {tokens.between(tokenizer, start, end)!r}; "
@@ -615,10 +615,10 @@ def _prefix_start(tokenizer, template: _Template, history: list[dict], prompt: l
     raise MaskError(
         f"{template.source} renders the first {len(history)} messages differently from the same "
         "messages inside the whole conversation, so the reply cannot be located exactly (Mistral's writes the tools "
-        "before the last user message, Qwen3.6's an empty think block in the turns after it); train only the turns "
-        "after the last user message (dataset.loss_on: last_assistant, or \"weight\": 0 on the earlier assistant "
-        "turns), give each user turn a row of its own, or set dataset.chat_template to a template that renders "
-        "earlier turns unchanged"
+        "before the last user message, Qwen3.6's an empty think block in the turns after it); set "
+        "dataset.split_user_turns: true (each user turn's replies train in a row of their own), give the earlier "
+        "assistant turns \"weight\": 0, or set dataset.chat_template to a template that renders earlier turns "
+        "unchanged"
     )
 
 
