@@ -584,6 +584,28 @@ def test_special_token_text_in_a_call_or_a_tool_is_a_bad_row(where, row, tools):
         tokenize_messages(family_tokenizer("qwen2_5"), row, tools=tools)
 
 
+def test_call_ids_mistral_takes_are_made_for_data_that_has_others_or_none():
+    """Mistral's template takes only ids of 9 letters and digits: OpenAI's `call_...` ids, and ShareGPT's calls with
+    none, failed every row with the template's own words. Ids are made (the same in a call and its result; results
+    without one answer the calls in order); other templates keep the data's ids."""
+    openai_id = "call_Xy12abCD34efGH56ijKL78mn"
+    trace = [AGENT[0], {**AGENT[1], "tool_calls": [{**AGENT[1]["tool_calls"][0], "id": openai_id}]},
+             {**AGENT[2], "tool_call_id": openai_id},
+             {**AGENT[3], "tool_calls": [{key: value for key, value in AGENT[3]["tool_calls"][0].items() if key != "id"}]},
+             {key: value for key, value in AGENT[4].items() if key != "tool_call_id"}, AGENT[5]]
+    tokenizer = family_tokenizer("mistral_nemo")
+    tokens = tokenize_messages(tokenizer, trace, tools=TOOLS)
+    text = tokenizer.decode(tokens["input_ids"])
+    ids = re.findall(r'"id": "([A-Za-z0-9]{9})"', text)
+    assert len(set(ids)) == 2 and re.findall(r'"call_id": "([A-Za-z0-9]{9})"', text) == ids
+    assert trained_spans(tokenizer, tokens) == [CALL_TURNS["mistral_nemo"].replace("CITY", city).replace("ID", made)
+                                                for city, made in zip(("Paris", "Rome"), ids)] + [
+        "Paris has 20 degrees, Rome 25.</s>"]
+    assert tokenize_messages(tokenizer, trace, tools=TOOLS) == tokens  # the same ids each time
+    kept = tokenizer.decode(tokenize_messages(tokenizer, AGENT, tools=TOOLS)["input_ids"])  # ids Mistral takes
+    assert re.findall(r'"call_id": "(\w+)"', kept) == ["call00001", "call00002"]
+
+
 def test_tools_written_before_the_last_user_message_say_to_train_the_turns_after_it():
     """Mistral Nemo writes the tools before the last user message, so earlier turns' prefixes differ: the error said
     only to change the template, while the turns after the last user message train."""

@@ -57,8 +57,9 @@ MAX_PROCESSES = 8
 # prompt turn accepted, and refused under loss_on all (which trained it). 6 (2026-11-28): the held-out rows and the
 # sources' weighted samples seeded by training.data_seed where it is set and differs from seed. 7 (2026-11-28): a
 # system column beside messages read as the row's system message; OpenAI's developer role (its system message) and
-# the Responses API's input_text and output_text parts read.
-PREPARATION = 7
+# the Responses API's input_text and output_text parts read. 8 (2026-11-29): call ids made for Mistral's templates,
+# which refused rows whose ids were not 9 letters and digits.
+PREPARATION = 8
 
 
 def describe_dropped(dropped: dict[str, int], only_some: bool = False) -> str:

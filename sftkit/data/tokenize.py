@@ -38,6 +38,7 @@ would learn to call tools it was never shown, or to answer without the call or t
 """
 
 import bisect
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ CHATML_TEMPLATE = (
 # Stands for the content of message k in a skeleton: plain text to a template, and never produced by one itself.
 OPEN, CLOSE = "\u27ea", "\u27eb"
 CACHE_SIZE = 4096  # entries per cache; a dataset has few distinct role sequences
+ID_CHARACTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 
 class MaskError(ValueError):
@@ -121,6 +123,7 @@ def tokenize_messages(tokenizer, messages: list[dict], loss_on: str = "assistant
     template = _template(tokenizer)
     _refuse_special_token_text(template, messages, tools)
     messages = _with_arguments_the_template_takes(tokenizer, template, messages)
+    messages = _with_ids_the_template_takes(tokenizer, template, messages)
     _refuse_messages_left_out(tokenizer, template, messages)
     text = _render(tokenizer, [messages], tools=tools)[0]
     _refuse_tools_left_out(tokenizer, template, messages, tools, text)
@@ -338,6 +341,54 @@ def _with_arguments_the_template_takes(tokenizer, template: _Template, messages:
 
     return [{**message, "tool_calls": [as_text(call) for call in message["tool_calls"]]} if message.get("tool_calls")
             else message for message in messages]
+
+
+def _with_ids_the_template_takes(tokenizer, template: _Template, messages: list[dict]) -> list[dict]:
+    """Calls and their results paired by ids of 9 letters and digits, for a template that takes no others (Mistral's;
+    vLLM makes such ids up when it serves these models), where OpenAI's data has `call_` and 24 more and ShareGPT's
+    none: each other id becomes one made from it, the same in the call and its result; a call without one gets one
+    made from the call; a result without one answers the earliest call not answered yet."""
+    if not any(message.get("tool_calls") for message in messages) or not _takes_only_nine_character_ids(tokenizer,
+                                                                                                          template):
+        return messages
+    made, unanswered, paired = {}, [], []
+    for index, message in enumerate(messages):
+        if message.get("tool_calls"):
+            calls = []
+            for number, call in enumerate(message["tool_calls"]):
+                given = call.get("id")
+                new = _nine_character_id(given or f"{index}.{number} {json.dumps(call['function'], sort_keys=True)}")
+                made.update({given: new} if given else {})
+                unanswered.append(new)
+                calls.append({**call, "id": new})
+            message = {**message, "tool_calls": calls}
+        elif message["role"] == "tool":
+            given = message.get("tool_call_id")
+            new = made.get(given) if given else unanswered[0] if unanswered else None
+            new = new or _nine_character_id(given or str(index))
+            unanswered = [call for call in unanswered if call != new]
+            message = {**message, "tool_call_id": new}
+        paired.append(message)
+    return paired
+
+
+def _nine_character_id(given: str) -> str:
+    """`given` where it is 9 letters and digits, else 9 made from it (the same in every process)."""
+    if re.fullmatch("[A-Za-z0-9]{9}", given):
+        return given
+    number = int.from_bytes(hashlib.sha256(given.encode()).digest()[:8], "big")
+    return "".join(ID_CHARACTERS[number // len(ID_CHARACTERS) ** place % len(ID_CHARACTERS)] for place in range(9))
+
+
+def _takes_only_nine_character_ids(tokenizer, template: _Template) -> bool:
+    def renders(call_id: str) -> bool:
+        call = {"id": call_id, "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
+        return _rendered(tokenizer, [{"role": "user", "content": "Hi"},
+                                     {"role": "assistant", "content": "", "tool_calls": [call]},
+                                     {"role": "tool", "tool_call_id": call_id, "content": "1"},
+                                     {"role": "assistant", "content": "One."}]) is not None
+
+    return _cached(_IDS, template.key, lambda: not renders("call_0123456789") and renders("a1B2c3D4e"))
 
 
 def _refuse_reasoning_left_out(tokenizer, template: _Template, messages: list[dict], turns: list[int]) -> None:
@@ -935,6 +986,7 @@ _LAYOUTS: dict = {}
 _SKELETONS: dict = {}
 _LEFT_OUT: dict = {}
 _ARGUMENTS: dict = {}
+_IDS: dict = {}
 _REASONING: dict = {}
 _BLANKS: dict = {}
 
