@@ -591,7 +591,7 @@ def test_call_ids_mistral_takes_are_made_for_data_that_has_others_or_none():
     openai_id = "call_Xy12abCD34efGH56ijKL78mn"
     trace = [AGENT[0], {**AGENT[1], "tool_calls": [{**AGENT[1]["tool_calls"][0], "id": openai_id}]},
              {**AGENT[2], "tool_call_id": openai_id},
-             {**AGENT[3], "tool_calls": [{key: value for key, value in AGENT[3]["tool_calls"][0].items() if key != "id"}]},
+             {**AGENT[3], "tool_calls": [{key: AGENT[3]["tool_calls"][0][key] for key in ("type", "function")}]},
              {key: value for key, value in AGENT[4].items() if key != "tool_call_id"}, AGENT[5]]
     tokenizer = family_tokenizer("mistral_nemo")
     tokens = tokenize_messages(tokenizer, trace, tools=TOOLS)
