@@ -401,15 +401,20 @@ class _Preparation:
         return [prompt] if prompt else []
 
     def tools_of(self, example: dict) -> list[dict] | None:
-        rows, format_name, source = self.raw[example["source"]]
-        return None if format_name == "text" else tools_of(rows[example["row"]], format_name)
+        row, format_name, _ = self._raw_row(example)
+        return None if format_name == "text" else tools_of(row, format_name)
 
     def prompt_of(self, example: dict) -> list[dict] | None:
-        rows, format_name, source = self.raw[example["source"]]
+        row, format_name, source = self._raw_row(example)
         if format_name == "text":
             return None
-        messages = to_messages(rows[example["row"]], format_name, self.cfg.system_prompt, source.answer_source)
+        messages = to_messages(row, format_name, self.cfg.system_prompt, source.answer_source)
         return messages[: next(i for i, message in enumerate(messages) if message["role"] == "assistant")]
+
+    def _raw_row(self, example: dict) -> tuple[dict, str, SourceConfig]:
+        """The row a tokenized example was made from, with its source's format and config."""
+        rows, format_name, source = self.raw[example["source"]]
+        return rows[example["row"]], format_name, source
 
 
 def _warn_of_speaker_names(rows, source: SourceConfig, looked_at: int = 100) -> None:
