@@ -45,6 +45,7 @@ def same_settings(record: dict | None, resolved: dict) -> bool:
     compat.training_fields), and are compared so."""
     if record is None:
         return False
+    resolved = _without_settings_added_since(record, resolved)
     theirs = record.get("fingerprint")
     if theirs == fingerprint(resolved):
         return True
@@ -61,8 +62,30 @@ def same_settings(record: dict | None, resolved: dict) -> bool:
     return False
 
 
+def _without_settings_added_since(record: dict, resolved: dict) -> dict:
+    """The resolved config less the model and dataset keys that the record's config lacks and that hold their
+    default: settings added to sftkit since that run (dataset.split_user_turns, 2026-11-29), which ran as the default
+    runs now. Set otherwise, they differ from that run, and stay."""
+    import dataclasses
+
+    from sftkit.schema import DatasetConfig, ModelConfig
+
+    theirs = record.get("config")
+    if not isinstance(theirs, dict):  # a record compared by its fingerprint alone
+        return resolved
+    trimmed = dict(resolved)
+    for section, cls in (("model", ModelConfig), ("dataset", DatasetConfig)):
+        defaults = {item.name: item.default for item in dataclasses.fields(cls)}
+        ours, recorded = resolved.get(section), theirs.get(section)
+        if isinstance(ours, dict) and isinstance(recorded, dict):
+            trimmed[section] = {key: value for key, value in ours.items()
+                                if key in recorded or key not in defaults or value != defaults[key]}
+    return trimmed
+
+
 def config_differences(ours: dict, theirs: dict) -> list[str]:
     """`training.learning_rate 0.001 (that run: 0.003)` for each fingerprinted setting that differs."""
+    ours = _without_settings_added_since({"config": theirs}, ours)
     differences = []
     for section, values in ours.items():
         for key, value in values.items():

@@ -470,6 +470,20 @@ def test_a_checkpoint_recorded_before_hub_models_were_pinned_still_resumes(tmp_p
     assert not same_settings({"fingerprint": fingerprint(other), "config": other}, pinned)
 
 
+def test_a_checkpoint_recorded_before_a_setting_was_added_resumes_while_it_holds_its_default(tmp_path):
+    """dataset.split_user_turns came with 2026-11-29: every record written before lacks it, and its run could not
+    be resumed with the same config ("dataset.split_user_turns False (that run: None)"), only thrown away."""
+    from sftkit.runrecord import config_differences, same_settings
+
+    now = config(tmp_path / "out").resolved
+    written = {**now, "dataset": {key: value for key, value in now["dataset"].items() if key != "split_user_turns"}}
+    record = {"fingerprint": fingerprint(written), "config": written}
+    assert same_settings(record, now) and config_differences(now, written) == []
+    split = {**now, "dataset": {**now["dataset"], "split_user_turns": True}}
+    assert not same_settings(record, split)
+    assert config_differences(split, written) == ["dataset.split_user_turns True (that run: None)"]
+
+
 def test_resuming_an_earlier_checkpoint_than_the_newest_is_refused_before_it_saves_over_the_later_ones(finished,
                                                                                                      tmp_path):
     out = copy_of(finished, tmp_path)
