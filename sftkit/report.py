@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from sftkit.checkpoints import checkpoints_in, epochs_words, resume_problem
-from sftkit.data import describe_dropped
+from sftkit.data import describe_dropped, split_words
 from sftkit.engines import rows_per_step
 from sftkit.errors import first_line
 from sftkit.export import saved_dtypes
@@ -54,6 +54,7 @@ def build_summary(trainer, config, data, dtype, parameters: tuple[int, int], rep
         "evaluated_in_4_bits": config.model.load_in_4bit,  # QLoRA: of the 4-bit base, not of the merged model
         "best_checkpoint_step": best,
         "rows": data.rows,
+        "rows_split_into": data.pieces,  # dataset.split_user_turns: a row for each user turn whose replies train
         "train_rows": len(data.train),
         "eval_rows": len(data.eval) if data.eval is not None else None,
         "eval_rows_also_trained": data.eval_also_trained if data.eval is not None else None,
@@ -265,7 +266,8 @@ def _rows_words(summary: dict) -> str:
     held_out = "" if summary.get("eval_rows") is None else \
         f", {summary['eval_rows']} evaluated on" + (f" ({repeated} of them also trained on)" if repeated else "")
     trained = f", {summary['train_rows']} trained on" if summary.get("train_rows") is not None else ""
-    return f"{summary['rows']} rows read{f' (dropped: {dropped})' if dropped else ''}{trained}{held_out}"
+    return (f"{summary['rows']} rows read{split_words(summary.get('rows_split_into'))}"
+            f"{f' (dropped: {dropped})' if dropped else ''}{trained}{held_out}")
 
 
 def _front_matter(config, method: str) -> str:
@@ -335,7 +337,8 @@ def format_summary(summary: dict) -> str:
           if summary["eval_loss"] is not None else
           [("eval loss", f"{_number(summary['eval_loss_first'])} at the start (a stop skipped the final evaluation)")]
           if summary["eval_loss_first"] is not None else []),  # no evaluation data
-        ("rows", f"{summary['rows']} read, dropped: {describe_dropped(summary['rows_dropped'])}"
+        ("rows", f"{summary['rows']} read{split_words(summary.get('rows_split_into'))}, dropped: "
+                 f"{describe_dropped(summary['rows_dropped'])}"
                  + (f"; {summary['rows_cut']} cut to max_seq_length" if summary.get("rows_cut") else "")
                  + (f"; dropped from the eval data: {describe_dropped(summary['eval_rows_dropped'], only_some=True)}"
                     if any((summary.get("eval_rows_dropped") or {}).values()) else "")),

@@ -211,6 +211,19 @@ def test_model_card_describes_the_run_and_how_to_load_it(monitored_run):
     assert "system prompt" not in card and 'messages = [{"role": "user", "content": "Hello!"}]' in card
 
 
+def test_the_summary_and_the_model_card_say_the_rows_were_split_at_user_turns(monitored_run):
+    """With dataset.split_user_turns more rows train than were read: the card said "320 rows read, 488 trained on"
+    without a word of the split (helper-73)."""
+    from sftkit.report import format_summary, model_card
+
+    summary = json.loads((monitored_run.out / SUMMARY_FILE).read_text())
+    assert summary["rows_split_into"] is None
+    summary["rows_split_into"] = 562
+    assert "| data | `data/sample_chat.jsonl`: 320 rows read (split at user turns into 562), 304 trained on" in \
+        model_card(load_config(None, ["--dataset.split_user_turns", "true"]), summary)
+    assert "  rows               320 read (split at user turns into 562), dropped: 0 bad rows" in format_summary(summary)
+
+
 def test_the_model_card_prompts_the_model_with_the_system_prompt_it_trained_with(monitored_run):
     """It never said that every row had been given dataset.system_prompt, and its code prompted the model without
     it, unlike training (sftkit chat, compare and the sample replies use it)."""

@@ -68,6 +68,11 @@ def describe_dropped(dropped: dict[str, int], only_some: bool = False) -> str:
                      for reason, count in dropped.items() if count or not only_some)
 
 
+def split_words(pieces: int | None) -> str:
+    """' (split at user turns into 31)' where dataset.split_user_turns made the rows read into more rows."""
+    return f" (split at user turns into {pieces:,})" if pieces is not None else ""
+
+
 @dataclass
 class PreparedData:
     train: object  # datasets.Dataset with input_ids and labels
@@ -93,8 +98,7 @@ class PreparedData:
         return ", ".join(f"{source.name} as {name!r}" for source, name in zip(cfg.train_sources(), self.formats))
 
     def split_words(self) -> str:
-        """' (split at user turns into 31)' where dataset.split_user_turns made the rows read into more rows."""
-        return f" (split at user turns into {self.pieces:,})" if self.pieces is not None else ""
+        return split_words(self.pieces)
 
     def longest_row(self) -> int:
         """The tokens of the longest train or eval row, before truncation."""
