@@ -408,6 +408,20 @@ def test_split_user_turns_trains_each_reasoned_reply_as_a_thinking_model_sees_it
     assert data.split_words() == " (split at user turns into 3)"
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_splitting_at_user_turns_is_advised_only_where_it_would_train_the_row(tmp_path, split):
+    """gpt-oss drops the analysis of a call once a reply follows within one user turn, and Gemma 4 writes reasoning
+    only before calls: the errors told such rows to split at user turns, also where the split was on (helper-73)."""
+    from test_tokenize import AGENT, TOOLS
+
+    trace = [AGENT[0], {**AGENT[1], "reasoning_content": "Paris first."}, *AGENT[2:]]
+    for family, row in (("gpt_oss", {"messages": trace, "tools": TOOLS}), ("gemma4", {"messages": REASONED_CHAT})):
+        config = DatasetConfig(name=write_rows(tmp_path, ".jsonl", [row]), split_user_turns=split)
+        with pytest.raises(DataError, match="assistant turn 1") as refused:
+            prepare_data(config, family_tokenizer(family), max_length=512)
+        assert "split_user_turns" not in str(refused.value)
+
+
 def test_split_user_turns_trains_every_turn_of_a_template_that_writes_tools_before_the_last_user_message(tmp_path):
     """Mistral Nemo writes the tools before the last user message: only the turns after it could train."""
     from test_tokenize import AGENT, TOOLS
@@ -833,6 +847,15 @@ def test_skipped_bad_rows_are_counted_with_their_problem(tmp_path, tokenizer):
     assert data.problems == [f"dataset {tmp_path / 'rows.jsonl'} line 2: message 1 (assistant) has empty content"]
 
 
+def test_a_first_batch_of_bad_rows_alone_is_skipped(tmp_path, tokenizer):
+    """Its empty token lists typed the column as nulls, and the good rows after it failed with "Couldn't cast array
+    of type int64 to null" (helper-73)."""
+    rows = [{"prompt": "Hi", "response": ""}] * 1000 + [{"prompt": "Hi", "response": "Hello."}] * 5
+    data = prepare_data(DatasetConfig(name=write_rows(tmp_path, ".jsonl", rows), on_bad_row="skip"), tokenizer,
+                        max_length=64)
+    assert len(data.train) == 5 and data.dropped["bad rows"] == 1000
+
+
 def test_preprocessing_is_cached_between_runs(tmp_path, tokenizer):
     from conftest import TINY_MODEL
     from transformers import AutoTokenizer
@@ -900,12 +923,13 @@ def test_invalid_json_names_the_file_and_line(tmp_path, tokenizer, suffix, text,
         prepare_data(DatasetConfig(name=str(path)), tokenizer, max_length=64)
 
 
-def test_a_row_that_is_not_utf8_is_skipped_alone(tmp_path, tokenizer):
+@pytest.mark.parametrize("row", [b'{"prompt": "%s", "response": "c"}', b'{"messages": [{"role": "user", "content": '
+                                                                        b'"%s"}, {"role": "assistant", "content": "c"}]}'])
+def test_a_row_that_is_not_utf8_is_skipped_alone(tmp_path, tokenizer, row):
     """Rows are tokenized a batch at a time, and Arrow decodes a batch's text whole: the bad row must still be the
-    only one skipped, and named."""
+    only one skipped, and named. Messages rows crashed the speaker-name check with a traceback (helper-73)."""
     path = tmp_path / "rows.jsonl"
-    path.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "\xff", "response": "c"}\n'
-                     b'{"prompt": "d", "response": "e"}\n')
+    path.write_bytes(b"\n".join(row % text for text in (b"a", b"\xff", b"d")) + b"\n")
     data = prepare_data(DatasetConfig(name=str(path), on_bad_row="skip"), tokenizer, max_length=64)
     assert len(data.train) == 2 and data.dropped["bad rows"] == 1
     assert data.problems == [f"dataset {path} line 2: not UTF-8 text (invalid start byte at byte 0)"]

@@ -176,6 +176,9 @@ def test_settings_plain_text_rows_ignore_are_said(tmp_path, tokenizer, capsys):
         capsys.readouterr().err
     prepare_data(DatasetConfig(name=path), tokenizer, max_length=128)
     assert "warning" not in capsys.readouterr().err
+    data = prepare_data(DatasetConfig(name=path, split_user_turns=True), tokenizer, max_length=128)
+    assert "dataset.split_user_turns true does nothing to them" in capsys.readouterr().err
+    assert data.split_words() == ""  # no row was split
 
 
 def test_csv_files_of_one_source_with_other_headers_or_a_column_named_twice_are_refused(tmp_path, tokenizer):

@@ -22,6 +22,7 @@ from sftkit.data.formats import (
 from sftkit.data.load import load_source, row_place, source_files
 from sftkit.data.tokenize import (
     IGNORE_INDEX,
+    SPLIT_ADVICE,
     MaskError,
     special_token_text,
     tokenize_messages,
@@ -219,7 +220,8 @@ def prepare_data(cfg: DatasetConfig, tokenizer, max_length: int, seed: int = 42,
         eval_dropped=prepare.eval_dropped,
         measured_to=max_length if truncate else None,
         eval_also_trained=repeated,
-        pieces=sum(len(rows) for _, rows in prepare.tokenized) if cfg.split_user_turns else None,
+        pieces=sum(len(rows) for _, rows in prepare.tokenized)
+        if cfg.split_user_turns and any(name != "text" for _, name in train_parts) else None,
     )
 
 
@@ -351,8 +353,9 @@ class _Preparation:
     def _warn_of_settings_text_ignores(self, source: SourceConfig) -> None:
         """Plain text rows train every token as written: no system prompt, no turns to choose from."""
         ignored = [f"dataset.{key} {value}" for key, value in (("system_prompt", repr(self.cfg.system_prompt)),
-                                                                ("loss_on", self.cfg.loss_on))
-                   if getattr(self.cfg, key) not in (None, "assistant", "all")]
+                                                                ("loss_on", self.cfg.loss_on),
+                                                                ("split_user_turns", "true"))
+                   if getattr(self.cfg, key) not in (None, False, "assistant", "all")]
         if ignored:
             logger.warning(f"dataset {source.name} is plain text, whose rows train every token as written: "
                            f"{' and '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} nothing to them")
@@ -376,7 +379,7 @@ class _Preparation:
             "code": compat.data_code_digest(),
         }
         return rows.map(_tokenize_rows, with_indices=True, batched=True, remove_columns=rows.column_names,
-                        num_proc=num_proc, fn_kwargs=arguments,
+                        num_proc=num_proc, fn_kwargs=arguments, features=_tokenized_features(),
                         cache_file_name=compat.cache_away_from_the_users_data(rows, arguments))
 
     def nothing_to_train(self) -> str:
@@ -424,10 +427,13 @@ class _Preparation:
 def _warn_of_speaker_names(rows, source: SourceConfig, looked_at: int = 100) -> None:
     """OpenAI's multi-party chats name each speaker (`name`), which sftkit does not pass to the chat template (few
     render it): said once, from the first rows, as the turns then train without saying who speaks."""
-    named = next((index for index, row in enumerate(rows.select(range(min(looked_at, len(rows)))))
-                  if isinstance(row.get("messages"), list) and any(
-                      isinstance(message, dict) and message.get("name") and message.get("role") != "tool"
-                      for message in row["messages"])), None)  # a tool message's name is its function's
+    try:
+        named = next((index for index, row in enumerate(rows.select(range(min(looked_at, len(rows)))))
+                      if isinstance(row.get("messages"), list) and any(
+                          isinstance(message, dict) and message.get("name") and message.get("role") != "tool"
+                          for message in row["messages"])), None)  # a tool message's name is its function's
+    except UnicodeDecodeError:  # a row that is not UTF-8: tokenizing names it (or skips it)
+        return
     if named is not None:
         logger.warning(f"dataset {source.name}: messages name their speaker (\"name\", row {named + 1} first), which "
                        "sftkit does not pass to the chat template: the turns train without it; write the names into "
@@ -447,6 +453,15 @@ def _processes_for(rows: int) -> int | None:
     return min(cores, MAX_PROCESSES) if cores > 1 else None
 
 
+def _tokenized_features():
+    """The tokenized rows' columns, given: inferred, a first batch of bad rows alone (their input_ids empty) typed
+    input_ids as a list of nulls, and the next batch's ids could not be cast to it."""
+    from datasets import Features, List, Value
+
+    return Features({"input_ids": List(Value("int64")), "labels": List(Value("int64")), "problem": Value("string"),
+                     **{column: Value("int64") for column in HELPER_COLUMNS if column != "problem"}})
+
+
 def _tokenize_rows(rows: dict, indices: list[int], **arguments) -> dict:
     """A batch of rows tokenized: a row each, or one for each user turn where dataset.split_user_turns says so."""
     tokenized = [piece for row, index in zip(compat.rows_of(rows), indices)
@@ -461,9 +476,7 @@ def _tokenize_row(row, index, tokenizer, format_name, system_prompt, answer_sour
             pieces = [tokenize_text(tokenizer, to_text(row))]
         else:
             messages = to_messages(row, format_name, system_prompt, answer_source)
-            tools = tools_of(row, format_name)
-            pieces = [tokenize_messages(tokenizer, conversation, loss_on, max_length=cut, tools=tools)
-                      for conversation in (split_at_user_turns(messages) if split else [messages])]
+            pieces = _tokenize_conversation(tokenizer, messages, loss_on, split, cut, tools_of(row, format_name))
     except ValueError as error:
         # 1-based: the line of a JSON Lines or CSV file, else the row
         place = f"row {index + 1}"
@@ -480,6 +493,37 @@ def _tokenize_row(row, index, tokenizer, format_name, system_prompt, answer_sour
         return [{"input_ids": [], "labels": [], "source": source_position, "row": index, "trainable_tokens": 0,
                  "prompt_tokens": 0, "problem": problem, "tokens_digest": 0}]
     return [_with_helper_columns(tokens, source_position, index, kept) for tokens in pieces]
+
+
+def _tokenize_conversation(tokenizer, messages: list[dict], loss_on: str, split: bool, cut: int | None,
+                           tools: list[dict] | None) -> list[dict]:
+    """The conversation tokenized: as one row, or one for each user turn (split). An error advises splitting it only
+    where its rows split at user turns would train: not where the split is on, nor where a template drops what a
+    turn needs within one user turn (gpt-oss's analysis before a call, Gemma 4's reasoning before a reply)."""
+    try:
+        return _tokenized(tokenizer, split_at_user_turns(messages) if split else [messages], loss_on, cut, tools)
+    except MaskError as error:
+        if SPLIT_ADVICE not in str(error):
+            raise
+        if not split and _masks(tokenizer, split_at_user_turns(messages), loss_on, cut, tools):
+            raise
+        raise MaskError(str(error).replace(SPLIT_ADVICE, "")) from None
+
+
+def _tokenized(tokenizer, conversations: list[list[dict]], loss_on: str, cut: int | None,
+               tools: list[dict] | None) -> list[dict]:
+    return [tokenize_messages(tokenizer, conversation, loss_on, max_length=cut, tools=tools)
+            for conversation in conversations]
+
+
+def _masks(tokenizer, conversations: list[list[dict]], loss_on: str, cut: int | None,
+           tools: list[dict] | None) -> bool:
+    """Whether every conversation can be tokenized and masked."""
+    try:
+        _tokenized(tokenizer, conversations, loss_on, cut, tools)
+    except ValueError:
+        return False
+    return True
 
 
 def _with_helper_columns(tokens: dict, source_position: int, index: int, kept: slice) -> dict:

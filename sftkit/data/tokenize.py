@@ -62,6 +62,9 @@ CHATML_TEMPLATE = (
 # Stands for the content of message k in a skeleton: plain text to a template, and never produced by one itself.
 OPEN, CLOSE = "\u27ea", "\u27eb"
 CACHE_SIZE = 4096  # entries per cache; a dataset has few distinct role sequences
+# Where an earlier turn cannot train as the whole conversation renders it; sftkit.data keeps it in an error only
+# where the rows split at user turns would train
+SPLIT_ADVICE = "set dataset.split_user_turns: true (each user turn's replies train in a row of their own), "
 ID_CHARACTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 
@@ -502,9 +505,8 @@ def _turn_end(tokenizer, template: _Template, tokens: _Tokens, turn: int, messag
         raise MaskError(
             f"{template.source} renders assistant turn {turn} differently when later messages "
             "follow it (for example it drops reasoning from earlier turns), so its tokens cannot be told apart "
-            "exactly; set dataset.split_user_turns: true (each user turn's replies train in a row of their own), give "
-            "such turns \"weight\": 0, or set dataset.chat_template to a template that renders earlier turns "
-            "unchanged"
+            f"exactly; {SPLIT_ADVICE}give such turns \"weight\": 0, or set dataset.chat_template to a template that "
+            "renders earlier turns unchanged"
         )
     return end
 
@@ -574,9 +576,8 @@ def _check_span(tokenizer, template: _Template, tokens: _Tokens, span: tuple, me
         if not reasoned and found >= 0 and left_out is None:
             raise MaskError(f"{template.source} writes no reasoning in assistant turn {turn} here (Qwen3's drops it "
                             "from the turns before the last user message, Gemma 4's writes it only before tool "
-                            "calls); set dataset.split_user_turns: true (each user turn's replies train in a row of "
-                            "their own, as the model sees its history), leave the reasoning out of such turns, or "
-                            "give the earlier assistant turns \"weight\": 0")
+                            f"calls); {SPLIT_ADVICE}leave the reasoning out of such turns, or give the earlier "
+                            "assistant turns \"weight\": 0")
         if left_out:  # it wrote the first call, but not all
             raise MaskError(f"{template.source} leaves out tool call {left_out} ({_called(message)[left_out]}) of "
                             f"assistant turn {turn}, which it renders as {tokens.between(tokenizer, start, end)!r}; "
@@ -666,9 +667,8 @@ def _prefix_start(tokenizer, template: _Template, history: list[dict], prompt: l
     raise MaskError(
         f"{template.source} renders the first {len(history)} messages differently from the same "
         "messages inside the whole conversation, so the reply cannot be located exactly (Mistral's writes the tools "
-        "before the last user message, Qwen3.6's an empty think block in the turns after it); set "
-        "dataset.split_user_turns: true (each user turn's replies train in a row of their own), give the earlier "
-        "assistant turns \"weight\": 0, or set dataset.chat_template to a template that renders earlier turns "
+        f"before the last user message, Qwen3.6's an empty think block in the turns after it); {SPLIT_ADVICE}give the "
+        "earlier assistant turns \"weight\": 0, or set dataset.chat_template to a template that renders earlier turns "
         "unchanged"
     )
 
