@@ -72,6 +72,20 @@ def test_the_plan_says_how_many_rows_were_dropped_and_why_before_training(tmp_pa
         "empty content); ")
 
 
+def test_the_plan_says_the_rows_were_split_at_user_turns(tmp_path):
+    """Qwen3's template drops earlier turns' reasoning: with dataset.split_user_turns each user turn trains in a row
+    of its own, and the plan says how many rows the split made of the rows read."""
+    from test_data import REASONED_CHAT
+
+    data = tmp_path / "reasoned.jsonl"
+    data.write_text("".join(json.dumps({"messages": REASONED_CHAT[:length]}) + "\n" for length in (4, 2, 4)))
+    result = run_sft("--dry-run", "--dataset.name", str(data), "--dataset.chat_template",
+                     str(REPO / "tests" / "templates" / "qwen3.jinja"), "--dataset.split_user_turns", "true",
+                     "--dataset.test_size", "null", "--training.output_dir", str(tmp_path / "out"))
+    assert plan_value(result.stdout, "data").startswith(
+        f"{data} as 'messages': 3 rows read (split at user turns into 5), 5 train; ")
+
+
 def test_dry_run_loads_no_weights_and_counts_parameters_from_the_config(tmp_path):
     # Llama-3-8B's published shape: 8.03B parameters, 41.9M LoRA parameters at r=16 on every linear layer.
     llama3_8b = weightless_copy(tmp_path, vocab_size=128256, hidden_size=4096, intermediate_size=14336,
