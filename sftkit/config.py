@@ -220,6 +220,19 @@ def _warn_of_unused_lora_settings(model_layers: list[dict], model: ModelConfig) 
                        "leaves the LoRA settings unused; set model.use_lora: true to train LoRA adapters")
 
 
+EVAL_DATA_KEYS = ("test_size", "eval_split", "eval_sources")
+
+
+def _without_the_eval_data_overridden(raw: dict, overrides: dict) -> dict:
+    """The config less its choice of eval data where the command line makes another: the default config holds out
+    test_size 0.05, and `--dataset.eval_sources [...]` was refused for setting two of the three."""
+    chosen = [key for key in EVAL_DATA_KEYS if (overrides.get("dataset") or {}).get(key) is not None]
+    if not chosen or not isinstance(raw.get("dataset"), dict):
+        return raw
+    return {**raw, "dataset": {key: value for key, value in raw["dataset"].items()
+                               if key not in EVAL_DATA_KEYS or key in chosen}}
+
+
 def load_config(config_name: str | None = None, cli_args: list[str] = (), preset: str | None = None) -> RunConfig:
     """Read, merge and validate a config: defaults < YAML < preset < CLI overrides. Raises ConfigError listing
     every problem. A preset (configs/presets/) is a partial config laid over the user's, e.g. fast_test."""
@@ -231,7 +244,7 @@ def load_config(config_name: str | None = None, cli_args: list[str] = (), preset
         layer = _preset_layer(preset, under_sources=bool((merge(raw, overrides).get("dataset") or {}).get("sources")))
         model_layers.append(layer.get("model") or {})
         raw = _laid_over(raw, layer)
-    raw = _paths_found_beside(_laid_over(raw, overrides), path.parent)
+    raw = _paths_found_beside(_laid_over(_without_the_eval_data_overridden(raw, overrides), overrides), path.parent)
     errors: list[str] = []
     for section in raw:
         if section not in SECTIONS:

@@ -90,6 +90,18 @@ def test_preset_lies_between_the_config_and_the_command_line(tmp_path):
         load_config(write(tmp_path, MINIMAL), [], "no_such_preset")
 
 
+def test_eval_data_chosen_on_the_command_line_replaces_the_configs_choice():
+    """The default config holds out test_size 0.05: --dataset.eval_sources or --dataset.eval_split was refused for
+    setting two of the three, and the error blamed the config file."""
+    sources = load_config(None, ["--dataset.eval_sources", f"[{{name: {SAMPLE_DATA}, max_samples: 10}}]"]).dataset
+    assert (sources.test_size, sources.eval_sources[0].max_samples) == (None, 10)
+    assert load_config(None, ["--dataset.eval_split", "train"]).dataset.test_size is None
+    assert load_config(None, ["--dataset.test_size", "0.1"]).dataset.test_size == 0.1
+    with pytest.raises(ConfigError, match="set only one of dataset.test_size, dataset.eval_split and "
+                                          "dataset.eval_sources"):
+        load_config(None, ["--dataset.eval_split", "train", "--dataset.test_size", "0.1"])
+
+
 def test_resume_from_checkpoint_accepts_true_or_a_path(tmp_path):
     assert load_config(write(tmp_path, MINIMAL), ["--training.resume_from_checkpoint", "true"]).training.resume_from_checkpoint is True
     assert load_config(write(tmp_path, MINIMAL), ["--training.resume_from_checkpoint", "false"]).training.resume_from_checkpoint is None
