@@ -90,14 +90,14 @@ def generate_from_ids(model, tokenizer, input_ids, max_new_tokens: int = 256, te
 
 
 def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
-                 top_p: float = 1.0) -> Iterator[str]:
+                 top_p: float = 1.0, tools: list[dict] | None = None) -> Iterator[str]:
     """The reply in pieces as it is generated (generation runs in a thread that feeds the streamer)."""
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     failed = []
 
     def generate():
         try:
-            generate_reply(model, tokenizer, messages, max_new_tokens, temperature, top_p, streamer)
+            generate_reply(model, tokenizer, messages, max_new_tokens, temperature, top_p, streamer, tools=tools)
         except Exception as error:  # noqa: BLE001 - raised again below, in the caller's thread
             failed.append(error)
             streamer.end()  # else the caller waits for tokens that never come

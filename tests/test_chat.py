@@ -59,6 +59,34 @@ def test_terminal_chat_on_base_plus_adapter_matches_the_merged_model(lora_run):
     assert missing.returncode == 2 and "no model here" in missing.stderr
 
 
+def test_terminal_chat_offers_tools_and_takes_a_calls_result(tmp_path):
+    """A model trained to call tools could only be chatted with without them: --tools puts them in the prompt as
+    the rows' tools were, and /tool TEXT answers a call. A template that renders no tools is refused."""
+    from test_tokenize import TOOLS
+
+    model = tmp_path / "agent"
+    shutil.copytree(TINY_MODEL, model)
+    shutil.copy(REPO / "tests" / "templates" / "qwen2_5.jinja", model / "chat_template.jinja")
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps({"tools": [TOOLS[0]["function"]]}))  # a bare schema, under "tools"
+    args = [str(model), "--tools", str(tools), "--temperature", "0", "--max_new_tokens", "8"]
+    said = run_here(chat_command.main, *args, input="/tool too early\nWeather in Paris?\n/tool {\"temp\": 20}\n/exit\n")
+    assert "/tool TEXT answers the model's tool call); tools: get_weather." in said.stdout
+    assert "(/tool answers the model's tool call: ask it something first)" in said.stdout
+    loaded, tokenizer = load_for_inference(str(model))
+    asked = [{"role": "user", "content": "Weather in Paris?"}]
+    first = generate_reply(loaded, tokenizer, asked, max_new_tokens=8, tools=TOOLS)
+    answered = [*asked, {"role": "assistant", "content": first}, {"role": "tool", "content": '{"temp": 20}'}]
+    assert re.findall(r"model> (.*)", said.stdout) == [
+        first, generate_reply(loaded, tokenizer, answered, max_new_tokens=8, tools=TOOLS)]
+    assert first != generate_reply(loaded, tokenizer, asked, max_new_tokens=8)  # the tools changed the prompt
+    refused = run_here(chat_command.main, str(TINY_MODEL), "--tools", str(tools), check=False)
+    assert refused.returncode == 2 and "its chat template renders no tools" in refused.stderr
+    tools.write_text('{"a": 1}')
+    refused = run_here(chat_command.main, *args, check=False)
+    assert refused.returncode == 2 and f"--tools {tools}: tools[0] is not a function definition" in refused.stderr
+
+
 def test_the_chat_and_compare_on_a_stopped_run_name_its_checkpoint_and_on_a_missing_path_say_so(tmp_path,
                                                                                                monkeypatch):
     """Both said "no model here" of a run stopped before its end, and of a path that does not exist."""
