@@ -121,7 +121,7 @@ def _where(errors: list[str], overrides: dict, path) -> str:
                 yield f"{prefix}{key}"
 
     given = set(keys(overrides))
-    about = [re.split(r"[ :\[]", error.removeprefix("unknown key "), maxsplit=1)[0] for error in errors]
+    about = [re.split(r"[ :\[,]", error.removeprefix("unknown key "), maxsplit=1)[0] for error in errors]
     return "the command line" if given and all(key in given for key in about) else str(path)
 
 
@@ -226,7 +226,7 @@ EVAL_DATA_KEYS = ("test_size", "eval_split", "eval_sources")
 def _without_the_eval_data_overridden(raw: dict, overrides: dict) -> dict:
     """The config less its choice of eval data where the command line makes another: the default config holds out
     test_size 0.05, and `--dataset.eval_sources [...]` was refused for setting two of the three."""
-    chosen = [key for key in EVAL_DATA_KEYS if (overrides.get("dataset") or {}).get(key) is not None]
+    chosen = [key for key in EVAL_DATA_KEYS if (overrides.get("dataset") or {}).get(key) not in (None, [])]
     if not chosen or not isinstance(raw.get("dataset"), dict):
         return raw
     return {**raw, "dataset": {key: value for key, value in raw["dataset"].items()

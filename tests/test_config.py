@@ -92,14 +92,16 @@ def test_preset_lies_between_the_config_and_the_command_line(tmp_path):
 
 def test_eval_data_chosen_on_the_command_line_replaces_the_configs_choice():
     """The default config holds out test_size 0.05: --dataset.eval_sources or --dataset.eval_split was refused for
-    setting two of the three, and the error blamed the config file."""
+    setting two of the three. Two given on the command line are the command line's error, not the config file's; an
+    empty list chooses nothing (it turned evaluation off without a word; helper-74)."""
     sources = load_config(None, ["--dataset.eval_sources", f"[{{name: {SAMPLE_DATA}, max_samples: 10}}]"]).dataset
     assert (sources.test_size, sources.eval_sources[0].max_samples) == (None, 10)
     assert load_config(None, ["--dataset.eval_split", "train"]).dataset.test_size is None
     assert load_config(None, ["--dataset.test_size", "0.1"]).dataset.test_size == 0.1
-    with pytest.raises(ConfigError, match="set only one of dataset.test_size, dataset.eval_split and "
-                                          "dataset.eval_sources"):
+    with pytest.raises(ConfigError, match="^the command line: dataset.test_size and dataset.eval_split are both set"):
         load_config(None, ["--dataset.eval_split", "train", "--dataset.test_size", "0.1"])
+    with pytest.raises(ConfigError, match="dataset.test_size and dataset.eval_sources are both set"):
+        load_config(None, ["--dataset.eval_sources", "[]"])
 
 
 def test_resume_from_checkpoint_accepts_true_or_a_path(tmp_path):
@@ -241,7 +243,8 @@ def test_a_key_transformers_removed_says_what_replaces_it(tmp_path):
         ("dataset:\n  loss_on: all\n  split_user_turns: true\n", "dataset.split_user_turns: true trains the replies "
          "after each user turn, but dataset.loss_on: all trains every token"),
         ("training:\n  max_length: 64\n", "training.max_length is set from model.max_seq_length"),
-        ("dataset:\n  test_size: 0.1\n  eval_split: test\n", "set only one of dataset.test_size, dataset.eval_split and dataset.eval_sources"),
+        ("dataset:\n  test_size: 0.1\n  eval_split: test\n", "dataset.test_size and dataset.eval_split are both set: set "
+         "only one of dataset.test_size, dataset.eval_split and dataset.eval_sources"),
         ("dataset:\n  test_size: 2.5\n", "dataset.test_size must be a fraction between 0 and 1, or a row count"),
         ("model: [1, 2]\n", "model must be a mapping"),
         ("model:\n  use_lora: \"false\"\n", "model.use_lora: expected true or false, got 'false' (text, in quotes: "

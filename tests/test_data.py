@@ -311,13 +311,14 @@ def test_what_other_formats_hold_beside_the_reply_is_refused_as_the_messages_for
         prepare_data(DatasetConfig(name=str(path), format=format_name), tokenizer, max_length=64)
 
 
-def test_an_empty_tool_result_is_a_result_and_a_tools_name_is_no_speakers(tmp_path, tokenizer, caplog):
+@pytest.mark.parametrize("role", ["tool", "function"])
+def test_an_empty_tool_result_is_a_result_and_a_tools_name_is_no_speakers(tmp_path, tokenizer, caplog, role):
     """A command that printed nothing made the whole row bad; a tool message's name (the function's) was warned of
-    as a speaker's."""
+    as a speaker's, also in OpenAI's older function role (helper-74)."""
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps({"messages": [
         {"role": "user", "content": "Delete it."}, {"role": "assistant", "content": "<tool_call>rm</tool_call>"},
-        {"role": "tool", "name": "rm", "content": ""}, {"role": "assistant", "content": "Deleted."}]}) + "\n")
+        {"role": role, "name": "rm", "content": ""}, {"role": "assistant", "content": "Deleted."}]}) + "\n")
     data = prepare_data(DatasetConfig(name=str(path), test_size=None), tokenizer, max_length=64)
     assert trained_spans(tokenizer, data.train[0]) == ["<tool_call>rm</tool_call><|im_end|>", "Deleted.<|im_end|>"]
     assert "name their speaker" not in caplog.text

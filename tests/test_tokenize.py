@@ -602,6 +602,10 @@ def test_call_ids_mistral_takes_are_made_for_data_that_has_others_or_none():
                                                 for city, made in zip(("Paris", "Rome"), ids)] + [
         "Paris has 20 degrees, Rome 25.</s>"]
     assert tokenize_messages(tokenizer, trace, tools=TOOLS) == tokens  # the same ids each time
+    # a result whose id names no call (its call had none) answers the open call (helper-74)
+    unnamed = [*trace[:4], {**trace[4], "tool_call_id": "call_elsewhere"}, trace[5]]
+    paired = tokenizer.decode(tokenize_messages(tokenizer, unnamed, tools=TOOLS)["input_ids"])
+    assert re.findall(r'"call_id": "(\w+)"', paired) == re.findall(r'"id": "(\w+)"', paired) == ids
     kept = tokenizer.decode(tokenize_messages(tokenizer, AGENT, tools=TOOLS)["input_ids"])  # ids Mistral takes
     assert re.findall(r'"call_id": "(\w+)"', kept) == ["call00001", "call00002"]
 

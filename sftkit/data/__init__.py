@@ -430,7 +430,8 @@ def _warn_of_speaker_names(rows, source: SourceConfig, looked_at: int = 100) -> 
     try:
         named = next((index for index, row in enumerate(rows.select(range(min(looked_at, len(rows)))))
                       if isinstance(row.get("messages"), list) and any(
-                          isinstance(message, dict) and message.get("name") and message.get("role") != "tool"
+                          isinstance(message, dict) and message.get("name")
+                          and message.get("role") not in ("tool", "function")
                           for message in row["messages"])), None)  # a tool message's name is its function's
     except UnicodeDecodeError:  # a row that is not UTF-8: tokenizing names it (or skips it)
         return

@@ -350,7 +350,7 @@ def _with_ids_the_template_takes(tokenizer, template: _Template, messages: list[
     """Calls and their results paired by ids of 9 letters and digits, for a template that takes no others (Mistral's;
     vLLM makes such ids up when it serves these models), where OpenAI's data has `call_` and 24 more and ShareGPT's
     none: each other id becomes one made from it, the same in the call and its result; a call without one gets one
-    made from the call; a result without one answers the earliest call not answered yet."""
+    made from the call; a result without one, or whose id names no call, answers the earliest call not answered yet."""
     if not any(message.get("tool_calls") for message in messages) or not _takes_only_nine_character_ids(tokenizer,
                                                                                                           template):
         return messages
@@ -367,8 +367,7 @@ def _with_ids_the_template_takes(tokenizer, template: _Template, messages: list[
             message = {**message, "tool_calls": calls}
         elif message["role"] == "tool":
             given = message.get("tool_call_id")
-            new = made.get(given) if given else unanswered[0] if unanswered else None
-            new = new or _nine_character_id(given or str(index))
+            new = made.get(given) or (unanswered[0] if unanswered else _nine_character_id(given or str(index)))
             unanswered = [call for call in unanswered if call != new]
             message = {**message, "tool_call_id": new}
         paired.append(message)
@@ -384,8 +383,10 @@ def _nine_character_id(given: str) -> str:
 
 
 def _takes_only_nine_character_ids(tokenizer, template: _Template) -> bool:
+    arguments = '{"x": 1}' if _takes_arguments_as_text(tokenizer, template) else {"x": 1}
+
     def renders(call_id: str) -> bool:
-        call = {"id": call_id, "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
+        call = {"id": call_id, "type": "function", "function": {"name": "f", "arguments": arguments}}
         return _rendered(tokenizer, [{"role": "user", "content": "Hi"},
                                      {"role": "assistant", "content": "", "tool_calls": [call]},
                                      {"role": "tool", "tool_call_id": call_id, "content": "1"},
@@ -413,8 +414,8 @@ def _refuse_reasoning_dropped(template: _Template, messages: list[dict], text: s
     if dropped is not None:
         raise MaskError(f"message {dropped} (assistant): {template.source} leaves its reasoning out of the "
                         "conversation (Qwen3's drops it from the turns before the last user message), so the row "
-                        "would train without it; set dataset.loss_on: assistant and dataset.split_user_turns: "
-                        "true (each user turn's replies, with their reasoning, train in a row of their own)")
+                        "would train without it; leave the reasoning out of the rows, or set dataset.loss_on: "
+                        "assistant, which trains the replies only and says how such a row can keep its reasoning")
 
 
 def _renders_reasoning(tokenizer, template: _Template) -> bool:
