@@ -50,10 +50,11 @@ def cross_field_errors(model: ModelConfig, dataset: DatasetConfig, training: dic
                    f"sources it is for (dataset.sources[0].{key.name})"
                    for key in dataclasses.fields(SourceConfig)
                    if key.name != "name" and getattr(dataset, key.name) != key.default]
-    chosen = [f"dataset.{key}" for key in ("test_size", "eval_split", "eval_sources") if getattr(dataset, key) is not None]
+    chosen = [f"dataset.{key}" for key in ("test_size", "eval_split", "eval_sources")
+              if getattr(dataset, key) is not None]
     if len(chosen) > 1:
-        errors.append(f"{', '.join(chosen[:-1])} and {chosen[-1]} are {'both' if len(chosen) == 2 else 'all'} set: set only one of dataset.test_size, "
-                      "dataset.eval_split and dataset.eval_sources")
+        errors.append(f"{', '.join(chosen[:-1])} and {chosen[-1]} are {'both' if len(chosen) == 2 else 'all'} set: "
+                      "set only one of dataset.test_size, dataset.eval_split and dataset.eval_sources")
     if dataset.split_user_turns and dataset.loss_on == "all":
         errors.append("dataset.split_user_turns: true trains the replies after each user turn, but dataset.loss_on: "
                       "all trains every token, each earlier turn again in every piece; set loss_on: assistant, or "

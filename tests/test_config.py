@@ -243,8 +243,9 @@ def test_a_key_transformers_removed_says_what_replaces_it(tmp_path):
         ("dataset:\n  loss_on: all\n  split_user_turns: true\n", "dataset.split_user_turns: true trains the replies "
          "after each user turn, but dataset.loss_on: all trains every token"),
         ("training:\n  max_length: 64\n", "training.max_length is set from model.max_seq_length"),
-        ("dataset:\n  test_size: 0.1\n  eval_split: test\n", "dataset.test_size and dataset.eval_split are both set: set "
-         "only one of dataset.test_size, dataset.eval_split and dataset.eval_sources"),
+        ("dataset:\n  test_size: 0.1\n  eval_split: test\n",
+         "dataset.test_size and dataset.eval_split are both set: set only one of dataset.test_size, dataset.eval_split "
+         "and dataset.eval_sources"),
         ("dataset:\n  test_size: 2.5\n", "dataset.test_size must be a fraction between 0 and 1, or a row count"),
         ("model: [1, 2]\n", "model must be a mapping"),
         ("model:\n  use_lora: \"false\"\n", "model.use_lora: expected true or false, got 'false' (text, in quotes: "
