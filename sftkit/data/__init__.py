@@ -506,7 +506,8 @@ def _tokenize_conversation(tokenizer, messages: list[dict], loss_on: str, split:
     except MaskError as error:
         if SPLIT_ADVICE not in str(error):
             raise
-        if not split and _masks(tokenizer, split_at_user_turns(messages), loss_on, cut, tools):
+        pieces = split_at_user_turns(messages)
+        if not split and len(pieces) > 1 and _masks(tokenizer, pieces, loss_on, cut, tools):
             raise
         raise MaskError(str(error).replace(SPLIT_ADVICE, "")) from None
 
