@@ -29,7 +29,7 @@ from sftkit.paths import (
     resolve_path,
     saved_by_datasets,
 )
-from sftkit.schema import DatasetConfig, ModelConfig, SourceConfig, yaml_word
+from sftkit.schema import EVAL_DATA_KEYS, DatasetConfig, ModelConfig, SourceConfig, yaml_word
 
 
 def cross_field_errors(model: ModelConfig, dataset: DatasetConfig, training: dict) -> list[str]:
@@ -50,8 +50,7 @@ def cross_field_errors(model: ModelConfig, dataset: DatasetConfig, training: dic
                    f"sources it is for (dataset.sources[0].{key.name})"
                    for key in dataclasses.fields(SourceConfig)
                    if key.name != "name" and getattr(dataset, key.name) != key.default]
-    chosen = [f"dataset.{key}" for key in ("test_size", "eval_split", "eval_sources")
-              if getattr(dataset, key) is not None]
+    chosen = [f"dataset.{key}" for key in EVAL_DATA_KEYS if getattr(dataset, key) is not None]
     if len(chosen) > 1:
         errors.append(f"{', '.join(chosen[:-1])} and {chosen[-1]} are {'both' if len(chosen) == 2 else 'all'} set: "
                       "set only one of dataset.test_size, dataset.eval_split and dataset.eval_sources")

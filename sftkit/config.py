@@ -35,7 +35,15 @@ from sftkit.errors import ConfigError, first_line, not_utf8
 from sftkit.fastpath import bf16_by_default, choose_adapter_inputs
 from sftkit.fastpath import choose as choose_fast_path
 from sftkit.paths import PRESETS_DIR, PROJECT_DIR, find_config_file, found_beside, looks_local, resolve_path
-from sftkit.schema import SECTIONS, DatasetConfig, LoraSettings, ModelConfig, RunConfig, SourceConfig
+from sftkit.schema import (
+    EVAL_DATA_KEYS,
+    SECTIONS,
+    DatasetConfig,
+    LoraSettings,
+    ModelConfig,
+    RunConfig,
+    SourceConfig,
+)
 
 logger = logging.getLogger("sftkit")
 
@@ -218,9 +226,6 @@ def _warn_of_unused_lora_settings(model_layers: list[dict], model: ModelConfig) 
     if with_lora and not any("use_lora" in layer for layer in model_layers[with_lora[-1]:]) and not model.use_lora:
         logger.warning("model.lora_config is set but model.use_lora is false: this run fine-tunes every weight and "
                        "leaves the LoRA settings unused; set model.use_lora: true to train LoRA adapters")
-
-
-EVAL_DATA_KEYS = ("test_size", "eval_split", "eval_sources")
 
 
 def _without_the_eval_data_overridden(raw: dict, overrides: dict) -> dict:

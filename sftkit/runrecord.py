@@ -2,6 +2,7 @@
 and how far it got. It sits in output_dir and in every checkpoint, and decides which runs a resume may continue.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from sftkit.layout import RUN_FILE, SUMMARY_FILE, TOKENIZER_FILES, is_checkpoint, written_by_sftkit
 from sftkit.paths import directory_splits, file_digest, local_files, resolve_path
+from sftkit.schema import DatasetConfig, ModelConfig
 
 # Settings a resume may change without changing what is trained: the length of the run, logging, saving,
 # evaluation and where results go. Everything else in the resolved config is part of the fingerprint.
@@ -66,10 +68,6 @@ def _without_settings_added_since(record: dict, resolved: dict) -> dict:
     """The resolved config less the model and dataset keys that the record's config lacks and that hold their
     default: settings added to sftkit since that run (dataset.split_user_turns, 2026-11-29), which ran as the default
     runs now. Set otherwise, they differ from that run, and stay."""
-    import dataclasses
-
-    from sftkit.schema import DatasetConfig, ModelConfig
-
     theirs = record.get("config")
     if not isinstance(theirs, dict):  # a record compared by its fingerprint alone
         return resolved

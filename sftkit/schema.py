@@ -92,6 +92,9 @@ class SourceConfig:
         "drop", "`question_answer` rows: `append` adds \"Source: ...\" from the `source` column to the answer")
 
 
+EVAL_DATA_KEYS = ("test_size", "eval_split", "eval_sources")  # DatasetConfig's three ways to choose the eval data
+
+
 @dataclass
 class DatasetConfig(SourceConfig):
     sources: list[SourceConfig] | None = option(
