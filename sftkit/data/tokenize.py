@@ -687,7 +687,19 @@ def _reply_start(tokenizer, history: list[dict], tokens: _Tokens, common: int, t
 
 
 def _common_prefix(a, b) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    """How long a prefix two strings (or lists) share. Slices are compared, not items one by one: a prefix rendering
+    is usually a prefix of the whole, and a row of 100k characters compared item by item in Python cost seconds."""
+    shorter = min(len(a), len(b))
+    if a[:shorter] == b[:shorter]:
+        return shorter
+    low, high = 0, shorter - 1  # a[:low] == b[:low]; they differ within a[:high + 1]
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 # --- the fast way: prefixes rendered once per sequence of roles, the row rendered and tokenized once ---------------
@@ -742,16 +754,19 @@ def _spans_from_own_renderings(tokenizer, template, messages, turns, text, max_l
         return _rendered(tokenizer, messages[:count], add_generation_prompt, tools)
 
     whole = _Skeleton(text, (text,), (0,), ())
-    specials = _special_spans(tokenizer, template, text)
+    tokens = _Tokens.of(tokenizer, text)
+    specials = _special_spans(template, tokens)
     shapes = {turn: _turn_shape(whole, specials, turn, render) for turn in turns}
     if any(shape is None or shape.prompt_adds for shape in shapes.values()):
         return None
-    return _spans_from_layout(tokenizer, template, messages, turns, text, max_length, _Layout(whole, shapes), [0])
+    return _spans_from_layout(tokenizer, template, messages, turns, text, max_length, _Layout(whole, shapes), [0],
+                              tokens)
 
 
-def _spans_from_layout(tokenizer, template, messages, turns, text, max_length, layout, placed):
+def _spans_from_layout(tokenizer, template, messages, turns, text, max_length, layout, placed, tokens=None):
+    """`tokens`: the whole row's, where they are at hand; else the row is tokenized as far as max_length needs."""
     place = _Placement(layout.skeleton, placed)
-    tokens = _tokenize_far_enough(tokenizer, text, place, layout, turns, max_length)
+    tokens = tokens or _tokenize_far_enough(tokenizer, text, place, layout, turns, max_length)
     spans = []
     for turn in turns:
         shape = layout.turns[turn]
@@ -876,7 +891,7 @@ def _build_layout(tokenizer, template: _Template, roles: tuple) -> _Layout | Non
     skeleton = text and _split(text)
     if skeleton is None:
         return None
-    specials = _special_spans(tokenizer, template, skeleton.text)
+    specials = _special_spans(template, _Tokens.of(tokenizer, skeleton.text))
     turns = {}
     for turn, role in enumerate(roles):
         if role == "assistant":
@@ -947,10 +962,9 @@ def _inside_placeholder(text: str, position: int) -> bool:
     return opened >= 0 and text.find(CLOSE, opened) >= position
 
 
-def _special_spans(tokenizer, template: _Template, text: str) -> list[tuple]:
+def _special_spans(template: _Template, tokens: _Tokens) -> list[tuple]:
     """Where the template's own special tokens lie in a skeleton. Just after one, tokenizing a prefix of the row
     gives the same tokens as tokenizing all of it."""
-    tokens = _Tokens.of(tokenizer, text)
     return [(first, stop) for token, first, stop in zip(tokens.ids, tokens.starts, tokens.ends)
             if token in template.special_ids]
 
