@@ -690,3 +690,6 @@ def test_gemma4_writes_reasoning_before_tool_calls():
     trace = [AGENT[0], {**AGENT[1], "reasoning_content": "Paris first."}, *AGENT[2:]]
     spans = trained_spans(tokenizer, tokenize_messages(tokenizer, trace, tools=TOOLS))
     assert "Paris first." in spans[0] and spans[0].endswith(CALL_TURNS["gemma4"].replace("CITY", "Paris"))
+    # before a final reply it writes none: the advice named "the earlier" turns, where the turn was the last
+    with pytest.raises(MaskError, match='leave the reasoning out of such turns, or give them "weight": 0$'):
+        tokenize_messages(tokenizer, THOUGHT)

@@ -577,8 +577,7 @@ def _check_span(tokenizer, template: _Template, tokens: _Tokens, span: tuple, me
         if not reasoned and found >= 0 and left_out is None:
             raise MaskError(f"{template.source} writes no reasoning in assistant turn {turn} here (Qwen3's drops it "
                             "from the turns before the last user message, Gemma 4's writes it only before tool "
-                            f"calls); {SPLIT_ADVICE}leave the reasoning out of such turns, or give the earlier "
-                            "assistant turns \"weight\": 0")
+                            f"calls); {SPLIT_ADVICE}leave the reasoning out of such turns, or give them \"weight\": 0")
         if left_out:  # it wrote the first call, but not all
             raise MaskError(f"{template.source} leaves out tool call {left_out} ({_called(message)[left_out]}) of "
                             f"assistant turn {turn}, which it renders as {tokens.between(tokenizer, start, end)!r}; "
