@@ -60,6 +60,9 @@ def cross_field_errors(model: ModelConfig, dataset: DatasetConfig, training: dic
                       "remove split_user_turns")
     if model.load_in_4bit and not model.use_lora:
         errors.append("model.load_in_4bit: true needs model.use_lora: true (4-bit weights can only train adapters)")
+    if not model.merge_adapter and not model.use_lora:
+        errors.append("model.merge_adapter: false publishes a LoRA adapter alone, but model.use_lora is false (a "
+                      "full fine-tuning has no adapter); remove merge_adapter, or set use_lora: true")
     if model.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
         errors.append("model.load_in_4bit: true needs the bitsandbytes package: pip install bitsandbytes")
     size = dataset.test_size

@@ -168,7 +168,8 @@ USAGE = """usage: sftkit COMMAND ...
   chat DIR            talk to a trained model in the terminal
   compare DIR         base vs fine-tuned replies, written to DIR/before_after.md
   webchat DIR         talk to it in the browser (needs the extras)
-  export DIR          finish an export that failed (for example on a full disk)
+  export DIR [--merge]
+                      finish an export that failed (a full disk, say); --merge: merge an adapter published alone
   --version           this sftkit's version (and git commit, in a checkout)
 
 Under several processes: accelerate launch -m sftkit train CONFIG"""

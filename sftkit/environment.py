@@ -17,6 +17,27 @@ STACK = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "deep
 EXTRAS = {"gradio": "web chat (python -m sftkit.webchat)", "wandb": "report_to: wandb"}
 
 
+# where a container's memory limit is read: cgroup v2, then v1 (whose "no limit" is a huge number)
+CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def host_memory() -> int | None:
+    """Bytes of memory a process here can have at most: the machine's, or its container's limit where lower. None
+    where the system does not say (not a POSIX system)."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+    for limit in CGROUP_MEMORY_LIMITS:
+        try:
+            value = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if value.isdigit():  # "max": none
+            memory = min(memory, int(value))
+    return memory
+
+
 def report() -> str:
     checks = [("ok", "sftkit", sftkit_version()), ("ok", "python", f"{platform.python_version()} on {platform.platform()}")]
     checks += _library_checks()

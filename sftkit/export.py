@@ -36,6 +36,7 @@ from sftkit.layout import (
     RUN_FILE,
     STAGING_DIR,
     SUMMARY_FILE,
+    TOKENIZER_FILES,
     VERSIONS_FILE,
     adapter_base,
     checkpoint_dir,
@@ -63,11 +64,13 @@ from sftkit.weightfiles import (
     non_finite_tensors,
     readable_like_other_files,
     safetensors_weights,
+    size_words,
 )
 
 PUBLISHING_FILE = "publishing.json"  # in the staging directory once its contents start moving into output_dir
 DISK_WAIT_SECONDS = float(os.environ.get("SFTKIT_DISK_WAIT_SECONDS", 900))
 DISK_POLL_SECONDS = 30
+MERGE_OVERHEAD = 2 * 2**30  # host memory of the process itself beside the base it merges into: torch, the tokenizer
 
 
 def stage_trained_weights(trainer, run_config, tokenizer, dtype, weights, parameters: tuple[int, int]) -> bool:
@@ -84,7 +87,8 @@ def stage_trained_weights(trainer, run_config, tokenizer, dtype, weights, parame
                                                                             trainer.args.ddp_timeout * 0.8)
         try:
             _begin_staging(staging, run_config, tokenizer,
-                           export_bytes(parameters[1], parameters[0], dtype, lora, weights), limit)
+                           export_bytes(parameters[1], parameters[0], dtype, lora, weights,
+                                        run_config.model.merge_adapter), limit)
         except Exception as error:  # an unwritable disk that stayed so
             failure = error
     # every process asks the same questions, in the same order: one that failed alone left the others waiting
@@ -204,14 +208,17 @@ def finish_export(output_dir: Path, model_cfg: ModelConfig, dtype, **record) -> 
 
 
 def _complete_and_check(staging: Path, model_cfg: ModelConfig, dtype) -> None:
-    """The merged model (LoRA) or the model in the training dtype, checked whole and finite."""
+    """The merged model (LoRA), the adapter alone (model.merge_adapter false) or the model in the training dtype,
+    checked whole and finite."""
     if model_cfg.use_lora:
         require_weights(staging / ADAPTER_DIR, "adapter_model")
+    if model_cfg.use_lora and model_cfg.merge_adapter:
         _merge_adapter(model_cfg, staging / ADAPTER_DIR, staging, dtype)
-    else:
+    elif not model_cfg.use_lora:
         _cast_float32_weights(staging, dtype, model_cfg.trust_remote_code)
-    require_weights(staging, "model")
-    _stop_at_the_end_of_a_reply(staging, model_cfg.trust_remote_code)
+    if not model_cfg.use_lora or model_cfg.merge_adapter:
+        require_weights(staging, "model")
+        _stop_at_the_end_of_a_reply(staging, model_cfg.trust_remote_code)
     broken = non_finite_tensors(staging)
     if broken and model_cfg.use_lora and not any(name.startswith(f"{ADAPTER_DIR}/") for name in broken):
         _drop_merged_model(staging)
@@ -223,6 +230,23 @@ def _complete_and_check(staging: Path, model_cfg: ModelConfig, dtype) -> None:
         shutil.rmtree(staging)
         raise RunFailed(f"the trained weights are not finite ({len(broken)} tensors hold nan or inf, e.g. "
                         f"{broken[0]}); nothing was published and the broken weights were deleted")
+
+
+def merge_memory_problem(model_cfg: ModelConfig, total_parameters: int, trainable_parameters: int, dtype,
+                         memory: int | None) -> str | None:
+    """Why the merge at the end cannot fit in `memory` bytes of host memory, or None. It loads the whole base,
+    unquantized, in the training dtype, beside the process itself (MERGE_OVERHEAD): where that cannot fit, the run
+    would train for hours and then be killed by the system while merging."""
+    if not model_cfg.use_lora or not model_cfg.merge_adapter or memory is None:
+        return None
+    needed = (total_parameters - trainable_parameters) * dtype.itemsize + MERGE_OVERHEAD
+    if needed <= memory:
+        return None
+    return (f"model.merge_adapter: merging the adapter into its base at the end loads the whole base, unquantized, "
+            f"into host memory: about {size_words(needed)} in {str(dtype).removeprefix('torch.')}, and this machine "
+            f"has {size_words(memory)}; set model.merge_adapter: false to publish the adapter alone (and merge it "
+            f"where memory allows, with: {export_command(Path('OUTPUT_DIR'))} --merge), or train on a machine with "
+            "more memory")
 
 
 def _stop_at_the_end_of_a_reply(directory: Path, trust_remote_code: bool) -> None:
@@ -537,6 +561,39 @@ def _recover_weights(output_dir: Path, lora: bool) -> None:
                     f"and was removed; {newest_checkpoint_words(output_dir)}")
 
 
+def _stage_the_published_adapter(output_dir: Path, record: dict | None) -> None:
+    """`sftkit export OUTPUT_DIR --merge`: copies of the adapter a finished run published alone (model.merge_adapter:
+    false) and of its tokenizer, in a staging directory, from which the export merges and publishes as at a run's
+    end. The published adapter stays as it is; a merge that fails or is killed keeps the copies, and `--merge` again
+    (or `sftkit export` alone) finishes it."""
+    adapter = output_dir / ADAPTER_DIR
+    if record is None or trained_to_step(output_dir) is None or "dtype" not in record:
+        raise ConfigError(f"{output_dir}: no finished run is recorded there ({RUN_FILE}); --merge merges the adapter "
+                          "of a finished run with model.merge_adapter: false")
+    if (output_dir / "config.json").is_file():
+        raise ConfigError(f"{output_dir} holds a merged model already (config.json); its adapter is in {adapter}")
+    if not (adapter / "adapter_config.json").is_file():
+        raise ConfigError(f"{output_dir}: no LoRA adapter in {adapter} to merge (its run fine-tuned every weight)")
+    staging = output_dir / STAGING_DIR
+    staging.mkdir()
+    shutil.copytree(adapter, staging / ADAPTER_DIR)
+    for name in TOKENIZER_FILES:  # the merged model's generation config and special tokens follow the run's tokenizer
+        if (output_dir / name).is_file():
+            shutil.copy2(output_dir / name, staging / name)
+
+
+def _record_the_merge(output_dir: Path) -> None:
+    """The summary and card of a run that published its adapter alone, once `--merge` published the merged model."""
+    summary = output_dir / SUMMARY_FILE
+    if summary.is_file():
+        write_json(summary, {**json.loads(summary.read_text()), "merged": True, **saved_dtypes(output_dir)})
+    card = output_dir / MODEL_CARD
+    if card.is_file():
+        card.write_text(card.read_text() + "\nThe merged model was published here since, by `python -m sftkit.export "
+                        "--merge`: it loads with `AutoModelForCausalLM.from_pretrained(\"path/to/this/directory\")`.\n")
+    record_written(output_dir, [SUMMARY_FILE, MODEL_CARD])
+
+
 def _add_saved_dtypes_to_the_summary(output_dir: Path) -> None:
     """The summary a run wrote when its export failed (report.write_report) lacks the dtypes saved."""
     path = output_dir / SUMMARY_FILE
@@ -545,9 +602,12 @@ def _add_saved_dtypes_to_the_summary(output_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m sftkit.export") -> int:
-    """Finish an export that failed after training, from the weights kept in OUTPUT_DIR/.export-incomplete."""
+    """Finish an export that failed after training, from the weights kept in OUTPUT_DIR/.export-incomplete; or, with
+    --merge, merge the adapter a run published alone (model.merge_adapter: false) into its base."""
     parser = OneLineArgumentParser(prog=prog, description=main.__doc__)
     parser.add_argument("output_dir", type=Path)
+    parser.add_argument("--merge", action="store_true",
+                        help="publish the merged model beside the adapter of a run with model.merge_adapter: false")
     args = parser.parse_args(argv)
     staging = args.output_dir / STAGING_DIR
     lock = RunLock(args.output_dir, "sftkit export")
@@ -556,21 +616,31 @@ def main(argv: list[str] | None = None, prog: str = "python -m sftkit.export") -
         if not args.output_dir.is_dir():
             raise ConfigError(f"{args.output_dir}: no such directory; give the training.output_dir of the run whose "
                               "export failed")
-        if not staging.is_dir() and trained_to_step(args.output_dir) is not None:
-            raise ConfigError(f"{args.output_dir}: its export finished already; the model there is complete")
+        finished = trained_to_step(args.output_dir) is not None
+        if args.merge and not staging.is_dir():
+            lock.take("merge its adapter once that run ends")
+            _stage_the_published_adapter(args.output_dir, record)
+        if not staging.is_dir() and finished:
+            alone = not (args.output_dir / "config.json").is_file() and \
+                (args.output_dir / ADAPTER_DIR / "adapter_config.json").is_file()
+            raise ConfigError(f"{args.output_dir}: its export finished already; the model there is complete"
+                              + ("; --merge merges the adapter it published alone" if alone else ""))
         if not staging.is_dir():
             where = f"; {kept_work_words(args.output_dir)}" if record is not None else ""
             raise ConfigError(f"{args.output_dir} has no unfinished export to finish (no {STAGING_DIR} there){where}")
         if record is None or "dtype" not in record:
             raise ConfigError(f"{args.output_dir} has no unfinished export to finish: its run record {RUN_FILE} is "
                               "missing, or the run never reached its export")
-        lock.take("finish its export once that run ends")  # not while a run still writes there
+        if not lock.held:
+            lock.take("finish its export once that run ends")  # not while a run still writes there
         import torch
         import transformers
 
         transformers.utils.logging.disable_progress_bar()  # the merge's loading and saving bars, as in a run
 
         model_cfg = read_section(ModelConfig, record["config"]["model"], "model", args.output_dir)
+        # a finished run's staging directory is a --merge's: the run's own export removed its own
+        model_cfg = dataclasses.replace(model_cfg, merge_adapter=model_cfg.merge_adapter or finished)
         _recover_weights(args.output_dir, model_cfg.use_lora)
         if not (staging / RUN_CONFIG_FILE).is_file() and not (args.output_dir / RUN_CONFIG_FILE).is_file():
             # killed before the export wrote them: `sftkit chat` and `compare` read the run's config
@@ -579,6 +649,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m sftkit.export") -
         finish_export(args.output_dir, model_cfg, getattr(torch, record["dtype"]), export="python -m sftkit.export")
         _add_saved_dtypes_to_the_summary(args.output_dir)
         record_written(args.output_dir, [*published, SUMMARY_FILE])
+        if finished:
+            _record_the_merge(args.output_dir)
     except SftkitError as error:
         return say_error(prog, error)
     finally:

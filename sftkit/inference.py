@@ -12,29 +12,30 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStream
 from sftkit.checkpoints import unfinished_run_words
 from sftkit.data.tokenize import stop_token_ids
 from sftkit.errors import ConfigError, first_line
-from sftkit.layout import run_directory
+from sftkit.layout import ADAPTER_DIR, run_directory
 from sftkit.paths import resolve_path
 from sftkit.runrecord import changed_model_files, read_run_record
 
 
 def load_for_inference(path: str, trust_remote_code: bool = False):
-    """A merged or full model directory (output_dir), or an adapter directory (output_dir/lora_weights) whose base
-    and its revision are read from its adapter_config.json. Returns (model, tokenizer), the model in eval mode on
-    the GPU if any."""
+    """A merged or full model directory (output_dir), or an adapter directory (output_dir/lora_weights, or the
+    output_dir of a run that published its adapter alone) whose base and its revision are read from its
+    adapter_config.json. Returns (model, tokenizer), the model in eval mode on the GPU if any."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     directory = Path(resolve_path(path))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     options = {"dtype": "auto", "trust_remote_code": trust_remote_code}
+    adapter_dir = directory if (directory / "adapter_config.json").is_file() else directory / ADAPTER_DIR
     if (directory / "config.json").is_file():
         model = AutoModelForCausalLM.from_pretrained(directory, **options)
-    elif (directory / "adapter_config.json").is_file():
+    elif (adapter_dir / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        adapter = json.loads((directory / "adapter_config.json").read_text())
+        adapter = json.loads((adapter_dir / "adapter_config.json").read_text())
         name = adapter["base_model_name_or_path"]
-        _refuse_a_changed_base(path, directory, name)
+        _refuse_a_changed_base(path, adapter_dir, name)
         try:
             base = AutoModelForCausalLM.from_pretrained(resolve_path(name), revision=adapter.get("revision"),
                                                         **options)
@@ -42,7 +43,7 @@ def load_for_inference(path: str, trust_remote_code: bool = False):
             raise ConfigError(f"{path}: its base model {name} (base_model_name_or_path in its adapter_config.json) "
                               f"could not be loaded: {first_line(error)}; if it is a local directory, run from the "
                               "directory the training ran in, or write its absolute path there") from error
-        model = PeftModel.from_pretrained(base, directory)
+        model = PeftModel.from_pretrained(base, adapter_dir)
     else:
         unfinished = unfinished_run_words(directory)
         why = f"{unfinished}; a checkpoint's directory can be given" if unfinished else \

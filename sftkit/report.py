@@ -70,6 +70,7 @@ def build_summary(trainer, config, data, dtype, parameters: tuple[int, int], rep
         "training_dtype": str(dtype).removeprefix("torch."),
         "output_dir": str(output_dir),
         "adapter_dir": str(output_dir / ADAPTER_DIR) if config.model.use_lora else None,
+        "merged": config.model.merge_adapter if config.model.use_lora else None,  # the adapter into its base
         "sample_replies_file": str(output_dir / SAMPLES_FILE) if config.dataset.sample_prompts else None,
         "checkpoints": _checkpoints(output_dir),
     }
@@ -241,9 +242,7 @@ def model_card(config, summary: dict) -> str:
         "## Use",
         "",
         "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        'model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")',
+        *_loading_lines(model.use_lora and not model.merge_adapter),
         'tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")',
         f"messages = [{system_message}{{\"role\": \"user\", \"content\": \"Hello!\"}}]",
         "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
@@ -253,10 +252,23 @@ def model_card(config, summary: dict) -> str:
         "",
         "Or chat with it: `python -m sftkit.chat path/to/this/directory`.",
     ]
-    if model.use_lora:
+    if model.use_lora and model.merge_adapter:
         lines += ["", "The LoRA adapter alone is in `lora_weights/` (load it with `peft.PeftModel.from_pretrained` "
                       f"on `{model.path}`); the weights here are already merged."]
+    elif model.use_lora:
+        lines += ["", f"The run published the LoRA adapter alone, in `lora_weights/` (model.merge_adapter: false); "
+                      f"it loads on its base, `{model.path}`. `python -m sftkit.export path/to/this/directory "
+                      "--merge` merges it into the base and publishes the merged model here."]
     return "\n".join(lines) + "\n"
+
+
+def _loading_lines(adapter_only: bool) -> list[str]:
+    """The model card's lines that load the published model: the merged one, or the adapter on its base."""
+    if adapter_only:
+        return ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
+                'model = AutoPeftModelForCausalLM.from_pretrained("path/to/this/directory/lora_weights")']
+    return ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+            'model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")']
 
 
 def _rows_words(summary: dict) -> str:
@@ -348,7 +360,11 @@ def format_summary(summary: dict) -> str:
     if summary["sample_reply"] is not None:
         rows.append(("sample", f"{summary['sample_prompt']!r} -> {summary['sample_reply']!r}"))
     best = _best_checkpoint_words(summary)
-    rows.append(("model + tokenizer", f"{summary['output_dir']} ({saved}{'; ' + best if best else ''})"))
+    if summary.get("merged") is False:  # model.merge_adapter: false
+        rows.append(("tokenizer", f"{summary['output_dir']} (the adapter alone is published: model.merge_adapter "
+                                  f"is false{'; ' + best if best else ''})"))
+    else:
+        rows.append(("model + tokenizer", f"{summary['output_dir']} ({saved}{'; ' + best if best else ''})"))
     if summary.get("adapter_dir"):
         adapter = summary.get("adapter_dtypes")
         rows.append(("LoRA adapter", summary["adapter_dir"] + (f" ({', '.join(adapter)})" if adapter else "")))

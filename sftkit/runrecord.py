@@ -29,7 +29,8 @@ RESUMABLE = {
         # how fast, not what is computed (sftkit.fastpath chooses them from the machine)
         "torch_compile", "torch_compile_backend", "torch_compile_mode", "use_liger_kernel", "pad_to_multiple_of",
     },
-    "model": {"attn_implementation", "allow_hub_kernels", "cast_adapter_inputs"},
+    "model": {"attn_implementation", "allow_hub_kernels", "cast_adapter_inputs",
+              "merge_adapter"},  # what the export publishes, not what trains
     "dataset": {"sample_prompts"},
 }
 

@@ -48,6 +48,9 @@ class ModelConfig:
         False, "QLoRA: NF4 with double quantization, compute and storage in `dtype`; needs `use_lora`")
     use_lora: bool = option(False, "train LoRA adapters instead of every weight")
     lora_config: LoraSettings = option(help="the adapters (keys below)", factory=LoraSettings)
+    merge_adapter: bool = option(
+        True, "LoRA: publish the adapter merged into its base as well (the merge loads the whole base, unquantized, "
+              "into host memory); false: the adapter and tokenizer alone, for a base too large for this machine")
     attn_implementation: str | None = option(
         None, "e.g. `sdpa`, `eager`, `flash_attention_2`, `flex_attention`, `torch_varlen` (PyTorch's own "
               "variable-length flash attention for packed batches, torch >= 2.11); null: `flash_attention_2` on a GPU "

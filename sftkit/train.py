@@ -32,8 +32,9 @@ from sftkit.command import export_command, resume_words
 from sftkit.compat import allow_fsdp_on_cpu, check_fsdp_on
 from sftkit.data.tokenize import stop_at_the_end_of_a_reply
 from sftkit.engines import launch_engine
+from sftkit.environment import host_memory
 from sftkit.errors import ConfigError, FailedHere, Interrupted, RunFailed, first_line
-from sftkit.export import lost_after_staging, publish_staged, stage_trained_weights
+from sftkit.export import lost_after_staging, merge_memory_problem, publish_staged, stage_trained_weights
 from sftkit.fastpath import describe as describe_speed
 from sftkit.layout import STAGING_DIR, checkpoint_dir
 from sftkit.model import (
@@ -183,7 +184,7 @@ def _set_up(config: RunConfig, output: OutputDir, resume_from: str | None, start
     trainer = _trainer(config, model, tokenizer, data, [timing], resumed=resume_from is not None)
     parameters = _count_parameters(trainer.model)
     if trainer.accelerator.is_main_process:
-        _check_space_for_export(output, config, dtype, weights, parameters)
+        _check_room_for_export(output, config, dtype, weights, parameters)
         print(_plan(config, data, dtype, *parameters) + _resuming_words(resume_from, output.path), flush=True)
     memory_at_start = memory_mib()
     if resume_from:
@@ -297,10 +298,13 @@ def _from_the_hub(error: Exception) -> bool:
                for frame, _ in traceback.walk_tb(error.__traceback__))
 
 
-def _check_space_for_export(output: OutputDir, config: RunConfig, dtype, weights, parameters: tuple[int, int]) -> None:
+def _check_room_for_export(output: OutputDir, config: RunConfig, dtype, weights, parameters: tuple[int, int]) -> None:
+    """Disk space for what the export writes, and host memory for a LoRA merge, before training."""
     trainable, total = parameters
-    missing = check_free_space(output.path, export_bytes(total, trainable, dtype, config.model.use_lora, weights)
+    missing = check_free_space(output.path, export_bytes(total, trainable, dtype, config.model.use_lora, weights,
+                                                         config.model.merge_adapter)
                                - output.freed_at_begin(), "the export")
+    missing = missing or merge_memory_problem(config.model, total, trainable, dtype, host_memory())
     if missing:
         raise ConfigError(missing)
 

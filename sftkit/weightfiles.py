@@ -107,12 +107,13 @@ def cut_short(file: Path) -> bool:
 SHARD_BYTES = 50 * 10**9
 
 
-def export_bytes(total_parameters: int, trainable_parameters: int, dtype, lora: bool, weights=None) -> int:
+def export_bytes(total_parameters: int, trainable_parameters: int, dtype, lora: bool, weights=None,
+                 merged: bool = True) -> int:
     """What the export writes at its peak: the model in the training dtype, and for LoRA the float32 adapter beside
-    it. A model trained in other `weights` (float32 under bf16) is saved in them first, then each shard is cast
-    beside itself and replaces it."""
+    it (or alone, not `merged`). A model trained in other `weights` (float32 under bf16) is saved in them first, then
+    each shard is cast beside itself and replaces it."""
     if lora:  # PEFT's total counts the adapter too; the merged model does not hold it
-        size = (total_parameters - trainable_parameters) * dtype.itemsize + trainable_parameters * 4
+        size = merged * (total_parameters - trainable_parameters) * dtype.itemsize + trainable_parameters * 4
     elif weights in (None, dtype):
         size = total_parameters * dtype.itemsize
     else:

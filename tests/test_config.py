@@ -240,6 +240,8 @@ def test_a_key_transformers_removed_says_what_replaces_it(tmp_path):
         ("training:\n  num_train_epochs: many\n", "training.num_train_epochs: expected a number, got 'many'"),
         ("training:\n  per_device_train_batch_size: 2.5\n", "training.per_device_train_batch_size: expected"),
         ("model:\n  load_in_4bit: true\n", "model.load_in_4bit: true needs model.use_lora: true"),
+        ("model:\n  merge_adapter: false\n", "model.merge_adapter: false publishes a LoRA adapter alone, but "
+         "model.use_lora is false"),
         ("dataset:\n  loss_on: all\n  split_user_turns: true\n", "dataset.split_user_turns: true trains the replies "
          "after each user turn, but dataset.loss_on: all trains every token"),
         ("training:\n  max_length: 64\n", "training.max_length is set from model.max_seq_length"),

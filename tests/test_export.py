@@ -968,3 +968,66 @@ def test_an_export_killed_while_writing_the_best_checkpoints_weights_is_finished
     with safe_open(out / f"checkpoint-{best}" / "model.safetensors", "pt") as trained, \
             safe_open(out / "model.safetensors", "pt") as weights:
         assert all(torch.equal(weights.get_tensor(name), trained.get_tensor(name)) for name in trained.keys())
+
+
+def test_a_lora_run_can_publish_its_adapter_alone_and_merge_it_later(tmp_path):
+    """A base too large for the machine's memory could not be merged at the end (the system killed the run there):
+    model.merge_adapter: false publishes the adapter alone, which chat loads from the run's directory and
+    `sftkit export --merge` merges later, where memory allows."""
+    from sftkit.inference import load_for_inference
+
+    base, out = tmp_path / "base", tmp_path / "out"
+    shutil.copytree(TINY_MODEL, base)
+    result = run_sft("--config", "configs/lora_train_config.yaml", "--model.path", str(base), "--training.output_dir",
+                     str(out), *SHORT, "--model.merge_adapter", "false")
+    adapter = (out / ADAPTER_DIR / "adapter_model.safetensors").read_bytes()
+    assert not (out / "config.json").exists() and not list(out.glob("model*.safetensors"))
+    assert (out / "tokenizer.json").is_file() and not (out / STAGING_DIR).exists()
+    assert f"tokenizer          {out} (the adapter alone is published: model.merge_adapter is false)" in result.stdout
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["merged"] is False and summary["saved_dtypes"] == [] and summary["adapter_dtypes"] == ["float32"]
+    assert "AutoPeftModelForCausalLM.from_pretrained(\"path/to/this/directory/lora_weights\")" in \
+        (out / "README.md").read_text()
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    with torch.no_grad():
+        published, _ = load_for_inference(str(out))  # the run's directory: the adapter on its base
+        expected = published(ids).logits
+        assert isinstance(published, PeftModel)
+        assert torch.equal(expected, load_for_inference(str(out / ADAPTER_DIR))[0](ids).logits)
+
+    finished = run_here(export_main, str(out), check=False)
+    assert finished.returncode == 2 and "--merge merges the adapter it published alone" in finished.stderr
+    (base / "model.safetensors").rename(tmp_path / "away")  # a merge that fails keeps what was published
+    failed = run_here(export_main, str(out), "--merge", check=False)
+    assert failed.returncode == 1 and f"the base model {base} changed since the run trained on it" in failed.stderr
+    assert f"finish the export with: python -m sftkit.export {out}" in failed.stderr
+    assert (out / ADAPTER_DIR / "adapter_model.safetensors").read_bytes() == adapter
+    assert not (out / "config.json").exists() and (out / STAGING_DIR).is_dir()
+    (tmp_path / "away").rename(base / "model.safetensors")
+
+    assert run_here(export_main, str(out)).returncode == 0  # finishes the merge
+    assert not (out / STAGING_DIR).exists()
+    assert (out / ADAPTER_DIR / "adapter_model.safetensors").read_bytes() == adapter
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, expected, atol=1e-5)
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["merged"] is True and summary["saved_dtypes"] == ["float32"]
+    assert "The merged model was published here since" in (out / "README.md").read_text()
+    again = run_here(export_main, str(out), "--merge", check=False)
+    assert again.returncode == 2 and "holds a merged model already (config.json)" in again.stderr
+
+
+def test_a_merge_the_machines_memory_cannot_hold_is_refused_before_training():
+    """The merge loads the whole base unquantized: an 8B model in bf16 beside the process, on a 16 GiB machine."""
+    lora = ModelConfig(path="meta-llama/Llama-3.1-8B-Instruct", use_lora=True)
+    base, adapter = 8_030_261_248, 41_943_040
+    problem = export_module.merge_memory_problem(lora, base + adapter, adapter, torch.bfloat16, 16 * 2**30)
+    assert problem == ("model.merge_adapter: merging the adapter into its base at the end loads the whole base, "
+                       "unquantized, into host memory: about 16.96 GiB in bfloat16, and this machine has 16.00 GiB; "
+                       "set model.merge_adapter: false to publish the adapter alone (and merge it where memory "
+                       "allows, with: python -m sftkit.export OUTPUT_DIR --merge), or train on a machine with more "
+                       "memory")
+    assert export_module.merge_memory_problem(lora, base + adapter, adapter, torch.bfloat16, 32 * 2**30) is None
+    alone = ModelConfig(path=lora.path, use_lora=True, merge_adapter=False)
+    assert export_module.merge_memory_problem(alone, base + adapter, adapter, torch.bfloat16, 16 * 2**30) is None
