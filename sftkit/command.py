@@ -1,5 +1,6 @@
 """How this process was started, and the commands that resume its run or finish its export, for messages."""
 
+import functools
 import shlex
 import shutil
 import sys
@@ -63,9 +64,12 @@ def processes_asked_of_accelerate() -> int | None:
     return None
 
 
+@functools.cache
 def _launcher_command() -> list[str] | None:
     """`accelerate launch ...`, `torchrun ...` or `deepspeed ...` when one of this process's parents is that
-    launcher (each starts the training script as its child or grandchild), from the first launcher word on."""
+    launcher (each starts the training script as its child or grandchild), from the first launcher word on. Read
+    once, as the run starts (checks.machine_errors): on Ctrl-C, `accelerate launch` may have exited before the
+    resume command is written, which then named `python sft.py` under several processes."""
     import psutil
 
     process = psutil.Process()
