@@ -10,7 +10,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from sftkit.command import export_command
-from sftkit.compat import follow_a_new_schedule_length
+from sftkit.compat import follow_a_new_schedule_length, take_the_step_settings_of_a_resume
 from sftkit.engines import launch_engine
 from sftkit.errors import AlreadyFinished, ConfigError, RunFailed, first_line
 from sftkit.layout import (
@@ -421,6 +421,7 @@ class RecordRunInCheckpoints(TrainerCallback):
 
     def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
         self.training_began = time.time()
+        take_the_step_settings_of_a_resume(args, state)
         if not self.schedule_lengths or self.schedule_lengths[-1][1] != state.max_steps:
             if self.schedule_lengths:  # a resume with another max_steps or num_train_epochs
                 follow_a_new_schedule_length(args, state, optimizer, lr_scheduler, self.schedule_lengths[-1][1])

@@ -58,6 +58,9 @@ def quiet_known_noise() -> None:
     _drop_log("datasets.packaged_modules.json.json", "Failed to load JSON from file")
     _drop_log("datasets.packaged_modules.csv.csv", "Failed to read file")
     _drop_log("datasets.packaged_modules.parquet.parquet", "Failed to read file")
+    # transformers 5.24, on a resume with other logging, eval or save steps: the run takes them (see
+    # take_the_step_settings_of_a_resume); a batch size that differs is refused before, as another run's
+    _drop_log("transformers.trainer_utils", "do not match the ones in the `trainer_state.json`")
 
 
 def _drop_log(logger: str, text: str) -> None:
@@ -736,6 +739,14 @@ def follow_a_new_schedule_length(args, state, optimizer, lr_scheduler, planned: 
                        f"where its {kind} learning-rate schedule was planned for {planned}: the schedule is planned "
                        f"anew and goes on at {after:.2e}, where it stood at {before:.2e}; to start a schedule of its "
                        "own instead, fine-tune the published model as model.path into another training.output_dir")
+
+
+def take_the_step_settings_of_a_resume(args, state) -> None:
+    """transformers 5.24 computes logging_steps, eval_steps and save_steps from the arguments, then loads the
+    checkpoint's TrainerState over them, so a resume logged, evaluated and saved as the run before it did (with a
+    warning that they differ), though a resume may change them (runrecord.RESUMABLE). They are computed from the
+    arguments again as training begins (checkpoints.RecordRunInCheckpoints), and the warning is dropped."""
+    state.compute_steps(args, state.max_steps)
 
 
 def rows_of(batch) -> list:

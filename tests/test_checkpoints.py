@@ -293,6 +293,28 @@ def test_eos_token_is_part_of_the_run_and_records_with_transformers_placeholders
     assert checkpoint_to_resume(True, out, longer, 1) == str(out / "checkpoint-4")
 
 
+def test_a_resume_logs_and_saves_at_the_steps_it_is_given(tmp_path):
+    """transformers loads the checkpoint's logging and save steps over the resume's own, with a warning that they
+    differ: a resume asked to log every step logged every second one, as the run before it (helper-75)."""
+    import logging
+
+    out = tmp_path / "out"
+    train(config(out, "--training.logging_steps", "2"))
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logging.getLogger("transformers.trainer_utils").addHandler(handler)
+    try:
+        train(config(out, "--training.max_steps", "8", "--training.save_steps", "3",
+                     "--training.resume_from_checkpoint", "true"))
+    finally:
+        logging.getLogger("transformers.trainer_utils").removeHandler(handler)
+    history = json.loads((out / "run_summary.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history if "loss" in entry] == [1, 2, 4, 5, 6, 7, 8]  # the first step too
+    assert (out / "checkpoint-6").is_dir() and not (out / "checkpoint-5").exists()
+    assert not any("trainer_state.json" in message for message in seen)
+
+
 def test_a_resume_may_turn_evaluation_on(tmp_path):
     """eval_strategy may change on a resume, but the do_eval that TrainingArguments derives from it was fingerprinted:
     the resume was refused as a run with other settings (training.do_eval True (that run: False))."""
