@@ -373,7 +373,7 @@ def format_summary(summary: dict) -> str:
         held = "optimizer states included" if kept.get("resumable", True) else \
             "without what a resume needs: no resume continues the newest"
         rows.append(("checkpoints", f"{kept['count']}, newest {kept['newest']} ({size_words(kept['bytes'])} in all, "
-                                    f"{held}; training.save_strategy: \"no\" keeps none)"))
+                                    f"{held}; training.save_strategy: \"no\" would keep none)"))
     for label, key in (("sample replies", "sample_replies_file"),
                        ("loss plot", "loss_plot"), ("model card", "model_card"), ("summary", "summary_file")):
         if summary.get(key):
