@@ -252,6 +252,17 @@ def test_an_empty_system_message_is_left_out_whether_text_or_parts(empty):
         ({"messages": [{"role": "user", "content": "Weather?"}, {"role": "tool", "content": "20",
                                                                  "tool_calls": [CALL]}]},
          "message 1 (tool) has tool_calls, but only assistant messages call tools"),
+        ({"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": None, "tool_calls": [
+            {"function": {"name": "get_weather", "arguments": json.dumps(json.dumps({"city": "Rome"}))}}]}]},
+         "message 1 (assistant): tool call 0 (get_weather)'s arguments are JSON text of JSON text (encoded twice)"),
+        ({"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [CALL]},
+                       {"role": "tool", "content": {"temp": 20}}, {"role": "assistant", "content": "20."}]},
+         "message 2 (tool) has content of type dict, expected text (a tool's result as an object: write it as JSON "
+         "text)"),
+        ({"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [CALL]},
+                       {"role": "assistant", "content": "It is 20 degrees."}]},
+         "message 1 (assistant) calls get_weather, and the next message is the assistant's, with no tool result "
+         "between: the model would learn to make the result up"),
     ],
 )
 def test_bad_rows_name_the_source_row_line_and_problem(tmp_path, tokenizer, row, problem):
@@ -265,7 +276,7 @@ def test_bad_rows_name_the_source_row_line_and_problem(tmp_path, tokenizer, row,
     assert str(error.value).endswith(skip) == (problem.startswith(("message 1 has no", "no assistant", "expected"))
                                                 or "empty content" in problem or "which sftkit" in problem
                                                 or " part" in problem or "tool call 0" in problem
-                                                or "call tools" in problem)
+                                                or "call tools" in problem or "no tool result" in problem)
 
 
 @pytest.mark.parametrize(("format_name", "row", "problem"), [
@@ -309,6 +320,22 @@ def test_what_other_formats_hold_beside_the_reply_is_refused_as_the_messages_for
     path.write_text(json.dumps(row) + "\n")
     with pytest.raises(DataError, match=re.escape(f"rows.jsonl line 1: {problem}")):
         prepare_data(DatasetConfig(name=str(path), format=format_name), tokenizer, max_length=64)
+
+
+def test_rows_that_call_tools_they_do_not_define_are_warned_of(tmp_path, caplog):
+    """A row with calls and no tools column trained its calls on a prompt that shows no tools, without a word
+    (helper-75); a system message may describe them in its own words, so it is said, not refused."""
+    tokenizer = family_tokenizer("qwen2_5")
+    trace = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [CALL]},
+             {"role": "tool", "content": "20"}, {"role": "assistant", "content": "20 degrees."}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"messages": trace, "tools": [WEATHER]}) + "\n" + json.dumps({"messages": trace}) + "\n")
+    prepare_data(DatasetConfig(name=str(path), test_size=None), tokenizer, max_length=512)
+    assert f"dataset {path}: row 2 (and maybe others) calls tools but defines none (no tools column)" in caplog.text
+    caplog.clear()
+    path.write_text(json.dumps({"messages": trace, "tools": [WEATHER]}) + "\n")
+    prepare_data(DatasetConfig(name=str(path), test_size=None), tokenizer, max_length=512)
+    assert "defines none" not in caplog.text
 
 
 @pytest.mark.parametrize("role", ["tool", "function"])
@@ -697,6 +724,43 @@ def test_a_field_of_text_in_some_rows_and_other_values_in_others_is_refused(tmp_
     data = prepare_data(DatasetConfig(name=str(path), test_size=None), tokenizer, max_length=64)
     assert [tokenizer.decode([token for token, label in zip(row["input_ids"], row["labels"]) if label != -100])
             for row in data.train][:4] == [reply + "<|im_end|>" for reply in replies[:4]]
+
+
+def test_parallel_results_logged_as_they_finished_are_put_in_the_order_of_their_calls():
+    """Qwen's template pairs a result with the call at its position: results logged in the order they finished
+    showed Rome's call returning Oslo's 3 degrees, beside a reply trained on "Rome 21, Oslo 3" (helper-75)."""
+    def call(call_id, city):
+        return {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
+    row = {"messages": [{"role": "user", "content": "Rome and Oslo?"},
+                        {"role": "assistant", "content": "", "tool_calls": [call("c1", "Rome"), call("c2", "Oslo")]},
+                        {"role": "tool", "tool_call_id": "c2", "content": "3"},
+                        {"role": "tool", "tool_call_id": "c1", "content": "21"},
+                        {"role": "assistant", "content": "Rome 21, Oslo 3."}]}
+    messages = to_messages(row, "messages")
+    assert [(message["tool_call_id"], message["content"]) for message in messages[2:4]] == [("c1", "21"), ("c2", "3")]
+    tokenizer = family_tokenizer("qwen2_5")
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert text.index('"Rome"') < text.index('"Oslo"') < text.index("<tool_response>\n21") < \
+        text.index("<tool_response>\n3")
+    unmatched = {"messages": [*row["messages"][:3], {**row["messages"][3], "tool_call_id": "c9"}, row["messages"][4]]}
+    assert [message["content"] for message in to_messages(unmatched, "messages")[2:4]] == ["3", "21"]  # as given
+
+
+def test_skip_leaves_out_bad_rows_but_not_every_row_a_template_cannot_render(tmp_path, tokenizer):
+    """With on_bad_row: skip set for one broken row, a template that renders no tools dropped every tool row as
+    bad, and the run trained and published on the plain rows left (helper-75)."""
+    plain = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+    agent = {"messages": [{"role": "user", "content": "Weather?"},
+                          {"role": "assistant", "content": "Let me check.", "tool_calls": [CALL]}]}
+    broken = {"messages": [{"role": "user", "content": "Hi"}]}
+    path = tmp_path / "agent.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in [plain, broken, plain, plain]))
+    data = prepare_data(DatasetConfig(name=str(path), on_bad_row="skip", test_size=None), tokenizer, max_length=64)
+    assert len(data.train) == 3 and data.dropped["bad rows"] == 1
+    path.write_text("".join(json.dumps(row) + "\n" for row in [plain, broken, agent, plain]))
+    with pytest.raises(DataError, match=re.escape(f"agent.jsonl line 3: message 1 (assistant): the chat template of "
+                                                  f"{TINY_MODEL} renders no tool_calls")):
+        prepare_data(DatasetConfig(name=str(path), on_bad_row="skip", test_size=None), tokenizer, max_length=64)
 
 
 @pytest.mark.parametrize(("reply", "document"), [

@@ -24,6 +24,7 @@ from sftkit.data.tokenize import (
     IGNORE_INDEX,
     SPLIT_ADVICE,
     MaskError,
+    TemplateLacks,
     special_token_text,
     tokenize_messages,
     tokenize_text,
@@ -335,6 +336,8 @@ class _Preparation:
             self.template_checked = True
         if format_name == "messages" and is_main_process():
             _warn_of_speaker_names(rows, source)
+        if format_name in ("messages", "sharegpt") and is_main_process():
+            _warn_of_calls_without_tools(rows, source, format_name)
         position = len(self.raw)
         self.raw.append((rows, format_name, source))
         num_proc = self.num_proc or _processes_for(len(rows))
@@ -441,6 +444,30 @@ def _warn_of_speaker_names(rows, source: SourceConfig, looked_at: int = 100) -> 
                        "the content if they matter")
 
 
+def _warn_of_calls_without_tools(rows, source: SourceConfig, format_name: str, looked_at: int = 100) -> None:
+    """A row that calls tools without their definitions trains the calls on a prompt that shows no tools, as a
+    template that renders none would (which is refused); said once, from the first rows: a system message may
+    describe the tools in its own words (glaive's), which sftkit cannot tell."""
+    try:
+        first = next((index for index, row in enumerate(rows.select(range(min(looked_at, len(rows)))))
+                      if _calls_without_tools(row, format_name)), None)
+    except UnicodeDecodeError:  # a row that is not UTF-8: tokenizing names it (or skips it)
+        return
+    if first is not None:
+        logger.warning(f"dataset {source.name}: row {first + 1} (and maybe others) calls tools but defines none (no "
+                       "tools column): its prompt shows no tools, so the model learns to call tools it is not shown; "
+                       "give each row the definitions of the tools it calls, unless its system message describes "
+                       "them")
+
+
+def _calls_without_tools(row: dict, format_name: str) -> bool:
+    try:
+        messages, tools = to_messages(row, format_name), tools_of(row, format_name)
+    except ValueError:  # a bad row: tokenizing names it, or skips it
+        return False
+    return any(message.get("tool_calls") for message in messages) and not tools
+
+
 def _train_key(cfg: DatasetConfig, index: int) -> str:
     """Where train source `index` is in the config, for error messages."""
     return f"dataset.sources[{index}]" if cfg.sources else "dataset"
@@ -489,7 +516,7 @@ def _tokenize_row(row, index, tokenizer, format_name, system_prompt, answer_sour
         else:
             problem = f"{where} {place}: {error}"
             fix = "fix or remove the row, or set dataset.on_bad_row: skip" if isinstance(error, RowDefect) else None
-        if not skip_bad_rows:
+        if not skip_bad_rows or isinstance(error, TemplateLacks):  # the config's fault: skip would drop every such row
             raise DataError(f"{problem}; {fix}" if fix else problem) from None
         return [{"input_ids": [], "labels": [], "source": source_position, "row": index, "trainable_tokens": 0,
                  "prompt_tokens": 0, "problem": problem, "tokens_digest": 0}]

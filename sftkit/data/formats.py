@@ -214,13 +214,43 @@ def to_messages(row: dict, format_name: str, system_prompt: str | None = None, a
     except KeyError as missing:
         raise ValueError(f"missing column {missing} for format {format_name!r}") from None
     messages = _with_reasoning_column(row, format_name, _as_list(messages))
-    messages = [_check_message(message, index) for index, message in enumerate(messages)
-                if not _empty_system(message)]  # common in ShareGPT dumps ("system": ""): no system prompt
+    checked = [(index, _check_message(message, index)) for index, message in enumerate(messages)
+               if not _empty_system(message)]  # common in ShareGPT dumps ("system": ""): no system prompt
+    _refuse_calls_without_results(checked)
+    messages = _results_in_call_order([message for _, message in checked])
     if not any(message["role"] == "assistant" for message in messages):
         raise RowDefect("no assistant message: there is nothing to train on")
     if not any(trains(message) for message in messages):
         raise RowDefect("every assistant message has weight 0: there is nothing to train on")
     return with_system(messages, system_prompt)
+
+
+def _refuse_calls_without_results(checked: list[tuple[int, dict]]) -> None:
+    """A call answered by the assistant itself, with no tool message between: the reply after it would learn to
+    make the tool's result up. (A row may end at a call: the call is what trains.)"""
+    for (index, message), (_, following) in zip(checked, checked[1:]):
+        if message.get("tool_calls") and following["role"] == "assistant":
+            raise RowDefect(f"message {index} (assistant) calls {message['tool_calls'][0]['function']['name']}, and "
+                            f"the next message is the assistant's, with no tool result between: the model would learn "
+                            "to make the result up; add the tool's result after the call, or end the row at the call")
+
+
+def _results_in_call_order(messages: list[dict]) -> list[dict]:
+    """Tool results put in the order of the calls they answer (by tool_call_id), where the data logs them as they
+    finished: templates without ids (Qwen's, Llama's) pair a result with the call at its position, and a reply
+    trained on "Rome 21, Oslo 3" read Oslo's 21 in its prompt (helper-75)."""
+    ordered = list(messages)
+    for index, message in enumerate(messages):
+        ids = [call.get("id") for call in message.get("tool_calls", [])]
+        end = index + 1
+        while end < len(messages) and messages[end]["role"] == "tool":
+            end += 1
+        answered = [result.get("tool_call_id") for result in messages[index + 1 : end]]
+        known = None not in ids + answered and len(set(ids)) == len(ids)
+        if len(ids) > 1 and known and sorted(answered) == sorted(ids):
+            ordered[index + 1 : end] = sorted(messages[index + 1 : end],
+                                              key=lambda result: ids.index(result["tool_call_id"]))
+    return ordered
 
 
 def _with_reasoning_column(row: dict, format_name: str, messages: list) -> list:
@@ -329,7 +359,9 @@ def _check_message(message, index: int) -> dict:
     if isinstance(content, list):
         content = _joined_text_parts(content, index, role)
     if content is not None and not isinstance(content, str):
-        raise ValueError(f"message {index} ({role}) has content of type {type(content).__name__}, expected text")
+        encode = " (a tool's result as an object: write it as JSON text)" if role == "tool" else ""
+        raise ValueError(f"message {index} ({role}) has content of type {type(content).__name__}, expected "
+                         f"text{encode}")
     if not content or not content.strip():
         if role != "tool" and not calls:  # a tool's empty result is a command that printed nothing
             raise RowDefect(f"message {index} ({role}) has empty content")
@@ -429,6 +461,9 @@ def _call(call, where: str) -> dict:
     # Llama 3.1's), which would quote a JSON text again. Llama's own data names them parameters.
     arguments = function.get("arguments", function.get("parameters"))
     arguments = _parsed(arguments, f"{where} ({name})'s arguments") if arguments not in (None, "") else {}
+    if isinstance(arguments, str) and isinstance(_parsed_or_none(arguments), dict):
+        raise RowDefect(f"{where} ({name})'s arguments are JSON text of JSON text (encoded twice): {arguments!r:.60}; "
+                        "encode them once")
     if not isinstance(arguments, dict):
         raise RowDefect(f"{where} ({name}) has arguments {arguments!r:.60}; expected an object of named arguments")
     found_id = call.get("id")
@@ -452,6 +487,13 @@ def _answered_call(message: dict) -> dict:
     """A tool message's tool_call_id and name (its function's), which some templates render (Mistral's ids)."""
     return {key: message[key] for key in ("tool_call_id", "name")
             if message.get("role") in ("tool", "function") and isinstance(message.get(key), str)}
+
+
+def _parsed_or_none(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def _parsed(value, what: str):

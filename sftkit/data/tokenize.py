@@ -72,6 +72,12 @@ class MaskError(ValueError):
     """The chat template does not allow an exact assistant mask for this conversation."""
 
 
+class TemplateLacks(MaskError):
+    """The chat template renders no tools, calls or reasoning, which the row holds: a fault of the config, which
+    every such row shares. dataset.on_bad_row: skip leaves out rows for their own defects, not for this: it had
+    dropped every tool row of a run whose template renders no tools, and trained on the rest (helper-75)."""
+
+
 def stop_token_ids(tokenizer, configured=None) -> list[int]:
     """The tokens generation stops at: the eos, the token the chat template closes each reply with (the last one a
     reply trains: `<|im_end|>` where a base model's eos is `<|endoftext|>`, `<|eot_id|>` beside Llama 3's
@@ -315,9 +321,9 @@ def _refuse_tools_left_out(tokenizer, template: _Template, messages: list[dict],
     """A template that knows no tools (ChatML's, Llama 3's) renders a row's tool definitions and calls as nothing,
     without an error: the model would learn to call tools it was never shown, or to announce a call and stop."""
     if tools and text == _render(tokenizer, [messages])[0]:
-        raise MaskError(f"{template.source} renders no tools, so the row's tool definitions would be left out of the "
-                        "prompt; set dataset.chat_template to a template that renders tools (the model's own, if it "
-                        "was trained to call them)")
+        raise TemplateLacks(f"{template.source} renders no tools, so the row's tool definitions would be left out of "
+                            "the prompt; set dataset.chat_template to a template that renders tools (the model's own, "
+                            "if it was trained to call them)")
     calls = next((index for index, message in enumerate(messages) if message.get("tool_calls")), None)
     if calls is None:
         return
@@ -327,9 +333,9 @@ def _refuse_tools_left_out(tokenizer, template: _Template, messages: list[dict],
     except MaskError:  # gpt-oss's wants the call a tool message answers: it renders them
         return
     if text == without:
-        raise MaskError(f"message {calls} (assistant): {template.source} renders no tool_calls, so the turn would "
-                        "train without its call; set dataset.chat_template to a template that renders tool_calls "
-                        "(the model's own, if it was trained to call tools)")
+        raise TemplateLacks(f"message {calls} (assistant): {template.source} renders no tool_calls, so the turn "
+                            "would train without its call; set dataset.chat_template to a template that renders "
+                            "tool_calls (the model's own, if it was trained to call tools)")
 
 
 def _with_arguments_the_template_takes(tokenizer, template: _Template, messages: list[dict]) -> list[dict]:
@@ -401,9 +407,9 @@ def _refuse_reasoning_left_out(tokenizer, template: _Template, messages: list[di
     not train is context, which the template may leave out as it leaves out earlier turns' reasoning."""
     reasoned = next((turn for turn in turns if _reasoning(messages[turn])), None)
     if reasoned is not None and not _renders_reasoning(tokenizer, template):
-        raise MaskError(f"message {reasoned} (assistant): {template.source} renders no reasoning (reasoning_content "
-                        "or thinking), so the reply would train without it; set dataset.chat_template to a template "
-                        "that renders it (a thinking model's own)")
+        raise TemplateLacks(f"message {reasoned} (assistant): {template.source} renders no reasoning "
+                            "(reasoning_content or thinking), so the reply would train without it; set "
+                            "dataset.chat_template to a template that renders it (a thinking model's own)")
 
 
 def _refuse_reasoning_dropped(template: _Template, messages: list[dict], text: str) -> None:
