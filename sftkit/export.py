@@ -232,14 +232,19 @@ def _complete_and_check(staging: Path, model_cfg: ModelConfig, dtype) -> None:
                         f"{broken[0]}); nothing was published and the broken weights were deleted")
 
 
+def merge_memory(base_parameters: int, dtype) -> int:
+    """Host memory the merge of a LoRA adapter holds at its peak: the whole base, unquantized, in the training dtype,
+    beside the process itself (the adapter is small)."""
+    return base_parameters * dtype.itemsize + MERGE_OVERHEAD
+
+
 def merge_memory_problem(model_cfg: ModelConfig, total_parameters: int, trainable_parameters: int, dtype,
                          memory: int | None) -> str | None:
-    """Why the merge at the end cannot fit in `memory` bytes of host memory, or None. It loads the whole base,
-    unquantized, in the training dtype, beside the process itself (MERGE_OVERHEAD): where that cannot fit, the run
-    would train for hours and then be killed by the system while merging."""
+    """Why the merge at the end cannot fit in `memory` bytes of host memory, or None: where it cannot, the run would
+    train for hours and then be killed by the system while merging."""
     if not model_cfg.use_lora or not model_cfg.merge_adapter or memory is None:
         return None
-    needed = (total_parameters - trainable_parameters) * dtype.itemsize + MERGE_OVERHEAD
+    needed = merge_memory(total_parameters - trainable_parameters, dtype)
     if needed <= memory:
         return None
     return (f"model.merge_adapter: merging the adapter into its base at the end loads the whole base, unquantized, "

@@ -15,7 +15,9 @@ from sftkit.checks import warmup_outlasts
 from sftkit.compat import zero_model_states
 from sftkit.engines import fsdp_plugin, launch_engine, processes_on_this_machine, rows_per_step, several_machines
 from sftkit.engines import world_size as launched_world_size
+from sftkit.environment import host_memory
 from sftkit.errors import ConfigError
+from sftkit.export import merge_memory
 from sftkit.fastpath import describe as describe_speed
 from sftkit.model import (
     check_model_source,
@@ -115,10 +117,25 @@ def dry_run(config: RunConfig, overwrite: bool = False) -> str:
         ("distributed", plan.sharding.description + _processes_words(world_size)),
         ("speed", describe_speed(config.speed)),
         ("memory per device", plan.memory.description),
+        ("export", _export_words(config, shape, plan.dtype)),
         ("output", output),
     ]
     return f"Dry run of {config.source} (no weights loaded, nothing trained)\n" + "\n".join(
         f"  {label:<18} {value}" for label, value in rows)
+
+
+def _export_words(config: RunConfig, shape, dtype) -> str:
+    """What the run publishes, and for a LoRA merge the host memory it takes (the machine the run is planned for
+    may not be this one: said, not refused, as the run itself refuses)."""
+    model = config.model
+    if not model.use_lora:
+        return f"the model in {str(dtype).removeprefix('torch.')}"
+    if not model.merge_adapter:
+        return "the adapter alone (model.merge_adapter: false)"
+    memory = host_memory()
+    here = f"; this machine has {size_words(memory)}" if memory else ""
+    return (f"the adapter, and the merged model: the merge loads the base into host memory, about "
+            f"{size_words(merge_memory(shape.total, dtype))}{here}")
 
 
 def _processes_words(world_size: int) -> str:

@@ -101,6 +101,10 @@ def test_dry_run_loads_no_weights_and_counts_parameters_from_the_config(tmp_path
     on_a_gpu = run_sft("--dry-run", "--config", "lora_train_config.yaml", "--model.path", str(llama3_8b),
                        "--training.bf16", "true")
     assert plan_value(on_a_gpu.stdout, "method").startswith("LoRA in bfloat16") and "planned for" not in on_a_gpu.stdout
+    # the merge at the end loads the base in bf16 into host memory (the run refuses where it cannot fit)
+    assert plan_value(on_a_gpu.stdout, "export").startswith("the adapter, and the merged model: the merge loads the "
+                                                           "base into host memory, about 16.96 GiB; this machine has ")
+    assert plan_value(full.stdout, "export") == "the model in float32"
     # full fine-tuning in fp32 on one device: 4 bytes each for weight and gradient, 8 for Adam's two states
     memory = plan_value(full.stdout, "memory per device")
     assert f"{8_030_261_248 * 16 / 2**30:.2f} GiB model states" in memory
