@@ -323,8 +323,9 @@ def test_what_other_formats_hold_beside_the_reply_is_refused_as_the_messages_for
 
 
 def test_rows_that_call_tools_they_do_not_define_are_warned_of(tmp_path, caplog):
-    """A row with calls and no tools column trained its calls on a prompt that shows no tools, without a word
-    (helper-75); a system message may describe them in its own words, so it is said, not refused."""
+    """A row with calls and no tools column, or calling a tool its tools lack, trained its calls on a prompt that
+    shows no such tool, without a word (helper-75); a system message may describe them in its own words, so it is
+    said, not refused."""
     tokenizer = family_tokenizer("qwen2_5")
     trace = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [CALL]},
              {"role": "tool", "content": "20"}, {"role": "assistant", "content": "20 degrees."}]
@@ -335,7 +336,11 @@ def test_rows_that_call_tools_they_do_not_define_are_warned_of(tmp_path, caplog)
     caplog.clear()
     path.write_text(json.dumps({"messages": trace, "tools": [WEATHER]}) + "\n")
     prepare_data(DatasetConfig(name=str(path), test_size=None), tokenizer, max_length=512)
-    assert "defines none" not in caplog.text
+    assert "calls" not in caplog.text
+    search = [trace[0], {**trace[1], "tool_calls": [{"function": {"name": "web_search", "arguments": {}}}]}, *trace[2:]]
+    path.write_text(json.dumps({"messages": search, "tools": [WEATHER]}) + "\n")
+    prepare_data(DatasetConfig(name=str(path), test_size=None), tokenizer, max_length=512)
+    assert f"dataset {path}: row 1 (and maybe others) calls web_search, which its tools do not define" in caplog.text
 
 
 @pytest.mark.parametrize("role", ["tool", "function"])

@@ -449,23 +449,29 @@ def _warn_of_calls_without_tools(rows, source: SourceConfig, format_name: str, l
     template that renders none would (which is refused); said once, from the first rows: a system message may
     describe the tools in its own words (glaive's), which sftkit cannot tell."""
     try:
-        first = next((index for index, row in enumerate(rows.select(range(min(looked_at, len(rows)))))
-                      if _calls_without_tools(row, format_name)), None)
+        first = next(((index, undefined) for index, row in enumerate(rows.select(range(min(looked_at, len(rows)))))
+                      if (undefined := _undefined_calls(row, format_name))), None)
     except UnicodeDecodeError:  # a row that is not UTF-8: tokenizing names it (or skips it)
         return
-    if first is not None:
-        logger.warning(f"dataset {source.name}: row {first + 1} (and maybe others) calls tools but defines none (no "
-                       "tools column): its prompt shows no tools, so the model learns to call tools it is not shown; "
-                       "give each row the definitions of the tools it calls, unless its system message describes "
-                       "them")
+    if first is None:
+        return
+    index, (names, defined) = first
+    what = f"calls {', '.join(names)}, which its tools do not define" if defined else \
+        "calls tools but defines none (no tools column)"
+    logger.warning(f"dataset {source.name}: row {index + 1} (and maybe others) {what}: its prompt does not show them, "
+                   "so the model learns to call tools it is not shown; give each row the definitions of the tools it "
+                   "calls, unless its system message describes them")
 
 
-def _calls_without_tools(row: dict, format_name: str) -> bool:
+def _undefined_calls(row: dict, format_name: str) -> tuple[list[str], bool] | None:
+    """(the names the row calls that its tools do not define, whether it defines any), or None."""
     try:
-        messages, tools = to_messages(row, format_name), tools_of(row, format_name)
+        messages, tools = to_messages(row, format_name), tools_of(row, format_name) or []
     except ValueError:  # a bad row: tokenizing names it, or skips it
-        return False
-    return any(message.get("tool_calls") for message in messages) and not tools
+        return None
+    defined = {tool["function"]["name"] for tool in tools}
+    called = {call["function"]["name"] for message in messages for call in message.get("tool_calls", [])}
+    return (sorted(called - defined), bool(tools)) if called - defined else None
 
 
 def _train_key(cfg: DatasetConfig, index: int) -> str:
