@@ -1287,6 +1287,11 @@ def test_keys_arrow_adds_to_a_parquet_files_calls_and_tools_are_left_out(tmp_pat
     assert trained_spans(tokenizer, data.train[0])[0] == (
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>')
     assert "null" not in tokenizer.decode(data.train[0]["input_ids"])
+    # a null written in JSON text is the call's own (an argument cleared), which Arrow never added (helper-75)
+    cleared = {"type": "function", "function": {"name": "set_unit", "arguments": '{"city": "Rome", "unit": null}'}}
+    messages = to_messages({"messages": [rows[0]["messages"][0], {"role": "assistant", "content": "",
+                                                                  "tool_calls": [cleared]}]}, "messages")
+    assert messages[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Rome", "unit": None}
 
 
 def test_tools_beside_a_format_without_calls_are_refused_and_xlams_layout_is_named(tmp_path, tokenizer):

@@ -459,16 +459,17 @@ def _call(call, where: str) -> dict:
         raise RowDefect(f"{where} has no function name: {call!r:.80}")
     # Arguments as an object, whichever way the data holds them: templates write them with tojson (Qwen2.5's,
     # Llama 3.1's), which would quote a JSON text again. Llama's own data names them parameters.
-    arguments = function.get("arguments", function.get("parameters"))
-    arguments = _parsed(arguments, f"{where} ({name})'s arguments") if arguments not in (None, "") else {}
+    given = function.get("arguments", function.get("parameters"))
+    arguments = _parsed(given, f"{where} ({name})'s arguments") if given not in (None, "") else {}
     if isinstance(arguments, str) and isinstance(_parsed_or_none(arguments), dict):
         raise RowDefect(f"{where} ({name})'s arguments are JSON text of JSON text (encoded twice): {arguments!r:.60}; "
                         "encode them once")
     if not isinstance(arguments, dict):
         raise RowDefect(f"{where} ({name}) has arguments {arguments!r:.60}; expected an object of named arguments")
     found_id = call.get("id")
+    # nulls in JSON text were written on purpose (an argument set to null); Arrow adds them only to objects
     return {**({"id": found_id} if isinstance(found_id, str) and found_id else {}), "type": "function",
-            "function": {"name": name, "arguments": _without_nulls(arguments)}}
+            "function": {"name": name, "arguments": arguments if isinstance(given, str) else _without_nulls(arguments)}}
 
 
 def _without_nulls(value):
