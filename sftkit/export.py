@@ -36,7 +36,6 @@ from sftkit.layout import (
     RUN_FILE,
     STAGING_DIR,
     SUMMARY_FILE,
-    TOKENIZER_FILES,
     VERSIONS_FILE,
     adapter_base,
     checkpoint_dir,
@@ -254,7 +253,7 @@ def merge_memory_problem(model_cfg: ModelConfig, total_parameters: int, trainabl
             "more memory")
 
 
-def _stop_at_the_end_of_a_reply(directory: Path, trust_remote_code: bool) -> None:
+def _stop_at_the_end_of_a_reply(directory: Path, trust_remote_code: bool, tokenizer_dir: Path | None = None) -> None:
     """The published generation config stops at the token the chat template ends each reply with, as the model
     learned to: where that is not the eos (a base model's ChatML template), plain `generate`, vLLM and TGI ran on
     past every reply. (The run set it in the trained model too, for its checkpoints; a merge reloads the base's.) A
@@ -264,7 +263,7 @@ def _stop_at_the_end_of_a_reply(directory: Path, trust_remote_code: bool) -> Non
     from sftkit.data.tokenize import stop_at_the_end_of_a_reply
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or directory, trust_remote_code=trust_remote_code)
     except Exception as error:  # noqa: BLE001 - e.g. killed before it saved the tokenizer
         logging.getLogger("sftkit").warning(f"the published generation config stops at the eos alone: the tokenizer "
                                             f"in {directory} could not be read ({first_line(error)})")
@@ -362,18 +361,22 @@ def _agree_with_the_tokenizer(model, *places: Path) -> None:
 
 
 def _refuse_another_base(base: Path, output_dir: Path) -> None:
+    problem = _another_base(base, output_dir)
+    if problem:
+        raise RunFailed(f"{problem}. The trained adapter is kept in {output_dir / STAGING_DIR / ADAPTER_DIR}; put the "
+                        f"base back as it was, then finish the export with: {export_command(output_dir)}")
+
+
+def _another_base(base: Path, output_dir: Path) -> str | None:
     """The adapter merges only into the base it trained on: a local base moved away, or replaced since, would
     publish other weights under this run's name (the run record holds its files' digests)."""
-    kept = f"The trained adapter is kept in {output_dir / STAGING_DIR / ADAPTER_DIR}"
-    again = f"then finish the export with: {export_command(output_dir)}"
     if base.is_absolute() and not base.exists():  # a local base (its absolute path); a hub id is never absolute
-        raise RunFailed(f"the base model {base} that the adapter trained on is gone. {kept}; put the base back there, "
-                        f"{again}")
+        return f"the base model {base} that the adapter trained on is gone"
     changed = changed_model_files(read_run_record(output_dir), base) if base.is_dir() else []
     if changed:
-        raise RunFailed(f"the base model {base} changed since the run trained on it ({', '.join(changed[:3])}): "
-                        f"merging the adapter into it would publish other weights. {kept}; put the base back as it "
-                        f"was, {again}")
+        return (f"the base model {base} changed since the run trained on it ({', '.join(changed[:3])}): merging the "
+                "adapter into it would publish other weights")
+    return None
 
 
 def _cast_float32_weights(directory: Path, dtype, trust_remote_code: bool) -> None:
@@ -432,10 +435,11 @@ def require_weights(folder: Path, stem: str) -> None:
                     "FULL_STATE_DICT")
 
 
-def _refuse_files_made_meanwhile(staging: Path, output_dir: Path, moved: set[str]) -> None:
-    """Files the user put in output_dir under the names the export and its report write, while the run trained or
-    before `sftkit export` (notes in README.md, say), are theirs: nothing is replaced, the checked model waits."""
-    targets = {item.name for item in staging.iterdir()} | {MODEL_CARD, LOSS_PLOT, SUMMARY_FILE}
+def _refuse_files_made_meanwhile(staging: Path, output_dir: Path, moved: set[str], reports: bool) -> None:
+    """Files the user put in output_dir under the names the export and its report (`reports`) write, while the run
+    trained or before `sftkit export` (notes in README.md, say), are theirs: nothing is replaced, the checked model
+    waits."""
+    targets = {item.name for item in staging.iterdir()} | ({MODEL_CARD, LOSS_PLOT, SUMMARY_FILE} if reports else set())
     made = [name for name in survey(output_dir).in_the_way if name in targets - moved]
     if made:
         raise RunFailed(f"{output_dir} holds files made or changed since the run began, under names the export "
@@ -444,10 +448,11 @@ def _refuse_files_made_meanwhile(staging: Path, output_dir: Path, moved: set[str
                         f"{export_command(output_dir)}")
 
 
-def _publish(staging: Path, output_dir: Path) -> None:
+def _publish(staging: Path, output_dir: Path, reports: bool = True) -> None:
     """Move the checked export into output_dir, config.json last. What it moves is listed first (PUBLISHING_FILE),
     so that a publish cut short is finished by running it again: the files it already moved are this export's, not
-    stale ones of an earlier export to delete."""
+    stale ones of an earlier export to delete. `reports`: a run's report follows (not --merge's, whose model is the
+    published adapter's: the before/after report stays)."""
     manifest = staging / PUBLISHING_FILE
     if not manifest.is_file():
         adapter = staging / ADAPTER_DIR
@@ -455,7 +460,7 @@ def _publish(staging: Path, output_dir: Path) -> None:
                               "adapter": sorted(item.name for item in adapter.iterdir()) if adapter.is_dir() else []})
     listed = json.loads(manifest.read_text())
     moved = set(listed["items"]) - {item.name for item in staging.iterdir()}
-    _refuse_files_made_meanwhile(staging, output_dir, moved)
+    _refuse_files_made_meanwhile(staging, output_dir, moved, reports)
     # an earlier export's weights, whose names this one may not replace (other shards); its config.json goes first:
     # until the new one lands, none is there
     for stale in sorted(output_dir.iterdir(), key=lambda path: path.name != "config.json"):
@@ -476,7 +481,8 @@ def _publish(staging: Path, output_dir: Path) -> None:
     record_written(output_dir, listed["items"])  # this run's now, as a kill before the run's end leaves them
     manifest.unlink()
     staging.rmdir()
-    (output_dir / BEFORE_AFTER_FILE).unlink(missing_ok=True)  # of the model this one replaced
+    if reports:
+        (output_dir / BEFORE_AFTER_FILE).unlink(missing_ok=True)  # of the model this one replaced
     readable_like_other_files([*safetensors_weights(output_dir), *(output_dir / ADAPTER_DIR).glob("*.safetensors")])
 
 
@@ -566,37 +572,74 @@ def _recover_weights(output_dir: Path, lora: bool) -> None:
                     f"and was removed; {newest_checkpoint_words(output_dir)}")
 
 
-def _stage_the_published_adapter(output_dir: Path, record: dict | None) -> None:
-    """`sftkit export OUTPUT_DIR --merge`: copies of the adapter a finished run published alone (model.merge_adapter:
-    false) and of its tokenizer, in a staging directory, from which the export merges and publishes as at a run's
-    end. The published adapter stays as it is; a merge that fails or is killed keeps the copies, and `--merge` again
-    (or `sftkit export` alone) finishes it."""
+def _merge_or_finish_merging(output_dir: Path, record: dict | None, asked: bool) -> None:
+    """--merge, or the publish of one cut short (its files checked and moving in). A merge cut short before that left
+    only its partial merged model: --merge starts it again."""
+    staging = output_dir / STAGING_DIR
+    if (staging / PUBLISHING_FILE).is_file():
+        _publish(staging, output_dir, reports=False)
+        record_published(output_dir, merged_by="python -m sftkit.export --merge")
+        _record_the_merge(output_dir)
+    elif asked:
+        _merge_published_adapter(output_dir, record)
+    else:
+        raise ConfigError(f"{output_dir}: a merge of its adapter (--merge) was cut short there, leaving the partial "
+                          f"merged model in {staging}; the adapter is whole: merge again with: "
+                          f"{export_command(output_dir)} --merge")
+
+
+def _merge_published_adapter(output_dir: Path, record: dict | None) -> None:
+    """`sftkit export OUTPUT_DIR --merge`: the adapter a finished run published alone (model.merge_adapter: false),
+    merged into its base where memory allows, checked, and published beside it (config.json last). The adapter and
+    tokenizer are read where they are and never rewritten; a merge that fails or is cut short leaves only its own
+    partial files, which the next --merge replaces."""
     adapter = output_dir / ADAPTER_DIR
     if record is None or trained_to_step(output_dir) is None or "dtype" not in record:
         raise ConfigError(f"{output_dir}: no finished run is recorded there ({RUN_FILE}); --merge merges the adapter "
                           "of a finished run with model.merge_adapter: false")
+    if not (adapter / "adapter_config.json").is_file():
+        raise ConfigError(f"{output_dir}: no LoRA adapter in {adapter} to merge (a full fine-tuning has none)")
     if (output_dir / "config.json").is_file():
         raise ConfigError(f"{output_dir} holds a merged model already (config.json); its adapter is in {adapter}")
-    if not (adapter / "adapter_config.json").is_file():
-        raise ConfigError(f"{output_dir}: no LoRA adapter in {adapter} to merge (its run fine-tuned every weight)")
+    import torch
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    model_cfg = read_section(ModelConfig, record["config"]["model"], "model", output_dir)
+    if problem := _another_base(Path(adapter_base(adapter)), output_dir):
+        raise ConfigError(f"{problem}; put the base back as it was, then merge again")
     staging = output_dir / STAGING_DIR
+    shutil.rmtree(staging, ignore_errors=True)  # a --merge cut short: its partial merged model
     staging.mkdir()
-    shutil.copytree(adapter, staging / ADAPTER_DIR)
-    for name in TOKENIZER_FILES:  # the merged model's generation config and special tokens follow the run's tokenizer
-        if (output_dir / name).is_file():
-            shutil.copy2(output_dir / name, staging / name)
+    try:
+        _merge_adapter(model_cfg, adapter, staging, getattr(torch, record["dtype"]))
+        require_weights(staging, "model")
+        _stop_at_the_end_of_a_reply(staging, model_cfg.trust_remote_code, tokenizer_dir=output_dir)
+        broken = non_finite_tensors(staging)
+        if broken:
+            raise RunFailed(f"the merged weights are not finite ({len(broken)} tensors hold nan or inf, e.g. "
+                            f"{broken[0]}): the merge overflowed its dtype, or the base holds nan or inf")
+    except Exception as error:  # out of memory, a full disk, a base changed since: the adapter is as it was
+        shutil.rmtree(staging, ignore_errors=True)
+        raise RunFailed(f"merging the adapter in {adapter} into its base failed: {first_line(error)}; nothing was "
+                        "published and the adapter is as it was") from error
+    _publish(staging, output_dir, reports=False)
+    record_published(output_dir, merged_by="python -m sftkit.export --merge")
+    _record_the_merge(output_dir)
 
 
 def _record_the_merge(output_dir: Path) -> None:
-    """The summary and card of a run that published its adapter alone, once `--merge` published the merged model."""
-    summary = output_dir / SUMMARY_FILE
-    if summary.is_file():
+    """The summary and card of a run that published its adapter alone, once `--merge` published the merged model;
+    each only where it is as the run wrote it (a card the user edited is theirs)."""
+    changed = set(survey(output_dir).in_the_way)
+    summary, card = output_dir / SUMMARY_FILE, output_dir / MODEL_CARD
+    if summary.is_file() and SUMMARY_FILE not in changed:
         write_json(summary, {**json.loads(summary.read_text()), "merged": True, **saved_dtypes(output_dir)})
-    card = output_dir / MODEL_CARD
-    if card.is_file():
+        record_written(output_dir, [SUMMARY_FILE])
+    if card.is_file() and MODEL_CARD not in changed:
         card.write_text(card.read_text() + "\nThe merged model was published here since, by `python -m sftkit.export "
                         "--merge`: it loads with `AutoModelForCausalLM.from_pretrained(\"path/to/this/directory\")`.\n")
-    record_written(output_dir, [SUMMARY_FILE, MODEL_CARD])
+        record_written(output_dir, [MODEL_CARD])
 
 
 def _add_saved_dtypes_to_the_summary(output_dir: Path) -> None:
@@ -622,30 +665,34 @@ def main(argv: list[str] | None = None, prog: str = "python -m sftkit.export") -
             raise ConfigError(f"{args.output_dir}: no such directory; give the training.output_dir of the run whose "
                               "export failed")
         finished = trained_to_step(args.output_dir) is not None
-        if args.merge and not staging.is_dir():
+        alone = finished and (record or {}).get("config", {}).get("model", {}).get("merge_adapter") is False
+        if args.merge and finished and not alone:
+            raise ConfigError(f"{args.output_dir}: its run published "
+                              + ("a merged model already" if (args.output_dir / ADAPTER_DIR).is_dir() else
+                                 "a model without an adapter (a full fine-tuning): there is no adapter to merge"))
+        if alone and (args.merge or staging.is_dir()):  # its own export removed its own staging directory: --merge's
             lock.take("merge its adapter once that run ends")
-            _stage_the_published_adapter(args.output_dir, record)
+            _merge_or_finish_merging(args.output_dir, record, args.merge)
+            print(f"{prog}: the merged model is in {args.output_dir}")
+            return 0
         if not staging.is_dir() and finished:
-            alone = not (args.output_dir / "config.json").is_file() and \
-                (args.output_dir / ADAPTER_DIR / "adapter_config.json").is_file()
+            unmerged = alone and not (args.output_dir / "config.json").is_file()
             raise ConfigError(f"{args.output_dir}: its export finished already; the model there is complete"
-                              + ("; --merge merges the adapter it published alone" if alone else ""))
+                              + ("; --merge merges the adapter it published alone" if unmerged else ""))
         if not staging.is_dir():
             where = f"; {kept_work_words(args.output_dir)}" if record is not None else ""
             raise ConfigError(f"{args.output_dir} has no unfinished export to finish (no {STAGING_DIR} there){where}")
         if record is None or "dtype" not in record:
             raise ConfigError(f"{args.output_dir} has no unfinished export to finish: its run record {RUN_FILE} is "
                               "missing, or the run never reached its export")
-        if not lock.held:
-            lock.take("finish its export once that run ends")  # not while a run still writes there
+        lock.take("finish its export once that run ends")  # not while a run still writes there
         import torch
         import transformers
 
         transformers.utils.logging.disable_progress_bar()  # the merge's loading and saving bars, as in a run
 
         model_cfg = read_section(ModelConfig, record["config"]["model"], "model", args.output_dir)
-        # a finished run's staging directory is a --merge's: the run's own export removed its own
-        model_cfg = dataclasses.replace(model_cfg, merge_adapter=model_cfg.merge_adapter or finished)
+        model_cfg = dataclasses.replace(model_cfg, merge_adapter=model_cfg.merge_adapter or args.merge)
         _recover_weights(args.output_dir, model_cfg.use_lora)
         if not (staging / RUN_CONFIG_FILE).is_file() and not (args.output_dir / RUN_CONFIG_FILE).is_file():
             # killed before the export wrote them: `sftkit chat` and `compare` read the run's config
@@ -654,8 +701,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m sftkit.export") -
         finish_export(args.output_dir, model_cfg, getattr(torch, record["dtype"]), export="python -m sftkit.export")
         _add_saved_dtypes_to_the_summary(args.output_dir)
         record_written(args.output_dir, [*published, SUMMARY_FILE])
-        if finished:
-            _record_the_merge(args.output_dir)
     except SftkitError as error:
         return say_error(prog, error)
     finally:

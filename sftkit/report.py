@@ -289,7 +289,8 @@ def _front_matter(config, method: str) -> str:
 
     tags = ["sftkit", "sft", method.split()[0].lower()]
     datasets = [source.name for source in config.dataset.train_sources() if not looks_local(source.name)]
-    return ModelCardData(base_model=config.model.path, library_name="transformers", tags=tags,
+    library = "peft" if config.model.use_lora and not config.model.merge_adapter else "transformers"  # what loads it
+    return ModelCardData(base_model=config.model.path, library_name=library, tags=tags,
                          datasets=datasets or None, **base_license(config.model)).to_yaml()
 
 

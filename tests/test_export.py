@@ -997,25 +997,40 @@ def test_a_lora_run_can_publish_its_adapter_alone_and_merge_it_later(tmp_path):
 
     finished = run_here(export_main, str(out), check=False)
     assert finished.returncode == 2 and "--merge merges the adapter it published alone" in finished.stderr
-    (base / "model.safetensors").rename(tmp_path / "away")  # a merge that fails keeps what was published
-    failed = run_here(export_main, str(out), "--merge", check=False)
-    assert failed.returncode == 1 and f"the base model {base} changed since the run trained on it" in failed.stderr
-    assert f"finish the export with: python -m sftkit.export {out}" in failed.stderr
-    assert (out / ADAPTER_DIR / "adapter_model.safetensors").read_bytes() == adapter
-    assert not (out / "config.json").exists() and (out / STAGING_DIR).is_dir()
+    (base / "model.safetensors").rename(tmp_path / "away")  # a base changed since: refused before any merging
+    refused = run_here(export_main, str(out), "--merge", check=False)
+    assert refused.returncode == 2 and f"the base model {base} changed since the run trained on it" in refused.stderr
+    assert refused.stderr.rstrip().endswith("put the base back as it was, then merge again")
+    assert not (out / STAGING_DIR).exists() and not (out / "config.json").exists()
     (tmp_path / "away").rename(base / "model.safetensors")
+    (out / STAGING_DIR).mkdir()  # a merge killed part way: its partial files only
+    (out / STAGING_DIR / "model.safetensors").write_bytes(b"cut")
+    cut = run_here(export_main, str(out), check=False)
+    assert cut.returncode == 2 and "a merge of its adapter (--merge) was cut short there" in cut.stderr
+    assert cut.stderr.rstrip().endswith(f"the adapter is whole: merge again with: python -m sftkit.export {out} --merge")
+    (out / "README.md").write_text((out / "README.md").read_text() + "\nMy own notes.\n")  # the user's card now
+    card = (out / "README.md").read_text()
 
-    assert run_here(export_main, str(out)).returncode == 0  # finishes the merge
-    assert not (out / STAGING_DIR).exists()
+    assert run_here(export_main, str(out), "--merge").returncode == 0
+    assert not (out / STAGING_DIR).exists() and (out / "README.md").read_text() == card  # the user's, untouched
     assert (out / ADAPTER_DIR / "adapter_model.safetensors").read_bytes() == adapter
-    merged = AutoModelForCausalLM.from_pretrained(out)
-    with torch.no_grad():
-        assert torch.allclose(merged(ids).logits, expected, atol=1e-5)
-    summary = json.loads((out / "run_summary.json").read_text())
-    assert summary["merged"] is True and summary["saved_dtypes"] == ["float32"]
-    assert "The merged model was published here since" in (out / "README.md").read_text()
     again = run_here(export_main, str(out), "--merge", check=False)
     assert again.returncode == 2 and "holds a merged model already (config.json)" in again.stderr
+
+
+def test_merging_later_adds_a_line_to_the_card_the_run_wrote(tmp_path):
+    out = tmp_path / "out"
+    run_sft("--config", "configs/lora_train_config.yaml", "--training.output_dir", str(out), *SHORT,
+            "--model.merge_adapter", "false")
+    assert "library_name: peft" in (out / "README.md").read_text()
+    assert run_here(export_main, str(out), "--merge").returncode == 0
+    assert (out / "README.md").read_text().endswith("The merged model was published here since, by `python -m "
+                                                    "sftkit.export --merge`: it loads with `AutoModelForCausalLM."
+                                                    "from_pretrained(\"path/to/this/directory\")`.\n")
+    full = tmp_path / "full"
+    run_sft("--training.output_dir", str(full), *SHORT)
+    refused = run_here(export_main, str(full), "--merge", check=False)
+    assert refused.returncode == 2 and "(a full fine-tuning): there is no adapter to merge" in refused.stderr
 
 
 def test_a_merge_the_machines_memory_cannot_hold_is_refused_before_training():
