@@ -749,6 +749,11 @@ def test_parallel_results_logged_as_they_finished_are_put_in_the_order_of_their_
         text.index("<tool_response>\n3")
     unmatched = {"messages": [*row["messages"][:3], {**row["messages"][3], "tool_call_id": "c9"}, row["messages"][4]]}
     assert [message["content"] for message in to_messages(unmatched, "messages")[2:4]] == ["3", "21"]  # as given
+    # parallel calls written as consecutive assistant messages, their results after the last: nothing made up
+    split = [row["messages"][0], {"role": "assistant", "content": "", "tool_calls": [call("c1", "Rome")]},
+             {"role": "assistant", "content": "", "tool_calls": [call("c2", "Oslo")]}, *row["messages"][2:]]
+    assert [message["role"] for message in to_messages({"messages": split}, "messages")] == [
+        "user", "assistant", "assistant", "tool", "tool", "assistant"]
 
 
 def test_skip_leaves_out_bad_rows_but_not_every_row_a_template_cannot_render(tmp_path, tokenizer):

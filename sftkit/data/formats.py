@@ -227,9 +227,10 @@ def to_messages(row: dict, format_name: str, system_prompt: str | None = None, a
 
 def _refuse_calls_without_results(checked: list[tuple[int, dict]]) -> None:
     """A call answered by the assistant itself, with no tool message between: the reply after it would learn to
-    make the tool's result up. (A row may end at a call: the call is what trains.)"""
+    make the tool's result up. (A row may end at a call: the call is what trains; parallel calls may be written as
+    consecutive assistant messages, their results after the last.)"""
     for (index, message), (_, following) in zip(checked, checked[1:]):
-        if message.get("tool_calls") and following["role"] == "assistant":
+        if message.get("tool_calls") and following["role"] == "assistant" and not following.get("tool_calls"):
             raise RowDefect(f"message {index} (assistant) calls {message['tool_calls'][0]['function']['name']}, and "
                             f"the next message is the assistant's, with no tool result between: the model would learn "
                             "to make the result up; add the tool's result after the call, or end the row at the call")
@@ -359,7 +360,8 @@ def _check_message(message, index: int) -> dict:
     if isinstance(content, list):
         content = _joined_text_parts(content, index, role)
     if content is not None and not isinstance(content, str):
-        encode = " (a tool's result as an object: write it as JSON text)" if role == "tool" else ""
+        encode = " (a tool's result as an object: write it as JSON text)" if role == "tool" and isinstance(
+            content, (dict, list)) else ""
         raise ValueError(f"message {index} ({role}) has content of type {type(content).__name__}, expected "
                          f"text{encode}")
     if not content or not content.strip():
