@@ -49,8 +49,8 @@ def from_sharegpt(row: dict, answer_source: str) -> list[dict]:
             raise ValueError(f"turn {index} is a {type(turn).__name__}, not a mapping with from and value"
                              f"{_nested_hint(turn)}")
         if turn.get("from") == "function_call":  # LLaMA-Factory's tool call turn: its value is the call's JSON
-            messages.append({"role": "assistant", "content": "", "tool_calls": turn.get("value"),
-                             "weight": turn.get("weight")})
+            calls = _parsed(turn.get("value"), f"turn {index} (function_call)'s value")  # named as the data has it
+            messages.append({"role": "assistant", "content": "", "tool_calls": calls, "weight": turn.get("weight")})
             continue
         if turn.get("from") not in SHAREGPT_ROLES:
             raise ValueError(f"turn {index} has from={turn.get('from')!r}; expected one of {', '.join(SHAREGPT_ROLES)}")
