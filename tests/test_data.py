@@ -255,11 +255,13 @@ def test_an_empty_system_message_is_left_out_whether_text_or_parts(empty):
         ({"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": None, "tool_calls": [
             {"function": {"name": "get_weather", "arguments": json.dumps(json.dumps({"city": "Rome"}))}}]}]},
          "message 1 (assistant): tool call 0 (get_weather)'s arguments are JSON text of JSON text (encoded twice)"),
-        ({"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [CALL]},
+        ({"messages": [{"role": "user", "content": "Weather?"},
+                       {"role": "assistant", "content": "", "tool_calls": [CALL]},
                        {"role": "tool", "content": {"temp": 20}}, {"role": "assistant", "content": "20."}]},
          "message 2 (tool) has content of type dict, expected text (a tool's result as an object: write it as JSON "
          "text)"),
-        ({"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [CALL]},
+        ({"messages": [{"role": "user", "content": "Weather?"},
+                       {"role": "assistant", "content": "", "tool_calls": [CALL]},
                        {"role": "assistant", "content": "It is 20 degrees."}]},
          "message 1 (assistant) calls get_weather, and the next message is the assistant's, with no tool result "
          "between: the model would learn to make the result up"),

@@ -1007,7 +1007,8 @@ def test_a_lora_run_can_publish_its_adapter_alone_and_merge_it_later(tmp_path):
     (out / STAGING_DIR / "model.safetensors").write_bytes(b"cut")
     cut = run_here(export_main, str(out), check=False)
     assert cut.returncode == 2 and "a merge of its adapter (--merge) was cut short there" in cut.stderr
-    assert cut.stderr.rstrip().endswith(f"the adapter is whole: merge again with: python -m sftkit.export {out} --merge")
+    assert cut.stderr.rstrip().endswith(f"the adapter is whole: merge again with: python -m sftkit.export {out} "
+                                        "--merge")
     (out / "README.md").write_text((out / "README.md").read_text() + "\nMy own notes.\n")  # the user's card now
     card = (out / "README.md").read_text()
 
