@@ -572,7 +572,7 @@ def _recover_weights(output_dir: Path, lora: bool) -> None:
                     f"and was removed; {newest_checkpoint_words(output_dir)}")
 
 
-def _merge_or_finish_merging(output_dir: Path, record: dict | None, asked: bool) -> None:
+def _merge_or_finish_merging(output_dir: Path, record: dict, asked: bool) -> None:
     """--merge, or the publish of one cut short (its files checked and moving in). A merge cut short before that left
     only its partial merged model: --merge starts it again."""
     staging = output_dir / STAGING_DIR
@@ -588,15 +588,12 @@ def _merge_or_finish_merging(output_dir: Path, record: dict | None, asked: bool)
                           f"{export_command(output_dir)} --merge")
 
 
-def _merge_published_adapter(output_dir: Path, record: dict | None) -> None:
+def _merge_published_adapter(output_dir: Path, record: dict) -> None:
     """`sftkit export OUTPUT_DIR --merge`: the adapter a finished run published alone (model.merge_adapter: false),
     merged into its base where memory allows, checked, and published beside it (config.json last). The adapter and
     tokenizer are read where they are and never rewritten; a merge that fails or is cut short leaves only its own
     partial files, which the next --merge replaces."""
     adapter = output_dir / ADAPTER_DIR
-    if record is None or trained_to_step(output_dir) is None or "dtype" not in record:
-        raise ConfigError(f"{output_dir}: no finished run is recorded there ({RUN_FILE}); --merge merges the adapter "
-                          "of a finished run with model.merge_adapter: false")
     if not (adapter / "adapter_config.json").is_file():
         raise ConfigError(f"{output_dir}: no LoRA adapter in {adapter} to merge (a full fine-tuning has none)")
     if (output_dir / "config.json").is_file():
