@@ -243,12 +243,14 @@ def _results_in_call_order(messages: list[dict]) -> list[dict]:
     ordered = list(messages)
     for index, message in enumerate(messages):
         ids = [call.get("id") for call in message.get("tool_calls", [])]
+        if len(ids) < 2:
+            continue
         end = index + 1
         while end < len(messages) and messages[end]["role"] == "tool":
             end += 1
         answered = [result.get("tool_call_id") for result in messages[index + 1 : end]]
         known = None not in ids + answered and len(set(ids)) == len(ids)
-        if len(ids) > 1 and known and sorted(answered) == sorted(ids):
+        if known and sorted(answered) == sorted(ids):
             ordered[index + 1 : end] = sorted(messages[index + 1 : end],
                                               key=lambda result: ids.index(result["tool_call_id"]))
     return ordered
