@@ -18,7 +18,7 @@ import yaml
 
 from sftkit.data.formats import RowDefect, tools_of, with_system
 from sftkit.errors import ConfigError, OneLineArgumentParser, say_error
-from sftkit.layout import ADAPTER_DIR, RUN_CONFIG_FILE, adapter_base, run_directory
+from sftkit.layout import RUN_CONFIG_FILE, adapter_base, adapter_in, run_directory
 from sftkit.paths import resolve_path
 from sftkit.runrecord import read_run_record
 
@@ -77,8 +77,7 @@ def _what_it_is(model_dir: Path) -> str:
     try:
         if (model_dir / "trainer_state.json").is_file():
             parts.append(f"step {json.loads((model_dir / 'trainer_state.json').read_text())['global_step']}")
-        adapter_dir = model_dir if (model_dir / "adapter_config.json").is_file() else model_dir / ADAPTER_DIR
-        if not (model_dir / "config.json").is_file() and (adapter_dir / "adapter_config.json").is_file():
+        if (adapter_dir := adapter_in(model_dir)) is not None:
             parts.append(f"the LoRA adapter on {adapter_base(adapter_dir)}")
     except (OSError, ValueError, KeyError):  # a state cut short: the model loaded all the same
         pass

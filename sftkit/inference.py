@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStream
 from sftkit.checkpoints import unfinished_run_words
 from sftkit.data.tokenize import stop_token_ids
 from sftkit.errors import ConfigError, first_line
-from sftkit.layout import ADAPTER_DIR, run_directory
+from sftkit.layout import adapter_in, run_directory
 from sftkit.paths import resolve_path
 from sftkit.runrecord import changed_model_files, read_run_record
 
@@ -27,10 +27,10 @@ def load_for_inference(path: str, trust_remote_code: bool = False):
     directory = Path(resolve_path(path))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     options = {"dtype": "auto", "trust_remote_code": trust_remote_code}
-    adapter_dir = directory if (directory / "adapter_config.json").is_file() else directory / ADAPTER_DIR
+    adapter_dir = adapter_in(directory)
     if (directory / "config.json").is_file():
         model = AutoModelForCausalLM.from_pretrained(directory, **options)
-    elif (adapter_dir / "adapter_config.json").is_file():
+    elif adapter_dir is not None:
         from peft import PeftModel
 
         adapter = json.loads((adapter_dir / "adapter_config.json").read_text())

@@ -87,6 +87,16 @@ def run_directory(model_dir: Path) -> Path:
     return model_dir.parent if adapter else model_dir
 
 
+def adapter_in(model_dir: Path) -> Path | None:
+    """The LoRA adapter a directory given to chat or compare stands for: itself (a run's lora_weights), or the
+    lora_weights of a run that published its adapter alone (model.merge_adapter: false: no config.json); None for a
+    merged or full model."""
+    if (model_dir / "adapter_config.json").is_file():
+        return model_dir
+    alone = not (model_dir / "config.json").is_file() and (model_dir / ADAPTER_DIR / "adapter_config.json").is_file()
+    return model_dir / ADAPTER_DIR if alone else None
+
+
 def adapter_base(adapter_dir: Path) -> str:
     """The base model an adapter records: a hub id, or (since 2026-11-28) a local one by its absolute path."""
     return json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
