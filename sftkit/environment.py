@@ -17,8 +17,12 @@ STACK = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "deep
 EXTRAS = {"gradio": "web chat (python -m sftkit.webchat)", "wandb": "report_to: wandb"}
 
 
-# where a container's memory limit is read: cgroup v2, then v1 (whose "no limit" is a huge number)
+# where a container's memory limit is read: cgroup v2, then v1 (whose "no limit" is a huge number); beside each,
+# what the container uses, and the statistics with the page cache it may drop (inactive_file, v1 total_inactive_file)
 CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+CGROUP_MEMORY_USAGE = ("/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory/memory.usage_in_bytes")
+CGROUP_MEMORY_STATS = ("/sys/fs/cgroup/memory.stat", "/sys/fs/cgroup/memory/memory.stat")
+MEMINFO = Path("/proc/meminfo")
 
 
 def host_memory() -> int | None:
@@ -36,6 +40,27 @@ def host_memory() -> int | None:
         if value.isdigit():  # "max": none
             memory = min(memory, int(value))
     return memory
+
+
+def available_memory() -> int | None:
+    """Bytes of memory a process here can take now, without the system killing one: what the system says it can
+    free (MemAvailable, the page cache included) and its free swap, or what the container's limit leaves, where less.
+    None where the system does not say (not Linux)."""
+    try:
+        fields = dict(line.split(":", 1) for line in MEMINFO.read_text().splitlines() if ":" in line)
+        available = sum(int(fields.get(key, "0 kB").split()[0]) for key in ("MemAvailable", "SwapFree")) * 1024
+    except (OSError, ValueError):
+        return None
+    for limit, usage, stats in zip(CGROUP_MEMORY_LIMITS, CGROUP_MEMORY_USAGE, CGROUP_MEMORY_STATS):
+        try:
+            value, used = Path(limit).read_text().strip(), int(Path(usage).read_text())
+            dropped = dict(line.split() for line in Path(stats).read_text().splitlines() if line.count(" ") == 1)
+        except (OSError, ValueError):
+            continue
+        if value.isdigit():  # the way `docker stats` counts: the page cache the kernel drops first is not in use
+            in_use = used - int(dropped.get("inactive_file", dropped.get("total_inactive_file", 0)))
+            available = min(available, int(value) - in_use)
+    return max(available, 0)
 
 
 def report() -> str:

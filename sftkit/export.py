@@ -25,7 +25,7 @@ from sftkit.checkpoints import STATE_FILE, kept_work_words, last_step, newest_ch
 from sftkit.command import export_command
 from sftkit.compat import float32_by_design, untie_an_adapted_embedding, zero3_init_disabled
 from sftkit.config import read_section
-from sftkit.environment import library_versions
+from sftkit.environment import available_memory, library_versions
 from sftkit.errors import ConfigError, OneLineArgumentParser, RunFailed, SftkitError, first_line, say_error
 from sftkit.layout import (
     ADAPTER_DIR,
@@ -325,6 +325,7 @@ def _merge_adapter(model_cfg, adapter_dir: Path, target: Path, dtype) -> None:
     # working directory.
     base_cfg = dataclasses.replace(model_cfg, path=adapter_base(adapter_dir), attn_implementation=None)
     _refuse_another_base(Path(base_cfg.path), target.parent)
+    _refuse_a_merge_the_free_memory_cannot_hold(base_cfg, dtype)
     with zero3_init_disabled():
         base = load_model(base_cfg, dtype, gradient_checkpointing=False, quantize=False)
     adapted = PeftModel.from_pretrained(base, str(adapter_dir))
@@ -332,6 +333,20 @@ def _merge_adapter(model_cfg, adapter_dir: Path, target: Path, dtype) -> None:
     merged = adapted.merge_and_unload()
     _agree_with_the_tokenizer(merged, target, adapter_dir)
     merged.save_pretrained(target)
+
+
+def _refuse_a_merge_the_free_memory_cannot_hold(base_cfg: ModelConfig, dtype) -> None:
+    """The check before training counted the machine's memory; by the merge, other processes, or this run's own
+    host copy of the model (ZeRO-3 offload), may hold part of it, and the system would kill the process in the middle
+    of the merge without a word. (This process itself is in memory already: the base alone is counted.)"""
+    from sftkit.model import parameter_count
+
+    available, parameters = available_memory(), parameter_count(base_cfg)
+    if available is None or parameters is None or parameters * dtype.itemsize <= available:
+        return
+    raise MemoryError(f"merging the adapter loads its whole base, unquantized: about "
+                      f"{size_words(parameters * dtype.itemsize)} in {str(dtype).removeprefix('torch.')}, and "
+                      f"{size_words(available)} of memory is free now (free memory, or finish on a machine with more)")
 
 
 def _agree_with_the_tokenizer(model, *places: Path) -> None:

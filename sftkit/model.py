@@ -164,6 +164,13 @@ def _unreadable_config(model_cfg: ModelConfig, error: Exception) -> ConfigError:
     return ConfigError(f"model.path {model_cfg.path}: cannot read its config.json: {first_line(error)}{local}")
 
 
+def parameter_count(model_cfg: ModelConfig) -> int | None:
+    """The model's parameters, counted on the meta device from its config.json (no weight read); None where its own
+    code cannot be built there."""
+    model = _meta_model(model_cfg, _read_model_config(model_cfg))
+    return None if model is None else sum(parameter.numel() for parameter in model.parameters())
+
+
 def _meta_model(model_cfg: ModelConfig, hf_config):
     """The model built on the meta device, or None where the model's own code cannot be built there."""
     def build(attn_implementation):
