@@ -74,6 +74,18 @@ def _drop_warning(pattern: str, category: type[Warning]) -> None:
 STALE_OP_LOCK_SECONDS = 600  # a build takes 1 to 4 minutes; a lock this old was left by a process that died
 
 
+def tell_the_launcher(error: str) -> None:
+    """torch 2.13's elastic launcher (under `accelerate launch` and torchrun) ends a failed launch with a box whose
+    root cause reads "traceback : To enable traceback see: https://pytorch.org/...", 40 lines below the one-line
+    error; a worker's error file (TORCHELASTIC_ERROR_FILE, which @record writes for an uncaught exception) is
+    shown there instead, so the error is the last thing said."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path or os.path.exists(path):
+        return
+    with contextlib.suppress(OSError):
+        Path(path).write_text(json.dumps({"message": error, "timestamp": int(time.time())}))
+
+
 def before_deepspeed_cpu_op_build() -> None:
     """DeepSpeed 0.19 on a machine without a GPU compiles its shared-memory collective op with the C++ compiler the
     first time it starts there, silently, for one to four minutes (measured on 2 cores); say so before it starts.

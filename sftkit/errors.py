@@ -54,7 +54,10 @@ class AlreadyFinished(SftkitError):
 def say_error(prog: str, error: SftkitError) -> int:
     """Say `error` in one line under `prog`, and return its exit code. With SFTKIT_DEBUG=1 its traceback follows,
     with the library error it came from: for a bug report."""
+    from sftkit.compat import tell_the_launcher
+
     print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+    tell_the_launcher(f"{prog}: error: {error}")
     if os.environ.get("SFTKIT_DEBUG", "0") not in ("", "0"):
         traceback.print_exception(error, file=sys.stderr)
     return error.exit_code

@@ -146,10 +146,20 @@ def test_the_eval_loss_of_two_processes_is_one_processs_where_the_rows_do_not_sp
     assert two == pytest.approx(single.summary["eval_loss_first"], rel=1e-4)
 
 
-def test_a_config_error_in_a_distributed_launch_is_printed_once():
+def said(stderr: str, text: str) -> int:
+    """How many lines of the processes' output hold `text` (the launcher's failure box repeats the error of the first
+    process that failed as its last line, compat.tell_the_launcher)."""
+    return sum(text in line for line in stderr.splitlines() if not line.startswith("  traceback : "))
+
+
+def test_a_config_error_in_a_distributed_launch_is_printed_once_and_again_as_the_launchs_last_line():
+    """Else the launcher's box ended with "traceback : To enable traceback see: https://pytorch.org/...", 40 lines
+    below the error."""
     result = accelerate_launch("cpu_zero2_2proc.yaml", "--model.use_lorra", "true", timeout=120)
     assert result.returncode != 0
-    assert result.stderr.count("unknown key model.use_lorra (did you mean 'use_lora'?)") == 1, result.stderr
+    assert said(result.stderr, "unknown key model.use_lorra (did you mean 'use_lora'?)") == 1, result.stderr
+    root_cause = result.stderr.rstrip().splitlines()[-2]
+    assert root_cause.startswith("  traceback : sft.py: error: ") and "model.use_lorra" in root_cause, result.stderr
 
 
 def test_a_warning_in_a_distributed_launch_is_printed_once(tmp_path):
@@ -161,7 +171,7 @@ def test_a_warning_in_a_distributed_launch_is_printed_once(tmp_path):
     result = accelerate_launch("cpu_ddp_2proc.yaml", "--dry-run", "--model.path", str(model), "--training.output_dir",
                                str(tmp_path / "out"), timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stderr.count(f"sftkit: warning: model.path {model} has no chat template") == 1, result.stderr
+    assert said(result.stderr, f"sftkit: warning: model.path {model} has no chat template") == 1, result.stderr
 
 
 def test_a_failure_on_one_process_ends_the_launch(tmp_path):
@@ -179,7 +189,7 @@ def test_compile_under_zero3_is_refused_before_loading_with_one_line(tmp_path):
     result = accelerate_launch("cpu_zero3_2proc.yaml", "--training.torch_compile", "true", "--training.output_dir",
                                str(tmp_path / "out"), timeout=120)
     assert result.returncode != 0 and not (tmp_path / "out").exists()
-    assert result.stderr.count("training.torch_compile: true fails under DeepSpeed ZeRO-3") == 1, result.stderr[-3000:]
+    assert said(result.stderr, "training.torch_compile: true fails under DeepSpeed ZeRO-3") == 1, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
@@ -205,7 +215,7 @@ def test_a_sharded_engine_that_would_save_no_model_is_refused_before_loading(tmp
                              "2", "sft.py", "--training.output_dir", str(tmp_path / "out")],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and not (tmp_path / "out").exists()
-    assert result.stderr.count(expected) == 1, result.stderr[-3000:]
+    assert said(result.stderr, expected) == 1, result.stderr[-3000:]
 
 
 def test_the_dry_run_plans_the_offloads_an_accelerate_config_sets_without_a_deepspeed_file(tmp_path):
@@ -256,7 +266,7 @@ def test_training_deepspeed_without_a_gpu_stops_early_with_one_line():
         pytest.skip("this machine has a GPU, where training.deepspeed works")
     result = accelerate_launch("cpu_ddp_2proc.yaml", "--training.deepspeed", "deepspeed_configs/zero2.json", timeout=120)
     assert result.returncode != 0
-    assert result.stderr.count("training.deepspeed needs GPUs") == 1, result.stderr[-3000:]
+    assert said(result.stderr, "training.deepspeed needs GPUs") == 1, result.stderr[-3000:]
     assert "AssertionError" not in result.stderr
 
 
@@ -272,7 +282,7 @@ def test_an_fsdp_launch_that_accelerate_runs_without_fsdp_stops(tmp_path):
                str(script), "--training.output_dir", str(tmp_path / "out"), *STEPS]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
-    assert result.stderr.count("the launch asks for FSDP, but Accelerate (distributed type MULTI_CPU) did not turn "
+    assert said(result.stderr, "the launch asks for FSDP, but Accelerate (distributed type MULTI_CPU) did not turn "
                                "it on") == 1, result.stderr[-3000:]
 
 
@@ -352,13 +362,13 @@ def test_a_zero2_checkpoint_resumed_under_zero3_is_refused_before_loading_with_o
     result = accelerate_launch("cpu_zero3_2proc.yaml", *saving, "--training.max_steps", "4",
                                "--training.resume_from_checkpoint", "true", timeout=180)
     assert result.returncode != 0 and "AssertionError" not in result.stderr, result.stderr[-3000:]
-    assert result.stderr.count(f"{out}/checkpoint-2 was saved under DeepSpeed ZeRO-2 and this launch runs DeepSpeed "
+    assert said(result.stderr, f"{out}/checkpoint-2 was saved under DeepSpeed ZeRO-2 and this launch runs DeepSpeed "
                                "ZeRO-3, which cannot load it") == 1, result.stderr[-3000:]
     assert json.loads((out / "sftkit_run.json").read_text())["status"] == "finished"
     # refused by the main process alone: the other one, left in the barrier, said it had lost contact with another
     # process that "stopped, or its machine went away"
     result = accelerate_launch("cpu_ddp_2proc.yaml", *saving, "--training.max_steps", "2", timeout=180)
-    assert result.returncode != 0 and result.stderr.count(f"{out} already holds a trained model") == 1
+    assert result.returncode != 0 and said(result.stderr, f"{out} already holds a trained model") == 1
     assert "lost contact" not in result.stderr, result.stderr[-3000:]
 
 
