@@ -525,7 +525,8 @@ def test_tool_calls_train_as_the_template_writes_them_and_tools_stay_in_the_prom
 @pytest.mark.parametrize("max_length", [40, 300, 100_000])
 def test_a_long_agent_trace_cut_at_max_length_renders_only_the_turns_it_keeps(monkeypatch, family, max_length):
     """Each turn's mask renders the row up to that turn: a trace of 60 calls cut at max_length rendered all 60
-    prefixes (1.9 s a row for 128 calls of 4 KB results cut at 8,192 tokens; 0.55 s now)."""
+    prefixes and tokenized the whole row (1.9 s a row for 128 calls of 4 KB results cut at 8,192 tokens; 0.13 s
+    now)."""
     from sftkit.data import tokenize
 
     trace = [AGENT[0]] + [message for k in range(60) for message in (
@@ -534,10 +535,12 @@ def test_a_long_agent_trace_cut_at_max_length_renders_only_the_turns_it_keeps(mo
     tokenizer = family_tokenizer(family)
     monkeypatch.setattr(tokenize, "_spans_from_prefixes", None)
     whole = tokenize_messages(tokenizer, trace, tools=TOOLS)
-    rendered = []
-    render = tokenize._rendered
+    rendered, tokenized = [], []
+    render, of = tokenize._rendered, tokenize._Tokens.of.__func__
     monkeypatch.setattr(tokenize, "_rendered", lambda tok, conversation, *args: rendered.append(len(conversation))
                         or render(tok, conversation, *args))
+    monkeypatch.setattr(tokenize._Tokens, "of", classmethod(lambda cls, tok, text: tokenized.append(len(text)) or
+                                                            of(cls, tok, text)))
     cut = tokenize_messages(tokenizer, trace, tools=TOOLS, max_length=max_length)
     kept = len(cut["input_ids"])
     assert cut == {"input_ids": whole["input_ids"][:kept], "labels": whole["labels"][:kept]}
@@ -545,6 +548,8 @@ def test_a_long_agent_trace_cut_at_max_length_renders_only_the_turns_it_keeps(mo
     turns = len(trained_spans(tokenizer, cut))  # the calls the cut keeps, whole or in part
     prefixes = [count for count in rendered if count < len(trace)]  # (the whole row is rendered by the checks)
     assert max(prefixes) <= 2 * turns + 2 if max_length < len(whole["input_ids"]) else len(trace) - 1 in prefixes
+    if max_length < len(whole["input_ids"]) // 4:  # tokenized only as far as the kept turns reach
+        assert max(tokenized) < len(tokenizer.apply_chat_template(trace, tools=TOOLS, tokenize=False)) // 2
 
 
 def test_deepseek_takes_a_calls_arguments_as_json_text():
