@@ -10,7 +10,10 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from sftkit.command import export_command
-from sftkit.compat import follow_a_new_schedule_length, take_the_step_settings_of_a_resume
+from sftkit.compat import (
+    follow_a_new_schedule_length,
+    take_the_step_settings_of_a_resume,
+)
 from sftkit.engines import launch_engine
 from sftkit.errors import AlreadyFinished, ConfigError, RunFailed, first_line
 from sftkit.layout import (
@@ -297,11 +300,39 @@ def _refuse_resuming_at_the_end(checkpoint: Path, resolved: dict) -> None:
         elif (output_dir / STAGING_DIR).is_dir():  # killed during the export: nothing is published yet
             model = (f"Its export did not finish, so {output_dir} holds no model yet: finish it with "
                      f"{export_command(output_dir)}")
+        elif unexported_last_step(output_dir) is not None:  # killed after this checkpoint, before the export
+            model = f"Its export did not begin: publish its trained model with {export_command(output_dir)}"
         else:
             model = "Its trained weights are in the checkpoint itself"
         raise ConfigError(f"training.resume_from_checkpoint: {checkpoint} is step {step}, at or past the end of this "
                           f"run ({length}): nothing is left to train. {model}; to train longer, raise "
                           "training.max_steps or training.num_train_epochs")
+
+
+def last_step_checkpoint(output_dir: Path, stem: str) -> Path | None:
+    """The run's checkpoint with whole weights `stem` that holds the model it exports: its last step's, or under
+    load_best_model_at_end the best one, which the Trainer loaded back (its trainer state names it). The last step of
+    the run recorded in output_dir, by the length the checkpoint's own trainer state was saved with: after a resume
+    that trains longer, the step that ended the first attempt is not the run's last."""
+    newest = newest_resumable(output_dir, weights_only=True)
+    training = (read_run_record(output_dir) or {}).get("config", {}).get("training", {})
+    end = last_step(newest, training) if newest is not None else None
+    state = json.loads((newest / STATE_FILE).read_text()) if end is not None else {}
+    if end is None or state["global_step"] < end:
+        return None
+    if training.get("load_best_model_at_end"):
+        newest = checkpoint_dir(output_dir, state["best_global_step"]) if state.get("best_global_step") else None
+    return None if newest is None or missing_weights(newest, stem) else newest
+
+
+def unexported_last_step(output_dir: Path) -> Path | None:
+    """The checkpoint of a run's last step, where the run stopped after saving it and before its export began (a
+    kill in between, with no staging directory yet): `sftkit export` publishes the model it holds."""
+    record = read_run_record(output_dir) or {}
+    if record.get("status") not in ("training", "exporting") or "dtype" not in record or \
+            (output_dir / STAGING_DIR).exists():
+        return None
+    return last_step_checkpoint(output_dir, "adapter_model" if record["config"]["model"].get("use_lora") else "model")
 
 
 def checkpoint_record(checkpoint: Path) -> dict | None:

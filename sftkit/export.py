@@ -21,24 +21,42 @@ from pathlib import Path
 
 import yaml
 
-from sftkit.checkpoints import STATE_FILE, kept_work_words, last_step, newest_checkpoint_words, newest_resumable
+from sftkit.checkpoints import (
+    kept_work_words,
+    last_step_checkpoint,
+    newest_checkpoint_words,
+    newest_resumable,
+    unexported_last_step,
+)
 from sftkit.command import export_command
-from sftkit.compat import float32_by_design, untie_an_adapted_embedding, zero3_init_disabled
+from sftkit.compat import (
+    float32_by_design,
+    untie_an_adapted_embedding,
+    zero3_init_disabled,
+)
 from sftkit.config import read_section
 from sftkit.environment import available_memory, library_versions
-from sftkit.errors import ConfigError, OneLineArgumentParser, RunFailed, SftkitError, first_line, say_error
+from sftkit.errors import (
+    ConfigError,
+    OneLineArgumentParser,
+    RunFailed,
+    SftkitError,
+    first_line,
+    say_error,
+)
 from sftkit.layout import (
     ADAPTER_DIR,
     BEFORE_AFTER_FILE,
     LOSS_PLOT,
     MODEL_CARD,
+    PUBLISHING_FILE,
     RUN_CONFIG_FILE,
     RUN_FILE,
     STAGING_DIR,
     SUMMARY_FILE,
     VERSIONS_FILE,
     adapter_base,
-    checkpoint_dir,
+    moved_by_a_publish_cut_short,
     published_weights,
     written_by_sftkit,
 )
@@ -66,7 +84,6 @@ from sftkit.weightfiles import (
     size_words,
 )
 
-PUBLISHING_FILE = "publishing.json"  # in the staging directory once its contents start moving into output_dir
 DISK_WAIT_SECONDS = float(os.environ.get("SFTKIT_DISK_WAIT_SECONDS", 900))
 DISK_POLL_SECONDS = 30
 MERGE_OVERHEAD = 2 * 2**30  # host memory of the process itself beside the base it merges into: torch, the tokenizer
@@ -463,6 +480,30 @@ def _refuse_files_made_meanwhile(staging: Path, output_dir: Path, moved: set[str
                         f"{export_command(output_dir)}")
 
 
+def _refuse_a_publish_missing_what_it_moved(output_dir: Path, moved: set[str]) -> None:
+    """A publish cut short is finished where it stopped: what it had moved in must still be there, or the model it
+    finishes lacks it (an adapter, the chat template) and yet looks whole."""
+    gone = sorted(name for name in moved if not (output_dir / name).exists())
+    if gone:
+        raise RunFailed(f"{output_dir}: the export moved {', '.join(gone)} there before it was cut short, and "
+                        f"{'they are' if len(gone) > 1 else 'it is'} gone since; put {'them' if len(gone) > 1 else 'it'}"
+                        f" back, then finish the export with: {export_command(output_dir)}")
+
+
+def _remove_the_earlier_models_reports(output_dir: Path) -> None:
+    """The model a resume that trains longer replaces leaves its card, summary and loss plot (and compare's report)
+    until the run's report replaces them: a kill in between left step 6's weights under step 4's card. Gone before
+    the new model comes in; the report of this run's own export that failed (which `sftkit export` finishes) stays."""
+    (output_dir / BEFORE_AFTER_FILE).unlink(missing_ok=True)
+    try:
+        reported = json.loads((output_dir / SUMMARY_FILE).read_text()).get("steps")
+    except (OSError, ValueError):
+        return
+    if reported != (read_run_record(output_dir) or {}).get("step"):
+        for report in (MODEL_CARD, SUMMARY_FILE, LOSS_PLOT):
+            (output_dir / report).unlink(missing_ok=True)
+
+
 def _publish(staging: Path, output_dir: Path, reports: bool = True) -> None:
     """Move the checked export into output_dir, config.json last. What it moves is listed first (PUBLISHING_FILE),
     so that a publish cut short is finished by running it again: the files it already moved are this export's, not
@@ -474,8 +515,11 @@ def _publish(staging: Path, output_dir: Path, reports: bool = True) -> None:
         write_json(manifest, {"items": sorted(item.name for item in staging.iterdir()),
                               "adapter": sorted(item.name for item in adapter.iterdir()) if adapter.is_dir() else []})
     listed = json.loads(manifest.read_text())
-    moved = set(listed["items"]) - {item.name for item in staging.iterdir()}
+    moved = moved_by_a_publish_cut_short(output_dir)
     _refuse_files_made_meanwhile(staging, output_dir, moved, reports)
+    _refuse_a_publish_missing_what_it_moved(output_dir, moved)
+    if reports:
+        _remove_the_earlier_models_reports(output_dir)
     # an earlier export's weights, whose names this one may not replace (other shards); its config.json goes first:
     # until the new one lands, none is there
     for stale in sorted(output_dir.iterdir(), key=lambda path: path.name != "config.json"):
@@ -496,8 +540,6 @@ def _publish(staging: Path, output_dir: Path, reports: bool = True) -> None:
     record_written(output_dir, listed["items"])  # this run's now, as a kill before the run's end leaves them
     manifest.unlink()
     staging.rmdir()
-    if reports:
-        (output_dir / BEFORE_AFTER_FILE).unlink(missing_ok=True)  # of the model this one replaced
     readable_like_other_files([*safetensors_weights(output_dir), *(output_dir / ADAPTER_DIR).glob("*.safetensors")])
 
 
@@ -536,20 +578,18 @@ def _dtypes_in(files: list[Path]) -> list[str]:
     return sorted(dtypes)
 
 
-def last_step_checkpoint(output_dir: Path, stem: str) -> Path | None:
-    """The run's checkpoint with whole weights `stem` that holds the model it exports: its last step's, or under
-    load_best_model_at_end the best one, which the Trainer loaded back (its trainer state names it). The last step of
-    the run recorded in output_dir, by the length the checkpoint's own trainer state was saved with: after a resume
-    that trains longer, the step that ended the first attempt is not the run's last."""
-    newest = newest_resumable(output_dir, weights_only=True)
-    training = (read_run_record(output_dir) or {}).get("config", {}).get("training", {})
-    end = last_step(newest, training) if newest is not None else None
-    state = json.loads((newest / STATE_FILE).read_text()) if end is not None else {}
-    if end is None or state["global_step"] < end:
-        return None
-    if training.get("load_best_model_at_end"):
-        newest = checkpoint_dir(output_dir, state["best_global_step"]) if state.get("best_global_step") else None
-    return None if newest is None or missing_weights(newest, stem) else newest
+def _begin_staging_from(checkpoint: Path, staging: Path, record: dict) -> None:
+    """A run stopped after its last step's checkpoint was saved, before its export began (a kill in between): the
+    staging directory as the export begins it, from the checkpoint (the trained weights follow: _recover_weights)."""
+    from transformers import AutoTokenizer
+
+    trust = record["config"]["model"].get("trust_remote_code", False)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust)
+    staging.mkdir()
+    tokenizer.save_pretrained(staging)
+    _write_config_and_versions(staging, record["config"], set(record.get("chosen", [])))
+    print(f"sftkit.export: the run stopped after its last step's checkpoint, before its export began; exporting the "
+          f"model {checkpoint} holds")
 
 
 def _recover_weights(output_dir: Path, lora: bool) -> None:
@@ -691,13 +731,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m sftkit.export") -
             unmerged = alone and not (args.output_dir / "config.json").is_file()
             raise ConfigError(f"{args.output_dir}: its export finished already; the model there is complete"
                               + ("; --merge merges the adapter it published alone" if unmerged else ""))
-        if not staging.is_dir():
+        unexported = unexported_last_step(args.output_dir)
+        if not staging.is_dir() and unexported is None:
             where = f"; {kept_work_words(args.output_dir)}" if record is not None else ""
             raise ConfigError(f"{args.output_dir} has no unfinished export to finish (no {STAGING_DIR} there){where}")
         if record is None or "dtype" not in record:
             raise ConfigError(f"{args.output_dir} has no unfinished export to finish: its run record {RUN_FILE} is "
                               "missing, or the run never reached its export")
         lock.take("finish its export once that run ends")  # not while a run still writes there
+        if unexported is not None:
+            _begin_staging_from(unexported, staging, record)
         import torch
         import transformers
 
@@ -713,6 +756,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m sftkit.export") -
         finish_export(args.output_dir, model_cfg, getattr(torch, record["dtype"]), export="python -m sftkit.export")
         _add_saved_dtypes_to_the_summary(args.output_dir)
         record_written(args.output_dir, [*published, SUMMARY_FILE])
+        if not (args.output_dir / SUMMARY_FILE).is_file():
+            newest = newest_resumable(args.output_dir, weights_only=True)
+            log = f"; its training log is in {newest / 'trainer_state.json'}" if newest else ""
+            print(f"{prog}: the run stopped before it wrote its report ({MODEL_CARD}, {SUMMARY_FILE}, {LOSS_PLOT}), "
+                  f"so there is none{log}")
     except SftkitError as error:
         return say_error(prog, error)
     finally:

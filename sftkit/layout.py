@@ -8,6 +8,7 @@ RUN_FILE = "sftkit_run.json"  # in output_dir and in every checkpoint: the finge
 LOCK_FILE = ".sftkit.lock"
 GUARD_FILE = ".sftkit.lock.guard"  # see runlock.RunLock._one_at_a_time
 STAGING_DIR = ".export-incomplete"
+PUBLISHING_FILE = "publishing.json"  # in the staging directory once its contents start moving into output_dir
 REPLACED_DIR = ".sftkit-replaced"  # what --overwrite removes, moved here first (OutputDir._remove_earlier_run)
 CHECKPOINT_PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR (5.24), without importing the Trainer here
 # What a run writes into output_dir beside the model and its tokenizer
@@ -64,6 +65,22 @@ LOSS_WINDOW_FILE = "sftkit_loss_window_{rank}.json"  # each process's, in each c
 # loss window), with no barrier before the main process lists the checkpoint: it may list some of them late
 PER_PROCESS = re.compile(r"rng_state_\d+\.pth|sftkit_loss_window_\d+\.json|"
                          r"(global_step\d+|pytorch_model_fsdp_\d+|optimizer_\d+)/.*")
+
+
+def moved_by_a_publish_cut_short(output_dir: Path) -> set[str]:
+    """What a publish cut short (export._publish, which lists what it moves in PUBLISHING_FILE first) had moved from
+    the staging directory into output_dir: this run's export, whatever the run record says of the names. The
+    adapter directory a resume's publish was moving file by file counts once one of its files moved."""
+    staging = output_dir / STAGING_DIR
+    try:
+        listed = json.loads((staging / PUBLISHING_FILE).read_text())
+    except (OSError, ValueError):
+        return set()
+    moved = {name for name in listed["items"] if not (staging / name).exists()}
+    if (staging / ADAPTER_DIR).is_dir() and any(not (staging / ADAPTER_DIR / name).exists()
+                                                for name in listed.get("adapter", [])):
+        moved.add(ADAPTER_DIR)
+    return moved
 
 
 def checkpoint_step(name: str) -> int | None:

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sftkit.checkpoints import added_to_checkpoint, newest_resumable, resume_problem
+from sftkit.checkpoints import added_to_checkpoint, newest_resumable, resume_problem, unexported_last_step
 from sftkit.command import export_command
 from sftkit.errors import ConfigError
 from sftkit.layout import (
@@ -30,6 +30,7 @@ from sftkit.layout import (
     checkpoint_step,
     holds_training,
     is_checkpoint,
+    moved_by_a_publish_cut_short,
     written_by_sftkit,
 )
 from sftkit.runlock import RunLock
@@ -95,12 +96,15 @@ def survey(directory: Path) -> Contents:
     items = sorted(directory.iterdir(), key=lambda path: _natural_key(path.name))
     newest = max((item.name for item in items if is_checkpoint(item)), key=checkpoint_step, default=None)
     trained = trained_to_step(directory) if recorded else None
+    publishing = moved_by_a_publish_cut_short(directory)  # changed since the record, by the run's own export
     for item in items:
         name = item.name
         if name in (LOCK_FILE, GUARD_FILE, RUN_FILE) or name.endswith(".partial"):
             continue
         if name.startswith(f"{REPLACED_DIR}-") and item.is_dir():  # an --overwrite cut short: what it was removing
             contents.ours.append(name)
+        elif name in publishing:
+            (contents.models if holds_training(name) else contents.ours).append(name)
         elif not (is_checkpoint(item) or written_by_sftkit(name)):
             contents.foreign.append(name)
         elif is_checkpoint(item) and recorded and _saved_by_the_run(item, record, name == newest, trained):
@@ -338,6 +342,8 @@ class OutputDir:
             if weights is not None:
                 ways.insert(0, f"fine-tune the weights of {weights} further as model.path into another "
                                "training.output_dir")
+        elif contents.checkpoints and same_config and unexported_last_step(self.path) is not None:
+            ways.insert(0, f"publish the model its last step's checkpoint holds with {export_command(self.path)}")
         elif contents.checkpoints and same_config:
             ways.insert(0, "continue it with --training.resume_from_checkpoint true")
         elif contents.checkpoints and earlier is not None:

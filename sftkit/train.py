@@ -34,7 +34,12 @@ from sftkit.data.tokenize import stop_at_the_end_of_a_reply
 from sftkit.engines import launch_engine
 from sftkit.environment import host_memory
 from sftkit.errors import ConfigError, FailedHere, Interrupted, RunFailed, first_line
-from sftkit.export import lost_after_staging, merge_memory_problem, publish_staged, stage_trained_weights
+from sftkit.export import (
+    lost_after_staging,
+    merge_memory_problem,
+    publish_staged,
+    stage_trained_weights,
+)
 from sftkit.fastpath import describe as describe_speed
 from sftkit.layout import STAGING_DIR, checkpoint_dir
 from sftkit.model import (
@@ -200,6 +205,8 @@ def _train_steps(run: _SetUp, config: RunConfig, output: OutputDir, resume_from:
         raise Interrupted(f"stopped by {signum.name} before training began: this run wrote nothing in {output.path}",
                           signum)
     output.begin(trainer.accelerator.is_main_process)
+    if trainer.accelerator.is_main_process:  # a kill after the last step's checkpoint, before the export: see export.main
+        output.mark("training", **_export_settings(run, config))
     try:
         trainer.train(resume_from_checkpoint=resume_from)
     except StopRequested:  # in the Trainer's setup, or the evaluation at its start
@@ -209,9 +216,14 @@ def _train_steps(run: _SetUp, config: RunConfig, output: OutputDir, resume_from:
     _stop_unless_trained(trainer)
     extras = not _asked_to_stop(trainer)
     if trainer.accelerator.is_main_process:
-        output.mark("exporting", dtype=str(run.dtype).removeprefix("torch."), step=trainer.state.global_step,
-                    chosen=sorted(choice.key for choice in config.speed if choice.chosen))  # see export.main
+        output.mark("exporting", step=trainer.state.global_step, **_export_settings(run, config))
     return train_seconds, extras
+
+
+def _export_settings(run: _SetUp, config: RunConfig) -> dict:
+    """What `sftkit export` needs, beside the run's config, to finish the export as the run would have."""
+    return {"dtype": str(run.dtype).removeprefix("torch."),
+            "chosen": sorted(choice.key for choice in config.speed if choice.chosen)}
 
 
 def _export_and_report(run: _SetUp, config: RunConfig, train_seconds: float, extras: bool) -> Run:

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_MODEL, export_float32, run_here, run_python, run_sft, tmpfs
+from conftest import (
+    REPO,
+    TINY_MODEL,
+    export_float32,
+    run_here,
+    run_python,
+    run_sft,
+    tmpfs,
+)
 from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
@@ -17,6 +25,7 @@ from transformers import AutoModelForCausalLM
 from sftkit import export as export_module
 from sftkit.config import load_config
 from sftkit.errors import ConfigError, Interrupted, RunFailed
+from sftkit.export import ADAPTER_FILE
 from sftkit.export import main as export_main
 from sftkit.layout import ADAPTER_DIR, RUN_FILE, STAGING_DIR
 from sftkit.rundir import OutputDir
@@ -406,6 +415,98 @@ def test_a_publish_cut_short_is_finished_by_running_the_export_again(tmp_path, m
     assert (out / "model.safetensors").read_bytes() == weights and (out / "config.json").is_file()
     assert not (out / STAGING_DIR).exists()
     AutoModelForCausalLM.from_pretrained(out)
+
+
+def killed_at(tmp_path, *args: str, at: str):
+    """`python sft.py ARGS` killed (os._exit, as SIGKILL: no cleanup) as it creates or moves into place the path
+    ending in `at` (the staging directory, a staged file as the publish moves it, or one of its adapter's)."""
+    script = tmp_path / "sft_killed_at.py"
+    script.write_text(f"""import os, sys
+sys.path.insert(0, {str(REPO)!r})
+from pathlib import Path
+
+def die_at(method):
+    def at(self, *args, **kwargs):
+        if str(self).endswith({at!r}):
+            os._exit(137)
+        return method(self, *args, **kwargs)
+    return at
+
+Path.rename, Path.replace, Path.mkdir = die_at(Path.rename), die_at(Path.replace), die_at(Path.mkdir)
+from sftkit.cli import main
+raise SystemExit(main())
+""")
+    result = run_python(str(script), *args, check=False)
+    assert result.returncode == 137, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+def test_a_run_killed_between_its_last_checkpoint_and_its_export_is_published_by_sftkit_export(tmp_path):
+    """The rerun said to resume, the resume that nothing was left to train, and `sftkit export` that there was no
+    export to finish: no command published the trained model (helper-77)."""
+    out = tmp_path / "out"
+    args = ["--training.output_dir", str(out), "--training.max_steps", "3", "--training.save_strategy", "steps",
+            "--training.save_steps", "3", "--dataset.test_size", "null"]
+    killed_at(tmp_path, *args, at=f"out/{STAGING_DIR}")
+    assert (out / "checkpoint-3" / "model.safetensors").is_file() and not (out / STAGING_DIR).exists()
+    rerun = run_sft(*args, check=False)
+    assert rerun.returncode == 2 and f"publish the model its last step's checkpoint holds with python -m " \
+        f"sftkit.export {out}" in rerun.stderr, rerun.stderr
+    resumed = run_sft(*args, "--training.resume_from_checkpoint", "true", check=False)
+    assert resumed.returncode == 2 and f"Its export did not begin: publish its trained model with python -m " \
+        f"sftkit.export {out}" in resumed.stderr, resumed.stderr
+    finished = run_here(export_main, str(out))
+    assert "exporting the model" in finished.stdout and f"its training log is in {out}/checkpoint-3" in finished.stdout
+    assert json.loads((out / RUN_FILE).read_text())["status"] == "finished" and (out / "chat_template.jinja").is_file()
+    published, trained = (AutoModelForCausalLM.from_pretrained(path) for path in (out, out / "checkpoint-3"))
+    for (name, tensor), (_, expected) in zip(published.state_dict().items(), trained.state_dict().items()):
+        assert torch.equal(tensor, expected), name
+
+
+def test_a_publish_killed_part_way_is_named_as_an_unfinished_export_and_finished_whole(tmp_path):
+    """A kill after the chat template, generation config and adapter had moved in: a rerun called them "files sftkit
+    did not write there ... move them elsewhere", and `sftkit export` then finished a model without them that looked
+    whole (helper-77)."""
+    out = tmp_path / "out"
+    args = ["--config", "configs/lora_train_config.yaml", "--training.output_dir", str(out), *SHORT]
+    killed_at(tmp_path, *args, at=f"{STAGING_DIR}/model.safetensors")
+    assert (out / ADAPTER_DIR / "adapter_model.safetensors").is_file() and not (out / "config.json").exists()
+    rerun = run_sft(*args, check=False)
+    assert rerun.returncode == 2 and "did not write" not in rerun.stderr and "changed since" not in rerun.stderr
+    assert f"an unfinished export ({STAGING_DIR}): finish its export with python -m sftkit.export {out}" in \
+        rerun.stderr
+    (out / ADAPTER_DIR).rename(tmp_path / "moved")  # taken away since: never finished without it
+    refused = run_here(export_main, str(out), check=False)
+    assert refused.returncode == 1 and f"the export moved {ADAPTER_DIR} there before it was cut short, and it is " \
+        f"gone since; put it back, then finish the export with: python -m sftkit.export {out}" in refused.stderr
+    (tmp_path / "moved").rename(out / ADAPTER_DIR)
+    assert run_here(export_main, str(out)).returncode == 0
+    assert (out / "chat_template.jinja").is_file() and (out / "generation_config.json").is_file()
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
+    assert json.loads((out / RUN_FILE).read_text())["status"] == "finished"
+
+
+def test_a_resumes_publish_killed_while_replacing_the_adapter_is_finished_with_the_new_adapter(tmp_path):
+    """A resume that trains longer replaces lora_weights/ file by file: a kill after the new weights moved in made
+    the rerun and `sftkit export` call it "changed since the run wrote them", and moving it away as they said
+    published an adapter without weights (helper-77). The earlier model's card and summary are gone before the new
+    model comes in: a kill later left step 4's weights under step 2's card."""
+    out = tmp_path / "out"
+    args = ["--config", "configs/lora_train_config.yaml", "--training.output_dir", str(out), "--training.max_steps",
+            "2", "--training.save_strategy", "steps", "--training.save_steps", "2", "--dataset.test_size", "null"]
+    run_sft(*args)
+    assert json.loads((out / "run_summary.json").read_text())["steps"] == 2
+    longer = [*args, "--training.max_steps", "4", "--training.resume_from_checkpoint", "true"]
+    killed_at(tmp_path, *longer, at=f"{STAGING_DIR}/{ADAPTER_DIR}/adapter_config.json")
+    trained = (out / "checkpoint-4" / "adapter_model.safetensors").read_bytes()
+    assert (out / ADAPTER_DIR / "adapter_model.safetensors").read_bytes() == trained
+    assert not (out / "README.md").exists() and not (out / "run_summary.json").exists()
+    rerun = run_sft(*longer, check=False)
+    assert rerun.returncode == 2 and "changed since" not in rerun.stderr, rerun.stderr
+    assert run_here(export_main, str(out)).returncode == 0
+    assert sorted(path.name for path in (out / ADAPTER_DIR).iterdir() if ADAPTER_FILE.fullmatch(path.name)) == [
+        "adapter_config.json", "adapter_model.safetensors"]
+    assert (out / ADAPTER_DIR / "adapter_model.safetensors").read_bytes() == trained
+    assert json.loads((out / RUN_FILE).read_text())["step"] == 4
 
 
 def test_a_disk_too_small_for_the_export_is_refused_before_training(tmp_path):

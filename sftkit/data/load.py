@@ -8,7 +8,11 @@ import os
 from pathlib import Path
 
 from sftkit.checks import source_errors
-from sftkit.compat import blank_line_datasets_cannot_read, cache_named_by_contents, refuse_values_datasets_reads_as_json
+from sftkit.compat import (
+    blank_line_datasets_cannot_read,
+    cache_named_by_contents,
+    refuse_values_datasets_reads_as_json,
+)
 from sftkit.data.formats import READS, detect_format
 from sftkit.errors import NOT_UTF8_FIX, DataError, first_line, not_utf8
 from sftkit.paths import (
