@@ -70,7 +70,8 @@ class Contents:
         if STAGING_DIR in self.models:  # its weights may be whole or cut short; sftkit export tells and finishes it
             parts.append(f"an unfinished export ({STAGING_DIR})")
         if self.checkpoints:
-            parts.append(f"{len(self.checkpoints)} checkpoint(s) ({', '.join(self.checkpoints[-2:])})")
+            newest = "the newest " if len(self.checkpoints) > 2 else ""
+            parts.append(f"{len(self.checkpoints)} checkpoint(s) ({newest}{', '.join(self.checkpoints[-2:])})")
         if self.foreign:
             parts.append(f"files sftkit did not write ({', '.join(self.foreign[:3])})")
         replaced = [name for name in self.ours if name.startswith(f"{REPLACED_DIR}-")]

@@ -147,6 +147,16 @@ def test_files_of_one_source_with_other_columns_are_named(tmp_path, tokenizer):
         prepare_data(DatasetConfig(name=str(tmp_path / "*.jsonl")), tokenizer, max_length=128)
 
 
+def test_json_array_files_with_other_columns_are_named(tmp_path, tokenizer):
+    """LLaMA-Factory's files are pretty-printed JSON arrays: their first line, "[", was read as their first row, so
+    two of them passed the check, and datasets said only "An error occurred while generating the dataset" (helper-78)."""
+    (tmp_path / "a.json").write_text(json.dumps([{"instruction": "Hi", "input": "", "output": "Hello"}], indent=2))
+    (tmp_path / "b.json").write_text(json.dumps([chat(1)], indent=2))
+    with pytest.raises(DataError, match=r"its files have other columns \(a.json: input, instruction, output; b.json: "
+                                        r"messages\), and datasets reads files of one set of columns"):
+        prepare_data(DatasetConfig(name=str(tmp_path)), tokenizer, max_length=128)
+
+
 def test_a_column_map_onto_one_name_twice_is_refused_before_loading(tmp_path):
     """datasets raised a ValueError with a traceback."""
     path = write_jsonl(tmp_path / "rows.jsonl", [{"q": "Hi", "query": "Hi?", "a": "Hello"}])

@@ -324,9 +324,13 @@ def _other_columns(files: list[str]) -> str | None:
         if data_suffix(file) == ".csv":
             return tuple(_header(file))
         with open_data(file) as handle:
-            first = next((line for line in handle if line.strip()), b"")
+            head = handle.read(2**20)
+        text = head.decode("utf-8", "replace") if isinstance(head, bytes) else head
+        start = len(text) - len(text.lstrip())
+        if text.startswith("[", start):  # a JSON array of rows (LLaMA-Factory's files): its first row
+            start = len(text) - len(text[start + 1 :].lstrip())
         try:
-            row = json.loads(first)
+            row, _ = json.JSONDecoder().raw_decode(text, start)  # a JSON Lines file's first row, or the array's
         except ValueError:
             return ()
         return tuple(row) if isinstance(row, dict) else ()
