@@ -524,12 +524,24 @@ KNOWN_AS = {
     "warmup_ratio": "training.warmup_steps", "dataset.type": "dataset.format",
     "eval_file": "dataset.eval_sources", "validation_file": "dataset.eval_sources", "val_file": "dataset.eval_sources",
     "eval_dataset": "dataset.eval_sources", "dataset.eval_name": "dataset.eval_sources",
+    "test_datasets": "dataset.eval_sources", "datasets": "dataset.sources", "sample_packing": "training.packing",
+    "optimizer": "training.optim", "lr_scheduler": "training.lr_scheduler_type",
+    "lora_modules_to_save": "model.lora_config.modules_to_save", "lora_target_linear": "model.lora_config.target_modules",
+    "flash_attention": "model.attn_implementation", "template": "dataset.chat_template",
+    "wandb_project": "training.report_to", "preprocessing_num_workers": "training.dataset_num_proc",
 }
 # What a suggestion adds where the key it suggests takes the value another way
 EVAL_FILE_NOTE = "a list of sources: eval_sources: [{name: heldout.jsonl}]"
 KNOWN_AS_NOTES = {
     "warmup_ratio": "transformers 5 removed warmup_ratio: a warmup_steps below 1 is that fraction of the steps",
-    **{key: EVAL_FILE_NOTE for key in ("eval_file", "validation_file", "val_file", "eval_dataset", "eval_name")},
+    **{key: EVAL_FILE_NOTE for key in ("eval_file", "validation_file", "val_file", "eval_dataset", "eval_name",
+                                       "test_datasets")},
+    "datasets": "a list of sources: dataset: {sources: [{name: a.jsonl}, {name: b.json}]}",
+    "lora_target_linear": "target_modules: all-linear",
+    "flash_attention": "attn_implementation: flash_attention_2, or leave it out: sftkit chooses it where flash-attn "
+                       "is installed",
+    "template": "leave it out to use the tokenizer's own chat template, or give a Jinja file",
+    "wandb_project": "report_to: wandb, with the project in the WANDB_PROJECT environment variable",
 }
 # keys of older versions that nothing replaces in the config: what to do instead
 REMOVED = {

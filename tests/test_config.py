@@ -197,6 +197,12 @@ def test_unknown_keys_in_every_section_are_reported_together_with_suggestions(tm
                                      "that fraction of the steps"),
         ("dataset", "validation_file", "'eval_sources'? a list of sources: eval_sources: [{name: heldout.jsonl}]"),
         ("dataset", "eval_file", "'eval_sources'? a list of sources"),  # was eval_split, a split's name
+        ("training", "sample_packing", "'packing'"),  # was eval_packing, which packs no training (helper-78)
+        ("dataset", "test_datasets", "'eval_sources'? a list of sources"),  # was test_size
+        ("training", "optimizer", "'optim'"),
+        ("model", "flash_attention", "'attn_implementation'? attn_implementation: flash_attention_2, or leave it out"),
+        ("model", "template", "dataset.chat_template? leave it out to use the tokenizer's own chat template"),
+        ("dataset", "preprocessing_num_workers", "training.dataset_num_proc"),
     ],
 )
 def test_keys_other_tools_use_or_another_section_holds_are_named_as_sftkit_calls_them(tmp_path, section, key, meant):
