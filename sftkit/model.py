@@ -305,10 +305,11 @@ def check_token_settings(tokenizer, training, model_path: str) -> None:
 
 
 def check_data_fits_model(tokenizer, model_cfg: ModelConfig, data, args) -> None:
-    """The prepared rows against the model's config.json: their token ids (an error) and their lengths (a warning)."""
-    text_config = _read_model_config(model_cfg).get_text_config()
+    """The prepared rows against the model's config.json: their token ids and their lengths."""
+    hf_config = _read_model_config(model_cfg)
+    text_config = hf_config.get_text_config()
     _check_vocabulary_fits(tokenizer, model_cfg, data, text_config)
-    _warn_of_rows_past_positions(model_cfg, data, args, text_config)
+    _check_rows_within_positions(model_cfg, data, args, hf_config, text_config)
 
 
 def _check_vocabulary_fits(tokenizer, model_cfg: ModelConfig, data, text_config) -> None:
@@ -327,19 +328,34 @@ def _check_vocabulary_fits(tokenizer, model_cfg: ModelConfig, data, text_config)
                           "each) and point model.path at that copy")
 
 
-def _warn_of_rows_past_positions(model_cfg: ModelConfig, data, args, text_config) -> None:
-    """Rows (train or eval) longer than the positions the model has: where they are learned (GPT-2, OPT) training or
-    evaluation fails on the first such row with an IndexError, and rotary ones were not pretrained past them. Packing
-    `wrapped` runs positions on across rows, to max_length. A warning, not an error: config.json does not say
-    reliably which kind a model has, and rope scaling may extend them."""
+def _check_rows_within_positions(model_cfg: ModelConfig, data, args, hf_config, text_config) -> None:
+    """Rows (train or eval) longer than the positions the model has: where it looks them up in a table (GPT-2, OPT)
+    training fails on the first such row with an IndexError, after the model has loaded (an error, before); rotary
+    ones were not pretrained past them, and rope scaling may extend them (a warning). Packing `wrapped` runs
+    positions on across rows, to max_length."""
     positions, max_length = getattr(text_config, "max_position_embeddings", None), args.max_length
     wrapped = args.packing and args.packing_strategy == "wrapped"
     longest = max_length if wrapped else min(data.longest_row(), max_length)
-    if is_main_process() and isinstance(positions, int) and longest > positions:
-        logger.warning(f"rows of up to {longest:,} tokens reach the model (model.max_seq_length {max_length:,}), but "
-                       f"{model_cfg.path} has {positions:,} positions (max_position_embeddings in config.json): a "
-                       "model with learned positions (GPT-2, OPT) fails on such a row, and others were not "
-                       f"pretrained past them; set model.max_seq_length to {positions:,} or less")
+    if not isinstance(positions, int) or longest <= positions:
+        return
+    problem = (f"rows of up to {longest:,} tokens reach the model (model.max_seq_length {max_length:,}), but "
+               f"{model_cfg.path} has {positions:,} positions (max_position_embeddings in config.json)")
+    if _learned_positions(model_cfg, hf_config, positions):
+        raise ConfigError(f"{problem}, which it looks up in a table of that many rows: training would fail on the "
+                          f"first longer row; set model.max_seq_length to {positions:,} or less")
+    if is_main_process():
+        logger.warning(f"{problem}: it was not pretrained past them; set model.max_seq_length to {positions:,} or "
+                       "less, unless its rope scaling extends them")
+
+
+def _learned_positions(model_cfg: ModelConfig, hf_config, positions: int) -> bool:
+    """Whether the model has a table of position embeddings (GPT-2's wpe, OPT's embed_positions, two rows longer):
+    rotary and ALiBi models have none."""
+    model = _meta_model(model_cfg, hf_config)
+    tokens = model.get_input_embeddings() if model is not None else None
+    return model is not None and any(isinstance(module, torch.nn.Embedding) and module is not tokens
+                                     and module.num_embeddings in (positions, positions + 2)
+                                     for module in model.modules())
 
 
 def ensure_distinct_pad_token(tokenizer) -> None:

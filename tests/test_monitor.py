@@ -575,17 +575,25 @@ def test_a_signal_in_the_evaluation_before_the_first_step_stops_it_at_once(tmp_p
     assert train(load_config(None, arguments)).trainer.state.global_step == 3  # the same command starts it again
 
 
-def test_a_failed_sample_reply_or_final_evaluation_never_costs_the_trained_model(tmp_path, capsys):
-    """A model with learned positions (GPT-2's 128 here) given a sample prompt longer than them, and an eval row as
-    long, raised IndexError in the reply after the last step and in the final evaluation: a traceback, and the
-    trained model, which existed only in memory, was lost."""
+def test_a_failed_sample_reply_or_final_evaluation_never_costs_the_trained_model(tmp_path, capsys, monkeypatch):
+    """A model with learned positions (GPT-2's 128 here) given a sample prompt longer than them raised IndexError in
+    the reply after the last step, as did an eval row as long in the final evaluation (such rows are refused before
+    loading now: the failure is made here): a traceback, and the trained model, which existed only in memory, was
+    lost."""
+    import transformers
+
     model = save_tiny_gpt2(tmp_path / "gpt2", positions=128)
     long = "Tell me about the weather today, please. " * 12
-    (tmp_path / "eval.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": long},
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "Weather?"},
                                                                   {"role": "assistant", "content": "Sunny."}]}) + "\n")
+
+    def out_of_range(self, *args, **kwargs):
+        raise IndexError("index out of range in self")
+
+    monkeypatch.setattr(transformers.Trainer, "evaluate", out_of_range)
     out = tmp_path / "out"
     run = train(load_config(None, [
-        "--model.path", model, "--model.max_seq_length", "512", "--training.output_dir", str(out),
+        "--model.path", model, "--model.max_seq_length", "128", "--training.output_dir", str(out),
         "--training.max_steps", "2", "--dataset.test_size", "null", "--training.eval_on_start", "false",
         "--dataset.eval_sources", json.dumps([{"name": str(tmp_path / "eval.jsonl")}]),
         "--dataset.sample_prompts", json.dumps([long]), "--training.num_train_epochs", "1"]))

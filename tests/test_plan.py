@@ -266,15 +266,16 @@ def test_the_memory_estimate_is_within_20_percent_of_what_a_gpu_measured(tmp_pat
     assert 0.8 < estimate_gib / measured_gib < 1.2, memory.description
 
 
-def test_rows_longer_than_the_models_positions_are_warned_of_before_loading(tmp_path):
+def test_rows_longer_than_the_models_positions_are_refused_or_warned_of_before_loading(tmp_path):
     """A model with learned positions (GPT-2's 64 here) under a max_seq_length longer than them failed in the first
-    forward pass of such a row with an IndexError, after the model had loaded."""
+    forward pass of such a row with an IndexError, after the model had loaded, though a warning had said it would
+    (helper-78): refused. A rotary model was not pretrained past them: a warning."""
     model = conftest.save_tiny_gpt2(tmp_path / "gpt2", positions=64)
-    result = run_sft("--dry-run", "--model.path", model, "--training.output_dir", str(tmp_path / "out"))
-    assert (f"sftkit: warning: rows of up to 92 tokens reach the model (model.max_seq_length 256), but {model} has 64 "
-            "positions (max_position_embeddings in config.json): a model with learned positions (GPT-2, OPT) fails on "
-            "such a row, and others were not pretrained past them; set model.max_seq_length to 64 or less") in \
-        result.stderr, result.stderr
+    refused = run_sft("--dry-run", "--model.path", model, "--training.output_dir", str(tmp_path / "out"), check=False)
+    assert refused.returncode == 2 and refused.stderr.rstrip().endswith(
+        f"sft.py: error: rows of up to 92 tokens reach the model (model.max_seq_length 256), but {model} has 64 "
+        "positions (max_position_embeddings in config.json), which it looks up in a table of that many rows: training "
+        "would fail on the first longer row; set model.max_seq_length to 64 or less"), refused.stderr
     fits = run_sft("--dry-run", "--model.path", model, "--model.max_seq_length", "64", "--training.output_dir",
                    str(tmp_path / "out"))
     assert "positions" not in fits.stderr, fits.stderr
@@ -282,14 +283,19 @@ def test_rows_longer_than_the_models_positions_are_warned_of_before_loading(tmp_
     wider = conftest.save_tiny_gpt2(tmp_path / "gpt2-128", positions=128)
     assert "positions" not in run_sft("--dry-run", "--model.path", wider).stderr
     wrapped = run_sft("--dry-run", "--model.path", wider, "--training.packing", "true", "--training.packing_strategy",
-                      "wrapped").stderr
+                      "wrapped", check=False).stderr
     assert "rows of up to 256 tokens reach the model (model.max_seq_length 256), but" in wrapped, wrapped
     (tmp_path / "eval.jsonl").write_text(json.dumps({"messages": [
         {"role": "user", "content": "Tell me about the weather today, please. " * 12},
         {"role": "assistant", "content": "Sunny."}]}) + "\n")
     evaluated = run_sft("--dry-run", "--model.path", wider, "--dataset.test_size", "null", "--dataset.eval_sources",
-                        json.dumps([{"name": str(tmp_path / "eval.jsonl")}])).stderr
+                        json.dumps([{"name": str(tmp_path / "eval.jsonl")}]), check=False).stderr
     assert "rows of up to 233 tokens reach the model" in evaluated, evaluated
+    rotary = weightless_copy(tmp_path, max_position_embeddings=64)
+    warned = run_sft("--dry-run", "--model.path", str(rotary), "--training.output_dir", str(tmp_path / "out"))
+    assert (f"sftkit: warning: rows of up to 92 tokens reach the model (model.max_seq_length 256), but {rotary} has "
+            "64 positions (max_position_embeddings in config.json): it was not pretrained past them; set "
+            "model.max_seq_length to 64 or less, unless its rope scaling extends them") in warned.stderr, warned.stderr
 
 
 def test_eval_rows_the_data_repeats_among_the_train_rows_are_counted(tmp_path):
