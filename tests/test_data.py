@@ -328,6 +328,24 @@ def test_what_other_formats_hold_beside_the_reply_is_refused_as_the_messages_for
         prepare_data(DatasetConfig(name=str(path), format=format_name), tokenizer, max_length=64)
 
 
+def test_a_column_of_system_prompts_under_another_name_is_warned_of_and_read_once_mapped(tmp_path, caplog,
+                                                                                        tokenizer):
+    """OpenOrca's system_prompt beside an Alpaca layout was dropped without a word: the rows trained without their
+    system turn (helper-78). An id column is left unread in silence."""
+    path = tmp_path / "orca.jsonl"
+    path.write_text(json.dumps({"id": "niv.1", "system_prompt": "Be terse.", "instruction": "Name a color",
+                                "output": "Blue"}) + "\n")
+    data = prepare_data(DatasetConfig(name=str(path), test_size=None), tokenizer, max_length=128)
+    assert caplog.text.count("is not read") == 1 and f"dataset {path}: column system_prompt is not read (format " \
+        "alpaca takes a row's system prompt from a column named system), so the rows train without it; to read it, " \
+        "map it: column_map: {system_prompt: system}" in caplog.text
+    assert "Be terse." not in tokenizer.decode(data.train[0]["input_ids"])
+    caplog.clear()
+    mapped = prepare_data(DatasetConfig(name=str(path), test_size=None, column_map={"system_prompt": "system"}),
+                          tokenizer, max_length=128)
+    assert "not read" not in caplog.text and "Be terse." in tokenizer.decode(mapped.train[0]["input_ids"])
+
+
 def test_rows_that_call_tools_they_do_not_define_are_warned_of(tmp_path, caplog):
     """A row with calls and no tools column, or calling a tool its tools lack, trained its calls on a prompt that
     shows no such tool, without a word (helper-75); a system message may describe them in its own words, so it is

@@ -10,6 +10,7 @@ import pyarrow.compute as pc
 
 from sftkit import compat
 from sftkit.data.formats import (
+    READS,
     RowDefect,
     detect_format,
     refuse_missing_columns,
@@ -341,6 +342,8 @@ class _Preparation:
         elif is_main_process() and not self.template_checked:  # chat rows meet the template: once per run
             warn_of_markers_trained_as_text(self.tokenizer)
             self.template_checked = True
+        if is_main_process():
+            _warn_of_system_columns_not_read(rows.column_names, source, format_name)
         if format_name == "messages" and is_main_process():
             _warn_of_speaker_names(rows, source)
         if format_name in ("messages", "sharegpt") and is_main_process():
@@ -432,6 +435,17 @@ class _Preparation:
         """The row a tokenized example was made from, with its source's format and config."""
         rows, format_name, source = self.raw[example["source"]]
         return rows[example["row"]], format_name, source
+
+
+def _warn_of_system_columns_not_read(columns: list[str], source: SourceConfig, format_name: str) -> None:
+    """A column of system prompts under another name (OpenOrca's system_prompt) is not read: the rows trained without
+    the system turn their data gives them, and nothing said so (helper-78). Other columns (ids, metadata) are left
+    unread in silence."""
+    unread = [column for column in columns if "system" in column.lower() and column not in READS[format_name]]
+    if unread and format_name != "text":
+        logger.warning(f"dataset {source.name}: column {unread[0]} is not read (format {format_name} takes a row's "
+                       f"system prompt from a column named system), so the rows train without it; to read it, map "
+                       f"it: column_map: {{{unread[0]}: system}}")
 
 
 def _warn_of_speaker_names(rows, source: SourceConfig, looked_at: int = 100) -> None:
