@@ -1216,6 +1216,10 @@ def test_the_files_pandas_writes_by_default_are_refused_saying_how_to_save_rows(
     ([{"messages": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}], None,
      "line 1: message 0 has from and value, as ShareGPT turns do, not role and content; map the column: "
      "column_map: {messages: conversations}"),
+    # LLaMA-Factory calls OpenAI's layout "sharegpt": the map said, then its reverse (helper-78)
+    ([{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}], "sharegpt",
+     "has the columns ['messages'], as format messages reads them, and dataset.format sharegpt reads conversations, "
+     "which it lacks: leave dataset.format out (the format is told from the columns), or set it to messages"),
 ])
 def test_columns_named_otherwise_are_said_once_with_the_map_that_reads_them(tmp_path, tokenizer, rows, format_name,
                                                                             expected):

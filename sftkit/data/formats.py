@@ -166,6 +166,11 @@ def refuse_missing_columns(columns: list[str], format_name: str, source: str) ->
     if not missing:
         return
     renames = _renames_by_case(columns, required)
+    fits = next((name for name, needs in SIGNATURES if needs <= set(columns)), None)
+    if not renames and fits is not None:  # LLaMA-Factory calls OpenAI's messages "sharegpt": mapping went in circles
+        raise DataError(f"{source} has the columns {columns}, as format {fits} reads them, and dataset.format "
+                        f"{format_name} reads {' and '.join(missing)}, which it lacks: leave dataset.format out (the "
+                        f"format is told from the columns), or set it to {fits}")
     others = [column for column in columns if column not in required]
     if not renames and len(others) == len(missing) == 1:
         renames = {others[0]: missing[0]}
