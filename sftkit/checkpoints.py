@@ -26,6 +26,7 @@ from sftkit.layout import (
     is_checkpoint,
     pushed_from_a_checkpoint,
 )
+from sftkit.peers import split_across_machines
 from sftkit.runrecord import (
     changed_inputs,
     config_differences,
@@ -492,19 +493,11 @@ def newest_resumable(output_dir: Path, weights_only: bool = False) -> Path | Non
     return intact[-1] if intact else None
 
 
-_split_across_machines = []  # peers.check_output_dir_is_shared found output_dir is not one directory
-
-
-def split_across_machines() -> None:
-    """This launch's machines each write their part of every checkpoint into their own output_dir."""
-    _split_across_machines.append(True)
-
-
 def newest_checkpoint_words(output_dir: Path, max_steps: int | None = None) -> str:
     """Where a failed run can continue from, for its error message."""
     newest = newest_resumable(output_dir)
     saved = checkpoints_in(output_dir)
-    if newest is None and saved and _split_across_machines:
+    if newest is None and saved and split_across_machines():
         return (f"each checkpoint is split across the machines' output_dirs; {saved[-1]} holds this machine's part: "
                 f"copy every machine's {saved[-1].name} files into one directory to make it whole")
     if newest is None and saved:

@@ -20,7 +20,6 @@ import threading
 import time
 from pathlib import Path
 
-from sftkit.checkpoints import split_across_machines
 from sftkit.command import launcher
 from sftkit.engines import (
     first_on_its_machine,
@@ -37,6 +36,14 @@ from sftkit.layout import LOCK_FILE, is_checkpoint
 from sftkit.runrecord import input_digests
 
 logger = logging.getLogger(__name__)
+# check_output_dir_is_shared found output_dir is not one directory: each machine writes its part of every checkpoint
+# into its own (a module's state: the error that names the newest checkpoint comes from elsewhere)
+_SPLIT_ACROSS_MACHINES: list = []
+
+
+def split_across_machines() -> bool:
+    """Whether this launch's machines each write their part of every checkpoint into their own output_dir."""
+    return bool(_SPLIT_ACROSS_MACHINES)
 
 # The launcher's store outlives a restart of its processes (`--max_restarts`), so the keys are the attempt's: a
 # restarted process must not read the failure that ended the attempt before as a new one. torchrun counts an attempt
@@ -311,7 +318,7 @@ def check_output_dir_is_shared(output_dir: Path, args, resuming: bool) -> None:
         raise ConfigError(f"{unshared}, so each machine holds only its own part of every checkpoint; resume with "
                           "output_dir on a filesystem every machine shares (copying each machine's checkpoint-N "
                           "files into one directory there makes them whole)")
-    split_across_machines()
+    _SPLIT_ACROSS_MACHINES.append(True)
     if args.process_index == 0:
         logger.warning(f"{unshared}. The model is written on this machine, but each checkpoint is split across the "
                        "machines' disks and cannot resume, and save_total_limit removes only this machine's parts; "

@@ -450,15 +450,16 @@ def test_a_mistaken_launcher_option_is_one_line_too(args, expected):
 
 
 def test_training_keys_are_checked_without_importing_torch(tmp_path):
+    """By sft.py's own command line: its imports had come to take in transformers and PEFT (sftkit.peers imported
+    sftkit.checkpoints), and a typo took 7 s to say (helper-78)."""
     code = (
-        "import sys\nfrom sftkit.config import load_config\nfrom sftkit.errors import ConfigError\n"
-        f"try:\n    load_config({write(tmp_path, MINIMAL + '  learning_rat: 1e-4' + chr(10))!r})\n"
-        "except ConfigError as error:\n    print(error)\n"
-        "print('torch' in sys.modules, 'trl.trainer' in sys.modules)\n"
+        "import sys\nfrom sftkit.cli import main\n"
+        f"code = main(['--config', {write(tmp_path, MINIMAL + '  learning_rat: 1e-4' + chr(10))!r}])\n"
+        "print(code, 'torch' in sys.modules, 'transformers' in sys.modules, 'trl.trainer' in sys.modules)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-    assert "unknown key training.learning_rat (did you mean 'learning_rate'?)" in result.stdout
-    assert result.stdout.strip().endswith("False False"), result.stdout
+    assert "unknown key training.learning_rat (did you mean 'learning_rate'?)" in result.stderr
+    assert result.stdout.strip() == "2 False False False", result.stdout
 
 
 def test_the_static_field_list_matches_sft_config():
