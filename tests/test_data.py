@@ -719,8 +719,15 @@ def test_column_map_renames_other_field_names(tmp_path, tokenizer):
     path = write_rows(tmp_path, ".jsonl", [{"query": "Hi", "reply": "Hello!"}])
     data = prepare_data(DatasetConfig(name=path, column_map={"query": "prompt", "reply": "response"}), tokenizer, max_length=64)
     assert trained_spans(tokenizer, data.train[0]) == ["Hello!<|im_end|>"]
-    with pytest.raises(DataError, match=r"column_map names columns it does not have: \['question'\]"):
+    with pytest.raises(DataError, match=r"column_map names columns it does not have: \['question'\]; its columns "
+                                        r"are \['query', 'reply'\]$"):
         prepare_data(DatasetConfig(name=path, column_map={"question": "prompt"}), tokenizer, max_length=64)
+    # written the other way round, as Axolotl's field_instruction: query is (helper-78)
+    with pytest.raises(DataError, match=r"does not have: \['prompt', 'response'\]; its columns are \['query', "
+                                        r"'reply'\]; column_map goes from the data's name to sftkit's: \{query: "
+                                        r"prompt, reply: response\}"):
+        prepare_data(DatasetConfig(name=path, column_map={"prompt": "query", "response": "reply"}), tokenizer,
+                     max_length=64)
 
 
 # --- sources: globs, directories, save_to_disk, mixing, evaluation --------------------------------------------

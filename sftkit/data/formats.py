@@ -142,7 +142,7 @@ def detect_format(columns: list[str], source: str) -> str:
     for name, required in SIGNATURES:  # headers written Prompt, Response
         if renames := _renames_by_case(columns, required):
             raise DataError(f"{source}: its columns {columns} are named like format {name}'s in other letter case; "
-                            f"map them: dataset.column_map: {_as_yaml(renames)}")
+                            f"map them: dataset.column_map: {as_yaml(renames)}")
     separator = next((mark for mark in (";", "\t", "|") if len(columns) == 1 and mark in columns[0]), None)
     if separator:  # a CSV saved with Excel's European default, or tab-separated under a .csv name
         raise DataError(f"{source}: its one column {columns[0]!r} looks like columns separated by {separator!r}; "
@@ -174,7 +174,7 @@ def refuse_missing_columns(columns: list[str], format_name: str, source: str) ->
     others = [column for column in columns if column not in required]
     if not renames and len(others) == len(missing) == 1:
         renames = {others[0]: missing[0]}
-    example = _as_yaml(renames) if renames else "{" + ", ".join(f"<your column>: {name}" for name in missing) + "}"
+    example = as_yaml(renames) if renames else "{" + ", ".join(f"<your column>: {name}" for name in missing) + "}"
     raise DataError(f"{source} has the columns {columns}, and format {format_name} reads {' and '.join(missing)}, "
                     f"which it lacks: map them with dataset.column_map: {example}")
 
@@ -188,7 +188,7 @@ def _renames_by_case(columns: list[str], required: set[str]) -> dict[str, str] |
     return renames or None
 
 
-def _as_yaml(mapping: dict[str, str]) -> str:
+def as_yaml(mapping: dict[str, str]) -> str:
     return "{" + ", ".join(f"{old}: {new}" for old, new in mapping.items()) + "}"
 
 

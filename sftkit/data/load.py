@@ -13,7 +13,7 @@ from sftkit.compat import (
     cache_named_by_contents,
     refuse_values_datasets_reads_as_json,
 )
-from sftkit.data.formats import READS, detect_format
+from sftkit.data.formats import READS, as_yaml, detect_format
 from sftkit.errors import NOT_UTF8_FIX, DataError, first_line, not_utf8
 from sftkit.paths import (
     DATA_FILE_BUILDERS,
@@ -61,8 +61,11 @@ def load_source(source: SourceConfig, split: str | None = None, key: str = "data
     if source.column_map:
         missing = sorted(set(source.column_map) - set(rows.column_names))
         if missing:
+            turned = {new: old for old, new in source.column_map.items()}  # as Axolotl's field_x: theirs reads
+            turned = f"; column_map goes from the data's name to sftkit's: {as_yaml(turned)}" if set(turned) <= set(
+                rows.column_names) else ""
             raise DataError(f"dataset {source.name}: column_map names columns it does not have: {missing}; "
-                            f"its columns are {rows.column_names}")
+                            f"its columns are {rows.column_names}{turned}")
         taken = sorted(set(source.column_map.values()) & (set(rows.column_names) - set(source.column_map)))
         if taken:
             renamed = next(old for old, new in source.column_map.items() if new == taken[0])
