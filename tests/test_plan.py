@@ -298,6 +298,20 @@ def test_rows_longer_than_the_models_positions_are_refused_or_warned_of_before_l
             "model.max_seq_length to 64 or less, unless its rope scaling extends them") in warned.stderr, warned.stderr
 
 
+def test_plain_text_cut_at_max_length_points_to_wrapped_packing(tmp_path):
+    """Long documents cut to max_seq_length lost 70% of a corpus, and the plan said only that rows were cut
+    (helper-78); packed `wrapped` they train whole."""
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps({"text": "word " * 900}) + "\n" for _ in range(5)))
+    args = ["--dry-run", "--dataset.name", str(tmp_path / "long.jsonl"), "--dataset.test_size", "null",
+            "--training.output_dir", str(tmp_path / "out")]
+    cut = plan_value(run_sft(*args).stdout, "data")
+    assert cut.endswith("(max_seq_length 256: 5 rows are cut to it, and what follows never trains; training.packing: "
+                        "true with packing_strategy: wrapped trains all of it)"), cut
+    wrapped = plan_value(run_sft(*args, "--training.packing", "true", "--training.packing_strategy", "wrapped").stdout,
+                         "data")
+    assert "cut to it" not in wrapped and "packed into" in wrapped, wrapped
+
+
 def test_eval_rows_the_data_repeats_among_the_train_rows_are_counted(tmp_path):
     """The docs said no eval row also trains; the sample data repeats 53 of its 320 rows, and 3 of the default run's
     16 held-out rows are train rows token for token (39 of 48 in an export joined to part of itself)."""
