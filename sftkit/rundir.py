@@ -218,10 +218,11 @@ class OutputDir:
         return sum(file.stat().st_size for item in items
                    for file in ([item] if item.is_file() else item.rglob("*")) if file.is_file())
 
-    def begin(self, main: bool) -> None:
+    def begin(self, main: bool, stop_requested=lambda: False) -> None:
         """Training begins: in the main process output_dir is recorded as this run's and what --overwrite replaces
         is removed, now that this run's data, model and trainer are ready (a bad row, a failed load or a Ctrl-C
-        before it keeps the earlier run whole)."""
+        before it keeps the earlier run whole; so does one while its files are moved aside, before they are
+        deleted: raises EarlierRunKept)."""
         self.began = True
         if not main:
             return
@@ -230,8 +231,8 @@ class OutputDir:
         self.record_start(replacing=self.replaces.checkpoints if self.replaces else None)
         if self.replaces is not None:
             try:
-                self._remove_earlier_run(self.replaces)
-            except ConfigError:  # it removed nothing: the earlier run stays whole, with its own record
+                self._remove_earlier_run(self.replaces, stop_requested)
+            except (ConfigError, EarlierRunKept):  # it removed nothing: the earlier run stays whole, with its record
                 if earlier is not None:
                     write_json(self.path / RUN_FILE, earlier)
                 self.owner = False
@@ -384,7 +385,7 @@ class OutputDir:
                               f"{links[0].name} through it; move that checkpoint back into {self.path}, or remove "
                               "the link")
 
-    def _remove_earlier_run(self, contents: Contents) -> None:
+    def _remove_earlier_run(self, contents: Contents, stop_requested) -> None:
         # the earlier run's files this run reads (its saved config, its chat template) stay: a resume after a stop or
         # a failure reads them again
         reads = {path.resolve(): what for path, what in ((self.config_file, "this run's config"), (
@@ -392,7 +393,10 @@ class OutputDir:
         kept = {name: reads[(self.path / name).resolve()] for name in contents.removed()
                 if (self.path / name).resolve() in reads}
         removed = [name for name in contents.removed() if name not in kept]
-        replaced = _move_aside(self.path, removed, contents.written or {})
+        replaced, moved = _move_aside(self.path, removed, contents.written or {})
+        if stop_requested():  # Ctrl-C as they moved (the deleting is what takes long): nothing is lost yet
+            _move_back(replaced, moved)
+            raise EarlierRunKept
         if failures := _delete_what_can_be(replaced):  # the earlier run is gone from output_dir: this run goes on
             path, error = failures[0]
             logger.warning(f"--overwrite could not delete {len(failures)} of the earlier run's files, moved to "
@@ -405,7 +409,11 @@ class OutputDir:
                   f"{'; kept ' + ', '.join(left) if left else ''}", flush=True)
 
 
-def _move_aside(directory: Path, names: list[str], written: dict) -> Path:
+class EarlierRunKept(Exception):
+    """A stop was asked for as --overwrite moved the earlier run aside: every file of it is back in place."""
+
+
+def _move_aside(directory: Path, names: list[str], written: dict) -> tuple[Path, list]:
     """Moves the earlier run's items into a new folder there, named for REPLACED_DIR, which it returns: all of them
     or, where one cannot be moved (another user's folder, an immutable file, a busy mount), none. They were deleted
     one by one, and a failure halfway left the earlier model deleted, its card and half its checkpoints behind, and a
@@ -419,17 +427,21 @@ def _move_aside(directory: Path, names: list[str], written: dict) -> Path:
             else:
                 _move(directory / name, aside / name, moved)
     except OSError as error:
-        for source, target in reversed(moved):
-            source.parent.mkdir(parents=True, exist_ok=True)
-            target.rename(source)
-        shutil.rmtree(aside, ignore_errors=True)
+        _move_back(aside, moved)
         raise ConfigError(f"--overwrite could not move {error.filename or directory} aside ({error.strerror or error}),"
                           f" so it removed nothing: the earlier run in {directory} is as it was; make its files yours "
                           "to remove, or choose another training.output_dir") from None
     for name in names:
         if (directory / name).is_dir():  # files the user added there, or a folder moved file by file
             _remove_empty_folders(directory / name)
-    return aside
+    return aside, moved
+
+
+def _move_back(aside: Path, moved: list) -> None:
+    for source, target in reversed(moved):
+        source.parent.mkdir(parents=True, exist_ok=True)
+        target.rename(source)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _delete_what_can_be(folder: Path) -> list[tuple[str, OSError]]:

@@ -73,7 +73,7 @@ from sftkit.peers import (
 )
 from sftkit.plan import batch_words
 from sftkit.report import best_checkpoint_step, build_summary, report, write_report
-from sftkit.rundir import OutputDir, refuse_before_claiming
+from sftkit.rundir import EarlierRunKept, OutputDir, refuse_before_claiming
 from sftkit.runrecord import input_digests, trained_to_step
 from sftkit.schema import RunConfig
 from sftkit.weightfiles import check_free_space, export_bytes
@@ -204,7 +204,12 @@ def _train_steps(run: _SetUp, config: RunConfig, output: OutputDir, resume_from:
         signum = trainer.guard.stop_signal()
         raise Interrupted(f"stopped by {signum.name} before training began: this run wrote nothing in {output.path}",
                           signum)
-    output.begin(trainer.accelerator.is_main_process)
+    try:
+        output.begin(trainer.accelerator.is_main_process, lambda: trainer.guard.stop_requested(config.training))
+    except EarlierRunKept:
+        signum = trainer.guard.stop_signal()
+        raise Interrupted(f"stopped by {signum.name} before training began, as --overwrite moved the earlier run "
+                          f"aside: every file of it is back in {output.path}", signum) from None
     if trainer.accelerator.is_main_process:  # a kill after the last step's checkpoint, before the export: see export.main
         output.mark("training", **_export_settings(run, config))
     try:

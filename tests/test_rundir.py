@@ -189,6 +189,29 @@ def test_a_signal_while_the_trainer_sets_up_keeps_the_earlier_run(finished, tmp_
     assert signal.getsignal(signal.SIGTERM) == handler, "the run gave the signal back"
 
 
+def test_a_ctrl_c_as_overwrite_moves_the_earlier_run_aside_puts_it_all_back(finished, tmp_path, monkeypatch):
+    """The stop was only noted, the earlier run deleted, and the run then stopped before its first step: neither run
+    was left (helper-77). Seen before anything is deleted, it moves every file back."""
+    import signal
+    from pathlib import Path
+
+    out = copy_of(finished, tmp_path)
+    before = contents(out)
+    rename = Path.rename
+
+    def interrupted_as_it_moves(self, target):
+        if "checkpoint-2" in str(target) and ".sftkit-replaced" in str(target):
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, as the run's guard receives it
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", interrupted_as_it_moves)
+    with pytest.raises(Interrupted, match=f"^stopped by SIGINT before training began, as --overwrite moved the "
+                                          f"earlier run aside: every file of it is back in {out}$"):
+        train(config(out, "--training.learning_rate", "1e-4"), overwrite=True)
+    monkeypatch.undo()
+    assert contents(out) == before and json.loads((out / RUN_FILE).read_text())["status"] == "finished"
+
+
 def test_a_stop_while_overwrite_removes_the_earlier_run_never_leaves_its_finished_record(finished, tmp_path,
                                                                                          monkeypatch):
     """The earlier run's record ("finished") went last: a stop in between left it beside half its files."""
