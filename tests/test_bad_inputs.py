@@ -428,6 +428,17 @@ def test_a_model_path_that_is_neither_on_the_hub_nor_here_says_both(tmp_path):
     assert line.endswith(f"; no local directory models/my-llama either (looked in {REPO})")
 
 
+def test_a_dataset_name_neither_on_disk_nor_on_the_hub_says_both_were_tried(tmp_path):
+    """LLaMA-Factory's dataset_info names (my_data) and a typo of a local folder read as a hub id: the error spoke of
+    the hub alone (helper-78)."""
+    result = run_python("sft.py", "--inspect", "0", "--dataset.name", "my_data", env={"HF_HUB_OFFLINE": "1"},
+                        check=False)
+    line = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and line.startswith("sft.py: error: dataset.name: my_data (split 'train') could "
+                                                      "not be loaded: "), result.stderr[-2000:]
+    assert line.endswith(f"; no local file or directory my_data either (looked in {REPO})"), line
+
+
 def test_a_hub_that_cannot_be_reached_is_asked_once_for_the_model(tmp_path):
     """The commit pin (model.with_base_pinned) looked the model up, failed after its retries (23 s here), and left
     the error to check_model_source, which asked the hub again: 46 s, and every retry said twice."""

@@ -20,6 +20,7 @@ from sftkit.paths import (
     data_suffix,
     directory_splits,
     local_files,
+    looked_in,
     looks_local,
     open_data,
     resolve_path,
@@ -56,8 +57,11 @@ def load_source(source: SourceConfig, split: str | None = None, key: str = "data
         reason = error
         while reason.__cause__ is not None:  # datasets wraps the reader's own error ("while generating the dataset")
             reason = reason.__cause__
+        # a hub name and a local one look alike (my_data, data/chat): say both were tried, as for model.path
+        local = "" if looks_local(source.name) else \
+            f"; no local file or directory {source.name} either{looked_in(source.name)}"
         raise DataError(f"{key}.name: {source.name} (split {split!r}) could not be loaded: "
-                        f"{first_line(reason)}") from error
+                        f"{first_line(reason)}{local}") from error
     if source.column_map:
         missing = sorted(set(source.column_map) - set(rows.column_names))
         if missing:
