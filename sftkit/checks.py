@@ -297,7 +297,19 @@ def machine_errors(training) -> list[str]:
                       "requirements-gpu.txt, or remove the key")
     optimizer = None if _deepspeed_owns("optimizer", training) else _optimizer_error(training)
     return errors + [error for error in (optimizer, _wandb_login_error(training),
-                                         _one_process_of_several_error(training)) if error]
+                                         _one_process_of_several_error(training), _fp16_on_a_cpu_error(training))
+                     if error]
+
+
+def _fp16_on_a_cpu_error(training) -> str | None:
+    """Accelerate 1.15 has no float16 mixed precision on a CPU: the run trained in float32, and said so only in the
+    plan's precision (helper-78)."""
+    import torch
+
+    if not training.fp16 or torch.cuda.is_available():
+        return None
+    return ("training.fp16: true needs a GPU, and this machine has none: the run would train in float32; run it on "
+            "a GPU, or remove the key")
 
 
 def _one_process_of_several_error(training) -> str | None:

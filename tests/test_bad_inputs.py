@@ -7,7 +7,7 @@ import shutil
 import time
 
 import pytest
-from conftest import REPO, SAMPLE_DATA, TINY_MODEL, run_python
+from conftest import REPO, SAMPLE_DATA, TINY_MODEL, run_python, run_sft
 
 # Hub retries for a path mistaken for a hub id took about 50 s; a config error takes well under a second, and a check
 # that imports torch about 7 s alone, up to 20 s beside the suite's other worker on 2 busy cores.
@@ -426,6 +426,19 @@ def test_a_model_path_that_is_neither_on_the_hub_nor_here_says_both(tmp_path):
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("sft.py: error: model.path models/my-llama: cannot read its config.json: ")
     assert line.endswith(f"; no local directory models/my-llama either (looked in {REPO})")
+
+
+def test_fp16_on_a_machine_without_a_gpu_is_refused_before_loading(tmp_path):
+    """It trained in float32, said only by the plan's precision (helper-78)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU, where training.fp16 works")
+    result = run_sft("--training.fp16", "true", "--training.output_dir", str(tmp_path / "out"), check=False)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
+        "sft.py: error: training.fp16: true needs a GPU, and this machine has none: the run would train in float32; "
+        "run it on a GPU, or remove the key")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_dataset_name_neither_on_disk_nor_on_the_hub_says_both_were_tried(tmp_path):
