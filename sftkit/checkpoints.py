@@ -330,7 +330,7 @@ def unexported_last_step(output_dir: Path) -> Path | None:
     """The checkpoint of a run's last step, where the run stopped after saving it and before its export began (a
     kill in between, with no staging directory yet): `sftkit export` publishes the model it holds."""
     record = read_run_record(output_dir) or {}
-    if record.get("status") not in ("training", "exporting") or "dtype" not in record or \
+    if record.get("status") not in ("training", "exporting") or "planned_export" not in record or \
             (output_dir / STAGING_DIR).exists():
         return None
     return last_step_checkpoint(output_dir, "adapter_model" if record["config"]["model"].get("use_lora") else "model")

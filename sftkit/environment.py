@@ -18,7 +18,7 @@ EXTRAS = {"gradio": "web chat (python -m sftkit.webchat)", "wandb": "report_to: 
 
 
 # where a container's memory limit is read: cgroup v2, then v1 (whose "no limit" is a huge number); beside each,
-# what the container uses, and the statistics with the page cache it may drop (inactive_file, v1 total_inactive_file)
+# what the container uses, and the statistics with its page cache (file; v1, over its children: total_cache)
 CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 CGROUP_MEMORY_USAGE = ("/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory/memory.usage_in_bytes")
 CGROUP_MEMORY_STATS = ("/sys/fs/cgroup/memory.stat", "/sys/fs/cgroup/memory/memory.stat")
@@ -51,14 +51,16 @@ def available_memory() -> int | None:
         available = sum(int(fields.get(key, "0 kB").split()[0]) for key in ("MemAvailable", "SwapFree")) * 1024
     except (OSError, ValueError):
         return None
+    if "MemAvailable" not in fields:  # kernels before 3.14 do not say
+        return None
     for limit, usage, stats in zip(CGROUP_MEMORY_LIMITS, CGROUP_MEMORY_USAGE, CGROUP_MEMORY_STATS):
         try:
             value, used = Path(limit).read_text().strip(), int(Path(usage).read_text())
             dropped = dict(line.split() for line in Path(stats).read_text().splitlines() if line.count(" ") == 1)
         except (OSError, ValueError):
             continue
-        if value.isdigit():  # the way `docker stats` counts: the page cache the kernel drops first is not in use
-            in_use = used - int(dropped.get("inactive_file", dropped.get("total_inactive_file", 0)))
+        if value.isdigit():  # the page cache (the base's own files, read before) is dropped before a process is
+            in_use = used - int(dropped.get("file", dropped.get("total_cache", 0)))  # killed: not in use
             available = min(available, int(value) - in_use)
     return max(available, 0)
 

@@ -585,9 +585,12 @@ def _begin_staging_from(checkpoint: Path, staging: Path, record: dict) -> None:
 
     trust = record["config"]["model"].get("trust_remote_code", False)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust)
-    staging.mkdir()
-    tokenizer.save_pretrained(staging)
-    _write_config_and_versions(staging, record["config"], set(record.get("chosen", [])))
+    partial = staging.with_name(f"{staging.name}.partial")  # whole or not there: a kill or a full disk in between
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    tokenizer.save_pretrained(partial)
+    _write_config_and_versions(partial, record["config"], set(record.get("chosen", [])))
+    partial.rename(staging)
     print(f"sftkit.export: the run stopped after its last step's checkpoint, before its export began; exporting the "
           f"model {checkpoint} holds")
 
@@ -731,16 +734,17 @@ def main(argv: list[str] | None = None, prog: str = "python -m sftkit.export") -
             unmerged = alone and not (args.output_dir / "config.json").is_file()
             raise ConfigError(f"{args.output_dir}: its export finished already; the model there is complete"
                               + ("; --merge merges the adapter it published alone" if unmerged else ""))
-        unexported = unexported_last_step(args.output_dir)
-        if not staging.is_dir() and unexported is None:
+        if not staging.is_dir() and unexported_last_step(args.output_dir) is None:
             where = f"; {kept_work_words(args.output_dir)}" if record is not None else ""
             raise ConfigError(f"{args.output_dir} has no unfinished export to finish (no {STAGING_DIR} there){where}")
-        if record is None or "dtype" not in record:
-            raise ConfigError(f"{args.output_dir} has no unfinished export to finish: its run record {RUN_FILE} is "
-                              "missing, or the run never reached its export")
         lock.take("finish its export once that run ends")  # not while a run still writes there
-        if unexported is not None:
+        record = read_run_record(args.output_dir)  # as that run left it
+        if (unexported := unexported_last_step(args.output_dir)) is not None:
+            record = {**record, **record["planned_export"]}
             _begin_staging_from(unexported, staging, record)
+        if record is None or "dtype" not in record or not staging.is_dir():
+            raise ConfigError(f"{args.output_dir} has no unfinished export to finish: its run record {RUN_FILE} is "
+                              "missing, or the run never reached its export, or finished it meanwhile")
         import torch
         import transformers
 

@@ -355,7 +355,9 @@ def _learned_positions(model_cfg: ModelConfig, hf_config, positions: int) -> boo
     tokens = model.get_input_embeddings() if model is not None else None
     return model is not None and any(isinstance(module, torch.nn.Embedding) and module is not tokens
                                      and module.num_embeddings in (positions, positions + 2)
-                                     for module in model.modules())
+                                     and module.embedding_dim == tokens.embedding_dim
+                                     and not re.search(r"vision|visual|image", name)  # a vision tower's patches
+                                     for name, module in model.named_modules())
 
 
 def ensure_distinct_pad_token(tokenizer) -> None:

@@ -205,13 +205,14 @@ def _train_steps(run: _SetUp, config: RunConfig, output: OutputDir, resume_from:
         raise Interrupted(f"stopped by {signum.name} before training began: this run wrote nothing in {output.path}",
                           signum)
     try:
-        output.begin(trainer.accelerator.is_main_process, lambda: trainer.guard.stop_requested(config.training))
+        # the signal this process received: stop_requested asks every process, and only the main one moves files
+        output.begin(trainer.accelerator.is_main_process, lambda: trainer.guard.received is not None)
     except EarlierRunKept:
         signum = trainer.guard.stop_signal()
         raise Interrupted(f"stopped by {signum.name} before training began, as --overwrite moved the earlier run "
                           f"aside: every file of it is back in {output.path}", signum) from None
     if trainer.accelerator.is_main_process:  # a kill after the last step's checkpoint, before the export: see export.main
-        output.mark("training", **_export_settings(run, config))
+        output.mark("training", planned_export=_export_settings(run, config))
     try:
         trainer.train(resume_from_checkpoint=resume_from)
     except StopRequested:  # in the Trainer's setup, or the evaluation at its start

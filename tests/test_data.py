@@ -891,8 +891,8 @@ def test_a_bad_row_of_a_glob_names_its_file_and_line(tmp_path, tokenizer):
     bad = {"prompt": "Hi", "response": ""}
     (shards / "a.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ROWS))
     (shards / "b.jsonl").write_text(json.dumps(ROWS[0]) + "\n\n" + json.dumps(bad) + "\n")
-    with pytest.raises(DataError, match=re.escape(f"dataset {shards / 'b.jsonl'} line 3: message 1 (assistant) has "
-                                                  "empty content")):
+    with pytest.raises(DataError, match=re.escape(f"dataset {shards / 'b.jsonl'} line 3: column 'response' is "
+                                                  "empty")):
         prepare_data(DatasetConfig(name=str(shards / "*.jsonl")), tokenizer, max_length=64)
 
 
@@ -950,7 +950,7 @@ def test_skipped_bad_rows_are_counted_with_their_problem(tmp_path, tokenizer):
     rows = [{"prompt": "Hi", "response": "Hello!"}, {"prompt": "Hi", "response": ""}, {"prompt": "Yo", "response": "Hey."}]
     data = prepare_data(DatasetConfig(name=write_rows(tmp_path, ".jsonl", rows), on_bad_row="skip"), tokenizer, max_length=64)
     assert len(data.train) == 2 and data.dropped["bad rows"] == 1
-    assert data.problems == [f"dataset {tmp_path / 'rows.jsonl'} line 2: message 1 (assistant) has empty content"]
+    assert data.problems == [f"dataset {tmp_path / 'rows.jsonl'} line 2: column 'response' is empty"]
 
 
 def test_a_first_batch_of_bad_rows_alone_is_skipped(tmp_path, tokenizer):
@@ -998,7 +998,7 @@ BAD_ROW = {"prompt": "Hi", "response": ""}
 def test_jsonl_errors_give_the_line_even_after_blank_lines(tmp_path, tokenizer):
     path = tmp_path / "gaps.jsonl"
     path.write_text(json.dumps(ROWS[0]) + "\n\n" + json.dumps(ROWS[1]) + "\n   \n" + json.dumps(BAD_ROW) + "\n")
-    with pytest.raises(DataError, match=re.escape(f"dataset {path} line 5: message 1 (assistant) has empty content")):
+    with pytest.raises(DataError, match=re.escape(f"dataset {path} line 5: column 'response' is empty")):
         prepare_data(DatasetConfig(name=str(path)), tokenizer, max_length=64)
 
 
@@ -1122,9 +1122,10 @@ def test_eval_rows_dropped_are_counted_apart_from_the_train_rows(tmp_path, token
 
 
 @pytest.mark.parametrize(("row", "format_name", "expected"), [
-    ({"instruction": None, "input": "Paris", "output": "France"}, "alpaca", "message 0 (user) has empty content"),
-    ({"question": "Why?", "answer": None, "source": "a book"}, "question_answer",
-     "message 1 (assistant) has empty content"),
+    # named by their column: their rows hold no "message 1" (helper-78)
+    ({"instruction": None, "input": "Paris", "output": "France"}, "alpaca", "column 'instruction' is empty"),
+    ({"instruction": "Capital?", "input": "", "output": " "}, "alpaca", "column 'output' is empty"),
+    ({"question": "Why?", "answer": None, "source": "a book"}, "question_answer", "column 'answer' is empty"),
 ])
 def test_an_empty_instruction_or_answer_is_never_trained_as_the_word_none(row, format_name, expected):
     """They trained "None\\n\\nParis" and "None\\n\\nSource: a book"."""

@@ -370,6 +370,12 @@ def test_a_zero2_checkpoint_resumed_under_zero3_is_refused_before_loading_with_o
     result = accelerate_launch("cpu_ddp_2proc.yaml", *saving, "--training.max_steps", "2", timeout=180)
     assert result.returncode != 0 and said(result.stderr, f"{out} already holds a trained model") == 1
     assert "lost contact" not in result.stderr, result.stderr[-3000:]
+    # --overwrite's stop check asked every process from the main one alone, and the launch hung (helper-79)
+    result = accelerate_launch("cpu_ddp_2proc.yaml", *saving, "--training.max_steps", "2", "--overwrite",
+                               timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "sftkit_run.json").read_text())["status"] == "finished"
+    assert not list(out.glob(".sftkit-replaced*"))
 
 
 @pytest.mark.parametrize("failing", [0, 1])

@@ -9,7 +9,7 @@ import re
 import pytest
 from conftest import run_sft, trained_spans
 
-from sftkit.data import DataError, prepare_data
+from sftkit.data import DataError, load, prepare_data
 from sftkit.schema import DatasetConfig, SourceConfig
 
 
@@ -155,6 +155,13 @@ def test_json_array_files_with_other_columns_are_named(tmp_path, tokenizer):
     with pytest.raises(DataError, match=r"its files have other columns \(a.json: input, instruction, output; b.json: "
                                         r"messages\), and datasets reads files of one set of columns"):
         prepare_data(DatasetConfig(name=str(tmp_path)), tokenizer, max_length=128)
+    # of the same columns: a first row longer than the first MiB read, and a byte order mark, are read whole
+    same = tmp_path / "same"
+    same.mkdir()
+    write_jsonl(same / "a.jsonl", [{"messages": [{"role": "user", "content": "x" * 2**21},
+                                                 {"role": "assistant", "content": "Yo"}]}])
+    (same / "b.jsonl").write_bytes(b"\xef\xbb\xbf" + (json.dumps(chat(1)) + "\n").encode())
+    assert load._other_columns([str(same / "a.jsonl"), str(same / "b.jsonl")]) is None
 
 
 def test_a_column_map_onto_one_name_twice_is_refused_before_loading(tmp_path):

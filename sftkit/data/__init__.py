@@ -441,7 +441,8 @@ def _warn_of_system_columns_not_read(columns: list[str], source: SourceConfig, f
     """A column of system prompts under another name (OpenOrca's system_prompt) is not read: the rows trained without
     the system turn their data gives them, and nothing said so (helper-78). Other columns (ids, metadata) are left
     unread in silence."""
-    unread = [column for column in columns if "system" in column.lower() and column not in READS[format_name]]
+    unread = [column for column in columns if column not in READS[format_name]
+              and re.fullmatch(r"(sys|system)[ _]?(prompt|message|instruction)s?", column.lower())]
     if unread and format_name != "text":
         logger.warning(f"dataset {source.name}: column {unread[0]} is not read (format {format_name} takes a row's "
                        f"system prompt from a column named system), so the rows train without it; to read it, map "

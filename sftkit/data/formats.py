@@ -73,21 +73,21 @@ def from_prompt_response(row: dict, answer_source: str) -> list[dict]:
 
 def from_question_answer(row: dict, answer_source: str) -> list[dict]:
     """{"question", "answer", optional "source" and "system"}; the source is dropped or appended to the answer."""
-    answer, source = _text(row["answer"]), _text(row.get("source"))
+    answer, source = _filled(row, "answer"), _text(row.get("source"))
     if answer_source == "append" and _written(answer) and _written(source):  # an empty answer is refused as it is
         answer = f"{answer}\n\nSource: {source}"
-    return [*_system(row), {"role": "user", "content": _text(row["question"])},
+    return [*_system(row), {"role": "user", "content": _filled(row, "question")},
             {"role": "assistant", "content": answer}]
 
 
 def from_alpaca(row: dict, answer_source: str) -> list[dict]:
     """Alpaca: {"instruction", optional "input", "output", optional "system"}; the input follows the instruction in
     the user turn. LLaMA-Factory's optional "history", [[instruction, response], ...], is the turns before it."""
-    instruction, extra = _text(row["instruction"]), _text(row.get("input"))
-    if _written(instruction) and _written(extra):  # an empty instruction is refused as it is
+    instruction, extra = _filled(row, "instruction"), _text(row.get("input"))
+    if _written(extra):
         instruction = f"{instruction}\n\n{extra}"
     return [*_system(row), *_history(row.get("history")), {"role": "user", "content": instruction},
-            {"role": "assistant", "content": _text(row["output"])}]
+            {"role": "assistant", "content": _filled(row, "output")}]
 
 
 def _history(pairs) -> list[dict]:
@@ -303,15 +303,21 @@ def _text(value):
     return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
+def _filled(row: dict, column: str):
+    """A column of a one-turn format (Alpaca's output), named where it is empty: its rows hold no message 1."""
+    value = _text(row[column])
+    if value is None or isinstance(value, str) and not value.strip():
+        raise RowDefect(f"column {column!r} is empty")
+    return value
+
+
 def _written(value) -> bool:
     """Text with something in it (0 is; None and blanks are not)."""
     return isinstance(value, str) and bool(value.strip())
 
 
 def _as_turns(row: dict, column: str, role: str) -> list[dict]:
-    value = _text(row[column])
-    if value is None:  # an empty CSV cell, or a missing key in some JSON rows
-        raise RowDefect(f"column {column!r} is empty")
+    value = _filled(row, column)  # None: an empty CSV cell, or a missing key in some JSON rows
     return [{"role": role, "content": value}] if isinstance(value, str) else _as_list(value)
 
 

@@ -330,16 +330,7 @@ def _other_columns(files: list[str]) -> str | None:
             return tuple(pyarrow.parquet.read_schema(file).names)
         if data_suffix(file) == ".csv":
             return tuple(_header(file))
-        with open_data(file) as handle:
-            head = handle.read(2**20)
-        text = head.decode("utf-8", "replace") if isinstance(head, bytes) else head
-        start = len(text) - len(text.lstrip())
-        if text.startswith("[", start):  # a JSON array of rows (LLaMA-Factory's files): its first row
-            start = len(text) - len(text[start + 1 :].lstrip())
-        try:
-            row, _ = json.JSONDecoder().raw_decode(text, start)  # a JSON Lines file's first row, or the array's
-        except ValueError:
-            return ()
+        row = _first_row(file)
         return tuple(row) if isinstance(row, dict) else ()
 
     found = {file: tuple(sorted(columns(file))) for file in files}
@@ -349,6 +340,25 @@ def _other_columns(files: list[str]) -> str | None:
     for file, names in found.items():
         kinds.setdefault(names, file)
     return "; ".join(f"{Path(file).name}: {', '.join(sorted(names)) or 'none'}" for names, file in kinds.items())
+
+
+def _first_row(file: str):
+    """The first row of a JSON Lines file, or of a JSON array of rows (LLaMA-Factory's files, whose first line is
+    "["), read as far as it goes; None where it is not JSON."""
+    head, size = b"", 2**20
+    with open_data(file) as handle:
+        while True:
+            chunk = handle.read(size)
+            head, size = head + chunk, 2 * size
+            text = head.decode("utf-8-sig", "replace")  # a byte order mark is no JSON
+            start = len(text) - len(text.lstrip())
+            if text.startswith("[", start):
+                start = len(text) - len(text[start + 1 :].lstrip())
+            try:
+                return json.JSONDecoder().raw_decode(text, start)[0]
+            except ValueError:
+                if not chunk:
+                    return None
 
 
 def _json_message(error: json.JSONDecodeError) -> str:
