@@ -157,6 +157,12 @@ def run_here(main, *args: str, env: dict | None = None, input: str = "", check: 
     return result
 
 
+def said(stderr: str, text: str) -> int:
+    """How many lines of a launch's processes' output hold `text`: the launcher's failure box repeats the error of
+    the first process that failed as its last line (compat.tell_the_launcher)."""
+    return sum(text in line for line in stderr.splitlines() if not line.startswith("  traceback : "))
+
+
 def run_sft(*args: str, **kwargs):
     """`python sft.py ARGS`, in this process (run_here)."""
     from sftkit.cli import main

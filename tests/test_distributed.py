@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_MODEL
+from conftest import REPO, TINY_MODEL, said
 from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -144,12 +144,6 @@ def test_the_eval_loss_of_two_processes_is_one_processs_where_the_rows_do_not_sp
     assert result.returncode == 0, result.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "run_summary.json").read_text())["eval_loss_first"]
     assert two == pytest.approx(single.summary["eval_loss_first"], rel=1e-4)
-
-
-def said(stderr: str, text: str) -> int:
-    """How many lines of the processes' output hold `text` (the launcher's failure box repeats the error of the first
-    process that failed as its last line, compat.tell_the_launcher)."""
-    return sum(text in line for line in stderr.splitlines() if not line.startswith("  traceback : "))
 
 
 def test_a_config_error_in_a_distributed_launch_is_printed_once_and_again_as_the_launchs_last_line():

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO
+from conftest import REPO, said
 from test_distributed import (
     ACCELERATE,
     STEPS,
@@ -140,8 +140,8 @@ def test_a_machine_that_fails_before_training_stops_the_other(tmp_path):
     assert None not in ended and all(code != 0 for code in machines.returncodes()), machines.output()
     assert ended[0] - ended[1] < 15, machines.output()
     missing = f"dataset.name: {tmp_path / 'only-on-machine-0.jsonl'} does not exist"
-    assert machines.stderr(1).count(missing) == 1, machines.output()
-    assert machines.stderr(0).count("stopping, because process 1 on") == 1, machines.output()
+    assert said(machines.stderr(1), missing) == 1, machines.output()
+    assert said(machines.stderr(0), "stopping, because process 1 on") == 1, machines.output()
     assert missing in machines.stderr(0)
 
 
