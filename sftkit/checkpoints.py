@@ -10,10 +10,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from sftkit.command import export_command
-from sftkit.compat import (
-    follow_a_new_schedule_length,
-    take_the_step_settings_of_a_resume,
-)
+from sftkit.compat import follow_a_new_schedule_length, take_the_step_settings_of_a_resume
 from sftkit.engines import launch_engine
 from sftkit.errors import AlreadyFinished, ConfigError, RunFailed, first_line
 from sftkit.layout import (

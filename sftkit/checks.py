@@ -15,14 +15,7 @@ from typing import Any
 
 from sftkit.command import processes_asked_of_accelerate
 from sftkit.compat import RENAMED_TRAINING_KEYS, compile_under_zero3_error
-from sftkit.engines import (
-    is_main_process,
-    launch_uses_fsdp,
-    several_machines,
-    uses_deepspeed,
-    uses_fsdp,
-    zero_stage,
-)
+from sftkit.engines import is_main_process, launch_uses_fsdp, several_machines, uses_deepspeed, uses_fsdp, zero_stage
 from sftkit.layout import ADAPTER_DIR, RUN_FILE, WRITTEN, checkpoint_dir
 from sftkit.paths import (
     DATA_FILE_BUILDERS,
@@ -36,13 +29,7 @@ from sftkit.paths import (
     resolve_path,
     saved_by_datasets,
 )
-from sftkit.schema import (
-    EVAL_DATA_KEYS,
-    DatasetConfig,
-    ModelConfig,
-    SourceConfig,
-    yaml_word,
-)
+from sftkit.schema import EVAL_DATA_KEYS, DatasetConfig, ModelConfig, SourceConfig, yaml_word
 
 
 def cross_field_errors(model: ModelConfig, dataset: DatasetConfig, training: dict) -> list[str]:

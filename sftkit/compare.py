@@ -22,13 +22,7 @@ from sftkit.data import both_trained_and_evaluated_on
 from sftkit.data.formats import with_system
 from sftkit.data.tokenize import IGNORE_INDEX
 from sftkit.errors import ConfigError, OneLineArgumentParser, say_error
-from sftkit.layout import (
-    ADAPTER_DIR,
-    BEFORE_AFTER_FILE,
-    RUN_CONFIG_FILE,
-    adapter_base,
-    run_directory,
-)
+from sftkit.layout import ADAPTER_DIR, BEFORE_AFTER_FILE, RUN_CONFIG_FILE, adapter_base, run_directory
 from sftkit.paths import resolve_path
 from sftkit.rundir import changed_since_written
 from sftkit.runlock import RunLock

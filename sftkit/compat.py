@@ -23,13 +23,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from sftkit.engines import (
-    first_on_its_machine,
-    is_main_process,
-    launch_uses_deepspeed,
-    launch_uses_fsdp,
-    zero_stage,
-)
+from sftkit.engines import first_on_its_machine, is_main_process, launch_uses_deepspeed, launch_uses_fsdp, zero_stage
 from sftkit.errors import ConfigError, DataError
 from sftkit.layout import LOSS_WINDOW_FILE, checkpoint_dir
 from sftkit.paths import data_suffix, file_digest, open_data, saved_by_datasets
@@ -324,9 +318,7 @@ def zero_model_states(stage: int, total: int, largest_layer: int, world_size: in
     """DeepSpeed 0.19's estimate of (CPU, GPU) bytes per device for the model states of a full fine-tune, called by
     keyword so that a changed signature fails loudly here rather than silently shifting arguments."""
     if stage == 2:
-        from deepspeed.runtime.zero.stage_1_and_2 import (
-            estimate_zero2_model_states_mem_needs,
-        )
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
         return estimate_zero2_model_states_mem_needs(total_params=total, num_gpus_per_node=world_size, num_nodes=1,
                                                      cpu_offload=offload_optimizer, additional_buffer_factor=1.0)

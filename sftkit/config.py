@@ -20,13 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from sftkit.checks import (
-    built_config_errors,
-    cross_field_errors,
-    number_errors,
-    numbers,
-    path_errors,
-)
+from sftkit.checks import built_config_errors, cross_field_errors, number_errors, numbers, path_errors
 from sftkit.compat import (
     RENAMED_TRAINING_KEYS,
     before_deepspeed_cpu_op_build,
@@ -40,14 +34,7 @@ from sftkit.engines import uses_deepspeed, world_size
 from sftkit.errors import ConfigError, first_line, not_utf8
 from sftkit.fastpath import bf16_by_default, choose_adapter_inputs
 from sftkit.fastpath import choose as choose_fast_path
-from sftkit.paths import (
-    PRESETS_DIR,
-    PROJECT_DIR,
-    find_config_file,
-    found_beside,
-    looks_local,
-    resolve_path,
-)
+from sftkit.paths import PRESETS_DIR, PROJECT_DIR, find_config_file, found_beside, looks_local, resolve_path
 from sftkit.schema import (
     EVAL_DATA_KEYS,
     SECTIONS,

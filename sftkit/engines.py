@@ -36,9 +36,7 @@ def several_machines() -> bool:
 
 
 def launch_uses_deepspeed() -> bool:
-    from accelerate.utils import (
-        parse_flag_from_env,  # here: the config's checks run before torch is imported
-    )
+    from accelerate.utils import parse_flag_from_env  # here: the config's checks run before torch is imported
 
     return parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
 

@@ -56,8 +56,9 @@ def say_error(prog: str, error: SftkitError) -> int:
     with the library error it came from: for a bug report."""
     from sftkit.compat import tell_the_launcher
 
-    print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
-    tell_the_launcher(f"{prog}: error: {error}")
+    line = f"{prog}: error: {error}"
+    print(line, file=sys.stderr, flush=True)
+    tell_the_launcher(line)
     if os.environ.get("SFTKIT_DEBUG", "0") not in ("", "0"):
         traceback.print_exception(error, file=sys.stderr)
     return error.exit_code

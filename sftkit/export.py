@@ -29,21 +29,10 @@ from sftkit.checkpoints import (
     unexported_last_step,
 )
 from sftkit.command import export_command
-from sftkit.compat import (
-    float32_by_design,
-    untie_an_adapted_embedding,
-    zero3_init_disabled,
-)
+from sftkit.compat import float32_by_design, untie_an_adapted_embedding, zero3_init_disabled
 from sftkit.config import read_section
 from sftkit.environment import available_memory, library_versions
-from sftkit.errors import (
-    ConfigError,
-    OneLineArgumentParser,
-    RunFailed,
-    SftkitError,
-    first_line,
-    say_error,
-)
+from sftkit.errors import ConfigError, OneLineArgumentParser, RunFailed, SftkitError, first_line, say_error
 from sftkit.layout import (
     ADAPTER_DIR,
     BEFORE_AFTER_FILE,

@@ -239,9 +239,7 @@ def _attention(model, gpu: bool, installed: set[str], packed: bool, sixteen_bit:
     if not (gpu and packed):
         return Choice("model.attn_implementation", "sdpa", "transformers' default")
     way_out = "pip install kernels" if model.allow_hub_kernels else "set model.allow_hub_kernels: true"
-    from sftkit.varlen import (
-        available as torch_varlen_available,  # imports torch and transformers: only here
-    )
+    from sftkit.varlen import available as torch_varlen_available  # imports torch and transformers: only here
 
     if sixteen_bit and torch_varlen_available():
         way_out += ", or try model.attn_implementation: torch_varlen (PyTorch's own varlen kernel, not measured yet)"

@@ -8,25 +8,14 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, prepare_model_for_kbit_training
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    BitsAndBytesConfig,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.pytorch_utils import Conv1D
 
 from sftkit import varlen
 from sftkit.compat import keep_cpu_4bit_layout_trainable, zero3_init_disabled
 from sftkit.data import prepare_for_training
 from sftkit.data.tokenize import CHATML_TEMPLATE
-from sftkit.engines import (
-    holds_a_shard,
-    is_main_process,
-    local_shard,
-    uses_deepspeed,
-    uses_fsdp,
-)
+from sftkit.engines import holds_a_shard, is_main_process, local_shard, uses_deepspeed, uses_fsdp
 from sftkit.errors import ConfigError, first_line
 from sftkit.paths import absolute_if_local, looked_in, looks_local, resolve_path
 from sftkit.schema import DatasetConfig, ModelConfig, RunConfig

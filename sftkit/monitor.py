@@ -20,19 +20,10 @@ from trl import SFTTrainer
 
 from sftkit.checkpoints import drop_unsaved_checkpoint, left_out_of_rotation
 from sftkit.checks import warmup_outlasts
-from sftkit.compat import (
-    TrainerWorkarounds,
-    keep_checkpoints_at_an_early_stop,
-    rotate_only_checkpoints_not,
-)
+from sftkit.compat import TrainerWorkarounds, keep_checkpoints_at_an_early_stop, rotate_only_checkpoints_not
 from sftkit.engines import first_on_its_machine, local_shard, shards_weights
 from sftkit.errors import first_line
-from sftkit.fastpath import (
-    adapter_input_casts,
-    bound_max_lengths,
-    lengths_vary,
-    mark_lengths_dynamic,
-)
+from sftkit.fastpath import adapter_input_casts, bound_max_lengths, lengths_vary, mark_lengths_dynamic
 from sftkit.inference import asked, generate_reply
 from sftkit.layout import SAMPLES_FILE
 from sftkit.weightfiles import disk_failure

@@ -45,6 +45,7 @@ def split_across_machines() -> bool:
     """Whether this launch's machines each write their part of every checkpoint into their own output_dir."""
     return bool(_SPLIT_ACROSS_MACHINES)
 
+
 # The launcher's store outlives a restart of its processes (`--max_restarts`), so the keys are the attempt's: a
 # restarted process must not read the failure that ended the attempt before as a new one. torchrun counts an attempt
 # on each machine whose processes failed, which over several machines is all of them (a process that dies breaks the

@@ -13,13 +13,7 @@ import torch
 from sftkit.checkpoints import checkpoint_to_resume, epochs_words, resume_request
 from sftkit.checks import warmup_outlasts
 from sftkit.compat import zero_model_states
-from sftkit.engines import (
-    fsdp_plugin,
-    launch_engine,
-    processes_on_this_machine,
-    rows_per_step,
-    several_machines,
-)
+from sftkit.engines import fsdp_plugin, launch_engine, processes_on_this_machine, rows_per_step, several_machines
 from sftkit.engines import world_size as launched_world_size
 from sftkit.environment import host_memory
 from sftkit.errors import ConfigError

@@ -11,14 +11,7 @@ from sftkit.engines import rows_per_step
 from sftkit.errors import first_line
 from sftkit.export import saved_dtypes
 from sftkit.inference import asked
-from sftkit.layout import (
-    ADAPTER_DIR,
-    LOSS_PLOT,
-    MODEL_CARD,
-    SAMPLES_FILE,
-    SUMMARY_FILE,
-    checkpoint_step,
-)
+from sftkit.layout import ADAPTER_DIR, LOSS_PLOT, MODEL_CARD, SAMPLES_FILE, SUMMARY_FILE, checkpoint_step
 from sftkit.model import base_license
 from sftkit.monitor import memory_mib
 from sftkit.paths import looks_local

@@ -16,12 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sftkit.checkpoints import (
-    added_to_checkpoint,
-    newest_resumable,
-    resume_problem,
-    unexported_last_step,
-)
+from sftkit.checkpoints import added_to_checkpoint, newest_resumable, resume_problem, unexported_last_step
 from sftkit.command import export_command
 from sftkit.errors import ConfigError
 from sftkit.layout import (

@@ -8,13 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from sftkit.layout import (
-    RUN_FILE,
-    SUMMARY_FILE,
-    TOKENIZER_FILES,
-    is_checkpoint,
-    written_by_sftkit,
-)
+from sftkit.layout import RUN_FILE, SUMMARY_FILE, TOKENIZER_FILES, is_checkpoint, written_by_sftkit
 from sftkit.paths import directory_splits, file_digest, local_files, resolve_path
 from sftkit.schema import DatasetConfig, ModelConfig
 

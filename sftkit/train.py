@@ -34,12 +34,7 @@ from sftkit.data.tokenize import stop_at_the_end_of_a_reply
 from sftkit.engines import launch_engine
 from sftkit.environment import host_memory
 from sftkit.errors import ConfigError, FailedHere, Interrupted, RunFailed, first_line
-from sftkit.export import (
-    lost_after_staging,
-    merge_memory_problem,
-    publish_staged,
-    stage_trained_weights,
-)
+from sftkit.export import lost_after_staging, merge_memory_problem, publish_staged, stage_trained_weights
 from sftkit.fastpath import describe as describe_speed
 from sftkit.layout import STAGING_DIR, checkpoint_dir
 from sftkit.model import (

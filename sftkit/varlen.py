@@ -116,9 +116,7 @@ _warned = []
 
 
 def _flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scaling):
-    from torch.nn.attention.varlen import (
-        varlen_attn,  # torch 2.11 and later (checked when the config loads)
-    )
+    from torch.nn.attention.varlen import varlen_attn  # torch 2.11 and later (checked when the config loads)
 
     options = {"window_size": (-1, 0), "scale": scaling}
     if "enable_gqa" in VARLEN_KEYWORDS:  # torch 2.12 and later; the device image has 2.11

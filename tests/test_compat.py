@@ -152,9 +152,7 @@ def test_datasets_still_reads_a_field_of_mixed_types_as_json_and_changes_text_th
     import json
 
     from datasets import Json, load_dataset
-    from datasets.utils.json import (
-        ujson_loads,  # the parser datasets reads with, which the check uses
-    )
+    from datasets.utils.json import ujson_loads  # the parser datasets reads with, which the check uses
 
     assert ujson_loads('"4"') == "4" and ujson_loads("4") == 4
 

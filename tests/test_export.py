@@ -9,15 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
-    REPO,
-    TINY_MODEL,
-    export_float32,
-    run_here,
-    run_python,
-    run_sft,
-    tmpfs,
-)
+from conftest import REPO, TINY_MODEL, export_float32, run_here, run_python, run_sft, tmpfs
 from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM

@@ -23,12 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import REPO, said
-from test_distributed import (
-    ACCELERATE,
-    STEPS,
-    assert_loss_like_one_process,
-    check_saved_run,
-)
+from test_distributed import ACCELERATE, STEPS, assert_loss_like_one_process, check_saved_run
 
 pytestmark = pytest.mark.slow
 MULTI_NODE_CONFIG = "accelerate_configs/multi_node_zero3.yaml"

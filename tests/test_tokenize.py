@@ -4,14 +4,7 @@ import json
 import re
 
 import pytest
-from conftest import (
-    FAMILIES,
-    REJECT_SYSTEM,
-    TEMPLATES,
-    TINY_MODEL,
-    family_tokenizer,
-    trained_spans,
-)
+from conftest import FAMILIES, REJECT_SYSTEM, TEMPLATES, TINY_MODEL, family_tokenizer, trained_spans
 
 from sftkit.data import MaskError, tokenize_messages
 from sftkit.data.formats import RowDefect

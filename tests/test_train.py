@@ -12,13 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from sftkit.config import load_config
 from sftkit.errors import RunFailed
-from sftkit.layout import (
-    ADAPTER_DIR,
-    RUN_CONFIG_FILE,
-    STAGING_DIR,
-    SUMMARY_FILE,
-    VERSIONS_FILE,
-)
+from sftkit.layout import ADAPTER_DIR, RUN_CONFIG_FILE, STAGING_DIR, SUMMARY_FILE, VERSIONS_FILE
 from sftkit.report import format_summary
 from sftkit.runrecord import fingerprint
 from sftkit.train import train

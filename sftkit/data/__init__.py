@@ -33,14 +33,7 @@ from sftkit.data.tokenize import (
 )
 from sftkit.engines import is_main_process
 from sftkit.errors import DataError, not_utf8
-from sftkit.paths import (
-    is_pattern,
-    local_files,
-    named_splits,
-    resolve_path,
-    saved_by_datasets,
-    splits_of,
-)
+from sftkit.paths import is_pattern, local_files, named_splits, resolve_path, saved_by_datasets, splits_of
 from sftkit.schema import DatasetConfig, SourceConfig
 
 logger = logging.getLogger(__name__)

@@ -8,11 +8,7 @@ import os
 from pathlib import Path
 
 from sftkit.checks import source_errors
-from sftkit.compat import (
-    blank_line_datasets_cannot_read,
-    cache_named_by_contents,
-    refuse_values_datasets_reads_as_json,
-)
+from sftkit.compat import blank_line_datasets_cannot_read, cache_named_by_contents, refuse_values_datasets_reads_as_json
 from sftkit.data.formats import READS, as_yaml, detect_format
 from sftkit.errors import NOT_UTF8_FIX, DataError, first_line, not_utf8
 from sftkit.paths import (
@@ -65,8 +61,8 @@ def load_source(source: SourceConfig, split: str | None = None, key: str = "data
     if source.column_map:
         missing = sorted(set(source.column_map) - set(rows.column_names))
         if missing:
-            turned = {new: old for old, new in source.column_map.items()}  # as Axolotl's field_x: theirs reads
-            turned = f"; column_map goes from the data's name to sftkit's: {as_yaml(turned)}" if set(turned) <= set(
+            reverse = {new: old for old, new in source.column_map.items()}  # as Axolotl's field_x: theirs reads
+            turned = f"; column_map goes from the data's name to sftkit's: {as_yaml(reverse)}" if set(reverse) <= set(
                 rows.column_names) else ""
             raise DataError(f"dataset {source.name}: column_map names columns it does not have: {missing}; "
                             f"its columns are {rows.column_names}{turned}")
